@@ -1,0 +1,31 @@
+"""Errors a user can act on. The CLI prints them as one paragraph, without a traceback."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in input or settings that the user fixes; never a bug of ours."""
+
+
+class SettingsError(UserError):
+    """An invalid value in params.yaml or a --set override, found before any work starts."""
+
+
+class DataError(UserError):
+    """Bad input data, located by file, row and field so the user can find it."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 field: str | None = None) -> None:
+        self.file, self.row, self.field = file, row, field
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,171 @@
+"""Detect and normalise the preference formats users bring.
+
+Every format becomes one normalised pair:
+  {"id", "prompt": [messages], "chosen": [messages], "rejected": [messages], "margin": float | None}
+or, for pretokenized input, {"id", "input_ids_chosen", "input_ids_rejected", "margin"}.
+Structural problems (unknown format, missing columns, wrong types) raise DataError naming file,
+row and field. Rows that are well-formed but unusable (an empty side, chosen == rejected,
+malformed messages) are returned as rejects with a reason, never dropped silently.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .errors import DataError
+
+FORMATS = ("implicit_text", "explicit_text", "implicit_conversational", "explicit_conversational",
+           "pretokenized")
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                "bot": "assistant", "model": "assistant", "system": "system"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def detect_format(row: dict, *, file: str, row_number: int) -> str:
+    """Name the format of a row from its columns and the type of its `chosen` value."""
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object with preference columns, got {type(row).__name__}",
+                        file=file, row=row_number)
+    keys = set(row)
+    if {"input_ids_chosen", "input_ids_rejected"} <= keys:
+        return "pretokenized"
+    if {"chosen", "rejected"} <= keys:
+        chosen = row["chosen"]
+        kind = "text" if isinstance(chosen, str) else "conversational" if isinstance(chosen, list) else None
+        if kind is None:
+            raise DataError(f"expected a string or a list of messages, got {type(chosen).__name__}",
+                            file=file, row=row_number, field="chosen")
+        return f"{'explicit' if 'prompt' in keys else 'implicit'}_{kind}"
+    missing = sorted({"chosen", "rejected"} - keys)
+    raise DataError(
+        f"unknown preference format: missing column(s) {', '.join(missing)}; found columns "
+        f"{', '.join(sorted(map(str, keys))) or '(none)'}. Expected chosen/rejected (with an optional "
+        "prompt) as strings or message lists, or input_ids_chosen/input_ids_rejected",
+        file=file, row=row_number)
+
+
+class _Reject(Exception):
+    """A row that is well-formed but unusable: a reason category for the counts, a detail for people."""
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(detail or reason)
+        self.reason, self.detail = reason, detail or reason
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise _Reject("malformed_transcript", "transcript does not start with a '\\n\\nHuman:' or '\\n\\nAssistant:' turn")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if not messages:
+        raise _Reject("malformed_transcript", "no 'Human:'/'Assistant:' turns found")
+    return messages
+
+
+def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant" if side != "prompt" else "user", "content": value}]
+    if not isinstance(value, list):
+        raise DataError(f"expected a string or a list of messages, got {type(value).__name__}",
+                        file=file, row=row_number, field=side)
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "content" not in message or "role" not in message:
+            raise _Reject("malformed_messages", f"{side}[{i}] is not a {{'role', 'content'}} message")
+        role = ROLE_ALIASES.get(str(message["role"]).lower())
+        if role is None:
+            raise _Reject("malformed_messages", f"{side}[{i}] has unknown role {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise _Reject("malformed_messages", f"{side}[{i}].content is not a string")
+        out.append({"role": role, "content": message["content"]})
+    return out
+
+
+def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Implicit prompt: the longest run of identical leading messages. Where the two transcripts
+    diverge before the last reply, the later turns stay part of each response."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _margin(row: dict, *, file: str, row_number: int) -> float | None:
+    for key in ("margin", "score_chosen", "score_rejected"):
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DataError(f"expected a number, got {value!r}", file=file, row=row_number, field=key)
+    if row.get("margin") is not None:
+        return float(row["margin"])
+    if row.get("score_chosen") is not None and row.get("score_rejected") is not None:
+        return float(row["score_chosen"]) - float(row["score_rejected"])
+    return None
+
+
+def _token_ids(value: Any, key: str, *, file: str, row_number: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DataError("expected a list of integer token ids", file=file, row=row_number, field=key)
+    return value
+
+
+def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
+    """One source row -> one normalised pair. Raises DataError (bad structure) or _Reject."""
+    pair_id = f"{file}:{row_number}"
+    margin = _margin(row, file=file, row_number=row_number)
+    if fmt == "pretokenized":
+        chosen = _token_ids(row["input_ids_chosen"], "input_ids_chosen", file=file, row_number=row_number)
+        rejected = _token_ids(row["input_ids_rejected"], "input_ids_rejected", file=file, row_number=row_number)
+        if not chosen or not rejected:
+            raise _Reject("empty_side")
+        if chosen == rejected:
+            raise _Reject("identical", "chosen is identical to rejected")
+        return {"id": pair_id, "input_ids_chosen": chosen, "input_ids_rejected": rejected, "margin": margin}
+    for key in ("prompt", "chosen", "rejected"):
+        if key in row and fmt.endswith("text") and not isinstance(row[key], str):
+            raise DataError(f"expected a string like the other rows of this file, got {type(row[key]).__name__}",
+                            file=file, row=row_number, field=key)
+    if fmt == "implicit_text":
+        prompt, chosen, rejected = split_shared_prefix(parse_hh_transcript(row["chosen"]),
+                                                       parse_hh_transcript(row["rejected"]))
+    elif fmt == "implicit_conversational":
+        prompt, chosen, rejected = split_shared_prefix(
+            _messages(row["chosen"], "chosen", file=file, row_number=row_number),
+            _messages(row["rejected"], "rejected", file=file, row_number=row_number))
+    else:
+        prompt = _messages(row["prompt"], "prompt", file=file, row_number=row_number)
+        chosen = _messages(row["chosen"], "chosen", file=file, row_number=row_number)
+        rejected = _messages(row["rejected"], "rejected", file=file, row_number=row_number)
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or not any(m["content"].strip() for m in messages):
+            raise _Reject("empty_side", f"empty {side} response")
+    if chosen == rejected:
+        raise _Reject("identical", "chosen is identical to rejected")
+    return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
+
+
+class Normaliser:
+    """Normalise the rows of one source file. The format is fixed by the first row; a later row
+    of another shape is an error, not a guess. `format` tells what was found."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.format: str | None = None
+
+    def __call__(self, rows: Iterable[tuple[int, dict]]) -> Iterator[tuple[str, dict]]:
+        """Yield ("pair", pair) or ("reject", record) for each (row_number, row)."""
+        for row_number, row in rows:
+            row_fmt = detect_format(row, file=self.file, row_number=row_number)
+            if self.format is None:
+                self.format = row_fmt
+            elif row_fmt != self.format:
+                raise DataError(f"row is in format {row_fmt}, but the file began in format {self.format}",
+                                file=self.file, row=row_number)
+            try:
+                yield "pair", normalise_row(row, self.format, file=self.file, row_number=row_number)
+            except _Reject as reject:
+                yield "reject", {"file": self.file, "row": row_number, "reason": reject.reason,
+                                 "detail": reject.detail, "data": row}

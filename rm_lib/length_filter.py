@@ -1,0 +1,62 @@
+"""Length policy: drop over-length pairs (counted by reason) or truncate them from the left,
+keeping the start tokens and the end of the conversation, where the responses differ."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FilterOutcome:
+    kept: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)  # each with "reason"
+    truncated: int = 0
+
+    @property
+    def dropped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(row["reason"] for row in self.dropped))
+
+
+def drop_reason(row: dict, max_len: int, max_prompt: int | None) -> str | None:
+    if max_prompt is not None and (row.get("prompt_length") or 0) > max_prompt:
+        return "prompt_too_long"
+    long_c, long_r = len(row["input_ids_chosen"]) > max_len, len(row["input_ids_rejected"]) > max_len
+    if long_c and long_r:
+        return "both_too_long"
+    return "chosen_too_long" if long_c else "rejected_too_long" if long_r else None
+
+
+def truncate_left(ids: list[int], max_len: int, keep_front: int, cut: int = 0) -> list[int]:
+    """Remove `cut` tokens after the first `keep_front`, then more from the same place until
+    at most max_len remain."""
+    front, body = ids[:keep_front], ids[keep_front + cut:]
+    room = max(max_len - len(front), 1)
+    return front + body[-room:]
+
+
+def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str, keep_front: int) -> FilterOutcome:
+    outcome = FilterOutcome()
+    for row in rows:
+        reason = drop_reason(row, max_len, max_prompt)
+        if reason is None:
+            outcome.kept.append(row)
+        elif policy == "drop":
+            outcome.dropped.append({"id": row["id"], "reason": reason, "prompt_length": row.get("prompt_length"),
+                                    "chosen_length": len(row["input_ids_chosen"]),
+                                    "rejected_length": len(row["input_ids_rejected"])})
+        else:
+            prompt_len = row.get("prompt_length") or 0
+            cut = max(prompt_len - max_prompt, 0) if max_prompt is not None else 0
+            new = dict(row)
+            for side in ("chosen", "rejected"):
+                ids = truncate_left(row[f"input_ids_{side}"], max_len, keep_front, cut)
+                new[f"input_ids_{side}"], new[f"attention_mask_{side}"] = ids, [1] * len(ids)
+            if prompt_len:  # what is left of the prompt in the shorter-cut side
+                removed = len(row["input_ids_chosen"]) - len(new["input_ids_chosen"])
+                new["prompt_length"] = max(prompt_len - removed, keep_front)
+            if new["input_ids_chosen"] == new["input_ids_rejected"]:
+                outcome.dropped.append({"id": row["id"], "reason": "identical_after_truncation"})
+                continue
+            outcome.kept.append(new)
+            outcome.truncated += 1
+    return outcome

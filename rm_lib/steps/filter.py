@@ -1,0 +1,69 @@
+"""filter: token ids -> length-filtered ids, every dropped pair counted by reason and written out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import length_filter, plots
+from ..atomic import atomic_dir, write_json, write_jsonl
+from ..errors import DataError
+from ..hashing import tree_sha256
+from ..jsonl import read_json
+from ..layout import SPLITS, Layout
+from ..settings import Params
+from ..tokenstore import read_rows, write_rows
+
+
+@dataclass
+class FilterResult:
+    policy: str
+    kept: dict[str, int]
+    dropped: dict[str, dict[str, int]]
+    truncated: dict[str, int]
+    content_hash: str
+    output_dir: Path
+    plot: Path = field(default=None)
+
+    def summary(self) -> str:
+        parts = []
+        for split in SPLITS:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped[split].items())) or "none"
+            parts.append(f"{split} kept {self.kept[split]}, dropped {sum(self.dropped[split].values())} ({reasons}), "
+                         f"truncated {self.truncated[split]}")
+        return f"filter ({self.policy}): " + "; ".join(parts) + f" -> {self.output_dir}"
+
+
+def run(params: Params, layout: Layout) -> FilterResult:
+    cfg = params.filter
+    meta = read_json(layout.tokenized / "manifest.json")
+    keep_front = len(meta["special_prefix"])
+    kept, dropped, truncated, lengths = {}, {}, {}, {"prompt": [], "chosen": [], "rejected": []}
+    with atomic_dir(layout.filtered) as out:
+        all_dropped = []
+        for split in SPLITS:
+            rows = read_rows(layout.tokenized / f"{split}.parquet")
+            for row in rows:
+                lengths["prompt"].append(row["prompt_length"] or 0)
+                lengths["chosen"].append(len(row["input_ids_chosen"]))
+                lengths["rejected"].append(len(row["input_ids_rejected"]))
+            outcome = length_filter.apply(rows, max_len=cfg.max_token_length, max_prompt=cfg.max_prompt_token_length,
+                                          policy=cfg.policy, keep_front=keep_front)
+            if not outcome.kept:
+                raise DataError(f"every {split} pair is over the length limits ({outcome.dropped_by_reason}); "
+                                "raise filter.max_token_length or use filter.policy=truncate",
+                                file=str(layout.tokenized / f"{split}.parquet"))
+            write_rows(out / f"{split}.parquet", outcome.kept)
+            all_dropped += [dict(d, split=split) for d in outcome.dropped]
+            kept[split], dropped[split], truncated[split] = len(outcome.kept), outcome.dropped_by_reason, outcome.truncated
+        write_jsonl(out / "dropped.jsonl", all_dropped)
+        plots.length_histograms(lengths, {"prompt": cfg.max_prompt_token_length, "chosen": cfg.max_token_length,
+                                          "rejected": cfg.max_token_length}, out / "lengths.png",
+                                title="Token lengths before filtering (train + test)")
+        content_hash = tree_sha256(out, [f"{s}.parquet" for s in SPLITS])
+        write_json(out / "manifest.json", {
+            "policy": cfg.policy, "max_token_length": cfg.max_token_length,
+            "max_prompt_token_length": cfg.max_prompt_token_length, "kept": kept, "dropped_by_reason": dropped,
+            "truncated": truncated, "content_hash": content_hash,
+            "special_prefix": meta["special_prefix"], "pad_token_id": meta["pad_token_id"]})
+    return FilterResult(policy=cfg.policy, kept=kept, dropped=dropped, truncated=truncated,
+                        content_hash=content_hash, output_dir=layout.filtered, plot=layout.filtered / "lengths.png")

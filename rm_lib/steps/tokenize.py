@@ -1,0 +1,52 @@
+"""tokenize: normalised pairs -> token ids, through the chosen chat template."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import templates, tokenization
+from ..atomic import atomic_dir, write_json
+from ..hashing import tree_sha256
+from ..jsonl import read_json, read_jsonl
+from ..layout import SPLITS, Layout
+from ..modeling import load_tokenizer, resolve_model_path
+from ..settings import Params
+from ..tokenstore import write_rows
+
+
+@dataclass
+class TokenizeResult:
+    template: str
+    rows: dict[str, int]
+    tokens: dict[str, int]
+    content_hash: str
+    output_dir: Path
+
+    def summary(self) -> str:
+        return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
+                f"{self.tokens['train'] + self.tokens['test']} tokens -> {self.output_dir}")
+
+
+def run(params: Params, layout: Layout) -> TokenizeResult:
+    read_json(layout.pairs / "manifest.json")  # the download step finished
+    tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
+                               trust_remote_code=params.model.trust_remote_code)
+    template = templates.resolve(params.tokenize.template, tokenizer)
+    special = tokenization.special_tokens(tokenizer)
+    counts, tokens = {}, {}
+    with atomic_dir(layout.tokenized) as out:
+        for split in SPLITS:
+            pairs = read_jsonl(layout.pairs / f"{split}.jsonl")
+            rows = tokenization.tokenize_pairs(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
+                                               num_proc=params.tokenize.num_proc,
+                                               tokenizer_path=resolve_model_path(params.model.name_or_path))
+            write_rows(out / f"{split}.parquet", rows)
+            counts[split] = len(rows)
+            tokens[split] = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
+        content_hash = tree_sha256(out, [f"{s}.parquet" for s in SPLITS])
+        write_json(out / "manifest.json", {
+            "model": params.model.name_or_path, "template": template, "rows": counts, "tokens": tokens,
+            "special_prefix": list(special.prefix), "end_token_id": special.end,
+            "pad_token_id": tokenizer.pad_token_id, "content_hash": content_hash})
+    return TokenizeResult(template=template, rows=counts, tokens=tokens, content_hash=content_hash,
+                          output_dir=layout.tokenized)

@@ -1,0 +1,111 @@
+"""train: filtered token ids -> a one-output reward model in models/reward_model."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import plots
+from ..atomic import atomic_dir, write_json
+from ..inference import score_pairs
+from ..jsonl import read_json
+from ..layout import Layout
+from ..metrics import pair_metrics
+from ..modeling import add_lora, load_reward_model, load_tokenizer, save_model, unwrap
+from ..settings import Params
+from ..tokenstore import read_rows
+from ..tracking import Tracker
+from ..trainer import fit, mixed_precision, run_fingerprint
+
+NORMALISATION_SAMPLE = 1000
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    final_accuracy: float
+    tokens_per_s: float
+    wall_s: float
+    model_dir: Path
+    resumed_from: int | None
+    reward_mean: float
+    reward_std: float
+    wandb_url: str | None
+
+    def summary(self) -> str:
+        resumed = f" (resumed from step {self.resumed_from})" if self.resumed_from else ""
+        return (f"train: {self.steps} steps{resumed}, last loss {self.final_loss:.4f}, batch accuracy "
+                f"{self.final_accuracy:.3f}, {self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f}s -> {self.model_dir}")
+
+
+def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
+    from accelerate import Accelerator
+
+    cfg = params.train
+    meta = read_json(layout.filtered / "manifest.json")
+    train_rows = read_rows(layout.filtered / "train.parquet")
+    eval_rows = read_rows(layout.filtered / "test.parquet")
+    tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
+                               trust_remote_code=params.model.trust_remote_code)
+    pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
+    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision))
+    model = load_reward_model(params.model.name_or_path, revision=params.model.revision,
+                              trust_remote_code=params.model.trust_remote_code, pad_token_id=pad_id)
+    if cfg.lora:
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         target_modules=cfg.lora_target_modules)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    tracker = Tracker(layout.train_logs / "metrics.jsonl", project=cfg.wandb_project, mode=cfg.wandb_mode,
+                      config=params.as_dict(), run_dir=layout.root / "wandb")
+
+    def on_eval(model, step: int) -> dict:
+        r_c, r_r = score_pairs(model, eval_rows, pad_token_id=pad_id, batch_size=params.evaluate.batch_size,
+                               device=accelerator.device)
+        result = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in eval_rows],
+                              [len(r["input_ids_rejected"]) for r in eval_rows], buckets=1)
+        samples = [{"id": eval_rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
+                    "chosen_text": tokenizer.decode(eval_rows[i]["input_ids_chosen"][-60:]),
+                    "rejected_text": tokenizer.decode(eval_rows[i]["input_ids_rejected"][-60:])}
+                   for i in range(min(cfg.num_print_samples, len(eval_rows)))]
+        if accelerator.is_main_process:
+            from ..visualize import visualize_samples
+
+            accelerator.print(f"\neval at step {step}: accuracy {result['accuracy']:.3f} (longer wins "
+                              f"{result['longer_wins_baseline']:.3f})\n" + visualize_samples(samples))
+            tracker.table("eval_samples", samples, step)
+        return result
+
+    fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"])
+    try:
+        result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
+                     fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval)
+        model = accelerator.unwrap_model(model)
+        # Reward normalisation stats, saved in the model's config for downstream RLHF.
+        sample = train_rows[:NORMALISATION_SAMPLE]
+        r_c, r_r = score_pairs(model, sample, pad_token_id=pad_id, batch_size=params.evaluate.batch_size,
+                               device=accelerator.device)
+        stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
+    finally:
+        if accelerator.is_main_process:
+            tracker.finish()
+    last = result.history[-1] if result.history else {"loss": float("nan"), "accuracy": float("nan")}
+    if accelerator.is_main_process:
+        with atomic_dir(layout.model) as out:
+            save_model(model, tokenizer, out, extra_config={
+                "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
+                "rm_lib_fingerprint": fingerprint})
+        history = [r for r in result.history if "loss" in r]
+        plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
+                         [r["accuracy"] for r in history], layout.train_logs / "loss.png")
+        write_json(layout.train_logs / "summary.json", {
+            "steps": result.steps, "final_loss": last["loss"], "final_accuracy": last["accuracy"],
+            "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "resumed_from": result.resumed_from,
+            "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
+            "model": params.model.name_or_path, "fingerprint": fingerprint, "data_hash": meta["content_hash"],
+            "wandb": result.wandb_url, "train": asdict(cfg)})
+    accelerator.wait_for_everyone()
+    return TrainResult(steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
+                       tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
+                       resumed_from=result.resumed_from, reward_mean=stats["reward_mean"],
+                       reward_std=stats["reward_std"], wandb_url=result.wandb_url)

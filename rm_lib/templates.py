@@ -1,0 +1,51 @@
+"""Chat templates: messages -> text. Special tokens are added once, at tokenization.
+
+Named templates render each message on its own, so the rendering of a prompt is a prefix of the
+rendering of the whole conversation and its token count is the prompt length.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
+
+
+def simple_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    text = "\n\n".join(f"{ROLE_NAMES[m['role']]}: {m['content']}" for m in messages)
+    if add_generation_prompt:
+        text += ("\n\n" if text else "") + "Assistant:"
+    return text
+
+
+def simple_concat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+NAMED = {"simple_chat": simple_chat, "simple_concat": simple_concat, "chatml": chatml}
+
+
+def resolve(name: str, tokenizer: Any) -> str:
+    """'auto' means the tokenizer's own template when it has one, else simple_chat."""
+    if name == "auto":
+        return "tokenizer" if getattr(tokenizer, "chat_template", None) else "simple_chat"
+    if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        from .errors import SettingsError
+
+        raise SettingsError("tokenize.template: 'tokenizer' was asked for, but this tokenizer has no chat "
+                            "template; use auto, simple_chat, simple_concat or chatml")
+    return name
+
+
+def render(messages: list[dict], name: str, tokenizer: Any, add_generation_prompt: bool = False) -> str:
+    if name == "tokenizer":
+        if not messages:
+            return ""
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return NAMED[name](messages, add_generation_prompt)

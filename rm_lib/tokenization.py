@@ -1,0 +1,90 @@
+"""Tokenize normalised pairs once: rendered text is tokenized without special tokens, and the
+start/end tokens the model expects are added only where the text does not already hold them.
+That is what keeps a chat template's BOS from being doubled and every sequence ending in EOS."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import templates
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    prefix: tuple[int, ...]  # what the tokenizer puts before text: BOS, or [CLS]
+    end: int | None  # what every sequence must end with: EOS, or [SEP]
+
+
+def special_tokens(tokenizer: Any) -> SpecialTokens:
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    prefix = tuple(full[:start])
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return SpecialTokens(prefix=prefix, end=end)
+
+
+def add_special(ids: list[int], special: SpecialTokens) -> list[int]:
+    """Prefix and end token, each added only if missing: no doubled BOS, always an EOS."""
+    n = len(special.prefix)
+    if n and tuple(ids[:n]) != special.prefix:
+        ids = list(special.prefix) + ids
+    if special.end is not None and (not ids or ids[-1] != special.end):
+        ids = ids + [special.end]
+    return ids
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+
+
+def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: SpecialTokens) -> list[dict]:
+    """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call."""
+    text_pairs = [p for p in pairs if "input_ids_chosen" not in p]
+    prompts, chosen, rejected = [], [], []
+    for pair in text_pairs:
+        prompts.append(templates.render(pair["prompt"], template, tokenizer, add_generation_prompt=True)
+                       if pair["prompt"] else "")
+        chosen.append(templates.render(pair["prompt"] + pair["chosen"], template, tokenizer))
+        rejected.append(templates.render(pair["prompt"] + pair["rejected"], template, tokenizer))
+    encoded = iter(zip(_encode(tokenizer, prompts), _encode(tokenizer, chosen), _encode(tokenizer, rejected)))
+    rows = []
+    for pair in pairs:
+        if "input_ids_chosen" in pair:  # pretokenized: trust the ids, but still end every side with EOS
+            ids_c, ids_r, prompt_len = pair["input_ids_chosen"], pair["input_ids_rejected"], None
+            ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
+        else:
+            prompt_ids, ids_c, ids_r = next(encoded)
+            prompt_len = len(special.prefix) + len(prompt_ids) if prompt_ids else 0
+            ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
+        rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
+                     "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),
+                     "prompt_length": prompt_len, "margin": pair.get("margin")})
+    return rows
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str, template: str) -> None:
+    from .modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    _WORKER.update(tokenizer=tokenizer, template=template, special=special_tokens(tokenizer))
+
+
+def _worker_batch(pairs: list[dict]) -> list[dict]:
+    return tokenize_batch(pairs, _WORKER["tokenizer"], _WORKER["template"], _WORKER["special"])
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer: Any, template: str, *, batch_size: int = 1000,
+                   num_proc: int = 1, tokenizer_path: str | None = None) -> list[dict]:
+    """All pairs, in order. Fast tokenizers already use several threads per batch; with
+    num_proc > 1 the template rendering (Python) also runs in parallel processes."""
+    special = special_tokens(tokenizer)
+    batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+    if num_proc > 1 and len(batches) > 1 and tokenizer_path is not None:
+        with ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(tokenizer_path, template)) as pool:
+            return [row for batch in pool.map(_worker_batch, batches) for row in batch]
+    return [row for batch in batches for row in tokenize_batch(batch, tokenizer, template, special)]

@@ -1,0 +1,33 @@
+"""Token rows on disk as Parquet (list<int32> columns): compact, columnar, byte-reproducible."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .atomic import atomic_file
+
+COLUMNS = ("id", "input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected",
+           "prompt_length", "margin")
+
+
+def _schema():
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.schema([("id", pa.string()), ("input_ids_chosen", ids), ("attention_mask_chosen", pa.list_(pa.int8())),
+                      ("input_ids_rejected", ids), ("attention_mask_rejected", pa.list_(pa.int8())),
+                      ("prompt_length", pa.int32()), ("margin", pa.float64())])
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{k: row.get(k) for k in COLUMNS} for row in rows], schema=_schema())
+    with atomic_file(path, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()

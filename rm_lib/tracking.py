@@ -1,0 +1,65 @@
+"""Metrics go to a local JSONL file always, and to W&B when a project is configured."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def wandb_mode(setting: str) -> str:
+    """auto: WANDB_MODE if set, else online with an API key, else offline (sync later)."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class Tracker:
+    def __init__(self, metrics_path: Path, *, project: str | None, mode: str, config: dict, run_dir: Path,
+                 enabled: bool = True) -> None:
+        self.enabled, self.metrics_path, self.project, self.mode = enabled, metrics_path, project, mode
+        self.config, self.run_dir = config, run_dir
+        self.wandb_run = None
+        self.wandb_url: str | None = None
+
+    def start(self, resume_lines: int | None = None) -> None:
+        """Open the metrics file (keeping a resumed run's earlier lines) and the W&B run."""
+        if not self.enabled:
+            return
+        metrics_path, project, run_dir, config = self.metrics_path, self.project, self.run_dir, self.config
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_lines is None or not metrics_path.exists():
+            metrics_path.write_text("")
+        else:  # a resumed run keeps the lines logged up to its checkpoint
+            lines = metrics_path.read_text().splitlines()[:resume_lines]
+            metrics_path.write_text("".join(line + "\n" for line in lines))
+        resolved = wandb_mode(self.mode)
+        if project and resolved != "disabled":
+            import wandb
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.wandb_run = wandb.init(project=project, mode=resolved, dir=str(run_dir), config=config,
+                                        reinit="finish_previous")
+            self.wandb_url = getattr(self.wandb_run, "url", None) or f"wandb ({resolved}) run {self.wandb_run.id}"
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        if self.wandb_run is not None and rows:
+            import wandb
+
+            columns = sorted(rows[0])
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                               step=step)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

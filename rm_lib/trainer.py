@@ -1,0 +1,214 @@
+"""The training loop: Bradley-Terry on pairs, chosen and rejected in one forward pass,
+length-grouped batches, gradient accumulation, warm-up schedule, accelerate for devices and
+processes, checkpoints that resume exactly (weights, optimizer, scheduler, data position, RNG)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .batching import collate_pairs, epoch_batches, process_slice
+from .errors import TrainingDiverged
+from .loss import bradley_terry_loss
+from .modeling import rewards
+from .settings import ModelSettings, TrainSettings
+
+STATE_FILE = "trainer_state.json"
+LOG_ONLY = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
+            "wandb_project", "wandb_mode")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    fingerprint: str = ""
+    metrics_lines: int = 0
+    best_eval_accuracy: float | None = None
+
+
+@dataclass
+class FitResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+    wandb_url: str | None = None
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the weights."""
+    relevant = {k: v for k, v in asdict(train).items() if k not in LOG_ONLY}
+    blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
+        get_linear_schedule_with_warmup
+
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted((p for p in folder.glob("step-*") if (p / STATE_FILE).exists()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
+        fingerprint: str, accelerator: Any, tracker: Any = None,
+        on_eval: Callable[[Any, int], dict] | None = None) -> FitResult:
+    """Train `model` in place. `accelerator` is an accelerate.Accelerator made by the caller."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    set_seed(cfg.seed)
+    if cfg.disable_dropout:
+        _disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
+    steps_per_epoch = max(batches_per_epoch // cfg.gradient_accumulation_steps, 1)
+    total = cfg.max_steps or max(int(steps_per_epoch * cfg.num_epochs), 1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = TrainState(fingerprint=fingerprint)
+    resumed_from = None
+    latest = latest_checkpoint(checkpoints) if checkpoints.exists() else None
+    if latest is not None:
+        saved = TrainState(**json.loads((latest / STATE_FILE).read_text()))
+        if saved.fingerprint == fingerprint:
+            accelerator.load_state(str(latest))
+            state, resumed_from = saved, saved.step
+            accelerator.print(f"train: resuming from {latest} (step {saved.step} of {total})")
+        elif accelerator.is_main_process:  # checkpoints of another run: never mix them in
+            shutil.rmtree(checkpoints)
+    accelerator.wait_for_everyone()
+    if tracker is not None and accelerator.is_main_process:
+        tracker.start(state.metrics_lines if resumed_from is not None else None)
+
+    history: list[dict] = []
+    window = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "mean": 0.0, "n": 0, "tokens": 0, "padded": 0}
+    started, window_start, tokens_total = time.perf_counter(), time.perf_counter(), 0
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    model.train()
+    while state.step < total:
+        micro = state.step * cfg.gradient_accumulation_steps
+        epoch, position = divmod(micro, batches_per_epoch)
+        batches = epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch,
+                                group_by_length=cfg.group_by_length)
+        for k in range(cfg.gradient_accumulation_steps):
+            epoch_k, pos_k = divmod(micro + k, batches_per_epoch)
+            if epoch_k != epoch:
+                epoch, batches = epoch_k, epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch_k,
+                                                        group_by_length=cfg.group_by_length)
+            mine = process_slice(batches[pos_k], rank, world)
+            batch = collate_pairs([train_rows[i] for i in mine], pad_token_id, cfg.use_margin).to(accelerator.device)
+            last = k == cfg.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                scores = rewards(model, batch.input_ids, batch.attention_mask)
+                r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
+                loss = bradley_terry_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            window["loss"] += loss.item()
+            window["acc"] += (r_c > r_r).float().mean().item()
+            window["margin"] += (r_c - r_r).mean().item()
+            window["mean"] += scores.mean().item()
+            window["n"] += 1
+            window["tokens"] += batch.real_tokens
+            window["padded"] += batch.padded_tokens
+        if not math.isfinite(window["loss"]):  # stop before the bad step touches the weights
+            raise TrainingDiverged(
+                f"train: the loss became {window['loss']} at step {state.step + 1}; lower train.learning_rate or "
+                f"check the data. The last good checkpoint is kept in {checkpoints}")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        bar.update(1)
+
+        if state.step % cfg.logging_steps == 0 or state.step == total:
+            elapsed = time.perf_counter() - window_start
+            n = max(window["n"], 1)
+            tokens = accelerator.reduce(torch.tensor(window["tokens"], device=accelerator.device), "sum").item()
+            record = {"step": state.step, "epoch": round(micro / batches_per_epoch, 4),
+                      "loss": accelerator.reduce(torch.tensor(window["loss"] / n, device=accelerator.device),
+                                                 "mean").item(),
+                      "accuracy": window["acc"] / n, "reward_margin": window["margin"] / n,
+                      "reward_mean": window["mean"] / n, "grad_norm": float(grad_norm),
+                      "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
+                      "padding_fraction": 1 - window["tokens"] / max(window["padded"], 1)}
+            tokens_total += tokens
+            history.append(record)
+            if tracker is not None and accelerator.is_main_process:
+                tracker.log(record)
+                state.metrics_lines += 1
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+            window = dict.fromkeys(window, 0)
+            window_start = time.perf_counter()
+        if on_eval is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            result = on_eval(model, state.step)
+            if tracker is not None and accelerator.is_main_process:
+                tracker.log({"step": state.step, **{f"eval_{k}": v for k, v in result.items()
+                                                    if isinstance(v, (int, float))}})
+                state.metrics_lines += 1
+            model.train()
+        if state.step % cfg.save_steps == 0 or state.step == total:
+            save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit)
+    bar.close()
+    wall = time.perf_counter() - started
+    return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
+                     wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens_total / max(wall, 1e-9),
+                     wall_s=wall)
+
+
+def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int) -> Path:
+    """Write step-N atomically (temporary name, then rename) and keep only the newest `keep`."""
+    target = folder / f"step-{state.step}"
+    tmp = folder / f".step-{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in found[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target

@@ -1,0 +1,29 @@
+"""Terminal views: each token of one example on its own coloured background, and scored pairs."""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+_BACKGROUNDS = [167, 179, 185, 77, 80, 68, 134]
+
+
+def visualize_token(ids: list[int], tokenizer: Any, color: bool = True) -> str:
+    """Every token visible: alternating background colours (or [brackets] without colour),
+    special tokens included, whitespace shown as ␣ and ↵."""
+    pieces = [tokenizer.convert_ids_to_tokens(i) for i in ids]
+    pieces = [p.replace(" ", "␣").replace("Ġ", "␣").replace("\n", "↵").replace("Ċ", "↵") for p in pieces]
+    if not color:
+        return "".join(f"[{p}]" for p in pieces)
+    backgrounds = itertools.cycle(f"\x1b[48;5;{c}m" for c in _BACKGROUNDS)
+    return "".join(f"{bg}{p}" for bg, p in zip(backgrounds, pieces)) + "\x1b[0m"
+
+
+def visualize_samples(rows: list[dict], limit: int = 4, width: int = 70) -> str:
+    """A small table of pairs with their rewards: what a person checks when accuracy looks wrong."""
+    lines = [f"{'reward chosen':>13} {'reward rejected':>15}  {'ok':2}  chosen | rejected (ends)"]
+    for row in rows[:limit]:
+        ok = "✓" if row["reward_chosen"] > row["reward_rejected"] else "✗"
+        chosen = row.get("chosen_text", "")[-width // 2:].replace("\n", " ")
+        rejected = row.get("rejected_text", "")[-width // 2:].replace("\n", " ")
+        lines.append(f"{row['reward_chosen']:>13.3f} {row['reward_rejected']:>15.3f}  {ok:2}  …{chosen} | …{rejected}")
+    return "\n".join(lines)
