@@ -95,6 +95,9 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
             save_model(model, tokenizer, out, extra_config={
                 "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
                 "rm_lib_fingerprint": fingerprint})
+            tokenized = read_json(layout.tokenized / "manifest.json")
+            write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
+                                             "data_hash": meta["content_hash"], "fingerprint": fingerprint})
         history = [r for r in result.history if "loss" in r]
         plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                          [r["accuracy"] for r in history], layout.train_logs / "loss.png")

@@ -1,0 +1,68 @@
+"""evaluate: the trained model on the held-out pairs -> report JSON, pictures, scored pairs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import plots
+from ..atomic import atomic_dir, write_json, write_jsonl
+from ..inference import score_pairs
+from ..jsonl import read_json
+from ..layout import Layout
+from ..metrics import pair_metrics
+from ..modeling import load_reward_model, load_tokenizer
+from ..settings import Params
+from ..tokenstore import read_rows
+from ..visualize import visualize_samples
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict
+    report: Path
+    output_dir: Path
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (f"evaluate: {m['pairs']} pairs, accuracy {m['accuracy']:.4f} (ties {m['tie_rate']:.4f}; "
+                f"longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}), "
+                f"loss {m['loss']:.4f} -> {self.report}")
+
+
+def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets: int) -> tuple[dict, list, list]:
+    import torch
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_reward_model(str(model_dir))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    r_c, r_r = score_pairs(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    metrics = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in rows],
+                           [len(r["input_ids_rejected"]) for r in rows], buckets=buckets)
+    return metrics, r_c, r_r
+
+
+def run(params: Params, layout: Layout) -> EvaluateResult:
+    cfg = params.evaluate
+    meta = read_json(layout.filtered / "manifest.json")
+    rows = read_rows(layout.filtered / "test.parquet")
+    if not (layout.model / "config.json").exists():
+        read_json(layout.model / "config.json")  # raises the "run train first" error
+    metrics, r_c, r_r = evaluate_folder(layout.model, rows, cfg.batch_size, cfg.length_buckets)
+    metrics["data_hash"] = meta["content_hash"]
+    tokenizer = load_tokenizer(str(layout.model))
+    samples = [{"id": rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
+                "chosen_text": tokenizer.decode(rows[i]["input_ids_chosen"][-80:], skip_special_tokens=True),
+                "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}
+               for i in range(min(cfg.num_print_samples, len(rows)))]
+    with atomic_dir(layout.evaluation) as out:
+        write_json(out / "metrics.json", {k: v for k, v in metrics.items() if k != "per_length_bucket"})
+        write_json(out / "report.json", metrics)
+        write_jsonl(out / "scores.jsonl", ({"id": r["id"], "reward_chosen": c, "reward_rejected": j}
+                                           for r, c, j in zip(rows, r_c, r_r)))
+        write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])  # for `dvc plots`
+        plots.reward_distributions(r_c, r_r, out / "rewards.png")
+        buckets = metrics["per_length_bucket"]
+        plots.bucket_accuracy([b["range"] for b in buckets], [b["accuracy"] for b in buckets],
+                              [b["longer_wins"] for b in buckets], out / "accuracy_by_length.png")
+    print(visualize_samples(samples, limit=cfg.num_print_samples))
+    return EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation)
