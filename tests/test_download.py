@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from conftest import ALPACA, HH, need
+from helpers import run_steps, tiny_params, write_jsonl
+from rm_lib.errors import DataError
+from rm_lib.jsonl import read_json, read_jsonl
+
+
+def test_demo_is_deterministic_and_split_by_prompt(tmp_path):
+    a = run_steps(tiny_params("download.demo_pairs=200"), tmp_path / "a", "download")["download"]
+    b = run_steps(tiny_params("download.demo_pairs=200"), tmp_path / "b", "download")["download"]
+    assert a.content_hash == b.content_hash
+    assert a.pairs["train"] + a.pairs["test"] == 200
+    train = read_jsonl(tmp_path / "a/data/pairs/train.jsonl")
+    test = read_jsonl(tmp_path / "a/data/pairs/test.jsonl")
+    prompts = lambda rows: {json.dumps(r["prompt"]) for r in rows}
+    assert not prompts(train) & prompts(test)
+    manifest = read_json(tmp_path / "a/data/pairs/manifest.json")
+    assert manifest["content_hash"] == a.content_hash and manifest["pairs"] == a.pairs
+
+
+def test_folder_with_its_own_splits(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(5)]
+    write_jsonl(tmp_path / "src/train.jsonl", rows)
+    write_jsonl(tmp_path / "src/test.jsonl.gz", rows[:2], gz=True)
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download")["download"]
+    assert result.pairs == {"train": 5, "test": 2}
+
+
+def test_every_row_rejected_is_an_error_that_keeps_the_rejects(tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 3)
+    with pytest.raises(DataError, match="no usable pairs.*3 rejected"):
+        run_steps(tiny_params(f"download.source={tmp_path / 'bad.jsonl'}"), tmp_path, "download")
+    assert len(read_jsonl(tmp_path / "data/pairs/rejects.jsonl")) == 3
+    assert not (tmp_path / "data/pairs/manifest.json").exists()
+
+
+def test_missing_local_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        run_steps(tiny_params(f"download.source={tmp_path / 'nope.jsonl'}"), tmp_path, "download")
+
+
+def test_hub_source_calls_datasets_load_dataset(tmp_path, monkeypatch):
+    """The Hub path is the real datasets.load_dataset call; here it is served from a local file."""
+    import datasets
+
+    src = write_jsonl(tmp_path / "hub.jsonl", [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(10)])
+    calls = []
+
+    def fake_load(name, subset=None, split=None, revision=None):
+        calls.append((name, subset, split, revision))
+        return datasets.Dataset.from_json(str(src))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    params = tiny_params("download.source=org/prefs", "download.revision=abc123", "download.test_split=test")
+    result = run_steps(params, tmp_path, "download")["download"]
+    assert calls == [("org/prefs", None, "train", "abc123"), ("org/prefs", None, "test", "abc123")]
+    assert result.pairs == {"train": 10, "test": 10} and result.kind == "hub"
+
+
+@pytest.mark.slow
+def test_real_hh_rlhf_counts_nothing_lost(tmp_path):
+    need(HH)
+    result = run_steps(tiny_params(f"download.source={HH}"), tmp_path, "download")["download"]
+    assert result.rows_read == 1952
+    assert result.pairs["train"] + result.pairs["test"] + sum(result.rejects.values()) == 1952
+    assert result.rejects == {"empty_side": 3}  # three chosen replies are empty: set aside, written, counted
+    pairs = read_jsonl(tmp_path / "data/pairs/train.jsonl") + read_jsonl(tmp_path / "data/pairs/test.jsonl")
+    multi_turn = [p for p in pairs if len(p["chosen"]) > 1 or len(p["rejected"]) > 1]
+    assert len(multi_turn) == 3  # the transcripts that diverge before the last reply are kept
+    assert all(p["prompt"][0]["role"] == "user" for p in pairs)
+
+
+@pytest.mark.slow
+def test_real_alpaca_counts_and_margins(tmp_path):
+    need(ALPACA)
+    result = run_steps(tiny_params(f"download.source={ALPACA}"), tmp_path, "download")["download"]
+    assert result.pairs["train"] + result.pairs["test"] == 20000 and not result.rejects
+    pair = read_jsonl(tmp_path / "data/pairs/test.jsonl")[0]
+    assert 0.2 - 1e-9 <= pair["margin"] <= 1.0

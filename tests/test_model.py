@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from rm_lib.errors import SettingsError
+from rm_lib.loss import bradley_terry_loss
+from rm_lib.metrics import pair_metrics
+from rm_lib.modeling import add_lora, load_reward_model, load_tokenizer, rewards, save_model
+
+
+def test_bradley_terry_loss_with_margin_and_centering():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    plain = -(torch.log(torch.sigmoid(torch.tensor(1.0))) + torch.log(torch.sigmoid(torch.tensor(-1.0)))) / 2
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(plain.item())
+    m = torch.tensor([0.5, 0.5])
+    with_margin = -(torch.log(torch.sigmoid(torch.tensor(0.5))) + torch.log(torch.sigmoid(torch.tensor(-1.5)))) / 2
+    assert bradley_terry_loss(rc, rr, m).item() == pytest.approx(with_margin.item())
+    centred = plain + 0.01 * ((3.0 ** 2 + 1.0 ** 2) / 2)
+    assert bradley_terry_loss(rc, rr, None, 0.01).item() == pytest.approx(centred.item())
+
+
+def test_ties_count_as_wrong_and_baselines_are_reported():
+    m = pair_metrics([1.0, 2.0, 0.5, 0.0], [1.0, 1.0, 0.7, -1.0], [10, 20, 5, 8], [5, 10, 9, 8], buckets=2)
+    assert m["accuracy"] == 0.5 and m["tie_rate"] == 0.25
+    assert m["longer_wins_baseline"] == 0.5 and m["shorter_wins_baseline"] == 0.25
+    assert sum(b["pairs"] for b in m["per_length_bucket"]) == 4
+
+
+def test_pad_equal_to_eos_reads_the_score_at_the_last_real_token(tiny_decoder):
+    tok = load_tokenizer(str(tiny_decoder))
+    assert tok.pad_token_id == tok.eos_token_id
+    model = load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id).eval()
+    short = [tok.bos_token_id, 7, 8, tok.eos_token_id]
+    long = [tok.bos_token_id, 9, 10, 11, 12, 13, tok.eos_token_id]
+    ids = torch.tensor([short + [tok.pad_token_id] * 3, long])
+    mask = torch.tensor([[1] * 4 + [0] * 3, [1] * 7])
+    with torch.no_grad():
+        batched = rewards(model, ids, mask)
+        alone = rewards(model, torch.tensor([short]), torch.ones(1, 4, dtype=torch.long))
+        # transformers' own pooling searches for the pad id and stops one token early (#35352)
+        theirs = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 4, dtype=torch.long)).logits
+    assert batched[0].item() == pytest.approx(alone.item(), abs=1e-5)
+    assert theirs.item() != pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).save_pretrained(tmp_path / "two")
+    with pytest.raises(SettingsError, match="head with 2 outputs; a reward model needs exactly one"):
+        load_reward_model(str(tmp_path / "two"))
+    model = load_reward_model(minilm_path)
+    assert model.config.num_labels == 1 and model.classifier.out_features == 1
+
+
+def test_a_model_without_a_classification_head_is_refused(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4)).save_pretrained(tmp_path)
+    with pytest.raises(SettingsError, match="sequence-classification head"):
+        load_reward_model(str(tmp_path))
+
+
+def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_decoder):
+    from peft import PeftModel
+
+    tok = load_tokenizer(str(tiny_decoder))
+    model = add_lora(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), r=4, alpha=8, dropout=0.0,
+                     target_modules=["q_proj", "v_proj"])
+    ids = torch.tensor([[tok.bos_token_id, 7, 8, 9, tok.eos_token_id]])
+    mask = torch.ones_like(ids)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):  # move both the adapters and the new head away from their initial values
+        (-rewards(model, ids, mask).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        before = rewards(model, ids, mask).item()
+    save_model(model, tok, tmp_path / "rm")
+    with torch.no_grad():
+        merged = rewards(load_reward_model(str(tmp_path / "rm")).eval(), ids, mask).item()
+        base = load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id)
+        adapter = PeftModel.from_pretrained(base, tmp_path / "rm" / "adapter").eval()
+        via_adapter = rewards(adapter, ids, mask).item()
+        fresh = rewards(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id).eval(), ids, mask).item()
+    assert merged == pytest.approx(before, abs=1e-5)
+    assert via_adapter == pytest.approx(before, abs=1e-5)
+    assert fresh != pytest.approx(before, abs=1e-3)  # a fresh head would give other rewards

@@ -1,0 +1,121 @@
+import pytest
+
+from conftest import ALPACA, HH, need
+from helpers import run_steps, tiny_params
+from rm_lib import length_filter, templates, tokenization
+from rm_lib.modeling import load_tokenizer
+from rm_lib.tokenstore import read_rows
+
+PAIR = {"id": "x:1", "prompt": [{"role": "user", "content": "how are you"}],
+        "chosen": [{"role": "assistant", "content": "fine thanks"}],
+        "rejected": [{"role": "assistant", "content": "a b c"}], "margin": None}
+
+
+def test_no_doubled_bos_with_a_template_that_writes_bos(tiny_decoder):
+    tok = load_tokenizer(str(tiny_decoder))
+    assert tok.pad_token_id == tok.eos_token_id  # the pad == EOS case
+    text = templates.render(PAIR["prompt"] + PAIR["chosen"], "tokenizer", tok)
+    assert text.startswith("<s>")
+    # The trap: rendered text tokenized again with special tokens gives two BOS.
+    assert tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2
+    row, = tokenization.tokenize_batch([PAIR], tok, "tokenizer", tokenization.special_tokens(tok))
+    for side in ("chosen", "rejected"):
+        ids = row[f"input_ids_{side}"]
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+        assert ids.count(tok.bos_token_id) == 1
+        assert ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("template", ["simple_chat", "simple_concat", "chatml"])
+def test_named_templates_get_one_bos_and_an_eos(tiny_decoder, template):
+    tok = load_tokenizer(str(tiny_decoder))
+    row, = tokenization.tokenize_batch([PAIR], tok, template, tokenization.special_tokens(tok))
+    for side in ("chosen", "rejected"):
+        ids = row[f"input_ids_{side}"]
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    if template != "simple_concat":
+        assert row["input_ids_chosen"][:row["prompt_length"]] == row["input_ids_rejected"][:row["prompt_length"]]
+
+
+def test_bert_without_eos_gets_cls_and_sep(minilm_path):
+    tok = load_tokenizer(minilm_path)
+    assert templates.resolve("auto", tok) == "simple_chat"  # no template of its own
+    row, = tokenization.tokenize_batch([PAIR], tok, "simple_chat", tokenization.special_tokens(tok))
+    ids = row["input_ids_chosen"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and ids.count(tok.cls_token_id) == 1
+
+
+def test_pretokenized_pairs_pass_through_with_eos(tiny_decoder):
+    tok = load_tokenizer(str(tiny_decoder))
+    pair = {"id": "p:1", "input_ids_chosen": [tok.bos_token_id, 7, 8], "input_ids_rejected": [tok.bos_token_id, 9],
+            "margin": 1.0}
+    row, = tokenization.tokenize_batch([pair], tok, "simple_chat", tokenization.special_tokens(tok))
+    assert row["input_ids_chosen"] == [tok.bos_token_id, 7, 8, tok.eos_token_id] and row["margin"] == 1.0
+
+
+def test_parallel_tokenization_gives_the_same_rows(minilm_path):
+    tok = load_tokenizer(minilm_path)
+    pairs = [dict(PAIR, id=f"x:{i}") for i in range(6)]
+    one = tokenization.tokenize_pairs(pairs, tok, "simple_chat", batch_size=2)
+    two = tokenization.tokenize_pairs(pairs, tok, "simple_chat", batch_size=2, num_proc=2, tokenizer_path=minilm_path)
+    assert one == two
+
+
+def _row(prompt, chosen, rejected):
+    return {"id": "r", "prompt_length": prompt, "input_ids_chosen": [101] + list(range(2, chosen)) + [102],
+            "input_ids_rejected": [101] + list(range(50, 48 + rejected)) + [102], "margin": None}
+
+
+def test_drop_policy_counts_every_reason():
+    rows = [_row(3, 10, 10), _row(9, 10, 10), _row(3, 30, 10), _row(3, 10, 30), _row(3, 30, 30)]
+    out = length_filter.apply(rows, max_len=20, max_prompt=5, policy="drop", keep_front=1)
+    assert len(out.kept) == 1
+    assert out.dropped_by_reason == {"prompt_too_long": 1, "chosen_too_long": 1, "rejected_too_long": 1,
+                                     "both_too_long": 1}
+
+
+def test_truncate_policy_keeps_start_token_and_the_end():
+    row = _row(12, 40, 30)
+    out = length_filter.apply([row], max_len=20, max_prompt=8, policy="truncate", keep_front=1)
+    kept, = out.kept
+    assert out.truncated == 1 and not out.dropped
+    for side in ("chosen", "rejected"):
+        ids = kept[f"input_ids_{side}"]
+        assert len(ids) <= 20 and ids[0] == 101 and ids[-1] == 102
+        assert ids[-5:] == row[f"input_ids_{side}"][-5:]
+        assert len(kept[f"attention_mask_{side}"]) == len(ids)
+
+
+def test_pipeline_writes_counts_rejects_and_plot(tmp_path):
+    res = run_steps(tiny_params("filter.max_token_length=40"), tmp_path, "download", "tokenize", "filter")
+    f = res["filter"]
+    for split in ("train", "test"):
+        assert f.kept[split] + sum(f.dropped[split].values()) == res["tokenize"].rows[split]
+    assert (tmp_path / "data/filtered/lengths.png").stat().st_size > 1000
+    assert len(read_rows(tmp_path / "data/filtered/train.parquet")) == f.kept["train"]
+
+
+def _through_filter(tmp_path, source):
+    res = run_steps(tiny_params(f"download.source={source}", "filter.max_token_length=512",
+                                "filter.max_prompt_token_length=384"), tmp_path, "download", "tokenize", "filter")
+    d, t, f = res["download"], res["tokenize"], res["filter"]
+    for split in ("train", "test"):
+        assert t.rows[split] == d.pairs[split]
+        assert f.kept[split] + sum(f.dropped[split].values()) == t.rows[split]
+    rows = read_rows(tmp_path / "data/filtered/test.parquet")
+    assert all(r["input_ids_chosen"][0] == 101 and r["input_ids_chosen"][-1] == 102 for r in rows)
+    assert all(len(r["input_ids_chosen"]) <= 512 and len(r["input_ids_rejected"]) <= 512 for r in rows)
+    return res
+
+
+@pytest.mark.slow
+def test_real_hh_rlhf_through_filter(tmp_path):
+    res = _through_filter(tmp_path, need(HH))
+    assert sum(res["filter"].kept.values()) > 1800
+
+
+@pytest.mark.slow
+def test_real_alpaca_through_filter(tmp_path):
+    res = _through_filter(tmp_path, need(ALPACA))
+    dropped = sum(sum(v.values()) for v in res["filter"].dropped.values())
+    assert dropped > 0 and sum(res["filter"].kept.values()) + dropped == 20000
