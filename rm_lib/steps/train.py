@@ -50,6 +50,9 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision))
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # before the model: its new score head is drawn at random
     model = load_reward_model(params.model.name_or_path, revision=params.model.revision,
                               trust_remote_code=params.model.trust_remote_code, pad_token_id=pad_id)
     if cfg.lora:
