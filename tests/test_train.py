@@ -143,3 +143,16 @@ def test_default_model_beats_the_length_baseline_on_real_hh_rlhf(tmp_path):
     m = res["evaluate"].metrics
     print(json.dumps({k: v for k, v in m.items() if k != "per_length_bucket"}, indent=1))
     assert m["accuracy"] > max(0.556, m["shorter_wins_baseline"], m["longer_wins_baseline"])
+
+
+def test_rerunning_a_finished_run_keeps_its_model_and_metrics(tmp_path, tiny_decoder):
+    import math
+
+    params = tiny_params("train.max_steps=3", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    before = weights(tmp_path / "models/reward_model")
+    again = run_steps(params, tmp_path, "train")["train"]
+    assert again.resumed_from == 3 and math.isfinite(again.final_loss)
+    assert math.isfinite(read_json(tmp_path / "data/train/summary.json")["final_loss"])
+    assert same_weights(before, weights(tmp_path / "models/reward_model"), 0)
+    assert oct((tmp_path / "data/train/summary.json").stat().st_mode & 0o777) == "0o644"

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import plots
 from ..atomic import atomic_dir, write_json
 from ..inference import score_pairs
-from ..jsonl import read_json
+from ..jsonl import read_json, read_jsonl
 from ..layout import Layout
 from ..metrics import pair_metrics
 from ..modeling import add_lora, load_reward_model, load_tokenizer, save_model, unwrap
@@ -92,7 +92,11 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
     finally:
         if accelerator.is_main_process:
             tracker.finish()
-    last = result.history[-1] if result.history else {"loss": float("nan"), "accuracy": float("nan")}
+    # The metrics file holds the whole run, also when this call resumed late or had nothing left to do.
+    logged = [r for r in read_jsonl(layout.train_logs / "metrics.jsonl") if "loss" in r] \
+        if (layout.train_logs / "metrics.jsonl").exists() else []
+    history = logged or result.history
+    last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
     if accelerator.is_main_process:
         with atomic_dir(layout.model) as out:
             save_model(model, tokenizer, out, extra_config={
@@ -101,7 +105,6 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
             tokenized = read_json(layout.tokenized / "manifest.json")
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint})
-        history = [r for r in result.history if "loss" in r]
         plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                          [r["accuracy"] for r in history], layout.train_logs / "loss.png")
         write_json(layout.train_logs / "summary.json", {
