@@ -1,0 +1,381 @@
+"""The DVC pipeline (dvc.yaml, .dvc/config, .dvcignore) in a throw-away git repository.
+
+Fast tests check dvc.yaml against the code (every stage depends on the rm_lib modules it
+imports) and the DVC configuration. The slow tests copy the project into a temporary git
+repository with tiny settings, run `dvc repro` once (module fixture) and then, in file order:
+a second repro does nothing; `dvc push`, wipe cache and outputs, `dvc pull` gives the same
+bytes; a train setting reruns exactly train, evaluate and push; `dvc exp run -S` and
+`dvc exp show`; `dvc metrics show` and `dvc plots show`. Each slow test leaves the repository
+with an up-to-date pipeline (`dvc status` clean), so any of them also runs on its own.
+
+DVC always runs as `sys.executable -m dvc`, and the stages' `python` is that same interpreter.
+Nothing reaches the network: HF_HUB_OFFLINE=1, WANDB_MODE=disabled, DVC analytics off.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("download", "tokenize", "filter", "train", "evaluate", "push")
+# What each step writes (rm_lib/layout.py); every out, metric and plot of a stage lies inside these.
+STAGE_FOLDERS = {
+    "download": ["data/pairs"],
+    "tokenize": ["data/tokenized"],
+    "filter": ["data/filtered"],
+    "train": ["models/reward_model", "models/checkpoints", "data/train"],
+    "evaluate": ["data/evaluation"],
+    "push": ["data/release"],
+}
+# Small enough for 2 CPU cores: about 45 s for the whole pipeline.
+TINY = {
+    "download": {"demo_pairs": 60},
+    "filter": {"max_token_length": 64, "max_prompt_token_length": 32},
+    "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 1, "save_total_limit": 1},
+}
+COPY = ("rm_lib", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
+RAN = re.compile(r"Running stage '([\w-]+)'")
+
+
+# --- dvc.yaml against the code ------------------------------------------------------------
+
+def _load_dvc_yaml() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+
+
+def _module_path(dotted: str) -> Path | None:
+    base = ROOT / Path(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _package_inits(path: Path) -> set[Path]:
+    """Importing rm_lib.steps.train runs rm_lib/__init__.py and rm_lib/steps/__init__.py first."""
+    inits, folder = set(), path.parent
+    while (folder / "__init__.py").exists() and ROOT in folder.parents:
+        inits.add(folder / "__init__.py")
+        folder = folder.parent
+    return inits
+
+
+def _imports(path: Path, top_level_only: bool) -> set[Path]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    if path.name == "__init__.py":
+        package = ".".join(path.relative_to(ROOT).parts[:-1])
+    found: set[Path] = set()
+    for node in nodes:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from . import demo` imports a module
+        for name in names:
+            if name.split(".")[0] == "rm_lib" and (found_path := _module_path(name)) is not None:
+                found.add(found_path)
+    return found
+
+
+def _closure(start: set[Path], top_level_only: bool = False) -> set[Path]:
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += _imports(path, top_level_only) | _package_inits(path)
+    return seen
+
+
+def _code_deps(stage: str) -> set[str]:
+    """What `python -m rm_lib <stage>` executes: the CLI's module-level imports, then the step
+    module with every import it makes (function-level ones too)."""
+    entry = _closure({ROOT / "rm_lib" / "__main__.py"}, top_level_only=True)
+    step = _closure({ROOT / "rm_lib" / "steps" / f"{stage}.py"})
+    return {p.relative_to(ROOT).as_posix() for p in entry | step}
+
+
+def _entries(items) -> dict[str, dict]:
+    """dvc.yaml's list of `path` or `{path: {options}}` as {path: options}."""
+    result = {}
+    for item in items or []:
+        if isinstance(item, str):
+            result[item] = {}
+        else:
+            (path, options), = item.items()
+            result[path] = options or {}
+    return result
+
+
+def test_one_stage_per_step_calling_the_cli():
+    stages = _load_dvc_yaml()["stages"]
+    assert tuple(stages) == STAGES
+    for name, stage in stages.items():
+        cmd = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+        assert cmd[0] == f"python -m rm_lib {name}", name
+
+
+def test_each_stage_depends_on_the_code_it_runs():
+    stages = _load_dvc_yaml()["stages"]
+    for name, stage in stages.items():
+        deps = set(_entries(stage["deps"]))
+        missing = _code_deps(name) - deps
+        assert not missing, f"stage {name}: add these modules it imports to its deps in dvc.yaml: {sorted(missing)}"
+        for dep in deps:
+            if dep.startswith("rm_lib/"):
+                assert (ROOT / dep).is_file(), f"stage {name}: dep {dep} does not exist"
+
+
+def test_params_are_keys_of_params_yaml():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    stages = _load_dvc_yaml()["stages"]
+    for name, stage in stages.items():
+        assert stage.get("params"), name
+        for key in stage["params"]:
+            section, _, field = key.partition(".")
+            assert section in params, f"stage {name}: no section {section} in params.yaml"
+            assert not field or field in params[section], f"stage {name}: no {key} in params.yaml"
+    assert {"model", "train"} <= set(stages["train"]["params"])
+    # a train.* setting must not rerun the data stages (evaluate follows from train's new model)
+    reads_train = {name for name, stage in stages.items() if any(k.split(".")[0] == "train" for k in stage["params"])}
+    assert reads_train == {"train", "push"}
+
+
+def test_outs_metrics_and_plots():
+    stages = _load_dvc_yaml()["stages"]
+    for name, stage in stages.items():
+        paths = [*_entries(stage.get("outs")), *_entries(stage.get("metrics")), *_entries(stage.get("plots"))]
+        assert paths, name
+        for path in paths:
+            assert any(path == f or path.startswith(f + "/") for f in STAGE_FOLDERS[name]), (name, path)
+        for folder in STAGE_FOLDERS[name]:
+            assert any(p == folder or p.startswith(folder + "/") for p in paths), (name, folder)
+    train_outs = _entries(stages["train"]["outs"])
+    assert train_outs["models/checkpoints"].get("persist") is True
+    assert "data/evaluation/metrics.json" in _entries(stages["evaluate"]["metrics"])
+    plots = {**_entries(stages["train"]["plots"]), **_entries(stages["evaluate"]["plots"]),
+             **_entries(stages["filter"]["plots"])}
+    loss = plots["data/train/metrics.plot.json"]
+    assert (loss["x"], loss["y"]) == ("step", "loss")
+    assert {"data/evaluation/buckets.plot.json", "data/evaluation/rewards.png",
+            "data/evaluation/accuracy_by_length.png", "data/filtered/lengths.png", "data/train/loss.png"} <= set(plots)
+
+
+# --- a temporary repository ----------------------------------------------------------------
+
+def _python_shim(folder: Path) -> Path:
+    """A `python` that is sys.executable, for the stages' `python -m rm_lib ...` commands."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "python"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n', encoding="utf-8")
+    shim.chmod(0o755)
+    return folder
+
+
+def _env(bin_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "WANDB_MODE": "disabled", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+                "PATH": str(bin_dir) + os.pathsep + env.get("PATH", ""),
+                "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"})
+    return env
+
+
+class Repo:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+
+    def run(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=600)
+        output = proc.stdout + proc.stderr
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed with exit code {proc.returncode}:\n{output[-6000:]}")
+        return output
+
+    def dvc(self, *args: str, check: bool = True) -> str:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def git(self, *args: str) -> str:
+        return self.run("git", *args)
+
+    def commit(self, message: str) -> None:
+        self.git("add", "-A")
+        self.git("commit", "-q", "--allow-empty", "-m", message)
+
+    def write_params(self, **train: object) -> None:
+        params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        for section, values in TINY.items():
+            params[section].update(values)
+        params["train"].update(train)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    def files(self, *folders: str) -> dict[str, tuple[str, int]]:
+        """{relative path: (sha256, mtime_ns)} of every file under the folders."""
+        result = {}
+        for folder in folders:
+            for path in sorted((self.root / folder).rglob("*")):
+                if path.is_file():
+                    digest = hashlib.sha256()
+                    with open(path, "rb") as handle:
+                        for block in iter(lambda: handle.read(1 << 20), b""):
+                            digest.update(block)
+                    result[path.relative_to(self.root).as_posix()] = (digest.hexdigest(), path.stat().st_mtime_ns)
+        return result
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree that may hold DVC's read-only cache files and links."""
+    def retry(func, target, _exc):
+        os.chmod(os.path.dirname(target), stat.S_IRWXU)
+        if not os.path.islink(target):
+            os.chmod(target, stat.S_IRWXU)
+        func(target)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=retry)
+
+
+def _new_repo(root: Path) -> Repo:
+    for name in COPY:
+        source, target = ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, target)
+    repo = Repo(root, _env(_python_shim(root.parent / f"{root.name}-bin")))
+    repo.write_params()
+    repo.git("init", "-q")
+    repo.git("config", "commit.gpgsign", "false")
+    repo.commit("project")
+    return repo
+
+
+def test_dvc_config_and_status(tmp_path):
+    repo = _new_repo(tmp_path / "repo")
+    config = dict(line.split("=", 1) for line in repo.dvc("config", "--list", "--project").splitlines() if "=" in line)
+    assert config["core.analytics"] == "false"
+    remote = config["core.remote"]
+    # written relative to .dvc/, the default remote is the folder dvc-remote/ at the project root,
+    # which git ignores
+    assert Path(config[f"remote.{remote}.url"]) == repo.root / "dvc-remote"
+    assert repo.git("check-ignore", "dvc-remote/files").strip() == "dvc-remote/files"
+    assert config["cache.type"].split(",")[:2] == ["reflink", "hardlink"]
+    assert "__pycache__/" in (ROOT / ".dvcignore").read_text(encoding="utf-8")
+    status = repo.dvc("status")
+    for stage in STAGES:
+        assert f"{stage}:" in status
+
+
+# --- the pipeline end to end (slow) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A repository where `dvc repro` has run every stage once, committed with its dvc.lock."""
+    root = tmp_path_factory.mktemp("dvc") / "repo"
+    repo = _new_repo(root)
+    # a temporary local remote outside the repository, whatever remote the project's config names
+    (root / ".dvc" / "config.local").write_text(
+        f"[core]\n    remote = scratch\n['remote \"scratch\"']\n    url = {root.parent / 'remote'}\n", encoding="utf-8")
+    output = repo.dvc("repro")
+    assert RAN.findall(output) == list(STAGES), output[-3000:]
+    repo.commit("dvc repro")
+    yield repo
+    _rmtree(root.parent)  # workspace, cache and remote: about 1.5 GB
+
+
+@pytest.mark.slow
+def test_second_repro_runs_nothing(pipeline):
+    before = pipeline.files("data", "models")
+    lock = (pipeline.root / "dvc.lock").read_text(encoding="utf-8")
+    output = pipeline.dvc("repro")
+    assert not RAN.findall(output), output
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in output, output
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+    assert pipeline.files("data", "models") == before  # same bytes, not even rewritten
+    assert (pipeline.root / "dvc.lock").read_text(encoding="utf-8") == lock
+
+
+@pytest.mark.slow
+def test_push_then_pull_into_an_empty_cache_gives_the_same_bytes(pipeline):
+    before = {path: digest for path, (digest, _) in pipeline.files("data", "models").items()}
+    assert any(p.startswith("models/reward_model/") for p in before)
+    pipeline.dvc("push")
+    assert any((pipeline.root.parent / "remote").rglob("*")), "dvc push wrote nothing to the local remote"
+    for folder in (".dvc/cache", "data", "models"):
+        _rmtree(pipeline.root / folder)
+    assert "deleted" in pipeline.dvc("status")
+    pipeline.dvc("pull")
+    after = {path: digest for path, (digest, _) in pipeline.files("data", "models").items()}
+    assert after == before
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+
+
+@pytest.mark.slow
+def test_a_train_setting_reruns_exactly_train_evaluate_push(pipeline):
+    upstream = pipeline.files("data/pairs", "data/tokenized", "data/filtered")
+    model = pipeline.files("models/reward_model")
+    pipeline.write_params(learning_rate=2e-5)
+    # the stages that read train.* directly; evaluate follows from train's new model
+    assert set(json.loads(pipeline.dvc("status", "--json"))) == {"train", "push"}
+    output = pipeline.dvc("repro")  # after the pull above, outputs are cache links: this must cope
+    assert RAN.findall(output) == ["train", "evaluate", "push"], output[-3000:]
+    for stage in ("download", "tokenize", "filter"):
+        assert f"Stage '{stage}' didn't change, skipping" in output
+    assert pipeline.files("data/pairs", "data/tokenized", "data/filtered") == upstream
+    assert pipeline.files("models/reward_model") != model
+    summary = json.loads((pipeline.root / "data/train/summary.json").read_text(encoding="utf-8"))
+    assert summary["train"]["learning_rate"] == 2e-5 and summary["steps"] == 2
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+    pipeline.commit("learning rate 2e-5")
+
+
+@pytest.mark.slow
+def test_exp_run_and_exp_show(pipeline):
+    output = pipeline.dvc("exp", "run", "-S", "train.learning_rate=1e-4")
+    assert RAN.findall(output) == ["train", "evaluate", "push"], output[-3000:]
+    table = list(csv.DictReader(io.StringIO(pipeline.dvc("exp", "show", "--csv"))))
+    ours = [row for row in table if row["Experiment"] and float(row["train.learning_rate"]) == 1e-4]
+    assert len(ours) == 1, f"dvc exp show lists no experiment with train.learning_rate=1e-4: {table}"
+    assert 0.0 <= float(ours[0]["accuracy"]) <= 1.0
+    # the experiment is applied to the workspace, outputs and dvc.lock agree
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+
+
+@pytest.mark.slow
+def test_metrics_and_plots_show(pipeline):
+    output = pipeline.dvc("metrics", "show")
+    assert "data/evaluation/metrics.json" in output and "accuracy" in output
+    (workspace,) = json.loads(pipeline.dvc("metrics", "show", "--json")).values()
+    assert 0.0 <= workspace["data"]["data/evaluation/metrics.json"]["data"]["accuracy"] <= 1.0
+    plots = json.loads(pipeline.dvc("plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    assert {"data/train/metrics.plot.json", "data/evaluation/buckets.plot.json", "data/train/loss.png",
+            "data/evaluation/rewards.png", "data/evaluation/accuracy_by_length.png",
+            "data/filtered/lengths.png"} <= set(plots["data"])
+    loss_points = json.loads((pipeline.root / "data/train/metrics.plot.json").read_text(encoding="utf-8"))
+    assert [p["step"] for p in loss_points] == [1, 2]
