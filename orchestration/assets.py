@@ -1,0 +1,395 @@
+"""The six pipeline assets. Each one calls its rm_lib step, which writes the files at the
+rm_lib.layout paths that the DVC stages use too; nothing passes through an IO manager.
+
+Heavy modules (torch, transformers, the rm_lib step modules) are imported inside the asset bodies.
+"""
+import base64
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import dagster as dg
+from pydantic import Field
+
+from rm_lib.errors import DataError, SettingsError, UserError
+from rm_lib.layout import SPLITS, Layout
+from rm_lib.settings import Params
+
+from .resources import HubResource, ProjectResource, WandbResource
+
+GROUP = "reward_model_pipeline"
+
+# Network steps: a Hub hiccup is retried after about 30 s, 90 s, 210 s ((2^n - 1) x 30 s, +-30 s).
+# Mistakes a user must fix (bad settings, bad data) are dg.Failure(allow_retries=False): no retry.
+NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+# ---------------------------------------------------------------- run config (the Launchpad)
+
+class StepConfig(dg.Config):
+    """Per-run settings of one step: `section.key=value` overrides on top of params.yaml (and of the
+    `project` resource's run-wide overrides). Empty = params.yaml as it is."""
+
+    overrides: list[str] = Field(default=[], description="`section.key=value` settings for this run, e.g. "
+                                                         "`train.learning_rate=1e-4`; empty: params.yaml.")
+    sections: ClassVar[tuple[str, ...]] = ()
+
+    def checked_overrides(self) -> list[str]:
+        """Only the step's own section: a shared setting changed for one step alone (say model.*
+        for train but not for tokenize) would make the steps disagree."""
+        for text in self.overrides:
+            section = text.split("=", 1)[0].split(".", 1)[0].strip()
+            if section not in self.sections:
+                raise SettingsError(
+                    f"run config override {text!r}: this step takes only {', '.join(s + '.*' for s in self.sections)}; "
+                    "put settings shared by several steps (model.*, another step's section) in params.yaml or "
+                    "in the `project` resource's overrides")
+        return list(self.overrides)
+
+
+class DownloadConfig(StepConfig):
+    sections: ClassVar[tuple[str, ...]] = ("download",)
+
+
+class TokenizeConfig(StepConfig):
+    sections: ClassVar[tuple[str, ...]] = ("tokenize",)
+
+
+class FilterConfig(StepConfig):
+    sections: ClassVar[tuple[str, ...]] = ("filter",)
+
+
+class TrainConfig(StepConfig):
+    sections: ClassVar[tuple[str, ...]] = ("train",)
+
+
+class EvaluateConfig(StepConfig):
+    sections: ClassVar[tuple[str, ...]] = ("evaluate",)
+
+
+class PushConfig(StepConfig):
+    sections: ClassVar[tuple[str, ...]] = ("push",)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _settings(step: str, config: StepConfig, project: ProjectResource,
+              extra: Sequence[str] = ()) -> tuple[Params, Layout]:
+    """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config."""
+    try:
+        params = project.load_params([*extra, *config.checked_overrides()])
+    except SettingsError as exc:
+        raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+    return params, project.layout()
+
+
+def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layout: Layout, *,
+              transient=lambda exc: False):
+    """rm_lib.steps.<step>.run; a UserError becomes a one-paragraph dg.Failure, retried only if transient."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # as the CLI does
+    module = importlib.import_module(f"rm_lib.steps.{step}")
+    try:
+        result = module.run(params, layout)
+    except UserError as exc:
+        if transient(exc):
+            raise  # the RetryPolicy tries again
+        raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+    context.log.info(result.summary())
+    return result
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def logged_losses(layout: Layout) -> list:
+    """Every loss the training step logged (data/train/metrics.jsonl), in order."""
+    path = layout.train_logs / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["loss"] for r in rows if r.get("loss") is not None]
+
+
+def own_copy(path: Path) -> None:
+    """Replace a hard link or symlink by a private, writable copy, as `dvc unprotect` does.
+
+    With the link cache types of .dvc/config, DVC leaves data/train/metrics.jsonl (a `persist: true`
+    out) as a read-only hard link into its cache. The train step's tracker writes that file in place
+    (truncate, append): outside `dvc repro` that fails with PermissionError, or, as root, rewrites the
+    cached object itself. Every other output is replaced whole (atomic rename) and needs nothing."""
+    if path.is_symlink() or (path.is_file() and path.stat().st_nlink > 1):
+        tmp = path.with_name(f".{path.name}.own")
+        shutil.copyfile(path, tmp)  # a new inode with the default (writable) mode
+        os.replace(tmp, path)
+
+
+def _image(path: Path, title: str) -> dg.MetadataValue:
+    """A PNG inline in the UI (markdown with a data URI); the file path when it is missing."""
+    if not path.is_file():
+        return dg.MetadataValue.text(f"{path} not written")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
+
+
+def _md_table(header: list[str], rows: list[list]) -> dg.MetadataValue:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _text(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def _number(value) -> dg.MetadataValue:
+    """A float for the UI (plotted across materializations); None, NaN and inf as text."""
+    if value is None:
+        return dg.MetadataValue.text("none")
+    value = float(value)
+    return dg.MetadataValue.float(value) if math.isfinite(value) else dg.MetadataValue.text(str(value))
+
+
+def _link(value: str | None) -> dg.MetadataValue:
+    if value and value.startswith(("http://", "https://")):
+        return dg.MetadataValue.url(value)
+    return dg.MetadataValue.text(value or "not logged (no train.wandb_project, or W&B disabled)")
+
+
+def _download_error_is_transient(source_kind: str):
+    """Loading a Hub dataset fails with a DataError on file hf://<name> and no row when the Hub cannot
+    be reached: worth a retry. A DataError about rows, or about the demo set or a local file, is
+    about the data itself: not."""
+    def transient(exc: Exception) -> bool:
+        return (source_kind == "hub" and isinstance(exc, DataError) and exc.row is None
+                and str(exc.file or "").startswith("hf://"))
+
+    return transient
+
+
+def _push_error_is_transient(exc: Exception) -> bool:
+    """rm_lib.hub retries 3 times itself, then raises PublishError `from None`; its __context__
+    still holds the Hub error: a 5xx answer or no connection is worth another try later, a
+    refused token (401/403), a bad repo name or another 4xx is not."""
+    cause = exc.__context__
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500
+    return isinstance(cause, OSError)
+
+
+# ---------------------------------------------------------------- assets
+
+@dg.asset(group_name=GROUP, retry_policy=NETWORK_RETRY, kinds={"huggingface"},
+          description="download: the source (params.yaml download.source: demo, a local file/folder or a Hub "
+                      "dataset) -> normalised pairs split into train/test, rejects by reason (data/pairs).")
+def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
+                    hub: HubResource) -> dg.MaterializeResult:
+    params, layout = _settings("download", config, project)
+    from rm_lib.steps.download import _source_kind
+
+    try:
+        kind = _source_kind(params.download.source)
+    except DataError as exc:
+        raise dg.Failure(description=f"download: {exc}", allow_retries=False) from exc
+    with hub.credentials():
+        result = _run_step(context, "download", params, layout, transient=_download_error_is_transient(kind))
+    manifest = _read_json(layout.pairs / "manifest.json")
+    rejects = manifest.get("rejects_by_reason", {})
+    rejected = int(manifest.get("rejected", sum(rejects.values())))
+    rows_read = int(manifest["rows_read"])
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(result.pairs.values()),
+            "source": result.source,
+            "source_kind": result.kind,
+            "source_revision": _text(result.revision),
+            "formats": ", ".join(result.formats),
+            "rows_read": rows_read,
+            "train_pairs": result.pairs["train"],
+            "test_pairs": result.pairs["test"],
+            "rejected": rejected,
+            "reject_ratio": _number(rejected / rows_read if rows_read else 0.0),
+            "rejects_by_reason": dg.MetadataValue.json(rejects),
+            "rejects_table": _md_table(["reason", "rows"], sorted(rejects.items()) or [["(none)", 0]]),
+            "split": manifest.get("split", ""),
+            "content_hash": result.content_hash,
+            "path": dg.MetadataValue.path(str(layout.pairs)),
+        },
+        data_version=dg.DataVersion(result.content_hash),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[raw_preferences], kinds={"parquet"},
+          description="tokenize: normalised pairs -> token ids through the chat template (data/tokenized).")
+def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
+                          hub: HubResource) -> dg.MaterializeResult:
+    params, layout = _settings("tokenize", config, project)
+    with hub.credentials():  # the tokenizer of a gated Hub model
+        result = _run_step(context, "tokenize", params, layout)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(result.rows.values()),
+            "model": params.model.name_or_path,
+            "template": result.template,
+            "train_pairs": result.rows["train"],
+            "test_pairs": result.rows["test"],
+            "tokens": sum(result.tokens.values()),
+            "content_hash": result.content_hash,
+            "path": dg.MetadataValue.path(str(layout.tokenized)),
+        },
+        data_version=dg.DataVersion(result.content_hash),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[tokenized_preferences], kinds={"parquet"},
+          description="filter: token ids -> length-filtered ids, every dropped pair counted by reason; "
+                      "token-length histogram (data/filtered).")
+def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig,
+                         project: ProjectResource) -> dg.MaterializeResult:
+    params, layout = _settings("filter", config, project)
+    result = _run_step(context, "filter", params, layout)
+    reasons = sorted({r for split in SPLITS for r in result.dropped[split]})
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(result.kept.values()),
+            "policy": result.policy,
+            "max_token_length": params.filter.max_token_length,
+            "max_prompt_token_length": _text(params.filter.max_prompt_token_length),
+            "kept_train": result.kept["train"],
+            "kept_test": result.kept["test"],
+            "dropped": sum(sum(d.values()) for d in result.dropped.values()),
+            "truncated": sum(result.truncated.values()),
+            "dropped_by_reason": dg.MetadataValue.json(result.dropped),
+            "dropped_table": _md_table(["reason", *SPLITS],
+                                       [[r, *(result.dropped[s].get(r, 0) for s in SPLITS)] for r in reasons]
+                                       or [["(none)", 0, 0]]),
+            "token_lengths": _image(layout.filtered / "lengths.png", "Token lengths before filtering"),
+            "token_lengths_png": dg.MetadataValue.path(str(layout.filtered / "lengths.png")),
+            "content_hash": result.content_hash,
+            "path": dg.MetadataValue.path(str(layout.filtered)),
+        },
+        data_version=dg.DataVersion(result.content_hash),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[filtered_preferences], pool="gpu", kinds={"pytorch"},
+          description="train: filtered pairs -> a one-output reward model (models/reward_model); metrics, "
+                      "loss curve and summary in data/train. Runs in the `gpu` pool.")
+def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project: ProjectResource,
+                 wandb: WandbResource, hub: HubResource) -> dg.MaterializeResult:
+    try:
+        wandb_overrides = wandb.overrides()
+    except SettingsError as exc:
+        raise dg.Failure(description=f"train: {exc}", allow_retries=False) from exc
+    params, layout = _settings("train", config, project, wandb_overrides)
+    own_copy(layout.train_logs / "metrics.jsonl")
+    with hub.credentials():  # the weights of a gated Hub model
+        result = _run_step(context, "train", params, layout)
+    summary = _read_json(layout.train_logs / "summary.json")
+    fingerprint = summary.get("fingerprint")
+    # A re-run that resumes from the final checkpoint trains nothing and reports a NaN final loss;
+    # the losses the training run logged are still in metrics.jsonl.
+    losses = logged_losses(layout)
+    return dg.MaterializeResult(
+        metadata={
+            "base_model": params.model.name_or_path,
+            "steps": result.steps,
+            "resumed_from_step": _text(result.resumed_from),
+            "final_loss": _number(result.final_loss),
+            "last_logged_loss": _number(losses[-1] if losses else None),
+            "final_batch_accuracy": _number(result.final_accuracy),
+            "tokens_per_s": _number(result.tokens_per_s),
+            "wall_s": _number(result.wall_s),
+            "reward_mean": _number(result.reward_mean),
+            "reward_std": _number(result.reward_std),
+            "loss_curve": _image(layout.train_logs / "loss.png", "Training loss"),
+            "wandb_run": _link(result.wandb_url),
+            "fingerprint": _text(fingerprint),
+            "data_hash": _text(summary.get("data_hash")),
+            "path": dg.MetadataValue.path(str(layout.model)),
+            "metrics": dg.MetadataValue.path(str(layout.train_logs / "metrics.jsonl")),
+        },
+        data_version=dg.DataVersion(fingerprint) if fingerprint else None,
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[reward_model, filtered_preferences], pool="gpu", kinds={"pytorch"},
+          description="evaluate: the model on the held-out pairs -> accuracy beside the length baselines, "
+                      "reward distributions, accuracy per length bucket (data/evaluation).")
+def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig,
+               project: ProjectResource) -> dg.MaterializeResult:
+    params, layout = _settings("evaluate", config, project)
+    result = _run_step(context, "evaluate", params, layout)
+    m = result.metrics
+    baseline = max(m["longer_wins_baseline"], m["shorter_wins_baseline"])
+    report = layout.evaluation / "report.json"
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": m["pairs"],
+            "accuracy": _number(m["accuracy"]),
+            "length_baseline": _number(baseline),
+            "accuracy_minus_length_baseline": _number(m["accuracy"] - baseline),
+            "longer_wins_baseline": _number(m["longer_wins_baseline"]),
+            "shorter_wins_baseline": _number(m["shorter_wins_baseline"]),
+            "tie_rate": _number(m["tie_rate"]),
+            "loss": _number(m["loss"]),
+            "summary": dg.MetadataValue.md(
+                f"accuracy **{m['accuracy']:.4f}** vs length baseline {baseline:.4f} "
+                f"(longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}) "
+                f"on {m['pairs']} held-out pairs"),
+            "reward_chosen_mean": _number(m["reward_chosen_mean"]),
+            "reward_chosen_std": _number(m["reward_chosen_std"]),
+            "reward_rejected_mean": _number(m["reward_rejected_mean"]),
+            "reward_rejected_std": _number(m["reward_rejected_std"]),
+            "reward_margin_mean": _number(m["reward_margin_mean"]),
+            "reward_distributions": _image(layout.evaluation / "rewards.png", "Reward distributions"),
+            "accuracy_by_length": _image(layout.evaluation / "accuracy_by_length.png", "Accuracy by length"),
+            "per_length_bucket": _md_table(["tokens", "pairs", "accuracy", "longer wins"],
+                                           [[b["range"], b["pairs"], b["accuracy"], b["longer_wins"]]
+                                            for b in m["per_length_bucket"]]),
+            "data_hash": _text(m.get("data_hash")),
+            "report": dg.MetadataValue.path(str(report)),
+        },
+        data_version=dg.DataVersion(hashlib.sha256(report.read_bytes()).hexdigest()),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[evaluation, reward_model], retry_policy=NETWORK_RETRY, kinds={"huggingface"},
+          description="push: model + model card -> data/release, uploaded to the Hub when push.repo_id is set "
+                      "(and push.dry_run is false). Runs only when the blocking release gate on `evaluation` "
+                      "passes.")
+def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
+                hub: HubResource) -> dg.MaterializeResult:
+    params, layout = _settings("push", config, project)
+    with hub.credentials():
+        result = _run_step(context, "push", params, layout, transient=_push_error_is_transient)
+    released = _read_json(layout.release / "evaluation.json")
+    return dg.MaterializeResult(
+        metadata={
+            "uploaded": result.uploaded,
+            "hub_url": dg.MetadataValue.url(result.url) if result.url
+            else dg.MetadataValue.text("not uploaded (no push.repo_id, or push.dry_run)"),
+            "repo_id": _text(params.push.repo_id),
+            "commit": _text(result.commit),
+            "accuracy": _number(released.get("accuracy")),
+            "files": len(result.files),
+            "file_list": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in result.files)),
+            "path": dg.MetadataValue.path(str(result.release_dir)),
+        },
+        data_version=dg.DataVersion(result.commit) if result.commit else None,
+    )
+
+
+ASSETS = [raw_preferences, tokenized_preferences, filtered_preferences, reward_model, evaluation, hub_release]

@@ -1,0 +1,38 @@
+"""Dagster definitions of the reward-model pipeline.
+
+    DAGSTER_HOME=$PWD/.dagster_home dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+
+(see docs/dagster.md). Six assets call the rm_lib steps and write the same paths as the DVC stages:
+raw_preferences -> tokenized_preferences -> filtered_preferences -> reward_model -> evaluation -> hub_release.
+"""
+import os
+
+import dagster as dg
+
+# Absolute imports, so that `dagster dev -f orchestration/definitions.py` works as well as `-m`.
+from orchestration.assets import ASSETS
+from orchestration.checks import CHECKS
+from orchestration.resources import HubResource, ProjectResource, QualityResource, WandbResource
+from orchestration.sensors import pipeline_job, source_data_changed, weekly_retraining
+
+
+def optional_env(name: str):
+    """dg.EnvVar(name) when the variable is set, else None: an unset EnvVar fails every run that
+    uses the resource, even the runs that never need it (a token for a dry release, say)."""
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=CHECKS,
+    jobs=[pipeline_job],
+    schedules=[weekly_retraining],
+    sensors=[source_data_changed],
+    resources={
+        # RM_ROOT: the project folder, when dagster is not started inside it.
+        "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),
+        "hub": HubResource(token=optional_env("HF_TOKEN")),
+        "wandb": WandbResource(),
+        "quality": QualityResource(),
+    },
+)

@@ -1,0 +1,79 @@
+"""The pipeline job, the weekly retraining schedule and the source-data sensor."""
+import hashlib
+import json
+from typing import Optional
+
+import dagster as dg
+
+from rm_lib.errors import DataError
+
+from .assets import ASSETS
+from .resources import HubResource, ProjectResource
+
+# Every asset of the pipeline, with its checks: raw_preferences -> ... -> hub_release.
+pipeline_job = dg.define_asset_job(
+    name="reward_model_pipeline",
+    selection=dg.AssetSelection.assets(*ASSETS),
+    description="Download, tokenize, filter, train, evaluate and publish the reward model (with all checks).",
+)
+
+weekly_retraining = dg.ScheduleDefinition(
+    name="weekly_retraining",
+    target=pipeline_job,
+    cron_schedule="0 3 * * 1",  # Mondays 03:00
+    execution_timezone="UTC",
+    description="Retrain, evaluate and (if the release gate passes) publish the reward model every week.",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def source_fingerprint(project: ProjectResource, hub: HubResource) -> tuple[Optional[str], str]:
+    """(fingerprint or None, what was looked at) for params.yaml's download.source:
+    demo -> its settings (never changes unless they do); a local file or folder -> size and mtime
+    of every file the download step would read; a Hub dataset -> the commit sha the Hub serves."""
+    from rm_lib.sources import local_files
+    from rm_lib.steps.download import _source_kind
+
+    cfg = project.load_params().download
+    try:
+        kind = _source_kind(cfg.source)
+    except DataError as exc:
+        return None, f"source not readable now: {exc}"
+    if kind == "demo":
+        return _sha256({"demo": cfg.demo_pairs, "seed": cfg.seed}), f"demo set of {cfg.demo_pairs} pairs"
+    if kind == "local":
+        try:
+            files = local_files(cfg.source)
+            stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        except (DataError, OSError) as exc:
+            return None, f"source not readable now: {exc}"
+        return _sha256({"local": stats}), f"{len(files)} file(s), {sum(s[1] for s in stats)} bytes in {cfg.source}"
+    sha = hub.dataset_fingerprint(cfg.source, cfg.revision)
+    if sha is None:
+        return None, f"the Hub did not answer for dataset {cfg.source} (offline, private or missing)"
+    return _sha256({"hub": cfg.source, "subset": cfg.subset, "sha": sha}), f"hf://{cfg.source} at {sha}"
+
+
+@dg.sensor(
+    name="source_data_changed",
+    target=pipeline_job,
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Runs the whole pipeline when download.source changes: a local file's size/mtime, a Hub "
+                "dataset's commit sha. The demo set never changes, so it triggers once, for the first cursor.",
+)
+def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectResource, hub: HubResource):
+    fingerprint, what = source_fingerprint(project, hub)
+    if fingerprint is None:
+        return dg.SkipReason(what)
+    if fingerprint == context.cursor:
+        return dg.SkipReason(f"source unchanged: {what}")
+    context.update_cursor(fingerprint)
+    # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
+    # must run again.
+    return dg.RunRequest(tags={"rm/source_fingerprint": fingerprint[:16]})
+

@@ -1,0 +1,447 @@
+"""Dagster orchestration: the definitions load, every asset materializes in-process on a tiny run,
+every check passes and fails when it should, the schedule and the sensor request runs.
+
+Offline: HF_HUB_OFFLINE=1 and WANDB_MODE=disabled; the model is the packaged all-MiniLM-L6-v2.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from orchestration import assets, checks, definitions, sensors
+from orchestration.definitions import defs
+from orchestration.resources import HubResource, ProjectResource, QualityResource, WandbResource
+from rm_lib.errors import SettingsError
+from rm_lib.layout import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+TINY = ["filter.max_token_length=64", "filter.max_prompt_token_length=48", "train.max_steps=2",
+        "train.batch_size=4", "train.logging_steps=1", "train.save_steps=1"]
+KEYS = ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model", "evaluation",
+        "hub_release"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def project(root, overrides=(), params_file=PARAMS) -> ProjectResource:
+    return ProjectResource(root=str(root), params_file=str(params_file), overrides=[*TINY, *overrides])
+
+
+def resources(root, min_accuracy=0.0, **project_kw) -> dict:
+    return {"project": project(root, **project_kw), "hub": HubResource(), "quality": QualityResource(
+        min_accuracy=min_accuracy), "wandb": WandbResource(project="rm-tests")}  # W&B off: WANDB_MODE=disabled
+
+
+def materialize(root, selection=None, run_config=None, **kw) -> dg.ExecuteInProcessResult:
+    return dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=selection, resources=resources(root, **kw),
+                          run_config=run_config or {}, instance=dg.DagsterInstance.ephemeral(),
+                          raise_on_error=False)
+
+
+def materializations(result) -> dict[str, dg.AssetMaterialization]:
+    return {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+
+
+def evaluations(result) -> dict[str, dg.AssetCheckEvaluation]:
+    return {f"{e.asset_key.to_user_string()}.{e.check_name}": e for e in result.get_asset_check_evaluations()}
+
+
+# ---------------------------------------------------------------- definitions
+
+def test_definitions_load_and_validate():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(KEYS)
+    for upstream, downstream in zip(KEYS, KEYS[1:]):  # the chain of the issue
+        assert dg.AssetKey(upstream) in graph.get(dg.AssetKey(downstream)).parent_keys
+    by_key = {a.key.to_user_string(): a for a in assets.ASSETS}
+    assert by_key["reward_model"].op.pool == "gpu"
+    for key in ("raw_preferences", "hub_release"):
+        policy = by_key[key].op.retry_policy
+        assert policy.max_retries >= 1 and policy.backoff == dg.Backoff.EXPONENTIAL
+    blocking = {f"{spec.asset_key.to_user_string()}.{spec.name}": spec.blocking
+                for c in checks.CHECKS for spec in c.check_specs}
+    assert blocking == {"raw_preferences.pairs_well_formed": True, "raw_preferences.no_prompt_overlap": False,
+                        "raw_preferences.rejects_ratio": False, "reward_model.loss_is_finite": True,
+                        "evaluation.beats_length_baseline": False, "evaluation.release_gate": True}
+    job = defs.resolve_job_def("reward_model_pipeline")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(KEYS)
+    assert {c.node_def.name for c in checks.CHECKS} <= {node.name for node in job.nodes}  # checks run too
+    assert defs.resolve_schedule_def("weekly_retraining").cron_schedule == "0 3 * * 1"
+    assert defs.resolve_sensor_def("source_data_changed") is not None
+
+
+def test_cli_loads_the_module_without_heavy_imports(tmp_path):
+    """What `dagster dev -m orchestration.definitions` loads: valid, and no torch/transformers at import."""
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    code = ("import sys, orchestration.definitions; "
+            "print(sorted(m for m in ('torch', 'transformers', 'rm_lib.steps.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    for target in (["-m", "orchestration.definitions"], ["-f", "orchestration/definitions.py"]):
+        cli = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", *target],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "Validation successful" in cli.stdout + cli.stderr
+
+
+def test_example_instance_config_limits_pools(tmp_path):
+    shutil.copy(REPO / "orchestration" / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert instance.global_op_concurrency_default_limit == 1
+    finally:
+        instance.dispose()
+
+
+# ---------------------------------------------------------------- the whole pipeline, in-process
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE.items():
+            mp.setenv(key, value)
+        mp.delenv("HF_TOKEN", raising=False)
+        root = tmp_path_factory.mktemp("project")
+        # download.demo_pairs through the Launchpad's run config, the rest through the resource
+        run_config = {"ops": {"raw_preferences": {"config": {"overrides": ["download.demo_pairs=60"]}}}}
+        result = materialize(root, run_config=run_config)
+        yield root, result
+
+
+def test_every_asset_materializes_with_metadata(pipeline):
+    root, result = pipeline
+    assert result.success
+    layout = Layout(root)
+    mats = materializations(result)
+    assert sorted(mats) == sorted(KEYS)
+
+    raw = mats["raw_preferences"].metadata
+    manifest = json.loads((layout.pairs / "manifest.json").read_text())
+    assert manifest["rows_read"] == 60 and raw["rows_read"].value == 60
+    assert raw["train_pairs"].value + raw["test_pairs"].value == raw["dagster/row_count"].value == 60
+    assert raw["rejects_by_reason"].data == manifest["rejects_by_reason"]
+    assert raw["content_hash"].text == manifest["content_hash"]
+    assert mats["raw_preferences"].tags["dagster/data_version"] == manifest["content_hash"]
+
+    tok = mats["tokenized_preferences"].metadata
+    assert tok["template"].text and tok["tokens"].value > 0
+    tok_manifest = json.loads((layout.tokenized / "manifest.json").read_text())
+    assert mats["tokenized_preferences"].tags["dagster/data_version"] == tok_manifest["content_hash"]
+
+    filt = mats["filtered_preferences"].metadata
+    filt_manifest = json.loads((layout.filtered / "manifest.json").read_text())
+    assert filt["kept_train"].value == filt_manifest["kept"]["train"]
+    assert filt["dropped_by_reason"].data == filt_manifest["dropped_by_reason"]
+    assert filt["token_lengths"].md_str.startswith("![") and "data:image/png;base64," in filt["token_lengths"].md_str
+    assert mats["filtered_preferences"].tags["dagster/data_version"] == filt_manifest["content_hash"]
+
+    model = mats["reward_model"].metadata
+    summary = json.loads((layout.train_logs / "summary.json").read_text())
+    assert model["steps"].value == summary["steps"] == 2
+    assert math.isclose(model["final_loss"].value, summary["final_loss"])
+    assert "data:image/png;base64," in model["loss_curve"].md_str
+    assert "not logged" in model["wandb_run"].text and (layout.model / "config.json").exists()
+    assert summary["train"]["wandb_project"] == "rm-tests"  # the W&B resource reached the step
+
+    ev = mats["evaluation"].metadata
+    report = json.loads((layout.evaluation / "report.json").read_text())
+    assert math.isclose(ev["accuracy"].value, report["accuracy"])
+    assert math.isclose(ev["length_baseline"].value,
+                        max(report["longer_wins_baseline"], report["shorter_wins_baseline"]))
+    assert "data:image/png;base64," in ev["reward_distributions"].md_str
+    assert "| tokens |" in ev["per_length_bucket"].md_str
+
+    rel = mats["hub_release"].metadata
+    assert rel["uploaded"].value is False and rel["files"].value > 0
+    assert (layout.release / "evaluation.json").exists() and (layout.release / "README.md").exists()
+
+    evals = evaluations(result)
+    assert set(evals) == {f"{spec.asset_key.to_user_string()}.{spec.name}"
+                          for c in checks.CHECKS for spec in c.check_specs}
+    for name in ("raw_preferences.pairs_well_formed", "raw_preferences.no_prompt_overlap",
+                 "raw_preferences.rejects_ratio", "reward_model.loss_is_finite", "evaluation.release_gate"):
+        assert evals[name].passed, (name, evals[name].description)
+
+
+def test_release_gate_blocks_hub_release_in_a_run(pipeline):
+    root, first = pipeline
+    assert first.success
+    released = Layout(root).release / "evaluation.json"
+    before = released.stat().st_mtime_ns
+    result = materialize(root, selection=dg.AssetSelection.assets("evaluation", "hub_release"),
+                         min_accuracy=1.01)
+    assert not result.success
+    assert sorted(materializations(result)) == ["evaluation"]  # hub_release never ran
+    gate = evaluations(result)["evaluation.release_gate"]
+    assert not gate.passed and "below the minimum" in gate.description
+    assert released.stat().st_mtime_ns == before
+
+
+def test_retraining_unchanged_settings_keeps_the_pipeline_going(pipeline):
+    """Same settings again (the weekly schedule on unchanged data): train resumes at its final
+    checkpoint, and the blocking loss check still passes on the losses logged by the first run."""
+    root, first = pipeline
+    assert first.success
+    result = materialize(root, selection=dg.AssetSelection.assets("reward_model"))
+    assert result.success
+    assert evaluations(result)["reward_model.loss_is_finite"].passed
+    metadata = materializations(result)["reward_model"].metadata
+    assert metadata["resumed_from_step"].text == "2" and metadata["last_logged_loss"].value > 0
+
+
+def test_bad_settings_fail_fast_without_retries(tmp_path):
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences"), run_config={
+        "ops": {"raw_preferences": {"config": {"overrides": ["download.test_fraction=2"]}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "test_fraction" in failure.step_failure_data.error.message
+    assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    # an override of another step's section is refused: the steps would disagree
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences"), run_config={
+        "ops": {"raw_preferences": {"config": {"overrides": ["model.name_or_path=other"]}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "takes only download.*" in failure.step_failure_data.error.message
+
+
+# ---------------------------------------------------------------- each check passes and fails
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def pair(i, prompt=None, chosen="good answer", rejected="bad answer") -> dict:
+    msg = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    return {"id": f"p{i}", "prompt": msg("user", prompt or f"prompt {i}"), "chosen": msg("assistant", chosen),
+            "rejected": msg("assistant", rejected), "margin": None}
+
+
+def test_pairs_well_formed_check(tmp_path):
+    res = {"project": project(tmp_path)}
+    assert not checks.raw_pairs_well_formed(**res).passed  # nothing written yet
+    write_jsonl(tmp_path / "data/pairs/train.jsonl", [pair(1), pair(2)])
+    write_jsonl(tmp_path / "data/pairs/test.jsonl", [pair(3)])
+    assert checks.raw_pairs_well_formed(**res).passed
+    write_jsonl(tmp_path / "data/pairs/test.jsonl", [pair(3), pair(4, chosen="  "), pair(5, chosen="same",
+                                                                                       rejected="same")])
+    result = checks.raw_pairs_well_formed(**res)
+    assert not result.passed
+    assert result.metadata["empty_side"].value == 1 and result.metadata["identical"].value == 1
+    write_jsonl(tmp_path / "data/pairs/test.jsonl", [{"id": "t", "input_ids_chosen": [1, 2],
+                                                      "input_ids_rejected": [1, 2], "margin": None}])
+    assert not checks.raw_pairs_well_formed(**res).passed  # pretokenized, identical ids
+
+
+def test_no_prompt_overlap_check(tmp_path):
+    res = {"project": project(tmp_path)}
+    write_jsonl(tmp_path / "data/pairs/train.jsonl", [pair(1, "shared"), pair(2)])
+    write_jsonl(tmp_path / "data/pairs/test.jsonl", [pair(3)])
+    assert checks.raw_no_prompt_overlap(**res).passed
+    write_jsonl(tmp_path / "data/pairs/test.jsonl", [pair(3, "shared")])
+    result = checks.raw_no_prompt_overlap(**res)
+    assert not result.passed and result.metadata["shared_prompts"].value == 1
+
+
+def test_rejects_ratio_check(tmp_path):
+    res = {"project": project(tmp_path), "quality": QualityResource(max_reject_ratio=0.1)}
+    write_json(tmp_path / "data/pairs/manifest.json", {"rows_read": 100, "rejected": 5,
+                                                       "rejects_by_reason": {"identical": 5}})
+    assert checks.raw_rejects_ratio(**res).passed
+    write_json(tmp_path / "data/pairs/manifest.json", {"rows_read": 100, "rejected": 40,
+                                                       "rejects_by_reason": {"empty_side": 30, "identical": 10}})
+    assert not checks.raw_rejects_ratio(**res).passed
+
+
+def test_loss_is_finite_check(tmp_path):
+    res = {"project": project(tmp_path)}
+    assert not checks.model_loss_is_finite(**res).passed  # no summary
+    summary = tmp_path / "data/train/summary.json"
+    write_json(summary, {"steps": 2, "final_loss": 0.69})
+    write_jsonl(tmp_path / "data/train/metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.69}])
+    assert checks.model_loss_is_finite(**res).passed
+    summary.write_text('{"steps": 2, "final_loss": NaN}')  # what json.dump writes for a lost loss
+    assert not checks.model_loss_is_finite(**res).passed
+    write_json(summary, {"steps": 2, "final_loss": 0.69})
+    write_jsonl(tmp_path / "data/train/metrics.jsonl", [{"step": 1, "loss": float("inf")}])
+    assert not checks.model_loss_is_finite(**res).passed
+    # a re-run that resumed at the final checkpoint: NaN in the summary, the trained run's losses logged
+    summary.write_text('{"steps": 2, "resumed_from": 2, "final_loss": NaN}')
+    write_jsonl(tmp_path / "data/train/metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.69}])
+    assert checks.model_loss_is_finite(**res).passed
+    (tmp_path / "data/train/metrics.jsonl").unlink()
+    assert not checks.model_loss_is_finite(**res).passed
+
+
+def report(accuracy, longer=0.5, shorter=0.3, data_hash="h1") -> dict:
+    return {"accuracy": accuracy, "longer_wins_baseline": longer, "shorter_wins_baseline": shorter,
+            "data_hash": data_hash}
+
+
+def test_beats_length_baseline_check(tmp_path):
+    res = {"project": project(tmp_path)}
+    write_json(tmp_path / "data/evaluation/report.json", report(0.8, longer=0.5, shorter=0.3))
+    assert checks.evaluation_beats_length_baseline(**res).passed
+    write_json(tmp_path / "data/evaluation/report.json", report(0.6, longer=0.3, shorter=0.65))
+    result = checks.evaluation_beats_length_baseline(**res)
+    assert not result.passed and result.metadata["length_baseline"].value == 0.65
+
+
+def test_release_gate_check(tmp_path):
+    gate = lambda **q: checks.evaluation_release_gate(project=project(tmp_path),  # noqa: E731
+                                                       quality=QualityResource(**q))
+    write_json(tmp_path / "data/evaluation/report.json", report(0.7))
+    assert gate().passed  # default threshold 0.6, no previous release
+    assert not gate(min_accuracy=0.75).passed
+    write_json(tmp_path / "data/evaluation/report.json", report(0.5))
+    assert not gate().passed  # below the default 0.6
+    write_json(tmp_path / "data/evaluation/report.json", report(0.7))
+    write_json(tmp_path / "data/release/evaluation.json", report(0.8))
+    result = gate()
+    assert not result.passed and "last published" in result.description
+    assert gate(compare_with_release=False).passed
+    write_json(tmp_path / "data/release/evaluation.json", report(0.65))
+    assert gate().passed
+
+
+# ---------------------------------------------------------------- schedule and sensor
+
+def test_schedule_requests_the_whole_pipeline():
+    schedule = defs.resolve_schedule_def("weekly_retraining")
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance,
+                                            scheduled_execution_time=datetime(2026, 1, 5, 3, tzinfo=timezone.utc))
+        data = schedule.evaluate_tick(context)
+    assert len(data.run_requests) == 1
+    assert schedule.job_name == "reward_model_pipeline"
+
+
+def tick(root, cursor=None, overrides=()):
+    context = dg.build_sensor_context(cursor=cursor, resources={"project": project(root, overrides),
+                                                                "hub": HubResource()})
+    return sensors.source_data_changed(context), context.cursor
+
+
+def test_sensor_demo_source_triggers_once(tmp_path):
+    first, cursor = tick(tmp_path)
+    assert isinstance(first, dg.RunRequest) and cursor
+    again, same = tick(tmp_path, cursor)
+    assert isinstance(again, dg.SkipReason) and same == cursor
+
+
+def test_sensor_local_file_source_triggers_on_change(tmp_path):
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    overrides = [f"download.source={source}"]
+    first, cursor = tick(tmp_path, None, overrides)
+    assert isinstance(first, dg.RunRequest)
+    unchanged, _ = tick(tmp_path, cursor, overrides)
+    assert isinstance(unchanged, dg.SkipReason)
+    source.write_text(source.read_text() * 2)
+    changed, new_cursor = tick(tmp_path, cursor, overrides)
+    assert isinstance(changed, dg.RunRequest) and new_cursor != cursor
+    missing, kept = tick(tmp_path, new_cursor, [f"download.source={tmp_path / 'gone.jsonl'}"])
+    assert isinstance(missing, dg.SkipReason) and kept == new_cursor
+
+
+def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
+    import rm_lib.sources
+
+    sha = {"value": "aaa"}
+    monkeypatch.setattr(rm_lib.sources, "hub_fingerprint", lambda name, revision: sha["value"])
+    overrides = ["download.source=someone/prefs"]
+    first, cursor = tick(tmp_path, None, overrides)
+    assert isinstance(first, dg.RunRequest)
+    assert isinstance(tick(tmp_path, cursor, overrides)[0], dg.SkipReason)
+    sha["value"] = "bbb"
+    assert isinstance(tick(tmp_path, cursor, overrides)[0], dg.RunRequest)
+    sha["value"] = None  # offline: no change recorded
+    offline, kept = tick(tmp_path, cursor, overrides)
+    assert isinstance(offline, dg.SkipReason) and kept == cursor
+
+
+# ---------------------------------------------------------------- resources
+
+def test_resources(tmp_path, monkeypatch):
+    assert WandbResource(project="p", mode="offline").overrides() == ["train.wandb_project=p",
+                                                                      "train.wandb_mode=offline"]
+    assert WandbResource().overrides() == []
+    with pytest.raises(SettingsError):
+        WandbResource(mode="sometimes").overrides()
+    with pytest.raises(SettingsError, match="no such settings file"):
+        ProjectResource(root=str(tmp_path)).load_params()
+    params = project(tmp_path, ["train.max_steps=5"]).load_params(["train.batch_size=2"])
+    assert (params.train.max_steps, params.train.batch_size, params.filter.max_token_length) == (5, 2, 64)
+    with HubResource(token="secret").credentials():
+        assert os.environ["HF_TOKEN"] == "secret"
+    assert "HF_TOKEN" not in os.environ
+    assert definitions.optional_env("HF_TOKEN") is None  # an unset EnvVar would fail every run
+    monkeypatch.setenv("HF_TOKEN", "from-env")
+    assert isinstance(definitions.optional_env("HF_TOKEN"), dg.EnvVar)
+
+
+def test_own_copy_detaches_dvc_cache_links(tmp_path):
+    """A DVC-linked metrics.jsonl gets a private copy before train writes it in place."""
+    cached = tmp_path / "cache_object"
+    cached.write_text("logged\n")
+    cached.chmod(0o444)
+    linked, symlinked = tmp_path / "metrics.jsonl", tmp_path / "other.jsonl"
+    os.link(cached, linked)
+    symlinked.symlink_to(cached)
+    for path in (linked, symlinked):
+        assets.own_copy(path)
+        assert not path.is_symlink() and path.stat().st_nlink == 1
+        with open(path, "a") as handle:
+            handle.write("more\n")
+        assert path.read_text() == "logged\nmore\n"
+    assert cached.read_text() == "logged\n"  # the cache object is untouched
+    assets.own_copy(tmp_path / "missing.jsonl")  # nothing to do
+
+
+def test_push_errors_retried_only_when_transient():
+    from rm_lib.hub import PublishError
+
+    class Response:
+        def __init__(self, status):
+            self.status_code = status
+
+    class HubHTTPError(OSError):
+        def __init__(self, status):
+            super().__init__(f"HTTP {status}")
+            self.response = Response(status)
+
+    def raised(cause):
+        try:
+            try:
+                raise cause
+            except Exception:
+                raise PublishError("failed") from None
+        except PublishError as exc:
+            return exc
+
+    assert assets._push_error_is_transient(raised(HubHTTPError(503)))
+    assert assets._push_error_is_transient(raised(ConnectionError("down")))
+    assert not assets._push_error_is_transient(raised(HubHTTPError(401)))
+    assert not assets._push_error_is_transient(raised(ValueError("bad repo name")))
