@@ -283,7 +283,9 @@ def test_dvc_config_and_status(tmp_path):
     # which git ignores
     assert Path(config[f"remote.{remote}.url"]) == repo.root / "dvc-remote"
     assert repo.git("check-ignore", "dvc-remote/files").strip() == "dvc-remote/files"
-    assert config["cache.type"].split(",")[:2] == ["reflink", "hardlink"]
+    # training appends to a persisted output in place: a hard or symbolic link into the cache
+    # would let that write corrupt the cached copy, so only reflink or a real copy are allowed
+    assert config["cache.type"].split(",") == ["reflink", "copy"]
     assert "__pycache__/" in (ROOT / ".dvcignore").read_text(encoding="utf-8")
     status = repo.dvc("status")
     for stage in STAGES:
