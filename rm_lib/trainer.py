@@ -18,7 +18,8 @@ import torch
 from .batching import collate_pairs, epoch_batches, process_slice
 from .errors import TrainingDiverged
 from .loss import bradley_terry_loss
-from .modeling import rewards
+from .modeling import rewards, unwrap
+from .packing import pack_pairs, packed_rewards, pooling
 from .settings import ModelSettings, TrainSettings
 
 STATE_FILE = "trainer_state.json"
@@ -92,6 +93,10 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         _disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = cfg.padding_free and pooling(unwrap(model)) is not None
+    if cfg.padding_free and not packed:
+        accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
+                          "training on padded batches")
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * world
     batches_per_epoch = math.ceil(len(train_rows) / global_batch)
@@ -134,11 +139,14 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                 epoch, batches = epoch_k, epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch_k,
                                                         group_by_length=cfg.group_by_length)
             mine = process_slice(batches[pos_k], rank, world)
-            batch = collate_pairs([train_rows[i] for i in mine], pad_token_id, cfg.use_margin).to(accelerator.device)
+            chunk = [train_rows[i] for i in mine]
+            batch = (pack_pairs(chunk, pad_token_id, cfg.use_margin) if packed
+                     else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
             last = k == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                scores = rewards(model, batch.input_ids, batch.attention_mask)
+                scores = (packed_rewards(unwrap(model), batch) if packed
+                          else rewards(model, batch.input_ids, batch.attention_mask))
                 r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
                 loss = bradley_terry_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)

@@ -1,0 +1,117 @@
+"""Padding-free batches: the chosen and rejected sequences of several pairs packed into a few rows.
+
+Each sequence keeps its own positions (they restart at 0) and attends only to itself through a
+block-diagonal mask, so its score is the one it would get alone; the rows are filled first-fit
+from the longest sequence down, so only the tail of a row is padding."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [R, W]
+    position_ids: torch.Tensor  # [R, W], restarting at 0 for every sequence
+    segment_ids: torch.Tensor  # [R, W]: sequence index of each token, -1 - column for padding
+    first: torch.Tensor  # [S] flat index (row * W + column) of each sequence's first token
+    last: torch.Tensor  # [S] flat index of each sequence's last token
+    margin: torch.Tensor | None
+    n_pairs: int
+    real_tokens: int
+    padded_tokens: int
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment_ids.to(device),
+                           self.first.to(device), self.last.to(device),
+                           None if self.margin is None else self.margin.to(device), self.n_pairs,
+                           self.real_tokens, self.padded_tokens)
+
+
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequence indices per row: longest first, each into the first row with room (first-fit decreasing)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def pack_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True, width: int | None = None) -> PackedBatch:
+    """Sequences in the order chosen of every pair, then rejected (as `collate_pairs`), packed into
+    rows `width` tokens wide (default: the longest sequence, so no row is wider than a padded batch)."""
+    seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
+    lengths = [len(s) for s in seqs]
+    width = max(width or 0, max(lengths))
+    layout = first_fit(lengths, width)
+    ids = torch.full((len(layout), width), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    segments = -1 - torch.arange(width).repeat(len(layout), 1)
+    first = torch.empty(len(seqs), dtype=torch.long)
+    last = torch.empty(len(seqs), dtype=torch.long)
+    for r, members in enumerate(layout):
+        column = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, column:column + n] = torch.tensor(seqs[i], dtype=torch.long)
+            positions[r, column:column + n] = torch.arange(n)
+            segments[r, column:column + n] = i
+            first[i], last[i] = r * width + column, r * width + column + n - 1
+            column += n
+    margins = [r.get("margin") for r in rows]
+    margin = (torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
+              if use_margin and any(m is not None for m in margins) else None)
+    return PackedBatch(ids, positions, segments, first, last, margin, len(rows), sum(lengths), ids.numel())
+
+
+def block_mask(segment_ids: torch.Tensor, *, causal: bool, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
+    """[R, 1, W, W] mask letting a token see only its own sequence (and, if causal, what precedes it).
+    A padding token sees only itself, so no row of the softmax is empty."""
+    allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        width = segment_ids.shape[-1]
+        allowed &= torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = allowed[:, None]
+    if boolean:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def pooling(inner: Any) -> str | None:
+    """How a packed forward reads a score: 'last' for decoder heads (`score`), 'first' for BERT-style
+    [CLS] heads (`pooler` + `classifier`), None for a head this module cannot unpack."""
+    if hasattr(inner, "score"):
+        return "last"
+    base = getattr(inner, inner.base_model_prefix, None)
+    if hasattr(inner, "classifier") and getattr(base, "pooler", None) is not None and \
+            isinstance(inner.classifier, torch.nn.Linear):
+        return "first"
+    return None
+
+
+def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
+    """One float reward per packed sequence, in `pack_pairs` order; `inner` is the transformers model
+    under any DDP or peft wrapper (LoRA layers sit inside it)."""
+    kind = pooling(inner)
+    base_name = inner.base_model_prefix
+    attn = getattr(inner.config, "_attn_implementation", "eager")
+    dtype = next(inner.parameters()).dtype
+    if torch.is_autocast_enabled(batch.input_ids.device.type):
+        dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
+    mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype)
+    base = getattr(inner, base_name)
+    hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if kind == "last":
+        return inner.score(flat[batch.last]).squeeze(-1).float()
+    pooled = getattr(inner, base_name).pooler(flat[batch.first].unsqueeze(1))
+    return inner.classifier(inner.dropout(pooled)).squeeze(-1).float()

@@ -1,0 +1,113 @@
+"""Padding-free training: packed rows give the rewards, loss and gradients of padded batches."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from helpers import run_steps, tiny_params, write_jsonl
+from rm_lib.batching import collate_pairs
+from rm_lib.loss import bradley_terry_loss
+from rm_lib.modeling import load_reward_model, rewards, unwrap
+from rm_lib.packing import first_fit, pack_pairs, packed_rewards, pooling
+
+
+def random_pairs(n: int, vocab: int, seed: int = 0, longest: int = 40) -> list[dict]:
+    rng = random.Random(seed)
+    seq = lambda: [rng.randrange(5, vocab) for _ in range(rng.randrange(2, longest))]  # noqa: E731
+    return [{"input_ids_chosen": seq(), "input_ids_rejected": seq(), "margin": rng.random()} for _ in range(n)]
+
+
+def test_first_fit_places_every_sequence_once_within_the_width():
+    lengths = [9, 1, 4, 7, 3, 3, 10, 2, 6]
+    rows = first_fit(lengths, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 5  # 45 tokens in rows of 10: as few as possible
+
+
+def test_packed_batch_layout():
+    pairs = [{"input_ids_chosen": [5, 6, 7], "input_ids_rejected": [8]},
+             {"input_ids_chosen": [9, 10], "input_ids_rejected": [11, 12, 13]}]
+    batch = pack_pairs(pairs, pad_token_id=0, use_margin=False)
+    flat_ids, flat_pos = batch.input_ids.flatten().tolist(), batch.position_ids.flatten().tolist()
+    seqs = [p["input_ids_chosen"] for p in pairs] + [p["input_ids_rejected"] for p in pairs]
+    for i, seq in enumerate(seqs):  # every sequence whole, in its own segment, positions from 0
+        first, last = batch.first[i].item(), batch.last[i].item()
+        assert flat_ids[first:last + 1] == seq
+        assert flat_pos[first:last + 1] == list(range(len(seq)))
+        assert set(batch.segment_ids.flatten()[first:last + 1].tolist()) == {i}
+    assert batch.input_ids.shape == (3, 3)  # 9 tokens in rows as wide as the longest sequence
+    assert batch.real_tokens == 9 and batch.padded_tokens == 9
+    assert batch.margin is None
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def attention(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=["minilm", "decoder"])
+def model_path(request, minilm_path, tiny_decoder) -> str:
+    return minilm_path if request.param == "minilm" else str(tiny_decoder)
+
+
+def _model(path: str, attention: str):
+    torch.manual_seed(0)
+    model = load_reward_model(path, pad_token_id=0)
+    model.config._attn_implementation = attention
+    return model
+
+
+def test_packed_rewards_loss_and_gradients_equal_the_padded_ones(model_path, attention):
+    model = _model(model_path, attention)
+    inner = unwrap(model)
+    assert pooling(inner) is not None
+    model.train()
+    for module in model.modules():  # dropout off, as training runs by default
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    pairs = random_pairs(8, min(model.config.vocab_size, 60))
+
+    def step(compute):
+        model.zero_grad()
+        scores = compute()
+        loss = bradley_terry_loss(scores[:8], scores[8:], torch.tensor([p["margin"] for p in pairs]), None)
+        loss.backward()
+        return scores.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}
+
+    padded = collate_pairs(pairs, 0)
+    packed = pack_pairs(pairs, 0)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]  # fewer rows: padding saved
+    s_pad, l_pad, g_pad = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
+    s_pack, l_pack, g_pack = step(lambda: packed_rewards(inner, packed))
+    torch.testing.assert_close(s_pack, s_pad, atol=1e-5, rtol=1e-4)
+    assert l_pack == pytest.approx(l_pad, abs=1e-6)
+    assert g_pack.keys() == g_pad.keys()
+    for name in g_pad:
+        torch.testing.assert_close(g_pack[name], g_pad[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_training_padding_free_matches_padded_training(tmp_path, tiny_decoder):
+    """Whole runs: the same losses step by step, with less padding computed."""
+    rng = random.Random(1)
+    words = "good bad great awful fine movie film plot acting story".split()
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    source = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": text(rng.randrange(2, 8)), "chosen": text(rng.randrange(1, 30)),
+         "rejected": text(rng.randrange(1, 30))} for _ in range(80)])
+    history = {}
+    for free in (True, False):
+        root = tmp_path / f"free-{free}"
+        params = tiny_params(f"train.padding_free={str(free).lower()}", "train.max_steps=6", f"download.source={source}",
+                             model=str(tiny_decoder))
+        run_steps(params, root, "download", "tokenize", "filter", "train")
+        history[free] = [json.loads(line) for line in (root / "data/train/metrics.jsonl").read_text().splitlines()]
+    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in history.items()}
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+    pad = {k: sum(r["padding_fraction"] for r in v if "loss" in r) for k, v in history.items()}
+    assert pad[True] < pad[False]
