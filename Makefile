@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install run test bench ui clean
+.PHONY: install chromium run test bench ui clean
 
 # torch first, from the CPU wheel (a plain `pip install torch` would pull GBs of CUDA packages).
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
@@ -21,7 +21,17 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m rm_lib run
 
-test: install
+# The browser test of the Dagster UI drives Debian's Chromium (Playwright's own browsers are not
+# used). Installed when missing, where apt-get may run (root or password-less sudo); elsewhere that
+# test skips with its reason.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive sh -c \
+	    'apt-get update -qq && apt-get install -y -qq chromium chromium-driver' \
+	  || echo "chromium not installed: the browser test will skip" >&2; }
+
+test: install chromium
 	$(PY) -m pytest -q
 
 bench: install
