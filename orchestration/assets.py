@@ -1,5 +1,7 @@
 """The six pipeline assets. Each one calls its rm_lib step, which writes the files at the
-rm_lib.layout paths that the DVC stages use too; nothing passes through an IO manager.
+rm_lib.layout paths that the DVC stages use too; nothing passes through an IO manager. Then the
+asset records the step in DVC as `dvc repro` would (dvc.lock, cache, remote: rm_lib.dvc_record), and
+the DVC hash of what it wrote is its data version.
 
 Heavy modules (torch, transformers, the rm_lib step modules) are imported inside the asset bodies.
 """
@@ -12,16 +14,17 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import dagster as dg
 from pydantic import Field
 
+from rm_lib.dvc_record import NotRecorded, Recorded, RecordError, combined_hash
 from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import Params
 
-from .resources import HubResource, ProjectResource, WandbResource
+from .resources import DvcResource, HubResource, ProjectResource, WandbResource
 
 GROUP = "reward_model_pipeline"
 
@@ -104,6 +107,47 @@ def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layo
     return result
 
 
+def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project: ProjectResource, stage: str,
+                   params: Params, fallback: Optional[str],
+                   main: Sequence[str] = ()) -> tuple[dict, Optional[dg.DataVersion]]:
+    """Record the step in DVC. Returns the metadata saying what was recorded (and pushed where) and the
+    data version: the DVC hash of the `main` outs (default: all the stage's outs); `fallback` when
+    nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
+    try:
+        outcome = dvc.record(project.root_path(), stage, params)
+    except RecordError as exc:
+        raise dg.Failure(description=f"{stage}: recording in DVC failed: {exc}", allow_retries=False) from exc
+    if isinstance(outcome, NotRecorded):
+        context.log.info(f"{stage}: not recorded in DVC: {outcome.reason}")
+        return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
+    if not outcome.pushed:
+        context.log.warning(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: {outcome.push_note}")
+    version = combined_hash(outcome.outs, list(main) or None)
+    return _recorded_metadata(outcome, version), dg.DataVersion(version)
+
+
+def _recorded_metadata(outcome: Recorded, version: str) -> dict:
+    remote = f"{outcome.remote} ({outcome.remote_url})" if outcome.remote else "none"
+    return {
+        "dvc": f"recorded: stage {outcome.stage} in dvc.lock and the DVC cache "
+               "(commit dvc.lock with git to keep this version)",
+        "dvc_hash": version,
+        "dvc_outs": _md_table(["out", "DVC hash"], sorted(outcome.outs.items())),
+        "dvc_hashes": dg.MetadataValue.json(outcome.outs),
+        "dvc_pushed": outcome.pushed,
+        "dvc_remote": remote,
+        "dvc_push": outcome.push_note,
+        "dvc_lock_entry": outcome.lock_entry,
+    }
+
+
+def _not_recorded_metadata(outcome: NotRecorded) -> dict:
+    metadata = {"dvc": f"not recorded: {outcome.reason}"}
+    if outcome.details:
+        metadata["dvc_differences"] = dg.MetadataValue.md("\n".join(f"- `{d}`" for d in outcome.details))
+    return metadata
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -120,14 +164,19 @@ def logged_losses(layout: Layout) -> list:
 def own_copy(path: Path) -> None:
     """Replace a hard link or symlink by a private, writable copy, as `dvc unprotect` does.
 
-    With the link cache types of .dvc/config, DVC leaves data/train/metrics.jsonl (a `persist: true`
-    out) as a read-only hard link into its cache. The train step's tracker writes that file in place
-    (truncate, append): outside `dvc repro` that fails with PermissionError, or, as root, rewrites the
-    cached object itself. Every other output is replaced whole (atomic rename) and needs nothing."""
+    With a linking cache type in .dvc/config (hardlink, symlink), DVC leaves data/train/metrics.jsonl
+    (a `persist: true` out) as a read-only hard link into its cache. The train step's tracker writes
+    that file in place (truncate, append): outside `dvc repro` that fails with PermissionError, or, as
+    root, rewrites the cached object itself. Every other output is replaced whole (atomic rename) and needs nothing."""
     if path.is_symlink() or (path.is_file() and path.stat().st_nlink > 1):
         tmp = path.with_name(f".{path.name}.own")
         shutil.copyfile(path, tmp)  # a new inode with the default (writable) mode
         os.replace(tmp, path)
+
+
+def _relative(path: Path, layout: Layout) -> str:
+    """A layout path as dvc.yaml and dvc.lock write it."""
+    return path.relative_to(layout.root).as_posix()
 
 
 def _image(path: Path, title: str) -> dg.MetadataValue:
@@ -195,7 +244,7 @@ def _push_error_is_transient(exc: Exception) -> bool:
           description="download: the source (params.yaml download.source: demo, a local file/folder or a Hub "
                       "dataset) -> normalised pairs split into train/test, rejects by reason (data/pairs).")
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
-                    hub: HubResource) -> dg.MaterializeResult:
+                    hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("download", config, project)
     from rm_lib.steps.download import _source_kind
 
@@ -209,6 +258,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     rejects = manifest.get("rejects_by_reason", {})
     rejected = int(manifest.get("rejected", sum(rejects.values())))
     rows_read = int(manifest["rows_read"])
+    recorded, version = _record_in_dvc(context, dvc, project, "download", params, result.content_hash)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(result.pairs.values()),
@@ -226,18 +276,20 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
             "split": manifest.get("split", ""),
             "content_hash": result.content_hash,
             "path": dg.MetadataValue.path(str(layout.pairs)),
+            **recorded,
         },
-        data_version=dg.DataVersion(result.content_hash),
+        data_version=version,
     )
 
 
 @dg.asset(group_name=GROUP, deps=[raw_preferences], kinds={"parquet"},
           description="tokenize: normalised pairs -> token ids through the chat template (data/tokenized).")
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
-                          hub: HubResource) -> dg.MaterializeResult:
+                          hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("tokenize", config, project)
     with hub.credentials():  # the tokenizer of a gated Hub model
         result = _run_step(context, "tokenize", params, layout)
+    recorded, version = _record_in_dvc(context, dvc, project, "tokenize", params, result.content_hash)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(result.rows.values()),
@@ -248,18 +300,20 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
             "tokens": sum(result.tokens.values()),
             "content_hash": result.content_hash,
             "path": dg.MetadataValue.path(str(layout.tokenized)),
+            **recorded,
         },
-        data_version=dg.DataVersion(result.content_hash),
+        data_version=version,
     )
 
 
 @dg.asset(group_name=GROUP, deps=[tokenized_preferences], kinds={"parquet"},
           description="filter: token ids -> length-filtered ids, every dropped pair counted by reason; "
                       "token-length histogram (data/filtered).")
-def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig,
-                         project: ProjectResource) -> dg.MaterializeResult:
+def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
+                         dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("filter", config, project)
     result = _run_step(context, "filter", params, layout)
+    recorded, version = _record_in_dvc(context, dvc, project, "filter", params, result.content_hash)
     reasons = sorted({r for split in SPLITS for r in result.dropped[split]})
     return dg.MaterializeResult(
         metadata={
@@ -279,8 +333,9 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
             "token_lengths_png": dg.MetadataValue.path(str(layout.filtered / "lengths.png")),
             "content_hash": result.content_hash,
             "path": dg.MetadataValue.path(str(layout.filtered)),
+            **recorded,
         },
-        data_version=dg.DataVersion(result.content_hash),
+        data_version=version,
     )
 
 
@@ -288,7 +343,7 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
           description="train: filtered pairs -> a one-output reward model (models/reward_model); metrics, "
                       "loss curve and summary in data/train. Runs in the `gpu` pool.")
 def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project: ProjectResource,
-                 wandb: WandbResource, hub: HubResource) -> dg.MaterializeResult:
+                 wandb: WandbResource, hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     try:
         wandb_overrides = wandb.overrides()
     except SettingsError as exc:
@@ -302,6 +357,9 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     # A re-run that resumes from the final checkpoint trains nothing and reports a NaN final loss;
     # the losses the training run logged are still in metrics.jsonl.
     losses = logged_losses(layout)
+    # the model is what downstream reads: checkpoints and logs do not change its version
+    recorded, version = _record_in_dvc(context, dvc, project, "train", params, fingerprint,
+                                       main=[_relative(layout.model, layout)])
     return dg.MaterializeResult(
         metadata={
             "base_model": params.model.name_or_path,
@@ -320,21 +378,24 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
             "data_hash": _text(summary.get("data_hash")),
             "path": dg.MetadataValue.path(str(layout.model)),
             "metrics": dg.MetadataValue.path(str(layout.train_logs / "metrics.jsonl")),
+            **recorded,
         },
-        data_version=dg.DataVersion(fingerprint) if fingerprint else None,
+        data_version=version,
     )
 
 
 @dg.asset(group_name=GROUP, deps=[reward_model, filtered_preferences], pool="gpu", kinds={"pytorch"},
           description="evaluate: the model on the held-out pairs -> accuracy beside the length baselines, "
                       "reward distributions, accuracy per length bucket (data/evaluation).")
-def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig,
-               project: ProjectResource) -> dg.MaterializeResult:
+def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, project: ProjectResource,
+               dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("evaluate", config, project)
     result = _run_step(context, "evaluate", params, layout)
     m = result.metrics
     baseline = max(m["longer_wins_baseline"], m["shorter_wins_baseline"])
     report = layout.evaluation / "report.json"
+    recorded, version = _record_in_dvc(context, dvc, project, "evaluate", params,
+                                       hashlib.sha256(report.read_bytes()).hexdigest())
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": m["pairs"],
@@ -361,8 +422,9 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig,
                                             for b in m["per_length_bucket"]]),
             "data_hash": _text(m.get("data_hash")),
             "report": dg.MetadataValue.path(str(report)),
+            **recorded,
         },
-        data_version=dg.DataVersion(hashlib.sha256(report.read_bytes()).hexdigest()),
+        data_version=version,
     )
 
 
@@ -371,10 +433,11 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig,
                       "(and push.dry_run is false). Runs only when the blocking release gate on `evaluation` "
                       "passes.")
 def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
-                hub: HubResource) -> dg.MaterializeResult:
+                hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("push", config, project)
     with hub.credentials():
         result = _run_step(context, "push", params, layout, transient=_push_error_is_transient)
+    recorded, version = _record_in_dvc(context, dvc, project, "push", params, result.commit)
     released = _read_json(layout.release / "evaluation.json")
     return dg.MaterializeResult(
         metadata={
@@ -387,8 +450,9 @@ def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: 
             "files": len(result.files),
             "file_list": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in result.files)),
             "path": dg.MetadataValue.path(str(result.release_dir)),
+            **recorded,
         },
-        data_version=dg.DataVersion(result.commit) if result.commit else None,
+        data_version=version,
     )
 
 

@@ -12,7 +12,7 @@ import dagster as dg
 # Absolute imports, so that `dagster dev -f orchestration/definitions.py` works as well as `-m`.
 from orchestration.assets import ASSETS
 from orchestration.checks import CHECKS
-from orchestration.resources import HubResource, ProjectResource, QualityResource, WandbResource
+from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
 from orchestration.sensors import pipeline_job, source_data_changed, weekly_retraining
 
 
@@ -33,6 +33,9 @@ defs = dg.Definitions(
         "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),
         "hub": HubResource(token=optional_env("HF_TOKEN")),
         "wandb": WandbResource(),
+        # every materialization is committed to dvc.lock and the DVC cache and pushed to the project's
+        # default remote; the remote's credentials are DVC's own (environment, .dvc/config.local)
+        "dvc": DvcResource(),
         "quality": QualityResource(),
     },
 )

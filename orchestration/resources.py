@@ -1,4 +1,5 @@
-"""Dagster resources: the project folder and its settings, the Hugging Face Hub, W&B, the quality bar.
+"""Dagster resources: the project folder and its settings, the Hugging Face Hub, W&B, the DVC remote,
+the quality bar.
 
 Only dagster and the light parts of rm_lib (settings, layout, errors) are imported here, so the
 code server loads fast; torch and transformers are imported by the steps, inside the assets.
@@ -99,6 +100,28 @@ class WandbResource(dg.ConfigurableResource):
                 raise SettingsError(f"wandb resource: mode must be one of {', '.join(WANDB_MODES)}, got '{self.mode}'")
             out.append(f"train.wandb_mode={self.mode}")
         return out
+
+
+class DvcResource(dg.ConfigurableResource):
+    """Record every materialization in DVC, as `dvc repro` would: dvc.lock updated, outputs in the DVC
+    cache and pushed to a remote. Remote credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, ...) are
+    read by DVC from the environment or from `.dvc/config.local`; none is stored here."""
+
+    enabled: bool = Field(default=True, description="Record materializations in DVC when the project folder "
+                                                    "is a DVC repository.")
+    remote: Optional[str] = Field(default=None, description="DVC remote to push to; unset: the project's "
+                                                            "default remote (core.remote).")
+    push: bool = Field(default=True, description="Push the recorded outputs to the remote.")
+    lock_wait_s: float = Field(default=600.0, description="How long to wait for the DVC repository lock held "
+                                                          "by another DVC process (a `dvc repro`, another run).")
+
+    def record(self, root: Path, stage: str, params: Params):
+        """rm_lib.dvc_record.record with this resource's settings: Recorded or NotRecorded."""
+        from rm_lib.dvc_record import NotRecorded, record
+
+        if not self.enabled:
+            return NotRecorded("DVC recording is off (the dvc resource's enabled is false)")
+        return record(root, stage, params, remote=self.remote, push=self.push, lock_wait_s=self.lock_wait_s)
 
 
 class QualityResource(dg.ConfigurableResource):

@@ -17,7 +17,7 @@ import pytest
 
 from orchestration import assets, checks, definitions, sensors
 from orchestration.definitions import defs
-from orchestration.resources import HubResource, ProjectResource, QualityResource, WandbResource
+from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
 from rm_lib.errors import SettingsError
 from rm_lib.layout import Layout
 
@@ -43,7 +43,8 @@ def project(root, overrides=(), params_file=PARAMS) -> ProjectResource:
 
 def resources(root, min_accuracy=0.0, **project_kw) -> dict:
     return {"project": project(root, **project_kw), "hub": HubResource(), "quality": QualityResource(
-        min_accuracy=min_accuracy), "wandb": WandbResource(project="rm-tests")}  # W&B off: WANDB_MODE=disabled
+        min_accuracy=min_accuracy), "wandb": WandbResource(project="rm-tests"),  # W&B off: WANDB_MODE=disabled
+            "dvc": DvcResource()}
 
 
 def materialize(root, selection=None, run_config=None, **kw) -> dg.ExecuteInProcessResult:
@@ -139,6 +140,9 @@ def test_every_asset_materializes_with_metadata(pipeline):
     assert raw["rejects_by_reason"].data == manifest["rejects_by_reason"]
     assert raw["content_hash"].text == manifest["content_hash"]
     assert mats["raw_preferences"].tags["dagster/data_version"] == manifest["content_hash"]
+    # a plain folder: nothing recorded in DVC, the content hash stays the data version
+    for key in KEYS:
+        assert mats[key].metadata["dvc"].text.startswith("not recorded: not a DVC repository"), key
 
     tok = mats["tokenized_preferences"].metadata
     assert tok["template"].text and tok["tokens"].value > 0

@@ -1,0 +1,199 @@
+"""Dagster materializations recorded in DVC (rm_lib/dvc_record.py, the `dvc` resource).
+
+The slow tests copy the project into a temporary git + DVC repository (tests/test_dvc.py's
+`_new_repo`: tiny settings written into params.yaml, a local remote outside the repository),
+materialize every asset in-process once (module fixture) and then check that dvc.lock, the DVC
+cache and the remote hold what the assets wrote, with the DVC hashes as data versions. A plain
+folder is covered by tests/test_orchestration.py ("not a DVC repository").
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+import zc.lockfile
+
+from orchestration import assets, checks
+from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
+from rm_lib import dvc_record
+from rm_lib.dvc_record import NotRecorded, RecordError, StageSpec, combined_hash, settings_differences
+from rm_lib.settings import load_params
+from test_dvc import Repo, _new_repo, _rmtree
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1"}
+STAGE_OF = {"raw_preferences": "download", "tokenized_preferences": "tokenize", "filtered_preferences": "filter",
+            "reward_model": "train", "evaluation": "evaluate", "hub_release": "push"}
+MAIN = {"train": ["models/reward_model"]}  # the data version of reward_model is the model folder's hash
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def resources(root: Path, **dvc) -> dict:
+    return {"project": ProjectResource(root=str(root)), "hub": HubResource(), "wandb": WandbResource(),
+            "quality": QualityResource(min_accuracy=0.0), "dvc": DvcResource(**dvc)}
+
+
+def materialize(root: Path, selection=None, run_config=None) -> dg.ExecuteInProcessResult:
+    return dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=selection, resources=resources(root),
+                          run_config=run_config or {}, instance=dg.DagsterInstance.ephemeral(),
+                          raise_on_error=False)
+
+
+def materializations(result) -> dict[str, dg.AssetMaterialization]:
+    return {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+
+
+def locked_outs(repo: Repo) -> dict[str, dict[str, str]]:
+    lock = yaml.safe_load((repo.root / "dvc.lock").read_text(encoding="utf-8"))
+    return {stage: {o["path"]: o["md5"] for o in entry["outs"]} for stage, entry in lock["stages"].items()}
+
+
+def remote_object(remote: Path, md5: str) -> Path:
+    return remote / "files" / "md5" / md5[:2] / md5[2:]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Every asset materialized once in a fresh git + DVC repository with its own local remote."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE.items():
+            mp.setenv(key, value)
+        mp.delenv("HF_TOKEN", raising=False)
+        root = tmp_path_factory.mktemp("dvc-record") / "repo"
+        repo = _new_repo(root)
+        remote = root.parent / "remote"
+        (root / ".dvc" / "config.local").write_text(
+            f"[core]\n    remote = scratch\n['remote \"scratch\"']\n    url = {remote}\n", encoding="utf-8")
+        result = materialize(root)
+        yield repo, remote, result
+    _rmtree(root.parent)
+
+
+@pytest.mark.slow
+def test_every_materialization_is_recorded_and_pushed(recorded):
+    repo, remote, result = recorded
+    assert result.success
+    mats = materializations(result)
+    assert sorted(mats) == sorted(STAGE_OF)
+    lock = locked_outs(repo)
+    assert set(lock) == set(STAGE_OF.values())
+    for key, stage in STAGE_OF.items():
+        metadata = mats[key].metadata
+        assert metadata["dvc"].text.startswith(f"recorded: stage {stage}"), (key, metadata["dvc"])
+        assert metadata["dvc_hashes"].data == lock[stage], key
+        version = combined_hash(lock[stage], MAIN.get(stage))
+        assert mats[key].tags["dagster/data_version"] == metadata["dvc_hash"].text == version, key
+        assert metadata["dvc_pushed"].value is True, (key, metadata["dvc_push"])
+        assert metadata["dvc_remote"].text == f"scratch ({remote})"
+        for md5 in lock[stage].values():
+            assert remote_object(remote, md5).is_file(), (key, md5)
+    # a folder out's DVC hash is its .dir object: the version of the pairs and of the model
+    assert mats["raw_preferences"].tags["dagster/data_version"] == lock["download"]["data/pairs"]
+    assert mats["reward_model"].tags["dagster/data_version"] == lock["train"]["models/reward_model"]
+    assert lock["download"]["data/pairs"].endswith(".dir")
+    # the stage's own second command ran: the plot data DVC records beside metrics.jsonl
+    assert "data/train/metrics.plot.json" in lock["train"]
+    assert "data/evaluation/buckets.plot.json" in lock["evaluate"]
+    # as if `dvc repro` had run: nothing to do, the remote has it all, only dvc.lock is new for git
+    assert UP_TO_DATE in repo.dvc("status")
+    assert "in sync" in repo.dvc("status", "--cloud")
+    assert repo.git("status", "--porcelain").splitlines() == ["?? dvc.lock"]
+
+
+@pytest.mark.slow
+def test_pull_into_an_empty_workspace_gives_the_same_bytes(recorded):
+    repo, _, result = recorded
+    assert result.success
+    before = {path: digest for path, (digest, _) in repo.files("data", "models").items()}
+    assert any(p.startswith("models/reward_model/") for p in before)
+    for folder in (".dvc/cache", "data", "models"):
+        _rmtree(repo.root / folder)
+    repo.dvc("pull")
+    after = {path: digest for path, (digest, _) in repo.files("data", "models").items()}
+    assert after == before
+    assert UP_TO_DATE in repo.dvc("status")
+
+
+@pytest.mark.slow
+def test_settings_outside_params_yaml_are_not_recorded(recorded):
+    repo, _, first = recorded
+    assert first.success
+    lock = (repo.root / "dvc.lock").read_text(encoding="utf-8")
+    result = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences"), run_config={
+        "ops": {"raw_preferences": {"config": {"overrides": ["download.demo_pairs=40"]}}}})
+    assert result.success
+    mat = materializations(result)["raw_preferences"]
+    assert mat.metadata["dvc"].text.startswith("not recorded: the run's settings differ from params.yaml")
+    assert "download.demo_pairs: ran with 40, params.yaml has 60" in mat.metadata["dvc_differences"].md_str
+    assert mat.tags["dagster/data_version"] == mat.metadata["content_hash"].text
+    assert (repo.root / "dvc.lock").read_text(encoding="utf-8") == lock
+    assert "download:" in repo.dvc("status")  # DVC sees outputs it did not record
+
+
+@pytest.mark.slow
+def test_waits_while_another_dvc_process_holds_the_lock(recorded, monkeypatch):
+    repo, _, _ = recorded
+    monkeypatch.setattr(dvc_record, "LOCK_POLL_S", 0.2)
+    held = zc.lockfile.LockFile(str(repo.root / ".dvc" / "tmp" / "lock"))  # as a running `dvc repro` does
+    try:
+        with pytest.raises(RecordError, match="waited 0 s for the DVC lock"):
+            dvc_record.dvc(repo.root, ["status"], lock_wait_s=0)
+        threading.Timer(2.0, held.close).start()
+        start = time.monotonic()
+        dvc_record.dvc(repo.root, ["status"], lock_wait_s=60)
+        assert time.monotonic() - start >= 2.0
+    finally:
+        held.close()
+
+
+@pytest.mark.slow
+def test_a_failed_push_is_reported_not_raised(recorded):
+    repo, _, _ = recorded
+    spec = dvc_record.read_stage(repo.root, "download", remote="nowhere")
+    pushed, note = dvc_record.push_stage(repo.root, spec, lock_wait_s=0)
+    assert not pushed and "dvc push -r nowhere" in note
+    no_remote = StageSpec(name="download", cmd=[], params={}, outs=[])
+    assert dvc_record.push_stage(repo.root, no_remote) == (False, "no DVC remote configured "
+                                                                  "(`dvc remote add -d <name> <url>`)")
+
+
+# ---------------------------------------------------------------- without a DVC run
+
+def test_combined_hash():
+    assert combined_hash({"data/pairs": "abc.dir"}) == "abc.dir"
+    outs = {"a.json": "111", "b.json": "222", "m": "333.dir"}
+    assert combined_hash(outs) == combined_hash(dict(reversed(outs.items())))  # order does not matter
+    assert combined_hash(outs) != combined_hash({**outs, "a.json": "999"})
+    assert combined_hash(outs, ["m"]) == "333.dir"
+
+
+def test_settings_differences(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"train": {"max_steps": 2}, "evaluate": {"batch_size": 8}}))
+    spec = StageSpec(name="train", cmd=["python -m rm_lib train"], outs=[],
+                     params={str(params_file): ["train", "evaluate.batch_size"]})
+    assert settings_differences(spec, load_params(params_file)) == []
+    assert settings_differences(spec, load_params(params_file, ["filter.policy=truncate"])) == []  # not a dep
+    assert settings_differences(spec, load_params(params_file, ["train.max_steps=3", "evaluate.batch_size=4"])) == [
+        "train.max_steps: ran with 3, params.yaml has 2", "evaluate.batch_size: ran with 4, params.yaml has 8"]
+
+
+def test_not_recorded_without_dvc_or_when_disabled(tmp_path):
+    params = load_params(None)
+    outcome = DvcResource().record(tmp_path, "download", params)
+    assert isinstance(outcome, NotRecorded) and outcome.reason.startswith("not a DVC repository")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    outcome = DvcResource(enabled=False).record(tmp_path, "download", params)
+    assert isinstance(outcome, NotRecorded) and "enabled is false" in outcome.reason
