@@ -1,47 +1,184 @@
-"""Publishing to the Hugging Face Hub with the real client. The token comes from the
-environment (HF_TOKEN) or the user's `hf auth login`, and is never written anywhere."""
+"""Publishing to the Hugging Face Hub with the real client.
+
+The token comes from the environment (HF_TOKEN) or the user's `hf auth login`; the client reads it
+itself and rm_lib never holds, prints or writes it. The endpoint is HF_ENDPOINT read at call time
+(huggingface_hub reads it once, at import), so a process can point at another Hub after import.
+
+A push is idempotent and retried whole on network trouble and 5xx/429 answers, with exponential
+back-off: RM_PUSH_RETRIES tries (default 3), RM_PUSH_BACKOFF_S seconds before the second (default 2).
+"""
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF_S = 2.0
+NAME_RULE = ("'owner/name', where the name has letters, digits, '-', '_' or '.', at most 96 characters, "
+             "and neither '--' nor '..'")
+
 
 class PublishError(UserError):
     """A push that failed for a reason the user can fix; the local model is kept."""
 
 
-def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str | None = None,
-           retries: int = 3, backoff_s: float = 2.0) -> dict[str, Any]:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+def endpoint() -> str:
+    from huggingface_hub import constants
 
-    api = HfApi()
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def retry_settings() -> tuple[int, float]:
+    """Tries and first back-off from RM_PUSH_RETRIES / RM_PUSH_BACKOFF_S (small in tests)."""
+    try:
+        retries = int(os.environ.get("RM_PUSH_RETRIES", DEFAULT_RETRIES))
+        backoff = float(os.environ.get("RM_PUSH_BACKOFF_S", DEFAULT_BACKOFF_S))
+    except ValueError as exc:
+        raise PublishError(f"RM_PUSH_RETRIES / RM_PUSH_BACKOFF_S must be numbers ({exc})") from None
+    return max(1, retries), max(0.0, backoff)
+
+
+def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
+           retries: int | None = None, backoff_s: float | None = None) -> dict[str, Any]:
+    """Create the repository if missing, upload `folder` as a new revision and tag it with the run
+    (`tag`, or `tag`-2, -3... when that tag already names another revision).
+
+    Returns url, repo_id (with its namespace), commit and the tag given to the commit."""
+    _check_ready(folder)
+    default_retries, default_backoff = retry_settings()
+    retries = default_retries if retries is None else max(1, retries)
+    backoff_s = default_backoff if backoff_s is None else backoff_s
     for attempt in range(1, retries + 1):
         try:
-            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                     repo_type="model")
-            if tag:
-                api.create_tag(repo_id, tag=tag, revision=info.oid, exist_ok=True)
-            return {"url": str(url), "commit": info.oid, "tag": tag}
-        except HFValidationError as exc:
-            raise PublishError(f"push.repo_id: '{repo_id}' is not a valid repository name ({exc})") from None
-        except HfHubHTTPError as exc:
-            status = getattr(exc.response, "status_code", None)
-            if status == 401:
-                raise PublishError("the Hub refused the token: set HF_TOKEN or run `hf auth login`; "
-                                   f"the model stays in {folder}") from None
-            if status == 403:
-                raise PublishError(f"the token may not write to '{repo_id}': use a token with write access "
-                                   f"to that namespace; the model stays in {folder}") from None
-            if status is not None and status < 500 or attempt == retries:
-                raise PublishError(f"the Hub answered {status} ({exc}); the model stays in {folder}") from None
-        except OSError as exc:  # network down: connection refused, DNS, timeouts
+            return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag)
+        except PublishError:
+            raise
+        except Exception as exc:  # sorted by _transient / _explain; anything unknown is re-raised
+            if not _transient(exc):
+                _explain(exc, repo_id, folder)
+                raise
             if attempt == retries:
-                raise PublishError(f"cannot reach the Hub after {retries} tries ({exc}); check the network "
-                                   f"and run the push step again; the model stays in {folder}") from None
-        time.sleep(backoff_s * 2 ** (attempt - 1))
+                _give_up(exc, retries, folder)
+            delay = backoff_s * 2 ** (attempt - 1)
+            print(f"push: the Hub at {endpoint()} could not be reached or failed ({_short(exc)}); "
+                  f"try {attempt} of {retries}, next in {delay:.1f} s", file=sys.stderr, flush=True)
+            _wait(delay)
     raise AssertionError("unreachable")
+
+
+def _wait(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+# ---------------------------------------------------------------- one push
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint())
+
+
+def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str) -> dict[str, Any]:
+    from huggingface_hub.errors import BadRequestError, HFValidationError
+
+    api = _api()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    except (HFValidationError, BadRequestError) as exc:  # the client's or the Hub's check of the name
+        raise PublishError(f"push.repo_id: '{repo_id}' is not a valid repository name ({_short(exc)}); "
+                           f"use {NAME_RULE}; the model stays in {folder}") from None
+    full_id = url.repo_id or repo_id  # "name" alone lands in the token owner's namespace
+    info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message,
+                             repo_type="model")
+    return {"url": str(url), "repo_id": full_id, "commit": info.oid, "tag": _tag(api, full_id, info.oid, tag)}
+
+
+def _tag(api: Any, repo_id: str, commit: str, base: str) -> str:
+    """Tag `commit` with the run's name. Tags never move: a revision that already carries one of the
+    run's tags keeps it (a push of unchanged files); a new revision of the same run gets base-2, -3..."""
+    tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type="model").tags}
+    names = [base] + [f"{base}-{n}" for n in range(2, len(tags) + 3)]
+    for name in names:
+        if tags.get(name) == commit:
+            return name
+    name = next(n for n in names if n not in tags)
+    api.create_tag(repo_id, tag=name, revision=commit, repo_type="model")
+    return name
+
+
+# ---------------------------------------------------------------- errors that say what to do
+
+def _check_ready(folder: Path) -> None:
+    from huggingface_hub import constants, get_token
+
+    if constants.is_offline_mode():
+        raise PublishError("HF_HUB_OFFLINE is set, so the Hub client makes no request: unset it to push, or set "
+                           f"push.dry_run=true to only write the release; the model stays in {folder}")
+    if not get_token():
+        raise PublishError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
+                           f"`hf auth login`; the model stays in {folder}")
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection trouble as raised by the Hub client's HTTP library (httpx2 in huggingface_hub 2.x)."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            kinds.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
+def _transient(exc: BaseException) -> bool:
+    status = _status(exc)
+    if status is not None:
+        return status >= 500 or status == 429
+    return isinstance(exc, _network_errors())
+
+
+def _short(exc: BaseException) -> str:
+    message = getattr(exc, "server_message", None) or str(exc) or type(exc).__name__
+    return " ".join(message.split())[:300]
+
+
+def _explain(exc: BaseException, repo_id: str, folder: Path) -> None:
+    """Raise a PublishError that says what to do for a refusal by the Hub; return for anything else."""
+    status = _status(exc)
+    if status == 401:
+        raise PublishError(f"the Hub refused the token (401: {_short(exc)}): it is invalid or expired; set HF_TOKEN "
+                           f"to a valid token with write access, or run `hf auth login`; the model stays in {folder}"
+                           ) from None
+    if status == 403:
+        namespace = repo_id.split("/")[0] if "/" in repo_id else "your"
+        raise PublishError(f"the token may not write to '{repo_id}' (403: {_short(exc)}): use a token with write "
+                           f"access to the '{namespace}' namespace, or push to a repository of your own with "
+                           f"--set push.repo_id=<you>/<name>; the model stays in {folder}") from None
+    if status is not None:
+        raise PublishError(f"the Hub answered {status} for '{repo_id}' ({_short(exc)}); the model stays in "
+                           f"{folder}") from None
+
+
+def _give_up(exc: BaseException, retries: int, folder: Path) -> None:
+    status = _status(exc)
+    what = f"the Hub at {endpoint()} answered {status}" if status else f"cannot reach the Hub at {endpoint()}"
+    message = (f"{what} after {retries} tries ({_short(exc)}); check the network (and HF_ENDPOINT if set), then "
+               f"run the push step again; the model stays in {folder}")
+    if isinstance(exc, OSError):
+        raise PublishError(message) from None
+    # Keep an OSError as the context: a caller that retries later (the Dagster asset's retry
+    # policy) tells a network failure from a refusal by it.
+    try:
+        raise ConnectionError(_short(exc)) from exc
+    except ConnectionError:
+        raise PublishError(message) from None

