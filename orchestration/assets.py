@@ -11,7 +11,6 @@ import importlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -159,19 +158,6 @@ def logged_losses(layout: Layout) -> list:
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r["loss"] for r in rows if r.get("loss") is not None]
-
-
-def own_copy(path: Path) -> None:
-    """Replace a hard link or symlink by a private, writable copy, as `dvc unprotect` does.
-
-    With a linking cache type in .dvc/config (hardlink, symlink), DVC leaves data/train/metrics.jsonl
-    (a `persist: true` out) as a read-only hard link into its cache. The train step's tracker writes
-    that file in place (truncate, append): outside `dvc repro` that fails with PermissionError, or, as
-    root, rewrites the cached object itself. Every other output is replaced whole (atomic rename) and needs nothing."""
-    if path.is_symlink() or (path.is_file() and path.stat().st_nlink > 1):
-        tmp = path.with_name(f".{path.name}.own")
-        shutil.copyfile(path, tmp)  # a new inode with the default (writable) mode
-        os.replace(tmp, path)
 
 
 def _relative(path: Path, layout: Layout) -> str:
@@ -349,7 +335,6 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     except SettingsError as exc:
         raise dg.Failure(description=f"train: {exc}", allow_retries=False) from exc
     params, layout = _settings("train", config, project, wandb_overrides)
-    own_copy(layout.train_logs / "metrics.jsonl")
     with hub.credentials():  # the weights of a gated Hub model
         result = _run_step(context, "train", params, layout)
     summary = _read_json(layout.train_logs / "summary.json")

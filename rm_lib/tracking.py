@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_file
+
 
 def wandb_mode(setting: str) -> str:
     """auto: WANDB_MODE if set, else online with an API key, else offline (sync later)."""
@@ -30,11 +32,13 @@ class Tracker:
             return
         metrics_path, project, run_dir, config = self.metrics_path, self.project, self.run_dir, self.config
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_lines is None or not metrics_path.exists():
-            metrics_path.write_text("")
-        else:  # a resumed run keeps the lines logged up to its checkpoint
-            lines = metrics_path.read_text().splitlines()[:resume_lines]
-            metrics_path.write_text("".join(line + "\n" for line in lines))
+        kept = ""
+        if resume_lines is not None and metrics_path.exists():  # a resumed run keeps its lines up to the checkpoint
+            kept = "".join(line + "\n" for line in metrics_path.read_text().splitlines()[:resume_lines])
+        # A new file, never a write into the old one: DVC may have left that as a (read-only) link
+        # into its cache, and truncating or appending to it would change the cached copy.
+        with atomic_file(metrics_path) as handle:
+            handle.write(kept)
         resolved = wandb_mode(self.mode)
         if project and resolved != "disabled":
             import wandb

@@ -283,9 +283,8 @@ def test_dvc_config_and_status(tmp_path):
     # which git ignores
     assert Path(config[f"remote.{remote}.url"]) == repo.root / "dvc-remote"
     assert repo.git("check-ignore", "dvc-remote/files").strip() == "dvc-remote/files"
-    # training appends to a persisted output in place: a hard or symbolic link into the cache
-    # would let that write corrupt the cached copy, so only reflink or a real copy are allowed
-    assert config["cache.type"].split(",") == ["reflink", "copy"]
+    # links where the file system allows (no second copy of a model); a real copy otherwise
+    assert config["cache.type"].split(",") == ["reflink", "hardlink", "copy"]
     assert "__pycache__/" in (ROOT / ".dvcignore").read_text(encoding="utf-8")
     status = repo.dvc("status")
     for stage in STAGES:
@@ -305,6 +304,8 @@ def pipeline(tmp_path_factory):
     output = repo.dvc("repro")
     assert RAN.findall(output) == list(STAGES), output[-3000:]
     repo.commit("dvc repro")
+    repo.first_commit = repo.git("rev-parse", "HEAD").strip()
+    repo.first_files = repo.files("data", "models")
     yield repo
     _rmtree(root.parent)  # workspace, cache and remote: about 1.5 GB
 
@@ -353,7 +354,36 @@ def test_a_train_setting_reruns_exactly_train_evaluate_push(pipeline):
     summary = json.loads((pipeline.root / "data/train/summary.json").read_text(encoding="utf-8"))
     assert summary["train"]["learning_rate"] == 2e-5 and summary["steps"] == 2
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
+    _assert_cache_intact(pipeline.root)
     pipeline.commit("learning rate 2e-5")
+
+
+def _assert_cache_intact(root: Path) -> None:
+    """Every cache object still has the bytes its name (their md5) says: no write went through a link."""
+    objects = [p for p in (root / ".dvc/cache/files/md5").rglob("*") if p.is_file()]
+    assert objects
+    for path in objects:
+        name = path.parent.name + path.name
+        assert hashlib.md5(path.read_bytes()).hexdigest() == name.removesuffix(".dir"), path
+
+
+@pytest.mark.slow
+def test_an_earlier_version_comes_back_with_git_and_dvc_checkout(pipeline):
+    """The first run's data, model and checkpoints, restored after a later run replaced them."""
+    def contents() -> dict[str, str]:
+        return {path: digest for path, (digest, _) in pipeline.files("data", "models").items()}
+
+    first = {path: digest for path, (digest, _) in pipeline.first_files.items()}
+    latest = contents()
+    assert latest != first
+    pipeline.git("checkout", "-q", pipeline.first_commit)
+    pipeline.dvc("checkout", "--force")
+    assert contents() == first
+    assert any(p.startswith("models/checkpoints/step-") for p in first)
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+    pipeline.git("checkout", "-q", "-")  # and back to the newest version
+    pipeline.dvc("checkout", "--force")
+    assert contents() == latest
 
 
 @pytest.mark.slow

@@ -406,24 +406,6 @@ def test_resources(tmp_path, monkeypatch):
     assert isinstance(definitions.optional_env("HF_TOKEN"), dg.EnvVar)
 
 
-def test_own_copy_detaches_dvc_cache_links(tmp_path):
-    """A DVC-linked metrics.jsonl gets a private copy before train writes it in place."""
-    cached = tmp_path / "cache_object"
-    cached.write_text("logged\n")
-    cached.chmod(0o444)
-    linked, symlinked = tmp_path / "metrics.jsonl", tmp_path / "other.jsonl"
-    os.link(cached, linked)
-    symlinked.symlink_to(cached)
-    for path in (linked, symlinked):
-        assets.own_copy(path)
-        assert not path.is_symlink() and path.stat().st_nlink == 1
-        with open(path, "a") as handle:
-            handle.write("more\n")
-        assert path.read_text() == "logged\nmore\n"
-    assert cached.read_text() == "logged\n"  # the cache object is untouched
-    assets.own_copy(tmp_path / "missing.jsonl")  # nothing to do
-
-
 def test_push_errors_retried_only_when_transient():
     from rm_lib.hub import PublishError
 

@@ -165,3 +165,28 @@ def test_rerunning_a_finished_run_keeps_its_model_and_metrics(tmp_path, tiny_dec
     assert math.isfinite(read_json(tmp_path / "data/train/summary.json")["final_loss"])
     assert same_weights(before, weights(tmp_path / "models/reward_model"), 0)
     assert oct((tmp_path / "data/train/summary.json").stat().st_mode & 0o777) == "0o644"
+
+
+def test_metrics_log_never_writes_into_a_dvc_cache_link(tmp_path):
+    """DVC may leave the persisted metrics.jsonl as a read-only hard link into its cache: a new
+    run replaces the file, so the cached object keeps its bytes."""
+    import os
+
+    from rm_lib.tracking import Tracker
+
+    cached = tmp_path / "cache_object"
+    cached.write_text('{"step": 1}\n')
+    cached.chmod(0o444)
+    metrics = tmp_path / "train" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    os.link(cached, metrics)
+    for resume, expected in ((1, ['{"step": 1}', '{"loss": 0.5, "step": 2}']), (None, ['{"loss": 0.5, "step": 2}'])):
+        if metrics.stat().st_nlink == 1:
+            metrics.unlink()
+            os.link(cached, metrics)
+        tracker = Tracker(metrics, project=None, mode="disabled", config={}, run_dir=tmp_path / "wandb")
+        tracker.start(resume)  # a resumed run, then a fresh one
+        tracker.log({"step": 2, "loss": 0.5})
+        assert metrics.stat().st_nlink == 1
+        assert cached.read_text() == '{"step": 1}\n'
+        assert metrics.read_text().splitlines() == expected
