@@ -36,7 +36,8 @@ test: install chromium
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_tokenize.py
+	$(PY) benchmarks/bench_train.py --max-train-pairs 400 --max-test-pairs 400
 
 ui: install
 	mkdir -p .dagster_home

@@ -1,0 +1,240 @@
+"""Training throughput: rm_lib's trainer against TRL's RewardTrainer, one after the other, in one run.
+
+Both train the same model on the same token ids (our download -> tokenize -> filter output), with
+the same max length, batch size, learning rate and schedule, epochs and seed, each in its own
+process so peak memory is its own; both are then scored by the same evaluation code on the same
+held-out pairs (ties count as wrong).
+
+    python benchmarks/bench_train.py --case hh --case alpaca --max-train-pairs 1200
+
+prints a table and appends the results (with the command) to benchmarks/results.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CASES = {"hh": DATA / "hh-rlhf-harmless.jsonl.gz", "alpaca": DATA / "alpaca-eval-prefs.jsonl.gz"}
+WORK = ROOT / "benchmarks" / ".work"
+RESULTS = ROOT / "benchmarks" / "results.jsonl"
+
+
+def settings(args: argparse.Namespace, case: str) -> list[str]:
+    """The one set of settings both trainers get."""
+    return [f"model.name_or_path={args.model}", f"download.source={CASES[case]}", "download.seed=42",
+            f"filter.max_token_length={args.max_length}", f"filter.max_prompt_token_length={args.max_length - 1}",
+            f"train.batch_size={args.batch_size}", f"train.learning_rate={args.learning_rate}",
+            f"train.num_epochs={args.epochs}", f"train.seed={args.seed}", "train.lr_scheduler=linear",
+            "train.warmup_ratio=0.05", "train.max_grad_norm=1.0", "train.logging_steps=10", "train.save_steps=100000",
+            "train.wandb_mode=disabled", f"train.padding_free={str(args.padding_free).lower()}"]
+
+
+# --- data, prepared once per case ---------------------------------------------------------------
+
+def prepare(args: argparse.Namespace, case: str) -> Path:
+    """download -> tokenize -> filter with rm_lib, then a seeded subset of train and test pairs."""
+    from rm_lib.layout import Layout
+    from rm_lib.settings import load_params
+    from rm_lib.steps import download, filter as filter_step, tokenize
+    from rm_lib.tokenstore import read_rows, write_rows
+
+    work = WORK / case
+    layout = Layout(work)
+    params = load_params(None, settings(args, case))
+    for step in (download, tokenize, filter_step):
+        print(step.run(params, layout).summary(), flush=True)
+    rng = random.Random(0)
+    for split, limit in (("train", args.max_train_pairs), ("test", args.max_test_pairs)):
+        rows = read_rows(layout.filtered / f"{split}.parquet")
+        if limit and len(rows) > limit:
+            rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), limit))]
+        write_rows(work / f"bench_{split}.parquet", rows)
+    return work
+
+
+# --- one trainer, in a child process ------------------------------------------------------------
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_ours(args: argparse.Namespace, case: str, work: Path) -> dict:
+    from rm_lib.layout import Layout
+    from rm_lib.settings import load_params
+    from rm_lib.steps import train
+
+    layout, prepared = Layout(work / "ours"), Layout(work)
+    layout.filtered.mkdir(parents=True, exist_ok=True)
+    for name in ("pairs", "tokenized"):  # what the train step reads besides the filtered rows
+        link = getattr(layout, name)
+        if not link.is_symlink():
+            link.symlink_to(getattr(prepared, name))
+    for split in ("train", "test"):
+        link = layout.filtered / f"{split}.parquet"
+        link.unlink(missing_ok=True)
+        link.symlink_to(work / f"bench_{split}.parquet")
+    (layout.filtered / "manifest.json").write_text((prepared.filtered / "manifest.json").read_text())
+    for stale in (layout.checkpoints, layout.train_logs):  # a fresh run, never a resumed one
+        subprocess.run(["rm", "-rf", str(stale)], check=True)
+    result = train.run(load_params(None, settings(args, case)), layout)
+    return {"wall_s": result.wall_s, "model_dir": str(layout.model), **padding_from_log(layout)}
+
+
+def padding_from_log(layout) -> dict:
+    rows = [json.loads(line) for line in (layout.train_logs / "metrics.jsonl").read_text().splitlines()]
+    fractions = [r["padding_fraction"] for r in rows if "padding_fraction" in r]
+    return {"padded_fraction": sum(fractions) / max(len(fractions), 1)}
+
+
+def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from rm_lib.modeling import load_reward_model, load_tokenizer
+    from rm_lib.tokenstore import read_rows
+
+    rows = read_rows(work / "bench_train.parquet")
+    columns = {"chosen_ids": [r["input_ids_chosen"] for r in rows],
+               "rejected_ids": [r["input_ids_rejected"] for r in rows]}
+    if any(r.get("margin") is not None for r in rows):  # our trainer uses the margin when the data has one
+        columns["margin"] = [float(r.get("margin") or 0.0) for r in rows]
+    tokenizer = load_tokenizer(args.model)
+    torch.manual_seed(args.seed)
+    model = load_reward_model(args.model, pad_token_id=tokenizer.pad_token_id)
+    counts = {"real": 0, "padded": 0}
+
+    class CountingCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            counts["real"] += int(batch["attention_mask"].sum())
+            counts["padded"] += batch["attention_mask"].numel()
+            return batch
+
+    config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size,
+                          learning_rate=args.learning_rate, num_train_epochs=args.epochs, seed=args.seed,
+                          lr_scheduler_type="linear", warmup_steps=0.05, max_grad_norm=1.0, weight_decay=0.0,
+                          max_length=args.max_length, logging_steps=10, save_strategy="no", report_to="none",
+                          use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
+                          disable_dropout=True)
+    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_dict(columns),
+                            processing_class=tokenizer,
+                            data_collator=CountingCollator(pad_token_id=tokenizer.pad_token_id))
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    out = work / "trl" / "model"
+    trainer.model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"wall_s": wall, "model_dir": str(out), "padded_fraction": 1 - counts["real"] / max(counts["padded"], 1)}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    from rm_lib.steps.evaluate import evaluate_folder
+    from rm_lib.tokenstore import read_rows
+
+    work = WORK / args.case
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = (train_ours if args.trainer == "ours" else train_trl)(args, args.case, work)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    train_rows = read_rows(work / "bench_train.parquet")
+    test_rows = read_rows(work / "bench_test.parquet")
+    metrics, _, _ = evaluate_folder(Path(result["model_dir"]), test_rows, batch_size=32, buckets=1)
+    real = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in train_rows) * args.epochs
+    record = {"trainer": args.trainer, "case": args.case, "pairs": len(train_rows) * args.epochs,
+              "real_tokens": real, "wall_s": result["wall_s"], "tokens_per_s": real / result["wall_s"],
+              "pairs_per_s": len(train_rows) * args.epochs / result["wall_s"],
+              "padded_fraction": result["padded_fraction"], "peak_rss_mib": peak_rss_mib(),
+              "peak_gpu_mib": peak_gpu, "accuracy": metrics["accuracy"], "test_pairs": len(test_rows),
+              "longer_wins": metrics["longer_wins_baseline"], "shorter_wins": metrics["shorter_wins_baseline"]}
+    Path(args.result).write_text(json.dumps(record))
+
+
+# --- the parent: both trainers, a table ---------------------------------------------------------
+
+def run_child(args: argparse.Namespace, case: str, trainer: str) -> dict:
+    out = WORK / case / f"result-{trainer}.json"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--child", "--trainer", trainer, "--case", case, "--result", str(out),
+               *passthrough(args)]
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+                                              "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.read_text())
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model, "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+            "--learning-rate", str(args.learning_rate), "--epochs", str(args.epochs), "--seed", str(args.seed),
+            "--padding-free" if args.padding_free else "--no-padding-free"]
+
+
+def table(rows: list[dict]) -> str:
+    head = ("case", "trainer", "pairs", "real tok/s", "pairs/s", "padded", "peak RSS MiB", "wall s", "accuracy")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['trainer']} | {r['pairs']} | {r['tokens_per_s']:.0f} | {r['pairs_per_s']:.2f} "
+                     f"| {r['padded_fraction']:.1%} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} "
+                     f"| {r['accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
+def ratios(ours: dict, trl: dict) -> dict:
+    return {"case": ours["case"], "tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
+            "peak_rss": ours["peak_rss_mib"] / trl["peak_rss_mib"],
+            "accuracy_points": 100 * (ours["accuracy"] - trl["accuracy"])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-train-pairs", type=int, default=None, help="seeded subset of the filtered train split")
+    parser.add_argument("--max-test-pairs", type=int, default=None)
+    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trainer", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.case = args.case[0]
+        return child(args)
+    cases = args.case or sorted(CASES)
+    missing = [str(CASES[c]) for c in cases if not CASES[c].exists()]
+    if missing:
+        sys.exit(f"bench: {', '.join(missing)} absent: the real preference data lives in ../shared/data")
+    results, summary = [], []
+    for case in cases:
+        prepare(args, case)
+        ours, trl = run_child(args, case, "ours"), run_child(args, case, "trl")
+        results += [ours, trl]
+        summary.append(ratios(ours, trl))
+    print("\n" + table(results) + "\n")
+    for s in summary:
+        print(f"{s['case']}: ours/TRL real tokens/s {s['tokens_per_s']:.2f}x, peak RSS {s['peak_rss']:.2f}x, "
+              f"accuracy {s['accuracy_points']:+.1f} points")
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"command": " ".join(["python", "benchmarks/bench_train.py", *(argv or sys.argv[1:])]),
+                                 "time": time.strftime("%Y-%m-%d %H:%M"), "results": results,
+                                 "ratios": summary}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
