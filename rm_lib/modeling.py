@@ -80,8 +80,9 @@ def head_name(model: Any) -> str:
 
 
 def unwrap(model: Any) -> Any:
-    """The transformers model under DDP/accelerate and peft wrappers."""
+    """The transformers model under DDP/accelerate, PairScorer and peft wrappers."""
     model = getattr(model, "module", model)
+    model = getattr(model, "scored_model", model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
@@ -106,12 +107,34 @@ def rewards(model: Any, input_ids: Any, attention_mask: Any) -> Any:
 
     inner = unwrap(model)
     if not is_last_token_pooled(model):  # encoders pool [CLS] themselves: padding cannot move it
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        return inner(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
     base = getattr(inner, inner.base_model_prefix)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = last_token_index(attention_mask)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return inner.score(pooled).squeeze(-1).float()
+
+
+def pair_scorer(model: Any, packed: bool) -> Any:
+    """The model as one module whose forward scores a whole batch (padded or packed). Training hands
+    this to accelerate, so a DDP wrapper sees the forward and its gradient all-reduce hooks run: a
+    forward that reached into the model's submodules would skip them and every process would train
+    its own copy."""
+    import torch
+
+    from .packing import packed_rewards
+
+    class PairScorer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scored_model = model
+
+        def forward(self, batch: Any) -> Any:
+            if packed:
+                return packed_rewards(unwrap(self.scored_model), batch)
+            return rewards(self.scored_model, batch.input_ids, batch.attention_mask)
+
+    return PairScorer()
 
 
 def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> Any:

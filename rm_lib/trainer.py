@@ -18,8 +18,8 @@ import torch
 from .batching import collate_pairs, epoch_batches, process_slice
 from .errors import TrainingDiverged
 from .loss import bradley_terry_loss
-from .modeling import rewards, unwrap
-from .packing import pack_pairs, packed_rewards, pooling
+from .modeling import pair_scorer, unwrap
+from .packing import pack_pairs, pooling
 from .settings import ModelSettings, TrainSettings
 
 STATE_FILE = "trainer_state.json"
@@ -105,7 +105,10 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(pair_scorer(model, packed), optimizer)
+    # `total` counts optimizer steps already; a prepared scheduler would step once per process
+    # and decay the learning rate `world` times too fast. Checkpointed all the same.
+    accelerator.register_for_checkpointing(scheduler)
 
     state = TrainState(fingerprint=fingerprint)
     resumed_from = None
@@ -145,8 +148,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             last = k == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                scores = (packed_rewards(unwrap(model), batch) if packed
-                          else rewards(model, batch.input_ids, batch.attention_mask))
+                scores = model(batch)
                 r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
                 loss = bradley_terry_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)

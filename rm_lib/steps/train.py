@@ -39,6 +39,14 @@ class TrainResult:
                 f"{self.final_accuracy:.3f}, {self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f}s -> {self.model_dir}")
 
 
+def launched_on_cpu() -> bool:
+    """Several processes (torchrun, `accelerate launch --multi_gpu`) and no GPU: accelerate joins
+    them into one gloo group only when told the run is on the CPU; otherwise each would train alone."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
     from accelerate import Accelerator
 
@@ -49,7 +57,8 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
-    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision))
+    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision),
+                                             cpu=launched_on_cpu())
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # before the model: its new score head is drawn at random
