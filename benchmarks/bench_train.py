@@ -125,7 +125,8 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
                           learning_rate=args.learning_rate, num_train_epochs=args.epochs, seed=args.seed,
                           lr_scheduler_type="linear", warmup_steps=0.05, max_grad_norm=1.0, weight_decay=0.0,
                           max_length=args.max_length, logging_steps=10, save_strategy="no", report_to="none",
-                          use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
+                          use_cpu=not torch.cuda.is_available(),  # bf16 where ours uses it too (mixed_precision auto)
+                          bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
                           disable_dropout=True)
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_dict(columns),
                             processing_class=tokenizer,
