@@ -115,28 +115,6 @@ def rewards(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     return inner.score(pooled).squeeze(-1).float()
 
 
-def pair_scorer(model: Any, packed: bool) -> Any:
-    """The model as one module whose forward scores a whole batch (padded or packed). Training hands
-    this to accelerate, so a DDP wrapper sees the forward and its gradient all-reduce hooks run: a
-    forward that reached into the model's submodules would skip them and every process would train
-    its own copy."""
-    import torch
-
-    from .packing import packed_rewards
-
-    class PairScorer(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scored_model = model
-
-        def forward(self, batch: Any) -> Any:
-            if packed:
-                return packed_rewards(unwrap(self.scored_model), batch)
-            return rewards(self.scored_model, batch.input_ids, batch.attention_mask)
-
-    return PairScorer()
-
-
 def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> Any:
     """LoRA adapters on the backbone; the new score head is trained in full and saved with them."""
     from peft import LoraConfig, TaskType, get_peft_model

@@ -18,8 +18,8 @@ import torch
 from .batching import collate_pairs, epoch_batches, process_slice
 from .errors import TrainingDiverged
 from .loss import bradley_terry_loss
-from .modeling import pair_scorer, unwrap
-from .packing import pack_pairs, pooling
+from .modeling import rewards, unwrap
+from .packing import pack_pairs, packed_rewards, pooling
 from .settings import ModelSettings, TrainSettings
 
 STATE_FILE = "trainer_state.json"
@@ -67,6 +67,24 @@ def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
     if kind == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup)
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+def pair_scorer(model: Any, packed: bool) -> torch.nn.Module:
+    """The model as one module whose forward scores a whole batch (padded or packed). Training hands
+    this to accelerate, so a DDP wrapper sees the forward and its gradient all-reduce hooks run: a
+    forward that reached into the model's submodules would skip them and every process would train
+    its own copy."""
+    class PairScorer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scored_model = model
+
+        def forward(self, batch: Any) -> Any:
+            if packed:
+                return packed_rewards(unwrap(self.scored_model), batch)
+            return rewards(self.scored_model, batch.input_ids, batch.attention_mask)
+
+    return PairScorer()
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

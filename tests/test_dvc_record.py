@@ -30,6 +30,7 @@ STAGE_OF = {"raw_preferences": "download", "tokenized_preferences": "tokenize", 
             "reward_model": "train", "evaluation": "evaluate", "hub_release": "push"}
 MAIN = {"train": ["models/reward_model"]}  # the data version of reward_model is the model folder's hash
 UP_TO_DATE = "Data and pipelines are up to date."
+SECRET = "hf_dvcRecordSecret0123456789abcdefXYZ"
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,7 @@ def recorded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in OFFLINE.items():
             mp.setenv(key, value)
-        mp.delenv("HF_TOKEN", raising=False)
+        mp.setenv("HF_TOKEN", SECRET)  # present in the environment of every step, written nowhere
         root = tmp_path_factory.mktemp("dvc-record") / "repo"
         repo = _new_repo(root)
         remote = root.parent / "remote"
@@ -109,6 +110,16 @@ def test_every_materialization_is_recorded_and_pushed(recorded):
     assert UP_TO_DATE in repo.dvc("status")
     assert "in sync" in repo.dvc("status", "--cloud")
     assert repo.git("status", "--porcelain").splitlines() == ["?? dvc.lock"]
+
+
+@pytest.mark.slow
+def test_the_hub_token_is_in_no_dvc_file_cache_or_remote(recorded):
+    repo, remote, result = recorded
+    assert result.success
+    files = [p for p in repo.root.parent.rglob("*") if p.is_file()]  # workspace, dvc.lock, cache, remote
+    assert any(p.name == "dvc.lock" for p in files) and any(remote in p.parents for p in files)
+    leaks = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaks, f"the token was written to {leaks}"
 
 
 @pytest.mark.slow
