@@ -7,14 +7,14 @@ the other in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpaca-eval-prefs.jsonl.gz"
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
 
 
 def load_pairs(path: Path) -> list[dict]:
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{kept} pairs within {args.max_length} tokens", flush=True)
     ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     print(f"ours/TRL tokens/s: {ratio:.2f}x")
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"command": " ".join(["python", "benchmarks/bench_tokenize.py", *(argv or sys.argv[1:])]),
-                                 "time": time.strftime("%Y-%m-%d %H:%M"), "tokenize": results,
-                                 "ratio": ratio}) + "\n")
+    record.append("bench_tokenize.py", argv, {"tokenize": results, "ratio": ratio})
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CASES = {"hh": DATA / "hh-rlhf-harmless.jsonl.gz", "alpaca": DATA / "alpaca-eval-prefs.jsonl.gz"}
 WORK = ROOT / "benchmarks" / ".work"
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
 
 
 def settings(args: argparse.Namespace, case: str) -> list[str]:
@@ -231,10 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in summary:
         print(f"{s['case']}: ours/TRL real tokens/s {s['tokens_per_s']:.2f}x, peak RSS {s['peak_rss']:.2f}x, "
               f"accuracy {s['accuracy_points']:+.1f} points")
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"command": " ".join(["python", "benchmarks/bench_train.py", *(argv or sys.argv[1:])]),
-                                 "time": time.strftime("%Y-%m-%d %H:%M"), "results": results,
-                                 "ratios": summary}) + "\n")
+    record.append("bench_train.py", argv, {"results": results, "ratios": summary})
 
 
 if __name__ == "__main__":

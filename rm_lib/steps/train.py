@@ -11,7 +11,7 @@ from ..inference import score_pairs
 from ..jsonl import read_json, read_jsonl
 from ..layout import Layout
 from ..metrics import pair_metrics
-from ..modeling import add_lora, load_reward_model, load_tokenizer, save_model, unwrap
+from ..modeling import add_lora, load_reward_model, load_tokenizer, save_model
 from ..settings import Params
 from ..tokenstore import read_rows
 from ..tracking import Tracker
