@@ -15,6 +15,7 @@ from .layout import Layout
 from .settings import load_params
 
 PIPELINE = ("download", "tokenize", "filter", "train", "evaluate", "push")
+NEEDS_BASE_MODEL = ("run", "tokenize", "train")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, args.overrides)  # validates every section before any work
         layout = Layout(Path(args.root))
+        if args.step in NEEDS_BASE_MODEL:  # a model that cannot be a reward model fails before any work
+            from .modeling import load_model_config
+
+            load_model_config(params.model.name_or_path, revision=params.model.revision,
+                              trust_remote_code=params.model.trust_remote_code)
         if args.step == "run":
             for step in PIPELINE:
                 _run_step(step, params, layout)

@@ -10,6 +10,7 @@ malformed messages) are returned as rejects with a reason, never dropped silentl
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,6 +20,9 @@ FORMATS = ("implicit_text", "explicit_text", "implicit_conversational", "explici
            "pretokenized")
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "bot": "assistant", "model": "assistant", "system": "system"}
+# Columns some format reads; any other column is ignored, and counted so the user sees it.
+USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected", "margin",
+                          "score_chosen", "score_rejected"})
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -154,11 +158,13 @@ class Normaliser:
     def __init__(self, file: str) -> None:
         self.file = file
         self.format: str | None = None
+        self.ignored_columns: Counter[str] = Counter()
 
     def __call__(self, rows: Iterable[tuple[int, dict]]) -> Iterator[tuple[str, dict]]:
         """Yield ("pair", pair) or ("reject", record) for each (row_number, row)."""
         for row_number, row in rows:
             row_fmt = detect_format(row, file=self.file, row_number=row_number)
+            self.ignored_columns.update(str(k) for k in row if k not in USED_COLUMNS)
             if self.format is None:
                 self.format = row_fmt
             elif row_fmt != self.format:

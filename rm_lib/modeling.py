@@ -27,8 +27,9 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
+                            f"({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
         # Padding never reaches the score: rewards are read at the last real token by the attention mask.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
@@ -44,16 +45,40 @@ def check_one_output(config: Any, name: str) -> None:
             "model needs exactly one score. Start from its base model instead, or from a one-output checkpoint")
 
 
-def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                      pad_token_id: int | None = None, dtype: Any = None) -> Any:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The config of a model that can become a one-output reward model, or a SettingsError saying why
+    not. Reads only config.json, so settings are checked before any data work starts."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     path = resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({exc})") from None
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}); check the "
+                            "name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)") from None
+    except ValueError as exc:  # custom code without trust_remote_code, unknown model_type
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}). Custom model "
+                            "code runs only with model.trust_remote_code=true") from None
     check_one_output(config, name_or_path)
+    custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not (custom and trust_remote_code):
+        raise SettingsError(f"model.name_or_path: '{name_or_path}' ({config.model_type}) has no sequence-classification "
+                            "head in transformers; choose a decoder or encoder model that has one")
+    return config
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                      pad_token_id: int | None = None, dtype: Any = None) -> Any:
+    """Weights come from safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path)
+    config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     config.num_labels = 1
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
@@ -63,9 +88,10 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
             **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
-                            f"transformers ({str(exc).splitlines()[0]})") from None
+                            f"transformers ({_first_line(exc)})") from None
     except OSError as exc:
-        raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors ({exc})") from None
+        raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors "
+                            f"({_first_line(exc)}); pickled weights are not loaded") from None
     if model.config.num_labels != 1:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
     return model
@@ -124,11 +150,20 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
     return get_peft_model(model, config)
 
 
-def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None) -> None:
+def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None,
+               state_dict: dict | None = None) -> None:
     """A plain transformers folder (safetensors): LoRA is merged, so any loader gets the same rewards.
-    The adapter itself is kept in `adapter/` beside it."""
+    The adapter itself is kept in `adapter/` beside it. `state_dict`: the full weights gathered from a
+    sharded run (FSDP, ZeRO-3), whose own parameters each hold only a shard."""
     folder = Path(folder)
     model = getattr(model, "module", model)
+    if state_dict is not None:
+        if extra_config:
+            for key, value in extra_config.items():
+                setattr(model.config, key, value)
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        return
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(folder / "adapter", safe_serialization=True)
         import copy

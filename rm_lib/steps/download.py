@@ -26,14 +26,16 @@ class DownloadResult:
     content_hash: str
     output_dir: Path
     revision: str | None = None
+    ignored_columns: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejects.items())) or "none"
+        ignored = f"; ignored columns {', '.join(sorted(self.ignored_columns))}" if self.ignored_columns else ""
         return (f"download: {self.rows_read} rows from {self.source} ({', '.join(self.formats)}) -> "
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
-                f"{rejected} rejected ({reasons}) -> {self.output_dir}")
+                f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}")
 
 
 def _source_kind(source: str) -> str:
@@ -97,12 +99,14 @@ def run(params: Params, layout: Layout) -> DownloadResult:
     by_split: dict[str | None, list[dict]] = {None: [], "train": [], "test": []}
     rejects: list[dict] = []
     seen_formats: list[str] = []
+    ignored: Counter[str] = Counter()
     rows_read = 0
     for label, rows, split in inputs:
         normaliser = formats.Normaliser(label)
         for outcome, record in normaliser(_head(rows, cfg.max_rows)):
             rows_read += 1
             (by_split[split] if outcome == "pair" else rejects).append(record)
+        ignored.update(normaliser.ignored_columns)
         if normaliser.format and normaliser.format not in seen_formats:
             seen_formats.append(normaliser.format)
 
@@ -116,9 +120,10 @@ def run(params: Params, layout: Layout) -> DownloadResult:
         # Keep the rejects where the user can read them, and leave nothing that looks complete.
         with atomic_dir(layout.pairs) as out:
             write_jsonl(out / "rejects.jsonl", rejects)
+        first = f"; first: row {rejects[0]['row']}: {rejects[0]['detail']}" if rejects else ""
         raise DataError(
             f"no usable pairs for {'train' if not splits['train'] else 'test'} after reading {rows_read} rows "
-            f"({len(rejects)} rejected: {reject_counts or 'none'}; see {layout.pairs / 'rejects.jsonl'})",
+            f"({len(rejects)} rejected: {reject_counts or 'none'}{first}; see {layout.pairs / 'rejects.jsonl'})",
             file=cfg.source)
     with atomic_dir(layout.pairs) as out:
         write_jsonl(out / "rejects.jsonl", rejects)
@@ -127,11 +132,13 @@ def run(params: Params, layout: Layout) -> DownloadResult:
         content_hash = tree_sha256(out, [f"{s}.jsonl" for s in SPLITS])
         result = DownloadResult(source=cfg.source, kind=kind, formats=seen_formats, rows_read=rows_read,
                                 pairs={s: len(splits[s]) for s in SPLITS}, rejects=reject_counts,
-                                content_hash=content_hash, output_dir=layout.pairs, revision=revision)
+                                content_hash=content_hash, output_dir=layout.pairs, revision=revision,
+                                ignored_columns=dict(sorted(ignored.items())))
         write_json(out / "manifest.json", {
             "source": cfg.source, "kind": kind, "revision": revision, "subset": cfg.subset,
             "formats": seen_formats, "rows_read": rows_read, "pairs": result.pairs,
             "rejected": len(rejects), "rejects_by_reason": reject_counts, "content_hash": content_hash,
+            "ignored_columns": result.ignored_columns,
             "split": "source" if not by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
                                                           f"seed={cfg.seed}"})
     return result

@@ -1,0 +1,203 @@
+"""Every kind of bad input a user brings, through the command line: one paragraph that names the file,
+row and field, exit code 2, no traceback, nothing written that looks complete, and no row lost."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from rm_lib.cli import main
+from rm_lib.jsonl import read_json, read_jsonl
+from rm_lib.layout import Layout
+
+GOOD = [{"prompt": f"question {i}: what is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."}
+        for i in range(20)]
+
+
+def lines(rows: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def cli(root: Path, *args: str, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()  # only what this command prints
+    code = main(["--root", str(root), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def download(root: Path, name: str, data: bytes, capsys) -> tuple[int, str, Path]:
+    path = root / name
+    path.write_bytes(data)
+    code, _, err = cli(root, "--set", f"download.source={path}", "download", capsys=capsys)
+    return code, err, path
+
+
+def assert_user_error(code: int, err: str, *parts: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, "the error is one paragraph"
+    for part in parts:
+        assert part in err
+
+
+BROKEN_FILES = {
+    "corrupt gzip": ("d.jsonl.gz", b"\x1f\x8b\x08\x00" + os.urandom(64), ["corrupt or truncated gzip"]),
+    "truncated gzip": ("d.jsonl.gz", gzip.compress(lines(GOOD))[:-25], ["corrupt or truncated gzip"]),
+    "half-written line": ("d.jsonl", lines(GOOD) + json.dumps(GOOD[0]).encode()[:17], ["row 21", "half-written"]),
+    "not UTF-8": ("d.jsonl", lines(GOOD) + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"),
+                  ["row 21", "not valid UTF-8"]),
+    "empty file": ("d.jsonl", b"", ["the file is empty"]),
+    "wrong type": ("d.jsonl", lines(GOOD + [{"prompt": "p", "chosen": 5, "rejected": "b"}]),
+                   ["row 21", "field 'chosen'", "got int"]),
+    "wrong type later in a text file": ("d.jsonl", lines(GOOD + [{"prompt": ["p"], "chosen": "a", "rejected": "b"}]),
+                                        ["row 21", "field 'prompt'"]),
+    "unknown columns": ("d.jsonl", lines([{"question": "q", "good": "a", "bad": "b"}]),
+                        ["row 1", "missing column(s) chosen, rejected", "found columns bad, good, question"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FILES))
+def test_a_broken_file_is_one_clear_error_and_nothing_complete_is_written(tmp_path, capsys, case):
+    name, data, parts = BROKEN_FILES[case]
+    code, err, path = download(tmp_path, name, data, capsys)
+    assert_user_error(code, err, f"file {path}", *parts)
+    assert not (Layout(tmp_path).pairs / "manifest.json").exists()
+
+
+def test_every_row_rejected_is_an_error_that_keeps_every_reject(tmp_path, capsys):
+    rows = [{"prompt": f"p{i}", "chosen": "same", "rejected": "same"} for i in range(5)]
+    code, err, path = download(tmp_path, "d.jsonl", lines(rows), capsys)
+    assert_user_error(code, err, f"file {path}", "5 rejected", "identical", "first: row 1:")
+    pairs = Layout(tmp_path).pairs
+    assert [r["row"] for r in read_jsonl(pairs / "rejects.jsonl")] == [1, 2, 3, 4, 5]
+    assert not (pairs / "manifest.json").exists()
+
+
+def test_bad_roles_set_the_row_aside_with_its_reason_and_keep_the_rest(tmp_path, capsys):
+    good = [{"chosen": [turn("user", f"q{i}"), turn("assistant", "yes")],
+             "rejected": [turn("user", f"q{i}"), turn("assistant", "no")]} for i in range(10)]
+    bad = {"chosen": [turn("user", "q"), turn("robot", "a")], "rejected": [turn("user", "q"), turn("assistant", "b")]}
+    code, _, path = download(tmp_path, "d.jsonl", lines(good[:4] + [bad] + good[4:]), capsys)
+    assert code == 0
+    pairs = Layout(tmp_path).pairs
+    (reject,) = read_jsonl(pairs / "rejects.jsonl")
+    assert reject["row"] == 5 and reject["file"] == str(path) and "'robot'" in reject["detail"]
+    manifest = read_json(pairs / "manifest.json")
+    assert manifest["rows_read"] == 11 and manifest["rejected"] == 1
+    assert sum(manifest["pairs"].values()) == 10
+
+    code, err, _ = download(tmp_path, "all-bad.jsonl", lines([bad] * 3), capsys)
+    assert_user_error(code, err, "3 rejected", "malformed_messages", "first: row 1: chosen[1] has unknown role 'robot'")
+
+
+def test_unknown_extra_columns_are_ignored_and_reported(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(lines([dict(r, source="forum", annotator=7) for r in GOOD]))
+    code, out, _ = cli(tmp_path, "--set", f"download.source={path}", "download", capsys=capsys)
+    assert code == 0 and "ignored columns annotator, source" in out
+    manifest = read_json(Layout(tmp_path).pairs / "manifest.json")
+    assert manifest["ignored_columns"] == {"annotator": 20, "source": 20}
+
+
+def test_a_million_character_row_is_set_aside_for_length_and_counted(tmp_path, capsys):
+    huge = {"prompt": "a question", "chosen": "word " * 200_000, "rejected": "short"}
+    code, _, _ = download(tmp_path, "d.jsonl", lines(GOOD + [huge]), capsys)
+    assert code == 0
+    code, _, err = cli(tmp_path, "--set", "filter.max_token_length=64", "--set", "filter.max_prompt_token_length=32",
+                       "tokenize", capsys=capsys)
+    assert code == 0, err
+    code, out, err = cli(tmp_path, "--set", "filter.max_token_length=64", "--set", "filter.max_prompt_token_length=32",
+                         "filter", capsys=capsys)
+    assert code == 0, err
+    filtered = Layout(tmp_path).filtered
+    dropped = read_jsonl(filtered / "dropped.jsonl")
+    assert [d["id"] for d in dropped] == [f"{tmp_path / 'd.jsonl'}:21"]
+    manifest = read_json(filtered / "manifest.json")
+    kept = sum(manifest["kept"].values())
+    assert kept + len(dropped) == len(GOOD) + 1  # nothing lost: kept plus set aside is everything read
+
+
+# --- settings that cannot work, caught before any work starts --------------------------------------
+
+def test_a_model_without_a_sequence_classification_head_fails_before_any_work(tmp_path, capsys):
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4)).save_pretrained(folder)
+    code, _, err = cli(tmp_path, "--set", f"model.name_or_path={folder}", "run", capsys=capsys)
+    assert_user_error(code, err, "model.name_or_path", "(vit) has no sequence-classification head")
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_two_output_classifier_fails_before_any_work(tmp_path, capsys, minilm_path):
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path / "two"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).save_pretrained(folder)
+    code, _, err = cli(tmp_path, "--set", f"model.name_or_path={folder}", "run", capsys=capsys)
+    assert_user_error(code, err, "2 outputs; a reward model needs exactly one score")
+    assert not (tmp_path / "data").exists()
+
+
+# --- the Hub: names that do not exist, no network ------------------------------------------------
+
+def test_offline_hub_dataset_and_model_are_clear_errors(tmp_path, capsys):
+    code, _, err = cli(tmp_path, "--set", "download.source=no-such-org/no-such-data", "download", capsys=capsys)
+    assert_user_error(code, err, "hf://no-such-org/no-such-data", "could not reach the Hugging Face Hub")
+    code, _, err = cli(tmp_path, "--set", "model.name_or_path=no-such-org/no-such-model", "tokenize", capsys=capsys)
+    assert_user_error(code, err, "cannot load 'no-such-org/no-such-model'", "network")
+
+
+class NotFound(BaseHTTPRequestHandler):
+    """A Hub that knows no repository: every request is a 404 as the Hub answers it."""
+
+    def _answer(self) -> None:
+        body = b'{"error": "Repository not found"}'
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def empty_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("setting, step, expected", [
+    ("download.source=no-such-org/no-such-data", "download", "hf://no-such-org/no-such-data"),
+    ("model.name_or_path=no-such-org/no-such-model", "tokenize", "cannot load 'no-such-org/no-such-model'"),
+])
+def test_a_hub_name_that_does_not_exist_is_a_clear_error(tmp_path, empty_hub, setting, step, expected):
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": empty_hub,
+           "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "--set", setting, step],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and expected in error[0]
+    assert not (tmp_path / "data" / "pairs" / "manifest.json").exists()
