@@ -64,6 +64,34 @@ def prepare(args: argparse.Namespace, case: str) -> Path:
 
 # --- one trainer, in a child process ------------------------------------------------------------
 
+# Dense bf16 tensor-core peaks, FLOP/s; --peak-tflops overrides.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def training_flops_per_token(model_dir: Path, mean_length: float) -> float | None:
+    """6 N (forward and backward over the non-embedding weights) + 12 L d T (attention scores and
+    their use, T the sequence's own length): the usual count behind model FLOPs utilisation."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    layers = getattr(config, "num_hidden_layers", None)
+    hidden = getattr(config, "hidden_size", None)
+    inner = getattr(config, "intermediate_size", None)
+    if not (layers and hidden and inner):
+        return None
+    weights = layers * (4 * hidden * hidden + 2 * hidden * inner)  # attention projections and the MLP
+    return 6 * weights + 12 * layers * hidden * mean_length
+
+
+def device_peak_flops(override_tflops: float | None) -> float | None:
+    import torch
+
+    if override_tflops:
+        return override_tflops * 1e12
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -162,6 +190,12 @@ def child(args: argparse.Namespace) -> None:
               "padded_fraction": result["padded_fraction"], "peak_rss_mib": peak_rss_mib(),
               "peak_gpu_mib": peak_gpu, "accuracy": metrics["accuracy"], "test_pairs": len(test_rows),
               "longer_wins": metrics["longer_wins_baseline"], "shorter_wins": metrics["shorter_wins_baseline"]}
+    lengths = [len(r[k]) for r in train_rows for k in ("input_ids_chosen", "input_ids_rejected")]
+    per_token = training_flops_per_token(Path(result["model_dir"]), sum(lengths) / len(lengths))
+    peak = device_peak_flops(args.peak_tflops)
+    record["mfu"] = per_token * record["tokens_per_s"] / peak if per_token and peak else None
+    if torch.cuda.is_available():
+        record["device"] = torch.cuda.get_device_name()
     Path(args.result).write_text(json.dumps(record))
 
 
@@ -180,16 +214,22 @@ def run_child(args: argparse.Namespace, case: str, trainer: str) -> dict:
 def passthrough(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
             "--learning-rate", str(args.learning_rate), "--epochs", str(args.epochs), "--seed", str(args.seed),
-            "--padding-free" if args.padding_free else "--no-padding-free"]
+            "--padding-free" if args.padding_free else "--no-padding-free",
+            *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
 
 
 def table(rows: list[dict]) -> str:
-    head = ("case", "trainer", "pairs", "real tok/s", "pairs/s", "padded", "peak RSS MiB", "wall s", "accuracy")
+    gpu = any(r.get("peak_gpu_mib") for r in rows)
+    head = ("case", "trainer", "pairs", "real tok/s", "pairs/s", "padded", "peak RSS MiB", "wall s", "accuracy",
+            *(("peak GPU MiB", "MFU") if gpu else ()))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['trainer']} | {r['pairs']} | {r['tokens_per_s']:.0f} | {r['pairs_per_s']:.2f} "
-                     f"| {r['padded_fraction']:.1%} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} "
-                     f"| {r['accuracy']:.4f} |")
+        cells = [r["case"], r["trainer"], r["pairs"], f"{r['tokens_per_s']:.0f}", f"{r['pairs_per_s']:.2f}",
+                 f"{r['padded_fraction']:.1%}", f"{r['peak_rss_mib']:.0f}", f"{r['wall_s']:.0f}",
+                 f"{r['accuracy']:.4f}"]
+        if gpu:
+            cells += [f"{r['peak_gpu_mib']:.0f}", f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -211,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-pairs", type=int, default=None, help="seeded subset of the filtered train split")
     parser.add_argument("--max-test-pairs", type=int, default=None)
     parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

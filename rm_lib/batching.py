@@ -35,6 +35,24 @@ def process_slice(batch: list[int], rank: int, world: int) -> list[int]:
     return batch[rank * per:(rank + 1) * per]
 
 
+def token_chunks(rows: list[dict], budget: int | None) -> list[list[dict]]:
+    """Split one batch, in order, into runs of pairs holding at most `budget` real tokens each (a
+    longer pair runs alone). The loss is a mean over pairs, so weighting each run's loss by its share
+    of pairs gives the whole batch's gradient with a fraction of its activation memory."""
+    if budget is None:
+        return [rows]
+    chunks: list[list[dict]] = [[]]
+    used = 0
+    for row in rows:
+        size = len(row["input_ids_chosen"]) + len(row["input_ids_rejected"])
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(row)
+        used += size
+    return chunks
+
+
 @dataclass
 class PairBatch:
     input_ids: torch.Tensor  # [2B, T]: B chosen rows, then B rejected rows

@@ -105,6 +105,7 @@ class TrainSettings:
     disable_dropout: bool = True
     padding_free: bool = True
     group_by_length: bool = True
+    max_tokens_per_forward: int | None = 8192  # bounds activation memory; gradients stay those of the whole batch
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -126,6 +127,8 @@ class TrainSettings:
         for key, value in positive.items():
             if value is None or value <= 0:
                 _fail("train", key, f"must be positive, got {value}")
+        if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 1:
+            _fail("train", "max_tokens_per_forward", f"must be at least 1 or null, got {self.max_tokens_per_forward}")
         if self.max_steps is not None and self.max_steps < 1:
             _fail("train", "max_steps", f"must be at least 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:

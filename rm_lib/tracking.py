@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .atomic import atomic_file
 
@@ -20,8 +20,9 @@ def wandb_mode(setting: str) -> str:
 
 class Tracker:
     def __init__(self, metrics_path: Path, *, project: str | None, mode: str, config: dict, run_dir: Path,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, on_log: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.enabled, self.metrics_path, self.project, self.mode = enabled, metrics_path, project, mode
+        self.on_log = on_log  # e.g. a front-end that streams each record to its UI
         self.config, self.run_dir = config, run_dir
         self.wandb_run = None
         self.wandb_url: str | None = None
@@ -55,6 +56,8 @@ class Tracker:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        if self.on_log is not None:
+            self.on_log(record)
 
     def table(self, name: str, rows: list[dict], step: int) -> None:
         if self.wandb_run is not None and rows:

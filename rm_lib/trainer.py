@@ -15,16 +15,18 @@ from typing import Any, Callable
 
 import torch
 
-from .batching import collate_pairs, epoch_batches, process_slice
+from .batching import collate_pairs, epoch_batches, process_slice, token_chunks
 from .errors import TrainingDiverged
 from .loss import bradley_terry_loss
+from .memory import limit_heap_growth
 from .modeling import rewards, unwrap
 from .packing import pack_pairs, packed_rewards, pooling
 from .settings import ModelSettings, TrainSettings
 
 STATE_FILE = "trainer_state.json"
-LOG_ONLY = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
-            "wandb_project", "wandb_mode")
+# Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
+NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
+                      "wandb_project", "wandb_mode", "max_tokens_per_forward")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class TrainState:
     fingerprint: str = ""
     metrics_lines: int = 0
     best_eval_accuracy: float | None = None
+    best_step: int | None = None
+    scheduler: dict | None = None  # the LR schedule's state, as JSON: a checkpoint holds no pickle to load
 
 
 @dataclass
@@ -43,11 +47,14 @@ class FitResult:
     wandb_url: str | None = None
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
+    best_step: int | None = None
+    best_eval_accuracy: float | None = None
+    prepared: Any = None  # the model as accelerate wrapped it (DDP, FSDP, DeepSpeed)
 
 
 def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str) -> str:
     """What a checkpoint must match to be resumed: everything that changes the weights."""
-    relevant = {k: v for k, v in asdict(train).items() if k not in LOG_ONLY}
+    relevant = {k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}
     blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -107,6 +114,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     from tqdm.auto import tqdm
 
     set_seed(cfg.seed)
+    limit_heap_growth()
     if cfg.disable_dropout:
         _disable_dropout(model)
     if cfg.gradient_checkpointing:
@@ -123,10 +131,9 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
+    # `total` counts optimizer steps already; a prepared scheduler would step once per process and
+    # decay the learning rate `world` times too fast. Its state travels in trainer_state.json.
     model, optimizer = accelerator.prepare(pair_scorer(model, packed), optimizer)
-    # `total` counts optimizer steps already; a prepared scheduler would step once per process
-    # and decay the learning rate `world` times too fast. Checkpointed all the same.
-    accelerator.register_for_checkpointing(scheduler)
 
     state = TrainState(fingerprint=fingerprint)
     resumed_from = None
@@ -135,6 +142,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         saved = TrainState(**json.loads((latest / STATE_FILE).read_text()))
         if saved.fingerprint == fingerprint:
             accelerator.load_state(str(latest))
+            if saved.scheduler is not None:
+                scheduler.load_state_dict(saved.scheduler)
             state, resumed_from = saved, saved.step
             accelerator.print(f"train: resuming from {latest} (step {saved.step} of {total})")
         elif accelerator.is_main_process:  # checkpoints of another run: never mix them in
@@ -159,24 +168,26 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             if epoch_k != epoch:
                 epoch, batches = epoch_k, epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch_k,
                                                         group_by_length=cfg.group_by_length)
-            mine = process_slice(batches[pos_k], rank, world)
-            chunk = [train_rows[i] for i in mine]
-            batch = (pack_pairs(chunk, pad_token_id, cfg.use_margin) if packed
-                     else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
-            last = k == cfg.gradient_accumulation_steps - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                scores = model(batch)
-                r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
-                loss = bradley_terry_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            window["loss"] += loss.item()
-            window["acc"] += (r_c > r_r).float().mean().item()
-            window["margin"] += (r_c - r_r).mean().item()
-            window["mean"] += scores.mean().item()
+            mine = [train_rows[i] for i in process_slice(batches[pos_k], rank, world)]
+            chunks = token_chunks(mine, cfg.max_tokens_per_forward)
+            for c, chunk in enumerate(chunks):
+                batch = (pack_pairs(chunk, pad_token_id, cfg.use_margin) if packed
+                         else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
+                share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
+                last = k == cfg.gradient_accumulation_steps - 1 and c == len(chunks) - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    scores = model(batch)
+                    r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
+                    loss = bradley_terry_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
+                    accelerator.backward(loss * share / cfg.gradient_accumulation_steps)
+                window["loss"] += loss.item() * share
+                window["acc"] += (r_c > r_r).float().mean().item() * share
+                window["margin"] += (r_c - r_r).mean().item() * share
+                window["mean"] += scores.mean().item() * share
+                window["tokens"] += batch.real_tokens
+                window["padded"] += batch.padded_tokens
             window["n"] += 1
-            window["tokens"] += batch.real_tokens
-            window["padded"] += batch.padded_tokens
         if not math.isfinite(window["loss"]):  # stop before the bad step touches the weights
             raise TrainingDiverged(
                 f"train: the loss became {window['loss']} at step {state.step + 1}; lower train.learning_rate or "
@@ -207,24 +218,42 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             window = dict.fromkeys(window, 0)
             window_start = time.perf_counter()
+        new_best = False
         if on_eval is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             result = on_eval(model, state.step)
+            if state.best_eval_accuracy is None or result["accuracy"] > state.best_eval_accuracy:
+                state.best_eval_accuracy, state.best_step, new_best = result["accuracy"], state.step, True
             if tracker is not None and accelerator.is_main_process:
                 tracker.log({"step": state.step, **{f"eval_{k}": v for k, v in result.items()
                                                     if isinstance(v, (int, float))}})
                 state.metrics_lines += 1
             model.train()
-        if state.step % cfg.save_steps == 0 or state.step == total:
+        if state.step % cfg.save_steps == 0 or state.step == total or new_best:
+            state.scheduler = scheduler.state_dict()
             save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit)
     bar.close()
     wall = time.perf_counter() - started
     return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
                      wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens_total / max(wall, 1e-9),
-                     wall_s=wall)
+                     wall_s=wall, best_step=state.best_step, best_eval_accuracy=state.best_eval_accuracy,
+                     prepared=model)
+
+
+def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
+    """Full weights of a sharded run (FSDP, DeepSpeed), gathered on the main process; None for runs whose
+    model holds its whole weights. Every process must call it: the gather is collective."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    full = accelerator.get_state_dict(prepared)
+    prefix = "scored_model."  # the PairScorer around the model
+    return {k.removeprefix(prefix): v for k, v in full.items()} if full else None
 
 
 def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int) -> Path:
-    """Write step-N atomically (temporary name, then rename) and keep only the newest `keep`."""
+    """Write step-N atomically (temporary name, then rename); keep the newest `keep` and the one with
+    the best evaluation accuracy, so disk use stays bounded however long the run."""
     target = folder / f"step-{state.step}"
     tmp = folder / f".step-{state.step}.tmp"
     if accelerator.is_main_process:
@@ -237,6 +266,7 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
         tmp.rename(target)
         found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in found[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != f"step-{state.best_step}":
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target

@@ -32,3 +32,25 @@ def run_steps(params, root: Path, *steps: str):
 
     layout = Layout(root)
     return {s: importlib.import_module(f"rm_lib.steps.{s}").run(params, layout) for s in steps}
+
+
+def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None):
+    """Train the tiny decoder in this process with `fit` itself; returns (result, weights, rows)."""
+    import torch
+    from accelerate import Accelerator
+
+    from rm_lib.layout import Layout
+    from rm_lib.modeling import load_reward_model, load_tokenizer
+    from rm_lib.tokenstore import read_rows
+    from rm_lib.trainer import fit
+
+    params = tiny_params("train.max_steps=3", *overrides, model=str(tiny_decoder))
+    if not (Layout(root).filtered / "train.parquet").exists():
+        run_steps(params, root, "download", "tokenize", "filter")
+    rows = read_rows(Layout(root).filtered / "train.parquet")
+    pad = load_tokenizer(str(tiny_decoder)).pad_token_id
+    torch.manual_seed(0)
+    model = load_reward_model(str(tiny_decoder), pad_token_id=pad)
+    result = fit(params.train, model, rows, pad_token_id=pad, checkpoints=root / "checkpoints",
+                 fingerprint=str(overrides), accelerator=Accelerator(cpu=True), on_eval=on_eval)
+    return result, {k: v.detach().clone() for k, v in model.state_dict().items()}, rows

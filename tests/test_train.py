@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HH, need
-from helpers import run_steps, tiny_params
+from helpers import fit_tiny, run_steps, tiny_params
 from rm_lib.jsonl import read_json, read_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -183,3 +183,36 @@ def test_metrics_log_never_writes_into_a_dvc_cache_link(tmp_path):
         assert metrics.stat().st_nlink == 1
         assert cached.read_text() == '{"step": 1}\n'
         assert metrics.read_text().splitlines() == expected
+
+
+def test_a_token_budget_runs_a_batch_in_pieces_with_the_same_training(tmp_path, tiny_decoder):
+    from rm_lib.batching import token_chunks
+
+    whole, w_whole, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_tokens_per_forward=null")
+    budget = 2 * max(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
+    assert len(token_chunks(rows[:4], budget)) > 1  # a batch of 4 pairs really runs in pieces
+    pieces, w_pieces, _ = fit_tiny(tmp_path, tiny_decoder, f"train.max_tokens_per_forward={budget}")
+    assert [r["loss"] for r in pieces.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-5)
+    assert same_weights(w_whole, w_pieces, atol=1e-5)
+
+
+def test_token_chunks_keep_order_and_budget():
+    from rm_lib.batching import token_chunks
+
+    rows = [{"input_ids_chosen": [1] * n, "input_ids_rejected": [2] * n} for n in (3, 3, 10, 1, 1, 2)]
+    chunks = token_chunks(rows, 8)
+    assert [len(c) for c in chunks] == [1, 1, 1, 3]  # 6, 6, 20 (alone, over the budget), 2 + 2 + 4
+    assert [r for c in chunks for r in c] == rows
+    assert token_chunks(rows, None) == [rows]
+
+
+def test_retention_keeps_the_newest_checkpoints_and_the_best(tmp_path, tiny_decoder):
+    accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.6, 0.7, 0.8])
+    result, _, _ = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=8", "train.save_steps=1",
+                             "train.save_total_limit=2", "train.eval_steps=1",
+                             on_eval=lambda model, step: {"accuracy": next(accuracies)})
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-2", "step-7", "step-8"]
+    assert (result.best_step, result.best_eval_accuracy) == (2, 0.9)
+    state = json.loads((tmp_path / "checkpoints/step-8/trainer_state.json").read_text())
+    assert state["best_step"] == 2

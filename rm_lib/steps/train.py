@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .. import plots
 from ..atomic import atomic_dir, write_json
@@ -15,7 +16,7 @@ from ..modeling import add_lora, load_reward_model, load_tokenizer, save_model
 from ..settings import Params
 from ..tokenstore import read_rows
 from ..tracking import Tracker
-from ..trainer import fit, mixed_precision, run_fingerprint
+from ..trainer import fit, gathered_state_dict, mixed_precision, run_fingerprint
 
 NORMALISATION_SAMPLE = 1000
 
@@ -47,7 +48,19 @@ def launched_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
+def result_from_summary(layout: Layout) -> TrainResult:
+    """The result of a training run that another process made, read back from its summary.json."""
+    summary = read_json(layout.train_logs / "summary.json")
+    return TrainResult(steps=summary["steps"], final_loss=summary["final_loss"],
+                       final_accuracy=summary["final_accuracy"], tokens_per_s=summary["tokens_per_s"],
+                       wall_s=summary["wall_s"], model_dir=layout.model, resumed_from=summary["resumed_from"],
+                       reward_mean=summary["reward_mean"], reward_std=summary["reward_std"],
+                       wandb_url=summary["wandb"])
+
+
+def run(params: Params, layout: Layout, accelerator=None,
+        on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """`on_log` receives every metrics record as it is logged (main process only)."""
     from accelerate import Accelerator
 
     cfg = params.train
@@ -69,7 +82,7 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
                          target_modules=cfg.lora_target_modules)
     os.environ.setdefault("WANDB_SILENT", "true")
     tracker = Tracker(layout.train_logs / "metrics.jsonl", project=cfg.wandb_project, mode=cfg.wandb_mode,
-                      config=params.as_dict(), run_dir=layout.root / "wandb")
+                      config=params.as_dict(), run_dir=layout.root / "wandb", on_log=on_log)
 
     def on_eval(model, step: int) -> dict:
         r_c, r_r = score_pairs(model, eval_rows, pad_token_id=pad_id, batch_size=params.evaluate.batch_size,
@@ -92,6 +105,7 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval)
+        gathered = gathered_state_dict(accelerator, result.prepared)
         model = accelerator.unwrap_model(model)
         # Reward normalisation stats, saved in the model's config for downstream RLHF.
         sample = train_rows[:NORMALISATION_SAMPLE]
@@ -110,7 +124,7 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
         with atomic_dir(layout.model) as out:
             save_model(model, tokenizer, out, extra_config={
                 "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
-                "rm_lib_fingerprint": fingerprint})
+                "rm_lib_fingerprint": fingerprint}, state_dict=gathered)
             tokenized = read_json(layout.tokenized / "manifest.json")
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint})
@@ -119,8 +133,10 @@ def run(params: Params, layout: Layout, accelerator=None) -> TrainResult:
         write_json(layout.train_logs / "summary.json", {
             "steps": result.steps, "final_loss": last["loss"], "final_accuracy": last["accuracy"],
             "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "resumed_from": result.resumed_from,
-            "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
-            "model": params.model.name_or_path, "fingerprint": fingerprint, "data_hash": meta["content_hash"],
+            "best_checkpoint": str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
+            "best_eval_accuracy": result.best_eval_accuracy, "reward_mean": stats["reward_mean"],
+            "reward_std": stats["reward_std"], "model": params.model.name_or_path,
+            "processes": accelerator.num_processes, "fingerprint": fingerprint, "data_hash": meta["content_hash"],
             "wandb": result.wandb_url, "train": asdict(cfg)})
     accelerator.wait_for_everyone()
     return TrainResult(steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
