@@ -23,6 +23,7 @@ from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import Params
 
+from .launcher import TrainLauncherResource
 from .resources import DvcResource, HubResource, ProjectResource, WandbResource
 
 GROUP = "reward_model_pipeline"
@@ -102,6 +103,30 @@ def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layo
         if transient(exc):
             raise  # the RetryPolicy tries again
         raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+    context.log.info(result.summary())
+    return result
+
+
+def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLauncherResource,
+                          project: ProjectResource, overrides: Sequence[str]):
+    """The train step under `accelerate launch`, with the settings this asset resolved; its metrics
+    stream into the event log, and its summary.json is read back for the asset's metadata."""
+    from rm_lib.steps.train import result_from_summary
+
+    layout = project.layout()
+    summary = layout.train_logs / "summary.json"
+    before = summary.stat().st_mtime_ns if summary.exists() else None
+    command = trainer.command(project.root_path(), project.params_path(), overrides)
+    code, messages = trainer.launch(context, command, cwd=project.root_path())
+    errors = [m["error"] for m in messages if isinstance(m, dict) and "error" in m]
+    if errors:
+        raise dg.Failure(description=f"train: {errors[0]}", allow_retries=False)
+    if code != 0:
+        raise dg.Failure(description=f"train: the training process exited with code {code}; its output is in "
+                                     "this step's stdout/stderr logs")
+    if not summary.exists() or summary.stat().st_mtime_ns == before:
+        raise dg.Failure(description=f"train: the training process wrote no new {summary}")
+    result = result_from_summary(layout)
     context.log.info(result.summary())
     return result
 
@@ -259,6 +284,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
             "reject_ratio": _number(rejected / rows_read if rows_read else 0.0),
             "rejects_by_reason": dg.MetadataValue.json(rejects),
             "rejects_table": _md_table(["reason", "rows"], sorted(rejects.items()) or [["(none)", 0]]),
+            "ignored_columns": dg.MetadataValue.json(result.ignored_columns),
             "split": manifest.get("split", ""),
             "content_hash": result.content_hash,
             "path": dg.MetadataValue.path(str(layout.pairs)),
@@ -329,14 +355,19 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
           description="train: filtered pairs -> a one-output reward model (models/reward_model); metrics, "
                       "loss curve and summary in data/train. Runs in the `gpu` pool.")
 def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project: ProjectResource,
-                 wandb: WandbResource, hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
+                 wandb: WandbResource, hub: HubResource, dvc: DvcResource,
+                 trainer: TrainLauncherResource) -> dg.MaterializeResult:
     try:
         wandb_overrides = wandb.overrides()
     except SettingsError as exc:
         raise dg.Failure(description=f"train: {exc}", allow_retries=False) from exc
     params, layout = _settings("train", config, project, wandb_overrides)
-    with hub.credentials():  # the weights of a gated Hub model
-        result = _run_step(context, "train", params, layout)
+    with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
+        if trainer.separate_process:
+            result = _train_in_own_process(context, trainer, project,
+                                           [*project.overrides, *wandb_overrides, *config.checked_overrides()])
+        else:
+            result = _run_step(context, "train", params, layout)
     summary = _read_json(layout.train_logs / "summary.json")
     fingerprint = summary.get("fingerprint")
     # A re-run that resumes from the final checkpoint trains nothing and reports a NaN final loss;

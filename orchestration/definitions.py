@@ -12,6 +12,7 @@ import dagster as dg
 # Absolute imports, so that `dagster dev -f orchestration/definitions.py` works as well as `-m`.
 from orchestration.assets import ASSETS
 from orchestration.checks import CHECKS
+from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
 from orchestration.sensors import pipeline_job, source_data_changed, weekly_retraining
 
@@ -37,5 +38,8 @@ defs = dg.Definitions(
         # default remote; the remote's credentials are DVC's own (environment, .dvc/config.local)
         "dvc": DvcResource(),
         "quality": QualityResource(),
+        # training in the step's own process; separate_process=True launches `accelerate launch`
+        # (several GPUs, an accelerate config) and streams its metrics back through Dagster Pipes
+        "trainer": TrainLauncherResource(),
     },
 )

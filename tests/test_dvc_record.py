@@ -18,6 +18,7 @@ import yaml
 import zc.lockfile
 
 from orchestration import assets, checks
+from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
 from rm_lib import dvc_record
 from rm_lib.dvc_record import NotRecorded, RecordError, StageSpec, combined_hash, settings_differences
@@ -42,7 +43,8 @@ def offline(monkeypatch):
 
 def resources(root: Path, **dvc) -> dict:
     return {"project": ProjectResource(root=str(root)), "hub": HubResource(), "wandb": WandbResource(),
-            "quality": QualityResource(min_accuracy=0.0), "dvc": DvcResource(**dvc)}
+            "quality": QualityResource(min_accuracy=0.0), "dvc": DvcResource(**dvc),
+            "trainer": TrainLauncherResource()}
 
 
 def materialize(root: Path, selection=None, run_config=None) -> dg.ExecuteInProcessResult:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from orchestration import assets, checks, definitions, sensors
 from orchestration.definitions import defs
+from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
 from rm_lib.errors import SettingsError
 from rm_lib.layout import Layout
@@ -41,10 +43,10 @@ def project(root, overrides=(), params_file=PARAMS) -> ProjectResource:
     return ProjectResource(root=str(root), params_file=str(params_file), overrides=[*TINY, *overrides])
 
 
-def resources(root, min_accuracy=0.0, **project_kw) -> dict:
+def resources(root, min_accuracy=0.0, trainer=None, **project_kw) -> dict:
     return {"project": project(root, **project_kw), "hub": HubResource(), "quality": QualityResource(
         min_accuracy=min_accuracy), "wandb": WandbResource(project="rm-tests"),  # W&B off: WANDB_MODE=disabled
-            "dvc": DvcResource()}
+            "dvc": DvcResource(), "trainer": TrainLauncherResource(**(trainer or {}))}
 
 
 def materialize(root, selection=None, run_config=None, **kw) -> dg.ExecuteInProcessResult:
@@ -431,3 +433,61 @@ def test_push_errors_retried_only_when_transient():
     assert assets._push_error_is_transient(raised(ConnectionError("down")))
     assert not assets._push_error_is_transient(raised(HubHTTPError(401)))
     assert not assets._push_error_is_transient(raised(ValueError("bad repo name")))
+
+
+# ---------------------------------------------------------------- training as its own process group
+
+def _python_children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_training_launched_through_pipes_on_two_processes_streams_its_metrics(tmp_path):
+    data = dg.AssetSelection.assets("raw_preferences", "tokenized_preferences", "filtered_preferences")
+    assert materialize(tmp_path, selection=data, run_config={
+        "ops": {"raw_preferences": {"config": {"overrides": ["download.demo_pairs=60"]}}}}).success
+    before = _python_children()
+    instance = dg.DagsterInstance.ephemeral()
+    trainer = {"separate_process": True, "accelerate_config": str(REPO / "configs/accelerate/cpu2.yaml")}
+    result = dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=dg.AssetSelection.assets("reward_model"),
+                            resources=resources(tmp_path, trainer=trainer), instance=instance, raise_on_error=False)
+    assert result.success
+    summary = json.loads((Layout(tmp_path).train_logs / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    # each metrics record reached the event log while the run went on, from the launched process
+    streamed = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith("train step ")]
+    assert [m.split(":")[0] for m in streamed] == ["train step 1", "train step 2"]
+    assert "loss" in streamed[0] and "tokens_per_s" in streamed[0]
+    metadata = materializations(result)["reward_model"].metadata
+    assert metadata["steps"].value == 2
+    assert metadata["final_loss"].value == pytest.approx(summary["final_loss"])
+    assert _python_children() <= before  # no training process outlives the materialization
+
+
+def test_an_error_in_the_launched_training_fails_the_asset_with_its_message(tmp_path):
+    data = dg.AssetSelection.assets("raw_preferences", "tokenized_preferences", "filtered_preferences")
+    assert materialize(tmp_path, selection=data, run_config={
+        "ops": {"raw_preferences": {"config": {"overrides": ["download.demo_pairs=60"]}}}}).success
+    trainer = {"separate_process": True, "num_processes": 1, "launch_args": ["--cpu"]}
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets("reward_model"), trainer=trainer,
+                         overrides=["model.name_or_path=" + str(tmp_path / "no-such-model")])
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_failure_data.error.message.count("cannot load") == 1
+    assert "no-such-model" in failure.step_failure_data.error.message
+
+
+def test_stopping_a_launched_group_leaves_no_process_behind():
+    import psutil
+
+    from orchestration.launcher import stop_group
+
+    process = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & sleep 60 & wait"], start_new_session=True)
+    deadline = time.time() + 10
+    while len(psutil.Process(process.pid).children()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    members = [process.pid, *(c.pid for c in psutil.Process(process.pid).children())]
+    stop_group(process, timeout_s=1.0)  # bash ignores SIGTERM: SIGKILL follows
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in members)

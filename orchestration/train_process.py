@@ -1,0 +1,67 @@
+"""The training step as its own process, launched by the reward_model asset through Dagster Pipes:
+
+    accelerate launch [--config_file configs/accelerate/ddp.yaml] -m orchestration.train_process \
+        --root . --params params.yaml --set train.max_steps=100
+
+The main process streams every metrics record back to the Dagster UI as it is logged (a log line and a
+custom message); the other processes only train. Outside Dagster it runs like `python -m rm_lib train`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from rm_lib.errors import UserError
+from rm_lib.layout import Layout
+from rm_lib.settings import load_params
+
+SHOWN = ("loss", "accuracy", "reward_margin", "grad_norm", "learning_rate", "tokens_per_s", "eval_accuracy")
+
+
+def describe(record: dict) -> str:
+    """One log line for a metrics record: `step 10: loss 0.6931, accuracy 0.5000, ...`."""
+    parts = [f"{k} {record[k]:.4g}" for k in SHOWN if isinstance(record.get(k), (int, float))]
+    return f"train step {record.get('step')}: " + ", ".join(parts)
+
+
+def _pipes():
+    """The Pipes connection on the main process (rank 0), nothing on the others."""
+    if int(os.environ.get("RANK", "0")) != 0 or "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return contextlib.nullcontext(None)
+    from dagster_pipes import open_dagster_pipes
+
+    return open_dagster_pipes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The rm_lib train step, reporting to Dagster through Pipes.")
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    from rm_lib.steps import train
+
+    with _pipes() as pipes:
+        def forward(record: dict) -> None:
+            pipes.log.info(describe(record))
+            pipes.report_custom_message({"metrics": record})
+
+        try:
+            params = load_params(args.params, args.overrides)
+            result = train.run(params, Layout(Path(args.root)), on_log=forward if pipes else None)
+        except UserError as exc:
+            if pipes:
+                pipes.report_custom_message({"error": str(exc)})
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if pipes:
+            pipes.report_custom_message({"summary": result.summary()})
+        print(result.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
