@@ -160,7 +160,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     model.train()
     while state.step < total:
         micro = state.step * cfg.gradient_accumulation_steps
-        epoch, position = divmod(micro, batches_per_epoch)
+        epoch = micro // batches_per_epoch
         batches = epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch,
                                 group_by_length=cfg.group_by_length)
         for k in range(cfg.gradient_accumulation_steps):
