@@ -1,18 +1,43 @@
-"""Reward every pair of a list of token rows, in length-sorted batches, in the original order."""
+"""Reward every pair of a list of token rows, in length-sorted batches, in the original order; on one
+process or split across the processes of a distributed run."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .batching import collate_pairs, pair_length
-from .modeling import rewards
+from .batching import PairBatch, collate_pairs, pair_length
+from .modeling import rewards, unwrap
+from .packing import PackedBatch, packed_rewards
+
+
+class PairScorer(torch.nn.Module):
+    """The model as one module whose forward scores a whole batch, padded or packed. Training and
+    evaluation hand this to accelerate, so the wrapper around it sees every forward: DDP runs its
+    gradient hooks, FSDP and ZeRO-3 gather their sharded weights. A forward that reached into the
+    model's submodules would skip them."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.scored_model = model
+
+    def forward(self, batch: PairBatch | PackedBatch) -> torch.Tensor:
+        if isinstance(batch, PackedBatch):
+            return packed_rewards(unwrap(self.scored_model), batch)
+        return rewards(self.scored_model, batch.input_ids, batch.attention_mask)
+
+
+def _batch_scorer(model: Any) -> Callable[[PairBatch], torch.Tensor]:
+    if isinstance(getattr(model, "module", model), PairScorer):  # prepared for a distributed run
+        return model
+    return lambda batch: rewards(model, batch.input_ids, batch.attention_mask)
 
 
 @torch.no_grad()
 def score_pairs(model: Any, rows: list[dict], *, pad_token_id: int, batch_size: int = 32,
                 device: torch.device | None = None) -> tuple[list[float], list[float]]:
     device = device or next(model.parameters()).device
+    score = _batch_scorer(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: pair_length(rows[i]))
@@ -20,8 +45,40 @@ def score_pairs(model: Any, rows: list[dict], *, pad_token_id: int, batch_size: 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = collate_pairs([rows[i] for i in idx], pad_token_id, use_margin=False).to(device)
-        out = rewards(model, batch.input_ids, batch.attention_mask).tolist()
+        out = score(batch).tolist()
         for k, i in enumerate(idx):
             r_chosen[i], r_rejected[i] = out[k], out[k + len(idx)]
     model.train(was_training)
     return r_chosen, r_rejected
+
+
+def shard(rows: list[dict], rank: int, world: int) -> tuple[list[dict], int]:
+    """This process's rows (every `world`-th, so each share has the same mix of lengths) padded with
+    copies to one size for all: sharded weights are gathered inside every forward, so each process must
+    run as many batches as the others. Returns the share and how many of its rows are real."""
+    mine = rows[rank::world]
+    size = -(-len(rows) // world)
+    return mine + rows[:1] * (size - len(mine)), len(mine)
+
+
+def unshard(parts: list[list[Any]], world: int) -> list[Any]:
+    """Undo `shard`: parts[rank] holds the results for rows rank, rank + world, ... in that order."""
+    out: list[Any] = [None] * sum(len(p) for p in parts)
+    for rank, part in enumerate(parts):
+        out[rank::world] = part
+    return out
+
+
+def score_pairs_across(accelerator: Any, model: Any, rows: list[dict], *, pad_token_id: int,
+                       batch_size: int = 32) -> tuple[list[float], list[float]]:
+    """`score_pairs` with the rows split over the processes of `accelerator`; every process gets all
+    rewards back, in the original order. Every process must call it: the gather is collective."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=batch_size, device=accelerator.device)
+    from accelerate.utils import gather_object
+
+    mine, real = shard(rows, rank, world)
+    r_c, r_r = score_pairs(model, mine, pad_token_id=pad_token_id, batch_size=batch_size, device=accelerator.device)
+    parts = gather_object([(r_c[:real], r_r[:real])])  # one (chosen, rejected) per process, in rank order
+    return unshard([p[0] for p in parts], world), unshard([p[1] for p in parts], world)

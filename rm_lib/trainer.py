@@ -19,8 +19,9 @@ from .batching import collate_pairs, epoch_batches, process_slice, token_chunks
 from .errors import TrainingDiverged
 from .loss import bradley_terry_loss
 from .memory import limit_heap_growth
-from .modeling import rewards, unwrap
-from .packing import pack_pairs, packed_rewards, pooling
+from .inference import PairScorer
+from .modeling import unwrap
+from .packing import pack_pairs, pooling
 from .settings import ModelSettings, TrainSettings
 
 STATE_FILE = "trainer_state.json"
@@ -76,24 +77,6 @@ def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-def pair_scorer(model: Any, packed: bool) -> torch.nn.Module:
-    """The model as one module whose forward scores a whole batch (padded or packed). Training hands
-    this to accelerate, so a DDP wrapper sees the forward and its gradient all-reduce hooks run: a
-    forward that reached into the model's submodules would skip them and every process would train
-    its own copy."""
-    class PairScorer(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scored_model = model
-
-        def forward(self, batch: Any) -> Any:
-            if packed:
-                return packed_rewards(unwrap(self.scored_model), batch)
-            return rewards(self.scored_model, batch.input_ids, batch.attention_mask)
-
-    return PairScorer()
-
-
 def latest_checkpoint(folder: Path) -> Path | None:
     found = sorted((p for p in folder.glob("step-*") if (p / STATE_FILE).exists()),
                    key=lambda p: int(p.name.split("-")[1]))
@@ -133,7 +116,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
     # `total` counts optimizer steps already; a prepared scheduler would step once per process and
     # decay the learning rate `world` times too fast. Its state travels in trainer_state.json.
-    model, optimizer = accelerator.prepare(pair_scorer(model, packed), optimizer)
+    model, optimizer = accelerator.prepare(PairScorer(model), optimizer)
 
     state = TrainState(fingerprint=fingerprint)
     resumed_from = None

@@ -98,8 +98,16 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, minilm_path):
     assert steps == list(range(1, 13))  # the metrics file continues where the checkpoint was
 
 
+def _records(root):
+    records = read_jsonl(root / "data/train/metrics.jsonl")
+    evals = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in records if "eval_accuracy" in r]
+    summary = read_json(root / "data/train/summary.json")
+    return ([r["loss"] for r in records if "loss" in r], evals,
+            (summary["reward_mean"], summary["reward_std"], summary["processes"]))
+
+
 def _two_process_run(tmp_path, tiny_decoder):
-    _prepare(tmp_path / "two", str(tiny_decoder), "train.batch_size=2", "train.max_steps=4")
+    _prepare(tmp_path / "two", str(tiny_decoder), *SAME_RUN, "train.batch_size=2")
     # --multi_gpu picks accelerate's torchrun launcher; without a GPU the train step joins the
     # processes on the CPU (gloo). `--cpu` would start a single process.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -107,15 +115,28 @@ def _two_process_run(tmp_path, tiny_decoder):
     two = _cli(tmp_path / "two", "train", launcher=launcher)
     out = two.communicate()[0]
     assert two.returncode == 0, out
-    return [r["loss"] for r in read_jsonl(tmp_path / "two/data/train/metrics.jsonl")]
+    return _records(tmp_path / "two")
+
+
+# an odd number of held-out pairs, so one process's share is padded for the gather
+SAME_RUN = ("train.max_steps=4", "train.eval_steps=2", "download.test_fraction=0.1", "download.demo_pairs=130")
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_decoder):
-    _prepare(tmp_path / "one", str(tiny_decoder), "train.batch_size=4", "train.max_steps=4")
+    _prepare(tmp_path / "one", str(tiny_decoder), *SAME_RUN, "train.batch_size=4")
     one = _cli(tmp_path / "one", "train")
     assert one.wait() == 0, one.stdout.read()
-    loss_one = [r["loss"] for r in read_jsonl(tmp_path / "one/data/train/metrics.jsonl")]
-    assert _two_process_run(tmp_path, tiny_decoder) == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
+    loss_one, evals_one, stats_one = _records(tmp_path / "one")
+    loss_two, evals_two, stats_two = _two_process_run(tmp_path, tiny_decoder)
+    assert loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
+    # evaluation split over both processes and gathered: the same metrics over the same held-out pairs
+    assert len(evals_one) == len(evals_two) == 2
+    held_out = read_json(tmp_path / "two/data/filtered/manifest.json")["kept"]["test"]
+    assert held_out % 2 == 1 and evals_two[0]["eval_pairs"] == held_out
+    for a, b in zip(evals_one, evals_two):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    assert stats_two[:2] == pytest.approx(stats_one[:2], rel=1e-4, abs=1e-5)
+    assert (stats_one[2], stats_two[2]) == (1, 2)
     assert (tmp_path / "two/models/reward_model/model.safetensors").exists()
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from .. import plots
 from ..atomic import atomic_dir, write_json
-from ..inference import score_pairs
+from ..inference import score_pairs_across
 from ..jsonl import read_json, read_jsonl
 from ..layout import Layout
 from ..metrics import pair_metrics
@@ -85,8 +85,8 @@ def run(params: Params, layout: Layout, accelerator=None,
                       config=params.as_dict(), run_dir=layout.root / "wandb", on_log=on_log)
 
     def on_eval(model, step: int) -> dict:
-        r_c, r_r = score_pairs(model, eval_rows, pad_token_id=pad_id, batch_size=params.evaluate.batch_size,
-                               device=accelerator.device)
+        r_c, r_r = score_pairs_across(accelerator, model, eval_rows, pad_token_id=pad_id,
+                                      batch_size=params.evaluate.batch_size)
         result = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in eval_rows],
                               [len(r["input_ids_rejected"]) for r in eval_rows], buckets=1)
         samples = [{"id": eval_rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
@@ -105,13 +105,13 @@ def run(params: Params, layout: Layout, accelerator=None,
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval)
-        gathered = gathered_state_dict(accelerator, result.prepared)
-        model = accelerator.unwrap_model(model)
         # Reward normalisation stats, saved in the model's config for downstream RLHF.
         sample = train_rows[:NORMALISATION_SAMPLE]
-        r_c, r_r = score_pairs(model, sample, pad_token_id=pad_id, batch_size=params.evaluate.batch_size,
-                               device=accelerator.device)
+        r_c, r_r = score_pairs_across(accelerator, result.prepared, sample, pad_token_id=pad_id,
+                                      batch_size=params.evaluate.batch_size)
         stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
+        gathered = gathered_state_dict(accelerator, result.prepared)
+        model = accelerator.unwrap_model(model)
     finally:
         if accelerator.is_main_process:
             tracker.finish()
