@@ -4,18 +4,18 @@ The token comes from the environment (HF_TOKEN) or the user's `hf auth login`; t
 itself and rm_lib never holds, prints or writes it. The endpoint is HF_ENDPOINT read at call time
 (huggingface_hub reads it once, at import), so a process can point at another Hub after import.
 
-A push is idempotent and retried whole on network trouble and 5xx/429 answers, with exponential
-back-off: RM_PUSH_RETRIES tries (default 3), RM_PUSH_BACKOFF_S seconds before the second (default 2).
+A push is idempotent and retried whole on network trouble, 5xx/429 answers and requests that get no
+answer within RM_HUB_TIMEOUT_S: see rm_lib.network for the time limit and the one retry policy.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import network
 from .errors import UserError
 
 DEFAULT_RETRIES = 3
@@ -45,29 +45,33 @@ def retry_settings() -> tuple[int, float]:
 
 
 def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
-           retries: int | None = None, backoff_s: float | None = None) -> dict[str, Any]:
+           retries: int | None = None, backoff_s: float | None = None, kept: Path | None = None) -> dict[str, Any]:
     """Create the repository if missing, upload `folder` as a new revision and tag it with the run
-    (`tag`, or `tag`-2, -3... when that tag already names another revision).
+    (`tag`, or `tag`-2, -3... when that tag already names another revision). Error messages say the
+    model stays in `kept` (default: `folder`), for a caller that uploads from a temporary copy.
 
     Returns url, repo_id (with its namespace), commit and the tag given to the commit."""
-    _check_ready(folder)
+    where = kept or folder
+    _check_ready(where)
+    network.bound_hub_client()
     default_retries, default_backoff = retry_settings()
-    retries = default_retries if retries is None else max(1, retries)
+    retries = network.tries(default_retries if retries is None else retries)
     backoff_s = default_backoff if backoff_s is None else backoff_s
     for attempt in range(1, retries + 1):
         try:
-            return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag)
+            return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
+                              kept=where)
         except PublishError:
             raise
-        except Exception as exc:  # sorted by _transient / _explain; anything unknown is re-raised
-            if not _transient(exc):
-                _explain(exc, repo_id, folder)
+        except Exception as exc:  # sorted by network.is_transient / _explain; anything unknown is re-raised
+            if not network.is_transient(exc):
+                _explain(exc, repo_id, where)
                 raise
             if attempt == retries:
-                _give_up(exc, retries, folder)
+                _give_up(exc, retries, where)
             delay = backoff_s * 2 ** (attempt - 1)
-            print(f"push: the Hub at {endpoint()} could not be reached or failed ({_short(exc)}); "
-                  f"try {attempt} of {retries}, next in {delay:.1f} s", file=sys.stderr, flush=True)
+            print(f"push: {_what(exc)} ({_short(exc)}); try {attempt} of {retries}, next in {delay:.1f} s",
+                  file=sys.stderr, flush=True)
             _wait(delay)
     raise AssertionError("unreachable")
 
@@ -84,7 +88,8 @@ def _api():
     return HfApi(endpoint=endpoint())
 
 
-def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str) -> dict[str, Any]:
+def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
+               kept: Path) -> dict[str, Any]:
     from huggingface_hub.errors import BadRequestError, HFValidationError
 
     api = _api()
@@ -92,7 +97,7 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     except (HFValidationError, BadRequestError) as exc:  # the client's or the Hub's check of the name
         raise PublishError(f"push.repo_id: '{repo_id}' is not a valid repository name ({_short(exc)}); "
-                           f"use {NAME_RULE}; the model stays in {folder}") from None
+                           f"use {NAME_RULE}; the model stays in {kept}") from None
     full_id = url.repo_id or repo_id  # "name" alone lands in the token owner's namespace
     info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message,
                              repo_type="model")
@@ -125,26 +130,7 @@ def _check_ready(folder: Path) -> None:
                            f"`hf auth login`; the model stays in {folder}")
 
 
-def _status(exc: BaseException) -> int | None:
-    return getattr(getattr(exc, "response", None), "status_code", None)
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Connection trouble as raised by the Hub client's HTTP library (httpx2 in huggingface_hub 2.x)."""
-    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):
-        try:
-            kinds.append(importlib.import_module(module).TransportError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(kinds)
-
-
-def _transient(exc: BaseException) -> bool:
-    status = _status(exc)
-    if status is not None:
-        return status >= 500 or status == 429
-    return isinstance(exc, _network_errors())
+_status = network.status_of
 
 
 def _short(exc: BaseException) -> str:
@@ -169,16 +155,18 @@ def _explain(exc: BaseException, repo_id: str, folder: Path) -> None:
                            f"{folder}") from None
 
 
-def _give_up(exc: BaseException, retries: int, folder: Path) -> None:
+def _what(exc: BaseException) -> str:
     status = _status(exc)
-    what = f"the Hub at {endpoint()} answered {status}" if status else f"cannot reach the Hub at {endpoint()}"
-    message = (f"{what} after {retries} tries ({_short(exc)}); check the network (and HF_ENDPOINT if set), then "
-               f"run the push step again; the model stays in {folder}")
-    if isinstance(exc, OSError):
-        raise PublishError(message) from None
-    # Keep an OSError as the context: a caller that retries later (the Dagster asset's retry
-    # policy) tells a network failure from a refusal by it.
-    try:
-        raise ConnectionError(_short(exc)) from exc
-    except ConnectionError:
-        raise PublishError(message) from None
+    if status:
+        return f"the Hub at {endpoint()} answered {status}"
+    if network.is_timeout(exc):
+        return f"the Hub at {endpoint()} did not answer within {network.timeout_s():g} s ({network.TIMEOUT_VARIABLE})"
+    return f"cannot reach the Hub at {endpoint()}"
+
+
+def _give_up(exc: BaseException, retries: int, folder: Path) -> None:
+    """The last try failed on a transient error: a PublishError marked transient (a caller may retry)."""
+    tried = f"after {retries} {'try' if retries == 1 else 'tries'}"
+    raise PublishError(f"{_what(exc)} {tried} ({_short(exc)}); retryable: check the network (and HF_ENDPOINT "
+                       f"if set), then run the push step again; the model stays in {folder}",
+                       transient=True) from None

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from . import network
 from .atomic import atomic_file
+from .errors import UserError
 
 
 def wandb_mode(setting: str) -> str:
@@ -45,8 +48,8 @@ class Tracker:
             import wandb
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.wandb_run = wandb.init(project=project, mode=resolved, dir=str(run_dir), config=config,
-                                        reinit="finish_previous")
+            self.wandb_run = _init_wandb(wandb, project=project, mode=resolved, dir=str(run_dir), config=config,
+                                         reinit="finish_previous")
             self.wandb_url = getattr(self.wandb_run, "url", None) or f"wandb ({resolved}) run {self.wandb_run.id}"
 
     def log(self, record: dict[str, Any]) -> None:
@@ -70,3 +73,24 @@ class Tracker:
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _init_wandb(wandb: Any, *, mode: str, **kwargs: Any) -> Any:
+    """wandb.init, online within the network time limit (rm_lib.network): a W&B server that does not
+    answer ends the step with a transient error instead of the client's own 90 s wait, or longer."""
+    if mode != "online":
+        return wandb.init(mode=mode, **kwargs)
+    limit = network.timeout_s()
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=limit), **kwargs)
+    except wandb.errors.CommError as exc:
+        raise UserError(f"W&B did not start the run within {limit:g} s ({network.TIMEOUT_VARIABLE}) or could not "
+                        f"be reached ({_first_line(exc)}); retryable: check the network, or set "
+                        "train.wandb_mode=offline and sync later", transient=True) from None
+    except wandb.errors.AuthenticationError as exc:
+        raise UserError(f"W&B refused the API key ({_first_line(exc)}): set WANDB_API_KEY to a valid key, or "
+                        "set train.wandb_mode=offline") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -12,6 +12,8 @@ whenever this server asks for LFS uploads (or a server made with `regular_only=T
 What it keeps: every repository with its commits (the files of each revision, as bytes), its
 branches and tags, and every request with the Authorization header it carried. Tokens map to
 users; a user may write only to its own namespace (else 403); an unknown token gets 401.
+
+`SilentServer` is a Hub that accepts connections and never answers, for the time limits.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -368,3 +371,53 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(404)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+class SilentServer:
+    """A Hub that stalls: accepts connections on 127.0.0.1, reads each request's head and never
+    answers. `requests` holds the request lines received ("POST /api/repos/create HTTP/1.1")."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.stop = threading.Event()
+        self.sock: socket.socket | None = None
+        self.url = ""
+
+    def __enter__(self) -> SilentServer:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"  # also after exit, for messages
+        threading.Thread(target=self._accept, name="silent-hub", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.sock is not None
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        """Read the head, then keep the connection open without a byte of answer."""
+        conn.settimeout(0.05)
+        head = b""
+        with conn:
+            while not self.stop.is_set():
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not chunk:  # the client gave up
+                    return
+                if b"\r\n\r\n" not in head:
+                    head += chunk
+                    if b"\r\n\r\n" in head:
+                        self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_steps, tiny_params
-from hub_server import HubServer
-from rm_lib import hub, model_card
+from rm_lib import hub, model_card, network
 from rm_lib.hub import PublishError
 from rm_lib.layout import Layout
 from rm_lib.steps import push
+
+from helpers import run_steps, tiny_params
+from hub_server import HubServer, SilentServer
 
 TOKEN = "hf_rmTestTokenQ7xZ3vK9pL2mW8nB4cD6"  # fake and distinctive, to be searched for in every output
 USER = "alice"
@@ -325,6 +326,7 @@ def materialize_release_in_dagster(root: Path, home: Path):
         instance.dispose()
 
 
+@pytest.mark.integration
 def test_the_token_is_written_nowhere(tmp_path, server, monkeypatch, tiny_decoder):
     """A full run with W&B offline and a push by the CLI, then the push again as the Dagster asset
     in-process (its event log and compute logs in a DAGSTER_HOME): the token reaches the Hub and
@@ -405,14 +407,14 @@ def test_push_errors_say_what_to_do_and_keep_the_model(case, project, server, mo
     message = str(raised.value)
     for words in ERRORS[case][1]:
         assert words in message, (words, message)
-    assert f"the model stays in {Layout(project).release}" in message
+    assert f"the model stays in {Layout(project).model}" in message
     assert (Layout(project).model / "model.safetensors").read_bytes() == weights
-    assert (Layout(project).release / "model.safetensors").read_bytes() == weights
+    assert not Layout(project).release.exists()  # a failed push writes no release (a previous one is kept)
     assert server.repos.get(repo_id) is None or not published_any(server, repo_id)
-    if case == "network_down":  # retried with exponential back-off; an OSError behind it for Dagster's retries
-        assert sleeps == [0.01, 0.02] and isinstance(raised.value.__context__, OSError)
+    if case == "network_down":  # retried with exponential back-off, then marked for a later retry
+        assert sleeps == [0.01, 0.02] and raised.value.transient
     else:
-        assert sleeps == []
+        assert sleeps == [] and not raised.value.transient
     if case == "no_token":
         assert server.requests == []  # found out before asking the Hub
 
@@ -420,9 +422,9 @@ def test_push_errors_say_what_to_do_and_keep_the_model(case, project, server, mo
 @pytest.mark.parametrize("case", sorted(ERRORS))
 def test_push_errors_through_the_cli_exit_2_without_traceback(case, project, server, monkeypatch):
     repo_id = error_case(case, monkeypatch)
-    out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set",
-                          f"push.repo_id={repo_id}", "push"], cwd=project, env=dict(os.environ), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set", f"push.repo_id={repo_id}",
+                          "--set", "push.min_accuracy=0", "push"],  # the tiny model is below the release gate
+                         cwd=project, env=dict(os.environ), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and out.stderr.splitlines()[-1].startswith("error: ")
     for words in ERRORS[case][1]:
@@ -449,3 +451,69 @@ def test_offline_mode_says_how_to_push(project, server, monkeypatch, tiny_decode
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE is set.*push.dry_run=true"):
         push_step(settings(tiny_decoder), project)
     assert server.requests == []
+
+
+# ---------------------------------------------------------------- (f) time limits and the one retry layer
+
+def repo_creations(srv: HubServer) -> int:
+    return sum(1 for s in srv.requests if s.path == "/api/repos/create")
+
+
+def test_a_stalled_hub_ends_the_push_with_a_retryable_error(project, monkeypatch, tmp_path):
+    """A Hub that accepts the connection and never answers: `rm_lib push` ends within its time
+    limit (RM_HUB_TIMEOUT_S) per try, exit 2, one line, each try one request."""
+    client_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "1")
+    monkeypatch.setenv("RM_PUSH_RETRIES", "2")
+    with SilentServer() as silent:
+        monkeypatch.setenv("HF_ENDPOINT", silent.url)
+        out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set", f"push.repo_id={REPO}",
+                              "--set", "push.min_accuracy=0", "push"], cwd=project, env=dict(os.environ),
+                             capture_output=True, text=True, timeout=90)
+    assert out.returncode == 2, out.stdout + out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert "Traceback" not in out.stderr and last.startswith("error: ")
+    assert f"the Hub at {silent.url} did not answer within 1 s" in last
+    assert "after 2 tries" in last and "retryable" in last and "run the push step again" in last
+    assert silent.requests == ["POST /api/repos/create HTTP/1.1"] * 2
+
+
+def test_transient_errors_are_tried_the_documented_times_others_once(project, server, monkeypatch, tiny_decoder):
+    """RM_PUSH_RETRIES tries in all for a 503; one for a refused token; one inside single_attempt()
+    (under Dagster the asset's RetryPolicy is the only layer)."""
+    monkeypatch.setattr(hub, "_wait", lambda seconds: None)
+    monkeypatch.setenv("RM_PUSH_RETRIES", "4")
+    server.fail_next(503, 10)
+    with pytest.raises(PublishError, match="answered 503 after 4 tries") as raised:
+        push_step(settings(tiny_decoder), project)
+    assert raised.value.transient and repo_creations(server) == 4
+
+    server.failures.clear()
+    server.requests.clear()
+    monkeypatch.setenv("HF_TOKEN", "hf_notAValidToken")
+    with pytest.raises(PublishError, match="refused the token") as raised:
+        push_step(settings(tiny_decoder), project)
+    assert not raised.value.transient and repo_creations(server) == 1
+
+    server.requests.clear()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    server.fail_next(503, 10)
+    with network.single_attempt(), pytest.raises(PublishError, match="answered 503 after 1 try") as raised:
+        push_step(settings(tiny_decoder), project)
+    assert raised.value.transient and repo_creations(server) == 1
+
+
+def test_a_failed_push_keeps_the_previous_release_as_it_was(project, server, monkeypatch, tiny_decoder):
+    """data/release is what was last released: a push that fails leaves it byte for byte (no card for the
+    refused repository, no half-copied folder)."""
+    monkeypatch.setattr(hub, "_wait", lambda seconds: None)
+    push_step(settings(tiny_decoder, "push.dry_run=true"), project)
+    before = release_files(project)
+    card = before["README.md"]
+    with pytest.raises(PublishError, match="may not write to 'bob/other-rm'"):
+        push_step(settings(tiny_decoder, "push.repo_id=bob/other-rm"), project)
+    server.fail_next(503, 3)
+    with pytest.raises(PublishError, match="after 3 tries"):
+        push_step(settings(tiny_decoder), project)
+    assert release_files(project) == before and b"bob/other-rm" not in card
+    assert not [p for p in Layout(project).release.parent.iterdir() if p.name.startswith(".release")]

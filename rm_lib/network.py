@@ -1,0 +1,133 @@
+"""Time limits on every network call, and the retry policy, written down once here.
+
+Time limit: every HTTP request made through huggingface_hub's shared client waits at most
+RM_HUB_TIMEOUT_S seconds (default 60) to connect and for each read or write. That client carries
+the push (HfApi), the dataset resolution of `datasets.load_dataset` and `hub_fingerprint`, and the
+model resolution of transformers. W&B's init waits as long (its `init_timeout`). A request that gets
+no answer in time ends in a UserError with `transient=True`, the same as a closed port.
+
+Retries: exactly one layer retries a transient error (UserError.transient).
+- The CLI, `dvc repro` and any Python caller: rm_lib itself. A push is tried RM_PUSH_RETRIES times
+  in all (default 3), waiting RM_PUSH_BACKOFF_S seconds (default 2) before the second and twice as
+  long before each next one. A non-transient error is never retried.
+- Dagster: the asset's RetryPolicy (orchestration.assets.NETWORK_RETRY, 4 tries in all, about 30 s,
+  90 s and 210 s apart). The asset runs its step inside `single_attempt()`, so rm_lib tries once.
+huggingface_hub also retries a few sub-requests of an upload (LFS transfers, the commit) on its own;
+every one of them is bounded by the time limit above.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import SettingsError
+
+DEFAULT_TIMEOUT_S = 60.0
+TIMEOUT_VARIABLE = "RM_HUB_TIMEOUT_S"
+
+_SINGLE_ATTEMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("rm_single_attempt", default=False)
+_installed = False
+
+
+def timeout_s() -> float:
+    """The time limit of one request, in seconds (RM_HUB_TIMEOUT_S, read at each request)."""
+    raw = os.environ.get(TIMEOUT_VARIABLE)
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise SettingsError(f"{TIMEOUT_VARIABLE}={raw!r}: expected a number of seconds above 0")
+    return value
+
+
+@contextlib.contextmanager
+def single_attempt() -> Iterator[None]:
+    """Inside: rm_lib tries each network operation once; the caller's own retry policy does the rest."""
+    token = _SINGLE_ATTEMPT.set(True)
+    try:
+        yield
+    finally:
+        _SINGLE_ATTEMPT.reset(token)
+
+
+def tries(configured: int) -> int:
+    """How many times rm_lib itself tries: `configured`, or 1 inside `single_attempt()`."""
+    return 1 if _SINGLE_ATTEMPT.get() else max(1, configured)
+
+
+def _fill_timeouts(request: Any) -> None:
+    """A request hook: no phase of a request waits longer than the time limit, also where the
+    caller passed timeout=None. A shorter limit the caller chose (the client's 10 s for file
+    metadata, say) is kept."""
+    limits = dict(request.extensions.get("timeout") or {})
+    limit = timeout_s()
+    for phase in ("connect", "read", "write", "pool"):
+        given = limits.get(phase)
+        limits[phase] = limit if given is None else min(given, limit)
+    request.extensions = {**request.extensions, "timeout": limits}
+
+
+def bound_hub_client() -> None:
+    """Make huggingface_hub's shared HTTP client time-limit every request (once per process).
+
+    The client is created with `timeout=None` and several calls pass `timeout=None` explicitly,
+    which a client-wide default would not override; a request hook sees every request."""
+    global _installed
+    timeout_s()  # a bad RM_HUB_TIMEOUT_S fails here, before any request
+    if _installed:
+        return
+    from huggingface_hub.utils import _http
+
+    def factory() -> Any:
+        client = _http.default_client_factory()
+        client.event_hooks["request"].append(_fill_timeouts)
+        return client
+
+    _http.set_client_factory(factory)
+    _installed = True
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection trouble as the HTTP libraries raise it (httpx2 in huggingface_hub 2.x)."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            kinds.append(__import__(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
+def status_of(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """No answer within the time limit (httpx's TimeoutException, or a plain TimeoutError)."""
+    return isinstance(exc, TimeoutError) or any(type(e).__name__.endswith("Timeout") for e in _chain(exc))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth the same call again later: 5xx, 429 or 408 answers, no connection, no answer in time."""
+    for link in _chain(exc):
+        status = status_of(link)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        if isinstance(link, _transport_errors()):
+            return True
+    return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The error and the errors it was raised from (libraries often wrap the HTTP error)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 8:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen

@@ -1,0 +1,122 @@
+"""Time limits on network calls and UserError.transient where each network error is raised.
+
+The Hub push itself (a stalled Hub, the number of tries) is tested in tests/test_hub.py against the
+local servers of tests/hub_server.py; here the other network calls: dataset and model resolution and
+W&B's init. Nothing leaves 127.0.0.1.
+"""
+from __future__ import annotations
+
+import time
+import types
+
+import httpx2
+import pytest
+
+from rm_lib import modeling, network, sources, tracking
+from rm_lib.errors import DataError, SettingsError, UserError
+
+from hub_server import SilentServer
+
+
+@pytest.fixture
+def silent(monkeypatch):
+    """A Hub that never answers, as the endpoint of this process's Hub client, time limit 0.5 s."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "0.5")
+    with SilentServer() as srv:
+        monkeypatch.setattr(constants, "ENDPOINT", srv.url)
+        yield srv
+
+
+def test_every_hub_client_request_is_time_limited(silent):
+    """Also a request that asks for no limit (timeout=None), as several huggingface_hub calls do."""
+    from huggingface_hub.utils import get_session
+
+    network.bound_hub_client()
+    started = time.monotonic()
+    with pytest.raises(httpx2.ReadTimeout):
+        get_session().get(f"{silent.url}/api/whoami-v2", timeout=None)
+    assert time.monotonic() - started < 5 and silent.requests == ["GET /api/whoami-v2 HTTP/1.1"]
+
+
+def test_the_dataset_fingerprint_gives_up_within_the_time_limit(silent):
+    started = time.monotonic()
+    assert sources.hub_fingerprint("someone/pairs", None) is None  # the manifest records the asked revision
+    assert time.monotonic() - started < 5 and "GET /api/datasets/someone/pairs HTTP/1.1" in silent.requests
+
+
+def test_a_bad_time_limit_is_a_settings_error(monkeypatch):
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "soon")
+    with pytest.raises(SettingsError, match="RM_HUB_TIMEOUT_S='soon'"):
+        network.timeout_s()
+
+
+class HTTPError(OSError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"{status} Client Error")
+        self.response = types.SimpleNamespace(status_code=status)
+
+
+def raised_from(outer: BaseException, cause: BaseException) -> BaseException:
+    """`outer` as a library raises it: `raise outer from cause`."""
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise outer from inner
+    except BaseException as exc:
+        return exc
+
+
+DATASET_ERRORS = [  # what datasets.load_dataset raises -> transient?
+    (raised_from(ConnectionError("Couldn't reach 'a/b' on the Hub (LocalEntryNotFoundError)"),
+                 httpx2.ConnectError("connection refused")), True),
+    (raised_from(FileNotFoundError("Dataset 'a/b' doesn't exist on the Hub"), HTTPError(503)), True),
+    (raised_from(FileNotFoundError("Dataset 'a/typo' doesn't exist on the Hub"), HTTPError(404)), False),
+    (ValueError("Unknown split \"trian\". Should be one of ['train', 'test']."), False),
+]
+
+
+@pytest.mark.parametrize(("error", "transient"), DATASET_ERRORS)
+def test_hub_dataset_errors_say_whether_a_retry_can_help(error, transient, monkeypatch):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError) as raised:
+        list(sources.read_hub("a/b", "train", revision=None, subset=None))
+    assert raised.value.transient is transient and raised.value.file == "hf://a/b"
+    assert ("retryable" in str(raised.value)) is transient
+
+
+@pytest.mark.parametrize(("cause", "transient"), [(httpx2.ReadTimeout("timed out"), True), (HTTPError(404), False)])
+def test_model_resolution_errors_say_whether_a_retry_can_help(cause, transient, monkeypatch):
+    import transformers
+
+    def from_pretrained(*args, **kwargs):
+        raise raised_from(OSError("We couldn't connect to the Hub to load this model"), cause)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    with pytest.raises(SettingsError, match="cannot load 'someone/model'") as raised:
+        modeling.load_model_config("someone/model")
+    assert raised.value.transient is transient
+
+
+def test_wandb_init_is_time_limited_and_a_timeout_is_transient(monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "7")
+    calls: list[dict] = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise wandb.errors.CommError("Run initialization has timed out after 7.0 sec.")
+
+    fake = types.SimpleNamespace(init=init, Settings=lambda **kw: kw, errors=wandb.errors)
+    with pytest.raises(UserError, match="W&B did not start the run within 7 s") as raised:
+        tracking._init_wandb(fake, mode="online", project="p")
+    assert raised.value.transient and calls[0]["settings"] == {"init_timeout": 7.0}
