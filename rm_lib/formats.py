@@ -9,6 +9,7 @@ malformed messages) are returned as rejects with a reason, never dropped silentl
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,7 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
                 "bot": "assistant", "model": "assistant", "system": "system"}
 # Columns some format reads; any other column is ignored, and counted so the user sees it.
 USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected", "margin",
-                          "score_chosen", "score_rejected"})
+                          "score_chosen", "score_rejected", "subset"})
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -61,7 +62,8 @@ def parse_hh_transcript(text: str) -> list[dict]:
     """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
     parts = _HH_TURN.split(text)
     if parts[0].strip():
-        raise _Reject("malformed_transcript", "transcript does not start with a '\\n\\nHuman:' or '\\n\\nAssistant:' turn")
+        raise _Reject("malformed_transcript",
+                      "transcript does not start with a '\\n\\nHuman:' or '\\n\\nAssistant:' turn")
     messages = []
     for speaker, content in zip(parts[1::2], parts[2::2]):
         messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
@@ -103,6 +105,8 @@ def _margin(row: dict, *, file: str, row_number: int) -> float | None:
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise DataError(f"expected a number, got {value!r}", file=file, row=row_number, field=key)
+        if value is not None and not math.isfinite(value):  # JSON NaN/Infinity, Parquet NaN: would poison the loss
+            raise DataError(f"expected a finite number, got {value!r}", file=file, row=row_number, field=key)
     if row.get("margin") is not None:
         return float(row["margin"])
     if row.get("score_chosen") is not None and row.get("score_rejected") is not None:
@@ -120,6 +124,8 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     """One source row -> one normalised pair. Raises DataError (bad structure) or _Reject."""
     pair_id = f"{file}:{row_number}"
     margin = _margin(row, file=file, row_number=row_number)
+    # an optional category (RewardBench's `subset`): evaluate reports accuracy per subset
+    subset = {"subset": str(row["subset"])} if row.get("subset") not in (None, "") else {}
     if fmt == "pretokenized":
         chosen = _token_ids(row["input_ids_chosen"], "input_ids_chosen", file=file, row_number=row_number)
         rejected = _token_ids(row["input_ids_rejected"], "input_ids_rejected", file=file, row_number=row_number)
@@ -127,18 +133,21 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             raise _Reject("empty_side")
         if chosen == rejected:
             raise _Reject("identical", "chosen is identical to rejected")
-        return {"id": pair_id, "input_ids_chosen": chosen, "input_ids_rejected": rejected, "margin": margin}
+        return {"id": pair_id, "input_ids_chosen": chosen, "input_ids_rejected": rejected, "margin": margin,
+                **subset}
     for key in ("prompt", "chosen", "rejected"):
         if key in row and fmt.endswith("text") and not isinstance(row[key], str):
             raise DataError(f"expected a string like the other rows of this file, got {type(row[key]).__name__}",
                             file=file, row=row_number, field=key)
-    if fmt == "implicit_text":
-        prompt, chosen, rejected = split_shared_prefix(parse_hh_transcript(row["chosen"]),
-                                                       parse_hh_transcript(row["rejected"]))
-    elif fmt == "implicit_conversational":
-        prompt, chosen, rejected = split_shared_prefix(
-            _messages(row["chosen"], "chosen", file=file, row_number=row_number),
-            _messages(row["rejected"], "rejected", file=file, row_number=row_number))
+    if fmt in ("implicit_text", "implicit_conversational"):
+        if fmt == "implicit_text":
+            whole = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
+        else:
+            whole = (_messages(row["chosen"], "chosen", file=file, row_number=row_number),
+                     _messages(row["rejected"], "rejected", file=file, row_number=row_number))
+        if whole[0] == whole[1]:  # else the shared prefix would swallow both and call the sides empty
+            raise _Reject("identical", "chosen is identical to rejected")
+        prompt, chosen, rejected = split_shared_prefix(*whole)
     else:
         prompt = _messages(row["prompt"], "prompt", file=file, row_number=row_number)
         chosen = _messages(row["chosen"], "chosen", file=file, row_number=row_number)
@@ -148,7 +157,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             raise _Reject("empty_side", f"empty {side} response")
     if chosen == rejected:
         raise _Reject("identical", "chosen is identical to rejected")
-    return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
+    return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}
 
 
 class Normaliser:

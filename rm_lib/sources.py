@@ -5,14 +5,15 @@ JSONL, JSON, Parquet and CSV, each gzipped or not.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
-import io
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import DataError
 
@@ -26,82 +27,157 @@ def _base_suffix(path: Path) -> str:
     return next((s for s in SUFFIXES if name.endswith(s)), "")
 
 
-def _read_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)
+# Columns that hold numbers or token-id lists in a CSV file; every other cell stays text, and
+# message columns become lists only when the file's first row holds a JSON message list there.
+CSV_NUMBER_COLUMNS = frozenset({"margin", "score_chosen", "score_rejected"})
+CSV_LIST_COLUMNS = frozenset({"input_ids_chosen", "input_ids_rejected", "attention_mask_chosen",
+                              "attention_mask_rejected"})
+CSV_MESSAGE_COLUMNS = frozenset({"prompt", "chosen", "rejected"})
+_PARQUET_BATCH = 1024
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _gzip_error(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"corrupt or truncated gzip data ({exc}); download the file again", file=str(path))
+
+
+@contextlib.contextmanager
+def _open_binary(path: Path) -> Iterator[IO[bytes]]:
+    """The file's bytes as a stream, decompressed on the fly when it is gzipped."""
+    with (gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")) as handle:
+        yield handle
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every line, streamed. Lines end at a newline byte only, so a raw
+    U+2028, U+2029 or U+0085 inside a JSON string stays part of its row."""
+    with _open_binary(path) as handle:
+        number = 0
+        while True:
+            try:
+                raw = handle.readline()
+            except _GZIP_ERRORS as exc:
+                raise _gzip_error(path, exc) from None
+            if not raw:
+                return
+            number += 1
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not valid UTF-8 (byte {exc.start} of the line); convert the file to UTF-8",
+                                file=str(path), row=number) from None
+
+
+def _read_text(path: Path) -> str:
+    """A whole file as text, for formats that are one document (JSON)."""
+    return "".join(line for _, line in _lines(path))
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    blank = True
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        blank = False
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"corrupt or truncated gzip data ({exc}); download the file again",
-                            file=str(path)) from None
-    return data
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno}); "
+                            "the line may be half-written", file=str(path), row=number) from None
+    if blank:
+        raise DataError("the file is empty", file=str(path))
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _json_rows(path: Path) -> Rows:
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError("the file is empty", file=str(path))
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {exc.start}); convert the file to UTF-8",
-                        file=str(path), row=line) from None
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg})", file=str(path), row=exc.lineno) from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataError("expected a JSON list of rows", file=str(path))
+    yield from enumerate(data, start=1)
 
 
-def _cell(value: str) -> Any:
-    """CSV cells are text; message lists arrive JSON-encoded, numbers as digits."""
-    text = value.strip()
-    if text.startswith("[") or text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return value
+def _json_or_text(value: str) -> Any:
     try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value  # the normaliser names the row and field of a cell of the wrong type
+
+
+def _number_or_text(value: str) -> Any:
+    if not value.strip():
+        return None  # CSV has no null: an empty score cell is a missing score
+    try:
+        return float(value)
     except ValueError:
         return value
 
 
+def _is_message_list(value: str) -> bool:
+    decoded = _json_or_text(value.strip()) if value.lstrip().startswith("[") else None
+    return isinstance(decoded, list) and bool(decoded) and all(isinstance(m, dict) for m in decoded)
+
+
+def _csv_rows(path: Path) -> Rows:
+    reader = csv.DictReader(line for _, line in _lines(path))
+    messages: set[str] | None = None  # message columns, decided by the first row
+    for number, row in enumerate(reader, start=2):  # row 1 is the header
+        row = {k: v for k, v in row.items() if k is not None}
+        if messages is None:
+            messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
+        yield number, {k: _csv_cell(k, v, messages) for k, v in row.items()}
+    if messages is None and reader.fieldnames is None:
+        raise DataError("the file is empty", file=str(path))
+
+
+def _csv_cell(column: str, value: str | None, messages: set[str]) -> Any:
+    if value is None:  # a short row
+        return None
+    if column in CSV_NUMBER_COLUMNS:
+        return _number_or_text(value)
+    if column in CSV_LIST_COLUMNS or column in messages:
+        return _json_or_text(value)
+    return value
+
+
+def _parquet_rows(path: Path) -> Rows:
+    import pyarrow.parquet as pq
+
+    with _open_binary(path) as handle:
+        try:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=_PARQUET_BATCH)
+            number = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+        except Exception as exc:  # pyarrow (and a damaged gzip stream) raise many types
+            raise DataError(f"not a readable Parquet file ({exc})", file=str(path)) from None
+
+
+_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
 def read_file(path: str | Path) -> Rows:
-    """Yield (row_number, row) for every row of one local file."""
+    """Yield (row_number, row) for every row of one local file, streamed: a bad row is reported
+    as soon as it is read, and a consumer that stops early stops the reading."""
     path = Path(path)
     suffix = _base_suffix(path)
     if not suffix:
         raise DataError(f"unsupported file type; expected one of {', '.join(SUFFIXES)} (optionally .gz)",
                         file=str(path))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(_read_bytes(path)))
-        except Exception as exc:  # pyarrow raises many types for a damaged file
-            raise DataError(f"not a readable Parquet file ({exc})", file=str(path)) from None
-        yield from enumerate(table.to_pylist(), start=1)
-        return
-    text = _decode(path, _read_bytes(path))
-    if not text.strip():
-        raise DataError("the file is empty", file=str(path))
-    if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "the line may be half-written", file=str(path), row=number) from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON ({exc.msg})", file=str(path), row=exc.lineno) from None
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))
-        if not isinstance(data, list):
-            raise DataError("expected a JSON list of rows", file=str(path))
-        yield from enumerate(data, start=1)
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        for number, row in enumerate(reader, start=2):  # row 1 is the header
-            yield number, {k: _cell(v) for k, v in row.items() if k is not None}
+    yield from _READERS[suffix](path)
 
 
 def local_files(path: str | Path) -> list[Path]:
@@ -115,26 +191,44 @@ def local_files(path: str | Path) -> list[Path]:
     return files
 
 
-def split_of(path: Path, names: tuple[str, ...] = ("train", "test")) -> str | None:
-    """A folder's own split, read from a file name such as train.jsonl or test-00000.parquet."""
-    stem = path.name.lower()
-    return next((n for n in names if stem.startswith(n) or f"/{n}" in str(path).lower()), None)
+_SHARD = re.compile(r"([a-z]+)(?:-\d+(?:-of-\d+)?)?")  # train, train-00003, train-00000-of-00002
+
+
+def split_of(path: Path, root: Path | None = None, names: tuple[str, ...] = ("train", "test")) -> str | None:
+    """The split a file of a source folder holds, from exact names only (see README, Formats):
+    `<split>.<ext>`, `<split>-00000-of-00001.<ext>`, `<split>-00000.<ext>` (each optionally .gz),
+    or any file inside a sub-folder named `<split>`. `tests_data/` or `testimonials.jsonl` is no split."""
+    path = Path(path)
+    parts = path.relative_to(root).parts if root is not None and path.is_relative_to(root) else (path.name,)
+    name = parts[-1].lower().removesuffix(".gz")
+    shard = _SHARD.fullmatch(name.removesuffix(_base_suffix(Path(name))))
+    if shard and shard.group(1) in names:
+        return shard.group(1)
+    folders = [p.lower() for p in parts[:-1]]
+    return next((n for n in names if n in folders), None)
 
 
 def read_hub(name: str, split: str, *, revision: str | None, subset: str | None) -> Rows:
-    """The real `datasets.load_dataset` path that users with network use."""
+    """The real `datasets.load_dataset` path that users with network use. Each request is time-limited
+    (rm_lib.network); a Hub that cannot be reached is a transient DataError, a wrong name or split not."""
     import datasets
 
+    from . import network
+
+    network.bound_hub_client()
+    where = f"hf://{name}"
     try:
         dataset = datasets.load_dataset(name, subset, split=split, revision=revision)
-    except FileNotFoundError as exc:
-        raise DataError(f"Hub dataset not found or not reachable ({exc}); check the name and your network",
-                        file=f"hf://{name}") from None
-    except ConnectionError as exc:
-        raise DataError(f"could not reach the Hugging Face Hub ({exc}); check your network or use a local file",
-                        file=f"hf://{name}") from None
-    except ValueError as exc:  # e.g. unknown split
-        raise DataError(str(exc), file=f"hf://{name}") from None
+    except Exception as exc:  # datasets wraps the HTTP error; network.is_transient reads the chain
+        if network.is_transient(exc):
+            raise DataError(f"could not reach the Hugging Face Hub ({_first_line(exc)}); retryable: check your "
+                            "network, or use a local file", file=where, transient=True) from None
+        if isinstance(exc, FileNotFoundError):
+            raise DataError(f"Hub dataset not found ({_first_line(exc)}); check the name, and HF_TOKEN for a "
+                            "private or gated dataset", file=where) from None
+        if isinstance(exc, ValueError):  # e.g. unknown split or subset
+            raise DataError(_first_line(exc), file=where) from None
+        raise
     for number, row in enumerate(dataset, start=1):
         yield number, dict(row)
 
@@ -144,6 +238,13 @@ def hub_fingerprint(name: str, revision: str | None) -> str | None:
     try:
         from huggingface_hub import HfApi
 
+        from . import network
+
+        network.bound_hub_client()  # a stalled Hub costs the time limit, not the run
         return HfApi().dataset_info(name, revision=revision).sha
     except Exception:  # offline or private: the manifest records the asked revision instead
         return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -64,6 +64,8 @@ BROKEN_FILES = {
                                         ["row 21", "field 'prompt'"]),
     "unknown columns": ("d.jsonl", lines([{"question": "q", "good": "a", "bad": "b"}]),
                         ["row 1", "missing column(s) chosen, rejected", "found columns bad, good, question"]),
+    "one prompt for every pair": ("d.jsonl", lines([dict(r, prompt="the same question") for r in GOOD]),
+                                  ["all 20 pairs share one prompt", "download.test_split"]),
 }
 
 
@@ -80,8 +82,17 @@ def test_every_row_rejected_is_an_error_that_keeps_every_reject(tmp_path, capsys
     code, err, path = download(tmp_path, "d.jsonl", lines(rows), capsys)
     assert_user_error(code, err, f"file {path}", "5 rejected", "identical", "first: row 1:")
     pairs = Layout(tmp_path).pairs
-    assert [r["row"] for r in read_jsonl(pairs / "rejects.jsonl")] == [1, 2, 3, 4, 5]
-    assert not (pairs / "manifest.json").exists()
+    assert f"see {pairs.with_name('pairs.rejects.jsonl')}" in err
+    assert [r["row"] for r in read_jsonl(pairs.with_name("pairs.rejects.jsonl"))] == [1, 2, 3, 4, 5]
+    assert not pairs.exists()
+
+
+def test_csv_answers_that_look_like_numbers_or_lists_stay_text(tmp_path, capsys):
+    rows = "".join(f'"what is {i} + {i}?",{2 * i},"[{i}, {i}]"\n' for i in range(20))
+    code, err, _ = download(tmp_path, "d.csv", f"prompt,chosen,rejected\n{rows}".encode(), capsys)
+    assert code == 0, err
+    pairs = read_jsonl(Layout(tmp_path).pairs / "train.jsonl") + read_jsonl(Layout(tmp_path).pairs / "test.jsonl")
+    assert {p["chosen"][0]["content"] for p in pairs} == {str(2 * i) for i in range(20)}
 
 
 def test_bad_roles_set_the_row_aside_with_its_reason_and_keep_the_rest(tmp_path, capsys):

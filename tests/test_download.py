@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from conftest import ALPACA, HH, need
-from helpers import run_steps, tiny_params, write_jsonl
 from rm_lib.errors import DataError
 from rm_lib.jsonl import read_json, read_jsonl
+
+from conftest import ALPACA, HH, need
+from helpers import run_steps, tiny_params, write_jsonl
 
 
 def test_demo_is_deterministic_and_split_by_prompt(tmp_path):
@@ -15,7 +16,8 @@ def test_demo_is_deterministic_and_split_by_prompt(tmp_path):
     assert a.pairs["train"] + a.pairs["test"] == 200
     train = read_jsonl(tmp_path / "a/data/pairs/train.jsonl")
     test = read_jsonl(tmp_path / "a/data/pairs/test.jsonl")
-    prompts = lambda rows: {json.dumps(r["prompt"]) for r in rows}
+    def prompts(rows):
+        return {json.dumps(r["prompt"]) for r in rows}
     assert not prompts(train) & prompts(test)
     manifest = read_json(tmp_path / "a/data/pairs/manifest.json")
     assert manifest["content_hash"] == a.content_hash and manifest["pairs"] == a.pairs
@@ -33,8 +35,8 @@ def test_every_row_rejected_is_an_error_that_keeps_the_rejects(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 3)
     with pytest.raises(DataError, match="no usable pairs.*3 rejected"):
         run_steps(tiny_params(f"download.source={tmp_path / 'bad.jsonl'}"), tmp_path, "download")
-    assert len(read_jsonl(tmp_path / "data/pairs/rejects.jsonl")) == 3
-    assert not (tmp_path / "data/pairs/manifest.json").exists()
+    assert len(read_jsonl(tmp_path / "data/pairs.rejects.jsonl")) == 3
+    assert not (tmp_path / "data/pairs").exists()
 
 
 def test_missing_local_file(tmp_path):
@@ -80,3 +82,66 @@ def test_real_alpaca_counts_and_margins(tmp_path):
     assert result.pairs["train"] + result.pairs["test"] == 20000 and not result.rejects
     pair = read_jsonl(tmp_path / "data/pairs/test.jsonl")[0]
     assert 0.2 - 1e-9 <= pair["margin"] <= 1.0
+
+
+def _prompt_groups(tmp_path, sizes: list[int]):
+    """A source whose prompts repeat: one group of `size` pairs per entry (the issue's 75-78% for 20%)."""
+    rows = [{"prompt": f"shared prompt {g}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+            for g, size in enumerate(sizes) for i in range(size)]
+    return write_jsonl(tmp_path / "groups.jsonl", rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_lands_near_test_fraction_when_prompts_repeat(tmp_path, seed):
+    src = _prompt_groups(tmp_path, [40, 30, 20] + [1] * 30)
+    result = run_steps(tiny_params(f"download.source={src}", f"download.seed={seed}"), tmp_path, "download")["download"]
+    realised = result.pairs["test"] / (result.pairs["test"] + result.pairs["train"])
+    assert abs(realised - 0.2) <= 0.05, result.pairs
+    manifest = read_json(tmp_path / "data/pairs/manifest.json")
+    assert manifest["test_fraction_realised"] == pytest.approx(realised)
+    train = read_jsonl(tmp_path / "data/pairs/train.jsonl")
+    test = read_jsonl(tmp_path / "data/pairs/test.jsonl")
+    assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in test}
+
+
+def test_a_split_off_the_fraction_is_said_and_stops_when_strict(tmp_path):
+    src = _prompt_groups(tmp_path, [50, 50])  # the nearest split by prompt is 50%
+    result = run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")["download"]
+    assert result.pairs == {"train": 50, "test": 50}
+    assert "warning: test share 0.50" in result.summary()
+    assert "0.50" in read_json(tmp_path / "data/pairs/manifest.json")["split_warning"]
+    with pytest.raises(DataError, match=r"test share 0\.50 .*test_fraction 0\.2.*split_tolerance 0\.05"):
+        run_steps(tiny_params(f"download.source={src}", "download.strict_split=true"), tmp_path / "s", "download")
+
+
+def test_every_pair_sharing_one_prompt_is_a_clear_error(tmp_path):
+    src = _prompt_groups(tmp_path, [12])
+    with pytest.raises(DataError, match="all 12 pairs share one prompt"):
+        run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")
+
+
+def test_split_files_are_recognised_by_exact_name_only(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(10)]
+    write_jsonl(tmp_path / "src/tests_data/a.jsonl", rows[:5])
+    write_jsonl(tmp_path / "src/testimonials.jsonl", rows[5:])
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download")["download"]
+    assert result.pairs == {"train": 8, "test": 2}  # a seeded split of all ten, not a "test" folder
+    write_jsonl(tmp_path / "hf/data/train-00000-of-00001.jsonl", rows[:7])
+    write_jsonl(tmp_path / "hf/data/test-00000-of-00001.jsonl", rows[7:])
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'hf'}"), tmp_path / "o", "download")["download"]
+    assert result.pairs == {"train": 7, "test": 3}
+
+
+def test_a_failed_download_keeps_the_last_good_pairs(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    good = write_jsonl(tmp_path / "good.jsonl", rows)
+    run_steps(tiny_params(f"download.source={good}"), tmp_path, "download")
+    pairs = tmp_path / "data/pairs"
+    before = {p.name: p.read_bytes() for p in pairs.iterdir()}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 3)
+    with pytest.raises(DataError, match=f"see {tmp_path / 'data/pairs.rejects.jsonl'}"):
+        run_steps(tiny_params(f"download.source={bad}"), tmp_path, "download")
+    assert {p.name: p.read_bytes() for p in pairs.iterdir()} == before
+    assert len(read_jsonl(tmp_path / "data/pairs.rejects.jsonl")) == 3
+    run_steps(tiny_params(f"download.source={good}"), tmp_path, "download")
+    assert not (tmp_path / "data/pairs.rejects.jsonl").exists()  # no stale rejects beside a good output

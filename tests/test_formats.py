@@ -48,7 +48,8 @@ def test_conversational_implicit_and_explicit():
                            "rejected": [u, {"role": "assistant", "content": "bad"}]}])
     assert fmt == "implicit_conversational" and pairs[0]["prompt"] == [u]
     fmt, pairs, _ = norm([{"prompt": [{"role": "human", "content": "q"}],
-                           "chosen": [{"role": "gpt", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad"}]}])
+                           "chosen": [{"role": "gpt", "content": "good"}],
+                           "rejected": [{"role": "assistant", "content": "bad"}]}])
     assert fmt == "explicit_conversational"
     assert pairs[0]["prompt"][0]["role"] == "user" and pairs[0]["chosen"][0]["role"] == "assistant"
 
@@ -72,7 +73,8 @@ def test_unusable_rows_are_rejected_with_reason_not_dropped():
 
 
 def test_unknown_format_names_file_and_row():
-    with pytest.raises(DataError, match=r"file data.jsonl, row 1: unknown preference format.*missing column\(s\) rejected"):
+    with pytest.raises(DataError,
+                       match=r"file data.jsonl, row 1: unknown preference format.*missing column\(s\) rejected"):
         norm([{"chosen": "a", "answer": "b"}], file="data.jsonl")
 
 
@@ -95,3 +97,13 @@ def test_split_shared_prefix_and_transcript_parsing():
     assert msgs == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     prompt, c, r = split_shared_prefix(msgs, msgs[:1] + [{"role": "assistant", "content": "z"}])
     assert prompt == msgs[:1] and c == msgs[1:]
+
+
+def test_an_hh_pair_whose_chosen_equals_its_rejected_is_identical_not_empty():
+    transcript = "\n\nHuman: hi\n\nAssistant: hello"
+    _, pairs, rejects = norm([{"chosen": transcript, "rejected": transcript},
+                              {"chosen": transcript, "rejected": transcript + "  "}])
+    assert not pairs and [r["reason"] for r in rejects] == ["identical", "identical"]
+    u = {"role": "user", "content": "q"}
+    _, _, rejects = norm([{"chosen": [u], "rejected": [u]}])
+    assert [r["reason"] for r in rejects] == ["identical"]

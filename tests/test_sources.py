@@ -37,7 +37,8 @@ def test_csv_message_lists_are_decoded(tmp_path):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["chosen", "rejected", "margin"])
-        w.writerow([json.dumps([{"role": "user", "content": "q"}]), json.dumps([{"role": "user", "content": "r"}]), "0.5"])
+        w.writerow([json.dumps([{"role": "user", "content": "q"}]), json.dumps([{"role": "user", "content": "r"}]),
+                    "0.5"])
     (_, row), = read_file(path)
     assert row["chosen"][0]["content"] == "q" and row["margin"] == 0.5
 
@@ -65,3 +66,120 @@ def test_not_utf8_and_empty(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="the file is empty"):
         list(read_file(empty))
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085"])
+def test_a_raw_line_separator_inside_a_string_is_text_not_a_line_break(tmp_path, char):
+    row = {"prompt": f"first{char}second", "chosen": "a", "rejected": "b"}
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps(row, ensure_ascii=False) + "\n" + json.dumps(ROW) + "\n").encode())
+    assert [r for _, r in read_file(path)] == [row, ROW]
+
+
+def test_csv_text_stays_text_unless_the_column_is_declared(tmp_path):
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "note"])
+        w.writerow(["How much is 5 + 5?", "10", "[1, 2, 3]", "2", "0.5", "7"])
+        w.writerow(["And 1e3?", "1e3", '{"a": 1}', "", "", "x"])
+    (_, first), (_, second) = read_file(path)
+    assert first == {"prompt": "How much is 5 + 5?", "chosen": "10", "rejected": "[1, 2, 3]",
+                     "score_chosen": 2.0, "score_rejected": 0.5, "note": "7"}
+    assert second["chosen"] == "1e3" and second["rejected"] == '{"a": 1}' and second["score_chosen"] is None
+
+
+def test_csv_token_id_columns_are_lists(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text('input_ids_chosen,input_ids_rejected,margin\n"[1, 2]","[1, 3]",1\n')
+    (_, row), = read_file(path)
+    assert row == {"input_ids_chosen": [1, 2], "input_ids_rejected": [1, 3], "margin": 1.0}
+
+
+def test_split_files_have_exact_names():
+    from pathlib import Path
+
+    from rm_lib.sources import split_of
+
+    root = Path("/data/src")
+    named = {"train.jsonl": "train", "test.jsonl.gz": "test", "data/test-00000-of-00001.parquet": "test",
+             "train-00003.csv": "train", "train/0000.parquet": "train", "Test.JSON": "test",
+             "testimonials.jsonl": None, "tests_data/a.jsonl": None, "training.jsonl": None,
+             "contest.jsonl": None, "test_results/train_notes.csv": None}
+    assert {name: split_of(root / name, root) for name in named} == named
+    assert split_of(Path("/home/test/prefs.jsonl"), Path("/home/test")) is None  # only names under the source count
+
+
+def test_parquet_is_read_by_batches_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(2500)]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=300)
+    out = list(read_file(path))
+    assert [n for n, _ in out] == list(range(1, 2501)) and [r for _, r in out] == rows
+    gz = tmp_path / "d.parquet.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert [r for _, r in read_file(gz)] == rows
+
+
+def _peak_rss_growth(fn):
+    """Run fn() and return (its result or exception, the most RSS it added, seconds taken)."""
+    import threading
+    import time
+
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    base = proc.memory_info().rss
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss - base)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        outcome = fn()
+    except Exception as exc:  # the caller checks which error it was
+        outcome = exc
+    elapsed = time.perf_counter() - start
+    done.set()
+    thread.join()
+    return outcome, peak[0], elapsed
+
+
+@pytest.fixture(scope="module")
+def big_jsonl(tmp_path_factory):
+    """About 200 MB of good rows."""
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    with open(path, "wb") as f:
+        for block in range(200):
+            f.write("".join(json.dumps({"prompt": f"{block}.{i} " + "p" * 1000, "chosen": "a" * 1000,
+                                        "rejected": "b" * 1000}) + "\n" for i in range(330)).encode())
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_an_error_in_row_3_of_a_huge_file_is_found_without_reading_it_all(tmp_path, big_jsonl, gz):
+    import shutil
+
+    path = tmp_path / ("bad.jsonl.gz" if gz else "bad.jsonl")
+    with open(big_jsonl, "rb") as src, (gzip.open(path, "wb", compresslevel=1) if gz else open(path, "wb")) as out:
+        out.write(src.readline() * 2 + b'{"prompt": "half\n')
+        shutil.copyfileobj(src, out, 1 << 24)
+    outcome, grew, seconds = _peak_rss_growth(lambda: list(read_file(path)))
+    assert isinstance(outcome, DataError) and "row 3: not valid JSON" in str(outcome)
+    assert grew < 60e6 and seconds < 5, (grew, seconds)
+
+
+def test_max_rows_stops_reading_a_huge_file_early(tmp_path, big_jsonl):
+    from helpers import run_steps, tiny_params
+
+    params = tiny_params(f"download.source={big_jsonl}", "download.max_rows=10")
+    outcome, grew, seconds = _peak_rss_growth(lambda: run_steps(params, tmp_path, "download")["download"])
+    assert not isinstance(outcome, Exception), outcome
+    assert outcome.rows_read == 10 and grew < 60e6 and seconds < 5, (grew, seconds)

@@ -1,9 +1,11 @@
 """download: source -> normalised pairs split into train/test, rejects and a manifest."""
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from ..atomic import atomic_dir, write_json, write_jsonl
 from ..errors import DataError
 from ..hashing import tree_sha256
 from ..layout import SPLITS, Layout
-from ..settings import Params
+from ..settings import DownloadSettings, Params
 
 
 @dataclass
@@ -28,6 +30,7 @@ class DownloadResult:
     revision: str | None = None
     ignored_columns: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    warning: str | None = None  # the split is off test_fraction by more than download.split_tolerance
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -35,7 +38,8 @@ class DownloadResult:
         ignored = f"; ignored columns {', '.join(sorted(self.ignored_columns))}" if self.ignored_columns else ""
         return (f"download: {self.rows_read} rows from {self.source} ({', '.join(self.formats)}) -> "
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
-                f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}")
+                f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}"
+                + (f"\nwarning: {self.warning}" if self.warning else ""))
 
 
 def _source_kind(source: str) -> str:
@@ -48,98 +52,155 @@ def _source_kind(source: str) -> str:
     return "hub"
 
 
-def _head(rows, limit: int | None):
-    for i, item in enumerate(rows):
-        if limit is not None and i >= limit:
-            return
-        yield item
+def _head(rows: Iterable, limit: int | None) -> Iterator:
+    """The first `limit` rows; reads no row past them (a bad row after the limit is never seen)."""
+    return iter(rows) if limit is None else itertools.islice(rows, limit)
 
 
-def _grouped_split(pairs: list[dict], fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Seeded split by prompt, so no prompt is in both train and test."""
-    def key(pair: dict) -> str:
-        return json.dumps(pair.get("prompt", pair["id"]), sort_keys=True)
+def _prompt_key(pair: dict) -> str:
+    return json.dumps(pair.get("prompt", pair["id"]), sort_keys=True)
 
-    groups = sorted({key(p) for p in pairs})
+
+def _pick_test_groups(counts: Counter[str], fraction: float, seed: int) -> set[str]:
+    """Whole prompt groups, in a seeded order, taken while they fit under the target pair count;
+    then the one group that brings the count closest to it, if it helps. Both splits keep a group."""
+    groups = sorted(counts)
     random.Random(seed).shuffle(groups)
-    target, test_keys, taken = round(len(pairs) * fraction), set(), 0
-    counts = Counter(key(p) for p in pairs)
+    target, taken, test = sum(counts.values()) * fraction, 0, set()
     for group in groups:
-        if taken >= target:
-            break
-        test_keys.add(group)
-        taken += counts[group]
-    return {"train": [p for p in pairs if key(p) not in test_keys],
-            "test": [p for p in pairs if key(p) in test_keys]}
+        if taken + counts[group] <= target:
+            test.add(group)
+            taken += counts[group]
+    rest = [g for g in groups if g not in test]
+    best = min(rest, key=lambda g: abs(taken + counts[g] - target))
+    if not test or (len(rest) > 1 and abs(taken + counts[best] - target) < target - taken):
+        test.add(best)
+    return test
+
+
+def _grouped_split(pairs: list[dict], fraction: float, seed: int, source: str) -> dict[str, list[dict]]:
+    """Seeded split by prompt, so no prompt is in both train and test, near `fraction` of the pairs."""
+    counts = Counter(_prompt_key(p) for p in pairs)
+    if len(counts) == 1 and len(pairs) > 1:
+        raise DataError(f"all {len(pairs)} pairs share one prompt, so a split by prompt cannot hold out a test "
+                        "set; give the source's own test split (download.test_split or a test file) or more prompts",
+                        file=source)
+    test_keys = _pick_test_groups(counts, fraction, seed) if len(counts) > 1 else set()
+    return {"train": [p for p in pairs if _prompt_key(p) not in test_keys],
+            "test": [p for p in pairs if _prompt_key(p) in test_keys]}
+
+
+def _split_warning(seeded: dict[str, list[dict]], cfg: DownloadSettings) -> str | None:
+    """A sentence when the seeded split's test share is off test_fraction by more than the tolerance."""
+    total = sum(len(v) for v in seeded.values())
+    share = len(seeded["test"]) / total if total else cfg.test_fraction
+    if abs(share - cfg.test_fraction) <= cfg.split_tolerance + 1e-12:
+        return None
+    largest = max(Counter(_prompt_key(p) for v in seeded.values() for p in v).values())
+    return (f"test share {share:.2f} of {total} pairs is off test_fraction {cfg.test_fraction} by more than "
+            f"download.split_tolerance {cfg.split_tolerance}: prompts repeat (the largest prompt holds {largest} "
+            "pairs) and a prompt is never in both splits")
+
+
+def _inputs(cfg: DownloadSettings, kind: str) -> tuple[list[tuple[str, object, str | None]], str | None]:
+    """(label, rows, own split or None) for every input, and the revision the manifest records."""
+    if kind == "demo":
+        return [("demo", enumerate(demo.demo_pairs(cfg.demo_pairs, seed=cfg.seed), start=1), None)], cfg.revision
+    if kind == "local":
+        files = sources.local_files(cfg.source)
+        root = Path(cfg.source)
+        own = {f: sources.split_of(f, root) for f in files} if len(files) > 1 else {files[0]: None}
+        use_own = any(s == "test" for s in own.values())
+        return [(str(f), sources.read_file(f), own[f] if use_own else None) for f in files], cfg.revision
+    revision = sources.hub_fingerprint(cfg.source, cfg.revision) or cfg.revision
+    inputs = [(f"hf://{cfg.source}", sources.read_hub(cfg.source, cfg.train_split, revision=cfg.revision,
+                                                      subset=cfg.subset), "train" if cfg.test_split else None)]
+    if cfg.test_split:
+        inputs.append((f"hf://{cfg.source}", sources.read_hub(cfg.source, cfg.test_split, revision=cfg.revision,
+                                                              subset=cfg.subset), "test"))
+    return inputs, revision
+
+
+@dataclass
+class _Read:
+    by_split: dict[str | None, list[dict]] = field(default_factory=lambda: {None: [], "train": [], "test": []})
+    rejects: list[dict] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
+    ignored: Counter[str] = field(default_factory=Counter)
+    rows: int = 0
+
+
+def _read(inputs: list[tuple[str, object, str | None]], max_rows: int | None) -> _Read:
+    read = _Read()
+    for label, rows, split in inputs:
+        normaliser = formats.Normaliser(label)
+        try:
+            for outcome, record in normaliser(_head(rows, max_rows)):
+                read.rows += 1
+                (read.by_split[split] if outcome == "pair" else read.rejects).append(record)
+        finally:
+            getattr(rows, "close", lambda: None)()  # a file left early (max_rows, an error) is closed now
+        read.ignored.update(normaliser.ignored_columns)
+        if normaliser.format and normaliser.format not in read.formats:
+            read.formats.append(normaliser.format)
+    return read
+
+
+def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], source: str, layout: Layout) -> None:
+    """No usable pair for a split: the last good output stays as it was; the rejects go beside it."""
+    beside = _failed_rejects(layout)
+    write_jsonl(beside, read.rejects)
+    counts = dict(Counter(r["reason"] for r in read.rejects))
+    first = f"; first: row {read.rejects[0]['row']}: {read.rejects[0]['detail']}" if read.rejects else ""
+    raise DataError(
+        f"no usable pairs for {'train' if not splits['train'] else 'test'} after reading {read.rows} rows "
+        f"({len(read.rejects)} rejected: {counts or 'none'}{first}; see {beside})", file=source)
+
+
+def _failed_rejects(layout: Layout) -> Path:
+    return layout.pairs.with_name(f"{layout.pairs.name}.rejects.jsonl")
 
 
 def run(params: Params, layout: Layout) -> DownloadResult:
     cfg = params.download
     kind = _source_kind(cfg.source)
-    # (label, rows, own split or None) for every input
-    inputs: list[tuple[str, object, str | None]] = []
-    revision = cfg.revision
-    if kind == "demo":
-        rows = enumerate(demo.demo_pairs(cfg.demo_pairs, seed=cfg.seed), start=1)
-        inputs.append(("demo", rows, None))
-    elif kind == "local":
-        files = sources.local_files(cfg.source)
-        own = {f: sources.split_of(f) for f in files} if len(files) > 1 else {files[0]: None}
-        use_own = any(s == "test" for s in own.values())
-        for path in files:
-            inputs.append((str(path), sources.read_file(path), own[path] if use_own else None))
-    else:
-        revision = sources.hub_fingerprint(cfg.source, cfg.revision) or cfg.revision
-        inputs.append((f"hf://{cfg.source}", sources.read_hub(cfg.source, cfg.train_split, revision=cfg.revision,
-                                                              subset=cfg.subset), "train" if cfg.test_split else None))
-        if cfg.test_split:
-            inputs.append((f"hf://{cfg.source}", sources.read_hub(cfg.source, cfg.test_split, revision=cfg.revision,
-                                                                  subset=cfg.subset), "test"))
-
-    by_split: dict[str | None, list[dict]] = {None: [], "train": [], "test": []}
-    rejects: list[dict] = []
-    seen_formats: list[str] = []
-    ignored: Counter[str] = Counter()
-    rows_read = 0
-    for label, rows, split in inputs:
-        normaliser = formats.Normaliser(label)
-        for outcome, record in normaliser(_head(rows, cfg.max_rows)):
-            rows_read += 1
-            (by_split[split] if outcome == "pair" else rejects).append(record)
-        ignored.update(normaliser.ignored_columns)
-        if normaliser.format and normaliser.format not in seen_formats:
-            seen_formats.append(normaliser.format)
-
-    splits = {"train": by_split["train"], "test": by_split["test"]}
-    if by_split[None]:
-        seeded = _grouped_split(by_split[None], cfg.test_fraction, cfg.seed)
+    inputs, revision = _inputs(cfg, kind)
+    read = _read(inputs, cfg.max_rows)
+    splits = {"train": read.by_split["train"], "test": read.by_split["test"]}
+    warning = None
+    if read.by_split[None]:
+        seeded = _grouped_split(read.by_split[None], cfg.test_fraction, cfg.seed, cfg.source)
+        warning = _split_warning(seeded, cfg) if seeded["train"] and seeded["test"] else None
+        if warning and cfg.strict_split:
+            raise DataError(f"{warning}; loosen download.split_tolerance, set download.strict_split=false, "
+                            "or give the source's own test split", file=cfg.source)
         splits = {s: splits[s] + seeded[s] for s in SPLITS}
-
-    reject_counts = dict(Counter(r["reason"] for r in rejects))
     if not splits["train"] or not splits["test"]:
-        # Keep the rejects where the user can read them, and leave nothing that looks complete.
-        with atomic_dir(layout.pairs) as out:
-            write_jsonl(out / "rejects.jsonl", rejects)
-        first = f"; first: row {rejects[0]['row']}: {rejects[0]['detail']}" if rejects else ""
-        raise DataError(
-            f"no usable pairs for {'train' if not splits['train'] else 'test'} after reading {rows_read} rows "
-            f"({len(rejects)} rejected: {reject_counts or 'none'}{first}; see {layout.pairs / 'rejects.jsonl'})",
-            file=cfg.source)
+        _fail_without_pairs(read, splits, cfg.source, layout)
+    return _write(cfg, kind, revision, read, splits, warning, layout)
+
+
+def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, splits: dict[str, list[dict]],
+           warning: str | None, layout: Layout) -> DownloadResult:
+    reject_counts = dict(Counter(r["reason"] for r in read.rejects))
+    pairs = {s: len(splits[s]) for s in SPLITS}
+    realised = pairs["test"] / (pairs["train"] + pairs["test"])
     with atomic_dir(layout.pairs) as out:
-        write_jsonl(out / "rejects.jsonl", rejects)
+        write_jsonl(out / "rejects.jsonl", read.rejects)
         for split in SPLITS:
             write_jsonl(out / f"{split}.jsonl", splits[split])
         content_hash = tree_sha256(out, [f"{s}.jsonl" for s in SPLITS])
-        result = DownloadResult(source=cfg.source, kind=kind, formats=seen_formats, rows_read=rows_read,
-                                pairs={s: len(splits[s]) for s in SPLITS}, rejects=reject_counts,
-                                content_hash=content_hash, output_dir=layout.pairs, revision=revision,
-                                ignored_columns=dict(sorted(ignored.items())))
+        result = DownloadResult(source=cfg.source, kind=kind, formats=read.formats, rows_read=read.rows,
+                                pairs=pairs, rejects=reject_counts, content_hash=content_hash,
+                                output_dir=layout.pairs, revision=revision,
+                                ignored_columns=dict(sorted(read.ignored.items())), warning=warning)
         write_json(out / "manifest.json", {
             "source": cfg.source, "kind": kind, "revision": revision, "subset": cfg.subset,
-            "formats": seen_formats, "rows_read": rows_read, "pairs": result.pairs,
-            "rejected": len(rejects), "rejects_by_reason": reject_counts, "content_hash": content_hash,
-            "ignored_columns": result.ignored_columns,
-            "split": "source" if not by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
-                                                          f"seed={cfg.seed}"})
+            "formats": read.formats, "rows_read": read.rows, "pairs": pairs,
+            "rejected": len(read.rejects), "rejects_by_reason": reject_counts, "content_hash": content_hash,
+            "ignored_columns": result.ignored_columns, "test_fraction_realised": realised,
+            "split_warning": warning,
+            "split": "source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
+                                                               f"seed={cfg.seed}"})
+    _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
-
