@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    from rm_lib.steps import train
+    from rm_lib import steps  # its run() holds the train lock of the folder and checks the input chain
 
     with _pipes() as pipes:
         def forward(record: dict) -> None:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             params = load_params(args.params, args.overrides)
-            result = train.run(params, Layout(Path(args.root)), on_log=forward if pipes else None)
+            result = steps.run("train", params, Layout(Path(args.root)), on_log=forward if pipes else None)
         except UserError as exc:
             if pipes:
                 pipes.report_custom_message({"error": str(exc)})

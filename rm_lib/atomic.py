@@ -4,11 +4,61 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+# Temporaries are named .<name>.<pid>@<host>.<random>.tmp: a later writer can tell that the one who
+# made it is dead (a kill -9 runs no clean-up) and remove it. A pid is judged on its own host only.
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_OWNER = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.\w+\.tmp$")
+
+
+def _prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}@{HOST}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _stale(entry: str, unowned: bool) -> bool:
+    owner = _OWNER.search(entry)
+    if owner is None:  # an older rm_lib's name (a .old may be the only complete copy: atomic_dir clears it)
+        return unowned and entry.endswith(".tmp")
+    return owner["host"] == HOST and not _alive(int(owner["pid"]))
+
+
+def remove_stale(folder: str | Path, name: str | None = None, *, unowned: bool = False) -> list[Path]:
+    """Remove the temporaries in `folder` (of output `name`, or of any) whose writer died. `unowned`
+    also removes those that name no writer: only for a caller that knows none is alive (a step's lock)."""
+    folder = Path(folder)
+    try:
+        entries = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    start = "." if name is None else f".{name}."
+    removed = []
+    for entry in entries:
+        if entry.startswith(start) and _stale(entry, unowned):
+            path = folder / entry
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -16,7 +66,8 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
@@ -36,7 +87,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces `path` whole when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
     except BaseException:
@@ -64,3 +116,11 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
             count += 1
     return count
+
+
+def share_tree(folder: str | Path) -> None:
+    """The one mode policy for outputs, whatever wrote them (safetensors writes 0600): 0644 files, 0755 folders."""
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)

@@ -5,6 +5,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "test")
+# The Layout properties each step writes: its lock covers them, and its start clears their stale temporaries.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "download": ("pairs",), "tokenize": ("tokenized",), "filter": ("filtered",),
+    "train": ("model", "checkpoints", "train_logs"), "evaluate": ("evaluation",), "push": ("release",)}
 
 
 @dataclass(frozen=True)
@@ -42,3 +46,9 @@ class Layout:
     @property
     def release(self) -> Path:  # push: exactly what is (or would be) uploaded
         return self.root / "data" / "release"
+
+    def outputs(self, step: str) -> tuple[Path, ...]:
+        return tuple(getattr(self, name) for name in OUTPUTS[step])
+
+    def lock(self, step: str) -> Path:  # held while `step` runs in this folder (rm_lib/locking.py)
+        return self.root / ".rm_lib" / "locks" / f"{step}.lock"

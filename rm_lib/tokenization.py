@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import templates
+from .errors import DataError
+
+PRETOKENIZED_FIELDS = ("input_ids_chosen", "input_ids_rejected")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,19 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     prefix = tuple(full[:start])
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     return SpecialTokens(prefix=prefix, end=end)
+
+
+def check_token_ids(pairs: list[dict], vocab_size: int, *, file: str) -> None:
+    """Pretokenized ids index the model's embeddings: one outside 0..vocab_size-1 would crash training,
+    so it stops here, named by the pairs file's row (1-based), the field and the pair's source row."""
+    for row, pair in enumerate(pairs, start=1):
+        for field in PRETOKENIZED_FIELDS:
+            ids = pair.get(field)
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                bad = next(i for i in ids if not 0 <= i < vocab_size)
+                raise DataError(f"token id {bad} is outside the model's vocabulary (ids 0 to {vocab_size - 1}) in "
+                                f"pair {pair['id']}; pretokenized ids must come from the model's own tokenizer",
+                                file=file, row=row, field=field)
 
 
 def add_special(ids: list[int], special: SpecialTokens) -> list[int]:
@@ -60,7 +76,7 @@ def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: Sp
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
                      "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),
-                     "prompt_length": prompt_len, "margin": pair.get("margin")})
+                     "prompt_length": prompt_len, "margin": pair.get("margin"), "subset": pair.get("subset")})
     return rows
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from .atomic import atomic_file
 
 COLUMNS = ("id", "input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected",
-           "prompt_length", "margin")
+           "prompt_length", "margin", "subset")
 
 
 def _schema():
@@ -15,7 +15,7 @@ def _schema():
     ids = pa.list_(pa.int32())
     return pa.schema([("id", pa.string()), ("input_ids_chosen", ids), ("attention_mask_chosen", pa.list_(pa.int8())),
                       ("input_ids_rejected", ids), ("attention_mask_rejected", pa.list_(pa.int8())),
-                      ("prompt_length", pa.int32()), ("margin", pa.float64())])
+                      ("prompt_length", pa.int32()), ("margin", pa.float64()), ("subset", pa.string())])
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:

@@ -1,2 +1,50 @@
 """One module per pipeline step. Each exposes `run(params, layout) -> result`; the CLI, the DVC
-stages and the Dagster assets all call these and nothing else."""
+stages and the Dagster assets all go through `run(name, params, layout)` below and nothing else."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Any
+
+from .. import chain
+from ..atomic import remove_stale
+from ..layout import Layout
+from ..locking import step_lock
+from ..settings import Params
+
+PIPELINE: tuple[str, ...] = ("download", "tokenize", "filter", "train", "evaluate", "push")
+
+
+def module(name: str) -> Any:
+    """The module of step `name` (imported on first use: steps pull in torch and transformers)."""
+    if name not in PIPELINE:
+        raise ValueError(f"unknown step {name!r}; the steps are {', '.join(PIPELINE)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _first_of_its_launch() -> bool:
+    """accelerate/torchrun start one process per device for the same step: only rank 0 locks."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _remove_stale_temporaries(name: str, layout: Layout) -> None:
+    """Under the step's lock no other writer of its outputs is alive: whatever temporaries they hold
+    were left by killed runs, also those named before temporaries carried their writer's pid."""
+    for output in layout.outputs(name):
+        remove_stale(output.parent, output.name, unowned=True)
+        remove_stale(output, unowned=True)
+
+
+def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
+    """Run one step on `layout` with `params`, alone in this folder (StepRunning otherwise) and only on
+    input whose chain still holds (chain.StaleInput); returns the step's result (it has `.summary()`).
+    `options` go to the step's own `run` (train: `on_log`)."""
+    if name not in PIPELINE:
+        module(name)  # the unknown-step error
+    lock = step_lock(layout, name) if _first_of_its_launch() else contextlib.nullcontext()
+    with lock:  # taken before the step's heavy imports: a refusal comes at once
+        if _first_of_its_launch():
+            _remove_stale_temporaries(name, layout)
+        chain.check(name, layout)
+        return module(name).run(params, layout, **options)

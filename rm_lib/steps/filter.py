@@ -54,7 +54,8 @@ def run(params: Params, layout: Layout) -> FilterResult:
                                 file=str(layout.tokenized / f"{split}.parquet"))
             write_rows(out / f"{split}.parquet", outcome.kept)
             all_dropped += [dict(d, split=split) for d in outcome.dropped]
-            kept[split], dropped[split], truncated[split] = len(outcome.kept), outcome.dropped_by_reason, outcome.truncated
+            kept[split], dropped[split] = len(outcome.kept), outcome.dropped_by_reason
+            truncated[split] = outcome.truncated
         write_jsonl(out / "dropped.jsonl", all_dropped)
         plots.length_histograms(lengths, {"prompt": cfg.max_prompt_token_length, "chosen": cfg.max_token_length,
                                           "rejected": cfg.max_token_length}, out / "lengths.png",
@@ -64,6 +65,7 @@ def run(params: Params, layout: Layout) -> FilterResult:
             "policy": cfg.policy, "max_token_length": cfg.max_token_length,
             "max_prompt_token_length": cfg.max_prompt_token_length, "kept": kept, "dropped_by_reason": dropped,
             "truncated": truncated, "content_hash": content_hash,
-            "special_prefix": meta["special_prefix"], "pad_token_id": meta["pad_token_id"]})
+            "special_prefix": meta["special_prefix"], "pad_token_id": meta["pad_token_id"],
+            "inputs": {"tokenized": meta["content_hash"]}})
     return FilterResult(policy=cfg.policy, kept=kept, dropped=dropped, truncated=truncated,
                         content_hash=content_hash, output_dir=layout.filtered, plot=layout.filtered / "lengths.png")

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import templates, tokenization
+from .. import chain, templates, tokenization
 from ..atomic import atomic_dir, write_json
 from ..hashing import tree_sha256
-from ..jsonl import read_json, read_jsonl
+from ..jsonl import read_jsonl
 from ..layout import SPLITS, Layout
-from ..modeling import load_tokenizer, resolve_model_path
+from ..modeling import load_model_config, load_tokenizer, resolve_model_path
 from ..settings import Params
 from ..tokenstore import write_rows
 
@@ -27,8 +27,15 @@ class TokenizeResult:
                 f"{self.tokens['train'] + self.tokens['test']} tokens -> {self.output_dir}")
 
 
+def vocab_size(params: Params, tokenizer) -> int:
+    """How many embedding rows the model has (what pretokenized ids index); the tokenizer's length otherwise."""
+    config = load_model_config(params.model.name_or_path, revision=params.model.revision,
+                               trust_remote_code=params.model.trust_remote_code)
+    return getattr(config.get_text_config(), "vocab_size", None) or len(tokenizer)
+
+
 def run(params: Params, layout: Layout) -> TokenizeResult:
-    read_json(layout.pairs / "manifest.json")  # the download step finished
+    made_from = chain.inputs(layout, "pairs")  # the download step finished; recorded as what these ids come from
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
     template = templates.resolve(params.tokenize.template, tokenizer)
@@ -36,7 +43,10 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
     counts, tokens = {}, {}
     with atomic_dir(layout.tokenized) as out:
         for split in SPLITS:
-            pairs = read_jsonl(layout.pairs / f"{split}.jsonl")
+            source = layout.pairs / f"{split}.jsonl"
+            pairs = read_jsonl(source)
+            if any("input_ids_chosen" in p for p in pairs):  # pretokenized ids bypass the tokenizer: check them
+                tokenization.check_token_ids(pairs, vocab_size(params, tokenizer), file=str(source))
             rows = tokenization.tokenize_pairs(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
                                                num_proc=params.tokenize.num_proc,
                                                tokenizer_path=resolve_model_path(params.model.name_or_path))
@@ -47,6 +57,6 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
         write_json(out / "manifest.json", {
             "model": params.model.name_or_path, "template": template, "rows": counts, "tokens": tokens,
             "special_prefix": list(special.prefix), "end_token_id": special.end,
-            "pad_token_id": tokenizer.pad_token_id, "content_hash": content_hash})
+            "pad_token_id": tokenizer.pad_token_id, "content_hash": content_hash, "inputs": made_from})
     return TokenizeResult(template=template, rows=counts, tokens=tokens, content_hash=content_hash,
                           output_dir=layout.tokenized)

@@ -1,0 +1,105 @@
+"""What each output was made from. Every step's record (its manifest) holds the content hash of what
+it wrote and, under `inputs`, the content hash of the output it read; before a step runs, every link
+upstream of its input must still hold, or the step would build on data that no longer matches
+(a tokenize killed after a new download: filter would filter the old tokens under the new name)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .jsonl import read_json
+from .layout import Layout
+
+
+class StaleInput(UserError):
+    """An output was made from other data than its upstream folder holds now."""
+
+
+@dataclass(frozen=True)
+class Link:
+    output: str  # the Layout property of the folder
+    record: str  # its file that holds `content_hash` and `inputs`
+    step: str  # the step that writes it
+    made_from: str  # a different version of this output, in words: "other pairs"
+    upstream: str | None = None
+
+
+CHAIN = (Link("pairs", "manifest.json", "download", "other pairs"),
+         Link("tokenized", "manifest.json", "tokenize", "other token ids", "pairs"),
+         Link("filtered", "manifest.json", "filter", "other filtered pairs", "tokenized"),
+         Link("model", "rm_lib.json", "train", "another model", "filtered"),
+         Link("evaluation", "report.json", "evaluate", "another evaluation", "model"))
+READS = {"tokenize": "pairs", "filter": "tokenized", "train": "filtered", "evaluate": "model", "push": "evaluation"}
+STEPS = [link.step for link in CHAIN] + ["push"]
+UPSTREAMS = {link.upstream for link in CHAIN}  # the outputs another is made from: their records need a content_hash
+
+
+def inputs(layout: Layout, upstream: str) -> dict[str, str]:
+    """The `inputs` entry of a record made from `upstream` (a Layout property) as it is now."""
+    link = next(link for link in CHAIN if link.output == upstream)
+    return {upstream: read_json(getattr(layout, upstream) / link.record)["content_hash"]}
+
+
+def _rerun(first: str, step: str) -> str:
+    """`rerun tokenize`, or `rerun tokenize, then filter and train` when later steps built on it too."""
+    later = STEPS[STEPS.index(first) + 1:STEPS.index(step)]
+    if not later:
+        return f"rerun {first}"
+    listed = later[0] if len(later) == 1 else f"{', '.join(later[:-1])} and {later[-1]}"
+    return f"rerun {first}, then {listed}"
+
+
+def _records(layout: Layout, links: list[Link]) -> dict[str, dict]:
+    """The records that exist (a missing one is the step's own "run ... first" error, or nothing to check)."""
+    found = {}
+    for link in links:
+        path = getattr(layout, link.output) / link.record
+        if path.exists():
+            found[link.output] = read_json(path)
+    return found
+
+
+def check(step: str, layout: Layout) -> None:
+    """Refuse to run `step` on input whose chain back to the pairs does not hold, naming the step to rerun."""
+    if step not in READS:
+        return
+    links = list(CHAIN[:[link.output for link in CHAIN].index(READS[step]) + 1])
+    records = _records(layout, links)
+    for link in links:  # upstream first: the earliest broken link is the first step to rerun
+        if link.output in records:
+            _check_link(link, records, layout, step)
+    if step == "push":
+        _check_summary(layout, records.get("model"))
+
+
+def _check_link(link: Link, records: dict[str, dict], layout: Layout, step: str) -> None:
+    path: Path = getattr(layout, link.output)
+    record = records[link.output]
+    if link.output in UPSTREAMS and "content_hash" not in record:
+        raise StaleInput(f"{path / link.record} records no content hash (an older rm_lib wrote it); "
+                         f"{_rerun(link.step, step)}")
+    if link.upstream is None or link.upstream not in records:
+        return
+    recorded = record.get("inputs", {}).get(link.upstream)
+    if recorded is None:
+        raise StaleInput(f"{path / link.record} does not record which {_noun(link.upstream)} it was made from "
+                         f"(an older rm_lib wrote it); {_rerun(link.step, step)}")
+    if recorded != records[link.upstream]["content_hash"]:
+        upstream = next(u for u in CHAIN if u.output == link.upstream)
+        raise StaleInput(f"{path} was made from {upstream.made_from} than {getattr(layout, link.upstream)} "
+                         f"holds now; {_rerun(link.step, step)}")
+
+
+def _noun(output: str) -> str:
+    return next(link.made_from for link in CHAIN if link.output == output).removeprefix("other ").removeprefix(
+        "another ")
+
+
+def _check_summary(layout: Layout, model: dict | None) -> None:
+    """The model card quotes data/train/run.json and summary.json: they must be of the run that made the model."""
+    for record in (layout.train_logs / "run.json", layout.train_logs / "summary.json"):
+        if model is None or not record.exists():
+            continue
+        if read_json(record).get("fingerprint") != model.get("fingerprint"):
+            raise StaleInput(f"{record} describes another training run than {layout.model} holds; rerun train")

@@ -1,0 +1,61 @@
+"""One run of a step per project folder: an flock on <root>/.rm_lib/locks/<step>.lock.
+
+The kernel drops an flock when its process ends, however it ends (kill -9 included), so a lock is
+never left held by the dead; the file itself stays and only says who holds it now."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+from .errors import UserError
+from .layout import Layout
+
+
+class StepRunning(UserError):
+    """Another process runs the same step in the same project folder."""
+
+
+def _holder(fd: int) -> dict:
+    """Who holds the lock, as it wrote itself into the file (it may not have yet: retry briefly)."""
+    for _ in range(50):
+        with contextlib.suppress(ValueError, OSError):
+            text = os.pread(fd, 4096, 0).decode("utf-8")
+            if text.strip():
+                return json.loads(text)
+        time.sleep(0.02)
+    return {}
+
+
+def _refusal(layout: Layout, step: str, holder: dict) -> StepRunning:
+    where = f"{step} is already running in {layout.root.resolve()}"
+    if "pid" not in holder:
+        return StepRunning(f"{where} (its pid is unknown: see {layout.lock(step)})")
+    host = f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
+    return StepRunning(f"{where}, pid {holder['pid']}{host}")
+
+
+@contextlib.contextmanager
+def step_lock(layout: Layout, step: str) -> Iterator[None]:
+    """Hold `step`'s lock on `layout` for the block; StepRunning at once if another process holds it."""
+    path = layout.lock(step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _refusal(layout, step, _holder(fd)) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "step": step, "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # still ours: nobody else reads a stale holder after we let go
+    finally:
+        os.close(fd)  # releases the flock

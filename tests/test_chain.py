@@ -1,0 +1,102 @@
+"""Each step refuses input made from other data than the folder upstream holds now, and names
+the step to rerun; the normal chain download -> ... -> push passes."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rm_lib import cli
+from rm_lib.errors import UserError
+from rm_lib.jsonl import read_json
+from rm_lib.layout import Layout
+
+from helpers import run_steps, tiny_params
+
+
+def _refused(params, root, step: str) -> str:
+    with pytest.raises(UserError) as info:
+        run_steps(params, root, step)
+    return str(info.value)
+
+
+def test_filter_refuses_tokens_of_other_pairs(tmp_path, tiny_decoder):
+    layout = Layout(tmp_path)
+    first = tiny_params(model=str(tiny_decoder))
+    run_steps(first, tmp_path, "download", "tokenize")
+    tokens_before = read_json(layout.tokenized / "manifest.json")
+    # another data set arrives; tokenize is killed (or not run) before it writes anything
+    run_steps(tiny_params("download.demo_pairs=50", "download.seed=7", model=str(tiny_decoder)), tmp_path, "download")
+    assert read_json(layout.tokenized / "manifest.json") == tokens_before
+    message = _refused(first, tmp_path, "filter")
+    assert message == f"{layout.tokenized} was made from other pairs than {layout.pairs} holds now; rerun tokenize"
+    assert not layout.filtered.exists()
+
+
+def test_cli_refusal_is_one_line_exit_2(tmp_path, tiny_decoder, capsys):
+    run_steps(tiny_params(model=str(tiny_decoder)), tmp_path, "download", "tokenize", "filter")
+    run_steps(tiny_params("download.seed=3", model=str(tiny_decoder)), tmp_path, "download")
+    code = cli.main(["--root", str(tmp_path), "--set", f"model.name_or_path={tiny_decoder}", "train"])
+    err = capsys.readouterr().err
+    layout = Layout(tmp_path)
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {layout.tokenized} was made from other pairs than {layout.pairs} "
+                                        "holds now; rerun tokenize, then filter"]
+    assert not layout.model.exists()
+
+
+def test_the_chain_records_each_input_and_refuses_stale_model_and_evaluation(tmp_path, tiny_decoder):
+    layout = Layout(tmp_path)
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate", "push")
+    pairs, tokens = read_json(layout.pairs / "manifest.json"), read_json(layout.tokenized / "manifest.json")
+    filtered, model = read_json(layout.filtered / "manifest.json"), read_json(layout.model / "rm_lib.json")
+    assert tokens["inputs"] == {"pairs": pairs["content_hash"]}
+    assert filtered["inputs"] == {"tokenized": tokens["content_hash"]}
+    assert model["inputs"] == {"filtered": filtered["content_hash"]}
+    assert re.fullmatch(r"[0-9a-f]{64}", model["content_hash"])
+    assert read_json(layout.evaluation / "report.json")["inputs"] == {"model": model["content_hash"]}
+
+    # a new model (other settings): the evaluation on disk is of the old one
+    run_steps(tiny_params("train.max_steps=3", model=str(tiny_decoder)), tmp_path, "train")
+    assert _refused(params, tmp_path, "push") == (f"{layout.evaluation} was made from another model than "
+                                                  f"{layout.model} holds now; rerun evaluate")
+    # other filtered pairs: the model on disk was trained on the old ones
+    run_steps(tiny_params("filter.max_token_length=24", "filter.max_prompt_token_length=12",
+                          "filter.policy=truncate", model=str(tiny_decoder)), tmp_path, "filter")
+    assert read_json(layout.filtered / "manifest.json")["content_hash"] != filtered["content_hash"]
+    assert _refused(params, tmp_path, "evaluate") == (f"{layout.model} was made from other filtered pairs than "
+                                                      f"{layout.filtered} holds now; rerun train")
+    assert _refused(params, tmp_path, "push") == (f"{layout.model} was made from other filtered pairs than "
+                                                  f"{layout.filtered} holds now; rerun train, then evaluate")
+
+
+def test_push_refuses_a_training_summary_of_another_run_and_evaluate_an_unhashed_model(tmp_path, tiny_decoder):
+    """train killed after saving the model and before its summary: the card would quote the old run.
+    A model saved before models recorded their content hash: nothing could say which one was scored."""
+    import json
+
+    layout = Layout(tmp_path)
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    summary = layout.train_logs / "summary.json"
+    summary.write_text(json.dumps({**read_json(summary), "fingerprint": "an-older-run"}))
+    assert _refused(params, tmp_path, "push") == (f"{summary} describes another training run than {layout.model} "
+                                                  "holds; rerun train")
+    record = layout.model / "rm_lib.json"
+    record.write_text(json.dumps({k: v for k, v in read_json(record).items() if k != "content_hash"}))
+    assert _refused(params, tmp_path, "evaluate") == (f"{record} records no content hash (an older rm_lib wrote it); "
+                                                      "rerun train")
+
+
+def test_a_manifest_without_inputs_is_refused(tmp_path, tiny_decoder):
+    """Written by an rm_lib from before the chain was recorded: nothing says what it was made from."""
+    import json
+
+    layout = Layout(tmp_path)
+    params = tiny_params(model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize")
+    manifest = layout.tokenized / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in read_json(manifest).items() if k != "inputs"}))
+    assert _refused(params, tmp_path, "filter") == (f"{manifest} does not record which pairs it was made from "
+                                                    "(an older rm_lib wrote it); rerun tokenize")

@@ -1,0 +1,164 @@
+"""One run per project folder and step, and no temporaries left behind by killed steps."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rm_lib import cli
+from rm_lib import steps as registry
+from rm_lib.errors import UserError
+from rm_lib.jsonl import read_jsonl
+from rm_lib.layout import Layout
+
+from helpers import run_steps, tiny_params
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _cli(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rm_lib", "--root", str(root), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout_s: float = 240.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _hold_in_child(root: Path, step: str) -> subprocess.Popen:
+    """Another process that takes `step`'s lock on `root` and sleeps holding it."""
+    code = ("import sys, time; from pathlib import Path; from rm_lib.layout import Layout; "
+            "from rm_lib.locking import step_lock\n"
+            f"with step_lock(Layout(Path({str(root)!r})), {step!r}):\n"
+            "    print('held', flush=True); time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.name.endswith((".tmp", ".old")))
+
+
+@pytest.mark.integration
+def test_two_concurrent_trains_one_clean_run_and_one_refusal(tmp_path, tiny_decoder):
+    settings = [f"model.name_or_path={tiny_decoder}", "download.demo_pairs=60", "filter.max_token_length=64",
+                "filter.max_prompt_token_length=32", "train.max_steps=8", "train.batch_size=4",
+                "train.logging_steps=1", "train.save_steps=4"]
+    run_steps(tiny_params(*settings[1:], model=str(tiny_decoder)), tmp_path, "download", "tokenize", "filter")
+    args = [a for s in settings for a in ("--set", s)]
+    first = _cli(tmp_path, *args, "train")
+    lock = tmp_path / ".rm_lib" / "locks" / "train.lock"
+    metrics = Layout(tmp_path).train_logs / "metrics.jsonl"
+    # Wait until the first is inside the step (it holds the lock, or, without locks, it has begun
+    # logging), then stop it there so the second certainly runs while the first is mid-run.
+    _wait_for(lambda: first.poll() is not None or metrics.exists()
+              or (lock.exists() and f'"pid": {first.pid}' in lock.read_text()), what="the first train to start")
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _cli(tmp_path, *args, "train")
+        out2, err2 = second.communicate(timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1[-3000:]
+    assert second.returncode == 2, (out2 + err2)[-3000:]
+    assert err2.strip().splitlines() == [f"error: train is already running in {tmp_path.resolve()}, pid {first.pid}"]
+    steps = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
+    assert steps == list(range(1, 9))
+    assert (Layout(tmp_path).model / "config.json").exists()
+    assert not _temporaries(tmp_path)
+
+
+def test_lock_of_a_killed_process_is_free(tmp_path):
+    from rm_lib.locking import step_lock
+
+    child = _hold_in_child(tmp_path, "train")
+    with pytest.raises(UserError, match=f"train is already running in .*, pid {child.pid}"):
+        with step_lock(Layout(tmp_path), "train"):
+            pass
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    with step_lock(Layout(tmp_path), "train"):  # the kernel released it with the process
+        assert f'"pid": {os.getpid()}' in Layout(tmp_path).lock("train").read_text()
+
+
+def test_lock_of_another_step_does_not_block(tmp_path):
+    from rm_lib.locking import step_lock
+
+    params = tiny_params()
+    with step_lock(Layout(tmp_path), "train"):  # a second open file in this process conflicts like another process
+        registry.run("download", params, Layout(tmp_path))
+        with pytest.raises(UserError, match="train is already running"):
+            registry.run("train", params, Layout(tmp_path))
+    assert (Layout(tmp_path).pairs / "manifest.json").exists()
+
+
+def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):
+    from rm_lib.locking import step_lock
+
+    with step_lock(Layout(tmp_path), "tokenize"):
+        code = cli.main(["--root", str(tmp_path), "--set", f"model.name_or_path={tiny_decoder}",
+                         "--set", "download.demo_pairs=40", "run"])
+    assert code == 2
+    assert f"error: tokenize is already running in {tmp_path.resolve()}, pid {os.getpid()}" in capsys.readouterr().err
+    assert (Layout(tmp_path).pairs / "manifest.json").exists()  # download ran, under its own lock
+    assert not Layout(tmp_path).tokenized.exists()
+
+
+def test_processes_after_the_first_of_a_launch_do_not_lock(tmp_path, monkeypatch):
+    """accelerate/torchrun start one process per device, all in the same step: only rank 0 locks."""
+    from rm_lib.locking import step_lock
+
+    monkeypatch.setenv("RANK", "1")
+    with step_lock(Layout(tmp_path), "download"):
+        registry.run("download", tiny_params(), Layout(tmp_path))
+
+
+@pytest.mark.integration
+def test_a_download_killed_mid_write_leaves_no_temporary(tmp_path):
+    data = tmp_path / "data"
+    child = _cli(tmp_path, "--set", "download.demo_pairs=200000", "download")
+
+    def writing() -> bool:
+        return child.poll() is not None or any((p / "train.jsonl").exists() for p in data.glob(".pairs.*.tmp"))
+
+    _wait_for(writing, what="the download to start writing")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the download ended before it could be killed mid-write"
+    assert list(data.glob(".pairs.*.tmp"))
+    run_steps(tiny_params(), tmp_path, "download")
+    assert not _temporaries(tmp_path)
+
+
+def test_temporaries_of_dead_processes_go_and_of_live_ones_stay(tmp_path):
+    from rm_lib import atomic
+
+    data = tmp_path / "data"
+    sleeper = subprocess.Popen(["sleep", "600"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        live = data / f".pairs.{sleeper.pid}@{atomic.HOST}.abc123.tmp"
+        gone = data / f".pairs.{dead.pid}@{atomic.HOST}.def456.tmp"
+        legacy = data / ".pairs.k2j4h5g6.tmp"  # an older rm_lib's name, no pid: removed under the step's lock
+        elsewhere = data / f".pairs.{dead.pid}@another-host.ghi789.tmp"  # a pid of another machine: not judged
+        for folder in (live, gone, legacy, elsewhere):
+            folder.mkdir(parents=True)
+            (folder / "train.jsonl").write_text("{}\n")
+        run_steps(tiny_params(), tmp_path, "download")
+        assert _temporaries(tmp_path) == sorted([live, elsewhere])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
