@@ -2,7 +2,8 @@
 process or split across the processes of a distributed run."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

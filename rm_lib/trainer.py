@@ -9,22 +9,26 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from .atomic import share_tree
 from .batching import collate_pairs, epoch_batches, process_slice, token_chunks
 from .errors import TrainingDiverged
+from .hashing import file_sha256
+from .inference import PairScorer
 from .loss import bradley_terry_loss
 from .memory import limit_heap_growth
-from .inference import PairScorer
 from .modeling import unwrap
 from .packing import pack_pairs, pooling
 from .settings import ModelSettings, TrainSettings
 
 STATE_FILE = "trainer_state.json"
+CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
                       "wandb_project", "wandb_mode", "max_tokens_per_forward")
@@ -38,6 +42,10 @@ class TrainState:
     best_eval_accuracy: float | None = None
     best_step: int | None = None
     scheduler: dict | None = None  # the LR schedule's state, as JSON: a checkpoint holds no pickle to load
+    # The run's own figures, over all its sessions, so that a rerun which reuses it can report them.
+    tokens: int = 0
+    train_s: float = 0.0
+    last_log: dict | None = None
 
 
 @dataclass
@@ -51,12 +59,16 @@ class FitResult:
     best_step: int | None = None
     best_eval_accuracy: float | None = None
     prepared: Any = None  # the model as accelerate wrapped it (DDP, FSDP, DeepSpeed)
+    reused: bool = False  # the run had finished already: no step trained, the figures are the run's
+    last_log: dict | None = None  # the last metrics record of the run (also when reused)
 
 
-def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str) -> str:
-    """What a checkpoint must match to be resumed: everything that changes the weights."""
+def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the weights (the settings,
+    the base model, the data and the training code)."""
     relevant = {k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash}, sort_keys=True)
+    blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -67,8 +79,11 @@ def mixed_precision(setting: str) -> str:
 
 
 def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
-        get_linear_schedule_with_warmup
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     if kind == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warmup, total)
@@ -77,10 +92,84 @@ def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted((p for p in folder.glob("step-*") if (p / STATE_FILE).exists()),
-                   key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+def _step_folders(folder: Path) -> list[Path]:
+    """step-N folders, oldest first."""
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _read_state(checkpoint: Path) -> dict | None:
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def latest_checkpoint(folder: Path, fingerprint: str | None = None) -> Path | None:
+    """The newest checkpoint with a readable state (of the run `fingerprint`, when given)."""
+    for candidate in reversed(_step_folders(folder)):
+        state = _read_state(candidate)
+        if state is not None and fingerprint in (None, state.get("fingerprint")):
+            return candidate
+    return None
+
+
+def _write_checksums(checkpoint: Path) -> None:
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    sums = {str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    (checkpoint / CHECKSUM_FILE).write_text(json.dumps(sums, sort_keys=True))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed (a file missing, cut short or changed), or None when it is intact.
+    Checkpoints written before checksums existed are judged by their state file alone."""
+    if _read_state(checkpoint) is None:
+        return f"{STATE_FILE} is missing or unreadable"
+    if not (checkpoint / CHECKSUM_FILE).exists():
+        return None
+    try:
+        sums = json.loads((checkpoint / CHECKSUM_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUM_FILE} is unreadable"
+    for name, expected in sums.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match the checksum written when it was saved"
+    return None
+
+
+def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint of this run. Damaged ones passed over are said in one line."""
+    damaged = []
+    for candidate in reversed(_step_folders(folder)):
+        state = _read_state(candidate)
+        if state is not None and state.get("fingerprint") != fingerprint:
+            continue  # another run's: never mixed in
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if damaged:
+                say(f"train: passed over damaged checkpoint {'; '.join(damaged)}; resuming from {candidate.name}")
+            return candidate
+        damaged.append(f"{candidate.name} ({problem})")
+    if damaged:
+        say(f"train: passed over damaged checkpoint {'; '.join(damaged)}; no intact one is left: training from step 0")
+    return None
+
+
+def _diverged(loss: float, step: int, folder: Path, fingerprint: str) -> TrainingDiverged:
+    """The message names only checkpoints that exist."""
+    own = latest_checkpoint(folder, fingerprint) if folder.exists() else None
+    if own is not None:
+        kept = f"The last good checkpoint is {own}"
+    else:
+        others = folder.exists() and bool(_step_folders(folder))
+        kept = "no checkpoint of this run was saved" + (f"; the earlier run's checkpoints in {folder} are untouched"
+                                                        if others else "")
+    return TrainingDiverged(f"train: the loss became {loss} at step {step}; lower train.learning_rate or "
+                            f"check the data. {kept}")
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -120,18 +209,19 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
 
     state = TrainState(fingerprint=fingerprint)
     resumed_from = None
-    latest = latest_checkpoint(checkpoints) if checkpoints.exists() else None
+    # Another run's checkpoints stay until this run saved its own (save_checkpoint prunes them then).
+    latest = resume_point(checkpoints, fingerprint, accelerator.print) if checkpoints.exists() else None
     if latest is not None:
-        saved = TrainState(**json.loads((latest / STATE_FILE).read_text()))
-        if saved.fingerprint == fingerprint:
-            accelerator.load_state(str(latest))
-            if saved.scheduler is not None:
-                scheduler.load_state_dict(saved.scheduler)
-            state, resumed_from = saved, saved.step
-            accelerator.print(f"train: resuming from {latest} (step {saved.step} of {total})")
-        elif accelerator.is_main_process:  # checkpoints of another run: never mix them in
-            shutil.rmtree(checkpoints)
+        known = TrainState.__dataclass_fields__
+        saved = TrainState(**{k: v for k, v in json.loads((latest / STATE_FILE).read_text()).items() if k in known})
+        accelerator.load_state(str(latest))
+        if saved.scheduler is not None:
+            scheduler.load_state_dict(saved.scheduler)
+        state, resumed_from = saved, saved.step
+        accelerator.print(f"train: already trained at step {saved.step}; reused {latest}" if saved.step >= total
+                          else f"train: resuming from {latest} (step {saved.step} of {total})")
     accelerator.wait_for_everyone()
+    base_tokens, base_s = state.tokens, state.train_s
     if tracker is not None and accelerator.is_main_process:
         tracker.start(state.metrics_lines if resumed_from is not None else None)
 
@@ -172,9 +262,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                 window["padded"] += batch.padded_tokens
             window["n"] += 1
         if not math.isfinite(window["loss"]):  # stop before the bad step touches the weights
-            raise TrainingDiverged(
-                f"train: the loss became {window['loss']} at step {state.step + 1}; lower train.learning_rate or "
-                f"check the data. The last good checkpoint is kept in {checkpoints}")
+            raise _diverged(window["loss"], state.step + 1, checkpoints, fingerprint)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -195,6 +283,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                       "padding_fraction": 1 - window["tokens"] / max(window["padded"], 1)}
             tokens_total += tokens
             history.append(record)
+            state.last_log = dict(record)
             if tracker is not None and accelerator.is_main_process:
                 tracker.log(record)
                 state.metrics_lines += 1
@@ -213,13 +302,16 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             model.train()
         if state.step % cfg.save_steps == 0 or state.step == total or new_best:
             state.scheduler = scheduler.state_dict()
+            state.tokens, state.train_s = base_tokens + tokens_total, base_s + time.perf_counter() - started
             save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit)
     bar.close()
-    wall = time.perf_counter() - started
+    # The last step always saves, so the state holds this session's figures; a reused run reports the run's.
+    reused = resumed_from is not None and resumed_from == state.step
+    tokens, wall = (state.tokens, state.train_s) if reused else (state.tokens - base_tokens, state.train_s - base_s)
     return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
-                     wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens_total / max(wall, 1e-9),
+                     wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens / max(wall, 1e-9),
                      wall_s=wall, best_step=state.best_step, best_eval_accuracy=state.best_eval_accuracy,
-                     prepared=model)
+                     prepared=model, reused=reused, last_log=state.last_log)
 
 
 def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
@@ -235,21 +327,35 @@ def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
 
 
 def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int) -> Path:
-    """Write step-N atomically (temporary name, then rename); keep the newest `keep` and the one with
-    the best evaluation accuracy, so disk use stays bounded however long the run."""
+    """Write step-N atomically (temporary name, then rename) with the checksums of its files; then drop
+    other runs' checkpoints and keep this run's newest `keep` and its best, so disk use stays bounded."""
     target = folder / f"step-{state.step}"
     tmp = folder / f".step-{state.step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files are in before they are summed up
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        _write_checksums(tmp)
+        share_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in found[:-keep]:
-            if old.name != f"step-{state.best_step}":
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(folder, state, keep)
     accelerator.wait_for_everyone()
     return target
+
+
+def _prune(folder: Path, state: TrainState, keep: int) -> None:
+    """This run has a checkpoint now: other runs' go, and this run's beyond the newest `keep` and the best."""
+    own = []
+    for candidate in _step_folders(folder):
+        saved = _read_state(candidate)
+        if saved is None or saved.get("fingerprint") != state.fingerprint:
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            own.append(candidate)
+    for old in own[:-keep]:
+        if old.name != f"step-{state.best_step}":
+            shutil.rmtree(old, ignore_errors=True)

@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
-from helpers import run_steps, tiny_params, write_jsonl
 from rm_lib.batching import collate_pairs
 from rm_lib.loss import bradley_terry_loss
 from rm_lib.modeling import load_reward_model, rewards, unwrap
 from rm_lib.packing import first_fit, pack_pairs, packed_rewards, pooling
+
+from helpers import run_steps, tiny_params, write_jsonl
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0, longest: int = 40) -> list[dict]:
@@ -102,7 +103,8 @@ def test_training_padding_free_matches_padded_training(tmp_path, tiny_decoder):
     history = {}
     for free in (True, False):
         root = tmp_path / f"free-{free}"
-        params = tiny_params(f"train.padding_free={str(free).lower()}", "train.max_steps=6", f"download.source={source}",
+        params = tiny_params(f"train.padding_free={str(free).lower()}", "train.max_steps=6",
+                             f"download.source={source}",
                              model=str(tiny_decoder))
         run_steps(params, root, "download", "tokenize", "filter", "train")
         history[free] = [json.loads(line) for line in (root / "data/train/metrics.jsonl").read_text().splitlines()]

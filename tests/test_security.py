@@ -5,11 +5,12 @@ import pickle
 
 import pytest
 import torch
-from helpers import fit_tiny
 
 from rm_lib.cli import main
 from rm_lib.errors import SettingsError
 from rm_lib.modeling import load_model_config, load_reward_model, load_tokenizer
+
+from helpers import fit_tiny
 
 
 class WritesMarker:

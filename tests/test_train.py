@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rm_lib.jsonl import read_json, read_jsonl
+
 from conftest import HH, need
 from helpers import fit_tiny, run_steps, tiny_params
-from rm_lib.jsonl import read_json, read_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -73,6 +74,7 @@ def _prepare(root: Path, model: str, *extra: str) -> None:
         assert proc.wait() == 0, proc.stdout.read()
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, minilm_path):
     _prepare(tmp_path / "whole", "default")
     _prepare(tmp_path / "killed", "default")
@@ -84,7 +86,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, minilm_path):
     deadline = time.time() + 300
     while not any(checkpoints.glob("step-[3-9]")) and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert killed.poll() is None, "training ended before it could be killed"
+    assert killed.poll() is None, f"training ended before it could be killed: {killed.stdout.read()[-2000:]}"
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed/models/reward_model").exists()
@@ -93,7 +95,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, minilm_path):
     assert resumed.returncode == 0, out
     assert "resuming from" in out
     assert len(list(checkpoints.glob("step-*"))) <= 2  # retention keeps the newest two
-    assert same_weights(weights(tmp_path / "whole/models/reward_model"), weights(tmp_path / "killed/models/reward_model"))
+    assert same_weights(weights(tmp_path / "whole/models/reward_model"),
+                        weights(tmp_path / "killed/models/reward_model"))
     steps = [r["step"] for r in read_jsonl(tmp_path / "killed/data/train/metrics.jsonl")]
     assert steps == list(range(1, 13))  # the metrics file continues where the checkpoint was
 
@@ -122,6 +125,7 @@ def _two_process_run(tmp_path, tiny_decoder):
 SAME_RUN = ("train.max_steps=4", "train.eval_steps=2", "download.test_fraction=0.1", "download.demo_pairs=130")
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_decoder):
     _prepare(tmp_path / "one", str(tiny_decoder), *SAME_RUN, "train.batch_size=4")
     one = _cli(tmp_path / "one", "train")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from .. import plots
 from ..atomic import atomic_dir, write_json
+from ..code_version import code_hash
+from ..hashing import tree_sha256
 from ..inference import score_pairs_across
 from ..jsonl import read_json, read_jsonl
 from ..layout import Layout
@@ -33,11 +35,15 @@ class TrainResult:
     reward_mean: float
     reward_std: float
     wandb_url: str | None
+    reused: bool = False  # the run had finished: nothing trained, the figures are those of the run that trained
 
     def summary(self) -> str:
+        figures = (f"last loss {self.final_loss:.4f}, batch accuracy {self.final_accuracy:.3f}, "
+                   f"{self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f}s")
+        if self.reused:
+            return f"train: already trained at step {self.steps}; reused (as trained: {figures}) -> {self.model_dir}"
         resumed = f" (resumed from step {self.resumed_from})" if self.resumed_from else ""
-        return (f"train: {self.steps} steps{resumed}, last loss {self.final_loss:.4f}, batch accuracy "
-                f"{self.final_accuracy:.3f}, {self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f}s -> {self.model_dir}")
+        return f"train: {self.steps} steps{resumed}, {figures} -> {self.model_dir}"
 
 
 def launched_on_cpu() -> bool:
@@ -55,7 +61,7 @@ def result_from_summary(layout: Layout) -> TrainResult:
                        final_accuracy=summary["final_accuracy"], tokens_per_s=summary["tokens_per_s"],
                        wall_s=summary["wall_s"], model_dir=layout.model, resumed_from=summary["resumed_from"],
                        reward_mean=summary["reward_mean"], reward_std=summary["reward_std"],
-                       wandb_url=summary["wandb"])
+                       wandb_url=summary["wandb"], reused=summary.get("reused", False))
 
 
 def run(params: Params, layout: Layout, accelerator=None,
@@ -101,7 +107,9 @@ def run(params: Params, layout: Layout, accelerator=None,
             tracker.table("eval_samples", samples, step)
         return result
 
-    fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"])
+    # The code is part of the run: a change to the training code starts a new run, never a resume.
+    code = code_hash("train")
+    fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"], code)
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval)
@@ -119,27 +127,41 @@ def run(params: Params, layout: Layout, accelerator=None,
     logged = [r for r in read_jsonl(layout.train_logs / "metrics.jsonl") if "loss" in r] \
         if (layout.train_logs / "metrics.jsonl").exists() else []
     history = logged or result.history
-    last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
+    # The run's own last record (kept in its checkpoint), also when this call reused a finished run.
+    last = result.last_log or (history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")})
     if accelerator.is_main_process:
         with atomic_dir(layout.model) as out:
             save_model(model, tokenizer, out, extra_config={
                 "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
                 "rm_lib_fingerprint": fingerprint}, state_dict=gathered)
             tokenized = read_json(layout.tokenized / "manifest.json")
+            weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
-                                             "data_hash": meta["content_hash"], "fingerprint": fingerprint})
+                                             "data_hash": meta["content_hash"], "fingerprint": fingerprint,
+                                             "code_hash": code, "content_hash": weights_hash,
+                                             "inputs": {"filtered": meta["content_hash"]}})
         plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                          [r["accuracy"] for r in history], layout.train_logs / "loss.png")
+        # `dvc plots` reads no JSON Lines: the logged records as one JSON list
+        write_json(layout.train_logs / "metrics.plot.json", logged)
+        # run.json: what the model is (settings, data, code, outcome), no timings, so that what depends
+        # on it (the push stage, the model card) changes only when the model does.
+        write_json(layout.train_logs / "run.json", {
+            "steps": result.steps, "final_loss": last["loss"], "final_accuracy": last["accuracy"],
+            "fingerprint": fingerprint, "data_hash": meta["content_hash"], "code_hash": code,
+            "model": asdict(params.model), "train": asdict(cfg)})
         write_json(layout.train_logs / "summary.json", {
             "steps": result.steps, "final_loss": last["loss"], "final_accuracy": last["accuracy"],
             "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "resumed_from": result.resumed_from,
+            "reused": result.reused,
             "best_checkpoint": str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
             "best_eval_accuracy": result.best_eval_accuracy, "reward_mean": stats["reward_mean"],
             "reward_std": stats["reward_std"], "model": params.model.name_or_path,
             "processes": accelerator.num_processes, "fingerprint": fingerprint, "data_hash": meta["content_hash"],
+            "code_hash": code,
             "wandb": result.wandb_url, "train": asdict(cfg)})
     accelerator.wait_for_everyone()
     return TrainResult(steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
                        tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
                        resumed_from=result.resumed_from, reward_mean=stats["reward_mean"],
-                       reward_std=stats["reward_std"], wandb_url=result.wandb_url)
+                       reward_std=stats["reward_std"], wandb_url=result.wandb_url, reused=result.reused)

@@ -1,0 +1,88 @@
+"""The code a step runs, and its hash.
+
+`python -m rm_lib <step>` executes the CLI's module-level imports and then the step module with every
+rm_lib module it imports (function-level imports too). That set of files, found by reading their
+imports (no import is run), is the step's code: dvc.yaml lists it as the stage's deps (a test checks),
+its hash is the Dagster asset's code version, and the train step puts it in the run fingerprint so a
+change to the training code starts a new run instead of resuming the old one.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+
+
+def _module_path(dotted: str) -> Path | None:
+    base = ROOT / Path(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _package_inits(path: Path) -> set[Path]:
+    """Importing rm_lib.steps.train runs rm_lib/__init__.py and rm_lib/steps/__init__.py first."""
+    inits, folder = set(), path.parent
+    while (folder / "__init__.py").exists() and ROOT in folder.parents:
+        inits.add(folder / "__init__.py")
+        folder = folder.parent
+    return inits
+
+
+def _imports(path: Path, top_level_only: bool) -> set[Path]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    package = ".".join(path.relative_to(ROOT).parts[:-1])
+    found: set[Path] = set()
+    for node in nodes:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from . import demo` imports a module
+        for name in names:
+            if name.split(".")[0] == PACKAGE.name and (module := _module_path(name)) is not None:
+                found.add(module)
+    return found
+
+
+def _closure(start: set[Path], top_level_only: bool = False) -> set[Path]:
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += _imports(path, top_level_only) | _package_inits(path)
+    return seen
+
+
+def step_code(step: str, *, cli: bool = True) -> list[str]:
+    """The files `python -m rm_lib <step>` executes (with `cli=False`: the step module and what it
+    imports, as a Dagster asset runs it), relative to the project root, sorted."""
+    module = PACKAGE / "steps" / f"{step}.py"
+    if not module.exists():
+        raise ValueError(f"no step module {module}")
+    files = _closure({module})
+    if cli:
+        files |= _closure({PACKAGE / "__main__.py"}, top_level_only=True)
+    return sorted(p.relative_to(ROOT).as_posix() for p in files)
+
+
+def code_hash(step: str) -> str:
+    """sha256 over the path and bytes of every file the step runs, the CLI left out (first 16 hex
+    digits): the code that turns settings and data into the step's output."""
+    digest = hashlib.sha256()
+    for relative in step_code(step, cli=False):
+        digest.update(relative.encode() + b"\0" + (ROOT / relative).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,106 @@
+"""Checkpoints never lose work: another run's are kept until this run saved its own, a damaged one is
+skipped for the newest intact one, a reused run reports the run that trained, outputs are shared 0644/0755."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rm_lib.errors import DataError, TrainingDiverged
+from rm_lib.jsonl import read_json
+
+from helpers import fit_tiny, run_steps, tiny_params, write_jsonl
+
+
+def _fingerprints(folder: Path) -> dict[str, str]:
+    return {p.name: json.loads((p / "trainer_state.json").read_text())["fingerprint"]
+            for p in sorted(folder.glob("step-*"))}
+
+
+def test_a_changed_run_keeps_the_earlier_checkpoints_until_it_saved_its_own(tmp_path, tiny_decoder):
+    first = tiny_params("train.max_steps=3", "train.save_steps=1", "train.save_total_limit=3", model=str(tiny_decoder))
+    run_steps(first, tmp_path, "download", "tokenize", "filter", "train")
+    checkpoints = tmp_path / "models/checkpoints"
+    earlier = _fingerprints(checkpoints)
+    assert list(earlier) == ["step-1", "step-2", "step-3"]
+
+    # a changed run that diverges before its first checkpoint: the earlier run's are all still there
+    diverging = tiny_params("train.max_steps=6", "train.save_steps=100", "train.learning_rate=1e30",
+                            "train.max_grad_norm=1e30", model=str(tiny_decoder))
+    with pytest.raises(TrainingDiverged) as caught:
+        run_steps(diverging, tmp_path, "train")
+    assert _fingerprints(checkpoints) == earlier
+    assert "last good checkpoint" not in str(caught.value) and "no checkpoint of this run" in str(caught.value)
+    assert run_steps(first, tmp_path, "train")["train"].resumed_from == 3  # the earlier run is still resumable
+
+    # a changed run that saves: from then on only its own checkpoints are kept (none of the earlier run's)
+    changed = tiny_params("train.max_steps=2", "train.save_steps=1", "train.learning_rate=2e-5",
+                          model=str(tiny_decoder))
+    run_steps(changed, tmp_path, "train")
+    kept = _fingerprints(checkpoints)
+    assert list(kept) == ["step-1", "step-2"] and len(set(kept.values()) | set(earlier.values())) == 2
+
+
+def test_diverging_after_a_checkpoint_names_that_checkpoint(tmp_path, tiny_decoder):
+    params = tiny_params("train.max_steps=6", "train.save_steps=1", "train.learning_rate=1e30",
+                         "train.max_grad_norm=1e30", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    with pytest.raises(TrainingDiverged) as caught:
+        run_steps(params, tmp_path, "train")
+    named = str(caught.value).rsplit(" ", 1)[-1].rstrip(".")
+    assert Path(named).name.startswith("step-") and (Path(named) / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.json"])
+def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny_decoder, capsys, damaged):
+    overrides = ("train.save_steps=1", "train.save_total_limit=3")
+    _, whole, _ = fit_tiny(tmp_path, tiny_decoder, *overrides)
+    target = tmp_path / "checkpoints/step-3" / damaged
+    target.write_bytes(target.read_bytes()[:target.stat().st_size // 2])
+    capsys.readouterr()
+    result, resumed, _ = fit_tiny(tmp_path, tiny_decoder, *overrides)
+    out = capsys.readouterr().out
+    assert result.resumed_from == 2
+    notes = [line for line in out.splitlines() if "step-3" in line and "damaged" in line]
+    assert len(notes) == 1 and "step-2" in notes[0], out
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # the resumed run ends where the whole one did
+
+
+def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_path, tiny_decoder):
+    params = tiny_params("train.max_steps=3", model=str(tiny_decoder))
+    trained = run_steps(params, tmp_path, "download", "tokenize", "filter", "train")["train"]
+    (tmp_path / "data/train/metrics.jsonl").unlink()  # the figures must not depend on the log
+    again = run_steps(params, tmp_path, "train")["train"]
+    assert "already trained at step 3; reused" in again.summary() and "0 tokens/s" not in again.summary()
+    assert again.tokens_per_s == pytest.approx(trained.tokens_per_s) and trained.tokens_per_s > 0
+    assert again.wall_s == pytest.approx(trained.wall_s) and trained.wall_s > 0
+    assert (again.final_loss, again.final_accuracy) == (trained.final_loss, trained.final_accuracy)
+    summary = read_json(tmp_path / "data/train/summary.json")
+    assert summary["reused"] is True and summary["final_loss"] == trained.final_loss
+    assert summary["tokens_per_s"] == pytest.approx(trained.tokens_per_s)
+
+
+@pytest.mark.parametrize(("field", "bad"), [("input_ids_chosen", 500000), ("input_ids_rejected", -5)])
+def test_pretokenized_ids_outside_the_vocabulary_stop_at_tokenize(tmp_path, tiny_decoder, field, bad):
+    rows = [{"input_ids_chosen": [5, 6, 7 + i], "input_ids_rejected": [5, 8, 9 + i]} for i in range(40)]
+    for row in rows:
+        row[field] = row[field] + [bad]
+    source = write_jsonl(tmp_path / "pretokenized.jsonl", rows)
+    params = tiny_params(f"download.source={source}", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download")
+    with pytest.raises(DataError) as caught:
+        run_steps(params, tmp_path, "tokenize")
+    message = str(caught.value)
+    assert "data/pairs/train.jsonl" in message and "row 1" in message and f"field '{field}'" in message
+    assert str(bad) in message and "vocabulary" in message
+
+
+def test_the_model_and_checkpoints_are_written_0644_in_0755_folders(tmp_path, tiny_decoder):
+    params = tiny_params("train.max_steps=2", "train.save_steps=1", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    for top in (tmp_path / "models/reward_model", tmp_path / "models/checkpoints"):
+        for folder, _dirs, files in os.walk(top):
+            assert oct(os.stat(folder).st_mode & 0o777) == "0o755", folder
+            for name in files:
+                assert oct(os.stat(Path(folder) / name).st_mode & 0o777) == "0o644", Path(folder) / name
