@@ -5,7 +5,6 @@ User mistakes (bad settings, bad data) end with one paragraph and exit code 2, n
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -13,26 +12,40 @@ from pathlib import Path
 from .errors import UserError
 from .layout import Layout
 from .settings import load_params
+from .steps import PIPELINE
 
-PIPELINE = ("download", "tokenize", "filter", "train", "evaluate", "push")
 NEEDS_BASE_MODEL = ("run", "tokenize", "train")
+
+
+def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--params, --set and --root, read before the step name and (with `prefix` dests) after it.
+    A subparser writes its own defaults over the main parser's values, hence the separate dests."""
+    parser.add_argument("--params", dest=prefix + "params", default=None if prefix else "params.yaml",
+                        help="settings file (default: params.yaml)")
+    parser.add_argument("--set", dest=prefix + "overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--root", dest=prefix + "root", default=None if prefix else ".",
+                        help="project folder that holds data/ and models/")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rm_lib", description="Reward-model pipeline steps.")
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    parser.add_argument("--root", default=".", help="project folder that holds data/ and models/")
+    _common_options(parser)
     sub = parser.add_subparsers(dest="step", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        step_parser = sub.add_parser(name, help=help)
+        _common_options(step_parser, prefix="step_")
+        return step_parser
+
     for step in PIPELINE:
-        sub.add_parser(step, help=f"run the {step} step")
-    sub.add_parser("run", help="run every step in order: " + " -> ".join(PIPELINE))
-    score = sub.add_parser("score", help="score every pair of a file with a trained model")
+        add(step, f"run the {step} step")
+    add("run", "run every step in order: " + " -> ".join(PIPELINE))
+    score = add("score", "score every pair of a file with a trained model")
     score.add_argument("--model", default=None, help="model folder (default: models/reward_model)")
     score.add_argument("--input", required=True, help="preference file in any supported format")
     score.add_argument("--output", required=True, help="JSONL file of rewards per row")
-    show = sub.add_parser("show-tokens", help="print one tokenized example with every token visible")
+    show = add("show-tokens", "print one tokenized example with every token visible")
     show.add_argument("--split", default="train", choices=("train", "test"))
     show.add_argument("--index", type=int, default=0)
     show.add_argument("--stage", default="filtered", choices=("tokenized", "filtered"))
@@ -40,14 +53,63 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
+    """Options given after the step win over those before it; every --set applies, in order."""
+    args.params = args.step_params or args.params
+    args.root = args.step_root or args.root
+    args.overrides = args.overrides + args.step_overrides
+    return args
+
+
 def _run_step(step: str, params, layout: Layout) -> None:
-    module = importlib.import_module(f"rm_lib.steps.{step}")
-    result = module.run(params, layout)
-    print(result.summary(), flush=True)
+    from . import steps
+
+    print(steps.run(step, params, layout).summary(), flush=True)
+
+
+def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
+    from .modeling import load_tokenizer
+    from .tokenstore import read_rows
+    from .visualize import visualize_token
+
+    folder = layout.filtered if args.stage == "filtered" else layout.tokenized
+    path = folder / f"{args.split}.parquet"
+    if not path.is_file():
+        step = "filter" if args.stage == "filtered" else "tokenize"
+        raise UserError(f"{path}: not found; run the {step} step first (or pass --root of a project that has)")
+    rows = read_rows(path)
+    if not 0 <= args.index < len(rows):
+        raise UserError(f"show-tokens --index {args.index}: the {args.stage} {args.split} split has {len(rows)} "
+                        f"examples, numbered 0 to {len(rows) - 1}")
+    row = rows[args.index]
+    tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision)
+    for side in ("chosen", "rejected"):
+        print(f"{side} ({len(row[f'input_ids_{side}'])} tokens, prompt {row['prompt_length']}):")
+        print(visualize_token(row[f"input_ids_{side}"], tokenizer, color=not args.no_color))
+
+
+def where_to_look(layout: Layout, *, demo: bool) -> str:
+    """What `run` made and the next commands, printed at its end."""
+    root = layout.root
+    lines = ["", "Done. What the run made:",
+             f"  model      {layout.model}  (load with transformers or rm_lib.scoring.RewardScorer)",
+             f"  report     {layout.evaluation / 'report.json'}  (accuracy beside the length baselines)",
+             f"  pictures   {layout.evaluation}/*.png, {layout.train_logs / 'loss.png'}, "
+             f"{layout.filtered / 'lengths.png'}",
+             f"  release    {layout.release}  (model card + files, exactly what push uploads)"]
+    if demo:
+        lines.append("  This was demo data: the accuracy says the pipeline learns, not how good a model is.")
+    lines += ["Next:",
+              "  real data  python -m rm_lib run --set download.source=Anthropic/hh-rlhf  (or a local file)",
+              "  the UI     make ui, then open http://127.0.0.1:3000 and click Materialize all",
+              "  compare    dvc exp run -S train.learning_rate=1e-4 && dvc exp show"]
+    if root.resolve() != Path(".").resolve():
+        lines.append(f"  (paths are inside {root})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _merge_common(_parser().parse_args(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         params = load_params(args.params, args.overrides)  # validates every section before any work
@@ -60,22 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.step == "run":
             for step in PIPELINE:
                 _run_step(step, params, layout)
+            print(where_to_look(layout, demo=params.download.source == "demo"), flush=True)
         elif args.step == "score":
             from .steps import score
 
             print(score.run_file(params, layout, model=args.model, input_path=args.input,
                                  output_path=args.output).summary())
         elif args.step == "show-tokens":
-            from .modeling import load_tokenizer
-            from .tokenstore import read_rows
-            from .visualize import visualize_token
-
-            folder = layout.filtered if args.stage == "filtered" else layout.tokenized
-            row = read_rows(folder / f"{args.split}.parquet")[args.index]
-            tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision)
-            for side in ("chosen", "rejected"):
-                print(f"{side} ({len(row[f'input_ids_{side}'])} tokens, prompt {row['prompt_length']}):")
-                print(visualize_token(row[f"input_ids_{side}"], tokenizer, color=not args.no_color))
+            _show_tokens(args, params, layout)
         else:
             _run_step(args.step, params, layout)
     except UserError as exc:

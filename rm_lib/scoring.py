@@ -8,18 +8,46 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import templates, tokenization
+from .errors import DataError, SettingsError
+from .length_filter import truncate_left
 from .modeling import load_reward_model, load_tokenizer, rewards
+
+LENGTH_POLICIES = ("truncate", "drop")
+
+
+@dataclass
+class Scored:
+    rewards: list[float]
+    truncated: list[bool]  # per item: cut to the model's length, keeping the end
+    lengths: list[int]  # per item: tokens before any cut
+
+
+def model_max_length(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens the model reads: its position table, or the tokenizer's limit where that is
+    smaller (RoBERTa-style position tables carry an offset). None where neither is known."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]  # tokenizers say 1e30 when unknown
+    return min(limits) if limits else None
 
 
 class RewardScorer:
+    """`length_policy`: what happens to a text longer than the model reads (`max_length`, by default
+    the model's positions): "truncate" keeps its start tokens and its end, as filter.policy=truncate
+    does in training; "drop" refuses it with a DataError naming the item."""
+
     def __init__(self, model_dir: str | Path, *, template: str | None = None, device: str | None = None,
-                 batch_size: int = 32, normalize: bool = False) -> None:
+                 batch_size: int = 32, normalize: bool = False, length_policy: str = "truncate",
+                 max_length: int | None = None) -> None:
+        if length_policy not in LENGTH_POLICIES:
+            raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = load_reward_model(str(model_dir))
@@ -32,6 +60,8 @@ class RewardScorer:
         self.template = templates.resolve(template or saved.get("template", "auto"), self.tokenizer)
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
         self.std = getattr(self.model.config, "reward_std", 1.0) if normalize else 1.0
+        self.length_policy = length_policy
+        self.max_length = max_length or model_max_length(self.model, self.tokenizer)
 
     def encode(self, item: str | list[dict]) -> list[int]:
         """Text is tokenized as is; a conversation is rendered with the training template."""
@@ -39,11 +69,26 @@ class RewardScorer:
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return tokenization.add_special(ids, self.special)
 
-    @torch.no_grad()
+    def fit(self, ids: list[int], name: str) -> tuple[list[int], bool]:
+        """`ids` within max_length by the length policy; True when they were cut."""
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, False
+        if self.length_policy == "drop":
+            raise DataError(f"{name}: {len(ids)} tokens, more than the {self.max_length} the model reads; "
+                            "use filter.policy=truncate to keep the end of such texts, or shorten it")
+        return truncate_left(ids, self.max_length, len(self.special.prefix)), True
+
     def score(self, items: Sequence[str | list[dict]]) -> list[float]:
+        return self.score_detailed(items).rewards
+
+    @torch.no_grad()
+    def score_detailed(self, items: Sequence[str | list[dict]], names: Sequence[str] | None = None) -> Scored:
+        """Rewards with, per item, whether it was truncated and its length; `names` label items in errors."""
+        encoded = [self.encode(item) for item in items]
+        fitted = [self.fit(ids, names[i] if names else f"item {i}") for i, ids in enumerate(encoded)]
         out: list[float] = []
-        for start in range(0, len(items), self.batch_size):
-            seqs = [self.encode(item) for item in items[start:start + self.batch_size]]
+        for start in range(0, len(fitted), self.batch_size):
+            seqs = [ids for ids, _ in fitted[start:start + self.batch_size]]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -51,7 +96,7 @@ class RewardScorer:
                 ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
             scores = rewards(self.model, ids.to(self.device), mask.to(self.device))
             out += ((scores - self.mean) / (self.std or 1.0)).tolist()
-        return out
+        return Scored(rewards=out, truncated=[cut for _, cut in fitted], lengths=[len(ids) for ids in encoded])
 
     def reward_function(self) -> Callable[..., list[float]]:
         """A function with the signature TRL's GRPOTrainer takes in `reward_funcs`:

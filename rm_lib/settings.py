@@ -6,6 +6,7 @@ Each section is a dataclass; `load_params` checks names and types and calls each
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,15 +43,22 @@ class DownloadSettings:
     revision: str | None = None
     subset: str | None = None
     test_fraction: float = 0.2
+    split_tolerance: float = 0.05  # the realised test share may differ from test_fraction by this much
+    strict_split: bool = False  # beyond the tolerance: stop (true) or warn in the summary and manifest
     seed: int = 42
     max_rows: int | None = None
-    demo_pairs: int = 3000
+    demo_pairs: int = 2000
+    max_reject_ratio: float = 0.1  # data check: the largest share of source rows that may be rejected
 
     def validate(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             _fail("download", "test_fraction", f"must lie strictly between 0 and 1, got {self.test_fraction}")
+        if not 0.0 <= self.split_tolerance < 1.0:
+            _fail("download", "split_tolerance", f"must lie in [0, 1), got {self.split_tolerance}")
         if self.max_rows is not None and self.max_rows < 1:
             _fail("download", "max_rows", f"must be at least 1 or null, got {self.max_rows}")
+        if not 0.0 <= self.max_reject_ratio <= 1.0:
+            _fail("download", "max_reject_ratio", f"must lie in [0, 1], got {self.max_reject_ratio}")
         if self.demo_pairs < 10:
             _fail("download", "demo_pairs", f"must be at least 10, got {self.demo_pairs}")
 
@@ -81,7 +89,8 @@ class FilterSettings:
             _fail("filter", "max_token_length", f"must be at least 3, got {self.max_token_length}")
         if self.max_prompt_token_length is not None and not 0 < self.max_prompt_token_length < self.max_token_length:
             _fail("filter", "max_prompt_token_length",
-                  f"must be positive and below max_token_length ({self.max_token_length}), got {self.max_prompt_token_length}")
+                  f"must be positive and below max_token_length ({self.max_token_length}), "
+                  f"got {self.max_prompt_token_length}")
         if self.policy not in ("drop", "truncate"):
             _fail("filter", "policy", f"must be 'drop' or 'truncate', got '{self.policy}'")
 
@@ -164,8 +173,13 @@ class PushSettings:
     private: bool = True
     dry_run: bool = False
     commit_message: str = "Upload reward model"
+    min_accuracy: float = 0.6  # release gate: the least held-out accuracy a released model has
+    compare_with_release: bool = True  # release gate: never below the last released model (data/release)
+    force: bool = False  # release although the gate failed; the model card says so
 
     def validate(self) -> None:
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            _fail("push", "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}")
         if self.repo_id is not None and (self.repo_id.count("/") > 1 or not self.repo_id.strip("/")):
             _fail("push", "repo_id", f"must look like 'name' or 'owner/name', got '{self.repo_id}'")
 
@@ -207,9 +221,7 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
             _fail(section, key, f"must be true or false, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(section, key, f"must be a number, got {value!r}")
-        return float(value)
+        return _as_float(section, key, value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(section, key, f"must be an integer, got {value!r}")
@@ -219,6 +231,21 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
             _fail(section, key, f"must be a string, got {value!r}")
         return value
     return value
+
+
+def _as_float(section: str, key: str, value: Any) -> float:
+    """A finite number. YAML 1.1 reads `1e-4` (no dot) as a string, so such strings are read as
+    numbers here, the same rule as for --set; NaN and infinities would pass every range check."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            _fail(section, key, f"must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(section, key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        _fail(section, key, f"must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _section_from_dict(section: str, cls: type, data: dict[str, Any]) -> Any:
@@ -241,7 +268,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
-        raise SettingsError(f"--set {text!r}: value is not valid YAML ({exc})") from None
+        problem = getattr(exc, "problem", None) or exc  # yaml's full message spans several lines
+        raise SettingsError(f"--set {text!r}: value is not valid YAML ({problem})") from None
     # YAML reads "1e-4" as a string; accept such numbers where they are obviously meant.
     if isinstance(value, str):
         try:
@@ -251,8 +279,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _section_mapping(section: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SettingsError(f"{section}: expected a mapping of settings, got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
 def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
-    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    data = {k: _section_mapping(k, v) for k, v in (data or {}).items()}
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})[key] = value
@@ -269,13 +305,29 @@ def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
     """Read params.yaml (missing file = built-in defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
+    if path is not None and Path(path).is_dir():
+        raise SettingsError(f"{path}: is a folder, not a params file")
     if path is not None and Path(path).exists():
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise SettingsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        data = _read_params_file(Path(path))
     elif path is not None and Path(path).name != "params.yaml":
         raise SettingsError(f"{path}: no such params file")
     return params_from_dict(data, list(overrides))
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:  # yaml's own message spans several lines: keep the problem and its line
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SettingsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return {section: _section_mapping(section, value) for section, value in data.items()}
+    except SettingsError as exc:
+        raise SettingsError(f"{path}: {exc}") from None

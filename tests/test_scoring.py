@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from helpers import run_steps, tiny_params, write_jsonl
 from rm_lib.scoring import RewardScorer
+
+from helpers import run_steps, tiny_params, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,58 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--input", str(src),
                           "--output", str(tmp_path / "scores.jsonl")], capture_output=True, text=True, check=True)
-    assert "1 pairs (1 rejected), accuracy" in out.stdout and "longer wins" in out.stdout
+    assert "1 pairs (1 rejected, 0 truncated to the model's 512 tokens), accuracy" in out.stdout
+    assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
+
+
+LONG = "User: Tell me everything about the film.\n\nAssistant: " + "The acting was wonderful and brilliant. " * 120
+
+
+def test_a_text_longer_than_the_model_positions_is_truncated_keeping_the_end(trained):
+    from rm_lib.length_filter import truncate_left
+
+    scorer = RewardScorer(trained / "models/reward_model")
+    assert scorer.max_length == 512 and len(scorer.encode(LONG)) > 512
+    scored = scorer.score_detailed([LONG, "User: hi\n\nAssistant: hello"])
+    assert scored.truncated == [True, False]
+    assert scored.lengths[0] == len(scorer.encode(LONG))
+    kept = truncate_left(scorer.encode(LONG), 512, len(scorer.special.prefix))
+    assert kept[0] == scorer.encode(LONG)[0] and kept[-10:] == scorer.encode(LONG)[-10:]
+    import torch
+
+    from rm_lib.modeling import rewards
+
+    ids = torch.tensor([kept])
+    expected = rewards(scorer.model, ids, torch.ones_like(ids)).item()
+    assert scored.rewards[0] == pytest.approx(expected, abs=1e-5)
+    assert scorer.score([LONG]) == pytest.approx([expected], abs=1e-5)
+
+
+def test_with_policy_drop_a_long_text_is_refused_naming_it(trained):
+    from rm_lib.errors import DataError
+
+    scorer = RewardScorer(trained / "models/reward_model", length_policy="drop")
+    with pytest.raises(DataError, match=r"item 1: \d+ tokens, more than the 512 the model reads"):
+        scorer.score(["User: hi\n\nAssistant: hello", LONG])
+
+
+def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, capsys):
+    from rm_lib.cli import main
+
+    rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
+            {"prompt": LONG, "chosen": " Truly wonderful.", "rejected": " Truly awful."}]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "scores.jsonl"
+    argv = ["--root", str(trained), "score", "--input", str(src), "--output", str(out)]
+    assert main(argv + ["--set", "filter.policy=truncate"]) == 0
+    assert "2 pairs (0 rejected, 1 truncated to the model's 512 tokens)" in capsys.readouterr().out
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["truncated"] for r in scored] == [False, True]
+    out.unlink()
+    assert main(argv + ["--set", "filter.policy=drop"]) == 2
+    err = capsys.readouterr().err  # after the transformers loading bar, one line of ours
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"error: {src}:2 (chosen): ")
+    assert "filter.policy=truncate" in err
+    assert not out.exists()

@@ -45,3 +45,146 @@ def test_cli_runs_a_step_as_a_module(tmp_path):
     view = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "show-tokens", "--stage",
                            "tokenized", "--no-color"], capture_output=True, text=True, check=True)
     assert "[[CLS]]" in view.stdout and "[[SEP]]" in view.stdout
+
+
+def _captured_params(monkeypatch, argv):
+    """Run the CLI with every step replaced by a recorder; returns (exit code, params, layout root)."""
+    import rm_lib.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_step", lambda step, params, layout: seen.update(params=params, root=layout.root))
+    code = cli.main(argv)
+    return code, seen.get("params"), seen.get("root")
+
+
+def test_options_are_read_before_and_after_the_step(tmp_path, monkeypatch):
+    params_file = tmp_path / "tiny.yaml"
+    params_file.write_text("download:\n  demo_pairs: 40\n")
+    code, params, root = _captured_params(monkeypatch, [
+        "--set", "download.seed=7", "download", "--set", "download.source=../shared/data/x.jsonl",
+        "--params", str(params_file), "--root", str(tmp_path), "--set", "download.test_fraction=0.5"])
+    assert code == 0 and root == tmp_path
+    download = params.download
+    assert (download.seed, download.source, download.test_fraction) == (7, "../shared/data/x.jsonl", 0.5)
+    assert params.download.demo_pairs == 40  # --params given after the step is read
+    # a --set after the step wins over the same key set before it
+    code, params, _ = _captured_params(monkeypatch, ["--set", "download.seed=1", "download", "--set", "download.seed=2",
+                                                     "--root", str(tmp_path)])
+    assert code == 0 and params.download.seed == 2
+
+
+def test_score_and_show_tokens_take_the_common_options_after_the_step(tmp_path, capsys):
+    code = main(["score", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                 "--root", str(tmp_path), "--set", "train.learning_rate=-1"])
+    assert code == 2 and capsys.readouterr().err.startswith("error: train.learning_rate")
+
+
+def _float_fields():
+    import dataclasses
+    import typing
+
+    from rm_lib.settings import Params
+
+    hints = typing.get_type_hints(Params)
+    for section in dataclasses.fields(Params):
+        for name, hint in typing.get_type_hints(hints[section.name]).items():
+            if hint is float or hint == (float | None):
+                yield section.name, name
+
+
+FLOAT_FIELDS = list(_float_fields())
+
+
+def test_every_float_setting_is_found():
+    assert ("train", "learning_rate") in FLOAT_FIELDS and ("download", "test_fraction") in FLOAT_FIELDS
+    assert ("train", "center_rewards_coefficient") in FLOAT_FIELDS
+
+
+@pytest.mark.parametrize("section, key", FLOAT_FIELDS)
+def test_a_float_written_like_1e_minus_1_is_accepted_in_params_yaml_as_by_set(tmp_path, section, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {key}: 1e-1\n")  # YAML 1.1 reads this as the string '1e-1'
+    assert getattr(getattr(load_params(path), section), key) == 0.1
+    assert getattr(getattr(load_params(None, [f"{section}.{key}=1e-1"]), section), key) == 0.1
+
+
+@pytest.mark.parametrize("section, key", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "1e999"])
+def test_nan_and_infinite_float_settings_are_refused(tmp_path, section, key, value):
+    with pytest.raises(SettingsError, match=f"{section}.{key}: must be a finite number"):
+        load_params(None, [f"{section}.{key}={value}"])
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(SettingsError, match=f"{section}.{key}: must be a finite number"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: 5\n", r"train: expected a mapping of settings, got int"),
+    ("train:\n  - 1\n  - 2\n", r"train: expected a mapping of settings, got list"),
+    ("filter: drop\n", r"filter: expected a mapping of settings, got str"),
+])
+def test_a_section_that_is_not_a_mapping_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(SettingsError, match=f"{path}: {message}"):
+        load_params(path)
+    assert main(["--params", str(path), "--root", str(tmp_path), "download"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "data").exists()
+
+
+def test_a_non_utf8_params_file_or_a_folder_is_one_line(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("download:\n  source: caf\xe9.jsonl\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match=f"{path}: not UTF-8 text"):
+        load_params(path)
+    with pytest.raises(SettingsError, match=f"{tmp_path}: is a folder, not a params file"):
+        load_params(tmp_path)
+    assert main(["--params", str(tmp_path), "--root", str(tmp_path), "download"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_score_input_that_does_not_exist_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "pairs.jsonl"
+    code = main(["--root", str(tmp_path), "score", "--input", str(missing), "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {missing}: no such file or folder\n"
+
+
+def test_show_tokens_index_out_of_range_and_before_filter_are_one_line(tmp_path, capsys):
+    from helpers import run_steps, tiny_params
+
+    assert main(["--root", str(tmp_path), "show-tokens"]) == 2
+    err = capsys.readouterr().err
+    assert "filtered/train.parquet" in err and "run the filter step first" in err and err.count("\n") == 1
+    run_steps(tiny_params(), tmp_path, "download", "tokenize", "filter")
+    assert main(["--root", str(tmp_path), "show-tokens", "--index", "999", "--no-color"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: show-tokens --index 999: the filtered train split has ") and err.count("\n") == 1
+    assert main(["--root", str(tmp_path), "show-tokens", "--index", "3", "--no-color"]) == 0
+
+
+@pytest.mark.parametrize("row, field", [({"margin": float("nan")}, "margin"), ({"margin": float("inf")}, "margin"),
+                                        ({"score_chosen": float("-inf"), "score_rejected": 1.0}, "score_chosen")])
+def test_nan_or_infinite_margins_in_the_data_are_refused(tmp_path, capsys, row, field):
+    from helpers import write_jsonl
+
+    good = {"prompt": "The film was", "chosen": "wonderful.", "rejected": "awful."}
+    src = write_jsonl(tmp_path / "pairs.jsonl", [dict(good, margin=1.0), dict(good, **row)])  # json writes NaN/Infinity
+    assert main(["--root", str(tmp_path), "download", "--set", f"download.source={src}"]) == 2
+    err = capsys.readouterr().err
+    assert f"file {src}, row 2, field '{field}'" in err and "finite" in err and err.count("\n") == 1
+
+
+def test_run_refuses_a_model_with_only_pickled_weights_before_any_step(tmp_path, minilm_path, capsys):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(minilm_path, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    project = tmp_path / "project"
+    assert main(["--root", str(project), "run", "--set", f"model.name_or_path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert "has no safetensors weights" in err and "pytorch_model.bin" in err and err.count("\n") == 1
+    assert not (project / "data").exists()

@@ -1,0 +1,167 @@
+"""Every command of README.md's ```bash blocks runs, in README order, in a fresh project folder on tiny
+settings, so the documentation cannot drift from the code. README.md is read at test time: a new
+rm_lib command is run without touching this file; any other new command fails until it is run here or
+listed in NOT_RUN with the reason it cannot run in a test."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import typing
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT, SHARED_DATA, need
+from helpers import write_jsonl
+
+README = ROOT / "README.md"
+RM_LIB_PREFIXES = ((".venv/bin/python", "-m", "rm_lib"), ("python", "-m", "rm_lib"), ("rm-lib",))
+
+# Commands that cannot run inside a test, each with the reason and what covers it instead.
+NOT_RUN = {
+    "make run": "creates .venv and pip-installs the project (network); its pipeline is the `rm_lib run` command, "
+                "run below on tiny settings",
+    "make test": "runs the whole test suite, this test included",
+    "python3 -m venv .venv && .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu128":
+        "downloads a CUDA build of torch (network, GPU machines)",
+    ".venv/bin/accelerate launch --multi_gpu --num_processes 2 -m rm_lib train":
+        "starts two training processes; tests/test_train.py::test_two_processes_match_one_process_with_the_same_"
+        "global_batch runs this launch on the CPU",
+    ".venv/bin/accelerate launch --config_file configs/accelerate/fsdp.yaml -m rm_lib train":
+        "FSDP over GPUs (use_cpu: false, bf16); needs two GPUs",
+    "make test-integration": "runs the integration tier of the test suite, this test included",
+    "make lint": "runs ruff; tests/test_lint.py runs the same check",
+    "make ui": "starts the Dagster UI until stopped; tests/test_ui_browser.py starts it with the Makefile's own "
+               "arguments and drives it in a browser",
+    ".venv/bin/python -m rm_lib run --set download.source=Anthropic/hh-rlhf":
+        "reads a Hub dataset (network); tests/test_download.py::test_hub_source_calls_datasets_load_dataset runs "
+        "the same datasets.load_dataset path, and the local-file command above runs the whole pipeline",
+    ".venv/bin/python -m rm_lib run --set download.source=trl-lib/ultrafeedback_binarized":
+        "reads a Hub dataset (network); its format (conversational chosen/rejected with scores) is covered by "
+        "tests/test_formats.py::test_conversational_implicit_and_explicit",
+    ". .venv/bin/activate": "changes the calling shell only",
+    "dvc repro": "tests/test_dvc.py runs it in a throw-away git + DVC repository (module fixture `pipeline`)",
+    "dvc exp run -S train.learning_rate=1e-4": "tests/test_dvc.py::test_exp_run_and_exp_show",
+    "dvc exp show": "tests/test_dvc.py::test_exp_run_and_exp_show",
+    "git add dvc.lock params.yaml && git commit -m 'reward model: lr 1e-4'":
+        "commits to the repository; tests/test_dvc.py commits dvc.lock the same way in its throw-away repository",
+    "dvc push": "tests/test_dvc.py::test_a_teammate_clones_and_pulls_the_same_model_from_the_default_remote",
+}
+
+# rm_lib commands that run with extra settings appended, and why.
+EXTRA = {
+    "push": (["--set", "push.dry_run=true"], "push.repo_id would upload to the real Hub: a dry run writes "
+                                              "data/release exactly as uploaded and uploads nothing"),
+}
+
+# Small settings for every step (tests/helpers.py tiny_params); the rest comes from the repo's params.yaml.
+TINY = {
+    "download": {"demo_pairs": 40, "max_rows": 40},
+    "filter": {"max_token_length": 64, "max_prompt_token_length": 32},
+    "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 2, "num_print_samples": 1},
+    "evaluate": {"batch_size": 8},
+    # a 4-step model may not pass the release gate: the gate has its own tests
+    "push": {"min_accuracy": 0.0, "compare_with_release": False},
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """Each command line of the ```bash blocks (continuations joined, comments dropped), normalised
+    to single spaces."""
+    commands = []
+    for block in re.findall(r"^```(?:bash|sh|shell)[ \t]*\n(.*?)^```", text, flags=re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words).replace("'&&'", "&&"))
+    return commands
+
+
+def rm_lib_argv(command: str) -> list[str] | None:
+    words = shlex.split(command)
+    for prefix in RM_LIB_PREFIXES:
+        if tuple(words[:len(prefix)]) == prefix:
+            return words[len(prefix):]
+    return None
+
+
+def test_readme_commands_are_parsed():
+    text = "```bash\nmake run    # a comment\n.venv/bin/python -m rm_lib train \\\n  --set train.lora=true\n```\n"
+    assert readme_commands(text) == ["make run", ".venv/bin/python -m rm_lib train --set train.lora=true"]
+    assert rm_lib_argv(".venv/bin/python -m rm_lib score --input a.jsonl") == ["score", "--input", "a.jsonl"]
+    assert rm_lib_argv("make run") is None
+
+
+def _tiny_params_file(folder: Path) -> Path:
+    from rm_lib.settings import Params
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    hints = typing.get_type_hints(Params)
+    for section, values in TINY.items():
+        known = {f.name for f in dataclasses.fields(hints[section])}
+        data[section].update({k: v for k, v in values.items() if k in known})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _user_files(folder: Path) -> None:
+    """Files the README's commands read that a user brings: the pairs to score."""
+    write_jsonl(folder / "pairs.jsonl", [
+        {"prompt": "The film was", "chosen": " wonderful and brilliant.", "rejected": " awful and dreadful."},
+        {"prompt": "The plot was", "chosen": " clever.", "rejected": " dull."}])
+
+
+def _local(argv: list[str]) -> list[str]:
+    """README paths are relative to the repository; the shared data lives beside it."""
+    return [a.replace("../shared/data", str(SHARED_DATA)) for a in argv]
+
+
+def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
+    from rm_lib.cli import main
+
+    commands = readme_commands(README.read_text(encoding="utf-8"))
+    if any("../shared/data" in c for c in commands):
+        need(SHARED_DATA)
+    project = tmp_path / "project"
+    project.mkdir()
+    _tiny_params_file(project)
+    _user_files(project)
+    monkeypatch.chdir(project)
+    ran, skipped, not_covered = [], [], []
+    for command in commands:
+        argv = rm_lib_argv(command)
+        if command in NOT_RUN:
+            skipped.append(command)
+            continue
+        if argv is None:
+            not_covered.append(command)
+            continue
+        argv = _local(argv) + (EXTRA[argv[0]][0] if argv and argv[0] in EXTRA else [])
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert code == 0, f"README command failed: {command}\n{captured.out}\n{captured.err}"
+        ran.append((command, captured.out))
+    assert not not_covered, (f"README commands neither run by this test nor listed in NOT_RUN with a reason: "
+                             f"{not_covered}")
+    steps = [rm_lib_argv(c)[0] for c, _ in ran]
+    assert {"download", "train", "score", "run"} <= set(steps), steps  # the README's walk-through was found
+    assert (project / "models/reward_model/model.safetensors").is_file()
+    assert (project / "data/release/README.md").is_file()
+    scored = [json.loads(line) for line in (project / "rewards.jsonl").read_text().splitlines()]
+    assert len(scored) == 2 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
+    for code in re.findall(r"^```python[ \t]*\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.M | re.S):
+        exec(compile(code, "README.md (python block)", "exec"), {})  # e.g. the RewardScorer example
+
+
+def test_not_run_commands_name_existing_make_targets_and_configs():
+    """What NOT_RUN lists still exists: the make targets in the Makefile, the accelerate configs."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for command in NOT_RUN:
+        words = shlex.split(command)
+        if words[0] == "make":
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), command
+        if "--config_file" in words:
+            assert (ROOT / words[words.index("--config_file") + 1]).is_file(), command
