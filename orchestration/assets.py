@@ -7,77 +7,33 @@ Heavy modules (torch, transformers, the rm_lib step modules) are imported inside
 """
 import base64
 import hashlib
-import importlib
 import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Optional
 
 import dagster as dg
-from pydantic import Field
 
-from rm_lib.dvc_record import NotRecorded, Recorded, RecordError, combined_hash
+from rm_lib import quality
+from rm_lib.code_version import code_hash
+from rm_lib.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash
 from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import Params
 
+from .config import DownloadConfig, EvaluateConfig, FilterConfig, PushConfig, StepConfig, TokenizeConfig, TrainConfig
 from .launcher import TrainLauncherResource
 from .resources import DvcResource, HubResource, ProjectResource, WandbResource
 
 GROUP = "reward_model_pipeline"
 
-# Network steps: a Hub hiccup is retried after about 30 s, 90 s, 210 s ((2^n - 1) x 30 s, +-30 s).
-# Mistakes a user must fix (bad settings, bad data) are dg.Failure(allow_retries=False): no retry.
+# Network steps: a transient error (UserError.transient) is retried after about 30 s, 90 s, 210 s
+# ((2^n - 1) x 30 s, +-30 s). Under Dagster this policy is the only retry layer: the step runs inside
+# rm_lib.network.single_attempt(), whose docstring holds the whole policy. Anything else a user must
+# fix (bad settings, bad data, a refused token) is dg.Failure(allow_retries=False): no retry.
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
-
-
-# ---------------------------------------------------------------- run config (the Launchpad)
-
-class StepConfig(dg.Config):
-    """Per-run settings of one step: `section.key=value` overrides on top of params.yaml (and of the
-    `project` resource's run-wide overrides). Empty = params.yaml as it is."""
-
-    overrides: list[str] = Field(default=[], description="`section.key=value` settings for this run, e.g. "
-                                                         "`train.learning_rate=1e-4`; empty: params.yaml.")
-    sections: ClassVar[tuple[str, ...]] = ()
-
-    def checked_overrides(self) -> list[str]:
-        """Only the step's own section: a shared setting changed for one step alone (say model.*
-        for train but not for tokenize) would make the steps disagree."""
-        for text in self.overrides:
-            section = text.split("=", 1)[0].split(".", 1)[0].strip()
-            if section not in self.sections:
-                raise SettingsError(
-                    f"run config override {text!r}: this step takes only {', '.join(s + '.*' for s in self.sections)}; "
-                    "put settings shared by several steps (model.*, another step's section) in params.yaml or "
-                    "in the `project` resource's overrides")
-        return list(self.overrides)
-
-
-class DownloadConfig(StepConfig):
-    sections: ClassVar[tuple[str, ...]] = ("download",)
-
-
-class TokenizeConfig(StepConfig):
-    sections: ClassVar[tuple[str, ...]] = ("tokenize",)
-
-
-class FilterConfig(StepConfig):
-    sections: ClassVar[tuple[str, ...]] = ("filter",)
-
-
-class TrainConfig(StepConfig):
-    sections: ClassVar[tuple[str, ...]] = ("train",)
-
-
-class EvaluateConfig(StepConfig):
-    sections: ClassVar[tuple[str, ...]] = ("evaluate",)
-
-
-class PushConfig(StepConfig):
-    sections: ClassVar[tuple[str, ...]] = ("push",)
 
 
 # ---------------------------------------------------------------- helpers
@@ -86,21 +42,23 @@ def _settings(step: str, config: StepConfig, project: ProjectResource,
               extra: Sequence[str] = ()) -> tuple[Params, Layout]:
     """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config."""
     try:
-        params = project.load_params([*extra, *config.checked_overrides()])
+        params = project.load_params([*extra, *config.overrides()])
     except SettingsError as exc:
         raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
     return params, project.layout()
 
 
-def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layout: Layout, *,
-              transient=lambda exc: False):
-    """rm_lib.steps.<step>.run; a UserError becomes a one-paragraph dg.Failure, retried only if transient."""
+def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layout: Layout):
+    """rm_lib.steps.<step>.run, trying each network call once; a UserError becomes a one-paragraph
+    dg.Failure, except a transient one, which is raised as it is for the asset's RetryPolicy."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # as the CLI does
-    module = importlib.import_module(f"rm_lib.steps.{step}")
+    from rm_lib import network, steps
+
     try:
-        result = module.run(params, layout)
+        with network.single_attempt():
+            result = steps.run(step, params, layout)
     except UserError as exc:
-        if transient(exc):
+        if exc.transient:
             raise  # the RetryPolicy tries again
         raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
     context.log.info(result.summary())
@@ -132,11 +90,10 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
 
 
 def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project: ProjectResource, stage: str,
-                   params: Params, fallback: Optional[str],
-                   main: Sequence[str] = ()) -> tuple[dict, Optional[dg.DataVersion]]:
+                   params: Params, fallback: Optional[str]) -> tuple[dict, Optional[dg.DataVersion]]:
     """Record the step in DVC. Returns the metadata saying what was recorded (and pushed where) and the
-    data version: the DVC hash of the `main` outs (default: all the stage's outs); `fallback` when
-    nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
+    data version: the DVC hash of the stage's VERSION_OUTS (rm_lib.dvc_record; default: all its outs);
+    `fallback` when nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
     try:
         outcome = dvc.record(project.root_path(), stage, params)
     except RecordError as exc:
@@ -146,7 +103,7 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
         return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
     if not outcome.pushed:
         context.log.warning(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: {outcome.push_note}")
-    version = combined_hash(outcome.outs, list(main) or None)
+    version = combined_hash(outcome.outs, list(VERSION_OUTS.get(stage, ())) or None)
     return _recorded_metadata(outcome, version), dg.DataVersion(version)
 
 
@@ -156,7 +113,7 @@ def _recorded_metadata(outcome: Recorded, version: str) -> dict:
         "dvc": f"recorded: stage {outcome.stage} in dvc.lock and the DVC cache "
                "(commit dvc.lock with git to keep this version)",
         "dvc_hash": version,
-        "dvc_outs": _md_table(["out", "DVC hash"], sorted(outcome.outs.items())),
+        "dvc_outs": _table(["out", "DVC hash"], sorted(outcome.outs.items())),
         "dvc_hashes": dg.MetadataValue.json(outcome.outs),
         "dvc_pushed": outcome.pushed,
         "dvc_remote": remote,
@@ -176,20 +133,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def logged_losses(layout: Layout) -> list:
-    """Every loss the training step logged (data/train/metrics.jsonl), in order."""
-    path = layout.train_logs / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["loss"] for r in rows if r.get("loss") is not None]
-
-
-def _relative(path: Path, layout: Layout) -> str:
-    """A layout path as dvc.yaml and dvc.lock write it."""
-    return path.relative_to(layout.root).as_posix()
-
-
 def _image(path: Path, title: str) -> dg.MetadataValue:
     """A PNG inline in the UI (markdown with a data URI); the file path when it is missing."""
     if not path.is_file():
@@ -198,15 +141,22 @@ def _image(path: Path, title: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
 
 
-def _md_table(header: list[str], rows: list[list]) -> dg.MetadataValue:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return str(value).replace("|", "\\|")
+def _table(header: list[str], rows: list[list]) -> dg.MetadataValue:
+    """A table the UI shows as one (typed columns, sortable), not a markdown link."""
+    def kind(values: list) -> str:
+        if values and all(isinstance(v, bool) for v in values):
+            return "bool"
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return "int"
+        if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return "float"
+        return "string"
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return dg.MetadataValue.md("\n".join(lines))
+    kinds = [kind([row[i] for row in rows]) for i in range(len(header))]
+    columns = [dg.TableColumn(name, k) for name, k in zip(header, kinds)]
+    records = [dg.TableRecord({name: (v if k != "string" else str(v)) for name, k, v in zip(header, kinds, row)})
+               for row in rows]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
 
 
 def _text(value) -> str:
@@ -227,31 +177,9 @@ def _link(value: str | None) -> dg.MetadataValue:
     return dg.MetadataValue.text(value or "not logged (no train.wandb_project, or W&B disabled)")
 
 
-def _download_error_is_transient(source_kind: str):
-    """Loading a Hub dataset fails with a DataError on file hf://<name> and no row when the Hub cannot
-    be reached: worth a retry. A DataError about rows, or about the demo set or a local file, is
-    about the data itself: not."""
-    def transient(exc: Exception) -> bool:
-        return (source_kind == "hub" and isinstance(exc, DataError) and exc.row is None
-                and str(exc.file or "").startswith("hf://"))
-
-    return transient
-
-
-def _push_error_is_transient(exc: Exception) -> bool:
-    """rm_lib.hub retries 3 times itself, then raises PublishError `from None`; its __context__
-    still holds the Hub error: a 5xx answer or no connection is worth another try later, a
-    refused token (401/403), a bad repo name or another 4xx is not."""
-    cause = exc.__context__
-    status = getattr(getattr(cause, "response", None), "status_code", None)
-    if status is not None:
-        return status >= 500
-    return isinstance(cause, OSError)
-
-
 # ---------------------------------------------------------------- assets
 
-@dg.asset(group_name=GROUP, retry_policy=NETWORK_RETRY, kinds={"huggingface"},
+@dg.asset(group_name=GROUP, code_version=code_hash("download"), retry_policy=NETWORK_RETRY, kinds={"huggingface"},
           description="download: the source (params.yaml download.source: demo, a local file/folder or a Hub "
                       "dataset) -> normalised pairs split into train/test, rejects by reason (data/pairs).")
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
@@ -260,11 +188,11 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     from rm_lib.steps.download import _source_kind
 
     try:
-        kind = _source_kind(params.download.source)
+        _source_kind(params.download.source)  # a missing local file: no retry, no credentials
     except DataError as exc:
         raise dg.Failure(description=f"download: {exc}", allow_retries=False) from exc
     with hub.credentials():
-        result = _run_step(context, "download", params, layout, transient=_download_error_is_transient(kind))
+        result = _run_step(context, "download", params, layout)
     manifest = _read_json(layout.pairs / "manifest.json")
     rejects = manifest.get("rejects_by_reason", {})
     rejected = int(manifest.get("rejected", sum(rejects.values())))
@@ -283,7 +211,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
             "rejected": rejected,
             "reject_ratio": _number(rejected / rows_read if rows_read else 0.0),
             "rejects_by_reason": dg.MetadataValue.json(rejects),
-            "rejects_table": _md_table(["reason", "rows"], sorted(rejects.items()) or [["(none)", 0]]),
+            "rejects_table": _table(["reason", "rows"], sorted(rejects.items()) or [["(none)", 0]]),
             "ignored_columns": dg.MetadataValue.json(result.ignored_columns),
             "split": manifest.get("split", ""),
             "content_hash": result.content_hash,
@@ -294,7 +222,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     )
 
 
-@dg.asset(group_name=GROUP, deps=[raw_preferences], kinds={"parquet"},
+@dg.asset(group_name=GROUP, code_version=code_hash("tokenize"), deps=[raw_preferences], kinds={"parquet"},
           description="tokenize: normalised pairs -> token ids through the chat template (data/tokenized).")
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
                           hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
@@ -318,7 +246,7 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
     )
 
 
-@dg.asset(group_name=GROUP, deps=[tokenized_preferences], kinds={"parquet"},
+@dg.asset(group_name=GROUP, code_version=code_hash("filter"), deps=[tokenized_preferences], kinds={"parquet"},
           description="filter: token ids -> length-filtered ids, every dropped pair counted by reason; "
                       "token-length histogram (data/filtered).")
 def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
@@ -338,7 +266,7 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
             "dropped": sum(sum(d.values()) for d in result.dropped.values()),
             "truncated": sum(result.truncated.values()),
             "dropped_by_reason": dg.MetadataValue.json(result.dropped),
-            "dropped_table": _md_table(["reason", *SPLITS],
+            "dropped_table": _table(["reason", *SPLITS],
                                        [[r, *(result.dropped[s].get(r, 0) for s in SPLITS)] for r in reasons]
                                        or [["(none)", 0, 0]]),
             "token_lengths": _image(layout.filtered / "lengths.png", "Token lengths before filtering"),
@@ -351,7 +279,7 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
     )
 
 
-@dg.asset(group_name=GROUP, deps=[filtered_preferences], pool="gpu", kinds={"pytorch"},
+@dg.asset(group_name=GROUP, code_version=code_hash("train"), deps=[filtered_preferences], pool="gpu", kinds={"pytorch"},
           description="train: filtered pairs -> a one-output reward model (models/reward_model); metrics, "
                       "loss curve and summary in data/train. Runs in the `gpu` pool.")
 def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project: ProjectResource,
@@ -365,17 +293,14 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
         if trainer.separate_process:
             result = _train_in_own_process(context, trainer, project,
-                                           [*project.overrides, *wandb_overrides, *config.checked_overrides()])
+                                           [*project.overrides, *wandb_overrides, *config.overrides()])
         else:
             result = _run_step(context, "train", params, layout)
     summary = _read_json(layout.train_logs / "summary.json")
     fingerprint = summary.get("fingerprint")
-    # A re-run that resumes from the final checkpoint trains nothing and reports a NaN final loss;
-    # the losses the training run logged are still in metrics.jsonl.
-    losses = logged_losses(layout)
+    losses = quality.logged_losses(layout)
     # the model is what downstream reads: checkpoints and logs do not change its version
-    recorded, version = _record_in_dvc(context, dvc, project, "train", params, fingerprint,
-                                       main=[_relative(layout.model, layout)])
+    recorded, version = _record_in_dvc(context, dvc, project, "train", params, fingerprint)
     return dg.MaterializeResult(
         metadata={
             "base_model": params.model.name_or_path,
@@ -400,7 +325,8 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     )
 
 
-@dg.asset(group_name=GROUP, deps=[reward_model, filtered_preferences], pool="gpu", kinds={"pytorch"},
+@dg.asset(group_name=GROUP, code_version=code_hash("evaluate"), deps=[reward_model, filtered_preferences], pool="gpu",
+          kinds={"pytorch"},
           description="evaluate: the model on the held-out pairs -> accuracy beside the length baselines, "
                       "reward distributions, accuracy per length bucket (data/evaluation).")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, project: ProjectResource,
@@ -408,7 +334,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
     params, layout = _settings("evaluate", config, project)
     result = _run_step(context, "evaluate", params, layout)
     m = result.metrics
-    baseline = max(m["longer_wins_baseline"], m["shorter_wins_baseline"])
+    baseline = quality.length_baseline(m)
     report = layout.evaluation / "report.json"
     recorded, version = _record_in_dvc(context, dvc, project, "evaluate", params,
                                        hashlib.sha256(report.read_bytes()).hexdigest())
@@ -433,9 +359,15 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
             "reward_margin_mean": _number(m["reward_margin_mean"]),
             "reward_distributions": _image(layout.evaluation / "rewards.png", "Reward distributions"),
             "accuracy_by_length": _image(layout.evaluation / "accuracy_by_length.png", "Accuracy by length"),
-            "per_length_bucket": _md_table(["tokens", "pairs", "accuracy", "longer wins"],
-                                           [[b["range"], b["pairs"], b["accuracy"], b["longer_wins"]]
-                                            for b in m["per_length_bucket"]]),
+            "per_length_bucket": _table(["tokens", "pairs", "accuracy", "longer wins", "shorter wins"],
+                                        [[b["range"], b["pairs"], b["accuracy"], b["longer_wins"],
+                                          b.get("shorter_wins", 0.0)] for b in m["per_length_bucket"]]),
+            "per_subset": _table(["subset", "pairs", "accuracy"],
+                                 [[name, e["pairs"], e["accuracy"]] for name, e in m.get("per_subset", {}).items()]
+                                 or [["(no subset column)", 0, 0.0]]),
+            "data": ("demo data: synthetic film reviews with 10% of the labels flipped; the accuracy says the "
+                     "pipeline learns, not how good a reward model is") if m.get("demo_data")
+            else params.download.source,
             "data_hash": _text(m.get("data_hash")),
             "report": dg.MetadataValue.path(str(report)),
             **recorded,
@@ -444,15 +376,17 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
     )
 
 
-@dg.asset(group_name=GROUP, deps=[evaluation, reward_model], retry_policy=NETWORK_RETRY, kinds={"huggingface"},
+@dg.asset(group_name=GROUP, code_version=code_hash("push"), deps=[evaluation, reward_model], retry_policy=NETWORK_RETRY,
+          kinds={"huggingface"},
           description="push: model + model card -> data/release, uploaded to the Hub when push.repo_id is set "
                       "(and push.dry_run is false). Runs only when the blocking release gate on `evaluation` "
-                      "passes.")
+                      "passes; the push step applies the same gate itself, so a lone materialization of a "
+                      "model that fails it is refused.")
 def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
                 hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("push", config, project)
     with hub.credentials():
-        result = _run_step(context, "push", params, layout, transient=_push_error_is_transient)
+        result = _run_step(context, "push", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "push", params, result.commit)
     released = _read_json(layout.release / "evaluation.json")
     return dg.MaterializeResult(
@@ -473,3 +407,5 @@ def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: 
 
 
 ASSETS = [raw_preferences, tokenized_preferences, filtered_preferences, reward_model, evaluation, hub_release]
+STEP_OF_ASSET = {"raw_preferences": "download", "tokenized_preferences": "tokenize", "filtered_preferences": "filter",
+                 "reward_model": "train", "evaluation": "evaluate", "hub_release": "push"}

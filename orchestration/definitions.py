@@ -13,8 +13,8 @@ import dagster as dg
 from orchestration.assets import ASSETS
 from orchestration.checks import CHECKS
 from orchestration.launcher import TrainLauncherResource
-from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
-from orchestration.sensors import pipeline_job, source_data_changed, weekly_retraining
+from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
+from orchestration.sensors import dvc_lock_changed, pipeline_job, source_data_changed, weekly_retraining
 
 
 def optional_env(name: str):
@@ -28,7 +28,7 @@ defs = dg.Definitions(
     asset_checks=CHECKS,
     jobs=[pipeline_job],
     schedules=[weekly_retraining],
-    sensors=[source_data_changed],
+    sensors=[source_data_changed, dvc_lock_changed],
     resources={
         # RM_ROOT: the project folder, when dagster is not started inside it.
         "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),
@@ -37,7 +37,6 @@ defs = dg.Definitions(
         # every materialization is committed to dvc.lock and the DVC cache and pushed to the project's
         # default remote; the remote's credentials are DVC's own (environment, .dvc/config.local)
         "dvc": DvcResource(),
-        "quality": QualityResource(),
         # training in the step's own process; separate_process=True launches `accelerate launch`
         # (several GPUs, an accelerate config) and streams its metrics back through Dagster Pipes
         "trainer": TrainLauncherResource(),

@@ -1,5 +1,4 @@
-"""Dagster resources: the project folder and its settings, the Hugging Face Hub, W&B, the DVC remote,
-the quality bar.
+"""Dagster resources: the project folder and its settings, the Hugging Face Hub, W&B, the DVC remote.
 
 Only dagster and the light parts of rm_lib (settings, layout, errors) are imported here, so the
 code server loads fast; torch and transformers are imported by the steps, inside the assets.
@@ -122,15 +121,3 @@ class DvcResource(dg.ConfigurableResource):
         if not self.enabled:
             return NotRecorded("DVC recording is off (the dvc resource's enabled is false)")
         return record(root, stage, params, remote=self.remote, push=self.push, lock_wait_s=self.lock_wait_s)
-
-
-class QualityResource(dg.ConfigurableResource):
-    """Thresholds of the asset checks."""
-
-    min_accuracy: float = Field(default=0.6, description="Release gate: the least test accuracy a model "
-                                                         "must reach to be published.")
-    compare_with_release: bool = Field(default=True, description="Release gate: also refuse a model whose "
-                                                                 "accuracy is below the last published one "
-                                                                 "(data/release/evaluation.json).")
-    max_reject_ratio: float = Field(default=0.1, description="Data check: the largest share of source rows "
-                                                             "the download step may reject.")

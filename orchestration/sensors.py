@@ -7,7 +7,7 @@ import dagster as dg
 
 from rm_lib.errors import DataError
 
-from .assets import ASSETS
+from .assets import ASSETS, STEP_OF_ASSET
 from .resources import HubResource, ProjectResource
 
 # Every asset of the pipeline, with its checks: raw_preferences -> ... -> hub_release.
@@ -77,3 +77,43 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
     # must run again.
     return dg.RunRequest(tags={"rm/source_fingerprint": fingerprint[:16]})
 
+
+
+ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}
+
+
+@dg.sensor(
+    name="dvc_lock_changed",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Reports what DVC did outside Dagster (a `dvc repro`, `dvc pull`, `git checkout` + `dvc checkout`): "
+                "when dvc.lock names other outputs for a stage than Dagster last recorded, the asset gets a "
+                "materialization with the DVC hash as its data version, so the UI's staleness follows DVC.",
+)
+def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResource):
+    from rm_lib.code_version import code_hash
+    from rm_lib.dvc_record import locked_stages
+
+    locked = locked_stages(project.root_path())
+    seen = json.loads(context.cursor) if context.cursor else {}
+    events = []
+    for stage, entry in locked.items():
+        key = ASSET_OF_STAGE.get(stage)
+        if key is None or seen.get(stage) == entry.version:
+            continue
+        latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
+        if tags.get("dagster/data_version") == entry.version:
+            continue  # Dagster recorded this version itself
+        code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
+        events.append(dg.AssetMaterialization(
+            asset_key=key,
+            description=f"dvc.lock names other outputs for stage {stage}: made outside Dagster",
+            metadata={"dvc_hash": entry.version, "recorded_by": "dvc.lock",
+                      "made_by_current_code": entry.current_code},
+            # the code version only when dvc.lock's code deps are the files here now
+            tags={"dagster/data_version": entry.version, "dagster/code_version": code_version}))
+    context.update_cursor(json.dumps({stage: entry.version for stage, entry in locked.items()}, sort_keys=True))
+    if not events:
+        return dg.SkipReason("dvc.lock agrees with what Dagster last recorded" if locked else "no dvc.lock")
+    return dg.SensorResult(asset_events=events)

@@ -3,13 +3,23 @@ beside it, and accuracy per length bucket."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+
+
+def subset_accuracy(r_chosen: Sequence[float], r_rejected: Sequence[float],
+                    subsets: Sequence[str | None]) -> dict[str, dict]:
+    """{subset: {"pairs", "accuracy"}} for the pairs that name a subset (a tie counts as wrong)."""
+    found: dict[str, list[bool]] = {}
+    for c, r, name in zip(r_chosen, r_rejected, subsets):
+        if name is not None:
+            found.setdefault(name, []).append(c > r)
+    return {name: {"pairs": len(wins), "accuracy": sum(wins) / len(wins)} for name, wins in sorted(found.items())}
 
 
 def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_chosen: Sequence[int],
@@ -34,7 +44,8 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
         lens = [max(len_chosen[i], len_rejected[i]) for i in idx]
         per_bucket.append({"range": f"{min(lens)}-{max(lens)}", "pairs": len(idx),
                            "accuracy": sum(wins[i] for i in idx) / len(idx),
-                           "longer_wins": sum(longer[i] for i in idx) / len(idx)})
+                           "longer_wins": sum(longer[i] for i in idx) / len(idx),
+                           "shorter_wins": sum(shorter[i] for i in idx) / len(idx)})
     return {
         "pairs": n, "accuracy": sum(wins) / n, "tie_rate": sum(ties) / n, "loss": loss,
         "longer_wins_baseline": sum(longer) / n, "shorter_wins_baseline": sum(shorter) / n,

@@ -89,7 +89,8 @@ def lineage(root: Path, summary: dict, manifest: dict) -> dict[str, Any]:
     """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json."""
     return {"git_commit": git_commit(root), "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
-            "fingerprint": summary.get("fingerprint"), "wandb": summary.get("wandb"),
+            "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
+            "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision")}
 
 
@@ -145,11 +146,16 @@ def _origin(params: dict, lineage: dict) -> str:
 def _evaluation(metrics: dict, pictures: list[str]) -> str:
     longer, shorter = metrics.get("longer_wins_baseline"), metrics.get("shorter_wins_baseline")
     baseline = max(longer, shorter) if longer is not None and shorter is not None else None
-    buckets = "\n".join(f"| {b['range']} | {b['pairs']} | {_num(b['accuracy'])} | {_num(b['longer_wins'])} |"
-                        for b in metrics.get("per_length_bucket", []))
+    buckets = "\n".join(f"| {b['range']} | {b['pairs']} | {_num(b['accuracy'])} | {_num(b['longer_wins'])} | "
+                        f"{_num(b.get('shorter_wins'))} |" for b in metrics.get("per_length_bucket", []))
     pics = "\n\n".join(f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in pictures)
+    subsets = "".join(f"| accuracy on subset `{name}` ({e['pairs']} pairs) | {_num(e['accuracy'])} |\n"
+                      for name, e in metrics.get("per_subset", {}).items())
+    demo = ("**Demo data**: these figures come from the project's synthetic film-review pairs; they show the "
+            "pipeline learns, not how good a reward model is.\n\n" if metrics.get("demo_data") else "")
     return f"""## Evaluation (held-out pairs)
 
+{demo}
 | metric | value |
 |---|---|
 | pairs | {metrics.get('pairs')} |
@@ -160,11 +166,11 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
 | tie rate | {_num(metrics.get('tie_rate'))} |
 | loss | {_num(metrics.get('loss'))} |
 | reward mean / std | {_num(metrics.get('reward_mean'))} / {_num(metrics.get('reward_std'))} |
-
+{subsets}
 Accuracy per pair length (tokens of the longer side):
 
-| pair length (tokens) | pairs | accuracy | longer wins |
-|---|---|---|---|
+| pair length (tokens) | pairs | accuracy | longer wins | shorter wins |
+|---|---|---|---|---|
 {buckets}
 
 {pics}"""
@@ -222,7 +228,9 @@ def _lineage(lineage: dict) -> str:
             shown = f"`{value}`" if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value) else value
             rows.append((f"DVC md5 of the {kind}: `{path}`", shown))
     rows += [("content hash of the training data (rm_lib)", _or(lineage.get("data_hash"), "unknown")),
-             ("run fingerprint (settings + data)", _or(lineage.get("fingerprint"), "unknown")),
+             ("training code (hash of the rm_lib files the train step runs)",
+              _or(lineage.get("code_hash"), "unknown")),
+             ("run fingerprint (settings + data + code)", _or(lineage.get("fingerprint"), "unknown")),
              ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
     table = "\n".join(f"| {what} | {value} |" for what, value in rows)
     return f"""## Lineage
@@ -235,14 +243,31 @@ Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) wi
 `dvc pull` fetches the data and model with the hashes above when a DVC remote holds them."""
 
 
-def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str]) -> str:
+def _gate(gate: list[dict], forced: bool) -> str:
+    if not gate:
+        return ""
+    rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | {g['description']} |"
+                     for g in gate)
+    warning = ("\n\n**Released with `push.force=true` although the release gate failed.** Treat this model as "
+               "unvetted." if forced else "")
+    return f"""## Release gate{warning}
+
+| check | result | detail |
+|---|---|---|
+{rows}
+
+"""
+
+
+def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str],
+           gate: list[dict] = (), forced: bool = False) -> str:
     return f"""{_front_matter(params)}# {repo_id}
 
 A reward model (one score per text) trained with the Bradley-Terry loss on preference pairs.
 
 {_origin(params, lineage)}
 
-{_evaluation(metrics, pictures)}
+{_gate(list(gate), forced)}{_evaluation(metrics, pictures)}
 
 {_usage(repo_id)}
 

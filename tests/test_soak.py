@@ -2,7 +2,7 @@
 succeeds, and processes, memory and disk stay bounded. Each week brings new data (another demo seed),
 so every run really trains, and the checkpoints of the previous week's run must go. The release gate
 is reduced to accuracy >= 0: a tiny model trained for three steps is not better every week."""
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -15,11 +15,12 @@ from orchestration.resources import (
     DvcResource,
     HubResource,
     ProjectResource,
-    QualityResource,
     WandbResource,
 )
 from rm_lib.jsonl import read_json
 from rm_lib.layout import Layout
+
+from helpers import set_offline
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 RUNS = 10
@@ -34,11 +35,10 @@ def disk_bytes(root) -> int:
 
 @pytest.fixture
 def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    set_offline(monkeypatch)
 
 
+@pytest.mark.integration
 def test_ten_scheduled_retraining_runs_stay_bounded(tmp_path, tiny_decoder, offline):
     root = tmp_path / "project"
     root.mkdir()
@@ -46,20 +46,21 @@ def test_ten_scheduled_retraining_runs_stay_bounded(tmp_path, tiny_decoder, offl
         assets=assets.ASSETS, asset_checks=checks.CHECKS, jobs=[sensors.pipeline_job],
         schedules=[sensors.weekly_retraining],
         resources={"project": ProjectResource(root=str(root), params_file=str(PARAMS),
-                                              overrides=[f"model.name_or_path={tiny_decoder}", *TINY]),
-                   "hub": HubResource(), "wandb": WandbResource(), "quality": QualityResource(min_accuracy=0.0, compare_with_release=False),
+                                              overrides=[f"model.name_or_path={tiny_decoder}", *TINY,
+                                                         "push.min_accuracy=0", "push.compare_with_release=false"]),
+                   "hub": HubResource(), "wandb": WandbResource(),
                    "dvc": DvcResource(), "trainer": TrainLauncherResource()})
     schedule = defs.resolve_schedule_def("weekly_retraining")
     job = defs.resolve_job_def(schedule.job_name)
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
     rss, disk = [], []
-    monday = datetime(2026, 1, 5, 3, tzinfo=timezone.utc)
+    monday = datetime(2026, 1, 5, 3, tzinfo=UTC)
     with dg.instance_for_test() as instance:
         for week in range(RUNS):
             context = dg.build_schedule_context(instance=instance,
                                                 scheduled_execution_time=monday + timedelta(weeks=week))
             (request,) = schedule.evaluate_tick(context).run_requests
-            run_config = {"ops": {"raw_preferences": {"config": {"overrides": [f"download.seed={week}"]}}}}
+            run_config = {"ops": {"raw_preferences": {"config": {"seed": week}}}}
             result = job.execute_in_process(run_config=run_config, instance=instance, tags=request.tags,
                                             raise_on_error=False)
             failures = [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]

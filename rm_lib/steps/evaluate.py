@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import plots
+from .. import chain, plots
 from ..atomic import atomic_dir, write_json, write_jsonl
 from ..inference import score_pairs
 from ..jsonl import read_json
 from ..layout import Layout
-from ..metrics import pair_metrics
+from ..metrics import pair_metrics, subset_accuracy
 from ..modeling import load_reward_model, load_tokenizer
 from ..settings import Params
 from ..tokenstore import read_rows
@@ -24,9 +24,12 @@ class EvaluateResult:
 
     def summary(self) -> str:
         m = self.metrics
+        subsets = "".join(f"; {name} {e['accuracy']:.4f}" for name, e in m.get("per_subset", {}).items())
+        demo = ("\n  (demo data: synthetic reviews, 10% of the labels flipped; this accuracy says the pipeline "
+                "learns, not how good a reward model is)" if m.get("demo_data") else "")
         return (f"evaluate: {m['pairs']} pairs, accuracy {m['accuracy']:.4f} (ties {m['tie_rate']:.4f}; "
-                f"longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}), "
-                f"loss {m['loss']:.4f} -> {self.report}")
+                f"longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}"
+                f"{subsets}), loss {m['loss']:.4f} -> {self.report}{demo}")
 
 
 def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets: int) -> tuple[dict, list, list]:
@@ -41,6 +44,15 @@ def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets:
     return metrics, r_c, r_r
 
 
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """metrics.json for `dvc metrics` / `dvc exp show`: numbers only, subsets flattened to accuracy_<name>."""
+    flat = {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for name, entry in metrics.get("per_subset", {}).items():
+        flat[f"accuracy_{name}"] = entry["accuracy"]
+    return flat
+
+
 def run(params: Params, layout: Layout) -> EvaluateResult:
     cfg = params.evaluate
     meta = read_json(layout.filtered / "manifest.json")
@@ -49,20 +61,26 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         read_json(layout.model / "config.json")  # raises the "run train first" error
     metrics, r_c, r_r = evaluate_folder(layout.model, rows, cfg.batch_size, cfg.length_buckets)
     metrics["data_hash"] = meta["content_hash"]
+    per_subset = subset_accuracy(r_c, r_r, [r.get("subset") for r in rows])
+    if per_subset:
+        metrics["per_subset"] = per_subset
+    metrics["demo_data"] = params.download.source == "demo"
     tokenizer = load_tokenizer(str(layout.model))
     samples = [{"id": rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
                 "chosen_text": tokenizer.decode(rows[i]["input_ids_chosen"][-80:], skip_special_tokens=True),
                 "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}
                for i in range(min(cfg.num_print_samples, len(rows)))]
     with atomic_dir(layout.evaluation) as out:
-        write_json(out / "metrics.json", {k: v for k, v in metrics.items() if k != "per_length_bucket"})
-        write_json(out / "report.json", metrics)
+        write_json(out / "metrics.json", numeric_metrics(metrics))
+        write_json(out / "report.json", {**metrics, "inputs": chain.inputs(layout, "model")})
         write_jsonl(out / "scores.jsonl", ({"id": r["id"], "reward_chosen": c, "reward_rejected": j}
                                            for r, c, j in zip(rows, r_c, r_r)))
-        write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])  # for `dvc plots`
+        write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])
+        write_json(out / "buckets.plot.json", metrics["per_length_bucket"])  # `dvc plots` reads no JSON Lines
         plots.reward_distributions(r_c, r_r, out / "rewards.png")
         buckets = metrics["per_length_bucket"]
         plots.bucket_accuracy([b["range"] for b in buckets], [b["accuracy"] for b in buckets],
-                              [b["longer_wins"] for b in buckets], out / "accuracy_by_length.png")
+                              [b["longer_wins"] for b in buckets], [b["shorter_wins"] for b in buckets],
+                              out / "accuracy_by_length.png")
     print(visualize_samples(samples, limit=cfg.num_print_samples))
     return EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation)

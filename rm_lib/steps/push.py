@@ -1,9 +1,14 @@
-"""push: the model folder + a generated model card -> data/release, then to the Hub if asked.
+"""push: the release gate, then the model folder + a generated model card -> data/release, then to
+the Hub if asked.
 
-Without push.repo_id (or with push.dry_run) it writes exactly what would be uploaded and says so;
-no request leaves the machine and no token is needed. Otherwise data/release is uploaded as one
-revision of the repository (created private when push.private, the default) and tagged with the
-training run (`run-<fingerprint>`). A failed push keeps the model and data/release as they are.
+The gate (rm_lib.quality.release_verdicts: finite training loss, push.min_accuracy, not below the
+last release) holds here, so the CLI, `dvc repro` and Dagster refuse the same models; push.force
+releases anyway and the model card says so. Without push.repo_id (or with push.dry_run) it writes
+exactly what would be uploaded and says so; no request leaves the machine and no token is needed.
+Otherwise the release is uploaded as one revision of the repository (created private when
+push.private, the default) and tagged with the training run (`run-<fingerprint>`). The release is
+built in a temporary folder and becomes data/release only when the whole push succeeded: a refused
+or failed push keeps the model and the previous data/release as they are.
 """
 from __future__ import annotations
 
@@ -11,14 +16,19 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import hub, model_card
+from .. import hub, model_card, quality
 from ..atomic import atomic_dir, write_json
+from ..errors import UserError
 from ..jsonl import read_json
 from ..layout import Layout
 from ..settings import Params
 
 PICTURES = ("rewards.png", "accuracy_by_length.png")  # from data/evaluation
 LOSS_PICTURE = "loss.png"  # from data/train
+
+
+class ReleaseBlocked(UserError):
+    """The release gate failed: nothing is written or uploaded."""
 
 
 @dataclass
@@ -49,32 +59,54 @@ def _copy_pictures(layout: Layout, out: Path) -> list[str]:
     return pictures
 
 
-def build_release(params: Params, layout: Layout, out: Path) -> None:
+def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
+    """The release verdicts; raises ReleaseBlocked when one fails and push.force is off."""
+    cfg = params.push
+    verdicts = quality.release_verdicts(layout, cfg.min_accuracy, cfg.compare_with_release)
+    failed = quality.blocking_failures(verdicts)
+    if failed and not cfg.force:
+        reasons = "; ".join(f"{v.name}: {v.description}" for v in failed)
+        raise ReleaseBlocked(f"push: release refused by the release gate ({reasons}); data/release and the Hub "
+                             "are unchanged. Fix the model, or set push.force=true to release it anyway "
+                             "(the model card then says the gate failed)")
+    return verdicts
+
+
+def build_release(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict] = ()) -> None:
     metrics = read_json(layout.evaluation / "report.json")
     summary = read_json(layout.train_logs / "summary.json")
+    trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
     manifest = read_json(layout.pairs / "manifest.json")
     for item in sorted(layout.model.iterdir()):
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
     pictures = _copy_pictures(layout, out)
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest)
     repo_id = params.push.repo_id or "reward-model"
-    (out / "README.md").write_text(model_card.render(repo_id=repo_id, params=params.as_dict(), metrics=metrics,
-                                                     lineage=lineage, pictures=pictures), encoding="utf-8")
+    gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
+    card_params = {**params.as_dict(), "model": trained["model"], "train": trained["train"]}
+    (out / "README.md").write_text(model_card.render(repo_id=repo_id, params=card_params, metrics=metrics,
+                                                     lineage=lineage, pictures=pictures, gate=gate_rows,
+                                                     forced=params.push.force and not all(v.passed for v in verdicts)),
+                                   encoding="utf-8")
     write_json(out / "evaluation.json", metrics)
 
 
 def run_tag(layout: Layout) -> str:
-    """The tag of a pushed revision: the training run's fingerprint (settings + data)."""
-    return f"run-{read_json(layout.train_logs / 'summary.json')['fingerprint']}"
+    """The tag of a pushed revision: the training run's fingerprint (settings + data + code)."""
+    return f"run-{read_json(layout.train_logs / 'run.json')['fingerprint']}"
 
 
 def run(params: Params, layout: Layout) -> PushResult:
     cfg = params.push
+    verdicts = gate(params, layout)
+    info = None
+    # Built aside and uploaded from there: data/release changes only once the upload succeeded.
     with atomic_dir(layout.release) as out:
-        build_release(params, layout, out)
-    files = sorted(p.relative_to(layout.release).as_posix() for p in layout.release.rglob("*") if p.is_file())
-    if cfg.repo_id is None or cfg.dry_run:
+        build_release(params, layout, out, verdicts)
+        files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        if cfg.repo_id is not None and not cfg.dry_run:
+            info = hub.upload(out, cfg.repo_id, private=cfg.private, commit_message=cfg.commit_message,
+                              tag=run_tag(layout), kept=layout.model)
+    if info is None:
         return PushResult(layout.release, False, None, None, files)
-    info = hub.upload(layout.release, cfg.repo_id, private=cfg.private, commit_message=cfg.commit_message,
-                      tag=run_tag(layout))
     return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"])

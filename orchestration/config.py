@@ -1,0 +1,82 @@
+"""Run config of each asset (the Launchpad): one typed field per setting of the step's params.yaml
+section, described by params.yaml's own comment. A field left unset keeps params.yaml's value.
+
+The classes are made from rm_lib.settings' dataclasses, so a new setting appears here by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import dagster as dg
+import pydantic
+import yaml
+
+from rm_lib.settings import Params
+
+PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+class StepConfig(dg.Config):
+    """Settings of one step for this run; unset fields keep params.yaml's values."""
+
+    def overrides(self) -> list[str]:
+        """The set fields as `section.key=value` overrides (values as JSON, which YAML reads back)."""
+        section = type(self).section
+        return [f"{section}.{key}={json.dumps(value)}" for key, value in self.model_dump().items()
+                if value is not None]
+
+
+def _comments(path: Path = PARAMS_YAML) -> dict[tuple[str, str], str]:
+    """{(section, key): the comment after the key in params.yaml}."""
+    found, section = {}, None
+    if not path.is_file():
+        return found
+    for line in path.read_text(encoding="utf-8").splitlines():
+        top = re.match(r"^(\w+):", line)
+        if top:
+            section = top.group(1)
+            continue
+        item = re.match(r"^\s+(\w+):[^#]*#\s*(.+)$", line)
+        if item and section:
+            found[(section, item.group(1))] = item.group(2).strip()
+    return found
+
+
+def _optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return annotation if type(None) in typing.get_args(annotation) else Optional[annotation]
+    return Optional[annotation]
+
+
+def config_class(section: str) -> type[StepConfig]:
+    """A dg.Config class with every setting of `section`, all optional (unset = params.yaml)."""
+    settings_cls = typing.get_type_hints(Params)[section]
+    hints = typing.get_type_hints(settings_cls)
+    defaults = (yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8")) or {}).get(section, {}) \
+        if PARAMS_YAML.is_file() else {}
+    comments = _comments()
+    fields = {}
+    for f in dataclasses.fields(settings_cls):
+        default = defaults.get(f.name, f.default)
+        note = comments.get((section, f.name))
+        description = (f"{section}.{f.name}" + (f": {note}" if note else "")
+                       + f". Unset: params.yaml's value ({json.dumps(default)}).")
+        fields[f.name] = (_optional(hints[f.name]), pydantic.Field(default=None, description=description))
+    cls = pydantic.create_model(f"{section.capitalize()}Config", __base__=StepConfig, **fields)
+    cls.section = section
+    cls.__doc__ = f"Settings of the {section} step for this run (params.yaml's `{section}:` section)."
+    return cls
+
+
+DownloadConfig = config_class("download")
+TokenizeConfig = config_class("tokenize")
+FilterConfig = config_class("filter")
+TrainConfig = config_class("train")
+EvaluateConfig = config_class("evaluate")
+PushConfig = config_class("push")

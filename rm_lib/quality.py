@@ -1,0 +1,229 @@
+"""Quality rules: each one reads the files a step wrote and returns a Verdict.
+
+The release gate (`release_verdicts`) is what `push` enforces on every front-end (CLI, `dvc repro`,
+Dagster); the Dagster asset checks only show these verdicts. Thresholds come from params.yaml
+(`push.min_accuracy`, `push.compare_with_release`, `download.max_reject_ratio`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .layout import SPLITS, Layout
+
+EXAMPLES = 5  # ids shown with a failed verdict
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warn_only: bool = False  # a failure is a warning, not a stop
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _missing(name: str, path: Path, warn_only: bool = False) -> Verdict:
+    return Verdict(name, False, f"{path} not found; run the step that writes it first",
+                   {"missing": str(path)}, warn_only)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def length_baseline(report: dict) -> float:
+    """The better of the two length heuristics (always the longer, always the shorter answer)."""
+    return max(report["longer_wins_baseline"], report["shorter_wins_baseline"])
+
+
+def logged_losses(layout: Layout) -> list[float]:
+    """Every loss the training step logged (data/train/metrics.jsonl), in order."""
+    path = layout.train_logs / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r["loss"] for r in _read_jsonl(path) if r.get("loss") is not None]
+
+
+# ---------------------------------------------------------------- data
+
+def _empty_side(pair: dict, side: str) -> bool:
+    if f"input_ids_{side}" in pair:  # pretokenized input
+        return not pair[f"input_ids_{side}"]
+    messages = pair.get(side) or []
+    if isinstance(messages, str):
+        return not messages.strip()
+    return not any(str(m.get("content", "")).strip() for m in messages if isinstance(m, dict))
+
+
+def _identical(pair: dict) -> bool:
+    if "input_ids_chosen" in pair:
+        return pair["input_ids_chosen"] == pair.get("input_ids_rejected")
+    return pair.get("chosen") == pair.get("rejected")
+
+
+def _prompt_key(pair: dict) -> str | None:
+    if "prompt" not in pair:  # pretokenized pairs carry no prompt to compare
+        return None
+    return json.dumps(pair["prompt"], sort_keys=True, ensure_ascii=False)
+
+
+def pairs_well_formed(layout: Layout) -> Verdict:
+    """No written pair has an empty side or chosen identical to rejected (download rejects those)."""
+    name = "pairs_well_formed"
+    empty, identical, total = [], [], 0
+    for split in SPLITS:
+        path = layout.pairs / f"{split}.jsonl"
+        if not path.exists():
+            return _missing(name, path)
+        for pair in _read_jsonl(path):
+            total += 1
+            if _empty_side(pair, "chosen") or _empty_side(pair, "rejected"):
+                empty.append(f"{split}:{pair.get('id')}")
+            elif _identical(pair):
+                identical.append(f"{split}:{pair.get('id')}")
+    passed = not empty and not identical
+    return Verdict(
+        name, passed,
+        f"all {total} pairs have two non-empty, different sides" if passed else
+        f"{len(empty)} pair(s) with an empty side and {len(identical)} with chosen == rejected were written; "
+        "the download step should have rejected them",
+        {"pairs": total, "empty_side": len(empty), "identical": len(identical),
+         "examples": (empty + identical)[:EXAMPLES]})
+
+
+def no_prompt_overlap(layout: Layout) -> Verdict:
+    """No prompt is in both train and test (else the test accuracy measures memorisation)."""
+    name = "no_prompt_overlap"
+    keys = {}
+    for split in SPLITS:
+        path = layout.pairs / f"{split}.jsonl"
+        if not path.exists():
+            return _missing(name, path, warn_only=True)
+        keys[split] = {k for k in map(_prompt_key, _read_jsonl(path)) if k is not None}
+    shared = keys["train"] & keys["test"]
+    return Verdict(
+        name, not shared,
+        "no prompt is in both train and test" if not shared else
+        f"{len(shared)} prompt(s) are in both train and test; with the source's own test split "
+        "(download.test_split) this comes from the source, else it is a bug of the split",
+        {"train_prompts": len(keys["train"]), "test_prompts": len(keys["test"]), "shared_prompts": len(shared),
+         "examples": sorted(shared)[:EXAMPLES]},
+        warn_only=True)
+
+
+def rejects_ratio(layout: Layout, max_ratio: float) -> Verdict:
+    """The share of source rows the download step rejected stays at most `max_ratio`."""
+    name = "rejects_ratio"
+    path = layout.pairs / "manifest.json"
+    if not path.exists():
+        return _missing(name, path)
+    manifest = _read_json(path)
+    reasons = manifest.get("rejects_by_reason", {})
+    rejected = int(manifest.get("rejected", sum(reasons.values())))
+    rows = int(manifest.get("rows_read", 0))
+    ratio = rejected / rows if rows else 1.0
+    passed = ratio <= max_ratio
+    return Verdict(
+        name, passed,
+        f"{rejected} of {rows} rows rejected ({ratio:.1%}, limit {max_ratio:.1%})"
+        + ("" if passed else "; see data/pairs/rejects.jsonl for the rows and reasons"),
+        {"rows_read": rows, "rejected": rejected, "reject_ratio": ratio, "max_reject_ratio": max_ratio,
+         "rejects_by_reason": reasons})
+
+
+# ---------------------------------------------------------------- model
+
+def loss_is_finite(layout: Layout) -> Verdict:
+    """Training logged at least one loss and every logged loss (and the final one, data/train/run.json)
+    is finite."""
+    name = "loss_is_finite"
+    path = layout.train_logs / "run.json"
+    if not path.exists():
+        return _missing(name, path)
+    summary = _read_json(path)  # json reads the NaN/Infinity written for a lost loss
+    steps = int(summary.get("steps") or 0)
+    final = summary.get("final_loss")
+    logged = logged_losses(layout)
+    bad = [v for v in logged if not _finite(v)]
+    passed = _finite(final) and not bad and steps > 0
+    if passed:
+        description = f"final loss {final:.4f} after {steps} steps; all {len(logged)} logged losses finite"
+    else:
+        description = (f"final loss {final}, {len(bad)} of {len(logged)} logged losses not finite, {steps} steps: "
+                       "training diverged or never logged; lower train.learning_rate or check the data")
+    return Verdict(name, passed, description,
+                   {"final_loss": str(final), "steps": steps, "logged_losses": len(logged),
+                    "non_finite_losses": len(bad)})
+
+
+# ---------------------------------------------------------------- evaluation
+
+def beats_length_baseline(layout: Layout) -> Verdict:
+    """Accuracy above the better length heuristic; at or below it the model learned nothing but length."""
+    name = "beats_length_baseline"
+    path = layout.evaluation / "report.json"
+    if not path.exists():
+        return _missing(name, path, warn_only=True)
+    report = _read_json(path)
+    accuracy, baseline = report["accuracy"], length_baseline(report)
+    passed = accuracy > baseline
+    return Verdict(
+        name, passed, f"accuracy {accuracy:.4f} {'>' if passed else '<='} length baseline {baseline:.4f}",
+        {"accuracy": accuracy, "length_baseline": baseline,
+         "longer_wins_baseline": report["longer_wins_baseline"],
+         "shorter_wins_baseline": report["shorter_wins_baseline"], "margin": accuracy - baseline},
+        warn_only=True)
+
+
+def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True) -> Verdict:
+    """Accuracy >= min_accuracy and not below the last released model (data/release/evaluation.json)."""
+    name = "release_gate"
+    path = layout.evaluation / "report.json"
+    if not path.exists():
+        return _missing(name, path)
+    report = _read_json(path)
+    accuracy = report["accuracy"]
+    reasons = []
+    if not _finite(accuracy) or accuracy < min_accuracy:
+        reasons.append(f"accuracy {accuracy:.4f} is below the minimum {min_accuracy:.4f} (push.min_accuracy)")
+    metadata: dict[str, Any] = {"accuracy": accuracy, "min_accuracy": min_accuracy,
+                                "previous_release_accuracy": "none"}
+    previous_path = layout.release / "evaluation.json"
+    previous_accuracy = None
+    if compare_with_release and previous_path.exists():
+        previous = _read_json(previous_path)
+        previous_accuracy = previous.get("accuracy")
+        same_data = previous.get("data_hash") == report.get("data_hash")
+        metadata.update({"previous_release_accuracy": previous_accuracy, "same_test_data_as_previous": same_data})
+        if _finite(previous_accuracy) and accuracy < previous_accuracy:
+            reasons.append(f"accuracy {accuracy:.4f} is below the last released model's {previous_accuracy:.4f}"
+                           + ("" if same_data else " (measured on other test data)")
+                           + "; set push.compare_with_release=false to release anyway")
+    if reasons:
+        return Verdict(name, False, "release blocked: " + "; ".join(reasons), metadata)
+    description = f"release gate passed: accuracy {accuracy:.4f} >= minimum {min_accuracy:.4f}"
+    if _finite(previous_accuracy):
+        description += f" and >= the last released model's {previous_accuracy:.4f}"
+    return Verdict(name, True, description, metadata)
+
+
+def release_verdicts(layout: Layout, min_accuracy: float, compare_with_release: bool) -> list[Verdict]:
+    """What must hold before a model is released: finite training loss, and the accuracy gate."""
+    return [loss_is_finite(layout), accuracy_gate(layout, min_accuracy, compare_with_release)]
+
+
+def blocking_failures(verdicts: list[Verdict]) -> list[Verdict]:
+    return [v for v in verdicts if not v.passed and not v.warn_only]

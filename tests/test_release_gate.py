@@ -1,0 +1,140 @@
+"""The release gate lives in rm_lib (rm_lib/quality.py) and holds in the push step, so the CLI, a
+lone Dagster materialization of hub_release and `dvc repro` (tests/test_dvc.py) refuse the same
+model; `push.force=true` releases it anyway and the model card says so."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rm_lib import quality
+from rm_lib.atomic import write_json
+from rm_lib.layout import Layout
+from rm_lib.steps.push import ReleaseBlocked
+
+from helpers import run_steps, tiny_params, write_jsonl
+
+STEPS = ("download", "tokenize", "filter", "train", "evaluate")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_decoder) -> Path:
+    root = tmp_path_factory.mktemp("evaluated")
+    run_steps(tiny_params("train.max_steps=2", model=str(tiny_decoder)), root, *STEPS)
+    return root
+
+
+@pytest.fixture
+def project(evaluated, tmp_path) -> Path:
+    return Path(shutil.copytree(evaluated, tmp_path / "project", symlinks=True))
+
+
+def accuracy(root: Path) -> float:
+    return json.loads((Layout(root).evaluation / "report.json").read_text())["accuracy"]
+
+
+def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(root), *args, "push"], cwd=root,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_refuses_a_model_below_the_minimum_and_writes_nothing(project, tiny_decoder):
+    assert accuracy(project) < 1.0, "this test needs a model below perfect accuracy"
+    out = cli(project, "--set", f"model.name_or_path={tiny_decoder}", "--set", "push.min_accuracy=1.0")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: push: release refused by the release gate") and "push.force=true" in line
+    assert "below the minimum 1.0000" in line
+    assert not Layout(project).release.exists()  # nothing written, nothing uploaded
+
+
+def test_force_releases_and_the_card_says_the_gate_failed(project, tiny_decoder):
+    params = tiny_params("push.min_accuracy=1.0", "push.force=true", model=str(tiny_decoder))
+    run_steps(params, project, "push")
+    card = (Layout(project).release / "README.md").read_text()
+    assert "## Release gate" in card and "push.force=true" in card and "**failed**" in card
+    # a passing gate is shown too, without the warning
+    run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
+    card = (Layout(project).release / "README.md").read_text()
+    assert "## Release gate" in card and "push.force=true" not in card and "**failed**" not in card
+
+
+def test_a_model_below_the_last_release_is_refused_and_the_release_kept(project, tiny_decoder):
+    run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
+    release = Layout(project).release
+    before = {p.name: p.read_bytes() for p in release.iterdir() if p.is_file()}
+    previous = json.loads((release / "evaluation.json").read_text())
+    write_json(release / "evaluation.json", {**previous, "accuracy": accuracy(project) + 0.01})
+    before["evaluation.json"] = (release / "evaluation.json").read_bytes()
+    params = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder))
+    with pytest.raises(ReleaseBlocked, match="below the last released model"):
+        run_steps(params, project, "push")
+    assert {p.name: p.read_bytes() for p in release.iterdir() if p.is_file()} == before
+
+
+def test_a_diverged_model_is_refused_whatever_its_accuracy(project, tiny_decoder):
+    summary = Layout(project).train_logs / "run.json"
+    summary.write_text(summary.read_text().replace('"final_loss": ', '"final_loss": NaN, "was": '))
+    with pytest.raises(ReleaseBlocked, match="loss_is_finite"):
+        run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
+
+
+def test_a_lone_hub_release_materialization_is_refused(project, tiny_decoder):
+    """Materializing hub_release alone skips the evaluation's blocking check; the step still refuses."""
+    import dagster as dg
+
+    from orchestration import assets, checks
+    from orchestration.launcher import TrainLauncherResource
+    from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
+
+    overrides = [f"model.name_or_path={tiny_decoder}", "push.min_accuracy=1.0", "filter.max_token_length=64",
+                 "filter.max_prompt_token_length=32", "download.demo_pairs=60"]
+    result = dg.materialize(
+        [*assets.ASSETS, *checks.CHECKS], selection=dg.AssetSelection.assets("hub_release"),
+        resources={"project": ProjectResource(root=str(project), params_file=str(REPO / "params.yaml"),
+                                              overrides=overrides),
+                   "hub": HubResource(), "dvc": DvcResource(enabled=False), "wandb": WandbResource(),
+                   "trainer": TrainLauncherResource()},
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.is_step_failure][0]
+    assert "release refused by the release gate" in failure.step_failure_data.error.message
+    assert not Layout(project).release.exists()
+
+
+# ---------------------------------------------------------------- the rules as plain functions
+
+def test_verdicts_of_the_data_rules(tmp_path):
+    layout = Layout(tmp_path)
+    assert not quality.pairs_well_formed(layout).passed  # nothing written yet
+    good = {"id": 1, "prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}]}
+    write_jsonl(layout.pairs / "train.jsonl", [good])
+    write_jsonl(layout.pairs / "test.jsonl", [{**good, "id": 2, "prompt": [{"role": "user", "content": "q"}]}])
+    assert quality.pairs_well_formed(layout).passed and quality.no_prompt_overlap(layout).passed
+    write_jsonl(layout.pairs / "test.jsonl", [{**good, "id": 2, "rejected": good["chosen"]}])
+    verdict = quality.pairs_well_formed(layout)
+    assert not verdict.passed and verdict.metadata["identical"] == 1 and not verdict.warn_only
+    overlap = quality.no_prompt_overlap(layout)
+    assert not overlap.passed and overlap.warn_only and overlap.metadata["shared_prompts"] == 1
+    write_json(layout.pairs / "manifest.json", {"rows_read": 10, "rejected": 2, "rejects_by_reason": {"x": 2}})
+    assert not quality.rejects_ratio(layout, 0.1).passed and quality.rejects_ratio(layout, 0.2).passed
+
+
+def test_the_length_baseline_and_the_accuracy_gate(tmp_path):
+    layout = Layout(tmp_path)
+    report = {"accuracy": 0.7, "longer_wins_baseline": 0.75, "shorter_wins_baseline": 0.2, "data_hash": "h"}
+    write_json(layout.evaluation / "report.json", report)
+    assert quality.length_baseline(report) == 0.75
+    assert not quality.beats_length_baseline(layout).passed
+    assert quality.accuracy_gate(layout, 0.6).passed and not quality.accuracy_gate(layout, 0.71).passed
+    write_json(layout.release / "evaluation.json", {**report, "accuracy": 0.8})
+    assert not quality.accuracy_gate(layout, 0.6).passed
+    assert quality.accuracy_gate(layout, 0.6, compare_with_release=False).passed
