@@ -5,9 +5,11 @@ outs hashes; the outputs go into the DVC cache) and `dvc push` its outputs to a 
 A stage is recorded only when the step ran with exactly the params.yaml values its DVC stage
 depends on: otherwise dvc.lock would claim that params.yaml produced outputs it did not.
 
-DVC's Python API resolves stage and cache paths against the current directory, so it is only read
-here (stage definitions, remote config); committing and pushing run `python -m dvc` in the project
-folder, which also keeps DVC's repository lock and memory out of the calling process.
+DVC is never imported here: its dependency chain pins a parser runtime (antlr4 4.9) that Dagster's
+asset-selection parser cannot use (dagster issue #27487), so DVC lives in its own environment
+(`make install` puts it in .venv-dvc and links `dvc` beside this interpreter). dvc.yaml, dvc.lock and
+.dvc/config are read as files; committing and pushing run the `dvc` command in the project folder,
+which also keeps DVC's repository lock and memory out of the calling process.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -78,11 +81,9 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     root = Path(root).resolve()
     if not is_dvc_repo(root):
         return NotRecorded(f"not a DVC repository (no .dvc/ and dvc.yaml in {root})")
-    from dvc.exceptions import DvcException
-
     try:
         spec = read_stage(root, stage, remote)
-    except DvcException as exc:  # a broken dvc.yaml, no git repository, ...: one message, no traceback
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # a broken dvc.yaml or config: one message
         raise RecordError(f"DVC cannot read stage '{stage}' in {root}: {exc}") from exc
     if spec is None:
         return NotRecorded(f"dvc.yaml has no stage '{stage}'")
@@ -101,23 +102,83 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
                     pushed=pushed, push_note=note)
 
 
-def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:
-    """The stage as DVC resolves it, or None when dvc.yaml has no such stage."""
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
-    from dvc.stage.exceptions import StageNotFound
+def executable() -> str:
+    """The `dvc` command: $RM_DVC, else the one beside this interpreter (the link `make install`
+    makes into .venv-dvc), else the first on PATH."""
+    named = os.environ.get("RM_DVC")
+    if named:
+        return named
+    beside = Path(sys.executable).parent / "dvc"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("dvc")
+    if found:
+        return found
+    raise RecordError("the `dvc` command is not installed: `make install` puts it in .venv-dvc, or set RM_DVC "
+                      "to a dvc executable (DVC needs its own environment; see docs/dvc.md)")
 
-    with Repo(str(root)) as repo:
-        try:
-            (found,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
-        except StageNotFound:
-            return None
-        cmd = found.cmd if isinstance(found.cmd, list) else [found.cmd]
-        params = {dep.fs_path: list(dep.params or []) for dep in found.deps if isinstance(dep, ParamsDependency)}
-        name = remote or repo.config["core"].get("remote")
-        url = repo.config["remote"].get(name, {}).get("url") if name else None
-        return StageSpec(name=stage, cmd=list(cmd), params=params, outs=[str(o) for o in found.outs],
-                         remote=name, remote_url=url)
+
+def _interpolate(value: Any, variables: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        return re.sub(r"\$\{\s*([\w.]+)\s*\}", lambda m: str(variables.get(m.group(1), m.group(0))), value)
+    if isinstance(value, list):
+        return [_interpolate(v, variables) for v in value]
+    return value
+
+
+def _path_of(entry: Any) -> str:
+    """A dvc.yaml list entry, `path` or `{path: {options}}`, as its path."""
+    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
+
+
+def read_config(root: Path) -> dict[str, dict[str, str]]:
+    """.dvc/config with .dvc/config.local over it: {section: {key: value}}, section names as DVC writes
+    them without the outer quotes (`core`, `remote "local"`)."""
+    sections: dict[str, dict[str, str]] = {}
+    for name in ("config", "config.local"):
+        path = root / ".dvc" / name
+        if not path.is_file():
+            continue
+        current = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            header = re.fullmatch(r"\[\s*'?(.*?)'?\s*\]", line)
+            if header:
+                current = sections.setdefault(header.group(1), {})
+            elif "=" in line and current is not None:
+                key, value = (part.strip() for part in line.split("=", 1))
+                current[key] = value.strip('"')
+    return sections
+
+
+def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:
+    """The stage as dvc.yaml declares it (`${vars}` interpolated), or None when it has no such stage."""
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    found = (pipeline.get("stages") or {}).get(stage)
+    if found is None:
+        return None
+    variables: dict[str, Any] = {}
+    for item in pipeline.get("vars") or []:
+        if isinstance(item, dict):
+            variables.update(item)
+    cmd = _interpolate(found.get("cmd") or [], variables)
+    params: dict[str, list[str]] = {}
+    for entry in found.get("params") or []:
+        if isinstance(entry, dict):  # {file: [keys]}
+            for file, keys in entry.items():
+                params.setdefault(str(root / file), []).extend(keys or [])
+        else:
+            keys = params.setdefault(str(root / "params.yaml"), [])
+            keys.append(str(entry))
+    config = read_config(root)
+    name = remote or config.get("core", {}).get("remote")
+    url = config.get(f'remote "{name}"', {}).get("url") if name else None
+    if url and "://" not in url and not os.path.isabs(os.path.expanduser(url)):
+        url = os.path.normpath(root / ".dvc" / url)  # DVC reads a relative url from the config's folder
+    return StageSpec(name=stage, cmd=[cmd] if isinstance(cmd, str) else list(cmd), params=params,
+                     outs=[_path_of(o) for o in found.get("outs") or []], remote=name, remote_url=url)
 
 
 def settings_differences(spec: StageSpec, params: Params) -> list[str]:
@@ -154,13 +215,12 @@ def run_remaining_commands(root: Path, spec: StageSpec) -> None:
 
 
 def dvc(root: Path, args: list[str], *, lock_wait_s: float = 600.0) -> str:
-    """`python -m dvc <args>` in `root`; waits up to lock_wait_s while another DVC process (a
+    """`dvc <args>` in `root`; waits up to lock_wait_s while another DVC process (a
     `dvc repro`, another run's asset) holds the repository lock."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     deadline = time.monotonic() + lock_wait_s
     while True:
-        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True,
-                              text=True)
+        proc = subprocess.run([executable(), *args], cwd=root, env=env, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
         if proc.returncode == 0:
             return output
@@ -208,3 +268,44 @@ def _sha256(obj: Any) -> str:
 
 def _tail(text: str, lines: int = 8) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+# The outs that make a stage's version: the model alone for train (checkpoints and logs do not change
+# what downstream reads); every out for the others.
+VERSION_OUTS: dict[str, tuple[str, ...]] = {"train": ("models/reward_model",)}
+
+
+@dataclass(frozen=True)
+class LockedStage:
+    """What dvc.lock says a stage produced, and whether it was produced by the code that is here now."""
+
+    stage: str
+    version: str  # combined_hash of the stage's VERSION_OUTS
+    current_code: bool  # every rm_lib file the stage depends on has the md5 dvc.lock recorded
+
+
+def _md5(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def locked_stages(root: Path) -> dict[str, LockedStage]:
+    """Every stage of dvc.lock with outs: {stage: LockedStage}. Empty without a dvc.lock."""
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return {}
+    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    found = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        outs = {o["path"]: o["md5"] for o in entry.get("outs") or [] if "md5" in o}
+        if not outs:
+            continue
+        code = [d for d in entry.get("deps") or [] if str(d.get("path", "")).startswith("rm_lib/")]
+        current = bool(code) and all(_md5(Path(root) / d["path"]) == d.get("md5") for d in code)
+        found[stage] = LockedStage(stage, combined_hash(outs, list(VERSION_OUTS.get(stage, ())) or None), current)
+    return found

@@ -8,12 +8,12 @@ bytes; a train setting reruns exactly train, evaluate and push; `dvc exp run -S`
 `dvc exp show`; `dvc metrics show` and `dvc plots show`. Each slow test leaves the repository
 with an up-to-date pipeline (`dvc status` clean), so any of them also runs on its own.
 
-DVC always runs as `sys.executable -m dvc`, and the stages' `python` is that same interpreter.
+DVC runs as the `dvc` command of its own environment (rm_lib.dvc_record.executable), and the stages'
+`python` is this interpreter.
 Nothing reaches the network: HF_HUB_OFFLINE=1, WANDB_MODE=disabled, DVC analytics off.
 """
 from __future__ import annotations
 
-import ast
 import csv
 import hashlib
 import io
@@ -28,6 +28,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from rm_lib.code_version import step_code
+from rm_lib.dvc_record import executable as dvc_executable
+
+from helpers import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("download", "tokenize", "filter", "train", "evaluate", "push")
@@ -45,6 +50,7 @@ TINY = {
     "download": {"demo_pairs": 60},
     "filter": {"max_token_length": 64, "max_prompt_token_length": 32},
     "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 1, "save_total_limit": 1},
+    "push": {"min_accuracy": 0.0, "compare_with_release": False},  # a 2-step model is not meant to pass the gate
 }
 COPY = ("rm_lib", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 RAN = re.compile(r"Running stage '([\w-]+)'")
@@ -56,65 +62,9 @@ def _load_dvc_yaml() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
 
 
-def _module_path(dotted: str) -> Path | None:
-    base = ROOT / Path(*dotted.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _package_inits(path: Path) -> set[Path]:
-    """Importing rm_lib.steps.train runs rm_lib/__init__.py and rm_lib/steps/__init__.py first."""
-    inits, folder = set(), path.parent
-    while (folder / "__init__.py").exists() and ROOT in folder.parents:
-        inits.add(folder / "__init__.py")
-        folder = folder.parent
-    return inits
-
-
-def _imports(path: Path, top_level_only: bool) -> set[Path]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    nodes = tree.body if top_level_only else ast.walk(tree)
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    if path.name == "__init__.py":
-        package = ".".join(path.relative_to(ROOT).parts[:-1])
-    found: set[Path] = set()
-    for node in nodes:
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from . import demo` imports a module
-        for name in names:
-            if name.split(".")[0] == "rm_lib" and (found_path := _module_path(name)) is not None:
-                found.add(found_path)
-    return found
-
-
-def _closure(start: set[Path], top_level_only: bool = False) -> set[Path]:
-    seen: set[Path] = set()
-    todo = list(start)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo += _imports(path, top_level_only) | _package_inits(path)
-    return seen
-
-
 def _code_deps(stage: str) -> set[str]:
-    """What `python -m rm_lib <stage>` executes: the CLI's module-level imports, then the step
-    module with every import it makes (function-level ones too)."""
-    entry = _closure({ROOT / "rm_lib" / "__main__.py"}, top_level_only=True)
-    step = _closure({ROOT / "rm_lib" / "steps" / f"{stage}.py"})
-    return {p.relative_to(ROOT).as_posix() for p in entry | step}
+    """What `python -m rm_lib <stage>` executes (rm_lib.code_version reads the imports)."""
+    return set(step_code(stage))
 
 
 def _entries(items) -> dict[str, dict]:
@@ -157,10 +107,25 @@ def test_params_are_keys_of_params_yaml():
             section, _, field = key.partition(".")
             assert section in params, f"stage {name}: no section {section} in params.yaml"
             assert not field or field in params[section], f"stage {name}: no {key} in params.yaml"
-    assert {"model", "train"} <= set(stages["train"]["params"])
+    assert {"model", "train.learning_rate"} <= set(stages["train"]["params"])
     # a train.* setting must not rerun the data stages (evaluate follows from train's new model)
     reads_train = {name for name, stage in stages.items() if any(k.split(".")[0] == "train" for k in stage["params"])}
-    assert reads_train == {"train", "push"}
+    assert reads_train == {"train"}  # push quotes the settings the model was trained with: data/train/run.json
+
+
+def test_train_depends_on_exactly_the_settings_in_the_run_fingerprint():
+    import dataclasses
+
+    from rm_lib.settings import TrainSettings
+    from rm_lib.trainer import NOT_IN_FINGERPRINT
+
+    stage = _load_dvc_yaml()["stages"]["train"]
+    train_keys = {p.removeprefix("train.") for p in stage["params"] if isinstance(p, str) and p.startswith("train.")}
+    assert "train" not in stage["params"]
+    assert train_keys == {f.name for f in dataclasses.fields(TrainSettings)} - set(NOT_IN_FINGERPRINT)
+    push = _load_dvc_yaml()["stages"]["push"]
+    assert "data/train/summary.json" not in _entries(push["deps"])  # timings: never a dependency
+    assert "data/train/run.json" in _entries(push["deps"])
 
 
 def test_outs_metrics_and_plots():
@@ -195,10 +160,8 @@ def _python_shim(folder: Path) -> Path:
 
 
 def _env(bin_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "WANDB_MODE": "disabled", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-                "PATH": str(bin_dir) + os.pathsep + env.get("PATH", ""),
+    env = offline_env()
+    env.update({"PYTHONUNBUFFERED": "1", "PATH": str(bin_dir) + os.pathsep + env.get("PATH", ""),
                 "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"})
     return env
@@ -216,7 +179,7 @@ class Repo:
         return output
 
     def dvc(self, *args: str, check: bool = True) -> str:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+        return self.run(dvc_executable(), *args, check=check)
 
     def git(self, *args: str) -> str:
         return self.run("git", *args)
@@ -279,10 +242,10 @@ def test_dvc_config_and_status(tmp_path):
     config = dict(line.split("=", 1) for line in repo.dvc("config", "--list", "--project").splitlines() if "=" in line)
     assert config["core.analytics"] == "false"
     remote = config["core.remote"]
-    # written relative to .dvc/, the default remote is the folder dvc-remote/ at the project root,
-    # which git ignores
-    assert Path(config[f"remote.{remote}.url"]) == repo.root / "dvc-remote"
-    assert repo.git("check-ignore", "dvc-remote/files").strip() == "dvc-remote/files"
+    # the default remote is a folder of the user's cache, outside every clone, so clones share it
+    url = Path(config[f"remote.{remote}.url"]).expanduser()
+    assert url == Path.home() / ".cache" / "rm-pipeline" / "dvc-remote"
+    assert not url.is_relative_to(repo.root)
     # links where the file system allows (no second copy of a model); a real copy otherwise
     assert config["cache.type"].split(",") == ["reflink", "hardlink", "copy"]
     assert "__pycache__/" in (ROOT / ".dvcignore").read_text(encoding="utf-8")
@@ -339,12 +302,30 @@ def test_push_then_pull_into_an_empty_cache_gives_the_same_bytes(pipeline):
 
 
 @pytest.mark.slow
+def test_a_teammate_clones_and_pulls_the_same_model_from_the_default_remote(pipeline, tmp_path):
+    """The team workflow of docs/dvc.md: run, commit dvc.lock, `dvc push`; another clone `dvc pull`s
+    the same bytes from the embedded default remote (HOME points the user cache at a temporary folder)."""
+    env = {**pipeline.env, "HOME": str(tmp_path / "home")}
+    mine = Repo(pipeline.root, env)
+    assert "dvc.lock" in mine.git("ls-files", "dvc.lock")
+    mine.dvc("push", "-r", "local")
+    assert any((tmp_path / "home/.cache/rm-pipeline/dvc-remote").rglob("*")), "nothing pushed to the default remote"
+    mine.run("git", "clone", "-q", str(pipeline.root), str(tmp_path / "teammate"))
+    theirs = Repo(tmp_path / "teammate", env)
+    assert not (theirs.root / ".dvc/config.local").exists()  # only the shipped config: the default remote
+    theirs.dvc("pull")
+    digests = lambda repo: {p: d for p, (d, _) in repo.files("data", "models").items()}  # noqa: E731
+    assert digests(theirs) == digests(mine) and any(p.startswith("models/reward_model/") for p in digests(theirs))
+    assert "Data and pipelines are up to date." in theirs.dvc("status")
+
+
+@pytest.mark.slow
 def test_a_train_setting_reruns_exactly_train_evaluate_push(pipeline):
     upstream = pipeline.files("data/pairs", "data/tokenized", "data/filtered")
     model = pipeline.files("models/reward_model")
     pipeline.write_params(learning_rate=2e-5)
-    # the stages that read train.* directly; evaluate follows from train's new model
-    assert set(json.loads(pipeline.dvc("status", "--json"))) == {"train", "push"}
+    # the stage that reads train.learning_rate; evaluate and push follow from train's new model
+    assert set(json.loads(pipeline.dvc("status", "--json"))) == {"train"}
     output = pipeline.dvc("repro")  # after the pull above, outputs are cache links: this must cope
     assert RAN.findall(output) == ["train", "evaluate", "push"], output[-3000:]
     for stage in ("download", "tokenize", "filter"):
@@ -356,6 +337,40 @@ def test_a_train_setting_reruns_exactly_train_evaluate_push(pipeline):
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
     _assert_cache_intact(pipeline.root)
     pipeline.commit("learning rate 2e-5")
+
+
+@pytest.mark.slow
+def test_settings_that_do_not_change_the_model_rerun_nothing(pipeline):
+    """Logging, checkpoint cadence and W&B are not dependencies: a changed logging_steps retrains nothing."""
+    params_file = pipeline.root / "params.yaml"
+    before = params_file.read_text(encoding="utf-8")
+    try:
+        pipeline.write_params(learning_rate=2e-5, logging_steps=5, wandb_mode="offline", save_total_limit=3)
+        assert "Data and pipelines are up to date." in pipeline.dvc("status")
+        assert not RAN.findall(pipeline.dvc("repro"))
+    finally:
+        params_file.write_text(before, encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_dvc_repro_refuses_a_release_past_the_gate(pipeline):
+    """The push stage runs the same release gate as Dagster: a model below push.min_accuracy is not released."""
+    report = json.loads((pipeline.root / "data/evaluation/report.json").read_text(encoding="utf-8"))
+    assert report["accuracy"] < 1.0, "this test needs a model below perfect accuracy"
+    release = pipeline.files("data/release")
+    params_file = pipeline.root / "params.yaml"
+    before = params_file.read_text(encoding="utf-8")
+    params = yaml.safe_load(before)
+    params["push"]["min_accuracy"] = 1.0
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    try:
+        output = pipeline.dvc("repro", check=False)
+        assert RAN.findall(output) == ["push"], output[-3000:]
+        assert "release refused by the release gate" in output and "below the minimum 1.0000" in output
+        assert pipeline.files("data/release") == release  # the last release is kept, byte for byte
+    finally:
+        params_file.write_text(before, encoding="utf-8")
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
 
 
 def _assert_cache_intact(root: Path) -> None:
@@ -411,3 +426,22 @@ def test_metrics_and_plots_show(pipeline):
             "data/filtered/lengths.png"} <= set(plots["data"])
     loss_points = json.loads((pipeline.root / "data/train/metrics.plot.json").read_text(encoding="utf-8"))
     assert [p["step"] for p in loss_points] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_change_to_the_training_code_trains_a_new_model(pipeline):
+    """The run fingerprint covers the code train runs: `dvc repro` after an edit of rm_lib/loss.py trains
+    from scratch (no resume of the old final checkpoint), and dvc.lock and the model say which code."""
+    before = json.loads((pipeline.root / "data/train/run.json").read_text(encoding="utf-8"))
+    loss = pipeline.root / "rm_lib" / "loss.py"
+    loss.write_text(loss.read_text(encoding="utf-8") + "\n# an edit of the training code\n", encoding="utf-8")
+    assert "train" in json.loads(pipeline.dvc("status", "--json"))
+    output = pipeline.dvc("repro")
+    assert RAN.findall(output)[:1] == ["train"], output[-3000:]
+    after = json.loads((pipeline.root / "data/train/run.json").read_text(encoding="utf-8"))
+    summary = json.loads((pipeline.root / "data/train/summary.json").read_text(encoding="utf-8"))
+    assert after["code_hash"] != before["code_hash"] and after["fingerprint"] != before["fingerprint"]
+    assert summary["resumed_from"] is None and not summary["reused"]  # trained, not resumed
+    model = json.loads((pipeline.root / "models/reward_model/rm_lib.json").read_text(encoding="utf-8"))
+    assert model["code_hash"] == after["code_hash"]
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")

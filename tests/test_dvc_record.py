@@ -8,6 +8,9 @@ folder is covered by tests/test_orchestration.py ("not a DVC repository").
 """
 from __future__ import annotations
 
+import fcntl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,18 +18,17 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-import zc.lockfile
 
 from orchestration import assets, checks
 from orchestration.launcher import TrainLauncherResource
-from orchestration.resources import DvcResource, HubResource, ProjectResource, QualityResource, WandbResource
+from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
 from rm_lib import dvc_record
 from rm_lib.dvc_record import NotRecorded, RecordError, StageSpec, combined_hash, settings_differences
 from rm_lib.settings import load_params
+
+from helpers import set_offline
 from test_dvc import Repo, _new_repo, _rmtree
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1"}
 STAGE_OF = {"raw_preferences": "download", "tokenized_preferences": "tokenize", "filtered_preferences": "filter",
             "reward_model": "train", "evaluation": "evaluate", "hub_release": "push"}
 MAIN = {"train": ["models/reward_model"]}  # the data version of reward_model is the model folder's hash
@@ -36,14 +38,12 @@ SECRET = "hf_dvcRecordSecret0123456789abcdefXYZ"
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    set_offline(monkeypatch)
 
 
 def resources(root: Path, **dvc) -> dict:
     return {"project": ProjectResource(root=str(root)), "hub": HubResource(), "wandb": WandbResource(),
-            "quality": QualityResource(min_accuracy=0.0), "dvc": DvcResource(**dvc),
+            "dvc": DvcResource(**dvc),
             "trainer": TrainLauncherResource()}
 
 
@@ -70,8 +70,7 @@ def remote_object(remote: Path, md5: str) -> Path:
 def recorded(tmp_path_factory):
     """Every asset materialized once in a fresh git + DVC repository with its own local remote."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in OFFLINE.items():
-            mp.setenv(key, value)
+        set_offline(mp)
         mp.setenv("HF_TOKEN", SECRET)  # present in the environment of every step, written nowhere
         root = tmp_path_factory.mktemp("dvc-record") / "repo"
         repo = _new_repo(root)
@@ -144,7 +143,7 @@ def test_settings_outside_params_yaml_are_not_recorded(recorded):
     assert first.success
     lock = (repo.root / "dvc.lock").read_text(encoding="utf-8")
     result = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences"), run_config={
-        "ops": {"raw_preferences": {"config": {"overrides": ["download.demo_pairs=40"]}}}})
+        "ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}})
     assert result.success
     mat = materializations(result)["raw_preferences"]
     assert mat.metadata["dvc"].text.startswith("not recorded: the run's settings differ from params.yaml")
@@ -158,7 +157,8 @@ def test_settings_outside_params_yaml_are_not_recorded(recorded):
 def test_waits_while_another_dvc_process_holds_the_lock(recorded, monkeypatch):
     repo, _, _ = recorded
     monkeypatch.setattr(dvc_record, "LOCK_POLL_S", 0.2)
-    held = zc.lockfile.LockFile(str(repo.root / ".dvc" / "tmp" / "lock"))  # as a running `dvc repro` does
+    held = open(repo.root / ".dvc" / "tmp" / "lock", "a")  # closed by the timer below
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `dvc repro` does (zc.lockfile)
     try:
         with pytest.raises(RecordError, match="waited 0 s for the DVC lock"):
             dvc_record.dvc(repo.root, ["status"], lock_wait_s=0)
@@ -210,3 +210,27 @@ def test_not_recorded_without_dvc_or_when_disabled(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     outcome = DvcResource(enabled=False).record(tmp_path, "download", params)
     assert isinstance(outcome, NotRecorded) and "enabled is false" in outcome.reason
+
+
+def test_stages_and_remote_are_read_from_the_files_without_importing_dvc(tmp_path):
+    """dvc.yaml and .dvc/config read as files: DVC's import would break Dagster's selection parser."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from pathlib import Path; from rm_lib.dvc_record import read_stage; "
+            f"spec = read_stage(Path({str(root)!r}), 'train'); "
+            "keys = list(spec.params.values())[0]; "
+            "print(spec.cmd[0], any(k.startswith('train.') for k in keys), 'models/reward_model' in spec.outs, "
+            "any(m == 'dvc' or m.startswith('dvc.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["python", "-m", "rm_lib", "train", "True", "True", "False"]
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python -m rm_lib s\n    params: [a.b, {other.yaml: [c]}]\n")
+    (tmp_path / ".dvc/config").write_text("[core]\n    remote = r\n['remote \"r\"']\n    url = ../remote\n")
+    (tmp_path / ".dvc/config.local").write_text("['remote \"r\"']\n    url = /elsewhere\n")
+    spec = dvc_record.read_stage(tmp_path, "s")
+    assert spec.params == {str(tmp_path / "params.yaml"): ["a.b"], str(tmp_path / "other.yaml"): ["c"]}
+    assert (spec.remote, spec.remote_url) == ("r", "/elsewhere")  # config.local wins, as in DVC
+    (tmp_path / ".dvc/config.local").unlink()
+    assert dvc_record.read_stage(tmp_path, "s").remote_url == str(tmp_path / "remote")
+    assert dvc_record.read_stage(tmp_path, "missing") is None
