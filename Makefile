@@ -1,20 +1,30 @@
-# Set-up and the two main commands. Each target installs what it needs first.
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
+# Set-up and the main commands. Each target installs what it needs first; install output goes to
+# .install.log (one line says so).
+PYTHON   ?= python3
+VENV     ?= .venv
+DVC_VENV ?= .venv-dvc
+PY       := $(VENV)/bin/python
+LOG      := $(CURDIR)/.install.log
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install chromium run test bench ui clean
+.PHONY: install chromium run test test-integration test-all lint bench ui clean
 
 # torch first, from the CPU wheel (a plain `pip install torch` would pull GBs of CUDA packages).
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
-	touch $@
+# DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc.
+$(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
+	@echo "installing into $(VENV) and $(DVC_VENV) (a few minutes the first time); output in $(LOG)"
+	@{ set -e; \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install --upgrade pip; \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0; \
+	  $(PY) -m pip install -e ".[test]"; \
+	  $(PYTHON) -m venv $(DVC_VENV); \
+	  $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; \
+	  ln -sf "$(abspath $(DVC_VENV))/bin/dvc" $(VENV)/bin/dvc; \
+	} > $(LOG) 2>&1 || { echo "install failed; the last lines of $(LOG):" >&2; tail -n 30 $(LOG) >&2; exit 1; }
+	@touch $@
 
 install: $(VENV)/.installed
 
@@ -26,21 +36,34 @@ run: install
 # test skips with its reason.
 chromium:
 	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the browser test; output in $(LOG)"; \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive sh -c \
-	    'apt-get update -qq && apt-get install -y -qq chromium chromium-driver' \
+	    'apt-get update -qq && apt-get install -y -qq chromium chromium-driver' >> $(LOG) 2>&1 \
 	  || echo "chromium not installed: the browser test will skip" >&2; }
 
-test: install chromium
+# The fast tier: unit tests, a few minutes. The integration tier (marked `integration`: whole
+# pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well.
+test: install
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: install chromium
+	$(PY) -m pytest -q -m integration
+
+test-all: install chromium
 	$(PY) -m pytest -q
 
+lint: install
+	$(VENV)/bin/ruff check .
+
 bench: install
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -e ".[bench]" >> $(LOG) 2>&1
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_train.py --max-train-pairs 400 --max-test-pairs 400
 
 ui: install
 	mkdir -p .dagster_home
+	cp orchestration/dagster.yaml .dagster_home/dagster.yaml
 	DAGSTER_HOME=$(CURDIR)/.dagster_home $(VENV)/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
 
 clean:

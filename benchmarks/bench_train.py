@@ -45,7 +45,8 @@ def prepare(args: argparse.Namespace, case: str) -> Path:
     """download -> tokenize -> filter with rm_lib, then a seeded subset of train and test pairs."""
     from rm_lib.layout import Layout
     from rm_lib.settings import load_params
-    from rm_lib.steps import download, filter as filter_step, tokenize
+    from rm_lib.steps import download, tokenize
+    from rm_lib.steps import filter as filter_step
     from rm_lib.tokenstore import read_rows, write_rows
 
     work = WORK / case

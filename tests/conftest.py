@@ -41,7 +41,8 @@ def build_tiny_decoder(folder: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(
         special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                         pad_token="</s>")
     tokenizer.chat_template = BOS_TEMPLATE
@@ -67,3 +68,10 @@ def minilm_path() -> str:
     from rm_lib.modeling import resolve_model_path
 
     return resolve_model_path("default")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests marked `slow` (whole pipelines, real data) belong to the integration tier."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)

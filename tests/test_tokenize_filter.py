@@ -1,10 +1,11 @@
 import pytest
 
-from conftest import ALPACA, HH, need
-from helpers import run_steps, tiny_params
 from rm_lib import length_filter, templates, tokenization
 from rm_lib.modeling import load_tokenizer
 from rm_lib.tokenstore import read_rows
+
+from conftest import ALPACA, HH, need
+from helpers import run_steps, tiny_params
 
 PAIR = {"id": "x:1", "prompt": [{"role": "user", "content": "how are you"}],
         "chosen": [{"role": "assistant", "content": "fine thanks"}],

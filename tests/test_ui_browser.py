@@ -25,13 +25,14 @@ import psutil
 import pytest
 import yaml
 
+from helpers import offline_env
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model", "evaluation",
         "hub_release"]
 DATA_KEYS = KEYS[:3]
 TINY = {"download": {"demo_pairs": 60}, "filter": {"max_token_length": 64, "max_prompt_token_length": 48},
         "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 1}}
-OFFLINE = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root Chromium needs --no-sandbox; the rest keep it from calling Google's hosts (no network here).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -40,7 +41,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 VIEWPORT = {"width": 2400, "height": 1000}
 RUN_TIMEOUT_MS = 180_000
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.integration]
 
 
 # ---------------------------------------------------------------- the server
@@ -74,11 +75,12 @@ def make_project(root: Path) -> None:
 
 
 def make_dagster_home(home: Path) -> None:
-    """The documented instance settings (orchestration/dagster.yaml), without the first-visit
-    newsletter dialog, which would cover the graph."""
+    """The shipped instance settings (orchestration/dagster.yaml), as `make ui` copies them: one run at
+    a time, and no first-visit dialog over the graph."""
     home.mkdir()
     text = (REPO / "orchestration" / "dagster.yaml").read_text()
-    (home / "dagster.yaml").write_text(text + "\nnux:\n  enabled: false\n")
+    assert yaml.safe_load(text)["nux"] == {"enabled": False}
+    (home / "dagster.yaml").write_text(text)
 
 
 def graphql(base: str, query: str) -> dict:
@@ -149,7 +151,7 @@ def server(tmp_path_factory):
     make_project(project)
     make_dagster_home(home)
     port = free_port()
-    env = {**os.environ, **OFFLINE, "DAGSTER_HOME": str(home), "RM_ROOT": str(project),
+    env = {**offline_env(), "DAGSTER_HOME": str(home), "RM_ROOT": str(project),
            "TMPDIR": str(scratch)}  # dagster's workspace files and sockets stay in tmp
     env.pop("HF_TOKEN", None)
     log = tmp / "dagster_dev.log"
