@@ -18,16 +18,16 @@ DATA = ROOT.parent / "shared" / "data" / "alpaca-eval-prefs.jsonl.gz"
 
 
 def load_pairs(path: Path) -> list[dict]:
-    from rm_lib import formats, sources
+    from rm_lib.data import formats, sources
 
     normaliser = formats.Normaliser(str(path))
     return [record for outcome, record in normaliser(sources.read_file(path)) if outcome == "pair"]
 
 
 def ours(pairs: list[dict], tokenizer, max_length: int) -> tuple[float, int, int]:
-    from rm_lib import templates
-    from rm_lib.length_filter import apply
-    from rm_lib.tokenization import tokenize_pairs
+    from rm_lib.data import templates
+    from rm_lib.data.length_filter import apply
+    from rm_lib.data.tokenization import tokenize_pairs
 
     started = time.perf_counter()
     template = templates.resolve("auto", tokenizer)
@@ -43,7 +43,7 @@ def trl(pairs: list[dict], tokenizer, max_length: int) -> tuple[float, int, int]
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from rm_lib import templates
+    from rm_lib.data import templates
 
     template = templates.resolve("auto", tokenizer)
     columns = {"prompt": [], "chosen": [], "rejected": []}
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.data.exists():
         sys.exit(f"bench: {args.data} absent: the real preference data lives in ../shared/data")
-    from rm_lib.modeling import load_tokenizer
+    from rm_lib.model.modeling import load_tokenizer
 
     pairs = load_pairs(args.data)
     results = {}

@@ -43,11 +43,11 @@ def settings(args: argparse.Namespace, case: str) -> list[str]:
 
 def prepare(args: argparse.Namespace, case: str) -> Path:
     """download -> tokenize -> filter with rm_lib, then a seeded subset of train and test pairs."""
+    from rm_lib.data.tokenstore import read_rows, write_rows
     from rm_lib.layout import Layout
     from rm_lib.settings import load_params
     from rm_lib.steps import download, tokenize
     from rm_lib.steps import filter as filter_step
-    from rm_lib.tokenstore import read_rows, write_rows
 
     work = WORK / case
     layout = Layout(work)
@@ -131,8 +131,8 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    from rm_lib.modeling import load_reward_model, load_tokenizer
-    from rm_lib.tokenstore import read_rows
+    from rm_lib.data.tokenstore import read_rows
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer
 
     rows = read_rows(work / "bench_train.parquet")
     columns = {"chosen_ids": [r["input_ids_chosen"] for r in rows],
@@ -173,8 +173,8 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from rm_lib.data.tokenstore import read_rows
     from rm_lib.steps.evaluate import evaluate_folder
-    from rm_lib.tokenstore import read_rows
 
     work = WORK / args.case
     if torch.cuda.is_available():

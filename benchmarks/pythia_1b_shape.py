@@ -17,7 +17,7 @@ def build(folder: Path, tokenizer_name: str) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 
-    from rm_lib.modeling import load_tokenizer
+    from rm_lib.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
     config = GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,

@@ -1,6 +1,6 @@
 """The six pipeline assets. Each one calls its rm_lib step, which writes the files at the
 rm_lib.layout paths that the DVC stages use too; nothing passes through an IO manager. Then the
-asset records the step in DVC as `dvc repro` would (dvc.lock, cache, remote: rm_lib.dvc_record), and
+asset records the step in DVC as `dvc repro` would (dvc.lock, cache, remote: rm_lib.pipeline.dvc_record), and
 the DVC hash of what it wrote is its data version.
 
 Heavy modules (torch, transformers, the rm_lib step modules) are imported inside the asset bodies.
@@ -16,11 +16,11 @@ from typing import Optional
 
 import dagster as dg
 
-from rm_lib import quality
-from rm_lib.code_version import code_hash
-from rm_lib.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash
 from rm_lib.errors import DataError, SettingsError, UserError
+from rm_lib.evaluation import quality
 from rm_lib.layout import SPLITS, Layout
+from rm_lib.pipeline.code_version import code_hash
+from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash
 from rm_lib.settings import Params
 
 from .config import DownloadConfig, EvaluateConfig, FilterConfig, PushConfig, StepConfig, TokenizeConfig, TrainConfig
@@ -92,7 +92,7 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
 def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project: ProjectResource, stage: str,
                    params: Params, fallback: Optional[str]) -> tuple[dict, Optional[dg.DataVersion]]:
     """Record the step in DVC. Returns the metadata saying what was recorded (and pushed where) and the
-    data version: the DVC hash of the stage's VERSION_OUTS (rm_lib.dvc_record; default: all its outs);
+    data version: the DVC hash of the stage's VERSION_OUTS (rm_lib.pipeline.dvc_record; default: all its outs);
     `fallback` when nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
     try:
         outcome = dvc.record(project.root_path(), stage, params)

@@ -1,4 +1,4 @@
-"""Asset checks: thin adapters that show rm_lib.quality's verdicts in the UI. The rules and their
+"""Asset checks: thin adapters that show rm_lib.evaluation.quality's verdicts in the UI. The rules and their
 thresholds (params.yaml: push.min_accuracy, push.compare_with_release, download.max_reject_ratio)
 live in rm_lib, so the CLI and `dvc repro` enforce the same release gate in the push step.
 
@@ -7,7 +7,7 @@ Blocking checks (a failure stops everything downstream in the same run):
 """
 import dagster as dg
 
-from rm_lib import quality
+from rm_lib.evaluation import quality
 
 from . import assets
 from .resources import ProjectResource

@@ -76,7 +76,7 @@ class HubResource(dg.ConfigurableResource):
 
     def dataset_fingerprint(self, name: str, revision: Optional[str]) -> Optional[str]:
         """The commit sha the Hub serves for a dataset now, or None when it cannot be reached."""
-        from rm_lib.sources import hub_fingerprint
+        from rm_lib.data.sources import hub_fingerprint
 
         with self.credentials():
             return hub_fingerprint(name, revision)
@@ -115,8 +115,8 @@ class DvcResource(dg.ConfigurableResource):
                                                           "by another DVC process (a `dvc repro`, another run).")
 
     def record(self, root: Path, stage: str, params: Params):
-        """rm_lib.dvc_record.record with this resource's settings: Recorded or NotRecorded."""
-        from rm_lib.dvc_record import NotRecorded, record
+        """rm_lib.pipeline.dvc_record.record with this resource's settings: Recorded or NotRecorded."""
+        from rm_lib.pipeline.dvc_record import NotRecorded, record
 
         if not self.enabled:
             return NotRecorded("DVC recording is off (the dvc resource's enabled is false)")

@@ -35,7 +35,7 @@ def source_fingerprint(project: ProjectResource, hub: HubResource) -> tuple[Opti
     """(fingerprint or None, what was looked at) for params.yaml's download.source:
     demo -> its settings (never changes unless they do); a local file or folder -> size and mtime
     of every file the download step would read; a Hub dataset -> the commit sha the Hub serves."""
-    from rm_lib.sources import local_files
+    from rm_lib.data.sources import local_files
     from rm_lib.steps.download import _source_kind
 
     cfg = project.load_params().download
@@ -91,8 +91,8 @@ ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}
                 "materialization with the DVC hash as its data version, so the UI's staleness follows DVC.",
 )
 def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResource):
-    from rm_lib.code_version import code_hash
-    from rm_lib.dvc_record import locked_stages
+    from rm_lib.pipeline.code_version import code_hash
+    from rm_lib.pipeline.dvc_record import locked_stages
 
     locked = locked_stages(project.root_path())
     seen = json.loads(context.cursor) if context.cursor else {}

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    from rm_lib import steps  # its run() holds the train lock of the folder and checks the input chain
+    from rm_lib import steps
 
     with _pipes() as pipes:
         def forward(record: dict) -> None:

@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .layout import Layout
-from .settings import load_params
-from .steps import PIPELINE
+from rm_lib.errors import UserError
+from rm_lib.layout import Layout
+from rm_lib.settings import load_params
+from rm_lib.steps import PIPELINE
 
 NEEDS_BASE_MODEL = ("run", "tokenize", "train")
 
@@ -62,15 +62,15 @@ def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _run_step(step: str, params, layout: Layout) -> None:
-    from . import steps
+    from rm_lib import steps
 
     print(steps.run(step, params, layout).summary(), flush=True)
 
 
 def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
-    from .modeling import load_tokenizer
-    from .tokenstore import read_rows
-    from .visualize import visualize_token
+    from rm_lib.data.tokenstore import read_rows
+    from rm_lib.evaluation.visualize import visualize_token
+    from rm_lib.model.modeling import load_tokenizer
 
     folder = layout.filtered if args.stage == "filtered" else layout.tokenized
     path = folder / f"{args.split}.parquet"
@@ -92,7 +92,7 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
     """What `run` made and the next commands, printed at its end."""
     root = layout.root
     lines = ["", "Done. What the run made:",
-             f"  model      {layout.model}  (load with transformers or rm_lib.scoring.RewardScorer)",
+             f"  model      {layout.model}  (load with transformers or rm_lib.evaluation.scoring.RewardScorer)",
              f"  report     {layout.evaluation / 'report.json'}  (accuracy beside the length baselines)",
              f"  pictures   {layout.evaluation}/*.png, {layout.train_logs / 'loss.png'}, "
              f"{layout.filtered / 'lengths.png'}",
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)  # validates every section before any work
         layout = Layout(Path(args.root))
         if args.step in NEEDS_BASE_MODEL:  # a model that cannot be a reward model fails before any work
-            from .modeling import load_model_config
+            from rm_lib.model.modeling import load_model_config
 
             load_model_config(params.model.name_or_path, revision=params.model.revision,
                               trust_remote_code=params.model.trust_remote_code)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 _run_step(step, params, layout)
             print(where_to_look(layout, demo=params.download.source == "demo"), flush=True)
         elif args.step == "score":
-            from .steps import score
+            from rm_lib.steps import score
 
             print(score.run_file(params, layout, model=args.model, input_path=args.input,
                                  output_path=args.output).summary())

@@ -50,5 +50,5 @@ class Layout:
     def outputs(self, step: str) -> tuple[Path, ...]:
         return tuple(getattr(self, name) for name in OUTPUTS[step])
 
-    def lock(self, step: str) -> Path:  # held while `step` runs in this folder (rm_lib/locking.py)
+    def lock(self, step: str) -> Path:  # held while `step` runs in this folder (rm_lib/pipeline/locking.py)
         return self.root / ".rm_lib" / "locks" / f"{step}.lock"

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import SettingsError
+from rm_lib.errors import SettingsError
 
 DEFAULT_TIMEOUT_S = 60.0
 TIMEOUT_VARIABLE = "RM_HUB_TIMEOUT_S"

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SettingsError
+from rm_lib.errors import SettingsError
 
 TEMPLATES = ("auto", "tokenizer", "simple_chat", "simple_concat", "chatml")
 

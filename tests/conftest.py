@@ -33,7 +33,7 @@ def build_tiny_decoder(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from rm_lib import demo
+    from rm_lib.data import demo
 
     corpus = [" ".join(r.values()) for r in demo.demo_pairs(300, seed=1)]
     corpus += ["user assistant system hello hi how are you fine thanks a b c d e f"]
@@ -65,7 +65,7 @@ def tiny_decoder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from rm_lib.modeling import resolve_model_path
+    from rm_lib.model.modeling import resolve_model_path
 
     return resolve_model_path("default")
 

@@ -57,10 +57,10 @@ def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None):
     import torch
     from accelerate import Accelerator
 
+    from rm_lib.data.tokenstore import read_rows
     from rm_lib.layout import Layout
-    from rm_lib.modeling import load_reward_model, load_tokenizer
-    from rm_lib.tokenstore import read_rows
-    from rm_lib.trainer import fit
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer
+    from rm_lib.training.trainer import fit
 
     params = tiny_params("train.max_steps=3", *overrides, model=str(tiny_decoder))
     if not (Layout(root).filtered / "train.parquet").exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rm_lib.cli import main
-from rm_lib.jsonl import read_json, read_jsonl
+from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import Layout
 
 GOOD = [{"prompt": f"question {i}: what is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."}

@@ -8,7 +8,7 @@ import pytest
 
 from rm_lib import cli
 from rm_lib.errors import UserError
-from rm_lib.jsonl import read_json
+from rm_lib.files import read_json
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rm_lib.errors import DataError, TrainingDiverged
-from rm_lib.jsonl import read_json
+from rm_lib.files import read_json
 
 from helpers import fit_tiny, run_steps, tiny_params, write_jsonl
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rm_lib.demo import demo_pairs
+from rm_lib.data.demo import demo_pairs
 
 from helpers import offline_env
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rm_lib.errors import DataError
-from rm_lib.jsonl import read_json, read_jsonl
+from rm_lib.files import read_json, read_jsonl
 
 from conftest import ALPACA, HH, need
 from helpers import run_steps, tiny_params, write_jsonl

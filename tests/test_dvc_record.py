@@ -1,4 +1,4 @@
-"""Dagster materializations recorded in DVC (rm_lib/dvc_record.py, the `dvc` resource).
+"""Dagster materializations recorded in DVC (rm_lib/pipeline/dvc_record.py, the `dvc` resource).
 
 The slow tests copy the project into a temporary git + DVC repository (tests/test_dvc.py's
 `_new_repo`: tiny settings written into params.yaml, a local remote outside the repository),
@@ -22,8 +22,8 @@ import yaml
 from orchestration import assets, checks
 from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
-from rm_lib import dvc_record
-from rm_lib.dvc_record import NotRecorded, RecordError, StageSpec, combined_hash, settings_differences
+from rm_lib.pipeline import dvc_record
+from rm_lib.pipeline.dvc_record import NotRecorded, RecordError, StageSpec, combined_hash, settings_differences
 from rm_lib.settings import load_params
 
 from helpers import set_offline
@@ -104,7 +104,7 @@ def test_every_materialization_is_recorded_and_pushed(recorded):
     assert mats["raw_preferences"].tags["dagster/data_version"] == lock["download"]["data/pairs"]
     assert mats["reward_model"].tags["dagster/data_version"] == lock["train"]["models/reward_model"]
     assert lock["download"]["data/pairs"].endswith(".dir")
-    # the stage's own second command ran: the plot data DVC records beside metrics.jsonl
+    # the steps write their plot data themselves: DVC records it beside metrics.jsonl
     assert "data/train/metrics.plot.json" in lock["train"]
     assert "data/evaluation/buckets.plot.json" in lock["evaluate"]
     # as if `dvc repro` had run: nothing to do, the remote has it all, only dvc.lock is new for git
@@ -215,7 +215,7 @@ def test_not_recorded_without_dvc_or_when_disabled(tmp_path):
 def test_stages_and_remote_are_read_from_the_files_without_importing_dvc(tmp_path):
     """dvc.yaml and .dvc/config read as files: DVC's import would break Dagster's selection parser."""
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys; from pathlib import Path; from rm_lib.dvc_record import read_stage; "
+    code = ("import sys; from pathlib import Path; from rm_lib.pipeline.dvc_record import read_stage; "
             f"spec = read_stage(Path({str(root)!r}), 'train'); "
             "keys = list(spec.params.values())[0]; "
             "print(spec.cmd[0], any(k.startswith('train.') for k in keys), 'models/reward_model' in spec.outs, "

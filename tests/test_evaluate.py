@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
+from rm_lib.evaluation.metrics import subset_accuracy
 from rm_lib.layout import Layout
-from rm_lib.metrics import subset_accuracy
 
 from helpers import run_steps, tiny_params
 

@@ -1,7 +1,7 @@
 import pytest
 
+from rm_lib.data.formats import Normaliser, parse_hh_transcript, split_shared_prefix
 from rm_lib.errors import DataError
-from rm_lib.formats import Normaliser, parse_hh_transcript, split_shared_prefix
 
 
 def norm(rows, file="f.jsonl"):

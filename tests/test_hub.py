@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rm_lib import hub, model_card, network
-from rm_lib.hub import PublishError
+from rm_lib import network
 from rm_lib.layout import Layout
+from rm_lib.publish import hub, model_card
+from rm_lib.publish.hub import PublishError
 from rm_lib.steps import push
 
 from helpers import run_steps, tiny_params

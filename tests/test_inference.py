@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rm_lib import inference
-from rm_lib.inference import score_pairs, score_pairs_across, shard, unshard
-from rm_lib.modeling import load_reward_model
+from rm_lib.model import inference
+from rm_lib.model.inference import score_pairs, score_pairs_across, shard, unshard
+from rm_lib.model.modeling import load_reward_model
 
 
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (7, 2), (10, 3), (5, 8)])

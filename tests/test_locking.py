@@ -13,7 +13,7 @@ import pytest
 from rm_lib import cli
 from rm_lib import steps as registry
 from rm_lib.errors import UserError
-from rm_lib.jsonl import read_jsonl
+from rm_lib.files import read_jsonl
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params
@@ -38,7 +38,7 @@ def _wait_for(condition, timeout_s: float = 240.0, what: str = "") -> None:
 def _hold_in_child(root: Path, step: str) -> subprocess.Popen:
     """Another process that takes `step`'s lock on `root` and sleeps holding it."""
     code = ("import sys, time; from pathlib import Path; from rm_lib.layout import Layout; "
-            "from rm_lib.locking import step_lock\n"
+            "from rm_lib.pipeline.locking import step_lock\n"
             f"with step_lock(Layout(Path({str(root)!r})), {step!r}):\n"
             "    print('held', flush=True); time.sleep(600)\n")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
@@ -81,7 +81,7 @@ def test_two_concurrent_trains_one_clean_run_and_one_refusal(tmp_path, tiny_deco
 
 
 def test_lock_of_a_killed_process_is_free(tmp_path):
-    from rm_lib.locking import step_lock
+    from rm_lib.pipeline.locking import step_lock
 
     child = _hold_in_child(tmp_path, "train")
     with pytest.raises(UserError, match=f"train is already running in .*, pid {child.pid}"):
@@ -94,7 +94,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
 
 
 def test_lock_of_another_step_does_not_block(tmp_path):
-    from rm_lib.locking import step_lock
+    from rm_lib.pipeline.locking import step_lock
 
     params = tiny_params()
     with step_lock(Layout(tmp_path), "train"):  # a second open file in this process conflicts like another process
@@ -105,7 +105,7 @@ def test_lock_of_another_step_does_not_block(tmp_path):
 
 
 def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):
-    from rm_lib.locking import step_lock
+    from rm_lib.pipeline.locking import step_lock
 
     with step_lock(Layout(tmp_path), "tokenize"):
         code = cli.main(["--root", str(tmp_path), "--set", f"model.name_or_path={tiny_decoder}",
@@ -118,7 +118,7 @@ def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):
 
 def test_processes_after_the_first_of_a_launch_do_not_lock(tmp_path, monkeypatch):
     """accelerate/torchrun start one process per device, all in the same step: only rank 0 locks."""
-    from rm_lib.locking import step_lock
+    from rm_lib.pipeline.locking import step_lock
 
     monkeypatch.setenv("RANK", "1")
     with step_lock(Layout(tmp_path), "download"):
@@ -143,7 +143,7 @@ def test_a_download_killed_mid_write_leaves_no_temporary(tmp_path):
 
 
 def test_temporaries_of_dead_processes_go_and_of_live_ones_stay(tmp_path):
-    from rm_lib import atomic
+    from rm_lib import files as atomic
 
     data = tmp_path / "data"
     sleeper = subprocess.Popen(["sleep", "600"])

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from rm_lib.errors import SettingsError
-from rm_lib.loss import bradley_terry_loss
-from rm_lib.metrics import pair_metrics
-from rm_lib.modeling import add_lora, load_reward_model, load_tokenizer, rewards, save_model
+from rm_lib.evaluation.metrics import pair_metrics
+from rm_lib.model.loss import bradley_terry_loss
+from rm_lib.model.modeling import add_lora, load_reward_model, load_tokenizer, rewards, save_model
 
 
 def test_bradley_terry_loss_with_margin_and_centering():

@@ -12,8 +12,11 @@ import types
 import httpx2
 import pytest
 
-from rm_lib import modeling, network, sources, tracking
+from rm_lib import network
+from rm_lib.data import sources
 from rm_lib.errors import DataError, SettingsError, UserError
+from rm_lib.model import modeling
+from rm_lib.training import tracking
 
 from hub_server import SilentServer
 

@@ -217,7 +217,7 @@ def test_every_asset_materializes_with_metadata(pipeline):
 @pytest.mark.integration
 def test_each_materialization_carries_its_step_code_as_code_version(pipeline):
     """The code version is the hash of the code the step runs: the UI marks an asset stale when it changes."""
-    from rm_lib.code_version import code_hash
+    from rm_lib.pipeline.code_version import code_hash
 
     _, result = pipeline
     steps = dict(zip(KEYS, ("download", "tokenize", "filter", "train", "evaluate", "push")))
@@ -423,10 +423,10 @@ def test_sensor_local_file_source_triggers_on_change(tmp_path):
 
 
 def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
-    import rm_lib.sources
+    import rm_lib.data.sources
 
     sha = {"value": "aaa"}
-    monkeypatch.setattr(rm_lib.sources, "hub_fingerprint", lambda name, revision: sha["value"])
+    monkeypatch.setattr(rm_lib.data.sources, "hub_fingerprint", lambda name, revision: sha["value"])
     overrides = ["download.source=someone/prefs"]
     first, cursor = tick(tmp_path, None, overrides)
     assert isinstance(first, dg.RunRequest)
@@ -463,7 +463,7 @@ def test_step_errors_retried_by_dagster_only_when_transient(monkeypatch):
     is a dg.Failure without retries; the step runs with rm_lib's own retries off (one retry layer)."""
     from rm_lib import network, steps
     from rm_lib.errors import DataError
-    from rm_lib.hub import PublishError
+    from rm_lib.publish.hub import PublishError
 
     tries_seen: list[int] = []
 
@@ -555,7 +555,7 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
     import yaml
 
     from orchestration.sensors import dvc_lock_changed
-    from rm_lib.code_version import code_hash
+    from rm_lib.pipeline.code_version import code_hash
 
     code = tmp_path / "rm_lib" / "x.py"
     code.parent.mkdir()

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from rm_lib.batching import collate_pairs
-from rm_lib.loss import bradley_terry_loss
-from rm_lib.modeling import load_reward_model, rewards, unwrap
-from rm_lib.packing import first_fit, pack_pairs, packed_rewards, pooling
+from rm_lib.model.batching import collate_pairs
+from rm_lib.model.loss import bradley_terry_loss
+from rm_lib.model.modeling import load_reward_model, rewards, unwrap
+from rm_lib.model.packing import first_fit, pack_pairs, packed_rewards, pooling
 
 from helpers import run_steps, tiny_params, write_jsonl
 

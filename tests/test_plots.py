@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rm_lib import plots
+from rm_lib.evaluation import plots
 
 
 def _outside(fig, ax) -> bool:

@@ -1,4 +1,4 @@
-"""The release gate lives in rm_lib (rm_lib/quality.py) and holds in the push step, so the CLI, a
+"""The release gate lives in rm_lib (rm_lib/evaluation/quality.py) and holds in the push step, so the CLI, a
 lone Dagster materialization of hub_release and `dvc repro` (tests/test_dvc.py) refuse the same
 model; `push.force=true` releases it anyway and the model card says so."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rm_lib import quality
-from rm_lib.atomic import write_json
+from rm_lib.evaluation import quality
+from rm_lib.files import write_json
 from rm_lib.layout import Layout
 from rm_lib.steps.push import ReleaseBlocked
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from rm_lib.scoring import RewardScorer
+from rm_lib.evaluation.scoring import RewardScorer
 
 from helpers import run_steps, tiny_params, write_jsonl
 
@@ -47,7 +47,7 @@ LONG = "User: Tell me everything about the film.\n\nAssistant: " + "The acting w
 
 
 def test_a_text_longer_than_the_model_positions_is_truncated_keeping_the_end(trained):
-    from rm_lib.length_filter import truncate_left
+    from rm_lib.data.length_filter import truncate_left
 
     scorer = RewardScorer(trained / "models/reward_model")
     assert scorer.max_length == 512 and len(scorer.encode(LONG)) > 512
@@ -58,7 +58,7 @@ def test_a_text_longer_than_the_model_positions_is_truncated_keeping_the_end(tra
     assert kept[0] == scorer.encode(LONG)[0] and kept[-10:] == scorer.encode(LONG)[-10:]
     import torch
 
-    from rm_lib.modeling import rewards
+    from rm_lib.model.modeling import rewards
 
     ids = torch.tensor([kept])
     expected = rewards(scorer.model, ids, torch.ones_like(ids)).item()

@@ -8,7 +8,7 @@ import torch
 
 from rm_lib.cli import main
 from rm_lib.errors import SettingsError
-from rm_lib.modeling import load_model_config, load_reward_model, load_tokenizer
+from rm_lib.model.modeling import load_model_config, load_reward_model, load_tokenizer
 
 from helpers import fit_tiny
 

@@ -17,7 +17,7 @@ from orchestration.resources import (
     ProjectResource,
     WandbResource,
 )
-from rm_lib.jsonl import read_json
+from rm_lib.files import read_json
 from rm_lib.layout import Layout
 
 from helpers import set_offline

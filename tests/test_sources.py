@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from rm_lib.data.sources import read_file
 from rm_lib.errors import DataError
-from rm_lib.sources import read_file
 
 ROW = {"prompt": "p", "chosen": "a", "rejected": "b"}
 
@@ -99,7 +99,7 @@ def test_csv_token_id_columns_are_lists(tmp_path):
 def test_split_files_have_exact_names():
     from pathlib import Path
 
-    from rm_lib.sources import split_of
+    from rm_lib.data.sources import split_of
 
     root = Path("/data/src")
     named = {"train.jsonl": "train", "test.jsonl.gz": "test", "data/test-00000-of-00001.parquet": "test",

@@ -1,8 +1,8 @@
 import pytest
 
-from rm_lib import length_filter, templates, tokenization
-from rm_lib.modeling import load_tokenizer
-from rm_lib.tokenstore import read_rows
+from rm_lib.data import length_filter, templates, tokenization
+from rm_lib.data.tokenstore import read_rows
+from rm_lib.model.modeling import load_tokenizer
 
 from conftest import ALPACA, HH, need
 from helpers import run_steps, tiny_params

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rm_lib.jsonl import read_json, read_jsonl
+from rm_lib.files import read_json, read_jsonl
 
 from conftest import HH, need
 from helpers import fit_tiny, run_steps, tiny_params
@@ -190,7 +190,7 @@ def test_metrics_log_never_writes_into_a_dvc_cache_link(tmp_path):
     run replaces the file, so the cached object keeps its bytes."""
     import os
 
-    from rm_lib.tracking import Tracker
+    from rm_lib.training.tracking import Tracker
 
     cached = tmp_path / "cache_object"
     cached.write_text('{"step": 1}\n')
@@ -211,7 +211,7 @@ def test_metrics_log_never_writes_into_a_dvc_cache_link(tmp_path):
 
 
 def test_a_token_budget_runs_a_batch_in_pieces_with_the_same_training(tmp_path, tiny_decoder):
-    from rm_lib.batching import token_chunks
+    from rm_lib.model.batching import token_chunks
 
     whole, w_whole, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_tokens_per_forward=null")
     budget = 2 * max(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
@@ -222,7 +222,7 @@ def test_a_token_budget_runs_a_batch_in_pieces_with_the_same_training(tmp_path, 
 
 
 def test_token_chunks_keep_order_and_budget():
-    from rm_lib.batching import token_chunks
+    from rm_lib.model.batching import token_chunks
 
     rows = [{"input_ids_chosen": [1] * n, "input_ids_rejected": [2] * n} for n in (3, 3, 10, 1, 1, 2)]
     chunks = token_chunks(rows, 8)

@@ -7,11 +7,11 @@ import importlib
 import os
 from typing import Any
 
-from .. import chain
-from ..atomic import remove_stale
-from ..layout import Layout
-from ..locking import step_lock
-from ..settings import Params
+from rm_lib.files import remove_stale
+from rm_lib.layout import Layout
+from rm_lib.pipeline import chain
+from rm_lib.pipeline.locking import step_lock
+from rm_lib.settings import Params
 
 PIPELINE: tuple[str, ...] = ("download", "tokenize", "filter", "train", "evaluate", "push")
 

@@ -9,12 +9,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import demo, formats, sources
-from ..atomic import atomic_dir, write_json, write_jsonl
-from ..errors import DataError
-from ..hashing import tree_sha256
-from ..layout import SPLITS, Layout
-from ..settings import DownloadSettings, Params
+from rm_lib.data import demo, formats, sources
+from rm_lib.errors import DataError
+from rm_lib.files import atomic_dir, tree_sha256, write_json, write_jsonl
+from rm_lib.layout import SPLITS, Layout
+from rm_lib.settings import DownloadSettings, Params
 
 
 @dataclass

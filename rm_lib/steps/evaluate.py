@@ -4,16 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import chain, plots
-from ..atomic import atomic_dir, write_json, write_jsonl
-from ..inference import score_pairs
-from ..jsonl import read_json
-from ..layout import Layout
-from ..metrics import pair_metrics, subset_accuracy
-from ..modeling import load_reward_model, load_tokenizer
-from ..settings import Params
-from ..tokenstore import read_rows
-from ..visualize import visualize_samples
+from rm_lib.data.tokenstore import read_rows
+from rm_lib.evaluation import plots
+from rm_lib.evaluation.metrics import pair_metrics, subset_accuracy
+from rm_lib.evaluation.visualize import visualize_samples
+from rm_lib.files import atomic_dir, read_json, write_json, write_jsonl
+from rm_lib.layout import Layout
+from rm_lib.model.inference import score_pairs
+from rm_lib.model.modeling import load_reward_model, load_tokenizer
+from rm_lib.pipeline import chain
+from rm_lib.settings import Params
 
 
 @dataclass

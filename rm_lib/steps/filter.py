@@ -4,14 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import length_filter, plots
-from ..atomic import atomic_dir, write_json, write_jsonl
-from ..errors import DataError
-from ..hashing import tree_sha256
-from ..jsonl import read_json
-from ..layout import SPLITS, Layout
-from ..settings import Params
-from ..tokenstore import read_rows, write_rows
+from rm_lib.data import length_filter
+from rm_lib.data.tokenstore import read_rows, write_rows
+from rm_lib.errors import DataError
+from rm_lib.evaluation import plots
+from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
+from rm_lib.layout import SPLITS, Layout
+from rm_lib.settings import Params
 
 
 @dataclass

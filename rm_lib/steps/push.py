@@ -1,7 +1,7 @@
 """push: the release gate, then the model folder + a generated model card -> data/release, then to
 the Hub if asked.
 
-The gate (rm_lib.quality.release_verdicts: finite training loss, push.min_accuracy, not below the
+The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push.min_accuracy, not below the
 last release) holds here, so the CLI, `dvc repro` and Dagster refuse the same models; push.force
 releases anyway and the model card says so. Without push.repo_id (or with push.dry_run) it writes
 exactly what would be uploaded and says so; no request leaves the machine and no token is needed.
@@ -16,12 +16,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import hub, model_card, quality
-from ..atomic import atomic_dir, write_json
-from ..errors import UserError
-from ..jsonl import read_json
-from ..layout import Layout
-from ..settings import Params
+from rm_lib.errors import UserError
+from rm_lib.evaluation import quality
+from rm_lib.files import atomic_dir, read_json, write_json
+from rm_lib.layout import Layout
+from rm_lib.publish import hub, model_card
+from rm_lib.settings import Params
 
 PICTURES = ("rewards.png", "accuracy_by_length.png")  # from data/evaluation
 LOSS_PICTURE = "loss.png"  # from data/train

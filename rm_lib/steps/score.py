@@ -4,13 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import formats, sources
-from ..atomic import write_jsonl
-from ..errors import UserError
-from ..layout import Layout
-from ..metrics import pair_metrics
-from ..scoring import RewardScorer
-from ..settings import Params
+from rm_lib.data import formats, sources
+from rm_lib.errors import UserError
+from rm_lib.evaluation.metrics import pair_metrics
+from rm_lib.evaluation.scoring import RewardScorer
+from rm_lib.files import write_jsonl
+from rm_lib.layout import Layout
+from rm_lib.settings import Params
 
 
 @dataclass

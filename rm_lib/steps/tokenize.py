@@ -4,14 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import chain, templates, tokenization
-from ..atomic import atomic_dir, write_json
-from ..hashing import tree_sha256
-from ..jsonl import read_jsonl
-from ..layout import SPLITS, Layout
-from ..modeling import load_model_config, load_tokenizer, resolve_model_path
-from ..settings import Params
-from ..tokenstore import write_rows
+from rm_lib.data import templates, tokenization
+from rm_lib.data.tokenstore import write_rows
+from rm_lib.files import atomic_dir, read_jsonl, tree_sha256, write_json
+from rm_lib.layout import SPLITS, Layout
+from rm_lib.model.modeling import load_model_config, load_tokenizer, resolve_model_path
+from rm_lib.pipeline import chain
+from rm_lib.settings import Params
 
 
 @dataclass

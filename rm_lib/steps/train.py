@@ -6,19 +6,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import plots
-from ..atomic import atomic_dir, write_json
-from ..code_version import code_hash
-from ..hashing import tree_sha256
-from ..inference import score_pairs_across
-from ..jsonl import read_json, read_jsonl
-from ..layout import Layout
-from ..metrics import pair_metrics
-from ..modeling import add_lora, load_reward_model, load_tokenizer, save_model
-from ..settings import Params
-from ..tokenstore import read_rows
-from ..tracking import Tracker
-from ..trainer import fit, gathered_state_dict, mixed_precision, run_fingerprint
+from rm_lib.data.tokenstore import read_rows
+from rm_lib.evaluation import plots
+from rm_lib.evaluation.metrics import pair_metrics
+from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
+from rm_lib.layout import Layout
+from rm_lib.model.inference import score_pairs_across
+from rm_lib.model.modeling import add_lora, load_reward_model, load_tokenizer, save_model
+from rm_lib.pipeline.code_version import code_hash
+from rm_lib.settings import Params
+from rm_lib.training.tracking import Tracker
+from rm_lib.training.trainer import fit, gathered_state_dict, mixed_precision, run_fingerprint
 
 NORMALISATION_SAMPLE = 1000
 
@@ -100,7 +98,7 @@ def run(params: Params, layout: Layout, accelerator=None,
                     "rejected_text": tokenizer.decode(eval_rows[i]["input_ids_rejected"][-60:])}
                    for i in range(min(cfg.num_print_samples, len(eval_rows)))]
         if accelerator.is_main_process:
-            from ..visualize import visualize_samples
+            from rm_lib.evaluation.visualize import visualize_samples
 
             accelerator.print(f"\neval at step {step}: accuracy {result['accuracy']:.3f} (longer wins "
                               f"{result['longer_wins_baseline']:.3f})\n" + visualize_samples(samples))

@@ -1,7 +1,9 @@
-"""Atomic writes: a step killed at any moment leaves the old complete output or none."""
+"""Reading and writing the files the steps exchange: atomic writes (a step killed at any moment
+leaves the old complete output or none), JSON and JSON Lines, content hashes of files and folders."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -11,6 +13,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from rm_lib.errors import DataError
 
 # Temporaries are named .<name>.<pid>@<host>.<random>.tmp: a later writer can tell that the one who
 # made it is dead (a kill -9 runs no clean-up) and remove it. A pid is judged on its own host only.
@@ -124,3 +128,61 @@ def share_tree(folder: str | Path) -> None:
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError("not found; run the step that writes it first", file=str(path))
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise DataError("not found; run the step that writes it first", file=str(path))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_sha256(folder: str | Path, names: list[str] | None = None) -> str:
+    """One hash over the named files (default: every file) of a folder, by relative path."""
+    folder = Path(folder)
+    paths = [folder / n for n in names] if names else sorted(p for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + file_sha256(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+# What .dvcignore keeps out of DVC's hashes (bytecode, rm_lib's temporaries).
+DVC_IGNORED = re.compile(r"(^|/)(__pycache__/|[^/]*\.pyc$|\.[^/]*\.tmp(/|$)|\.[^/]*\.old(/|$))")
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(path: Path) -> str | None:
+    """The md5 DVC 3 records for a file, or for a folder (md5 of its sorted file list + '.dir'), leaving
+    out what .dvcignore ignores; None when the path does not exist."""
+    if path.is_file():
+        return _md5_file(path)
+    if not path.is_dir():
+        return None
+    entries = [{"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
+               for p in path.rglob("*") if p.is_file() and not DVC_IGNORED.search(p.relative_to(path).as_posix())]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
+    return hashlib.md5(listing.encode()).hexdigest() + ".dir"

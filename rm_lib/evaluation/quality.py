@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layout import SPLITS, Layout
+from rm_lib.layout import SPLITS, Layout
 
 EXAMPLES = 5  # ids shown with a failed verdict
 

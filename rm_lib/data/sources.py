@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import DataError
+from rm_lib.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 Rows = Iterator[tuple[int, dict]]  # (1-based row number, row)
@@ -213,7 +213,7 @@ def read_hub(name: str, split: str, *, revision: str | None, subset: str | None)
     (rm_lib.network); a Hub that cannot be reached is a transient DataError, a wrong name or split not."""
     import datasets
 
-    from . import network
+    from rm_lib import network
 
     network.bound_hub_client()
     where = f"hf://{name}"
@@ -238,7 +238,7 @@ def hub_fingerprint(name: str, revision: str | None) -> str | None:
     try:
         from huggingface_hub import HfApi
 
-        from . import network
+        from rm_lib import network
 
         network.bound_hub_client()  # a stalled Hub costs the time limit, not the run
         return HfApi().dataset_info(name, revision=revision).sha

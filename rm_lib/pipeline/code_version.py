@@ -12,7 +12,7 @@ import ast
 import hashlib
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # rm_lib/
 ROOT = PACKAGE.parent
 
 

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .errors import DataError
+from rm_lib.errors import DataError
 
 FORMATS = ("implicit_text", "explicit_text", "implicit_conversational", "explicit_conversational",
            "pretokenized")

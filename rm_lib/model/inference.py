@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .batching import PairBatch, collate_pairs, pair_length
-from .modeling import rewards, unwrap
-from .packing import PackedBatch, packed_rewards
+from rm_lib.model.batching import PairBatch, collate_pairs, pair_length
+from rm_lib.model.modeling import rewards, unwrap
+from rm_lib.model.packing import PackedBatch, packed_rewards
 
 
 class PairScorer(torch.nn.Module):

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import network
-from .errors import UserError
+from rm_lib import network
+from rm_lib.errors import UserError
 
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 2.0

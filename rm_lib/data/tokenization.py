@@ -7,8 +7,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import templates
-from .errors import DataError
+from rm_lib.data import templates
+from rm_lib.errors import DataError
 
 PRETOKENIZED_FIELDS = ("input_ids_chosen", "input_ids_rejected")
 
@@ -84,7 +84,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str, template: str) -> None:
-    from .modeling import load_tokenizer
+    from rm_lib.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
     _WORKER.update(tokenizer=tokenizer, template=template, special=special_tokens(tokenizer))

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from . import templates, tokenization
-from .errors import DataError, SettingsError
-from .length_filter import truncate_left
-from .modeling import load_reward_model, load_tokenizer, rewards
+from rm_lib.data import templates, tokenization
+from rm_lib.data.length_filter import truncate_left
+from rm_lib.errors import DataError, SettingsError
+from rm_lib.model.modeling import load_reward_model, load_tokenizer, rewards
 
 LENGTH_POLICIES = ("truncate", "drop")
 

@@ -16,16 +16,15 @@ from typing import Any
 
 import torch
 
-from .atomic import share_tree
-from .batching import collate_pairs, epoch_batches, process_slice, token_chunks
-from .errors import TrainingDiverged
-from .hashing import file_sha256
-from .inference import PairScorer
-from .loss import bradley_terry_loss
-from .memory import limit_heap_growth
-from .modeling import unwrap
-from .packing import pack_pairs, pooling
-from .settings import ModelSettings, TrainSettings
+from rm_lib.errors import TrainingDiverged
+from rm_lib.files import file_sha256, share_tree
+from rm_lib.model.batching import collate_pairs, epoch_batches, process_slice, token_chunks
+from rm_lib.model.inference import PairScorer
+from rm_lib.model.loss import bradley_terry_loss
+from rm_lib.model.modeling import unwrap
+from rm_lib.model.packing import pack_pairs, pooling
+from rm_lib.settings import ModelSettings, TrainSettings
+from rm_lib.training.memory import limit_heap_growth
 
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import atomic_file
+from rm_lib.files import atomic_file
 
 COLUMNS = ("id", "input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected",
            "prompt_length", "margin", "subset")

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from rm_lib.errors import SettingsError, UserError
+from rm_lib.files import dvc_md5
 from rm_lib.settings import Params, load_params
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
@@ -284,16 +285,6 @@ class LockedStage:
     current_code: bool  # every rm_lib file the stage depends on has the md5 dvc.lock recorded
 
 
-def _md5(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def locked_stages(root: Path) -> dict[str, LockedStage]:
     """Every stage of dvc.lock with outs: {stage: LockedStage}. Empty without a dvc.lock."""
     path = Path(root) / "dvc.lock"
@@ -306,6 +297,6 @@ def locked_stages(root: Path) -> dict[str, LockedStage]:
         if not outs:
             continue
         code = [d for d in entry.get("deps") or [] if str(d.get("path", "")).startswith("rm_lib/")]
-        current = bool(code) and all(_md5(Path(root) / d["path"]) == d.get("md5") for d in code)
+        current = bool(code) and all(dvc_md5(Path(root) / d["path"]) == d.get("md5") for d in code)
         found[stage] = LockedStage(stage, combined_hash(outs, list(VERSION_OUTS.get(stage, ())) or None), current)
     return found

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import network
-from .atomic import atomic_file
-from .errors import UserError
+from rm_lib import network
+from rm_lib.errors import UserError
+from rm_lib.files import atomic_file
 
 
 def wandb_mode(setting: str) -> str:

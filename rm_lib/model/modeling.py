@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import network
-from .atomic import share_tree
-from .errors import SettingsError
+from rm_lib import network
+from rm_lib.errors import SettingsError
+from rm_lib.files import share_tree
 
 DEFAULT_MODEL = "default"
 

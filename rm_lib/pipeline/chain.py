@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .jsonl import read_json
-from .layout import Layout
+from rm_lib.errors import UserError
+from rm_lib.files import read_json
+from rm_lib.layout import Layout
 
 
 class StaleInput(UserError):

@@ -36,7 +36,7 @@ def resolve(name: str, tokenizer: Any) -> str:
     if name == "auto":
         return "tokenizer" if getattr(tokenizer, "chat_template", None) else "simple_chat"
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        from .errors import SettingsError
+        from rm_lib.errors import SettingsError
 
         raise SettingsError("tokenize.template: 'tokenizer' was asked for, but this tokenizer has no chat "
                             "template; use auto, simple_chat, simple_concat or chatml")

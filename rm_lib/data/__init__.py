@@ -1,0 +1,1 @@
+"""Reading sources, normalising rows to pairs, chat templates, token ids, the length policy."""

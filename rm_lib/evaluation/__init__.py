@@ -1,0 +1,1 @@
+"""Metrics, pictures, the release gate's rules and the scoring API."""

@@ -1,0 +1,1 @@
+"""The one-output reward model: loading, the Bradley-Terry loss, padding-free packing, scoring pairs."""

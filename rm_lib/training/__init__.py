@@ -1,0 +1,1 @@
+"""The training loop, its memory policy and its tracker (W&B)."""
