@@ -185,10 +185,10 @@ def _link(value: str | None) -> dg.MetadataValue:
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
                     hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("download", config, project)
-    from rm_lib.steps.download import _source_kind
+    from rm_lib.data.sources import source_kind
 
     try:
-        _source_kind(params.download.source)  # a missing local file: no retry, no credentials
+        source_kind(params.download.source)  # a missing local file: no retry, no credentials
     except DataError as exc:
         raise dg.Failure(description=f"download: {exc}", allow_retries=False) from exc
     with hub.credentials():

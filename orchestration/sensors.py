@@ -31,31 +31,43 @@ def _sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def source_fingerprint(project: ProjectResource, hub: HubResource) -> tuple[Optional[str], str]:
-    """(fingerprint or None, what was looked at) for params.yaml's download.source:
-    demo -> its settings (never changes unless they do); a local file or folder -> size and mtime
-    of every file the download step would read; a Hub dataset -> the commit sha the Hub serves."""
-    from rm_lib.data.sources import local_files
-    from rm_lib.steps.download import _source_kind
+def source_fingerprint(project: ProjectResource, hub: HubResource,
+                       previous: Optional[dict] = None) -> tuple[Optional[dict], str]:
+    """(state or None, what was looked at) for params.yaml's download.source. The state's
+    `fingerprint` changes only when the data does: demo -> its settings; a local file or folder -> the
+    content hash of the files the download step reads (rm_lib.data.sources.local_fingerprint: a
+    `touch` is no change); a Hub dataset -> the commit sha the Hub serves."""
+    from rm_lib.data.sources import local_fingerprint, source_kind
 
     cfg = project.load_params().download
     try:
-        kind = _source_kind(cfg.source)
+        kind = source_kind(cfg.source)
     except DataError as exc:
         return None, f"source not readable now: {exc}"
     if kind == "demo":
-        return _sha256({"demo": cfg.demo_pairs, "seed": cfg.seed}), f"demo set of {cfg.demo_pairs} pairs"
+        return {"fingerprint": _sha256({"demo": cfg.demo_pairs, "seed": cfg.seed})}, \
+            f"demo set of {cfg.demo_pairs} pairs"
     if kind == "local":
         try:
-            files = local_files(cfg.source)
-            stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            local = local_fingerprint(cfg.source, (previous or {}).get("local"))
         except (DataError, OSError) as exc:
             return None, f"source not readable now: {exc}"
-        return _sha256({"local": stats}), f"{len(files)} file(s), {sum(s[1] for s in stats)} bytes in {cfg.source}"
+        size = sum(s[1] for s in local["stats"])
+        return {"fingerprint": _sha256({"local": local["sha256"]}), "local": local}, \
+            f"{len(local['stats'])} file(s), {size} bytes in {cfg.source}"
     sha = hub.dataset_fingerprint(cfg.source, cfg.revision)
     if sha is None:
         return None, f"the Hub did not answer for dataset {cfg.source} (offline, private or missing)"
-    return _sha256({"hub": cfg.source, "subset": cfg.subset, "sha": sha}), f"hf://{cfg.source} at {sha}"
+    fingerprint = _sha256({"hub": cfg.source, "subset": cfg.subset, "sha": sha})
+    return {"fingerprint": fingerprint}, f"hf://{cfg.source} at {sha}"
+
+
+def _cursor(text: Optional[str]) -> dict:
+    try:
+        state = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 @dg.sensor(
@@ -63,20 +75,23 @@ def source_fingerprint(project: ProjectResource, hub: HubResource) -> tuple[Opti
     target=pipeline_job,
     minimum_interval_seconds=300,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Runs the whole pipeline when download.source changes: a local file's size/mtime, a Hub "
-                "dataset's commit sha. The demo set never changes, so it triggers once, for the first cursor.",
+    description="Runs the whole pipeline when download.source changes: the content of a local file or folder "
+                "(a touch is no change), a Hub dataset's commit sha. The demo set never changes, so it triggers "
+                "once, for the first cursor.",
 )
 def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectResource, hub: HubResource):
-    fingerprint, what = source_fingerprint(project, hub)
-    if fingerprint is None:
+    previous = _cursor(context.cursor)
+    state, what = source_fingerprint(project, hub, previous)
+    if state is None:
         return dg.SkipReason(what)
-    if fingerprint == context.cursor:
+    if state["fingerprint"] == previous.get("fingerprint"):
+        if state != previous:  # touched, or rewritten with the same bytes: remember the new stats
+            context.update_cursor(json.dumps(state, sort_keys=True))
         return dg.SkipReason(f"source unchanged: {what}")
-    context.update_cursor(fingerprint)
+    context.update_cursor(json.dumps(state, sort_keys=True))
     # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
     # must run again.
-    return dg.RunRequest(tags={"rm/source_fingerprint": fingerprint[:16]})
-
+    return dg.RunRequest(tags={"rm/source_fingerprint": state["fingerprint"][:16]})
 
 
 ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}

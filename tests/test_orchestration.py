@@ -415,6 +415,11 @@ def test_sensor_local_file_source_triggers_on_change(tmp_path):
     assert isinstance(first, dg.RunRequest)
     unchanged, _ = tick(tmp_path, cursor, overrides)
     assert isinstance(unchanged, dg.SkipReason)
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # a touch
+    touched, cursor = tick(tmp_path, cursor, overrides)
+    assert isinstance(touched, dg.SkipReason) and "unchanged" in touched.skip_message  # the bytes decide
+    source.write_text(source.read_text())  # rewritten with the same content
+    assert isinstance(tick(tmp_path, cursor, overrides)[0], dg.SkipReason)
     source.write_text(source.read_text() * 2)
     changed, new_cursor = tick(tmp_path, cursor, overrides)
     assert isinstance(changed, dg.RunRequest) and new_cursor != cursor

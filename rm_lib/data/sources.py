@@ -5,6 +5,7 @@ JSONL, JSON, Parquet and CSV, each gzipped or not.
 """
 from __future__ import annotations
 
+import hashlib
 import contextlib
 import csv
 import gzip
@@ -248,3 +249,30 @@ def hub_fingerprint(name: str, revision: str | None) -> str | None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def source_kind(source: str) -> str:
+    """demo | local | hub; a path-looking source that does not exist is a DataError."""
+    if source == "demo":
+        return "demo"
+    if Path(source).exists():
+        return "local"
+    if source.startswith((".", "/", "~")) or Path(source).suffix in (".jsonl", ".json", ".csv", ".parquet", ".gz"):
+        raise DataError("no such file or folder", file=source)
+    return "hub"
+
+
+def local_fingerprint(source: str | Path, previous: dict | None = None) -> dict:
+    """{"sha256": content hash of the files download reads, "stats": their sizes and times}. The bytes
+    decide: a touch or a rewrite with the same content keeps the hash. Files whose stats match
+    `previous` are not read again."""
+    from rm_lib.files import file_sha256
+
+    files = local_files(source)
+    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    if previous and previous.get("stats") == stats and previous.get("sha256"):
+        return previous
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return {"sha256": digest.hexdigest(), "stats": stats}

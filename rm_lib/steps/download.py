@@ -41,16 +41,6 @@ class DownloadResult:
                 + (f"\nwarning: {self.warning}" if self.warning else ""))
 
 
-def _source_kind(source: str) -> str:
-    if source == "demo":
-        return "demo"
-    if Path(source).exists():
-        return "local"
-    if source.startswith((".", "/", "~")) or Path(source).suffix in (".jsonl", ".json", ".csv", ".parquet", ".gz"):
-        raise DataError("no such file or folder", file=source)
-    return "hub"
-
-
 def _head(rows: Iterable, limit: int | None) -> Iterator:
     """The first `limit` rows; reads no row past them (a bad row after the limit is never seen)."""
     return iter(rows) if limit is None else itertools.islice(rows, limit)
@@ -162,7 +152,7 @@ def _failed_rejects(layout: Layout) -> Path:
 
 def run(params: Params, layout: Layout) -> DownloadResult:
     cfg = params.download
-    kind = _source_kind(cfg.source)
+    kind = sources.source_kind(cfg.source)
     inputs, revision = _inputs(cfg, kind)
     read = _read(inputs, cfg.max_rows)
     splits = {"train": read.by_split["train"], "test": read.by_split["test"]}
