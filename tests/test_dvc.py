@@ -117,6 +117,13 @@ def test_params_are_keys_of_params_yaml():
     assert reads_train == {"train"}  # push quotes the settings the model was trained with: data/train/run.json
 
 
+def test_the_model_is_declared_as_an_artifact():
+    pipeline = _load_dvc_yaml()
+    artifact = pipeline["artifacts"]["reward-model"]
+    assert artifact["type"] == "model" and artifact["path"] == "models/reward_model"
+    assert artifact["path"] in _entries(pipeline["stages"]["train"]["outs"])
+
+
 def test_train_depends_on_exactly_the_settings_in_the_run_fingerprint():
     import dataclasses
 
