@@ -451,7 +451,8 @@ def test_a_change_to_the_training_code_trains_a_new_model(pipeline):
     loss.write_text(loss.read_text(encoding="utf-8") + "\n# an edit of the training code\n", encoding="utf-8")
     assert "train" in json.loads(pipeline.dvc("status", "--json"))
     output = pipeline.dvc("repro")
-    assert RAN.findall(output)[:1] == ["train"], output[-3000:]
+    # tokenize reruns too (it reads the tokenizer through rm_lib/model) and writes the same tokens
+    assert {"train", "evaluate"} <= set(RAN.findall(output)) and "download" not in RAN.findall(output), output[-3000:]
     after = json.loads((pipeline.root / "data/train/run.json").read_text(encoding="utf-8"))
     summary = json.loads((pipeline.root / "data/train/summary.json").read_text(encoding="utf-8"))
     assert after["code_hash"] != before["code_hash"] and after["fingerprint"] != before["fingerprint"]
