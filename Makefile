@@ -43,12 +43,13 @@ chromium:
 	  || echo "chromium not installed: the browser test will skip" >&2; }
 
 # The fast tier: unit tests, a few minutes. The integration tier (marked `integration`: whole
-# pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well.
+# pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well, on two
+# pytest-xdist workers (a module that shares one project between its tests stays on one worker).
 test: install
 	$(PY) -m pytest -q -m "not integration"
 
 test-integration: install chromium
-	$(PY) -m pytest -q -m integration
+	$(PY) -m pytest -q -m integration -n 2 --dist loadgroup
 
 test-all: install chromium
 	$(PY) -m pytest -q
