@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import SPLITS, Layout
 
 EXAMPLES = 5  # ids shown with a failed verdict
@@ -24,15 +25,6 @@ class Verdict:
     description: str
     metadata: dict[str, Any] = field(default_factory=dict)
     warn_only: bool = False  # a failure is a warning, not a stop
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _missing(name: str, path: Path, warn_only: bool = False) -> Verdict:
@@ -54,7 +46,7 @@ def logged_losses(layout: Layout) -> list[float]:
     path = layout.train_logs / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r["loss"] for r in _read_jsonl(path) if r.get("loss") is not None]
+    return [r["loss"] for r in read_jsonl(path) if r.get("loss") is not None]
 
 
 # ---------------------------------------------------------------- data
@@ -88,7 +80,7 @@ def pairs_well_formed(layout: Layout) -> Verdict:
         path = layout.pairs / f"{split}.jsonl"
         if not path.exists():
             return _missing(name, path)
-        for pair in _read_jsonl(path):
+        for pair in read_jsonl(path):
             total += 1
             if _empty_side(pair, "chosen") or _empty_side(pair, "rejected"):
                 empty.append(f"{split}:{pair.get('id')}")
@@ -112,7 +104,7 @@ def no_prompt_overlap(layout: Layout) -> Verdict:
         path = layout.pairs / f"{split}.jsonl"
         if not path.exists():
             return _missing(name, path, warn_only=True)
-        keys[split] = {k for k in map(_prompt_key, _read_jsonl(path)) if k is not None}
+        keys[split] = {k for k in map(_prompt_key, read_jsonl(path)) if k is not None}
     shared = keys["train"] & keys["test"]
     return Verdict(
         name, not shared,
@@ -130,7 +122,7 @@ def rejects_ratio(layout: Layout, max_ratio: float) -> Verdict:
     path = layout.pairs / "manifest.json"
     if not path.exists():
         return _missing(name, path)
-    manifest = _read_json(path)
+    manifest = read_json(path)
     reasons = manifest.get("rejects_by_reason", {})
     rejected = int(manifest.get("rejected", sum(reasons.values())))
     rows = int(manifest.get("rows_read", 0))
@@ -153,7 +145,7 @@ def loss_is_finite(layout: Layout) -> Verdict:
     path = layout.train_logs / "run.json"
     if not path.exists():
         return _missing(name, path)
-    summary = _read_json(path)  # json reads the NaN/Infinity written for a lost loss
+    summary = read_json(path)  # json reads the NaN/Infinity written for a lost loss
     steps = int(summary.get("steps") or 0)
     final = summary.get("final_loss")
     logged = logged_losses(layout)
@@ -177,7 +169,7 @@ def beats_length_baseline(layout: Layout) -> Verdict:
     path = layout.evaluation / "report.json"
     if not path.exists():
         return _missing(name, path, warn_only=True)
-    report = _read_json(path)
+    report = read_json(path)
     accuracy, baseline = report["accuracy"], length_baseline(report)
     passed = accuracy > baseline
     return Verdict(
@@ -194,7 +186,7 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
     path = layout.evaluation / "report.json"
     if not path.exists():
         return _missing(name, path)
-    report = _read_json(path)
+    report = read_json(path)
     accuracy = report["accuracy"]
     reasons = []
     if not _finite(accuracy) or accuracy < min_accuracy:
@@ -204,7 +196,7 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
     previous_path = layout.release / "evaluation.json"
     previous_accuracy = None
     if compare_with_release and previous_path.exists():
-        previous = _read_json(previous_path)
+        previous = read_json(previous_path)
         previous_accuracy = previous.get("accuracy")
         same_data = previous.get("data_hash") == report.get("data_hash")
         metadata.update({"previous_release_accuracy": previous_accuracy, "same_test_data_as_previous": same_data})
