@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rm_lib.files import read_json, read_jsonl
+from rm_lib.layout import Layout
 
 from conftest import HH, need
 from helpers import fit_tiny, run_steps, tiny_params
@@ -41,6 +42,17 @@ def test_pipeline_trains_evaluates_scores_and_publishes(tmp_path, tiny_decoder):
     assert config.num_labels == 1 and hasattr(config, "reward_mean") and hasattr(config, "reward_std")
     assert (tmp_path / "data/release/README.md").read_text().count("longer-wins baseline") == 1
     assert res["push"].uploaded is False
+    # What each step returns (the CLI line, the Dagster metadata) is what it wrote down, field for field.
+    for step, folder in (("download", "data/pairs"), ("tokenize", "data/tokenized"), ("filter", "data/filtered")):
+        assert read_json(tmp_path / folder / "manifest.json") == res[step].manifest()
+    assert read_json(tmp_path / "data/filtered/manifest.json")["dropped_by_reason"] == res["filter"].dropped
+    assert read_json(tmp_path / "data/train/run.json") == res["train"].run_record()
+    assert read_json(tmp_path / "data/train/summary.json") == res["train"].summary_record()
+    assert read_json(tmp_path / "data/evaluation/report.json") == res["evaluate"].report_record()
+    assert read_json(tmp_path / "data/evaluation/metrics.json")["accuracy"] == res["evaluate"].metrics["accuracy"]
+    from rm_lib.steps.train import result_from_summary  # how Dagster reads back a run made in a subprocess
+
+    assert result_from_summary(Layout(tmp_path)) == res["train"]
 
 
 def test_training_is_seeded_and_reproducible(tmp_path, tiny_decoder):

@@ -28,8 +28,19 @@ class DownloadResult:
     output_dir: Path
     revision: str | None = None
     ignored_columns: dict[str, int] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
     warning: str | None = None  # the split is off test_fraction by more than download.split_tolerance
+    subset: str | None = None
+    split: str = "source"  # how train/test were split: the source's own splits, or seeded by prompt
+    test_fraction_realised: float = 0.0
+
+    def manifest(self) -> dict:
+        """manifest.json: what the next steps and the model card read of this download."""
+        return {"source": self.source, "kind": self.kind, "revision": self.revision, "subset": self.subset,
+                "formats": self.formats, "rows_read": self.rows_read, "pairs": self.pairs,
+                "rejected": sum(self.rejects.values()), "rejects_by_reason": self.rejects,
+                "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
+                "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
+                "split": self.split}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -178,18 +189,13 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
         write_jsonl(out / "rejects.jsonl", read.rejects)
         for split in SPLITS:
             write_jsonl(out / f"{split}.jsonl", splits[split])
-        content_hash = tree_sha256(out, [f"{s}.jsonl" for s in SPLITS])
-        result = DownloadResult(source=cfg.source, kind=kind, formats=read.formats, rows_read=read.rows,
-                                pairs=pairs, rejects=reject_counts, content_hash=content_hash,
-                                output_dir=layout.pairs, revision=revision,
-                                ignored_columns=dict(sorted(read.ignored.items())), warning=warning)
-        write_json(out / "manifest.json", {
-            "source": cfg.source, "kind": kind, "revision": revision, "subset": cfg.subset,
-            "formats": read.formats, "rows_read": read.rows, "pairs": pairs,
-            "rejected": len(read.rejects), "rejects_by_reason": reject_counts, "content_hash": content_hash,
-            "ignored_columns": result.ignored_columns, "test_fraction_realised": realised,
-            "split_warning": warning,
-            "split": "source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
-                                                               f"seed={cfg.seed}"})
+        result = DownloadResult(
+            source=cfg.source, kind=kind, formats=read.formats, rows_read=read.rows, pairs=pairs,
+            rejects=reject_counts, content_hash=tree_sha256(out, [f"{s}.jsonl" for s in SPLITS]),
+            output_dir=layout.pairs, revision=revision, ignored_columns=dict(sorted(read.ignored.items())),
+            warning=warning, subset=cfg.subset, test_fraction_realised=realised,
+            split="source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
+                                                           f"seed={cfg.seed}")
+        write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result

@@ -21,7 +21,19 @@ class FilterResult:
     truncated: dict[str, int]
     content_hash: str
     output_dir: Path
+    max_token_length: int
+    max_prompt_token_length: int | None
+    special_prefix: list[int]
+    pad_token_id: int | None
+    inputs: dict[str, str]
     plot: Path = field(default=None)
+
+    def manifest(self) -> dict:
+        """manifest.json: what train and evaluate read of the filtered ids."""
+        return {"policy": self.policy, "max_token_length": self.max_token_length,
+                "max_prompt_token_length": self.max_prompt_token_length, "kept": self.kept,
+                "dropped_by_reason": self.dropped, "truncated": self.truncated, "content_hash": self.content_hash,
+                "special_prefix": self.special_prefix, "pad_token_id": self.pad_token_id, "inputs": self.inputs}
 
     def summary(self) -> str:
         parts = []
@@ -59,12 +71,11 @@ def run(params: Params, layout: Layout) -> FilterResult:
         plots.length_histograms(lengths, {"prompt": cfg.max_prompt_token_length, "chosen": cfg.max_token_length,
                                           "rejected": cfg.max_token_length}, out / "lengths.png",
                                 title="Token lengths before filtering (train + test)")
-        content_hash = tree_sha256(out, [f"{s}.parquet" for s in SPLITS])
-        write_json(out / "manifest.json", {
-            "policy": cfg.policy, "max_token_length": cfg.max_token_length,
-            "max_prompt_token_length": cfg.max_prompt_token_length, "kept": kept, "dropped_by_reason": dropped,
-            "truncated": truncated, "content_hash": content_hash,
-            "special_prefix": meta["special_prefix"], "pad_token_id": meta["pad_token_id"],
-            "inputs": {"tokenized": meta["content_hash"]}})
-    return FilterResult(policy=cfg.policy, kept=kept, dropped=dropped, truncated=truncated,
-                        content_hash=content_hash, output_dir=layout.filtered, plot=layout.filtered / "lengths.png")
+        result = FilterResult(
+            policy=cfg.policy, kept=kept, dropped=dropped, truncated=truncated,
+            content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.filtered,
+            max_token_length=cfg.max_token_length, max_prompt_token_length=cfg.max_prompt_token_length,
+            special_prefix=meta["special_prefix"], pad_token_id=meta["pad_token_id"],
+            inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png")
+        write_json(out / "manifest.json", result.manifest())
+    return result

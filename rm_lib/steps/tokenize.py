@@ -20,6 +20,17 @@ class TokenizeResult:
     tokens: dict[str, int]
     content_hash: str
     output_dir: Path
+    model: str
+    special_prefix: list[int]
+    end_token_id: int | None
+    pad_token_id: int | None
+    inputs: dict[str, str]  # the content hashes of what these ids were made from
+
+    def manifest(self) -> dict:
+        """manifest.json: what filter, train and the model card read of this tokenization."""
+        return {"model": self.model, "template": self.template, "rows": self.rows, "tokens": self.tokens,
+                "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
+                "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs}
 
     def summary(self) -> str:
         return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
@@ -52,10 +63,10 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             write_rows(out / f"{split}.parquet", rows)
             counts[split] = len(rows)
             tokens[split] = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
-        content_hash = tree_sha256(out, [f"{s}.parquet" for s in SPLITS])
-        write_json(out / "manifest.json", {
-            "model": params.model.name_or_path, "template": template, "rows": counts, "tokens": tokens,
-            "special_prefix": list(special.prefix), "end_token_id": special.end,
-            "pad_token_id": tokenizer.pad_token_id, "content_hash": content_hash, "inputs": made_from})
-    return TokenizeResult(template=template, rows=counts, tokens=tokens, content_hash=content_hash,
-                          output_dir=layout.tokenized)
+        result = TokenizeResult(
+            template=template, rows=counts, tokens=tokens,
+            content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
+            model=params.model.name_or_path, special_prefix=list(special.prefix), end_token_id=special.end,
+            pad_token_id=tokenizer.pad_token_id, inputs=made_from)
+        write_json(out / "manifest.json", result.manifest())
+    return result

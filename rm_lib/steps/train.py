@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data.tokenstore import read_rows
@@ -34,6 +34,31 @@ class TrainResult:
     reward_std: float
     wandb_url: str | None
     reused: bool = False  # the run had finished: nothing trained, the figures are those of the run that trained
+    fingerprint: str = ""
+    data_hash: str = ""
+    code_hash: str = ""
+    model_settings: dict = field(default_factory=dict)
+    train_settings: dict = field(default_factory=dict)
+    best_checkpoint: str | None = None
+    best_eval_accuracy: float | None = None
+    processes: int = 1
+
+    def run_record(self) -> dict:
+        """run.json: what the model is (settings, data, code, outcome), no timings, so that what depends
+        on it (the push stage, the model card) changes only when the model does."""
+        return {"steps": self.steps, "final_loss": self.final_loss, "final_accuracy": self.final_accuracy,
+                "fingerprint": self.fingerprint, "data_hash": self.data_hash, "code_hash": self.code_hash,
+                "model": self.model_settings, "train": self.train_settings}
+
+    def summary_record(self) -> dict:
+        """summary.json: the run record with its timings and where things are."""
+        return {"steps": self.steps, "final_loss": self.final_loss, "final_accuracy": self.final_accuracy,
+                "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s, "resumed_from": self.resumed_from,
+                "reused": self.reused, "best_checkpoint": self.best_checkpoint,
+                "best_eval_accuracy": self.best_eval_accuracy, "reward_mean": self.reward_mean,
+                "reward_std": self.reward_std, "model": self.model_settings.get("name_or_path"),
+                "processes": self.processes, "fingerprint": self.fingerprint, "data_hash": self.data_hash,
+                "code_hash": self.code_hash, "wandb": self.wandb_url, "train": self.train_settings}
 
     def summary(self) -> str:
         figures = (f"last loss {self.final_loss:.4f}, batch accuracy {self.final_accuracy:.3f}, "
@@ -55,11 +80,16 @@ def launched_on_cpu() -> bool:
 def result_from_summary(layout: Layout) -> TrainResult:
     """The result of a training run that another process made, read back from its summary.json."""
     summary = read_json(layout.train_logs / "summary.json")
+    model = read_json(layout.train_logs / "run.json")["model"]
     return TrainResult(steps=summary["steps"], final_loss=summary["final_loss"],
                        final_accuracy=summary["final_accuracy"], tokens_per_s=summary["tokens_per_s"],
                        wall_s=summary["wall_s"], model_dir=layout.model, resumed_from=summary["resumed_from"],
                        reward_mean=summary["reward_mean"], reward_std=summary["reward_std"],
-                       wandb_url=summary["wandb"], reused=summary.get("reused", False))
+                       wandb_url=summary["wandb"], reused=summary.get("reused", False),
+                       fingerprint=summary["fingerprint"], data_hash=summary["data_hash"],
+                       code_hash=summary["code_hash"], model_settings=model, train_settings=summary["train"],
+                       best_checkpoint=summary["best_checkpoint"], best_eval_accuracy=summary["best_eval_accuracy"],
+                       processes=summary["processes"])
 
 
 def run(params: Params, layout: Layout, accelerator=None,
@@ -127,6 +157,14 @@ def run(params: Params, layout: Layout, accelerator=None,
     history = logged or result.history
     # The run's own last record (kept in its checkpoint), also when this call reused a finished run.
     last = result.last_log or (history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")})
+    outcome = TrainResult(
+        steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
+        tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
+        resumed_from=result.resumed_from, reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
+        wandb_url=result.wandb_url, reused=result.reused, fingerprint=fingerprint, data_hash=meta["content_hash"],
+        code_hash=code, model_settings=asdict(params.model), train_settings=asdict(cfg),
+        best_checkpoint=str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
+        best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes)
     if accelerator.is_main_process:
         with atomic_dir(layout.model) as out:
             save_model(model, tokenizer, out, extra_config={
@@ -142,24 +180,7 @@ def run(params: Params, layout: Layout, accelerator=None,
                          [r["accuracy"] for r in history], layout.train_logs / "loss.png")
         # `dvc plots` reads no JSON Lines: the logged records as one JSON list
         write_json(layout.train_logs / "metrics.plot.json", logged)
-        # run.json: what the model is (settings, data, code, outcome), no timings, so that what depends
-        # on it (the push stage, the model card) changes only when the model does.
-        write_json(layout.train_logs / "run.json", {
-            "steps": result.steps, "final_loss": last["loss"], "final_accuracy": last["accuracy"],
-            "fingerprint": fingerprint, "data_hash": meta["content_hash"], "code_hash": code,
-            "model": asdict(params.model), "train": asdict(cfg)})
-        write_json(layout.train_logs / "summary.json", {
-            "steps": result.steps, "final_loss": last["loss"], "final_accuracy": last["accuracy"],
-            "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "resumed_from": result.resumed_from,
-            "reused": result.reused,
-            "best_checkpoint": str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
-            "best_eval_accuracy": result.best_eval_accuracy, "reward_mean": stats["reward_mean"],
-            "reward_std": stats["reward_std"], "model": params.model.name_or_path,
-            "processes": accelerator.num_processes, "fingerprint": fingerprint, "data_hash": meta["content_hash"],
-            "code_hash": code,
-            "wandb": result.wandb_url, "train": asdict(cfg)})
+        write_json(layout.train_logs / "run.json", outcome.run_record())
+        write_json(layout.train_logs / "summary.json", outcome.summary_record())
     accelerator.wait_for_everyone()
-    return TrainResult(steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
-                       tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
-                       resumed_from=result.resumed_from, reward_mean=stats["reward_mean"],
-                       reward_std=stats["reward_std"], wandb_url=result.wandb_url, reused=result.reused)
+    return outcome
