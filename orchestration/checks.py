@@ -1,5 +1,6 @@
 """Asset checks: thin adapters that show rm_lib.evaluation.quality's verdicts in the UI. The rules and their
-thresholds (params.yaml: push.min_accuracy, push.compare_with_release, download.max_reject_ratio)
+thresholds (params.yaml: push.min_accuracy, push.compare_with_release, push.min_subset_accuracy,
+push.max_length_correlation, download.max_reject_ratio)
 live in rm_lib, so the CLI and `dvc repro` enforce the same release gate in the push step.
 
 Blocking checks (a failure stops everything downstream in the same run):
@@ -53,10 +54,12 @@ def evaluation_beats_length_baseline(project: ProjectResource) -> dg.AssetCheckR
 
 @dg.asset_check(asset=assets.evaluation, name="release_gate", blocking=True,
                 description="The release gate of the push step: accuracy >= push.min_accuracy and not below the "
-                            "last released model. Blocking here; the push step itself refuses such a model too.")
+                            "last released model, every subset >= push.min_subset_accuracy, |reward-length "
+                            "correlation| <= push.max_length_correlation. Blocking here; the push step itself "
+                            "refuses such a model too.")
 def evaluation_release_gate(project: ProjectResource) -> dg.AssetCheckResult:
-    push = project.load_params().push
-    return as_check_result(quality.accuracy_gate(project.layout(), push.min_accuracy, push.compare_with_release))
+    verdicts = quality.evaluation_gate(project.layout(), project.load_params().push)
+    return as_check_result(quality.combined("release_gate", verdicts))
 
 
 CHECKS = [raw_pairs_well_formed, raw_no_prompt_overlap, raw_rejects_ratio, model_loss_is_finite,

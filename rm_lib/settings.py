@@ -108,6 +108,10 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     center_rewards_coefficient: float | None = None
     use_margin: bool = True
+    # Length-debiased training: a length head absorbs what length alone predicts, and the reward is
+    # pushed to be uncorrelated with length (weight length_debias_weight); the head is not saved.
+    length_debias: bool = False
+    length_debias_weight: float = 1.0
     seed: int = 42
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else none) | no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -152,6 +156,8 @@ class TrainSettings:
             _fail("train", "save_total_limit", f"must be at least 1, got {self.save_total_limit}")
         if self.weight_decay < 0:
             _fail("train", "weight_decay", f"must not be negative, got {self.weight_decay}")
+        if self.length_debias_weight < 0:
+            _fail("train", "length_debias_weight", f"must not be negative, got {self.length_debias_weight}")
 
 
 @dataclass
@@ -175,11 +181,18 @@ class PushSettings:
     commit_message: str = "Upload reward model"
     min_accuracy: float = 0.6  # release gate: the least held-out accuracy a released model has
     compare_with_release: bool = True  # release gate: never below the last released model (data/release)
+    min_subset_accuracy: float | None = None  # release gate: the least accuracy on every subset of the test set
+    max_length_correlation: float | None = None  # release gate: the most |Pearson r| of reward and length
     force: bool = False  # release although the gate failed; the model card says so
 
     def validate(self) -> None:
         if not 0.0 <= self.min_accuracy <= 1.0:
             _fail("push", "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}")
+        if self.min_subset_accuracy is not None and not 0.0 <= self.min_subset_accuracy <= 1.0:
+            _fail("push", "min_subset_accuracy", f"must lie in [0, 1] or be null, got {self.min_subset_accuracy}")
+        if self.max_length_correlation is not None and not 0.0 <= self.max_length_correlation <= 1.0:
+            _fail("push", "max_length_correlation",
+                  f"must lie in [0, 1] or be null, got {self.max_length_correlation}")
         if self.repo_id is not None and (self.repo_id.count("/") > 1 or not self.repo_id.strip("/")):
             _fail("push", "repo_id", f"must look like 'name' or 'owner/name', got '{self.repo_id}'")
 

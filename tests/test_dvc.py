@@ -159,7 +159,8 @@ def test_outs_metrics_and_plots():
     loss = plots["data/train/metrics.plot.json"]
     assert (loss["x"], loss["y"]) == ("step", "loss")
     assert {"data/evaluation/buckets.plot.json", "data/evaluation/rewards.png",
-            "data/evaluation/accuracy_by_length.png", "data/filtered/lengths.png", "data/train/loss.png"} <= set(plots)
+            "data/evaluation/accuracy_by_length.png", "data/evaluation/reward_vs_length.png",
+            "data/filtered/lengths.png", "data/train/loss.png"} <= set(plots)
 
 
 # --- a temporary repository ----------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""evaluate: accuracy per subset, numbers-only metrics for DVC, demo figures labelled as demo."""
+"""evaluate: accuracy per subset, length dependence and calibration, numbers-only metrics for DVC,
+demo figures labelled as demo."""
 from __future__ import annotations
 
 import json
+import math
 
-from rm_lib.evaluation.metrics import subset_accuracy
+import pytest
+
+from rm_lib.evaluation import plots
+from rm_lib.evaluation.metrics import calibration, pair_metrics, pearson, subset_accuracy
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params
@@ -13,6 +18,55 @@ def test_subset_accuracy_counts_ties_as_wrong_and_skips_unnamed_pairs():
     assert subset_accuracy([1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 3.0, 1.0], ["a", "a", "b", None]) == {
         "a": {"pairs": 2, "accuracy": 0.5}, "b": {"pairs": 1, "accuracy": 0.0}}
     assert subset_accuracy([1.0], [0.0], [None]) == {}
+
+
+def test_a_model_that_only_counts_tokens_is_seen_for_what_it_is():
+    # reward = length: it prefers the longer answer every time and its reward follows length exactly
+    lc, lr = [30, 12, 50, 8], [10, 40, 20, 9]
+    m = pair_metrics([float(x) for x in lc], [float(x) for x in lr], lc, lr, buckets=2)
+    assert m["prefers_longer"] == 1.0
+    assert m["reward_length_correlation"] == pytest.approx(1.0)
+    assert m["margin_length_correlation"] == pytest.approx(1.0)
+    assert m["accuracy"] == m["longer_wins_baseline"] == 0.5
+    # the opposite model, and one blind to length
+    assert pair_metrics([-x for x in lc], [-x for x in lr], lc, lr)["prefers_longer"] == 0.0
+    same = pair_metrics([1.0, 2.0], [0.0, 0.0], [5, 5], [5, 5])
+    assert same["prefers_longer"] is None and same["reward_length_correlation"] is None  # no length to follow
+
+
+def test_pearson_matches_its_definition_and_is_undefined_for_a_constant():
+    xs, ys = [1.0, 2.0, 4.0, 7.0], [2.0, 1.0, 5.0, 6.0]
+    mx, my = sum(xs) / 4, sum(ys) / 4
+    r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(
+        sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+    assert pearson(xs, ys) == pytest.approx(r)
+    assert pearson([1.0, 1.0], [2.0, 3.0]) is None and pearson([1.0], [1.0]) is None
+
+
+def test_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    # margins of +-log(3): confidence sigmoid = 0.75 for every pair; 3 of 4 right -> calibrated
+    m = math.log(3)
+    ece, bins = calibration([m, m, m, -m], [0.0] * 4)
+    assert ece == pytest.approx(0.0, abs=1e-12) and bins == [
+        {"range": "0.75-0.80", "pairs": 4, "confidence": pytest.approx(0.75), "accuracy": 0.75}]  # bins hold [lo, hi)
+    # the same confidence with every pair wrong: off by 0.75; a tie is a wrong guess at 0.5
+    assert calibration([-m] * 2, [0.0] * 2)[0] == pytest.approx(0.75)
+    ece, bins = calibration([1.0], [1.0])
+    assert ece == pytest.approx(0.5) and bins[0]["range"] == "0.50-0.55"
+    # very sure and right: confidence ~1 lands in the last bin, error ~0
+    ece, bins = calibration([40.0], [0.0])
+    assert ece == pytest.approx(0.0, abs=1e-9) and bins[0]["range"] == "0.95-1.00"
+
+
+def test_reward_against_length_plots_every_answer_and_names_the_correlation():
+    fig = plots.reward_vs_length_figure([10, 20], [1.0, 2.0], [15, 5], [0.5, -1.0], 0.93)
+    (ax,) = fig.axes
+    chosen, rejected = ax.collections
+    assert chosen.get_offsets().tolist() == [[10, 1.0], [20, 2.0]]
+    assert rejected.get_offsets().tolist() == [[15, 0.5], [5, -1.0]]
+    assert "+0.930" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["chosen", "rejected"]
+    plots._pyplot().close("all")
 
 
 def test_the_demo_reports_each_subset_and_says_it_is_demo_data(tmp_path, tiny_decoder):
@@ -26,5 +80,10 @@ def test_the_demo_reports_each_subset_and_says_it_is_demo_data(tmp_path, tiny_de
     metrics = json.loads((layout.evaluation / "metrics.json").read_text())
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()), metrics
     assert {"accuracy", "accuracy_easy", "accuracy_hard", "longer_wins_baseline"} <= set(metrics)
+    # length dependence and calibration: in the report, the DVC metrics, the UI summary, with a picture
+    for key in ("prefers_longer", "reward_length_correlation", "calibration_ece"):
+        assert key in report and key in metrics
+    assert (layout.evaluation / "reward_vs_length.png").stat().st_size > 0
+    assert "prefers the longer answer" in results["evaluate"].summary()
     manifest = json.loads((layout.pairs / "manifest.json").read_text())
     assert "subset" not in manifest.get("ignored_columns", {})  # read, not ignored

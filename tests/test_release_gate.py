@@ -138,3 +138,41 @@ def test_the_length_baseline_and_the_accuracy_gate(tmp_path):
     write_json(layout.release / "evaluation.json", {**report, "accuracy": 0.8})
     assert not quality.accuracy_gate(layout, 0.6).passed
     assert quality.accuracy_gate(layout, 0.6, compare_with_release=False).passed
+
+
+def test_the_gate_bounds_each_subset_and_the_length_correlation(tmp_path):
+    from rm_lib.settings import PushSettings
+
+    layout = Layout(tmp_path)
+    write_json(layout.evaluation / "report.json", {
+        "accuracy": 0.8, "longer_wins_baseline": 0.5, "shorter_wins_baseline": 0.4, "data_hash": "h",
+        "reward_length_correlation": -0.45,
+        "per_subset": {"helpful": {"pairs": 50, "accuracy": 0.9}, "harmless": {"pairs": 50, "accuracy": 0.55}}})
+    unset = quality.evaluation_gate(layout, PushSettings(min_accuracy=0.6))
+    assert all(v.passed for v in unset)  # both bounds are off by default
+    verdicts = quality.evaluation_gate(layout, PushSettings(min_accuracy=0.6, min_subset_accuracy=0.6,
+                                                            max_length_correlation=0.3))
+    subset, correlation = verdicts[1], verdicts[2]
+    assert not subset.passed and "harmless 0.5500" in subset.description and "helpful" not in subset.description
+    assert not correlation.passed and "0.4500" in correlation.description  # the size of r, either sign
+    shown = quality.combined("release_gate", verdicts)
+    assert not shown.passed and "harmless" in shown.description and "correlation" in shown.description
+    assert quality.evaluation_gate(layout, PushSettings(min_subset_accuracy=0.5, max_length_correlation=0.5))[1].passed
+    assert quality.evaluation_gate(layout, PushSettings(min_subset_accuracy=0.5, max_length_correlation=0.5))[2].passed
+
+
+def test_push_refuses_a_model_over_the_length_bound_on_every_front_end_it_shares(tmp_path, tiny_decoder):
+    """The bound lives in the push step: the CLI, `dvc repro` and Dagster all run it."""
+    from rm_lib.steps.push import ReleaseBlocked
+
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    r = json.loads((Layout(tmp_path).evaluation / "report.json").read_text())["reward_length_correlation"]
+    tight = tiny_params("train.max_steps=2", f"push.max_length_correlation={abs(r) / 2:.6f}", model=str(tiny_decoder))
+    with pytest.raises(ReleaseBlocked, match="push.max_length_correlation"):
+        run_steps(tight, tmp_path, "push")
+    assert not (Layout(tmp_path).release / "README.md").exists()
+    loose = tiny_params("train.max_steps=2", "push.max_length_correlation=1", model=str(tiny_decoder))
+    run_steps(loose, tmp_path, "push")
+    card = (Layout(tmp_path).release / "README.md").read_text()
+    assert "length_correlation_gate" in card and "reward-length correlation" in card

@@ -1,5 +1,6 @@
-"""Pair metrics: accuracy where a tie counts as wrong (TRL PR #1012), the length baselines
-beside it, and accuracy per length bucket."""
+"""Pair metrics: accuracy where a tie counts as wrong (TRL PR #1012), and beside it what says
+whether the model learned more than length: the length baselines, how often it prefers the longer
+answer, the correlation of reward with length, accuracy per length bucket, and calibration."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,45 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson's r; None where either side is constant (r is undefined there, not 0)."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, sx = _mean_std(xs)
+    my, sy = _mean_std(ys)
+    if sx == 0 or sy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (n * sx * sy)
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def calibration(r_chosen: Sequence[float], r_rejected: Sequence[float], bins: int = 10) -> tuple[float, list[dict]]:
+    """Expected calibration error of p = sigmoid(r_chosen - r_rejected), the Bradley-Terry probability
+    the model gives the chosen answer. Each pair's prediction is the side it favours, with confidence
+    max(p, 1 - p) in [0.5, 1]; ECE is the pair-weighted gap between confidence and accuracy per
+    equal-width confidence bin (a tie is a wrong prediction at confidence 0.5)."""
+    found: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
+    for c, r in zip(r_chosen, r_rejected):
+        p = _sigmoid(c - r)
+        confidence = max(p, 1 - p)
+        found[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, c > r))
+    n = sum(len(b) for b in found)
+    table, ece = [], 0.0
+    for i, members in enumerate(found):
+        if not members:
+            continue
+        confidence = sum(m[0] for m in members) / len(members)
+        accuracy = sum(m[1] for m in members) / len(members)
+        ece += len(members) / n * abs(confidence - accuracy)
+        table.append({"range": f"{0.5 + i / (2 * bins):.2f}-{0.5 + (i + 1) / (2 * bins):.2f}",
+                      "pairs": len(members), "confidence": confidence, "accuracy": accuracy})
+    return ece, table
 
 
 def subset_accuracy(r_chosen: Sequence[float], r_rejected: Sequence[float],
@@ -36,6 +76,11 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
     mean_c, std_c = _mean_std(r_chosen)
     mean_r, std_r = _mean_std(r_rejected)
     mean_all, std_all = _mean_std(list(r_chosen) + list(r_rejected))
+    # Length dependence: of the pairs whose sides differ in length, how often the longer one scores higher.
+    unequal = [i for i in range(n) if len_chosen[i] != len_rejected[i]]
+    prefers_longer = (sum((r_chosen[i] > r_rejected[i]) == (len_chosen[i] > len_rejected[i])
+                          and r_chosen[i] != r_rejected[i] for i in unequal) / len(unequal)) if unequal else None
+    ece, calibration_bins = calibration(r_chosen, r_rejected)
     # Buckets by pair length (longest side), equal counts.
     order = sorted(range(n), key=lambda i: max(len_chosen[i], len_rejected[i]))
     per_bucket = []
@@ -52,5 +97,13 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
         "reward_chosen_mean": mean_c, "reward_chosen_std": std_c,
         "reward_rejected_mean": mean_r, "reward_rejected_std": std_r,
         "reward_mean": mean_all, "reward_std": std_all, "reward_margin_mean": mean_c - mean_r,
+        "prefers_longer": prefers_longer,
+        # every answer, chosen and rejected alike: does the reward follow the token count?
+        "reward_length_correlation": pearson(list(len_chosen) + list(len_rejected),
+                                             list(r_chosen) + list(r_rejected)),
+        # per pair: does the margin follow the length difference?
+        "margin_length_correlation": pearson([lc - lr for lc, lr in zip(len_chosen, len_rejected)],
+                                             [c - r for c, r in zip(r_chosen, r_rejected)]),
+        "calibration_ece": ece, "calibration_bins": calibration_bins,
         "per_length_bucket": per_bucket,
     }

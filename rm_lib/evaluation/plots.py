@@ -1,5 +1,5 @@
-"""PNG pictures for people: length histograms, reward distributions, accuracy per length bucket,
-the loss curve. Matplotlib with the Agg backend, so no display is needed.
+"""PNG pictures for people: length histograms, reward distributions, reward against length,
+accuracy per length bucket, the loss curve. Matplotlib with the Agg backend, so no display is needed.
 
 Each picture is built by a `*_figure` function (tests read its axes and legends) and written by the
 function of the same name without the suffix. Axes fit the data, legends sit outside the plotted
@@ -80,6 +80,27 @@ def reward_distributions_figure(chosen: Sequence[float], rejected: Sequence[floa
 
 def reward_distributions(chosen: Sequence[float], rejected: Sequence[float], path: str | Path) -> None:
     _save(reward_distributions_figure(chosen, rejected), path)
+
+
+def reward_vs_length_figure(len_chosen: Sequence[int], r_chosen: Sequence[float], len_rejected: Sequence[int],
+                            r_rejected: Sequence[float], correlation: float | None) -> Any:
+    """Every scored answer as a point (token length, reward), chosen and rejected in two colours; the
+    title gives Pearson's r over all of them, the number the release gate can bound."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.scatter(list(len_chosen), list(r_chosen), s=8, alpha=0.5, color=GREEN, label="chosen")
+    ax.scatter(list(len_rejected), list(r_rejected), s=8, alpha=0.5, color=RED, label="rejected")
+    ax.set_xlabel("answer length (tokens, with the prompt)")
+    ax.set_ylabel("reward")
+    r = "undefined" if correlation is None else f"{correlation:+.3f}"
+    ax.set_title(f"Reward against length (Pearson r {r})")
+    _legend_below(ax, ncol=2)
+    return fig
+
+
+def reward_vs_length(len_chosen: Sequence[int], r_chosen: Sequence[float], len_rejected: Sequence[int],
+                     r_rejected: Sequence[float], correlation: float | None, path: str | Path) -> None:
+    _save(reward_vs_length_figure(len_chosen, r_chosen, len_rejected, r_rejected, correlation), path)
 
 
 def bucket_accuracy_figure(labels: Sequence[str], accuracy: Sequence[float], longer_wins: Sequence[float],

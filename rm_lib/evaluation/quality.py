@@ -2,7 +2,8 @@
 
 The release gate (`release_verdicts`) is what `push` enforces on every front-end (CLI, `dvc repro`,
 Dagster); the Dagster asset checks only show these verdicts. Thresholds come from params.yaml
-(`push.min_accuracy`, `push.compare_with_release`, `download.max_reject_ratio`).
+(`push.min_accuracy`, `push.compare_with_release`, `push.min_subset_accuracy`,
+`push.max_length_correlation`, `download.max_reject_ratio`).
 """
 from __future__ import annotations
 
@@ -212,9 +213,69 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
     return Verdict(name, True, description, metadata)
 
 
-def release_verdicts(layout: Layout, min_accuracy: float, compare_with_release: bool) -> list[Verdict]:
-    """What must hold before a model is released: finite training loss, and the accuracy gate."""
-    return [loss_is_finite(layout), accuracy_gate(layout, min_accuracy, compare_with_release)]
+def subset_gate(layout: Layout, min_subset_accuracy: float | None) -> Verdict:
+    """Every subset of the held-out pairs (the `subset` column) reaches min_subset_accuracy: a model
+    can pass overall while failing one category (say, harmlessness) outright."""
+    name = "subset_gate"
+    path = layout.evaluation / "report.json"
+    if min_subset_accuracy is None:
+        return Verdict(name, True, "no minimum accuracy per subset set (push.min_subset_accuracy)")
+    if not path.exists():
+        return _missing(name, path)
+    per_subset = read_json(path).get("per_subset", {})
+    if not per_subset:
+        return Verdict(name, True, "the held-out pairs name no subsets: push.min_subset_accuracy has nothing to hold",
+                       {"min_subset_accuracy": min_subset_accuracy})
+    below = {n: e["accuracy"] for n, e in per_subset.items()
+             if not _finite(e["accuracy"]) or e["accuracy"] < min_subset_accuracy}
+    metadata = {"min_subset_accuracy": min_subset_accuracy,
+                "per_subset": {n: e["accuracy"] for n, e in per_subset.items()}}
+    if below:
+        listed = ", ".join(f"{n} {a:.4f}" for n, a in sorted(below.items()))
+        return Verdict(name, False, f"release blocked: subsets below the minimum {min_subset_accuracy:.4f} "
+                                    f"(push.min_subset_accuracy): {listed}", metadata)
+    return Verdict(name, True, f"every subset ({len(per_subset)}) reaches {min_subset_accuracy:.4f}", metadata)
+
+
+def length_correlation_gate(layout: Layout, max_abs: float | None) -> Verdict:
+    """|Pearson r of reward and length| at most push.max_length_correlation: a reward that follows the
+    token count teaches the policy to pad its answers."""
+    name = "length_correlation_gate"
+    path = layout.evaluation / "report.json"
+    if max_abs is None:
+        return Verdict(name, True, "no bound on the reward-length correlation set (push.max_length_correlation)")
+    if not path.exists():
+        return _missing(name, path)
+    r = read_json(path).get("reward_length_correlation")
+    metadata = {"reward_length_correlation": "undefined" if r is None else r, "max_length_correlation": max_abs}
+    if r is None:  # every answer of one length: the reward cannot follow length here
+        return Verdict(name, True, "the reward-length correlation is undefined (the answers share one length)",
+                       metadata)
+    if not _finite(r) or abs(r) > max_abs:
+        return Verdict(name, False, f"release blocked: |reward-length correlation| {abs(r):.4f} is above "
+                                    f"{max_abs:.4f} (push.max_length_correlation)", metadata)
+    return Verdict(name, True, f"|reward-length correlation| {abs(r):.4f} <= {max_abs:.4f}", metadata)
+
+
+def evaluation_gate(layout: Layout, gate: Any) -> list[Verdict]:
+    """The gate's rules on the evaluation report. `gate`: the push settings (min_accuracy,
+    compare_with_release, min_subset_accuracy, max_length_correlation)."""
+    return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release),
+            subset_gate(layout, gate.min_subset_accuracy),
+            length_correlation_gate(layout, gate.max_length_correlation)]
+
+
+def release_verdicts(layout: Layout, gate: Any) -> list[Verdict]:
+    """What must hold before a model is released: finite training loss, and the evaluation gate."""
+    return [loss_is_finite(layout), *evaluation_gate(layout, gate)]
+
+
+def combined(name: str, verdicts: list[Verdict]) -> Verdict:
+    """Several verdicts shown as one (the UI's release_gate check): failed when any blocking one failed."""
+    failed = blocking_failures(verdicts)
+    shown = failed or verdicts
+    return Verdict(name, not failed, "; ".join(v.description for v in shown),
+                   {k: v for verdict in verdicts for k, v in verdict.metadata.items()})
 
 
 def blocking_failures(verdicts: list[Verdict]) -> list[Verdict]:

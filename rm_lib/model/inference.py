@@ -18,14 +18,20 @@ class PairScorer(torch.nn.Module):
     gradient hooks, FSDP and ZeRO-3 gather their sharded weights. A forward that reached into the
     model's submodules would skip them."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, length_head: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.scored_model = model
+        self.length_head = length_head  # length-debiased training only; never part of the saved model
 
-    def forward(self, batch: PairBatch | PackedBatch) -> torch.Tensor:
+    def forward(self, batch: PairBatch | PackedBatch, lengths: torch.Tensor | None = None) -> Any:
+        """The rewards of the batch's sequences; with `lengths`, also the length head's scores of them."""
         if isinstance(batch, PackedBatch):
-            return packed_rewards(unwrap(self.scored_model), batch)
-        return rewards(self.scored_model, batch.input_ids, batch.attention_mask)
+            scores = packed_rewards(unwrap(self.scored_model), batch)
+        else:
+            scores = rewards(self.scored_model, batch.input_ids, batch.attention_mask)
+        if lengths is None:
+            return scores
+        return scores, self.length_head(lengths)
 
 
 def _batch_scorer(model: Any) -> Callable[[PairBatch], torch.Tensor]:

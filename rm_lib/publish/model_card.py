@@ -146,6 +146,9 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
 | tie rate | {_num(metrics.get('tie_rate'))} |
 | loss | {_num(metrics.get('loss'))} |
 | reward mean / std | {_num(metrics.get('reward_mean'))} / {_num(metrics.get('reward_std'))} |
+| prefers the longer answer (pairs of unequal length) | {_num(metrics.get('prefers_longer'))} |
+| reward-length correlation (Pearson, every answer) | {_num(metrics.get('reward_length_correlation'))} |
+| calibration error (ECE of sigmoid(margin), 10 bins) | {_num(metrics.get('calibration_ece'))} |
 {subsets}
 Accuracy per pair length (tokens of the longer side):
 

@@ -21,6 +21,15 @@ class EvaluateResult:
     metrics: dict
     report: Path
     output_dir: Path
+    inputs: dict[str, str]  # the content hash of the model scored
+
+    def report_record(self) -> dict:
+        """report.json: every figure, and which model they are of."""
+        return {**self.metrics, "inputs": self.inputs}
+
+    def metrics_record(self) -> dict[str, float]:
+        """metrics.json: the numbers `dvc metrics` and `dvc exp show` read."""
+        return numeric_metrics(self.metrics)
 
     def summary(self) -> str:
         m = self.metrics
@@ -29,7 +38,13 @@ class EvaluateResult:
                 "learns, not how good a reward model is)" if m.get("demo_data") else "")
         return (f"evaluate: {m['pairs']} pairs, accuracy {m['accuracy']:.4f} (ties {m['tie_rate']:.4f}; "
                 f"longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}"
-                f"{subsets}), loss {m['loss']:.4f} -> {self.report}{demo}")
+                f"{subsets}), loss {m['loss']:.4f}\n  length: prefers the longer answer {_fmt(m['prefers_longer'])}, "
+                f"reward-length correlation {_fmt(m['reward_length_correlation'], '+.3f')}; "
+                f"calibration error (ECE) {m['calibration_ece']:.4f} -> {self.report}{demo}")
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "undefined" if value is None else format(value, spec)
 
 
 def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets: int) -> tuple[dict, list, list]:
@@ -70,17 +85,22 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
                 "chosen_text": tokenizer.decode(rows[i]["input_ids_chosen"][-80:], skip_special_tokens=True),
                 "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}
                for i in range(min(cfg.num_print_samples, len(rows)))]
+    result = EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation,
+                            inputs=chain.inputs(layout, "model"))
     with atomic_dir(layout.evaluation) as out:
-        write_json(out / "metrics.json", numeric_metrics(metrics))
-        write_json(out / "report.json", {**metrics, "inputs": chain.inputs(layout, "model")})
+        write_json(out / "metrics.json", result.metrics_record())
+        write_json(out / "report.json", result.report_record())
         write_jsonl(out / "scores.jsonl", ({"id": r["id"], "reward_chosen": c, "reward_rejected": j}
                                            for r, c, j in zip(rows, r_c, r_r)))
         write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])
         write_json(out / "buckets.plot.json", metrics["per_length_bucket"])  # `dvc plots` reads no JSON Lines
         plots.reward_distributions(r_c, r_r, out / "rewards.png")
+        plots.reward_vs_length([len(r["input_ids_chosen"]) for r in rows], r_c,
+                               [len(r["input_ids_rejected"]) for r in rows], r_r,
+                               metrics["reward_length_correlation"], out / "reward_vs_length.png")
         buckets = metrics["per_length_bucket"]
         plots.bucket_accuracy([b["range"] for b in buckets], [b["accuracy"] for b in buckets],
                               [b["longer_wins"] for b in buckets], [b["shorter_wins"] for b in buckets],
                               out / "accuracy_by_length.png")
     print(visualize_samples(samples, limit=cfg.num_print_samples))
-    return EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation)
+    return result

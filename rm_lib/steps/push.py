@@ -1,9 +1,10 @@
 """push: the release gate, then the model folder + a generated model card -> data/release, then to
 the Hub if asked.
 
-The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push.min_accuracy, not below the
-last release) holds here, so the CLI, `dvc repro` and Dagster refuse the same models; push.force
-releases anyway and the model card says so. Without push.repo_id (or with push.dry_run) it writes
+The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push.min_accuracy, not below
+the last release, push.min_subset_accuracy per subset, push.max_length_correlation) holds here, so the
+CLI, `dvc repro` and Dagster refuse the same models; push.force releases anyway and the model card
+says so. Without push.repo_id (or with push.dry_run) it writes
 exactly what would be uploaded and says so; no request leaves the machine and no token is needed.
 Otherwise the release is uploaded as one revision of the repository (created private when
 push.private, the default) and tagged with the training run (`run-<fingerprint>`). The release is
@@ -23,7 +24,7 @@ from rm_lib.layout import Layout
 from rm_lib.publish import hub, model_card
 from rm_lib.settings import Params
 
-PICTURES = ("rewards.png", "accuracy_by_length.png")  # from data/evaluation
+PICTURES = ("rewards.png", "reward_vs_length.png", "accuracy_by_length.png")  # from data/evaluation
 LOSS_PICTURE = "loss.png"  # from data/train
 
 
@@ -62,7 +63,7 @@ def _copy_pictures(layout: Layout, out: Path) -> list[str]:
 def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
     """The release verdicts; raises ReleaseBlocked when one fails and push.force is off."""
     cfg = params.push
-    verdicts = quality.release_verdicts(layout, cfg.min_accuracy, cfg.compare_with_release)
+    verdicts = quality.release_verdicts(layout, cfg)
     failed = quality.blocking_failures(verdicts)
     if failed and not cfg.force:
         reasons = "; ".join(f"{v.name}: {v.description}" for v in failed)

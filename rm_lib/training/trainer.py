@@ -24,6 +24,7 @@ from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
 from rm_lib.model.packing import pack_pairs, pooling
 from rm_lib.settings import ModelSettings, TrainSettings
+from rm_lib.training.length_debias import LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import limit_heap_growth
 
 STATE_FILE = "trainer_state.json"
@@ -199,12 +200,13 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     batches_per_epoch = math.ceil(len(train_rows) / global_batch)
     steps_per_epoch = max(batches_per_epoch // cfg.gradient_accumulation_steps, 1)
     total = cfg.max_steps or max(int(steps_per_epoch * cfg.num_epochs), 1)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+    scorer = PairScorer(model, LengthHead() if cfg.length_debias else None)
+    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
     # `total` counts optimizer steps already; a prepared scheduler would step once per process and
     # decay the learning rate `world` times too fast. Its state travels in trainer_state.json.
-    model, optimizer = accelerator.prepare(PairScorer(model), optimizer)
+    model, optimizer = accelerator.prepare(scorer, optimizer)
 
     state = TrainState(fingerprint=fingerprint)
     resumed_from = None
@@ -249,9 +251,16 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                 last = k == cfg.gradient_accumulation_steps - 1 and c == len(chunks) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
-                    scores = model(batch)
+                    if cfg.length_debias:
+                        lengths = sequence_lengths(chunk, accelerator.device)
+                        scores, length_scores = model(batch, lengths)
+                        loss = debiased_loss(scores, length_scores, lengths, batch.n_pairs, batch.margin,
+                                             cfg.center_rewards_coefficient, cfg.length_debias_weight)
+                    else:
+                        scores = model(batch)
+                        loss = bradley_terry_loss(scores[:batch.n_pairs], scores[batch.n_pairs:], batch.margin,
+                                                  cfg.center_rewards_coefficient)
                     r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
-                    loss = bradley_terry_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
                     accelerator.backward(loss * share / cfg.gradient_accumulation_steps)
                 window["loss"] += loss.item() * share
                 window["acc"] += (r_c > r_r).float().mean().item() * share
@@ -321,8 +330,8 @@ def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return None
     full = accelerator.get_state_dict(prepared)
-    prefix = "scored_model."  # the PairScorer around the model
-    return {k.removeprefix(prefix): v for k, v in full.items()} if full else None
+    prefix = "scored_model."  # the PairScorer around the model; its length head is not the model's
+    return {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)} if full else None
 
 
 def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int) -> Path:

@@ -1,0 +1,163 @@
+"""Score consistency: the same texts scored every way a trained model is used must get the same reward.
+
+The reference is the evaluation's own path (padded batches of 32 pairs, right padding). Compared with it:
+the same at batch size 1, a left-padded batch, the packed forward that training runs, and
+`transformers.pipeline("text-classification")` on the decoded text, the way a user of the released model
+scores it. A path that disagrees usually means the score is read at the wrong token (a pad, or the token
+before an EOS that doubles as pad) or that positions move with the padding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rm_lib.model.inference import PairScorer, score_pairs
+from rm_lib.model.modeling import is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
+from rm_lib.model.packing import pack_pairs, pooling
+
+REFERENCE = "padded batch, batch size 32, right padding"
+PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "pipeline")
+RULE = "|score - reference| <= tolerance * max(1, |reference|)"
+
+
+def default_tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """How far two correct paths may differ. The paths run the same weights on differently shaped batches,
+    so they differ only by float rounding: float32 on CPU agrees to about 1e-6, so 1e-4 leaves room and still
+    catches a score read at a wrong token. An accelerator picks other kernels per batch shape (and may run
+    matmuls in TF32): 1e-3. bfloat16 keeps 8 mantissa bits (rounding near 4e-3 per operation, summed over
+    layers): 5e-2; float16 keeps 11: 1e-2."""
+    if dtype == torch.bfloat16:
+        return 5e-2
+    if dtype == torch.float16:
+        return 1e-2
+    return 1e-4 if device.type == "cpu" else 1e-3
+
+
+def _left_padded(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def _text_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds around a text itself (BOS, or [CLS] ... [SEP]): the pipeline adds them."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return full[:start], full[start + len(plain):]
+
+
+def round_trip_text(tokenizer: Any, ids: list[int]) -> str | None:
+    """The text whose tokenization (with the tokenizer's own special tokens, as the pipeline does) gives
+    exactly `ids`, or None where no decoded text does. Special tokens the rows hold beyond the ones the
+    tokenizer adds (EOS, template markers) are kept in the text, so they come back as the same ids."""
+    prefix, suffix = _text_affixes(tokenizer)
+    body = list(ids)
+    if prefix and body[:len(prefix)] == prefix:
+        body = body[len(prefix):]
+    if suffix and body[len(body) - len(suffix):] == suffix:
+        body = body[:len(body) - len(suffix)]
+    text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text if tokenizer(text, add_special_tokens=True)["input_ids"] == list(ids) else None
+
+
+def _pipeline_scores(model_dir: Path, texts: list[str], device: torch.device) -> list[float]:
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=str(model_dir), function_to_apply="none", device=device)
+    out = pipe(texts, batch_size=1)
+    return [float((o[0] if isinstance(o, list) else o)["score"]) for o in out]
+
+
+def _packed_scores(model: Any, rows: list[dict], pad_token_id: int, device: torch.device) -> list[float]:
+    """The training forward: PairScorer on a packed batch, as `fit` runs it with train.padding_free."""
+    return PairScorer(model)(pack_pairs(rows, pad_token_id, use_margin=False).to(device)).tolist()
+
+
+def _pad_hint(model: Any, seqs: list[list[int]]) -> str | None:
+    """Why a pipeline score would differ: transformers' decoder heads read the last token that is not
+    config.pad_token_id, so with pad == the token every text ends with they read the one before it."""
+    pad = getattr(unwrap(model).config, "pad_token_id", None)
+    if pad is not None and is_last_token_pooled(model) and any(s and s[-1] == pad for s in seqs):
+        return (f"config.pad_token_id ({pad}) is the last token of the texts (EOS used as pad): transformers' "
+                "sequence-classification head reads the last token that is not pad, the one before the token "
+                "training scored; give the model a pad token of its own")
+    return None
+
+
+@torch.no_grad()
+def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int = 16,
+          tolerance: float | None = None, model: Any = None, tokenizer: Any = None,
+          pipeline: bool = True) -> dict:
+    """Score the first `sample` pairs (both sides) every way and compare each path with the reference.
+    `model`/`tokenizer`: already loaded ones of `model_dir` (else they are loaded); `pipeline=False` leaves
+    out the transformers pipeline, which loads the model once more."""
+    rows = rows[:sample]
+    tokenizer = tokenizer or load_tokenizer(str(model_dir))
+    if model is None:
+        model = load_reward_model(str(model_dir))
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    tol = default_tolerance(dtype, device) if tolerance is None else tolerance
+    was_training = model.training
+    model.eval()
+    seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
+    result: dict[str, Any] = {"pairs": len(rows), "texts": len(seqs), "tolerance": tol, "rule": RULE,
+                              "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+                              "reference": REFERENCE, "max_abs_diff": dict.fromkeys(PATHS), "skipped": {},
+                              "failed": [], "passed": True}
+    if not rows:
+        result["skipped"] = dict.fromkeys(PATHS, "no pairs to score")
+        return result
+    ref_c, ref_r = score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=32)
+    reference = ref_c + ref_r
+    scored: dict[str, tuple[list[int], list[float]]] = {}  # path -> (text indices, scores)
+    every = list(range(len(seqs)))
+    bs1_c, bs1_r = score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=1)
+    scored["padded_bs1"] = (every, bs1_c + bs1_r)
+    if is_last_token_pooled(model):
+        ids, mask = _left_padded(seqs, pad_token_id)
+        scored["left_padding"] = (every, rewards(model, ids.to(device), mask.to(device)).tolist())
+    else:  # an encoder reads position 0 ([CLS]): left padding puts a pad there, so it is not a way to use it
+        result["skipped"]["left_padding"] = {"texts": len(seqs), "reason": "the model pools its first token "
+                                             "([CLS]); its inputs are padded on the right only"}
+    if pooling(unwrap(model)) is not None:
+        scored["packed_training_forward"] = (every, _packed_scores(model, rows, pad_token_id, device))
+    else:
+        result["skipped"]["packed_training_forward"] = {
+            "texts": len(seqs), "reason": "no packed forward for this head: training runs padded batches, "
+                                          "which the reference is"}
+    if pipeline:
+        texts = [round_trip_text(tokenizer, s) for s in seqs]
+        kept = [i for i, t in enumerate(texts) if t is not None]
+        if len(kept) < len(seqs):
+            result["skipped"]["pipeline"] = {"texts": len(seqs) - len(kept),
+                                             "reason": "decoding and re-tokenizing does not give the same ids"}
+        if kept:
+            scored["pipeline"] = (kept, _pipeline_scores(model_dir, [texts[i] for i in kept], device))
+    else:
+        result["skipped"]["pipeline"] = {"texts": len(seqs), "reason": "not run"}
+    for path, (indices, values) in scored.items():
+        diffs = [abs(v - reference[i]) for i, v in zip(indices, values)]
+        result["max_abs_diff"][path] = max(diffs)
+        if any(d > tol * max(1.0, abs(reference[i])) for i, d in zip(indices, diffs)):
+            result["failed"].append(path)
+    result["passed"] = not result["failed"]
+    hint = _pad_hint(model, seqs) if "pipeline" in result["failed"] else None
+    if hint:
+        result["hint"] = hint
+    model.train(was_training)
+    return result
+
+
+def worst_difference(result: dict) -> float | None:
+    """The largest difference of any path from the reference (None when no path ran)."""
+    values = [v for v in (result.get("max_abs_diff") or {}).values() if isinstance(v, (int, float))]
+    return max(values) if values else None

@@ -1,0 +1,81 @@
+"""train.length_debias: a length head soaks up length during training, the published reward is
+decorrelated from length, and the head never reaches the saved model."""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rm_lib.evaluation.metrics import pair_metrics, pearson
+from rm_lib.model.loss import length_correlation
+from rm_lib.training.length_debias import LengthHead, debiased_loss
+
+from helpers import run_steps, tiny_params
+
+
+def test_length_correlation_is_pearson_on_log_lengths_and_zero_without_spread():
+    rewards, lengths = [0.3, 1.2, -0.5, 2.0, 0.1], [10.0, 30.0, 7.0, 64.0, 12.0]
+    expected = pearson([math.log(n) for n in lengths], rewards)
+    assert length_correlation(torch.tensor(rewards), torch.tensor(lengths)).item() == pytest.approx(expected, abs=1e-6)
+    assert length_correlation(torch.tensor([1.0, 2.0]), torch.tensor([5.0, 5.0])).item() == 0.0
+
+
+def test_the_debiased_loss_starts_as_bradley_terry_and_penalises_a_reward_that_follows_length():
+    scores, lengths = torch.tensor([2.0, 1.0, 0.0, 0.5]), torch.tensor([40.0, 30.0, 10.0, 12.0])
+    head = LengthHead()
+    plain = -torch.nn.functional.logsigmoid(scores[:2] - scores[2:]).mean()
+    loss = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=0.0)
+    assert loss.item() == pytest.approx(plain.item())  # the head starts at 0
+    penalised = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=1.0)
+    r = length_correlation(scores, lengths).item()
+    assert penalised.item() == pytest.approx(plain.item() + r * r)
+
+
+def _length_only_pairs(n: int, seed: int) -> list[dict]:
+    """Pretokenized pairs whose chosen side is always the longer one, the content random."""
+    rng = random.Random(seed)
+    return [{"id": i, "input_ids_chosen": [1] + [rng.randrange(6, 60) for _ in range(rng.randrange(20, 40))] + [2],
+             "input_ids_rejected": [1] + [rng.randrange(6, 60) for _ in range(rng.randrange(5, 20))] + [2],
+             "margin": None, "prompt_length": 1} for i in range(n)]
+
+
+def test_a_debiased_model_does_not_learn_what_length_alone_says(tmp_path, tiny_decoder):
+    from accelerate import Accelerator
+
+    from rm_lib.model.inference import score_pairs
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer
+    from rm_lib.training.trainer import fit
+
+    train, test = _length_only_pairs(256, 0), _length_only_pairs(128, 1)
+    pad = load_tokenizer(str(tiny_decoder)).pad_token_id
+    correlation = {}
+    for debias in (False, True):
+        params = tiny_params("train.max_steps=40", "train.batch_size=8", "train.learning_rate=1e-3",
+                             f"train.length_debias={str(debias).lower()}", model=str(tiny_decoder))
+        torch.manual_seed(0)
+        model = load_reward_model(str(tiny_decoder), pad_token_id=pad)
+        fit(params.train, model, train, pad_token_id=pad, checkpoints=tmp_path / f"run-{debias}",
+            fingerprint=str(debias), accelerator=Accelerator(cpu=True))
+        r_c, r_r = score_pairs(model, test, pad_token_id=pad)
+        m = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in test],
+                         [len(r["input_ids_rejected"]) for r in test])
+        correlation[debias] = m["reward_length_correlation"]
+    assert correlation[False] > 0.5  # the plain model learned length, the only signal there is
+    assert abs(correlation[True]) <= correlation[False] / 2, correlation
+
+
+def test_the_length_head_is_in_the_checkpoints_and_not_in_the_published_model(tmp_path, tiny_decoder):
+    params = tiny_params("train.max_steps=2", "train.length_debias=true", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    saved = load_file(tmp_path / "models/reward_model/model.safetensors")
+    assert not any("length_head" in k for k in saved)
+    checkpoint = sorted(Path(tmp_path / "models/checkpoints").glob("step-*"))[-1]
+    (weights,) = checkpoint.glob("model*.safetensors")
+    assert "length_head.weight" in load_file(weights)  # a resume continues with the head it had
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "models/reward_model")  # loads as is
