@@ -369,6 +369,9 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
             "per_subset": _table(["subset", "pairs", "accuracy"],
                                  [[name, e["pairs"], e["accuracy"]] for name, e in m.get("per_subset", {}).items()]
                                  or [["(no subset column)", 0, 0.0]]),
+            **({"suites": _table(["suite", "source", "layout", "rows", "accuracy"],
+                                 [[name, e["source"], e["layout"], e["rows"], e["accuracy"]]
+                                  for name, e in m["suites"].items()])} if m.get("suites") else {}),
             "data": ("demo data: synthetic film reviews with 10% of the labels flipped; the accuracy says the "
                      "pipeline learns, not how good a reward model is") if m.get("demo_data")
             else params.download.source,

@@ -62,5 +62,13 @@ def evaluation_release_gate(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.combined("release_gate", verdicts))
 
 
+@dg.asset_check(asset=assets.evaluation, name="scores_consistent",
+                description="The held-out texts score the same at batch size 1, left-padded, through the packed "
+                            "training forward and through transformers' pipeline as in evaluation, within the "
+                            "tolerance report.json states. A warning only.")
+def evaluation_scores_consistent(project: ProjectResource) -> dg.AssetCheckResult:
+    return as_check_result(quality.scores_consistent(project.layout()))
+
+
 CHECKS = [raw_pairs_well_formed, raw_no_prompt_overlap, raw_rejects_ratio, model_loss_is_finite,
-          evaluation_beats_length_baseline, evaluation_release_gate]
+          evaluation_beats_length_baseline, evaluation_release_gate, evaluation_scores_consistent]

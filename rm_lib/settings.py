@@ -165,12 +165,18 @@ class EvaluateSettings:
     batch_size: int = 32
     length_buckets: int = 4
     num_print_samples: int = 4
+    # labelled sets scored beside the held-out pairs: local files or Hub datasets (`name@split`), e.g.
+    # RewardBench 1 (pairwise) and 2 (best-of-N); see rm_lib/evaluation/suites.py
+    suites: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.batch_size < 1:
             _fail("evaluate", "batch_size", f"must be at least 1, got {self.batch_size}")
         if self.length_buckets < 1:
             _fail("evaluate", "length_buckets", f"must be at least 1, got {self.length_buckets}")
+        for entry in self.suites:
+            if not entry.strip() or entry.strip().startswith("@") or entry.strip().endswith("@"):
+                _fail("evaluate", "suites", f"each entry names a file or a Hub dataset (name@split), got {entry!r}")
 
 
 @dataclass

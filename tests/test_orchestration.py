@@ -82,7 +82,8 @@ def test_definitions_load_and_validate():
                 for c in checks.CHECKS for spec in c.check_specs}
     assert blocking == {"raw_preferences.pairs_well_formed": True, "raw_preferences.no_prompt_overlap": False,
                         "raw_preferences.rejects_ratio": False, "reward_model.loss_is_finite": True,
-                        "evaluation.beats_length_baseline": False, "evaluation.release_gate": True}
+                        "evaluation.beats_length_baseline": False, "evaluation.release_gate": True,
+                        "evaluation.scores_consistent": False}
     job = defs.resolve_job_def("reward_model_pipeline")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(KEYS)
     assert {c.node_def.name for c in checks.CHECKS} <= {node.name for node in job.nodes}  # checks run too

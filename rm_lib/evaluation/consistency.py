@@ -2,12 +2,13 @@
 
 The reference is the evaluation's own path (padded batches of 32 pairs, right padding). Compared with it:
 the same at batch size 1, a left-padded batch, the packed forward that training runs, and
-`transformers.pipeline("text-classification")` on the decoded text, the way a user of the released model
-scores it. A path that disagrees usually means the score is read at the wrong token (a pad, or the token
-before an EOS that doubles as pad) or that positions move with the padding.
+`transformers.pipeline("text-classification")` on the decoded text in batches of 8, the way a user of the
+released model scores it. A path that disagrees usually means the score is read at the wrong token (a pad,
+or the token before an EOS that doubles as pad) or that positions move with the padding.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,14 @@ def round_trip_text(tokenizer: Any, ids: list[int]) -> str | None:
     return text if tokenizer(text, add_special_tokens=True)["input_ids"] == list(ids) else None
 
 
+PIPELINE_BATCH = 8  # batches of texts of several lengths: the pipeline pads them with the tokenizer's pad token
+
+
 def _pipeline_scores(model_dir: Path, texts: list[str], device: torch.device) -> list[float]:
     from transformers import pipeline
 
     pipe = pipeline("text-classification", model=str(model_dir), function_to_apply="none", device=device)
-    out = pipe(texts, batch_size=1)
+    out = pipe(texts, batch_size=PIPELINE_BATCH)
     return [float((o[0] if isinstance(o, list) else o)["score"]) for o in out]
 
 
@@ -80,15 +84,52 @@ def _packed_scores(model: Any, rows: list[dict], pad_token_id: int, device: torc
     return PairScorer(model)(pack_pairs(rows, pad_token_id, use_margin=False).to(device)).tolist()
 
 
-def _pad_hint(model: Any, seqs: list[list[int]]) -> str | None:
+def _pad_hint(model: Any, tokenizer: Any, seqs: list[list[int]]) -> str | None:
     """Why a pipeline score would differ: transformers' decoder heads read the last token that is not
-    config.pad_token_id, so with pad == the token every text ends with they read the one before it."""
+    config.pad_token_id, so with pad == the token every text ends with they read the one before it, and
+    with a config pad other than the tokenizer's they read the padding of a batch."""
     pad = getattr(unwrap(model).config, "pad_token_id", None)
-    if pad is not None and is_last_token_pooled(model) and any(s and s[-1] == pad for s in seqs):
+    if pad is None or not is_last_token_pooled(model):
+        return None
+    if any(s and s[-1] == pad for s in seqs):
         return (f"config.pad_token_id ({pad}) is the last token of the texts (EOS used as pad): transformers' "
                 "sequence-classification head reads the last token that is not pad, the one before the token "
                 "training scored; give the model a pad token of its own")
+    if tokenizer.pad_token_id != pad:
+        return (f"the tokenizer pads with token {tokenizer.pad_token_id} but config.pad_token_id is {pad}: "
+                "transformers' sequence-classification head reads the padding of a batch as text; make them one")
     return None
+
+
+def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict) -> dict[str, list[float]]:
+    """Scores of every text (chosen of each pair, then rejected) by the paths that run `model` itself."""
+    device = next(model.parameters()).device
+    seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
+    bs1_c, bs1_r = score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=1)
+    scored = {"padded_bs1": bs1_c + bs1_r}
+    if is_last_token_pooled(model):
+        ids, mask = _left_padded(seqs, pad_token_id)
+        scored["left_padding"] = rewards(model, ids.to(device), mask.to(device)).tolist()
+    else:  # an encoder reads position 0 ([CLS]): left padding puts a pad there, so it is not a way to use it
+        skipped["left_padding"] = {"texts": len(seqs), "reason": "the model pools its first token ([CLS]); "
+                                                                 "its inputs are padded on the right only"}
+    if pooling(unwrap(model)) is not None:
+        scored["packed_training_forward"] = _packed_scores(model, rows, pad_token_id, device)
+    else:
+        skipped["packed_training_forward"] = {"texts": len(seqs), "reason": "no packed forward for this head: "
+                                              "training runs padded batches, which the reference is"}
+    return scored
+
+
+def _compare(reference: list[float], scored: dict[str, tuple[list[int], list[float]]], tol: float,
+             result: dict) -> None:
+    for path, (indices, values) in scored.items():
+        diffs = [abs(v - reference[i]) for i, v in zip(indices, values)]
+        finite = all(math.isfinite(d) for d in diffs)
+        result["max_abs_diff"][path] = max(diffs) if finite else math.nan
+        if not finite or any(d > tol * max(1.0, abs(reference[i])) for i, d in zip(indices, diffs)):
+            result["failed"].append(path)
+    result["passed"] = not result["failed"]
 
 
 @torch.no_grad()
@@ -96,44 +137,35 @@ def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int =
           tolerance: float | None = None, model: Any = None, tokenizer: Any = None,
           pipeline: bool = True) -> dict:
     """Score the first `sample` pairs (both sides) every way and compare each path with the reference.
-    `model`/`tokenizer`: already loaded ones of `model_dir` (else they are loaded); `pipeline=False` leaves
-    out the transformers pipeline, which loads the model once more."""
+    `model`/`tokenizer`: already loaded ones of `model_dir` (else they are loaded, and the model is let go
+    before the pipeline loads its own copy); `pipeline=False` leaves the transformers pipeline out."""
     rows = rows[:sample]
     tokenizer = tokenizer or load_tokenizer(str(model_dir))
-    if model is None:
+    own = model is None
+    if own:
         model = load_reward_model(str(model_dir))
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     tol = default_tolerance(dtype, device) if tolerance is None else tolerance
-    was_training = model.training
-    model.eval()
     seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
     result: dict[str, Any] = {"pairs": len(rows), "texts": len(seqs), "tolerance": tol, "rule": RULE,
                               "dtype": str(dtype).removeprefix("torch."), "device": device.type,
                               "reference": REFERENCE, "max_abs_diff": dict.fromkeys(PATHS), "skipped": {},
                               "failed": [], "passed": True}
     if not rows:
-        result["skipped"] = dict.fromkeys(PATHS, "no pairs to score")
+        result["skipped"] = {path: {"texts": 0, "reason": "no pairs to score"} for path in PATHS}
         return result
+    was_training = model.training
+    model.eval()
     ref_c, ref_r = score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=32)
-    reference = ref_c + ref_r
-    scored: dict[str, tuple[list[int], list[float]]] = {}  # path -> (text indices, scores)
     every = list(range(len(seqs)))
-    bs1_c, bs1_r = score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=1)
-    scored["padded_bs1"] = (every, bs1_c + bs1_r)
-    if is_last_token_pooled(model):
-        ids, mask = _left_padded(seqs, pad_token_id)
-        scored["left_padding"] = (every, rewards(model, ids.to(device), mask.to(device)).tolist())
-    else:  # an encoder reads position 0 ([CLS]): left padding puts a pad there, so it is not a way to use it
-        result["skipped"]["left_padding"] = {"texts": len(seqs), "reason": "the model pools its first token "
-                                             "([CLS]); its inputs are padded on the right only"}
-    if pooling(unwrap(model)) is not None:
-        scored["packed_training_forward"] = (every, _packed_scores(model, rows, pad_token_id, device))
-    else:
-        result["skipped"]["packed_training_forward"] = {
-            "texts": len(seqs), "reason": "no packed forward for this head: training runs padded batches, "
-                                          "which the reference is"}
+    scored = {path: (every, values) for path, values in
+              _model_paths(model, rows, pad_token_id, result["skipped"]).items()}
+    model.train(was_training)
+    hint = _pad_hint(model, tokenizer, seqs)
+    if own:
+        del model, param  # the pipeline loads its own copy: never two in memory
     if pipeline:
         texts = [round_trip_text(tokenizer, s) for s in seqs]
         kept = [i for i, t in enumerate(texts) if t is not None]
@@ -144,16 +176,9 @@ def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int =
             scored["pipeline"] = (kept, _pipeline_scores(model_dir, [texts[i] for i in kept], device))
     else:
         result["skipped"]["pipeline"] = {"texts": len(seqs), "reason": "not run"}
-    for path, (indices, values) in scored.items():
-        diffs = [abs(v - reference[i]) for i, v in zip(indices, values)]
-        result["max_abs_diff"][path] = max(diffs)
-        if any(d > tol * max(1.0, abs(reference[i])) for i, d in zip(indices, diffs)):
-            result["failed"].append(path)
-    result["passed"] = not result["failed"]
-    hint = _pad_hint(model, seqs) if "pipeline" in result["failed"] else None
-    if hint:
+    _compare(ref_c + ref_r, scored, tol, result)
+    if hint and "pipeline" in result["failed"]:
         result["hint"] = hint
-    model.train(was_training)
     return result
 
 

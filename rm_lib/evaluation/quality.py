@@ -280,3 +280,28 @@ def combined(name: str, verdicts: list[Verdict]) -> Verdict:
 
 def blocking_failures(verdicts: list[Verdict]) -> list[Verdict]:
     return [v for v in verdicts if not v.passed and not v.warn_only]
+
+
+def scores_consistent(layout: Layout) -> Verdict:
+    """The held-out texts get the same score on every path the model is used by (batch size 1, left
+    padding, the packed training forward, transformers' pipeline) as in evaluation, within the tolerance
+    that report.json's `consistency` states. A warning: the evaluation's own scores stand either way."""
+    name = "scores_consistent"
+    path = layout.evaluation / "report.json"
+    if not path.exists():
+        return _missing(name, path, warn_only=True)
+    result = read_json(path).get("consistency")
+    if not isinstance(result, dict):
+        return Verdict(name, False, f"{path} holds no score-consistency result; run the evaluate step again",
+                       warn_only=True)
+    diffs = {k: ("skipped" if v is None else v) for k, v in (result.get("max_abs_diff") or {}).items()}
+    metadata = {"tolerance": result.get("tolerance"), "rule": result.get("rule"), "max_abs_diff": diffs,
+                "failed": result.get("failed", []), "skipped": result.get("skipped", {})}
+    if result.get("passed"):
+        return Verdict(name, True, f"{result.get('texts')} texts score the same on every path within "
+                                   f"{result.get('tolerance')} of the reference ({result.get('reference')})",
+                       metadata, warn_only=True)
+    failed = ", ".join(f"{p} (max |diff| {diffs.get(p)})" for p in result.get("failed", []))
+    hint = f"; {result['hint']}" if result.get("hint") else ""
+    return Verdict(name, False, f"scores differ from the reference ({result.get('reference')}) by more than "
+                                f"{result.get('tolerance')} on: {failed}{hint}", metadata, warn_only=True)

@@ -123,6 +123,14 @@ def _origin(params: dict, lineage: dict) -> str:
             f"- Dataset: {dataset}")
 
 
+def _suites(metrics: dict) -> str:
+    """The table of evaluate.suites (RewardBench 1/2, other labelled sets), '' when none was scored."""
+    rows = "".join(f"| `{name}` | `{e['source']}` | {e['layout']} | {e['rows']} | {_num(e['accuracy'])} |\n"
+                   for name, e in metrics.get("suites", {}).items())
+    return ("\n\nEvaluation suites (a tie counts as wrong; best-of-N: every chosen answer above every rejected one):"
+            "\n\n| suite | source | layout | rows | accuracy |\n|---|---|---|---|---|\n" + rows) if rows else ""
+
+
 def _evaluation(metrics: dict, pictures: list[str]) -> str:
     longer, shorter = metrics.get("longer_wins_baseline"), metrics.get("shorter_wins_baseline")
     baseline = max(longer, shorter) if longer is not None and shorter is not None else None
@@ -154,9 +162,44 @@ Accuracy per pair length (tokens of the longer side):
 
 | pair length (tokens) | pairs | accuracy | longer wins | shorter wins |
 |---|---|---|---|---|
-{buckets}
+{buckets}{_suites(metrics)}
 
 {pics}"""
+
+
+CONSISTENCY_PATHS = {"padded_bs1": "padded, batch size 1", "left_padding": "left padding",
+                     "packed_training_forward": "packed (the training forward)",
+                     "pipeline": '`transformers.pipeline("text-classification")` on the decoded text'}
+
+
+def _consistency(metrics: dict) -> str:
+    """The score-consistency table of report.json's `consistency`, '' for a report without it."""
+    result = metrics.get("consistency")
+    if not isinstance(result, dict):
+        return ""
+    rows = []
+    for path, label in CONSISTENCY_PATHS.items():
+        diff = (result.get("max_abs_diff") or {}).get(path)
+        skipped = (result.get("skipped") or {}).get(path)
+        shown = "n/a" if diff is None else f"{diff:.1e}"
+        verdict = "**differs**" if path in result.get("failed", []) else "agrees" if diff is not None else "skipped"
+        if skipped:
+            verdict += f" ({skipped['texts']} texts skipped: {skipped['reason']})"
+        rows.append(f"| {label} | {shown} | {verdict} |")
+    table = "\n".join(rows)
+    outcome = ("Every path agrees." if result.get("passed") else
+               "**Some paths give other scores**" + (f": {result['hint']}." if result.get("hint") else "."))
+    return f"""
+
+## Score consistency
+
+{result.get('texts')} held-out texts ({result.get('pairs')} pairs, both sides) scored every way the model is used,
+against the reference ({result.get('reference')}); a path agrees when `{result.get('rule')}`, with tolerance
+{result.get('tolerance')} ({result.get('dtype')} on {result.get('device')}). {outcome}
+
+| path | max \\|difference\\| | result |
+|---|---|---|
+{table}"""
 
 
 def _usage(repo_id: str) -> str:
@@ -250,7 +293,7 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 
 {_origin(params, lineage)}
 
-{_gate(list(gate), forced)}{_evaluation(metrics, pictures)}
+{_gate(list(gate), forced)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
 {_usage(repo_id)}
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rm_lib.data.tokenstore import read_rows
-from rm_lib.evaluation import plots
+from rm_lib.evaluation import consistency, plots, suites
 from rm_lib.evaluation.metrics import pair_metrics, subset_accuracy
 from rm_lib.evaluation.visualize import visualize_samples
 from rm_lib.files import atomic_dir, read_json, write_json, write_jsonl
@@ -40,7 +40,8 @@ class EvaluateResult:
                 f"longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}"
                 f"{subsets}), loss {m['loss']:.4f}\n  length: prefers the longer answer {_fmt(m['prefers_longer'])}, "
                 f"reward-length correlation {_fmt(m['reward_length_correlation'], '+.3f')}; "
-                f"calibration error (ECE) {m['calibration_ece']:.4f} -> {self.report}{demo}")
+                f"calibration error (ECE) {m['calibration_ece']:.4f} -> {self.report}{demo}"
+                + suites.summary_lines(m.get("suites", {})))
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -65,6 +66,10 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name, entry in metrics.get("per_subset", {}).items():
         flat[f"accuracy_{name}"] = entry["accuracy"]
+    flat.update(suites.flat_metrics(metrics.get("suites", {})))  # suite_<name>[_<subset>]_accuracy
+    worst = consistency.worst_difference(metrics.get("consistency") or {})
+    if worst is not None:
+        flat["consistency_max_abs_diff"] = worst
     return flat
 
 
@@ -79,8 +84,14 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     per_subset = subset_accuracy(r_c, r_r, [r.get("subset") for r in rows])
     if per_subset:
         metrics["per_subset"] = per_subset
+    if cfg.suites:  # extra labelled sets (RewardBench 1/2, local files), scored through the scoring API
+        metrics["suites"] = suites.evaluate_suites(cfg.suites, layout.model, batch_size=cfg.batch_size,
+                                                     sources=layout.sources)
     metrics["demo_data"] = params.download.source == "demo"
     tokenizer = load_tokenizer(str(layout.model))
+    # The same texts scored every way the model is used (batch size 1, left padding, packed, pipeline).
+    metrics["consistency"] = consistency.check(layout.model, rows, pad_token_id=tokenizer.pad_token_id,
+                                               tokenizer=tokenizer)
     samples = [{"id": rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
                 "chosen_text": tokenizer.decode(rows[i]["input_ids_chosen"][-80:], skip_special_tokens=True),
                 "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}

@@ -1,0 +1,311 @@
+"""Evaluation suites: labelled sets scored beside the held-out pairs (`evaluate.suites`).
+
+An entry is a local file or folder (read by rm_lib.data.sources, as `download.source` is) or a Hub
+dataset `owner/name[@split]` (split `test` when none is given). Two layouts, found from the first row
+and then required of every row:
+
+  pairwise   prompt / chosen / rejected, text or messages, any format rm_lib.data.formats reads
+             (RewardBench 1, `allenai/reward-bench@filtered`). Correct when reward(chosen) > reward(rejected).
+  best_of_n  prompt, chosen: [answer, ...], rejected: [answer, ...], each answer a text or a message list
+             (RewardBench 2, `allenai/reward-bench-2`). Correct when every chosen answer outscores every
+             rejected one.
+
+A tie is wrong in both. A `subset` (or `category`) column gives accuracy per subset; the suite's
+accuracy is over its rows, so each subset weighs by its row count. Rows that are well-formed but
+unusable (an empty answer, chosen identical to rejected) are counted by reason, never dropped
+silently; a structural problem is a DataError naming file, row and field.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rm_lib.data import formats, sources
+from rm_lib.errors import DataError
+from rm_lib.files import file_sha256
+
+PAIRWISE, BEST_OF_N = "pairwise", "best_of_n"
+DEFAULT_HUB_SPLIT = "test"
+Messages = list[dict]
+
+
+@dataclass(frozen=True)
+class Suite:
+    entry: str  # as the user wrote it
+    name: str  # [a-z0-9_], unique among the suites of a run
+    kind: str  # local | hub
+    location: str  # the path, or the Hub dataset id
+    split: str | None = None  # Hub only
+
+
+@dataclass
+class Row:
+    id: str
+    prompt: Messages
+    chosen: list[Messages]
+    rejected: list[Messages]
+    subset: str | None = None
+
+
+@dataclass
+class _Read:
+    layout: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def sanitise(text: str) -> str:
+    """A name for metrics.json keys: lower case, runs of anything else than [a-z0-9] become one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unnamed"
+
+
+def _stem(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    for suffix in sources.SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def parse_entry(entry: str) -> Suite:
+    """`path` or `owner/name[@split]` -> a Suite (its name not yet made unique)."""
+    text = entry.strip()
+    if Path(text).exists():
+        return Suite(entry, sanitise(_stem(Path(text))), "local", text)
+    location, at, split = text.rpartition("@") if "@" in text else (text, "", "")
+    kind = sources.source_kind(location)  # a path-looking entry that does not exist is a DataError here
+    if kind == "demo":
+        raise DataError("the demo set is no evaluation suite; name a file or a Hub dataset", file=entry)
+    if kind == "local":
+        raise DataError("a local file has no split: drop the '@...'", file=entry)
+    name = location.rsplit("/", 1)[-1] + (f"_{split}" if at else "")
+    return Suite(entry, sanitise(name), "hub", location, split or DEFAULT_HUB_SPLIT)
+
+
+def parse_entries(entries: Sequence[str]) -> list[Suite]:
+    """Every entry parsed, names made unique (a second `prefs` becomes `prefs_2`)."""
+    out, seen = [], Counter()
+    for entry in entries:
+        suite = parse_entry(entry)
+        seen[suite.name] += 1
+        if seen[suite.name] > 1:
+            suite = Suite(suite.entry, f"{suite.name}_{seen[suite.name]}", suite.kind, suite.location, suite.split)
+        out.append(suite)
+    return out
+
+
+# ---- the accuracy rule, on rewards ---------------------------------------------------------------
+
+def row_correct(chosen: Sequence[float], rejected: Sequence[float]) -> bool:
+    """Every chosen reward strictly above every rejected one (a tie is wrong). A pair is N = 1."""
+    return bool(chosen) and bool(rejected) and min(chosen) > max(rejected)
+
+
+def accuracy(correct: Sequence[bool], subsets: Sequence[str | None]) -> tuple[float, dict[str, dict]]:
+    """(accuracy over all rows, {subset: {"rows", "accuracy"}}); rows without a subset count only overall."""
+    groups: dict[str, list[bool]] = {}
+    for ok, subset in zip(correct, subsets):
+        if subset is not None:
+            groups.setdefault(subset, []).append(ok)
+    per_subset = {name: {"rows": len(v), "accuracy": sum(v) / len(v)} for name, v in sorted(groups.items())}
+    return (sum(correct) / len(correct) if correct else 0.0), per_subset
+
+
+# ---- reading rows --------------------------------------------------------------------------------
+
+def _layout_of(row: Any, *, file: str, row_number: int) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object with prompt/chosen/rejected, got {type(row).__name__}",
+                        file=file, row=row_number)
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    answers = [a for side in (chosen, rejected) if isinstance(side, list) for a in side[:1]]
+    if isinstance(chosen, list) and isinstance(rejected, list) and all(isinstance(a, (str, list)) for a in answers):
+        return BEST_OF_N  # lists of answers; a pairwise conversation is a list of message objects
+    if {"input_ids_chosen", "input_ids_rejected"} <= set(row):
+        raise DataError("pretokenized rows cannot be a suite: it renders texts with the model's own template; "
+                        "give prompt/chosen/rejected as text or messages", file=file, row=row_number)
+    formats.detect_format(row, file=file, row_number=row_number)  # names the missing columns or wrong types
+    return PAIRWISE
+
+
+def _subset(row: dict) -> str | None:
+    value = row.get("subset", row.get("category"))
+    return None if value in (None, "") else str(value)
+
+
+def _messages(value: Any, role: str, *, file: str, row_number: int, name: str) -> Messages:
+    """A text (one message of `role`) or a list of {'role', 'content'} messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise DataError(f"expected a string or a list of messages, got {type(value).__name__}",
+                        file=file, row=row_number, field=name)
+    out = []
+    for i, message in enumerate(value):
+        known = isinstance(message, dict) and formats.ROLE_ALIASES.get(str(message.get("role", "")).lower())
+        if not known or not isinstance(message.get("content"), str):
+            raise DataError("expected a {'role', 'content'} message with a known role and text content",
+                            file=file, row=row_number, field=f"{name}[{i}]")
+        out.append({"role": known, "content": message["content"]})
+    return out
+
+
+def _best_of_n(row: dict, *, file: str, row_number: int) -> Row | str:
+    """A Row, or the reason the row cannot be scored."""
+    if "prompt" not in row:
+        raise DataError("a best-of-N row needs a prompt", file=file, row=row_number, field="prompt")
+    prompt = _messages(row["prompt"], "user", file=file, row_number=row_number, name="prompt")
+    sides = {}
+    for side in ("chosen", "rejected"):
+        sides[side] = [_messages(a, "assistant", file=file, row_number=row_number, name=f"{side}[{i}]")
+                       for i, a in enumerate(row[side])]
+        if not sides[side]:
+            return f"no_{side}"
+        if any(not any(m["content"].strip() for m in answer) for answer in sides[side]):
+            return "empty_answer"
+    identifier = row.get("id")
+    return Row(str(identifier) if identifier not in (None, "") else f"{file}:{row_number}", prompt,
+               sides["chosen"], sides["rejected"], _subset(row))
+
+
+def _pairwise(row: dict, normaliser: formats.Normaliser, *, row_number: int) -> Row | str:
+    if "subset" not in row and "category" in row:
+        row = {**row, "subset": row["category"]}
+    (outcome, record), = normaliser([(row_number, row)])
+    if outcome == "reject":
+        return record["reason"]
+    identifier = row.get("id")
+    return Row(str(identifier) if identifier not in (None, "") else record["id"], record["prompt"],
+               [record["chosen"]], [record["rejected"]], record.get("subset"))
+
+
+def read_rows(inputs: Iterable[tuple[str, Iterable[tuple[int, Any]]]]) -> _Read:
+    """Rows of one suite from (file label, numbered rows) inputs; one layout for all of them."""
+    read = _Read()
+    for label, rows in inputs:
+        normaliser = formats.Normaliser(label)
+        try:
+            for number, row in rows:
+                layout = _layout_of(row, file=label, row_number=number)
+                if layout == BEST_OF_N and not row["chosen"] and not row["rejected"] and read.layout:
+                    layout = read.layout  # two empty lists fit either layout: skipped below as empty
+                if read.layout is None:
+                    read.layout = layout
+                elif layout != read.layout:
+                    raise DataError(f"row is {layout}, but the suite began {read.layout}",
+                                    file=label, row=number, field="chosen")
+                outcome = (_best_of_n(row, file=label, row_number=number) if layout == BEST_OF_N
+                           else _pairwise(row, normaliser, row_number=number))
+                if isinstance(outcome, str):
+                    read.skipped[outcome] += 1
+                else:
+                    read.rows.append(outcome)
+        finally:
+            getattr(rows, "close", lambda: None)()
+    return read
+
+
+def _inputs(suite: Suite) -> tuple[Iterator[tuple[str, Iterable]], str | None]:
+    """(label, rows) per file of the suite, and its content hash: a file's sha256, a folder's combined
+    hash, or the Hub commit the rows are read at (None where the Hub does not say)."""
+    if suite.kind == "local":
+        files = sources.local_files(suite.location)
+        digest = file_sha256(files[0]) if Path(suite.location).is_file() else \
+            sources.local_fingerprint(suite.location)["sha256"]
+        return ((str(f), sources.read_file(f)) for f in files), digest
+    revision = sources.hub_fingerprint(suite.location, None)  # read at this commit, so the hash is what was scored
+    rows = sources.read_hub(suite.location, suite.split, revision=revision, subset=None)
+    return iter([(f"hf://{suite.location}@{suite.split}", rows)]), revision
+
+
+# ---- scoring -------------------------------------------------------------------------------------
+
+def _score_unique(scorer: Any, items: list[Messages], names: list[str]) -> tuple[dict[str, float], set[str]]:
+    """Rewards per distinct conversation (identical texts share one score, so they tie exactly),
+    scored longest first so each batch pads little. Returns ({key: reward}, keys that were truncated)."""
+    unique: dict[str, tuple[Messages, str]] = {}
+    for item, name in zip(items, names):
+        unique.setdefault(json.dumps(item, sort_keys=True), (item, name))
+    keys = sorted(unique, key=len, reverse=True)
+    scored = scorer.score_detailed([unique[k][0] for k in keys], names=[unique[k][1] for k in keys])
+    return dict(zip(keys, scored.rewards)), {k for k, cut in zip(keys, scored.truncated) if cut}
+
+
+def score_rows(scorer: Any, rows: list[Row]) -> tuple[list[bool], int]:
+    """(correct per row, answers truncated to the model's length)."""
+    items, names = [], []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            for i, answer in enumerate(getattr(row, side)):
+                items.append(row.prompt + answer)
+                names.append(f"{row.id} ({side} {i})")
+    rewards, truncated = _score_unique(scorer, items, names)
+    correct = []
+    for row in rows:
+        chosen = [rewards[json.dumps(row.prompt + a, sort_keys=True)] for a in row.chosen]
+        rejected = [rewards[json.dumps(row.prompt + a, sort_keys=True)] for a in row.rejected]
+        correct.append(row_correct(chosen, rejected))
+    cut = sum(json.dumps(item, sort_keys=True) in truncated for item in items)
+    return correct, cut
+
+
+def evaluate_suite(suite: Suite, scorer: Any) -> dict:
+    """The report entry of one suite."""
+    inputs, content_hash = _inputs(suite)
+    read = read_rows(inputs)
+    if not read.rows:
+        raise DataError(f"no row of the suite can be scored ({sum(read.skipped.values())} skipped: "
+                        f"{dict(read.skipped) or 'the set is empty'})", file=suite.entry)
+    correct, truncated = score_rows(scorer, read.rows)
+    overall, per_subset = accuracy(correct, [r.subset for r in read.rows])
+    entry = {"source": suite.entry, "layout": read.layout, "rows": len(read.rows), "accuracy": overall,
+             "per_subset": per_subset, "content_hash": content_hash, "skipped": sum(read.skipped.values()),
+             "skipped_by_reason": dict(sorted(read.skipped.items())), "truncated_answers": truncated}
+    return {**entry, "split": suite.split} if suite.kind == "hub" else entry
+
+
+def evaluate_suites(entries: Sequence[str], model_dir: str | Path, *, batch_size: int,
+                    sources: Path | None = None) -> dict[str, dict]:
+    """{suite name: report entry} for every entry, scored by the model in `model_dir` with the template
+    recorded beside it; texts longer than the model reads keep their end (as filter.policy=truncate).
+    `sources`: the folder DVC watches (data/sources); a local suite elsewhere gets a `note` saying so."""
+    from rm_lib.data.sources import untracked_note
+    from rm_lib.evaluation.scoring import RewardScorer
+
+    suites = parse_entries(entries)  # every entry checked before the model loads
+    scorer = RewardScorer(model_dir, batch_size=batch_size, length_policy="truncate")
+    report = {suite.name: evaluate_suite(suite, scorer) for suite in suites}
+    for suite in suites:
+        note = untracked_note(suite.location, sources) if sources is not None and suite.kind != "hub" else None
+        if note:
+            report[suite.name]["note"] = note
+    return report
+
+
+# ---- what other outputs read ---------------------------------------------------------------------
+
+def flat_metrics(suites: dict[str, dict]) -> dict[str, float]:
+    """metrics.json entries: suite_<name>_accuracy and suite_<name>_<subset>_accuracy."""
+    flat = {}
+    for name, entry in suites.items():
+        flat[f"suite_{sanitise(name)}_accuracy"] = entry["accuracy"]
+        for subset, value in entry.get("per_subset", {}).items():
+            flat[f"suite_{sanitise(name)}_{sanitise(subset)}_accuracy"] = value["accuracy"]
+    return flat
+
+
+def summary_lines(suites: dict[str, dict]) -> str:
+    """One line per suite for the step's summary ('' when there is none)."""
+    lines = []
+    for name, e in suites.items():
+        skipped = f", {e['skipped']} skipped" if e.get("skipped") else ""
+        subsets = "".join(f"; {s} {v['accuracy']:.4f}" for s, v in itertools.islice(e["per_subset"].items(), 8))
+        more = f"; +{len(e['per_subset']) - 8} subsets" if len(e["per_subset"]) > 8 else ""
+        lines.append(f"\n  suite {name} ({e['layout']}, {e['rows']} rows{skipped}): accuracy {e['accuracy']:.4f}"
+                     f"{subsets}{more}" + (f"\n    {e['note']}" if e.get("note") else ""))
+    return "".join(lines)

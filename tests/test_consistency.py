@@ -1,0 +1,178 @@
+"""Score consistency: every way a trained model is used gives the evaluation's scores, the check says
+which path does not, and report.json, metrics.json, the model card and the Dagster check carry the result."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rm_lib.data.tokenstore import read_rows
+from rm_lib.evaluation import consistency, quality
+from rm_lib.files import read_json, write_json
+from rm_lib.layout import Layout
+from rm_lib.model.modeling import load_tokenizer
+
+from helpers import run_steps, tiny_params
+
+MODEL_PATHS = {"padded_bs1", "left_padding", "packed_training_forward"}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, tiny_decoder):
+    """A tiny decoder trained, evaluated and released (build_tiny_decoder pads with its EOS)."""
+    root = tmp_path_factory.mktemp("consistency")
+    run_steps(tiny_params("train.max_steps=2", model=str(tiny_decoder)), root,
+              "download", "tokenize", "filter", "train", "evaluate", "push")
+    return Layout(root)
+
+
+def _copy_with_pad(layout: Layout, folder, pad_token: str, *, tokenizer_too: bool = True):
+    """The trained model with `pad_token` as its config's pad (and its tokenizer's, with tokenizer_too)."""
+    shutil.copytree(layout.model, folder)
+    tokenizer = load_tokenizer(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = tokenizer.convert_tokens_to_ids(pad_token)
+    (folder / "config.json").write_text(json.dumps(config))
+    if tokenizer_too:
+        tokenizer.pad_token = pad_token
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _rows_and_pad(layout: Layout):
+    return read_rows(layout.filtered / "test.parquet"), load_tokenizer(str(layout.model)).pad_token_id
+
+
+def test_every_path_agrees_on_the_released_decoder(released):
+    """build_tiny_decoder pads with its EOS; the pipeline gave the release a pad token of its own."""
+    rows, pad = _rows_and_pad(released)
+    config = read_json(released.model / "config.json")
+    assert config["pad_token_id"] != config["eos_token_id"] and pad == config["pad_token_id"]
+    result = consistency.check(released.model, rows, pad_token_id=pad)
+    assert result["passed"] and result["failed"] == [] and result["skipped"] == {}, result
+    assert result["pairs"] == min(16, len(rows)) and result["texts"] == 2 * result["pairs"]
+    assert result["tolerance"] == 1e-4 and result["dtype"] == "float32"
+    assert set(result["max_abs_diff"]) == MODEL_PATHS | {"pipeline"}
+    assert all(0 <= d <= 1e-4 for d in result["max_abs_diff"].values())
+
+
+def test_pad_equal_to_eos_sends_the_pipeline_to_another_token_and_the_check_says_so(released, tmp_path):
+    """The layout peers ship (config and tokenizer pad with the EOS every text ends with)."""
+    rows = read_rows(released.filtered / "test.parquet")
+    tokenizer = load_tokenizer(str(released.model))
+    model_dir = _copy_with_pad(released, tmp_path / "model", tokenizer.eos_token)
+    result = consistency.check(model_dir, rows, pad_token_id=tokenizer.eos_token_id)
+    assert not result["passed"] and result["failed"] == ["pipeline"]
+    assert result["max_abs_diff"]["pipeline"] > result["tolerance"]
+    assert "pad token of its own" in result["hint"]
+
+
+def test_a_config_pad_other_than_the_tokenizers_fails_the_batched_pipeline(released, tmp_path):
+    rows, pad = _rows_and_pad(released)
+    tokenizer = load_tokenizer(str(released.model))
+    model_dir = _copy_with_pad(released, tmp_path / "model", tokenizer.unk_token, tokenizer_too=False)
+    result = consistency.check(model_dir, rows, pad_token_id=pad)
+    assert result["failed"] == ["pipeline"] and "the tokenizer pads with token" in result["hint"]
+
+
+def test_a_score_read_at_the_padding_fails_every_path_against_the_reference(released, monkeypatch):
+    import torch
+
+    from rm_lib.model import modeling
+
+    rows, pad = _rows_and_pad(released)
+    assert len({len(r["input_ids_chosen"]) for r in rows[:16]}) > 1  # the reference batch holds padding
+    monkeypatch.setattr(modeling, "last_token_index",
+                        lambda mask: torch.full(mask.shape[:1], mask.shape[-1] - 1, device=mask.device))
+    result = consistency.check(released.model, rows, pad_token_id=pad, pipeline=False)
+    assert not result["passed"] and set(result["failed"]) == MODEL_PATHS
+    assert result["skipped"]["pipeline"]["reason"] == "not run"
+
+
+def test_a_broken_packed_forward_is_named_alone(released, monkeypatch):
+    from rm_lib.model import packing
+
+    rows, pad = _rows_and_pad(released)
+    real = packing.block_mask
+    monkeypatch.setattr(packing, "block_mask",  # tokens see the sequence after them: no longer causal
+                        lambda seg, *, causal, boolean, dtype: real(seg, causal=False, boolean=boolean, dtype=dtype))
+    result = consistency.check(released.model, rows, pad_token_id=pad, pipeline=False)
+    assert result["failed"] == ["packed_training_forward"] and not result["passed"]
+    assert result["max_abs_diff"]["padded_bs1"] <= result["tolerance"]
+
+
+def test_an_encoder_agrees_on_every_path_it_supports(minilm_path, tmp_path):
+    import torch
+
+    from rm_lib.data import demo
+    from rm_lib.model.modeling import load_reward_model
+
+    tokenizer = load_tokenizer(minilm_path)
+    torch.manual_seed(0)
+    model = load_reward_model(minilm_path)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    pairs = demo.demo_pairs(6, seed=3)
+    text = lambda p, side: " ".join(str(v) for v in (p["prompt"], p[side]))  # noqa: E731
+    rows = [{"input_ids_chosen": tokenizer(text(p, "chosen"))["input_ids"],
+             "input_ids_rejected": tokenizer(text(p, "rejected") + " and so on")["input_ids"]} for p in pairs]
+    result = consistency.check(tmp_path / "model", rows, pad_token_id=tokenizer.pad_token_id, model=model,
+                               tokenizer=tokenizer)
+    assert result["passed"], result
+    assert set(result["skipped"]) == {"left_padding"} and "[CLS]" in result["skipped"]["left_padding"]["reason"]
+    assert result["max_abs_diff"]["packed_training_forward"] is not None
+    assert result["max_abs_diff"]["pipeline"] is not None and "pipeline" not in result["skipped"]
+
+
+def test_ids_that_do_not_round_trip_are_counted_as_skipped(released, tmp_path):
+    rows = read_rows(released.filtered / "test.parquet")
+    tokenizer = load_tokenizer(str(released.model))
+    no_bos = dict(rows[0], input_ids_chosen=rows[0]["input_ids_chosen"][1:])  # the tokenizer adds BOS to any text
+    assert consistency.round_trip_text(tokenizer, no_bos["input_ids_chosen"]) is None
+    assert consistency.round_trip_text(tokenizer, rows[0]["input_ids_chosen"]) is not None
+    model_dir = _copy_with_pad(released, tmp_path / "model", tokenizer.unk_token)
+    result = consistency.check(model_dir, [no_bos, *rows[1:3]], pad_token_id=tokenizer.unk_token_id)
+    assert result["skipped"]["pipeline"]["texts"] == 1 and result["passed"], result
+
+
+def test_report_metrics_card_and_dagster_check_carry_the_result(released):
+    report = read_json(released.evaluation / "report.json")
+    result = report["consistency"]
+    assert set(result["max_abs_diff"]) == MODEL_PATHS | {"pipeline"} and isinstance(result["passed"], bool)
+    assert result["reference"] == consistency.REFERENCE and result["tolerance"] == 1e-4
+    metrics = read_json(released.evaluation / "metrics.json")
+    assert metrics["consistency_max_abs_diff"] == max(result["max_abs_diff"].values())
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    card = (released.release / "README.md").read_text(encoding="utf-8")
+    assert "## Score consistency" in card
+    for label in ("padded, batch size 1", "left padding", "packed (the training forward)"):
+        line = next(x for x in card.splitlines() if x.startswith(f"| {label} |"))
+        assert "agrees" in line, line
+    pipeline_line = next(x for x in card.splitlines() if x.startswith("| `transformers.pipeline"))
+    assert f"{result['max_abs_diff']['pipeline']:.1e}" in pipeline_line
+    assert ("**differs**" in pipeline_line) == ("pipeline" in result["failed"])
+    verdict = quality.scores_consistent(released)
+    assert verdict.warn_only and verdict.passed == result["passed"]
+
+
+def test_the_verdict_warns_naming_the_path_and_passes_a_consistent_report(tmp_path):
+    import dagster as dg
+
+    from orchestration import checks
+    from orchestration.resources import ProjectResource
+
+    layout = Layout(tmp_path)
+    base = {"pairs": 2, "texts": 4, "tolerance": 1e-4, "reference": consistency.REFERENCE, "skipped": {},
+            "max_abs_diff": {"padded_bs1": 1e-8, "left_padding": 2e-8, "packed_training_forward": 0.0,
+                             "pipeline": 0.3}}
+    assert not quality.scores_consistent(layout).passed  # no report yet
+    write_json(layout.evaluation / "report.json", {"accuracy": 0.7})
+    assert "no score-consistency result" in quality.scores_consistent(layout).description
+    write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": ["pipeline"], "passed": False}})
+    verdict = quality.scores_consistent(layout)
+    assert not verdict.passed and verdict.warn_only and "pipeline (max |diff| 0.3)" in verdict.description
+    shown = checks.evaluation_scores_consistent(project=ProjectResource(root=str(tmp_path)))
+    assert not shown.passed and shown.severity == dg.AssetCheckSeverity.WARN
+    write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": [], "passed": True}})
+    assert quality.scores_consistent(layout).passed

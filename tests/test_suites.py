@@ -1,0 +1,203 @@
+"""evaluate.suites: labelled sets in RewardBench 1's pairwise and RewardBench 2's best-of-N layouts,
+accuracy per subset and overall, what report.json, metrics.json, the summary and the model card show."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from rm_lib.data import sources
+from rm_lib.errors import DataError, SettingsError
+from rm_lib.evaluation import suites
+from rm_lib.evaluation.scoring import RewardScorer, Scored
+from rm_lib.layout import Layout
+from rm_lib.settings import load_params
+from rm_lib.steps.evaluate import numeric_metrics
+
+from helpers import run_steps, tiny_params, write_jsonl
+
+
+class NumberScorer:
+    """A scorer whose reward is the number an answer starts with: exact rewards for the rule's cases."""
+
+    def score_detailed(self, items, names=None):
+        return Scored(rewards=[float(item[-1]["content"].split()[0]) for item in items],
+                      truncated=[False] * len(items), lengths=[1] * len(items))
+
+
+def _rb2_rows() -> list[dict]:
+    def row(i, subset, chosen, rejected):
+        return {"id": str(i), "prompt": "Name a film you liked.", "chosen": chosen, "rejected": rejected,
+                "num_correct": len(chosen), "num_incorrect": len(rejected), "subset": subset}
+
+    return [row(1, "Math", ["0.9 right"], ["0.1 a", "0.5 b", "0.2 c"]),  # beats all three: correct
+            row(2, "Math", ["0.9 right"], ["0.1 a", "1.5 b", "0.2 c"]),  # beats 2 of 3: wrong
+            row(3, "Math", ["0.7 right"], ["0.6 a", "0.5 b", "0.4 c"]),
+            row(4, "Focus", ["0.7 right"], ["0.7 tie", "0.5 b", "0.4 c"]),  # a tie with one rejected: wrong
+            row(5, "Focus", ["0.7 right"], ["  ", "0.5 b", "0.4 c"])]  # an empty answer: skipped, counted
+
+
+def _rb1_rows() -> list[dict]:
+    def row(i, subset, chosen, rejected):
+        return {"prompt": "How was the film?", "chosen": chosen, "rejected": rejected, "subset": subset, "id": i}
+
+    return [row(1, "alpacaeval-easy", "0.8 good", "0.2 bad"), row(2, "alpacaeval-easy", "0.3 good", "0.4 bad"),
+            row(3, "alpacaeval-easy", "0.5 good", "0.1 bad"), row(4, "refusals dangerous", "0.5 good", "0.5 bad"),
+            row(5, "refusals dangerous", "0.6 same", "0.6 same")]  # identical sides: skipped, counted
+
+
+def test_a_row_is_right_only_when_every_chosen_answer_beats_every_rejected_one():
+    assert suites.row_correct([0.9], [0.1, 0.5, 0.2])
+    assert not suites.row_correct([0.9], [0.1, 1.5, 0.2])  # beats 2 of 3
+    assert not suites.row_correct([0.7], [0.7, 0.5, 0.4])  # a tie is wrong
+    assert not suites.row_correct([1.0], [1.0]) and suites.row_correct([1.0], [0.0])  # pairwise: N = 1
+    assert not suites.row_correct([2.0, 0.8], [0.9])  # several chosen: each must win
+
+
+def test_overall_accuracy_weighs_subsets_by_their_rows():
+    overall, per_subset = suites.accuracy([True, True, False, True], ["a", "a", "a", "b"])
+    assert overall == 0.75  # the mean of the two subsets would be 0.8333
+    assert per_subset == {"a": {"rows": 3, "accuracy": pytest.approx(2 / 3)}, "b": {"rows": 1, "accuracy": 1.0}}
+
+
+def test_best_of_n_file_like_reward_bench_2(tmp_path):
+    path = write_jsonl(tmp_path / "rb2.jsonl", _rb2_rows())
+    entry = suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
+    assert entry["layout"] == "best_of_n" and entry["rows"] == 4
+    assert entry["accuracy"] == 0.5  # rows 1 and 3 of 4
+    assert entry["per_subset"] == {"Focus": {"rows": 1, "accuracy": 0.0},
+                                   "Math": {"rows": 3, "accuracy": pytest.approx(2 / 3)}}
+    assert entry["skipped"] == 1 and entry["skipped_by_reason"] == {"empty_answer": 1}
+    assert entry["content_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_pairwise_file_like_reward_bench_1(tmp_path, suffix):
+    path = tmp_path / f"rb1.{suffix}"
+    if suffix == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(_rb1_rows()), path)
+    else:
+        write_jsonl(path, _rb1_rows())
+    entry = suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
+    assert entry["layout"] == "pairwise" and entry["rows"] == 4 and entry["accuracy"] == 0.5
+    assert entry["per_subset"] == {"alpacaeval-easy": {"rows": 3, "accuracy": pytest.approx(2 / 3)},
+                                   "refusals dangerous": {"rows": 1, "accuracy": 0.0}}  # the tie is wrong
+    assert entry["skipped_by_reason"] == {"identical": 1}
+
+
+def test_conversational_pairs_and_a_category_column(tmp_path):
+    def turn(text):
+        return [{"role": "user", "content": "Review?"}, {"role": "assistant", "content": text}]
+
+    rows = [{"chosen": turn("0.9 a"), "rejected": turn("0.1 b"), "category": "x"},
+            {"chosen": turn("0.1 a"), "rejected": turn("0.2 b"), "category": "y"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    entry = suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
+    assert entry["accuracy"] == 0.5 and set(entry["per_subset"]) == {"x", "y"}
+
+
+@pytest.mark.parametrize("rows, row, field, message", [
+    ([_rb2_rows()[0], {**_rb2_rows()[1], "rejected": ["0.1 a", 7, "0.2 c"]}], 2, "rejected[1]", "expected a string"),
+    ([_rb2_rows()[0], {**_rb2_rows()[1], "prompt": None}], 2, "prompt", "expected a string"),
+    ([_rb2_rows()[0], _rb1_rows()[0]], 2, "chosen", "row is pairwise, but the suite began best_of_n"),
+    ([_rb1_rows()[0], {"prompt": "p", "chosen": "a"}], 2, None, "missing column"),
+])
+def test_a_bad_row_names_its_file_row_and_field(tmp_path, rows, row, field, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=message) as caught:
+        suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
+    assert (caught.value.file, caught.value.row, caught.value.field) == (str(path), row, field)
+
+
+def test_a_suite_with_no_usable_row_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "same.jsonl", [_rb1_rows()[4]])
+    with pytest.raises(DataError, match=r"no row of the suite can be scored .*identical"):
+        suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
+
+
+def test_entries_names_and_the_setting(tmp_path):
+    a = write_jsonl(tmp_path / "one" / "prefs.jsonl.gz", _rb1_rows(), gz=True)
+    b = write_jsonl(tmp_path / "two" / "prefs.jsonl", _rb1_rows())
+    parsed = suites.parse_entries([str(a), str(b), "allenai/reward-bench-2", "allenai/reward-bench@filtered"])
+    assert [(s.name, s.kind, s.split) for s in parsed] == [
+        ("prefs", "local", None), ("prefs_2", "local", None), ("reward_bench_2", "hub", "test"),
+        ("reward_bench_filtered", "hub", "filtered")]
+    with pytest.raises(DataError, match="no such file"):
+        suites.parse_entry(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="no split"):
+        suites.parse_entry(f"{b}@test")
+    params = load_params(None, ['evaluate.suites=["rb.jsonl", "allenai/reward-bench-2"]'])
+    assert params.evaluate.suites == ["rb.jsonl", "allenai/reward-bench-2"]
+    assert load_params("params.yaml").evaluate.suites == []
+    with pytest.raises(SettingsError, match="evaluate.suites: must be a list of strings"):
+        load_params(None, ["evaluate.suites=rb.jsonl"])
+
+
+def test_a_hub_suite_is_read_at_the_commit_it_records(tmp_path, monkeypatch):
+    import datasets
+
+    src = write_jsonl(tmp_path / "hub.jsonl", _rb2_rows()[:4])
+    calls = []
+
+    def fake_load(name, subset=None, split=None, revision=None):
+        calls.append((name, subset, split, revision))
+        return datasets.Dataset.from_json(str(src))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(sources, "hub_fingerprint", lambda name, revision: "abc123")
+    entry = suites.evaluate_suite(suites.parse_entry("allenai/reward-bench-2"), NumberScorer())
+    assert calls == [("allenai/reward-bench-2", None, "test", "abc123")]
+    assert entry["content_hash"] == "abc123" and entry["split"] == "test" and entry["accuracy"] == 0.5
+
+
+def test_metrics_json_flattens_suites_to_numbers():
+    metrics = {"accuracy": 0.8, "suites": {"rb2": {"accuracy": 0.5, "layout": "best_of_n", "per_subset": {
+        "Precise IF": {"rows": 2, "accuracy": 0.25}}}}}
+    flat = numeric_metrics(metrics)
+    assert flat == {"accuracy": 0.8, "suite_rb2_accuracy": 0.5, "suite_rb2_precise_if_accuracy": 0.25}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_decoder):
+    """The tiny pipeline with two suites, up to the release folder (the model card)."""
+    root = tmp_path_factory.mktemp("suites")
+    rb1, rb2 = root / "rb1.jsonl", root / "rb2.parquet"
+    write_jsonl(rb1, [{"prompt": "I watched this film and", "chosen": "the acting was superb.",
+                       "rejected": "the acting was dreadful.", "subset": s, "id": i}
+                      for i, s in enumerate(["easy", "easy", "hard"])])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": str(i), "prompt": "The second half of the drama is where",
+                                          "chosen": ["the music was brilliant."],
+                                          "rejected": ["the music was dull.", "the pacing was terrible.",
+                                                       "the script was painful."],
+                                          "subset": s} for i, s in enumerate(["Focus", "Ties"])]), rb2)
+    params = tiny_params("train.max_steps=2", f'evaluate.suites=["{rb1}", "{rb2}"]', model=str(tiny_decoder))
+    results = run_steps(params, root, "download", "tokenize", "filter", "train", "evaluate", "push")
+    return root, results
+
+
+def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
+    root, results = pipeline
+    layout = Layout(root)
+    report = json.loads((layout.evaluation / "report.json").read_text())
+    rb1, rb2 = report["suites"]["rb1"], report["suites"]["rb2"]
+    assert (rb1["layout"], rb1["rows"], rb2["layout"], rb2["rows"]) == ("pairwise", 3, "best_of_n", 2)
+    assert set(rb1["per_subset"]) == {"easy", "hard"} and set(rb2["per_subset"]) == {"Focus", "Ties"}
+    # the step's accuracy is the rule applied to the model's own rewards (its recorded template)
+    scorer = RewardScorer(layout.model)
+    prompt = [{"role": "user", "content": "The second half of the drama is where"}]
+    answers = ["the music was brilliant.", "the music was dull.", "the pacing was terrible.", "the script was painful."]
+    r = scorer.score([prompt + [{"role": "assistant", "content": a}] for a in answers])
+    assert rb2["accuracy"] == float(r[0] > max(r[1:]))
+    metrics = json.loads((layout.evaluation / "metrics.json").read_text())
+    assert metrics["suite_rb2_accuracy"] == rb2["accuracy"] and "suite_rb1_easy_accuracy" in metrics
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert "suite rb2 (best_of_n, 2 rows)" in results["evaluate"].summary()
+    card = (layout.release / "README.md").read_text()
+    assert f"| `rb2` | `{root / 'rb2.parquet'}` | best_of_n | 2 | {rb2['accuracy']:.4f} |" in card
