@@ -25,10 +25,14 @@ def test_ties_count_as_wrong_and_baselines_are_reported():
     assert sum(b["pairs"] for b in m["per_length_bucket"]) == 4
 
 
-def test_pad_equal_to_eos_reads_the_score_at_the_last_real_token(tiny_decoder):
+def test_pad_equal_to_eos_gets_a_pad_token_of_its_own_and_every_loader_reads_the_same_score(tiny_decoder, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    assert AutoTokenizer.from_pretrained(tiny_decoder).pad_token == "</s>"  # the model pads with its EOS
     tok = load_tokenizer(str(tiny_decoder))
-    assert tok.pad_token_id == tok.eos_token_id
+    assert tok.pad_token_id != tok.eos_token_id and tok.pad_token == "<|pad|>"
     model = load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id).eval()
+    assert model.get_input_embeddings().num_embeddings == len(tok) and model.config.pad_token_id == tok.pad_token_id
     short = [tok.bos_token_id, 7, 8, tok.eos_token_id]
     long = [tok.bos_token_id, 9, 10, 11, 12, 13, tok.eos_token_id]
     ids = torch.tensor([short + [tok.pad_token_id] * 3, long])
@@ -36,10 +40,20 @@ def test_pad_equal_to_eos_reads_the_score_at_the_last_real_token(tiny_decoder):
     with torch.no_grad():
         batched = rewards(model, ids, mask)
         alone = rewards(model, torch.tensor([short]), torch.ones(1, 4, dtype=torch.long))
-        # transformers' own pooling searches for the pad id and stops one token early (#35352)
-        theirs = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 4, dtype=torch.long)).logits
+        # transformers' own pooling (last token that is not pad) now reads the EOS as well (#35352)
+        theirs = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     assert batched[0].item() == pytest.approx(alone.item(), abs=1e-5)
-    assert theirs.item() != pytest.approx(alone.item(), abs=1e-5)
+    assert theirs.tolist() == pytest.approx(batched.tolist(), abs=1e-5)
+    # and so does a plain pipeline on the saved folder
+    from rm_lib.model.modeling import save_model
+
+    save_model(model, tok, tmp_path / "rm")
+    text = tok.decode(long[1:-1])
+    scorer = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
+    ids_again = scorer.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        ours = rewards(model, torch.tensor([ids_again]), torch.ones(1, len(ids_again), dtype=torch.long))
+    assert scorer(text)[0]["score"] == pytest.approx(ours.item(), abs=1e-5)
 
 
 def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):

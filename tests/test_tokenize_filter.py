@@ -14,7 +14,7 @@ PAIR = {"id": "x:1", "prompt": [{"role": "user", "content": "how are you"}],
 
 def test_no_doubled_bos_with_a_template_that_writes_bos(tiny_decoder):
     tok = load_tokenizer(str(tiny_decoder))
-    assert tok.pad_token_id == tok.eos_token_id  # the pad == EOS case
+    assert tok.pad_token_id != tok.eos_token_id  # the model pads with its EOS; load_tokenizer adds a pad
     text = templates.render(PAIR["prompt"] + PAIR["chosen"], "tokenizer", tok)
     assert text.startswith("<s>")
     # The trap: rendered text tokenized again with special tokens gives two BOS.
@@ -96,9 +96,10 @@ def test_pipeline_writes_counts_rejects_and_plot(tmp_path):
     assert len(read_rows(tmp_path / "data/filtered/train.parquet")) == f.kept["train"]
 
 
-def _through_filter(tmp_path, source):
+def _through_filter(tmp_path, source, *extra: str):
     res = run_steps(tiny_params(f"download.source={source}", "filter.max_token_length=512",
-                                "filter.max_prompt_token_length=384"), tmp_path, "download", "tokenize", "filter")
+                                "filter.max_prompt_token_length=384", *extra), tmp_path,
+                    "download", "tokenize", "filter")
     d, t, f = res["download"], res["tokenize"], res["filter"]
     for split in ("train", "test"):
         assert t.rows[split] == d.pairs[split]
@@ -117,6 +118,8 @@ def test_real_hh_rlhf_through_filter(tmp_path):
 
 @pytest.mark.slow
 def test_real_alpaca_through_filter(tmp_path):
-    res = _through_filter(tmp_path, need(ALPACA))
+    # 5,000 of the 20,000 rows: long answers to drop are among them, and CI stays short
+    # (tests/test_download.py counts the whole file)
+    res = _through_filter(tmp_path, need(ALPACA), "download.max_rows=5000")
     dropped = sum(sum(v.values()) for v in res["filter"].dropped.values())
-    assert dropped > 0 and sum(res["filter"].kept.values()) + dropped == 20000
+    assert dropped > 0 and sum(res["filter"].kept.values()) + dropped == 5000

@@ -74,7 +74,7 @@ def _prepare(root: Path, model: str, *extra: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     settings = {"model": {"name_or_path": model}, "download": {"demo_pairs": 120},
                 "filter": {"max_token_length": 64, "max_prompt_token_length": 32},
-                "train": {"max_steps": 12, "batch_size": 4, "logging_steps": 1, "save_steps": 1,
+                "train": {"max_steps": 8, "batch_size": 4, "logging_steps": 1, "save_steps": 1,
                           "save_total_limit": 2}}
     for item in extra:
         key, value = item.split("=")
@@ -110,7 +110,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, minilm_path):
     assert same_weights(weights(tmp_path / "whole/models/reward_model"),
                         weights(tmp_path / "killed/models/reward_model"))
     steps = [r["step"] for r in read_jsonl(tmp_path / "killed/data/train/metrics.jsonl")]
-    assert steps == list(range(1, 13))  # the metrics file continues where the checkpoint was
+    assert steps == list(range(1, 9))  # the metrics file continues where the checkpoint was
 
 
 def _records(root):
@@ -173,7 +173,7 @@ def test_default_model_beats_the_length_baseline_on_real_hh_rlhf(tmp_path):
     must beat 'shorter wins' (55.6% on the whole file) on the held-out 20%."""
     need(HH)
     # Truncation keeps the end of each conversation, where the two replies differ, and bounds CI time.
-    params = tiny_params(f"download.source={HH}", "filter.max_token_length=128", "filter.max_prompt_token_length=96",
+    params = tiny_params(f"download.source={HH}", "filter.max_token_length=96", "filter.max_prompt_token_length=72",
                          "filter.policy=truncate",
                          "train.max_steps=null", "train.num_epochs=1", "train.batch_size=16",
                          "train.learning_rate=5e-5", "train.logging_steps=20", "train.save_steps=1000",

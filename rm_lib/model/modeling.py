@@ -9,6 +9,7 @@ from rm_lib.errors import SettingsError
 from rm_lib.files import share_tree
 
 DEFAULT_MODEL = "default"
+PAD_TOKEN = "<|pad|>"  # added to a tokenizer that has no pad token or pads with its EOS
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -34,9 +35,13 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     except (OSError, ValueError) as exc:
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
                             f"({_first_line(exc)})") from None
-    if tokenizer.pad_token is None:
-        # Padding never reaches the score: rewards are read at the last real token by the attention mask.
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
+    pads_with_eos = tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
+    if tokenizer.pad_token is None or pads_with_eos:
+        # A pad token of its own. Our rewards are read at the last attended token whatever pad is, but
+        # transformers' sequence-classification head (the pipeline, TRL, anyone loading the release)
+        # reads the last token that is not pad: with pad == EOS that is the token before the EOS every
+        # sequence ends with, and the released model would give those users other rewards.
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
 
 
@@ -103,7 +108,8 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     path = resolve_model_path(name_or_path)
     config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     config.num_labels = 1
-    if pad_token_id is not None:
+    added_pad = pad_token_id is not None and pad_token_id >= config.get_text_config().vocab_size
+    if pad_token_id is not None and not added_pad:
         config.pad_token_id = pad_token_id
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -117,6 +123,10 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
                             f"({_first_line(exc)}); pickled weights are not loaded") from None
     if model.config.num_labels != 1:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
+    if added_pad:  # the pad token load_tokenizer added: one more embedding row, only ever masked padding
+        model.resize_token_embeddings(pad_token_id + 1, mean_resizing=False)
+        model.config.pad_token_id = pad_token_id
+        model.get_input_embeddings().padding_idx = pad_token_id  # the EOS row trains again
     return model
 
 
