@@ -8,7 +8,7 @@ LOG      := $(CURDIR)/.install.log
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install chromium run test test-integration test-all lint bench ui clean
+.PHONY: install chromium run test test-integration test-all lint bench ui exp clean
 
 # torch first, from the CPU wheel (a plain `pip install torch` would pull GBs of CUDA packages).
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
@@ -43,10 +43,10 @@ chromium:
 	  || echo "chromium not installed: the browser test will skip" >&2; }
 
 # The fast tier: unit tests, a few minutes. The integration tier (marked `integration`: whole
-# pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well, on two
-# pytest-xdist workers (a module that shares one project between its tests stays on one worker).
+# pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well. Both run on
+# two pytest-xdist workers (a module that shares one project between its tests stays on one worker).
 test: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration" -n 2 --dist loadgroup
 
 test-integration: install chromium
 	$(PY) -m pytest -q -m integration -n 2 --dist loadgroup
@@ -67,5 +67,11 @@ ui: install
 	cp orchestration/dagster.yaml .dagster_home/dagster.yaml
 	DAGSTER_HOME=$(CURDIR)/.dagster_home $(VENV)/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
 
-clean:
-	rm -rf data models wandb
+# `dvc exp show` without one column per code folder and data file: settings and metrics only.
+EXP_SHOW := exp show --drop '^(rm_lib|data|models)/'
+exp: install
+	$(VENV)/bin/dvc $(EXP_SHOW)
+
+clean:  # the outputs; data/sources (your own files) stays
+	find data -mindepth 1 -maxdepth 1 ! -name sources -exec rm -rf {} +
+	rm -rf models wandb

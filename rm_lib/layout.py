@@ -16,6 +16,10 @@ class Layout:
     root: Path = Path(".")
 
     @property
+    def sources(self) -> Path:  # the user's own data files: a dependency of download and evaluate under DVC
+        return self.root / "data" / "sources"
+
+    @property
     def pairs(self) -> Path:  # download: normalised pairs, rejects, manifest
         return self.root / "data" / "pairs"
 

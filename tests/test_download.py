@@ -4,6 +4,7 @@ import pytest
 
 from rm_lib.errors import DataError
 from rm_lib.files import read_json, read_jsonl
+from rm_lib.layout import Layout
 
 from conftest import ALPACA, HH, need
 from helpers import run_steps, tiny_params, write_jsonl
@@ -145,3 +146,21 @@ def test_a_failed_download_keeps_the_last_good_pairs(tmp_path):
     assert len(read_jsonl(tmp_path / "data/pairs.rejects.jsonl")) == 3
     run_steps(tiny_params(f"download.source={good}"), tmp_path, "download")
     assert not (tmp_path / "data/pairs.rejects.jsonl").exists()  # no stale rejects beside a good output
+
+
+def test_a_local_source_outside_data_sources_is_named_as_invisible_to_dvc(tmp_path):
+    from rm_lib.data.sources import untracked_note
+
+    inside = tmp_path / "data/sources/pairs.jsonl"
+    inside.parent.mkdir(parents=True)
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+    inside.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(inside.read_text(encoding="utf-8"), encoding="utf-8")
+    sources = Layout(tmp_path).sources
+    assert untracked_note(inside, sources) is None
+    assert "outside" in untracked_note(outside, sources) and "data/sources" in untracked_note(outside, sources)
+    tracked = run_steps(tiny_params(f"download.source={inside}"), tmp_path, "download")["download"]
+    assert tracked.note is None and "dvc repro" not in tracked.summary()
+    untracked = run_steps(tiny_params(f"download.source={outside}"), tmp_path, "download")["download"]
+    assert "cannot see a change" in untracked.summary()

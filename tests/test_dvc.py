@@ -52,7 +52,8 @@ TINY = {
     "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 1, "save_total_limit": 1},
     "push": {"min_accuracy": 0.0, "compare_with_release": False},  # a 2-step model is not meant to pass the gate
 }
-COPY = ("rm_lib", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
+COPY = ("rm_lib", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
+        "data/sources/README.md")
 RAN = re.compile(r"Running stage '([\w-]+)'")
 
 
@@ -269,6 +270,38 @@ def test_dvc_config_and_status(tmp_path):
         assert f"{stage}:" in status
 
 
+@pytest.mark.slow
+def test_a_changed_local_source_in_data_sources_reruns_download(tmp_path):
+    """A local download.source is a dependency by its bytes: cutting it from 200 rows to 150 shows in
+    `dvc status`, and `dvc repro` reruns download; `dvc add` versions it for the team."""
+    repo = _new_repo(tmp_path / "repo")
+    source = repo.root / "data/sources/pairs.jsonl"
+    rows = [{"prompt": f"question {i}?", "chosen": f"a good answer {i}", "rejected": f"bad {i}"} for i in range(200)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    params = yaml.safe_load((repo.root / "params.yaml").read_text(encoding="utf-8"))
+    params["download"]["source"] = "data/sources/pairs.jsonl"
+    (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    output = repo.dvc("repro", "download")
+    assert RAN.findall(output) == ["download"] and "outside" not in output, output[-3000:]
+    manifest = repo.root / "data/pairs/manifest.json"
+    assert json.loads(manifest.read_text(encoding="utf-8"))["rows_read"] == 200
+    assert "download" not in json.loads(repo.dvc("status", "download", "--json"))
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows[:150]), encoding="utf-8")
+    assert "download" in json.loads(repo.dvc("status", "download", "--json"))  # the cut shows
+    output = repo.dvc("repro", "download")
+    assert "download" in RAN.findall(output), output[-3000:]
+    assert json.loads(manifest.read_text(encoding="utf-8"))["rows_read"] == 150
+    assert "download" not in json.loads(repo.dvc("status", "download", "--json"))
+    # versioned for the team (data/sources/README.md): the new .dvc file is in the folder, so download
+    # runs once more and writes the same pairs
+    pairs = repo.files("data/pairs")
+    repo.dvc("add", "data/sources/pairs.jsonl")
+    assert (repo.root / "data/sources/pairs.jsonl.dvc").exists()
+    assert RAN.findall(repo.dvc("repro", "download")) == ["download"]
+    assert {k: v[0] for k, v in repo.files("data/pairs").items()} == {k: v[0] for k, v in pairs.items()}
+    assert "download" not in json.loads(repo.dvc("status", "download", "--json"))
+
+
 # --- the pipeline end to end (slow) --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -424,6 +457,14 @@ def test_exp_run_and_exp_show(pipeline):
     ours = [row for row in table if row["Experiment"] and float(row["train.learning_rate"]) == 1e-4]
     assert len(ours) == 1, f"dvc exp show lists no experiment with train.learning_rate=1e-4: {table}"
     assert 0.0 <= float(ours[0]["accuracy"]) <= 1.0
+    # `make exp`: the same table without a column per code folder or data file
+    drop = re.search(r"^EXP_SHOW := exp show --drop '(.+)'$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"dvc exp show --drop '{drop}'" in (ROOT / "README.md").read_text()  # the README shows the same
+    slim = list(csv.DictReader(io.StringIO(pipeline.dvc("exp", "show", "--csv", "--drop", drop))))
+    columns = set(slim[0])
+    assert {"accuracy", "train.learning_rate", "prefers_longer"} <= columns
+    assert not {c for c in columns if c.startswith(("rm_lib/", "data/", "models/"))}, columns
+    assert len(columns) < len(table[0])
     # the experiment is applied to the workspace, outputs and dvc.lock agree
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
 

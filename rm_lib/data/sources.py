@@ -276,3 +276,14 @@ def local_fingerprint(source: str | Path, previous: dict | None = None) -> dict:
     for path in files:
         digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return {"sha256": digest.hexdigest(), "stats": stats}
+
+
+def untracked_note(path: str | Path, sources: Path) -> str | None:
+    """A line for a local data file outside the project's data/sources folder, which dvc.yaml declares
+    as a dependency: a change to a file elsewhere is invisible to `dvc status` and `dvc repro`."""
+    try:
+        Path(path).resolve().relative_to(sources.resolve())
+        return None
+    except ValueError:
+        return (f"note: {path} lies outside {sources}, so `dvc repro` cannot see a change to it; keep your "
+                "data files in data/sources (docs/dvc.md)")

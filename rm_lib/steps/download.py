@@ -32,6 +32,7 @@ class DownloadResult:
     subset: str | None = None
     split: str = "source"  # how train/test were split: the source's own splits, or seeded by prompt
     test_fraction_realised: float = 0.0
+    note: str | None = None  # a local source that DVC cannot see (outside data/sources)
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -49,7 +50,7 @@ class DownloadResult:
         return (f"download: {self.rows_read} rows from {self.source} ({', '.join(self.formats)}) -> "
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
                 f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}"
-                + (f"\nwarning: {self.warning}" if self.warning else ""))
+                + (f"\nwarning: {self.warning}" if self.warning else "") + (f"\n{self.note}" if self.note else ""))
 
 
 def _head(rows: Iterable, limit: int | None) -> Iterator:
@@ -195,7 +196,8 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             output_dir=layout.pairs, revision=revision, ignored_columns=dict(sorted(read.ignored.items())),
             warning=warning, subset=cfg.subset, test_fraction_realised=realised,
             split="source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
-                                                           f"seed={cfg.seed}")
+                                                           f"seed={cfg.seed}",
+            note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None)
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
