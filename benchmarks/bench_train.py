@@ -36,7 +36,8 @@ def settings(args: argparse.Namespace, case: str) -> list[str]:
             f"train.batch_size={args.batch_size}", f"train.learning_rate={args.learning_rate}",
             f"train.num_epochs={args.epochs}", f"train.seed={args.seed}", "train.lr_scheduler=linear",
             "train.warmup_ratio=0.05", "train.max_grad_norm=1.0", "train.logging_steps=10", "train.save_steps=100000",
-            "train.wandb_mode=disabled", f"train.padding_free={str(args.padding_free).lower()}"]
+            "train.wandb_mode=disabled", f"train.padding_free={str(args.padding_free).lower()}",
+            f"train.shared_prompt={str(args.shared_prompt).lower()}"]
 
 
 # --- data, prepared once per case ---------------------------------------------------------------
@@ -216,6 +217,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
             "--learning-rate", str(args.learning_rate), "--epochs", str(args.epochs), "--seed", str(args.seed),
             "--padding-free" if args.padding_free else "--no-padding-free",
+            "--shared-prompt" if args.shared_prompt else "--no-shared-prompt",
             *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
 
 
@@ -252,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-pairs", type=int, default=None, help="seeded subset of the filtered train split")
     parser.add_argument("--max-test-pairs", type=int, default=None)
     parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
+                        help="train.shared_prompt (causal decoders): each pair's prompt computed once")
+    parser.add_argument("--versus", choices=("trl", "per-sequence"), default="trl",
+                        help="the second run: TRL's RewardTrainer, or ours packing every sequence apart "
+                             "(train.shared_prompt=false), for the gain of shared prompts")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -268,13 +275,18 @@ def main(argv: list[str] | None = None) -> None:
     results, summary = [], []
     for case in cases:
         prepare(args, case)
-        ours, trl = run_child(args, case, "ours"), run_child(args, case, "trl")
-        results += [ours, trl]
-        summary.append(ratios(ours, trl))
+        ours = run_child(args, case, "ours")
+        if args.versus == "trl":
+            other = run_child(args, case, "trl")
+        else:
+            other = run_child(argparse.Namespace(**{**vars(args), "shared_prompt": False}), case, "ours")
+            other["trainer"] = "ours, per-sequence"
+        results += [ours, other]
+        summary.append(ratios(ours, other))
     print("\n" + table(results) + "\n")
     for s in summary:
-        print(f"{s['case']}: ours/TRL real tokens/s {s['tokens_per_s']:.2f}x, peak RSS {s['peak_rss']:.2f}x, "
-              f"accuracy {s['accuracy_points']:+.1f} points")
+        print(f"{s['case']}: ours/{args.versus} real tokens/s {s['tokens_per_s']:.2f}x, "
+              f"peak RSS {s['peak_rss']:.2f}x, accuracy {s['accuracy_points']:+.1f} points")
     record.append("bench_train.py", argv, {"results": results, "ratios": summary})
 
 

@@ -3,6 +3,7 @@ memory do not depend on the weights, and nothing has to be downloaded.
 
     python benchmarks/pythia_1b_shape.py benchmarks/.work/pythia-1b-shape
     python benchmarks/bench_train.py --model benchmarks/.work/pythia-1b-shape --max-length 1024
+    python benchmarks/pythia_1b_shape.py --small benchmarks/.work/small-decoder   # CPU size
 
 The tokenizer is the offline all-MiniLM-L6-v2 one (its ids fit the 50,304-entry vocabulary) unless
 --tokenizer names another, e.g. EleutherAI/pythia-1b where the Hub is reachable.
@@ -13,15 +14,17 @@ import argparse
 from pathlib import Path
 
 
-def build(folder: Path, tokenizer_name: str) -> Path:
+def build(folder: Path, tokenizer_name: str, small: bool = False) -> Path:
+    """`small`: the same family at CPU size (4 layers of 256), for CPU benchmarks of the decoder paths."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 
     from rm_lib.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
-                           intermediate_size=8192, rotary_pct=0.25, max_position_embeddings=2048,
+    size = (dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024) if small
+            else dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192))
+    config = GPTNeoXConfig(vocab_size=50304, **size, rotary_pct=0.25, max_position_embeddings=2048,
                            use_parallel_residual=True, tie_word_embeddings=False, num_labels=1,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
@@ -36,8 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--tokenizer", default="default")
+    parser.add_argument("--small", action="store_true", help="4 layers of 256: a decoder for CPU benchmarks")
     args = parser.parse_args()
-    print(build(args.folder, args.tokenizer))
+    print(build(args.folder, args.tokenizer, args.small))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     padding_free: bool = True
+    # with padding_free on a causal decoder: a pair's shared prefix (its prompt) is computed once
+    shared_prompt: bool = True
     group_by_length: bool = True
     max_tokens_per_forward: int | None = 8192  # bounds activation memory; gradients stay those of the whole batch
     lora: bool = False

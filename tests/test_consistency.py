@@ -15,7 +15,7 @@ from rm_lib.model.modeling import load_tokenizer
 
 from helpers import run_steps, tiny_params
 
-MODEL_PATHS = {"padded_bs1", "left_padding", "packed_training_forward"}
+MODEL_PATHS = {"padded_bs1", "left_padding", "packed_training_forward", "packed_shared_prompt"}
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +96,21 @@ def test_a_broken_packed_forward_is_named_alone(released, monkeypatch):
     rows, pad = _rows_and_pad(released)
     real = packing.block_mask
     monkeypatch.setattr(packing, "block_mask",  # tokens see the sequence after them: no longer causal
-                        lambda seg, *, causal, boolean, dtype: real(seg, causal=False, boolean=boolean, dtype=dtype))
+                        lambda seg, *, causal, **kw: real(seg, causal=False, **kw))
     result = consistency.check(released.model, rows, pad_token_id=pad, pipeline=False)
-    assert result["failed"] == ["packed_training_forward"] and not result["passed"]
+    assert result["failed"] == ["packed_training_forward", "packed_shared_prompt"] and not result["passed"]
     assert result["max_abs_diff"]["padded_bs1"] <= result["tolerance"]
+
+
+def test_a_shared_prompt_mask_that_hides_the_prompt_is_named_alone(released, monkeypatch):
+    from rm_lib.model import packing
+
+    rows, pad = _rows_and_pad(released)
+    real = packing.block_mask
+    monkeypatch.setattr(packing, "block_mask",  # the answers no longer see their pair's prompt
+                        lambda seg, *, prefix_ids=None, **kw: real(seg, **kw))
+    result = consistency.check(released.model, rows, pad_token_id=pad, pipeline=False)
+    assert result["failed"] == ["packed_shared_prompt"] and not result["passed"]
 
 
 def test_an_encoder_agrees_on_every_path_it_supports(minilm_path, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from rm_lib.model.batching import collate_pairs
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import load_reward_model, rewards, unwrap
-from rm_lib.model.packing import first_fit, pack_pairs, packed_rewards, pooling
+from rm_lib.model.packing import first_fit, pack_pairs, pack_pairs_shared, packed_rewards, pooling, shared_prefix
 
 from helpers import run_steps, tiny_params, write_jsonl
 
@@ -113,3 +113,85 @@ def test_training_padding_free_matches_padded_training(tmp_path, tiny_decoder):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
     pad = {k: sum(r["padding_fraction"] for r in v if "loss" in r) for k, v in history.items()}
     assert pad[True] < pad[False]
+
+
+def shared_prompt_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Pairs that share a prompt of 3-30 tokens (one pair shares nothing, one differs in its last token only)."""
+    rng = random.Random(seed)
+    seq = lambda lo, hi: [rng.randrange(5, vocab) for _ in range(rng.randrange(lo, hi))]  # noqa: E731
+    pairs = []
+    for _ in range(n):
+        prompt = seq(3, 30)
+        pairs.append({"input_ids_chosen": prompt + seq(1, 15), "input_ids_rejected": prompt + seq(1, 15),
+                      "margin": rng.random()})
+    pairs[0]["input_ids_rejected"] = [4] + pairs[0]["input_ids_rejected"]  # nothing shared
+    pairs[1]["input_ids_rejected"] = pairs[1]["input_ids_chosen"][:-1] + [4]  # all but the last token
+    return pairs
+
+
+def test_the_shared_prefix_leaves_each_side_its_last_token():
+    assert shared_prefix([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert shared_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # one side is a prefix of the other
+    assert shared_prefix([5], [5]) == 0 and shared_prefix([1, 2], [3, 2]) == 0
+
+
+def test_shared_prompt_layout_computes_each_prompt_once():
+    pairs = [{"input_ids_chosen": [5, 6, 7, 8], "input_ids_rejected": [5, 6, 9]}]
+    batch = pack_pairs_shared(pairs, pad_token_id=0, use_margin=False)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9]]  # prompt | chosen rest | rejected rest
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # the rejected side continues from the prompt
+    assert batch.last.tolist() == [3, 4] and batch.real_tokens == 5  # 7 tokens unshared
+    assert batch.sequence_tokens == 7  # what tokens/s counts: the pairs' tokens, as a padded batch has them
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rewards_loss_and_gradients_equal_the_unpacked_ones(tiny_decoder, attention):
+    model = _model(str(tiny_decoder), attention)
+    inner = unwrap(model)
+    model.train()
+    pairs = shared_prompt_pairs(8, min(model.config.vocab_size, 60))
+    margin = torch.tensor([p["margin"] for p in pairs])
+
+    def step(compute):
+        model.zero_grad()
+        scores = compute()
+        loss = bradley_terry_loss(scores[:8], scores[8:], margin, None)
+        loss.backward()
+        return scores.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}
+
+    padded = collate_pairs(pairs, 0)
+    shared = pack_pairs_shared(pairs, 0)
+    assert shared.real_tokens < pack_pairs(pairs, 0).real_tokens  # the prompts are computed once
+    s_pad, l_pad, g_pad = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
+    s_shared, l_shared, g_shared = step(lambda: packed_rewards(inner, shared))
+    torch.testing.assert_close(s_shared, s_pad, atol=1e-5, rtol=1e-4)
+    assert l_shared == pytest.approx(l_pad, abs=1e-6)
+    assert g_shared.keys() == g_pad.keys()
+    for name in g_pad:
+        torch.testing.assert_close(g_shared[name], g_pad[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_an_encoder_refuses_shared_prompts(minilm_path):
+    model = _model(minilm_path, "sdpa")
+    with pytest.raises(ValueError, match="causal decoder"):
+        packed_rewards(unwrap(model), pack_pairs_shared(shared_prompt_pairs(2, 60), 0))
+
+
+def test_training_with_shared_prompts_matches_per_sequence_packing(tmp_path, tiny_decoder):
+    """Whole runs on conversations that share their prompt: the same losses, fewer tokens computed."""
+    rng = random.Random(2)
+    words = "good bad great awful fine movie film plot acting story".split()
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    source = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": text(rng.randrange(10, 30)), "chosen": text(rng.randrange(1, 10)),
+         "rejected": text(rng.randrange(1, 10))} for _ in range(80)])
+    history = {}
+    for shared in (True, False):
+        params = tiny_params(f"train.shared_prompt={str(shared).lower()}", "train.max_steps=6",
+                             f"download.source={source}", model=str(tiny_decoder))
+        run_steps(params, tmp_path / f"shared-{shared}", "download", "tokenize", "filter", "train")
+        history[shared] = [json.loads(line) for line in
+                           (tmp_path / f"shared-{shared}/data/train/metrics.jsonl").read_text().splitlines()]
+    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in history.items()}
+    assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)

@@ -16,7 +16,7 @@ import torch
 
 from rm_lib.model.inference import PairScorer, score_pairs
 from rm_lib.model.modeling import is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
-from rm_lib.model.packing import pack_pairs, pooling
+from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
 
 REFERENCE = "padded batch, batch size 32, right padding"
 PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "pipeline")
@@ -115,6 +115,9 @@ def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict)
                                                                  "its inputs are padded on the right only"}
     if pooling(unwrap(model)) is not None:
         scored["packed_training_forward"] = _packed_scores(model, rows, pad_token_id, device)
+        if pooling(unwrap(model)) == "last":  # train.shared_prompt: each pair's prompt computed once
+            batch = pack_pairs_shared(rows, pad_token_id, use_margin=False).to(device)
+            scored["packed_shared_prompt"] = PairScorer(model)(batch).tolist()
     else:
         skipped["packed_training_forward"] = {"texts": len(seqs), "reason": "no packed forward for this head: "
                                               "training runs padded batches, which the reference is"}

@@ -2,7 +2,13 @@
 
 Each sequence keeps its own positions (they restart at 0) and attends only to itself through a
 block-diagonal mask, so its score is the one it would get alone; the rows are filled first-fit
-from the longest sequence down, so only the tail of a row is padding."""
+from the longest sequence down, so only the tail of a row is padding.
+
+Shared-prompt packing (`pack_pairs_shared`, causal decoders only) lays a pair out as
+prefix | chosen rest | rejected rest, where the prefix is what both sides begin with: the rejected
+tokens see the prefix and themselves (not the chosen ones), and their positions continue from the
+prefix. A causal model computes the prefix the same way for both sides, so every score is the one
+the sequence gets alone, and the prefix is computed once per pair instead of twice."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,14 +26,22 @@ class PackedBatch:
     last: torch.Tensor  # [S] flat index of each sequence's last token
     margin: torch.Tensor | None
     n_pairs: int
-    real_tokens: int
+    real_tokens: int  # tokens computed (a shared prefix once)
     padded_tokens: int
+    # [R, W] with shared prompts: the segment a token may also attend to (its pair's prefix);
+    # None: each token sees its own segment only
+    prefix_ids: torch.Tensor | None = None
+    sequence_tokens: int = 0  # tokens of the pairs' sequences, a shared prefix counted for both sides
+
+    def __post_init__(self) -> None:
+        self.sequence_tokens = self.sequence_tokens or self.real_tokens
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment_ids.to(device),
                            self.first.to(device), self.last.to(device),
                            None if self.margin is None else self.margin.to(device), self.n_pairs,
-                           self.real_tokens, self.padded_tokens)
+                           self.real_tokens, self.padded_tokens,
+                           None if self.prefix_ids is None else self.prefix_ids.to(device), self.sequence_tokens)
 
 
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
@@ -67,16 +81,71 @@ def pack_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True, wid
             segments[r, column:column + n] = i
             first[i], last[i] = r * width + column, r * width + column + n - 1
             column += n
+    return PackedBatch(ids, positions, segments, first, last, _margin(rows, use_margin), len(rows), sum(lengths),
+                       ids.numel())
+
+
+def _margin(rows: list[dict], use_margin: bool) -> torch.Tensor | None:
     margins = [r.get("margin") for r in rows]
-    margin = (torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
-              if use_margin and any(m is not None for m in margins) else None)
-    return PackedBatch(ids, positions, segments, first, last, margin, len(rows), sum(lengths), ids.numel())
+    return (torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
+            if use_margin and any(m is not None for m in margins) else None)
 
 
-def block_mask(segment_ids: torch.Tensor, *, causal: bool, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
-    """[R, 1, W, W] mask letting a token see only its own sequence (and, if causal, what precedes it).
-    A padding token sees only itself, so no row of the softmax is empty."""
+def shared_prefix(chosen: list[int], rejected: list[int]) -> int:
+    """How many leading tokens both sides share, leaving each at least its last token of its own
+    (the one its score is read at)."""
+    n = 0
+    limit = min(len(chosen), len(rejected)) - 1
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def pack_pairs_shared(rows: list[dict], pad_token_id: int, use_margin: bool = True,
+                      width: int | None = None) -> PackedBatch:
+    """Each pair as one block prefix | chosen rest | rejected rest, blocks packed first-fit into rows
+    `width` wide (default: the longest block). Scores come out in `pack_pairs` order: chosen of every
+    pair, then rejected. For causal attention only."""
+    n = len(rows)
+    splits = [shared_prefix(r["input_ids_chosen"], r["input_ids_rejected"]) for r in rows]
+    blocks = [len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) - k for r, k in zip(rows, splits)]
+    width = max(width or 0, max(blocks))
+    layout = first_fit(blocks, width)
+    ids = torch.full((len(layout), width), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    segments = -1 - torch.arange(width).repeat(len(layout), 1)
+    prefixes = segments.clone()
+    first = torch.empty(2 * n, dtype=torch.long)
+    last = torch.empty(2 * n, dtype=torch.long)
+    for r, members in enumerate(layout):
+        column = 0
+        for i in members:
+            chosen, rejected, k = rows[i]["input_ids_chosen"], rows[i]["input_ids_rejected"], splits[i]
+            start_of_block = r * width + column
+            # segments: chosen i, rejected n + i (as pack_pairs), the shared prefix 2n + i
+            for segment, tokens, start in ((2 * n + i, chosen[:k], 0), (i, chosen[k:], k),
+                                           (n + i, rejected[k:], k)):
+                m = len(tokens)
+                ids[r, column:column + m] = torch.tensor(tokens, dtype=torch.long)
+                positions[r, column:column + m] = torch.arange(start, start + m)
+                segments[r, column:column + m] = segment
+                prefixes[r, column:column + m] = 2 * n + i
+                if segment < 2 * n:
+                    first[segment], last[segment] = start_of_block, r * width + column + m - 1
+                column += m
+    unshared = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
+    return PackedBatch(ids, positions, segments, first, last, _margin(rows, use_margin), n, sum(blocks), ids.numel(),
+                       prefix_ids=prefixes, sequence_tokens=unshared)
+
+
+def block_mask(segment_ids: torch.Tensor, *, causal: bool, boolean: bool, dtype: torch.dtype,
+               prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, 1, W, W] mask letting a token see only its own sequence (and, if causal, what precedes it);
+    with `prefix_ids`, also the shared prefix of its pair. A padding token sees only itself, so no
+    row of the softmax is empty."""
     allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_ids is not None:
+        allowed |= prefix_ids[:, :, None] == segment_ids[:, None, :]
     if causal:
         width = segment_ids.shape[-1]
         allowed &= torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
@@ -107,7 +176,10 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
     dtype = next(inner.parameters()).dtype
     if torch.is_autocast_enabled(batch.input_ids.device.type):
         dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
-    mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype)
+    if batch.prefix_ids is not None and kind != "last":
+        raise ValueError("shared-prompt packing needs a causal decoder: an encoder's prompt would see both answers")
+    mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype,
+                      prefix_ids=batch.prefix_ids)
     base = getattr(inner, base_name)
     hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])

@@ -22,7 +22,7 @@ from rm_lib.model.batching import collate_pairs, epoch_batches, process_slice, t
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
-from rm_lib.model.packing import pack_pairs, pooling
+from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.length_debias import LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import limit_heap_growth
@@ -31,7 +31,7 @@ STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
-                      "wandb_project", "wandb_mode", "max_tokens_per_forward")
+                      "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt")
 
 
 @dataclass
@@ -192,6 +192,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
+    # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
+    pack = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
     if cfg.padding_free and not packed:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
@@ -227,7 +229,9 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         tracker.start(state.metrics_lines if resumed_from is not None else None)
 
     history: list[dict] = []
-    window = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "mean": 0.0, "n": 0, "tokens": 0, "padded": 0}
+    # tokens: of the pairs' sequences (a shared prompt counts for both sides, as a padded batch has it);
+    # computed: what the forward passes ran on, padding aside
+    window = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "mean": 0.0, "n": 0, "tokens": 0, "computed": 0, "padded": 0}
     started, window_start, tokens_total = time.perf_counter(), time.perf_counter(), 0
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
@@ -245,7 +249,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             mine = [train_rows[i] for i in process_slice(batches[pos_k], rank, world)]
             chunks = token_chunks(mine, cfg.max_tokens_per_forward)
             for c, chunk in enumerate(chunks):
-                batch = (pack_pairs(chunk, pad_token_id, cfg.use_margin) if packed
+                batch = (pack(chunk, pad_token_id, cfg.use_margin) if packed
                          else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
                 share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
                 last = k == cfg.gradient_accumulation_steps - 1 and c == len(chunks) - 1
@@ -266,7 +270,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                 window["acc"] += (r_c > r_r).float().mean().item() * share
                 window["margin"] += (r_c - r_r).mean().item() * share
                 window["mean"] += scores.mean().item() * share
-                window["tokens"] += batch.real_tokens
+                window["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
+                window["computed"] += batch.real_tokens
                 window["padded"] += batch.padded_tokens
             window["n"] += 1
         if not math.isfinite(window["loss"]):  # stop before the bad step touches the weights
@@ -288,7 +293,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                       "accuracy": window["acc"] / n, "reward_margin": window["margin"] / n,
                       "reward_mean": window["mean"] / n, "grad_norm": float(grad_norm),
                       "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
-                      "padding_fraction": 1 - window["tokens"] / max(window["padded"], 1)}
+                      "padding_fraction": 1 - window["computed"] / max(window["padded"], 1)}
             tokens_total += tokens
             history.append(record)
             state.last_log = dict(record)
