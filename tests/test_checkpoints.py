@@ -106,3 +106,19 @@ def test_the_model_and_checkpoints_are_written_0644_in_0755_folders(tmp_path, ti
             assert oct(os.stat(folder).st_mode & 0o777) == "0o755", folder
             for name in files:
                 assert oct(os.stat(Path(folder) / name).st_mode & 0o777) == "0o644", Path(folder) / name
+
+
+def test_a_resume_restores_the_metrics_log_that_dvc_deleted(tmp_path, tiny_decoder):
+    """`dvc repro` deletes data/train/metrics.jsonl before train runs; the checkpoint resumed from
+    holds the lines logged up to it."""
+    import shutil
+
+    from rm_lib.files import read_jsonl
+
+    params = tiny_params("train.max_steps=4", "train.save_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    shutil.rmtree(tmp_path / "models/checkpoints/step-4")  # as if killed after step 3
+    (tmp_path / "data/train/metrics.jsonl").unlink()
+    result = run_steps(params, tmp_path, "train")["train"]
+    assert result.resumed_from == 2
+    assert [r["step"] for r in read_jsonl(tmp_path / "data/train/metrics.jsonl")] == [1, 2, 3, 4]

@@ -41,7 +41,7 @@ STAGE_FOLDERS = {
     "download": ["data/pairs"],
     "tokenize": ["data/tokenized"],
     "filter": ["data/filtered"],
-    "train": ["models/reward_model", "models/checkpoints", "data/train"],
+    "train": ["models/reward_model", "data/train"],
     "evaluate": ["data/evaluation"],
     "push": ["data/release"],
 }
@@ -152,7 +152,9 @@ def test_outs_metrics_and_plots():
         for folder in STAGE_FOLDERS[name]:
             assert any(p == folder or p.startswith(folder + "/") for p in paths), (name, folder)
     train_outs = _entries(stages["train"]["outs"])
-    assert train_outs["models/checkpoints"].get("persist") is True
+    # checkpoints stay on the machine, never cached or pushed; no persistent out keeps train run-cached
+    assert not any(p.startswith("models/checkpoints") for p in train_outs)
+    assert not any(options.get("persist") for options in train_outs.values())
     outs = {p for stage in stages.values() for p in _entries(stage.get("outs"))}
     assert list(_entries(pipeline["metrics"])) == ["data/evaluation/metrics.json"]
     plots = _entries(pipeline["plots"])
@@ -210,6 +212,12 @@ class Repo:
             params[section].update(values)
         params["train"].update(train)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    def versioned_files(self) -> dict[str, tuple[str, int]]:
+        """What DVC versions: data/ and models/ but the checkpoints (kept on the machine only) and
+        data/sources (the user's files: git holds its README)."""
+        return {k: v for k, v in self.files("data", "models").items()
+                if not k.startswith(("models/checkpoints/", "data/sources/"))}
 
     def files(self, *folders: str) -> dict[str, tuple[str, int]]:
         """{relative path: (sha256, mtime_ns)} of every file under the folders."""
@@ -316,7 +324,7 @@ def pipeline(tmp_path_factory):
     assert RAN.findall(output) == list(STAGES), output[-3000:]
     repo.commit("dvc repro")
     repo.first_commit = repo.git("rev-parse", "HEAD").strip()
-    repo.first_files = repo.files("data", "models")
+    repo.first_files = repo.versioned_files()
     yield repo
     _rmtree(root.parent)  # workspace, cache and remote: about 1.5 GB
 
@@ -336,15 +344,16 @@ def test_second_repro_runs_nothing(pipeline):
 
 @pytest.mark.slow
 def test_push_then_pull_into_an_empty_cache_gives_the_same_bytes(pipeline):
-    before = {path: digest for path, (digest, _) in pipeline.files("data", "models").items()}
+    before = {path: digest for path, (digest, _) in pipeline.versioned_files().items()}
     assert any(p.startswith("models/reward_model/") for p in before)
     pipeline.dvc("push")
     assert any((pipeline.root.parent / "remote").rglob("*")), "dvc push wrote nothing to the local remote"
     for folder in (".dvc/cache", "data", "models"):
         _rmtree(pipeline.root / folder)
+    pipeline.git("checkout", "--", "data/sources")  # in git, not DVC
     assert "deleted" in pipeline.dvc("status")
     pipeline.dvc("pull")
-    after = {path: digest for path, (digest, _) in pipeline.files("data", "models").items()}
+    after = {path: digest for path, (digest, _) in pipeline.versioned_files().items()}
     assert after == before
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
 
@@ -362,7 +371,7 @@ def test_a_teammate_clones_and_pulls_the_same_model_from_the_default_remote(pipe
     theirs = Repo(tmp_path / "teammate", env)
     assert not (theirs.root / ".dvc/config.local").exists()  # only the shipped config: the default remote
     theirs.dvc("pull")
-    digests = lambda repo: {p: d for p, (d, _) in repo.files("data", "models").items()}  # noqa: E731
+    digests = lambda repo: {p: d for p, (d, _) in repo.versioned_files().items()}  # noqa: E731
     assert digests(theirs) == digests(mine) and any(p.startswith("models/reward_model/") for p in digests(theirs))
     assert "Data and pipelines are up to date." in theirs.dvc("status")
 
@@ -385,6 +394,26 @@ def test_a_train_setting_reruns_exactly_train_evaluate_push(pipeline):
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
     _assert_cache_intact(pipeline.root)
     pipeline.commit("learning rate 2e-5")
+
+
+@pytest.mark.slow
+def test_train_is_run_cached_and_its_checkpoints_are_never_versioned(pipeline):
+    """Back to settings it trained on once: DVC restores train and evaluate from its run cache instead
+    of training again; the checkpoints are in no cache and no remote."""
+    params_file = pipeline.root / "params.yaml"
+    before = params_file.read_text(encoding="utf-8")
+    model = {k: v[0] for k, v in pipeline.files("models/reward_model").items()}
+    pipeline.write_params(learning_rate=3e-5)
+    assert "train" in RAN.findall(pipeline.dvc("repro"))
+    params_file.write_text(before, encoding="utf-8")
+    output = pipeline.dvc("repro")
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in output, output[-3000:]
+    assert "train" not in RAN.findall(output)
+    assert {k: v[0] for k, v in pipeline.files("models/reward_model").items()} == model
+    lock = yaml.safe_load((pipeline.root / "dvc.lock").read_text(encoding="utf-8"))
+    assert not any(o["path"].startswith("models/checkpoints") for o in lock["stages"]["train"]["outs"])
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+    pipeline.commit("back to the committed settings")  # the release card names the commit: a new lock
 
 
 @pytest.mark.slow
@@ -432,9 +461,9 @@ def _assert_cache_intact(root: Path) -> None:
 
 @pytest.mark.slow
 def test_an_earlier_version_comes_back_with_git_and_dvc_checkout(pipeline):
-    """The first run's data, model and checkpoints, restored after a later run replaced them."""
+    """The first run's data and model, restored after a later run replaced them."""
     def contents() -> dict[str, str]:
-        return {path: digest for path, (digest, _) in pipeline.files("data", "models").items()}
+        return {path: digest for path, (digest, _) in pipeline.versioned_files().items()}
 
     first = {path: digest for path, (digest, _) in pipeline.first_files.items()}
     latest = contents()
@@ -442,7 +471,6 @@ def test_an_earlier_version_comes_back_with_git_and_dvc_checkout(pipeline):
     pipeline.git("checkout", "-q", pipeline.first_commit)
     pipeline.dvc("checkout", "--force")
     assert contents() == first
-    assert any(p.startswith("models/checkpoints/step-") for p in first)
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
     pipeline.git("checkout", "-q", "-")  # and back to the newest version
     pipeline.dvc("checkout", "--force")

@@ -28,7 +28,8 @@ from rm_lib.training.length_debias import LengthHead, debiased_loss, sequence_le
 from rm_lib.training.memory import limit_heap_growth
 
 STATE_FILE = "trainer_state.json"
-CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last
+CHECKSUM_FILE = "checksums.json"
+LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a resume DVC cleared the log of  # size and sha256 of every file of a checkpoint, written last
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
                       "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt")
@@ -226,7 +227,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     accelerator.wait_for_everyone()
     base_tokens, base_s = state.tokens, state.train_s
     if tracker is not None and accelerator.is_main_process:
-        tracker.start(state.metrics_lines if resumed_from is not None else None)
+        tracker.start(state.metrics_lines if resumed_from is not None else None,
+                      saved=latest / LOG_FILE if latest is not None else None)
 
     history: list[dict] = []
     # tokens: of the pairs' sequences (a shared prompt counts for both sides, as a padded batch has it);
@@ -316,7 +318,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         if state.step % cfg.save_steps == 0 or state.step == total or new_best:
             state.scheduler = scheduler.state_dict()
             state.tokens, state.train_s = base_tokens + tokens_total, base_s + time.perf_counter() - started
-            save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit)
+            save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
+                            log=getattr(tracker, "metrics_path", None))
     bar.close()
     # The last step always saves, so the state holds this session's figures; a reused run reports the run's.
     reused = resumed_from is not None and resumed_from == state.step
@@ -339,7 +342,7 @@ def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
     return {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)} if full else None
 
 
-def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int) -> Path:
+def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int, log: Path | None = None) -> Path:
     """Write step-N atomically (temporary name, then rename) with the checksums of its files; then drop
     other runs' checkpoints and keep this run's newest `keep` and its best, so disk use stays bounded."""
     target = folder / f"step-{state.step}"
@@ -351,6 +354,8 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
     accelerator.wait_for_everyone()  # every process's files are in before they are summed up
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        if log is not None and log.exists():
+            shutil.copyfile(log, tmp / LOG_FILE)
         _write_checksums(tmp)
         share_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
