@@ -28,8 +28,8 @@ from rm_lib.training.length_debias import LengthHead, debiased_loss, sequence_le
 from rm_lib.training.memory import limit_heap_growth
 
 STATE_FILE = "trainer_state.json"
-CHECKSUM_FILE = "checksums.json"
-LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a resume DVC cleared the log of  # size and sha256 of every file of a checkpoint, written last
+CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last
+LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a resume after DVC cleared it
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
                       "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt")
