@@ -479,8 +479,18 @@ def test_an_earlier_version_comes_back_with_git_and_dvc_checkout(pipeline):
 
 @pytest.mark.slow
 def test_exp_run_and_exp_show(pipeline):
+    import dataclasses
+
+    from rm_lib.settings import load_params
+
+    before = load_params(pipeline.root / "params.yaml")
     output = pipeline.dvc("exp", "run", "-S", "train.learning_rate=1e-4")
     assert RAN.findall(output) == ["train", "evaluate", "push"], output[-3000:]
+    # -S rewrites params.yaml (its nulls may come back as empty values): every other setting means the same
+    after = load_params(pipeline.root / "params.yaml")
+    assert after.train.learning_rate == 1e-4
+    same_rate = dataclasses.replace(after.train, learning_rate=before.train.learning_rate)
+    assert dataclasses.replace(after, train=same_rate) == before
     table = list(csv.DictReader(io.StringIO(pipeline.dvc("exp", "show", "--csv"))))
     ours = [row for row in table if row["Experiment"] and float(row["train.learning_rate"]) == 1e-4]
     assert len(ours) == 1, f"dvc exp show lists no experiment with train.learning_rate=1e-4: {table}"

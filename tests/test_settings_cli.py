@@ -188,3 +188,17 @@ def test_run_refuses_a_model_with_only_pickled_weights_before_any_step(tmp_path,
     err = capsys.readouterr().err
     assert "has no safetensors weights" in err and "pytorch_model.bin" in err and err.count("\n") == 1
     assert not (project / "data").exists()
+
+
+def test_params_yaml_means_the_same_after_dvc_rewrites_its_nulls(tmp_path):
+    """`dvc exp run -S` writes params.yaml back with ruamel, which leaves `key:` where `key: null`
+    stood: YAML reads both as null, so the settings are the same."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "params.yaml").read_text(encoding="utf-8")
+    rewritten = re.sub(r"^(\s*[\w_]+):\s*null\b", r"\1:", text, flags=re.M)
+    assert rewritten != text
+    (tmp_path / "params.yaml").write_text(rewritten, encoding="utf-8")
+    assert load_params(tmp_path / "params.yaml") == load_params(root / "params.yaml")
