@@ -199,6 +199,9 @@ def test_every_asset_materializes_with_metadata(pipeline):
     assert math.isclose(ev["length_baseline"].value,
                         max(report["longer_wins_baseline"], report["shorter_wins_baseline"]))
     assert "data:image/png;base64," in ev["reward_distributions"].md_str
+    assert "data:image/png;base64," in ev["reward_vs_length"].md_str
+    for key in ("prefers_longer", "reward_length_correlation", "calibration_ece"):  # length dependence, calibration
+        assert math.isclose(ev[key].value, report[key]), key
     buckets = ev["per_length_bucket"]
     assert [c.name for c in buckets.schema.columns] == ["tokens", "pairs", "accuracy", "longer wins", "shorter wins"]
     assert [c.type for c in buckets.schema.columns][1:3] == ["int", "float"] and len(buckets.records) >= 1
