@@ -19,7 +19,7 @@ from rm_lib.model.modeling import is_last_token_pooled, load_reward_model, load_
 from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
 
 REFERENCE = "padded batch, batch size 32, right padding"
-PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "pipeline")
+PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "packed_shared_prompt", "pipeline")
 RULE = "|score - reference| <= tolerance * max(1, |reference|)"
 
 
@@ -118,7 +118,11 @@ def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict)
         if pooling(unwrap(model)) == "last":  # train.shared_prompt: each pair's prompt computed once
             batch = pack_pairs_shared(rows, pad_token_id, use_margin=False).to(device)
             scored["packed_shared_prompt"] = PairScorer(model)(batch).tolist()
+        else:
+            skipped["packed_shared_prompt"] = {"texts": len(seqs), "reason": "an encoder's prompt would see both "
+                                               "answers: training packs its sequences apart"}
     else:
+        skipped["packed_shared_prompt"] = {"texts": len(seqs), "reason": "no packed forward for this head"}
         skipped["packed_training_forward"] = {"texts": len(seqs), "reason": "no packed forward for this head: "
                                               "training runs padded batches, which the reference is"}
     return scored

@@ -169,6 +169,7 @@ Accuracy per pair length (tokens of the longer side):
 
 CONSISTENCY_PATHS = {"padded_bs1": "padded, batch size 1", "left_padding": "left padding",
                      "packed_training_forward": "packed (the training forward)",
+                     "packed_shared_prompt": "packed, each prompt once (train.shared_prompt)",
                      "pipeline": '`transformers.pipeline("text-classification")` on the decoded text'}
 
 
