@@ -12,16 +12,19 @@ export WANDB_MODE ?= disabled
 
 # torch first, from the CPU wheel (a plain `pip install torch` would pull GBs of CUDA packages).
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
-# DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc.
+# DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc;
+# it installs beside the main one, at the same time.
 $(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
 	@echo "installing into $(VENV) and $(DVC_VENV) (a few minutes the first time); output in $(LOG)"
 	@{ set -e; \
+	  { $(PYTHON) -m venv $(DVC_VENV) && \
+	    $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
 	  $(PYTHON) -m venv $(VENV); \
 	  $(PY) -m pip install --upgrade pip; \
 	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0; \
 	  $(PY) -m pip install -e ".[test]"; \
-	  $(PYTHON) -m venv $(DVC_VENV); \
-	  $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; \
+	  wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; exit 1; }; \
+	  cat $(LOG).dvc; rm -f $(LOG).dvc; \
 	  ln -sf "$(abspath $(DVC_VENV))/bin/dvc" $(VENV)/bin/dvc; \
 	} > $(LOG) 2>&1 || { echo "install failed; the last lines of $(LOG):" >&2; tail -n 30 $(LOG) >&2; exit 1; }
 	@touch $@

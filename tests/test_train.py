@@ -173,7 +173,8 @@ def test_default_model_beats_the_length_baseline_on_real_hh_rlhf(tmp_path):
     must beat 'shorter wins' (55.6% on the whole file) on the held-out 20%."""
     need(HH)
     # Truncation keeps the end of each conversation, where the two replies differ, and bounds CI time.
-    params = tiny_params(f"download.source={HH}", "filter.max_token_length=96", "filter.max_prompt_token_length=72",
+    params = tiny_params(f"download.source={HH}", "download.max_rows=1200", "filter.max_token_length=96",
+                         "filter.max_prompt_token_length=72",
                          "filter.policy=truncate",
                          "train.max_steps=null", "train.num_epochs=1", "train.batch_size=16",
                          "train.learning_rate=5e-5", "train.logging_steps=20", "train.save_steps=1000",
