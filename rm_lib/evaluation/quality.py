@@ -213,16 +213,24 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
     return Verdict(name, True, description, metadata)
 
 
+def _bounded_report(layout: Layout, name: str, bound: float | None, unset: str) -> dict | Verdict:
+    """The evaluation report for a gate whose bound is set; the gate's verdict when it is not, or when
+    there is no report yet."""
+    path = layout.evaluation / "report.json"
+    if bound is None:
+        return Verdict(name, True, unset)
+    return read_json(path) if path.exists() else _missing(name, path)
+
+
 def subset_gate(layout: Layout, min_subset_accuracy: float | None) -> Verdict:
     """Every subset of the held-out pairs (the `subset` column) reaches min_subset_accuracy: a model
     can pass overall while failing one category (say, harmlessness) outright."""
     name = "subset_gate"
-    path = layout.evaluation / "report.json"
-    if min_subset_accuracy is None:
-        return Verdict(name, True, "no minimum accuracy per subset set (push.min_subset_accuracy)")
-    if not path.exists():
-        return _missing(name, path)
-    per_subset = read_json(path).get("per_subset", {})
+    report = _bounded_report(layout, name, min_subset_accuracy,
+                             "no minimum accuracy per subset set (push.min_subset_accuracy)")
+    if isinstance(report, Verdict):
+        return report
+    per_subset = report.get("per_subset", {})
     if not per_subset:
         return Verdict(name, True, "the held-out pairs name no subsets: push.min_subset_accuracy has nothing to hold",
                        {"min_subset_accuracy": min_subset_accuracy})
@@ -241,12 +249,11 @@ def length_correlation_gate(layout: Layout, max_abs: float | None) -> Verdict:
     """|Pearson r of reward and length| at most push.max_length_correlation: a reward that follows the
     token count teaches the policy to pad its answers."""
     name = "length_correlation_gate"
-    path = layout.evaluation / "report.json"
-    if max_abs is None:
-        return Verdict(name, True, "no bound on the reward-length correlation set (push.max_length_correlation)")
-    if not path.exists():
-        return _missing(name, path)
-    r = read_json(path).get("reward_length_correlation")
+    report = _bounded_report(layout, name, max_abs,
+                             "no bound on the reward-length correlation set (push.max_length_correlation)")
+    if isinstance(report, Verdict):
+        return report
+    r = report.get("reward_length_correlation")
     metadata = {"reward_length_correlation": "undefined" if r is None else r, "max_length_correlation": max_abs}
     if r is None:  # every answer of one length: the reward cannot follow length here
         return Verdict(name, True, "the reward-length correlation is undefined (the answers share one length)",
