@@ -26,14 +26,22 @@ from rm_lib.settings import Params
 from .config import DownloadConfig, EvaluateConfig, FilterConfig, PushConfig, StepConfig, TokenizeConfig, TrainConfig
 from .launcher import TrainLauncherResource
 from .resources import DvcResource, HubResource, ProjectResource, WandbResource
-
-GROUP = "reward_model_pipeline"
+from .source import GROUP, preference_source
 
 # Network steps: a transient error (UserError.transient) is retried after about 30 s, 90 s, 210 s
 # ((2^n - 1) x 30 s, +-30 s). Under Dagster this policy is the only retry layer: the step runs inside
 # rm_lib.network.single_attempt(), whose docstring holds the whole policy. Anything else a user must
 # fix (bad settings, bad data, a refused token) is dg.Failure(allow_retries=False): no retry.
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+# Declarative automation (the release_automation sensor, off until turned on): a step runs after one of
+# its inputs was updated outside a whole-pipeline run (a lone materialization, a `dvc repro` that
+# dvc_lock_changed reported), and only once every blocking check on its inputs passed for their latest
+# version, or runs in the same run (which then stops at a failing check). So an automated run never
+# publishes past a failed release gate. raw_preferences has none: source_data_changed starts it.
+AFTER_BLOCKING_CHECKS = (dg.AutomationCondition.eager()
+                         & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
+    "an input updated, and its blocking checks passed")
 
 
 # ---------------------------------------------------------------- helpers
@@ -179,7 +187,8 @@ def _link(value: str | None) -> dg.MetadataValue:
 
 # ---------------------------------------------------------------- assets
 
-@dg.asset(group_name=GROUP, code_version=code_hash("download"), retry_policy=NETWORK_RETRY, kinds={"huggingface"},
+@dg.asset(group_name=GROUP, code_version=code_hash("download"), deps=[preference_source], retry_policy=NETWORK_RETRY,
+          kinds={"huggingface"},
           description="download: the source (params.yaml download.source: demo, a local file/folder or a Hub "
                       "dataset) -> normalised pairs split into train/test, rejects by reason (data/pairs).")
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
@@ -222,7 +231,8 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     )
 
 
-@dg.asset(group_name=GROUP, code_version=code_hash("tokenize"), deps=[raw_preferences], kinds={"parquet"},
+@dg.asset(group_name=GROUP, code_version=code_hash("tokenize"), automation_condition=AFTER_BLOCKING_CHECKS,
+          deps=[raw_preferences], kinds={"parquet"},
           description="tokenize: normalised pairs -> token ids through the chat template (data/tokenized).")
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
                           hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
@@ -246,7 +256,8 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
     )
 
 
-@dg.asset(group_name=GROUP, code_version=code_hash("filter"), deps=[tokenized_preferences], kinds={"parquet"},
+@dg.asset(group_name=GROUP, code_version=code_hash("filter"), automation_condition=AFTER_BLOCKING_CHECKS,
+          deps=[tokenized_preferences], kinds={"parquet"},
           description="filter: token ids -> length-filtered ids, every dropped pair counted by reason; "
                       "token-length histogram (data/filtered).")
 def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
@@ -279,7 +290,8 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
     )
 
 
-@dg.asset(group_name=GROUP, code_version=code_hash("train"), deps=[filtered_preferences], pool="gpu", kinds={"pytorch"},
+@dg.asset(group_name=GROUP, code_version=code_hash("train"), automation_condition=AFTER_BLOCKING_CHECKS,
+          deps=[filtered_preferences], pool="gpu", kinds={"pytorch"},
           description="train: filtered pairs -> a one-output reward model (models/reward_model); metrics, "
                       "loss curve and summary in data/train. Runs in the `gpu` pool.")
 def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project: ProjectResource,
@@ -325,7 +337,8 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     )
 
 
-@dg.asset(group_name=GROUP, code_version=code_hash("evaluate"), deps=[reward_model, filtered_preferences], pool="gpu",
+@dg.asset(group_name=GROUP, code_version=code_hash("evaluate"), automation_condition=AFTER_BLOCKING_CHECKS,
+          deps=[reward_model, filtered_preferences], pool="gpu",
           kinds={"pytorch"},
           description="evaluate: the model on the held-out pairs -> accuracy beside the length baselines, "
                       "reward distributions, accuracy per length bucket (data/evaluation).")
@@ -383,7 +396,8 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
     )
 
 
-@dg.asset(group_name=GROUP, code_version=code_hash("push"), deps=[evaluation, reward_model], retry_policy=NETWORK_RETRY,
+@dg.asset(group_name=GROUP, code_version=code_hash("push"), automation_condition=AFTER_BLOCKING_CHECKS,
+          deps=[evaluation, reward_model], retry_policy=NETWORK_RETRY,
           kinds={"huggingface"},
           description="push: model + model card -> data/release, uploaded to the Hub when push.repo_id is set "
                       "(and push.dry_run is false). Runs only when the blocking release gate on `evaluation` "

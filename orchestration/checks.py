@@ -13,6 +13,10 @@ from rm_lib.evaluation import quality
 from . import assets
 from .resources import ProjectResource
 
+# Under the release_automation sensor a check runs again for every new version of its asset (one that
+# DVC made, say), so the blocking ones hold for automated runs as they do inside a pipeline run.
+ON_UPDATE = dg.AutomationCondition.eager()
+
 
 def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
     metadata = {k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
@@ -22,37 +26,37 @@ def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
                                else dg.AssetCheckSeverity.ERROR)
 
 
-@dg.asset_check(asset=assets.raw_preferences, name="pairs_well_formed", blocking=True,
+@dg.asset_check(asset=assets.raw_preferences, name="pairs_well_formed", automation_condition=ON_UPDATE, blocking=True,
                 description="No written pair has an empty side or chosen == rejected. Blocking.")
 def raw_pairs_well_formed(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.pairs_well_formed(project.layout()))
 
 
-@dg.asset_check(asset=assets.raw_preferences, name="no_prompt_overlap",
+@dg.asset_check(asset=assets.raw_preferences, name="no_prompt_overlap", automation_condition=ON_UPDATE,
                 description="No prompt is in both the train and the test split.")
 def raw_no_prompt_overlap(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.no_prompt_overlap(project.layout()))
 
 
-@dg.asset_check(asset=assets.raw_preferences, name="rejects_ratio",
+@dg.asset_check(asset=assets.raw_preferences, name="rejects_ratio", automation_condition=ON_UPDATE,
                 description="The share of rejected source rows is at most download.max_reject_ratio.")
 def raw_rejects_ratio(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.rejects_ratio(project.layout(), project.load_params().download.max_reject_ratio))
 
 
-@dg.asset_check(asset=assets.reward_model, name="loss_is_finite", blocking=True,
+@dg.asset_check(asset=assets.reward_model, name="loss_is_finite", automation_condition=ON_UPDATE, blocking=True,
                 description="Training logged finite losses (data/train/run.json, metrics.jsonl). Blocking.")
 def model_loss_is_finite(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.loss_is_finite(project.layout()))
 
 
-@dg.asset_check(asset=assets.evaluation, name="beats_length_baseline",
+@dg.asset_check(asset=assets.evaluation, name="beats_length_baseline", automation_condition=ON_UPDATE,
                 description="Test accuracy is above max(longer-wins, shorter-wins) baselines.")
 def evaluation_beats_length_baseline(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.beats_length_baseline(project.layout()))
 
 
-@dg.asset_check(asset=assets.evaluation, name="release_gate", blocking=True,
+@dg.asset_check(asset=assets.evaluation, name="release_gate", automation_condition=ON_UPDATE, blocking=True,
                 description="The release gate of the push step: accuracy >= push.min_accuracy and not below the "
                             "last released model, every subset >= push.min_subset_accuracy, |reward-length "
                             "correlation| <= push.max_length_correlation. Blocking here; the push step itself "
@@ -62,7 +66,7 @@ def evaluation_release_gate(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.combined("release_gate", verdicts))
 
 
-@dg.asset_check(asset=assets.evaluation, name="scores_consistent",
+@dg.asset_check(asset=assets.evaluation, name="scores_consistent", automation_condition=ON_UPDATE,
                 description="The held-out texts score the same at batch size 1, left-padded, through the packed "
                             "training forward and through transformers' pipeline as in evaluation, within the "
                             "tolerance report.json states. A warning only.")

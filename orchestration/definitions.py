@@ -3,7 +3,8 @@
     DAGSTER_HOME=$PWD/.dagster_home dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
 
 (see docs/dagster.md). Six assets call the rm_lib steps and write the same paths as the DVC stages:
-raw_preferences -> tokenized_preferences -> filtered_preferences -> reward_model -> evaluation -> hub_release.
+preference_source (observed) -> raw_preferences -> tokenized_preferences -> filtered_preferences ->
+reward_model -> evaluation -> hub_release.
 """
 import os
 
@@ -14,7 +15,14 @@ from orchestration.assets import ASSETS
 from orchestration.checks import CHECKS
 from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
-from orchestration.sensors import dvc_lock_changed, pipeline_job, source_data_changed, weekly_retraining
+from orchestration.sensors import (
+    dvc_lock_changed,
+    pipeline_job,
+    release_automation,
+    source_data_changed,
+    weekly_retraining,
+)
+from orchestration.source import preference_source
 
 
 def optional_env(name: str):
@@ -24,11 +32,11 @@ def optional_env(name: str):
 
 
 defs = dg.Definitions(
-    assets=ASSETS,
+    assets=[preference_source, *ASSETS],
     asset_checks=CHECKS,
     jobs=[pipeline_job],
     schedules=[weekly_retraining],
-    sensors=[source_data_changed, dvc_lock_changed],
+    sensors=[source_data_changed, dvc_lock_changed, release_automation],
     resources={
         # RM_ROOT: the project folder, when dagster is not started inside it.
         "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),

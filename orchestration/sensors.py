@@ -1,20 +1,31 @@
-"""The pipeline job, the weekly retraining schedule and the source-data sensor."""
-import hashlib
+"""The pipeline job, the weekly retraining schedule, the source-data and dvc.lock sensors, and the
+automation sensor that carries an update down the chain."""
 import json
 from typing import Optional
 
 import dagster as dg
 
-from rm_lib.errors import DataError
-
 from .assets import ASSETS, STEP_OF_ASSET
 from .resources import HubResource, ProjectResource
+from .source import observation, source_fingerprint
 
 # Every asset of the pipeline, with its checks: raw_preferences -> ... -> hub_release.
 pipeline_job = dg.define_asset_job(
     name="reward_model_pipeline",
     selection=dg.AssetSelection.assets(*ASSETS),
     description="Download, tokenize, filter, train, evaluate and publish the reward model (with all checks).",
+)
+
+# Declarative automation of the assets' automation_condition (assets.AFTER_BLOCKING_CHECKS) and the
+# checks' (checks.ON_UPDATE). Off until turned on, like every other sensor here.
+release_automation = dg.AutomationConditionSensorDefinition(
+    "release_automation",
+    target=dg.AssetSelection.assets(*ASSETS),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Carries an update down the chain: a step runs after one of its inputs changed outside a "
+                "whole-pipeline run (a lone materialization, a `dvc repro` reported by dvc_lock_changed), and only "
+                "once the blocking checks on its inputs passed, so nothing automated publishes past a failed "
+                "release gate. The checks rerun on every new version of their asset.",
 )
 
 weekly_retraining = dg.ScheduleDefinition(
@@ -25,41 +36,6 @@ weekly_retraining = dg.ScheduleDefinition(
     description="Retrain, evaluate and (if the release gate passes) publish the reward model every week.",
     default_status=dg.DefaultScheduleStatus.STOPPED,
 )
-
-
-def _sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def source_fingerprint(project: ProjectResource, hub: HubResource,
-                       previous: Optional[dict] = None) -> tuple[Optional[dict], str]:
-    """(state or None, what was looked at) for params.yaml's download.source. The state's
-    `fingerprint` changes only when the data does: demo -> its settings; a local file or folder -> the
-    content hash of the files the download step reads (rm_lib.data.sources.local_fingerprint: a
-    `touch` is no change); a Hub dataset -> the commit sha the Hub serves."""
-    from rm_lib.data.sources import local_fingerprint, source_kind
-
-    cfg = project.load_params().download
-    try:
-        kind = source_kind(cfg.source)
-    except DataError as exc:
-        return None, f"source not readable now: {exc}"
-    if kind == "demo":
-        return {"fingerprint": _sha256({"demo": cfg.demo_pairs, "seed": cfg.seed})}, \
-            f"demo set of {cfg.demo_pairs} pairs"
-    if kind == "local":
-        try:
-            local = local_fingerprint(cfg.source, (previous or {}).get("local"))
-        except (DataError, OSError) as exc:
-            return None, f"source not readable now: {exc}"
-        size = sum(s[1] for s in local["stats"])
-        return {"fingerprint": _sha256({"local": local["sha256"]}), "local": local}, \
-            f"{len(local['stats'])} file(s), {size} bytes in {cfg.source}"
-    sha = hub.dataset_fingerprint(cfg.source, cfg.revision)
-    if sha is None:
-        return None, f"the Hub did not answer for dataset {cfg.source} (offline, private or missing)"
-    fingerprint = _sha256({"hub": cfg.source, "subset": cfg.subset, "sha": sha})
-    return {"fingerprint": fingerprint}, f"hf://{cfg.source} at {sha}"
 
 
 def _cursor(text: Optional[str]) -> dict:
@@ -91,7 +67,9 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
     context.update_cursor(json.dumps(state, sort_keys=True))
     # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
     # must run again.
-    return dg.RunRequest(tags={"rm/source_fingerprint": state["fingerprint"][:16]})
+    # The observation gives preference_source its new data version in the graph.
+    return dg.SensorResult(run_requests=[dg.RunRequest(tags={"rm/source_fingerprint": state["fingerprint"][:16]})],
+                           asset_events=[observation(state, what)])
 
 
 ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}

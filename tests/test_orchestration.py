@@ -70,7 +70,8 @@ def evaluations(result) -> dict[str, dg.AssetCheckEvaluation]:
 def test_definitions_load_and_validate():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(KEYS)
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(["preference_source", *KEYS])
+    assert dg.AssetKey("preference_source") in graph.get(dg.AssetKey("raw_preferences")).parent_keys
     for upstream, downstream in zip(KEYS, KEYS[1:]):  # the chain of the issue
         assert dg.AssetKey(upstream) in graph.get(dg.AssetKey(downstream)).parent_keys
     by_key = {a.key.to_user_string(): a for a in assets.ASSETS}
@@ -89,6 +90,8 @@ def test_definitions_load_and_validate():
     assert {c.node_def.name for c in checks.CHECKS} <= {node.name for node in job.nodes}  # checks run too
     assert defs.resolve_schedule_def("weekly_retraining").cron_schedule == "0 3 * * 1"
     assert defs.resolve_sensor_def("source_data_changed") is not None
+    automation = defs.resolve_sensor_def("release_automation")
+    assert automation.default_status == dg.DefaultSensorStatus.STOPPED  # nothing runs until a user turns it on
 
 
 @pytest.mark.integration
@@ -399,9 +402,17 @@ def test_schedule_requests_the_whole_pipeline():
 
 
 def tick(root, cursor=None, overrides=()):
+    """(the run request, or the SkipReason; the new cursor). A run request comes with the observation
+    of preference_source that gives it its new data version."""
     context = dg.build_sensor_context(cursor=cursor, resources={"project": project(root, overrides),
                                                                 "hub": HubResource()})
-    return sensors.source_data_changed(context), context.cursor
+    result = sensors.source_data_changed(context)
+    if isinstance(result, dg.SensorResult):
+        [run], [seen] = result.run_requests, result.asset_events
+        assert seen.asset_key == dg.AssetKey("preference_source")
+        assert run.tags["rm/source_fingerprint"] == seen.tags["dagster/data_version"][:16]
+        return run, context.cursor
+    return result, context.cursor
 
 
 def test_sensor_demo_source_triggers_once(tmp_path):
@@ -445,6 +456,78 @@ def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
     sha["value"] = None  # offline: no change recorded
     offline, kept = tick(tmp_path, cursor, overrides)
     assert isinstance(offline, dg.SkipReason) and kept == cursor
+
+
+def test_source_is_observed_by_its_content(tmp_path):
+    """preference_source's data version: the bytes of the source, the same the sensor reports."""
+    from dagster._core.definitions.observe import observe  # no public name in 1.13
+
+    from orchestration.source import preference_source
+
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    overrides = [f"download.source={source}"]
+
+    def observed() -> str:
+        result = observe([preference_source], resources={"project": project(tmp_path, overrides),
+                                                            "hub": HubResource()})
+        [event] = result.get_asset_observation_events()
+        return event.event_specific_data.asset_observation.data_version
+
+    first = observed()
+    run, _ = tick(tmp_path, None, overrides)
+    assert run.tags["rm/source_fingerprint"] == first[:16]
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # a touch
+    assert observed() == first
+    source.write_text(source.read_text() * 2)
+    assert observed() != first
+
+
+def _report(instance, key: str, check: str | None = None, passed: bool = True) -> None:
+    event = (dg.AssetCheckEvaluation(asset_key=dg.AssetKey(key), check_name=check, passed=passed) if check
+             else dg.AssetMaterialization(asset_key=key))
+    instance.report_runless_asset_event(event)
+
+
+def _requested(result) -> set[str]:
+    return {r.key.to_user_string() for r in result.results if r.true_subset.size}
+
+
+@pytest.mark.parametrize("condition", ["shipped", "eager only"])
+def test_automated_release_waits_for_the_release_gate(condition):
+    """Under release_automation, a new evaluation made outside a pipeline run (a `dvc repro` that
+    dvc_lock_changed reported) releases only once its blocking release_gate passed. The same
+    sequence with a plain eager condition would publish past the failed gate."""
+    use = defs
+    if condition == "eager only":
+        specs = [spec.replace_attributes(automation_condition=dg.AutomationCondition.eager())
+                 for a in assets.ASSETS for spec in a.specs]
+        use = dg.Definitions(assets=specs, asset_checks=checks.CHECKS, resources={"project": project(".")})
+    with dg.instance_for_test() as instance:
+        for key in KEYS:
+            _report(instance, key)
+        for key, check in [("raw_preferences", "pairs_well_formed"), ("reward_model", "loss_is_finite"),
+                           ("evaluation", "release_gate")]:
+            _report(instance, key, check)
+        result = dg.evaluate_automation_conditions(defs=use, instance=instance)
+        assert "hub_release" not in _requested(result)  # everything up to date
+
+        _report(instance, "evaluation")
+        _report(instance, "evaluation", "release_gate", passed=False)
+        result = dg.evaluate_automation_conditions(defs=use, instance=instance, cursor=result.cursor)
+        if condition == "eager only":
+            assert "hub_release" in _requested(result)
+            return
+        assert "hub_release" not in _requested(result)
+
+        _report(instance, "evaluation")
+        _report(instance, "evaluation", "release_gate", passed=True)
+        result = dg.evaluate_automation_conditions(defs=use, instance=instance, cursor=result.cursor)
+        assert "hub_release" in _requested(result)
+
+        _report(instance, "evaluation")  # not checked yet: the gate runs first, the release waits
+        result = dg.evaluate_automation_conditions(defs=use, instance=instance, cursor=result.cursor)
+        assert "evaluation:release_gate" in _requested(result)
 
 
 # ---------------------------------------------------------------- resources

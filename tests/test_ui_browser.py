@@ -211,7 +211,8 @@ def open_asset_graph(page, base: str):
     page.goto(base, wait_until="domcontentloaded")
     page.get_by_role("link", name="Lineage").click()
     nodes = page.locator("svg foreignObject")  # each asset node is HTML inside the graph's SVG
-    expect(nodes).to_have_count(len(KEYS), timeout=60_000)
+    expect(nodes).to_have_count(len(KEYS) + 1, timeout=60_000)  # and the observed preference_source
+    expect(nodes.get_by_text("preference_source", exact=True)).to_be_visible()
     return nodes
 
 
