@@ -1,14 +1,17 @@
-"""Dagster definitions of the reward-model pipeline.
+"""Dagster definitions of the reward-model pipeline, and of orchestration/defs (yours).
 
-    DAGSTER_HOME=$PWD/.dagster_home dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+    make ui     # or: dg dev   or: DAGSTER_HOME=$PWD/.dagster_home dagster dev -m orchestration.definitions
 
 (see docs/dagster.md). Six assets call the rm_lib steps and write the same paths as the DVC stages:
 preference_source (observed) -> raw_preferences -> tokenized_preferences -> filtered_preferences ->
 reward_model -> evaluation -> hub_release.
 """
 import os
+from pathlib import Path
 
 import dagster as dg
+
+import orchestration.defs
 
 # Absolute imports, so that `dagster dev -f orchestration/definitions.py` works as well as `-m`.
 from orchestration.assets import ASSETS
@@ -31,22 +34,30 @@ def optional_env(name: str):
     return dg.EnvVar(name) if os.environ.get(name) else None
 
 
-defs = dg.Definitions(
-    assets=[preference_source, *ASSETS],
-    asset_checks=CHECKS,
-    jobs=[pipeline_job],
-    schedules=[weekly_retraining],
-    sensors=[source_data_changed, dvc_lock_changed, release_automation],
-    resources={
-        # RM_ROOT: the project folder, when dagster is not started inside it.
-        "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),
-        "hub": HubResource(token=optional_env("HF_TOKEN")),
-        "wandb": WandbResource(),
-        # every materialization is committed to dvc.lock and the DVC cache and pushed to the project's
-        # default remote; the remote's credentials are DVC's own (environment, .dvc/config.local)
-        "dvc": DvcResource(),
-        # training in the step's own process; separate_process=True launches `accelerate launch`
-        # (several GPUs, an accelerate config) and streams its metrics back through Dagster Pipes
-        "trainer": TrainLauncherResource(),
-    },
-)
+def pipeline_definitions() -> dg.Definitions:
+    """The reward-model pipeline: assets, checks, job, schedule, sensors and the resources they use.
+    A function, not a module-level object: a code location holds one Definitions at module scope."""
+    return dg.Definitions(
+        assets=[preference_source, *ASSETS],
+        asset_checks=CHECKS,
+        jobs=[pipeline_job],
+        schedules=[weekly_retraining],
+        sensors=[source_data_changed, dvc_lock_changed, release_automation],
+        resources={
+            # RM_ROOT: the project folder, when dagster is not started inside it.
+            "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),
+            "hub": HubResource(token=optional_env("HF_TOKEN")),
+            "wandb": WandbResource(),
+            # every materialization is committed to dvc.lock and the DVC cache and pushed to the project's
+            # default remote; the remote's credentials are DVC's own (environment, .dvc/config.local)
+            "dvc": DvcResource(),
+            # training in the step's own process; separate_process=True launches `accelerate launch`
+            # (several GPUs, an accelerate config) and streams its metrics back through Dagster Pipes
+            "trainer": TrainLauncherResource(),
+        },
+    )
+
+
+# What `dg scaffold defs ...` added under orchestration/defs: loaded beside the pipeline, sharing its resources.
+defs = dg.Definitions.merge(pipeline_definitions(),
+                            dg.load_defs(orchestration.defs, project_root=Path(__file__).resolve().parents[1]))

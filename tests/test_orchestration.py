@@ -135,6 +135,41 @@ def test_dagster_cli_takes_string_selections(tmp_path):
     assert manifest["rows_read"] == 40
 
 
+@pytest.mark.integration
+def test_dg_project_lists_scaffolds_and_launches(tmp_path):
+    """The repository is a `dg` project: `dg scaffold defs` writes into orchestration/defs and the code
+    location loads it beside the pipeline; `dg list defs` and `dg launch --assets` work as documented."""
+    project_dir = tmp_path / "project"
+    project_dir.mkdir()
+    for name in ("pyproject.toml", "params.yaml"):
+        shutil.copy(REPO / name, project_dir / name)
+    for package in ("orchestration", "rm_lib"):
+        shutil.copytree(REPO / package, project_dir / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "home").mkdir()
+    bin_dir = str(Path(sys.executable).parent)
+    env = offline_env(DAGSTER_HOME=str(tmp_path / "home"), PATH=bin_dir + os.pathsep + os.environ["PATH"],
+                      RM_ROOT=str(project_dir))
+
+    def dg_cli(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(Path(bin_dir) / "dg"), *args], cwd=project_dir, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done
+
+    dg_cli("scaffold", "defs", "dagster.asset", "extra_asset.py")
+    assert (project_dir / "orchestration/defs/extra_asset.py").is_file()
+    listed = json.loads(dg_cli("list", "defs", "--json").stdout)
+    by_key = {a["asset_key"]: a for a in listed["assets"]}
+    assert set(by_key) == {"preference_source", *KEYS, "extra_asset"}
+    condition = by_key["hub_release"]["automation_condition"]["expanded_label"]
+    assert "(all_deps_blocking_checks_passed)" in condition
+    assert {s["name"] for s in listed["sensors"]} == {"source_data_changed", "dvc_lock_changed", "release_automation"}
+    dg_cli("launch", "--assets", "raw_preferences", "--config-json",
+           json.dumps({"ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}}))
+    manifest = json.loads((project_dir / "data/pairs/manifest.json").read_text())
+    assert manifest["rows_read"] == 40
+
+
 def test_example_instance_config_limits_pools(tmp_path):
     shutil.copy(REPO / "orchestration" / "dagster.yaml", tmp_path / "dagster.yaml")
     instance = dg.DagsterInstance.from_config(str(tmp_path))
