@@ -47,12 +47,14 @@ chromium:
 
 # The fast tier: unit tests, a few minutes. The integration tier (marked `integration`: whole
 # pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well. Both run on
-# two pytest-xdist workers (a module that shares one project between its tests stays on one worker).
+# two pytest-xdist workers. --dist loadscope keeps a module's tests on one worker, in order, so a
+# module-scoped project (a DVC repository, a materialized pipeline) is built once and its tests see
+# each other's steps (xdist_group marks with --dist loadgroup did not keep them together here).
 test: install
-	$(PY) -m pytest -q -m "not integration" -n 2 --dist loadgroup
+	$(PY) -m pytest -q -m "not integration" -n 2 --dist loadscope
 
 test-integration: install chromium
-	$(PY) -m pytest -q -m integration -n 2 --dist loadgroup
+	$(PY) -m pytest -q -m integration -n 2 --dist loadscope
 
 test-all: install chromium
 	$(PY) -m pytest -q
@@ -75,6 +77,7 @@ EXP_SHOW := exp show --drop '^(rm_lib|data|models)/'
 exp: install
 	$(VENV)/bin/dvc $(EXP_SHOW)
 
-clean:  # the outputs; data/sources (your own files) stays
+clean:  # the outputs; data/sources (your own files) and the git-versioned metrics baseline stay
 	find data -mindepth 1 -maxdepth 1 ! -name sources -exec rm -rf {} +
+	git checkout -- data/evaluation/metrics.json 2>/dev/null || true
 	rm -rf models wandb

@@ -103,7 +103,7 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
     data version: the DVC hash of the stage's VERSION_OUTS (rm_lib.pipeline.dvc_record; default: all its outs);
     `fallback` when nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
     try:
-        outcome = dvc.record(project.root_path(), stage, params)
+        outcome = dvc.record(project.root_path(), stage, params, run_id=context.run_id)
     except RecordError as exc:
         raise dg.Failure(description=f"{stage}: recording in DVC failed: {exc}", allow_retries=False) from exc
     if isinstance(outcome, NotRecorded):
@@ -117,9 +117,18 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
 
 def _recorded_metadata(outcome: Recorded, version: str) -> dict:
     remote = f"{outcome.remote} ({outcome.remote_url})" if outcome.remote else "none"
+    experiment = {}
+    if outcome.experiment:
+        experiment = {"dvc_experiment": outcome.experiment}
+        where = (f"recorded: stage {outcome.stage} in DVC experiment {outcome.experiment} (this run's settings "
+                 f"are not params.yaml's): `dvc exp show` lists it, `dvc exp apply {outcome.experiment}` brings "
+                 "it into the workspace")
+    else:
+        where = (f"recorded: stage {outcome.stage} in dvc.lock and the DVC cache "
+                 "(commit dvc.lock with git to keep this version)")
     return {
-        "dvc": f"recorded: stage {outcome.stage} in dvc.lock and the DVC cache "
-               "(commit dvc.lock with git to keep this version)",
+        "dvc": where,
+        **experiment,
         "dvc_hash": version,
         "dvc_outs": _table(["out", "DVC hash"], sorted(outcome.outs.items())),
         "dvc_hashes": dg.MetadataValue.json(outcome.outs),

@@ -70,17 +70,8 @@ def minilm_path() -> str:
     return resolve_model_path("default")
 
 
-# Modules whose tests share a module-scoped project (a DVC repository, a materialized pipeline): under
-# pytest-xdist (`make test-integration` runs two workers) each stays on one worker, so it is built once.
-SHARED_FIXTURE_MODULES = ("test_dvc", "test_dvc_record", "test_orchestration", "test_hub", "test_release_gate",
-                          "test_ui_browser")
-
-
 def pytest_collection_modifyitems(items) -> None:
     """Tests marked `slow` (whole pipelines, real data) belong to the integration tier."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.integration)
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))

@@ -36,6 +36,8 @@ from helpers import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("download", "tokenize", "filter", "train", "evaluate", "push")
+# outputs that git versions (`cache: false`): a clone has them from git, `dvc pull` never fetches them
+GIT_OUTS = ["data/evaluation/metrics.json"]
 # What each step writes (rm_lib/layout.py); every out, metric and plot of a stage lies inside these.
 STAGE_FOLDERS = {
     "download": ["data/pairs"],
@@ -350,7 +352,7 @@ def test_push_then_pull_into_an_empty_cache_gives_the_same_bytes(pipeline):
     assert any((pipeline.root.parent / "remote").rglob("*")), "dvc push wrote nothing to the local remote"
     for folder in (".dvc/cache", "data", "models"):
         _rmtree(pipeline.root / folder)
-    pipeline.git("checkout", "--", "data/sources")  # in git, not DVC
+    pipeline.git("checkout", "--", "data/sources", *GIT_OUTS)  # in git, not DVC
     assert "deleted" in pipeline.dvc("status")
     pipeline.dvc("pull")
     after = {path: digest for path, (digest, _) in pipeline.versioned_files().items()}
@@ -374,6 +376,26 @@ def test_a_teammate_clones_and_pulls_the_same_model_from_the_default_remote(pipe
     digests = lambda repo: {p: d for p, (d, _) in repo.versioned_files().items()}  # noqa: E731
     assert digests(theirs) == digests(mine) and any(p.startswith("models/reward_model/") for p in digests(theirs))
     assert "Data and pipelines are up to date." in theirs.dvc("status")
+
+
+@pytest.mark.integration
+def test_a_fresh_clone_has_a_baseline_for_exp_show_and_metrics_diff(tmp_path):
+    """data/evaluation/metrics.json is versioned by git (`cache: false`), so a clone that ran nothing
+    shows HEAD's figures in `dvc exp show` and `dvc metrics diff` loads HEAD (tests/test_demo.py keeps
+    those figures equal to what `make run` measures)."""
+    clone = Repo(tmp_path / "clone", _env(_python_shim(tmp_path / "bin")))
+    clone.root.mkdir()
+    clone.run("git", "clone", "-q", str(ROOT), str(clone.root))
+    committed = json.loads((clone.root / "data/evaluation/metrics.json").read_text(encoding="utf-8"))
+    table = list(csv.DictReader(io.StringIO(clone.dvc("exp", "show", "--csv", "--drop", "^(rm_lib|data|models)/"))))
+    head = next(row for row in table if row["rev"] not in ("workspace", ""))
+    assert float(head["accuracy"]) == committed["accuracy"] and head["typ"] == "baseline"
+    assert "train.learning_rate" in head  # settings beside the metrics, no code hashes
+    assert not any(k.startswith("rm_lib/") for k in head)
+    assert json.loads(clone.dvc("metrics", "diff", "HEAD", "--json") or "{}") == {}  # HEAD loads; nothing changed
+    (clone.root / "data/evaluation/metrics.json").write_text(json.dumps({**committed, "accuracy": 0.5}))
+    diff = json.loads(clone.dvc("metrics", "diff", "HEAD", "--json"))
+    assert diff["data/evaluation/metrics.json"]["accuracy"]["old"] == committed["accuracy"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ folder is covered by tests/test_orchestration.py ("not a DVC repository").
 """
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ from rm_lib.pipeline.dvc_record import NotRecorded, RecordError, StageSpec, comb
 from rm_lib.settings import load_params
 
 from helpers import set_offline
-from test_dvc import Repo, _new_repo, _rmtree
+from test_dvc import GIT_OUTS, Repo, _new_repo, _rmtree
 
 STAGE_OF = {"raw_preferences": "download", "tokenized_preferences": "tokenize", "filtered_preferences": "filter",
             "reward_model": "train", "evaluation": "evaluate", "hub_release": "push"}
@@ -98,8 +100,8 @@ def test_every_materialization_is_recorded_and_pushed(recorded):
         assert mats[key].tags["dagster/data_version"] == metadata["dvc_hash"].text == version, key
         assert metadata["dvc_pushed"].value is True, (key, metadata["dvc_push"])
         assert metadata["dvc_remote"].text == f"scratch ({remote})"
-        for md5 in lock[stage].values():
-            assert remote_object(remote, md5).is_file(), (key, md5)
+        for path, md5 in lock[stage].items():
+            assert path in GIT_OUTS or remote_object(remote, md5).is_file(), (key, md5)
     # a folder out's DVC hash is its .dir object: the version of the pairs and of the model
     assert mats["raw_preferences"].tags["dagster/data_version"] == lock["download"]["data/pairs"]
     assert mats["reward_model"].tags["dagster/data_version"] == lock["train"]["models/reward_model"]
@@ -110,7 +112,8 @@ def test_every_materialization_is_recorded_and_pushed(recorded):
     # as if `dvc repro` had run: nothing to do, the remote has it all, only dvc.lock is new for git
     assert UP_TO_DATE in repo.dvc("status")
     assert "in sync" in repo.dvc("status", "--cloud")
-    assert repo.git("status", "--porcelain").splitlines() == ["?? dvc.lock"]
+    assert sorted(repo.git("status", "--porcelain", "--untracked-files=all").splitlines()) == \
+        [*(f"?? {p}" for p in GIT_OUTS), "?? dvc.lock"]
 
 
 @pytest.mark.slow
@@ -129,9 +132,10 @@ def test_pull_into_an_empty_workspace_gives_the_same_bytes(recorded):
     assert result.success
     before = {path: digest for path, (digest, _) in repo.versioned_files().items()}
     assert any(p.startswith("models/reward_model/") for p in before)
+    repo.commit("recorded by Dagster")  # dvc.lock and metrics.json, as the team workflow does
     for folder in (".dvc/cache", "data", "models"):
         _rmtree(repo.root / folder)
-    repo.git("checkout", "--", "data/sources")  # in git, not DVC
+    repo.git("checkout", "--", "data/sources", *GIT_OUTS)  # in git, not DVC
     repo.dvc("pull")
     after = {path: digest for path, (digest, _) in repo.versioned_files().items()}
     assert after == before
@@ -139,19 +143,37 @@ def test_pull_into_an_empty_workspace_gives_the_same_bytes(recorded):
 
 
 @pytest.mark.slow
-def test_settings_outside_params_yaml_are_not_recorded(recorded):
+def test_a_run_with_other_settings_is_recorded_as_a_dvc_experiment(recorded):
+    """A Launchpad override: dvc.lock and params.yaml stay as they are (they would not describe these
+    outputs); the run is the DVC experiment dagster-<run id>, with its settings and the stages it ran,
+    so `dvc exp show` lists it and `dvc exp apply` brings exactly these outputs back."""
     repo, _, first = recorded
     assert first.success
-    lock = (repo.root / "dvc.lock").read_text(encoding="utf-8")
-    result = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences"), run_config={
-        "ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}})
+    kept = {name: (repo.root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    result = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences", "tokenized_preferences"),
+                         run_config={"ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}})
     assert result.success
-    mat = materializations(result)["raw_preferences"]
-    assert mat.metadata["dvc"].text.startswith("not recorded: the run's settings differ from params.yaml")
-    assert "download.demo_pairs: ran with 40, params.yaml has 60" in mat.metadata["dvc_differences"].md_str
-    assert mat.tags["dagster/data_version"] == mat.metadata["content_hash"].text
-    assert (repo.root / "dvc.lock").read_text(encoding="utf-8") == lock
-    assert "download:" in repo.dvc("status")  # DVC sees outputs it did not record
+    mats = materializations(result)
+    name = f"dagster-{result.run_id[:8]}"
+    assert mats["raw_preferences"].metadata["dvc_experiment"].text == name
+    assert mats["tokenized_preferences"].metadata["dvc_experiment"].text == name  # the run's later stages join it
+    assert "demo_pairs" not in repo.dvc("params", "diff")  # params.yaml as committed
+    assert {n: (repo.root / n).read_bytes() for n in kept} == kept
+    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(repo.dvc("exp", "show", "--csv")))}
+    assert rows[name]["download.demo_pairs"] == "40" and rows[""]["download.demo_pairs"] == "60"
+    pairs = (repo.root / "data/pairs/train.jsonl").read_bytes()
+    try:
+        repo.dvc("exp", "apply", name)
+        assert load_params(repo.root / "params.yaml").download.demo_pairs == 40
+        outs = locked_outs(repo)
+        assert mats["raw_preferences"].tags["dagster/data_version"] == outs["download"]["data/pairs"]
+        status = repo.dvc("status")
+        assert "download:" not in status and "tokenize:" not in status, status  # they are what the run made
+        assert (repo.root / "data/pairs/train.jsonl").read_bytes() == pairs
+    finally:  # back to the fixture's state for the tests after this one
+        repo.git("reset", "-q", "--hard")  # `dvc exp apply` stages what it applies
+        repo.dvc("checkout", "--force")
+    assert UP_TO_DATE in repo.dvc("status")
 
 
 @pytest.mark.slow

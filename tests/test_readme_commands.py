@@ -46,7 +46,7 @@ NOT_RUN = {
     "dvc exp run -S train.learning_rate=1e-4": "tests/test_dvc.py::test_exp_run_and_exp_show",
     "dvc exp show --drop '^(rm_lib|data|models)/'": "tests/test_dvc.py::test_exp_run_and_exp_show (with the "
                                                     "Makefile's EXP_SHOW, which the test checks is this)",
-    "git add dvc.lock params.yaml && git commit -m 'reward model: lr 1e-4'":
+    "git add dvc.lock params.yaml data/evaluation/metrics.json && git commit -m 'reward model: lr 1e-4'":
         "commits to the repository; tests/test_dvc.py commits dvc.lock the same way in its throw-away repository",
     "dvc push": "tests/test_dvc.py::test_a_teammate_clones_and_pulls_the_same_model_from_the_default_remote",
 }

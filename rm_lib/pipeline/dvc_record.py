@@ -2,8 +2,13 @@
 finish the stage's command list, `dvc commit` the stage (dvc.lock gets the current deps, params and
 outs hashes; the outputs go into the DVC cache) and `dvc push` its outputs to a remote.
 
-A stage is recorded only when the step ran with exactly the params.yaml values its DVC stage
-depends on: otherwise dvc.lock would claim that params.yaml produced outputs it did not.
+A stage is recorded in dvc.lock only when the step ran with exactly the params.yaml values its DVC
+stage depends on: otherwise dvc.lock would claim that params.yaml produced outputs it did not. A run
+with other settings (a Dagster Launchpad override) is recorded as a DVC experiment instead, when the
+caller names the run (`run_id`): params.yaml with the run's values and the stage committed, saved by
+`dvc exp save` under `dagster-<run id>`, then params.yaml and dvc.lock put back as they were. The
+later stages of that run go into the same experiment, so `dvc exp show` has its metrics and
+`dvc exp apply` brings the whole run back.
 
 DVC is never imported here: its dependency chain pins a parser runtime (antlr4 4.9) that Dagster's
 asset-selection parser cannot use (dagster issue #27487), so DVC lives in its own environment
@@ -63,6 +68,7 @@ class Recorded:
     remote_url: Optional[str]
     pushed: bool
     push_note: str
+    experiment: Optional[str] = None  # the DVC experiment the stage went into; None: the workspace's dvc.lock
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,11 @@ def is_dvc_repo(root: Path) -> bool:
 
 
 def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = None, push: bool = True,
-           lock_wait_s: float = 600.0) -> Recorded | NotRecorded:
+           lock_wait_s: float = 600.0, run_id: Optional[str] = None) -> Recorded | NotRecorded:
     """Record stage `stage` (whose step just wrote its outputs with `params`) in the DVC repository
-    at `root`. NotRecorded when there is nothing faithful to record; RecordError when DVC fails."""
+    at `root`: in dvc.lock, or in the run's experiment when the settings are not params.yaml's (or an
+    earlier stage of run `run_id` went into one). NotRecorded when there is nothing faithful to record
+    (other settings and no run id); RecordError when DVC fails."""
     root = Path(root).resolve()
     if not is_dvc_repo(root):
         return NotRecorded(f"not a DVC repository (no .dvc/ and dvc.yaml in {root})")
@@ -91,6 +99,8 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     if not spec.cmd or spec.cmd[0].strip() != f"python -m rm_lib {stage}":
         return NotRecorded(f"stage '{stage}' does not start with `python -m rm_lib {stage}`")
     differences = settings_differences(spec, params)
+    if run_id and (differences or experiment_state(root, run_id) is not None):
+        return record_experiment(root, spec, params, run_id, lock_wait_s=lock_wait_s)
     if differences:
         return NotRecorded("the run's settings differ from params.yaml, so dvc.lock would not describe "
                            "these outputs; put the settings in params.yaml to record the step", differences)
@@ -101,6 +111,126 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     return Recorded(stage=stage, outs={o["path"]: o["md5"] for o in entry.get("outs", [])},
                     lock_entry=_sha256(entry), remote=spec.remote, remote_url=spec.remote_url,
                     pushed=pushed, push_note=note)
+
+
+EXPERIMENTS = Path(".dvc") / "tmp" / "rm-experiments"  # what each run's experiment holds so far
+
+
+def experiment_name(run_id: str) -> str:
+    return f"dagster-{run_id[:8]}"
+
+
+def experiment_state(root: Path, run_id: str) -> Optional[dict[str, str]]:
+    """{"params": params.yaml text, "lock": dvc.lock text} of the run's experiment so far, or None."""
+    path = Path(root) / EXPERIMENTS / f"{experiment_name(run_id)}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, *,
+                      lock_wait_s: float = 600.0) -> Recorded | NotRecorded:
+    """The stage in the run's DVC experiment (module docstring). The workspace's params.yaml and
+    dvc.lock are put back byte for byte, also when DVC fails."""
+    root = Path(root).resolve()
+    params_file, lock_file = root / "params.yaml", root / "dvc.lock"
+    if any(Path(path) != params_file for path in spec.params):
+        return NotRecorded(f"stage {spec.name} reads settings from a file other than params.yaml")
+    name = experiment_name(run_id)
+    state = experiment_state(root, run_id) or {"params": params_file.read_text(encoding="utf-8"),
+                                               "lock": lock_file.read_text(encoding="utf-8")
+                                               if lock_file.is_file() else ""}
+    changes = _changes(spec, params, yaml.safe_load(state["params"]) or {})
+    text = set_settings(state["params"], changes)
+    _check_settings(text, params, changes)
+    saved = {path: path.read_bytes() if path.is_file() else None for path in (params_file, lock_file)}
+    try:
+        _replace(params_file, text.encode("utf-8"))
+        _replace(lock_file, state["lock"].encode("utf-8") if state["lock"] else None)
+        run_remaining_commands(root, spec)
+        dvc(root, ["commit", "--force", "--no-relink", f"dvc.yaml:{spec.name}"], lock_wait_s=lock_wait_s)
+        entry = lock_entry(root, spec.name)
+        lock_text = lock_file.read_text(encoding="utf-8")
+        untracked = [] if _tracked(root, "dvc.lock") else ["--include-untracked", "dvc.lock"]
+        dvc(root, ["exp", "save", "--force", "--name", name, *untracked, "-m",
+                   f"Dagster run {run_id}: {spec.name}", f"dvc.yaml:{spec.name}"], lock_wait_s=lock_wait_s)
+    finally:
+        for path, content in saved.items():
+            _replace(path, content)
+    state_path = root / EXPERIMENTS / f"{name}.json"
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"params": text, "lock": lock_text}), encoding="utf-8")
+    return Recorded(stage=spec.name, outs={o["path"]: o["md5"] for o in entry.get("outs", [])},
+                    lock_entry=_sha256(entry), remote=spec.remote, remote_url=spec.remote_url, pushed=False,
+                    push_note=f"not pushed: experiment {name} lives in this repository (`dvc exp push <git remote> "
+                              f"{name}` shares it)", experiment=name)
+
+
+def _changes(spec: StageSpec, params: Params, base: dict) -> list[tuple[str, str, Any]]:
+    """(section, key, the run's value) for the stage's params deps where the run differs from `base`."""
+    ran = params.as_dict()
+    found = []
+    for keys in spec.params.values():
+        for key in keys or list(ran):
+            section, _, name = key.partition(".")
+            fields = [name] if name else sorted(ran.get(section, {}))
+            for f in fields:
+                value = ran.get(section, {}).get(f)
+                if value != (base.get(section) or {}).get(f):
+                    found.append((section, f, value))
+    return found
+
+
+def _flow(value: Any) -> str:
+    """A value as one line of YAML."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def set_settings(text: str, changes: list[tuple[str, str, Any]]) -> str:
+    """params.yaml text with each (section, key, value) set, comments and order kept; a key the file
+    lacks is added at the end of its section."""
+    lines = text.splitlines(keepends=True)
+    for section, name, value in changes:
+        start = next((i for i, line in enumerate(lines) if re.match(rf"{re.escape(section)}:\s*(#.*)?$", line)),
+                     None)
+        if start is None:
+            newline = "\n" if lines and not lines[-1].endswith("\n") else ""
+            lines += [newline, f"{section}:\n", f"  {name}: {_flow(value)}\n"]
+            continue
+        end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
+        for i in range(start + 1, end):
+            m = re.match(rf"(\s+){re.escape(name)}:(\s*)([^#\n]*?)(\s*#.*)?\n?$", lines[i])
+            if m:
+                lines[i] = f"{m.group(1)}{name}: {_flow(value)}{m.group(4) or ''}\n"
+                break
+        else:
+            last = end
+            while last > start + 1 and not lines[last - 1].strip():
+                last -= 1
+            lines.insert(last, f"  {name}: {_flow(value)}\n")
+    return "".join(lines)
+
+
+def _check_settings(text: str, params: Params, changes: list[tuple[str, str, Any]]) -> None:
+    """The written params.yaml must say what the run used, or no experiment is recorded."""
+    written = yaml.safe_load(text) or {}
+    for section, name, value in changes:
+        if (written.get(section) or {}).get(name) != value:
+            raise RecordError(f"cannot write {section}.{name}={value!r} into params.yaml for the experiment")
+
+
+def _replace(path: Path, content: Optional[bytes]) -> None:
+    """Write `content` to `path` whole (or remove it for None)."""
+    if content is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.rm-tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def _tracked(root: Path, name: str) -> bool:
+    proc = subprocess.run(["git", "ls-files", "--error-unmatch", name], cwd=root, capture_output=True, text=True)
+    return proc.returncode == 0
 
 
 def executable() -> str:
