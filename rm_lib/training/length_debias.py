@@ -14,6 +14,11 @@ import torch
 
 from rm_lib.model.loss import bradley_terry_loss, length_correlation
 
+# The head is one scalar. At the model's learning rate (5e-5) AdamW moves it by about that much per
+# step, so after an epoch of a few hundred steps it still explains next to nothing and the correlation
+# penalty alone has to strip length from the model. Its own, larger rate lets it absorb length early.
+HEAD_LEARNING_RATE = 0.02
+
 
 class LengthHead(torch.nn.Module):
     """score = weight * log(length): starts at 0, so the first step is plain Bradley-Terry."""

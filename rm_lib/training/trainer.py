@@ -24,7 +24,7 @@ from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
 from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
 from rm_lib.settings import ModelSettings, TrainSettings
-from rm_lib.training.length_debias import LengthHead, debiased_loss, sequence_lengths
+from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import limit_heap_growth
 
 STATE_FILE = "trainer_state.json"
@@ -77,6 +77,16 @@ def mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _param_groups(scorer: PairScorer) -> list[dict]:
+    """The model at train.learning_rate; the length head, when there is one, at its own rate and
+    without weight decay (rm_lib.training.length_debias.HEAD_LEARNING_RATE says why)."""
+    groups = [{"params": [p for p in scorer.scored_model.parameters() if p.requires_grad]}]
+    if scorer.length_head is not None:
+        groups.append({"params": list(scorer.length_head.parameters()), "lr": HEAD_LEARNING_RATE,
+                       "weight_decay": 0.0})
+    return groups
 
 
 def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
@@ -204,8 +214,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     steps_per_epoch = max(batches_per_epoch // cfg.gradient_accumulation_steps, 1)
     total = cfg.max_steps or max(int(steps_per_epoch * cfg.num_epochs), 1)
     scorer = PairScorer(model, LengthHead() if cfg.length_debias else None)
-    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
     # `total` counts optimizer steps already; a prepared scheduler would step once per process and
     # decay the learning rate `world` times too fast. Its state travels in trainer_state.json.
