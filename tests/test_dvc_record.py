@@ -225,6 +225,28 @@ def test_settings_differences(tmp_path):
         "train.max_steps: ran with 3, params.yaml has 2", "evaluate.batch_size: ran with 4, params.yaml has 8"]
 
 
+def test_an_experiment_writes_the_run_settings_into_params_yaml_keeping_the_rest():
+    from rm_lib.pipeline.dvc_record import set_settings
+
+    text = "train:\n  learning_rate: 5.0e-05   # the step size\n  lora_target_modules: null\n\npush:\n  repo_id: null\n"
+    out = set_settings(text, [("train", "learning_rate", 1e-4), ("train", "lora_target_modules", ["q", "v"]),
+                              ("train", "seed", 7), ("push", "repo_id", "me/rm-1e-4"), ("filter", "policy", "drop")])
+    assert yaml.safe_load(out) == {"train": {"learning_rate": 1e-4, "lora_target_modules": ["q", "v"], "seed": 7},
+                                   "push": {"repo_id": "me/rm-1e-4"}, "filter": {"policy": "drop"}}
+    assert "learning_rate: 0.0001   # the step size\n" in out  # the comment stays
+    assert out.index("seed: 7") < out.index("push:")  # a new key at the end of its own section
+
+
+def test_no_experiment_without_a_git_commit(tmp_path):
+    root = tmp_path / "repo"
+    repo = _new_repo(root)
+    repo.git("update-ref", "-d", "HEAD")  # the project exists but nothing is committed
+    spec = dvc_record.read_stage(root, "download")
+    outcome = dvc_record.record_experiment(root, spec, load_params(root / "params.yaml", ["download.demo_pairs=70"]),
+                                           "0123456789")
+    assert isinstance(outcome, NotRecorded) and "needs a git commit" in outcome.reason
+
+
 def test_not_recorded_without_dvc_or_when_disabled(tmp_path):
     params = load_params(None)
     outcome = DvcResource().record(tmp_path, "download", params)

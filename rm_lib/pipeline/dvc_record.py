@@ -134,6 +134,9 @@ def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, 
     params_file, lock_file = root / "params.yaml", root / "dvc.lock"
     if any(Path(path) != params_file for path in spec.params):
         return NotRecorded(f"stage {spec.name} reads settings from a file other than params.yaml")
+    if not _has_commit(root):
+        return NotRecorded("the run's settings differ from params.yaml, and a DVC experiment needs a git commit to "
+                           "start from (commit the project once)")
     name = experiment_name(run_id)
     state = experiment_state(root, run_id) or {"params": params_file.read_text(encoding="utf-8"),
                                                "lock": lock_file.read_text(encoding="utf-8")
@@ -226,6 +229,11 @@ def _replace(path: Path, content: Optional[bytes]) -> None:
     tmp = path.with_name(f".{path.name}.rm-tmp")
     tmp.write_bytes(content)
     os.replace(tmp, path)
+
+
+def _has_commit(root: Path) -> bool:
+    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.returncode == 0
 
 
 def _tracked(root: Path, name: str) -> bool:
