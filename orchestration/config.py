@@ -50,6 +50,9 @@ def _comments(path: Path = PARAMS_YAML) -> dict[tuple[str, str], str]:
 
 def _optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(annotation) if o is not type(None)]
+        if len(options) > 1:  # `auto` or a number: Dagster config has no such union; the settings parse the text
+            return Optional[str]
         return annotation if type(None) in typing.get_args(annotation) else Optional[annotation]
     return Optional[annotation]
 

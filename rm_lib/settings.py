@@ -114,13 +114,19 @@ class TrainSettings:
     length_debias_weight: float = 1.0
     seed: int = 42
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else none) | no | bf16 | fp16
-    gradient_checkpointing: bool = False
+    # auto: on only where a GPU's memory needs it for the tokens of a forward (rm_lib.training.device_plan)
+    gradient_checkpointing: bool | str = "auto"
+    # auto: flex_attention on a GPU for packed batches (blocks the mask excludes are skipped), else the
+    # model's own (masked SDPA on a CPU) | sdpa | eager | flex_attention
+    attention: str = "auto"
     disable_dropout: bool = True
     padding_free: bool = True
     # with padding_free on a causal decoder: a pair's shared prefix (its prompt) is computed once
     shared_prompt: bool = True
     group_by_length: bool = True
-    max_tokens_per_forward: int | None = 8192  # bounds activation memory; gradients stay those of the whole batch
+    # bounds activation memory; gradients stay those of the whole batch. auto: 65,536 on a GPU (fewer if
+    # its memory cannot hold them even with checkpointing), 8,192 on a CPU | a number | null (no bound)
+    max_tokens_per_forward: int | str | None = "auto"
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -142,8 +148,14 @@ class TrainSettings:
         for key, value in positive.items():
             if value is None or value <= 0:
                 _fail("train", key, f"must be positive, got {value}")
-        if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 1:
-            _fail("train", "max_tokens_per_forward", f"must be at least 1 or null, got {self.max_tokens_per_forward}")
+        tokens = self.max_tokens_per_forward
+        if tokens is not None and tokens != "auto" and (isinstance(tokens, str) or tokens < 1):
+            _fail("train", "max_tokens_per_forward", f"must be auto, at least 1 or null, got {tokens!r}")
+        if self.gradient_checkpointing not in ("auto", True, False):
+            _fail("train", "gradient_checkpointing",
+                  f"must be auto, true or false, got {self.gradient_checkpointing!r}")
+        if self.attention not in ("auto", "sdpa", "eager", "flex_attention"):
+            _fail("train", "attention", f"must be auto, sdpa, eager or flex_attention, got '{self.attention}'")
         if self.max_steps is not None and self.max_steps < 1:
             _fail("train", "max_steps", f"must be at least 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -232,7 +244,16 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in options:
             return None
         non_none = [o for o in options if o is not type(None)]
-        return _coerce(section, key, value, non_none[0])
+        if len(non_none) > 1 and str in non_none and isinstance(value, str):
+            # `auto` or a number: text from a UI reads as YAML would ("8192", "true")
+            parsed = yaml.safe_load(value) if value.strip() else value
+            value = value if isinstance(parsed, (dict, list)) or parsed is None else parsed
+        for option in non_none[:-1]:  # `int | str`: the first type the value has
+            try:
+                return _coerce(section, key, value, option)
+            except SettingsError:
+                pass
+        return _coerce(section, key, value, non_none[-1])
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             _fail(section, key, f"must be a list of strings, got {value!r}")

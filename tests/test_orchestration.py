@@ -323,6 +323,10 @@ def test_run_config_is_typed_and_described_from_params_yaml():
     assert PushConfig().overrides() == []
     with pytest.raises(pydantic.ValidationError):
         TrainConfig(learning_rate="fast")
+    # `auto` or a value: typed as text in the Launchpad, read back as the setting's own type
+    chosen = TrainConfig(gradient_checkpointing="true", max_tokens_per_forward="4096", attention="auto")
+    train = load_params(None, chosen.overrides()).train
+    assert (train.gradient_checkpointing, train.max_tokens_per_forward, train.attention) == (True, 4096, "auto")
 
 
 # ---------------------------------------------------------------- each check passes and fails

@@ -10,7 +10,17 @@ import torch
 from rm_lib.model.batching import collate_pairs
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import load_reward_model, rewards, unwrap
-from rm_lib.model.packing import first_fit, pack_pairs, pack_pairs_shared, packed_rewards, pooling, shared_prefix
+from rm_lib.model.packing import (
+    FLEX_BLOCK,
+    block_mask,
+    first_fit,
+    flex_block_mask,
+    pack_pairs,
+    pack_pairs_shared,
+    packed_rewards,
+    pooling,
+    shared_prefix,
+)
 
 from helpers import run_steps, tiny_params, write_jsonl
 
@@ -195,3 +205,48 @@ def test_training_with_shared_prompts_matches_per_sequence_packing(tmp_path, tin
                            (tmp_path / f"shared-{shared}/data/train/metrics.jsonl").read_text().splitlines()]
     losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in history.items()}
     assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+
+# --- flex_attention: the GPU path (no dense W x W mask) --------------------------------------------
+
+@pytest.mark.parametrize("packer", [pack_pairs, pack_pairs_shared])
+def test_one_row_packing_fills_a_single_block_aligned_row(packer):
+    pairs = shared_prompt_pairs(8, 60)
+    rows = packer(pairs, 0)
+    one = packer(pairs, 0, one_row=True)
+    assert one.input_ids.shape[0] == 1 and one.input_ids.shape[1] % FLEX_BLOCK == 0
+    assert one.real_tokens == rows.real_tokens and one.padded_tokens - one.real_tokens < FLEX_BLOCK
+    flat = one.input_ids.flatten()
+    assert flat[one.last].tolist() == rows.input_ids.flatten()[rows.last].tolist()  # the same tokens scored
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("packer", [pack_pairs, pack_pairs_shared])
+def test_the_flex_block_mask_allows_exactly_what_the_dense_mask_allows(packer, causal):
+    batch = packer(shared_prompt_pairs(32, 60), 0, one_row=True)  # ~10 blocks of 128 wide
+    dense = block_mask(batch.segment_ids, causal=causal, boolean=True, dtype=torch.float32,
+                       prefix_ids=batch.prefix_ids)[:, 0]
+    flex = flex_block_mask(batch.segment_ids, causal=causal, prefix_ids=batch.prefix_ids)
+    rows, width = batch.segment_ids.shape
+    b, q, kv = (torch.arange(n).view(*shape) for n, shape in ((rows, (-1, 1, 1)), (width, (1, -1, 1)),
+                                                                 (width, (1, 1, -1))))
+    rule = flex.mask_mod(b, torch.zeros_like(b), q, kv)
+    assert torch.equal(rule, dense)
+    # blocks where nothing may attend (most of them: sequences are short) are skipped, not computed masked
+    assert flex.sparsity() > 50
+
+
+@pytest.mark.parametrize("packer", [pack_pairs, pack_pairs_shared])
+def test_flex_attention_rewards_equal_the_padded_ones(tiny_decoder, packer):
+    """flex_attention has no backward on a CPU: the forward is checked here, gradients on a GPU by
+    benchmarks/gpu_check.py."""
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    model.eval()
+    pairs = shared_prompt_pairs(8, min(model.config.vocab_size, 60))
+    padded = collate_pairs(pairs, 0)
+    with torch.no_grad():
+        expected = rewards(model, padded.input_ids, padded.attention_mask)
+        model.set_attn_implementation("flex_attention")
+        torch._dynamo.reset()  # one compiled shape per test: inductor's CPU flex kernel has no dynamic shapes
+        got = packed_rewards(unwrap(model), packer(pairs, 0, one_row=True))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

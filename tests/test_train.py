@@ -254,3 +254,26 @@ def test_retention_keeps_the_newest_checkpoints_and_the_best(tmp_path, tiny_deco
     assert (result.best_step, result.best_eval_accuracy) == (2, 0.9)
     state = json.loads((tmp_path / "checkpoints/step-8/trainer_state.json").read_text())
     assert state["best_step"] == 2
+
+
+def test_the_step_loop_reads_nothing_back_from_the_device_between_logs(tmp_path, tiny_decoder, monkeypatch):
+    """A read of a device tensor (.item(), float(), bool(), .tolist()) waits for the GPU to finish:
+    the loop may read at logging, evaluation and saving, never per step or per forward. (AdamW's own
+    step counter is read on a CPU, where it lives; fused AdamW on a GPU keeps it on the device.)"""
+    import sys
+
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += "/rm_lib/" in sys._getframe(1).f_code.co_filename  # the project's reads
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for steps in (2, 8):
+        reads["n"] = 0
+        fit_tiny(tmp_path, tiny_decoder, f"train.max_steps={steps}", "train.logging_steps=100",
+                 "train.save_steps=100", "train.max_tokens_per_forward=64")  # several forwards per step
+        counts[steps] = reads["n"]
+    assert counts[2] == counts[8] > 0  # the last step's log and save alone

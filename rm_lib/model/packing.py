@@ -60,12 +60,21 @@ def first_fit(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def pack_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True, width: int | None = None) -> PackedBatch:
+def row_width(sizes: list[int], width: int | None, one_row: bool) -> int:
+    """`one_row`: every item in one row, padded to flex_attention's block size (attention that skips
+    what the mask excludes needs no narrow rows); else `width`, at least the longest item."""
+    if one_row:
+        return flex_width(sum(sizes))
+    return max(width or 0, max(sizes))
+
+
+def pack_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True, width: int | None = None,
+               one_row: bool = False) -> PackedBatch:
     """Sequences in the order chosen of every pair, then rejected (as `collate_pairs`), packed into
     rows `width` tokens wide (default: the longest sequence, so no row is wider than a padded batch)."""
     seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
     lengths = [len(s) for s in seqs]
-    width = max(width or 0, max(lengths))
+    width = row_width(lengths, width, one_row)
     layout = first_fit(lengths, width)
     ids = torch.full((len(layout), width), pad_token_id, dtype=torch.long)
     positions = torch.zeros((len(layout), width), dtype=torch.long)
@@ -102,14 +111,14 @@ def shared_prefix(chosen: list[int], rejected: list[int]) -> int:
 
 
 def pack_pairs_shared(rows: list[dict], pad_token_id: int, use_margin: bool = True,
-                      width: int | None = None) -> PackedBatch:
+                      width: int | None = None, one_row: bool = False) -> PackedBatch:
     """Each pair as one block prefix | chosen rest | rejected rest, blocks packed first-fit into rows
     `width` wide (default: the longest block). Scores come out in `pack_pairs` order: chosen of every
     pair, then rejected. For causal attention only."""
     n = len(rows)
     splits = [shared_prefix(r["input_ids_chosen"], r["input_ids_rejected"]) for r in rows]
     blocks = [len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) - k for r, k in zip(rows, splits)]
-    width = max(width or 0, max(blocks))
+    width = row_width(blocks, width, one_row)
     layout = first_fit(blocks, width)
     ids = torch.full((len(layout), width), pad_token_id, dtype=torch.long)
     positions = torch.zeros((len(layout), width), dtype=torch.long)
@@ -155,6 +164,33 @@ def block_mask(segment_ids: torch.Tensor, *, causal: bool, boolean: bool, dtype:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+FLEX_BLOCK = 128  # flex_attention's block size: rows are padded to a multiple of it
+
+
+def flex_block_mask(segment_ids: torch.Tensor, *, causal: bool, prefix_ids: torch.Tensor | None = None) -> Any:
+    """The same rule as `block_mask`, as a flex_attention BlockMask: blocks of 128 x 128 that no token
+    pair in them may attend are skipped, so the work follows the real sequences, not W x W."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segments, prefixes = segment_ids, prefix_ids
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        same = segments[b, q] == segments[b, kv]
+        if prefixes is not None:
+            same = same | (prefixes[b, q] == segments[b, kv])
+        return same & (kv <= q) if causal else same
+
+    rows, width = segment_ids.shape
+    # compiled on a GPU, where the unfused evaluation of a wide row would hold rows x W x W booleans
+    return create_block_mask(allowed, rows, None, width, width, device=segment_ids.device,
+                             _compile=segment_ids.is_cuda)
+
+
+def flex_width(n_tokens: int) -> int:
+    """A row wide enough for every token of a forward, padded to flex_attention's block size."""
+    return -(-n_tokens // FLEX_BLOCK) * FLEX_BLOCK
+
+
 def pooling(inner: Any) -> str | None:
     """How a packed forward reads a score: 'last' for decoder heads (`score`), 'first' for BERT-style
     [CLS] heads (`pooler` + `classifier`), None for a head this module cannot unpack."""
@@ -178,8 +214,11 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
     if batch.prefix_ids is not None and kind != "last":
         raise ValueError("shared-prompt packing needs a causal decoder: an encoder's prompt would see both answers")
-    mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype,
-                      prefix_ids=batch.prefix_ids)
+    if attn == "flex_attention":
+        mask = flex_block_mask(batch.segment_ids, causal=kind == "last", prefix_ids=batch.prefix_ids)
+    else:
+        mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype,
+                          prefix_ids=batch.prefix_ids)
     base = getattr(inner, base_name)
     hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])

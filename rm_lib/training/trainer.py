@@ -24,6 +24,7 @@ from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
 from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
 from rm_lib.settings import ModelSettings, TrainSettings
+from rm_lib.training.device_plan import DevicePlan, model_shape, plan
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import limit_heap_growth
 
@@ -32,7 +33,7 @@ CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoin
 LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a resume after DVC cleared it
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
-                      "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt")
+                      "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt", "attention")
 
 
 @dataclass
@@ -187,6 +188,23 @@ def _disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # a rate the attention kernel applies
+            module.attention_dropout = 0.0
+
+
+def _new_window(device: torch.device) -> dict:
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "acc", "margin", "mean")}
+    return {**sums, "n": 0, "tokens": 0, "computed": 0, "padded": 0}
+
+
+def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool) -> DevicePlan:
+    """The device plan of this run (rm_lib.training.device_plan), from free memory on a GPU."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    inner = unwrap(model)
+    flex = bool(getattr(inner, "_supports_flex_attn", False))
+    return plan(device_type=device.type, packed=packed, supports_flex=flex, shape=model_shape(inner), free_bytes=free,
+                attention=cfg.attention,
+                tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
@@ -200,11 +218,17 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     limit_heap_growth()
     if cfg.disable_dropout:
         _disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
+    device_plan = plan_for(cfg, model, accelerator.device, packed)
+    accelerator.print(f"train: {device_plan.describe()}")
+    if device_plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loaded_attention = unwrap(model).config._attn_implementation
+    if device_plan.attention not in (None, loaded_attention):
+        unwrap(model).set_attn_implementation(device_plan.attention)
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
-    pack = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
+    packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
+    one_row = device_plan.attention == "flex_attention"  # its block mask skips what rows would separate
     if cfg.padding_free and not packed:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
@@ -214,7 +238,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     steps_per_epoch = max(batches_per_epoch // cfg.gradient_accumulation_steps, 1)
     total = cfg.max_steps or max(int(steps_per_epoch * cfg.num_epochs), 1)
     scorer = PairScorer(model, LengthHead() if cfg.length_debias else None)
-    optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if device_plan.fused_adamw else {}))
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
     # `total` counts optimizer steps already; a prepared scheduler would step once per process and
     # decay the learning rate `world` times too fast. Its state travels in trainer_state.json.
@@ -240,9 +265,13 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                       saved=latest / LOG_FILE if latest is not None else None)
 
     history: list[dict] = []
+    # loss, acc, margin, mean: sums kept on the device, read at logging only (no host sync per step);
     # tokens: of the pairs' sequences (a shared prompt counts for both sides, as a padded batch has it);
     # computed: what the forward passes ran on, padding aside
-    window = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "mean": 0.0, "n": 0, "tokens": 0, "computed": 0, "padded": 0}
+    window = _new_window(accelerator.device)
+    # the first step whose loss was not finite (0: none yet), on the device; read where weights leave it
+    bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    bad_loss = torch.zeros((), device=accelerator.device)
     started, window_start, tokens_total = time.perf_counter(), time.perf_counter(), 0
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
@@ -252,15 +281,16 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         epoch = micro // batches_per_epoch
         batches = epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch,
                                 group_by_length=cfg.group_by_length)
+        step_loss = torch.zeros((), device=accelerator.device)
         for k in range(cfg.gradient_accumulation_steps):
             epoch_k, pos_k = divmod(micro + k, batches_per_epoch)
             if epoch_k != epoch:
                 epoch, batches = epoch_k, epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch_k,
                                                         group_by_length=cfg.group_by_length)
             mine = [train_rows[i] for i in process_slice(batches[pos_k], rank, world)]
-            chunks = token_chunks(mine, cfg.max_tokens_per_forward)
+            chunks = token_chunks(mine, device_plan.tokens_per_forward)
             for c, chunk in enumerate(chunks):
-                batch = (pack(chunk, pad_token_id, cfg.use_margin) if packed
+                batch = (packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row) if packed
                          else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
                 share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
                 last = k == cfg.gradient_accumulation_steps - 1 and c == len(chunks) - 1
@@ -277,16 +307,18 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                                                   cfg.center_rewards_coefficient)
                     r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
                     accelerator.backward(loss * share / cfg.gradient_accumulation_steps)
-                window["loss"] += loss.item() * share
-                window["acc"] += (r_c > r_r).float().mean().item() * share
-                window["margin"] += (r_c - r_r).mean().item() * share
-                window["mean"] += scores.mean().item() * share
+                with torch.no_grad():
+                    window["loss"] += loss.detach().float() * share
+                    window["acc"] += (r_c > r_r).float().mean() * share
+                    window["margin"] += (r_c - r_r).mean() * share
+                    window["mean"] += scores.mean() * share
+                    step_loss = step_loss + loss.detach().float() * share
                 window["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
                 window["computed"] += batch.real_tokens
                 window["padded"] += batch.padded_tokens
             window["n"] += 1
-        if not math.isfinite(window["loss"]):  # stop before the bad step touches the weights
-            raise _diverged(window["loss"], state.step + 1, checkpoints, fingerprint)
+        first = (bad_step == 0) & ~torch.isfinite(step_loss)
+        bad_step, bad_loss = torch.where(first, state.step + 1, bad_step), torch.where(first, step_loss, bad_loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -294,15 +326,21 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         state.step += 1
         bar.update(1)
 
-        if state.step % cfg.logging_steps == 0 or state.step == total:
+        logging = state.step % cfg.logging_steps == 0 or state.step == total
+        evaluating = on_eval is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0
+        if logging or evaluating or state.step % cfg.save_steps == 0:
+            # the only reads of the device between logs: no weights of a diverged run are logged, evaluated or saved
+            first_bad = int(bad_step)
+            if first_bad:
+                raise _diverged(float(bad_loss), first_bad, checkpoints, fingerprint)
+        if logging:
             elapsed = time.perf_counter() - window_start
             n = max(window["n"], 1)
             tokens = accelerator.reduce(torch.tensor(window["tokens"], device=accelerator.device), "sum").item()
             record = {"step": state.step, "epoch": round(micro / batches_per_epoch, 4),
-                      "loss": accelerator.reduce(torch.tensor(window["loss"] / n, device=accelerator.device),
-                                                 "mean").item(),
-                      "accuracy": window["acc"] / n, "reward_margin": window["margin"] / n,
-                      "reward_mean": window["mean"] / n, "grad_norm": float(grad_norm),
+                      "loss": accelerator.reduce(window["loss"] / n, "mean").item(),
+                      "accuracy": window["acc"].item() / n, "reward_margin": window["margin"].item() / n,
+                      "reward_mean": window["mean"].item() / n, "grad_norm": float(grad_norm),
                       "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
                       "padding_fraction": 1 - window["computed"] / max(window["padded"], 1)}
             tokens_total += tokens
@@ -312,10 +350,10 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                 tracker.log(record)
                 state.metrics_lines += 1
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-            window = dict.fromkeys(window, 0)
+            window = _new_window(accelerator.device)
             window_start = time.perf_counter()
         new_best = False
-        if on_eval is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+        if evaluating:
             result = on_eval(model, state.step)
             if state.best_eval_accuracy is None or result["accuracy"] > state.best_eval_accuracy:
                 state.best_eval_accuracy, state.best_step, new_best = result["accuracy"], state.step, True
@@ -330,6 +368,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
                             log=getattr(tracker, "metrics_path", None))
     bar.close()
+    if device_plan.attention not in (None, loaded_attention):  # the saved model loads as it was given
+        unwrap(model).set_attn_implementation(loaded_attention)
     # The last step always saves, so the state holds this session's figures; a reused run reports the run's.
     reused = resumed_from is not None and resumed_from == state.step
     tokens, wall = (state.tokens, state.train_s) if reused else (state.tokens - base_tokens, state.train_s - base_s)

@@ -1,0 +1,93 @@
+"""How a training run uses its device: attention kernel, tokens per forward, activation checkpointing,
+optimizer. The `auto` settings resolve here, from the device and the model's shape, by pure rules.
+
+On a GPU the packed rows go through flex_attention with a block mask, which skips the 128 x 128
+blocks the block-diagonal mask excludes (a dense [rows, 1, W, W] mask keeps SDPA off its fast
+kernels and grows with W^2); every sequence of a forward then fits in one row, so the budget is in
+tokens. On a CPU the dense masked SDPA stays: it is the fastest path there, and flex_attention has
+no backward on a CPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GPU_TOKENS_PER_FORWARD = 65_536  # enough work per forward to keep a large GPU busy
+CPU_TOKENS_PER_FORWARD = 8_192
+MEMORY_HEADROOM = 0.85  # of the free memory: the allocator's fragmentation and the CUDA context
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    trainable: int
+    layers: int
+    hidden: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    attention: str | None  # the implementation to train with; None: the model's own
+    tokens_per_forward: int | None
+    gradient_checkpointing: bool
+    fused_adamw: bool
+    why: str  # one line for the log
+
+    def describe(self) -> str:
+        return (f"attention {self.attention or 'as loaded'}, {self.tokens_per_forward or 'all'} tokens per forward, "
+                f"activation checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
+                f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})")
+
+
+def model_shape(model: Any) -> ModelShape:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    return ModelShape(parameters=sum(p.numel() for p in model.parameters()),
+                      trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      layers=int(getattr(config, "num_hidden_layers", 0) or 0), hidden=hidden,
+                      intermediate=int(getattr(config, "intermediate_size", 0) or 4 * hidden))
+
+
+def activation_bytes_per_token(shape: ModelShape, checkpointing: bool) -> int:
+    """Estimated bf16 activations kept for backward, per token. Without checkpointing a layer keeps
+    about 18h + 4i bytes per token (34h at i = 4h with fused attention, Korthikanti et al. 2022); with
+    it, each layer keeps its 2h-byte input and one layer at a time is recomputed in full."""
+    per_layer = 18 * shape.hidden + 4 * shape.intermediate
+    if checkpointing:
+        return shape.layers * 2 * shape.hidden + per_layer
+    return shape.layers * per_layer
+
+
+def state_bytes(shape: ModelShape) -> int:
+    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments."""
+    return 4 * shape.parameters + 12 * shape.trainable
+
+
+def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,
+         attention: str = "auto", tokens_per_forward: int | str | None = "auto",
+         gradient_checkpointing: bool | str = "auto") -> DevicePlan:
+    """Resolve the `auto` settings; values the user set are kept as they are."""
+    gpu = device_type == "cuda"
+    if attention == "auto":
+        attention_choice = "flex_attention" if gpu and packed and supports_flex else None
+    else:
+        attention_choice = attention
+    if tokens_per_forward == "auto":
+        wanted: int | None = GPU_TOKENS_PER_FORWARD if gpu else CPU_TOKENS_PER_FORWARD
+    else:
+        wanted = tokens_per_forward  # type: ignore[assignment]
+    if gradient_checkpointing != "auto":
+        return DevicePlan(attention_choice, wanted, bool(gradient_checkpointing), gpu, "as set")
+    if not gpu or free_bytes is None or not shape.layers or wanted is None:
+        return DevicePlan(attention_choice, wanted, False, gpu, "no device memory to plan for" if not gpu
+                          else "no budget to plan for")
+    room = MEMORY_HEADROOM * free_bytes - state_bytes(shape)
+    if wanted * activation_bytes_per_token(shape, False) <= room:
+        return DevicePlan(attention_choice, wanted, False, True, f"{wanted} tokens fit without checkpointing")
+    fits = int(room // activation_bytes_per_token(shape, True)) if room > 0 else 0
+    if tokens_per_forward == "auto":  # fewer tokens per forward, never fewer than one block of rows
+        budget = max(min(wanted, fits // 1024 * 1024), 1024)
+    else:
+        budget = wanted
+    return DevicePlan(attention_choice, budget, True, True,
+                      f"{wanted} tokens need checkpointing in {free_bytes / 2**30:.0f} GiB free")
