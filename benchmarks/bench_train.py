@@ -85,6 +85,20 @@ def training_flops_per_token(model_dir: Path, mean_length: float) -> float | Non
     return 6 * weights + 12 * layers * hidden * mean_length
 
 
+def computed_tokens(rows: list[dict], args: argparse.Namespace, model_dir: Path) -> int:
+    """Tokens a forward runs on: with shared prompts on a decoder, each pair's shared prefix once."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from rm_lib.model.packing import shared_prefix
+
+    total = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
+    decoder = AutoConfig.from_pretrained(model_dir).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if args.trainer == "ours" and args.padding_free and args.shared_prompt and decoder:
+        total -= sum(shared_prefix(r["input_ids_chosen"], r["input_ids_rejected"]) for r in rows)
+    return total
+
+
 def device_peak_flops(override_tflops: float | None) -> float | None:
     import torch
 
@@ -158,7 +172,9 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
                           max_length=args.max_length, logging_steps=10, save_strategy="no", report_to="none",
                           use_cpu=not torch.cuda.is_available(),  # bf16 where ours uses it too (mixed_precision auto)
                           bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
-                          disable_dropout=True)
+                          disable_dropout=True,
+                          **({} if args.trl_gradient_checkpointing == "default"
+                             else {"gradient_checkpointing": args.trl_gradient_checkpointing == "on"}))
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_dict(columns),
                             processing_class=tokenizer,
                             data_collator=CountingCollator(pad_token_id=tokenizer.pad_token_id))
@@ -195,7 +211,10 @@ def child(args: argparse.Namespace) -> None:
     lengths = [len(r[k]) for r in train_rows for k in ("input_ids_chosen", "input_ids_rejected")]
     per_token = training_flops_per_token(Path(result["model_dir"]), sum(lengths) / len(lengths))
     peak = device_peak_flops(args.peak_tflops)
-    record["mfu"] = per_token * record["tokens_per_s"] / peak if per_token and peak else None
+    # MFU counts the tokens computed: a shared prompt once
+    computed = computed_tokens(train_rows, args, Path(result["model_dir"])) * args.epochs
+    record["computed_tokens_per_s"] = computed / result["wall_s"]
+    record["mfu"] = per_token * record["computed_tokens_per_s"] / peak if per_token and peak else None
     if torch.cuda.is_available():
         record["device"] = torch.cuda.get_device_name()
     Path(args.result).write_text(json.dumps(record))
@@ -218,6 +237,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
             "--learning-rate", str(args.learning_rate), "--epochs", str(args.epochs), "--seed", str(args.seed),
             "--padding-free" if args.padding_free else "--no-padding-free",
             "--shared-prompt" if args.shared_prompt else "--no-shared-prompt",
+            "--trl-gradient-checkpointing", args.trl_gradient_checkpointing,
             *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
 
 
@@ -242,7 +262,7 @@ def ratios(ours: dict, trl: dict) -> dict:
             "accuracy_points": 100 * (ours["accuracy"] - trl["accuracy"])}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case")
     parser.add_argument("--model", default="default")
@@ -259,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--versus", choices=("trl", "per-sequence"), default="trl",
                         help="the second run: TRL's RewardTrainer, or ours packing every sequence apart "
                              "(train.shared_prompt=false), for the gain of shared prompts")
+    parser.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default",
+                        help="TRL's gradient_checkpointing: its RewardConfig default, or set")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -267,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         args.case = args.case[0]
-        return child(args)
+        child(args)
+        return None
     cases = args.case or sorted(CASES)
     missing = [str(CASES[c]) for c in cases if not CASES[c].exists()]
     if missing:
@@ -288,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{s['case']}: ours/{args.versus} real tokens/s {s['tokens_per_s']:.2f}x, "
               f"peak RSS {s['peak_rss']:.2f}x, accuracy {s['accuracy_points']:+.1f} points")
     record.append("bench_train.py", argv, {"results": results, "ratios": summary})
+    return {"results": results, "ratios": summary}
 
 
 if __name__ == "__main__":
