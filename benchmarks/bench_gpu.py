@@ -58,7 +58,7 @@ def summarize(ours: dict, trl_default: dict, trl_no_gc: dict, shared_vs_per_sequ
                         "3x_trl_no_checkpointing": c["tokens_per_s_vs_trl_no_checkpointing"] >= 3,
                         "mfu_40": (mine.get("mfu") or 0) >= 0.40,
                         "memory_at_most_trl": c["peak_gpu_vs_trl_default"] <= 1,
-                        "accuracy_within_1_point": abs(c["accuracy_points_vs_trl_default"]) <= 1}
+                        "accuracy_within_1_point": round(abs(c["accuracy_points_vs_trl_default"]), 6) <= 1}
     if shared_vs_per_sequence is not None and "hh" in ours:  # the two runs of one invocation, side by side
         shared, per_sequence = shared_vs_per_sequence
         cases["hh"]["shared_prompt_pairs_per_s_gain"] = shared["pairs_per_s"] / per_sequence["pairs_per_s"]

@@ -63,6 +63,12 @@ def test_what_the_user_set_is_kept():
     assert fixed_budget.tokens_per_forward == 32768 and fixed_budget.gradient_checkpointing
 
 
+def test_flex_attention_on_a_cpu_is_refused_before_training():
+    with pytest.raises(SettingsError, match="train.attention: flex_attention has no backward pass on a CPU"):
+        plan(device_type="cpu", packed=True, supports_flex=True, shape=SMALL, free_bytes=None,
+             attention="flex_attention")
+
+
 def test_settings_take_auto_numbers_and_booleans():
     train = load_params(None, []).train
     assert (train.attention, train.max_tokens_per_forward, train.gradient_checkpointing) == ("auto", "auto", "auto")

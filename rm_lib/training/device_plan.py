@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rm_lib.errors import SettingsError
+
 GPU_TOKENS_PER_FORWARD = 65_536  # enough work per forward to keep a large GPU busy
 CPU_TOKENS_PER_FORWARD = 8_192
 MEMORY_HEADROOM = 0.85  # of the free memory: the allocator's fragmentation and the CUDA context
@@ -68,6 +70,9 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
          gradient_checkpointing: bool | str = "auto") -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are."""
     gpu = device_type == "cuda"
+    if attention == "flex_attention" and not gpu:
+        raise SettingsError("train.attention: flex_attention has no backward pass on a CPU; use auto (masked SDPA "
+                            "there) or sdpa")
     if attention == "auto":
         attention_choice = "flex_attention" if gpu and packed and supports_flex else None
     else:
@@ -79,8 +84,7 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
     if gradient_checkpointing != "auto":
         return DevicePlan(attention_choice, wanted, bool(gradient_checkpointing), gpu, "as set")
     if not gpu or free_bytes is None or not shape.layers or wanted is None:
-        return DevicePlan(attention_choice, wanted, False, gpu, "no device memory to plan for" if not gpu
-                          else "no budget to plan for")
+        return DevicePlan(attention_choice, wanted, False, gpu, "on a CPU" if not gpu else "no token budget set")
     room = MEMORY_HEADROOM * free_bytes - state_bytes(shape)
     if wanted * activation_bytes_per_token(shape, False) <= room:
         return DevicePlan(attention_choice, wanted, False, True, f"{wanted} tokens fit without checkpointing")
