@@ -35,8 +35,9 @@ class DevicePlan:
     fused_adamw: bool
     why: str  # one line for the log
 
-    def describe(self) -> str:
-        return (f"attention {self.attention or 'as loaded'}, {self.tokens_per_forward or 'all'} tokens per forward, "
+    def describe(self, loaded_attention: str) -> str:
+        return (f"attention {self.attention or loaded_attention}, "
+                f"{self.tokens_per_forward or 'all'} tokens per forward, "
                 f"activation checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
                 f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})")
 

@@ -220,10 +220,10 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         _disable_dropout(model)
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
     device_plan = plan_for(cfg, model, accelerator.device, packed)
-    accelerator.print(f"train: {device_plan.describe()}")
+    loaded_attention = unwrap(model).config._attn_implementation
+    accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loaded_attention = unwrap(model).config._attn_implementation
     if device_plan.attention not in (None, loaded_attention):
         unwrap(model).set_attn_implementation(device_plan.attention)
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
