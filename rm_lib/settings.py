@@ -102,6 +102,9 @@ class TrainSettings:
     num_epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 16  # pairs per optimizer step on each process, before accumulation
+    # tokens per optimizer step on each process, instead of batch_size pairs: short pairs come many to a
+    # step and long ones few; the loss stays the mean over the step's pairs
+    batch_tokens: int | None = None
     gradient_accumulation_steps: int = 1
     lr_scheduler: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.05
@@ -156,6 +159,8 @@ class TrainSettings:
                   f"must be auto, true or false, got {self.gradient_checkpointing!r}")
         if self.attention not in ("auto", "sdpa", "eager", "flex_attention"):
             _fail("train", "attention", f"must be auto, sdpa, eager or flex_attention, got '{self.attention}'")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            _fail("train", "batch_tokens", f"must be at least 1 or null, got {self.batch_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
             _fail("train", "max_steps", f"must be at least 1 or null, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:

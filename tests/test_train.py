@@ -244,6 +244,52 @@ def test_token_chunks_keep_order_and_budget():
     assert token_chunks(rows, None) == [rows]
 
 
+def _pairs_of(lengths: list[int]) -> list[dict]:
+    return [{"input_ids_chosen": [1] * n, "input_ids_rejected": [2] * n} for n in lengths]
+
+
+def test_token_budgeted_batches_hold_many_short_pairs_and_few_long_ones():
+    from rm_lib.model.batching import epoch_batches, pair_tokens
+
+    rows = _pairs_of([3] * 40 + [60] * 10)  # pairs of 6 and of 120 tokens
+    batches = epoch_batches(rows, 4, seed=0, epoch=0, group_by_length=True, batch_tokens=240)
+    assert sorted(i for b in batches for i in b) == list(range(50))  # every pair once
+    assert all(sum(pair_tokens(rows[i]) for i in b) <= 240 for b in batches)
+    short = max(len(b) for b in batches if b[0] < 40)
+    long = max(len(b) for b in batches if b[0] >= 40)
+    assert (short, long) == (40, 2)
+    assert batches == epoch_batches(rows, 4, seed=0, epoch=0, group_by_length=True, batch_tokens=240)
+    assert batches != epoch_batches(rows, 4, seed=0, epoch=1, group_by_length=True, batch_tokens=240)
+
+
+def test_the_epoch_schedule_finds_every_micro_batch_across_epochs():
+    from rm_lib.model.batching import EpochSchedule
+
+    rows = _pairs_of([1 + i % 13 for i in range(90)])
+    schedule = EpochSchedule(rows, 4, seed=3, group_by_length=False, batch_tokens=40)  # counts vary by epoch
+    counts = [schedule.count(e) for e in range(4)]
+    assert len(set(counts)) > 1
+    micro = 0
+    for epoch, count in enumerate(counts):
+        for position in range(count):
+            assert schedule.locate(micro) == (epoch, position)
+            micro += 1
+    assert schedule.micro_batches(2) == counts[0] + counts[1]
+    assert schedule.micro_batches(1.5) == counts[0] + int(0.5 * counts[1])
+    by_pairs = EpochSchedule(rows, 4, seed=3, group_by_length=True)
+    assert by_pairs.count(0) == by_pairs.count(5) == 23 and len(by_pairs.batches(5)) == 23
+
+
+def test_training_with_token_budgeted_batches_runs_one_epoch_of_them(tmp_path, tiny_decoder):
+    from rm_lib.model.batching import epoch_batches
+
+    result, _, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=null", "train.num_epochs=1",
+                               "train.batch_tokens=800", "train.logging_steps=1")
+    expected = epoch_batches(rows, 4, seed=42, epoch=0, group_by_length=True, batch_tokens=800)
+    assert result.steps == len(expected) < len(rows) // 4  # fewer, larger steps than 4 pairs each
+    assert result.history[-1]["epoch"] == pytest.approx(1 - 1 / len(expected), abs=1e-3)
+
+
 def test_retention_keeps_the_newest_checkpoints_and_the_best(tmp_path, tiny_decoder):
     accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.6, 0.7, 0.8])
     result, _, _ = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=8", "train.save_steps=1",

@@ -11,11 +11,17 @@ def pair_length(row: dict) -> int:
     return max(len(row["input_ids_chosen"]), len(row["input_ids_rejected"]))
 
 
+def pair_tokens(row: dict) -> int:
+    return len(row["input_ids_chosen"]) + len(row["input_ids_rejected"])
+
+
 def epoch_batches(rows: list[dict], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
-                  megabatch: int = 64) -> list[list[int]]:
+                  megabatch: int = 64, batch_tokens: int | None = None) -> list[list[int]]:
     """Row indices of every batch of one epoch; a pure function of (seed, epoch), so a resumed
     run sees the same batches. Length grouping sorts within shuffled windows of `megabatch`
-    batches and then shuffles the batches, so little compute goes to padding."""
+    batches and then shuffles the batches, so little compute goes to padding. `batch_tokens`: each
+    batch takes pairs until it holds that many tokens (a longer pair alone), so short pairs come
+    many to a batch and long ones few; the windows are then `megabatch` times `batch_size` pairs."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -23,10 +29,70 @@ def epoch_batches(rows: list[dict], batch_size: int, *, seed: int, epoch: int, g
         window = batch_size * megabatch
         order = [i for start in range(0, len(order), window)
                  for i in sorted(order[start:start + window], key=lambda i: -pair_length(rows[i]))]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if batch_tokens is None:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        batches = _cut_by_tokens(order, rows, batch_tokens)
     if group_by_length:
         rng.shuffle(batches)
     return batches
+
+
+def _cut_by_tokens(order: list[int], rows: list[dict], budget: int) -> list[list[int]]:
+    batches: list[list[int]] = [[]]
+    used = 0
+    for i in order:
+        size = pair_tokens(rows[i])
+        if batches[-1] and used + size > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += size
+    return batches
+
+
+class EpochSchedule:
+    """Where micro-batch k of a run lies (epoch, batch), over epochs whose batch counts may differ
+    (token-budgeted batches); each epoch's batches computed once."""
+
+    def __init__(self, rows: list[dict], batch_size: int, *, seed: int, group_by_length: bool,
+                 batch_tokens: int | None = None) -> None:
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.group_by_length, self.batch_tokens = group_by_length, batch_tokens
+        self._current: tuple[int, list[list[int]]] | None = None
+        self._counts: dict[int, int] = {}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._current is None or self._current[0] != epoch:
+            self._current = (epoch, epoch_batches(self.rows, self.batch_size, seed=self.seed, epoch=epoch,
+                                                  group_by_length=self.group_by_length,
+                                                  batch_tokens=self.batch_tokens))
+            self._counts[epoch] = len(self._current[1])
+        return self._current[1]
+
+    def count(self, epoch: int) -> int:
+        if epoch not in self._counts:
+            if self.batch_tokens is None:  # every epoch alike: no need to lay one out
+                self._counts[epoch] = -(-len(self.rows) // self.batch_size)
+            else:
+                self._counts[epoch] = len(epoch_batches(self.rows, self.batch_size, seed=self.seed, epoch=epoch,
+                                                        group_by_length=self.group_by_length,
+                                                        batch_tokens=self.batch_tokens))
+        return self._counts[epoch]
+
+    def locate(self, micro: int) -> tuple[int, int]:
+        """(epoch, index of the batch in it) of the run's micro-batch `micro`, counted from 0."""
+        epoch = 0
+        while micro >= self.count(epoch):
+            micro -= self.count(epoch)
+            epoch += 1
+        return epoch, micro
+
+    def micro_batches(self, num_epochs: float) -> int:
+        """Micro-batches in `num_epochs` epochs (a fraction of the last one counted in proportion)."""
+        whole = int(num_epochs)
+        count = sum(self.count(e) for e in range(whole))
+        return count + int((num_epochs - whole) * self.count(whole)) if num_epochs > whole else count
 
 
 def process_slice(batch: list[int], rank: int, world: int) -> list[int]:
@@ -44,7 +110,7 @@ def token_chunks(rows: list[dict], budget: int | None) -> list[list[dict]]:
     chunks: list[list[dict]] = [[]]
     used = 0
     for row in rows:
-        size = len(row["input_ids_chosen"]) + len(row["input_ids_rejected"])
+        size = pair_tokens(row)
         if chunks[-1] and used + size > budget:
             chunks.append([])
             used = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 
 from rm_lib.errors import TrainingDiverged
 from rm_lib.files import file_sha256, share_tree
-from rm_lib.model.batching import collate_pairs, epoch_batches, process_slice, token_chunks
+from rm_lib.model.batching import EpochSchedule, collate_pairs, process_slice, token_chunks
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
@@ -233,10 +232,14 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.batch_size * world
-    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
-    steps_per_epoch = max(batches_per_epoch // cfg.gradient_accumulation_steps, 1)
-    total = cfg.max_steps or max(int(steps_per_epoch * cfg.num_epochs), 1)
+    global_tokens = None if cfg.batch_tokens is None else cfg.batch_tokens * world
+    schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
+                             batch_tokens=global_tokens)
+    accumulation = cfg.gradient_accumulation_steps
+    if global_tokens is None:  # every epoch has the same batches count
+        total = cfg.max_steps or max(int(max(schedule.count(0) // accumulation, 1) * cfg.num_epochs), 1)
+    else:
+        total = cfg.max_steps or max(schedule.micro_batches(cfg.num_epochs) // accumulation, 1)
     scorer = PairScorer(model, LengthHead() if cfg.length_debias else None)
     optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if device_plan.fused_adamw else {}))
@@ -277,23 +280,17 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                dynamic_ncols=True)
     model.train()
     while state.step < total:
-        micro = state.step * cfg.gradient_accumulation_steps
-        epoch = micro // batches_per_epoch
-        batches = epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch,
-                                group_by_length=cfg.group_by_length)
+        micro = state.step * accumulation
         step_loss = torch.zeros((), device=accelerator.device)
-        for k in range(cfg.gradient_accumulation_steps):
-            epoch_k, pos_k = divmod(micro + k, batches_per_epoch)
-            if epoch_k != epoch:
-                epoch, batches = epoch_k, epoch_batches(train_rows, global_batch, seed=cfg.seed, epoch=epoch_k,
-                                                        group_by_length=cfg.group_by_length)
-            mine = [train_rows[i] for i in process_slice(batches[pos_k], rank, world)]
+        for k in range(accumulation):
+            epoch, position = schedule.locate(micro + k)
+            mine = [train_rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
             chunks = token_chunks(mine, device_plan.tokens_per_forward)
             for c, chunk in enumerate(chunks):
                 batch = (packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row) if packed
                          else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
                 share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
-                last = k == cfg.gradient_accumulation_steps - 1 and c == len(chunks) - 1
+                last = k == accumulation - 1 and c == len(chunks) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     if cfg.length_debias:
@@ -306,7 +303,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                         loss = bradley_terry_loss(scores[:batch.n_pairs], scores[batch.n_pairs:], batch.margin,
                                                   cfg.center_rewards_coefficient)
                     r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
-                    accelerator.backward(loss * share / cfg.gradient_accumulation_steps)
+                    accelerator.backward(loss * share / accumulation)
                 with torch.no_grad():
                     window["loss"] += loss.detach().float() * share
                     window["acc"] += (r_c > r_r).float().mean() * share
@@ -337,7 +334,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             elapsed = time.perf_counter() - window_start
             n = max(window["n"], 1)
             tokens = accelerator.reduce(torch.tensor(window["tokens"], device=accelerator.device), "sum").item()
-            record = {"step": state.step, "epoch": round(micro / batches_per_epoch, 4),
+            epoch, position = schedule.locate(micro)
+            record = {"step": state.step, "epoch": round(epoch + position / schedule.count(epoch), 4),
                       "loss": accelerator.reduce(window["loss"] / n, "mean").item(),
                       "accuracy": window["acc"].item() / n, "reward_margin": window["margin"].item() / n,
                       "reward_mean": window["mean"].item() / n, "grad_norm": float(grad_norm),
