@@ -39,6 +39,7 @@ def epoch_batches(rows: list[dict], batch_size: int, *, seed: int, epoch: int, g
 
 
 def _cut_by_tokens(order: list[int], rows: list[dict], budget: int) -> list[list[int]]:
+    """`order` cut, in order, into runs of at most `budget` tokens (a longer pair alone)."""
     batches: list[list[int]] = [[]]
     used = 0
     for i in order:
@@ -107,16 +108,7 @@ def token_chunks(rows: list[dict], budget: int | None) -> list[list[dict]]:
     of pairs gives the whole batch's gradient with a fraction of its activation memory."""
     if budget is None:
         return [rows]
-    chunks: list[list[dict]] = [[]]
-    used = 0
-    for row in rows:
-        size = pair_tokens(row)
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(row)
-        used += size
-    return chunks
+    return [[rows[i] for i in run] for run in _cut_by_tokens(list(range(len(rows))), rows, budget)]
 
 
 @dataclass
