@@ -75,10 +75,8 @@ class EpochSchedule:
         if epoch not in self._counts:
             if self.batch_tokens is None:  # every epoch alike: no need to lay one out
                 self._counts[epoch] = -(-len(self.rows) // self.batch_size)
-            else:
-                self._counts[epoch] = len(epoch_batches(self.rows, self.batch_size, seed=self.seed, epoch=epoch,
-                                                        group_by_length=self.group_by_length,
-                                                        batch_tokens=self.batch_tokens))
+            else:  # laid out once: `locate` counts the epoch it then reads last
+                self.batches(epoch)
         return self._counts[epoch]
 
     def locate(self, micro: int) -> tuple[int, int]:
