@@ -39,6 +39,8 @@ def overrides(args: argparse.Namespace, case: str, debias: bool) -> list[str]:
         chosen.append(f"train.learning_rate={args.learning_rate}")
     if args.batch_size is not None:
         chosen.append(f"train.batch_size={args.batch_size}")
+    if getattr(args, "num_epochs", None) is not None:
+        chosen.append(f"train.num_epochs={args.num_epochs}")
     if debias and args.length_debias_weight is not None:
         chosen.append(f"train.length_debias_weight={args.length_debias_weight}")
     return chosen
@@ -67,6 +69,8 @@ def run_case(args: argparse.Namespace, case: str, debias: bool) -> dict:
 
     variant = f"debias{args.length_debias_weight if args.length_debias_weight is not None else ''}" if debias \
         else "plain"
+    if args.num_epochs is not None:
+        variant += f"-epochs{args.num_epochs:g}"
     layout = Layout(WORK / f"{case}-{variant}-{args.max_train_pairs or 'all'}")
     params = load_params(None, overrides(args, case, debias))
     started = time.perf_counter()
@@ -78,6 +82,7 @@ def run_case(args: argparse.Namespace, case: str, debias: bool) -> dict:
     report = json.loads((layout.evaluation / "report.json").read_text())
     train_pairs = json.loads((layout.filtered / "manifest.json").read_text())["kept"]["train"]
     return {"case": case, "length_debias": debias, "length_debias_weight": params.train.length_debias_weight,
+            "num_epochs": params.train.num_epochs,
             "train_pairs": train_pairs, "test_pairs": report["pairs"],
             "wall_s": round(time.perf_counter() - started, 1), **{k: report[k] for k in FIGURES}}
 
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: params.yaml's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml's")
+    parser.add_argument("--num-epochs", type=float, default=None, help="default: params.yaml's")
     parser.add_argument("--length-debias-weight", type=float, default=None, help="default: params.yaml's")
     parser.add_argument("--no-plain", action="store_true", help="only the length-debiased runs")
     parser.add_argument("--no-debias", action="store_true", help="only the plain runs")
