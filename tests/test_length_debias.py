@@ -2,7 +2,6 @@
 decorrelated from length, and the head never reaches the saved model."""
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -11,27 +10,56 @@ import torch
 from safetensors.torch import load_file
 
 from rm_lib.evaluation.metrics import pair_metrics, pearson
-from rm_lib.model.loss import length_correlation
 from rm_lib.training.length_debias import LengthHead, debiased_loss
 
 from helpers import run_steps, tiny_params
 
 
-def test_length_correlation_is_pearson_on_log_lengths_and_zero_without_spread():
-    rewards, lengths = [0.3, 1.2, -0.5, 2.0, 0.1], [10.0, 30.0, 7.0, 64.0, 12.0]
-    expected = pearson([math.log(n) for n in lengths], rewards)
-    assert length_correlation(torch.tensor(rewards), torch.tensor(lengths)).item() == pytest.approx(expected, abs=1e-6)
-    assert length_correlation(torch.tensor([1.0, 2.0]), torch.tensor([5.0, 5.0])).item() == 0.0
+def test_on_a_first_batch_holding_the_whole_split_the_penalty_is_pearson_on_log_lengths():
+    rewards, lengths = [0.3, 1.2, -0.5, 2.0, 0.1, 0.4], [10.0, 30.0, 7.0, 64.0, 12.0, 20.0]
+    rows = [{"input_ids_chosen": [0] * int(c), "input_ids_rejected": [0] * int(r)}
+            for c, r in zip(lengths[:3], lengths[3:])]
+    head = LengthHead.for_rows(rows)
+    logs = torch.tensor(lengths).log()
+    # the split's spread is the sample std; Pearson's r is the same whatever the scale of x
+    expected = pearson(logs.tolist(), rewards) * float(logs.std(correction=0) / logs.std())
+    got = head.pooled_correlation(torch.tensor(rewards), torch.tensor(lengths)).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_reward_that_follows_length_across_batches_is_penalised_though_flat_within_each():
+    """Length-grouped batches: all short sequences in one, all long in the other. A reward near 0 on
+    the short batch and near 1 on the long one, lower for the longer sequences inside each, is
+    anti-correlated with length inside either batch; pooled, it follows length. The penalty sees
+    that, once the running mean has seen both batches."""
+    short, long = torch.tensor([10.0, 11.0, 10.0, 11.0]), torch.tensor([100.0, 101.0, 100.0, 101.0])
+    rows = [{"input_ids_chosen": [0] * 10, "input_ids_rejected": [0] * 11},
+            {"input_ids_chosen": [0] * 100, "input_ids_rejected": [0] * 101}]
+    head = LengthHead.for_rows(rows)
+    low, high = torch.tensor([0.1, 0.0, 0.1, 0.0]), torch.tensor([1.1, 1.0, 1.1, 1.0])
+    assert pearson(long.log().tolist(), high.tolist()) == pytest.approx(-1.0)  # within the batch
+    for _ in range(40):
+        head.observe(low)
+        head.observe(high)
+    assert head.reward_mean.item() == pytest.approx(0.55, abs=0.05)
+    assert head.pooled_correlation(high, long).item() > 0.8
+    assert head.pooled_correlation(low, short).item() > 0.8
+    pooled = pearson(torch.cat([short, long]).log().tolist(), torch.cat([low, high]).tolist())
+    assert pooled > 0.9  # what evaluation measures over the split
+    flat = torch.tensor([0.5, 0.6, 0.5, 0.6])  # not following length across batches
+    assert abs(head.pooled_correlation(flat, long).item()) < 0.2
 
 
 def test_the_debiased_loss_starts_as_bradley_terry_and_penalises_a_reward_that_follows_length():
     scores, lengths = torch.tensor([2.0, 1.0, 0.0, 0.5]), torch.tensor([40.0, 30.0, 10.0, 12.0])
-    head = LengthHead()
+    head = LengthHead.for_rows([{"input_ids_chosen": [0] * 40, "input_ids_rejected": [0] * 10},
+                                {"input_ids_chosen": [0] * 30, "input_ids_rejected": [0] * 12}])
     plain = -torch.nn.functional.logsigmoid(scores[:2] - scores[2:]).mean()
-    loss = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=0.0)
+    loss = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=0.0, head=head)
     assert loss.item() == pytest.approx(plain.item())  # the head starts at 0
-    penalised = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=1.0)
-    r = length_correlation(scores, lengths).item()
+    penalised = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=1.0, head=head)
+    r = head.pooled_correlation(scores, lengths).item()
+    assert r > 0.5  # longer sequences score higher here
     assert penalised.item() == pytest.approx(plain.item() + r * r)
 
 

@@ -1,4 +1,4 @@
-"""Bradley-Terry loss for reward models, and the length-decorrelation term of length-debiased training."""
+"""Bradley-Terry loss for reward models."""
 from __future__ import annotations
 
 import torch
@@ -15,12 +15,3 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     if center_rewards_coefficient:
         loss = loss + center_rewards_coefficient * ((r_chosen + r_rejected) ** 2).mean()
     return loss
-
-
-def length_correlation(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of the rewards of a batch's sequences with their log token counts; 0 where
-    either is constant (nothing to follow). Differentiable in the rewards."""
-    x = torch.log(lengths.to(rewards.dtype))
-    x, y = x - x.mean(), rewards - rewards.mean()
-    denominator = torch.sqrt((x * x).sum() * (y * y).sum())
-    return torch.where(denominator > 1e-12, (x * y).sum() / denominator.clamp_min(1e-12), torch.zeros_like(denominator))

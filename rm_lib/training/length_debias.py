@@ -4,41 +4,88 @@ Preference data rewards length: in AlpacaEval the longer answer wins 86% of pair
 trained on it learns "longer is better", and a policy tuned on that reward learns to pad. Here the
 Bradley-Terry loss sees the sum of the model's reward and a length head's score, a linear function
 of the log token count; the head soaks up what length alone explains, and a penalty on the squared
-correlation of the model's reward with length (over each batch's sequences) keeps the model from
-learning it too. The head is trained with the model, saved in checkpoints so a resume is exact,
-and dropped when the model is saved: the published reward is the model's alone.
+correlation of the model's reward with length keeps the model from learning it too. The head is
+trained with the model, saved in checkpoints so a resume is exact, and dropped when the model is
+saved: the published reward is the model's alone.
+
+The correlation is the pooled one, over the whole train split, as evaluation measures it: a batch's
+rewards and log lengths are set against the split's means and spreads (the lengths' known up front,
+the rewards' running ones), not the batch's own. Batches grouped by length hold sequences of similar length,
+and a correlation within each batch would miss a reward that is high for the long batches and low
+for the short ones.
 """
 from __future__ import annotations
 
 import torch
 
-from rm_lib.model.loss import bradley_terry_loss, length_correlation
+from rm_lib.model.loss import bradley_terry_loss
 
 # The head is one scalar. At the model's learning rate (5e-5) AdamW moves it by about that much per
 # step, so after an epoch of a few hundred steps it still explains next to nothing and the correlation
 # penalty alone has to strip length from the model. Its own, larger rate lets it absorb length early.
 HEAD_LEARNING_RATE = 0.02
+# The running mean of the rewards follows the model over about 1 / (1 - REWARD_MOMENTUM) forwards.
+REWARD_MOMENTUM = 0.9
 
 
 class LengthHead(torch.nn.Module):
-    """score = weight * log(length): starts at 0, so the first step is plain Bradley-Terry."""
+    """score = weight * log(length): starts at 0, so the first step is plain Bradley-Terry. Its buffers
+    are what the penalty measures against: the mean and spread of the train split's log token counts,
+    and a running mean and variance of the rewards (in checkpoints with the weight, so a resume is
+    exact)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_length_mean: float = 0.0, log_length_std: float = 1.0) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.register_buffer("log_length_mean", torch.tensor(float(log_length_mean)))
+        self.register_buffer("log_length_std", torch.tensor(float(log_length_std)))
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_var", torch.zeros(()))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def for_rows(cls, rows: list[dict]) -> LengthHead:
+        logs = torch.tensor([len(r[side]) for r in rows for side in ("input_ids_chosen", "input_ids_rejected")],
+                            dtype=torch.float64).log()
+        spread = float(logs.std()) if len(logs) > 1 else 0.0
+        return cls(float(logs.mean()), spread if spread > 0 else 1.0)
 
     def forward(self, lengths: torch.Tensor) -> torch.Tensor:
         return self.weight * torch.log(lengths.float())
 
+    def pooled_correlation(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """corr(reward, log length) estimated from the batch's sequences with the split's means and
+        spreads (the rewards' running ones, this batch's part of the spread differentiable). A batch
+        far from the mean length can exceed 1. Differentiable in the rewards."""
+        x = (torch.log(lengths.to(rewards.dtype)) - self.log_length_mean) / self.log_length_std
+        # copies: observe() updates the buffers in place before this graph's backward has run
+        observed, reward_mean, reward_var = self.observed.clone(), self.reward_mean.clone(), self.reward_var.clone()
+        y = rewards - torch.where(observed, reward_mean, rewards.detach().mean())
+        spread = (y * y).mean()
+        variance = torch.where(observed, REWARD_MOMENTUM * reward_var + (1 - REWARD_MOMENTUM) * spread, spread)
+        return (x * y).mean() / torch.sqrt(variance + 1e-12)
+
+    @torch.no_grad()
+    def observe(self, rewards: torch.Tensor) -> None:
+        """Moves the running reward mean and variance towards this forward's (on the device: no host sync)."""
+        rewards = rewards.detach().float()
+        mean = torch.where(self.observed, REWARD_MOMENTUM * self.reward_mean
+                           + (1 - REWARD_MOMENTUM) * rewards.mean(), rewards.mean())
+        spread = ((rewards - mean) ** 2).mean()
+        self.reward_var.copy_(torch.where(self.observed, REWARD_MOMENTUM * self.reward_var
+                                          + (1 - REWARD_MOMENTUM) * spread, spread))
+        self.reward_mean.copy_(mean)
+        self.observed.fill_(True)
+
 
 def debiased_loss(scores: torch.Tensor, length_scores: torch.Tensor, lengths: torch.Tensor, n_pairs: int,
                   margin: torch.Tensor | None, center_rewards_coefficient: float | None,
-                  weight: float) -> torch.Tensor:
-    """Bradley-Terry on reward + length score, plus weight * corr(reward, log length)^2.
+                  weight: float, head: LengthHead) -> torch.Tensor:
+    """Bradley-Terry on reward + length score, plus weight * (pooled corr(reward, log length))^2.
     `scores`, `length_scores`, `lengths`: [2B], the B chosen sequences first."""
     total = scores + length_scores.to(scores.dtype)
     loss = bradley_terry_loss(total[:n_pairs], total[n_pairs:], margin, center_rewards_coefficient)
-    return loss + weight * length_correlation(scores.float(), lengths) ** 2
+    return loss + weight * head.pooled_correlation(scores.float(), lengths) ** 2
 
 
 def sequence_lengths(rows: list[dict], device: torch.device) -> torch.Tensor:

@@ -240,7 +240,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         total = cfg.max_steps or max(int(max(schedule.count(0) // accumulation, 1) * cfg.num_epochs), 1)
     else:
         total = cfg.max_steps or max(schedule.micro_batches(cfg.num_epochs) // accumulation, 1)
-    scorer = PairScorer(model, LengthHead() if cfg.length_debias else None)
+    scorer = PairScorer(model, LengthHead.for_rows(train_rows) if cfg.length_debias else None)
     optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if device_plan.fused_adamw else {}))
     scheduler = _schedule(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * total), total)
@@ -297,7 +297,9 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                         lengths = sequence_lengths(chunk, accelerator.device)
                         scores, length_scores = model(batch, lengths)
                         loss = debiased_loss(scores, length_scores, lengths, batch.n_pairs, batch.margin,
-                                             cfg.center_rewards_coefficient, cfg.length_debias_weight)
+                                             cfg.center_rewards_coefficient, cfg.length_debias_weight,
+                                             scorer.length_head)
+                        scorer.length_head.observe(scores)
                     else:
                         scores = model(batch)
                         loss = bradley_terry_loss(scores[:batch.n_pairs], scores[batch.n_pairs:], batch.margin,
