@@ -24,8 +24,13 @@ from rm_lib.model.loss import bradley_terry_loss
 # step, so after an epoch of a few hundred steps it still explains next to nothing and the correlation
 # penalty alone has to strip length from the model. Its own, larger rate lets it absorb length early.
 HEAD_LEARNING_RATE = 0.02
-# The running mean of the rewards follows the model over about 1 / (1 - REWARD_MOMENTUM) forwards.
+# The running mean and variance of the rewards follow the model over about 1 / (1 - REWARD_MOMENTUM) forwards.
 REWARD_MOMENTUM = 0.9
+
+
+def _running(old: torch.Tensor, new: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """The running value after `new`; `new` itself the first time."""
+    return torch.where(observed, REWARD_MOMENTUM * old + (1 - REWARD_MOMENTUM) * new, new)
 
 
 class LengthHead(torch.nn.Module):
@@ -45,8 +50,7 @@ class LengthHead(torch.nn.Module):
 
     @classmethod
     def for_rows(cls, rows: list[dict]) -> LengthHead:
-        logs = torch.tensor([len(r[side]) for r in rows for side in ("input_ids_chosen", "input_ids_rejected")],
-                            dtype=torch.float64).log()
+        logs = sequence_lengths(rows, torch.device("cpu")).double().log()
         spread = float(logs.std()) if len(logs) > 1 else 0.0
         return cls(float(logs.mean()), spread if spread > 0 else 1.0)
 
@@ -62,18 +66,15 @@ class LengthHead(torch.nn.Module):
         observed, reward_mean, reward_var = self.observed.clone(), self.reward_mean.clone(), self.reward_var.clone()
         y = rewards - torch.where(observed, reward_mean, rewards.detach().mean())
         spread = (y * y).mean()
-        variance = torch.where(observed, REWARD_MOMENTUM * reward_var + (1 - REWARD_MOMENTUM) * spread, spread)
+        variance = _running(reward_var, spread, observed)
         return (x * y).mean() / torch.sqrt(variance + 1e-12)
 
     @torch.no_grad()
     def observe(self, rewards: torch.Tensor) -> None:
         """Moves the running reward mean and variance towards this forward's (on the device: no host sync)."""
         rewards = rewards.detach().float()
-        mean = torch.where(self.observed, REWARD_MOMENTUM * self.reward_mean
-                           + (1 - REWARD_MOMENTUM) * rewards.mean(), rewards.mean())
-        spread = ((rewards - mean) ** 2).mean()
-        self.reward_var.copy_(torch.where(self.observed, REWARD_MOMENTUM * self.reward_var
-                                          + (1 - REWARD_MOMENTUM) * spread, spread))
+        mean = _running(self.reward_mean, rewards.mean(), self.observed)
+        self.reward_var.copy_(_running(self.reward_var, ((rewards - mean) ** 2).mean(), self.observed))
         self.reward_mean.copy_(mean)
         self.observed.fill_(True)
 
