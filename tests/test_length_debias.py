@@ -15,52 +15,114 @@ from rm_lib.training.length_debias import LengthHead, debiased_loss
 from helpers import run_steps, tiny_params
 
 
-def test_on_a_first_batch_holding_the_whole_split_the_penalty_is_pearson_on_log_lengths():
-    rewards, lengths = [0.3, 1.2, -0.5, 2.0, 0.1, 0.4], [10.0, 30.0, 7.0, 64.0, 12.0, 20.0]
-    rows = [{"input_ids_chosen": [0] * int(c), "input_ids_rejected": [0] * int(r)}
-            for c, r in zip(lengths[:3], lengths[3:])]
-    head = LengthHead.for_rows(rows)
+def _exact_squared_correlation(head: LengthHead, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """corr(reward, log length)^2 over a whole split, the log lengths set against the split's mean and
+    spread as the head has them; for autograd, the rewards' spread held fixed (the penalty lowers the
+    covariance, it does not spread the rewards out)."""
+    x = (lengths.log() - head.log_length_mean) / head.log_length_std
+    y = rewards - rewards.mean()
+    return ((x * y).mean() / (y * y).mean().sqrt().detach()) ** 2
+
+
+def _split(lengths: list[float]) -> LengthHead:
+    half = len(lengths) // 2
+    return LengthHead.for_rows([{"input_ids_chosen": [0] * int(c), "input_ids_rejected": [0] * int(r)}
+                                for c, r in zip(lengths[:half], lengths[half:])])
+
+
+def test_on_a_first_batch_holding_the_whole_split_the_penalty_is_the_squared_correlation():
+    rewards, lengths = [0.9, 3.6, -1.5, 6.0, 0.3, 1.2], [10.0, 30.0, 7.0, 64.0, 12.0, 20.0]  # spread over 1
+    head = _split(lengths)
     logs = torch.tensor(lengths).log()
     # the split's spread is the sample std; Pearson's r is the same whatever the scale of x
-    expected = pearson(logs.tolist(), rewards) * float(logs.std(correction=0) / logs.std())
-    got = head.pooled_correlation(torch.tensor(rewards), torch.tensor(lengths)).item()
-    assert got == pytest.approx(expected, abs=1e-6)
+    r = pearson(logs.tolist(), rewards) * float(logs.std(correction=0) / logs.std())
+    got = torch.tensor(rewards, requires_grad=True)
+    penalty = head.penalty(got, torch.tensor(lengths))
+    assert penalty.item() == pytest.approx(r * r, abs=1e-6)
+    penalty.backward()
+    exact = torch.tensor(rewards, requires_grad=True)
+    _exact_squared_correlation(head, exact, torch.tensor(lengths)).backward()
+    assert torch.allclose(got.grad, exact.grad, atol=1e-6), (got.grad, exact.grad)
+
+
+def test_the_push_does_not_grow_as_a_new_heads_rewards_shrink():
+    """A new score head's rewards spread over hundredths: a push that grew as 1 / spread would drown
+    Bradley-Terry, and the reward would never grow. Below a spread of one, the same correlation gets
+    the same push, whatever the scale."""
+    rewards, lengths = torch.tensor([0.9, 3.6, -1.5, 6.0, 0.3, 1.2]), torch.tensor([10.0, 30.0, 7.0, 64.0, 12.0, 20.0])
+    grads = []
+    for scale in (0.01, 0.1):
+        leaf = (rewards * scale / rewards.std()).requires_grad_(True)
+        _split(lengths.tolist()).penalty(leaf, lengths).backward()
+        grads.append(leaf.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().max() > 0.01
 
 
 def test_a_reward_that_follows_length_across_batches_is_penalised_though_flat_within_each():
     """Length-grouped batches: all short sequences in one, all long in the other. A reward near 0 on
     the short batch and near 1 on the long one, lower for the longer sequences inside each, is
     anti-correlated with length inside either batch; pooled, it follows length. The penalty sees
-    that, once the running mean has seen both batches."""
+    that once the running values have seen both batches."""
     short, long = torch.tensor([10.0, 11.0, 10.0, 11.0]), torch.tensor([100.0, 101.0, 100.0, 101.0])
-    rows = [{"input_ids_chosen": [0] * 10, "input_ids_rejected": [0] * 11},
-            {"input_ids_chosen": [0] * 100, "input_ids_rejected": [0] * 101}]
-    head = LengthHead.for_rows(rows)
+    head = _split([10, 100, 11, 101])
     low, high = torch.tensor([0.1, 0.0, 0.1, 0.0]), torch.tensor([1.1, 1.0, 1.1, 1.0])
     assert pearson(long.log().tolist(), high.tolist()) == pytest.approx(-1.0)  # within the batch
-    for _ in range(40):
-        head.observe(low)
-        head.observe(high)
-    assert head.reward_mean.item() == pytest.approx(0.55, abs=0.05)
-    assert head.pooled_correlation(high, long).item() > 0.8
-    assert head.pooled_correlation(low, short).item() > 0.8
     pooled = pearson(torch.cat([short, long]).log().tolist(), torch.cat([low, high]).tolist())
     assert pooled > 0.9  # what evaluation measures over the split
-    flat = torch.tensor([0.5, 0.6, 0.5, 0.6])  # not following length across batches
-    assert abs(head.pooled_correlation(flat, long).item()) < 0.2
+    for _ in range(40):
+        head.observe(low, short)
+        head.observe(high, long)
+    assert head.reward_mean.item() == pytest.approx(0.55, abs=0.05)
+    assert head.running_correlation().item() > 0.8
+    for rewards, lengths in ((low, short), (high, long)):
+        assert head.penalty(rewards, lengths).item() > 0.5
+    # descent on the penalty alone, batch after batch, the running values following: the correlation
+    # evaluation measures goes to zero
+    rewards = [low.clone(), high.clone()]
+    for _ in range(100):
+        for k, lengths in enumerate((short, long)):
+            leaf = rewards[k].clone().requires_grad_(True)
+            head.penalty(leaf, lengths).backward()
+            rewards[k] = rewards[k] - leaf.grad
+            head.observe(rewards[k], lengths)
+    assert abs(pearson(torch.cat([short, long]).log().tolist(), torch.cat(rewards).tolist())) < 0.1
+    flat = _split([10, 100, 11, 101])
+    for _ in range(40):
+        flat.observe(torch.tensor([0.5, 0.6, 0.5, 0.6]), short)
+        flat.observe(torch.tensor([0.5, 0.6, 0.5, 0.6]), long)
+    assert abs(flat.running_correlation().item()) < 0.2  # not following length across batches
+
+
+def test_a_reward_uncorrelated_with_length_over_the_split_is_not_pushed_by_one_batchs_own_correlation():
+    """One batch of a few sequences can show a strong correlation by chance. Squaring each batch's
+    estimate would penalise that noise (and so the reward's spread); the penalty's gradient follows
+    the split's correlation, which here is zero."""
+    lengths = torch.tensor([10.0, 20.0, 10.0, 20.0])
+    head = _split([10, 20, 10, 20])
+    for _ in range(40):
+        head.observe(torch.tensor([0.0, 1.0, 1.0, 0.0]), lengths)  # no covariance with length
+    assert abs(head.running_correlation().item()) < 1e-6
+    noisy = torch.tensor([0.0, 1.0, 0.4, 0.6])  # longer scores higher, within this batch
+    alone = noisy.clone().requires_grad_(True)
+    own = _split([10, 20, 10, 20]).penalty(alone, lengths)  # this batch as if it were the split
+    own.backward()
+    assert own.item() > 0.3 and alone.grad.abs().max() > 0.1
+    got = noisy.clone().requires_grad_(True)
+    penalty = head.penalty(got, lengths)
+    penalty.backward()
+    assert penalty.item() < 0.01 and got.grad.abs().max() < 1e-6
 
 
 def test_the_debiased_loss_starts_as_bradley_terry_and_penalises_a_reward_that_follows_length():
     scores, lengths = torch.tensor([2.0, 1.0, 0.0, 0.5]), torch.tensor([40.0, 30.0, 10.0, 12.0])
-    head = LengthHead.for_rows([{"input_ids_chosen": [0] * 40, "input_ids_rejected": [0] * 10},
-                                {"input_ids_chosen": [0] * 30, "input_ids_rejected": [0] * 12}])
+    head = _split([40, 30, 10, 12])
     plain = -torch.nn.functional.logsigmoid(scores[:2] - scores[2:]).mean()
     loss = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=0.0, head=head)
     assert loss.item() == pytest.approx(plain.item())  # the head starts at 0
     penalised = debiased_loss(scores, head(lengths), lengths, 2, None, None, weight=1.0, head=head)
-    r = head.pooled_correlation(scores, lengths).item()
-    assert r > 0.5  # longer sequences score higher here
-    assert penalised.item() == pytest.approx(plain.item() + r * r)
+    squared = _exact_squared_correlation(head, scores, lengths).item()
+    assert squared > 0.25  # longer sequences score higher here
+    assert penalised.item() == pytest.approx(plain.item() + squared)
 
 
 def _length_only_pairs(n: int, seed: int) -> list[dict]:

@@ -12,7 +12,8 @@ The correlation is the pooled one, over the whole train split, as evaluation mea
 rewards and log lengths are set against the split's means and spreads (the lengths' known up front,
 the rewards' running ones), not the batch's own. Batches grouped by length hold sequences of similar length,
 and a correlation within each batch would miss a reward that is high for the long batches and low
-for the short ones.
+for the short ones. The penalty's gradient is that of the split's squared correlation, its
+correlation factor taken from running values (`LengthHead.penalty` says why).
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ from rm_lib.model.loss import bradley_terry_loss
 HEAD_LEARNING_RATE = 0.02
 # The running mean and variance of the rewards follow the model over about 1 / (1 - REWARD_MOMENTUM) forwards.
 REWARD_MOMENTUM = 0.9
+# The penalty's push on a reward is 2 c x / sigma: at the start of training the rewards of a new score
+# head spread over a few hundredths, so it would outweigh Bradley-Terry a hundredfold, and the reward
+# never grows a spread of its own. Below one logit of spread the push is that of a reward spread over one.
+SPREAD_FLOOR = 1.0
 
 
 def _running(old: torch.Tensor, new: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -36,8 +41,8 @@ def _running(old: torch.Tensor, new: torch.Tensor, observed: torch.Tensor) -> to
 class LengthHead(torch.nn.Module):
     """score = weight * log(length): starts at 0, so the first step is plain Bradley-Terry. Its buffers
     are what the penalty measures against: the mean and spread of the train split's log token counts,
-    and a running mean and variance of the rewards (in checkpoints with the weight, so a resume is
-    exact)."""
+    and running values of the rewards' mean, variance and covariance with log length (in checkpoints
+    with the weight, so a resume is exact)."""
 
     def __init__(self, log_length_mean: float = 0.0, log_length_std: float = 1.0) -> None:
         super().__init__()
@@ -46,6 +51,7 @@ class LengthHead(torch.nn.Module):
         self.register_buffer("log_length_std", torch.tensor(float(log_length_std)))
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_var", torch.zeros(()))
+        self.register_buffer("covariance", torch.zeros(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
 
     @classmethod
@@ -57,24 +63,49 @@ class LengthHead(torch.nn.Module):
     def forward(self, lengths: torch.Tensor) -> torch.Tensor:
         return self.weight * torch.log(lengths.float())
 
-    def pooled_correlation(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """corr(reward, log length) estimated from the batch's sequences with the split's means and
-        spreads (the rewards' running ones, this batch's part of the spread differentiable). A batch
-        far from the mean length can exceed 1. Differentiable in the rewards."""
+    def _centred(self, rewards: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised log lengths (the split's mean and spread) and rewards less the running mean
+        (this batch's own mean before any was observed)."""
         x = (torch.log(lengths.to(rewards.dtype)) - self.log_length_mean) / self.log_length_std
         # copies: observe() updates the buffers in place before this graph's backward has run
-        observed, reward_mean, reward_var = self.observed.clone(), self.reward_mean.clone(), self.reward_var.clone()
-        y = rewards - torch.where(observed, reward_mean, rewards.detach().mean())
-        spread = (y * y).mean()
-        variance = _running(reward_var, spread, observed)
-        return (x * y).mean() / torch.sqrt(variance + 1e-12)
+        return x, rewards - torch.where(self.observed.clone(), self.reward_mean.clone(), rewards.detach().mean())
+
+    def running_correlation(self) -> torch.Tensor:
+        """The split's corr(reward, log length) as the running values hold it (0 before any were)."""
+        return torch.where(self.observed, self.covariance / torch.sqrt(self.reward_var + 1e-12), 0.0)
+
+    def penalty(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """corr(reward, log length)^2 over the split, as the running values hold it with this batch
+        in. Its gradient in this batch's rewards is 2 c x / (B sigma): c and sigma are the running
+        correlation and reward spread from before this batch (this batch's own on the first), held
+        fixed, so the penalty lowers the rewards' covariance with length; sigma is at least
+        SPREAD_FLOOR.
+
+        Squaring one batch's own estimate instead would add its sampling variance to the objective:
+        with batches grouped by length, that is the spread of the batches' mean rewards, so the
+        penalty would press every batch's mean towards the running mean and shrink the reward's
+        scale, content and all, where the split's correlation is zero. Letting sigma move would
+        reward spreading the rewards out at random, which also lowers a correlation."""
+        x, y = self._centred(rewards, lengths)
+        observed = self.observed.clone()
+        covariance = (x * y).mean()
+        detached = covariance.detach()
+        sigma = torch.sqrt(torch.where(observed, self.reward_var.clone(), (y.detach() ** 2).mean()) + 1e-12)
+        before = torch.where(observed, self.covariance.clone(), detached) / sigma
+        now = _running(self.covariance.clone(), detached, observed) / torch.sqrt(
+            _running(self.reward_var.clone(), (y.detach() ** 2).mean(), observed) + 1e-12)
+        return now ** 2 + 2 * before * (covariance - detached) / sigma.clamp(min=SPREAD_FLOOR)
 
     @torch.no_grad()
-    def observe(self, rewards: torch.Tensor) -> None:
-        """Moves the running reward mean and variance towards this forward's (on the device: no host sync)."""
+    def observe(self, rewards: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Moves the running reward mean, variance and covariance with log length towards this
+        forward's (on the device: no host sync)."""
         rewards = rewards.detach().float()
+        x = (torch.log(lengths.float()) - self.log_length_mean) / self.log_length_std
         mean = _running(self.reward_mean, rewards.mean(), self.observed)
-        self.reward_var.copy_(_running(self.reward_var, ((rewards - mean) ** 2).mean(), self.observed))
+        y = rewards - mean
+        self.reward_var.copy_(_running(self.reward_var, (y * y).mean(), self.observed))
+        self.covariance.copy_(_running(self.covariance, (x * y).mean(), self.observed))
         self.reward_mean.copy_(mean)
         self.observed.fill_(True)
 
@@ -82,11 +113,11 @@ class LengthHead(torch.nn.Module):
 def debiased_loss(scores: torch.Tensor, length_scores: torch.Tensor, lengths: torch.Tensor, n_pairs: int,
                   margin: torch.Tensor | None, center_rewards_coefficient: float | None,
                   weight: float, head: LengthHead) -> torch.Tensor:
-    """Bradley-Terry on reward + length score, plus weight * (pooled corr(reward, log length))^2.
+    """Bradley-Terry on reward + length score, plus weight * (the split's corr(reward, log length))^2.
     `scores`, `length_scores`, `lengths`: [2B], the B chosen sequences first."""
     total = scores + length_scores.to(scores.dtype)
     loss = bradley_terry_loss(total[:n_pairs], total[n_pairs:], margin, center_rewards_coefficient)
-    return loss + weight * head.pooled_correlation(scores.float(), lengths) ** 2
+    return loss + weight * head.penalty(scores.float(), lengths)
 
 
 def sequence_lengths(rows: list[dict], device: torch.device) -> torch.Tensor:

@@ -299,7 +299,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                         loss = debiased_loss(scores, length_scores, lengths, batch.n_pairs, batch.margin,
                                              cfg.center_rewards_coefficient, cfg.length_debias_weight,
                                              scorer.length_head)
-                        scorer.length_head.observe(scores)
+                        scorer.length_head.observe(scores, lengths)
                     else:
                         scores = model(batch)
                         loss = bradley_terry_loss(scores[:batch.n_pairs], scores[batch.n_pairs:], batch.margin,
