@@ -148,12 +148,17 @@ def test_a_debiased_model_does_not_learn_what_length_alone_says(tmp_path, tiny_d
                              f"train.length_debias={str(debias).lower()}", model=str(tiny_decoder))
         torch.manual_seed(0)
         model = load_reward_model(str(tiny_decoder), pad_token_id=pad)
-        fit(params.train, model, train, pad_token_id=pad, checkpoints=tmp_path / f"run-{debias}",
-            fingerprint=str(debias), accelerator=Accelerator(cpu=True))
+        fitted = fit(params.train, model, train, pad_token_id=pad, checkpoints=tmp_path / f"run-{debias}",
+                     fingerprint=str(debias), accelerator=Accelerator(cpu=True))
+        logged = [r.get("length_correlation") for r in fitted.history]
         r_c, r_r = score_pairs(model, test, pad_token_id=pad)
         m = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in test],
                          [len(r["input_ids_rejected"]) for r in test])
         correlation[debias] = m["reward_length_correlation"]
+        if debias:  # the training log says what the penalty holds down, near what evaluation measures
+            assert abs(logged[-1] - correlation[True]) < 0.15, (logged, correlation)
+        else:
+            assert logged == [None] * len(logged)
     assert correlation[False] > 0.5  # the plain model learned length, the only signal there is
     assert abs(correlation[True]) <= correlation[False] / 2, correlation
 

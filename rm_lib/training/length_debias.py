@@ -90,10 +90,11 @@ class LengthHead(torch.nn.Module):
         observed = self.observed.clone()
         covariance = (x * y).mean()
         detached = covariance.detach()
-        sigma = torch.sqrt(torch.where(observed, self.reward_var.clone(), (y.detach() ** 2).mean()) + 1e-12)
+        spread = (y.detach() ** 2).mean()
+        sigma = torch.sqrt(torch.where(observed, self.reward_var.clone(), spread) + 1e-12)
         before = torch.where(observed, self.covariance.clone(), detached) / sigma
         now = _running(self.covariance.clone(), detached, observed) / torch.sqrt(
-            _running(self.reward_var.clone(), (y.detach() ** 2).mean(), observed) + 1e-12)
+            _running(self.reward_var.clone(), spread, observed) + 1e-12)
         return now ** 2 + 2 * before * (covariance - detached) / sigma.clamp(min=SPREAD_FLOOR)
 
     @torch.no_grad()
