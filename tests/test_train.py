@@ -234,6 +234,22 @@ def test_a_token_budget_runs_a_batch_in_pieces_with_the_same_training(tmp_path, 
     assert same_weights(w_whole, w_pieces, atol=1e-5)
 
 
+def test_activation_checkpointing_recomputes_without_changing_the_training(tmp_path, tiny_decoder, monkeypatch):
+    import warnings
+
+    from rm_lib.model import modeling
+
+    loaded, load = [], modeling.load_reward_model
+    monkeypatch.setattr(modeling, "load_reward_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    plain, w_plain, _ = fit_tiny(tmp_path, tiny_decoder, "train.gradient_checkpointing=false")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated transformers call on this path
+        recomputed, w_recomputed, _ = fit_tiny(tmp_path, tiny_decoder, "train.gradient_checkpointing=true")
+    assert [m.is_gradient_checkpointing for m in loaded] == [False, True]
+    assert [r["loss"] for r in recomputed.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-5)
+    assert same_weights(w_plain, w_recomputed, atol=1e-5)
+
+
 def test_token_chunks_keep_order_and_budget():
     from rm_lib.model.batching import token_chunks
 

@@ -222,7 +222,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if device_plan.attention not in (None, loaded_attention):
         unwrap(model).set_attn_implementation(device_plan.attention)
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
