@@ -24,14 +24,15 @@ from pathlib import Path
 import record
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-CASES = {"hh": DATA / "hh-rlhf-harmless.jsonl.gz", "alpaca": DATA / "alpaca-eval-prefs.jsonl.gz"}
+DATA = ROOT.parent / "shared" / "data"  # --data names another folder holding the same files
+FILES = {"hh": "hh-rlhf-harmless.jsonl.gz", "alpaca": "alpaca-eval-prefs.jsonl.gz"}
 WORK = ROOT / "benchmarks" / ".work"
 
 
 def settings(args: argparse.Namespace, case: str) -> list[str]:
     """The one set of settings both trainers get."""
-    return [f"model.name_or_path={args.model}", f"download.source={CASES[case]}", "download.seed=42",
+    return [f"model.name_or_path={args.model}", f"download.source={Path(args.data) / FILES[case]}",
+            "download.seed=42",
             f"filter.max_token_length={args.max_length}", f"filter.max_prompt_token_length={args.max_length - 1}",
             f"train.batch_size={args.batch_size}", f"train.learning_rate={args.learning_rate}",
             f"train.num_epochs={args.epochs}", f"train.seed={args.seed}", "train.lr_scheduler=linear",
@@ -130,19 +131,31 @@ def train_ours(args: argparse.Namespace, case: str, work: Path) -> dict:
     (layout.filtered / "manifest.json").write_text((prepared.filtered / "manifest.json").read_text())
     for stale in (layout.checkpoints, layout.train_logs):  # a fresh run, never a resumed one
         subprocess.run(["rm", "-rf", str(stale)], check=True)
-    result = train.run(load_params(None, settings(args, case)), layout)
-    return {"wall_s": result.wall_s, "model_dir": str(layout.model), **padding_from_log(layout)}
+    result = train.run(load_params(None, [*settings(args, case), *args.ours_setting]), layout)
+    return {"wall_s": result.wall_s, "model_dir": str(layout.model), **from_log(layout)}
 
 
-def padding_from_log(layout) -> dict:
+WARM_UP_STEPS = 10  # optimizer steps left out of the steady-state throughput (one logging window)
+
+
+def from_log(layout) -> dict:
+    """The mean padding, and the tokens/s after the first logging window (compilation, allocator
+    warm-up): each window's tokens/s times its length, over the windows' total length."""
     rows = [json.loads(line) for line in (layout.train_logs / "metrics.jsonl").read_text().splitlines()]
-    fractions = [r["padding_fraction"] for r in rows if "padding_fraction" in r]
-    return {"padded_fraction": sum(fractions) / max(len(fractions), 1)}
+    windows = [r for r in rows if "padding_fraction" in r]
+    steady = None
+    if len(windows) > 1 and all("elapsed_s" in r for r in windows):
+        spans = [(b["elapsed_s"] - a["elapsed_s"], b["tokens_per_s"]) for a, b in zip(windows, windows[1:])]
+        seconds = sum(span for span, _ in spans)
+        steady = sum(span * rate for span, rate in spans) / seconds if seconds > 0 else None
+    return {"padded_fraction": sum(r["padding_fraction"] for r in windows) / max(len(windows), 1),
+            "steady_tokens_per_s": steady}
 
 
 def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     import torch
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -157,12 +170,18 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     tokenizer = load_tokenizer(args.model)
     torch.manual_seed(args.seed)
     model = load_reward_model(args.model, pad_token_id=tokenizer.pad_token_id)
-    counts = {"real": 0, "padded": 0}
+    counts = {"padded": 0}
+    batch_tokens: list[int] = []  # real tokens of each batch, in the order the steps take them
+    step_ends: dict[int, float] = {}
+
+    class StepClock(TrainerCallback):  # when each optimizer step ends: the steady-state window, as ours has it
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends[state.global_step] = time.perf_counter()
 
     class CountingCollator(DataCollatorForPreference):
         def torch_call(self, examples):
             batch = super().torch_call(examples)
-            counts["real"] += int(batch["attention_mask"].sum())
+            batch_tokens.append(int(batch["attention_mask"].sum()))
             counts["padded"] += batch["attention_mask"].numel()
             return batch
 
@@ -177,14 +196,25 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
                              else {"gradient_checkpointing": args.trl_gradient_checkpointing == "on"}))
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_dict(columns),
                             processing_class=tokenizer,
-                            data_collator=CountingCollator(pad_token_id=tokenizer.pad_token_id))
+                            data_collator=CountingCollator(pad_token_id=tokenizer.pad_token_id),
+                            callbacks=[StepClock()])
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
+    # Steps after the first ten, from the end of step ten to the end of the last: the loader may
+    # collate a batch ahead, so the tokens are those of the batches past the first ten, counted in our
+    # count of the pairs' tokens (TRL may add end tokens).
+    steady = None
+    last = max(step_ends, default=0)
+    if last > WARM_UP_STEPS and sum(batch_tokens):
+        ours_count = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows) * args.epochs
+        share = sum(batch_tokens[WARM_UP_STEPS:]) / sum(batch_tokens)
+        steady = share * ours_count / (step_ends[last] - step_ends[WARM_UP_STEPS])
     out = work / "trl" / "model"
     trainer.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return {"wall_s": wall, "model_dir": str(out), "padded_fraction": 1 - counts["real"] / max(counts["padded"], 1)}
+    return {"wall_s": wall, "model_dir": str(out), "padded_fraction": 1 - sum(batch_tokens) / max(counts["padded"], 1),
+            "steady_tokens_per_s": steady}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -205,6 +235,7 @@ def child(args: argparse.Namespace) -> None:
     record = {"trainer": args.trainer, "case": args.case, "pairs": len(train_rows) * args.epochs,
               "real_tokens": real, "wall_s": result["wall_s"], "tokens_per_s": real / result["wall_s"],
               "pairs_per_s": len(train_rows) * args.epochs / result["wall_s"],
+              "steady_tokens_per_s": result["steady_tokens_per_s"],
               "padded_fraction": result["padded_fraction"], "peak_rss_mib": peak_rss_mib(),
               "peak_gpu_mib": peak_gpu, "accuracy": metrics["accuracy"], "test_pairs": len(test_rows),
               "longer_wins": metrics["longer_wins_baseline"], "shorter_wins": metrics["shorter_wins_baseline"]}
@@ -215,6 +246,9 @@ def child(args: argparse.Namespace) -> None:
     computed = computed_tokens(train_rows, args, Path(result["model_dir"])) * args.epochs
     record["computed_tokens_per_s"] = computed / result["wall_s"]
     record["mfu"] = per_token * record["computed_tokens_per_s"] / peak if per_token and peak else None
+    steady = record["steady_tokens_per_s"]
+    record["steady_mfu"] = (per_token * steady * computed / real / peak
+                            if per_token and peak and steady and real else None)
     if torch.cuda.is_available():
         record["device"] = torch.cuda.get_device_name()
     Path(args.result).write_text(json.dumps(record))
@@ -233,11 +267,13 @@ def run_child(args: argparse.Namespace, case: str, trainer: str) -> dict:
 
 
 def passthrough(args: argparse.Namespace) -> list[str]:
-    return ["--model", args.model, "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+    return ["--model", args.model, "--data", str(args.data), "--max-length", str(args.max_length),
+            "--batch-size", str(args.batch_size),
             "--learning-rate", str(args.learning_rate), "--epochs", str(args.epochs), "--seed", str(args.seed),
             "--padding-free" if args.padding_free else "--no-padding-free",
             "--shared-prompt" if args.shared_prompt else "--no-shared-prompt",
             "--trl-gradient-checkpointing", args.trl_gradient_checkpointing,
+            *(f"--ours-setting={setting}" for setting in args.ours_setting),
             *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
 
 
@@ -262,10 +298,11 @@ def ratios(ours: dict, trl: dict) -> dict:
             "accuracy_points": 100 * (ours["accuracy"] - trl["accuracy"])}
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case")
+    parser.add_argument("--case", action="append", choices=sorted(FILES), help="default: every case")
     parser.add_argument("--model", default="default")
+    parser.add_argument("--data", type=Path, default=DATA, help="the folder holding the cases' files")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
@@ -279,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--versus", choices=("trl", "per-sequence"), default="trl",
                         help="the second run: TRL's RewardTrainer, or ours packing every sequence apart "
                              "(train.shared_prompt=false), for the gain of shared prompts")
+    parser.add_argument("--ours-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for our trainer alone, e.g. train.gradient_checkpointing=true")
     parser.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default",
                         help="TRL's gradient_checkpointing: its RewardConfig default, or set")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -286,15 +325,24 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_data(args: argparse.Namespace, cases: list[str]) -> None:
+    missing = [str(args.data / FILES[c]) for c in cases if not (args.data / FILES[c]).exists()]
+    if missing:
+        sys.exit(f"bench: {', '.join(missing)} absent: the real preference data lives in ../shared/data "
+                 "(or the folder --data names)")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse(argv)
     if args.child:
         args.case = args.case[0]
         child(args)
         return None
-    cases = args.case or sorted(CASES)
-    missing = [str(CASES[c]) for c in cases if not CASES[c].exists()]
-    if missing:
-        sys.exit(f"bench: {', '.join(missing)} absent: the real preference data lives in ../shared/data")
+    cases = args.case or sorted(FILES)
+    check_data(args, cases)
     results, summary = [], []
     for case in cases:
         prepare(args, case)

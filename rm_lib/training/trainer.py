@@ -342,7 +342,9 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                       "accuracy": window["acc"].item() / n, "reward_margin": window["margin"].item() / n,
                       "reward_mean": window["mean"].item() / n, "grad_norm": float(grad_norm),
                       "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
-                      "padding_fraction": 1 - window["computed"] / max(window["padded"], 1)}
+                      "padding_fraction": 1 - window["computed"] / max(window["padded"], 1),
+                      # seconds since this session's first step: throughput past the warm-up can be read off
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
             if scorer.length_head is not None:  # what the length penalty holds down, as it stands now
                 record["length_correlation"] = scorer.length_head.running_correlation().item()
             tokens_total += tokens
