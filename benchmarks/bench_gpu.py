@@ -3,11 +3,15 @@ decoder (bf16, max length 1024) on both shared data sets, on this machine's GPU.
 
     pip install torch -e ".[bench]"       # a CUDA build of torch, the project and TRL
     python benchmarks/bench_gpu.py        # writes benchmarks/results/gpu-<device>.json
+    python benchmarks/bench_gpu.py --rehearse   # any machine, CPU too: every step at toy size
 
-It runs, each trainer in its own process: the flex_attention gradient check (gpu_check.py); ours
-and TRL at its defaults on hh-rlhf and alpaca-eval; TRL with gradient checkpointing off; ours with
-per-sequence packing on hh-rlhf (the gain of shared prompts). The JSON holds the device, versions,
-commands, every run's figures and the targets of the GPU issue checked against them.
+It runs the flex_attention gradient check (gpu_check.py), then each training run in its own process,
+the most telling first: on hh-rlhf, then alpaca-eval, ours and TRL at its defaults (both at batch 16
+pairs) and ours with 65,536-token batches; TRL with gradient checkpointing off on both; ours with
+per-sequence packing on hh-rlhf (the gain of shared prompts); ours with activation checkpointing and
+16,384 tokens per forward (memory against TRL's). The JSON is rewritten after every run, so a run cut
+short keeps what it measured (--resume goes on from there); it holds the device, versions, the command
+of every run, their figures and the targets of the GPU issue checked.
 """
 from __future__ import annotations
 
@@ -17,13 +21,36 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bench_train
 import gpu_check
+import record
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+
+# Our trainer's variants beside its run at TRL's batch of 16 pairs: token-budgeted batches sized to
+# the device (the loss still the mean over each batch's pairs), and activation checkpointing on with
+# smaller forwards, for memory against TRL's
+TOKEN_BATCHES = ["train.batch_tokens=65536"]
+MEMORY_MATCHED = ["train.gradient_checkpointing=true", "train.max_tokens_per_forward=16384"]
+VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_memory_matched": MEMORY_MATCHED}
+# name -> (case, trainer, changes to the shared arguments); they run in this order, the most telling first
+RUNS = {
+    "ours/hh": ("hh", "ours", {}),
+    "trl_default/hh": ("hh", "trl", {}),
+    "ours_token_batches/hh": ("hh", "ours", {"ours_setting": TOKEN_BATCHES}),
+    "ours/alpaca": ("alpaca", "ours", {}),
+    "trl_default/alpaca": ("alpaca", "trl", {}),
+    "ours_token_batches/alpaca": ("alpaca", "ours", {"ours_setting": TOKEN_BATCHES}),
+    "trl_no_checkpointing/hh": ("hh", "trl", {"trl_gradient_checkpointing": "off"}),
+    "trl_no_checkpointing/alpaca": ("alpaca", "trl", {"trl_gradient_checkpointing": "off"}),
+    "ours_per_sequence/hh": ("hh", "ours", {"shared_prompt": False}),
+    "ours_memory_matched/hh": ("hh", "ours", {"ours_setting": MEMORY_MATCHED}),
+    "ours_memory_matched/alpaca": ("alpaca", "ours", {"ours_setting": MEMORY_MATCHED}),
+}
 
 
 def versions() -> dict:
@@ -32,7 +59,7 @@ def versions() -> dict:
     import torch
 
     found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for package in ("transformers", "trl", "accelerate"):
+    for package in ("transformers", "trl", "accelerate", "datasets"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -40,79 +67,165 @@ def versions() -> dict:
     return found
 
 
-def summarize(ours: dict, trl_default: dict, trl_no_gc: dict, shared_vs_per_sequence: tuple[dict, dict] | None) -> dict:
-    """Ratios and the targets: >= 3x TRL's real tokens/s (both TRL settings), MFU >= 40%, peak GPU
-    memory <= TRL's at defaults, accuracy within one point."""
-    cases = {}
-    for case, mine in ours.items():
-        default, no_gc = trl_default[case], trl_no_gc[case]
-        cases[case] = {
-            "ours": mine, "trl_default": default, "trl_no_checkpointing": no_gc,
-            "tokens_per_s_vs_trl_default": mine["tokens_per_s"] / default["tokens_per_s"],
-            "tokens_per_s_vs_trl_no_checkpointing": mine["tokens_per_s"] / no_gc["tokens_per_s"],
-            "peak_gpu_vs_trl_default": mine["peak_gpu_mib"] / default["peak_gpu_mib"],
-            "accuracy_points_vs_trl_default": 100 * (mine["accuracy"] - default["accuracy"]),
-        }
-        c = cases[case]
-        c["targets"] = {"3x_trl_default": c["tokens_per_s_vs_trl_default"] >= 3,
-                        "3x_trl_no_checkpointing": c["tokens_per_s_vs_trl_no_checkpointing"] >= 3,
-                        "mfu_40": (mine.get("mfu") or 0) >= 0.40,
-                        "memory_at_most_trl": c["peak_gpu_vs_trl_default"] <= 1,
-                        "accuracy_within_1_point": round(abs(c["accuracy_points_vs_trl_default"]), 6) <= 1}
-    if shared_vs_per_sequence is not None and "hh" in ours:  # the two runs of one invocation, side by side
-        shared, per_sequence = shared_vs_per_sequence
-        cases["hh"]["shared_prompt_pairs_per_s_gain"] = shared["pairs_per_s"] / per_sequence["pairs_per_s"]
-        cases["hh"]["shared_prompt_run"], cases["hh"]["per_sequence_run"] = shared, per_sequence
+def summarize(runs: dict[str, dict]) -> dict:
+    """Per case, from whichever runs are done: the ratios and the targets (>= 3x TRL's real tokens/s
+    at both TRL settings, MFU >= 40%, peak GPU memory <= TRL's at defaults, accuracy within one point);
+    a target whose runs are missing is left out."""
+    cases: dict[str, dict] = {}
+    for case in sorted({name.split("/")[1] for name in runs}):
+        mine, default, no_gc = (runs.get(f"{n}/{case}") for n in ("ours", "trl_default", "trl_no_checkpointing"))
+        c: dict = {}
+        targets: dict = {}
+        if mine:
+            targets["mfu_40"] = (mine.get("mfu") or 0) >= 0.40
+        if mine and default:
+            c["tokens_per_s_vs_trl_default"] = mine["tokens_per_s"] / default["tokens_per_s"]
+            c["peak_gpu_vs_trl_default"] = ratio(mine.get("peak_gpu_mib"), default.get("peak_gpu_mib"))
+            c["accuracy_points_vs_trl_default"] = 100 * (mine["accuracy"] - default["accuracy"])
+            targets["3x_trl_default"] = c["tokens_per_s_vs_trl_default"] >= 3
+            if c["peak_gpu_vs_trl_default"] is not None:
+                targets["memory_at_most_trl"] = c["peak_gpu_vs_trl_default"] <= 1
+            targets["accuracy_within_1_point"] = round(abs(c["accuracy_points_vs_trl_default"]), 6) <= 1
+        if mine and no_gc:
+            c["tokens_per_s_vs_trl_no_checkpointing"] = mine["tokens_per_s"] / no_gc["tokens_per_s"]
+            targets["3x_trl_no_checkpointing"] = c["tokens_per_s_vs_trl_no_checkpointing"] >= 3
+        # past the first ten steps (compilation, warm-up): shown beside the whole-run figures the targets use
+        for name, peer in (("trl_default", default), ("trl_no_checkpointing", no_gc)):
+            if mine and peer:
+                c[f"steady_tokens_per_s_vs_{name}"] = ratio(mine.get("steady_tokens_per_s"),
+                                                           peer.get("steady_tokens_per_s"))
+        for variant in VARIANTS:  # the same comparisons for each variant, apart from the targets
+            other = runs.get(f"{variant}/{case}")
+            if other and default:
+                c[variant.removeprefix("ours_")] = {
+                    "tokens_per_s_vs_trl_default": other["tokens_per_s"] / default["tokens_per_s"],
+                    "tokens_per_s_vs_trl_no_checkpointing": ratio(other["tokens_per_s"],
+                                                                  no_gc["tokens_per_s"] if no_gc else None),
+                    "mfu": other.get("mfu"),
+                    "peak_gpu_vs_trl_default": ratio(other.get("peak_gpu_mib"), default.get("peak_gpu_mib")),
+                    "accuracy_points_vs_trl_default": 100 * (other["accuracy"] - default["accuracy"])}
+        per_sequence = runs.get(f"ours_per_sequence/{case}")
+        if mine and per_sequence:
+            c["shared_prompt_pairs_per_s_gain"] = mine["pairs_per_s"] / per_sequence["pairs_per_s"]
+        c["targets"] = targets
+        cases[case] = c
     return cases
 
 
-def main(argv: list[str] | None = None) -> None:
-    import torch
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
+
+def run_arguments(base: list[str], changes: dict, *, as_command: bool = False) -> list[str]:
+    """The bench_train.py arguments of one run: the shared ones with the run's changes. `as_command`:
+    those of the bench_train.py command whose two runs include this one (per-sequence packing is
+    the second run of `--versus per-sequence`)."""
+    extra = []
+    if changes.get("shared_prompt") is False:
+        extra += ["--versus", "per-sequence"] if as_command else ["--no-shared-prompt"]
+    if "trl_gradient_checkpointing" in changes:
+        extra += ["--trl-gradient-checkpointing", changes["trl_gradient_checkpointing"]]
+    extra += [f"--ours-setting={s}" for s in changes.get("ours_setting", [])]
+    return [*base, *extra]
+
+
+def result_path(out: Path, device: str, rehearse: bool) -> Path:
+    name = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    return out / (f"rehearsal-{name}.json" if rehearse else f"gpu-{name}.json")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=HERE / ".work" / "pythia-1b-shape")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="default: a Pythia-1B shape built in benchmarks/.work (the small decoder with --rehearse)")
+    parser.add_argument("--tokenizer", default="default",
+                        help="the tokenizer the built model gets: a folder or a Hub name (default: all-MiniLM-L6-v2's)")
+    parser.add_argument("--data", type=Path, default=bench_train.DATA, help="the folder holding the two data files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the JSON goes (default: benchmarks/results, benchmarks/.work with --rehearse)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-train-pairs", type=int, default=None)
-    parser.add_argument("--max-test-pairs", type=int, default=None)
+    parser.add_argument("--max-train-pairs", type=int, default=1000, help="per data set, a seeded subset")
+    parser.add_argument("--max-test-pairs", type=int, default=400)
+    parser.add_argument("--run", action="append", choices=list(RUNS), help="default: every run, in this order")
     parser.add_argument("--skip-check", action="store_true", help="do not run gpu_check.py first")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs (and the check) already in the output JSON of this device; run the rest")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="without a GPU: the small decoder, 48 pairs per data set in batches of 4, max length 256, "
+                             "fp32 on a CPU; every step of the benchmark, so the command is known to work")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_gpu: no CUDA device (the CPU benchmark is bench_train.py)")
-    device = torch.cuda.get_device_name()
-    check = None if args.skip_check else gpu_check.check()
+    if args.rehearse:
+        args.max_length, args.batch_size = min(args.max_length, 256), min(args.batch_size, 4)  # 12 steps
+        args.max_train_pairs, args.max_test_pairs = min(args.max_train_pairs, 48), min(args.max_test_pairs, 32)
+        args.skip_check = args.skip_check or not cuda()
+    args.model = args.model or HERE / ".work" / ("small-decoder" if args.rehearse else "pythia-1b-shape")
+    args.out = args.out or (HERE / ".work" if args.rehearse else RESULTS)
+    return args
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    args = parse(argv)
+    if not args.rehearse and not cuda():
+        sys.exit("bench_gpu: no CUDA device (the CPU benchmark is bench_train.py; --rehearse runs this at toy size)")
+    device = torch.cuda.get_device_name() if cuda() else f"cpu {platform.machine()}"
+    names = args.run or list(RUNS)
+    bench_train.check_data(args, sorted({RUNS[n][0] for n in names}))
+    out = result_path(args.out, device, args.rehearse)
+    earlier = json.loads(out.read_text()) if args.resume and out.exists() else None
+    check = earlier.get("gpu_check") if earlier else None
+    if check is None and not args.skip_check:
+        check = gpu_check.check(tokenizer_name=args.tokenizer)
     if check is not None and not all(r["ok"] for r in check.values()):
         sys.exit(f"bench_gpu: the flex_attention path disagrees with padded batches: {json.dumps(check)}")
     if not (args.model / "config.json").exists():
-        subprocess.run([sys.executable, str(HERE / "pythia_1b_shape.py"), str(args.model)], check=True)
-    common = ["--model", str(args.model), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-              *(["--max-train-pairs", str(args.max_train_pairs)] if args.max_train_pairs else []),
-              *(["--max-test-pairs", str(args.max_test_pairs)] if args.max_test_pairs else [])]
-    commands = {"versus_trl_default": ["--case", "hh", "--case", "alpaca", *common],
-                "versus_trl_no_checkpointing": ["--case", "hh", "--case", "alpaca", *common,
-                                                "--trl-gradient-checkpointing", "off"],
-                "versus_per_sequence": ["--case", "hh", *common, "--versus", "per-sequence"]}
-    runs = {name: bench_train.main(argv) for name, argv in commands.items()}
-
-    def pick(run: dict, trainer: str) -> dict:
-        return {r["case"]: r for r in run["results"] if r["trainer"] == trainer}
-
-    ours = pick(runs["versus_trl_default"], "ours")
-    versus = runs["versus_per_sequence"]
-    cases = summarize(ours, pick(runs["versus_trl_default"], "trl"), pick(runs["versus_trl_no_checkpointing"], "trl"),
-                      (pick(versus, "ours")["hh"], pick(versus, "ours, per-sequence")["hh"]))
-    payload = {"device": device, "versions": versions(), "gpu_check": check,
-               "commands": {k: "python benchmarks/bench_train.py " + " ".join(v) for k, v in commands.items()},
-               "cases": cases}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()}.json"
+        build = [sys.executable, str(HERE / "pythia_1b_shape.py"), str(args.model), "--tokenizer", args.tokenizer]
+        subprocess.run([*build, *(["--small"] if args.rehearse else [])], check=True)
+    base = ["--model", str(args.model), "--data", str(args.data), "--max-length", str(args.max_length),
+            "--batch-size", str(args.batch_size), "--max-train-pairs", str(args.max_train_pairs),
+            "--max-test-pairs", str(args.max_test_pairs)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"device": device, "versions": versions(), "gpu_check": check, "rehearsal": args.rehearse,
+               "settings": base, "commands": {}, "runs": {}, "cases": {}}
+    if earlier:
+        if earlier.get("settings") != base or earlier.get("versions") != payload["versions"]:
+            sys.exit(f"bench_gpu: {out} was measured with other settings or versions; --resume only continues "
+                     "the same benchmark (move that file away to start anew)")
+        payload.update(commands=earlier["commands"], runs=earlier["runs"], cases=earlier["cases"])
     out.write_text(json.dumps(payload, indent=1) + "\n")
-    for case, c in cases.items():
-        print(f"{case}: {c['tokens_per_s_vs_trl_default']:.2f}x TRL (defaults), "
-              f"{c['tokens_per_s_vs_trl_no_checkpointing']:.2f}x TRL (no checkpointing), "
-              f"MFU {(c['ours'].get('mfu') or 0):.1%}, memory {c['peak_gpu_vs_trl_default']:.2f}x, "
-              f"accuracy {c['accuracy_points_vs_trl_default']:+.1f} points; targets {c['targets']}")
+    prepared: set[str] = set()
+    for name in (n for n in names if n not in payload["runs"]):
+        case, trainer, changes = RUNS[name]
+        arguments = run_arguments([*base, "--case", case], changes)
+        run_args = bench_train.parse(arguments)
+        run_args.case = case
+        if case not in prepared:
+            bench_train.prepare(run_args, case)
+            prepared.add(case)
+        started = time.perf_counter()
+        payload["runs"][name] = bench_train.run_child(run_args, case, trainer)
+        payload["commands"][name] = " ".join(["python benchmarks/bench_train.py",
+                                              *run_arguments([*base, "--case", case], changes, as_command=True)])
+        payload["cases"] = summarize(payload["runs"])
+        out.write_text(json.dumps(payload, indent=1) + "\n")  # after every run: a cut-short run keeps its figures
+        done = payload["runs"][name]
+        steady = f"{done['steady_tokens_per_s']:.0f}" if done.get("steady_tokens_per_s") else "n/a"
+        print(f"{name}: {done['tokens_per_s']:.0f} real tok/s ({steady} past the first {bench_train.WARM_UP_STEPS} "
+              f"steps), accuracy {done['accuracy']:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
+    for case, c in payload["cases"].items():
+        figures = {k: round(v, 3) for k, v in c.items() if isinstance(v, float)}
+        print(f"{case}: {figures}; targets {c['targets']}")
+    record.append("bench_gpu.py", argv, payload)
     print(f"wrote {out}")
+    return payload
 
 
 if __name__ == "__main__":

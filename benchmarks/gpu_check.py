@@ -28,7 +28,7 @@ def pairs_with_prompts(n: int, vocab: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def check(tolerance: float = 2e-3) -> dict:
+def check(tolerance: float = 2e-3, tokenizer_name: str = "default") -> dict:
     import pythia_1b_shape
     import torch
 
@@ -39,7 +39,7 @@ def check(tolerance: float = 2e-3) -> dict:
 
     folder = WORK / "small-decoder"
     if not (folder / "config.json").exists():
-        pythia_1b_shape.build(folder, "default", small=True)
+        pythia_1b_shape.build(folder, tokenizer_name, small=True)
     tokenizer = load_tokenizer(str(folder))
     torch.manual_seed(0)
     model = load_reward_model(str(folder), pad_token_id=tokenizer.pad_token_id).cuda()

@@ -4,9 +4,11 @@ memory do not depend on the weights, and nothing has to be downloaded.
     python benchmarks/pythia_1b_shape.py benchmarks/.work/pythia-1b-shape
     python benchmarks/bench_train.py --model benchmarks/.work/pythia-1b-shape --max-length 1024
     python benchmarks/pythia_1b_shape.py --small benchmarks/.work/small-decoder   # CPU size
+    python benchmarks/pythia_1b_shape.py --tokenizer-only benchmarks/.work/tokenizer  # 1 MB to carry along
 
 The tokenizer is the offline all-MiniLM-L6-v2 one (its ids fit the 50,304-entry vocabulary) unless
---tokenizer names another, e.g. EleutherAI/pythia-1b where the Hub is reachable.
+--tokenizer names another, e.g. EleutherAI/pythia-1b where the Hub is reachable. On a machine that
+has neither the Hub nor that package, pass a folder that --tokenizer-only wrote elsewhere.
 """
 from __future__ import annotations
 
@@ -40,7 +42,14 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--tokenizer", default="default")
     parser.add_argument("--small", action="store_true", help="4 layers of 256: a decoder for CPU benchmarks")
+    parser.add_argument("--tokenizer-only", action="store_true", help="write the tokenizer alone (no model)")
     args = parser.parse_args()
+    if args.tokenizer_only:
+        from rm_lib.model.modeling import load_tokenizer
+
+        load_tokenizer(args.tokenizer).save_pretrained(args.folder)
+        print(args.folder)
+        return
     print(build(args.folder, args.tokenizer, args.small))
 
 

@@ -1,26 +1,36 @@
-"""The GPU benchmark's summary: the ratios and the targets of the GPU goal, from the runs' figures."""
+"""The GPU benchmark: its summary (ratios and the targets of the GPU goal, from whichever runs are
+done), the command each run records, and the whole command rehearsed at toy size on the CPU."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from conftest import HH, ROOT, need
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402
+import bench_train  # noqa: E402
 
 
-def run(tokens_per_s: float, mfu: float | None, peak: float, accuracy: float, pairs_per_s: float = 1.0) -> dict:
+def run(tokens_per_s: float, mfu: float | None, peak: float | None, accuracy: float, pairs_per_s: float = 1.0) -> dict:
     return {"tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gpu_mib": peak, "accuracy": accuracy,
             "pairs_per_s": pairs_per_s}
 
 
 def test_targets_are_judged_against_both_trl_settings():
-    ours = {"hh": run(33_000, 0.45, 17_000, 0.640, pairs_per_s=30), "alpaca": run(40_000, 0.35, 20_000, 0.80)}
-    trl = {"hh": run(10_000, None, 17_400, 0.635), "alpaca": run(15_000, None, 17_800, 0.79)}
-    trl_no_gc = {"hh": run(12_000, None, 30_000, 0.635), "alpaca": run(18_000, None, 31_000, 0.79)}
-    cases = bench_gpu.summarize(ours, trl, trl_no_gc, (run(33_000, 0.45, 1, 0, pairs_per_s=30),
-                                                       run(20_000, 0.45, 1, 0, pairs_per_s=20)))
+    runs = {"ours/hh": run(33_000, 0.45, 17_000, 0.640, pairs_per_s=30),
+            "trl_default/hh": run(10_000, None, 17_400, 0.635),
+            "trl_no_checkpointing/hh": run(12_000, None, 30_000, 0.635),
+            "ours_per_sequence/hh": run(20_000, 0.45, 1, 0, pairs_per_s=20),
+            "ours/alpaca": run(40_000, 0.35, 20_000, 0.80), "trl_default/alpaca": run(15_000, None, 17_800, 0.79),
+            "trl_no_checkpointing/alpaca": run(18_000, None, 31_000, 0.79),
+            "ours_memory_matched/alpaca": run(30_000, 0.3, 16_020, 0.795),
+            "ours_token_batches/hh": run(60_000, 0.5, 60_000, 0.62)}
+    cases = bench_gpu.summarize(runs)
     hh, alpaca = cases["hh"], cases["alpaca"]
     assert hh["tokens_per_s_vs_trl_default"] == pytest.approx(3.3)
     assert hh["tokens_per_s_vs_trl_no_checkpointing"] == pytest.approx(2.75)
@@ -31,3 +41,84 @@ def test_targets_are_judged_against_both_trl_settings():
     assert alpaca["accuracy_points_vs_trl_default"] == pytest.approx(1.0)
     assert alpaca["targets"]["accuracy_within_1_point"]  # one point, to float rounding
     assert "shared_prompt_pairs_per_s_gain" not in alpaca
+    assert alpaca["memory_matched"]["tokens_per_s_vs_trl_default"] == pytest.approx(2.0)
+    assert alpaca["memory_matched"]["peak_gpu_vs_trl_default"] == pytest.approx(0.9)
+    assert alpaca["memory_matched"]["tokens_per_s_vs_trl_no_checkpointing"] == pytest.approx(30 / 18)
+    # a variant is compared, never judged: the targets stay those of the run at TRL's batch
+    assert hh["token_batches"]["tokens_per_s_vs_trl_default"] == pytest.approx(6.0)
+    assert hh["token_batches"]["accuracy_points_vs_trl_default"] == pytest.approx(-1.5)
+    assert "token_batches" not in alpaca and hh["targets"]["accuracy_within_1_point"]
+
+
+def test_a_run_cut_short_judges_only_what_was_measured():
+    cases = bench_gpu.summarize({"ours/hh": run(30_000, 0.41, None, 0.64),
+                                 "trl_default/hh": run(10_000, None, None, 0.64),
+                                 "ours/alpaca": run(40_000, 0.2, None, 0.8)})
+    assert cases["hh"]["targets"] == {"mfu_40": True, "3x_trl_default": True, "accuracy_within_1_point": True}
+    assert cases["alpaca"]["targets"] == {"mfu_40": False}  # nothing to compare with yet
+    assert "tokens_per_s_vs_trl_no_checkpointing" not in cases["hh"]
+
+
+def test_each_run_records_the_bench_train_command_that_includes_it():
+    base = ["--model", "m", "--case", "hh"]
+    commands = {name: bench_gpu.run_arguments(base, changes, as_command=True)
+                for name, (_, _, changes) in bench_gpu.RUNS.items()}
+    assert commands["ours/hh"] == base == commands["trl_default/hh"]
+    assert commands["ours_per_sequence/hh"] == [*base, "--versus", "per-sequence"]
+    assert commands["trl_no_checkpointing/hh"] == [*base, "--trl-gradient-checkpointing", "off"]
+    # the run itself packs apart; its command runs both packings side by side
+    assert bench_gpu.run_arguments(base, bench_gpu.RUNS["ours_per_sequence/hh"][2]) == [*base, "--no-shared-prompt"]
+    parsed = bench_train.parse(commands["ours_memory_matched/hh"])
+    assert parsed.ours_setting == bench_gpu.MEMORY_MATCHED
+    assert "--ours-setting=train.gradient_checkpointing=true" in bench_train.passthrough(parsed)
+
+
+def test_without_a_gpu_the_benchmark_says_so_and_points_to_the_rehearsal():
+    done = subprocess.run([sys.executable, "benchmarks/bench_gpu.py"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 1
+    assert "no CUDA device" in done.stderr and "--rehearse" in done.stderr
+
+
+@pytest.mark.integration
+def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp_path):
+    need(HH)
+    first, then = ["ours/hh", "trl_default/hh", "ours_memory_matched/hh"], ["ours_per_sequence/hh"]
+
+    def bench(*runs: str, resume: bool = False) -> tuple[str, dict]:
+        command = [sys.executable, "benchmarks/bench_gpu.py", "--rehearse", "--data", str(HH.parent),
+                   "--out", str(tmp_path), *(["--resume"] if resume else []), *(f"--run={r}" for r in runs)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert done.returncode == 0, done.stderr[-3000:]
+        [written] = list(tmp_path.glob("rehearsal-*.json"))
+        return done.stdout, json.loads(written.read_text())
+
+    _, before = bench(*first)
+    assert list(before["runs"]) == first
+    stdout, payload = bench(*first, *then, resume=True)
+    assert [line.split(":")[0] for line in stdout.splitlines() if "real tok/s" in line] == then  # only the new run
+    assert payload["runs"]["ours/hh"] == before["runs"]["ours/hh"]
+    assert payload["rehearsal"] and list(payload["runs"]) == first + then
+    for name, figures in payload["runs"].items():
+        assert figures["case"] == "hh" and figures["pairs"] == 48 and figures["tokens_per_s"] > 0, name
+        assert figures["steady_tokens_per_s"] > 0, name  # 12 steps: one logging window past the warm-up
+        assert 0 <= figures["accuracy"] <= 1
+    assert payload["runs"]["trl_default/hh"]["trainer"] == "trl"
+    # shared prompts compute fewer tokens than per-sequence packing of the same pairs
+    assert payload["runs"]["ours/hh"]["computed_tokens_per_s"] < payload["runs"]["ours/hh"]["tokens_per_s"]
+    per_sequence = payload["runs"]["ours_per_sequence/hh"]
+    assert per_sequence["computed_tokens_per_s"] == pytest.approx(per_sequence["tokens_per_s"])
+    hh = payload["cases"]["hh"]
+    assert {"tokens_per_s_vs_trl_default", "steady_tokens_per_s_vs_trl_default", "shared_prompt_pairs_per_s_gain",
+            "memory_matched"} <= set(hh)
+    assert set(hh["targets"]) == {"mfu_40", "3x_trl_default", "accuracy_within_1_point"}  # no GPU memory on a CPU
+    assert payload["commands"]["ours_per_sequence/hh"].endswith("--case hh --versus per-sequence")
+    assert payload["versions"]["trl"] and payload["gpu_check"] is None
+
+    # a resumed benchmark is the same benchmark: other settings are refused, the file kept
+    done = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--rehearse", "--data", str(HH.parent),
+                           "--out", str(tmp_path), "--resume", "--max-length", "128", "--run=ours/hh"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 1 and "other settings" in done.stderr
+    assert json.loads(next(tmp_path.glob("rehearsal-*.json")).read_text())["runs"] == payload["runs"]
