@@ -274,10 +274,16 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
             _fail(section, key, f"must be an integer, got {value!r}")
         return value
     if hint is str:
+        if isinstance(value, bool) and (section, key, value) in _YAML_WORDS:
+            return _YAML_WORDS[section, key, value]
         if not isinstance(value, str):
             _fail(section, key, f"must be a string, got {value!r}")
         return value
     return value
+
+
+# YAML reads an unquoted `no` as false: `mixed_precision: no` (or `--set train.mixed_precision=no`) means "no"
+_YAML_WORDS = {("train", "mixed_precision", False): "no"}
 
 
 def _as_float(section: str, key: str, value: Any) -> float:

@@ -202,3 +202,11 @@ def test_params_yaml_means_the_same_after_dvc_rewrites_its_nulls(tmp_path):
     assert rewritten != text
     (tmp_path / "params.yaml").write_text(rewritten, encoding="utf-8")
     assert load_params(tmp_path / "params.yaml") == load_params(root / "params.yaml")
+
+
+def test_mixed_precision_no_is_read_as_no_though_yaml_reads_it_as_false(tmp_path):
+    assert load_params(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    (tmp_path / "params.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_params(tmp_path / "params.yaml").train.mixed_precision == "no"
+    with pytest.raises(SettingsError, match="train.mixed_precision: must be a string, got True"):
+        load_params(None, ["train.mixed_precision=yes"])  # true has no meaning of its own there
