@@ -23,7 +23,8 @@ SMALL = ModelShape(parameters=30_000_000, trainable=30_000_000, layers=4, hidden
 def test_a_cpu_keeps_the_dense_masked_path_and_its_budget():
     p = plan(device_type="cpu", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=None)
     assert (p.attention, p.tokens_per_forward, p.gradient_checkpointing, p.fused_adamw) == \
-        (None, CPU_TOKENS_PER_FORWARD, False, False)
+        (None, CPU_TOKENS_PER_FORWARD, False, True)
+    assert not plan(device_type="mps", packed=True, supports_flex=True, shape=SMALL, free_bytes=None).fused_adamw
 
 
 def test_a_gpu_trains_packed_rows_with_flex_attention_and_fused_adamw():
