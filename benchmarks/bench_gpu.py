@@ -7,7 +7,7 @@ decoder (bf16, max length 1024) on both shared data sets, on this machine's GPU.
 
 It runs the flex_attention gradient check (gpu_check.py), then each training run in its own process,
 the most telling first: on hh-rlhf, then alpaca-eval, ours and TRL at its defaults (both at batch 16
-pairs) and ours with 65,536-token batches; TRL with gradient checkpointing off on both; ours with
+pairs) and ours with 16,384-token batches; TRL with gradient checkpointing off on both; ours with
 per-sequence packing on hh-rlhf (the gain of shared prompts); ours with activation checkpointing and
 16,384 tokens per forward (memory against TRL's). The JSON is rewritten after every run, so a run cut
 short keeps what it measured (--resume goes on from there); it holds the device, versions, the command
@@ -16,6 +16,7 @@ of every run, their figures and the targets of the GPU issue checked.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -31,10 +32,10 @@ import record
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-# Our trainer's variants beside its run at TRL's batch of 16 pairs: token-budgeted batches sized to
-# the device (the loss still the mean over each batch's pairs), and activation checkpointing on with
-# smaller forwards, for memory against TRL's
-TOKEN_BATCHES = ["train.batch_tokens=65536"]
+# Our trainer's variants beside its run at TRL's batch of 16 pairs: token-budgeted batches (the loss
+# still the mean over each batch's pairs), and activation checkpointing on with smaller forwards, for
+# memory against TRL's
+TOKEN_BATCHES = ["train.batch_tokens=16384"]  # 2-3x TRL's real tokens a step; 19 steps on hh, 37 on alpaca
 MEMORY_MATCHED = ["train.gradient_checkpointing=true", "train.max_tokens_per_forward=16384"]
 VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_memory_matched": MEMORY_MATCHED}
 # name -> (case, trainer, changes to the shared arguments); they run in this order, the most telling first
@@ -76,8 +77,8 @@ def summarize(runs: dict[str, dict]) -> dict:
         mine, default, no_gc = (runs.get(f"{n}/{case}") for n in ("ours", "trl_default", "trl_no_checkpointing"))
         c: dict = {}
         targets: dict = {}
-        if mine:
-            targets["mfu_40"] = (mine.get("mfu") or 0) >= 0.40
+        if mine and mine.get("mfu") is not None:  # unknown where the device's peak is
+            targets["mfu_40"] = mine["mfu"] >= 0.40
         if mine and default:
             c["tokens_per_s_vs_trl_default"] = mine["tokens_per_s"] / default["tokens_per_s"]
             c["peak_gpu_vs_trl_default"] = ratio(mine.get("peak_gpu_mib"), default.get("peak_gpu_mib"))
@@ -110,6 +111,28 @@ def summarize(runs: dict[str, dict]) -> dict:
         c["targets"] = targets
         cases[case] = c
     return cases
+
+
+def inputs(args: argparse.Namespace, cases: list[str]) -> dict:
+    """What the figures also depend on beyond the arguments: the code both trainers run (rm_lib's
+    train step and these scripts), each data file's bytes and the model's config and tokenizer."""
+    from rm_lib.pipeline.code_version import code_hash
+
+    scripts = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HERE.glob("*.py")))).hexdigest()[:16]
+    found = {"code": f"{code_hash('train')}-{scripts}"}
+    for case in cases:
+        found[f"data/{case}"] = hashlib.sha256((args.data / bench_train.FILES[case]).read_bytes()).hexdigest()[:16]
+    found["model"] = hashlib.sha256(b"".join((args.model / name).read_bytes() for name in
+                                             ("config.json", "tokenizer.json") if (args.model / name).exists())
+                                    ).hexdigest()[:16]
+    return found
+
+
+def set_aside(out: Path) -> Path:
+    """A finished benchmark is never lost to a new one: it becomes <name>.previous.json."""
+    previous = out.with_suffix(".previous.json")
+    out.replace(previous)
+    return previous
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -148,19 +171,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-train-pairs", type=int, default=1000, help="per data set, a seeded subset")
     parser.add_argument("--max-test-pairs", type=int, default=400)
     parser.add_argument("--run", action="append", choices=list(RUNS), help="default: every run, in this order")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--skip-check", action="store_true", help="do not run gpu_check.py first")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and the check) already in the output JSON of this device; run the rest")
     parser.add_argument("--rehearse", action="store_true",
-                        help="without a GPU: the small decoder, 48 pairs per data set in batches of 4, max length 256, "
-                             "fp32 on a CPU; every step of the benchmark, so the command is known to work")
+                        help="at toy size, on any machine (the CPU where there is no GPU): the small decoder, 48 "
+                             "pairs per data set in batches of 4, max length 256; every step of the benchmark, so "
+                             "the command is known to work")
     args = parser.parse_args(argv)
     if args.rehearse:
         args.max_length, args.batch_size = min(args.max_length, 256), min(args.batch_size, 4)  # 12 steps
         args.max_train_pairs, args.max_test_pairs = min(args.max_train_pairs, 48), min(args.max_test_pairs, 32)
         args.skip_check = args.skip_check or not cuda()
-    args.model = args.model or HERE / ".work" / ("small-decoder" if args.rehearse else "pythia-1b-shape")
-    args.out = args.out or (HERE / ".work" if args.rehearse else RESULTS)
+    args.model = args.model or bench_train.WORK / ("small-decoder" if args.rehearse else "pythia-1b-shape")
+    args.out = args.out or (bench_train.WORK if args.rehearse else RESULTS)
     return args
 
 
@@ -184,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     check = earlier.get("gpu_check") if earlier else None
     if check is None and not args.skip_check:
         check = gpu_check.check(tokenizer_name=args.tokenizer)
+        torch.cuda.empty_cache()  # the check's memory back before the runs plan theirs
     if check is not None and not all(r["ok"] for r in check.values()):
         sys.exit(f"bench_gpu: the flex_attention path disagrees with padded batches: {json.dumps(check)}")
     if not (args.model / "config.json").exists():
@@ -191,15 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run([*build, *(["--small"] if args.rehearse else [])], check=True)
     base = ["--model", str(args.model), "--data", str(args.data), "--max-length", str(args.max_length),
             "--batch-size", str(args.batch_size), "--max-train-pairs", str(args.max_train_pairs),
-            "--max-test-pairs", str(args.max_test_pairs)]
+            "--max-test-pairs", str(args.max_test_pairs),
+            *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": device, "versions": versions(), "gpu_check": check, "rehearsal": args.rehearse,
-               "settings": base, "commands": {}, "runs": {}, "cases": {}}
+               "settings": base, "inputs": inputs(args, sorted({RUNS[n][0] for n in names})), "commands": {},
+               "runs": {}, "cases": {}}
     if earlier:
-        if earlier.get("settings") != base or earlier.get("versions") != payload["versions"]:
-            sys.exit(f"bench_gpu: {out} was measured with other settings or versions; --resume only continues "
-                     "the same benchmark (move that file away to start anew)")
+        same = all(earlier.get(k) == payload[k] for k in ("settings", "versions"))
+        if not same or any(earlier.get("inputs", {}).get(k, v) != v for k, v in payload["inputs"].items()):
+            sys.exit(f"bench_gpu: {out} was measured with other settings, versions, code, data or model; --resume "
+                     "only continues the same benchmark (move that file away to start anew)")
+        payload["inputs"] = {**earlier.get("inputs", {}), **payload["inputs"]}
         payload.update(commands=earlier["commands"], runs=earlier["runs"], cases=earlier["cases"])
+    elif out.exists():
+        print(f"bench_gpu: the earlier {out.name} is now {set_aside(out).name}", flush=True)
     out.write_text(json.dumps(payload, indent=1) + "\n")
     prepared: set[str] = set()
     for name in (n for n in names if n not in payload["runs"]):

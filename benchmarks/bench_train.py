@@ -26,7 +26,7 @@ import record
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # --data names another folder holding the same files
 FILES = {"hh": "hh-rlhf-harmless.jsonl.gz", "alpaca": "alpaca-eval-prefs.jsonl.gz"}
-WORK = ROOT / "benchmarks" / ".work"
+WORK = Path(os.environ.get("RM_BENCH_WORK") or ROOT / "benchmarks" / ".work")  # prepared data, models, results
 
 
 def settings(args: argparse.Namespace, case: str) -> list[str]:
@@ -139,17 +139,19 @@ WARM_UP_STEPS = 10  # optimizer steps left out of the steady-state throughput (o
 
 
 def from_log(layout) -> dict:
-    """The mean padding, and the tokens/s after the first logging window (compilation, allocator
-    warm-up): each window's tokens/s times its length, over the windows' total length."""
+    """The mean padding, and the tokens/s from the first log at or after step WARM_UP_STEPS
+    (compilation, allocator warm-up before it) to the last: each later window's tokens/s times its
+    length, over their total length."""
     rows = [json.loads(line) for line in (layout.train_logs / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in rows if "padding_fraction" in r]
     steady = None
-    if len(windows) > 1 and all("elapsed_s" in r for r in windows):
-        spans = [(b["elapsed_s"] - a["elapsed_s"], b["tokens_per_s"]) for a, b in zip(windows, windows[1:])]
+    later = [r for r in windows if r["step"] >= WARM_UP_STEPS]
+    if len(later) > 1 and all("elapsed_s" in r for r in later):
+        spans = [(b["elapsed_s"] - a["elapsed_s"], b["tokens_per_s"]) for a, b in zip(later, later[1:])]
         seconds = sum(span for span, _ in spans)
         steady = sum(span * rate for span, rate in spans) / seconds if seconds > 0 else None
     return {"padded_fraction": sum(r["padding_fraction"] for r in windows) / max(len(windows), 1),
-            "steady_tokens_per_s": steady}
+            "steady_tokens_per_s": steady, "steps": windows[-1]["step"] if windows else 0}
 
 
 def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
@@ -174,9 +176,12 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     batch_tokens: list[int] = []  # real tokens of each batch, in the order the steps take them
     step_ends: dict[int, float] = {}
 
-    class StepClock(TrainerCallback):  # when each optimizer step ends: the steady-state window, as ours has it
+    class StepClock(TrainerCallback):  # when step ten and the last end: the steady-state window, as ours has it
         def on_step_end(self, args, state, control, **kwargs):
-            step_ends[state.global_step] = time.perf_counter()
+            if state.global_step in (WARM_UP_STEPS, state.max_steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the step's kernels done, as ours reads its log values
+                step_ends[state.global_step] = time.perf_counter()
 
     class CountingCollator(DataCollatorForPreference):
         def torch_call(self, examples):
@@ -206,7 +211,7 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     # count of the pairs' tokens (TRL may add end tokens).
     steady = None
     last = max(step_ends, default=0)
-    if last > WARM_UP_STEPS and sum(batch_tokens):
+    if last > WARM_UP_STEPS and WARM_UP_STEPS in step_ends and sum(batch_tokens):
         ours_count = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows) * args.epochs
         share = sum(batch_tokens[WARM_UP_STEPS:]) / sum(batch_tokens)
         steady = share * ours_count / (step_ends[last] - step_ends[WARM_UP_STEPS])
@@ -214,7 +219,7 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     trainer.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {"wall_s": wall, "model_dir": str(out), "padded_fraction": 1 - sum(batch_tokens) / max(counts["padded"], 1),
-            "steady_tokens_per_s": steady}
+            "steady_tokens_per_s": steady, "steps": trainer.state.global_step}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -235,7 +240,7 @@ def child(args: argparse.Namespace) -> None:
     record = {"trainer": args.trainer, "case": args.case, "pairs": len(train_rows) * args.epochs,
               "real_tokens": real, "wall_s": result["wall_s"], "tokens_per_s": real / result["wall_s"],
               "pairs_per_s": len(train_rows) * args.epochs / result["wall_s"],
-              "steady_tokens_per_s": result["steady_tokens_per_s"],
+              "steady_tokens_per_s": result["steady_tokens_per_s"], "steps": result["steps"],
               "padded_fraction": result["padded_fraction"], "peak_rss_mib": peak_rss_mib(),
               "peak_gpu_mib": peak_gpu, "accuracy": metrics["accuracy"], "test_pairs": len(test_rows),
               "longer_wins": metrics["longer_wins_baseline"], "shorter_wins": metrics["shorter_wins_baseline"]}
@@ -279,11 +284,14 @@ def passthrough(args: argparse.Namespace) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     gpu = any(r.get("peak_gpu_mib") for r in rows)
-    head = ("case", "trainer", "pairs", "real tok/s", "pairs/s", "padded", "peak RSS MiB", "wall s", "accuracy",
+    head = ("case", "trainer", "pairs", "real tok/s", "past step 10", "pairs/s", "padded", "peak RSS MiB", "wall s",
+            "accuracy",
             *(("peak GPU MiB", "MFU") if gpu else ()))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["case"], r["trainer"], r["pairs"], f"{r['tokens_per_s']:.0f}", f"{r['pairs_per_s']:.2f}",
+        steady = r.get("steady_tokens_per_s")
+        cells = [r["case"], r["trainer"], r["pairs"], f"{r['tokens_per_s']:.0f}",
+                 f"{steady:.0f}" if steady else "n/a", f"{r['pairs_per_s']:.2f}",
                  f"{r['padded_fraction']:.1%}", f"{r['peak_rss_mib']:.0f}", f"{r['wall_s']:.0f}",
                  f"{r['accuracy']:.4f}"]
         if gpu:

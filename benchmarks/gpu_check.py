@@ -10,11 +10,12 @@ row with the flex block mask, (3) packed prompt | chosen | rejected (shared prom
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
 
-WORK = Path(__file__).resolve().parent / ".work"
+WORK = Path(os.environ.get("RM_BENCH_WORK") or Path(__file__).resolve().parent / ".work")
 
 
 def pairs_with_prompts(n: int, vocab: int, seed: int = 0) -> list[dict]:

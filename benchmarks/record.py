@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+RESULTS = Path(os.environ.get("RM_BENCH_LOG") or Path(__file__).resolve().parent / "results.jsonl")
 
 
 def append(script: str, argv: list[str] | None, payload: dict) -> None:

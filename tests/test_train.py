@@ -109,8 +109,10 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, minilm_path):
     assert len(list(checkpoints.glob("step-*"))) <= 2  # retention keeps the newest two
     assert same_weights(weights(tmp_path / "whole/models/reward_model"),
                         weights(tmp_path / "killed/models/reward_model"))
-    steps = [r["step"] for r in read_jsonl(tmp_path / "killed/data/train/metrics.jsonl")]
-    assert steps == list(range(1, 9))  # the metrics file continues where the checkpoint was
+    records = read_jsonl(tmp_path / "killed/data/train/metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))  # the metrics file continues where the checkpoint was
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0  # seconds of training over both sessions, never reset
 
 
 def _records(root):

@@ -343,8 +343,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                       "reward_mean": window["mean"].item() / n, "grad_norm": float(grad_norm),
                       "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
                       "padding_fraction": 1 - window["computed"] / max(window["padded"], 1),
-                      # seconds since this session's first step: throughput past the warm-up can be read off
-                      "elapsed_s": round(time.perf_counter() - started, 3)}
+                      # seconds of training in this run, over its sessions: throughput past a warm-up can be read off
+                      "elapsed_s": round(base_s + time.perf_counter() - started, 3)}
             if scorer.length_head is not None:  # what the length penalty holds down, as it stands now
                 record["length_correlation"] = scorer.length_head.running_correlation().item()
             tokens_total += tokens
