@@ -172,8 +172,8 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     tokenizer = load_tokenizer(args.model)
     torch.manual_seed(args.seed)
     model = load_reward_model(args.model, pad_token_id=tokenizer.pad_token_id)
-    counts = {"padded": 0}
     batch_tokens: list[int] = []  # real tokens of each batch, in the order the steps take them
+    batch_widths: list[int] = []  # tokens each batch computes, padding included
     step_ends: dict[int, float] = {}
 
     class StepClock(TrainerCallback):  # when step ten and the last end: the steady-state window, as ours has it
@@ -187,7 +187,7 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
         def torch_call(self, examples):
             batch = super().torch_call(examples)
             batch_tokens.append(int(batch["attention_mask"].sum()))
-            counts["padded"] += batch["attention_mask"].numel()
+            batch_widths.append(batch["attention_mask"].numel())
             return batch
 
     config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size,
@@ -218,7 +218,7 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
     out = work / "trl" / "model"
     trainer.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return {"wall_s": wall, "model_dir": str(out), "padded_fraction": 1 - sum(batch_tokens) / max(counts["padded"], 1),
+    return {"wall_s": wall, "model_dir": str(out), "padded_fraction": 1 - sum(batch_tokens) / max(sum(batch_widths), 1),
             "steady_tokens_per_s": steady, "steps": trainer.state.global_step}
 
 
