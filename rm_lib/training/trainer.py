@@ -25,7 +25,7 @@ from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.device_plan import DevicePlan, model_shape, plan
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
-from rm_lib.training.memory import limit_heap_growth
+from rm_lib.training.memory import release_free_memory
 
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last
@@ -214,7 +214,6 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     from tqdm.auto import tqdm
 
     set_seed(cfg.seed)
-    limit_heap_growth()
     if cfg.disable_dropout:
         _disable_dropout(model)
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
@@ -232,6 +231,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
     world, rank = accelerator.num_processes, accelerator.process_index
+    host_activations = accelerator.device.type == "cpu"
     global_tokens = None if cfg.batch_tokens is None else cfg.batch_tokens * world
     schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
                              batch_tokens=global_tokens)
@@ -322,6 +322,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if host_activations:  # the step's buffers are free: their pages go back (rm_lib.training.memory)
+            release_free_memory()
         state.step += 1
         bar.update(1)
 
@@ -372,6 +374,8 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
                             log=getattr(tracker, "metrics_path", None))
     bar.close()
+    if host_activations:
+        release_free_memory()
     if device_plan.attention not in (None, loaded_attention):  # the saved model loads as it was given
         unwrap(model).set_attn_implementation(loaded_attention)
     # The last step always saves, so the state holds this session's figures; a reused run reports the run's.
