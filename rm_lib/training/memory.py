@@ -5,7 +5,7 @@ and the holes they leave between steps are kept: resident memory creeps up over 
 to 3 GB on small batches). Handing the free heap pages back once per optimizer step bounds that.
 The earlier remedy, a fixed 128 KiB mmap threshold, sent every buffer to a fresh mapping whose
 pages the kernel must fault in and zero on each use: a fifth of the CPU time went to page faults
-(BENCHMARKS.md, "The allocator, revisited")."""
+(BENCHMARKS.md, "with the allocator revisited")."""
 from __future__ import annotations
 
 import ctypes
