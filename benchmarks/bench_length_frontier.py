@@ -53,7 +53,7 @@ def embed(sequences: list[tuple[int, ...]], batch: int = 32):
 
     from rm_lib.model.modeling import DEFAULT_MODEL, resolve_model_path
 
-    model = AutoModel.from_pretrained(resolve_model_path(DEFAULT_MODEL)).eval()
+    model = AutoModel.from_pretrained(resolve_model_path(DEFAULT_MODEL), use_kernels=False).eval()
     out = torch.zeros(len(sequences), 2 * model.config.hidden_size)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # little padding per batch
     started = time.perf_counter()

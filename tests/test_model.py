@@ -101,3 +101,20 @@ def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_d
     assert merged == pytest.approx(before, abs=1e-5)
     assert via_adapter == pytest.approx(before, abs=1e-5)
     assert fresh != pytest.approx(before, abs=1e-3)  # a fresh head would give other rewards
+
+
+def test_hub_kernels_stay_off_at_load_and_at_every_mode_switch(tiny_decoder, monkeypatch):
+    """transformers would otherwise fetch layer code from the Hub on train()/eval(): unpinned, and an
+    error on a GPU machine without network (seen at evaluation on an H200)."""
+    import transformers.modeling_utils as modeling_utils
+
+    def fetch(*args, **kwargs):
+        raise AssertionError("hub kernels were asked for")
+
+    monkeypatch.setattr(modeling_utils, "kernelize", fetch)
+    tok = load_tokenizer(str(tiny_decoder))
+    model = load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id)
+    assert model.use_kernels is False
+    model.eval()
+    model.train()
+    model.eval()

@@ -102,7 +102,10 @@ def _first_line(exc: Exception) -> str:
 
 def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
                       pad_token_id: int | None = None, dtype: Any = None) -> Any:
-    """Weights come from safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled."""
+    """Weights come from safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled.
+    Hub kernels stay off: transformers (5.25) would otherwise swap layers for code fetched from the Hub
+    at load and at every train()/eval() switch, unpinned (the lineage would not name it) and failing
+    on a GPU machine without network."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
@@ -114,6 +117,7 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
+            use_kernels=False,
             **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
