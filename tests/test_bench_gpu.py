@@ -14,6 +14,7 @@ from conftest import HH, ROOT, need
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402
 import bench_train  # noqa: E402
+import gpu_check  # noqa: E402
 
 
 def run(tokens_per_s: float, mfu: float | None, peak: float | None, accuracy: float, pairs_per_s: float = 1.0) -> dict:
@@ -87,6 +88,39 @@ def test_without_a_gpu_the_benchmark_says_so_and_points_to_the_rehearsal():
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 1
     assert "no CUDA device" in done.stderr and "--rehearse" in done.stderr
+
+
+def test_a_gradient_zero_by_symmetry_is_no_disagreement_but_a_real_error_is():
+    import torch
+
+    torch.manual_seed(0)
+    reference = {"w": torch.randn(64, 64), "bias_cancelled": torch.randn(64) * 1e-9, "small": torch.randn(8) * 1e-2}
+    noisy = {k: v + torch.randn_like(v) * 1e-9 for k, v in reference.items()}
+    worst, _ = gpu_check.gradient_disagreement(reference, noisy)
+    assert worst < 2e-3  # the old measure (each tensor against itself alone) gave about 1 on the cancelled bias
+    wrong = {**noisy, "small": reference["small"] * 1.1}
+    worst, tensor = gpu_check.gradient_disagreement(reference, wrong)
+    assert tensor == "small" and worst == pytest.approx(0.1, rel=1e-3)
+    assert gpu_check.gradient_disagreement(reference, {"w": reference["w"]}) == (float("inf"), "bias_cancelled")
+
+
+def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path):
+    """The check's comparison, run where the CPU trains (masked SDPA on packed rows): the GPT-NeoX
+    final layer norm's bias gets only rounding noise (a pair's two score gradients cancel), which the
+    check once took for a disagreement of the flex_attention path on an H200."""
+    import pythia_1b_shape
+    import torch
+
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer
+
+    folder = pythia_1b_shape.build(tmp_path / "small-decoder", "default", small=True)
+    tokenizer = load_tokenizer(str(folder))
+    torch.manual_seed(0)
+    model = load_reward_model(str(folder), pad_token_id=tokenizer.pad_token_id)
+    report = gpu_check.compare(model, gpu_check.pairs_with_prompts(8, 50_000), tokenizer.pad_token_id, "sdpa")
+    for name, figures in report.items():
+        assert figures["ok"], (name, figures)
+    assert report["shared-prompt"]["tokens_computed"] < report["per-sequence"]["tokens_computed"]
 
 
 @pytest.mark.integration
