@@ -174,6 +174,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--skip-check", action="store_true", help="do not run gpu_check.py first")
+    parser.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a run that takes longer, record how far it got under 'unfinished', and go on "
+                             "with the next (default: no limit)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and the check) already in the output JSON of this device; run the rest")
     parser.add_argument("--rehearse", action="store_true",
@@ -223,14 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": device, "versions": versions(), "gpu_check": check, "rehearsal": args.rehearse,
                "settings": base, "inputs": inputs(args, sorted({RUNS[n][0] for n in names})), "commands": {},
-               "runs": {}, "cases": {}}
+               "runs": {}, "unfinished": {}, "cases": {}}
     if earlier:
         same = all(earlier.get(k) == payload[k] for k in ("settings", "versions"))
         if not same or any(earlier.get("inputs", {}).get(k, v) != v for k, v in payload["inputs"].items()):
             sys.exit(f"bench_gpu: {out} was measured with other settings, versions, code, data or model; --resume "
                      "only continues the same benchmark (move that file away to start anew)")
         payload["inputs"] = {**earlier.get("inputs", {}), **payload["inputs"]}
-        payload.update(commands=earlier["commands"], runs=earlier["runs"], cases=earlier["cases"])
+        payload.update(commands=earlier["commands"], runs=earlier["runs"], cases=earlier["cases"],
+                       unfinished=earlier.get("unfinished", {}))
     elif out.exists():
         print(f"bench_gpu: the earlier {out.name} is now {set_aside(out).name}", flush=True)
     out.write_text(json.dumps(payload, indent=1) + "\n")
@@ -244,9 +248,20 @@ def main(argv: list[str] | None = None) -> dict:
             bench_train.prepare(run_args, case)
             prepared.add(case)
         started = time.perf_counter()
-        payload["runs"][name] = bench_train.run_child(run_args, case, trainer)
-        payload["commands"][name] = " ".join(["python benchmarks/bench_train.py",
-                                              *run_arguments([*base, "--case", case], changes, as_command=True)])
+        command = " ".join(["python benchmarks/bench_train.py",
+                            *run_arguments([*base, "--case", case], changes, as_command=True)])
+        try:
+            payload["runs"][name] = bench_train.run_child(run_args, case, trainer, timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            # what it got to is kept, and the next runs still get their turn (--resume tries it again)
+            payload["unfinished"][name] = {"stopped_after_s": args.run_timeout, "command": command,
+                                           **bench_train.progress(case, trainer)}
+            out.write_text(json.dumps(payload, indent=1) + "\n")
+            print(f"{name}: stopped after {args.run_timeout:.0f} s, unfinished: "
+                  f"{json.dumps(payload['unfinished'][name])}", flush=True)
+            continue
+        payload["unfinished"].pop(name, None)
+        payload["commands"][name] = command
         payload["cases"] = summarize(payload["runs"])
         out.write_text(json.dumps(payload, indent=1) + "\n")  # after every run: a cut-short run keeps its figures
         done = payload["runs"][name]

@@ -263,14 +263,30 @@ def child(args: argparse.Namespace) -> None:
 
 # --- the parent: both trainers, a table ---------------------------------------------------------
 
-def run_child(args: argparse.Namespace, case: str, trainer: str) -> dict:
+def run_child(args: argparse.Namespace, case: str, trainer: str, timeout: float | None = None) -> dict:
+    """One trainer in its own process; subprocess.TimeoutExpired (the process killed) past `timeout` s."""
     out = WORK / case / f"result-{trainer}.json"
     out.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--child", "--trainer", trainer, "--case", case, "--result", str(out),
                *passthrough(args)]
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-                                              "TOKENIZERS_PARALLELISM": "false"})
+    subprocess.run(command, check=True, timeout=timeout,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+                        "TOKENIZERS_PARALLELISM": "false"})
     return json.loads(out.read_text())
+
+
+def progress(case: str, trainer: str) -> dict:
+    """How far our trainer's run of `case` got, from its training log: the last logged step and its
+    elapsed seconds (nothing for TRL, whose log stays in its process)."""
+    from rm_lib.layout import Layout
+
+    log = Layout(WORK / case / "ours").train_logs / "metrics.jsonl"
+    if trainer != "ours" or not log.exists():
+        return {}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    logged = [r for r in rows if "elapsed_s" in r]
+    return {"last_logged_step": logged[-1]["step"], "elapsed_s_at_it": logged[-1]["elapsed_s"]} if logged else \
+        {"last_logged_step": None}
 
 
 def passthrough(args: argparse.Namespace) -> list[str]:

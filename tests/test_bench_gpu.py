@@ -173,3 +173,47 @@ def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp
     assert set(payload["inputs"]) == {"code", "data/hh", "model"}
     logged = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [list(entry["runs"]) for entry in logged] == [first, first + then]
+
+
+def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(tmp_path, monkeypatch):
+    """A stalled run must not take the rest of a GPU lease: it is stopped, what it reached is kept,
+    the benchmark goes on, and --resume tries it again."""
+    data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "out"
+    data.mkdir()
+    model.mkdir()
+    for name in bench_train.FILES.values():
+        (data / name).write_bytes(b"rows")
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(bench_train, "WORK", tmp_path / "work")
+    monkeypatch.setenv("RM_BENCH_LOG", str(tmp_path / "results.jsonl"))
+    monkeypatch.setattr(bench_train, "prepare", lambda args, case: None)
+    log = tmp_path / "work" / "hh" / "ours" / "data" / "train" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 10, "elapsed_s": 41.5, "padding_fraction": 0.0}) + "\n")
+    calls = []
+
+    def child(args, case, trainer, timeout=None):
+        calls.append((case, trainer, timeout))
+        if (case, trainer, args.ours_setting) == ("hh", "ours", bench_gpu.TOKEN_BATCHES):
+            raise subprocess.TimeoutExpired("bench_train.py", timeout)
+        return run(20_000 if trainer == "ours" else 5_000, None, None, 0.6)
+
+    monkeypatch.setattr(bench_train, "run_child", child)
+    runs = ["ours/hh", "trl_default/hh", "ours_token_batches/hh", "ours/alpaca"]
+    common = ["--rehearse", "--skip-check", "--model", str(model), "--data", str(data), "--out", str(out),
+              "--run-timeout", "30", *(f"--run={r}" for r in runs)]
+    payload = bench_gpu.main(common)
+    assert list(payload["runs"]) == ["ours/hh", "trl_default/hh", "ours/alpaca"]
+    stopped = payload["unfinished"]["ours_token_batches/hh"]
+    assert stopped["stopped_after_s"] == 30 and stopped["last_logged_step"] == 10 and stopped["elapsed_s_at_it"] == 41.5
+    assert stopped["command"].endswith("--ours-setting=train.batch_tokens=16384")
+    assert all(timeout == 30 for *_, timeout in calls)
+    [written] = out.glob("rehearsal-*.json")
+    assert json.loads(written.read_text())["unfinished"] == payload["unfinished"]
+
+    calls.clear()
+    monkeypatch.setattr(bench_train, "run_child", lambda args, case, trainer, timeout=None:
+                        calls.append((case, trainer)) or run(30_000, None, None, 0.6))
+    again = bench_gpu.main([*common, "--resume"])
+    assert calls == [("hh", "ours")]  # only the unfinished run
+    assert again["unfinished"] == {} and "ours_token_batches/hh" in again["runs"]
