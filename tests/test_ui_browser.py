@@ -209,7 +209,8 @@ def open_asset_graph(page, base: str):
     from playwright.sync_api import expect
 
     page.goto(base, wait_until="domcontentloaded")
-    page.get_by_role("link", name="Lineage").click()
+    # the label, not a substring: an icon's name can join a link's accessible name ("column_lineage Jobs")
+    page.get_by_role("link", name=re.compile(r"\bLineage$")).click()
     nodes = page.locator("svg foreignObject")  # each asset node is HTML inside the graph's SVG
     expect(nodes).to_have_count(len(KEYS) + 1, timeout=60_000)  # and the observed preference_source
     expect(nodes.get_by_text("preference_source", exact=True)).to_be_visible()
