@@ -175,8 +175,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--skip-check", action="store_true", help="do not run gpu_check.py first")
     parser.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
-                        help="stop a run that takes longer, record how far it got under 'unfinished', and go on "
-                             "with the next (default: no limit)")
+                        help="stop a run that takes longer, record how far it got under 'unfinished' (as a run "
+                             "that fails is), and go on with the next (default: no limit)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and the check) already in the output JSON of this device; run the rest")
     parser.add_argument("--rehearse", action="store_true",
@@ -252,13 +252,15 @@ def main(argv: list[str] | None = None) -> dict:
                             *run_arguments([*base, "--case", case], changes, as_command=True)])
         try:
             payload["runs"][name] = bench_train.run_child(run_args, case, trainer, timeout=args.run_timeout)
-        except subprocess.TimeoutExpired:
-            # what it got to is kept, and the next runs still get their turn (--resume tries it again)
-            payload["unfinished"][name] = {"stopped_after_s": args.run_timeout, "command": command,
-                                           **bench_train.progress(case, trainer)}
+        except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as stopped:
+            # what it got to is kept, and the next runs still get their turn (--resume tries it again);
+            # a failed run's traceback is in the log above
+            why = ({"stopped_after_s": args.run_timeout} if isinstance(stopped, subprocess.TimeoutExpired)
+                   else {"failed_with_exit_status": stopped.returncode,
+                         "after_s": round(time.perf_counter() - started, 1)})
+            payload["unfinished"][name] = {**why, "command": command, **bench_train.progress(case, trainer)}
             out.write_text(json.dumps(payload, indent=1) + "\n")
-            print(f"{name}: stopped after {args.run_timeout:.0f} s, unfinished: "
-                  f"{json.dumps(payload['unfinished'][name])}", flush=True)
+            print(f"{name}: unfinished: {json.dumps(payload['unfinished'][name])}", flush=True)
             continue
         payload["unfinished"].pop(name, None)
         payload["commands"][name] = command
@@ -273,8 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{case}: {figures}; targets {c['targets']}")
     record.append("bench_gpu.py", argv, payload)
     print(f"wrote {out}")
+    if payload["unfinished"]:
+        print(f"unfinished: {', '.join(payload['unfinished'])} (--resume runs them again)", flush=True)
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["unfinished"] else 0)

@@ -176,8 +176,8 @@ def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp
 
 
 def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(tmp_path, monkeypatch):
-    """A stalled run must not take the rest of a GPU lease: it is stopped, what it reached is kept,
-    the benchmark goes on, and --resume tries it again."""
+    """A stalled or failed run must not take the rest of a GPU lease: it is stopped, what it reached is
+    kept, the benchmark goes on, and --resume tries it again."""
     data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "out"
     data.mkdir()
     model.mkdir()
@@ -196,10 +196,12 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
         calls.append((case, trainer, timeout))
         if (case, trainer, args.ours_setting) == ("hh", "ours", bench_gpu.TOKEN_BATCHES):
             raise subprocess.TimeoutExpired("bench_train.py", timeout)
+        if (case, trainer) == ("alpaca", "trl"):  # a run that fails (at evaluation, say) is no reason to stop
+            raise subprocess.CalledProcessError(1, "bench_train.py")
         return run(20_000 if trainer == "ours" else 5_000, None, None, 0.6)
 
     monkeypatch.setattr(bench_train, "run_child", child)
-    runs = ["ours/hh", "trl_default/hh", "ours_token_batches/hh", "ours/alpaca"]
+    runs = ["ours/hh", "trl_default/hh", "ours_token_batches/hh", "trl_default/alpaca", "ours/alpaca"]
     common = ["--rehearse", "--skip-check", "--model", str(model), "--data", str(data), "--out", str(out),
               "--run-timeout", "30", *(f"--run={r}" for r in runs)]
     payload = bench_gpu.main(common)
@@ -207,6 +209,7 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     stopped = payload["unfinished"]["ours_token_batches/hh"]
     assert stopped["stopped_after_s"] == 30 and stopped["last_logged_step"] == 10 and stopped["elapsed_s_at_it"] == 41.5
     assert stopped["command"].endswith("--ours-setting=train.batch_tokens=16384")
+    assert payload["unfinished"]["trl_default/alpaca"]["failed_with_exit_status"] == 1
     assert all(timeout == 30 for *_, timeout in calls)
     [written] = out.glob("rehearsal-*.json")
     assert json.loads(written.read_text())["unfinished"] == payload["unfinished"]
@@ -215,5 +218,5 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     monkeypatch.setattr(bench_train, "run_child", lambda args, case, trainer, timeout=None:
                         calls.append((case, trainer)) or run(30_000, None, None, 0.6))
     again = bench_gpu.main([*common, "--resume"])
-    assert calls == [("hh", "ours")]  # only the unfinished run
+    assert calls == [("hh", "ours"), ("alpaca", "trl")]  # only the unfinished runs
     assert again["unfinished"] == {} and "ours_token_batches/hh" in again["runs"]
