@@ -16,23 +16,34 @@ import argparse
 from pathlib import Path
 
 
-def build(folder: Path, tokenizer_name: str, small: bool = False) -> Path:
-    """`small`: the same family at CPU size (4 layers of 256), for CPU benchmarks of the decoder paths."""
+def config(tokenizer, small: bool = False):
+    """The GPT-NeoX configuration: Pythia-1B's shape, or with `small` the same family at CPU size (4
+    layers of 256)."""
+    from transformers import GPTNeoXConfig
+
+    size = (dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024) if small
+            else dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192))
+    return GPTNeoXConfig(vocab_size=50304, **size, rotary_pct=0.25, max_position_embeddings=2048,
+                         use_parallel_residual=True, tie_word_embeddings=False, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+
+
+def build(folder: Path, tokenizer_name: str, small: bool = False, weights: bool = True) -> Path:
+    """The model (random weights) and its tokenizer in `folder`; without `weights`, the configuration
+    and tokenizer alone (what planning a run needs, not 4 GB of weights)."""
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+    from transformers import GPTNeoXForSequenceClassification
 
     from rm_lib.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
-    size = (dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024) if small
-            else dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192))
-    config = GPTNeoXConfig(vocab_size=50304, **size, rotary_pct=0.25, max_position_embeddings=2048,
-                           use_parallel_residual=True, tie_word_embeddings=False, num_labels=1,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = GPTNeoXForSequenceClassification(config)
-    model.save_pretrained(folder, safe_serialization=True)
+    shape = config(tokenizer, small)
+    if weights:
+        torch.manual_seed(0)
+        GPTNeoXForSequenceClassification(shape).save_pretrained(folder, safe_serialization=True)
+    else:
+        shape.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
