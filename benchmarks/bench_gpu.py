@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         if case not in prepared:
             bench_train.prepare(run_args, case)
             prepared.add(case)
-        started = time.perf_counter()
+        started, began = time.perf_counter(), time.time()
         command = " ".join(["python benchmarks/bench_train.py",
                             *run_arguments([*base, "--case", case], changes, as_command=True)])
         try:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
             why = ({"stopped_after_s": args.run_timeout} if isinstance(stopped, subprocess.TimeoutExpired)
                    else {"failed_with_exit_status": stopped.returncode,
                          "after_s": round(time.perf_counter() - started, 1)})
-            payload["unfinished"][name] = {**why, "command": command, **bench_train.progress(case, trainer)}
+            payload["unfinished"][name] = {**why, "command": command, **bench_train.progress(case, trainer, began)}
             out.write_text(json.dumps(payload, indent=1) + "\n")
             print(f"{name}: unfinished: {json.dumps(payload['unfinished'][name])}", flush=True)
             continue

@@ -275,14 +275,17 @@ def run_child(args: argparse.Namespace, case: str, trainer: str, timeout: float 
     return json.loads(out.read_text())
 
 
-def progress(case: str, trainer: str) -> dict:
-    """How far our trainer's run of `case` got, from its training log: the last logged step and its
-    elapsed seconds (nothing for TRL, whose log stays in its process)."""
+def progress(case: str, trainer: str, since: float) -> dict:
+    """How far our trainer's run of `case`, begun at `since` (time.time()), got, from its training log:
+    the last logged step and its elapsed seconds (nothing for TRL, whose log stays in its process). A
+    log older than the run is an earlier run's, so it counts as nothing logged."""
     from rm_lib.layout import Layout
 
     log = Layout(WORK / case / "ours").train_logs / "metrics.jsonl"
-    if trainer != "ours" or not log.exists():
+    if trainer != "ours":
         return {}
+    if not log.exists() or log.stat().st_mtime < since:
+        return {"last_logged_step": None}
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     logged = [r for r in rows if "elapsed_s" in r]
     return {"last_logged_step": logged[-1]["step"], "elapsed_s_at_it": logged[-1]["elapsed_s"]} if logged else \

@@ -189,12 +189,12 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     monkeypatch.setattr(bench_train, "prepare", lambda args, case: None)
     log = tmp_path / "work" / "hh" / "ours" / "data" / "train" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
-    log.write_text(json.dumps({"step": 10, "elapsed_s": 41.5, "padding_fraction": 0.0}) + "\n")
     calls = []
 
     def child(args, case, trainer, timeout=None):
         calls.append((case, trainer, timeout))
         if (case, trainer, args.ours_setting) == ("hh", "ours", bench_gpu.TOKEN_BATCHES):
+            log.write_text(json.dumps({"step": 10, "elapsed_s": 41.5, "padding_fraction": 0.0}) + "\n")
             raise subprocess.TimeoutExpired("bench_train.py", timeout)
         if (case, trainer) == ("alpaca", "trl"):  # a run that fails (at evaluation, say) is no reason to stop
             raise subprocess.CalledProcessError(1, "bench_train.py")
@@ -210,6 +210,7 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     assert stopped["stopped_after_s"] == 30 and stopped["last_logged_step"] == 10 and stopped["elapsed_s_at_it"] == 41.5
     assert stopped["command"].endswith("--ours-setting=train.batch_tokens=16384")
     assert payload["unfinished"]["trl_default/alpaca"]["failed_with_exit_status"] == 1
+    assert "last_logged_step" not in payload["unfinished"]["trl_default/alpaca"]  # TRL's log is its own
     assert all(timeout == 30 for *_, timeout in calls)
     [written] = out.glob("rehearsal-*.json")
     assert json.loads(written.read_text())["unfinished"] == payload["unfinished"]
@@ -220,3 +221,17 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     again = bench_gpu.main([*common, "--resume"])
     assert calls == [("hh", "ours"), ("alpaca", "trl")]  # only the unfinished runs
     assert again["unfinished"] == {} and "ours_token_batches/hh" in again["runs"]
+
+
+def test_an_earlier_runs_training_log_is_not_taken_for_a_stopped_runs_progress(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(bench_train, "WORK", tmp_path)
+    log = tmp_path / "hh" / "ours" / "data" / "train" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 60, "elapsed_s": 17.0}) + "\n")
+    os.utime(log, (time.time() - 120, time.time() - 120))
+    assert bench_train.progress("hh", "ours", since=time.time() - 60) == {"last_logged_step": None}
+    assert bench_train.progress("hh", "ours", since=time.time() - 180) == {"last_logged_step": 60,
+                                                                         "elapsed_s_at_it": 17.0}
+    assert bench_train.progress("hh", "trl", since=0) == {}
