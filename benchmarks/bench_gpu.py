@@ -152,6 +152,15 @@ def run_arguments(base: list[str], changes: dict, *, as_command: bool = False) -
     return [*base, *extra]
 
 
+def shown(argument: str) -> str:
+    """An argument as the JSON records it: a path inside this repository relative to its root, so a
+    committed result names no machine's folders."""
+    path = Path(argument)
+    if path.is_absolute() and path.is_relative_to(bench_train.ROOT):
+        return str(path.relative_to(bench_train.ROOT))
+    return argument
+
+
 def result_path(out: Path, device: str, rehearse: bool) -> Path:
     name = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     return out / (f"rehearsal-{name}.json" if rehearse else f"gpu-{name}.json")
@@ -225,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
             *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": device, "versions": versions(), "gpu_check": check, "rehearsal": args.rehearse,
-               "settings": base, "inputs": inputs(args, sorted({RUNS[n][0] for n in names})), "commands": {},
-               "runs": {}, "unfinished": {}, "cases": {}}
+               "settings": [shown(a) for a in base], "inputs": inputs(args, sorted({RUNS[n][0] for n in names})),
+               "commands": {}, "runs": {}, "unfinished": {}, "cases": {}}
     if earlier:
         same = all(earlier.get(k) == payload[k] for k in ("settings", "versions"))
         if not same or any(earlier.get("inputs", {}).get(k, v) != v for k, v in payload["inputs"].items()):
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
             prepared.add(case)
         started, began = time.perf_counter(), time.time()
         command = " ".join(["python benchmarks/bench_train.py",
-                            *run_arguments([*base, "--case", case], changes, as_command=True)])
+                            *map(shown, run_arguments([*base, "--case", case], changes, as_command=True))])
         try:
             payload["runs"][name] = bench_train.run_child(run_args, case, trainer, timeout=args.run_timeout)
         except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as stopped:

@@ -209,6 +209,9 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     stopped = payload["unfinished"]["ours_token_batches/hh"]
     assert stopped["stopped_after_s"] == 30 and stopped["last_logged_step"] == 10 and stopped["elapsed_s_at_it"] == 41.5
     assert stopped["command"].endswith("--ours-setting=train.batch_tokens=16384")
+    # paths inside the repository are recorded relative to it; others as given
+    assert bench_gpu.shown(str(ROOT / "benchmarks" / ".work" / "m")) == "benchmarks/.work/m"
+    assert payload["settings"][:2] == ["--model", str(model)]
     assert payload["unfinished"]["trl_default/alpaca"]["failed_with_exit_status"] == 1
     assert "last_logged_step" not in payload["unfinished"]["trl_default/alpaca"]  # TRL's log is its own
     assert all(timeout == 30 for *_, timeout in calls)
