@@ -1,6 +1,7 @@
 """Padding-free training: packed rows give the rewards, loss and gradients of padded batches."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -12,6 +13,7 @@ from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import load_reward_model, rewards, unwrap
 from rm_lib.model.packing import (
     FLEX_BLOCK,
+    any_width_compiles,
     block_mask,
     first_fit,
     flex_block_mask,
@@ -250,3 +252,39 @@ def test_flex_attention_rewards_equal_the_padded_ones(tiny_decoder, packer):
         torch._dynamo.reset()  # one compiled shape per test: inductor's CPU flex kernel has no dynamic shapes
         got = packed_rewards(unwrap(model), packer(pairs, 0, one_row=True))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+
+
+@pytest.mark.parametrize("any_width", [True, False])
+def test_flex_attention_compiles_once_for_rows_of_every_width(tiny_decoder, monkeypatch, any_width):
+    """A packed row's width changes with every forward. Compiled for its first width alone, the next
+    width compiles again; under `any_width_compiles` (what a GPU forward runs in), one compile serves
+    them all (18.5 s of a cold 49 s run on an H200 went to the second one). Counted by dynamo with the
+    aot_eager backend: inductor's CPU flex kernel builds for fixed shapes only."""
+    from torch._dynamo.utils import counters
+    from transformers.integrations.flex_attention import WrappedFlexAttention
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(WrappedFlexAttention, "_instance", None)  # transformers compiles flex_attention anew
+    monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    model.eval()
+    # the first row is 2 blocks wide, as many as the model has heads: sizes that must not be tied
+    batches = [shared_prompt_pairs(n, min(model.config.vocab_size, 60), seed=n) for n in (8, 20, 14)]
+    with torch.no_grad():
+        expected = [rewards(model, b.input_ids, b.attention_mask) for b in (collate_pairs(p, 0) for p in batches)]
+        model.set_attn_implementation("flex_attention")
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        widths, got = [], []
+        with any_width_compiles() if any_width else contextlib.nullcontext():
+            for pairs in batches:
+                packed = pack_pairs_shared(pairs, 0, one_row=True)
+                widths.append(packed.input_ids.shape[1] // FLEX_BLOCK)
+                got.append(packed_rewards(unwrap(model), packed))
+    assert widths[0] == model.config.num_attention_heads and len(set(widths)) == 3
+    assert counters["stats"]["unique_graphs"] - before == (1 if any_width else 2)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)

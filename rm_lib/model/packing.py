@@ -11,6 +11,8 @@ prefix. A causal model computes the prefix the same way for both sides, so every
 the sequence gets alone, and the prefix is computed once per pair instead of twice."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +188,20 @@ def flex_block_mask(segment_ids: torch.Tensor, *, causal: bool, prefix_ids: torc
                              _compile=segment_ids.is_cuda)
 
 
+@contextlib.contextmanager
+def any_width_compiles() -> Iterator[None]:
+    """Compiles started inside (transformers compiles flex_attention, `flex_block_mask` the block mask
+    on a GPU) hold for every row width. By default a first compile is for its exact shapes and the
+    next width compiles again for any, yet a packed row's width changes with every forward: that first
+    compile is thrown away (on an H200, cold, step 2 took 18.5 s of a 49 s run). Sizes that happen to
+    be equal (blocks in a row, attention heads) are not taken to stay equal either."""
+    import torch._dynamo
+    import torch.fx.experimental._config as shapes
+
+    with torch._dynamo.config.patch(assume_static_by_default=False), shapes.patch(use_duck_shape=False):
+        yield
+
+
 def flex_width(n_tokens: int) -> int:
     """A row wide enough for every token of a forward, padded to flex_attention's block size."""
     return -(-n_tokens // FLEX_BLOCK) * FLEX_BLOCK
@@ -214,13 +230,18 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
     if batch.prefix_ids is not None and kind != "last":
         raise ValueError("shared-prompt packing needs a causal decoder: an encoder's prompt would see both answers")
-    if attn == "flex_attention":
-        mask = flex_block_mask(batch.segment_ids, causal=kind == "last", prefix_ids=batch.prefix_ids)
-    else:
-        mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype,
-                          prefix_ids=batch.prefix_ids)
     base = getattr(inner, base_name)
-    hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
+    flex = attn == "flex_attention"
+    # inductor's CPU flex kernel builds for fixed shapes only (torch 2.13)
+    compiles = any_width_compiles() if flex and batch.input_ids.device.type != "cpu" else contextlib.nullcontext()
+    with compiles:
+        if flex:
+            mask = flex_block_mask(batch.segment_ids, causal=kind == "last", prefix_ids=batch.prefix_ids)
+        else:
+            mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype,
+                              prefix_ids=batch.prefix_ids)
+        hidden = base(input_ids=batch.input_ids, attention_mask=mask,
+                      position_ids=batch.position_ids).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
     if kind == "last":
         return inner.score(flat[batch.last]).squeeze(-1).float()
