@@ -12,6 +12,7 @@ the sequence gets alone, and the prefix is computed once per pair instead of twi
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -184,8 +185,16 @@ def flex_block_mask(segment_ids: torch.Tensor, *, causal: bool, prefix_ids: torc
 
     rows, width = segment_ids.shape
     # compiled on a GPU, where the unfused evaluation of a wide row would hold rows x W x W booleans
-    return create_block_mask(allowed, rows, None, width, width, device=segment_ids.device,
-                             _compile=segment_ids.is_cuda)
+    make = _compiled_block_mask() if segment_ids.device.type != "cpu" else create_block_mask
+    return make(allowed, rows, None, width, width, device=segment_ids.device)
+
+
+@functools.cache
+def _compiled_block_mask() -> Any:
+    """torch.compile(create_block_mask), once: what its `_compile` flag did (deprecated in torch 2.13)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @contextlib.contextmanager
