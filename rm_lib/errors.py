@@ -38,3 +38,8 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DevicePathError(UserError):
+    """The planned kernel path cannot run as planned on this device; the message names the setting
+    that avoids it. Checkpoints are kept."""

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from rm_lib.errors import DevicePathError
 from rm_lib.model.batching import collate_pairs
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import load_reward_model, rewards, unwrap
@@ -288,3 +289,29 @@ def test_flex_attention_compiles_once_for_rows_of_every_width(tiny_decoder, monk
     assert counters["stats"]["unique_graphs"] - before == (1 if any_width else 2)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_flex_attention_past_the_compile_limit_stops_with_a_clear_error(tiny_decoder, monkeypatch):
+    """Past dynamo's limit of compiles per function, flex_attention would run unfused and hold
+    heads x W x W scores per layer: a GPU run would crawl until its memory ran out. It stops instead,
+    naming the setting that avoids it. Provoked here with a limit of one compile and a second model in
+    another dtype (a new compile whatever the widths)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.integrations.flex_attention import WrappedFlexAttention
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(WrappedFlexAttention, "_instance", None)
+    monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    config = AutoConfig.from_pretrained(tiny_decoder, num_labels=1)
+    models = [AutoModelForSequenceClassification.from_config(config, attn_implementation="flex_attention",
+                                                             dtype=dtype).eval()
+              for dtype in (torch.float32, torch.float64)]
+    packed = pack_pairs_shared(shared_prompt_pairs(8, 60), 0, one_row=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        with any_width_compiles():  # as a GPU forward runs
+            assert packed_rewards(models[0], packed).shape == (16,)
+        with pytest.raises(DevicePathError, match="limit of 1 compiles.*train.attention=sdpa"), any_width_compiles():
+            packed_rewards(models[1], packed)

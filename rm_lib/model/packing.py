@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from rm_lib.errors import DevicePathError
+
 
 @dataclass
 class PackedBatch:
@@ -207,8 +209,19 @@ def any_width_compiles() -> Iterator[None]:
     import torch._dynamo
     import torch.fx.experimental._config as shapes
 
-    with torch._dynamo.config.patch(assume_static_by_default=False), shapes.patch(use_duck_shape=False):
-        yield
+    # past dynamo's limit of compiles per function, flex_attention would run unfused, holding
+    # heads x W x W scores per layer: stopped with a clear error instead of a crawl into memory exhaustion
+    with torch._dynamo.config.patch(assume_static_by_default=False, fail_on_recompile_limit_hit=True), \
+            shapes.patch(use_duck_shape=False):
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+            limit = torch._dynamo.config.recompile_limit
+            raise DevicePathError(
+                f"train.attention: flex_attention or its block mask reached dynamo's limit of {limit} compiles "
+                "in this run and would now run unfused (memory growing with the square of the tokens per "
+                "forward). Run again with TORCH_LOGS=recompiles to see what changed between compiles, or set "
+                "train.attention=sdpa") from exc
 
 
 def flex_width(n_tokens: int) -> int:
