@@ -167,19 +167,24 @@ def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, 
                               f"{name}` shares it)", experiment=name)
 
 
+def _differing(keys: list[str] | None, ran: dict, other: dict) -> list[tuple[str, str, Any, Any]]:
+    """(section, key, the run's value, the other value) for the params keys `keys` (every key of
+    both when there are none: a whole file) where the run's settings and `other` differ."""
+    found = []
+    for key in keys or sorted(set(ran) | set(other)):
+        section, _, name = key.partition(".")
+        mine, theirs = ran.get(section) or {}, other.get(section) or {}
+        for k in [name] if name else sorted(set(mine) | set(theirs)):
+            if mine.get(k) != theirs.get(k):
+                found.append((section, k, mine.get(k), theirs.get(k)))
+    return found
+
+
 def _changes(spec: StageSpec, params: Params, base: dict) -> list[tuple[str, str, Any]]:
     """(section, key, the run's value) for the stage's params deps where the run differs from `base`."""
     ran = params.as_dict()
-    found = []
-    for keys in spec.params.values():
-        for key in keys or list(ran):
-            section, _, name = key.partition(".")
-            fields = [name] if name else sorted(ran.get(section, {}))
-            for f in fields:
-                value = ran.get(section, {}).get(f)
-                if value != (base.get(section) or {}).get(f):
-                    found.append((section, f, value))
-    return found
+    return [(section, k, value) for keys in spec.params.values()
+            for section, k, value, _ in _differing(keys, ran, base)]
 
 
 def _flow(value: Any) -> str:
@@ -330,13 +335,8 @@ def settings_differences(spec: StageSpec, params: Params) -> list[str]:
             recorded = load_params(path).as_dict()
         except SettingsError as exc:
             return [f"{path}: {exc}"]
-        for key in keys or list(recorded):
-            section, _, name = key.partition(".")
-            fields = [name] if name else sorted(set(ran.get(section, {})) | set(recorded.get(section, {})))
-            for f in fields:
-                mine, theirs = ran.get(section, {}).get(f), recorded.get(section, {}).get(f)
-                if mine != theirs:
-                    differences.append(f"{section}.{f}: ran with {mine!r}, {Path(path).name} has {theirs!r}")
+        differences += [f"{section}.{k}: ran with {mine!r}, {Path(path).name} has {theirs!r}"
+                        for section, k, mine, theirs in _differing(keys, ran, recorded)]
     return differences
 
 
