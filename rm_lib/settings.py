@@ -120,7 +120,7 @@ class TrainSettings:
     # auto: on only where a GPU's memory needs it for the tokens of a forward (rm_lib.training.device_plan)
     gradient_checkpointing: bool | str = "auto"
     # auto: flex_attention on a GPU for packed batches (blocks the mask excludes are skipped), else the
-    # model's own (masked SDPA on a CPU) | sdpa | eager | flex_attention
+    # model's own (masked SDPA on a CPU, on fp32 inputs under bf16 autocast) | sdpa | eager | flex_attention
     attention: str = "auto"
     disable_dropout: bool = True
     padding_free: bool = True

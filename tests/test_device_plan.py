@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rm_lib.errors import SettingsError
+from rm_lib.model.attention import FP32_SDPA
 from rm_lib.settings import load_params
 from rm_lib.training.device_plan import (
     CPU_TOKENS_PER_FORWARD,
@@ -35,6 +36,18 @@ def test_a_gpu_trains_packed_rows_with_flex_attention_and_fused_adamw():
     assert padded.attention is None  # a padded batch has no block mask to skip
     no_flex = plan(device_type="cuda", packed=True, supports_flex=False, shape=SMALL, free_bytes=80 * GiB)
     assert no_flex.attention is None
+
+
+def test_bf16_on_a_cpu_keeps_attention_in_fp32():
+    """Under bf16 autocast on a CPU, SDPA's backward is 5x slower in bf16 than in fp32: attention stays
+    fp32 there, for SDPA models only, and only at auto."""
+    cpu = dict(device_type="cpu", packed=True, supports_flex=True, shape=SMALL, free_bytes=None)
+    assert plan(**cpu, precision="bf16").attention == FP32_SDPA
+    assert plan(**cpu, precision="no").attention is None
+    assert plan(**cpu, precision="bf16", loaded_attention="eager").attention is None  # a model without SDPA
+    assert plan(**cpu, precision="bf16", attention="sdpa").attention == "sdpa"  # what the user set
+    gpu = plan(device_type="cuda", packed=True, supports_flex=True, shape=SMALL, free_bytes=80 * GiB, precision="bf16")
+    assert gpu.attention == "flex_attention"
 
 
 def test_checkpointing_is_chosen_when_the_budget_needs_it():

@@ -315,3 +315,29 @@ def test_flex_attention_past_the_compile_limit_stops_with_a_clear_error(tiny_dec
             assert packed_rewards(models[0], packed).shape == (16,)
         with pytest.raises(DevicePathError, match="limit of 1 compiles.*train.attention=sdpa"), any_width_compiles():
             packed_rewards(models[1], packed)
+
+
+def test_sdpa_in_fp32_is_sdpa_and_under_bf16_autocast_runs_on_fp32_inputs(tiny_decoder, monkeypatch):
+    from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
+
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    model.eval()
+    pairs = shared_prompt_pairs(8, min(model.config.vocab_size, 60))
+    packed, padded = pack_pairs_shared(pairs, 0), collate_pairs(pairs, 0)
+    with torch.no_grad():
+        expected = packed_rewards(unwrap(model), packed), rewards(model, padded.input_ids, padded.attention_mask)
+        model.set_attn_implementation(register_fp32_sdpa())
+        assert model.config._attn_implementation == FP32_SDPA
+        got = packed_rewards(unwrap(model), packed), rewards(model, padded.input_ids, padded.attention_mask)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=0, rtol=0)  # the same computation in fp32
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        seen = []
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw))
+        after = []  # what the attention hands on: back in autocast's dtype
+        unwrap(model).model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+            lambda module, inputs: after.append(inputs[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rewards(model, padded.input_ids, padded.attention_mask)
+    assert set(seen) == {torch.float32} and after == [torch.bfloat16]

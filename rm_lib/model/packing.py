@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rm_lib.errors import DevicePathError
+from rm_lib.model.attention import FP32_SDPA
 
 
 @dataclass
@@ -260,8 +261,8 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
         if flex:
             mask = flex_block_mask(batch.segment_ids, causal=kind == "last", prefix_ids=batch.prefix_ids)
         else:
-            mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn == "sdpa", dtype=dtype,
-                              prefix_ids=batch.prefix_ids)
+            mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn in ("sdpa", FP32_SDPA),
+                              dtype=dtype, prefix_ids=batch.prefix_ids)
         hidden = base(input_ids=batch.input_ids, attention_mask=mask,
                       position_ids=batch.position_ids).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])

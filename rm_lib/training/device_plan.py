@@ -5,13 +5,15 @@ On a GPU the packed rows go through flex_attention with a block mask, which skip
 blocks the block-diagonal mask excludes (a dense [rows, 1, W, W] mask keeps SDPA off its fast
 kernels and grows with W^2); every sequence of a forward then fits in one row, so the budget is in
 tokens. On a CPU the dense masked SDPA stays: it is the fastest path there, and flex_attention has
-no backward on a CPU."""
+no backward on a CPU. Under bf16 autocast on a CPU, SDPA gets fp32 inputs (rm_lib.model.attention):
+its bf16 backward there is 5x slower than its fp32 one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 from rm_lib.errors import SettingsError
+from rm_lib.model.attention import FP32_SDPA
 
 GPU_TOKENS_PER_FORWARD = 65_536  # enough work per forward to keep a large GPU busy
 CPU_TOKENS_PER_FORWARD = 8_192
@@ -68,8 +70,10 @@ def state_bytes(shape: ModelShape) -> int:
 
 def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,
          attention: str = "auto", tokens_per_forward: int | str | None = "auto",
-         gradient_checkpointing: bool | str = "auto") -> DevicePlan:
-    """Resolve the `auto` settings; values the user set are kept as they are."""
+         gradient_checkpointing: bool | str = "auto", precision: str = "no",
+         loaded_attention: str = "sdpa") -> DevicePlan:
+    """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
+    autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own."""
     gpu = device_type == "cuda"
     # one fused kernel for the whole update on a CPU too (a fifth of the per-parameter loop's time there)
     fused = device_type in ("cuda", "cpu")
@@ -78,6 +82,8 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
                             "there) or sdpa")
     if attention == "auto":
         attention_choice = "flex_attention" if gpu and packed and supports_flex else None
+        if device_type == "cpu" and precision == "bf16" and loaded_attention == "sdpa":
+            attention_choice = FP32_SDPA  # SDPA's bf16 CPU backward is 5x slower than its fp32 one
     else:
         attention_choice = attention
     if tokens_per_forward == "auto":

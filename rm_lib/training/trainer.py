@@ -17,6 +17,7 @@ import torch
 
 from rm_lib.errors import TrainingDiverged
 from rm_lib.files import file_sha256, share_tree
+from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
 from rm_lib.model.batching import EpochSchedule, collate_pairs, process_slice, token_chunks
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
@@ -196,14 +197,15 @@ def _new_window(device: torch.device) -> dict:
     return {**sums, "n": 0, "tokens": 0, "computed": 0, "padded": 0}
 
 
-def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool) -> DevicePlan:
+def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool, precision: str = "no") -> DevicePlan:
     """The device plan of this run (rm_lib.training.device_plan), from free memory on a GPU."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     inner = unwrap(model)
     flex = bool(getattr(inner, "_supports_flex_attn", False))
     return plan(device_type=device.type, packed=packed, supports_flex=flex, shape=model_shape(inner), free_bytes=free,
                 attention=cfg.attention,
-                tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing)
+                tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing,
+                precision=precision, loaded_attention=inner.config._attn_implementation)
 
 
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
@@ -217,12 +219,14 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     if cfg.disable_dropout:
         _disable_dropout(model)
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
-    device_plan = plan_for(cfg, model, accelerator.device, packed)
+    device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision))
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if device_plan.attention not in (None, loaded_attention):
+        if device_plan.attention == FP32_SDPA:
+            register_fp32_sdpa()
         unwrap(model).set_attn_implementation(device_plan.attention)
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
     packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
