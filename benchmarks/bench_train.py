@@ -195,7 +195,8 @@ def train_trl(args: argparse.Namespace, case: str, work: Path) -> dict:
                           lr_scheduler_type="linear", warmup_steps=0.05, max_grad_norm=1.0, weight_decay=0.0,
                           max_length=args.max_length, logging_steps=10, save_strategy="no", report_to="none",
                           use_cpu=not torch.cuda.is_available(),  # bf16 where ours uses it too (mixed_precision auto)
-                          bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+                          bf16=args.trl_bf16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+                          dataloader_num_workers=0,
                           disable_dropout=True,
                           **({} if args.trl_gradient_checkpointing == "default"
                              else {"gradient_checkpointing": args.trl_gradient_checkpointing == "on"}))
@@ -299,6 +300,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
             "--padding-free" if args.padding_free else "--no-padding-free",
             "--shared-prompt" if args.shared_prompt else "--no-shared-prompt",
             "--trl-gradient-checkpointing", args.trl_gradient_checkpointing,
+            *(["--trl-bf16"] if args.trl_bf16 else []),
             *(f"--ours-setting={setting}" for setting in args.ours_setting),
             *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
 
@@ -352,6 +354,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="a setting for our trainer alone, e.g. train.gradient_checkpointing=true")
     parser.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default",
                         help="TRL's gradient_checkpointing: its RewardConfig default, or set")
+    parser.add_argument("--trl-bf16", action="store_true",
+                        help="TRL in bf16 on a CPU too (as ours with --ours-setting=train.mixed_precision=bf16); "
+                             "on a GPU both train in bf16 anyway")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for MFU (default: known GPUs by name)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -81,6 +81,8 @@ def test_each_run_records_the_bench_train_command_that_includes_it():
     parsed = bench_train.parse(commands["ours_memory_matched/hh"])
     assert parsed.ours_setting == bench_gpu.MEMORY_MATCHED
     assert "--ours-setting=train.gradient_checkpointing=true" in bench_train.passthrough(parsed)
+    assert "--trl-bf16" in bench_train.passthrough(bench_train.parse(["--trl-bf16"]))  # the child trains TRL in bf16
+    assert "--trl-bf16" not in bench_train.passthrough(parsed)
 
 
 def test_without_a_gpu_the_benchmark_says_so_and_points_to_the_rehearsal():
