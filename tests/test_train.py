@@ -343,23 +343,18 @@ def test_the_step_loop_reads_nothing_back_from_the_device_between_logs(tmp_path,
     assert counts[2] == counts[8] > 0  # the last step's log and save alone
 
 
-def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_loaded(tmp_path, tiny_decoder,
-                                                                                      monkeypatch, capsys):
+
+def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_loaded(tmp_path, tiny_decoder):
     """bf16 autocast on a CPU: the matrix products in bf16, SDPA on fp32 inputs (its bf16 backward is
-    5x slower); the saved model loads with the attention it was given."""
+    5x slower; tests/test_packing.py checks the inputs it gets), evaluation during training too; the
+    saved model loads with the attention it was given. In a process of its own: accelerate keeps one
+    mixed precision per process."""
     from rm_lib.model.modeling import load_reward_model
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    seen: set = set()
-
-    def recorded(query, *args, **kwargs):
-        seen.add(query.dtype)
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
-    params = tiny_params("train.mixed_precision=bf16", "train.max_steps=2", model=str(tiny_decoder))
-    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
-    assert "train: attention rm_sdpa_fp32" in capsys.readouterr().out
-    assert seen == {torch.float32}
-    model = load_reward_model(str(Layout(tmp_path).model))
-    assert model.config._attn_implementation == "sdpa"
+    _prepare(tmp_path, str(tiny_decoder), "train.mixed_precision=bf16", "train.max_steps=2", "train.eval_steps=1")
+    run = _cli(tmp_path, "train")
+    assert run.wait() == 0, run.stdout.read()
+    assert "train: attention rm_sdpa_fp32" in run.stdout.read()
+    evals = [r for r in read_jsonl(tmp_path / "data/train/metrics.jsonl") if "eval_accuracy" in r]
+    assert len(evals) == 2
+    assert load_reward_model(str(Layout(tmp_path).model)).config._attn_implementation == "sdpa"
