@@ -7,10 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(os.environ.get("RM_BENCH_LOG") or Path(__file__).resolve().parent / "results.jsonl")
+DEFAULT = Path(__file__).resolve().parent / "results.jsonl"
+
+
+def results_path() -> Path:
+    """RM_BENCH_LOG where it is set when a run is logged (so a caller may set it after import), else
+    benchmarks/results.jsonl."""
+    return Path(os.environ.get("RM_BENCH_LOG") or DEFAULT)
 
 
 def append(script: str, argv: list[str] | None, payload: dict) -> None:
     command = " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
-    with RESULTS.open("a", encoding="utf-8") as handle:
+    with results_path().open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"command": command, "time": time.strftime("%Y-%m-%d %H:%M"), **payload}) + "\n")

@@ -20,7 +20,7 @@ def planned(tmp_path, monkeypatch):
     import pythia_1b_shape
 
     monkeypatch.setattr(bench_train, "WORK", tmp_path / "work")
-    monkeypatch.setattr(record, "RESULTS", tmp_path / "results.jsonl")
+    monkeypatch.setenv("RM_BENCH_LOG", str(tmp_path / "results.jsonl"))
     model = pythia_1b_shape.build(tmp_path / "model", "default", small=True, weights=False)
     results = plan_memory.main(["--model", str(model), "--data", str(HH.parent), "--case", "hh", "--max-length", "256",
                                 "--max-train-pairs", "48", "--batch-size", "4", "--batch-tokens", "2048"])
@@ -50,7 +50,7 @@ def test_the_plan_follows_the_trainer_batches_and_the_device_plan(planned):
     assert by_pairs["predicted_peak_mib"] == pytest.approx(
         (state_bytes(shape) + by_pairs["max_tokens_per_forward"] * activation_bytes_per_token(shape, False)) / mib)
     assert by_pairs["state_mib"] < by_pairs["predicted_peak_checkpointing_mib"] < by_pairs["predicted_peak_mib"]
-    assert record.RESULTS.exists()
+    assert record.results_path().exists() and record.results_path() != record.DEFAULT
 
 
 def test_a_token_budget_per_forward_cuts_a_batch_into_several_forwards(planned):
