@@ -257,19 +257,26 @@ def test_flex_attention_rewards_equal_the_padded_ones(tiny_decoder, packer):
 
 
 
+@pytest.fixture
+def compiled_by_dynamo_alone(monkeypatch):
+    """torch.compile with the aot_eager backend, and transformers' flex_attention compiled anew:
+    compiles counted by dynamo without inductor's CPU flex kernel, which does not build for every shape."""
+    from transformers.integrations.flex_attention import WrappedFlexAttention
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(WrappedFlexAttention, "_instance", None)
+    monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
+
+
 @pytest.mark.parametrize("any_width", [True, False])
-def test_flex_attention_compiles_once_for_rows_of_every_width(tiny_decoder, monkeypatch, any_width):
+def test_flex_attention_compiles_once_for_rows_of_every_width(tiny_decoder, compiled_by_dynamo_alone, any_width):
     """A packed row's width changes with every forward. Compiled for its first width alone, the next
     width compiles again; under `any_width_compiles` (what a GPU forward runs in), one compile serves
     them all (18.5 s of a cold 49 s run on an H200 went to the second one). Counted by dynamo with the
     aot_eager backend: inductor's CPU flex kernel builds for fixed shapes only."""
     from torch._dynamo.utils import counters
-    from transformers.integrations.flex_attention import WrappedFlexAttention
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
-    monkeypatch.setattr(WrappedFlexAttention, "_instance", None)  # transformers compiles flex_attention anew
-    monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
     model = load_reward_model(str(tiny_decoder), pad_token_id=0)
     model.eval()
     # the first row is 2 blocks wide, as many as the model has heads: sizes that must not be tied
@@ -291,18 +298,14 @@ def test_flex_attention_compiles_once_for_rows_of_every_width(tiny_decoder, monk
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
-def test_flex_attention_past_the_compile_limit_stops_with_a_clear_error(tiny_decoder, monkeypatch):
+def test_flex_attention_past_the_compile_limit_stops_with_a_clear_error(tiny_decoder, compiled_by_dynamo_alone,
+                                                                         monkeypatch):
     """Past dynamo's limit of compiles per function, flex_attention would run unfused and hold
     heads x W x W scores per layer: a GPU run would crawl until its memory ran out. It stops instead,
     naming the setting that avoids it. Provoked here with a limit of one compile and a second model in
     another dtype (a new compile whatever the widths)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.integrations.flex_attention import WrappedFlexAttention
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
-    monkeypatch.setattr(WrappedFlexAttention, "_instance", None)
-    monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     config = AutoConfig.from_pretrained(tiny_decoder, num_labels=1)
     models = [AutoModelForSequenceClassification.from_config(config, attn_implementation="flex_attention",
