@@ -58,6 +58,35 @@ def test_packed_batch_layout():
     assert batch.margin is None
 
 
+def test_a_batch_goes_to_a_gpu_from_pinned_memory_without_a_stream_sync(monkeypatch):
+    """A plain host-to-GPU copy waits for the stream: the GPU would run dry at every batch. Every
+    tensor of a packed or padded batch is pinned and copied with non_blocking; on a CPU nothing is
+    pinned (a CPU build of torch cannot pin). Checked here with the copy recorded, not run."""
+    copies = []
+
+    def pin(self):
+        pinned = self.clone()
+        pinned.is_pinned_here = True
+        return pinned
+
+    def copy(self, device, non_blocking=False):
+        copies.append((torch.device(device).type, getattr(self, "is_pinned_here", False), non_blocking))
+        return self
+
+    pairs = random_pairs(3, 50)
+    batches = [pack_pairs(pairs, 0), pack_pairs_shared(pairs, 0), collate_pairs(pairs, 0)]
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.Tensor, "pin_memory", pin)
+        patched.setattr(torch.Tensor, "to", copy)
+        for batch in batches:
+            batch.to(torch.device("cuda"))
+        assert len(copies) == 6 + 7 + 3  # every tensor of each batch (margins included)
+        assert set(copies) == {("cuda", True, True)}
+        copies.clear()
+        batches[1].to(torch.device("cpu"))
+    assert set(copies) == {("cpu", False, False)}
+
+
 @pytest.fixture(params=["sdpa", "eager"])
 def attention(request) -> str:
     return request.param

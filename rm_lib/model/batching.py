@@ -119,9 +119,20 @@ class PairBatch:
     padded_tokens: int
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         None if self.margin is None else self.margin.to(device), self.n_pairs,
+        return PairBatch(to_device(self.input_ids, device), to_device(self.attention_mask, device),
+                         None if self.margin is None else to_device(self.margin, device), self.n_pairs,
                          self.real_tokens, self.padded_tokens)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`; from the host to a GPU through pinned memory without waiting. A plain copy
+    from pageable memory synchronizes the stream: the GPU would run dry at every batch while the host
+    waits, then packs and launches the next forward. Pinned blocks are reused only once their copy
+    has run (torch's caching host allocator records it), so the source may be dropped at once."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) -> PairBatch:

@@ -21,6 +21,7 @@ import torch
 
 from rm_lib.errors import DevicePathError
 from rm_lib.model.attention import FP32_SDPA
+from rm_lib.model.batching import to_device
 
 
 @dataclass
@@ -43,11 +44,12 @@ class PackedBatch:
         self.sequence_tokens = self.sequence_tokens or self.real_tokens
 
     def to(self, device: torch.device) -> PackedBatch:
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment_ids.to(device),
-                           self.first.to(device), self.last.to(device),
-                           None if self.margin is None else self.margin.to(device), self.n_pairs,
-                           self.real_tokens, self.padded_tokens,
-                           None if self.prefix_ids is None else self.prefix_ids.to(device), self.sequence_tokens)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else to_device(t, device)
+
+        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.segment_ids), move(self.first),
+                           move(self.last), move(self.margin), self.n_pairs, self.real_tokens, self.padded_tokens,
+                           move(self.prefix_ids), self.sequence_tokens)
 
 
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
