@@ -5,6 +5,7 @@ import contextlib
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,6 +267,48 @@ def test_the_flex_block_mask_allows_exactly_what_the_dense_mask_allows(packer, c
     assert torch.equal(rule, dense)
     # blocks where nothing may attend (most of them: sequences are short) are skipped, not computed masked
     assert flex.sparsity() > 50
+
+
+def long_pairs(n: int, seed: int) -> list[dict]:
+    """Prompts and answers of hundreds of tokens: blocks every token of which may attend, some across
+    the end of a prompt and the start of its chosen answer."""
+    rng = random.Random(seed)
+    seq = lambda lo, hi: [rng.randrange(5, 60) for _ in range(rng.randrange(lo, hi))]  # noqa: E731
+    pairs = []
+    for _ in range(n):
+        prompt = seq(1, 400)
+        pairs.append({"input_ids_chosen": prompt + seq(1, 300), "input_ids_rejected": prompt + seq(1, 300)})
+    return pairs
+
+
+def _blocks(count: torch.Tensor, index: torch.Tensor) -> list:
+    return [sorted(index[key][:int(count[key])].tolist()) for key in np.ndindex(*count.shape)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("packer", [pack_pairs, pack_pairs_shared])
+def test_the_block_mask_skips_and_fills_the_same_blocks_as_torchs_create_block_mask(packer, causal):
+    """`flex_block_mask` finds the blocks from the layout; torch's `create_block_mask` evaluates the
+    rule on every token pair. They must agree on every block, the partly attended ones (the rule is
+    applied inside) and the wholly attended ones (it is not), both ways (the backward reads the second)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    layouts = [(shared_prompt_pairs(32, 60, seed=s), {"one_row": True}) for s in range(3)]
+    layouts += [(long_pairs(6, seed=s), {"one_row": True}) for s in range(4)]
+    layouts += [(long_pairs(6, seed=9), {}), (shared_prompt_pairs(20, 60, seed=4), {}),  # rows as wide as the longest
+                (long_pairs(5, seed=7), {"width": 1000})]
+    full_blocks = 0
+    for pairs, how in layouts:
+        batch = packer(pairs, 0, **how)
+        ours = flex_block_mask(batch.segment_ids, causal=causal, prefix_ids=batch.prefix_ids)
+        rows, width = batch.segment_ids.shape
+        theirs = create_block_mask(ours.mask_mod, rows, None, width, width, device="cpu")
+        for a, b in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                     ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+            assert _blocks(getattr(ours, a), getattr(ours, b)) == _blocks(getattr(theirs, a), getattr(theirs, b)), \
+                (a, rows, width)
+        full_blocks += int(ours.full_kv_num_blocks.sum())
+    assert full_blocks > 50  # the wholly attended case is exercised
 
 
 @pytest.mark.parametrize("packer", [pack_pairs, pack_pairs_shared])

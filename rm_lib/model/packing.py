@@ -12,7 +12,6 @@ the sequence gets alone, and the prefix is computed once per pair instead of twi
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -177,8 +176,11 @@ FLEX_BLOCK = 128  # flex_attention's block size: rows are padded to a multiple o
 
 def flex_block_mask(segment_ids: torch.Tensor, *, causal: bool, prefix_ids: torch.Tensor | None = None) -> Any:
     """The same rule as `block_mask`, as a flex_attention BlockMask: blocks of 128 x 128 that no token
-    pair in them may attend are skipped, so the work follows the real sequences, not W x W."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    pair in them may attend are skipped, so the work follows the real sequences, not W x W.
+
+    The blocks are found from the layout (`attended_blocks`), not by evaluating the rule on all W x W
+    token pairs as torch's `create_block_mask` does: nothing to compile, no W x W booleans, no sync."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     segments, prefixes = segment_ids, prefix_ids
 
@@ -188,27 +190,78 @@ def flex_block_mask(segment_ids: torch.Tensor, *, causal: bool, prefix_ids: torc
             same = same | (prefixes[b, q] == segments[b, kv])
         return same & (kv <= q) if causal else same
 
+    some, every = attended_blocks(segment_ids, causal=causal, prefix_ids=prefix_ids)
+    partial_count, partial_index = _ordered(some & ~every)
+    full_count, full_index = _ordered(every)
+    width = segment_ids.shape[-1]
+    return BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=allowed, seq_lengths=(width, width))
+
+
+def attended_blocks(segment_ids: torch.Tensor, *, causal: bool,
+                    prefix_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, 1, Q blocks, KV blocks] booleans of `block_mask`'s rule at flex_attention's block size:
+    blocks where some token may attend some key, and blocks where every token may attend every key.
+
+    Each segment lies in one run of columns (as the packers lay rows out), so what a token may see is at
+    most two intervals of its row: its own segment (up to itself, if causal) and its pair's prefix. A
+    prefix ends where the chosen side begins: the two are then one interval. Work and memory are
+    W x W / 128, on the device the segments are on."""
     rows, width = segment_ids.shape
-    # compiled on a GPU, where the unfused evaluation of a wide row would hold rows x W x W booleans
-    make = _compiled_block_mask() if segment_ids.device.type != "cpu" else create_block_mask
-    return make(allowed, rows, None, width, width, device=segment_ids.device)
+    device = segment_ids.device
+    column = torch.arange(width, device=device).expand(rows, width)
+    # each segment's first and last column, by id (shifted by W: padding's are -1 - column); a batch
+    # has fewer segments than twice its tokens (a shared prefix may be empty), so no id reaches 2RW
+    key = segment_ids + width
+    ids = width + 2 * rows * width
+    first = torch.full((rows, ids), width, device=device).scatter_reduce(1, key, column, "amin")
+    last = torch.full((rows, ids), -1, device=device).scatter_reduce(1, key, column, "amax")
+    own_start, own_end = first.gather(1, key), last.gather(1, key)
+    if causal:
+        own_end = column
+    if prefix_ids is None:
+        other_start, other_end = own_start, own_end
+    else:
+        other = prefix_ids + width
+        other_start, other_end = first.gather(1, other), last.gather(1, other)
+        if causal:
+            other_end = torch.minimum(other_end, column)
+        # touching or overlapping: one interval
+        joined = (other_start <= own_end + 1) & (own_start <= other_end + 1)
+        merged_start, merged_end = torch.minimum(own_start, other_start), torch.maximum(own_end, other_end)
+        own_start, own_end = torch.where(joined, merged_start, own_start), torch.where(joined, merged_end, own_end)
+        other_start, other_end = torch.where(joined, own_start, other_start), torch.where(joined, own_end, other_end)
+    blocks = -(-width // FLEX_BLOCK)
+    padded = blocks * FLEX_BLOCK
+
+    def rows_of_blocks(bound: torch.Tensor, empty: int) -> torch.Tensor:
+        # tokens past the row (up to a whole block) see nothing
+        return torch.nn.functional.pad(bound, (0, padded - width), value=empty)[..., None]
+
+    starts = [rows_of_blocks(t, padded) for t in (own_start, other_start)]  # an empty interval: [padded, -1]
+    ends = [rows_of_blocks(t, -1) for t in (own_end, other_end)]
+    lo = torch.arange(blocks, device=device) * FLEX_BLOCK
+    hi = lo + FLEX_BLOCK - 1
+    some = (starts[0] <= hi) & (ends[0] >= lo) | (starts[1] <= hi) & (ends[1] >= lo)  # [R, padded, blocks]
+    every = (starts[0] <= lo) & (ends[0] >= hi) | (starts[1] <= lo) & (ends[1] >= hi)
+    some = some.view(rows, blocks, FLEX_BLOCK, blocks).any(2)
+    every = every.view(rows, blocks, FLEX_BLOCK, blocks).all(2)
+    return some[:, None], every[:, None]
 
 
-@functools.cache
-def _compiled_block_mask() -> Any:
-    """torch.compile(create_block_mask), once: what its `_compile` flag did (deprecated in torch 2.13)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return torch.compile(create_block_mask)
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BlockMask's form of [..., Q blocks, KV blocks] booleans: how many per Q block, and their indices first."""
+    flags = blocks.to(torch.int32)
+    return flags.sum(-1, dtype=torch.int32), torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32)
 
 
 @contextlib.contextmanager
 def any_width_compiles() -> Iterator[None]:
-    """Compiles started inside (transformers compiles flex_attention, `flex_block_mask` the block mask
-    on a GPU) hold for every row width. By default a first compile is for its exact shapes and the
-    next width compiles again for any, yet a packed row's width changes with every forward: that first
-    compile is thrown away (on an H200, cold, step 2 took 18.5 s of a 49 s run). Sizes that happen to
-    be equal (blocks in a row, attention heads) are not taken to stay equal either."""
+    """Compiles started inside (transformers compiles flex_attention) hold for every row width. By
+    default a first compile is for its exact shapes and the next width compiles again for any, yet a
+    packed row's width changes with every forward: that first compile is thrown away (on an H200,
+    cold, step 2 took 18.5 s of a 49 s run). Sizes that happen to be equal (blocks in a row,
+    attention heads) are not taken to stay equal either."""
     import torch._dynamo
     import torch.fx.experimental._config as shapes
 
@@ -221,7 +274,7 @@ def any_width_compiles() -> Iterator[None]:
         except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
             limit = torch._dynamo.config.recompile_limit
             raise DevicePathError(
-                f"train.attention: flex_attention or its block mask reached dynamo's limit of {limit} compiles "
+                f"train.attention: flex_attention reached dynamo's limit of {limit} compiles "
                 "in this run and would now run unfused (memory growing with the square of the tokens per "
                 "forward). Run again with TORCH_LOGS=recompiles to see what changed between compiles, or set "
                 "train.attention=sdpa") from exc
