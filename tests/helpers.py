@@ -52,8 +52,9 @@ def run_steps(params, root: Path, *steps: str):
     return {s: registry.run(s, params, layout) for s in steps}
 
 
-def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None):
-    """Train the tiny decoder in this process with `fit` itself; returns (result, weights, rows)."""
+def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None, model=None):
+    """Train the tiny decoder (or `model`, loaded from it) in this process with `fit` itself; returns
+    (result, weights, rows)."""
     import torch
     from accelerate import Accelerator
 
@@ -68,7 +69,7 @@ def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None):
     rows = read_rows(Layout(root).filtered / "train.parquet")
     pad = load_tokenizer(str(tiny_decoder)).pad_token_id
     torch.manual_seed(0)
-    model = load_reward_model(str(tiny_decoder), pad_token_id=pad)
+    model = model or load_reward_model(str(tiny_decoder), pad_token_id=pad)
     result = fit(params.train, model, rows, pad_token_id=pad, checkpoints=root / "checkpoints",
                  fingerprint=str(overrides), accelerator=Accelerator(cpu=True), on_eval=on_eval)
     return result, {k: v.detach().clone() for k, v in model.state_dict().items()}, rows

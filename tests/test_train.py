@@ -344,6 +344,39 @@ def test_the_step_loop_reads_nothing_back_from_the_device_between_logs(tmp_path,
 
 
 
+def test_evaluation_during_training_uses_the_models_own_attention_and_a_failed_run_restores_it(
+        tmp_path, tiny_decoder, monkeypatch):
+    """The run may train with other attention than the model's (flex_attention on a GPU, fp32 SDPA
+    under bf16 on a CPU; here eager, as set). Evaluation during training scores as the saved model will
+    (flex_attention on padded batches would compile for each batch shape), and a run that raises
+    leaves the model with its own attention, as one that ends does."""
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, unwrap
+    from rm_lib.training import trainer
+
+    seen = {"train": set(), "eval": []}
+    real_forward = trainer.PairScorer.forward
+
+    def forward(self, batch, lengths=None):
+        if self.training:
+            seen["train"].add(unwrap(self).config._attn_implementation)
+        return real_forward(self, batch, lengths)
+
+    def on_eval(model, step):
+        seen["eval"].append(unwrap(model).config._attn_implementation)
+        if step == 2:
+            raise RuntimeError("evaluation failed")
+        return {"accuracy": 0.5}
+
+    model = load_reward_model(str(tiny_decoder), pad_token_id=load_tokenizer(str(tiny_decoder)).pad_token_id)
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(trainer.PairScorer, "forward", forward)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        fit_tiny(tmp_path, tiny_decoder, "train.attention=eager", "train.eval_steps=1", "train.max_steps=4",
+                 on_eval=on_eval, model=model)
+    assert seen == {"train": {"eager"}, "eval": ["sdpa", "sdpa"]}
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_loaded(tmp_path, tiny_decoder):
     """bf16 autocast on a CPU: the matrix products in bf16, SDPA on fp32 inputs (its bf16 backward is
     5x slower; tests/test_packing.py checks the inputs it gets), evaluation during training too; the

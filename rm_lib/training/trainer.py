@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,10 +208,38 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 precision=precision, loaded_attention=inner.config._attn_implementation)
 
 
+@contextlib.contextmanager
+def attention_as(model: Any, implementation: str | None) -> Iterator[None]:
+    """Inside, `model` (under any wrapper) computes attention with `implementation` (None: its own);
+    after, with its own again, also when what ran inside raised."""
+    inner = unwrap(model)
+    own = inner.config._attn_implementation
+    if implementation in (None, own):
+        yield
+        return
+    if implementation == FP32_SDPA:
+        register_fp32_sdpa()
+    inner.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(own)
+
+
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
         fingerprint: str, accelerator: Any, tracker: Any = None,
         on_eval: Callable[[Any, int], dict] | None = None) -> FitResult:
-    """Train `model` in place. `accelerator` is an accelerate.Accelerator made by the caller."""
+    """Train `model` in place. `accelerator` is an accelerate.Accelerator made by the caller. The model
+    leaves as it came, whether training ends or raises: with its own attention (the run may switch it)."""
+    with contextlib.ExitStack() as run_scope:
+        return _fit(cfg, model, train_rows, pad_token_id=pad_token_id, checkpoints=checkpoints,
+                    fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
+                    run_scope=run_scope)
+
+
+def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
+         fingerprint: str, accelerator: Any, tracker: Any, on_eval: Callable[[Any, int], dict] | None,
+         run_scope: contextlib.ExitStack) -> FitResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -224,10 +252,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if device_plan.attention not in (None, loaded_attention):
-        if device_plan.attention == FP32_SDPA:
-            register_fp32_sdpa()
-        unwrap(model).set_attn_implementation(device_plan.attention)
+    run_scope.enter_context(attention_as(model, device_plan.attention))
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
     packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
     one_row = device_plan.attention == "flex_attention"  # its block mask skips what rows would separate
@@ -364,7 +389,10 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
             window_start = time.perf_counter()
         new_best = False
         if evaluating:
-            result = on_eval(model, state.step)
+            # scored with the attention the saved model will have: what evaluation and users will run
+            # (flex_attention on padded batches would compile for every batch shape)
+            with attention_as(model, loaded_attention):
+                result = on_eval(model, state.step)
             if state.best_eval_accuracy is None or result["accuracy"] > state.best_eval_accuracy:
                 state.best_eval_accuracy, state.best_step, new_best = result["accuracy"], state.step, True
             if tracker is not None and accelerator.is_main_process:
@@ -380,8 +408,6 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     bar.close()
     if host_activations:
         release_free_memory()
-    if device_plan.attention not in (None, loaded_attention):  # the saved model loads as it was given
-        unwrap(model).set_attn_implementation(loaded_attention)
     # The last step always saves, so the state holds this session's figures; a reused run reports the run's.
     reused = resumed_from is not None and resumed_from == state.step
     tokens, wall = (state.tokens, state.train_s) if reused else (state.tokens - base_tokens, state.train_s - base_s)
