@@ -377,11 +377,31 @@ def test_evaluation_during_training_uses_the_models_own_attention_and_a_failed_r
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.fixture
+def accelerate_afresh():
+    """accelerate's per-process state as a new process has it, after the test (the test changes it)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_runs_in_one_process_may_train_in_different_precisions(tmp_path, tiny_decoder, capsys, accelerate_afresh):
+    """A notebook or Dagster's in-process executor trains twice in one process: accelerate would
+    refuse the second run's other mixed precision ("AcceleratorState has already been initialized")."""
+    said = []
+    for precision in ("no", "bf16", "no"):
+        params = tiny_params(f"train.mixed_precision={precision}", "train.max_steps=2", model=str(tiny_decoder))
+        run_steps(params, tmp_path / f"{precision}-{len(said)}", "download", "tokenize", "filter", "train")
+        said.append("train: attention rm_sdpa_fp32" in capsys.readouterr().out)
+    assert said == [False, True, False]  # fp32 SDPA is the plan under bf16 autocast alone
+
+
 def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_loaded(tmp_path, tiny_decoder):
     """bf16 autocast on a CPU: the matrix products in bf16, SDPA on fp32 inputs (its bf16 backward is
-    5x slower; tests/test_packing.py checks the inputs it gets), evaluation during training too; the
-    saved model loads with the attention it was given. In a process of its own: accelerate keeps one
-    mixed precision per process."""
+    5x slower; tests/test_packing.py checks the inputs it gets), evaluation during training (in the
+    model's own attention); the saved model loads with the attention it was given. Through the CLI,
+    as a user runs it."""
     from rm_lib.model.modeling import load_reward_model
 
     _prepare(tmp_path, str(tiny_decoder), "train.mixed_precision=bf16", "train.max_steps=2", "train.eval_steps=1")

@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rm_lib.data.tokenstore import read_rows
 from rm_lib.evaluation import plots
@@ -77,6 +78,20 @@ def launched_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def new_accelerator(precision: str) -> Any:
+    """The run's Accelerator. accelerate keeps one mixed precision per process and refuses another;
+    a second run in one process (a notebook, Dagster's in-process executor) that trains in another
+    precision starts accelerate's state afresh instead. Never under a launcher: its processes share
+    that state (and the process group) with the run."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state  # empty until a first Accelerator in this process
+    if shared and shared.get("_mixed_precision") != precision and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=precision, cpu=launched_on_cpu())
+
+
 def result_from_summary(layout: Layout) -> TrainResult:
     """The result of a training run that another process made, read back from its summary.json."""
     summary = read_json(layout.train_logs / "summary.json")
@@ -95,8 +110,6 @@ def result_from_summary(layout: Layout) -> TrainResult:
 def run(params: Params, layout: Layout, accelerator=None,
         on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """`on_log` receives every metrics record as it is logged (main process only)."""
-    from accelerate import Accelerator
-
     cfg = params.train
     meta = read_json(layout.filtered / "manifest.json")
     train_rows = read_rows(layout.filtered / "train.parquet")
@@ -104,8 +117,7 @@ def run(params: Params, layout: Layout, accelerator=None,
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
-    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision),
-                                             cpu=launched_on_cpu())
+    accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # before the model: its new score head is drawn at random
