@@ -118,3 +118,27 @@ def test_hub_kernels_stay_off_at_load_and_at_every_mode_switch(tiny_decoder, mon
     model.eval()
     model.train()
     model.eval()
+
+
+def test_a_decoder_reward_model_builds_no_kv_cache_and_scores_the_same(tiny_decoder, tmp_path):
+    """A reward model never generates. With the config's cache on (as a decoder's is), every training
+    and scoring forward would build a KV cache and copy each layer's keys and values into it."""
+    from transformers import AutoConfig
+
+    from rm_lib.model.packing import pack_pairs, packed_rewards
+
+    assert AutoConfig.from_pretrained(tiny_decoder).use_cache is True
+    tok = load_tokenizer(str(tiny_decoder))
+    model = load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id).eval()
+    assert model.config.use_cache is False
+    pairs = [{"input_ids_chosen": [5, 6, 7, 8], "input_ids_rejected": [5, 6, 9]}]
+    with torch.no_grad():
+        out = model.model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert out.past_key_values is None
+        got = packed_rewards(model, pack_pairs(pairs, tok.pad_token_id))
+        model.config.use_cache = True
+        cached = packed_rewards(model, pack_pairs(pairs, tok.pad_token_id))
+    torch.testing.assert_close(got, cached)
+    model.config.use_cache = False
+    save_model(model, tok, tmp_path / "saved")
+    assert AutoConfig.from_pretrained(tmp_path / "saved").use_cache is False
