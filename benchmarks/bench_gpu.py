@@ -70,8 +70,9 @@ def versions() -> dict:
 
 def summarize(runs: dict[str, dict]) -> dict:
     """Per case, from whichever runs are done: the ratios and the targets (>= 3x TRL's real tokens/s
-    at both TRL settings, MFU >= 40%, peak GPU memory <= TRL's at defaults, accuracy within one point);
-    a target whose runs are missing is left out."""
+    at both TRL settings, MFU >= 40%, peak GPU memory <= TRL's at defaults, accuracy within one point,
+    judged on the difference, with its paired standard error beside it); a target whose runs are
+    missing is left out."""
     cases: dict[str, dict] = {}
     for case in sorted({name.split("/")[1] for name in runs}):
         mine, default, no_gc = (runs.get(f"{n}/{case}") for n in ("ours", "trl_default", "trl_no_checkpointing"))
@@ -82,7 +83,8 @@ def summarize(runs: dict[str, dict]) -> dict:
         if mine and default:
             c["tokens_per_s_vs_trl_default"] = mine["tokens_per_s"] / default["tokens_per_s"]
             c["peak_gpu_vs_trl_default"] = ratio(mine.get("peak_gpu_mib"), default.get("peak_gpu_mib"))
-            c["accuracy_points_vs_trl_default"] = 100 * (mine["accuracy"] - default["accuracy"])
+            c["accuracy_points_vs_trl_default"], c["accuracy_points_standard_error"] = \
+                bench_train.accuracy_difference(mine, default)
             targets["3x_trl_default"] = c["tokens_per_s_vs_trl_default"] >= 3
             if c["peak_gpu_vs_trl_default"] is not None:
                 targets["memory_at_most_trl"] = c["peak_gpu_vs_trl_default"] <= 1
@@ -98,13 +100,14 @@ def summarize(runs: dict[str, dict]) -> dict:
         for variant in VARIANTS:  # the same comparisons for each variant, apart from the targets
             other = runs.get(f"{variant}/{case}")
             if other and default:
+                points, error = bench_train.accuracy_difference(other, default)
                 c[variant.removeprefix("ours_")] = {
                     "tokens_per_s_vs_trl_default": other["tokens_per_s"] / default["tokens_per_s"],
                     "tokens_per_s_vs_trl_no_checkpointing": ratio(other["tokens_per_s"],
                                                                   no_gc["tokens_per_s"] if no_gc else None),
                     "mfu": other.get("mfu"),
                     "peak_gpu_vs_trl_default": ratio(other.get("peak_gpu_mib"), default.get("peak_gpu_mib")),
-                    "accuracy_points_vs_trl_default": 100 * (other["accuracy"] - default["accuracy"])}
+                    "accuracy_points_vs_trl_default": points, "accuracy_points_standard_error": error}
         per_sequence = runs.get(f"ours_per_sequence/{case}")
         if mine and per_sequence:
             c["shared_prompt_pairs_per_s_gain"] = mine["pairs_per_s"] / per_sequence["pairs_per_s"]

@@ -51,6 +51,25 @@ def test_targets_are_judged_against_both_trl_settings():
     assert "token_batches" not in alpaca and hh["targets"]["accuracy_within_1_point"]
 
 
+def test_the_accuracy_difference_is_paired_over_the_same_held_out_pairs():
+    """Two models scored on the same 390 pairs that disagree on 7 (ours right on none of them): −1.8
+    points, with a paired standard error of about sqrt(7)/390 (0.7 points), where each accuracy alone
+    has 2.5. Without the pair-by-pair wins (a run recorded before they were) no error is claimed."""
+    trl_wins = "1" * 230 + "0" * 153 + "1" * 7
+    ours_wins = "1" * 230 + "0" * 160
+    ours, trl = {"accuracy": 230 / 390, "wins": ours_wins}, {"accuracy": 237 / 390, "wins": trl_wins}
+    points, error = bench_train.accuracy_difference(ours, trl)
+    assert points == pytest.approx(-100 * 7 / 390)
+    assert error == pytest.approx(100 * (7 / 390 * (1 - 7 / 390) / 389) ** 0.5) == pytest.approx(0.67, abs=0.01)
+    assert bench_train.accuracy_difference(ours, {"accuracy": 237 / 390}) == (pytest.approx(-1.795, abs=1e-3), None)
+    same = bench_train.accuracy_difference(ours, ours)
+    assert same == (0, 0)
+    cases = bench_gpu.summarize({"ours/hh": {**run(30_000, None, None, 230 / 390), "wins": ours_wins},
+                                 "trl_default/hh": {**run(10_000, None, None, 237 / 390), "wins": trl_wins}})
+    assert cases["hh"]["accuracy_points_standard_error"] == pytest.approx(error)
+    assert cases["hh"]["targets"]["accuracy_within_1_point"] is False  # judged on the difference itself
+
+
 def test_a_run_cut_short_judges_only_what_was_measured():
     cases = bench_gpu.summarize({"ours/hh": run(30_000, 0.41, None, 0.64),
                                  "trl_default/hh": run(10_000, None, None, 0.64),
@@ -154,6 +173,8 @@ def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp
         assert figures["steady_tokens_per_s"] > 0, name  # 12 steps: one logging window past the warm-up
         assert figures["steps"] == 12, name
         assert 0 <= figures["accuracy"] <= 1
+        wins = figures["wins"]  # held-out pair by pair, for the paired accuracy difference
+        assert len(wins) == figures["test_pairs"] and figures["accuracy"] == pytest.approx(wins.count("1") / len(wins))
     assert payload["runs"]["trl_default/hh"]["trainer"] == "trl"
     # shared prompts compute fewer tokens than per-sequence packing of the same pairs
     assert payload["runs"]["ours/hh"]["computed_tokens_per_s"] < payload["runs"]["ours/hh"]["tokens_per_s"]
@@ -162,6 +183,7 @@ def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp
     hh = payload["cases"]["hh"]
     assert {"tokens_per_s_vs_trl_default", "steady_tokens_per_s_vs_trl_default", "shared_prompt_pairs_per_s_gain",
             "memory_matched"} <= set(hh)
+    assert hh["accuracy_points_standard_error"] is not None
     assert set(hh["targets"]) == {"3x_trl_default", "accuracy_within_1_point"}  # no GPU memory or peak on a CPU
     assert payload["commands"]["ours_per_sequence/hh"].endswith("--case hh --versus per-sequence")
     assert payload["versions"]["trl"] and payload["gpu_check"] is None
