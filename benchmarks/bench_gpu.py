@@ -37,12 +37,14 @@ RESULTS = HERE / "results"
 # memory against TRL's
 TOKEN_BATCHES = ["train.batch_tokens=16384"]  # 2-3x TRL's real tokens a step; 19 steps on hh, 37 on alpaca
 MEMORY_MATCHED = ["train.gradient_checkpointing=true", "train.max_tokens_per_forward=16384"]
-VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_memory_matched": MEMORY_MATCHED}
+COMPILED = ["train.compile=true"]  # each transformer layer compiled: fused kernels past a longer first compile
+VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_compiled": COMPILED, "ours_memory_matched": MEMORY_MATCHED}
 # name -> (case, trainer, changes to the shared arguments); they run in this order, the most telling first
 RUNS = {
     "ours/hh": ("hh", "ours", {}),
     "trl_default/hh": ("hh", "trl", {}),
     "ours_token_batches/hh": ("hh", "ours", {"ours_setting": TOKEN_BATCHES}),
+    "ours_compiled/hh": ("hh", "ours", {"ours_setting": COMPILED}),
     "ours/alpaca": ("alpaca", "ours", {}),
     "trl_default/alpaca": ("alpaca", "trl", {}),
     "ours_token_batches/alpaca": ("alpaca", "ours", {"ours_setting": TOKEN_BATCHES}),

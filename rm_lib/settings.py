@@ -122,6 +122,9 @@ class TrainSettings:
     # auto: flex_attention on a GPU for packed batches (blocks the mask excludes are skipped), else the
     # model's own (masked SDPA on a CPU, on fp32 inputs under bf16 autocast) | sdpa | eager | flex_attention
     attention: str = "auto"
+    # torch.compile each transformer layer for the run: fewer, fused kernels once compiled (one compile
+    # serves every layer and row width); the saved model is the same
+    compile: bool = False
     disable_dropout: bool = True
     padding_free: bool = True
     # with padding_free on a causal decoder: a pair's shared prefix (its prompt) is computed once

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import Layout
+from rm_lib.training import trainer
 
 from conftest import HH, need
 from helpers import fit_tiny, run_steps, tiny_params
@@ -375,6 +376,47 @@ def test_evaluation_during_training_uses_the_models_own_attention_and_a_failed_r
                  on_eval=on_eval, model=model)
     assert seen == {"train": {"eager"}, "eval": ["sdpa", "sdpa"]}
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_compiled_layers_train_the_same_weights_with_one_graph_and_leave_the_model_plain(tmp_path, tiny_decoder,
+                                                                                         monkeypatch):
+    """train.compile: each transformer layer compiled for the run. Compiled here by dynamo with the
+    aot_eager backend (the graphs, without inductor's code generation on a 2-core CPU): the same weights
+    as without, one graph for both layers and every row width, evaluation during training uncompiled
+    (as the saved model is scored), and the model plain after the run."""
+    from torch._dynamo.utils import counters
+
+    from rm_lib.model.inference import score_pairs
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    _, plain, rows = fit_tiny(tmp_path / "plain", tiny_decoder, "train.max_steps=3")
+    pad = load_tokenizer(str(tiny_decoder)).pad_token_id
+    torch.manual_seed(0)  # the new score head as fit_tiny draws it
+    model = load_reward_model(str(tiny_decoder), pad_token_id=pad)
+    before = counters["stats"]["unique_graphs"]
+    widths = set()
+
+    def on_eval(prepared, step):
+        score_pairs(prepared, rows[:6], pad_token_id=pad, batch_size=3)
+        return {"accuracy": 0.5}
+
+    real_pack = trainer.pack_pairs_shared
+
+    def pack(*args, **kwargs):
+        batch = real_pack(*args, **kwargs)
+        widths.add(batch.input_ids.shape[1])
+        return batch
+
+    monkeypatch.setattr(trainer, "pack_pairs_shared", pack)
+    _, compiled, _ = fit_tiny(tmp_path / "compiled", tiny_decoder, "train.max_steps=3", "train.compile=true",
+                              "train.eval_steps=1", on_eval=on_eval, model=model)
+    assert len(widths) > 1 and counters["stats"]["unique_graphs"] - before == 1
+    for name, weight in plain.items():
+        torch.testing.assert_close(compiled[name], weight, rtol=1e-4, atol=1e-6)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
 
 
 @pytest.fixture

@@ -274,10 +274,10 @@ def any_width_compiles() -> Iterator[None]:
         except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
             limit = torch._dynamo.config.recompile_limit
             raise DevicePathError(
-                f"train.attention: flex_attention reached dynamo's limit of {limit} compiles "
-                "in this run and would now run unfused (memory growing with the square of the tokens per "
-                "forward). Run again with TORCH_LOGS=recompiles to see what changed between compiles, or set "
-                "train.attention=sdpa") from exc
+                f"train.attention: flex_attention (or a layer under train.compile) reached dynamo's limit of "
+                f"{limit} compiles in this run and would now run uncompiled (flex_attention unfused: memory "
+                "growing with the square of the tokens per forward). Run again with TORCH_LOGS=recompiles to see "
+                "what changed between compiles, or set train.attention=sdpa or train.compile=false") from exc
 
 
 def flex_width(n_tokens: int) -> int:

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from rm_lib.errors import TrainingDiverged
+from rm_lib.errors import SettingsError, TrainingDiverged
 from rm_lib.files import file_sha256, share_tree
 from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
 from rm_lib.model.batching import EpochSchedule, collate_pairs, process_slice, token_chunks
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
-from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
+from rm_lib.model.packing import any_width_compiles, pack_pairs, pack_pairs_shared, pooling
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.device_plan import DevicePlan, model_shape, plan
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
@@ -33,7 +33,8 @@ CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoin
 LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a resume after DVC cleared it
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
-                      "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt", "attention")
+                      "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt", "attention",
+                      "compile")
 
 
 @dataclass
@@ -226,6 +227,27 @@ def attention_as(model: Any, implementation: str | None) -> Iterator[None]:
         inner.set_attn_implementation(own)
 
 
+@contextlib.contextmanager
+def compiled_layers(model: Any) -> Iterator[int]:
+    """Inside, each transformer layer of `model` runs compiled by torch.compile (fused kernels, fewer
+    launches); after, plainly again. Yields how many layers. The layers share their code, so one
+    compile serves them all (and, under `any_width_compiles`, every row width)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    inner = unwrap(model)
+    layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise SettingsError(f"train.compile: {type(inner).__name__} has no layers transformers marks as "
+                            "its transformer layers; set train.compile=false")
+    for layer in layers:
+        layer.compile()
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set
+
+
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
         fingerprint: str, accelerator: Any, tracker: Any = None,
         on_eval: Callable[[Any, int], dict] | None = None) -> FitResult:
@@ -253,6 +275,10 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     if device_plan.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     run_scope.enter_context(attention_as(model, device_plan.attention))
+    if cfg.compile:
+        accelerator.print(f"train: {run_scope.enter_context(compiled_layers(model))} layers compiled (train.compile)")
+    # compiled for any row width from the first forward, and stopped at dynamo's recompile limit
+    compiles = any_width_compiles if cfg.compile else contextlib.nullcontext
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
     packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
     one_row = device_plan.attention == "flex_attention"  # its block mask skips what rows would separate
@@ -321,7 +347,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
                 last = k == accumulation - 1 and c == len(chunks) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
+                with sync, accelerator.autocast(), compiles():
                     if cfg.length_debias:
                         lengths = sequence_lengths(chunk, accelerator.device)
                         scores, length_scores = model(batch, lengths)
@@ -389,9 +415,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
             window_start = time.perf_counter()
         new_best = False
         if evaluating:
-            # scored with the attention the saved model will have: what evaluation and users will run
-            # (flex_attention on padded batches would compile for every batch shape)
-            with attention_as(model, loaded_attention):
+            # scored as the saved model will be, by evaluation and by users: its own attention, not
+            # compiled (flex_attention or compiled layers on padded batches would compile per batch shape)
+            with attention_as(model, loaded_attention), torch.compiler.set_stance("force_eager"):
                 result = on_eval(model, state.step)
             if state.best_eval_accuracy is None or result["accuracy"] > state.best_eval_accuracy:
                 state.best_eval_accuracy, state.best_step, new_best = result["accuracy"], state.step, True
