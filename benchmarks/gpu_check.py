@@ -3,7 +3,8 @@
 flex_attention has no backward on a CPU, so the tests check its forward there and this script checks
 the gradients where training uses them: a decoder of the Pythia family at CPU size, fp32, pairs that
 share prompts, scored (1) as a padded batch with SDPA, (2) packed one sequence after another in one
-row with the flex block mask, (3) packed prompt | chosen | rejected (shared prompts).
+row with the flex block mask, (3) packed prompt | chosen | rejected (shared prompts), (4) the same
+with each transformer layer compiled (`train.compile`).
 
     python benchmarks/gpu_check.py          # exit status 1 when a path disagrees
 """
@@ -56,10 +57,13 @@ def compare(model, rows: list[dict], pad: int, attention: str, tolerance: float 
     another and packed prompt | chosen | rejected, with `attention`, against the same pairs as a padded
     batch with SDPA; on the model's device."""
 
+    import contextlib
+
     from rm_lib.model.batching import collate_pairs
     from rm_lib.model.loss import bradley_terry_loss
     from rm_lib.model.modeling import rewards, unwrap
-    from rm_lib.model.packing import pack_pairs, pack_pairs_shared, packed_rewards
+    from rm_lib.model.packing import any_width_compiles, pack_pairs, pack_pairs_shared, packed_rewards
+    from rm_lib.training.trainer import compiled_layers
 
     device = next(model.parameters()).device
     n = len(rows)
@@ -78,9 +82,12 @@ def compare(model, rows: list[dict], pad: int, attention: str, tolerance: float 
     reference = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
     model.set_attn_implementation(attention)
     report = {}
-    for name, packer in (("per-sequence", pack_pairs), ("shared-prompt", pack_pairs_shared)):
+    for name, packer, compiled in (("per-sequence", pack_pairs, False), ("shared-prompt", pack_pairs_shared, False),
+                                   ("shared-prompt, compiled layers", pack_pairs_shared, True)):
         batch = packer(rows, pad, one_row=True).to(device)
-        scores, loss, grads = step(lambda b=batch: packed_rewards(unwrap(model), b))
+        with (compiled_layers(model) if compiled else contextlib.nullcontext()), \
+                (any_width_compiles() if compiled else contextlib.nullcontext()):
+            scores, loss, grads = step(lambda b=batch: packed_rewards(unwrap(model), b))
         worst, tensor = gradient_disagreement(reference[2], grads)
         report[name] = {"reward_max_abs_diff": float((scores - reference[0]).abs().max()),
                         "loss_abs_diff": float((loss - reference[1]).abs()), "grad_max_rel_diff": worst,

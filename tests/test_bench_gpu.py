@@ -125,12 +125,28 @@ def test_a_gradient_zero_by_symmetry_is_no_disagreement_but_a_real_error_is():
     assert gpu_check.gradient_disagreement(reference, {"w": reference["w"]}) == (float("inf"), "bias_cancelled")
 
 
-def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path):
+def test_a_failed_gpu_check_stops_the_benchmark_or_leaves_out_the_runs_it_concerns():
+    names = list(bench_gpu.RUNS)
+    ok, wrong = {"ok": True}, {"ok": False}
+    assert bench_gpu.runs_to_do(names, None) == names  # --skip-check
+    paths = {"per-sequence": ok, "shared-prompt": ok, "shared-prompt, compiled layers": ok}
+    assert bench_gpu.runs_to_do(names, paths) == names
+    kept = bench_gpu.runs_to_do(names, {**paths, "shared-prompt, compiled layers": wrong})
+    assert kept == [n for n in names if n != "ours_compiled/hh"]
+    with pytest.raises(SystemExit, match="flex_attention path disagrees"):
+        bench_gpu.runs_to_do(names, {**paths, "shared-prompt": wrong})
+
+
+def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path, monkeypatch):
     """The check's comparison, run where the CPU trains (masked SDPA on packed rows): the GPT-NeoX
     final layer norm's bias gets only rounding noise (a pair's two score gradients cancel), which the
-    check once took for a disagreement of the flex_attention path on an H200."""
+    check once took for a disagreement of the flex_attention path on an H200. Compiled layers are
+    compiled by dynamo with the aot_eager backend here (inductor on a GPU)."""
     import pythia_1b_shape
     import torch
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
 
     from rm_lib.model.modeling import load_reward_model, load_tokenizer
 
@@ -142,6 +158,7 @@ def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path):
     for name, figures in report.items():
         assert figures["ok"], (name, figures)
     assert report["shared-prompt"]["tokens_computed"] < report["per-sequence"]["tokens_computed"]
+    assert len(report) == 3 and all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
 
 
 @pytest.mark.integration
