@@ -112,9 +112,11 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     config.num_labels = 1
     text = config.get_text_config()
-    if getattr(text, "use_cache", None):  # a reward model never generates: no KV cache built and copied into
-        text.use_cache = False           # at every training and scoring forward (and none saved as on)
-    added_pad = pad_token_id is not None and pad_token_id >= config.get_text_config().vocab_size
+    # a reward model never generates: no KV cache built (and copied into) at every training and scoring
+    # forward, and none saved as on
+    if getattr(text, "use_cache", None):
+        text.use_cache = False
+    added_pad = pad_token_id is not None and pad_token_id >= text.vocab_size
     if pad_token_id is not None and not added_pad:
         config.pad_token_id = pad_token_id
     try:
