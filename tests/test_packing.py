@@ -370,22 +370,21 @@ def test_flex_attention_compiles_once_for_rows_of_every_width(tiny_decoder, comp
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
-def test_flex_attention_past_the_compile_limit_stops_with_a_clear_error(tiny_decoder, compiled_by_dynamo_alone,
-                                                                         monkeypatch):
+def test_flex_attention_past_the_compile_limit_stops_with_a_clear_error(tiny_decoder, compiled_by_dynamo_alone):
     """Past dynamo's limit of compiles per function, flex_attention would run unfused and hold
     heads x W x W scores per layer: a GPU run would crawl until its memory ran out. It stops instead,
     naming the setting that avoids it. Provoked here with a limit of one compile and a second model in
     another dtype (a new compile whatever the widths)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     config = AutoConfig.from_pretrained(tiny_decoder, num_labels=1)
     models = [AutoModelForSequenceClassification.from_config(config, attn_implementation="flex_attention",
                                                              dtype=dtype).eval()
               for dtype in (torch.float32, torch.float64)]
     packed = pack_pairs_shared(shared_prompt_pairs(8, 60), 0, one_row=True)
     torch._dynamo.reset()
-    with torch.no_grad():
+    # dynamo's own patch: pytest 9's monkeypatch would delete the setting at undo (hiding it for good)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
         with any_width_compiles():  # as a GPU forward runs
             assert packed_rewards(models[0], packed).shape == (16,)
         with pytest.raises(DevicePathError, match="limit of 1 compiles.*train.attention=sdpa"), any_width_compiles():
