@@ -63,6 +63,16 @@ def tiny_decoder(tmp_path_factory) -> Path:
     return build_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder"))
 
 
+@pytest.fixture
+def aot_eager_compiles(monkeypatch):
+    """torch.compile with dynamo's aot_eager backend: the same graphs and compile counts, without
+    inductor's code generation (slow on 2 cores; its CPU flex kernel does not build for every shape)."""
+    import torch
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     from rm_lib.model.modeling import resolve_model_path

@@ -137,16 +137,13 @@ def test_a_failed_gpu_check_stops_the_benchmark_or_leaves_out_the_runs_it_concer
         bench_gpu.runs_to_do(names, {**paths, "shared-prompt": wrong})
 
 
-def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path, monkeypatch):
+def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path, aot_eager_compiles):
     """The check's comparison, run where the CPU trains (masked SDPA on packed rows): the GPT-NeoX
     final layer norm's bias gets only rounding noise (a pair's two score gradients cancel), which the
     check once took for a disagreement of the flex_attention path on an H200. Compiled layers are
     compiled by dynamo with the aot_eager backend here (inductor on a GPU)."""
     import pythia_1b_shape
     import torch
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
 
     from rm_lib.model.modeling import load_reward_model, load_tokenizer
 

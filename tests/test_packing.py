@@ -330,13 +330,10 @@ def test_flex_attention_rewards_equal_the_padded_ones(tiny_decoder, packer):
 
 
 @pytest.fixture
-def compiled_by_dynamo_alone(monkeypatch):
-    """torch.compile with the aot_eager backend, and transformers' flex_attention compiled anew:
-    compiles counted by dynamo without inductor's CPU flex kernel, which does not build for every shape."""
+def compiled_by_dynamo_alone(aot_eager_compiles, monkeypatch):
+    """torch.compile with the aot_eager backend, and transformers' flex_attention compiled anew."""
     from transformers.integrations.flex_attention import WrappedFlexAttention
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
     monkeypatch.setattr(WrappedFlexAttention, "_instance", None)
     monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
 

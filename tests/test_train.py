@@ -378,8 +378,8 @@ def test_evaluation_during_training_uses_the_models_own_attention_and_a_failed_r
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_compiled_layers_train_the_same_weights_with_one_graph_and_leave_the_model_plain(tmp_path, tiny_decoder,
-                                                                                         monkeypatch):
+def test_compiled_layers_train_the_same_weights_with_one_graph_and_leave_the_model_plain(
+        tmp_path, tiny_decoder, monkeypatch, aot_eager_compiles):
     """train.compile: each transformer layer compiled for the run. Compiled here by dynamo with the
     aot_eager backend (the graphs, without inductor's code generation on a 2-core CPU): the same weights
     as without, one graph for both layers and every row width, evaluation during training uncompiled
@@ -389,8 +389,6 @@ def test_compiled_layers_train_the_same_weights_with_one_graph_and_leave_the_mod
     from rm_lib.model.inference import score_pairs
     from rm_lib.model.modeling import load_reward_model, load_tokenizer
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
     torch._dynamo.reset()
     _, plain, rows = fit_tiny(tmp_path / "plain", tiny_decoder, "train.max_steps=3")
     pad = load_tokenizer(str(tiny_decoder)).pad_token_id
