@@ -5,9 +5,10 @@ decoder (bf16, max length 1024) on both shared data sets, on this machine's GPU.
     python benchmarks/bench_gpu.py        # writes benchmarks/results/gpu-<device>.json
     python benchmarks/bench_gpu.py --rehearse   # any machine, CPU too: every step at toy size
 
-It runs the flex_attention gradient check (gpu_check.py), then each training run in its own process,
-the most telling first: on hh-rlhf, then alpaca-eval, ours and TRL at its defaults (both at batch 16
-pairs) and ours with 16,384-token batches; TRL with gradient checkpointing off on both; ours with
+It runs the gradient check of the packed paths (gpu_check.py), then each training run in its own
+process, the most telling first: on hh-rlhf, then alpaca-eval, ours and TRL at its defaults (both at
+batch 16 pairs), ours with FlashAttention's variable-length kernel (train.attention=varlen) and ours
+with 16,384-token batches; TRL with gradient checkpointing off on both; ours with
 per-sequence packing on hh-rlhf (the gain of shared prompts); ours with activation checkpointing and
 16,384 tokens per forward (memory against TRL's). The JSON is rewritten after every run, so a run cut
 short keeps what it measured (--resume goes on from there); it holds the device, versions, the command
@@ -38,16 +39,21 @@ RESULTS = HERE / "results"
 TOKEN_BATCHES = ["train.batch_tokens=16384"]  # 2-3x TRL's real tokens a step; 19 steps on hh, 37 on alpaca
 MEMORY_MATCHED = ["train.gradient_checkpointing=true", "train.max_tokens_per_forward=16384"]
 COMPILED = ["train.compile=true"]  # each transformer layer compiled: fused kernels past a longer first compile
-VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_compiled": COMPILED, "ours_memory_matched": MEMORY_MATCHED}
+# FlashAttention's variable-length kernel instead of flex_attention: nothing compiled, no block mask
+VARLEN = ["train.attention=varlen"]
+VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_compiled": COMPILED, "ours_varlen": VARLEN,
+            "ours_memory_matched": MEMORY_MATCHED}
 # name -> (case, trainer, changes to the shared arguments); they run in this order, the most telling first
 RUNS = {
     "ours/hh": ("hh", "ours", {}),
     "trl_default/hh": ("hh", "trl", {}),
+    "ours_varlen/hh": ("hh", "ours", {"ours_setting": VARLEN}),
     "ours_token_batches/hh": ("hh", "ours", {"ours_setting": TOKEN_BATCHES}),
     "ours_compiled/hh": ("hh", "ours", {"ours_setting": COMPILED}),
     "ours/alpaca": ("alpaca", "ours", {}),
     "trl_default/alpaca": ("alpaca", "trl", {}),
     "ours_token_batches/alpaca": ("alpaca", "ours", {"ours_setting": TOKEN_BATCHES}),
+    "ours_varlen/alpaca": ("alpaca", "ours", {"ours_setting": VARLEN}),
     "trl_no_checkpointing/hh": ("hh", "trl", {"trl_gradient_checkpointing": "off"}),
     "trl_no_checkpointing/alpaca": ("alpaca", "trl", {"trl_gradient_checkpointing": "off"}),
     "ours_per_sequence/hh": ("hh", "ours", {"shared_prompt": False}),
@@ -140,18 +146,22 @@ def set_aside(out: Path) -> Path:
     return previous
 
 
+# a check path whose failure leaves out only the runs of its variant: the rest measure other code
+CHECKED_VARIANTS = {"compiled layers": "ours_compiled/", "varlen": "ours_varlen/"}
+
+
 def runs_to_do(names: list[str], check: dict | None) -> list[str]:
     """The runs to measure after `gpu_check`: none (exit) when the flex_attention path disagrees with
-    padded batches; without the compiled-layer runs when only compiled layers do (they would time a
-    model that trains wrong)."""
+    padded batches; without a variant's runs when only its paths do (compiled layers, varlen: they
+    would time a model that trains wrong)."""
     wrong = [path for path, figures in (check or {}).items() if not figures["ok"]]
-    if any("compiled" not in path for path in wrong):
+    left_out = {prefix for path in wrong for marker, prefix in CHECKED_VARIANTS.items() if marker in path}
+    if any(not any(marker in path for marker in CHECKED_VARIANTS) for path in wrong):
         sys.exit(f"bench_gpu: the flex_attention path disagrees with padded batches: {json.dumps(check)}")
-    if wrong:
-        print(f"bench_gpu: compiled layers disagree with padded batches ({json.dumps(check)}); "
-              "the ours_compiled runs are left out", file=sys.stderr)
-        return [name for name in names if not name.startswith("ours_compiled/")]
-    return names
+    if left_out:
+        print(f"bench_gpu: {', '.join(sorted(p.rstrip('/') for p in left_out))} disagree with padded batches "
+              f"({json.dumps(check)}); their runs are left out", file=sys.stderr)
+    return [name for name in names if not any(name.startswith(prefix) for prefix in left_out)]
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

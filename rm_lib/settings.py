@@ -121,6 +121,8 @@ class TrainSettings:
     gradient_checkpointing: bool | str = "auto"
     # auto: flex_attention on a GPU for packed batches (blocks the mask excludes are skipped), else the
     # model's own (masked SDPA on a CPU, on fp32 inputs under bf16 autocast) | sdpa | eager | flex_attention
+    # | varlen (packed batches through FlashAttention's variable-length kernel: no mask, nothing compiled;
+    # a GPU under bf16 or fp16; on a CPU it runs sequence by sequence, for checking)
     attention: str = "auto"
     # torch.compile each transformer layer for the run: fewer, fused kernels once compiled (one compile
     # serves every layer and row width); the saved model is the same
@@ -160,8 +162,11 @@ class TrainSettings:
         if self.gradient_checkpointing not in ("auto", True, False):
             _fail("train", "gradient_checkpointing",
                   f"must be auto, true or false, got {self.gradient_checkpointing!r}")
-        if self.attention not in ("auto", "sdpa", "eager", "flex_attention"):
-            _fail("train", "attention", f"must be auto, sdpa, eager or flex_attention, got '{self.attention}'")
+        if self.attention not in ("auto", "sdpa", "eager", "flex_attention", "varlen"):
+            _fail("train", "attention", f"must be auto, sdpa, eager, flex_attention or varlen, got '{self.attention}'")
+        if self.attention == "varlen" and self.compile:
+            _fail("train", "compile", "compiled layers with train.attention=varlen are not checked against padded "
+                  "batches yet; set one of them only")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             _fail("train", "batch_tokens", f"must be at least 1 or null, got {self.batch_tokens}")
         if self.max_steps is not None and self.max_steps < 1:

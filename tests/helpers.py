@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from pathlib import Path
 
 from rm_lib.layout import Layout
@@ -73,3 +74,48 @@ def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None, mode
     result = fit(params.train, model, rows, pad_token_id=pad, checkpoints=root / "checkpoints",
                  fingerprint=str(overrides), accelerator=Accelerator(cpu=True), on_eval=on_eval)
     return result, {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
+
+
+def shared_prompt_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Token-id pairs that share a prompt of 3-30 tokens (one pair shares nothing, one differs in its
+    last token only)."""
+    rng = random.Random(seed)
+    seq = lambda lo, hi: [rng.randrange(5, vocab) for _ in range(rng.randrange(lo, hi))]  # noqa: E731
+    pairs = []
+    for _ in range(n):
+        prompt = seq(3, 30)
+        pairs.append({"input_ids_chosen": prompt + seq(1, 15), "input_ids_rejected": prompt + seq(1, 15),
+                      "margin": rng.random()})
+    pairs[0]["input_ids_rejected"] = [4] + pairs[0]["input_ids_rejected"]  # nothing shared
+    pairs[1]["input_ids_rejected"] = pairs[1]["input_ids_chosen"][:-1] + [4]  # all but the last token
+    return pairs
+
+
+def gradient_step(model, margin):
+    """`step(compute)`: scores from `compute()` (chosen of every pair, then rejected), their Bradley-Terry
+    loss with `margin` backpropagated into `model`; returns the scores, the loss and every gradient."""
+    from rm_lib.model.loss import bradley_terry_loss
+
+    n = len(margin)
+
+    def step(compute):
+        model.zero_grad()
+        scores = compute()
+        loss = bradley_terry_loss(scores[:n], scores[n:], margin, None)
+        loss.backward()
+        return scores.detach(), loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()
+                                               if p.grad is not None}
+
+    return step
+
+
+def assert_same_step(got, expected) -> None:
+    """Two `gradient_step` results agree: scores, loss and every gradient, to fp32 rounding."""
+    import pytest
+    import torch
+
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
+    assert got[1] == pytest.approx(expected[1], abs=1e-6)
+    assert got[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        torch.testing.assert_close(got[2][name], expected[2][name], atol=1e-5, rtol=1e-3, msg=name)

@@ -11,7 +11,6 @@ import torch
 
 from rm_lib.errors import DevicePathError
 from rm_lib.model.batching import collate_pairs
-from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import load_reward_model, rewards, unwrap
 from rm_lib.model.packing import (
     FLEX_BLOCK,
@@ -26,7 +25,7 @@ from rm_lib.model.packing import (
     shared_prefix,
 )
 
-from helpers import run_steps, tiny_params, write_jsonl
+from helpers import assert_same_step, gradient_step, run_steps, shared_prompt_pairs, tiny_params, write_jsonl
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0, longest: int = 40) -> list[dict]:
@@ -115,24 +114,14 @@ def test_packed_rewards_loss_and_gradients_equal_the_padded_ones(model_path, att
             module.p = 0.0
     pairs = random_pairs(8, min(model.config.vocab_size, 60))
 
-    def step(compute):
-        model.zero_grad()
-        scores = compute()
-        loss = bradley_terry_loss(scores[:8], scores[8:], torch.tensor([p["margin"] for p in pairs]), None)
-        loss.backward()
-        return scores.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                               if p.grad is not None}
+    step = gradient_step(model, torch.tensor([p["margin"] for p in pairs]))
 
     padded = collate_pairs(pairs, 0)
     packed = pack_pairs(pairs, 0)
     assert packed.input_ids.shape[0] < padded.input_ids.shape[0]  # fewer rows: padding saved
-    s_pad, l_pad, g_pad = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
-    s_pack, l_pack, g_pack = step(lambda: packed_rewards(inner, packed))
-    torch.testing.assert_close(s_pack, s_pad, atol=1e-5, rtol=1e-4)
-    assert l_pack == pytest.approx(l_pad, abs=1e-6)
-    assert g_pack.keys() == g_pad.keys()
-    for name in g_pad:
-        torch.testing.assert_close(g_pack[name], g_pad[name], atol=1e-5, rtol=1e-3, msg=name)
+    expected = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
+    got = step(lambda: packed_rewards(inner, packed))
+    assert_same_step(got, expected)
 
 
 def test_training_padding_free_matches_padded_training(tmp_path, tiny_decoder):
@@ -158,20 +147,6 @@ def test_training_padding_free_matches_padded_training(tmp_path, tiny_decoder):
     assert pad[True] < pad[False]
 
 
-def shared_prompt_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Pairs that share a prompt of 3-30 tokens (one pair shares nothing, one differs in its last token only)."""
-    rng = random.Random(seed)
-    seq = lambda lo, hi: [rng.randrange(5, vocab) for _ in range(rng.randrange(lo, hi))]  # noqa: E731
-    pairs = []
-    for _ in range(n):
-        prompt = seq(3, 30)
-        pairs.append({"input_ids_chosen": prompt + seq(1, 15), "input_ids_rejected": prompt + seq(1, 15),
-                      "margin": rng.random()})
-    pairs[0]["input_ids_rejected"] = [4] + pairs[0]["input_ids_rejected"]  # nothing shared
-    pairs[1]["input_ids_rejected"] = pairs[1]["input_ids_chosen"][:-1] + [4]  # all but the last token
-    return pairs
-
-
 def test_the_shared_prefix_leaves_each_side_its_last_token():
     assert shared_prefix([1, 2, 3, 4], [1, 2, 9]) == 2
     assert shared_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # one side is a prefix of the other
@@ -193,26 +168,14 @@ def test_shared_prompt_rewards_loss_and_gradients_equal_the_unpacked_ones(tiny_d
     inner = unwrap(model)
     model.train()
     pairs = shared_prompt_pairs(8, min(model.config.vocab_size, 60))
-    margin = torch.tensor([p["margin"] for p in pairs])
-
-    def step(compute):
-        model.zero_grad()
-        scores = compute()
-        loss = bradley_terry_loss(scores[:8], scores[8:], margin, None)
-        loss.backward()
-        return scores.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                               if p.grad is not None}
+    step = gradient_step(model, torch.tensor([p["margin"] for p in pairs]))
 
     padded = collate_pairs(pairs, 0)
     shared = pack_pairs_shared(pairs, 0)
     assert shared.real_tokens < pack_pairs(pairs, 0).real_tokens  # the prompts are computed once
-    s_pad, l_pad, g_pad = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
-    s_shared, l_shared, g_shared = step(lambda: packed_rewards(inner, shared))
-    torch.testing.assert_close(s_shared, s_pad, atol=1e-5, rtol=1e-4)
-    assert l_shared == pytest.approx(l_pad, abs=1e-6)
-    assert g_shared.keys() == g_pad.keys()
-    for name in g_pad:
-        torch.testing.assert_close(g_shared[name], g_pad[name], atol=1e-5, rtol=1e-3, msg=name)
+    expected = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
+    got = step(lambda: packed_rewards(inner, shared))
+    assert_same_step(got, expected)
 
 
 def test_an_encoder_refuses_shared_prompts(minilm_path):

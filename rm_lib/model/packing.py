@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ import torch
 from rm_lib.errors import DevicePathError
 from rm_lib.model.attention import FP32_SDPA
 from rm_lib.model.batching import to_device
+from rm_lib.model.varlen import LAYOUT_KWARG, VARLEN, VarlenLayout, varlen_layout
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PackedBatch:
     # None: each token sees its own segment only
     prefix_ids: torch.Tensor | None = None
     sequence_tokens: int = 0  # tokens of the pairs' sequences, a shared prefix counted for both sides
+    varlen: VarlenLayout | None = None  # for VARLEN attention: built on the host (`with_varlen`) before `to`
 
     def __post_init__(self) -> None:
         self.sequence_tokens = self.sequence_tokens or self.real_tokens
@@ -48,7 +50,13 @@ class PackedBatch:
 
         return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.segment_ids), move(self.first),
                            move(self.last), move(self.margin), self.n_pairs, self.real_tokens, self.padded_tokens,
-                           move(self.prefix_ids), self.sequence_tokens)
+                           move(self.prefix_ids), self.sequence_tokens,
+                           None if self.varlen is None else self.varlen.to(device))
+
+    def with_varlen(self, *, causal: bool) -> PackedBatch:
+        """This batch with its layout for VARLEN attention, read off the segment ids (on the host: no sync)."""
+        return replace(self, varlen=varlen_layout(self.segment_ids, causal=causal,
+                                                              prefix_ids=self.prefix_ids))
 
 
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
@@ -313,13 +321,18 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
     # inductor's CPU flex kernel builds for fixed shapes only (torch 2.13)
     compiles = any_width_compiles() if flex and batch.input_ids.device.type != "cpu" else contextlib.nullcontext()
     with compiles:
-        if flex:
-            mask = flex_block_mask(batch.segment_ids, causal=kind == "last", prefix_ids=batch.prefix_ids)
+        if attn == VARLEN:  # no mask: each layer reads the layout (built here from device ids, it costs a sync)
+            layout = batch.varlen or varlen_layout(batch.segment_ids, causal=kind == "last",
+                                                   prefix_ids=batch.prefix_ids).to(batch.input_ids.device)
+            what_to_see = {LAYOUT_KWARG: layout}
+        elif flex:
+            what_to_see = {"attention_mask": flex_block_mask(batch.segment_ids, causal=kind == "last",
+                                                             prefix_ids=batch.prefix_ids)}
         else:
-            mask = block_mask(batch.segment_ids, causal=kind == "last", boolean=attn in ("sdpa", FP32_SDPA),
-                              dtype=dtype, prefix_ids=batch.prefix_ids)
-        hidden = base(input_ids=batch.input_ids, attention_mask=mask,
-                      position_ids=batch.position_ids).last_hidden_state
+            what_to_see = {"attention_mask": block_mask(batch.segment_ids, causal=kind == "last",
+                                                        boolean=attn in ("sdpa", FP32_SDPA), dtype=dtype,
+                                                        prefix_ids=batch.prefix_ids)}
+        hidden = base(input_ids=batch.input_ids, position_ids=batch.position_ids, **what_to_see).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
     if kind == "last":
         return inner.score(flat[batch.last]).squeeze(-1).float()

@@ -14,6 +14,7 @@ from typing import Any
 
 from rm_lib.errors import SettingsError
 from rm_lib.model.attention import FP32_SDPA
+from rm_lib.model.varlen import VARLEN
 
 GPU_TOKENS_PER_FORWARD = 65_536  # enough work per forward to keep a large GPU busy
 CPU_TOKENS_PER_FORWARD = 8_192
@@ -71,21 +72,24 @@ def state_bytes(shape: ModelShape) -> int:
 def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,
          attention: str = "auto", tokens_per_forward: int | str | None = "auto",
          gradient_checkpointing: bool | str = "auto", precision: str = "no",
-         loaded_attention: str = "sdpa") -> DevicePlan:
+         loaded_attention: str = "sdpa", supports_varlen: bool = False) -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
-    autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own."""
+    autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own;
+    `supports_varlen`: this torch has FlashAttention's variable-length kernel."""
     gpu = device_type == "cuda"
     # one fused kernel for the whole update on a CPU too (a fifth of the per-parameter loop's time there)
     fused = device_type in ("cuda", "cpu")
     if attention == "flex_attention" and not gpu:
         raise SettingsError("train.attention: flex_attention has no backward pass on a CPU; use auto (masked SDPA "
                             "there) or sdpa")
+    if attention == "varlen":
+        _check_varlen(gpu=gpu, packed=packed, precision=precision, supports_varlen=supports_varlen)
     if attention == "auto":
         attention_choice = "flex_attention" if gpu and packed and supports_flex else None
         if device_type == "cpu" and precision == "bf16" and loaded_attention == "sdpa":
             attention_choice = FP32_SDPA  # SDPA's bf16 CPU backward is 5x slower than its fp32 one
     else:
-        attention_choice = attention
+        attention_choice = VARLEN if attention == "varlen" else attention
     if tokens_per_forward == "auto":
         wanted: int | None = GPU_TOKENS_PER_FORWARD if gpu else CPU_TOKENS_PER_FORWARD
     else:
@@ -104,3 +108,17 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
         budget = wanted
     return DevicePlan(attention_choice, budget, True, True,
                       f"{wanted} tokens need checkpointing in {free_bytes / 2**30:.0f} GiB free")
+
+
+def _check_varlen(*, gpu: bool, packed: bool, precision: str, supports_varlen: bool) -> None:
+    if not packed:
+        raise SettingsError("train.attention: varlen scores packed batches only; set train.padding_free=true (and "
+                            "use a model whose score head rm_lib can unpack) or another attention")
+    if gpu and not supports_varlen:
+        import torch
+
+        raise SettingsError(f"train.attention: varlen needs torch.nn.attention.varlen (torch 2.10 or later); torch "
+                            f"{torch.__version__} has none. Use auto (flex_attention) instead")
+    if gpu and precision not in ("bf16", "fp16"):
+        raise SettingsError(f"train.attention: varlen computes in bf16 or fp16 on a GPU, and this run trains with "
+                            f"mixed precision '{precision}'; set train.mixed_precision=bf16")

@@ -23,6 +23,7 @@ from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
 from rm_lib.model.packing import any_width_compiles, pack_pairs, pack_pairs_shared, pooling
+from rm_lib.model.varlen import VARLEN, cuda_kernel, register_varlen
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.device_plan import DevicePlan, model_shape, plan
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
@@ -206,7 +207,8 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
     return plan(device_type=device.type, packed=packed, supports_flex=flex, shape=model_shape(inner), free_bytes=free,
                 attention=cfg.attention,
                 tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing,
-                precision=precision, loaded_attention=inner.config._attn_implementation)
+                precision=precision, loaded_attention=inner.config._attn_implementation,
+                supports_varlen=cuda_kernel() is not None)
 
 
 @contextlib.contextmanager
@@ -220,6 +222,8 @@ def attention_as(model: Any, implementation: str | None) -> Iterator[None]:
         return
     if implementation == FP32_SDPA:
         register_fp32_sdpa()
+    if implementation == VARLEN:
+        register_varlen()
     inner.set_attn_implementation(implementation)
     try:
         yield
@@ -281,7 +285,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     compiles = any_width_compiles if cfg.compile else contextlib.nullcontext
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
     packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
-    one_row = device_plan.attention == "flex_attention"  # its block mask skips what rows would separate
+    # flex_attention's block mask skips what rows would separate; varlen needs no rows at all
+    one_row = device_plan.attention in ("flex_attention", VARLEN)
+    varlen, causal = device_plan.attention == VARLEN, pooling(unwrap(model)) == "last"
     if cfg.padding_free and not packed:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
@@ -342,8 +348,12 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
             mine = [train_rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
             chunks = token_chunks(mine, device_plan.tokens_per_forward)
             for c, chunk in enumerate(chunks):
-                batch = (packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row) if packed
-                         else collate_pairs(chunk, pad_token_id, cfg.use_margin)).to(accelerator.device)
+                if packed:
+                    batch = packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row)
+                    batch = batch.with_varlen(causal=causal) if varlen else batch
+                else:
+                    batch = collate_pairs(chunk, pad_token_id, cfg.use_margin)
+                batch = batch.to(accelerator.device)
                 share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
                 last = k == accumulation - 1 and c == len(chunks) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)

@@ -1,0 +1,218 @@
+"""train.attention=varlen: packed rows through FlashAttention's variable-length kernel. The kernel
+runs on a GPU only (benchmarks/gpu_check.py checks it there); here the layout it is given, the way
+it is called, and the same layout computed sequence by sequence on the CPU."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from rm_lib.errors import SettingsError
+from rm_lib.model import varlen
+from rm_lib.model.batching import collate_pairs
+from rm_lib.model.modeling import load_reward_model, rewards, unwrap
+from rm_lib.model.packing import pack_pairs, pack_pairs_shared, packed_rewards
+from rm_lib.settings import TrainSettings
+from rm_lib.training.device_plan import ModelShape, plan
+
+from conftest import ROOT
+from helpers import assert_same_step, fit_tiny, gradient_step, shared_prompt_pairs
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_gpu  # noqa: E402
+import gpu_check  # noqa: E402
+
+
+def test_a_shared_prompt_pair_is_one_causal_sequence_and_a_rejected_rest_that_also_sees_the_prompt():
+    batch = pack_pairs_shared([{"input_ids_chosen": [1, 2, 3, 4], "input_ids_rejected": [1, 2, 5]}], 0, one_row=True)
+    # columns: prompt 0-1 | chosen rest 2-3 | rejected rest 4 | padding 5-127
+    layout = varlen.varlen_layout(batch.segment_ids, causal=True, prefix_ids=batch.prefix_ids)
+    assert layout.q_bounds == (0, 4, 5, 128)
+    assert layout.k_bounds == (0, 4, 7, 130)
+    assert layout.kv_index.tolist() == [0, 1, 2, 3, 0, 1, 4, *range(5, 128)]
+    assert (layout.max_q, layout.max_k) == (123, 123)
+    assert layout.cu_q.dtype == layout.cu_k.dtype == torch.int32
+    assert layout.cu_q.tolist() == list(layout.q_bounds)
+
+
+def test_without_shared_prompts_every_sequence_and_stretch_of_padding_is_its_own_sequence():
+    pairs = shared_prompt_pairs(6, 60)
+    batch = pack_pairs(pairs, 0, width=40)  # several rows, padding at each row's end
+    assert batch.input_ids.shape[0] > 1
+    layout = varlen.varlen_layout(batch.segment_ids, causal=True)
+    assert layout.kv_index is None and layout.k_bounds == layout.q_bounds
+    assert layout.q_bounds[-1] == batch.input_ids.numel()  # every token is in a sequence
+    flat, real = batch.segment_ids.reshape(-1), []
+    for a, b in zip(layout.q_bounds, layout.q_bounds[1:]):
+        ids = flat[a:b]
+        if ids[0] >= 0:  # one whole sequence
+            assert (ids == ids[0]).all() and (flat[b:] != ids[0]).all()
+            real.append(b - a)
+        else:  # a stretch of padding, to the row's end
+            assert (ids < 0).all() and (b - a) <= batch.input_ids.shape[1]
+    assert sorted(real) == sorted(len(p[side]) for p in pairs for side in ("input_ids_chosen", "input_ids_rejected"))
+
+
+def test_a_pair_sharing_nothing_gathers_no_keys():
+    batch = pack_pairs_shared([{"input_ids_chosen": [7, 2], "input_ids_rejected": [8, 3, 4]}], 0)
+    layout = varlen.varlen_layout(batch.segment_ids, causal=True, prefix_ids=batch.prefix_ids)
+    assert layout.q_bounds == (0, 2, 5) and layout.kv_index is None
+
+
+def _spied(monkeypatch) -> list[int]:
+    """Counts the calls of the varlen attention function (so a test knows it ran, not another)."""
+    from transformers import AttentionInterface
+
+    calls = [0]
+
+    def spy(*args, **kwargs):
+        calls[0] += 1
+        return varlen.varlen_attention(*args, **kwargs)
+
+    varlen.register_varlen()  # first, so that the registration is what the patch puts back
+    monkeypatch.setitem(AttentionInterface._global_mapping, varlen.VARLEN, spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["decoder, per sequence", "decoder, shared prompts", "encoder, per sequence"])
+def test_varlen_rewards_loss_and_gradients_equal_the_padded_ones(case, tiny_decoder, minilm_path, monkeypatch):
+    calls = _spied(monkeypatch)
+    torch.manual_seed(0)
+    model = load_reward_model(minilm_path if case.startswith("encoder") else str(tiny_decoder), pad_token_id=0)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    pairs = shared_prompt_pairs(8, min(model.config.vocab_size, 60))
+    step = gradient_step(model, torch.tensor([p["margin"] for p in pairs]))
+
+    padded = collate_pairs(pairs, 0)
+    expected = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
+    packer = pack_pairs_shared if "shared" in case else pack_pairs
+    batch = packer(pairs, 0, one_row=True).with_varlen(causal=case.startswith("decoder"))
+    model.set_attn_implementation(varlen.VARLEN)
+    got = step(lambda: packed_rewards(unwrap(model), batch))
+    assert calls[0] == model.config.num_hidden_layers  # one call per layer: varlen ran, nothing else
+    assert_same_step(got, expected)
+
+
+def test_a_batch_without_its_layout_gets_one_from_its_ids(tiny_decoder):
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    model.eval()
+    pairs = shared_prompt_pairs(4, 60)
+    padded = collate_pairs(pairs, 0)
+    with torch.no_grad():
+        expected = rewards(model, padded.input_ids, padded.attention_mask)
+        varlen.register_varlen()
+        model.set_attn_implementation(varlen.VARLEN)
+        got = packed_rewards(unwrap(model), pack_pairs_shared(pairs, 0))  # several rows, no layout attached
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_kernel_is_called_as_each_torch_release_takes_it():
+    """torch 2.10's varlen_attn takes is_causal and no scale; later ones a window and a scale."""
+    batch = pack_pairs_shared([{"input_ids_chosen": [1, 2, 3], "input_ids_rejected": [1, 4]}], 0)
+    layout = varlen.varlen_layout(batch.segment_ids, causal=True, prefix_ids=batch.prefix_ids)
+    q, k, v = (torch.ones(4, 2, 16) for _ in range(3))
+    seen = {}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        seen.update(options, q=q)
+        return q
+
+    varlen.call_kernel(kernel, True, True, q, k, v, layout, 0.5)
+    assert seen["window_size"] == (-1, 0) and seen["scale"] == 0.5 and torch.equal(seen["q"], q)
+    seen.clear()
+    varlen.call_kernel(kernel, False, False, q, k, v, layout, 0.5)
+    assert seen.keys() == {"is_causal", "q"} and seen["is_causal"] is True
+    torch.testing.assert_close(seen["q"], q * 0.5 * 4)  # the kernel divides by sqrt(16): the scale is 0.5
+    seen.clear()
+    varlen.call_kernel(kernel, True, False, q, k, v, layout, 16 ** -0.5)
+    assert seen["window_size"] == (-1, 0) and torch.equal(seen["q"], q)
+
+
+def _shape() -> ModelShape:
+    return ModelShape(parameters=10**9, trainable=10**9, layers=16, hidden=2048, intermediate=8192)
+
+
+def test_the_plan_takes_varlen_where_it_can_run_and_says_why_not_elsewhere():
+    gpu = dict(device_type="cuda", supports_flex=True, shape=_shape(), free_bytes=140 * 2**30, attention="varlen")
+    assert plan(packed=True, precision="bf16", supports_varlen=True, **gpu).attention == varlen.VARLEN
+    assert plan(device_type="cpu", packed=True, supports_flex=True, shape=_shape(), free_bytes=None,
+                attention="varlen").attention == varlen.VARLEN  # sequence by sequence, for checking
+    with pytest.raises(SettingsError, match="bf16 or fp16.*train.mixed_precision=bf16"):
+        plan(packed=True, precision="no", supports_varlen=True, **gpu)
+    with pytest.raises(SettingsError, match="torch.nn.attention.varlen"):
+        plan(packed=True, precision="bf16", supports_varlen=False, **gpu)
+    with pytest.raises(SettingsError, match="packed batches only.*padding_free"):
+        plan(packed=False, precision="bf16", supports_varlen=True, **gpu)
+    TrainSettings(attention="varlen").validate()
+    with pytest.raises(SettingsError, match="train.compile"):
+        TrainSettings(attention="varlen", compile=True).validate()
+
+
+def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tmp_path, tiny_decoder):
+    """Whole runs with shared prompts (the demo's pairs share their system turn): the same losses step
+    by step and the same weights; the model leaves with its own attention."""
+    default, weights, _ = fit_tiny(tmp_path, tiny_decoder)
+    result, varlen_weights, _ = fit_tiny(tmp_path, tiny_decoder, "train.attention=varlen")
+    losses = [[r["loss"] for r in run.history] for run in (default, result)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+    for name in weights:
+        torch.testing.assert_close(varlen_weights[name], weights[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_causal_mask(tmp_path, monkeypatch):
+    """The check's varlen paths run under fp16 autocast (the kernel computes in bf16 or fp16 only)
+    against a padded batch under the same autocast. Its tolerance must let fp16 rounding pass and stop
+    a kernel that aligned the causal mask of a rejected answer to the first key instead of the last
+    (the rejected tokens would miss most of their prompt)."""
+    import pythia_1b_shape
+
+    from rm_lib.model.modeling import load_tokenizer
+
+    folder = pythia_1b_shape.build(tmp_path / "small-decoder", "default", small=True)
+    tokenizer = load_tokenizer(str(folder))
+    torch.manual_seed(0)
+    model = load_reward_model(str(folder), pad_token_id=tokenizer.pad_token_id)
+    rows = gpu_check.pairs_with_prompts(16, 50_000)  # as on the GPU
+    varlen.register_varlen()
+
+    def check() -> dict:
+        return gpu_check.compare(model, rows, tokenizer.pad_token_id, varlen.VARLEN, gpu_check.FP16_TOLERANCE,
+                                 paths=gpu_check.VARLEN_PATHS, fp16=True)
+
+    report = check()
+    assert list(report) == ["varlen per-sequence (fp16)", "varlen shared-prompt (fp16)"]
+    assert all(r["ok"] for r in report.values()), json.dumps(report)
+
+    def top_left(q, k, v, layout, scale):
+        pieces = []
+        for i in range(len(layout.q_bounds) - 1):
+            qa, qb, ka, kb = (layout.q_bounds[i], layout.q_bounds[i + 1], layout.k_bounds[i],
+                              layout.k_bounds[i + 1])
+            mask = torch.ones(qb - qa, kb - ka, dtype=torch.bool).tril()
+            pieces.append(torch.nn.functional.scaled_dot_product_attention(
+                q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1), attn_mask=mask,
+                scale=scale).transpose(0, 1))
+        return torch.cat(pieces)
+
+    monkeypatch.setattr(varlen, "_sequence_by_sequence", top_left)
+    wrong = check()
+    assert wrong["varlen per-sequence (fp16)"]["ok"]  # square sequences: both alignments agree
+    assert not wrong["varlen shared-prompt (fp16)"]["ok"], json.dumps(wrong)
+
+
+def test_a_failed_varlen_check_leaves_out_the_varlen_runs_only():
+    names = list(bench_gpu.RUNS)
+    ok, wrong = {"ok": True}, {"ok": False}
+    paths = {"per-sequence": ok, "shared-prompt": ok, "shared-prompt, compiled layers": ok,
+             "varlen per-sequence (fp16)": ok, "varlen shared-prompt (fp16)": wrong}
+    assert bench_gpu.runs_to_do(names, paths) == [n for n in names if not n.startswith("ours_varlen/")]
+    both = bench_gpu.runs_to_do(names, {**paths, "shared-prompt, compiled layers": wrong})
+    assert both == [n for n in names if not n.startswith(("ours_varlen/", "ours_compiled/"))]
+    # a torch without the kernel: its runs would fail at the settings check
+    assert bench_gpu.runs_to_do(names, {"per-sequence": ok, "varlen": wrong}) == \
+        [n for n in names if not n.startswith("ours_varlen/")]
