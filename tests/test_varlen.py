@@ -133,6 +133,21 @@ def test_the_kernel_is_called_as_each_torch_release_takes_it():
     assert seen["window_size"] == (-1, 0) and torch.equal(seen["q"], q)
 
 
+def test_this_torchs_kernel_takes_the_layout_as_called_forward_and_backward():
+    """torch's own shape functions for its varlen kernel, on the meta device (no GPU here): the
+    arguments `call_kernel` passes are the ones this torch release takes, gathered keys included."""
+    batch = pack_pairs_shared([{"input_ids_chosen": [1, 2, 3, 4], "input_ids_rejected": [1, 2, 5]}], 0, one_row=True)
+    layout = varlen.varlen_layout(batch.segment_ids, causal=True, prefix_ids=batch.prefix_ids).to("meta")
+    kernel = varlen.cuda_kernel()
+    assert kernel is not None, "torch.nn.attention.varlen is part of torch since 2.10"
+    q = torch.empty(128, 2, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(130, 2, 16, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = varlen.call_kernel(*kernel, q, k, v, layout, 0.25)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == v.grad.shape == k.shape
+
+
 def _shape() -> ModelShape:
     return ModelShape(parameters=10**9, trainable=10**9, layers=16, hidden=2048, intermediate=8192)
 
