@@ -169,10 +169,12 @@ def test_the_plan_takes_varlen_where_it_can_run_and_says_why_not_elsewhere():
 
 
 def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tmp_path, tiny_decoder):
-    """Whole runs with shared prompts (the demo's pairs share their system turn): the same losses step
-    by step and the same weights; the model leaves with its own attention."""
+    """Whole runs with shared prompts: the same losses step by step and the same weights, also when
+    each batch runs as several forwards under activation checkpointing (the layout travels with the
+    recomputed layers)."""
     default, weights, _ = fit_tiny(tmp_path, tiny_decoder)
-    result, varlen_weights, _ = fit_tiny(tmp_path, tiny_decoder, "train.attention=varlen")
+    result, varlen_weights, _ = fit_tiny(tmp_path, tiny_decoder, "train.attention=varlen",
+                                         "train.gradient_checkpointing=true", "train.max_tokens_per_forward=300")
     losses = [[r["loss"] for r in run.history] for run in (default, result)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
     for name in weights:
