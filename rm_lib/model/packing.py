@@ -285,7 +285,8 @@ def any_width_compiles() -> Iterator[None]:
                 f"train.attention: flex_attention (or a layer under train.compile) reached dynamo's limit of "
                 f"{limit} compiles in this run and would now run uncompiled (flex_attention unfused: memory "
                 "growing with the square of the tokens per forward). Run again with TORCH_LOGS=recompiles to see "
-                "what changed between compiles, or set train.attention=sdpa or train.compile=false") from exc
+                "what changed between compiles, or set train.attention=varlen (FlashAttention's kernel: nothing "
+                "compiled) or sdpa, or train.compile=false") from exc
 
 
 def flex_width(n_tokens: int) -> int:
