@@ -55,8 +55,7 @@ class PackedBatch:
 
     def with_varlen(self, *, causal: bool) -> PackedBatch:
         """This batch with its layout for VARLEN attention, read off the segment ids (on the host: no sync)."""
-        return replace(self, varlen=varlen_layout(self.segment_ids, causal=causal,
-                                                              prefix_ids=self.prefix_ids))
+        return replace(self, varlen=varlen_layout(self.segment_ids, causal=causal, prefix_ids=self.prefix_ids))
 
 
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from rm_lib.model.batching import to_device
+
 VARLEN = "rm_varlen"  # the name transformers knows the attention function by
 LAYOUT_KWARG = "rm_varlen_layout"  # the keyword that carries the layout from the model's forward to each layer
 
@@ -34,8 +36,6 @@ class VarlenLayout:
     k_bounds: tuple[int, ...]
 
     def to(self, device: torch.device) -> VarlenLayout:
-        from rm_lib.model.batching import to_device
-
         return replace(self, cu_q=to_device(self.cu_q, device), cu_k=to_device(self.cu_k, device),
                        kv_index=None if self.kv_index is None else to_device(self.kv_index, device))
 
