@@ -30,7 +30,7 @@ def planned(tmp_path, monkeypatch):
 def test_the_plan_follows_the_trainer_batches_and_the_device_plan(planned):
     from rm_lib.data.tokenstore import read_rows
     from rm_lib.model.batching import epoch_batches
-    from rm_lib.model.packing import FLEX_BLOCK, flex_width, shared_prefix
+    from rm_lib.model.packing import FLEX_BLOCK, row_width, shared_prefix
     from rm_lib.training.device_plan import activation_bytes_per_token, state_bytes
 
     model, (by_pairs, by_tokens) = planned
@@ -41,7 +41,7 @@ def test_the_plan_follows_the_trainer_batches_and_the_device_plan(planned):
     computed = [sum(len(rows[i]["input_ids_chosen"]) + len(rows[i]["input_ids_rejected"])
                     - shared_prefix(rows[i]["input_ids_chosen"], rows[i]["input_ids_rejected"]) for i in batch)
                 for batch in epoch_batches(rows, 4, seed=42, epoch=0, group_by_length=True)]
-    assert by_pairs["max_tokens_per_forward"] == max(flex_width(c) for c in computed)
+    assert by_pairs["max_tokens_per_forward"] == max(row_width([c], None, one_row=True) for c in computed)
     assert by_pairs["max_tokens_per_forward"] % FLEX_BLOCK == 0
     assert by_tokens["steps"] < by_pairs["steps"]  # short pairs come many to a batch
     shape = plan_memory.model_shape(model)

@@ -55,6 +55,14 @@ def test_without_shared_prompts_every_sequence_and_stretch_of_padding_is_its_own
     assert sorted(real) == sorted(len(p[side]) for p in pairs for side in ("input_ids_chosen", "input_ids_rejected"))
 
 
+def test_a_row_for_varlen_is_as_wide_as_its_tokens():
+    pairs = shared_prompt_pairs(8, 60)
+    batch = pack_pairs_shared(pairs, 0, one_row=True, multiple=1)
+    assert batch.input_ids.shape == (1, batch.real_tokens)
+    layout = batch.with_varlen(causal=True).varlen
+    assert (batch.segment_ids >= 0).all() and layout.q_bounds[-1] == batch.real_tokens  # no padding stretch
+
+
 def test_a_pair_sharing_nothing_gathers_no_keys():
     batch = pack_pairs_shared([{"input_ids_chosen": [7, 2], "input_ids_rejected": [8, 3, 4]}], 0)
     layout = varlen.varlen_layout(batch.segment_ids, causal=True, prefix_ids=batch.prefix_ids)
@@ -177,6 +185,7 @@ def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tm
                                          "train.gradient_checkpointing=true", "train.max_tokens_per_forward=300")
     losses = [[r["loss"] for r in run.history] for run in (default, result)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+    assert all(r["padding_fraction"] == 0 for r in result.history)  # one row per forward, no block padding
     for name in weights:
         torch.testing.assert_close(varlen_weights[name], weights[name], atol=1e-5, rtol=1e-4, msg=name)
 

@@ -58,6 +58,9 @@ class PackedBatch:
         return replace(self, varlen=varlen_layout(self.segment_ids, causal=causal, prefix_ids=self.prefix_ids))
 
 
+FLEX_BLOCK = 128  # flex_attention's block size: rows are padded to a multiple of it
+
+
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
     """Sequence indices per row: longest first, each into the first row with room (first-fit decreasing)."""
     rows: list[list[int]] = []
@@ -74,21 +77,22 @@ def first_fit(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def row_width(sizes: list[int], width: int | None, one_row: bool) -> int:
-    """`one_row`: every item in one row, padded to flex_attention's block size (attention that skips
-    what the mask excludes needs no narrow rows); else `width`, at least the longest item."""
+def row_width(sizes: list[int], width: int | None, one_row: bool, multiple: int = FLEX_BLOCK) -> int:
+    """`one_row`: every item in one row (attention that skips what the mask excludes needs no narrow
+    rows), padded to a `multiple` of tokens (flex_attention's block size; varlen needs none: 1);
+    else `width`, at least the longest item."""
     if one_row:
-        return flex_width(sum(sizes))
+        return -(-sum(sizes) // multiple) * multiple
     return max(width or 0, max(sizes))
 
 
 def pack_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True, width: int | None = None,
-               one_row: bool = False) -> PackedBatch:
+               one_row: bool = False, multiple: int = FLEX_BLOCK) -> PackedBatch:
     """Sequences in the order chosen of every pair, then rejected (as `collate_pairs`), packed into
     rows `width` tokens wide (default: the longest sequence, so no row is wider than a padded batch)."""
     seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
     lengths = [len(s) for s in seqs]
-    width = row_width(lengths, width, one_row)
+    width = row_width(lengths, width, one_row, multiple)
     layout = first_fit(lengths, width)
     ids = torch.full((len(layout), width), pad_token_id, dtype=torch.long)
     positions = torch.zeros((len(layout), width), dtype=torch.long)
@@ -125,14 +129,14 @@ def shared_prefix(chosen: list[int], rejected: list[int]) -> int:
 
 
 def pack_pairs_shared(rows: list[dict], pad_token_id: int, use_margin: bool = True,
-                      width: int | None = None, one_row: bool = False) -> PackedBatch:
+                      width: int | None = None, one_row: bool = False, multiple: int = FLEX_BLOCK) -> PackedBatch:
     """Each pair as one block prefix | chosen rest | rejected rest, blocks packed first-fit into rows
     `width` wide (default: the longest block). Scores come out in `pack_pairs` order: chosen of every
     pair, then rejected. For causal attention only."""
     n = len(rows)
     splits = [shared_prefix(r["input_ids_chosen"], r["input_ids_rejected"]) for r in rows]
     blocks = [len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) - k for r, k in zip(rows, splits)]
-    width = row_width(blocks, width, one_row)
+    width = row_width(blocks, width, one_row, multiple)
     layout = first_fit(blocks, width)
     ids = torch.full((len(layout), width), pad_token_id, dtype=torch.long)
     positions = torch.zeros((len(layout), width), dtype=torch.long)
@@ -177,8 +181,6 @@ def block_mask(segment_ids: torch.Tensor, *, causal: bool, boolean: bool, dtype:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-
-FLEX_BLOCK = 128  # flex_attention's block size: rows are padded to a multiple of it
 
 
 def flex_block_mask(segment_ids: torch.Tensor, *, causal: bool, prefix_ids: torch.Tensor | None = None) -> Any:
@@ -286,11 +288,6 @@ def any_width_compiles() -> Iterator[None]:
                 "growing with the square of the tokens per forward). Run again with TORCH_LOGS=recompiles to see "
                 "what changed between compiles, or set train.attention=varlen (FlashAttention's kernel: nothing "
                 "compiled) or sdpa, or train.compile=false") from exc
-
-
-def flex_width(n_tokens: int) -> int:
-    """A row wide enough for every token of a forward, padded to flex_attention's block size."""
-    return -(-n_tokens // FLEX_BLOCK) * FLEX_BLOCK
 
 
 def pooling(inner: Any) -> str | None:

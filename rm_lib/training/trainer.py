@@ -22,7 +22,7 @@ from rm_lib.model.batching import EpochSchedule, collate_pairs, process_slice, t
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
-from rm_lib.model.packing import any_width_compiles, pack_pairs, pack_pairs_shared, pooling
+from rm_lib.model.packing import FLEX_BLOCK, any_width_compiles, pack_pairs, pack_pairs_shared, pooling
 from rm_lib.model.varlen import VARLEN, cuda_kernel, register_varlen
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.device_plan import DevicePlan, model_shape, plan
@@ -285,9 +285,11 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     compiles = any_width_compiles if cfg.compile else contextlib.nullcontext
     # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
     packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
-    # flex_attention's block mask skips what rows would separate; varlen needs no rows at all
+    # flex_attention's block mask skips what rows would separate (a row of whole 128-token blocks);
+    # varlen needs no rows at all, nor padding
     one_row = device_plan.attention in ("flex_attention", VARLEN)
     varlen, causal = device_plan.attention == VARLEN, pooling(unwrap(model)) == "last"
+    multiple = 1 if varlen else FLEX_BLOCK
     if cfg.padding_free and not packed:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
@@ -349,7 +351,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
             chunks = token_chunks(mine, device_plan.tokens_per_forward)
             for c, chunk in enumerate(chunks):
                 if packed:
-                    batch = packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row)
+                    batch = packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row, multiple=multiple)
                     batch = batch.with_varlen(causal=causal) if varlen else batch
                 else:
                     batch = collate_pairs(chunk, pad_token_id, cfg.use_margin)
