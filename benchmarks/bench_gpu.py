@@ -149,22 +149,18 @@ def set_aside(out: Path) -> Path:
     return previous
 
 
-# a check path whose failure leaves out only the runs of its variant: the rest measure other code
-CHECKED_VARIANTS = {"compiled layers": "ours_compiled", "varlen": "ours_varlen"}
-
-
 def runs_to_do(names: list[str], check: dict | None) -> list[str]:
-    """The runs to measure after `gpu_check`: none (exit) when the flex_attention path disagrees with
-    padded batches; without a variant's runs when only its paths do (compiled layers, varlen: they
-    would time a model that trains wrong)."""
-    wrong = [path for path, figures in (check or {}).items() if not figures["ok"]]
-    left_out = {prefix for path in wrong for marker, prefix in CHECKED_VARIANTS.items() if marker in path}
-    if any(not any(marker in path for marker in CHECKED_VARIANTS) for path in wrong):
+    """The runs to measure after `gpu_check`: none (exit) when the default path disagrees with padded
+    batches; without the runs of a variant whose path does (each path of the check names its runs:
+    they would time a model that trains wrong)."""
+    wrong = {path: figures for path, figures in (check or {}).items() if not figures["ok"]}
+    if any(figures.get("runs") is None for figures in wrong.values()):
         sys.exit(f"bench_gpu: the flex_attention path disagrees with padded batches: {json.dumps(check)}")
-    if left_out:
-        print(f"bench_gpu: {', '.join(sorted(left_out))} disagree with padded batches "
-              f"({json.dumps(check)}); their runs are left out", file=sys.stderr)
-    return [name for name in names if not name.split("/")[0].startswith(tuple(left_out))]
+    left_out = tuple(sorted({run for figures in wrong.values() for run in figures["runs"]}))
+    if wrong:
+        print(f"bench_gpu: {', '.join(wrong)} disagree with padded batches ({json.dumps(check)}); "
+              f"the runs left out: {', '.join(left_out) or 'none'}", file=sys.stderr)
+    return [name for name in names if not name.split("/")[0].startswith(left_out)]
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -164,9 +164,6 @@ class TrainSettings:
                   f"must be auto, true or false, got {self.gradient_checkpointing!r}")
         if self.attention not in ("auto", "sdpa", "eager", "flex_attention", "varlen"):
             _fail("train", "attention", f"must be auto, sdpa, eager, flex_attention or varlen, got '{self.attention}'")
-        if self.attention == "varlen" and self.compile:
-            _fail("train", "compile", "compiled layers with train.attention=varlen are not checked against padded "
-                  "batches yet; set one of them only")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             _fail("train", "batch_tokens", f"must be at least 1 or null, got {self.batch_tokens}")
         if self.max_steps is not None and self.max_steps < 1:

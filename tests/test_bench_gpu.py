@@ -127,14 +127,27 @@ def test_a_gradient_zero_by_symmetry_is_no_disagreement_but_a_real_error_is():
 
 def test_a_failed_gpu_check_stops_the_benchmark_or_leaves_out_the_runs_it_concerns():
     names = list(bench_gpu.RUNS)
-    ok, wrong = {"ok": True}, {"ok": False}
+    paths = {name: {"ok": True, "runs": runs} for name, *_, runs in gpu_check.FLEX_PATHS + gpu_check.VARLEN_PATHS}
+
+    def failing(*failed: str) -> dict:
+        return {**paths, **{name: {**paths[name], "ok": False} for name in failed}}
+
     assert bench_gpu.runs_to_do(names, None) == names  # --skip-check
-    paths = {"per-sequence": ok, "shared-prompt": ok, "shared-prompt, compiled layers": ok}
     assert bench_gpu.runs_to_do(names, paths) == names
-    kept = bench_gpu.runs_to_do(names, {**paths, "shared-prompt, compiled layers": wrong})
-    assert kept == [n for n in names if n != "ours_compiled/hh"]
+    compiled = bench_gpu.runs_to_do(names, failing("shared-prompt, compiled layers"))
+    assert compiled == [n for n in names if n != "ours_compiled/hh"]
+    varlen_runs = ["ours_varlen/hh", "ours_varlen_token_batches/hh", "ours_varlen/alpaca"]
+    varlen = bench_gpu.runs_to_do(names, failing("varlen shared-prompt (fp16)"))
+    assert varlen == [n for n in names if n not in varlen_runs]
+    both = bench_gpu.runs_to_do(names, failing("varlen per-sequence (fp16)", "shared-prompt, compiled layers"))
+    assert both == [n for n in names if n not in varlen_runs and n != "ours_compiled/hh"]
+    # no run times compiled layers with varlen: a disagreement there is reported, and every run goes
+    assert bench_gpu.runs_to_do(names, failing("varlen shared-prompt, compiled layers (fp16)")) == names
+    # a torch without the kernel: its runs would fail at the settings check
+    no_kernel = {**paths, "varlen": {"ok": False, "runs": ["ours_varlen"]}}
+    assert bench_gpu.runs_to_do(names, no_kernel) == [n for n in names if n not in varlen_runs]
     with pytest.raises(SystemExit, match="flex_attention path disagrees"):
-        bench_gpu.runs_to_do(names, {**paths, "shared-prompt": wrong})
+        bench_gpu.runs_to_do(names, failing("shared-prompt"))
 
 
 def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path, aot_eager_compiles):

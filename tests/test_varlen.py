@@ -21,7 +21,6 @@ from conftest import ROOT
 from helpers import assert_same_step, fit_tiny, gradient_step, shared_prompt_pairs
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_gpu  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -171,9 +170,7 @@ def test_the_plan_takes_varlen_where_it_can_run_and_says_why_not_elsewhere():
         plan(packed=True, precision="bf16", supports_varlen=False, **gpu)
     with pytest.raises(SettingsError, match="packed batches only.*padding_free"):
         plan(packed=False, precision="bf16", supports_varlen=True, **gpu)
-    TrainSettings(attention="varlen").validate()
-    with pytest.raises(SettingsError, match="train.compile"):
-        TrainSettings(attention="varlen", compile=True).validate()
+    TrainSettings(attention="varlen", compile=True).validate()
 
 
 def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tmp_path, tiny_decoder):
@@ -190,7 +187,43 @@ def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tm
         torch.testing.assert_close(varlen_weights[name], weights[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_causal_mask(tmp_path, monkeypatch):
+def test_compiled_layers_compile_around_varlen_once_for_every_width(tmp_path, tiny_decoder, monkeypatch,
+                                                                     aot_eager_compiles):
+    """train.compile with varlen: each layer compiles around the attention (never compiled, see
+    `attend`), so forwards of new widths and layouts compile nothing more, and the weights are those of
+    the uncompiled run. Compiled by dynamo with the aot_eager backend."""
+    from torch._dynamo.utils import counters
+
+    from rm_lib.training import trainer
+
+    # batches by tokens: the number of sequences changes from forward to forward, not only the widths
+    settings = ("train.max_steps=6", "train.attention=varlen", "train.batch_tokens=700")
+    _, plain, _ = fit_tiny(tmp_path, tiny_decoder, *settings)
+    torch._dynamo.reset()
+    seen = []  # each forward's width, and the graphs compiled before it
+    real_pack = trainer.pack_pairs_shared
+
+    batches = []
+
+    def pack(*args, **kwargs):
+        batch = real_pack(*args, **kwargs)
+        seen.append((batch.input_ids.shape[1], counters["stats"]["unique_graphs"]))
+        batches.append(batch.with_varlen(causal=True))
+        return batch
+
+    monkeypatch.setattr(trainer, "pack_pairs_shared", pack)
+    before = counters["stats"]["unique_graphs"]
+    _, compiled, _ = fit_tiny(tmp_path, tiny_decoder, *settings, "train.compile=true")
+    widths = [w for w, _ in seen]
+    assert any(w not in widths[:2] for w in widths[2:])  # later forwards of widths not seen before ...
+    assert len({len(b.varlen.q_bounds) for b in batches}) > 1  # ... and other numbers of sequences ...
+    assert seen[2][1] == counters["stats"]["unique_graphs"] > before  # ... compile nothing new
+    for name, weight in plain.items():
+        torch.testing.assert_close(compiled[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_causal_mask(tmp_path, monkeypatch,
+                                                                                           aot_eager_compiles):
     """The check's varlen paths run under fp16 autocast (the kernel computes in bf16 or fp16 only)
     against a padded batch under the same autocast. Its tolerance must let fp16 rounding pass and stop
     a kernel that aligned the causal mask of a rejected answer to the first key instead of the last
@@ -211,7 +244,7 @@ def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_cau
                                  paths=gpu_check.VARLEN_PATHS, fp16=True)
 
     report = check()
-    assert list(report) == ["varlen per-sequence (fp16)", "varlen shared-prompt (fp16)"]
+    assert list(report) == [name for name, *_ in gpu_check.VARLEN_PATHS]  # compiled layers too (aot_eager here)
     assert all(r["ok"] for r in report.values()), json.dumps(report)
 
     def top_left(q, k, v, layout, scale):
@@ -229,17 +262,4 @@ def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_cau
     wrong = check()
     assert wrong["varlen per-sequence (fp16)"]["ok"]  # square sequences: both alignments agree
     assert not wrong["varlen shared-prompt (fp16)"]["ok"], json.dumps(wrong)
-
-
-def test_a_failed_varlen_check_leaves_out_the_varlen_runs_only():
-    names = list(bench_gpu.RUNS)
-    ok, wrong = {"ok": True}, {"ok": False}
-    paths = {"per-sequence": ok, "shared-prompt": ok, "shared-prompt, compiled layers": ok,
-             "varlen per-sequence (fp16)": ok, "varlen shared-prompt (fp16)": wrong}
-    varlen_runs = ["ours_varlen/hh", "ours_varlen_token_batches/hh", "ours_varlen/alpaca"]
-    assert bench_gpu.runs_to_do(names, paths) == [n for n in names if n not in varlen_runs]
-    both = bench_gpu.runs_to_do(names, {**paths, "shared-prompt, compiled layers": wrong})
-    assert both == [n for n in names if n not in varlen_runs and n != "ours_compiled/hh"]
-    # a torch without the kernel: its runs would fail at the settings check
-    assert bench_gpu.runs_to_do(names, {"per-sequence": ok, "varlen": wrong}) == \
-        [n for n in names if n not in varlen_runs]
+    assert not wrong["varlen shared-prompt, compiled layers (fp16)"]["ok"]

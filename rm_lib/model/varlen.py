@@ -96,9 +96,12 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(rows, width, heads, dim), None
 
 
+@torch.compiler.disable
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout,
            scale: float | None) -> torch.Tensor:
-    """[queries, H, D] attention output of flattened query, key and value sequences."""
+    """[queries, H, D] attention output of flattened query, key and value sequences. Never compiled:
+    under `train.compile` a layer compiles around it, so the layout's sizes, which change with every
+    forward, are nothing a compiled graph depends on."""
     if not q.is_cuda:
         return _sequence_by_sequence(q, k, v, layout, scale)
     kernel = cuda_kernel()
