@@ -124,8 +124,8 @@ def _records(root):
             (summary["reward_mean"], summary["reward_std"], summary["processes"]))
 
 
-def _two_process_run(tmp_path, tiny_decoder):
-    _prepare(tmp_path / "two", str(tiny_decoder), *SAME_RUN, "train.batch_size=2")
+def _two_process_run(tmp_path, tiny_decoder, *extra: str):
+    _prepare(tmp_path / "two", str(tiny_decoder), *SAME_RUN, "train.batch_size=2", *extra)
     # --multi_gpu picks accelerate's torchrun launcher; without a GPU the train step joins the
     # processes on the CPU (gloo). `--cpu` would start a single process.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -141,12 +141,13 @@ SAME_RUN = ("train.max_steps=4", "train.eval_steps=2", "download.test_fraction=0
 
 
 @pytest.mark.integration
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_decoder):
+@pytest.mark.parametrize("attention", ["auto", "varlen"])  # varlen: each process's layout travels through DDP
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_decoder, attention):
     _prepare(tmp_path / "one", str(tiny_decoder), *SAME_RUN, "train.batch_size=4")
     one = _cli(tmp_path / "one", "train")
     assert one.wait() == 0, one.stdout.read()
     loss_one, evals_one, stats_one = _records(tmp_path / "one")
-    loss_two, evals_two, stats_two = _two_process_run(tmp_path, tiny_decoder)
+    loss_two, evals_two, stats_two = _two_process_run(tmp_path, tiny_decoder, f"train.attention={attention}")
     assert loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
     # evaluation split over both processes and gathered: the same metrics over the same held-out pairs
     assert len(evals_one) == len(evals_two) == 2
