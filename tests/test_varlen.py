@@ -173,13 +173,27 @@ def test_the_plan_takes_varlen_where_it_can_run_and_says_why_not_elsewhere():
     TrainSettings(attention="varlen", compile=True).validate()
 
 
-def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tmp_path, tiny_decoder):
-    """Whole runs with shared prompts: the same losses step by step and the same weights, also when
-    each batch runs as several forwards under activation checkpointing (the layout travels with the
-    recomputed layers)."""
-    default, weights, _ = fit_tiny(tmp_path, tiny_decoder)
-    result, varlen_weights, _ = fit_tiny(tmp_path, tiny_decoder, "train.attention=varlen",
-                                         "train.gradient_checkpointing=true", "train.max_tokens_per_forward=300")
+@pytest.mark.parametrize("case", ["several forwards a batch, checkpointing", "LoRA, length head"])
+def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tmp_path, tiny_decoder, case):
+    """Whole runs with shared prompts: the same losses step by step and the same weights; with batches
+    run as several forwards under activation checkpointing (the layout travels with the recomputed
+    layers), and with LoRA layers inside the model and the length head beside it."""
+    from rm_lib.model.modeling import add_lora, load_tokenizer
+
+    lora = case.startswith("LoRA")
+    both = ("train.length_debias=true",) if lora else ("train.max_tokens_per_forward=300",)
+
+    def model():
+        if not lora:
+            return None  # fit_tiny loads the plain model
+        torch.manual_seed(0)
+        plain = load_reward_model(str(tiny_decoder), pad_token_id=load_tokenizer(str(tiny_decoder)).pad_token_id)
+        return add_lora(plain, r=4, alpha=8, dropout=0.0, target_modules=None)
+
+    default, weights, _ = fit_tiny(tmp_path, tiny_decoder, *both, model=model())
+    result, varlen_weights, _ = fit_tiny(tmp_path, tiny_decoder, "train.attention=varlen", *both,
+                                         *(() if lora else ("train.gradient_checkpointing=true",)), model=model())
+    assert not lora or any("lora_B" in name and w.abs().sum() > 0 for name, w in varlen_weights.items())
     losses = [[r["loss"] for r in run.history] for run in (default, result)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
     assert all(r["padding_fraction"] == 0 for r in result.history)  # one row per forward, no block padding
