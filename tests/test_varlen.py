@@ -161,7 +161,8 @@ def _shape() -> ModelShape:
 
 def test_the_plan_takes_varlen_where_it_can_run_and_says_why_not_elsewhere():
     gpu = dict(device_type="cuda", supports_flex=True, shape=_shape(), free_bytes=140 * 2**30, attention="varlen")
-    assert plan(packed=True, precision="bf16", supports_varlen=True, **gpu).attention == varlen.VARLEN
+    chosen = plan(packed=True, precision="bf16", supports_varlen=True, **gpu)
+    assert chosen.attention == varlen.VARLEN and chosen.describe("sdpa").startswith("attention varlen, ")
     assert plan(device_type="cpu", packed=True, supports_flex=True, shape=_shape(), free_bytes=None,
                 attention="varlen").attention == varlen.VARLEN  # sequence by sequence, for checking
     with pytest.raises(SettingsError, match="bf16 or fp16.*train.mixed_precision=bf16"):

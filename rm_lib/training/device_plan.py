@@ -39,7 +39,8 @@ class DevicePlan:
     why: str  # one line for the log
 
     def describe(self, loaded_attention: str) -> str:
-        return (f"attention {self.attention or loaded_attention}, "
+        attention = "varlen" if self.attention == VARLEN else self.attention or loaded_attention
+        return (f"attention {attention}, "
                 f"{self.tokens_per_forward or 'all'} tokens per forward, "
                 f"activation checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
                 f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})")
