@@ -174,6 +174,22 @@ def test_the_plan_takes_varlen_where_it_can_run_and_says_why_not_elsewhere():
     TrainSettings(attention="varlen", compile=True).validate()
 
 
+def test_the_plan_counts_the_keys_varlen_gathers():
+    """A varlen forward also keeps, for the kernel's backward, the keys and values gathered for
+    rejected answers (at most one more of each per token): where flex_attention's activations just
+    fit without checkpointing, varlen's do not."""
+    from rm_lib.training.device_plan import GPU_TOKENS_PER_FORWARD, activation_bytes_per_token, state_bytes
+
+    shape = _shape()
+    extra = activation_bytes_per_token(shape, False, True) - activation_bytes_per_token(shape, False)
+    assert extra == shape.layers * 4 * shape.hidden
+    just_fits = (state_bytes(shape) + GPU_TOKENS_PER_FORWARD * activation_bytes_per_token(shape, False)) / 0.85
+    gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=shape, free_bytes=int(just_fits) + 1,
+               precision="bf16", supports_varlen=True)
+    assert not plan(**gpu).gradient_checkpointing
+    assert plan(**gpu, attention="varlen").gradient_checkpointing
+
+
 @pytest.mark.parametrize("case", ["several forwards a batch, checkpointing", "LoRA, length head"])
 def test_training_with_varlen_matches_training_with_the_cpus_packed_attention(tmp_path, tiny_decoder, case):
     """Whole runs with shared prompts: the same losses step by step and the same weights; with batches

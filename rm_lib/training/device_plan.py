@@ -55,11 +55,13 @@ def model_shape(model: Any) -> ModelShape:
                       intermediate=int(getattr(config, "intermediate_size", 0) or 4 * hidden))
 
 
-def activation_bytes_per_token(shape: ModelShape, checkpointing: bool) -> int:
+def activation_bytes_per_token(shape: ModelShape, checkpointing: bool, gathered_keys: bool = False) -> int:
     """Estimated bf16 activations kept for backward, per token. Without checkpointing a layer keeps
     about 18h + 4i bytes per token (34h at i = 4h with fused attention, Korthikanti et al. 2022); with
-    it, each layer keeps its 2h-byte input and one layer at a time is recomputed in full."""
-    per_layer = 18 * shape.hidden + 4 * shape.intermediate
+    it, each layer keeps its 2h-byte input and one layer at a time is recomputed in full.
+    `gathered_keys` (varlen with shared prompts): the keys and values gathered for rejected answers,
+    kept for the kernel's backward; at most one more of each per token, 4h bytes."""
+    per_layer = 18 * shape.hidden + 4 * shape.intermediate + (4 * shape.hidden if gathered_keys else 0)
     if checkpointing:
         return shape.layers * 2 * shape.hidden + per_layer
     return shape.layers * per_layer
@@ -100,9 +102,10 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
     if not gpu or free_bytes is None or not shape.layers or wanted is None:
         return DevicePlan(attention_choice, wanted, False, fused, "on a CPU" if not gpu else "no token budget set")
     room = MEMORY_HEADROOM * free_bytes - state_bytes(shape)
-    if wanted * activation_bytes_per_token(shape, False) <= room:
+    gathered = attention_choice == VARLEN
+    if wanted * activation_bytes_per_token(shape, False, gathered) <= room:
         return DevicePlan(attention_choice, wanted, False, True, f"{wanted} tokens fit without checkpointing")
-    fits = int(room // activation_bytes_per_token(shape, True)) if room > 0 else 0
+    fits = int(room // activation_bytes_per_token(shape, True, gathered)) if room > 0 else 0
     if tokens_per_forward == "auto":  # fewer tokens per forward, never fewer than one block of rows
         budget = max(min(wanted, fits // 1024 * 1024), 1024)
     else:
