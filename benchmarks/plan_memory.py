@@ -1,8 +1,9 @@
 """What a GPU run of the benchmark asks of the device, worked out on any machine: per data set and
 batching, the optimizer steps, the tokens each forward computes (rows padded as the trainer pads
 them, shared prompts once) and the peak GPU memory that the trainer's device plan predicts for the
-largest forward, with activation checkpointing off and on. The model is built from its
-configuration on the meta device: no weights are read or written.
+largest forward, with activation checkpointing off and at its most (every layer but the last), and
+what the plan itself decides on a GPU with --free-gib free: how many layers it checkpoints. The
+model is built from its configuration on the meta device: no weights are read or written.
 
     python benchmarks/plan_memory.py                      # Pythia-1B shape, max length 1024, both data sets
     python benchmarks/plan_memory.py --batch-tokens 16384 --model benchmarks/.work/small-decoder
@@ -52,18 +53,29 @@ def forward_widths(rows: list[dict], *, batch_size: int, batch_tokens: int | Non
     return steps
 
 
-def plan_case(rows: list[dict], shape, **batching) -> dict:
-    from rm_lib.training.device_plan import activation_bytes_per_token, state_bytes
+def plan_case(rows: list[dict], shape, free_gib: float, **batching) -> dict:
+    from rm_lib.model.packing import largest_batch_tokens
+    from rm_lib.training.device_plan import activation_bytes_per_token, plan, state_bytes
 
     steps = forward_widths(rows, **batching)
     widths = [w for step in steps for w in step]
     widest = max(widths)
     mib = 2**20
+    # what the trainer's device plan decides on a GPU with `free_gib` free, from the data's largest batch
+    largest = largest_batch_tokens(rows, pairs=batching["batch_size"], batch_tokens=batching["batch_tokens"],
+                                   shared_prompt=batching["shared_prompt"])
+    chosen = plan(device_type="cuda", packed=True, supports_flex=True, shape=shape, free_bytes=int(free_gib * 2**30),
+                  tokens_per_forward=batching["tokens_per_forward"], largest_forward=largest)
+    checkpointed = 0 if not chosen.gradient_checkpointing else chosen.checkpointed_layers or shape.layers
     return {"steps": len(steps), "forwards": len(widths), "mean_tokens_per_forward": statistics.fmean(widths),
             "max_tokens_per_forward": widest, "state_mib": state_bytes(shape) / mib,
-            "predicted_peak_mib": (state_bytes(shape) + widest * activation_bytes_per_token(shape, False)) / mib,
+            "predicted_peak_mib": (state_bytes(shape) + widest * activation_bytes_per_token(shape, 0)) / mib,
+            # the most the plan checkpoints: every layer but the last (checkpointing that one saves nothing)
             "predicted_peak_checkpointing_mib":
-                (state_bytes(shape) + widest * activation_bytes_per_token(shape, True)) / mib}
+                (state_bytes(shape) + widest * activation_bytes_per_token(shape, shape.layers - 1)) / mib,
+            "planned_for_tokens": largest, "free_gib": free_gib, "checkpointed_layers": checkpointed,
+            "layers": shape.layers,
+            "planned_peak_mib": (state_bytes(shape) + widest * activation_bytes_per_token(shape, checkpointed)) / mib}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +94,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-train-pairs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no-shared-prompt", dest="shared_prompt", action="store_false")
+    parser.add_argument("--free-gib", type=float, default=80.0,
+                        help="GPU memory free for the device plan's choice of checkpointed layers (80: an H100)")
     return parser.parse_args(argv)
 
 
@@ -107,7 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       "--max-test-pairs", "1", "--seed", str(args.seed), "--case", case])
         rows = read_rows(bench_train.prepare(prepared, case) / "bench_train.parquet")
         for batch_tokens in [None, *args.batch_tokens]:
-            plan = plan_case(rows, shape, batch_size=args.batch_size, batch_tokens=batch_tokens, seed=args.seed,
+            plan = plan_case(rows, shape, args.free_gib, batch_size=args.batch_size, batch_tokens=batch_tokens,
+                             seed=args.seed,
                              tokens_per_forward=args.tokens_per_forward, pad_token_id=pad,
                              shared_prompt=args.shared_prompt)
             batching = f"{batch_tokens} tokens" if batch_tokens else f"{args.batch_size} pairs"
@@ -115,12 +130,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\nmodel {args.model} ({shape.parameters / 1e9:.2f}B parameters), max length {args.max_length}, "
           f"{args.tokens_per_forward} tokens per forward at most")
     print("| case | batches of | steps | mean tokens per forward | largest forward | predicted peak MiB | "
-          "with checkpointing |")
-    print("|---|---|---|---|---|---|---|")
+          f"with checkpointing | planned on {args.free_gib:g} GiB: checkpointed layers, peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['case']} | {r['batching']} | {r['steps']} | {r['mean_tokens_per_forward']:,.0f} | "
               f"{r['max_tokens_per_forward']:,} | {r['predicted_peak_mib']:,.0f} | "
-              f"{r['predicted_peak_checkpointing_mib']:,.0f} |")
+              f"{r['predicted_peak_checkpointing_mib']:,.0f} | {r['checkpointed_layers']} of {r['layers']}, "
+              f"{r['planned_peak_mib']:,.0f} |")
     record.append("plan_memory.py", argv, {"results": results})
     return results
 

@@ -117,7 +117,8 @@ class TrainSettings:
     length_debias_weight: float = 1.0
     seed: int = 42
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else none) | no | bf16 | fp16
-    # auto: on only where a GPU's memory needs it for the tokens of a forward (rm_lib.training.device_plan)
+    # auto: on a GPU, for the fewest layers (the first ones) that let the largest forward the data makes
+    # fit in its memory (rm_lib.training.device_plan) | true: every layer | false
     gradient_checkpointing: bool | str = "auto"
     # auto: flex_attention on a GPU for packed batches (blocks the mask excludes are skipped), else the
     # model's own (masked SDPA on a CPU, on fp32 inputs under bf16 autocast) | sdpa | eager | flex_attention

@@ -13,6 +13,7 @@ from rm_lib.training.device_plan import (
     ModelShape,
     activation_bytes_per_token,
     plan,
+    state_bytes,
 )
 
 GiB = 2**30
@@ -50,9 +51,15 @@ def test_bf16_on_a_cpu_keeps_attention_in_fp32():
     assert gpu.attention == "flex_attention"
 
 
+def fits(shape: ModelShape, tokens: int, layers: int, free: int) -> bool:
+    """What the plan promises: weights, AdamW state and the activations of `tokens` with the first
+    `layers` layers checkpointed within 85% of the free memory."""
+    return state_bytes(shape) + tokens * activation_bytes_per_token(shape, layers) <= 0.85 * free
+
+
 def test_checkpointing_is_chosen_when_the_budget_needs_it():
     # Pythia-1B: 65,536 tokens of full activations (~68 GiB) and 16 GiB of weights and AdamW state
-    # do not fit in 80 GiB; checkpointed (~8 GiB) they do, so the budget stays whole
+    # do not fit in 80 GiB; with a few layers checkpointed they do, so the budget stays whole
     assert GPU_TOKENS_PER_FORWARD * activation_bytes_per_token(PYTHIA_1B, False) > 60 * GiB
     p = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB)
     assert p.gradient_checkpointing and p.tokens_per_forward == GPU_TOKENS_PER_FORWARD
@@ -60,12 +67,68 @@ def test_checkpointing_is_chosen_when_the_budget_needs_it():
     assert not roomy.gradient_checkpointing
 
 
+def test_only_as_many_layers_are_checkpointed_as_the_memory_needs():
+    """Each checkpointed layer is computed twice: the plan checkpoints the fewest that fit, the first
+    ones, so an 80 GiB GPU recomputes 4 of Pythia-1B's 16 layers for a forward of 65,536 tokens."""
+    p = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB)
+    k = p.checkpointed_layers
+    assert k == 4
+    assert fits(PYTHIA_1B, GPU_TOKENS_PER_FORWARD, k, 80 * GiB)
+    assert not fits(PYTHIA_1B, GPU_TOKENS_PER_FORWARD, k - 1, 80 * GiB)
+    assert "4 of 16 layers" in p.why and "on for the first 4" in p.describe("sdpa")
+    # each layer checkpointed keeps its input instead of its activations
+    assert [activation_bytes_per_token(PYTHIA_1B, n) for n in range(16)] == sorted(
+        (activation_bytes_per_token(PYTHIA_1B, n) for n in range(16)), reverse=True)
+
+
+def test_the_last_layer_is_never_checkpointed_by_the_plan():
+    """The backward recomputes the last checkpointed layer first, while the layers before it still hold
+    their inputs: checkpointing every layer peaks higher than leaving the last one whole, and costs a
+    recompute more."""
+    assert activation_bytes_per_token(PYTHIA_1B, 16) > activation_bytes_per_token(PYTHIA_1B, 15)
+    assert activation_bytes_per_token(PYTHIA_1B, True) == activation_bytes_per_token(PYTHIA_1B, 16)
+    p = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=24 * GiB)
+    assert p.gradient_checkpointing and p.checkpointed_layers == 15
+
+
+def test_memory_is_planned_for_the_largest_forward_the_data_makes():
+    """hh-rlhf batches of 16 pairs compute at most ~13k tokens: an 80 GiB GPU holds their activations
+    without checkpointing, though not the 65,536 the budget would allow."""
+    gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB)
+    small = plan(**gpu, largest_forward=13_440)
+    assert not small.gradient_checkpointing and small.tokens_per_forward == GPU_TOKENS_PER_FORWARD
+    assert "13440 tokens a forward at most" in small.why
+    assert plan(**gpu, largest_forward=10**6).checkpointed_layers == plan(**gpu).checkpointed_layers
+    unbounded = plan(**{**gpu, "free_bytes": 24 * GiB}, tokens_per_forward=None, largest_forward=13_440)
+    assert unbounded.tokens_per_forward is None and unbounded.gradient_checkpointing  # 14 GiB do not fit in 24 GiB
+
+
 def test_a_small_gpu_gets_fewer_tokens_per_forward():
     p = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=24 * GiB)
     assert p.gradient_checkpointing
     assert 1024 <= p.tokens_per_forward < GPU_TOKENS_PER_FORWARD and p.tokens_per_forward % 1024 == 0
-    state = 16 * PYTHIA_1B.parameters
-    assert state + p.tokens_per_forward * activation_bytes_per_token(PYTHIA_1B, True) <= 0.85 * 24 * GiB
+    assert fits(PYTHIA_1B, p.tokens_per_forward, p.checkpointed_layers, 24 * GiB)
+
+
+def test_the_largest_batch_bounds_every_forward_of_every_epoch():
+    from rm_lib.model.batching import epoch_batches
+    from rm_lib.model.packing import FLEX_BLOCK, largest_batch_tokens, pack_pairs, pack_pairs_shared
+
+    from helpers import shared_prompt_pairs
+
+    rows = shared_prompt_pairs(60, vocab=50, seed=3)
+    for shared, packer in ((True, pack_pairs_shared), (False, pack_pairs)):
+        bound = largest_batch_tokens(rows, pairs=8, batch_tokens=None, shared_prompt=shared)
+        assert bound % FLEX_BLOCK == 0
+        widths = [packer([rows[i] for i in batch], 0, one_row=True).input_ids.shape[1]
+                  for epoch in range(5) for batch in epoch_batches(rows, 8, seed=1, epoch=epoch, group_by_length=True)]
+        assert max(widths) <= bound
+        # and no looser than it must be: a batch of the 8 largest pairs reaches it, to the block
+        largest = sorted(rows, key=lambda r: packer([r], 0, multiple=1).real_tokens)[-8:]
+        assert bound - FLEX_BLOCK < packer(largest, 0, one_row=True).input_ids.shape[1] <= bound
+    by_tokens = largest_batch_tokens(rows, pairs=8, batch_tokens=200, shared_prompt=True)
+    assert by_tokens == 256  # the budget, in whole blocks
+    assert largest_batch_tokens(rows, pairs=8, batch_tokens=10, shared_prompt=True) == FLEX_BLOCK  # a pair alone
 
 
 def test_what_the_user_set_is_kept():
@@ -75,6 +138,9 @@ def test_what_the_user_set_is_kept():
     fixed_budget = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B,
                         free_bytes=24 * GiB, tokens_per_forward=32768)
     assert fixed_budget.tokens_per_forward == 32768 and fixed_budget.gradient_checkpointing
+    everywhere = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB,
+                      gradient_checkpointing=True)
+    assert everywhere.checkpointed_layers is None and "activation checkpointing on," in everywhere.describe("sdpa")
 
 
 def test_flex_attention_on_a_cpu_is_refused_before_training():

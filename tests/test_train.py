@@ -254,6 +254,66 @@ def test_activation_checkpointing_recomputes_without_changing_the_training(tmp_p
     assert same_weights(w_plain, w_recomputed, atol=1e-5)
 
 
+def test_checkpointing_some_layers_recomputes_those_alone_with_the_same_gradients(tiny_decoder):
+    """The device plan checkpoints the first k layers only: those run twice a step, the rest once, and
+    the gradients are those of no checkpointing."""
+    import torch
+
+    from rm_lib.model.modeling import load_reward_model, unwrap
+    from rm_lib.model.packing import pack_pairs_shared, packed_rewards
+    from rm_lib.training.trainer import checkpoint_layers
+
+    from helpers import assert_same_step, gradient_step, shared_prompt_pairs
+
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    model.train()
+    pairs = shared_prompt_pairs(6, vocab=40)
+    step = gradient_step(model, torch.tensor([p["margin"] for p in pairs]))
+    compute = lambda: packed_rewards(unwrap(model), pack_pairs_shared(pairs, 0))  # noqa: E731
+    layers = list(unwrap(model).model.layers)
+    runs = [0] * len(layers)
+    for i, layer in enumerate(layers):  # the recompute calls the layer's forward: its parts' hooks see it
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    plain = step(compute)
+    assert runs == [1, 1]
+    checkpoint_layers(model, 1)
+    runs[:] = [0, 0]
+    assert_same_step(step(compute), plain)
+    assert runs == [2, 1]
+    checkpoint_layers(model, None)  # every layer, as train.gradient_checkpointing=true asks
+    runs[:] = [0, 0]
+    assert_same_step(step(compute), plain)
+    assert runs == [2, 2]
+
+
+def test_the_trainer_plans_a_gpu_run_for_its_largest_batch(tiny_decoder, monkeypatch):
+    """On a GPU, the plan sizes memory by the largest batch the training pairs make, not the budget
+    per forward: a GPU that could not hold the budget's activations whole holds the batch's."""
+    import torch
+
+    from rm_lib.model.modeling import load_reward_model
+    from rm_lib.model.packing import largest_batch_tokens
+    from rm_lib.settings import load_params
+    from rm_lib.training import trainer
+    from rm_lib.training.device_plan import GPU_TOKENS_PER_FORWARD, activation_bytes_per_token, model_shape, state_bytes
+
+    from helpers import shared_prompt_pairs
+
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    rows = shared_prompt_pairs(40, vocab=40)
+    cfg = load_params(None, ["train.batch_size=4"]).train
+    largest = largest_batch_tokens(rows, pairs=4, batch_tokens=None, shared_prompt=True)
+    shape = model_shape(model)
+    # room for the largest batch whole, not for the budget per forward
+    free = int((state_bytes(shape) + 2 * largest * activation_bytes_per_token(shape, 0)) / 0.85)
+    assert GPU_TOKENS_PER_FORWARD * activation_bytes_per_token(shape, 0) > 0.85 * free - state_bytes(shape)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free))
+    cuda = torch.device("cuda")
+    planned = trainer.plan_for(cfg, model, cuda, packed=True, precision="bf16", rows=rows)
+    assert not planned.gradient_checkpointing and f"{largest} tokens a forward at most" in planned.why
+    assert trainer.plan_for(cfg, model, cuda, packed=True, precision="bf16").gradient_checkpointing  # no rows
+
+
 def test_token_chunks_keep_order_and_budget():
     from rm_lib.model.batching import token_chunks
 

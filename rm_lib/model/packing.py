@@ -20,7 +20,7 @@ import torch
 
 from rm_lib.errors import DevicePathError
 from rm_lib.model.attention import FP32_SDPA
-from rm_lib.model.batching import to_device
+from rm_lib.model.batching import pair_tokens, to_device
 from rm_lib.model.varlen import LAYOUT_KWARG, VARLEN, VarlenLayout, varlen_layout
 
 
@@ -126,6 +126,21 @@ def shared_prefix(chosen: list[int], rejected: list[int]) -> int:
     while n < limit and chosen[n] == rejected[n]:
         n += 1
     return n
+
+
+def largest_batch_tokens(rows: list[dict], *, pairs: int, batch_tokens: int | None, shared_prompt: bool) -> int:
+    """The most tokens one process's batch can compute packed, whatever an epoch's order: the `pairs`
+    largest pairs, or with token-budgeted batches their budget `batch_tokens` (the global one: a
+    process's share never holds more; a longer pair alone), rounded up to whole flex_attention blocks.
+    What the device plan sizes memory by, where it is below the budget per forward."""
+    sizes = [pair_tokens(r) for r in rows]
+    if batch_tokens is not None:
+        most = max([batch_tokens, *sizes])
+    else:
+        if shared_prompt:
+            sizes = [n - shared_prefix(r["input_ids_chosen"], r["input_ids_rejected"]) for n, r in zip(sizes, rows)]
+        most = sum(sorted(sizes, reverse=True)[:pairs])
+    return -(-most // FLEX_BLOCK) * FLEX_BLOCK
 
 
 def pack_pairs_shared(rows: list[dict], pad_token_id: int, use_margin: bool = True,

@@ -37,12 +37,17 @@ class DevicePlan:
     gradient_checkpointing: bool
     fused_adamw: bool
     why: str  # one line for the log
+    # with checkpointing on: how many of the model's layers, the first ones, are checkpointed; None: all
+    checkpointed_layers: int | None = None
 
     def describe(self, loaded_attention: str) -> str:
         attention = "varlen" if self.attention == VARLEN else self.attention or loaded_attention
+        checkpointing = "off"
+        if self.gradient_checkpointing:
+            checkpointing = "on" if self.checkpointed_layers is None else f"on for the first {self.checkpointed_layers}"
         return (f"attention {attention}, "
                 f"{self.tokens_per_forward or 'all'} tokens per forward, "
-                f"activation checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
+                f"activation checkpointing {checkpointing}, "
                 f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})")
 
 
@@ -55,16 +60,20 @@ def model_shape(model: Any) -> ModelShape:
                       intermediate=int(getattr(config, "intermediate_size", 0) or 4 * hidden))
 
 
-def activation_bytes_per_token(shape: ModelShape, checkpointing: bool, gathered_keys: bool = False) -> int:
-    """Estimated bf16 activations kept for backward, per token. Without checkpointing a layer keeps
-    about 18h + 4i bytes per token (34h at i = 4h with fused attention, Korthikanti et al. 2022); with
-    it, each layer keeps its 2h-byte input and one layer at a time is recomputed in full.
+def activation_bytes_per_token(shape: ModelShape, checkpointed: int | bool, gathered_keys: bool = False) -> int:
+    """Estimated bf16 activations kept for backward, per token, with the first `checkpointed` layers
+    checkpointed (True: all of them). A layer keeps about 18h + 4i bytes per token (34h at i = 4h with
+    fused attention, Korthikanti et al. 2022); a checkpointed one keeps its 2h-byte input, and is
+    recomputed in full, one at a time, once the backward reaches it. By then the layers after it have
+    freed theirs: with one layer or more left whole, the peak is where the forward ends; with every
+    layer checkpointed, it is the last layer's recompute, which comes first in the backward.
     `gathered_keys` (varlen with shared prompts): the keys and values gathered for rejected answers,
     kept for the kernel's backward; at most one more of each per token, 4h bytes."""
     per_layer = 18 * shape.hidden + 4 * shape.intermediate + (4 * shape.hidden if gathered_keys else 0)
-    if checkpointing:
+    k = shape.layers if checkpointed is True else min(int(checkpointed), shape.layers)
+    if k == shape.layers:
         return shape.layers * 2 * shape.hidden + per_layer
-    return shape.layers * per_layer
+    return k * 2 * shape.hidden + (shape.layers - k) * per_layer
 
 
 def state_bytes(shape: ModelShape) -> int:
@@ -75,10 +84,13 @@ def state_bytes(shape: ModelShape) -> int:
 def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,
          attention: str = "auto", tokens_per_forward: int | str | None = "auto",
          gradient_checkpointing: bool | str = "auto", precision: str = "no",
-         loaded_attention: str = "sdpa", supports_varlen: bool = False) -> DevicePlan:
+         loaded_attention: str = "sdpa", supports_varlen: bool = False,
+         largest_forward: int | None = None) -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
     autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own;
-    `supports_varlen`: this torch has FlashAttention's variable-length kernel."""
+    `supports_varlen`: this torch has FlashAttention's variable-length kernel; `largest_forward`: the
+    most tokens one forward of this run's data can hold (None: unknown), what memory is planned for
+    where it is below the budget per forward."""
     gpu = device_type == "cuda"
     # one fused kernel for the whole update on a CPU too (a fifth of the per-parameter loop's time there)
     fused = device_type in ("cuda", "cpu")
@@ -99,19 +111,30 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
         wanted = tokens_per_forward  # type: ignore[assignment]
     if gradient_checkpointing != "auto":
         return DevicePlan(attention_choice, wanted, bool(gradient_checkpointing), fused, "as set")
-    if not gpu or free_bytes is None or not shape.layers or wanted is None:
+    tokens = wanted if largest_forward is None else largest_forward if wanted is None else min(wanted, largest_forward)
+    if not gpu or free_bytes is None or not shape.layers or tokens is None:
         return DevicePlan(attention_choice, wanted, False, fused, "on a CPU" if not gpu else "no token budget set")
     room = MEMORY_HEADROOM * free_bytes - state_bytes(shape)
     gathered = attention_choice == VARLEN
-    if wanted * activation_bytes_per_token(shape, False, gathered) <= room:
-        return DevicePlan(attention_choice, wanted, False, True, f"{wanted} tokens fit without checkpointing")
-    fits = int(room // activation_bytes_per_token(shape, True, gathered)) if room > 0 else 0
+    held = f"{tokens} tokens a forward" + (f" at most ({wanted} allowed)" if tokens != wanted else "")
+    # the fewest layers that make the forward fit, the first ones; never all of them: the last
+    # layer's recompute comes at once, and would save nothing
+    for k in range(shape.layers):
+        if tokens * activation_bytes_per_token(shape, k, gathered) <= room:
+            if k == 0:
+                return DevicePlan(attention_choice, wanted, False, True, f"{held} fit without checkpointing")
+            return DevicePlan(attention_choice, wanted, True, True,
+                              f"{held} need {k} of {shape.layers} layers checkpointed in "
+                              f"{free_bytes / 2**30:.0f} GiB free", checkpointed_layers=k)
+    most = shape.layers - 1
+    fits = int(room // activation_bytes_per_token(shape, most, gathered)) if room > 0 else 0
     if tokens_per_forward == "auto":  # fewer tokens per forward, never fewer than one block of rows
-        budget = max(min(wanted, fits // 1024 * 1024), 1024)
+        budget: int | None = max(min(tokens, fits // 1024 * 1024), 1024)
     else:
         budget = wanted
     return DevicePlan(attention_choice, budget, True, True,
-                      f"{wanted} tokens need checkpointing in {free_bytes / 2**30:.0f} GiB free")
+                      f"{held} need checkpointing in {free_bytes / 2**30:.0f} GiB free",
+                      checkpointed_layers=most or None)
 
 
 def _check_varlen(*, gpu: bool, packed: bool, precision: str, supports_varlen: bool) -> None:

@@ -22,7 +22,14 @@ from rm_lib.model.batching import EpochSchedule, collate_pairs, process_slice, t
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
-from rm_lib.model.packing import FLEX_BLOCK, any_width_compiles, pack_pairs, pack_pairs_shared, pooling
+from rm_lib.model.packing import (
+    FLEX_BLOCK,
+    any_width_compiles,
+    largest_batch_tokens,
+    pack_pairs,
+    pack_pairs_shared,
+    pooling,
+)
 from rm_lib.model.varlen import VARLEN, cuda_kernel, register_varlen
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.device_plan import DevicePlan, model_shape, plan
@@ -199,16 +206,41 @@ def _new_window(device: torch.device) -> dict:
     return {**sums, "n": 0, "tokens": 0, "computed": 0, "padded": 0}
 
 
-def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool, precision: str = "no") -> DevicePlan:
-    """The device plan of this run (rm_lib.training.device_plan), from free memory on a GPU."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool, precision: str = "no",
+             rows: list[dict] | None = None, world: int = 1) -> DevicePlan:
+    """The device plan of this run (rm_lib.training.device_plan), from free memory on a GPU and, for
+    packed batches, the largest batch `rows` can make."""
+    gpu = device.type == "cuda"
+    free = torch.cuda.mem_get_info(device)[0] if gpu else None
     inner = unwrap(model)
     flex = bool(getattr(inner, "_supports_flex_attn", False))
+    largest = None
+    if gpu and packed and rows:
+        largest = largest_batch_tokens(rows, pairs=cfg.batch_size, shared_prompt=_shares_prompts(cfg, inner),
+                                       batch_tokens=None if cfg.batch_tokens is None else cfg.batch_tokens * world)
     return plan(device_type=device.type, packed=packed, supports_flex=flex, shape=model_shape(inner), free_bytes=free,
                 attention=cfg.attention,
                 tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing,
                 precision=precision, loaded_attention=inner.config._attn_implementation,
-                supports_varlen=cuda_kernel() is not None)
+                supports_varlen=cuda_kernel() is not None, largest_forward=largest)
+
+
+def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
+    """The prompt once per pair: causal decoders only (an encoder's prompt would see both answers)."""
+    return cfg.padding_free and cfg.shared_prompt and pooling(inner) == "last"
+
+
+def checkpoint_layers(model: Any, count: int | None) -> None:
+    """Activation checkpointing on for the first `count` transformer layers of `model` (None: all),
+    off for the rest: each layer checkpointed frees its activations and is run again in the backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    inner = unwrap(model)
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if count is not None:
+        layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < count
 
 
 @contextlib.contextmanager
@@ -273,18 +305,18 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     if cfg.disable_dropout:
         _disable_dropout(model)
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
-    device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world)
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, device_plan.checkpointed_layers)
     run_scope.enter_context(attention_as(model, device_plan.attention))
     if cfg.compile:
         accelerator.print(f"train: {run_scope.enter_context(compiled_layers(model))} layers compiled (train.compile)")
     # compiled for any row width from the first forward, and stopped at dynamo's recompile limit
     compiles = any_width_compiles if cfg.compile else contextlib.nullcontext
-    # the prompt once per pair: causal decoders only (an encoder's prompt would see both answers)
-    packer = pack_pairs_shared if packed and cfg.shared_prompt and pooling(unwrap(model)) == "last" else pack_pairs
+    packer = pack_pairs_shared if packed and _shares_prompts(cfg, unwrap(model)) else pack_pairs
     # flex_attention's block mask skips what rows would separate (a row of whole 128-token blocks);
     # varlen needs no rows at all, nor padding
     one_row = device_plan.attention in ("flex_attention", VARLEN)
@@ -293,7 +325,6 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     if cfg.padding_free and not packed:
         accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
                           "training on padded batches")
-    world, rank = accelerator.num_processes, accelerator.process_index
     host_activations = accelerator.device.type == "cpu"
     global_tokens = None if cfg.batch_tokens is None else cfg.batch_tokens * world
     schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
