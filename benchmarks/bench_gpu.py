@@ -10,9 +10,11 @@ process, the most telling first: on hh-rlhf, then alpaca-eval, ours and TRL at i
 batch 16 pairs), ours with FlashAttention's variable-length kernel (train.attention=varlen) and ours
 with 16,384-token batches; TRL with gradient checkpointing off on both; ours with
 per-sequence packing on hh-rlhf (the gain of shared prompts); ours with activation checkpointing and
-16,384 tokens per forward (memory against TRL's). The JSON is rewritten after every run, so a run cut
-short keeps what it measured (--resume goes on from there); it holds the device, versions, the command
-of every run, their figures and the targets of the GPU issue checked.
+16,384 tokens per forward (memory against TRL's), and ours held to TRL's measured peak
+(train.gpu_memory_gib: the device plan checkpoints as few layers as fit under it). The JSON is
+rewritten after every run, so a run cut short keeps what it measured (--resume goes on from there); it
+holds the device, versions, the command of every run, their figures and the targets of the GPU issue
+checked.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ VARLEN = ["train.attention=varlen"]
 VARIANTS = {"ours_token_batches": TOKEN_BATCHES, "ours_compiled": COMPILED, "ours_varlen": VARLEN,
             "ours_varlen_token_batches": VARLEN + TOKEN_BATCHES,
             "ours_memory_matched": MEMORY_MATCHED}
+# ours held to the peak GPU memory TRL at its defaults measured on the same case, just before
+# (train.gpu_memory_gib): the device plan checkpoints the fewest layers that fit under it
+WITHIN_TRL_MEMORY = "ours_within_trl_memory"
 # name -> (case, trainer, changes to the shared arguments); they run in this order, the most telling first
 RUNS = {
     "ours/hh": ("hh", "ours", {}),
@@ -62,6 +67,8 @@ RUNS = {
     "ours_per_sequence/hh": ("hh", "ours", {"shared_prompt": False}),
     "ours_memory_matched/hh": ("hh", "ours", {"ours_setting": MEMORY_MATCHED}),
     "ours_memory_matched/alpaca": ("alpaca", "ours", {"ours_setting": MEMORY_MATCHED}),
+    f"{WITHIN_TRL_MEMORY}/hh": ("hh", "ours", {"within_peak_of": "trl_default/hh"}),
+    f"{WITHIN_TRL_MEMORY}/alpaca": ("alpaca", "ours", {"within_peak_of": "trl_default/alpaca"}),
 }
 
 
@@ -108,7 +115,7 @@ def summarize(runs: dict[str, dict]) -> dict:
             if mine and peer:
                 c[f"steady_tokens_per_s_vs_{name}"] = ratio(mine.get("steady_tokens_per_s"),
                                                            peer.get("steady_tokens_per_s"))
-        for variant in VARIANTS:  # the same comparisons for each variant, apart from the targets
+        for variant in (*VARIANTS, WITHIN_TRL_MEMORY):  # the same comparisons for each variant, apart from the targets
             other = runs.get(f"{variant}/{case}")
             if other and default:
                 points, error = bench_train.accuracy_difference(other, default)
@@ -178,6 +185,20 @@ def run_arguments(base: list[str], changes: dict, *, as_command: bool = False) -
         extra += ["--trl-gradient-checkpointing", changes["trl_gradient_checkpointing"]]
     extra += [f"--ours-setting={s}" for s in changes.get("ours_setting", [])]
     return [*base, *extra]
+
+
+def memory_limit(changes: dict, runs: dict, rehearse: bool) -> dict | None:
+    """A run's changes with train.gpu_memory_gib set to the peak of the run it is held to (its
+    `within_peak_of`); None while that run has no peak to give. Rehearsed on a CPU, the peer's peak
+    host memory stands in (the setting does nothing there): the command is what is rehearsed."""
+    if "within_peak_of" not in changes:
+        return changes
+    peer = runs.get(changes["within_peak_of"]) or {}
+    peak = peer.get("peak_gpu_mib") or (peer.get("peak_rss_mib") if rehearse else None)
+    if not peak:
+        return None
+    setting = f"train.gpu_memory_gib={int(peak) / 1024:.4f}"  # the peak to the MiB, in GiB
+    return {**changes, "ours_setting": [*changes.get("ours_setting", []), setting]}
 
 
 def shown(argument: str) -> str:
@@ -277,6 +298,13 @@ def main(argv: list[str] | None = None) -> dict:
     prepared: set[str] = set()
     for name in (n for n in names if n not in payload["runs"]):
         case, trainer, changes = RUNS[name]
+        changes = memory_limit(changes, payload["runs"], args.rehearse)
+        if changes is None:
+            peer = RUNS[name][2]["within_peak_of"]
+            payload["unfinished"][name] = {"needs": f"the peak GPU memory of {peer}: run it first"}
+            out.write_text(json.dumps(payload, indent=1) + "\n")
+            print(f"{name}: unfinished: it needs {peer}'s peak GPU memory", flush=True)
+            continue
         arguments = run_arguments([*base, "--case", case], changes)
         run_args = bench_train.parse(arguments)
         run_args.case = case

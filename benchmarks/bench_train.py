@@ -133,7 +133,9 @@ def train_ours(args: argparse.Namespace, case: str, work: Path) -> dict:
     for stale in (layout.checkpoints, layout.train_logs):  # a fresh run, never a resumed one
         subprocess.run(["rm", "-rf", str(stale)], check=True)
     result = train.run(load_params(None, [*settings(args, case), *args.ours_setting]), layout)
-    return {"wall_s": result.wall_s, "model_dir": str(layout.model), **from_log(layout)}
+    # the device plan's choices and predicted peak GPU memory, beside the peak the run measures
+    return {"wall_s": result.wall_s, "model_dir": str(layout.model), "device_plan": result.device_plan,
+            **from_log(layout)}
 
 
 WARM_UP_STEPS = 10  # optimizer steps left out of the steady-state throughput (one logging window)
@@ -250,7 +252,8 @@ def child(args: argparse.Namespace) -> None:
               # held-out pair by pair, 1 where the chosen answer scored higher: the accuracies of two runs
               # are compared on the same pairs (`accuracy_difference`)
               "wins": "".join("1" if c > r else "0" for c, r in zip(r_chosen, r_rejected)),
-              "longer_wins": metrics["longer_wins_baseline"], "shorter_wins": metrics["shorter_wins_baseline"]}
+              "longer_wins": metrics["longer_wins_baseline"], "shorter_wins": metrics["shorter_wins_baseline"],
+              "device_plan": result.get("device_plan")}
     lengths = [len(r[k]) for r in train_rows for k in ("input_ids_chosen", "input_ids_rejected")]
     per_token = training_flops_per_token(Path(result["model_dir"]), sum(lengths) / len(lengths))
     peak = device_peak_flops(args.peak_tflops)

@@ -136,6 +136,9 @@ class TrainSettings:
     # bounds activation memory; gradients stay those of the whole batch. auto: 65,536 on a GPU (fewer if
     # its memory cannot hold them even with checkpointing), 8,192 on a CPU | a number | null (no bound)
     max_tokens_per_forward: int | str | None = "auto"
+    # the most GPU memory (GiB) the run may use where less than is free: a shared GPU, or another
+    # trainer's peak to match; the device plan then checkpoints more layers or runs smaller forwards
+    gpu_memory_gib: float | None = None
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -165,6 +168,9 @@ class TrainSettings:
                   f"must be auto, true or false, got {self.gradient_checkpointing!r}")
         if self.attention not in ("auto", "sdpa", "eager", "flex_attention", "varlen"):
             _fail("train", "attention", f"must be auto, sdpa, eager, flex_attention or varlen, got '{self.attention}'")
+        if self.gpu_memory_gib is not None and (isinstance(self.gpu_memory_gib, (str, bool))
+                                                or not self.gpu_memory_gib > 0):
+            _fail("train", "gpu_memory_gib", f"must be a positive number of GiB or null, got {self.gpu_memory_gib!r}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             _fail("train", "batch_tokens", f"must be at least 1 or null, got {self.batch_tokens}")
         if self.max_steps is not None and self.max_steps < 1:

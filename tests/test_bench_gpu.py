@@ -174,7 +174,8 @@ def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path, aot_
 @pytest.mark.integration
 def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp_path):
     need(HH)
-    first, then = ["ours/hh", "trl_default/hh", "ours_memory_matched/hh"], ["ours_per_sequence/hh"]
+    first = ["ours/hh", "trl_default/hh", "ours_memory_matched/hh"]
+    then = ["ours_per_sequence/hh", "ours_within_trl_memory/hh"]
 
     # everything it writes (prepared data, models, the results log) under tmp_path, none in the repository
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RM_BENCH_WORK": str(tmp_path / "work"),
@@ -203,13 +204,17 @@ def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp
         wins = figures["wins"]  # held-out pair by pair, for the paired accuracy difference
         assert len(wins) == figures["test_pairs"] and figures["accuracy"] == pytest.approx(wins.count("1") / len(wins))
     assert payload["runs"]["trl_default/hh"]["trainer"] == "trl"
+    # our runs keep the device plan's choices (and, on a GPU, its predicted peak beside the measured one)
+    assert payload["runs"]["ours/hh"]["device_plan"]["why"] == "on a CPU"
+    assert payload["runs"]["trl_default/hh"]["device_plan"] is None
     # shared prompts compute fewer tokens than per-sequence packing of the same pairs
     assert payload["runs"]["ours/hh"]["computed_tokens_per_s"] < payload["runs"]["ours/hh"]["tokens_per_s"]
     per_sequence = payload["runs"]["ours_per_sequence/hh"]
     assert per_sequence["computed_tokens_per_s"] == pytest.approx(per_sequence["tokens_per_s"])
     hh = payload["cases"]["hh"]
     assert {"tokens_per_s_vs_trl_default", "steady_tokens_per_s_vs_trl_default", "shared_prompt_pairs_per_s_gain",
-            "memory_matched"} <= set(hh)
+            "memory_matched", "within_trl_memory"} <= set(hh)
+    assert "--ours-setting=train.gpu_memory_gib=" in payload["commands"]["ours_within_trl_memory/hh"]
     assert hh["accuracy_points_standard_error"] is not None
     assert set(hh["targets"]) == {"3x_trl_default", "accuracy_within_1_point"}  # no GPU memory or peak on a CPU
     assert payload["commands"]["ours_per_sequence/hh"].endswith("--case hh --versus per-sequence")
@@ -226,9 +231,9 @@ def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp
     assert [list(entry["runs"]) for entry in logged] == [first, first + then]
 
 
-def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(tmp_path, monkeypatch):
-    """A stalled or failed run must not take the rest of a GPU lease: it is stopped, what it reached is
-    kept, the benchmark goes on, and --resume tries it again."""
+def stand_in_benchmark(tmp_path, monkeypatch):
+    """Data files, a model folder and an output folder for bench_gpu.main whose runs a test stands in
+    for (bench_train.run_child); nothing is prepared."""
     data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "out"
     data.mkdir()
     model.mkdir()
@@ -238,6 +243,13 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     monkeypatch.setattr(bench_train, "WORK", tmp_path / "work")
     monkeypatch.setenv("RM_BENCH_LOG", str(tmp_path / "results.jsonl"))
     monkeypatch.setattr(bench_train, "prepare", lambda args, case: None)
+    return data, model, out
+
+
+def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(tmp_path, monkeypatch):
+    """A stalled or failed run must not take the rest of a GPU lease: it is stopped, what it reached is
+    kept, the benchmark goes on, and --resume tries it again."""
+    data, model, out = stand_in_benchmark(tmp_path, monkeypatch)
     log = tmp_path / "work" / "hh" / "ours" / "data" / "train" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
     calls = []
@@ -275,6 +287,29 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     again = bench_gpu.main([*common, "--resume"])
     assert calls == [("hh", "ours"), ("alpaca", "trl")]  # only the unfinished runs
     assert again["unfinished"] == {} and "ours_token_batches/hh" in again["runs"]
+
+
+def test_ours_within_trls_memory_takes_the_peak_trl_measured_on_the_same_case(tmp_path, monkeypatch):
+    """The memory target's run: our trainer held (train.gpu_memory_gib) to the peak that TRL at its
+    defaults reached on the same case; before TRL has run, it waits, and --resume makes it."""
+    data, model, out = stand_in_benchmark(tmp_path, monkeypatch)
+    settings = []
+
+    def child(args, case, trainer, timeout=None):
+        settings.append((case, trainer, list(args.ours_setting)))
+        return run(5_000, None, 17_354.6, 0.6) if trainer == "trl" else run(20_000, None, 17_000, 0.6)
+
+    monkeypatch.setattr(bench_train, "run_child", child)
+    common = ["--rehearse", "--skip-check", "--model", str(model), "--data", str(data), "--out", str(out)]
+    payload = bench_gpu.main([*common, "--run=ours_within_trl_memory/hh", "--run=trl_default/hh"])
+    assert "trl_default/hh" in payload["runs"] and settings == [("hh", "trl", [])]
+    waiting = payload["unfinished"]["ours_within_trl_memory/hh"]
+    assert waiting["needs"].startswith("the peak GPU memory of trl_default/hh")
+    again = bench_gpu.main([*common, "--resume", "--run=ours_within_trl_memory/hh", "--run=trl_default/hh"])
+    assert settings[-1] == ("hh", "ours", ["train.gpu_memory_gib=16.9473"])  # 17,354 MiB
+    assert again["unfinished"] == {}
+    assert again["commands"]["ours_within_trl_memory/hh"].endswith("--ours-setting=train.gpu_memory_gib=16.9473")
+    assert again["cases"]["hh"]["within_trl_memory"]["peak_gpu_vs_trl_default"] == pytest.approx(17_000 / 17_354.6)
 
 
 def test_an_earlier_runs_training_log_is_not_taken_for_a_stopped_runs_progress(tmp_path, monkeypatch):

@@ -103,6 +103,38 @@ def test_memory_is_planned_for_the_largest_forward_the_data_makes():
     assert unbounded.tokens_per_forward is None and unbounded.gradient_checkpointing  # 14 GiB do not fit in 24 GiB
 
 
+def test_the_plan_predicts_the_peak_it_planned_for():
+    """What the log and the run's summary report, for a GPU run to be checked against."""
+    gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB)
+    p = plan(**gpu, largest_forward=13_440)
+    assert p.memory.peak() == state_bytes(PYTHIA_1B) + 13_440 * activation_bytes_per_token(PYTHIA_1B, 0)
+    assert p.memory.peak(1000) == state_bytes(PYTHIA_1B) + 1000 * activation_bytes_per_token(PYTHIA_1B, 0)
+    assert p.record()["predicted_peak_mib"] == p.memory.peak() / 2**20
+    assert f"predicted peak {p.memory.peak() / 2**20:,.0f} MiB" in p.describe("sdpa")
+    partial = plan(**gpu)
+    assert partial.memory.per_token == activation_bytes_per_token(PYTHIA_1B, partial.checkpointed_layers)
+    assert plan(device_type="cpu", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=None).memory is None
+
+
+def test_a_memory_limit_is_planned_for_like_a_smaller_gpu():
+    """train.gpu_memory_gib on an 80 GiB GPU: the plan checkpoints the fewest layers that keep its
+    predicted peak within 95% of the limit, and runs smaller forwards where even 15 layers would not."""
+    state = state_bytes(PYTHIA_1B)
+    gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB,
+               largest_forward=13_440)
+    limit = int((state + 13_440 * activation_bytes_per_token(PYTHIA_1B, 8)) / 0.95) + 1
+    p = plan(**gpu, limit_bytes=limit)
+    assert p.checkpointed_layers == 8 and p.memory.peak() <= 0.95 * limit
+    assert "train.gpu_memory_gib" in p.why
+    tight = int((state + 5_000 * activation_bytes_per_token(PYTHIA_1B, 15)) / 0.95)
+    fewer = plan(**gpu, limit_bytes=tight)
+    assert fewer.checkpointed_layers == 15 and fewer.tokens_per_forward == 4096
+    assert fewer.memory.peak() <= 0.95 * tight
+    assert plan(**gpu, limit_bytes=100 * GiB) == plan(**gpu)  # above what is free: the free memory rules
+    with pytest.raises(SettingsError, match=r"train.gpu_memory_gib: the weights, gradients and AdamW state alone"):
+        plan(**gpu, limit_bytes=state)
+
+
 def test_a_small_gpu_gets_fewer_tokens_per_forward():
     p = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=24 * GiB)
     assert p.gradient_checkpointing
@@ -163,7 +195,9 @@ def test_settings_take_auto_numbers_and_booleans():
                                              ("train.max_tokens_per_forward=lots", "train.max_tokens_per_forward"),
                                              ("train.max_tokens_per_forward=0", "train.max_tokens_per_forward"),
                                              ("train.gradient_checkpointing=sometimes",
-                                              "train.gradient_checkpointing")])
+                                              "train.gradient_checkpointing"),
+                                             ("train.gpu_memory_gib=0", "train.gpu_memory_gib"),
+                                             ("train.gpu_memory_gib=lots", "train.gpu_memory_gib")])
 def test_bad_values_name_the_setting(override, named):
     with pytest.raises(SettingsError, match=named):
         load_params(None, [override])

@@ -43,6 +43,7 @@ class TrainResult:
     best_checkpoint: str | None = None
     best_eval_accuracy: float | None = None
     processes: int = 1
+    device_plan: dict | None = None  # how the run used its device (rm_lib.training.device_plan)
 
     def run_record(self) -> dict:
         """run.json: what the model is (settings, data, code, outcome), no timings, so that what depends
@@ -59,7 +60,8 @@ class TrainResult:
                 "best_eval_accuracy": self.best_eval_accuracy, "reward_mean": self.reward_mean,
                 "reward_std": self.reward_std, "model": self.model_settings.get("name_or_path"),
                 "processes": self.processes, "fingerprint": self.fingerprint, "data_hash": self.data_hash,
-                "code_hash": self.code_hash, "wandb": self.wandb_url, "train": self.train_settings}
+                "code_hash": self.code_hash, "wandb": self.wandb_url, "train": self.train_settings,
+                "device_plan": self.device_plan}
 
     def summary(self) -> str:
         figures = (f"last loss {self.final_loss:.4f}, batch accuracy {self.final_accuracy:.3f}, "
@@ -104,7 +106,7 @@ def result_from_summary(layout: Layout) -> TrainResult:
                        fingerprint=summary["fingerprint"], data_hash=summary["data_hash"],
                        code_hash=summary["code_hash"], model_settings=model, train_settings=summary["train"],
                        best_checkpoint=summary["best_checkpoint"], best_eval_accuracy=summary["best_eval_accuracy"],
-                       processes=summary["processes"])
+                       processes=summary["processes"], device_plan=summary.get("device_plan"))
 
 
 def run(params: Params, layout: Layout, accelerator=None,
@@ -176,7 +178,8 @@ def run(params: Params, layout: Layout, accelerator=None,
         wandb_url=result.wandb_url, reused=result.reused, fingerprint=fingerprint, data_hash=meta["content_hash"],
         code_hash=code, model_settings=asdict(params.model), train_settings=asdict(cfg),
         best_checkpoint=str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
-        best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes)
+        best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes,
+        device_plan=result.device_plan)
     if accelerator.is_main_process:
         with atomic_dir(layout.model) as out:
             save_model(model, tokenizer, out, extra_config={

@@ -19,6 +19,9 @@ from rm_lib.model.varlen import VARLEN
 GPU_TOKENS_PER_FORWARD = 65_536  # enough work per forward to keep a large GPU busy
 CPU_TOKENS_PER_FORWARD = 8_192
 MEMORY_HEADROOM = 0.85  # of the free memory: the allocator's fragmentation and the CUDA context
+# of a limit the user set (train.gpu_memory_gib), which bounds the allocator's peak: the estimate's own
+# error (0.5% on an H200 run, BENCHMARKS.md)
+LIMIT_MARGIN = 0.95
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,19 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class MemoryEstimate:
+    """What the plan expects a GPU run to hold at its peak: `state` bytes of weights, gradients and
+    AdamW moments, and `per_token` bytes of activations for each of at most `tokens` tokens a forward."""
+    state: int
+    per_token: int
+    tokens: int
+
+    def peak(self, tokens: int | None = None) -> int:
+        """The peak for a forward of `tokens` (default: the most the plan allows for)."""
+        return self.state + (self.tokens if tokens is None else tokens) * self.per_token
+
+
+@dataclass(frozen=True)
 class DevicePlan:
     attention: str | None  # the implementation to train with; None: the model's own
     tokens_per_forward: int | None
@@ -39,6 +55,14 @@ class DevicePlan:
     why: str  # one line for the log
     # with checkpointing on: how many of the model's layers, the first ones, are checkpointed; None: all
     checkpointed_layers: int | None = None
+    memory: MemoryEstimate | None = None  # where the plan weighed the GPU's memory
+
+    def record(self) -> dict:
+        """What a run's summary keeps of its plan."""
+        return {"attention": self.attention, "tokens_per_forward": self.tokens_per_forward,
+                "gradient_checkpointing": self.gradient_checkpointing, "checkpointed_layers": self.checkpointed_layers,
+                "fused_adamw": self.fused_adamw, "why": self.why,
+                "predicted_peak_mib": self.memory.peak() / 2**20 if self.memory else None}
 
     def describe(self, loaded_attention: str) -> str:
         attention = "varlen" if self.attention == VARLEN else self.attention or loaded_attention
@@ -48,7 +72,8 @@ class DevicePlan:
         return (f"attention {attention}, "
                 f"{self.tokens_per_forward or 'all'} tokens per forward, "
                 f"activation checkpointing {checkpointing}, "
-                f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})")
+                f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})"
+                + (f", predicted peak {self.memory.peak() / 2**20:,.0f} MiB" if self.memory else ""))
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -85,12 +110,13 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
          attention: str = "auto", tokens_per_forward: int | str | None = "auto",
          gradient_checkpointing: bool | str = "auto", precision: str = "no",
          loaded_attention: str = "sdpa", supports_varlen: bool = False,
-         largest_forward: int | None = None) -> DevicePlan:
+         largest_forward: int | None = None, limit_bytes: int | None = None) -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
     autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own;
     `supports_varlen`: this torch has FlashAttention's variable-length kernel; `largest_forward`: the
     most tokens one forward of this run's data can hold (None: unknown), what memory is planned for
-    where it is below the budget per forward."""
+    where it is below the budget per forward; `limit_bytes`: the most GPU memory the run may use
+    (train.gpu_memory_gib), where less than is free."""
     gpu = device_type == "cuda"
     # one fused kernel for the whole update on a CPU too (a fifth of the per-parameter loop's time there)
     fused = device_type in ("cuda", "cpu")
@@ -114,27 +140,40 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
     tokens = wanted if largest_forward is None else largest_forward if wanted is None else min(wanted, largest_forward)
     if not gpu or free_bytes is None or not shape.layers or tokens is None:
         return DevicePlan(attention_choice, wanted, False, fused, "on a CPU" if not gpu else "no token budget set")
-    room = MEMORY_HEADROOM * free_bytes - state_bytes(shape)
+    usable = MEMORY_HEADROOM * free_bytes
+    where = f"{free_bytes / 2**30:.0f} GiB free"
+    if limit_bytes is not None and LIMIT_MARGIN * limit_bytes < usable:
+        usable, where = LIMIT_MARGIN * limit_bytes, f"the {limit_bytes / 2**30:g} GiB of train.gpu_memory_gib"
+        if usable <= state_bytes(shape):
+            raise SettingsError(f"train.gpu_memory_gib: the weights, gradients and AdamW state alone take "
+                                f"{state_bytes(shape) / 2**30:.1f} GiB, more than {LIMIT_MARGIN:.0%} of "
+                                f"{limit_bytes / 2**30:g} GiB; allow more, or train with train.lora=true")
+    room = usable - state_bytes(shape)
     gathered = attention_choice == VARLEN
     held = f"{tokens} tokens a forward" + (f" at most ({wanted} allowed)" if tokens != wanted else "")
+
+    def estimate(layers: int, most: int) -> MemoryEstimate:
+        return MemoryEstimate(state_bytes(shape), activation_bytes_per_token(shape, layers, gathered), most)
+
     # the fewest layers that make the forward fit, the first ones; never all of them: the last
     # layer's recompute comes at once, and would save nothing
     for k in range(shape.layers):
         if tokens * activation_bytes_per_token(shape, k, gathered) <= room:
             if k == 0:
-                return DevicePlan(attention_choice, wanted, False, True, f"{held} fit without checkpointing")
+                return DevicePlan(attention_choice, wanted, False, True, f"{held} fit without checkpointing in {where}",
+                                  memory=estimate(0, tokens))
             return DevicePlan(attention_choice, wanted, True, True,
-                              f"{held} need {k} of {shape.layers} layers checkpointed in "
-                              f"{free_bytes / 2**30:.0f} GiB free", checkpointed_layers=k)
+                              f"{held} need {k} of {shape.layers} layers checkpointed in {where}",
+                              checkpointed_layers=k, memory=estimate(k, tokens))
     most = shape.layers - 1
     fits = int(room // activation_bytes_per_token(shape, most, gathered)) if room > 0 else 0
     if tokens_per_forward == "auto":  # fewer tokens per forward, never fewer than one block of rows
         budget: int | None = max(min(tokens, fits // 1024 * 1024), 1024)
     else:
         budget = wanted
-    return DevicePlan(attention_choice, budget, True, True,
-                      f"{held} need checkpointing in {free_bytes / 2**30:.0f} GiB free",
-                      checkpointed_layers=most or None)
+    return DevicePlan(attention_choice, budget, True, True, f"{held} need checkpointing in {where}",
+                      checkpointed_layers=most or None,
+                      memory=estimate(most or shape.layers, min(tokens, budget or tokens)))
 
 
 def _check_varlen(*, gpu: bool, packed: bool, precision: str, supports_varlen: bool) -> None:

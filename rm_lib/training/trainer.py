@@ -42,7 +42,7 @@ LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
                       "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt", "attention",
-                      "compile")
+                      "compile", "gpu_memory_gib")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class FitResult:
     prepared: Any = None  # the model as accelerate wrapped it (DDP, FSDP, DeepSpeed)
     reused: bool = False  # the run had finished already: no step trained, the figures are the run's
     last_log: dict | None = None  # the last metrics record of the run (also when reused)
+    device_plan: dict | None = None  # DevicePlan.record() of this call's plan
 
 
 def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str) -> str:
@@ -222,7 +223,8 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 attention=cfg.attention,
                 tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing,
                 precision=precision, loaded_attention=inner.config._attn_implementation,
-                supports_varlen=cuda_kernel() is not None, largest_forward=largest)
+                supports_varlen=cuda_kernel() is not None, largest_forward=largest,
+                limit_bytes=None if cfg.gpu_memory_gib is None else int(cfg.gpu_memory_gib * 2**30))
 
 
 def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
@@ -447,6 +449,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                       "elapsed_s": round(base_s + time.perf_counter() - started, 3)}
             if scorer.length_head is not None:  # what the length penalty holds down, as it stands now
                 record["length_correlation"] = scorer.length_head.running_correlation().item()
+            if accelerator.device.type == "cuda":  # the allocator's peak so far: what the device plan predicts
+                record["peak_gpu_mib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
             tokens_total += tokens
             history.append(record)
             state.last_log = dict(record)
@@ -483,7 +487,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
                      wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens / max(wall, 1e-9),
                      wall_s=wall, best_step=state.best_step, best_eval_accuracy=state.best_eval_accuracy,
-                     prepared=model, reused=reused, last_log=state.last_log)
+                     prepared=model, reused=reused, last_log=state.last_log, device_plan=device_plan.record())
 
 
 def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
