@@ -317,6 +317,59 @@ def test_the_trainer_plans_a_gpu_run_for_its_largest_batch(tiny_decoder, monkeyp
     assert trainer.plan_for(cfg, model, cuda, packed=True, precision="bf16").gradient_checkpointing  # no rows
 
 
+def test_a_step_out_of_gpu_memory_runs_again_in_smaller_forwards_with_the_same_training(tmp_path, tiny_decoder,
+                                                                                       monkeypatch, capsys):
+    """A forward that runs out of GPU memory (the plan's estimate is a model) does not end the run:
+    the step starts again, its gradients and the length head's running statistics as before it, in
+    forwards of half the tokens, and so does the rest of the run. The weights are those of a run
+    with that budget from the start."""
+    from rm_lib.model import inference
+
+    real, calls = inference.packed_rewards, []
+
+    def scarce(inner, batch):  # the second forward of the run runs out of memory, once
+        calls.append(batch.real_tokens)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(inner, batch)
+
+    settings = ("train.gradient_accumulation_steps=2", "train.length_debias=true")
+    monkeypatch.setattr(inference, "packed_rewards", scarce)
+    retried, w_retried, rows = fit_tiny(tmp_path, tiny_decoder, *settings)
+    monkeypatch.setattr(inference, "packed_rewards", real)
+    plan = retried.device_plan
+    assert plan["out_of_memory_retries"] == 1 and plan["tokens_per_forward"] < 8192
+    assert "out of GPU memory at step 1" in capsys.readouterr().out
+    steady, w_steady, _ = fit_tiny(tmp_path / "steady", tiny_decoder, *settings,
+                                   f"train.max_tokens_per_forward={plan['tokens_per_forward']}")
+    assert len(calls) > 4  # the step ran again, in more forwards
+    assert [r["loss"] for r in retried.history] == pytest.approx([r["loss"] for r in steady.history], rel=1e-5)
+    assert same_weights(w_steady, w_retried, atol=1e-6)
+
+
+def test_out_of_gpu_memory_for_a_single_pair_says_what_to_change():
+    from rm_lib.errors import DevicePathError
+
+    rows = [{"input_ids_chosen": [1] * n, "input_ids_rejected": [2] * n} for n in (10, 40, 25)]
+    assert trainer._smaller_budget(400, rows, 3) == 200
+    assert trainer._smaller_budget(100, rows, 3) == 80  # never below the largest pair, which runs alone
+    with pytest.raises(DevicePathError, match=r"step 3 in a forward of a single pair \(80 tokens\).*"
+                                              r"train.gradient_checkpointing=true"):
+        trainer._smaller_budget(80, rows, 3)
+
+
+def test_out_of_gpu_memory_outside_a_forward_names_what_needs_the_room(tmp_path, tiny_decoder, monkeypatch):
+    from rm_lib.errors import DevicePathError
+
+    def no_room(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB (a stand-in)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_room)
+    with pytest.raises(DevicePathError, match=r"outside the training forwards \(CUDA out of memory. Tried to "
+                                              r"allocate 7.50 GiB.*AdamW's state.*train.lora=true"):
+        fit_tiny(tmp_path, tiny_decoder)
+
+
 def test_token_chunks_keep_order_and_budget():
     from rm_lib.model.batching import token_chunks
 

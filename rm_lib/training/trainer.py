@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from rm_lib.errors import SettingsError, TrainingDiverged
+from rm_lib.errors import DevicePathError, SettingsError, TrainingDiverged
 from rm_lib.files import file_sha256, share_tree
 from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
-from rm_lib.model.batching import EpochSchedule, collate_pairs, process_slice, token_chunks
+from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_tokens, process_slice, token_chunks
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
@@ -292,9 +292,15 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
     """Train `model` in place. `accelerator` is an accelerate.Accelerator made by the caller. The model
     leaves as it came, whether training ends or raises: with its own attention (the run may switch it)."""
     with contextlib.ExitStack() as run_scope:
-        return _fit(cfg, model, train_rows, pad_token_id=pad_token_id, checkpoints=checkpoints,
-                    fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
-                    run_scope=run_scope)
+        try:
+            return _fit(cfg, model, train_rows, pad_token_id=pad_token_id, checkpoints=checkpoints,
+                        fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
+                        run_scope=run_scope)
+        except torch.OutOfMemoryError as exc:  # outside a forward (a forward's is retried smaller): the state
+            first = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
+            raise DevicePathError(f"train: out of GPU memory outside the training forwards ({first}): the weights, "
+                                  "their gradients and AdamW's state need room too; set train.lora=true, or free "
+                                  "GPU memory. Checkpoints are kept: the run resumes from the last one") from exc
 
 
 def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
@@ -375,13 +381,17 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     model.train()
-    while state.step < total:
-        micro = state.step * accumulation
-        step_loss = torch.zeros((), device=accelerator.device)
+    budget, retries = device_plan.tokens_per_forward, 0
+
+    def run_batches(micro: int, budget: int | None) -> dict:
+        """Forward and backward of the step's micro-batches from `micro` on, in forwards of at most
+        `budget` tokens; the step's sums (on the device) for its logging window."""
+        sums = _new_window(accelerator.device)
+        sums["step_loss"] = torch.zeros((), device=accelerator.device)
         for k in range(accumulation):
             epoch, position = schedule.locate(micro + k)
             mine = [train_rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
-            chunks = token_chunks(mine, device_plan.tokens_per_forward)
+            chunks = token_chunks(mine, budget)
             for c, chunk in enumerate(chunks):
                 if packed:
                     batch = packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row, multiple=multiple)
@@ -407,15 +417,50 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                     r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
                     accelerator.backward(loss * share / accumulation)
                 with torch.no_grad():
-                    window["loss"] += loss.detach().float() * share
-                    window["acc"] += (r_c > r_r).float().mean() * share
-                    window["margin"] += (r_c - r_r).mean() * share
-                    window["mean"] += scores.mean() * share
-                    step_loss = step_loss + loss.detach().float() * share
-                window["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
-                window["computed"] += batch.real_tokens
-                window["padded"] += batch.padded_tokens
-            window["n"] += 1
+                    sums["loss"] += loss.detach().float() * share
+                    sums["acc"] += (r_c > r_r).float().mean() * share
+                    sums["margin"] += (r_c - r_r).mean() * share
+                    sums["mean"] += scores.mean() * share
+                    sums["step_loss"] += loss.detach().float() * share
+                sums["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
+                sums["computed"] += batch.real_tokens
+                sums["padded"] += batch.padded_tokens
+            sums["n"] += 1
+        return sums
+
+    while state.step < total:
+        micro = state.step * accumulation
+        # the running statistics of the length head, as they stand before the step: a step run again
+        # observes its pairs again
+        before = {k: v.clone() for k, v in scorer.length_head.named_buffers()} if scorer.length_head else {}
+        while True:
+            widest = None
+            try:
+                sums = run_batches(micro, budget)
+                break
+            except torch.OutOfMemoryError:
+                widest = _widest_forward(train_rows, schedule, micro, accumulation, rank, world, budget)
+                if world > 1:  # the other processes are inside the step's collectives: no one can redo it alone
+                    raise DevicePathError(
+                        f"train: out of GPU memory at step {state.step + 1} in a forward of up to {widest} tokens; "
+                        f"with several processes a step is not run again in smaller forwards: set "
+                        f"train.max_tokens_per_forward below {widest} (or train.gpu_memory_gib, or "
+                        f"train.gradient_checkpointing=true). Checkpoints are kept: the run resumes from the "
+                        f"last one") from None
+            # out of the except block: its traceback, and the tensors it holds, are gone
+            budget = _smaller_budget(widest, train_rows, state.step + 1)
+            retries += 1
+            optimizer.zero_grad(set_to_none=True)
+            for name, value in before.items():
+                scorer.length_head.get_buffer(name).copy_(value)
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+            accelerator.print(f"train: out of GPU memory at step {state.step + 1} in a forward of up to {widest} "
+                              f"tokens; the step runs again, and the rest of the run, with at most {budget} tokens "
+                              "a forward (the same gradients)")
+        step_loss = sums.pop("step_loss")
+        for key, value in sums.items():
+            window[key] += value
         first = (bad_step == 0) & ~torch.isfinite(step_loss)
         bad_step, bad_loss = torch.where(first, state.step + 1, bad_step), torch.where(first, step_loss, bad_loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -487,7 +532,33 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
                      wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens / max(wall, 1e-9),
                      wall_s=wall, best_step=state.best_step, best_eval_accuracy=state.best_eval_accuracy,
-                     prepared=model, reused=reused, last_log=state.last_log, device_plan=device_plan.record())
+                     prepared=model, reused=reused, last_log=state.last_log,
+                     device_plan={**device_plan.record(), "tokens_per_forward": budget,
+                                  "out_of_memory_retries": retries})
+
+
+def _widest_forward(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int,
+                   world: int, budget: int | None) -> int:
+    """The real tokens of the largest forward of one step (its micro-batches from `micro` on, cut by
+    `budget`), counted as token_chunks counts them."""
+    widest = 0
+    for k in range(accumulation):
+        epoch, position = schedule.locate(micro + k)
+        mine = [rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
+        widest = max([widest, *(sum(pair_tokens(r) for r in chunk) for chunk in token_chunks(mine, budget))])
+    return widest
+
+
+def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
+    """Tokens per forward after a forward of `widest` tokens ran out of GPU memory: half of it, down
+    to the largest pair, which runs alone whatever the budget."""
+    largest_pair = max(pair_tokens(r) for r in rows)
+    if widest <= largest_pair:
+        raise DevicePathError(f"train: out of GPU memory at step {step} in a forward of a single pair ({widest} "
+                              "tokens); set train.gradient_checkpointing=true, train.lora=true or a lower "
+                              "tokenize.max_length, or free GPU memory. Checkpoints are kept: the run resumes from "
+                              "the last one")
+    return max(widest // 2, largest_pair)
 
 
 def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
