@@ -340,6 +340,8 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
             "data_hash": _text(summary.get("data_hash")),
             "path": dg.MetadataValue.path(str(layout.model)),
             "metrics": dg.MetadataValue.path(str(layout.train_logs / "metrics.jsonl")),
+            # how the run used its device: attention, tokens per forward, layers checkpointed, predicted peak
+            "device_plan": dg.MetadataValue.json(summary.get("device_plan") or {}),
             **recorded,
         },
         data_version=version,

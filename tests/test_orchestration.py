@@ -230,6 +230,7 @@ def test_every_asset_materializes_with_metadata(pipeline):
     assert "data:image/png;base64," in model["loss_curve"].md_str
     assert "not logged" in model["wandb_run"].text and (layout.model / "config.json").exists()
     assert summary["train"]["wandb_project"] == "rm-tests"  # the W&B resource reached the step
+    assert model["device_plan"].data == summary["device_plan"] and model["device_plan"].data["why"] == "on a CPU"
 
     ev = mats["evaluation"].metadata
     report = json.loads((layout.evaluation / "report.json").read_text())
