@@ -59,3 +59,52 @@ def test_each_process_scores_its_share_and_all_get_every_reward(tiny_decoder, mo
     for rank in range(world):
         assert results[rank][0] == pytest.approx(alone[0], abs=1e-5)
         assert results[rank][1] == pytest.approx(alone[1], abs=1e-5)
+
+
+def scarce(real, most: int):
+    """`real` (a scoring function of a model and ids) on a device that runs out of memory for more
+    than `most` sequences a batch; records each batch's size."""
+    sizes = []
+
+    def score(model, input_ids, *args, **kwargs):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > most:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(model, input_ids, *args, **kwargs)
+
+    return score, sizes
+
+
+def test_a_batch_out_of_gpu_memory_is_scored_again_in_halves(tiny_decoder, monkeypatch, capsys):
+    """Evaluation holds nothing between batches: a batch that does not fit is scored in halves, and
+    the rest of the pairs too, with the rewards of a device that had the room."""
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    rng = random.Random(1)
+    rows = [{"input_ids_chosen": [rng.randrange(1, 90) for _ in range(rng.randrange(3, 20))],
+             "input_ids_rejected": [rng.randrange(1, 90) for _ in range(rng.randrange(3, 20))]} for _ in range(13)]
+    roomy = score_pairs(model, rows, pad_token_id=0, batch_size=8)
+    score, sizes = scarce(inference.rewards, most=6)  # 3 pairs: a batch of 8 pairs is halved twice
+    monkeypatch.setattr(inference, "rewards", score)
+    tight = score_pairs(model, rows, pad_token_id=0, batch_size=8)
+    for got, expected in zip(tight, roomy):
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert sizes[:3] == [16, 8, 4] and set(sizes[3:]) <= {4, 2}  # 2 pairs a batch from then on
+    assert "scoring pairs: out of GPU memory in a batch of 8; on in batches of 4" in capsys.readouterr().err
+
+
+def test_out_of_gpu_memory_for_one_pair_or_on_several_processes_names_the_setting(tiny_decoder, monkeypatch):
+    from rm_lib.errors import DevicePathError
+
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    model.train()
+    rows = [{"input_ids_chosen": [5, 6, 7], "input_ids_rejected": [5, 8]}] * 4
+    score, _ = scarce(inference.rewards, most=1)  # not even one pair (two sequences)
+    monkeypatch.setattr(inference, "rewards", score)
+    with pytest.raises(DevicePathError, match="scoring pairs: out of GPU memory scoring a batch of 1; set "
+                                              "evaluate.batch_size lower"):
+        score_pairs(model, rows, pad_token_id=0, batch_size=4)
+    assert model.training  # the model leaves in the mode it came in, also on an error
+    score, _ = scarce(inference.rewards, most=4)
+    monkeypatch.setattr(inference, "rewards", score)
+    with pytest.raises(DevicePathError, match="batch of 4 on one of several processes, which score in step"):
+        score_pairs(model, rows, pad_token_id=0, batch_size=4, shrink_on_oom=False)

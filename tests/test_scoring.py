@@ -31,6 +31,25 @@ def test_score_api_pipeline_and_grpo_reward_function_agree(trained):
     assert reward(prompts=[conversation[:1]], completions=[conversation[1:]]) == pytest.approx([by_messages], abs=1e-5)
 
 
+def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, monkeypatch, capsys):
+    import torch
+
+    from rm_lib.evaluation import scoring
+
+    texts = [f"User: question {i}?\n\nAssistant: answer number {i}." for i in range(7)]
+    roomy = RewardScorer(trained / "models/reward_model", batch_size=4).score(texts)
+    real = scoring.rewards
+
+    def scarce(model, input_ids, *args, **kwargs):
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "rewards", scarce)
+    assert RewardScorer(trained / "models/reward_model", batch_size=4).score(texts) == pytest.approx(roomy, abs=1e-5)
+    assert "score: out of GPU memory in a batch of 4; on in batches of 2" in capsys.readouterr().err
+
+
 def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
             {"prompt": "The film was", "chosen": "same", "rejected": "same"}]

@@ -18,6 +18,7 @@ import torch
 from rm_lib.data import templates, tokenization
 from rm_lib.data.length_filter import truncate_left
 from rm_lib.errors import DataError, SettingsError
+from rm_lib.model.batching import in_batches
 from rm_lib.model.modeling import load_reward_model, load_tokenizer, rewards
 
 LENGTH_POLICIES = ("truncate", "drop")
@@ -86,16 +87,18 @@ class RewardScorer:
         """Rewards with, per item, whether it was truncated and its length; `names` label items in errors."""
         encoded = [self.encode(item) for item in items]
         fitted = [self.fit(ids, names[i] if names else f"item {i}") for i, ids in enumerate(encoded)]
-        out: list[float] = []
-        for start in range(0, len(fitted), self.batch_size):
-            seqs = [ids for ids, _ in fitted[start:start + self.batch_size]]
+
+        def run(start: int, stop: int) -> list[float]:
+            seqs = [ids for ids, _ in fitted[start:stop]]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, seq in enumerate(seqs):
                 ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
             scores = rewards(self.model, ids.to(self.device), mask.to(self.device))
-            out += ((scores - self.mean) / (self.std or 1.0)).tolist()
+            return ((scores - self.mean) / (self.std or 1.0)).tolist()
+
+        out = in_batches(len(fitted), self.batch_size, run, what="score")
         return Scored(rewards=out, truncated=[cut for _, cut in fitted], lengths=[len(ids) for ids in encoded])
 
     def reward_function(self) -> Callable[..., list[float]]:

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import random
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from rm_lib.errors import DevicePathError
 
 
 def pair_length(row: dict) -> int:
@@ -149,3 +154,31 @@ def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) 
               if use_margin and any(m is not None for m in margins) else None)
     real = sum(len(s) for s in seqs)
     return PairBatch(ids, mask, margin, len(rows), real, ids.numel())
+
+
+def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]], *, what: str,
+               shrink: bool = True) -> list[Any]:
+    """`run(start, stop)` over [0, count) in slices of `batch_size`, the results joined. Inference
+    holds no state between slices, so one that runs out of GPU memory is run again in halves, and the
+    rest too (it says so); `shrink=False` (several processes, whose forwards may gather weights
+    together) ends with an error naming the setting instead."""
+    out: list[Any] = []
+    start = 0
+    while start < count:
+        stop = min(start + batch_size, count)
+        try:
+            out += run(start, stop)
+            start = stop
+            continue
+        except torch.OutOfMemoryError:
+            if not shrink or batch_size == 1:
+                raise DevicePathError(
+                    f"{what}: out of GPU memory scoring a batch of {stop - start}"
+                    + ("" if shrink else " on one of several processes, which score in step")
+                    + "; set evaluate.batch_size lower, a lower tokenize.max_length, or free GPU memory") from None
+        # out of the except block: its traceback, and the tensors it holds, are gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        batch_size = max(batch_size // 2, 1)
+        print(f"{what}: out of GPU memory in a batch of {stop - start}; on in batches of {batch_size}", file=sys.stderr)
+    return out

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from rm_lib.model.batching import PairBatch, collate_pairs, pair_length
+from rm_lib.model.batching import PairBatch, collate_pairs, in_batches, pair_length
 from rm_lib.model.modeling import rewards, unwrap
 from rm_lib.model.packing import PackedBatch, packed_rewards
 
@@ -42,20 +42,28 @@ def _batch_scorer(model: Any) -> Callable[[PairBatch], torch.Tensor]:
 
 @torch.no_grad()
 def score_pairs(model: Any, rows: list[dict], *, pad_token_id: int, batch_size: int = 32,
-                device: torch.device | None = None) -> tuple[list[float], list[float]]:
+                device: torch.device | None = None, shrink_on_oom: bool = True) -> tuple[list[float], list[float]]:
+    """The rewards of each pair's chosen and rejected sequences, in `rows` order. A batch out of GPU
+    memory is scored again in halves (`in_batches`); `shrink_on_oom=False` where several processes
+    score in step."""
     device = device or next(model.parameters()).device
     score = _batch_scorer(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: pair_length(rows[i]))
+
+    def run(start: int, stop: int) -> list[tuple[float, float]]:
+        idx = order[start:stop]
+        out = score(collate_pairs([rows[i] for i in idx], pad_token_id, use_margin=False).to(device)).tolist()
+        return [(out[k], out[k + len(idx)]) for k in range(len(idx))]
+
+    try:
+        scored = in_batches(len(order), batch_size, run, what="scoring pairs", shrink=shrink_on_oom)
+    finally:
+        model.train(was_training)
     r_chosen, r_rejected = [0.0] * len(rows), [0.0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate_pairs([rows[i] for i in idx], pad_token_id, use_margin=False).to(device)
-        out = score(batch).tolist()
-        for k, i in enumerate(idx):
-            r_chosen[i], r_rejected[i] = out[k], out[k + len(idx)]
-    model.train(was_training)
+    for i, (chosen, rejected) in zip(order, scored):
+        r_chosen[i], r_rejected[i] = chosen, rejected
     return r_chosen, r_rejected
 
 
@@ -86,6 +94,7 @@ def score_pairs_across(accelerator: Any, model: Any, rows: list[dict], *, pad_to
     from accelerate.utils import gather_object
 
     mine, real = shard(rows, rank, world)
-    r_c, r_r = score_pairs(model, mine, pad_token_id=pad_token_id, batch_size=batch_size, device=accelerator.device)
+    r_c, r_r = score_pairs(model, mine, pad_token_id=pad_token_id, batch_size=batch_size, device=accelerator.device,
+                           shrink_on_oom=False)
     parts = gather_object([(r_c[:real], r_r[:real])])  # one (chosen, rejected) per process, in rank order
     return unshard([p[0] for p in parts], world), unshard([p[1] for p in parts], world)
