@@ -155,6 +155,51 @@ def test_this_torchs_kernel_takes_the_layout_as_called_forward_and_backward():
     assert q.grad.shape == q.shape and k.grad.shape == v.grad.shape == k.shape
 
 
+def _top_left(q, k, v, layout, scale):
+    """The sequence-by-sequence attention with the causal mask aligned to the first key, not the last:
+    a rejected answer's tokens would miss most of their prompt."""
+    pieces = []
+    for i in range(len(layout.q_bounds) - 1):
+        qa, qb, ka, kb = layout.q_bounds[i], layout.q_bounds[i + 1], layout.k_bounds[i], layout.k_bounds[i + 1]
+        mask = torch.ones(qb - qa, kb - ka, dtype=torch.bool).tril()
+        pieces.append(torch.nn.functional.scaled_dot_product_attention(
+            q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1), attn_mask=mask,
+            scale=scale).transpose(0, 1))
+    return torch.cat(pieces)
+
+
+def _stand_in(alignment: str):
+    """A kernel with torch's signature, computed by SDPA per sequence, its causal mask aligned to the
+    last key (as FlashAttention aligns it) or to the first."""
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, window_size, scale):
+        bounds = (tuple(cu_q.tolist()), tuple(cu_k.tolist()))
+        layout = varlen.VarlenLayout(cu_q, cu_k, max_q, max_k, None, window_size == (-1, 0), *bounds)
+        attend = varlen._sequence_by_sequence if alignment == "last key" else _top_left
+        return attend(q, k, v, layout, scale)
+
+    return kernel, True, True
+
+
+def test_a_varlen_run_starts_only_with_a_kernel_that_agrees_with_sdpa(monkeypatch):
+    """A GPU run with train.attention=varlen first runs the kernel on a small layout of shared prompts
+    against SDPA: bf16 rounding passes, a causal mask aligned to the first key of a rejected answer's
+    gathered keys stops the run before it trains a wrong model."""
+    from rm_lib.errors import DevicePathError
+
+    right, wrong = _stand_in("last key"), _stand_in("first key")
+    assert varlen.kernel_disagreement(right, "cpu", torch.bfloat16) < 0.02
+    assert varlen.kernel_disagreement(wrong, "cpu", torch.bfloat16) > 0.5
+    varlen.check_kernel.cache_clear()
+    monkeypatch.setattr(varlen, "cuda_kernel", lambda: right)
+    assert varlen.check_kernel("cpu", torch.bfloat16) < varlen.KERNEL_TOLERANCE
+    varlen.check_kernel.cache_clear()
+    monkeypatch.setattr(varlen, "cuda_kernel", lambda: wrong)
+    with pytest.raises(DevicePathError, match=r"variable-length kernel differs from SDPA by .* train.attention=auto"):
+        varlen.check_kernel("cpu", torch.bfloat16)
+    varlen.check_kernel.cache_clear()
+
+
 def _shape() -> ModelShape:
     return ModelShape(parameters=10**9, trainable=10**9, layers=16, hidden=2048, intermediate=8192)
 
@@ -278,18 +323,7 @@ def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_cau
     assert list(report) == [name for name, *_ in gpu_check.VARLEN_PATHS]  # compiled layers too (aot_eager here)
     assert all(r["ok"] for r in report.values()), json.dumps(report)
 
-    def top_left(q, k, v, layout, scale):
-        pieces = []
-        for i in range(len(layout.q_bounds) - 1):
-            qa, qb, ka, kb = (layout.q_bounds[i], layout.q_bounds[i + 1], layout.k_bounds[i],
-                              layout.k_bounds[i + 1])
-            mask = torch.ones(qb - qa, kb - ka, dtype=torch.bool).tril()
-            pieces.append(torch.nn.functional.scaled_dot_product_attention(
-                q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1), attn_mask=mask,
-                scale=scale).transpose(0, 1))
-        return torch.cat(pieces)
-
-    monkeypatch.setattr(varlen, "_sequence_by_sequence", top_left)
+    monkeypatch.setattr(varlen, "_sequence_by_sequence", _top_left)
     wrong = check()
     assert wrong["varlen per-sequence (fp16)"]["ok"]  # square sequences: both alignments agree
     assert not wrong["varlen shared-prompt (fp16)"]["ok"], json.dumps(wrong)

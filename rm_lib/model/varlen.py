@@ -18,9 +18,13 @@ from typing import Any
 
 import torch
 
+from rm_lib.errors import DevicePathError
 from rm_lib.model.batching import to_device
 
 VARLEN = "rm_varlen"  # the name transformers knows the attention function by
+# the most the kernel's output may differ from SDPA's on the check layout: bf16 rounding of outputs that
+# average values of about 1 stays near 1e-2; a causal mask aligned to the wrong end differs by about 1
+KERNEL_TOLERANCE = 0.1
 LAYOUT_KWARG = "rm_varlen_layout"  # the keyword that carries the layout from the model's forward to each layer
 
 
@@ -160,3 +164,42 @@ def register_varlen() -> str:
 
     AttentionInterface.register(VARLEN, varlen_attention)
     return VARLEN
+
+
+def kernel_disagreement(kernel: tuple[Any, bool, bool], device: torch.device | str, dtype: torch.dtype) -> float:
+    """The largest difference between `kernel` (as `cuda_kernel` gives it) and SDPA sequence by
+    sequence in fp32, on a small layout with what training uses: a prompt and its chosen answer as one
+    causal sequence, a rejected answer with gathered keys (more keys than queries), and a pair that
+    shares nothing."""
+    from rm_lib.model.packing import pack_pairs_shared  # packing builds on this module
+
+    pairs = [{"input_ids_chosen": [1] * 40 + [2] * 9, "input_ids_rejected": [1] * 40 + [3] * 13},
+             {"input_ids_chosen": [4] * 7, "input_ids_rejected": [5] * 11}]
+    batch = pack_pairs_shared(pairs, 0, one_row=True, multiple=1)
+    layout = varlen_layout(batch.segment_ids, causal=True, prefix_ids=batch.prefix_ids).to(device)
+    tokens = batch.input_ids.numel()
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(tokens, 4, 64, generator=generator)
+    k, v = (torch.randn(tokens, 4, 64, generator=generator) for _ in range(2))
+    if layout.kv_index is not None:
+        k, v = k.index_select(0, layout.kv_index.cpu()), v.index_select(0, layout.kv_index.cpu())
+    expected = _sequence_by_sequence(q, k, v, layout, 0.125)
+    got = call_kernel(*kernel, *(t.to(device, dtype) for t in (q, k, v)), layout, 0.125)
+    return float((got.float().cpu() - expected).abs().max())
+
+
+@functools.cache
+def check_kernel(device: str, dtype: torch.dtype) -> float:
+    """Before a run trains with the kernel: it must agree with SDPA on `kernel_disagreement`'s layout
+    (a torch release that aligned the causal mask otherwise would train a wrong model without a word).
+    Once per process, device and dtype; returns the difference."""
+    kernel = cuda_kernel()
+    if kernel is None:
+        raise DevicePathError(f"train.attention: varlen needs torch.nn.attention.varlen (torch 2.10 or later); "
+                              f"torch {torch.__version__} has none. Use auto")
+    worst = kernel_disagreement(kernel, device, dtype)
+    if not worst <= KERNEL_TOLERANCE:
+        raise DevicePathError(f"train.attention: varlen: torch {torch.__version__}'s variable-length kernel differs "
+                              f"from SDPA by {worst:.3g} (at most {KERNEL_TOLERANCE} allowed) on a check layout of "
+                              "shared prompts; it would train a wrong model. Use train.attention=auto (flex_attention)")
+    return worst

@@ -30,7 +30,7 @@ from rm_lib.model.packing import (
     pack_pairs_shared,
     pooling,
 )
-from rm_lib.model.varlen import VARLEN, cuda_kernel, register_varlen
+from rm_lib.model.varlen import VARLEN, check_kernel, cuda_kernel, register_varlen
 from rm_lib.settings import ModelSettings, TrainSettings
 from rm_lib.training.device_plan import DevicePlan, model_shape, plan
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
@@ -317,6 +317,10 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world)
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
+    if device_plan.attention == VARLEN and accelerator.device.type == "cuda":  # the plan refused it in fp32
+        dtype = torch.float16 if str(accelerator.mixed_precision) == "fp16" else torch.bfloat16
+        worst = check_kernel(str(accelerator.device), dtype)
+        accelerator.print(f"train: the varlen kernel agrees with SDPA to {worst:.2g} on a layout of shared prompts")
     if device_plan.gradient_checkpointing:
         checkpoint_layers(model, device_plan.checkpointed_layers)
     run_scope.enter_context(attention_as(model, device_plan.attention))
