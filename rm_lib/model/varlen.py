@@ -22,8 +22,9 @@ from rm_lib.errors import DevicePathError
 from rm_lib.model.batching import to_device
 
 VARLEN = "rm_varlen"  # the name transformers knows the attention function by
-# the most the kernel's output may differ from SDPA's on the check layout: bf16 rounding of outputs that
-# average values of about 1 stays near 1e-2; a causal mask aligned to the wrong end differs by about 1
+# the most the kernel's output and gradients may differ from SDPA's on the check layout, against the
+# largest value of each (at least 1): bf16 rounding stays near 5e-3 (on a CPU stand-in); a causal mask
+# aligned to the wrong end differs by about 1
 KERNEL_TOLERANCE = 0.1
 LAYOUT_KWARG = "rm_varlen_layout"  # the keyword that carries the layout from the model's forward to each layer
 
@@ -168,9 +169,9 @@ def register_varlen() -> str:
 
 def kernel_disagreement(kernel: tuple[Any, bool, bool], device: torch.device | str, dtype: torch.dtype) -> float:
     """The largest difference between `kernel` (as `cuda_kernel` gives it) and SDPA sequence by
-    sequence in fp32, on a small layout with what training uses: a prompt and its chosen answer as one
-    causal sequence, a rejected answer with gathered keys (more keys than queries), and a pair that
-    shares nothing."""
+    sequence in fp32, outputs and the gradients of query, key and value, on a small layout with what
+    training uses: a prompt and its chosen answer as one causal sequence, a rejected answer with
+    gathered keys (more keys than queries), and a pair that shares nothing."""
     from rm_lib.model.packing import pack_pairs_shared  # packing builds on this module
 
     pairs = [{"input_ids_chosen": [1] * 40 + [2] * 9, "input_ids_rejected": [1] * 40 + [3] * 13},
@@ -183,9 +184,20 @@ def kernel_disagreement(kernel: tuple[Any, bool, bool], device: torch.device | s
     k, v = (torch.randn(tokens, 4, 64, generator=generator) for _ in range(2))
     if layout.kv_index is not None:
         k, v = k.index_select(0, layout.kv_index.cpu()), v.index_select(0, layout.kv_index.cpu())
-    expected = _sequence_by_sequence(q, k, v, layout, 0.125)
-    got = call_kernel(*kernel, *(t.to(device, dtype) for t in (q, k, v)), layout, 0.125)
-    return float((got.float().cpu() - expected).abs().max())
+    weights = torch.randn(tokens, 4, 64, generator=generator)  # what the output's gradient is
+
+    def outputs_and_gradients(attention: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        out = attention(*inputs)
+        (out.float() * weights.to(out.device)).sum().backward()
+        return [t.detach().float().cpu() for t in (out, *(t.grad for t in inputs))]
+
+    with torch.enable_grad():
+        expected = outputs_and_gradients(lambda *t: _sequence_by_sequence(*t, layout, 0.125), [q, k, v])
+        got = outputs_and_gradients(lambda *t: call_kernel(*kernel, *t, layout, 0.125),
+                                    [t.to(device, dtype) for t in (q, k, v)])
+    # against the largest value of each: gradients grow with the number of keys a token sees
+    return max(float((a - b).abs().max() / b.abs().max().clamp(min=1.0)) for a, b in zip(got, expected))
 
 
 @functools.cache
