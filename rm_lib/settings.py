@@ -138,6 +138,7 @@ class TrainSettings:
     max_tokens_per_forward: int | str | None = "auto"
     # the most GPU memory (GiB) the run may use where less than is free: a shared GPU, or another
     # trainer's peak to match; the device plan then checkpoints more layers or runs smaller forwards
+    # (with gradient_checkpointing and max_tokens_per_forward at auto)
     gpu_memory_gib: float | None = None
     lora: bool = False
     lora_r: int = 16

@@ -171,8 +171,10 @@ def test_what_the_user_set_is_kept():
                         free_bytes=24 * GiB, tokens_per_forward=32768)
     assert fixed_budget.tokens_per_forward == 32768 and fixed_budget.gradient_checkpointing
     everywhere = plan(device_type="cuda", packed=True, supports_flex=True, shape=PYTHIA_1B, free_bytes=80 * GiB,
-                      gradient_checkpointing=True)
+                      gradient_checkpointing=True, largest_forward=13_440)
     assert everywhere.checkpointed_layers is None and "activation checkpointing on," in everywhere.describe("sdpa")
+    # what the user set is predicted too, for the peak the run reaches to be set beside it
+    assert everywhere.memory.peak() == state_bytes(PYTHIA_1B) + 13_440 * activation_bytes_per_token(PYTHIA_1B, 16)
 
 
 def test_flex_attention_on_a_cpu_is_refused_before_training():

@@ -135,9 +135,16 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
         wanted: int | None = GPU_TOKENS_PER_FORWARD if gpu else CPU_TOKENS_PER_FORWARD
     else:
         wanted = tokens_per_forward  # type: ignore[assignment]
-    if gradient_checkpointing != "auto":
-        return DevicePlan(attention_choice, wanted, bool(gradient_checkpointing), fused, "as set")
     tokens = wanted if largest_forward is None else largest_forward if wanted is None else min(wanted, largest_forward)
+    gathered = attention_choice == VARLEN
+
+    def estimate(layers: int, most: int) -> MemoryEstimate:
+        return MemoryEstimate(state_bytes(shape), activation_bytes_per_token(shape, layers, gathered), most)
+
+    if gradient_checkpointing != "auto":
+        known = gpu and shape.layers and tokens is not None
+        return DevicePlan(attention_choice, wanted, bool(gradient_checkpointing), fused, "as set",
+                          memory=estimate(shape.layers if gradient_checkpointing else 0, tokens) if known else None)
     if not gpu or free_bytes is None or not shape.layers or tokens is None:
         return DevicePlan(attention_choice, wanted, False, fused, "on a CPU" if not gpu else "no token budget set")
     usable = MEMORY_HEADROOM * free_bytes
@@ -149,12 +156,7 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
                                 f"{state_bytes(shape) / 2**30:.1f} GiB, more than {LIMIT_MARGIN:.0%} of "
                                 f"{limit_bytes / 2**30:g} GiB; allow more, or train with train.lora=true")
     room = usable - state_bytes(shape)
-    gathered = attention_choice == VARLEN
     held = f"{tokens} tokens a forward" + (f" at most ({wanted} allowed)" if tokens != wanted else "")
-
-    def estimate(layers: int, most: int) -> MemoryEstimate:
-        return MemoryEstimate(state_bytes(shape), activation_bytes_per_token(shape, layers, gathered), most)
-
     # the fewest layers that make the forward fit, the first ones; never all of them: the last
     # layer's recompute comes at once, and would save nothing
     for k in range(shape.layers):
