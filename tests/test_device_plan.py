@@ -2,6 +2,8 @@
 fused AdamW follow the device and the model's shape; what a user set is kept."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from rm_lib.errors import SettingsError
@@ -133,6 +135,39 @@ def test_a_memory_limit_is_planned_for_like_a_smaller_gpu():
     assert plan(**gpu, limit_bytes=100 * GiB) == plan(**gpu)  # above what is free: the free memory rules
     with pytest.raises(SettingsError, match=r"train.gpu_memory_gib: the weights, gradients and AdamW state alone"):
         plan(**gpu, limit_bytes=state)
+
+
+def test_a_sharded_run_plans_for_its_share_of_the_state():
+    """FSDP full sharding or ZeRO-3 over 8 GPUs of 80 GiB: a 7B model's 104 GiB of weights, gradients
+    and AdamW state are 13 GiB on each (and three layers whole): the forwards keep their 65,536 tokens
+    with some layers checkpointed, where counting the state whole left 1,024 tokens a forward."""
+    seven_b = ModelShape(parameters=6_738_415_616, trainable=6_738_415_616, layers=32, hidden=4096,
+                         intermediate=11008)
+    gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=seven_b, free_bytes=80 * GiB)
+    whole = plan(**gpu)
+    assert state_bytes(seven_b) > 80 * GiB and whole.tokens_per_forward == 1024
+    sharded = plan(**gpu, state_shards=8)
+    assert state_bytes(seven_b, 8) == state_bytes(seven_b) // 8 + 3 * 4 * seven_b.parameters // 32
+    assert sharded.tokens_per_forward == GPU_TOKENS_PER_FORWARD and 0 < sharded.checkpointed_layers < 32
+    assert sharded.memory.peak() <= 0.85 * 80 * GiB
+
+
+@pytest.mark.parametrize("kind, plugin, shards", [
+    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward=True)}, 4),  # FSDP2's default
+    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward="FULL_SHARD")}, 4),
+    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward="SHARD_GRAD_OP")}, 1),
+    ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(zero_stage=3)}, 4),
+    ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(zero_stage=2)}, 1),
+    ("MULTI_GPU", {}, 1),
+])
+def test_the_state_is_split_where_the_processes_shard_it(kind, plugin, shards):
+    from accelerate.utils import DistributedType
+
+    from rm_lib.training.trainer import state_shards
+
+    accelerator = SimpleNamespace(num_processes=4, distributed_type=getattr(DistributedType, kind),
+                                  state=SimpleNamespace(**plugin))
+    assert state_shards(accelerator) == shards
 
 
 def test_a_small_gpu_gets_fewer_tokens_per_forward():

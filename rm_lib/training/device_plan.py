@@ -101,22 +101,29 @@ def activation_bytes_per_token(shape: ModelShape, checkpointed: int | bool, gath
     return k * 2 * shape.hidden + (shape.layers - k) * per_layer
 
 
-def state_bytes(shape: ModelShape) -> int:
-    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments."""
-    return 4 * shape.parameters + 12 * shape.trainable
+def state_bytes(shape: ModelShape, shards: int = 1) -> int:
+    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments. Split `shards`
+    ways (FSDP's full sharding, ZeRO-3: each process holds its share), plus three layers' worth held
+    whole at a time: the weights of the layer computing and of the one fetched ahead, and one layer's
+    gradients before they are scattered."""
+    whole = 4 * shape.parameters + 12 * shape.trainable
+    if shards <= 1:
+        return whole
+    return whole // shards + 3 * 4 * shape.parameters // max(shape.layers, 1)
 
 
 def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,
          attention: str = "auto", tokens_per_forward: int | str | None = "auto",
          gradient_checkpointing: bool | str = "auto", precision: str = "no",
          loaded_attention: str = "sdpa", supports_varlen: bool = False,
-         largest_forward: int | None = None, limit_bytes: int | None = None) -> DevicePlan:
+         largest_forward: int | None = None, limit_bytes: int | None = None, state_shards: int = 1) -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
     autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own;
     `supports_varlen`: this torch has FlashAttention's variable-length kernel; `largest_forward`: the
     most tokens one forward of this run's data can hold (None: unknown), what memory is planned for
     where it is below the budget per forward; `limit_bytes`: the most GPU memory the run may use
-    (train.gpu_memory_gib), where less than is free."""
+    (train.gpu_memory_gib), where less than is free; `state_shards`: how many ways the processes
+    split the weights, gradients and AdamW state (`state_bytes`)."""
     gpu = device_type == "cuda"
     # one fused kernel for the whole update on a CPU too (a fifth of the per-parameter loop's time there)
     fused = device_type in ("cuda", "cpu")
@@ -137,9 +144,10 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
         wanted = tokens_per_forward  # type: ignore[assignment]
     tokens = wanted if largest_forward is None else largest_forward if wanted is None else min(wanted, largest_forward)
     gathered = attention_choice == VARLEN
+    state = state_bytes(shape, state_shards)
 
     def estimate(layers: int, most: int) -> MemoryEstimate:
-        return MemoryEstimate(state_bytes(shape), activation_bytes_per_token(shape, layers, gathered), most)
+        return MemoryEstimate(state, activation_bytes_per_token(shape, layers, gathered), most)
 
     if gradient_checkpointing != "auto":
         known = gpu and shape.layers and tokens is not None
@@ -151,11 +159,11 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
     where = f"{free_bytes / 2**30:.0f} GiB free"
     if limit_bytes is not None and LIMIT_MARGIN * limit_bytes < usable:
         usable, where = LIMIT_MARGIN * limit_bytes, f"the {limit_bytes / 2**30:g} GiB of train.gpu_memory_gib"
-        if usable <= state_bytes(shape):
+        if usable <= state:
             raise SettingsError(f"train.gpu_memory_gib: the weights, gradients and AdamW state alone take "
-                                f"{state_bytes(shape) / 2**30:.1f} GiB, more than {LIMIT_MARGIN:.0%} of "
+                                f"{state / 2**30:.1f} GiB, more than {LIMIT_MARGIN:.0%} of "
                                 f"{limit_bytes / 2**30:g} GiB; allow more, or train with train.lora=true")
-    room = usable - state_bytes(shape)
+    room = usable - state
     held = f"{tokens} tokens a forward" + (f" at most ({wanted} allowed)" if tokens != wanted else "")
     # the fewest layers that make the forward fit, the first ones; never all of them: the last
     # layer's recompute comes at once, and would save nothing

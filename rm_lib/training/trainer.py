@@ -208,7 +208,7 @@ def _new_window(device: torch.device) -> dict:
 
 
 def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool, precision: str = "no",
-             rows: list[dict] | None = None, world: int = 1) -> DevicePlan:
+             rows: list[dict] | None = None, world: int = 1, state_shards: int = 1) -> DevicePlan:
     """The device plan of this run (rm_lib.training.device_plan), from free memory on a GPU and, for
     packed batches, the largest batch `rows` can make."""
     gpu = device.type == "cuda"
@@ -224,7 +224,25 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 tokens_per_forward=cfg.max_tokens_per_forward, gradient_checkpointing=cfg.gradient_checkpointing,
                 precision=precision, loaded_attention=inner.config._attn_implementation,
                 supports_varlen=cuda_kernel() is not None, largest_forward=largest,
-                limit_bytes=None if cfg.gpu_memory_gib is None else int(cfg.gpu_memory_gib * 2**30))
+                limit_bytes=None if cfg.gpu_memory_gib is None else int(cfg.gpu_memory_gib * 2**30),
+                state_shards=state_shards)
+
+
+def state_shards(accelerator: Any) -> int:
+    """How many ways the processes split the weights, gradients and AdamW state: FSDP that reshards
+    after the forward (FULL_SHARD, FSDP2's default) and ZeRO-3 split them over every process; DDP,
+    ZeRO-1/2 and FSDP keeping weights whole between forward and backward are counted whole (ZeRO-2
+    would fit more: counted whole, the plan stays on the safe side)."""
+    from accelerate.utils import DistributedType
+
+    world = accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.FSDP:
+        reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+        full = reshard is True or str(getattr(reshard, "name", reshard)).upper() in ("FULL_SHARD", "1")
+        return world if full else 1
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return world if accelerator.state.deepspeed_plugin.zero_stage == 3 else 1
+    return 1
 
 
 def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
@@ -314,7 +332,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         _disable_dropout(model)
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
     world, rank = accelerator.num_processes, accelerator.process_index
-    device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world)
+    device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world,
+                           state_shards(accelerator))
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.attention == VARLEN and accelerator.device.type == "cuda":  # the plan refused it in fp32
