@@ -411,10 +411,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         `budget` tokens; the step's sums (on the device) for its logging window."""
         sums = _new_window(accelerator.device)
         sums["step_loss"] = torch.zeros((), device=accelerator.device)
-        for k in range(accumulation):
-            epoch, position = schedule.locate(micro + k)
-            mine = [train_rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
-            chunks = token_chunks(mine, budget)
+        for k, (mine, chunks) in enumerate(step_forwards(train_rows, schedule, micro, accumulation, rank, world,
+                                                          budget)):
             for c, chunk in enumerate(chunks):
                 if packed:
                     batch = packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row, multiple=multiple)
@@ -462,7 +460,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 sums = run_batches(micro, budget)
                 break
             except torch.OutOfMemoryError:
-                widest = _widest_forward(train_rows, schedule, micro, accumulation, rank, world, budget)
+                widest = max(sum(pair_tokens(r) for r in chunk) for _, chunks in
+                             step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget)
+                             for chunk in chunks)
                 if world > 1:  # the other processes are inside the step's collectives: no one can redo it alone
                     raise DevicePathError(
                         f"train: out of GPU memory at step {state.step + 1} in a forward of up to {widest} tokens; "
@@ -560,16 +560,16 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                                   "out_of_memory_retries": retries})
 
 
-def _widest_forward(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int,
-                   world: int, budget: int | None) -> int:
-    """The real tokens of the largest forward of one step (its micro-batches from `micro` on, cut by
-    `budget`), counted as token_chunks counts them."""
-    widest = 0
+def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int, world: int,
+                  budget: int | None) -> list[tuple[list[dict], list[list[dict]]]]:
+    """The micro-batches of the step that begins at micro-batch `micro`: for each, this process's pairs
+    and the forwards they run as (pairs of at most `budget` tokens each)."""
+    step = []
     for k in range(accumulation):
         epoch, position = schedule.locate(micro + k)
         mine = [rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
-        widest = max([widest, *(sum(pair_tokens(r) for r in chunk) for chunk in token_chunks(mine, budget))])
-    return widest
+        step.append((mine, token_chunks(mine, budget)))
+    return step
 
 
 def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
