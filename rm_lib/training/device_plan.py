@@ -101,29 +101,54 @@ def activation_bytes_per_token(shape: ModelShape, checkpointed: int | bool, gath
     return k * 2 * shape.hidden + (shape.layers - k) * per_layer
 
 
-def state_bytes(shape: ModelShape, shards: int = 1) -> int:
-    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments. Split `shards`
-    ways (FSDP's full sharding, ZeRO-3: each process holds its share), plus three layers' worth held
-    whole at a time: the weights of the layer computing and of the one fetched ahead, and one layer's
-    gradients before they are scattered."""
-    whole = 4 * shape.parameters + 12 * shape.trainable
-    if shards <= 1:
-        return whole
-    return whole // shards + 3 * 4 * shape.parameters // max(shape.layers, 1)
+@dataclass(frozen=True)
+class Sharding:
+    """Which parts of the training state the processes split among themselves, `processes` ways:
+    AdamW's moments (ZeRO-1 and up), the gradients (ZeRO-2 and up, FSDP) and the weights (ZeRO-3, FSDP).
+    `weights_gathered`: a process holds every layer's weights whole from forward to backward besides
+    its share (FSDP without resharding after the forward, SHARD_GRAD_OP); otherwise only the layer
+    computing and the one fetched ahead."""
+    processes: int = 1
+    optimizer: bool = False
+    gradients: bool = False
+    weights: bool = False
+    weights_gathered: bool = False
+
+
+UNSHARDED = Sharding()  # one process, or DDP: each holds the whole state
+
+
+def state_bytes(shape: ModelShape, sharding: Sharding = UNSHARDED) -> int:
+    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments, each part whole
+    or split as `sharding` says. A split part costs its share plus what is held whole at a time: two
+    layers' weights (the one computing, the one fetched ahead; all of them where they stay gathered),
+    one layer's gradients before they are scattered."""
+    n, layers = sharding.processes, max(shape.layers, 1)
+    weights, gradients, moments = 4 * shape.parameters, 4 * shape.trainable, 8 * shape.trainable
+    if n <= 1:
+        return weights + gradients + moments
+    if sharding.weights:
+        weights = weights // n + (weights if sharding.weights_gathered else 2 * weights // layers)
+    if sharding.gradients:
+        gradients = gradients // n + gradients // layers
+    if sharding.optimizer:
+        moments = moments // n
+    return weights + gradients + moments
 
 
 def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,
          attention: str = "auto", tokens_per_forward: int | str | None = "auto",
          gradient_checkpointing: bool | str = "auto", precision: str = "no",
          loaded_attention: str = "sdpa", supports_varlen: bool = False,
-         largest_forward: int | None = None, limit_bytes: int | None = None, state_shards: int = 1) -> DevicePlan:
+         largest_forward: int | None = None, limit_bytes: int | None = None,
+         sharding: Sharding = UNSHARDED) -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
     autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own;
     `supports_varlen`: this torch has FlashAttention's variable-length kernel; `largest_forward`: the
     most tokens one forward of this run's data can hold (None: unknown), what memory is planned for
     where it is below the budget per forward; `limit_bytes`: the most GPU memory the run may use
-    (train.gpu_memory_gib), where less than is free; `state_shards`: how many ways the processes
-    split the weights, gradients and AdamW state (`state_bytes`)."""
+    (train.gpu_memory_gib), where less than is free; `sharding`: how the processes split the
+    weights, gradients and AdamW state (`state_bytes`)."""
     gpu = device_type == "cuda"
     # one fused kernel for the whole update on a CPU too (a fifth of the per-parameter loop's time there)
     fused = device_type in ("cuda", "cpu")
@@ -144,7 +169,7 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
         wanted = tokens_per_forward  # type: ignore[assignment]
     tokens = wanted if largest_forward is None else largest_forward if wanted is None else min(wanted, largest_forward)
     gathered = attention_choice == VARLEN
-    state = state_bytes(shape, state_shards)
+    state = state_bytes(shape, sharding)
 
     def estimate(layers: int, most: int) -> MemoryEstimate:
         return MemoryEstimate(state, activation_bytes_per_token(shape, layers, gathered), most)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from rm_lib.model.packing import (
 )
 from rm_lib.model.varlen import VARLEN, check_kernel, cuda_kernel, register_varlen
 from rm_lib.settings import ModelSettings, TrainSettings
-from rm_lib.training.device_plan import DevicePlan, model_shape, plan
+from rm_lib.training.device_plan import UNSHARDED, DevicePlan, Sharding, model_shape, plan
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import release_free_memory
 
@@ -208,7 +209,7 @@ def _new_window(device: torch.device) -> dict:
 
 
 def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool, precision: str = "no",
-             rows: list[dict] | None = None, world: int = 1, state_shards: int = 1) -> DevicePlan:
+             rows: list[dict] | None = None, world: int = 1, split: Sharding = UNSHARDED) -> DevicePlan:
     """The device plan of this run (rm_lib.training.device_plan), from free memory on a GPU and, for
     packed batches, the largest batch `rows` can make."""
     gpu = device.type == "cuda"
@@ -225,24 +226,35 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 precision=precision, loaded_attention=inner.config._attn_implementation,
                 supports_varlen=cuda_kernel() is not None, largest_forward=largest,
                 limit_bytes=None if cfg.gpu_memory_gib is None else int(cfg.gpu_memory_gib * 2**30),
-                state_shards=state_shards)
+                sharding=split)
 
 
-def state_shards(accelerator: Any) -> int:
-    """How many ways the processes split the weights, gradients and AdamW state: FSDP that reshards
-    after the forward (FULL_SHARD, FSDP2's default) and ZeRO-3 split them over every process; DDP,
-    ZeRO-1/2 and FSDP keeping weights whole between forward and backward are counted whole (ZeRO-2
-    would fit more: counted whole, the plan stays on the safe side)."""
+_FSDP_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD",
+                    "5": "HYBRID_SHARD_ZERO2", "TRUE": "FULL_SHARD", "FALSE": "SHARD_GRAD_OP"}
+
+
+def sharding(accelerator: Any) -> Sharding:
+    """How the processes split the weights, gradients and AdamW state (`device_plan.Sharding`): ZeRO
+    stage 1 the moments, stage 2 the gradients too, stage 3 the weights too; FSDP all three, keeping
+    the weights gathered from forward to backward where it does not reshard after the forward
+    (SHARD_GRAD_OP, FSDP2's `reshard_after_forward: false`); hybrid FSDP within a node. DDP: none."""
     from accelerate.utils import DistributedType
 
     world = accelerator.num_processes
     if accelerator.distributed_type == DistributedType.FSDP:
         reshard = accelerator.state.fsdp_plugin.reshard_after_forward
-        full = reshard is True or str(getattr(reshard, "name", reshard)).upper() in ("FULL_SHARD", "1")
-        return world if full else 1
+        name = str(getattr(reshard, "name", reshard)).upper()
+        strategy = _FSDP_STRATEGIES.get(name, name).lstrip("_")
+        if strategy == "NO_SHARD":
+            return UNSHARDED
+        if strategy.startswith("HYBRID"):  # sharded among a node's processes, replicated across nodes
+            world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gathered = strategy in ("SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2")
+        return Sharding(world, optimizer=True, gradients=True, weights=True, weights_gathered=gathered)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return world if accelerator.state.deepspeed_plugin.zero_stage == 3 else 1
-    return 1
+        stage = int(accelerator.state.deepspeed_plugin.zero_stage or 0)
+        return Sharding(world, optimizer=stage >= 1, gradients=stage >= 2, weights=stage >= 3)
+    return UNSHARDED
 
 
 def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
@@ -333,7 +345,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
     world, rank = accelerator.num_processes, accelerator.process_index
     device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world,
-                           state_shards(accelerator))
+                           sharding(accelerator))
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.attention == VARLEN and accelerator.device.type == "cuda":  # the plan refused it in fp32
