@@ -1,6 +1,6 @@
 """How the reward_model asset runs training: inside the Dagster step's own process (the default), or
 as its own `accelerate launch` process group that reports back through Dagster Pipes. The second
-form lets one materialization use every GPU of its machine (DDP, FSDP, ZeRO-3 through an accelerate
+form lets one materialization use every GPU of its machine (DDP or FSDP through an accelerate
 config), and, with a Kubernetes executor from dagster-k8s running the step in a GPU pod, a cluster;
 the asset stays the same (docs/distributed.md)."""
 import os

@@ -139,17 +139,16 @@ def test_a_memory_limit_is_planned_for_like_a_smaller_gpu():
 
 
 SEVEN_B = ModelShape(parameters=6_738_415_616, trainable=6_738_415_616, layers=32, hidden=4096, intermediate=11008)
-ALL = dict(optimizer=True, gradients=True, weights=True)
 
 
 def test_a_sharded_run_plans_for_its_share_of_the_state():
-    """FSDP full sharding or ZeRO-3 over 8 GPUs of 80 GiB: a 7B model's 100 GiB of weights, gradients
-    and AdamW state are 13 GiB on each (and three layers whole): the forwards keep their 65,536 tokens
-    with some layers checkpointed, where counting the state whole left 1,024 tokens a forward."""
+    """FSDP full sharding over 8 GPUs of 80 GiB: a 7B model's 100 GiB of weights, gradients and AdamW
+    state are 13 GiB on each (and three layers whole): the forwards keep their 65,536 tokens with
+    some layers checkpointed, where counting the state whole left 1,024 tokens a forward."""
     gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=SEVEN_B, free_bytes=80 * GiB)
     whole = plan(**gpu)
     assert state_bytes(SEVEN_B) > 80 * GiB and whole.tokens_per_forward == 1024
-    full = Sharding(8, **ALL)
+    full = Sharding(8)
     sharded = plan(**gpu, sharding=full)
     layer = 4 * SEVEN_B.parameters // 32
     assert abs(state_bytes(SEVEN_B, full) - (state_bytes(SEVEN_B) / 8 + 3 * layer)) < 16
@@ -157,73 +156,56 @@ def test_a_sharded_run_plans_for_its_share_of_the_state():
     assert sharded.memory.peak() <= 0.85 * 80 * GiB
 
 
-def test_each_zero_stage_counts_what_it_splits():
-    """7B over 8 processes: ZeRO-1 splits the 50 GiB of AdamW moments, ZeRO-2 the 25 GiB of gradients
-    too, ZeRO-3 the 25 GiB of weights too; FSDP without resharding keeps every layer's weights
-    gathered besides its share. A stage that splits more never counts more."""
-    P, n, layer = SEVEN_B.parameters, 8, 4 * SEVEN_B.parameters // 32
-    b = [state_bytes(SEVEN_B, Sharding(n, optimizer=s >= 1, gradients=s >= 2, weights=s >= 3)) for s in range(4)]
-    assert b[0] == 16 * P
-    assert b[1] == 8 * P + 8 * P // n
-    assert b[2] == 4 * P + (4 * P // n + layer) + 8 * P // n
-    assert b[3] == (4 * P // n + 2 * layer) + (4 * P // n + layer) + 8 * P // n
-    assert b[0] > b[1] > b[2] > b[3]
-    grad_op = Sharding(n, **ALL, weights_gathered=True)
-    assert state_bytes(SEVEN_B, grad_op) == b[2] + 4 * P // n  # the whole weights, and the share kept besides
-    assert state_bytes(SEVEN_B, Sharding(1, **ALL)) == b[0]  # one process splits nothing
-
-
-def test_zero_2_lets_a_model_train_that_does_not_fit_whole():
-    """7B on 8 GPUs of 80 GiB under ZeRO-2: whole, its state takes 100 GiB and the plan falls to the
-    fewest tokens a forward; with the gradients and moments split it takes 35 GiB and keeps them all."""
+def test_weights_kept_gathered_from_forward_to_backward_count_whole():
+    """SHARD_GRAD_OP keeps every layer's weights gathered besides each process's share: 7B on 8 GPUs
+    of 80 GiB holds 38 GiB of state, which still trains with 65,536 tokens a forward, and counts
+    more than full sharding and less than the whole state."""
+    P, layer = SEVEN_B.parameters, 4 * SEVEN_B.parameters // 32
+    gathered = Sharding(8, weights_gathered=True)
+    assert state_bytes(SEVEN_B, gathered) == 4 * P // 8 + 4 * P + 4 * P // 8 + layer + 8 * P // 8
+    assert state_bytes(SEVEN_B, Sharding(8)) < state_bytes(SEVEN_B, gathered) < state_bytes(SEVEN_B)
     gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=SEVEN_B, free_bytes=80 * GiB)
-    zero2 = plan(**gpu, sharding=Sharding(8, optimizer=True, gradients=True))
-    assert zero2.tokens_per_forward == GPU_TOKENS_PER_FORWARD and 0 < zero2.checkpointed_layers < 32
-    assert zero2.memory.peak() <= 0.85 * 80 * GiB
-    assert plan(**gpu).tokens_per_forward == 1024
+    grad_op = plan(**gpu, sharding=gathered)
+    assert grad_op.tokens_per_forward == GPU_TOKENS_PER_FORWARD and 0 < grad_op.checkpointed_layers < 32
+    assert grad_op.memory.peak() <= 0.85 * 80 * GiB
+    assert state_bytes(SEVEN_B, Sharding(1)) == state_bytes(SEVEN_B)  # one process splits nothing
 
 
-@pytest.mark.parametrize("kind, plugin, expected", [
-    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward=True)}, Sharding(4, **ALL)),  # FSDP2's default
-    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward="FULL_SHARD")}, Sharding(4, **ALL)),
-    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward=False)},
-     Sharding(4, **ALL, weights_gathered=True)),
-    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward="SHARD_GRAD_OP")},
-     Sharding(4, **ALL, weights_gathered=True)),
-    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward="NO_SHARD")}, Sharding()),
-    ("FSDP", {"fsdp_plugin": SimpleNamespace(reshard_after_forward="HYBRID_SHARD")}, Sharding(2, **ALL)),
-    ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(zero_stage=3)}, Sharding(4, **ALL)),
-    ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(zero_stage=2)}, Sharding(4, optimizer=True, gradients=True)),
-    ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(zero_stage=1)}, Sharding(4, optimizer=True)),
-    ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(zero_stage=0)}, Sharding(4)),
-    ("MULTI_GPU", {}, Sharding()),
-])
-def test_the_state_is_split_where_the_processes_shard_it(kind, plugin, expected, monkeypatch):
+def _fsdp(reshard: object, processes: int = 4) -> SimpleNamespace:
     from accelerate.utils import DistributedType
 
+    plugin = SimpleNamespace(reshard_after_forward=reshard)
+    return SimpleNamespace(num_processes=processes, distributed_type=DistributedType.FSDP,
+                           state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+@pytest.mark.parametrize("reshard, expected", [
+    (True, Sharding(4)),  # FSDP2's default
+    ("FULL_SHARD", Sharding(4)),
+    (False, Sharding(4, weights_gathered=True)),
+    ("SHARD_GRAD_OP", Sharding(4, weights_gathered=True)),
+    ("2", Sharding(4, weights_gathered=True)),
+    ("NO_SHARD", Sharding()),
+    ("HYBRID_SHARD", Sharding(2)),  # within a node of 2 of the 4 processes
+])
+def test_the_state_is_split_as_fsdp_shards_it(reshard, expected, monkeypatch):
     from rm_lib.training.trainer import sharding
 
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # hybrid sharding: within a node of 2 of the 4 processes
-    accelerator = SimpleNamespace(num_processes=4, distributed_type=getattr(DistributedType, kind),
-                                  state=SimpleNamespace(**plugin))
-    assert sharding(accelerator) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert sharding(_fsdp(reshard)) == expected
 
 
-def test_torchs_sharding_strategies_are_read_by_name():
+def test_torchs_sharding_strategies_are_read_by_name_and_ddp_splits_nothing():
     from accelerate.utils import DistributedType
     from torch.distributed.fsdp import ShardingStrategy
 
     from rm_lib.training.trainer import sharding
 
-    def split(strategy: object) -> Sharding:
-        plugin = SimpleNamespace(reshard_after_forward=strategy)
-        return sharding(SimpleNamespace(num_processes=4, distributed_type=DistributedType.FSDP,
-                                        state=SimpleNamespace(fsdp_plugin=plugin)))
-
-    assert split(ShardingStrategy.FULL_SHARD) == Sharding(4, **ALL)
-    assert split(ShardingStrategy.SHARD_GRAD_OP) == Sharding(4, **ALL, weights_gathered=True)
-    assert split(ShardingStrategy.NO_SHARD) == Sharding()
-    assert split("2") == split(ShardingStrategy.SHARD_GRAD_OP)
+    assert sharding(_fsdp(ShardingStrategy.FULL_SHARD)) == Sharding(4)
+    assert sharding(_fsdp(ShardingStrategy.SHARD_GRAD_OP)) == Sharding(4, weights_gathered=True)
+    assert sharding(_fsdp(ShardingStrategy.NO_SHARD)) == Sharding()
+    ddp = SimpleNamespace(num_processes=4, distributed_type=DistributedType.MULTI_GPU, state=SimpleNamespace())
+    assert sharding(ddp) == Sharding()
 
 
 def test_a_small_gpu_gets_fewer_tokens_per_forward():

@@ -30,7 +30,9 @@ NOT_RUN = {
         "starts two training processes; tests/test_train.py::test_two_processes_match_one_process_with_the_same_"
         "global_batch runs this launch on the CPU",
     ".venv/bin/accelerate launch --config_file configs/accelerate/fsdp.yaml -m rm_lib train":
-        "FSDP over GPUs (use_cpu: false, bf16); needs two GPUs",
+        "FSDP over GPUs (use_cpu: false, bf16); needs two GPUs. tests/test_train.py::test_two_processes_train_as_"
+        "one_through_uneven_shares_and_save_the_whole_model runs the trainer under this file's FSDP plugin on "
+        "two CPU processes",
     "make test-integration": "runs the integration tier of the test suite, this test included",
     "make lint": "runs ruff; tests/test_lint.py runs the same check",
     "make ui": "starts the Dagster UI until stopped; tests/test_ui_browser.py starts it with the Makefile's own "

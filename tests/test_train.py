@@ -568,3 +568,105 @@ def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_lo
     evals = [r for r in read_jsonl(tmp_path / "data/train/metrics.jsonl") if "eval_accuracy" in r]
     assert len(evals) == 2
     assert load_reward_model(str(Layout(tmp_path).model)).config._attn_implementation == "sdpa"
+
+
+FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_steps=null", "train.save_steps=4",
+            "train.length_debias=true", "train.length_debias_weight=0", "train.max_tokens_per_forward=160")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_model(tmp_path, tiny_decoder, sharded):
+    """FSDP2 as configs/accelerate/fsdp.yaml sets it, on two CPU processes (tests/fsdp_cpu.py), against
+    one process at the same global batch: the same losses and the same saved weights. On the way: a
+    forward budget under which the two shares of a batch split into different numbers of forwards
+    (each gathers weights: the processes must run as many), a last batch of one pair, which leaves
+    one process none, and the length head's one-element weight, sharded with the model."""
+    from rm_lib.data.tokenstore import read_rows
+    from rm_lib.model.batching import EpochSchedule, process_slice, token_chunks
+
+    _prepare(tmp_path / "one", str(tiny_decoder), *FSDP_RUN, "train.batch_size=4")
+    one = _cli(tmp_path / "one", "train")
+    assert one.wait() == 0, one.stdout.read()
+    _prepare(tmp_path / "two", str(tiny_decoder), *FSDP_RUN, "train.batch_size=2")
+    rows = read_rows(tmp_path / "two/data/filtered/train.parquet")
+    assert len(rows) % 4 == 1  # the epoch's last batch: one pair, for one of the two processes
+    batches = EpochSchedule(rows, 4, seed=42, group_by_length=True).batches(0)
+    counts = [[len(token_chunks([rows[i] for i in process_slice(b, r, 2)], 160)) for r in range(2)] for b in batches]
+    assert any(a != b for a, b in counts) and min(map(len, batches)) == 1
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(Path(__file__).parent / "fsdp_cpu.py")] if sharded else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rm_lib"]
+    two = _cli(tmp_path / "two", "train", launcher=launcher)
+    out = two.communicate(timeout=600)[0]
+    assert two.returncode == 0, out
+    loss_one, _, stats_one = _records(tmp_path / "one")
+    loss_two, _, stats_two = _records(tmp_path / "two")
+    assert len(loss_one) == len(batches) and loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
+    logged = [[r[k] for r in read_jsonl(tmp_path / run / "data/train/metrics.jsonl") if "loss" in r
+               for k in ("accuracy", "reward_margin")] for run in ("one", "two")]
+    assert logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-5)  # over both processes' pairs, not the first's
+    assert stats_two[:2] == pytest.approx(stats_one[:2], rel=1e-4, abs=1e-5) and stats_two[2] == 2
+    assert same_weights(weights(tmp_path / "two/models/reward_model"), weights(tmp_path / "one/models/reward_model"),
+                        atol=1e-4)
+    assert read_json(tmp_path / "two/data/train/summary.json")["device_plan"]["tokens_per_forward"] == 160
+
+
+@pytest.mark.parametrize("world, accumulation, budget",
+                         [(1, 2, None), (2, 1, None), (2, 2, 40), (3, 2, 25), (4, 1, 30)])
+def test_each_pair_counts_once_and_alike_in_a_steps_gradient_on_every_process(world, accumulation, budget):
+    """However a step's pairs fall to micro-batches, processes and forwards (batches of different sizes
+    by tokens, an epoch's last batch of one pair), each counts 1/(the step's pairs) in the gradient
+    the processes average, and every process runs as many forwards as the others, in each
+    micro-batch: a process without pairs left runs one at weight 0."""
+    import random
+
+    from rm_lib.model.batching import EpochSchedule, step_forwards
+
+    rng = random.Random(world * 10 + accumulation)
+    rows = [{"id": i, "input_ids_chosen": [1] * rng.randint(1, 30), "input_ids_rejected": [2] * rng.randint(1, 30)}
+            for i in range(23)]
+    rows += [{"id": 23 + i, "input_ids_chosen": [1] * 150, "input_ids_rejected": [2] * 150} for i in range(2)]
+    # batches by tokens: a pair longer than the budget is a batch alone, with fewer pairs than processes
+    schedule = EpochSchedule(rows, 4 * world, seed=1, group_by_length=False, batch_tokens=50 * world)
+    steps = schedule.micro_batches(1) // accumulation
+    assert any(len(b) < world for b in schedule.batches(0)) or world == 1
+    for step in range(steps):
+        layouts = [step_forwards(rows, schedule, step * accumulation, accumulation, r, world, budget)
+                   for r in range(world)]
+        step_pairs = [rows[i]["id"] for k in range(accumulation)
+                      for i in schedule.batches(0)[step * accumulation + k]]
+        counted = [(p["id"], f.weight / len(f.pairs) / world) for layout in layouts for forwards in layout
+                   for f in forwards if f.counts for p in f.pairs]
+        assert sorted(i for i, _ in counted) == sorted(step_pairs)
+        assert all(w == pytest.approx(1 / len(step_pairs)) for _, w in counted)
+        for k in range(accumulation):
+            assert len({len(layout[k]) for layout in layouts}) == 1
+            spare = [f for layout in layouts for f in layout[k] if not f.counts]
+            assert all(f.weight == 0 and len(f.pairs) == 1 for f in spare)
+        if budget is not None:
+            assert all(sum(len(p["input_ids_chosen"]) + len(p["input_ids_rejected"]) for p in f.pairs) <= budget
+                       or len(f.pairs) == 1 for layout in layouts for forwards in layout for f in forwards)
+
+
+def test_deepspeed_is_refused_with_what_to_use_instead():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rm_lib.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=r"DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml"):
+        trainer.check_distributed(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    for kind in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
+        trainer.check_distributed(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    assert (Path(__file__).parents[1] / "configs/accelerate/fsdp.yaml").exists()
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes_as_saved_it():
+    """Each process takes train.batch_size pairs of a step: another number of processes is another
+    global batch, and another position in the data at the same step."""
+    params = tiny_params()
+    one, two = (trainer.run_fingerprint(params.train, params.model, "data", "code", n) for n in (1, 2))
+    assert one != two and one == trainer.run_fingerprint(params.train, params.model, "data", "code")

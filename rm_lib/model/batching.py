@@ -1,4 +1,4 @@
-"""Batches of pairs: length-grouped order, padded collation, per-process slices."""
+"""Batches of pairs: length-grouped order, the forwards of a step on each process, padded collation."""
 from __future__ import annotations
 
 import random
@@ -99,10 +99,9 @@ class EpochSchedule:
         return count + int((num_epochs - whole) * self.count(whole)) if num_epochs > whole else count
 
 
-def process_slice(batch: list[int], rank: int, world: int) -> list[int]:
-    """This process's contiguous share of a global batch."""
-    per = -(-len(batch) // world)
-    return batch[rank * per:(rank + 1) * per]
+def process_slice(batch: list, rank: int, world: int) -> list:
+    """This process's contiguous share of a global batch; shares differ by one pair at most."""
+    return batch[len(batch) * rank // world:len(batch) * (rank + 1) // world]
 
 
 def token_chunks(rows: list[dict], budget: int | None) -> list[list[dict]]:
@@ -110,8 +109,45 @@ def token_chunks(rows: list[dict], budget: int | None) -> list[list[dict]]:
     longer pair runs alone). The loss is a mean over pairs, so weighting each run's loss by its share
     of pairs gives the whole batch's gradient with a fraction of its activation memory."""
     if budget is None:
-        return [rows]
-    return [[rows[i] for i in run] for run in _cut_by_tokens(list(range(len(rows))), rows, budget)]
+        return [rows] if rows else []
+    return [[rows[i] for i in run] for run in _cut_by_tokens(list(range(len(rows))), rows, budget) if run]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward and backward of a training step on one process. `weight`: what its loss (a mean
+    over its pairs) counts for in the step's gradient; 0 for a forward that only keeps this process
+    in step with the others (it has no pairs of its own left), whose pairs count for nothing."""
+    pairs: list[dict]
+    weight: float
+
+    @property
+    def counts(self) -> bool:
+        return self.weight > 0
+
+
+def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int, world: int,
+                  budget: int | None) -> list[list[Forward]]:
+    """This process's forwards for each micro-batch of the step that begins at micro-batch `micro`,
+    each of at most `budget` tokens.
+
+    The step's gradient is the mean over all its pairs, whatever the micro-batches and the processes
+    hold: a forward's loss is weighted by its pairs' share of the step, times `world` because the
+    processes average their gradients. Every process runs as many forwards as the busiest one: FSDP
+    gathers weights in each forward, and a process that stopped early would leave the others waiting.
+    One that has run out of pairs runs the step's shortest pair again, at weight 0."""
+    batches = []
+    for k in range(accumulation):
+        epoch, position = schedule.locate(micro + k)
+        batches.append([rows[i] for i in schedule.batches(epoch)[position]])
+    step_pairs = sum(len(b) for b in batches)
+    spare = min((r for b in batches for r in b), key=pair_tokens)
+    layout = []
+    for batch in batches:
+        shares = [token_chunks(process_slice(batch, r, world), budget) for r in range(world)]
+        mine = [Forward(chunk, len(chunk) * world / step_pairs) for chunk in shares[rank]]
+        layout.append(mine + [Forward([spare], 0.0)] * (max(map(len, shares)) - len(mine)))
+    return layout
 
 
 @dataclass

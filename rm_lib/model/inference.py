@@ -15,13 +15,16 @@ from rm_lib.model.packing import PackedBatch, packed_rewards
 class PairScorer(torch.nn.Module):
     """The model as one module whose forward scores a whole batch, padded or packed. Training and
     evaluation hand this to accelerate, so the wrapper around it sees every forward: DDP runs its
-    gradient hooks, FSDP and ZeRO-3 gather their sharded weights. A forward that reached into the
+    gradient hooks, FSDP gathers its sharded weights. A forward that reached into the
     model's submodules would skip them."""
 
     def __init__(self, model: Any, length_head: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.scored_model = model
         self.length_head = length_head  # length-debiased training only; never part of the saved model
+        # the model's layer classes, each its own FSDP unit (accelerate's transformer wrap policy reads
+        # them off the module it prepares); without them FSDP would gather the whole model at once
+        self._no_split_modules = getattr(unwrap(model), "_no_split_modules", None)
 
     def forward(self, batch: PairBatch | PackedBatch, lengths: torch.Tensor | None = None) -> Any:
         """The rewards of the batch's sequences; with `lengths`, also the length head's scores of them."""

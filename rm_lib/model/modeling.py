@@ -196,7 +196,7 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
                state_dict: dict | None = None) -> None:
     """A plain transformers folder (safetensors): LoRA is merged, so any loader gets the same rewards.
     The adapter itself is kept in `adapter/` beside it. `state_dict`: the full weights gathered from a
-    sharded run (FSDP, ZeRO-3), whose own parameters each hold only a shard."""
+    sharded run (FSDP), whose own parameters each hold only a shard."""
     folder = Path(folder)
     model = getattr(model, "module", model)
     if state_dict is not None:

@@ -17,7 +17,7 @@ from rm_lib.model.modeling import add_lora, load_reward_model, load_tokenizer, s
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params
 from rm_lib.training.tracking import Tracker
-from rm_lib.training.trainer import fit, gathered_state_dict, mixed_precision, run_fingerprint
+from rm_lib.training.trainer import check_distributed, fit, gathered_state_dict, mixed_precision, run_fingerprint
 
 NORMALISATION_SAMPLE = 1000
 
@@ -120,6 +120,7 @@ def run(params: Params, layout: Layout, accelerator=None,
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
     accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
+    check_distributed(accelerator)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # before the model: its new score head is drawn at random
@@ -151,7 +152,7 @@ def run(params: Params, layout: Layout, accelerator=None,
 
     # The code is part of the run: a change to the training code starts a new run, never a resume.
     code = code_hash("train")
-    fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"], code)
+    fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"], code, accelerator.num_processes)
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval)

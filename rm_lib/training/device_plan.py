@@ -103,15 +103,11 @@ def activation_bytes_per_token(shape: ModelShape, checkpointed: int | bool, gath
 
 @dataclass(frozen=True)
 class Sharding:
-    """Which parts of the training state the processes split among themselves, `processes` ways:
-    AdamW's moments (ZeRO-1 and up), the gradients (ZeRO-2 and up, FSDP) and the weights (ZeRO-3, FSDP).
-    `weights_gathered`: a process holds every layer's weights whole from forward to backward besides
-    its share (FSDP without resharding after the forward, SHARD_GRAD_OP); otherwise only the layer
-    computing and the one fetched ahead."""
+    """How FSDP splits the training state: the weights, gradients and AdamW moments, each `processes`
+    ways. `weights_gathered`: every layer's weights stay whole from forward to backward besides each
+    process's share (SHARD_GRAD_OP, FSDP2's `reshard_after_forward: false`); otherwise only the layer
+    computing and the one fetched ahead are."""
     processes: int = 1
-    optimizer: bool = False
-    gradients: bool = False
-    weights: bool = False
     weights_gathered: bool = False
 
 
@@ -119,21 +115,15 @@ UNSHARDED = Sharding()  # one process, or DDP: each holds the whole state
 
 
 def state_bytes(shape: ModelShape, sharding: Sharding = UNSHARDED) -> int:
-    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments, each part whole
-    or split as `sharding` says. A split part costs its share plus what is held whole at a time: two
-    layers' weights (the one computing, the one fetched ahead; all of them where they stay gathered),
-    one layer's gradients before they are scattered."""
+    """fp32 weights, and for the trainable ones fp32 gradients and AdamW's two moments, whole or split
+    as `sharding` says. Split, each process holds its share and what is whole at a time: two layers'
+    weights (all of them where they stay gathered) and one layer's gradients before they are scattered."""
     n, layers = sharding.processes, max(shape.layers, 1)
     weights, gradients, moments = 4 * shape.parameters, 4 * shape.trainable, 8 * shape.trainable
     if n <= 1:
         return weights + gradients + moments
-    if sharding.weights:
-        weights = weights // n + (weights if sharding.weights_gathered else 2 * weights // layers)
-    if sharding.gradients:
-        gradients = gradients // n + gradients // layers
-    if sharding.optimizer:
-        moments = moments // n
-    return weights + gradients + moments
+    gathered = weights if sharding.weights_gathered else 2 * weights // layers
+    return weights // n + gathered + gradients // n + gradients // layers + moments // n
 
 
 def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelShape, free_bytes: int | None,

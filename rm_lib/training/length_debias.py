@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from rm_lib.model.batching import to_device
 from rm_lib.model.loss import bradley_terry_loss
 
 # The head is one scalar. At the model's learning rate (5e-5) AdamW moves it by about that much per
@@ -46,7 +47,8 @@ class LengthHead(torch.nn.Module):
 
     def __init__(self, log_length_mean: float = 0.0, log_length_std: float = 1.0) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
+        # one element, not a scalar: FSDP shards no 0-dimensional parameter
+        self.weight = torch.nn.Parameter(torch.zeros(1))
         self.register_buffer("log_length_mean", torch.tensor(float(log_length_mean)))
         self.register_buffer("log_length_std", torch.tensor(float(log_length_std)))
         self.register_buffer("reward_mean", torch.zeros(()))
@@ -124,4 +126,4 @@ def debiased_loss(scores: torch.Tensor, length_scores: torch.Tensor, lengths: to
 def sequence_lengths(rows: list[dict], device: torch.device) -> torch.Tensor:
     """Token counts of a chunk's sequences in the order the batch holds them: chosen, then rejected."""
     counts = [len(r["input_ids_chosen"]) for r in rows] + [len(r["input_ids_rejected"]) for r in rows]
-    return torch.tensor(counts, dtype=torch.float32, device=device)
+    return to_device(torch.tensor(counts, dtype=torch.float32), device)  # no wait for a GPU copy

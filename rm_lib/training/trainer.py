@@ -19,7 +19,7 @@ import torch
 from rm_lib.errors import DevicePathError, SettingsError, TrainingDiverged
 from rm_lib.files import file_sha256, share_tree
 from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
-from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_tokens, process_slice, token_chunks
+from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_tokens, step_forwards
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
@@ -70,18 +70,20 @@ class FitResult:
     wall_s: float = 0.0
     best_step: int | None = None
     best_eval_accuracy: float | None = None
-    prepared: Any = None  # the model as accelerate wrapped it (DDP, FSDP, DeepSpeed)
+    prepared: Any = None  # the model as accelerate wrapped it (DDP, FSDP)
     reused: bool = False  # the run had finished already: no step trained, the figures are the run's
     last_log: dict | None = None  # the last metrics record of the run (also when reused)
     device_plan: dict | None = None  # DevicePlan.record() of this call's plan
 
 
-def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str) -> str:
+def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str,
+                    processes: int = 1) -> str:
     """What a checkpoint must match to be resumed: everything that changes the weights (the settings,
-    the base model, the data and the training code)."""
+    the base model, the data, the training code, and the number of processes: each takes
+    train.batch_size pairs of a step)."""
     relevant = {k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash},
-                      sort_keys=True)
+    blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash,
+                       "processes": processes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -234,27 +236,35 @@ _FSDP_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4
 
 
 def sharding(accelerator: Any) -> Sharding:
-    """How the processes split the weights, gradients and AdamW state (`device_plan.Sharding`): ZeRO
-    stage 1 the moments, stage 2 the gradients too, stage 3 the weights too; FSDP all three, keeping
-    the weights gathered from forward to backward where it does not reshard after the forward
-    (SHARD_GRAD_OP, FSDP2's `reshard_after_forward: false`); hybrid FSDP within a node. DDP: none."""
+    """How the processes split the weights, gradients and AdamW state (`device_plan.Sharding`): FSDP
+    splits all three, keeping the weights gathered from forward to backward where it does not reshard
+    after the forward (SHARD_GRAD_OP, FSDP2's `reshard_after_forward: false`); hybrid FSDP within a
+    node. DDP splits nothing."""
     from accelerate.utils import DistributedType
 
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return UNSHARDED
+    reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+    name = str(getattr(reshard, "name", reshard)).upper()
+    strategy = _FSDP_STRATEGIES.get(name, name).lstrip("_")
+    if strategy == "NO_SHARD":
+        return UNSHARDED
     world = accelerator.num_processes
-    if accelerator.distributed_type == DistributedType.FSDP:
-        reshard = accelerator.state.fsdp_plugin.reshard_after_forward
-        name = str(getattr(reshard, "name", reshard)).upper()
-        strategy = _FSDP_STRATEGIES.get(name, name).lstrip("_")
-        if strategy == "NO_SHARD":
-            return UNSHARDED
-        if strategy.startswith("HYBRID"):  # sharded among a node's processes, replicated across nodes
-            world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        gathered = strategy in ("SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2")
-        return Sharding(world, optimizer=True, gradients=True, weights=True, weights_gathered=gathered)
+    if strategy.startswith("HYBRID"):  # sharded among a node's processes, replicated across nodes
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Sharding(world, weights_gathered=strategy in ("SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2"))
+
+
+def check_distributed(accelerator: Any) -> None:
+    """DeepSpeed's engine steps the optimizer at each backward it is not told is partial, and scales
+    the loss by its own accumulation: the trainer's token-budgeted forwards and accumulation would
+    step on parts of a batch. FSDP shards the same state."""
+    from accelerate.utils import DistributedType
+
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        stage = int(accelerator.state.deepspeed_plugin.zero_stage or 0)
-        return Sharding(world, optimizer=stage >= 1, gradients=stage >= 2, weights=stage >= 3)
-    return UNSHARDED
+        raise SettingsError("train: DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml, which "
+                            "shards the weights, gradients and optimizer state as ZeRO-3 does (see "
+                            "docs/distributed.md)")
 
 
 def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
@@ -419,21 +429,21 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     budget, retries = device_plan.tokens_per_forward, 0
 
     def run_batches(micro: int, budget: int | None) -> dict:
-        """Forward and backward of the step's micro-batches from `micro` on, in forwards of at most
-        `budget` tokens; the step's sums (on the device) for its logging window."""
+        """Forward and backward of the step that begins at micro-batch `micro`, in forwards of at most
+        `budget` tokens; the step's sums over its pairs (on the device) for its logging window."""
         sums = _new_window(accelerator.device)
         sums["step_loss"] = torch.zeros((), device=accelerator.device)
-        for k, (mine, chunks) in enumerate(step_forwards(train_rows, schedule, micro, accumulation, rank, world,
-                                                          budget)):
-            for c, chunk in enumerate(chunks):
+        layout = step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget)
+        for k, forwards in enumerate(layout):
+            for c, forward in enumerate(forwards):
+                chunk = forward.pairs
                 if packed:
                     batch = packer(chunk, pad_token_id, cfg.use_margin, one_row=one_row, multiple=multiple)
                     batch = batch.with_varlen(causal=causal) if varlen else batch
                 else:
                     batch = collate_pairs(chunk, pad_token_id, cfg.use_margin)
                 batch = batch.to(accelerator.device)
-                share = len(chunk) / len(mine)  # this chunk's part of the batch's mean over pairs
-                last = k == accumulation - 1 and c == len(chunks) - 1
+                last = k == len(layout) - 1 and c == len(forwards) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with sync, accelerator.autocast(), compiles():
                     if cfg.length_debias:
@@ -442,23 +452,27 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                         loss = debiased_loss(scores, length_scores, lengths, batch.n_pairs, batch.margin,
                                              cfg.center_rewards_coefficient, cfg.length_debias_weight,
                                              scorer.length_head)
-                        scorer.length_head.observe(scores, lengths)
+                        if forward.counts:
+                            scorer.length_head.observe(scores, lengths)
                     else:
                         scores = model(batch)
                         loss = bradley_terry_loss(scores[:batch.n_pairs], scores[batch.n_pairs:], batch.margin,
                                                   cfg.center_rewards_coefficient)
                     r_c, r_r = scores[:batch.n_pairs], scores[batch.n_pairs:]
-                    accelerator.backward(loss * share / accumulation)
+                    accelerator.backward(loss * forward.weight)
+                if not forward.counts:
+                    continue
+                n = len(chunk)
                 with torch.no_grad():
-                    sums["loss"] += loss.detach().float() * share
-                    sums["acc"] += (r_c > r_r).float().mean() * share
-                    sums["margin"] += (r_c - r_r).mean() * share
-                    sums["mean"] += scores.mean() * share
-                    sums["step_loss"] += loss.detach().float() * share
+                    sums["loss"] += loss.detach().float() * n
+                    sums["acc"] += (r_c > r_r).float().sum()
+                    sums["margin"] += (r_c - r_r).float().sum()
+                    sums["mean"] += scores.float().mean() * n
+                    sums["step_loss"] += loss.detach().float() * forward.weight
+                sums["n"] += n
                 sums["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
                 sums["computed"] += batch.real_tokens
                 sums["padded"] += batch.padded_tokens
-            sums["n"] += 1
         return sums
 
     while state.step < total:
@@ -472,9 +486,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 sums = run_batches(micro, budget)
                 break
             except torch.OutOfMemoryError:
-                widest = max(sum(pair_tokens(r) for r in chunk) for _, chunks in
+                widest = max(sum(pair_tokens(r) for r in forward.pairs) for forwards in
                              step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget)
-                             for chunk in chunks)
+                             for forward in forwards)
                 if world > 1:  # the other processes are inside the step's collectives: no one can redo it alone
                     raise DevicePathError(
                         f"train: out of GPU memory at step {state.step + 1} in a forward of up to {widest} tokens; "
@@ -516,13 +530,16 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 raise _diverged(float(bad_loss), first_bad, checkpoints, fingerprint)
         if logging:
             elapsed = time.perf_counter() - window_start
-            n = max(window["n"], 1)
-            tokens = accelerator.reduce(torch.tensor(window["tokens"], device=accelerator.device), "sum").item()
+            # one read for all processes: each figure a mean over every pair the window trained on
+            counts = torch.tensor([float(window["n"]), float(window["tokens"])], dtype=torch.float64)
+            totals = torch.cat([torch.stack([window[k].double() for k in ("loss", "acc", "margin", "mean")]),
+                                counts.to(accelerator.device)])
+            loss_sum, acc_sum, margin_sum, mean_sum, pairs, tokens = accelerator.reduce(totals, "sum").tolist()
+            pairs, tokens = max(pairs, 1.0), int(tokens)
             epoch, position = schedule.locate(micro)
             record = {"step": state.step, "epoch": round(epoch + position / schedule.count(epoch), 4),
-                      "loss": accelerator.reduce(window["loss"] / n, "mean").item(),
-                      "accuracy": window["acc"].item() / n, "reward_margin": window["margin"].item() / n,
-                      "reward_mean": window["mean"].item() / n, "grad_norm": float(grad_norm),
+                      "loss": loss_sum / pairs, "accuracy": acc_sum / pairs, "reward_margin": margin_sum / pairs,
+                      "reward_mean": mean_sum / pairs, "grad_norm": float(grad_norm),
                       "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
                       "padding_fraction": 1 - window["computed"] / max(window["padded"], 1),
                       # seconds of training in this run, over its sessions: throughput past a warm-up can be read off
@@ -572,18 +589,6 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                                   "out_of_memory_retries": retries})
 
 
-def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int, world: int,
-                  budget: int | None) -> list[tuple[list[dict], list[list[dict]]]]:
-    """The micro-batches of the step that begins at micro-batch `micro`: for each, this process's pairs
-    and the forwards they run as (pairs of at most `budget` tokens each)."""
-    step = []
-    for k in range(accumulation):
-        epoch, position = schedule.locate(micro + k)
-        mine = [rows[i] for i in process_slice(schedule.batches(epoch)[position], rank, world)]
-        step.append((mine, token_chunks(mine, budget)))
-    return step
-
-
 def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
     """Tokens per forward after a forward of `widest` tokens ran out of GPU memory: half of it, down
     to the largest pair, which runs alone whatever the budget."""
@@ -597,11 +602,11 @@ def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
 
 
 def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
-    """Full weights of a sharded run (FSDP, DeepSpeed), gathered on the main process; None for runs whose
+    """Full weights of a sharded run (FSDP), gathered on the main process; None for runs whose
     model holds its whole weights. Every process must call it: the gather is collective."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type != DistributedType.FSDP:
         return None
     full = accelerator.get_state_dict(prepared)
     prefix = "scored_model."  # the PairScorer around the model; its length head is not the model's
