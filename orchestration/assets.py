@@ -398,7 +398,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
                                   for name, e in m["suites"].items()])} if m.get("suites") else {}),
             "data": ("demo data: synthetic film reviews with 10% of the labels flipped; the accuracy says the "
                      "pipeline learns, not how good a reward model is") if m.get("demo_data")
-            else params.download.source,
+            else _text(m.get("data_source")),
             "data_hash": _text(m.get("data_hash")),
             "report": dg.MetadataValue.path(str(report)),
             **recorded,

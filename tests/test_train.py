@@ -58,6 +58,19 @@ def test_pipeline_trains_evaluates_scores_and_publishes(tmp_path, tiny_decoder):
 
     assert result_from_summary(Layout(tmp_path)) == res["train"]
 
+    # evaluate and push again under other settings: the report and the card name the data and the
+    # settings the model was made with, as the steps that made it recorded them, not params.yaml now
+    other = tiny_params("train.max_steps=3", "download.source=data/sources/other.jsonl", "filter.max_token_length=48",
+                        "tokenize.template=simple_chat", "evaluate.batch_size=4", model=str(tiny_decoder))
+    run_steps(other, tmp_path, "evaluate", "push")
+    report = read_json(tmp_path / "data/evaluation/report.json")
+    assert report["demo_data"] is True and report["data_source"] == "demo"
+    card = (tmp_path / "data/release/README.md").read_text()
+    assert "Dataset: `demo`: 60 built-in synthetic pairs" in card and "other.jsonl" not in card
+    settings = json.loads(card.split("```json\n", 1)[1].split("```", 1)[0])
+    assert settings["filter"]["max_token_length"] == 64 and settings["download"]["source"] == "demo"
+    assert settings["tokenize"] == params.as_dict()["tokenize"] and settings["evaluate"]["batch_size"] == 4
+
 
 def test_training_is_seeded_and_reproducible(tmp_path, tiny_decoder):
     params = tiny_params("train.max_steps=3", model=str(tiny_decoder))

@@ -35,6 +35,31 @@ STEPS = [link.step for link in CHAIN] + ["push"]
 UPSTREAMS = {link.upstream for link in CHAIN}  # the outputs another is made from: their records need a content_hash
 
 
+def download_settings(layout: Layout) -> dict:
+    """The download settings the pairs in `layout` were made with (their manifest keeps them): what the
+    report and the model card name as the data, whatever params.yaml says now."""
+    manifest = read_json(layout.pairs / "manifest.json")
+    if "settings" in manifest:
+        return manifest["settings"]
+    # a manifest from before the settings were kept: what it recorded itself
+    return {"source": manifest["source"], "subset": manifest.get("subset"), "revision": manifest.get("revision"),
+            "train_split": None, "demo_pairs": None, "seed": None}
+
+
+def recorded_settings(layout: Layout) -> dict[str, dict]:
+    """The settings of each step as the outputs in `layout` were made with them, by section (download,
+    tokenize, filter, evaluate), where their records keep them; the model card quotes these, not
+    params.yaml as it is now. The model's and training's are in data/train/run.json."""
+    recorded = {"download": download_settings(layout)}
+    for section, record in (("tokenize", layout.tokenized / "manifest.json"),
+                            ("filter", layout.filtered / "manifest.json"),
+                            ("evaluate", layout.evaluation / "report.json")):
+        settings = read_json(record).get("settings") if record.exists() else None
+        if settings is not None:
+            recorded[section] = settings
+    return recorded
+
+
 def inputs(layout: Layout, upstream: str) -> dict[str, str]:
     """The `inputs` entry of a record made from `upstream` (a Layout property) as it is now."""
     link = next(link for link in CHAIN if link.output == upstream)

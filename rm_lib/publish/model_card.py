@@ -241,7 +241,8 @@ def _parameters(params: dict) -> str:
     settings = json.dumps({s: params[s] for s in SECTIONS if s in params}, indent=2, sort_keys=True)
     return f"""## Training parameters
 
-Every setting of the run (params.yaml with its overrides), by section:
+Every setting of the run, by section, as each step recorded it when it made its output (the model and
+training settings from `data/train/run.json`):
 
 ```json
 {settings}

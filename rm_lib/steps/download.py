@@ -6,7 +6,7 @@ import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import demo, formats, sources
@@ -33,6 +33,7 @@ class DownloadResult:
     split: str = "source"  # how train/test were split: the source's own splits, or seeded by prompt
     test_fraction_realised: float = 0.0
     note: str | None = None  # a local source that DVC cannot see (outside data/sources)
+    settings: dict = field(default_factory=dict)  # the download settings these pairs were made with
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -41,7 +42,7 @@ class DownloadResult:
                 "rejected": sum(self.rejects.values()), "rejects_by_reason": self.rejects,
                 "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
                 "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
-                "split": self.split}
+                "split": self.split, "settings": self.settings}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -197,7 +198,8 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             warning=warning, subset=cfg.subset, test_fraction_realised=realised,
             split="source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
                                                            f"seed={cfg.seed}",
-            note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None)
+            note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None,
+            settings=asdict(cfg))
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result

@@ -1,7 +1,7 @@
 """evaluate: the trained model on the held-out pairs -> report JSON, pictures, scored pairs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data.tokenstore import read_rows
@@ -22,10 +22,11 @@ class EvaluateResult:
     report: Path
     output_dir: Path
     inputs: dict[str, str]  # the content hash of the model scored
+    settings: dict = field(default_factory=dict)  # the evaluate settings the figures were made with
 
     def report_record(self) -> dict:
-        """report.json: every figure, and which model they are of."""
-        return {**self.metrics, "inputs": self.inputs}
+        """report.json: every figure, which model they are of, and the settings they were made with."""
+        return {**self.metrics, "inputs": self.inputs, "settings": self.settings}
 
     def metrics_record(self) -> dict[str, float]:
         """metrics.json: the numbers `dvc metrics` and `dvc exp show` read."""
@@ -87,7 +88,8 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     if cfg.suites:  # extra labelled sets (RewardBench 1/2, local files), scored through the scoring API
         metrics["suites"] = suites.evaluate_suites(cfg.suites, layout.model, batch_size=cfg.batch_size,
                                                      sources=layout.sources)
-    metrics["demo_data"] = params.download.source == "demo"
+    source = chain.download_settings(layout)["source"]
+    metrics["data_source"], metrics["demo_data"] = source, source == "demo"
     tokenizer = load_tokenizer(str(layout.model))
     # The same texts scored every way the model is used (batch size 1, left padding, packed, pipeline).
     metrics["consistency"] = consistency.check(layout.model, rows, pad_token_id=tokenizer.pad_token_id,
@@ -97,7 +99,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
                 "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}
                for i in range(min(cfg.num_print_samples, len(rows)))]
     result = EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation,
-                            inputs=chain.inputs(layout, "model"))
+                            inputs=chain.inputs(layout, "model"), settings=asdict(params.evaluate))
     with atomic_dir(layout.evaluation) as out:
         write_json(out / "metrics.json", result.metrics_record())
         write_json(out / "report.json", result.report_record())

@@ -1,7 +1,7 @@
 """filter: token ids -> length-filtered ids, every dropped pair counted by reason and written out."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import length_filter
@@ -27,13 +27,15 @@ class FilterResult:
     pad_token_id: int | None
     inputs: dict[str, str]
     plot: Path = field(default=None)
+    settings: dict = field(default_factory=dict)  # the filter settings these pairs were kept by
 
     def manifest(self) -> dict:
         """manifest.json: what train and evaluate read of the filtered ids."""
         return {"policy": self.policy, "max_token_length": self.max_token_length,
                 "max_prompt_token_length": self.max_prompt_token_length, "kept": self.kept,
                 "dropped_by_reason": self.dropped, "truncated": self.truncated, "content_hash": self.content_hash,
-                "special_prefix": self.special_prefix, "pad_token_id": self.pad_token_id, "inputs": self.inputs}
+                "special_prefix": self.special_prefix, "pad_token_id": self.pad_token_id, "inputs": self.inputs,
+                "settings": self.settings}
 
     def summary(self) -> str:
         parts = []
@@ -76,6 +78,6 @@ def run(params: Params, layout: Layout) -> FilterResult:
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.filtered,
             max_token_length=cfg.max_token_length, max_prompt_token_length=cfg.max_prompt_token_length,
             special_prefix=meta["special_prefix"], pad_token_id=meta["pad_token_id"],
-            inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png")
+            inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png", settings=asdict(cfg))
         write_json(out / "manifest.json", result.manifest())
     return result

@@ -21,6 +21,7 @@ from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import atomic_dir, read_json, write_json
 from rm_lib.layout import Layout
+from rm_lib.pipeline import chain
 from rm_lib.publish import hub, model_card
 from rm_lib.settings import Params
 
@@ -84,7 +85,9 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest)
     repo_id = params.push.repo_id or "reward-model"
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
-    card_params = {**params.as_dict(), "model": trained["model"], "train": trained["train"]}
+    # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
+    card_params = {**params.as_dict(), **chain.recorded_settings(layout), "model": trained["model"],
+                   "train": trained["train"]}
     (out / "README.md").write_text(model_card.render(repo_id=repo_id, params=card_params, metrics=metrics,
                                                      lineage=lineage, pictures=pictures, gate=gate_rows,
                                                      forced=params.push.force and not all(v.passed for v in verdicts)),

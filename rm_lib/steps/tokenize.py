@@ -1,7 +1,7 @@
 """tokenize: normalised pairs -> token ids, through the chosen chat template."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import templates, tokenization
@@ -25,12 +25,14 @@ class TokenizeResult:
     end_token_id: int | None
     pad_token_id: int | None
     inputs: dict[str, str]  # the content hashes of what these ids were made from
+    settings: dict = field(default_factory=dict)  # the tokenize settings these ids were made with
 
     def manifest(self) -> dict:
         """manifest.json: what filter, train and the model card read of this tokenization."""
         return {"model": self.model, "template": self.template, "rows": self.rows, "tokens": self.tokens,
                 "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
-                "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs}
+                "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs,
+                "settings": self.settings}
 
     def summary(self) -> str:
         return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
@@ -67,6 +69,6 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
             model=params.model.name_or_path, special_prefix=list(special.prefix), end_token_id=special.end,
-            pad_token_id=tokenizer.pad_token_id, inputs=made_from)
+            pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize))
         write_json(out / "manifest.json", result.manifest())
     return result
