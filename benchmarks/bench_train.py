@@ -289,7 +289,7 @@ def progress(case: str, trainer: str, since: float) -> dict:
     log older than the run is an earlier run's, so it counts as nothing logged."""
     from rm_lib.layout import Layout
 
-    log = Layout(WORK / case / "ours").train_logs / "metrics.jsonl"
+    log = Layout(WORK / case / "ours").live_log  # the run's log as it goes
     if trainer != "ours":
         return {}
     if not log.exists() or log.stat().st_mtime < since:

@@ -44,6 +44,13 @@ class Layout:
         return self.root / "data" / "train"
 
     @property
+    def live_log(self) -> Path:
+        """The metrics log of the training run in progress, beside its checkpoints; published to
+        train_logs/metrics.jsonl when the run ends, so an interrupted run leaves the last run's log
+        there as it was, with the model and run.json it belongs to."""
+        return self.checkpoints / "metrics.jsonl"
+
+    @property
     def evaluation(self) -> Path:
         return self.root / "data" / "evaluation"
 

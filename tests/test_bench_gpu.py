@@ -250,7 +250,7 @@ def test_a_run_past_its_time_is_recorded_unfinished_and_the_next_runs_still_go(t
     """A stalled or failed run must not take the rest of a GPU lease: it is stopped, what it reached is
     kept, the benchmark goes on, and --resume tries it again."""
     data, model, out = stand_in_benchmark(tmp_path, monkeypatch)
-    log = tmp_path / "work" / "hh" / "ours" / "data" / "train" / "metrics.jsonl"
+    log = tmp_path / "work" / "hh" / "ours" / "models" / "checkpoints" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
     calls = []
 
@@ -316,7 +316,7 @@ def test_an_earlier_runs_training_log_is_not_taken_for_a_stopped_runs_progress(t
     import time
 
     monkeypatch.setattr(bench_train, "WORK", tmp_path)
-    log = tmp_path / "hh" / "ours" / "data" / "train" / "metrics.jsonl"
+    log = tmp_path / "hh" / "ours" / "models" / "checkpoints" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text(json.dumps({"step": 60, "elapsed_s": 17.0}) + "\n")
     os.utime(log, (time.time() - 120, time.time() - 120))

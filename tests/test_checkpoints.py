@@ -122,3 +122,26 @@ def test_a_resume_restores_the_metrics_log_that_dvc_deleted(tmp_path, tiny_decod
     result = run_steps(params, tmp_path, "train")["train"]
     assert result.resumed_from == 2
     assert [r["step"] for r in read_jsonl(tmp_path / "data/train/metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_an_interrupted_run_leaves_the_last_runs_log_with_its_model(tmp_path, tiny_decoder):
+    """The release gate reads data/train/metrics.jsonl beside run.json: a run that stops part way (a
+    kill, a crash) must not leave its own lines there against the last finished run's model. Its
+    lines are in the live log beside the checkpoints, where a resume finds them."""
+    from rm_lib.files import read_jsonl
+    from rm_lib.layout import Layout
+    from rm_lib.steps import train
+
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    finished = {name: (tmp_path / "data/train" / name).read_bytes() for name in ("metrics.jsonl", "run.json")}
+
+    def stop_at_step_3(record):
+        if record["step"] == 3:
+            raise RuntimeError("stopped part way (a stand-in for a kill)")
+
+    with pytest.raises(RuntimeError, match="stopped part way"):
+        train.run(tiny_params("train.max_steps=6", model=str(tiny_decoder)), Layout(tmp_path), on_log=stop_at_step_3)
+    assert {name: (tmp_path / "data/train" / name).read_bytes() for name in finished} == finished
+    assert [r["step"] for r in read_jsonl(tmp_path / "data/train/metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_jsonl(Layout(tmp_path).live_log)] == [1, 2, 3]

@@ -59,7 +59,7 @@ def test_two_concurrent_trains_one_clean_run_and_one_refusal(tmp_path, tiny_deco
     args = [a for s in settings for a in ("--set", s)]
     first = _cli(tmp_path, *args, "train")
     lock = tmp_path / ".rm_lib" / "locks" / "train.lock"
-    metrics = Layout(tmp_path).train_logs / "metrics.jsonl"
+    metrics = Layout(tmp_path).live_log
     # Wait until the first is inside the step (it holds the lock, or, without locks, it has begun
     # logging), then stop it there so the second certainly runs while the first is mid-run.
     _wait_for(lambda: first.poll() is not None or metrics.exists()

@@ -10,7 +10,7 @@ from typing import Any
 from rm_lib.data.tokenstore import read_rows
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
-from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
+from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
 from rm_lib.model.modeling import add_lora, load_reward_model, load_tokenizer, save_model
@@ -130,7 +130,7 @@ def run(params: Params, layout: Layout, accelerator=None,
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules)
     os.environ.setdefault("WANDB_SILENT", "true")
-    tracker = Tracker(layout.train_logs / "metrics.jsonl", project=cfg.wandb_project, mode=cfg.wandb_mode,
+    tracker = Tracker(layout.live_log, project=cfg.wandb_project, mode=cfg.wandb_mode,
                       config=params.as_dict(), run_dir=layout.root / "wandb", on_log=on_log)
 
     def on_eval(model, step: int) -> dict:
@@ -166,9 +166,9 @@ def run(params: Params, layout: Layout, accelerator=None,
     finally:
         if accelerator.is_main_process:
             tracker.finish()
-    # The metrics file holds the whole run, also when this call resumed late or had nothing left to do.
-    logged = [r for r in read_jsonl(layout.train_logs / "metrics.jsonl") if "loss" in r] \
-        if (layout.train_logs / "metrics.jsonl").exists() else []
+    # The live log holds the whole run, also when this call resumed late or had nothing left to do.
+    records = read_jsonl(layout.live_log) if layout.live_log.exists() else []
+    logged = [r for r in records if "loss" in r]
     history = logged or result.history
     # The run's own last record (kept in its checkpoint), also when this call reused a finished run.
     last = result.last_log or (history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")})
@@ -194,6 +194,7 @@ def run(params: Params, layout: Layout, accelerator=None,
                                              "inputs": {"filtered": meta["content_hash"]}})
         plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                          [r["accuracy"] for r in history], layout.train_logs / "loss.png")
+        write_jsonl(layout.train_logs / "metrics.jsonl", records)  # the finished run's log, published
         # `dvc plots` reads no JSON Lines: the logged records as one JSON list
         write_json(layout.train_logs / "metrics.plot.json", logged)
         write_json(layout.train_logs / "run.json", outcome.run_record())

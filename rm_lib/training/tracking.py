@@ -32,17 +32,16 @@ class Tracker:
 
     def start(self, resume_lines: int | None = None, saved: Path | None = None) -> None:
         """Open the metrics file (keeping a resumed run's earlier lines) and the W&B run. `saved`: the copy
-        of the file in the checkpoint resumed from, for when the file itself is gone or shorter (DVC
-        deletes a stage's outputs before it runs)."""
+        of the file in the checkpoint resumed from, read first: the file itself may have been started
+        afresh by a run with other settings since."""
         if not self.enabled:
             return
         metrics_path, project, run_dir, config = self.metrics_path, self.project, self.run_dir, self.config
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         kept = ""
         if resume_lines is not None:  # a resumed run keeps its lines up to the checkpoint
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            if len(lines) < resume_lines and saved is not None and saved.exists():
-                lines = saved.read_text().splitlines()
+            source = saved if saved is not None and saved.exists() else metrics_path
+            lines = source.read_text().splitlines() if source.exists() else []
             kept = "".join(line + "\n" for line in lines[:resume_lines])
         # A new file, never a write into the old one: DVC may have left that as a (read-only) link
         # into its cache, and truncating or appending to it would change the cached copy.
