@@ -33,6 +33,15 @@ class ModelSettings:
     def validate(self) -> None:
         if not self.name_or_path:
             _fail("model", "name_or_path", "must name a Hub id, a local folder or 'default'")
+        if self.name_or_path.startswith("~"):  # a shell would have expanded it; YAML and --set do not
+            self.name_or_path = str(Path(self.name_or_path).expanduser())
+        local = self.name_or_path == "default" or Path(self.name_or_path).exists()
+        if self.revision is not None and local:
+            # a folder has no commits: transformers would ignore the revision, and the records would name it
+            _fail("model", "revision", f"'{self.revision}' is set, but '{self.name_or_path}' is a local model "
+                  "that has no revisions; set model.revision to null, or name a Hub model")
+        if not local and self.name_or_path.startswith(("/", "./", "../", "~")):
+            _fail("model", "name_or_path", f"'{self.name_or_path}': no such folder")
 
 
 @dataclass
@@ -51,6 +60,8 @@ class DownloadSettings:
     max_reject_ratio: float = 0.1  # data check: the largest share of source rows that may be rejected
 
     def validate(self) -> None:
+        if self.source.startswith("~"):  # a shell would have expanded it; YAML and --set do not
+            self.source = str(Path(self.source).expanduser())
         if not 0.0 < self.test_fraction < 1.0:
             _fail("download", "test_fraction", f"must lie strictly between 0 and 1, got {self.test_fraction}")
         if not 0.0 <= self.split_tolerance < 1.0:

@@ -210,3 +210,26 @@ def test_mixed_precision_no_is_read_as_no_though_yaml_reads_it_as_false(tmp_path
     assert load_params(tmp_path / "params.yaml").train.mixed_precision == "no"
     with pytest.raises(SettingsError, match="train.mixed_precision: must be a string, got True"):
         load_params(None, ["train.mixed_precision=yes"])  # true has no meaning of its own there
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.revision=abc"], r"model.revision: 'abc' is set, but 'default' is a local model that has no revisions"),
+    (["model.name_or_path=tests", "model.revision=v1"], r"model.revision: 'v1' is set, but 'tests' is a local model"),
+    (["model.name_or_path=/no/such/model"], r"model.name_or_path: '/no/such/model': no such folder"),
+])
+def test_a_model_setting_that_the_records_would_misstate_is_refused(overrides, message):
+    """A local folder has no commits: transformers ignores a revision there, and run.json and the model
+    card would name one that was never loaded."""
+    with pytest.raises(SettingsError, match=message):
+        load_params("params.yaml", overrides)
+    assert load_params("params.yaml", ["model.name_or_path=org/model", "model.revision=v1"]).model.revision == "v1"
+
+
+def test_a_home_folder_path_in_params_yaml_is_expanded(tmp_path, monkeypatch):
+    """A shell expands ~ on the command line; params.yaml and a quoted --set do not: the settings do."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "model").mkdir()
+    params = load_params("params.yaml", ["download.source=~/pairs.jsonl", "model.name_or_path=~/model"])
+    assert (params.download.source, params.model.name_or_path) == (str(tmp_path / "pairs.jsonl"),
+                                                                   str(tmp_path / "model"))
