@@ -66,6 +66,14 @@ BROKEN_FILES = {
                         ["row 1", "missing column(s) chosen, rejected", "found columns bad, good, question"]),
     "one prompt for every pair": ("d.jsonl", lines([dict(r, prompt="the same question") for r in GOOD]),
                                   ["all 20 pairs share one prompt", "download.test_split"]),
+    # valid JSON, but no UTF-8 text can hold it: the tokenizer would fail on it, far from its row
+    "a lone surrogate": ("d.jsonl", lines(GOOD + [{"prompt": "p", "chosen": "a\ud800", "rejected": "b"}]),
+                         ["row 21", "field 'chosen'", "lone surrogate (\\ud800 at character 1)"]),
+    # a comma left unquoted: the row would be read as another pair, its last cell lost
+    "a CSV cell with an unquoted comma": (
+        "d.csv", ("prompt,chosen,rejected\n" + "".join(f'"q{i}","a{i}","b{i}"\n' for i in range(20))
+                  + "q,good, really good answer,bad answer\n").encode(),
+        ["row 22", "4 cells where the header has 3", "quote a cell that holds a comma"]),
 }
 
 

@@ -120,9 +120,28 @@ def _token_ids(value: Any, key: str, *, file: str, row_number: int) -> list[int]
     return value
 
 
+def _check_unicode(value: Any, key: str, *, file: str, row_number: int) -> None:
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 text holds: the tokenizer, and every
+    file written after download, would fail on it far from its row."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"holds a lone surrogate (\\u{ord(value[exc.start]):04x} at character {exc.start}), which "
+                            "is not valid Unicode text", file=file, row=row_number, field=key) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, key, file=file, row_number=row_number)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_unicode(item, key, file=file, row_number=row_number)
+
+
 def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     """One source row -> one normalised pair. Raises DataError (bad structure) or _Reject."""
     pair_id = f"{file}:{row_number}"
+    for key in ("prompt", "chosen", "rejected", "subset"):
+        _check_unicode(row.get(key), key, file=file, row_number=row_number)
     margin = _margin(row, file=file, row_number=row_number)
     # an optional category (RewardBench's `subset`): evaluate reports accuracy per subset
     subset = {"subset": str(row["subset"])} if row.get("subset") not in (None, "") else {}

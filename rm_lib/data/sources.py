@@ -134,7 +134,10 @@ def _csv_rows(path: Path) -> Rows:
     reader = csv.DictReader(line for _, line in _lines(path))
     messages: set[str] | None = None  # message columns, decided by the first row
     for number, row in enumerate(reader, start=2):  # row 1 is the header
-        row = {k: v for k, v in row.items() if k is not None}
+        if None in row:  # DictReader files cells past the header's under None: a comma left unquoted
+            header = len(reader.fieldnames or [])
+            raise DataError(f"{header + len(row[None])} cells where the header has {header}; quote a cell that "
+                            "holds a comma (\"like, this\")", file=str(path), row=number)
         if messages is None:
             messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
         yield number, {k: _csv_cell(k, v, messages) for k, v in row.items()}
