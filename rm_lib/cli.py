@@ -135,4 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
+        print("interrupted: the step stopped and left its earlier output as it was; train resumes from its last "
+              "checkpoint when run again", file=sys.stderr)
+        return 130
     return 0

@@ -60,6 +60,38 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
+    # the row set aside is written beside the output, with its reason and its data: nothing lost
+    assert f"rows set aside: {tmp_path / 'scores.jsonl.rejects.jsonl'}" in out.stdout
+    (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert (aside["row"], aside["reason"], aside["data"]) == (2, "identical", rows[1])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("output is the input", "is the input file; the rewards would replace the pairs"),
+    ("output is a folder", "is a folder; name the JSON Lines file to write"),
+    ("every row set aside", "no pair to score: all 2 rows were set aside (identical: 2); see"),
+    ("a token id past the vocabulary", "row 1, field 'input_ids_chosen': token id 999999 is outside the model's "
+                                       "vocabulary"),
+])
+def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_path, capsys, case, message):
+    from rm_lib.cli import main
+
+    rows = [{"prompt": "The film was", "chosen": "fine.", "rejected": "bad."}]
+    output = tmp_path / "scores.jsonl"
+    if case == "output is the input":
+        output = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    elif case == "output is a folder":
+        output.mkdir()
+    elif case == "every row set aside":
+        rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 2
+    else:
+        rows = [{"input_ids_chosen": [1, 999_999], "input_ids_rejected": [1, 2]}]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    before = src.read_bytes()
+    code = main(["--root", str(trained), "score", "--input", str(src), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and message in err.strip().splitlines()[-1]
+    assert src.read_bytes() == before
 
 
 LONG = "User: Tell me everything about the film.\n\nAssistant: " + "The acting was wonderful and brilliant. " * 120

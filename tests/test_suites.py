@@ -168,7 +168,8 @@ def pipeline(tmp_path_factory, tiny_decoder):
     rb1, rb2 = root / "rb1.jsonl", root / "rb2.parquet"
     write_jsonl(rb1, [{"prompt": "I watched this film and", "chosen": "the acting was superb.",
                        "rejected": "the acting was dreadful.", "subset": s, "id": i}
-                      for i, s in enumerate(["easy", "easy", "hard"])])
+                      for i, s in enumerate(["easy", "easy", "hard"])]
+                + [{"prompt": "p", "chosen": "the same", "rejected": "the same", "subset": "easy", "id": 3}])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -188,6 +189,10 @@ def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
     report = json.loads((layout.evaluation / "report.json").read_text())
     rb1, rb2 = report["suites"]["rb1"], report["suites"]["rb2"]
     assert (rb1["layout"], rb1["rows"], rb2["layout"], rb2["rows"]) == ("pairwise", 3, "best_of_n", 2)
+    # a row that cannot be scored is counted in the report and written beside it, with its reason
+    assert (rb1["skipped"], rb1["skipped_by_reason"]) == (1, {"identical": 1}) and "set_aside" not in rb1
+    (aside,) = [json.loads(line) for line in (layout.evaluation / "suites.rejects.jsonl").read_text().splitlines()]
+    assert (aside["suite"], aside["row"], aside["reason"], aside["data"]["id"]) == ("rb1", 4, "identical", 3)
     assert set(rb1["per_subset"]) == {"easy", "hard"} and set(rb2["per_subset"]) == {"Focus", "Ties"}
     # the step's accuracy is the rule applied to the model's own rewards (its recorded template)
     scorer = RewardScorer(layout.model)

@@ -58,6 +58,10 @@ class _Read:
     layout: str | None = None
     rows: list[Row] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    set_aside: list[dict] = field(default_factory=list)  # each skipped row, its file, number and reason
+
+
+SET_ASIDE = "set_aside"  # an entry's skipped rows; evaluate writes them to suites.rejects.jsonl, not the report
 
 
 def sanitise(text: str) -> str:
@@ -203,6 +207,7 @@ def read_rows(inputs: Iterable[tuple[str, Iterable[tuple[int, Any]]]]) -> _Read:
                            else _pairwise(row, normaliser, row_number=number))
                 if isinstance(outcome, str):
                     read.skipped[outcome] += 1
+                    read.set_aside.append({"file": label, "row": number, "reason": outcome, "data": row})
                 else:
                     read.rows.append(outcome)
         finally:
@@ -265,7 +270,8 @@ def evaluate_suite(suite: Suite, scorer: Any) -> dict:
     overall, per_subset = accuracy(correct, [r.subset for r in read.rows])
     entry = {"source": suite.entry, "layout": read.layout, "rows": len(read.rows), "accuracy": overall,
              "per_subset": per_subset, "content_hash": content_hash, "skipped": sum(read.skipped.values()),
-             "skipped_by_reason": dict(sorted(read.skipped.items())), "truncated_answers": truncated}
+             "skipped_by_reason": dict(sorted(read.skipped.items())), "truncated_answers": truncated,
+             SET_ASIDE: read.set_aside}
     return {**entry, "split": suite.split} if suite.kind == "hub" else entry
 
 

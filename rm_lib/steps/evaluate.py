@@ -85,9 +85,12 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     per_subset = subset_accuracy(r_c, r_r, [r.get("subset") for r in rows])
     if per_subset:
         metrics["per_subset"] = per_subset
+    set_aside = []  # suite rows that could not be scored: written beside the report, with their reasons
     if cfg.suites:  # extra labelled sets (RewardBench 1/2, local files), scored through the scoring API
         metrics["suites"] = suites.evaluate_suites(cfg.suites, layout.model, batch_size=cfg.batch_size,
                                                      sources=layout.sources)
+        for name, entry in metrics["suites"].items():
+            set_aside += [{"suite": name, **record} for record in entry.pop(suites.SET_ASIDE)]
     source = chain.download_settings(layout)["source"]
     metrics["data_source"], metrics["demo_data"] = source, source == "demo"
     tokenizer = load_tokenizer(str(layout.model))
@@ -106,6 +109,8 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         write_jsonl(out / "scores.jsonl", ({"id": r["id"], "reward_chosen": c, "reward_rejected": j}
                                            for r, c, j in zip(rows, r_c, r_r)))
         write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])
+        if set_aside:
+            write_jsonl(out / "suites.rejects.jsonl", set_aside)
         write_json(out / "buckets.plot.json", metrics["per_length_bucket"])  # `dvc plots` reads no JSON Lines
         plots.reward_distributions(r_c, r_r, out / "rewards.png")
         plots.reward_vs_length([len(r["input_ids_chosen"]) for r in rows], r_c,

@@ -1,11 +1,12 @@
 """score: every pair of a preference file (any supported format) -> rewards per row, accuracy."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from rm_lib.data import formats, sources
-from rm_lib.errors import UserError
+from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
 from rm_lib.files import write_jsonl
@@ -20,38 +21,70 @@ class ScoreResult:
     output: Path
     truncated: int = 0  # pairs with a side cut to max_length (filter.policy=truncate)
     max_length: int | None = None
+    rejects: Path | None = None  # the rows set aside, with their reasons, where there were any
 
     def summary(self) -> str:
         m = self.metrics
+        aside = f"; rows set aside: {self.rejects}" if self.rejects else ""
         return (f"score: {m['pairs']} pairs ({self.rejected} rejected, {self.truncated} truncated to the model's "
                 f"{self.max_length} tokens), accuracy {m['accuracy']:.4f} "
-                f"(ties {m['tie_rate']:.4f}; longer wins {m['longer_wins_baseline']:.4f}) -> {self.output}")
+                f"(ties {m['tie_rate']:.4f}; longer wins {m['longer_wins_baseline']:.4f}) -> {self.output}{aside}")
 
 
-def _check_paths(layout: Layout, model: str | None, input_path: str) -> None:
+def rejects_path(output_path: str | Path) -> Path:
+    """Where the rows that could not be scored go, with their reasons: beside the output."""
+    output = Path(output_path)
+    return output.with_name(output.name + ".rejects.jsonl")
+
+
+def _check_paths(layout: Layout, model: str | None, input_path: str, output_path: str) -> None:
     if not Path(input_path).exists():
         raise UserError(f"{input_path}: no such file or folder")
+    output = Path(output_path)
+    if output.is_dir():
+        raise UserError(f"--output {output_path}: is a folder; name the JSON Lines file to write")
+    if any(output.resolve() == path.resolve() for path in sources.local_files(input_path)):
+        raise UserError(f"--output {output_path}: is the input file; the rewards would replace the pairs. Name "
+                        "another file")
     if model is None and not layout.model.is_dir():
         raise UserError(f"{layout.model}: no trained model here; run the train step first, or pass --model")
+
+
+def _check_token_ids(pair: dict, vocabulary: int) -> None:
+    """Pretokenized ids must index the model's embeddings (tokenize checks them the same way)."""
+    for side in ("input_ids_chosen", "input_ids_rejected"):
+        bad = next((i for i in pair[side] if not 0 <= i < vocabulary), None)
+        if bad is not None:
+            file, _, row = pair["id"].rpartition(":")
+            raise DataError(f"token id {bad} is outside the model's vocabulary of {vocabulary} ids", file=file,
+                            row=int(row), field=side)
 
 
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
     """Texts longer than the model reads follow filter.policy, as in training: truncate keeps their
     end, drop refuses the first one by its row."""
-    _check_paths(layout, model, input_path)
+    _check_paths(layout, model, input_path, output_path)
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size,
                           length_policy=params.filter.policy)
-    pairs, rejected = [], 0
+    pairs, rejects = [], []
     for path in sources.local_files(input_path):
         normaliser = formats.Normaliser(str(path))
         for outcome, record in normaliser(sources.read_file(path)):
-            if outcome == "pair":
-                pairs.append(record)
-            else:
-                rejected += 1
+            (pairs if outcome == "pair" else rejects).append(record)
+    aside = rejects_path(output_path)
+    if rejects:
+        write_jsonl(aside, rejects)
+    else:
+        aside.unlink(missing_ok=True)  # an earlier run's: not about this input
+    if not pairs:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
+        raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {aside}",
+                        file=input_path)
+    vocabulary = len(scorer.tokenizer)
     chosen, rejected_items = [], []
     for pair in pairs:
         if "input_ids_chosen" in pair:
+            _check_token_ids(pair, vocabulary)
             chosen.append(scorer.tokenizer.decode(pair["input_ids_chosen"]))
             rejected_items.append(scorer.tokenizer.decode(pair["input_ids_rejected"]))
         else:
@@ -62,5 +95,6 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
     write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
                                "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
-    return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths), rejected=rejected,
-                       output=Path(output_path), truncated=sum(cut), max_length=scorer.max_length)
+    return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths),
+                       rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
+                       max_length=scorer.max_length, rejects=aside if rejects else None)
