@@ -233,3 +233,15 @@ def test_a_home_folder_path_in_params_yaml_is_expanded(tmp_path, monkeypatch):
     params = load_params("params.yaml", ["download.source=~/pairs.jsonl", "model.name_or_path=~/model"])
     assert (params.download.source, params.model.name_or_path) == (str(tmp_path / "pairs.jsonl"),
                                                                    str(tmp_path / "model"))
+
+
+def test_ctrl_c_ends_a_step_with_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from rm_lib import cli
+
+    def interrupted(step, params, layout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_step", interrupted)
+    assert main(["--root", str(tmp_path), "download"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("interrupted: the step stopped and left its earlier output")
