@@ -328,3 +328,33 @@ def test_the_gpu_check_of_varlen_in_fp16_passes_and_would_catch_a_misaligned_cau
     assert wrong["varlen per-sequence (fp16)"]["ok"]  # square sequences: both alignments agree
     assert not wrong["varlen shared-prompt (fp16)"]["ok"], json.dumps(wrong)
     assert not wrong["varlen shared-prompt, compiled layers (fp16)"]["ok"]
+
+
+@pytest.mark.parametrize("extra", [{"softcap": 50.0}, {"s_aux": torch.zeros(2)}])
+def test_varlen_refuses_attention_terms_its_kernel_would_leave_out(extra):
+    """Gemma 2's logit soft-capping, gpt-oss's attention sinks: left out in training, present when the
+    model is scored, they would train another attention than the one used."""
+    layout = varlen.varlen_layout(torch.tensor([[0, 0, 1, 1]]), causal=True)
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="varlen attention does not apply this model's"):
+        varlen.varlen_attention(torch.nn.Module(), q, q, q, None, **{varlen.LAYOUT_KWARG: layout}, **extra)
+    out, _ = varlen.varlen_attention(torch.nn.Module(), q, q, q, None, softcap=None, s_aux=None,
+                                     **{varlen.LAYOUT_KWARG: layout})
+    assert out.shape == (1, 4, 2, 8)
+
+
+def test_packed_training_refuses_sequences_longer_than_a_sliding_window(tmp_path, tiny_decoder):
+    """Packed batches mask by sequence, not by a sliding window: a sequence longer than the window
+    would see further back in training than when the model scores it padded."""
+    from transformers import AutoConfig, Gemma2Config, MistralConfig, Qwen2Config
+
+    from rm_lib.model.packing import attention_window, check_attention_window
+
+    assert attention_window(MistralConfig(sliding_window=4096)) == 4096
+    assert attention_window(Gemma2Config(sliding_window=512)) == 512  # every other layer
+    assert attention_window(Qwen2Config(sliding_window=128)) is None  # use_sliding_window off
+    assert attention_window(AutoConfig.from_pretrained(tiny_decoder)) is None
+    check_attention_window(MistralConfig(sliding_window=64), 64)
+    with pytest.raises(SettingsError, match=r"sliding window of 64 tokens.*has 65 tokens; set "
+                                            r"train.padding_free=false, or filter.max_token_length to at most 64"):
+        check_attention_window(MistralConfig(sliding_window=64), 65)

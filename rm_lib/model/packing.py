@@ -317,6 +317,28 @@ def pooling(inner: Any) -> str | None:
     return None
 
 
+def attention_window(config: Any) -> int | None:
+    """The sliding window some of the model's layers attend within (Mistral, Gemma 2/3, Qwen with
+    use_sliding_window); None where every layer attends to the whole sequence."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
+def check_attention_window(config: Any, longest: int) -> None:
+    """Packed batches mask by sequence, not by a sliding window: a sequence longer than the window
+    would attend further back than the model does when it scores it padded."""
+    window = attention_window(config)
+    if window is not None and longest > window:
+        from rm_lib.errors import SettingsError
+
+        raise SettingsError(f"train.padding_free: this model attends within a sliding window of {window} tokens, "
+                            f"which packed batches do not apply, and a training sequence has {longest} tokens; set "
+                            f"train.padding_free=false, or filter.max_token_length to at most {window}")
+
+
 def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
     """One float reward per packed sequence, in `pack_pairs` order; `inner` is the transformers model
     under any DDP or peft wrapper (LoRA layers sit inside it)."""

@@ -87,6 +87,12 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError(f"{VARLEN} attention scores packed batches only (rm_lib.model.packing.packed_rewards)")
     if dropout:
         raise ValueError(f"{VARLEN} attention applies no attention dropout; train with train.disable_dropout=true")
+    # what the kernel does not apply would train another attention than the model is scored with
+    unsupported = [name for name, off in (("softcap", lambda v: v is None or v == 0), ("s_aux", lambda v: v is None))
+                   if not off(kwargs.get(name))]
+    if unsupported:
+        raise ValueError(f"{VARLEN} attention does not apply this model's {' and '.join(unsupported)}; train with "
+                         "train.attention=auto")
     rows, heads, width, dim = query.shape
 
     def flat(t: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,14 @@ import torch
 from rm_lib.errors import DevicePathError, SettingsError, TrainingDiverged
 from rm_lib.files import file_sha256, share_tree
 from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
-from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_tokens, step_forwards
+from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_length, pair_tokens, step_forwards
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
 from rm_lib.model.modeling import unwrap
 from rm_lib.model.packing import (
     FLEX_BLOCK,
     any_width_compiles,
+    check_attention_window,
     largest_batch_tokens,
     pack_pairs,
     pack_pairs_shared,
@@ -353,6 +354,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     if cfg.disable_dropout:
         _disable_dropout(model)
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
+    if packed and train_rows:
+        check_attention_window(unwrap(model).config, max(pair_length(r) for r in train_rows))
     world, rank = accelerator.num_processes, accelerator.process_index
     device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world,
                            sharding(accelerator))
