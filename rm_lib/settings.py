@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ import yaml
 from rm_lib.errors import SettingsError
 
 TEMPLATES = ("auto", "tokenizer", "simple_chat", "simple_concat", "chatml")
+
+
+def _hub_repo_id(repo_id: str) -> bool:
+    """huggingface_hub's own check of a repository id, made before any work (the Hub refuses more)."""
+    return bool(re.fullmatch(r"(\b[\w.-]+\b/)?\b[\w.-]{1,96}\b", repo_id)) and "--" not in repo_id \
+        and ".." not in repo_id
 
 
 def _fail(section: str, key: str, message: str) -> None:
@@ -242,8 +249,11 @@ class PushSettings:
         if self.max_length_correlation is not None and not 0.0 <= self.max_length_correlation <= 1.0:
             _fail("push", "max_length_correlation",
                   f"must lie in [0, 1] or be null, got {self.max_length_correlation}")
-        if self.repo_id is not None and (self.repo_id.count("/") > 1 or not self.repo_id.strip("/")):
-            _fail("push", "repo_id", f"must look like 'name' or 'owner/name', got '{self.repo_id}'")
+        if self.repo_id is not None and not _hub_repo_id(self.repo_id):
+            # the Hub's own rule, checked before the gate and the release are built, not after
+            _fail("push", "repo_id", f"'{self.repo_id}' is not a valid repository name: it must look like 'name' or "
+                  "'owner/name', of letters, digits, '-', '_' and '.', with no '--' or '..', and no name that starts "
+                  "or ends with '-' or '.'")
 
 
 @dataclass

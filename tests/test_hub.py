@@ -374,7 +374,6 @@ ERRORS = {  # case -> (what to change, words the message must hold)
     "no_token": ({"HF_TOKEN": None}, ["no Hugging Face token", "HF_TOKEN", "hf auth login"]),
     "bad_token": ({"HF_TOKEN": "hf_notAValidToken"}, ["refused the token", "401", "HF_TOKEN", "hf auth login"]),
     "no_permission": ({"repo": "bob/tiny-rm"}, ["may not write to 'bob/tiny-rm'", "403", "'bob' namespace"]),
-    "bad_name_client": ({"repo": "alice/bad name"}, ["not a valid repository name", "push.repo_id"]),
     "bad_name_hub": ({"repo": "alice/_tiny-rm"}, ["not a valid repository name", "Invalid repo name"]),
     "network_down": ({"endpoint": "closed"}, ["cannot reach the Hub", "after 3 tries", "check the network"]),
 }

@@ -22,6 +22,9 @@ def test_params_yaml_is_the_source_of_defaults_and_set_overrides():
     ("train.colour=blue", "train: unknown setting"),
     ("nosection.key=1", "unknown section"),
     ("filter.policy=cut", "filter.policy: must be 'drop' or 'truncate'"),
+    ("push.repo_id=not a repo!!", "push.repo_id: 'not a repo!!' is not a valid repository name"),
+    ("push.repo_id=alice/bad name", "push.repo_id: 'alice/bad name' is not a valid repository name"),
+    ("push.repo_id=me/a--b", "no '--' or '..'"),
 ])
 def test_invalid_settings_are_caught_before_work(override, message):
     with pytest.raises(SettingsError, match=message):
@@ -245,3 +248,11 @@ def test_ctrl_c_ends_a_step_with_one_line_and_exit_130(tmp_path, capsys, monkeyp
     assert main(["--root", str(tmp_path), "download"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("interrupted: the step stopped and left its earlier output")
+
+
+def test_a_model_folder_without_a_config_says_so(tmp_path):
+    from rm_lib.model.modeling import load_model_config
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SettingsError, match=r"the folder '.*empty' has no config.json"):
+        load_model_config(str(tmp_path / "empty"))

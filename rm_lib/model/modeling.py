@@ -61,6 +61,9 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise SettingsError(f"model.name_or_path: the folder '{name_or_path}' has no config.json; name a folder that "
+                            "save_pretrained wrote, a Hub model or 'default'")
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
