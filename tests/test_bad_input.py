@@ -220,3 +220,16 @@ def test_a_hub_name_that_does_not_exist_is_a_clear_error(tmp_path, empty_hub, se
     error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and expected in error[0]
     assert not (tmp_path / "data" / "pairs" / "manifest.json").exists()
+
+
+def test_test_pairs_that_are_also_train_pairs_are_counted_and_warned_about(tmp_path, capsys):
+    """A source's own splits are taken as they are; where they share pairs, the held-out accuracy
+    would count pairs the model trained on."""
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(lines(GOOD))
+    (folder / "test.jsonl").write_bytes(lines(GOOD[:5] + [dict(GOOD[5], chosen="something else")]))
+    code, out, _ = cli(tmp_path, "--set", f"download.source={folder}", "download", capsys=capsys)
+    assert code == 0
+    assert "warning: 5 of the 6 test pairs are also train pairs" in out
+    assert read_json(Layout(tmp_path).pairs / "manifest.json")["test_pairs_in_train"] == 5

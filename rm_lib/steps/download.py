@@ -34,6 +34,7 @@ class DownloadResult:
     test_fraction_realised: float = 0.0
     note: str | None = None  # a local source that DVC cannot see (outside data/sources)
     settings: dict = field(default_factory=dict)  # the download settings these pairs were made with
+    test_in_train: int = 0  # test pairs identical to a train pair: a source's own splits may overlap
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -42,7 +43,7 @@ class DownloadResult:
                 "rejected": sum(self.rejects.values()), "rejects_by_reason": self.rejects,
                 "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
                 "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
-                "split": self.split, "settings": self.settings}
+                "split": self.split, "test_pairs_in_train": self.test_in_train, "settings": self.settings}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -51,7 +52,10 @@ class DownloadResult:
         return (f"download: {self.rows_read} rows from {self.source} ({', '.join(self.formats)}) -> "
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
                 f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}"
-                + (f"\nwarning: {self.warning}" if self.warning else "") + (f"\n{self.note}" if self.note else ""))
+                + (f"\nwarning: {self.warning}" if self.warning else "")
+                + (f"\nwarning: {self.test_in_train} of the {self.pairs['test']} test pairs are also train pairs: the "
+                   "held-out accuracy overstates the model" if self.test_in_train else "")
+                + (f"\n{self.note}" if self.note else ""))
 
 
 def _head(rows: Iterable, limit: int | None) -> Iterator:
@@ -159,6 +163,17 @@ def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], source: str,
         f"({len(read.rejects)} rejected: {counts or 'none'}{first}; see {beside})", file=source)
 
 
+def _pair_key(pair: dict) -> str:
+    return json.dumps([pair.get(k) for k in ("prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected")],
+                      sort_keys=True)
+
+
+def _test_in_train(splits: dict[str, list[dict]]) -> int:
+    """How many test pairs are also train pairs (prompt and both answers alike)."""
+    train = {_pair_key(p) for p in splits["train"]}
+    return sum(_pair_key(p) in train for p in splits["test"])
+
+
 def _failed_rejects(layout: Layout) -> Path:
     return layout.pairs.with_name(f"{layout.pairs.name}.rejects.jsonl")
 
@@ -199,7 +214,7 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             split="source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
                                                            f"seed={cfg.seed}",
             note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None,
-            settings=asdict(cfg))
+            settings=asdict(cfg), test_in_train=_test_in_train(splits))
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
