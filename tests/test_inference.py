@@ -108,3 +108,18 @@ def test_out_of_gpu_memory_for_one_pair_or_on_several_processes_names_the_settin
     monkeypatch.setattr(inference, "rewards", score)
     with pytest.raises(DevicePathError, match="batch of 4 on one of several processes, which score in step"):
         score_pairs(model, rows, pad_token_id=0, batch_size=4, shrink_on_oom=False)
+
+
+def test_fsdp_wraps_each_transformer_layer_of_the_scored_model(tiny_decoder):
+    """accelerate's transformer wrap policy reads the layer classes off the module it prepares, the
+    PairScorer: without them FSDP would gather the whole model for every forward."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    model = load_reward_model(str(tiny_decoder), pad_token_id=0)
+    scorer = inference.PairScorer(model)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, scorer)
+    wrapped = [type(m).__name__ for m in scorer.modules() if policy(m)]
+    assert wrapped and set(wrapped) == set(model._no_split_modules)
+    assert len(wrapped) == model.config.num_hidden_layers
