@@ -168,3 +168,20 @@ def test_not_run_commands_name_existing_make_targets_and_configs():
             assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), command
         if "--config_file" in words:
             assert (ROOT / words[words.index("--config_file") + 1]).is_file(), command
+
+
+def test_every_test_the_docs_name_exists():
+    """docs/reliability.md and the other pages cite tests as proof of a promise: each must be a real one."""
+    import re
+
+    tests = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
+    pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md")]
+    cited = set()
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        cited |= {(page.name, name) for name in re.findall(r"::(test_[a-z0-9_]+)", text)}
+        # reliability.md's tables name their tests in the last column, also without the file
+        last_cells = [line.rstrip(" |").rsplit("|", 1)[-1] for line in text.splitlines() if line.startswith("|")]
+        cited |= {(page.name, name) for cell in last_cells for name in re.findall(r"`(test_[a-z0-9_]+)`", cell)}
+    missing = sorted((page, name) for page, name in cited if f"def {name}(" not in tests)
+    assert cited and not missing, missing
