@@ -100,3 +100,50 @@ def test_a_manifest_without_inputs_is_refused(tmp_path, tiny_decoder):
     manifest.write_text(json.dumps({k: v for k, v in read_json(manifest).items() if k != "inputs"}))
     assert _refused(params, tmp_path, "filter") == (f"{manifest} does not record which pairs it was made from "
                                                     "(an older rm_lib wrote it); rerun tokenize")
+
+
+def test_a_model_replaced_while_evaluate_scores_it_is_refused(tmp_path, tiny_decoder, monkeypatch):
+    """A train that finishes while evaluate scores the model: the report would name the new model
+    with the old one's figures, and push would release the new one with them."""
+    import shutil
+
+    from rm_lib.steps import evaluate
+
+    layout = Layout(tmp_path)
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    shutil.copytree(layout.model, tmp_path / "first-model")
+    run_steps(tiny_params("train.max_steps=3", model=str(tiny_decoder)), tmp_path, "train")
+    report = (layout.evaluation / "report.json").read_bytes()
+
+    def train_finishes(*args, **kwargs):  # the model folder becomes another one while it is scored
+        shutil.rmtree(layout.model)
+        shutil.copytree(tmp_path / "first-model", layout.model)
+        return real_check(*args, **kwargs)
+
+    real_check = evaluate.consistency.check
+    monkeypatch.setattr(evaluate.consistency, "check", train_finishes)
+    assert "was replaced while it was scored (a train finished meanwhile); the last report is kept" in \
+        _refused(params, tmp_path, "evaluate")
+    assert (layout.evaluation / "report.json").read_bytes() == report
+
+
+def test_a_model_replaced_after_the_release_gate_is_not_released(tmp_path, tiny_decoder, monkeypatch):
+    import json
+
+    from rm_lib.steps import push
+
+    layout = Layout(tmp_path)
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    real_gate = push.gate
+
+    def gate_then_train_finishes(*args):
+        verdicts = real_gate(*args)
+        record = layout.model / "rm_lib.json"
+        record.write_text(json.dumps({**read_json(record), "content_hash": "f" * 64}))
+        return verdicts
+
+    monkeypatch.setattr(push, "gate", gate_then_train_finishes)
+    assert "is not the model data/evaluation/report.json was made of" in _refused(params, tmp_path, "push")
+    assert not layout.release.exists()

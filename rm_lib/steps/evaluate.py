@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data.tokenstore import read_rows
+from rm_lib.errors import UserError
 from rm_lib.evaluation import consistency, plots, suites
 from rm_lib.evaluation.metrics import pair_metrics, subset_accuracy
 from rm_lib.evaluation.visualize import visualize_samples
@@ -80,6 +81,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     rows = read_rows(layout.filtered / "test.parquet")
     if not (layout.model / "config.json").exists():
         read_json(layout.model / "config.json")  # raises the "run train first" error
+    scored = chain.inputs(layout, "model")  # the model about to be scored, before it is read
     metrics, r_c, r_r = evaluate_folder(layout.model, rows, cfg.batch_size, cfg.length_buckets)
     metrics["data_hash"] = meta["content_hash"]
     per_subset = subset_accuracy(r_c, r_r, [r.get("subset") for r in rows])
@@ -101,8 +103,11 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
                 "chosen_text": tokenizer.decode(rows[i]["input_ids_chosen"][-80:], skip_special_tokens=True),
                 "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}
                for i in range(min(cfg.num_print_samples, len(rows)))]
+    if chain.inputs(layout, "model") != scored:  # a train finished meanwhile: the figures are of no one model
+        raise UserError(f"evaluate: {layout.model} was replaced while it was scored (a train finished "
+                        "meanwhile); the last report is kept. Run evaluate again")
     result = EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation,
-                            inputs=chain.inputs(layout, "model"), settings=asdict(params.evaluate))
+                            inputs=scored, settings=asdict(params.evaluate))
     with atomic_dir(layout.evaluation) as out:
         write_json(out / "metrics.json", result.metrics_record())
         write_json(out / "report.json", result.report_record())

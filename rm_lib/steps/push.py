@@ -81,6 +81,12 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     manifest = read_json(layout.pairs / "manifest.json")
     for item in sorted(layout.model.iterdir()):
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    # the gate judged the model the report was made of: the copy must be that one, also when a train
+    # finished in the meantime
+    copied = read_json(out / "rm_lib.json").get("content_hash") if (out / "rm_lib.json").exists() else None
+    if copied != metrics.get("inputs", {}).get("model"):
+        raise UserError(f"push: {layout.model} is not the model data/evaluation/report.json was made of (a train "
+                        "finished meanwhile?); data/release and the Hub are unchanged. Run evaluate, then push")
     pictures = _copy_pictures(layout, out)
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest)
     repo_id = params.push.repo_id or "reward-model"
