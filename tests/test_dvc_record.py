@@ -279,3 +279,58 @@ def test_stages_and_remote_are_read_from_the_files_without_importing_dvc(tmp_pat
     (tmp_path / ".dvc/config.local").unlink()
     assert dvc_record.read_stage(tmp_path, "s").remote_url == str(tmp_path / "remote")
     assert dvc_record.read_stage(tmp_path, "missing") is None
+
+
+def test_a_stage_whose_inputs_are_not_what_dvc_lock_records_upstream_is_found(tmp_path):
+    """Committing evaluate while models/reward_model is a model other than train's in dvc.lock (left by
+    a run with other settings) would record two versions of one file; the check finds such inputs,
+    also a file inside a folder output (by DVC's cached listing of the folder)."""
+    import hashlib
+    import json
+
+    from rm_lib.files import dvc_md5
+    from rm_lib.pipeline.dvc_record import upstream_mismatches
+
+    (tmp_path / "models/reward_model").mkdir(parents=True)
+    (tmp_path / "models/reward_model/w.bin").write_bytes(b"trained with params.yaml")
+    (tmp_path / "data/pairs").mkdir(parents=True)
+    (tmp_path / "data/pairs/manifest.json").write_text("{}")
+    pairs = dvc_md5(tmp_path / "data/pairs")
+    listing = tmp_path / ".dvc/cache/files/md5" / pairs[:2] / pairs[2:]
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps([{"md5": hashlib.md5(b"{}").hexdigest(), "relpath": "manifest.json"}]))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "download": {"cmd": "python -m rm_lib download", "outs": ["data/pairs"]},
+        "train": {"cmd": "python -m rm_lib train", "outs": ["models/reward_model"]},
+        "evaluate": {"cmd": "python -m rm_lib evaluate", "deps": ["models/reward_model", "data/pairs/manifest.json",
+                                                                   "rm_lib/steps/evaluate.py"]}}}))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "download": {"outs": [{"path": "data/pairs", "md5": pairs}]},
+        "train": {"outs": [{"path": "models/reward_model", "md5": dvc_md5(tmp_path / "models/reward_model")}]}}}))
+    assert upstream_mismatches(tmp_path, "evaluate") == []
+    (tmp_path / "models/reward_model/w.bin").write_bytes(b"trained with a Launchpad override")
+    (tmp_path / "data/pairs/manifest.json").write_text('{"other": true}')
+    assert upstream_mismatches(tmp_path, "evaluate") == [
+        "models/reward_model: not the output of stage train that dvc.lock records",
+        "data/pairs/manifest.json: not the output of stage download that dvc.lock records"]
+
+
+@pytest.mark.slow
+def test_after_a_run_with_other_settings_a_plain_run_of_a_later_stage_is_not_recorded(recorded):
+    """A Launchpad override left its own pairs and tokens in the workspace (recorded in its experiment):
+    a later stage run with params.yaml's settings must not go into dvc.lock on top of them."""
+    repo, _, first = recorded
+    assert first.success
+    override = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences", "tokenized_preferences"),
+                           run_config={"ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}})
+    assert override.success
+    try:
+        kept = (repo.root / "dvc.lock").read_bytes()
+        plain = materialize(repo.root, selection=dg.AssetSelection.assets("filtered_preferences"))
+        assert plain.success
+        note = materializations(plain)["filtered_preferences"].metadata["dvc"].text
+        assert note.startswith("not recorded: the stage's inputs are not the outputs dvc.lock records")
+        assert (repo.root / "dvc.lock").read_bytes() == kept
+    finally:
+        repo.dvc("checkout", "--force")
+    assert UP_TO_DATE in repo.dvc("status")

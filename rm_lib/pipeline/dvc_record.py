@@ -104,6 +104,11 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     if differences:
         return NotRecorded("the run's settings differ from params.yaml, so dvc.lock would not describe "
                            "these outputs; put the settings in params.yaml to record the step", differences)
+    foreign = upstream_mismatches(root, stage)
+    if foreign:
+        return NotRecorded("the stage's inputs are not the outputs dvc.lock records for the stages before it (a run "
+                           "with other settings, or a step run outside DVC, left others in the workspace), so "
+                           "dvc.lock would contradict itself; `dvc checkout` or `dvc repro` first", foreign)
     run_remaining_commands(root, spec)
     dvc(root, ["commit", "--force", "--no-relink", f"dvc.yaml:{stage}"], lock_wait_s=lock_wait_s)
     entry = lock_entry(root, stage)
@@ -111,6 +116,45 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     return Recorded(stage=stage, outs={o["path"]: o["md5"] for o in entry.get("outs", [])},
                     lock_entry=_sha256(entry), remote=spec.remote, remote_url=spec.remote_url,
                     pushed=pushed, push_note=note)
+
+
+def upstream_mismatches(root: Path, stage: str) -> list[str]:
+    """The deps of `stage` (dvc.yaml) that are another stage's outputs in dvc.lock (or lie in one)
+    and differ from what dvc.lock records for them: committing the stage would record one version of
+    a file as that stage's output and another as this stage's input."""
+    root = Path(root)
+    lock_path = root / "dvc.lock"
+    if not lock_path.is_file():
+        return []
+    locked = (yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    outs = {o["path"]: (name, o["md5"]) for name, entry in locked.items() if name != stage
+            for o in entry.get("outs") or [] if "md5" in o}
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
+    found = []
+    for dep in (stages.get(stage) or {}).get("deps") or []:
+        for out, (upstream, md5) in outs.items():
+            if dep == out:
+                expected, actual = md5, dvc_md5(root / dep)
+            elif dep.startswith(out + "/"):  # a file of a folder output: its md5 from DVC's listing of the folder
+                expected = _listed_md5(root, md5, dep[len(out) + 1:])
+                expected, actual = (md5, dvc_md5(root / out)) if expected is None else (expected, dvc_md5(root / dep))
+            else:
+                continue
+            if actual != expected:
+                found.append(f"{dep}: not the output of stage {upstream} that dvc.lock records")
+            break
+    return found
+
+
+def _listed_md5(root: Path, folder_md5: str, relpath: str) -> Optional[str]:
+    """The md5 DVC's cached listing of a folder output (`<md5>.dir`) gives one of its files; None
+    where the listing is not in the project's cache."""
+    listing = root / ".dvc" / "cache" / "files" / "md5" / folder_md5[:2] / folder_md5[2:]
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return next((e.get("md5") for e in entries if isinstance(e, dict) and e.get("relpath") == relpath), None)
 
 
 EXPERIMENTS = Path(".dvc") / "tmp" / "rm-experiments"  # what each run's experiment holds so far
