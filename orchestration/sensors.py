@@ -80,24 +80,36 @@ ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Reports what DVC did outside Dagster (a `dvc repro`, `dvc pull`, `git checkout` + `dvc checkout`): "
-                "when dvc.lock names other outputs for a stage than Dagster last recorded, the asset gets a "
-                "materialization with the DVC hash as its data version, so the UI's staleness follows DVC.",
+                "when dvc.lock names other outputs for a stage than Dagster last recorded, and the workspace "
+                "holds them, the asset gets a materialization with the DVC hash as its data version, so the UI's "
+                "staleness follows DVC.",
 )
 def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResource):
     from rm_lib.pipeline.code_version import code_hash
     from rm_lib.pipeline.dvc_record import locked_stages
 
-    locked = locked_stages(project.root_path())
+    root = project.root_path()
+    locked = locked_stages(root)
+    # per stage: whether the workspace held dvc.lock's outputs when its files had these sizes and times
     seen = json.loads(context.cursor) if context.cursor else {}
-    events = []
+    seen = {s: v for s, v in seen.items() if isinstance(v, dict)}  # a cursor of the older form holds none
+    checked, events = {}, []
     for stage, entry in locked.items():
         key = ASSET_OF_STAGE.get(stage)
-        if key is None or seen.get(stage) == entry.version:
+        if key is None:
             continue
         latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
         tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
         if tags.get("dagster/data_version") == entry.version:
             continue  # Dagster recorded this version itself
+        signature, cached = entry.signature(root), seen.get(stage, {})
+        same = cached.get("lock") == entry.version and cached.get("signature") == signature
+        matches = cached["matches"] if same else entry.in_workspace(root)
+        checked[stage] = {"lock": entry.version, "signature": signature, "matches": matches}
+        if not matches:
+            # the workspace holds other outputs than dvc.lock's (a run with other settings, in its DVC
+            # experiment): what Dagster last recorded is what is there
+            continue
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         events.append(dg.AssetMaterialization(
             asset_key=key,
@@ -106,7 +118,8 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
                       "made_by_current_code": entry.current_code},
             # the code version only when dvc.lock's code deps are the files here now
             tags={"dagster/data_version": entry.version, "dagster/code_version": code_version}))
-    context.update_cursor(json.dumps({stage: entry.version for stage, entry in locked.items()}, sort_keys=True))
+    context.update_cursor(json.dumps(checked, sort_keys=True))
     if not events:
-        return dg.SkipReason("dvc.lock agrees with what Dagster last recorded" if locked else "no dvc.lock")
+        return dg.SkipReason("dvc.lock agrees with what Dagster last recorded, or the workspace holds other outputs "
+                             "than dvc.lock's" if locked else "no dvc.lock")
     return dg.SensorResult(asset_events=events)

@@ -680,13 +680,16 @@ def test_stopping_a_launched_group_leaves_no_process_behind():
 
 
 def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
-    """A `dvc repro`/`dvc pull` outside Dagster: the sensor turns dvc.lock's new outs into materializations
-    with the DVC hash as data version (and the code version only where dvc.lock's code is the code here)."""
+    """A `dvc repro`/`dvc pull`/`dvc checkout` outside Dagster: the sensor turns dvc.lock's outs into
+    materializations with the DVC hash as data version (and the code version only where dvc.lock's
+    code is the code here), once the workspace holds them: after a Dagster run with other settings
+    (its DVC experiment) the workspace holds that run's outputs, and Dagster's record of them stands."""
     import hashlib
 
     import yaml
 
     from orchestration.sensors import dvc_lock_changed
+    from rm_lib.files import dvc_md5
     from rm_lib.pipeline.code_version import code_hash
 
     code = tmp_path / "rm_lib" / "x.py"
@@ -694,30 +697,55 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
     code.write_text("print('hi')\n")
     md5 = hashlib.md5(code.read_bytes()).hexdigest()
 
+    def write(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        return dvc_md5(tmp_path / path.split("/w")[0]) if "/w" in path else dvc_md5(tmp_path / path)
+
+    pairs, report = write("data/pairs/w.jsonl", "pairs"), write("data/evaluation/report.json", "{}")
+
     def write_lock(model: str) -> None:
         (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
             "download": {"deps": [{"path": "rm_lib/x.py", "md5": md5}],
-                         "outs": [{"path": "data/pairs", "md5": "p1.dir"}]},
+                         "outs": [{"path": "data/pairs", "md5": pairs}]},
             "train": {"deps": [{"path": "rm_lib/x.py", "md5": "0" * 32}],
                       "outs": [{"path": "models/reward_model", "md5": model},
                                {"path": "models/checkpoints", "md5": "c"}]},
-            "evaluate": {"deps": [], "outs": [{"path": "data/evaluation/report.json", "md5": "e1"}]}}}))
+            "evaluate": {"deps": [], "outs": [{"path": "data/evaluation/report.json", "md5": report}]}}}))
 
-    write_lock("m1.dir")
+    def tick(instance, cursor):
+        context = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                          resources={"project": ProjectResource(root=str(tmp_path))})
+        return dvc_lock_changed(context), context.cursor
+
+    m1 = write("models/reward_model/w.bin", "model one")
+    write_lock(m1)
     with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization("evaluation", tags={"dagster/data_version": "e1"}))
-        context = dg.build_sensor_context(instance=instance, resources={"project": ProjectResource(root=str(tmp_path))})
-        result = dvc_lock_changed(context)
+        evaluated = dg.AssetMaterialization("evaluation", tags={"dagster/data_version": report})
+        instance.report_runless_asset_event(evaluated)
+        result, cursor = tick(instance, None)
         events = {e.asset_key.to_user_string(): e for e in result.asset_events}
         assert set(events) == {"raw_preferences", "reward_model"}  # evaluation: Dagster has that version already
-        assert events["raw_preferences"].tags == {"dagster/data_version": "p1.dir",
+        assert events["raw_preferences"].tags == {"dagster/data_version": pairs,
                                                   "dagster/code_version": code_hash("download")}
-        assert events["reward_model"].tags["dagster/data_version"] == "m1.dir"  # the model, not the checkpoints
+        assert events["reward_model"].tags["dagster/data_version"] == m1  # the model, not the checkpoints
         assert events["reward_model"].tags["dagster/code_version"].startswith("dvc.lock:")  # other code made it
-        context = dg.build_sensor_context(instance=instance, cursor=context.cursor,
-                                          resources={"project": ProjectResource(root=str(tmp_path))})
-        assert isinstance(dvc_lock_changed(context), dg.SkipReason)
-        write_lock("m2.dir")
-        context = dg.build_sensor_context(instance=instance, cursor=context.cursor,
-                                          resources={"project": ProjectResource(root=str(tmp_path))})
-        assert [e.tags["dagster/data_version"] for e in dvc_lock_changed(context).asset_events] == ["m2.dir"]
+        for event in result.asset_events:
+            instance.report_runless_asset_event(event)
+        assert isinstance(tick(instance, cursor)[0], dg.SkipReason)
+
+        m2 = write("models/reward_model/w.bin", "model two")  # a `dvc repro` trained another model
+        write_lock(m2)
+        result, cursor = tick(instance, cursor)
+        assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
+        instance.report_runless_asset_event(result.asset_events[0])
+
+        # a Dagster run with other settings: its model in the workspace and in Dagster, dvc.lock as it was
+        experiment = write("models/reward_model/w.bin", "the experiment's model")
+        instance.report_runless_asset_event(dg.AssetMaterialization("reward_model",
+                                                                    tags={"dagster/data_version": experiment}))
+        assert isinstance(tick(instance, cursor)[0], dg.SkipReason)
+        # `dvc checkout`: dvc.lock's model is back in the workspace, and the graph follows
+        write("models/reward_model/w.bin", "model two")
+        result, cursor = tick(instance, cursor)
+        assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]

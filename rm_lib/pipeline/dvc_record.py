@@ -465,6 +465,23 @@ class LockedStage:
     stage: str
     version: str  # combined_hash of the stage's VERSION_OUTS
     current_code: bool  # every rm_lib file the stage depends on has the md5 dvc.lock recorded
+    outs: dict[str, str] = field(default_factory=dict)  # the VERSION_OUTS (or every out): path -> md5
+
+    def signature(self, root: Path) -> str:
+        """The sizes and times of the files of these outs in the workspace: when it is unchanged, so is
+        whether they match (DVC keeps such a state of its own for the same reason)."""
+        stats = []
+        for out in sorted(self.outs):
+            path = Path(root) / out
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() \
+                else []
+            stats += [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return _sha256(stats)
+
+    def in_workspace(self, root: Path) -> bool:
+        """The workspace holds the outputs dvc.lock records for this stage (not, say, the outputs of a
+        Dagster run with other settings, which went into an experiment)."""
+        return all(dvc_md5(Path(root) / out) == md5 for out, md5 in self.outs.items())
 
 
 def locked_stages(root: Path) -> dict[str, LockedStage]:
@@ -480,5 +497,7 @@ def locked_stages(root: Path) -> dict[str, LockedStage]:
             continue
         code = [d for d in entry.get("deps") or [] if str(d.get("path", "")).startswith("rm_lib/")]
         current = bool(code) and all(dvc_md5(Path(root) / d["path"]) == d.get("md5") for d in code)
-        found[stage] = LockedStage(stage, combined_hash(outs, list(VERSION_OUTS.get(stage, ())) or None), current)
+        version_outs = {p: outs[p] for p in VERSION_OUTS.get(stage, ()) if p in outs} or outs
+        found[stage] = LockedStage(stage, combined_hash(outs, list(VERSION_OUTS.get(stage, ())) or None), current,
+                                   version_outs)
     return found
