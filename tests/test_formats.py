@@ -40,6 +40,14 @@ def test_explicit_text_and_margin_from_scores():
     assert pairs[0]["margin"] == 2.0
     _, pairs, _ = norm([{"prompt": "p", "chosen": "a", "rejected": "b"}])
     assert pairs[0]["margin"] is None
+    # one score of the two: no margin can be made, and training it without one would treat it unlike
+    # the rows beside it: set aside with its reason
+    _, pairs, rejects = norm([{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 0.9},
+                              {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 0.9,
+                               "score_rejected": 0.5}])
+    assert [p["margin"] for p in pairs] == [pytest.approx(0.4)]
+    assert [(r["reason"], r["detail"]) for r in rejects] == [
+        ("one_score", "score_chosen is set but score_rejected is not, so the pair has no margin")]
 
 
 def test_conversational_implicit_and_explicit():

@@ -111,6 +111,10 @@ def _margin(row: dict, *, file: str, row_number: int) -> float | None:
         return float(row["margin"])
     if row.get("score_chosen") is not None and row.get("score_rejected") is not None:
         return float(row["score_chosen"]) - float(row["score_rejected"])
+    one = [k for k in ("score_chosen", "score_rejected") if row.get(k) is not None]
+    if one:  # its margin cannot be known: trained without one, it would count unlike the rows beside it
+        other = "score_rejected" if one[0] == "score_chosen" else "score_chosen"
+        raise _Reject("one_score", f"{one[0]} is set but {other} is not, so the pair has no margin")
     return None
 
 
