@@ -70,7 +70,7 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     ("output is the input", "is the input file; the rewards would replace the pairs"),
     ("output is a folder", "is a folder; name the JSON Lines file to write"),
     ("every row set aside", "no pair to score: all 2 rows were set aside (identical: 2); see"),
-    ("a token id past the vocabulary", "row 1, field 'input_ids_chosen': token id 999999 is outside the model's "
+    ("a token id past the vocabulary", "field 'input_ids_chosen': token id 999999 is outside the model's "
                                        "vocabulary"),
 ])
 def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_path, capsys, case, message):

@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from rm_lib.data import formats, sources
+from rm_lib.data import formats, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
@@ -50,16 +50,6 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
         raise UserError(f"{layout.model}: no trained model here; run the train step first, or pass --model")
 
 
-def _check_token_ids(pair: dict, vocabulary: int) -> None:
-    """Pretokenized ids must index the model's embeddings (tokenize checks them the same way)."""
-    for side in ("input_ids_chosen", "input_ids_rejected"):
-        bad = next((i for i in pair[side] if not 0 <= i < vocabulary), None)
-        if bad is not None:
-            file, _, row = pair["id"].rpartition(":")
-            raise DataError(f"token id {bad} is outside the model's vocabulary of {vocabulary} ids", file=file,
-                            row=int(row), field=side)
-
-
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
     """Texts longer than the model reads follow filter.policy, as in training: truncate keeps their
     end, drop refuses the first one by its row."""
@@ -80,11 +70,11 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
         raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {aside}",
                         file=input_path)
-    vocabulary = len(scorer.tokenizer)
+    if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
+        tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=input_path)
     chosen, rejected_items = [], []
     for pair in pairs:
         if "input_ids_chosen" in pair:
-            _check_token_ids(pair, vocabulary)
             chosen.append(scorer.tokenizer.decode(pair["input_ids_chosen"]))
             rejected_items.append(scorer.tokenizer.decode(pair["input_ids_rejected"]))
         else:
