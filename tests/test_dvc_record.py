@@ -289,7 +289,7 @@ def test_a_stage_whose_inputs_are_not_what_dvc_lock_records_upstream_is_found(tm
     import json
 
     from rm_lib.files import dvc_md5
-    from rm_lib.pipeline.dvc_record import upstream_mismatches
+    from rm_lib.pipeline.dvc_record import read_stage, upstream_mismatches
 
     (tmp_path / "models/reward_model").mkdir(parents=True)
     (tmp_path / "models/reward_model/w.bin").write_bytes(b"trained with params.yaml")
@@ -307,10 +307,12 @@ def test_a_stage_whose_inputs_are_not_what_dvc_lock_records_upstream_is_found(tm
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "download": {"outs": [{"path": "data/pairs", "md5": pairs}]},
         "train": {"outs": [{"path": "models/reward_model", "md5": dvc_md5(tmp_path / "models/reward_model")}]}}}))
-    assert upstream_mismatches(tmp_path, "evaluate") == []
+    (tmp_path / ".dvc/config").write_text("[core]\n")
+    evaluate = read_stage(tmp_path, "evaluate")
+    assert upstream_mismatches(tmp_path, evaluate) == []
     (tmp_path / "models/reward_model/w.bin").write_bytes(b"trained with a Launchpad override")
     (tmp_path / "data/pairs/manifest.json").write_text('{"other": true}')
-    assert upstream_mismatches(tmp_path, "evaluate") == [
+    assert upstream_mismatches(tmp_path, evaluate) == [
         "models/reward_model: not the output of stage train that dvc.lock records",
         "data/pairs/manifest.json: not the output of stage download that dvc.lock records"]
 

@@ -55,6 +55,7 @@ class StageSpec:
     outs: list[str]
     remote: Optional[str] = None
     remote_url: Optional[str] = None
+    deps: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     if differences:
         return NotRecorded("the run's settings differ from params.yaml, so dvc.lock would not describe "
                            "these outputs; put the settings in params.yaml to record the step", differences)
-    foreign = upstream_mismatches(root, stage)
+    foreign = upstream_mismatches(root, spec)
     if foreign:
         return NotRecorded("the stage's inputs are not the outputs dvc.lock records for the stages before it (a run "
                            "with other settings, or a step run outside DVC, left others in the workspace), so "
@@ -118,8 +119,8 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
                     pushed=pushed, push_note=note)
 
 
-def upstream_mismatches(root: Path, stage: str) -> list[str]:
-    """The deps of `stage` (dvc.yaml) that are another stage's outputs in dvc.lock (or lie in one)
+def upstream_mismatches(root: Path, spec: StageSpec) -> list[str]:
+    """The deps of stage `spec` that are another stage's outputs in dvc.lock (or lie in one)
     and differ from what dvc.lock records for them: committing the stage would record one version of
     a file as that stage's output and another as this stage's input."""
     root = Path(root)
@@ -127,11 +128,10 @@ def upstream_mismatches(root: Path, stage: str) -> list[str]:
     if not lock_path.is_file():
         return []
     locked = (yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    outs = {o["path"]: (name, o["md5"]) for name, entry in locked.items() if name != stage
+    outs = {o["path"]: (name, o["md5"]) for name, entry in locked.items() if name != spec.name
             for o in entry.get("outs") or [] if "md5" in o}
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
     found = []
-    for dep in (stages.get(stage) or {}).get("deps") or []:
+    for dep in spec.deps:
         for out, (upstream, md5) in outs.items():
             if dep == out:
                 expected, actual = md5, dvc_md5(root / dep)
@@ -366,7 +366,8 @@ def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional
     if url and "://" not in url and not os.path.isabs(os.path.expanduser(url)):
         url = os.path.normpath(root / ".dvc" / url)  # DVC reads a relative url from the config's folder
     return StageSpec(name=stage, cmd=[cmd] if isinstance(cmd, str) else list(cmd), params=params,
-                     outs=[_path_of(o) for o in found.get("outs") or []], remote=name, remote_url=url)
+                     outs=[_path_of(o) for o in found.get("outs") or []], remote=name, remote_url=url,
+                     deps=[str(d) for d in found.get("deps") or []])
 
 
 def settings_differences(spec: StageSpec, params: Params) -> list[str]:
@@ -498,6 +499,5 @@ def locked_stages(root: Path) -> dict[str, LockedStage]:
         code = [d for d in entry.get("deps") or [] if str(d.get("path", "")).startswith("rm_lib/")]
         current = bool(code) and all(dvc_md5(Path(root) / d["path"]) == d.get("md5") for d in code)
         version_outs = {p: outs[p] for p in VERSION_OUTS.get(stage, ()) if p in outs} or outs
-        found[stage] = LockedStage(stage, combined_hash(outs, list(VERSION_OUTS.get(stage, ())) or None), current,
-                                   version_outs)
+        found[stage] = LockedStage(stage, combined_hash(version_outs), current, version_outs)
     return found
