@@ -11,6 +11,7 @@ import dagster as dg
 from rm_lib.evaluation import quality
 
 from . import assets
+from .config import PushConfig
 from .resources import ProjectResource
 
 # Under the release_automation sensor a check runs again for every new version of its asset (one that
@@ -56,13 +57,23 @@ def evaluation_beats_length_baseline(project: ProjectResource) -> dg.AssetCheckR
     return as_check_result(quality.beats_length_baseline(project.layout()))
 
 
+def push_overrides(run_config: dict) -> list[str]:
+    """The push settings entered for hub_release in this run's config (the Launchpad), as overrides: the
+    gate in front of hub_release holds the thresholds that hub_release's push step will apply."""
+    entered = ((run_config.get("ops") or {}).get("hub_release") or {}).get("config") or {}
+    return PushConfig(**entered).overrides()
+
+
 @dg.asset_check(asset=assets.evaluation, name="release_gate", automation_condition=ON_UPDATE, blocking=True,
                 description="The release gate of the push step: accuracy >= push.min_accuracy and not below the "
                             "last released model, every subset >= push.min_subset_accuracy, |reward-length "
-                            "correlation| <= push.max_length_correlation. Blocking here; the push step itself "
-                            "refuses such a model too.")
-def evaluation_release_gate(project: ProjectResource) -> dg.AssetCheckResult:
-    verdicts = quality.evaluation_gate(project.layout(), project.load_params().push)
+                            "correlation| <= push.max_length_correlation, with the push settings hub_release has "
+                            "in the same run (else params.yaml's). Blocking here; the push step itself refuses "
+                            "such a model too.")
+def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
+                            project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.load_params(push_overrides(context.run.run_config))
+    verdicts = quality.evaluation_gate(project.layout(), params.push)
     return as_check_result(quality.combined("release_gate", verdicts))
 
 

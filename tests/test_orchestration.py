@@ -412,9 +412,20 @@ def test_beats_length_baseline_check(tmp_path):
     assert not result.passed and result.metadata["length_baseline"].value == 0.65
 
 
+def release_gate_in_a_run(root, overrides=(), launchpad=None) -> dg.AssetCheckEvaluation:
+    """The release_gate check run by Dagster (alone, or before hub_release with `launchpad` as its config)."""
+    selection = dg.AssetSelection.checks(checks.evaluation_release_gate)
+    if launchpad is not None:
+        selection = selection | dg.AssetSelection.assets("hub_release")
+    run_config = {"ops": {"hub_release": {"config": launchpad}}} if launchpad is not None else {}
+    result = dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=selection, run_config=run_config,
+                            resources={**resources(root), "project": project(root, overrides=overrides)},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    return evaluations(result)["evaluation.release_gate"]
+
+
 def test_release_gate_check(tmp_path):
-    gate = lambda **q: checks.evaluation_release_gate(  # noqa: E731
-        project=project(tmp_path, overrides=[f"push.{k}={v}" for k, v in q.items()]))
+    gate = lambda **q: release_gate_in_a_run(tmp_path, [f"push.{k}={v}" for k, v in q.items()])  # noqa: E731
     write_json(tmp_path / "data/evaluation/report.json", report(0.7))
     assert gate().passed  # default threshold 0.6, no previous release
     assert not gate(min_accuracy=0.75).passed
@@ -427,6 +438,19 @@ def test_release_gate_check(tmp_path):
     assert gate(compare_with_release="false").passed
     write_json(tmp_path / "data/release/evaluation.json", report(0.65))
     assert gate().passed
+
+
+def test_release_gate_holds_the_push_settings_entered_for_hub_release(tmp_path):
+    """A user who sets push.min_accuracy on hub_release's Launchpad gets that threshold from the blocking
+    check too: a stricter one stops the run before hub_release, a looser one lets hub_release's own gate
+    decide, instead of params.yaml's value blocking a release the user allowed."""
+    write_json(tmp_path / "data/evaluation/report.json", report(0.7))
+    stricter = release_gate_in_a_run(tmp_path, launchpad={"min_accuracy": 0.75})
+    assert not stricter.passed and "minimum 0.7500" in stricter.description
+    looser = release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={"min_accuracy": 0.65})
+    assert looser.passed, looser.description
+    assert not release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={}).passed
+    assert checks.push_overrides({}) == []
 
 
 # ---------------------------------------------------------------- schedule and sensor
