@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from rm_lib import network
+from rm_lib.files import write_json
 from rm_lib.layout import Layout
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.hub import PublishError
@@ -255,6 +256,24 @@ def test_card_metadata_names_hub_models_and_datasets():
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["datasets"] == ["Anthropic/hh-rlhf"]
     assert "Dataset: `Anthropic/hh-rlhf`, revision `abc123`" in text
+
+
+def test_card_names_the_data_of_a_manifest_written_before_settings_were_kept(tmp_path):
+    """A pairs manifest from before download kept its settings: the card says what it recorded (a demo
+    download's rows are its pairs) and 'not recorded' for the rest, never 'None'."""
+    from rm_lib.pipeline import chain
+
+    layout = Layout(tmp_path)
+    for source, rows in (("demo", 60), ("Anthropic/hh-rlhf", 500)):
+        write_json(layout.pairs / "manifest.json", {"source": source, "rows_read": rows, "subset": None,
+                                                    "revision": None})
+        params = {**tiny_params().as_dict(), "download": chain.download_settings(layout)}
+        text = model_card.render(repo_id=REPO, params=params, metrics={}, pictures=[], lineage={})
+        assert "None" not in text.split("- Dataset: ", 1)[1].split("\n", 1)[0]
+        if source == "demo":
+            assert "Dataset: `demo`: 60 built-in synthetic pairs (seed not recorded)" in text
+        else:
+            assert "Dataset: `Anthropic/hh-rlhf`, revision not recorded, split not recorded" in text
 
 
 def test_dvc_md5_matches_what_dvc_records(tmp_path):

@@ -41,9 +41,11 @@ def download_settings(layout: Layout) -> dict:
     manifest = read_json(layout.pairs / "manifest.json")
     if "settings" in manifest:
         return manifest["settings"]
-    # a manifest from before the settings were kept: what it recorded itself
+    # a manifest from before the settings were kept: what it recorded itself (a demo source's rows are
+    # its pairs); the rest is unknown
+    demo_rows = manifest.get("rows_read") if manifest["source"] == "demo" else None
     return {"source": manifest["source"], "subset": manifest.get("subset"), "revision": manifest.get("revision"),
-            "train_split": None, "demo_pairs": None, "seed": None}
+            "train_split": None, "demo_pairs": demo_rows, "seed": None}
 
 
 def recorded_settings(layout: Layout) -> dict[str, dict]:

