@@ -25,6 +25,9 @@ def test_no_doubled_bos_with_a_template_that_writes_bos(tiny_decoder):
         assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
         assert ids.count(tok.bos_token_id) == 1
         assert ids[-1] == tok.eos_token_id
+    # the prompt length counts the one BOS once: the prompt ends at the generation prompt
+    assert row["input_ids_chosen"][row["prompt_length"] - 1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert row["input_ids_chosen"][row["prompt_length"]] != tok.convert_tokens_to_ids("<|assistant|>")
 
 
 @pytest.mark.parametrize("template", ["simple_chat", "simple_concat", "chatml"])

@@ -51,6 +51,12 @@ def add_special(ids: list[int], special: SpecialTokens) -> list[int]:
     return ids
 
 
+def _prefixed_length(ids: list[int], special: SpecialTokens) -> int:
+    """len(ids) once add_special's prefix is in front: a template that writes the BOS itself has it already."""
+    n = len(special.prefix)
+    return len(ids) + (0 if n and tuple(ids[:n]) == special.prefix else n)
+
+
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
@@ -72,7 +78,7 @@ def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: Sp
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         else:
             prompt_ids, ids_c, ids_r = next(encoded)
-            prompt_len = len(special.prefix) + len(prompt_ids) if prompt_ids else 0
+            prompt_len = _prefixed_length(prompt_ids, special) if prompt_ids else 0
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
                      "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),
