@@ -87,3 +87,24 @@ def test_the_demo_reports_each_subset_and_says_it_is_demo_data(tmp_path, tiny_de
     assert "prefers the longer answer" in results["evaluate"].summary()
     manifest = json.loads((layout.pairs / "manifest.json").read_text())
     assert "subset" not in manifest.get("ignored_columns", {})  # read, not ignored
+
+
+def test_length_figures_count_the_tokens_before_truncation(tmp_path, tiny_decoder):
+    """With filter.policy=truncate the model sees cut ids, but the length baselines, the length buckets and
+    the reward-length correlation are about the answers: they count the tokens before the cut."""
+    from rm_lib.data.tokenstore import read_rows
+
+    run_steps(tiny_params("train.max_steps=1", "filter.policy=truncate", "filter.max_token_length=20",
+                          "filter.max_prompt_token_length=null", model=str(tiny_decoder)), tmp_path,
+              "download", "tokenize", "filter", "train", "evaluate")
+    layout = Layout(tmp_path)
+    full = {r["id"]: r for r in read_rows(layout.tokenized / "test.parquet")}
+    kept = read_rows(layout.filtered / "test.parquet")
+    assert any(len(r["input_ids_chosen"]) < len(full[r["id"]]["input_ids_chosen"]) for r in kept), "nothing was cut"
+    scores = [json.loads(line) for line in (layout.evaluation / "scores.jsonl").read_text().splitlines()]
+    expected = pair_metrics([s["reward_chosen"] for s in scores], [s["reward_rejected"] for s in scores],
+                            [len(full[s["id"]]["input_ids_chosen"]) for s in scores],
+                            [len(full[s["id"]]["input_ids_rejected"]) for s in scores], buckets=4)
+    report = json.loads((layout.evaluation / "report.json").read_text())
+    for key in ("longer_wins_baseline", "shorter_wins_baseline", "prefers_longer", "reward_length_correlation"):
+        assert report[key] == pytest.approx(expected[key]), key

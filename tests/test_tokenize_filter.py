@@ -1,7 +1,7 @@
 import pytest
 
 from rm_lib.data import length_filter, templates, tokenization
-from rm_lib.data.tokenstore import read_rows
+from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.model.modeling import load_tokenizer
 
 from conftest import ALPACA, HH, need
@@ -78,6 +78,17 @@ def test_drop_policy_counts_every_reason():
                                      "both_too_long": 1}
 
 
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_pairs_with_the_same_ids_are_set_aside_and_counted(policy):
+    """Texts that differ only where the tokenizer does not look (case, spaces) give one sequence twice:
+    nothing to learn, a sure tie in evaluation. Set aside as identical_tokens, written with the others."""
+    same = _row(3, 10, 10)
+    same["input_ids_rejected"] = list(same["input_ids_chosen"])
+    out = length_filter.apply([same, _row(3, 10, 12)], max_len=20, max_prompt=5, policy=policy, keep_front=1)
+    assert len(out.kept) == 1 and out.dropped_by_reason == {"identical_tokens": 1}
+    assert out.dropped[0]["id"] == "r" and out.dropped[0]["chosen_length"] == 10
+
+
 def test_truncate_policy_keeps_start_token_and_the_end():
     row = _row(12, 40, 30)
     out = length_filter.apply([row], max_len=20, max_prompt=8, policy="truncate", keep_front=1)
@@ -88,6 +99,7 @@ def test_truncate_policy_keeps_start_token_and_the_end():
         assert len(ids) <= 20 and ids[0] == 101 and ids[-1] == 102
         assert ids[-5:] == row[f"input_ids_{side}"][-5:]
         assert len(kept[f"attention_mask_{side}"]) == len(ids)
+        assert token_length(kept, side) == len(row[f"input_ids_{side}"])  # the length before the cut
 
 
 def test_pipeline_writes_counts_rejects_and_plot(tmp_path):

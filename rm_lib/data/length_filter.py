@@ -34,16 +34,26 @@ def truncate_left(ids: list[int], max_len: int, keep_front: int, cut: int = 0) -
     return front + body[-room:]
 
 
+def _dropped(row: dict, reason: str) -> dict:
+    return {"id": row["id"], "reason": reason, "prompt_length": row.get("prompt_length"),
+            "chosen_length": len(row["input_ids_chosen"]), "rejected_length": len(row["input_ids_rejected"])}
+
+
 def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str, keep_front: int) -> FilterOutcome:
+    """Every kept row carries `length_chosen`/`length_rejected`: its token counts before any cut."""
     outcome = FilterOutcome()
     for row in rows:
+        row = {**row, "length_chosen": len(row["input_ids_chosen"]), "length_rejected": len(row["input_ids_rejected"])}
+        if row["input_ids_chosen"] == row["input_ids_rejected"]:
+            # texts that differ only where the tokenizer does not look (case, spaces): no preference to learn,
+            # and a sure tie in evaluation
+            outcome.dropped.append(_dropped(row, "identical_tokens"))
+            continue
         reason = drop_reason(row, max_len, max_prompt)
         if reason is None:
             outcome.kept.append(row)
         elif policy == "drop":
-            outcome.dropped.append({"id": row["id"], "reason": reason, "prompt_length": row.get("prompt_length"),
-                                    "chosen_length": len(row["input_ids_chosen"]),
-                                    "rejected_length": len(row["input_ids_rejected"])})
+            outcome.dropped.append(_dropped(row, reason))
         else:
             prompt_len = row.get("prompt_length") or 0
             cut = max(prompt_len - max_prompt, 0) if max_prompt is not None else 0

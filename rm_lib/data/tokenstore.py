@@ -6,7 +6,7 @@ from pathlib import Path
 from rm_lib.files import atomic_file
 
 COLUMNS = ("id", "input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected",
-           "prompt_length", "margin", "subset")
+           "prompt_length", "margin", "subset", "length_chosen", "length_rejected")
 
 
 def _schema():
@@ -15,7 +15,8 @@ def _schema():
     ids = pa.list_(pa.int32())
     return pa.schema([("id", pa.string()), ("input_ids_chosen", ids), ("attention_mask_chosen", pa.list_(pa.int8())),
                       ("input_ids_rejected", ids), ("attention_mask_rejected", pa.list_(pa.int8())),
-                      ("prompt_length", pa.int32()), ("margin", pa.float64()), ("subset", pa.string())])
+                      ("prompt_length", pa.int32()), ("margin", pa.float64()), ("subset", pa.string()),
+                      ("length_chosen", pa.int32()), ("length_rejected", pa.int32())])
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
@@ -31,3 +32,9 @@ def read_rows(path: str | Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+def token_length(row: dict, side: str) -> int:
+    """The tokens of one side before the length filter cut any (`length_<side>`, which the filter
+    writes), else as stored: the length figures of an evaluation are about the texts, not the cut ids."""
+    return row.get(f"length_{side}") or len(row[f"input_ids_{side}"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rm_lib.data.tokenstore import read_rows
+from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import UserError
 from rm_lib.evaluation import consistency, plots, suites
 from rm_lib.evaluation.metrics import pair_metrics, subset_accuracy
@@ -57,8 +57,8 @@ def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets:
     model = load_reward_model(str(model_dir))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     r_c, r_r = score_pairs(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
-    metrics = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in rows],
-                           [len(r["input_ids_rejected"]) for r in rows], buckets=buckets)
+    metrics = pair_metrics(r_c, r_r, [token_length(r, "chosen") for r in rows],
+                           [token_length(r, "rejected") for r in rows], buckets=buckets)
     return metrics, r_c, r_r
 
 
@@ -118,8 +118,8 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
             write_jsonl(out / "suites.rejects.jsonl", set_aside)
         write_json(out / "buckets.plot.json", metrics["per_length_bucket"])  # `dvc plots` reads no JSON Lines
         plots.reward_distributions(r_c, r_r, out / "rewards.png")
-        plots.reward_vs_length([len(r["input_ids_chosen"]) for r in rows], r_c,
-                               [len(r["input_ids_rejected"]) for r in rows], r_r,
+        plots.reward_vs_length([token_length(r, "chosen") for r in rows], r_c,
+                               [token_length(r, "rejected") for r in rows], r_r,
                                metrics["reward_length_correlation"], out / "reward_vs_length.png")
         buckets = metrics["per_length_bucket"]
         plots.bucket_accuracy([b["range"] for b in buckets], [b["accuracy"] for b in buckets],
