@@ -66,6 +66,40 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     assert (aside["row"], aside["reason"], aside["data"]) == (2, "identical", rows[1])
 
 
+def test_score_reads_pretokenized_ids_as_given_and_sets_aside_sides_that_tokenize_alike(trained, tmp_path):
+    """Ids that are not the tokenizer's own split (`play ##ing`) are scored as given, as tokenize passes
+    them to training and evaluation: decoding and encoding them again would score other ids. Texts whose
+    sides give the same ids (the model's tokenizer is uncased) are set aside as identical_tokens."""
+    import torch
+
+    from rm_lib.cli import main
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, rewards
+
+    model_dir = trained / "models/reward_model"
+    tok = load_tokenizer(str(model_dir))
+    prompt = tok("the movie was", add_special_tokens=False)["input_ids"]
+    chosen = prompt + tok.convert_tokens_to_ids(["play", "##ing", "is", "good"])
+    rejected = prompt + tok.convert_tokens_to_ids(["un", "##able", "to", "say"])
+    assert tok(tok.decode(chosen), add_special_tokens=False)["input_ids"] != chosen  # encoding again differs
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"input_ids_chosen": chosen, "input_ids_rejected": rejected}])
+    assert main(["--root", str(trained), "score", "--input", str(src), "--output", str(tmp_path / "s.jsonl")]) == 0
+    (scored,) = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    model = load_reward_model(str(model_dir)).eval()
+    with torch.no_grad():
+        for side, ids in (("chosen", chosen), ("rejected", rejected)):
+            row = torch.tensor([[tok.cls_token_id, *ids, tok.sep_token_id]])
+            direct = rewards(model, row, torch.ones_like(row)).item()
+            assert scored[f"reward_{side}"] == pytest.approx(direct, abs=1e-5), side
+
+    texts = [{"prompt": "The film was", "chosen": "Good.", "rejected": "good."},
+             {"prompt": "The film was", "chosen": "good.", "rejected": "bad."}]
+    src = write_jsonl(tmp_path / "texts.jsonl", texts)
+    assert main(["--root", str(trained), "score", "--input", str(src), "--output", str(tmp_path / "t.jsonl")]) == 0
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 1
+    (aside,) = [json.loads(line) for line in (tmp_path / "t.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert aside["reason"] == "identical_tokens" and aside["data"]["chosen"][0]["content"] == "Good."
+
+
 @pytest.mark.parametrize("case, message", [
     ("output is the input", "is the input file; the rewards would replace the pairs"),
     ("output is a folder", "is a folder; name the JSON Lines file to write"),

@@ -85,7 +85,11 @@ class RewardScorer:
     @torch.no_grad()
     def score_detailed(self, items: Sequence[str | list[dict]], names: Sequence[str] | None = None) -> Scored:
         """Rewards with, per item, whether it was truncated and its length; `names` label items in errors."""
-        encoded = [self.encode(item) for item in items]
+        return self.score_ids([self.encode(item) for item in items], names)
+
+    @torch.no_grad()
+    def score_ids(self, encoded: Sequence[list[int]], names: Sequence[str] | None = None) -> Scored:
+        """score_detailed for token ids as the model reads them (start and end tokens in place)."""
         fitted = [self.fit(ids, names[i] if names else f"item {i}") for i, ids in enumerate(encoded)]
 
         def run(start: int, stop: int) -> list[float]:

@@ -50,6 +50,27 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
         raise UserError(f"{layout.model}: no trained model here; run the train step first, or pass --model")
 
 
+def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
+                  ) -> tuple[list[dict], list[tuple[list[int], list[int]]], list[dict]]:
+    """(pairs kept, their (chosen, rejected) ids, rejects): pretokenized ids are read as given, as tokenize
+    reads them (decoding and encoding again could split words otherwise); a pair whose sides come out as
+    the same ids is set aside as identical_tokens, as filter sets it aside from training and evaluation."""
+    kept, encoded, rejects = [], [], list(rejects)
+    for pair in pairs:
+        if "input_ids_chosen" in pair:
+            ids = (tokenization.add_special(pair["input_ids_chosen"], scorer.special),
+                   tokenization.add_special(pair["input_ids_rejected"], scorer.special))
+        else:
+            ids = scorer.encode(pair["prompt"] + pair["chosen"]), scorer.encode(pair["prompt"] + pair["rejected"])
+        if ids[0] == ids[1]:
+            rejects.append({"id": pair["id"], "reason": "identical_tokens",
+                            "detail": "chosen and rejected give the same token ids: a sure tie", "data": pair})
+            continue
+        kept.append(pair)
+        encoded.append(ids)
+    return kept, encoded, rejects
+
+
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
     """Texts longer than the model reads follow filter.policy, as in training: truncate keeps their
     end, drop refuses the first one by its row."""
@@ -61,6 +82,9 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         normaliser = formats.Normaliser(str(path))
         for outcome, record in normaliser(sources.read_file(path)):
             (pairs if outcome == "pair" else rejects).append(record)
+    if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
+        tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=input_path)
+    pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects)
     aside = rejects_path(output_path)
     if rejects:
         write_jsonl(aside, rejects)
@@ -70,18 +94,8 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
         raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {aside}",
                         file=input_path)
-    if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
-        tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=input_path)
-    chosen, rejected_items = [], []
-    for pair in pairs:
-        if "input_ids_chosen" in pair:
-            chosen.append(scorer.tokenizer.decode(pair["input_ids_chosen"]))
-            rejected_items.append(scorer.tokenizer.decode(pair["input_ids_rejected"]))
-        else:
-            chosen.append(pair["prompt"] + pair["chosen"])
-            rejected_items.append(pair["prompt"] + pair["rejected"])
-    s_c = scorer.score_detailed(chosen, names=[f"{p['id']} (chosen)" for p in pairs])
-    s_r = scorer.score_detailed(rejected_items, names=[f"{p['id']} (rejected)" for p in pairs])
+    s_c = scorer.score_ids([c for c, _ in encoded], names=[f"{p['id']} (chosen)" for p in pairs])
+    s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
     cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
     write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
                                "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
