@@ -142,3 +142,32 @@ def test_a_decoder_reward_model_builds_no_kv_cache_and_scores_the_same(tiny_deco
     model.config.use_cache = False
     save_model(model, tok, tmp_path / "saved")
     assert AutoConfig.from_pretrained(tmp_path / "saved").use_cache is False
+
+
+@pytest.mark.parametrize("kind, rates", [
+    ("opt", {"word_embed_proj_dim": 32, "ffn_dim": 64, "dropout": 0.1, "layerdrop": 0.5}),  # F.dropout, LayerDrop
+    ("bloom", {"n_layer": 2, "n_head": 4, "hidden_dropout": 0.1, "attention_dropout": 0.1}),
+    ("falcon", {"hidden_dropout": 0.1, "attention_dropout": 0.1}),  # read from the config at each forward
+    ("starcoder2", {"intermediate_size": 64, "num_key_value_heads": 2, "residual_dropout": 0.1,
+                    "embedding_dropout": 0.1, "attention_dropout": 0.1}),
+    ("llama", {"intermediate_size": 64, "attention_dropout": 0.1}),
+])
+def test_disabled_dropout_leaves_no_rate_in_training_and_the_saved_config_as_it_was(kind, rates):
+    """train.disable_dropout (the default): two training-mode forwards of one input agree, whichever way
+    the architecture applies its rates; the config that is saved with the model keeps them."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rm_lib.training.trainer import _disable_dropout
+
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = AutoConfig.for_model(kind, vocab_size=100, num_labels=1, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, **shape, **rates)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    saved = model.config.to_dict()
+    x = torch.randint(3, 100, (1, 12))
+    model.train()
+    assert len({model(x).logits.item() for _ in range(6)}) > 1  # the rates are live before
+    _disable_dropout(model)
+    assert len({model(x).logits.item() for _ in range(6)}) == 1
+    assert model.config.to_dict() == saved

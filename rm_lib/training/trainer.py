@@ -198,12 +198,46 @@ def _diverged(loss: float, step: int, folder: Path, fingerprint: str) -> Trainin
                             f"check the data. {kept}")
 
 
+def _is_drop_rate(name: str, value: Any) -> bool:
+    return type(value) is float and "drop" in name.lower()
+
+
+class _RatesOff:
+    """A config seen without its dropout rates; every other read and every write go to the config itself
+    (so a later change, such as the attention implementation, is seen too)."""
+
+    def __init__(self, config: Any) -> None:
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_config":  # copy and pickle look these up before _config is set
+            raise AttributeError(name)
+        value = getattr(self._config, name)
+        return 0.0 if _is_drop_rate(name, value) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._config, name, value)
+
+
 def _disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout anywhere: nn.Dropout modules, and the rates that modules pass to F.dropout, to the
+    attention kernel or to LayerDrop themselves (OPT's `dropout`, Bloom's `hidden_dropout`, Starcoder2's
+    `residual_dropout`, `attention_dropout`, `layerdrop`). A layer that reads its rate from the config at
+    each forward (Falcon) sees the config through _RatesOff: the model's own config, saved with it, keeps
+    its rates."""
+    from transformers import PreTrainedModel
+
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # a rate the attention kernel applies
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_drop_rate(name, value):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if (config is not None and not isinstance(module, PreTrainedModel) and not isinstance(config, _RatesOff)
+                and hasattr(config, "__dict__")
+                and any(_is_drop_rate(n, v) and v for n, v in vars(config).items())):
+            module.config = _RatesOff(config)
 
 
 def _new_window(device: torch.device) -> dict:
