@@ -583,6 +583,30 @@ def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_lo
     assert load_reward_model(str(Layout(tmp_path).model)).config._attn_implementation == "sdpa"
 
 
+def test_a_bf16_checkpoint_trains_fp32_weights_so_small_updates_are_kept(tmp_path, tiny_decoder, monkeypatch):
+    """transformers loads a bf16 checkpoint (most Hub LLMs) as bf16; AdamW's small updates to bf16 weights
+    round to nothing. Training gets fp32 weights, with or without mixed precision, and saves them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rm_lib.steps import train as train_step
+
+    bf16 = tmp_path / "bf16-model"
+    AutoModelForCausalLM.from_pretrained(tiny_decoder, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_decoder).save_pretrained(bf16)
+    assert {t.dtype for t in weights(bf16).values()} == {torch.bfloat16}
+    seen, real_fit = [], train_step.fit
+
+    def spy(cfg, model, *args, **kwargs):
+        seen.append({p.dtype for p in model.parameters()})
+        return real_fit(cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_step, "fit", spy)
+    run_steps(tiny_params("train.mixed_precision=no", "train.max_steps=2", model=str(bf16)), tmp_path / "run",
+              "download", "tokenize", "filter", "train")
+    assert seen == [{torch.float32}]
+    assert {t.dtype for t in weights(Layout(tmp_path / "run").model).values()} == {torch.float32}
+
+
 FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_steps=null", "train.save_steps=4",
             "train.length_debias=true", "train.length_debias_weight=0", "train.max_tokens_per_forward=160")
 

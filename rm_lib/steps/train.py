@@ -121,11 +121,15 @@ def run(params: Params, layout: Layout, accelerator=None,
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
     accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
     check_distributed(accelerator)
+    import torch
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # before the model: its new score head is drawn at random
+    # fp32 weights whatever the checkpoint holds (transformers loads a bf16 checkpoint as bf16): AdamW's small
+    # updates would round away in bf16 weights; mixed precision is accelerate's autocast around them
     model = load_reward_model(params.model.name_or_path, revision=params.model.revision,
-                              trust_remote_code=params.model.trust_remote_code, pad_token_id=pad_id)
+                              trust_remote_code=params.model.trust_remote_code, pad_token_id=pad_id,
+                              dtype=torch.float32)
     if cfg.lora:
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules)
