@@ -439,6 +439,26 @@ def test_training_with_token_budgeted_batches_runs_one_epoch_of_them(tmp_path, t
     assert result.history[-1]["epoch"] == pytest.approx(1 - 1 / len(expected), abs=1e-3)
 
 
+def test_an_epoch_that_accumulation_does_not_divide_ends_with_a_smaller_step(tmp_path, tiny_decoder):
+    """num_epochs=1 trains every batch of the epoch: when gradient_accumulation_steps does not divide the
+    batches, the last step takes the ones left (its gradient the mean over its own pairs), and each pair
+    of the epoch counts once."""
+    from rm_lib.model.batching import EpochSchedule, step_forwards
+
+    result, _, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=null", "train.num_epochs=1",
+                               "train.gradient_accumulation_steps=5", "train.logging_steps=1")
+    schedule = EpochSchedule(rows, 4, seed=42, group_by_length=True)
+    batches = schedule.count(0)
+    assert batches % 5 and result.steps == -(-batches // 5)
+    trained = [p["id"] for step in range(result.steps)
+               for forwards in step_forwards(rows, schedule, step * 5, 5, 0, 1, None, end=batches)
+               for f in forwards for p in f.pairs]
+    assert sorted(trained) == sorted(r["id"] for r in rows)
+    last = step_forwards(rows, schedule, (result.steps - 1) * 5, 5, 0, 1, None, end=batches)
+    assert len(last) == batches % 5
+    assert sum(f.weight for forwards in last for f in forwards) == pytest.approx(1)  # a mean over its pairs
+
+
 def test_retention_keeps_the_newest_checkpoints_and_the_best(tmp_path, tiny_decoder):
     accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.6, 0.7, 0.8])
     result, _, _ = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=8", "train.save_steps=1",

@@ -127,9 +127,10 @@ class Forward:
 
 
 def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int, world: int,
-                  budget: int | None) -> list[list[Forward]]:
+                  budget: int | None, end: int | None = None) -> list[list[Forward]]:
     """This process's forwards for each micro-batch of the step that begins at micro-batch `micro`,
-    each of at most `budget` tokens.
+    each of at most `budget` tokens. `end`: the run's number of micro-batches, where the run's last
+    step holds fewer than `accumulation` (none is left out).
 
     The step's gradient is the mean over all its pairs, whatever the micro-batches and the processes
     hold: a forward's loss is weighted by its pairs' share of the step, times `world` because the
@@ -137,7 +138,7 @@ def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumul
     gathers weights in each forward, and a process that stopped early would leave the others waiting.
     One that has run out of pairs runs the step's shortest pair again, at weight 0."""
     batches = []
-    for k in range(accumulation):
+    for k in range(accumulation if end is None else min(accumulation, end - micro)):
         epoch, position = schedule.locate(micro + k)
         batches.append([rows[i] for i in schedule.batches(epoch)[position]])
     step_pairs = sum(len(b) for b in batches)

@@ -420,10 +420,11 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
                              batch_tokens=global_tokens)
     accumulation = cfg.gradient_accumulation_steps
-    if global_tokens is None:  # every epoch has the same batches count
-        total = cfg.max_steps or max(int(max(schedule.count(0) // accumulation, 1) * cfg.num_epochs), 1)
-    else:
-        total = cfg.max_steps or max(schedule.micro_batches(cfg.num_epochs) // accumulation, 1)
+    # A run of num_epochs trains every micro-batch of them: its last step takes what is left when they do
+    # not fill `accumulation` (each step's gradient is the mean over its own pairs). With max_steps every
+    # step is whole, the batches going on into the next epochs.
+    end = None if cfg.max_steps else max(schedule.micro_batches(cfg.num_epochs), 1)
+    total = cfg.max_steps or -(-end // accumulation)
     scorer = PairScorer(model, LengthHead.for_rows(train_rows) if cfg.length_debias else None)
     optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if device_plan.fused_adamw else {}))
@@ -470,7 +471,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         `budget` tokens; the step's sums over its pairs (on the device) for its logging window."""
         sums = _new_window(accelerator.device)
         sums["step_loss"] = torch.zeros((), device=accelerator.device)
-        layout = step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget)
+        layout = step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget, end)
         for k, forwards in enumerate(layout):
             for c, forward in enumerate(forwards):
                 chunk = forward.pairs
@@ -524,7 +525,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 break
             except torch.OutOfMemoryError:
                 widest = max(sum(pair_tokens(r) for r in forward.pairs) for forwards in
-                             step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget)
+                             step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget, end)
                              for forward in forwards)
                 if world > 1:  # the other processes are inside the step's collectives: no one can redo it alone
                     raise DevicePathError(
