@@ -243,13 +243,17 @@ def test_metrics_log_never_writes_into_a_dvc_cache_link(tmp_path):
         assert metrics.read_text().splitlines() == expected
 
 
-def test_a_token_budget_runs_a_batch_in_pieces_with_the_same_training(tmp_path, tiny_decoder):
+@pytest.mark.parametrize("debias", [False, True], ids=["plain", "length_debias"])
+def test_a_token_budget_runs_a_batch_in_pieces_with_the_same_training(tmp_path, tiny_decoder, debias):
+    """The same losses and weights in one forward per batch or several (what an out-of-memory retry does
+    too), also with the length penalty, whose running values the pieces of a step share."""
     from rm_lib.model.batching import token_chunks
 
-    whole, w_whole, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_tokens_per_forward=null")
+    extra = ["train.length_debias=true", "train.learning_rate=1e-2"] if debias else []
+    whole, w_whole, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_tokens_per_forward=null", *extra)
     budget = 2 * max(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
     assert len(token_chunks(rows[:4], budget)) > 1  # a batch of 4 pairs really runs in pieces
-    pieces, w_pieces, _ = fit_tiny(tmp_path, tiny_decoder, f"train.max_tokens_per_forward={budget}")
+    pieces, w_pieces, _ = fit_tiny(tmp_path, tiny_decoder, f"train.max_tokens_per_forward={budget}", *extra)
     assert [r["loss"] for r in pieces.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-5)
     assert same_weights(w_whole, w_pieces, atol=1e-5)
 

@@ -13,7 +13,10 @@ rewards and log lengths are set against the split's means and spreads (the lengt
 the rewards' running ones), not the batch's own. Batches grouped by length hold sequences of similar length,
 and a correlation within each batch would miss a reward that is high for the long batches and low
 for the short ones. The penalty's gradient is that of the split's squared correlation, its
-correlation factor taken from running values (`LengthHead.penalty` says why).
+correlation factor taken from running values (`LengthHead.penalty` says why). The trainer lets the
+head observe a step's rewards once all its forwards ran, so every forward of a step is judged against
+the same running values and a step split into several forwards trains as one; its first step, before
+any were observed, has no penalty.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from rm_lib.model.loss import bradley_terry_loss
 # step, so after an epoch of a few hundred steps it still explains next to nothing and the correlation
 # penalty alone has to strip length from the model. Its own, larger rate lets it absorb length early.
 HEAD_LEARNING_RATE = 0.02
-# The running mean and variance of the rewards follow the model over about 1 / (1 - REWARD_MOMENTUM) forwards.
+# The running mean and variance of the rewards follow the model over about 1 / (1 - REWARD_MOMENTUM) steps.
 REWARD_MOMENTUM = 0.9
 # The penalty's push on a reward is 2 c x / sigma: at the start of training the rewards of a new score
 # head spread over a few hundredths, so it would outweigh Bradley-Terry a hundredfold, and the reward
@@ -77,8 +80,8 @@ class LengthHead(torch.nn.Module):
         return torch.where(self.observed, self.covariance / torch.sqrt(self.reward_var + 1e-12), 0.0)
 
     def penalty(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """corr(reward, log length)^2 over the split, as the running values hold it with this batch
-        in. Its gradient in this batch's rewards is 2 c x / (B sigma): c and sigma are the running
+        """corr(reward, log length)^2 over the split, as the running values hold it before this batch
+        (this batch's own on the first): the same for every forward of a step. Its gradient in this batch's rewards is 2 c x / (B sigma): c and sigma are the running
         correlation and reward spread from before this batch (this batch's own on the first), held
         fixed, so the penalty lowers the rewards' covariance with length; sigma is at least
         SPREAD_FLOOR.
@@ -95,14 +98,12 @@ class LengthHead(torch.nn.Module):
         spread = (y.detach() ** 2).mean()
         sigma = torch.sqrt(torch.where(observed, self.reward_var.clone(), spread) + 1e-12)
         before = torch.where(observed, self.covariance.clone(), detached) / sigma
-        now = _running(self.covariance.clone(), detached, observed) / torch.sqrt(
-            _running(self.reward_var.clone(), spread, observed) + 1e-12)
-        return now ** 2 + 2 * before * (covariance - detached) / sigma.clamp(min=SPREAD_FLOOR)
+        return before ** 2 + 2 * before * (covariance - detached) / sigma.clamp(min=SPREAD_FLOOR)
 
     @torch.no_grad()
     def observe(self, rewards: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Moves the running reward mean, variance and covariance with log length towards this
-        forward's (on the device: no host sync)."""
+        """Moves the running reward mean, variance and covariance with log length towards those of
+        these rewards (a step's; on the device: no host sync)."""
         rewards = rewards.detach().float()
         x = (torch.log(lengths.float()) - self.log_length_mean) / self.log_length_std
         mean = _running(self.reward_mean, rewards.mean(), self.observed)

@@ -471,6 +471,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         `budget` tokens; the step's sums over its pairs (on the device) for its logging window."""
         sums = _new_window(accelerator.device)
         sums["step_loss"] = torch.zeros((), device=accelerator.device)
+        seen = []  # the step's rewards and lengths, observed by the length head once all its forwards ran
         layout = step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget, end)
         for k, forwards in enumerate(layout):
             for c, forward in enumerate(forwards):
@@ -485,13 +486,17 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with sync, accelerator.autocast(), compiles():
                     if cfg.length_debias:
+                        # Every forward of a step is judged against the same running values, so the step's
+                        # gradient is the same in one forward or several; the first step, with none yet,
+                        # has no penalty (a batch's own estimate would depend on how it was split).
                         lengths = sequence_lengths(chunk, accelerator.device)
                         scores, length_scores = model(batch, lengths)
+                        head = scorer.length_head
                         loss = debiased_loss(scores, length_scores, lengths, batch.n_pairs, batch.margin,
-                                             cfg.center_rewards_coefficient, cfg.length_debias_weight,
-                                             scorer.length_head)
+                                             cfg.center_rewards_coefficient, cfg.length_debias_weight * head.observed,
+                                             head)
                         if forward.counts:
-                            scorer.length_head.observe(scores, lengths)
+                            seen.append((scores.detach(), lengths))
                     else:
                         scores = model(batch)
                         loss = bradley_terry_loss(scores[:batch.n_pairs], scores[batch.n_pairs:], batch.margin,
@@ -511,6 +516,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 sums["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
                 sums["computed"] += batch.real_tokens
                 sums["padded"] += batch.padded_tokens
+        if seen:
+            scorer.length_head.observe(torch.cat([r for r, _ in seen]), torch.cat([n for _, n in seen]))
         return sums
 
     while state.step < total:
