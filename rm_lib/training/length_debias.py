@@ -81,10 +81,10 @@ class LengthHead(torch.nn.Module):
 
     def penalty(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """corr(reward, log length)^2 over the split, as the running values hold it before this batch
-        (this batch's own on the first): the same for every forward of a step. Its gradient in this batch's rewards is 2 c x / (B sigma): c and sigma are the running
-        correlation and reward spread from before this batch (this batch's own on the first), held
-        fixed, so the penalty lowers the rewards' covariance with length; sigma is at least
-        SPREAD_FLOOR.
+        (this batch's own on the first): the same for every forward of a step. Its gradient in this
+        batch's rewards is 2 c x / (B sigma): c and sigma are the running correlation and reward spread
+        from before this batch (this batch's own on the first), held fixed, so the penalty lowers the
+        rewards' covariance with length; sigma is at least SPREAD_FLOOR.
 
         Squaring one batch's own estimate instead would add its sampling variance to the objective:
         with batches grouped by length, that is the spread of the batches' mean rewards, so the
