@@ -73,8 +73,7 @@ def push_overrides(run_config: dict) -> list[str]:
 def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
                             project: ProjectResource) -> dg.AssetCheckResult:
     params = project.load_params(push_overrides(context.run.run_config))
-    verdicts = quality.evaluation_gate(project.layout(), params.push)
-    return as_check_result(quality.combined("release_gate", verdicts))
+    return as_check_result(quality.release_gate(project.layout(), params.push))
 
 
 @dg.asset_check(asset=assets.evaluation, name="scores_consistent", automation_condition=ON_UPDATE,

@@ -450,6 +450,11 @@ def test_release_gate_holds_the_push_settings_entered_for_hub_release(tmp_path):
     looser = release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={"min_accuracy": 0.65})
     assert looser.passed, looser.description
     assert not release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={}).passed
+    # push.force on hub_release releases the model anyway (its card says the gate failed): the check
+    # warns instead of stopping the run in front of it
+    forced = release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={"force": True})
+    assert not forced.passed and forced.severity == dg.AssetCheckSeverity.WARN
+    assert "push.force=true releases it anyway" in forced.description
     assert checks.push_overrides({}) == []
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,17 @@ def evaluation_gate(layout: Layout, gate: Any) -> list[Verdict]:
     return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release),
             subset_gate(layout, gate.min_subset_accuracy),
             length_correlation_gate(layout, gate.max_length_correlation)]
+
+
+def release_gate(layout: Layout, gate: Any) -> Verdict:
+    """The evaluation gate as one verdict (the UI's release_gate check). Under push.force a failure is a
+    warning: push releases the model anyway and its card says the gate failed, so nothing in front of it
+    may stop it."""
+    verdict = combined("release_gate", evaluation_gate(layout, gate))
+    if verdict.passed or not gate.force:
+        return verdict
+    return replace(verdict, warn_only=True,
+                               description="push.force=true releases it anyway: " + verdict.description)
 
 
 def release_verdicts(layout: Layout, gate: Any) -> list[Verdict]:
