@@ -147,3 +147,38 @@ def test_a_model_replaced_after_the_release_gate_is_not_released(tmp_path, tiny_
     monkeypatch.setattr(push, "gate", gate_then_train_finishes)
     assert "is not the model data/evaluation/report.json was made of" in _refused(params, tmp_path, "push")
     assert not layout.release.exists()
+
+
+@pytest.mark.parametrize("change", ["input", "code"])
+def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_records_it(tmp_path, tiny_decoder,
+                                                                                     monkeypatch, change):
+    """DVC hashes a stage's code and input once the stage ended, and so does the Dagster record: a filter
+    run beside a training run, or an edit of the training code meanwhile, would have dvc.lock and the
+    run cache name a model made from data or code it never saw. Such a run fails (exit 2 under
+    `dvc repro`: nothing is recorded); the model stays, its own record naming what it was made from."""
+    import rm_lib.steps as steps
+    from rm_lib.steps import ChangedWhileRunning
+    from rm_lib.steps import train as train_step
+
+    params = tiny_params("train.max_steps=1", model=str(tiny_decoder))
+    layout = Layout(tmp_path)
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    filtered = read_json(layout.filtered / "manifest.json")["content_hash"]
+    real_train, real_hash = train_step.run, steps.code_hash
+    edited = []
+
+    def train_while_something_changes(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        if change == "input":  # a filter with other settings finishes while train runs
+            run_steps(tiny_params("filter.max_token_length=48", model=str(tiny_decoder)), tmp_path, "filter")
+        else:
+            edited.append(True)
+        return result
+
+    monkeypatch.setattr(train_step, "run", train_while_something_changes)
+    monkeypatch.setattr(steps, "code_hash", lambda name, cli: real_hash(name, cli=cli) + ("-edited" * len(edited)))
+    with pytest.raises(ChangedWhileRunning) as info:
+        steps.run("train", params, layout)
+    what = "its input (" if change == "input" else "the code of train"
+    assert str(info.value).startswith(f"train: {what}") and str(info.value).endswith("rerun train")
+    assert read_json(layout.model / "rm_lib.json")["inputs"]["filtered"] == filtered  # the model says what it saw

@@ -77,6 +77,14 @@ def _rerun(first: str, step: str) -> str:
     return f"rerun {first}, then {listed}"
 
 
+def input_record(step: str, layout: Layout) -> Path | None:
+    """The record of the output `step` reads (None for download, which reads a source)."""
+    if step not in READS:
+        return None
+    link = next(link for link in CHAIN if link.output == READS[step])
+    return getattr(layout, link.output) / link.record
+
+
 def _records(layout: Layout, links: list[Link]) -> dict[str, dict]:
     """The records that exist (a missing one is the step's own "run ... first" error, or nothing to check)."""
     found = {}

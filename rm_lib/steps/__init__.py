@@ -7,9 +7,11 @@ import importlib
 import os
 from typing import Any
 
-from rm_lib.files import remove_stale
+from rm_lib.errors import UserError
+from rm_lib.files import file_sha256, remove_stale
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
+from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.locking import step_lock
 from rm_lib.settings import Params
 
@@ -47,4 +49,32 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         if _first_of_its_launch():
             _remove_stale_temporaries(name, layout)
         chain.check(name, layout)
-        return module(name).run(params, layout, **options)
+        before = _made_from(name, layout)
+        result = module(name).run(params, layout, **options)
+        _check_unchanged(name, layout, before)
+        return result
+
+
+class ChangedWhileRunning(UserError):
+    """The step's code or input changed while it ran."""
+
+
+def _made_from(name: str, layout: Layout) -> dict[str, str | None]:
+    """The step's code (as DVC lists it: the CLI too) and its input's record, as they are now."""
+    upstream = chain.input_record(name, layout)
+    return {"code": code_hash(name, cli=True),
+            "input": file_sha256(upstream) if upstream is not None and upstream.exists() else None}
+
+
+def _check_unchanged(name: str, layout: Layout, before: dict[str, str | None]) -> None:
+    """DVC (and the Dagster record) hash a stage's code and input once it ended: had they changed while it
+    ran, dvc.lock and the run cache would record an output as made by code or data it never saw. Such a
+    run fails, so nothing records it; its output stays, its own record naming what it was made from."""
+    after = _made_from(name, layout)
+    changed = [what for what in ("code", "input") if after[what] != before[what]]
+    if changed:
+        what = {"code": f"the code of {name}", "input": f"its input ({chain.input_record(name, layout)})"}
+        raise ChangedWhileRunning(
+            f"{name}: {' and '.join(what[c] for c in changed)} changed while it ran; what it wrote was made from "
+            f"them as they were when it started (its record says so), and is not recorded in DVC as made from "
+            f"them as they are now: rerun {name}")
