@@ -3,6 +3,8 @@ the step to rerun; the normal chain download -> ... -> push passes."""
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,8 @@ from rm_lib.files import read_json
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _refused(params, root, step: str) -> str:
@@ -149,7 +153,7 @@ def test_a_model_replaced_after_the_release_gate_is_not_released(tmp_path, tiny_
     assert not layout.release.exists()
 
 
-@pytest.mark.parametrize("change", ["input", "code"])
+@pytest.mark.parametrize("change", ["input", "code", "settings under dvc repro"])
 def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_records_it(tmp_path, tiny_decoder,
                                                                                      monkeypatch, change):
     """DVC hashes a stage's code and input once the stage ended, and so does the Dagster record: a filter
@@ -171,14 +175,24 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
         result = real_train(*args, **kwargs)
         if change == "input":  # a filter with other settings finishes while train runs
             run_steps(tiny_params("filter.max_token_length=48", model=str(tiny_decoder)), tmp_path, "filter")
-        else:
+        elif change == "code":
             edited.append(True)
+        else:  # params.yaml edited for the next run while `dvc repro` trains: DVC would lock the new value
+            text = (tmp_path / "params.yaml").read_text()
+            (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 5.0e-05", "learning_rate: 1.0e-04"))
         return result
+
+    if change.startswith("settings"):
+        for name in ("dvc.yaml", "params.yaml"):
+            shutil.copy(REPO / name, tmp_path / name)
+        assert "learning_rate: 5.0e-05" in (tmp_path / "params.yaml").read_text()
+        monkeypatch.setenv("DVC_STAGE", "train")
+        monkeypatch.setenv("DVC_ROOT", str(tmp_path))
 
     monkeypatch.setattr(train_step, "run", train_while_something_changes)
     monkeypatch.setattr(steps, "code_hash", lambda name, cli: real_hash(name, cli=cli) + ("-edited" * len(edited)))
     with pytest.raises(ChangedWhileRunning) as info:
         steps.run("train", params, layout)
-    what = "its input (" if change == "input" else "the code of train"
+    what = {"input": "its input (", "code": "the code of train"}.get(change, "the settings of the DVC stage train")
     assert str(info.value).startswith(f"train: {what}") and str(info.value).endswith("rerun train")
     assert read_json(layout.model / "rm_lib.json")["inputs"]["filtered"] == filtered  # the model says what it saw

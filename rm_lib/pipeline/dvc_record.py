@@ -341,6 +341,24 @@ def read_config(root: Path) -> dict[str, dict[str, str]]:
     return sections
 
 
+def stage_params(root: Path, stage: str) -> Optional[dict[str, Any]]:
+    """The values of the params dvc.yaml lists for `stage`, as their files hold them now: what dvc.lock
+    will record for it (None when dvc.yaml has no such stage)."""
+    spec = read_stage(root, stage) if (root / "dvc.yaml").is_file() else None
+    if spec is None:
+        return None
+    values: dict[str, Any] = {}
+    for file, keys in spec.params.items():
+        path = Path(file)
+        document = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+        for key in keys or [""]:
+            value: Any = document
+            for part in filter(None, key.split(".")):
+                value = value.get(part) if isinstance(value, dict) else None
+            values[f"{path.name}:{key}"] = value
+    return values
+
+
 def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:
     """The stage as dvc.yaml declares it (`${vars}` interpolated), or None when it has no such stage."""
     pipeline = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from pathlib import Path
 from typing import Any
 
 from rm_lib.errors import UserError
@@ -12,6 +13,7 @@ from rm_lib.files import file_sha256, remove_stale
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
+from rm_lib.pipeline.dvc_record import stage_params
 from rm_lib.pipeline.locking import step_lock
 from rm_lib.settings import Params
 
@@ -59,11 +61,14 @@ class ChangedWhileRunning(UserError):
     """The step's code or input changed while it ran."""
 
 
-def _made_from(name: str, layout: Layout) -> dict[str, str | None]:
-    """The step's code (as DVC lists it: the CLI too) and its input's record, as they are now."""
+def _made_from(name: str, layout: Layout) -> dict[str, Any]:
+    """The step's code (as DVC lists it: the CLI too) and its input's record, as they are now; under
+    `dvc repro` (which names the stage in DVC_STAGE) also the stage's params as their files hold them."""
     upstream = chain.input_record(name, layout)
+    stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
     return {"code": code_hash(name, cli=True),
-            "input": file_sha256(upstream) if upstream is not None and upstream.exists() else None}
+            "input": file_sha256(upstream) if upstream is not None and upstream.exists() else None,
+            "params": stage_params(Path(root), stage) if stage and root else None}
 
 
 def _check_unchanged(name: str, layout: Layout, before: dict[str, str | None]) -> None:
@@ -71,9 +76,10 @@ def _check_unchanged(name: str, layout: Layout, before: dict[str, str | None]) -
     ran, dvc.lock and the run cache would record an output as made by code or data it never saw. Such a
     run fails, so nothing records it; its output stays, its own record naming what it was made from."""
     after = _made_from(name, layout)
-    changed = [what for what in ("code", "input") if after[what] != before[what]]
+    changed = [what for what in ("code", "input", "params") if after[what] != before[what]]
     if changed:
-        what = {"code": f"the code of {name}", "input": f"its input ({chain.input_record(name, layout)})"}
+        what = {"code": f"the code of {name}", "input": f"its input ({chain.input_record(name, layout)})",
+                "params": f"the settings of the DVC stage {os.environ.get('DVC_STAGE')} (params.yaml)"}
         raise ChangedWhileRunning(
             f"{name}: {' and '.join(what[c] for c in changed)} changed while it ran; what it wrote was made from "
             f"them as they were when it started (its record says so), and is not recorded in DVC as made from "
