@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -24,11 +25,12 @@ import yaml
 from orchestration import assets, checks
 from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
+from rm_lib.layout import Layout
 from rm_lib.pipeline import dvc_record
 from rm_lib.pipeline.dvc_record import NotRecorded, RecordError, StageSpec, combined_hash, settings_differences
 from rm_lib.settings import load_params
 
-from helpers import set_offline
+from helpers import run_steps, set_offline
 from test_dvc import GIT_OUTS, Repo, _new_repo, _rmtree
 
 STAGE_OF = {"raw_preferences": "download", "tokenized_preferences": "tokenize", "filtered_preferences": "filter",
@@ -336,3 +338,45 @@ def test_after_a_run_with_other_settings_a_plain_run_of_a_later_stage_is_not_rec
     finally:
         repo.dvc("checkout", "--force")
     assert UP_TO_DATE in repo.dvc("status")
+
+
+@pytest.mark.slow
+def test_an_experiment_is_not_recorded_on_inputs_it_does_not_record_upstream(recorded):
+    """A run with its own settings goes into an experiment; when a step run outside it (a CLI download
+    with other settings) changed the stage's input meanwhile, the experiment's dvc.lock would name one
+    version of the pairs as download's output and another as tokenize's input: not recorded."""
+    repo, _, first = recorded
+    assert first.success
+    try:
+        run_steps(load_params(repo.root / "params.yaml", ["download.demo_pairs=40"]), repo.root, "download")
+        kept = (repo.root / "dvc.lock").read_bytes()
+        result = materialize(repo.root, selection=dg.AssetSelection.assets("tokenized_preferences"),
+                             run_config={"ops": {"tokenized_preferences": {"config": {"template": "simple_chat"}}}})
+        assert result.success
+        note = materializations(result)["tokenized_preferences"].metadata["dvc"].text
+        assert note.startswith("not recorded: the stage's inputs are not the outputs the run's experiment records")
+        assert (repo.root / "dvc.lock").read_bytes() == kept
+        assert f"dagster-{result.run_id[:8]}" not in repo.dvc("exp", "list")
+    finally:
+        repo.dvc("checkout", "--force")
+    assert UP_TO_DATE in repo.dvc("status")
+
+
+def test_settings_left_by_a_killed_experiment_record_are_put_back_before_any_step_runs(tmp_path):
+    """A Dagster run killed while it recorded an experiment (SIGKILL skips its clean-up) left the run's
+    settings in params.yaml: the next step, under `dvc repro` or not, puts the workspace's back and stops
+    instead of running with them (and DVC locking them as the workspace's)."""
+    from rm_lib import steps
+    from rm_lib.errors import UserError
+
+    (tmp_path / "params.yaml").write_text("train:\n  learning_rate: 0.0003\n", encoding="utf-8")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    journal = tmp_path / dvc_record.JOURNAL
+    journal.parent.mkdir(parents=True)
+    journal.write_text(json.dumps({"pid": int(dead.stdout), "files": {
+        "params.yaml": "train:\n  learning_rate: 5.0e-05\n", "dvc.lock": None}}), encoding="utf-8")
+    with pytest.raises(UserError, match="params.yaml held the settings of a DVC experiment record"):
+        steps.run("download", load_params(None, ["download.demo_pairs=20"]), Layout(tmp_path))
+    assert (tmp_path / "params.yaml").read_text(encoding="utf-8") == "train:\n  learning_rate: 5.0e-05\n"
+    assert not journal.exists() and not (tmp_path / "data").exists()
+    assert dvc_record.restore_interrupted_record(tmp_path) == []  # once

@@ -91,6 +91,11 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     root = Path(root).resolve()
     if not is_dvc_repo(root):
         return NotRecorded(f"not a DVC repository (no .dvc/ and dvc.yaml in {root})")
+    restored = restore_interrupted_record(root)
+    if restored:
+        raise RecordError(f"{' and '.join(restored)} held the settings of a DVC experiment record that was killed "
+                          "midway; they are put back as they were before it. This step ran with the workspace's "
+                          "settings then: run it again")
     try:
         spec = read_stage(root, stage, remote)
     except (OSError, ValueError, yaml.YAMLError) as exc:  # a broken dvc.yaml or config: one message
@@ -160,6 +165,54 @@ def _listed_md5(root: Path, folder_md5: str, relpath: str) -> Optional[str]:
 EXPERIMENTS = Path(".dvc") / "tmp" / "rm-experiments"  # what each run's experiment holds so far
 
 
+# While a stage goes into an experiment, the workspace's params.yaml and dvc.lock hold the experiment's:
+# their own bytes wait here, with the recording process's pid, so that a record killed before it put them
+# back (SIGKILL skips `finally`) is undone by the next step or record instead of being run and locked.
+JOURNAL = EXPERIMENTS / "workspace.json"
+
+
+def _write_journal(root: Path, saved: dict[Path, Optional[bytes]]) -> None:
+    journal = root / JOURNAL
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    files = {path.name: None if content is None else content.decode("utf-8") for path, content in saved.items()}
+    _replace(journal, json.dumps({"pid": os.getpid(), "files": files}).encode("utf-8"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def restore_interrupted_record(root: Path) -> list[str]:
+    """Put back params.yaml and dvc.lock as they were before an experiment record that was killed midway;
+    the names of the files put back ([] when none was interrupted, or its process still runs)."""
+    journal = Path(root) / JOURNAL
+    if not journal.is_file():
+        return []
+    try:
+        entry = json.loads(journal.read_text(encoding="utf-8"))
+    except ValueError:  # killed while writing the journal: the workspace was not touched yet
+        journal.unlink(missing_ok=True)
+        return []
+    if entry.get("pid") != os.getpid() and _alive(int(entry.get("pid", 0))):
+        return []
+    restored = []
+    for name, content in entry["files"].items():
+        path = Path(root) / name
+        now = path.read_bytes() if path.is_file() else None
+        before = None if content is None else content.encode("utf-8")
+        if now != before:
+            _replace(path, before)
+            restored.append(name)
+    journal.unlink(missing_ok=True)
+    return restored
+
+
 def experiment_name(run_id: str) -> str:
     return f"dagster-{run_id[:8]}"
 
@@ -189,9 +242,15 @@ def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, 
     text = set_settings(state["params"], changes)
     _check_settings(text, params, changes)
     saved = {path: path.read_bytes() if path.is_file() else None for path in (params_file, lock_file)}
+    _write_journal(root, saved)
     try:
         _replace(params_file, text.encode("utf-8"))
         _replace(lock_file, state["lock"].encode("utf-8") if state["lock"] else None)
+        foreign = upstream_mismatches(root, spec)  # against the experiment's dvc.lock
+        if foreign:
+            return NotRecorded("the stage's inputs are not the outputs the run's experiment records for the stages "
+                               "before it (a step run outside this run left others in the workspace), so the "
+                               "experiment would contradict itself", foreign)
         run_remaining_commands(root, spec)
         dvc(root, ["commit", "--force", "--no-relink", f"dvc.yaml:{spec.name}"], lock_wait_s=lock_wait_s)
         entry = lock_entry(root, spec.name)
@@ -202,6 +261,7 @@ def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, 
     finally:
         for path, content in saved.items():
             _replace(path, content)
+        (root / JOURNAL).unlink(missing_ok=True)
     state_path = root / EXPERIMENTS / f"{name}.json"
     state_path.parent.mkdir(parents=True, exist_ok=True)
     state_path.write_text(json.dumps({"params": text, "lock": lock_text}), encoding="utf-8")

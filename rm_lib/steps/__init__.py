@@ -13,7 +13,7 @@ from rm_lib.files import file_sha256, remove_stale
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
-from rm_lib.pipeline.dvc_record import stage_params
+from rm_lib.pipeline.dvc_record import restore_interrupted_record, stage_params
 from rm_lib.pipeline.locking import step_lock
 from rm_lib.settings import Params
 
@@ -50,11 +50,21 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
     with lock:  # taken before the step's heavy imports: a refusal comes at once
         if _first_of_its_launch():
             _remove_stale_temporaries(name, layout)
+            _undo_interrupted_record(layout)
         chain.check(name, layout)
         before = _made_from(name, layout)
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, before)
         return result
+
+
+def _undo_interrupted_record(layout: Layout) -> None:
+    """A Dagster experiment record killed midway left its settings in params.yaml (and its dvc.lock): this
+    step would run with them, and `dvc repro` lock them as the workspace's. Put back, and stop."""
+    restored = restore_interrupted_record(layout.root)
+    if restored:
+        raise UserError(f"{' and '.join(restored)} held the settings of a DVC experiment record (a Dagster run) "
+                        f"that was killed midway; they are put back as they were before it. Run the step again")
 
 
 class ChangedWhileRunning(UserError):
