@@ -109,7 +109,9 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
     if isinstance(outcome, NotRecorded):
         context.log.info(f"{stage}: not recorded in DVC: {outcome.reason}")
         return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
-    if not outcome.pushed:
+    if outcome.experiment:
+        context.log.info(f"{stage}: recorded in the DVC experiment {outcome.experiment}; {outcome.push_note}")
+    elif not outcome.pushed:
         context.log.warning(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: {outcome.push_note}")
     version = combined_hash(outcome.outs, list(VERSION_OUTS.get(stage, ())) or None)
     return _recorded_metadata(outcome, version), dg.DataVersion(version)
