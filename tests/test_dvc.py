@@ -157,6 +157,9 @@ def test_outs_metrics_and_plots():
     # checkpoints stay on the machine, never cached or pushed; no persistent out keeps train run-cached
     assert not any(p.startswith("models/checkpoints") for p in train_outs)
     assert not any(options.get("persist") for options in train_outs.values())
+    # every other out persists: a failed stage leaves the last output (DVC deletes others first)
+    for name in ("download", "tokenize", "filter", "evaluate", "push"):
+        assert all(options.get("persist") for options in _entries(stages[name]["outs"]).values()), name
     outs = {p for stage in stages.values() for p in _entries(stage.get("outs"))}
     assert list(_entries(pipeline["metrics"])) == ["data/evaluation/metrics.json"]
     plots = _entries(pipeline["plots"])
@@ -469,6 +472,38 @@ def test_dvc_repro_refuses_a_release_past_the_gate(pipeline):
         assert pipeline.files("data/release") == release  # the last release is kept, byte for byte
     finally:
         params_file.write_text(before, encoding="utf-8")
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, section, key, value, folder, error", [
+    ("download", "download", "source", "data/sources/same.jsonl", "data/pairs", "no usable pairs for train"),
+    ("evaluate", "evaluate", "length_buckets", 0, "data/evaluation", "evaluate.length_buckets"),
+])
+def test_a_failed_stage_under_dvc_repro_leaves_its_last_output(pipeline, stage, section, key, value, folder, error):
+    """DVC deletes a stage's outputs before its command; the outs are persistent, so a stage that fails
+    (bad data, a bad setting) leaves the last output as the CLI would, metrics.json (in git, not in the
+    cache) included."""
+    source = pipeline.root / "data/sources/same.jsonl"  # nothing but pairs whose answers are the same
+    if stage == "download":
+        source.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n', encoding="utf-8")
+    def contents() -> dict[str, str]:  # DVC may copy a persistent out out of its cache link: times change
+        return {path: digest for path, (digest, _) in pipeline.files(folder).items()}
+
+    before = contents()
+    params_file = pipeline.root / "params.yaml"
+    kept = params_file.read_text(encoding="utf-8")
+    params = yaml.safe_load(kept)
+    params[section][key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    try:
+        output = pipeline.dvc("repro", stage, check=False)
+        assert RAN.findall(output) == [stage] and error in output, output[-3000:]
+        assert contents() == before
+    finally:
+        params_file.write_text(kept, encoding="utf-8")
+        source.unlink(missing_ok=True)
+        (pipeline.root / "data/pairs.rejects.jsonl").unlink(missing_ok=True)  # the refused download's rejects
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
 
 
