@@ -233,3 +233,30 @@ def test_test_pairs_that_are_also_train_pairs_are_counted_and_warned_about(tmp_p
     assert code == 0
     assert "warning: 5 of the 6 test pairs are also train pairs" in out
     assert read_json(Layout(tmp_path).pairs / "manifest.json")["test_pairs_in_train"] == 5
+
+
+def test_a_set_aside_row_whose_other_columns_json_cannot_hold_is_written_as_text(tmp_path, capsys):
+    """A row is set aside for its answers; a datetime, bytes or a lone surrogate in a column no format
+    reads must not stop the rejects (and with them the whole step) from being written."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r, created=datetime.datetime(2024, 1, 2, 3, 4), blob=b"\x00\xff") for r in GOOD]
+    rows[2]["rejected"] = rows[2]["chosen"]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    code, _, err = cli(tmp_path, "--set", f"download.source={path}", "download", capsys=capsys)
+    assert code == 0, err
+    (reject,) = read_jsonl(Layout(tmp_path).pairs / "rejects.jsonl")
+    assert (reject["row"], reject["reason"]) == (3, "identical")
+    assert reject["data"]["created"] == "2024-01-02 03:04:00" and reject["data"]["blob"] == str(b"\x00\xff")
+    assert read_json(Layout(tmp_path).pairs / "manifest.json")["rejected"] == 1
+
+    rows = [dict(r, note="fine") for r in GOOD]
+    rows[2].update(rejected=rows[2]["chosen"], note="half an emoji \ud800")
+    code, err, path = download(tmp_path, "d.jsonl", lines(rows), capsys)
+    assert code == 0, err
+    (reject,) = read_jsonl(Layout(tmp_path).pairs / "rejects.jsonl")
+    assert reject["row"] == 3 and reject["data"]["note"] == "half an emoji \\ud800"

@@ -113,6 +113,29 @@ def test_a_bad_row_names_its_file_row_and_field(tmp_path, rows, row, field, mess
     assert (caught.value.file, caught.value.row, caught.value.field) == (str(path), row, field)
 
 
+def test_a_skipped_row_is_written_whatever_its_other_columns_hold(tmp_path):
+    """evaluate writes the skipped rows beside the report: a column JSON cannot hold (a Parquet datetime,
+    a lone surrogate) is written as text instead of stopping the step."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rm_lib.files import read_jsonl
+    from rm_lib.files import write_jsonl as write_rows
+
+    rows = [dict(r, note="half an emoji \ud800") for r in _rb1_rows()]
+    path = tmp_path / "rb1.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(r, created=datetime.date(2024, 1, 2)) for r in _rb1_rows()]), path)
+    for source in (write_jsonl(tmp_path / "rb1.jsonl", rows), path):
+        entry = suites.evaluate_suite(suites.parse_entry(str(source)), NumberScorer())
+        write_rows(tmp_path / "aside.jsonl", entry[suites.SET_ASIDE])
+        (aside,) = read_jsonl(tmp_path / "aside.jsonl")
+        assert aside["row"] == 5 and aside["reason"] == "identical"
+        assert aside["data"].get("note", "half an emoji \\ud800") == "half an emoji \\ud800"
+        assert aside["data"].get("created", "2024-01-02") == "2024-01-02"
+
+
 def test_a_suite_with_no_usable_row_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "same.jsonl", [_rb1_rows()[4]])
     with pytest.raises(DataError, match=r"no row of the suite can be scored .*identical"):

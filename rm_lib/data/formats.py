@@ -183,6 +183,25 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}
 
 
+def _safe_text(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate as its \\udxxx escape
+
+
+def json_safe(value: Any) -> Any:
+    """A set-aside row as it can be written to a JSON Lines file: a row is set aside for its chosen,
+    rejected or scores, so its other columns (a Parquet datetime or bytes, a lone surrogate) must not
+    stop the writing of the rejects. Values JSON cannot hold become their text."""
+    if isinstance(value, str):
+        return _safe_text(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {_safe_text(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return _safe_text(str(value))
+
+
 class Normaliser:
     """Normalise the rows of one source file. The format is fixed by the first row; a later row
     of another shape is an error, not a guess. `format` tells what was found."""
@@ -196,7 +215,7 @@ class Normaliser:
         """Yield ("pair", pair) or ("reject", record) for each (row_number, row)."""
         for row_number, row in rows:
             row_fmt = detect_format(row, file=self.file, row_number=row_number)
-            self.ignored_columns.update(str(k) for k in row if k not in USED_COLUMNS)
+            self.ignored_columns.update(_safe_text(str(k)) for k in row if k not in USED_COLUMNS)
             if self.format is None:
                 self.format = row_fmt
             elif row_fmt != self.format:
@@ -206,4 +225,4 @@ class Normaliser:
                 yield "pair", normalise_row(row, self.format, file=self.file, row_number=row_number)
             except _Reject as reject:
                 yield "reject", {"file": self.file, "row": row_number, "reason": reject.reason,
-                                 "detail": reject.detail, "data": row}
+                                 "detail": reject.detail, "data": json_safe(row)}

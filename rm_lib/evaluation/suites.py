@@ -207,7 +207,8 @@ def read_rows(inputs: Iterable[tuple[str, Iterable[tuple[int, Any]]]]) -> _Read:
                            else _pairwise(row, normaliser, row_number=number))
                 if isinstance(outcome, str):
                     read.skipped[outcome] += 1
-                    read.set_aside.append({"file": label, "row": number, "reason": outcome, "data": row})
+                    read.set_aside.append({"file": label, "row": number, "reason": outcome,
+                                           "data": formats.json_safe(row)})
                 else:
                     read.rows.append(outcome)
         finally:
