@@ -69,6 +69,9 @@ BROKEN_FILES = {
     # valid JSON, but no UTF-8 text can hold it: the tokenizer would fail on it, far from its row
     "a lone surrogate": ("d.jsonl", lines(GOOD + [{"prompt": "p", "chosen": "a\ud800", "rejected": "b"}]),
                          ["row 21", "field 'chosen'", "lone surrogate (\\ud800 at character 1)"]),
+    # more digits than Python reads as an integer (4300 by default)
+    "an integer of 5000 digits": ("d.jsonl", lines(GOOD) + b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": '
+                                  + b"9" * 5000 + b"}\n", ["row 21", "holds an integer of more than"]),
     # a comma left unquoted: the row would be read as another pair, its last cell lost
     "a CSV cell with an unquoted comma": (
         "d.csv", ("prompt,chosen,rejected\n" + "".join(f'"q{i}","a{i}","b{i}"\n' for i in range(20))

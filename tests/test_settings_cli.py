@@ -169,7 +169,11 @@ def test_show_tokens_index_out_of_range_and_before_filter_are_one_line(tmp_path,
 
 
 @pytest.mark.parametrize("row, field", [({"margin": float("nan")}, "margin"), ({"margin": float("inf")}, "margin"),
-                                        ({"score_chosen": float("-inf"), "score_rejected": 1.0}, "score_chosen")])
+                                        ({"score_chosen": float("-inf"), "score_rejected": 1.0}, "score_chosen"),
+                                        # JSON integers have no limit; past float's range they would be inf
+                                        ({"margin": 10**400}, "margin"),
+                                        ({"score_chosen": 1, "score_rejected": -10**400}, "score_rejected"),
+                                        ({"score_chosen": 1e308, "score_rejected": -1e308}, "score_chosen")])
 def test_nan_or_infinite_margins_in_the_data_are_refused(tmp_path, capsys, row, field):
     from helpers import write_jsonl
 

@@ -100,17 +100,36 @@ def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _finite(value: Any, key: str, *, file: str, row_number: int) -> float:
+    """JSON NaN/Infinity, Parquet NaN and an integer past float's range (JSON has no limit) would
+    poison the loss."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        shown = (f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits, past a float's range "
+                 "(1.8e308)" if isinstance(value, int) else repr(value))
+        raise DataError(f"expected a finite number, got {shown}", file=file, row=row_number, field=key)
+    return number
+
+
 def _margin(row: dict, *, file: str, row_number: int) -> float | None:
+    numbers = {}
     for key in ("margin", "score_chosen", "score_rejected"):
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise DataError(f"expected a number, got {value!r}", file=file, row=row_number, field=key)
-        if value is not None and not math.isfinite(value):  # JSON NaN/Infinity, Parquet NaN: would poison the loss
-            raise DataError(f"expected a finite number, got {value!r}", file=file, row=row_number, field=key)
-    if row.get("margin") is not None:
-        return float(row["margin"])
-    if row.get("score_chosen") is not None and row.get("score_rejected") is not None:
-        return float(row["score_chosen"]) - float(row["score_rejected"])
+        if value is not None:
+            numbers[key] = _finite(value, key, file=file, row_number=row_number)
+    if "margin" in numbers:
+        return numbers["margin"]
+    if "score_chosen" in numbers and "score_rejected" in numbers:
+        margin = numbers["score_chosen"] - numbers["score_rejected"]
+        if not math.isfinite(margin):  # two finite scores near float's limit, of opposite signs
+            raise DataError(f"score_chosen - score_rejected is not a finite number ({margin})",
+                            file=file, row=row_number, field="score_chosen")
+        return margin
     one = [k for k in ("score_chosen", "score_rejected") if row.get(k) is not None]
     if one:  # its margin cannot be known: trained without one, it would count unlike the rows beside it
         other = "score_rejected" if one[0] == "score_chosen" else "score_chosen"

@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import re
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,10 @@ def _read_text(path: Path) -> str:
     return "".join(line for _, line in _lines(path))
 
 
+def _too_long_number() -> str:
+    return f"holds an integer of more than {sys.get_int_max_str_digits()} digits, which is no usable number"
+
+
 def _jsonl_rows(path: Path) -> Rows:
     blank = True
     for number, line in _lines(path):
@@ -90,6 +95,8 @@ def _jsonl_rows(path: Path) -> Rows:
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno}); "
                             "the line may be half-written", file=str(path), row=number) from None
+        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise DataError(_too_long_number(), file=str(path), row=number) from None
     if blank:
         raise DataError("the file is empty", file=str(path))
 
@@ -102,6 +109,8 @@ def _json_rows(path: Path) -> Rows:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON ({exc.msg})", file=str(path), row=exc.lineno) from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise DataError(_too_long_number(), file=str(path)) from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
     if not isinstance(data, list):
