@@ -89,6 +89,15 @@ def test_csv_text_stays_text_unless_the_column_is_declared(tmp_path):
     assert second["chosen"] == "1e3" and second["rejected"] == '{"a": 1}' and second["score_chosen"] is None
 
 
+def test_a_csv_cell_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    long = "word " * 60_000  # 300,000 characters; the csv module stops at 131,072 unless told otherwise
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "chosen", "rejected"], ["p", long, "b"], ["q", "a", "b"]])
+    assert [r for _, r in read_file(path)] == [{"prompt": "p", "chosen": long, "rejected": "b"},
+                                               {"prompt": "q", "chosen": "a", "rejected": "b"}]
+
+
 def test_csv_token_id_columns_are_lists(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('input_ids_chosen,input_ids_rejected,margin\n"[1, 2]","[1, 3]",1\n')

@@ -139,7 +139,13 @@ def _is_message_list(value: str) -> bool:
     return isinstance(decoded, list) and bool(decoded) and all(isinstance(m, dict) for m in decoded)
 
 
+# The csv module refuses a cell past 131,072 characters by default; a long conversation is no error,
+# as it is none in JSON Lines. 2**31 - 1 is the most a C long holds on every platform.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _csv_rows(path: Path) -> Rows:
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     reader = csv.DictReader(line for _, line in _lines(path))
     messages: set[str] | None = None  # message columns, decided by the first row
     for number, row in enumerate(reader, start=2):  # row 1 is the header
