@@ -69,6 +69,13 @@ BROKEN_FILES = {
     # valid JSON, but no UTF-8 text can hold it: the tokenizer would fail on it, far from its row
     "a lone surrogate": ("d.jsonl", lines(GOOD + [{"prompt": "p", "chosen": "a\ud800", "rejected": "b"}]),
                          ["row 21", "field 'chosen'", "lone surrogate (\\ud800 at character 1)"]),
+    # a quote opened and never closed: the rows after it would become one cell of one wrong pair
+    "a CSV quote never closed": (
+        "d.csv", ("prompt,chosen,rejected\n"
+                  + "".join(f"question {i}?,good answer {i},bad answer {i}\n" for i in range(4))
+                  + 'question 4?,"good answer 4,bad answer 4\n'
+                  + "".join(f"question {i}?,good answer {i},bad answer {i}\n" for i in range(5, 40))).encode(),
+        ["row 6", "a quoted cell is never closed"]),
     # more digits than Python reads as an integer (4300 by default)
     "an integer of 5000 digits": ("d.jsonl", lines(GOOD) + b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": '
                                   + b"9" * 5000 + b"}\n", ["row 21", "holds an integer of more than"]),

@@ -98,6 +98,20 @@ def test_a_csv_cell_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
                                                {"prompt": "q", "chosen": "a", "rejected": "b"}]
 
 
+def test_csv_quoted_cells_may_span_lines_and_a_broken_quote_names_its_record(tmp_path):
+    head = 'prompt,chosen,rejected\n"a\nlong\nquestion","say ""hi""",b\nq2,a,b\n'
+    path = tmp_path / "c.csv"
+    path.write_text(head + "q3,a,b\n")
+    assert [(n, r["prompt"]) for n, r in read_file(path)] == [(2, "a\nlong\nquestion"), (3, "q2"), (4, "q3")]
+    assert next(read_file(path))[1]["chosen"] == 'say "hi"'
+    path.write_text(head + 'q3,"a" and more,b\nq4,a,b\n')  # a quote closed mid-cell: the cell is unclear
+    with pytest.raises(DataError, match=r"row 4: not valid CSV .*must be quoted whole"):
+        list(read_file(path))
+    path.write_text(head + 'q3,"a,b\nq4,a,b\n')
+    with pytest.raises(DataError, match=r"row 4: a quoted cell is never closed"):
+        list(read_file(path))
+
+
 def test_csv_token_id_columns_are_lists(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('input_ids_chosen,input_ids_rejected,margin\n"[1, 2]","[1, 3]",1\n')

@@ -5,10 +5,10 @@ JSONL, JSON, Parquet and CSV, each gzipped or not.
 """
 from __future__ import annotations
 
-import hashlib
 import contextlib
 import csv
 import gzip
+import hashlib
 import json
 import re
 import sys
@@ -146,18 +146,39 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 def _csv_rows(path: Path) -> Rows:
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    reader = csv.DictReader(line for _, line in _lines(path))
+    number = 1  # the record being read, the header being 1: a quoted cell may span several lines
+    # strict: a quote opened and never closed is an error, not a cell that swallows the rows after it
+    reader = csv.DictReader((line for _, line in _lines(path)), strict=True)
+    try:
+        header = reader.fieldnames
+    except csv.Error as exc:
+        raise _csv_error(exc, path, number) from None
+    if header is None:
+        raise DataError("the file is empty", file=str(path))
     messages: set[str] | None = None  # message columns, decided by the first row
-    for number, row in enumerate(reader, start=2):  # row 1 is the header
+    while True:
+        number += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise _csv_error(exc, path, number) from None
         if None in row:  # DictReader files cells past the header's under None: a comma left unquoted
-            header = len(reader.fieldnames or [])
-            raise DataError(f"{header + len(row[None])} cells where the header has {header}; quote a cell that "
-                            "holds a comma (\"like, this\")", file=str(path), row=number)
+            raise DataError(f"{len(header) + len(row[None])} cells where the header has {len(header)}; quote a cell "
+                            "that holds a comma (\"like, this\")", file=str(path), row=number)
         if messages is None:
             messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
         yield number, {k: _csv_cell(k, v, messages) for k, v in row.items()}
-    if messages is None and reader.fieldnames is None:
-        raise DataError("the file is empty", file=str(path))
+
+
+def _csv_error(exc: csv.Error, path: Path, number: int) -> DataError:
+    if "unexpected end of data" in str(exc):
+        return DataError("a quoted cell is never closed: its opening '\"' has no closing one before the end of the "
+                         "file; close the quote, or double a quote inside a quoted cell (\"say \"\"hi\"\"\")",
+                         file=str(path), row=number)
+    return DataError(f"not valid CSV ({exc}); a cell that holds a '\"' must be quoted whole, its own quotes doubled "
+                     "(\"say \"\"hi\"\"\")", file=str(path), row=number)
 
 
 def _csv_cell(column: str, value: str | None, messages: set[str]) -> Any:
