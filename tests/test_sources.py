@@ -112,6 +112,13 @@ def test_csv_quoted_cells_may_span_lines_and_a_broken_quote_names_its_record(tmp
         list(read_file(path))
 
 
+def test_a_non_utf8_byte_in_a_csv_names_its_record_like_other_csv_errors(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b'prompt,chosen,rejected\n"a\nlong\nquestion",a,b\nq2,a,b\nq3,caf\xe9,b\n')
+    with pytest.raises(DataError, match=r"row 4: not valid UTF-8 \(byte 6 of line 6\)"):
+        list(read_file(path))
+
+
 def test_csv_token_id_columns_are_lists(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('input_ids_chosen,input_ids_rejected,margin\n"[1, 2]","[1, 3]",1\n')

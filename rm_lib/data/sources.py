@@ -13,7 +13,7 @@ import json
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,9 +55,10 @@ def _open_binary(path: Path) -> Iterator[IO[bytes]]:
         yield handle
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of every line, streamed. Lines end at a newline byte only, so a raw
-    U+2028, U+2029 or U+0085 inside a JSON string stays part of its row."""
+    U+2028, U+2029 or U+0085 inside a JSON string stays part of its row. `row_of` turns a line number
+    into the row an error names (a CSV record may span lines)."""
     with _open_binary(path) as handle:
         number = 0
         while True:
@@ -71,8 +72,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"not valid UTF-8 (byte {exc.start} of the line); convert the file to UTF-8",
-                                file=str(path), row=number) from None
+                row = row_of(number)
+                where = "the line" if row == number else f"line {number}"
+                raise DataError(f"not valid UTF-8 (byte {exc.start} of {where}); convert the file to UTF-8",
+                                file=str(path), row=row) from None
 
 
 def _read_text(path: Path) -> str:
@@ -148,7 +151,7 @@ def _csv_rows(path: Path) -> Rows:
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     number = 1  # the record being read, the header being 1: a quoted cell may span several lines
     # strict: a quote opened and never closed is an error, not a cell that swallows the rows after it
-    reader = csv.DictReader((line for _, line in _lines(path)), strict=True)
+    reader = csv.DictReader((line for _, line in _lines(path, row_of=lambda _line: number)), strict=True)
     try:
         header = reader.fieldnames
     except csv.Error as exc:
