@@ -53,7 +53,11 @@ def test_corrupt_gzip(tmp_path):
 def test_half_written_line_names_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROW) + "\n" + json.dumps(ROW)[:10])
-    with pytest.raises(DataError, match=r"row 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"row 2: not valid JSON \(Expecting value at column 11\); "
+                                        "the line may be half-written"):
+        list(read_file(path))
+    path.write_text(json.dumps(ROW) + "\n" + '{"prompt": "half a')  # json's own message ends in "at"
+    with pytest.raises(DataError, match=r"row 2: not valid JSON \(Unterminated string starting at column 12\); "):
         list(read_file(path))
 
 

@@ -96,7 +96,8 @@ def _jsonl_rows(path: Path) -> Rows:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno}); "
+            # json's own messages may end in "at" ("Unterminated string starting at")
+            raise DataError(f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); "
                             "the line may be half-written", file=str(path), row=number) from None
         except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
             raise DataError(_too_long_number(), file=str(path), row=number) from None
