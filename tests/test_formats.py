@@ -115,3 +115,20 @@ def test_an_hh_pair_whose_chosen_equals_its_rejected_is_identical_not_empty():
     u = {"role": "user", "content": "q"}
     _, _, rejects = norm([{"chosen": [u], "rejected": [u]}])
     assert [r["reason"] for r in rejects] == ["identical"]
+
+
+def test_a_row_mixing_a_message_list_and_a_string_names_the_field_of_the_other_type():
+    u, a, b = {"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}, {"role": "assistant",
+                                                                                           "content": "no"}
+    good = {"chosen": [u, a], "rejected": [u, b]}
+    # read as one assistant turn, the string would make a pair of another conversation: no prompt at all
+    with pytest.raises(DataError, match=r"row 2, field 'rejected': expected a list of messages like the other rows"):
+        norm([good, {"chosen": [u, a], "rejected": "just a string"}])
+    with pytest.raises(DataError, match=r"row 1, field 'rejected': expected a list of messages"):
+        norm([{"prompt": [u], "chosen": [a], "rejected": "no"}])
+    with pytest.raises(DataError, match=r"row 2, field 'chosen': expected a list of messages .*, got str"):
+        norm([good, {"chosen": "yes", "rejected": [u, b]}])
+    with pytest.raises(DataError, match=r"row 2, field 'chosen': expected a string .*, got list"):
+        norm([{"prompt": "q", "chosen": "yes", "rejected": "no"}, {"prompt": "q", "chosen": [a], "rejected": "no"}])
+    _, pairs, _ = norm([{"prompt": "q", "chosen": [a], "rejected": [b]}])  # a string prompt is one user turn
+    assert pairs[0]["prompt"] == [u]

@@ -181,6 +181,12 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
         if key in row and fmt.endswith("text") and not isinstance(row[key], str):
             raise DataError(f"expected a string like the other rows of this file, got {type(row[key]).__name__}",
                             file=file, row=row_number, field=key)
+    # A string answer beside a message list would be read as one assistant turn, and the shared prefix
+    # as the prompt would vanish: a pair of another conversation. (A string prompt is one user turn.)
+    for key in ("chosen", "rejected"):
+        if fmt.endswith("conversational") and not isinstance(row[key], list):
+            raise DataError(f"expected a list of messages like the other rows of this file, got "
+                            f"{type(row[key]).__name__}", file=file, row=row_number, field=key)
     if fmt in ("implicit_text", "implicit_conversational"):
         if fmt == "implicit_text":
             whole = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
@@ -238,6 +244,11 @@ class Normaliser:
             if self.format is None:
                 self.format = row_fmt
             elif row_fmt != self.format:
+                kinds = {"text": "a string", "conversational": "a list of messages"}
+                began, now = (f.rsplit("_", 1)[-1] for f in (self.format, row_fmt))
+                if began != now and began in kinds and now in kinds:  # the same columns, `chosen` of another type
+                    raise DataError(f"expected {kinds[began]} like the other rows of this file, got "
+                                    f"{type(row['chosen']).__name__}", file=self.file, row=row_number, field="chosen")
                 raise DataError(f"row is in format {row_fmt}, but the file began in format {self.format}",
                                 file=self.file, row=row_number)
             try:
