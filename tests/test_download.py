@@ -164,3 +164,20 @@ def test_a_local_source_outside_data_sources_is_named_as_invisible_to_dvc(tmp_pa
     assert tracked.note is None and "dvc repro" not in tracked.summary()
     untracked = run_steps(tiny_params(f"download.source={outside}"), tmp_path, "download")["download"]
     assert "cannot see a change" in untracked.summary()
+
+
+def test_max_rows_counts_the_rows_of_a_folder_not_of_each_file(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(30)]
+    for n, name in enumerate(["a.jsonl", "b.jsonl", "c.jsonl"]):
+        write_jsonl(tmp_path / "src" / name, rows[10 * n:10 * n + 10])
+    (tmp_path / "src/c.jsonl").write_text("not json\n")  # past the limit: never read
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'src'}", "download.max_rows=15"), tmp_path,
+                       "download")["download"]
+    assert result.rows_read == 15 and sum(result.pairs.values()) == 15
+    # a source's own splits count apart: test.jsonl, read first, does not use up train's rows
+    write_jsonl(tmp_path / "own/train-00000.jsonl", rows[:10])
+    write_jsonl(tmp_path / "own/train-00001.jsonl", rows[10:20])
+    write_jsonl(tmp_path / "own/test.jsonl", rows[20:])
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'own'}", "download.max_rows=12"), tmp_path / "o",
+                       "download")["download"]
+    assert result.rows_read == 22 and result.pairs == {"train": 12, "test": 10}

@@ -137,12 +137,20 @@ class _Read:
 
 
 def _read(inputs: list[tuple[str, object, str | None]], max_rows: int | None) -> _Read:
+    """Every input's rows, normalised. `max_rows` counts the rows of each split over all its files, so a
+    folder of shards stops where one file of the same rows would; a source's own test split has its own
+    count, or the files read first (test sorts before train) would leave the other split empty."""
     read = _Read()
+    used: Counter[str | None] = Counter()
     for label, rows, split in inputs:
         normaliser = formats.Normaliser(label)
+        left = None if max_rows is None else max_rows - used[split]
         try:
-            for outcome, record in normaliser(_head(rows, max_rows)):
+            if left is not None and left <= 0:
+                continue  # its rows are past the limit: the file is not read at all
+            for outcome, record in normaliser(_head(rows, left)):
                 read.rows += 1
+                used[split] += 1
                 (read.by_split[split] if outcome == "pair" else read.rejects).append(record)
         finally:
             getattr(rows, "close", lambda: None)()  # a file left early (max_rows, an error) is closed now
