@@ -181,3 +181,15 @@ def test_max_rows_counts_the_rows_of_a_folder_not_of_each_file(tmp_path):
     result = run_steps(tiny_params(f"download.source={tmp_path / 'own'}", "download.max_rows=12"), tmp_path / "o",
                        "download")["download"]
     assert result.rows_read == 22 and result.pairs == {"train": 12, "test": 10}
+
+
+def test_with_its_own_test_file_a_folders_other_files_train(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(30)]
+    write_jsonl(tmp_path / "src/train.jsonl", rows[:10])
+    write_jsonl(tmp_path / "src/test.jsonl", rows[10:15])
+    write_jsonl(tmp_path / "src/extra.jsonl", rows[15:])
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download")["download"]
+    assert result.pairs == {"train": 25, "test": 5}
+    test = read_jsonl(tmp_path / "data/pairs/test.jsonl")
+    assert {p["prompt"][0]["content"] for p in test} == {f"p{i}" for i in range(10, 15)}
+    assert read_json(tmp_path / "data/pairs/manifest.json")["split"] == "source"

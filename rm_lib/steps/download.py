@@ -116,8 +116,11 @@ def _inputs(cfg: DownloadSettings, kind: str) -> tuple[list[tuple[str, object, s
         files = sources.local_files(cfg.source)
         root = Path(cfg.source)
         own = {f: sources.split_of(f, root) for f in files} if len(files) > 1 else {files[0]: None}
-        use_own = any(s == "test" for s in own.values())
-        return [(str(f), sources.read_file(f), own[f] if use_own else None) for f in files], cfg.revision
+        if not any(s == "test" for s in own.values()):
+            return [(str(f), sources.read_file(f), None) for f in files], cfg.revision
+        # the folder's own test file is the whole test set: a file that names no split trains, instead
+        # of sending some of its prompts to a test set the user chose by hand
+        return [(str(f), sources.read_file(f), own[f] or "train") for f in files], cfg.revision
     revision = sources.hub_fingerprint(cfg.source, cfg.revision) or cfg.revision
     inputs = [(f"hf://{cfg.source}", sources.read_hub(cfg.source, cfg.train_split, revision=cfg.revision,
                                                       subset=cfg.subset), "train" if cfg.test_split else None)]
