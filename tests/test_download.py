@@ -193,3 +193,23 @@ def test_with_its_own_test_file_a_folders_other_files_train(tmp_path):
     test = read_jsonl(tmp_path / "data/pairs/test.jsonl")
     assert {p["prompt"][0]["content"] for p in test} == {f"p{i}" for i in range(10, 15)}
     assert read_json(tmp_path / "data/pairs/manifest.json")["split"] == "source"
+
+
+def test_files_of_a_source_folder_that_are_not_read_are_named(tmp_path, capsys):
+    from rm_lib.cli import main
+
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(20)]
+    write_jsonl(tmp_path / "src/train.jsonl", rows)
+    (tmp_path / "src/more.tsv").write_text("prompt\tchosen\trejected\nq\ta\tb\n")
+    (tmp_path / "src/notes/readme.txt").parent.mkdir()
+    (tmp_path / "src/notes/readme.txt").write_text("about the data\n")
+    (tmp_path / "src/.hidden").write_text("")
+    assert main(["--root", str(tmp_path), "download", "--set", f"download.source={tmp_path / 'src'}"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 2 file(s) of the source folder not read, of a type other than .jsonl" in out
+    assert "(optionally .gz): more.tsv, notes/readme.txt\n" in out
+    assert read_json(tmp_path / "data/pairs/manifest.json")["skipped_files"] == ["more.tsv", "notes/readme.txt"]
+    (tmp_path / "src/train.jsonl").unlink()
+    with pytest.raises(DataError, match=r"no .jsonl, .json, .parquet, .csv files found in the folder \(of another "
+                                        r"type: more.tsv, notes/readme.txt\)"):
+        run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download")

@@ -231,8 +231,26 @@ def local_files(path: str | Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) and not p.name.startswith("."))
     if not files:
-        raise DataError(f"no {', '.join(SUFFIXES)} files found in the folder", file=str(path))
+        skipped = unsupported_files(path)
+        raise DataError(f"no {', '.join(SUFFIXES)} files found in the folder"
+                        + (f" (of another type: {list_some(skipped)})" if skipped else ""), file=str(path))
     return files
+
+
+def unsupported_files(path: str | Path) -> list[str]:
+    """The files of a source folder that local_files leaves out for their type, relative to it: the user
+    learns that `more.tsv` was not read. Hidden files and folders (.git, .DS_Store) are not named."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.is_file() and not _base_suffix(p)
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def list_some(names: list[str], most: int = 5) -> str:
+    """The first `most` names, and how many more: a folder may hold thousands."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 _SHARD = re.compile(r"([a-z]+)(?:-\d+(?:-of-\d+)?)?")  # train, train-00003, train-00000-of-00002

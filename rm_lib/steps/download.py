@@ -35,6 +35,7 @@ class DownloadResult:
     note: str | None = None  # a local source that DVC cannot see (outside data/sources)
     settings: dict = field(default_factory=dict)  # the download settings these pairs were made with
     test_in_train: int = 0  # test pairs identical to a train pair: a source's own splits may overlap
+    skipped_files: list[str] = field(default_factory=list)  # files of a source folder of an unsupported type
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -43,7 +44,8 @@ class DownloadResult:
                 "rejected": sum(self.rejects.values()), "rejects_by_reason": self.rejects,
                 "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
                 "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
-                "split": self.split, "test_pairs_in_train": self.test_in_train, "settings": self.settings}
+                "split": self.split, "test_pairs_in_train": self.test_in_train, "skipped_files": self.skipped_files,
+                "settings": self.settings}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -55,6 +57,9 @@ class DownloadResult:
                 + (f"\nwarning: {self.warning}" if self.warning else "")
                 + (f"\nwarning: {self.test_in_train} of the {self.pairs['test']} test pairs are also train pairs: the "
                    "held-out accuracy overstates the model" if self.test_in_train else "")
+                + (f"\nnote: {len(self.skipped_files)} file(s) of the source folder not read, of a type other than "
+                   f"{', '.join(sources.SUFFIXES)} (optionally .gz): {sources.list_some(self.skipped_files)}"
+                   if self.skipped_files else "")
                 + (f"\n{self.note}" if self.note else ""))
 
 
@@ -225,7 +230,8 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             split="source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
                                                            f"seed={cfg.seed}",
             note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None,
-            settings=asdict(cfg), test_in_train=_test_in_train(splits))
+            settings=asdict(cfg), test_in_train=_test_in_train(splits),
+            skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [])
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
