@@ -61,6 +61,17 @@ def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _check_base_model(step: str, params) -> None:
+    """What the model decides of the settings, read from its config (no weights), so that `run` stops
+    before download rather than at train."""
+    from rm_lib.model.modeling import check_lora_targets, load_model_config
+
+    model = params.model
+    config = load_model_config(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    if step in ("run", "train") and params.train.lora:
+        check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
+
+
 def _run_step(step: str, params, layout: Layout) -> None:
     from rm_lib import steps
 
@@ -115,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)  # validates every section before any work
         layout = Layout(Path(args.root))
         if args.step in NEEDS_BASE_MODEL:  # a model that cannot be a reward model fails before any work
-            from rm_lib.model.modeling import load_model_config
-
-            load_model_config(params.model.name_or_path, revision=params.model.revision,
-                              trust_remote_code=params.model.trust_remote_code)
+            _check_base_model(args.step, params)
         if args.step == "run":
             for step in PIPELINE:
                 _run_step(step, params, layout)

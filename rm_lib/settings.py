@@ -208,6 +208,19 @@ class TrainSettings:
             _fail("train", "weight_decay", f"must not be negative, got {self.weight_decay}")
         if self.length_debias_weight < 0:
             _fail("train", "length_debias_weight", f"must not be negative, got {self.length_debias_weight}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range; set_seed seeds numpy too
+            _fail("train", "seed", f"must lie in [0, 2**32 - 1], got {self.seed}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            _fail("train", "eval_steps", f"must be at least 1 or null (no evaluation during training), "
+                  f"got {self.eval_steps}")
+        if self.lora_alpha <= 0:  # LoRA scales its update by lora_alpha / lora_r: 0 trains nothing, below flips it
+            _fail("train", "lora_alpha", f"must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:  # 1 would drop every input to the adapters
+            _fail("train", "lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None and not all(m.strip() for m in self.lora_target_modules) \
+                or self.lora_target_modules == []:
+            _fail("train", "lora_target_modules", f"must be null (the model's usual ones) or a list of module "
+                  f"names, got {self.lora_target_modules!r}")
 
 
 @dataclass

@@ -260,3 +260,49 @@ def test_a_model_folder_without_a_config_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SettingsError, match=r"the folder '.*empty' has no config.json"):
         load_model_config(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=-1", "train.seed: must lie in [0, 2**32 - 1], got -1"),
+    ("train.seed=4294967296", "train.seed: must lie in [0, 2**32 - 1]"),
+    ("train.eval_steps=0", "train.eval_steps: must be at least 1 or null"),
+    ("train.eval_steps=-1", "train.eval_steps: must be at least 1 or null"),
+    ("train.lora_alpha=-4", "train.lora_alpha: must be positive, got -4"),
+    ("train.lora_dropout=2", "train.lora_dropout: must lie in [0, 1), got 2.0"),
+    ("train.lora_dropout=-0.1", "train.lora_dropout: must lie in [0, 1)"),
+    ("train.lora_target_modules=[]", "train.lora_target_modules: must be null"),
+])
+def test_training_settings_that_libraries_would_refuse_mid_run_are_one_line_before_work(tmp_path, capsys, override,
+                                                                                       message):
+    assert main(["--root", str(tmp_path), "train", "--set", "train.lora=true", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and not (tmp_path / "data").exists()
+
+
+def test_lora_target_modules_the_model_lacks_are_one_line_naming_the_modules_it_has(tmp_path, capsys, tiny_decoder):
+    assert main(["--root", str(tmp_path), "run", "--set", "train.lora=true",
+                 "--set", 'train.lora_target_modules=["nope"]']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.lora_target_modules: ['nope'] match no module") and err.count("\n") == 1
+    assert "query" in err and "value" in err and not (tmp_path / "data").exists()  # MiniLM's own names
+    from rm_lib.model.modeling import check_lora_targets, load_model_config
+
+    config = load_model_config(str(tiny_decoder))
+    with pytest.raises(SettingsError, match=r"\['nope'\] match no module .* named .*q_proj"):
+        check_lora_targets(config, ["nope"])
+    check_lora_targets(config, ["q_proj", "nope"])  # peft adapts what matches
+
+
+def test_weights_that_become_nan_after_the_last_update_are_a_divergence_not_a_crash(tmp_path):
+    from rm_lib.errors import TrainingDiverged
+
+    from helpers import run_steps, tiny_params
+
+    run_steps(tiny_params(), tmp_path, "download", "tokenize", "filter")
+    # the one step's loss is finite; the update it makes at this rate leaves NaN weights
+    with pytest.raises(TrainingDiverged, match=r"train: the weights became non-finite at step 1 .* lower "
+                                               r"train.learning_rate"):
+        run_steps(tiny_params("train.learning_rate=1e7", "train.lr_scheduler=constant", "train.max_steps=1"),
+                  tmp_path, "train")
+    assert not (tmp_path / "models/reward_model").exists()
+

@@ -192,7 +192,32 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules, modules_to_save=[head_name(model)])
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # no module matched, a matched module peft cannot adapt, no default for the type
+        raise SettingsError(f"train.lora_target_modules: {_lora_problem(model, target_modules, exc)}") from None
+
+
+def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) -> str:
+    """What is wrong with the targets, and the names that would work: the backbone's linear layers."""
+    import torch
+
+    head = head_name(model)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and not name.startswith(head)})
+    what = (f"{target_modules} match no module LoRA can adapt in {type(model).__name__}" if target_modules
+            else f"peft has no default modules for {type(model).__name__} ({_first_line(exc)})")
+    return f"{what}; its linear layers are named {', '.join(linear) or 'nothing'}"
+
+
+def check_lora_targets(config: Any, target_modules: list[str] | None, *, trust_remote_code: bool = False) -> None:
+    """add_lora's SettingsError, found on the model's shape alone (no weights read), before any step runs."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        add_lora(model, r=1, alpha=1, dropout=0.0, target_modules=target_modules)
 
 
 def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None,

@@ -1,6 +1,7 @@
 """train: filtered token ids -> a one-output reward model in models/reward_model."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.data.tokenstore import read_rows
+from rm_lib.errors import TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
@@ -109,6 +111,16 @@ def result_from_summary(layout: Layout) -> TrainResult:
                        processes=summary["processes"], device_plan=summary.get("device_plan"))
 
 
+def check_finite_rewards(rewards: list[float], step: int) -> None:
+    """The loss the loop checks is that of the weights before their last update: an update that makes
+    them NaN or infinite shows first in the rewards they give, which no metric or saved model should carry."""
+    bad = next((r for r in rewards if not math.isfinite(r)), None)
+    if bad is not None:
+        raise TrainingDiverged(f"train: the weights became non-finite at step {step} (a reward of {bad}), though "
+                               "the loss before that update was finite; lower train.learning_rate (a run with "
+                               "other settings trains afresh). The model was not saved")
+
+
 def run(params: Params, layout: Layout, accelerator=None,
         on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """`on_log` receives every metrics record as it is logged (main process only)."""
@@ -140,6 +152,7 @@ def run(params: Params, layout: Layout, accelerator=None,
     def on_eval(model, step: int) -> dict:
         r_c, r_r = score_pairs_across(accelerator, model, eval_rows, pad_token_id=pad_id,
                                       batch_size=params.evaluate.batch_size)
+        check_finite_rewards(r_c + r_r, step)
         result = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in eval_rows],
                               [len(r["input_ids_rejected"]) for r in eval_rows], buckets=1)
         samples = [{"id": eval_rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
@@ -164,6 +177,7 @@ def run(params: Params, layout: Layout, accelerator=None,
         sample = train_rows[:NORMALISATION_SAMPLE]
         r_c, r_r = score_pairs_across(accelerator, result.prepared, sample, pad_token_id=pad_id,
                                       batch_size=params.evaluate.batch_size)
+        check_finite_rewards(r_c + r_r, result.steps)
         stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
         gathered = gathered_state_dict(accelerator, result.prepared)
         model = accelerator.unwrap_model(model)
