@@ -14,7 +14,7 @@ from rm_lib.layout import Layout
 from rm_lib.settings import load_params
 from rm_lib.steps import PIPELINE
 
-NEEDS_BASE_MODEL = ("run", "tokenize", "train")
+NEEDS_BASE_MODEL = ("run", "tokenize", "filter", "train")
 
 
 def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -62,12 +62,14 @@ def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _check_base_model(step: str, params) -> None:
-    """What the model decides of the settings, read from its config (no weights), so that `run` stops
-    before download rather than at train."""
-    from rm_lib.model.modeling import check_lora_targets, load_model_config
+    """What the model decides of the settings, read from its config and tokenizer (no weights), so that
+    `run` stops before download rather than at train."""
+    from rm_lib.model.modeling import check_lora_targets, check_max_token_length, load_model_config
 
     model = params.model
     config = load_model_config(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    check_max_token_length(params.filter.max_token_length, model.name_or_path, revision=model.revision,
+                           trust_remote_code=model.trust_remote_code)
     if step in ("run", "train") and params.train.lora:
         check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
 

@@ -306,3 +306,48 @@ def test_weights_that_become_nan_after_the_last_update_are_a_divergence_not_a_cr
                   tmp_path, "train")
     assert not (tmp_path / "models/reward_model").exists()
 
+
+def test_a_max_token_length_past_the_models_positions_is_refused_before_any_work(tmp_path, capsys, tiny_decoder):
+    """Pairs longer than the position table crash training (index 512 is out of bounds) or, cut by the
+    scorer alone, get other rewards from `score` than training and evaluation read."""
+    assert main(["--root", str(tmp_path), "filter", "--set", "filter.max_token_length=2048",
+                 "--set", "filter.max_prompt_token_length=100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: filter.max_token_length: 2048 is more than the 512 tokens the model 'default' reads")
+    assert err.count("\n") == 1 and not (tmp_path / "data").exists()
+    decoder = ["--set", f"model.name_or_path={tiny_decoder}", "--set", "filter.max_token_length=512",
+               "--set", "filter.policy=truncate"]
+    assert main(["--root", str(tmp_path), "run", *decoder]) == 2
+    err = capsys.readouterr().err
+    assert f"filter.max_token_length: 512 is more than the 256 tokens the model '{tiny_decoder}' reads" in err
+    assert err.count("\n") == 1 and not (tmp_path / "data").exists()
+
+
+def test_the_filter_and_train_steps_refuse_pairs_longer_than_the_model_reads(tmp_path, tiny_decoder):
+    """Dagster and `dvc repro` call the steps without the command line's checks."""
+    from rm_lib.files import read_json, write_json
+
+    from helpers import run_steps, tiny_params
+
+    model = str(tiny_decoder)
+    with pytest.raises(SettingsError, match="filter.max_token_length: 512 is more than the 256 tokens"):
+        run_steps(tiny_params("filter.max_token_length=512", model=model), tmp_path, "download", "tokenize", "filter")
+    assert not (tmp_path / "data/filtered").exists()
+    run_steps(tiny_params(model=model), tmp_path, "filter")
+    manifest = tmp_path / "data/filtered/manifest.json"  # pairs filtered for a model with more positions
+    write_json(manifest, dict(read_json(manifest), max_token_length=300))
+    with pytest.raises(SettingsError, match=r"filter.max_token_length: 300 \(the filtered pairs' limit\) is more "
+                                            "than the 256"):
+        run_steps(tiny_params(model=model), tmp_path, "train")
+
+
+def test_the_length_check_passes_the_defaults_and_models_of_unknown_length(monkeypatch):
+    from types import SimpleNamespace
+
+    from rm_lib.model import modeling
+
+    params = load_params("params.yaml")
+    modeling.check_max_token_length(params.filter.max_token_length, params.model.name_or_path)  # 512 of 512
+    monkeypatch.setattr(modeling, "load_model_config", lambda *a, **k: SimpleNamespace())
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: SimpleNamespace(model_max_length=int(1e30)))
+    modeling.check_max_token_length(100_000, "a-model-without-positions")

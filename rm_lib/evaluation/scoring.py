@@ -19,7 +19,7 @@ from rm_lib.data import templates, tokenization
 from rm_lib.data.length_filter import truncate_left
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.model.batching import in_batches
-from rm_lib.model.modeling import load_reward_model, load_tokenizer, rewards
+from rm_lib.model.modeling import load_reward_model, load_tokenizer, max_sequence_length, rewards
 
 LENGTH_POLICIES = ("truncate", "drop")
 
@@ -34,9 +34,7 @@ class Scored:
 def model_max_length(model: Any, tokenizer: Any) -> int | None:
     """The most tokens the model reads: its position table, or the tokenizer's limit where that is
     smaller (RoBERTa-style position tables carry an offset). None where neither is known."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]  # tokenizers say 1e30 when unknown
-    return min(limits) if limits else None
+    return max_sequence_length(model.config, tokenizer)  # the limit filter.max_token_length is checked against
 
 
 class RewardScorer:

@@ -83,6 +83,30 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     return config
 
 
+def max_sequence_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens the model reads: its position table, or the tokenizer's limit where that is
+    smaller (RoBERTa-style position tables carry an offset). None where neither is known."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(text, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]  # tokenizers say 1e30 when unknown
+    return min(limits) if limits else None
+
+
+def check_max_token_length(max_token_length: int, name_or_path: str, *, revision: str | None = None,
+                           trust_remote_code: bool = False, kept: str = "") -> None:
+    """Pairs longer than the model's positions would index past its position table in training, and
+    be cut shorter by the scorer than training read them: refused before the step starts. `kept` says
+    where the length comes from when it is not the setting itself (pairs filtered earlier)."""
+    config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    limit = max_sequence_length(config, tokenizer)
+    if limit is not None and max_token_length > limit:
+        raise SettingsError(f"filter.max_token_length: {max_token_length}{kept} is more than the {limit} tokens the "
+                            f"model '{name_or_path}' reads; set filter.max_token_length to {limit} or less (with "
+                            "filter.policy=truncate to keep the end of longer pairs), or choose a model with more "
+                            "positions")
+
+
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

@@ -15,7 +15,7 @@ from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
-from rm_lib.model.modeling import add_lora, load_reward_model, load_tokenizer, save_model
+from rm_lib.model.modeling import add_lora, check_max_token_length, load_reward_model, load_tokenizer, save_model
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params
 from rm_lib.training.tracking import Tracker
@@ -128,6 +128,9 @@ def run(params: Params, layout: Layout, accelerator=None,
     meta = read_json(layout.filtered / "manifest.json")
     train_rows = read_rows(layout.filtered / "train.parquet")
     eval_rows = read_rows(layout.filtered / "test.parquet")
+    # pairs filtered for a longer model (or before this check) would index past the position table
+    check_max_token_length(meta["max_token_length"], params.model.name_or_path, revision=params.model.revision,
+                           trust_remote_code=params.model.trust_remote_code, kept=" (the filtered pairs' limit)")
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
