@@ -177,3 +177,26 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"error: {src}:2 (chosen): ")
     assert "filter.policy=truncate" in err
     assert not out.exists()
+
+
+def test_a_failed_score_leaves_the_last_output_and_its_rejects_as_they_were(trained, tmp_path, capsys):
+    from rm_lib.cli import main
+
+    good = {"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."}
+    same = {"prompt": "The film was", "chosen": "same", "rejected": "same"}
+    out = tmp_path / "scores.jsonl"
+    aside = tmp_path / "scores.jsonl.rejects.jsonl"
+    first = write_jsonl(tmp_path / "first.jsonl", [good, same])
+    assert main(["--root", str(trained), "score", "--input", str(first), "--output", str(out)]) == 0
+    before = out.read_bytes(), aside.read_bytes()
+    long = {"prompt": LONG, "chosen": " Truly wonderful.", "rejected": " Truly awful."}
+    second = write_jsonl(tmp_path / "second.jsonl", [dict(same, chosen="other", rejected="other"), long])
+    assert main(["--root", str(trained), "score", "--input", str(second), "--output", str(out),
+                 "--set", "filter.policy=drop"]) == 2
+    assert f"error: {second}:2 (chosen): " in capsys.readouterr().err
+    assert (out.read_bytes(), aside.read_bytes()) == before  # still each other's
+    # nothing left to score: the rows set aside go beside, not over the last run's
+    third = write_jsonl(tmp_path / "third.jsonl", [same])
+    assert main(["--root", str(trained), "score", "--input", str(third), "--output", str(out)]) == 2
+    assert f"see {tmp_path / 'scores.jsonl.failed.rejects.jsonl'}" in capsys.readouterr().err
+    assert (out.read_bytes(), aside.read_bytes()) == before

@@ -37,6 +37,12 @@ def rejects_path(output_path: str | Path) -> Path:
     return output.with_name(output.name + ".rejects.jsonl")
 
 
+def failed_rejects_path(output_path: str | Path) -> Path:
+    """Where the rows set aside go when no pair is left to score: the output and its rejects stay a pair."""
+    output = Path(output_path)
+    return output.with_name(output.name + ".failed.rejects.jsonl")
+
+
 def _check_paths(layout: Layout, model: str | None, input_path: str, output_path: str) -> None:
     if not Path(input_path).exists():
         raise UserError(f"{input_path}: no such file or folder")
@@ -85,20 +91,23 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
         tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=input_path)
     pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects)
+    if not pairs:
+        failed = failed_rejects_path(output_path)
+        write_jsonl(failed, rejects)
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
+        raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {failed}",
+                        file=input_path)
+    s_c = scorer.score_ids([c for c, _ in encoded], names=[f"{p['id']} (chosen)" for p in pairs])
+    s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
+    cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
+    # the rejects only once the rewards are written: a run that fails leaves the last run's pair of files
+    write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
+                               "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
     aside = rejects_path(output_path)
     if rejects:
         write_jsonl(aside, rejects)
     else:
         aside.unlink(missing_ok=True)  # an earlier run's: not about this input
-    if not pairs:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
-        raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {aside}",
-                        file=input_path)
-    s_c = scorer.score_ids([c for c, _ in encoded], names=[f"{p['id']} (chosen)" for p in pairs])
-    s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
-    cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
-    write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
-                               "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
     return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
                        max_length=scorer.max_length, rejects=aside if rejects else None)
