@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from rm_lib.errors import UserError
+from rm_lib.files import unwritable_folder
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
 from rm_lib.steps import PIPELINE
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         params = load_params(args.params, args.overrides)  # validates every section before any work
+        problem = unwritable_folder(args.root, probe=False)  # a read-only project still serves score and show-tokens
+        if problem:
+            raise UserError(f"--root {args.root}: not a project folder: {problem}")
         layout = Layout(Path(args.root))
         if args.step in NEEDS_BASE_MODEL:  # a model that cannot be a reward model fails before any work
             _check_base_model(args.step, params)
@@ -144,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             _run_step(args.step, params, layout)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the system refuses (permissions, a full disk): the path and why, no traceback
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
         print("interrupted: the step stopped and left its earlier output as it was; train resumes from its last "

@@ -107,6 +107,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def unwritable_folder(folder: str | Path, *, probe: bool = True) -> str | None:
+    """Why files cannot be made in `folder` (made where missing), found before any work; None when they
+    can. Its nearest existing ancestor must be a folder, and with `probe`, one a file can be made in:
+    permissions alone do not say (root, read-only mounts, /proc)."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if probe:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            return f"no file can be written in {existing} ({exc.strerror})"
+    return None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)

@@ -351,3 +351,32 @@ def test_the_length_check_passes_the_defaults_and_models_of_unknown_length(monke
     monkeypatch.setattr(modeling, "load_model_config", lambda *a, **k: SimpleNamespace())
     monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: SimpleNamespace(model_max_length=int(1e30)))
     modeling.check_max_token_length(100_000, "a-model-without-positions")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "--input", "{good}", "--output", "{good}/rewards.jsonl"],
+     "--output {good}/rewards.jsonl: cannot be written: {good} is a file, not a folder"),
+    (["score", "--input", "{good}", "--output", "/proc/x.jsonl"],
+     "--output /proc/x.jsonl: cannot be written: no file can be written in /proc"),
+    (["download", "--root", "{good}"], "--root {good}: not a project folder: {good} is a file, not a folder"),
+    (["download", "--root", "{good}/project"], "--root {good}/project: not a project folder: {good} is a file"),
+])
+def test_an_output_or_root_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, argv, message):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    argv = [a.format(good=good) for a in argv]
+    assert main(["--root", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(good=good)}") and err.count("\n") == 1
+    assert good.is_file() and not (tmp_path / "data").exists()
+
+
+def test_a_path_the_system_refuses_during_a_step_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from rm_lib import cli
+
+    def refused(step, params, layout):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "data/pairs"))
+
+    monkeypatch.setattr(cli, "_run_step", refused)
+    assert main(["--root", str(tmp_path), "download"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'data/pairs'}: Permission denied\n"

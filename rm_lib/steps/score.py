@@ -9,7 +9,7 @@ from rm_lib.data import formats, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
-from rm_lib.files import write_jsonl
+from rm_lib.files import unwritable_folder, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.settings import Params
 
@@ -49,6 +49,9 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
     output = Path(output_path)
     if output.is_dir():
         raise UserError(f"--output {output_path}: is a folder; name the JSON Lines file to write")
+    problem = unwritable_folder(output.parent)
+    if problem:
+        raise UserError(f"--output {output_path}: cannot be written: {problem}")
     if any(output.resolve() == path.resolve() for path in sources.local_files(input_path)):
         raise UserError(f"--output {output_path}: is the input file; the rewards would replace the pairs. Name "
                         "another file")
@@ -100,14 +103,17 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     s_c = scorer.score_ids([c for c, _ in encoded], names=[f"{p['id']} (chosen)" for p in pairs])
     s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
     cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
-    # the rejects only once the rewards are written: a run that fails leaves the last run's pair of files
-    write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
-                               "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
     aside = rejects_path(output_path)
-    if rejects:
-        write_jsonl(aside, rejects)
-    else:
-        aside.unlink(missing_ok=True)  # an earlier run's: not about this input
+    try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
+        # the rejects only once the rewards are written: a run that fails leaves the last run's pair of files
+        write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
+                                   "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
+        if rejects:
+            write_jsonl(aside, rejects)
+        else:
+            aside.unlink(missing_ok=True)  # an earlier run's: not about this input
+    except OSError as exc:
+        raise UserError(f"--output {output_path}: cannot be written ({exc.strerror})") from None
     return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
                        max_length=scorer.max_length, rejects=aside if rejects else None)
