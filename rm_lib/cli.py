@@ -21,12 +21,13 @@ NEEDS_BASE_MODEL = ("run", "tokenize", "filter", "train")
 def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """--params, --set and --root, read before the step name and (with `prefix` dests) after it.
     A subparser writes its own defaults over the main parser's values, hence the separate dests."""
-    parser.add_argument("--params", dest=prefix + "params", default=None if prefix else "params.yaml",
+    # metavars given: argparse would name them after the dests (STEP_PARAMS) in the help after a step
+    parser.add_argument("--params", dest=prefix + "params", default=None if prefix else "params.yaml", metavar="PARAMS",
                         help="settings file (default: params.yaml)")
     parser.add_argument("--set", dest=prefix + "overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    parser.add_argument("--root", dest=prefix + "root", default=None if prefix else ".",
-                        help="project folder that holds data/ and models/")
+    parser.add_argument("--root", dest=prefix + "root", default=None if prefix else ".", metavar="ROOT",
+                        help="project folder that holds data/ and models/ (default: the current folder)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,10 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--input", required=True, help="preference file in any supported format")
     score.add_argument("--output", required=True, help="JSONL file of rewards per row")
     show = add("show-tokens", "print one tokenized example with every token visible")
-    show.add_argument("--split", default="train", choices=("train", "test"))
-    show.add_argument("--index", type=int, default=0)
-    show.add_argument("--stage", default="filtered", choices=("tokenized", "filtered"))
-    show.add_argument("--no-color", action="store_true")
+    show.add_argument("--split", default="train", choices=("train", "test"), help="which split (default: train)")
+    show.add_argument("--index", type=int, default=0, help="which example of the split, from 0 (default: 0)")
+    show.add_argument("--stage", default="filtered", choices=("tokenized", "filtered"),
+                      help="the ids as tokenize wrote them, or as filter kept them (default: filtered)")
+    show.add_argument("--no-color", action="store_true", help="mark tokens without terminal colours")
     return parser
 
 

@@ -380,3 +380,15 @@ def test_a_path_the_system_refuses_during_a_step_is_one_line_naming_it(tmp_path,
     monkeypatch.setattr(cli, "_run_step", refused)
     assert main(["--root", str(tmp_path), "download"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'data/pairs'}: Permission denied\n"
+
+
+@pytest.mark.parametrize("step", ["download", "train", "run", "score", "show-tokens"])
+def test_the_help_after_a_step_reads_as_the_top_level_help(step, capsys):
+    with pytest.raises(SystemExit):
+        main([step, "--help"])
+    text = capsys.readouterr().out
+    assert "STEP_" not in text and "--params PARAMS" in text and "--root ROOT" in text
+    from rm_lib.cli import _parser
+
+    step_parser = next(a for a in _parser()._actions if a.dest == "step").choices[step]
+    assert all(action.help for action in step_parser._actions), [a.dest for a in step_parser._actions if not a.help]
