@@ -27,6 +27,11 @@ def _hub_repo_id(repo_id: str) -> bool:
         and ".." not in repo_id
 
 
+def names_a_folder(name_or_path: str) -> bool:
+    """A model name that can only be a local folder: a Hub id starts with none of these."""
+    return name_or_path.startswith(("/", "./", "../", "~"))
+
+
 def _fail(section: str, key: str, message: str) -> None:
     raise SettingsError(f"{section}.{key}: {message}")
 
@@ -47,7 +52,7 @@ class ModelSettings:
             # a folder has no commits: transformers would ignore the revision, and the records would name it
             _fail("model", "revision", f"'{self.revision}' is set, but '{self.name_or_path}' is a local model "
                   "that has no revisions; set model.revision to null, or name a Hub model")
-        if not local and self.name_or_path.startswith(("/", "./", "../", "~")):
+        if not local and names_a_folder(self.name_or_path):
             _fail("model", "name_or_path", f"'{self.name_or_path}': no such folder")
 
 

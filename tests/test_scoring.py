@@ -200,3 +200,19 @@ def test_a_failed_score_leaves_the_last_output_and_its_rejects_as_they_were(trai
     assert main(["--root", str(trained), "score", "--input", str(third), "--output", str(out)]) == 2
     assert f"see {tmp_path / 'scores.jsonl.failed.rejects.jsonl'}" in capsys.readouterr().err
     assert (out.read_bytes(), aside.read_bytes()) == before
+
+
+def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
+    from rm_lib.cli import main
+
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    for model, message in [(tmp_path / "nonexist", "no such folder"),
+                           (tmp_path / "notes", "the folder holds no model (no config.json)"),
+                           (src, "is a file; name the folder train wrote")]:
+        argv = ["--root", str(tmp_path), "score", "--input", str(src), "--output", str(tmp_path / "o.jsonl")]
+        assert main(argv + ["--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --model {model}: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "o.jsonl").exists()

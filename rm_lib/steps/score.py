@@ -11,7 +11,7 @@ from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
 from rm_lib.files import unwritable_folder, write_jsonl
 from rm_lib.layout import Layout
-from rm_lib.settings import Params
+from rm_lib.settings import Params, names_a_folder
 
 
 @dataclass
@@ -57,6 +57,25 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
                         "another file")
     if model is None and not layout.model.is_dir():
         raise UserError(f"{layout.model}: no trained model here; run the train step first, or pass --model")
+    _check_model(model)
+
+
+def _check_model(model: str | None) -> None:
+    """--model as model.name_or_path is checked, and a folder that holds no model said to be one: the
+    libraries would otherwise read a missing folder as a malformed Hub id, and an empty one as a
+    tokenizer that cannot be built."""
+    if model is None:
+        return
+    folder = Path(model).expanduser()
+    if not folder.exists():
+        if names_a_folder(model):
+            raise UserError(f"--model {model}: no such folder")
+        return  # a Hub id
+    if not folder.is_dir():
+        raise UserError(f"--model {model}: is a file; name the folder train wrote (models/reward_model) or a Hub id")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model {model}: the folder holds no model (no config.json); name the folder train wrote "
+                        "(models/reward_model)")
 
 
 def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
@@ -84,6 +103,7 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     """Texts longer than the model reads follow filter.policy, as in training: truncate keeps their
     end, drop refuses the first one by its row."""
     _check_paths(layout, model, input_path, output_path)
+    model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size,
                           length_policy=params.filter.policy)
     pairs, rejects = [], []
