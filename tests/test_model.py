@@ -157,7 +157,7 @@ def test_disabled_dropout_leaves_no_rate_in_training_and_the_saved_config_as_it_
     the architecture applies its rates; the config that is saved with the model keeps them."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rm_lib.training.trainer import _disable_dropout
+    from rm_lib.training.trainer import dropout_disabled
 
     shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = AutoConfig.for_model(kind, vocab_size=100, num_labels=1, pad_token_id=0, bos_token_id=1,
@@ -168,6 +168,6 @@ def test_disabled_dropout_leaves_no_rate_in_training_and_the_saved_config_as_it_
     x = torch.randint(3, 100, (1, 12))
     model.train()
     assert len({model(x).logits.item() for _ in range(6)}) > 1  # the rates are live before
-    _disable_dropout(model)
-    assert len({model(x).logits.item() for _ in range(6)}) == 1
-    assert model.config.to_dict() == saved
+    with dropout_disabled(model):
+        assert len({model(x).logits.item() for _ in range(6)}) == 1
+    assert model.config.to_dict() == saved  # the rates are back for the saved config

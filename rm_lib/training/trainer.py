@@ -202,31 +202,14 @@ def _is_drop_rate(name: str, value: Any) -> bool:
     return type(value) is float and "drop" in name.lower()
 
 
-class _RatesOff:
-    """A config seen without its dropout rates; every other read and every write go to the config itself
-    (so a later change, such as the attention implementation, is seen too)."""
-
-    def __init__(self, config: Any) -> None:
-        object.__setattr__(self, "_config", config)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_config":  # copy and pickle look these up before _config is set
-            raise AttributeError(name)
-        value = getattr(self._config, name)
-        return 0.0 if _is_drop_rate(name, value) else value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._config, name, value)
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    """No dropout anywhere: nn.Dropout modules, and the rates that modules pass to F.dropout, to the
-    attention kernel or to LayerDrop themselves (OPT's `dropout`, Bloom's `hidden_dropout`, Starcoder2's
-    `residual_dropout`, `attention_dropout`, `layerdrop`). A layer that reads its rate from the config at
-    each forward (Falcon) sees the config through _RatesOff: the model's own config, saved with it, keeps
-    its rates."""
-    from transformers import PreTrainedModel
-
+@contextlib.contextmanager
+def dropout_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """No dropout anywhere while the block runs: nn.Dropout modules, and the rates that modules pass to
+    F.dropout, to the attention kernel or to LayerDrop themselves (OPT's `dropout`, Bloom's
+    `hidden_dropout`, Starcoder2's `residual_dropout`, `attention_dropout`, `layerdrop`), or read from
+    the config at each forward (Falcon). The configs get their rates back at the end: they are saved
+    with the model."""
+    configs: dict[int, Any] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -234,10 +217,17 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             if _is_drop_rate(name, value):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
-        if (config is not None and not isinstance(module, PreTrainedModel) and not isinstance(config, _RatesOff)
-                and hasattr(config, "__dict__")
-                and any(_is_drop_rate(n, v) and v for n, v in vars(config).items())):
-            module.config = _RatesOff(config)
+        if config is not None and hasattr(config, "__dict__"):
+            configs.setdefault(id(config), config)
+    saved = [(config, name, value) for config in configs.values()
+             for name, value in list(vars(config).items()) if _is_drop_rate(name, value) and value]
+    for config, name, _ in saved:
+        setattr(config, name, 0.0)
+    try:
+        yield
+    finally:
+        for config, name, value in saved:
+            setattr(config, name, value)
 
 
 def _new_window(device: torch.device) -> dict:
@@ -386,7 +376,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
 
     set_seed(cfg.seed)
     if cfg.disable_dropout:
-        _disable_dropout(model)
+        run_scope.enter_context(dropout_disabled(model))
     packed = cfg.padding_free and pooling(unwrap(model)) is not None
     if packed and train_rows:
         check_attention_window(unwrap(model).config, max(pair_length(r) for r in train_rows))
