@@ -71,8 +71,9 @@ def _check_base_model(step: str, params) -> None:
 
     model = params.model
     config = load_model_config(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    check_max_token_length(params.filter.max_token_length, model.name_or_path, revision=model.revision,
-                           trust_remote_code=model.trust_remote_code)
+    if step == "run":  # the filter and train steps check it themselves
+        check_max_token_length(params.filter.max_token_length, model.name_or_path, revision=model.revision,
+                               trust_remote_code=model.trust_remote_code)
     if step in ("run", "train") and params.train.lora:
         check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
 

@@ -436,3 +436,14 @@ def _read_params_file(path: Path) -> dict[str, Any]:
         return {section: _section_mapping(section, value) for section, value in data.items()}
     except SettingsError as exc:
         raise SettingsError(f"{path}: {exc}") from None
+
+
+def check_within_positions(max_token_length: int, limit: int | None, name_or_path: str, kept: str = "") -> None:
+    """Pairs longer than the model's positions would index past its position table in training, and
+    be cut shorter by the scorer than training read them: refused before the step starts. `kept` says
+    where the length comes from when it is not the setting itself (pairs filtered earlier)."""
+    if limit is not None and max_token_length > limit:
+        raise SettingsError(f"filter.max_token_length: {max_token_length}{kept} is more than the {limit} tokens the "
+                            f"model '{name_or_path}' reads; set filter.max_token_length to {limit} or less (with "
+                            "filter.policy=truncate to keep the end of longer pairs), or choose a model with more "
+                            "positions")

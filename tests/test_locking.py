@@ -109,7 +109,8 @@ def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):
 
     with step_lock(Layout(tmp_path), "tokenize"):
         code = cli.main(["--root", str(tmp_path), "--set", f"model.name_or_path={tiny_decoder}",
-                         "--set", "download.demo_pairs=40", "run"])
+                         "--set", "download.demo_pairs=40", "--set", "filter.max_token_length=256",
+                         "--set", "filter.max_prompt_token_length=128", "run"])
     assert code == 2
     assert f"error: tokenize is already running in {tmp_path.resolve()}, pid {os.getpid()}" in capsys.readouterr().err
     assert (Layout(tmp_path).pairs / "manifest.json").exists()  # download ran, under its own lock

@@ -310,7 +310,7 @@ def test_weights_that_become_nan_after_the_last_update_are_a_divergence_not_a_cr
 def test_a_max_token_length_past_the_models_positions_is_refused_before_any_work(tmp_path, capsys, tiny_decoder):
     """Pairs longer than the position table crash training (index 512 is out of bounds) or, cut by the
     scorer alone, get other rewards from `score` than training and evaluation read."""
-    assert main(["--root", str(tmp_path), "filter", "--set", "filter.max_token_length=2048",
+    assert main(["--root", str(tmp_path), "run", "--set", "filter.max_token_length=2048",
                  "--set", "filter.max_prompt_token_length=100"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: filter.max_token_length: 2048 is more than the 512 tokens the model 'default' reads")

@@ -7,6 +7,7 @@ from typing import Any
 from rm_lib import network
 from rm_lib.errors import SettingsError
 from rm_lib.files import share_tree
+from rm_lib.settings import check_within_positions
 
 DEFAULT_MODEL = "default"
 PAD_TOKEN = "<|pad|>"  # added to a tokenizer that has no pad token or pads with its EOS
@@ -54,9 +55,11 @@ def check_one_output(config: Any, name: str) -> None:
             "model needs exactly one score. Start from its base model instead, or from a one-output checkpoint")
 
 
-def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                      weights: bool = True) -> Any:
     """The config of a model that can become a one-output reward model, or a SettingsError saying why
-    not. Reads only config.json, so settings are checked before any data work starts."""
+    not. Reads only config.json, so settings are checked before any data work starts. `weights=False`:
+    for a step that reads the config alone (tokenize), a local folder need not hold safetensors weights."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -79,7 +82,8 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
         raise SettingsError(f"model.name_or_path: '{name_or_path}' ({config.model_type}) has no "
                             "sequence-classification head in transformers; choose a decoder or encoder model "
                             "that has one")
-    check_safetensors_weights(path, name_or_path)
+    if weights:
+        check_safetensors_weights(path, name_or_path)
     return config
 
 
@@ -94,17 +98,10 @@ def max_sequence_length(config: Any, tokenizer: Any = None) -> int | None:
 
 def check_max_token_length(max_token_length: int, name_or_path: str, *, revision: str | None = None,
                            trust_remote_code: bool = False, kept: str = "") -> None:
-    """Pairs longer than the model's positions would index past its position table in training, and
-    be cut shorter by the scorer than training read them: refused before the step starts. `kept` says
-    where the length comes from when it is not the setting itself (pairs filtered earlier)."""
+    """check_within_positions with the limit read off the model's config and tokenizer (no weights)."""
     config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    limit = max_sequence_length(config, tokenizer)
-    if limit is not None and max_token_length > limit:
-        raise SettingsError(f"filter.max_token_length: {max_token_length}{kept} is more than the {limit} tokens the "
-                            f"model '{name_or_path}' reads; set filter.max_token_length to {limit} or less (with "
-                            "filter.policy=truncate to keep the end of longer pairs), or choose a model with more "
-                            "positions")
+    check_within_positions(max_token_length, max_sequence_length(config, tokenizer), name_or_path, kept)
 
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

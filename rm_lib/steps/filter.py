@@ -10,8 +10,7 @@ from rm_lib.errors import DataError
 from rm_lib.evaluation import plots
 from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
-from rm_lib.model.modeling import check_max_token_length
-from rm_lib.settings import Params
+from rm_lib.settings import Params, check_within_positions
 
 
 @dataclass
@@ -49,10 +48,9 @@ class FilterResult:
 
 def run(params: Params, layout: Layout) -> FilterResult:
     cfg = params.filter
-    model = params.model
-    check_max_token_length(cfg.max_token_length, model.name_or_path, revision=model.revision,
-                           trust_remote_code=model.trust_remote_code)
     meta = read_json(layout.tokenized / "manifest.json")
+    # the model's limit as tokenize read it: filter itself never loads the model
+    check_within_positions(cfg.max_token_length, meta.get("max_length"), meta["model"])
     keep_front = len(meta["special_prefix"])
     kept, dropped, truncated, lengths = {}, {}, {}, {"prompt": [], "chosen": [], "rejected": []}
     with atomic_dir(layout.filtered) as out:

@@ -8,7 +8,7 @@ from rm_lib.data import templates, tokenization
 from rm_lib.data.tokenstore import write_rows
 from rm_lib.files import atomic_dir, read_jsonl, tree_sha256, write_json
 from rm_lib.layout import SPLITS, Layout
-from rm_lib.model.modeling import load_model_config, load_tokenizer, resolve_model_path
+from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length, resolve_model_path
 from rm_lib.pipeline import chain
 from rm_lib.settings import Params
 
@@ -25,6 +25,7 @@ class TokenizeResult:
     end_token_id: int | None
     pad_token_id: int | None
     inputs: dict[str, str]  # the content hashes of what these ids were made from
+    max_length: int | None = None  # the most tokens the model reads (None: it does not say)
     settings: dict = field(default_factory=dict)  # the tokenize settings these ids were made with
 
     def manifest(self) -> dict:
@@ -32,18 +33,21 @@ class TokenizeResult:
         return {"model": self.model, "template": self.template, "rows": self.rows, "tokens": self.tokens,
                 "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
                 "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs,
-                "settings": self.settings}
+                "max_length": self.max_length, "settings": self.settings}
 
     def summary(self) -> str:
         return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
                 f"{self.tokens['train'] + self.tokens['test']} tokens -> {self.output_dir}")
 
 
+def _model_config(params: Params):
+    return load_model_config(params.model.name_or_path, revision=params.model.revision,
+                             trust_remote_code=params.model.trust_remote_code, weights=False)
+
+
 def vocab_size(params: Params, tokenizer) -> int:
     """How many embedding rows the model has (what pretokenized ids index); the tokenizer's length otherwise."""
-    config = load_model_config(params.model.name_or_path, revision=params.model.revision,
-                               trust_remote_code=params.model.trust_remote_code)
-    return getattr(config.get_text_config(), "vocab_size", None) or len(tokenizer)
+    return getattr(_model_config(params).get_text_config(), "vocab_size", None) or len(tokenizer)
 
 
 def run(params: Params, layout: Layout) -> TokenizeResult:
@@ -69,6 +73,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
             model=params.model.name_or_path, special_prefix=list(special.prefix), end_token_id=special.end,
-            pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize))
+            pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize),
+            max_length=max_sequence_length(_model_config(params), tokenizer))
         write_json(out / "manifest.json", result.manifest())
     return result
