@@ -463,6 +463,25 @@ def test_an_epoch_that_accumulation_does_not_divide_ends_with_a_smaller_step(tmp
     assert sum(f.weight for forwards in last for f in forwards) == pytest.approx(1)  # a mean over its pairs
 
 
+def test_a_run_resumed_between_logs_logs_what_an_uninterrupted_run_logs(tmp_path, tiny_decoder):
+    """A checkpoint between two logs (save_steps not a multiple of logging_steps) keeps the logging window
+    so far: the resumed run's next log covers the same steps as the uninterrupted run's, and the final
+    loss and accuracy, which the release gate and the card quote, are the same."""
+    run = ("train.max_steps=6", "train.save_steps=2", "train.logging_steps=3", "train.eval_steps=5")
+    whole, _, _ = fit_tiny(tmp_path / "whole", tiny_decoder, *run)
+
+    def stop(model, step):
+        raise KeyboardInterrupt  # at step 5, before its checkpoint: the run resumes from step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_tiny(tmp_path / "resumed", tiny_decoder, *run, on_eval=stop)
+    resumed, _, _ = fit_tiny(tmp_path / "resumed", tiny_decoder, *run)
+    assert resumed.resumed_from == 4
+    assert [r["step"] for r in resumed.history] == [6]
+    for key in ("loss", "accuracy", "reward_margin"):
+        assert resumed.history[-1][key] == pytest.approx(whole.history[-1][key], rel=1e-5), key
+
+
 def test_retention_keeps_the_newest_checkpoints_and_the_best(tmp_path, tiny_decoder):
     accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.6, 0.7, 0.8])
     result, _, _ = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=8", "train.save_steps=1",

@@ -59,6 +59,7 @@ class TrainState:
     tokens: int = 0
     train_s: float = 0.0
     last_log: dict | None = None
+    window: dict | None = None  # the logging window's sums since the last log (_saved_window)
 
 
 @dataclass
@@ -230,9 +231,37 @@ def dropout_disabled(model: torch.nn.Module) -> Iterator[None]:
             setattr(config, name, value)
 
 
+WINDOW_SUMS, WINDOW_COUNTS = ("loss", "acc", "margin", "mean"), ("n", "tokens", "computed", "padded")
+
+
 def _new_window(device: torch.device) -> dict:
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "acc", "margin", "mean")}
-    return {**sums, "n": 0, "tokens": 0, "computed": 0, "padded": 0}
+    sums = {k: torch.zeros((), device=device) for k in WINDOW_SUMS}
+    return {**sums, **{k: 0 for k in WINDOW_COUNTS}}
+
+
+def _saved_window(accelerator: Any, window: dict, elapsed: float) -> dict:
+    """The logging window so far, summed over the processes, for a checkpoint: a run resumed from it
+    logs what an uninterrupted run logs (a checkpoint falls between logs when save_steps is not a
+    multiple of logging_steps, or at a new best evaluation)."""
+    values = torch.stack([window[k].double() for k in WINDOW_SUMS]
+                         + [torch.tensor(float(window[k]), dtype=torch.float64, device=window["loss"].device)
+                            for k in WINDOW_COUNTS])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, "sum")
+    return {**dict(zip(WINDOW_SUMS + WINDOW_COUNTS, values.tolist())), "elapsed_s": elapsed}
+
+
+def _restored_window(saved: dict | None, device: torch.device, main: bool) -> tuple[dict, float]:
+    """A window as a checkpoint saved it (held by the main process: the log sums over processes) and its
+    seconds so far."""
+    window = _new_window(device)
+    if not saved or not main:
+        return window, 0.0
+    for k in WINDOW_SUMS:
+        window[k] += saved[k]
+    for k in WINDOW_COUNTS:
+        window[k] = int(saved[k])
+    return window, float(saved.get("elapsed_s", 0.0))
 
 
 def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool, precision: str = "no",
@@ -446,11 +475,11 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     # loss, acc, margin, mean: sums kept on the device, read at logging only (no host sync per step);
     # tokens: of the pairs' sequences (a shared prompt counts for both sides, as a padded batch has it);
     # computed: what the forward passes ran on, padding aside
-    window = _new_window(accelerator.device)
+    window, window_s = _restored_window(state.window, accelerator.device, accelerator.is_main_process)
     # the first step whose loss was not finite (0: none yet), on the device; read where weights leave it
     bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
     bad_loss = torch.zeros((), device=accelerator.device)
-    started, window_start, tokens_total = time.perf_counter(), time.perf_counter(), 0
+    started, window_start, tokens_total = time.perf_counter(), time.perf_counter() - window_s, 0
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     model.train()
@@ -608,6 +637,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         if state.step % cfg.save_steps == 0 or state.step == total or new_best:
             state.scheduler = scheduler.state_dict()
             state.tokens, state.train_s = base_tokens + tokens_total, base_s + time.perf_counter() - started
+            state.window = _saved_window(accelerator, window, time.perf_counter() - window_start)
             save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
                             log=getattr(tracker, "metrics_path", None))
     bar.close()
