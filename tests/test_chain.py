@@ -196,3 +196,38 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
     what = {"input": "its input (", "code": "the code of train"}.get(change, "the settings of the DVC stage train")
     assert str(info.value).startswith(f"train: {what}") and str(info.value).endswith("rerun train")
     assert read_json(layout.model / "rm_lib.json")["inputs"]["filtered"] == filtered  # the model says what it saw
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short", "replaced by other rows"])
+def test_input_files_changed_since_their_step_wrote_them_name_that_step(tmp_path, tiny_decoder, damage):
+    """The records agree with each other, but the file a step reads is not the one its record describes:
+    one line naming the step to rerun, instead of a traceback (a missing or truncated Parquet file) or a
+    silent read of other rows that the output would then claim to be made from the recorded ones."""
+    import pyarrow.parquet as pq
+
+    params = tiny_params(model=str(tiny_decoder))
+    layout = Layout(tmp_path)
+    run_steps(params, tmp_path, "download", "tokenize")
+    path = layout.tokenized / "train.parquet"
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "cut short":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        pq.write_table(pq.read_table(path).slice(0, 5), path)
+    message = _refused(params, tmp_path, "filter")
+    expected = "is missing" if damage == "deleted" else "holds other files than its manifest.json records"
+    assert expected in message and message.endswith("rerun tokenize")
+    assert not layout.filtered.exists()
+
+
+def test_an_unreadable_parquet_file_is_one_line_naming_it(tmp_path):
+    from rm_lib.data.tokenstore import read_rows
+    from rm_lib.errors import DataError
+
+    broken = tmp_path / "train.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"file {re.escape(str(broken))}: not a readable Parquet file"):
+        read_rows(broken)
+    with pytest.raises(DataError, match="no such file; run the step that writes it first"):
+        read_rows(tmp_path / "missing.parquet")

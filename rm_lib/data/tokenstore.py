@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rm_lib.errors import DataError
 from rm_lib.files import atomic_file
 
 COLUMNS = ("id", "input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected",
@@ -29,9 +30,16 @@ def write_rows(path: str | Path, rows: list[dict]) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except FileNotFoundError:
+        raise DataError("no such file; run the step that writes it first", file=str(path)) from None
+    except (pa.ArrowException, OSError) as exc:  # cut short, or not Parquet at all
+        raise DataError(f"not a readable Parquet file ({str(exc).splitlines()[0]}); run the step that writes it "
+                        "again", file=str(path)) from None
 
 
 def token_length(row: dict, side: str) -> int:

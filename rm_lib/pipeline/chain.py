@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rm_lib.errors import UserError
-from rm_lib.files import read_json
-from rm_lib.layout import Layout
+from rm_lib.files import read_json, tree_sha256
+from rm_lib.layout import SPLITS, Layout
 
 
 class StaleInput(UserError):
@@ -23,11 +23,12 @@ class Link:
     step: str  # the step that writes it
     made_from: str  # a different version of this output, in words: "other pairs"
     upstream: str | None = None
+    files: str | None = None  # the files `content_hash` is over, per split ("{split}.jsonl"), where it is
 
 
-CHAIN = (Link("pairs", "manifest.json", "download", "other pairs"),
-         Link("tokenized", "manifest.json", "tokenize", "other token ids", "pairs"),
-         Link("filtered", "manifest.json", "filter", "other filtered pairs", "tokenized"),
+CHAIN = (Link("pairs", "manifest.json", "download", "other pairs", files="{split}.jsonl"),
+         Link("tokenized", "manifest.json", "tokenize", "other token ids", "pairs", files="{split}.parquet"),
+         Link("filtered", "manifest.json", "filter", "other filtered pairs", "tokenized", files="{split}.parquet"),
          Link("model", "rm_lib.json", "train", "another model", "filtered"),
          Link("evaluation", "report.json", "evaluate", "another evaluation", "model"))
 READS = {"tokenize": "pairs", "filter": "tokenized", "train": "filtered", "evaluate": "model", "push": "evaluation"}
@@ -104,6 +105,7 @@ def check(step: str, layout: Layout) -> None:
     for link in links:  # upstream first: the earliest broken link is the first step to rerun
         if link.output in records:
             _check_link(link, records, layout, step)
+    _check_bytes(links[-1], records, layout, step)
     if step == "push":
         _check_summary(layout, records.get("model"))
 
@@ -124,6 +126,23 @@ def _check_link(link: Link, records: dict[str, dict], layout: Layout, step: str)
         upstream = next(u for u in CHAIN if u.output == link.upstream)
         raise StaleInput(f"{path} was made from {upstream.made_from} than {getattr(layout, link.upstream)} "
                          f"holds now; {_rerun(link.step, step)}")
+
+
+def _check_bytes(link: Link, records: dict[str, dict], layout: Layout, step: str) -> None:
+    """The files the step reads are the ones their record describes: a file replaced, cut short or
+    deleted since its step wrote it names that step instead of a traceback or a silent read."""
+    record = records.get(link.output)
+    if link.files is None or record is None or "content_hash" not in record:
+        return
+    folder: Path = getattr(layout, link.output)
+    names = [link.files.format(split=split) for split in SPLITS]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise StaleInput(f"{folder / missing[0]} is missing (deleted since {link.step} wrote it); "
+                         f"{_rerun(link.step, step)}")
+    if tree_sha256(folder, names) != record["content_hash"]:
+        raise StaleInput(f"{folder} holds other files than its {link.record} records (changed or damaged since "
+                         f"{link.step} wrote them); {_rerun(link.step, step)}")
 
 
 def _noun(output: str) -> str:
