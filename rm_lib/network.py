@@ -12,8 +12,8 @@ Retries: exactly one layer retries a transient error (UserError.transient).
   long before each next one. A non-transient error is never retried.
 - Dagster: the asset's RetryPolicy (orchestration.assets.NETWORK_RETRY, 4 tries in all, about 30 s,
   90 s and 210 s apart). The asset runs its step inside `single_attempt()`, so rm_lib tries once.
-huggingface_hub also retries a few sub-requests of an upload (LFS transfers, the commit) on its own;
-every one of them is bounded by the time limit above.
+huggingface_hub's own retries (5 tries of each request, 1 to 8 s apart) are turned off where the
+client is bound (`bound_hub_client`), so no request is retried under these.
 """
 from __future__ import annotations
 
@@ -90,6 +90,10 @@ def bound_hub_client() -> None:
         return client
 
     _http.set_client_factory(factory)
+    # huggingface_hub retries its requests on its own (5 times, 1 to 8 s apart): a stalled Hub would cost
+    # six time limits and 23 s per request, and a second retry layer under rm_lib's or Dagster's
+    for backoff in (_http.http_backoff, _http.http_stream_backoff):
+        getattr(backoff, "__wrapped__", backoff).__kwdefaults__["max_retries"] = 0  # the second is a contextmanager
     _installed = True
 
 

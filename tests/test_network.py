@@ -123,3 +123,19 @@ def test_wandb_init_is_time_limited_and_a_timeout_is_transient(monkeypatch):
     with pytest.raises(UserError, match="W&B did not start the run within 7 s") as raised:
         tracking._init_wandb(fake, mode="online", project="p")
     assert raised.value.transient and calls[0]["settings"] == {"init_timeout": 7.0}
+
+
+def test_huggingface_hub_does_not_retry_under_rm_libs_retries(silent):
+    """huggingface_hub retries a request 5 times, 1 to 8 s apart, on its own: under the CLI's or Dagster's
+    retries that is a hidden second layer, and a stalled Hub would cost six time limits and 23 s a request."""
+    from huggingface_hub.utils import http_backoff
+
+    network.bound_hub_client()
+    started = time.monotonic()
+    with pytest.raises(httpx2.ReadTimeout):
+        http_backoff("GET", f"{silent.url}/api/models/someone/model")
+    assert silent.requests == ["GET /api/models/someone/model HTTP/1.1"] and time.monotonic() - started < 5
+    started = time.monotonic()
+    with pytest.raises(UserError):  # transformers asks for several files: each once (53 s with the retries)
+        modeling.load_tokenizer("someone/model")
+    assert time.monotonic() - started < 20
