@@ -4,12 +4,14 @@ every check passes and fails when it should, the schedule and the sensor request
 Offline: HF_HUB_OFFLINE=1 and WANDB_MODE=disabled; the model is the packaged all-MiniLM-L6-v2.
 """
 import json
+import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -778,3 +780,26 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
         write("models/reward_model/w.bin", "model two")
         result, cursor = tick(instance, cursor)
         assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
+
+
+def test_a_run_that_ended_without_giving_back_its_gpu_slot_frees_it(tmp_path, monkeypatch):
+    """A training run killed outside Dagster (the out-of-memory killer) keeps its "gpu" pool slot: every
+    later gpu step waited for ever. With the shipped instance settings, once the run is marked ended (in
+    the UI) the daemon gives the slot back within 30 s."""
+    from datetime import timedelta
+
+    from dagster._core.test_utils import create_run_for_test
+    from dagster._daemon.monitoring import concurrency
+
+    shutil.copy(REPO / "orchestration/dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        slots = instance.event_log_storage
+        slots.set_concurrency_slots("gpu", 1)
+        run = create_run_for_test(instance, job_name="__ephemeral_asset_job__", status=dg.DagsterRunStatus.STARTED)
+        slots.claim_concurrency_slot("gpu", run.run_id, "reward_model")
+        instance.report_run_failed(run)  # what terminating the dead run in the UI records
+        assert slots.get_concurrency_info("gpu").active_slot_count == 1
+        monkeypatch.setattr(concurrency, "get_current_datetime", lambda: datetime.now(UTC) + timedelta(seconds=31))
+        list(concurrency.execute_concurrency_slots_iteration(types.SimpleNamespace(instance=instance),
+                                                             logging.getLogger("test")))
+        assert slots.get_concurrency_info("gpu").active_slot_count == 0
