@@ -81,7 +81,9 @@ def _check_base_model(step: str, params) -> None:
 def _run_step(step: str, params, layout: Layout) -> None:
     from rm_lib import steps
 
-    print(steps.run(step, params, layout).summary(), flush=True)
+    result = steps.run(step, params, layout)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one summary for all processes
+        print(result.summary(), flush=True)
 
 
 def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
@@ -113,7 +115,9 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
              f"  report     {layout.evaluation / 'report.json'}  (accuracy beside the length baselines)",
              f"  pictures   {layout.evaluation}/*.png, {layout.train_logs / 'loss.png'}, "
              f"{layout.filtered / 'lengths.png'}",
-             f"  release    {layout.release}  (model card + files, exactly what push uploads)"]
+             f"  release    {layout.release}  (model card + files, exactly what push uploads)",
+             f"  set aside  {layout.pairs / 'rejects.jsonl'}, {layout.filtered / 'dropped.jsonl'}  (rows not used, "
+             "with their reasons)"]
     if demo:
         lines.append("  This was demo data: the accuracy says the pipeline learns, not how good a model is.")
     lines += ["Next:",

@@ -39,7 +39,7 @@ def test_make_runs_main_job_on_the_demo_learns_but_not_perfectly(tmp_path):
     assert report["per_subset"]["easy"]["accuracy"] > report["per_subset"]["hard"]["accuracy"]
     tail = out.stdout[out.stdout.index("Done. What the run made:"):]
     for words in ("models/reward_model", "data/evaluation/report.json", "data/release", "demo data",
-                  "http://127.0.0.1:3000", "dvc exp run"):
+                  "data/pairs/rejects.jsonl", "data/filtered/dropped.jsonl", "http://127.0.0.1:3000", "dvc exp run"):
         assert words in tail, words
     assert (tmp_path / "data/release/README.md").read_text().count("Demo data") == 1
     # The baseline a fresh clone shows in `dvc exp show` / `dvc metrics diff` is this run's figures.
