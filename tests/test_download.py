@@ -213,3 +213,18 @@ def test_files_of_a_source_folder_that_are_not_read_are_named(tmp_path, capsys):
     with pytest.raises(DataError, match=r"no .jsonl, .json, .parquet, .csv files found in the folder \(of another "
                                         r"type: more.tsv, notes/readme.txt\)"):
         run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download")
+
+
+@pytest.mark.parametrize("setting", ["download.subset=harmless", "download.test_split=test",
+                                     "download.train_split=validation", "download.revision=abc123"])
+def test_hub_settings_with_a_local_source_or_the_demo_are_refused(tmp_path, setting):
+    """They name nothing there, and the manifest and the card would quote them as if they had chosen the data."""
+    from rm_lib.errors import SettingsError
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}
+                                                    for i in range(20)])
+    for where in (f"download.source={source}", "download.source=demo"):
+        with pytest.raises(SettingsError, match=rf"download.{setting.split('.')[1].split('=')[0]}: applies to a Hub "
+                                                "dataset only"):
+            run_steps(tiny_params(where, setting), tmp_path, "download")
+    assert not (tmp_path / "data").exists()

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import demo, formats, sources
-from rm_lib.errors import DataError
+from rm_lib.errors import DataError, SettingsError
 from rm_lib.files import atomic_dir, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import DownloadSettings, Params
@@ -194,9 +194,23 @@ def _failed_rejects(layout: Layout) -> Path:
     return layout.pairs.with_name(f"{layout.pairs.name}.rejects.jsonl")
 
 
+def _check_hub_settings(cfg: DownloadSettings, kind: str) -> None:
+    """The Hub's settings name nothing in a local source or the demo: set, they would be recorded in the
+    manifest and the card as if they had chosen the data."""
+    if kind == "hub":
+        return
+    what = "the demo data" if kind == "demo" else f"'{cfg.source}' is a local source"
+    for key, value, default in (("subset", cfg.subset, None), ("revision", cfg.revision, None),
+                                ("train_split", cfg.train_split, "train"), ("test_split", cfg.test_split, None)):
+        if value != default:
+            raise SettingsError(f"download.{key}: applies to a Hub dataset only, and {what}; a local folder takes its "
+                                f"splits from its file names (train.jsonl, test.jsonl): unset download.{key}")
+
+
 def run(params: Params, layout: Layout) -> DownloadResult:
     cfg = params.download
     kind = sources.source_kind(cfg.source)
+    _check_hub_settings(cfg, kind)
     inputs, revision = _inputs(cfg, kind)
     read = _read(inputs, cfg.max_rows)
     splits = {"train": read.by_split["train"], "test": read.by_split["test"]}
