@@ -1,7 +1,9 @@
 """Time limits on every network call, and the retry policy, written down once here.
 
 Time limit: every HTTP request made through huggingface_hub's shared client waits at most
-RM_HUB_TIMEOUT_S seconds (default 60) to connect and for each read or write. That client carries
+RM_HUB_TIMEOUT_S seconds (default 60) to connect and for each read or write, and an answer still
+coming after that long at under 1 KiB/s on average is given up on too (a byte now and then would
+reset a per-read limit for ever). That client carries
 the push (HfApi), the dataset resolution of `datasets.load_dataset` and `hub_fingerprint`, and the
 model resolution of transformers. W&B's init waits as long (its `init_timeout`). A request that gets
 no answer in time ends in a UserError with `transient=True`, the same as a closed port.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +76,51 @@ def _fill_timeouts(request: Any) -> None:
     request.extensions = {**request.extensions, "timeout": limits}
 
 
+# An answer that keeps a connection busy with a byte now and then never trips the per-read limit: past
+# the time limit, a body that has come slower than this on average is given up on as a timeout.
+MIN_BYTES_PER_S = 1024
+
+
+def _rate_floor(inner: Any, limit: float, request: Any) -> Any:
+    """A response body stream that raises ReadTimeout once it is older than `limit` seconds and has
+    averaged under MIN_BYTES_PER_S."""
+    import httpx2
+
+    class RateFloor(httpx2.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            started, received = time.monotonic(), 0
+            for chunk in inner:
+                received += len(chunk)
+                elapsed = time.monotonic() - started
+                if elapsed > limit and received < MIN_BYTES_PER_S * elapsed:
+                    raise httpx2.ReadTimeout(f"the answer came at {received / elapsed:.0f} bytes/s for {elapsed:.0f} s "
+                                             f"(RM_HUB_TIMEOUT_S={limit:g})", request=request)
+                yield chunk
+
+        def close(self) -> None:
+            inner.close()
+
+    return RateFloor()
+
+
+def _guard_transport(client: Any) -> None:
+    """Wrap the client's transport so that every response body streams through _rate_floor."""
+    import httpx2
+
+    transport = client._transport
+
+    class Guarded(httpx2.BaseTransport):
+        def handle_request(self, request: Any) -> Any:
+            response = transport.handle_request(request)
+            response.stream = _rate_floor(response.stream, timeout_s(), request)
+            return response
+
+        def close(self) -> None:
+            transport.close()
+
+    client._transport = Guarded()
+
+
 def bound_hub_client() -> None:
     """Make huggingface_hub's shared HTTP client time-limit every request (once per process).
 
@@ -87,6 +135,7 @@ def bound_hub_client() -> None:
     def factory() -> Any:
         client = _http.default_client_factory()
         client.event_hooks["request"].append(_fill_timeouts)
+        _guard_transport(client)
         return client
 
     _http.set_client_factory(factory)

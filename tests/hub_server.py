@@ -375,9 +375,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 class SilentServer:
     """A Hub that stalls: accepts connections on 127.0.0.1, reads each request's head and never
-    answers. `requests` holds the request lines received ("POST /api/repos/create HTTP/1.1")."""
+    answers. `requests` holds the request lines received ("POST /api/repos/create HTTP/1.1").
+    With `trickle_s`, it answers 200 with a body of 100,000 bytes announced, then sends one byte every
+    `trickle_s` seconds: each read gets a byte within any per-read time limit."""
 
-    def __init__(self) -> None:
+    def __init__(self, trickle_s: float | None = None) -> None:
+        self.trickle_s = trickle_s
         self.requests: list[str] = []
         self.stop = threading.Event()
         self.sock: socket.socket | None = None
@@ -421,3 +424,14 @@ class SilentServer:
                     head += chunk
                     if b"\r\n\r\n" in head:
                         self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+                        if self.trickle_s is not None:
+                            self._trickle(conn)
+                            return
+
+    def _trickle(self, conn: socket.socket) -> None:
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            while not self.stop.wait(self.trickle_s):
+                conn.sendall(b" ")
+        except OSError:  # the client gave up
+            return

@@ -139,3 +139,19 @@ def test_huggingface_hub_does_not_retry_under_rm_libs_retries(silent):
     with pytest.raises(UserError):  # transformers asks for several files: each once (53 s with the retries)
         modeling.load_tokenizer("someone/model")
     assert time.monotonic() - started < 20
+
+
+def test_an_answer_that_trickles_is_given_up_on_after_the_time_limit(monkeypatch):
+    """A byte every 0.2 s keeps every read within a 0.5 s limit: without a floor on the rate the request
+    never ends (a push hung past any time limit). Past the limit, under 1 KiB/s on average is a timeout."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "0.5")
+    network.bound_hub_client()
+    with SilentServer(trickle_s=0.2) as trickle:
+        started = time.monotonic()
+        with pytest.raises(httpx2.ReadTimeout, match="bytes/s"):
+            get_session().get(f"{trickle.url}/api/whoami-v2")
+        assert time.monotonic() - started < 3
