@@ -104,6 +104,8 @@ def test_conversational_pairs_and_a_category_column(tmp_path):
     ([_rb2_rows()[0], {**_rb2_rows()[1], "rejected": ["0.1 a", 7, "0.2 c"]}], 2, "rejected[1]", "expected a string"),
     ([_rb2_rows()[0], {**_rb2_rows()[1], "prompt": None}], 2, "prompt", "expected a string"),
     ([_rb2_rows()[0], _rb1_rows()[0]], 2, "chosen", "row is pairwise, but the suite began best_of_n"),
+    ([_rb2_rows()[0], {**_rb2_rows()[1], "rejected": "oops"}], 2, "rejected",
+     "row is pairwise, but the suite began best_of_n"),
     ([_rb1_rows()[0], {"prompt": "p", "chosen": "a"}], 2, None, "missing column"),
 ])
 def test_a_bad_row_names_its_file_row_and_field(tmp_path, rows, row, field, message):

@@ -201,8 +201,11 @@ def read_rows(inputs: Iterable[tuple[str, Iterable[tuple[int, Any]]]]) -> _Read:
                 if read.layout is None:
                     read.layout = layout
                 elif layout != read.layout:
+                    # the side that is not a list of answers when the suite is best-of-N (and the reverse)
+                    lists = [isinstance(row.get(side), list) for side in ("chosen", "rejected")]
+                    field = "rejected" if lists[0] != lists[1] and lists[0] == (read.layout == BEST_OF_N) else "chosen"
                     raise DataError(f"row is {layout}, but the suite began {read.layout}",
-                                    file=label, row=number, field="chosen")
+                                    file=label, row=number, field=field)
                 outcome = (_best_of_n(row, file=label, row_number=number) if layout == BEST_OF_N
                            else _pairwise(row, normaliser, row_number=number))
                 if isinstance(outcome, str):
