@@ -15,7 +15,7 @@ from rm_lib.layout import Layout
 from rm_lib.settings import load_params
 from rm_lib.steps import PIPELINE
 
-NEEDS_BASE_MODEL = ("run", "tokenize", "filter", "train")
+NEEDS_BASE_MODEL = ("run", "tokenize", "train")  # filter reads the limit tokenize recorded
 
 
 def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -70,7 +70,8 @@ def _check_base_model(step: str, params) -> None:
     from rm_lib.model.modeling import check_lora_targets, check_max_token_length, load_model_config
 
     model = params.model
-    config = load_model_config(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    config = load_model_config(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code,
+                               weights=step != "tokenize")  # tokenize reads the config and tokenizer alone
     if step == "run":  # the filter and train steps check it themselves
         check_max_token_length(params.filter.max_token_length, model.name_or_path, revision=model.revision,
                                trust_remote_code=model.trust_remote_code)

@@ -190,7 +190,7 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
         monkeypatch.setenv("DVC_ROOT", str(tmp_path))
 
     monkeypatch.setattr(train_step, "run", train_while_something_changes)
-    monkeypatch.setattr(steps, "code_hash", lambda name, cli: real_hash(name, cli=cli) + ("-edited" * len(edited)))
+    monkeypatch.setattr(steps, "code_hash", lambda name: real_hash(name) + ("-edited" * len(edited)))
     with pytest.raises(ChangedWhileRunning) as info:
         steps.run("train", params, layout)
     what = {"input": "its input (", "code": "the code of train"}.get(change, "the settings of the DVC stage train")

@@ -325,6 +325,9 @@ def test_a_max_token_length_past_the_models_positions_is_refused_before_any_work
 
 def test_the_filter_and_train_steps_refuse_pairs_longer_than_the_model_reads(tmp_path, tiny_decoder):
     """Dagster and `dvc repro` call the steps without the command line's checks."""
+    import shutil
+
+    from rm_lib.data.tokenstore import read_rows
     from rm_lib.files import read_json, write_json
 
     from helpers import run_steps, tiny_params
@@ -334,11 +337,15 @@ def test_the_filter_and_train_steps_refuse_pairs_longer_than_the_model_reads(tmp
         run_steps(tiny_params("filter.max_token_length=512", model=model), tmp_path, "download", "tokenize", "filter")
     assert not (tmp_path / "data/filtered").exists()
     run_steps(tiny_params(model=model), tmp_path, "filter")
-    manifest = tmp_path / "data/filtered/manifest.json"  # pairs filtered for a model with more positions
-    write_json(manifest, dict(read_json(manifest), max_token_length=300))
-    with pytest.raises(SettingsError, match=r"filter.max_token_length: 300 \(the filtered pairs' limit\) is more "
-                                            "than the 256"):
-        run_steps(tiny_params(model=model), tmp_path, "train")
+    shorter = tmp_path / "short-model"  # the same model, reading fewer tokens than the filtered pairs hold
+    shutil.copytree(tiny_decoder, shorter)
+    write_json(shorter / "config.json", dict(read_json(shorter / "config.json"), max_position_embeddings=32))
+    longest = max(len(r[f"input_ids_{s}"]) for split in ("train", "test")
+                  for r in read_rows(tmp_path / f"data/filtered/{split}.parquet") for s in ("chosen", "rejected"))
+    assert longest > 32
+    with pytest.raises(SettingsError, match=rf"filter.max_token_length: {longest} \(the longest filtered sequence\) "
+                                            "is more than the 32"):
+        run_steps(tiny_params(model=str(shorter)), tmp_path, "train")
 
 
 def test_the_length_check_passes_the_defaults_and_models_of_unknown_length(monkeypatch):

@@ -79,10 +79,10 @@ def step_code(step: str, *, cli: bool = True) -> list[str]:
     return sorted(p.relative_to(ROOT).as_posix() for p in files)
 
 
-def code_hash(step: str, *, cli: bool = False) -> str:
-    """sha256 over the path and bytes of every file the step runs, the CLI left out unless `cli` (first
-    16 hex digits): the code that turns settings and data into the step's output."""
+def code_hash(step: str) -> str:
+    """sha256 over the path and bytes of every file the step runs, the CLI left out (first 16 hex
+    digits): the code that turns settings and data into the step's output."""
     digest = hashlib.sha256()
-    for relative in step_code(step, cli=cli):
+    for relative in step_code(step, cli=False):
         digest.update(relative.encode() + b"\0" + (ROOT / relative).read_bytes() + b"\0")
     return digest.hexdigest()[:16]

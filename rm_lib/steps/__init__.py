@@ -72,11 +72,12 @@ class ChangedWhileRunning(UserError):
 
 
 def _made_from(name: str, layout: Layout) -> dict[str, Any]:
-    """The step's code (as DVC lists it: the CLI too) and its input's record, as they are now; under
-    `dvc repro` (which names the stage in DVC_STAGE) also the stage's params as their files hold them."""
+    """The step's code (what dvc.yaml and the Dagster code version cover: the CLI left out) and its
+    input's record, as they are now; under `dvc repro` (which names the stage in DVC_STAGE) also the
+    stage's params as their files hold them."""
     upstream = chain.input_record(name, layout)
     stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
-    return {"code": code_hash(name, cli=True),
+    return {"code": code_hash(name),
             "input": file_sha256(upstream) if upstream is not None and upstream.exists() else None,
             "params": stage_params(Path(root), stage) if stage and root else None}
 

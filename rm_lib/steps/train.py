@@ -129,8 +129,10 @@ def run(params: Params, layout: Layout, accelerator=None,
     train_rows = read_rows(layout.filtered / "train.parquet")
     eval_rows = read_rows(layout.filtered / "test.parquet")
     # pairs filtered for a longer model (or before this check) would index past the position table
-    check_max_token_length(meta["max_token_length"], params.model.name_or_path, revision=params.model.revision,
-                           trust_remote_code=params.model.trust_remote_code, kept=" (the filtered pairs' limit)")
+    longest = max((len(r[f"input_ids_{side}"]) for r in train_rows + eval_rows for side in ("chosen", "rejected")),
+                  default=0)
+    check_max_token_length(longest, params.model.name_or_path, revision=params.model.revision,
+                           trust_remote_code=params.model.trust_remote_code, kept=" (the longest filtered sequence)")
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id

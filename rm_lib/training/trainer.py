@@ -259,7 +259,7 @@ def _restored_window(saved: dict | None, device: torch.device, main: bool) -> tu
         return window, 0.0
     for k in WINDOW_SUMS:
         window[k] += saved[k]
-    for k in WINDOW_COUNTS:
+    for k in ("n", "tokens"):  # computed and padded stay each process's own: its padding fraction
         window[k] = int(saved[k])
     return window, float(saved.get("elapsed_s", 0.0))
 
