@@ -365,18 +365,31 @@ def test_an_experiment_is_not_recorded_on_inputs_it_does_not_record_upstream(rec
 def test_settings_left_by_a_killed_experiment_record_are_put_back_before_any_step_runs(tmp_path):
     """A Dagster run killed while it recorded an experiment (SIGKILL skips its clean-up) left the run's
     settings in params.yaml: the next step, under `dvc repro` or not, puts the workspace's back and stops
-    instead of running with them (and DVC locking them as the workspace's)."""
+    instead of running with them (and DVC locking them as the workspace's). Not while the record still
+    runs (it holds the journal's lock), and not over settings someone wrote since."""
     from rm_lib import steps
     from rm_lib.errors import UserError
 
-    (tmp_path / "params.yaml").write_text("train:\n  learning_rate: 0.0003\n", encoding="utf-8")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    journal = tmp_path / dvc_record.JOURNAL
-    journal.parent.mkdir(parents=True)
-    journal.write_text(json.dumps({"pid": int(dead.stdout), "files": {
-        "params.yaml": "train:\n  learning_rate: 5.0e-05\n", "dvc.lock": None}}), encoding="utf-8")
+    params_file, journal = tmp_path / "params.yaml", tmp_path / dvc_record.JOURNAL
+    own, recorded = "train:\n  learning_rate: 5.0e-05\n", "train:\n  learning_rate: 0.0003\n"
+
+    def killed_record() -> None:
+        params_file.write_text(recorded, encoding="utf-8")
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        journal.write_text(json.dumps({"files": {"params.yaml": own, "dvc.lock": None}, "params_written": recorded}),
+                           encoding="utf-8")
+
+    killed_record()
+    with dvc_record._journal_lock(tmp_path, wait=True):  # the record still runs: nothing is touched
+        assert dvc_record.restore_interrupted_record(tmp_path) == []
+    assert params_file.read_text(encoding="utf-8") == recorded and journal.exists()
     with pytest.raises(UserError, match="params.yaml held the settings of a DVC experiment record"):
         steps.run("download", load_params(None, ["download.demo_pairs=20"]), Layout(tmp_path))
-    assert (tmp_path / "params.yaml").read_text(encoding="utf-8") == "train:\n  learning_rate: 5.0e-05\n"
+    assert params_file.read_text(encoding="utf-8") == own
     assert not journal.exists() and not (tmp_path / "data").exists()
     assert dvc_record.restore_interrupted_record(tmp_path) == []  # once
+
+    killed_record()
+    params_file.write_text("train:\n  learning_rate: 1.0e-04\n", encoding="utf-8")  # set by hand since
+    assert dvc_record.restore_interrupted_record(tmp_path) == []
+    assert params_file.read_text(encoding="utf-8") == "train:\n  learning_rate: 1.0e-04\n" and not journal.exists()

@@ -18,6 +18,8 @@ which also keeps DVC's repository lock and memory out of the calling process.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -166,51 +169,62 @@ EXPERIMENTS = Path(".dvc") / "tmp" / "rm-experiments"  # what each run's experim
 
 
 # While a stage goes into an experiment, the workspace's params.yaml and dvc.lock hold the experiment's:
-# their own bytes wait here, with the recording process's pid, so that a record killed before it put them
-# back (SIGKILL skips `finally`) is undone by the next step or record instead of being run and locked.
+# their own bytes wait in the journal, and the recording process holds JOURNAL_LOCK (the kernel lets go of
+# it when the process dies), so that a record killed before it put them back (SIGKILL skips `finally`) is
+# undone by the next step or record instead of being run and locked.
 JOURNAL = EXPERIMENTS / "workspace.json"
+JOURNAL_LOCK = EXPERIMENTS / "workspace.lock"
 
 
-def _write_journal(root: Path, saved: dict[Path, Optional[bytes]]) -> None:
-    journal = root / JOURNAL
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    files = {path.name: None if content is None else content.decode("utf-8") for path, content in saved.items()}
-    _replace(journal, json.dumps({"pid": os.getpid(), "files": files}).encode("utf-8"))
-
-
-def _alive(pid: int) -> bool:
+@contextlib.contextmanager
+def _journal_lock(root: Path, wait: bool) -> Iterator[bool]:
+    """Hold JOURNAL_LOCK; yields False at once when `wait` is off and another process holds it."""
+    path = root / JOURNAL_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing lets go of the lock
+
+
+def _write_journal(root: Path, saved: dict[Path, Optional[bytes]], written: str) -> None:
+    files = {path.name: None if content is None else content.decode("utf-8") for path, content in saved.items()}
+    _replace(root / JOURNAL, json.dumps({"files": files, "params_written": written}).encode("utf-8"))
 
 
 def restore_interrupted_record(root: Path) -> list[str]:
     """Put back params.yaml and dvc.lock as they were before an experiment record that was killed midway;
-    the names of the files put back ([] when none was interrupted, or its process still runs)."""
-    journal = Path(root) / JOURNAL
+    the names of the files put back. [] when none was interrupted, when its process still runs, or when
+    params.yaml no longer holds what the record wrote (someone set it since: theirs stays)."""
+    root = Path(root)
+    journal = root / JOURNAL
     if not journal.is_file():
         return []
-    try:
-        entry = json.loads(journal.read_text(encoding="utf-8"))
-    except ValueError:  # killed while writing the journal: the workspace was not touched yet
+    with _journal_lock(root, wait=False) as held:
+        if not held or not journal.is_file():
+            return []
+        try:
+            entry = json.loads(journal.read_text(encoding="utf-8"))
+        except ValueError:  # killed while writing the journal: the workspace was not touched yet
+            journal.unlink(missing_ok=True)
+            return []
+        params_file = root / "params.yaml"
+        still = params_file.is_file() and params_file.read_text(encoding="utf-8") == entry.get("params_written")
+        restored = []
+        for name, content in entry["files"].items() if still else ():
+            path = root / name
+            before = None if content is None else content.encode("utf-8")
+            if (path.read_bytes() if path.is_file() else None) != before:
+                _replace(path, before)
+                restored.append(name)
         journal.unlink(missing_ok=True)
-        return []
-    if entry.get("pid") != os.getpid() and _alive(int(entry.get("pid", 0))):
-        return []
-    restored = []
-    for name, content in entry["files"].items():
-        path = Path(root) / name
-        now = path.read_bytes() if path.is_file() else None
-        before = None if content is None else content.encode("utf-8")
-        if now != before:
-            _replace(path, before)
-            restored.append(name)
-    journal.unlink(missing_ok=True)
-    return restored
+        return restored
 
 
 def experiment_name(run_id: str) -> str:
@@ -242,7 +256,14 @@ def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, 
     text = set_settings(state["params"], changes)
     _check_settings(text, params, changes)
     saved = {path: path.read_bytes() if path.is_file() else None for path in (params_file, lock_file)}
-    _write_journal(root, saved)
+    with _journal_lock(root, wait=True):
+        return _record_in_experiment(root, spec, run_id, name, text, state, saved, lock_wait_s)
+
+
+def _record_in_experiment(root: Path, spec: StageSpec, run_id: str, name: str, text: str, state: dict[str, str],
+                          saved: dict[Path, Optional[bytes]], lock_wait_s: float) -> Recorded | NotRecorded:
+    params_file, lock_file = root / "params.yaml", root / "dvc.lock"
+    _write_journal(root, saved, text)
     try:
         _replace(params_file, text.encode("utf-8"))
         _replace(lock_file, state["lock"].encode("utf-8") if state["lock"] else None)
