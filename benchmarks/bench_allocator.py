@@ -45,13 +45,13 @@ def child(case: str, policy: str, batch_size: int, tokens_per_forward: int, trim
     from rm_lib.model.modeling import load_reward_model, load_tokenizer
     from rm_lib.model.packing import pack_pairs, packed_rewards
     from rm_lib.training.memory import release_free_memory
-    from rm_lib.training.trainer import _disable_dropout
+    from rm_lib.training.trainer import dropout_disabled
 
     apply(policy)
     torch.manual_seed(0)
     tokenizer = load_tokenizer("default")
     model = load_reward_model("default", pad_token_id=tokenizer.pad_token_id)
-    _disable_dropout(model)
+    dropout_disabled(model).__enter__()  # for the rest of this child process, as training has it
     model.train()
     rows = read_rows(bench_train.WORK / case / "bench_train.parquet")
     batches = epoch_batches(rows, batch_size, seed=42, epoch=0, group_by_length=True)
