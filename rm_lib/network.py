@@ -14,8 +14,9 @@ Retries: exactly one layer retries a transient error (UserError.transient).
   long before each next one. A non-transient error is never retried.
 - Dagster: the asset's RetryPolicy (orchestration.assets.NETWORK_RETRY, 4 tries in all, about 30 s,
   90 s and 210 s apart). The asset runs its step inside `single_attempt()`, so rm_lib tries once.
-huggingface_hub's own retries (5 tries of each request, 1 to 8 s apart) are turned off where the
-client is bound (`bound_hub_client`), so no request is retried under these.
+huggingface_hub's own retries (5 of each request, 1 to 8 s apart) are off under both (`hub_retries_off`):
+no request is retried under them. A model or dataset download from the CLI or `dvc repro`, which rm_lib
+does not retry, keeps them: there they are the one layer.
 """
 from __future__ import annotations
 
@@ -51,10 +52,12 @@ def timeout_s() -> float:
 
 @contextlib.contextmanager
 def single_attempt() -> Iterator[None]:
-    """Inside: rm_lib tries each network operation once; the caller's own retry policy does the rest."""
+    """Inside: rm_lib and huggingface_hub try each network operation once; the caller's own retry
+    policy does the rest."""
     token = _SINGLE_ATTEMPT.set(True)
     try:
-        yield
+        with hub_retries_off():
+            yield
     finally:
         _SINGLE_ATTEMPT.reset(token)
 
@@ -139,11 +142,25 @@ def bound_hub_client() -> None:
         return client
 
     _http.set_client_factory(factory)
-    # huggingface_hub retries its requests on its own (5 times, 1 to 8 s apart): a stalled Hub would cost
-    # six time limits and 23 s per request, and a second retry layer under rm_lib's or Dagster's
-    for backoff in (_http.http_backoff, _http.http_stream_backoff):
-        getattr(backoff, "__wrapped__", backoff).__kwdefaults__["max_retries"] = 0  # the second is a contextmanager
     _installed = True
+
+
+@contextlib.contextmanager
+def hub_retries_off() -> Iterator[None]:
+    """Inside: huggingface_hub tries each request once. It retries on its own (5 times, 1 to 8 s apart):
+    under a layer that retries already (rm_lib's push, Dagster's RetryPolicy) that is a second, hidden
+    one, and a stalled Hub costs six time limits and 23 s a request instead of one time limit."""
+    from huggingface_hub.utils import _http
+
+    defaults = [getattr(f, "__wrapped__", f).__kwdefaults__ for f in (_http.http_backoff, _http.http_stream_backoff)]
+    before = [d["max_retries"] for d in defaults]
+    for d in defaults:
+        d["max_retries"] = 0
+    try:
+        yield
+    finally:
+        for d, value in zip(defaults, before):
+            d["max_retries"] = value
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

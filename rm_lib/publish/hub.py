@@ -59,8 +59,9 @@ def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, ta
     backoff_s = default_backoff if backoff_s is None else backoff_s
     for attempt in range(1, retries + 1):
         try:
-            return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
-                              kept=where)
+            with network.hub_retries_off():  # this loop is the one layer that retries
+                return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
+                                  kept=where)
         except PublishError:
             raise
         except Exception as exc:  # sorted by network.is_transient / _explain; anything unknown is re-raised
