@@ -648,6 +648,10 @@ def test_a_bf16_checkpoint_trains_fp32_weights_so_small_updates_are_kept(tmp_pat
               "download", "tokenize", "filter", "train")
     assert seen == [{torch.float32}]
     assert {t.dtype for t in weights(Layout(tmp_path / "run").model).values()} == {torch.float32}
+    # LoRA: the frozen base keeps the checkpoint's dtype (half the memory), the adapters train in fp32
+    run_steps(tiny_params("train.mixed_precision=no", "train.max_steps=1", "train.lora=true", model=str(bf16)),
+              tmp_path / "lora", "download", "tokenize", "filter", "train")
+    assert torch.bfloat16 in seen[1] and torch.float32 in seen[1]
 
 
 FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_steps=null", "train.save_steps=4",

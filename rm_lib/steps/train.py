@@ -143,10 +143,11 @@ def run(params: Params, layout: Layout, accelerator=None,
 
     set_seed(cfg.seed)  # before the model: its new score head is drawn at random
     # fp32 weights whatever the checkpoint holds (transformers loads a bf16 checkpoint as bf16): AdamW's small
-    # updates would round away in bf16 weights; mixed precision is accelerate's autocast around them
+    # updates would round away in bf16 weights; mixed precision is accelerate's autocast around them. LoRA
+    # keeps the checkpoint's dtype: its base weights are frozen, and PEFT keeps the adapters in fp32.
     model = load_reward_model(params.model.name_or_path, revision=params.model.revision,
                               trust_remote_code=params.model.trust_remote_code, pad_token_id=pad_id,
-                              dtype=torch.float32)
+                              dtype=None if cfg.lora else torch.float32)
     if cfg.lora:
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules)
