@@ -83,7 +83,7 @@ def _run_step(step: str, params, layout: Layout) -> None:
     from rm_lib import steps
 
     result = steps.run(step, params, layout)
-    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one summary for all processes
+    if steps.first_of_its_launch():  # under accelerate launch, one summary for all processes
         print(result.summary(), flush=True)
 
 

@@ -27,7 +27,7 @@ def module(name: str) -> Any:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def _first_of_its_launch() -> bool:
+def first_of_its_launch() -> bool:
     """accelerate/torchrun start one process per device for the same step: only rank 0 locks."""
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -46,9 +46,9 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
     `options` go to the step's own `run` (train: `on_log`)."""
     if name not in PIPELINE:
         module(name)  # the unknown-step error
-    lock = step_lock(layout, name) if _first_of_its_launch() else contextlib.nullcontext()
+    lock = step_lock(layout, name) if first_of_its_launch() else contextlib.nullcontext()
     with lock:  # taken before the step's heavy imports: a refusal comes at once
-        if _first_of_its_launch():
+        if first_of_its_launch():
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
         chain.check(name, layout)
