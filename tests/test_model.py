@@ -1,3 +1,6 @@
+import contextlib
+import logging
+
 import pytest
 import torch
 
@@ -73,6 +76,69 @@ def test_a_model_without_a_classification_head_is_refused(tmp_path):
                        image_size=8, patch_size=4)).save_pretrained(tmp_path)
     with pytest.raises(SettingsError, match="sequence-classification head"):
         load_reward_model(str(tmp_path))
+
+
+@contextlib.contextmanager
+def transformers_log():
+    """The messages transformers logs inside (its handler may write where no capture sees it)."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep, logger = Keep(level=logging.WARNING), logging.getLogger("transformers")
+    logger.addHandler(keep)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(keep)
+
+
+def test_a_model_to_score_must_hold_its_trained_head(tmp_path, tiny_decoder, minilm_path, capfd):
+    """A base model scored as a reward model would read a head that starts at random at each load:
+    random rewards, other ones every time. It is refused, naming the weights it lacks."""
+    from safetensors.torch import load_file, save_file
+
+    from rm_lib.evaluation.scoring import RewardScorer
+
+    with pytest.raises(SettingsError, match="lacks trained weights for classifier.bias, classifier.weight"):
+        RewardScorer(minilm_path)
+    tok = load_tokenizer(str(tiny_decoder))
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
+    assert load_reward_model(str(tmp_path / "rm"), trained=True).score.out_features == 1
+    weights = load_file(tmp_path / "rm" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("score.")}, tmp_path / "rm" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(SettingsError, match="'.*rm' lacks trained weights for score.weight"):
+        load_reward_model(str(tmp_path / "rm"), trained=True)
+    # to train, the same folder loads: its head is new, and nothing is said of it
+    capfd.readouterr()
+    with transformers_log() as logged:
+        load_reward_model(str(tmp_path / "rm"))
+    out = capfd.readouterr()
+    assert not logged and "Loading weights" not in out.err + out.out and "score" not in out.err
+    with transformers_log() as logged:  # what the filter holds back, unfiltered: the measure can fail
+        from transformers import AutoModelForSequenceClassification
+
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert any("LOAD REPORT" in m for m in logged)
+
+
+def test_a_model_to_train_names_the_layers_beside_its_head_that_start_at_random(tmp_path, tiny_decoder, capfd):
+    from safetensors.torch import load_file, save_file
+
+    tok = load_tokenizer(str(tiny_decoder))
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
+    weights = load_file(tmp_path / "rm" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp" not in k}, tmp_path / "rm" / "model.safetensors",
+              metadata={"format": "pt"})
+    capfd.readouterr()
+    with transformers_log() as logged:
+        load_reward_model(str(tmp_path / "rm"))
+    err = capfd.readouterr().err
+    assert "has no weights for model.layers.1.mlp.down_proj.weight, model.layers.1.mlp.gate_proj.weight" in err
+    assert "start at random" in err and not logged
 
 
 def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_decoder):

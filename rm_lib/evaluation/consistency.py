@@ -150,7 +150,7 @@ def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int =
     tokenizer = tokenizer or load_tokenizer(str(model_dir))
     own = model is None
     if own:
-        model = load_reward_model(str(model_dir))
+        model = load_reward_model(str(model_dir), trained=True)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

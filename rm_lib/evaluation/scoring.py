@@ -49,7 +49,7 @@ class RewardScorer:
             raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
-        self.model = load_reward_model(str(model_dir))
+        self.model = load_reward_model(str(model_dir), trained=True)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.batch_size = batch_size

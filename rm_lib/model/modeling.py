@@ -1,6 +1,9 @@
 """Load tokenizers and one-output reward models, and read rewards at the right token."""
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +128,15 @@ def _first_line(exc: Exception) -> str:
 
 
 def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                      pad_token_id: int | None = None, dtype: Any = None) -> Any:
+                      pad_token_id: int | None = None, dtype: Any = None, trained: bool = False) -> Any:
     """Weights come from safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled.
     Hub kernels stay off: transformers (5.25) would otherwise swap layers for code fetched from the Hub
     at load and at every train()/eval() switch, unpinned (the lineage would not name it) and failing
-    on a GPU machine without network."""
+    on a GPU machine without network.
+
+    `trained`: the model is to be scored, so every weight must come from its files. A weight they
+    lack would start at random (transformers only logs it) and give random rewards, different at
+    each load. Otherwise (a model to train) only the new score head may be missing."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
@@ -144,10 +151,11 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     if pad_token_id is not None and not added_pad:
         config.pad_token_id = pad_token_id
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
-            use_kernels=False,
-            **({"dtype": dtype} if dtype is not None else {}))
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
+                use_kernels=False, output_loading_info=True,
+                **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
                             f"transformers ({_first_line(exc)})") from None
@@ -156,11 +164,52 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
                             f"({_first_line(exc)}); pickled weights are not loaded") from None
     if model.config.num_labels != 1:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
+    check_loaded_weights(name_or_path, list(info.get("missing_keys") or []), head_name(model), trained=trained)
     if added_pad:  # the pad token load_tokenizer added: one more embedding row, only ever masked padding
         model.resize_token_embeddings(pad_token_id + 1, mean_resizing=False)
         model.config.pad_token_id = pad_token_id
         model.get_input_embeddings().padding_idx = pad_token_id  # the EOS row trains again
     return model
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loading progress bars and its LOAD REPORT table off: what a load lacks is judged
+    by check_loaded_weights, which says it in one line or refuses. Its other warnings still show."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(no_report)
+    bars = getattr(hf_logging, "_tqdm_active", None)  # transformers' own bars only: Hub downloads keep theirs
+    if bars is not None:
+        hf_logging._tqdm_active = False
+    try:
+        yield
+    finally:
+        logger.removeFilter(no_report)
+        if bars is not None:
+            hf_logging._tqdm_active = bars
+
+
+def check_loaded_weights(name_or_path: str, missing: list[str], head: str, *, trained: bool) -> None:
+    """A model to score must hold every weight: one its files lack starts at random, and so do its
+    rewards, differently at each load. A model to train may lack its new score head; other new
+    layers (DeBERTa's pooler, say) are named on stderr, since they start at random too."""
+    absent = sorted(k for k in missing if trained or k.split(".")[0] != head)
+    if not absent:
+        return
+    shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+    if trained:
+        raise SettingsError(f"model: '{name_or_path}' lacks trained weights for {shown}: they would start at random "
+                            "and give random rewards, different at each load. Score a model that train made "
+                            "(models/reward_model, a release folder), not a base model")
+    print(f"model.name_or_path: '{name_or_path}' has no weights for {shown} (beside the new score head): "
+          "they start at random and train with it", file=sys.stderr)
 
 
 def head_name(model: Any) -> str:
@@ -246,8 +295,11 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
     """A plain transformers folder (safetensors): LoRA is merged, so any loader gets the same rewards.
     The adapter itself is kept in `adapter/` beside it. `state_dict`: the full weights gathered from a
     sharded run (FSDP), whose own parameters each hold only a shard."""
-    folder = Path(folder)
-    model = getattr(model, "module", model)
+    with quiet_transformers():
+        _save_model(getattr(model, "module", model), tokenizer, Path(folder), extra_config, state_dict)
+
+
+def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | None, state_dict: dict | None) -> None:
     if state_dict is not None:
         if extra_config:
             for key, value in extra_config.items():
