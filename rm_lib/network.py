@@ -106,11 +106,9 @@ def _rate_floor(inner: Any, limit: float, request: Any) -> Any:
     return RateFloor()
 
 
-def _guard_transport(client: Any) -> None:
-    """Wrap the client's transport so that every response body streams through _rate_floor."""
+def _guarded(transport: Any) -> Any:
+    """`transport`, with every response body streaming through _rate_floor."""
     import httpx2
-
-    transport = client._transport
 
     class Guarded(httpx2.BaseTransport):
         def handle_request(self, request: Any) -> Any:
@@ -121,7 +119,16 @@ def _guard_transport(client: Any) -> None:
         def close(self) -> None:
             transport.close()
 
-    client._transport = Guarded()
+    return Guarded()
+
+
+def _guard_transport(client: Any) -> None:
+    """Guard every transport the client sends through: its own, and the proxies' it mounted from
+    HTTPS_PROXY/HTTP_PROXY/ALL_PROXY (a request behind a proxy never reaches its own)."""
+    client._transport = _guarded(client._transport)
+    for pattern, transport in list(client._mounts.items()):
+        if transport is not None:
+            client._mounts[pattern] = _guarded(transport)
 
 
 def bound_hub_client() -> None:

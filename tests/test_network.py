@@ -157,3 +157,29 @@ def test_an_answer_that_trickles_is_given_up_on_after_the_time_limit(monkeypatch
         with pytest.raises(httpx2.ReadTimeout, match="bytes/s"):
             get_session().get(f"{trickle.url}/api/whoami-v2")
         assert time.monotonic() - started < 3
+
+
+@pytest.mark.timeout(60)  # without the floor it would take 100,000 bytes x 0.2 s
+def test_an_answer_that_trickles_through_a_proxy_is_given_up_on_too(monkeypatch):
+    """Behind HTTPS_PROXY/HTTP_PROXY the client sends through the proxy's transport, not its own: the
+    rate floor guards that one as well."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http, get_session
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "0.5")
+    network.bound_hub_client()
+    with SilentServer(trickle_s=0.2) as proxy:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        _http.close_session()  # the next client reads the proxy from the environment
+        try:
+            started = time.monotonic()
+            with pytest.raises(httpx2.ReadTimeout, match="bytes/s"):
+                get_session().get("http://hub.example/api/whoami-v2")
+            assert time.monotonic() - started < 3
+            assert proxy.requests == ["GET http://hub.example/api/whoami-v2 HTTP/1.1"]  # it went through the proxy
+        finally:
+            monkeypatch.delenv("HTTP_PROXY")
+            _http.close_session()
