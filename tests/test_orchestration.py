@@ -782,6 +782,67 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
         assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
 
 
+def test_a_run_whose_process_was_killed_is_marked_failed_by_run_monitoring(tmp_path):
+    """With the default launcher a run killed outside Dagster stayed "Started" for ever, and with one run
+    at a time every later run (the schedule's too) queued behind it. The shipped launcher tells run
+    monitoring once the run's processes are gone; the run is marked failed, and its slots free as below."""
+    from dagster._core.events import ComputeLogsCaptureData, EngineEventData
+    from dagster._core.test_utils import create_run_for_test
+    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+
+    from orchestration.run_launcher import WatchedRunLauncher, process_alive
+
+    shutil.copy(REPO / "orchestration/dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert isinstance(instance.run_launcher, WatchedRunLauncher) and instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings["poll_interval_seconds"] == 30
+
+        def started(worker: int | None, step: int | None = None) -> dg.DagsterRun:
+            run = create_run_for_test(instance, job_name="__ephemeral_asset_job__",
+                                      status=dg.DagsterRunStatus.STARTED)
+            if worker is not None:  # what Dagster's run worker records as it starts, and as a step starts
+                instance.report_engine_event(f"Started process for run (pid: {worker}).", run,
+                                             EngineEventData.in_process(worker))
+            if step is not None:
+                instance.report_dagster_event(dg.DagsterEvent(
+                    event_type_value="LOGS_CAPTURED", job_name=run.job_name,
+                    message=f"Capturing logs for process (pid: {step}).",
+                    event_specific_data=ComputeLogsCaptureData(file_key="step", step_keys=["reward_model"])),
+                    run.run_id)
+            return run
+
+        def monitored(run: dg.DagsterRun) -> dg.DagsterRunStatus:
+            record = instance.get_run_record_by_id(run.run_id)
+            monitor_started_run(instance, None, record, logging.getLogger("test"))
+            return instance.get_run_by_id(run.run_id).status
+
+        def killed(process: subprocess.Popen) -> None:
+            process.kill()  # left unreaped: a zombie is gone too
+            deadline = time.monotonic() + 10
+            while process_alive(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the signal lands a moment later
+            assert Path(f"/proc/{process.pid}").exists()
+
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        worker, step = subprocess.Popen(sleeper), subprocess.Popen(sleeper)
+        try:
+            run, unknown = started(worker.pid, step.pid), started(None)
+            assert monitored(run) == dg.DagsterRunStatus.STARTED
+            killed(worker)  # the step's process goes on writing the project's files: the run still runs
+            assert monitored(run) == dg.DagsterRunStatus.STARTED
+            killed(step)
+            assert monitored(run) == dg.DagsterRunStatus.FAILURE
+        finally:
+            for process in (worker, step):
+                process.kill()
+                process.wait()
+        assert monitored(unknown) == dg.DagsterRunStatus.STARTED  # no process id recorded: nothing to judge by
+        gone = started(worker.pid)  # reaped now: no such process
+        assert monitored(gone) == dg.DagsterRunStatus.FAILURE
+        messages = [e.dagster_event.message or "" for e in instance.all_logs(gone.run_id) if e.dagster_event]
+        assert any(f"processes [{worker.pid}] are gone" in m for m in messages), messages
+
+
 def test_a_run_that_ended_without_giving_back_its_gpu_slot_frees_it(tmp_path, monkeypatch):
     """A training run killed outside Dagster (the out-of-memory killer) keeps its "gpu" pool slot: every
     later gpu step waited for ever. With the shipped instance settings, once the run is marked ended (in
