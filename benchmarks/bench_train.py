@@ -132,7 +132,10 @@ def train_ours(args: argparse.Namespace, case: str, work: Path) -> dict:
     (layout.filtered / "manifest.json").write_text((prepared.filtered / "manifest.json").read_text())
     for stale in (layout.checkpoints, layout.train_logs):  # a fresh run, never a resumed one
         subprocess.run(["rm", "-rf", str(stale)], check=True)
-    result = train.run(load_params(None, [*settings(args, case), *args.ours_setting]), layout)
+    # never resumed nor normalised: no last checkpoint (weights, AdamW state, their SHA-256) and no scoring
+    # of the training pairs for reward stats: device time outside the measured training that TRL does not spend
+    result = train.run(load_params(None, [*settings(args, case), *args.ours_setting]), layout,
+                       final_checkpoint=False, reward_stats=False)
     # the device plan's choices and predicted peak GPU memory, beside the peak the run measures
     return {"wall_s": result.wall_s, "model_dir": str(layout.model), "device_plan": result.device_plan,
             **from_log(layout)}

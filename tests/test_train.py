@@ -218,6 +218,25 @@ def test_rerunning_a_finished_run_keeps_its_model_and_metrics(tmp_path, tiny_dec
     assert oct((tmp_path / "data/train/summary.json").stat().st_mode & 0o777) == "0o644"
 
 
+def test_a_benchmark_run_saves_no_last_checkpoint_nor_reward_stats_and_the_pipeline_keeps_both(
+        tmp_path, tiny_decoder):
+    """bench_train.py's runs are never resumed nor normalised: their device time goes to training and
+    the saved model alone. The step's defaults are unchanged."""
+    from rm_lib.steps import train
+
+    params = tiny_params("train.max_steps=3", "train.save_steps=100", model=str(tiny_decoder))  # as bench_train's
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    layout = Layout(tmp_path)
+    bench = train.run(params, layout, final_checkpoint=False, reward_stats=False)
+    assert bench.steps == 3 and bench.wall_s > 0 and bench.tokens_per_s > 0
+    assert not list(layout.checkpoints.glob("step-*"))
+    assert bench.reward_mean is None and "reward_mean" not in read_json(layout.model / "config.json")
+    assert read_json(layout.train_logs / "summary.json")["reward_std"] is None
+    again = train.run(params, layout)  # nothing to resume: it trains again, as the pipeline always has
+    assert again.resumed_from is None and [p.name for p in layout.checkpoints.glob("step-*")] == ["step-3"]
+    assert read_json(layout.model / "config.json")["reward_mean"] == pytest.approx(again.reward_mean)
+
+
 def test_metrics_log_never_writes_into_a_dvc_cache_link(tmp_path):
     """DVC may leave the persisted metrics.jsonl as a read-only hard link into its cache: a new
     run replaces the file, so the cached object keeps its bytes."""

@@ -33,8 +33,8 @@ class TrainResult:
     wall_s: float
     model_dir: Path
     resumed_from: int | None
-    reward_mean: float
-    reward_std: float
+    reward_mean: float | None  # None: not computed (run's reward_stats=False)
+    reward_std: float | None
     wandb_url: str | None
     reused: bool = False  # the run had finished: nothing trained, the figures are those of the run that trained
     fingerprint: str = ""
@@ -122,8 +122,13 @@ def check_finite_rewards(rewards: list[float], step: int) -> None:
 
 
 def run(params: Params, layout: Layout, accelerator=None,
-        on_log: Callable[[dict], None] | None = None) -> TrainResult:
-    """`on_log` receives every metrics record as it is logged (main process only)."""
+        on_log: Callable[[dict], None] | None = None, *, final_checkpoint: bool = True,
+        reward_stats: bool = True) -> TrainResult:
+    """`on_log` receives every metrics record as it is logged (main process only). For benchmarks, whose
+    runs are never resumed nor their rewards normalised: `final_checkpoint=False` saves no checkpoint at
+    the last step (`fit`), `reward_stats=False` scores no training pairs for the normalisation stats
+    (the model's config and the summary then hold none, and the last update's weights go unchecked for
+    non-finite rewards). The pipeline keeps both."""
     cfg = params.train
     meta = read_json(layout.filtered / "manifest.json")
     train_rows = read_rows(layout.filtered / "train.parquet")
@@ -178,13 +183,15 @@ def run(params: Params, layout: Layout, accelerator=None,
     fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"], code, accelerator.num_processes)
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
-                     fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval)
-        # Reward normalisation stats, saved in the model's config for downstream RLHF.
-        sample = train_rows[:NORMALISATION_SAMPLE]
-        r_c, r_r = score_pairs_across(accelerator, result.prepared, sample, pad_token_id=pad_id,
-                                      batch_size=params.evaluate.batch_size)
-        check_finite_rewards(r_c + r_r, result.steps)
-        stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
+                     fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
+                     final_checkpoint=final_checkpoint)
+        stats = {"reward_mean": None, "reward_std": None}
+        if reward_stats:  # reward normalisation stats, saved in the model's config for downstream RLHF
+            sample = train_rows[:NORMALISATION_SAMPLE]
+            r_c, r_r = score_pairs_across(accelerator, result.prepared, sample, pad_token_id=pad_id,
+                                          batch_size=params.evaluate.batch_size)
+            check_finite_rewards(r_c + r_r, result.steps)
+            stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
         gathered = gathered_state_dict(accelerator, result.prepared)
         model = accelerator.unwrap_model(model)
     finally:
@@ -207,9 +214,9 @@ def run(params: Params, layout: Layout, accelerator=None,
         device_plan=result.device_plan)
     if accelerator.is_main_process:
         with atomic_dir(layout.model) as out:
-            save_model(model, tokenizer, out, extra_config={
-                "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"],
-                "rm_lib_fingerprint": fingerprint}, state_dict=gathered)
+            normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
+            save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
+                       state_dict=gathered)
             tokenized = read_json(layout.tokenized / "manifest.json")
             weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,

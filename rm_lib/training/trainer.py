@@ -382,14 +382,16 @@ def compiled_layers(model: Any) -> Iterator[int]:
 
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
         fingerprint: str, accelerator: Any, tracker: Any = None,
-        on_eval: Callable[[Any, int], dict] | None = None) -> FitResult:
+        on_eval: Callable[[Any, int], dict] | None = None, final_checkpoint: bool = True) -> FitResult:
     """Train `model` in place. `accelerator` is an accelerate.Accelerator made by the caller. The model
-    leaves as it came, whether training ends or raises: with its own attention (the run may switch it)."""
+    leaves as it came, whether training ends or raises: with its own attention (the run may switch it).
+    `final_checkpoint=False` (benchmarks: a run never resumed) skips the last step's checkpoint, weights
+    and optimizer state, where save_steps or a new best does not ask for it; a rerun then trains again."""
     with contextlib.ExitStack() as run_scope:
         try:
             return _fit(cfg, model, train_rows, pad_token_id=pad_token_id, checkpoints=checkpoints,
                         fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
-                        run_scope=run_scope)
+                        run_scope=run_scope, final_checkpoint=final_checkpoint)
         except torch.OutOfMemoryError as exc:  # outside a forward (a forward's is retried smaller): the state
             first = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
             raise DevicePathError(f"train: out of GPU memory outside the training forwards ({first}): the weights, "
@@ -399,7 +401,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
 
 def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
          fingerprint: str, accelerator: Any, tracker: Any, on_eval: Callable[[Any, int], dict] | None,
-         run_scope: contextlib.ExitStack) -> FitResult:
+         run_scope: contextlib.ExitStack, final_checkpoint: bool = True) -> FitResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -634,16 +636,18 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                                                     if isinstance(v, (int, float))}})
                 state.metrics_lines += 1
             model.train()
-        if state.step % cfg.save_steps == 0 or state.step == total or new_best:
-            state.scheduler = scheduler.state_dict()
+        saving = state.step % cfg.save_steps == 0 or (state.step == total and final_checkpoint) or new_best
+        if saving or state.step == total:  # the session's figures, saved or not
             state.tokens, state.train_s = base_tokens + tokens_total, base_s + time.perf_counter() - started
+        if saving:
+            state.scheduler = scheduler.state_dict()
             state.window = _saved_window(accelerator, window, time.perf_counter() - window_start)
             save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
                             log=getattr(tracker, "metrics_path", None))
     bar.close()
     if host_activations:
         release_free_memory()
-    # The last step always saves, so the state holds this session's figures; a reused run reports the run's.
+    # The state holds this session's figures (set at the last step); a reused run reports the run's.
     reused = resumed_from is not None and resumed_from == state.step
     tokens, wall = (state.tokens, state.train_s) if reused else (state.tokens - base_tokens, state.train_s - base_s)
     return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
