@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -68,8 +69,11 @@ def prepare(args: argparse.Namespace, case: str) -> Path:
 
 # --- one trainer, in a child process ------------------------------------------------------------
 
-# Dense bf16 tensor-core peaks, FLOP/s; --peak-tflops overrides.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks, FLOP/s, by the model in torch's device name; --peak-tflops overrides.
+# The first that names a whole word of it counts, so the PCIe and NVL cards (lower clocks and power)
+# come before the SXM ones that share their number, and A10G (an A10 cut down) is not an A10.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "A10": 125e12}
 
 
 def training_flops_per_token(model_dir: Path, mean_length: float) -> float | None:
@@ -101,13 +105,20 @@ def computed_tokens(rows: list[dict], args: argparse.Namespace, model_dir: Path)
     return total
 
 
-def device_peak_flops(override_tflops: float | None) -> float | None:
+def peak_of(device_name: str) -> tuple[str, float] | None:
+    """The PEAK_FLOPS entry for a device name, e.g. "NVIDIA H100 PCIe": (its key, its FLOP/s); None if unknown."""
+    return next(((key, flops) for key, flops in PEAK_FLOPS.items()
+                 if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE)), None)
+
+
+def device_peak_flops(override_tflops: float | None) -> tuple[float | None, str | None]:
+    """The peak MFU divides by, and where it came from (--peak-tflops, or the PEAK_FLOPS key)."""
     import torch
 
     if override_tflops:
-        return override_tflops * 1e12
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+        return override_tflops * 1e12, "--peak-tflops"
+    found = peak_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    return (found[1], found[0]) if found else (None, None)
 
 
 def peak_rss_mib() -> float:
@@ -259,7 +270,8 @@ def child(args: argparse.Namespace) -> None:
               "device_plan": result.get("device_plan")}
     lengths = [len(r[k]) for r in train_rows for k in ("input_ids_chosen", "input_ids_rejected")]
     per_token = training_flops_per_token(Path(result["model_dir"]), sum(lengths) / len(lengths))
-    peak = device_peak_flops(args.peak_tflops)
+    peak, peak_from = device_peak_flops(args.peak_tflops)
+    record["peak_tflops"], record["peak_from"] = (peak / 1e12 if peak else None), peak_from
     # MFU counts the tokens computed: a shared prompt once
     computed = computed_tokens(train_rows, args, Path(result["model_dir"])) * args.epochs
     record["computed_tokens_per_s"] = computed / result["wall_s"]
@@ -267,8 +279,7 @@ def child(args: argparse.Namespace) -> None:
     steady = record["steady_tokens_per_s"]
     record["steady_mfu"] = (per_token * steady * computed / real / peak
                             if per_token and peak and steady and real else None)
-    if torch.cuda.is_available():
-        record["device"] = torch.cuda.get_device_name()
+    record["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None  # beside the peak used
     Path(args.result).write_text(json.dumps(record))
 
 

@@ -324,3 +324,18 @@ def test_an_earlier_runs_training_log_is_not_taken_for_a_stopped_runs_progress(t
     assert bench_train.progress("hh", "ours", since=time.time() - 180) == {"last_logged_step": 60,
                                                                          "elapsed_s_at_it": 17.0}
     assert bench_train.progress("hh", "trl", since=0) == {}
+
+
+def test_the_mfu_peak_is_the_devices_own_not_that_of_a_name_it_contains():
+    """torch's names of the PCIe and NVL cards contain the SXM card's; A10G contains A10."""
+    peaks = {name: bench_train.peak_of(name) for name in (
+        "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL",
+        "NVIDIA GH200 480GB", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA L40S", "NVIDIA A10",
+        "NVIDIA A10G", "NVIDIA L4", "NVIDIA RTX A1000")}
+    assert {name: found and found[1] / 1e12 for name, found in peaks.items()} == {
+        "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835, "NVIDIA H200": 989,
+        "NVIDIA H200 NVL": 835, "NVIDIA GH200 480GB": 989, "NVIDIA A100-SXM4-80GB": 312,
+        "NVIDIA A100 80GB PCIe": 312, "NVIDIA L40S": 362, "NVIDIA A10": 125, "NVIDIA A10G": 70,
+        "NVIDIA L4": None, "NVIDIA RTX A1000": None}
+    assert peaks["NVIDIA H100 PCIe"][0] == "H100 PCIe"  # the key the run records as its peak_from
+    assert bench_train.device_peak_flops(500) == (500e12, "--peak-tflops")
