@@ -5,13 +5,14 @@ decoder (bf16, max length 1024) on both shared data sets, on this machine's GPU.
     python benchmarks/bench_gpu.py        # writes benchmarks/results/gpu-<device>.json
     python benchmarks/bench_gpu.py --rehearse   # any machine, CPU too: every step at toy size
 
-It runs the gradient check of the packed paths (gpu_check.py), then each training run in its own
-process, the most telling first: on hh-rlhf, then alpaca-eval, ours and TRL at its defaults (both at
-batch 16 pairs), ours with FlashAttention's variable-length kernel (train.attention=varlen) and ours
-with 16,384-token batches; TRL with gradient checkpointing off on both; ours with
-per-sequence packing on hh-rlhf (the gain of shared prompts); ours with activation checkpointing and
-16,384 tokens per forward (memory against TRL's), and ours held to TRL's measured peak
-(train.gpu_memory_gib: the device plan checkpoints as few layers as fit under it). The JSON is
+First what needs no GPU, so that a gap costs no device time: the imports and versions the runs need
+(`preflight`), the model and the data. Then the gradient check of the packed paths (gpu_check.py), then
+each training run in its own process, the most telling first: on hh-rlhf, then alpaca-eval, ours and
+TRL at its defaults (both at batch 16 pairs), ours with FlashAttention's variable-length kernel
+(train.attention=varlen) and ours with 16,384-token batches; TRL with gradient checkpointing off on
+both; ours with per-sequence packing on hh-rlhf (the gain of shared prompts); ours with activation
+checkpointing and 16,384 tokens per forward (memory against TRL's), and ours held to TRL's measured
+peak (train.gpu_memory_gib: the device plan checkpoints as few layers as fit under it). The JSON is
 rewritten after every run, so a run cut short keeps what it measured (--resume goes on from there); it
 holds the device, versions, the command of every run, their figures and the targets of the GPU issue
 checked.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import re
 import subprocess
@@ -70,6 +72,76 @@ RUNS = {
     f"{WITHIN_TRL_MEMORY}/hh": ("hh", "ours", {"within_peak_of": "trl_default/hh"}),
     f"{WITHIN_TRL_MEMORY}/alpaca": ("alpaca", "ours", {"within_peak_of": "trl_default/alpaca"}),
 }
+
+
+# What the runs import, tried before anything costly: a bare CUDA image that lacks one would fail at
+# `prepare` (matplotlib, for the filter step's plots) or in a run, after gpu_check had spent its time
+MODULES = ("numpy", "yaml", "pyarrow", "pandas", "tokenizers", "safetensors", "huggingface_hub", "accelerate",
+           "transformers", "datasets", "trl", "peft", "PIL", "matplotlib.pyplot",
+           "rm_lib.steps.filter", "rm_lib.steps.train", "rm_lib.steps.evaluate")
+# the packages transformers checks the versions of as it is imported (its dependency_versions_check)
+CHECKED_BY_TRANSFORMERS = ("tqdm", "regex", "packaging", "filelock", "numpy", "tokenizers", "huggingface-hub",
+                           "safetensors", "accelerate", "pyyaml")
+VARLEN_TORCH = "2.10"  # torch.nn.attention.varlen
+
+
+def version_problems() -> list[str]:
+    """The packages transformers checks at import that are absent or outside its floors (and ceilings),
+    read from the installed metadata alone, without importing it."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        needs, own = metadata.requires("transformers") or [], metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return []  # the import below names it
+    problems = []
+    for requirement in map(Requirement, needs):
+        name = canonicalize_name(requirement.name)
+        if name not in CHECKED_BY_TRANSFORMERS or (requirement.marker and
+                                                   not requirement.marker.evaluate({"extra": "torch"})):
+            continue
+        try:
+            found = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found = None
+        if found is None or not requirement.specifier.contains(found, prereleases=True):
+            problems.append(f"{name} {found or 'absent'} (transformers {own} needs {requirement.specifier})")
+    return problems
+
+
+def preflight(names: list[str], on_gpu: bool) -> None:
+    """Exit with one line naming every module that does not import, every version transformers would
+    refuse, a torch too old for the varlen runs chosen, and on a GPU a C compiler or Python headers missing
+    (Triton builds its launcher with them): all found on the CPU, before the device does any work."""
+    import importlib
+    import shutil
+    import sysconfig
+
+    problems = version_problems()
+    for module in MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # an ImportError, or a version check that raised on import
+            problems.append(f"{module} does not import ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})")
+    import torch
+    from packaging.version import Version
+
+    varlen = [n for n in names if any(s in VARLEN for s in RUNS[n][2].get("ours_setting", []))]
+    if varlen and Version(torch.__version__.split("+")[0]) < Version(VARLEN_TORCH):
+        problems.append(f"torch {torch.__version__} (the varlen runs need {VARLEN_TORCH} or later; leave out "
+                        f"{', '.join(varlen)} with --run)")
+    if on_gpu:
+        if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+            problems.append("no C compiler (cc or gcc; Triton builds its launcher with it)")
+        if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+            problems.append(f"no Python headers ({sysconfig.get_paths()['include']}/Python.h; Triton's launcher "
+                            "includes it)")
+    if problems:
+        sys.exit(f"bench_gpu: before any run: {'; '.join(problems)}. The wheels of benchmarks/offline-wheels.txt "
+                 "and what BENCHMARKS.md's 'On a GPU machine without network' lists make up what it needs")
 
 
 def versions() -> dict:
@@ -265,14 +337,11 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("bench_gpu: no CUDA device (the CPU benchmark is bench_train.py; --rehearse runs this at toy size)")
     device = torch.cuda.get_device_name() if cuda() else f"cpu {platform.machine()}"
     names = args.run or list(RUNS)
-    bench_train.check_data(args, sorted({RUNS[n][0] for n in names}))
-    out = result_path(args.out, device, args.rehearse)
-    earlier = json.loads(out.read_text()) if args.resume and out.exists() else None
-    check = earlier.get("gpu_check") if earlier else None
-    if check is None and not args.skip_check:
-        check = gpu_check.check(tokenizer_name=args.tokenizer)
-        torch.cuda.empty_cache()  # the check's memory back before the runs plan theirs
-    names = runs_to_do(names, check)
+    cases = sorted({RUNS[n][0] for n in names})
+    # what the CPU can do first, so that a missing module or file costs no device time: the imports, the
+    # data, the model, the resume check; then gpu_check
+    preflight(names, cuda())
+    bench_train.check_data(args, cases)
     if not (args.model / "config.json").exists():
         build = [sys.executable, str(HERE / "pythia_1b_shape.py"), str(args.model), "--tokenizer", args.tokenizer]
         subprocess.run([*build, *(["--small"] if args.rehearse else [])], check=True)
@@ -280,9 +349,13 @@ def main(argv: list[str] | None = None) -> dict:
             "--batch-size", str(args.batch_size), "--max-train-pairs", str(args.max_train_pairs),
             "--max-test-pairs", str(args.max_test_pairs),
             *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+    for case in cases:
+        bench_train.prepare(bench_train.parse([*base, "--case", case]), case)
+    out = result_path(args.out, device, args.rehearse)
+    earlier = json.loads(out.read_text()) if args.resume and out.exists() else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"device": device, "versions": versions(), "gpu_check": check, "rehearsal": args.rehearse,
-               "settings": [shown(a) for a in base], "inputs": inputs(args, sorted({RUNS[n][0] for n in names})),
+    payload = {"device": device, "versions": versions(), "gpu_check": None, "rehearsal": args.rehearse,
+               "settings": [shown(a) for a in base], "inputs": inputs(args, cases),
                "commands": {}, "runs": {}, "unfinished": {}, "cases": {}}
     if earlier:
         same = all(earlier.get(k) == payload[k] for k in ("settings", "versions"))
@@ -294,8 +367,13 @@ def main(argv: list[str] | None = None) -> dict:
                        unfinished=earlier.get("unfinished", {}))
     elif out.exists():
         print(f"bench_gpu: the earlier {out.name} is now {set_aside(out).name}", flush=True)
+    check = earlier.get("gpu_check") if earlier else None
+    if check is None and not args.skip_check:
+        check = gpu_check.check(tokenizer_name=args.tokenizer)
+        torch.cuda.empty_cache()  # the check's memory back before the runs plan theirs
+    payload["gpu_check"] = check
+    names = runs_to_do(names, check)
     out.write_text(json.dumps(payload, indent=1) + "\n")
-    prepared: set[str] = set()
     for name in (n for n in names if n not in payload["runs"]):
         case, trainer, changes = RUNS[name]
         changes = memory_limit(changes, payload["runs"], args.rehearse)
@@ -308,9 +386,6 @@ def main(argv: list[str] | None = None) -> dict:
         arguments = run_arguments([*base, "--case", case], changes)
         run_args = bench_train.parse(arguments)
         run_args.case = case
-        if case not in prepared:
-            bench_train.prepare(run_args, case)
-            prepared.add(case)
         started, began = time.perf_counter(), time.time()
         command = " ".join(["python benchmarks/bench_train.py",
                             *map(shown, run_arguments([*base, "--case", case], changes, as_command=True))])

@@ -339,3 +339,48 @@ def test_the_mfu_peak_is_the_devices_own_not_that_of_a_name_it_contains():
         "NVIDIA L4": None, "NVIDIA RTX A1000": None}
     assert peaks["NVIDIA H100 PCIe"][0] == "H100 PCIe"  # the key the run records as its peak_from
     assert bench_train.device_peak_flops(500) == (500e12, "--peak-tflops")
+
+
+def test_the_preflight_names_what_the_runs_cannot_import_or_would_be_refused(monkeypatch):
+    """On a bare CUDA image without matplotlib the filter step's plots failed at `prepare`, after
+    gpu_check had spent its device time; the preflight names every such gap in one line, first."""
+    import importlib.metadata
+
+    import torch
+
+    bench_gpu.preflight(["ours/hh", "ours_varlen/hh"], on_gpu=False)  # this environment has it all
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # as if matplotlib were not installed
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.20.0" if name == "tokenizers" else real_version(name))
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    with pytest.raises(SystemExit) as stopped:
+        bench_gpu.preflight(["ours/hh", "ours_varlen/hh"], on_gpu=False)
+    message = str(stopped.value)
+    assert "\n" not in message and "matplotlib.pyplot does not import" in message
+    assert f"tokenizers 0.20.0 (transformers {real_version('transformers')} needs" in message
+    assert "torch 2.9.1+cu128 (the varlen runs need 2.10 or later; leave out ours_varlen/hh" in message
+    assert "offline-wheels.txt" in message
+    with pytest.raises(SystemExit) as stopped:  # without varlen runs an older torch is no problem
+        bench_gpu.preflight(["ours/hh"], on_gpu=False)
+    assert "varlen" not in str(stopped.value)
+
+
+def test_the_cpu_work_comes_before_the_gpu_check(tmp_path, monkeypatch):
+    """Imports, data and model are checked and prepared before gpu_check takes the device."""
+    import torch
+
+    data, model, out = stand_in_benchmark(tmp_path, monkeypatch)
+    calls = []
+    monkeypatch.setattr(bench_gpu, "cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    monkeypatch.setattr(bench_gpu, "preflight", lambda names, on_gpu: calls.append(("preflight", on_gpu)))
+    monkeypatch.setattr(bench_train, "prepare", lambda args, case: calls.append(("prepare", case)))
+    monkeypatch.setattr(gpu_check, "check", lambda **kw: calls.append(("gpu_check",)) or {})
+    monkeypatch.setattr(bench_train, "run_child", lambda args, case, trainer, timeout=None:
+                        calls.append(("run", case, trainer)) or run(20_000, None, None, 0.6))
+    payload = bench_gpu.main(["--model", str(model), "--data", str(data), "--out", str(out),
+                              "--run=ours/hh", "--run=trl_default/alpaca"])
+    assert calls == [("preflight", True), ("prepare", "alpaca"), ("prepare", "hh"), ("gpu_check",),
+                     ("run", "hh", "ours"), ("run", "alpaca", "trl")]
+    assert payload["gpu_check"] == {} and (out / "gpu-nvidia-h100-pcie.json").exists()
