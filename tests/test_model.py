@@ -59,6 +59,37 @@ def test_pad_equal_to_eos_gets_a_pad_token_of_its_own_and_every_loader_reads_the
     assert scorer(text)[0]["score"] == pytest.approx(ours.item(), abs=1e-5)
 
 
+def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_the_same_reward(tiny_decoder,
+                                                                                               tmp_path):
+    """Training appends an EOS and reads the reward there; the tiny decoder's tokenizer (Llama-style)
+    adds only a BOS. The saved tokenizer adds both, so `pipeline(text)` gives RewardScorer's reward,
+    not the hidden state one token early."""
+    from transformers import AutoTokenizer, pipeline
+
+    from rm_lib.evaluation.scoring import RewardScorer
+
+    tok = load_tokenizer(str(tiny_decoder))
+    assert tok("good film")["input_ids"][-1] != tok.eos_token_id  # the base tokenizer ends with no EOS
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    body = tok("good film", add_special_tokens=False)["input_ids"]
+    assert saved("good film")["input_ids"] == [tok.bos_token_id, *body, tok.eos_token_id]
+    assert saved("good film", add_special_tokens=False)["input_ids"] == body
+    texts = ["good film", "the acting was not good and the plot was awful"]
+    ours = RewardScorer(tmp_path / "rm").score(texts)
+    theirs = [r["score"] for r in pipeline("text-classification", model=str(tmp_path / "rm"),
+                                            function_to_apply="none")(texts)]
+    assert theirs == pytest.approx(ours, abs=1e-5)
+    assert tok("good film")["input_ids"] == [tok.bos_token_id, *body]  # the tokenizer in use is left as it was
+    # a conversation, as the model card says: the chat template's text, less the BOS it wrote
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good film"}]
+    text = saved.apply_chat_template(chat, tokenize=False)
+    assert text.startswith(saved.bos_token)
+    scorer = RewardScorer(tmp_path / "rm", template="tokenizer")
+    piped = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
+    assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
+
+
 def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -290,6 +290,31 @@ def check_lora_targets(config: Any, target_modules: list[str] | None, *, trust_r
         add_lora(model, r=1, alpha=1, dropout=0.0, target_modules=target_modules)
 
 
+def released_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer to save beside the model: one whose `tokenizer(text)` adds what training added
+    around a text, the start token(s) and the end token. Training reads the reward at the end token
+    (tokenization.add_special appends an EOS wherever it is missing); a Llama-style tokenizer adds
+    only a BOS, so `pipeline(text)` and every loader that calls the tokenizer on a text would read the
+    reward one token early, at another value. Returned as given where it already ends a text so, or
+    where its backend cannot be told to (its loaders must then append the end token themselves)."""
+    import copy
+
+    from rm_lib.data import tokenization
+
+    special = tokenization.special_tokens(tokenizer)
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    wanted = tokenization.add_special(list(plain), special)
+    if tokenizer("x")["input_ids"] == wanted or special.end is None or special.end != tokenizer.eos_token_id:
+        return tokenizer
+    if not hasattr(tokenizer, "update_post_processor") or special.prefix not in ((), (tokenizer.bos_token_id,)):
+        return tokenizer
+    released = copy.deepcopy(tokenizer)
+    # both flags, saved in tokenizer_config.json: a loader rebuilds the post-processor from them
+    released.add_bos_token = special.prefix == (tokenizer.bos_token_id,)
+    released.add_eos_token = True
+    return released if released("x")["input_ids"] == wanted else tokenizer
+
+
 def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None,
                state_dict: dict | None = None) -> None:
     """A plain transformers folder (safetensors): LoRA is merged, so any loader gets the same rewards.
@@ -305,7 +330,7 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
             for key, value in extra_config.items():
                 setattr(model.config, key, value)
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        released_tokenizer(tokenizer).save_pretrained(folder)
         share_tree(folder)
         return
     if hasattr(model, "merge_and_unload"):
@@ -317,5 +342,5 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
         for key, value in extra_config.items():
             setattr(model.config, key, value)
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    released_tokenizer(tokenizer).save_pretrained(folder)
     share_tree(folder)

@@ -218,6 +218,13 @@ rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none"
 rm("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.")
 ```
 
+The reward is read at the end token that training put after every text (the EOS, or [SEP]); the
+saved tokenizer adds it, and the start token, when it tokenizes a text (`tokenizer(text)`), so do not
+add them yourself. A conversation must be the text of the template training used (`rm_lib.json`
+names it): with `template: tokenizer`, `tokenizer.apply_chat_template(messages, tokenize=False)`, less
+a BOS the template wrote at its start, which the tokenizer adds again. The scoring API below does
+both.
+
 With this project's scoring API, which renders conversations with the template used in training
 (`rm_lib.json`) and can normalise rewards with `reward_mean` / `reward_std` from `config.json`:
 
