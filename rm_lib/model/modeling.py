@@ -174,8 +174,9 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' loading progress bars and its LOAD REPORT table off: what a load lacks is judged
-    by check_loaded_weights, which says it in one line or refuses. Its other warnings still show."""
+    """transformers' LOAD REPORT table off, and its loading progress bars outside a terminal: what a
+    load lacks is judged by check_loaded_weights, which says it in one line or refuses. Its other
+    warnings still show."""
     import logging
 
     from transformers.utils import logging as hf_logging
@@ -185,7 +186,9 @@ def quiet_transformers() -> Iterator[None]:
 
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addFilter(no_report)
-    bars = getattr(hf_logging, "_tqdm_active", None)  # transformers' own bars only: Hub downloads keep theirs
+    # transformers' own bars only (Hub downloads keep theirs), and only where they would be lines of
+    # noise in a log: a terminal redraws them in place, and a large model's load takes a while
+    bars = getattr(hf_logging, "_tqdm_active", None) if not sys.stderr.isatty() else None
     if bars is not None:
         hf_logging._tqdm_active = False
     try:
