@@ -5,13 +5,17 @@ live in rm_lib, so the CLI and `dvc repro` enforce the same release gate in the 
 
 Blocking checks (a failure stops everything downstream in the same run):
   raw_preferences.pairs_well_formed, reward_model.loss_is_finite, evaluation.release_gate.
+
+A check that reads settings judges by those its asset has in the same run (the asset's Launchpad fields,
+over the project's settings): rejects_ratio by raw_preferences' download settings, release_gate by
+hub_release's push settings. Checked alone, or under automation, it reads the project's settings.
 """
 import dagster as dg
 
 from rm_lib.evaluation import quality
 
 from . import assets
-from .config import PushConfig
+from .config import DownloadConfig, PushConfig, StepConfig
 from .resources import ProjectResource
 
 # Under the release_automation sensor a check runs again for every new version of its asset (one that
@@ -39,10 +43,24 @@ def raw_no_prompt_overlap(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.no_prompt_overlap(project.layout()))
 
 
+def launchpad_overrides(run_config: dict, asset: str, config_class: type[StepConfig]) -> list[str]:
+    """The settings entered for `asset` in this run's config (the Launchpad), as overrides."""
+    entered = ((run_config.get("ops") or {}).get(asset) or {}).get("config") or {}
+    return config_class(**entered).overrides()
+
+
+def download_overrides(run_config: dict) -> list[str]:
+    """The download settings entered for raw_preferences in this run: the data checks on raw_preferences
+    judge by the thresholds its download step ran with."""
+    return launchpad_overrides(run_config, "raw_preferences", DownloadConfig)
+
+
 @dg.asset_check(asset=assets.raw_preferences, name="rejects_ratio", automation_condition=ON_UPDATE,
-                description="The share of rejected source rows is at most download.max_reject_ratio.")
-def raw_rejects_ratio(project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.rejects_ratio(project.layout(), project.load_params().download.max_reject_ratio))
+                description="The share of rejected source rows is at most download.max_reject_ratio, as "
+                            "raw_preferences has it in the same run (else params.yaml's).")
+def raw_rejects_ratio(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
+    params = project.load_params(download_overrides(context.run.run_config))
+    return as_check_result(quality.rejects_ratio(project.layout(), params.download.max_reject_ratio))
 
 
 @dg.asset_check(asset=assets.reward_model, name="loss_is_finite", automation_condition=ON_UPDATE, blocking=True,
@@ -60,8 +78,7 @@ def evaluation_beats_length_baseline(project: ProjectResource) -> dg.AssetCheckR
 def push_overrides(run_config: dict) -> list[str]:
     """The push settings entered for hub_release in this run's config (the Launchpad), as overrides: the
     gate in front of hub_release holds the thresholds that hub_release's push step will apply."""
-    entered = ((run_config.get("ops") or {}).get("hub_release") or {}).get("config") or {}
-    return PushConfig(**entered).overrides()
+    return launchpad_overrides(run_config, "hub_release", PushConfig)
 
 
 @dg.asset_check(asset=assets.evaluation, name="release_gate", automation_condition=ON_UPDATE, blocking=True,

@@ -376,14 +376,42 @@ def test_no_prompt_overlap_check(tmp_path):
     assert not result.passed and result.metadata["shared_prompts"].value == 1
 
 
+def rejects_ratio_in_a_run(root, overrides=(), launchpad=None) -> dg.AssetCheckEvaluation:
+    """The rejects_ratio check run by Dagster (alone, or after raw_preferences with `launchpad` as its config)."""
+    selection = dg.AssetSelection.checks(checks.raw_rejects_ratio)
+    if launchpad is not None:
+        selection = selection | dg.AssetSelection.assets("raw_preferences")
+    run_config = {"ops": {"raw_preferences": {"config": launchpad}}} if launchpad is not None else {}
+    result = dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=selection, run_config=run_config,
+                            resources={**resources(root), "project": project(root, overrides=overrides)},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    return evaluations(result)["raw_preferences.rejects_ratio"]
+
+
 def test_rejects_ratio_check(tmp_path):
-    res = {"project": project(tmp_path, overrides=["download.max_reject_ratio=0.1"])}
+    limit = ["download.max_reject_ratio=0.1"]
     write_json(tmp_path / "data/pairs/manifest.json", {"rows_read": 100, "rejected": 5,
                                                        "rejects_by_reason": {"identical": 5}})
-    assert checks.raw_rejects_ratio(**res).passed
+    assert rejects_ratio_in_a_run(tmp_path, limit).passed
     write_json(tmp_path / "data/pairs/manifest.json", {"rows_read": 100, "rejected": 40,
                                                        "rejects_by_reason": {"empty_side": 30, "identical": 10}})
-    assert not checks.raw_rejects_ratio(**res).passed
+    assert not rejects_ratio_in_a_run(tmp_path, limit).passed
+
+
+def test_rejects_ratio_holds_the_download_settings_entered_for_raw_preferences(tmp_path):
+    """A user who sets download.max_reject_ratio on raw_preferences' Launchpad gets that limit from the
+    check on what that run downloaded, instead of params.yaml's 10%."""
+    source = tmp_path / "pairs.jsonl"
+    write_jsonl(source, [pair(i, rejected="good answer" if i < 15 else "bad answer") for i in range(60)])
+    looser = rejects_ratio_in_a_run(tmp_path, launchpad={"source": str(source), "max_reject_ratio": 0.5})
+    assert looser.passed and "limit 50.0%" in looser.description, looser.description
+    assert looser.metadata["rejected"].value == 15 and looser.metadata["max_reject_ratio"].value == 0.5
+    unset = rejects_ratio_in_a_run(tmp_path, launchpad={"source": str(source)})
+    assert not unset.passed and "limit 10.0%" in unset.description
+    stricter = rejects_ratio_in_a_run(tmp_path, ["download.max_reject_ratio=0.5"],
+                                      launchpad={"source": str(source), "max_reject_ratio": 0.2})
+    assert not stricter.passed and "limit 20.0%" in stricter.description
+    assert checks.download_overrides({}) == []
 
 
 def test_loss_is_finite_check(tmp_path):
