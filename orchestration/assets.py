@@ -6,16 +6,18 @@ the DVC hash of what it wrote is its data version.
 Heavy modules (torch, transformers, the rm_lib step modules) are imported inside the asset bodies.
 """
 import base64
+import functools
 import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 
+from rm_lib import network
 from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.evaluation import quality
 from rm_lib.layout import SPLITS, Layout
@@ -28,10 +30,12 @@ from .launcher import TrainLauncherResource
 from .resources import DvcResource, HubResource, ProjectResource, WandbResource
 from .source import GROUP, preference_source
 
-# Network steps: a transient error (UserError.transient) is retried after about 30 s, 90 s, 210 s
-# ((2^n - 1) x 30 s, +-30 s). Under Dagster this policy is the only retry layer: the step runs inside
-# rm_lib.network.single_attempt(), whose docstring holds the whole policy. Anything else a user must
-# fix (bad settings, bad data, a refused token) is dg.Failure(allow_retries=False): no retry.
+# Every asset whose step may reach the network (download, tokenize, train and evaluate load from the Hub,
+# train starts W&B, evaluate reads Hub suites, push uploads): a transient error (UserError.transient) is
+# retried after about 30 s, 90 s, 210 s ((2^n - 1) x 30 s, +-30 s). Under Dagster this policy is the only
+# retry layer: the step runs inside rm_lib.network.single_attempt(), whose docstring holds the whole
+# policy. Anything else (bad settings, bad data, a refused token, a diverged loss, a crash) is
+# dg.Failure(allow_retries=False): no retry (`retried_only_when_transient`).
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 # Declarative automation (the release_automation sensor, off until turned on): a step runs after one of
@@ -45,6 +49,33 @@ AFTER_BLOCKING_CHECKS = (dg.AutomationCondition.eager()
 
 
 # ---------------------------------------------------------------- helpers
+
+def retried_only_when_transient(step: str) -> Callable:
+    """For an asset under NETWORK_RETRY, which retries whatever it raises but a dg.Failure that forbids it:
+    a transient error (UserError.transient; a network error rm_lib did not wrap, as rm_lib.network.is_transient
+    tells) is raised as it is, for the RetryPolicy; any other error becomes a dg.Failure without retries."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def asset_body(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except dg.Failure:
+                raise
+            except UserError as exc:
+                if exc.transient:
+                    raise
+                raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+            except Exception as exc:
+                if network.is_transient(exc):
+                    raise
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise dg.Failure(description=f"{step}: {type(exc).__name__}: {first} (not retried: not a "
+                                             "transient network error; the traceback is in this step's log)",
+                                 allow_retries=False) from exc
+        asset_body.retried_only_when_transient = step
+        return asset_body
+    return decorate
+
 
 def _settings(step: str, config: StepConfig, project: ProjectResource,
               extra: Sequence[str] = ()) -> tuple[Params, Layout]:
@@ -60,7 +91,7 @@ def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layo
     """rm_lib.steps.<step>.run, trying each network call once; a UserError becomes a one-paragraph
     dg.Failure, except a transient one, which is raised as it is for the asset's RetryPolicy."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # as the CLI does
-    from rm_lib import network, steps
+    from rm_lib import steps
 
     try:
         with network.single_attempt():
@@ -84,14 +115,14 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
     before = summary.stat().st_mtime_ns if summary.exists() else None
     command = trainer.command(project.root_path(), project.params_path(), overrides)
     code, messages = trainer.launch(context, command, cwd=project.root_path())
-    errors = [m["error"] for m in messages if isinstance(m, dict) and "error" in m]
-    if errors:
-        raise dg.Failure(description=f"train: {errors[0]}", allow_retries=False)
+    errors = [m for m in messages if isinstance(m, dict) and "error" in m]
+    if errors:  # a transient one (the Hub down while the model loads) is left to the RetryPolicy
+        raise dg.Failure(description=f"train: {errors[0]['error']}", allow_retries=bool(errors[0].get("transient")))
     if code != 0:
         raise dg.Failure(description=f"train: the training process exited with code {code}; its output is in "
-                                     "this step's stdout/stderr logs")
+                                     "this step's stdout/stderr logs", allow_retries=False)
     if not summary.exists() or summary.stat().st_mtime_ns == before:
-        raise dg.Failure(description=f"train: the training process wrote no new {summary}")
+        raise dg.Failure(description=f"train: the training process wrote no new {summary}", allow_retries=False)
     result = result_from_summary(layout)
     context.log.info(result.summary())
     return result
@@ -202,6 +233,7 @@ def _link(value: str | None) -> dg.MetadataValue:
           kinds={"huggingface"},
           description="download: the source (params.yaml download.source: demo, a local file/folder or a Hub "
                       "dataset) -> normalised pairs split into train/test, rejects by reason (data/pairs).")
+@retried_only_when_transient("download")
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
                     hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("download", config, project)
@@ -243,8 +275,9 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
 
 
 @dg.asset(group_name=GROUP, code_version=code_hash("tokenize"), automation_condition=AFTER_BLOCKING_CHECKS,
-          deps=[raw_preferences], kinds={"parquet"},
+          deps=[raw_preferences], retry_policy=NETWORK_RETRY, kinds={"parquet"},
           description="tokenize: normalised pairs -> token ids through the chat template (data/tokenized).")
+@retried_only_when_transient("tokenize")
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
                           hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("tokenize", config, project)
@@ -302,9 +335,10 @@ def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig
 
 
 @dg.asset(group_name=GROUP, code_version=code_hash("train"), automation_condition=AFTER_BLOCKING_CHECKS,
-          deps=[filtered_preferences], pool="gpu", kinds={"pytorch"},
+          deps=[filtered_preferences], pool="gpu", retry_policy=NETWORK_RETRY, kinds={"pytorch"},
           description="train: filtered pairs -> a one-output reward model (models/reward_model); metrics, "
                       "loss curve and summary in data/train. Runs in the `gpu` pool.")
+@retried_only_when_transient("train")
 def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project: ProjectResource,
                  wandb: WandbResource, hub: HubResource, dvc: DvcResource,
                  trainer: TrainLauncherResource) -> dg.MaterializeResult:
@@ -351,10 +385,11 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
 
 
 @dg.asset(group_name=GROUP, code_version=code_hash("evaluate"), automation_condition=AFTER_BLOCKING_CHECKS,
-          deps=[reward_model, filtered_preferences], pool="gpu",
+          deps=[reward_model, filtered_preferences], pool="gpu", retry_policy=NETWORK_RETRY,
           kinds={"pytorch"},
           description="evaluate: the model on the held-out pairs -> accuracy beside the length baselines, "
                       "reward distributions, accuracy per length bucket (data/evaluation).")
+@retried_only_when_transient("evaluate")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, project: ProjectResource,
                dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("evaluate", config, project)
@@ -416,6 +451,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
                       "(and push.dry_run is false). Runs only when the blocking release gate on `evaluation` "
                       "passes; the push step applies the same gate itself, so a lone materialization of a "
                       "model that fails it is refused.")
+@retried_only_when_transient("push")
 def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
                 hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings("push", config, project)

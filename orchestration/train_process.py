@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from rm_lib import network
 from rm_lib.errors import UserError
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
@@ -27,9 +28,14 @@ def describe(record: dict) -> str:
     return f"train step {record.get('step')}: " + ", ".join(parts)
 
 
+def launched_by_dagster() -> bool:
+    """Every process of a group the reward_model asset launched (they inherit the Pipes variables)."""
+    return "DAGSTER_PIPES_CONTEXT" in os.environ
+
+
 def _pipes():
     """The Pipes connection on the main process (rank 0), nothing on the others."""
-    if int(os.environ.get("RANK", "0")) != 0 or "DAGSTER_PIPES_CONTEXT" not in os.environ:
+    if int(os.environ.get("RANK", "0")) != 0 or not launched_by_dagster():
         return contextlib.nullcontext(None)
     from dagster_pipes import open_dagster_pipes
 
@@ -51,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             params = load_params(args.params, args.overrides)
-            result = steps.run("train", params, Layout(Path(args.root)), on_log=forward if pipes else None)
+            # launched by Dagster, whose RetryPolicy is the one retry layer: each network call tried once
+            with network.single_attempt() if launched_by_dagster() else contextlib.nullcontext():
+                result = steps.run("train", params, Layout(Path(args.root)), on_log=forward if pipes else None)
         except UserError as exc:
             if pipes:
-                pipes.report_custom_message({"error": str(exc)})
+                pipes.report_custom_message({"error": str(exc), "transient": exc.transient})
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if pipes:

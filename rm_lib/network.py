@@ -13,7 +13,9 @@ Retries: exactly one layer retries a transient error (UserError.transient).
   in all (default 3), waiting RM_PUSH_BACKOFF_S seconds (default 2) before the second and twice as
   long before each next one. A non-transient error is never retried.
 - Dagster: the asset's RetryPolicy (orchestration.assets.NETWORK_RETRY, 4 tries in all, about 30 s,
-  90 s and 210 s apart). The asset runs its step inside `single_attempt()`, so rm_lib tries once.
+  90 s and 210 s apart), on every asset whose step may reach the network, for a transient error only.
+  The asset runs its step inside `single_attempt()` (a training it launches as its own process too),
+  so rm_lib tries once.
 huggingface_hub's own retries (5 of each request, 1 to 8 s apart) are off under both (`hub_retries_off`):
 no request is retried under them. A model or dataset download from the CLI or `dvc repro`, which rm_lib
 does not retry, keeps them: there they are the one layer.

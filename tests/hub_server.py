@@ -435,3 +435,50 @@ class SilentServer:
                 conn.sendall(b" ")
         except OSError:  # the client gave up
             return
+
+
+class UnavailableServer:
+    """A Hub in an outage: every request, HEAD included, is answered 503 on 127.0.0.1. `requests` holds
+    "METHOD /path" of each request received."""
+
+    def __init__(self, status: int = 503) -> None:
+        self.status = status
+        self.requests: list[str] = []
+        self.httpd: ThreadingHTTPServer | None = None
+
+    def __enter__(self) -> UnavailableServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                server.requests.append(f"{self.command} {urlsplit(self.path).path}")
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = b"" if self.command == "HEAD" else b'{"error": "Service temporarily unavailable"}'
+                self.send_response(server.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("X-Error-Message", "Service temporarily unavailable")
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), name="unavailable-hub", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.httpd is not None
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"

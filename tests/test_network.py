@@ -15,10 +15,12 @@ import pytest
 from rm_lib import network
 from rm_lib.data import sources
 from rm_lib.errors import DataError, SettingsError, UserError
+from rm_lib.layout import Layout
 from rm_lib.model import modeling
 from rm_lib.training import tracking
 
-from hub_server import SilentServer
+from helpers import run_steps, tiny_params
+from hub_server import SilentServer, UnavailableServer
 
 
 @pytest.fixture
@@ -107,6 +109,48 @@ def test_model_resolution_errors_say_whether_a_retry_can_help(cause, transient, 
     with pytest.raises(SettingsError, match="cannot load 'someone/model'") as raised:
         modeling.load_model_config("someone/model")
     assert raised.value.transient is transient
+
+
+@pytest.mark.parametrize(("cause", "transient"), [(HTTPError(503), True), (httpx2.ConnectError("refused"), True),
+                                                 (HTTPError(404), False)])
+def test_tokenizer_and_weight_loading_errors_say_whether_a_retry_can_help(cause, transient, monkeypatch):
+    """As the model's config: the tokenizer and the weights load from the Hub too (tokenize, train, evaluate)."""
+    import transformers
+
+    def from_pretrained(*args, **kwargs):
+        raise raised_from(OSError("We couldn't connect to the Hub to load this model"), cause)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(SettingsError, match="cannot load a tokenizer from 'someone/model'") as raised:
+        modeling.load_tokenizer("someone/model")
+    assert raised.value.transient is transient
+    monkeypatch.setattr(modeling, "load_model_config", lambda *a, **k: transformers.BertConfig())
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", from_pretrained)
+    with pytest.raises(SettingsError, match="cannot load weights of 'someone/model'") as raised:
+        modeling.load_reward_model("someone/model")
+    assert raised.value.transient is transient and ("retryable" in str(raised.value)) is transient
+
+
+def test_a_hub_outage_in_the_tokenize_step_is_left_to_dagsters_retries(tmp_path, monkeypatch):
+    """A Hub answering 503 to every request while tokenize loads the tokenizer: the step's error is
+    transient, so the asset raises it as it is for its RetryPolicy, instead of a dg.Failure without retries."""
+    from huggingface_hub import constants
+
+    from orchestration import assets
+
+    params = tiny_params(model="someone/model")
+    run_steps(params, tmp_path, "download")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("RM_HUB_TIMEOUT_S", "5")
+    with UnavailableServer() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # file URLs: made from ENDPOINT at import
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        with pytest.raises(SettingsError, match="cannot load a tokenizer from 'someone/model'") as raised:
+            assets._run_step(None, "tokenize", params, Layout(tmp_path))
+    assert raised.value.transient
+    assert hub.requests and all(r.split()[1].startswith(("/api/", "/someone/model/")) for r in hub.requests)
+    assert not (tmp_path / "data/tokenized").exists()
 
 
 def test_wandb_init_is_time_limited_and_a_timeout_is_transient(monkeypatch):

@@ -78,9 +78,12 @@ def test_definitions_load_and_validate():
         assert dg.AssetKey(upstream) in graph.get(dg.AssetKey(downstream)).parent_keys
     by_key = {a.key.to_user_string(): a for a in assets.ASSETS}
     assert by_key["reward_model"].op.pool == "gpu"
-    for key in ("raw_preferences", "hub_release"):
+    # every asset whose step may reach the Hub (or W&B) retries a transient error, and only that
+    for key in ("raw_preferences", "tokenized_preferences", "reward_model", "evaluation", "hub_release"):
         policy = by_key[key].op.retry_policy
-        assert policy.max_retries >= 1 and policy.backoff == dg.Backoff.EXPONENTIAL
+        assert policy is assets.NETWORK_RETRY and policy.max_retries >= 1 and policy.backoff == dg.Backoff.EXPONENTIAL
+        assert by_key[key].op.compute_fn.decorated_fn.retried_only_when_transient == assets.STEP_OF_ASSET[key]
+    assert by_key["filtered_preferences"].op.retry_policy is None  # filter reads local files only
     blocking = {f"{spec.asset_key.to_user_string()}.{spec.name}": spec.blocking
                 for c in checks.CHECKS for spec in c.check_specs}
     assert blocking == {"raw_preferences.pairs_well_formed": True, "raw_preferences.no_prompt_overlap": False,
@@ -675,6 +678,71 @@ def test_step_errors_retried_by_dagster_only_when_transient(monkeypatch):
         else:
             assert isinstance(raised.value, dg.Failure) and raised.value.allow_retries is False
     assert tries_seen == [1] * len(cases) and network.tries(3) == 3
+
+
+def test_an_asset_under_the_retry_policy_retries_only_a_transient_error():
+    """NETWORK_RETRY retries whatever an asset raises, but a dg.Failure that forbids it: so everything in
+    the asset but a transient error is such a Failure. A training that diverged, a crash, a bad setting are
+    not run again; the Hub down (flagged by rm_lib, or a connection error it did not wrap) is."""
+    import httpx2
+
+    from rm_lib.errors import TrainingDiverged
+
+    def asset_raising(error):
+        def body():
+            raise error
+        return assets.retried_only_when_transient("train")(body)
+
+    for error in (SettingsError("model.name_or_path: cannot load 'a/b' (503)", transient=True),
+                  httpx2.ConnectError("connection refused")):
+        with pytest.raises(type(error)) as raised:
+            asset_raising(error)()
+        assert raised.value is error
+    for error in (TrainingDiverged("the loss became nan at step 3"), SettingsError("train.batch_size: must be > 0"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered"), KeyError("loss")):
+        with pytest.raises(dg.Failure) as raised:
+            asset_raising(error)()
+        assert raised.value.allow_retries is False and raised.value.description.startswith("train: ")
+        assert raised.value.__cause__ is error
+    kept = dg.Failure(description="train: the training process exited with code 1", allow_retries=False)
+    with pytest.raises(dg.Failure) as raised:
+        asset_raising(kept)()
+    assert raised.value is kept
+
+
+def test_training_launched_as_its_own_process_is_retried_only_for_a_transient_error(tmp_path, monkeypatch):
+    """The launched process tries each network call once under Dagster (every rank) and says whether its
+    error is transient; the asset leaves only such an error to the RetryPolicy."""
+    from orchestration import train_process
+    from rm_lib import network, steps
+    from rm_lib.errors import TrainingDiverged
+
+    tries_seen: list[int] = []
+
+    def failing_train(step, params, layout, on_log=None):
+        tries_seen.append(network.tries(3))
+        raise error
+
+    monkeypatch.setattr(steps, "run", failing_train)
+    monkeypatch.setenv("DAGSTER_PIPES_CONTEXT", "launched")
+    monkeypatch.setenv("RANK", "1")  # a rank without the Pipes connection
+    error = SettingsError("model.name_or_path: cannot load 'a/b' (503)", transient=True)
+    assert train_process.main(["--root", str(tmp_path), "--params", str(PARAMS)]) == 2
+    monkeypatch.delenv("DAGSTER_PIPES_CONTEXT")
+    assert train_process.main(["--root", str(tmp_path), "--params", str(PARAMS)]) == 2
+    assert tries_seen == [1, 3]  # outside Dagster, as `python -m rm_lib train`
+
+    trainer, res = TrainLauncherResource(separate_process=True), project(tmp_path)
+    for code, messages, retried in [(2, [{"error": str(error), "transient": True}], True),
+                                    (2, [{"error": str(TrainingDiverged("the loss became nan")), "transient": False}],
+                                     False),
+                                    (2, [{"error": "old message without the flag"}], False),
+                                    (-9, [], False)]:
+        monkeypatch.setattr(TrainLauncherResource, "launch",
+                            lambda self, context, command, cwd, outcome=(code, messages): outcome)
+        with pytest.raises(dg.Failure) as raised:
+            assets._train_in_own_process(None, trainer, res, [])
+        assert bool(raised.value.allow_retries) is retried and raised.value.description.startswith("train: ")
 
 
 # ---------------------------------------------------------------- training as its own process group

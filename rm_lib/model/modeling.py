@@ -36,7 +36,12 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
+        raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
+                            f"({_first_line(exc)}); check the name, the revision and your network "
+                            "(HF_HUB_OFFLINE=1 allows local files only)",
+                            transient=network.is_transient(exc)) from None
+    except ValueError as exc:
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
                             f"({_first_line(exc)})") from None
     pads_with_eos = tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
@@ -159,9 +164,12 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
                             f"transformers ({_first_line(exc)})") from None
-    except OSError as exc:
+    except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
+        transient = network.is_transient(exc)
+        hint = ("retryable: check your network (HF_HUB_OFFLINE=1 allows local files only)" if transient
+                else "pickled weights are not loaded")
         raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors "
-                            f"({_first_line(exc)}); pickled weights are not loaded") from None
+                            f"({_first_line(exc)}); {hint}", transient=transient) from None
     if model.config.num_labels != 1:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
     check_loaded_weights(name_or_path, list(info.get("missing_keys") or []), head_name(model), trained=trained)
