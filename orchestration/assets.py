@@ -50,6 +50,12 @@ AFTER_BLOCKING_CHECKS = (dg.AutomationCondition.eager()
 
 # ---------------------------------------------------------------- helpers
 
+def described(step: str, error: object) -> str:
+    """`<step>: <message>`, the step named once: many of rm_lib's messages start with it already."""
+    message = str(error)
+    return message if message.startswith(f"{step}: ") else f"{step}: {message}"
+
+
 def retried_only_when_transient(step: str) -> Callable:
     """For an asset under NETWORK_RETRY, which retries whatever it raises but a dg.Failure that forbids it:
     a transient error (UserError.transient; a network error rm_lib did not wrap, as rm_lib.network.is_transient
@@ -64,7 +70,7 @@ def retried_only_when_transient(step: str) -> Callable:
             except UserError as exc:
                 if exc.transient:
                     raise
-                raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+                raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
             except Exception as exc:
                 if network.is_transient(exc):
                     raise
@@ -83,7 +89,7 @@ def _settings(step: str, config: StepConfig, project: ProjectResource,
     try:
         params = project.load_params([*extra, *config.overrides()])
     except SettingsError as exc:
-        raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
     return params, project.layout()
 
 
@@ -99,7 +105,7 @@ def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layo
     except UserError as exc:
         if exc.transient:
             raise  # the RetryPolicy tries again
-        raise dg.Failure(description=f"{step}: {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
     context.log.info(result.summary())
     return result
 
@@ -117,7 +123,8 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
     code, messages = trainer.launch(context, command, cwd=project.root_path())
     errors = [m for m in messages if isinstance(m, dict) and "error" in m]
     if errors:  # a transient one (the Hub down while the model loads) is left to the RetryPolicy
-        raise dg.Failure(description=f"train: {errors[0]['error']}", allow_retries=bool(errors[0].get("transient")))
+        raise dg.Failure(description=described("train", errors[0]["error"]),
+                         allow_retries=bool(errors[0].get("transient")))
     if code != 0:
         raise dg.Failure(description=f"train: the training process exited with code {code}; its output is in "
                                      "this step's stdout/stderr logs", allow_retries=False)
@@ -242,7 +249,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     try:
         source_kind(params.download.source)  # a missing local file: no retry, no credentials
     except DataError as exc:
-        raise dg.Failure(description=f"download: {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=described("download", exc), allow_retries=False) from exc
     with hub.credentials():
         result = _run_step(context, "download", params, layout)
     manifest = _read_json(layout.pairs / "manifest.json")
@@ -345,7 +352,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     try:
         wandb_overrides = wandb.overrides()
     except SettingsError as exc:
-        raise dg.Failure(description=f"train: {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=described("train", exc), allow_retries=False) from exc
     params, layout = _settings("train", config, project, wandb_overrides)
     with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
         if trainer.separate_process:

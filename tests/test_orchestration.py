@@ -680,6 +680,32 @@ def test_step_errors_retried_by_dagster_only_when_transient(monkeypatch):
     assert tries_seen == [1] * len(cases) and network.tries(3) == 3
 
 
+def test_a_step_error_names_its_step_once(monkeypatch):
+    """rm_lib's messages often start with their step already ("train: the loss became nan ..."): the
+    asset's failure names it once, whichever way the step ran; others get it in front."""
+    from rm_lib import steps
+    from rm_lib.errors import TrainingDiverged
+
+    raised_by_step: list[Exception] = []
+
+    def failing_step(*args, **kwargs):
+        raise raised_by_step[-1]
+
+    monkeypatch.setattr(steps, "run", failing_step)
+    for step in assets.STEP_OF_ASSET.values():
+        for error, said in [(TrainingDiverged(f"{step}: the loss became nan at step 3"),
+                             f"{step}: the loss became nan at step 3"),
+                            (SettingsError("train.batch_size: must be > 0"), f"{step}: train.batch_size: must be > 0")]:
+            raised_by_step.append(error)
+            with pytest.raises(dg.Failure) as raised:
+                assets._run_step(None, step, None, None)
+            assert raised.value.description == said
+            with pytest.raises(dg.Failure) as raised:
+                assets.retried_only_when_transient(step)(failing_step)()
+            assert raised.value.description == said
+    assert assets.described("train", "training: x") == "train: training: x"
+
+
 def test_an_asset_under_the_retry_policy_retries_only_a_transient_error():
     """NETWORK_RETRY retries whatever an asset raises, but a dg.Failure that forbids it: so everything in
     the asset but a transient error is such a Failure. A training that diverged, a crash, a bad setting are
@@ -734,8 +760,8 @@ def test_training_launched_as_its_own_process_is_retried_only_for_a_transient_er
 
     trainer, res = TrainLauncherResource(separate_process=True), project(tmp_path)
     for code, messages, retried in [(2, [{"error": str(error), "transient": True}], True),
-                                    (2, [{"error": str(TrainingDiverged("the loss became nan")), "transient": False}],
-                                     False),
+                                    (2, [{"error": str(TrainingDiverged("train: the loss became nan")),
+                                          "transient": False}], False),
                                     (2, [{"error": "old message without the flag"}], False),
                                     (-9, [], False)]:
         monkeypatch.setattr(TrainLauncherResource, "launch",
@@ -743,6 +769,7 @@ def test_training_launched_as_its_own_process_is_retried_only_for_a_transient_er
         with pytest.raises(dg.Failure) as raised:
             assets._train_in_own_process(None, trainer, res, [])
         assert bool(raised.value.allow_retries) is retried and raised.value.description.startswith("train: ")
+        assert not raised.value.description.startswith("train: train: ")  # said once
 
 
 # ---------------------------------------------------------------- training as its own process group
