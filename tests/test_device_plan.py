@@ -32,6 +32,19 @@ def test_a_cpu_keeps_the_dense_masked_path_and_its_budget():
     assert not plan(device_type="mps", packed=True, supports_flex=True, shape=SMALL, free_bytes=None).fused_adamw
 
 
+def test_the_summary_records_the_attention_the_log_names():
+    """The plan keeps the model's own attention as None; the summary and the Dagster metadata say which one
+    that is, as the log's first line does, not null."""
+    cpu = plan(device_type="cpu", packed=True, supports_flex=True, shape=SMALL, free_bytes=None)
+    assert cpu.attention is None
+    assert cpu.record("sdpa")["attention"] == "sdpa" and "attention sdpa," in cpu.describe("sdpa")
+    assert cpu.record("eager")["attention"] == "eager"
+    gpu = plan(device_type="cuda", packed=True, supports_flex=True, shape=SMALL, free_bytes=80 * GiB)
+    assert gpu.record("sdpa")["attention"] == "flex_attention"
+    bf16 = plan(device_type="cpu", packed=True, supports_flex=True, shape=SMALL, free_bytes=None, precision="bf16")
+    assert bf16.record("sdpa")["attention"] == FP32_SDPA and f"attention {FP32_SDPA}," in bf16.describe("sdpa")
+
+
 def test_a_gpu_trains_packed_rows_with_flex_attention_and_fused_adamw():
     p = plan(device_type="cuda", packed=True, supports_flex=True, shape=SMALL, free_bytes=80 * GiB)
     assert (p.attention, p.tokens_per_forward, p.gradient_checkpointing, p.fused_adamw) == \
@@ -112,7 +125,7 @@ def test_the_plan_predicts_the_peak_it_planned_for():
     p = plan(**gpu, largest_forward=13_440)
     assert p.memory.peak() == state_bytes(PYTHIA_1B) + 13_440 * activation_bytes_per_token(PYTHIA_1B, 0)
     assert p.memory.peak(1000) == state_bytes(PYTHIA_1B) + 1000 * activation_bytes_per_token(PYTHIA_1B, 0)
-    assert p.record()["predicted_peak_mib"] == p.memory.peak() / 2**20
+    assert p.record("sdpa")["predicted_peak_mib"] == p.memory.peak() / 2**20
     assert f"predicted peak {p.memory.peak() / 2**20:,.0f} MiB" in p.describe("sdpa")
     partial = plan(**gpu)
     assert partial.memory.per_token == activation_bytes_per_token(PYTHIA_1B, partial.checkpointed_layers)

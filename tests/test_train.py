@@ -52,6 +52,7 @@ def test_pipeline_trains_evaluates_scores_and_publishes(tmp_path, tiny_decoder):
     plan = read_json(tmp_path / "data/train/summary.json")["device_plan"]  # how the run used its device
     assert plan["tokens_per_forward"] == 8192 and plan["gradient_checkpointing"] is False
     assert plan["predicted_peak_mib"] is None and plan["why"] == "on a CPU"  # GPU memory is planned on a GPU
+    assert plan["attention"] == "sdpa"  # the model's own, named as the log names it
     assert read_json(tmp_path / "data/evaluation/report.json") == res["evaluate"].report_record()
     assert read_json(tmp_path / "data/evaluation/metrics.json")["accuracy"] == res["evaluate"].metrics["accuracy"]
     from rm_lib.steps.train import result_from_summary  # how Dagster reads back a run made in a subprocess

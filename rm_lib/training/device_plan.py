@@ -57,15 +57,20 @@ class DevicePlan:
     checkpointed_layers: int | None = None
     memory: MemoryEstimate | None = None  # where the plan weighed the GPU's memory
 
-    def record(self) -> dict:
-        """What a run's summary keeps of its plan."""
-        return {"attention": self.attention, "tokens_per_forward": self.tokens_per_forward,
+    def attention_used(self, loaded_attention: str) -> str:
+        """The attention implementation the run trains with: the plan's, or the model's own
+        (`loaded_attention`, its config's `_attn_implementation`) where the plan keeps that."""
+        return "varlen" if self.attention == VARLEN else self.attention or loaded_attention
+
+    def record(self, loaded_attention: str) -> dict:
+        """What a run's summary keeps of its plan; `attention` as the log's first line says it."""
+        return {"attention": self.attention_used(loaded_attention), "tokens_per_forward": self.tokens_per_forward,
                 "gradient_checkpointing": self.gradient_checkpointing, "checkpointed_layers": self.checkpointed_layers,
                 "fused_adamw": self.fused_adamw, "why": self.why,
                 "predicted_peak_mib": self.memory.peak() / 2**20 if self.memory else None}
 
     def describe(self, loaded_attention: str) -> str:
-        attention = "varlen" if self.attention == VARLEN else self.attention or loaded_attention
+        attention = self.attention_used(loaded_attention)
         checkpointing = "off"
         if self.gradient_checkpointing:
             checkpointing = "on" if self.checkpointed_layers is None else f"on for the first {self.checkpointed_layers}"

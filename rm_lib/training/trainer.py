@@ -654,7 +654,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                      wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens / max(wall, 1e-9),
                      wall_s=wall, best_step=state.best_step, best_eval_accuracy=state.best_eval_accuracy,
                      prepared=model, reused=reused, last_log=state.last_log,
-                     device_plan={**device_plan.record(), "tokens_per_forward": budget,
+                     device_plan={**device_plan.record(loaded_attention), "tokens_per_forward": budget,
                                   "out_of_memory_retries": retries})
 
 
