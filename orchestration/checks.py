@@ -95,8 +95,8 @@ def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
 
 @dg.asset_check(asset=assets.evaluation, name="scores_consistent", automation_condition=ON_UPDATE,
                 description="The held-out texts score the same at batch size 1, left-padded, through the packed "
-                            "training forward and through transformers' pipeline as in evaluation, within the "
-                            "tolerance report.json states. A warning only.")
+                            "training forward (also with each pair's prompt shared) and through transformers' "
+                            "pipeline as in evaluation, within the tolerance report.json states. A warning only.")
 def evaluation_scores_consistent(project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.scores_consistent(project.layout()))
 

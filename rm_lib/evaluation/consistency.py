@@ -1,7 +1,8 @@
 """Score consistency: the same texts scored every way a trained model is used must get the same reward.
 
 The reference is the evaluation's own path (padded batches of 32 pairs, right padding). Compared with it:
-the same at batch size 1, a left-padded batch, the packed forward that training runs, and
+the same at batch size 1, a left-padded batch, the packed forward that training runs, the packed forward
+with each pair's shared prompt computed once (train.shared_prompt, causal decoders), and
 `transformers.pipeline("text-classification")` on the decoded text in batches of 8, the way a user of the
 released model scores it. A path that disagrees usually means the score is read at the wrong token (a pad,
 or the token before an EOS that doubles as pad) or that positions move with the padding.
