@@ -193,3 +193,13 @@ def test_the_verdict_warns_naming_the_path_and_passes_a_consistent_report(tmp_pa
     assert not shown.passed and shown.severity == dg.AssetCheckSeverity.WARN
     write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": [], "passed": True}})
     assert quality.scores_consistent(layout).passed
+
+
+def test_every_path_report_json_compares_is_documented():
+    """docs/evaluation.md lists each path of report.json's `consistency` (consistency.PATHS) with what it is."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs/evaluation.md").read_text(encoding="utf-8")
+    section = page.split("## Score consistency", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("- `")}
+    assert listed == set(consistency.PATHS)
