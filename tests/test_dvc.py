@@ -70,6 +70,20 @@ def _code_deps(stage: str) -> set[str]:
     return set(step_code(stage, cli=False))
 
 
+def test_the_stage_table_of_docs_dvc_md_names_what_each_stage_reads():
+    """Each file or folder a stage of dvc.yaml depends on (its code aside) is named in the `reads` cell of
+    its row in docs/dvc.md: itself, a folder above it, or its file name beside its folder."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    rows = {cells[1].strip(): cells[2] for cells in (line.split("|") for line in
+            (ROOT / "docs/dvc.md").read_text(encoding="utf-8").splitlines() if line.startswith("| "))
+            if len(cells) >= 6}
+    for name, stage in stages.items():
+        named = {n.rstrip("/") for n in re.findall(r"`([^`]+)`", rows[name])}
+        data = [d for d in stage.get("deps", []) if not d.startswith(("rm_lib", "orchestration"))]
+        missing = [d for d in data if not any(d == n or d.startswith(n + "/") or Path(d).name == n for n in named)]
+        assert data and not missing, (name, missing)
+
+
 def _entries(items) -> dict[str, dict]:
     """dvc.yaml's list of `path` or `{path: {options}}` as {path: options}."""
     result = {}
