@@ -200,6 +200,38 @@ def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_d
     assert fresh != pytest.approx(before, abs=1e-3)  # a fresh head would give other rewards
 
 
+def test_lora_on_a_bf16_base_is_merged_and_saved_in_fp32_so_no_update_rounds_away(tmp_path, tiny_decoder):
+    """Merged into bf16 weights, a LoRA update below a weight's rounding step (most of one after a few
+    AdamW steps) would round away: the released model would not be the trained one. Merged in fp32,
+    it gives the adapter's rewards (on the base loaded in fp32) to fp32 rounding."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_decoder, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_decoder).save_pretrained(bf16)
+    tok = load_tokenizer(str(bf16))
+    model = add_lora(load_reward_model(str(bf16), pad_token_id=tok.pad_token_id), r=4, alpha=8, dropout=0.0,
+                     target_modules=["q_proj", "v_proj"])
+    ids = torch.tensor([[tok.bos_token_id, 7, 8, 9, 10, 11, tok.eos_token_id], [tok.bos_token_id, 12, 13, 14, 15, 16,
+                                                                                 tok.eos_token_id]])
+    mask = torch.ones_like(ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(5):
+        (rewards(model, ids, mask)[1] - rewards(model, ids, mask)[0]).backward()
+        opt.step()
+        opt.zero_grad()
+    save_model(model.eval(), tok, tmp_path / "rm")
+    saved = load_file(tmp_path / "rm" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    with torch.no_grad():
+        merged = rewards(load_reward_model(str(tmp_path / "rm"), trained=True).eval(), ids, mask)
+        base = load_reward_model(str(bf16), pad_token_id=tok.pad_token_id, dtype=torch.float32)
+        adapter = rewards(PeftModel.from_pretrained(base, tmp_path / "rm" / "adapter").eval(), ids, mask)
+    assert merged.tolist() == pytest.approx(adapter.tolist(), abs=1e-5)
+
+
 def test_hub_kernels_stay_off_at_load_and_at_every_mode_switch(tiny_decoder, monkeypatch):
     """transformers would otherwise fetch layer code from the Hub on train()/eval(): unpinned, and an
     error on a GPU machine without network (seen at evaluation on an H200)."""

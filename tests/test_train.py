@@ -672,6 +672,21 @@ def test_a_bf16_checkpoint_trains_fp32_weights_so_small_updates_are_kept(tmp_pat
     run_steps(tiny_params("train.mixed_precision=no", "train.max_steps=1", "train.lora=true", model=str(bf16)),
               tmp_path / "lora", "download", "tokenize", "filter", "train")
     assert torch.bfloat16 in seen[1] and torch.float32 in seen[1]
+    # ... and the model is merged and saved in fp32, with the normalisation stats of that model
+    lora = Layout(tmp_path / "lora")
+    assert {t.dtype for t in weights(lora.model).values()} == {torch.float32}
+    from rm_lib.data.tokenstore import read_rows
+    from rm_lib.evaluation.metrics import pair_metrics
+    from rm_lib.model.inference import score_pairs
+    from rm_lib.model.modeling import load_reward_model
+
+    sample = read_rows(lora.filtered / "train.parquet")[:train_step.NORMALISATION_SAMPLE]
+    saved = load_reward_model(str(lora.model), trained=True)
+    r_c, r_r = score_pairs(saved, sample, pad_token_id=saved.config.pad_token_id)
+    stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
+    config = read_json(lora.model / "config.json")
+    assert config["reward_mean"] == pytest.approx(stats["reward_mean"], abs=1e-5)
+    assert config["reward_std"] == pytest.approx(stats["reward_std"], abs=1e-5)
 
 
 FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_steps=null", "train.save_steps=4",

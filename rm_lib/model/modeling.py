@@ -320,15 +320,27 @@ def released_tokenizer(tokenizer: Any) -> Any:
     if not hasattr(tokenizer, "update_post_processor") or special.prefix not in ((), (tokenizer.bos_token_id,)):
         return tokenizer
     released = copy.deepcopy(tokenizer)
-    # both flags, saved in tokenizer_config.json: a loader rebuilds the post-processor from them
+    # both flags: setting one rebuilds the post-processor from the two (saved in tokenizer.json)
     released.add_bos_token = special.prefix == (tokenizer.bos_token_id,)
     released.add_eos_token = True
     return released if released("x")["input_ids"] == wanted else tokenizer
 
 
+def merged_model(model: Any) -> Any:
+    """A copy of a LoRA model with its adapters merged, in fp32 (saved so): merged into a bf16 base, an
+    update below the weight's rounding step would round away, and much of a LoRA update is that small.
+    The copy is upcast tensor by tensor, so beside the model it takes the room of one fp32 model."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to(torch.float32).merge_and_unload()
+
+
 def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None,
                state_dict: dict | None = None) -> None:
-    """A plain transformers folder (safetensors): LoRA is merged, so any loader gets the same rewards.
+    """A plain transformers folder (safetensors): LoRA is merged (in fp32, `merged_model`), so any loader
+    gets the same rewards.
     The adapter itself is kept in `adapter/` beside it. `state_dict`: the full weights gathered from a
     sharded run (FSDP), whose own parameters each hold only a shard."""
     with quiet_transformers():
@@ -346,9 +358,7 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
         return
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(folder / "adapter", safe_serialization=True)
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
+        model = merged_model(model)
     if extra_config:
         for key, value in extra_config.items():
             setattr(model.config, key, value)
