@@ -245,6 +245,51 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
     assert lineage.count("not tracked by DVC (no dvc.lock)") == len(model_card.DVC_DATA) + 1
 
 
+def test_the_cards_lora_instructions_load_the_released_adapter_to_the_merged_models_rewards(tmp_path, tiny_decoder):
+    """The adapter beside the merged model, loaded as the card says with transformers and peft alone (the
+    base named by its folder, which the card says to replace with a path; the pad token that training
+    added, a row the base lacks, on a padded batch whose sequences end with EOS, the base's pad): the
+    merged model's rewards."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rm_lib.data.tokenstore import read_rows
+
+    root = tmp_path / "lora"
+    run_steps(settings(tiny_decoder, "train.lora=true", "push.dry_run=true"), root, *STEPS, "push")
+    release = Layout(root).release
+    adapter_config = json.loads((release / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == tiny_decoder.name  # no path of the training machine
+    usage = card_sections((release / "README.md").read_text())["How to use"]
+    assert f"`{tiny_decoder.name}` is the name of the local folder" in usage
+    code = next(block for block in re.findall(r"```python\n(.*?)```", usage, re.S) if "PeftModel" in block)
+    assert "resize_token_embeddings" in code and "pad_token_id" in code
+    code = code.replace(f'"{REPO}"', repr(str(release))).replace(f'"{tiny_decoder.name}"', repr(str(tiny_decoder)))
+    card: dict = {}
+    exec(code, card)  # noqa: S102 - the card's own instructions
+    tokenizer, adapter = card["tokenizer"], card["model"]
+    rows = read_rows(Layout(root).filtered / "test.parquet")[:4]
+    batch = tokenizer.pad({"input_ids": [r["input_ids_chosen"] for r in rows]}, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any() and all(r["input_ids_chosen"][-1] == tokenizer.eos_token_id
+                                                        for r in rows)
+    merged = AutoModelForSequenceClassification.from_pretrained(release).eval()
+    with torch.no_grad():
+        expected = merged(**batch).logits.squeeze(-1)
+        got = adapter(**batch).logits.squeeze(-1)
+    assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_the_cards_lora_instructions_pin_a_hub_base_and_add_no_pad_steps_where_none_was_added():
+    params = tiny_params("model.name_or_path=org/base").as_dict()
+    adapter = {"base": "org/base", "revision": "abc123", "pad_token_id": None, "rows": None}
+    usage = card_sections(model_card.render(repo_id=REPO, params=params, metrics={}, pictures=[], lineage={},
+                                            adapter=adapter))["How to use"]
+    assert 'from_pretrained("org/base", num_labels=1, dtype=torch.float32, revision="abc123")' in usage
+    assert 'PeftModel.from_pretrained(base, "alice/tiny-rm", subfolder="adapter")' in usage
+    assert "resize_token_embeddings" not in usage and "pad_token_id" not in usage and "local folder" not in usage
+    assert "PeftModel" not in model_card.render(repo_id=REPO, params=params, metrics={}, pictures=[], lineage={})
+
+
 def test_card_metadata_names_hub_models_and_datasets():
     assert model_card.hub_model_id("default") == "sentence-transformers/all-MiniLM-L6-v2"
     assert model_card.hub_model_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"

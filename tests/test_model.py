@@ -232,6 +232,24 @@ def test_lora_on_a_bf16_base_is_merged_and_saved_in_fp32_so_no_update_rounds_awa
     assert merged.tolist() == pytest.approx(adapter.tolist(), abs=1e-5)
 
 
+def test_the_saved_lora_adapter_names_a_base_model_others_can_load(tmp_path, tiny_decoder):
+    """Not the path the weights were read from on this machine (for 'default', inside site-packages): the
+    Hub id and its revision, or a local folder's name only."""
+    import json
+
+    from rm_lib.model.modeling import base_model_reference
+
+    assert base_model_reference("default") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_reference("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert base_model_reference(str(tiny_decoder)) == tiny_decoder.name
+    tok = load_tokenizer(str(tiny_decoder))
+    model = add_lora(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), r=4, alpha=8, dropout=0.0,
+                     target_modules=["q_proj"], base_model="org/base", revision="abc123")
+    save_model(model, tok, tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/base", "abc123")
+
+
 def test_hub_kernels_stay_off_at_load_and_at_every_mode_switch(tiny_decoder, monkeypatch):
     """transformers would otherwise fetch layer code from the Hub on train()/eval(): unpinned, and an
     error on a GPU machine without network (seen at evaluation on an H200)."""

