@@ -30,6 +30,7 @@ from rm_lib.publish import hub, model_card
 from rm_lib.publish.hub import PublishError
 from rm_lib.steps import push
 
+from conftest import ROOT
 from helpers import run_steps, tiny_params
 from hub_server import HubServer, SilentServer
 
@@ -288,6 +289,32 @@ def test_the_cards_lora_instructions_pin_a_hub_base_and_add_no_pad_steps_where_n
     assert 'PeftModel.from_pretrained(base, "alice/tiny-rm", subfolder="adapter")' in usage
     assert "resize_token_embeddings" not in usage and "pad_token_id" not in usage and "local folder" not in usage
     assert "PeftModel" not in model_card.render(repo_id=REPO, params=params, metrics={}, pictures=[], lineage={})
+
+
+def test_the_cards_commit_is_not_marked_changed_by_the_files_dvc_repro_writes_in_git(tmp_path):
+    """`dvc repro` at a clean commit rewrites dvc.lock and the git-tracked outs of dvc.yaml (the evaluate
+    stage's metrics.json): those leave the commit unmarked; a changed source file or params.yaml marks it."""
+    assert "data/evaluation/metrics.json" in model_card.pipeline_written_files(ROOT)
+    files = ("dvc.yaml", "dvc.lock", "params.yaml", "rm_lib/settings.py", "data/evaluation/metrics.json")
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).exists():
+            shutil.copyfile(ROOT / name, tmp_path / name)
+        else:  # no dvc.lock in a fresh checkout
+            (tmp_path / name).write_text("{}\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-f", *files)
+    git(tmp_path, "commit", "-q", "-m", "pipeline")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    for written in ("data/evaluation/metrics.json", "dvc.lock"):
+        (tmp_path / written).write_text('{"accuracy": 0.5}\n')
+    assert model_card.git_commit(tmp_path) == head
+    for changed in ("rm_lib/settings.py", "params.yaml"):
+        original = (tmp_path / changed).read_text()
+        (tmp_path / changed).write_text(original + "\n# changed\n")
+        assert model_card.git_commit(tmp_path) == f"{head} (with uncommitted changes)", changed
+        (tmp_path / changed).write_text(original)
+    assert model_card.git_commit(tmp_path) == head
 
 
 def test_card_metadata_names_hub_models_and_datasets():

@@ -6,6 +6,7 @@ writes the README.md that is published beside the weights.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import subprocess
 from pathlib import Path
@@ -34,12 +35,31 @@ def _git(root: Path, *args: str) -> str | None:
         return None
 
 
+def pipeline_written_files(root: Path) -> list[str]:
+    """What `dvc repro` itself rewrites among git's files: dvc.lock, and the outs dvc.yaml keeps in git
+    (`cache: false`, as data/evaluation/metrics.json), relative to `root`."""
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        spec = {}
+    written = ["dvc.lock"]
+    for stage in (spec.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            for out in (stage.get(key) or []) if isinstance(stage, dict) else []:
+                for path, options in (out.items() if isinstance(out, dict) else ()):
+                    if isinstance(options, dict) and options.get("cache") is False:
+                        written.append(posixpath.normpath(posixpath.join(stage.get("wdir", "."), path)))
+    return written
+
+
 def git_commit(root: Path) -> str | None:
-    """HEAD, marked when code or settings differ from it (dvc.lock, rewritten by `dvc repro`, aside)."""
+    """HEAD, marked when code or settings differ from it (what `dvc repro` writes in git aside:
+    `pipeline_written_files`)."""
     commit = _git(root, "rev-parse", "HEAD")
     if not commit:
         return None
-    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+    excluded = [f":(exclude){path}" for path in pipeline_written_files(root)]
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     return f"{commit} (with uncommitted changes)" if changes else commit
 
 
