@@ -4,28 +4,13 @@ That is what keeps a chat template's BOS from being doubled and every sequence e
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from rm_lib.data import templates
 from rm_lib.errors import DataError
+from rm_lib.model.special import SpecialTokens, add_special, special_tokens  # noqa: F401 (used here, and as tokenization.*)
 
 PRETOKENIZED_FIELDS = ("input_ids_chosen", "input_ids_rejected")
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    prefix: tuple[int, ...]  # what the tokenizer puts before text: BOS, or [CLS]
-    end: int | None  # what every sequence must end with: EOS, or [SEP]
-
-
-def special_tokens(tokenizer: Any) -> SpecialTokens:
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x", add_special_tokens=True)["input_ids"]
-    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-    prefix = tuple(full[:start])
-    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    return SpecialTokens(prefix=prefix, end=end)
 
 
 def check_token_ids(pairs: list[dict], vocab_size: int, *, file: str) -> None:
@@ -39,16 +24,6 @@ def check_token_ids(pairs: list[dict], vocab_size: int, *, file: str) -> None:
                 raise DataError(f"token id {bad} is outside the model's vocabulary (ids 0 to {vocab_size - 1}) in "
                                 f"pair {pair['id']}; pretokenized ids must come from the model's own tokenizer",
                                 file=file, row=row, field=field)
-
-
-def add_special(ids: list[int], special: SpecialTokens) -> list[int]:
-    """Prefix and end token, each added only if missing: no doubled BOS, always an EOS."""
-    n = len(special.prefix)
-    if n and tuple(ids[:n]) != special.prefix:
-        ids = list(special.prefix) + ids
-    if special.end is not None and (not ids or ids[-1] != special.end):
-        ids = ids + [special.end]
-    return ids
 
 
 def _prefixed_length(ids: list[int], special: SpecialTokens) -> int:

@@ -320,17 +320,17 @@ def check_lora_targets(config: Any, target_modules: list[str] | None, *, trust_r
 def released_tokenizer(tokenizer: Any) -> Any:
     """The tokenizer to save beside the model: one whose `tokenizer(text)` adds what training added
     around a text, the start token(s) and the end token. Training reads the reward at the end token
-    (tokenization.add_special appends an EOS wherever it is missing); a Llama-style tokenizer adds
+    (special.add_special appends an EOS wherever it is missing); a Llama-style tokenizer adds
     only a BOS, so `pipeline(text)` and every loader that calls the tokenizer on a text would read the
     reward one token early, at another value. Returned as given where it already ends a text so, or
     where its backend cannot be told to (its loaders must then append the end token themselves)."""
     import copy
 
-    from rm_lib.data import tokenization
+    from rm_lib.model.special import add_special, special_tokens
 
-    special = tokenization.special_tokens(tokenizer)
+    special = special_tokens(tokenizer)
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    wanted = tokenization.add_special(list(plain), special)
+    wanted = add_special(list(plain), special)
     if tokenizer("x")["input_ids"] == wanted or special.end is None or special.end != tokenizer.eos_token_id:
         return tokenizer
     if not hasattr(tokenizer, "update_post_processor") or special.prefix not in ((), (tokenizer.bos_token_id,)):
