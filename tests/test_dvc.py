@@ -297,6 +297,24 @@ def test_dvc_config_and_status(tmp_path):
         assert f"{stage}:" in status
 
 
+def test_a_file_added_to_data_sources_is_kept_by_checkout_and_sent_by_push(tmp_path, monkeypatch):
+    """data/sources/README.md says to `dvc add` a data file there and `dvc push` it. DVC skipped every
+    .dvc file under data/, which it took for git-ignored: a plain `dvc push` left the file out and a plain
+    `dvc checkout` deleted it ("D data/sources/pairs.jsonl")."""
+    repo = _new_repo(tmp_path / "repo")
+    remote = tmp_path / "remote"
+    repo.dvc("remote", "modify", "--local", "local", "url", str(remote))
+    source = repo.root / "data/sources/pairs.jsonl"
+    source.write_text('{"prompt": "q?", "chosen": "good", "rejected": "bad"}\n', encoding="utf-8")
+    repo.dvc("add", "data/sources/pairs.jsonl")
+    repo.commit("training data")
+    repo.dvc("checkout", check=False)  # the pipeline has no outputs yet: those fail, as they may
+    assert source.is_file(), "a plain dvc checkout deleted the data file"
+    repo.dvc("push", check=False)
+    md5 = yaml.safe_load((repo.root / "data/sources/pairs.jsonl.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
+    assert (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file(), "a plain dvc push left the data file out"
+
+
 @pytest.mark.slow
 def test_a_changed_local_source_in_data_sources_reruns_download(tmp_path):
     """A local download.source is a dependency by its bytes: cutting it from 200 rows to 150 shows in
