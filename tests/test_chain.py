@@ -37,6 +37,24 @@ def test_filter_refuses_tokens_of_other_pairs(tmp_path, tiny_decoder):
     assert not layout.filtered.exists()
 
 
+def test_train_refuses_token_ids_another_models_tokenizer_made(tmp_path, tiny_decoder):
+    """tokenize with the tiny decoder, then train with MiniLM (model.name_or_path changed between steps
+    run one by one): the ids would index MiniLM's embeddings as other words, and it trained on them."""
+    layout = Layout(tmp_path)
+    run_steps(tiny_params(model=str(tiny_decoder)), tmp_path, "download", "tokenize", "filter")
+    message = _refused(tiny_params(model="default"), tmp_path, "train")
+    assert message == (f"{layout.tokenized} holds token ids made by the tokenizer of '{tiny_decoder}' "
+                       f"({layout.tokenized / 'manifest.json'}), and model.name_or_path is 'default'; rerun "
+                       "tokenize, then filter (or set model.name_or_path back)")
+    assert not layout.model.exists()
+    assert "rerun tokenize" in _refused(tiny_params(model="default"), tmp_path, "filter")
+    # the same model named another way is the same model
+    alias = tmp_path / "alias"
+    alias.symlink_to(tiny_decoder)
+    run_steps(tiny_params("train.max_steps=1", model=str(alias)), tmp_path, "filter", "train")
+    assert layout.model.exists()
+
+
 def test_cli_refusal_is_one_line_exit_2(tmp_path, tiny_decoder, capsys):
     run_steps(tiny_params(model=str(tiny_decoder)), tmp_path, "download", "tokenize", "filter")
     run_steps(tiny_params("download.seed=3", model=str(tiny_decoder)), tmp_path, "download")

@@ -336,9 +336,9 @@ def test_the_filter_and_train_steps_refuse_pairs_longer_than_the_model_reads(tmp
     with pytest.raises(SettingsError, match="filter.max_token_length: 512 is more than the 256 tokens"):
         run_steps(tiny_params("filter.max_token_length=512", model=model), tmp_path, "download", "tokenize", "filter")
     assert not (tmp_path / "data/filtered").exists()
-    run_steps(tiny_params(model=model), tmp_path, "filter")
-    shorter = tmp_path / "short-model"  # the same model, reading fewer tokens than the filtered pairs hold
+    shorter = tmp_path / "short-model"  # the model the pairs were tokenized for, then made to read fewer tokens
     shutil.copytree(tiny_decoder, shorter)
+    run_steps(tiny_params(model=str(shorter)), tmp_path, "tokenize", "filter")
     write_json(shorter / "config.json", dict(read_json(shorter / "config.json"), max_position_embeddings=32))
     longest = max(len(r[f"input_ids_{s}"]) for split in ("train", "test")
                   for r in read_rows(tmp_path / f"data/filtered/{split}.parquet") for s in ("chosen", "rejected"))

@@ -145,6 +145,26 @@ def _check_bytes(link: Link, records: dict[str, dict], layout: Layout, step: str
                          f"{link.step} wrote them); {_rerun(link.step, step)}")
 
 
+def check_tokenized_for(layout: Layout, name_or_path: str, step: str) -> None:
+    """The token ids index the embeddings of the model whose tokenizer made them: another model's would
+    train (and score) on ids that mean other words, with nothing to show for it but a bad accuracy."""
+    record = layout.tokenized / "manifest.json"
+    made_for = read_json(record).get("model") if record.exists() else None
+    if made_for is None or _same_model(made_for, name_or_path):
+        return
+    raise StaleInput(f"{layout.tokenized} holds token ids made by the tokenizer of '{made_for}' ({record}), and "
+                     f"model.name_or_path is '{name_or_path}'; {_rerun('tokenize', step)} (or set "
+                     f"model.name_or_path back)")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two names of one model: equal, or one local folder named two ways."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def _noun(output: str) -> str:
     return next(link.made_from for link in CHAIN if link.output == output).removeprefix("other ").removeprefix(
         "another ")
