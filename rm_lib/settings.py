@@ -254,7 +254,7 @@ class PushSettings:
     dry_run: bool = False
     commit_message: str = "Upload reward model"
     min_accuracy: float = 0.6  # release gate: the least held-out accuracy a released model has
-    compare_with_release: bool = True  # release gate: never below the last released model (data/release)
+    compare_with_release: bool = True  # release gate: never below the last released model (quality.release_bar)
     min_subset_accuracy: float | None = None  # release gate: the least accuracy on every subset of the test set
     max_length_correlation: float | None = None  # release gate: the most |Pearson r| of reward and length
     force: bool = False  # release although the gate failed; the model card says so

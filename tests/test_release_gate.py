@@ -70,13 +70,51 @@ def test_a_model_below_the_last_release_is_refused_and_the_release_kept(project,
     run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
     release = Layout(project).release
     before = {p.name: p.read_bytes() for p in release.iterdir() if p.is_file()}
-    previous = json.loads((release / "evaluation.json").read_text())
-    write_json(release / "evaluation.json", {**previous, "accuracy": accuracy(project) + 0.01})
+    previous = json.loads((release / "evaluation.json").read_text())  # as an earlier, better model's release
+    write_json(release / "evaluation.json", {**previous, "accuracy": accuracy(project) + 0.01,
+                                             "inputs": {**previous["inputs"], "model": "an earlier model"}})
     before["evaluation.json"] = (release / "evaluation.json").read_bytes()
     params = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder))
     with pytest.raises(ReleaseBlocked, match="below the last released model"):
         run_steps(params, project, "push")
     assert {p.name: p.read_bytes() for p in release.iterdir() if p.is_file()} == before
+
+
+def test_a_model_is_never_judged_against_itself_nor_against_a_forced_release(project, tiny_decoder, monkeypatch):
+    """data/release holds what push last built. Judged against it, the first upload after a dry run was
+    compared with itself, and a forced release pushed again with push.force off passed against itself,
+    its card no longer saying it was never vetted."""
+    from rm_lib.publish import hub
+
+    uploads = []
+    monkeypatch.setattr(hub, "upload", lambda out, repo_id, **kw: uploads.append(repo_id) or {
+        "url": f"https://hub.example/{repo_id}", "commit": "c0ffee", "repo_id": repo_id, "tag": kw["tag"]})
+    release = Layout(project).release
+    mine = accuracy(project)
+
+    def push(*settings: str) -> None:
+        run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=true", *settings,
+                              model=str(tiny_decoder)), project, "push")
+
+    def recorded() -> dict:
+        return json.loads((release / "evaluation.json").read_text())
+
+    push()  # a dry run
+    dry = (release / "evaluation.json").read_bytes()
+    push("push.repo_id=me/rm")  # the same model uploaded: not compared with itself
+    assert "the last released model" not in (release / "README.md").read_text() and uploads == ["me/rm"]
+    assert (release / "evaluation.json").read_bytes() == dry  # the dry run wrote what the upload sent
+    assert recorded()[quality.JUDGED_AGAINST] is None and recorded()["forced"] is False
+    # a better model was released before this one (data/release as that release left it)
+    better = {**recorded(), "accuracy": mine + 0.05, "inputs": {**recorded()["inputs"], "model": "a better model"}}
+    write_json(release / "evaluation.json", better)
+    with pytest.raises(ReleaseBlocked, match=f"below the last released model's {mine + 0.05:.4f}"):
+        push("push.repo_id=me/rm")
+    push("push.repo_id=me/rm", "push.force=true")  # released knowingly, judged against the better one
+    assert recorded()["forced"] is True and recorded()[quality.JUDGED_AGAINST]["accuracy"] == mine + 0.05
+    with pytest.raises(ReleaseBlocked, match=f"below the last released model's {mine + 0.05:.4f}"):
+        push("push.repo_id=me/rm")  # force off again: the forced release is no bar, the better one still is
+    assert uploads == ["me/rm", "me/rm"]
 
 
 def test_a_diverged_model_is_refused_whatever_its_accuracy(project, tiny_decoder):

@@ -181,8 +181,31 @@ def beats_length_baseline(layout: Layout) -> Verdict:
         warn_only=True)
 
 
+JUDGED_AGAINST = "judged_against"  # in data/release/evaluation.json: the bar that release's gate compared it with
+
+
+def _bar(release: dict) -> dict:
+    return {"accuracy": release.get("accuracy"), "data_hash": release.get("data_hash"),
+            "model": release.get("inputs", {}).get("model")}
+
+
+def release_bar(layout: Layout, model: str | None = None) -> dict | None:
+    """What a release of `model` (its content hash) must not fall below: the release data/release holds
+    ({"accuracy", "data_hash", "model"}), or None. Not a forced one, whose gate failed: the bar it was
+    judged against stays. Not `model` itself: a push of the model data/release holds (after a dry run,
+    or with push.force off again) is judged against what that release was judged against."""
+    path = layout.release / "evaluation.json"
+    if not path.exists():
+        return None
+    release = read_json(path)
+    judged_against = release.get(JUDGED_AGAINST)
+    if release.get("forced") or (model is not None and _bar(release)["model"] == model):
+        return judged_against
+    return _bar(release)
+
+
 def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True) -> Verdict:
-    """Accuracy >= min_accuracy and not below the last released model (data/release/evaluation.json)."""
+    """Accuracy >= min_accuracy and not below the last released model's (release_bar)."""
     name = "release_gate"
     path = layout.evaluation / "report.json"
     if not path.exists():
@@ -194,12 +217,11 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
         reasons.append(f"accuracy {accuracy:.4f} is below the minimum {min_accuracy:.4f} (push.min_accuracy)")
     metadata: dict[str, Any] = {"accuracy": accuracy, "min_accuracy": min_accuracy,
                                 "previous_release_accuracy": "none"}
-    previous_path = layout.release / "evaluation.json"
+    bar = release_bar(layout, report.get("inputs", {}).get("model")) if compare_with_release else None
     previous_accuracy = None
-    if compare_with_release and previous_path.exists():
-        previous = read_json(previous_path)
-        previous_accuracy = previous.get("accuracy")
-        same_data = previous.get("data_hash") == report.get("data_hash")
+    if bar is not None:
+        previous_accuracy = bar.get("accuracy")
+        same_data = bar.get("data_hash") == report.get("data_hash")
         metadata.update({"previous_release_accuracy": previous_accuracy, "same_test_data_as_previous": same_data})
         if _finite(previous_accuracy) and accuracy < previous_accuracy:
             reasons.append(f"accuracy {accuracy:.4f} is below the last released model's {previous_accuracy:.4f}"

@@ -75,6 +75,8 @@ def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
 
 
 def build_release(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict] = ()) -> None:
+    """data/release as `out`: the model, its card and evaluation.json, which records what the gate compared
+    it with and whether it was forced (quality.release_bar reads both for the next release)."""
     metrics = read_json(layout.evaluation / "report.json")
     summary = read_json(layout.train_logs / "summary.json")
     trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
@@ -99,7 +101,9 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
                                                      forced=params.push.force and not all(v.passed for v in verdicts),
                                                      adapter=model_card.adapter_facts(out)),
                                    encoding="utf-8")
-    write_json(out / "evaluation.json", metrics)
+    forced = bool(quality.blocking_failures(list(verdicts)))
+    judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"))
+    write_json(out / "evaluation.json", {**metrics, quality.JUDGED_AGAINST: judged_against, "forced": forced})
 
 
 def run_tag(layout: Layout) -> str:
