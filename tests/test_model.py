@@ -170,6 +170,18 @@ def test_a_model_to_train_names_the_layers_beside_its_head_that_start_at_random(
     err = capfd.readouterr().err
     assert "has no weights for model.layers.1.mlp.down_proj.weight, model.layers.1.mlp.gate_proj.weight" in err
     assert "start at random" in err and not logged
+    # under LoRA they train in full and are saved with the adapter, as the head: frozen at random, the
+    # adapter would give other rewards on every base it is loaded onto
+    model = add_lora(load_reward_model(str(tmp_path / "rm"), pad_token_id=tok.pad_token_id), r=2, alpha=4,
+                     dropout=0.0, target_modules=["q_proj"])
+    trained = {n for n, p in model.named_parameters() if "layers.1.mlp" in n and p.requires_grad}
+    assert {n.split("mlp.")[1].split(".")[0] for n in trained} == {"gate_proj", "up_proj", "down_proj"}
+    model.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file as load_adapter
+
+    saved = load_adapter(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("layers.1.mlp.down_proj" in k for k in saved)
+    assert any(k.startswith("base_model.model.score") for k in saved)
 
 
 def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_decoder):

@@ -181,7 +181,10 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
                             f"({_first_line(exc)}); {hint}", transient=transient) from None
     if model.config.num_labels != 1:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
-    check_loaded_weights(name_or_path, list(info.get("missing_keys") or []), head_name(model), trained=trained)
+    head = next((n for n in HEAD_NAMES if hasattr(model, n)), None)
+    # layers new to the model beside its head: LoRA trains and saves them in full, as the head
+    model.rm_new_modules = check_loaded_weights(name_or_path, list(info.get("missing_keys") or []), head,
+                                                trained=trained)
     if added_pad:  # the pad token load_tokenizer added: one more embedding row, only ever masked padding
         model.resize_token_embeddings(pad_token_id + 1, mean_resizing=False)
         model.config.pad_token_id = pad_token_id
@@ -216,25 +219,30 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging._tqdm_active = bars
 
 
-def check_loaded_weights(name_or_path: str, missing: list[str], head: str, *, trained: bool) -> None:
+def check_loaded_weights(name_or_path: str, missing: list[str], head: str | None, *, trained: bool) -> list[str]:
     """A model to score must hold every weight: one its files lack starts at random, and so do its
-    rewards, differently at each load. A model to train may lack its new score head; other new
-    layers (DeBERTa's pooler, say) are named on stderr, since they start at random too."""
+    rewards, differently at each load. A model to train may lack its new score head (`head`); other
+    new layers (DeBERTa's pooler, say) are named on stderr, since they start at random too, and
+    returned (their module names)."""
     absent = sorted(k for k in missing if trained or k.split(".")[0] != head)
     if not absent:
-        return
+        return []
     shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
     if trained:
         raise SettingsError(f"model: '{name_or_path}' lacks trained weights for {shown}: they would start at random "
                             "and give random rewards, different at each load. Score a model that train made "
                             "(models/reward_model, a release folder), not a base model")
     print(f"model.name_or_path: '{name_or_path}' has no weights for {shown} (beside the new score head): "
-          "they start at random and train with it", file=sys.stderr)
+          "they start at random and train in full with it, also under LoRA", file=sys.stderr)
+    return sorted({k.rsplit(".", 1)[0] for k in absent})
+
+
+HEAD_NAMES = ("score", "classifier", "classification_head", "head")
 
 
 def head_name(model: Any) -> str:
     """The module that maps a hidden state to the score, trained from scratch (so saved with LoRA)."""
-    for name in ("score", "classifier", "classification_head", "head"):
+    for name in HEAD_NAMES:
         if hasattr(model, name):
             return name
     raise SettingsError(f"{type(model).__name__}: cannot find its classification head")
@@ -278,13 +286,15 @@ def rewards(model: Any, input_ids: Any, attention_mask: Any) -> Any:
 
 def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None,
              base_model: str | None = None, revision: str | None = None) -> Any:
-    """LoRA adapters on the backbone; the new score head is trained in full and saved with them.
+    """LoRA adapters on the backbone; the new score head, and any layer the base's files lacked (they
+    start at random: `rm_new_modules`), are trained in full and saved with them.
     `base_model`, `revision`: the base as the saved adapter names it (`base_model_reference`); peft
     would record the path the weights were read from."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, modules_to_save=[head_name(model)])
+                        target_modules=target_modules,
+                        modules_to_save=[head_name(model), *getattr(model, "rm_new_modules", [])])
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:  # no module matched, a matched module peft cannot adapt, no default for the type
