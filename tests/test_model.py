@@ -90,6 +90,35 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
 
 
+def test_a_chat_template_that_writes_the_eos_keeps_the_tokenizer_as_it_is_and_the_card_says_so(tiny_decoder,
+                                                                                                 tmp_path):
+    """Llama-2 and Mistral chat templates end each answer with the EOS: a tokenizer that added one more
+    would read the reward at a second EOS. It is saved as it is, and the card asks for the end token."""
+    from transformers import pipeline
+
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.model.modeling import released_tokenizer
+    from rm_lib.publish import model_card
+
+    tok = load_tokenizer(str(tiny_decoder))
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                         "{% endfor %}")
+    assert released_tokenizer(tok, chat_template=True) is tok
+    assert released_tokenizer(tok)("x")["input_ids"][-1] == tok.eos_token_id  # a template of rm_lib's own
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
+               chat_template=True)
+    facts = model_card.tokenizer_facts(tmp_path / "rm")
+    assert facts["adds_end"] is False and facts["end_token"] == "</s>"
+    assert "this\ntokenizer does not add it" in model_card._text_rules(facts)
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good film"}]
+    text = tok.apply_chat_template(chat, tokenize=False).removeprefix(tok.bos_token)  # as the card says
+    piped = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
+    ours = RewardScorer(tmp_path / "rm", template="tokenizer").score([chat])[0]
+    assert piped(text)[0]["score"] == pytest.approx(ours, abs=1e-5)
+    assert piped("good film" + tok.eos_token)[0]["score"] == pytest.approx(
+        RewardScorer(tmp_path / "rm").score(["good film"])[0], abs=1e-5)
+
+
 def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):
     from transformers import AutoModelForSequenceClassification
 

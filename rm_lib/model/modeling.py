@@ -327,13 +327,28 @@ def check_lora_targets(config: Any, target_modules: list[str] | None, *, trust_r
         add_lora(model, r=1, alpha=1, dropout=0.0, target_modules=target_modules)
 
 
-def released_tokenizer(tokenizer: Any) -> Any:
+def chat_template_ends_texts(tokenizer: Any, end: int | None) -> bool:
+    """Whether the tokenizer's chat template writes the end token after a conversation itself (Llama-2
+    and Mistral chat templates write the EOS after each answer). Undecided (a template that refuses a
+    plain user/assistant exchange) counts as yes: the tokenizer is then saved as it is."""
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # jinja's TemplateError, a template's raise_exception: nothing to judge by
+        return True
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return bool(ids) and ids[-1] == end
+
+
+def released_tokenizer(tokenizer: Any, chat_template: bool = False) -> Any:
     """The tokenizer to save beside the model: one whose `tokenizer(text)` adds what training added
     around a text, the start token(s) and the end token. Training reads the reward at the end token
     (special.add_special appends an EOS wherever it is missing); a Llama-style tokenizer adds
     only a BOS, so `pipeline(text)` and every loader that calls the tokenizer on a text would read the
-    reward one token early, at another value. Returned as given where it already ends a text so, or
-    where its backend cannot be told to (its loaders must then append the end token themselves)."""
+    reward one token early, at another value. Returned as given where it already ends a text so, where
+    its backend cannot be told to, or where training rendered conversations with the tokenizer's chat
+    template (`chat_template`) and that template writes the end token itself: the texts it renders
+    would end with two (the model card says what its users add, `model_card.tokenizer_facts`)."""
     import copy
 
     from rm_lib.model.special import add_special, special_tokens
@@ -344,6 +359,8 @@ def released_tokenizer(tokenizer: Any) -> Any:
     if tokenizer("x")["input_ids"] == wanted or special.end is None or special.end != tokenizer.eos_token_id:
         return tokenizer
     if not hasattr(tokenizer, "update_post_processor") or special.prefix not in ((), (tokenizer.bos_token_id,)):
+        return tokenizer
+    if chat_template and chat_template_ends_texts(tokenizer, special.end):
         return tokenizer
     released = copy.deepcopy(tokenizer)
     # both flags: setting one rebuilds the post-processor from the two (saved in tokenizer.json)
@@ -364,13 +381,15 @@ def merged_model(model: Any) -> Any:
 
 
 def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None,
-               state_dict: dict | None = None) -> None:
+               state_dict: dict | None = None, chat_template: bool = False) -> None:
     """A plain transformers folder (safetensors): LoRA is merged (in fp32, `merged_model`), so any loader
     gets the same rewards.
     The adapter itself is kept in `adapter/` beside it. `state_dict`: the full weights gathered from a
-    sharded run (FSDP), whose own parameters each hold only a shard."""
+    sharded run (FSDP), whose own parameters each hold only a shard. `chat_template`: training rendered
+    conversations with the tokenizer's chat template (`released_tokenizer`)."""
     with quiet_transformers():
-        _save_model(getattr(model, "module", model), tokenizer, Path(folder), extra_config, state_dict)
+        _save_model(getattr(model, "module", model), released_tokenizer(tokenizer, chat_template), Path(folder),
+                    extra_config, state_dict)
 
 
 def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | None, state_dict: dict | None) -> None:
@@ -379,7 +398,7 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
             for key, value in extra_config.items():
                 setattr(model.config, key, value)
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        released_tokenizer(tokenizer).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         share_tree(folder)
         return
     if hasattr(model, "merge_and_unload"):
@@ -390,5 +409,5 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
         for key, value in extra_config.items():
             setattr(model.config, key, value)
     model.save_pretrained(folder, safe_serialization=True)
-    released_tokenizer(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     share_tree(folder)

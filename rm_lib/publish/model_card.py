@@ -281,7 +281,42 @@ model(**tokenizer("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling
 ```{told}{where}"""
 
 
-def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False) -> str:
+def tokenizer_facts(folder: Path) -> dict:
+    """What the released tokenizer adds around a text, and the template training rendered with: what a
+    user of the release must add to a text to get the rewards training measured."""
+    from rm_lib.model.modeling import load_tokenizer
+    from rm_lib.model.special import special_tokens
+
+    tokenizer = load_tokenizer(str(folder))
+    special = special_tokens(tokenizer)
+    ids = tokenizer("x")["input_ids"]
+    saved = json.loads((folder / "rm_lib.json").read_text()) if (folder / "rm_lib.json").exists() else {}
+    return {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end),
+            "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
+            "template": saved.get("template")}
+
+
+def _text_rules(tokenizer: dict | None) -> str:
+    """What a text must hold for the reward training measured: read at the end token after every text."""
+    facts = tokenizer or {"adds_end": True, "end_token": None, "template": None}
+    template = ("A conversation must be the text of the template training used"
+                + (f" (`{facts['template']}`)" if facts["template"] else " (`rm_lib.json` names it)"))
+    if facts["adds_end"]:
+        return (f"""The reward is read at the end token that training put after every text; the saved tokenizer
+adds it, and the start token, when it tokenizes a text (`tokenizer(text)`), so do not add them
+yourself. {template}: with the tokenizer's chat template,
+`tokenizer.apply_chat_template(messages, tokenize=False)`, less a BOS the template wrote at its start,
+which the tokenizer adds again. The scoring API below does both.""")
+    end = facts["end_token"]
+    return (f"""The reward is read at the end token (`{end}`) that training put after every text, and this
+tokenizer does not add it: the chat template training used writes it after each conversation, and a
+tokenizer that added it too would end those texts with two. {template}: with the tokenizer's chat
+template, `tokenizer.apply_chat_template(messages, tokenize=False)`, less a BOS the template wrote at
+its start, which the tokenizer adds again; any other text must end with `{end}` (`text +
+tokenizer.eos_token`). The scoring API below does both.""")
+
+
+def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None) -> str:
     lora = _adapter_usage(repo_id, adapter, local_base) if adapter else ""
     return f"""## How to use
 
@@ -295,12 +330,7 @@ rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none"
 rm("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.")
 ```
 
-The reward is read at the end token that training put after every text (the EOS, or [SEP]); the
-saved tokenizer adds it, and the start token, when it tokenizes a text (`tokenizer(text)`), so do not
-add them yourself. A conversation must be the text of the template training used (`rm_lib.json`
-names it): with `template: tokenizer`, `tokenizer.apply_chat_template(messages, tokenize=False)`, less
-a BOS the template wrote at its start, which the tokenizer adds again. The scoring API below does
-both.
+{_text_rules(tokenizer)}
 
 With this project's scoring API, which renders conversations with the template used in training
 (`rm_lib.json`) and can normalise rewards with `reward_mean` / `reward_std` from `config.json`:
@@ -374,8 +404,10 @@ def _gate(gate: list[dict], forced: bool) -> str:
 
 
 def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str],
-           gate: list[dict] = (), forced: bool = False, adapter: dict | None = None) -> str:
-    """`adapter`: `adapter_facts` of the released folder (a LoRA run), for how to load the adapter."""
+           gate: list[dict] = (), forced: bool = False, adapter: dict | None = None,
+           tokenizer: dict | None = None) -> str:
+    """`adapter`: `adapter_facts` of the released folder (a LoRA run), for how to load the adapter;
+    `tokenizer`: its `tokenizer_facts`, for what a text must hold."""
     return f"""{_front_matter(params)}# {repo_id}
 
 A reward model (one score per text) trained with the Bradley-Terry loss on preference pairs.
@@ -384,7 +416,7 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 
 {_gate(list(gate), forced)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
-{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None)}
+{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None, tokenizer)}
 
 {_parameters(params)}
 

@@ -99,7 +99,8 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     (out / "README.md").write_text(model_card.render(repo_id=repo_id, params=card_params, metrics=metrics,
                                                      lineage=lineage, pictures=pictures, gate=gate_rows,
                                                      forced=params.push.force and not all(v.passed for v in verdicts),
-                                                     adapter=model_card.adapter_facts(out)),
+                                                     adapter=model_card.adapter_facts(out),
+                                                     tokenizer=model_card.tokenizer_facts(out)),
                                    encoding="utf-8")
     forced = bool(quality.blocking_failures(list(verdicts)))
     judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"))

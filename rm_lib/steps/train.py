@@ -227,9 +227,9 @@ def run(params: Params, layout: Layout, accelerator=None,
     if accelerator.is_main_process:
         with atomic_dir(layout.model) as out:
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
-            save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
-                       state_dict=gathered)
             tokenized = read_json(layout.tokenized / "manifest.json")
+            save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
+                       state_dict=gathered, chat_template=tokenized["template"] == "tokenizer")
             weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint,
