@@ -372,12 +372,18 @@ def released_tokenizer(tokenizer: Any, chat_template: bool = False) -> Any:
 def merged_model(model: Any) -> Any:
     """A copy of a LoRA model with its adapters merged, in fp32 (saved so): merged into a bf16 base, an
     update below the weight's rounding step would round away, and much of a LoRA update is that small.
-    The copy is upcast tensor by tensor, so beside the model it takes the room of one fp32 model."""
+    Made in host memory: on the GPU the copy (bf16, then fp32) would come on top of the training
+    model, past what the device plan counted. The model itself goes back where it was."""
     import copy
 
     import torch
 
-    return copy.deepcopy(model).to(torch.float32).merge_and_unload()
+    device = next(model.parameters()).device
+    model.to("cpu")
+    try:
+        return copy.deepcopy(model).to(torch.float32).merge_and_unload()
+    finally:
+        model.to(device)
 
 
 def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: dict | None = None,

@@ -21,7 +21,6 @@ from rm_lib.model.modeling import (
     check_max_token_length,
     load_reward_model,
     load_tokenizer,
-    merged_model,
     save_model,
 )
 from rm_lib.pipeline.code_version import code_hash
@@ -197,11 +196,10 @@ def run(params: Params, layout: Layout, accelerator=None,
         stats = {"reward_mean": None, "reward_std": None}
         if reward_stats:  # reward normalisation stats, saved in the model's config for downstream RLHF
             sample = train_rows[:NORMALISATION_SAMPLE]
-            # LoRA: those of the model save_model writes (merged in fp32), not of the adapters on the base
-            scored = merged_model(model) if cfg.lora else result.prepared
-            r_c, r_r = score_pairs_across(accelerator, scored, sample, pad_token_id=pad_id,
+            # LoRA: of the adapters on the base, which the saved model (merged in fp32) gives to rounding; a
+            # merged copy on the device would need room the device plan did not count
+            r_c, r_r = score_pairs_across(accelerator, result.prepared, sample, pad_token_id=pad_id,
                                           batch_size=params.evaluate.batch_size)
-            del scored
             check_finite_rewards(r_c + r_r, result.steps)
             stats = pair_metrics(r_c, r_r, [1] * len(sample), [1] * len(sample), buckets=1)
         gathered = gathered_state_dict(accelerator, result.prepared)
