@@ -55,6 +55,8 @@ class TrainLauncherResource(dg.ConfigurableResource):
                                    message_reader=dg.PipesTempFileMessageReader()) as session:
             process = subprocess.Popen(command, cwd=cwd, start_new_session=True,
                                        env={**os.environ, **session.get_bootstrap_env_vars()})
+            # for run monitoring (orchestration.run_launcher): the group outlives a killed step process
+            context.instance.report_engine_event(f"train: launched (process group: {process.pid}).", context.run)
             try:
                 code = process.wait()
             finally:

@@ -21,23 +21,54 @@ from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
 
 # the run worker's start is an engine event; each step process says it captures its logs
 RECORDS_PIDS = {DagsterEventType.ENGINE_EVENT, DagsterEventType.LOGS_CAPTURED}
+CLOCK_SLACK_S = 5.0  # a process's start (clock ticks since boot) against the event's time stamp
+# a training launched as its own process group (orchestration.launcher) records it so
+GROUP_IN_MESSAGE = re.compile(r"\(process group: (\d+)\)")
 PID_IN_MESSAGE = re.compile(r"\(pid: (\d+)\)")  # "Started process for run (pid: 20985).", a step's
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
 
-def process_alive(pid: int) -> bool:
-    """Whether `pid` is a live process here (a zombie, one that ended and was not yet reaped, is not)."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat past the command name (field 3 on), or None where there is none (macOS)."""
     try:
-        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _boot_time() -> float | None:
+    try:
+        return next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def process_started(pid: int) -> float | None:
+    """When `pid` started (seconds since the epoch), where /proc tells."""
+    fields, boot = _stat_fields(pid), _boot_time()
+    if fields is None or boot is None or len(fields) < 20:
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks after boot
+
+
+def process_alive(pid: int, recorded_at: float | None = None, group: bool = False) -> bool:
+    """Whether `pid` (with `group`, any process of that process group) is a live process here, and the
+    one recorded at `recorded_at`: a zombie (ended, not yet reaped) is not, nor a process that started
+    after that time (the number came round again: after a reboot, low numbers are given out anew)."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's: it exists
+    except PermissionError:  # another user's: it exists, and its start time tells whose
+        pass
+    if group:
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # no /proc (macOS): os.kill said it exists
-        return True
-    return state not in ("Z", "X")
+    fields = _stat_fields(pid)
+    if fields is not None and fields[0] in ("Z", "X"):
+        return False
+    started = process_started(pid)
+    return recorded_at is None or started is None or started <= recorded_at + CLOCK_SLACK_S
 
 
 def runs_on_this_machine(run: DagsterRun) -> bool:
@@ -60,27 +91,32 @@ class WatchedRunLauncher(DefaultRunLauncher):
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         if not runs_on_this_machine(run):
             return CheckRunHealthResult(WorkerStatus.RUNNING, "its code server runs on another machine")
-        pids = self._run_pids(run.run_id)
-        if not pids:  # not started yet, or started some other way: nothing to judge by
+        recorded = self._run_processes(run.run_id)
+        if not recorded:  # not started yet, or started some other way: nothing to judge by
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no process id recorded")
-        alive = [pid for pid in pids if process_alive(pid)]
+        alive = [pid for pid, (at, group) in recorded.items() if process_alive(pid, at, group)]
         if alive:
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"processes {alive} run")
-        return CheckRunHealthResult(WorkerStatus.FAILED, f"the run's processes {pids} are gone: killed outside "
-                                                         "Dagster (the out-of-memory killer, kill -9)")
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"the run's processes {list(recorded)} are gone: killed "
+                                                         "outside Dagster (the out-of-memory killer, kill -9)")
 
-    def _run_pids(self, run_id: str) -> list[int]:
-        """Every process the run recorded: its run worker and each step's process (the multiprocess
-        executor's). A step process orphaned by a killed run worker still writes the project's files,
-        so the run counts as gone only once all of them are."""
-        pids: list[int] = []
+    def _run_processes(self, run_id: str) -> dict[int, tuple[float, bool]]:
+        """Every process the run recorded, with when it was recorded and whether it is a process group:
+        its run worker, each step's process (the multiprocess executor's) and a training launched as
+        its own process group. A step process orphaned by a killed run worker, or a training group
+        whose step was killed, still writes the project's files, so the run counts as gone only once
+        all of them are."""
+        found: dict[int, tuple[float, bool]] = {}
         for entry in self._instance.all_logs(run_id, of_type=RECORDS_PIDS):
             event = entry.dagster_event
             if event is None:
                 continue
-            data = event.event_specific_data
-            value = (getattr(data, "metadata", None) or {}).get("pid")
-            found = [str(getattr(value, "value", value))] if value is not None else []
-            found += PID_IN_MESSAGE.findall(event.message or "")
-            pids += [int(p) for p in found if p.isdigit()]
-        return list(dict.fromkeys(pids))
+            value = (getattr(event.event_specific_data, "metadata", None) or {}).get("pid")
+            pids = [str(getattr(value, "value", value))] if value is not None else []
+            pids += PID_IN_MESSAGE.findall(event.message or "")
+            for pid in pids:
+                if pid.isdigit():
+                    found.setdefault(int(pid), (entry.timestamp, False))
+            for pgid in GROUP_IN_MESSAGE.findall(event.message or ""):
+                found.setdefault(int(pgid), (entry.timestamp, True))
+        return found

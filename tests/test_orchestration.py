@@ -960,6 +960,19 @@ def test_a_run_whose_process_was_killed_is_marked_failed_by_run_monitoring(tmp_p
                 process.kill()
                 process.wait()
         assert monitored(unknown) == dg.DagsterRunStatus.STARTED  # no process id recorded: nothing to judge by
+        # a training launched as its own process group (TrainLauncherResource) outlives a killed step process
+        group = subprocess.Popen(sleeper, start_new_session=True)
+        try:
+            launched = started(worker.pid)
+            instance.report_engine_event(f"train: launched (process group: {group.pid}).", launched)
+            assert monitored(launched) == dg.DagsterRunStatus.STARTED
+        finally:
+            group.kill()
+            group.wait()
+        assert monitored(launched) == dg.DagsterRunStatus.FAILURE
+        # a process number given out again (after a reboot) to a process that started after the record
+        assert process_alive(os.getpid()) and process_alive(os.getpid(), time.time())
+        assert not process_alive(os.getpid(), time.time() - 3600)
         gone = started(worker.pid)  # reaped now: no such process
         assert monitored(gone) == dg.DagsterRunStatus.FAILURE
         messages = [e.dagster_event.message or "" for e in instance.all_logs(gone.run_id) if e.dagster_event]
