@@ -10,7 +10,7 @@ import pytest
 
 from rm_lib import cli
 from rm_lib.errors import UserError
-from rm_lib.files import read_json
+from rm_lib.files import read_json, write_json
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params
@@ -48,6 +48,14 @@ def test_train_refuses_token_ids_another_models_tokenizer_made(tmp_path, tiny_de
                        "tokenize, then filter (or set model.name_or_path back)")
     assert not layout.model.exists()
     assert "rerun tokenize" in _refused(tiny_params(model="default"), tmp_path, "filter")
+    # the same name at another revision (a Hub model's tokenizer may differ between commits)
+    manifest = layout.tokenized / "manifest.json"
+    recorded = read_json(manifest)
+    assert recorded["revision"] is None
+    write_json(manifest, {**recorded, "revision": "abc123"})
+    message = _refused(tiny_params(model=str(tiny_decoder)), tmp_path, "train")
+    assert "at revision 'abc123'" in message and "model.revision is None" in message
+    write_json(manifest, recorded)
     # the same model named another way is the same model
     alias = tmp_path / "alias"
     alias.symlink_to(tiny_decoder)

@@ -145,16 +145,20 @@ def _check_bytes(link: Link, records: dict[str, dict], layout: Layout, step: str
                          f"{link.step} wrote them); {_rerun(link.step, step)}")
 
 
-def check_tokenized_for(layout: Layout, name_or_path: str, step: str) -> None:
+def check_tokenized_for(layout: Layout, name_or_path: str, revision: str | None, step: str) -> None:
     """The token ids index the embeddings of the model whose tokenizer made them: another model's would
     train (and score) on ids that mean other words, with nothing to show for it but a bad accuracy."""
     record = layout.tokenized / "manifest.json"
-    made_for = read_json(record).get("model") if record.exists() else None
-    if made_for is None or _same_model(made_for, name_or_path):
-        return
-    raise StaleInput(f"{layout.tokenized} holds token ids made by the tokenizer of '{made_for}' ({record}), and "
-                     f"model.name_or_path is '{name_or_path}'; {_rerun('tokenize', step)} (or set "
-                     f"model.name_or_path back)")
+    manifest = read_json(record) if record.exists() else {}
+    made_for = manifest.get("model")
+    if made_for is not None and not _same_model(made_for, name_or_path):
+        raise StaleInput(f"{layout.tokenized} holds token ids made by the tokenizer of '{made_for}' ({record}), and "
+                         f"model.name_or_path is '{name_or_path}'; {_rerun('tokenize', step)} (or set "
+                         f"model.name_or_path back)")
+    if "revision" in manifest and manifest["revision"] != revision:  # recorded since 2026-12-05
+        raise StaleInput(f"{layout.tokenized} holds token ids made by the tokenizer of '{made_for}' at revision "
+                         f"{manifest['revision']!r} ({record}), and model.revision is {revision!r}; "
+                         f"{_rerun('tokenize', step)} (or set model.revision back)")
 
 
 def _same_model(a: str, b: str) -> bool:

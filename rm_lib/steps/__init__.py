@@ -53,7 +53,7 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
             _undo_interrupted_record(layout)
         chain.check(name, layout)
         if name in ("filter", "train"):  # ids are read with the configured model's embeddings from filter on
-            chain.check_tokenized_for(layout, params.model.name_or_path, name)
+            chain.check_tokenized_for(layout, params.model.name_or_path, params.model.revision, name)
         before = _made_from(name, layout)
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, before)
