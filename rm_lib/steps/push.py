@@ -75,8 +75,9 @@ def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
 
 
 def build_release(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict] = ()) -> None:
-    """data/release as `out`: the model, its card and evaluation.json, which records what the gate compared
-    it with and whether it was forced (quality.release_bar reads both for the next release)."""
+    """data/release as `out`: the model, its card and evaluation.json, which records the bar of the last
+    release it was judged against (or would have been, under push.compare_with_release=false) and
+    whether it was forced past the gate (quality.release_bar reads both for the next release)."""
     metrics = read_json(layout.evaluation / "report.json")
     summary = read_json(layout.train_logs / "summary.json")
     trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
