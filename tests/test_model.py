@@ -107,9 +107,14 @@ def test_a_chat_template_that_writes_the_eos_keeps_the_tokenizer_as_it_is_and_th
     assert released_tokenizer(tok)("x")["input_ids"][-1] == tok.eos_token_id  # a template of rm_lib's own
     save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
                chat_template=True)
+    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
     facts = model_card.tokenizer_facts(tmp_path / "rm")
-    assert facts["adds_end"] is False and facts["end_token"] == "</s>"
+    assert facts["adds_end"] is False and facts["end_token"] == "</s>" and facts["template"] == "tokenizer"
     assert "this\ntokenizer does not add it" in model_card._text_rules(facts)
+    assert "apply_chat_template" in model_card._text_rules(facts)
+    # a template of rm_lib's own (the default model has no chat template): no chat-template advice
+    simple = model_card._text_rules({"adds_end": True, "end_token": "[SEP]", "template": "simple_chat"})
+    assert "rm_lib's `simple_chat`" in simple and "apply_chat_template" not in simple
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good film"}]
     text = tok.apply_chat_template(chat, tokenize=False).removeprefix(tok.bos_token)  # as the card says
     piped = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")

@@ -970,9 +970,13 @@ def test_a_run_whose_process_was_killed_is_marked_failed_by_run_monitoring(tmp_p
             group.kill()
             group.wait()
         assert monitored(launched) == dg.DagsterRunStatus.FAILURE
-        # a process number given out again (after a reboot) to a process that started after the record
+        # recorded before the machine booted: a number given out again (a process group too)
+        from orchestration.run_launcher import _boot_time
+
         assert process_alive(os.getpid()) and process_alive(os.getpid(), time.time())
-        assert not process_alive(os.getpid(), time.time() - 3600)
+        assert not process_alive(os.getpid(), _boot_time() - 3600)
+        assert not process_alive(os.getpgid(0), _boot_time() - 3600, group=True)
+        assert process_alive(os.getpgid(0), time.time(), group=True)
         gone = started(worker.pid)  # reaped now: no such process
         assert monitored(gone) == dg.DagsterRunStatus.FAILURE
         messages = [e.dagster_event.message or "" for e in instance.all_logs(gone.run_id) if e.dagster_event]

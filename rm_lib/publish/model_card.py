@@ -299,21 +299,24 @@ def tokenizer_facts(folder: Path) -> dict:
 def _text_rules(tokenizer: dict | None) -> str:
     """What a text must hold for the reward training measured: read at the end token after every text."""
     facts = tokenizer or {"adds_end": True, "end_token": None, "template": None}
-    template = ("A conversation must be the text of the template training used"
-                + (f" (`{facts['template']}`)" if facts["template"] else " (`rm_lib.json` names it)"))
-    if facts["adds_end"]:
-        return (f"""The reward is read at the end token that training put after every text; the saved tokenizer
-adds it, and the start token, when it tokenizes a text (`tokenizer(text)`), so do not add them
-yourself. {template}: with the tokenizer's chat template,
-`tokenizer.apply_chat_template(messages, tokenize=False)`, less a BOS the template wrote at its start,
-which the tokenizer adds again. The scoring API below does both.""")
     end = facts["end_token"]
-    return (f"""The reward is read at the end token (`{end}`) that training put after every text, and this
-tokenizer does not add it: the chat template training used writes it after each conversation, and a
-tokenizer that added it too would end those texts with two. {template}: with the tokenizer's chat
-template, `tokenizer.apply_chat_template(messages, tokenize=False)`, less a BOS the template wrote at
-its start, which the tokenizer adds again; any other text must end with `{end}` (`text +
-tokenizer.eos_token`). The scoring API below does both.""")
+    if facts["adds_end"]:
+        ends = ("The reward is read at the end token that training put after every text; the saved tokenizer "
+                "adds it,\nand the start token, when it tokenizes a text (`tokenizer(text)`), so do not add "
+                "them yourself.")
+    else:
+        ends = (f"The reward is read at the end token (`{end}`) that training put after every text, and this\n"
+                f"tokenizer does not add it: a text must end with it (`text + tokenizer.eos_token`), unless the "
+                f"chat template\nwrote it.")
+    if facts["template"] == "tokenizer":
+        how = ("A conversation is the text of the tokenizer's chat template, which training used:\n"
+               "`tokenizer.apply_chat_template(messages, tokenize=False)`, less a BOS the template wrote at "
+               "its start,\nwhich the tokenizer adds again.")
+    else:
+        named = f", rm_lib's `{facts['template']}`" if facts["template"] else " (`rm_lib.json` names it)"
+        how = (f"A conversation is the text of the template training used{named}\n"
+               "(`rm_lib.data.templates.render`).")
+    return f"{ends} {how} The scoring API below does both."
 
 
 def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None) -> str:
