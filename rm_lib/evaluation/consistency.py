@@ -75,7 +75,10 @@ PIPELINE_BATCH = 8  # batches of texts of several lengths: the pipeline pads the
 def _pipeline_scores(model_dir: Path, texts: list[str], device: torch.device) -> list[float]:
     from transformers import pipeline
 
-    pipe = pipeline("text-classification", model=str(model_dir), function_to_apply="none", device=device)
+    from rm_lib.model.modeling import quiet_transformers
+
+    with quiet_transformers():  # a user's own load: its bars are noise in the evaluation's log
+        pipe = pipeline("text-classification", model=str(model_dir), function_to_apply="none", device=device)
     out = pipe(texts, batch_size=PIPELINE_BATCH)
     return [float((o[0] if isinstance(o, list) else o)["score"]) for o in out]
 
