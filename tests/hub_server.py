@@ -83,7 +83,29 @@ def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class HubServer:
+class _Served:
+    """A ThreadingHTTPServer on 127.0.0.1 in a thread of its own, for the length of a `with`."""
+
+    httpd: ThreadingHTTPServer | None = None
+
+    def _serve(self, handler: type, name: str) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        # a short poll interval: shutdown() waits for it
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), name=name, daemon=True).start()
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.httpd is not None
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+class HubServer(_Served):
     """`with HubServer(tokens={"hf_abc": "alice"}) as hub:` then HF_ENDPOINT=hub.url."""
 
     def __init__(self, tokens: dict[str, str] | None = None, *, lfs_min_size: int = 1 << 20,
@@ -100,22 +122,8 @@ class HubServer:
     # ------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> HubServer:
-        handler = type("Handler", (_Handler,), {"hub": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        # a short poll interval: shutdown() waits for it
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), name="hub-server", daemon=True).start()
+        self._serve(type("Handler", (_Handler,), {"hub": self}), "hub-server")
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.httpd is not None
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    @property
-    def url(self) -> str:
-        assert self.httpd is not None
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def fail_next(self, status: int, count: int = 1) -> None:
         with self.lock:
@@ -437,7 +445,7 @@ class SilentServer:
             return
 
 
-class UnavailableServer:
+class UnavailableServer(_Served):
     """A Hub in an outage: every request, HEAD included, is answered 503 on 127.0.0.1. `requests` holds
     "METHOD /path" of each request received."""
 
@@ -468,17 +476,5 @@ class UnavailableServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), name="unavailable-hub", daemon=True).start()
+        self._serve(Handler, "unavailable-hub")
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.httpd is not None
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    @property
-    def url(self) -> str:
-        assert self.httpd is not None
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
