@@ -98,8 +98,10 @@ def test_hub_dataset_errors_say_whether_a_retry_can_help(error, transient, monke
     assert ("retryable" in str(raised.value)) is transient
 
 
-@pytest.mark.parametrize(("cause", "transient"), [(httpx2.ReadTimeout("timed out"), True), (HTTPError(404), False)])
-def test_model_resolution_errors_say_whether_a_retry_can_help(cause, transient, monkeypatch):
+@pytest.mark.parametrize(("cause", "transient"), [(HTTPError(503), True), (httpx2.ConnectError("refused"), True),
+                                                 (httpx2.ReadTimeout("timed out"), True), (HTTPError(404), False)])
+def test_model_config_tokenizer_and_weight_loading_errors_say_whether_a_retry_can_help(cause, transient, monkeypatch):
+    """The model's config, its tokenizer and its weights load from the Hub (tokenize, train, evaluate)."""
     import transformers
 
     def from_pretrained(*args, **kwargs):
@@ -109,17 +111,6 @@ def test_model_resolution_errors_say_whether_a_retry_can_help(cause, transient, 
     with pytest.raises(SettingsError, match="cannot load 'someone/model'") as raised:
         modeling.load_model_config("someone/model")
     assert raised.value.transient is transient
-
-
-@pytest.mark.parametrize(("cause", "transient"), [(HTTPError(503), True), (httpx2.ConnectError("refused"), True),
-                                                 (HTTPError(404), False)])
-def test_tokenizer_and_weight_loading_errors_say_whether_a_retry_can_help(cause, transient, monkeypatch):
-    """As the model's config: the tokenizer and the weights load from the Hub too (tokenize, train, evaluate)."""
-    import transformers
-
-    def from_pretrained(*args, **kwargs):
-        raise raised_from(OSError("We couldn't connect to the Hub to load this model"), cause)
-
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
     with pytest.raises(SettingsError, match="cannot load a tokenizer from 'someone/model'") as raised:
         modeling.load_tokenizer("someone/model")
