@@ -23,9 +23,10 @@ from rm_lib.model.packing import (
     packed_rewards,
     pooling,
     shared_prefix,
+    why_not_packed,
 )
 
-from helpers import assert_same_step, gradient_step, run_steps, shared_prompt_pairs, tiny_params, write_jsonl
+from helpers import assert_same_step, fit_tiny, gradient_step, run_steps, shared_prompt_pairs, tiny_params, write_jsonl
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0, longest: int = 40) -> list[dict]:
@@ -182,6 +183,63 @@ def test_an_encoder_refuses_shared_prompts(minilm_path):
     model = _model(minilm_path, "sdpa")
     with pytest.raises(ValueError, match="causal decoder"):
         packed_rewards(unwrap(model), pack_pairs_shared(shared_prompt_pairs(2, 60), 0))
+
+
+_SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+FAMILIES = {  # model_type, its config in small, and whether packed rows can give its padded scores
+    "gpt2": ({"n_embd": 32, "n_layer": 2, "n_head": 4}, True),  # learned absolute positions
+    "gpt_neox": (_SMALL, True),
+    "qwen2": ({**_SMALL, "num_key_value_heads": 2}, True),
+    "gemma": ({**_SMALL, "num_key_value_heads": 2, "head_dim": 8}, True),
+    "phi": (_SMALL, True),
+    "opt": ({**_SMALL, "ffn_dim": 64, "word_embed_proj_dim": 32}, True),
+    "gptj": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4}, True),
+    "falcon": ({**_SMALL, "new_decoder_architecture": True, "num_kv_heads": 2}, True),
+    "bert": (_SMALL, True),
+    # ALiBi: the bias comes from each token's column, not from the position ids packing gives
+    "bloom": ({"hidden_size": 32, "n_layer": 2, "n_head": 4}, False),
+    "mpt": ({"d_model": 32, "n_layers": 2, "n_heads": 4}, False),
+    "falcon-rw": ({**_SMALL, "alibi": True}, False),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_is_packed_only_where_packed_rows_give_its_padded_scores(family):
+    """Bloom and Falcon-RW crashed on the block mask; MPT scored a shared-prompt layout wrongly (its
+    rejected tokens saw the chosen ones as distance). Such models train on padded batches."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    small, packable = FAMILIES[family]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family.removesuffix("-rw"), num_labels=1, pad_token_id=0, vocab_size=100, **small)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    pairs = shared_prompt_pairs(6, 100)
+    padded = collate_pairs(pairs, 0)
+    with torch.no_grad():
+        expected = rewards(model, padded.input_ids, padded.attention_mask)
+        if not packable:
+            assert pooling(model) is None and "ALiBi" in why_not_packed(model)
+            with pytest.raises(ValueError, match="scores no packed rows"):
+                packed_rewards(model, pack_pairs(pairs, 0))
+            return
+        packers = [pack_pairs, pack_pairs_shared] if pooling(model) == "last" else [pack_pairs]
+        for packer in packers:
+            torch.testing.assert_close(packed_rewards(model, packer(pairs, 0)), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_that_cannot_score_packed_rows_trains_on_padded_batches(tmp_path, tiny_decoder, capsys):
+    from transformers import AutoModelForSequenceClassification, BloomConfig
+
+    from rm_lib.model.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_decoder))
+    torch.manual_seed(0)
+    bloom = AutoModelForSequenceClassification.from_config(BloomConfig(
+        vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id))
+    result, _, _ = fit_tiny(tmp_path, tiny_decoder, model=bloom)
+    assert "padding_free is not supported for BloomForSequenceClassification" in capsys.readouterr().out
+    assert result.steps == 3 and np.isfinite(result.history[-1]["loss"])
 
 
 def test_training_with_shared_prompts_matches_per_sequence_packing(tmp_path, tiny_decoder):

@@ -17,7 +17,7 @@ import torch
 
 from rm_lib.model.inference import PairScorer, score_pairs
 from rm_lib.model.modeling import is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
-from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling
+from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling, why_not_packed
 
 REFERENCE = "padded batch, batch size 32, right padding"
 PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "packed_shared_prompt", "pipeline")
@@ -126,9 +126,10 @@ def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict)
             skipped["packed_shared_prompt"] = {"texts": len(seqs), "reason": "an encoder's prompt would see both "
                                                "answers: training packs its sequences apart"}
     else:
-        skipped["packed_shared_prompt"] = {"texts": len(seqs), "reason": "no packed forward for this head"}
-        skipped["packed_training_forward"] = {"texts": len(seqs), "reason": "no packed forward for this head: "
-                                              "training runs padded batches, which the reference is"}
+        why = f"no packed forward for this model: {why_not_packed(unwrap(model))}"
+        skipped["packed_shared_prompt"] = {"texts": len(seqs), "reason": why}
+        skipped["packed_training_forward"] = {"texts": len(seqs), "reason": f"{why}; training runs padded batches, "
+                                              "which the reference is"}
     return scored
 
 

@@ -12,6 +12,7 @@ the sequence gets alone, and the prefix is computed once per pair instead of twi
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -307,7 +308,25 @@ def any_width_compiles() -> Iterator[None]:
 
 def pooling(inner: Any) -> str | None:
     """How a packed forward reads a score: 'last' for decoder heads (`score`), 'first' for BERT-style
-    [CLS] heads (`pooler` + `classifier`), None for a head this module cannot unpack."""
+    [CLS] heads (`pooler` + `classifier`), None where packed rows would not give the padded scores
+    (`why_not_packed` says why)."""
+    return None if why_not_packed(inner) else _head_pooling(inner)
+
+
+def why_not_packed(inner: Any) -> str | None:
+    """Why this model cannot score packed rows as it scores padded ones, or None where it can."""
+    if _head_pooling(inner) is None:
+        return "its head is not one linear layer on the last or the first token"
+    base = getattr(inner, inner.base_model_prefix)
+    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+    if not takes_positions or _alibi(inner.config):
+        # Bloom, MPT, Falcon-RW: distances come from the columns of the row, so a packed sequence
+        # would see the tokens laid between its prompt and its answer, or crash on the block mask
+        return "it places tokens by their columns in the batch (ALiBi), not by the position ids packing gives"
+    return None
+
+
+def _head_pooling(inner: Any) -> str | None:
     if hasattr(inner, "score"):
         return "last"
     base = getattr(inner, inner.base_model_prefix, None)
@@ -315,6 +334,13 @@ def pooling(inner: Any) -> str | None:
             isinstance(inner.classifier, torch.nn.Linear):
         return "first"
     return None
+
+
+def _alibi(config: Any) -> bool:
+    nested = getattr(config, "attn_config", None)  # MPT keeps it there
+    nested = nested if isinstance(nested, dict) else getattr(nested, "__dict__", {})
+    return bool(getattr(config, "alibi", False) or nested.get("alibi")
+                or getattr(config, "position_embedding_type", None) == "alibi")
 
 
 def attention_window(config: Any) -> int | None:
@@ -343,6 +369,8 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
     """One float reward per packed sequence, in `pack_pairs` order; `inner` is the transformers model
     under any DDP or peft wrapper (LoRA layers sit inside it)."""
     kind = pooling(inner)
+    if kind is None:
+        raise ValueError(f"{type(inner).__name__} scores no packed rows: {why_not_packed(inner)}")
     base_name = inner.base_model_prefix
     attn = getattr(inner.config, "_attn_implementation", "eager")
     dtype = next(inner.parameters()).dtype

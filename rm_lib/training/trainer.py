@@ -31,6 +31,7 @@ from rm_lib.model.packing import (
     pack_pairs,
     pack_pairs_shared,
     pooling,
+    why_not_packed,
 )
 from rm_lib.model.varlen import VARLEN, check_kernel, cuda_kernel, register_varlen
 from rm_lib.settings import ModelSettings, TrainSettings
@@ -434,8 +435,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     varlen, causal = device_plan.attention == VARLEN, pooling(unwrap(model)) == "last"
     multiple = 1 if varlen else FLEX_BLOCK
     if cfg.padding_free and not packed:
-        accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__}; "
-                          "training on padded batches")
+        accelerator.print(f"train: padding_free is not supported for {type(unwrap(model)).__name__} "
+                          f"({why_not_packed(unwrap(model))}); training on padded batches")
     host_activations = accelerator.device.type == "cpu"
     global_tokens = None if cfg.batch_tokens is None else cfg.batch_tokens * world
     schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
