@@ -12,6 +12,8 @@ from rm_lib import cli
 from rm_lib.errors import UserError
 from rm_lib.files import read_json, write_json
 from rm_lib.layout import Layout
+from rm_lib.model.modeling import DEFAULT_MODEL_HUB_ID
+from rm_lib.pipeline.chain import StaleInput, check_tokenized_for
 
 from helpers import run_steps, tiny_params
 
@@ -61,6 +63,11 @@ def test_train_refuses_token_ids_another_models_tokenizer_made(tmp_path, tiny_de
     alias.symlink_to(tiny_decoder)
     run_steps(tiny_params("train.max_steps=1", model=str(alias)), tmp_path, "filter", "train")
     assert layout.model.exists()
+    # 'default' is the model its Hub id names (a Hub load of it would read the same tokenizer)
+    write_json(manifest, {**recorded, "model": "default"})
+    check_tokenized_for(layout, DEFAULT_MODEL_HUB_ID, None, "train")
+    with pytest.raises(StaleInput, match="tokenizer of 'default'"):
+        check_tokenized_for(layout, "sentence-transformers/all-mpnet-base-v2", None, "train")
 
 
 def test_cli_refusal_is_one_line_exit_2(tmp_path, tiny_decoder, capsys):

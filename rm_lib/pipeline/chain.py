@@ -162,7 +162,11 @@ def check_tokenized_for(layout: Layout, name_or_path: str, revision: str | None,
 
 
 def _same_model(a: str, b: str) -> bool:
-    """Two names of one model: equal, or one local folder named two ways."""
+    """Two names of one model: equal, 'default' and the Hub id of what it ships, or one local folder named
+    two ways."""
+    from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
+
+    a, b = (DEFAULT_MODEL_HUB_ID if name == DEFAULT_MODEL else name for name in (a, b))
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
