@@ -278,6 +278,45 @@ def test_lora_on_a_bf16_base_is_merged_and_saved_in_fp32_so_no_update_rounds_awa
     assert merged.tolist() == pytest.approx(adapter.tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder lacking its pooler"])
+def test_lora_on_a_bf16_base_trains_its_head_and_new_layers_in_fp32(tmp_path, tiny_decoder, family):
+    """peft copies the score head (and a layer the files lack) to train in the base's dtype: in bf16 an
+    AdamW step of 1e-5 left most of the head's weights as they were. They now train in fp32, with or
+    without autocast, and the bf16 backbone around them still gets bf16."""
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+    folder = tmp_path / "bf16"
+    if family == "decoder":
+        AutoModelForCausalLM.from_pretrained(tiny_decoder, dtype=torch.bfloat16).save_pretrained(folder)
+        targets, trained = ["q_proj", "v_proj"], ["score"]
+    else:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        BertModel(config, add_pooling_layer=False).to(torch.bfloat16).save_pretrained(folder)
+        targets, trained = ["query", "value"], ["classifier", "bert.pooler.dense"]
+    base = load_reward_model(str(folder), pad_token_id=0)
+    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=targets)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert torch.bfloat16 in {p.dtype for p in model.parameters()}  # the frozen base stays as loaded
+    copies = {name: p for name, p in model.named_parameters()
+              if any(f"{t}.modules_to_save" in name for t in trained)}
+    assert {name.split(".modules_to_save")[0].split("model.", 2)[-1] for name in copies} == set(trained)
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]), torch.ones(2, 5, dtype=torch.long)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            scores = rewards(model, ids, mask)
+        assert scores.dtype == torch.float32
+        scores.sum().backward()  # (a Bradley-Terry pair's bias gradients cancel)
+        before = {name: (p.detach().clone(), p.grad != 0) for name, p in copies.items()}
+        opt.step()
+        opt.zero_grad()
+        for name, p in copies.items():  # AdamW moves every weight with a gradient by about the learning rate
+            old, moved = before[name]
+            assert moved.any() and (p != old)[moved].all(), name
+
+
 def test_the_saved_lora_adapter_names_a_base_model_others_can_load(tmp_path, tiny_decoder):
     """Not the path the weights were read from on this machine (for 'default', inside site-packages): the
     Hub id and its revision, or a local folder's name only."""

@@ -302,7 +302,43 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
     if base_model is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_model
         peft_model.peft_config["default"].revision = revision
+    _train_copies_in_fp32(peft_model)
     return peft_model
+
+
+def _train_copies_in_fp32(peft_model: Any) -> None:
+    """peft copies the head (and any new layer) to train in the base's dtype: in bf16, AdamW's small
+    updates to them would round away, as they would in a full fine-tune. The copies train in fp32, fed
+    in fp32; a copy inside the backbone gives the next layer the base's dtype back."""
+    import functools
+
+    import torch
+    from peft.utils import ModulesToSaveWrapper
+
+    head = head_name(unwrap(peft_model))
+    for name, wrapper in peft_model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for copy in wrapper.modules_to_save.values():
+            dtype = next((p.dtype for p in copy.parameters() if p.is_floating_point()), torch.float32)
+            if dtype == torch.float32:
+                continue
+            copy.float()
+            copy.register_forward_pre_hook(_inputs_in_fp32)
+            if name.rsplit(".", 1)[-1] != head:
+                copy.register_forward_hook(functools.partial(_output_in, dtype))
+
+
+def _inputs_in_fp32(module: Any, args: tuple) -> tuple:
+    import torch
+
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_in(dtype: Any, module: Any, args: tuple, output: Any) -> Any:
+    import torch
+
+    return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
 
 
 def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) -> str:
