@@ -195,6 +195,12 @@ class HubServer(_Served):
         return {"branches": [ref("heads", n, o) for n, o in repo.branches.items()], "converts": [],
                 "tags": [ref("tags", n, o) for n, o in repo.tags.items()], "pullRequests": []}
 
+    def tree(self, auth: str | None, repo_id: str, rev: str) -> list[dict]:
+        """Every file of the revision, as a recursive listing gives them (one page)."""
+        repo = self.readable(repo_id, self.user(auth, required=False))
+        return [{"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": path}
+                for path, data in sorted(repo.resolve(rev).files.items())]
+
     def upload_mode(self, item: dict) -> str:
         sample = base64.b64decode(item.get("sample", ""))
         binary = b"\0" in sample or int(item["size"]) >= self.lfs_min_size
@@ -298,7 +304,7 @@ class HubServer(_Served):
             raise HubError(400, f"Invalid metadata in README.md: {exc}") from None
         return {"errors": [], "warnings": []}
 
-    def route(self, method: str, path: str, auth: str | None, raw: bytes) -> dict:
+    def route(self, method: str, path: str, auth: str | None, raw: bytes) -> dict | list:
         body = lambda: json.loads(raw or b"{}")  # noqa: E731
         routes = [
             ("POST", r"/api/repos/create", lambda m: self.create_repo(auth, body())),
@@ -309,6 +315,7 @@ class HubServer(_Served):
             ("GET", rf"/api/models/{REPO}", lambda m: self.repo_info(auth, m["repo"], "main")),
             ("GET", rf"/api/models/{REPO}/revision/{REV}", lambda m: self.repo_info(auth, m["repo"], m["rev"])),
             ("GET", rf"/api/models/{REPO}/refs", lambda m: self.refs(auth, m["repo"])),
+            ("GET", rf"/api/models/{REPO}/tree/{REV}", lambda m: self.tree(auth, m["repo"], m["rev"])),
             ("POST", rf"/api/models/{REPO}/preupload/{REV}",
              lambda m: self.preupload(auth, m["repo"], m["rev"], body())),
             ("POST", rf"/api/models/{REPO}/commit/{REV}",

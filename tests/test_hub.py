@@ -141,6 +141,55 @@ def test_push_creates_a_private_repo_with_the_release_byte_identical_and_tagged(
     assert {repo.tags[t] for t in (result.tag, third.tag, fourth.tag)} == {first, third.commit, fourth.commit}
 
 
+def test_a_push_deletes_the_files_of_an_earlier_release_that_this_one_lacks(project, server, tiny_decoder):
+    """The Hub's revision is the release, whole: an earlier release's file (a LoRA run's adapter/, a
+    picture) is not left beside another model and a card that does not mention it."""
+    params = settings(tiny_decoder)
+    stale = Layout(project).model / "adapter" / "adapter_model.safetensors"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier run's adapter")
+    push_step(params, project)
+    assert "adapter/adapter_model.safetensors" in published(server)
+    shutil.rmtree(stale.parent)
+    (Layout(project).evaluation / "rewards.png").unlink()
+    push_step(params, project)
+    assert published(server) == release_files(project)
+    assert ".gitattributes" in server.repos[REPO].files()  # the Hub's own file stays
+
+
+def test_a_bare_repository_name_is_named_in_full_in_the_card(project, server, tiny_decoder):
+    """A name without owner lands in the token owner's namespace; the card's loading examples name that
+    repository, not the bare name (on the Hub a legacy top-level id: someone else's model, or none)."""
+    result = push_step(settings(tiny_decoder, "push.repo_id=tiny-bare"), project)
+    assert result.repo_id == f"{USER}/tiny-bare"
+    card = server.repos[f"{USER}/tiny-bare"].files()["README.md"].decode()
+    assert card == release_files(project)["README.md"].decode()
+    assert f'"{USER}/tiny-bare"' in card and '"tiny-bare"' not in card
+
+
+def test_no_released_file_names_a_folder_of_the_training_machine(tmp_path, tiny_decoder):
+    """A local base model, data file and suite are named inside the project or by their names alone (as
+    the LoRA adapter names its base); the local report keeps the full paths (its lineage)."""
+    home = tmp_path / "private-home"
+    model = Path(shutil.copytree(tiny_decoder, home / "models" / "tiny-llama"))
+    source = home / "data" / "prefs.jsonl"
+    source.parent.mkdir(parents=True)
+    source.write_text("".join(json.dumps({"prompt": f"q{i} a b", "chosen": "good fine great", "rejected": "bad"}) + "\n"
+                              for i in range(40)))
+    root = tmp_path / "project"
+    params = tiny_params("train.max_steps=2", "train.lora=true", f"download.source={source}",
+                         f"evaluate.suites=[\"{source}\"]", model=str(model))
+    run_steps(params, root, *STEPS, "push")
+    assert str(home) in (Layout(root).evaluation / "report.json").read_text()
+    released = release_files(root)
+    assert "adapter/README.md" not in released  # peft's template card, which named the base by its path
+    leaks = {name: text for name, text in released.items() if str(tmp_path).encode() in text}
+    assert leaks == {}
+    card = released["README.md"].decode()
+    assert "`tiny-llama`" in card and "prefs.jsonl" in card
+    assert json.loads(released["rm_lib.json"])["base_model"] == "tiny-llama"
+
+
 def test_push_with_the_installed_xet_client_uploads_the_same_files(project, monkeypatch, tmp_path, tiny_decoder):
     """hf_xet is installed, so HfApi takes its pipelined upload path; files go inline when the Hub
     asks for regular uploads."""
@@ -208,7 +257,7 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
     assert {"Evaluation (held-out pairs)", "How to use", "Training parameters", "Lineage"} <= set(sections)
 
     head = text.split("## ")[0]
-    assert f"Base model: `{tiny_decoder}`" in head and "Dataset: `demo`" in head and "seed 42" in head
+    assert f"Base model: `{tiny_decoder.name}`" in head and "Dataset: `demo`" in head and "seed 42" in head
     report = json.loads((layout.evaluation / "report.json").read_text())
     evaluation = sections["Evaluation (held-out pairs)"]
     baseline = max(report["longer_wins_baseline"], report["shorter_wins_baseline"])
@@ -227,6 +276,7 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
 
     block = re.search(r"```json\n(.*?)\n```", sections["Training parameters"], re.S).group(1)
     every = {k: v for k, v in params.as_dict().items() if k != "push"}
+    every["model"] = {**every["model"], "name_or_path": tiny_decoder.name}  # a local folder by its name
     assert json.loads(block) == every
 
     lineage = sections["Lineage"]

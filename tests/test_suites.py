@@ -230,4 +230,4 @@ def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert "suite rb2 (best_of_n, 2 rows)" in results["evaluate"].summary()
     card = (layout.release / "README.md").read_text()
-    assert f"| `rb2` | `{root / 'rb2.parquet'}` | best_of_n | 2 | {rb2['accuracy']:.4f} |" in card
+    assert f"| `rb2` | `rb2.parquet` | best_of_n | 2 | {rb2['accuracy']:.4f} |" in card  # in the project: named from it

@@ -446,6 +446,8 @@ def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | N
     if hasattr(model, "merge_and_unload"):
         # no embedding rows: the one a pad token added is never attended (the card says how to add it back)
         model.save_pretrained(folder / "adapter", safe_serialization=True, save_embedding_layers=False)
+        # peft's template card names the base by the path it was read from; the release's card covers the adapter
+        (folder / "adapter" / "README.md").unlink(missing_ok=True)
         model = merged_model(model)
     if extra_config:
         for key, value in extra_config.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,12 @@ def retry_settings() -> tuple[int, float]:
 
 
 def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
-           retries: int | None = None, backoff_s: float | None = None, kept: Path | None = None) -> dict[str, Any]:
-    """Create the repository if missing, upload `folder` as a new revision and tag it with the run
-    (`tag`, or `tag`-2, -3... when that tag already names another revision). Error messages say the
+           retries: int | None = None, backoff_s: float | None = None, kept: Path | None = None,
+           named: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Create the repository if missing, make its files those of `folder` in one new revision (a file of
+    an earlier release that `folder` lacks is deleted) and tag it with the run (`tag`, or `tag`-2,
+    -3... when that tag already names another revision). `named(full_id)` runs before the upload, once
+    the repository's full id is known (a bare name is the token owner's). Error messages say the
     model stays in `kept` (default: `folder`), for a caller that uploads from a temporary copy.
 
     Returns url, repo_id (with its namespace), commit and the tag given to the commit."""
@@ -61,7 +65,7 @@ def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, ta
         try:
             with network.hub_retries_off():  # this loop is the one layer that retries
                 return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
-                                  kept=where)
+                                  kept=where, named=named)
         except PublishError:
             raise
         except Exception as exc:  # sorted by network.is_transient / _explain; anything unknown is re-raised
@@ -90,7 +94,7 @@ def _api():
 
 
 def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
-               kept: Path) -> dict[str, Any]:
+               kept: Path, named: Callable[[str], None] | None) -> dict[str, Any]:
     from huggingface_hub.errors import BadRequestError, HFValidationError
 
     api = _api()
@@ -100,8 +104,12 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
         raise PublishError(f"push.repo_id: '{repo_id}' is not a valid repository name ({_short(exc)}); "
                            f"use {NAME_RULE}; the model stays in {kept}") from None
     full_id = url.repo_id or repo_id  # "name" alone lands in the token owner's namespace
+    if named is not None:
+        named(full_id)
+    # delete_patterns: the revision holds the release and nothing of an earlier one (an adapter/ of a
+    # LoRA run, a picture); the client never deletes .gitattributes
     info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message,
-                             repo_type="model")
+                             repo_type="model", delete_patterns="*")
     return {"url": str(url), "repo_id": full_id, "commit": info.oid, "tag": _tag(api, full_id, info.oid, tag)}
 
 

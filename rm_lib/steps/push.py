@@ -23,6 +23,7 @@ from rm_lib.files import atomic_dir, read_json, write_json
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.publish import hub, model_card
+from rm_lib.publish.public import public, public_text
 from rm_lib.settings import Params
 
 PICTURES = ("rewards.png", "reward_vs_length.png", "accuracy_by_length.png")  # from data/evaluation
@@ -77,35 +78,45 @@ def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
 def build_release(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict] = ()) -> None:
     """data/release as `out`: the model, its card and evaluation.json, which records the bar of the last
     release it was judged against (or would have been, under push.compare_with_release=false) and
-    whether it was forced past the gate (quality.release_bar reads both for the next release)."""
+    whether it was forced past the gate (quality.release_bar reads both for the next release). No file
+    names a folder of this machine (rm_lib.publish.public)."""
     metrics = read_json(layout.evaluation / "report.json")
-    summary = read_json(layout.train_logs / "summary.json")
-    trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
-    manifest = read_json(layout.pairs / "manifest.json")
     for item in sorted(layout.model.iterdir()):
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
     # the gate judged the model the report was made of: the copy must be that one, also when a train
     # finished in the meantime
-    copied = read_json(out / "rm_lib.json").get("content_hash") if (out / "rm_lib.json").exists() else None
-    if copied != metrics.get("inputs", {}).get("model"):
+    saved = read_json(out / "rm_lib.json") if (out / "rm_lib.json").exists() else {}
+    if saved.get("content_hash") != metrics.get("inputs", {}).get("model"):
         raise UserError(f"push: {layout.model} is not the model data/evaluation/report.json was made of (a train "
                         "finished meanwhile?); data/release and the Hub are unchanged. Run evaluate, then push")
-    pictures = _copy_pictures(layout, out)
+    root = layout.root.resolve()
+    if saved:
+        write_json(out / "rm_lib.json", public(saved, root))
+    _copy_pictures(layout, out)
+    write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
+    forced = bool(quality.blocking_failures(list(verdicts)))
+    judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"))
+    write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against,
+                                         "forced": forced})
+
+
+def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
+    """The model card of the release in `out`, for the repository `repo_id` (its loading examples name it)."""
+    metrics = read_json(layout.evaluation / "report.json")
+    summary = read_json(layout.train_logs / "summary.json")
+    trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
+    manifest = read_json(layout.pairs / "manifest.json")
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest)
-    repo_id = params.push.repo_id or "reward-model"
+    pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
     card_params = {**params.as_dict(), **chain.recorded_settings(layout), "model": trained["model"],
                    "train": trained["train"]}
-    (out / "README.md").write_text(model_card.render(repo_id=repo_id, params=card_params, metrics=metrics,
-                                                     lineage=lineage, pictures=pictures, gate=gate_rows,
-                                                     forced=params.push.force and not all(v.passed for v in verdicts),
-                                                     adapter=model_card.adapter_facts(out),
-                                                     tokenizer=model_card.tokenizer_facts(out)),
-                                   encoding="utf-8")
-    forced = bool(quality.blocking_failures(list(verdicts)))
-    judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"))
-    write_json(out / "evaluation.json", {**metrics, quality.JUDGED_AGAINST: judged_against, "forced": forced})
+    card = model_card.render(repo_id=repo_id, params=card_params, metrics=metrics, lineage=lineage,
+                             pictures=pictures, gate=gate_rows,
+                             forced=params.push.force and not all(v.passed for v in verdicts),
+                             adapter=model_card.adapter_facts(out), tokenizer=model_card.tokenizer_facts(out))
+    (out / "README.md").write_text(public_text(card, layout.root.resolve(), card_params, metrics), encoding="utf-8")
 
 
 def run_tag(layout: Layout) -> str:
@@ -122,8 +133,10 @@ def run(params: Params, layout: Layout) -> PushResult:
         build_release(params, layout, out, verdicts)
         files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
         if cfg.repo_id is not None and not cfg.dry_run:
+            # a bare name lands in the token owner's namespace: the card's examples must name the full id
             info = hub.upload(out, cfg.repo_id, private=cfg.private, commit_message=cfg.commit_message,
-                              tag=run_tag(layout), kept=layout.model)
+                              tag=run_tag(layout), kept=layout.model,
+                              named=lambda full_id: write_card(params, layout, out, verdicts, full_id))
     if info is None:
         return PushResult(layout.release, False, None, None, files)
     return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"])

@@ -1,0 +1,79 @@
+"""What a release may say of the machine that made it: no folder of it.
+
+The local report and manifests keep full paths (they are this machine's lineage); the files a push
+uploads name a local model or data file by its path inside the project, or by its name alone where
+it lies outside (as the LoRA adapter names its base), and the home folder as `~`.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_ABSOLUTE = re.compile(r"^(/|~/|[A-Za-z]:[\\/])[^\n]*$")
+
+
+def public_path(value: str, root: Path) -> str:
+    """`value` as a release names it: a path inside `root` relative to it, another local path by its
+    last component; a string that is no absolute path (a Hub id, 'demo', a URL) as it is."""
+    if not _ABSOLUTE.match(value):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name or value
+
+
+def public(value: Any, root: Path) -> Any:
+    """`value` (JSON-like) with every local path made public: a string that is one, and inside longer
+    text (a note) those paths and the project's and the home folder."""
+    known = _longest_first(_paths(value))
+
+    def made_public(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {k: made_public(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [made_public(v) for v in item]
+        if not isinstance(item, str):
+            return item
+        return public_path(item, root) if _ABSOLUTE.match(item) else _replaced(item, known, root)
+
+    return made_public(value)
+
+
+def public_text(text: str, root: Path, *sources: Any) -> str:
+    """`text` (made from `sources`) with the local paths `sources` hold made public, and the project's
+    and the home folder wherever else they appear."""
+    return _replaced(text, _longest_first(_paths(sources)), root)
+
+
+def _longest_first(paths: Iterator[str]) -> list[str]:
+    return sorted(set(paths), key=len, reverse=True)  # /a/b/c before /a/b
+
+
+def _replaced(text: str, paths: list[str], root: Path) -> str:
+    for path in paths:
+        text = text.replace(path, public_path(path, root))
+    return _folders_hidden(text, root)
+
+
+def _paths(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _paths(item)
+    elif isinstance(value, str) and _ABSOLUTE.match(value):
+        yield value
+
+
+def _folders_hidden(text: str, root: Path) -> str:
+    home = Path.home()
+    for folder, name in ((root, "."), (root.resolve(), "."), (home, "~"), (home.resolve(), "~")):
+        if len(folder.parts) > 1:  # not '/' or '.'
+            inside = "" if name == "." else f"{name}/"
+            text = re.sub(re.escape(str(folder)) + r"(/|(?![\w-])(?!\.\w))",
+                          lambda m, inside=inside, name=name: inside if m.group(1) else name, text)
+    return text
