@@ -90,6 +90,32 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
 
 
+def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):
+    """transformers drops add_eos_token at load and GPT-NeoX's tokenizer (Pythia) rebuilds its
+    post-processor from it: the release loaded without the EOS training read the reward at, and
+    pipeline(text) was off by half a logit. The saved folder now loads with it."""
+    import json as json_
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForSequenceClassification, GPTNeoXTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["good film", "bad plot and awful acting"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained = json_.loads(bpe.to_str())["model"]
+    tok = GPTNeoXTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]])
+    end = tok.eos_token_id
+    assert tok("good film")["input_ids"][-1] != end
+    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    save_model(GPTNeoXForSequenceClassification(config), tok, tmp_path / "rm")
+    body = tok("good film", add_special_tokens=False)["input_ids"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "rm")("good film")["input_ids"] == [*body, end]
+    assert tok("good film")["input_ids"] == body  # the tokenizer in use is left as it was
+
+
 def test_a_chat_template_that_writes_the_eos_keeps_the_tokenizer_as_it_is_and_the_card_says_so(tiny_decoder,
                                                                                                  tmp_path):
     """Llama-2 and Mistral chat templates end each answer with the EOS: a tokenizer that added one more

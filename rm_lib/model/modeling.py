@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -429,9 +430,29 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
     The adapter itself is kept in `adapter/` beside it. `state_dict`: the full weights gathered from a
     sharded run (FSDP), whose own parameters each hold only a shard. `chat_template`: training rendered
     conversations with the tokenizer's chat template (`released_tokenizer`)."""
+    released = released_tokenizer(tokenizer, chat_template)
     with quiet_transformers():
-        _save_model(getattr(model, "module", model), released_tokenizer(tokenizer, chat_template), Path(folder),
-                    extra_config, state_dict)
+        _save_model(getattr(model, "module", model), released, Path(folder), extra_config, state_dict)
+        reloads_as_saved(released, Path(folder))
+
+
+def reloads_as_saved(tokenizer: Any, folder: Path) -> None:
+    """Make the tokenizer saved in `folder` load as `tokenizer` encodes a text. transformers (5.25) drops
+    the add_bos/add_eos flags at load and lets some classes (GPT-NeoX's) rebuild their post-processor
+    from them: the EOS the released tokenizer adds (`released_tokenizer`) was gone, and `pipeline(text)`
+    read the reward one token early. Such a folder names the generic class, which keeps tokenizer.json's
+    post-processor; where that does not help either, it is left as saved (the model card reads it)."""
+    from transformers import AutoTokenizer
+
+    wanted = tokenizer("x")["input_ids"]
+    if AutoTokenizer.from_pretrained(folder)("x")["input_ids"] == wanted:
+        return
+    path = folder / "tokenizer_config.json"
+    saved = path.read_text(encoding="utf-8")
+    path.write_text(json.dumps({**json.loads(saved), "tokenizer_class": "TokenizersBackend"}, indent=2),
+                    encoding="utf-8")
+    if AutoTokenizer.from_pretrained(folder)("x")["input_ids"] != wanted:
+        path.write_text(saved, encoding="utf-8")
 
 
 def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | None, state_dict: dict | None) -> None:
