@@ -360,6 +360,30 @@ def test_the_length_check_passes_the_defaults_and_models_of_unknown_length(monke
     modeling.check_max_token_length(100_000, "a-model-without-positions")
 
 
+def test_a_roberta_style_position_table_counts_its_offset_where_the_tokenizer_gives_no_limit():
+    """RoBERTa numbers positions from pad_token_id + 1: a table of 66 reads 64 tokens. With a tokenizer
+    that names no limit, 66 passed the filter and train crashed ("index 66 is out of bounds")."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from rm_lib.model.modeling import max_sequence_length
+
+    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=66, pad_token_id=1, num_labels=1)
+    unlimited = SimpleNamespace(model_max_length=int(1e30))
+    limit = max_sequence_length(config, unlimited)
+    assert limit == 64
+    model = RobertaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit), 5))  # the most it reads
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, limit + 1), 5))
+    config.model_type = "llama"  # other position tables start at 0
+    assert max_sequence_length(config, unlimited) == 66
+
+
 @pytest.mark.parametrize("argv, message", [
     (["score", "--input", "{good}", "--output", "{good}/rewards.jsonl"],
      "--output {good}/rewards.jsonl: cannot be written: {good} is a file, not a folder"),

@@ -105,11 +105,20 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     return config
 
 
+# RoBERTa-style embeddings number positions from pad_token_id + 1: the table holds that many fewer tokens
+OFFSET_POSITIONS = frozenset({"roberta", "xlm_roberta", "xlm_roberta_xl", "camembert", "roberta_prelayernorm",
+                              "data2vec_text", "longformer", "xmod", "ibert", "mpnet", "esm", "luke", "markuplm"})
+
+
 def max_sequence_length(config: Any, tokenizer: Any = None) -> int | None:
-    """The most tokens the model reads: its position table, or the tokenizer's limit where that is
-    smaller (RoBERTa-style position tables carry an offset). None where neither is known."""
+    """The most tokens the model reads: its position table (less RoBERTa's offset), or the tokenizer's
+    limit where that is smaller. None where neither is known."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limits = [getattr(text, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    positions, pad = getattr(text, "max_position_embeddings", None), getattr(text, "pad_token_id", None)
+    if isinstance(positions, int) and isinstance(pad, int) and \
+            str(getattr(text, "model_type", "")).replace("-", "_") in OFFSET_POSITIONS:
+        positions -= pad + 1
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**6]  # tokenizers say 1e30 when unknown
     return min(limits) if limits else None
 
