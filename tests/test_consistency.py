@@ -81,6 +81,30 @@ def test_a_config_pad_other_than_the_tokenizers_fails_the_batched_pipeline(relea
     assert result["failed"] == ["pipeline"] and "the tokenizer pads with token" in result["hint"]
 
 
+def test_a_model_with_absolute_positions_fails_left_padding_and_evaluate_says_so(released, tmp_path):
+    """GPT-2 numbers positions from the first column, padding included: a left-padded batch reads other
+    rewards. The check names the path and why, and evaluate's summary warns (it only showed in the card)."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from rm_lib.steps.evaluate import EvaluateResult
+
+    rows, pad = _rows_and_pad(released)
+    folder = tmp_path / "gpt2"
+    shutil.copytree(released.model, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "adapter"))
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=len(load_tokenizer(str(folder))), n_embd=32, n_layer=2, n_head=2, n_positions=256, num_labels=1,
+        pad_token_id=pad)).save_pretrained(folder)
+    result = consistency.check(folder, rows, pad_token_id=pad)
+    assert result["failed"] == ["left_padding"] and "absolute" in result["hint"]
+    report = read_json(released.evaluation / "report.json")
+    summary = EvaluateResult({**report, "consistency": result}, released.evaluation / "report.json",
+                             released.evaluation, {}).summary()
+    warning = summary.splitlines()[-1]
+    assert warning.startswith("  warning: score consistency: left_padding (by up to ") and "absolute" in warning
+
+
 def test_a_score_read_at_the_padding_fails_every_path_against_the_reference(released, monkeypatch):
     import torch
 

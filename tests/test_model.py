@@ -81,6 +81,11 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
                                             function_to_apply="none")(texts)]
     assert theirs == pytest.approx(ours, abs=1e-5)
     assert tok("good film")["input_ids"] == [tok.bos_token_id, *body]  # the tokenizer in use is left as it was
+    # a tokenizer that pads on the left is released padding on the right, as training and evaluation did (a
+    # model with absolute positions, GPT-2, reads other rewards from a left-padded batch)
+    left = AutoTokenizer.from_pretrained(tiny_decoder, padding_side="left")  # saved so in its config
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), left, tmp_path / "left")
+    assert AutoTokenizer.from_pretrained(tmp_path / "left").padding_side == "right" and left.padding_side == "left"
     # a conversation, as the model card says: the chat template's text, less the BOS it wrote
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good film"}]
     text = saved.apply_chat_template(chat, tokenize=False)
@@ -88,6 +93,52 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     scorer = RewardScorer(tmp_path / "rm", template="tokenizer")
     piped = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
     assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
+
+
+def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the_text_does_not(tmp_path):
+    """A SentencePiece-style tokenizer (Llama-2, Mistral: a word start only at the start of a text) with a
+    template that writes BOS and EOS: training tokenized the rendered text after its literal BOS, so the
+    text less its BOS given to `tokenizer(text)` (the card's old advice) got an extra word start and
+    another reward. The card now says apply_chat_template(tokenize=True), which gives training's ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.publish import model_card
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    bpe.train_from_iterator(["[INST] hello there [/INST] good film", "bad plot"] * 5, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<unk>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                         " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_model(LlamaForSequenceClassification(config).eval(), tok, tmp_path / "rm", chat_template=True)
+    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
+    chat = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "good film"}]
+    scorer = RewardScorer(tmp_path / "rm", template="tokenizer")
+    trained_ids = scorer.encode(chat)  # the ids training had
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert tok(text.removeprefix(tok.bos_token))["input_ids"] != trained_ids  # the old advice
+    facts = model_card.tokenizer_facts(tmp_path / "rm")
+    assert facts["chat_start"] == [] and facts["chat_end"] is False  # the template writes both
+    rules = model_card._text_rules(facts)
+    assert 'ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]`, as they are' in rules
+    ids = tok.apply_chat_template(chat, tokenize=True)["input_ids"]
+    assert ids == trained_ids
+    with torch.no_grad():
+        reward = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert reward == pytest.approx(scorer.score([chat])[0], abs=1e-5)
+    # a template that writes neither: the card names both tokens to add
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(tmp_path / "rm")
+    facts = model_card.tokenizer_facts(tmp_path / "rm")
+    assert "with `<s>` before them and `</s>` after them" in model_card._text_rules(facts)
 
 
 def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):

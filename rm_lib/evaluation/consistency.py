@@ -189,8 +189,12 @@ def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int =
     else:
         result["skipped"]["pipeline"] = {"texts": len(seqs), "reason": "not run"}
     _compare(ref_c + ref_r, scored, tol, result)
-    if hint and "pipeline" in result["failed"]:
-        result["hint"] = hint
+    hints = [hint] if hint and "pipeline" in result["failed"] else []
+    if "left_padding" in result["failed"]:
+        hints.append("a model whose positions are absolute (GPT-2) numbers them from the first column, padding "
+                     "included: pad on the right, as the released tokenizer does")
+    if hints:
+        result["hint"] = "; ".join(hints)
     return result
 
 

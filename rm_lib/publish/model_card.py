@@ -291,9 +291,17 @@ def tokenizer_facts(folder: Path) -> dict:
     special = special_tokens(tokenizer)
     ids = tokenizer("x")["input_ids"]
     saved = json.loads((folder / "rm_lib.json").read_text()) if (folder / "rm_lib.json").exists() else {}
-    return {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end),
-            "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
-            "template": saved.get("template")}
+    facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end),
+             "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
+             "template": saved.get("template")}
+    if facts["template"] == "tokenizer":  # what training added to the template's own ids
+        chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        rendered = list(tokenizer.apply_chat_template(chat, tokenize=True)["input_ids"])
+        n = len(special.prefix)
+        facts["chat_start"] = (tokenizer.convert_ids_to_tokens(list(special.prefix))
+                               if n and tuple(rendered[:n]) != special.prefix else [])
+        facts["chat_end"] = special.end is not None and (not rendered or rendered[-1] != special.end)
+    return facts
 
 
 def _text_rules(tokenizer: dict | None) -> str:
@@ -309,9 +317,13 @@ def _text_rules(tokenizer: dict | None) -> str:
                 f"tokenizer does not add it: a text must end with it (`text + tokenizer.eos_token`), unless the "
                 f"chat template\nwrote it.")
     if facts["template"] == "tokenizer":
-        how = ("A conversation is the text of the tokenizer's chat template, which training used:\n"
-               "`tokenizer.apply_chat_template(messages, tokenize=False)`, less a BOS the template wrote at "
-               "its start,\nwhich the tokenizer adds again.")
+        added = [f"`{t}` before them" for t in [" ".join(facts.get("chat_start") or [])] if t]
+        added += [f"`{end}` after them"] if facts.get("chat_end", True) else []
+        how = ("A conversation is the tokenizer's chat template, which training used, tokenized as training did:\n"
+               "`ids = tokenizer.apply_chat_template(messages, tokenize=True)[\"input_ids\"]`"
+               + (f", with {' and '.join(added)}" if added else ", as they are") + "; then\n"
+               "`model(input_ids=torch.tensor([ids]))`. Its text given to `tokenizer(text)` or the pipeline "
+               "can give other ids\n(a SentencePiece tokenizer puts a word start after the BOS).")
     else:
         named = f", rm_lib's `{facts['template']}`" if facts["template"] else " (`rm_lib.json` names it)"
         how = (f"A conversation is the text of the template training used{named}\n"

@@ -43,7 +43,17 @@ class EvaluateResult:
                 f"{subsets}), loss {m['loss']:.4f}\n  length: prefers the longer answer {_fmt(m['prefers_longer'])}, "
                 f"reward-length correlation {_fmt(m['reward_length_correlation'], '+.3f')}; "
                 f"calibration error (ECE) {m['calibration_ece']:.4f} -> {self.report}{demo}"
-                + suites.summary_lines(m.get("suites", {})))
+                + suites.summary_lines(m.get("suites", {})) + _inconsistent(m.get("consistency") or {}))
+
+
+def _inconsistent(result: dict) -> str:
+    """A warning line where a way of scoring the model disagrees with the evaluation's own scores."""
+    if not result.get("failed"):
+        return ""
+    paths = ", ".join(f"{p} (by up to {result['max_abs_diff'][p]:.3g})" for p in result["failed"])
+    hint = f"; {result['hint']}" if result.get("hint") else ""
+    return (f"\n  warning: score consistency: {paths} gave other rewards than the evaluation's padded batches "
+            f"(tolerance {result['tolerance']:g}){hint}; the model card lists them")
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
