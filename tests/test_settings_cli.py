@@ -293,6 +293,31 @@ def test_lora_target_modules_the_model_lacks_are_one_line_naming_the_modules_it_
     check_lora_targets(config, ["q_proj", "nope"])  # peft adapts what matches
 
 
+@pytest.mark.parametrize("family, small, targets", [
+    ("phi3", {"num_key_value_heads": 2}, ["qkv_proj"]),
+    ("distilbert", {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64}, ["q_lin", "v_lin"]),
+    ("modernbert", {}, ["Wqkv"]),
+    ("llama", {}, ["q_proj", "v_proj"]),  # peft's own default
+])
+def test_lora_adapts_the_attention_of_families_peft_has_no_default_for(family, small, targets):
+    """train.lora=true stopped at the train step, after the data steps, for Phi-3, DistilBERT and
+    ModernBERT: peft names no default targets for them. Their query and value projections are taken."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rm_lib.model.modeling import add_lora, check_lora_targets
+
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    config = AutoConfig.for_model(family, num_labels=1, pad_token_id=0, vocab_size=100,
+                                  **(small if family == "distilbert" else {**sizes, **small}))
+    check_lora_targets(config, None)
+    model = add_lora(AutoModelForSequenceClassification.from_config(config), r=2, alpha=4, dropout=0.0,
+                     target_modules=None)
+    assert sorted(model.peft_config["default"].target_modules) == targets
+    adapted = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters()
+               if "lora_A" in name}
+    assert adapted == set(targets)
+
+
 def test_weights_that_become_nan_after_the_last_update_are_a_divergence_not_a_crash(tmp_path):
     from rm_lib.errors import TrainingDiverged
 

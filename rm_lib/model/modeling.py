@@ -303,7 +303,7 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules,
+                        target_modules=target_modules or default_lora_targets(model),
                         modules_to_save=[head_name(model), *getattr(model, "rm_new_modules", [])])
     try:
         peft_model = get_peft_model(model, config)
@@ -314,6 +314,25 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
         peft_model.peft_config["default"].revision = revision
     _train_copies_in_fp32(peft_model)
     return peft_model
+
+
+# the attention's query and value projections (or its fused one) by the names families give them
+ATTENTION_PROJECTIONS = (("q_proj", "v_proj"), ("query", "value"), ("query_proj", "value_proj"), ("q_lin", "v_lin"),
+                         ("qkv_proj",), ("Wqkv",), ("query_key_value",), ("c_attn",), ("q", "v"))
+
+
+def default_lora_targets(model: Any) -> list[str] | None:
+    """None where peft has default LoRA targets for the model's type; else its attention projections
+    (peft 0.19 has none for Phi-3, DistilBERT, ModernBERT, OLMo 2, SmolLM3, MPNet), or None when no
+    known names are found (add_lora then lists the layers there are)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    if getattr(model.config, "model_type", None) in PEFT_DEFAULTS:
+        return None
+    head = head_name(model)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if not name.startswith(head) and type(module).__name__ in ("Linear", "Conv1D")}
+    return next((list(group) for group in ATTENTION_PROJECTIONS if set(group) <= names), None)
 
 
 def _train_copies_in_fp32(peft_model: Any) -> None:
