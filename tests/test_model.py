@@ -1,4 +1,5 @@
 import contextlib
+import json
 import logging
 
 import pytest
@@ -139,14 +140,17 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     tok.save_pretrained(tmp_path / "rm")
     facts = model_card.tokenizer_facts(tmp_path / "rm")
     assert "with `<s>` before them and `</s>` after them" in model_card._text_rules(facts)
+    # a template that refuses a plain exchange (it wants a system message first): the card is still written
+    tok.chat_template = "{{ raise_exception('a system message first') }}"
+    tok.save_pretrained(tmp_path / "rm")
+    facts = model_card.tokenizer_facts(tmp_path / "rm")
+    assert "with `</s>` after them" in model_card._text_rules(facts)
 
 
 def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):
     """transformers drops add_eos_token at load and GPT-NeoX's tokenizer (Pythia) rebuilds its
     post-processor from it: the release loaded without the EOS training read the reward at, and
     pipeline(text) was off by half a logit. The saved folder now loads with it."""
-    import json as json_
-
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForSequenceClassification, GPTNeoXTokenizer
 
@@ -155,7 +159,7 @@ def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_aga
     bpe.train_from_iterator(["good film", "bad plot and awful acting"] * 5, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    trained = json_.loads(bpe.to_str())["model"]
+    trained = json.loads(bpe.to_str())["model"]
     tok = GPTNeoXTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]])
     end = tok.eos_token_id
     assert tok("good film")["input_ids"][-1] != end
@@ -165,6 +169,22 @@ def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_aga
     body = tok("good film", add_special_tokens=False)["input_ids"]
     assert AutoTokenizer.from_pretrained(tmp_path / "rm")("good film")["input_ids"] == [*body, end]
     assert tok("good film")["input_ids"] == body  # the tokenizer in use is left as it was
+
+
+def test_a_remote_code_tokenizer_is_not_loaded_to_check_how_it_reloads(tmp_path, tiny_decoder, monkeypatch):
+    """Loading it would run its code (and stop at transformers' prompt): it is saved as it is."""
+    import transformers
+
+    from rm_lib.model.modeling import reloads_as_saved
+
+    tok = load_tokenizer(str(tiny_decoder))
+    tok.save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    before = config.read_text()
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    reloads_as_saved(tok, tmp_path)
+    assert config.read_text() == before
 
 
 def test_a_chat_template_that_writes_the_eos_keeps_the_tokenizer_as_it_is_and_the_card_says_so(tiny_decoder,
@@ -392,6 +412,45 @@ def test_lora_on_a_bf16_base_trains_its_head_and_new_layers_in_fp32(tmp_path, ti
         for name, p in copies.items():  # AdamW moves every weight with a gradient by about the learning rate
             old, moved = before[name]
             assert moved.any() and (p != old)[moved].all(), name
+
+
+FSDP2_LORA = """
+import os, socket, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import LlamaConfig, LlamaForSequenceClassification
+from rm_lib.model.batching import collate_pairs
+from rm_lib.model.inference import PairScorer
+from rm_lib.model.modeling import add_lora
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+config = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=64, num_labels=1, pad_token_id=0)
+model = add_lora(LlamaForSequenceClassification(config).to(torch.bfloat16), r=2, alpha=4, dropout=0.0,
+                 target_modules=None)
+scorer, policy = PairScorer(model), MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer, mp_policy=policy)
+fully_shard(scorer, mp_policy=policy)
+batch = collate_pairs([{"input_ids_chosen": [5, 6, 7], "input_ids_rejected": [8, 9]}], 0)
+with torch.no_grad():  # as evaluation during training and the reward statistics score: no autocast
+    print("scored", scorer(batch).tolist())
+dist.destroy_process_group()
+"""
+
+
+def test_lora_on_a_bf16_base_scores_under_fsdp2_bf16_outside_autocast():
+    """FSDP2 with bf16 mixed precision (configs/accelerate/fsdp.yaml on a GPU) gathers the fp32 head in
+    bf16: an input cast to fp32 crashed the evaluations during training and the reward statistics."""
+    import subprocess
+    import sys
+
+    from helpers import offline_env
+
+    done = subprocess.run([sys.executable, "-c", FSDP2_LORA], capture_output=True, text=True, timeout=300,
+                          env=offline_env())
+    assert done.returncode == 0 and "scored" in done.stdout, done.stderr[-2000:]
 
 
 def test_the_saved_lora_adapter_names_a_base_model_others_can_load(tmp_path, tiny_decoder):

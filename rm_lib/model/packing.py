@@ -317,12 +317,14 @@ def why_not_packed(inner: Any) -> str | None:
     """Why this model cannot score packed rows as it scores padded ones, or None where it can."""
     if _head_pooling(inner) is None:
         return "its head is not one linear layer on the last or the first token"
-    base = getattr(inner, inner.base_model_prefix)
-    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
-    if not takes_positions or _alibi(inner.config):
+    base = getattr(inner, inner.base_model_prefix, None)
+    if base is None:
+        return f"its backbone is not at `{inner.base_model_prefix}`, where transformers models keep it"
+    if "position_ids" not in inspect.signature(base.forward).parameters or _alibi(inner.config):
         # Bloom, MPT, Falcon-RW: distances come from the columns of the row, so a packed sequence
         # would see the tokens laid between its prompt and its answer, or crash on the block mask
-        return "it places tokens by their columns in the batch (ALiBi), not by the position ids packing gives"
+        return ("it places tokens by their columns in the batch (as ALiBi models do), not by the position ids "
+                "packing gives")
     return None
 
 

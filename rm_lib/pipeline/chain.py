@@ -10,6 +10,7 @@ from pathlib import Path
 from rm_lib.errors import UserError
 from rm_lib.files import read_json, tree_sha256
 from rm_lib.layout import SPLITS, Layout
+from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
 
 
 class StaleInput(UserError):
@@ -164,8 +165,6 @@ def check_tokenized_for(layout: Layout, name_or_path: str, revision: str | None,
 def _same_model(a: str, b: str) -> bool:
     """Two names of one model: equal, 'default' and the Hub id of what it ships, or one local folder named
     two ways."""
-    from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
-
     a, b = (DEFAULT_MODEL_HUB_ID if name == DEFAULT_MODEL else name for name in (a, b))
     if a == b:
         return True

@@ -296,7 +296,10 @@ def tokenizer_facts(folder: Path) -> dict:
              "template": saved.get("template")}
     if facts["template"] == "tokenizer":  # what training added to the template's own ids
         chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        rendered = list(tokenizer.apply_chat_template(chat, tokenize=True)["input_ids"])
+        try:
+            rendered = list(tokenizer.apply_chat_template(chat, tokenize=True)["input_ids"])
+        except Exception:  # a template that refuses a plain exchange (jinja's TemplateError, raise_exception)
+            return {**facts, "chat_start": [], "chat_end": True}  # the end token, the one rule that is sure
         n = len(special.prefix)
         facts["chat_start"] = (tokenizer.convert_ids_to_tokens(list(special.prefix))
                                if n and tuple(rendered[:n]) != special.prefix else [])

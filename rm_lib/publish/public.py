@@ -55,7 +55,8 @@ def _longest_first(paths: Iterator[str]) -> list[str]:
 
 def _replaced(text: str, paths: list[str], root: Path) -> str:
     for path in paths:
-        text = text.replace(path, public_path(path, root))
+        shown = public_path(path, root)
+        text = _swap(text, path, f"{shown}/", shown)
     return _folders_hidden(text, root)
 
 
@@ -71,9 +72,15 @@ def _paths(value: Any) -> Iterator[str]:
 
 def _folders_hidden(text: str, root: Path) -> str:
     home = Path.home()
-    for folder, name in ((root, "."), (root.resolve(), "."), (home, "~"), (home.resolve(), "~")):
+    for folder, inside, alone in ((root, "", "."), (root.resolve(), "", "."), (home, "~/", "~"),
+                                  (home.resolve(), "~/", "~")):
         if len(folder.parts) > 1:  # not '/' or '.'
-            inside = "" if name == "." else f"{name}/"
-            text = re.sub(re.escape(str(folder)) + r"(/|(?![\w-])(?!\.\w))",
-                          lambda m, inside=inside, name=name: inside if m.group(1) else name, text)
+            text = _swap(text, str(folder), inside, alone)
     return text
+
+
+def _swap(text: str, path: str, inside: str, alone: str) -> str:
+    """`path` in `text` where it stands as a path of its own (not inside a URL or a longer name): followed
+    by '/' it becomes `inside` (what precedes the rest), else `alone`."""
+    pattern = r"(?<![\w.:/~-])" + re.escape(path.rstrip("/")) + r"(/|(?![\w-])(?!\.\w))"
+    return re.sub(pattern, lambda m: inside if m.group(1) else alone, text)
