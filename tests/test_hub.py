@@ -394,6 +394,14 @@ def test_card_metadata_names_hub_models_and_datasets():
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["datasets"] == ["Anthropic/hh-rlhf"]
+    assert "model-index" not in meta  # no accuracy to show
+    from huggingface_hub import ModelCard
+
+    scored = model_card.render(repo_id=REPO, params=params, metrics={"accuracy": 0.61234}, pictures=[],
+                               lineage={})
+    index = ModelCard(scored).data.eval_results  # as the Hub reads model-index
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in index] == [("Anthropic/hh-rlhf", "accuracy",
+                                                                                  0.6123)]
     assert "Dataset: `Anthropic/hh-rlhf`, revision `abc123`" in text
     from importlib.metadata import version  # the default model's files are the package's, not a Hub revision
 

@@ -6,6 +6,7 @@ writes the README.md that is published beside the weights.
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import re
 import subprocess
@@ -106,7 +107,7 @@ def _hub_dataset_id(source: str) -> str | None:
     return source if source != "demo" and HUB_ID.match(source) and not Path(source).exists() else None
 
 
-def _front_matter(params: dict) -> str:
+def _front_matter(params: dict, repo_id: str = "reward-model", metrics: dict | None = None) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
                             "tags": ["reward-model", "rlhf", "rm-pipeline"]}
     base = hub_model_id(params["model"]["name_or_path"])
@@ -115,6 +116,14 @@ def _front_matter(params: dict) -> str:
     dataset = _hub_dataset_id(params["download"]["source"])
     if dataset:
         meta["datasets"] = [dataset]
+    accuracy = (metrics or {}).get("accuracy")
+    if dataset and isinstance(accuracy, (int, float)) and math.isfinite(accuracy):
+        # the Hub shows it as the model's evaluation result: pairs of that data set never trained on
+        meta["model-index"] = [{"name": repo_id.rsplit("/", 1)[-1], "results": [{
+            "task": {"type": "text-classification", "name": "Reward modeling"},
+            "dataset": {"name": dataset, "type": dataset},
+            "metrics": [{"type": "accuracy", "value": round(float(accuracy), 4),
+                         "name": "Pairwise accuracy, held-out pairs (a tie counts as wrong)"}]}]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
@@ -439,7 +448,7 @@ def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures
            tokenizer: dict | None = None) -> str:
     """`adapter`: `adapter_facts` of the released folder (a LoRA run), for how to load the adapter;
     `tokenizer`: its `tokenizer_facts`, for what a text must hold."""
-    return f"""{_front_matter(params)}# {repo_id}
+    return f"""{_front_matter(params, repo_id, metrics)}# {repo_id}
 
 A reward model (one score per text) trained with the Bradley-Terry loss on preference pairs.
 
