@@ -73,6 +73,8 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert tok("good film")["input_ids"][-1] != tok.eos_token_id  # the base tokenizer ends with no EOS
     save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
     saved = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(config)  # how it was loaded here (offline) is not released
     body = tok("good film", add_special_tokens=False)["input_ids"]
     assert saved("good film")["input_ids"] == [tok.bos_token_id, *body, tok.eos_token_id]
     assert saved("good film", add_special_tokens=False)["input_ids"] == body
@@ -180,7 +182,8 @@ def test_a_remote_code_tokenizer_is_not_loaded_to_check_how_it_reloads(tmp_path,
     tok = load_tokenizer(str(tiny_decoder))
     tok.save_pretrained(tmp_path)
     config = tmp_path / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    own = {k: v for k, v in json.loads(config.read_text()).items() if k not in ("is_local", "local_files_only")}
+    config.write_text(json.dumps({**own, "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
     before = config.read_text()
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     reloads_as_saved(tok, tmp_path)

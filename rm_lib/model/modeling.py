@@ -483,7 +483,13 @@ def reloads_as_saved(tokenizer: Any, folder: Path) -> None:
 
     path = folder / "tokenizer_config.json"
     saved = path.read_text(encoding="utf-8") if path.exists() else None
-    if saved is None or "auto_map" in json.loads(saved):
+    if saved is None:
+        return
+    config = json.loads(saved)
+    if {"is_local", "local_files_only"} & set(config):  # how this machine loaded it (offline), not the model's
+        saved = json.dumps({k: v for k, v in config.items() if k not in ("is_local", "local_files_only")}, indent=2)
+        path.write_text(saved, encoding="utf-8")
+    if "auto_map" in config:
         return
     wanted = tokenizer("x")["input_ids"]
 
