@@ -131,11 +131,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    count = 0
     with atomic_file(path) as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-            count += 1
+        return write_rows(handle, rows)
+
+
+def write_rows(handle: Any, rows: Iterable[dict]) -> int:
+    """JSON Lines to an open text file (one of atomic_file's); the number of rows."""
+    count = 0
+    for row in rows:
+        handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        count += 1
     return count
 
 

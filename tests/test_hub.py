@@ -287,9 +287,10 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
         assert f"]({picture})" in evaluation and (layout.release / picture).is_file()
 
     usage = sections["How to use"]
-    for snippet in ('pipeline("text-classification", model="alice/tiny-rm"', "RewardScorer(", "GRPOTrainer(",
-                    "PPOTrainer(", "reward_model="):
+    for snippet in ('pipeline("text-classification", model="alice/tiny-rm"', "RewardScorer(",
+                    "GRPOTrainer(..., reward_funcs=scorer.reward_function())"):
         assert snippet in usage
+    assert "PPOTrainer" not in usage  # trl 1.x has none
 
     block = re.search(r"```json\n(.*?)\n```", sections["Training parameters"], re.S).group(1)
     every = {k: v for k, v in params.as_dict().items() if k != "push"}

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,9 @@ def test_score_reads_pretokenized_ids_as_given_and_sets_aside_sides_that_tokeniz
 @pytest.mark.parametrize("case, message", [
     ("output is the input", "is the input file; the rewards would replace the pairs"),
     ("output is a folder", "is a folder; name the JSON Lines file to write"),
+    ("the input is where the rows set aside go", "which is the input file; name another output"),
+    ("the input is where a failed run's rows go", "which is the input file; name another output"),
+    ("where the rows set aside go is a folder", "which is a folder"),
     ("every row set aside", "no pair to score: all 2 rows were set aside (identical: 2); see"),
     ("a token id past the vocabulary", "field 'input_ids_chosen': token id 999999 is outside the model's "
                                        "vocabulary"),
@@ -116,11 +120,18 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
         output = write_jsonl(tmp_path / "pairs.jsonl", rows)
     elif case == "output is a folder":
         output.mkdir()
+    elif case == "the input is where the rows set aside go":  # the rejects replaced it, or a clean run deleted it
+        src = write_jsonl(tmp_path / "scores.jsonl.rejects.jsonl", rows)
+    elif case == "the input is where a failed run's rows go":
+        src = write_jsonl(tmp_path / "scores.jsonl.failed.rejects.jsonl", rows)
+    elif case == "where the rows set aside go is a folder":
+        (tmp_path / "scores.jsonl.rejects.jsonl").mkdir()
     elif case == "every row set aside":
         rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 2
     else:
         rows = [{"input_ids_chosen": [1, 999_999], "input_ids_rejected": [1, 2]}]
-    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    if not case.startswith("the input is"):
+        src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     before = src.read_bytes()
     code = main(["--root", str(trained), "score", "--input", str(src), "--output", str(output)])
     err = capsys.readouterr().err
@@ -200,6 +211,64 @@ def test_a_failed_score_leaves_the_last_output_and_its_rejects_as_they_were(trai
     assert main(["--root", str(trained), "score", "--input", str(third), "--output", str(out)]) == 2
     assert f"see {tmp_path / 'scores.jsonl.failed.rejects.jsonl'}" in capsys.readouterr().err
     assert (out.read_bytes(), aside.read_bytes()) == before
+
+
+def test_a_score_whose_rejects_cannot_be_written_leaves_both_files_as_they_were(trained, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The rewards were put in place before the rejects were written: a disk that filled between the two
+    left new rewards beside the last run's rejects, and the error named --output."""
+    from rm_lib.cli import main
+    from rm_lib.steps import score
+
+    good = {"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."}
+    same = {"prompt": "The film was", "chosen": "same", "rejected": "same"}
+    out, aside = tmp_path / "scores.jsonl", tmp_path / "scores.jsonl.rejects.jsonl"
+    first = write_jsonl(tmp_path / "first.jsonl", [good, same])
+    assert main(["--root", str(trained), "score", "--input", str(first), "--output", str(out)]) == 0
+    before = out.read_bytes(), aside.read_bytes()
+    real = score.write_rows
+
+    def full_disk(handle, rows):
+        if aside.name in handle.name:
+            raise OSError(28, "No space left on device", handle.name)
+        return real(handle, rows)
+
+    monkeypatch.setattr(score, "write_rows", full_disk)
+    second = write_jsonl(tmp_path / "second.jsonl", [dict(good, chosen="brilliant."), same])
+    assert main(["--root", str(trained), "score", "--input", str(second), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {aside}: cannot be written (No space left on device); {out} and {aside} are as they were")
+    assert (out.read_bytes(), aside.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.jsonl", "scores.jsonl", "scores.jsonl.rejects.jsonl",
+                                                         "second.jsonl"]  # no temporary left
+
+
+def test_the_scorer_refuses_what_it_would_score_as_something_else(trained):
+    """A str scored character by character, None as an empty text, a tool message or a content-less one
+    rendered as text: each is now one error naming the item; the scorer's settings are checked."""
+    from rm_lib.errors import DataError, SettingsError
+
+    scorer = RewardScorer(trained / "models/reward_model")
+    for items, message in [
+        ("hello", "got one str: pass [item]"),
+        (["fine", None], "item 1: a text (str) or a conversation"),
+        ([42], "item 0: a text (str) or a conversation"),
+        ([[{"role": "tool", "content": "42"}]], "item 0: conversation[0] has unknown role 'tool'"),
+        ([[{"role": "user"}]], "item 0: conversation[0] is not a {'role', 'content'} message"),
+        ([[{"role": "assistant", "content": None}]], "item 0: conversation[0].content is not a string"),
+        (["\ud800"], "item 0: holds a lone surrogate"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            scorer.score(items)
+    with pytest.raises(DataError, match="2 prompts but 1 completions"):
+        scorer.reward_function()(prompts=["a", "b"], completions=["x"])
+    for bad in ({"batch_size": 0}, {"max_length": 0}, {"max_length": 1}, {"max_length": 10_000}):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            RewardScorer(trained / "models/reward_model", **bad)
+    # batched by length, each reward is its text's alone, in the order given
+    texts = ["User: hi\n\nAssistant: " + "very " * n + "good" for n in (9, 0, 30, 3)]
+    assert RewardScorer(trained / "models/reward_model", batch_size=2).score(texts) == pytest.approx(
+        [scorer.score([t])[0] for t in texts], abs=1e-5)
 
 
 def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):

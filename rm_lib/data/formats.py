@@ -91,6 +91,30 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
     return out
 
 
+def scoring_item(item: Any, name: str) -> str | list[dict]:
+    """One item a scorer is given, checked as a row's field is: a text, or a conversation of
+    {'role', 'content'} messages with known roles and text content (roles as training knew them).
+    Anything else is a DataError naming the item, where it would be scored as something else."""
+    if isinstance(item, str):
+        checked: str | list[dict] = item
+    elif isinstance(item, list):
+        try:
+            checked = _messages(item, "conversation", file=name, row_number=0)
+        except _Reject as exc:
+            raise DataError(f"{name}: {exc.detail}") from None
+    else:
+        raise DataError(f"{name}: a text (str) or a conversation (a list of {{'role', 'content'}} messages), "
+                        f"got {type(item).__name__}")
+    texts = [checked] if isinstance(checked, str) else [m["content"] for m in checked]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{name}: holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not valid "
+                            "Unicode text") from None
+    return checked
+
+
 def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """Implicit prompt: the longest run of identical leading messages. Where the two transcripts
     diverge before the last reply, the later turns stay part of each response."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rm_lib.data import templates, tokenization
+from rm_lib.data import formats, templates, tokenization
 from rm_lib.data.length_filter import truncate_left
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.model.batching import in_batches
@@ -47,6 +47,12 @@ class RewardScorer:
                  max_length: int | None = None) -> None:
         if length_policy not in LENGTH_POLICIES:
             raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise SettingsError(f"batch_size: must be a whole number of at least 1, got {batch_size!r}")
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 2):
+            raise SettingsError(f"max_length: must be a whole number of at least 2 (a start and an end token) or "
+                                f"None (the model's limit), got {max_length!r}")
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = load_reward_model(str(model_dir), trained=True)
@@ -60,10 +66,15 @@ class RewardScorer:
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
         self.std = getattr(self.model.config, "reward_std", 1.0) if normalize else 1.0
         self.length_policy = length_policy
-        self.max_length = max_length or model_max_length(self.model, self.tokenizer)
+        limit = model_max_length(self.model, self.tokenizer)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise SettingsError(f"max_length: {max_length} is more than the {limit} tokens the model reads")
+        self.max_length = max_length or limit
 
-    def encode(self, item: str | list[dict]) -> list[int]:
-        """Text is tokenized as is; a conversation is rendered with the training template."""
+    def encode(self, item: str | list[dict], name: str = "item") -> list[int]:
+        """Text is tokenized as is; a conversation is rendered with the training template. Anything else
+        (a number, None, a message with an unknown role or no text) is a DataError naming `name`."""
+        item = formats.scoring_item(item, name)
         text = item if isinstance(item, str) else templates.render(item, self.template, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return tokenization.add_special(ids, self.special)
@@ -83,15 +94,22 @@ class RewardScorer:
     @torch.no_grad()
     def score_detailed(self, items: Sequence[str | list[dict]], names: Sequence[str] | None = None) -> Scored:
         """Rewards with, per item, whether it was truncated and its length; `names` label items in errors."""
-        return self.score_ids([self.encode(item) for item in items], names)
+        if isinstance(items, (str, dict)):  # a str would be scored character by character
+            raise DataError(f"score takes a list of texts or conversations, got one {type(items).__name__}: "
+                            "pass [item]")
+        return self.score_ids([self.encode(item, names[i] if names else f"item {i}")
+                               for i, item in enumerate(items)], names)
 
     @torch.no_grad()
     def score_ids(self, encoded: Sequence[list[int]], names: Sequence[str] | None = None) -> Scored:
         """score_detailed for token ids as the model reads them (start and end tokens in place)."""
         fitted = [self.fit(ids, names[i] if names else f"item {i}") for i, ids in enumerate(encoded)]
+        # batches of like lengths (padded in input order, real data was 2.6 times its tokens); each reward
+        # is its text's alone, so the order is put back after
+        order = sorted(range(len(fitted)), key=lambda i: len(fitted[i][0]))
 
         def run(start: int, stop: int) -> list[float]:
-            seqs = [ids for ids, _ in fitted[start:stop]]
+            seqs = [fitted[i][0] for i in order[start:stop]]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -100,15 +118,19 @@ class RewardScorer:
             scores = rewards(self.model, ids.to(self.device), mask.to(self.device))
             return ((scores - self.mean) / (self.std or 1.0)).tolist()
 
-        out = in_batches(len(fitted), self.batch_size, run, what="score")
+        by_length = in_batches(len(fitted), self.batch_size, run, what="score")
+        out = [0.0] * len(fitted)
+        for position, i in enumerate(order):
+            out[i] = by_length[position]
         return Scored(rewards=out, truncated=[cut for _, cut in fitted], lengths=[len(ids) for ids in encoded])
 
     def reward_function(self) -> Callable[..., list[float]]:
         """A function with the signature TRL's GRPOTrainer takes in `reward_funcs`:
         f(prompts, completions, **kwargs) -> list of floats, for text or conversational data."""
         def reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
-            items = [p + c if isinstance(p, list) else p + c for p, c in zip(prompts, completions)]
-            return self.score(items)
+            if len(prompts) != len(completions):
+                raise DataError(f"reward function: {len(prompts)} prompts but {len(completions)} completions")
+            return self.score([p + c for p, c in zip(prompts, completions)])
 
         reward.__name__ = f"reward_model_{self.model_dir.name}"
         return reward

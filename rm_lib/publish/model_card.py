@@ -382,14 +382,15 @@ scorer = RewardScorer(snapshot_download("{repo_id}"), normalize=True)
 scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "hello"}}]])
 ```
 
-In TRL, as the reward of GRPO or PPO:
+In TRL, as the reward of GRPO: the scorer's function renders conversational prompts and completions
+with the training template and adds the start and end tokens, as training did. (Given the repository
+name itself, `reward_funcs="{repo_id}"`, TRL tokenizes the texts with no special tokens: the reward
+is then read elsewhere than training read it.) A text prompt is scored as given with its completion:
+render it with the training template first for the reward training measured.
 
 ```python
-from trl import GRPOTrainer, PPOTrainer
-from transformers import AutoModelForSequenceClassification
-GRPOTrainer(..., reward_funcs=scorer.reward_function())  # or reward_funcs="{repo_id}"
-reward_model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", num_labels=1)
-PPOTrainer(..., reward_model=reward_model)
+from trl import GRPOTrainer
+GRPOTrainer(..., reward_funcs=scorer.reward_function())
 ```{lora}"""
 
 

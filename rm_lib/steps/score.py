@@ -1,6 +1,7 @@
 """score: every pair of a preference file (any supported format) -> rewards per row, accuracy."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from rm_lib.data import formats, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
-from rm_lib.files import unwritable_folder, write_jsonl
+from rm_lib.files import atomic_file, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
 from rm_lib.settings import Params, names_a_folder
 
@@ -52,9 +53,16 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
     problem = unwritable_folder(output.parent)
     if problem:
         raise UserError(f"--output {output_path}: cannot be written: {problem}")
-    if any(output.resolve() == path.resolve() for path in sources.local_files(input_path)):
+    inputs = {path.resolve() for path in sources.local_files(input_path)}
+    if output.resolve() in inputs:
         raise UserError(f"--output {output_path}: is the input file; the rewards would replace the pairs. Name "
                         "another file")
+    for written in (rejects_path(output), failed_rejects_path(output)):
+        if written.resolve() in inputs:  # the rows set aside would replace it, or a clean run delete it
+            raise UserError(f"--output {output_path}: its rows set aside go to {written}, which is the input "
+                            "file; name another output")
+        if written.is_dir():
+            raise UserError(f"--output {output_path}: its rows set aside go to {written}, which is a folder")
     if model is None and not layout.model.is_dir():
         raise UserError(f"{layout.model}: no trained model here; run the train step first, or pass --model")
     _check_model(model)
@@ -124,16 +132,21 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
     cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
     aside = rejects_path(output_path)
+    rows = ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r, "truncated": t}
+            for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut))
     try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
-        # the rejects only once the rewards are written: a run that fails leaves the last run's pair of files
-        write_jsonl(output_path, ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r,
-                                   "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut)))
-        if rejects:
-            write_jsonl(aside, rejects)
-        else:
+        # both written aside first, then put in place: a run that fails leaves the last run's pair of files
+        with contextlib.ExitStack() as both:
+            write_rows(both.enter_context(atomic_file(output_path)), rows)
+            if rejects:
+                write_rows(both.enter_context(atomic_file(aside)), rejects)
+        if not rejects:
             aside.unlink(missing_ok=True)  # an earlier run's: not about this input
+        failed_rejects_path(output_path).unlink(missing_ok=True)  # an earlier failed run's: this one scored
     except OSError as exc:
-        raise UserError(f"--output {output_path}: cannot be written ({exc.strerror})") from None
+        which = aside if aside.name in str(exc.filename or "") else Path(output_path)
+        raise UserError(f"{which}: cannot be written ({exc.strerror}); {output_path} and {aside} are as they "
+                        "were") from None
     return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
                        max_length=scorer.max_length, rejects=aside if rejects else None)
