@@ -65,6 +65,23 @@ def test_parallel_tokenization_gives_the_same_rows(minilm_path):
     assert one == two
 
 
+def test_parallel_tokenization_from_the_command_line_finishes(tmp_path):
+    """The CLI sets TOKENIZERS_PARALLELISM; workers forked after the tokenizer had run its thread pool
+    waited for ever on it (the first batch never came back). They are spawned now."""
+    import subprocess
+    import sys
+
+    from helpers import offline_env
+
+    cli = [sys.executable, "-m", "rm_lib", "--root", str(tmp_path)]
+    subprocess.run([*cli, "download", "--set", "download.demo_pairs=120"], check=True, capture_output=True,
+                   env=offline_env())
+    env = {k: v for k, v in offline_env().items() if k != "TOKENIZERS_PARALLELISM"}  # as a user's shell has it
+    done = subprocess.run([*cli, "tokenize", "--set", "tokenize.num_proc=2", "--set", "tokenize.batch_size=7"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0 and "train 96 / test 24 pairs" in done.stdout, done.stderr[-1000:]
+
+
 def _row(prompt, chosen, rejected):
     return {"id": "r", "prompt_length": prompt, "input_ids_chosen": [101] + list(range(2, chosen)) + [102],
             "input_ids_rejected": [101] + list(range(50, 48 + rejected)) + [102], "margin": None}
