@@ -603,7 +603,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                                 counts.to(accelerator.device)])
             loss_sum, acc_sum, margin_sum, mean_sum, pairs, tokens = accelerator.reduce(totals, "sum").tolist()
             pairs, tokens = max(pairs, 1.0), int(tokens)
-            epoch, position = schedule.locate(micro)
+            # the epochs trained so far, this step's micro-batches included
+            epoch, position = schedule.locate(state.step * accumulation if end is None
+                                              else min(state.step * accumulation, end))
             record = {"step": state.step, "epoch": round(epoch + position / schedule.count(epoch), 4),
                       "loss": loss_sum / pairs, "accuracy": acc_sum / pairs, "reward_margin": margin_sum / pairs,
                       "reward_mean": mean_sum / pairs, "grad_norm": float(grad_norm),
