@@ -119,6 +119,33 @@ def test_truncate_policy_keeps_start_token_and_the_end():
         assert token_length(kept, side) == len(row[f"input_ids_{side}"])  # the length before the cut
 
 
+def test_truncation_keeps_the_prompt_both_sides_still_share_and_records_what_it_sets_aside():
+    """prompt_length after a cut was the chosen side's, though the longer rejected side lost more of its
+    prompt; a pair the cut made identical was written without its lengths."""
+    prompt = [101] + list(range(200, 211))  # 12 tokens both sides begin with
+    row = {"id": "r", "prompt_length": 12, "input_ids_chosen": prompt + [1, 2, 3, 102],
+           "input_ids_rejected": prompt + list(range(300, 318)) + [102]}  # the rejected side is cut the more
+    kept, = length_filter.apply([row], max_len=20, max_prompt=12, policy="truncate", keep_front=1).kept
+    shared = next(i for i, (a, b) in enumerate(zip(kept["input_ids_chosen"], kept["input_ids_rejected"])) if a != b)
+    removed = len(row["input_ids_rejected"]) - len(kept["input_ids_rejected"])
+    assert kept["prompt_length"] == 12 - removed
+    assert kept["prompt_length"] == shared  # the tokens they still share
+    same_end = {"id": "e", "prompt_length": 3, "input_ids_chosen": [101, 7, 8, 9, 5, 6, 102],
+                "input_ids_rejected": [101, 7, 8, 10, 5, 6, 102]}
+    out = length_filter.apply([same_end], max_len=4, max_prompt=3, policy="truncate", keep_front=1)
+    assert out.dropped == [{"id": "e", "reason": "identical_after_truncation", "prompt_length": 3,
+                            "chosen_length": 7, "rejected_length": 7}]
+
+
+def test_a_filter_that_keeps_no_pair_gives_advice_for_its_reasons(tmp_path):
+    from rm_lib.errors import DataError
+
+    run_steps(tiny_params(), tmp_path, "download", "tokenize")
+    with pytest.raises(DataError, match=r"no train pair is left .*raise filter.max_token_length \(and "
+                                        r"filter.max_prompt_token_length\) or use filter.policy=truncate"):
+        run_steps(tiny_params("filter.max_token_length=4", "filter.max_prompt_token_length=2"), tmp_path, "filter")
+
+
 def test_pipeline_writes_counts_rejects_and_plot(tmp_path):
     res = run_steps(tiny_params("filter.max_token_length=40"), tmp_path, "download", "tokenize", "filter")
     f = res["filter"]

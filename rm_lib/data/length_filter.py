@@ -61,11 +61,12 @@ def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str
             for side in ("chosen", "rejected"):
                 ids = truncate_left(row[f"input_ids_{side}"], max_len, keep_front, cut)
                 new[f"input_ids_{side}"], new[f"attention_mask_{side}"] = ids, [1] * len(ids)
-            if prompt_len:  # what is left of the prompt in the shorter-cut side
-                removed = len(row["input_ids_chosen"]) - len(new["input_ids_chosen"])
+            if prompt_len:  # what is left of the prompt in both sides: the side cut more lost more of it
+                removed = max(len(row[f"input_ids_{side}"]) - len(new[f"input_ids_{side}"])
+                              for side in ("chosen", "rejected"))
                 new["prompt_length"] = max(prompt_len - removed, keep_front)
             if new["input_ids_chosen"] == new["input_ids_rejected"]:
-                outcome.dropped.append({"id": row["id"], "reason": "identical_after_truncation"})
+                outcome.dropped.append(_dropped(row, "identical_after_truncation"))
                 continue
             outcome.kept.append(new)
             outcome.truncated += 1

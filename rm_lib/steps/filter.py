@@ -64,8 +64,8 @@ def run(params: Params, layout: Layout) -> FilterResult:
             outcome = length_filter.apply(rows, max_len=cfg.max_token_length, max_prompt=cfg.max_prompt_token_length,
                                           policy=cfg.policy, keep_front=keep_front)
             if not outcome.kept:
-                raise DataError(f"every {split} pair is over the length limits ({outcome.dropped_by_reason}); "
-                                "raise filter.max_token_length or use filter.policy=truncate",
+                raise DataError(f"no {split} pair is left ({outcome.dropped_by_reason}): "
+                                f"{_advice(outcome.dropped_by_reason, cfg.policy)}",
                                 file=str(layout.tokenized / f"{split}.parquet"))
             write_rows(out / f"{split}.parquet", outcome.kept)
             all_dropped += [dict(d, split=split) for d in outcome.dropped]
@@ -83,3 +83,17 @@ def run(params: Params, layout: Layout) -> FilterResult:
             inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png", settings=asdict(cfg))
         write_json(out / "manifest.json", result.manifest())
     return result
+
+
+def _advice(reasons: dict[str, int], policy: str) -> str:
+    """What to change, for the reasons the pairs were set aside."""
+    advice = []
+    if any(r.endswith("_too_long") for r in reasons):
+        advice.append("raise filter.max_token_length (and filter.max_prompt_token_length)"
+                      + (" or use filter.policy=truncate" if policy == "drop" else ""))
+    if "identical_after_truncation" in reasons:
+        advice.append("raise filter.max_token_length: the cut left chosen and rejected the same")
+    if "identical_tokens" in reasons:
+        advice.append("chosen and rejected give the same token ids (they differ only where the tokenizer does not "
+                      "look): there is no preference to learn")
+    return "; ".join(advice)
