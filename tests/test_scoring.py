@@ -174,14 +174,18 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     from rm_lib.cli import main
 
     rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
-            {"prompt": LONG, "chosen": " Truly wonderful.", "rejected": " Truly awful."}]
+            {"prompt": LONG, "chosen": " Truly wonderful.", "rejected": " Truly awful."},
+            # they differ only in what the cut takes away: a sure tie, set aside as filter sets it aside
+            {"prompt": "", "chosen": "Alpha. " + LONG, "rejected": "Beta. " + LONG}]
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "scores.jsonl"
     argv = ["--root", str(trained), "score", "--input", str(src), "--output", str(out)]
     assert main(argv + ["--set", "filter.policy=truncate"]) == 0
-    assert "2 pairs (0 rejected, 1 truncated to the model's 512 tokens)" in capsys.readouterr().out
+    assert "2 pairs (1 rejected, 1 truncated to the model's 512 tokens)" in capsys.readouterr().out
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["truncated"] for r in scored] == [False, True]
+    (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert aside["reason"] == "identical_after_truncation" and aside["id"] == f"{src}:3"
     out.unlink()
     assert main(argv + ["--set", "filter.policy=drop"]) == 2
     err = capsys.readouterr().err  # after the transformers loading bar, one line of ours

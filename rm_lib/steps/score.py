@@ -102,6 +102,12 @@ def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
             rejects.append({"id": pair["id"], "reason": "identical_tokens",
                             "detail": "chosen and rejected give the same token ids: a sure tie", "data": pair})
             continue
+        if scorer.length_policy == "truncate" and \
+                scorer.fit(ids[0], pair["id"])[0] == scorer.fit(ids[1], pair["id"])[0]:
+            rejects.append({"id": pair["id"], "reason": "identical_after_truncation",
+                            "detail": f"cut to the {scorer.max_length} tokens the model reads, chosen and rejected "
+                                      "give the same token ids: a sure tie", "data": pair})
+            continue
         kept.append(pair)
         encoded.append(ids)
     return kept, encoded, rejects
