@@ -25,6 +25,12 @@ class NumberScorer:
         return Scored(rewards=[float(item[-1]["content"].split()[0]) for item in items],
                       truncated=[False] * len(items), lengths=[1] * len(items))
 
+    def encode(self, item, name="item"):  # ids as distinct as the texts
+        return list(json.dumps(item, sort_keys=True).encode())
+
+    def fit(self, ids, name):
+        return ids, False
+
 
 def _rb2_rows() -> list[dict]:
     def row(i, subset, chosen, rejected):
@@ -206,6 +212,26 @@ def pipeline(tmp_path_factory, tiny_decoder):
     params = tiny_params("train.max_steps=2", f'evaluate.suites=["{rb1}", "{rb2}"]', model=str(tiny_decoder))
     results = run_steps(params, root, "download", "tokenize", "filter", "train", "evaluate", "push")
     return root, results
+
+
+def test_a_row_whose_answers_give_the_same_token_ids_is_set_aside(pipeline, tmp_path):
+    """Answers that differ only where the tokenizer does not look (here words it does not know, both
+    <unk>; in AlpacaEval, case under an uncased tokenizer) tie but for rounding: the verdict was noise.
+    Set aside as filter and score set them aside, and so are answers the cut to the model's length
+    leaves the same."""
+    root, _ = pipeline
+    scorer = RewardScorer(Layout(root).model)
+    long = "the acting was superb and " * 60
+    path = write_jsonl(tmp_path / "s.jsonl", [
+        {"prompt": "I watched this film and", "chosen": "the acting was superb.", "rejected": "the acting was dull."},
+        {"prompt": "I watched this film and", "chosen": "the acting was qqqq.", "rejected": "the acting was zzzz."},
+        {"prompt": "", "chosen": "superb. " + long, "rejected": "dull. " + long}])
+    assert scorer.encode([{"role": "user", "content": "qqqq"}]) == scorer.encode([{"role": "user", "content": "zz"}])
+    entry = suites.evaluate_suite(suites.parse_entry(str(path)), scorer)
+    assert entry["rows"] == 1 and entry["skipped_by_reason"] == {"identical_after_truncation": 1,
+                                                                 "identical_tokens": 1}
+    assert [(a["row"], a["reason"]) for a in entry[suites.SET_ASIDE]] == [(2, "identical_tokens"),
+                                                                         (3, "identical_after_truncation")]
 
 
 def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):

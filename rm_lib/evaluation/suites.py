@@ -51,6 +51,7 @@ class Row:
     chosen: list[Messages]
     rejected: list[Messages]
     subset: str | None = None
+    origin: tuple[str, int, Any] | None = None  # (file label, row number, the row as read)
 
 
 @dataclass
@@ -213,6 +214,7 @@ def read_rows(inputs: Iterable[tuple[str, Iterable[tuple[int, Any]]]]) -> _Read:
                     read.set_aside.append({"file": label, "row": number, "reason": outcome,
                                            "data": formats.json_safe(row)})
                 else:
+                    outcome.origin = (label, number, row)
                     read.rows.append(outcome)
         finally:
             getattr(rows, "close", lambda: None)()
@@ -245,6 +247,26 @@ def _score_unique(scorer: Any, items: list[Messages], names: list[str]) -> tuple
     return dict(zip(keys, scored.rewards)), {k for k, cut in zip(keys, scored.truncated) if cut}
 
 
+def _set_aside_sure_ties(scorer: Any, read: _Read) -> None:
+    """Rows where a chosen and a rejected answer give the same token ids (they differ only in case or
+    spaces the tokenizer drops, or where the cut to the model's length takes away): their rewards are
+    equal but for rounding, so the verdict would be noise. Set aside as filter and score set them aside."""
+    kept = []
+    for row in read.rows:
+        ids = {side: [scorer.encode(row.prompt + answer, row.id) for answer in getattr(row, side)]
+               for side in ("chosen", "rejected")}
+        fitted = {side: [scorer.fit(i, row.id)[0] for i in ids[side]] for side in ids}
+        reason = ("identical_tokens" if any(c in ids["rejected"] for c in ids["chosen"]) else
+                  "identical_after_truncation" if any(c in fitted["rejected"] for c in fitted["chosen"]) else None)
+        if reason is None:
+            kept.append(row)
+            continue
+        label, number, raw = row.origin or (None, None, None)
+        read.skipped[reason] += 1
+        read.set_aside.append({"file": label, "row": number, "reason": reason, "data": formats.json_safe(raw)})
+    read.rows = kept
+
+
 def score_rows(scorer: Any, rows: list[Row]) -> tuple[list[bool], int]:
     """(correct per row, answers truncated to the model's length)."""
     items, names = [], []
@@ -267,6 +289,7 @@ def evaluate_suite(suite: Suite, scorer: Any) -> dict:
     """The report entry of one suite."""
     inputs, content_hash = _inputs(suite)
     read = read_rows(inputs)
+    _set_aside_sure_ties(scorer, read)
     if not read.rows:
         raise DataError(f"no row of the suite can be scored ({sum(read.skipped.values())} skipped: "
                         f"{dict(read.skipped) or 'the set is empty'})", file=suite.entry)
