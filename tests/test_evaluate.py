@@ -89,6 +89,26 @@ def test_the_demo_reports_each_subset_and_says_it_is_demo_data(tmp_path, tiny_de
     assert "subset" not in manifest.get("ignored_columns", {})  # read, not ignored
 
 
+def test_the_report_and_card_say_how_many_held_out_pairs_the_filter_set_aside(tmp_path, tiny_decoder):
+    """A filter that drops the long prompts leaves an accuracy of the short pairs only: the report, the
+    summary, metrics.json and the card said only "pairs 137" (of 390)."""
+    params = tiny_params("train.max_steps=2", "filter.max_prompt_token_length=12", model=str(tiny_decoder))
+    results = run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate", "push")
+    layout = Layout(tmp_path)
+    report = json.loads((layout.evaluation / "report.json").read_text())
+    held = report["held_out"]
+    aside = held["set_aside_by_filter"]
+    assert aside.get("prompt_too_long", 0) > 0 and held["filter_policy"] == "drop"
+    assert held["pairs_before_filter"] == report["pairs"] + sum(aside.values()) == results["tokenize"].rows["test"]
+    assert json.loads((layout.evaluation / "metrics.json").read_text())["pairs_before_filter"] == \
+        held["pairs_before_filter"]
+    said = (f"{report['pairs']} pairs of {held['pairs_before_filter']} held out (the filter set aside "
+            f"{sum(aside.values())}")
+    assert said in results["evaluate"].summary()
+    card = (layout.release / "README.md").read_text()
+    assert f"| pairs | {report['pairs']} of {held['pairs_before_filter']} held out; the length filter set aside" in card
+
+
 def test_length_figures_count_the_tokens_before_truncation(tmp_path, tiny_decoder):
     """With filter.policy=truncate the model sees cut ids, but the length baselines, the length buckets and
     the reward-length correlation are about the answers: they count the tokens before the cut."""

@@ -174,6 +174,17 @@ def _suites(metrics: dict) -> str:
             "\n\n| suite | source | layout | rows | accuracy |\n|---|---|---|---|---|\n" + rows) if rows else ""
 
 
+def _held_out(metrics: dict) -> str:
+    """Beside the pairs scored: the held-out pairs the filter set aside, where it set any aside."""
+    held = metrics.get("held_out") or {}
+    aside = held.get("set_aside_by_filter") or {}
+    if not aside:
+        return ""
+    reasons = ", ".join(f"{k}: {v}" for k, v in aside.items())
+    return (f" of {held['pairs_before_filter']} held out; the length filter set aside {sum(aside.values())} "
+            f"({reasons}), so the figures are of the others only")
+
+
 def _evaluation(metrics: dict, pictures: list[str]) -> str:
     longer, shorter = metrics.get("longer_wins_baseline"), metrics.get("shorter_wins_baseline")
     baseline = max(longer, shorter) if longer is not None and shorter is not None else None
@@ -189,7 +200,7 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
 {demo}
 | metric | value |
 |---|---|
-| pairs | {metrics.get('pairs')} |
+| pairs | {metrics.get('pairs')}{_held_out(metrics)} |
 | accuracy (a tie counts as wrong) | {_num(metrics.get('accuracy'))} |
 | length baseline (the better of the two below) | {_num(baseline)} |
 | longer-wins baseline | {_num(longer)} |

@@ -38,12 +38,23 @@ class EvaluateResult:
         subsets = "".join(f"; {name} {e['accuracy']:.4f}" for name, e in m.get("per_subset", {}).items())
         demo = ("\n  (demo data: synthetic reviews, 10% of the labels flipped; this accuracy says the pipeline "
                 "learns, not how good a reward model is)" if m.get("demo_data") else "")
-        return (f"evaluate: {m['pairs']} pairs, accuracy {m['accuracy']:.4f} (ties {m['tie_rate']:.4f}; "
+        return (f"evaluate: {m['pairs']} pairs{_of_held_out(m)}, accuracy {m['accuracy']:.4f} "
+                f"(ties {m['tie_rate']:.4f}; "
                 f"longer wins {m['longer_wins_baseline']:.4f}, shorter wins {m['shorter_wins_baseline']:.4f}"
                 f"{subsets}), loss {m['loss']:.4f}\n  length: prefers the longer answer {_fmt(m['prefers_longer'])}, "
                 f"reward-length correlation {_fmt(m['reward_length_correlation'], '+.3f')}; "
                 f"calibration error (ECE) {m['calibration_ece']:.4f} -> {self.report}{demo}"
                 + suites.summary_lines(m.get("suites", {})) + _inconsistent(m.get("consistency") or {}))
+
+
+def _of_held_out(metrics: dict) -> str:
+    """' of 390 held out (the filter set aside 253: prompt_too_long 207, ...)', where it set any aside."""
+    held = metrics.get("held_out") or {}
+    aside = held.get("set_aside_by_filter") or {}
+    if not aside:
+        return ""
+    reasons = ", ".join(f"{k} {v}" for k, v in aside.items())
+    return f" of {held['pairs_before_filter']} held out (the filter set aside {sum(aside.values())}: {reasons})"
 
 
 def _inconsistent(result: dict) -> str:
@@ -72,6 +83,16 @@ def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets:
     return metrics, r_c, r_r
 
 
+def held_out(filter_manifest: dict) -> dict:
+    """The held-out pairs the figures are of, against those the filter had: a filter that set many
+    aside (long prompts) leaves an accuracy of the short pairs only, and the reader must see that."""
+    dropped = (filter_manifest.get("dropped_by_reason") or {}).get("test") or {}
+    kept = (filter_manifest.get("kept") or {}).get("test", 0)
+    return {"pairs_before_filter": kept + sum(dropped.values()), "set_aside_by_filter": dict(sorted(dropped.items())),
+            "truncated_by_filter": (filter_manifest.get("truncated") or {}).get("test", 0),
+            "filter_policy": filter_manifest.get("policy")}
+
+
 def numeric_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json for `dvc metrics` / `dvc exp show`: numbers only, subsets flattened to accuracy_<name>."""
     flat = {k: v for k, v in metrics.items()
@@ -82,6 +103,8 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
     worst = consistency.worst_difference(metrics.get("consistency") or {})
     if worst is not None:
         flat["consistency_max_abs_diff"] = worst
+    if metrics.get("held_out"):
+        flat["pairs_before_filter"] = metrics["held_out"]["pairs_before_filter"]
     return flat
 
 
@@ -94,6 +117,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     scored = chain.inputs(layout, "model")  # the model about to be scored, before it is read
     metrics, r_c, r_r = evaluate_folder(layout.model, rows, cfg.batch_size, cfg.length_buckets)
     metrics["data_hash"] = meta["content_hash"]
+    metrics["held_out"] = held_out(meta)
     per_subset = subset_accuracy(r_c, r_r, [r.get("subset") for r in rows])
     if per_subset:
         metrics["per_subset"] = per_subset
