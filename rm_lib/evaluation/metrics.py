@@ -107,3 +107,13 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
         "calibration_ece": ece, "calibration_bins": calibration_bins,
         "per_length_bucket": per_bucket,
     }
+
+
+def set_aside_by_filter(report: dict) -> tuple[int, int, str] | None:
+    """(held-out pairs before the length filter, how many it set aside, 'reason: n, ...') where it set
+    any aside (report.json's `held_out`), else None."""
+    held = report.get("held_out") or {}
+    aside = held.get("set_aside_by_filter") or {}
+    if not aside:
+        return None
+    return held["pairs_before_filter"], sum(aside.values()), ", ".join(f"{k}: {v}" for k, v in aside.items())

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from rm_lib.evaluation.metrics import set_aside_by_filter
 from rm_lib.files import dvc_md5
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 
@@ -176,13 +177,9 @@ def _suites(metrics: dict) -> str:
 
 def _held_out(metrics: dict) -> str:
     """Beside the pairs scored: the held-out pairs the filter set aside, where it set any aside."""
-    held = metrics.get("held_out") or {}
-    aside = held.get("set_aside_by_filter") or {}
-    if not aside:
-        return ""
-    reasons = ", ".join(f"{k}: {v}" for k, v in aside.items())
-    return (f" of {held['pairs_before_filter']} held out; the length filter set aside {sum(aside.values())} "
-            f"({reasons}), so the figures are of the others only")
+    aside = set_aside_by_filter(metrics)
+    return "" if aside is None else (f" of {aside[0]} held out; the length filter set aside {aside[1]} ({aside[2]}), "
+                                     "so the figures are of the others only")
 
 
 def _evaluation(metrics: dict, pictures: list[str]) -> str:

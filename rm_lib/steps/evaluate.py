@@ -7,7 +7,7 @@ from pathlib import Path
 from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import UserError
 from rm_lib.evaluation import consistency, plots, suites
-from rm_lib.evaluation.metrics import pair_metrics, subset_accuracy
+from rm_lib.evaluation.metrics import pair_metrics, set_aside_by_filter, subset_accuracy
 from rm_lib.evaluation.visualize import visualize_samples
 from rm_lib.files import atomic_dir, read_json, write_json, write_jsonl
 from rm_lib.layout import Layout
@@ -48,13 +48,9 @@ class EvaluateResult:
 
 
 def _of_held_out(metrics: dict) -> str:
-    """' of 390 held out (the filter set aside 253: prompt_too_long 207, ...)', where it set any aside."""
-    held = metrics.get("held_out") or {}
-    aside = held.get("set_aside_by_filter") or {}
-    if not aside:
-        return ""
-    reasons = ", ".join(f"{k} {v}" for k, v in aside.items())
-    return f" of {held['pairs_before_filter']} held out (the filter set aside {sum(aside.values())}: {reasons})"
+    """' of 390 held out (the filter set aside 253: prompt_too_long: 207, ...)', where it set any aside."""
+    aside = set_aside_by_filter(metrics)
+    return "" if aside is None else f" of {aside[0]} held out (the filter set aside {aside[1]}: {aside[2]})"
 
 
 def _inconsistent(result: dict) -> str:
