@@ -3,7 +3,7 @@ start/end tokens the model expects are added only where the text does not alread
 That is what keeps a chat template's BOS from being doubled and every sequence ending in EOS."""
 from __future__ import annotations
 
-import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -66,6 +66,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str, template: str) -> None:
+    # a forked worker inherits the tokenizers library's thread pool, dead in it: with TOKENIZERS_PARALLELISM
+    # set (the CLI sets it) its first batch waited for ever on it. Each worker tokenizes on one thread.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from rm_lib.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
@@ -83,9 +86,6 @@ def tokenize_pairs(pairs: list[dict], tokenizer: Any, template: str, *, batch_si
     special = special_tokens(tokenizer)
     batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
     if num_proc > 1 and len(batches) > 1 and tokenizer_path is not None:
-        # spawned, not forked: a fork inherits the tokenizers library's thread pool, dead in the child,
-        # and its first batch waited for ever (with TOKENIZERS_PARALLELISM set, as the CLI sets it)
-        with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(tokenizer_path, template)) as pool:
+        with ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(tokenizer_path, template)) as pool:
             return [row for batch in pool.map(_worker_batch, batches) for row in batch]
     return [row for batch in batches for row in tokenize_batch(batch, tokenizer, template, special)]
