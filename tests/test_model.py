@@ -137,6 +137,10 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     with torch.no_grad():
         reward = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert reward == pytest.approx(scorer.score([chat])[0], abs=1e-5)
+    # the tokenizer's template renders what GRPO with tools hands a reward function, as given
+    tools = chat + [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": {}}}]}, {"role": "tool", "content": "42"}]
+    assert scorer.encode(tools) == tok.apply_chat_template(tools, tokenize=True)["input_ids"]
     # a template that writes neither: the card names both tokens to add
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tok.save_pretrained(tmp_path / "rm")

@@ -91,28 +91,36 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
     return out
 
 
-def scoring_item(item: Any, name: str) -> str | list[dict]:
-    """One item a scorer is given, checked as a row's field is: a text, or a conversation of
-    {'role', 'content'} messages with known roles and text content (roles as training knew them).
-    Anything else is a DataError naming the item, where it would be scored as something else."""
+def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[dict]:
+    """One item a scorer is given: a text, or a conversation (a list of messages, each a dict with a
+    str `role`). Anything else is a DataError naming the item, where it would be scored as something
+    else. `any_role`: the tokenizer's chat template renders the messages, given as they are (a tool
+    call, a `tool` or `developer` turn, whatever keys it reads); otherwise rm_lib's templates do, which
+    print user, assistant and system turns (and their aliases) of text only."""
     if isinstance(item, str):
-        checked: str | list[dict] = item
+        texts = [item]
     elif isinstance(item, list):
-        try:
-            checked = _messages(item, "conversation", file=name, row_number=0)
-        except _Reject as exc:
-            raise DataError(f"{name}: {exc.detail}") from None
+        for i, message in enumerate(item):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise DataError(f"{name}: conversation[{i}] is not a message (a dict with a str 'role')")
+        if not any_role:
+            try:
+                item = _messages(item, "conversation", file=name, row_number=0)
+            except _Reject as exc:
+                raise DataError(f"{name}: {exc.detail} (rm_lib's templates print user, assistant and system "
+                                "turns of text; a model trained with its tokenizer's chat template renders any)"
+                                ) from None
+        texts = [m["content"] for m in item if isinstance(m.get("content"), str)]
     else:
         raise DataError(f"{name}: a text (str) or a conversation (a list of {{'role', 'content'}} messages), "
                         f"got {type(item).__name__}")
-    texts = [checked] if isinstance(checked, str) else [m["content"] for m in checked]
     for text in texts:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise DataError(f"{name}: holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not valid "
                             "Unicode text") from None
-    return checked
+    return item
 
 
 def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:

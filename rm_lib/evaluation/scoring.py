@@ -74,7 +74,7 @@ class RewardScorer:
     def encode(self, item: str | list[dict], name: str = "item") -> list[int]:
         """Text is tokenized as is; a conversation is rendered with the training template. Anything else
         (a number, None, a message with an unknown role or no text) is a DataError naming `name`."""
-        item = formats.scoring_item(item, name)
+        item = formats.scoring_item(item, name, any_role=self.template == "tokenizer")
         text = item if isinstance(item, str) else templates.render(item, self.template, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return tokenization.add_special(ids, self.special)
