@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,48 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(*paths: str | Path) -> Iterator[list[Any]]:
+    """atomic_file for several paths that belong together (an output and its rejects): text handles on
+    temporary siblings, which replace their paths only when the block succeeds, and together: where a
+    replace fails, the paths replaced before it get their earlier files back."""
+    with contextlib.ExitStack() as cleanup:
+        staged = []
+        for path in map(Path, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path.parent, path.name)
+            fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            cleanup.callback(lambda tmp=tmp: Path(tmp).unlink(missing_ok=True))
+            staged.append((path, Path(tmp), cleanup.enter_context(open(tmp, "w", encoding="utf-8"))))
+        yield [handle for _, _, handle in staged]
+        for _, tmp, handle in staged:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+            os.chmod(tmp, 0o644)
+        done: list[tuple[Path, Path | None]] = []  # replaced so far, with their earlier files kept aside
+        try:
+            for path, tmp, _ in staged:
+                earlier = None
+                if path.exists():
+                    earlier = path.with_name(f"{_prefix(path.name)}{uuid.uuid4().hex}.earlier")
+                    try:
+                        os.link(path, earlier)
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(path, earlier)
+                    cleanup.callback(lambda earlier=earlier: earlier.unlink(missing_ok=True))
+                os.replace(tmp, path)
+                done.append((path, earlier))
+        except BaseException:
+            for path, earlier in done:
+                if earlier is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    os.replace(earlier, path)
+            raise
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -245,6 +246,27 @@ def test_a_score_whose_rejects_cannot_be_written_leaves_both_files_as_they_were(
     assert (out.read_bytes(), aside.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.jsonl", "scores.jsonl", "scores.jsonl.rejects.jsonl",
                                                          "second.jsonl"]  # no temporary left
+    # both written, one put in place, then the other refused: the first goes back as it was
+    import os
+
+    from rm_lib import files
+
+    monkeypatch.setattr(score, "write_rows", real)
+    real_replace, placed = os.replace, []
+
+    def second_refused(src, dst):
+        if Path(dst) in (out, aside):
+            placed.append(Path(dst))
+            if len(placed) == 2:
+                raise OSError(13, "Permission denied", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", second_refused)
+    assert main(["--root", str(trained), "score", "--input", str(second), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f": cannot be written (Permission denied); {out} and {aside} are as they were")
+    assert (out.read_bytes(), aside.read_bytes()) == before
+    assert len(list(tmp_path.iterdir())) == 4  # no temporary, no earlier copy left
 
 
 def test_the_scorer_refuses_what_it_would_score_as_something_else(trained):

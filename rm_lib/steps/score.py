@@ -1,7 +1,6 @@
 """score: every pair of a preference file (any supported format) -> rewards per row, accuracy."""
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from rm_lib.data import formats, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
-from rm_lib.files import atomic_file, unwritable_folder, write_jsonl, write_rows
+from rm_lib.files import atomic_files, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
 from rm_lib.settings import Params, names_a_folder
 
@@ -113,6 +112,14 @@ def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
     return kept, encoded, rejects
 
 
+def _remove(stale: Path, output_path: str) -> None:
+    try:
+        stale.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"{stale}: cannot be removed ({exc.strerror}); {output_path} was written, and {stale} is "
+                        "an earlier run's") from None
+
+
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
     """Texts longer than the model reads follow filter.policy, as in training: truncate keeps their
     end, drop refuses the first one by its row."""
@@ -141,18 +148,18 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     rows = ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r, "truncated": t}
             for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut))
     try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
-        # both written aside first, then put in place: a run that fails leaves the last run's pair of files
-        with contextlib.ExitStack() as both:
-            write_rows(both.enter_context(atomic_file(output_path)), rows)
+        # both written aside, then put in place together: a run that fails leaves the last run's pair of files
+        with atomic_files(output_path, *([aside] if rejects else [])) as handles:
+            write_rows(handles[0], rows)
             if rejects:
-                write_rows(both.enter_context(atomic_file(aside)), rejects)
-        if not rejects:
-            aside.unlink(missing_ok=True)  # an earlier run's: not about this input
-        failed_rejects_path(output_path).unlink(missing_ok=True)  # an earlier failed run's: this one scored
+                write_rows(handles[1], rejects)
     except OSError as exc:
         which = aside if aside.name in str(exc.filename or "") else Path(output_path)
         raise UserError(f"{which}: cannot be written ({exc.strerror}); {output_path} and {aside} are as they "
                         "were") from None
+    if not rejects:  # an earlier run's: not about this input
+        _remove(aside, output_path)
+    _remove(failed_rejects_path(output_path), output_path)  # an earlier failed run's: this one scored
     return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
                        max_length=scorer.max_length, rejects=aside if rejects else None)
