@@ -1,7 +1,7 @@
 """Scoring throughput: RewardScorer's batches of like lengths against batches in input order (how it
 batched before), on the same texts and model, one after the other in one run.
 
-    python benchmarks/bench_score.py            # both sides of the 1,952 hh-rlhf pairs, all-MiniLM-L6-v2
+    python benchmarks/bench_score.py            # both sides of the hh-rlhf pairs, all-MiniLM-L6-v2
 
 The model is the default base with a new score head, saved as a release is (the rewards are not the
 point here; the same weights score both ways, and the rewards must agree).

@@ -121,15 +121,14 @@ def test_truncate_policy_keeps_start_token_and_the_end():
 
 def test_truncation_keeps_the_prompt_both_sides_still_share_and_records_what_it_sets_aside():
     """prompt_length after a cut was the chosen side's, though the longer rejected side lost more of its
-    prompt; a pair the cut made identical was written without its lengths."""
+    prompt: it is now the prompt tokens left in the side cut more. A pair the cut made identical was
+    written without its lengths."""
     prompt = [101] + list(range(200, 211))  # 12 tokens both sides begin with
     row = {"id": "r", "prompt_length": 12, "input_ids_chosen": prompt + [1, 2, 3, 102],
            "input_ids_rejected": prompt + list(range(300, 318)) + [102]}  # the rejected side is cut the more
     kept, = length_filter.apply([row], max_len=20, max_prompt=12, policy="truncate", keep_front=1).kept
-    shared = next(i for i, (a, b) in enumerate(zip(kept["input_ids_chosen"], kept["input_ids_rejected"])) if a != b)
-    removed = len(row["input_ids_rejected"]) - len(kept["input_ids_rejected"])
-    assert kept["prompt_length"] == 12 - removed
-    assert kept["prompt_length"] == shared  # the tokens they still share
+    removed = {side: len(row[f"input_ids_{side}"]) - len(kept[f"input_ids_{side}"]) for side in ("chosen", "rejected")}
+    assert removed["rejected"] > removed["chosen"] and kept["prompt_length"] == 12 - removed["rejected"]
     same_end = {"id": "e", "prompt_length": 3, "input_ids_chosen": [101, 7, 8, 9, 5, 6, 102],
                 "input_ids_rejected": [101, 7, 8, 10, 5, 6, 102]}
     out = length_filter.apply([same_end], max_len=4, max_prompt=3, policy="truncate", keep_front=1)

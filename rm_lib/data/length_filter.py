@@ -61,7 +61,7 @@ def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str
             for side in ("chosen", "rejected"):
                 ids = truncate_left(row[f"input_ids_{side}"], max_len, keep_front, cut)
                 new[f"input_ids_{side}"], new[f"attention_mask_{side}"] = ids, [1] * len(ids)
-            if prompt_len:  # what is left of the prompt in both sides: the side cut more lost more of it
+            if prompt_len:  # the prompt tokens left in the side cut more (the other keeps at least as many)
                 removed = max(len(row[f"input_ids_{side}"]) - len(new[f"input_ids_{side}"])
                               for side in ("chosen", "rejected"))
                 new["prompt_length"] = max(prompt_len - removed, keep_front)
