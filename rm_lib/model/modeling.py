@@ -322,7 +322,7 @@ ATTENTION_PROJECTIONS = (("q_proj", "v_proj"), ("query", "value"), ("query_proj"
 
 def default_lora_targets(model: Any) -> list[str] | None:
     """None where peft has default LoRA targets for the model's type; else its attention projections
-    (peft 0.19 has none for Phi-3, DistilBERT, ModernBERT, OLMo 2, SmolLM3, MPNet), or None when no
+    (peft 0.21 has none for Phi-3, DistilBERT, ModernBERT, OLMo 2, SmolLM3, MPNet), or None when no
     known names are found (add_lora then lists the layers there are)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
