@@ -28,8 +28,8 @@ class NumberScorer:
     def encode(self, item, name="item"):  # ids as distinct as the texts
         return list(json.dumps(item, sort_keys=True).encode())
 
-    def fit(self, ids, name):
-        return ids, False
+    def sure_tie(self, chosen, rejected, name):
+        return "identical_tokens" if chosen == rejected else None
 
 
 def _rb2_rows() -> list[dict]:

@@ -88,6 +88,15 @@ class RewardScorer:
                             "use filter.policy=truncate to keep the end of such texts, or shorten it")
         return truncate_left(ids, self.max_length, len(self.special.prefix)), True
 
+    def sure_tie(self, chosen: list[int], rejected: list[int], name: str) -> str | None:
+        """Why two encoded answers are a sure tie (their rewards equal but for rounding), or None:
+        'identical_tokens', or 'identical_after_truncation' where the cut to max_length makes them one."""
+        if chosen == rejected:
+            return "identical_tokens"
+        if self.length_policy == "truncate" and self.fit(chosen, name)[0] == self.fit(rejected, name)[0]:
+            return "identical_after_truncation"
+        return None
+
     def score(self, items: Sequence[str | list[dict]]) -> list[float]:
         return self.score_detailed(items).rewards
 

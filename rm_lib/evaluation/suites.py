@@ -255,9 +255,8 @@ def _set_aside_sure_ties(scorer: Any, read: _Read) -> None:
     for row in read.rows:
         ids = {side: [scorer.encode(row.prompt + answer, row.id) for answer in getattr(row, side)]
                for side in ("chosen", "rejected")}
-        fitted = {side: [scorer.fit(i, row.id)[0] for i in ids[side]] for side in ids}
-        reason = ("identical_tokens" if any(c in ids["rejected"] for c in ids["chosen"]) else
-                  "identical_after_truncation" if any(c in fitted["rejected"] for c in fitted["chosen"]) else None)
+        ties = {scorer.sure_tie(c, r, row.id) for c in ids["chosen"] for r in ids["rejected"]} - {None}
+        reason = "identical_tokens" if "identical_tokens" in ties else next(iter(ties), None)
         if reason is None:
             kept.append(row)
             continue

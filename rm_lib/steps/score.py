@@ -97,15 +97,11 @@ def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
                    tokenization.add_special(pair["input_ids_rejected"], scorer.special))
         else:
             ids = scorer.encode(pair["prompt"] + pair["chosen"]), scorer.encode(pair["prompt"] + pair["rejected"])
-        if ids[0] == ids[1]:
-            rejects.append({"id": pair["id"], "reason": "identical_tokens",
-                            "detail": "chosen and rejected give the same token ids: a sure tie", "data": pair})
-            continue
-        if scorer.length_policy == "truncate" and \
-                scorer.fit(ids[0], pair["id"])[0] == scorer.fit(ids[1], pair["id"])[0]:
-            rejects.append({"id": pair["id"], "reason": "identical_after_truncation",
-                            "detail": f"cut to the {scorer.max_length} tokens the model reads, chosen and rejected "
-                                      "give the same token ids: a sure tie", "data": pair})
+        reason = scorer.sure_tie(ids[0], ids[1], pair["id"])
+        if reason is not None:
+            cut = f"cut to the {scorer.max_length} tokens the model reads, " if reason != "identical_tokens" else ""
+            rejects.append({"id": pair["id"], "reason": reason,
+                            "detail": f"{cut}chosen and rejected give the same token ids: a sure tie", "data": pair})
             continue
         kept.append(pair)
         encoded.append(ids)
