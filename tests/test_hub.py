@@ -403,6 +403,13 @@ def test_card_metadata_names_hub_models_and_datasets():
     index = ModelCard(scored).data.eval_results  # as the Hub reads model-index
     assert [(r.dataset_type, r.metric_type, r.metric_value) for r in index] == [("Anthropic/hh-rlhf", "accuracy",
                                                                                   0.6123)]
+    assert [(r.dataset_split, r.dataset_config, r.dataset_revision) for r in index] == [(None, None, None)]
+    pinned = tiny_params("download.source=Anthropic/hh-rlhf", "download.subset=harmless-base",
+                         "download.test_split=test").as_dict()
+    index = ModelCard(model_card.render(repo_id=REPO, params=pinned, metrics={"accuracy": 0.6}, pictures=[],
+                                        lineage={"dataset_revision": "abc123"})).data.eval_results
+    assert [(r.dataset_split, r.dataset_config, r.dataset_revision) for r in index] == [
+        ("test", "harmless-base", "abc123")]  # a seeded split (above) names no split: its pairs are train's
     assert "Dataset: `Anthropic/hh-rlhf`, revision `abc123`" in text
     from importlib.metadata import version  # the default model's files are the package's, not a Hub revision
 

@@ -108,7 +108,8 @@ def _hub_dataset_id(source: str) -> str | None:
     return source if source != "demo" and HUB_ID.match(source) and not Path(source).exists() else None
 
 
-def _front_matter(params: dict, repo_id: str = "reward-model", metrics: dict | None = None) -> str:
+def _front_matter(params: dict, repo_id: str = "reward-model", metrics: dict | None = None,
+                  lineage: dict | None = None) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
                             "tags": ["reward-model", "rlhf", "rm-pipeline"]}
     base = hub_model_id(params["model"]["name_or_path"])
@@ -122,10 +123,23 @@ def _front_matter(params: dict, repo_id: str = "reward-model", metrics: dict | N
         # the Hub shows it as the model's evaluation result: pairs of that data set never trained on
         meta["model-index"] = [{"name": repo_id.rsplit("/", 1)[-1], "results": [{
             "task": {"type": "text-classification", "name": "Reward modeling"},
-            "dataset": {"name": dataset, "type": dataset},
+            "dataset": _index_dataset(dataset, params["download"], lineage or {}),
             "metrics": [{"type": "accuracy", "value": round(float(accuracy), 4),
                          "name": "Pairwise accuracy, held-out pairs (a tie counts as wrong)"}]}]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _index_dataset(dataset: str, download: dict, lineage: dict) -> dict[str, str]:
+    """model-index's dataset entry. Its split only where the data set's own test split was held out: a
+    seeded split holds out pairs of the train split, which `split: train` would misread as trained on."""
+    entry = {"name": dataset, "type": dataset}
+    if download.get("subset"):
+        entry["config"] = str(download["subset"])
+    if download.get("test_split"):
+        entry["split"] = str(download["test_split"])
+    if lineage.get("dataset_revision"):
+        entry["revision"] = str(lineage["dataset_revision"])
+    return entry
 
 
 def _num(value: Any) -> str:
@@ -457,7 +471,7 @@ def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures
            tokenizer: dict | None = None) -> str:
     """`adapter`: `adapter_facts` of the released folder (a LoRA run), for how to load the adapter;
     `tokenizer`: its `tokenizer_facts`, for what a text must hold."""
-    return f"""{_front_matter(params, repo_id, metrics)}# {repo_id}
+    return f"""{_front_matter(params, repo_id, metrics, lineage)}# {repo_id}
 
 A reward model (one score per text) trained with the Bradley-Terry loss on preference pairs.
 
