@@ -66,14 +66,21 @@ def remove_stale(folder: str | Path, name: str | None = None, *, unowned: bool =
     return removed
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
+def _temporary_sibling(path: Path) -> Path:
+    """An empty file beside `path` that only the process which made it writes, after clearing the ones
+    a killed writer of `path` left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
@@ -95,12 +102,9 @@ def atomic_files(*paths: str | Path) -> Iterator[list[Any]]:
     with contextlib.ExitStack() as cleanup:
         staged = []
         for path in map(Path, paths):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(path.parent, path.name)
-            fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            cleanup.callback(lambda tmp=tmp: Path(tmp).unlink(missing_ok=True))
-            staged.append((path, Path(tmp), cleanup.enter_context(open(tmp, "w", encoding="utf-8"))))
+            tmp = _temporary_sibling(path)
+            cleanup.callback(tmp.unlink, missing_ok=True)
+            staged.append((path, tmp, cleanup.enter_context(open(tmp, "w", encoding="utf-8"))))
         yield [handle for _, _, handle in staged]
         for _, tmp, handle in staged:
             handle.flush()
