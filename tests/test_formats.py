@@ -132,3 +132,64 @@ def test_a_row_mixing_a_message_list_and_a_string_names_the_field_of_the_other_t
         norm([{"prompt": "q", "chosen": "yes", "rejected": "no"}, {"prompt": "q", "chosen": [a], "rejected": "no"}])
     _, pairs, _ = norm([{"prompt": "q", "chosen": [a], "rejected": [b]}])  # a string prompt is one user turn
     assert pairs[0]["prompt"] == [u]
+
+
+def test_a_prompt_the_answers_repeat_is_kept_once():
+    """HuggingFaceH4/ultrafeedback_binarized: a string prompt, and chosen/rejected that are the whole
+    conversation, its user turn included. Read as given, every pair would show the question twice."""
+    u, a, b = {"role": "user", "content": "capital of France?"}, {"role": "assistant", "content": "Paris"}, {
+        "role": "assistant", "content": "Rome"}
+    s = {"role": "system", "content": "be brief"}
+    _, pairs, rejects = norm([{"prompt": "capital of France?", "chosen": [u, a], "rejected": [u, b],
+                               "score_chosen": 8.0, "score_rejected": 3.0},
+                              {"prompt": [u], "chosen": [s, u, a], "rejected": [s, u, b]},  # the system turn too
+                              {"prompt": "capital of France?", "chosen": [u, a], "rejected": [b]}])
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [([u], [a], [b]), ([s, u], [a], [b])]
+    assert pairs[0]["margin"] == 5.0
+    assert [(r["reason"], r["detail"]) for r in rejects] == [
+        ("prompt_repeated", "chosen starts with the prompt's turns and rejected does not")]
+
+
+def test_scores_that_tie_or_prefer_the_rejected_side_set_the_pair_aside():
+    """A margin of 0 or below from the pair's own scores is no preference for chosen: trained on, a tie
+    pulls the rewards apart for nothing, a negative margin against its label."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 6.0, "score_rejected": 6.0},
+            {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 2.0, "score_rejected": 9.0},
+            {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 9.0, "score_rejected": 2.0}]
+    _, pairs, rejects = norm(rows)
+    assert [p["margin"] for p in pairs] == [7.0]
+    assert [r["reason"] for r in rejects] == ["tied_scores", "scores_against_label"]
+    assert rejects[1]["detail"] == "score_chosen 2 is below score_rejected 9: the scores prefer the rejected side"
+
+
+def test_a_tool_call_or_messages_written_as_text_set_the_pair_aside_with_their_reason():
+    u = {"role": "user", "content": "weather?"}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather"}}]}
+    _, pairs, rejects = norm([{"chosen": [u, call, {"role": "assistant", "content": "sunny"}],
+                               "rejected": [u, {"role": "assistant", "content": "no idea"}]}])
+    assert not pairs and rejects[0]["reason"] == "tool_calls"
+    # what pandas' or datasets' to_csv writes for a message list: its repr, which is not JSON
+    _, pairs, rejects = norm([{"prompt": "q", "chosen": "[{'role': 'user', 'content': 'q'}\n {'role': ...}]",
+                               "rejected": "no"}], file="data.csv")
+    assert not pairs and rejects[0]["reason"] == "messages_as_text"
+    assert "chosen holds a list of messages written as text" in rejects[0]["detail"]
+
+
+def test_an_hh_transcript_prompt_and_a_system_column_are_read_as_turns():
+    """Dahoas/rm-static: the prompt is an HH transcript up to 'Assistant:'. Intel/orca_dpo_pairs: a system
+    column beside the prompt. A message-list prompt beside string answers is one more reading."""
+    _, pairs, _ = norm([{"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a joke?\n\nAssistant:",
+                         "chosen": " Why did the chicken...", "rejected": " No."}])
+    assert [(m["role"], m["content"]) for m in pairs[0]["prompt"]] == [("user", "hi"), ("assistant", "hello"),
+                                                                        ("user", "a joke?")]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "Why did the chicken..."}]
+    _, pairs, _ = norm([{"system": "You are helpful.", "prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert pairs[0]["prompt"] == [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "q"}]
+    fmt, pairs, _ = norm([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}])
+    assert fmt == "explicit_text" and pairs[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+
+
+def test_string_answers_without_a_prompt_column_say_how_they_are_read():
+    _, _, rejects = norm([{"system": "", "question": "q", "chosen": "a", "rejected": "b"}])
+    assert rejects[0]["detail"].endswith("so each is read as a whole HH-RLHF transcript: if question holds the "
+                                         "prompt, name that column 'prompt'")

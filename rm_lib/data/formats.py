@@ -23,7 +23,7 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
                 "bot": "assistant", "model": "assistant", "system": "system"}
 # Columns some format reads; any other column is ignored, and counted so the user sees it.
 USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected", "margin",
-                          "score_chosen", "score_rejected", "subset"})
+                          "score_chosen", "score_rejected", "subset", "system"})
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -87,6 +87,8 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
             raise _Reject("malformed_messages", f"{side}[{i}] has unknown role {message['role']!r}")
         if not isinstance(message["content"], str):
             raise _Reject("malformed_messages", f"{side}[{i}].content is not a string")
+        if message.get("tool_calls") or message.get("function_call"):  # kept as text only, the call would vanish
+            raise _Reject("tool_calls", f"{side}[{i}] calls a tool, and a pair's messages carry text turns only")
         out.append({"role": role, "content": message["content"]})
     return out
 
@@ -161,6 +163,15 @@ def _margin(row: dict, *, file: str, row_number: int) -> float | None:
         if not math.isfinite(margin):  # two finite scores near float's limit, of opposite signs
             raise DataError(f"score_chosen - score_rejected is not a finite number ({margin})",
                             file=file, row=row_number, field="score_chosen")
+        # the scores are the label's evidence: equal ones prefer neither side (UltraFeedback's binarized
+        # sets hold such pairs), and lower ones for chosen contradict it
+        if margin == 0:
+            raise _Reject("tied_scores", f"score_chosen equals score_rejected ({numbers['score_chosen']:g}): "
+                                         "the pair prefers neither side")
+        if margin < 0:
+            raise _Reject("scores_against_label",
+                          f"score_chosen {numbers['score_chosen']:g} is below score_rejected "
+                          f"{numbers['score_rejected']:g}: the scores prefer the rejected side")
         return margin
     one = [k for k in ("score_chosen", "score_rejected") if row.get(k) is not None]
     if one:  # its margin cannot be known: trained without one, it would count unlike the rows beside it
@@ -195,7 +206,7 @@ def _check_unicode(value: Any, key: str, *, file: str, row_number: int) -> None:
 def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     """One source row -> one normalised pair. Raises DataError (bad structure) or _Reject."""
     pair_id = f"{file}:{row_number}"
-    for key in ("prompt", "chosen", "rejected", "subset"):
+    for key in ("prompt", "chosen", "rejected", "subset", "system"):
         _check_unicode(row.get(key), key, file=file, row_number=row_number)
     margin = _margin(row, file=file, row_number=row_number)
     # an optional category (RewardBench's `subset`): evaluate reports accuracy per subset
@@ -209,8 +220,8 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             raise _Reject("identical", "chosen is identical to rejected")
         return {"id": pair_id, "input_ids_chosen": chosen, "input_ids_rejected": rejected, "margin": margin,
                 **subset}
-    for key in ("prompt", "chosen", "rejected"):
-        if key in row and fmt.endswith("text") and not isinstance(row[key], str):
+    for key in ("chosen", "rejected"):  # a prompt may be a message list beside string answers: one reading
+        if fmt.endswith("text") and not isinstance(row[key], str):
             raise DataError(f"expected a string like the other rows of this file, got {type(row[key]).__name__}",
                             file=file, row=row_number, field=key)
     # A string answer beside a message list would be read as one assistant turn, and the shared prefix
@@ -219,9 +230,19 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
         if fmt.endswith("conversational") and not isinstance(row[key], list):
             raise DataError(f"expected a list of messages like the other rows of this file, got "
                             f"{type(row[key]).__name__}", file=file, row=row_number, field=key)
+    for key in ("prompt", "chosen", "rejected"):
+        if isinstance(row.get(key), str) and _MESSAGES_AS_TEXT.match(row[key]):
+            raise _Reject("messages_as_text", f"{key} holds a list of messages written as text (Python's repr, or JSON "
+                                              "inside a string), which would be trained on as words; write the "
+                                              "messages as a list (Dataset.to_json or to_parquet; in a CSV file, "
+                                              "each cell as JSON)")
+    if fmt == "explicit_text" and isinstance(row["prompt"], str) and _is_hh_transcript(row["prompt"]):
+        fmt = "implicit_text"  # Dahoas/rm-static: an HH transcript up to 'Assistant:', the answers after it
+        head = "\n\n" + row["prompt"].lstrip()
+        row = {**row, "chosen": head + row["chosen"], "rejected": head + row["rejected"]}
     if fmt in ("implicit_text", "implicit_conversational"):
         if fmt == "implicit_text":
-            whole = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
+            whole = _transcript(row, "chosen"), _transcript(row, "rejected")
         else:
             whole = (_messages(row["chosen"], "chosen", file=file, row_number=row_number),
                      _messages(row["rejected"], "rejected", file=file, row_number=row_number))
@@ -232,12 +253,69 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
         prompt = _messages(row["prompt"], "prompt", file=file, row_number=row_number)
         chosen = _messages(row["chosen"], "chosen", file=file, row_number=row_number)
         rejected = _messages(row["rejected"], "rejected", file=file, row_number=row_number)
+        prompt, chosen, rejected = _without_repeated_prompt(prompt, chosen, rejected)
+    prompt = _with_system(row.get("system"), prompt, file=file, row_number=row_number)
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages or not any(m["content"].strip() for m in messages):
             raise _Reject("empty_side", f"empty {side} response")
     if chosen == rejected:
         raise _Reject("identical", "chosen is identical to rejected")
     return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}
+
+
+_MESSAGES_AS_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
+
+
+def _is_hh_transcript(text: str) -> bool:
+    return text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
+
+
+def _transcript(row: dict, side: str) -> list[dict]:
+    try:
+        return parse_hh_transcript(row[side])
+    except _Reject as reject:
+        others = sorted(str(k) for k in row if k not in USED_COLUMNS)
+        hint = ("; chosen and rejected are strings and there is no prompt column, so each is read as a whole "
+                "HH-RLHF transcript" + (f": if {', '.join(others)} holds the prompt, name that column 'prompt'"
+                                         if others else ""))
+        raise _Reject(reject.reason, reject.detail + hint) from None
+
+
+def _same_turns(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x["role"] == y["role"] and x["content"].strip() == y["content"].strip()
+                                    for x, y in zip(a, b))
+
+
+def _without_repeated_prompt(prompt: list[dict], chosen: list[dict],
+                             rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """An explicit prompt that the answers repeat (HuggingFaceH4/ultrafeedback_binarized: chosen is the
+    whole conversation) is kept once: the turns the two answers share, ending with the prompt, are the
+    prompt, as if it were implicit. A prompt that only one side repeats leaves the pair ambiguous."""
+    if not prompt or not chosen or chosen == rejected:
+        return prompt, chosen, rejected
+    shared, chosen_rest, rejected_rest = split_shared_prefix(chosen, rejected)
+    if len(shared) >= len(prompt) and _same_turns(shared[len(shared) - len(prompt):], prompt):
+        return shared, chosen_rest, rejected_rest
+    repeats = [side for side, messages in (("chosen", chosen), ("rejected", rejected))
+               if _same_turns(messages[:len(prompt)], prompt)]
+    if len(repeats) == 1:
+        other = "rejected" if repeats[0] == "chosen" else "chosen"
+        raise _Reject("prompt_repeated", f"{repeats[0]} starts with the prompt's turns and {other} does not")
+    return prompt, chosen, rejected
+
+
+def _with_system(system: Any, prompt: list[dict], *, file: str, row_number: int) -> list[dict]:
+    """A `system` column (Intel/orca_dpo_pairs) opens the prompt, unless the prompt has a system turn."""
+    if system is None or system == "":
+        return prompt
+    if not isinstance(system, str):
+        raise DataError(f"expected a string, got {type(system).__name__}", file=file, row=row_number, field="system")
+    if prompt and prompt[0]["role"] == "system":
+        if prompt[0]["content"].strip() != system.strip():
+            raise DataError("the prompt opens with a system turn of other text than the system column",
+                            file=file, row=row_number, field="system")
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
 
 
 def _safe_text(text: str) -> str:
