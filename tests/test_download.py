@@ -225,6 +225,50 @@ def test_hub_settings_with_a_local_source_or_the_demo_are_refused(tmp_path, sett
                                                     for i in range(20)])
     for where in (f"download.source={source}", "download.source=demo"):
         with pytest.raises(SettingsError, match=rf"download.{setting.split('.')[1].split('=')[0]}: applies to a Hub "
-                                                "dataset only"):
+                                                r"dataset (or a local folder \(.*\) )?only"):
             run_steps(tiny_params(where, setting), tmp_path, "download")
     assert not (tmp_path / "data").exists()
+
+
+def test_a_folder_in_the_hubs_layout_says_its_split_files_and_takes_them_when_named(tmp_path, capsys):
+    """HuggingFaceH4/ultrafeedback_binarized as its repository holds it: data/train_prefs-…, data/test_prefs-….
+    Pooled unasked, the held-out file would be trained on: the summary says so, and the settings name them."""
+    from rm_lib.cli import main
+
+    src = tmp_path / "src/data"
+    write_jsonl(src / "train_prefs-00000-of-00001.jsonl", [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"}
+                                                           for i in range(20)])
+    write_jsonl(src / "test_prefs-00000-of-00001-0a1b2c3d4e5f6789.jsonl",
+                [{"prompt": f"t{i}", "chosen": "good", "rejected": "bad"} for i in range(5)])
+    write_jsonl(src / "train_gen.jsonl", [{"prompt": "g", "chosen": "good", "rejected": "bad"}])
+    source = f"download.source={tmp_path / 'src'}"
+    assert main(["--root", str(tmp_path), "download", "--set", source]) == 0
+    assert ("warning: data/test_prefs-00000-of-00001-0a1b2c3d4e5f6789.jsonl, data/train_gen.jsonl, "
+            "data/train_prefs-00000-of-00001.jsonl named like a split but read as one pool split by prompt; to use a "
+            "folder's own splits, set download.train_split and download.test_split") in capsys.readouterr().out
+    run_steps(tiny_params(source, "download.train_split=train_prefs", "download.test_split=test_prefs"), tmp_path,
+              "download")
+    pairs = Layout(tmp_path).pairs
+    assert [p["prompt"][0]["content"] for p in read_jsonl(pairs / "test.jsonl")] == [f"t{i}" for i in range(5)]
+    assert len(read_jsonl(pairs / "train.jsonl")) == 20  # train_gen is another split: not read
+    manifest = read_json(pairs / "manifest.json")
+    assert manifest["split"] == "source" and manifest["unnamed_splits"] == []
+    with pytest.raises(DataError, match=r"no file of split 'test_sft' .*; the files name: test_prefs, train_gen, "
+                                        "train_prefs"):
+        run_steps(tiny_params(source, "download.train_split=train_prefs", "download.test_split=test_sft"), tmp_path,
+                  "download")
+
+
+def test_json_lines_in_a_json_file_are_read_and_a_saved_dataset_folder_says_how_to_export(tmp_path):
+    """Dataset.to_json writes JSON Lines under the name the user gives (stanfordnlp/SHP's files are
+    train.json); save_to_disk writes Arrow files, which download does not read."""
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(20)]
+    source = write_jsonl(tmp_path / "src/train.json", rows)
+    assert run_steps(tiny_params(f"download.source={source}"), tmp_path, "download")["download"].rows_read == 20
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("dataset_info.json", "state.json"):
+        (saved / name).write_text("{}")
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"")
+    with pytest.raises(DataError, match=r"save_to_disk wrote .*dataset.to_parquet\('train.parquet'\)"):
+        run_steps(tiny_params(f"download.source={saved}"), tmp_path, "download")

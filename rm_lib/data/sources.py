@@ -112,6 +112,9 @@ def _json_rows(path: Path) -> Rows:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _one_object_per_line(text):  # what Dataset.to_json writes, named .json
+            yield from _jsonl_rows(path)
+            return
         raise DataError(f"not valid JSON ({exc.msg})", file=str(path), row=exc.lineno) from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
         raise DataError(_too_long_number(), file=str(path)) from None
@@ -120,6 +123,14 @@ def _json_rows(path: Path) -> Rows:
     if not isinstance(data, list):
         raise DataError("expected a JSON list of rows", file=str(path))
     yield from enumerate(data, start=1)
+
+
+def _one_object_per_line(text: str) -> bool:
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
 
 
 def _json_or_text(value: str) -> Any:
@@ -229,6 +240,10 @@ def local_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
+    if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and any(path.glob("*.arrow"))):
+        raise DataError("a folder that datasets' save_to_disk wrote (Arrow files), which download does not read; "
+                        "write each split as a file instead: dataset.to_parquet('train.parquet'), and "
+                        "'test.parquet' for a test split", file=str(path))
     files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) and not p.name.startswith("."))
     if not files:
         skipped = unsupported_files(path)
@@ -253,21 +268,37 @@ def list_some(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-_SHARD = re.compile(r"([a-z]+)(?:-\d+(?:-of-\d+)?)?")  # train, train-00003, train-00000-of-00002
+# train, train-00003, train-00000-of-00002, train_prefs-00000-of-00001, and the Hub's older
+# train-00000-of-00001-<16 hex digits>
+_SHARD = re.compile(r"([a-z][a-z0-9_]*)(?:-\d+(?:-of-\d+)?(?:-[0-9a-f]{16})?)?")
+_SPLIT_WORDS = ("train", "test", "valid", "dev", "eval")
+
+
+def _shard_name(name: str) -> str | None:
+    name = name.lower().removesuffix(".gz")
+    shard = _SHARD.fullmatch(name.removesuffix(_base_suffix(Path(name))))
+    return shard.group(1) if shard else None
 
 
 def split_of(path: Path, root: Path | None = None, names: tuple[str, ...] = ("train", "test")) -> str | None:
-    """The split a file of a source folder holds, from exact names only (see README, Formats):
+    """The split of `names` a file of a source folder holds, from exact names only (see README, Formats):
     `<split>.<ext>`, `<split>-00000-of-00001.<ext>`, `<split>-00000.<ext>` (each optionally .gz),
     or any file inside a sub-folder named `<split>`. `tests_data/` or `testimonials.jsonl` is no split."""
     path = Path(path)
     parts = path.relative_to(root).parts if root is not None and path.is_relative_to(root) else (path.name,)
-    name = parts[-1].lower().removesuffix(".gz")
-    shard = _SHARD.fullmatch(name.removesuffix(_base_suffix(Path(name))))
-    if shard and shard.group(1) in names:
-        return shard.group(1)
+    names = tuple(n.lower() for n in names)
+    shard = _shard_name(parts[-1])
+    if shard in names:
+        return shard
     folders = [p.lower() for p in parts[:-1]]
     return next((n for n in names if n in folders), None)
+
+
+def split_like(path: Path) -> str | None:
+    """The split a file's name gives where it is not one of those asked for (`test_prefs`, `validation`):
+    read as data of no split, it deserves a word."""
+    shard = _shard_name(Path(path).name)
+    return shard if shard and any(word in shard for word in _SPLIT_WORDS) else None
 
 
 def read_hub(name: str, split: str, *, revision: str | None, subset: str | None) -> Rows:

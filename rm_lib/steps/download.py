@@ -36,6 +36,7 @@ class DownloadResult:
     settings: dict = field(default_factory=dict)  # the download settings these pairs were made with
     test_in_train: int = 0  # test pairs identical to a train pair: a source's own splits may overlap
     skipped_files: list[str] = field(default_factory=list)  # files of a source folder of an unsupported type
+    unnamed_splits: list[str] = field(default_factory=list)  # files named like a split download did not take as one
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -45,7 +46,7 @@ class DownloadResult:
                 "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
                 "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
                 "split": self.split, "test_pairs_in_train": self.test_in_train, "skipped_files": self.skipped_files,
-                "settings": self.settings}
+                "unnamed_splits": self.unnamed_splits, "settings": self.settings}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -60,6 +61,10 @@ class DownloadResult:
                 + (f"\nnote: {len(self.skipped_files)} file(s) of the source folder not read, of a type other than "
                    f"{', '.join(sources.SUFFIXES)} (optionally .gz): {sources.list_some(self.skipped_files)}"
                    if self.skipped_files else "")
+                + (f"\nwarning: {sources.list_some(self.unnamed_splits)} named like a split but read as "
+                   f"{'training data' if self.split == 'source' else 'one pool split by prompt'}; to use a folder's "
+                   "own splits, set download.train_split and download.test_split (e.g. train_prefs, test_prefs)"
+                   if self.unnamed_splits else "")
                 + (f"\n{self.note}" if self.note else ""))
 
 
@@ -119,6 +124,8 @@ def _inputs(cfg: DownloadSettings, kind: str) -> tuple[list[tuple[str, object, s
         return [("demo", enumerate(demo.demo_pairs(cfg.demo_pairs, seed=cfg.seed), start=1), None)], cfg.revision
     if kind == "local":
         files = sources.local_files(cfg.source)
+        if _names_splits(cfg):
+            return _named_split_inputs(cfg, files), cfg.revision
         root = Path(cfg.source)
         own = {f: sources.split_of(f, root) for f in files} if len(files) > 1 else {files[0]: None}
         if not any(s == "test" for s in own.values()):
@@ -133,6 +140,36 @@ def _inputs(cfg: DownloadSettings, kind: str) -> tuple[list[tuple[str, object, s
         inputs.append((f"hf://{cfg.source}", sources.read_hub(cfg.source, cfg.test_split, revision=cfg.revision,
                                                               subset=cfg.subset), "test"))
     return inputs, revision
+
+
+def _names_splits(cfg: DownloadSettings) -> bool:
+    return cfg.train_split != "train" or cfg.test_split is not None
+
+
+def _named_split_inputs(cfg: DownloadSettings, files: list[Path]) -> list[tuple[str, object, str | None]]:
+    """A local folder's files of the splits the settings name (train_prefs, test_prefs), by the rules of
+    `split_of`; files of other splits are not read, as a Hub dataset's other splits are not."""
+    root = Path(cfg.source)
+    names = (cfg.train_split, *([cfg.test_split] if cfg.test_split else []))
+    own = {f: sources.split_of(f, root, names) for f in files}
+    for name in names:
+        if name.lower() not in own.values():
+            found = sorted({sources.split_like(f) or "(no split name)" for f in files})
+            raise DataError(f"no file of split '{name}' (named {name}.<ext>, {name}-00000-of-00001.<ext>, or in a "
+                            f"folder {name}/); the files name: {', '.join(found)}", file=cfg.source)
+    as_test = cfg.test_split.lower() if cfg.test_split else None
+    return [(str(f), sources.read_file(f), None if as_test is None else "test" if split == as_test else "train")
+            for f, split in own.items() if split]
+
+
+def _unnamed_splits(cfg: DownloadSettings, kind: str) -> list[str]:
+    """Files of a local folder whose names look like splits that download did not take as such: read
+    as one pool and split by prompt, a held-out file would be trained on."""
+    if kind != "local" or _names_splits(cfg) or not Path(cfg.source).is_dir():
+        return []
+    root = Path(cfg.source)
+    return [str(f.relative_to(root)) for f in sources.local_files(root)
+            if sources.split_of(f, root) is None and sources.split_like(f)]
 
 
 @dataclass
@@ -200,11 +237,13 @@ def _check_hub_settings(cfg: DownloadSettings, kind: str) -> None:
     if kind == "hub":
         return
     what = "the demo data" if kind == "demo" else f"'{cfg.source}' is a local source"
+    folder = kind == "local" and Path(cfg.source).is_dir()
     for key, value, default in (("subset", cfg.subset, None), ("revision", cfg.revision, None),
                                 ("train_split", cfg.train_split, "train"), ("test_split", cfg.test_split, None)):
-        if value != default:
-            raise SettingsError(f"download.{key}: applies to a Hub dataset only, and {what}; a local folder takes its "
-                                f"splits from its file names (train.jsonl, test.jsonl): unset download.{key}")
+        if value != default and not (folder and key.endswith("_split")):
+            where = ("a Hub dataset or a local folder (whose files name their splits: train_prefs.parquet, "
+                     "test_prefs-00000-of-00001.parquet)" if key.endswith("_split") else "a Hub dataset")
+            raise SettingsError(f"download.{key}: applies to {where} only, and {what}: unset download.{key}")
 
 
 def run(params: Params, layout: Layout) -> DownloadResult:
@@ -245,7 +284,8 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
                                                            f"seed={cfg.seed}",
             note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None,
             settings=asdict(cfg), test_in_train=_test_in_train(splits),
-            skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [])
+            skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [],
+            unnamed_splits=_unnamed_splits(cfg, kind))
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
