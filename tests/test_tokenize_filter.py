@@ -30,6 +30,19 @@ def test_no_doubled_bos_with_a_template_that_writes_bos(tiny_decoder):
     assert row["input_ids_chosen"][row["prompt_length"]] != tok.convert_tokens_to_ids("<|assistant|>")
 
 
+def test_a_chat_template_that_refuses_a_pair_names_it_and_the_way_on(tiny_decoder):
+    """Gemma's template raises on a system turn, Mistral's on turns that do not alternate."""
+    from rm_lib.errors import DataError
+
+    tok = load_tokenizer(str(tiny_decoder))
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tok.chat_template)
+    pair = {**PAIR, "id": "data.jsonl:7", "prompt": [{"role": "system", "content": "be brief"}, *PAIR["prompt"]]}
+    with pytest.raises(DataError, match=r"chat template refused pair data.jsonl:7 \(source file:row\), prompt with "
+                                        r"turns system user: System role not supported; set tokenize.template="):
+        tokenization.tokenize_batch([PAIR, pair], tok, "tokenizer", tokenization.special_tokens(tok))
+
+
 @pytest.mark.parametrize("template", ["simple_chat", "simple_concat", "chatml"])
 def test_named_templates_get_one_bos_and_an_eos(tiny_decoder, template):
     tok = load_tokenizer(str(tiny_decoder))

@@ -37,15 +37,29 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
 
+def _render(pair: dict, side: str, template: str, tokenizer: Any) -> str:
+    """The prompt (with the generation prompt), or the prompt and one answer, as text. A chat template
+    may refuse messages (Gemma's takes no system turn, Mistral's wants turns that alternate)."""
+    messages = pair["prompt"] if side == "prompt" else pair["prompt"] + pair[side]
+    try:
+        return templates.render(messages, template, tokenizer, add_generation_prompt=side == "prompt")
+    except Exception as exc:  # jinja2's TemplateError, or raise_exception() in the template
+        if template != "tokenizer":
+            raise
+        roles = " ".join(m["role"] for m in messages)
+        raise DataError(f"the tokenizer's chat template refused pair {pair['id']} (source file:row), {side} with "
+                        f"turns {roles}: {str(exc).strip()[:200]}; set tokenize.template=simple_chat or chatml, or "
+                        "use a model whose template takes such turns") from None
+
+
 def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: SpecialTokens) -> list[dict]:
     """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call."""
     text_pairs = [p for p in pairs if "input_ids_chosen" not in p]
     prompts, chosen, rejected = [], [], []
     for pair in text_pairs:
-        prompts.append(templates.render(pair["prompt"], template, tokenizer, add_generation_prompt=True)
-                       if pair["prompt"] else "")
-        chosen.append(templates.render(pair["prompt"] + pair["chosen"], template, tokenizer))
-        rejected.append(templates.render(pair["prompt"] + pair["rejected"], template, tokenizer))
+        prompts.append(_render(pair, "prompt", template, tokenizer) if pair["prompt"] else "")
+        chosen.append(_render(pair, "chosen", template, tokenizer))
+        rejected.append(_render(pair, "rejected", template, tokenizer))
     encoded = iter(zip(_encode(tokenizer, prompts), _encode(tokenizer, chosen), _encode(tokenizer, rejected)))
     rows = []
     for pair in pairs:
