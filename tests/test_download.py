@@ -272,3 +272,17 @@ def test_json_lines_in_a_json_file_are_read_and_a_saved_dataset_folder_says_how_
     (saved / "data-00000-of-00001.arrow").write_bytes(b"")
     with pytest.raises(DataError, match=r"save_to_disk wrote .*dataset.to_parquet\('train.parquet'\)"):
         run_steps(tiny_params(f"download.source={saved}"), tmp_path, "download")
+
+
+def test_the_summary_gives_the_range_of_the_margins_that_training_adds(tmp_path, capsys):
+    """UltraFeedback's 1-10 ratings become margins of up to 9 logits, unlike a 0-1 judge's: the user sees it."""
+    from rm_lib.cli import main
+
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad", "score_chosen": 9.0, "score_rejected": 1.0 + i % 9}
+            for i in range(20)]
+    source = write_jsonl(tmp_path / "src/train.jsonl", rows)
+    assert main(["--root", str(tmp_path), "download", "--set", f"download.source={source}"]) == 0
+    assert ("\nmargins: 18 pairs carry one, 1 to 8; training adds them to the reward difference it asks for "
+            "(train.use_margin=false ignores them)\n") in capsys.readouterr().out
+    assert read_json(tmp_path / "data/pairs/manifest.json")["margins"] == {"pairs": 18, "min": 1.0, "max": 8.0}
+    assert read_json(tmp_path / "data/pairs/manifest.json")["rejects_by_reason"] == {"tied_scores": 2}

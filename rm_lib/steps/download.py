@@ -37,6 +37,7 @@ class DownloadResult:
     test_in_train: int = 0  # test pairs identical to a train pair: a source's own splits may overlap
     skipped_files: list[str] = field(default_factory=list)  # files of a source folder of an unsupported type
     unnamed_splits: list[str] = field(default_factory=list)  # files named like a split download did not take as one
+    margins: dict | None = None  # {"pairs", "min", "max"} of the pairs that carry a margin; train.use_margin adds them
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -46,15 +47,18 @@ class DownloadResult:
                 "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
                 "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
                 "split": self.split, "test_pairs_in_train": self.test_in_train, "skipped_files": self.skipped_files,
-                "unnamed_splits": self.unnamed_splits, "settings": self.settings}
+                "unnamed_splits": self.unnamed_splits, "margins": self.margins, "settings": self.settings}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejects.items())) or "none"
         ignored = f"; ignored columns {', '.join(sorted(self.ignored_columns))}" if self.ignored_columns else ""
+        margins = (f"\nmargins: {self.margins['pairs']} pairs carry one, {self.margins['min']:g} to "
+                   f"{self.margins['max']:g}; training adds them to the reward difference it asks for "
+                   "(train.use_margin=false ignores them)" if self.margins else "")
         return (f"download: {self.rows_read} rows from {self.source} ({', '.join(self.formats)}) -> "
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
-                f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}"
+                f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}" + margins
                 + (f"\nwarning: {self.warning}" if self.warning else "")
                 + (f"\nwarning: {self.test_in_train} of the {self.pairs['test']} test pairs are also train pairs: the "
                    "held-out accuracy overstates the model" if self.test_in_train else "")
@@ -227,6 +231,12 @@ def _test_in_train(splits: dict[str, list[dict]]) -> int:
     return sum(_pair_key(p) in train for p in splits["test"])
 
 
+def _margins(splits: dict[str, list[dict]]) -> dict | None:
+    """The margins' range: scores on a 1-10 scale give margins of up to 9 logits, which a user should see."""
+    margins = [p["margin"] for s in SPLITS for p in splits[s] if p.get("margin") is not None]
+    return {"pairs": len(margins), "min": min(margins), "max": max(margins)} if margins else None
+
+
 def _failed_rejects(layout: Layout) -> Path:
     return layout.pairs.with_name(f"{layout.pairs.name}.rejects.jsonl")
 
@@ -285,7 +295,7 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None,
             settings=asdict(cfg), test_in_train=_test_in_train(splits),
             skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [],
-            unnamed_splits=_unnamed_splits(cfg, kind))
+            unnamed_splits=_unnamed_splits(cfg, kind), margins=_margins(splits))
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
