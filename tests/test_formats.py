@@ -193,3 +193,16 @@ def test_string_answers_without_a_prompt_column_say_how_they_are_read():
     _, _, rejects = norm([{"system": "", "question": "q", "chosen": "a", "rejected": "b"}])
     assert rejects[0]["detail"].endswith("so each is read as a whole HH-RLHF transcript: if question holds the "
                                          "prompt, name that column 'prompt'")
+
+
+def test_content_given_as_text_parts_is_read_as_its_text_and_an_image_sets_the_pair_aside():
+    """The multimodal message layout, which recent datasets use for text too."""
+    u = {"role": "user", "content": [{"type": "text", "text": "name "}, {"type": "text", "text": "a colour"}]}
+    _, pairs, _ = norm([{"chosen": [u, {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+                         "rejected": [u, {"role": "assistant", "content": "a fish"}]}])
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "name a colour"}]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "red"}]
+    image = {"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "what?"}]}
+    _, pairs, rejects = norm([{"chosen": [image, {"role": "assistant", "content": "a cat"}],
+                               "rejected": [image, {"role": "assistant", "content": "a dog"}]}])
+    assert not pairs and rejects[0]["detail"] == "chosen[0].content is not a string, nor a list of text parts"

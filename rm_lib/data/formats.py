@@ -85,12 +85,24 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
         role = ROLE_ALIASES.get(str(message["role"]).lower())
         if role is None:
             raise _Reject("malformed_messages", f"{side}[{i}] has unknown role {message['role']!r}")
-        if not isinstance(message["content"], str):
-            raise _Reject("malformed_messages", f"{side}[{i}].content is not a string")
+        content = _text_parts(message["content"])
+        if content is None:
+            raise _Reject("malformed_messages", f"{side}[{i}].content is not a string, nor a list of text parts")
         if message.get("tool_calls") or message.get("function_call"):  # kept as text only, the call would vanish
             raise _Reject("tool_calls", f"{side}[{i}] calls a tool, and a pair's messages carry text turns only")
-        out.append({"role": role, "content": message["content"]})
+        out.append({"role": role, "content": content})
     return out
+
+
+def _text_parts(content: Any) -> str | None:
+    """A message's text: a string, or the parts of the multimodal layout when each is text
+    ([{"type": "text", "text": ...}], joined as chat templates join them); None otherwise (an image)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[dict]:
