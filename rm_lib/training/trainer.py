@@ -4,6 +4,7 @@ processes, checkpoints that resume exactly (weights, optimizer, scheduler, data 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -693,19 +694,44 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process's files are in before they are summed up
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's files are in before they are summed up
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            if log is not None and log.exists():
+                shutil.copyfile(log, tmp / LOG_FILE)
+            _write_checksums(tmp)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # its half would keep a full disk full for what runs next
+        full = _full_disk(exc, folder)
+        if full is None:
+            raise
+        raise full from exc
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-        if log is not None and log.exists():
-            shutil.copyfile(log, tmp / LOG_FILE)
-        _write_checksums(tmp)
         share_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         _prune(folder, state, keep)
     accelerator.wait_for_everyone()
     return target
+
+
+# torch's writer reports a full disk as a RuntimeError ("basic_ios::clear: iostream error"): below this much
+# free space after a failed save, the disk is taken to be why
+_FULL_BELOW = 64 << 20
+
+
+def _full_disk(exc: BaseException, folder: Path) -> OSError | None:
+    """A checkpoint write that failed for a full disk, as one line the CLI prints with its path; None
+    for any other failure."""
+    if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+        return None
+    free = shutil.disk_usage(folder).free
+    if isinstance(exc, RuntimeError) and free >= _FULL_BELOW:
+        return None
+    return OSError(errno.ENOSPC, f"no room for a checkpoint ({free >> 20} MiB free; the earlier checkpoints and "
+                                 "the last model are kept): free space, or lower train.save_total_limit", str(folder))
 
 
 def _prune(folder: Path, state: TrainState, keep: int) -> None:
