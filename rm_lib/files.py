@@ -136,22 +136,98 @@ def atomic_files(*paths: str | Path) -> Iterator[list[Any]]:
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces `path` whole when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path.parent, path.name)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dirs(path) as (tmp,):
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+
+
+@contextlib.contextmanager
+def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
+    """atomic_dir for folders that belong together (a model and the records of its training run): each
+    is staged whole, then all replace their paths one right after the other, with Ctrl-C and SIGTERM
+    held until the last is in place, so an interrupted step leaves the earlier set, not a mix."""
+    staged = []
+    try:
+        for path in map(Path, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path.parent, path.name)
+            staged.append((path, Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent))))
+        yield [tmp for _, tmp in staged]
+        for _, tmp in staged:
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        with _signals_held():
+            for path, tmp in staged:
+                _replace_dir(tmp, path)
+    finally:
+        for _, tmp in staged:  # a failed block's folders, or the earlier ones a swap put there
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put folder `tmp` at `path`; the earlier folder ends at `tmp`, or is removed. Where the system
+    swaps two names in one step, no moment leaves `path` missing; elsewhere the earlier folder waits
+    as .<name>.old between two renames, and `restore_interrupted` puts it back after a kill there."""
+    if path.exists() and _exchange(tmp, path):
+        return
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_interrupted(path: str | Path) -> bool:
+    """A step killed between _replace_dir's two renames left `path` missing and its earlier folder as
+    .<name>.old: put it back. For a caller that knows no writer of `path` is alive (a step's lock)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists() or not old.is_dir():
+        return False
+    os.replace(old, path)
+    return True
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    system or its file system cannot."""
+    import ctypes
+    import errno
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then act as sent. Python runs its handlers in the
+    main thread whichever thread the kernel hands a signal to, so the handlers are swapped there (a
+    blocked signal mask in one thread would not hold them); elsewhere there is nothing to hold."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {kind: signal.signal(kind, lambda number, _frame: arrived.append(number)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in before.items():
+            signal.signal(kind, signal.SIG_DFL if handler is None else handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
 
 
 def unwritable_folder(folder: str | Path, *, probe: bool = True) -> str | None:

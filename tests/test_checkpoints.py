@@ -3,7 +3,9 @@ skipped for the newest intact one, a reused run reports the run that trained, ou
 import json
 import os
 import re
+import signal
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -145,3 +147,55 @@ def test_an_interrupted_run_leaves_the_last_runs_log_with_its_model(tmp_path, ti
     assert {name: (tmp_path / "data/train" / name).read_bytes() for name in finished} == finished
     assert [r["step"] for r in read_jsonl(tmp_path / "data/train/metrics.jsonl")] == [1, 2]
     assert [r["step"] for r in read_jsonl(Layout(tmp_path).live_log)] == [1, 2, 3]
+    # Ctrl-C as the finished run replaces the model: the model and its records still come as one
+    from rm_lib import files
+
+    real = files._replace_dir
+
+    def replace_then_interrupt(tmp, path):
+        real(tmp, path)
+        if path == Layout(tmp_path).model:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with mock.patch.object(files, "_replace_dir", replace_then_interrupt), pytest.raises(KeyboardInterrupt):
+        train.run(tiny_params("train.max_steps=6", model=str(tiny_decoder)), Layout(tmp_path))
+    fingerprint = read_json(Layout(tmp_path).model / "rm_lib.json")["fingerprint"]
+    assert read_json(tmp_path / "data/train/run.json")["fingerprint"] == fingerprint
+    assert [r["step"] for r in read_jsonl(tmp_path / "data/train/metrics.jsonl")][-1] == 6
+
+
+class _FailingSave:
+    """An accelerator whose save_state writes half a checkpoint and fails as torch's writer does."""
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        from pathlib import Path
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 1024)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 980")
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tmp_path, monkeypatch):
+    """A full disk made torch's writer fail with a traceback that named neither the disk nor a path, and
+    the half-written checkpoint kept the disk full for whatever ran next."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from rm_lib.training import trainer
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 30, (1 << 30) - (3 << 20), 3 << 20))
+    with pytest.raises(OSError) as caught:
+        trainer.save_checkpoint(_FailingSave(), tmp_path, trainer.TrainState(step=3), keep=2)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
+    assert caught.value.strerror.startswith("no room for a checkpoint (3 MiB free; the earlier checkpoints")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 40, 0, 1 << 40))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room enough: not the disk, the error as it came
+        trainer.save_checkpoint(_FailingSave(), tmp_path, trainer.TrainState(step=3), keep=2)
+    assert list(tmp_path.iterdir()) == []

@@ -163,3 +163,65 @@ def test_temporaries_of_dead_processes_go_and_of_live_ones_stay(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_folders_that_belong_together_are_replaced_together_also_under_ctrl_c(tmp_path, monkeypatch):
+    """train replaces the model and its run's records (data/train) as one: a Ctrl-C between the two
+    left a model with another run's run.json, metrics and loss curve."""
+    from rm_lib import files
+
+    model, logs = tmp_path / "models/reward_model", tmp_path / "data/train"
+    for folder in (model, logs):
+        folder.mkdir(parents=True)
+        (folder / "run").write_text("earlier")
+    real = files._replace_dir
+
+    def replace_then_interrupt(tmp, path):
+        real(tmp, path)
+        if path == model:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the model is in place
+
+    monkeypatch.setattr(files, "_replace_dir", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):  # it still stops the step: once both are in place
+        with files.atomic_dirs(model, logs) as staged:
+            for folder in staged:
+                (folder / "run").write_text("new")
+    assert [(f / "run").read_text() for f in (model, logs)] == ["new", "new"]
+    assert not _temporaries(tmp_path)
+
+
+def test_a_folder_is_replaced_with_no_moment_missing(tmp_path, monkeypatch):
+    """Two renames (the earlier folder aside, the new one in) left no folder at all to a step killed
+    between them; a later push then found no release to hold a worse model to."""
+    from rm_lib import files
+
+    if not files._exchange(tmp_path, tmp_path):
+        pytest.skip("this system swaps no two names in one step (Linux renameat2)")
+    release = tmp_path / "data/release"
+    release.mkdir(parents=True)
+    (release / "evaluation.json").write_text("earlier")
+
+    def no_rename(*_args):
+        raise AssertionError("a rename leaves a moment with no folder")
+
+    monkeypatch.setattr(files.os, "replace", no_rename)
+    with files.atomic_dir(release) as staged:
+        (staged / "evaluation.json").write_text("new")
+    assert (release / "evaluation.json").read_text() == "new" and not _temporaries(tmp_path)
+
+
+def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path):
+    """Where the system cannot swap, a kill between the renames leaves the earlier folder as .<name>.old:
+    the step's next run puts it back before it reads or replaces anything."""
+    from rm_lib.errors import DataError
+
+    run_steps(tiny_params(), tmp_path, "download")
+    pairs = Layout(tmp_path).pairs
+    manifest = (pairs / "manifest.json").read_text()
+    pairs.rename(pairs.with_name(".pairs.old"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "same", "rejected": "same"}\n')
+    with pytest.raises(DataError, match="no usable pairs"):  # a failed download keeps the last good pairs
+        registry.run("download", tiny_params(f"download.source={bad}"), Layout(tmp_path))
+    assert (pairs / "manifest.json").read_text() == manifest
+    assert not pairs.with_name(".pairs.old").exists()

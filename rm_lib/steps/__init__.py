@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.errors import UserError
-from rm_lib.files import file_sha256, remove_stale
+from rm_lib.files import file_sha256, remove_stale, restore_interrupted
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
@@ -36,6 +36,7 @@ def _remove_stale_temporaries(name: str, layout: Layout) -> None:
     """Under the step's lock no other writer of its outputs is alive: whatever temporaries they hold
     were left by killed runs, also those named before temporaries carried their writer's pid."""
     for output in layout.outputs(name):
+        restore_interrupted(output)  # before the release gate reads data/release, say
         remove_stale(output.parent, output.name, unowned=True)
         remove_stale(output, unowned=True)
 

@@ -12,7 +12,7 @@ from rm_lib.data.tokenstore import read_rows
 from rm_lib.errors import TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
-from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
+from rm_lib.files import atomic_dirs, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
 from rm_lib.model.modeling import (
@@ -223,7 +223,9 @@ def run(params: Params, layout: Layout, accelerator=None,
         best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes,
         device_plan=result.device_plan)
     if accelerator.is_main_process:
-        with atomic_dir(layout.model) as out:
+        # the model and its run's records replace the earlier ones together: an interrupted train leaves
+        # the earlier pair, which push and the model card quote as one
+        with atomic_dirs(layout.model, layout.train_logs) as (out, logs):
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
             tokenized = read_json(layout.tokenized / "manifest.json")
             save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
@@ -233,12 +235,12 @@ def run(params: Params, layout: Layout, accelerator=None,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint,
                                              "code_hash": code, "content_hash": weights_hash,
                                              "inputs": {"filtered": meta["content_hash"]}})
-        plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
-                         [r["accuracy"] for r in history], layout.train_logs / "loss.png")
-        write_jsonl(layout.train_logs / "metrics.jsonl", records)  # the finished run's log, published
-        # `dvc plots` reads no JSON Lines: the logged records as one JSON list
-        write_json(layout.train_logs / "metrics.plot.json", logged)
-        write_json(layout.train_logs / "run.json", outcome.run_record())
-        write_json(layout.train_logs / "summary.json", outcome.summary_record())
+            plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
+                             [r["accuracy"] for r in history], logs / "loss.png")
+            write_jsonl(logs / "metrics.jsonl", records)  # the finished run's log, published
+            # `dvc plots` reads no JSON Lines: the logged records as one JSON list
+            write_json(logs / "metrics.plot.json", logged)
+            write_json(logs / "run.json", outcome.run_record())
+            write_json(logs / "summary.json", outcome.summary_record())
     accelerator.wait_for_everyone()
     return outcome
