@@ -315,11 +315,16 @@ def pooling(inner: Any) -> str | None:
 
 def why_not_packed(inner: Any) -> str | None:
     """Why this model cannot score packed rows as it scores padded ones, or None where it can."""
-    if _head_pooling(inner) is None:
+    kind = _head_pooling(inner)
+    if kind is None:
         return "its head is not one linear layer on the last or the first token"
     base = getattr(inner, inner.base_model_prefix, None)
     if base is None:
         return f"its backbone is not at `{inner.base_model_prefix}`, where transformers models keep it"
+    if kind == "first" and not getattr(inner, "_supports_attention_backend", False):
+        # Canine downsamples characters across the row, LayoutLM reads the mask as 2D, LUKE adds its
+        # entities' mask: their attention does not take the block mask as BERT's does
+        return "its encoder's attention does not take a block mask through transformers' attention interface"
     if "position_ids" not in inspect.signature(base.forward).parameters or _alibi(inner.config):
         # Bloom, MPT, Falcon-RW: distances come from the columns of the row, so a packed sequence
         # would see the tokens laid between its prompt and its answer, or crash on the block mask
@@ -332,10 +337,21 @@ def _head_pooling(inner: Any) -> str | None:
     if hasattr(inner, "score"):
         return "last"
     base = getattr(inner, inner.base_model_prefix, None)
-    if hasattr(inner, "classifier") and getattr(base, "pooler", None) is not None and \
-            isinstance(inner.classifier, torch.nn.Linear):
-        return "first"
-    return None
+    pooler = getattr(base, "pooler", None)
+    if not isinstance(getattr(inner, "classifier", None), torch.nn.Linear) or pooler is None:
+        return None
+    if isinstance(pooler, torch.nn.Linear) and not hasattr(base, "pooler_activation"):
+        return None  # a bare linear pooler whose activation `_pooled` would not know
+    return "first"
+
+
+def _pooled(base: Any, first: torch.Tensor) -> torch.Tensor:
+    """[S, H] pooled outputs of the sequences whose first hidden states are `first` [S, H], as the
+    backbone's forward pools them: a pooler reading token 0 of [B, T, H] (BERT), or a linear layer
+    followed by `pooler_activation` (ALBERT)."""
+    if isinstance(base.pooler, torch.nn.Linear):
+        return base.pooler_activation(base.pooler(first))
+    return base.pooler(first[:, None])
 
 
 def _alibi(config: Any) -> bool:
@@ -399,6 +415,11 @@ def packed_rewards(inner: Any, batch: PackedBatch) -> torch.Tensor:
         hidden = base(input_ids=batch.input_ids, position_ids=batch.position_ids, **what_to_see).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
     if kind == "last":
-        return inner.score(flat[batch.last]).squeeze(-1).float()
-    pooled = getattr(inner, base_name).pooler(flat[batch.first].unsqueeze(1))
-    return inner.classifier(inner.dropout(pooled)).squeeze(-1).float()
+        scores = inner.score(flat[batch.last])
+    else:
+        scores = inner.classifier(inner.dropout(_pooled(base, flat[batch.first])))
+    scores = scores.squeeze(-1).float()
+    if scores.shape != batch.first.shape:  # an [S, 1] would broadcast against [S] margins in the loss
+        raise ValueError(f"{type(inner).__name__} gave packed scores of shape {tuple(scores.shape)}, not one "
+                         f"per sequence ({batch.first.shape[0]})")
+    return scores
