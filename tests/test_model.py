@@ -22,6 +22,15 @@ def test_bradley_terry_loss_with_margin_and_centering():
     assert bradley_terry_loss(rc, rr, None, 0.01).item() == pytest.approx(centred.item())
 
 
+
+def test_bradley_terry_loss_refuses_rewards_that_would_broadcast_against_the_margins():
+    """Scores of [B, 1] less margins of [B] would make a [B, B] loss: every pair against every margin."""
+    rc, rr, m = torch.tensor([[2.0], [0.0]]), torch.tensor([[1.0], [1.0]]), torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match="one value per pair"):
+        bradley_terry_loss(rc, rr, m)
+    with pytest.raises(ValueError, match="one value per pair"):
+        bradley_terry_loss(rc[:, 0], rr[:, 0], m[:1])
+
 def test_ties_count_as_wrong_and_baselines_are_reported():
     m = pair_metrics([1.0, 2.0, 0.5, 0.0], [1.0, 1.0, 0.7, -1.0], [10, 20, 5, 8], [5, 10, 9, 8], buckets=2)
     assert m["accuracy"] == 0.5 and m["tie_rate"] == 0.25
