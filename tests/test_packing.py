@@ -204,6 +204,7 @@ FAMILIES = {  # model_type, its config in small, and why packed rows cannot give
     "falcon-rw": ({**_SMALL, "alibi": True}, ALIBI),
     "canine": (_SMALL, NO_BLOCK_MASK),
     "layoutlm": (_SMALL, NO_BLOCK_MASK),
+    "luke": ({**_SMALL, "entity_vocab_size": 8, "entity_emb_size": 16}, NO_BLOCK_MASK),
 }
 
 
