@@ -93,6 +93,28 @@ def test_a_reward_that_follows_length_across_batches_is_penalised_though_flat_wi
     assert abs(flat.running_correlation().item()) < 0.2  # not following length across batches
 
 
+
+def test_a_step_observed_in_shares_on_several_processes_moves_the_head_as_one_process_would():
+    """Each process sums its own share of a step's rewards (uneven shares, one of them empty); the
+    sums added up give the running values of one process observing every reward of the step."""
+    rng = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(9, generator=rng), torch.randint(5, 80, (9,), generator=rng).float()) for _ in range(3)]
+    one, shared = _split([5, 30, 80, 12]), _split([5, 30, 80, 12])
+    mean = var = cov = None
+    for rewards, lengths in steps:
+        one.observe(rewards, lengths)
+        shares = [(rewards[:6], lengths[:6]), (rewards[6:], lengths[6:]), (rewards[:0], lengths[:0])]
+        shared.observe_sums(sum(shared.sums(r, n) for r, n in shares))
+        # the running values by their definition, over the step's rewards
+        x = (lengths.log() - one.log_length_mean) / one.log_length_std
+        mean = rewards.mean() if mean is None else 0.9 * mean + 0.1 * rewards.mean()
+        y = rewards - mean
+        var = (y * y).mean() if var is None else 0.9 * var + 0.1 * (y * y).mean()
+        cov = (x * y).mean() if cov is None else 0.9 * cov + 0.1 * (x * y).mean()
+    for head in (one, shared):
+        got = torch.stack([head.reward_mean, head.reward_var, head.covariance])
+        torch.testing.assert_close(got, torch.stack([mean, var, cov]), rtol=1e-5, atol=1e-6)
+
 def test_a_reward_uncorrelated_with_length_over_the_split_is_not_pushed_by_one_batchs_own_correlation():
     """One batch of a few sequences can show a strong correlation by chance. Squaring each batch's
     estimate would penalise that noise (and so the reward's spread); the penalty's gradient follows

@@ -693,7 +693,7 @@ def test_a_bf16_checkpoint_trains_fp32_weights_so_small_updates_are_kept(tmp_pat
 
 
 FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_steps=null", "train.save_steps=4",
-            "train.length_debias=true", "train.length_debias_weight=0", "train.max_tokens_per_forward=160")
+            "train.length_debias=true", "train.length_debias_weight=1", "train.max_tokens_per_forward=160")
 
 
 @pytest.mark.integration
@@ -703,7 +703,8 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     one process at the same global batch: the same losses and the same saved weights. On the way: a
     forward budget under which the two shares of a batch split into different numbers of forwards
     (each gathers weights: the processes must run as many), a last batch of one pair, which leaves
-    one process none, and the length head's one-element weight, sharded with the model."""
+    one process none, and the length head's one-element weight, sharded with the model, and its running
+    reward statistics, which the penalty reads: those of the step's pairs on both processes."""
     from rm_lib.data.tokenstore import read_rows
     from rm_lib.model.batching import EpochSchedule, process_slice, token_chunks
 

@@ -15,8 +15,9 @@ and a correlation within each batch would miss a reward that is high for the lon
 for the short ones. The penalty's gradient is that of the split's squared correlation, its
 correlation factor taken from running values (`LengthHead.penalty` says why). The trainer lets the
 head observe a step's rewards once all its forwards ran, so every forward of a step is judged against
-the same running values and a step split into several forwards trains as one; its first step, before
-any were observed, has no penalty.
+the same running values and a step split into several forwards trains as one; with several processes
+it observes all of the step's rewards, summed over them (`LengthHead.sums`), so they train as one. Its
+first step, before any were observed, has no penalty.
 """
 from __future__ import annotations
 
@@ -104,12 +105,27 @@ class LengthHead(torch.nn.Module):
     def observe(self, rewards: torch.Tensor, lengths: torch.Tensor) -> None:
         """Moves the running reward mean, variance and covariance with log length towards those of
         these rewards (a step's; on the device: no host sync)."""
-        rewards = rewards.detach().float()
-        x = (torch.log(lengths.float()) - self.log_length_mean) / self.log_length_std
-        mean = _running(self.reward_mean, rewards.mean(), self.observed)
-        y = rewards - mean
-        self.reward_var.copy_(_running(self.reward_var, (y * y).mean(), self.observed))
-        self.covariance.copy_(_running(self.covariance, (x * y).mean(), self.observed))
+        self.observe_sums(self.sums(rewards, lengths))
+
+    @torch.no_grad()
+    def sums(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """What `observe_sums` needs of these rewards: [count, sum r, sum r^2, sum x, sum x r] (x the
+        standardised log length), in float64. Sums add up over processes: a step split over several
+        observes what one process holding all its pairs would."""
+        r = rewards.detach().double()
+        x = ((torch.log(lengths.double()) - self.log_length_mean) / self.log_length_std).to(r.device)
+        return torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device), r.sum(),
+                            (r * r).sum(), x.sum(), (x * r).sum()])
+
+    @torch.no_grad()
+    def observe_sums(self, sums: torch.Tensor) -> None:
+        """`observe` from the `sums` of a step's rewards. Against the new running mean m:
+        mean((r - m)^2) = E[r^2] - 2 m E[r] + m^2 and mean(x (r - m)) = E[x r] - m E[x]."""
+        _, r, r2, x, xr = (sums / sums[0]).unbind()
+        mean = _running(self.reward_mean.double(), r, self.observed)
+        variance = (r2 - 2 * mean * r + mean * mean).clamp(min=0)
+        self.reward_var.copy_(_running(self.reward_var.double(), variance, self.observed))
+        self.covariance.copy_(_running(self.covariance.double(), xr - mean * x, self.observed))
         self.reward_mean.copy_(mean)
         self.observed.fill_(True)
 

@@ -539,9 +539,16 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 sums["tokens"] += getattr(batch, "sequence_tokens", batch.real_tokens)
                 sums["computed"] += batch.real_tokens
                 sums["padded"] += batch.padded_tokens
-        if seen:
-            scorer.length_head.observe(torch.cat([r for r, _ in seen]), torch.cat([n for _, n in seen]))
+        if scorer.length_head is not None:
+            observe_step(scorer.length_head, seen)
         return sums
+
+    def observe_step(head: LengthHead, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The head observes the step's rewards on every process, as one process holding all of them
+        would: each process's sums, added up (a process whose share ran out adds none, yet joins in)."""
+        sums = (head.sums(torch.cat([r for r, _ in seen]), torch.cat([n for _, n in seen])) if seen
+                else torch.zeros(5, dtype=torch.float64, device=accelerator.device))
+        head.observe_sums(accelerator.reduce(sums, "sum") if world > 1 else sums)
 
     while state.step < total:
         micro = state.step * accumulation
