@@ -357,10 +357,18 @@ def test_the_trainer_plans_a_gpu_run_for_its_largest_batch(tiny_decoder, monkeyp
 def test_a_step_out_of_gpu_memory_runs_again_in_smaller_forwards_with_the_same_training(tmp_path, tiny_decoder,
                                                                                        monkeypatch, capsys):
     """A forward that runs out of GPU memory (the plan's estimate is a model) does not end the run:
-    the step starts again, its gradients and the length head's running statistics as before it, in
-    forwards of half the tokens, and so does the rest of the run. The weights are those of a run
-    with that budget from the start."""
+    the step starts again, its gradients, the length head's running statistics and the RNGs as before
+    it (the failed forwards drew dropout masks), in forwards of half the tokens, and so does the rest
+    of the run. The weights are those of a run with that budget from the start."""
     from rm_lib.model import inference
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer
+
+    def with_dropout():
+        torch.manual_seed(0)
+        model = load_reward_model(str(tiny_decoder), pad_token_id=load_tokenizer(str(tiny_decoder)).pad_token_id)
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+        return model
 
     real, calls = inference.packed_rewards, []
 
@@ -370,15 +378,15 @@ def test_a_step_out_of_gpu_memory_runs_again_in_smaller_forwards_with_the_same_t
             raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
         return real(inner, batch)
 
-    settings = ("train.gradient_accumulation_steps=2", "train.length_debias=true")
+    settings = ("train.gradient_accumulation_steps=2", "train.length_debias=true", "train.disable_dropout=false")
     monkeypatch.setattr(inference, "packed_rewards", scarce)
-    retried, w_retried, rows = fit_tiny(tmp_path, tiny_decoder, *settings)
+    retried, w_retried, rows = fit_tiny(tmp_path, tiny_decoder, *settings, model=with_dropout())
     monkeypatch.setattr(inference, "packed_rewards", real)
     plan = retried.device_plan
     assert plan["out_of_memory_retries"] == 1 and plan["tokens_per_forward"] < 8192
     assert "out of GPU memory at step 1" in capsys.readouterr().out
     steady, w_steady, _ = fit_tiny(tmp_path / "steady", tiny_decoder, *settings,
-                                   f"train.max_tokens_per_forward={plan['tokens_per_forward']}")
+                                   f"train.max_tokens_per_forward={plan['tokens_per_forward']}", model=with_dropout())
     assert len(calls) > 4  # the step ran again, in more forwards
     assert [r["loss"] for r in retried.history] == pytest.approx([r["loss"] for r in steady.history], rel=1e-5)
     assert same_weights(w_steady, w_retried, atol=1e-6)

@@ -555,6 +555,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         # the running statistics of the length head, as they stand before the step: a step run again
         # observes its pairs again
         before = {k: v.clone() for k, v in scorer.length_head.named_buffers()} if scorer.length_head else {}
+        # and the RNGs dropout draws from: a step run again draws the masks it drew the first time
+        rng = _rng_states(accelerator.device)
         while True:
             widest = None
             try:
@@ -577,6 +579,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
             optimizer.zero_grad(set_to_none=True)
             for name, value in before.items():
                 scorer.length_head.get_buffer(name).copy_(value)
+            _restore_rng_states(rng, accelerator.device)
             if accelerator.device.type == "cuda":
                 torch.cuda.empty_cache()
             accelerator.print(f"train: out of GPU memory at step {state.step + 1} in a forward of up to {widest} "
@@ -667,6 +670,21 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                      prepared=model, reused=reused, last_log=state.last_log,
                      device_plan={**device_plan.record(loaded_attention), "tokens_per_forward": budget,
                                   "out_of_memory_retries": retries})
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of the RNGs a forward draws dropout masks from: the host's and `device`'s."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        states[device.type] = torch.get_device_module(device.type).get_rng_state(device)
+    return states
+
+
+def _restore_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    """The RNGs as `_rng_states` found them."""
+    torch.set_rng_state(states["cpu"])
+    if device.type != "cpu":
+        torch.get_device_module(device.type).set_rng_state(states[device.type], device)
 
 
 def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
