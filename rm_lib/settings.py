@@ -130,6 +130,8 @@ class TrainSettings:
     # tokens per optimizer step on each process, instead of batch_size pairs: short pairs come many to a
     # step and long ones few; the loss stays the mean over the step's pairs
     batch_tokens: int | None = None
+    # passes per optimizer step: a step takes the pairs of a batch (batch_size or batch_tokens) this many
+    # times larger, length grouping included, and runs them in this many micro-batches
     gradient_accumulation_steps: int = 1
     lr_scheduler: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.05

@@ -473,24 +473,51 @@ def test_training_with_token_budgeted_batches_runs_one_epoch_of_them(tmp_path, t
                                                                  for k in range(len(expected))], abs=1e-4)
 
 
-def test_an_epoch_that_accumulation_does_not_divide_ends_with_a_smaller_step(tmp_path, tiny_decoder):
-    """num_epochs=1 trains every batch of the epoch: when gradient_accumulation_steps does not divide the
-    batches, the last step takes the ones left (its gradient the mean over its own pairs), and each pair
-    of the epoch counts once."""
+def test_accumulated_steps_train_as_one_batch_that_many_times_larger(tmp_path, tiny_decoder):
+    """gradient_accumulation_steps=k with batch_size=b takes, step by step, the pairs of batch_size=k*b,
+    length grouping on (the default): the same losses and weights. An epoch that k*b pairs do not divide
+    has one smaller step, each pair counting once and the step's gradient the mean over its own pairs."""
     from rm_lib.model.batching import EpochSchedule, step_forwards
 
-    result, _, rows = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=null", "train.num_epochs=1",
-                               "train.gradient_accumulation_steps=5", "train.logging_steps=1")
-    schedule = EpochSchedule(rows, 4, seed=42, group_by_length=True)
+    epoch = ("train.max_steps=null", "train.num_epochs=1", "train.logging_steps=1")
+    accumulated, w_accumulated, rows = fit_tiny(tmp_path, tiny_decoder, *epoch, "train.gradient_accumulation_steps=5")
+    larger, w_larger, _ = fit_tiny(tmp_path, tiny_decoder, *epoch, "train.batch_size=20")
+    assert len(rows) % 20 and accumulated.steps == larger.steps == -(-len(rows) // 20)
+    assert [r["loss"] for r in accumulated.history] == pytest.approx([r["loss"] for r in larger.history], rel=1e-5)
+    assert same_weights(w_accumulated, w_larger)
+    schedule = EpochSchedule(rows, 4, seed=42, group_by_length=True, accumulation=5)
     batches = schedule.count(0)
-    assert batches % 5 and result.steps == -(-batches // 5)
-    trained = [p["id"] for step in range(result.steps)
-               for forwards in step_forwards(rows, schedule, step * 5, 5, 0, 1, None, end=batches)
-               for f in forwards for p in f.pairs]
-    assert sorted(trained) == sorted(r["id"] for r in rows)
-    last = step_forwards(rows, schedule, (result.steps - 1) * 5, 5, 0, 1, None, end=batches)
-    assert len(last) == batches % 5
-    assert sum(f.weight for forwards in last for f in forwards) == pytest.approx(1)  # a mean over its pairs
+    steps = [step_forwards(rows, schedule, step * 5, 5, 0, 1, None, end=batches) for step in range(larger.steps)]
+    trained = [[p["id"] for forwards in step for f in forwards for p in f.pairs] for step in steps]
+    assert sorted(i for ids in trained for i in ids) == sorted(r["id"] for r in rows)
+    assert sorted(map(len, trained))[0] == len(rows) % 20  # the smaller step, wherever the shuffle put it
+    for step in steps:
+        assert sum(f.weight for forwards in step for f in forwards) == pytest.approx(1)  # a mean over its pairs
+
+
+def test_accumulation_takes_the_pairs_of_a_larger_batch_in_each_step_of_every_epoch():
+    """By pairs (k x batch_size) and by tokens (k x batch_tokens), length-grouped or not: a step's
+    micro-batches hold the pairs of one larger batch, an epoch holds whole steps, and a micro-batch
+    never holds more than batch_size pairs."""
+    import random
+
+    from rm_lib.model.batching import EpochSchedule
+
+    rng = random.Random(0)
+    rows = _pairs_of([rng.randint(1, 40) for _ in range(61)])
+    for k in (2, 3, 7):
+        for grouped in (True, False):
+            cases = [(EpochSchedule(rows, 4, seed=1, group_by_length=grouped, accumulation=k),
+                      EpochSchedule(rows, 4 * k, seed=1, group_by_length=grouped)),
+                     (EpochSchedule(rows, 4, seed=1, group_by_length=grouped, batch_tokens=90, accumulation=k),
+                      EpochSchedule(rows, 4, seed=1, group_by_length=grouped, batch_tokens=90 * k))]
+            for by_pairs, (accumulated, larger) in zip((True, False), cases):
+                for epoch in (0, 1):
+                    micro = accumulated.batches(epoch)
+                    assert len(micro) % k == 0
+                    steps = [sorted(i for batch in micro[s:s + k] for i in batch) for s in range(0, len(micro), k)]
+                    assert steps == [sorted(batch) for batch in larger.batches(epoch)]
+                    assert not by_pairs or max(map(len, micro)) == 4
 
 
 def test_a_run_resumed_between_logs_logs_what_an_uninterrupted_run_logs(tmp_path, tiny_decoder):
@@ -760,9 +787,10 @@ def test_each_pair_counts_once_and_alike_in_a_steps_gradient_on_every_process(wo
             for i in range(23)]
     rows += [{"id": 23 + i, "input_ids_chosen": [1] * 150, "input_ids_rejected": [2] * 150} for i in range(2)]
     # batches by tokens: a pair longer than the budget is a batch alone, with fewer pairs than processes
-    schedule = EpochSchedule(rows, 4 * world, seed=1, group_by_length=False, batch_tokens=50 * world)
+    schedule = EpochSchedule(rows, 4 * world, seed=1, group_by_length=False, batch_tokens=50 * world,
+                             accumulation=accumulation)
     steps = schedule.micro_batches(1) // accumulation
-    assert any(len(b) < world for b in schedule.batches(0)) or world == 1
+    assert any(0 < len(b) < world for b in schedule.batches(0)) or world == 1
     for step in range(steps):
         layouts = [step_forwards(rows, schedule, step * accumulation, accumulation, r, world, budget)
                    for r in range(world)]
@@ -772,7 +800,8 @@ def test_each_pair_counts_once_and_alike_in_a_steps_gradient_on_every_process(wo
                    for f in forwards if f.counts for p in f.pairs]
         assert sorted(i for i, _ in counted) == sorted(step_pairs)
         assert all(w == pytest.approx(1 / len(step_pairs)) for _, w in counted)
-        for k in range(accumulation):
+        assert len({len(layout) for layout in layouts}) == 1  # empty micro-batches (a smaller step) left out
+        for k in range(len(layouts[0])):
             assert len({len(layout[k]) for layout in layouts}) == 1
             spare = [f for layout in layouts for f in layout[k] if not f.counts]
             assert all(f.weight == 0 and len(f.pairs) == 1 for f in spare)

@@ -21,26 +21,39 @@ def pair_tokens(row: dict) -> int:
 
 
 def epoch_batches(rows: list[dict], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
-                  megabatch: int = 64, batch_tokens: int | None = None) -> list[list[int]]:
-    """Row indices of every batch of one epoch; a pure function of (seed, epoch), so a resumed
-    run sees the same batches. Length grouping sorts within shuffled windows of `megabatch`
-    batches and then shuffles the batches, so little compute goes to padding. `batch_tokens`: each
-    batch takes pairs until it holds that many tokens (a longer pair alone), so short pairs come
-    many to a batch and long ones few; the windows are then `megabatch` times `batch_size` pairs."""
+                  megabatch: int = 64, batch_tokens: int | None = None, accumulation: int = 1) -> list[list[int]]:
+    """Row indices of every micro-batch of one epoch; a pure function of (seed, epoch), so a resumed
+    run sees the same batches. The epoch is cut into optimizer steps of `batch_size` x `accumulation`
+    pairs (the last one smaller), each then into `accumulation` micro-batches, the smallest last (empty
+    where a step has fewer pairs than micro-batches): accumulation is a larger batch split in passes,
+    the same pairs in each step, and an epoch holds whole steps.
+
+    Length grouping sorts within shuffled windows of `megabatch` steps and then shuffles the steps, so
+    little compute goes to padding. `batch_tokens`: each step takes pairs until it holds `accumulation`
+    x that many tokens (a longer pair alone), so short pairs come many to a step and long ones few; the
+    windows are then `megabatch` times `batch_size` pairs, as with a larger `batch_tokens`."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(rows)))
     rng.shuffle(order)
     if group_by_length:
-        window = batch_size * megabatch
+        window = batch_size * megabatch * (accumulation if batch_tokens is None else 1)
         order = [i for start in range(0, len(order), window)
                  for i in sorted(order[start:start + window], key=lambda i: -pair_length(rows[i]))]
     if batch_tokens is None:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        size = batch_size * accumulation
+        steps = [order[i:i + size] for i in range(0, len(order), size)]
     else:
-        batches = _cut_by_tokens(order, rows, batch_tokens)
+        steps = _cut_by_tokens(order, rows, batch_tokens * accumulation)
     if group_by_length:
-        rng.shuffle(batches)
-    return batches
+        rng.shuffle(steps)
+    return [micro for step in steps for micro in _micro_batches(step, accumulation)]
+
+
+def _micro_batches(step: list[int], accumulation: int) -> list[list[int]]:
+    """`step` cut, in order, into `accumulation` runs of len(step) / accumulation pairs, rounded up: a
+    whole step of pairs into runs of `batch_size`; a smaller step's last runs smaller, or empty."""
+    size = -(-len(step) // accumulation)
+    return [step[k * size:(k + 1) * size] for k in range(accumulation)]
 
 
 def _cut_by_tokens(order: list[int], rows: list[dict], budget: int) -> list[list[int]]:
@@ -62,9 +75,9 @@ class EpochSchedule:
     (token-budgeted batches); each epoch's batches computed once."""
 
     def __init__(self, rows: list[dict], batch_size: int, *, seed: int, group_by_length: bool,
-                 batch_tokens: int | None = None) -> None:
+                 batch_tokens: int | None = None, accumulation: int = 1) -> None:
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.group_by_length, self.batch_tokens = group_by_length, batch_tokens
+        self.group_by_length, self.batch_tokens, self.accumulation = group_by_length, batch_tokens, accumulation
         self._current: tuple[int, list[list[int]]] | None = None
         self._counts: dict[int, int] = {}
 
@@ -72,14 +85,15 @@ class EpochSchedule:
         if self._current is None or self._current[0] != epoch:
             self._current = (epoch, epoch_batches(self.rows, self.batch_size, seed=self.seed, epoch=epoch,
                                                   group_by_length=self.group_by_length,
-                                                  batch_tokens=self.batch_tokens))
+                                                  batch_tokens=self.batch_tokens, accumulation=self.accumulation))
             self._counts[epoch] = len(self._current[1])
         return self._current[1]
 
     def count(self, epoch: int) -> int:
         if epoch not in self._counts:
             if self.batch_tokens is None:  # every epoch alike: no need to lay one out
-                self._counts[epoch] = -(-len(self.rows) // self.batch_size)
+                step = self.batch_size * self.accumulation
+                self._counts[epoch] = -(-len(self.rows) // step) * self.accumulation
             else:  # laid out once: `locate` counts the epoch it then reads last
                 self.batches(epoch)
         return self._counts[epoch]
@@ -140,7 +154,9 @@ def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumul
     batches = []
     for k in range(accumulation if end is None else min(accumulation, end - micro)):
         epoch, position = schedule.locate(micro + k)
-        batches.append([rows[i] for i in schedule.batches(epoch)[position]])
+        batch = schedule.batches(epoch)[position]
+        if batch:  # a step of fewer pairs than micro-batches leaves the last ones empty
+            batches.append([rows[i] for i in batch])
     step_pairs = sum(len(b) for b in batches)
     spare = min((r for b in batches for r in b), key=pair_tokens)
     layout = []

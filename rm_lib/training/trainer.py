@@ -440,12 +440,13 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                           f"({why_not_packed(unwrap(model))}); training on padded batches")
     host_activations = accelerator.device.type == "cpu"
     global_tokens = None if cfg.batch_tokens is None else cfg.batch_tokens * world
-    schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
-                             batch_tokens=global_tokens)
     accumulation = cfg.gradient_accumulation_steps
-    # A run of num_epochs trains every micro-batch of them: its last step takes what is left when they do
-    # not fill `accumulation` (each step's gradient is the mean over its own pairs). With max_steps every
-    # step is whole, the batches going on into the next epochs.
+    # every `accumulation` micro-batches are one step's pairs, as one batch that many times larger has them
+    schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
+                             batch_tokens=global_tokens, accumulation=accumulation)
+    # A run of num_epochs trains every micro-batch of them: its last step takes what is left when a
+    # fraction of an epoch does not fill `accumulation` (each step's gradient is the mean over its own
+    # pairs). With max_steps the steps go on into the next epochs.
     end = None if cfg.max_steps else max(schedule.micro_batches(cfg.num_epochs), 1)
     total = cfg.max_steps or -(-end // accumulation)
     scorer = PairScorer(model, LengthHead.for_rows(train_rows) if cfg.length_debias else None)
