@@ -144,7 +144,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
     """atomic_dir for folders that belong together (a model and the records of its training run): each
     is staged whole, then all replace their paths one right after the other, with Ctrl-C and SIGTERM
-    held until the last is in place, so an interrupted step leaves the earlier set, not a mix."""
+    held until the last is in place, so an interrupted step leaves the earlier set, not a mix. A
+    replace that fails puts back the folders replaced before it."""
     staged = []
     try:
         for path in map(Path, paths):
@@ -155,25 +156,37 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
         for _, tmp in staged:
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         with _signals_held():
-            for path, tmp in staged:
-                _replace_dir(tmp, path)
+            done: list[tuple[Path, Path, bool]] = []
+            try:
+                for path, tmp in staged:
+                    done.append((path, tmp, _replace_dir(tmp, path)))
+            except BaseException:
+                for path, tmp, had_earlier in reversed(done):
+                    if had_earlier:
+                        _replace_dir(tmp, path)  # the earlier folder back, the new one at tmp
+                    else:
+                        os.replace(path, tmp)
+                raise
     finally:
-        for _, tmp in staged:  # a failed block's folders, or the earlier ones a swap put there
+        for _, tmp in staged:  # a failed block's folders, or the earlier ones the replaces put there
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Put folder `tmp` at `path`; the earlier folder ends at `tmp`, or is removed. Where the system
-    swaps two names in one step, no moment leaves `path` missing; elsewhere the earlier folder waits
-    as .<name>.old between two renames, and `restore_interrupted` puts it back after a kill there."""
-    if path.exists() and _exchange(tmp, path):
-        return
+def _replace_dir(tmp: Path, path: Path) -> bool:
+    """Put folder `tmp` at `path`, and the earlier folder, if there was one, at `tmp` (True). Where the
+    system swaps two names in one step, no moment leaves `path` missing; elsewhere the earlier folder
+    waits as .<name>.old between two renames, and `restore_interrupted` puts it back after a kill there."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return False
+    if _exchange(tmp, path):
+        return True
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
+    os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    os.replace(old, tmp)  # a temporary's name: a kill while it is deleted leaves what remove_stale clears
+    return True
 
 
 def restore_interrupted(path: str | Path) -> bool:

@@ -190,6 +190,34 @@ def test_folders_that_belong_together_are_replaced_together_also_under_ctrl_c(tm
     assert not _temporaries(tmp_path)
 
 
+@pytest.mark.parametrize("swap", [True, False], ids=["names swapped in one step", "two renames"])
+def test_a_replace_that_fails_halfway_puts_back_the_folders_replaced_before_it(tmp_path, monkeypatch, swap):
+    import errno
+
+    from rm_lib import files
+
+    if not swap:
+        monkeypatch.setattr(files, "_exchange", lambda _a, _b: False)
+    model, logs = tmp_path / "models/reward_model", tmp_path / "data/train"
+    for folder in (model, logs):
+        folder.mkdir(parents=True)
+        (folder / "run").write_text("earlier")
+    real = files._replace_dir
+
+    def full_disk_at_the_second(tmp, path):
+        if path == logs:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tmp, path)
+
+    monkeypatch.setattr(files, "_replace_dir", full_disk_at_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        with files.atomic_dirs(model, logs) as staged:
+            for folder in staged:
+                (folder / "run").write_text("new")
+    assert [(f / "run").read_text() for f in (model, logs)] == ["earlier", "earlier"]
+    assert not _temporaries(tmp_path)
+
+
 def test_a_folder_is_replaced_with_no_moment_missing(tmp_path, monkeypatch):
     """Two renames (the earlier folder aside, the new one in) left no folder at all to a step killed
     between them; a later push then found no release to hold a worse model to."""
