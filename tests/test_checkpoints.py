@@ -165,8 +165,11 @@ def test_an_interrupted_run_leaves_the_last_runs_log_with_its_model(tmp_path, ti
 
 
 class _FailingSave:
-    """An accelerator whose save_state writes half a checkpoint and fails as torch's writer does."""
+    """An accelerator whose save_state writes half a checkpoint and fails as `error` says."""
     is_main_process = True
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
     def wait_for_everyone(self) -> None:
         pass
@@ -176,7 +179,11 @@ class _FailingSave:
 
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "model.safetensors").write_bytes(b"\0" * 1024)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 980")
+        raise self.error
+
+
+class SafetensorError(Exception):
+    """safetensors' own error type, which is no OSError."""
 
 
 def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tmp_path, monkeypatch):
@@ -188,14 +195,26 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
 
     from rm_lib.training import trainer
 
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 30, (1 << 30) - (3 << 20), 3 << 20))
-    with pytest.raises(OSError) as caught:
-        trainer.save_checkpoint(_FailingSave(), tmp_path, trainer.TrainState(step=3), keep=2)
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
-    assert caught.value.strerror.startswith("no room for a checkpoint (3 MiB free; the earlier checkpoints")
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 40, 0, 1 << 40))
+    usage, free = namedtuple("usage", "total used free"), {"bytes": 3 << 20}
+    seen_half = []
+
+    def disk_usage(_path):  # the free space is judged while the half still fills the disk
+        seen_half.append(any(tmp_path.iterdir()))
+        return usage(1 << 40, 0, free["bytes"])
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 980")
+    safetensors_error = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                        "message: \"No space left on device\" }) (os error 28)")
+    for error, bytes_free in ((torch_error, 3 << 20), (safetensors_error, 1 << 40)):
+        free["bytes"] = bytes_free
+        with pytest.raises(OSError) as caught:
+            trainer.save_checkpoint(_FailingSave(error), tmp_path, trainer.TrainState(step=3), keep=2)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
+        assert caught.value.strerror.startswith(f"no room for a checkpoint ({bytes_free >> 20} MiB were free when it "
+                                                "failed; the earlier checkpoints")
+        assert list(tmp_path.iterdir()) == [] and seen_half[-1]
+    free["bytes"] = 1 << 40
     with pytest.raises(RuntimeError, match="unexpected pos"):  # room enough: not the disk, the error as it came
-        trainer.save_checkpoint(_FailingSave(), tmp_path, trainer.TrainState(step=3), keep=2)
+        trainer.save_checkpoint(_FailingSave(torch_error), tmp_path, trainer.TrainState(step=3), keep=2)
     assert list(tmp_path.iterdir()) == []

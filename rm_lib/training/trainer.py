@@ -728,9 +728,9 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
             if log is not None and log.exists():
                 shutil.copyfile(log, tmp / LOG_FILE)
             _write_checksums(tmp)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # torch's RuntimeError, safetensors' SafetensorError, an OSError
+        full = _full_disk(exc, folder)  # judged before the half goes: that frees the space it filled
         shutil.rmtree(tmp, ignore_errors=True)  # its half would keep a full disk full for what runs next
-        full = _full_disk(exc, folder)
         if full is None:
             raise
         raise full from exc
@@ -750,14 +750,19 @@ _FULL_BELOW = 64 << 20
 
 def _full_disk(exc: BaseException, folder: Path) -> OSError | None:
     """A checkpoint write that failed for a full disk, as one line the CLI prints with its path; None
-    for any other failure."""
-    if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+    for any other failure. safetensors names the OS error in its message; torch's writer says only
+    "iostream error", so there the free space decides."""
+    text = str(exc)
+    said = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "os error 28" in text or \
+        "No space left" in text
+    if isinstance(exc, OSError) and not said:
         return None
     free = shutil.disk_usage(folder).free
-    if isinstance(exc, RuntimeError) and free >= _FULL_BELOW:
+    if not said and free >= _FULL_BELOW:
         return None
-    return OSError(errno.ENOSPC, f"no room for a checkpoint ({free >> 20} MiB free; the earlier checkpoints and "
-                                 "the last model are kept): free space, or lower train.save_total_limit", str(folder))
+    return OSError(errno.ENOSPC, f"no room for a checkpoint ({free >> 20} MiB were free when it failed; the earlier "
+                                 "checkpoints and the last model are kept): free space, or lower "
+                                 "train.save_total_limit", str(folder))
 
 
 def _prune(folder: Path, state: TrainState, keep: int) -> None:
