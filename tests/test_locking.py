@@ -165,15 +165,20 @@ def test_temporaries_of_dead_processes_go_and_of_live_ones_stay(tmp_path):
         sleeper.wait()
 
 
+def _earlier_model_and_logs(root: Path) -> tuple[Path, Path]:
+    model, logs = root / "models/reward_model", root / "data/train"
+    for folder in (model, logs):
+        folder.mkdir(parents=True)
+        (folder / "run").write_text("earlier")
+    return model, logs
+
+
 def test_folders_that_belong_together_are_replaced_together_also_under_ctrl_c(tmp_path, monkeypatch):
     """train replaces the model and its run's records (data/train) as one: a Ctrl-C between the two
     left a model with another run's run.json, metrics and loss curve."""
     from rm_lib import files
 
-    model, logs = tmp_path / "models/reward_model", tmp_path / "data/train"
-    for folder in (model, logs):
-        folder.mkdir(parents=True)
-        (folder / "run").write_text("earlier")
+    model, logs = _earlier_model_and_logs(tmp_path)
     real = files._replace_dir
 
     def replace_then_interrupt(tmp, path):
@@ -198,10 +203,7 @@ def test_a_replace_that_fails_halfway_puts_back_the_folders_replaced_before_it(t
 
     if not swap:
         monkeypatch.setattr(files, "_exchange", lambda _a, _b: False)
-    model, logs = tmp_path / "models/reward_model", tmp_path / "data/train"
-    for folder in (model, logs):
-        folder.mkdir(parents=True)
-        (folder / "run").write_text("earlier")
+    model, logs = _earlier_model_and_logs(tmp_path)
     real = files._replace_dir
 
     def full_disk_at_the_second(tmp, path):
