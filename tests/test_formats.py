@@ -150,6 +150,34 @@ def test_a_prompt_the_answers_repeat_is_kept_once():
         ("prompt_repeated", "chosen starts with the prompt's turns and rejected does not")]
 
 
+def test_a_repeated_prompt_is_cut_whatever_its_spaces_and_a_shared_later_turn_is_no_prompt():
+    u, a, b = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}, {
+        "role": "assistant", "content": "5"}
+    spaced = {**u, "content": "What is 2+2? "}
+    _, pairs, _ = norm([{"prompt": [u], "chosen": [u, a], "rejected": [spaced, b]}])
+    assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == ([u], [a], [b])
+    # the answers share turns that end with a copy of the prompt: the prompt is not the shared turns
+    go_on, first = {"role": "user", "content": "Continue"}, {"role": "assistant", "content": "Once upon a time"}
+    _, pairs, _ = norm([{"prompt": [go_on], "chosen": [first, go_on, a], "rejected": [first, go_on, b]}])
+    assert pairs[0]["prompt"] == [go_on] and pairs[0]["chosen"] == [first, go_on, a]
+
+
+def test_an_hh_prompt_is_read_by_turns_only_where_the_reply_follows_it():
+    _, pairs, _ = norm([{"prompt": "Human: Hi\n\nAssistant: Hello\n\nHuman: How are you?", "chosen": "Fine",
+                         "rejected": "Bad"}])
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "Human: Hi\n\nAssistant: Hello\n\nHuman: How are you?"}]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "Fine"}]
+
+
+def test_a_blank_system_column_is_none_and_one_unlike_the_prompts_sets_the_pair_aside():
+    s = {"role": "system", "content": "be brief"}
+    _, pairs, rejects = norm([{"system": "  ", "prompt": "q", "chosen": "a", "rejected": "b"},
+                              {"system": "be long", "prompt": [s, {"role": "user", "content": "q"}], "chosen": "a",
+                               "rejected": "b"}])
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "q"}]
+    assert [r["reason"] for r in rejects] == ["system_mismatch"]
+
+
 def test_scores_that_tie_or_prefer_the_rejected_side_set_the_pair_aside():
     """A margin of 0 or below from the pair's own scores is no preference for chosen: trained on, a tie
     pulls the rewards apart for nothing, a negative margin against its label."""
@@ -169,10 +197,17 @@ def test_a_tool_call_or_messages_written_as_text_set_the_pair_aside_with_their_r
                                "rejected": [u, {"role": "assistant", "content": "no idea"}]}])
     assert not pairs and rejects[0]["reason"] == "tool_calls"
     # what pandas' or datasets' to_csv writes for a message list: its repr, which is not JSON
-    _, pairs, rejects = norm([{"prompt": "q", "chosen": "[{'role': 'user', 'content': 'q'}\n {'role': ...}]",
-                               "rejected": "no"}], file="data.csv")
+    _, pairs, rejects = norm([{"prompt": "q", "chosen": "[{'role': 'user', 'content': 'q'}\n {'role': 'assistant', "
+                                                        "'content': 'yes'}]", "rejected": "no"}], file="data.csv")
     assert not pairs and rejects[0]["reason"] == "messages_as_text"
     assert "chosen holds a list of messages written as text" in rejects[0]["detail"]
+    # an OpenAI-style call carries no content; and an answer that opens with such a list is an answer
+    call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}
+    _, _, rejects = norm([{"prompt": "q", "chosen": [call], "rejected": [{"role": "assistant", "content": "b"}]}])
+    assert [r["reason"] for r in rejects] == ["tool_calls"]
+    answer = '[{"role": "admin", "id": 1}] is the JSON you need'
+    _, pairs, _ = norm([{"prompt": "q", "chosen": answer, "rejected": "no"}])
+    assert len(pairs) == 1
 
 
 def test_an_hh_transcript_prompt_and_a_system_column_are_read_as_turns():

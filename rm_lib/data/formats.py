@@ -9,6 +9,7 @@ malformed messages) are returned as rejects with a reason, never dropped silentl
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -85,11 +86,11 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
         role = ROLE_ALIASES.get(str(message["role"]).lower())
         if role is None:
             raise _Reject("malformed_messages", f"{side}[{i}] has unknown role {message['role']!r}")
+        if message.get("tool_calls") or message.get("function_call"):  # kept as text only, the call would vanish
+            raise _Reject("tool_calls", f"{side}[{i}] calls a tool, and a pair's messages carry text turns only")
         content = _text_parts(message["content"])
         if content is None:
             raise _Reject("malformed_messages", f"{side}[{i}].content is not a string, nor a list of text parts")
-        if message.get("tool_calls") or message.get("function_call"):  # kept as text only, the call would vanish
-            raise _Reject("tool_calls", f"{side}[{i}] calls a tool, and a pair's messages carry text turns only")
         out.append({"role": role, "content": content})
     return out
 
@@ -243,12 +244,12 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             raise DataError(f"expected a list of messages like the other rows of this file, got "
                             f"{type(row[key]).__name__}", file=file, row=row_number, field=key)
     for key in ("prompt", "chosen", "rejected"):
-        if isinstance(row.get(key), str) and _MESSAGES_AS_TEXT.match(row[key]):
+        if isinstance(row.get(key), str) and _messages_as_text(row[key]):
             raise _Reject("messages_as_text", f"{key} holds a list of messages written as text (Python's repr, or JSON "
                                               "inside a string), which would be trained on as words; write the "
                                               "messages as a list (Dataset.to_json or to_parquet; in a CSV file, "
                                               "each cell as JSON)")
-    if fmt == "explicit_text" and isinstance(row["prompt"], str) and _is_hh_transcript(row["prompt"]):
+    if fmt == "explicit_text" and isinstance(row["prompt"], str) and _is_hh_prompt(row["prompt"]):
         fmt = "implicit_text"  # Dahoas/rm-static: an HH transcript up to 'Assistant:', the answers after it
         head = "\n\n" + row["prompt"].lstrip()
         row = {**row, "chosen": head + row["chosen"], "rejected": head + row["rejected"]}
@@ -278,8 +279,26 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
 _MESSAGES_AS_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
 
 
-def _is_hh_transcript(text: str) -> bool:
-    return text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
+def _messages_as_text(text: str) -> bool:
+    """A message list's JSON or Python repr (what pandas' to_csv writes), not an answer that opens with one."""
+    if not _MESSAGES_AS_TEXT.match(text):
+        return False
+    import ast
+
+    # numpy's repr of an array of dicts (pandas writes it) parts them by a newline alone
+    listed = re.sub(r"\}\s+\{", "}, {", text)
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(listed)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        return isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value)
+    return False
+
+
+def _is_hh_prompt(text: str) -> bool:
+    """An HH transcript up to the reply (Dahoas/rm-static): the answer is the Assistant's next turn."""
+    return text.lstrip().startswith("Human:") and text.rstrip().endswith("\n\nAssistant:")
 
 
 def _transcript(row: dict, side: str) -> list[dict]:
@@ -301,31 +320,35 @@ def _same_turns(a: list[dict], b: list[dict]) -> bool:
 def _without_repeated_prompt(prompt: list[dict], chosen: list[dict],
                              rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """An explicit prompt that the answers repeat (HuggingFaceH4/ultrafeedback_binarized: chosen is the
-    whole conversation) is kept once: the turns the two answers share, ending with the prompt, are the
-    prompt, as if it were implicit. A prompt that only one side repeats leaves the pair ambiguous."""
+    whole conversation) is kept once: where both answers open with its turns, they are cut off; where
+    both open with the same system turns and then its turns, those system turns join the prompt. A
+    prompt that only one side repeats leaves the pair ambiguous."""
     if not prompt or not chosen or chosen == rejected:
         return prompt, chosen, rejected
+    n = len(prompt)
+    opens = [_same_turns(side[:n], prompt) for side in (chosen, rejected)]
+    if all(opens):
+        return prompt, chosen[n:], rejected[n:]
     shared, chosen_rest, rejected_rest = split_shared_prefix(chosen, rejected)
-    if len(shared) >= len(prompt) and _same_turns(shared[len(shared) - len(prompt):], prompt):
+    lead = len(shared) - n
+    if lead > 0 and _same_turns(shared[lead:], prompt) and all(m["role"] == "system" for m in shared[:lead]):
         return shared, chosen_rest, rejected_rest
-    repeats = [side for side, messages in (("chosen", chosen), ("rejected", rejected))
-               if _same_turns(messages[:len(prompt)], prompt)]
-    if len(repeats) == 1:
-        other = "rejected" if repeats[0] == "chosen" else "chosen"
-        raise _Reject("prompt_repeated", f"{repeats[0]} starts with the prompt's turns and {other} does not")
+    if any(opens):
+        repeats, other = ("chosen", "rejected") if opens[0] else ("rejected", "chosen")
+        raise _Reject("prompt_repeated", f"{repeats} starts with the prompt's turns and {other} does not")
     return prompt, chosen, rejected
 
 
 def _with_system(system: Any, prompt: list[dict], *, file: str, row_number: int) -> list[dict]:
     """A `system` column (Intel/orca_dpo_pairs) opens the prompt, unless the prompt has a system turn."""
-    if system is None or system == "":
+    if system is None or (isinstance(system, str) and not system.strip()):
         return prompt
     if not isinstance(system, str):
         raise DataError(f"expected a string, got {type(system).__name__}", file=file, row=row_number, field="system")
     if prompt and prompt[0]["role"] == "system":
         if prompt[0]["content"].strip() != system.strip():
-            raise DataError("the prompt opens with a system turn of other text than the system column",
-                            file=file, row=row_number, field="system")
+            raise _Reject("system_mismatch", "the prompt opens with a system turn of other text than the system "
+                                             "column")
         return prompt
     return [{"role": "system", "content": system}, *prompt]
 
