@@ -142,6 +142,11 @@ def test_split_files_have_exact_names():
              "contest.jsonl": None, "test_results/train_notes.csv": None}
     assert {name: split_of(root / name, root) for name in named} == named
     assert split_of(Path("/home/test/prefs.jsonl"), Path("/home/test")) is None  # only names under the source count
+    from rm_lib.data.sources import split_like  # split names download does not take unasked, said in its summary
+
+    assert [split_like(Path(n)) for n in ("test_prefs-00000-of-00001.parquet", "validation.jsonl", "latest.jsonl",
+                                          "contest.jsonl", "devices.csv", "retrain.jsonl")] == [
+        "test_prefs", "validation", None, None, None, None]
 
 
 def test_parquet_is_read_by_batches_in_order(tmp_path):

@@ -271,7 +271,7 @@ def list_some(names: list[str], most: int = 5) -> str:
 # train, train-00003, train-00000-of-00002, train_prefs-00000-of-00001, and the Hub's older
 # train-00000-of-00001-<16 hex digits>
 _SHARD = re.compile(r"([a-z][a-z0-9_]*)(?:-\d+(?:-of-\d+)?(?:-[0-9a-f]{16})?)?")
-_SPLIT_WORDS = ("train", "test", "valid", "dev", "eval")
+_SPLIT_WORDS = frozenset({"train", "test", "valid", "validation", "dev", "eval", "evaluation"})
 
 
 def _shard_name(name: str) -> str | None:
@@ -298,7 +298,8 @@ def split_like(path: Path) -> str | None:
     """The split a file's name gives where it is not one of those asked for (`test_prefs`, `validation`):
     read as data of no split, it deserves a word."""
     shard = _shard_name(Path(path).name)
-    return shard if shard and any(word in shard for word in _SPLIT_WORDS) else None
+    words = set(shard.split("_")) if shard else set()  # whole words: not latest, contest, devices
+    return shard if words & _SPLIT_WORDS else None
 
 
 def read_hub(name: str, split: str, *, revision: str | None, subset: str | None) -> Rows:
