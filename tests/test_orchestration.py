@@ -1004,3 +1004,36 @@ def test_a_run_that_ended_without_giving_back_its_gpu_slot_frees_it(tmp_path, mo
         list(concurrency.execute_concurrency_slots_iteration(types.SimpleNamespace(instance=instance),
                                                              logging.getLogger("test")))
         assert slots.get_concurrency_info("gpu").active_slot_count == 0
+
+
+# ---------------------------------------------------------------- recording in DVC, unit by unit
+
+class _Recorder:
+    """A dvc resource that records what it was asked, or fails as DVC would."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.run_ids = error, []
+
+    def record(self, root, stage, params, run_id=None):
+        self.run_ids.append(run_id)
+        if self.error:
+            raise self.error
+        from rm_lib.pipeline.dvc_record import NotRecorded
+
+        return NotRecorded("a test")
+
+
+def _step_context(run_id: str, root_run_id: str | None = None):
+    run = dg.DagsterRun(job_name="reward_model_pipeline", run_id=run_id, root_run_id=root_run_id,
+                        parent_run_id=root_run_id)
+    return types.SimpleNamespace(run=run, run_id=run_id, log=logging.getLogger("test"))
+
+
+def test_a_re_executed_step_joins_its_root_runs_dvc_experiment(tmp_path):
+    """Re-execute from failure of a run with settings of its own: the re-executed hub_release records in
+    the experiment that holds the root run's earlier stages, not in a new one that lacks them."""
+    dvc = _Recorder()
+    assets._record_in_dvc(_step_context("2" * 36, root_run_id="1" * 36), dvc, project(tmp_path), "push",
+                          None, None)
+    assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "push", None, None)
+    assert dvc.run_ids == ["1" * 36, "1" * 36]
