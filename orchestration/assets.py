@@ -457,6 +457,17 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
     )
 
 
+def hub_metadata(result, configured: Optional[str]) -> dict:
+    """Where the release went, as the Hub names it: a bare push.repo_id lands in the token owner's
+    namespace, so the repository is the full id the upload returned (the one the card names), with
+    the commit and the tag the push gave it; not uploaded, the repo_id that is set."""
+    if not result.uploaded:
+        return {"uploaded": False, "hub_url": dg.MetadataValue.text("not uploaded (no push.repo_id, or push.dry_run)"),
+                "repo_id": _text(configured), "commit": "none", "hub_tag": "none"}
+    return {"uploaded": True, "hub_url": dg.MetadataValue.url(result.url), "repo_id": _text(result.repo_id),
+            "commit": _text(result.commit), "hub_tag": _text(result.tag)}
+
+
 @dg.asset(group_name=GROUP, code_version=code_hash("push"), automation_condition=AFTER_BLOCKING_CHECKS,
           deps=[evaluation, reward_model], retry_policy=NETWORK_RETRY,
           kinds={"huggingface"},
@@ -474,11 +485,7 @@ def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: 
     released = _read_json(layout.release / "evaluation.json")
     return dg.MaterializeResult(
         metadata={
-            "uploaded": result.uploaded,
-            "hub_url": dg.MetadataValue.url(result.url) if result.url
-            else dg.MetadataValue.text("not uploaded (no push.repo_id, or push.dry_run)"),
-            "repo_id": _text(params.push.repo_id),
-            "commit": _text(result.commit),
+            **hub_metadata(result, params.push.repo_id),
             "accuracy": _number(released.get("accuracy")),
             "files": len(result.files),
             "file_list": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in result.files)),

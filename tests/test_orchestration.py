@@ -1037,3 +1037,23 @@ def test_a_re_executed_step_joins_its_root_runs_dvc_experiment(tmp_path):
                           None, None)
     assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "push", None, None)
     assert dvc.run_ids == ["1" * 36, "1" * 36]
+
+
+def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, monkeypatch):
+    """A bare push.repo_id lands in the token owner's namespace: hub_release shows `alice/tiny-bare`,
+    as the card and the Hub do, with the revision and tag the push made."""
+    from rm_lib import steps
+    from rm_lib.steps.push import PushResult
+
+    write_json(tmp_path / "data/release/evaluation.json", report(0.7))
+    pushed = PushResult(tmp_path / "data/release", True, "https://hub/alice/tiny-bare", "a1b2c3", ["README.md"],
+                        repo_id="alice/tiny-bare", tag="run-0123abcd")
+    monkeypatch.setattr(steps, "run", lambda step, params, layout: pushed)
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets("hub_release"),
+                         run_config={"ops": {"hub_release": {"config": {"repo_id": "tiny-bare"}}}})
+    shown = materializations(result)["hub_release"].metadata
+    assert shown["repo_id"].text == "alice/tiny-bare"  # as the card and the Hub name it
+    assert (shown["commit"].text, shown["hub_tag"].text) == ("a1b2c3", "run-0123abcd")
+    assert shown["hub_url"].value == "https://hub/alice/tiny-bare" and shown["uploaded"].value is True
+    dry = assets.hub_metadata(PushResult(tmp_path, False, None, None, ["README.md"]), "tiny-bare")
+    assert (dry["uploaded"], dry["repo_id"], dry["hub_tag"]) == (False, "tiny-bare", "none")
