@@ -1057,3 +1057,18 @@ def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, m
     assert shown["hub_url"].value == "https://hub/alice/tiny-bare" and shown["uploaded"].value is True
     dry = assets.hub_metadata(PushResult(tmp_path, False, None, None, ["README.md"]), "tiny-bare")
     assert (dry["uploaded"], dry["repo_id"], dry["hub_tag"]) == (False, "tiny-bare", "none")
+
+
+def test_a_failed_dvc_record_says_the_step_replaced_its_outputs(tmp_path):
+    """DVC fails after the step wrote its outputs: the failure says the workspace holds the new outputs
+    while dvc.lock and Dagster name the earlier ones, and how to record them or put the old ones back."""
+    from rm_lib.pipeline.dvc_record import RecordError
+
+    dvc = _Recorder(RecordError("`dvc commit` failed: ERROR: unexpected error"))
+    with pytest.raises(dg.Failure) as raised:
+        assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "download", None, None)
+    said = raised.value.description
+    assert said.startswith("download: the step ran and replaced its outputs in the workspace")
+    assert "unexpected error" in said and "still name the earlier outputs" in said
+    assert "`dvc checkout dvc.yaml:download`" in said and "`dvc commit --force dvc.yaml:download`" in said
+    assert raised.value.allow_retries is False
