@@ -379,8 +379,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or exc  # yaml's full message spans several lines
         raise SettingsError(f"--set {text!r}: value is not valid YAML ({problem})") from None
-    # YAML reads "1e-4" as a string; accept such numbers where they are obviously meant.
-    if isinstance(value, str):
+    # YAML reads "1e-4" as a string; accept such numbers where they are obviously meant. A quoted value
+    # is text, as in YAML: `push.commit_message="2024"` (the Launchpad quotes every text it passes on).
+    if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
         try:
             value = float(value) if any(c in value.lower() for c in ".e") else int(value)
         except ValueError:

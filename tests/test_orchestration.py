@@ -335,6 +335,20 @@ def test_run_config_is_typed_and_described_from_params_yaml():
     assert (train.gradient_checkpointing, train.max_tokens_per_forward, train.attention) == (True, 4096, "auto")
 
 
+def test_launchpad_text_that_looks_like_a_number_stays_text():
+    """A commit message `2024`, a split named `2024`: the Launchpad passes text on quoted, and a quoted
+    value stays a string (from the command line too), where it became a number the setting refused."""
+    from orchestration.config import DownloadConfig, PushConfig
+
+    for text in ("2024", "1.0", "1e3"):
+        entered = PushConfig(commit_message=text).overrides() + DownloadConfig(train_split=text).overrides()
+        params = load_params(None, entered)
+        assert (params.push.commit_message, params.download.train_split) == (text, text)
+    assert load_params(None, ['push.commit_message="2024"']).push.commit_message == "2024"
+    assert load_params(None, ["push.commit_message='1e3'"]).push.commit_message == "1e3"
+    assert load_params(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4  # unquoted: a number
+
+
 # ---------------------------------------------------------------- each check passes and fails
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
