@@ -349,6 +349,17 @@ def test_launchpad_text_that_looks_like_a_number_stays_text():
     assert load_params(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4  # unquoted: a number
 
 
+def test_a_setting_params_yaml_gives_is_set_to_null_through_the_project_overrides(tmp_path):
+    """An empty Launchpad field is unset (params.yaml's value): null goes through the project's overrides."""
+    from orchestration.config import FilterConfig
+
+    assert FilterConfig(max_prompt_token_length=None).overrides() == []
+    assert load_params(PARAMS).filter.max_prompt_token_length is not None
+    params = ProjectResource(root=str(tmp_path), params_file=str(PARAMS),
+                             overrides=["filter.max_prompt_token_length=null"]).load_params()
+    assert params.filter.max_prompt_token_length is None
+
+
 # ---------------------------------------------------------------- each check passes and fails
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
