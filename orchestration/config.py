@@ -1,5 +1,7 @@
 """Run config of each asset (the Launchpad): one typed field per setting of the step's params.yaml
 section, described by params.yaml's own comment. A field left unset keeps params.yaml's value.
+The params.yaml is the project's (RM_ROOT, else the folder Dagster starts in), read as the code
+location loads.
 
 The classes are made from rm_lib.settings' dataclasses, so a new setting appears here by itself.
 """
@@ -19,7 +21,9 @@ import yaml
 
 from rm_lib.settings import READ_BY_OTHER_STEPS, Params
 
-PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+from .resources import project_params_file
+
+CHECKOUT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # its comments, where a project's lack them
 
 
 class StepConfig(dg.Config):
@@ -32,7 +36,7 @@ class StepConfig(dg.Config):
                 if value is not None]
 
 
-def _comments(path: Path = PARAMS_YAML) -> dict[tuple[str, str], str]:
+def _comments(path: Path) -> dict[tuple[str, str], str]:
     """{(section, key): the comment after the key in params.yaml}."""
     found, section = {}, None
     if not path.is_file():
@@ -57,14 +61,22 @@ def _optional(annotation: Any) -> Any:
     return Optional[annotation]
 
 
-def config_class(section: str) -> type[StepConfig]:
+def _defaults(path: Path, section: str) -> dict[str, Any]:
+    """params.yaml's values of `section`; {} without the file (the built-in defaults then)."""
+    if not path.is_file():
+        return {}
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(section) or {}
+
+
+def config_class(section: str, params_file: Optional[Path] = None) -> type[StepConfig]:
     """A dg.Config class with every setting of `section` that no other step reads, all optional
-    (unset = params.yaml)."""
+    (unset = params.yaml), described by the project's params.yaml (`params_file`, by default the one
+    the runs read: resources.project_params_file)."""
+    params_file = params_file or project_params_file()
     settings_cls = typing.get_type_hints(Params)[section]
     hints = typing.get_type_hints(settings_cls)
-    defaults = (yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8")) or {}).get(section, {}) \
-        if PARAMS_YAML.is_file() else {}
-    comments = _comments()
+    defaults = _defaults(params_file, section)
+    comments = {**_comments(CHECKOUT_PARAMS), **_comments(params_file)}
     fields = {}
     for f in dataclasses.fields(settings_cls):
         if (section, f.name) in READ_BY_OTHER_STEPS:  # set for every step alike: params.yaml, the project's overrides

@@ -17,7 +17,7 @@ import orchestration.defs
 from orchestration.assets import ASSETS
 from orchestration.checks import CHECKS
 from orchestration.launcher import TrainLauncherResource
-from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource
+from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource, project_root
 from orchestration.sensors import (
     dvc_lock_changed,
     pipeline_job,
@@ -45,7 +45,7 @@ def pipeline_definitions() -> dg.Definitions:
         sensors=[source_data_changed, dvc_lock_changed, release_automation],
         resources={
             # RM_ROOT: the project folder, when dagster is not started inside it.
-            "project": ProjectResource(root=os.environ.get("RM_ROOT", "."), params_file="params.yaml"),
+            "project": ProjectResource(root=project_root(), params_file="params.yaml"),
             "hub": HubResource(token=optional_env("HF_TOKEN")),
             "wandb": WandbResource(),
             # every materialization is committed to dvc.lock and the DVC cache and pushed to the project's

@@ -19,6 +19,16 @@ from rm_lib.settings import Params, load_params
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
+def project_root() -> str:
+    """The project folder of the code location's runs: RM_ROOT, else the folder Dagster starts in."""
+    return os.environ.get("RM_ROOT", ".")
+
+
+def project_params_file() -> Path:
+    """The params.yaml those runs read (the `project` resource of definitions.py)."""
+    return Path(project_root()).expanduser().resolve() / "params.yaml"
+
+
 class ProjectResource(dg.ConfigurableResource):
     """Where the project lives (data/, models/, the same paths the DVC stages use) and the settings
     every step runs with: params.yaml, the one source of defaults, plus run-wide overrides."""

@@ -335,6 +335,24 @@ def test_run_config_is_typed_and_described_from_params_yaml():
     assert (train.gradient_checkpointing, train.max_tokens_per_forward, train.attention) == (True, 4096, "auto")
 
 
+def test_launchpad_fields_describe_the_projects_params_yaml(tmp_path, monkeypatch):
+    """The Launchpad's "Unset: params.yaml's value (...)" is the value the run will read: the project's
+    params.yaml (RM_ROOT, else the folder Dagster starts in), not the code checkout's."""
+    from orchestration.config import config_class
+
+    (tmp_path / "params.yaml").write_text("train:\n  learning_rate: 0.001  # the project's own note\n"
+                                          "  max_steps: 7\n")
+    monkeypatch.setenv("RM_ROOT", str(tmp_path))
+    fields = config_class("train").model_fields
+    assert "params.yaml's value (0.001)" in fields["learning_rate"].description
+    assert "the project's own note" in fields["learning_rate"].description
+    assert "params.yaml's value (7)" in fields["max_steps"].description
+    assert "set to log to W&B" in fields["wandb_project"].description  # a comment the project's file lacks
+    monkeypatch.delenv("RM_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert "(0.001)" in config_class("train").model_fields["learning_rate"].description
+
+
 def test_no_launchpad_field_is_a_setting_another_dvc_stage_depends_on():
     """A field of one asset's run config that another stage of dvc.yaml reads (evaluation's batch_size is
     a param of train) would make the run's DVC experiment say that stage changed: `dvc exp apply` then
