@@ -28,6 +28,7 @@ from rm_lib.settings import Params
 from .config import DownloadConfig, EvaluateConfig, FilterConfig, PushConfig, StepConfig, TokenizeConfig, TrainConfig
 from .launcher import TrainLauncherResource
 from .resources import DvcResource, HubResource, ProjectResource, WandbResource
+from .run_lock import claim_project
 from .source import GROUP, preference_source
 
 # Every asset whose step may reach the network (download, tokenize, train and evaluate load from the Hub,
@@ -83,9 +84,11 @@ def retried_only_when_transient(step: str) -> Callable:
     return decorate
 
 
-def _settings(step: str, config: StepConfig, project: ProjectResource,
+def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, project: ProjectResource,
               extra: Sequence[str] = ()) -> tuple[Params, Layout]:
-    """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config."""
+    """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config, once
+    this run holds the project folder (orchestration.run_lock: one run at a time)."""
+    claim_project(context, project.root_path())
     try:
         params = project.load_params([*extra, *config.overrides()])
     except SettingsError as exc:
@@ -258,7 +261,7 @@ def _link(value: str | None) -> dg.MetadataValue:
 @retried_only_when_transient("download")
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
                     hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings("download", config, project)
+    params, layout = _settings(context, "download", config, project)
     from rm_lib.data.sources import source_kind
 
     try:
@@ -302,7 +305,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
 @retried_only_when_transient("tokenize")
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
                           hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings("tokenize", config, project)
+    params, layout = _settings(context, "tokenize", config, project)
     with hub.credentials():  # the tokenizer of a gated Hub model
         result = _run_step(context, "tokenize", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "tokenize", params, result.content_hash)
@@ -328,7 +331,7 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
                       "token-length histogram (data/filtered).")
 def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
                          dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings("filter", config, project)
+    params, layout = _settings(context, "filter", config, project)
     result = _run_step(context, "filter", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "filter", params, result.content_hash)
     reasons = sorted({r for split in SPLITS for r in result.dropped[split]})
@@ -368,7 +371,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
         wandb_overrides = wandb.overrides()
     except SettingsError as exc:
         raise dg.Failure(description=described("train", exc), allow_retries=False) from exc
-    params, layout = _settings("train", config, project, wandb_overrides)
+    params, layout = _settings(context, "train", config, project, wandb_overrides)
     with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
         if trainer.separate_process:
             result = _train_in_own_process(context, trainer, project,
@@ -414,7 +417,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
 @retried_only_when_transient("evaluate")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, project: ProjectResource,
                dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings("evaluate", config, project)
+    params, layout = _settings(context, "evaluate", config, project)
     result = _run_step(context, "evaluate", params, layout)
     m = result.metrics
     baseline = quality.length_baseline(m)
@@ -487,7 +490,7 @@ def hub_metadata(result, configured: Optional[str]) -> dict:
 @retried_only_when_transient("push")
 def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
                 hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings("push", config, project)
+    params, layout = _settings(context, "push", config, project)
     with hub.credentials():
         result = _run_step(context, "push", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "push", params, result.commit)

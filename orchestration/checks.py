@@ -17,10 +17,18 @@ from rm_lib.evaluation import quality
 from . import assets
 from .config import DownloadConfig, PushConfig, StepConfig
 from .resources import ProjectResource
+from .run_lock import claim_project
 
 # Under the release_automation sensor a check runs again for every new version of its asset (one that
 # DVC made, say), so the blocking ones hold for automated runs as they do inside a pipeline run.
 ON_UPDATE = dg.AutomationCondition.eager()
+
+
+def claimed(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+    """The project's layout, once this run holds the folder (orchestration.run_lock): a check reads the
+    files of its own run, not those another run is replacing."""
+    claim_project(context, project.root_path())
+    return project.layout()
 
 
 def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
@@ -33,14 +41,14 @@ def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=assets.raw_preferences, name="pairs_well_formed", automation_condition=ON_UPDATE, blocking=True,
                 description="No written pair has an empty side or chosen == rejected. Blocking.")
-def raw_pairs_well_formed(project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.pairs_well_formed(project.layout()))
+def raw_pairs_well_formed(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
+    return as_check_result(quality.pairs_well_formed(claimed(context, project)))
 
 
 @dg.asset_check(asset=assets.raw_preferences, name="no_prompt_overlap", automation_condition=ON_UPDATE,
                 description="No prompt is in both the train and the test split.")
-def raw_no_prompt_overlap(project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.no_prompt_overlap(project.layout()))
+def raw_no_prompt_overlap(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
+    return as_check_result(quality.no_prompt_overlap(claimed(context, project)))
 
 
 def launchpad_overrides(run_config: dict, asset: str, config_class: type[StepConfig]) -> list[str]:
@@ -60,19 +68,20 @@ def download_overrides(run_config: dict) -> list[str]:
                             "raw_preferences has it in the same run (else params.yaml's).")
 def raw_rejects_ratio(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
     params = project.load_params(download_overrides(context.run.run_config))
-    return as_check_result(quality.rejects_ratio(project.layout(), params.download.max_reject_ratio))
+    return as_check_result(quality.rejects_ratio(claimed(context, project), params.download.max_reject_ratio))
 
 
 @dg.asset_check(asset=assets.reward_model, name="loss_is_finite", automation_condition=ON_UPDATE, blocking=True,
                 description="Training logged finite losses (data/train/run.json, metrics.jsonl). Blocking.")
-def model_loss_is_finite(project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.loss_is_finite(project.layout()))
+def model_loss_is_finite(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
+    return as_check_result(quality.loss_is_finite(claimed(context, project)))
 
 
 @dg.asset_check(asset=assets.evaluation, name="beats_length_baseline", automation_condition=ON_UPDATE,
                 description="Test accuracy is above max(longer-wins, shorter-wins) baselines.")
-def evaluation_beats_length_baseline(project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.beats_length_baseline(project.layout()))
+def evaluation_beats_length_baseline(context: dg.AssetCheckExecutionContext,
+                                     project: ProjectResource) -> dg.AssetCheckResult:
+    return as_check_result(quality.beats_length_baseline(claimed(context, project)))
 
 
 def push_overrides(run_config: dict) -> list[str]:
@@ -90,15 +99,16 @@ def push_overrides(run_config: dict) -> list[str]:
 def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
                             project: ProjectResource) -> dg.AssetCheckResult:
     params = project.load_params(push_overrides(context.run.run_config))
-    return as_check_result(quality.release_gate(project.layout(), params.push))
+    return as_check_result(quality.release_gate(claimed(context, project), params.push))
 
 
 @dg.asset_check(asset=assets.evaluation, name="scores_consistent", automation_condition=ON_UPDATE,
                 description="The held-out texts score the same at batch size 1, left-padded, through the packed "
                             "training forward (also with each pair's prompt shared) and through transformers' "
                             "pipeline as in evaluation, within the tolerance report.json states. A warning only.")
-def evaluation_scores_consistent(project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.scores_consistent(project.layout()))
+def evaluation_scores_consistent(context: dg.AssetCheckExecutionContext,
+                                 project: ProjectResource) -> dg.AssetCheckResult:
+    return as_check_result(quality.scores_consistent(claimed(context, project)))
 
 
 CHECKS = [raw_pairs_well_formed, raw_no_prompt_overlap, raw_rejects_ratio, model_loss_is_finite,

@@ -422,7 +422,7 @@ def pair(i, prompt=None, chosen="good answer", rejected="bad answer") -> dict:
 
 
 def test_pairs_well_formed_check(tmp_path):
-    res = {"project": project(tmp_path)}
+    res = {"context": dg.build_asset_check_context(), "project": project(tmp_path)}
     assert not checks.raw_pairs_well_formed(**res).passed  # nothing written yet
     write_jsonl(tmp_path / "data/pairs/train.jsonl", [pair(1), pair(2)])
     write_jsonl(tmp_path / "data/pairs/test.jsonl", [pair(3)])
@@ -438,7 +438,7 @@ def test_pairs_well_formed_check(tmp_path):
 
 
 def test_no_prompt_overlap_check(tmp_path):
-    res = {"project": project(tmp_path)}
+    res = {"context": dg.build_asset_check_context(), "project": project(tmp_path)}
     write_jsonl(tmp_path / "data/pairs/train.jsonl", [pair(1, "shared"), pair(2)])
     write_jsonl(tmp_path / "data/pairs/test.jsonl", [pair(3)])
     assert checks.raw_no_prompt_overlap(**res).passed
@@ -486,7 +486,7 @@ def test_rejects_ratio_holds_the_download_settings_entered_for_raw_preferences(t
 
 
 def test_loss_is_finite_check(tmp_path):
-    res = {"project": project(tmp_path)}
+    res = {"context": dg.build_asset_check_context(), "project": project(tmp_path)}
     assert not checks.model_loss_is_finite(**res).passed  # no summary
     summary = tmp_path / "data/train/run.json"
     write_json(summary, {"steps": 2, "final_loss": 0.69})
@@ -505,7 +505,7 @@ def report(accuracy, longer=0.5, shorter=0.3, data_hash="h1") -> dict:
 
 
 def test_beats_length_baseline_check(tmp_path):
-    res = {"project": project(tmp_path)}
+    res = {"context": dg.build_asset_check_context(), "project": project(tmp_path)}
     write_json(tmp_path / "data/evaluation/report.json", report(0.8, longer=0.5, shorter=0.3))
     assert checks.evaluation_beats_length_baseline(**res).passed
     write_json(tmp_path / "data/evaluation/report.json", report(0.6, longer=0.3, shorter=0.65))
@@ -971,6 +971,72 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
         write("models/reward_model/w.bin", "model two")
         result, cursor = tick(instance, cursor)
         assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
+
+
+HOLD_THE_FOLDER = """
+import sys, time, types
+from pathlib import Path
+import dagster as dg
+from orchestration.run_lock import claim_project
+run = dg.DagsterRun(job_name="reward_model_pipeline", run_id=sys.argv[2])
+claim_project(types.SimpleNamespace(run=run, instance=None), Path(sys.argv[1]))
+print("claimed", flush=True)
+time.sleep(300)
+"""
+
+
+def _hold_the_folder(root: Path, run_id: str) -> subprocess.Popen:
+    """A step of run `run_id` in another process (a `dagster job execute` started first), still running."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_FOLDER, str(root), run_id], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "claimed"
+    return holder
+
+
+def _claim(root: Path, run_id: str, instance=None) -> None:
+    from orchestration.run_lock import claim_project
+
+    run = dg.DagsterRun(job_name="reward_model_pipeline", run_id=run_id)
+    claim_project(types.SimpleNamespace(run=run, instance=instance), root)
+
+
+def test_a_second_run_in_the_project_folder_stops_before_changing_anything(tmp_path):
+    """Two `dagster job execute` 25 s apart (the daemon's queue orders only the runs it launches): run A's
+    evaluation scored run B's model and released it. Now run A holds the folder from its first step until
+    it has ended, and every asset and check of run B stops at once, naming A, before any change. A run
+    killed midway holds nothing once its processes are gone, nor one that Dagster records as ended."""
+    first, second = "aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002"
+    holder = _hold_the_folder(tmp_path, first)
+    try:
+        for key in KEYS:
+            result = materialize(tmp_path, selection=dg.AssetSelection.assets(key))
+            [failure] = [e for e in result.all_events if e.is_step_failure]
+            said = failure.step_failure_data.error.message
+            assert f"another Dagster run, {first}, is using the project folder {tmp_path}" in said, (key, said)
+        result = materialize(tmp_path, selection=dg.AssetSelection.all_asset_checks())
+        refused = [e for e in result.all_events if e.is_step_failure
+                   and "another Dagster run" in e.step_failure_data.error.message]
+        assert len(refused) == sum(len(c.check_specs) for c in checks.CHECKS)
+        assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+        _claim(tmp_path, first)  # another step of run A itself goes on
+    finally:
+        holder.kill()  # kill -9 midway: the kernel reaps it, nobody lets go of the claim
+        holder.wait()
+    _claim(tmp_path, second)
+    ended = tmp_path / "ended"
+    holder = _hold_the_folder(ended, first)
+    try:
+        with pytest.raises(dg.Failure, match="another Dagster run"):
+            _claim(ended, second)
+        from dagster._core.test_utils import create_run_for_test
+
+        with dg.instance_for_test() as instance:  # run A ended; its process lingers a moment
+            create_run_for_test(instance, job_name="reward_model_pipeline", run_id=first,
+                                status=dg.DagsterRunStatus.SUCCESS)
+            _claim(ended, second, instance)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_run_whose_process_was_killed_is_marked_failed_by_run_monitoring(tmp_path):

@@ -1,7 +1,8 @@
 """One run of a step per project folder: an flock on <root>/.rm_lib/locks/<step>.lock.
 
 The kernel drops an flock when its process ends, however it ends (kill -9 included), so a lock is
-never left held by the dead; the file itself stays and only says who holds it now."""
+never left held by the dead; the file itself stays and only says who holds it now. `claim` is for an
+owner made of several processes in turn (a Dagster run): the record in its file says who holds it."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 from rm_lib.errors import UserError
 from rm_lib.layout import Layout
@@ -59,3 +61,28 @@ def step_lock(layout: Layout, step: str) -> Iterator[None]:
             os.ftruncate(fd, 0)  # still ours: nobody else reads a stale holder after we let go
     finally:
         os.close(fd)  # releases the flock
+
+
+def claim(layout: Layout, name: str, decide: Callable[[dict], Optional[dict]]) -> Optional[dict]:
+    """A claim on `layout` that outlives the process that made it (a Dagster run spans several processes),
+    held in <root>/.rm_lib/locks/<name>.lock. Under the file's flock, `decide(the current record, or {})`
+    returns the record to write (the claim is the caller's now: None is returned), or None when the
+    current holder keeps it (its record is returned). Whether a holder still holds it is `decide`'s to
+    judge: a dead owner's record stays in the file until a claimant finds it dead."""
+    path = layout.lock(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held only while the record is read and written
+        try:
+            current = json.loads(os.pread(fd, 1 << 16, 0).decode("utf-8") or "{}")
+        except ValueError:  # a writer killed midway: nobody's claim
+            current = {}
+        record = decide(current if isinstance(current, dict) else {})
+        if record is None:
+            return current
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        return None
+    finally:
+        os.close(fd)
