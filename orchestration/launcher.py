@@ -15,6 +15,8 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
+from .run_lock import hold_group
+
 PROCESS_MODULE = "orchestration.train_process"
 
 
@@ -55,8 +57,10 @@ class TrainLauncherResource(dg.ConfigurableResource):
                                    message_reader=dg.PipesTempFileMessageReader()) as session:
             process = subprocess.Popen(command, cwd=cwd, start_new_session=True,
                                        env={**os.environ, **session.get_bootstrap_env_vars()})
-            # for run monitoring (orchestration.run_launcher): the group outlives a killed step process
+            # for run monitoring (orchestration.run_launcher) and the project's run lock: the group
+            # outlives a killed step process
             context.instance.report_engine_event(f"train: launched (process group: {process.pid}).", context.run)
+            hold_group(context, cwd, process.pid)
             try:
                 code = process.wait()
             finally:

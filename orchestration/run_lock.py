@@ -8,8 +8,10 @@ folder for its run (rm_lib.pipeline.locking.claim) and stops, before any change,
 holds it.
 
 A run holds the folder from its first step until it has ended: until Dagster records it finished, or
-until every process that claimed for it (its run worker, its step processes) is gone, so a run killed
-midway (kill -9, the machine rebooted) never blocks the next one. A process runs one run at a time, so
+until every process that claimed for it (its step processes and, under the multiprocess executor, its
+run worker) is gone, so a run killed midway (kill -9, the machine rebooted) never blocks the next one. A
+training process group the run launched (trainer.separate_process) holds the folder while it lives,
+even past the run's end in Dagster's records. A process runs one run at a time, so
 the runs that came before in the same process (in-process runs, one after another) hold nothing.
 """
 from __future__ import annotations
@@ -46,18 +48,32 @@ def _alive(process: list) -> bool:
     return process_alive(pid) and (ticks is None or _start_ticks(pid) == ticks)
 
 
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _this_runs_processes() -> list[list]:
     """This step's process and, for a step of the multiprocess executor, the run worker that spawned it:
     it lives between the run's steps."""
     pids = [os.getpid()]
     parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid:
+    # a run of the in-process executor that a code server spawned (the UI, the schedule, the sensors) has
+    # the code server for parent, which outlives every run
+    if parent is not None and parent.pid and b"grpc" not in _command_line(parent.pid):
         pids.append(parent.pid)
     return [[pid, _start_ticks(pid)] for pid in pids]
 
 
 def still_runs(holder: dict, instance: Optional[dg.DagsterInstance]) -> bool:
-    """Whether the run that `holder` records still uses the folder."""
+    """Whether the run that `holder` records still uses the folder. A training process group it launched
+    holds it while any process of the group lives, whatever Dagster records of the run: a group whose
+    step process was killed goes on writing the model."""
+    here = holder.get("host") == socket.gethostname()
+    if here and any(process_alive(g, group=True) for g in holder.get("groups", [])):
+        return True
     run = instance.get_run_by_id(holder["run_id"]) if instance is not None and holder.get("run_id") else None
     if run is not None and run.is_finished:
         return False
@@ -74,8 +90,26 @@ def _decide(run_id: str, instance: Optional[dg.DagsterInstance]):
         kept = [p for p in current.get("processes", []) if mine and _alive(p)]
         processes = kept + [p for p in _this_runs_processes() if p not in kept]
         since = current["since"] if mine else time.time()
-        return {"run_id": run_id, "host": socket.gethostname(), "processes": processes, "since": since}
+        groups = [g for g in current.get("groups", []) if mine and process_alive(g, group=True)]
+        return {"run_id": run_id, "host": socket.gethostname(), "processes": processes, "groups": groups,
+                "since": since}
     return decide
+
+
+def hold_group(context, root: Path, pgid: int) -> None:
+    """Record the training process group that this run's step launched (its own session), which the
+    step's claim does not cover once the step process is gone."""
+    try:
+        run_id = context.run.run_id
+    except dg.DagsterError:
+        return
+
+    def add(current: dict) -> Optional[dict]:
+        if current.get("run_id") != run_id:  # the step claimed first: no other run can hold it now
+            return None
+        return {**current, "groups": [*current.get("groups", []), pgid]}
+
+    claim(Layout(root), CLAIM, add)
 
 
 def refusal(root: Path, holder: dict) -> str:

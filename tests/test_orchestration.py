@@ -1039,6 +1039,32 @@ def test_a_second_run_in_the_project_folder_stops_before_changing_anything(tmp_p
         holder.wait()
 
 
+def test_a_training_group_whose_step_was_killed_holds_the_folder_while_it_lives(tmp_path):
+    """trainer.separate_process: the group outlives a killed step process and writes the model; Dagster
+    may record the run as ended then, and a second run's evaluation would score a model being written."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from orchestration.run_lock import hold_group
+
+    first, second = "aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002"
+    _claim(tmp_path, first)
+    group = subprocess.Popen(["sleep", "300"], start_new_session=True)  # what the launcher starts
+    try:
+        hold_group(types.SimpleNamespace(run=dg.DagsterRun(job_name="reward_model_pipeline", run_id=first)),
+                   tmp_path, group.pid)
+        with dg.instance_for_test() as instance:  # the step that claimed is gone; Dagster says the run failed
+            create_run_for_test(instance, job_name="reward_model_pipeline", run_id=first,
+                                status=dg.DagsterRunStatus.FAILURE)
+            with pytest.raises(dg.Failure, match="another Dagster run"):
+                _claim(tmp_path, second, instance)
+            group.kill()
+            group.wait()
+            _claim(tmp_path, second, instance)
+    finally:
+        group.kill()
+        group.wait()
+
+
 def test_a_run_whose_process_was_killed_is_marked_failed_by_run_monitoring(tmp_path):
     """With the default launcher a run killed outside Dagster stayed "Started" for ever, and with one run
     at a time every later run (the schedule's too) queued behind it. The shipped launcher tells run
