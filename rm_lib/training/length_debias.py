@@ -114,7 +114,9 @@ class LengthHead(torch.nn.Module):
         observes what one process holding all its pairs would."""
         r = rewards.detach().double()
         x = ((torch.log(lengths.double()) - self.log_length_mean) / self.log_length_std).to(r.device)
-        return torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device), r.sum(),
+        # filled on the device: torch.tensor(...) there would copy from host memory and wait for the GPU
+        count = torch.full((), float(r.numel()), dtype=torch.float64, device=r.device)
+        return torch.stack([count, r.sum(),
                             (r * r).sum(), x.sum(), (x * r).sum()])
 
     @torch.no_grad()
