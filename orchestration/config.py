@@ -39,9 +39,11 @@ class StepConfig(dg.Config):
 def _comments(path: Path) -> dict[tuple[str, str], str]:
     """{(section, key): the comment after the key in params.yaml}."""
     found, section = {}, None
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return found
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         top = re.match(r"^(\w+):", line)
         if top:
             section = top.group(1)
@@ -62,10 +64,14 @@ def _optional(annotation: Any) -> Any:
 
 
 def _defaults(path: Path, section: str) -> dict[str, Any]:
-    """params.yaml's values of `section`; {} without the file (the built-in defaults then)."""
-    if not path.is_file():
+    """params.yaml's values of `section`, for the descriptions only; {} without the file (the built-in
+    defaults then), or with one that cannot be read: its mistake is the steps' to name, in one line, and
+    the code location must load to show it."""
+    try:
+        values = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(section) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
         return {}
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(section) or {}
+    return values if isinstance(values, dict) else {}
 
 
 def config_class(section: str, params_file: Optional[Path] = None) -> type[StepConfig]:
@@ -84,7 +90,7 @@ def config_class(section: str, params_file: Optional[Path] = None) -> type[StepC
         default = defaults.get(f.name, f.default)
         note = comments.get((section, f.name))
         description = (f"{section}.{f.name}" + (f": {note}" if note else "")
-                       + f". Unset: params.yaml's value ({json.dumps(default)}).")
+                       + f". Unset: params.yaml's value ({json.dumps(default, default=str)}).")
         fields[f.name] = (_optional(hints[f.name]), pydantic.Field(default=None, description=description))
     cls = pydantic.create_model(f"{section.capitalize()}Config", __base__=StepConfig, **fields)
     cls.section = section

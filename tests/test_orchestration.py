@@ -351,6 +351,12 @@ def test_launchpad_fields_describe_the_projects_params_yaml(tmp_path, monkeypatc
     monkeypatch.delenv("RM_ROOT")
     monkeypatch.chdir(tmp_path)
     assert "(0.001)" in config_class("train").model_fields["learning_rate"].description
+    # a date YAML reads unquoted, a file YAML cannot read: the code location still loads, and the steps
+    # name the mistake
+    (tmp_path / "params.yaml").write_text("push:\n  commit_message: 2024-05-01\n")
+    assert "(\"2024-05-01\")" in config_class("push").model_fields["commit_message"].description
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    assert "params.yaml's value (5e-05)" in config_class("train").model_fields["learning_rate"].description
 
 
 def test_no_launchpad_field_is_a_setting_another_dvc_stage_depends_on():
