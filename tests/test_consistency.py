@@ -213,7 +213,8 @@ def test_the_verdict_warns_naming_the_path_and_passes_a_consistent_report(tmp_pa
     write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": ["pipeline"], "passed": False}})
     verdict = quality.scores_consistent(layout)
     assert not verdict.passed and verdict.warn_only and "pipeline (max |diff| 0.3)" in verdict.description
-    shown = checks.evaluation_scores_consistent(project=ProjectResource(root=str(tmp_path)))
+    shown = checks.evaluation_scores_consistent(dg.build_asset_check_context(),
+                                                project=ProjectResource(root=str(tmp_path)))
     assert not shown.passed and shown.severity == dg.AssetCheckSeverity.WARN
     write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": [], "passed": True}})
     assert quality.scores_consistent(layout).passed
