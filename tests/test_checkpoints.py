@@ -218,3 +218,28 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
     with pytest.raises(RuntimeError, match="unexpected pos"):  # room enough: not the disk, the error as it came
         trainer.save_checkpoint(_FailingSave(torch_error), tmp_path, trainer.TrainState(step=3), keep=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_reused_one_opens_none(tmp_path, tiny_decoder, monkeypatch):
+    """One W&B run per training run: a resume logs on into the run it started (not a new run that the
+    summary and model card would name instead), and a rerun of a finished run opens no empty run."""
+    import shutil
+
+    import wandb
+
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_runs"))  # W&B's own setting is kept
+    params = tiny_params("train.max_steps=4", "train.save_steps=2", "train.wandb_project=rm-test",
+                         "train.wandb_mode=offline", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    first = read_json(tmp_path / "data/train/summary.json")["wandb"]
+    shutil.rmtree(tmp_path / "models/checkpoints/step-4")  # as if killed after step 3
+    assert run_steps(params, tmp_path, "train")["train"].resumed_from == 2
+    assert read_json(tmp_path / "data/train/summary.json")["wandb"] == first
+    runs = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb_runs").glob("**/offline-run-*")}
+    assert runs == {first.rsplit(" ", 1)[-1]} and not (tmp_path / "wandb").exists()
+
+    with mock.patch.object(wandb, "init", side_effect=AssertionError("a reused run opened a W&B run")):
+        again = run_steps(params, tmp_path, "train")["train"]
+    assert again.reused and read_json(tmp_path / "data/train/summary.json")["wandb"] == first

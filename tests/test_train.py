@@ -830,3 +830,29 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_saved_it():
     params = tiny_params()
     one, two = (trainer.run_fingerprint(params.train, params.model, "data", "code", n) for n in (1, 2))
     assert one != two and one == trainer.run_fingerprint(params.train, params.model, "data", "code")
+
+
+def test_a_wandb_mode_wandb_refuses_stops_before_the_model_loads(tmp_path, tiny_decoder, monkeypatch):
+    from unittest import mock
+
+    from rm_lib.errors import SettingsError
+    from rm_lib.steps import train as train_step
+
+    params = tiny_params("train.wandb_project=p", "train.wandb_mode=auto", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    monkeypatch.setenv("WANDB_MODE", "off")
+    with mock.patch.object(train_step, "load_reward_model", side_effect=AssertionError("the model loaded")):
+        with pytest.raises(SettingsError, match="WANDB_MODE is 'off'.*online, offline, disabled"):
+            run_steps(params, tmp_path, "train")
+
+
+def test_wandb_run_files_outlive_a_queued_dvc_experiment(tmp_path, monkeypatch):
+    """`dvc exp run --queue` trains in a copy under .dvc/tmp/exps that DVC deletes afterwards: an offline
+    W&B run kept there could never be synced."""
+    from rm_lib.training.tracking import wandb_dir
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    assert wandb_dir(tmp_path) == tmp_path / "wandb"
+    assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path.resolve() / "wandb"
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path / "elsewhere"

@@ -25,7 +25,7 @@ from rm_lib.model.modeling import (
 )
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params
-from rm_lib.training.tracking import Tracker
+from rm_lib.training.tracking import Tracker, wandb_dir
 from rm_lib.training.trainer import check_distributed, fit, gathered_state_dict, mixed_precision, run_fingerprint
 
 NORMALISATION_SAMPLE = 1000
@@ -137,6 +137,9 @@ def run(params: Params, layout: Layout, accelerator=None,
     (the model's config and the summary then hold none, and the last update's weights go unchecked for
     non-finite rewards). The pipeline keeps both."""
     cfg = params.train
+    tracker = Tracker(layout.live_log, project=cfg.wandb_project, mode=cfg.wandb_mode,
+                      config=params.as_dict(), run_dir=wandb_dir(layout.root), on_log=on_log)
+    tracker.check()
     meta = read_json(layout.filtered / "manifest.json")
     train_rows = read_rows(layout.filtered / "train.parquet")
     eval_rows = read_rows(layout.filtered / "test.parquet")
@@ -165,8 +168,6 @@ def run(params: Params, layout: Layout, accelerator=None,
                          target_modules=cfg.lora_target_modules,
                          base_model=base_model_reference(params.model.name_or_path), revision=params.model.revision)
     os.environ.setdefault("WANDB_SILENT", "true")
-    tracker = Tracker(layout.live_log, project=cfg.wandb_project, mode=cfg.wandb_mode,
-                      config=params.as_dict(), run_dir=layout.root / "wandb", on_log=on_log)
 
     def on_eval(model, step: int) -> dict:
         r_c, r_r = score_pairs_across(accelerator, model, eval_rows, pad_token_id=pad_id,

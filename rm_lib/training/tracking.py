@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib import network
-from rm_lib.errors import UserError
+from rm_lib.errors import SettingsError, UserError
 from rm_lib.files import atomic_file
+
+# the modes wandb.init takes (dryrun and run: W&B's older names for offline and online)
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
 def wandb_mode(setting: str) -> str:
@@ -17,8 +20,26 @@ def wandb_mode(setting: str) -> str:
     if setting != "auto":
         return setting
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+        mode = os.environ["WANDB_MODE"].strip()
+        if mode not in WANDB_MODES:  # else W&B's own validation error, after the model has loaded
+            raise SettingsError(f"the environment variable WANDB_MODE is '{mode}', which W&B does not take "
+                                f"(train.wandb_mode is auto, so it follows WANDB_MODE): set it to one of "
+                                f"{', '.join(WANDB_MODES[:3])}, or unset it")
+        return mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_dir(root: Path) -> Path:
+    """Where W&B keeps its run files: WANDB_DIR when set, else the project's wandb/. A `dvc exp run
+    --queue` or `--temp` experiment runs in a copy of the project under .dvc/tmp/exps that DVC deletes
+    afterwards: its runs go to the project's own wandb/, where `wandb sync` finds them later."""
+    if os.environ.get("WANDB_DIR"):
+        return Path(os.environ["WANDB_DIR"])
+    parts = root.resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i]) / "wandb"
+    return root / "wandb"
 
 
 class Tracker:
@@ -29,11 +50,20 @@ class Tracker:
         self.config, self.run_dir = config, run_dir
         self.wandb_run = None
         self.wandb_url: str | None = None
+        self.wandb_id: str | None = None
 
-    def start(self, resume_lines: int | None = None, saved: Path | None = None) -> None:
+    def check(self) -> None:
+        """Refuse a W&B mode W&B would refuse, before any work is done."""
+        if self.enabled and self.project:
+            wandb_mode(self.mode)
+
+    def start(self, resume_lines: int | None = None, saved: Path | None = None, *, wandb_id: str | None = None,
+              wandb_url: str | None = None, reused: bool = False) -> None:
         """Open the metrics file (keeping a resumed run's earlier lines) and the W&B run. `saved`: the copy
         of the file in the checkpoint resumed from, read first: the file itself may have been started
-        afresh by a run with other settings since."""
+        afresh by a run with other settings since. `wandb_id`: the W&B run a resumed run continues.
+        `reused`: a run that had finished and trains nothing opens no W&B run; `wandb_url` (the one the
+        run was logged to) stays its record."""
         if not self.enabled:
             return
         metrics_path, project, run_dir, config = self.metrics_path, self.project, self.run_dir, self.config
@@ -47,13 +77,18 @@ class Tracker:
         # into its cache, and truncating or appending to it would change the cached copy.
         with atomic_file(metrics_path) as handle:
             handle.write(kept)
+        if reused:
+            self.wandb_id, self.wandb_url = wandb_id, wandb_url
+            return
         resolved = wandb_mode(self.mode)
         if project and resolved != "disabled":
             import wandb
 
             run_dir.mkdir(parents=True, exist_ok=True)
+            resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
             self.wandb_run = _init_wandb(wandb, project=project, mode=resolved, dir=str(run_dir), config=config,
-                                         reinit="finish_previous")
+                                         reinit="finish_previous", **resume)
+            self.wandb_id = self.wandb_run.id
             self.wandb_url = getattr(self.wandb_run, "url", None) or f"wandb ({resolved}) run {self.wandb_run.id}"
 
     def log(self, record: dict[str, Any]) -> None:

@@ -62,6 +62,8 @@ class TrainState:
     train_s: float = 0.0
     last_log: dict | None = None
     window: dict | None = None  # the logging window's sums since the last log (_saved_window)
+    wandb_id: str | None = None  # the W&B run this run logs to: a resumed run continues it
+    wandb_url: str | None = None
 
 
 @dataclass
@@ -474,7 +476,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     base_tokens, base_s = state.tokens, state.train_s
     if tracker is not None and accelerator.is_main_process:
         tracker.start(state.metrics_lines if resumed_from is not None else None,
-                      saved=latest / LOG_FILE if latest is not None else None)
+                      saved=latest / LOG_FILE if latest is not None else None, wandb_id=state.wandb_id,
+                      wandb_url=state.wandb_url, reused=resumed_from is not None and state.step >= total)
+        state.wandb_id, state.wandb_url = getattr(tracker, "wandb_id", None), getattr(tracker, "wandb_url", None)
 
     history: list[dict] = []
     # loss, acc, margin, mean: sums kept on the device, read at logging only (no host sync per step);
