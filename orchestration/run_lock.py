@@ -112,6 +112,12 @@ def hold_group(context, root: Path, pgid: int) -> None:
     claim(Layout(root), CLAIM, add)
 
 
+def holder_now(root: Path, instance: Optional[dg.DagsterInstance]) -> Optional[dict]:
+    """The record of the run that holds the project folder now, or None: for a sensor, which claims nothing."""
+    holder = claim(Layout(root), CLAIM, lambda current: None)  # read under the file's flock, never written
+    return holder if holder and holder.get("run_id") and still_runs(holder, instance) else None
+
+
 def refusal(root: Path, holder: dict) -> str:
     since = datetime.fromtimestamp(holder.get("since", 0), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     pids = [p[0] for p in holder.get("processes", [])]

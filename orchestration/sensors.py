@@ -1,6 +1,7 @@
 """The pipeline job, the weekly retraining schedule, the source-data and dvc.lock sensors, and the
 automation sensor that carries an update down the chain."""
 import json
+import time
 from typing import Optional
 
 import dagster as dg
@@ -46,6 +47,45 @@ def _cursor(text: Optional[str]) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+# A run requested for a source change that ended before raw_preferences took the new data (another
+# run held the project folder, a crash) is requested again, this many times in all.
+SOURCE_RUN_ATTEMPTS = 3
+SOURCE_TAG = "rm/source_fingerprint"
+
+
+def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectResource,
+                        requested: dict) -> tuple[str, str]:
+    """(what to do, why) for a source change whose run was requested: "done" once raw_preferences was
+    materialized since; "wait" while a run for it has not ended or another run holds the project folder;
+    "again" when every run for it ended without raw_preferences; "give up" after SOURCE_RUN_ATTEMPTS."""
+    from .run_lock import holder_now
+
+    instance = context.instance
+    latest = instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
+    if latest is not None and latest.timestamp >= requested["at"]:
+        return "done", ""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=pipeline_job.name, tags={SOURCE_TAG: requested["tag"]}))
+    if not runs or any(not r.is_finished for r in runs):  # none yet: the daemon launches it after the tick
+        return "wait", "the run requested for it has not ended"
+    holder = holder_now(project.root_path(), instance)
+    if holder is not None:
+        return "wait", f"run {holder.get('run_id')} is using the project folder"
+    if requested["attempts"] < SOURCE_RUN_ATTEMPTS:
+        return "again", ""
+    return "give up", (f"{len(runs)} runs for it ended without materializing raw_preferences "
+                       f"({', '.join(r.run_id for r in runs)}): fix what they report and materialize raw_preferences")
+
+
+def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attempts: int) -> dg.SensorResult:
+    # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
+    # must run again. The observation gives preference_source its new data version in the graph.
+    tag = state["fingerprint"][:16]
+    requested = {"tag": tag, "at": time.time(), "attempts": attempts}
+    context.update_cursor(json.dumps({**state, "requested": requested}, sort_keys=True))
+    return dg.SensorResult(run_requests=[dg.RunRequest(tags={SOURCE_TAG: tag})],
+                           asset_events=[observation(state, what)])
+
+
 @dg.sensor(
     name="source_data_changed",
     target=pipeline_job,
@@ -53,23 +93,27 @@ def _cursor(text: Optional[str]) -> dict:
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Runs the whole pipeline when download.source changes: the content of a local file or folder "
                 "(a touch is no change), a Hub dataset's commit sha. The demo set never changes, so it triggers "
-                "once, for the first cursor.",
+                "once, for the first cursor. A run for a change that ends before raw_preferences took the new "
+                f"data (another run held the project folder) is requested again, {SOURCE_RUN_ATTEMPTS} times in all.",
 )
 def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectResource, hub: HubResource):
     previous = _cursor(context.cursor)
     state, what = source_fingerprint(project, hub, previous)
     if state is None:
         return dg.SkipReason(what)
-    if state["fingerprint"] == previous.get("fingerprint"):
-        if state != previous:  # touched, or rewritten with the same bytes: remember the new stats
-            context.update_cursor(json.dumps(state, sort_keys=True))
-        return dg.SkipReason(f"source unchanged: {what}")
-    context.update_cursor(json.dumps(state, sort_keys=True))
-    # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
-    # must run again.
-    # The observation gives preference_source its new data version in the graph.
-    return dg.SensorResult(run_requests=[dg.RunRequest(tags={"rm/source_fingerprint": state["fingerprint"][:16]})],
-                           asset_events=[observation(state, what)])
+    if state["fingerprint"] != previous.get("fingerprint"):
+        return _run_for(context, state, what, attempts=1)
+    requested = previous.get("requested")
+    action, why = _pending_source_run(context, project, requested) if requested else ("done", "")
+    if action == "again":
+        return _run_for(context, state, what, attempts=requested["attempts"] + 1)
+    if action == "wait":
+        state["requested"] = requested
+    if state != previous:  # touched, or rewritten with the same bytes: remember the new stats
+        context.update_cursor(json.dumps(state, sort_keys=True))
+    if action == "give up":
+        return dg.SkipReason(f"source changed ({what}), but {why}")
+    return dg.SkipReason(f"source unchanged: {what}" + (f" ({why})" if why else ""))
 
 
 ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}
@@ -88,7 +132,12 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
     from rm_lib.pipeline.code_version import code_hash
     from rm_lib.pipeline.dvc_record import locked_stages
 
+    from .run_lock import holder_now
+
     root = project.root_path()
+    holder = holder_now(root, context.instance)
+    if holder is not None:  # its steps commit to dvc.lock before Dagster records them
+        return dg.SkipReason(f"run {holder.get('run_id')} is using the project folder: dvc.lock is read after it ends")
     locked = locked_stages(root)
     # per stage: whether the workspace held dvc.lock's outputs when its files had these sizes and times
     seen = json.loads(context.cursor) if context.cursor else {}

@@ -577,11 +577,11 @@ def test_schedule_requests_the_whole_pipeline():
     assert schedule.job_name == "reward_model_pipeline"
 
 
-def tick(root, cursor=None, overrides=()):
+def tick(root, cursor=None, overrides=(), instance=None):
     """(the run request, or the SkipReason; the new cursor). A run request comes with the observation
     of preference_source that gives it its new data version."""
-    context = dg.build_sensor_context(cursor=cursor, resources={"project": project(root, overrides),
-                                                                "hub": HubResource()})
+    context = dg.build_sensor_context(cursor=cursor, instance=instance or dg.DagsterInstance.ephemeral(),
+                                      resources={"project": project(root, overrides), "hub": HubResource()})
     result = sensors.source_data_changed(context)
     if isinstance(result, dg.SensorResult):
         [run], [seen] = result.run_requests, result.asset_events
@@ -616,6 +616,55 @@ def test_sensor_local_file_source_triggers_on_change(tmp_path):
     assert isinstance(changed, dg.RunRequest) and new_cursor != cursor
     missing, kept = tick(tmp_path, new_cursor, [f"download.source={tmp_path / 'gone.jsonl'}"])
     assert isinstance(missing, dg.SkipReason) and kept == new_cursor
+
+
+def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
+    """The run the sensor requested for new data was refused (another run held the project folder): the
+    next ticks wait while the folder is held, then request the run again, until raw_preferences takes the
+    data, and give up after SOURCE_RUN_ATTEMPTS runs that ended without it. Before, the sensor moved on
+    and never trained on the new data."""
+    from dagster._core.test_utils import create_run_for_test
+
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    overrides = [f"download.source={source}"]
+
+    def run_for(request, status):
+        create_run_for_test(instance, job_name="reward_model_pipeline", tags=request.tags, status=status)
+
+    with dg.instance_for_test() as instance:
+        request, cursor = tick(tmp_path, None, overrides, instance)
+        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.SkipReason)  # not launched yet
+        run_for(request, dg.DagsterRunStatus.STARTED)
+        waiting, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert "has not ended" in waiting.skip_message
+        holder = _hold_the_folder(tmp_path, "aaaaaaaa-0000-4000-8000-000000000001")
+        try:
+            [started] = instance.get_runs()
+            instance.report_run_failed(started)  # refused by the holder
+            held, cursor = tick(tmp_path, cursor, overrides, instance)
+            assert "aaaaaaaa-0000-4000-8000-000000000001 is using the project folder" in held.skip_message
+        finally:
+            holder.kill()
+            holder.wait()
+        again, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(again, dg.RunRequest) and again.tags == request.tags
+        run_for(again, dg.DagsterRunStatus.FAILURE)
+        third, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(third, dg.RunRequest)
+        run_for(third, dg.DagsterRunStatus.FAILURE)
+        gave_up, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert "ended without materializing raw_preferences" in gave_up.skip_message
+        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.SkipReason)
+
+        source.write_text(source.read_text() * 2)  # new data, taken by the run requested for it
+        request, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(request, dg.RunRequest)
+        run_for(request, dg.DagsterRunStatus.FAILURE)  # raw_preferences was materialized, a later step failed
+        instance.report_runless_asset_event(dg.AssetMaterialization("raw_preferences"))
+        done, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(done, dg.SkipReason) and "unchanged" in done.skip_message
+        assert "requested" not in json.loads(cursor)
 
 
 def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
@@ -964,6 +1013,15 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
 
         m2 = write("models/reward_model/w.bin", "model two")  # a `dvc repro` trained another model
         write_lock(m2)
+        # ... or a Dagster run, between its DVC commit and Dagster's record of it: not "outside Dagster"
+        holder = _hold_the_folder(tmp_path, "aaaaaaaa-0000-4000-8000-000000000001")
+        try:
+            held, same = tick(instance, cursor)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert isinstance(held, dg.SkipReason) and "aaaaaaaa-0000-4000-8000-000000000001" in held.skip_message
+        assert same == cursor
         result, cursor = tick(instance, cursor)
         assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
         instance.report_runless_asset_event(result.asset_events[0])
