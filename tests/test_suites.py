@@ -157,6 +157,10 @@ def test_entries_names_and_the_setting(tmp_path):
     assert [(s.name, s.kind, s.split) for s in parsed] == [
         ("prefs", "local", None), ("prefs_2", "local", None), ("reward_bench_2", "hub", "test"),
         ("reward_bench_filtered", "hub", "filtered")]
+    # a repeated name takes the first name free of every suite's: `prefs_2` is a suite's own name here
+    c = write_jsonl(tmp_path / "prefs_2.jsonl", _rb1_rows())
+    assert [s.name for s in suites.parse_entries([str(a), str(b), str(c), str(a)])] == [
+        "prefs", "prefs_3", "prefs_2", "prefs_4"]
     with pytest.raises(DataError, match="no such file"):
         suites.parse_entry(str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match="no split"):
@@ -189,7 +193,14 @@ def test_metrics_json_flattens_suites_to_numbers():
     metrics = {"accuracy": 0.8, "suites": {"rb2": {"accuracy": 0.5, "layout": "best_of_n", "per_subset": {
         "Precise IF": {"rows": 2, "accuracy": 0.25}}}}}
     flat = numeric_metrics(metrics)
-    assert flat == {"accuracy": 0.8, "suite_rb2_accuracy": 0.5, "suite_rb2_precise_if_accuracy": 0.25}
+    assert flat == {"accuracy": 0.8, "suite_rb2_accuracy": 0.5, "suite_rb2__precise_if_accuracy": 0.25}
+    # suite prefs's subset easy beside a suite prefs_easy; two subsets that sanitise alike: every figure kept
+    both = {"prefs": {"accuracy": 0.1, "per_subset": {"easy": {"accuracy": 0.2}, "Precise IF": {"accuracy": 0.3},
+                                                      "precise-if": {"accuracy": 0.4}}},
+            "prefs_easy": {"accuracy": 0.5, "per_subset": {}}}
+    assert suites.flat_metrics(both) == {
+        "suite_prefs_accuracy": 0.1, "suite_prefs__easy_accuracy": 0.2, "suite_prefs__precise_if_accuracy": 0.3,
+        "suite_prefs__precise_if_2_accuracy": 0.4, "suite_prefs_easy_accuracy": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +263,7 @@ def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
     r = scorer.score([prompt + [{"role": "assistant", "content": a}] for a in answers])
     assert rb2["accuracy"] == float(r[0] > max(r[1:]))
     metrics = json.loads((layout.evaluation / "metrics.json").read_text())
-    assert metrics["suite_rb2_accuracy"] == rb2["accuracy"] and "suite_rb1_easy_accuracy" in metrics
+    assert metrics["suite_rb2_accuracy"] == rb2["accuracy"] and "suite_rb1__easy_accuracy" in metrics
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert "suite rb2 (best_of_n, 2 rows)" in results["evaluate"].summary()
     card = (layout.release / "README.md").read_text()

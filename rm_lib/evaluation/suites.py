@@ -22,7 +22,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +92,26 @@ def parse_entry(entry: str) -> Suite:
     return Suite(entry, sanitise(name), "hub", location, split or DEFAULT_HUB_SPLIT)
 
 
-def parse_entries(entries: Sequence[str]) -> list[Suite]:
-    """Every entry parsed, names made unique (a second `prefs` becomes `prefs_2`)."""
-    out, seen = [], Counter()
-    for entry in entries:
-        suite = parse_entry(entry)
-        seen[suite.name] += 1
-        if seen[suite.name] > 1:
-            suite = Suite(suite.entry, f"{suite.name}_{seen[suite.name]}", suite.kind, suite.location, suite.split)
-        out.append(suite)
+def unique_names(names: Sequence[str]) -> list[str]:
+    """`names` with each repeat given the first free `_2`, `_3`...: free of every name given, so a
+    second `prefs` beside a suite named `prefs_2` becomes `prefs_3`, and each keeps its own report."""
+    taken, seen, out = set(names), set(), []
+    for name in names:
+        if name in seen:
+            n = 2
+            while f"{name}_{n}" in taken:
+                n += 1
+            taken.add(f"{name}_{n}")
+            name = f"{name}_{n}"
+        seen.add(name)
+        out.append(name)
     return out
+
+
+def parse_entries(entries: Sequence[str]) -> list[Suite]:
+    """Every entry parsed, names made unique (a second `prefs` becomes `prefs_2`, or the next free name)."""
+    parsed = [parse_entry(entry) for entry in entries]
+    return [replace(suite, name=name) for suite, name in zip(parsed, unique_names([s.name for s in parsed]))]
 
 
 # ---- the accuracy rule, on rewards ---------------------------------------------------------------
@@ -322,12 +332,15 @@ def evaluate_suites(entries: Sequence[str], model_dir: str | Path, *, batch_size
 # ---- what other outputs read ---------------------------------------------------------------------
 
 def flat_metrics(suites: dict[str, dict]) -> dict[str, float]:
-    """metrics.json entries: suite_<name>_accuracy and suite_<name>_<subset>_accuracy."""
+    """metrics.json entries: suite_<name>_accuracy and suite_<name>__<subset>_accuracy. A sanitised name
+    holds no `__`, so no two suites' keys meet (suite `prefs`, subset `easy` beside a suite `prefs_easy`);
+    subsets of one suite that sanitise alike (`Precise IF`, `precise-if`) are told apart as names are."""
     flat = {}
     for name, entry in suites.items():
         flat[f"suite_{sanitise(name)}_accuracy"] = entry["accuracy"]
-        for subset, value in entry.get("per_subset", {}).items():
-            flat[f"suite_{sanitise(name)}_{sanitise(subset)}_accuracy"] = value["accuracy"]
+        subsets = list(entry.get("per_subset", {}).items())
+        for key, (_, value) in zip(unique_names([sanitise(s) for s, _ in subsets]), subsets):
+            flat[f"suite_{sanitise(name)}__{key}_accuracy"] = value["accuracy"]
     return flat
 
 

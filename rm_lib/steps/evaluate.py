@@ -95,7 +95,7 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name, entry in metrics.get("per_subset", {}).items():
         flat[f"accuracy_{name}"] = entry["accuracy"]
-    flat.update(suites.flat_metrics(metrics.get("suites", {})))  # suite_<name>[_<subset>]_accuracy
+    flat.update(suites.flat_metrics(metrics.get("suites", {})))  # suite_<name>[__<subset>]_accuracy
     worst = consistency.worst_difference(metrics.get("consistency") or {})
     if worst is not None:
         flat["consistency_max_abs_diff"] = worst
