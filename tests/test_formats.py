@@ -210,6 +210,26 @@ def test_a_tool_call_or_messages_written_as_text_set_the_pair_aside_with_their_r
     assert len(pairs) == 1
 
 
+def test_lists_of_answers_are_no_pair_whether_written_as_lists_or_as_text():
+    """RewardBench 2's best-of-N rows (chosen: [answer], rejected: [answer, ...]) read as a pair scored each
+    list as one text (its JSON or repr), or set every row aside as malformed messages."""
+    from rm_lib.data.formats import answers_as_text
+
+    rb2 = {"prompt": "q", "chosen": ["good"], "rejected": ["bad", "worse"]}
+    for row, message in [(rb2, "are lists of answers"),
+                         ({**rb2, "chosen": '["good"]', "rejected": '["bad", "worse"]'}, "written as text"),
+                         ({**rb2, "chosen": "['good']", "rejected": "['bad' 'worse'\n 'worst']"}, "written as text")]:
+        with pytest.raises(DataError, match=message) as caught:
+            norm([row], file="rb2.csv")
+        assert (caught.value.file, caught.value.row, caught.value.field) == ("rb2.csv", 1, "chosen")
+    # numpy's repr parts items by spaces or a newline alone, where Python would join two strings into one
+    assert answers_as_text("['bad' 'worse'\n 'worst']") == ["bad", "worse", "worst"]
+    assert answers_as_text("[citation needed]") is answers_as_text('[{"role": "user", "content": "x"}]') is None
+    # one answer that is a JSON list of words is an answer
+    _, pairs, _ = norm([{"prompt": "Colours as JSON?", "chosen": '["red", "green"]', "rejected": "red, green"}])
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": '["red", "green"]'}]
+
+
 def test_an_hh_transcript_prompt_and_a_system_column_are_read_as_turns():
     """Dahoas/rm-static: the prompt is an HH transcript up to 'Assistant:'. Intel/orca_dpo_pairs: a system
     column beside the prompt. A message-list prompt beside string answers is one more reading."""

@@ -111,6 +111,7 @@ def test_score_reads_pretokenized_ids_as_given_and_sets_aside_sides_that_tokeniz
     ("every row set aside", "no pair to score: all 2 rows were set aside (identical: 2); see"),
     ("a token id past the vocabulary", "field 'input_ids_chosen': token id 999999 is outside the model's "
                                        "vocabulary"),
+    ("a best-of-N CSV file", "row 2, field 'chosen': chosen and rejected are lists of answers (RewardBench 2's"),
 ])
 def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_path, capsys, case, message):
     from rm_lib.cli import main
@@ -129,9 +130,12 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
         (tmp_path / "scores.jsonl.rejects.jsonl").mkdir()
     elif case == "every row set aside":
         rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 2
+    elif case == "a best-of-N CSV file":  # each cell a list's repr, as pandas writes it: read as the list
+        src = tmp_path / "rb2.csv"
+        src.write_text("prompt,chosen,rejected\np,['fine.'],\"['bad.', 'worse.']\"\n")
     else:
         rows = [{"input_ids_chosen": [1, 999_999], "input_ids_rejected": [1, 2]}]
-    if not case.startswith("the input is"):
+    if not case.startswith(("the input is", "a best-of-N")):
         src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     before = src.read_bytes()
     code = main(["--root", str(trained), "score", "--input", str(src), "--output", str(output)])

@@ -67,8 +67,25 @@ def test_overall_accuracy_weighs_subsets_by_their_rows():
     assert per_subset == {"a": {"rows": 3, "accuracy": pytest.approx(2 / 3)}, "b": {"rows": 1, "accuracy": 1.0}}
 
 
-def test_best_of_n_file_like_reward_bench_2(tmp_path):
-    path = write_jsonl(tmp_path / "rb2.jsonl", _rb2_rows())
+@pytest.mark.parametrize("written", ["jsonl", "csv of JSON cells", "csv of Python reprs", "csv from Parquet"])
+def test_best_of_n_file_like_reward_bench_2(tmp_path, written):
+    """A CSV file holds each list of answers as text: its JSON, or what pandas' to_csv writes (the list's repr,
+    numpy's for a column read from Parquet, whose items only spaces or newlines part). Read as the lists they
+    are: read as text, each row was a pair of two texts, and scored as one."""
+    import numpy as np
+    import pandas as pd
+
+    if written == "jsonl":
+        path = write_jsonl(tmp_path / "rb2.jsonl", _rb2_rows())
+    else:
+        def cell(answers):
+            return (json.dumps(answers) if written == "csv of JSON cells" else
+                    np.array(answers) if written == "csv from Parquet" else answers)
+
+        rows = [{**r, "chosen": cell(r["chosen"]), "rejected": cell(r["rejected"])} for r in _rb2_rows()]
+        path = tmp_path / "rb2.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+        assert "'0.1 a' '0.5 b'" in path.read_text() or written != "csv from Parquet"
     entry = suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
     assert entry["layout"] == "best_of_n" and entry["rows"] == 4
     assert entry["accuracy"] == 0.5  # rows 1 and 3 of 4

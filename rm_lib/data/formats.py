@@ -9,9 +9,12 @@ malformed messages) are returned as rejects with a reason, never dropped silentl
 """
 from __future__ import annotations
 
+import ast
+import io
 import json
 import math
 import re
+import tokenize
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -249,6 +252,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
                                               "inside a string), which would be trained on as words; write the "
                                               "messages as a list (Dataset.to_json or to_parquet; in a CSV file, "
                                               "each cell as JSON)")
+    _refuse_answer_lists(row, file=file, row_number=row_number)
     if fmt == "explicit_text" and isinstance(row["prompt"], str) and _is_hh_prompt(row["prompt"]):
         fmt = "implicit_text"  # Dahoas/rm-static: an HH transcript up to 'Assistant:', the answers after it
         head = "\n\n" + row["prompt"].lstrip()
@@ -294,6 +298,76 @@ def _messages_as_text(text: str) -> bool:
             continue
         return isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value)
     return False
+
+
+def answers_as_text(text: str) -> list | None:
+    """The list of answers a text holds when it is such a list written out whole, as a best-of-N row's
+    `chosen` or `rejected` (RewardBench 2) is in a CSV file: JSON, Python's repr, or numpy's (what pandas'
+    to_csv writes for a column read from Parquet). Each answer is a text or a message list; None for any
+    other text, a message list among them."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        return None
+    for parse in (json.loads, _python_literal):
+        try:
+            value = parse(stripped)
+        except (ValueError, SyntaxError, MemoryError, RecursionError, tokenize.TokenError):
+            continue
+        if is_answer_list(value):
+            return value
+    return None
+
+
+def is_answer_list(value: Any) -> bool:
+    """A best-of-N side: a list of texts, or a list of message lists (a list of messages is one answer)."""
+    def answer(item: Any) -> bool:
+        return isinstance(item, str) or (isinstance(item, list) and bool(item)
+                                         and all(isinstance(m, dict) and "role" in m for m in item))
+
+    return isinstance(value, list) and all(map(answer, value))
+
+
+_SKIPPED_TOKENS = frozenset({tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT,
+                             tokenize.ENDMARKER})
+
+
+def _python_literal(text: str) -> Any:
+    """A Python literal, where items parted by spaces or a newline alone are items of their own: numpy
+    prints an array so, and Python would join two such strings into one answer."""
+    def value(token: tokenize.TokenInfo, brackets: str) -> bool:
+        return token.type in (tokenize.STRING, tokenize.NUMBER, tokenize.NAME) or token.string in brackets
+
+    starts = [0]
+    for line in text.split("\n"):
+        starts.append(starts[-1] + len(line) + 1)
+    commas, previous = [], None
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type in _SKIPPED_TOKENS:
+            continue
+        if previous is not None and value(previous, ")]}") and value(token, "([{"):
+            commas.append(starts[token.start[0] - 1] + token.start[1])
+        previous = token
+    for at in reversed(commas):
+        text = text[:at] + "," + text[at:]
+    return ast.literal_eval(text)
+
+
+def _refuse_answer_lists(row: dict, *, file: str, row_number: int) -> None:
+    """A row whose chosen and rejected are lists of answers is RewardBench 2's best-of-N layout, no pair:
+    written as text, each list would be scored as one answer of that text; as lists, each set aside as
+    malformed messages. Both sides, since one answer may well be a JSON list of words."""
+    sides = [row[key] if isinstance(row[key], list) else answers_as_text(row[key]) if isinstance(row[key], str)
+             else None for key in ("chosen", "rejected")]
+    if not all(side is not None and is_answer_list(side) for side in sides) or not any(sides):
+        return
+    if all(isinstance(row[key], str) for key in ("chosen", "rejected")):
+        raise DataError("chosen and rejected hold lists of answers written as text (a list's JSON or Python repr "
+                        "inside a string: RewardBench 2's best-of-N layout), which would be scored as one answer "
+                        "each; write each as a list, not a string (a CSV file's cells are read as lists where its "
+                        "first row holds such lists in both)", file=file, row=row_number, field="chosen")
+    raise DataError("chosen and rejected are lists of answers (RewardBench 2's best-of-N layout), not one answer "
+                    "each: download and score read pairs; score such a file as an evaluation suite "
+                    "(evaluate.suites)", file=file, row=row_number, field="chosen")
 
 
 def _is_hh_prompt(text: str) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from rm_lib.data import formats
 from rm_lib.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -31,11 +32,13 @@ def _base_suffix(path: Path) -> str:
 
 _GZIP_ERRORS = (OSError, EOFError, zlib.error)
 # Columns that hold numbers or token-id lists in a CSV file; every other cell stays text, and
-# message columns become lists only when the file's first row holds a JSON message list there.
+# message columns become lists only when the file's first row holds a JSON message list there, or
+# chosen and rejected lists of answers (RewardBench 2's best-of-N layout) in both.
 CSV_NUMBER_COLUMNS = frozenset({"margin", "score_chosen", "score_rejected"})
 CSV_LIST_COLUMNS = frozenset({"input_ids_chosen", "input_ids_rejected", "attention_mask_chosen",
                               "attention_mask_rejected"})
 CSV_MESSAGE_COLUMNS = frozenset({"prompt", "chosen", "rejected"})
+CSV_ANSWER_COLUMNS = frozenset({"chosen", "rejected"})
 _PARQUET_BATCH = 1024
 
 
@@ -171,6 +174,7 @@ def _csv_rows(path: Path) -> Rows:
     if header is None:
         raise DataError("the file is empty", file=str(path))
     messages: set[str] | None = None  # message columns, decided by the first row
+    answers: set[str] = set()  # columns of lists of answers, decided by the first row
     while True:
         number += 1
         try:
@@ -184,7 +188,10 @@ def _csv_rows(path: Path) -> Rows:
                             "that holds a comma (\"like, this\")", file=str(path), row=number)
         if messages is None:
             messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
-        yield number, {k: _csv_cell(k, v, messages) for k, v in row.items()}
+            # both sides, as formats refuses them: a pairwise file's answer may be a JSON list of words
+            if all(formats.answers_as_text(row.get(k) or "") is not None for k in CSV_ANSWER_COLUMNS):
+                answers = set(CSV_ANSWER_COLUMNS)
+        yield number, {k: _csv_cell(k, v, messages, answers) for k, v in row.items()}
 
 
 def _csv_error(exc: csv.Error, path: Path, number: int) -> DataError:
@@ -196,13 +203,16 @@ def _csv_error(exc: csv.Error, path: Path, number: int) -> DataError:
                      "(\"say \"\"hi\"\"\")", file=str(path), row=number)
 
 
-def _csv_cell(column: str, value: str | None, messages: set[str]) -> Any:
+def _csv_cell(column: str, value: str | None, messages: set[str], answers: set[str]) -> Any:
     if value is None:  # a short row
         return None
     if column in CSV_NUMBER_COLUMNS:
         return _number_or_text(value)
     if column in CSV_LIST_COLUMNS or column in messages:
         return _json_or_text(value)
+    if column in answers:  # a cell that is no such list stays text: the reader names its row and field
+        listed = formats.answers_as_text(value)
+        return value if listed is None else listed
     return value
 
 
