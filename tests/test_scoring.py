@@ -286,6 +286,7 @@ def test_the_scorer_refuses_what_it_would_score_as_something_else(trained):
         ([[{"role": "tool", "content": "42"}]], "item 0: conversation[0] has unknown role 'tool'"),
         ([[{"role": "user"}]], "item 0: conversation[0] is not a {'role', 'content'} message"),
         ([[{"role": "assistant", "content": None}]], "item 0: conversation[0].content is not a string"),
+        ([[]], "item 0: an empty conversation"),
         (["\ud800"], "item 0: holds a lone surrogate"),
     ]:
         with pytest.raises(DataError, match=re.escape(message)):
@@ -299,6 +300,35 @@ def test_the_scorer_refuses_what_it_would_score_as_something_else(trained):
     texts = ["User: hi\n\nAssistant: " + "very " * n + "good" for n in (9, 0, 30, 3)]
     assert RewardScorer(trained / "models/reward_model", batch_size=2).score(texts) == pytest.approx(
         [scorer.score([t])[0] for t in texts], abs=1e-5)
+
+
+def test_the_tokenizers_chat_template_reads_content_as_training_does(tiny_decoder, tmp_path):
+    """Given as they were to the tokenizer's template (`auto` for a decoder that has one), text parts were
+    rendered as their Python repr, a message without content or with None as an empty turn, and an empty
+    conversation was scored. Text parts are joined, as training joins them; the rest is an error. A tool
+    call's content may be None: the template renders the call."""
+    from rm_lib.errors import DataError
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, save_model
+
+    tok = load_tokenizer(str(tiny_decoder))
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
+               chat_template=True)
+    scorer = RewardScorer(tmp_path / "rm")
+    assert scorer.template == "tokenizer"
+    parts = {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}
+    assert scorer.encode([parts]) == scorer.encode([{"role": "user", "content": "hello there"}])
+    for items, message in [([[]], "item 0: an empty conversation"),
+                           ([[{"role": "user"}]], "item 0: conversation[0] is not a {'role', 'content'} message"),
+                           ([[parts, {"role": "assistant", "content": None}]],
+                            "item 0: conversation[1].content is not a string, nor a list of text parts"),
+                           ([[{"role": "user", "content": [{"type": "image", "url": "cat.png"}]}]],
+                            "item 0: conversation[0].content is not a string")]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            scorer.score(items)
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": {}}}]}
+    assert scorer.encode([parts, call]) == tok.apply_chat_template([{**parts, "content": "hello there"}, call],
+                                                                   tokenize=True)["input_ids"] + [tok.eos_token_id]
 
 
 def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):

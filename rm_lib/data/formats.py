@@ -114,10 +114,14 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
     str `role`). Anything else is a DataError naming the item, where it would be scored as something
     else. `any_role`: the tokenizer's chat template renders the messages, given as they are (a tool
     call, a `tool` or `developer` turn, whatever keys it reads); otherwise rm_lib's templates do, which
-    print user, assistant and system turns (and their aliases) of text only."""
+    print user, assistant and system turns (and their aliases) of text only. Either way a message's
+    content is read as training reads it: text, or text parts joined; none, or another kind, is an
+    error, except beside a tool call, whose content may be None."""
     if isinstance(item, str):
         texts = [item]
     elif isinstance(item, list):
+        if not item:
+            raise DataError(f"{name}: an empty conversation, which holds nothing to score")
         for i, message in enumerate(item):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise DataError(f"{name}: conversation[{i}] is not a message (a dict with a str 'role')")
@@ -128,6 +132,8 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
                 raise DataError(f"{name}: {exc.detail} (rm_lib's templates print user, assistant and system "
                                 "turns of text; a model trained with its tokenizer's chat template renders any)"
                                 ) from None
+        else:
+            item = [_template_message(message, f"{name}: conversation[{i}]") for i, message in enumerate(item)]
         texts = [m["content"] for m in item if isinstance(m.get("content"), str)]
     else:
         raise DataError(f"{name}: a text (str) or a conversation (a list of {{'role', 'content'}} messages), "
@@ -139,6 +145,20 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
             raise DataError(f"{name}: holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not valid "
                             "Unicode text") from None
     return item
+
+
+def _template_message(message: dict, where: str) -> dict:
+    """A message for the tokenizer's chat template, its other keys as given: without this a template
+    prints a list of text parts as its Python repr, and a missing or None content as an empty turn."""
+    call = message.get("tool_calls") or message.get("function_call")
+    if call and message.get("content") is None:  # an OpenAI-style call: the template renders the call
+        return message
+    if "content" not in message:
+        raise DataError(f"{where} is not a {{'role', 'content'}} message")
+    content = _text_parts(message["content"])
+    if content is None:
+        raise DataError(f"{where}.content is not a string, nor a list of text parts")
+    return {**message, "content": content}
 
 
 def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
