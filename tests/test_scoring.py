@@ -144,6 +144,19 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
     assert src.read_bytes() == before
 
 
+def test_a_token_id_past_the_vocabulary_names_its_own_file_and_row(trained, tmp_path, capsys):
+    """The row was counted among the pairs kept, after the rows set aside, and the file was the folder given."""
+    from rm_lib.cli import main
+
+    write_jsonl(tmp_path / "pretok" / "a.jsonl", [{"input_ids_chosen": [5, 6], "input_ids_rejected": [5, 7]}])
+    b = write_jsonl(tmp_path / "pretok" / "b.jsonl", [{"input_ids_chosen": [5, 6], "input_ids_rejected": [5, 6]},
+                                                      {"input_ids_chosen": [5, 6], "input_ids_rejected": [5, 999_999]}])
+    argv = ["--root", str(trained), "score", "--input", str(tmp_path / "pretok"), "--output", str(tmp_path / "o.jsonl")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: file {b}, row 2, field 'input_ids_rejected': token id 999999 is outside the model's vocabulary")
+
+
 LONG = "User: Tell me everything about the film.\n\nAssistant: " + "The acting was wonderful and brilliant. " * 120
 
 

@@ -239,6 +239,12 @@ def _check_unicode(value: Any, key: str, *, file: str, row_number: int) -> None:
             _check_unicode(item, key, file=file, row_number=row_number)
 
 
+def pair_source(pair_id: str) -> tuple[str, int | None]:
+    """(file, row) of the source row a normalised pair's id names (`file:row`, as normalise_row makes it)."""
+    file, _, row = pair_id.rpartition(":")
+    return (file, int(row)) if file and row.isdigit() else (pair_id, None)
+
+
 def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     """One source row -> one normalised pair. Raises DataError (bad structure) or _Reject."""
     pair_id = f"{file}:{row_number}"

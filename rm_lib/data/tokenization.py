@@ -7,24 +7,28 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from rm_lib.data import templates
+from rm_lib.data import formats, templates
 from rm_lib.errors import DataError
 from rm_lib.model.special import SpecialTokens, add_special, special_tokens  # noqa: F401 (used here, and as tokenization.*)
 
 PRETOKENIZED_FIELDS = ("input_ids_chosen", "input_ids_rejected")
 
 
-def check_token_ids(pairs: list[dict], vocab_size: int, *, file: str) -> None:
+def check_token_ids(pairs: list[dict], vocab_size: int, *, file: str | None) -> None:
     """Pretokenized ids index the model's embeddings: one outside 0..vocab_size-1 would crash training,
-    so it stops here, named by the pairs file's row (1-based), the field and the pair's source row."""
+    so it stops here, named by the field and the row. `file`: the pairs file the pairs are the rows of,
+    in order (1-based), its pair's source row named beside; None where they come from source files with
+    rows set aside between them (score): each is named by its own file and row, which its id holds."""
     for row, pair in enumerate(pairs, start=1):
         for field in PRETOKENIZED_FIELDS:
             ids = pair.get(field)
             if ids and (min(ids) < 0 or max(ids) >= vocab_size):
                 bad = next(i for i in ids if not 0 <= i < vocab_size)
-                raise DataError(f"token id {bad} is outside the model's vocabulary (ids 0 to {vocab_size - 1}) in "
-                                f"pair {pair['id']}; pretokenized ids must come from the model's own tokenizer",
-                                file=file, row=row, field=field)
+                source, number = formats.pair_source(pair["id"]) if file is None else (file, row)
+                pair_named = f" in pair {pair['id']}" if file is not None else ""
+                raise DataError(f"token id {bad} is outside the model's vocabulary (ids 0 to {vocab_size - 1})"
+                                f"{pair_named}; pretokenized ids must come from the model's own tokenizer",
+                                file=source, row=number, field=field)
 
 
 def _prefixed_length(ids: list[int], special: SpecialTokens) -> int:

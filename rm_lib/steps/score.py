@@ -129,7 +129,7 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         for outcome, record in normaliser(sources.read_file(path)):
             (pairs if outcome == "pair" else rejects).append(record)
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
-        tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=input_path)
+        tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=None)
     pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects)
     if not pairs:
         failed = failed_rejects_path(output_path)
