@@ -53,7 +53,8 @@ def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, mo
 
 
 def test_score_cli_writes_rewards_per_row(trained, tmp_path):
-    rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
+    rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful.",
+             "id": "review-17"},
             {"prompt": "The film was", "chosen": "same", "rejected": "same"}]
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--input", str(src),
@@ -62,6 +63,7 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
+    assert (scored[0]["id"], scored[0]["source"]) == ("review-17", f"{src}:1")  # the input's own id, and where it is
     # the row set aside is written beside the output, with its reason and its data: nothing lost
     assert f"rows set aside: {tmp_path / 'scores.jsonl.rejects.jsonl'}" in out.stdout
     (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
@@ -194,7 +196,7 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
             {"prompt": LONG, "chosen": " Truly wonderful.", "rejected": " Truly awful."},
             # they differ only in what the cut takes away: a sure tie, set aside as filter sets it aside
-            {"prompt": "", "chosen": "Alpha. " + LONG, "rejected": "Beta. " + LONG}]
+            {"prompt": "", "chosen": "Alpha. " + LONG, "rejected": "Beta. " + LONG, "id": 7}]
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "scores.jsonl"
     argv = ["--root", str(trained), "score", "--input", str(src), "--output", str(out)]
@@ -203,7 +205,8 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["truncated"] for r in scored] == [False, True]
     (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
-    assert aside["reason"] == "identical_after_truncation" and aside["id"] == f"{src}:3"
+    assert aside["reason"] == "identical_after_truncation" and (aside["id"], aside["source"]) == (7, f"{src}:3")
+    assert [(r["id"], r["source"]) for r in scored] == [(f"{src}:{i}", f"{src}:{i}") for i in (1, 2)]  # no id of theirs
     out.unlink()
     assert main(argv + ["--set", "filter.policy=drop"]) == 2
     err = capsys.readouterr().err  # after the transformers loading bar, one line of ours

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rm_lib.data import formats, sources, tokenization
 from rm_lib.errors import DataError, UserError
@@ -85,7 +86,17 @@ def _check_model(model: str | None) -> None:
                         "(models/reward_model)")
 
 
-def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
+def _noting_ids(rows: sources.Rows, file: str, own_ids: dict[str, Any]) -> sources.Rows:
+    """The rows as read, each row's own `id` noted under its pair's id (file:row): the output names a pair
+    as the user does, as evaluation suites do, and the pairs themselves keep file:row."""
+    for number, row in rows:
+        value = row.get("id") if isinstance(row, dict) else None
+        if value is not None and value == value and value != "":  # value != value: a NaN, no id
+            own_ids[f"{file}:{number}"] = formats.json_safe(value)
+        yield number, row
+
+
+def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict], own_ids: dict[str, Any]
                   ) -> tuple[list[dict], list[tuple[list[int], list[int]]], list[dict]]:
     """(pairs kept, their (chosen, rejected) ids, rejects): pretokenized ids are read as given, as tokenize
     reads them (decoding and encoding again could split words otherwise); a pair whose sides come out as
@@ -100,7 +111,7 @@ def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict]
         reason = scorer.sure_tie(ids[0], ids[1], pair["id"])
         if reason is not None:
             cut = f"cut to the {scorer.max_length} tokens the model reads, " if reason != "identical_tokens" else ""
-            rejects.append({"id": pair["id"], "reason": reason,
+            rejects.append({"id": own_ids.get(pair["id"], pair["id"]), "source": pair["id"], "reason": reason,
                             "detail": f"{cut}chosen and rejected give the same token ids: a sure tie", "data": pair})
             continue
         kept.append(pair)
@@ -123,14 +134,14 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size,
                           length_policy=params.filter.policy)
-    pairs, rejects = [], []
+    pairs, rejects, own_ids = [], [], {}
     for path in sources.local_files(input_path):
         normaliser = formats.Normaliser(str(path))
-        for outcome, record in normaliser(sources.read_file(path)):
+        for outcome, record in normaliser(_noting_ids(sources.read_file(path), str(path), own_ids)):
             (pairs if outcome == "pair" else rejects).append(record)
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
         tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=None)
-    pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects)
+    pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects, own_ids)
     if not pairs:
         failed = failed_rejects_path(output_path)
         write_jsonl(failed, rejects)
@@ -141,8 +152,8 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
     cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
     aside = rejects_path(output_path)
-    rows = ({"id": p["id"], "reward_chosen": c, "reward_rejected": r, "chosen_wins": c > r, "truncated": t}
-            for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut))
+    rows = ({"id": own_ids.get(p["id"], p["id"]), "source": p["id"], "reward_chosen": c, "reward_rejected": r,
+             "chosen_wins": c > r, "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut))
     try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
         # both written aside, then put in place together: a run that fails leaves the last run's pair of files
         with atomic_files(output_path, *([aside] if rejects else [])) as handles:
