@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 
@@ -286,3 +287,49 @@ def test_the_summary_gives_the_range_of_the_margins_that_training_adds(tmp_path,
             "(train.use_margin=false ignores them)\n") in capsys.readouterr().out
     assert read_json(tmp_path / "data/pairs/manifest.json")["margins"] == {"pairs": 18, "min": 1.0, "max": 8.0}
     assert read_json(tmp_path / "data/pairs/manifest.json")["rejects_by_reason"] == {"tied_scores": 2}
+
+
+def _texts(path) -> list[tuple]:
+    return [(p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+            for p in read_jsonl(path)]
+
+
+def _split_of(tmp_path, name: str, rows: list[dict]) -> dict[str, list[tuple]]:
+    src = write_jsonl(tmp_path / name / "src.jsonl", rows)
+    run_steps(tiny_params(f"download.source={src}"), tmp_path / name, "download")
+    return {s: _texts(tmp_path / name / f"data/pairs/{s}.jsonl") for s in ("train", "test")}
+
+
+def _moved(old: dict, new: dict) -> int:
+    return len(set(old["test"]) & set(new["train"]))
+
+
+def test_the_held_out_pairs_stay_held_out_when_rows_are_added_removed_or_reordered(tmp_path):
+    """Each prompt's place in the seeded order is its own hash: a new prompt can push one old test pair
+    past the end of the test set, never reshuffle the rest into train (where the last release was tested)."""
+    rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(1000)]
+    old = _split_of(tmp_path, "old", rows)
+    assert len(old["test"]) == 200
+    new_rows = [{"prompt": f"new question {i}", "chosen": "good", "rejected": "bad"} for i in range(50)]
+    changed = {"append_1": rows + new_rows[:1], "append_50": rows + new_rows, "remove_last": rows[:-1],
+               "remove_one": rows[:500] + rows[501:], "reorder": random.Random(1).sample(rows, len(rows))}
+    for name, changed_rows in changed.items():
+        new = _split_of(tmp_path, name, changed_rows)
+        pushed_in = len(set(new["test"]) - {(r["prompt"], r["chosen"], r["rejected"]) for r in rows})
+        shrunk = max(0, len(old["test"]) - len(new["test"]))
+        # an old test pair leaves only to make room for a new pair ranked before it, or as the test set shrinks
+        assert _moved(old, new) <= pushed_in + shrunk, name
+    assert sorted(new["test"]) == sorted(old["test"])  # reordered rows: the same test set
+
+
+def test_with_repeated_prompts_a_change_moves_test_pairs_only_at_the_end_of_the_test_set(tmp_path):
+    """Provable bound: the changed rows plus three times the largest prompt's pairs (the test set's last
+    whole prompts, those that filled its gap, and the one taken to come closest to test_fraction)."""
+    rng = random.Random(0)
+    rows = [{"prompt": f"shared prompt {g}", "chosen": f"good {g}.{i}", "rejected": f"bad {g}.{i}"}
+            for g in range(150) for i in range(rng.randint(1, 6))]
+    old = _split_of(tmp_path, "old", rows)
+    more = [{"prompt": f"shared prompt {g}", "chosen": "also good", "rejected": "also bad"} for g in (3, 70, 140)]
+    more += [{"prompt": f"another prompt {g}", "chosen": "good", "rejected": "bad"} for g in range(2)]
+    for name, changed_rows, changed in (("append", rows + more, 5), ("remove", rows[:10] + rows[12:], 2)):
+        assert _moved(old, _split_of(tmp_path, name, changed_rows)) <= changed + 3 * 6, name

@@ -1,9 +1,9 @@
 """download: source -> normalised pairs split into train/test, rejects and a manifest."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
-import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -81,11 +81,16 @@ def _prompt_key(pair: dict) -> str:
     return json.dumps(pair.get("prompt", pair["id"]), sort_keys=True)
 
 
+def _rank(key: str, seed: int) -> str:
+    """A prompt group's place in the seeded order: a hash of its own, so a group added or removed
+    moves no other group past another, and the split changes only where the test set ends."""
+    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
+
+
 def _pick_test_groups(counts: Counter[str], fraction: float, seed: int) -> set[str]:
     """Whole prompt groups, in a seeded order, taken while they fit under the target pair count;
     then the one group that brings the count closest to it, if it helps. Both splits keep a group."""
-    groups = sorted(counts)
-    random.Random(seed).shuffle(groups)
+    groups = sorted(counts, key=lambda g: (_rank(g, seed), g))
     target, taken, test = sum(counts.values()) * fraction, 0, set()
     for group in groups:
         if taken + counts[group] <= target:
