@@ -333,3 +333,72 @@ def test_with_repeated_prompts_a_change_moves_test_pairs_only_at_the_end_of_the_
     more += [{"prompt": f"another prompt {g}", "chosen": "good", "rejected": "bad"} for g in range(2)]
     for name, changed_rows, changed in (("append", rows + more, 5), ("remove", rows[:10] + rows[12:], 2)):
         assert _moved(old, _split_of(tmp_path, name, changed_rows)) <= changed + 3 * 6, name
+
+
+def _alike_rows() -> list[dict]:
+    """40 prompts; for 10 of them, copies alike but for case, spaces or Unicode form, an exact repeat
+    and one with chosen and rejected exchanged."""
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}", "rejected": f"bad answer {i}"}
+            for i in range(40)]
+    for i in range(10):
+        rows += [{"prompt": f"  question   {i}? ", "chosen": f"good answer {i}", "rejected": f"Bad answer {i}"},
+                 {"prompt": f"\uff31uestion {i}?", "chosen": f"Good answer {i}", "rejected": f"bad answer {i}"},
+                 rows[i], {"prompt": f"Question {i}?", "chosen": f"bad answer {i}", "rejected": f"Good answer {i}"}]
+    return rows
+
+
+def test_prompts_alike_but_for_case_and_spaces_stay_on_one_side(tmp_path):
+    """The default tokenizer is uncased: such prompts are one prompt to the model."""
+    from rm_lib.evaluation import quality
+
+    src = write_jsonl(tmp_path / "src.jsonl", _alike_rows())
+    run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")
+    key = lambda text: " ".join(text.replace("\uff31", "Q").lower().split())  # noqa: E731
+    sides = {s: {key(p[0]) for p in _texts(tmp_path / f"data/pairs/{s}.jsonl")} for s in ("train", "test")}
+    assert not sides["train"] & sides["test"]
+    overlap = quality.no_prompt_overlap(Layout(tmp_path))
+    assert overlap.passed and overlap.metadata["train_prompts"] + overlap.metadata["test_prompts"] == 40
+
+    # a source's own splits are taken as they are: the check finds the prompts they share
+    write_jsonl(tmp_path / "own/train.jsonl", _alike_rows()[:40])
+    write_jsonl(tmp_path / "own/test.jsonl", _alike_rows()[40:42] + [{"prompt": "QUESTION 1?", "chosen": "a",
+                                                                        "rejected": "b"}])
+    run_steps(tiny_params(f"download.source={tmp_path / 'own'}"), tmp_path / "o", "download")
+    overlap = quality.no_prompt_overlap(Layout(tmp_path / "o"))
+    assert not overlap.passed and overlap.metadata["shared_prompts"] == 2
+
+
+def _pretokenized(prompts: int) -> list[dict]:
+    """Pairs of token ids that open alike (a template's tokens), then a prompt; half the pairs' answers
+    also begin alike."""
+    rng = random.Random(0)
+    rows = []
+    for p in range(prompts):
+        prompt = [1, 2, 3, 100 + p, 200 + p % 7, 9]
+        for j in range(4):
+            chosen = [rng.randrange(1000, 2000) for _ in range(5)]
+            rejected = chosen[:2] * (j % 2) + [rng.randrange(2000, 3000) for _ in range(5)]
+            rows.append({"input_ids_chosen": prompt + chosen, "input_ids_rejected": prompt + rejected})
+    return rows
+
+
+def test_pretokenized_pairs_are_split_by_the_tokens_both_sides_begin_with(tmp_path):
+    from rm_lib.evaluation import quality
+
+    src = write_jsonl(tmp_path / "src.jsonl", _pretokenized(30))
+    result = run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")["download"]
+    assert result.pairs == {"train": 96, "test": 24}
+    prompts = {s: {p["input_ids_chosen"][3] for p in read_jsonl(tmp_path / f"data/pairs/{s}.jsonl")}
+               for s in ("train", "test")}
+    assert not prompts["train"] & prompts["test"]
+    overlap = quality.no_prompt_overlap(Layout(tmp_path))
+    assert overlap.passed and overlap.metadata["test_prompts"] == 6
+
+    # pairs whose sides share nothing but the opening leave no prompt to compare: not a pass
+    apart = [{"input_ids_chosen": [1, 2, 3, 10 + i], "input_ids_rejected": [1, 2, 3, 50 + i]} for i in range(10)]
+    write_jsonl(tmp_path / "own/train.jsonl", apart[:8])
+    write_jsonl(tmp_path / "own/test.jsonl", apart[8:])
+    run_steps(tiny_params(f"download.source={tmp_path / 'own'}"), tmp_path / "o", "download")
+    overlap = quality.no_prompt_overlap(Layout(tmp_path / "o"))
+    assert not overlap.passed and overlap.description.startswith("not checked") and overlap.warn_only
+

@@ -7,12 +7,12 @@ Dagster); the Dagster asset checks only show these verdicts. Thresholds come fro
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rm_lib.data import keys
 from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import SPLITS, Layout
 
@@ -67,12 +67,6 @@ def _identical(pair: dict) -> bool:
     return pair.get("chosen") == pair.get("rejected")
 
 
-def _prompt_key(pair: dict) -> str | None:
-    if "prompt" not in pair:  # pretokenized pairs carry no prompt to compare
-        return None
-    return json.dumps(pair["prompt"], sort_keys=True, ensure_ascii=False)
-
-
 def pairs_well_formed(layout: Layout) -> Verdict:
     """No written pair has an empty side or chosen identical to rejected (download rejects those)."""
     name = "pairs_well_formed"
@@ -98,23 +92,35 @@ def pairs_well_formed(layout: Layout) -> Verdict:
 
 
 def no_prompt_overlap(layout: Layout) -> Verdict:
-    """No prompt is in both train and test (else the test accuracy measures memorisation)."""
+    """No prompt is in both train and test (else the test accuracy measures memorisation). Prompts are
+    compared as the seeded split groups them (rm_lib.data.keys): normalised text, or for pretokenized
+    pairs the tokens both sides begin with."""
     name = "no_prompt_overlap"
-    keys = {}
+    pairs = {}
     for split in SPLITS:
         path = layout.pairs / f"{split}.jsonl"
         if not path.exists():
             return _missing(name, path, warn_only=True)
-        keys[split] = {k for k in map(_prompt_key, read_jsonl(path)) if k is not None}
-    shared = keys["train"] & keys["test"]
+        pairs[split] = list(read_jsonl(path))
+    found = keys.prompt_keys(pairs["train"] + pairs["test"])
+    prompts = {"train": {k for k in found[:len(pairs["train"])] if keys.names_a_prompt(k)},
+               "test": {k for k in found[len(pairs["train"]):] if keys.names_a_prompt(k)}}
+    shared = prompts["train"] & prompts["test"]
+    metadata = {"train_prompts": len(prompts["train"]), "test_prompts": len(prompts["test"]),
+                "shared_prompts": len(shared), "examples": [k[:200] for k in sorted(shared)[:EXAMPLES]],
+                "checked": bool(prompts["train"] and prompts["test"])}
+    if not metadata["checked"]:
+        # nothing compared is no evidence of no overlap: say so rather than pass
+        return Verdict(name, False, f"not checked: {'train' if not prompts['train'] else 'test'} has no pair with a "
+                       "prompt (no prompt text, or pretokenized pairs whose sides share no tokens past those every "
+                       "pair begins with), so there is no prompt to compare", metadata, warn_only=True)
     return Verdict(
         name, not shared,
-        "no prompt is in both train and test" if not shared else
+        f"no prompt is in both train and test ({metadata['train_prompts']} train and {metadata['test_prompts']} "
+        "test prompts compared)" if not shared else
         f"{len(shared)} prompt(s) are in both train and test; with the source's own test split "
         "(download.test_split) this comes from the source, else it is a bug of the split",
-        {"train_prompts": len(keys["train"]), "test_prompts": len(keys["test"]), "shared_prompts": len(shared),
-         "examples": sorted(shared)[:EXAMPLES]},
-        warn_only=True)
+        metadata, warn_only=True)
 
 
 def rejects_ratio(layout: Layout, max_ratio: float) -> Verdict:

@@ -22,6 +22,7 @@ import torch
 from rm_lib.errors import DevicePathError
 from rm_lib.model.attention import FP32_SDPA
 from rm_lib.model.batching import pair_tokens, to_device
+from rm_lib.model.prefix import shared_prefix
 from rm_lib.model.varlen import LAYOUT_KWARG, VARLEN, VarlenLayout, varlen_layout
 
 
@@ -117,16 +118,6 @@ def _margin(rows: list[dict], use_margin: bool) -> torch.Tensor | None:
     margins = [r.get("margin") for r in rows]
     return (torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
             if use_margin and any(m is not None for m in margins) else None)
-
-
-def shared_prefix(chosen: list[int], rejected: list[int]) -> int:
-    """How many leading tokens both sides share, leaving each at least its last token of its own
-    (the one its score is read at)."""
-    n = 0
-    limit = min(len(chosen), len(rejected)) - 1
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    return n
 
 
 def largest_batch_tokens(rows: list[dict], *, pairs: int, batch_tokens: int | None, shared_prompt: bool) -> int:

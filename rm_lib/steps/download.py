@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rm_lib.data import demo, formats, sources
+from rm_lib.data import demo, formats, keys, sources
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.files import atomic_dir, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
@@ -77,10 +77,6 @@ def _head(rows: Iterable, limit: int | None) -> Iterator:
     return iter(rows) if limit is None else itertools.islice(rows, limit)
 
 
-def _prompt_key(pair: dict) -> str:
-    return json.dumps(pair.get("prompt", pair["id"]), sort_keys=True)
-
-
 def _rank(key: str, seed: int) -> str:
     """A prompt group's place in the seeded order: a hash of its own, so a group added or removed
     moves no other group past another, and the split changes only where the test set ends."""
@@ -103,25 +99,26 @@ def _pick_test_groups(counts: Counter[str], fraction: float, seed: int) -> set[s
     return test
 
 
-def _grouped_split(pairs: list[dict], fraction: float, seed: int, source: str) -> dict[str, list[dict]]:
-    """Seeded split by prompt, so no prompt is in both train and test, near `fraction` of the pairs."""
-    counts = Counter(_prompt_key(p) for p in pairs)
+def _grouped_split(pairs: list[dict], fraction: float, seed: int, source: str) -> tuple[dict[str, list[dict]], int]:
+    """Seeded split by prompt, so no prompt is in both train and test, near `fraction` of the pairs;
+    and the most pairs one prompt holds."""
+    prompts = keys.prompt_keys(pairs)
+    counts = Counter(prompts)
     if len(counts) == 1 and len(pairs) > 1:
         raise DataError(f"all {len(pairs)} pairs share one prompt, so a split by prompt cannot hold out a test "
                         "set; give the source's own test split (download.test_split or a test file) or more prompts",
                         file=source)
     test_keys = _pick_test_groups(counts, fraction, seed) if len(counts) > 1 else set()
-    return {"train": [p for p in pairs if _prompt_key(p) not in test_keys],
-            "test": [p for p in pairs if _prompt_key(p) in test_keys]}
+    return ({"train": [p for p, k in zip(pairs, prompts) if k not in test_keys],
+             "test": [p for p, k in zip(pairs, prompts) if k in test_keys]}, max(counts.values()))
 
 
-def _split_warning(seeded: dict[str, list[dict]], cfg: DownloadSettings) -> str | None:
+def _split_warning(seeded: dict[str, list[dict]], cfg: DownloadSettings, largest: int) -> str | None:
     """A sentence when the seeded split's test share is off test_fraction by more than the tolerance."""
     total = sum(len(v) for v in seeded.values())
     share = len(seeded["test"]) / total if total else cfg.test_fraction
     if abs(share - cfg.test_fraction) <= cfg.split_tolerance + 1e-12:
         return None
-    largest = max(Counter(_prompt_key(p) for v in seeded.values() for p in v).values())
     return (f"test share {share:.2f} of {total} pairs is off test_fraction {cfg.test_fraction} by more than "
             f"download.split_tolerance {cfg.split_tolerance}: prompts repeat (the largest prompt holds {largest} "
             "pairs) and a prompt is never in both splits")
@@ -270,8 +267,8 @@ def run(params: Params, layout: Layout) -> DownloadResult:
     splits = {"train": read.by_split["train"], "test": read.by_split["test"]}
     warning = None
     if read.by_split[None]:
-        seeded = _grouped_split(read.by_split[None], cfg.test_fraction, cfg.seed, cfg.source)
-        warning = _split_warning(seeded, cfg) if seeded["train"] and seeded["test"] else None
+        seeded, largest = _grouped_split(read.by_split[None], cfg.test_fraction, cfg.seed, cfg.source)
+        warning = _split_warning(seeded, cfg, largest) if seeded["train"] and seeded["test"] else None
         if warning and cfg.strict_split:
             raise DataError(f"{warning}; loosen download.split_tolerance, set download.strict_split=false, "
                             "or give the source's own test split", file=cfg.source)
