@@ -368,6 +368,28 @@ def test_prompts_alike_but_for_case_and_spaces_stay_on_one_side(tmp_path):
     assert not overlap.passed and overlap.metadata["shared_prompts"] == 2
 
 
+def test_repeated_and_exchanged_pairs_are_kept_and_counted(tmp_path):
+    """A repeat or a copy with its sides exchanged may be meant, or a mistake: kept, but counted where the
+    user reads; a test pair equal to a train pair in either order is counted as trained on."""
+    rows = _alike_rows()
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    result = run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")["download"]
+    assert sum(result.pairs.values()) == len(rows)
+    manifest = read_json(tmp_path / "data/pairs/manifest.json")
+    assert sum(manifest["duplicate_pairs"].values()) == 30  # four alike per prompt: three repeat the first
+    assert sum(manifest["swapped_pairs"].values()) == 50  # the four and their exchanged copy
+    assert manifest["test_pairs_in_train"] == 0
+    assert "30 pairs (train " in result.summary() and "50 pairs (train " in result.summary()
+
+    write_jsonl(tmp_path / "own/train.jsonl", rows[:40])
+    write_jsonl(tmp_path / "own/test.jsonl", rows[40:42] + rows[43:44] + [rows[39]])
+    result = run_steps(tiny_params(f"download.source={tmp_path / 'own'}"), tmp_path / "o", "download")["download"]
+    manifest = read_json(tmp_path / "o/data/pairs/manifest.json")
+    assert (manifest["test_pairs_in_train"], manifest["test_pairs_swapped_in_train"]) == (4, 1)
+    assert "warning: 4 of the 4 test pairs are also train pairs (1 with chosen and rejected exchanged)" in (
+        result.summary())
+
+
 def _pretokenized(prompts: int) -> list[dict]:
     """Pairs of token ids that open alike (a template's tokens), then a prompt; half the pairs' answers
     also begin alike."""

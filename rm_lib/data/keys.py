@@ -91,3 +91,9 @@ def prompt_keys(pairs: list[dict]) -> list[str]:
 def names_a_prompt(key: str) -> bool:
     return not key.startswith(SIDES)
 
+
+def pair_keys(pair: dict) -> tuple[str, str]:
+    """The pair as compared for duplicates (prompt and sides normalised), and its exchanged copy."""
+    chosen, rejected = _sides(pair)
+    prompt = "" if _pretokenized(pair) else _dumps(_normalised(pair.get("prompt") or []))
+    return _dumps([prompt, chosen, rejected]), _dumps([prompt, rejected, chosen])

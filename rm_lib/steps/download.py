@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,10 @@ class DownloadResult:
     test_fraction_realised: float = 0.0
     note: str | None = None  # a local source that DVC cannot see (outside data/sources)
     settings: dict = field(default_factory=dict)  # the download settings these pairs were made with
-    test_in_train: int = 0  # test pairs identical to a train pair: a source's own splits may overlap
+    test_in_train: int = 0  # test pairs equal to a train pair in either order: a source's own splits may overlap
+    test_swapped_in_train: int = 0  # of those, the ones whose train copy has chosen and rejected exchanged
+    duplicates: dict[str, int] = field(default_factory=dict)  # per split: pairs that repeat one before them
+    swapped: dict[str, int] = field(default_factory=dict)  # per split: pairs whose exchanged copy is there too
     skipped_files: list[str] = field(default_factory=list)  # files of a source folder of an unsupported type
     unnamed_splits: list[str] = field(default_factory=list)  # files named like a split download did not take as one
     margins: dict | None = None  # {"pairs", "min", "max"} of the pairs that carry a margin; train.use_margin adds them
@@ -46,7 +48,9 @@ class DownloadResult:
                 "rejected": sum(self.rejects.values()), "rejects_by_reason": self.rejects,
                 "content_hash": self.content_hash, "ignored_columns": self.ignored_columns,
                 "test_fraction_realised": self.test_fraction_realised, "split_warning": self.warning,
-                "split": self.split, "test_pairs_in_train": self.test_in_train, "skipped_files": self.skipped_files,
+                "split": self.split, "test_pairs_in_train": self.test_in_train,
+                "test_pairs_swapped_in_train": self.test_swapped_in_train, "duplicate_pairs": self.duplicates,
+                "swapped_pairs": self.swapped, "skipped_files": self.skipped_files,
                 "unnamed_splits": self.unnamed_splits, "margins": self.margins, "settings": self.settings}
 
     def summary(self) -> str:
@@ -60,8 +64,15 @@ class DownloadResult:
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
                 f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}" + margins
                 + (f"\nwarning: {self.warning}" if self.warning else "")
-                + (f"\nwarning: {self.test_in_train} of the {self.pairs['test']} test pairs are also train pairs: the "
-                   "held-out accuracy overstates the model" if self.test_in_train else "")
+                + (f"\nwarning: {self.test_in_train} of the {self.pairs['test']} test pairs are also train pairs"
+                   + (f" ({self.test_swapped_in_train} with chosen and rejected exchanged)"
+                      if self.test_swapped_in_train else "")
+                   + f" ({SAME}): the held-out accuracy overstates the model" if self.test_in_train else "")
+                + _per_split("note", self.duplicates, f"repeat a pair before them in their split ({SAME}); kept: "
+                             "a repeated pair weighs more in training and in the held-out accuracy")
+                + _per_split("warning", self.swapped, "contradict another pair of their split, the same pair with "
+                             f"chosen and rejected exchanged ({SAME}); kept: no model prefers both, and of such a "
+                             "couple in test one always counts as wrong")
                 + (f"\nnote: {len(self.skipped_files)} file(s) of the source folder not read, of a type other than "
                    f"{', '.join(sources.SUFFIXES)} (optionally .gz): {sources.list_some(self.skipped_files)}"
                    if self.skipped_files else "")
@@ -70,6 +81,16 @@ class DownloadResult:
                    "own splits, set download.train_split and download.test_split (e.g. train_prefs, test_prefs)"
                    if self.unnamed_splits else "")
                 + (f"\n{self.note}" if self.note else ""))
+
+
+SAME = "compared with case, whitespace and Unicode forms normalised"
+
+
+def _per_split(kind: str, counts: dict[str, int], what: str) -> str:
+    if not any(counts.values()):
+        return ""
+    by_split = ", ".join(f"{s} {n}" for s, n in counts.items())
+    return f"\n{kind}: {sum(counts.values())} pairs ({by_split}) {what}"
 
 
 def _head(rows: Iterable, limit: int | None) -> Iterator:
@@ -222,15 +243,28 @@ def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], source: str,
         f"({len(read.rejects)} rejected: {counts or 'none'}{first}; see {beside})", file=source)
 
 
-def _pair_key(pair: dict) -> str:
-    return json.dumps([pair.get(k) for k in ("prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected")],
-                      sort_keys=True)
+@dataclass
+class _Repeats:
+    test_in_train: int
+    test_swapped_in_train: int
+    duplicates: dict[str, int]
+    swapped: dict[str, int]
 
 
-def _test_in_train(splits: dict[str, list[dict]]) -> int:
-    """How many test pairs are also train pairs (prompt and both answers alike)."""
-    train = {_pair_key(p) for p in splits["train"]}
-    return sum(_pair_key(p) in train for p in splits["test"])
+def _repeats(splits: dict[str, list[dict]]) -> _Repeats:
+    """Pairs alike once normalised: repeats and exchanged copies within a split, test pairs in train.
+    Kept as they are (a source may repeat a pair on purpose), but counted where a user reads them."""
+    both = {s: [keys.pair_keys(p) for p in splits[s]] for s in SPLITS}
+    same = {s: [k for k, _ in both[s]] for s in SPLITS}
+    exchanged = {s: [x for _, x in both[s]] for s in SPLITS}
+    within = {s: set(same[s]) for s in SPLITS}
+    train = within["train"]
+    return _Repeats(
+        test_in_train=sum(k in train or x in train for k, x in zip(same["test"], exchanged["test"])),
+        test_swapped_in_train=sum(x in train for k, x in zip(same["test"], exchanged["test"]) if x != k),
+        duplicates={s: len(same[s]) - len(within[s]) for s in SPLITS},
+        # a pair whose sides differ only in case reads as its own exchanged copy: not a contradiction
+        swapped={s: sum(x in within[s] for k, x in zip(same[s], exchanged[s]) if x != k) for s in SPLITS})
 
 
 def _margins(splits: dict[str, list[dict]]) -> dict | None:
@@ -283,6 +317,7 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
     reject_counts = dict(Counter(r["reason"] for r in read.rejects))
     pairs = {s: len(splits[s]) for s in SPLITS}
     realised = pairs["test"] / (pairs["train"] + pairs["test"])
+    repeats = _repeats(splits)
     with atomic_dir(layout.pairs) as out:
         write_jsonl(out / "rejects.jsonl", read.rejects)
         for split in SPLITS:
@@ -295,7 +330,9 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             split="source" if not read.by_split[None] else f"seeded by prompt, test_fraction={cfg.test_fraction}, "
                                                            f"seed={cfg.seed}",
             note=sources.untracked_note(cfg.source, layout.sources) if kind == "local" else None,
-            settings=asdict(cfg), test_in_train=_test_in_train(splits),
+            settings=asdict(cfg), test_in_train=repeats.test_in_train,
+            test_swapped_in_train=repeats.test_swapped_in_train, duplicates=repeats.duplicates,
+            swapped=repeats.swapped,
             skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [],
             unnamed_splits=_unnamed_splits(cfg, kind), margins=_margins(splits))
         write_json(out / "manifest.json", result.manifest())
