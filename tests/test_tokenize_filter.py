@@ -2,10 +2,11 @@ import pytest
 
 from rm_lib.data import length_filter, templates, tokenization
 from rm_lib.data.tokenstore import read_rows, token_length
+from rm_lib.files import read_json
 from rm_lib.model.modeling import load_tokenizer
 
 from conftest import ALPACA, HH, need
-from helpers import run_steps, tiny_params
+from helpers import run_steps, tiny_params, write_jsonl
 
 PAIR = {"id": "x:1", "prompt": [{"role": "user", "content": "how are you"}],
         "chosen": [{"role": "assistant", "content": "fine thanks"}],
@@ -194,3 +195,17 @@ def test_real_alpaca_through_filter(tmp_path):
     res = _through_filter(tmp_path, need(ALPACA), "download.max_rows=5000")
     dropped = sum(sum(v.values()) for v in res["filter"].dropped.values())
     assert dropped > 0 and sum(res["filter"].kept.values()) + dropped == 5000
+
+
+def test_test_pairs_with_the_ids_of_a_train_pair_are_counted(tmp_path):
+    """The default tokenizer drops accents, which download's comparison of texts keeps: the ids tell."""
+    rows = [{"prompt": f"Where is café {i}?", "chosen": f"At corner {i}.", "rejected": "No idea."} for i in range(6)]
+    write_jsonl(tmp_path / "src/train.jsonl", rows)
+    write_jsonl(tmp_path / "src/test.jsonl", [{"prompt": "Where is cafe 0?", "chosen": "At corner 0.",
+                                               "rejected": "No idea."},
+                                              {"prompt": "Where is cafe 1?", "chosen": "No idea.",
+                                               "rejected": "At corner 1."}, {**rows[0], "prompt": "Elsewhere?"}])
+    res = run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download", "tokenize", "filter")
+    assert res["download"].test_in_train == 0
+    assert read_json(tmp_path / "data/filtered/manifest.json")["test_pairs_in_train"] == 2
+    assert "warning: 2 of the 3 test pairs have the token ids of a train pair" in res["filter"].summary()

@@ -1,6 +1,8 @@
 """filter: token ids -> length-filtered ids, every dropped pair counted by reason and written out."""
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ class FilterResult:
     inputs: dict[str, str]
     plot: Path = field(default=None)
     settings: dict = field(default_factory=dict)  # the filter settings these pairs were kept by
+    test_in_train: int = 0  # kept test pairs whose ids are a kept train pair's, in either order
 
     def manifest(self) -> dict:
         """manifest.json: what train and evaluate read of the filtered ids."""
@@ -35,7 +38,7 @@ class FilterResult:
                 "max_prompt_token_length": self.max_prompt_token_length, "kept": self.kept,
                 "dropped_by_reason": self.dropped, "truncated": self.truncated, "content_hash": self.content_hash,
                 "special_prefix": self.special_prefix, "pad_token_id": self.pad_token_id, "inputs": self.inputs,
-                "settings": self.settings}
+                "settings": self.settings, "test_pairs_in_train": self.test_in_train}
 
     def summary(self) -> str:
         parts = []
@@ -43,7 +46,29 @@ class FilterResult:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped[split].items())) or "none"
             parts.append(f"{split} kept {self.kept[split]}, dropped {sum(self.dropped[split].values())} ({reasons}), "
                          f"truncated {self.truncated[split]}")
-        return f"filter ({self.policy}): " + "; ".join(parts) + f" -> {self.output_dir}"
+        return (f"filter ({self.policy}): " + "; ".join(parts) + f" -> {self.output_dir}"
+                + (f"\nwarning: {self.test_in_train} of the {self.kept['test']} test pairs have the token ids of a "
+                   "train pair (in either order): the texts differ only where the tokenizer does not look (case, "
+                   "say), or in what the length limit cut, and the held-out accuracy overstates the model"
+                   if self.test_in_train else ""))
+
+
+def _ids_digest(first: list[int], second: list[int]) -> bytes:
+    """A pair's ids in 16 bytes: a set of them for every train pair stays small."""
+    ids = array("q", [len(first), *first, *second])
+    return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
+
+
+def _digests(rows: list[dict]) -> list[tuple[bytes, bytes]]:
+    return [(_ids_digest(r["input_ids_chosen"], r["input_ids_rejected"]),
+             _ids_digest(r["input_ids_rejected"], r["input_ids_chosen"])) for r in rows]
+
+
+def _test_in_train(digests: dict[str, list[tuple[bytes, bytes]]]) -> int:
+    """Test pairs the model trains on as far as it can tell: what download compares as text, the
+    tokenizer may still merge."""
+    train = {same for same, _ in digests["train"]}
+    return sum(same in train or exchanged in train for same, exchanged in digests["test"])
 
 
 def run(params: Params, layout: Layout) -> FilterResult:
@@ -53,6 +78,7 @@ def run(params: Params, layout: Layout) -> FilterResult:
     check_within_positions(cfg.max_token_length, meta.get("max_length"), meta["model"])
     keep_front = len(meta["special_prefix"])
     kept, dropped, truncated, lengths = {}, {}, {}, {"prompt": [], "chosen": [], "rejected": []}
+    digests = {}
     with atomic_dir(layout.filtered) as out:
         all_dropped = []
         for split in SPLITS:
@@ -68,6 +94,7 @@ def run(params: Params, layout: Layout) -> FilterResult:
                                 f"{_advice(outcome.dropped_by_reason, cfg.policy)}",
                                 file=str(layout.tokenized / f"{split}.parquet"))
             write_rows(out / f"{split}.parquet", outcome.kept)
+            digests[split] = _digests(outcome.kept)
             all_dropped += [dict(d, split=split) for d in outcome.dropped]
             kept[split], dropped[split] = len(outcome.kept), outcome.dropped_by_reason
             truncated[split] = outcome.truncated
@@ -80,7 +107,8 @@ def run(params: Params, layout: Layout) -> FilterResult:
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.filtered,
             max_token_length=cfg.max_token_length, max_prompt_token_length=cfg.max_prompt_token_length,
             special_prefix=meta["special_prefix"], pad_token_id=meta["pad_token_id"],
-            inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png", settings=asdict(cfg))
+            inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png", settings=asdict(cfg),
+            test_in_train=_test_in_train(digests))
         write_json(out / "manifest.json", result.manifest())
     return result
 
