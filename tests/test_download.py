@@ -424,3 +424,9 @@ def test_pretokenized_pairs_are_split_by_the_tokens_both_sides_begin_with(tmp_pa
     overlap = quality.no_prompt_overlap(Layout(tmp_path / "o"))
     assert not overlap.passed and overlap.description.startswith("not checked") and overlap.warn_only
 
+
+def test_a_split_off_the_fraction_for_too_few_pairs_says_so(tmp_path):
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"}
+                                               for i in range(3)])
+    result = run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")["download"]
+    assert result.warning.endswith("too few pairs (with 3, the nearest share is 0.33)"), result.warning

@@ -140,9 +140,13 @@ def _split_warning(seeded: dict[str, list[dict]], cfg: DownloadSettings, largest
     share = len(seeded["test"]) / total if total else cfg.test_fraction
     if abs(share - cfg.test_fraction) <= cfg.split_tolerance + 1e-12:
         return None
+    # the nearest share were every pair a prompt of its own, each split keeping one
+    nearest = min(max(round(total * cfg.test_fraction), 1), total - 1) / total
+    cause = (f"too few pairs (with {total}, the nearest share is {nearest:.2f})"
+             if abs(nearest - cfg.test_fraction) > cfg.split_tolerance + 1e-12 else
+             f"prompts repeat (the largest prompt holds {largest} pairs) and a prompt is never in both splits")
     return (f"test share {share:.2f} of {total} pairs is off test_fraction {cfg.test_fraction} by more than "
-            f"download.split_tolerance {cfg.split_tolerance}: prompts repeat (the largest prompt holds {largest} "
-            "pairs) and a prompt is never in both splits")
+            f"download.split_tolerance {cfg.split_tolerance}: {cause}")
 
 
 def _inputs(cfg: DownloadSettings, kind: str) -> tuple[list[tuple[str, object, str | None]], str | None]:
