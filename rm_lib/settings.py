@@ -262,6 +262,7 @@ class PushSettings:
     dry_run: bool = False
     commit_message: str = "Upload reward model"
     min_accuracy: float = 0.6  # release gate: the least held-out accuracy a released model has
+    min_test_pairs: int = 50  # release gate: the fewest held-out pairs an accuracy that vouches for a release is of
     compare_with_release: bool = True  # release gate: never below the last released model (quality.release_bar)
     min_subset_accuracy: float | None = None  # release gate: the least accuracy on every subset of the test set
     max_length_correlation: float | None = None  # release gate: the most |Pearson r| of reward and length
@@ -270,6 +271,8 @@ class PushSettings:
     def validate(self) -> None:
         if not 0.0 <= self.min_accuracy <= 1.0:
             _fail("push", "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}")
+        if self.min_test_pairs < 1:
+            _fail("push", "min_test_pairs", f"must be at least 1, got {self.min_test_pairs}")
         if self.min_subset_accuracy is not None and not 0.0 <= self.min_subset_accuracy <= 1.0:
             _fail("push", "min_subset_accuracy", f"must lie in [0, 1] or be null, got {self.min_subset_accuracy}")
         if self.max_length_correlation is not None and not 0.0 <= self.max_length_correlation <= 1.0:

@@ -605,7 +605,8 @@ def test_push_errors_say_what_to_do_and_keep_the_model(case, project, server, mo
 def test_push_errors_through_the_cli_exit_2_without_traceback(case, project, server, monkeypatch):
     repo_id = error_case(case, monkeypatch)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set", f"push.repo_id={repo_id}",
-                          "--set", "push.min_accuracy=0", "push"],  # the tiny model is below the release gate
+                          "--set", "push.min_accuracy=0", "--set", "push.min_test_pairs=1", "push"],
+                         # the tiny model is below the release gate
                          cwd=project, env=dict(os.environ), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and out.stderr.splitlines()[-1].startswith("error: ")
@@ -650,7 +651,8 @@ def test_a_stalled_hub_ends_the_push_with_a_retryable_error(project, monkeypatch
     with SilentServer() as silent:
         monkeypatch.setenv("HF_ENDPOINT", silent.url)
         out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set", f"push.repo_id={REPO}",
-                              "--set", "push.min_accuracy=0", "push"], cwd=project, env=dict(os.environ),
+                              "--set", "push.min_accuracy=0", "--set", "push.min_test_pairs=1", "push"],
+                             cwd=project, env=dict(os.environ),
                              capture_output=True, text=True, timeout=90)
     assert out.returncode == 2, out.stdout + out.stderr
     last = out.stderr.splitlines()[-1]

@@ -47,7 +47,7 @@ def project(root, overrides=(), params_file=PARAMS) -> ProjectResource:
 
 
 def resources(root, min_accuracy=0.0, trainer=None, overrides=(), **project_kw) -> dict:
-    gate = [f"push.min_accuracy={min_accuracy}", "push.compare_with_release=false"]
+    gate = [f"push.min_accuracy={min_accuracy}", "push.min_test_pairs=1", "push.compare_with_release=false"]
     return {"project": project(root, overrides=[*gate, *overrides], **project_kw), "hub": HubResource(),
             "wandb": WandbResource(project="rm-tests"),  # W&B off: WANDB_MODE=disabled
             "dvc": DvcResource(), "trainer": TrainLauncherResource(**(trainer or {}))}
@@ -507,7 +507,7 @@ def test_loss_is_finite_check(tmp_path):
 
 def report(accuracy, longer=0.5, shorter=0.3, data_hash="h1") -> dict:
     return {"accuracy": accuracy, "longer_wins_baseline": longer, "shorter_wins_baseline": shorter,
-            "data_hash": data_hash}
+            "data_hash": data_hash, "pairs": 100}
 
 
 def test_beats_length_baseline_check(tmp_path):

@@ -168,7 +168,8 @@ def test_verdicts_of_the_data_rules(tmp_path):
 
 def test_the_length_baseline_and_the_accuracy_gate(tmp_path):
     layout = Layout(tmp_path)
-    report = {"accuracy": 0.7, "longer_wins_baseline": 0.75, "shorter_wins_baseline": 0.2, "data_hash": "h"}
+    report = {"accuracy": 0.7, "longer_wins_baseline": 0.75, "shorter_wins_baseline": 0.2, "data_hash": "h",
+              "pairs": 100}
     write_json(layout.evaluation / "report.json", report)
     assert quality.length_baseline(report) == 0.75
     assert not quality.beats_length_baseline(layout).passed
@@ -178,12 +179,24 @@ def test_the_length_baseline_and_the_accuracy_gate(tmp_path):
     assert quality.accuracy_gate(layout, 0.6, compare_with_release=False).passed
 
 
+def test_an_accuracy_of_a_handful_of_test_pairs_releases_nothing(tmp_path):
+    """A smoke run (1 test pair, accuracy 1.0) passed push.min_accuracy 0.6 and was released."""
+    from rm_lib.settings import PushSettings
+
+    layout = Layout(tmp_path)
+    write_json(layout.evaluation / "report.json", {"accuracy": 1.0, "pairs": 1, "data_hash": "h"})
+    verdict = quality.evaluation_gate(layout, PushSettings())[0]  # push.min_test_pairs: 50 by default
+    assert not verdict.passed and "1 held-out pair, fewer than push.min_test_pairs (50)" in verdict.description
+    assert "95% interval 0.21 to 1.00" in verdict.description
+    assert quality.evaluation_gate(layout, PushSettings(min_test_pairs=1))[0].passed
+
+
 def test_the_gate_bounds_each_subset_and_the_length_correlation(tmp_path):
     from rm_lib.settings import PushSettings
 
     layout = Layout(tmp_path)
     write_json(layout.evaluation / "report.json", {
-        "accuracy": 0.8, "longer_wins_baseline": 0.5, "shorter_wins_baseline": 0.4, "data_hash": "h",
+        "accuracy": 0.8, "longer_wins_baseline": 0.5, "shorter_wins_baseline": 0.4, "data_hash": "h", "pairs": 100,
         "reward_length_correlation": -0.45,
         "per_subset": {"helpful": {"pairs": 50, "accuracy": 0.9}, "harmless": {"pairs": 50, "accuracy": 0.55}}})
     unset = quality.evaluation_gate(layout, PushSettings(min_accuracy=0.6))

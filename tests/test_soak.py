@@ -47,7 +47,8 @@ def test_ten_scheduled_retraining_runs_stay_bounded(tmp_path, tiny_decoder, offl
         schedules=[sensors.weekly_retraining],
         resources={"project": ProjectResource(root=str(root), params_file=str(PARAMS),
                                               overrides=[f"model.name_or_path={tiny_decoder}", *TINY,
-                                                         "push.min_accuracy=0", "push.compare_with_release=false"]),
+                                                         "push.min_accuracy=0", "push.min_test_pairs=1",
+                                                         "push.compare_with_release=false"]),
                    "hub": HubResource(), "wandb": WandbResource(),
                    "dvc": DvcResource(), "trainer": TrainLauncherResource()})
     schedule = defs.resolve_schedule_def("weekly_retraining")

@@ -2,7 +2,7 @@
 
 The release gate (`release_verdicts`) is what `push` enforces on every front-end (CLI, `dvc repro`,
 Dagster); the Dagster asset checks only show these verdicts. Thresholds come from params.yaml
-(`push.min_accuracy`, `push.compare_with_release`, `push.min_subset_accuracy`,
+(`push.min_accuracy`, `push.min_test_pairs`, `push.compare_with_release`, `push.min_subset_accuracy`,
 `push.max_length_correlation`, `download.max_reject_ratio`).
 """
 from __future__ import annotations
@@ -188,6 +188,17 @@ def beats_length_baseline(layout: Layout) -> Verdict:
 
 
 JUDGED_AGAINST = "judged_against"  # in data/release/evaluation.json: the bar that release's gate compared it with
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def wilson_interval(accuracy: float, pairs: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on `pairs` pairs (95% by default)."""
+    if not isinstance(pairs, int) or pairs <= 0:
+        return 0.0, 1.0
+    denominator = 1 + z * z / pairs
+    centre = (accuracy + z * z / (2 * pairs)) / denominator
+    half = z * math.sqrt(accuracy * (1 - accuracy) / pairs + z * z / (4 * pairs * pairs)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _bar(release: dict) -> dict:
@@ -210,19 +221,27 @@ def release_bar(layout: Layout, model: str | None = None) -> dict | None:
     return _bar(release)
 
 
-def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True) -> Verdict:
-    """Accuracy >= min_accuracy and not below the last released model's (release_bar)."""
+def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True,
+                  min_test_pairs: int = 1) -> Verdict:
+    """Accuracy >= min_accuracy, measured on at least min_test_pairs held-out pairs, and not below the
+    last released model's (release_bar)."""
     name = "release_gate"
     path = layout.evaluation / "report.json"
     if not path.exists():
         return _missing(name, path)
     report = read_json(path)
-    accuracy = report["accuracy"]
+    accuracy, pairs = report["accuracy"], report.get("pairs")
     reasons = []
     if not _finite(accuracy) or accuracy < min_accuracy:
         reasons.append(f"accuracy {accuracy:.4f} is below the minimum {min_accuracy:.4f} (push.min_accuracy)")
+    if not isinstance(pairs, int) or pairs < min_test_pairs:
+        low, high = wilson_interval(accuracy, pairs) if isinstance(pairs, int) and _finite(accuracy) else (0, 1)
+        reasons.append(f"accuracy measured on {pairs} held-out pair{'' if pairs == 1 else 's'}, fewer than "
+                       f"push.min_test_pairs ({min_test_pairs}): on so few it says little (95% interval {low:.2f} "
+                       f"to {high:.2f})")
     metadata: dict[str, Any] = {"accuracy": accuracy, "min_accuracy": min_accuracy,
-                                "previous_release_accuracy": "none"}
+                                "test_pairs": "unknown" if pairs is None else pairs,
+                                "min_test_pairs": min_test_pairs, "previous_release_accuracy": "none"}
     bar = release_bar(layout, report.get("inputs", {}).get("model")) if compare_with_release else None
     previous_accuracy = None
     if bar is not None:
@@ -294,8 +313,8 @@ def length_correlation_gate(layout: Layout, max_abs: float | None) -> Verdict:
 
 def evaluation_gate(layout: Layout, gate: Any) -> list[Verdict]:
     """The gate's rules on the evaluation report. `gate`: the push settings (min_accuracy,
-    compare_with_release, min_subset_accuracy, max_length_correlation)."""
-    return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release),
+    compare_with_release, min_test_pairs, min_subset_accuracy, max_length_correlation)."""
+    return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release, gate.min_test_pairs),
             subset_gate(layout, gate.min_subset_accuracy),
             length_correlation_gate(layout, gate.max_length_correlation)]
 
