@@ -1,6 +1,6 @@
 """Asset checks: thin adapters that show rm_lib.evaluation.quality's verdicts in the UI. The rules and their
-thresholds (params.yaml: push.min_accuracy, push.compare_with_release, push.min_subset_accuracy,
-push.max_length_correlation, download.max_reject_ratio)
+thresholds (params.yaml: push.min_accuracy, push.min_test_pairs, push.compare_with_release,
+push.min_subset_accuracy, push.max_length_correlation, download.max_reject_ratio)
 live in rm_lib, so the CLI and `dvc repro` enforce the same release gate in the push step.
 
 Blocking checks (a failure stops everything downstream in the same run):
@@ -91,11 +91,12 @@ def push_overrides(run_config: dict) -> list[str]:
 
 
 @dg.asset_check(asset=assets.evaluation, name="release_gate", automation_condition=ON_UPDATE, blocking=True,
-                description="The release gate of the push step: accuracy >= push.min_accuracy and not below the "
-                            "last released model, every subset >= push.min_subset_accuracy, |reward-length "
-                            "correlation| <= push.max_length_correlation, with the push settings hub_release has "
-                            "in the same run (else params.yaml's). Blocking here; the push step itself refuses "
-                            "such a model too.")
+                description="The release gate of the push step: accuracy >= push.min_accuracy on at least "
+                            "push.min_test_pairs held-out pairs and not below the last released model of the same "
+                            "source (the description says on which test pairs each was measured), every subset "
+                            ">= push.min_subset_accuracy, |reward-length correlation| <= "
+                            "push.max_length_correlation, with the push settings hub_release has in the same run "
+                            "(else params.yaml's). Blocking here; the push step itself refuses such a model too.")
 def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
                             project: ProjectResource) -> dg.AssetCheckResult:
     params = project.load_params(push_overrides(context.run.run_config))

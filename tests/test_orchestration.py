@@ -545,6 +545,13 @@ def test_release_gate_check(tmp_path):
     assert gate(compare_with_release="false").passed
     write_json(tmp_path / "data/release/evaluation.json", report(0.65))
     assert gate().passed
+    # on other test pairs of the same source the check says so, also when it passes
+    held_out = {"source": "demo", "subset": None, "pairs": 100}
+    write_json(tmp_path / "data/evaluation/report.json", {**report(0.7), "test_data": {**held_out, "hash": "a"}})
+    write_json(tmp_path / "data/release/evaluation.json", {**report(0.65), "test_data": {**held_out, "hash": "b"}})
+    result = gate()
+    assert result.passed and "measured on other test pairs (100 pairs here, 100 there)" in result.description
+    assert result.metadata["same_test_data_as_previous"].value is False
 
 
 def test_release_gate_holds_the_push_settings_entered_for_hub_release(tmp_path):

@@ -117,6 +117,28 @@ def test_a_model_is_never_judged_against_itself_nor_against_a_forced_release(pro
     assert uploads == ["me/rm", "me/rm"]
 
 
+def test_the_report_names_its_test_pairs_and_push_says_what_it_was_compared_with(project, tiny_decoder):
+    """The CLI line and the model card carry the verdict, passing ones too: here, that the last release
+    was of another source and was not compared."""
+    from rm_lib.data.tokenstore import read_rows
+
+    layout = Layout(project)
+    report = json.loads((layout.evaluation / "report.json").read_text())
+    assert report["test_data"] == {"source": "demo", "subset": None, "pairs": report["pairs"],
+                                   "hash": quality.test_pairs_hash(read_rows(layout.filtered / "test.parquet"))}
+    params = tiny_params("push.compare_with_release=true", model=str(tiny_decoder))
+    first = run_steps(params, project, "push")["push"].summary()
+    assert f"release gate passed: accuracy {report['accuracy']:.4f} on {report['pairs']} test pairs" in first
+    released = json.loads((layout.release / "evaluation.json").read_text())
+    write_json(layout.release / "evaluation.json", {
+        **released, "accuracy": 1.0, "inputs": {"model": "a model of other data"},
+        "test_data": {**released["test_data"], "source": "hh-rlhf-harmless.jsonl.gz", "hash": "other"}})
+    said = "it was measured on another source (hh-rlhf-harmless.jsonl.gz; this model: demo)"
+    second = run_steps(params, project, "push")["push"].summary()
+    assert "not compared with the last released model (1.0000" in second and said in second
+    assert said in (layout.release / "README.md").read_text()
+
+
 def test_a_diverged_model_is_refused_whatever_its_accuracy(project, tiny_decoder):
     summary = Layout(project).train_logs / "run.json"
     summary.write_text(summary.read_text().replace('"final_loss": ', '"final_loss": NaN, "was": '))
@@ -227,3 +249,85 @@ def test_push_refuses_a_model_over_the_length_bound_on_every_front_end_it_shares
     run_steps(loose, tmp_path, "push")
     card = (Layout(tmp_path).release / "README.md").read_text()
     assert "length_correlation_gate" in card and "reward-length correlation" in card
+
+
+# ---------------------------------------------------------------- what the last release is compared with
+
+def held_out(source="data/sources/prefs.jsonl", pairs=80, digest="t1", subset=None) -> dict:
+    return {"source": source, "subset": subset, "pairs": pairs, "hash": digest}
+
+
+def judged(tmp_path, accuracy, mine, theirs, release_accuracy, min_test_pairs=50, data_hash=("d1", "d2"),
+           **release) -> quality.Verdict:
+    """The accuracy gate on a report of `accuracy` measured on `mine` (test_data), the last release
+    having `release_accuracy` on `theirs` (None: a release by a version that did not record it)."""
+    layout = Layout(tmp_path)
+    write_json(layout.evaluation / "report.json", {"accuracy": accuracy, "pairs": mine["pairs"], "test_data": mine,
+                                                   "data_hash": data_hash[0], "inputs": {"model": "new"}})
+    write_json(layout.release / "evaluation.json", {
+        "accuracy": release_accuracy, "data_hash": data_hash[1], "inputs": {"model": "released"},
+        "pairs": (theirs or mine)["pairs"], **({"test_data": theirs} if theirs else {}), **release})
+    return quality.accuracy_gate(layout, 0.6, min_test_pairs=min_test_pairs)
+
+
+def test_a_release_of_another_source_is_not_compared_and_the_verdict_says_so(tmp_path):
+    """The demo's 0.85 was the bar of a model trained on other data, whose accuracy is of other pairs."""
+    verdict = judged(tmp_path, 0.7, held_out("hh-rlhf-harmless.jsonl.gz"), held_out("demo", 392, "t0"), 0.85)
+    assert verdict.passed, verdict.description
+    assert "not compared with the last released model (0.8500 on 392 pairs)" in verdict.description
+    assert "another source (demo; this model: hh-rlhf-harmless.jsonl.gz)" in verdict.description
+    assert verdict.metadata["compared_with_previous"] is False
+    # another subset of one Hub dataset is another source as well
+    verdict = judged(tmp_path, 0.7, held_out("Anthropic/hh-rlhf", subset="harmless-base"),
+                     held_out("Anthropic/hh-rlhf", subset="helpful-base"), 0.85)
+    assert verdict.passed and "another source" in verdict.description and "subset helpful-base" in verdict.description
+
+
+def test_a_release_measured_on_a_handful_of_pairs_is_a_bar_within_its_sampling_noise(tmp_path):
+    """1 test pair at accuracy 1.0 (a release from before push.min_test_pairs, or with it set low) was
+    the bar every real model fell below."""
+    verdict = judged(tmp_path, 0.6, held_out(pairs=80), held_out(pairs=1, digest="t0"), 1.0)
+    assert verdict.passed, verdict.description
+    assert "below the last released model's 1.0000, measured on other test pairs (80 pairs here, 1 there), by no " \
+           "more than the sampling noise" in verdict.description
+    # a drop beyond the noise of both samples is refused
+    verdict = judged(tmp_path, 0.6, held_out(pairs=80), held_out(pairs=400, digest="t0"), 0.8)
+    assert not verdict.passed and "by more than the sampling noise of the two" in verdict.description
+    assert 0 < verdict.metadata["noise_margin"] < 0.2
+
+
+def test_a_passing_verdict_says_the_test_pairs_differ(tmp_path):
+    """A filter that set aside half the held-out pairs (31 of 63) made a like-for-like win of it."""
+    verdict = judged(tmp_path, 0.7, held_out(pairs=31), held_out(pairs=63, digest="t0"), 0.65, min_test_pairs=1)
+    assert verdict.passed and "measured on other test pairs (31 pairs here, 63 there): not like for like" in \
+        verdict.description
+    assert verdict.metadata["same_test_data_as_previous"] is False
+    assert "on the same 63 test pairs" in judged(tmp_path, 0.7, held_out(pairs=63, digest="t0"),
+                                                 held_out(pairs=63, digest="t0"), 0.65).description
+
+
+def test_the_test_pairs_are_told_apart_by_their_own_identity(tmp_path):
+    """filtered/manifest.json's content_hash covers train.parquet too: a change of the training pairs
+    alone said "(measured on other test data)" of the same test pairs."""
+    rows = [{"input_ids_chosen": [1, 2, 3], "input_ids_rejected": [1, 2]},
+            {"input_ids_chosen": [4], "input_ids_rejected": [5]}]
+    assert quality.test_pairs_hash(rows) == quality.test_pairs_hash(rows[::-1])  # the order scores nothing
+    swapped = [{"input_ids_chosen": [1, 2], "input_ids_rejected": [1, 2, 3]}, rows[1]]
+    assert len({quality.test_pairs_hash(r) for r in (rows, swapped, rows[:1])}) == 3
+    same_pairs = judged(tmp_path, 0.7, held_out(), held_out(), 0.72, data_hash=("d1", "d2"))
+    assert not same_pairs.passed and "below the last released model's 0.7200 on the same 80 test pairs" in \
+        same_pairs.description
+    assert "other test" not in same_pairs.description and same_pairs.metadata["same_test_data_as_previous"] is True
+
+
+def test_a_release_by_an_older_version_is_compared_as_then_and_the_verdict_says_so(tmp_path):
+    """Its evaluation.json (or the bar it recorded) names no test_data."""
+    verdict = judged(tmp_path, 0.7, held_out(), None, 0.72)
+    assert not verdict.passed and "whether on the same test pairs is unknown (80 pairs here, 80 there" in \
+        verdict.description
+    assert verdict.metadata["same_test_data_as_previous"] == "unknown"
+    assert judged(tmp_path, 0.7, held_out(), None, 0.72, data_hash=("d1", "d1")).metadata[
+        "same_test_data_as_previous"] is True  # the same train and test files: the same pairs
+    old_bar = {"accuracy": 0.65, "data_hash": "d0", "model": "older"}  # what an older version recorded
+    verdict = judged(tmp_path, 0.7, held_out(), held_out(), 0.9, forced=True, judged_against=old_bar)
+    assert verdict.passed and "an unknown number there" in verdict.description

@@ -7,7 +7,9 @@ Dagster); the Dagster asset checks only show these verdicts. Thresholds come fro
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -188,7 +190,29 @@ def beats_length_baseline(layout: Layout) -> Verdict:
 
 
 JUDGED_AGAINST = "judged_against"  # in data/release/evaluation.json: the bar that release's gate compared it with
+TEST_DATA = "test_data"  # in report.json: which held-out pairs the accuracy was measured on (test_data_record)
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def test_pairs_hash(rows: list[dict]) -> str:
+    """One hash of the held-out pairs as scored (chosen and rejected token ids), whatever their order:
+    the identity of a test set. filtered/manifest.json's content_hash also covers train.parquet, so a
+    change of the training pairs alone would read as other test data."""
+    digests = []
+    for row in rows:
+        digest = hashlib.sha256()
+        for side in ("chosen", "rejected"):
+            ids = row[f"input_ids_{side}"]
+            digest.update(len(ids).to_bytes(8, "little") + array("q", ids).tobytes())
+        digests.append(digest.digest())
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
+
+
+def test_data_record(source: str, subset: str | None, rows: list[dict]) -> dict:
+    """report.json's `test_data`: the source (download.source, a local one by its name, and
+    download.subset), the number of pairs and their hash (test_pairs_hash). The gate compares a
+    model with the last release only on the same source, and like for like only on the same pairs."""
+    return {"source": source, "subset": subset, "pairs": len(rows), "hash": test_pairs_hash(rows)}
 
 
 def wilson_interval(accuracy: float, pairs: int, z: float = Z95) -> tuple[float, float]:
@@ -201,16 +225,27 @@ def wilson_interval(accuracy: float, pairs: int, z: float = Z95) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def noise_margin(accuracy: float, pairs: int, previous: float, previous_pairs: int) -> float:
+    """How far `accuracy` may lie below `previous`, both measured on their own sample of pairs, before the
+    drop is more than sampling noise: Newcombe's interval for a difference of two proportions, from the
+    Wilson intervals of both (the drop is real, at 95%, when it exceeds this)."""
+    upper = wilson_interval(accuracy, pairs)[1]
+    lower = wilson_interval(previous, previous_pairs)[0]
+    return math.sqrt((upper - accuracy) ** 2 + (previous - lower) ** 2)
+
+
 def _bar(release: dict) -> dict:
     return {"accuracy": release.get("accuracy"), "data_hash": release.get("data_hash"),
-            "model": release.get("inputs", {}).get("model")}
+            "model": release.get("inputs", {}).get("model"), "pairs": release.get("pairs"),
+            TEST_DATA: release.get(TEST_DATA)}
 
 
 def release_bar(layout: Layout, model: str | None = None) -> dict | None:
     """What a release of `model` (its content hash) must not fall below: the release data/release holds
-    ({"accuracy", "data_hash", "model"}), or None. Not a forced one, whose gate failed: the bar it was
-    judged against stays. Not `model` itself: a push of the model data/release holds (after a dry run,
-    or with push.force off again) is judged against what that release was judged against."""
+    ({"accuracy", "data_hash", "model", "pairs", "test_data"}; a release by an older version lacks the
+    last two, or has them None), or None. Not a forced one, whose gate failed: the bar it was judged
+    against stays. Not `model` itself: a push of the model data/release holds (after a dry run, or with
+    push.force off again) is judged against what that release was judged against."""
     path = layout.release / "evaluation.json"
     if not path.exists():
         return None
@@ -221,10 +256,66 @@ def release_bar(layout: Layout, model: str | None = None) -> dict | None:
     return _bar(release)
 
 
+def _source_name(test_data: dict) -> str:
+    subset = test_data.get("subset")
+    return f"{test_data.get('source')}" + (f" (subset {subset})" if subset is not None else "")
+
+
+def _compared(report: dict, bar: dict) -> tuple[str | None, str, dict[str, Any]]:
+    """The new model against the last release's bar: (why it is refused, or None; what the verdict says
+    of the comparison; metadata). Across sources nothing is compared; on the same pairs strictly; on
+    other pairs of the same source, a drop counts only beyond the sampling noise of both (noise_margin).
+    A bar or a report from before test_data was recorded is compared strictly, as then."""
+    accuracy, pairs, previous = report["accuracy"], report.get("pairs"), bar.get("accuracy")
+    mine, theirs = report.get(TEST_DATA), bar.get(TEST_DATA)
+    previous_pairs = (theirs or {}).get("pairs", bar.get("pairs"))
+    metadata: dict[str, Any] = {"previous_release_accuracy": previous if previous is not None else "none",
+                                "previous_release_pairs": "unknown" if previous_pairs is None else previous_pairs}
+    if not _finite(previous):
+        return None, "", metadata
+    counts = f"{pairs} pairs here, {'an unknown number' if previous_pairs is None else previous_pairs} there"
+    if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+        same = bar.get("data_hash") is not None and bar.get("data_hash") == report.get("data_hash")
+        metadata.update({"same_source_as_previous": "unknown", "compared_with_previous": True,
+                         "same_test_data_as_previous": True if same else "unknown"})
+        where = (f"on the same {pairs} test pairs" if same else
+                 f"whether on the same test pairs is unknown ({counts}; the last release or this report was made "
+                 "by an older version, which did not record them)")
+        if accuracy < previous:
+            return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f}, {where}; set "
+                    "push.compare_with_release=false to release anyway"), "", metadata
+        return None, f" and >= the last released model's {previous:.4f}, {where}", metadata
+    if (mine.get("source"), mine.get("subset")) != (theirs.get("source"), theirs.get("subset")):
+        metadata.update({"same_source_as_previous": False, "compared_with_previous": False,
+                         "same_test_data_as_previous": False})
+        said = (f"; not compared with the last released model ({previous:.4f} on {previous_pairs} pairs): it was "
+                f"measured on another source ({_source_name(theirs)}; this model: {_source_name(mine)})")
+        return None, said, metadata
+    same = mine.get("hash") == theirs.get("hash")
+    metadata.update({"same_source_as_previous": True, "compared_with_previous": True,
+                     "same_test_data_as_previous": same})
+    if same:
+        if accuracy < previous:
+            return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f} on the same "
+                    f"{pairs} test pairs; set push.compare_with_release=false to release anyway"), "", metadata
+        return None, f" and >= the last released model's {previous:.4f} on the same {pairs} test pairs", metadata
+    margin = noise_margin(accuracy, pairs, previous, previous_pairs)
+    metadata["noise_margin"] = margin
+    other = f"measured on other test pairs ({counts})"
+    if accuracy < previous - margin:
+        return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f}, {other}, by more "
+                f"than the sampling noise of the two ({margin:.4f} at 95%); set push.compare_with_release=false "
+                "to release anyway"), "", metadata
+    if accuracy >= previous:
+        return None, f" and >= the last released model's {previous:.4f}, {other}: not like for like", metadata
+    return None, (f"; below the last released model's {previous:.4f}, {other}, by no more than the sampling noise "
+                  f"of the two ({margin:.4f} at 95%)"), metadata
+
+
 def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True,
                   min_test_pairs: int = 1) -> Verdict:
     """Accuracy >= min_accuracy, measured on at least min_test_pairs held-out pairs, and not below the
-    last released model's (release_bar)."""
+    last released model's (release_bar; see _compared)."""
     name = "release_gate"
     path = layout.evaluation / "report.json"
     if not path.exists():
@@ -243,20 +334,16 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
                                 "test_pairs": "unknown" if pairs is None else pairs,
                                 "min_test_pairs": min_test_pairs, "previous_release_accuracy": "none"}
     bar = release_bar(layout, report.get("inputs", {}).get("model")) if compare_with_release else None
-    previous_accuracy = None
+    said = ""
     if bar is not None:
-        previous_accuracy = bar.get("accuracy")
-        same_data = bar.get("data_hash") == report.get("data_hash")
-        metadata.update({"previous_release_accuracy": previous_accuracy, "same_test_data_as_previous": same_data})
-        if _finite(previous_accuracy) and accuracy < previous_accuracy:
-            reasons.append(f"accuracy {accuracy:.4f} is below the last released model's {previous_accuracy:.4f}"
-                           + ("" if same_data else " (measured on other test data)")
-                           + "; set push.compare_with_release=false to release anyway")
+        refused, said, compared = _compared(report, bar)
+        metadata.update(compared)
+        if refused:
+            reasons.append(refused)
     if reasons:
         return Verdict(name, False, "release blocked: " + "; ".join(reasons), metadata)
-    description = f"release gate passed: accuracy {accuracy:.4f} >= minimum {min_accuracy:.4f}"
-    if _finite(previous_accuracy):
-        description += f" and >= the last released model's {previous_accuracy:.4f}"
+    description = (f"release gate passed: accuracy {accuracy:.4f} on {pairs} test pairs >= minimum "
+                   f"{min_accuracy:.4f}{said}")
     return Verdict(name, True, description, metadata)
 
 

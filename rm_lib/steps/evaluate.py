@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import UserError
-from rm_lib.evaluation import consistency, plots, suites
+from rm_lib.evaluation import consistency, plots, quality, suites
 from rm_lib.evaluation.metrics import pair_metrics, set_aside_by_filter, subset_accuracy
 from rm_lib.evaluation.visualize import visualize_samples
 from rm_lib.files import atomic_dir, read_json, write_json, write_jsonl
@@ -89,6 +89,16 @@ def held_out(filter_manifest: dict) -> dict:
             "filter_policy": filter_manifest.get("policy")}
 
 
+def source_identity(source: str, layout: Layout) -> str:
+    """The source as the release gate tells sources apart: a Hub id or `demo` as it is, a local file or
+    folder by its name. Its full path would differ in every clone of the project and with every way of
+    writing it (relative, absolute), and a release compared with nothing is worse than two files of one
+    name compared by their test pairs."""
+    kind = read_json(layout.pairs / "manifest.json").get("kind")
+    local = kind == "local" or (kind is None and source.startswith(("/", ".", "~")))
+    return Path(source).name if local else source
+
+
 def numeric_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json for `dvc metrics` / `dvc exp show`: numbers only, subsets flattened to accuracy_<name>."""
     flat = {k: v for k, v in metrics.items()
@@ -123,8 +133,11 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
                                                      sources=layout.sources)
         for name, entry in metrics["suites"].items():
             set_aside += [{"suite": name, **record} for record in entry.pop(suites.SET_ASIDE)]
-    source = chain.download_settings(layout)["source"]
+    download = chain.download_settings(layout)
+    source = download["source"]
     metrics["data_source"], metrics["demo_data"] = source, source == "demo"
+    metrics[quality.TEST_DATA] = quality.test_data_record(source_identity(source, layout), download.get("subset"),
+                                                          rows)
     tokenizer = load_tokenizer(str(layout.model))
     # The same texts scored every way the model is used (batch size 1, left padding, packed, pipeline).
     metrics["consistency"] = consistency.check(layout.model, rows, pad_token_id=tokenizer.pad_token_id,

@@ -1,11 +1,12 @@
 """push: the release gate, then the model folder + a generated model card -> data/release, then to
 the Hub if asked.
 
-The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push.min_accuracy, not below
-the last release, push.min_subset_accuracy per subset, push.max_length_correlation) holds here, so the
-CLI, `dvc repro` and Dagster refuse the same models; push.force releases anyway and the model card
-says so. Without push.repo_id (or with push.dry_run) it writes
-exactly what would be uploaded and says so; no request leaves the machine and no token is needed.
+The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push.min_accuracy on at
+least push.min_test_pairs held-out pairs, not below the last release of the same source,
+push.min_subset_accuracy per subset, push.max_length_correlation) holds here, so the CLI, `dvc repro`
+and Dagster refuse the same models; push.force releases anyway and the model card says so. Without
+push.repo_id (or with push.dry_run) it writes exactly what would be uploaded and says so; no request
+leaves the machine and no token is needed.
 Otherwise the release is uploaded as one revision of the repository (created private when
 push.private, the default) and tagged with the training run (`run-<fingerprint>`). The release is
 built in a temporary folder and becomes data/release only when the whole push succeeded: a refused
@@ -43,13 +44,16 @@ class PushResult:
     files: list[str]
     repo_id: str | None = None
     tag: str | None = None
+    gate: str | None = None  # the accuracy verdict: what the release was compared with, and on which pairs
 
     def summary(self) -> str:
         if self.uploaded:
-            return (f"push: uploaded {len(self.files)} files from {self.release_dir} to {self.url} "
+            line = (f"push: uploaded {len(self.files)} files from {self.release_dir} to {self.url} "
                     f"(revision {self.commit}, tag {self.tag})")
-        return (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
-                f"would be published are in {self.release_dir}")
+        else:
+            line = (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
+                    f"would be published are in {self.release_dir}")
+        return line + (f"\n  {self.gate}" if self.gate else "")
 
 
 def _copy_pictures(layout: Layout, out: Path) -> list[str]:
@@ -137,6 +141,7 @@ def run(params: Params, layout: Layout) -> PushResult:
             info = hub.upload(out, cfg.repo_id, private=cfg.private, commit_message=cfg.commit_message,
                               tag=run_tag(layout), kept=layout.model,
                               named=lambda full_id: write_card(params, layout, out, verdicts, full_id))
+    said = next((v.description for v in verdicts if v.name == "release_gate"), None)
     if info is None:
-        return PushResult(layout.release, False, None, None, files)
-    return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"])
+        return PushResult(layout.release, False, None, None, files, gate=said)
+    return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said)
