@@ -13,7 +13,7 @@ import os
 import unicodedata
 from typing import Any
 
-from rm_lib.model.prefix import shared_prefix
+from rm_lib.prefix import shared_prefix
 
 PROMPT, TOKENS, SIDES = "prompt:", "tokens:", "sides:"  # a key's kind: only the first two name a prompt
 

@@ -22,7 +22,7 @@ import torch
 from rm_lib.errors import DevicePathError
 from rm_lib.model.attention import FP32_SDPA
 from rm_lib.model.batching import pair_tokens, to_device
-from rm_lib.model.prefix import shared_prefix
+from rm_lib.prefix import shared_prefix
 from rm_lib.model.varlen import LAYOUT_KWARG, VARLEN, VarlenLayout, varlen_layout
 
 

@@ -1,4 +1,4 @@
-"""The tokens both sides of a pair begin with: shared-prompt packing computes them once per pair, and
+"""The tokens both sides of a pair begin with: shared-prompt packing (model) computes them once per pair, and
 download groups pretokenized pairs by them. Torch-free, so download does not load torch for it."""
 from __future__ import annotations
 
