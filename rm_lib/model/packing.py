@@ -22,8 +22,8 @@ import torch
 from rm_lib.errors import DevicePathError
 from rm_lib.model.attention import FP32_SDPA
 from rm_lib.model.batching import pair_tokens, to_device
-from rm_lib.prefix import shared_prefix
 from rm_lib.model.varlen import LAYOUT_KWARG, VARLEN, VarlenLayout, varlen_layout
+from rm_lib.prefix import shared_prefix
 
 
 @dataclass
