@@ -222,24 +222,47 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
 
 def test_a_resumed_run_continues_its_wandb_run_and_a_reused_one_opens_none(tmp_path, tiny_decoder, monkeypatch):
     """One W&B run per training run: a resume logs on into the run it started (not a new run that the
-    summary and model card would name instead), and a rerun of a finished run opens no empty run."""
+    summary and model card would name instead), and a rerun of a finished run opens no empty run. Online
+    (W&B resumes no offline run): wandb.init is stood in for, as the Hub cannot be reached here."""
     import shutil
+    import types
 
     import wandb
 
-    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_runs"))  # W&B's own setting is kept
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        run_id = kwargs.get("id") or f"run{len(calls)}"
+        return types.SimpleNamespace(id=run_id, url=f"https://wandb.test/{run_id}", log=lambda *a, **k: None,
+                                     finish=lambda: None)
+
+    monkeypatch.setattr(wandb, "init", init)
     params = tiny_params("train.max_steps=4", "train.save_steps=2", "train.wandb_project=rm-test",
-                         "train.wandb_mode=offline", model=str(tiny_decoder))
+                         "train.wandb_mode=online", model=str(tiny_decoder))
     run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
-    first = read_json(tmp_path / "data/train/summary.json")["wandb"]
+    assert read_json(tmp_path / "data/train/summary.json")["wandb"] == "https://wandb.test/run1"
     shutil.rmtree(tmp_path / "models/checkpoints/step-4")  # as if killed after step 3
     assert run_steps(params, tmp_path, "train")["train"].resumed_from == 2
-    assert read_json(tmp_path / "data/train/summary.json")["wandb"] == first
-    runs = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb_runs").glob("**/offline-run-*")}
-    assert runs == {first.rsplit(" ", 1)[-1]} and not (tmp_path / "wandb").exists()
+    assert (calls[1]["id"], calls[1]["resume"]) == ("run1", "allow")
+    assert read_json(tmp_path / "data/train/summary.json")["wandb"] == "https://wandb.test/run1"
 
-    with mock.patch.object(wandb, "init", side_effect=AssertionError("a reused run opened a W&B run")):
-        again = run_steps(params, tmp_path, "train")["train"]
-    assert again.reused and read_json(tmp_path / "data/train/summary.json")["wandb"] == first
+    again = run_steps(params, tmp_path, "train")["train"]
+    assert again.reused and len(calls) == 2  # no run opened
+    assert read_json(tmp_path / "data/train/summary.json")["wandb"] == "https://wandb.test/run1"
+
+
+def test_offline_wandb_runs_go_to_the_projects_wandb_folder(tmp_path, tiny_decoder, monkeypatch):
+    """Where `wandb sync wandb/offline-run-*` (README) finds them, or under WANDB_DIR as W&B reads it."""
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    params = tiny_params("train.max_steps=1", "train.wandb_project=rm-test", "train.wandb_mode=offline",
+                         model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    run_id = read_json(tmp_path / "data/train/summary.json")["wandb"].rsplit(" ", 1)[-1]
+    assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")] == [run_id]
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    run_steps(tiny_params("train.max_steps=2", "train.wandb_project=rm-test", "train.wandb_mode=offline",
+                          model=str(tiny_decoder)), tmp_path, "train")
+    assert len(list((tmp_path / "elsewhere/wandb").glob("offline-run-*"))) == 1

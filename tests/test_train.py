@@ -852,7 +852,7 @@ def test_wandb_run_files_outlive_a_queued_dvc_experiment(tmp_path, monkeypatch):
     from rm_lib.training.tracking import wandb_dir
 
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    assert wandb_dir(tmp_path) == tmp_path / "wandb"
-    assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path.resolve() / "wandb"
+    assert wandb_dir(tmp_path) == tmp_path  # W&B makes its wandb/ there
+    assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path.resolve()
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
     assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path / "elsewhere"

@@ -25,21 +25,22 @@ def wandb_mode(setting: str) -> str:
             raise SettingsError(f"the environment variable WANDB_MODE is '{mode}', which W&B does not take "
                                 f"(train.wandb_mode is auto, so it follows WANDB_MODE): set it to one of "
                                 f"{', '.join(WANDB_MODES[:3])}, or unset it")
-        return mode
+        return {"dryrun": "offline", "run": "online"}.get(mode, mode)
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def wandb_dir(root: Path) -> Path:
-    """Where W&B keeps its run files: WANDB_DIR when set, else the project's wandb/. A `dvc exp run
-    --queue` or `--temp` experiment runs in a copy of the project under .dvc/tmp/exps that DVC deletes
-    afterwards: its runs go to the project's own wandb/, where `wandb sync` finds them later."""
+    """The folder W&B keeps its `wandb/` of run files in: WANDB_DIR when set (as W&B reads it), else the
+    project's root. A `dvc exp run --queue` or `--temp` experiment runs in a copy of the project under
+    .dvc/tmp/exps that DVC deletes afterwards: its runs go to the project's own `wandb/`, where
+    `wandb sync wandb/offline-run-*` finds them later."""
     if os.environ.get("WANDB_DIR"):
         return Path(os.environ["WANDB_DIR"])
     parts = root.resolve().parts
     for i in range(len(parts) - 3):
         if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i]) / "wandb"
-    return root / "wandb"
+            return Path(*parts[:i])
+    return root
 
 
 class Tracker:
@@ -61,7 +62,7 @@ class Tracker:
               wandb_url: str | None = None, reused: bool = False) -> None:
         """Open the metrics file (keeping a resumed run's earlier lines) and the W&B run. `saved`: the copy
         of the file in the checkpoint resumed from, read first: the file itself may have been started
-        afresh by a run with other settings since. `wandb_id`: the W&B run a resumed run continues.
+        afresh by a run with other settings since. `wandb_id`: the W&B run a resumed run continues (online).
         `reused`: a run that had finished and trains nothing opens no W&B run; `wandb_url` (the one the
         run was logged to) stays its record."""
         if not self.enabled:
@@ -85,7 +86,9 @@ class Tracker:
             import wandb
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
+            # Online only: W&B resumes no offline run, and two offline folders of one id do not sync as one
+            # run (the later replaces the earlier); offline, a resumed run's part is a run of its own.
+            resume = {"id": wandb_id, "resume": "allow"} if wandb_id and resolved == "online" else {}
             self.wandb_run = _init_wandb(wandb, project=project, mode=resolved, dir=str(run_dir), config=config,
                                          reinit="finish_previous", **resume)
             self.wandb_id = self.wandb_run.id
