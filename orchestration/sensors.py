@@ -2,6 +2,7 @@
 automation sensor that carries an update down the chain."""
 import json
 import time
+from datetime import UTC, datetime
 from typing import Optional
 
 import dagster as dg
@@ -53,6 +54,22 @@ SOURCE_RUN_ATTEMPTS = 3
 SOURCE_TAG = "rm/source_fingerprint"
 
 
+def _took_the_change(instance: dg.DagsterInstance, requested: dict) -> bool:
+    """Whether raw_preferences was materialized from the changed source: by a run requested for the change,
+    by a run that started after it, or outside a run (a `dvc repro` that dvc_lock_changed reported). A run
+    that started before the change may have read the data before it changed."""
+    latest = instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
+    if latest is None or latest.timestamp < requested["at"]:
+        return False
+    if not latest.run_id:
+        return True
+    record = instance.get_run_record_by_id(latest.run_id)
+    if record is None:
+        return False
+    started = record.start_time if record.start_time is not None else record.create_timestamp.timestamp()
+    return record.dagster_run.tags.get(SOURCE_TAG) == requested["tag"] or started >= requested["at"]
+
+
 def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectResource,
                         requested: dict) -> tuple[str, str]:
     """(what to do, why) for a source change whose run was requested: "done" once raw_preferences was
@@ -61,10 +78,12 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
     from .run_lock import holder_now
 
     instance = context.instance
-    latest = instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
-    if latest is not None and latest.timestamp >= requested["at"]:
+    if _took_the_change(instance, requested):
         return "done", ""
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=pipeline_job.name, tags={SOURCE_TAG: requested["tag"]}))
+    # runs for this change only: a source that changed back (A -> B -> A) has older runs with A's tag
+    since = datetime.fromtimestamp(requested["at"], UTC)
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=pipeline_job.name, tags={SOURCE_TAG: requested["tag"]},
+                                                   created_after=since))
     if not runs or any(not r.is_finished for r in runs):  # none yet: the daemon launches it after the tick
         return "wait", "the run requested for it has not ended"
     holder = holder_now(project.root_path(), instance)

@@ -674,6 +674,28 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
         assert "requested" not in json.loads(cursor)
 
 
+def test_a_download_that_started_before_the_source_changed_does_not_take_the_change():
+    """A run's download that began before the tick that saw the change, and ended after it, may have read
+    the old data: the change's own run is still needed. A run started after it, or one requested for it,
+    took it."""
+    from orchestration.sensors import SOURCE_TAG, _took_the_change
+
+    requested = {"tag": "abc", "at": 1000.0, "attempts": 1}
+
+    def instance(materialized_at, started, tags=None, run_id="r1"):
+        event = types.SimpleNamespace(timestamp=materialized_at, run_id=run_id)
+        record = types.SimpleNamespace(start_time=started, create_timestamp=None,
+                                       dagster_run=types.SimpleNamespace(tags=tags or {}))
+        return types.SimpleNamespace(get_latest_materialization_event=lambda key: event,
+                                     get_run_record_by_id=lambda run_id: record)
+
+    assert not _took_the_change(instance(1010.0, 990.0), requested)  # began before the change
+    assert _took_the_change(instance(1010.0, 1005.0), requested)
+    assert _took_the_change(instance(1010.0, 990.0, {SOURCE_TAG: "abc"}), requested)
+    assert not _took_the_change(instance(990.0, 980.0), requested)  # before the change
+    assert _took_the_change(instance(1010.0, None, run_id=""), requested)  # outside a run (dvc repro)
+
+
 def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
     import rm_lib.data.sources
 
