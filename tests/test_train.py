@@ -732,21 +732,24 @@ FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_s
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_model(tmp_path, tiny_decoder, sharded):
+@pytest.mark.parametrize("launch", ["ddp", "fsdp", "fsdp-lora"])
+def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_model(tmp_path, tiny_decoder, launch):
     """FSDP2 as configs/accelerate/fsdp.yaml sets it, on two CPU processes (tests/fsdp_cpu.py), against
     one process at the same global batch: the same losses and the same saved weights. On the way: a
     forward budget under which the two shares of a batch split into different numbers of forwards
     (each gathers weights: the processes must run as many), a last batch of one pair, which leaves
     one process none, and the length head's one-element weight, sharded with the model, and its running
-    reward statistics, which the penalty reads: those of the step's pairs on both processes."""
+    reward statistics, which the penalty reads: those of the step's pairs on both processes. With
+    LoRA, the saved folder is the one a single process saves: the merged model and the adapter."""
     from rm_lib.data.tokenstore import read_rows
     from rm_lib.model.batching import EpochSchedule, process_slice, token_chunks
 
-    _prepare(tmp_path / "one", str(tiny_decoder), *FSDP_RUN, "train.batch_size=4")
+    sharded = launch != "ddp"
+    run = (*FSDP_RUN, *(("train.lora=true", "train.learning_rate=1e-3") if launch == "fsdp-lora" else ()))
+    _prepare(tmp_path / "one", str(tiny_decoder), *run, "train.batch_size=4")
     one = _cli(tmp_path / "one", "train")
     assert one.wait() == 0, one.stdout.read()
-    _prepare(tmp_path / "two", str(tiny_decoder), *FSDP_RUN, "train.batch_size=2")
+    _prepare(tmp_path / "two", str(tiny_decoder), *run, "train.batch_size=2")
     rows = read_rows(tmp_path / "two/data/filtered/train.parquet")
     assert len(rows) % 4 == 1  # the epoch's last batch: one pair, for one of the two processes
     batches = EpochSchedule(rows, 4, seed=42, group_by_length=True).batches(0)
@@ -769,6 +772,36 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     assert same_weights(weights(tmp_path / "two/models/reward_model"), weights(tmp_path / "one/models/reward_model"),
                         atol=1e-4)
     assert read_json(tmp_path / "two/data/train/summary.json")["device_plan"]["tokens_per_forward"] == 160
+    if launch == "fsdp-lora":
+        _saved_as_one_process_saves_it(tmp_path / "one/models/reward_model", tmp_path / "two/models/reward_model",
+                                       rows[:4], tiny_decoder)
+
+
+def _saved_as_one_process_saves_it(one: Path, two: Path, rows: list[dict], base: Path) -> None:
+    """A LoRA run's folder: the merged model (config with the reward statistics) that transformers loads
+    alone, giving the rewards of the one-process run's, and the adapter beside it."""
+    from transformers import AutoModelForSequenceClassification
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    assert files(two) == files(one) and "adapter/adapter_model.safetensors" in files(two)
+    stats = ("reward_mean", "reward_std")
+    configs = [{k: v for k, v in read_json(folder / "config.json").items() if k != "rm_lib_fingerprint"}
+               for folder in (one, two)]
+    assert [configs[1].pop(k) for k in stats] == pytest.approx([configs[0].pop(k) for k in stats], rel=1e-4)
+    assert configs[1] == configs[0]
+    assert same_weights(load_file(two / "adapter/adapter_model.safetensors"),
+                        load_file(one / "adapter/adapter_model.safetensors"), atol=1e-4)
+    merged, untrained = weights(two), weights(base)
+    assert any(not torch.allclose(merged[k], untrained[k].float(), atol=1e-4) for k in untrained
+               if k in merged and merged[k].shape == untrained[k].shape)
+    rewards = []
+    for folder in (one, two):
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            rewards.append([model(torch.tensor([r["input_ids_chosen"]])).logits.item() for r in rows])
+    assert rewards[1] == pytest.approx(rewards[0], abs=1e-4)
 
 
 @pytest.mark.parametrize("world, accumulation, budget",

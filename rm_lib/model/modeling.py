@@ -511,7 +511,35 @@ def reloads_as_saved(tokenizer: Any, folder: Path) -> None:
             path.write_text(saved, encoding="utf-8")
 
 
+def _unsharded_copy(model: Any, state_dict: dict) -> Any:
+    """A host copy of a peft model whose own parameters are shards (FSDP), holding the full weights
+    `state_dict` gathered from every process: the adapter and the merged model are then saved as a
+    one-process run saves them. Built on the meta device and given the gathered tensors themselves,
+    so no weights are held twice."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    base = unwrap(model)
+    # FSDP2 swaps a sharded module's class for a subclass of it; the copy is of the model's own class
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with init_empty_weights():
+        copied = get_peft_model(cls._from_config(copy.deepcopy(base.config)),
+                                copy.deepcopy(model.peft_config[model.active_adapter]))
+    # get_peft_model names the base by where the weights came from; the run's config names it as add_lora did
+    copied.peft_config = copy.deepcopy(model.peft_config)
+    copied.load_state_dict(state_dict, strict=False, assign=True)
+    empty = [name for name, tensor in [*copied.named_parameters(), *copied.named_buffers()] if tensor.is_meta]
+    if empty:
+        raise RuntimeError(f"the weights gathered from the processes lack {', '.join(empty[:5])}")
+    return copied
+
+
 def _save_model(model: Any, tokenizer: Any, folder: Path, extra_config: dict | None, state_dict: dict | None) -> None:
+    if state_dict is not None and hasattr(model, "merge_and_unload"):
+        model, state_dict = _unsharded_copy(model, state_dict), None
     if state_dict is not None:
         if extra_config:
             for key, value in extra_config.items():
