@@ -759,6 +759,16 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
                 str(Path(__file__).parent / "fsdp_cpu.py")] if sharded else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rm_lib"]
+    if launch == "ddp":  # a process given another number of epochs: all stop at once, none waits for the others
+        odd = _cli(tmp_path / "two", "train", launcher=[*launcher[:-2], str(Path(__file__).parent / "rank_override.py"),
+                                                        "train.num_epochs=2"])
+        try:
+            out = odd.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            odd.terminate()  # the launcher stops its processes (each in a session of its own) before it ends
+            pytest.fail("the processes waited for each other: " + odd.communicate(timeout=120)[0][-3000:])
+        assert odd.returncode != 0 and ("error: train: the processes of this launch were not given the same run: "
+                                        "against rank 0, rank 1 in train.num_epochs (1.0 against 2.0).") in out, out
     two = _cli(tmp_path / "two", "train", launcher=launcher)
     out = two.communicate(timeout=600)[0]
     assert two.returncode == 0, out
@@ -863,6 +873,33 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_saved_it():
     params = tiny_params()
     one, two = (trainer.run_fingerprint(params.train, params.model, "data", "code", n) for n in (1, 2))
     assert one != two and one == trainer.run_fingerprint(params.train, params.model, "data", "code")
+
+
+def test_processes_given_different_runs_all_stop_naming_the_odd_ones_and_what_differs(monkeypatch):
+    """Each process reads its own params.yaml, overrides and data: one that differs would train its share of
+    another model into the common weights, or wait at a collective the others never reach."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from rm_lib.errors import SettingsError
+
+    run = {"train": {"learning_rate": 5e-5, "num_epochs": 1}, "filtered data": "a1", "training code": "c"}
+    runs = [run, {**run, "train": {"learning_rate": 1e-4, "num_epochs": 1}}, run, {**run, "filtered data": "b2"}]
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: runs)
+    with pytest.raises(SettingsError) as caught:
+        trainer.check_same_run(SimpleNamespace(num_processes=4), run)
+    message = str(caught.value)
+    assert message.startswith("train: the processes of this launch were not given the same run: against rank 0, "
+                              "rank 1 in train.learning_rate (5e-05 against 0.0001); rank 3 in filtered data "
+                              "('a1' against 'b2'). Every process must read the same params.yaml")
+    assert "\n" not in message
+    runs[:] = [runs[1], run, run, run]  # the odd one out is the first process: judged against the others
+    odd_first = r"against rank 1, rank 0 in train.learning_rate \(5e-05 against 0.0001\)\. Every"
+    with pytest.raises(SettingsError, match=odd_first):
+        trainer.check_same_run(SimpleNamespace(num_processes=4), run)
+    runs[:] = [run, run]
+    trainer.check_same_run(SimpleNamespace(num_processes=2), run)
 
 
 def test_a_wandb_mode_wandb_refuses_stops_before_the_model_loads(tmp_path, tiny_decoder, monkeypatch):

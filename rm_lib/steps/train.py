@@ -26,7 +26,14 @@ from rm_lib.model.modeling import (
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params
 from rm_lib.training.tracking import Tracker, wandb_dir
-from rm_lib.training.trainer import check_distributed, fit, gathered_state_dict, mixed_precision, run_fingerprint
+from rm_lib.training.trainer import (
+    check_distributed,
+    check_same_run,
+    fit,
+    gathered_state_dict,
+    mixed_precision,
+    run_fingerprint,
+)
 
 NORMALISATION_SAMPLE = 1000
 
@@ -153,6 +160,11 @@ def run(params: Params, layout: Layout, accelerator=None,
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
     accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
     check_distributed(accelerator)
+    # The code is part of the run: a change to the training code starts a new run, never a resume.
+    code = code_hash("train")
+    check_same_run(accelerator, {"train": asdict(cfg), "model": asdict(params.model),
+                                 "evaluate": asdict(params.evaluate), "filtered data": meta["content_hash"],
+                                 "training code": code})
     import torch
     from accelerate.utils import set_seed
 
@@ -187,8 +199,6 @@ def run(params: Params, layout: Layout, accelerator=None,
             tracker.table("eval_samples", samples, step)
         return result
 
-    # The code is part of the run: a change to the training code starts a new run, never a resume.
-    code = code_hash("train")
     fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"], code, accelerator.num_processes)
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,

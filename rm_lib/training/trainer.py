@@ -325,6 +325,43 @@ def check_distributed(accelerator: Any) -> None:
                             "docs/distributed.md)")
 
 
+def check_same_run(accelerator: Any, run: dict) -> None:
+    """Every process of a launch must train the same `run` (its settings, data and code, as nested
+    dicts and strings): one with other settings would train its share of another model into the
+    common weights, or wait at a collective the others never reach (another number of steps, another
+    evaluation or save step) until the process group times out. Compared before anything else is
+    shared, so that every process stops at once, naming the processes and what differs."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    runs = gather_object([run])
+    texts = [json.dumps(r, sort_keys=True, default=str) for r in runs]
+    # the others are judged against the most common run (the first process's among equals)
+    common = max(texts, key=lambda t: (texts.count(t), -texts.index(t)))
+    reference = texts.index(common)
+    differ = {rank: _differences(runs[reference], r) for rank, r in enumerate(runs) if texts[rank] != common}
+    if not differ:
+        return
+    said = "; ".join(f"rank {rank} in {', '.join(keys[:4])}{' and more' if len(keys) > 4 else ''}"
+                     for rank, keys in differ.items())
+    raise SettingsError(f"train: the processes of this launch were not given the same run: against rank "
+                        f"{reference}, {said}. Every process must read the same params.yaml and --set overrides, "
+                        "data and code (on several machines: the same commit and project folder, or `dvc pull` "
+                        "on each); nothing was trained")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Where two nested dicts differ, as dotted keys with both values (a long one left out)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(a.keys() | b.keys(), key=str)
+                for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    if a == b:
+        return []
+    shown = f" ({a!r} against {b!r})" if len(repr(a)) + len(repr(b)) < 60 else ""
+    return [prefix.rstrip(".") + shown]
+
+
 def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
     """The prompt once per pair: causal decoders only (an encoder's prompt would see both answers)."""
     return cfg.padding_free and cfg.shared_prompt and pooling(inner) == "last"
