@@ -266,3 +266,60 @@ def test_offline_wandb_runs_go_to_the_projects_wandb_folder(tmp_path, tiny_decod
     run_steps(tiny_params("train.max_steps=2", "train.wandb_project=rm-test", "train.wandb_mode=offline",
                           model=str(tiny_decoder)), tmp_path, "train")
     assert len(list((tmp_path / "elsewhere/wandb").glob("offline-run-*"))) == 1
+
+
+def _saved_by(folder: Path, step: int, launch, fingerprint_of) -> Path:
+    from rm_lib.training import trainer
+
+    checkpoint = folder / f"step-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    state = trainer.TrainState(step=step, fingerprint=fingerprint_of(launch), processes=launch.processes,
+                               fsdp=launch.fsdp)
+    (checkpoint / trainer.STATE_FILE).write_text(json.dumps(vars(state)))
+    trainer._write_checksums(checkpoint)
+    return checkpoint
+
+
+def test_a_launch_that_cannot_resume_the_runs_checkpoint_is_refused_with_the_ways_out(tmp_path):
+    """FSDP and DDP at the same number of processes, or another number: the run's checkpoint is neither
+    resumed (the other layout cannot be read) nor trained over from step 0 (and pruned), but named
+    with the launch that saved it and how to resume it or train afresh."""
+    import shutil
+
+    from rm_lib.errors import SettingsError
+    from rm_lib.training import trainer
+
+    params = tiny_params()
+
+    def fingerprint_of(launch):
+        return trainer.run_fingerprint(params.train, params.model, "data", "code", launch.processes, launch.fsdp)
+
+    fsdp, ddp, one = trainer.Launch(2, fsdp=True), trainer.Launch(2), trainer.Launch(1)
+    folder = tmp_path / "checkpoints"
+    trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)  # no checkpoints yet
+    saved = _saved_by(folder, 8, fsdp, fingerprint_of)
+    trainer.check_launch(folder, fingerprint_of(fsdp), fsdp, fingerprint_of)  # its own launch resumes it
+    with pytest.raises(SettingsError) as caught:
+        trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
+    assert str(caught.value) == (
+        f"train: the checkpoint {saved} of this run was saved by 2 processes (FSDP); this launch is 2 processes (DDP) "
+        "and cannot resume it (FSDP saves checkpoints in a layout of its own). To resume, relaunch as it was saved "
+        "(`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m rm_lib train`); to train "
+        f"afresh with this launch, remove {folder}")
+    with pytest.raises(SettingsError, match=r"saved by 2 processes \(FSDP\); this launch is 1 process and cannot "
+                                            r"resume it \(each process takes train.batch_size pairs of a step; FSDP"):
+        trainer.check_launch(folder, fingerprint_of(one), one, fingerprint_of)
+    # another run's checkpoint (other settings) is no reason to refuse: this run trains, and prunes it then
+    trainer.check_launch(folder, "another run", ddp, lambda launch: "another run of " + str(launch))
+    # a DDP checkpoint under FSDP
+    shutil.rmtree(saved)
+    _saved_by(folder, 4, ddp, fingerprint_of)
+    with pytest.raises(SettingsError, match=r"saved by 2 processes \(DDP\); this launch is 2 processes \(FSDP\).*"
+                                            r"`accelerate launch --multi_gpu --num_processes 2 -m rm_lib train`"):
+        trainer.check_launch(folder, fingerprint_of(fsdp), fsdp, fingerprint_of)
+    # a damaged checkpoint is passed over, as a resume passes over it: the newest intact one decides
+    (_saved_by(folder, 6, fsdp, fingerprint_of) / "model.safetensors").write_bytes(b"cut")
+    trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
+    with pytest.raises(SettingsError, match=r"step-4 of this run was saved by 2 processes \(DDP\); this launch is 1"):
+        trainer.check_launch(folder, fingerprint_of(one), one, fingerprint_of)

@@ -745,11 +745,11 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     from rm_lib.model.batching import EpochSchedule, process_slice, token_chunks
 
     sharded = launch != "ddp"
-    run = (*FSDP_RUN, *(("train.lora=true", "train.learning_rate=1e-3") if launch == "fsdp-lora" else ()))
-    _prepare(tmp_path / "one", str(tiny_decoder), *run, "train.batch_size=4")
+    settings = (*FSDP_RUN, *(("train.lora=true", "train.learning_rate=1e-3") if launch == "fsdp-lora" else ()))
+    _prepare(tmp_path / "one", str(tiny_decoder), *settings, "train.batch_size=4")
     one = _cli(tmp_path / "one", "train")
     assert one.wait() == 0, one.stdout.read()
-    _prepare(tmp_path / "two", str(tiny_decoder), *run, "train.batch_size=2")
+    _prepare(tmp_path / "two", str(tiny_decoder), *settings, "train.batch_size=2")
     rows = read_rows(tmp_path / "two/data/filtered/train.parquet")
     assert len(rows) % 4 == 1  # the epoch's last batch: one pair, for one of the two processes
     batches = EpochSchedule(rows, 4, seed=42, group_by_length=True).batches(0)
@@ -772,6 +772,8 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     two = _cli(tmp_path / "two", "train", launcher=launcher)
     out = two.communicate(timeout=600)[0]
     assert two.returncode == 0, out
+    if launch != "fsdp-lora":
+        _one_process_refuses_to_resume(tmp_path / "two", "2 processes (FSDP)" if sharded else "2 processes (DDP)")
     loss_one, _, stats_one = _records(tmp_path / "one")
     loss_two, _, stats_two = _records(tmp_path / "two")
     assert len(loss_one) == len(batches) and loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
@@ -785,6 +787,20 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     if launch == "fsdp-lora":
         _saved_as_one_process_saves_it(tmp_path / "one/models/reward_model", tmp_path / "two/models/reward_model",
                                        rows[:4], tiny_decoder)
+
+
+def _one_process_refuses_to_resume(root: Path, saved_by: str) -> None:
+    """`train` without the launcher over the checkpoints of a run with two: refused, the checkpoints kept."""
+    checkpoints = root / "models/checkpoints"
+    states = {p.name: p.read_text() for p in checkpoints.glob("step-*/trainer_state.json")}
+    one = _cli(root, "train")
+    out = one.communicate(timeout=120)[0]
+    assert one.returncode == 2, out
+    error = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert f"of this run was saved by {saved_by}; this launch is 1 process and cannot resume it" in error, out
+    assert "To resume, relaunch as it was saved" in error and error.endswith(f"remove {checkpoints}")
+    assert {p.name: p.read_text() for p in checkpoints.glob("step-*/trainer_state.json")} == states
+    assert states and all(json.loads(s)["processes"] == 2 for s in states.values())
 
 
 def _saved_as_one_process_saves_it(one: Path, two: Path, rows: list[dict], base: Path) -> None:
@@ -873,6 +889,10 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_saved_it():
     params = tiny_params()
     one, two = (trainer.run_fingerprint(params.train, params.model, "data", "code", n) for n in (1, 2))
     assert one != two and one == trainer.run_fingerprint(params.train, params.model, "data", "code")
+    # FSDP's checkpoints are laid out as DDP's are not: another run, whose checkpoints record their launch
+    assert trainer.run_fingerprint(params.train, params.model, "data", "code", 2, fsdp=True) not in (one, two)
+    assert (str(trainer.Launch()), str(trainer.Launch(2)), str(trainer.Launch(4, fsdp=True))) == \
+        ("1 process", "2 processes (DDP)", "4 processes (FSDP)")
 
 
 def test_processes_given_different_runs_all_stop_naming_the_odd_ones_and_what_differs(monkeypatch):

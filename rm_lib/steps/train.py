@@ -27,10 +27,13 @@ from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params
 from rm_lib.training.tracking import Tracker, wandb_dir
 from rm_lib.training.trainer import (
+    Launch,
     check_distributed,
+    check_launch,
     check_same_run,
     fit,
     gathered_state_dict,
+    launch_of,
     mixed_precision,
     run_fingerprint,
 )
@@ -165,6 +168,13 @@ def run(params: Params, layout: Layout, accelerator=None,
     check_same_run(accelerator, {"train": asdict(cfg), "model": asdict(params.model),
                                  "evaluate": asdict(params.evaluate), "filtered data": meta["content_hash"],
                                  "training code": code})
+    launch = launch_of(accelerator)
+
+    def fingerprint_of(other: Launch) -> str:
+        return run_fingerprint(cfg, params.model, meta["content_hash"], code, other.processes, other.fsdp)
+
+    fingerprint = fingerprint_of(launch)
+    check_launch(layout.checkpoints, fingerprint, launch, fingerprint_of)
     import torch
     from accelerate.utils import set_seed
 
@@ -199,7 +209,6 @@ def run(params: Params, layout: Layout, accelerator=None,
             tracker.table("eval_samples", samples, step)
         return result
 
-    fingerprint = run_fingerprint(cfg, params.model, meta["content_hash"], code, accelerator.num_processes)
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,

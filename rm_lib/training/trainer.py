@@ -64,6 +64,9 @@ class TrainState:
     window: dict | None = None  # the logging window's sums since the last log (_saved_window)
     wandb_id: str | None = None  # the W&B run this run logs to: a resumed run continues it
     wandb_url: str | None = None
+    # the launch that saved it (Launch); None in checkpoints saved before it was recorded
+    processes: int | None = None
+    fsdp: bool | None = None
 
 
 @dataclass
@@ -82,15 +85,44 @@ class FitResult:
     device_plan: dict | None = None  # DevicePlan.record() of this call's plan
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How a run's processes were started, as far as its checkpoints depend on it: how many take a
+    step's pairs (train.batch_size each), and whether FSDP saved them (its sharded weights and
+    optimizer state are a layout DDP cannot read, nor FSDP DDP's)."""
+    processes: int = 1
+    fsdp: bool = False
+
+    def __str__(self) -> str:
+        count = f"{self.processes} process{'' if self.processes == 1 else 'es'}"
+        return f"{count} (FSDP)" if self.fsdp else count if self.processes == 1 else f"{count} (DDP)"
+
+    def command(self) -> str:
+        """A command that starts this launch on one machine."""
+        if self.fsdp:
+            return f"accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes {self.processes} " \
+                   "-m rm_lib train"
+        if self.processes > 1:
+            return f"accelerate launch --multi_gpu --num_processes {self.processes} -m rm_lib train"
+        return "python -m rm_lib train"
+
+
+def launch_of(accelerator: Any) -> Launch:
+    from accelerate.utils import DistributedType
+
+    return Launch(accelerator.num_processes, accelerator.distributed_type == DistributedType.FSDP)
+
+
 def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str,
-                    processes: int = 1) -> str:
+                    processes: int = 1, fsdp: bool = False) -> str:
     """What a checkpoint must match to be resumed: everything that changes the weights (the settings,
     the base model, the data, the training code, and the number of processes: each takes
-    train.batch_size pairs of a step)."""
+    train.batch_size pairs of a step), and whether FSDP saves its checkpoints (`Launch`)."""
     relevant = {k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash,
-                       "processes": processes}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    run = {"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash, "processes": processes}
+    if fsdp:  # only then: the fingerprints of runs without FSDP stay what they were
+        run["fsdp"] = True
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def mixed_precision(setting: str) -> str:
@@ -188,6 +220,40 @@ def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None]) -> 
     if damaged:
         say(f"train: passed over damaged checkpoint {'; '.join(damaged)}; no intact one is left: training from step 0")
     return None
+
+
+def _saved_launch(state: dict) -> Launch | None:
+    processes, fsdp = state.get("processes"), state.get("fsdp")
+    if not isinstance(processes, int) or not isinstance(fsdp, bool):
+        return None
+    return Launch(processes, fsdp)
+
+
+def check_launch(folder: Path, fingerprint: str, launch: Launch, fingerprint_of: Callable[[Launch], str]) -> None:
+    """Refuse to train when this run's newest checkpoint was saved by another launch: this one would
+    not resume it (another number of processes is another global batch; FSDP and DDP checkpoints are
+    laid out differently) but train from step 0, and prune it at its first save. A checkpoint is this
+    run's when `fingerprint_of` its recorded launch is its fingerprint; damaged ones are passed over,
+    as a resume passes over them."""
+    for candidate in reversed(_step_folders(folder)):
+        state = _read_state(candidate)
+        if state is None:
+            continue
+        if state.get("fingerprint") == fingerprint:
+            return  # this launch's own, newer than any other launch's: resumed as ever
+        saved = _saved_launch(state)
+        if saved is None or saved == launch or fingerprint_of(saved) != state.get("fingerprint"):
+            continue
+        if checkpoint_problem(candidate) is not None:
+            continue
+        why = []
+        if saved.processes != launch.processes:
+            why.append("each process takes train.batch_size pairs of a step")
+        if saved.fsdp != launch.fsdp:
+            why.append("FSDP saves checkpoints in a layout of its own")
+        raise SettingsError(f"train: the checkpoint {candidate} of this run was saved by {saved}; this launch is "
+                            f"{launch} and cannot resume it ({'; '.join(why)}). To resume, relaunch as it was saved "
+                            f"(`{saved.command()}`); to train afresh with this launch, remove {folder}")
 
 
 def _diverged(loss: float, step: int, folder: Path, fingerprint: str) -> TrainingDiverged:
@@ -496,7 +562,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     # decay the learning rate `world` times too fast. Its state travels in trainer_state.json.
     model, optimizer = accelerator.prepare(scorer, optimizer)
 
-    state = TrainState(fingerprint=fingerprint)
+    launch = launch_of(accelerator)
+    state = TrainState(fingerprint=fingerprint, processes=launch.processes, fsdp=launch.fsdp)
     resumed_from = None
     # Another run's checkpoints stay until this run saved its own (save_checkpoint prunes them then).
     latest = resume_point(checkpoints, fingerprint, accelerator.print) if checkpoints.exists() else None
@@ -506,6 +573,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         accelerator.load_state(str(latest))
         if saved.scheduler is not None:
             scheduler.load_state_dict(saved.scheduler)
+        saved.processes, saved.fsdp = launch.processes, launch.fsdp
         state, resumed_from = saved, saved.step
         accelerator.print(f"train: already trained at step {saved.step}; reused {latest}" if saved.step >= total
                           else f"train: resuming from {latest} (step {saved.step} of {total})")
