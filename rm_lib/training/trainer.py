@@ -62,7 +62,7 @@ class TrainState:
     train_s: float = 0.0
     last_log: dict | None = None
     window: dict | None = None  # the logging window's sums since the last log (_saved_window)
-    wandb_id: str | None = None  # the W&B run this run logs to: a resumed run continues it
+    wandb_id: str | None = None  # the W&B run this run logs to: a resumed run continues it (online)
     wandb_url: str | None = None
     # the launch that saved it (Launch); None in checkpoints saved before it was recorded
     processes: int | None = None
