@@ -55,19 +55,16 @@ SOURCE_TAG = "rm/source_fingerprint"
 
 
 def _took_the_change(instance: dg.DagsterInstance, requested: dict) -> bool:
-    """Whether raw_preferences was materialized from the changed source: by a run requested for the change,
-    by a run that started after it, or outside a run (a `dvc repro` that dvc_lock_changed reported). A run
-    that started before the change may have read the data before it changed."""
+    """Whether raw_preferences was materialized from the changed source: by a run that started after the
+    change was seen (as every run requested for it does), or outside a run (a `dvc repro` that
+    dvc_lock_changed reported). A run that started before may have read the data before it changed."""
     latest = instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
     if latest is None or latest.timestamp < requested["at"]:
         return False
-    if not latest.run_id:
+    record = instance.get_run_record_by_id(latest.run_id) if latest.run_id else None
+    if record is None or record.start_time is None:  # outside a run, or its run deleted since
         return True
-    record = instance.get_run_record_by_id(latest.run_id)
-    if record is None:
-        return False
-    started = record.start_time if record.start_time is not None else record.create_timestamp.timestamp()
-    return record.dagster_run.tags.get(SOURCE_TAG) == requested["tag"] or started >= requested["at"]
+    return record.start_time >= requested["at"]
 
 
 def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectResource,
@@ -95,11 +92,13 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
                        f"({', '.join(r.run_id for r in runs)}): fix what they report and materialize raw_preferences")
 
 
-def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attempts: int) -> dg.SensorResult:
+def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attempts: int,
+             since: float | None = None) -> dg.SensorResult:
     # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
     # must run again. The observation gives preference_source its new data version in the graph.
     tag = state["fingerprint"][:16]
-    requested = {"tag": tag, "at": time.time(), "attempts": attempts}
+    # `at`: when the change was first seen; the runs for it are those created since
+    requested = {"tag": tag, "at": since if since is not None else time.time(), "attempts": attempts}
     context.update_cursor(json.dumps({**state, "requested": requested}, sort_keys=True))
     return dg.SensorResult(run_requests=[dg.RunRequest(tags={SOURCE_TAG: tag})],
                            asset_events=[observation(state, what)])
@@ -125,7 +124,7 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
     requested = previous.get("requested")
     action, why = _pending_source_run(context, project, requested) if requested else ("done", "")
     if action == "again":
-        return _run_for(context, state, what, attempts=requested["attempts"] + 1)
+        return _run_for(context, state, what, attempts=requested["attempts"] + 1, since=requested["at"])
     if action == "wait":
         state["requested"] = requested
     if state != previous:  # touched, or rewritten with the same bytes: remember the new stats
