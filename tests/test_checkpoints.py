@@ -323,3 +323,23 @@ def test_a_launch_that_cannot_resume_the_runs_checkpoint_is_refused_with_the_way
     trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
     with pytest.raises(SettingsError, match=r"step-4 of this run was saved by 2 processes \(DDP\); this launch is 1"):
         trainer.check_launch(folder, fingerprint_of(one), one, fingerprint_of)
+
+
+def test_an_offline_wandb_run_is_not_resumed_online(tmp_path, tiny_decoder, monkeypatch):
+    """Its id, resumed online, would collide with the offline folder of that id at `wandb sync`."""
+    import shutil
+    import types
+
+    import wandb
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or types.SimpleNamespace(
+        id=f"run{len(calls)}", url=None, log=lambda *a, **k: None, finish=lambda: None))
+    offline = tiny_params("train.max_steps=2", "train.save_steps=1", "train.wandb_project=rm-test",
+                          "train.wandb_mode=offline", model=str(tiny_decoder))
+    run_steps(offline, tmp_path, "download", "tokenize", "filter", "train")
+    shutil.rmtree(tmp_path / "models/checkpoints/step-2")
+    online = tiny_params("train.max_steps=2", "train.save_steps=1", "train.wandb_project=rm-test",
+                         "train.wandb_mode=online", model=str(tiny_decoder))
+    assert run_steps(online, tmp_path, "train")["train"].resumed_from == 1
+    assert calls[1]["mode"] == "online" and "id" not in calls[1]

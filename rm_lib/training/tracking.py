@@ -91,7 +91,8 @@ class Tracker:
             resume = {"id": wandb_id, "resume": "allow"} if wandb_id and resolved == "online" else {}
             self.wandb_run = _init_wandb(wandb, project=project, mode=resolved, dir=str(run_dir), config=config,
                                          reinit="finish_previous", **resume)
-            self.wandb_id = self.wandb_run.id
+            # kept for a resume online only: an offline run's id resumed online would collide with it at sync
+            self.wandb_id = self.wandb_run.id if resolved == "online" else None
             self.wandb_url = getattr(self.wandb_run, "url", None) or f"wandb ({resolved}) run {self.wandb_run.id}"
 
     def log(self, record: dict[str, Any]) -> None:
