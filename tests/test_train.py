@@ -947,3 +947,20 @@ def test_wandb_run_files_outlive_a_queued_dvc_experiment(tmp_path, monkeypatch):
     assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path.resolve()
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
     assert wandb_dir(tmp_path / ".dvc/tmp/exps/tmp1a2b") == tmp_path / "elsewhere"
+
+
+def test_a_check_one_process_fails_stops_every_process(monkeypatch):
+    """Checkpoints may lie on each machine's own disk: a launch refused on one machine alone would leave the
+    others waiting for it at their first collective until the process group's timeout."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from rm_lib.errors import SettingsError
+
+    said_elsewhere = "train: the checkpoint models/checkpoints/step-8 of this run was saved by 2 processes"
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, said_elsewhere])
+    with pytest.raises(SettingsError, match="saved by 2 processes"):
+        trainer.agreed(SimpleNamespace(num_processes=2), lambda: None)  # this process's own check passed
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, None])
+    trainer.agreed(SimpleNamespace(num_processes=2), lambda: None)

@@ -28,6 +28,7 @@ from rm_lib.settings import Params
 from rm_lib.training.tracking import Tracker, wandb_dir
 from rm_lib.training.trainer import (
     Launch,
+    agreed,
     check_distributed,
     check_launch,
     check_same_run,
@@ -151,6 +152,15 @@ def run(params: Params, layout: Layout, accelerator=None,
                       config=params.as_dict(), run_dir=wandb_dir(layout.root), on_log=on_log)
     tracker.check()
     meta = read_json(layout.filtered / "manifest.json")
+    # the processes agree on the run before any of them can stop alone (a check below that only one
+    # fails would leave the others waiting at the first collective until the timeout)
+    accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
+    check_distributed(accelerator)
+    # The code is part of the run: a change to the training code starts a new run, never a resume.
+    code = code_hash("train")
+    check_same_run(accelerator, {"train": asdict(cfg), "model": asdict(params.model),
+                                 "evaluate": asdict(params.evaluate), "filtered data": meta["content_hash"],
+                                 "training code": code})
     train_rows = read_rows(layout.filtered / "train.parquet")
     eval_rows = read_rows(layout.filtered / "test.parquet")
     # pairs filtered for a longer model (or before this check) would index past the position table
@@ -161,20 +171,14 @@ def run(params: Params, layout: Layout, accelerator=None,
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
-    accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
-    check_distributed(accelerator)
-    # The code is part of the run: a change to the training code starts a new run, never a resume.
-    code = code_hash("train")
-    check_same_run(accelerator, {"train": asdict(cfg), "model": asdict(params.model),
-                                 "evaluate": asdict(params.evaluate), "filtered data": meta["content_hash"],
-                                 "training code": code})
     launch = launch_of(accelerator)
 
     def fingerprint_of(other: Launch) -> str:
         return run_fingerprint(cfg, params.model, meta["content_hash"], code, other.processes, other.fsdp)
 
     fingerprint = fingerprint_of(launch)
-    check_launch(layout.checkpoints, fingerprint, launch, fingerprint_of)
+    # judged by each process on its own disk (checkpoints may be local to each machine), refused by all
+    agreed(accelerator, lambda: check_launch(layout.checkpoints, fingerprint, launch, fingerprint_of))
     import torch
     from accelerate.utils import set_seed
 

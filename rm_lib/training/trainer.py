@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rm_lib.errors import DevicePathError, SettingsError, TrainingDiverged
+from rm_lib.errors import DevicePathError, SettingsError, TrainingDiverged, UserError
 from rm_lib.files import file_sha256, share_tree
 from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
 from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_length, pair_tokens, step_forwards
@@ -415,6 +415,24 @@ def check_same_run(accelerator: Any, run: dict) -> None:
                         f"{reference}, {said}. Every process must read the same params.yaml and --set overrides, "
                         "data and code (on several machines: the same commit and project folder, or `dvc pull` "
                         "on each); nothing was trained")
+
+
+def agreed(accelerator: Any, check: Callable[[], None]) -> None:
+    """Run `check` on every process; if it raises a UserError on any, every process raises it (the first
+    process's message among those that failed), so none goes on to wait for the others at a collective."""
+    if accelerator.num_processes == 1:
+        check()
+        return
+    from accelerate.utils import gather_object
+
+    try:
+        check()
+        said = None
+    except UserError as exc:
+        said = str(exc)
+    said = next((s for s in gather_object([said]) if s is not None), None)
+    if said is not None:
+        raise SettingsError(said)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
