@@ -73,6 +73,17 @@ def aot_eager_compiles(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT as an interactive shell leaves it (KeyboardInterrupt): a shell's background jobs inherit it
+    ignored, and a test that sends Ctrl-C would then see nothing happen."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     from rm_lib.model.modeling import resolve_model_path

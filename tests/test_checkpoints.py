@@ -126,7 +126,7 @@ def test_a_resume_restores_the_metrics_log_that_dvc_deleted(tmp_path, tiny_decod
     assert [r["step"] for r in read_jsonl(tmp_path / "data/train/metrics.jsonl")] == [1, 2, 3, 4]
 
 
-def test_an_interrupted_run_leaves_the_last_runs_log_with_its_model(tmp_path, tiny_decoder):
+def test_an_interrupted_run_leaves_the_last_runs_log_with_its_model(tmp_path, tiny_decoder, ctrl_c_raises):
     """The release gate reads data/train/metrics.jsonl beside run.json: a run that stops part way (a
     kill, a crash) must not leave its own lines there against the last finished run's model. Its
     lines are in the live log beside the checkpoints, where a resume finds them."""

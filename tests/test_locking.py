@@ -173,7 +173,7 @@ def _earlier_model_and_logs(root: Path) -> tuple[Path, Path]:
     return model, logs
 
 
-def test_folders_that_belong_together_are_replaced_together_also_under_ctrl_c(tmp_path, monkeypatch):
+def test_folders_that_belong_together_are_replaced_together_also_under_ctrl_c(tmp_path, monkeypatch, ctrl_c_raises):
     """train replaces the model and its run's records (data/train) as one: a Ctrl-C between the two
     left a model with another run's run.json, metrics and loss curve."""
     from rm_lib import files
