@@ -14,9 +14,7 @@ from pydantic import Field
 
 from rm_lib.errors import SettingsError
 from rm_lib.layout import Layout
-from rm_lib.settings import Params, load_params
-
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from rm_lib.settings import WANDB_SETTING_MODES, Params, load_params
 
 
 def project_root() -> str:
@@ -105,8 +103,9 @@ class WandbResource(dg.ConfigurableResource):
         if self.project:
             out.append(f"train.wandb_project={self.project}")
         if self.mode:
-            if self.mode not in WANDB_MODES:
-                raise SettingsError(f"wandb resource: mode must be one of {', '.join(WANDB_MODES)}, got '{self.mode}'")
+            if self.mode not in WANDB_SETTING_MODES:
+                raise SettingsError(f"wandb resource: mode must be one of {', '.join(WANDB_SETTING_MODES)}, "
+                                    f"got '{self.mode}'")
             out.append(f"train.wandb_mode={self.mode}")
         return out
 

