@@ -228,7 +228,7 @@ def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]]
                 raise DevicePathError(
                     f"{what}: out of GPU memory scoring a batch of {stop - start}"
                     + ("" if shrink else " on one of several processes, which score in step")
-                    + "; set evaluate.batch_size lower, a lower tokenize.max_length, or free GPU memory") from None
+                    + "; set evaluate.batch_size lower, a lower filter.max_token_length, or free GPU memory") from None
         # out of the except block: its traceback, and the tensors it holds, are gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -822,7 +822,7 @@ def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
     if widest <= largest_pair:
         raise DevicePathError(f"train: out of GPU memory at step {step} in a forward of a single pair ({widest} "
                               "tokens); set train.gradient_checkpointing=true, train.lora=true or a lower "
-                              "tokenize.max_length, or free GPU memory. Checkpoints are kept: the run resumes from "
+                              "filter.max_token_length, or free GPU memory. Checkpoints are kept: the run resumes from "
                               "the last one")
     return max(widest // 2, largest_pair)
 
