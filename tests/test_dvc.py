@@ -384,6 +384,7 @@ def test_second_repro_runs_nothing(pipeline):
 def test_push_then_pull_into_an_empty_cache_gives_the_same_bytes(pipeline):
     before = {path: digest for path, (digest, _) in pipeline.versioned_files().items()}
     assert any(p.startswith("models/reward_model/") for p in before)
+    assert "data/evaluation/suites.rejects.jsonl" in before  # written empty too, so DVC versions every file
     pipeline.dvc("push")
     assert any((pipeline.root.parent / "remote").rglob("*")), "dvc push wrote nothing to the local remote"
     for folder in (".dvc/cache", "data", "models"):

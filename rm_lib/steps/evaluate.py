@@ -157,8 +157,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         write_jsonl(out / "scores.jsonl", ({"id": r["id"], "reward_chosen": c, "reward_rejected": j}
                                            for r, c, j in zip(rows, r_c, r_r)))
         write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])
-        if set_aside:
-            write_jsonl(out / "suites.rejects.jsonl", set_aside)
+        write_jsonl(out / "suites.rejects.jsonl", set_aside)  # empty when none: DVC versions it either way
         write_json(out / "buckets.plot.json", metrics["per_length_bucket"])  # `dvc plots` reads no JSON Lines
         plots.reward_distributions(r_c, r_r, out / "rewards.png")
         plots.reward_vs_length([token_length(r, "chosen") for r in rows], r_c,
