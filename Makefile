@@ -11,6 +11,9 @@ export WANDB_MODE ?= disabled
 .PHONY: install chromium run test test-integration test-all lint bench ui exp clean
 
 # torch first, from the CPU wheel (a plain `pip install torch` would pull GBs of CUDA packages).
+# PyPI's torch is the CUDA build; PyTorch's CPU index has the same release as 2.13.0+cpu, which pip
+# prefers (a local wheel of it, where pip is pointed at one, serves as well).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
 # DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc;
 # it installs beside the main one, at the same time.
@@ -21,7 +24,7 @@ $(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
 	    $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
 	  $(PYTHON) -m venv $(VENV); \
 	  $(PY) -m pip install --upgrade pip; \
-	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0; \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 --extra-index-url $(TORCH_CPU_INDEX); \
 	  $(PY) -m pip install -e ".[test]"; \
 	  wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; exit 1; }; \
 	  cat $(LOG).dvc; rm -f $(LOG).dvc; \
