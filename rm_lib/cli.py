@@ -5,6 +5,7 @@ User mistakes (bad settings, bad data) end with one paragraph and exit code 2, n
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -130,6 +131,18 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
     return "\n".join(lines)
 
 
+def _refused_path(exc: OSError, root: str) -> str | None:
+    """The path an OSError is about: of a copy that ran out of room, where it was going (filename2), not
+    what it read; a storage failure that names no file happened in the project folder."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and exc.filename2 is not None:
+        return str(exc.filename2)
+    if exc.filename is not None:
+        return str(exc.filename)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
+        return f"the project folder {root}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _merge_common(_parser().parse_args(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -158,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the system refuses (permissions, a full disk): the path and why, no traceback
-        if exc.filename is None:
+        where = _refused_path(exc, args.root)
+        if where is None:
             raise
-        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"error: {where}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
         print("interrupted: the step stopped and left its earlier output as it was; train resumes from its last "

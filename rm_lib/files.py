@@ -3,6 +3,7 @@ leaves the old complete output or none), JSON and JSON Lines, content hashes of 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rm_lib.errors import DataError
+from rm_lib.errors import DataError, UserError
 
 # Temporaries are named .<name>.<pid>@<host>.<random>.tmp: a later writer can tell that the one who
 # made it is dead (a kill -9 runs no clean-up) and remove it. A pid is judged on its own host only.
@@ -66,12 +67,56 @@ def remove_stale(folder: str | Path, name: str | None = None, *, unowned: bool =
     return removed
 
 
+# errors of the storage itself: raised by a write, they name no file, so the output they hit is named
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+def storage_error(exc: BaseException, path: Path) -> OSError | None:
+    """`exc` as an OSError naming `path` where it is the storage's failure that named no file (a write's
+    ENOSPC; safetensors' error, which is no OSError, says "os error 28"); None for anything else."""
+    if isinstance(exc, OSError):
+        if exc.filename is None and exc.errno in _STORAGE_ERRORS:
+            return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+        return None
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why a step cannot put its output folder at `path`, said before any work: a file is there, or a
+    link to nothing. A link to a folder is written through (an output moved to another disk stays there)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a link to {os.readlink(path)}, which does not exist: make that folder, or remove the link"
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder, and the step writes a folder there: move the file away"
+    return None
+
+
+def _output_folder(path: Path) -> Path:
+    """Where output folder `path` is written: its link's folder where it is a link."""
+    problem = folder_problem(path)
+    if problem:
+        raise UserError(problem)
+    return path.resolve() if path.is_symlink() else path
+
+
+def _made_in(folder: Path, make: Any) -> Any:
+    """`make()` (a temporary in `folder`), its failure naming `folder`, not a name that never came to be."""
+    try:
+        return make()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from exc
+
+
 def _temporary_sibling(path: Path) -> Path:
     """An empty file beside `path` that only the process which made it writes, after clearing the ones
     a killed writer of `path` left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
+    fd, tmp = _made_in(path.parent, lambda: tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp",
+                                                             dir=path.parent))
     os.close(fd)
     return Path(tmp)
 
@@ -80,6 +125,7 @@ def _temporary_sibling(path: Path) -> Path:
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
+    path = path.resolve() if path.is_symlink() and path.exists() else path  # written through a link
     tmp = _temporary_sibling(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
@@ -88,9 +134,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        named = storage_error(exc, path)
+        if named is not None:
+            raise named from exc
         raise
 
 
@@ -148,11 +197,18 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
     replace that fails puts back the folders replaced before it."""
     staged = []
     try:
-        for path in map(Path, paths):
+        for path in map(_output_folder, map(Path, paths)):
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale(path.parent, path.name)
-            staged.append((path, Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent))))
-        yield [tmp for _, tmp in staged]
+            staged.append((path, Path(_made_in(path.parent, lambda path=path: tempfile.mkdtemp(
+                prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)))))
+        try:
+            yield [tmp for _, tmp in staged]
+        except BaseException as exc:  # a full disk as the block writes names the output it was for
+            named = storage_error(exc, staged[0][0])
+            if named is not None:
+                raise named from exc
+            raise
         for _, tmp in staged:
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         with _signals_held():

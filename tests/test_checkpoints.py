@@ -214,10 +214,57 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
         assert caught.value.strerror.startswith(f"no room for a checkpoint ({bytes_free >> 20} MiB were free when it "
                                                 "failed; the earlier checkpoints")
         assert list(tmp_path.iterdir()) == [] and seen_half[-1]
+    # what takes the room: another run's checkpoint (kept until this run has one), named with its size;
+    # lowering save_total_limit is offered only where this run keeps more than one of its own
+    free["bytes"] = 3 << 20
+    other = tmp_path / "step-9"
+    other.mkdir()
+    (other / "trainer_state.json").write_text(json.dumps({"fingerprint": "another run"}))
+    (other / "optimizer.bin").write_bytes(b"\0" * (2 << 20))
+    with pytest.raises(OSError) as caught:
+        trainer.save_checkpoint(_FailingSave(torch_error), tmp_path,
+                                trainer.TrainState(step=3, fingerprint="this run"), keep=1)
+    assert caught.value.strerror.endswith(f"free space, or remove another run's checkpoints (2 MiB: {other}; this "
+                                          "run removes them only once it has saved one of its own)")
+    (tmp_path / "step-2").mkdir()
+    (tmp_path / "step-2" / "trainer_state.json").write_text(json.dumps({"fingerprint": "this run"}))
+    with pytest.raises(OSError) as caught:
+        trainer.save_checkpoint(_FailingSave(torch_error), tmp_path,
+                                trainer.TrainState(step=3, fingerprint="this run"), keep=2)
+    assert caught.value.strerror.endswith("own), or lower train.save_total_limit")
+    shutil.rmtree(other), shutil.rmtree(tmp_path / "step-2")
     free["bytes"] = 1 << 40
     with pytest.raises(RuntimeError, match="unexpected pos"):  # room enough: not the disk, the error as it came
         trainer.save_checkpoint(_FailingSave(torch_error), tmp_path, trainer.TrainState(step=3), keep=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_run_whose_last_checkpoint_finds_no_room_still_saves_its_model(tmp_path, tiny_decoder, capsys):
+    """The run trained every step, then its last checkpoint (weights and optimizer) did not fit: the
+    model, which is smaller, was lost with it. It is saved; the checkpoint before stays to resume from."""
+    import errno
+
+    from rm_lib.layout import Layout
+    from rm_lib.steps import train
+    from rm_lib.training import trainer
+
+    params = tiny_params("train.max_steps=3", "train.save_steps=2", "train.eval_steps=3", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    real = trainer.save_checkpoint
+
+    def no_room_at_the_end(accelerator, folder, state, keep, log=None):
+        if state.step == 3:
+            raise OSError(errno.ENOSPC, "no room for a checkpoint (0 MiB were free when it failed)", str(folder))
+        return real(accelerator, folder, state, keep, log=log)
+
+    with mock.patch.object(trainer, "save_checkpoint", no_room_at_the_end):
+        result = train.run(params, Layout(tmp_path))
+    assert "the trained model is saved without its last checkpoint" in capsys.readouterr().out
+    assert result.steps == 3 and (tmp_path / "models/reward_model/model.safetensors").exists()
+    assert [p.name for p in (tmp_path / "models/checkpoints").glob("step-*")] == ["step-2"]
+    best = read_json(tmp_path / "data/train/summary.json").get("best_checkpoint")
+    assert best is None or Path(best).exists()  # never a checkpoint that was not saved
+    assert train.run(params, Layout(tmp_path)).resumed_from == 2  # a rerun trains the last step again
 
 
 def test_a_resumed_run_continues_its_wandb_run_and_a_reused_one_opens_none(tmp_path, tiny_decoder, monkeypatch):

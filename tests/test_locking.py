@@ -240,6 +240,77 @@ def test_a_folder_is_replaced_with_no_moment_missing(tmp_path, monkeypatch):
     assert (release / "evaluation.json").read_text() == "new" and not _temporaries(tmp_path)
 
 
+def test_a_full_disk_while_an_output_is_written_names_the_output(tmp_path):
+    """A write that runs out of room raises an OSError naming no file (and safetensors' error is no
+    OSError): the step's error named neither the output nor the disk, with a traceback."""
+    import errno
+
+    from rm_lib import files
+
+    class SafetensorError(Exception):
+        pass
+
+    target = tmp_path / "data/evaluation/report.json"
+    with pytest.raises(OSError) as caught, files.atomic_file(target) as handle:
+        handle.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
+    model = tmp_path / "models/reward_model"
+    with pytest.raises(OSError) as caught, files.atomic_dirs(model, tmp_path / "data/train"):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(model))
+    with pytest.raises(ValueError), files.atomic_dir(model):  # any other failure as it came
+        raise ValueError("not the disk")
+    assert not any(tmp_path.rglob("*.tmp")) and not model.exists()
+
+
+def test_a_folder_that_refuses_a_temporary_is_named_not_the_temporary(tmp_path, monkeypatch):
+    import tempfile
+
+    from rm_lib import files
+
+    def refused(prefix, suffix, dir):
+        raise PermissionError(1, "Operation not permitted", f"{dir}/{prefix}x{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(PermissionError) as caught, files.atomic_dir(tmp_path / "data/evaluation"):
+        pass
+    assert caught.value.filename == str(tmp_path / "data")
+
+
+def test_an_output_folder_that_is_a_file_or_a_link_to_nothing_is_refused_before_any_work(tmp_path):
+    """A file where a step writes its folder was swapped aside into a temporary (and deleted by the next
+    run's clean-up); a link to a missing folder failed after the work, naming a temporary."""
+    layout = Layout(tmp_path)
+    layout.pairs.parent.mkdir(parents=True)
+    layout.pairs.write_text("notes of mine")
+    with pytest.raises(UserError, match=f"download: {layout.pairs} is a file, not a folder, and the step writes a "
+                                        "folder there: move the file away"):
+        run_steps(tiny_params(), tmp_path, "download")
+    assert layout.pairs.read_text() == "notes of mine" and sorted(os.listdir(layout.pairs.parent)) == ["pairs"]
+    layout.pairs.unlink()
+    layout.pairs.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match=f"{layout.pairs} is a link to {tmp_path / 'elsewhere'}, which does not "
+                                        "exist: make that folder, or remove the link"):
+        run_steps(tiny_params(), tmp_path, "download")
+
+
+def test_an_output_folder_linked_to_another_disk_is_written_there_and_stays_linked(tmp_path):
+    """A user who moved an output to another disk and linked it back: the link was replaced by a new
+    folder on the project's disk, and the moved folder left behind as a stray temporary link."""
+    layout = Layout(tmp_path / "project")
+    elsewhere = tmp_path / "other-disk/pairs"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "old.txt").write_text("earlier")
+    layout.pairs.parent.mkdir(parents=True)
+    layout.pairs.symlink_to(elsewhere)
+    run_steps(tiny_params(), layout.root, "download")
+    assert layout.pairs.is_symlink() and layout.pairs.resolve() == elsewhere
+    assert (elsewhere / "manifest.json").is_file() and not (elsewhere / "old.txt").exists()
+    assert sorted(os.listdir(layout.pairs.parent)) == ["pairs"]  # no stray temporary beside the link
+    assert sorted(os.listdir(elsewhere.parent)) == ["pairs"]  # nor beside the folder
+
+
 def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path):
     """Where the system cannot swap, a kill between the renames leaves the earlier folder as .<name>.old:
     the step's next run puts it back before it reads or replaces anything."""

@@ -444,6 +444,35 @@ def test_a_path_the_system_refuses_during_a_step_is_one_line_naming_it(tmp_path,
     assert capsys.readouterr().err == f"error: {tmp_path / 'data/pairs'}: Permission denied\n"
 
 
+@pytest.mark.parametrize("error, named", [
+    # a copy that ran out of room: where it was going, not the model it read (shutil.copy2 names both)
+    (OSError(28, "No space left on device", "models/reward_model/model.safetensors", None, "data/release/x"),
+     "data/release/x"),
+    (OSError(28, "No space left on device"), "the project folder {root}"),  # a write names no file
+    (OSError(30, "Read-only file system"), "the project folder {root}"),
+])
+def test_a_full_disk_during_a_step_is_one_line_naming_where(tmp_path, capsys, monkeypatch, error, named):
+    from rm_lib import cli
+
+    def full(step, params, layout):
+        raise error
+
+    monkeypatch.setattr(cli, "_run_step", full)
+    assert main(["--root", str(tmp_path), "download"]) == 2
+    assert capsys.readouterr().err == f"error: {named.format(root=tmp_path)}: {error.strerror}\n"
+
+
+def test_an_os_error_that_names_no_path_and_is_no_storage_failure_keeps_its_traceback(tmp_path, monkeypatch):
+    from rm_lib import cli
+
+    def broken(step, params, layout):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(cli, "_run_step", broken)
+    with pytest.raises(ConnectionResetError):  # a bug or a network failure: its traceback says where
+        main(["--root", str(tmp_path), "download"])
+
+
 @pytest.mark.parametrize("step", ["download", "train", "run", "score", "show-tokens"])
 def test_the_help_after_a_step_reads_as_the_top_level_help(step, capsys):
     with pytest.raises(SystemExit):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.errors import UserError
-from rm_lib.files import file_sha256, remove_stale, restore_interrupted
+from rm_lib.files import file_sha256, folder_problem, remove_stale, restore_interrupted
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
@@ -52,6 +52,10 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         if first_of_its_launch():
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
+        for output in layout.outputs(name):  # before any work, not when the finished output is put in place
+            problem = folder_problem(output)
+            if problem:
+                raise UserError(f"{name}: {problem}")
         chain.check(name, layout)
         if name in ("filter", "train"):  # ids are read with the configured model's embeddings from filter on
             chain.check_tokenized_for(layout, params.model.name_or_path, params.model.revision, name)

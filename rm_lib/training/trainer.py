@@ -765,7 +765,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             window = _new_window(accelerator.device)
             window_start = time.perf_counter()
-        new_best = False
+        new_best, best_before = False, (state.best_step, state.best_eval_accuracy)
         if evaluating:
             # scored as the saved model will be, by evaluation and by users: its own attention, not
             # compiled (flex_attention or compiled layers on padded batches would compile per batch shape)
@@ -784,8 +784,17 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         if saving:
             state.scheduler = scheduler.state_dict()
             state.window = _saved_window(accelerator, window, time.perf_counter() - window_start)
-            save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
-                            log=getattr(tracker, "metrics_path", None))
+            try:
+                save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
+                                log=getattr(tracker, "metrics_path", None))
+            except OSError as exc:
+                if state.step < total or exc.errno != errno.ENOSPC:
+                    raise
+                # the run is done: its model still fits where its last checkpoint did not (a checkpoint
+                # holds the optimizer too), and a rerun trains the last steps again from the one before
+                accelerator.print(f"train: {exc.strerror}; the trained model is saved without its last checkpoint")
+                if new_best:  # summary.json names a checkpoint that exists: the best one saved
+                    state.best_step, state.best_eval_accuracy = best_before
     bar.close()
     if host_activations:
         release_free_memory()
@@ -856,7 +865,7 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
                 shutil.copyfile(log, tmp / LOG_FILE)
             _write_checksums(tmp)
     except Exception as exc:  # torch's RuntimeError, safetensors' SafetensorError, an OSError
-        full = _full_disk(exc, folder)  # judged before the half goes: that frees the space it filled
+        full = _full_disk(exc, folder, state, keep)  # judged before the half goes: that frees the space it filled
         shutil.rmtree(tmp, ignore_errors=True)  # its half would keep a full disk full for what runs next
         if full is None:
             raise
@@ -875,10 +884,10 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
 _FULL_BELOW = 64 << 20
 
 
-def _full_disk(exc: BaseException, folder: Path) -> OSError | None:
+def _full_disk(exc: BaseException, folder: Path, state: TrainState, keep: int) -> OSError | None:
     """A checkpoint write that failed for a full disk, as one line the CLI prints with its path; None
     for any other failure. safetensors names the OS error in its message; torch's writer says only
-    "iostream error", so there the free space decides."""
+    "iostream error", so there the free space decides. The line names what the user can remove."""
     text = str(exc)
     said = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "os error 28" in text or \
         "No space left" in text
@@ -887,9 +896,22 @@ def _full_disk(exc: BaseException, folder: Path) -> OSError | None:
     free = shutil.disk_usage(folder).free
     if not said and free >= _FULL_BELOW:
         return None
+    others, own = [], 0
+    for candidate in _step_folders(folder):
+        if (_read_state(candidate) or {}).get("fingerprint") == state.fingerprint:
+            own += 1
+        else:
+            others.append(candidate)
+    ways = []
+    if others:  # pruned only once this run has a checkpoint of its own: until then they are the resumable ones
+        size = sum(f.stat().st_size for c in others for f in c.rglob("*") if f.is_file())
+        ways.append(f"remove another run's checkpoints ({size >> 20} MiB: {', '.join(str(c) for c in others)}; "
+                    "this run removes them only once it has saved one of its own)")
+    if own and keep > 1:
+        ways.append("lower train.save_total_limit")
     return OSError(errno.ENOSPC, f"no room for a checkpoint ({free >> 20} MiB were free when it failed; the earlier "
-                                 "checkpoints and the last model are kept): free space, or lower "
-                                 "train.save_total_limit", str(folder))
+                                 f"checkpoints and the last model are kept): free space"
+                                 + "".join(f", or {way}" for way in ways), str(folder))
 
 
 def _prune(folder: Path, state: TrainState, keep: int) -> None:
