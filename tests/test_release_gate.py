@@ -351,3 +351,36 @@ def test_a_release_by_an_older_version_is_compared_as_then_and_the_verdict_says_
     old_bar = {"accuracy": 0.65, "data_hash": "d0", "model": "older"}  # what an older version recorded
     verdict = judged(tmp_path, 0.7, held_out(), held_out(), 0.9, forced=True, judged_against=old_bar)
     assert verdict.passed and "an unknown number there" in verdict.description
+
+
+def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(project, tiny_decoder, monkeypatch):
+    """A project carried over from an earlier version: its forced release (recorded only in its card)
+    became the bar the next model had to pass; the card printed today's params.yaml as the settings of
+    records that kept none, and named this commit as the source of a model older code trained."""
+    layout = Layout(project)
+    params = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder))
+    run_steps(params, project, "push")
+    released = json.loads((layout.release / "evaluation.json").read_text())
+    del released["forced"], released[quality.JUDGED_AGAINST]  # as an earlier version wrote it, forced past the gate
+    write_json(layout.release / "evaluation.json", {**released, "accuracy": 1.0, "inputs": {"model": "earlier"}})
+    card = layout.release / "README.md"
+    card.write_text(card.read_text() + f"\n**{quality.FORCED_MARK}** Treat this model as unvetted.\n")
+    run_steps(params, project, "push")  # not refused: a forced release is no bar
+    # a filter manifest from before the settings were recorded: unknown, not params.yaml's
+    manifest = json.loads((layout.filtered / "manifest.json").read_text())
+    del manifest["settings"]
+    write_json(layout.filtered / "manifest.json", manifest)
+    from rm_lib.pipeline import code_version
+    from rm_lib.publish import model_card
+
+    trained_by = json.loads((layout.train_logs / "summary.json").read_text())["code_hash"]
+    lineage = model_card.lineage(project, {"code_hash": trained_by}, {})
+    assert lineage["code_hash_now"] == trained_by  # the same code: the commit reproduces it
+    monkeypatch.setattr(code_version, "code_hash", lambda step: "0123456789abcdef")  # a newer checkout's code
+    run_steps(tiny_params("push.min_accuracy=0", "filter.max_token_length=999", model=str(tiny_decoder)), project,
+              "push")
+    text = card.read_text()
+    filter_settings = json.loads(text[text.index("```json") + 7:text.index("```", text.index("```json") + 7)])["filter"]
+    assert filter_settings == {"max_prompt_token_length": None, "max_token_length": None, "policy": None}
+    assert "Not reproducible from this commit: the model was trained by other training code" in text
+    assert "Reproduce: check out the commit" not in text

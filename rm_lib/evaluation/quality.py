@@ -252,6 +252,10 @@ def _bar(release: dict) -> dict:
             TEST_DATA: release.get(TEST_DATA)}
 
 
+# the model card's words for a release forced past a failed gate (its only record before evaluation.json's)
+FORCED_MARK = "Released with `push.force=true` although the release gate failed."
+
+
 def release_bar(layout: Layout, model: str | None = None) -> dict | None:
     """What a release of `model` (its content hash) must not fall below: the release data/release holds
     ({"accuracy", "data_hash", "model", "pairs", "test_data"}; a release by an older version lacks the
@@ -263,9 +267,18 @@ def release_bar(layout: Layout, model: str | None = None) -> dict | None:
         return None
     release = read_json(path)
     judged_against = release.get(JUDGED_AGAINST)
-    if release.get("forced") or (model is not None and _bar(release)["model"] == model):
+    if _forced(release, layout.release) or (model is not None and _bar(release)["model"] == model):
         return judged_against
     return _bar(release)
+
+
+def _forced(release: dict, folder: Path) -> bool:
+    """Whether the release was forced past a failed gate: its evaluation.json says so; one by a version
+    that did not record it there says so only in its model card."""
+    if "forced" in release:
+        return bool(release["forced"])
+    card = folder / "README.md"
+    return card.is_file() and FORCED_MARK in card.read_text(encoding="utf-8", errors="replace")
 
 
 def _source_name(test_data: dict) -> str:

@@ -4,13 +4,13 @@ upstream of its input must still hold, or the step would build on data that no l
 (a tokenize killed after a new download: filter would filter the old tokens under the new name)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rm_lib.errors import UserError
 from rm_lib.files import read_json, tree_sha256
 from rm_lib.layout import SPLITS, Layout
-from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
+from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, Params
 
 
 class StaleInput(UserError):
@@ -58,9 +58,12 @@ def recorded_settings(layout: Layout) -> dict[str, dict]:
     for section, record in (("tokenize", layout.tokenized / "manifest.json"),
                             ("filter", layout.filtered / "manifest.json"),
                             ("evaluate", layout.evaluation / "report.json")):
-        settings = read_json(record).get("settings") if record.exists() else None
-        if settings is not None:
-            recorded[section] = settings
+        if not record.exists():
+            continue
+        settings = read_json(record).get("settings")
+        # made by a version that did not record them: unknown (null), as download's are, never params.yaml's
+        recorded[section] = settings if settings is not None else \
+            {f.name: None for f in fields(Params.__dataclass_fields__[section].default_factory)}
     return recorded
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rm_lib.evaluation.metrics import set_aside_by_filter
+from rm_lib.evaluation.quality import FORCED_MARK
 from rm_lib.files import dvc_md5
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 
@@ -88,10 +89,13 @@ def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
 
 def lineage(root: Path, summary: dict, manifest: dict) -> dict[str, Any]:
     """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json."""
+    from rm_lib.pipeline.code_version import code_hash
+
+    # the checkout's training code: a model trained by other code (an earlier version) is not this commit's
     return {"git_commit": git_commit(root), "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
             "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
-            "wandb": summary.get("wandb"),
+            "code_hash_now": code_hash("train"), "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision")}
 
 
@@ -421,7 +425,8 @@ def _parameters(params: dict) -> str:
     return f"""## Training parameters
 
 Every setting of the run, by section, as each step recorded it when it made its output (the model and
-training settings from `data/train/run.json`):
+training settings from `data/train/run.json`; a section of nulls only was made by an earlier version of
+rm_lib, which recorded none):
 
 ```json
 {settings}
@@ -429,7 +434,12 @@ training settings from `data/train/run.json`):
 
 
 def _lineage(lineage: dict) -> str:
-    rows = [("git commit", _or(lineage.get("git_commit"), "unknown (not a git checkout)"))]
+    trained_by, now = lineage.get("code_hash"), lineage.get("code_hash_now")
+    other_code = bool(trained_by and now and trained_by != now)
+    commit = _or(lineage.get("git_commit"), "unknown (not a git checkout)")
+    if other_code and lineage.get("git_commit"):
+        commit += f" (the push's; its training code is `{now}`, not the code that trained this model)"
+    rows = [("git commit", commit)]
     for kind, key in (("data", "dvc_data"), ("model", "dvc_model")):
         for path, value in (lineage.get(key) or {}).items():
             shown = f"`{value}`" if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value) else value
@@ -440,14 +450,18 @@ def _lineage(lineage: dict) -> str:
              ("run fingerprint (settings + data + code)", _or(lineage.get("fingerprint"), "unknown")),
              ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
     table = "\n".join(f"| {what} | {value} |" for what, value in rows)
+    reproduce = ("Not reproducible from this commit: the model was trained by other training code (an earlier "
+                 "version of rm_lib);\n`python -m rm_lib train` (or `dvc repro`) there trains a new model."
+                 if other_code else
+                 "Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters "
+                 "above;\n`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them.")
     return f"""## Lineage
 
 | what | value |
 |---|---|
 {table}
 
-Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;
-`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them."""
+{reproduce}"""
 
 
 def _gate(gate: list[dict], forced: bool) -> str:
@@ -455,8 +469,7 @@ def _gate(gate: list[dict], forced: bool) -> str:
         return ""
     rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | {g['description']} |"
                      for g in gate)
-    warning = ("\n\n**Released with `push.force=true` although the release gate failed.** Treat this model as "
-               "unvetted." if forced else "")
+    warning = f"\n\n**{FORCED_MARK}** Treat this model as unvetted." if forced else ""
     return f"""## Release gate{warning}
 
 | check | result | detail |
