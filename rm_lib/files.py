@@ -125,7 +125,7 @@ def _temporary_sibling(path: Path) -> Path:
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path = path.resolve() if path.is_symlink() and path.exists() else path  # written through a link
+    # a link at `path` is replaced, never written through: DVC's cache.type=symlink links outputs to its cache
     tmp = _temporary_sibling(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:

@@ -309,6 +309,16 @@ def test_an_output_folder_linked_to_another_disk_is_written_there_and_stays_link
     assert (elsewhere / "manifest.json").is_file() and not (elsewhere / "old.txt").exists()
     assert sorted(os.listdir(layout.pairs.parent)) == ["pairs"]  # no stray temporary beside the link
     assert sorted(os.listdir(elsewhere.parent)) == ["pairs"]  # nor beside the folder
+    # a linked file is replaced, never written through: with DVC's cache.type=symlink the link's file
+    # is DVC's cache, which holds the content its name hashes
+    from rm_lib.files import write_json
+
+    cached = tmp_path / "cache/ab/cdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}")
+    (layout.root / "report.json").symlink_to(cached)
+    write_json(layout.root / "report.json", {"accuracy": 1})
+    assert cached.read_text() == "{}" and not (layout.root / "report.json").is_symlink()
 
 
 def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path):
