@@ -8,6 +8,7 @@ import argparse
 import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from rm_lib.errors import UserError
@@ -133,13 +134,15 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
 
 def _refused_path(exc: OSError, root: str) -> str | None:
     """The path an OSError is about: of a copy that ran out of room, where it was going (filename2), not
-    what it read; a storage failure that names no file happened in the project folder."""
+    what it read; for a storage failure that names no file, where it may have been."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and exc.filename2 is not None:
         return str(exc.filename2)
     if exc.filename is not None:
         return str(exc.filename)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
-        return f"the project folder {root}"
+        # the steps' own outputs are named (rm_lib.files): this is a write elsewhere, or in the project
+        return (f"a write that named no file (the project folder {root}, a cache such as ~/.cache, or "
+                f"{tempfile.gettempdir()})")
     return None
 
 

@@ -204,11 +204,11 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
                 prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)))))
         try:
             yield [tmp for _, tmp in staged]
-        except BaseException as exc:  # a full disk as the block writes names the output it was for
-            named = storage_error(exc, staged[0][0])
-            if named is not None:
-                raise named from exc
-            raise
+        except Exception as exc:  # a full disk as the block writes: named by the output it was for
+            named = _named_for_outputs(exc, list(map(Path, paths)), [tmp for _, tmp in staged])
+            if named is exc:
+                raise
+            raise named from exc
         for _, tmp in staged:
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         with _signals_held():
@@ -226,6 +226,20 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
     finally:
         for _, tmp in staged:  # a failed block's folders, or the earlier ones the replaces put there
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _named_for_outputs(exc: Exception, outputs: list[Path], temporaries: list[Path]) -> Exception:
+    """`exc` naming the output a user knows, not the temporary folder it was written in (gone by the time
+    anyone reads the message); a storage failure that named no file (safetensors' is no OSError) by the
+    output, or the folder that holds them all where there are several."""
+    if isinstance(exc, OSError):
+        for output, tmp in zip(outputs, temporaries):
+            for attribute in ("filename", "filename2"):
+                name = getattr(exc, attribute)
+                if isinstance(name, str) and (name == str(tmp) or name.startswith(f"{tmp}{os.sep}")):
+                    setattr(exc, attribute, str(output) + name[len(str(tmp)):])
+    where = outputs[0] if len(outputs) == 1 else Path(os.path.commonpath([str(p) for p in outputs]))
+    return storage_error(exc, where) or exc
 
 
 def _replace_dir(tmp: Path, path: Path) -> bool:

@@ -256,9 +256,17 @@ def test_a_full_disk_while_an_output_is_written_names_the_output(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
     model = tmp_path / "models/reward_model"
-    with pytest.raises(OSError) as caught, files.atomic_dirs(model, tmp_path / "data/train"):
+    with pytest.raises(OSError) as caught, files.atomic_dir(model):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(model))
+    with pytest.raises(OSError) as caught, files.atomic_dirs(model, tmp_path / "data/train"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # which of the two is unknown: where both are
+    assert caught.value.filename == str(tmp_path)
+    # a file written inside a staged folder: named where it goes, not in the temporary folder gone since
+    with pytest.raises(OSError) as caught, files.atomic_dir(tmp_path / "data/tokenized") as out:
+        with files.atomic_file(out / "train.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "data/tokenized/train.jsonl")
     with pytest.raises(ValueError), files.atomic_dir(model):  # any other failure as it came
         raise ValueError("not the disk")
     assert not any(tmp_path.rglob("*.tmp")) and not model.exists()
@@ -309,6 +317,10 @@ def test_an_output_folder_linked_to_another_disk_is_written_there_and_stays_link
     assert (elsewhere / "manifest.json").is_file() and not (elsewhere / "old.txt").exists()
     assert sorted(os.listdir(layout.pairs.parent)) == ["pairs"]  # no stray temporary beside the link
     assert sorted(os.listdir(elsewhere.parent)) == ["pairs"]  # nor beside the folder
+    # killed between two renames (no renameat2 exchange, as on NFS): put back where the link points
+    elsewhere.rename(elsewhere.with_name(".pairs.old"))
+    run_steps(tiny_params(), layout.root, "download")
+    assert sorted(os.listdir(elsewhere.parent)) == ["pairs"] and layout.pairs.resolve() == elsewhere
     # a linked file is replaced, never written through: with DVC's cache.type=symlink the link's file
     # is DVC's cache, which holds the content its name hashes
     from rm_lib.files import write_json

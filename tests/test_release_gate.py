@@ -355,7 +355,7 @@ def test_a_release_by_an_older_version_is_compared_as_then_and_the_verdict_says_
 
 def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(project, tiny_decoder, monkeypatch):
     """A project carried over from an earlier version: its forced release (recorded only in its card)
-    became the bar the next model had to pass; the card printed today's params.yaml as the settings of
+    was a bar the refusal did not explain; the card printed today's params.yaml as the settings of
     records that kept none, and named this commit as the source of a model older code trained."""
     layout = Layout(project)
     params = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder))
@@ -365,7 +365,11 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
     write_json(layout.release / "evaluation.json", {**released, "accuracy": 1.0, "inputs": {"model": "earlier"}})
     card = layout.release / "README.md"
     card.write_text(card.read_text() + f"\n**{quality.FORCED_MARK}** Treat this model as unvetted.\n")
-    run_steps(params, project, "push")  # not refused: a forced release is no bar
+    with pytest.raises(ReleaseBlocked, match="forced past its release gate by an earlier version of rm_lib, which "
+                                             "did not record whether a check that blocks had failed"):
+        run_steps(params, project, "push")  # its card does not say whether a check that blocks failed
+    run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=false", model=str(tiny_decoder)),
+              project, "push")
     # a filter manifest from before the settings were recorded: unknown, not params.yaml's
     manifest = json.loads((layout.filtered / "manifest.json").read_text())
     del manifest["settings"]
@@ -374,8 +378,9 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
     from rm_lib.publish import model_card
 
     trained_by = json.loads((layout.train_logs / "summary.json").read_text())["code_hash"]
-    lineage = model_card.lineage(project, {"code_hash": trained_by}, {})
-    assert lineage["code_hash_now"] == trained_by  # the same code: the commit reproduces it
+    assert trained_by == code_version.code_hash("train")  # the same code: the commit reproduces it
+    assert "Reproduce: check out the commit" in model_card._lineage({"code_hash": trained_by,
+                                                                    "code_hash_now": trained_by})
     monkeypatch.setattr(code_version, "code_hash", lambda step: "0123456789abcdef")  # a newer checkout's code
     run_steps(tiny_params("push.min_accuracy=0", "filter.max_token_length=999", model=str(tiny_decoder)), project,
               "push")

@@ -448,8 +448,10 @@ def test_a_path_the_system_refuses_during_a_step_is_one_line_naming_it(tmp_path,
     # a copy that ran out of room: where it was going, not the model it read (shutil.copy2 names both)
     (OSError(28, "No space left on device", "models/reward_model/model.safetensors", None, "data/release/x"),
      "data/release/x"),
-    (OSError(28, "No space left on device"), "the project folder {root}"),  # a write names no file
-    (OSError(30, "Read-only file system"), "the project folder {root}"),
+    (OSError(28, "No space left on device"), "a write that named no file (the project folder {root}, a cache such "
+                                             "as ~/.cache, or {tmp})"),
+    (OSError(30, "Read-only file system"), "a write that named no file (the project folder {root}, a cache such as "
+                                           "~/.cache, or {tmp})"),
 ])
 def test_a_full_disk_during_a_step_is_one_line_naming_where(tmp_path, capsys, monkeypatch, error, named):
     from rm_lib import cli
@@ -459,7 +461,10 @@ def test_a_full_disk_during_a_step_is_one_line_naming_where(tmp_path, capsys, mo
 
     monkeypatch.setattr(cli, "_run_step", full)
     assert main(["--root", str(tmp_path), "download"]) == 2
-    assert capsys.readouterr().err == f"error: {named.format(root=tmp_path)}: {error.strerror}\n"
+    import tempfile
+
+    where = named.format(root=tmp_path, tmp=tempfile.gettempdir())
+    assert capsys.readouterr().err == f"error: {where}: {error.strerror}\n"
 
 
 def test_an_os_error_that_names_no_path_and_is_no_storage_failure_keeps_its_traceback(tmp_path, monkeypatch):

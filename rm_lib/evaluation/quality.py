@@ -254,6 +254,7 @@ def _bar(release: dict) -> dict:
 
 # the model card's words for a release forced past a failed gate (its only record before evaluation.json's)
 FORCED_MARK = "Released with `push.force=true` although the release gate failed."
+FORCED_BY_EARLIER_VERSION = "forced_by_earlier_version"
 
 
 def release_bar(layout: Layout, model: str | None = None) -> dict | None:
@@ -267,18 +268,14 @@ def release_bar(layout: Layout, model: str | None = None) -> dict | None:
         return None
     release = read_json(path)
     judged_against = release.get(JUDGED_AGAINST)
-    if _forced(release, layout.release) or (model is not None and _bar(release)["model"] == model):
+    if release.get("forced") or (model is not None and _bar(release)["model"] == model):
         return judged_against
+    card = layout.release / "README.md"
+    if "forced" not in release and card.is_file() and FORCED_MARK in card.read_text(errors="replace"):
+        # an earlier version's forced release: its card says a check failed, not whether one that blocks
+        # (a warning's failure was marked so too), so it stays a bar and a refusal says what it may be
+        return {**_bar(release), FORCED_BY_EARLIER_VERSION: True}
     return _bar(release)
-
-
-def _forced(release: dict, folder: Path) -> bool:
-    """Whether the release was forced past a failed gate: its evaluation.json says so; one by a version
-    that did not record it there says so only in its model card."""
-    if "forced" in release:
-        return bool(release["forced"])
-    card = folder / "README.md"
-    return card.is_file() and FORCED_MARK in card.read_text(encoding="utf-8", errors="replace")
 
 
 def _source_name(test_data: dict) -> str:
@@ -384,6 +381,10 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
     if bar is not None:
         refused, said, compared = _compared(report, bar, min_test_pairs)
         metadata.update(compared)
+        if refused and bar.get(FORCED_BY_EARLIER_VERSION):
+            refused += (" (that release was forced past its release gate by an earlier version of rm_lib, which "
+                        "did not record whether a check that blocks had failed: if it is no bar, set "
+                        "push.compare_with_release=false)")
         if refused:
             reasons.append(refused)
     if reasons:

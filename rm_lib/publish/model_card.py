@@ -87,15 +87,13 @@ def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     return result
 
 
-def lineage(root: Path, summary: dict, manifest: dict) -> dict[str, Any]:
-    """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json."""
-    from rm_lib.pipeline.code_version import code_hash
-
-    # the checkout's training code: a model trained by other code (an earlier version) is not this commit's
+def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None = None) -> dict[str, Any]:
+    """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json;
+    `code_hash_now`: the checkout's training code (a model other code trained is not this commit's)."""
     return {"git_commit": git_commit(root), "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
             "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
-            "code_hash_now": code_hash("train"), "wandb": summary.get("wandb"),
+            "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision")}
 
 

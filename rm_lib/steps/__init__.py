@@ -36,9 +36,11 @@ def _remove_stale_temporaries(name: str, layout: Layout) -> None:
     """Under the step's lock no other writer of its outputs is alive: whatever temporaries they hold
     were left by killed runs, also those named before temporaries carried their writer's pid."""
     for output in layout.outputs(name):
-        restore_interrupted(output)  # before the release gate reads data/release, say
-        remove_stale(output.parent, output.name, unowned=True)
-        remove_stale(output, unowned=True)
+        # a linked output folder is replaced where its link points: its temporaries are there
+        for where in dict.fromkeys((output, output.resolve() if output.is_symlink() else output)):
+            restore_interrupted(where)  # before the release gate reads data/release, say
+            remove_stale(where.parent, where.name, unowned=True)
+            remove_stale(where, unowned=True)
 
 
 def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:

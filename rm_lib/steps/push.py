@@ -22,7 +22,7 @@ from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import atomic_dir, read_json, write_json
 from rm_lib.layout import Layout
-from rm_lib.pipeline import chain
+from rm_lib.pipeline import chain, code_version
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.public import public, public_text
 from rm_lib.settings import Params
@@ -110,7 +110,8 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     summary = read_json(layout.train_logs / "summary.json")
     trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
     manifest = read_json(layout.pairs / "manifest.json")
-    lineage = model_card.lineage(layout.root.resolve(), summary, manifest)
+    lineage = model_card.lineage(layout.root.resolve(), summary, manifest,
+                                 code_hash_now=code_version.code_hash("train"))
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
@@ -118,7 +119,7 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
                    "train": trained["train"]}
     card = model_card.render(repo_id=repo_id, params=card_params, metrics=metrics, lineage=lineage,
                              pictures=pictures, gate=gate_rows,
-                             forced=params.push.force and not all(v.passed for v in verdicts),
+                             forced=params.push.force and bool(quality.blocking_failures(list(verdicts))),
                              adapter=model_card.adapter_facts(out), tokenizer=model_card.tokenizer_facts(out))
     (out / "README.md").write_text(public_text(card, layout.root.resolve(), card_params, metrics), encoding="utf-8")
 

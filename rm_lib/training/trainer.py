@@ -788,7 +788,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                 save_checkpoint(accelerator, checkpoints, state, cfg.save_total_limit,
                                 log=getattr(tracker, "metrics_path", None))
             except OSError as exc:
-                if state.step < total or exc.errno != errno.ENOSPC:
+                # one process of several may fail alone (its own disk; the files only the first writes):
+                # the others wait for it inside the save, so there the run ends as before
+                if state.step < total or exc.errno != errno.ENOSPC or accelerator.num_processes > 1:
                     raise
                 # the run is done: its model still fits where its last checkpoint did not (a checkpoint
                 # holds the optimizer too), and a rerun trains the last steps again from the one before
