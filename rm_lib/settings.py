@@ -459,5 +459,5 @@ def check_within_positions(max_token_length: int, limit: int | None, name_or_pat
     if limit is not None and max_token_length > limit:
         raise SettingsError(f"filter.max_token_length: {max_token_length}{kept} is more than the {limit} tokens the "
                             f"model '{name_or_path}' reads; set filter.max_token_length to {limit} or less (with "
-                            "filter.policy=truncate to keep the end of longer pairs), or choose a model with more "
-                            "positions")
+                            "filter.policy=truncate to keep the end of longer pairs)"
+                            + (", then rerun filter" if kept else "") + ", or choose a model with more positions")

@@ -352,8 +352,8 @@ def test_a_launch_that_cannot_resume_the_runs_checkpoint_is_refused_with_the_way
     assert str(caught.value) == (
         f"train: the checkpoint {saved} of this run was saved by 2 processes (FSDP); this launch is 2 processes (DDP) "
         "and cannot resume it (FSDP saves checkpoints in a layout of its own). To resume, relaunch as it was saved "
-        "(`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m rm_lib train`); to train "
-        f"afresh with this launch, remove {folder}")
+        "(`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m rm_lib train`, with this "
+        f"run's options); to train afresh with this launch, remove {folder}")
     with pytest.raises(SettingsError, match=r"saved by 2 processes \(FSDP\); this launch is 1 process and cannot "
                                             r"resume it \(each process takes train.batch_size pairs of a step; FSDP"):
         trainer.check_launch(folder, fingerprint_of(one), one, fingerprint_of)

@@ -224,11 +224,15 @@ def test_hub_settings_with_a_local_source_or_the_demo_are_refused(tmp_path, sett
 
     source = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}
                                                     for i in range(20)])
+    key = setting.split(".")[1].split("=")[0]
+    back = f"download.{key}={'train' if key == 'train_split' else 'null'}"  # what the message says to set
     for where in (f"download.source={source}", "download.source=demo"):
-        with pytest.raises(SettingsError, match=rf"download.{setting.split('.')[1].split('=')[0]}: applies to a Hub "
-                                                r"dataset (or a local folder \(.*\) )?only"):
+        with pytest.raises(SettingsError, match=rf"download.{key}: applies to a Hub "
+                                                r"dataset (or a local folder \(.*\) )?only") as caught:
             run_steps(tiny_params(where, setting), tmp_path, "download")
+        assert str(caught.value).endswith(f"set {back}")
     assert not (tmp_path / "data").exists()
+    run_steps(tiny_params(f"download.source={source}", back), tmp_path, "download")  # and that setting is taken
 
 
 def test_a_folder_in_the_hubs_layout_says_its_split_files_and_takes_them_when_named(tmp_path, capsys):

@@ -100,8 +100,8 @@ def test_out_of_gpu_memory_for_one_pair_or_on_several_processes_names_the_settin
     rows = [{"input_ids_chosen": [5, 6, 7], "input_ids_rejected": [5, 8]}] * 4
     score, _ = scarce(inference.rewards, most=1)  # not even one pair (two sequences)
     monkeypatch.setattr(inference, "rewards", score)
-    with pytest.raises(DevicePathError, match="scoring pairs: out of GPU memory scoring a batch of 1; set "
-                                              "evaluate.batch_size lower"):
+    with pytest.raises(DevicePathError, match="scoring pairs: out of GPU memory scoring a batch of 1; a single pair "
+                                              "does not fit: free GPU memory, or score shorter texts"):
         score_pairs(model, rows, pad_token_id=0, batch_size=4)
     assert model.training  # the model leaves in the mode it came in, also on an error
     score, _ = scarce(inference.rewards, most=4)

@@ -225,10 +225,14 @@ def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]]
             continue
         except torch.OutOfMemoryError:
             if not shrink or batch_size == 1:
+                # halved down to one pair already, alone; several processes score in step and cannot
+                advice = ("set evaluate.batch_size lower, or free GPU memory" if not shrink else
+                          "a single pair does not fit: free GPU memory, or score shorter texts (evaluate: a lower "
+                          "filter.max_token_length, then rerun filter)")
                 raise DevicePathError(
                     f"{what}: out of GPU memory scoring a batch of {stop - start}"
                     + ("" if shrink else " on one of several processes, which score in step")
-                    + "; set evaluate.batch_size lower, a lower filter.max_token_length, or free GPU memory") from None
+                    + f"; {advice}") from None
         # out of the except block: its traceback, and the tensors it holds, are gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

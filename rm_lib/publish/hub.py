@@ -132,8 +132,9 @@ def _check_ready(folder: Path) -> None:
     from huggingface_hub import constants, get_token
 
     if constants.is_offline_mode():
-        raise PublishError("HF_HUB_OFFLINE is set, so the Hub client makes no request: unset it to push, or set "
-                           f"push.dry_run=true to only write the release; the model stays in {folder}")
+        raise PublishError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so the Hub client makes no request: set "
+                           "it to 0 to push (`make` sets it to 1 unless given), or set push.dry_run=true to only "
+                           f"write the release; the model stays in {folder}")
     if not get_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
                            f"`hf auth login`; the model stays in {folder}")

@@ -293,7 +293,8 @@ def _check_hub_settings(cfg: DownloadSettings, kind: str) -> None:
         if value != default and not (folder and key.endswith("_split")):
             where = ("a Hub dataset or a local folder (whose files name their splits: train_prefs.parquet, "
                      "test_prefs-00000-of-00001.parquet)" if key.endswith("_split") else "a Hub dataset")
-            raise SettingsError(f"download.{key}: applies to {where} only, and {what}: unset download.{key}")
+            back = "null" if default is None else default  # train_split takes no null: its default
+            raise SettingsError(f"download.{key}: applies to {where} only, and {what}: set download.{key}={back}")
 
 
 def run(params: Params, layout: Layout) -> DownloadResult:
