@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from rm_lib.errors import UserError
-from rm_lib.files import unwritable_folder
+from rm_lib.files import STORAGE_ERRORS, unwritable_folder
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
 from rm_lib.steps import PIPELINE
@@ -139,7 +139,7 @@ def _refused_path(exc: OSError, root: str) -> str | None:
         return str(exc.filename2)
     if exc.filename is not None:
         return str(exc.filename)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
+    if exc.errno in STORAGE_ERRORS:
         # the steps' own outputs are named (rm_lib.files): this is a write elsewhere, or in the project
         return (f"a write that named no file (the project folder {root}, a cache such as ~/.cache, or "
                 f"{tempfile.gettempdir()})")

@@ -68,14 +68,14 @@ def remove_stale(folder: str | Path, name: str | None = None, *, unowned: bool =
 
 
 # errors of the storage itself: raised by a write, they name no file, so the output they hit is named
-_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 
 
 def storage_error(exc: BaseException, path: Path) -> OSError | None:
     """`exc` as an OSError naming `path` where it is the storage's failure that named no file (a write's
     ENOSPC; safetensors' error, which is no OSError, says "os error 28"); None for anything else."""
     if isinstance(exc, OSError):
-        if exc.filename is None and exc.errno in _STORAGE_ERRORS:
+        if exc.filename is None and exc.errno in STORAGE_ERRORS:
             return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
         return None
     if "No space left on device" in str(exc) or "os error 28" in str(exc):

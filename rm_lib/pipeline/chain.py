@@ -4,7 +4,7 @@ upstream of its input must still hold, or the step would build on data that no l
 (a tokenize killed after a new download: filter would filter the old tokens under the new name)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rm_lib.errors import UserError
@@ -62,8 +62,7 @@ def recorded_settings(layout: Layout) -> dict[str, dict]:
             continue
         settings = read_json(record).get("settings")
         # made by a version that did not record them: unknown (null), as download's are, never params.yaml's
-        recorded[section] = settings if settings is not None else \
-            {f.name: None for f in fields(Params.__dataclass_fields__[section].default_factory)}
+        recorded[section] = settings if settings is not None else dict.fromkeys(asdict(getattr(Params(), section)))
     return recorded
 
 

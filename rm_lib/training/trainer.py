@@ -696,13 +696,13 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                              step_forwards(train_rows, schedule, micro, accumulation, rank, world, budget, end)
                              for forward in forwards)
                 if world > 1:  # the other processes are inside the step's collectives: no one can redo it alone
-                    single = widest <= max(pair_tokens(r) for r in train_rows)  # runs alone whatever the budget
-                    smaller = "" if single else f"train.max_tokens_per_forward below {widest} (or "
+                    ways = "train.gpu_memory_gib, train.gradient_checkpointing=true or train.lora=true"
+                    if widest > max(pair_tokens(r) for r in train_rows):  # a single pair runs alone whatever the budget
+                        ways = f"train.max_tokens_per_forward below {widest} (or {ways})"
                     raise DevicePathError(
                         f"train: out of GPU memory at step {state.step + 1} in a forward of up to {widest} tokens; "
-                        f"with several processes a step is not run again in smaller forwards: set {smaller}"
-                        f"train.gpu_memory_gib, train.gradient_checkpointing=true or train.lora=true"
-                        f"{'' if single else ')'}. Checkpoints are kept: the run resumes from the last one") from None
+                        f"with several processes a step is not run again in smaller forwards: set {ways}. "
+                        "Checkpoints are kept: the run resumes from the last one") from None
             # out of the except block: its traceback, and the tensors it holds, are gone
             budget = _smaller_budget(widest, train_rows, state.step + 1)
             retries += 1
