@@ -186,7 +186,8 @@ def test_with_policy_drop_a_long_text_is_refused_naming_it(trained):
     from rm_lib.errors import DataError
 
     scorer = RewardScorer(trained / "models/reward_model", length_policy="drop")
-    with pytest.raises(DataError, match=r"item 1: \d+ tokens, more than the 512 the model reads"):
+    with pytest.raises(DataError, match=r"item 1: \d+ tokens, more than the 512 the model reads; use "
+                                        r"length_policy=truncate"):  # the argument this caller set, not the CLI's
         scorer.score(["User: hi\n\nAssistant: hello", LONG])
 
 

@@ -133,7 +133,7 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     _check_paths(layout, model, input_path, output_path)
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size,
-                          length_policy=params.filter.policy)
+                          length_policy=params.filter.policy, policy_setting="filter.policy")
     pairs, rejects, own_ids = [], [], {}
     for path in sources.local_files(input_path):
         normaliser = formats.Normaliser(str(path))
