@@ -55,19 +55,24 @@ def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, mo
 def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful.",
              "id": "review-17"},
-            {"prompt": "The film was", "chosen": "same", "rejected": "same"}]
+            {"prompt": "The film was", "chosen": "same", "rejected": "same"},
+            {"prompt": "The film was", "chosen": "Good.", "rejected": "good.", "id": "case-3"}]  # uncased: one ids
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--input", str(src),
                           "--output", str(tmp_path / "scores.jsonl")], capture_output=True, text=True, check=True)
-    assert "1 pairs (1 rejected, 0 truncated to the model's 512 tokens), accuracy" in out.stdout
+    assert "1 pairs (2 rejected, 0 truncated to the model's 512 tokens), accuracy" in out.stdout
     assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
     assert (scored[0]["id"], scored[0]["source"]) == ("review-17", f"{src}:1")  # the input's own id, and where it is
     # the row set aside is written beside the output, with its reason and its data: nothing lost
     assert f"rows set aside: {tmp_path / 'scores.jsonl.rejects.jsonl'}" in out.stdout
-    (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
-    assert (aside["row"], aside["reason"], aside["data"]) == (2, "identical", rows[1])
+    read, tie = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert (read["row"], read["reason"], read["data"]) == (2, "identical", rows[1])
+    assert (tie["file"], tie["row"], tie["reason"]) == (str(src), 3, "identical_tokens")
+    # one shape of row whoever set it aside (the reader, the tie check): a script reads them alike
+    assert set(read) == set(tie) == {"id", "source", "file", "row", "reason", "detail", "data"}
+    assert (read["id"], read["source"], tie["id"], tie["source"]) == (f"{src}:2", f"{src}:2", "case-3", f"{src}:3")
 
 
 def test_score_reads_pretokenized_ids_as_given_and_sets_aside_sides_that_tokenize_alike(trained, tmp_path):

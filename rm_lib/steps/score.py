@@ -96,6 +96,14 @@ def _noting_ids(rows: sources.Rows, file: str, own_ids: dict[str, Any]) -> sourc
         yield number, row
 
 
+def _reject_row(file: str, row: int, reason: str, detail: str, data: Any, own_ids: dict[str, Any]) -> dict:
+    """One row of the rejects file, the same keys whoever set it aside (the reader or the tie check): the
+    pair's id as the output names it, its file:row, and the file and row apart."""
+    source = f"{file}:{row}"
+    return {"id": own_ids.get(source, source), "source": source, "file": file, "row": row, "reason": reason,
+            "detail": detail, "data": data}
+
+
 def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict], own_ids: dict[str, Any]
                   ) -> tuple[list[dict], list[tuple[list[int], list[int]]], list[dict]]:
     """(pairs kept, their (chosen, rejected) ids, rejects): pretokenized ids are read as given, as tokenize
@@ -111,8 +119,9 @@ def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict], 
         reason = scorer.sure_tie(ids[0], ids[1], pair["id"])
         if reason is not None:
             cut = f"cut to the {scorer.max_length} tokens the model reads, " if reason != "identical_tokens" else ""
-            rejects.append({"id": own_ids.get(pair["id"], pair["id"]), "source": pair["id"], "reason": reason,
-                            "detail": f"{cut}chosen and rejected give the same token ids: a sure tie", "data": pair})
+            file, row = pair["id"].rsplit(":", 1)
+            rejects.append(_reject_row(file, int(row), reason, f"{cut}chosen and rejected give the same token ids: "
+                                       "a sure tie", pair, own_ids))
             continue
         kept.append(pair)
         encoded.append(ids)
@@ -138,7 +147,11 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     for path in sources.local_files(input_path):
         normaliser = formats.Normaliser(str(path))
         for outcome, record in normaliser(_noting_ids(sources.read_file(path), str(path), own_ids)):
-            (pairs if outcome == "pair" else rejects).append(record)
+            if outcome == "pair":
+                pairs.append(record)
+            else:
+                rejects.append(_reject_row(record["file"], record["row"], record["reason"], record["detail"],
+                                           record["data"], own_ids))
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
         tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=None)
     pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects, own_ids)
