@@ -60,7 +60,7 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--input", str(src),
                           "--output", str(tmp_path / "scores.jsonl")], capture_output=True, text=True, check=True)
-    assert "1 pairs (2 rejected, 0 truncated to the model's 512 tokens), accuracy" in out.stdout
+    assert "1 pairs (2 rejected, 0 truncated to 512 tokens), accuracy" in out.stdout
     assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
@@ -192,7 +192,7 @@ def test_with_policy_drop_a_long_text_is_refused_naming_it(trained):
 
     scorer = RewardScorer(trained / "models/reward_model", length_policy="drop")
     with pytest.raises(DataError, match=r"item 1: \d+ tokens, more than the 512 the model reads; use "
-                                        r"length_policy=truncate"):  # the argument this caller set, not the CLI's
+                                        r"length_policy='truncate'"):  # the argument this caller set, not the CLI's
         scorer.score(["User: hi\n\nAssistant: hello", LONG])
 
 
@@ -207,18 +207,19 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     out = tmp_path / "scores.jsonl"
     argv = ["--root", str(trained), "score", "--input", str(src), "--output", str(out)]
     assert main(argv + ["--set", "filter.policy=truncate"]) == 0
-    assert "2 pairs (1 rejected, 1 truncated to the model's 512 tokens)" in capsys.readouterr().out
+    assert "2 pairs (1 rejected, 1 truncated to 512 tokens)" in capsys.readouterr().out
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["truncated"] for r in scored] == [False, True]
     (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
     assert aside["reason"] == "identical_after_truncation" and (aside["id"], aside["source"]) == (7, f"{src}:3")
     assert [(r["id"], r["source"]) for r in scored] == [(f"{src}:{i}", f"{src}:{i}") for i in (1, 2)]  # no id of theirs
-    out.unlink()
-    assert main(argv + ["--set", "filter.policy=drop"]) == 2
-    err = capsys.readouterr().err  # after the transformers loading bar, one line of ours
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"error: {src}:2 (chosen): ")
-    assert "filter.policy=truncate" in err
-    assert not out.exists()
+    # under drop a long pair is set aside as filter sets it aside from evaluation: counted, with its lengths
+    assert main(argv + ["--set", "filter.policy=drop"]) == 0
+    assert "1 pairs (2 rejected, 0 truncated to 512 tokens)" in capsys.readouterr().out
+    aside = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in aside] == [(f"{src}:2", "prompt_too_long"),
+                                                           (f"{src}:3", "both_too_long")]
+    assert "filter.max_prompt_token_length=384" in aside[0]["detail"] and aside[0]["data"]["chosen"]
 
 
 def test_a_failed_score_leaves_the_last_output_and_its_rejects_as_they_were(trained, tmp_path, capsys):
@@ -231,11 +232,10 @@ def test_a_failed_score_leaves_the_last_output_and_its_rejects_as_they_were(trai
     first = write_jsonl(tmp_path / "first.jsonl", [good, same])
     assert main(["--root", str(trained), "score", "--input", str(first), "--output", str(out)]) == 0
     before = out.read_bytes(), aside.read_bytes()
-    long = {"prompt": LONG, "chosen": " Truly wonderful.", "rejected": " Truly awful."}
-    second = write_jsonl(tmp_path / "second.jsonl", [dict(same, chosen="other", rejected="other"), long])
-    assert main(["--root", str(trained), "score", "--input", str(second), "--output", str(out),
-                 "--set", "filter.policy=drop"]) == 2
-    assert f"error: {second}:2 (chosen): " in capsys.readouterr().err
+    second = write_jsonl(tmp_path / "second.jsonl", [dict(same, chosen="other", rejected="other"),
+                                                      dict(good, chosen=3)])  # no text: stops at its row
+    assert main(["--root", str(trained), "score", "--input", str(second), "--output", str(out)]) == 2
+    assert f"error: file {second}, row 2, field 'chosen': " in capsys.readouterr().err
     assert (out.read_bytes(), aside.read_bytes()) == before  # still each other's
     # nothing left to score: the rows set aside go beside, not over the last run's
     third = write_jsonl(tmp_path / "third.jsonl", [same])
@@ -367,3 +367,32 @@ def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: --model {model}: {message}") and err.count("\n") == 1
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("policy, lengths", [("truncate", (20, 9)), ("drop", (42, 14))])
+def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(tmp_path, policy, lengths):
+    """score holds pairs to filter.max_token_length and filter.max_prompt_token_length as filter held the
+    test pairs evaluate scored (it held them to the model's positions alone, so cut pairs scored
+    otherwise): the same settings give the same rewards, and under drop the same pairs set aside."""
+    from rm_lib.layout import Layout
+    from rm_lib.steps import score
+
+    params = tiny_params("train.max_steps=2", f"filter.policy={policy}", f"filter.max_token_length={lengths[0]}",
+                         f"filter.max_prompt_token_length={lengths[1]}")
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    layout = Layout(tmp_path)
+    evaluated = {r["id"]: r for r in map(json.loads, (layout.evaluation / "scores.jsonl").read_text().splitlines())}
+    result = score.run_file(params, layout, model=None, input_path=str(layout.pairs / "test.jsonl"),
+                            output_path=str(tmp_path / "s.jsonl"))
+    scored = {r["id"]: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    assert scored.keys() == evaluated.keys()
+    for pair_id, row in scored.items():
+        for side in ("reward_chosen", "reward_rejected"):
+            assert row[side] == pytest.approx(evaluated[pair_id][side], abs=1e-5), (pair_id, side)
+    if policy == "truncate":
+        assert result.truncated > 0 and result.max_length == 20  # the settings bit: some pairs were cut
+    else:
+        aside = {r["id"] for r in map(json.loads, result.rejects.read_text().splitlines())}
+        dropped = {r["id"] for r in map(json.loads, (layout.filtered / "dropped.jsonl").read_text().splitlines())
+                   if r["split"] == "test"}
+        assert aside == dropped and dropped

@@ -40,12 +40,11 @@ def model_max_length(model: Any, tokenizer: Any) -> int | None:
 class RewardScorer:
     """`length_policy`: what happens to a text longer than the model reads (`max_length`, by default
     the model's positions): "truncate" keeps its start tokens and its end, as filter.policy=truncate
-    does in training; "drop" refuses it with a DataError naming the item. `policy_setting` is how the
-    caller's user sets the policy, named in that error (the CLI passes "filter.policy")."""
+    does in training; "drop" refuses it with a DataError naming the item."""
 
     def __init__(self, model_dir: str | Path, *, template: str | None = None, device: str | None = None,
                  batch_size: int = 32, normalize: bool = False, length_policy: str = "truncate",
-                 max_length: int | None = None, policy_setting: str = "length_policy") -> None:
+                 max_length: int | None = None) -> None:
         if length_policy not in LENGTH_POLICIES:
             raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -67,7 +66,6 @@ class RewardScorer:
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
         self.std = getattr(self.model.config, "reward_std", 1.0) if normalize else 1.0
         self.length_policy = length_policy
-        self.policy_setting = policy_setting
         limit = model_max_length(self.model, self.tokenizer)
         if max_length is not None and limit is not None and max_length > limit:
             raise SettingsError(f"max_length: {max_length} is more than the {limit} tokens the model reads")
@@ -87,7 +85,7 @@ class RewardScorer:
             return ids, False
         if self.length_policy == "drop":
             raise DataError(f"{name}: {len(ids)} tokens, more than the {self.max_length} the model reads; "
-                            f"use {self.policy_setting}=truncate to keep the end of such texts, or shorten it")
+                            "use length_policy='truncate' to keep the end of such texts, or shorten it")
         return truncate_left(ids, self.max_length, len(self.special.prefix)), True
 
     def sure_tie(self, chosen: list[int], rejected: list[int], name: str) -> str | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rm_lib.data import formats, sources, tokenization
+from rm_lib.data import formats, length_filter, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer
@@ -27,7 +27,7 @@ class ScoreResult:
     def summary(self) -> str:
         m = self.metrics
         aside = f"; rows set aside: {self.rejects}" if self.rejects else ""
-        return (f"score: {m['pairs']} pairs ({self.rejected} rejected, {self.truncated} truncated to the model's "
+        return (f"score: {m['pairs']} pairs ({self.rejected} rejected, {self.truncated} truncated to "
                 f"{self.max_length} tokens), accuracy {m['accuracy']:.4f} "
                 f"(ties {m['tie_rate']:.4f}; longer wins {m['longer_wins_baseline']:.4f}) -> {self.output}{aside}")
 
@@ -104,28 +104,36 @@ def _reject_row(file: str, row: int, reason: str, detail: str, data: Any, own_id
             "detail": detail, "data": data}
 
 
-def _encode_pairs(scorer: RewardScorer, pairs: list[dict], rejects: list[dict], own_ids: dict[str, Any]
-                  ) -> tuple[list[dict], list[tuple[list[int], list[int]]], list[dict]]:
-    """(pairs kept, their (chosen, rejected) ids, rejects): pretokenized ids are read as given, as tokenize
-    reads them (decoding and encoding again could split words otherwise); a pair whose sides come out as
-    the same ids is set aside as identical_tokens, as filter sets it aside from training and evaluation."""
-    kept, encoded, rejects = [], [], list(rejects)
-    for pair in pairs:
-        if "input_ids_chosen" in pair:
-            ids = (tokenization.add_special(pair["input_ids_chosen"], scorer.special),
-                   tokenization.add_special(pair["input_ids_rejected"], scorer.special))
-        else:
-            ids = scorer.encode(pair["prompt"] + pair["chosen"]), scorer.encode(pair["prompt"] + pair["rejected"])
-        reason = scorer.sure_tie(ids[0], ids[1], pair["id"])
-        if reason is not None:
-            cut = f"cut to the {scorer.max_length} tokens the model reads, " if reason != "identical_tokens" else ""
-            file, row = pair["id"].rsplit(":", 1)
-            rejects.append(_reject_row(file, int(row), reason, f"{cut}chosen and rejected give the same token ids: "
-                                       "a sure tie", pair, own_ids))
-            continue
-        kept.append(pair)
-        encoded.append(ids)
-    return kept, encoded, rejects
+def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejects: list[dict],
+                  own_ids: dict[str, Any]) -> tuple[list[dict], list[dict], int]:
+    """(rows kept, rejects, the length they were held to): the pairs tokenized as tokenize does and held to
+    filter's lengths as filter holds them (filter.max_token_length within the model's positions,
+    filter.max_prompt_token_length, filter.policy), so scoring the test pairs gives evaluate's rewards.
+    Pretokenized ids are read as given, as tokenize reads them. A pair filter would set aside (too long
+    under drop, a sure tie) is set aside here with filter's reason."""
+    cfg = params.filter
+    max_len = min(cfg.max_token_length, scorer.max_length or cfg.max_token_length)
+    rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
+    outcome = length_filter.apply(rows, max_len=max_len, max_prompt=cfg.max_prompt_token_length, policy=cfg.policy,
+                                  keep_front=len(scorer.special.prefix))
+    by_id = {pair["id"]: pair for pair in pairs}
+    rejects = list(rejects)
+    for dropped in outcome.dropped:
+        file, row = dropped["id"].rsplit(":", 1)
+        rejects.append(_reject_row(file, int(row), dropped["reason"], _why(dropped, max_len, cfg),
+                                   by_id[dropped["id"]], own_ids))
+    return outcome.kept, rejects, max_len
+
+
+def _why(dropped: dict, max_len: int, cfg: Any) -> str:
+    reason = dropped["reason"]
+    if reason.startswith("identical"):
+        cut = f"cut to {max_len} tokens, " if reason == "identical_after_truncation" else ""
+        return f"{cut}chosen and rejected give the same token ids: a sure tie"
+    return (f"prompt {dropped['prompt_length']} tokens, chosen {dropped['chosen_length']}, rejected "
+            f"{dropped['rejected_length']}: over filter.max_token_length={max_len} or "
+            f"filter.max_prompt_token_length={cfg.max_prompt_token_length} under filter.policy=drop (truncate keeps "
+            "the end)")
 
 
 def _remove(stale: Path, output_path: str) -> None:
@@ -137,12 +145,11 @@ def _remove(stale: Path, output_path: str) -> None:
 
 
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
-    """Texts longer than the model reads follow filter.policy, as in training: truncate keeps their
-    end, drop refuses the first one by its row."""
+    """Pairs are held to filter's lengths as evaluate's test pairs were: under filter.policy=truncate a
+    longer one keeps its start token and its end, under drop it is set aside (counted, in the rejects)."""
     _check_paths(layout, model, input_path, output_path)
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
-    scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size,
-                          length_policy=params.filter.policy, policy_setting="filter.policy")
+    scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size)
     pairs, rejects, own_ids = [], [], {}
     for path in sources.local_files(input_path):
         normaliser = formats.Normaliser(str(path))
@@ -154,23 +161,24 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
                                            record["data"], own_ids))
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
         tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=None)
-    pairs, encoded, rejects = _encode_pairs(scorer, pairs, rejects, own_ids)
-    if not pairs:
+    rows, rejects, max_len = _pair_lengths(scorer, params, pairs, rejects, own_ids)
+    if not rows:
         failed = failed_rejects_path(output_path)
         write_jsonl(failed, rejects)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
         raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {failed}",
                         file=input_path)
-    s_c = scorer.score_ids([c for c, _ in encoded], names=[f"{p['id']} (chosen)" for p in pairs])
-    s_r = scorer.score_ids([r for _, r in encoded], names=[f"{p['id']} (rejected)" for p in pairs])
-    cut = [a or b for a, b in zip(s_c.truncated, s_r.truncated)]
+    s_c = scorer.score_ids([r["input_ids_chosen"] for r in rows], names=[f"{r['id']} (chosen)" for r in rows])
+    s_r = scorer.score_ids([r["input_ids_rejected"] for r in rows], names=[f"{r['id']} (rejected)" for r in rows])
+    cut = [r["length_chosen"] > len(r["input_ids_chosen"]) or r["length_rejected"] > len(r["input_ids_rejected"])
+           for r in rows]
     aside = rejects_path(output_path)
-    rows = ({"id": own_ids.get(p["id"], p["id"]), "source": p["id"], "reward_chosen": c, "reward_rejected": r,
-             "chosen_wins": c > r, "truncated": t} for p, c, r, t in zip(pairs, s_c.rewards, s_r.rewards, cut))
+    out = ({"id": own_ids.get(r["id"], r["id"]), "source": r["id"], "reward_chosen": c, "reward_rejected": rj,
+            "chosen_wins": c > rj, "truncated": t} for r, c, rj, t in zip(rows, s_c.rewards, s_r.rewards, cut))
     try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
         # both written aside, then put in place together: a run that fails leaves the last run's pair of files
         with atomic_files(output_path, *([aside] if rejects else [])) as handles:
-            write_rows(handles[0], rows)
+            write_rows(handles[0], out)
             if rejects:
                 write_rows(handles[1], rejects)
     except OSError as exc:
@@ -180,6 +188,8 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     if not rejects:  # an earlier run's: not about this input
         _remove(aside, output_path)
     _remove(failed_rejects_path(output_path), output_path)  # an earlier failed run's: this one scored
-    return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, s_c.lengths, s_r.lengths),
+    # the length figures count the tokens before any cut, as evaluate's do
+    return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, [r["length_chosen"] for r in rows],
+                                            [r["length_rejected"] for r in rows]),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
-                       max_length=scorer.max_length, rejects=aside if rejects else None)
+                       max_length=max_len, rejects=aside if rejects else None)
