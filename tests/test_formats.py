@@ -68,6 +68,21 @@ def test_pretokenized():
     assert fmt == "pretokenized" and pairs[0]["input_ids_chosen"] == [1, 2, 3]
 
 
+def test_pretokenized_sides_padded_to_one_length_keep_only_what_their_masks_keep():
+    """TRL's tokenized layout pads each side; the pads, read as ids, would be trained on and scored as
+    text, and both sides would look equally long to the length baselines."""
+    fmt, pairs, _ = norm([{"input_ids_chosen": [5, 6, 7, 0, 0], "attention_mask_chosen": [1, 1, 1, 0, 0],
+                           "input_ids_rejected": [0, 5, 8, 9, 4], "attention_mask_rejected": [0, 1, 1, 1, 1]}])
+    assert (pairs[0]["input_ids_chosen"], pairs[0]["input_ids_rejected"]) == ([5, 6, 7], [5, 8, 9, 4])
+    with pytest.raises(DataError, match=r"row 1, field 'attention_mask_rejected': 2 values for 3 token ids"):
+        norm([{"input_ids_chosen": [5, 6], "input_ids_rejected": [5, 8, 9], "attention_mask_rejected": [1, 1]}])
+    with pytest.raises(DataError, match=r"field 'attention_mask_chosen': expected a list of 0s and 1s"):
+        norm([{"input_ids_chosen": [5, 6], "input_ids_rejected": [5, 8], "attention_mask_chosen": [1, 2]}])
+    _, pairs, rejects = norm([{"input_ids_chosen": [5, 0], "attention_mask_chosen": [1, 0],
+                               "input_ids_rejected": [5, 1], "attention_mask_rejected": [1, 0]}])
+    assert not pairs and rejects[0]["reason"] == "identical"  # alike once their pads are gone
+
+
 def test_unusable_rows_are_rejected_with_reason_not_dropped():
     rows = [{"prompt": "p", "chosen": "", "rejected": "b"},
             {"prompt": "p", "chosen": "same", "rejected": "same"},

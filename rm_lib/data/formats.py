@@ -26,8 +26,9 @@ FORMATS = ("implicit_text", "explicit_text", "implicit_conversational", "explici
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "bot": "assistant", "model": "assistant", "system": "system"}
 # Columns some format reads; any other column is ignored, and counted so the user sees it.
-USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected", "margin",
-                          "score_chosen", "score_rejected", "subset", "system"})
+USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected",
+                          "attention_mask_chosen", "attention_mask_rejected", "margin", "score_chosen",
+                          "score_rejected", "subset", "system"})
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -222,6 +223,19 @@ def _token_ids(value: Any, key: str, *, file: str, row_number: int) -> list[int]
     return value
 
 
+def _unmasked(ids: list[int], mask: Any, key: str, *, file: str, row_number: int) -> list[int]:
+    """The ids a pretokenized side's attention mask keeps (TRL's tokenized layout pads each side): its
+    pad tokens, read as text, would be trained on and scored, and every side as long as the longest."""
+    if mask is None:
+        return ids
+    if not isinstance(mask, list) or not all(v in (0, 1) and not isinstance(v, float) for v in mask):
+        raise DataError("expected a list of 0s and 1s (the attention mask)", file=file, row=row_number, field=key)
+    if len(mask) != len(ids):
+        raise DataError(f"{len(mask)} values for {len(ids)} token ids in input_ids_{key.rsplit('_', 1)[-1]}",
+                        file=file, row=row_number, field=key)
+    return [i for i, keep in zip(ids, mask) if keep]
+
+
 def _check_unicode(value: Any, key: str, *, file: str, row_number: int) -> None:
     """JSON may escape a lone surrogate (\\ud800), which no UTF-8 text holds: the tokenizer, and every
     file written after download, would fail on it far from its row."""
@@ -254,8 +268,10 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     # an optional category (RewardBench's `subset`): evaluate reports accuracy per subset
     subset = {"subset": str(row["subset"])} if row.get("subset") not in (None, "") else {}
     if fmt == "pretokenized":
-        chosen = _token_ids(row["input_ids_chosen"], "input_ids_chosen", file=file, row_number=row_number)
-        rejected = _token_ids(row["input_ids_rejected"], "input_ids_rejected", file=file, row_number=row_number)
+        chosen, rejected = (_unmasked(_token_ids(row[f"input_ids_{side}"], f"input_ids_{side}", file=file,
+                                                 row_number=row_number),
+                                      row.get(f"attention_mask_{side}"), f"attention_mask_{side}", file=file,
+                                      row_number=row_number) for side in ("chosen", "rejected"))
         if not chosen or not rejected:
             raise _Reject("empty_side")
         if chosen == rejected:
