@@ -95,6 +95,15 @@ def test_unusable_rows_are_rejected_with_reason_not_dropped():
     assert rejects[0]["reason"] == "malformed_messages" and "wizard" in rejects[0]["detail"]
 
 
+def test_an_answer_of_invisible_characters_is_an_empty_side():
+    """A zero-width space, a BOM or a NUL tokenizes to nothing (or to one unknown token): the model
+    would score the prompt alone; str.strip() keeps them."""
+    blank = ("\u200b", "\ufeff\u2060", "\u0000", " \u3000")
+    rows = [{"prompt": "p", "chosen": answer, "rejected": "b"} for answer in blank]
+    _, pairs, rejects = norm(rows + [{"prompt": "p", "chosen": "ok\u200b", "rejected": "b"}])
+    assert [r["reason"] for r in rejects] == ["empty_side"] * 4 and len(pairs) == 1
+
+
 def test_unknown_format_names_file_and_row():
     with pytest.raises(DataError,
                        match=r"file data.jsonl, row 1: unknown preference format.*missing column\(s\) rejected"):

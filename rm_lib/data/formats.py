@@ -15,6 +15,7 @@ import json
 import math
 import re
 import tokenize
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -223,6 +224,15 @@ def _token_ids(value: Any, key: str, *, file: str, row_number: int) -> list[int]
     return value
 
 
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format marks (zero-width, BOM), spaces
+
+
+def is_blank(text: str) -> bool:
+    """No visible character: a zero-width space, a BOM or a NUL is an answer of nothing, which the model
+    scores as the prompt alone (str.strip() keeps them)."""
+    return all(unicodedata.category(ch) in _INVISIBLE for ch in text)
+
+
 def _unmasked(ids: list[int], mask: Any, key: str, *, file: str, row_number: int) -> list[int]:
     """The ids a pretokenized side's attention mask keeps (TRL's tokenized layout pads each side): its
     pad tokens, read as text, would be trained on and scored, and every side as long as the longest."""
@@ -315,8 +325,8 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
         prompt, chosen, rejected = _without_repeated_prompt(prompt, chosen, rejected)
     prompt = _with_system(row.get("system"), prompt, file=file, row_number=row_number)
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        if not messages or not any(m["content"].strip() for m in messages):
-            raise _Reject("empty_side", f"empty {side} response")
+        if not messages or all(is_blank(m["content"]) for m in messages):
+            raise _Reject("empty_side", f"empty {side} response (nothing but spaces or invisible characters)")
     if chosen == rejected:
         raise _Reject("identical", "chosen is identical to rejected")
     return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}

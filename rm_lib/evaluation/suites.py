@@ -181,7 +181,7 @@ def _best_of_n(row: dict, *, file: str, row_number: int) -> Row | str:
                        for i, a in enumerate(row[side])]
         if not sides[side]:
             return f"no_{side}"
-        if any(not any(m["content"].strip() for m in answer) for answer in sides[side]):
+        if any(all(formats.is_blank(m["content"]) for m in answer) for answer in sides[side]):
             return "empty_answer"
     identifier = row.get("id")
     return Row(str(identifier) if identifier not in (None, "") else f"{file}:{row_number}", prompt,
