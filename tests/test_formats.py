@@ -104,6 +104,22 @@ def test_an_answer_of_invisible_characters_is_an_empty_side():
     assert [r["reason"] for r in rejects] == ["empty_side"] * 4 and len(pairs) == 1
 
 
+def test_an_answer_that_does_not_end_with_the_assistants_reply_is_set_aside():
+    """The reward is read after the last token: an answer that ends with a user turn (or is one) would be
+    scored on the user's words."""
+    u, a = ({"role": "user", "content": "great film"}, {"role": "assistant", "content": "agreed"})
+    rows = [{"prompt": [u], "chosen": [u | {"content": "what?"}], "rejected": [a]},
+            {"prompt": [u], "chosen": [a], "rejected": [a | {"content": "no"}, u | {"content": "thanks"}]},
+            {"prompt": [u], "chosen": [a | {"content": "well"}, a], "rejected": [a | {"content": "no"}]}]
+    _, pairs, rejects = norm(rows)
+    _, _, implicit = norm([{"chosen": [u, a, u], "rejected": [u, a | {"content": "no"}]}])
+    rejects += [r | {"row": 3} for r in implicit]
+    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "answer_not_assistant"), (2, "answer_not_assistant"),
+                                                          (3, "answer_not_assistant")]
+    assert "rejected ends with a user turn" in rejects[1]["detail"]
+    assert len(pairs) == 1  # two assistant turns in a row: still the assistant's reply
+
+
 def test_unknown_format_names_file_and_row():
     with pytest.raises(DataError,
                        match=r"file data.jsonl, row 1: unknown preference format.*missing column\(s\) rejected"):

@@ -327,6 +327,10 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages or all(is_blank(m["content"]) for m in messages):
             raise _Reject("empty_side", f"empty {side} response (nothing but spaces or invisible characters)")
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":  # the reward is read at the end: after that turn, not a reply
+            raise _Reject("answer_not_assistant", f"{side} ends with a {messages[-1]['role']} turn, not the "
+                                                  "assistant's reply the reward is read after")
     if chosen == rejected:
         raise _Reject("identical", "chosen is identical to rejected")
     return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}
