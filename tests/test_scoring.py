@@ -339,6 +339,11 @@ def test_the_tokenizers_chat_template_reads_content_as_training_does(tiny_decode
     assert scorer.template == "tokenizer"
     parts = {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}
     assert scorer.encode([parts]) == scorer.encode([{"role": "user", "content": "hello there"}])
+    # roles training reads as user and assistant are given to the template as training gave them
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for user, assistant in (("human", "gpt"), ("User", "Assistant"), ("HUMAN", "bot")):
+        aliased = [said[0] | {"role": user}, said[1] | {"role": assistant}]
+        assert scorer.encode(aliased) == scorer.encode(said), (user, assistant)
     for items, message in [([[]], "item 0: an empty conversation"),
                            ([[{"role": "user"}]], "item 0: conversation[0] is not a {'role', 'content'} message"),
                            ([[parts, {"role": "assistant", "content": None}]],

@@ -151,7 +151,11 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
 
 def _template_message(message: dict, where: str) -> dict:
     """A message for the tokenizer's chat template, its other keys as given: without this a template
-    prints a list of text parts as its Python repr, and a missing or None content as an empty turn."""
+    prints a list of text parts as its Python repr, and a missing or None content as an empty turn. A
+    role training reads as another (`human`, `gpt`, `User`) is given as training gave it; any other
+    (`tool`, `developer`) as it is."""
+    role = ROLE_ALIASES.get(message["role"].lower())
+    message = {**message, "role": role} if role else message
     call = message.get("tool_calls") or message.get("function_call")
     if call and message.get("content") is None:  # an OpenAI-style call: the template renders the call
         return message
