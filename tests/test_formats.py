@@ -21,6 +21,17 @@ def test_hh_implicit_prompt_is_shared_prefix_before_last_reply():
     assert pairs[0]["rejected"] == [{"role": "assistant", "content": "No."}]
 
 
+def test_hh_transcripts_with_windows_line_ends_are_read_turn_by_turn():
+    """A file saved on Windows: with \\r\\n the turns were not found, and a whole transcript became one
+    user turn ('Human: ...' in it) with a doubled 'Assistant'."""
+    lf = {"chosen": "\n\nHuman: what is up?\n\nAssistant: great",
+          "rejected": "\n\nHuman: what is up?\n\nAssistant: bad"}
+    crlf = {k: v.replace("\n", "\r\n") for k, v in lf.items()}
+    assert norm([crlf])[1] == norm([lf])[1]
+    prompt = {"prompt": "\r\n\r\nHuman: what is up?\r\n\r\nAssistant:", "chosen": " great", "rejected": " bad"}
+    assert norm([prompt])[1][0]["prompt"] == [{"role": "user", "content": "what is up?"}]
+
+
 def test_hh_transcripts_that_diverge_earlier_keep_their_later_turns():
     row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: ok\n\nAssistant: good",
            "rejected": "\n\nHuman: hi\n\nAssistant: go away\n\nHuman: ok\n\nAssistant: bad"}

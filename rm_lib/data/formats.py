@@ -65,8 +65,9 @@ class _Reject(Exception):
 
 
 def parse_hh_transcript(text: str) -> list[dict]:
-    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
-    parts = _HH_TURN.split(text)
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', ...}, {'role': 'assistant', ...}].
+    Windows line ends (a file saved on Windows) read as \\n."""
+    parts = _HH_TURN.split(text.replace("\r\n", "\n"))
     if parts[0].strip():
         raise _Reject("malformed_transcript",
                       "transcript does not start with a '\\n\\nHuman:' or '\\n\\nAssistant:' turn")
@@ -311,7 +312,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     _refuse_answer_lists(row, file=file, row_number=row_number)
     if fmt == "explicit_text" and isinstance(row["prompt"], str) and _is_hh_prompt(row["prompt"]):
         fmt = "implicit_text"  # Dahoas/rm-static: an HH transcript up to 'Assistant:', the answers after it
-        head = "\n\n" + row["prompt"].lstrip()
+        head = "\n\n" + row["prompt"].replace("\r\n", "\n").lstrip()
         row = {**row, "chosen": head + row["chosen"], "rejected": head + row["rejected"]}
     if fmt in ("implicit_text", "implicit_conversational"):
         if fmt == "implicit_text":
@@ -432,6 +433,7 @@ def _refuse_answer_lists(row: dict, *, file: str, row_number: int) -> None:
 
 def _is_hh_prompt(text: str) -> bool:
     """An HH transcript up to the reply (Dahoas/rm-static): the answer is the Assistant's next turn."""
+    text = text.replace("\r\n", "\n")
     return text.lstrip().startswith("Human:") and text.rstrip().endswith("\n\nAssistant:")
 
 
