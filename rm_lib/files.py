@@ -350,6 +350,13 @@ def write_rows(handle: Any, rows: Iterable[dict]) -> int:
     return count
 
 
+def where_kept(path: str | Path) -> Path:
+    """`path` made absolute with its folders' links followed but not its own: a data file that DVC links
+    into its cache (cache.type symlink) is where the project keeps it, not in .dvc/cache."""
+    absolute = Path(os.path.abspath(Path(path).expanduser()))
+    return absolute.parent.resolve() / absolute.name
+
+
 def share_tree(folder: str | Path) -> None:
     """The one mode policy for outputs, whatever wrote them (safetensors writes 0600): 0644 files, 0755 folders."""
     folder = Path(folder)

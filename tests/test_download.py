@@ -161,6 +161,13 @@ def test_a_local_source_outside_data_sources_is_named_as_invisible_to_dvc(tmp_pa
     sources = Layout(tmp_path).sources
     assert untracked_note(inside, sources) is None
     assert "outside" in untracked_note(outside, sources) and "data/sources" in untracked_note(outside, sources)
+    # `dvc add` under cache.type symlink leaves a link into .dvc/cache: the file is still kept in data/sources
+    cached = tmp_path / ".dvc/cache/files/md5/5e/c48d8bc51f"
+    cached.parent.mkdir(parents=True)
+    cached.write_text(inside.read_text(encoding="utf-8"), encoding="utf-8")
+    (sources / "linked.jsonl").symlink_to(cached)
+    assert untracked_note(sources / "linked.jsonl", sources) is None
+    assert untracked_note(f"{tmp_path}/data/../data/sources/linked.jsonl", sources) is None
     tracked = run_steps(tiny_params(f"download.source={inside}"), tmp_path, "download")["download"]
     assert tracked.note is None and "dvc repro" not in tracked.summary()
     untracked = run_steps(tiny_params(f"download.source={outside}"), tmp_path, "download")["download"]

@@ -206,6 +206,18 @@ def test_a_released_text_loses_local_folders_and_keeps_urls_and_hub_ids(monkeypa
     assert public_text(card, root, report) == "Base `tiny`, read from tiny/config.json; https://github.com/root/x"
 
 
+def test_a_data_file_dvc_links_into_its_cache_is_named_where_the_project_keeps_it(tmp_path):
+    """cache.type symlink: data/sources/a.jsonl is a link into .dvc/cache; the card named the cache file."""
+    from rm_lib.publish.public import public
+
+    cached = tmp_path / ".dvc/cache/files/md5/5e/c48d8bc51f"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}\n")
+    (tmp_path / "data/sources").mkdir(parents=True)
+    (tmp_path / "data/sources/a.jsonl").symlink_to(cached)
+    assert public({"source": f"{tmp_path}/data/sources/a.jsonl"}, tmp_path) == {"source": "data/sources/a.jsonl"}
+
+
 def test_push_with_the_installed_xet_client_uploads_the_same_files(project, monkeypatch, tmp_path, tiny_decoder):
     """hf_xet is installed, so HfApi takes its pipelined upload path; files go inline when the Hub
     asks for regular uploads."""
@@ -231,6 +243,23 @@ def test_dry_run_writes_the_release_and_sends_nothing(project, server, monkeypat
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         push_step(settings(tiny_decoder), project)
         assert published(server) == written
+
+
+def test_release_files_are_0644_when_the_model_and_pictures_are_read_only(project, tiny_decoder):
+    """DVC checks outputs out read-only (its cache's mode, through a link or a copy): push copied that
+    mode, and the release held 0444 weights beside 0644 cards."""
+    import os
+    import stat
+
+    layout = Layout(project)
+    shutil.rmtree(layout.release, ignore_errors=True)
+    read_only = [*layout.model.iterdir(), *layout.evaluation.glob("*.png")]
+    for path in read_only:
+        path.chmod(0o444)
+    push_step(settings(tiny_decoder, "push.dry_run=true"), project)
+    modes = {p.name: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in layout.release.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "rewards.png", "README.md"} <= modes.keys()
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 # ---------------------------------------------------------------- (c) the model card

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from rm_lib.data import formats
 from rm_lib.errors import DataError
+from rm_lib.files import where_kept
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 Rows = Iterator[tuple[int, dict]]  # (1-based row number, row)
@@ -385,7 +386,7 @@ def untracked_note(path: str | Path, sources: Path) -> str | None:
     """A line for a local data file outside the project's data/sources folder, which dvc.yaml declares
     as a dependency: a change to a file elsewhere is invisible to `dvc status` and `dvc repro`."""
     try:
-        Path(path).resolve().relative_to(sources.resolve())
+        where_kept(path).relative_to(sources.resolve())
         return None
     except ValueError:
         return (f"note: {path} lies outside {sources}, so `dvc repro` cannot see a change to it; keep your "

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rm_lib.files import where_kept
+
 _ABSOLUTE = re.compile(r"^(/|~/|[A-Za-z]:[\\/])[^\n]*$")
 
 
@@ -21,7 +23,7 @@ def public_path(value: str, root: Path) -> str:
         return value
     path = Path(value).expanduser()
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return where_kept(path).relative_to(root.resolve()).as_posix()
     except ValueError:
         return path.name or value
 

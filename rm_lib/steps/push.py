@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
-from rm_lib.files import atomic_dir, read_json, write_json
+from rm_lib.files import atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain, code_version
 from rm_lib.publish import hub, model_card
@@ -61,7 +61,7 @@ def _copy_pictures(layout: Layout, out: Path) -> list[str]:
     pictures = []
     for source in sources:
         if source.exists():
-            shutil.copy2(source, out / source.name)
+            shutil.copyfile(source, out / source.name)
             pictures.append(source.name)
     return pictures
 
@@ -85,8 +85,11 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     whether it was forced past the gate (quality.release_bar reads both for the next release). No file
     names a folder of this machine (rm_lib.publish.public)."""
     metrics = read_json(layout.evaluation / "report.json")
-    for item in sorted(layout.model.iterdir()):
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    for item in sorted(layout.model.iterdir()):  # contents only: a DVC cache's read-only mode stays behind
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(item, out / item.name)
     # the gate judged the model the report was made of: the copy must be that one, also when a train
     # finished in the meantime
     saved = read_json(out / "rm_lib.json") if (out / "rm_lib.json").exists() else {}
@@ -98,6 +101,7 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
         write_json(out / "rm_lib.json", public(saved, root))
     _copy_pictures(layout, out)
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
+    share_tree(out)
     forced = bool(quality.blocking_failures(list(verdicts)))
     judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"))
     write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against,
