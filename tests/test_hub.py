@@ -316,7 +316,9 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
         assert f"]({picture})" in evaluation and (layout.release / picture).is_file()
 
     usage = sections["How to use"]
-    for snippet in ('pipeline("text-classification", model="alice/tiny-rm"', "RewardScorer(",
+    # the tiny decoder trained with its tokenizer's chat template: its ids, not a `User: ...` text
+    for snippet in ('AutoModelForSequenceClassification.from_pretrained("alice/tiny-rm")',
+                    'tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]', "RewardScorer(",
                     "GRPOTrainer(..., reward_funcs=scorer.reward_function())"):
         assert snippet in usage
     assert "PPOTrainer" not in usage  # trl 1.x has none

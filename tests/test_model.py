@@ -1,6 +1,8 @@
 import contextlib
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +109,23 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
 
 
+CARD_CHAT = [{"role": "user", "content": "How do I boil an egg?"},
+             {"role": "assistant", "content": "Put it in boiling water for eight minutes."}]
+
+
+def card_reward(folder: Path) -> float:
+    """The reward the card's first example computes, run as the card writes it, on the released folder."""
+    from rm_lib.publish import model_card
+
+    usage = model_card._usage(str(folder), tokenizer=model_card.tokenizer_facts(folder))
+    code = re.findall(r"```python\n(.*?)```", usage, re.S)[0]
+    assert "apply_chat_template" in code and "User: How" not in code  # not text in words the model never read
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own instructions
+    assert scope["messages"] == CARD_CHAT
+    return scope["reward"]
+
+
 def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the_text_does_not(tmp_path):
     """A SentencePiece-style tokenizer (Llama-2, Mistral: a word start only at the start of a text) with a
     template that writes BOS and EOS: training tokenized the rendered text after its literal BOS, so the
@@ -146,6 +165,7 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     with torch.no_grad():
         reward = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert reward == pytest.approx(scorer.score([chat])[0], abs=1e-5)
+    assert card_reward(tmp_path / "rm") == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
     # the tokenizer's template renders what GRPO with tools hands a reward function, as given
     tools = chat + [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
         "name": "f", "arguments": {}}}]}, {"role": "tool", "content": "42"}]
@@ -155,6 +175,8 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     tok.save_pretrained(tmp_path / "rm")
     facts = model_card.tokenizer_facts(tmp_path / "rm")
     assert "with `<s>` before them and `</s>` after them" in model_card._text_rules(facts)
+    assert card_reward(tmp_path / "rm") == pytest.approx(
+        RewardScorer(tmp_path / "rm", template="tokenizer").score([CARD_CHAT])[0], abs=1e-5)
     # a template that refuses a plain exchange (it wants a system message first): the card is still written
     tok.chat_template = "{{ raise_exception('a system message first') }}"
     tok.save_pretrained(tmp_path / "rm")

@@ -380,19 +380,44 @@ def _text_rules(tokenizer: dict | None) -> str:
     return f"{ends} {how} The scoring API below does both."
 
 
+def _first_example(repo_id: str, tokenizer: dict | None) -> str:
+    """The first way in: the pipeline on a text in the training template's words, or, for a model trained
+    with its tokenizer's chat template (whose text is not `User: ...`), the template's ids as training
+    had them."""
+    if not tokenizer or tokenizer.get("template") != "tokenizer":
+        return f"""With `transformers` (one score per text; `function_to_apply="none"` keeps the raw reward):
+
+```python
+from transformers import pipeline
+rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none")
+rm("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.")
+```"""
+    start, end = tokenizer.get("chat_start") or [], tokenizer.get("chat_end", True) and tokenizer.get("end_token")
+    added = "".join([f"tokenizer.convert_tokens_to_ids({json.dumps(start)}) + " if start else "", "ids",
+                     f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
+    add = f"\nids = {added}  # as training added them" if added != "ids" else ""
+    return f"""With `transformers` (one score per conversation, in the chat template training used):
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model = AutoModelForSequenceClassification.from_pretrained("{repo_id}").eval()
+messages = [{{"role": "user", "content": "How do I boil an egg?"}},
+            {{"role": "assistant", "content": "Put it in boiling water for eight minutes."}}]
+ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]{add}
+with torch.no_grad():
+    reward = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+```"""
+
+
 def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None) -> str:
     lora = _adapter_usage(repo_id, adapter, local_base) if adapter else ""
     return f"""## How to use
 
 The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
 
-With `transformers` (one score per text; `function_to_apply="none"` keeps the raw reward):
-
-```python
-from transformers import pipeline
-rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none")
-rm("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.")
-```
+{_first_example(repo_id, tokenizer)}
 
 {_text_rules(tokenizer)}
 
