@@ -192,8 +192,28 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) or any(type(e).__name__.endswith("Timeout") for e in _chain(exc))
 
 
+OFFLINE_ADVICE = ("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing is fetched from the Hub: set it to 0 "
+                  "to reach it (`make` sets it to 1 unless given)")
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's offline mode is on: a load that needs the Hub fails at once, and again if tried again."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def is_offline_refusal(exc: BaseException) -> bool:
+    """The client refused to send a request, offline mode being on (datasets words it as a ConnectionError)."""
+    return any(type(link).__name__ == "OfflineModeIsEnabled" or "OfflineModeIsEnabled" in str(link)
+               for link in _chain(exc))
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth the same call again later: 5xx, 429 or 408 answers, no connection, no answer in time."""
+    """Worth the same call again later: 5xx, 429 or 408 answers, no connection, no answer in time. Not
+    a request offline mode kept from being sent: the same call fails the same way until it is unset."""
+    if is_offline_refusal(exc):
+        return False
     for link in _chain(exc):
         status = status_of(link)
         if status is not None:

@@ -87,6 +87,9 @@ DATASET_ERRORS = [  # what datasets.load_dataset raises -> transient?
 @pytest.mark.parametrize(("error", "transient"), DATASET_ERRORS)
 def test_hub_dataset_errors_say_whether_a_retry_can_help(error, transient, monkeypatch):
     import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, as the errors are
 
     def load_dataset(*args, **kwargs):
         raise error
@@ -120,6 +123,22 @@ def test_model_config_tokenizer_and_weight_loading_errors_say_whether_a_retry_ca
     with pytest.raises(SettingsError, match="cannot load weights of 'someone/model'") as raised:
         modeling.load_reward_model("someone/model")
     assert raised.value.transient is transient and ("retryable" in str(raised.value)) is transient
+
+
+def test_a_hub_dataset_or_model_under_offline_mode_fails_once_naming_the_setting(monkeypatch):
+    """datasets words offline mode's refusal as a ConnectionError: it was read as a Hub that could not be
+    reached, retryable, and Dagster retried it for minutes (make ui runs offline by default)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as raised:
+        list(sources.read_hub("someone/not-cached", "train", revision=None, subset=None))
+    assert not raised.value.transient and "retryable" not in str(raised.value)
+    assert "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set" in str(raised.value)
+    for load in (modeling.load_model_config, modeling.load_tokenizer):
+        with pytest.raises(SettingsError, match=r"not in the local Hugging Face cache, and HF_HUB_OFFLINE") as raised:
+            load("someone/not-cached")
+        assert not raised.value.transient
 
 
 def test_a_hub_outage_in_the_tokenize_step_is_left_to_dagsters_retries(tmp_path, monkeypatch):

@@ -325,6 +325,9 @@ def read_hub(name: str, split: str, *, revision: str | None, subset: str | None)
     try:
         dataset = datasets.load_dataset(name, subset, split=split, revision=revision)
     except Exception as exc:  # datasets wraps the HTTP error; network.is_transient reads the chain
+        if network.is_offline_refusal(exc) or (network.hub_offline() and isinstance(exc, FileNotFoundError)):
+            raise DataError(f"not in the local datasets cache, and {network.OFFLINE_ADVICE}; or use a local file",
+                            file=where) from None
         if network.is_transient(exc):
             raise DataError(f"could not reach the Hugging Face Hub ({_first_line(exc)}); retryable: check your "
                             "network, or use a local file", file=where, transient=True) from None

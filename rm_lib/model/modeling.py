@@ -38,6 +38,17 @@ def base_model_reference(name_or_path: str) -> str:
     return Path(name_or_path).resolve().name if Path(name_or_path).exists() else name_or_path
 
 
+def _offline_miss(path: str) -> bool:
+    """A Hub model (no local folder) asked for under offline mode: nothing of it is in the local cache."""
+    return network.hub_offline() and not Path(path).is_dir()
+
+
+def _load_hint(path: str) -> str:
+    if _offline_miss(path):
+        return f"not in the local Hugging Face cache, and {network.OFFLINE_ADVICE}"
+    return "check the name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)"
+
+
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
@@ -46,9 +57,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
-                            f"({_first_line(exc)}); check the name, the revision and your network "
-                            "(HF_HUB_OFFLINE=1 allows local files only)",
-                            transient=network.is_transient(exc)) from None
+                            f"({_first_line(exc)}); {_load_hint(path)}", transient=network.is_transient(exc)
+                            ) from None
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
                             f"({_first_line(exc)})") from None
@@ -86,9 +96,8 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}); check the "
-                            "name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)",
-                            transient=network.is_transient(exc)) from None
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}); "
+                            f"{_load_hint(path)}", transient=network.is_transient(exc)) from None
     except ValueError as exc:  # custom code without trust_remote_code, unknown model_type
         raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}). Custom model "
                             "code runs only with model.trust_remote_code=true") from None
@@ -185,7 +194,7 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         transient = network.is_transient(exc)
         hint = ("retryable: check your network (HF_HUB_OFFLINE=1 allows local files only)" if transient
-                else "pickled weights are not loaded")
+                else _load_hint(path) if _offline_miss(path) else "pickled weights are not loaded")
         raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors "
                             f"({_first_line(exc)}); {hint}", transient=transient) from None
     if model.config.num_labels != 1:
