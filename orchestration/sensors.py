@@ -135,6 +135,36 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
 
 
 ASSET_OF_STAGE = {step: key for key, step in STEP_OF_ASSET.items()}
+PARENTS = {a.key.to_user_string(): [k.to_user_string() for k in a.asset_deps[a.key]] for a in ASSETS}
+
+
+def _chain_position(stage: str) -> int:
+    """Upstream first: a parent reported in the same tick gives its children their input versions."""
+    order = list(STEP_OF_ASSET.values())
+    return order.index(stage) if stage in order else len(order)
+
+
+def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str]) -> dict[str, str]:
+    """The provenance Dagster writes on a materialization it makes: each input's data version (and its
+    event), so the graph's staleness compares them with the inputs' current ones. Given only where the
+    stage was made from the data the workspace holds (its dvc.lock data deps match): its inputs are then
+    the current versions, reported in this tick or recorded before. An input with no version yet is left
+    out, and the asset shows as having a new dependency, as it should."""
+    tags = {}
+    for parent in PARENTS[key]:
+        version, pointer = reported.get(parent), "NULL"
+        if version is None:
+            record = instance.get_latest_data_version_record(dg.AssetKey(parent), is_source=parent not in PARENTS)
+            event = record.asset_event if record is not None else None
+            if event is None:  # never materialized (or observed) here
+                continue
+            version = (event.tags or {}).get("dagster/data_version")
+            pointer = str(record.storage_id)
+            if version is None:
+                continue
+        tags[f"dagster/input_data_version/{parent}"] = version
+        tags[f"dagster/input_event_pointer/{parent}"] = pointer
+    return tags
 
 
 @dg.sensor(
@@ -160,8 +190,8 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
     # per stage: whether the workspace held dvc.lock's outputs when its files had these sizes and times
     seen = json.loads(context.cursor) if context.cursor else {}
     seen = {s: v for s, v in seen.items() if isinstance(v, dict)}  # a cursor of the older form holds none
-    checked, events = {}, []
-    for stage, entry in locked.items():
+    checked, events, versions = {}, [], {}
+    for stage, entry in sorted(locked.items(), key=lambda item: _chain_position(item[0])):
         key = ASSET_OF_STAGE.get(stage)
         if key is None:
             continue
@@ -171,20 +201,27 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             continue  # Dagster recorded this version itself
         signature, cached = entry.signature(root), seen.get(stage, {})
         same = cached.get("lock") == entry.version and cached.get("signature") == signature
-        matches = cached["matches"] if same else entry.in_workspace(root)
-        checked[stage] = {"lock": entry.version, "signature": signature, "matches": matches}
+        if same and "inputs_match" in cached:
+            matches, inputs_match = cached["matches"], cached["inputs_match"]
+        else:
+            matches = entry.in_workspace(root)
+            inputs_match = matches and entry.inputs_in_workspace(root)
+        checked[stage] = {"lock": entry.version, "signature": signature, "matches": matches,
+                          "inputs_match": inputs_match}
         if not matches:
             # the workspace holds other outputs than dvc.lock's (a run with other settings, in its DVC
             # experiment): what Dagster last recorded is what is there
             continue
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
+        versions[key] = entry.version
         events.append(dg.AssetMaterialization(
             asset_key=key,
             description=f"dvc.lock names other outputs for stage {stage}: made outside Dagster",
             metadata={"dvc_hash": entry.version, "recorded_by": "dvc.lock",
                       "made_by_current_code": entry.current_code},
             # the code version only when dvc.lock's code deps are the files here now
-            tags={"dagster/data_version": entry.version, "dagster/code_version": code_version}))
+            tags={"dagster/data_version": entry.version, "dagster/code_version": code_version,
+                  **(_input_tags(context.instance, key, versions) if inputs_match else {})}))
     context.update_cursor(json.dumps(checked, sort_keys=True))
     if not events:
         return dg.SkipReason("dvc.lock agrees with what Dagster last recorded, or the workspace holds other outputs "

@@ -1065,6 +1065,74 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
         assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
 
 
+def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_is_up_to_date(tmp_path):
+    """The sensor's materializations carried no inputs' versions, so the graph marked every asset a `dvc
+    repro` made as having a new dependency (stale) until Dagster made it again. Where the stage was made
+    from the data the workspace holds (its dvc.lock data deps match) they carry them and the graph is fresh;
+    a model made from other data than the workspace's stays stale."""
+    import hashlib
+
+    import yaml
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    from orchestration.definitions import defs
+    from orchestration.sensors import dvc_lock_changed
+    from rm_lib.files import dvc_md5
+
+    code = tmp_path / "rm_lib" / "x.py"
+    code.parent.mkdir()
+    code.write_text("print('hi')\n")
+    current = {"path": "rm_lib/x.py", "md5": hashlib.md5(code.read_bytes()).hexdigest()}
+
+    def write(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        return dvc_md5(tmp_path / path)
+
+    sources = write("data/sources/a.jsonl", "rows") and dvc_md5(tmp_path / "data/sources")
+    pairs = write("data/pairs/train.jsonl", "pairs") and dvc_md5(tmp_path / "data/pairs")
+    tokenized = write("data/tokenized/t.parquet", "ids") and dvc_md5(tmp_path / "data/tokenized")
+    filtered = write("data/filtered/train.parquet", "kept")
+    model = write("models/reward_model/w.bin", "weights") and dvc_md5(tmp_path / "models/reward_model")
+
+    def stage(deps: dict, outs: dict) -> dict:
+        return {"deps": [current, *({"path": p, "md5": m} for p, m in deps.items())],
+                "outs": [{"path": p, "md5": m} for p, m in outs.items()]}
+
+    def write_lock(train_read: str) -> None:
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+            "download": stage({"data/sources": sources}, {"data/pairs": pairs}),
+            "tokenize": stage({"data/pairs": pairs}, {"data/tokenized": tokenized}),
+            "filter": stage({"data/tokenized": tokenized}, {"data/filtered/train.parquet": filtered}),
+            "train": stage({"data/filtered/train.parquet": train_read}, {"models/reward_model": model})}}))
+
+    def statuses(instance) -> dict[str, str]:
+        resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+        return {k: resolver.get_status(dg.AssetKey(k)).value
+                for k in ("raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model")}
+
+    def tick(instance) -> None:
+        context = dg.build_sensor_context(instance=instance, resources={"project": ProjectResource(root=str(tmp_path))})
+        for event in dvc_lock_changed(context).asset_events:
+            instance.report_runless_asset_event(event)
+
+    write_lock(train_read=filtered)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
+                                                                tags={"dagster/data_version": "source-v1"}))
+        tick(instance)
+        assert set(statuses(instance).values()) == {"FRESH"}, statuses(instance)
+    # a model dvc.lock says was trained from other filtered pairs than the workspace holds: not fresh
+    write_lock(train_read="0" * 32)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
+                                                                tags={"dagster/data_version": "source-v1"}))
+        tick(instance)
+        assert statuses(instance) == {"raw_preferences": "FRESH", "tokenized_preferences": "FRESH",
+                                      "filtered_preferences": "FRESH", "reward_model": "STALE"}
+
+
 HOLD_THE_FOLDER = """
 import sys, time, types
 from pathlib import Path

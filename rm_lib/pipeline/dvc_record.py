@@ -566,12 +566,13 @@ class LockedStage:
     version: str  # combined_hash of the stage's VERSION_OUTS
     current_code: bool  # every rm_lib file the stage depends on has the md5 dvc.lock recorded
     outs: dict[str, str] = field(default_factory=dict)  # the VERSION_OUTS (or every out): path -> md5
+    data_deps: dict[str, str] = field(default_factory=dict)  # the deps that are no code: path -> md5
 
     def signature(self, root: Path) -> str:
-        """The sizes and times of the files of these outs in the workspace: when it is unchanged, so is
-        whether they match (DVC keeps such a state of its own for the same reason)."""
+        """The sizes and times of the files of these outs and data deps in the workspace: when it is
+        unchanged, so is whether they match (DVC keeps such a state of its own for the same reason)."""
         stats = []
-        for out in sorted(self.outs):
+        for out in sorted({*self.outs, *self.data_deps}):
             path = Path(root) / out
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() \
                 else []
@@ -582,6 +583,11 @@ class LockedStage:
         """The workspace holds the outputs dvc.lock records for this stage (not, say, the outputs of a
         Dagster run with other settings, which went into an experiment)."""
         return all(dvc_md5(Path(root) / out) == md5 for out, md5 in self.outs.items())
+
+    def inputs_in_workspace(self, root: Path) -> bool:
+        """The stage was made from the data the workspace holds now: every data dep has dvc.lock's md5
+        (so the upstream outputs here are what it read)."""
+        return all(dvc_md5(Path(root) / dep) == md5 for dep, md5 in self.data_deps.items())
 
 
 def locked_stages(root: Path) -> dict[str, LockedStage]:
@@ -598,5 +604,6 @@ def locked_stages(root: Path) -> dict[str, LockedStage]:
         code = [d for d in entry.get("deps") or [] if str(d.get("path", "")).startswith("rm_lib/")]
         current = bool(code) and all(dvc_md5(Path(root) / d["path"]) == d.get("md5") for d in code)
         version_outs = {p: outs[p] for p in VERSION_OUTS.get(stage, ()) if p in outs} or outs
-        found[stage] = LockedStage(stage, combined_hash(version_outs), current, version_outs)
+        data = {str(d["path"]): d.get("md5") for d in entry.get("deps") or [] if d not in code and "path" in d}
+        found[stage] = LockedStage(stage, combined_hash(version_outs), current, version_outs, data)
     return found
