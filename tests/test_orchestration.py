@@ -573,6 +573,17 @@ def test_release_gate_holds_the_push_settings_entered_for_hub_release(tmp_path):
     assert checks.push_overrides({}) == []
 
 
+def test_settings_the_launchpad_takes_from_environment_variables_reach_the_checks(monkeypatch):
+    """Dagster takes `{env: NAME}` for a text field; the run's config keeps it as written, and the checks
+    built their settings from it: the release gate and rejects_ratio failed on a validation error."""
+    monkeypatch.setenv("RM_TEST_MESSAGE", "weekly release")
+    monkeypatch.setenv("RM_TEST_SOURCE", "data/sources/a.jsonl")
+    run_config = {"ops": {"hub_release": {"config": {"commit_message": {"env": "RM_TEST_MESSAGE"}}},
+                          "raw_preferences": {"config": {"source": {"env": "RM_TEST_SOURCE"}}}}}
+    assert checks.push_overrides(run_config) == ['push.commit_message="weekly release"']
+    assert checks.download_overrides(run_config) == ['download.source="data/sources/a.jsonl"']
+
+
 # ---------------------------------------------------------------- schedule and sensor
 
 def test_schedule_requests_the_whole_pipeline():
