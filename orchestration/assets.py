@@ -25,7 +25,16 @@ from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash
 from rm_lib.settings import Params
 
-from .config import DownloadConfig, EvaluateConfig, FilterConfig, PushConfig, StepConfig, TokenizeConfig, TrainConfig
+from .config import (
+    DownloadConfig,
+    EvaluateConfig,
+    FilterConfig,
+    PushConfig,
+    StepConfig,
+    TokenizeConfig,
+    TrainConfig,
+    run_overrides,
+)
 from .launcher import TrainLauncherResource
 from .resources import DvcResource, HubResource, ProjectResource, WandbResource
 from .run_lock import claim_project
@@ -89,6 +98,13 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
     """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config, once
     this run holds the project folder (orchestration.run_lock: one run at a time)."""
     claim_project(context, project.root_path())
+    try:
+        # the whole run's settings first: a mistake in train's must stop the run before download replaces
+        # data/pairs, as the CLI's `run` refuses it before any work
+        project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
+    except SettingsError as exc:
+        raise dg.Failure(description=f"{step}: not run, nothing changed: this run's settings hold a mistake: {exc}",
+                         allow_retries=False) from exc
     try:
         params = project.load_params([*extra, *config.overrides()])
     except SettingsError as exc:

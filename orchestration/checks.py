@@ -10,15 +10,12 @@ A check that reads settings judges by those its asset has in the same run (the a
 over the project's settings): rejects_ratio by raw_preferences' download settings, release_gate by
 hub_release's push settings. Checked alone, or under automation, it reads the project's settings.
 """
-import os
-from typing import Any
-
 import dagster as dg
 
 from rm_lib.evaluation import quality
 
 from . import assets
-from .config import DownloadConfig, PushConfig, StepConfig
+from .config import DownloadConfig, PushConfig, launchpad_overrides
 from .resources import ProjectResource
 from .run_lock import claim_project
 
@@ -52,20 +49,6 @@ def raw_pairs_well_formed(context: dg.AssetCheckExecutionContext, project: Proje
                 description="No prompt is in both the train and the test split.")
 def raw_no_prompt_overlap(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
     return as_check_result(quality.no_prompt_overlap(claimed(context, project)))
-
-
-def _from_env(value: Any) -> Any:
-    """A value as the asset read it: Dagster's `{env: NAME}` source is the variable's text (the run's own
-    config keeps the source, and the config class would refuse it)."""
-    if isinstance(value, dict) and list(value) == ["env"]:
-        return os.environ.get(value["env"])
-    return value
-
-
-def launchpad_overrides(run_config: dict, asset: str, config_class: type[StepConfig]) -> list[str]:
-    """The settings entered for `asset` in this run's config (the Launchpad), as overrides."""
-    entered = ((run_config.get("ops") or {}).get(asset) or {}).get("config") or {}
-    return config_class(**{key: _from_env(value) for key, value in entered.items()}).overrides()
 
 
 def download_overrides(run_config: dict) -> list[str]:

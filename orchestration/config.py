@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -104,3 +105,28 @@ FilterConfig = config_class("filter")
 TrainConfig = config_class("train")
 EvaluateConfig = config_class("evaluate")
 PushConfig = config_class("push")
+
+
+CONFIG_OF_SECTION: dict[str, type[StepConfig]] = {c.section: c for c in (
+    DownloadConfig, TokenizeConfig, FilterConfig, TrainConfig, EvaluateConfig, PushConfig)}
+
+
+def _from_env(value: Any) -> Any:
+    """A value as the asset reads it: Dagster's `{env: NAME}` source is the variable's text (the run's own
+    config keeps the source, and the config class would refuse it)."""
+    if isinstance(value, dict) and list(value) == ["env"]:
+        return os.environ.get(value["env"])
+    return value
+
+
+def launchpad_overrides(run_config: dict, asset: str, config_class: type[StepConfig]) -> list[str]:
+    """The settings entered for `asset` in this run's config (the Launchpad), as overrides."""
+    entered = ((run_config.get("ops") or {}).get(asset) or {}).get("config") or {}
+    return config_class(**{key: _from_env(value) for key, value in entered.items()}).overrides()
+
+
+def run_overrides(run_config: dict, section_of_asset: dict[str, str]) -> list[str]:
+    """Every asset's settings entered in this run's config, as overrides: the whole run's settings, checked
+    before its first step changes anything (the CLI's `run` checks them all before download)."""
+    return [override for asset, section in section_of_asset.items()
+            for override in launchpad_overrides(run_config, asset, CONFIG_OF_SECTION[section])]

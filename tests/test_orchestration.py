@@ -316,6 +316,20 @@ def test_bad_settings_fail_fast_without_retries(tmp_path):
             "ops": {"raw_preferences": {"config": {"name_or_path": "other"}}}})
 
 
+def test_a_mistake_in_a_later_steps_settings_stops_the_run_before_the_first_step_changes_anything(tmp_path):
+    """The CLI's `run` refuses a bad train setting before download; a Dagster run checked each step's
+    settings only when that step ran, after download, tokenize and filter had replaced their outputs."""
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences", "tokenized_preferences",
+                                                                      "filtered_preferences", "reward_model"),
+                         run_config={"ops": {"reward_model": {"config": {"lr_scheduler": "cosin"}}}})
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert failure.step_key == "raw_preferences" and "not run, nothing changed" in message
+    assert "train.lr_scheduler" in message
+    assert not (tmp_path / "data/pairs").exists()
+
+
 def test_run_config_is_typed_and_described_from_params_yaml():
     """The Launchpad shows one typed field per setting, described by params.yaml; unset = params.yaml."""
     from orchestration.config import DownloadConfig, PushConfig, TrainConfig
