@@ -58,8 +58,8 @@ def _comments(path: Path) -> dict[tuple[str, str], str]:
 def _optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = [o for o in typing.get_args(annotation) if o is not type(None)]
-        if len(options) > 1:  # `auto` or a number: Dagster config has no such union; the settings parse the text
-            return Optional[str]
+        if len(options) > 1:  # `auto` or a number (or true): Dagster config has no such union; the settings check
+            return Optional[Any]  # the value, and a field of text refused `true` and `4096` as params.yaml writes them
         return annotation if type(None) in typing.get_args(annotation) else Optional[annotation]
     return Optional[annotation]
 

@@ -412,6 +412,22 @@ def test_launchpad_text_that_looks_like_a_number_stays_text():
     assert load_params(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4  # unquoted: a number
 
 
+def test_a_launchpad_field_of_several_kinds_takes_values_as_params_yaml_writes_them():
+    """train.gradient_checkpointing (true, false or auto) and train.max_tokens_per_forward (a number or
+    auto) were text fields: `true` and `4096`, as params.yaml and --set write them, were refused."""
+    job = defs.resolve_job_def("reward_model_pipeline")
+    for value in ({"gradient_checkpointing": True}, {"gradient_checkpointing": "auto"},
+                  {"max_tokens_per_forward": 4096}, {"max_tokens_per_forward": "auto"}):
+        dg.validate_run_config(job, {"ops": {"reward_model": {"config": value}}})
+    from orchestration.config import TrainConfig
+
+    entered = TrainConfig(gradient_checkpointing=True, max_tokens_per_forward=4096).overrides()
+    params = load_params(None, entered)
+    assert (params.train.gradient_checkpointing, params.train.max_tokens_per_forward) == (True, 4096)
+    with pytest.raises(SettingsError, match="train.gradient_checkpointing"):
+        load_params(None, TrainConfig(gradient_checkpointing=7).overrides())  # the settings still refuse
+
+
 def test_a_setting_params_yaml_gives_is_set_to_null_through_the_project_overrides(tmp_path):
     """An empty Launchpad field is unset (params.yaml's value): null goes through the project's overrides."""
     from orchestration.config import FilterConfig
