@@ -7,6 +7,8 @@ from typing import Optional
 
 import dagster as dg
 
+from rm_lib.errors import UserError
+
 from .assets import ASSETS, STEP_OF_ASSET
 from .resources import HubResource, ProjectResource
 from .source import observation, source_fingerprint
@@ -116,7 +118,10 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
 )
 def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectResource, hub: HubResource):
     previous = _cursor(context.cursor)
-    state, what = source_fingerprint(project, hub, previous)
+    try:
+        state, what = source_fingerprint(project, hub, previous)
+    except UserError as exc:  # params.yaml that cannot be read: the tick says why, the next one looks again
+        return dg.SkipReason(f"settings not readable now: {exc}")
     if state is None:
         return dg.SkipReason(what)
     if state["fingerprint"] != previous.get("fingerprint"):
@@ -186,7 +191,10 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
     holder = holder_now(root, context.instance)
     if holder is not None:  # its steps commit to dvc.lock before Dagster records them
         return dg.SkipReason(f"run {holder.get('run_id')} is using the project folder: dvc.lock is read after it ends")
-    locked = locked_stages(root)
+    try:
+        locked = locked_stages(root)
+    except UserError as exc:  # dvc.lock with a merge conflict in it: named, and tried again next tick
+        return dg.SkipReason(str(exc))
     # per stage: whether the workspace held dvc.lock's outputs when its files had these sizes and times
     seen = json.loads(context.cursor) if context.cursor else {}
     seen = {s: v for s, v in seen.items() if isinstance(v, dict)}  # a cursor of the older form holds none

@@ -1174,6 +1174,28 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
                                       "filtered_preferences": "FRESH", "reward_model": "STALE"}
 
 
+def test_sensors_skip_naming_the_file_when_dvc_lock_or_params_yaml_cannot_be_read(tmp_path):
+    """A merge conflict left in dvc.lock made every dvc_lock_changed tick a ScannerError naming no file, and a
+    params.yaml that cannot be read made source_data_changed's ticks errors; each now skips saying why."""
+    from orchestration.sensors import dvc_lock_changed
+
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n<<<<<<< HEAD\n  train:\n    outs: []\n=======\n"
+                                       "  train:\n    outs: [x]\n>>>>>>> other\n")
+    context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
+                                      resources={"project": ProjectResource(root=str(tmp_path))})
+    skipped = dvc_lock_changed(context)
+    assert isinstance(skipped, dg.SkipReason)
+    assert skipped.skip_message.startswith(f"{tmp_path / 'dvc.lock'}: not valid YAML at line ")
+    assert "(a merge conflict left in it)" in skipped.skip_message
+    bad = tmp_path / "params.yaml"
+    bad.write_text("download: [unclosed\n")
+    context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={
+        "project": ProjectResource(root=str(tmp_path), params_file=str(bad)), "hub": HubResource()})
+    skipped = sensors.source_data_changed(context)
+    assert isinstance(skipped, dg.SkipReason) and "settings not readable now" in skipped.skip_message
+    assert "params.yaml" in skipped.skip_message
+
+
 HOLD_THE_FOLDER = """
 import sys, time, types
 from pathlib import Path

@@ -135,7 +135,7 @@ def upstream_mismatches(root: Path, spec: StageSpec) -> list[str]:
     lock_path = root / "dvc.lock"
     if not lock_path.is_file():
         return []
-    locked = (yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    locked = read_yaml(lock_path).get("stages") or {}
     outs = {o["path"]: (name, o["md5"]) for name, entry in locked.items() if name != spec.name
             for o in entry.get("outs") or [] if "md5" in o}
     found = []
@@ -440,9 +440,25 @@ def stage_params(root: Path, stage: str) -> Optional[dict[str, Any]]:
     return values
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """dvc.yaml or dvc.lock as a mapping, or a UserError naming the file: a merge conflict left in
+    dvc.lock (git's markers) made every read a bare ScannerError naming no file."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        conflict = " (a merge conflict left in it)" if "<<<<<<<" in path.read_text(encoding="utf-8") else ""
+        fix = "resolve it, or run `dvc repro`, which writes it anew" if path.name == "dvc.lock" else "fix it"
+        raise UserError(f"{path}: not valid YAML{line}{conflict}; {fix}") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: expected a mapping of stages, got {type(document).__name__}")
+    return document
+
+
 def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:
     """The stage as dvc.yaml declares it (`${vars}` interpolated), or None when it has no such stage."""
-    pipeline = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    pipeline = read_yaml(root / "dvc.yaml")
     found = (pipeline.get("stages") or {}).get(stage)
     if found is None:
         return None
@@ -528,7 +544,7 @@ def push_stage(root: Path, spec: StageSpec, lock_wait_s: float = 600.0) -> tuple
 
 
 def lock_entry(root: Path, stage: str) -> dict[str, Any]:
-    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {}
+    lock = read_yaml(root / "dvc.lock")
     try:
         return lock["stages"][stage]
     except KeyError:
@@ -595,7 +611,7 @@ def locked_stages(root: Path) -> dict[str, LockedStage]:
     path = Path(root) / "dvc.lock"
     if not path.is_file():
         return {}
-    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    lock = read_yaml(path)
     found = {}
     for stage, entry in (lock.get("stages") or {}).items():
         outs = {o["path"]: o["md5"] for o in entry.get("outs") or [] if "md5" in o}
