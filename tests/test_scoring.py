@@ -60,7 +60,7 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--input", str(src),
                           "--output", str(tmp_path / "scores.jsonl")], capture_output=True, text=True, check=True)
-    assert "1 pairs (2 rejected, 0 truncated to 512 tokens), accuracy" in out.stdout
+    assert "1 pairs (2 rejected: identical 1, identical_tokens 1; 0 truncated to 512 tokens), accuracy" in out.stdout
     assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
@@ -207,7 +207,7 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     out = tmp_path / "scores.jsonl"
     argv = ["--root", str(trained), "score", "--input", str(src), "--output", str(out)]
     assert main(argv + ["--set", "filter.policy=truncate"]) == 0
-    assert "2 pairs (1 rejected, 1 truncated to 512 tokens)" in capsys.readouterr().out
+    assert "2 pairs (1 rejected: identical_after_truncation 1; 1 truncated to 512 tokens)" in capsys.readouterr().out
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["truncated"] for r in scored] == [False, True]
     (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
@@ -215,7 +215,7 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     assert [(r["id"], r["source"]) for r in scored] == [(f"{src}:{i}", f"{src}:{i}") for i in (1, 2)]  # no id of theirs
     # under drop a long pair is set aside as filter sets it aside from evaluation: counted, with its lengths
     assert main(argv + ["--set", "filter.policy=drop"]) == 0
-    assert "1 pairs (2 rejected, 0 truncated to 512 tokens)" in capsys.readouterr().out
+    assert "(2 rejected: both_too_long 1, prompt_too_long 1; 0 truncated to 512 tokens)" in capsys.readouterr().out
     aside = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
     assert [(r["source"], r["reason"]) for r in aside] == [(f"{src}:2", "prompt_too_long"),
                                                            (f"{src}:3", "both_too_long")]

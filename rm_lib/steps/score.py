@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ class ScoreResult:
     truncated: int = 0  # pairs with a side cut to max_length (filter.policy=truncate)
     max_length: int | None = None
     rejects: Path | None = None  # the rows set aside, with their reasons, where there were any
+    reasons: dict[str, int] = field(default_factory=dict)  # rows set aside, by reason
 
     def summary(self) -> str:
         m = self.metrics
         aside = f"; rows set aside: {self.rejects}" if self.rejects else ""
-        return (f"score: {m['pairs']} pairs ({self.rejected} rejected, {self.truncated} truncated to "
+        why = f": {', '.join(f'{k} {v}' for k, v in sorted(self.reasons.items()))}" if self.reasons else ""
+        return (f"score: {m['pairs']} pairs ({self.rejected} rejected{why}; {self.truncated} truncated to "
                 f"{self.max_length} tokens), accuracy {m['accuracy']:.4f} "
                 f"(ties {m['tie_rate']:.4f}; longer wins {m['longer_wins_baseline']:.4f}) -> {self.output}{aside}")
 
@@ -192,4 +194,5 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, [r["length_chosen"] for r in rows],
                                             [r["length_rejected"] for r in rows]),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
-                       max_length=max_len, rejects=aside if rejects else None)
+                       max_length=max_len, rejects=aside if rejects else None,
+                       reasons=dict(Counter(r["reason"] for r in rejects)))
