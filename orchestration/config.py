@@ -33,8 +33,8 @@ class StepConfig(dg.Config):
     def overrides(self) -> list[str]:
         """The set fields as `section.key=value` overrides (values as JSON, which YAML reads back)."""
         section = type(self).section
-        return [f"{section}.{key}={json.dumps(value)}" for key, value in self.model_dump().items()
-                if value is not None]
+        values = {key: _from_env(value) for key, value in self.model_dump().items()}  # an Any field keeps {env: X}
+        return [f"{section}.{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
 
 
 def _comments(path: Path) -> dict[tuple[str, str], str]:
@@ -122,7 +122,7 @@ def _from_env(value: Any) -> Any:
 def launchpad_overrides(run_config: dict, asset: str, config_class: type[StepConfig]) -> list[str]:
     """The settings entered for `asset` in this run's config (the Launchpad), as overrides."""
     entered = ((run_config.get("ops") or {}).get(asset) or {}).get("config") or {}
-    return config_class(**{key: _from_env(value) for key, value in entered.items()}).overrides()
+    return config_class(**{key: _from_env(value) for key, value in entered.items()}).overrides()  # text: {env} refused
 
 
 def run_overrides(run_config: dict, section_of_asset: dict[str, str]) -> list[str]:

@@ -149,24 +149,28 @@ def _chain_position(stage: str) -> int:
     return order.index(stage) if stage in order else len(order)
 
 
-def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str]) -> dict[str, str]:
+def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str], locked: dict,
+                held: dict[str, bool]) -> dict[str, str]:
     """The provenance Dagster writes on a materialization it makes: each input's data version (and its
-    event), so the graph's staleness compares them with the inputs' current ones. Given only where the
-    stage was made from the data the workspace holds (its dvc.lock data deps match): its inputs are then
-    the current versions, reported in this tick or recorded before. An input with no version yet is left
-    out, and the asset shows as having a new dependency, as it should."""
+    event), so the graph's staleness compares them with the inputs' current ones. Called only where the
+    stage was made from the data the workspace holds (its dvc.lock data deps match). An input is given
+    only where that is its own dvc.lock version: the workspace holds the input stage's dvc.lock outputs
+    and Dagster's current version of it (reported in this tick, or recorded before) is that one. Any
+    other input, and preference_source (which revision of the source DVC's download read is not known
+    here), is left out: the asset then shows a new dependency, as it should."""
     tags = {}
     for parent in PARENTS[key]:
+        stage = STEP_OF_ASSET.get(parent)
+        if stage not in locked or not held.get(stage):
+            continue
         version, pointer = reported.get(parent), "NULL"
         if version is None:
-            record = instance.get_latest_data_version_record(dg.AssetKey(parent), is_source=parent not in PARENTS)
+            record = instance.get_latest_data_version_record(dg.AssetKey(parent))
             event = record.asset_event if record is not None else None
-            if event is None:  # never materialized (or observed) here
-                continue
-            version = (event.tags or {}).get("dagster/data_version")
-            pointer = str(record.storage_id)
-            if version is None:
-                continue
+            version = (event.tags or {}).get("dagster/data_version") if event is not None else None
+            pointer = str(record.storage_id) if record is not None else "NULL"
+        if version != locked[stage].version:
+            continue
         tags[f"dagster/input_data_version/{parent}"] = version
         tags[f"dagster/input_event_pointer/{parent}"] = pointer
     return tags
@@ -203,10 +207,6 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
         key = ASSET_OF_STAGE.get(stage)
         if key is None:
             continue
-        latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
-        if tags.get("dagster/data_version") == entry.version:
-            continue  # Dagster recorded this version itself
         signature, cached = entry.signature(root), seen.get(stage, {})
         same = cached.get("lock") == entry.version and cached.get("signature") == signature
         if same and "inputs_match" in cached:
@@ -216,12 +216,17 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             inputs_match = matches and entry.inputs_in_workspace(root)
         checked[stage] = {"lock": entry.version, "signature": signature, "matches": matches,
                           "inputs_match": inputs_match}
+        latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
+        if tags.get("dagster/data_version") == entry.version:
+            continue  # Dagster recorded this version itself
         if not matches:
             # the workspace holds other outputs than dvc.lock's (a run with other settings, in its DVC
             # experiment): what Dagster last recorded is what is there
             continue
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         versions[key] = entry.version
+        held = {s: c["matches"] for s, c in checked.items()}
         events.append(dg.AssetMaterialization(
             asset_key=key,
             description=f"dvc.lock names other outputs for stage {stage}: made outside Dagster",
@@ -229,7 +234,7 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
                       "made_by_current_code": entry.current_code},
             # the code version only when dvc.lock's code deps are the files here now
             tags={"dagster/data_version": entry.version, "dagster/code_version": code_version,
-                  **(_input_tags(context.instance, key, versions) if inputs_match else {})}))
+                  **(_input_tags(context.instance, key, versions, locked, held) if inputs_match else {})}))
     context.update_cursor(json.dumps(checked, sort_keys=True))
     if not events:
         return dg.SkipReason("dvc.lock agrees with what Dagster last recorded, or the workspace holds other outputs "

@@ -612,6 +612,12 @@ def test_settings_the_launchpad_takes_from_environment_variables_reach_the_check
                           "raw_preferences": {"config": {"source": {"env": "RM_TEST_SOURCE"}}}}}
     assert checks.push_overrides(run_config) == ['push.commit_message="weekly release"']
     assert checks.download_overrides(run_config) == ['download.source="data/sources/a.jsonl"']
+    # a field that also takes `auto` (typed Any) gets the source as written, and the asset itself reads it
+    from orchestration.config import TrainConfig
+
+    monkeypatch.setenv("RM_TEST_CHECKPOINTING", "true")
+    entered = TrainConfig(gradient_checkpointing={"env": "RM_TEST_CHECKPOINTING"}).overrides()
+    assert load_params(None, entered).train.gradient_checkpointing is True
 
 
 # ---------------------------------------------------------------- schedule and sensor
@@ -1158,20 +1164,32 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
         for event in dvc_lock_changed(context).asset_events:
             instance.report_runless_asset_event(event)
 
+    # which revision of the source DVC's download read is not known here: raw_preferences keeps a new
+    # dependency on preference_source; every later step read its input's dvc.lock version
     write_lock(train_read=filtered)
+    fresh = {"raw_preferences": "STALE", "tokenized_preferences": "FRESH", "filtered_preferences": "FRESH",
+             "reward_model": "FRESH"}
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(dg.AssetObservation("preference_source",
                                                                 tags={"dagster/data_version": "source-v1"}))
         tick(instance)
-        assert set(statuses(instance).values()) == {"FRESH"}, statuses(instance)
+        assert statuses(instance) == fresh
     # a model dvc.lock says was trained from other filtered pairs than the workspace holds: not fresh
     write_lock(train_read="0" * 32)
     with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
-                                                                tags={"dagster/data_version": "source-v1"}))
         tick(instance)
-        assert statuses(instance) == {"raw_preferences": "FRESH", "tokenized_preferences": "FRESH",
-                                      "filtered_preferences": "FRESH", "reward_model": "STALE"}
+        assert statuses(instance) == {**fresh, "reward_model": "STALE"}
+    # the workspace's filtered pairs are not dvc.lock's filter outputs (Dagster made others, which it
+    # recorded): the model read those, not dvc.lock's filter version, so its input is not claimed
+    write_lock(train_read=filtered)
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    lock["stages"]["filter"]["outs"][0]["md5"] = "f" * 32
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "filtered_preferences", tags={"dagster/data_version": "made-by-dagster"}))
+        tick(instance)
+        assert statuses(instance)["reward_model"] == "STALE"
 
 
 def test_sensors_skip_naming_the_file_when_dvc_lock_or_params_yaml_cannot_be_read(tmp_path):
