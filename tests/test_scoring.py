@@ -60,7 +60,7 @@ def test_score_cli_writes_rewards_per_row(trained, tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--input", str(src),
                           "--output", str(tmp_path / "scores.jsonl")], capture_output=True, text=True, check=True)
-    assert "1 pairs (2 rejected: identical 1, identical_tokens 1; 0 truncated to 512 tokens), accuracy" in out.stdout
+    assert "1 pairs (2 rejected: identical 1, identical_tokens 1; 0 truncated to 64 tokens), accuracy" in out.stdout
     assert "longer wins" in out.stdout
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 1 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
@@ -206,8 +206,9 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "scores.jsonl"
     argv = ["--root", str(trained), "score", "--input", str(src), "--output", str(out)]
+    # held to the 64 tokens the model was trained with (tiny_params), as filter held its test pairs
     assert main(argv + ["--set", "filter.policy=truncate"]) == 0
-    assert "2 pairs (1 rejected: identical_after_truncation 1; 1 truncated to 512 tokens)" in capsys.readouterr().out
+    assert "2 pairs (1 rejected: identical_after_truncation 1; 1 truncated to 64 tokens)" in capsys.readouterr().out
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["truncated"] for r in scored] == [False, True]
     (aside,) = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
@@ -215,11 +216,34 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     assert [(r["id"], r["source"]) for r in scored] == [(f"{src}:{i}", f"{src}:{i}") for i in (1, 2)]  # no id of theirs
     # under drop a long pair is set aside as filter sets it aside from evaluation: counted, with its lengths
     assert main(argv + ["--set", "filter.policy=drop"]) == 0
-    assert "(2 rejected: both_too_long 1, prompt_too_long 1; 0 truncated to 512 tokens)" in capsys.readouterr().out
+    assert "(2 rejected: both_too_long 1, prompt_too_long 1; 0 truncated to 64 tokens)" in capsys.readouterr().out
     aside = [json.loads(line) for line in (tmp_path / "scores.jsonl.rejects.jsonl").read_text().splitlines()]
     assert [(r["source"], r["reason"]) for r in aside] == [(f"{src}:2", "prompt_too_long"),
                                                            (f"{src}:3", "both_too_long")]
-    assert "filter.max_prompt_token_length=384" in aside[0]["detail"] and aside[0]["data"]["chosen"]
+    assert "over the model's prompt limit of 32" in aside[0]["detail"] and aside[0]["data"]["chosen"]
+
+
+def test_a_model_without_recorded_lengths_scores_up_to_its_positions_whatever_params_yaml_says(trained, tmp_path):
+    """A Hub model, or one an earlier version saved: nothing says what its pairs were held to, so it reads
+    up to its positions with no prompt limit; this project's filter settings (its params.yaml) are not
+    its (they set aside pairs it reads)."""
+    import shutil
+
+    from rm_lib.layout import Layout
+    from rm_lib.settings import load_params
+    from rm_lib.steps import score
+
+    other = Path(shutil.copytree(trained / "models/reward_model", tmp_path / "other"))
+    saved = json.loads((other / "rm_lib.json").read_text())
+    assert saved["lengths"] == {"max_token_length": 64, "max_prompt_token_length": 32}  # what train recorded
+    (other / "rm_lib.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "lengths"}))
+    prompt = "The acting was wonderful and brilliant. " * 60  # over 384 prompt tokens, within 512 in all
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": prompt, "chosen": " Truly good.", "rejected": " Bad."}])
+    params = load_params(None, ["filter.max_token_length=128", "filter.max_prompt_token_length=16",
+                                "filter.policy=drop"])
+    result = score.run_file(params, Layout(trained), model=str(other), input_path=str(src),
+                            output_path=str(tmp_path / "s.jsonl"))
+    assert (result.rejected, result.truncated, result.max_length) == (0, 0, 512)
 
 
 def test_a_failed_score_leaves_the_last_output_and_its_rejects_as_they_were(trained, tmp_path, capsys):

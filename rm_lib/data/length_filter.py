@@ -6,6 +6,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+# The lengths filter holds pairs to (filter's manifest, the model's rm_lib.json): score holds its pairs to
+# the lengths the model was trained and evaluated with.
+LENGTH_SETTINGS = ("max_token_length", "max_prompt_token_length")
+
+
 @dataclass
 class FilterOutcome:
     kept: list[dict] = field(default_factory=list)

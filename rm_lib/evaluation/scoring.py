@@ -62,6 +62,7 @@ class RewardScorer:
         self.special = tokenization.special_tokens(self.tokenizer)
         manifest = self.model_dir / "rm_lib.json"
         saved = json.loads(manifest.read_text()) if manifest.exists() else {}
+        self.saved = saved  # rm_lib.json: the template and the lengths training held pairs to
         self.template = templates.resolve(template or saved.get("template", "auto"), self.tokenizer)
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
         self.std = getattr(self.model.config, "reward_std", 1.0) if normalize else 1.0

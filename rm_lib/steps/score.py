@@ -106,36 +106,49 @@ def _reject_row(file: str, row: int, reason: str, detail: str, data: Any, own_id
             "detail": detail, "data": data}
 
 
+def model_lengths(scorer: RewardScorer) -> tuple[int | None, int | None]:
+    """(max length, max prompt length) a pair is held to: those the model was trained and evaluated with
+    (its rm_lib.json, as filter held its pairs), within its positions; a model without them (a Hub model,
+    or one saved by an earlier version) reads up to its positions, with no prompt limit."""
+    lengths = scorer.saved.get("lengths") or {}
+    recorded, prompt = lengths.get("max_token_length"), lengths.get("max_prompt_token_length")
+    limits = [n for n in (recorded, scorer.max_length) if isinstance(n, int)]
+    return (min(limits) if limits else None), (prompt if isinstance(prompt, int) else None)
+
+
 def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejects: list[dict],
-                  own_ids: dict[str, Any]) -> tuple[list[dict], list[dict], int]:
+                  own_ids: dict[str, Any]) -> tuple[list[dict], list[dict], int | None]:
     """(rows kept, rejects, the length they were held to): the pairs tokenized as tokenize does and held to
-    filter's lengths as filter holds them (filter.max_token_length within the model's positions,
-    filter.max_prompt_token_length, filter.policy), so scoring the test pairs gives evaluate's rewards.
-    Pretokenized ids are read as given, as tokenize reads them. A pair filter would set aside (too long
-    under drop, a sure tie) is set aside here with filter's reason."""
-    cfg = params.filter
-    max_len = min(cfg.max_token_length, scorer.max_length or cfg.max_token_length)
+    the lengths the model was trained with as filter holds them (model_lengths), so scoring its test pairs
+    gives evaluate's rewards; filter.policy says whether a longer pair is cut (truncate) or set aside with
+    filter's reason (drop). Pretokenized ids are read as given, as tokenize reads them. A sure tie is set
+    aside as filter sets it aside."""
+    max_len, max_prompt = model_lengths(scorer)
     rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
-    outcome = length_filter.apply(rows, max_len=max_len, max_prompt=cfg.max_prompt_token_length, policy=cfg.policy,
-                                  keep_front=len(scorer.special.prefix))
+    outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
+                                  policy=params.filter.policy, keep_front=len(scorer.special.prefix))
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
     for dropped in outcome.dropped:
         file, row = dropped["id"].rsplit(":", 1)
-        rejects.append(_reject_row(file, int(row), dropped["reason"], _why(dropped, max_len, cfg),
+        rejects.append(_reject_row(file, int(row), dropped["reason"], _why(dropped, max_len, max_prompt),
                                    by_id[dropped["id"]], own_ids))
     return outcome.kept, rejects, max_len
 
 
-def _why(dropped: dict, max_len: int, cfg: Any) -> str:
+def _longest(rows: list[dict]) -> int:
+    return max((len(r[f"input_ids_{side}"]) for r in rows for side in ("chosen", "rejected")), default=0)
+
+
+def _why(dropped: dict, max_len: int | None, max_prompt: int | None) -> str:
     reason = dropped["reason"]
     if reason.startswith("identical"):
         cut = f"cut to {max_len} tokens, " if reason == "identical_after_truncation" else ""
         return f"{cut}chosen and rejected give the same token ids: a sure tie"
+    limit = (f"the model's prompt limit of {max_prompt}" if reason == "prompt_too_long"
+             else f"the model's limit of {max_len}")
     return (f"prompt {dropped['prompt_length']} tokens, chosen {dropped['chosen_length']}, rejected "
-            f"{dropped['rejected_length']}: over filter.max_token_length={max_len} or "
-            f"filter.max_prompt_token_length={cfg.max_prompt_token_length} under filter.policy=drop (truncate keeps "
-            "the end)")
+            f"{dropped['rejected_length']}: over {limit}, under filter.policy=drop (truncate keeps the end)")
 
 
 def _remove(stale: Path, output_path: str) -> None:
@@ -147,8 +160,9 @@ def _remove(stale: Path, output_path: str) -> None:
 
 
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
-    """Pairs are held to filter's lengths as evaluate's test pairs were: under filter.policy=truncate a
-    longer one keeps its start token and its end, under drop it is set aside (counted, in the rejects)."""
+    """Pairs are held to the lengths the model was trained and evaluated with (model_lengths): under
+    filter.policy=truncate a longer one keeps its start token and its end, under drop it is set aside
+    (counted, in the rejects)."""
     _check_paths(layout, model, input_path, output_path)
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size)

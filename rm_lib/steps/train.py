@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rm_lib.data.length_filter import LENGTH_SETTINGS
 from rm_lib.data.tokenstore import read_rows
 from rm_lib.errors import TrainingDiverged
 from rm_lib.evaluation import plots
@@ -258,7 +259,9 @@ def run(params: Params, layout: Layout, accelerator=None,
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint,
                                              "code_hash": code, "content_hash": weights_hash,
-                                             "inputs": {"filtered": meta["content_hash"]}})
+                                             "inputs": {"filtered": meta["content_hash"]},
+                                             # what the pairs were held to: score holds its pairs to the same
+                                             "lengths": {k: meta.get(k) for k in LENGTH_SETTINGS}})
             plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                              [r["accuracy"] for r in history], logs / "loss.png")
             write_jsonl(logs / "metrics.jsonl", records)  # the finished run's log, published
