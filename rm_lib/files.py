@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rm_lib.errors import DataError, UserError
 
 # Temporaries are named .<name>.<pid>@<host>.<random>.tmp: a later writer can tell that the one who
@@ -421,3 +423,19 @@ def dvc_md5(path: Path) -> str | None:
                for p in path.rglob("*") if p.is_file() and not DVC_IGNORED.search(p.relative_to(path).as_posix())]
     listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
     return hashlib.md5(listing.encode()).hexdigest() + ".dir"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """dvc.yaml or dvc.lock as a mapping, or a UserError naming the file: a merge conflict left in
+    dvc.lock (git's markers) made every read a bare ScannerError naming no file."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        conflict = " (a merge conflict left in it)" if "<<<<<<<" in path.read_text(encoding="utf-8") else ""
+        fix = "resolve it, or run `dvc repro`, which writes it anew" if path.name == "dvc.lock" else "fix it"
+        raise UserError(f"{path}: not valid YAML{line}{conflict}; {fix}") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: expected a mapping of stages, got {type(document).__name__}")
+    return document

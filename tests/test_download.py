@@ -168,6 +168,13 @@ def test_a_local_source_outside_data_sources_is_named_as_invisible_to_dvc(tmp_pa
     (sources / "linked.jsonl").symlink_to(cached)
     assert untracked_note(sources / "linked.jsonl", sources) is None
     assert untracked_note(f"{tmp_path}/data/../data/sources/linked.jsonl", sources) is None
+    # data/sources itself a link to another disk: it and what it holds are still data/sources
+    disk = tmp_path / "disk"
+    (sources).rename(disk)
+    sources.symlink_to(disk)
+    assert untracked_note(sources, sources) is None and untracked_note(sources / "pairs.jsonl", sources) is None
+    sources.unlink()
+    disk.rename(sources)
     tracked = run_steps(tiny_params(f"download.source={inside}"), tmp_path, "download")["download"]
     assert tracked.note is None and "dvc repro" not in tracked.summary()
     untracked = run_steps(tiny_params(f"download.source={outside}"), tmp_path, "download")["download"]

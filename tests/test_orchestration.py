@@ -1205,6 +1205,19 @@ def test_sensors_skip_naming_the_file_when_dvc_lock_or_params_yaml_cannot_be_rea
     assert isinstance(skipped, dg.SkipReason)
     assert skipped.skip_message.startswith(f"{tmp_path / 'dvc.lock'}: not valid YAML at line ")
     assert "(a merge conflict left in it)" in skipped.skip_message
+    # push's card reads dvc.lock too: one line naming it, not a bare ScannerError
+    from rm_lib.errors import UserError
+    from rm_lib.publish import model_card
+
+    with pytest.raises(UserError, match=r"dvc.lock: not valid YAML at line \d+ \(a merge conflict left in it\)"):
+        model_card.dvc_hashes(tmp_path, ("models/reward_model",))
+    # a broken dvc.yaml while a step records itself: the record's own error (the step ran, its outputs replaced)
+    from rm_lib.pipeline import dvc_record
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train: [unclosed\n")
+    with pytest.raises(dvc_record.RecordError, match=r"DVC cannot read stage 'train'.*dvc.yaml: not valid YAML"):
+        dvc_record.record(tmp_path, "train", load_params(None))
     bad = tmp_path / "params.yaml"
     bad.write_text("download: [unclosed\n")
     context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={

@@ -388,9 +388,9 @@ def local_fingerprint(source: str | Path, previous: dict | None = None) -> dict:
 def untracked_note(path: str | Path, sources: Path) -> str | None:
     """A line for a local data file outside the project's data/sources folder, which dvc.yaml declares
     as a dependency: a change to a file elsewhere is invisible to `dvc status` and `dvc repro`."""
-    try:
-        where_kept(path).relative_to(sources.resolve())
+    # a file DVC linked into its cache is kept where its link is; a linked data/sources folder is where it leads
+    places = {where_kept(path), Path(path).resolve()}
+    if any(place.is_relative_to(base) for place in places for base in {where_kept(sources), sources.resolve()}):
         return None
-    except ValueError:
-        return (f"note: {path} lies outside {sources}, so `dvc repro` cannot see a change to it; keep your "
-                "data files in data/sources (docs/dvc.md)")
+    return (f"note: {path} lies outside {sources}, so `dvc repro` cannot see a change to it; keep your "
+            "data files in data/sources (docs/dvc.md)")

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import yaml
 
 from rm_lib.errors import SettingsError, UserError
-from rm_lib.files import dvc_md5
+from rm_lib.files import dvc_md5, read_yaml
 from rm_lib.settings import Params, load_params
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
@@ -101,7 +101,7 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
                           "settings then: run it again")
     try:
         spec = read_stage(root, stage, remote)
-    except (OSError, ValueError, yaml.YAMLError) as exc:  # a broken dvc.yaml or config: one message
+    except (OSError, ValueError, UserError) as exc:  # a broken dvc.yaml or config: one message
         raise RecordError(f"DVC cannot read stage '{stage}' in {root}: {exc}") from exc
     if spec is None:
         return NotRecorded(f"dvc.yaml has no stage '{stage}'")
@@ -438,22 +438,6 @@ def stage_params(root: Path, stage: str) -> Optional[dict[str, Any]]:
                 value = value.get(part) if isinstance(value, dict) else None
             values[f"{path.name}:{key}"] = value
     return values
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """dvc.yaml or dvc.lock as a mapping, or a UserError naming the file: a merge conflict left in
-    dvc.lock (git's markers) made every read a bare ScannerError naming no file."""
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        conflict = " (a merge conflict left in it)" if "<<<<<<<" in path.read_text(encoding="utf-8") else ""
-        fix = "resolve it, or run `dvc repro`, which writes it anew" if path.name == "dvc.lock" else "fix it"
-        raise UserError(f"{path}: not valid YAML{line}{conflict}; {fix}") from None
-    if not isinstance(document, dict):
-        raise UserError(f"{path}: expected a mapping of stages, got {type(document).__name__}")
-    return document
 
 
 def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:

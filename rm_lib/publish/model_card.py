@@ -17,7 +17,7 @@ import yaml
 
 from rm_lib.evaluation.metrics import set_aside_by_filter
 from rm_lib.evaluation.quality import FORCED_MARK
-from rm_lib.files import dvc_md5
+from rm_lib.files import dvc_md5, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -72,7 +72,7 @@ def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     if not lock.is_file():
         return {p: f"{NOT_TRACKED} (no dvc.lock)" for p in paths}
     recorded = {}
-    for stage in (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}).values():
+    for stage in (read_yaml(lock).get("stages") or {}).values():
         for out in stage.get("outs", []):
             recorded[out["path"]] = out.get("md5")
     result = {}
