@@ -377,6 +377,12 @@ def test_the_cards_lora_instructions_load_the_released_adapter_to_the_merged_mod
         expected = merged(**batch).logits.squeeze(-1)
         got = adapter(**batch).logits.squeeze(-1)
     assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    # the card's own example: the conversation as training read it (the tokenizer's template), not a
+    # `User: ...` text the model never saw
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.publish.model_card import EXAMPLE
+
+    assert card["reward"] == pytest.approx(RewardScorer(release).score([EXAMPLE])[0], abs=1e-5)
 
 
 def test_the_cards_lora_instructions_pin_a_hub_base_and_add_no_pad_steps_where_none_was_added():

@@ -113,6 +113,24 @@ CARD_CHAT = [{"role": "user", "content": "How do I boil an egg?"},
              {"role": "assistant", "content": "Put it in boiling water for eight minutes."}]
 
 
+def test_the_cards_pipeline_example_is_in_the_rm_lib_template_training_used(tmp_path):
+    """A model trained with rm_lib's chatml was shown a `User: ...` text in the card: its own template's
+    text scores the reward training measured."""
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.model.modeling import save_model
+    from rm_lib.publish import model_card
+
+    tok = load_tokenizer("default")
+    save_model(load_reward_model("default", pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
+    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "chatml"}')
+    usage = model_card._usage(str(tmp_path / "rm"), tokenizer=model_card.tokenizer_facts(tmp_path / "rm"))
+    code = re.findall(r"```python\n(.*?)```", usage, re.S)[0]
+    assert "<|im_start|>user" in code and "User: How" not in code
+    scope: dict = {}
+    exec(code.replace("rm(", "score = rm(", 1), scope)  # noqa: S102 - the card's own instructions
+    assert scope["score"][0]["score"] == pytest.approx(RewardScorer(tmp_path / "rm").score([CARD_CHAT])[0], abs=1e-5)
+
+
 def card_reward(folder: Path) -> float:
     """The reward the card's first example computes, run as the card writes it, on the released folder."""
     from rm_lib.publish import model_card

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from rm_lib.data import templates
 from rm_lib.evaluation.metrics import set_aside_by_filter
 from rm_lib.evaluation.quality import FORCED_MARK
 from rm_lib.files import dvc_md5, read_yaml
@@ -289,7 +290,7 @@ def adapter_facts(folder: Path) -> dict | None:
             "rows": vocab if added and isinstance(pad_id, int) and vocab == pad_id + 1 else None}
 
 
-def _adapter_usage(repo_id: str, adapter: dict, local_base: bool) -> str:
+def _adapter_usage(repo_id: str, adapter: dict, local_base: bool, tokenizer: dict | None = None) -> str:
     """How to load the LoRA adapter with transformers and peft alone, to the merged model's rewards."""
     base, revision = adapter["base"], adapter.get("revision")
     pin = f', revision="{revision}"' if revision else ""
@@ -322,8 +323,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 {code}
 model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter").eval()
-model(**tokenizer("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.",
-                  return_tensors="pt")).logits
+{_example_inputs(tokenizer)}
+with torch.no_grad():
+    reward = model(**inputs).logits[0, 0].item()
 ```{told}{where}"""
 
 
@@ -340,6 +342,8 @@ def tokenizer_facts(folder: Path) -> dict:
     facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end),
              "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
              "template": saved.get("template")}
+    if facts["template"] in templates.NAMED:  # the example conversation as training rendered it
+        facts["example_text"] = templates.render(EXAMPLE, facts["template"], tokenizer)
     if facts["template"] == "tokenizer":  # what training added to the template's own ids
         chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         try:
@@ -380,22 +384,41 @@ def _text_rules(tokenizer: dict | None) -> str:
     return f"{ends} {how} The scoring API below does both."
 
 
+EXAMPLE = [{"role": "user", "content": "How do I boil an egg?"},
+           {"role": "assistant", "content": "Put it in boiling water for eight minutes."}]
+
+
+def _example_inputs(tokenizer: dict | None) -> str:
+    """Code that sets `inputs` for `model(**inputs)` from the card's example conversation as training
+    read it: the tokenizer's chat template's ids (with what training added), or the text of rm_lib's
+    template that training used."""
+    facts = tokenizer or {}
+    if facts.get("template") != "tokenizer":
+        text = facts.get("example_text") or "User: {}\n\nAssistant: {}".format(*(m["content"] for m in EXAMPLE))
+        return f"inputs = tokenizer({json.dumps(text)}, return_tensors=\"pt\")"
+    start, end = facts.get("chat_start") or [], facts.get("chat_end", True) and facts.get("end_token")
+    added = "".join([f"tokenizer.convert_tokens_to_ids({json.dumps(start)}) + " if start else "", "ids",
+                     f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
+    add = f"\nids = {added}  # as training added them" if added != "ids" else ""
+    return (f"messages = {json.dumps(EXAMPLE[:1])[:-1]},\n            {json.dumps(EXAMPLE[1])}]\n"
+            f"ids = tokenizer.apply_chat_template(messages, tokenize=True)[\"input_ids\"]{add}\n"
+            "inputs = {\"input_ids\": torch.tensor([ids])}")
+
+
 def _first_example(repo_id: str, tokenizer: dict | None) -> str:
-    """The first way in: the pipeline on a text in the training template's words, or, for a model trained
-    with its tokenizer's chat template (whose text is not `User: ...`), the template's ids as training
-    had them."""
-    if not tokenizer or tokenizer.get("template") != "tokenizer":
+    """The first way in: the pipeline on the example's text in the training template, or, for a model
+    trained with its tokenizer's chat template (whose text tokenized again can give other ids), the
+    template's ids as training had them."""
+    facts = tokenizer or {}
+    if facts.get("template") != "tokenizer":
+        text = facts.get("example_text") or "User: {}\n\nAssistant: {}".format(*(m["content"] for m in EXAMPLE))
         return f"""With `transformers` (one score per text; `function_to_apply="none"` keeps the raw reward):
 
 ```python
 from transformers import pipeline
 rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none")
-rm("User: How do I boil an egg?\\n\\nAssistant: Put it in boiling water for eight minutes.")
+rm({json.dumps(text)})  # a conversation in the template training used
 ```"""
-    start, end = tokenizer.get("chat_start") or [], tokenizer.get("chat_end", True) and tokenizer.get("end_token")
-    added = "".join([f"tokenizer.convert_tokens_to_ids({json.dumps(start)}) + " if start else "", "ids",
-                     f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
-    add = f"\nids = {added}  # as training added them" if added != "ids" else ""
     return f"""With `transformers` (one score per conversation, in the chat template training used):
 
 ```python
@@ -403,16 +426,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 model = AutoModelForSequenceClassification.from_pretrained("{repo_id}").eval()
-messages = [{{"role": "user", "content": "How do I boil an egg?"}},
-            {{"role": "assistant", "content": "Put it in boiling water for eight minutes."}}]
-ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]{add}
+{_example_inputs(tokenizer)}
 with torch.no_grad():
-    reward = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    reward = model(**inputs).logits[0, 0].item()
 ```"""
 
 
 def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None) -> str:
-    lora = _adapter_usage(repo_id, adapter, local_base) if adapter else ""
+    lora = _adapter_usage(repo_id, adapter, local_base, tokenizer) if adapter else ""
     return f"""## How to use
 
 The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
