@@ -39,6 +39,9 @@ def build(folder: Path, tokenizer_name: str, small: bool = False, weights: bool 
 
     tokenizer = load_tokenizer(tokenizer_name)
     shape = config(tokenizer, small)
+    # the tokenizer's own limit is its first model's (all-MiniLM-L6-v2: 512 positions); this model reads 2,048,
+    # and the benchmark's max length 1024 must not be refused against the other model's limit
+    tokenizer.model_max_length = shape.max_position_embeddings
     if weights:
         torch.manual_seed(0)
         GPTNeoXForSequenceClassification(shape).save_pretrained(folder, safe_serialization=True)

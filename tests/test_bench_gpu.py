@@ -171,6 +171,18 @@ def test_the_gpu_check_passes_on_the_cpu_path_of_a_pythia_decoder(tmp_path, aot_
     assert len(report) == 3 and all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
 
 
+def test_the_pythia_shape_reads_the_benchmarks_1024_tokens_not_its_tokenizers_first_models_512(tmp_path):
+    """The shape carries all-MiniLM-L6-v2's tokenizer, whose limit is that model's 512 positions: since
+    filter checks the limit, the GPU benchmark's data preparation at max length 1024 was refused."""
+    import pythia_1b_shape
+
+    from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length
+
+    folder = pythia_1b_shape.build(tmp_path / "pythia-1b-shape-config", "default", weights=False)
+    limit = max_sequence_length(load_model_config(str(folder), weights=False), load_tokenizer(str(folder)))
+    assert limit == 2048  # its positions; 1024 passes filter's check
+
+
 @pytest.mark.integration
 def test_the_whole_command_rehearsed_on_the_cpu_writes_every_run_and_resumes(tmp_path):
     need(HH)
