@@ -95,6 +95,15 @@ def test_best_of_n_file_like_reward_bench_2(tmp_path, written):
     assert entry["content_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_best_of_n_answer_that_ends_with_a_user_turn_is_set_aside(tmp_path):
+    """As download sets such a pair aside: its reward would be read after the user's words."""
+    user, reply = {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "0.9 good"}
+    rows = [{"prompt": "q", "chosen": [[reply]], "rejected": [[reply | {"content": "0.1 bad"}]]},
+            {"prompt": "q", "chosen": [[reply, user]], "rejected": [[reply | {"content": "0.1 bad"}]]}]
+    entry = suites.evaluate_suite(suites.parse_entry(str(write_jsonl(tmp_path / "bon.jsonl", rows))), NumberScorer())
+    assert entry["rows"] == 1 and entry["skipped_by_reason"] == {"answer_not_assistant": 1}
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_pairwise_file_like_reward_bench_1(tmp_path, suffix):
     path = tmp_path / f"rb1.{suffix}"

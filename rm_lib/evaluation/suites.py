@@ -183,6 +183,8 @@ def _best_of_n(row: dict, *, file: str, row_number: int) -> Row | str:
             return f"no_{side}"
         if any(all(formats.is_blank(m["content"]) for m in answer) for answer in sides[side]):
             return "empty_answer"
+        if any(answer[-1]["role"] != "assistant" for answer in sides[side]):  # the reward would be read after it
+            return "answer_not_assistant"
     identifier = row.get("id")
     return Row(str(identifier) if identifier not in (None, "") else f"{file}:{row_number}", prompt,
                sides["chosen"], sides["rejected"], _subset(row))
