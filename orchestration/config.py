@@ -20,6 +20,7 @@ import dagster as dg
 import pydantic
 import yaml
 
+from rm_lib.errors import SettingsError
 from rm_lib.settings import READ_BY_OTHER_STEPS, Params
 
 from .resources import project_params_file
@@ -115,7 +116,9 @@ def _from_env(value: Any) -> Any:
     """A value as the asset reads it: Dagster's `{env: NAME}` source is the variable's text (the run's own
     config keeps the source, and the config class would refuse it)."""
     if isinstance(value, dict) and list(value) == ["env"]:
-        return os.environ.get(value["env"])
+        if value["env"] not in os.environ:  # Dagster refuses an unset one for a typed field: so do we
+            raise SettingsError(f"{{env: {value['env']}}}: the environment variable {value['env']} is not set")
+        return os.environ[value["env"]]
     return value
 
 

@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.step == "score":
             from rm_lib.steps import score
 
-            print(score.run_file(params, layout, model=args.model, input_path=args.input,
-                                 output_path=args.output).summary())
+            chosen = any(o.partition("=")[0].strip() == "filter.policy" for o in args.overrides)  # else the model's
+            print(score.run_file(params, layout, model=args.model, input_path=args.input, output_path=args.output,
+                                 policy=params.filter.policy if chosen else None).summary())
         elif args.step == "show-tokens":
             _show_tokens(args, params, layout)
         else:

@@ -618,6 +618,9 @@ def test_settings_the_launchpad_takes_from_environment_variables_reach_the_check
     monkeypatch.setenv("RM_TEST_CHECKPOINTING", "true")
     entered = TrainConfig(gradient_checkpointing={"env": "RM_TEST_CHECKPOINTING"}).overrides()
     assert load_params(None, entered).train.gradient_checkpointing is True
+    # an unset variable is an error, as Dagster makes it for a text field, not params.yaml's value in silence
+    with pytest.raises(SettingsError, match="the environment variable RM_TEST_UNSET is not set"):
+        TrainConfig(max_tokens_per_forward={"env": "RM_TEST_UNSET"}).overrides()
 
 
 # ---------------------------------------------------------------- schedule and sensor

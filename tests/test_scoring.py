@@ -235,7 +235,7 @@ def test_a_model_without_recorded_lengths_scores_up_to_its_positions_whatever_pa
 
     other = Path(shutil.copytree(trained / "models/reward_model", tmp_path / "other"))
     saved = json.loads((other / "rm_lib.json").read_text())
-    assert saved["lengths"] == {"max_token_length": 64, "max_prompt_token_length": 32}  # what train recorded
+    assert saved["lengths"] == {"max_token_length": 64, "max_prompt_token_length": 32, "policy": "drop"}  # train's
     (other / "rm_lib.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "lengths"}))
     prompt = "The acting was wonderful and brilliant. " * 60  # over 384 prompt tokens, within 512 in all
     src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": prompt, "chosen": " Truly good.", "rejected": " Bad."}])
@@ -400,9 +400,10 @@ def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
 
 @pytest.mark.parametrize("policy, lengths", [("truncate", (20, 9)), ("drop", (42, 14))])
 def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(tmp_path, policy, lengths):
-    """score holds pairs to filter.max_token_length and filter.max_prompt_token_length as filter held the
-    test pairs evaluate scored (it held them to the model's positions alone, so cut pairs scored
-    otherwise): the same settings give the same rewards, and under drop the same pairs set aside."""
+    """score holds pairs to the lengths, and by the policy, the model's pairs were held to (its rm_lib.json)
+    as filter held the test pairs evaluate scored (it held them to the model's positions alone, so cut
+    pairs scored otherwise): the same rewards, and under drop the same pairs set aside, also where the
+    project's filter.policy has changed since."""
     from rm_lib.layout import Layout
     from rm_lib.steps import score
 
@@ -411,7 +412,8 @@ def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(t
     run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
     layout = Layout(tmp_path)
     evaluated = {r["id"]: r for r in map(json.loads, (layout.evaluation / "scores.jsonl").read_text().splitlines())}
-    result = score.run_file(params, layout, model=None, input_path=str(layout.pairs / "test.jsonl"),
+    other = tiny_params("filter.policy=" + ("drop" if policy == "truncate" else "truncate"))  # params.yaml since
+    result = score.run_file(other, layout, model=None, input_path=str(layout.pairs / "test.jsonl"),
                             output_path=str(tmp_path / "s.jsonl"))
     scored = {r["id"]: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
     assert scored.keys() == evaluated.keys()
@@ -425,3 +427,30 @@ def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(t
         dropped = {r["id"] for r in map(json.loads, (layout.filtered / "dropped.jsonl").read_text().splitlines())
                    if r["split"] == "test"}
         assert aside == dropped and dropped
+
+
+def test_a_release_on_the_hub_is_scored_by_its_own_record(tmp_path, monkeypatch):
+    """`score --model me/my-rm`: the release's rm_lib.json (template, lengths) was looked for as a local
+    path and never found, so a model this project pushed was scored up to its positions with template
+    auto; it is read from the Hub, and a model without one gets none."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from rm_lib.evaluation.scoring import training_record
+
+    record = tmp_path / "rm_lib.json"
+    record.write_text(json.dumps({"template": "chatml", "lengths": {"max_token_length": 256}}))
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if repo_id == "me/my-rm":
+            return str(record)
+        raise EntryNotFoundError(f"{filename} not in {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert training_record("me/my-rm")["lengths"] == {"max_token_length": 256}
+    assert training_record("someone/other-rm") == {} and asked[-1] == ("someone/other-rm", "rm_lib.json")
+    assert training_record(str(tmp_path)) == json.loads(record.read_text())  # a folder: read where it is
+    (tmp_path / "empty").mkdir()
+    assert training_record(str(tmp_path / "empty")) == {}

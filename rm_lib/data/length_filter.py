@@ -6,9 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
-# The lengths filter holds pairs to (filter's manifest, the model's rm_lib.json): score holds its pairs to
-# the lengths the model was trained and evaluated with.
-LENGTH_SETTINGS = ("max_token_length", "max_prompt_token_length")
+# The lengths filter holds pairs to, and how (filter's manifest, the model's rm_lib.json): score holds its
+# pairs to them as the model was trained and evaluated.
+LENGTH_SETTINGS = ("max_token_length", "max_prompt_token_length", "policy")
 
 
 @dataclass

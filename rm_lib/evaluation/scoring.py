@@ -37,6 +37,23 @@ def model_max_length(model: Any, tokenizer: Any) -> int | None:
     return max_sequence_length(model.config, tokenizer)  # the limit filter.max_token_length is checked against
 
 
+def training_record(model: str) -> dict:
+    """The model's rm_lib.json (the template and lengths training used): from its folder, or from the
+    Hub where `model` names a repository there (a release this project pushed holds one); {} for a model
+    without one."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() or folder.exists():
+        record = folder / "rm_lib.json"
+        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:  # the weights loaded from there already: the repository exists, and the Hub answered (or its cache)
+        return json.loads(Path(hf_hub_download(model, "rm_lib.json")).read_text(encoding="utf-8"))
+    except EntryNotFoundError:  # no rm_lib.json there (or, offline, none cached): another project's model
+        return {}
+
+
 class RewardScorer:
     """`length_policy`: what happens to a text longer than the model reads (`max_length`, by default
     the model's positions): "truncate" keeps its start tokens and its end, as filter.policy=truncate
@@ -60,8 +77,7 @@ class RewardScorer:
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.special = tokenization.special_tokens(self.tokenizer)
-        manifest = self.model_dir / "rm_lib.json"
-        saved = json.loads(manifest.read_text()) if manifest.exists() else {}
+        saved = training_record(str(model_dir))
         self.saved = saved  # rm_lib.json: the template and the lengths training held pairs to
         self.template = templates.resolve(template or saved.get("template", "auto"), self.tokenizer)
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0

@@ -342,8 +342,6 @@ def tokenizer_facts(folder: Path) -> dict:
     facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end),
              "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
              "template": saved.get("template")}
-    if facts["template"] in templates.NAMED:  # the example conversation as training rendered it
-        facts["example_text"] = templates.render(EXAMPLE, facts["template"], tokenizer)
     if facts["template"] == "tokenizer":  # what training added to the template's own ids
         chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         try:
@@ -388,14 +386,19 @@ EXAMPLE = [{"role": "user", "content": "How do I boil an egg?"},
            {"role": "assistant", "content": "Put it in boiling water for eight minutes."}]
 
 
+def _example_text(facts: dict) -> str:
+    """The example conversation in rm_lib's template that training used (simple_chat where the facts do
+    not name one: what `auto` gives a tokenizer without a chat template)."""
+    return templates.NAMED.get(facts.get("template") or "simple_chat", templates.simple_chat)(EXAMPLE)
+
+
 def _example_inputs(tokenizer: dict | None) -> str:
     """Code that sets `inputs` for `model(**inputs)` from the card's example conversation as training
     read it: the tokenizer's chat template's ids (with what training added), or the text of rm_lib's
     template that training used."""
     facts = tokenizer or {}
     if facts.get("template") != "tokenizer":
-        text = facts.get("example_text") or "User: {}\n\nAssistant: {}".format(*(m["content"] for m in EXAMPLE))
-        return f"inputs = tokenizer({json.dumps(text)}, return_tensors=\"pt\")"
+        return f"inputs = tokenizer({json.dumps(_example_text(facts))}, return_tensors=\"pt\")"
     start, end = facts.get("chat_start") or [], facts.get("chat_end", True) and facts.get("end_token")
     added = "".join([f"tokenizer.convert_tokens_to_ids({json.dumps(start)}) + " if start else "", "ids",
                      f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
@@ -411,7 +414,7 @@ def _first_example(repo_id: str, tokenizer: dict | None) -> str:
     template's ids as training had them."""
     facts = tokenizer or {}
     if facts.get("template") != "tokenizer":
-        text = facts.get("example_text") or "User: {}\n\nAssistant: {}".format(*(m["content"] for m in EXAMPLE))
+        text = _example_text(facts)
         return f"""With `transformers` (one score per text; `function_to_apply="none"` keeps the raw reward):
 
 ```python

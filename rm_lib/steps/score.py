@@ -9,7 +9,7 @@ from typing import Any
 from rm_lib.data import formats, length_filter, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
-from rm_lib.evaluation.scoring import RewardScorer
+from rm_lib.evaluation.scoring import LENGTH_POLICIES, RewardScorer
 from rm_lib.files import atomic_files, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
 from rm_lib.settings import Params, names_a_folder
@@ -29,8 +29,9 @@ class ScoreResult:
         m = self.metrics
         aside = f"; rows set aside: {self.rejects}" if self.rejects else ""
         why = f": {', '.join(f'{k} {v}' for k, v in sorted(self.reasons.items()))}" if self.reasons else ""
-        return (f"score: {m['pairs']} pairs ({self.rejected} rejected{why}; {self.truncated} truncated to "
-                f"{self.max_length} tokens), accuracy {m['accuracy']:.4f} "
+        limit = f"truncated to {self.max_length} tokens" if self.max_length else "truncated (no length limit known)"
+        return (f"score: {m['pairs']} pairs ({self.rejected} rejected{why}; {self.truncated} {limit}), "
+                f"accuracy {m['accuracy']:.4f} "
                 f"(ties {m['tie_rate']:.4f}; longer wins {m['longer_wins_baseline']:.4f}) -> {self.output}{aside}")
 
 
@@ -106,27 +107,30 @@ def _reject_row(file: str, row: int, reason: str, detail: str, data: Any, own_id
             "detail": detail, "data": data}
 
 
-def model_lengths(scorer: RewardScorer) -> tuple[int | None, int | None]:
-    """(max length, max prompt length) a pair is held to: those the model was trained and evaluated with
-    (its rm_lib.json, as filter held its pairs), within its positions; a model without them (a Hub model,
-    or one saved by an earlier version) reads up to its positions, with no prompt limit."""
+def model_lengths(scorer: RewardScorer) -> tuple[int | None, int | None, str | None]:
+    """(max length, max prompt length, policy) a pair is held to: as the model was trained and evaluated
+    (its rm_lib.json records how filter held its pairs), within its positions; a model without them (a
+    Hub model of another project, or one saved by an earlier version) reads up to its positions, with no
+    prompt limit and no policy of its own."""
     lengths = scorer.saved.get("lengths") or {}
     recorded, prompt = lengths.get("max_token_length"), lengths.get("max_prompt_token_length")
     limits = [n for n in (recorded, scorer.max_length) if isinstance(n, int)]
-    return (min(limits) if limits else None), (prompt if isinstance(prompt, int) else None)
+    policy = lengths.get("policy") if lengths.get("policy") in LENGTH_POLICIES else None
+    return (min(limits) if limits else None), (prompt if isinstance(prompt, int) else None), policy
 
 
 def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejects: list[dict],
-                  own_ids: dict[str, Any]) -> tuple[list[dict], list[dict], int | None]:
+                  own_ids: dict[str, Any], policy: str | None) -> tuple[list[dict], list[dict], int | None]:
     """(rows kept, rejects, the length they were held to): the pairs tokenized as tokenize does and held to
-    the lengths the model was trained with as filter holds them (model_lengths), so scoring its test pairs
-    gives evaluate's rewards; filter.policy says whether a longer pair is cut (truncate) or set aside with
-    filter's reason (drop). Pretokenized ids are read as given, as tokenize reads them. A sure tie is set
-    aside as filter sets it aside."""
-    max_len, max_prompt = model_lengths(scorer)
+    the model's lengths as filter held its pairs (model_lengths), so scoring its test pairs gives
+    evaluate's rewards. A longer pair is cut (truncate) or set aside with filter's reason (drop): by
+    `policy` where the user set one, else as the model's pairs were, else by filter.policy. Pretokenized
+    ids are read as given, as tokenize reads them. A sure tie is set aside as filter sets it aside."""
+    max_len, max_prompt, trained_policy = model_lengths(scorer)
     rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
     outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
-                                  policy=params.filter.policy, keep_front=len(scorer.special.prefix))
+                                  policy=policy or trained_policy or params.filter.policy,
+                                  keep_front=len(scorer.special.prefix))
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
     for dropped in outcome.dropped:
@@ -159,10 +163,11 @@ def _remove(stale: Path, output_path: str) -> None:
                         "an earlier run's") from None
 
 
-def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str) -> ScoreResult:
-    """Pairs are held to the lengths the model was trained and evaluated with (model_lengths): under
-    filter.policy=truncate a longer one keeps its start token and its end, under drop it is set aside
-    (counted, in the rejects)."""
+def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str,
+             policy: str | None = None) -> ScoreResult:
+    """Pairs are held to the lengths the model was trained and evaluated with (model_lengths): a longer
+    one keeps its start token and its end (truncate), or is set aside (drop: counted, in the rejects), as
+    the model's pairs were, unless `policy` (the user's filter.policy on the command line) says which."""
     _check_paths(layout, model, input_path, output_path)
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size)
@@ -177,7 +182,7 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
                                            record["data"], own_ids))
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
         tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=None)
-    rows, rejects, max_len = _pair_lengths(scorer, params, pairs, rejects, own_ids)
+    rows, rejects, max_len = _pair_lengths(scorer, params, pairs, rejects, own_ids, policy)
     if not rows:
         failed = failed_rejects_path(output_path)
         write_jsonl(failed, rejects)
