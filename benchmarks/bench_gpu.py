@@ -32,6 +32,7 @@ from pathlib import Path
 
 import bench_train
 import gpu_check
+import pythia_1b_shape
 import record
 
 HERE = Path(__file__).resolve().parent
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     # data, the model, the resume check; then gpu_check
     preflight(names, cuda())
     bench_train.check_data(args, cases)
-    if not (args.model / "config.json").exists():
+    if not pythia_1b_shape.is_built(args.model):
         build = [sys.executable, str(HERE / "pythia_1b_shape.py"), str(args.model), "--tokenizer", args.tokenizer]
         subprocess.run([*build, *(["--small"] if args.rehearse else [])], check=True)
     base = ["--model", str(args.model), "--data", str(args.data), "--max-length", str(args.max_length),

@@ -131,7 +131,7 @@ def check(tolerance: float = 2e-3, tokenizer_name: str = "default") -> dict:
     from rm_lib.model.varlen import VARLEN, cuda_kernel, register_varlen
 
     folder = WORK / "small-decoder"
-    if not (folder / "config.json").exists():
+    if not pythia_1b_shape.is_built(folder):
         pythia_1b_shape.build(folder, tokenizer_name, small=True)
     tokenizer = load_tokenizer(str(folder))
     torch.manual_seed(0)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     if args.model is None:
         args.model = bench_train.WORK / "pythia-1b-shape-config"
-        if not (args.model / "config.json").exists():
+        if not pythia_1b_shape.is_built(args.model):
             pythia_1b_shape.build(args.model, args.tokenizer, weights=False)
     cases = args.case or sorted(bench_train.FILES)
     bench_train.check_data(args, cases)

@@ -13,6 +13,7 @@ has neither the Hub nor that package, pass a folder that --tokenizer-only wrote 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -27,6 +28,17 @@ def config(tokenizer, small: bool = False):
                          use_parallel_residual=True, tie_word_embeddings=False, num_labels=1,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
+
+
+def is_built(folder: Path) -> bool:
+    """A shape `build` wrote there, whose tokenizer reads the shape's positions: one built before that limit
+    was set says all-MiniLM's 512, and a max length of 1024 is refused against it; it is built again."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        tokenizer = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return tokenizer.get("model_max_length", 0) >= config.get("max_position_embeddings", 0)
 
 
 def build(folder: Path, tokenizer_name: str, small: bool = False, weights: bool = True) -> Path:

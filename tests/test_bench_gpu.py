@@ -181,6 +181,11 @@ def test_the_pythia_shape_reads_the_benchmarks_1024_tokens_not_its_tokenizers_fi
     folder = pythia_1b_shape.build(tmp_path / "pythia-1b-shape-config", "default", weights=False)
     limit = max_sequence_length(load_model_config(str(folder), weights=False), load_tokenizer(str(folder)))
     assert limit == 2048  # its positions; 1024 passes filter's check
+    # a folder built before (its tokenizer saying 512) is not taken as built: the commands build it again
+    assert pythia_1b_shape.is_built(folder)
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**saved, "model_max_length": 512}))
+    assert not pythia_1b_shape.is_built(folder)
 
 
 @pytest.mark.integration
