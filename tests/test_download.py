@@ -220,8 +220,11 @@ def test_files_of_a_source_folder_that_are_not_read_are_named(tmp_path, capsys):
     (tmp_path / "src/notes/readme.txt").parent.mkdir()
     (tmp_path / "src/notes/readme.txt").write_text("about the data\n")
     (tmp_path / "src/.hidden").write_text("")
+    # a notebook's checkpoint copy in a hidden folder is no data of the source: it was read as a second copy
+    write_jsonl(tmp_path / "src/.ipynb_checkpoints/train-checkpoint.jsonl", rows)
     assert main(["--root", str(tmp_path), "download", "--set", f"download.source={tmp_path / 'src'}"]) == 0
     out = capsys.readouterr().out
+    assert read_json(tmp_path / "data/pairs/manifest.json")["rows_read"] == 20
     assert "note: 2 file(s) of the source folder not read, of a type other than .jsonl" in out
     assert "(optionally .gz): more.tsv, notes/readme.txt\n" in out
     assert read_json(tmp_path / "data/pairs/manifest.json")["skipped_files"] == ["more.tsv", "notes/readme.txt"]

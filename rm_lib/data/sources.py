@@ -255,12 +255,17 @@ def local_files(path: str | Path) -> list[Path]:
         raise DataError("a folder that datasets' save_to_disk wrote (Arrow files), which download does not read; "
                         "write each split as a file instead: dataset.to_parquet('train.parquet'), and "
                         "'test.parquet' for a test split", file=str(path))
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) and not p.name.startswith("."))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) and not _hidden(p, path))
     if not files:
         skipped = unsupported_files(path)
         raise DataError(f"no {', '.join(SUFFIXES)} files found in the folder"
                         + (f" (of another type: {list_some(skipped)})" if skipped else ""), file=str(path))
     return files
+
+
+def _hidden(file: Path, folder: Path) -> bool:
+    """A hidden file, or one in a hidden folder (.ipynb_checkpoints, .git): not data of the source."""
+    return any(part.startswith(".") for part in file.relative_to(folder).parts)
 
 
 def unsupported_files(path: str | Path) -> list[str]:
@@ -270,8 +275,7 @@ def unsupported_files(path: str | Path) -> list[str]:
     if not path.is_dir():
         return []
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if p.is_file() and not _base_suffix(p)
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                  if p.is_file() and not _base_suffix(p) and not _hidden(p, path))
 
 
 def list_some(names: list[str], most: int = 5) -> str:
