@@ -162,11 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                 _run_step(step, params, layout)
             print(where_to_look(layout, demo=params.download.source == "demo"), flush=True)
         elif args.step == "score":
+            from rm_lib.data.length_filter import LENGTH_SETTINGS
             from rm_lib.steps import score
 
-            chosen = any(o.partition("=")[0].strip() == "filter.policy" for o in args.overrides)  # else the model's
+            # the filter settings set on this command; the others are the model's own (its rm_lib.json)
+            chosen = tuple(k for k in LENGTH_SETTINGS
+                           if any(o.partition("=")[0].strip() == f"filter.{k}" for o in args.overrides))
             print(score.run_file(params, layout, model=args.model, input_path=args.input, output_path=args.output,
-                                 policy=params.filter.policy if chosen else None).summary())
+                                 chosen=chosen).summary())
         elif args.step == "show-tokens":
             _show_tokens(args, params, layout)
         else:

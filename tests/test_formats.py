@@ -109,10 +109,11 @@ def test_unusable_rows_are_rejected_with_reason_not_dropped():
 def test_an_answer_of_invisible_characters_is_an_empty_side():
     """A zero-width space, a BOM or a NUL tokenizes to nothing (or to one unknown token): the model
     would score the prompt alone; str.strip() keeps them."""
-    blank = ("\u200b", "\ufeff\u2060", "\u0000", " \u3000")
+    blank = ("\u200b", "\ufeff\u2060", "\u0000", " \u3000", "\u034f\ufe0f", "\u0300")
     rows = [{"prompt": "p", "chosen": answer, "rejected": "b"} for answer in blank]
-    _, pairs, rejects = norm(rows + [{"prompt": "p", "chosen": "ok\u200b", "rejected": "b"}])
-    assert [r["reason"] for r in rejects] == ["empty_side"] * 4 and len(pairs) == 1
+    _, pairs, rejects = norm(rows + [{"prompt": "p", "chosen": answer, "rejected": "b"} for answer in
+                                     ("ok\u200b", "e\u0301", "\U0001f44d")])  # text, an accented letter, an emoji
+    assert [r["reason"] for r in rejects] == ["empty_side"] * 6 and len(pairs) == 3
 
 
 def test_an_answer_that_does_not_end_with_the_assistants_reply_is_set_aside():

@@ -170,8 +170,10 @@ LONG = "User: Tell me everything about the film.\n\nAssistant: " + "The acting w
 def test_a_text_longer_than_the_model_positions_is_truncated_keeping_the_end(trained):
     from rm_lib.data.length_filter import truncate_left
 
-    scorer = RewardScorer(trained / "models/reward_model")
+    # the positions (512) when asked; by default the 64 tokens its training pairs were held to (below)
+    scorer = RewardScorer(trained / "models/reward_model", max_length=512)
     assert scorer.max_length == 512 and len(scorer.encode(LONG)) > 512
+    assert RewardScorer(trained / "models/reward_model").max_length == 64  # as score and evaluate hold its pairs
     scored = scorer.score_detailed([LONG, "User: hi\n\nAssistant: hello"])
     assert scored.truncated == [True, False]
     assert scored.lengths[0] == len(scorer.encode(LONG))
@@ -191,7 +193,7 @@ def test_with_policy_drop_a_long_text_is_refused_naming_it(trained):
     from rm_lib.errors import DataError
 
     scorer = RewardScorer(trained / "models/reward_model", length_policy="drop")
-    with pytest.raises(DataError, match=r"item 1: \d+ tokens, more than the 512 the model reads; use "
+    with pytest.raises(DataError, match=r"item 1: \d+ tokens, more than the 64 the model reads; use "
                                         r"length_policy='truncate'"):  # the argument this caller set, not the CLI's
         scorer.score(["User: hi\n\nAssistant: hello", LONG])
 
@@ -454,3 +456,48 @@ def test_a_release_on_the_hub_is_scored_by_its_own_record(tmp_path, monkeypatch)
     assert training_record(str(tmp_path)) == json.loads(record.read_text())  # a folder: read where it is
     (tmp_path / "empty").mkdir()
     assert training_record(str(tmp_path / "empty")) == {}
+
+
+def test_a_damaged_training_record_is_named_and_the_score_commands_filter_settings_are_its_own(trained, tmp_path,
+                                                                                              capsys):
+    """rm_lib.json cut short, or with lengths of another type, ended in a traceback or silently other lengths;
+    filter.max_token_length set on the score command was ignored without a word while filter.policy was
+    read; an input of no rows said all 0 rows were set aside; rejects came in the order they were found."""
+    import shutil
+
+    from rm_lib.cli import main
+    from rm_lib.errors import DataError
+    from rm_lib.evaluation.scoring import training_record
+
+    other = Path(shutil.copytree(trained / "models/reward_model", tmp_path / "other"))
+    record = other / "rm_lib.json"
+    saved = json.loads(record.read_text())
+    for text, message in [('{"template": "simple_chat", "lengths": ', "not valid JSON"),
+                          ("[]", "expected an object, got list"),
+                          (json.dumps({**saved, "lengths": [64]}), "field 'lengths': expected an object"),
+                          (json.dumps({**saved, "lengths": {"max_token_length": 34.0}}),
+                           "field 'lengths.max_token_length': expected a whole number"),
+                          (json.dumps({**saved, "template": "bogus"}), "field 'template': unknown template")]:
+        record.write_text(text)
+        with pytest.raises(DataError, match=message) as raised:
+            training_record(str(other))
+        assert str(record) in str(raised.value)
+    record.write_text(json.dumps(saved))
+    rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
+            {"prompt": "The film was", "chosen": "same", "rejected": "same"},
+            {"prompt": "", "chosen": "Alpha. " + LONG, "rejected": "Beta. " + LONG}]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows[::-1])  # the long pair first, then the identical one
+    argv = ["--root", str(trained), "score", "--model", str(other), "--input", str(src),
+            "--output", str(tmp_path / "s.jsonl")]
+    assert main([*argv, "--set", "filter.max_token_length=128", "--set", "filter.max_prompt_token_length=64"]) == 0
+    out = capsys.readouterr().out  # held to 128 (not the model's 64), by the model's own policy: drop
+    assert "(2 rejected: both_too_long 1, identical 1; 0 truncated to 128 tokens)" in out
+    aside = [json.loads(line) for line in (tmp_path / "s.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in aside] == [1, 2]  # the reader's and the length's rejects in the input's order
+    assert "over the model's limit of 128" in aside[0]["detail"]
+    assert main([*argv, "--set", "filter.max_token_length=100000", "--set", "filter.max_prompt_token_length=64"]) == 2
+    assert "filter.max_token_length: 100000 is more than the 512 tokens" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")  # a JSON list of no rows (a CSV of its header alone is the same)
+    assert main(["--root", str(trained), "score", "--input", str(empty), "--output", str(tmp_path / "e.jsonl")]) == 2
+    assert "no rows to score: the input holds none" in capsys.readouterr().err

@@ -229,12 +229,13 @@ def _token_ids(value: Any, key: str, *, file: str, row_number: int) -> list[int]
     return value
 
 
-_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format marks (zero-width, BOM), spaces
+# controls, format marks (zero-width, BOM), spaces, and marks that combine with nothing here (U+0300, U+FE0F)
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
 
 
 def is_blank(text: str) -> bool:
-    """No visible character: a zero-width space, a BOM or a NUL is an answer of nothing, which the model
-    scores as the prompt alone (str.strip() keeps them)."""
+    """No visible character: a zero-width space, a BOM, a NUL or a lone combining mark is an answer of
+    nothing, which the model scores as the prompt alone (str.strip() keeps them)."""
     return all(unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 

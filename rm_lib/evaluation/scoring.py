@@ -40,24 +40,56 @@ def model_max_length(model: Any, tokenizer: Any) -> int | None:
 def training_record(model: str) -> dict:
     """The model's rm_lib.json (the template and lengths training used): from its folder, or from the
     Hub where `model` names a repository there (a release this project pushed holds one); {} for a model
-    without one."""
+    without one. One that cannot be read is a DataError naming it, not a traceback or other lengths."""
     folder = Path(model).expanduser()
     if folder.is_dir() or folder.exists():
-        record = folder / "rm_lib.json"
-        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+        path = folder / "rm_lib.json"
+        if not path.is_file():
+            return {}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-    try:  # the weights loaded from there already: the repository exists, and the Hub answered (or its cache)
-        return json.loads(Path(hf_hub_download(model, "rm_lib.json")).read_text(encoding="utf-8"))
-    except EntryNotFoundError:  # no rm_lib.json there (or, offline, none cached): another project's model
-        return {}
+        try:  # the weights loaded from there already: the repository exists, and the Hub answered (or its cache)
+            path = Path(hf_hub_download(model, "rm_lib.json"))
+        except EntryNotFoundError:  # no rm_lib.json there (or, offline, none cached): another project's model
+            return {}
+    where = str(folder / "rm_lib.json") if folder.exists() else f"{model}: rm_lib.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"not valid JSON ({exc}); train writes it: train again, or remove it to score the model "
+                        "as one of another project (up to its positions)", file=where) from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected an object, got {type(record).__name__}", file=where)
+    _check_record(record, where)
+    return record
+
+
+def _check_record(record: dict, where: str) -> None:
+    template = record.get("template")
+    if template is not None and template not in ("auto", "tokenizer", *templates.NAMED):
+        raise DataError(f"unknown template {template!r}", file=where, field="template")
+    lengths = record.get("lengths")
+    if lengths is None:
+        return
+    if not isinstance(lengths, dict):
+        raise DataError(f"expected an object, got {type(lengths).__name__}", file=where, field="lengths")
+    for key in ("max_token_length", "max_prompt_token_length"):
+        value = lengths.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2):
+            raise DataError(f"expected a whole number of at least 2 or null, got {value!r}", file=where,
+                            field=f"lengths.{key}")
+    if lengths.get("policy") not in (None, *LENGTH_POLICIES):
+        raise DataError(f"expected truncate, drop or null, got {lengths.get('policy')!r}", file=where,
+                        field="lengths.policy")
 
 
 class RewardScorer:
-    """`length_policy`: what happens to a text longer than the model reads (`max_length`, by default
-    the model's positions): "truncate" keeps its start tokens and its end, as filter.policy=truncate
-    does in training; "drop" refuses it with a DataError naming the item."""
+    """`length_policy`: what happens to a text longer than the model reads (`max_length`, by default the
+    length its training pairs were held to, from its rm_lib.json, else its positions): "truncate" keeps
+    its start tokens and its end, as filter.policy=truncate does in training; "drop" refuses it with a
+    DataError naming the item."""
 
     def __init__(self, model_dir: str | Path, *, template: str | None = None, device: str | None = None,
                  batch_size: int = 32, normalize: bool = False, length_policy: str = "truncate",
@@ -86,7 +118,9 @@ class RewardScorer:
         limit = model_max_length(self.model, self.tokenizer)
         if max_length is not None and limit is not None and max_length > limit:
             raise SettingsError(f"max_length: {max_length} is more than the {limit} tokens the model reads")
-        self.max_length = max_length or limit
+        trained = (saved.get("lengths") or {}).get("max_token_length")  # as score and evaluate hold its pairs
+        limits = [n for n in (trained, limit) if n is not None]
+        self.max_length = max_length or (min(limits) if limits else None)
 
     def encode(self, item: str | list[dict], name: str = "item") -> list[int]:
         """Text is tokenized as is; a conversation is rendered with the training template. Anything else

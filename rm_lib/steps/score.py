@@ -9,10 +9,10 @@ from typing import Any
 from rm_lib.data import formats, length_filter, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
-from rm_lib.evaluation.scoring import LENGTH_POLICIES, RewardScorer
+from rm_lib.evaluation.scoring import RewardScorer, model_max_length
 from rm_lib.files import atomic_files, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
-from rm_lib.settings import Params, names_a_folder
+from rm_lib.settings import Params, check_within_positions, names_a_folder
 
 
 @dataclass
@@ -107,29 +107,34 @@ def _reject_row(file: str, row: int, reason: str, detail: str, data: Any, own_id
             "detail": detail, "data": data}
 
 
-def model_lengths(scorer: RewardScorer) -> tuple[int | None, int | None, str | None]:
+def model_lengths(scorer: RewardScorer, chosen: dict[str, Any]) -> tuple[int | None, int | None, str | None]:
     """(max length, max prompt length, policy) a pair is held to: as the model was trained and evaluated
-    (its rm_lib.json records how filter held its pairs), within its positions; a model without them (a
-    Hub model of another project, or one saved by an earlier version) reads up to its positions, with no
+    (its rm_lib.json records how filter held its pairs; the scorer's max_length is that length within the
+    positions), or as `chosen` (filter settings the user set on the score command) says; a model without
+    a record (another project's, or one an earlier version saved) reads up to its positions, with no
     prompt limit and no policy of its own."""
     lengths = scorer.saved.get("lengths") or {}
-    recorded, prompt = lengths.get("max_token_length"), lengths.get("max_prompt_token_length")
-    limits = [n for n in (recorded, scorer.max_length) if isinstance(n, int)]
-    policy = lengths.get("policy") if lengths.get("policy") in LENGTH_POLICIES else None
-    return (min(limits) if limits else None), (prompt if isinstance(prompt, int) else None), policy
+    max_len = scorer.max_length
+    if chosen.get("max_token_length") is not None:
+        check_within_positions(chosen["max_token_length"], model_max_length(scorer.model, scorer.tokenizer),
+                               str(scorer.model_dir))
+        max_len = chosen["max_token_length"]
+    prompt = chosen["max_prompt_token_length"] if "max_prompt_token_length" in chosen \
+        else lengths.get("max_prompt_token_length")
+    return max_len, prompt, chosen.get("policy") or lengths.get("policy")
 
 
 def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejects: list[dict],
-                  own_ids: dict[str, Any], policy: str | None) -> tuple[list[dict], list[dict], int | None]:
+                  own_ids: dict[str, Any], chosen: dict[str, Any]) -> tuple[list[dict], list[dict], int | None]:
     """(rows kept, rejects, the length they were held to): the pairs tokenized as tokenize does and held to
     the model's lengths as filter held its pairs (model_lengths), so scoring its test pairs gives
-    evaluate's rewards. A longer pair is cut (truncate) or set aside with filter's reason (drop): by
-    `policy` where the user set one, else as the model's pairs were, else by filter.policy. Pretokenized
-    ids are read as given, as tokenize reads them. A sure tie is set aside as filter sets it aside."""
-    max_len, max_prompt, trained_policy = model_lengths(scorer)
+    evaluate's rewards. A longer pair is cut (truncate) or set aside with filter's reason (drop): as the
+    user set filter.policy on the command, else as the model's pairs were, else by filter.policy.
+    Pretokenized ids are read as given, as tokenize reads them. A sure tie is set aside as filter does."""
+    max_len, max_prompt, policy = model_lengths(scorer, chosen)
     rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
     outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
-                                  policy=policy or trained_policy or params.filter.policy,
+                                  policy=policy or params.filter.policy,
                                   keep_front=len(scorer.special.prefix))
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
@@ -151,8 +156,9 @@ def _why(dropped: dict, max_len: int | None, max_prompt: int | None) -> str:
         return f"{cut}chosen and rejected give the same token ids: a sure tie"
     limit = (f"the model's prompt limit of {max_prompt}" if reason == "prompt_too_long"
              else f"the model's limit of {max_len}")
-    return (f"prompt {dropped['prompt_length']} tokens, chosen {dropped['chosen_length']}, rejected "
-            f"{dropped['rejected_length']}: over {limit}, under filter.policy=drop (truncate keeps the end)")
+    prompt = "" if dropped["prompt_length"] is None else f"prompt {dropped['prompt_length']} tokens, "  # pretokenized
+    return (f"{prompt}chosen {dropped['chosen_length']} tokens, rejected {dropped['rejected_length']}: over "
+            f"{limit}, under filter.policy=drop (truncate keeps the end)")
 
 
 def _remove(stale: Path, output_path: str) -> None:
@@ -164,15 +170,17 @@ def _remove(stale: Path, output_path: str) -> None:
 
 
 def run_file(params: Params, layout: Layout, *, model: str | None, input_path: str, output_path: str,
-             policy: str | None = None) -> ScoreResult:
+             chosen: tuple[str, ...] = ()) -> ScoreResult:
     """Pairs are held to the lengths the model was trained and evaluated with (model_lengths): a longer
     one keeps its start token and its end (truncate), or is set aside (drop: counted, in the rejects), as
-    the model's pairs were, unless `policy` (the user's filter.policy on the command line) says which."""
+    the model's pairs were; `chosen` names the filter settings (policy, max_token_length,
+    max_prompt_token_length) the user set on the command line, which are taken from `params` instead."""
     _check_paths(layout, model, input_path, output_path)
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
     scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size)
     pairs, rejects, own_ids = [], [], {}
-    for path in sources.local_files(input_path):
+    files = sources.local_files(input_path)
+    for path in files:
         normaliser = formats.Normaliser(str(path))
         for outcome, record in normaliser(_noting_ids(sources.read_file(path), str(path), own_ids)):
             if outcome == "pair":
@@ -182,7 +190,12 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
                                            record["data"], own_ids))
     if any("input_ids_chosen" in p for p in pairs):  # they bypass the tokenizer: checked as tokenize checks them
         tokenization.check_token_ids(pairs, scorer.model.get_input_embeddings().num_embeddings, file=None)
-    rows, rejects, max_len = _pair_lengths(scorer, params, pairs, rejects, own_ids, policy)
+    rows, rejects, max_len = _pair_lengths(scorer, params, pairs, rejects, own_ids,
+                                           {key: getattr(params.filter, key) for key in chosen})
+    if not rows and not rejects:
+        raise DataError("no rows to score: the input holds none", file=input_path)
+    place = {str(path): i for i, path in enumerate(files)}  # the rejects in the input's order, whoever set them aside
+    rejects.sort(key=lambda r: (place.get(r["file"], len(place)), r["row"]))
     if not rows:
         failed = failed_rejects_path(output_path)
         write_jsonl(failed, rejects)
