@@ -107,7 +107,21 @@ def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision)
     for side in ("chosen", "rejected"):
         print(f"{side} ({len(row[f'input_ids_{side}'])} tokens, prompt {row['prompt_length']}):")
-        print(visualize_token(row[f"input_ids_{side}"], tokenizer, color=not args.no_color))
+        # colours for a terminal only: piped or written to a file, their codes would be noise
+        print(visualize_token(row[f"input_ids_{side}"], tokenizer, color=not args.no_color and sys.stdout.isatty()))
+
+
+def _runnable(program: str) -> str:
+    """How to run `program` from this shell: the one of this environment (make's .venv/bin/python, and the
+    dvc it links there), as a path from the current folder; a bare `python` is the system's, without the
+    project's packages."""
+    own = Path(sys.prefix) / "bin" / program
+    if not own.exists():
+        return program
+    try:
+        return str(own.relative_to(Path.cwd()))
+    except ValueError:
+        return str(own)
 
 
 def where_to_look(layout: Layout, *, demo: bool) -> str:
@@ -123,10 +137,11 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
              "with their reasons)"]
     if demo:
         lines.append("  This was demo data: the accuracy says the pipeline learns, not how good a model is.")
+    python, dvc = _runnable("python"), _runnable("dvc")
     lines += ["Next:",
-              "  real data  python -m rm_lib run --set download.source=Anthropic/hh-rlhf  (or a local file)",
+              f"  real data  {python} -m rm_lib run --set download.source=Anthropic/hh-rlhf  (or a local file)",
               "  the UI     make ui, then open http://127.0.0.1:3000 and click Materialize all",
-              "  compare    dvc exp run -S train.learning_rate=1e-4 && dvc exp show"]
+              f"  compare    {dvc} exp run -S train.learning_rate=1e-4 && {dvc} exp show"]
     if root.resolve() != Path(".").resolve():
         lines.append(f"  (paths are inside {root})")
     return "\n".join(lines)

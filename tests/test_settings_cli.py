@@ -48,6 +48,26 @@ def test_cli_runs_a_step_as_a_module(tmp_path):
     view = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "show-tokens", "--stage",
                            "tokenized", "--no-color"], capture_output=True, text=True, check=True)
     assert "[[CLS]]" in view.stdout and "[[SEP]]" in view.stdout
+    piped = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "show-tokens", "--stage",
+                            "tokenized"], capture_output=True, text=True, check=True)
+    assert "\x1b[" not in piped.stdout and piped.stdout == view.stdout  # no colour codes into a pipe or a file
+
+
+def test_the_next_commands_after_run_name_this_environments_python_and_dvc(tmp_path, monkeypatch):
+    """`make run` ended by suggesting `python -m rm_lib run ...` and `dvc exp run`: in a fresh shell the
+    system python has none of the project's packages (a traceback), and no dvc is on the PATH."""
+    import rm_lib.cli as cli
+    from rm_lib.layout import Layout
+
+    prefix = tmp_path / ".venv"
+    (prefix / "bin").mkdir(parents=True)
+    for program in ("python", "dvc"):
+        (prefix / "bin" / program).write_text("")
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    monkeypatch.chdir(tmp_path)
+    told = cli.where_to_look(Layout(tmp_path), demo=True)
+    assert ".venv/bin/python -m rm_lib run --set download.source=" in told
+    assert ".venv/bin/dvc exp run -S train.learning_rate=1e-4 && .venv/bin/dvc exp show" in told
 
 
 def _captured_params(monkeypatch, argv):
