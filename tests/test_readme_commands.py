@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 from conftest import ROOT, SHARED_DATA, need
-from helpers import write_jsonl
 
 README = ROOT / "README.md"
 RM_LIB_PREFIXES = ((".venv/bin/python", "-m", "rm_lib"), ("python", "-m", "rm_lib"), ("rm-lib",))
@@ -111,13 +110,6 @@ def _tiny_params_file(folder: Path) -> Path:
     return path
 
 
-def _user_files(folder: Path) -> None:
-    """Files the README's commands read that a user brings: the pairs to score."""
-    write_jsonl(folder / "pairs.jsonl", [
-        {"prompt": "The film was", "chosen": " wonderful and brilliant.", "rejected": " awful and dreadful."},
-        {"prompt": "The plot was", "chosen": " clever.", "rejected": " dull."}])
-
-
 def _local(argv: list[str]) -> list[str]:
     """README paths are relative to the repository; the shared data lives beside it."""
     return [a.replace("../shared/data", str(SHARED_DATA)) for a in argv]
@@ -132,7 +124,6 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     project = tmp_path / "project"
     project.mkdir()
     _tiny_params_file(project)
-    _user_files(project)
     monkeypatch.chdir(project)
     ran, skipped, not_covered = [], [], []
     for command in commands:
@@ -154,8 +145,8 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     assert {"download", "train", "score", "run"} <= set(steps), steps  # the README's walk-through was found
     assert (project / "models/reward_model/model.safetensors").is_file()
     assert (project / "data/release/README.md").is_file()
-    scored = [json.loads(line) for line in (project / "rewards.jsonl").read_text().splitlines()]
-    assert len(scored) == 2 and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
+    scored = [json.loads(line) for line in (project / "data/scores.jsonl").read_text().splitlines()]
+    assert scored and {"reward_chosen", "reward_rejected", "chosen_wins"} <= set(scored[0])
     for code in re.findall(r"^```python[ \t]*\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.M | re.S):
         exec(compile(code, "README.md (python block)", "exec"), {})  # e.g. the RewardScorer example
 
