@@ -125,6 +125,26 @@ def test_packed_rewards_loss_and_gradients_equal_the_padded_ones(model_path, att
     assert_same_step(got, expected)
 
 
+def test_a_lora_encoder_packs_to_the_padded_rewards_loss_and_gradients(minilm_path, attention):
+    """peft wraps the [CLS] head LoRA trains in full, which was taken for no linear head: a LoRA encoder
+    trained on padded batches (the packing it is given now gives the same step)."""
+    from rm_lib.model.modeling import add_lora
+
+    model = add_lora(_model(minilm_path, attention), r=4, alpha=8, dropout=0.0, target_modules=None)
+    inner = unwrap(model)
+    assert pooling(inner) == "first" and why_not_packed(inner) is None
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    pairs = random_pairs(8, 60)
+    step = gradient_step(model, torch.tensor([p["margin"] for p in pairs]))
+    padded = collate_pairs(pairs, 0)
+    expected = step(lambda: rewards(model, padded.input_ids, padded.attention_mask))
+    got = step(lambda: packed_rewards(inner, pack_pairs(pairs, 0)))
+    assert_same_step(got, expected)
+
+
 def test_training_padding_free_matches_padded_training(tmp_path, tiny_decoder):
     """Whole runs: the same losses step by step, with less padding computed."""
     rng = random.Random(1)

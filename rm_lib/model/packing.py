@@ -329,11 +329,17 @@ def _head_pooling(inner: Any) -> str | None:
         return "last"
     base = getattr(inner, inner.base_model_prefix, None)
     pooler = getattr(base, "pooler", None)
-    if not isinstance(getattr(inner, "classifier", None), torch.nn.Linear) or pooler is None:
+    if not _linear(getattr(inner, "classifier", None)) or pooler is None:
         return None
     if isinstance(pooler, torch.nn.Linear) and not hasattr(base, "pooler_activation"):
         return None  # a bare linear pooler whose activation `_pooled` would not know
     return "first"
+
+
+def _linear(head: Any) -> bool:
+    """One linear layer, also where LoRA trains it in full (peft wraps it, and the wrapper calls the copy
+    it trains)."""
+    return isinstance(head, torch.nn.Linear) or isinstance(getattr(head, "original_module", None), torch.nn.Linear)
 
 
 def _pooled(base: Any, first: torch.Tensor) -> torch.Tensor:
