@@ -319,6 +319,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.max_length, args.batch_size = min(args.max_length, 256), min(args.batch_size, 4)  # 12 steps
         args.max_train_pairs, args.max_test_pairs = min(args.max_train_pairs, 48), min(args.max_test_pairs, 32)
         args.skip_check = args.skip_check or not cuda()
+    args.own_model = args.model is None  # a folder the benchmark builds (and builds again when stale)
     args.model = args.model or bench_train.WORK / ("small-decoder" if args.rehearse else "pythia-1b-shape")
     args.out = args.out or (bench_train.WORK if args.rehearse else RESULTS)
     return args
@@ -343,7 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
     # data, the model, the resume check; then gpu_check
     preflight(names, cuda())
     bench_train.check_data(args, cases)
-    if not pythia_1b_shape.is_built(args.model):
+    # the benchmark's own folder, also one built before its tokenizer read the shape's positions; a --model
+    # of the user's is never written over
+    if not (args.model / "config.json").exists() or (args.own_model and not pythia_1b_shape.is_built(args.model)):
         build = [sys.executable, str(HERE / "pythia_1b_shape.py"), str(args.model), "--tokenizer", args.tokenizer]
         subprocess.run([*build, *(["--small"] if args.rehearse else [])], check=True)
     base = ["--model", str(args.model), "--data", str(args.data), "--max-length", str(args.max_length),

@@ -165,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _merge_common(_parser().parse_args(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
-        params = load_params(args.params, args.overrides)  # validates every section before any work
+        overrides = args.overrides
+        if args.step == "score" and any(o.partition("=")[0].strip() == "filter.max_token_length" for o in overrides) \
+                and not any(o.partition("=")[0].strip() == "filter.max_prompt_token_length" for o in overrides):
+            # score holds prompts to the model's recorded limit, not params.yaml's (checked below this length)
+            overrides = [*overrides, "filter.max_prompt_token_length=null"]
+        params = load_params(args.params, overrides)  # validates every section before any work
         problem = unwritable_folder(args.root, probe=False)  # a read-only project still serves score and show-tokens
         if problem:
             raise UserError(f"--root {args.root}: not a project folder: {problem}")

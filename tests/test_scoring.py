@@ -431,7 +431,7 @@ def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(t
         assert aside == dropped and dropped
 
 
-def test_a_release_on_the_hub_is_scored_by_its_own_record(tmp_path, monkeypatch):
+def test_a_release_on_the_hub_is_scored_by_its_own_record(tmp_path, monkeypatch, capsys):
     """`score --model me/my-rm`: the release's rm_lib.json (template, lengths) was looked for as a local
     path and never found, so a model this project pushed was scored up to its positions with template
     auto; it is read from the Hub, and a model without one gets none."""
@@ -453,6 +453,14 @@ def test_a_release_on_the_hub_is_scored_by_its_own_record(tmp_path, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     assert training_record("me/my-rm")["lengths"] == {"max_token_length": 256}
     assert training_record("someone/other-rm") == {} and asked[-1] == ("someone/other-rm", "rm_lib.json")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert training_record("me/my-rm") == {}  # offline and not cached: said, not silent
+    assert "me/my-rm: whether it has an rm_lib.json" in capsys.readouterr().err
     assert training_record(str(tmp_path)) == json.loads(record.read_text())  # a folder: read where it is
     (tmp_path / "empty").mkdir()
     assert training_record(str(tmp_path / "empty")) == {}
@@ -489,13 +497,21 @@ def test_a_damaged_training_record_is_named_and_the_score_commands_filter_settin
     src = write_jsonl(tmp_path / "pairs.jsonl", rows[::-1])  # the long pair first, then the identical one
     argv = ["--root", str(trained), "score", "--model", str(other), "--input", str(src),
             "--output", str(tmp_path / "s.jsonl")]
-    assert main([*argv, "--set", "filter.max_token_length=128", "--set", "filter.max_prompt_token_length=64"]) == 0
+    # set alone (params.yaml's prompt limit of 384 is not score's), and a pair between 64 and 128 tokens
+    mid = {"prompt": "", "chosen": "Good. " + "The acting was wonderful. " * 16, "rejected": "Bad."}
+    src = write_jsonl(tmp_path / "pairs.jsonl", [*rows[::-1], mid])
+    assert main([*argv, "--set", "filter.max_token_length=128"]) == 0
     out = capsys.readouterr().out  # held to 128 (not the model's 64), by the model's own policy: drop
     assert "(2 rejected: both_too_long 1, identical 1; 0 truncated to 128 tokens)" in out
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    said = [{"role": "user", "content": ""}, {"role": "assistant", "content": mid["chosen"]}]  # as read: a prompt ""
+    whole = RewardScorer(other, max_length=128)
+    assert 64 < len(whole.encode(said)) <= 128 and not scored[-1]["truncated"]
+    assert scored[-1]["reward_chosen"] == pytest.approx(whole.score([said])[0], abs=1e-5)  # not cut at 64
     aside = [json.loads(line) for line in (tmp_path / "s.jsonl.rejects.jsonl").read_text().splitlines()]
     assert [r["row"] for r in aside] == [1, 2]  # the reader's and the length's rejects in the input's order
     assert "over the model's limit of 128" in aside[0]["detail"]
-    assert main([*argv, "--set", "filter.max_token_length=100000", "--set", "filter.max_prompt_token_length=64"]) == 2
+    assert main([*argv, "--set", "filter.max_token_length=100000"]) == 2
     assert "filter.max_token_length: 100000 is more than the 512 tokens" in capsys.readouterr().err
     empty = tmp_path / "empty.json"
     empty.write_text("[]")  # a JSON list of no rows (a CSV of its header alone is the same)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,17 @@ def training_record(model: str) -> dict:
             return {}
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:  # the weights loaded from there already: the repository exists, and the Hub answered (or its cache)
             path = Path(hf_hub_download(model, "rm_lib.json"))
-        except EntryNotFoundError:  # no rm_lib.json there (or, offline, none cached): another project's model
+        except LocalEntryNotFoundError:  # offline, and not cached (transformers fetched the weights without it)
+            print(f"note: {model}: whether it has an rm_lib.json (a release of this project has: its template and "
+                  "lengths) cannot be told offline, and none is cached; scored as another project's model, up to "
+                  f"its positions. Fetch it with `hf download {model} rm_lib.json` for the model's own",
+                  file=sys.stderr)
+            return {}
+        except EntryNotFoundError:  # no rm_lib.json there: another project's model
             return {}
     where = str(folder / "rm_lib.json") if folder.exists() else f"{model}: rm_lib.json"
     try:

@@ -316,7 +316,8 @@ def evaluate_suite(suite: Suite, scorer: Any) -> dict:
 def evaluate_suites(entries: Sequence[str], model_dir: str | Path, *, batch_size: int,
                     sources: Path | None = None) -> dict[str, dict]:
     """{suite name: report entry} for every entry, scored by the model in `model_dir` with the template
-    recorded beside it; texts longer than the model reads keep their end (as filter.policy=truncate).
+    recorded beside it; texts longer than the model reads (the length training held its pairs to, else its
+    positions) keep their end (as filter.policy=truncate).
     `sources`: the folder DVC watches (data/sources); a local suite elsewhere gets a `note` saying so."""
     from rm_lib.data.sources import untracked_note
     from rm_lib.evaluation.scoring import RewardScorer

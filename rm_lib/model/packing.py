@@ -329,8 +329,8 @@ def _head_pooling(inner: Any) -> str | None:
         return "last"
     base = getattr(inner, inner.base_model_prefix, None)
     pooler = getattr(base, "pooler", None)
-    if not _linear(getattr(inner, "classifier", None)) or pooler is None:
-        return None
+    if not _linear(getattr(inner, "classifier", None)) or pooler is None or hasattr(pooler, "original_module"):
+        return None  # a pooler peft wraps (new weights LoRA trains in full): `_pooled` reads the module itself
     if isinstance(pooler, torch.nn.Linear) and not hasattr(base, "pooler_activation"):
         return None  # a bare linear pooler whose activation `_pooled` would not know
     return "first"

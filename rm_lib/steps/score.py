@@ -132,6 +132,7 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
     user set filter.policy on the command, else as the model's pairs were, else by filter.policy.
     Pretokenized ids are read as given, as tokenize reads them. A sure tie is set aside as filter does."""
     max_len, max_prompt, policy = model_lengths(scorer, chosen)
+    scorer.max_length = max_len  # the scorer reads the pairs to this length, not only to the model's own
     rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
     outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
                                   policy=policy or params.filter.policy,
