@@ -12,6 +12,7 @@ hub_release's push settings. Checked alone, or under automation, it reads the pr
 """
 import dagster as dg
 
+from rm_lib.errors import SettingsError
 from rm_lib.evaluation import quality
 
 from . import assets
@@ -57,11 +58,21 @@ def download_overrides(run_config: dict) -> list[str]:
     return launchpad_overrides(run_config, "raw_preferences", DownloadConfig)
 
 
+def unreadable_settings(exc: SettingsError) -> dg.AssetCheckResult:
+    """A check whose settings cannot be read (an unset {env: NAME}, a broken params.yaml) fails saying why,
+    as a blocking one stops what follows; it does not end in a traceback."""
+    return dg.AssetCheckResult(passed=False, description=f"the check's settings cannot be read: {exc}",
+                               severity=dg.AssetCheckSeverity.ERROR)
+
+
 @dg.asset_check(asset=assets.raw_preferences, name="rejects_ratio", automation_condition=ON_UPDATE,
                 description="The share of rejected source rows is at most download.max_reject_ratio, as "
                             "raw_preferences has it in the same run (else params.yaml's).")
 def raw_rejects_ratio(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
-    params = project.load_params(download_overrides(context.run.run_config))
+    try:
+        params = project.load_params(download_overrides(context.run.run_config))
+    except SettingsError as exc:
+        return unreadable_settings(exc)
     return as_check_result(quality.rejects_ratio(claimed(context, project), params.download.max_reject_ratio))
 
 
@@ -93,7 +104,10 @@ def push_overrides(run_config: dict) -> list[str]:
                             "(else params.yaml's). Blocking here; the push step itself refuses such a model too.")
 def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
                             project: ProjectResource) -> dg.AssetCheckResult:
-    params = project.load_params(push_overrides(context.run.run_config))
+    try:
+        params = project.load_params(push_overrides(context.run.run_config))
+    except SettingsError as exc:
+        return unreadable_settings(exc)
     return as_check_result(quality.release_gate(claimed(context, project), params.push))
 
 

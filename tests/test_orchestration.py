@@ -621,6 +621,14 @@ def test_settings_the_launchpad_takes_from_environment_variables_reach_the_check
     # an unset variable is an error, as Dagster makes it for a text field, not params.yaml's value in silence
     with pytest.raises(SettingsError, match="the environment variable RM_TEST_UNSET is not set"):
         TrainConfig(max_tokens_per_forward={"env": "RM_TEST_UNSET"}).overrides()
+    # ... and the checks that read it fail saying so (the release gate stops the release), not a traceback
+    import types
+
+    unset = {"ops": {"hub_release": {"config": {"commit_message": {"env": "RM_TEST_UNSET"}}}}}
+    context = dg.build_asset_check_context(resources={"project": ProjectResource(root=".")})
+    monkeypatch.setattr(type(context), "run", property(lambda self: types.SimpleNamespace(run_config=unset)))
+    result = checks.evaluation_release_gate(context)
+    assert not result.passed and "RM_TEST_UNSET is not set" in result.description
 
 
 # ---------------------------------------------------------------- schedule and sensor
