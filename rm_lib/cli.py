@@ -111,6 +111,11 @@ def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
         print(visualize_token(row[f"input_ids_{side}"], tokenizer, color=not args.no_color and sys.stdout.isatty()))
 
 
+def _given(overrides: list[str], key: str) -> bool:
+    """Whether `--set key=...` is among this command's overrides."""
+    return any(o.partition("=")[0].strip() == key for o in overrides)
+
+
 def _runnable(program: str) -> str:
     """How to run `program` from this shell: the one of this environment (make's .venv/bin/python, and the
     dvc it links there), as a path from the current folder; a bare `python` is the system's, without the
@@ -166,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         overrides = args.overrides
-        if args.step == "score" and any(o.partition("=")[0].strip() == "filter.max_token_length" for o in overrides) \
-                and not any(o.partition("=")[0].strip() == "filter.max_prompt_token_length" for o in overrides):
+        if args.step == "score" and _given(overrides, "filter.max_token_length") \
+                and not _given(overrides, "filter.max_prompt_token_length"):
             # score holds prompts to the model's recorded limit, not params.yaml's (checked below this length)
             overrides = [*overrides, "filter.max_prompt_token_length=null"]
         params = load_params(args.params, overrides)  # validates every section before any work
@@ -186,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             from rm_lib.steps import score
 
             # the filter settings set on this command; the others are the model's own (its rm_lib.json)
-            chosen = tuple(k for k in LENGTH_SETTINGS
-                           if any(o.partition("=")[0].strip() == f"filter.{k}" for o in args.overrides))
+            chosen = tuple(k for k in LENGTH_SETTINGS if _given(args.overrides, f"filter.{k}"))
             print(score.run_file(params, layout, model=args.model, input_path=args.input, output_path=args.output,
                                  chosen=chosen).summary())
         elif args.step == "show-tokens":

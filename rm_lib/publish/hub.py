@@ -129,12 +129,11 @@ def _tag(api: Any, repo_id: str, commit: str, base: str) -> str:
 # ---------------------------------------------------------------- errors that say what to do
 
 def _check_ready(folder: Path) -> None:
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    if constants.is_offline_mode():
-        raise PublishError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so the Hub client makes no request: set "
-                           "it to 0 to push (`make` sets it to 1 unless given), or set push.dry_run=true to only "
-                           f"write the release; the model stays in {folder}")
+    if network.hub_offline():
+        raise PublishError(f"{network.OFFLINE_ADVICE}; or set push.dry_run=true to only write the release; the "
+                           f"model stays in {folder}")
     if not get_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
                            f"`hf auth login`; the model stays in {folder}")
