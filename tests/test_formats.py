@@ -282,6 +282,24 @@ def test_lists_of_answers_are_no_pair_whether_written_as_lists_or_as_text():
     assert pairs[0]["chosen"] == [{"role": "assistant", "content": '["red", "green"]'}]
 
 
+def test_an_answer_in_brackets_is_read_as_prose_without_parsing_it_as_python(monkeypatch):
+    """An answer such as "[Answer] ... [1]" went through the Python-repr reader, which inserted its commas
+    one copy of the text at a time: a 780 KB answer held download for 51 s. Prose is no list of answers;
+    a numpy repr of many answers still reads item by item."""
+    from rm_lib.data import formats
+
+    numpy_repr = "[" + "\n ".join(f"'answer {i}'" for i in range(2000)) + "]"
+    assert formats.answers_as_text(numpy_repr) == [f"answer {i}" for i in range(2000)]
+
+    def no_python(text):
+        raise AssertionError("prose was parsed as Python")
+
+    monkeypatch.setattr(formats, "_python_literal", no_python)
+    answer = "[Answer] " + "the cat sat on the mat " * 50 + "[1]"
+    _, pairs, _ = norm([{"prompt": "q", "chosen": answer, "rejected": "no"}])
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": answer}]
+
+
 def test_an_hh_transcript_prompt_and_a_system_column_are_read_as_turns():
     """Dahoas/rm-static: the prompt is an HH transcript up to 'Assistant:'. Intel/orca_dpo_pairs: a system
     column beside the prompt. A message-list prompt beside string answers is one more reading."""

@@ -362,13 +362,18 @@ def _messages_as_text(text: str) -> bool:
     return False
 
 
+# A list of answers opens with a text (a quote, after Python's string prefixes), a message list or `]`:
+# prose in brackets ("[Answer] ...") is no list, and reading it as Python would cost seconds.
+_LIST_OPENING = re.compile(r"\[\s*(?:[\[\]{]|[rRuU]?[\"'])")
+
+
 def answers_as_text(text: str) -> list | None:
     """The list of answers a text holds when it is such a list written out whole, as a best-of-N row's
     `chosen` or `rejected` (RewardBench 2) is in a CSV file: JSON, Python's repr, or numpy's (what pandas'
     to_csv writes for a column read from Parquet). Each answer is a text or a message list; None for any
     other text, a message list among them."""
     stripped = text.strip()
-    if not (stripped.startswith("[") and stripped.endswith("]")):
+    if not (stripped.startswith("[") and stripped.endswith("]")) or not _LIST_OPENING.match(stripped):
         return None
     for parse in (json.loads, _python_literal):
         try:
@@ -409,9 +414,9 @@ def _python_literal(text: str) -> Any:
         if previous is not None and value(previous, ")]}") and value(token, "([{"):
             commas.append(starts[token.start[0] - 1] + token.start[1])
         previous = token
-    for at in reversed(commas):
-        text = text[:at] + "," + text[at:]
-    return ast.literal_eval(text)
+    # One join: inserting comma by comma copies the text once per comma (minutes on a long answer).
+    pieces = [text[start:end] for start, end in zip([0, *commas], [*commas, len(text)], strict=True)]
+    return ast.literal_eval(",".join(pieces))
 
 
 def _refuse_answer_lists(row: dict, *, file: str, row_number: int) -> None:
