@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import gzip
 import json
@@ -59,6 +60,35 @@ def test_half_written_line_names_row(tmp_path):
     path.write_text(json.dumps(ROW) + "\n" + '{"prompt": "half a')  # json's own message ends in "at"
     with pytest.raises(DataError, match=r"row 2: not valid JSON \(Unterminated string starting at column 12\); "):
         list(read_file(path))
+
+
+def test_json_nested_too_deep_or_a_line_too_large_names_the_file_and_row(tmp_path, monkeypatch):
+    """Lists inside lists 200,000 deep ended in a RecursionError traceback, and a gzip that expands to one
+    line larger than memory in a bare MemoryError: neither named the file or the row."""
+    from rm_lib.data import sources
+
+    nested = '{"prompt": "a", "chosen": ' + "[" * 200_000 + "]" * 200_000 + ', "rejected": "b"}'
+    lines = tmp_path / "d.jsonl"
+    lines.write_text(json.dumps(ROW) + "\n" + nested + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl, row 2: holds JSON nested deeper than Python reads"):
+        list(read_file(lines))
+    whole = tmp_path / "d.json"
+    whole.write_text("[" + json.dumps(ROW) + ", " + nested + "]")
+    with pytest.raises(DataError, match=r"d.json: holds JSON nested deeper"):
+        list(read_file(whole))
+
+    class Huge:
+        def __init__(self):
+            self.lines = [json.dumps(ROW).encode() + b"\n"]
+
+        def readline(self):
+            if self.lines:
+                return self.lines.pop()
+            raise MemoryError
+
+    monkeypatch.setattr(sources, "_open_binary", lambda path: contextlib.nullcontext(Huge()))
+    with pytest.raises(DataError, match=r"d.jsonl, row 2: this line is too large to read into memory"):
+        list(read_file(lines))
 
 
 def test_not_utf8_and_empty(tmp_path):

@@ -70,6 +70,9 @@ def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line) -> Iter
                 raw = handle.readline()
             except _GZIP_ERRORS as exc:
                 raise _gzip_error(path, exc) from None
+            except MemoryError:  # one line larger than memory: a damaged file, or a gzip that expands hugely
+                raise DataError("this line is too large to read into memory; split the file into rows, one "
+                                "per line", file=str(path), row=row_of(number + 1)) from None
             if not raw:
                 return
             number += 1
@@ -85,6 +88,9 @@ def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line) -> Iter
 def _read_text(path: Path) -> str:
     """A whole file as text, for formats that are one document (JSON)."""
     return "".join(line for _, line in _lines(path))
+
+
+_TOO_DEEP = "holds JSON nested deeper than Python reads (lists or objects inside each other thousands of times)"
 
 
 def _too_long_number() -> str:
@@ -105,6 +111,8 @@ def _jsonl_rows(path: Path) -> Rows:
                             "the line may be half-written", file=str(path), row=number) from None
         except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
             raise DataError(_too_long_number(), file=str(path), row=number) from None
+        except RecursionError:
+            raise DataError(_TOO_DEEP, file=str(path), row=number) from None
     if blank:
         raise DataError("the file is empty", file=str(path))
 
@@ -122,6 +130,8 @@ def _json_rows(path: Path) -> Rows:
         raise DataError(f"not valid JSON ({exc.msg})", file=str(path), row=exc.lineno) from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
         raise DataError(_too_long_number(), file=str(path)) from None
+    except RecursionError:
+        raise DataError(_TOO_DEEP, file=str(path)) from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
     if not isinstance(data, list):
@@ -140,7 +150,7 @@ def _one_object_per_line(text: str) -> bool:
 def _json_or_text(value: str) -> Any:
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return value  # the normaliser names the row and field of a cell of the wrong type
 
 
