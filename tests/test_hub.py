@@ -206,6 +206,27 @@ def test_a_released_text_loses_local_folders_and_keeps_urls_and_hub_ids(monkeypa
     assert public_text(card, root, report) == "Base `tiny`, read from tiny/config.json; https://github.com/root/x"
 
 
+def test_a_relative_path_out_of_the_project_and_a_path_with_a_newline_lose_their_folders(tmp_path, monkeypatch):
+    """`download.source=../private-data/prefs.jsonl` (read from where the step ran) and a base model at
+    `../models/minilm` were published as written, and an absolute path holding a newline whole."""
+    from rm_lib.publish.public import public, public_text
+
+    root = tmp_path / "alice" / "project"
+    (root / "data" / "sources").mkdir(parents=True)
+    monkeypatch.chdir(root)
+    report = {"source": "../private-data/prefs.jsonl", "base": "./../models/minilm",
+              "inside": "../project/data/sources/a.jsonl",
+              "odd": f"{tmp_path}/secret home/evil\n[x](https://e.example) `a.jsonl",
+              "hub": "org/name", "local": "data/sources/b.jsonl", "note": "../private-data/prefs.jsonl lies outside"}
+    made = public(report, root)
+    assert made == {"source": "prefs.jsonl", "base": "minilm", "inside": "data/sources/a.jsonl",
+                    "odd": "e.example) `a.jsonl", "hub": "org/name", "local": "data/sources/b.jsonl",
+                    "note": "prefs.jsonl lies outside"}
+    card = "- Base model: `./../models/minilm`\n- Dataset: `../private-data/prefs.jsonl`"
+    assert public_text(card, root, report) == "- Base model: `minilm`\n- Dataset: `prefs.jsonl`"
+    assert "alice" not in json.dumps(made) and str(tmp_path) not in json.dumps(made)
+
+
 def test_a_data_file_dvc_links_into_its_cache_is_named_where_the_project_keeps_it(tmp_path):
     """cache.type symlink: data/sources/a.jsonl is a link into .dvc/cache; the card named the cache file."""
     from rm_lib.publish.public import public

@@ -13,13 +13,21 @@ from typing import Any
 
 from rm_lib.files import where_kept
 
-_ABSOLUTE = re.compile(r"^(/|~/|[A-Za-z]:[\\/])[^\n]*$")
+# An absolute path, whatever it holds (a newline too); a relative one that climbs out of its folder.
+_ABSOLUTE = re.compile(r"^(/|~/|[A-Za-z]:[\\/])")
+_CLIMBS = re.compile(r"^(\.[\\/])*\.\.([\\/]|$)")
+
+
+def _is_path(value: str) -> bool:
+    """A local path: absolute, or relative and climbing out ('../data/x.jsonl', read from where the step
+    ran); a relative path that does not climb (data/sources/x.jsonl, a Hub id) is shown as it is."""
+    return bool(_ABSOLUTE.match(value) or _CLIMBS.search(value))
 
 
 def public_path(value: str, root: Path) -> str:
     """`value` as a release names it: a path inside `root` relative to it, another local path by its
-    last component; a string that is no absolute path (a Hub id, 'demo', a URL) as it is."""
-    if not _ABSOLUTE.match(value):
+    last component; a string that is no such path (a Hub id, 'demo', a URL) as it is."""
+    if not _is_path(value):
         return value
     path = Path(value).expanduser()
     try:
@@ -40,7 +48,7 @@ def public(value: Any, root: Path) -> Any:
             return [made_public(v) for v in item]
         if not isinstance(item, str):
             return item
-        return public_path(item, root) if _ABSOLUTE.match(item) else _replaced(item, known, root)
+        return public_path(item, root) if _is_path(item) else _replaced(item, known, root)
 
     return made_public(value)
 
@@ -68,7 +76,7 @@ def _paths(value: Any) -> Iterator[str]:
     if isinstance(value, (list, tuple)):
         for item in value:
             yield from _paths(item)
-    elif isinstance(value, str) and _ABSOLUTE.match(value):
+    elif isinstance(value, str) and _is_path(value):
         yield value
 
 
