@@ -1,7 +1,9 @@
+
 """Each step refuses input made from other data than the folder upstream holds now, and names
 the step to rerun; the normal chain download -> ... -> push passes."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -165,6 +167,31 @@ def test_a_model_replaced_while_evaluate_scores_it_is_refused(tmp_path, tiny_dec
     assert (layout.evaluation / "report.json").read_bytes() == report
 
 
+def test_a_download_while_evaluate_scores_fails_it_and_keeps_the_last_report(tmp_path, tiny_decoder, monkeypatch):
+    """evaluate read the pairs' manifest (the source it names) after scoring: a download of another source
+    meanwhile stamped the demo pairs' figures with that source, and the release gate then compared the
+    next model with nothing (the last release was "of another source")."""
+    from rm_lib.steps import ChangedWhileRunning, evaluate
+
+    layout = Layout(tmp_path)
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    report = (layout.evaluation / "report.json").read_bytes()
+    source = tmp_path / "other.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                              for i in range(30)))
+
+    def download_meanwhile(*args, **kwargs):
+        run_steps(tiny_params(f"download.source={source}", model=str(tiny_decoder)), tmp_path, "download")
+        return real_folder(*args, **kwargs)
+
+    real_folder = evaluate.evaluate_folder
+    monkeypatch.setattr(evaluate, "evaluate_folder", download_meanwhile)
+    with pytest.raises(ChangedWhileRunning, match=r"evaluate: its input \(.*data/pairs/manifest.json\) changed"):
+        run_steps(params, tmp_path, "evaluate")
+    assert (layout.evaluation / "report.json").read_bytes() == report
+
+
 def test_a_model_replaced_after_the_release_gate_is_not_released(tmp_path, tiny_decoder, monkeypatch):
     import json
 
@@ -186,7 +213,7 @@ def test_a_model_replaced_after_the_release_gate_is_not_released(tmp_path, tiny_
     assert not layout.release.exists()
 
 
-@pytest.mark.parametrize("change", ["input", "code", "settings under dvc repro"])
+@pytest.mark.parametrize("change", ["input", "tokenized", "code", "settings under dvc repro"])
 def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_records_it(tmp_path, tiny_decoder,
                                                                                      monkeypatch, change):
     """DVC hashes a stage's code and input once the stage ended, and so does the Dagster record: a filter
@@ -210,7 +237,7 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
             run_steps(tiny_params("filter.max_token_length=48", model=str(tiny_decoder)), tmp_path, "filter")
         elif change == "code":
             edited.append(True)
-        else:  # params.yaml edited for the next run while `dvc repro` trains: DVC would lock the new value
+        elif change.startswith("settings"):  # params.yaml edited for the next run while `dvc repro` trains
             text = (tmp_path / "params.yaml").read_text()
             (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 5.0e-05", "learning_rate: 1.0e-04"))
         return result
@@ -222,13 +249,25 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
         monkeypatch.setenv("DVC_STAGE", "train")
         monkeypatch.setenv("DVC_ROOT", str(tmp_path))
 
+    real_fit = train_step.fit
+
+    def fit_while_tokenize_runs(*args, **kwargs):  # train reads its template; DVC hashes it as train's input
+        run_steps(tiny_params("tokenize.template=chatml", model=str(tiny_decoder)), tmp_path, "tokenize")
+        return real_fit(*args, **kwargs)
+
+    if change == "tokenized":
+        monkeypatch.setattr(train_step, "fit", fit_while_tokenize_runs)
     monkeypatch.setattr(train_step, "run", train_while_something_changes)
     monkeypatch.setattr(steps, "code_hash", lambda name: real_hash(name) + ("-edited" * len(edited)))
     with pytest.raises(ChangedWhileRunning) as info:
         steps.run("train", params, layout)
-    what = {"input": "its input (", "code": "the code of train"}.get(change, "the settings of the DVC stage train")
+    what = {"input": f"its input ({layout.filtered / 'manifest.json'})",
+            "tokenized": f"its input ({layout.tokenized / 'manifest.json'})",
+            "code": "the code of train"}.get(change, "the settings of the DVC stage train")
     assert str(info.value).startswith(f"train: {what}") and str(info.value).endswith("rerun train")
     assert read_json(layout.model / "rm_lib.json")["inputs"]["filtered"] == filtered  # the model says what it saw
+    # and the template it was trained with, read before training, not the one written meanwhile
+    assert read_json(layout.model / "rm_lib.json")["template"] != "chatml"
 
 
 @pytest.mark.parametrize("damage", ["deleted", "cut short", "replaced by other rows"])

@@ -89,6 +89,20 @@ def input_record(step: str, layout: Layout) -> Path | None:
     return getattr(layout, link.output) / link.record
 
 
+# The other records a step reads (train the tokenizer's template, evaluate the pairs' source, push all of
+# them for the card), each also one of its DVC dependencies: DVC hashes those once the stage has ended.
+ALSO_READS = {"train": ("tokenized",), "evaluate": ("filtered", "pairs"),
+              "push": ("model", "filtered", "tokenized", "pairs")}
+
+
+def records_read(step: str, layout: Layout) -> list[Path]:
+    """Every record `step` reads, its input's first: what must not change while it runs."""
+    own = input_record(step, layout)
+    others = [getattr(layout, link.output) / link.record for name in ALSO_READS.get(step, ())
+              for link in CHAIN if link.output == name]
+    return ([own] if own is not None else []) + others
+
+
 def _records(layout: Layout, links: list[Link]) -> dict[str, dict]:
     """The records that exist (a missing one is the step's own "run ... first" error, or nothing to check)."""
     found = {}

@@ -84,10 +84,10 @@ def _made_from(name: str, layout: Layout) -> dict[str, Any]:
     """The step's code (what dvc.yaml and the Dagster code version cover: the CLI left out) and its
     input's record, as they are now; under `dvc repro` (which names the stage in DVC_STAGE) also the
     stage's params as their files hold them."""
-    upstream = chain.input_record(name, layout)
     stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
     return {"code": code_hash(name),
-            "input": file_sha256(upstream) if upstream is not None and upstream.exists() else None,
+            "input": {record: file_sha256(record) if record.exists() else None
+                      for record in chain.records_read(name, layout)},
             "params": stage_params(Path(root), stage) if stage and root else None}
 
 
@@ -98,7 +98,8 @@ def _check_unchanged(name: str, layout: Layout, before: dict[str, str | None]) -
     after = _made_from(name, layout)
     changed = [what for what in ("code", "input", "params") if after[what] != before[what]]
     if changed:
-        what = {"code": f"the code of {name}", "input": f"its input ({chain.input_record(name, layout)})",
+        records = [str(record) for record, sha in after["input"].items() if before["input"].get(record) != sha]
+        what = {"code": f"the code of {name}", "input": f"its input ({', '.join(records)})",
                 "params": f"the settings of the DVC stage {os.environ.get('DVC_STAGE')} (params.yaml)"}
         raise ChangedWhileRunning(
             f"{name}: {' and '.join(what[c] for c in changed)} changed while it ran; what it wrote was made from "

@@ -117,6 +117,8 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
 def run(params: Params, layout: Layout) -> EvaluateResult:
     cfg = params.evaluate
     meta = read_json(layout.filtered / "manifest.json")
+    download = chain.download_settings(layout)  # the held-out pairs' source, read with them
+    identity = source_identity(download["source"], layout)
     rows = read_rows(layout.filtered / "test.parquet")
     if not (layout.model / "config.json").exists():
         read_json(layout.model / "config.json")  # raises the "run train first" error
@@ -133,11 +135,9 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
                                                      sources=layout.sources)
         for name, entry in metrics["suites"].items():
             set_aside += [{"suite": name, **record} for record in entry.pop(suites.SET_ASIDE)]
-    download = chain.download_settings(layout)
     source = download["source"]
     metrics["data_source"], metrics["demo_data"] = source, source == "demo"
-    metrics[quality.TEST_DATA] = quality.test_data_record(source_identity(source, layout), download.get("subset"),
-                                                          rows)
+    metrics[quality.TEST_DATA] = quality.test_data_record(identity, download.get("subset"), rows)
     tokenizer = load_tokenizer(str(layout.model))
     # The same texts scored every way the model is used (batch size 1, left padding, packed, pipeline).
     metrics["consistency"] = consistency.check(layout.model, rows, pad_token_id=tokenizer.pad_token_id,

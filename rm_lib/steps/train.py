@@ -153,6 +153,7 @@ def run(params: Params, layout: Layout, accelerator=None,
                       config=params.as_dict(), run_dir=wandb_dir(layout.root), on_log=on_log)
     tracker.check()
     meta = read_json(layout.filtered / "manifest.json")
+    tokenized = read_json(layout.tokenized / "manifest.json")  # its template, as the filtered ids were made
     # the processes agree on the run before any of them can stop alone (a check below that only one
     # fails would leave the others waiting at the first collective until the timeout)
     accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
@@ -252,7 +253,6 @@ def run(params: Params, layout: Layout, accelerator=None,
         # the earlier pair, which push and the model card quote as one
         with atomic_dirs(layout.model, layout.train_logs) as (out, logs):
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
-            tokenized = read_json(layout.tokenized / "manifest.json")
             save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
                        state_dict=gathered, chat_template=tokenized["template"] == "tokenizer")
             weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
