@@ -221,6 +221,8 @@ class TrainSettings:
             _fail("train", "save_total_limit", f"must be at least 1, got {self.save_total_limit}")
         if self.weight_decay < 0:
             _fail("train", "weight_decay", f"must not be negative, got {self.weight_decay}")
+        if (self.center_rewards_coefficient or 0) < 0:  # rewards a spread of rewards: the loss falls without bound
+            _fail("train", "center_rewards_coefficient", f"must not be negative, got {self.center_rewards_coefficient}")
         if self.length_debias_weight < 0:
             _fail("train", "length_debias_weight", f"must not be negative, got {self.length_debias_weight}")
         if not 0 <= self.seed < 2**32:  # numpy's seed range; set_seed seeds numpy too

@@ -595,3 +595,24 @@ def test_disabled_dropout_leaves_no_rate_in_training_and_the_saved_config_as_it_
     with dropout_disabled(model):
         assert len({model(x).logits.item() for _ in range(6)}) == 1
     assert model.config.to_dict() == saved  # the rates are back for the saved config
+
+
+def test_disabled_dropout_keeps_the_lora_dropout_the_run_asked_for():
+    """train.lora_dropout=0.5 under train.disable_dropout (the default) trained the same adapters as 0.0,
+    while adapter_config.json, run.json and the card said 0.5."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rm_lib.model.modeling import add_lora
+    from rm_lib.training.trainer import dropout_disabled
+
+    config = AutoConfig.for_model("llama", vocab_size=100, num_labels=1, pad_token_id=0, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  attention_dropout=0.1)
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForSequenceClassification.from_config(config), r=4, alpha=8, dropout=0.5,
+                     target_modules=None, base_model="tiny", revision=None)
+    with dropout_disabled(model):
+        rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates and all(p == (0.5 if "lora_dropout" in name else 0.0) for name, p in rates.items())
+        assert any("lora_dropout" in name for name in rates)
+        assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.base_model.model.model.layers)

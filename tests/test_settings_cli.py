@@ -297,6 +297,7 @@ def test_a_model_folder_without_a_config_says_so(tmp_path):
     ("train.lora_dropout=2", "train.lora_dropout: must lie in [0, 1), got 2.0"),
     ("train.lora_dropout=-0.1", "train.lora_dropout: must lie in [0, 1)"),
     ("train.lora_target_modules=[]", "train.lora_target_modules: must be null"),
+    ("train.center_rewards_coefficient=-1", "train.center_rewards_coefficient: must not be negative, got -1"),
 ])
 def test_training_settings_that_libraries_would_refuse_mid_run_are_one_line_before_work(tmp_path, capsys, override,
                                                                                        message):

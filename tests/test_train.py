@@ -648,6 +648,20 @@ def test_runs_in_one_process_may_train_in_different_precisions(tmp_path, tiny_de
     assert said == [False, True, False]  # fp32 SDPA is the plan under bf16 autocast alone
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU; the refusal is a CPU's")
+def test_fp16_on_a_cpu_is_refused_before_training_instead_of_training_fp32_recorded_as_fp16(tmp_path, tiny_decoder,
+                                                                                           accelerate_afresh):
+    """accelerate runs fp16 on a CPU as plain fp32 without a word: the model was bit-identical to
+    mixed_precision=no while run.json, summary.json and the card said fp16."""
+    from rm_lib.errors import SettingsError
+
+    params = tiny_params("train.mixed_precision=fp16", "train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    with pytest.raises(SettingsError, match=r"^train.mixed_precision: fp16 needs a GPU"):
+        run_steps(params, tmp_path, "train")
+    assert not Layout(tmp_path).model.exists() and not Layout(tmp_path).checkpoints.exists()
+
+
 def test_bf16_training_on_a_cpu_runs_attention_in_fp32_and_saves_the_model_as_loaded(tmp_path, tiny_decoder):
     """bf16 autocast on a CPU: the matrix products in bf16, SDPA on fp32 inputs (its bf16 backward is
     5x slower; tests/test_packing.py checks the inputs it gets), evaluation during training (in the

@@ -10,7 +10,7 @@ from typing import Any
 
 from rm_lib.data.length_filter import LENGTH_SETTINGS
 from rm_lib.data.tokenstore import read_rows
-from rm_lib.errors import TrainingDiverged
+from rm_lib.errors import SettingsError, TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.files import atomic_dirs, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
@@ -157,6 +157,9 @@ def run(params: Params, layout: Layout, accelerator=None,
     # the processes agree on the run before any of them can stop alone (a check below that only one
     # fails would leave the others waiting at the first collective until the timeout)
     accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would train in fp32
+        raise SettingsError("train.mixed_precision: fp16 needs a GPU; on a CPU accelerate trains in fp32 while the "
+                            "records would say fp16. Use bf16 (fast on CPUs with AMX) or no")
     check_distributed(accelerator)
     # The code is part of the run: a change to the training code starts a new run, never a resume.
     code = code_hash("train")

@@ -280,10 +280,12 @@ def dropout_disabled(model: torch.nn.Module) -> Iterator[None]:
     F.dropout, to the attention kernel or to LayerDrop themselves (OPT's `dropout`, Bloom's
     `hidden_dropout`, Starcoder2's `residual_dropout`, `attention_dropout`, `layerdrop`), or read from
     the config at each forward (Falcon). The configs get their rates back at the end: they are saved
-    with the model."""
+    with the model. LoRA's own dropout (train.lora_dropout, on the adapters' input) stays: it is the
+    one rate set for this run (0, the default, is none); disabling it too left the setting without
+    effect while the records said it was applied."""
     configs: dict[int, Any] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{name}.":
             module.p = 0.0
         for name, value in list(vars(module).items()):
             if _is_drop_rate(name, value):
