@@ -85,6 +85,30 @@ def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_
     assert summary["tokens_per_s"] == pytest.approx(trained.tokens_per_s)
 
 
+def test_a_run_reused_or_resumed_with_other_unfingerprinted_settings_records_what_trained_it(tmp_path, tiny_decoder):
+    """A rerun of a finished run with attention=eager, logging_steps=3 and a smaller forward budget reused
+    it and rewrote run.json, summary.json and so the card with those settings, never trained with."""
+    import shutil
+
+    params = tiny_params("train.max_steps=4", "train.save_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    first = read_json(tmp_path / "data/train/summary.json")
+    other = tiny_params("train.max_steps=4", "train.save_steps=2", "train.attention=eager", "train.logging_steps=3",
+                        "train.max_tokens_per_forward=50", model=str(tiny_decoder))
+    assert run_steps(other, tmp_path, "train")["train"].reused
+    again = read_json(tmp_path / "data/train/summary.json")
+    assert again["device_plan"] == first["device_plan"] and again["device_plan"]["tokens_per_forward"] != 50
+    assert again["train"] == first["train"] == read_json(tmp_path / "data/train/run.json")["train"]
+    assert (again["train"]["attention"], again["train"]["logging_steps"]) == ("auto", 1)
+
+    shutil.rmtree(tmp_path / "models/checkpoints/step-4")  # as if killed after step 3: resumed with the others
+    assert run_steps(other, tmp_path, "train")["train"].resumed_from == 2
+    sessions = read_json(tmp_path / "data/train/summary.json")["sessions"]
+    assert [s["steps"] for s in sessions] == [[0, 2], [2, 4]]  # the checkpoint of step 2 knew steps 1-2
+    assert [s["train"]["max_tokens_per_forward"] for s in sessions] == ["auto", 50]
+    assert sessions[1]["device_plan"]["tokens_per_forward"] == 50
+
+
 @pytest.mark.parametrize(("field", "bad"), [("input_ids_chosen", 500000), ("input_ids_rejected", -5)])
 def test_pretokenized_ids_outside_the_vocabulary_stop_at_tokenize(tmp_path, tiny_decoder, field, bad):
     rows = [{"input_ids_chosen": [5, 6, 7 + i], "input_ids_rejected": [5, 8, 9 + i]} for i in range(40)]

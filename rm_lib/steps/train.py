@@ -25,9 +25,10 @@ from rm_lib.model.modeling import (
     save_model,
 )
 from rm_lib.pipeline.code_version import code_hash
-from rm_lib.settings import Params
+from rm_lib.settings import Params, TrainSettings
 from rm_lib.training.tracking import Tracker, wandb_dir
 from rm_lib.training.trainer import (
+    FitResult,
     Launch,
     agreed,
     check_distributed,
@@ -65,6 +66,7 @@ class TrainResult:
     best_eval_accuracy: float | None = None
     processes: int = 1
     device_plan: dict | None = None  # how the run used its device (rm_lib.training.device_plan)
+    sessions: list[dict] = field(default_factory=list)  # the calls that trained it, where resumed with other settings
 
     def run_record(self) -> dict:
         """run.json: what the model is (settings, data, code, outcome), no timings, so that what depends
@@ -82,7 +84,7 @@ class TrainResult:
                 "reward_std": self.reward_std, "model": self.model_settings.get("name_or_path"),
                 "processes": self.processes, "fingerprint": self.fingerprint, "data_hash": self.data_hash,
                 "code_hash": self.code_hash, "wandb": self.wandb_url, "train": self.train_settings,
-                "device_plan": self.device_plan}
+                "device_plan": self.device_plan, "sessions": self.sessions}
 
     def summary(self) -> str:
         figures = (f"last loss {self.final_loss:.4f}, batch accuracy {self.final_accuracy:.3f}, "
@@ -115,6 +117,13 @@ def new_accelerator(precision: str) -> Any:
     return Accelerator(mixed_precision=precision, cpu=launched_on_cpu())
 
 
+def trained_with(cfg: TrainSettings, result: FitResult) -> dict:
+    """The train settings of the model: a run reused as it was finished keeps the settings outside its
+    fingerprint (attention, logging, forward budget...) that its last session trained with, not this call's."""
+    last = result.sessions[-1]["train"] if result.reused and result.sessions else {}
+    return {**asdict(cfg), **last}
+
+
 def result_from_summary(layout: Layout) -> TrainResult:
     """The result of a training run that another process made, read back from its summary.json."""
     summary = read_json(layout.train_logs / "summary.json")
@@ -127,7 +136,8 @@ def result_from_summary(layout: Layout) -> TrainResult:
                        fingerprint=summary["fingerprint"], data_hash=summary["data_hash"],
                        code_hash=summary["code_hash"], model_settings=model, train_settings=summary["train"],
                        best_checkpoint=summary["best_checkpoint"], best_eval_accuracy=summary["best_eval_accuracy"],
-                       processes=summary["processes"], device_plan=summary.get("device_plan"))
+                       processes=summary["processes"], device_plan=summary.get("device_plan"),
+                       sessions=summary.get("sessions", []))
 
 
 def check_finite_rewards(rewards: list[float], step: int) -> None:
@@ -247,10 +257,10 @@ def run(params: Params, layout: Layout, accelerator=None,
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
         resumed_from=result.resumed_from, reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
         wandb_url=result.wandb_url, reused=result.reused, fingerprint=fingerprint, data_hash=meta["content_hash"],
-        code_hash=code, model_settings=asdict(params.model), train_settings=asdict(cfg),
+        code_hash=code, model_settings=asdict(params.model), train_settings=trained_with(cfg, result),
         best_checkpoint=str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
         best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes,
-        device_plan=result.device_plan)
+        device_plan=result.device_plan, sessions=result.sessions)
     if accelerator.is_main_process:
         # the model and its run's records replace the earlier ones together: an interrupted train leaves
         # the earlier pair, which push and the model card quote as one

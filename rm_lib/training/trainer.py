@@ -67,6 +67,10 @@ class TrainState:
     # the launch that saved it (Launch); None in checkpoints saved before it was recorded
     processes: int | None = None
     fsdp: bool | None = None
+    # Each session that trained steps of the run: its steps, its settings outside the fingerprint and its
+    # device plan. A rerun that reuses or resumes the run may have other such settings: what it records of
+    # the run must be what trained it.
+    sessions: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -82,7 +86,8 @@ class FitResult:
     prepared: Any = None  # the model as accelerate wrapped it (DDP, FSDP)
     reused: bool = False  # the run had finished already: no step trained, the figures are the run's
     last_log: dict | None = None  # the last metrics record of the run (also when reused)
-    device_plan: dict | None = None  # DevicePlan.record() of this call's plan
+    device_plan: dict | None = None  # DevicePlan.record() of the plan that trained the last steps
+    sessions: list[dict] = field(default_factory=list)  # TrainState.sessions
 
 
 @dataclass(frozen=True)
@@ -606,6 +611,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                       wandb_url=state.wandb_url, reused=resumed_from is not None and state.step >= total)
         state.wandb_id, state.wandb_url = getattr(tracker, "wandb_id", None), getattr(tracker, "wandb_url", None)
 
+    if state.step < total:
+        state.sessions.append({"steps": [state.step, state.step],
+                               "train": {k: getattr(cfg, k) for k in NOT_IN_FINGERPRINT}})
     history: list[dict] = []
     # loss, acc, margin, mean: sums kept on the device, read at logging only (no host sync per step);
     # tokens: of the pairs' sequences (a shared prompt counts for both sides, as a padded batch has it);
@@ -619,6 +627,9 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                dynamic_ncols=True)
     model.train()
     budget, retries = device_plan.tokens_per_forward, 0
+
+    def plan_record() -> dict:
+        return {**device_plan.record(loaded_attention), "tokens_per_forward": budget, "out_of_memory_retries": retries}
 
     def run_batches(micro: int, budget: int | None) -> dict:
         """Forward and backward of the step that begins at micro-batch `micro`, in forwards of at most
@@ -786,6 +797,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         if saving or state.step == total:  # the session's figures, saved or not
             state.tokens, state.train_s = base_tokens + tokens_total, base_s + time.perf_counter() - started
         if saving:
+            state.sessions[-1]["steps"][1] = state.step
+            state.sessions[-1]["device_plan"] = plan_record()
             state.scheduler = scheduler.state_dict()
             state.window = _saved_window(accelerator, window, time.perf_counter() - window_start)
             try:
@@ -807,12 +820,12 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     # The state holds this session's figures (set at the last step); a reused run reports the run's.
     reused = resumed_from is not None and resumed_from == state.step
     tokens, wall = (state.tokens, state.train_s) if reused else (state.tokens - base_tokens, state.train_s - base_s)
+    trained_by = state.sessions[-1].get("device_plan") if reused and state.sessions else None
     return FitResult(steps=state.step, history=history, resumed_from=resumed_from,
                      wandb_url=getattr(tracker, "wandb_url", None), tokens_per_s=tokens / max(wall, 1e-9),
                      wall_s=wall, best_step=state.best_step, best_eval_accuracy=state.best_eval_accuracy,
                      prepared=model, reused=reused, last_log=state.last_log,
-                     device_plan={**device_plan.record(loaded_attention), "tokens_per_forward": budget,
-                                  "out_of_memory_retries": retries})
+                     device_plan=trained_by or plan_record(), sessions=state.sessions)
 
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
