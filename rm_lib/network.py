@@ -25,11 +25,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from rm_lib.errors import SettingsError
+
+# the user:password@ of a URL (an HF_ENDPOINT behind a proxy may carry one): never in a message
+_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the credentials of every URL in it removed."""
+    return _CREDENTIALS.sub("", text)
+
 
 DEFAULT_TIMEOUT_S = 60.0
 TIMEOUT_VARIABLE = "RM_HUB_TIMEOUT_S"

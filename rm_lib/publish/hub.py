@@ -144,7 +144,7 @@ _status = network.status_of
 
 def _short(exc: BaseException) -> str:
     message = getattr(exc, "server_message", None) or str(exc) or type(exc).__name__
-    return " ".join(message.split())[:300]
+    return network.without_credentials(" ".join(message.split()))[:300]
 
 
 def _explain(exc: BaseException, repo_id: str, folder: Path) -> None:
@@ -165,12 +165,12 @@ def _explain(exc: BaseException, repo_id: str, folder: Path) -> None:
 
 
 def _what(exc: BaseException) -> str:
-    status = _status(exc)
+    status, hub = _status(exc), network.without_credentials(endpoint())
     if status:
-        return f"the Hub at {endpoint()} answered {status}"
+        return f"the Hub at {hub} answered {status}"
     if network.is_timeout(exc):
-        return f"the Hub at {endpoint()} did not answer within {network.timeout_s():g} s ({network.TIMEOUT_VARIABLE})"
-    return f"cannot reach the Hub at {endpoint()}"
+        return f"the Hub at {hub} did not answer within {network.timeout_s():g} s ({network.TIMEOUT_VARIABLE})"
+    return f"cannot reach the Hub at {hub}"
 
 
 def _give_up(exc: BaseException, retries: int, folder: Path) -> None:
