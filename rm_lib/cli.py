@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from rm_lib.errors import UserError
+from rm_lib.evaluation.visualize import printable
 from rm_lib.files import STORAGE_ERRORS, unwritable_folder
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
@@ -86,7 +87,7 @@ def _run_step(step: str, params, layout: Layout) -> None:
 
     result = steps.run(step, params, layout)
     if steps.first_of_its_launch():  # under accelerate launch, one summary for all processes
-        print(result.summary(), flush=True)
+        print(printable(result.summary()), flush=True)
 
 
 def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
@@ -192,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
 
             # the filter settings set on this command; the others are the model's own (its rm_lib.json)
             chosen = tuple(k for k in LENGTH_SETTINGS if _given(args.overrides, f"filter.{k}"))
-            print(score.run_file(params, layout, model=args.model, input_path=args.input, output_path=args.output,
-                                 chosen=chosen).summary())
+            scored = score.run_file(params, layout, model=args.model, input_path=args.input, output_path=args.output,
+                                    chosen=chosen)
+            print(printable(scored.summary()))
         elif args.step == "show-tokens":
             _show_tokens(args, params, layout)
         else:
             _run_step(args.step, params, layout)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the system refuses (permissions, a full disk): the path and why, no traceback
         where = _refused_path(exc, args.root)

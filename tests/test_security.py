@@ -1,5 +1,6 @@
-"""No code from a model folder runs unless the user says so, no weights are unpickled, and a
-checkpoint resumes without unpickling anything."""
+"""No code from a model folder runs unless the user says so, no weights are unpickled, a
+checkpoint resumes without unpickling anything, and names from the data reach neither the card's
+Markdown nor the terminal as anything but text."""
 import json
 import pickle
 
@@ -85,3 +86,38 @@ def test_a_checkpoint_resumes_without_unpickling(tmp_path, tiny_decoder, monkeyp
     result, _, _ = fit_tiny(tmp_path, tiny_decoder, "train.max_steps=2")  # same run: resumes at its end
     assert result.resumed_from == 2
     assert loads and all(w is True for w in loads), loads  # torch.load only in weights-only mode
+
+
+HOSTILE = "a` | 1.0 |\n\n[click me](https://evil.example/x) ![t](https://evil.example/p.png)\n<img src=x onerror=alert(1)>\n---"
+
+
+def test_names_from_the_data_stay_text_inside_their_place_in_the_model_card():
+    """A subset, suite or source name was put into the published card as written: it ended the evaluation
+    table and added a live link, a remote image (a tracking pixel on the Hub page) and raw HTML."""
+    import re
+
+    from rm_lib.publish import model_card
+
+    metrics = {"pairs": 3, "accuracy": 0.5, "per_subset": {HOSTILE: {"pairs": 3, "accuracy": 0.5}},
+               "suites": {"mine": {"source": HOSTILE, "layout": "pairwise", "rows": 3, "accuracy": 0.5}}}
+    for table in (model_card._evaluation(metrics, []), model_card._suites(metrics)):
+        row = next(line for line in table.splitlines() if "evil.example" in line)
+        cells = re.split(r"(?<!\\)\|", row)
+        assert len(cells) == 4 if "subset" in row else len(cells) == 7, row  # the table's own cells, no more
+        span = next(text for _, text in re.findall(r"(`+)(.*?)\1", row) if "evil" in text)
+        assert "[click me](https://evil.example/x)" in span and "<img" in span  # text inside one code span
+    origin = model_card._origin({"model": {"name_or_path": "org/model", "revision": None},
+                                 "download": {"source": f"data/sources/{HOSTILE}.jsonl", "subset": HOSTILE}}, {})
+    assert origin.count("\n") == 1 and origin.splitlines()[1].startswith("- Dataset: ``")
+
+
+def test_control_characters_from_the_data_are_printed_escaped(tmp_path, capsys):
+    """A column named with terminal escapes retitled the terminal and printed a fake green line through
+    download's summary ("ignored columns ...")."""
+    source = tmp_path / "prefs.jsonl"
+    column = "\x1b]0;PWNED\x07\x1b[2K\x1b[32mALL CHECKS PASSED\x1b[0m"
+    source.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no", column: 1}) + "\n"
+                              for i in range(20)))
+    assert main(["--root", str(tmp_path / "p"), "download", "--set", f"download.source={source}"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;PWNED\\x07" in out

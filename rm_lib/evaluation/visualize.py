@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 _BACKGROUNDS = [167, 179, 185, 77, 80, 68, 134]
+# C0 and C1 controls but the line end and tab: an ESC from the data could recolour, retitle or erase the terminal
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print: every control character from the data written as its escape (\\x1b)."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def visualize_token(ids: list[int], tokenizer: Any, color: bool = True) -> str:
     """Every token visible: alternating background colours (or [brackets] without colour),
     special tokens included, whitespace shown as ␣ and ↵."""
     pieces = [tokenizer.convert_ids_to_tokens(i) for i in ids]
-    pieces = [p.replace(" ", "␣").replace("Ġ", "␣").replace("\n", "↵").replace("Ċ", "↵") for p in pieces]
+    pieces = [printable(p.replace(" ", "␣").replace("Ġ", "␣").replace("\n", "↵").replace("Ċ", "↵")) for p in pieces]
     if not color:
         return "".join(f"[{p}]" for p in pieces)
     backgrounds = itertools.cycle(f"\x1b[48;5;{c}m" for c in _BACKGROUNDS)
@@ -23,7 +31,7 @@ def visualize_samples(rows: list[dict], limit: int = 4, width: int = 70) -> str:
     lines = [f"{'reward chosen':>13} {'reward rejected':>15}  {'ok':2}  chosen | rejected (ends)"]
     for row in rows[:limit]:
         ok = "✓" if row["reward_chosen"] > row["reward_rejected"] else "✗"
-        chosen = row.get("chosen_text", "")[-width // 2:].replace("\n", " ")
-        rejected = row.get("rejected_text", "")[-width // 2:].replace("\n", " ")
+        chosen = printable(row.get("chosen_text", "")[-width // 2:].replace("\n", " "))
+        rejected = printable(row.get("rejected_text", "")[-width // 2:].replace("\n", " "))
         lines.append(f"{row['reward_chosen']:>13.3f} {row['reward_rejected']:>15.3f}  {ok:2}  …{chosen} | …{rejected}")
     return "\n".join(lines)

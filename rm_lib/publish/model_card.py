@@ -149,8 +149,24 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _code(value: Any, *, cell: bool = False) -> str:
+    """`value` (a name from the data or the settings) as Markdown inline code that stays one span, whatever
+    it holds: control characters (a newline would end a table or start a heading) become spaces, the fence
+    is longer than any run of backticks inside, and in a table `cell` escapes the `|` GFM splits cells on
+    even inside code. Links, images and HTML inside a code span are text."""
+    text = _CONTROL.sub(" ", str(value))
+    if cell:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _or(value: Any, text: str) -> str:
-    return text if value in (None, "") else f"`{value}`"
+    return text if value in (None, "") else _code(value)
 
 
 def _origin(params: dict, lineage: dict) -> str:
@@ -169,10 +185,10 @@ def _origin(params: dict, lineage: dict) -> str:
         dataset = (f"`demo`: {'an unrecorded number of' if pairs is None else pairs} built-in synthetic pairs "
                    f"(seed {'not recorded' if seed is None else seed})")
     else:
-        subset = f", subset `{download['subset']}`" if download.get("subset") else ""
-        dataset = (f"`{source}`{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
+        subset = f", subset {_code(download['subset'])}" if download.get("subset") else ""
+        dataset = (f"{_code(source)}{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
                    f"split {_or(download.get('train_split'), 'not recorded')}")
-    return f"- Base model: `{base}`, {where}\n- Dataset: {dataset}"
+    return f"- Base model: {_code(base)}, {where}\n- Dataset: {dataset}"
 
 
 def _version(package: str) -> str:
@@ -186,7 +202,8 @@ def _version(package: str) -> str:
 
 def _suites(metrics: dict) -> str:
     """The table of evaluate.suites (RewardBench 1/2, other labelled sets), '' when none was scored."""
-    rows = "".join(f"| `{name}` | `{e['source']}` | {e['layout']} | {e['rows']} | {_num(e['accuracy'])} |\n"
+    rows = "".join(f"| {_code(name, cell=True)} | {_code(e['source'], cell=True)} | {e['layout']} | {e['rows']} | "
+                   f"{_num(e['accuracy'])} |\n"
                    for name, e in metrics.get("suites", {}).items())
     return ("\n\nEvaluation suites (a tie counts as wrong; best-of-N: every chosen answer above every rejected one):"
             "\n\n| suite | source | layout | rows | accuracy |\n|---|---|---|---|---|\n" + rows) if rows else ""
@@ -205,7 +222,7 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
     buckets = "\n".join(f"| {b['range']} | {b['pairs']} | {_num(b['accuracy'])} | {_num(b['longer_wins'])} | "
                         f"{_num(b.get('shorter_wins'))} |" for b in metrics.get("per_length_bucket", []))
     pics = "\n\n".join(f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in pictures)
-    subsets = "".join(f"| accuracy on subset `{name}` ({e['pairs']} pairs) | {_num(e['accuracy'])} |\n"
+    subsets = "".join(f"| accuracy on subset {_code(name, cell=True)} ({e['pairs']} pairs) | {_num(e['accuracy'])} |\n"
                       for name, e in metrics.get("per_subset", {}).items())
     demo = ("**Demo data**: these figures come from the project's synthetic film-review pairs; they show the "
             "pipeline learns, not how good a reward model is.\n\n" if metrics.get("demo_data") else "")
@@ -308,7 +325,7 @@ def _adapter_usage(repo_id: str, adapter: dict, local_base: bool, tokenizer: dic
                      "token; the base's own pad token may be the EOS every sequence ends with.")
     code = "\n".join(lines)
     told = "\n\n" + " ".join(notes) if notes else ""
-    where = (f"\n\n`{base}` is the name of the local folder the base model was loaded from when training (the "
+    where = (f"\n\n{_code(base)} is the name of the local folder the base model was loaded from when training (the "
              "adapter's `base_model_name_or_path` keeps the folder's name only): replace it with the path to your "
              "copy of that model." if local_base else "")
     return f"""
@@ -364,12 +381,12 @@ def _text_rules(tokenizer: dict | None) -> str:
                 "adds it,\nand the start token, when it tokenizes a text (`tokenizer(text)`), so do not add "
                 "them yourself.")
     else:
-        ends = (f"The reward is read at the end token (`{end}`) that training put after every text, and this\n"
+        ends = (f"The reward is read at the end token ({_code(end)}) that training put after every text, and this\n"
                 f"tokenizer does not add it: a text must end with it (`text + tokenizer.eos_token`), unless the "
                 f"chat template\nwrote it.")
     if facts["template"] == "tokenizer":
-        added = [f"`{t}` before them" for t in [" ".join(facts.get("chat_start") or [])] if t]
-        added += [f"`{end}` after them"] if facts.get("chat_end", True) else []
+        added = [f"{_code(t)} before them" for t in [" ".join(facts.get("chat_start") or [])] if t]
+        added += [f"{_code(end)} after them"] if facts.get("chat_end", True) else []
         how = ("A conversation is the tokenizer's chat template, which training used, tokenized as training did:\n"
                "`ids = tokenizer.apply_chat_template(messages, tokenize=True)[\"input_ids\"]`"
                + (f", with {' and '.join(added)}" if added else ", as they are") + "; then\n"
@@ -490,7 +507,7 @@ def _lineage(lineage: dict) -> str:
     for kind, key in (("data", "dvc_data"), ("model", "dvc_model")):
         for path, value in (lineage.get(key) or {}).items():
             shown = f"`{value}`" if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value) else value
-            rows.append((f"DVC md5 of the {kind}: `{path}`", shown))
+            rows.append((f"DVC md5 of the {kind}: {_code(path, cell=True)}", shown))
     rows += [("content hash of the training data (rm_lib)", _or(lineage.get("data_hash"), "unknown")),
              ("training code (hash of the rm_lib files the train step runs)",
               _or(lineage.get("code_hash"), "unknown")),
