@@ -88,7 +88,8 @@ def test_a_checkpoint_resumes_without_unpickling(tmp_path, tiny_decoder, monkeyp
     assert loads and all(w is True for w in loads), loads  # torch.load only in weights-only mode
 
 
-HOSTILE = "a` | 1.0 |\n\n[click me](https://evil.example/x) ![t](https://evil.example/p.png)\n<img src=x onerror=alert(1)>\n---"
+HOSTILE = ("a` | 1.0 |\n\n[click me](https://evil.example/x) ![t](https://evil.example/p.png)\n"
+           "<img src=x onerror=alert(1)>\n---")
 
 
 def test_names_from_the_data_stay_text_inside_their_place_in_the_model_card():
