@@ -497,6 +497,26 @@ def test_card_names_the_data_of_a_manifest_written_before_settings_were_kept(tmp
             assert "Dataset: `Anthropic/hh-rlhf`, revision not recorded, split not recorded" in text
 
 
+def test_the_card_quotes_what_records_made_before_settings_were_kept_held_at_their_top(tmp_path):
+    """A project made before the records kept their settings: the card called filter's lengths and policy,
+    tokenize's template and the demo's seed unknown, while the records held them."""
+    from rm_lib.pipeline import chain
+
+    layout = Layout(tmp_path)
+    write_json(layout.pairs / "manifest.json", {"source": "demo", "rows_read": 300, "subset": None, "revision": None,
+                                                "split": "seeded by prompt, test_fraction=0.2, seed=7"})
+    write_json(layout.tokenized / "manifest.json", {"model": "m", "template": "simple_chat", "content_hash": "a"})
+    write_json(layout.filtered / "manifest.json", {"policy": "drop", "max_token_length": 64,
+                                                   "max_prompt_token_length": 48, "content_hash": "b"})
+    recorded = chain.recorded_settings(layout)
+    assert recorded["download"]["seed"] == 7 and recorded["download"]["demo_pairs"] == 300
+    assert recorded["tokenize"] == {"template": "simple_chat", "batch_size": None, "num_proc": None}
+    assert recorded["filter"] == {"max_token_length": 64, "max_prompt_token_length": 48, "policy": "drop"}
+    params = {**tiny_params().as_dict(), **recorded}
+    text = model_card.render(repo_id=REPO, params=params, metrics={}, pictures=[], lineage={})
+    assert "Dataset: `demo`: 300 built-in synthetic pairs (seed 7)" in text
+
+
 def test_dvc_md5_matches_what_dvc_records(tmp_path):
     """Known answers: what `dvc add` (DVC 3.67) wrote for this folder and file."""
     folder = tmp_path / "m"

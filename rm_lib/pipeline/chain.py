@@ -4,6 +4,7 @@ upstream of its input must still hold, or the step would build on data that no l
 (a tokenize killed after a new download: filter would filter the old tokens under the new name)."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,8 +47,14 @@ def download_settings(layout: Layout) -> dict:
     # a manifest from before the settings were kept: what it recorded itself (a demo source's rows are
     # its pairs); the rest is unknown
     demo_rows = manifest.get("rows_read") if manifest["source"] == "demo" else None
+    seeded = re.search(r"\bseed=(\d+)", manifest.get("split") or "")  # "seeded by prompt, ..., seed=42"
     return {"source": manifest["source"], "subset": manifest.get("subset"), "revision": manifest.get("revision"),
-            "train_split": None, "demo_pairs": demo_rows, "seed": None}
+            "train_split": None, "demo_pairs": demo_rows, "seed": int(seeded.group(1)) if seeded else None}
+
+
+# What records made before the settings were kept held of them at their top level: filter its lengths and
+# policy, tokenize the template it resolved ("auto" written as what it chose).
+KEPT_AT_TOP = {"tokenize": ("template",), "filter": ("max_token_length", "max_prompt_token_length", "policy")}
 
 
 def recorded_settings(layout: Layout) -> dict[str, dict]:
@@ -60,9 +67,12 @@ def recorded_settings(layout: Layout) -> dict[str, dict]:
                             ("evaluate", layout.evaluation / "report.json")):
         if not record.exists():
             continue
-        settings = read_json(record).get("settings")
-        # made by a version that did not record them: unknown (null), as download's are, never params.yaml's
-        recorded[section] = settings if settings is not None else dict.fromkeys(asdict(getattr(Params(), section)))
+        made = read_json(record)
+        # made by a version that did not record them: what the record kept, else unknown (null), as download's
+        # are; never params.yaml's
+        recorded[section] = made["settings"] if made.get("settings") is not None else {
+            key: made.get(key) if key in KEPT_AT_TOP.get(section, ()) else None
+            for key in asdict(getattr(Params(), section))}
     return recorded
 
 

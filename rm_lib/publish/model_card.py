@@ -489,8 +489,8 @@ def _parameters(params: dict) -> str:
     return f"""## Training parameters
 
 Every setting of the run, by section, as each step recorded it when it made its output (the model and
-training settings from `data/train/run.json`; a section of nulls only was made by an earlier version of
-rm_lib, which recorded none):
+training settings from `data/train/run.json`; where an earlier version of rm_lib made a section's output,
+a null is a setting it did not record):
 
 ```json
 {settings}
