@@ -9,6 +9,7 @@ import pytest
 
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import calibration, pair_metrics, pearson, subset_accuracy
+from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params
@@ -128,3 +129,17 @@ def test_length_figures_count_the_tokens_before_truncation(tmp_path, tiny_decode
     report = json.loads((layout.evaluation / "report.json").read_text())
     for key in ("longer_wins_baseline", "shorter_wins_baseline", "prefers_longer", "reward_length_correlation"):
         assert report[key] == pytest.approx(expected[key]), key
+
+
+def test_the_figures_logged_in_training_are_evaluates_for_the_same_model(tmp_path, tiny_decoder):
+    """With pairs the filter cut (policy truncate), the length baselines logged during training counted the
+    cut ids: 0.25 / 0.36 where evaluate said 0.41 / 0.58 for the same model and pairs."""
+    params = tiny_params("filter.policy=truncate", "filter.max_token_length=24", "filter.max_prompt_token_length=12",
+                         "train.max_steps=2", "train.eval_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    assert read_json(tmp_path / "data/filtered/manifest.json")["truncated"]["test"] > 0
+    logged = [r for r in read_jsonl(tmp_path / "data/train/metrics.jsonl") if "eval_accuracy" in r][-1]
+    report = read_json(tmp_path / "data/evaluation/report.json")
+    for figure in ("accuracy", "longer_wins_baseline", "shorter_wins_baseline", "prefers_longer",
+                   "reward_length_correlation"):
+        assert logged[f"eval_{figure}"] == pytest.approx(report[figure], abs=1e-6), figure

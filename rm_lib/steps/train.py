@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.data.length_filter import LENGTH_SETTINGS
-from rm_lib.data.tokenstore import read_rows
+from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import SettingsError, TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
@@ -214,8 +214,9 @@ def run(params: Params, layout: Layout, accelerator=None,
         r_c, r_r = score_pairs_across(accelerator, model, eval_rows, pad_token_id=pad_id,
                                       batch_size=params.evaluate.batch_size)
         check_finite_rewards(r_c + r_r, step)
-        result = pair_metrics(r_c, r_r, [len(r["input_ids_chosen"]) for r in eval_rows],
-                              [len(r["input_ids_rejected"]) for r in eval_rows], buckets=1)
+        # lengths before the filter's cut, as evaluate measures them: its baselines and length figures
+        result = pair_metrics(r_c, r_r, [token_length(r, "chosen") for r in eval_rows],
+                              [token_length(r, "rejected") for r in eval_rows], buckets=1)
         samples = [{"id": eval_rows[i]["id"], "reward_chosen": r_c[i], "reward_rejected": r_r[i],
                     "chosen_text": tokenizer.decode(eval_rows[i]["input_ids_chosen"][-60:]),
                     "rejected_text": tokenizer.decode(eval_rows[i]["input_ids_rejected"][-60:])}
