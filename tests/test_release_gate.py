@@ -316,6 +316,17 @@ def test_a_drop_on_nearly_the_same_test_pairs_is_refused_and_on_another_sample_w
     assert not worse.passed and "by more than the sampling noise of the two" in worse.description
 
 
+def test_repeated_test_pairs_count_as_shared_as_often_as_the_accuracy_counts_them(tmp_path):
+    """60 of 61 pairs shared, each of 30 pairs held twice: counted once each, the share was 30 of 61, and
+    an 8-point drop passed as sampling noise."""
+    twice = held_out(pairs=30, digest="t0")
+    twice = {**twice, "pairs": 60, "digests": sorted(twice["digests"] * 2)}
+    one_more = {**twice, "pairs": 61, "hash": "t1", "digests": sorted([*twice["digests"], f"{999:016x}"])}
+    verdict = judged(tmp_path, 0.62, one_more, twice, 0.70)
+    assert not verdict.passed and "(61 pairs here, 60 there, 60 shared)" in verdict.description
+    assert verdict.metadata["shared_test_pairs"] == 60
+
+
 def test_a_passing_verdict_says_the_test_pairs_differ(tmp_path):
     """A filter that set aside half the held-out pairs (31 of 63) made a like-for-like win of it."""
     verdict = judged(tmp_path, 0.7, held_out(pairs=31), held_out(pairs=63, digest="t0"), 0.65, min_test_pairs=1)
@@ -370,7 +381,7 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
         run_steps(params, project, "push")  # its card does not say whether a check that blocks failed
     run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=false", model=str(tiny_decoder)),
               project, "push")
-    # a filter manifest from before the settings were recorded: unknown, not params.yaml's
+    # a filter manifest from before the settings were recorded: what it held at its top, not params.yaml's
     manifest = json.loads((layout.filtered / "manifest.json").read_text())
     del manifest["settings"]
     write_json(layout.filtered / "manifest.json", manifest)
@@ -386,6 +397,6 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
               "push")
     text = card.read_text()
     filter_settings = json.loads(text[text.index("```json") + 7:text.index("```", text.index("```json") + 7)])["filter"]
-    assert filter_settings == {"max_prompt_token_length": None, "max_token_length": None, "policy": None}
+    assert filter_settings == {"max_prompt_token_length": 32, "max_token_length": 64, "policy": "drop"}
     assert "Not reproducible from this commit: the model was trained by other training code" in text
     assert "Reproduce: check out the commit" not in text

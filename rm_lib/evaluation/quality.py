@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -332,7 +333,8 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
             return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f} on the same "
                     f"{pairs} test pairs; set push.compare_with_release=false to release anyway"), "", metadata
         return None, f" and >= the last released model's {previous:.4f} on the same {pairs} test pairs", metadata
-    shared = len(set(mine.get("digests") or []) & set(theirs.get("digests") or []))
+    # counted as the accuracy counts them: a repeated test pair is shared as often as both sets hold it
+    shared = sum((Counter(mine.get("digests") or []) & Counter(theirs.get("digests") or [])).values())
     larger = max(pairs if isinstance(pairs, int) else 0, previous_pairs if isinstance(previous_pairs, int) else 0)
     known = bool(mine.get("digests")) and bool(theirs.get("digests"))
     metadata["shared_test_pairs"] = shared if known else "unknown"
