@@ -143,3 +143,23 @@ def test_the_figures_logged_in_training_are_evaluates_for_the_same_model(tmp_pat
     for figure in ("accuracy", "longer_wins_baseline", "shorter_wins_baseline", "prefers_longer",
                    "reward_length_correlation"):
         assert logged[f"eval_{figure}"] == pytest.approx(report[figure], abs=1e-6), figure
+
+
+def test_length_buckets_never_split_pairs_of_one_length():
+    """Buckets cut at equal counts split the pairs of one length between two (labels 24-35 and 35-42 both
+    held length 35; with 100 buckets '42-42' six times): a bucket's figures were not those of its range."""
+    import random
+
+    rng = random.Random(0)
+    longest = [rng.choice([24, 35, 35, 42, 42, 42, 45]) for _ in range(200)]
+    rewards = [rng.random() for _ in range(200)]
+    for buckets in (4, 100):
+        per = pair_metrics(rewards, [0.5] * 200, longest, [1] * 200, buckets=buckets)["per_length_bucket"]
+        ranges = [tuple(map(int, b["range"].split("-"))) for b in per]
+        assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint, in order
+        for (low, high), bucket in zip(ranges, per):
+            inside = [i for i, n in enumerate(longest) if low <= n <= high]
+            assert bucket["pairs"] == len(inside)
+            assert bucket["accuracy"] == pytest.approx(sum(rewards[i] > 0.5 for i in inside) / len(inside))
+    even = pair_metrics([1.0] * 8, [0.0] * 8, list(range(8)), [0] * 8, buckets=4)["per_length_bucket"]
+    assert [b["pairs"] for b in even] == [2, 2, 2, 2]  # distinct lengths: equal counts as before

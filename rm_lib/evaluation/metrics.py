@@ -81,12 +81,21 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
     prefers_longer = (sum((r_chosen[i] > r_rejected[i]) == (len_chosen[i] > len_rejected[i])
                           and r_chosen[i] != r_rejected[i] for i in unequal) / len(unequal)) if unequal else None
     ece, calibration_bins = calibration(r_chosen, r_rejected)
-    # Buckets by pair length (longest side), equal counts.
+    # Buckets by pair length (longest side), of about equal counts; the pairs of one length stay in one
+    # bucket, so that the ranges do not overlap (fewer buckets where lengths repeat a lot).
     order = sorted(range(n), key=lambda i: max(len_chosen[i], len_rejected[i]))
+    length = [max(len_chosen[i], len_rejected[i]) for i in order]
+    cuts = [0]
+    for b in range(1, min(buckets, n)):
+        cut = max(b * n // min(buckets, n), cuts[-1])
+        while 0 < cut < n and length[cut] == length[cut - 1]:
+            cut += 1
+        if cuts[-1] < cut < n:
+            cuts.append(cut)
     per_bucket = []
-    for b in range(min(buckets, n)):
-        idx = order[b * n // min(buckets, n):(b + 1) * n // min(buckets, n)]
-        lens = [max(len_chosen[i], len_rejected[i]) for i in idx]
+    for start, end in zip(cuts, [*cuts[1:], n]):
+        idx = order[start:end]
+        lens = length[start:end]
         per_bucket.append({"range": f"{min(lens)}-{max(lens)}", "pairs": len(idx),
                            "accuracy": sum(wins[i] for i in idx) / len(idx),
                            "longer_wins": sum(longer[i] for i in idx) / len(idx),
