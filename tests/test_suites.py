@@ -28,7 +28,13 @@ class NumberScorer:
     def encode(self, item, name="item"):  # ids as distinct as the texts
         return list(json.dumps(item, sort_keys=True).encode())
 
-    def sure_tie(self, chosen, rejected, name):
+    def score_ids(self, encoded, names=None, prompt_lengths=None):
+        return self.score_detailed([json.loads(bytes(ids)) for ids in encoded])
+
+    def prompt_length(self, prompt):
+        return 0
+
+    def sure_tie(self, chosen, rejected, name, prompt_length=0):
         return "identical_tokens" if chosen == rejected else None
 
 
@@ -294,3 +300,40 @@ def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
     assert "suite rb2 (best_of_n, 2 rows)" in results["evaluate"].summary()
     card = (layout.release / "README.md").read_text()
     assert f"| `rb2` | `rb2.parquet` | best_of_n | 2 | {rb2['accuracy']:.4f} |" in card  # in the project: named from it
+
+
+def test_the_held_out_pairs_scored_as_a_suite_get_evaluates_rewards_where_the_filter_cut_prompts(tmp_path,
+                                                                                                  tiny_decoder,
+                                                                                                  monkeypatch):
+    """A suite cut its texts to the model's length alone, not its prompts to the prompt limit training
+    recorded: the held-out pairs scored as a suite read 43 of 160 texts from other ids than evaluate and
+    score, and 7 verdicts flipped."""
+    from rm_lib.files import read_jsonl
+
+    params = tiny_params("filter.policy=truncate", "filter.max_token_length=40", "filter.max_prompt_token_length=10",
+                         "train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    assert read_json_file(tmp_path / "data/filtered/manifest.json")["truncated"]["test"] > 0
+    captured = {}
+    real = suites._score_unique
+
+    def keep(*args, **kwargs):
+        rewards, truncated = real(*args, **kwargs)
+        captured.update(rewards)
+        return rewards, truncated
+
+    monkeypatch.setattr(suites, "_score_unique", keep)
+    entry = suites.evaluate_suite(suites.parse_entry(str(tmp_path / "data/pairs/test.jsonl")),
+                                  RewardScorer(Layout(tmp_path).model))
+    scores = {r["id"]: r for r in read_jsonl(tmp_path / "data/evaluation/scores.jsonl")}
+    pairs = read_jsonl(tmp_path / "data/pairs/test.jsonl")
+    assert entry["rows"] == len(pairs) == len(scores)
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            key = json.dumps(pair["prompt"] + pair[side], sort_keys=True)
+            assert captured[key] == pytest.approx(scores[pair["id"]][f"reward_{side}"], abs=1e-5), (pair["id"], side)
+    assert entry["accuracy"] == pytest.approx(read_json_file(tmp_path / "data/evaluation/report.json")["accuracy"])
+
+
+def read_json_file(path):
+    return json.loads(path.read_text())

@@ -31,7 +31,7 @@ def check_token_ids(pairs: list[dict], vocab_size: int, *, file: str | None) -> 
                                 file=source, row=number, field=field)
 
 
-def _prefixed_length(ids: list[int], special: SpecialTokens) -> int:
+def prefixed_length(ids: list[int], special: SpecialTokens) -> int:
     """len(ids) once add_special's prefix is in front: a template that writes the BOS itself has it already."""
     n = len(special.prefix)
     return len(ids) + (0 if n and tuple(ids[:n]) == special.prefix else n)
@@ -72,7 +72,7 @@ def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: Sp
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         else:
             prompt_ids, ids_c, ids_r = next(encoded)
-            prompt_len = _prefixed_length(prompt_ids, special) if prompt_ids else 0
+            prompt_len = prefixed_length(prompt_ids, special) if prompt_ids else 0
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
                      "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),

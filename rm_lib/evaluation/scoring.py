@@ -128,6 +128,8 @@ class RewardScorer:
         trained = (saved.get("lengths") or {}).get("max_token_length")  # as score and evaluate hold its pairs
         limits = [n for n in (trained, limit) if n is not None]
         self.max_length = max_length or (min(limits) if limits else None)
+        # a prompt is cut to this where the caller says which tokens are the prompt (prompt_length)
+        self.max_prompt = (saved.get("lengths") or {}).get("max_prompt_token_length")
 
     def encode(self, item: str | list[dict], name: str = "item") -> list[int]:
         """Text is tokenized as is; a conversation is rendered with the training template. Anything else
@@ -137,21 +139,36 @@ class RewardScorer:
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return tokenization.add_special(ids, self.special)
 
-    def fit(self, ids: list[int], name: str) -> tuple[list[int], bool]:
-        """`ids` within max_length by the length policy; True when they were cut."""
-        if self.max_length is None or len(ids) <= self.max_length:
+    def prompt_length(self, prompt: list[dict]) -> int:
+        """The tokens of a conversation's prompt (rendered with the generation prompt, start token
+        included), as tokenize counts them for a pair: what `fit` holds to the recorded prompt limit."""
+        if not prompt:
+            return 0
+        text = templates.render(prompt, self.template, self.tokenizer, add_generation_prompt=True)
+        return tokenization.prefixed_length(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+                                            self.special)
+
+    def fit(self, ids: list[int], name: str, prompt_length: int = 0) -> tuple[list[int], bool]:
+        """`ids` within max_length, and their first `prompt_length` tokens (the prompt) within the prompt
+        limit training recorded, by the length policy (as filter's for a pair); True when they were cut."""
+        over = self.max_prompt is not None and prompt_length > self.max_prompt
+        if self.max_length is None or (len(ids) <= self.max_length and not over):
             return ids, False
         if self.length_policy == "drop":
-            raise DataError(f"{name}: {len(ids)} tokens, more than the {self.max_length} the model reads; "
-                            "use length_policy='truncate' to keep the end of such texts, or shorten it")
-        return truncate_left(ids, self.max_length, len(self.special.prefix)), True
+            what = (f"a prompt of {prompt_length} tokens, more than the {self.max_prompt} training held prompts to"
+                    if over else f"{len(ids)} tokens, more than the {self.max_length} the model reads")
+            raise DataError(f"{name}: {what}; use length_policy='truncate' to keep the end of such texts, or "
+                            "shorten it")
+        cut = prompt_length - self.max_prompt if over else 0
+        return truncate_left(ids, self.max_length, len(self.special.prefix), cut), True
 
-    def sure_tie(self, chosen: list[int], rejected: list[int], name: str) -> str | None:
+    def sure_tie(self, chosen: list[int], rejected: list[int], name: str, prompt_length: int = 0) -> str | None:
         """Why two encoded answers are a sure tie (their rewards equal but for rounding), or None:
         'identical_tokens', or 'identical_after_truncation' where the cut to max_length makes them one."""
         if chosen == rejected:
             return "identical_tokens"
-        if self.length_policy == "truncate" and self.fit(chosen, name)[0] == self.fit(rejected, name)[0]:
+        if self.length_policy == "truncate" and \
+                self.fit(chosen, name, prompt_length)[0] == self.fit(rejected, name, prompt_length)[0]:
             return "identical_after_truncation"
         return None
 
@@ -168,9 +185,12 @@ class RewardScorer:
                                for i, item in enumerate(items)], names)
 
     @torch.no_grad()
-    def score_ids(self, encoded: Sequence[list[int]], names: Sequence[str] | None = None) -> Scored:
-        """score_detailed for token ids as the model reads them (start and end tokens in place)."""
-        fitted = [self.fit(ids, names[i] if names else f"item {i}") for i, ids in enumerate(encoded)]
+    def score_ids(self, encoded: Sequence[list[int]], names: Sequence[str] | None = None,
+                  prompt_lengths: Sequence[int] | None = None) -> Scored:
+        """score_detailed for token ids as the model reads them (start and end tokens in place);
+        `prompt_lengths`: how many of each item's first tokens are its prompt (fit holds them to the limit)."""
+        fitted = [self.fit(ids, names[i] if names else f"item {i}", prompt_lengths[i] if prompt_lengths else 0)
+                  for i, ids in enumerate(encoded)]
         # batches of like lengths (in input order, hh-rlhf padded to 2.96 times its tokens: BENCHMARKS.md); each reward
         # is its text's alone, so the order is put back after
         order = sorted(range(len(fitted)), key=lambda i: len(fitted[i][0]))

@@ -248,15 +248,27 @@ def _inputs(suite: Suite) -> tuple[Iterator[tuple[str, Iterable]], str | None]:
 
 # ---- scoring -------------------------------------------------------------------------------------
 
-def _score_unique(scorer: Any, items: list[Messages], names: list[str]) -> tuple[dict[str, float], set[str]]:
+def _score_unique(scorer: Any, items: list[Messages], names: list[str],
+                  prompts: list[Messages]) -> tuple[dict[str, float], set[str]]:
     """Rewards per distinct conversation (identical texts share one score, so they tie exactly),
-    scored longest first so each batch pads little. Returns ({key: reward}, keys that were truncated)."""
-    unique: dict[str, tuple[Messages, str]] = {}
-    for item, name in zip(items, names):
-        unique.setdefault(json.dumps(item, sort_keys=True), (item, name))
+    scored longest first so each batch pads little; a prompt longer than training held prompts to is
+    cut as filter cuts a pair's. Returns ({key: reward}, keys that were truncated)."""
+    unique: dict[str, tuple[Messages, str, Messages]] = {}
+    for item, name, prompt in zip(items, names, prompts):
+        unique.setdefault(json.dumps(item, sort_keys=True), (item, name, prompt))
     keys = sorted(unique, key=len, reverse=True)
-    scored = scorer.score_detailed([unique[k][0] for k in keys], names=[unique[k][1] for k in keys])
+    lengths = _prompt_lengths(scorer, [unique[k][2] for k in keys])
+    scored = scorer.score_ids([scorer.encode(unique[k][0], unique[k][1]) for k in keys],
+                              names=[unique[k][1] for k in keys], prompt_lengths=lengths)
     return dict(zip(keys, scored.rewards)), {k for k, cut in zip(keys, scored.truncated) if cut}
+
+
+def _prompt_lengths(scorer: Any, prompts: list[Messages]) -> list[int]:
+    """Each prompt's tokens (scorer.prompt_length), a prompt shared by many answers counted once."""
+    known: dict[str, int] = {}
+    for prompt in prompts:
+        known.setdefault(json.dumps(prompt, sort_keys=True), scorer.prompt_length(prompt))
+    return [known[json.dumps(prompt, sort_keys=True)] for prompt in prompts]
 
 
 def _set_aside_sure_ties(scorer: Any, read: _Read) -> None:
@@ -267,7 +279,8 @@ def _set_aside_sure_ties(scorer: Any, read: _Read) -> None:
     for row in read.rows:
         ids = {side: [scorer.encode(row.prompt + answer, row.id) for answer in getattr(row, side)]
                for side in ("chosen", "rejected")}
-        ties = {scorer.sure_tie(c, r, row.id) for c in ids["chosen"] for r in ids["rejected"]} - {None}
+        prompt = scorer.prompt_length(row.prompt)
+        ties = {scorer.sure_tie(c, r, row.id, prompt) for c in ids["chosen"] for r in ids["rejected"]} - {None}
         reason = "identical_tokens" if "identical_tokens" in ties else next(iter(ties), None)
         if reason is None:
             kept.append(row)
@@ -280,13 +293,14 @@ def _set_aside_sure_ties(scorer: Any, read: _Read) -> None:
 
 def score_rows(scorer: Any, rows: list[Row]) -> tuple[list[bool], int]:
     """(correct per row, answers truncated to the model's length)."""
-    items, names = [], []
+    items, names, prompts = [], [], []
     for row in rows:
         for side in ("chosen", "rejected"):
             for i, answer in enumerate(getattr(row, side)):
                 items.append(row.prompt + answer)
                 names.append(f"{row.id} ({side} {i})")
-    rewards, truncated = _score_unique(scorer, items, names)
+                prompts.append(row.prompt)
+    rewards, truncated = _score_unique(scorer, items, names, prompts)
     correct = []
     for row in rows:
         chosen = [rewards[json.dumps(row.prompt + a, sort_keys=True)] for a in row.chosen]
