@@ -33,7 +33,7 @@ from typing import Any
 from rm_lib.errors import SettingsError
 
 # the user:password@ of a URL (an HF_ENDPOINT behind a proxy may carry one): never in a message
-_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
+_CREDENTIALS = re.compile(r"(?<=//)[^/\s]*@")  # to the last @ of the authority: a password may hold one
 
 
 def without_credentials(text: str) -> str:

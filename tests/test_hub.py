@@ -647,7 +647,7 @@ def error_case(case: str, monkeypatch) -> str:
         else:
             monkeypatch.setenv("HF_TOKEN", change["HF_TOKEN"])
     if change.get("endpoint") == "closed":  # behind a proxy that takes a password in the URL: never shown
-        monkeypatch.setenv("HF_ENDPOINT", f"http://alice:s3cret@127.0.0.1:{closed_port()}")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://alice:s3@cret@127.0.0.1:{closed_port()}")
     return change.get("repo", REPO)
 
 
@@ -673,7 +673,7 @@ def test_push_errors_say_what_to_do_and_keep_the_model(case, project, server, mo
     assert server.repos.get(repo_id) is None or not published_any(server, repo_id)
     if case == "network_down":  # retried with exponential back-off, then marked for a later retry
         assert sleeps == [0.01, 0.02] and raised.value.transient
-        assert "s3cret" not in message and "cannot reach the Hub at http://127.0.0.1:" in message
+        assert "cret" not in message and "cannot reach the Hub at http://127.0.0.1:" in message
     else:
         assert sleeps == [] and not raised.value.transient
     if case == "no_token":

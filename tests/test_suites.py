@@ -277,6 +277,21 @@ def test_a_row_whose_answers_give_the_same_token_ids_is_set_aside(pipeline, tmp_
                                                                          (3, "identical_after_truncation")]
 
 
+def test_a_model_trained_under_the_drop_policy_has_its_suite_prompts_read_whole(pipeline):
+    """filter.policy=drop (the default) cut no pair, it set long prompts aside: a suite's long prompt is
+    scored whole, as RewardScorer.score scores it, not cut to a limit training never cut to."""
+    root, _ = pipeline
+    scorer = RewardScorer(Layout(root).model)
+    assert scorer.saved["lengths"]["policy"] == "drop" and scorer.max_prompt is None
+    prompt = [{"role": "user", "content": "I watched this film and " * 9}]
+    answer = [{"role": "assistant", "content": "the acting was superb."}]
+    ids = scorer.encode(prompt + answer)
+    length = scorer.prompt_length(prompt)
+    assert scorer.saved["lengths"]["max_prompt_token_length"] < length and len(ids) <= scorer.max_length
+    assert scorer.fit(ids, "item", length) == (ids, False)
+    assert scorer.score_ids([ids], prompt_lengths=[length]).rewards == scorer.score([prompt + answer])
+
+
 def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
     root, results = pipeline
     layout = Layout(root)

@@ -199,7 +199,7 @@ def _margin(row: dict, *, file: str, row_number: int) -> float | None:
             raise DataError(f"expected a number, got {value!r}", file=file, row=row_number, field=key)
         if value is not None:
             numbers[key] = _finite(value, key, file=file, row_number=row_number)
-    if "margin" in numbers:
+    if "margin" in numbers and not ("score_chosen" in numbers and "score_rejected" in numbers):
         return numbers["margin"]
     if "score_chosen" in numbers and "score_rejected" in numbers:
         margin = numbers["score_chosen"] - numbers["score_rejected"]
@@ -215,7 +215,7 @@ def _margin(row: dict, *, file: str, row_number: int) -> float | None:
             raise _Reject("scores_against_label",
                           f"score_chosen {numbers['score_chosen']:g} is below score_rejected "
                           f"{numbers['score_rejected']:g}: the scores prefer the rejected side")
-        return margin
+        return numbers.get("margin", margin)  # a margin column beside the scores is the one to train with
     one = [k for k in ("score_chosen", "score_rejected") if row.get(k) is not None]
     if one:  # its margin cannot be known: trained without one, it would count unlike the rows beside it
         other = "score_rejected" if one[0] == "score_chosen" else "score_chosen"

@@ -128,8 +128,10 @@ class RewardScorer:
         trained = (saved.get("lengths") or {}).get("max_token_length")  # as score and evaluate hold its pairs
         limits = [n for n in (trained, limit) if n is not None]
         self.max_length = max_length or (min(limits) if limits else None)
-        # a prompt is cut to this where the caller says which tokens are the prompt (prompt_length)
-        self.max_prompt = (saved.get("lengths") or {}).get("max_prompt_token_length")
+        # a prompt is cut to this where the caller says which tokens are the prompt (prompt_length), as filter
+        # cut the model's pairs: only under policy truncate (under drop it cut none, and scored none such)
+        lengths = saved.get("lengths") or {}
+        self.max_prompt = lengths.get("max_prompt_token_length") if lengths.get("policy") == "truncate" else None
 
     def encode(self, item: str | list[dict], name: str = "item") -> list[int]:
         """Text is tokenized as is; a conversation is rendered with the training template. Anything else
