@@ -214,12 +214,12 @@ def test_a_relative_path_out_of_the_project_and_a_path_with_a_newline_lose_their
     root = tmp_path / "alice" / "project"
     (root / "data" / "sources").mkdir(parents=True)
     monkeypatch.chdir(root)
-    report = {"source": "../private-data/prefs.jsonl", "base": "./../models/minilm",
+    report = {"source": "../private-data/prefs.jsonl", "base": "./../models/minilm", "mid": "data/../../x/y.jsonl",
               "inside": "../project/data/sources/a.jsonl",
               "odd": f"{tmp_path}/secret home/evil\n[x](https://e.example) `a.jsonl",
               "hub": "org/name", "local": "data/sources/b.jsonl", "note": "../private-data/prefs.jsonl lies outside"}
     made = public(report, root)
-    assert made == {"source": "prefs.jsonl", "base": "minilm", "inside": "data/sources/a.jsonl",
+    assert made == {"source": "prefs.jsonl", "base": "minilm", "mid": "y.jsonl", "inside": "data/sources/a.jsonl",
                     "odd": "e.example) `a.jsonl", "hub": "org/name", "local": "data/sources/b.jsonl",
                     "note": "prefs.jsonl lies outside"}
     card = "- Base model: `./../models/minilm`\n- Dataset: `../private-data/prefs.jsonl`"

@@ -6,6 +6,7 @@ it lies outside (as the LoRA adapter names its base), and the home folder as `~`
 """
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +16,14 @@ from rm_lib.files import where_kept
 
 # An absolute path, whatever it holds (a newline too); a relative one that climbs out of its folder.
 _ABSOLUTE = re.compile(r"^(/|~/|[A-Za-z]:[\\/])")
-_CLIMBS = re.compile(r"^(\.[\\/])*\.\.([\\/]|$)")
-
-
 def _is_path(value: str) -> bool:
-    """A local path: absolute, or relative and climbing out ('../data/x.jsonl', read from where the step
-    ran); a relative path that does not climb (data/sources/x.jsonl, a Hub id) is shown as it is."""
-    return bool(_ABSOLUTE.match(value) or _CLIMBS.search(value))
+    """A local path: absolute, or relative and climbing out ('../data/x.jsonl', 'data/../../x', read from
+    where the step ran); a relative path that does not climb (data/sources/x.jsonl, a Hub id) is shown as
+    it is."""
+    if _ABSOLUTE.match(value):
+        return True
+    normal = posixpath.normpath(value.replace("\\", "/"))
+    return normal == ".." or normal.startswith("../")
 
 
 def public_path(value: str, root: Path) -> str:
