@@ -101,6 +101,16 @@ def test_a_run_reused_or_resumed_with_other_unfingerprinted_settings_records_wha
     assert again["train"] == first["train"] == read_json(tmp_path / "data/train/run.json")["train"]
     assert (again["train"]["attention"], again["train"]["logging_steps"]) == ("auto", 1)
 
+    # a checkpoint saved before sessions were kept: its summary.json says what trained it
+    from rm_lib.training import trainer
+
+    state = tmp_path / "models/checkpoints/step-4" / trainer.STATE_FILE
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "sessions"}))
+    trainer._write_checksums(state.parent)
+    assert run_steps(other, tmp_path, "train")["train"].reused
+    old = read_json(tmp_path / "data/train/summary.json")
+    assert (old["train"], old["device_plan"]) == (first["train"], first["device_plan"])
+
     shutil.rmtree(tmp_path / "models/checkpoints/step-4")  # as if killed after step 3: resumed with the others
     assert run_steps(other, tmp_path, "train")["train"].resumed_from == 2
     sessions = read_json(tmp_path / "data/train/summary.json")["sessions"]

@@ -117,11 +117,25 @@ def new_accelerator(precision: str) -> Any:
     return Accelerator(mixed_precision=precision, cpu=launched_on_cpu())
 
 
-def trained_with(cfg: TrainSettings, result: FitResult) -> dict:
-    """The train settings of the model: a run reused as it was finished keeps the settings outside its
-    fingerprint (attention, logging, forward budget...) that its last session trained with, not this call's."""
-    last = result.sessions[-1]["train"] if result.reused and result.sessions else {}
-    return {**asdict(cfg), **last}
+def trained_with(cfg: TrainSettings, result: FitResult, recorded: dict | None = None) -> tuple[dict, dict | None]:
+    """The train settings and device plan of the model: a run reused as it was finished keeps the settings
+    outside its fingerprint (attention, logging, forward budget...) and the plan its last session trained
+    with, not this call's; a checkpoint saved before sessions were kept, those its summary.json recorded
+    (`recorded`, of the same fingerprint)."""
+    if not result.reused:
+        return asdict(cfg), result.device_plan
+    if result.sessions:
+        return {**asdict(cfg), **result.sessions[-1]["train"]}, result.device_plan
+    if recorded is not None:
+        return recorded.get("train") or asdict(cfg), recorded.get("device_plan")
+    return asdict(cfg), result.device_plan
+
+
+def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
+    """data/train/summary.json where it is of the run `fingerprint`."""
+    path = layout.train_logs / "summary.json"
+    summary = read_json(path) if path.exists() else None
+    return summary if summary and summary.get("fingerprint") == fingerprint else None
 
 
 def result_from_summary(layout: Layout) -> TrainResult:
@@ -253,15 +267,16 @@ def run(params: Params, layout: Layout, accelerator=None,
     history = logged or result.history
     # The run's own last record (kept in its checkpoint), also when this call reused a finished run.
     last = result.last_log or (history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")})
+    settings, plan = trained_with(cfg, result, _summary_of(layout, fingerprint) if result.reused else None)
     outcome = TrainResult(
         steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
         resumed_from=result.resumed_from, reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
         wandb_url=result.wandb_url, reused=result.reused, fingerprint=fingerprint, data_hash=meta["content_hash"],
-        code_hash=code, model_settings=asdict(params.model), train_settings=trained_with(cfg, result),
+        code_hash=code, model_settings=asdict(params.model), train_settings=settings,
         best_checkpoint=str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
         best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes,
-        device_plan=result.device_plan, sessions=result.sessions)
+        device_plan=plan, sessions=result.sessions)
     if accelerator.is_main_process:
         # the model and its run's records replace the earlier ones together: an interrupted train leaves
         # the earlier pair, which push and the model card quote as one
