@@ -110,6 +110,8 @@ def records_read(step: str, layout: Layout) -> list[Path]:
     own = input_record(step, layout)
     others = [getattr(layout, link.output) / link.record for name in ALSO_READS.get(step, ())
               for link in CHAIN if link.output == name]
+    if step == "push":  # the card quotes the settings the model trained with (written with the model)
+        others.append(layout.train_logs / "run.json")
     return ([own] if own is not None else []) + others
 
 
