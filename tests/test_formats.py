@@ -240,6 +240,12 @@ def test_scores_that_tie_or_prefer_the_rejected_side_set_the_pair_aside():
     assert [p["margin"] for p in pairs] == [7.0]
     assert [r["reason"] for r in rejects] == ["tied_scores", "scores_against_label"]
     assert rejects[1]["detail"] == "score_chosen 2 is below score_rejected 9: the scores prefer the rejected side"
+    # a margin column beside the scores (margin = score_chosen - score_rejected, or a margin of its own) is the
+    # margin trained with; it no longer hides scores that tie or favour rejected
+    with_margin = [{**row, "margin": m} for row, m in zip(rows, (0.0, 1.0, 0.5))]
+    _, pairs, rejects = norm(with_margin)
+    assert [p["margin"] for p in pairs] == [0.5]
+    assert [r["reason"] for r in rejects] == ["tied_scores", "scores_against_label"]
 
 
 def test_a_tool_call_or_messages_written_as_text_set_the_pair_aside_with_their_reason():
