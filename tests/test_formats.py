@@ -228,6 +228,12 @@ def test_a_blank_system_column_is_none_and_one_unlike_the_prompts_sets_the_pair_
                                "rejected": "b"}])
     assert pairs[0]["prompt"] == [{"role": "user", "content": "q"}]
     assert [r["reason"] for r in rejects] == ["system_mismatch"]
+    # HuggingFaceH4/orca_dpo_pairs: a blank system turn inside the message lists is none as well (it was
+    # kept, an empty system block that the same data with a system column did not get)
+    blank, u = {"role": "system", "content": ""}, {"role": "user", "content": "q"}
+    _, pairs, _ = norm([{"prompt": "q", "chosen": [blank, u, {"role": "assistant", "content": "a"}],
+                         "rejected": [blank, u, {"role": "assistant", "content": "b"}]}])
+    assert pairs[0]["prompt"] == [u] and pairs[0]["chosen"] == [{"role": "assistant", "content": "a"}]
 
 
 def test_scores_that_tie_or_prefer_the_rejected_side_set_the_pair_aside():
@@ -337,3 +343,28 @@ def test_content_given_as_text_parts_is_read_as_its_text_and_an_image_sets_the_p
     _, pairs, rejects = norm([{"chosen": [image, {"role": "assistant", "content": "a cat"}],
                                "rejected": [image, {"role": "assistant", "content": "a dog"}]}])
     assert not pairs and rejects[0]["detail"] == "chosen[0].content is not a string, nor a list of text parts"
+
+
+def test_a_prompt_column_the_whole_conversations_end_with_or_that_differs_from_them_is_not_doubled():
+    """distilabel-capybara's layout: a prompt column beside chosen/rejected that hold the whole multi-turn
+    conversation. Where the prompt was its last user turn, or its text differed from the list's (a final
+    '.'), the pair trained on the user turn twice, once before the whole conversation."""
+    u1, a1 = {"role": "user", "content": "First question"}, {"role": "assistant", "content": "First answer"}
+    u2 = {"role": "user", "content": "Follow-up"}
+    good, bad = {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
+    _, pairs, rejects = norm([{"prompt": "Follow-up", "chosen": [u1, a1, u2, good], "rejected": [u1, a1, u2, bad]},
+                              {"prompt": "First question.", "chosen": [u1, good], "rejected": [u1, bad]}])
+    assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == ([u1, a1, u2], [good], [bad])
+    assert [r["reason"] for r in rejects] == ["prompt_mismatch"]
+
+
+def test_an_hh_prompt_beside_whole_transcripts_is_read_once():
+    """A Dahoas-style prompt column beside answers that are whole HH transcripts (the prompt in them too)
+    read as the prompt, an empty assistant turn and the prompt again."""
+    prompt = "\n\nHuman: What is 1+1?\n\nAssistant:"
+    _, pairs, rejects = norm([{"prompt": prompt, "chosen": prompt + " It is 2.", "rejected": prompt + " It is 3."},
+                              {"prompt": prompt, "chosen": prompt + " It is 2.", "rejected": " It is 3."}])
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "What is 1+1?"}]
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ([{"role": "assistant", "content": "It is 2."}],
+                                                          [{"role": "assistant", "content": "It is 3."}])
+    assert [r["reason"] for r in rejects] == ["prompt_repeated"]

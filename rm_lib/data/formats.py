@@ -97,6 +97,8 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
         content = _text_parts(message["content"])
         if content is None:
             raise _Reject("malformed_messages", f"{side}[{i}].content is not a string, nor a list of text parts")
+        if role == "system" and not content.strip():  # a blank system turn is none, as a blank system column is
+            continue
         out.append({"role": role, "content": content})
     return out
 
@@ -314,7 +316,12 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     if fmt == "explicit_text" and isinstance(row["prompt"], str) and _is_hh_prompt(row["prompt"]):
         fmt = "implicit_text"  # Dahoas/rm-static: an HH transcript up to 'Assistant:', the answers after it
         head = "\n\n" + row["prompt"].replace("\r\n", "\n").lstrip()
-        row = {**row, "chosen": head + row["chosen"], "rejected": head + row["rejected"]}
+        whole = [row[k].replace("\r\n", "\n").lstrip().startswith(head.lstrip()) for k in ("chosen", "rejected")]
+        if any(whole) and not all(whole):
+            repeats, other = ("chosen", "rejected") if whole[0] else ("rejected", "chosen")
+            raise _Reject("prompt_repeated", f"{repeats} starts with the prompt's transcript and {other} does not")
+        if not all(whole):  # the answers alone; whole transcripts (the prompt in them too) are read as they are
+            row = {**row, "chosen": head + row["chosen"], "rejected": head + row["rejected"]}
     if fmt in ("implicit_text", "implicit_conversational"):
         if fmt == "implicit_text":
             whole = _transcript(row, "chosen"), _transcript(row, "rejected")
@@ -463,8 +470,11 @@ def _without_repeated_prompt(prompt: list[dict], chosen: list[dict],
                              rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """An explicit prompt that the answers repeat (HuggingFaceH4/ultrafeedback_binarized: chosen is the
     whole conversation) is kept once: where both answers open with its turns, they are cut off; where
-    both open with the same system turns and then its turns, those system turns join the prompt. A
-    prompt that only one side repeats leaves the pair ambiguous."""
+    the turns both share open the conversation (a system or user turn, not an answer's) and end with its
+    turns (system turns before it, or a multi-turn conversation whose prompt column is its last user
+    turn), those shared turns are the prompt. A prompt that only one side
+    repeats leaves the pair ambiguous, and so do answers that open with a user turn after a prompt that
+    ends with one (another copy of the conversation that differs from the prompt column)."""
     if not prompt or not chosen or chosen == rejected:
         return prompt, chosen, rejected
     n = len(prompt)
@@ -473,11 +483,14 @@ def _without_repeated_prompt(prompt: list[dict], chosen: list[dict],
         return prompt, chosen[n:], rejected[n:]
     shared, chosen_rest, rejected_rest = split_shared_prefix(chosen, rejected)
     lead = len(shared) - n
-    if lead > 0 and _same_turns(shared[lead:], prompt) and all(m["role"] == "system" for m in shared[:lead]):
+    if lead > 0 and _same_turns(shared[lead:], prompt) and shared[0]["role"] != "assistant":
         return shared, chosen_rest, rejected_rest
     if any(opens):
         repeats, other = ("chosen", "rejected") if opens[0] else ("rejected", "chosen")
         raise _Reject("prompt_repeated", f"{repeats} starts with the prompt's turns and {other} does not")
+    if prompt[-1]["role"] == "user" and all(side and side[0]["role"] == "user" for side in (chosen, rejected)):
+        raise _Reject("prompt_mismatch", "the prompt ends with a user turn and both answers open with one: they "
+                                         "hold the conversation again, with other text than the prompt column")
     return prompt, chosen, rejected
 
 
