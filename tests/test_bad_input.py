@@ -98,7 +98,7 @@ def test_a_broken_file_is_one_clear_error_and_nothing_complete_is_written(tmp_pa
 def test_every_row_rejected_is_an_error_that_keeps_every_reject(tmp_path, capsys):
     rows = [{"prompt": f"p{i}", "chosen": "same", "rejected": "same"} for i in range(5)]
     code, err, path = download(tmp_path, "d.jsonl", lines(rows), capsys)
-    assert_user_error(code, err, f"file {path}", "5 rejected", "identical", "first: row 1:")
+    assert_user_error(code, err, f"file {path}", "5 rejected", "identical", "e.g. row 1:")
     pairs = Layout(tmp_path).pairs
     assert f"see {pairs.with_name('pairs.rejects.jsonl')}" in err
     assert [r["row"] for r in read_jsonl(pairs.with_name("pairs.rejects.jsonl"))] == [1, 2, 3, 4, 5]
@@ -127,7 +127,12 @@ def test_bad_roles_set_the_row_aside_with_its_reason_and_keep_the_rest(tmp_path,
     assert sum(manifest["pairs"].values()) == 10
 
     code, err, _ = download(tmp_path, "all-bad.jsonl", lines([bad] * 3), capsys)
-    assert_user_error(code, err, "3 rejected", "malformed_messages", "first: row 1: chosen[1] has unknown role 'robot'")
+    assert_user_error(code, err, "3 rejected", "malformed_messages", "e.g. row 1: chosen[1] has unknown role 'robot'")
+    # the example is of the commonest reason, not of the first row set aside
+    conversation = [turn("user", "q"), turn("assistant", "a")]
+    same = {"chosen": conversation, "rejected": conversation}
+    code, err, _ = download(tmp_path, "mixed.jsonl", lines([same] + [bad] * 3), capsys)
+    assert_user_error(code, err, "{'malformed_messages': 3, 'identical': 1}", "e.g. row 2: chosen[1] has unknown")
 
 
 def test_unknown_extra_columns_are_ignored_and_reported(tmp_path, capsys):

@@ -240,8 +240,10 @@ def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], source: str,
     """No usable pair for a split: the last good output stays as it was; the rejects go beside it."""
     beside = _failed_rejects(layout)
     write_jsonl(beside, read.rejects)
-    counts = dict(Counter(r["reason"] for r in read.rejects))
-    first = f"; first: row {read.rejects[0]['row']}: {read.rejects[0]['detail']}" if read.rejects else ""
+    counts = dict(Counter(r["reason"] for r in read.rejects).most_common())
+    # an example of the commonest reason: the first reject may be of a rare one
+    example = next((r for r in read.rejects if r["reason"] == next(iter(counts))), None) if counts else None
+    first = f"; e.g. row {example['row']}: {example['detail']}" if example else ""
     raise DataError(
         f"no usable pairs for {'train' if not splits['train'] else 'test'} after reading {read.rows} rows "
         f"({len(read.rejects)} rejected: {counts or 'none'}{first}; see {beside})", file=source)
