@@ -393,3 +393,35 @@ def test_settings_left_by_a_killed_experiment_record_are_put_back_before_any_ste
     params_file.write_text("train:\n  learning_rate: 1.0e-04\n", encoding="utf-8")  # set by hand since
     assert dvc_record.restore_interrupted_record(tmp_path) == []
     assert params_file.read_text(encoding="utf-8") == "train:\n  learning_rate: 1.0e-04\n" and not journal.exists()
+
+
+def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_settings(tmp_path):
+    """A change run through `dvc repro` and then undone (a code edit reverted, params.yaml checked out
+    again) leaves dvc.lock recording what the checkout no longer holds: the card must not call the commit
+    the model's. `1e-4` in params.yaml (a string to PyYAML) equals the number DVC recorded."""
+    from rm_lib.files import dvc_md5
+
+    code = tmp_path / "rm_lib" / "x.py"
+    code.parent.mkdir()
+    code.write_text("A = 1\n")
+    (tmp_path / "params.yaml").write_text("train:\n  learning_rate: 1e-4\n  seed: 1\nfilter:\n  policy: drop\n")
+    model = tmp_path / "models" / "reward_model"
+    model.mkdir(parents=True)
+    (model / "w.bin").write_text("weights")
+
+    def lock(code_md5: str, learning_rate: float) -> None:
+        stage = {"deps": [{"path": "rm_lib/x.py", "md5": code_md5}],
+                 "outs": [{"path": "models/reward_model", "md5": dvc_md5(model)}]}
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+            "train": {**stage, "params": {"params.yaml": {"train.learning_rate": learning_rate, "train.seed": 1}}},
+            "filter": {**stage, "params": {"params.yaml": {"filter": {"policy": "drop"}}}}}}))
+
+    stages = ("filter", "train")
+    lock(dvc_md5(code), 0.0001)
+    assert dvc_record.lock_differs(tmp_path, stages) == []
+    lock(dvc_md5(code), 0.001)
+    assert dvc_record.lock_differs(tmp_path, stages) == ["train (settings)"]
+    lock("0" * 32, 0.001)
+    assert dvc_record.lock_differs(tmp_path, stages) == ["filter (code)", "train (code and settings)"]
+    (tmp_path / "dvc.lock").unlink()
+    assert dvc_record.lock_differs(tmp_path, stages) == []

@@ -780,3 +780,49 @@ def test_a_failed_push_keeps_the_previous_release_as_it_was(project, server, mon
         push_step(settings(tiny_decoder), project)
     assert release_files(project) == before and b"bob/other-rm" not in card
     assert not [p for p in Layout(project).release.parent.iterdir() if p.name.startswith(".release")]
+
+
+def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says_otherwise():
+    """The card said "Reproduce: check out the commit" for a model made by code or settings that were
+    changed, run through `dvc repro` and undone, for a checkout that was not `dvc checkout`ed (its own md5
+    rows said dvc.lock describes other files), and promised `dvc pull` at a commit whose dvc.lock was the
+    previous model's."""
+    md5 = "0123456789abcdef0123456789abcdef"
+    clean = {"git_commit": "abc123", "dvc_data": {"data/pairs": md5 + ".dir"}, "dvc_model": {"models/m": md5},
+             "code_hash": "c1", "code_hash_now": "c1", "lock_differs": [], "lock_committed": True}
+    assert "Reproduce: check out the commit" in model_card._lineage(clean)
+    assert "`dvc pull` fetches the data and model with the hashes above" in model_card._lineage(clean)
+    later = model_card._lineage({**clean, "lock_committed": False})
+    assert "Reproduce: check out the commit" in later and "is not committed yet" in later
+    for change, said in [({"lock_differs": ["download (code)", "train (settings)"]},
+                          "dvc.lock records download (code), train (settings) other than this checkout holds"),
+                         ({"dvc_model": {"models/m": f"{md5} in dvc.lock, which describes other files"}},
+                          "the data or model here are not the files dvc.lock records"),
+                         ({"git_commit": "abc123 (with uncommitted changes)"}, "uncommitted changes"),
+                         ({"code_hash_now": "c2"}, "trained by other training code than this checkout holds")]:
+        text = model_card._lineage({**clean, **change})
+        assert "Reproduce: check out the commit" not in text and "Not claimed reproducible from this commit" in text
+        assert said in text
+    untracked = {**clean, "dvc_model": {"models/m": f"{model_card.NOT_TRACKED} (no dvc.lock)"}}
+    assert "Reproduce: check out the commit" in model_card._lineage(untracked)
+
+
+def test_push_names_the_stages_dvc_lock_records_with_settings_the_checkout_no_longer_holds(tmp_path, tiny_decoder):
+    """train.learning_rate changed, `dvc repro`, then params.yaml checked out again: push's card called the
+    commit the model's, with md5s that matched and parameters the commit's params.yaml does not hold."""
+    import yaml
+
+    from rm_lib.files import dvc_md5
+
+    root = tmp_path / "project"
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, root, *STEPS)
+    (root / "params.yaml").write_text("train:\n  learning_rate: 1.0e-03\n")
+    model = "models/reward_model"
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {
+        "params": {"params.yaml": {"train.learning_rate": 0.0001}},
+        "outs": [{"path": model, "md5": dvc_md5(root / model)}]}}}))
+    run_steps(params, root, "push")
+    card = (Layout(root).release / "README.md").read_text()
+    assert "dvc.lock records train (settings) other than this checkout holds" in card
+    assert "Reproduce: check out the commit" not in card

@@ -590,6 +590,55 @@ class LockedStage:
         return all(dvc_md5(Path(root) / dep) == md5 for dep, md5 in self.data_deps.items())
 
 
+def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
+    """The stages, of `stages`, whose dvc.lock entry records other code or settings than the workspace
+    holds (`dvc status`'s changed deps or params: a change run through `dvc repro`, then undone), each
+    as "<stage> (code)", "(settings)" or "(code and settings)". Empty without a dvc.lock."""
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return []
+    entries = read_yaml(path).get("stages") or {}
+    documents: dict[str, Any] = {}
+
+    def value_now(file: str, key: str) -> Any:
+        if file not in documents:
+            where = Path(root) / file
+            documents[file] = (yaml.safe_load(where.read_text(encoding="utf-8")) or {}) if where.is_file() else {}
+        value = documents[file]
+        for part in filter(None, key.split(".")):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    differing = []
+    for stage in stages:
+        entry = entries.get(stage)
+        if not isinstance(entry, dict):
+            continue
+        code = any(dvc_md5(Path(root) / d["path"]) != d.get("md5") for d in entry.get("deps") or []
+                   if str(d.get("path", "")).startswith("rm_lib/"))
+        settings = any(not _same_value(value_now(file, key), recorded)
+                       for file, values in (entry.get("params") or {}).items() if isinstance(values, dict)
+                       for key, recorded in values.items())
+        if code or settings:
+            differing.append(f"{stage} ({' and '.join(w for w, on in (('code', code), ('settings', settings)) if on)})")
+    return differing
+
+
+def _same_value(now: Any, recorded: Any) -> bool:
+    """A params value as the workspace holds it and as dvc.lock recorded it: DVC reads YAML 1.2, which takes
+    `1e-4` for a number where PyYAML reads a string."""
+    if isinstance(now, dict) and isinstance(recorded, dict):
+        return now.keys() == recorded.keys() and all(_same_value(now[k], recorded[k]) for k in now)
+    if isinstance(now, list) and isinstance(recorded, list):
+        return len(now) == len(recorded) and all(map(_same_value, now, recorded))
+    if now == recorded:
+        return True
+    try:
+        return not isinstance(now, bool) and not isinstance(recorded, bool) and float(now) == float(recorded)
+    except (TypeError, ValueError):
+        return False
+
+
 def locked_stages(root: Path) -> dict[str, LockedStage]:
     """Every stage of dvc.lock with outs: {stage: LockedStage}. Empty without a dvc.lock."""
     path = Path(root) / "dvc.lock"

@@ -88,14 +88,19 @@ def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     return result
 
 
-def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None = None) -> dict[str, Any]:
+def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None = None,
+            lock_differs: list[str] = ()) -> dict[str, Any]:
     """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json;
-    `code_hash_now`: the checkout's training code (a model other code trained is not this commit's)."""
-    return {"git_commit": git_commit(root), "dvc_data": dvc_hashes(root, DVC_DATA),
+    `code_hash_now`: the checkout's training code (a model other code trained is not this commit's);
+    `lock_differs`: the stages dvc.lock records with other code or settings than the checkout holds."""
+    commit = git_commit(root)
+    return {"git_commit": commit, "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
             "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
-            "dataset_revision": manifest.get("revision")}
+            "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
+            # dvc.lock as HEAD holds it: the documented workflow commits it after `dvc repro` (and its push)
+            "lock_committed": bool(commit) and _git(root, "diff", "--quiet", "HEAD", "--", "dvc.lock") is not None}
 
 
 # ---------------------------------------------------------------- the card
@@ -506,7 +511,7 @@ def _lineage(lineage: dict) -> str:
     rows = [("git commit", commit)]
     for kind, key in (("data", "dvc_data"), ("model", "dvc_model")):
         for path, value in (lineage.get(key) or {}).items():
-            shown = f"`{value}`" if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value) else value
+            shown = f"`{value}`" if _is_md5(value) else value
             rows.append((f"DVC md5 of the {kind}: {_code(path, cell=True)}", shown))
     rows += [("content hash of the training data (rm_lib)", _or(lineage.get("data_hash"), "unknown")),
              ("training code (hash of the rm_lib files the train step runs)",
@@ -514,18 +519,42 @@ def _lineage(lineage: dict) -> str:
              ("run fingerprint (settings + data + code)", _or(lineage.get("fingerprint"), "unknown")),
              ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
     table = "\n".join(f"| {what} | {value} |" for what, value in rows)
-    reproduce = ("Not reproducible from this commit: the model was trained by other training code (an earlier "
-                 "version of rm_lib);\n`python -m rm_lib train` (or `dvc repro`) there trains a new model."
-                 if other_code else
-                 "Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters "
-                 "above;\n`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them.")
     return f"""## Lineage
 
 | what | value |
 |---|---|
 {table}
 
-{reproduce}"""
+{_reproduce(lineage, other_code)}"""
+
+
+def _reproduce(lineage: dict, other_code: bool) -> str:
+    """Whether the commit named remakes the model, only where nothing says otherwise: the checkout as it
+    is, the files dvc.lock records, the code and settings it records them made with."""
+    doubts = []
+    if other_code:
+        doubts.append("the model was trained by other training code than this checkout holds")
+    if "uncommitted changes" in (lineage.get("git_commit") or ""):
+        doubts.append("the checkout holds uncommitted changes to code or settings (`git status`)")
+    if any(not _is_md5(v) for key in ("dvc_data", "dvc_model") for v in (lineage.get(key) or {}).values()
+           if NOT_TRACKED not in v):
+        doubts.append("the data or model here are not the files dvc.lock records")
+    if lineage.get("lock_differs"):
+        doubts.append(f"dvc.lock records {', '.join(lineage['lock_differs'])} other than this checkout holds "
+                      "(a change run through `dvc repro`, then undone)")
+    if doubts:
+        return (f"Not claimed reproducible from this commit: {'; '.join(doubts)}. `dvc status` shows what "
+                "differs; `dvc repro` from a clean checkout of a commit trains that commit's model.")
+    pull = ("`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them."
+            if lineage.get("lock_committed", True) else
+            "the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
+            "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
+    return ("Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters "
+            f"above;\n{pull}")
+
+
+def _is_md5(value: str) -> bool:
+    return bool(re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value))
 
 
 def _gate(gate: list[dict], forced: bool) -> str:

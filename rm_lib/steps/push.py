@@ -22,7 +22,7 @@ from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
-from rm_lib.pipeline import chain, code_version
+from rm_lib.pipeline import chain, code_version, dvc_record
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.public import public, public_text
 from rm_lib.settings import Params
@@ -108,6 +108,11 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
                                          "forced": forced})
 
 
+# The stages that made the model: dvc.lock recording them with other code or settings than the checkout
+# holds means this commit does not remake it.
+MODEL_STAGES = ("download", "tokenize", "filter", "train")
+
+
 def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
     """The model card of the release in `out`, for the repository `repo_id` (its loading examples name it)."""
     metrics = read_json(layout.evaluation / "report.json")
@@ -115,7 +120,8 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
     manifest = read_json(layout.pairs / "manifest.json")
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest,
-                                 code_hash_now=code_version.code_hash("train"))
+                                 code_hash_now=code_version.code_hash("train"),
+                                 lock_differs=dvc_record.lock_differs(layout.root, MODEL_STAGES))
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
