@@ -100,7 +100,8 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
             # dvc.lock as HEAD holds it: the documented workflow commits it after `dvc repro` (and its push)
-            "lock_committed": bool(commit) and _git(root, "diff", "--quiet", "HEAD", "--", "dvc.lock") is not None}
+            "lock_committed": bool(commit) and _git(root, "cat-file", "-e", "HEAD:dvc.lock") is not None
+            and _git(root, "diff", "--quiet", "HEAD", "--", "dvc.lock") is not None}
 
 
 # ---------------------------------------------------------------- the card
