@@ -794,6 +794,8 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
     assert "`dvc pull` fetches the data and model with the hashes above" in model_card._lineage(clean)
     later = model_card._lineage({**clean, "lock_committed": False})
     assert "Reproduce: check out the commit" in later and "is not committed yet" in later
+    # no dvc.lock (a CLI run), or no git: nothing to commit, the plain line
+    assert "is not committed yet" not in model_card._lineage({**clean, "lock_committed": None})
     for change, said in [({"lock_differs": ["download (code)", "train (settings)"]},
                           "dvc.lock records download (code), train (settings) other than this checkout holds"),
                          ({"dvc_model": {"models/m": f"{md5} in dvc.lock, which describes other files"}},

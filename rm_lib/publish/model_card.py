@@ -100,8 +100,31 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
             # dvc.lock as HEAD holds it: the documented workflow commits it after `dvc repro` (and its push)
-            "lock_committed": bool(commit) and _git(root, "cat-file", "-e", "HEAD:dvc.lock") is not None
-            and _git(root, "diff", "--quiet", "HEAD", "--", "dvc.lock") is not None}
+            "lock_committed": _lock_committed(root, commit)}
+
+
+def _lock_committed(root: Path, commit: str | None) -> bool | None:
+    """Whether HEAD's dvc.lock records the data and model hashes the workspace's records (None without a
+    dvc.lock or a commit): the documented workflow commits dvc.lock after `dvc repro` and its push."""
+    lock = root / "dvc.lock"
+    if not commit or not lock.is_file():
+        return None
+    committed = _git(root, "show", "HEAD:dvc.lock")
+    if committed is None:
+        return False
+    try:
+        then = yaml.safe_load(committed) or {}
+    except yaml.YAMLError:
+        return False
+    return _out_hashes(then) == _out_hashes(read_yaml(lock))
+
+
+def _out_hashes(lock: Any) -> dict[str, str | None]:
+    """The md5 a dvc.lock records for each of the model's data and model outputs."""
+    stages = (lock.get("stages") or {}) if isinstance(lock, dict) else {}
+    recorded = {out.get("path"): out.get("md5") for stage in stages.values() if isinstance(stage, dict)
+                for out in stage.get("outs") or [] if isinstance(out, dict)}
+    return {path: recorded.get(path) for path in (*DVC_DATA, *DVC_MODEL)}
 
 
 # ---------------------------------------------------------------- the card
@@ -547,7 +570,7 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
         return (f"Not claimed reproducible from this commit: {'; '.join(doubts)}. `dvc status` shows what "
                 "differs; `dvc repro` from a clean checkout of a commit trains that commit's model.")
     pull = ("`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them."
-            if lineage.get("lock_committed", True) else
+            if lineage.get("lock_committed") is not False else
             "the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
             "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
     return ("Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters "
