@@ -423,5 +423,11 @@ def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_setti
     assert dvc_record.lock_differs(tmp_path, stages) == ["train (settings)"]
     lock("0" * 32, 0.001)
     assert dvc_record.lock_differs(tmp_path, stages) == ["filter (code)", "train (code and settings)"]
+    # a params file that is no YAML (TOML, Python) or a stage run from another folder (wdir): not compared
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "train": {"params": {"params.toml": {"train.lr": 1}}}, "filter": {"params": {"params.yaml": {"x": 2}}}}}))
+    (tmp_path / "params.toml").write_text("[train]\nlr = 2\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"filter": {"cmd": "x", "wdir": "sub"}}}))
+    assert dvc_record.lock_differs(tmp_path, stages) == []
     (tmp_path / "dvc.lock").unlink()
     assert dvc_record.lock_differs(tmp_path, stages) == []

@@ -598,12 +598,17 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
     if not path.is_file():
         return []
     entries = read_yaml(path).get("stages") or {}
+    pipeline = Path(root) / "dvc.yaml"
+    spec = (read_yaml(pipeline).get("stages") or {}) if pipeline.is_file() else {}
     documents: dict[str, Any] = {}
 
     def value_now(file: str, key: str) -> Any:
         if file not in documents:
             where = Path(root) / file
-            documents[file] = (yaml.safe_load(where.read_text(encoding="utf-8")) or {}) if where.is_file() else {}
+            try:
+                documents[file] = (yaml.safe_load(where.read_text(encoding="utf-8")) or {}) if where.is_file() else {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                documents[file] = {}
         value = documents[file]
         for part in filter(None, key.split(".")):
             value = value.get(part) if isinstance(value, dict) else None
@@ -612,12 +617,13 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
     differing = []
     for stage in stages:
         entry = entries.get(stage)
-        if not isinstance(entry, dict):
-            continue
+        if not isinstance(entry, dict) or (spec.get(stage) or {}).get("wdir", ".") != ".":
+            continue  # a stage run elsewhere (wdir) names its files from there: not compared
         code = any(dvc_md5(Path(root) / d["path"]) != d.get("md5") for d in entry.get("deps") or []
                    if str(d.get("path", "")).startswith("rm_lib/"))
         settings = any(not _same_value(value_now(file, key), recorded)
-                       for file, values in (entry.get("params") or {}).items() if isinstance(values, dict)
+                       for file, values in (entry.get("params") or {}).items()
+                       if isinstance(values, dict) and Path(file).suffix in (".yaml", ".yml", ".json")
                        for key, recorded in values.items())
         if code or settings:
             differing.append(f"{stage} ({' and '.join(w for w, on in (('code', code), ('settings', settings)) if on)})")
