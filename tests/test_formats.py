@@ -356,6 +356,12 @@ def test_a_prompt_column_the_whole_conversations_end_with_or_that_differs_from_t
                               {"prompt": "First question.", "chosen": [u1, good], "rejected": [u1, bad]}])
     assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == ([u1, a1, u2], [good], [bad])
     assert [r["reason"] for r in rejects] == ["prompt_mismatch"]
+    # answers that repeat only the prompt's last turn (not its system turn or history) lose that turn
+    system = {"role": "system", "content": "be brief"}
+    _, pairs, _ = norm([{"prompt": [system, u2], "chosen": [u2, good], "rejected": [u2, bad]},
+                        {"prompt": [u1, a1, u2], "chosen": [u2, good], "rejected": [u2, bad]}])
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [([system, u2], [good], [bad]),
+                                                                          ([u1, a1, u2], [good], [bad])]
 
 
 def test_an_hh_prompt_beside_whole_transcripts_is_read_once():

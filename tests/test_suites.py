@@ -110,6 +110,15 @@ def test_a_best_of_n_answer_that_ends_with_a_user_turn_is_set_aside(tmp_path):
     assert entry["rows"] == 1 and entry["skipped_by_reason"] == {"answer_not_assistant": 1}
 
 
+def test_a_blank_system_turn_of_a_best_of_n_prompt_is_none_as_in_training(tmp_path):
+    """Training's normaliser drops a blank system turn; the best-of-N reader kept it, so the prompt the
+    suite measured (to cut it to the prompt limit) was longer than the conversation it scored."""
+    system, question = {"role": "system", "content": "  "}, {"role": "user", "content": "q"}
+    rows = [{"prompt": [system, question], "chosen": ["0.9 good"], "rejected": ["0.1 bad", "0.2 worse"]}]
+    read = suites.read_rows(suites._inputs(suites.parse_entry(str(write_jsonl(tmp_path / "bon.jsonl", rows))))[0])
+    assert read.layout == "best_of_n" and read.rows[0].prompt == [question]
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_pairwise_file_like_reward_bench_1(tmp_path, suffix):
     path = tmp_path / f"rb1.{suffix}"

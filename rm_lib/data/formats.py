@@ -488,9 +488,13 @@ def _without_repeated_prompt(prompt: list[dict], chosen: list[dict],
     if any(opens):
         repeats, other = ("chosen", "rejected") if opens[0] else ("rejected", "chosen")
         raise _Reject("prompt_repeated", f"{repeats} starts with the prompt's turns and {other} does not")
+    for k in range(n - 1, 0, -1):  # both repeat the prompt's last turns only (a system turn or history not)
+        if all(_same_turns(side[:k], prompt[-k:]) for side in (chosen, rejected)):
+            return prompt, chosen[k:], rejected[k:]
     if prompt[-1]["role"] == "user" and all(side and side[0]["role"] == "user" for side in (chosen, rejected)):
         raise _Reject("prompt_mismatch", "the prompt ends with a user turn and both answers open with one: they "
-                                         "hold the conversation again, with other text than the prompt column")
+                                         "hold a conversation of their own beside the prompt column (other text "
+                                         "than its, or earlier turns the two answers do not share)")
     return prompt, chosen, rejected
 
 

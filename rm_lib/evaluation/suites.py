@@ -166,6 +166,8 @@ def _messages(value: Any, role: str, *, file: str, row_number: int, name: str) -
         if not known or not isinstance(message.get("content"), str):
             raise DataError("expected a {'role', 'content'} message with a known role and text content",
                             file=file, row=row_number, field=f"{name}[{i}]")
+        if known == "system" and not message["content"].strip():  # none, as training's normaliser has it
+            continue
         out.append({"role": known, "content": message["content"]})
     return out
 
