@@ -72,10 +72,7 @@ def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     lock = root / "dvc.lock"
     if not lock.is_file():
         return {p: f"{NOT_TRACKED} (no dvc.lock)" for p in paths}
-    recorded = {}
-    for stage in (read_yaml(lock).get("stages") or {}).values():
-        for out in stage.get("outs", []):
-            recorded[out["path"]] = out.get("md5")
+    recorded = _recorded_outs(read_yaml(lock))
     result = {}
     for path in paths:
         md5 = recorded.get(path)
@@ -121,10 +118,15 @@ def _lock_committed(root: Path, commit: str | None) -> bool | None:
 
 def _out_hashes(lock: Any) -> dict[str, str | None]:
     """The md5 a dvc.lock records for each of the model's data and model outputs."""
-    stages = (lock.get("stages") or {}) if isinstance(lock, dict) else {}
-    recorded = {out.get("path"): out.get("md5") for stage in stages.values() if isinstance(stage, dict)
-                for out in stage.get("outs") or [] if isinstance(out, dict)}
+    recorded = _recorded_outs(lock)
     return {path: recorded.get(path) for path in (*DVC_DATA, *DVC_MODEL)}
+
+
+def _recorded_outs(lock: Any) -> dict[str, str | None]:
+    """path -> md5 of every out a dvc.lock (read as YAML) records."""
+    stages = (lock.get("stages") or {}) if isinstance(lock, dict) else {}
+    return {out.get("path"): out.get("md5") for stage in stages.values() if isinstance(stage, dict)
+            for out in stage.get("outs") or [] if isinstance(out, dict)}
 
 
 # ---------------------------------------------------------------- the card
