@@ -10,6 +10,15 @@ _BACKGROUNDS = [167, 179, 185, 77, 80, 68, 134]
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def one_line(text: str) -> str:
+    """`text` with every control character and line separator a space: a name from the data as a key or
+    a Markdown cell holds it."""
+    return _LINE_BREAKING.sub(" ", text)
+
+
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def printable(text: str) -> str:
     """`text` safe to print: every control character from the data written as its escape (\\x1b)."""
     return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -18,6 +18,7 @@ import yaml
 from rm_lib.data import templates
 from rm_lib.evaluation.metrics import set_aside_by_filter
 from rm_lib.evaluation.quality import FORCED_MARK
+from rm_lib.evaluation.visualize import one_line
 from rm_lib.files import dvc_md5, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 
@@ -180,15 +181,12 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
 def _code(value: Any, *, cell: bool = False) -> str:
     """`value` (a name from the data or the settings) as Markdown inline code that stays one span, whatever
     it holds: control characters (a newline would end a table or start a heading) become spaces, the fence
     is longer than any run of backticks inside, and in a table `cell` escapes the `|` GFM splits cells on
     even inside code. Links, images and HTML inside a code span are text."""
-    text = _CONTROL.sub(" ", str(value))
+    text = one_line(str(value))
     if cell:
         text = text.replace("|", "\\|")
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)

@@ -1,7 +1,6 @@
 """evaluate: the trained model on the held-out pairs -> report JSON, pictures, scored pairs."""
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,7 +8,7 @@ from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import UserError
 from rm_lib.evaluation import consistency, plots, quality, suites
 from rm_lib.evaluation.metrics import pair_metrics, set_aside_by_filter, subset_accuracy
-from rm_lib.evaluation.visualize import visualize_samples
+from rm_lib.evaluation.visualize import one_line, visualize_samples
 from rm_lib.files import atomic_dir, read_json, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs
@@ -100,15 +99,12 @@ def source_identity(source: str, layout: Layout) -> str:
     return Path(source).name if local else source
 
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def numeric_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json for `dvc metrics` / `dvc exp show`: numbers only, subsets flattened to accuracy_<name>."""
     flat = {k: v for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for name, entry in metrics.get("per_subset", {}).items():  # a control character from the data is no key part
-        flat["accuracy_" + _CONTROLS.sub(" ", str(name))] = entry["accuracy"]
+        flat["accuracy_" + one_line(str(name))] = entry["accuracy"]
     flat.update(suites.flat_metrics(metrics.get("suites", {})))  # suite_<name>[__<subset>]_accuracy
     worst = consistency.worst_difference(metrics.get("consistency") or {})
     if worst is not None:
