@@ -52,12 +52,13 @@ chromium:
 # pipelines, DVC repositories, Dagster runs, the browser, real data) runs in CI as well. Both run on
 # two pytest-xdist workers. --dist loadscope keeps a module's tests on one worker, in order, so a
 # module-scoped project (a DVC repository, a materialized pipeline) is built once and its tests see
-# each other's steps (xdist_group marks with --dist loadgroup did not keep them together here).
+# each other's steps (xdist_group marks with --dist loadgroup did not keep them together here);
+# --no-loadscope-reorder hands modules out longest first, as tests/conftest.py orders them.
 test: install
-	$(PY) -m pytest -q -m "not integration" -n 2 --dist loadscope
+	$(PY) -m pytest -q -m "not integration" -n 2 --dist loadscope --no-loadscope-reorder
 
 test-integration: install chromium
-	$(PY) -m pytest -q -m integration -n 2 --dist loadscope
+	$(PY) -m pytest -q -m integration -n 2 --dist loadscope --no-loadscope-reorder
 
 test-all: install chromium
 	$(PY) -m pytest -q
