@@ -443,6 +443,22 @@ def test_the_cards_commit_is_not_marked_changed_by_the_files_dvc_repro_writes_in
     assert model_card.git_commit(tmp_path) == head
 
 
+def test_a_committed_dvc_lock_is_found_in_a_project_below_the_repositorys_top(tmp_path):
+    """A project in a folder of a larger repository (`dvc init --subdir`): its committed dvc.lock is the one
+    at the project's own path, not the top's."""
+    lock = "stages:\n  train:\n    outs:\n    - path: models/reward_model\n      md5: " + "a" * 32 + ".dir\n"
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "dvc.lock").write_text(lock)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "proj/dvc.lock")
+    git(tmp_path, "commit", "-q", "-m", "lock")
+    commit = model_card.git_commit(project)
+    assert commit and model_card._lock_committed(project, commit) is True
+    (project / "dvc.lock").write_text(lock.replace("a" * 32, "b" * 32))  # a repro after the commit
+    assert model_card._lock_committed(project, commit) is False
+
+
 def test_card_metadata_names_hub_models_and_datasets():
     assert model_card.hub_model_id("default") == "sentence-transformers/all-MiniLM-L6-v2"
     assert model_card.hub_model_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"

@@ -107,7 +107,7 @@ def _lock_committed(root: Path, commit: str | None) -> bool | None:
     lock = root / "dvc.lock"
     if not commit or not lock.is_file():
         return None
-    committed = _git(root, "show", "HEAD:dvc.lock")
+    committed = _git(root, "show", "HEAD:./dvc.lock")  # ./: the project's own, also below the repository's top
     if committed is None:
         return False
     try:
