@@ -423,6 +423,13 @@ def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_setti
     assert dvc_record.lock_differs(tmp_path, stages) == ["train (settings)"]
     lock("0" * 32, 0.001)
     assert dvc_record.lock_differs(tmp_path, stages) == ["filter (code)", "train (code and settings)"]
+    # a JSON params file indented with tabs (which YAML refuses), unchanged
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "train": {"params": {"cfg.json": {"train.lr": 0.001}}}}}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"train": {"lr": 0.001}}, indent="\t"))
+    assert dvc_record.lock_differs(tmp_path, stages) == []
+    (tmp_path / "cfg.json").write_text(json.dumps({"train": {"lr": 0.002}}, indent="\t"))
+    assert dvc_record.lock_differs(tmp_path, stages) == ["train (settings)"]
     # a params file that is no YAML (TOML, Python) or a stage run from another folder (wdir): not compared
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "train": {"params": {"params.toml": {"train.lr": 1}}}, "filter": {"params": {"params.yaml": {"x": 2}}}}}))

@@ -606,8 +606,10 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
         if file not in documents:
             where = Path(root) / file
             try:
-                documents[file] = (yaml.safe_load(where.read_text(encoding="utf-8")) or {}) if where.is_file() else {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                text = where.read_text(encoding="utf-8") if where.is_file() else ""
+                # JSON as JSON: YAML refuses the tabs json.dump(indent="\t") writes
+                documents[file] = (json.loads(text) if where.suffix == ".json" and text else yaml.safe_load(text)) or {}
+            except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
                 documents[file] = {}
         value = documents[file]
         for part in filter(None, key.split(".")):
