@@ -235,6 +235,10 @@ def test_metrics_json_flattens_suites_to_numbers():
         "Precise IF": {"rows": 2, "accuracy": 0.25}}}}}
     flat = numeric_metrics(metrics)
     assert flat == {"accuracy": 0.8, "suite_rb2_accuracy": 0.5, "suite_rb2__precise_if_accuracy": 0.25}
+    # the test set's subsets: two names alike but for a control character keep a key each
+    subsets = numeric_metrics({"accuracy": 0.5, "per_subset": {"x\ty": {"pairs": 3, "accuracy": 1.0},
+                                                               "x y": {"pairs": 5, "accuracy": 0.2}}})
+    assert subsets == {"accuracy": 0.5, "accuracy_x y": 1.0, "accuracy_x y_2": 0.2}
     # suite prefs's subset easy beside a suite prefs_easy; two subsets that sanitise alike: every figure kept
     both = {"prefs": {"accuracy": 0.1, "per_subset": {"easy": {"accuracy": 0.2}, "Precise IF": {"accuracy": 0.3},
                                                       "precise-if": {"accuracy": 0.4}}},

@@ -103,8 +103,10 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
     """metrics.json for `dvc metrics` / `dvc exp show`: numbers only, subsets flattened to accuracy_<name>."""
     flat = {k: v for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for name, entry in metrics.get("per_subset", {}).items():  # a control character from the data is no key part
-        flat["accuracy_" + one_line(str(name))] = entry["accuracy"]
+    # a control character from the data is no key part; two names alike without them keep a key each
+    subsets = list(metrics.get("per_subset", {}).items())
+    for key, (_, entry) in zip(suites.unique_names([one_line(str(name)) for name, _ in subsets]), subsets):
+        flat["accuracy_" + key] = entry["accuracy"]
     flat.update(suites.flat_metrics(metrics.get("suites", {})))  # suite_<name>[__<subset>]_accuracy
     worst = consistency.worst_difference(metrics.get("consistency") or {})
     if worst is not None:
