@@ -32,8 +32,10 @@ from typing import Any
 
 from rm_lib.errors import SettingsError
 
-# the user:password@ of a URL (an HF_ENDPOINT behind a proxy may carry one): never in a message
-_CREDENTIALS = re.compile(r"(?<=//)[^/\s]*@")  # to the last @ of the authority: a password may hold one
+# the user:password@ of a URL (an HF_ENDPOINT behind a proxy may carry one): never in a message. To the
+# URL's last @: a password may hold an @, or a / or ? that breaks the URL (when it is most likely
+# printed). An @ in a path (rare in an endpoint) takes the host with it: a message may say less, never a secret.
+_CREDENTIALS = re.compile(r"(?<=//)\S*@")
 
 
 def without_credentials(text: str) -> str:

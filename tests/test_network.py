@@ -237,3 +237,18 @@ def test_an_answer_that_trickles_through_a_proxy_is_given_up_on_too(monkeypatch)
         finally:
             monkeypatch.delenv("HTTP_PROXY")
             _http.close_session()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://bob:s3cret@proxy.example/api", "https://proxy.example/api"),
+    ("http://alice:s3@cret@127.0.0.1:9/x", "http://127.0.0.1:9/x"),  # an @ in the password
+    ("https://bob:s3cr/et@proxy.example", "https://proxy.example"),  # a / in it (unencoded: the URL is broken)
+    ("https://bob:pa?ss@proxy.example", "https://proxy.example"),
+    ("https://huggingface.co/api/models/alice/rm?x=1", "https://huggingface.co/api/models/alice/rm?x=1"),
+    ("https://hf-mirror.example", "https://hf-mirror.example"),
+])
+def test_a_url_in_a_message_loses_its_user_and_password_whatever_they_hold(url, shown):
+    """HF_ENDPOINT behind a proxy may carry user:password@; an error that names the endpoint shows neither,
+    also where the password holds a character that breaks the URL (where it is most likely shown)."""
+    assert network.without_credentials(f"cannot reach the Hub at {url} (3 tries)") == \
+        f"cannot reach the Hub at {shown} (3 tries)"
