@@ -227,6 +227,22 @@ def test_a_relative_path_out_of_the_project_and_a_path_with_a_newline_lose_their
     assert "alice" not in json.dumps(made) and str(tmp_path) not in json.dumps(made)
 
 
+def test_a_path_holding_a_newline_or_a_bar_loses_its_folders_in_the_rendered_card(tmp_path):
+    """The card writes each name on one line, `|` escaped in a table: paths so written were published whole,
+    with their folders, where the release's JSON files named the file alone."""
+    from rm_lib.publish.public import public_text
+
+    params = tiny_params("download.source=/srv/data/prefs\nv2.jsonl").as_dict()
+    params["model"]["name_or_path"] = "/srv/models/team\nbase-7b"
+    metrics = {"accuracy": 0.5, "suites": {"mine": {"source": "/srv/evals/a|b.jsonl", "layout": "pairs", "rows": 3,
+                                                    "accuracy": 0.5}}}
+    card = public_text(model_card.render(repo_id=REPO, params=params, metrics=metrics, pictures=[], lineage={}),
+                       tmp_path, params, metrics)
+    assert "/srv" not in card
+    assert "`prefs v2.jsonl`" in card and "`team base-7b`" in card  # the last part of each path
+    assert "| `a\\|b.jsonl` |" in card
+
+
 def test_a_data_file_dvc_links_into_its_cache_is_named_where_the_project_keeps_it(tmp_path):
     """cache.type symlink: data/sources/a.jsonl is a link into .dvc/cache; the card named the cache file."""
     from rm_lib.publish.public import public

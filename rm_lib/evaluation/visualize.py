@@ -10,13 +10,19 @@ _BACKGROUNDS = [167, 179, 185, 77, 80, 68, 134]
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+# every control character (line ends and tabs too) and the Unicode line separators
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def one_line(text: str) -> str:
     """`text` with every control character and line separator a space: a name from the data as a key or
     a Markdown cell holds it."""
     return _LINE_BREAKING.sub(" ", text)
 
 
-_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+def table_cell(text: str) -> str:
+    """one_line(`text`) with `|` escaped: GFM splits a table's cells on it, even inside a code span."""
+    return one_line(text).replace("|", "\\|")
 
 
 def printable(text: str) -> str:

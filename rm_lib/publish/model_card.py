@@ -18,7 +18,7 @@ import yaml
 from rm_lib.data import templates
 from rm_lib.evaluation.metrics import set_aside_by_filter
 from rm_lib.evaluation.quality import FORCED_MARK
-from rm_lib.evaluation.visualize import one_line
+from rm_lib.evaluation.visualize import one_line, table_cell
 from rm_lib.files import dvc_md5, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 
@@ -186,9 +186,7 @@ def _code(value: Any, *, cell: bool = False) -> str:
     it holds: control characters (a newline would end a table or start a heading) become spaces, the fence
     is longer than any run of backticks inside, and in a table `cell` escapes the `|` GFM splits cells on
     even inside code. Links, images and HTML inside a code span are text."""
-    text = one_line(str(value))
-    if cell:
-        text = text.replace("|", "\\|")
+    text = table_cell(str(value)) if cell else one_line(str(value))
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
     return f"{fence}{pad}{text}{pad}{fence}"

@@ -6,12 +6,14 @@ it lies outside (as the LoRA adapter names its base), and the home folder as `~`
 """
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rm_lib.evaluation.visualize import one_line, table_cell
 from rm_lib.files import where_kept
 
 # An absolute path, whatever it holds (a newline too); a relative one that climbs out of its folder.
@@ -68,8 +70,15 @@ def _longest_first(paths: Iterator[str]) -> list[str]:
 def _replaced(text: str, paths: list[str], root: Path) -> str:
     for path in paths:
         shown = public_path(path, root)
-        text = _swap(text, path, f"{shown}/", shown)
+        # as written, as the card's code spans write it (on one line, `|` escaped in a table cell) and as
+        # its JSON of the settings does
+        for form in (str, one_line, table_cell, _in_json):
+            text = _swap(text, form(path), f"{form(shown)}/", form(shown))
     return _folders_hidden(text, root)
+
+
+def _in_json(text: str) -> str:
+    return json.dumps(text)[1:-1]
 
 
 def _paths(value: Any) -> Iterator[str]:
