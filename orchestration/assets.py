@@ -20,6 +20,7 @@ import dagster as dg
 from rm_lib import network
 from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.evaluation import quality
+from rm_lib.evaluation.visualize import printable
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash
@@ -61,8 +62,9 @@ AFTER_BLOCKING_CHECKS = (dg.AutomationCondition.eager()
 # ---------------------------------------------------------------- helpers
 
 def described(step: str, error: object) -> str:
-    """`<step>: <message>`, the step named once: many of rm_lib's messages start with it already."""
-    message = str(error)
+    """`<step>: <message>`, the step named once: many of rm_lib's messages start with it already. Control
+    characters from the data are written as escapes, as the CLI prints them (Dagster's console shows it)."""
+    message = printable(str(error))
     return message if message.startswith(f"{step}: ") else f"{step}: {message}"
 
 
@@ -84,7 +86,7 @@ def retried_only_when_transient(step: str) -> Callable:
             except Exception as exc:
                 if network.is_transient(exc):
                     raise
-                first = (str(exc).strip().splitlines() or [""])[0]
+                first = printable((str(exc).strip().splitlines() or [""])[0])
                 raise dg.Failure(description=f"{step}: {type(exc).__name__}: {first} (not retried: not a "
                                              "transient network error; the traceback is in this step's log)",
                                  allow_retries=False) from exc
@@ -103,7 +105,8 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
         # data/pairs, as the CLI's `run` refuses it before any work
         project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
     except SettingsError as exc:
-        raise dg.Failure(description=f"{step}: not run, nothing changed: this run's settings hold a mistake: {exc}",
+        raise dg.Failure(description=f"{step}: not run, nothing changed: this run's settings hold a mistake: "
+                                     f"{printable(str(exc))}",
                          allow_retries=False) from exc
     try:
         params = project.load_params([*extra, *config.overrides()])
@@ -125,7 +128,7 @@ def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layo
         if exc.transient:
             raise  # the RetryPolicy tries again
         raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
-    context.log.info(result.summary())
+    context.log.info(printable(result.summary()))
     return result
 
 
@@ -150,7 +153,7 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
     if not summary.exists() or summary.stat().st_mtime_ns == before:
         raise dg.Failure(description=f"train: the training process wrote no new {summary}", allow_retries=False)
     result = result_from_summary(layout)
-    context.log.info(result.summary())
+    context.log.info(printable(result.summary()))
     return result
 
 

@@ -14,6 +14,7 @@ import dagster as dg
 
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation import quality
+from rm_lib.evaluation.visualize import printable
 
 from . import assets
 from .config import DownloadConfig, PushConfig, launchpad_overrides
@@ -35,7 +36,7 @@ def claimed(context: dg.AssetCheckExecutionContext, project: ProjectResource):
 def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
     metadata = {k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
                 for k, v in verdict.metadata.items()}
-    return dg.AssetCheckResult(passed=verdict.passed, description=verdict.description, metadata=metadata,
+    return dg.AssetCheckResult(passed=verdict.passed, description=printable(verdict.description), metadata=metadata,
                                severity=dg.AssetCheckSeverity.WARN if verdict.warn_only
                                else dg.AssetCheckSeverity.ERROR)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rm_lib import network
 from rm_lib.errors import UserError
+from rm_lib.evaluation.visualize import printable
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
 
@@ -63,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             if pipes:
                 pipes.report_custom_message({"error": str(exc), "transient": exc.transient})
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {printable(str(exc))}", file=sys.stderr)
             return 2
         if pipes:
             pipes.report_custom_message({"summary": result.summary()})
-        print(result.summary(), flush=True)
+        print(printable(result.summary()), flush=True)
     return 0
 
 

@@ -1497,3 +1497,28 @@ def test_a_failed_dvc_record_says_the_step_replaced_its_outputs(tmp_path):
     assert "unexpected error" in said and "still name the earlier outputs" in said
     assert "`dvc checkout dvc.yaml:download`" in said and "`dvc commit --force dvc.yaml:download`" in said
     assert raised.value.allow_retries is False
+
+
+def test_control_characters_from_the_data_reach_dagsters_logs_escaped(tmp_path):
+    """The CLI printed a column named with terminal escapes escaped; Dagster's console (`dagster dev`'s
+    terminal) got them raw from the step's summary and its failure description."""
+    source = tmp_path / "prefs.jsonl"
+    column = "\x1b]0;PWNED\x07\x1b[32mALL CHECKS PASSED\x1b[0m"
+    source.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no", column: 1}) + "\n"
+                              for i in range(20)))
+    missing = tmp_path / "gone\x1b[2K.jsonl"
+    for where, succeeds in ((source, True), (missing, False)):
+        instance = dg.DagsterInstance.ephemeral()
+        result = dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=dg.AssetSelection.assets("raw_preferences"),
+                                resources=resources(tmp_path / "p", overrides=[f"download.source={where}"]),
+                                instance=instance, raise_on_error=False)
+        assert result.success is succeeds
+        shown = "\n".join(entry.user_message for entry in instance.all_logs(result.run_id))
+        shown += "\n".join(e.step_failure_data.error.message for e in result.all_events if e.is_step_failure)
+        assert "\x1b" not in shown and "\x07" not in shown, where
+        assert ("\\x1b]0;PWNED\\x07" if succeeds else "gone\\x1b[2K.jsonl") in shown
+    # a check naming a subset from the data (the subset gate) says it escaped too
+    from rm_lib.evaluation.quality import Verdict
+
+    verdict = Verdict("subset_accuracy", False, "subset 'a\x1b[2Kb' below 0.6")
+    assert checks.as_check_result(verdict).description == "subset 'a\\x1b[2Kb' below 0.6"
