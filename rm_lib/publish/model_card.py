@@ -10,6 +10,7 @@ import math
 import posixpath
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
 
 
 def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None = None,
-            lock_differs: list[str] = ()) -> dict[str, Any]:
+            lock_differs: Sequence[str] = ()) -> dict[str, Any]:
     """Where the model comes from. `summary`: data/train/summary.json; `manifest`: data/pairs/manifest.json;
     `code_hash_now`: the checkout's training code (a model other code trained is not this commit's);
     `lock_differs`: the stages dvc.lock records with other code or settings than the checkout holds."""

@@ -289,8 +289,8 @@ def dropout_disabled(model: torch.nn.Module) -> Iterator[None]:
     one rate set for this run (0, the default, is none); disabling it too left the setting without
     effect while the records said it was applied."""
     configs: dict[int, Any] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{name}.":
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{path}.":
             module.p = 0.0
         for name, value in list(vars(module).items()):
             if _is_drop_rate(name, value):
