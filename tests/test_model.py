@@ -109,6 +109,27 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
 
 
+def test_the_released_tokenizer_cuts_a_long_text_as_training_did_keeping_its_end(tmp_path):
+    """transformers' tokenizers cut on the right: `pipeline(text, truncation=True)` on a text past the model's
+    512 tokens read its start, and every answer after a long prompt got one reward. Released, the tokenizer
+    keeps the end, as training and RewardScorer do."""
+    from transformers import pipeline
+
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.model.modeling import save_model
+
+    tok = load_tokenizer("default")
+    save_model(load_reward_model("default", pad_token_id=tok.pad_token_id), tok, tmp_path / "rm")
+    prompt = "User: " + "the movie was good. " * 200 + "\n\nAssistant: "
+    texts = [prompt + "I loved every minute of it.", prompt + "It was dull and far too long."]
+    ours = RewardScorer(tmp_path / "rm").score_detailed(texts)
+    assert all(ours.truncated)
+    piped = pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
+    theirs = [r["score"] for r in piped(texts, truncation=True)]
+    assert theirs == pytest.approx(ours.rewards, abs=1e-5) and abs(theirs[0] - theirs[1]) > 1e-4
+    assert tok.truncation_side == "right"  # the tokenizer in use is left as it was
+
+
 CARD_CHAT = [{"role": "user", "content": "How do I boil an egg?"},
              {"role": "assistant", "content": "Put it in boiling water for eight minutes."}]
 

@@ -471,11 +471,14 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
     sharded run (FSDP), whose own parameters each hold only a shard. `chat_template`: training rendered
     conversations with the tokenizer's chat template (`released_tokenizer`)."""
     released = released_tokenizer(tokenizer, chat_template)
-    if released.padding_side != "right":  # as training and evaluation padded: a model with absolute
-        import copy  # positions (GPT-2) reads other rewards from a left-padded batch
+    # Padded on the right, as training and evaluation padded (a model with absolute positions, GPT-2, reads
+    # other rewards from a left-padded batch); cut on the left, as training cut a long text (keeping its
+    # end, where the answer is): `pipeline(..., truncation=True)` cut the answer off, the same reward for all.
+    if (released.padding_side, released.truncation_side) != ("right", "left"):
+        import copy
 
         released = copy.deepcopy(released) if released is tokenizer else released
-        released.padding_side = "right"
+        released.padding_side, released.truncation_side = "right", "left"
     with quiet_transformers():
         _save_model(getattr(model, "module", model), released, Path(folder), extra_config, state_dict)
         reloads_as_saved(released, Path(folder))
