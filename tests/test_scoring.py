@@ -400,7 +400,7 @@ def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-@pytest.mark.parametrize("policy, lengths", [("truncate", (20, 9)), ("drop", (42, 14))])
+@pytest.mark.parametrize("policy, lengths", [("truncate", (20, 6)), ("drop", (42, 14))])
 def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(tmp_path, policy, lengths):
     """score holds pairs to the lengths, and by the policy, the model's pairs were held to (its rm_lib.json)
     as filter held the test pairs evaluate scored (it held them to the model's positions alone, so cut
@@ -424,6 +424,14 @@ def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(t
             assert row[side] == pytest.approx(evaluated[pair_id][side], abs=1e-5), (pair_id, side)
     if policy == "truncate":
         assert result.truncated > 0 and result.max_length == 20  # the settings bit: some pairs were cut
+        # GRPO's reward function, given each prompt apart from its answer, holds the prompt as filter did too
+        from rm_lib.evaluation.scoring import RewardScorer
+
+        pairs = [json.loads(line) for line in (layout.pairs / "test.jsonl").read_text().splitlines()]
+        reward = RewardScorer(layout.model).reward_function()
+        for side in ("chosen", "rejected"):
+            given = reward(prompts=[p["prompt"] for p in pairs], completions=[p[side] for p in pairs])
+            assert given == pytest.approx([evaluated[p["id"]][f"reward_{side}"] for p in pairs], abs=1e-5)
     else:
         aside = {r["id"] for r in map(json.loads, result.rejects.read_text().splitlines())}
         dropped = {r["id"] for r in map(json.loads, (layout.filtered / "dropped.jsonl").read_text().splitlines())

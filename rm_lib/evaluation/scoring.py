@@ -213,13 +213,29 @@ class RewardScorer:
             out[i] = by_length[position]
         return Scored(rewards=out, truncated=[cut for _, cut in fitted], lengths=[len(ids) for ids in encoded])
 
+    def given_prompt_length(self, prompt: str | list[dict], name: str) -> int:
+        """prompt_length for a prompt given apart from its answer: a conversation's as tokenize counts it, a
+        text's tokens with the start token."""
+        if isinstance(prompt, list):
+            if not prompt:
+                return 0
+            return self.prompt_length(formats.scoring_item(prompt, name, any_role=self.template == "tokenizer"))
+        formats.scoring_item(prompt, name)
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        return tokenization.prefixed_length(ids, self.special)
+
     def reward_function(self) -> Callable[..., list[float]]:
         """A function with the signature TRL's GRPOTrainer takes in `reward_funcs`:
-        f(prompts, completions, **kwargs) -> list of floats, for text or conversational data."""
+        f(prompts, completions, **kwargs) -> list of floats, for text or conversational data. The prompt is
+        held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's."""
         def reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
             if len(prompts) != len(completions):
                 raise DataError(f"reward function: {len(prompts)} prompts but {len(completions)} completions")
-            return self.score([p + c for p, c in zip(prompts, completions)])
+            names = [f"item {i}" for i in range(len(prompts))]
+            encoded = [self.encode(p + c, name) for p, c, name in zip(prompts, completions, names)]
+            lengths = ([self.given_prompt_length(p, name) for p, name in zip(prompts, names)]
+                       if self.max_prompt is not None else None)
+            return self.score_ids(encoded, names, lengths).rewards
 
         reward.__name__ = f"reward_model_{self.model_dir.name}"
         return reward
