@@ -33,6 +33,31 @@ def test_score_api_pipeline_and_grpo_reward_function_agree(trained):
     assert reward(prompts=[conversation[:1]], completions=[conversation[1:]]) == pytest.approx([by_messages], abs=1e-5)
 
 
+def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversations_reward(tmp_path):
+    """In TRL's text format a completion comes without the policy's end token, and the prompt as the dataset
+    holds it (the card: rendered with the training template). Joined as given, a chatml model read the answer
+    without the `<|im_end|>` training's texts end with: another reward than the same conversation's."""
+    import shutil
+
+    from rm_lib.data import templates
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, save_model
+
+    tok = load_tokenizer("default")
+    save_model(load_reward_model("default", pad_token_id=tok.pad_token_id), tok, tmp_path / "chatml")
+    shutil.copytree(tmp_path / "chatml", tmp_path / "simple")
+    prompt = [{"role": "user", "content": "How do I boil an egg?"}]
+    answer = "Put it in boiling water for eight minutes."
+    for template, between, closing in (("chatml", "", "<|im_end|>\n"), ("simple_chat", " ", "")):
+        folder = tmp_path / ("chatml" if template == "chatml" else "simple")
+        (folder / "rm_lib.json").write_text(json.dumps({"template": template}))
+        scorer = RewardScorer(folder)
+        [expected] = scorer.score([prompt + [{"role": "assistant", "content": answer}]])
+        text_prompt = templates.render(prompt, template, tok, add_generation_prompt=True)
+        reward = scorer.reward_function()
+        given = reward(prompts=[text_prompt] * 2, completions=[between + answer, between + answer + closing])
+        assert given == pytest.approx([expected] * 2, abs=1e-5), template  # closed once, whether it came closed
+
+
 def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, monkeypatch, capsys):
     import torch
 

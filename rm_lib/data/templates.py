@@ -49,3 +49,13 @@ def render(messages: list[dict], name: str, tokenizer: Any, add_generation_promp
             return ""
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return NAMED[name](messages, add_generation_prompt)
+
+
+def turn_closing(name: str, tokenizer: Any) -> str:
+    """What the template writes after an assistant's answer (chatml's `<|im_end|>\\n`; '' for simple_chat):
+    a text prompt's completion, closed with it, ends as training's texts did. '' where the template does
+    not write the answer as given."""
+    answer = "rm-lib-answer-7f3a"
+    whole = render([{"role": "user", "content": "rm-lib-prompt"}, {"role": "assistant", "content": answer}], name,
+                   tokenizer)
+    return whole[whole.rindex(answer) + len(answer):] if answer in whole else ""

@@ -227,12 +227,20 @@ class RewardScorer:
     def reward_function(self) -> Callable[..., list[float]]:
         """A function with the signature TRL's GRPOTrainer takes in `reward_funcs`:
         f(prompts, completions, **kwargs) -> list of floats, for text or conversational data. The prompt is
-        held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's."""
+        held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's.
+        A text completion is closed as the training template closes an assistant's turn (TRL decodes it
+        without the policy's end token): with a prompt rendered by that template, the text training read."""
+        closing = templates.turn_closing(self.template, self.tokenizer)
+
+        def closed(completion: Any) -> Any:
+            return completion + closing if isinstance(completion, str) and not completion.endswith(closing) \
+                else completion
+
         def reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
             if len(prompts) != len(completions):
                 raise DataError(f"reward function: {len(prompts)} prompts but {len(completions)} completions")
             names = [f"item {i}" for i in range(len(prompts))]
-            encoded = [self.encode(p + c, name) for p, c, name in zip(prompts, completions, names)]
+            encoded = [self.encode(p + closed(c), name) for p, c, name in zip(prompts, completions, names)]
             lengths = ([self.given_prompt_length(p, name) for p, name in zip(prompts, names)]
                        if self.max_prompt is not None else None)
             return self.score_ids(encoded, names, lengths).rewards

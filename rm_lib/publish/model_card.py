@@ -503,8 +503,10 @@ scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "cont
 In TRL, as the reward of GRPO: the scorer's function renders conversational prompts and completions
 with the training template and adds the start and end tokens, as training did. (Given the repository
 name itself, `reward_funcs="{repo_id}"`, TRL tokenizes the texts with no special tokens: the reward
-is then read elsewhere than training read it.) A text prompt is scored as given with its completion:
-render it with the training template first for the reward training measured.
+is then read elsewhere than training read it.) In TRL's text format the prompt is scored as given,
+joined to its completion, which is closed as the training template closes an answer (TRL gives it
+without the policy's end token): render the prompt with the training template, its generation prompt
+included, for the reward training measured.
 
 ```python
 from trl import GRPOTrainer
