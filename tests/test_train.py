@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import Layout
+from rm_lib.settings import load_params
 from rm_lib.training import trainer
 
 from helpers import fit_tiny, run_steps, tiny_params
@@ -98,9 +99,9 @@ def _prepare(root: Path, model: str, *extra: str) -> None:
         section, name = key.split(".")
         settings.setdefault(section, {})[name] = yaml.safe_load(value)
     (root / "params.yaml").write_text(yaml.safe_dump(settings))
-    for step in ("download", "tokenize", "filter"):
-        proc = _cli(root, step)
-        assert proc.wait() == 0, proc.stdout.read()
+    # the data steps in this process (the CLI's own code path, without three interpreter starts a run): the
+    # tests launch train
+    run_steps(load_params(root / "params.yaml"), root, "download", "tokenize", "filter")
 
 
 @pytest.mark.integration
@@ -156,13 +157,28 @@ def _two_process_run(tmp_path, tiny_decoder, *extra: str):
 SAME_RUN = ("train.max_steps=4", "train.eval_steps=2", "download.test_fraction=0.1", "download.demo_pairs=130")
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_decoder):
+    """The one-process run a two-process test compares with, trained once for each settings the module's
+    tests ask for: (settings...) -> its project folder."""
+    made: dict[tuple[str, ...], Path] = {}
+
+    def run(*settings: str) -> Path:
+        if settings not in made:
+            root = tmp_path_factory.mktemp("one-process")
+            _prepare(root, str(tiny_decoder), *settings)
+            one = _cli(root, "train")
+            assert one.wait() == 0, one.stdout.read()
+            made[settings] = root
+        return made[settings]
+
+    return run
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("attention", ["auto", "varlen"])  # varlen: each process's layout travels through DDP
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_decoder, attention):
-    _prepare(tmp_path / "one", str(tiny_decoder), *SAME_RUN, "train.batch_size=4")
-    one = _cli(tmp_path / "one", "train")
-    assert one.wait() == 0, one.stdout.read()
-    loss_one, evals_one, stats_one = _records(tmp_path / "one")
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_decoder, attention, one_process):
+    loss_one, evals_one, stats_one = _records(one_process(*SAME_RUN, "train.batch_size=4"))
     loss_two, evals_two, stats_two = _two_process_run(tmp_path, tiny_decoder, f"train.attention={attention}")
     assert loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
     # evaluation split over both processes and gathered: the same metrics over the same held-out pairs
@@ -729,7 +745,8 @@ FSDP_RUN = ("download.demo_pairs=50", "download.test_fraction=0.1", "train.max_s
 
 @pytest.mark.integration
 @pytest.mark.parametrize("launch", ["ddp", "fsdp", "fsdp-lora"])
-def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_model(tmp_path, tiny_decoder, launch):
+def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_model(tmp_path, tiny_decoder, launch,
+                                                                                      one_process):
     """FSDP2 as configs/accelerate/fsdp.yaml sets it, on two CPU processes (tests/fsdp_cpu.py), against
     one process at the same global batch: the same losses and the same saved weights. On the way: a
     forward budget under which the two shares of a batch split into different numbers of forwards
@@ -742,9 +759,7 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
 
     sharded = launch != "ddp"
     settings = (*FSDP_RUN, *(("train.lora=true", "train.learning_rate=1e-3") if launch == "fsdp-lora" else ()))
-    _prepare(tmp_path / "one", str(tiny_decoder), *settings, "train.batch_size=4")
-    one = _cli(tmp_path / "one", "train")
-    assert one.wait() == 0, one.stdout.read()
+    one_root = one_process(*settings, "train.batch_size=4")
     _prepare(tmp_path / "two", str(tiny_decoder), *settings, "train.batch_size=2")
     rows = read_rows(tmp_path / "two/data/filtered/train.parquet")
     assert len(rows) % 4 == 1  # the epoch's last batch: one pair, for one of the two processes
@@ -770,19 +785,19 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     assert two.returncode == 0, out
     if launch != "fsdp-lora":
         _one_process_refuses_to_resume(tmp_path / "two", "2 processes (FSDP)" if sharded else "2 processes (DDP)")
-    loss_one, _, stats_one = _records(tmp_path / "one")
-    loss_two, _, stats_two = _records(tmp_path / "two")
+    two_root = tmp_path / "two"
+    loss_one, _, stats_one = _records(one_root)
+    loss_two, _, stats_two = _records(two_root)
     assert len(loss_one) == len(batches) and loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
-    logged = [[r[k] for r in read_jsonl(tmp_path / run / "data/train/metrics.jsonl") if "loss" in r
-               for k in ("accuracy", "reward_margin")] for run in ("one", "two")]
+    logged = [[r[k] for r in read_jsonl(run / "data/train/metrics.jsonl") if "loss" in r
+               for k in ("accuracy", "reward_margin")] for run in (one_root, two_root)]
     assert logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-5)  # over both processes' pairs, not the first's
     assert stats_two[:2] == pytest.approx(stats_one[:2], rel=1e-4, abs=1e-5) and stats_two[2] == 2
-    assert same_weights(weights(tmp_path / "two/models/reward_model"), weights(tmp_path / "one/models/reward_model"),
-                        atol=1e-4)
+    assert same_weights(weights(two_root / "models/reward_model"), weights(one_root / "models/reward_model"), atol=1e-4)
     assert read_json(tmp_path / "two/data/train/summary.json")["device_plan"]["tokens_per_forward"] == 160
     if launch == "fsdp-lora":
-        _saved_as_one_process_saves_it(tmp_path / "one/models/reward_model", tmp_path / "two/models/reward_model",
-                                       rows[:4], tiny_decoder)
+        _saved_as_one_process_saves_it(one_root / "models/reward_model", two_root / "models/reward_model", rows[:4],
+                                       tiny_decoder)
 
 
 def _one_process_refuses_to_resume(root: Path, saved_by: str) -> None:
