@@ -133,6 +133,46 @@ def test_truncate_policy_keeps_start_token_and_the_end():
         assert token_length(kept, side) == len(row[f"input_ids_{side}"])  # the length before the cut
 
 
+def test_a_bos_only_the_chat_template_writes_is_kept_by_every_cut(tmp_path, tiny_decoder):
+    """A tokenizer that adds no BOS beside a template that writes one: the filter's cut, and score's and the
+    scorer's after it, removed the BOS with the prompt's start, so most cut sequences began mid-text."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.model.modeling import load_reward_model, save_model
+
+    folder = tmp_path / "no-bos-added"
+    shutil.copytree(tiny_decoder, folder)
+    saved = PreTrainedTokenizerFast.from_pretrained(folder)
+    backend = Tokenizer.from_str(saved.backend_tokenizer.to_str())
+    backend.post_processor = None  # the template's {{ bos_token }} is the only BOS
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                    pad_token="</s>")
+    plain.chat_template = saved.chat_template
+    plain.save_pretrained(folder)
+    bos = plain.bos_token_id
+    assert plain("a b")["input_ids"][0] != bos and tokenization.special_tokens(plain).prefix == ()
+    params = tiny_params("filter.policy=truncate", "filter.max_token_length=24", "filter.max_prompt_token_length=10",
+                         model=str(folder))
+    run_steps(params, tmp_path / "p", "download", "tokenize", "filter")
+    cut = [r for split in ("train", "test") for r in read_rows(tmp_path / f"p/data/filtered/{split}.parquet")
+           if len(r["input_ids_chosen"]) < token_length(r, "chosen")]
+    assert cut
+    for row in cut:
+        for side in ("chosen", "rejected"):
+            ids = row[f"input_ids_{side}"]
+            assert ids[0] == bos and bos not in ids[1:] and len(ids) <= 24, row["id"]
+    # the scorer cuts a long conversation the same way
+    save_model(load_reward_model(str(folder), pad_token_id=plain.pad_token_id), plain, tmp_path / "rm")
+    scorer = RewardScorer(tmp_path / "rm", template="tokenizer", max_length=24)
+    chat = [{"role": "user", "content": "the film " * 30}, {"role": "assistant", "content": "it was good"}]
+    fitted, was_cut = scorer.fit(scorer.encode(chat), "chat")
+    assert was_cut and fitted[0] == bos and len(fitted) == 24
+
+
 def test_truncation_keeps_the_prompt_both_sides_still_share_and_records_what_it_sets_aside():
     """prompt_length after a cut was the chosen side's, though the longer rejected side lost more of its
     prompt: it is now the prompt tokens left in the side cut more. A pair the cut made identical was

@@ -31,6 +31,12 @@ def drop_reason(row: dict, max_len: int, max_prompt: int | None) -> str | None:
     return "chosen_too_long" if long_c else "rejected_too_long" if long_r else None
 
 
+def front_length(ids: list[int], keep_front: int, template_start: int | None) -> int:
+    """How many of `ids`' first tokens a cut keeps: `keep_front` (the start tokens the tokenizer adds) or,
+    where it adds none, the BOS a chat template wrote (`template_start`), which a cut removed."""
+    return keep_front or int(template_start is not None and ids[:1] == [template_start])
+
+
 def truncate_left(ids: list[int], max_len: int, keep_front: int, cut: int = 0) -> list[int]:
     """Remove `cut` tokens after the first `keep_front`, then more from the same place until
     at most max_len remain."""
@@ -44,8 +50,10 @@ def _dropped(row: dict, reason: str) -> dict:
             "chosen_length": len(row["input_ids_chosen"]), "rejected_length": len(row["input_ids_rejected"])}
 
 
-def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str, keep_front: int) -> FilterOutcome:
-    """Every kept row carries `length_chosen`/`length_rejected`: its token counts before any cut."""
+def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str, keep_front: int,
+          template_start: int | None = None) -> FilterOutcome:
+    """Every kept row carries `length_chosen`/`length_rejected`: its token counts before any cut.
+    `keep_front`, `template_start`: the start tokens a cut keeps (front_length)."""
     outcome = FilterOutcome()
     for row in rows:
         row = {**row, "length_chosen": len(row["input_ids_chosen"]), "length_rejected": len(row["input_ids_rejected"])}
@@ -63,13 +71,14 @@ def apply(rows: list[dict], *, max_len: int, max_prompt: int | None, policy: str
             prompt_len = row.get("prompt_length") or 0
             cut = max(prompt_len - max_prompt, 0) if max_prompt is not None else 0
             new = dict(row)
+            front = front_length(row["input_ids_chosen"], keep_front, template_start)  # one prompt, one start
             for side in ("chosen", "rejected"):
-                ids = truncate_left(row[f"input_ids_{side}"], max_len, keep_front, cut)
+                ids = truncate_left(row[f"input_ids_{side}"], max_len, front, cut)
                 new[f"input_ids_{side}"], new[f"attention_mask_{side}"] = ids, [1] * len(ids)
             if prompt_len:  # the prompt tokens left in the side cut more (the other keeps at least as many)
                 removed = max(len(row[f"input_ids_{side}"]) - len(new[f"input_ids_{side}"])
                               for side in ("chosen", "rejected"))
-                new["prompt_length"] = max(prompt_len - removed, keep_front)
+                new["prompt_length"] = max(prompt_len - removed, front)
             if new["input_ids_chosen"] == new["input_ids_rejected"]:
                 outcome.dropped.append(_dropped(row, "identical_after_truncation"))
                 continue

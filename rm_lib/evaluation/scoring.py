@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rm_lib.data import formats, templates, tokenization
-from rm_lib.data.length_filter import truncate_left
+from rm_lib.data.length_filter import front_length, truncate_left
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.model.batching import in_batches
 from rm_lib.model.modeling import load_reward_model, load_tokenizer, max_sequence_length, rewards
@@ -162,7 +162,8 @@ class RewardScorer:
             raise DataError(f"{name}: {what}; use length_policy='truncate' to keep the end of such texts, or "
                             "shorten it")
         cut = prompt_length - self.max_prompt if over else 0
-        return truncate_left(ids, self.max_length, len(self.special.prefix), cut), True
+        front = front_length(ids, len(self.special.prefix), self.special.template_start)
+        return truncate_left(ids, self.max_length, front, cut), True
 
     def sure_tie(self, chosen: list[int], rejected: list[int], name: str, prompt_length: int = 0) -> str | None:
         """Why two encoded answers are a sure tie (their rewards equal but for rounding), or None:

@@ -10,6 +10,8 @@ from typing import Any
 class SpecialTokens:
     prefix: tuple[int, ...]  # what the tokenizer puts before text: BOS, or [CLS]
     end: int | None  # what every sequence must end with: EOS, or [SEP]
+    # where the tokenizer puts nothing before text: the BOS a chat template may write, a start token all the same
+    template_start: int | None = None
 
 
 def special_tokens(tokenizer: Any) -> SpecialTokens:
@@ -18,7 +20,7 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
     prefix = tuple(full[:start])
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    return SpecialTokens(prefix=prefix, end=end)
+    return SpecialTokens(prefix=prefix, end=end, template_start=None if prefix else tokenizer.bos_token_id)
 
 
 def add_special(ids: list[int], special: SpecialTokens) -> list[int]:

@@ -88,7 +88,8 @@ def run(params: Params, layout: Layout) -> FilterResult:
                 lengths["chosen"].append(len(row["input_ids_chosen"]))
                 lengths["rejected"].append(len(row["input_ids_rejected"]))
             outcome = length_filter.apply(rows, max_len=cfg.max_token_length, max_prompt=cfg.max_prompt_token_length,
-                                          policy=cfg.policy, keep_front=keep_front)
+                                          policy=cfg.policy, keep_front=keep_front,
+                                          template_start=meta.get("template_start_id"))
             if not outcome.kept:
                 raise DataError(f"no {split} pair is left ({outcome.dropped_by_reason}): "
                                 f"{_advice(outcome.dropped_by_reason, cfg.policy)}",

@@ -136,7 +136,7 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
     rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
     outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
                                   policy=policy or params.filter.policy,
-                                  keep_front=len(scorer.special.prefix))
+                                  keep_front=len(scorer.special.prefix), template_start=scorer.special.template_start)
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
     for dropped in outcome.dropped:

@@ -28,13 +28,15 @@ class TokenizeResult:
     max_length: int | None = None  # the most tokens the model reads (None: it does not say)
     settings: dict = field(default_factory=dict)  # the tokenize settings these ids were made with
     revision: str | None = None  # model.revision: the tokenizer's, with `model`
+    template_start_id: int | None = None  # SpecialTokens.template_start: a BOS the template writes, kept by a cut
 
     def manifest(self) -> dict:
         """manifest.json: what filter, train and the model card read of this tokenization."""
         return {"model": self.model, "template": self.template, "rows": self.rows, "tokens": self.tokens,
                 "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
                 "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs,
-                "max_length": self.max_length, "settings": self.settings, "revision": self.revision}
+                "max_length": self.max_length, "settings": self.settings, "revision": self.revision,
+                "template_start_id": self.template_start_id}
 
     def summary(self) -> str:
         return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
@@ -74,7 +76,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
             model=params.model.name_or_path, revision=params.model.revision, special_prefix=list(special.prefix),
-            end_token_id=special.end,
+            end_token_id=special.end, template_start_id=special.template_start,
             pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize),
             max_length=max_sequence_length(_model_config(params), tokenizer))
         write_json(out / "manifest.json", result.manifest())
