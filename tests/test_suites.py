@@ -31,6 +31,8 @@ class NumberScorer:
     def score_ids(self, encoded, names=None, prompt_lengths=None):
         return self.score_detailed([json.loads(bytes(ids)) for ids in encoded])
 
+    max_prompt = None  # cuts no prompt
+
     def prompt_length(self, prompt):
         return 0
 
@@ -356,11 +358,31 @@ def test_the_held_out_pairs_scored_as_a_suite_get_evaluates_rewards_where_the_fi
     scores = {r["id"]: r for r in read_jsonl(tmp_path / "data/evaluation/scores.jsonl")}
     pairs = read_jsonl(tmp_path / "data/pairs/test.jsonl")
     assert entry["rows"] == len(pairs) == len(scores)
+    scorer = RewardScorer(Layout(tmp_path).model)
     for pair in pairs:
         for side in ("chosen", "rejected"):
-            key = json.dumps(pair["prompt"] + pair[side], sort_keys=True)
+            key = suites._key(scorer, pair["prompt"] + pair[side], pair["prompt"])
             assert captured[key] == pytest.approx(scores[pair["id"]][f"reward_{side}"], abs=1e-5), (pair["id"], side)
     assert entry["accuracy"] == pytest.approx(read_json_file(tmp_path / "data/evaluation/report.json")["accuracy"])
+
+    # one conversation in two rows under two prompt splits: each row's prompt is cut where its own split says,
+    # whichever row comes first (the first row's cut reward was given to both)
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    u1, a1 = turn("user", "the film was good and the acting was not bad at all"), turn("assistant", "the plot")
+    u2, a2, r2 = turn("user", "and the humour"), turn("assistant", "was good"), turn("assistant", "was awful")
+    split_late = {"id": "late", "prompt": u1 + a1 + u2, "chosen": a2, "rejected": r2}
+    split_early = {"id": "early", "prompt": u1, "chosen": a1 + u2 + a2, "rejected": a1 + u2 + r2}
+    assert scorer.prompt_length(split_late["prompt"]) > scorer.max_prompt
+    alone = scorer.score_ids([scorer.encode(split_early["prompt"] + split_early["chosen"])],
+                             prompt_lengths=[scorer.prompt_length(split_early["prompt"])]).rewards[0]
+    for order in ([split_late, split_early], [split_early, split_late]):
+        captured.clear()
+        write_jsonl(tmp_path / "split.jsonl", order)
+        suites.evaluate_suite(suites.parse_entry(str(tmp_path / "split.jsonl")), scorer)
+        key = suites._key(scorer, split_early["prompt"] + split_early["chosen"], split_early["prompt"])
+        assert captured[key] == pytest.approx(alone, abs=1e-5), order[0]["id"]
 
 
 def read_json_file(path):

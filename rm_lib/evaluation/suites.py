@@ -254,15 +254,21 @@ def _score_unique(scorer: Any, items: list[Messages], names: list[str],
                   prompts: list[Messages]) -> tuple[dict[str, float], set[str]]:
     """Rewards per distinct conversation (identical texts share one score, so they tie exactly),
     scored longest first so each batch pads little; a prompt longer than training held prompts to is
-    cut as filter cuts a pair's. Returns ({key: reward}, keys that were truncated)."""
+    cut as filter cuts a pair's. Returns ({_key: reward}, keys that were truncated)."""
     unique: dict[str, tuple[Messages, str, Messages]] = {}
     for item, name, prompt in zip(items, names, prompts):
-        unique.setdefault(json.dumps(item, sort_keys=True), (item, name, prompt))
+        unique.setdefault(_key(scorer, item, prompt), (item, name, prompt))
     keys = sorted(unique, key=len, reverse=True)
     lengths = _prompt_lengths(scorer, [unique[k][2] for k in keys])
     scored = scorer.score_ids([scorer.encode(unique[k][0], unique[k][1]) for k in keys],
                               names=[unique[k][1] for k in keys], prompt_lengths=lengths)
     return dict(zip(keys, scored.rewards)), {k for k, cut in zip(keys, scored.truncated) if cut}
+
+
+def _key(scorer: Any, item: Messages, prompt: Messages) -> str:
+    """What makes a conversation's reward: its messages, and where prompts are cut, which are its prompt
+    (one conversation under two rows' prompt splits is cut at two places)."""
+    return json.dumps([item, prompt] if scorer.max_prompt is not None else item, sort_keys=True)
 
 
 def _prompt_lengths(scorer: Any, prompts: list[Messages]) -> list[int]:
@@ -305,10 +311,10 @@ def score_rows(scorer: Any, rows: list[Row]) -> tuple[list[bool], int]:
     rewards, truncated = _score_unique(scorer, items, names, prompts)
     correct = []
     for row in rows:
-        chosen = [rewards[json.dumps(row.prompt + a, sort_keys=True)] for a in row.chosen]
-        rejected = [rewards[json.dumps(row.prompt + a, sort_keys=True)] for a in row.rejected]
+        chosen = [rewards[_key(scorer, row.prompt + a, row.prompt)] for a in row.chosen]
+        rejected = [rewards[_key(scorer, row.prompt + a, row.prompt)] for a in row.rejected]
         correct.append(row_correct(chosen, rejected))
-    cut = sum(json.dumps(item, sort_keys=True) in truncated for item in items)
+    cut = sum(_key(scorer, item, prompt) in truncated for item, prompt in zip(items, prompts))
     return correct, cut
 
 
