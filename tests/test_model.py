@@ -109,11 +109,11 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert piped(text.removeprefix(saved.bos_token))[0]["score"] == pytest.approx(scorer.score([chat])[0], abs=1e-5)
 
 
-def test_the_released_tokenizer_cuts_a_long_text_as_training_did_keeping_its_end(tmp_path):
+def test_the_released_tokenizer_cuts_a_long_text_as_training_did_keeping_its_end(tmp_path, tiny_decoder):
     """transformers' tokenizers cut on the right: `pipeline(text, truncation=True)` on a text past the model's
     512 tokens read its start, and every answer after a long prompt got one reward. Released, the tokenizer
     keeps the end, as training and RewardScorer do."""
-    from transformers import pipeline
+    from transformers import AutoTokenizer, pipeline
 
     from rm_lib.evaluation.scoring import RewardScorer
     from rm_lib.model.modeling import save_model
@@ -128,6 +128,14 @@ def test_the_released_tokenizer_cuts_a_long_text_as_training_did_keeping_its_end
     theirs = [r["score"] for r in piped(texts, truncation=True)]
     assert theirs == pytest.approx(ours.rewards, abs=1e-5) and abs(theirs[0] - theirs[1]) > 1e-4
     assert tok.truncation_side == "right"  # the tokenizer in use is left as it was
+    # to the length training held texts to, as the card's line for long texts says
+    held = RewardScorer(tmp_path / "rm", max_length=128).score(texts)
+    assert [r["score"] for r in piped(texts, truncation=True, max_length=128)] == pytest.approx(held, abs=1e-5)
+    # a tokenizer whose config names no side (most do not) is released cutting on the left too
+    decoder = load_tokenizer(str(tiny_decoder))
+    assert "truncation_side" not in json.loads((tiny_decoder / "tokenizer_config.json").read_text())
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=decoder.pad_token_id), decoder, tmp_path / "decoder")
+    assert AutoTokenizer.from_pretrained(tmp_path / "decoder").truncation_side == "left"
 
 
 CARD_CHAT = [{"role": "user", "content": "How do I boil an egg?"},
@@ -150,6 +158,16 @@ def test_the_cards_pipeline_example_is_in_the_rm_lib_template_training_used(tmp_
     scope: dict = {}
     exec(code.replace("rm(", "score = rm(", 1), scope)  # noqa: S102 - the card's own instructions
     assert scope["score"][0]["score"] == pytest.approx(RewardScorer(tmp_path / "rm").score([CARD_CHAT])[0], abs=1e-5)
+    # for a text longer than training read, the line the card adds: the scorer's reward at that length
+    usage = model_card._usage(str(tmp_path / "rm"), tokenizer=model_card.tokenizer_facts(tmp_path / "rm"),
+                              max_length=64)
+    code = re.findall(r"```python\n(.*?)```", usage, re.S)[0]
+    long_text = ("<|im_start|>user\n" + "the film was good. " * 60 +
+                 "<|im_end|>\n<|im_start|>assistant\nfine<|im_end|>\n")
+    scope = {"long_text": long_text}
+    exec(code.replace("rm(long_text", "score = rm(long_text"), scope)  # noqa: S102
+    held = RewardScorer(tmp_path / "rm", max_length=64).score([long_text])[0]
+    assert scope["score"][0]["score"] == pytest.approx(held, abs=1e-5)
 
 
 def card_reward(folder: Path) -> float:

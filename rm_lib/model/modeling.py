@@ -472,13 +472,17 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
     conversations with the tokenizer's chat template (`released_tokenizer`)."""
     released = released_tokenizer(tokenizer, chat_template)
     # Padded on the right, as training and evaluation padded (a model with absolute positions, GPT-2, reads
-    # other rewards from a left-padded batch); cut on the left, as training cut a long text (keeping its
+    # other rewards from a left-padded batch); cut on the left, where training cut a long text (keeping its
     # end, where the answer is): `pipeline(..., truncation=True)` cut the answer off, the same reward for all.
-    if (released.padding_side, released.truncation_side) != ("right", "left"):
+    # save_pretrained writes what init_kwargs hold.
+    wanted = {"padding_side": "right", "truncation_side": "left"}
+    if any(getattr(released, k) != v or released.init_kwargs.get(k) != v for k, v in wanted.items()):
         import copy
 
         released = copy.deepcopy(released) if released is tokenizer else released
-        released.padding_side, released.truncation_side = "right", "left"
+        for key, value in wanted.items():
+            setattr(released, key, value)
+            released.init_kwargs[key] = value
     with quiet_transformers():
         _save_model(getattr(model, "module", model), released, Path(folder), extra_config, state_dict)
         reloads_as_saved(released, Path(folder))

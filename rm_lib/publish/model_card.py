@@ -453,7 +453,7 @@ def _example_inputs(tokenizer: dict | None) -> str:
             "inputs = {\"input_ids\": torch.tensor([ids])}")
 
 
-def _first_example(repo_id: str, tokenizer: dict | None) -> str:
+def _first_example(repo_id: str, tokenizer: dict | None, max_length: Any = None) -> str:
     """The first way in: the pipeline on the example's text in the training template, or, for a model
     trained with its tokenizer's chat template (whose text tokenized again can give other ids), the
     template's ids as training had them."""
@@ -465,7 +465,7 @@ def _first_example(repo_id: str, tokenizer: dict | None) -> str:
 ```python
 from transformers import pipeline
 rm = pipeline("text-classification", model="{repo_id}", function_to_apply="none")
-rm({json.dumps(text)})  # a conversation in the template training used
+rm({json.dumps(text)})  # a conversation in the template training used{_long_texts(max_length)}
 ```"""
     return f"""With `transformers` (one score per conversation, in the chat template training used):
 
@@ -480,13 +480,23 @@ with torch.no_grad():
 ```"""
 
 
-def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None) -> str:
+def _long_texts(max_length: Any) -> str:
+    """The pipeline line for a text longer than training held texts to: cut there, keeping its end (the
+    released tokenizer cuts on the left), as training cut it."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool):
+        return ""
+    return (f"\nrm(long_text, truncation=True, max_length={max_length})  # cut to the {max_length} tokens training "
+            "read, keeping the end")
+
+
+def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None,
+           max_length: Any = None) -> str:
     lora = _adapter_usage(repo_id, adapter, local_base, tokenizer) if adapter else ""
     return f"""## How to use
 
 The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
 
-{_first_example(repo_id, tokenizer)}
+{_first_example(repo_id, tokenizer, max_length)}
 
 {_text_rules(tokenizer)}
 
@@ -610,7 +620,8 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 
 {_gate(list(gate), forced)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
-{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None, tokenizer)}
+{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None, tokenizer,
+        (params.get("filter") or {}).get("max_token_length"))}
 
 {_parameters(params)}
 
