@@ -54,8 +54,10 @@ def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversa
         [expected] = scorer.score([prompt + [{"role": "assistant", "content": answer}]])
         text_prompt = templates.render(prompt, template, tok, add_generation_prompt=True)
         reward = scorer.reward_function()
-        given = reward(prompts=[text_prompt] * 2, completions=[between + answer, between + answer + closing])
-        assert given == pytest.approx([expected] * 2, abs=1e-5), template  # closed once, whether it came closed
+        # closed once, whether it came closed, or by the end token alone (a policy ending in <|im_end|>)
+        endings = ("", closing, closing.rstrip())
+        given = reward(prompts=[text_prompt] * 3, completions=[between + answer + end for end in endings])
+        assert given == pytest.approx([expected] * 3, abs=1e-5), template
 
 
 def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, monkeypatch, capsys):
@@ -366,6 +368,10 @@ def test_the_scorer_refuses_what_it_would_score_as_something_else(trained):
             scorer.score(items)
     with pytest.raises(DataError, match="2 prompts but 1 completions"):
         scorer.reward_function()(prompts=["a", "b"], completions=["x"])
+    with pytest.raises(DataError, match=re.escape("item 0: a text prompt with a conversation completion; give both")):
+        scorer.reward_function()(prompts=["a"], completions=[[{"role": "assistant", "content": "x"}]])
+    with pytest.raises(DataError, match=re.escape("item 0: a conversation prompt with a text completion")):
+        scorer.reward_function()(prompts=[[{"role": "user", "content": "a"}]], completions=["x"])
     for bad in ({"batch_size": 0}, {"max_length": 0}, {"max_length": 1}, {"max_length": 10_000}):
         with pytest.raises(SettingsError, match=next(iter(bad))):
             RewardScorer(trained / "models/reward_model", **bad)

@@ -234,13 +234,20 @@ class RewardScorer:
         closing = templates.turn_closing(self.template, self.tokenizer)
 
         def closed(completion: Any) -> Any:
-            return completion + closing if isinstance(completion, str) and not completion.endswith(closing) \
-                else completion
+            if not isinstance(completion, str):
+                return completion
+            # closed already, or by its end token alone (a policy whose end token is chatml's <|im_end|>)
+            done = next((part for part in (closing, closing.rstrip()) if part and completion.endswith(part)), "")
+            return completion + closing[len(done):]
 
         def reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
             if len(prompts) != len(completions):
                 raise DataError(f"reward function: {len(prompts)} prompts but {len(completions)} completions")
             names = [f"item {i}" for i in range(len(prompts))]
+            for p, c, name in zip(prompts, completions, names):
+                if isinstance(p, str) != isinstance(c, str):
+                    raise DataError(f"reward function: {name}: a {_kind(p)} prompt with a {_kind(c)} completion; "
+                                    "give both as text or both as conversations (lists of messages)")
             encoded = [self.encode(p + closed(c), name) for p, c, name in zip(prompts, completions, names)]
             lengths = ([self.given_prompt_length(p, name) for p, name in zip(prompts, names)]
                        if self.max_prompt is not None else None)
@@ -248,3 +255,7 @@ class RewardScorer:
 
         reward.__name__ = f"reward_model_{self.model_dir.name}"
         return reward
+
+
+def _kind(part: Any) -> str:
+    return "text" if isinstance(part, str) else "conversation" if isinstance(part, list) else type(part).__name__
