@@ -173,12 +173,14 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
     except RecordError as exc:
         raise dg.Failure(description=record_failed(stage, exc), allow_retries=False) from exc
     if isinstance(outcome, NotRecorded):
-        context.log.info(f"{stage}: not recorded in DVC: {outcome.reason}")
+        context.log.info(printable(f"{stage}: not recorded in DVC: {outcome.reason}"))
         return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
     if outcome.experiment:
-        context.log.info(f"{stage}: recorded in the DVC experiment {outcome.experiment}; {outcome.push_note}")
+        context.log.info(printable(f"{stage}: recorded in the DVC experiment {outcome.experiment}; "
+                                   f"{outcome.push_note}"))
     elif not outcome.pushed:
-        context.log.warning(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: {outcome.push_note}")
+        context.log.warning(printable(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: "
+                                      f"{outcome.push_note}"))
     version = combined_hash(outcome.outs, list(VERSION_OUTS.get(stage, ())) or None)
     return _recorded_metadata(outcome, version), dg.DataVersion(version)
 
@@ -186,10 +188,10 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
 def record_failed(stage: str, error: object) -> str:
     """The step ran and replaced its outputs before DVC failed: the failure says so, and the ways on."""
     return (f"{stage}: the step ran and replaced its outputs in the workspace, but recording them in DVC failed: "
-            f"{error}. dvc.lock and Dagster's last materialization still name the earlier outputs. Fix the cause "
-            f"and materialize this asset again; or `dvc checkout dvc.yaml:{stage}` puts the recorded outputs back; "
-            f"or, when the run used params.yaml's settings, `dvc commit --force dvc.yaml:{stage}` records the new "
-            "ones as they are")
+            f"{printable(str(error))}. dvc.lock and Dagster's last materialization still name the earlier outputs. "
+            f"Fix the cause and materialize this asset again; or `dvc checkout dvc.yaml:{stage}` puts the recorded "
+            f"outputs back; or, when the run used params.yaml's settings, `dvc commit --force dvc.yaml:{stage}` "
+            "records the new ones as they are")
 
 
 def _recorded_metadata(outcome: Recorded, version: str) -> dict:

@@ -62,7 +62,7 @@ def download_overrides(run_config: dict) -> list[str]:
 def unreadable_settings(exc: SettingsError) -> dg.AssetCheckResult:
     """A check whose settings cannot be read (an unset {env: NAME}, a broken params.yaml) fails saying why,
     as a blocking one stops what follows; it does not end in a traceback."""
-    return dg.AssetCheckResult(passed=False, description=f"the check's settings cannot be read: {exc}",
+    return dg.AssetCheckResult(passed=False, description="the check's settings cannot be read: " + printable(str(exc)),
                                severity=dg.AssetCheckSeverity.ERROR)
 
 

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
+from rm_lib.evaluation.visualize import printable
+
 from .run_lock import hold_group
 
 PROCESS_MODULE = "orchestration.train_process"
@@ -52,7 +54,7 @@ class TrainLauncherResource(dg.ConfigurableResource):
     def launch(self, context: dg.AssetExecutionContext, command: list[str], cwd: Path) -> tuple[int, list[Any]]:
         """Run `command` in its own process group within a Pipes session: (exit code, custom messages).
         Whatever happens, no process of the group outlives this call."""
-        context.log.info("train: launching " + " ".join(command))
+        context.log.info("train: launching " + printable(" ".join(command)))  # --set values may come from anywhere
         with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
                                    message_reader=dg.PipesTempFileMessageReader()) as session:
             process = subprocess.Popen(command, cwd=cwd, start_new_session=True,

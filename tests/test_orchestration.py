@@ -1522,3 +1522,9 @@ def test_control_characters_from_the_data_reach_dagsters_logs_escaped(tmp_path):
 
     verdict = Verdict("subset_accuracy", False, "subset 'a\x1b[2Kb' below 0.6")
     assert checks.as_check_result(verdict).description == "subset 'a\\x1b[2Kb' below 0.6"
+    # a setting named with escapes (params.yaml, a resource's overrides), and a DVC failure quoting a path
+    with pytest.raises(SettingsError) as unknown:
+        load_params(None, ["train.nope\x1b]0;PWNED\x07=1"])
+    for shown in (checks.unreadable_settings(unknown.value).description,
+                  assets.record_failed("train", OSError("cannot write /tmp/a\x1b[2Kb"))):
+        assert "\x1b" not in shown and "\x07" not in shown and "\\x1b" in shown
