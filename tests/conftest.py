@@ -3,6 +3,7 @@ PyPI package ships) and the real preference files in ../shared/data when present
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,17 @@ def aot_eager_compiles(monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+
+
+@pytest.fixture(autouse=True)
+def no_dagster_storage_left_current():
+    """Dagster keeps one current definitions-state storage per process, set while an instance is entered;
+    instances a test ends out of order leave a removed one current, and every later materialization in
+    that worker fails (sqlite: unable to open database file). Each test starts with none."""
+    yield
+    state = sys.modules.get("dagster._core.storage.defs_state.base")
+    if state is not None and hasattr(state, "_current_storage"):
+        state._current_storage.set(None)
 
 
 @pytest.fixture

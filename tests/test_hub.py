@@ -611,12 +611,11 @@ def materialize_release_in_dagster(root: Path, home: Path):
     resources = {**definitions.defs.resources,  # the project's resources, the project and Hub ones for the test
                  "project": ProjectResource(root=str(root)), "hub": HubResource(token=dg.EnvVar("HF_TOKEN"))}
     home.mkdir(parents=True, exist_ok=True)
-    instance = dg.DagsterInstance.local_temp(tempdir=str(home), overrides={"telemetry": {"enabled": False}})
-    try:
+    # entered, so its storage is the current one: Dagster keeps one per process, and an earlier test's
+    # instances, ended out of order, can leave a removed one current (sqlite: unable to open database file)
+    with dg.DagsterInstance.local_temp(tempdir=str(home), overrides={"telemetry": {"enabled": False}}) as instance:
         return dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=dg.AssetSelection.assets("hub_release"),
                               resources=resources, instance=instance, raise_on_error=False)
-    finally:
-        instance.dispose()
 
 
 @pytest.mark.integration
