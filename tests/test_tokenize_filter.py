@@ -250,3 +250,21 @@ def test_test_pairs_with_the_ids_of_a_train_pair_are_counted(tmp_path):
     assert res["download"].test_in_train == 0
     assert read_json(tmp_path / "data/filtered/manifest.json")["test_pairs_in_train"] == 2
     assert "warning: 2 of the 3 test pairs have the token ids of a train pair" in res["filter"].summary()
+
+
+def test_the_closing_of_an_answer_is_what_each_template_writes_after_it(tiny_decoder):
+    """What RewardScorer.reward_function adds to a text completion: chatml's end of turn, nothing for the
+    named plain templates, the tokenizer template's own (this one writes a newline), and nothing where the
+    template refuses a lone exchange."""
+    tok = load_tokenizer(str(tiny_decoder))
+    assert templates.turn_closing("chatml", tok) == "<|im_end|>\n"
+    assert templates.turn_closing("simple_chat", tok) == templates.turn_closing("simple_concat", tok) == ""
+    assert templates.turn_closing("tokenizer", tok) == "\n"
+
+    class Refusing:
+        chat_template = "{{ raise_exception('a system turn first') }}"
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise ValueError("a system turn first")
+
+    assert templates.turn_closing("tokenizer", Refusing()) == ""

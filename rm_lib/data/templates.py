@@ -54,8 +54,11 @@ def render(messages: list[dict], name: str, tokenizer: Any, add_generation_promp
 def turn_closing(name: str, tokenizer: Any) -> str:
     """What the template writes after an assistant's answer (chatml's `<|im_end|>\\n`; '' for simple_chat):
     a text prompt's completion, closed with it, ends as training's texts did. '' where the template does
-    not write the answer as given."""
+    not write the answer as given, or refuses a lone user turn and answer."""
     answer = "rm-lib-answer-7f3a"
-    whole = render([{"role": "user", "content": "rm-lib-prompt"}, {"role": "assistant", "content": answer}], name,
-                   tokenizer)
+    try:
+        whole = render([{"role": "user", "content": "rm-lib-prompt"}, {"role": "assistant", "content": answer}],
+                       name, tokenizer)
+    except Exception:  # a chat template that refuses this exchange (one wants a system turn first): none known
+        return ""
     return whole[whole.rindex(answer) + len(answer):] if answer in whole else ""
