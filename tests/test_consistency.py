@@ -12,6 +12,7 @@ from rm_lib.evaluation import consistency, quality
 from rm_lib.files import read_json, write_json
 from rm_lib.layout import Layout
 from rm_lib.model.modeling import load_tokenizer
+from rm_lib.publish import model_card
 
 from helpers import run_steps, tiny_params
 
@@ -162,6 +163,9 @@ def test_an_encoder_agrees_on_every_path_it_supports(minilm_path, tmp_path):
     assert result["passed"], result
     assert set(result["skipped"]) == {"left_padding", "packed_shared_prompt"}
     assert "[CLS]" in result["skipped"]["left_padding"]["reason"]
+    # the card says which paths were measured, and how to pad a model that left padding misreads
+    outcome = model_card._consistency({"consistency": result}).split("). ", 1)[1].split("\n")[0]
+    assert outcome == "Every path measured agrees. Pad its inputs on the right, as the released tokenizer does."
     assert result["max_abs_diff"]["packed_training_forward"] is not None
     assert result["max_abs_diff"]["pipeline"] is not None and "pipeline" not in result["skipped"]
 

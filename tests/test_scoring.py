@@ -33,6 +33,38 @@ def test_score_api_pipeline_and_grpo_reward_function_agree(trained):
     assert reward(prompts=[conversation[:1]], completions=[conversation[1:]]) == pytest.approx([by_messages], abs=1e-5)
 
 
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_trls_grpo_and_rloo_trainers_take_the_reward_function_for_a_real_step(trained, tiny_decoder, tmp_path, trainer):
+    """The card's TRL recipe in the trainers themselves: a step of TRL's GRPO or RLOO, the policy a tiny
+    decoder, calls the function with conversations it generated; each reward is the scorer's for them."""
+    import warnings
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    scorer = RewardScorer(trained / "models/reward_model")
+    reward, calls = scorer.reward_function(), []
+
+    def recorded(prompts, completions, **kwargs):
+        given = reward(prompts, completions, **kwargs)
+        calls.append((prompts, completions, given))
+        return given
+
+    recorded.__name__ = reward.__name__
+    prompts = [[{"role": "user", "content": "how was the film ?"}], [{"role": "user", "content": "hi"}]]
+    Trainer, Config = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}[trainer]
+    args = Config(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                  num_generations=2, max_completion_length=6, max_steps=1, save_strategy="no", logging_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=str(tiny_decoder), reward_funcs=recorded, args=args,
+                train_dataset=Dataset.from_dict({"prompt": prompts})).train()
+    assert calls, "the trainer never called the reward function"
+    for given_prompts, completions, given in calls:
+        assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions)  # conversational
+        assert given == pytest.approx(scorer.score([p + c for p, c in zip(given_prompts, completions)]), abs=1e-5)
+
+
 def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversations_reward(tmp_path):
     """In TRL's text format a completion comes without the policy's end token, and the prompt as the dataset
     holds it (the card: rendered with the training template). Joined as given, a chatml model read the answer

@@ -114,9 +114,9 @@ def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict)
     if is_last_token_pooled(model):
         ids, mask = _left_padded(seqs, pad_token_id)
         scored["left_padding"] = rewards(model, ids.to(device), mask.to(device)).tolist()
-    else:  # an encoder reads position 0 ([CLS]): left padding puts a pad there, so it is not a way to use it
-        skipped["left_padding"] = {"texts": len(seqs), "reason": "the model pools its first token ([CLS]); "
-                                                                 "its inputs are padded on the right only"}
+    else:  # an encoder reads position 0 ([CLS]): left padding (OpenRLHF's default) puts a pad there
+        skipped["left_padding"] = {"texts": len(seqs), "pad_right": True,
+                                   "reason": "the model reads its first token ([CLS]), which left padding makes a pad"}
     if pooling(unwrap(model)) is not None:
         scored["packed_training_forward"] = _packed_scores(model, rows, pad_token_id, device)
         if pooling(unwrap(model)) == "last":  # train.shared_prompt: each pair's prompt computed once

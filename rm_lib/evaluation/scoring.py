@@ -226,7 +226,7 @@ class RewardScorer:
         return tokenization.prefixed_length(ids, self.special)
 
     def reward_function(self) -> Callable[..., list[float]]:
-        """A function with the signature TRL's GRPOTrainer takes in `reward_funcs`:
+        """A function with the signature TRL's GRPOTrainer and RLOOTrainer take in `reward_funcs`:
         f(prompts, completions, **kwargs) -> list of floats, for text or conversational data. The prompt is
         held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's.
         A text completion is closed as the training template closes an assistant's turn (TRL decodes it

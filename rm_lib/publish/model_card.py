@@ -301,8 +301,13 @@ def _consistency(metrics: dict) -> str:
             verdict += f" ({skipped['texts']} texts skipped: {skipped['reason']})"
         rows.append(f"| {label} | {shown} | {verdict} |")
     table = "\n".join(rows)
-    outcome = ("Every path agrees." if result.get("passed") else
-               "**Some paths give other scores**" + (f": {result['hint']}." if result.get("hint") else "."))
+    skipped = result.get("skipped") or {}
+    if not result.get("passed"):
+        outcome = "**Some paths give other scores**" + (f": {result['hint']}." if result.get("hint") else ".")
+    else:  # a skipped path is no agreement: say which were measured
+        outcome = "Every path measured agrees." if skipped else "Every path agrees."
+    if (skipped.get("left_padding") or {}).get("pad_right"):  # an encoder: it reads its first token
+        outcome += " Pad its inputs on the right, as the released tokenizer does."
     return f"""
 
 ## Score consistency
@@ -510,16 +515,17 @@ scorer = RewardScorer(snapshot_download("{repo_id}"), normalize=True)
 scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "hello"}}]])
 ```
 
-In TRL, as the reward of GRPO: the scorer's function renders conversational prompts and completions
-with the training template and adds the start and end tokens, as training did. (Given the repository
-name itself, `reward_funcs="{repo_id}"`, TRL tokenizes the texts with no special tokens: the reward
-is then read elsewhere than training read it.) In TRL's text format the prompt is scored as given,
+In TRL, as the reward of GRPO, RLOO or Online DPO (the trainers that take `reward_funcs`): the
+scorer's function renders conversational prompts and completions with the training template and adds
+the start and end tokens, as training did. (Given the repository name itself, `reward_funcs="{repo_id}"`,
+these trainers tokenize the texts with no special tokens: the reward is then read elsewhere than
+training read it, and may rank two completions the other way.) In TRL's text format the prompt is scored as given,
 joined to its completion, which is closed as the training template closes an answer (TRL gives it
 without the policy's end token): render the prompt with the training template, its generation prompt
 included, for the reward training measured.
 
 ```python
-from trl import GRPOTrainer
+from trl import GRPOTrainer  # RLOOTrainer takes reward_funcs alike
 GRPOTrainer(..., reward_funcs=scorer.reward_function())
 ```{lora}"""
 
