@@ -14,6 +14,10 @@ export WANDB_MODE ?= disabled
 # PyPI's torch is the CUDA build; PyTorch's CPU index has the same release as 2.13.0+cpu, which pip
 # prefers (a local wheel of it, where pip is pointed at one, serves as well).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Asked first: pip retries an index it cannot reach five times for torch and each of its dependencies,
+# more than a minute lost where only a local index or mirror is reachable.
+export REACHABLE := import sys, urllib.request as u; url = sys.argv[1]; \
+  url.startswith("http") and u.urlopen(url.rstrip("/") + "/torch/", timeout=15)
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
 # DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc;
 # it installs beside the main one, at the same time.
@@ -24,7 +28,10 @@ $(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
 	    $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
 	  $(PYTHON) -m venv $(VENV); \
 	  $(PY) -m pip install --upgrade pip; \
-	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 --extra-index-url $(TORCH_CPU_INDEX); \
+	  $(PY) -c "import torch" 2>/dev/null || { cpu=; \
+	    $(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)" 2>/dev/null && cpu="--extra-index-url $(TORCH_CPU_INDEX)" \
+	      || echo "$(TORCH_CPU_INDEX) does not answer: torch from the configured indexes"; \
+	    $(PY) -m pip install torch==2.13.0 $$cpu; }; \
 	  $(PY) -m pip install -e ".[test]"; \
 	  wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; exit 1; }; \
 	  cat $(LOG).dvc; rm -f $(LOG).dvc; \

@@ -177,3 +177,33 @@ def test_every_test_the_docs_name_exists():
         cited |= {(page.name, name) for cell in last_cells for name in re.findall(r"`(test_[a-z0-9_]+)`", cell)}
     missing = sorted((page, name) for page, name in cited if f"def {name}(" not in tests)
     assert cited and not missing, missing
+
+
+def test_the_set_up_asks_pytorchs_cpu_index_once_and_goes_on_without_it_when_it_does_not_answer(tmp_path):
+    """pip retries an index it cannot reach five times for torch and each of its dependencies (a minute
+    and more where only a mirror answers): the set-up asks once and leaves an unanswering index out."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    recipe = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert '$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)"' in recipe and "pip install torch==2.13.0 $$cpu" in recipe
+    probe = tmp_path / "probe.mk"
+    probe.write_text('probe:\n\t@$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)" 2>/dev/null && echo yes || echo no\n')
+    (tmp_path / "index/torch").mkdir(parents=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: http.server.SimpleHTTPRequestHandler(
+        *a, directory=str(tmp_path / "index")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def asked(index: str) -> str:
+        return subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "-f", str(probe), "probe",
+                               f"PY={sys.executable}", f"TORCH_CPU_INDEX={index}"], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT).stdout.strip()
+
+    try:
+        answering = f"http://127.0.0.1:{server.server_address[1]}"
+        assert asked(answering) == asked(answering + "/") == asked("file:///any/local/index") == "yes"
+        assert asked(f"{answering}/missing") == asked("http://127.0.0.1:9/whl/cpu") == "no"
+    finally:
+        server.shutdown()
