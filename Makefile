@@ -18,6 +18,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # more than a minute lost where only a local index or mirror is reachable.
 export REACHABLE := import sys, urllib.request as u; url = sys.argv[1]; \
   url.startswith("http") and u.urlopen(url.rstrip("/") + "/torch/", timeout=15)
+# No byte-compiling of every installed module (a minute on two cores): Python compiles the ones a
+# command imports, once, when it first imports them.
+PIP_FLAGS ?= --no-compile
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
 # DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc;
 # it installs beside the main one, at the same time.
@@ -25,14 +28,14 @@ $(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
 	@echo "installing into $(VENV) and $(DVC_VENV) (a few minutes the first time); output in $(LOG)"
 	@{ set -e; \
 	  { $(PYTHON) -m venv $(DVC_VENV) && \
-	    $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
+	    $(DVC_VENV)/bin/python -m pip install $(PIP_FLAGS) -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
 	  $(PYTHON) -m venv $(VENV); \
-	  $(PY) -m pip install --upgrade pip; \
+	  $(PY) -m pip install $(PIP_FLAGS) --upgrade pip; \
 	  $(PY) -c "import torch" 2>/dev/null || { cpu=; \
 	    $(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)" 2>/dev/null && cpu="--extra-index-url $(TORCH_CPU_INDEX)" \
 	      || echo "$(TORCH_CPU_INDEX) does not answer: torch from the configured indexes"; \
-	    $(PY) -m pip install torch==2.13.0 $$cpu; }; \
-	  $(PY) -m pip install -e ".[test]"; \
+	    $(PY) -m pip install $(PIP_FLAGS) torch==2.13.0 $$cpu; }; \
+	  $(PY) -m pip install $(PIP_FLAGS) -e ".[test]"; \
 	  wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; exit 1; }; \
 	  cat $(LOG).dvc; rm -f $(LOG).dvc; \
 	  ln -sf "$(abspath $(DVC_VENV))/bin/dvc" $(VENV)/bin/dvc; \
