@@ -188,7 +188,8 @@ def test_the_set_up_asks_pytorchs_cpu_index_once_and_goes_on_without_it_when_it_
     import threading
 
     recipe = (ROOT / "Makefile").read_text(encoding="utf-8")
-    assert '$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)"' in recipe and "pip install $(PIP_FLAGS) torch==2.13.0 $$cpu" in recipe
+    assert '$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)"' in recipe
+    assert "pip install $(PIP_FLAGS) torch==2.13.0 $$cpu" in recipe
     probe = tmp_path / "probe.mk"
     probe.write_text('probe:\n\t@$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)" 2>/dev/null && echo yes || echo no\n')
     (tmp_path / "index/torch").mkdir(parents=True)

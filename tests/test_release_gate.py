@@ -400,3 +400,42 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
     assert filter_settings == {"max_prompt_token_length": 32, "max_token_length": 64, "policy": "drop"}
     assert "Not claimed reproducible from this commit: the model was trained by other training code" in text
     assert "Reproduce: check out the commit" not in text
+
+
+def test_hundreds_of_subsets_keep_the_summary_the_gate_and_the_card_readable(tmp_path):
+    """One subset per generator or prompt (hundreds): evaluate's summary was one line of 18,000 characters
+    (names with line breaks split it), the gate listed every failing subset, and its text, written raw into
+    the card's table, ended the table; the card's evaluation table had a row per subset."""
+    from pathlib import Path
+
+    from rm_lib.publish import model_card
+    from rm_lib.settings import PushSettings
+    from rm_lib.steps.evaluate import EvaluateResult
+
+    odd = " | a\nb"  # a name from the data: a cell separator and a line break
+    per_subset = {f"gen {i:03d}{odd if i % 7 == 0 else ''}": {"pairs": 10, "accuracy": (i % 50) / 50}
+                  for i in range(120)}
+    metrics = {"pairs": 1200, "accuracy": 0.5, "tie_rate": 0.0, "longer_wins_baseline": 0.5,
+               "shorter_wins_baseline": 0.4, "loss": 0.69, "prefers_longer": 0.5, "reward_length_correlation": 0.1,
+               "calibration_ece": 0.1, "per_subset": per_subset, "data_hash": "h"}
+    summary = EvaluateResult(metrics, Path("report.json"), Path("."), {}).summary()
+    first = summary.splitlines()[0]
+    assert "the 8 least accurate of 120 subsets; gen 000 | a b 0.0000; gen 050 0.0000; gen 100 0.0000;" in first
+    assert first.endswith("; +112 more in report.json), loss 0.6900") and len(first) < 500
+
+    layout = Layout(tmp_path)
+    write_json(layout.evaluation / "report.json", metrics)
+    gate = quality.evaluation_gate(layout, PushSettings(min_accuracy=0.0, min_test_pairs=1, min_subset_accuracy=0.9))
+    verdict = next(v for v in gate if v.name == "subset_gate")
+    assert not verdict.passed and "\n" not in verdict.description
+    assert "110 of 120 subsets below the minimum 0.9000" in verdict.description
+    assert verdict.description.endswith(", and 102 more (report.json)")
+    table = model_card._gate([{"check": v.name, "passed": v.passed, "description": v.description} for v in gate],
+                             forced=True).split("| check | result | detail |\n|---|---|---|\n")[1].strip()
+    assert all(line.startswith("| ") and line.endswith(" |") for line in table.splitlines())
+    assert len(table.splitlines()) == len(gate)
+
+    evaluation = model_card._evaluation(metrics, [])
+    rows = [line for line in evaluation.splitlines() if line.startswith("| accuracy on ")]
+    assert len(rows) == model_card.SUBSET_ROWS + 1
+    assert rows[-1] == "| accuracy on the other 90 subsets (above: the 30 least accurate) | in `evaluation.json` |"

@@ -62,6 +62,17 @@ def subset_accuracy(r_chosen: Sequence[float], r_rejected: Sequence[float],
     return {name: {"pairs": len(wins), "accuracy": sum(wins) / len(wins)} for name, wins in sorted(found.items())}
 
 
+def subset_listing(accuracy: dict[str, float], limit: int = 8) -> tuple[list[tuple[str, float]], int]:
+    """The subsets a summary lists: all of them, in order, up to `limit`; past it the `limit` least accurate
+    (NaN first), so that hundreds of subsets (one per generator, per prompt) stay a line. Also how many
+    are left out."""
+    items = list(accuracy.items())
+    if len(items) <= limit:
+        return items, 0
+    worst = sorted(items, key=lambda item: (not math.isnan(item[1]), item[1]))[:limit]
+    return worst, len(items) - limit
+
+
 def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_chosen: Sequence[int],
                  len_rejected: Sequence[int], buckets: int = 4) -> dict:
     n = len(r_chosen)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.data import keys
+from rm_lib.evaluation.metrics import subset_listing
+from rm_lib.evaluation.visualize import one_line
 from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import SPLITS, Layout
 
@@ -422,9 +424,11 @@ def subset_gate(layout: Layout, min_subset_accuracy: float | None) -> Verdict:
     metadata = {"min_subset_accuracy": min_subset_accuracy,
                 "per_subset": {n: e["accuracy"] for n, e in per_subset.items()}}
     if below:
-        listed = ", ".join(f"{n} {a:.4f}" for n, a in sorted(below.items()))
-        return Verdict(name, False, f"release blocked: subsets below the minimum {min_subset_accuracy:.4f} "
-                                    f"(push.min_subset_accuracy): {listed}", metadata)
+        shown, more = subset_listing(dict(sorted(below.items())))
+        listed = ", ".join(f"{one_line(n)} {a:.4f}" for n, a in shown)
+        listed += f", and {more} more (report.json)" if more else ""
+        return Verdict(name, False, f"release blocked: {len(below)} of {len(per_subset)} subsets below the minimum "
+                                    f"{min_subset_accuracy:.4f} (push.min_subset_accuracy): {listed}", metadata)
     return Verdict(name, True, f"every subset ({len(per_subset)}) reaches {min_subset_accuracy:.4f}", metadata)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rm_lib.data import templates
-from rm_lib.evaluation.metrics import set_aside_by_filter
+from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
 from rm_lib.evaluation.visualize import one_line, table_cell
 from rm_lib.files import dvc_md5, read_yaml
@@ -250,8 +250,13 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
     buckets = "\n".join(f"| {b['range']} | {b['pairs']} | {_num(b['accuracy'])} | {_num(b['longer_wins'])} | "
                         f"{_num(b.get('shorter_wins'))} |" for b in metrics.get("per_length_bucket", []))
     pics = "\n\n".join(f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in pictures)
-    subsets = "".join(f"| accuracy on subset {_code(name, cell=True)} ({e['pairs']} pairs) | {_num(e['accuracy'])} |\n"
-                      for name, e in metrics.get("per_subset", {}).items())
+    per_subset = metrics.get("per_subset", {})
+    shown, more = subset_listing({name: e["accuracy"] for name, e in per_subset.items()}, limit=SUBSET_ROWS)
+    subsets = "".join(f"| accuracy on subset {_code(name, cell=True)} ({per_subset[name]['pairs']} pairs) | "
+                      f"{_num(accuracy)} |\n" for name, accuracy in shown)
+    if more:
+        subsets += (f"| accuracy on the other {more} subsets (above: the {len(shown)} least accurate) | "
+                    "in `evaluation.json` |\n")
     demo = ("**Demo data**: these figures come from the project's synthetic film-review pairs; they show the "
             "pipeline learns, not how good a reward model is.\n\n" if metrics.get("demo_data") else "")
     return f"""## Evaluation (held-out pairs)
@@ -279,6 +284,8 @@ Accuracy per pair length (tokens of the longer side):
 
 {pics}"""
 
+
+SUBSET_ROWS = 30  # past it, the least accurate subsets: the table stays readable with one subset per generator
 
 CONSISTENCY_PATHS = {"padded_bs1": "padded, batch size 1", "left_padding": "left padding",
                      "packed_training_forward": "packed (the training forward)",
@@ -601,7 +608,7 @@ def _is_md5(value: str) -> bool:
 def _gate(gate: list[dict], forced: bool) -> str:
     if not gate:
         return ""
-    rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | {g['description']} |"
+    rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | {table_cell(g['description'])} |"
                      for g in gate)
     warning = f"\n\n**{FORCED_MARK}** Treat this model as unvetted." if forced else ""
     return f"""## Release gate{warning}

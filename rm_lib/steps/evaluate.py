@@ -35,7 +35,7 @@ class EvaluateResult:
 
     def summary(self) -> str:
         m = self.metrics
-        subsets = "".join(f"; {name} {e['accuracy']:.4f}" for name, e in m.get("per_subset", {}).items())
+        subsets = suites.subset_phrase(m.get("per_subset", {}))
         demo = ("\n  (demo data: synthetic reviews, 10% of the labels flipped; this accuracy says the pipeline "
                 "learns, not how good a reward model is)" if m.get("demo_data") else "")
         return (f"evaluate: {m['pairs']} pairs{_of_held_out(m)}, accuracy {m['accuracy']:.4f} "
