@@ -70,11 +70,18 @@ def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, ti
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # the resumed run ends where the whole one did
 
 
-def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_path, tiny_decoder):
+def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_path, tiny_decoder, monkeypatch):
+    from rm_lib.steps import train as train_step
+
     params = tiny_params("train.max_steps=3", model=str(tiny_decoder))
     trained = run_steps(params, tmp_path, "download", "tokenize", "filter", "train")["train"]
     (tmp_path / "data/train/metrics.jsonl").unlink()  # the figures must not depend on the log
+    scored = []
+    monkeypatch.setattr(train_step, "score_pairs_across", lambda *a, **k: scored.append(a) or ([], []))
     again = run_steps(params, tmp_path, "train")["train"]
+    # the normalisation stats are the finished run's: no training pair scored again (minutes at real lengths)
+    assert not scored and (again.reward_mean, again.reward_std) == (trained.reward_mean, trained.reward_std)
+    assert read_json(tmp_path / "models/reward_model/config.json")["reward_mean"] == trained.reward_mean is not None
     assert "already trained at step 3; reused" in again.summary()
     assert not re.search(r"(?<![\d.])0 tokens/s", again.summary())  # the figures of the run that trained
     assert again.tokens_per_s == pytest.approx(trained.tokens_per_s) and trained.tokens_per_s > 0

@@ -248,7 +248,11 @@ def run(params: Params, layout: Layout, accelerator=None,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
                      final_checkpoint=final_checkpoint)
         stats = {"reward_mean": None, "reward_std": None}
-        if reward_stats:  # reward normalisation stats, saved in the model's config for downstream RLHF
+        earlier = _summary_of(layout, fingerprint) if result.reused else None
+        if reward_stats and earlier and earlier.get("reward_mean") is not None:
+            # the finished run's own, from the same weights: scoring them again took minutes at real lengths
+            stats = {k: earlier[k] for k in stats}
+        elif reward_stats:  # reward normalisation stats, saved in the model's config for downstream RLHF
             sample = train_rows[:NORMALISATION_SAMPLE]
             # LoRA: of the adapters on the base, which the saved model (merged in fp32) gives to rounding; a
             # merged copy on the device would need room the device plan did not count
@@ -267,7 +271,7 @@ def run(params: Params, layout: Layout, accelerator=None,
     history = logged or result.history
     # The run's own last record (kept in its checkpoint), also when this call reused a finished run.
     last = result.last_log or (history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")})
-    settings, plan = trained_with(cfg, result, _summary_of(layout, fingerprint) if result.reused else None)
+    settings, plan = trained_with(cfg, result, earlier)
     outcome = TrainResult(
         steps=result.steps, final_loss=last["loss"], final_accuracy=last["accuracy"],
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
