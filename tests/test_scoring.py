@@ -464,11 +464,13 @@ def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("policy, lengths", [("truncate", (20, 6)), ("drop", (42, 14))])
-def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(tmp_path, policy, lengths):
+def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(tmp_path, monkeypatch, policy, lengths):
     """score holds pairs to the lengths, and by the policy, the model's pairs were held to (its rm_lib.json)
     as filter held the test pairs evaluate scored (it held them to the model's positions alone, so cut
     pairs scored otherwise): the same rewards, and under drop the same pairs set aside, also where the
-    project's filter.policy has changed since."""
+    project's filter.policy has changed since. It tokenizes tokenize.batch_size pairs at a time, each batch
+    held to the lengths at once (the whole input's uncut tokens were held at once)."""
+    from rm_lib.data import tokenization
     from rm_lib.layout import Layout
     from rm_lib.steps import score
 
@@ -477,11 +479,15 @@ def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(t
     run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
     layout = Layout(tmp_path)
     evaluated = {r["id"]: r for r in map(json.loads, (layout.evaluation / "scores.jsonl").read_text().splitlines())}
-    other = tiny_params("filter.policy=" + ("drop" if policy == "truncate" else "truncate"))  # params.yaml since
+    other = tiny_params("filter.policy=" + ("drop" if policy == "truncate" else "truncate"),  # params.yaml since
+                        "tokenize.batch_size=3")
+    batches, real = [], tokenization.tokenize_batch
+    monkeypatch.setattr(tokenization, "tokenize_batch", lambda pairs, *a: batches.append(len(pairs)) or real(pairs, *a))
     result = score.run_file(other, layout, model=None, input_path=str(layout.pairs / "test.jsonl"),
                             output_path=str(tmp_path / "s.jsonl"))
     scored = {r["id"]: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
     assert scored.keys() == evaluated.keys()
+    assert max(batches) == 3 and sum(batches) == len((layout.pairs / "test.jsonl").read_text().splitlines())
     for pair_id, row in scored.items():
         for side in ("reward_chosen", "reward_rejected"):
             assert row[side] == pytest.approx(evaluated[pair_id][side], abs=1e-5), (pair_id, side)

@@ -133,17 +133,22 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
     Pretokenized ids are read as given, as tokenize reads them. A sure tie is set aside as filter does."""
     max_len, max_prompt, policy = model_lengths(scorer, chosen)
     scorer.max_length = max_len  # the scorer reads the pairs to this length, not only to the model's own
-    rows = tokenization.tokenize_batch(pairs, scorer.tokenizer, scorer.template, scorer.special)
-    outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
-                                  policy=policy or params.filter.policy,
-                                  keep_front=len(scorer.special.prefix), template_start=scorer.special.template_start)
+    kept, dropped_rows = [], []
+    size = params.tokenize.batch_size  # a batch at a time, held to the lengths at once: memory of the cut rows only
+    for start in range(0, len(pairs), size):
+        rows = tokenization.tokenize_batch(pairs[start:start + size], scorer.tokenizer, scorer.template, scorer.special)
+        outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
+                                      policy=policy or params.filter.policy, keep_front=len(scorer.special.prefix),
+                                      template_start=scorer.special.template_start)
+        kept += outcome.kept
+        dropped_rows += outcome.dropped
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
-    for dropped in outcome.dropped:
+    for dropped in dropped_rows:
         file, row = dropped["id"].rsplit(":", 1)
         rejects.append(_reject_row(file, int(row), dropped["reason"], _why(dropped, max_len, max_prompt),
                                    by_id[dropped["id"]], own_ids))
-    return outcome.kept, rejects, max_len
+    return kept, rejects, max_len
 
 
 def _longest(rows: list[dict]) -> int:
