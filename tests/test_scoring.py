@@ -594,3 +594,23 @@ def test_a_damaged_training_record_is_named_and_the_score_commands_filter_settin
     empty.write_text("[]")  # a JSON list of no rows (a CSV of its header alone is the same)
     assert main(["--root", str(trained), "score", "--input", str(empty), "--output", str(tmp_path / "e.jsonl")]) == 2
     assert "no rows to score: the input holds none" in capsys.readouterr().err
+
+
+def test_scoring_thousands_of_pairs_says_how_far_it_is_now_and_then(monkeypatch, capsys):
+    """evaluate on 2,604 AlpacaEval test pairs ran 13 minutes on a CPU and score 9 minutes with not a line
+    between: a line every 30 s says how many are done; a short loop says nothing."""
+    from rm_lib.model import batching
+
+    clock = iter(range(0, 10_000, 20))  # each look at the clock: 20 s later
+    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
+    assert batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs") == list(range(10))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["scoring pairs: 4 of 10 pairs (40%), 0 min 40 s so far; the shortest first",
+                     "scoring pairs: 8 of 10 pairs (80%), 1 min 20 s so far; the shortest first"]
+    monkeypatch.setattr(batching.time, "monotonic", lambda: 0.0)
+    batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="score", unit="texts")
+    monkeypatch.setenv("RANK", "1")  # another process of a distributed run: the first one speaks
+    clock = iter(range(0, 10_000, 20))
+    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
+    batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs")
+    assert capsys.readouterr().err == ""

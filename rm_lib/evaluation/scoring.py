@@ -208,7 +208,7 @@ class RewardScorer:
             scores = rewards(self.model, ids.to(self.device), mask.to(self.device))
             return ((scores - self.mean) / (self.std or 1.0)).tolist()
 
-        by_length = in_batches(len(fitted), self.batch_size, run, what="score")
+        by_length = in_batches(len(fitted), self.batch_size, run, what="score", unit="texts")
         out = [0.0] * len(fitted)
         for position, i in enumerate(order):
             out[i] = by_length[position]

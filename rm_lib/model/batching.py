@@ -1,8 +1,10 @@
 """Batches of pairs: length-grouped order, the forwards of a step on each process, padded collation."""
 from __future__ import annotations
 
+import os
 import random
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -209,19 +211,43 @@ def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) 
     return PairBatch(ids, mask, margin, len(rows), real, ids.numel())
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """A line on stderr every PROGRESS_EVERY_S seconds of a long loop (scoring thousands of pairs on a CPU
+    takes many minutes), none for a short one; the first process of a distributed run alone speaks."""
+
+    def __init__(self, what: str, count: int, unit: str) -> None:
+        self.what, self.count, self.unit = what, count, unit
+        self.start = self.last = time.monotonic()
+        self.quiet = os.environ.get("RANK", "0") != "0"
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.quiet or now - self.last < PROGRESS_EVERY_S or done >= self.count:
+            return
+        self.last = now
+        minutes, seconds = divmod(int(now - self.start), 60)
+        print(f"{self.what}: {done:,} of {self.count:,} {self.unit} ({100 * done // self.count}%), "
+              f"{minutes} min {seconds:02d} s so far; the shortest first", file=sys.stderr, flush=True)
+
+
 def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]], *, what: str,
-               shrink: bool = True) -> list[Any]:
-    """`run(start, stop)` over [0, count) in slices of `batch_size`, the results joined. Inference
-    holds no state between slices, so one that runs out of GPU memory is run again in halves, and the
-    rest too (it says so); `shrink=False` (several processes, whose forwards may gather weights
-    together) ends with an error naming the setting instead."""
+               shrink: bool = True, unit: str = "pairs") -> list[Any]:
+    """`run(start, stop)` over [0, count) in slices of `batch_size`, the results joined, with a progress
+    line now and then (Progress). Inference holds no state between slices, so one that runs out of GPU
+    memory is run again in halves, and the rest too (it says so); `shrink=False` (several processes,
+    whose forwards may gather weights together) ends with an error naming the setting instead."""
     out: list[Any] = []
     start = 0
+    progress = Progress(what, count, unit)
     while start < count:
         stop = min(start + batch_size, count)
         try:
             out += run(start, stop)
             start = stop
+            progress(start)
             continue
         except torch.OutOfMemoryError:
             if not shrink or batch_size == 1:
