@@ -35,14 +35,14 @@ def test_each_process_scores_its_share_and_all_get_every_reward(tiny_decoder, mo
         barrier.wait()
         return [x for rank in range(world) for x in sent[rank]]
 
-    real_collate = inference.collate_pairs
+    real_collate = inference.collate_sequences
 
-    def counting_collate(batch_rows, *args, **kwargs):
-        scored[rank_of[threading.get_ident()]] += len(batch_rows)
-        return real_collate(batch_rows, *args, **kwargs)
+    def counting_collate(seqs, *args, **kwargs):
+        scored[rank_of[threading.get_ident()]] += len(seqs)
+        return real_collate(seqs, *args, **kwargs)
 
     monkeypatch.setattr("accelerate.utils.gather_object", gather)
-    monkeypatch.setattr(inference, "collate_pairs", counting_collate)
+    monkeypatch.setattr(inference, "collate_sequences", counting_collate)
 
     def process(rank):
         rank_of[threading.get_ident()] = rank
@@ -55,7 +55,7 @@ def test_each_process_scores_its_share_and_all_get_every_reward(tiny_decoder, mo
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert scored == {0: 6, 1: 6}  # 11 rows: 6 and 5, the short share padded with one copy
+    assert scored == {0: 12, 1: 12}  # 11 pairs: 6 and 5, the short share padded with one copy; two texts each
     for rank in range(world):
         assert results[rank][0] == pytest.approx(alone[0], abs=1e-5)
         assert results[rank][1] == pytest.approx(alone[1], abs=1e-5)
@@ -83,13 +83,13 @@ def test_a_batch_out_of_gpu_memory_is_scored_again_in_halves(tiny_decoder, monke
     rows = [{"input_ids_chosen": [rng.randrange(1, 90) for _ in range(rng.randrange(3, 20))],
              "input_ids_rejected": [rng.randrange(1, 90) for _ in range(rng.randrange(3, 20))]} for _ in range(13)]
     roomy = score_pairs(model, rows, pad_token_id=0, batch_size=8)
-    score, sizes = scarce(inference.rewards, most=6)  # 3 pairs: a batch of 8 pairs is halved twice
+    score, sizes = scarce(inference.rewards, most=6)  # 6 texts: a batch of 16 (8 pairs) is halved twice
     monkeypatch.setattr(inference, "rewards", score)
     tight = score_pairs(model, rows, pad_token_id=0, batch_size=8)
     for got, expected in zip(tight, roomy):
         assert got == pytest.approx(expected, abs=1e-5)
-    assert sizes[:3] == [16, 8, 4] and set(sizes[3:]) <= {4, 2}  # 2 pairs a batch from then on
-    assert "scoring pairs: out of GPU memory in a batch of 8; on in batches of 4" in capsys.readouterr().err
+    assert sizes[:3] == [16, 8, 4] and set(sizes[3:]) <= {4, 2}  # 4 texts a batch from then on
+    assert "scoring pairs: out of GPU memory in a batch of 16 texts; on in batches of 8" in capsys.readouterr().err
 
 
 def test_out_of_gpu_memory_for_one_pair_or_on_several_processes_names_the_setting(tiny_decoder, monkeypatch):
@@ -98,15 +98,15 @@ def test_out_of_gpu_memory_for_one_pair_or_on_several_processes_names_the_settin
     model = load_reward_model(str(tiny_decoder), pad_token_id=0)
     model.train()
     rows = [{"input_ids_chosen": [5, 6, 7], "input_ids_rejected": [5, 8]}] * 4
-    score, _ = scarce(inference.rewards, most=1)  # not even one pair (two sequences)
+    score, _ = scarce(inference.rewards, most=0)  # not even one text
     monkeypatch.setattr(inference, "rewards", score)
-    with pytest.raises(DevicePathError, match="scoring pairs: out of GPU memory scoring a batch of 1; a single pair "
-                                              "does not fit: free GPU memory, or score shorter texts"):
+    with pytest.raises(DevicePathError, match="scoring pairs: out of GPU memory scoring a batch of 1 text; a single "
+                                              "text does not fit: free GPU memory, or score shorter texts"):
         score_pairs(model, rows, pad_token_id=0, batch_size=4)
     assert model.training  # the model leaves in the mode it came in, also on an error
     score, _ = scarce(inference.rewards, most=4)
     monkeypatch.setattr(inference, "rewards", score)
-    with pytest.raises(DevicePathError, match="batch of 4 on one of several processes, which score in step"):
+    with pytest.raises(DevicePathError, match="batch of 8 texts on one of several processes, which score in step"):
         score_pairs(model, rows, pad_token_id=0, batch_size=4, shrink_on_oom=False)
 
 

@@ -108,7 +108,7 @@ def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, mo
 
     monkeypatch.setattr(scoring, "rewards", scarce)
     assert RewardScorer(trained / "models/reward_model", batch_size=4).score(texts) == pytest.approx(roomy, abs=1e-5)
-    assert "score: out of GPU memory in a batch of 4; on in batches of 2" in capsys.readouterr().err
+    assert "score: out of GPU memory in a batch of 4 texts; on in batches of 2" in capsys.readouterr().err
 
 
 def test_score_cli_writes_rewards_per_row(trained, tmp_path):

@@ -195,20 +195,32 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device)
 
 
-def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) -> PairBatch:
-    """Chosen and rejected of every pair in one right-padded tensor, so one forward scores both."""
-    seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
+def _right_padded(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, seq in enumerate(seqs):
         ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) -> PairBatch:
+    """Chosen and rejected of every pair in one right-padded tensor, so one forward scores both."""
+    seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
+    ids, mask = _right_padded(seqs, pad_token_id)
     margins = [r.get("margin") for r in rows]
     margin = (torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
               if use_margin and any(m is not None for m in margins) else None)
     real = sum(len(s) for s in seqs)
     return PairBatch(ids, mask, margin, len(rows), real, ids.numel())
+
+
+def collate_sequences(seqs: list[list[int]], pad_token_id: int) -> PairBatch:
+    """Sequences of no particular pairs in one right-padded tensor: a batch to score, never to train on
+    (no pairs, so no loss)."""
+    ids, mask = _right_padded(seqs, pad_token_id)
+    return PairBatch(ids, mask, None, 0, sum(len(s) for s in seqs), ids.numel())
 
 
 PROGRESS_EVERY_S = 30.0
@@ -233,6 +245,10 @@ class Progress:
               f"{minutes} min {seconds:02d} s so far; the shortest first", file=sys.stderr, flush=True)
 
 
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
+
+
 def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]], *, what: str,
                shrink: bool = True, unit: str = "pairs") -> list[Any]:
     """`run(start, stop)` over [0, count) in slices of `batch_size`, the results joined, with a progress
@@ -251,17 +267,18 @@ def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]]
             continue
         except torch.OutOfMemoryError:
             if not shrink or batch_size == 1:
-                # halved down to one pair already, alone; several processes score in step and cannot
+                # halved down to one alone already; several processes score in step and cannot
                 advice = ("set evaluate.batch_size lower, or free GPU memory" if not shrink else
-                          "a single pair does not fit: free GPU memory, or score shorter texts (evaluate: a lower "
-                          "filter.max_token_length, then rerun filter)")
+                          f"a single {unit.removesuffix('s')} does not fit: free GPU memory, or score shorter texts "
+                          "(evaluate: a lower filter.max_token_length, then rerun filter)")
                 raise DevicePathError(
-                    f"{what}: out of GPU memory scoring a batch of {stop - start}"
+                    f"{what}: out of GPU memory scoring a batch of {_count(stop - start, unit)}"
                     + ("" if shrink else " on one of several processes, which score in step")
                     + f"; {advice}") from None
         # out of the except block: its traceback, and the tensors it holds, are gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         batch_size = max(batch_size // 2, 1)
-        print(f"{what}: out of GPU memory in a batch of {stop - start}; on in batches of {batch_size}", file=sys.stderr)
+        print(f"{what}: out of GPU memory in a batch of {_count(stop - start, unit)}; on in batches of {batch_size}",
+              file=sys.stderr)
     return out

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from rm_lib.model.batching import PairBatch, collate_pairs, in_batches, pair_length
+from rm_lib.model.batching import PairBatch, collate_sequences, in_batches
 from rm_lib.model.modeling import rewards, unwrap
 from rm_lib.model.packing import PackedBatch, packed_rewards
 
@@ -46,28 +46,30 @@ def _batch_scorer(model: Any) -> Callable[[PairBatch], torch.Tensor]:
 @torch.no_grad()
 def score_pairs(model: Any, rows: list[dict], *, pad_token_id: int, batch_size: int = 32,
                 device: torch.device | None = None, shrink_on_oom: bool = True) -> tuple[list[float], list[float]]:
-    """The rewards of each pair's chosen and rejected sequences, in `rows` order. A batch out of GPU
-    memory is scored again in halves (`in_batches`); `shrink_on_oom=False` where several processes
-    score in step."""
+    """The rewards of each pair's chosen and rejected sequences, in `rows` order. Each reward is its
+    sequence's alone, so the sequences are scored apart from their pairs, shortest first, 2 x `batch_size`
+    to a right-padded batch: a chosen answer padded to its longer rejected one (or the reverse) spent
+    a third more tokens on AlpacaEval (BENCHMARKS.md). A batch out of GPU memory is scored again in
+    halves (`in_batches`); `shrink_on_oom=False` where several processes score in step."""
     device = device or next(model.parameters()).device
     score = _batch_scorer(model)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: pair_length(rows[i]))
+    seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
 
-    def run(start: int, stop: int) -> list[tuple[float, float]]:
-        idx = order[start:stop]
-        out = score(collate_pairs([rows[i] for i in idx], pad_token_id, use_margin=False).to(device)).tolist()
-        return [(out[k], out[k + len(idx)]) for k in range(len(idx))]
+    def run(start: int, stop: int) -> list[float]:
+        return score(collate_sequences([seqs[i] for i in order[start:stop]], pad_token_id).to(device)).tolist()
 
     try:
-        scored = in_batches(len(order), batch_size, run, what="scoring pairs", shrink=shrink_on_oom)
+        scored = in_batches(len(order), 2 * batch_size, run, what="scoring pairs", unit="texts",
+                            shrink=shrink_on_oom)
     finally:
         model.train(was_training)
-    r_chosen, r_rejected = [0.0] * len(rows), [0.0] * len(rows)
-    for i, (chosen, rejected) in zip(order, scored):
-        r_chosen[i], r_rejected[i] = chosen, rejected
-    return r_chosen, r_rejected
+    out = [0.0] * len(seqs)
+    for i, reward in zip(order, scored):
+        out[i] = reward
+    return out[:len(rows)], out[len(rows):]
 
 
 def shard(rows: list[dict], rank: int, world: int) -> tuple[list[dict], int]:
