@@ -374,7 +374,7 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
     assert summary["fingerprint"] in lineage and summary["data_hash"] in lineage
     assert "| W&B run | not logged" in lineage
 
-    (project / "params.yaml").write_text("train: {}\n")  # code or settings changed since the commit
+    (project / "params.yaml").write_text("train: {learning_rate: 1.0e-4}\n")  # settings changed since the commit
     (project / "dvc.lock").unlink()
     push_step(settings(tiny_decoder, "push.dry_run=true"), project)
     lineage = card_sections((layout.release / "README.md").read_text())["Lineage"]
@@ -451,11 +451,21 @@ def test_the_cards_commit_is_not_marked_changed_by_the_files_dvc_repro_writes_in
     for written in ("data/evaluation/metrics.json", "dvc.lock"):
         (tmp_path / written).write_text('{"accuracy": 0.5}\n')
     assert model_card.git_commit(tmp_path) == head
-    for changed in ("rm_lib/settings.py", "params.yaml"):
-        original = (tmp_path / changed).read_text()
-        (tmp_path / changed).write_text(original + "\n# changed\n")
+    settings = tmp_path / "params.yaml"
+    original = settings.read_text()
+    for changed, text in (("rm_lib/settings.py", None), ("params.yaml", original.replace("learning_rate: 5.0e-05",
+                                                                                        "learning_rate: 6.0e-05"))):
+        before = (tmp_path / changed).read_text()
+        (tmp_path / changed).write_text(text or before + "\n# changed\n")
         assert model_card.git_commit(tmp_path) == f"{head} (with uncommitted changes)", changed
-        (tmp_path / changed).write_text(original)
+        (tmp_path / changed).write_text(before)
+    # `dvc exp run -S` back to the committed value rewrites the file (nulls empty, 5e-05), and a comment is no
+    # setting: the same settings, an unmarked commit
+    rewritten = original.replace(": null", ":").replace("5.0e-05", "5e-05") + "\n# a note\n"
+    assert rewritten != original and "5e-05" in rewritten
+    settings.write_text(rewritten)
+    assert model_card.git_commit(tmp_path) == head
+    settings.write_text(original)
     assert model_card.git_commit(tmp_path) == head
 
 

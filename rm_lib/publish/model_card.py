@@ -17,17 +17,20 @@ from typing import Any
 import yaml
 
 from rm_lib.data import templates
+from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
 from rm_lib.evaluation.visualize import one_line, table_cell
 from rm_lib.files import dvc_md5, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
+from rm_lib.settings import load_params, params_from_dict
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # What dvc.yaml's stages write: the data the model learnt from, and the model.
 DVC_DATA = ("data/pairs", "data/filtered/train.parquet", "data/filtered/test.parquet")
 DVC_MODEL = ("models/reward_model",)
 NOT_TRACKED = "not tracked by DVC"
+PARAMS_FILE = "params.yaml"  # the settings dvc.yaml's stages read (DVC's default params file)
 SECTIONS = ("model", "download", "tokenize", "filter", "train", "evaluate")
 
 
@@ -64,9 +67,23 @@ def git_commit(root: Path) -> str | None:
     commit = _git(root, "rev-parse", "HEAD")
     if not commit:
         return None
-    excluded = [f":(exclude){path}" for path in pipeline_written_files(root)]
+    excluded = [f":(exclude){path}" for path in [*pipeline_written_files(root), PARAMS_FILE]]
     changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    if not changes and _git(root, "status", "--porcelain", "--untracked-files=no", "--", PARAMS_FILE):
+        changes = not _same_settings_as_head(root)
     return f"{commit} (with uncommitted changes)" if changes else commit
+
+
+def _same_settings_as_head(root: Path) -> bool:
+    """params.yaml differs from HEAD's in its bytes only: `dvc exp run -S` rewrites the whole file (nulls as
+    empty values, 5.0e-05 as 5e-05), and a comment is no setting. Read as the steps read it."""
+    head = _git(root, "show", f"HEAD:./{PARAMS_FILE}")
+    if head is None:
+        return False
+    try:
+        return params_from_dict(yaml.safe_load(head) or {}) == load_params(root / PARAMS_FILE)
+    except (SettingsError, yaml.YAMLError, AttributeError, TypeError):
+        return False
 
 
 def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
