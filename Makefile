@@ -14,10 +14,7 @@ export WANDB_MODE ?= disabled
 # PyPI's torch is the CUDA build; PyTorch's CPU index has the same release as 2.13.0+cpu, which pip
 # prefers (a local wheel of it, where pip is pointed at one, serves as well).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# Asked first: pip retries an index it cannot reach five times for torch and each of its dependencies,
-# more than a minute lost where only a local index or mirror is reachable.
-export REACHABLE := import sys, urllib.request as u; url = sys.argv[1]; \
-  url.startswith("http") and u.urlopen(url.rstrip("/") + "/torch/", timeout=15)
+# Asked first (configs/index_answers.py): pip retries an index it cannot reach for each package.
 # No byte-compiling of every installed module (a minute on two cores): Python compiles the ones a
 # command imports, once, when it first imports them.
 PIP_FLAGS ?= --no-compile
@@ -26,20 +23,20 @@ PIP_FLAGS ?= --no-compile
 # it installs beside the main one, at the same time.
 $(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
 	@echo "installing into $(VENV) and $(DVC_VENV) (a few minutes the first time); output in $(LOG)"
-	@{ set -e; \
-	  { $(PYTHON) -m venv $(DVC_VENV) && \
+	@{ { $(PYTHON) -m venv $(DVC_VENV) && \
 	    $(DVC_VENV)/bin/python -m pip install $(PIP_FLAGS) -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
-	  $(PYTHON) -m venv $(VENV); \
-	  $(PY) -m pip install $(PIP_FLAGS) --upgrade pip; \
-	  $(PY) -c "import torch" 2>/dev/null || { cpu=; \
-	    $(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)" 2>/dev/null && cpu="--extra-index-url $(TORCH_CPU_INDEX)" \
-	      || echo "$(TORCH_CPU_INDEX) does not answer: torch from the configured indexes"; \
-	    $(PY) -m pip install $(PIP_FLAGS) torch==2.13.0 $$cpu; }; \
-	  $(PY) -m pip install $(PIP_FLAGS) -e ".[test]"; \
-	  wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; exit 1; }; \
-	  cat $(LOG).dvc; rm -f $(LOG).dvc; \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install $(PIP_FLAGS) --upgrade pip && \
+	  { $(PY) -c "import torch" 2>/dev/null || { set --; \
+	    if $(PY) configs/index_answers.py "$(TORCH_CPU_INDEX)"; then set -- --extra-index-url "$(TORCH_CPU_INDEX)"; \
+	    else echo "$(TORCH_CPU_INDEX) does not answer: torch 2.13.0 from the configured indexes"; fi; \
+	    $(PY) -m pip install $(PIP_FLAGS) torch==2.13.0 "$$@"; }; } && \
+	  $(PY) -m pip install $(PIP_FLAGS) -e ".[test]" && \
+	  { wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; false; }; } && \
+	  cat $(LOG).dvc && rm -f $(LOG).dvc && \
 	  ln -sf "$(abspath $(DVC_VENV))/bin/dvc" $(VENV)/bin/dvc; \
 	} > $(LOG) 2>&1 || { echo "install failed; the last lines of $(LOG):" >&2; tail -n 30 $(LOG) >&2; exit 1; }
+	@grep -h "does not answer" $(LOG) >&2 || true
 	@touch $@
 
 install: $(VENV)/.installed

@@ -181,30 +181,68 @@ def test_every_test_the_docs_name_exists():
 
 def test_the_set_up_asks_pytorchs_cpu_index_once_and_goes_on_without_it_when_it_does_not_answer(tmp_path):
     """pip retries an index it cannot reach five times for torch and each of its dependencies (a minute
-    and more where only a mirror answers): the set-up asks once and leaves an unanswering index out."""
+    and more where only a mirror answers): the set-up asks once (configs/index_answers.py) and leaves out
+    an index that cannot be reached or fails, never one that answers otherwise (a login, a page not found:
+    pip knows its own credentials)."""
     import http.server
     import subprocess
     import sys
     import threading
 
-    recipe = (ROOT / "Makefile").read_text(encoding="utf-8")
-    assert '$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)"' in recipe
-    assert "pip install $(PIP_FLAGS) torch==2.13.0 $$cpu" in recipe
-    probe = tmp_path / "probe.mk"
-    probe.write_text('probe:\n\t@$(PY) -c "$$REACHABLE" "$(TORCH_CPU_INDEX)" 2>/dev/null && echo yes || echo no\n')
+    class Index(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            codes = {"/login/torch/": 401, "/broken/torch/": 503}
+            if self.path in codes:
+                self.send_error(codes[self.path])
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
     (tmp_path / "index/torch").mkdir(parents=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: http.server.SimpleHTTPRequestHandler(
-        *a, directory=str(tmp_path / "index")))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Index(*a, directory=str(tmp_path / "index")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
-    def asked(index: str) -> str:
-        return subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "-f", str(probe), "probe",
-                               f"PY={sys.executable}", f"TORCH_CPU_INDEX={index}"], capture_output=True, text=True,
-                              timeout=60, cwd=ROOT).stdout.strip()
+    def answers(index: str) -> bool:
+        done = subprocess.run([sys.executable, "configs/index_answers.py", index], cwd=ROOT, timeout=60)
+        return done.returncode == 0
 
     try:
-        answering = f"http://127.0.0.1:{server.server_address[1]}"
-        assert asked(answering) == asked(answering + "/") == asked("file:///any/local/index") == "yes"
-        assert asked(f"{answering}/missing") == asked("http://127.0.0.1:9/whl/cpu") == "no"
+        here = f"http://127.0.0.1:{server.server_address[1]}"
+        for index in (here, here + "/", here + "/missing", here + "/login", "file:///any/local/index", "/srv/wheels"):
+            assert answers(index), index
+        for index in (here + "/broken", "http://127.0.0.1:9/whl/cpu", "http://no-such-host.invalid/whl/cpu"):
+            assert not answers(index), index
     finally:
         server.shutdown()
+    recipe = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert '$(PY) configs/index_answers.py "$(TORCH_CPU_INDEX)"' in recipe
+    assert 'set -- --extra-index-url "$(TORCH_CPU_INDEX)"' in recipe and 'torch==2.13.0 "$$@"' in recipe
+
+
+def test_a_failed_step_of_the_set_up_stops_it_and_leaves_it_to_be_done_again(tmp_path):
+    """The set-up's steps sat on the left of `||`, where the shell ignores `set -e`: a failed torch
+    install went on to `pip install -e .` (PyPI's CUDA torch, gigabytes) and marked the set-up done."""
+    import subprocess
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python3"
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$*" in
+  "-m venv "*) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
+  *"torch==2.13.0"*) exit 1 ;;
+  "-c import torch") exit 1 ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), f"{venv}/.installed", f"PYTHON={fake}",
+                           f"VENV={venv}", f"DVC_VENV={tmp_path / 'dvc'}", f"LOG={tmp_path / 'install.log'}",
+                           "TORCH_CPU_INDEX=file:///local"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "install failed" in done.stderr
+    assert not (venv / ".installed").exists()  # the next `make` tries again
+    made = calls.read_text()
+    assert "torch==2.13.0 --extra-index-url file:///local" in made and " -e .[test]" not in made
