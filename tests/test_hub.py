@@ -467,6 +467,13 @@ def test_the_cards_commit_is_not_marked_changed_by_the_files_dvc_repro_writes_in
     assert model_card.git_commit(tmp_path) == head
     settings.write_text(original)
     assert model_card.git_commit(tmp_path) == head
+    # a commit without params.yaml ran the defaults: a new params.yaml marks it where it sets other values
+    git(tmp_path, "rm", "-q", "--cached", "params.yaml")
+    git(tmp_path, "commit", "-q", "-m", "no settings file")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    assert model_card.git_commit(tmp_path) == head  # the shipped params.yaml holds the defaults
+    settings.write_text("train:\n  learning_rate: 6.0e-05\n")
+    assert model_card.git_commit(tmp_path) == f"{head} (with uncommitted changes)"
 
 
 def test_a_committed_dvc_lock_is_found_in_a_project_below_the_repositorys_top(tmp_path):

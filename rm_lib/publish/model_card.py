@@ -69,19 +69,18 @@ def git_commit(root: Path) -> str | None:
         return None
     excluded = [f":(exclude){path}" for path in [*pipeline_written_files(root), PARAMS_FILE]]
     changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
-    if not changes and _git(root, "status", "--porcelain", "--untracked-files=no", "--", PARAMS_FILE):
+    if not changes and _git(root, "status", "--porcelain", "--", PARAMS_FILE):  # changed, new or removed
         changes = not _same_settings_as_head(root)
     return f"{commit} (with uncommitted changes)" if changes else commit
 
 
 def _same_settings_as_head(root: Path) -> bool:
     """params.yaml differs from HEAD's in its bytes only: `dvc exp run -S` rewrites the whole file (nulls as
-    empty values, 5.0e-05 as 5e-05), and a comment is no setting. Read as the steps read it."""
-    head = _git(root, "show", f"HEAD:./{PARAMS_FILE}")
-    if head is None:
-        return False
+    empty values, 5.0e-05 as 5e-05), and a comment is no setting. Read as the steps read it: a file
+    absent (at HEAD or here) is the defaults."""
+    head = _git(root, "show", f"HEAD:./{PARAMS_FILE}")  # None where HEAD has no such file
     try:
-        return params_from_dict(yaml.safe_load(head) or {}) == load_params(root / PARAMS_FILE)
+        return params_from_dict(yaml.safe_load(head or "") or {}) == load_params(root / PARAMS_FILE)
     except (SettingsError, yaml.YAMLError, AttributeError, TypeError):
         return False
 
