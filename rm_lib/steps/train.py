@@ -138,6 +138,15 @@ def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
     return summary if summary and summary.get("fingerprint") == fingerprint else None
 
 
+def _as_the_first_process_has_it(accelerator: Any, value: Any) -> Any:
+    """`value` as the first process has it, on every process (a collective: every process calls it)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def result_from_summary(layout: Layout) -> TrainResult:
     """The result of a training run that another process made, read back from its summary.json."""
     summary = read_json(layout.train_logs / "summary.json")
@@ -248,7 +257,9 @@ def run(params: Params, layout: Layout, accelerator=None,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
                      final_checkpoint=final_checkpoint)
         stats = {"reward_mean": None, "reward_std": None}
-        earlier = _summary_of(layout, fingerprint) if result.reused else None
+        # the first process's reading: it may replace data/train while another still looks, and one branch
+        # below scores across every process
+        earlier = _as_the_first_process_has_it(accelerator, _summary_of(layout, fingerprint) if result.reused else None)
         if reward_stats and earlier and earlier.get("reward_mean") is not None:
             # the finished run's own, from the same weights: scoring them again took minutes at real lengths
             stats = {k: earlier[k] for k in stats}
