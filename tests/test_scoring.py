@@ -599,6 +599,8 @@ def test_a_damaged_training_record_is_named_and_the_score_commands_filter_settin
 def test_scoring_thousands_of_pairs_says_how_far_it_is_now_and_then(monkeypatch, capsys):
     """evaluate on 2,604 AlpacaEval test pairs ran 13 minutes on a CPU and score 9 minutes with not a line
     between: a line every 30 s says how many are done; a short loop says nothing."""
+    import functools
+
     from rm_lib.model import batching
 
     clock = iter(range(0, 10_000, 20))  # each look at the clock: 20 s later
@@ -609,8 +611,10 @@ def test_scoring_thousands_of_pairs_says_how_far_it_is_now_and_then(monkeypatch,
                      "scoring pairs: 8 of 10 pairs (80%), 1 min 20 s so far; the shortest first"]
     monkeypatch.setattr(batching.time, "monotonic", lambda: 0.0)
     batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="score", unit="texts")
-    monkeypatch.setenv("RANK", "1")  # another process of a distributed run: the first one speaks
-    clock = iter(range(0, 10_000, 20))
-    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
-    batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs")
-    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a distributed run: each process counts its own share
+    first = "scoring pairs: 4 of 10 pairs on each of 4 processes (40%), 0 min 40 s so far; the shortest first"
+    for rank, said in (("1", []), ("0", [first])):
+        monkeypatch.setenv("RANK", rank)  # the first process alone speaks
+        monkeypatch.setattr(batching.time, "monotonic", functools.partial(next, iter(range(0, 10_000, 20))))
+        batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs")
+        assert capsys.readouterr().err.splitlines()[:1] == said

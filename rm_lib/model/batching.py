@@ -234,6 +234,8 @@ class Progress:
         self.what, self.count, self.unit = what, count, unit
         self.start = self.last = time.monotonic()
         self.quiet = os.environ.get("RANK", "0") != "0"
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # each process scores its share in step
+        self.share = f" on each of {world} processes" if world > 1 else ""
 
     def __call__(self, done: int) -> None:
         now = time.monotonic()
@@ -241,7 +243,7 @@ class Progress:
             return
         self.last = now
         minutes, seconds = divmod(int(now - self.start), 60)
-        print(f"{self.what}: {done:,} of {self.count:,} {self.unit} ({100 * done // self.count}%), "
+        print(f"{self.what}: {done:,} of {self.count:,} {self.unit}{self.share} ({100 * done // self.count}%), "
               f"{minutes} min {seconds:02d} s so far; the shortest first", file=sys.stderr, flush=True)
 
 
