@@ -191,7 +191,7 @@ def test_report_metrics_card_and_dagster_check_carry_the_result(released):
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     card = (released.release / "README.md").read_text(encoding="utf-8")
     assert "## Score consistency" in card
-    for label in ("padded, batch size 1", "left padding", "packed (the training forward)"):
+    for label in ("batch size 1 (each text alone)", "left padding", "packed (the training forward)"):
         line = next(x for x in card.splitlines() if x.startswith(f"| {label} |"))
         assert "agrees" in line, line
     pipeline_line = next(x for x in card.splitlines() if x.startswith("| `transformers.pipeline"))

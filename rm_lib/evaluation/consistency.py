@@ -19,7 +19,7 @@ from rm_lib.model.inference import PairScorer, score_pairs
 from rm_lib.model.modeling import is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
 from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling, why_not_packed
 
-REFERENCE = "padded batch, batch size 32, right padding"
+REFERENCE = "right-padded batches of 64 texts (32 pairs) of like lengths"
 PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "packed_shared_prompt", "pipeline")
 RULE = "|score - reference| <= tolerance * max(1, |reference|)"
 
@@ -109,8 +109,9 @@ def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict)
     """Scores of every text (chosen of each pair, then rejected) by the paths that run `model` itself."""
     device = next(model.parameters()).device
     seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
-    bs1_c, bs1_r = score_pairs(model, rows, pad_token_id=pad_token_id, batch_size=1)
-    scored = {"padded_bs1": bs1_c + bs1_r}
+    alone = [rewards(model, torch.tensor([s], device=device), torch.ones(1, len(s), dtype=torch.long, device=device))
+             .item() for s in seqs]  # batch size 1: each text alone, no padding
+    scored = {"padded_bs1": alone}
     if is_last_token_pooled(model):
         ids, mask = _left_padded(seqs, pad_token_id)
         scored["left_padding"] = rewards(model, ids.to(device), mask.to(device)).tolist()

@@ -303,7 +303,7 @@ Accuracy per pair length (tokens of the longer side):
 
 SUBSET_ROWS = 30  # past it, the least accurate subsets: the table stays readable with one subset per generator
 
-CONSISTENCY_PATHS = {"padded_bs1": "padded, batch size 1", "left_padding": "left padding",
+CONSISTENCY_PATHS = {"padded_bs1": "batch size 1 (each text alone)", "left_padding": "left padding",
                      "packed_training_forward": "packed (the training forward)",
                      "packed_shared_prompt": "packed, each prompt once (train.shared_prompt)",
                      "pipeline": '`transformers.pipeline("text-classification")` on the decoded text'}
@@ -538,7 +538,7 @@ scorer = RewardScorer(snapshot_download("{repo_id}"), normalize=True)
 scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "hello"}}]])
 ```
 
-In TRL, as the reward of GRPO, RLOO or Online DPO (the trainers that take `reward_funcs`): the
+In TRL, as the reward of GRPO or RLOO (the trainers that take `reward_funcs`; the experimental Online DPO too): the
 scorer's function renders conversational prompts and completions with the training template and adds
 the start and end tokens, as training did. (Given the repository name itself, `reward_funcs="{repo_id}"`,
 these trainers tokenize the texts with no special tokens: the reward is then read elsewhere than
