@@ -15,23 +15,20 @@ export WANDB_MODE ?= disabled
 # prefers (a local wheel of it, where pip is pointed at one, serves as well).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Asked first (configs/index_answers.py): pip retries an index it cannot reach for each package.
-# No byte-compiling of every installed module (a minute on two cores): Python compiles the ones a
-# command imports, once, when it first imports them.
-PIP_FLAGS ?= --no-compile
 # GPU users: install a CUDA build of torch into the venv first (see README); this keeps it.
 # DVC gets its own environment (configs/requirements-dvc.txt says why), linked as $(VENV)/bin/dvc;
 # it installs beside the main one, at the same time.
 $(VENV)/.installed: pyproject.toml configs/requirements-dvc.txt
 	@echo "installing into $(VENV) and $(DVC_VENV) (a few minutes the first time); output in $(LOG)"
 	@{ { $(PYTHON) -m venv $(DVC_VENV) && \
-	    $(DVC_VENV)/bin/python -m pip install $(PIP_FLAGS) -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
+	    $(DVC_VENV)/bin/python -m pip install -r configs/requirements-dvc.txt; } > $(LOG).dvc 2>&1 & dvc=$$!; \
 	  $(PYTHON) -m venv $(VENV) && \
-	  $(PY) -m pip install $(PIP_FLAGS) --upgrade pip && \
+	  $(PY) -m pip install --upgrade pip && \
 	  { $(PY) -c "import torch" 2>/dev/null || { set --; \
 	    if $(PY) configs/index_answers.py "$(TORCH_CPU_INDEX)"; then set -- --extra-index-url "$(TORCH_CPU_INDEX)"; \
 	    else echo "$(TORCH_CPU_INDEX) does not answer: torch 2.13.0 from the configured indexes"; fi; \
-	    $(PY) -m pip install $(PIP_FLAGS) torch==2.13.0 "$$@"; }; } && \
-	  $(PY) -m pip install $(PIP_FLAGS) -e ".[test]" && \
+	    $(PY) -m pip install torch==2.13.0 "$$@"; }; } && \
+	  $(PY) -m pip install -e ".[test]" && \
 	  { wait $$dvc || { cat $(LOG).dvc; rm -f $(LOG).dvc; false; }; } && \
 	  cat $(LOG).dvc && rm -f $(LOG).dvc && \
 	  ln -sf "$(abspath $(DVC_VENV))/bin/dvc" $(VENV)/bin/dvc; \
