@@ -19,7 +19,7 @@ import torch
 from rm_lib.data import formats, templates, tokenization
 from rm_lib.data.length_filter import front_length, truncate_left
 from rm_lib.errors import DataError, SettingsError
-from rm_lib.model.batching import in_batches
+from rm_lib.model.batching import in_batches, right_padded
 from rm_lib.model.modeling import load_reward_model, load_tokenizer, max_sequence_length, rewards
 
 LENGTH_POLICIES = ("truncate", "drop")
@@ -199,12 +199,7 @@ class RewardScorer:
         order = sorted(range(len(fitted)), key=lambda i: len(fitted[i][0]))
 
         def run(start: int, stop: int) -> list[float]:
-            seqs = [fitted[i][0] for i in order[start:stop]]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, seq in enumerate(seqs):
-                ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+            ids, mask = right_padded([fitted[i][0] for i in order[start:stop]], self.tokenizer.pad_token_id)
             scores = rewards(self.model, ids.to(self.device), mask.to(self.device))
             return ((scores - self.mean) / (self.std or 1.0)).tolist()
 

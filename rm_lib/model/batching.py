@@ -195,7 +195,8 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _right_padded(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of the sequences, padded on the right to the longest."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -208,7 +209,7 @@ def _right_padded(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tenso
 def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) -> PairBatch:
     """Chosen and rejected of every pair in one right-padded tensor, so one forward scores both."""
     seqs = [r["input_ids_chosen"] for r in rows] + [r["input_ids_rejected"] for r in rows]
-    ids, mask = _right_padded(seqs, pad_token_id)
+    ids, mask = right_padded(seqs, pad_token_id)
     margins = [r.get("margin") for r in rows]
     margin = (torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
               if use_margin and any(m is not None for m in margins) else None)
@@ -219,7 +220,7 @@ def collate_pairs(rows: list[dict], pad_token_id: int, use_margin: bool = True) 
 def collate_sequences(seqs: list[list[int]], pad_token_id: int) -> PairBatch:
     """Sequences of no particular pairs in one right-padded tensor: a batch to score, never to train on
     (no pairs, so no loss)."""
-    ids, mask = _right_padded(seqs, pad_token_id)
+    ids, mask = right_padded(seqs, pad_token_id)
     return PairBatch(ids, mask, None, 0, sum(len(s) for s in seqs), ids.numel())
 
 
