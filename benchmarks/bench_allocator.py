@@ -45,7 +45,7 @@ def child(case: str, policy: str, batch_size: int, tokens_per_forward: int, trim
     from rm_lib.model.modeling import load_reward_model, load_tokenizer
     from rm_lib.model.packing import pack_pairs, packed_rewards
     from rm_lib.training.memory import release_free_memory
-    from rm_lib.training.trainer import dropout_disabled
+    from rm_lib.training.model_modes import dropout_disabled
 
     apply(policy)
     torch.manual_seed(0)

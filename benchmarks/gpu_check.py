@@ -84,7 +84,7 @@ def compare(model, rows: list[dict], pad: int, attention: str, tolerance: float 
     from rm_lib.model.loss import bradley_terry_loss
     from rm_lib.model.modeling import rewards, unwrap
     from rm_lib.model.packing import any_width_compiles, packed_rewards
-    from rm_lib.training.trainer import compiled_layers
+    from rm_lib.training.model_modes import compiled_layers
 
     device = next(model.parameters()).device
     n = len(rows)

@@ -109,11 +109,11 @@ def test_a_run_reused_or_resumed_with_other_unfingerprinted_settings_records_wha
     assert (again["train"]["attention"], again["train"]["logging_steps"]) == ("auto", 1)
 
     # a checkpoint saved before sessions were kept: its summary.json says what trained it
-    from rm_lib.training import trainer
+    from rm_lib.training import checkpoints
 
-    state = tmp_path / "models/checkpoints/step-4" / trainer.STATE_FILE
+    state = tmp_path / "models/checkpoints/step-4" / checkpoints.STATE_FILE
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "sessions"}))
-    trainer._write_checksums(state.parent)
+    checkpoints.write_checksums(state.parent)
     assert run_steps(other, tmp_path, "train")["train"].reused
     old = read_json(tmp_path / "data/train/summary.json")
     assert (old["train"], old["device_plan"]) == (first["train"], first["device_plan"])
@@ -234,7 +234,7 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
     import shutil
     from collections import namedtuple
 
-    from rm_lib.training import trainer
+    from rm_lib.training import checkpoints
 
     usage, free = namedtuple("usage", "total used free"), {"bytes": 3 << 20}
     seen_half = []
@@ -250,7 +250,7 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
     for error, bytes_free in ((torch_error, 3 << 20), (safetensors_error, 1 << 40)):
         free["bytes"] = bytes_free
         with pytest.raises(OSError) as caught:
-            trainer.save_checkpoint(_FailingSave(error), tmp_path, trainer.TrainState(step=3), keep=2)
+            checkpoints.save_checkpoint(_FailingSave(error), tmp_path, checkpoints.TrainState(step=3), keep=2)
         assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
         assert caught.value.strerror.startswith(f"no room for a checkpoint ({bytes_free >> 20} MiB were free when it "
                                                 "failed; the earlier checkpoints")
@@ -263,20 +263,20 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
     (other / "trainer_state.json").write_text(json.dumps({"fingerprint": "another run"}))
     (other / "optimizer.bin").write_bytes(b"\0" * (2 << 20))
     with pytest.raises(OSError) as caught:
-        trainer.save_checkpoint(_FailingSave(torch_error), tmp_path,
-                                trainer.TrainState(step=3, fingerprint="this run"), keep=1)
+        checkpoints.save_checkpoint(_FailingSave(torch_error), tmp_path,
+                                checkpoints.TrainState(step=3, fingerprint="this run"), keep=1)
     assert caught.value.strerror.endswith(f"free space, or remove another run's checkpoints (2 MiB: {other}; this "
                                           "run removes them only once it has saved one of its own)")
     (tmp_path / "step-2").mkdir()
     (tmp_path / "step-2" / "trainer_state.json").write_text(json.dumps({"fingerprint": "this run"}))
     with pytest.raises(OSError) as caught:
-        trainer.save_checkpoint(_FailingSave(torch_error), tmp_path,
-                                trainer.TrainState(step=3, fingerprint="this run"), keep=2)
+        checkpoints.save_checkpoint(_FailingSave(torch_error), tmp_path,
+                                checkpoints.TrainState(step=3, fingerprint="this run"), keep=2)
     assert caught.value.strerror.endswith("own), or lower train.save_total_limit")
     shutil.rmtree(other), shutil.rmtree(tmp_path / "step-2")
     free["bytes"] = 1 << 40
     with pytest.raises(RuntimeError, match="unexpected pos"):  # room enough: not the disk, the error as it came
-        trainer.save_checkpoint(_FailingSave(torch_error), tmp_path, trainer.TrainState(step=3), keep=2)
+        checkpoints.save_checkpoint(_FailingSave(torch_error), tmp_path, checkpoints.TrainState(step=3), keep=2)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -357,15 +357,15 @@ def test_offline_wandb_runs_go_to_the_projects_wandb_folder(tmp_path, tiny_decod
 
 
 def _saved_by(folder: Path, step: int, launch, fingerprint_of) -> Path:
-    from rm_lib.training import trainer
+    from rm_lib.training import checkpoints
 
     checkpoint = folder / f"step-{step}"
     checkpoint.mkdir(parents=True)
     (checkpoint / "model.safetensors").write_bytes(b"weights")
-    state = trainer.TrainState(step=step, fingerprint=fingerprint_of(launch), processes=launch.processes,
+    state = checkpoints.TrainState(step=step, fingerprint=fingerprint_of(launch), processes=launch.processes,
                                fsdp=launch.fsdp)
-    (checkpoint / trainer.STATE_FILE).write_text(json.dumps(vars(state)))
-    trainer._write_checksums(checkpoint)
+    (checkpoint / checkpoints.STATE_FILE).write_text(json.dumps(vars(state)))
+    checkpoints.write_checksums(checkpoint)
     return checkpoint
 
 
@@ -376,20 +376,20 @@ def test_a_launch_that_cannot_resume_the_runs_checkpoint_is_refused_with_the_way
     import shutil
 
     from rm_lib.errors import SettingsError
-    from rm_lib.training import trainer
+    from rm_lib.training import checkpoints, distributed, trainer
 
     params = tiny_params()
 
     def fingerprint_of(launch):
         return trainer.run_fingerprint(params.train, params.model, "data", "code", launch.processes, launch.fsdp)
 
-    fsdp, ddp, one = trainer.Launch(2, fsdp=True), trainer.Launch(2), trainer.Launch(1)
+    fsdp, ddp, one = distributed.Launch(2, fsdp=True), distributed.Launch(2), distributed.Launch(1)
     folder = tmp_path / "checkpoints"
-    trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)  # no checkpoints yet
+    checkpoints.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)  # no checkpoints yet
     saved = _saved_by(folder, 8, fsdp, fingerprint_of)
-    trainer.check_launch(folder, fingerprint_of(fsdp), fsdp, fingerprint_of)  # its own launch resumes it
+    checkpoints.check_launch(folder, fingerprint_of(fsdp), fsdp, fingerprint_of)  # its own launch resumes it
     with pytest.raises(SettingsError) as caught:
-        trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
+        checkpoints.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
     assert str(caught.value) == (
         f"train: the checkpoint {saved} of this run was saved by 2 processes (FSDP); this launch is 2 processes (DDP) "
         "and cannot resume it (FSDP saves checkpoints in a layout of its own). To resume, relaunch as it was saved "
@@ -397,20 +397,20 @@ def test_a_launch_that_cannot_resume_the_runs_checkpoint_is_refused_with_the_way
         f"run's options); to train afresh with this launch, remove {folder}")
     with pytest.raises(SettingsError, match=r"saved by 2 processes \(FSDP\); this launch is 1 process and cannot "
                                             r"resume it \(each process takes train.batch_size pairs of a step; FSDP"):
-        trainer.check_launch(folder, fingerprint_of(one), one, fingerprint_of)
+        checkpoints.check_launch(folder, fingerprint_of(one), one, fingerprint_of)
     # another run's checkpoint (other settings) is no reason to refuse: this run trains, and prunes it then
-    trainer.check_launch(folder, "another run", ddp, lambda launch: "another run of " + str(launch))
+    checkpoints.check_launch(folder, "another run", ddp, lambda launch: "another run of " + str(launch))
     # a DDP checkpoint under FSDP
     shutil.rmtree(saved)
     _saved_by(folder, 4, ddp, fingerprint_of)
     with pytest.raises(SettingsError, match=r"saved by 2 processes \(DDP\); this launch is 2 processes \(FSDP\).*"
                                             r"`accelerate launch --multi_gpu --num_processes 2 -m rm_lib train`"):
-        trainer.check_launch(folder, fingerprint_of(fsdp), fsdp, fingerprint_of)
+        checkpoints.check_launch(folder, fingerprint_of(fsdp), fsdp, fingerprint_of)
     # a damaged checkpoint is passed over, as a resume passes over it: the newest intact one decides
     (_saved_by(folder, 6, fsdp, fingerprint_of) / "model.safetensors").write_bytes(b"cut")
-    trainer.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
+    checkpoints.check_launch(folder, fingerprint_of(ddp), ddp, fingerprint_of)
     with pytest.raises(SettingsError, match=r"step-4 of this run was saved by 2 processes \(DDP\); this launch is 1"):
-        trainer.check_launch(folder, fingerprint_of(one), one, fingerprint_of)
+        checkpoints.check_launch(folder, fingerprint_of(one), one, fingerprint_of)
 
 
 def test_an_offline_wandb_run_is_not_resumed_online(tmp_path, tiny_decoder, monkeypatch):

@@ -202,7 +202,7 @@ def _fsdp(reshard: object, processes: int = 4) -> SimpleNamespace:
     ("HYBRID_SHARD", Sharding(2)),  # within a node of 2 of the 4 processes
 ])
 def test_the_state_is_split_as_fsdp_shards_it(reshard, expected, monkeypatch):
-    from rm_lib.training.trainer import sharding
+    from rm_lib.training.distributed import sharding
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert sharding(_fsdp(reshard)) == expected
@@ -212,7 +212,7 @@ def test_torchs_sharding_strategies_are_read_by_name_and_ddp_splits_nothing():
     from accelerate.utils import DistributedType
     from torch.distributed.fsdp import ShardingStrategy
 
-    from rm_lib.training.trainer import sharding
+    from rm_lib.training.distributed import sharding
 
     assert sharding(_fsdp(ShardingStrategy.FULL_SHARD)) == Sharding(4)
     assert sharding(_fsdp(ShardingStrategy.SHARD_GRAD_OP)) == Sharding(4, weights_gathered=True)

@@ -620,7 +620,7 @@ def test_disabled_dropout_leaves_no_rate_in_training_and_the_saved_config_as_it_
     the architecture applies its rates; the config that is saved with the model keeps them."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rm_lib.training.trainer import dropout_disabled
+    from rm_lib.training.model_modes import dropout_disabled
 
     shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = AutoConfig.for_model(kind, vocab_size=100, num_labels=1, pad_token_id=0, bos_token_id=1,
@@ -642,7 +642,7 @@ def test_disabled_dropout_keeps_the_lora_dropout_the_run_asked_for():
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from rm_lib.model.modeling import add_lora
-    from rm_lib.training.trainer import dropout_disabled
+    from rm_lib.training.model_modes import dropout_disabled
 
     config = AutoConfig.for_model("llama", vocab_size=100, num_labels=1, pad_token_id=0, hidden_size=32,
                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
-from rm_lib.training import trainer
+from rm_lib.training import distributed, trainer
 
 from helpers import fit_tiny, run_steps, tiny_params
 
@@ -298,7 +298,7 @@ def test_checkpointing_some_layers_recomputes_those_alone_with_the_same_gradient
 
     from rm_lib.model.modeling import load_reward_model, unwrap
     from rm_lib.model.packing import pack_pairs_shared, packed_rewards
-    from rm_lib.training.trainer import checkpoint_layers
+    from rm_lib.training.model_modes import checkpoint_layers
 
     from helpers import assert_same_step, gradient_step, shared_prompt_pairs
 
@@ -888,9 +888,9 @@ def test_deepspeed_is_refused_with_what_to_use_instead():
     from rm_lib.errors import SettingsError
 
     with pytest.raises(SettingsError, match=r"DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml"):
-        trainer.check_distributed(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+        distributed.check_distributed(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
     for kind in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
-        trainer.check_distributed(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+        distributed.check_distributed(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
     assert (Path(__file__).parents[1] / "configs/accelerate/fsdp.yaml").exists()
 
 
@@ -902,7 +902,7 @@ def test_a_checkpoint_resumes_only_with_as_many_processes_as_saved_it():
     assert one != two and one == trainer.run_fingerprint(params.train, params.model, "data", "code")
     # FSDP's checkpoints are laid out as DDP's are not: another run, whose checkpoints record their launch
     assert trainer.run_fingerprint(params.train, params.model, "data", "code", 2, fsdp=True) not in (one, two)
-    assert (str(trainer.Launch()), str(trainer.Launch(2)), str(trainer.Launch(4, fsdp=True))) == \
+    assert (str(distributed.Launch()), str(distributed.Launch(2)), str(distributed.Launch(4, fsdp=True))) == \
         ("1 process", "2 processes (DDP)", "4 processes (FSDP)")
 
 
@@ -919,7 +919,7 @@ def test_processes_given_different_runs_all_stop_naming_the_odd_ones_and_what_di
     runs = [run, {**run, "train": {"learning_rate": 1e-4, "num_epochs": 1}}, run, {**run, "filtered data": "b2"}]
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: runs)
     with pytest.raises(SettingsError) as caught:
-        trainer.check_same_run(SimpleNamespace(num_processes=4), run)
+        distributed.check_same_run(SimpleNamespace(num_processes=4), run)
     message = str(caught.value)
     assert message.startswith("train: the processes of this launch were not given the same run: against rank 0, "
                               "rank 1 in train.learning_rate (5e-05 against 0.0001); rank 3 in filtered data "
@@ -928,9 +928,9 @@ def test_processes_given_different_runs_all_stop_naming_the_odd_ones_and_what_di
     runs[:] = [runs[1], run, run, run]  # the odd one out is the first process: judged against the others
     odd_first = r"against rank 1, rank 0 in train.learning_rate \(5e-05 against 0.0001\)\. Every"
     with pytest.raises(SettingsError, match=odd_first):
-        trainer.check_same_run(SimpleNamespace(num_processes=4), run)
+        distributed.check_same_run(SimpleNamespace(num_processes=4), run)
     runs[:] = [run, run]
-    trainer.check_same_run(SimpleNamespace(num_processes=2), run)
+    distributed.check_same_run(SimpleNamespace(num_processes=2), run)
 
 
 def test_a_wandb_mode_wandb_refuses_stops_before_the_model_loads(tmp_path, tiny_decoder, monkeypatch):
@@ -971,6 +971,6 @@ def test_a_check_one_process_fails_stops_every_process(monkeypatch):
     said_elsewhere = "train: the checkpoint models/checkpoints/step-8 of this run was saved by 2 processes"
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, said_elsewhere])
     with pytest.raises(SettingsError, match="saved by 2 processes"):
-        trainer.agreed(SimpleNamespace(num_processes=2), lambda: None)  # this process's own check passed
+        distributed.agreed(SimpleNamespace(num_processes=2), lambda: None)  # this process's own check passed
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, None])
-    trainer.agreed(SimpleNamespace(num_processes=2), lambda: None)
+    distributed.agreed(SimpleNamespace(num_processes=2), lambda: None)

@@ -26,20 +26,17 @@ from rm_lib.model.modeling import (
 )
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params, TrainSettings
-from rm_lib.training.tracking import Tracker, wandb_dir
-from rm_lib.training.trainer import (
-    FitResult,
+from rm_lib.training.checkpoints import check_launch
+from rm_lib.training.distributed import (
     Launch,
     agreed,
     check_distributed,
-    check_launch,
     check_same_run,
-    fit,
     gathered_state_dict,
     launch_of,
-    mixed_precision,
-    run_fingerprint,
 )
+from rm_lib.training.tracking import Tracker, wandb_dir
+from rm_lib.training.trainer import FitResult, fit, mixed_precision, run_fingerprint
 
 NORMALISATION_SAMPLE = 1000
 

@@ -1,25 +1,22 @@
 """The training loop: Bradley-Terry on pairs, chosen and rejected in one forward pass,
 length-grouped batches, gradient accumulation, warm-up schedule, accelerate for devices and
-processes, checkpoints that resume exactly (weights, optimizer, scheduler, data position, RNG)."""
+processes, resumed exactly from a checkpoint (weights, optimizer, scheduler, data position, RNG;
+rm_lib.training.checkpoints writes and judges them)."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
 import json
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rm_lib.errors import DevicePathError, SettingsError, TrainingDiverged, UserError
-from rm_lib.files import file_sha256, share_tree
-from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
+from rm_lib.errors import DevicePathError, TrainingDiverged
 from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_length, pair_tokens, step_forwards
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
@@ -34,43 +31,27 @@ from rm_lib.model.packing import (
     pooling,
     why_not_packed,
 )
-from rm_lib.model.varlen import VARLEN, check_kernel, cuda_kernel, register_varlen
+from rm_lib.model.varlen import VARLEN, check_kernel, cuda_kernel
 from rm_lib.settings import ModelSettings, TrainSettings
+from rm_lib.training.checkpoints import (
+    LOG_FILE,
+    STATE_FILE,
+    TrainState,
+    latest_checkpoint,
+    resume_point,
+    save_checkpoint,
+    step_folders,
+)
 from rm_lib.training.device_plan import UNSHARDED, DevicePlan, Sharding, model_shape, plan
+from rm_lib.training.distributed import launch_of, sharding
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import release_free_memory
+from rm_lib.training.model_modes import attention_as, checkpoint_layers, compiled_layers, dropout_disabled
 
-STATE_FILE = "trainer_state.json"
-CHECKSUM_FILE = "checksums.json"  # size and sha256 of every file of a checkpoint, written last
-LOG_FILE = "metrics.jsonl"  # the metrics log as it was at the checkpoint, for a resume after DVC cleared it
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
                       "wandb_project", "wandb_mode", "max_tokens_per_forward", "shared_prompt", "attention",
                       "compile", "gpu_memory_gib")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    fingerprint: str = ""
-    metrics_lines: int = 0
-    best_eval_accuracy: float | None = None
-    best_step: int | None = None
-    scheduler: dict | None = None  # the LR schedule's state, as JSON: a checkpoint holds no pickle to load
-    # The run's own figures, over all its sessions, so that a rerun which reuses it can report them.
-    tokens: int = 0
-    train_s: float = 0.0
-    last_log: dict | None = None
-    window: dict | None = None  # the logging window's sums since the last log (_saved_window)
-    wandb_id: str | None = None  # the W&B run this run logs to: a resumed run continues it (online)
-    wandb_url: str | None = None
-    # the launch that saved it (Launch); None in checkpoints saved before it was recorded
-    processes: int | None = None
-    fsdp: bool | None = None
-    # Each session that trained steps of the run: its steps, its settings outside the fingerprint and its
-    # device plan. A rerun that reuses or resumes the run may have other such settings: what it records of
-    # the run must be what trained it.
-    sessions: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -88,34 +69,6 @@ class FitResult:
     last_log: dict | None = None  # the last metrics record of the run (also when reused)
     device_plan: dict | None = None  # DevicePlan.record() of the plan that trained the last steps
     sessions: list[dict] = field(default_factory=list)  # TrainState.sessions
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How a run's processes were started, as far as its checkpoints depend on it: how many take a
-    step's pairs (train.batch_size each), and whether FSDP saved them (its sharded weights and
-    optimizer state are a layout DDP cannot read, nor FSDP DDP's)."""
-    processes: int = 1
-    fsdp: bool = False
-
-    def __str__(self) -> str:
-        count = f"{self.processes} process{'' if self.processes == 1 else 'es'}"
-        return f"{count} (FSDP)" if self.fsdp else count if self.processes == 1 else f"{count} (DDP)"
-
-    def command(self) -> str:
-        """A command that starts this launch on one machine."""
-        if self.fsdp:
-            return f"accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes {self.processes} " \
-                   "-m rm_lib train"
-        if self.processes > 1:
-            return f"accelerate launch --multi_gpu --num_processes {self.processes} -m rm_lib train"
-        return "python -m rm_lib train"
-
-
-def launch_of(accelerator: Any) -> Launch:
-    from accelerate.utils import DistributedType
-
-    return Launch(accelerator.num_processes, accelerator.distributed_type == DistributedType.FSDP)
 
 
 def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str,
@@ -160,153 +113,17 @@ def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-def _step_folders(folder: Path) -> list[Path]:
-    """step-N folders, oldest first."""
-    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def _read_state(checkpoint: Path) -> dict | None:
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def latest_checkpoint(folder: Path, fingerprint: str | None = None) -> Path | None:
-    """The newest checkpoint with a readable state (of the run `fingerprint`, when given)."""
-    for candidate in reversed(_step_folders(folder)):
-        state = _read_state(candidate)
-        if state is not None and fingerprint in (None, state.get("fingerprint")):
-            return candidate
-    return None
-
-
-def _write_checksums(checkpoint: Path) -> None:
-    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
-    sums = {str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
-    (checkpoint / CHECKSUM_FILE).write_text(json.dumps(sums, sort_keys=True))
-
-
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why `checkpoint` cannot be resumed (a file missing, cut short or changed), or None when it is intact.
-    Checkpoints written before checksums existed are judged by their state file alone."""
-    if _read_state(checkpoint) is None:
-        return f"{STATE_FILE} is missing or unreadable"
-    if not (checkpoint / CHECKSUM_FILE).exists():
-        return None
-    try:
-        sums = json.loads((checkpoint / CHECKSUM_FILE).read_text())
-    except (OSError, ValueError):
-        return f"{CHECKSUM_FILE} is unreadable"
-    for name, expected in sums.items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
-            return f"{name} does not match the checksum written when it was saved"
-    return None
-
-
-def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None]) -> Path | None:
-    """The newest intact checkpoint of this run. Damaged ones passed over are said in one line."""
-    damaged = []
-    for candidate in reversed(_step_folders(folder)):
-        state = _read_state(candidate)
-        if state is not None and state.get("fingerprint") != fingerprint:
-            continue  # another run's: never mixed in
-        problem = checkpoint_problem(candidate)
-        if problem is None:
-            if damaged:
-                say(f"train: passed over damaged checkpoint {'; '.join(damaged)}; resuming from {candidate.name}")
-            return candidate
-        damaged.append(f"{candidate.name} ({problem})")
-    if damaged:
-        say(f"train: passed over damaged checkpoint {'; '.join(damaged)}; no intact one is left: training from step 0")
-    return None
-
-
-def _saved_launch(state: dict) -> Launch | None:
-    processes, fsdp = state.get("processes"), state.get("fsdp")
-    if not isinstance(processes, int) or not isinstance(fsdp, bool):
-        return None
-    return Launch(processes, fsdp)
-
-
-def check_launch(folder: Path, fingerprint: str, launch: Launch, fingerprint_of: Callable[[Launch], str]) -> None:
-    """Refuse to train when this run's newest checkpoint was saved by another launch: this one would
-    not resume it (another number of processes is another global batch; FSDP and DDP checkpoints are
-    laid out differently) but train from step 0, and prune it at its first save. A checkpoint is this
-    run's when `fingerprint_of` its recorded launch is its fingerprint; damaged ones are passed over,
-    as a resume passes over them."""
-    for candidate in reversed(_step_folders(folder)):
-        state = _read_state(candidate)
-        if state is None:
-            continue
-        if state.get("fingerprint") == fingerprint:
-            return  # this launch's own, newer than any other launch's: resumed as ever
-        saved = _saved_launch(state)
-        if saved is None or saved == launch or fingerprint_of(saved) != state.get("fingerprint"):
-            continue
-        if checkpoint_problem(candidate) is not None:
-            continue
-        why = []
-        if saved.processes != launch.processes:
-            why.append("each process takes train.batch_size pairs of a step")
-        if saved.fsdp != launch.fsdp:
-            why.append("FSDP saves checkpoints in a layout of its own")
-        raise SettingsError(f"train: the checkpoint {candidate} of this run was saved by {saved}; this launch is "
-                            f"{launch} and cannot resume it ({'; '.join(why)}). To resume, relaunch as it was saved "
-                            f"(`{saved.command()}`, with this run's options); to train afresh with this launch, "
-                            f"remove {folder}")
-
-
 def _diverged(loss: float, step: int, folder: Path, fingerprint: str) -> TrainingDiverged:
     """The message names only checkpoints that exist."""
     own = latest_checkpoint(folder, fingerprint) if folder.exists() else None
     if own is not None:
         kept = f"The last good checkpoint is {own}"
     else:
-        others = folder.exists() and bool(_step_folders(folder))
+        others = folder.exists() and bool(step_folders(folder))
         kept = "no checkpoint of this run was saved" + (f"; the earlier run's checkpoints in {folder} are untouched"
                                                         if others else "")
     return TrainingDiverged(f"train: the loss became {loss} at step {step}; lower train.learning_rate or "
                             f"check the data. {kept}")
-
-
-def _is_drop_rate(name: str, value: Any) -> bool:
-    return type(value) is float and "drop" in name.lower()
-
-
-@contextlib.contextmanager
-def dropout_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """No dropout anywhere while the block runs: nn.Dropout modules, and the rates that modules pass to
-    F.dropout, to the attention kernel or to LayerDrop themselves (OPT's `dropout`, Bloom's
-    `hidden_dropout`, Starcoder2's `residual_dropout`, `attention_dropout`, `layerdrop`), or read from
-    the config at each forward (Falcon). The configs get their rates back at the end: they are saved
-    with the model. LoRA's own dropout (train.lora_dropout, on the adapters' input) stays: it is the
-    one rate set for this run (0, the default, is none); disabling it too left the setting without
-    effect while the records said it was applied."""
-    configs: dict[int, Any] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{path}.":
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if _is_drop_rate(name, value):
-                setattr(module, name, 0.0)
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "__dict__"):
-            configs.setdefault(id(config), config)
-    saved = [(config, name, value) for config in configs.values()
-             for name, value in list(vars(config).items()) if _is_drop_rate(name, value) and value]
-    for config, name, _ in saved:
-        setattr(config, name, 0.0)
-    try:
-        yield
-    finally:
-        for config, name, value in saved:
-            setattr(config, name, value)
 
 
 WINDOW_SUMS, WINDOW_COUNTS = ("loss", "acc", "margin", "mean"), ("n", "tokens", "computed", "padded")
@@ -363,154 +180,9 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 sharding=split)
 
 
-_FSDP_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD",
-                    "5": "HYBRID_SHARD_ZERO2", "TRUE": "FULL_SHARD", "FALSE": "SHARD_GRAD_OP"}
-
-
-def sharding(accelerator: Any) -> Sharding:
-    """How the processes split the weights, gradients and AdamW state (`device_plan.Sharding`): FSDP
-    splits all three, keeping the weights gathered from forward to backward where it does not reshard
-    after the forward (SHARD_GRAD_OP, FSDP2's `reshard_after_forward: false`); hybrid FSDP within a
-    node. DDP splits nothing."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return UNSHARDED
-    reshard = accelerator.state.fsdp_plugin.reshard_after_forward
-    name = str(getattr(reshard, "name", reshard)).upper()
-    strategy = _FSDP_STRATEGIES.get(name, name).lstrip("_")
-    if strategy == "NO_SHARD":
-        return UNSHARDED
-    world = accelerator.num_processes
-    if strategy.startswith("HYBRID"):  # sharded among a node's processes, replicated across nodes
-        world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return Sharding(world, weights_gathered=strategy in ("SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2"))
-
-
-def check_distributed(accelerator: Any) -> None:
-    """DeepSpeed's engine steps the optimizer at each backward it is not told is partial, and scales
-    the loss by its own accumulation: the trainer's token-budgeted forwards and accumulation would
-    step on parts of a batch. FSDP shards the same state."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SettingsError("train: DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml, which "
-                            "shards the weights, gradients and optimizer state as ZeRO-3 does (see "
-                            "docs/distributed.md)")
-
-
-def check_same_run(accelerator: Any, run: dict) -> None:
-    """Every process of a launch must train the same `run` (its settings, data and code, as nested
-    dicts and strings): one with other settings would train its share of another model into the
-    common weights, or wait at a collective the others never reach (another number of steps, another
-    evaluation or save step) until the process group times out. Compared before anything else is
-    shared, so that every process stops at once, naming the processes and what differs."""
-    if accelerator.num_processes == 1:
-        return
-    from accelerate.utils import gather_object
-
-    runs = gather_object([run])
-    texts = [json.dumps(r, sort_keys=True, default=str) for r in runs]
-    # the others are judged against the most common run (the first process's among equals)
-    common = max(texts, key=lambda t: (texts.count(t), -texts.index(t)))
-    reference = texts.index(common)
-    differ = {rank: _differences(runs[reference], r) for rank, r in enumerate(runs) if texts[rank] != common}
-    if not differ:
-        return
-    said = "; ".join(f"rank {rank} in {', '.join(keys[:4])}{' and more' if len(keys) > 4 else ''}"
-                     for rank, keys in differ.items())
-    raise SettingsError(f"train: the processes of this launch were not given the same run: against rank "
-                        f"{reference}, {said}. Every process must read the same params.yaml and --set overrides, "
-                        "data and code (on several machines: the same commit and project folder, or `dvc pull` "
-                        "on each); nothing was trained")
-
-
-def agreed(accelerator: Any, check: Callable[[], None]) -> None:
-    """Run `check` on every process; if it raises a UserError on any, every process raises it (the first
-    process's message among those that failed), so none goes on to wait for the others at a collective."""
-    if accelerator.num_processes == 1:
-        check()
-        return
-    from accelerate.utils import gather_object
-
-    try:
-        check()
-        said = None
-    except UserError as exc:
-        said = str(exc)
-    said = next((s for s in gather_object([said]) if s is not None), None)
-    if said is not None:
-        raise SettingsError(said)
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Where two nested dicts differ, as dotted keys with both values (a long one left out)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for key in sorted(a.keys() | b.keys(), key=str)
-                for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
-    if a == b:
-        return []
-    shown = f" ({a!r} against {b!r})" if len(repr(a)) + len(repr(b)) < 60 else ""
-    return [prefix.rstrip(".") + shown]
-
-
 def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
     """The prompt once per pair: causal decoders only (an encoder's prompt would see both answers)."""
     return cfg.padding_free and cfg.shared_prompt and pooling(inner) == "last"
-
-
-def checkpoint_layers(model: Any, count: int | None) -> None:
-    """Activation checkpointing on for the first `count` transformer layers of `model` (None: all),
-    off for the rest: each layer checkpointed frees its activations and is run again in the backward."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    inner = unwrap(model)
-    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if count is not None:
-        layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for index, layer in enumerate(layers):
-            layer.gradient_checkpointing = index < count
-
-
-@contextlib.contextmanager
-def attention_as(model: Any, implementation: str | None) -> Iterator[None]:
-    """Inside, `model` (under any wrapper) computes attention with `implementation` (None: its own);
-    after, with its own again, also when what ran inside raised."""
-    inner = unwrap(model)
-    own = inner.config._attn_implementation
-    if implementation in (None, own):
-        yield
-        return
-    if implementation == FP32_SDPA:
-        register_fp32_sdpa()
-    if implementation == VARLEN:
-        register_varlen()
-    inner.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        inner.set_attn_implementation(own)
-
-
-@contextlib.contextmanager
-def compiled_layers(model: Any) -> Iterator[int]:
-    """Inside, each transformer layer of `model` runs compiled by torch.compile (fused kernels, fewer
-    launches); after, plainly again. Yields how many layers. The layers share their code, so one
-    compile serves them all (and, under `any_width_compiles`, every row width)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    inner = unwrap(model)
-    layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise SettingsError(f"train.compile: {type(inner).__name__} has no layers transformers marks as "
-                            "its transformer layers; set train.compile=false")
-    for layer in layers:
-        layer.compile()
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set
 
 
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
@@ -854,94 +526,3 @@ def _smaller_budget(widest: int, rows: list[dict], step: int) -> int:
                               "the last one")
     return max(widest // 2, largest_pair)
 
-
-def gathered_state_dict(accelerator: Any, prepared: Any) -> dict | None:
-    """Full weights of a sharded run (FSDP), gathered on the main process; None for runs whose
-    model holds its whole weights. Every process must call it: the gather is collective."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return None
-    full = accelerator.get_state_dict(prepared)
-    prefix = "scored_model."  # the PairScorer around the model; its length head is not the model's
-    return {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)} if full else None
-
-
-def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int, log: Path | None = None) -> Path:
-    """Write step-N atomically (temporary name, then rename) with the checksums of its files; then drop
-    other runs' checkpoints and keep this run's newest `keep` and its best, so disk use stays bounded."""
-    target = folder / f"step-{state.step}"
-    tmp = folder / f".step-{state.step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every process's files are in before they are summed up
-        if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-            if log is not None and log.exists():
-                shutil.copyfile(log, tmp / LOG_FILE)
-            _write_checksums(tmp)
-    except Exception as exc:  # torch's RuntimeError, safetensors' SafetensorError, an OSError
-        full = _full_disk(exc, folder, state, keep)  # judged before the half goes: that frees the space it filled
-        shutil.rmtree(tmp, ignore_errors=True)  # its half would keep a full disk full for what runs next
-        if full is None:
-            raise
-        raise full from exc
-    if accelerator.is_main_process:
-        share_tree(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        _prune(folder, state, keep)
-    accelerator.wait_for_everyone()
-    return target
-
-
-# torch's writer reports a full disk as a RuntimeError ("basic_ios::clear: iostream error"): below this much
-# free space after a failed save, the disk is taken to be why
-_FULL_BELOW = 64 << 20
-
-
-def _full_disk(exc: BaseException, folder: Path, state: TrainState, keep: int) -> OSError | None:
-    """A checkpoint write that failed for a full disk, as one line the CLI prints with its path; None
-    for any other failure. safetensors names the OS error in its message; torch's writer says only
-    "iostream error", so there the free space decides. The line names what the user can remove."""
-    text = str(exc)
-    said = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "os error 28" in text or \
-        "No space left" in text
-    if isinstance(exc, OSError) and not said:
-        return None
-    free = shutil.disk_usage(folder).free
-    if not said and free >= _FULL_BELOW:
-        return None
-    others, own = [], 0
-    for candidate in _step_folders(folder):
-        if (_read_state(candidate) or {}).get("fingerprint") == state.fingerprint:
-            own += 1
-        else:
-            others.append(candidate)
-    ways = []
-    if others:  # pruned only once this run has a checkpoint of its own: until then they are the resumable ones
-        size = sum(f.stat().st_size for c in others for f in c.rglob("*") if f.is_file())
-        ways.append(f"remove another run's checkpoints ({size >> 20} MiB: {', '.join(str(c) for c in others)}; "
-                    "this run removes them only once it has saved one of its own)")
-    if own and keep > 1:
-        ways.append("lower train.save_total_limit")
-    return OSError(errno.ENOSPC, f"no room for a checkpoint ({free >> 20} MiB were free when it failed; the earlier "
-                                 f"checkpoints and the last model are kept): free space"
-                                 + "".join(f", or {way}" for way in ways), str(folder))
-
-
-def _prune(folder: Path, state: TrainState, keep: int) -> None:
-    """This run has a checkpoint now: other runs' go, and this run's beyond the newest `keep` and the best."""
-    own = []
-    for candidate in _step_folders(folder):
-        saved = _read_state(candidate)
-        if saved is None or saved.get("fingerprint") != state.fingerprint:
-            shutil.rmtree(candidate, ignore_errors=True)
-        else:
-            own.append(candidate)
-    for old in own[:-keep]:
-        if old.name != f"step-{state.best_step}":
-            shutil.rmtree(old, ignore_errors=True)
