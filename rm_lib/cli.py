@@ -94,6 +94,7 @@ def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
     from rm_lib.data.tokenstore import read_rows
     from rm_lib.evaluation.visualize import visualize_token
     from rm_lib.model.modeling import load_tokenizer
+    from rm_lib.pipeline.chain import tokenizer_of_tokenized
 
     folder = layout.filtered if args.stage == "filtered" else layout.tokenized
     path = folder / f"{args.split}.parquet"
@@ -105,7 +106,14 @@ def _show_tokens(args: argparse.Namespace, params, layout: Layout) -> None:
         raise UserError(f"show-tokens --index {args.index}: the {args.stage} {args.split} split has {len(rows)} "
                         f"examples, numbered 0 to {len(rows) - 1}")
     row = rows[args.index]
-    tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision)
+    # the ids mean words of the tokenizer that made them, whatever model.name_or_path says now
+    name, revision = tokenizer_of_tokenized(layout, params.model.name_or_path, params.model.revision)
+    if (name, revision) != (params.model.name_or_path, params.model.revision):
+        at = f" at revision {revision!r}" if revision is not None else ""
+        print(f"show-tokens: decoded with the tokenizer of '{name}'{at}, which made these token ids "
+              f"({layout.tokenized / 'manifest.json'}); model.name_or_path is '{params.model.name_or_path}'",
+              file=sys.stderr)
+    tokenizer = load_tokenizer(name, revision=revision)
     for side in ("chosen", "rejected"):
         print(f"{side} ({len(row[f'input_ids_{side}'])} tokens, prompt {row['prompt_length']}):")
         # colours for a terminal only: piped or written to a file, their codes would be noise

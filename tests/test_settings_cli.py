@@ -188,6 +188,24 @@ def test_show_tokens_index_out_of_range_and_before_filter_are_one_line(tmp_path,
     assert main(["--root", str(tmp_path), "show-tokens", "--index", "3", "--no-color"]) == 0
 
 
+
+def test_show_tokens_decodes_with_the_tokenizer_that_made_the_ids(tmp_path, capsys, tiny_decoder):
+    """Token ids mean words of the tokenizer that made them: decoded with the model params.yaml names
+    now (MiniLM's vocabulary), a decoder's ids read as [unused] tokens, in the tool for seeing what the
+    model sees."""
+    from helpers import run_steps, tiny_params
+
+    run_steps(tiny_params(model=str(tiny_decoder)), tmp_path, "download", "tokenize", "filter")
+    show = ["--root", str(tmp_path), "show-tokens", "--index", "3", "--no-color"]
+    assert main([*show, "--set", f"model.name_or_path={tiny_decoder}"]) == 0
+    expected = capsys.readouterr()
+    assert expected.err == "" and "[unused" not in expected.out
+    assert main(show) == 0  # params.yaml's model: the default, MiniLM
+    seen = capsys.readouterr()
+    assert seen.out == expected.out
+    assert seen.err == (f"show-tokens: decoded with the tokenizer of '{tiny_decoder}', which made these token ids "
+                        f"({tmp_path / 'data/tokenized/manifest.json'}); model.name_or_path is 'default'\n")
+
 @pytest.mark.parametrize("row, field", [({"margin": float("nan")}, "margin"), ({"margin": float("inf")}, "margin"),
                                         ({"score_chosen": float("-inf"), "score_rejected": 1.0}, "score_chosen"),
                                         # JSON integers have no limit; past float's range they would be inf

@@ -190,6 +190,17 @@ def check_tokenized_for(layout: Layout, name_or_path: str, revision: str | None,
                          f"{_rerun('tokenize', step)} (or set model.revision back)")
 
 
+def tokenizer_of_tokenized(layout: Layout, name_or_path: str, revision: str | None) -> tuple[str, str | None]:
+    """The model (and revision) whose tokenizer made the token ids in data/tokenized, as its manifest
+    records them; the given ones where it records none."""
+    record = layout.tokenized / "manifest.json"
+    manifest = read_json(record) if record.exists() else {}
+    made_for = manifest.get("model")
+    if made_for is None or (_same_model(made_for, name_or_path) and manifest.get("revision", revision) == revision):
+        return name_or_path, revision
+    return made_for, manifest.get("revision")
+
+
 def _same_model(a: str, b: str) -> bool:
     """Two names of one model: equal, 'default' and the Hub id of what it ships, or one local folder named
     two ways."""
