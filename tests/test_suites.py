@@ -121,6 +121,26 @@ def test_a_blank_system_turn_of_a_best_of_n_prompt_is_none_as_in_training(tmp_pa
     assert read.layout == "best_of_n" and read.rows[0].prompt == [question]
 
 
+
+def test_a_best_of_n_suite_reads_messages_as_training_and_its_pairwise_rows_do(tmp_path):
+    """Text parts are read as their text, as training and the pairwise layout read them; a row training
+    would set aside (a tool turn, a tool call) is set aside and counted. The best-of-N reader took only
+    string content and stopped evaluate on either."""
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "0.9 "}, {"type": "text", "text": "good"}]}]
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+             "chosen": [parts], "rejected": [[{"role": "assistant", "content": "0.1 bad"}], "0.2 worse"]},
+            {"prompt": [{"role": "tool", "content": "42"}], "chosen": ["0.9 good"], "rejected": ["0.1 bad"]},
+            {"prompt": "q", "chosen": [[{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]],
+             "rejected": ["0.1 bad"]}]
+    path = write_jsonl(tmp_path / "bon.jsonl", rows)
+    read = suites.read_rows(suites._inputs(suites.parse_entry(str(path)))[0])
+    assert read.layout == "best_of_n" and len(read.rows) == 1
+    assert read.rows[0].prompt == [{"role": "user", "content": "q"}]
+    assert read.rows[0].chosen == [[{"role": "assistant", "content": "0.9 good"}]]
+    assert dict(read.skipped) == {"malformed_messages": 1, "tool_calls": 1}
+    entry = suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
+    assert (entry["rows"], entry["accuracy"], entry["skipped"]) == (1, 1.0, 2)
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_pairwise_file_like_reward_bench_1(tmp_path, suffix):
     path = tmp_path / f"rb1.{suffix}"

@@ -56,7 +56,7 @@ def detect_format(row: dict, *, file: str, row_number: int) -> str:
         file=file, row=row_number)
 
 
-class _Reject(Exception):
+class Rejected(Exception):
     """A row that is well-formed but unusable: a reason category for the counts, a detail for people."""
 
     def __init__(self, reason: str, detail: str | None = None) -> None:
@@ -69,17 +69,21 @@ def parse_hh_transcript(text: str) -> list[dict]:
     Windows line ends (a file saved on Windows) read as \\n."""
     parts = _HH_TURN.split(text.replace("\r\n", "\n"))
     if parts[0].strip():
-        raise _Reject("malformed_transcript",
+        raise Rejected("malformed_transcript",
                       "transcript does not start with a '\\n\\nHuman:' or '\\n\\nAssistant:' turn")
     messages = []
     for speaker, content in zip(parts[1::2], parts[2::2]):
         messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
     if not messages:
-        raise _Reject("malformed_transcript", "no 'Human:'/'Assistant:' turns found")
+        raise Rejected("malformed_transcript", "no 'Human:'/'Assistant:' turns found")
     return messages
 
 
-def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict]:
+def read_messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict]:
+    """A prompt or an answer as training reads it: a text (one user turn for the prompt, one assistant
+    turn for an answer), or a list of messages, each its role (aliases read as user, assistant, system)
+    and its content (text, or text parts joined); a blank system turn is none. Rejected where a message
+    cannot be read so; a DataError where `value` is neither a text nor a list."""
     if isinstance(value, str):
         return [{"role": "assistant" if side != "prompt" else "user", "content": value}]
     if not isinstance(value, list):
@@ -88,15 +92,15 @@ def _messages(value: Any, side: str, *, file: str, row_number: int) -> list[dict
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "content" not in message or "role" not in message:
-            raise _Reject("malformed_messages", f"{side}[{i}] is not a {{'role', 'content'}} message")
+            raise Rejected("malformed_messages", f"{side}[{i}] is not a {{'role', 'content'}} message")
         role = ROLE_ALIASES.get(str(message["role"]).lower())
         if role is None:
-            raise _Reject("malformed_messages", f"{side}[{i}] has unknown role {message['role']!r}")
+            raise Rejected("malformed_messages", f"{side}[{i}] has unknown role {message['role']!r}")
         if message.get("tool_calls") or message.get("function_call"):  # kept as text only, the call would vanish
-            raise _Reject("tool_calls", f"{side}[{i}] calls a tool, and a pair's messages carry text turns only")
+            raise Rejected("tool_calls", f"{side}[{i}] calls a tool, and a pair's messages carry text turns only")
         content = _text_parts(message["content"])
         if content is None:
-            raise _Reject("malformed_messages", f"{side}[{i}].content is not a string, nor a list of text parts")
+            raise Rejected("malformed_messages", f"{side}[{i}].content is not a string, nor a list of text parts")
         if role == "system" and not content.strip():  # a blank system turn is none, as a blank system column is
             continue
         out.append({"role": role, "content": content})
@@ -132,8 +136,8 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
                 raise DataError(f"{name}: conversation[{i}] is not a message (a dict with a str 'role')")
         if not any_role:
             try:
-                item = _messages(item, "conversation", file=name, row_number=0)
-            except _Reject as exc:
+                item = read_messages(item, "conversation", file=name, row_number=0)
+            except Rejected as exc:
                 raise DataError(f"{name}: {exc.detail} (rm_lib's templates print user, assistant and system "
                                 "turns of text; a model trained with its tokenizer's chat template renders any)"
                                 ) from None
@@ -211,17 +215,17 @@ def _margin(row: dict, *, file: str, row_number: int) -> float | None:
         # the scores are the label's evidence: equal ones prefer neither side (UltraFeedback's binarized
         # sets hold such pairs), and lower ones for chosen contradict it
         if margin == 0:
-            raise _Reject("tied_scores", f"score_chosen equals score_rejected ({numbers['score_chosen']:g}): "
+            raise Rejected("tied_scores", f"score_chosen equals score_rejected ({numbers['score_chosen']:g}): "
                                          "the pair prefers neither side")
         if margin < 0:
-            raise _Reject("scores_against_label",
+            raise Rejected("scores_against_label",
                           f"score_chosen {numbers['score_chosen']:g} is below score_rejected "
                           f"{numbers['score_rejected']:g}: the scores prefer the rejected side")
         return numbers.get("margin", margin)  # a margin column beside the scores is the one to train with
     one = [k for k in ("score_chosen", "score_rejected") if row.get(k) is not None]
     if one:  # its margin cannot be known: trained without one, it would count unlike the rows beside it
         other = "score_rejected" if one[0] == "score_chosen" else "score_chosen"
-        raise _Reject("one_score", f"{one[0]} is set but {other} is not, so the pair has no margin")
+        raise Rejected("one_score", f"{one[0]} is set but {other} is not, so the pair has no margin")
     return None
 
 
@@ -278,7 +282,7 @@ def pair_source(pair_id: str) -> tuple[str, int | None]:
 
 
 def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
-    """One source row -> one normalised pair. Raises DataError (bad structure) or _Reject."""
+    """One source row -> one normalised pair. Raises DataError (bad structure) or Rejected."""
     pair_id = f"{file}:{row_number}"
     for key in ("prompt", "chosen", "rejected", "subset", "system"):
         _check_unicode(row.get(key), key, file=file, row_number=row_number)
@@ -291,9 +295,9 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
                                       row.get(f"attention_mask_{side}"), f"attention_mask_{side}", file=file,
                                       row_number=row_number) for side in ("chosen", "rejected"))
         if not chosen or not rejected:
-            raise _Reject("empty_side")
+            raise Rejected("empty_side")
         if chosen == rejected:
-            raise _Reject("identical", "chosen is identical to rejected")
+            raise Rejected("identical", "chosen is identical to rejected")
         return {"id": pair_id, "input_ids_chosen": chosen, "input_ids_rejected": rejected, "margin": margin,
                 **subset}
     for key in ("chosen", "rejected"):  # a prompt may be a message list beside string answers: one reading
@@ -308,7 +312,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
                             f"{type(row[key]).__name__}", file=file, row=row_number, field=key)
     for key in ("prompt", "chosen", "rejected"):
         if isinstance(row.get(key), str) and _messages_as_text(row[key]):
-            raise _Reject("messages_as_text", f"{key} holds a list of messages written as text (Python's repr, or JSON "
+            raise Rejected("messages_as_text", f"{key} holds a list of messages written as text (Python's repr, or JSON "
                                               "inside a string), which would be trained on as words; write the "
                                               "messages as a list (Dataset.to_json or to_parquet; in a CSV file, "
                                               "each cell as JSON)")
@@ -319,33 +323,33 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
         whole = [row[k].replace("\r\n", "\n").lstrip().startswith(head.lstrip()) for k in ("chosen", "rejected")]
         if any(whole) and not all(whole):
             repeats, other = ("chosen", "rejected") if whole[0] else ("rejected", "chosen")
-            raise _Reject("prompt_repeated", f"{repeats} starts with the prompt's transcript and {other} does not")
+            raise Rejected("prompt_repeated", f"{repeats} starts with the prompt's transcript and {other} does not")
         if not all(whole):  # the answers alone; whole transcripts (the prompt in them too) are read as they are
             row = {**row, "chosen": head + row["chosen"], "rejected": head + row["rejected"]}
     if fmt in ("implicit_text", "implicit_conversational"):
         if fmt == "implicit_text":
             whole = _transcript(row, "chosen"), _transcript(row, "rejected")
         else:
-            whole = (_messages(row["chosen"], "chosen", file=file, row_number=row_number),
-                     _messages(row["rejected"], "rejected", file=file, row_number=row_number))
+            whole = (read_messages(row["chosen"], "chosen", file=file, row_number=row_number),
+                     read_messages(row["rejected"], "rejected", file=file, row_number=row_number))
         if whole[0] == whole[1]:  # else the shared prefix would swallow both and call the sides empty
-            raise _Reject("identical", "chosen is identical to rejected")
+            raise Rejected("identical", "chosen is identical to rejected")
         prompt, chosen, rejected = split_shared_prefix(*whole)
     else:
-        prompt = _messages(row["prompt"], "prompt", file=file, row_number=row_number)
-        chosen = _messages(row["chosen"], "chosen", file=file, row_number=row_number)
-        rejected = _messages(row["rejected"], "rejected", file=file, row_number=row_number)
+        prompt = read_messages(row["prompt"], "prompt", file=file, row_number=row_number)
+        chosen = read_messages(row["chosen"], "chosen", file=file, row_number=row_number)
+        rejected = read_messages(row["rejected"], "rejected", file=file, row_number=row_number)
         prompt, chosen, rejected = _without_repeated_prompt(prompt, chosen, rejected)
     prompt = _with_system(row.get("system"), prompt, file=file, row_number=row_number)
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages or all(is_blank(m["content"]) for m in messages):
-            raise _Reject("empty_side", f"empty {side} response (nothing but spaces or invisible characters)")
+            raise Rejected("empty_side", f"empty {side} response (nothing but spaces or invisible characters)")
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1]["role"] != "assistant":  # the reward is read at the end: after that turn, not a reply
-            raise _Reject("answer_not_assistant", f"{side} ends with a {messages[-1]['role']} turn, not the "
+            raise Rejected("answer_not_assistant", f"{side} ends with a {messages[-1]['role']} turn, not the "
                                                   "assistant's reply the reward is read after")
     if chosen == rejected:
-        raise _Reject("identical", "chosen is identical to rejected")
+        raise Rejected("identical", "chosen is identical to rejected")
     return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}
 
 
@@ -453,12 +457,12 @@ def _is_hh_prompt(text: str) -> bool:
 def _transcript(row: dict, side: str) -> list[dict]:
     try:
         return parse_hh_transcript(row[side])
-    except _Reject as reject:
+    except Rejected as reject:
         others = sorted(str(k) for k in row if k not in USED_COLUMNS)
         hint = ("; chosen and rejected are strings and there is no prompt column, so each is read as a whole "
                 "HH-RLHF transcript" + (f": if {', '.join(others)} holds the prompt, name that column 'prompt'"
                                          if others else ""))
-        raise _Reject(reject.reason, reject.detail + hint) from None
+        raise Rejected(reject.reason, reject.detail + hint) from None
 
 
 def _same_turns(a: list[dict], b: list[dict]) -> bool:
@@ -487,12 +491,12 @@ def _without_repeated_prompt(prompt: list[dict], chosen: list[dict],
         return shared, chosen_rest, rejected_rest
     if any(opens):
         repeats, other = ("chosen", "rejected") if opens[0] else ("rejected", "chosen")
-        raise _Reject("prompt_repeated", f"{repeats} starts with the prompt's turns and {other} does not")
+        raise Rejected("prompt_repeated", f"{repeats} starts with the prompt's turns and {other} does not")
     for k in range(n - 1, 0, -1):  # both repeat the prompt's last turns only (a system turn or history not)
         if all(_same_turns(side[:k], prompt[-k:]) for side in (chosen, rejected)):
             return prompt, chosen[k:], rejected[k:]
     if prompt[-1]["role"] == "user" and all(side and side[0]["role"] == "user" for side in (chosen, rejected)):
-        raise _Reject("prompt_mismatch", "the prompt ends with a user turn and both answers open with one: they "
+        raise Rejected("prompt_mismatch", "the prompt ends with a user turn and both answers open with one: they "
                                          "hold a conversation of their own beside the prompt column (other text "
                                          "than its, or earlier turns the two answers do not share)")
     return prompt, chosen, rejected
@@ -506,7 +510,7 @@ def _with_system(system: Any, prompt: list[dict], *, file: str, row_number: int)
         raise DataError(f"expected a string, got {type(system).__name__}", file=file, row=row_number, field="system")
     if prompt and prompt[0]["role"] == "system":
         if prompt[0]["content"].strip() != system.strip():
-            raise _Reject("system_mismatch", "the prompt opens with a system turn of other text than the system "
+            raise Rejected("system_mismatch", "the prompt opens with a system turn of other text than the system "
                                              "column")
         return prompt
     return [{"role": "system", "content": system}, *prompt]
@@ -557,6 +561,6 @@ class Normaliser:
                                 file=self.file, row=row_number)
             try:
                 yield "pair", normalise_row(row, self.format, file=self.file, row_number=row_number)
-            except _Reject as reject:
+            except Rejected as reject:
                 yield "reject", {"file": self.file, "row": row_number, "reason": reject.reason,
                                  "detail": reject.detail, "data": json_safe(row)}

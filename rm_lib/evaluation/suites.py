@@ -154,34 +154,17 @@ def _subset(row: dict) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def _messages(value: Any, role: str, *, file: str, row_number: int, name: str) -> Messages:
-    """A text (one message of `role`) or a list of {'role', 'content'} messages."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if not isinstance(value, list):
-        raise DataError(f"expected a string or a list of messages, got {type(value).__name__}",
-                        file=file, row=row_number, field=name)
-    out = []
-    for i, message in enumerate(value):
-        known = isinstance(message, dict) and formats.ROLE_ALIASES.get(str(message.get("role", "")).lower())
-        if not known or not isinstance(message.get("content"), str):
-            raise DataError("expected a {'role', 'content'} message with a known role and text content",
-                            file=file, row=row_number, field=f"{name}[{i}]")
-        if known == "system" and not message["content"].strip():  # none, as training's normaliser has it
-            continue
-        out.append({"role": known, "content": message["content"]})
-    return out
-
-
 def _best_of_n(row: dict, *, file: str, row_number: int) -> Row | str:
     """A Row, or the reason the row cannot be scored."""
     if "prompt" not in row:
         raise DataError("a best-of-N row needs a prompt", file=file, row=row_number, field="prompt")
-    prompt = _messages(row["prompt"], "user", file=file, row_number=row_number, name="prompt")
-    sides = {}
+    try:  # each conversation read as training reads a pair's: a row training would set aside is set aside
+        prompt = formats.read_messages(row["prompt"], "prompt", file=file, row_number=row_number)
+        sides = {side: [formats.read_messages(a, f"{side}[{i}]", file=file, row_number=row_number)
+                        for i, a in enumerate(row[side])] for side in ("chosen", "rejected")}
+    except formats.Rejected as exc:
+        return exc.reason
     for side in ("chosen", "rejected"):
-        sides[side] = [_messages(a, "assistant", file=file, row_number=row_number, name=f"{side}[{i}]")
-                       for i, a in enumerate(row[side])]
         if not sides[side]:
             return f"no_{side}"
         if any(all(formats.is_blank(m["content"]) for m in answer) for answer in sides[side]):
