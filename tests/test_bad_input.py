@@ -144,6 +144,30 @@ def test_unknown_extra_columns_are_ignored_and_reported(tmp_path, capsys):
     assert manifest["ignored_columns"] == {"annotator": 20, "source": 20}
 
 
+def test_message_keys_training_leaves_out_are_counted_and_named_where_they_made_a_pair_identical(tmp_path, capsys):
+    """A message is trained on as its role and content: a reasoning trace beside the content was left
+    out without a word, and a pair that differed only there was set aside as plainly identical."""
+    def row(i, thought, other_thought, rejected_answer):
+        return {"prompt": [{"role": "user", "content": f"question {i}"}],
+                "chosen": [{"role": "assistant", "content": "a good answer", "reasoning_content": thought}],
+                "rejected": [{"role": "assistant", "content": rejected_answer, "reasoning_content": other_thought}]}
+
+    rows = [row(i, "careful", "sloppy", "a bad answer") for i in range(19)] + [row(19, "careful", "sloppy",
+                                                                                    "a good answer")]
+    rows[0]["chosen"][0]["reasoning_content"] = ""  # no value: nothing left out
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(lines(rows))
+    code, out, _ = cli(tmp_path, "--set", f"download.source={path}", "download", capsys=capsys)
+    assert code == 0 and "ignored columns chosen[].reasoning_content, rejected[].reasoning_content" in out
+    layout = Layout(tmp_path)
+    manifest = read_json(layout.pairs / "manifest.json")
+    assert manifest["ignored_columns"] == {"chosen[].reasoning_content": 19, "rejected[].reasoning_content": 20}
+    reject, = [json.loads(line) for line in (layout.pairs / "rejects.jsonl").read_text().splitlines()]
+    assert (reject["row"], reject["reason"]) == (20, "identical")
+    assert reject["detail"] == ("chosen is identical to rejected once their messages are read as training reads "
+                                "them, a role and a content each (reasoning_content left out)")
+
+
 def test_a_million_character_row_is_set_aside_for_length_and_counted(tmp_path, capsys):
     huge = {"prompt": "a question", "chosen": "word " * 200_000, "rejected": "short"}
     code, _, _ = download(tmp_path, "d.jsonl", lines(GOOD + [huge]), capsys)

@@ -447,6 +447,31 @@ def test_the_tokenizers_chat_template_reads_content_as_training_does(tiny_decode
                                                                    tokenize=True)["input_ids"] + [tok.eos_token_id]
 
 
+def test_the_tokenizers_chat_template_is_given_a_conversation_as_training_gave_it(tiny_decoder, tmp_path):
+    """What training gives the template of a pair's messages (their role and content, no blank system
+    turn) the scoring API gave it too: it passed a blank system turn, which the template prints (and a
+    template such as Qwen's prints its default system prompt where there is none), and a reasoning trace
+    training never saw, so a GRPO reward scored text the model was not trained on."""
+    from rm_lib.errors import DataError
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, save_model
+
+    tok = load_tokenizer(str(tiny_decoder))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.get('reasoning_content') %}<think>"
+                         "{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}\n{% endfor %}")
+    save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
+               chat_template=True)
+    scorer = RewardScorer(tmp_path / "rm")
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    trained = scorer.encode([user, answer])
+    assert scorer.encode([{"role": "system", "content": " "}, user, answer | {"reasoning_content": "think"}]) == trained
+    reward = scorer.reward_function()(prompts=[[{"role": "system", "content": ""}, user]],
+                                      completions=[[answer | {"reasoning_content": "think"}]])
+    assert reward == scorer.score([[user, answer]])
+    assert scorer.encode([{"role": "system", "content": "be brief"}, user, answer]) != trained  # a system turn counts
+    with pytest.raises(DataError, match="a conversation of blank system turns"):
+        scorer.score([[{"role": "system", "content": ""}]])
+
+
 def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
     from rm_lib.cli import main
 

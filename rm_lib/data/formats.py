@@ -118,11 +118,28 @@ def _text_parts(content: Any) -> str | None:
     return None
 
 
+def left_out_keys(row: dict) -> set[str]:
+    """The keys of a row's messages that training leaves out, as `side[].key`, where they hold a value:
+    a message is read as its role and its content (a `reasoning_content`, a `name` are not trained on).
+    A tool call is not among them: it sets the row aside."""
+    keys = set()
+    for side in ("prompt", "chosen", "rejected"):
+        for message in row.get(side) if isinstance(row.get(side), list) else ():
+            if isinstance(message, dict):
+                keys.update(f"{side}[].{k}" for k, v in message.items()
+                            if k not in _READ_KEYS and v not in (None, "", [], {}))
+    return keys
+
+
+_READ_KEYS = ("role", "content", "tool_calls", "function_call")
+
+
 def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[dict]:
     """One item a scorer is given: a text, or a conversation (a list of messages, each a dict with a
     str `role`). Anything else is a DataError naming the item, where it would be scored as something
-    else. `any_role`: the tokenizer's chat template renders the messages, given as they are (a tool
-    call, a `tool` or `developer` turn, whatever keys it reads); otherwise rm_lib's templates do, which
+    else. `any_role`: the tokenizer's chat template renders the messages, those training reads as
+    training gave them, any other (a tool call, a `tool` or `developer` turn) with whatever keys the
+    template reads (_template_messages); otherwise rm_lib's templates do, which
     print user, assistant and system turns (and their aliases) of text only. Either way a message's
     content is read as training reads it: text, or text parts joined; none, or another kind, is an
     error, except beside a tool call, whose content may be None."""
@@ -142,7 +159,10 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
                                 "turns of text; a model trained with its tokenizer's chat template renders any)"
                                 ) from None
         else:
-            item = [_template_message(message, f"{name}: conversation[{i}]") for i, message in enumerate(item)]
+            item = [m for i, message in enumerate(item)
+                    for m in _template_messages(message, f"{name}: conversation[{i}]")]
+            if not item:
+                raise DataError(f"{name}: a conversation of blank system turns, which holds nothing to score")
         texts = [m["content"] for m in item if isinstance(m.get("content"), str)]
     else:
         raise DataError(f"{name}: a text (str) or a conversation (a list of {{'role', 'content'}} messages), "
@@ -156,22 +176,28 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
     return item
 
 
-def _template_message(message: dict, where: str) -> dict:
-    """A message for the tokenizer's chat template, its other keys as given: without this a template
-    prints a list of text parts as its Python repr, and a missing or None content as an empty turn. A
-    role training reads as another (`human`, `gpt`, `User`) is given as training gave it; any other
-    (`tool`, `developer`) as it is."""
+def _template_messages(message: dict, where: str) -> list[dict]:
+    """A message for the tokenizer's chat template, as a list of none or one. One that training reads (a
+    user, assistant or system turn of text) is given as training gave it to the template: its role and
+    content, a blank system turn none (the template may print its default system prompt then, as it did
+    in training), other keys (a `reasoning_content`) left out. Any other (a tool call, a `tool` or
+    `developer` turn) with its keys as given: without this a template prints a list of text parts as its
+    Python repr, and a missing or None content as an empty turn."""
+    try:
+        return read_messages([message], "conversation", file=where, row_number=0)
+    except Rejected:
+        pass
     role = ROLE_ALIASES.get(message["role"].lower())
     message = {**message, "role": role} if role else message
     call = message.get("tool_calls") or message.get("function_call")
     if call and message.get("content") is None:  # an OpenAI-style call: the template renders the call
-        return message
+        return [message]
     if "content" not in message:
         raise DataError(f"{where} is not a {{'role', 'content'}} message")
     content = _text_parts(message["content"])
     if content is None:
         raise DataError(f"{where}.content is not a string, nor a list of text parts")
-    return {**message, "content": content}
+    return [{**message, "content": content}]
 
 
 def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -333,7 +359,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             whole = (read_messages(row["chosen"], "chosen", file=file, row_number=row_number),
                      read_messages(row["rejected"], "rejected", file=file, row_number=row_number))
         if whole[0] == whole[1]:  # else the shared prefix would swallow both and call the sides empty
-            raise Rejected("identical", "chosen is identical to rejected")
+            raise Rejected("identical", _identical(row))
         prompt, chosen, rejected = split_shared_prefix(*whole)
     else:
         prompt = read_messages(row["prompt"], "prompt", file=file, row_number=row_number)
@@ -349,8 +375,17 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             raise Rejected("answer_not_assistant", f"{side} ends with a {messages[-1]['role']} turn, not the "
                                                   "assistant's reply the reward is read after")
     if chosen == rejected:
-        raise Rejected("identical", "chosen is identical to rejected")
+        raise Rejected("identical", _identical(row))
     return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin, **subset}
+
+
+def _identical(row: dict) -> str:
+    """Why a pair whose sides read the same is identical, naming what training left out of its messages."""
+    keys = sorted({key.partition("].")[2] for key in left_out_keys(row)})
+    if not keys:
+        return "chosen is identical to rejected"
+    return (f"chosen is identical to rejected once their messages are read as training reads them, a role and a "
+            f"content each ({', '.join(keys)} left out)")
 
 
 _MESSAGES_AS_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
@@ -549,6 +584,7 @@ class Normaliser:
         for row_number, row in rows:
             row_fmt = detect_format(row, file=self.file, row_number=row_number)
             self.ignored_columns.update(_safe_text(str(k)) for k in row if k not in USED_COLUMNS)
+            self.ignored_columns.update(_safe_text(k) for k in left_out_keys(row))
             if self.format is None:
                 self.format = row_fmt
             elif row_fmt != self.format:
