@@ -430,6 +430,13 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     )
 
 
+def per_subset_table(metrics: dict) -> dict:
+    """Accuracy per subset as a table, where the data has subsets; none otherwise (a placeholder row,
+    "(no subset column)" of 0 pairs, read as a subset of accuracy 0)."""
+    rows = [[name, e["pairs"], e["accuracy"]] for name, e in metrics.get("per_subset", {}).items()]
+    return {"per_subset": _table(["subset", "pairs", "accuracy"], rows)} if rows else {}
+
+
 @dg.asset(group_name=GROUP, code_version=code_hash("evaluate"), automation_condition=AFTER_BLOCKING_CHECKS,
           deps=[reward_model, filtered_preferences], pool="gpu", retry_policy=NETWORK_RETRY,
           kinds={"pytorch"},
@@ -473,9 +480,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
             "per_length_bucket": _table(["tokens", "pairs", "accuracy", "longer wins", "shorter wins"],
                                         [[b["range"], b["pairs"], b["accuracy"], b["longer_wins"],
                                           b.get("shorter_wins", 0.0)] for b in m["per_length_bucket"]]),
-            "per_subset": _table(["subset", "pairs", "accuracy"],
-                                 [[name, e["pairs"], e["accuracy"]] for name, e in m.get("per_subset", {}).items()]
-                                 or [["(no subset column)", 0, 0.0]]),
+            **per_subset_table(m),
             **({"suites": _table(["suite", "source", "layout", "rows", "accuracy"],
                                  [[name, e["source"], e["layout"], e["rows"], e["accuracy"]]
                                   for name, e in m["suites"].items()])} if m.get("suites") else {}),

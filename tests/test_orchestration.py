@@ -1499,6 +1499,17 @@ def test_a_failed_dvc_record_says_the_step_replaced_its_outputs(tmp_path):
     assert raised.value.allow_retries is False
 
 
+
+def test_the_evaluation_shows_accuracy_per_subset_only_where_the_data_has_subsets():
+    """Data without subsets showed a table with one row, "(no subset column)" of 0 pairs and accuracy 0.0,
+    which reads as a subset the model always gets wrong."""
+    assert assets.per_subset_table({"per_subset": {}}) == {} == assets.per_subset_table({})
+    table = assets.per_subset_table({"per_subset": {"easy": {"pairs": 3, "accuracy": 1.0},
+                                                    "hard": {"pairs": 2, "accuracy": 0.5}}})["per_subset"]
+    assert [c.name for c in table.schema.columns] == ["subset", "pairs", "accuracy"]
+    assert [(r.data["subset"], r.data["pairs"], r.data["accuracy"]) for r in table.records] == [
+        ("easy", 3, 1.0), ("hard", 2, 0.5)]
+
 def test_control_characters_from_the_data_reach_dagsters_logs_escaped(tmp_path):
     """The CLI printed a column named with terminal escapes escaped; Dagster's console (`dagster dev`'s
     terminal) got them raw from the step's summary and its failure description."""
