@@ -376,10 +376,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def read_json(path: str | Path) -> dict:
+    """A JSON file a step wrote; one missing or damaged since is a DataError naming it."""
     path = Path(path)
     if not path.exists():
         raise DataError("not found; run the step that writes it first", file=str(path))
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"not valid JSON ({exc}): damaged since the step that writes it wrote it; run that step "
+                        "again", file=str(path)) from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -90,6 +90,19 @@ def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_
     summary = read_json(tmp_path / "data/train/summary.json")
     assert summary["reused"] is True and summary["final_loss"] == trained.final_loss
     assert summary["tokens_per_s"] == pytest.approx(trained.tokens_per_s)
+    # a summary damaged since (cut short): the stats are scored again, where a traceback ended the rerun
+    monkeypatch.undo()
+    (tmp_path / "data/train/summary.json").write_text('{"truncated')
+    damaged = run_steps(params, tmp_path, "train")["train"]
+    assert damaged.reward_mean == pytest.approx(trained.reward_mean, abs=1e-5) and damaged.reused
+    assert read_json(tmp_path / "data/train/summary.json")["fingerprint"] == summary["fingerprint"]
+    # elsewhere a damaged record is one line naming it
+    from rm_lib.errors import DataError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"truncated')
+    with pytest.raises(DataError, match=r"bad.json: not valid JSON \(.*\): damaged since the step"):
+        read_json(bad)
 
 
 def test_a_run_reused_or_resumed_with_other_unfingerprinted_settings_records_what_trained_it(tmp_path, tiny_decoder):

@@ -10,7 +10,7 @@ from typing import Any
 
 from rm_lib.data.length_filter import LENGTH_SETTINGS
 from rm_lib.data.tokenstore import read_rows, token_length
-from rm_lib.errors import SettingsError, TrainingDiverged
+from rm_lib.errors import DataError, SettingsError, TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.files import atomic_dirs, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
@@ -129,10 +129,14 @@ def trained_with(cfg: TrainSettings, result: FitResult, recorded: dict | None = 
 
 
 def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
-    """data/train/summary.json where it is of the run `fingerprint`."""
+    """data/train/summary.json where it is of the run `fingerprint`; None where it is damaged (this run
+    writes it again)."""
     path = layout.train_logs / "summary.json"
-    summary = read_json(path) if path.exists() else None
-    return summary if summary and summary.get("fingerprint") == fingerprint else None
+    try:
+        summary = read_json(path) if path.exists() else None
+    except DataError:
+        return None
+    return summary if isinstance(summary, dict) and summary.get("fingerprint") == fingerprint else None
 
 
 def _as_the_first_process_has_it(accelerator: Any, value: Any) -> Any:
@@ -256,7 +260,8 @@ def run(params: Params, layout: Layout, accelerator=None,
         stats = {"reward_mean": None, "reward_std": None}
         # the first process's reading: it may replace data/train while another still looks, and one branch
         # below scores across every process
-        earlier = _as_the_first_process_has_it(accelerator, _summary_of(layout, fingerprint) if result.reused else None)
+        earlier = _as_the_first_process_has_it(
+            accelerator, _summary_of(layout, fingerprint) if result.reused and accelerator.is_main_process else None)
         if reward_stats and earlier and earlier.get("reward_mean") is not None:
             # the finished run's own, from the same weights: scoring them again took minutes at real lengths
             stats = {k: earlier[k] for k in stats}
