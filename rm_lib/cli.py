@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rm_lib import steps
 from rm_lib.errors import UserError
 from rm_lib.evaluation.visualize import printable
 from rm_lib.files import STORAGE_ERRORS, unwritable_folder
@@ -83,8 +84,6 @@ def _check_base_model(step: str, params) -> None:
 
 
 def _run_step(step: str, params, layout: Layout) -> None:
-    from rm_lib import steps
-
     result = steps.run(step, params, layout)
     if steps.first_of_its_launch():  # under accelerate launch, one summary for all processes
         print(printable(result.summary()), flush=True)
@@ -194,20 +193,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.step == "run":
             for step in PIPELINE:
                 _run_step(step, params, layout)
-            print(where_to_look(layout, demo=params.download.source == "demo"), flush=True)
+            if steps.first_of_its_launch():
+                print(where_to_look(layout, demo=params.download.source == "demo"), flush=True)
         elif args.step == "score":
             from rm_lib.data.length_filter import LENGTH_SETTINGS
             from rm_lib.steps import score
 
             # the filter settings set on this command; the others are the model's own (its rm_lib.json)
             chosen = tuple(k for k in LENGTH_SETTINGS if _given(args.overrides, f"filter.{k}"))
-            scored = score.run_file(params, layout, model=args.model, input_path=args.input, output_path=args.output,
-                                    chosen=chosen)
-            print(printable(scored.summary()))
+            scored = steps.on_the_first_process("score", lambda: score.run_file(
+                params, layout, model=args.model, input_path=args.input, output_path=args.output, chosen=chosen))
+            if steps.first_of_its_launch():
+                print(printable(scored.summary()))
         elif args.step == "show-tokens":
             _show_tokens(args, params, layout)
         else:
             _run_step(args.step, params, layout)
+    except steps.FailedOnTheFirstProcess:
+        # The first process fails the launch and says why; ended first, this one would have the launcher
+        # stop the first before it said it.
+        return 0
     except UserError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

@@ -636,10 +636,11 @@ def test_scoring_thousands_of_pairs_says_how_far_it_is_now_and_then(monkeypatch,
                      "scoring pairs: 8 of 10 pairs (80%), 1 min 20 s so far; the shortest first"]
     monkeypatch.setattr(batching.time, "monotonic", lambda: 0.0)
     batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="score", unit="texts")
-    monkeypatch.setenv("WORLD_SIZE", "4")  # a distributed run: each process counts its own share
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a distributed run: processes scoring in step count their own share
     first = "scoring pairs: 4 of 10 pairs on each of 4 processes (40%), 0 min 40 s so far; the shortest first"
-    for rank, said in (("1", []), ("0", [first])):
+    alone = "scoring pairs: 4 of 10 pairs (40%), 0 min 40 s so far; the shortest first"  # the first process alone
+    for rank, in_step, said in (("1", True, []), ("0", True, [first]), ("0", False, [alone])):
         monkeypatch.setenv("RANK", rank)  # the first process alone speaks
         monkeypatch.setattr(batching.time, "monotonic", functools.partial(next, iter(range(0, 10_000, 20))))
-        batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs")
+        batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs", shrink=not in_step)
         assert capsys.readouterr().err.splitlines()[:1] == said

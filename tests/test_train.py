@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,13 +143,15 @@ def _records(root):
             (summary["reward_mean"], summary["reward_std"], summary["processes"]))
 
 
+# --multi_gpu picks accelerate's torchrun launcher; without a GPU the train step joins the processes on
+# the CPU (gloo). `--cpu` would start a single process.
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rm_lib"]
+
+
 def _two_process_run(tmp_path, tiny_decoder, *extra: str):
     _prepare(tmp_path / "two", str(tiny_decoder), *SAME_RUN, "train.batch_size=2", *extra)
-    # --multi_gpu picks accelerate's torchrun launcher; without a GPU the train step joins the
-    # processes on the CPU (gloo). `--cpu` would start a single process.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rm_lib"]
-    two = _cli(tmp_path / "two", "train", launcher=launcher)
+    two = _cli(tmp_path / "two", "train", launcher=TWO_PROCESSES)
     out = two.communicate()[0]
     assert two.returncode == 0, out
     return _records(tmp_path / "two")
@@ -191,6 +195,46 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert (stats_one[2], stats_two[2]) == (1, 2)
     assert (tmp_path / "two/models/reward_model/model.safetensors").exists()
 
+
+
+@pytest.mark.integration
+def test_a_launch_of_two_processes_runs_every_step_but_train_once_on_the_first(tmp_path, tiny_decoder):
+    """Every process of `accelerate launch -m rm_lib run` (or evaluate, score) ran download, tokenize,
+    filter, evaluate and push in full: evaluate scored every pair twice (slower than one process), each
+    summary was printed twice, and the outputs were written from two processes, one without the step's
+    lock. The first process runs them, the others wait; train runs on both. A step that fails on the
+    first process ends both, with one line saying why."""
+    root = tmp_path / "p"
+    _prepare(root, str(tiny_decoder), "train.max_steps=2", "train.batch_size=2", "train.save_steps=2",
+             "push.force=true")  # past the release gate, which so small a test split fails
+    shutil.rmtree(root / "data")  # the launch runs the data steps itself
+    launch = _cli(root, "run", launcher=TWO_PROCESSES)
+    out = launch.communicate()[0]
+    assert launch.returncode == 0, out
+    for step in ("download", "tokenize", "filter", "evaluate"):
+        assert len(re.findall(rf"^{step}( \(\w+\))?: ", out, flags=re.M)) == 1, (step, out)
+    assert out.count("Done. What the run made:") == 1 and "run by the first process" not in out
+    summary = read_json(root / "data/train/summary.json")
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    report = read_json(root / "data/evaluation/report.json")
+    single = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(root), "--params", str(root / "params.yaml"),
+                             "evaluate"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    assert read_json(root / "data/evaluation/report.json")["accuracy"] == report["accuracy"]
+    scored = _cli(root, "score", "--input", str(root / "data/pairs/test.jsonl"), "--output", str(tmp_path / "s.jsonl"),
+                  launcher=TWO_PROCESSES)
+    out = scored.communicate()[0]
+    assert scored.returncode == 0, out
+    assert len(re.findall(r"^score: ", out, flags=re.M)) == 1, out
+    assert len(read_jsonl(tmp_path / "s.jsonl")) == len(read_jsonl(root / "data/pairs/test.jsonl"))
+    (root / "data/filtered/test.parquet").unlink()  # evaluate refuses on the first process
+    failed = _cli(root, "evaluate", launcher=TWO_PROCESSES)
+    out = failed.communicate(timeout=600)[0]
+    assert failed.returncode != 0
+    assert len(re.findall(r"^error: ", out, flags=re.M)) == 1, out
+    assert re.search(r"^error: .*test.parquet: no such file", out, flags=re.M), out
+    # the first process fails the launch, not the other ended first (which had the launcher stop the first)
+    assert "failed (exitcode: 2) local_rank: 0 " in out and "SIGTERM" not in out, out
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_decoder):
     from rm_lib.errors import TrainingDiverged

@@ -231,12 +231,13 @@ class Progress:
     """A line on stderr every PROGRESS_EVERY_S seconds of a long loop (scoring thousands of pairs on a CPU
     takes many minutes), none for a short one; the first process of a distributed run alone speaks."""
 
-    def __init__(self, what: str, count: int, unit: str) -> None:
+    def __init__(self, what: str, count: int, unit: str, shared: bool = False) -> None:
+        """`shared`: each process of the launch scores its share of the whole in step (`count` is one share)."""
         self.what, self.count, self.unit = what, count, unit
         self.start = self.last = time.monotonic()
         self.quiet = os.environ.get("RANK", "0") != "0"
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # each process scores its share in step
-        self.share = f" on each of {world} processes" if world > 1 else ""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.share = f" on each of {world} processes" if shared and world > 1 else ""
 
     def __call__(self, done: int) -> None:
         now = time.monotonic()
@@ -260,7 +261,7 @@ def in_batches(count: int, batch_size: int, run: Callable[[int, int], list[Any]]
     whose forwards may gather weights together) ends with an error naming the setting instead."""
     out: list[Any] = []
     start = 0
-    progress = Progress(what, count, unit)
+    progress = Progress(what, count, unit, shared=not shrink)  # only processes scoring in step keep from shrinking
     while start < count:
         stop = min(start + batch_size, count)
         try:

@@ -3,10 +3,14 @@ stages and the Dagster assets all go through `run(name, params, layout)` below a
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rm_lib.errors import UserError
 from rm_lib.files import file_sha256, folder_problem, remove_stale, restore_interrupted
@@ -18,6 +22,7 @@ from rm_lib.pipeline.locking import step_lock
 from rm_lib.settings import Params
 
 PIPELINE: tuple[str, ...] = ("download", "tokenize", "filter", "train", "evaluate", "push")
+T = TypeVar("T")
 
 
 def module(name: str) -> Any:
@@ -30,6 +35,75 @@ def module(name: str) -> Any:
 def first_of_its_launch() -> bool:
     """accelerate/torchrun start one process per device for the same step: only rank 0 locks."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_processes() -> int:
+    """How many processes accelerate/torchrun started for this command (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def launched_on_cpu() -> bool:
+    """Several processes (torchrun, `accelerate launch --multi_gpu`) and no GPU: accelerate joins
+    them into one gloo group only when told the run is on the CPU; otherwise each would run alone."""
+    import torch
+
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+class FailedOnTheFirstProcess(UserError):
+    """What the first process of a launch ran for all of them failed there, and it said why: the other
+    processes end with it, saying nothing more."""
+
+
+@dataclass(frozen=True)
+class RanOnTheFirstProcess:
+    """What the other processes of a launch get of a step the first one ran."""
+    name: str
+
+    def summary(self) -> str:
+        return f"{self.name}: run by the first process of the launch"
+
+
+_WAIT_TIMEOUT = timedelta(days=7)  # a step may run for hours; the wait is not what should time out
+
+
+@functools.cache
+def _waiting_group() -> Any:
+    """A process group the other processes wait in while the first runs a step, without the launch's
+    time limit (30 minutes under accelerate, shorter under NCCL). It is made beside the launch's own
+    group, which train's Accelerator shares; every process makes it at the same call, as it must."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=launched_on_cpu())
+    return dist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+
+
+def on_the_first_process(name: str, work: Callable[[], T]) -> T | RanOnTheFirstProcess:
+    """`work()` on the first process of a launch of several alone; the others wait for it, and fail where
+    it failed (FailedOnTheFirstProcess). Without a launch, `work()` here. The steps other than train read
+    and write the same files from every process: each ran them in full (a launch of 2 evaluated twice,
+    slower than one, printed everything twice and wrote the outputs from two processes, one without the
+    step's lock)."""
+    if launched_processes() == 1:
+        return work()
+    import torch.distributed as dist
+
+    group = _waiting_group()
+    outcome: list[str | None] = [None]
+    if dist.get_rank(group) != 0:
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        if outcome[0] is not None:
+            raise FailedOnTheFirstProcess(outcome[0])
+        return RanOnTheFirstProcess(name)
+    try:
+        result = work()
+    except BaseException as exc:
+        outcome[0] = f"{name} failed on the first process: {exc}"
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        raise
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    return result
 
 
 def _remove_stale_temporaries(name: str, layout: Layout) -> None:
@@ -46,9 +120,16 @@ def _remove_stale_temporaries(name: str, layout: Layout) -> None:
 def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
     """Run one step on `layout` with `params`, alone in this folder (StepRunning otherwise) and only on
     input whose chain still holds (chain.StaleInput); returns the step's result (it has `.summary()`).
-    `options` go to the step's own `run` (train: `on_log`)."""
+    `options` go to the step's own `run` (train: `on_log`). Under a launch of several processes train
+    runs on all of them; any other step on the first alone (on_the_first_process)."""
     if name not in PIPELINE:
         module(name)  # the unknown-step error
+    if name == "train":
+        return _run(name, params, layout, **options)
+    return on_the_first_process(name, lambda: _run(name, params, layout, **options))
+
+
+def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
     lock = step_lock(layout, name) if first_of_its_launch() else contextlib.nullcontext()
     with lock:  # taken before the step's heavy imports: a refusal comes at once
         if first_of_its_launch():

@@ -26,6 +26,7 @@ from rm_lib.model.modeling import (
 )
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params, TrainSettings
+from rm_lib.steps import launched_on_cpu
 from rm_lib.training.checkpoints import check_launch
 from rm_lib.training.distributed import (
     Launch,
@@ -90,14 +91,6 @@ class TrainResult:
             return f"train: already trained at step {self.steps}; reused (as trained: {figures}) -> {self.model_dir}"
         resumed = f" (resumed from step {self.resumed_from})" if self.resumed_from else ""
         return f"train: {self.steps} steps{resumed}, {figures} -> {self.model_dir}"
-
-
-def launched_on_cpu() -> bool:
-    """Several processes (torchrun, `accelerate launch --multi_gpu`) and no GPU: accelerate joins
-    them into one gloo group only when told the run is on the CPU; otherwise each would train alone."""
-    import torch
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def new_accelerator(precision: str) -> Any:
