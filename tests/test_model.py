@@ -241,6 +241,41 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     assert "with `</s>` after them" in model_card._text_rules(facts)
 
 
+
+def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tmp_path):
+    """Qwen2.5-Instruct's layout: the EOS is `<|im_end|>` and the template writes a line break after it.
+    The text ends with that line break, so the EOS is added after it (as TRL's RewardTrainer adds it);
+    the scorer, the released tokenizer under `pipeline` and the card's recipe all give those ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import pipeline as hf_pipeline
+
+    from rm_lib.evaluation.scoring import RewardScorer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["user How do I boil an egg? assistant Put it in boiling water"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_model(LlamaForSequenceClassification(config).eval(), tok, tmp_path / "rm", chat_template=True)
+    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
+    scorer = RewardScorer(tmp_path / "rm", template="tokenizer")
+    trained_ids = scorer.encode(CARD_CHAT)
+    end, newline = tok.eos_token_id, tok("\n", add_special_tokens=False)["input_ids"]
+    assert trained_ids[-3:] == [end, *newline, end] and trained_ids.count(end) == 3
+    released = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    text = tok.apply_chat_template(CARD_CHAT, tokenize=False)
+    assert released(text)["input_ids"] == trained_ids
+    rm = hf_pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
+    assert rm(text)[0]["score"] == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
+    assert card_reward(tmp_path / "rm") == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
+
 def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):
     """transformers drops add_eos_token at load and GPT-NeoX's tokenizer (Pythia) rebuilds its
     post-processor from it: the release loaded without the EOS training read the reward at, and
