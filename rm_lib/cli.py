@@ -174,6 +174,25 @@ def _refused_path(exc: OSError, root: str) -> str | None:
     return None
 
 
+def _peer_stopped(exc: RuntimeError) -> str | None:
+    """Under a launch of several processes, a collective that failed because another process ended (its
+    own error line says why): one line instead of this process's traceback, which buried that line.
+    None for any other RuntimeError."""
+    if steps.launched_processes() == 1 or "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or "remote worker" in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first.split("] ", 1)[1] if first.startswith("[") and "] " in first else first  # gloo's source line
+    if len(first) > 160:  # to the end of a sentence
+        first = first[:first.rfind(". ", 0, 160) + 1] if ". " in first[:160] else first[:160] + "..."
+    return (f"process {os.environ.get('RANK', '?')} of the launch stopped at a collective, most often because "
+            f"another process ended first (its own line says why); torch said: {first}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _merge_common(_parser().parse_args(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -221,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         if where is None:
             raise
         print(f"error: {where}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        said = _peer_stopped(exc)
+        if said is None:
+            raise
+        print(f"error: {printable(said)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
         print("interrupted: the step stopped and left its earlier output as it was; train resumes from its last "

@@ -236,6 +236,25 @@ def test_a_launch_of_two_processes_runs_every_step_but_train_once_on_the_first(t
     # the first process fails the launch, not the other ended first (which had the launcher stop the first)
     assert "failed (exitcode: 2) local_rank: 0 " in out and "SIGTERM" not in out, out
 
+
+@pytest.mark.integration
+def test_a_process_that_fails_alone_is_named_and_the_others_say_one_line(tmp_path, tiny_decoder):
+    """One process of a launch raised a UserError while the other waited at a collective: its one line
+    was buried under the other's forty lines of gloo traceback. The waiting one says one line too,
+    pointing at the other's, and the launcher names the failed one as the root cause."""
+    root = tmp_path / "p"
+    _prepare(root, str(tiny_decoder), "train.max_steps=2", "train.batch_size=2")
+    launch = _cli(root, "train", launcher=[*TWO_PROCESSES[:-2], str(Path(__file__).parent / "rank_fails.py")])
+    out = launch.communicate(timeout=600)[0]
+    assert launch.returncode != 0
+    assert "error: train: this process cannot read its share of the held-out pairs" in out, out
+    assert not re.search(r"^\[rank0\]", out, flags=re.M) and "RuntimeError" not in out, out  # no traceback
+    said = re.findall(r"^error: process 0 of the launch stopped at a collective, most often because another process "
+                      r"ended first \(its own line says why\); torch said: Connection closed by peer .+\.$", out,
+                      flags=re.M)
+    assert len(said) <= 1, out  # the launcher may stop it before it says so
+    assert "exitcode  : 2 " in out and "rank      : 1 (local_rank: 1)" in out, out
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_decoder):
     from rm_lib.errors import TrainingDiverged
 
