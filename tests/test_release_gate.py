@@ -213,7 +213,29 @@ def test_an_accuracy_of_a_handful_of_test_pairs_releases_nothing(tmp_path):
     verdict = quality.evaluation_gate(layout, PushSettings())[0]  # push.min_test_pairs: 50 by default
     assert not verdict.passed and "1 held-out pair, fewer than push.min_test_pairs (50)" in verdict.description
     assert "95% interval 0.21 to 1.00" in verdict.description
-    assert quality.evaluation_gate(layout, PushSettings(min_test_pairs=1))[0].passed
+    assert quality.evaluation_gate(layout, PushSettings(min_test_pairs=1, min_accuracy=0.5))[0].passed
+
+
+@pytest.mark.parametrize("accuracy, pairs, passed", [(0.6, 50, False), (0.61, 60, False), (0.62, 100, True),
+                                                     (0.64, 50, True), (0.6, 200, True), (0.9, 10, True)])
+def test_a_minimum_above_chance_asks_for_an_accuracy_above_chance_beyond_noise(tmp_path, accuracy, pairs, passed):
+    """The defaults (push.min_accuracy 0.6 on push.min_test_pairs 50) released a model of accuracy 0.6 on
+    50 pairs, whose 95% interval (0.46 to 0.72) holds a coin's 0.5. A minimum above chance now asks for
+    an interval above 0.5; a minimum of 0.5 or less asks for nothing of the kind."""
+    from rm_lib.settings import PushSettings
+
+    layout = Layout(tmp_path)
+    write_json(layout.evaluation / "report.json", {"accuracy": accuracy, "pairs": pairs, "data_hash": "h"})
+    low, high = quality.wilson_interval(accuracy, pairs)
+    verdict = quality.evaluation_gate(layout, PushSettings(min_test_pairs=10))[0]
+    assert verdict.passed is passed is (low > 0.5), verdict.description
+    assert verdict.metadata["accuracy_interval_95"] == f"{low:.4f} to {high:.4f}"
+    if not passed:
+        assert verdict.description == (
+            f"release blocked: accuracy {accuracy:.4f} on {pairs} held-out pairs is not above chance beyond sampling "
+            f"noise (95% interval {low:.2f} to {high:.2f} holds 0.5): measure it on more pairs "
+            "(download.test_fraction) or train a better model")
+    assert quality.evaluation_gate(layout, PushSettings(min_test_pairs=10, min_accuracy=0.5))[0].passed
 
 
 def test_the_gate_bounds_each_subset_and_the_length_correlation(tmp_path):
@@ -292,7 +314,7 @@ def test_a_release_measured_on_a_handful_of_pairs_by_an_older_version_is_no_bar(
     """1 test pair at accuracy 1.0 (a release from before push.min_test_pairs) was the bar every real
     model fell below. A release since then passed push.min_test_pairs: raising the setting later keeps
     it a bar (else a higher setting would switch the comparison off)."""
-    verdict = judged(tmp_path, 0.6, held_out(pairs=80), None, 1.0, pairs=1)
+    verdict = judged(tmp_path, 0.65, held_out(pairs=80), None, 1.0, pairs=1)
     assert verdict.passed, verdict.description
     assert "not compared with the last released model (1.0000): it was measured on only 1 held-out pair (this " \
            "model on 80), fewer than push.min_test_pairs (50)" in verdict.description

@@ -195,6 +195,7 @@ def beats_length_baseline(layout: Layout) -> Verdict:
 JUDGED_AGAINST = "judged_against"  # in data/release/evaluation.json: the bar that release's gate compared it with
 TEST_DATA = "test_data"  # in report.json: which held-out pairs the accuracy was measured on (test_data_record)
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+CHANCE = 0.5  # the accuracy of a coin: a released model's 95% interval lies above it
 
 
 def _pair_digests(rows: list[dict]) -> list[bytes]:
@@ -361,8 +362,9 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
 
 def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True,
                   min_test_pairs: int = 1) -> Verdict:
-    """Accuracy >= min_accuracy, measured on at least min_test_pairs held-out pairs, and not below the
-    last released model's (release_bar; see _compared)."""
+    """Accuracy >= min_accuracy, measured on at least min_test_pairs held-out pairs; where min_accuracy
+    is above chance, above chance beyond sampling noise too (its 95% interval above 0.5: 0.6 on 50 pairs
+    is not); and not below the last released model's (release_bar; see _compared)."""
     name = "release_gate"
     path = layout.evaluation / "report.json"
     if not path.exists():
@@ -372,12 +374,18 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
     reasons = []
     if not _finite(accuracy) or accuracy < min_accuracy:
         reasons.append(f"accuracy {accuracy:.4f} is below the minimum {min_accuracy:.4f} (push.min_accuracy)")
+    low, high = wilson_interval(accuracy, pairs) if isinstance(pairs, int) and _finite(accuracy) else (0, 1)
     if not isinstance(pairs, int) or pairs < min_test_pairs:
-        low, high = wilson_interval(accuracy, pairs) if isinstance(pairs, int) and _finite(accuracy) else (0, 1)
         reasons.append(f"accuracy measured on {pairs} held-out pair{'' if pairs == 1 else 's'}, fewer than "
                        f"push.min_test_pairs ({min_test_pairs}): on so few it says little (95% interval {low:.2f} "
                        f"to {high:.2f})")
+    elif not reasons and min_accuracy > CHANCE and low <= CHANCE:
+        # a minimum above chance asks for a model better than a coin, and a coin could have scored as well here
+        reasons.append(f"accuracy {accuracy:.4f} on {pairs} held-out pairs is not above chance beyond sampling "
+                       f"noise (95% interval {low:.2f} to {high:.2f} holds {CHANCE}): measure it on more pairs "
+                       "(download.test_fraction) or train a better model")
     metadata: dict[str, Any] = {"accuracy": accuracy, "min_accuracy": min_accuracy,
+                                "accuracy_interval_95": f"{low:.4f} to {high:.4f}",
                                 "test_pairs": "unknown" if pairs is None else pairs,
                                 "min_test_pairs": min_test_pairs, "previous_release_accuracy": "none"}
     bar = release_bar(layout, report.get("inputs", {}).get("model")) if compare_with_release else None
