@@ -166,6 +166,19 @@ def test_message_keys_training_leaves_out_are_counted_and_named_where_they_made_
     assert (reject["row"], reject["reason"]) == (20, "identical")
     assert reject["detail"] == ("chosen is identical to rejected once their messages are read as training reads "
                                 "them, a role and a content each (reasoning_content left out)")
+    # keys named only where the sides differ there; a prompt's keys are the prompt's, also where the prompt is
+    # the turns both sides begin with (an implicit layout)
+    from rm_lib.data import formats
+
+    same = row(0, "careful", "careful", "a good answer")
+    same["prompt"][0]["name"] = "bob"
+    with pytest.raises(formats.Rejected) as caught:
+        formats.normalise_row(same, "explicit_conversational", file="f", row_number=1)
+    assert caught.value.detail == "chosen is identical to rejected"
+    implicit = {"chosen": [{"role": "user", "content": "q", "name": "bob"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "q", "name": "bob"}, {"role": "assistant", "content": "b",
+                                                                             "reasoning_content": "hm"}]}
+    assert formats.left_out_keys(implicit) == {"prompt[].name", "rejected[].reasoning_content"}
 
 
 def test_a_million_character_row_is_set_aside_for_length_and_counted(tmp_path, capsys):

@@ -118,7 +118,8 @@ def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):
 
 
 def test_processes_after_the_first_of_a_launch_do_not_lock(tmp_path, monkeypatch):
-    """accelerate/torchrun start one process per device, all in the same step: only rank 0 locks."""
+    """accelerate/torchrun start one process per device, all in train: only rank 0 locks (the other steps
+    run on rank 0 alone; download here stands for any step run where RANK is not 0)."""
     from rm_lib.pipeline.locking import step_lock
 
     monkeypatch.setenv("RANK", "1")

@@ -244,8 +244,8 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
 
 def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tmp_path):
     """Qwen2.5-Instruct's layout: the EOS is `<|im_end|>` and the template writes a line break after it.
-    The text ends with that line break, so the EOS is added after it (as TRL's RewardTrainer adds it);
-    the scorer, the released tokenizer under `pipeline` and the card's recipe all give those ids."""
+    The text ends with that line break, so the EOS is added after it; the scorer, the released tokenizer
+    under `pipeline` and the card's recipe all give those ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
     from transformers import pipeline as hf_pipeline

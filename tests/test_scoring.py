@@ -470,6 +470,10 @@ def test_the_tokenizers_chat_template_is_given_a_conversation_as_training_gave_i
     assert scorer.encode([{"role": "system", "content": "be brief"}, user, answer]) != trained  # a system turn counts
     with pytest.raises(DataError, match="a conversation of blank system turns"):
         scorer.score([[{"role": "system", "content": ""}]])
+    from rm_lib.data.formats import scoring_item
+
+    with pytest.raises(DataError, match="item 0: a conversation of blank system turns"):  # rm_lib's templates too
+        scoring_item([{"role": "system", "content": " "}], "item 0")
 
 
 def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):

@@ -131,15 +131,16 @@ def test_a_best_of_n_suite_reads_messages_as_training_and_its_pairwise_rows_do(t
              "chosen": [parts], "rejected": [[{"role": "assistant", "content": "0.1 bad"}], "0.2 worse"]},
             {"prompt": [{"role": "tool", "content": "42"}], "chosen": ["0.9 good"], "rejected": ["0.1 bad"]},
             {"prompt": "q", "chosen": [[{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]],
-             "rejected": ["0.1 bad"]}]
+             "rejected": ["0.1 bad"]},
+            {"prompt": "q", "chosen": ["[{'role': 'assistant', 'content': '0.9 good'}]"], "rejected": ["0.1 bad"]}]
     path = write_jsonl(tmp_path / "bon.jsonl", rows)
     read = suites.read_rows(suites._inputs(suites.parse_entry(str(path)))[0])
     assert read.layout == "best_of_n" and len(read.rows) == 1
     assert read.rows[0].prompt == [{"role": "user", "content": "q"}]
     assert read.rows[0].chosen == [[{"role": "assistant", "content": "0.9 good"}]]
-    assert dict(read.skipped) == {"malformed_messages": 1, "tool_calls": 1}
+    assert dict(read.skipped) == {"malformed_messages": 1, "tool_calls": 1, "messages_as_text": 1}
     entry = suites.evaluate_suite(suites.parse_entry(str(path)), NumberScorer())
-    assert (entry["rows"], entry["accuracy"], entry["skipped"]) == (1, 1.0, 2)
+    assert (entry["rows"], entry["accuracy"], entry["skipped"]) == (1, 1.0, 3)
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_pairwise_file_like_reward_bench_1(tmp_path, suffix):

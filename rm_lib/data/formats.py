@@ -122,9 +122,19 @@ def left_out_keys(row: dict) -> set[str]:
     """The keys of a row's messages that training leaves out, as `side[].key`, where they hold a value:
     a message is read as its role and its content (a `reasoning_content`, a `name` are not trained on).
     A tool call is not among them: it sets the row aside."""
+    sides = {side: row.get(side) if isinstance(row.get(side), list) else [] for side in ("prompt", "chosen", "rejected")}
+    if "prompt" not in row:  # implicit: the turns both sides begin with are the prompt, as training splits them
+        shared = 0
+        for a, b in zip(sides["chosen"], sides["rejected"]):
+            if not (isinstance(a, dict) and isinstance(b, dict)) or \
+                    (a.get("role"), a.get("content")) != (b.get("role"), b.get("content")):
+                break
+            shared += 1
+        sides = {"prompt": sides["chosen"][:shared], "chosen": sides["chosen"][shared:],
+                 "rejected": sides["rejected"][shared:]}
     keys = set()
-    for side in ("prompt", "chosen", "rejected"):
-        for message in row.get(side) if isinstance(row.get(side), list) else ():
+    for side, messages in sides.items():
+        for message in messages:
             if isinstance(message, dict):
                 keys.update(f"{side}[].{k}" for k, v in message.items()
                             if k not in _READ_KEYS and v not in (None, "", [], {}))
@@ -161,8 +171,8 @@ def scoring_item(item: Any, name: str, *, any_role: bool = False) -> str | list[
         else:
             item = [m for i, message in enumerate(item)
                     for m in _template_messages(message, f"{name}: conversation[{i}]")]
-            if not item:
-                raise DataError(f"{name}: a conversation of blank system turns, which holds nothing to score")
+        if not item:
+            raise DataError(f"{name}: a conversation of blank system turns, which holds nothing to score")
         texts = [m["content"] for m in item if isinstance(m.get("content"), str)]
     else:
         raise DataError(f"{name}: a text (str) or a conversation (a list of {{'role', 'content'}} messages), "
@@ -337,7 +347,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
             raise DataError(f"expected a list of messages like the other rows of this file, got "
                             f"{type(row[key]).__name__}", file=file, row=row_number, field=key)
     for key in ("prompt", "chosen", "rejected"):
-        if isinstance(row.get(key), str) and _messages_as_text(row[key]):
+        if isinstance(row.get(key), str) and messages_as_text(row[key]):
             raise Rejected("messages_as_text", f"{key} holds a list of messages written as text (Python's repr, or JSON "
                                               "inside a string), which would be trained on as words; write the "
                                               "messages as a list (Dataset.to_json or to_parquet; in a CSV file, "
@@ -380,18 +390,24 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
 
 
 def _identical(row: dict) -> str:
-    """Why a pair whose sides read the same is identical, naming what training left out of its messages."""
-    keys = sorted({key.partition("].")[2] for key in left_out_keys(row)})
+    """Why a pair whose sides read the same is identical, naming the keys training left out of its
+    messages where the sides differ only there."""
+    keys: set[str] = set()
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        for a, b in zip(chosen, rejected):
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys.update(str(k) for k in a.keys() | b.keys() if k not in _READ_KEYS and a.get(k) != b.get(k))
     if not keys:
         return "chosen is identical to rejected"
     return (f"chosen is identical to rejected once their messages are read as training reads them, a role and a "
-            f"content each ({', '.join(keys)} left out)")
+            f"content each ({', '.join(sorted(keys))} left out)")
 
 
 _MESSAGES_AS_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
 
 
-def _messages_as_text(text: str) -> bool:
+def messages_as_text(text: str) -> bool:
     """A message list's JSON or Python repr (what pandas' to_csv writes), not an answer that opens with one."""
     if not _MESSAGES_AS_TEXT.match(text):
         return False

@@ -158,6 +158,9 @@ def _best_of_n(row: dict, *, file: str, row_number: int) -> Row | str:
     """A Row, or the reason the row cannot be scored."""
     if "prompt" not in row:
         raise DataError("a best-of-N row needs a prompt", file=file, row=row_number, field="prompt")
+    texts = [row["prompt"], *row["chosen"], *row["rejected"]]
+    if any(isinstance(text, str) and formats.messages_as_text(text) for text in texts):
+        return "messages_as_text"  # a list of messages written as text would be scored as words
     try:  # each conversation read as training reads a pair's: a row training would set aside is set aside
         prompt = formats.read_messages(row["prompt"], "prompt", file=file, row_number=row_number)
         sides = {side: [formats.read_messages(a, f"{side}[{i}]", file=file, row_number=row_number)
