@@ -2,6 +2,7 @@ import contextlib
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.model.loss import bradley_terry_loss
-from rm_lib.model.modeling import add_lora, load_reward_model, load_tokenizer, rewards, save_model
+from rm_lib.model.modeling import add_lora, load_model_config, load_reward_model, load_tokenizer, rewards, save_model
 
 
 def test_bradley_terry_loss_with_margin_and_centering():
@@ -359,6 +360,16 @@ def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):
         load_reward_model(str(tmp_path / "two"))
     model = load_reward_model(minilm_path)
     assert model.config.num_labels == 1 and model.classifier.out_features == 1
+    # a config that does not say it (no `architectures`, or one label over the 2-row head): the head's
+    # weights say it, before any step runs (the load failed with a size-mismatch traceback after the data steps)
+    config = json.loads((tmp_path / "two/config.json").read_text())
+    for name, changed in (("noarch", {k: v for k, v in config.items() if k != "architectures"}),
+                          ("onelabel", {**config, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}})):
+        shutil.copytree(tmp_path / "two", tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(SettingsError, match=r"head with 2 outputs \(model.safetensors: classifier.weight of "
+                                                r"shape \[2, 384\]\); a reward model needs exactly one"):
+            load_model_config(str(tmp_path / name))
 
 
 def test_a_model_without_a_classification_head_is_refused(tmp_path):

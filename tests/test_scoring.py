@@ -476,6 +476,37 @@ def test_the_tokenizers_chat_template_is_given_a_conversation_as_training_gave_i
         scoring_item([{"role": "system", "content": " "}], "item 0")
 
 
+
+@pytest.mark.parametrize("pad", ["eos", "none"])
+def test_a_reward_model_made_elsewhere_that_pads_with_its_eos_or_has_no_pad_scores_padded_batches(tmp_path, pad):
+    """Llama-3-style reward models made elsewhere pad with their EOS or have no pad: the scorer added a pad
+    token of its own (as training does) but no embedding row for it, and every batch that needed padding
+    ended in an IndexError. Each reward is its text's alone, however the texts are batched."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from rm_lib.cli import main
+
+    from conftest import build_tiny_decoder
+
+    base = build_tiny_decoder(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    if pad == "none":
+        tok.pad_token = None
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tok.eos_token_id if pad == "eos" else None)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    texts = ["good film and great acting", "bad", "the plot was fine"]
+    scorer = RewardScorer(tmp_path / "rm", batch_size=3)
+    assert scorer.score(texts) == pytest.approx([scorer.score([t])[0] for t in texts], abs=1e-5)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "good film and great acting",
+                                                    "rejected": "bad"}])
+    assert main(["--root", str(tmp_path / "p"), "score", "--model", str(tmp_path / "rm"), "--input", str(pairs),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+
 def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
     from rm_lib.cli import main
 

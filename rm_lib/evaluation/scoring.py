@@ -111,7 +111,8 @@ class RewardScorer:
                                 f"None (the model's limit), got {max_length!r}")
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
-        self.model = load_reward_model(str(model_dir), trained=True)
+        # the pad load_tokenizer may add (a model that pads with its EOS, or has no pad) needs its embedding row
+        self.model = load_reward_model(str(model_dir), trained=True, pad_token_id=self.tokenizer.pad_token_id)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.batch_size = batch_size

@@ -109,7 +109,38 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
                             "that has one")
     if weights:
         check_safetensors_weights(path, name_or_path)
+        check_head_outputs(path, name_or_path)
     return config
+
+
+# a classification head's output layer, as the sequence-classification classes name it (RoBERTa's is inside)
+HEAD_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight", "classification_head.weight",
+                "classification_head.out_proj.weight")
+
+
+def check_head_outputs(path: str, name: str) -> None:
+    """A local folder's classification head, read off its safetensors headers (no weights loaded): one with
+    other than one output is refused whatever its config says (check_one_output reads the config, and
+    a config without `architectures`, or one that says one label over a 2-row head, passed it; the load
+    then failed with transformers' size-mismatch traceback, after the data steps)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                for key in weights.keys():
+                    if key in HEAD_WEIGHTS and (shape := weights.get_slice(key).get_shape()) and shape[0] != 1:
+                        raise SettingsError(
+                            f"model.name_or_path: '{name}' has a classification head with {shape[0]} outputs "
+                            f"({file.name}: {key} of shape {list(shape)}); a reward model needs exactly one "
+                            "score. Start from its base model instead, or from a one-output checkpoint")
+        except SettingsError:
+            raise
+        except Exception:  # noqa: BLE001 - a damaged or unusual file: the load says what is wrong with it
+            return
 
 
 # RoBERTa-style embeddings number positions from pad_token_id + 1: the table holds that many fewer tokens
@@ -191,6 +222,13 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
                             f"transformers ({_first_line(exc)})") from None
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        # a Hub model's head of other than one output (a local folder's is refused before any step)
+        raise SettingsError(f"model.name_or_path: '{name_or_path}' holds weights of other shapes than a one-output "
+                            "reward model of its config (most often a classification head with more than one "
+                            "output); start from its base model instead, or from a one-output checkpoint") from None
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         transient = network.is_transient(exc)
         hint = ("retryable: check your network (HF_HUB_OFFLINE=1 allows local files only)" if transient

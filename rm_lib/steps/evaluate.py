@@ -71,7 +71,7 @@ def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets:
     import torch
 
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_reward_model(str(model_dir), trained=True)
+    model = load_reward_model(str(model_dir), trained=True, pad_token_id=tokenizer.pad_token_id)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     r_c, r_r = score_pairs(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     metrics = pair_metrics(r_c, r_r, [token_length(r, "chosen") for r in rows],
