@@ -166,7 +166,8 @@ def test_a_bos_only_the_chat_template_writes_is_kept_by_every_cut(tmp_path, tiny
             ids = row[f"input_ids_{side}"]
             assert ids[0] == bos and bos not in ids[1:] and len(ids) <= 24, row["id"]
     # the scorer cuts a long conversation the same way
-    save_model(load_reward_model(str(folder), pad_token_id=plain.pad_token_id), plain, tmp_path / "rm")
+    save_model(load_reward_model(str(folder), pad_token_id=plain.pad_token_id), plain, tmp_path / "rm",
+               chat_template=True)
     scorer = RewardScorer(tmp_path / "rm", template="tokenizer", max_length=24)
     chat = [{"role": "user", "content": "the film " * 30}, {"role": "assistant", "content": "it was good"}]
     fitted, was_cut = scorer.fit(scorer.encode(chat), "chat")
@@ -268,3 +269,24 @@ def test_the_closing_of_an_answer_is_what_each_template_writes_after_it(tiny_dec
             raise ValueError("a system turn first")
 
     assert templates.turn_closing("tokenizer", Refusing()) == ""
+
+
+def test_training_on_from_a_trained_model_renders_with_the_template_it_was_trained_with(tmp_path, tiny_decoder):
+    """A model trained with rm_lib's chatml over a tokenizer with a chat template of its own was released
+    with that template, which training never used: whoever applied it rendered other conversations, and
+    training on from the release (template auto) took it, with no word, and other token ids. The release
+    carries no template training did not use, and `auto` takes the one its rm_lib.json records."""
+    from transformers import AutoTokenizer
+
+    first = tiny_params("train.max_steps=1", "tokenize.template=chatml", model=str(tiny_decoder))
+    run_steps(first, tmp_path / "first", "download", "tokenize", "filter", "train")
+    released = tmp_path / "first/models/reward_model"
+    assert read_json(released / "rm_lib.json")["template"] == "chatml"
+    assert AutoTokenizer.from_pretrained(tiny_decoder).chat_template  # the base has one ...
+    assert not AutoTokenizer.from_pretrained(released).chat_template  # ... which training did not use
+    on = tiny_params("train.max_steps=1", model=str(released))  # tokenize.template: auto
+    result = run_steps(on, tmp_path / "on", "download", "tokenize")["tokenize"]
+    assert result.template == "chatml"
+    for split in ("train", "test"):
+        ids = [r["input_ids_chosen"] for r in read_rows(tmp_path / f"first/data/tokenized/{split}.parquet")]
+        assert [r["input_ids_chosen"] for r in read_rows(tmp_path / f"on/data/tokenized/{split}.parquet")] == ids

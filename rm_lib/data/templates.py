@@ -31,8 +31,12 @@ def chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
 NAMED = {"simple_chat": simple_chat, "simple_concat": simple_concat, "chatml": chatml}
 
 
-def resolve(name: str, tokenizer: Any) -> str:
-    """'auto' means the tokenizer's own template when it has one, else simple_chat."""
+def resolve(name: str, tokenizer: Any, recorded: str | None = None) -> str:
+    """'auto' means the template the model was trained with where it records one (`recorded`: a reward
+    model this project trained, whose rm_lib.json names it), else the tokenizer's own template when it
+    has one, else simple_chat."""
+    if name == "auto" and recorded in NAMED:
+        return recorded
     if name == "auto":
         return "tokenizer" if getattr(tokenizer, "chat_template", None) else "simple_chat"
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):

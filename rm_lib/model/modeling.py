@@ -509,6 +509,14 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
     sharded run (FSDP), whose own parameters each hold only a shard. `chat_template`: training rendered
     conversations with the tokenizer's chat template (`released_tokenizer`)."""
     released = released_tokenizer(tokenizer, chat_template)
+    if not chat_template and getattr(released, "chat_template", None):
+        # training rendered with one of rm_lib's templates (rm_lib.json names it): the base's chat template,
+        # which it never used, would render conversations other than training's for whoever applies it
+        import copy
+
+        released = copy.deepcopy(released)
+        released.chat_template = None
+        released.init_kwargs.pop("chat_template", None)
     # Padded on the right, as training and evaluation padded (a model with absolute positions, GPT-2, reads
     # other rewards from a left-padded batch); cut on the left, where training cut a long text (keeping its
     # end, where the answer is): `pipeline(..., truncation=True)` cut the answer off, the same reward for all.

@@ -1,6 +1,7 @@
 """tokenize: normalised pairs -> token ids, through the chosen chat template."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,11 +54,23 @@ def vocab_size(params: Params, tokenizer) -> int:
     return getattr(_model_config(params).get_text_config(), "vocab_size", None) or len(tokenizer)
 
 
+def _recorded_template(name_or_path: str) -> str | None:
+    """The template a local reward model this project trained was trained with (its rm_lib.json): training
+    on from it renders as its first training did (its release carries no chat template of the base's
+    that training did not use, so `auto` would have fallen to simple_chat)."""
+    record = Path(resolve_model_path(name_or_path)) / "rm_lib.json"
+    try:
+        return json.loads(record.read_text()).get("template") if record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run(params: Params, layout: Layout) -> TokenizeResult:
     made_from = chain.inputs(layout, "pairs")  # the download step finished; recorded as what these ids come from
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
-    template = templates.resolve(params.tokenize.template, tokenizer)
+    recorded = _recorded_template(params.model.name_or_path)
+    template = templates.resolve(params.tokenize.template, tokenizer, recorded=recorded)
     special = tokenization.special_tokens(tokenizer)
     counts, tokens = {}, {}
     with atomic_dir(layout.tokenized) as out:
