@@ -271,11 +271,12 @@ def test_the_closing_of_an_answer_is_what_each_template_writes_after_it(tiny_dec
     assert templates.turn_closing("tokenizer", Refusing()) == ""
 
 
-def test_training_on_from_a_trained_model_renders_with_the_template_it_was_trained_with(tmp_path, tiny_decoder):
+def test_training_on_from_a_trained_model_renders_with_its_template_and_names_it_as_the_base(tmp_path, tiny_decoder):
     """A model trained with rm_lib's chatml over a tokenizer with a chat template of its own was released
     with that template, which training never used: whoever applied it rendered other conversations, and
     training on from the release (template auto) took it, with no word, and other token ids. The release
-    carries no template training did not use, and `auto` takes the one its rm_lib.json records."""
+    carries no template training did not use, and `auto` takes the one its rm_lib.json records. The new
+    model's record and card name the earlier one (its card said only "a local folder")."""
     from transformers import AutoTokenizer
 
     first = tiny_params("train.max_steps=1", "tokenize.template=chatml", model=str(tiny_decoder))
@@ -290,3 +291,11 @@ def test_training_on_from_a_trained_model_renders_with_the_template_it_was_train
     for split in ("train", "test"):
         ids = [r["input_ids_chosen"] for r in read_rows(tmp_path / f"first/data/tokenized/{split}.parquet")]
         assert [r["input_ids_chosen"] for r in read_rows(tmp_path / f"on/data/tokenized/{split}.parquet")] == ids
+    run_steps(on, tmp_path / "on", "filter", "train", "evaluate", "push")
+    earlier = read_json(released / "rm_lib.json")
+    assert read_json(tmp_path / "on/models/reward_model/rm_lib.json")["base_reward_model"] == {
+        "base_model": str(tiny_decoder), "data_hash": earlier["data_hash"], "content_hash": earlier["content_hash"],
+        "fingerprint": earlier["fingerprint"]}
+    card = (tmp_path / "on/data/release/README.md").read_text()
+    assert (f", itself a reward model this project trained from `{tiny_decoder}` (weights "
+            f"`{earlier['content_hash'][:16]}`, training data `{earlier['data_hash'][:16]}`") in card

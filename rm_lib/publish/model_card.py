@@ -223,6 +223,13 @@ def _origin(params: dict, lineage: dict) -> str:
         where = "a local folder"
     else:
         where = f"revision {_or(model.get('revision'), '`main` (not pinned)')}"
+    earlier = lineage.get("base_reward_model")
+    if isinstance(earlier, dict):  # trained on from a reward model this project trained
+        weights, data = ((earlier.get(k) or "")[:16] for k in ("content_hash", "data_hash"))
+        trained_from = _or(earlier.get("base_model"), "an unrecorded base")
+        where += (f", itself a reward model this project trained from {trained_from} (weights "
+                  f"{_or(weights, 'not recorded')}, training data {_or(data, 'not recorded')}; its own card names "
+                  "where those come from)")
     source = download["source"]
     if source == "demo":
         pairs, seed = download.get("demo_pairs"), download.get("seed")

@@ -122,6 +122,8 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest,
                                  code_hash_now=code_version.code_hash("train"),
                                  lock_differs=dvc_record.lock_differs(layout.root, MODEL_STAGES))
+    record = layout.model / "rm_lib.json"
+    lineage["base_reward_model"] = read_json(record).get("base_reward_model") if record.exists() else None
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now

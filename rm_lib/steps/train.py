@@ -22,6 +22,7 @@ from rm_lib.model.modeling import (
     check_max_token_length,
     load_reward_model,
     load_tokenizer,
+    resolve_model_path,
     save_model,
 )
 from rm_lib.pipeline.code_version import code_hash
@@ -119,6 +120,20 @@ def trained_with(cfg: TrainSettings, result: FitResult, recorded: dict | None = 
     if recorded is not None:
         return recorded.get("train") or asdict(cfg), recorded.get("device_plan")
     return asdict(cfg), result.device_plan
+
+
+def base_reward_model(name_or_path: str) -> dict | None:
+    """Where a base model that is itself a reward model this project trained (a local folder with an
+    rm_lib.json: its model folder or release) came from, as that record says: a model trained on from it
+    names it in its own record and card. None for any other base."""
+    record = Path(resolve_model_path(name_or_path)) / "rm_lib.json"
+    try:
+        saved = read_json(record) if record.is_file() else None
+    except DataError:
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return {k: saved.get(k) for k in ("base_model", "data_hash", "content_hash", "fingerprint")}
 
 
 def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
@@ -300,7 +315,8 @@ def run(params: Params, layout: Layout, accelerator=None,
                                              "code_hash": code, "content_hash": weights_hash,
                                              "inputs": {"filtered": meta["content_hash"]},
                                              # what the pairs were held to: score holds its pairs to the same
-                                             "lengths": {k: meta.get(k) for k in LENGTH_SETTINGS}})
+                                             "lengths": {k: meta.get(k) for k in LENGTH_SETTINGS},
+                                             "base_reward_model": base_reward_model(params.model.name_or_path)})
             plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                              [r["accuracy"] for r in history], logs / "loss.png")
             write_jsonl(logs / "metrics.jsonl", records)  # the finished run's log, published
