@@ -373,6 +373,26 @@ def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):
             load_model_config(str(tmp_path / name))
 
 
+
+def test_a_config_transformers_refuses_is_named_with_the_right_advice(tmp_path, minilm_path):
+    """A config of one label and problem_type single_label_classification (which transformers refuses) was
+    met with advice about custom model code; an unknown model_type is still pointed at trust_remote_code."""
+    config = json.loads((Path(minilm_path) / "config.json").read_text())
+    single = {**config, "problem_type": "single_label_classification", "id2label": {"0": "LABEL_0"},
+              "label2id": {"LABEL_0": 0}}
+    refused = "transformers refuses its config.json as it is; fix that file or name another model"
+    custom = "Custom model code runs only with model.trust_remote_code=true"
+    for name, changed, advice in (("single", single, refused),
+                                  ("custom", {**config, "model_type": "my-own-model"}, custom)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(SettingsError) as caught:
+            load_model_config(str(tmp_path / name), weights=False)
+        said = str(caught.value)
+        assert said.startswith(f"model.name_or_path: cannot load '{tmp_path / name}' (") and said.endswith(advice)
+        assert ("trust_remote_code" in said) is (name == "custom"), said
+
+
 def test_a_model_without_a_classification_head_is_refused(tmp_path):
     from transformers import ViTConfig, ViTModel
 

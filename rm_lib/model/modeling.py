@@ -98,9 +98,12 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}); "
                             f"{_load_hint(path)}", transient=network.is_transient(exc)) from None
-    except ValueError as exc:  # custom code without trust_remote_code, unknown model_type
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}). Custom model "
-                            "code runs only with model.trust_remote_code=true") from None
+    except ValueError as exc:  # custom code without trust_remote_code, unknown model_type, a config it refuses
+        said = str(exc).lower()
+        custom = any(w in said for w in ("trust_remote_code", "model type", "model_type", "recogni"))
+        hint = ("Custom model code runs only with model.trust_remote_code=true" if custom else
+                "transformers refuses its config.json as it is; fix that file or name another model")
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}). {hint}") from None
     check_one_output(config, name_or_path)
     custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
     if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not (custom and trust_remote_code):
