@@ -513,14 +513,26 @@ def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
     src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    release = tmp_path / "release"  # a release: the merged model, its LoRA adapter in adapter/ beside it
+    (release / "adapter").mkdir(parents=True)
+    (release / "config.json").write_text("{}")
+    (release / "adapter" / "adapter_config.json").write_text("{}")
     for model, message in [(tmp_path / "nonexist", "no such folder"),
                            (tmp_path / "notes", "the folder holds no model (no config.json)"),
-                           (src, "is a file; name the folder train wrote")]:
+                           (src, "is a file; name the folder train wrote"),
+                           (release / "adapter", "the folder holds no model (no config.json); it is a LoRA adapter "
+                            f"(adapter_config.json): name the merged model beside it ({release}), which gives the "
+                            "same rewards, or load the adapter onto its base with peft")]:
         argv = ["--root", str(tmp_path), "score", "--input", str(src), "--output", str(tmp_path / "o.jsonl")]
         assert main(argv + ["--model", str(model)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --model {model}: {message}") and err.count("\n") == 1
     assert not (tmp_path / "o.jsonl").exists()
+    from rm_lib.errors import SettingsError
+    from rm_lib.model.modeling import load_model_config
+
+    with pytest.raises(SettingsError, match=r"has no config.json; it is a LoRA adapter \(adapter_config.json\)"):
+        load_model_config(str(release / "adapter"))  # as model.name_or_path
 
 
 @pytest.mark.parametrize("policy, lengths", [("truncate", (20, 6)), ("drop", (42, 14))])

@@ -91,8 +91,9 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
 
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise SettingsError(f"model.name_or_path: the folder '{name_or_path}' has no config.json; name a folder that "
-                            "save_pretrained wrote, a Hub model or 'default'")
+        raise SettingsError(f"model.name_or_path: the folder '{name_or_path}' has no config.json; "
+                            + (adapter_advice(Path(path)) or "name a folder that save_pretrained wrote, a Hub model "
+                                                              "or 'default'"))
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
@@ -114,6 +115,17 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
         check_safetensors_weights(path, name_or_path)
         check_head_outputs(path, name_or_path)
     return config
+
+
+def adapter_advice(folder: Path) -> str | None:
+    """What to name instead of a LoRA adapter's folder (adapter_config.json, no config.json); None for
+    any other folder. A release keeps its adapter in `adapter/` beside the merged model."""
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    merged = folder.parent / "config.json"
+    beside = f"name the merged model beside it ({folder.parent})" if merged.is_file() else "name the merged model"
+    return (f"it is a LoRA adapter (adapter_config.json): {beside}, which gives the same rewards, or load the "
+            "adapter onto its base with peft")
 
 
 # a classification head's output layer, as the sequence-classification classes name it (RoBERTa's is inside)

@@ -12,6 +12,7 @@ from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer, model_max_length
 from rm_lib.files import atomic_files, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
+from rm_lib.model.modeling import adapter_advice
 from rm_lib.settings import Params, check_within_positions, names_a_folder
 
 
@@ -85,8 +86,8 @@ def _check_model(model: str | None) -> None:
     if not folder.is_dir():
         raise UserError(f"--model {model}: is a file; name the folder train wrote (models/reward_model) or a Hub id")
     if not (folder / "config.json").is_file():
-        raise UserError(f"--model {model}: the folder holds no model (no config.json); name the folder train wrote "
-                        "(models/reward_model)")
+        raise UserError(f"--model {model}: the folder holds no model (no config.json); "
+                        + (adapter_advice(folder) or "name the folder train wrote (models/reward_model)"))
 
 
 def _noting_ids(rows: sources.Rows, file: str, own_ids: dict[str, Any]) -> sources.Rows:
