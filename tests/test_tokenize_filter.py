@@ -271,6 +271,7 @@ def test_the_closing_of_an_answer_is_what_each_template_writes_after_it(tiny_dec
     assert templates.turn_closing("tokenizer", Refusing()) == ""
 
 
+@pytest.mark.integration  # two whole pipelines
 def test_training_on_from_a_trained_model_renders_with_its_template_and_names_it_as_the_base(tmp_path, tiny_decoder):
     """A model trained with rm_lib's chatml over a tokenizer with a chat template of its own was released
     with that template, which training never used: whoever applied it rendered other conversations, and
