@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,7 +44,25 @@ def _pipes():
     return open_dagster_pipes()
 
 
+def die_with_the_launcher() -> None:
+    """Under torch's elastic launcher each training process runs in a session of its own: when the
+    launcher is killed (SIGKILL, the out-of-memory killer) they trained on, writing checkpoints outside
+    the group the asset stops and the run lock watches. On Linux each asks for SIGTERM when the process
+    that started it ends, and ends at once where that happened already."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+        return
+    if os.getppid() != parent:  # the launcher ended before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_the_launcher()
     parser = argparse.ArgumentParser(description="The rm_lib train step, reporting to Dagster through Pipes.")
     parser.add_argument("--root", default=".")
     parser.add_argument("--params", default="params.yaml")

@@ -3,6 +3,7 @@ every check passes and fails when it should, the schedule and the sensor request
 
 Offline: HF_HUB_OFFLINE=1 and WANDB_MODE=disabled; the model is the packaged all-MiniLM-L6-v2.
 """
+import contextlib
 import json
 import logging
 import math
@@ -1025,6 +1026,39 @@ def test_an_error_in_the_launched_training_fails_the_asset_with_its_message(tmp_
     assert failure.step_failure_data.error.message.count("no such folder") == 1  # said once, not once per layer
     assert "no-such-model" in failure.step_failure_data.error.message
 
+
+
+@pytest.mark.integration
+def test_a_killed_launcher_takes_its_training_processes_with_it(tmp_path):
+    """torch's elastic launcher starts each training process in a session of its own: with the launcher
+    killed (SIGKILL, the out-of-memory killer), two processes trained on for another 35 s, writing
+    checkpoints outside the group the asset stops and the run lock watches. They end with it."""
+    import psutil
+
+    data = dg.AssetSelection.assets("raw_preferences", "tokenized_preferences", "filtered_preferences")
+    assert materialize(tmp_path, selection=data, run_config={
+        "ops": {"raw_preferences": {"config": {"demo_pairs": 60}}}}).success
+    trainer = TrainLauncherResource(separate_process=True, accelerate_config=str(REPO / "configs/accelerate/cpu2.yaml"))
+    command = trainer.command(tmp_path, PARAMS, [*TINY, "train.max_steps=500", "train.save_steps=1"])
+    launcher = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "models/checkpoints").glob("step-*")) and time.time() < deadline:
+            assert launcher.poll() is None, "the training ended before it could be killed"
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "orchestration.train_process" in " ".join(p.cmdline())]
+        assert len(workers) == 2 and all(os.getsid(p.pid) != os.getsid(launcher.pid) for p in workers)
+        launcher.kill()
+        launcher.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, [p.pid for p in alive]
+    finally:  # whatever failed above, nothing trains on in the test's folder
+        for p in [*workers, *psutil.Process().children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 @pytest.mark.integration
 def test_stopping_a_launched_group_leaves_no_process_behind():
