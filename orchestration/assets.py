@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError
 
 from rm_lib import network
 from rm_lib.errors import DataError, SettingsError, UserError
@@ -79,6 +80,12 @@ def retried_only_when_transient(step: str) -> Callable:
                 return fn(*args, **kwargs)
             except dg.Failure:
                 raise
+            except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
+                # Dagster turns an interrupt into a retry under a RetryPolicy: with the in-process executor a
+                # run stopped (SIGTERM, Ctrl-C) trained on from its checkpoint to the end
+                raise dg.Failure(description=f"{step}: stopped before it ended; not run again (a stopped run stays "
+                                             "stopped: train resumes from its last checkpoint when run again)",
+                                 allow_retries=False) from exc
             except UserError as exc:
                 if exc.transient:
                     raise

@@ -944,6 +944,15 @@ def test_an_asset_under_the_retry_policy_retries_only_a_transient_error():
     with pytest.raises(dg.Failure) as raised:
         asset_raising(kept)()
     assert raised.value is kept
+    # a run stopped (SIGTERM, Ctrl-C) stays stopped: Dagster retried an interrupt under the policy, and with the
+    # in-process executor the stopped training resumed from its checkpoint and ran to the end
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    for interrupt in (KeyboardInterrupt(), DagsterExecutionInterruptedError()):
+        with pytest.raises(dg.Failure) as raised:
+            asset_raising(interrupt)()
+        assert raised.value.allow_retries is False and raised.value.description.startswith(
+            "train: stopped before it ended; not run again")
 
 
 def test_training_launched_as_its_own_process_is_retried_only_for_a_transient_error(tmp_path, monkeypatch):
