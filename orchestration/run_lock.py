@@ -27,7 +27,8 @@ from typing import Optional
 import dagster as dg
 
 from rm_lib.layout import Layout
-from rm_lib.pipeline.locking import claim
+from rm_lib.pipeline.locking import claim, running_step
+from rm_lib.steps import PIPELINE
 
 from .run_launcher import process_alive
 
@@ -136,6 +137,19 @@ def claim_project(context, root: Path) -> None:
         run_id = context.run.run_id
     except dg.DagsterError:  # invoked directly (a test, a notebook): no run to order
         return
-    holder = claim(Layout(root), CLAIM, _decide(run_id, context.instance))
+    taking = {}
+
+    def decide(current: dict) -> Optional[dict]:
+        taking["folder"] = current.get("run_id") != run_id  # this run's first claim: none of its steps runs yet
+        return _decide(run_id, context.instance)(current)
+
+    holder = claim(Layout(root), CLAIM, decide)
     if holder is not None:
         raise dg.Failure(description=refusal(root, holder), allow_retries=False)
+    # A step run from the command line (or a DVC stage) takes its step's lock, not this claim: the run's data
+    # steps would replace the files that step reads while it runs, and both would fail.
+    running = running_step(Layout(root), PIPELINE) if taking.get("folder") else None
+    if running is not None:
+        raise dg.Failure(description=f"{running} (from the command line or `dvc repro`): this run stopped before "
+                                     "changing anything. Run it again once that step has ended",
+                         allow_retries=False)

@@ -1037,6 +1037,22 @@ def test_an_error_in_the_launched_training_fails_the_asset_with_its_message(tmp_
 
 
 
+
+def test_a_run_stops_before_any_change_while_a_step_runs_from_the_command_line(tmp_path):
+    """A scheduled run replaced data/pairs, tokenized and filtered under a `train` started from the command
+    line (which takes its step's lock, not the Dagster claim): the run's train then refused, and the CLI
+    train failed on its changed input. The run now stops at its first step, changing nothing."""
+    from rm_lib.pipeline.locking import step_lock
+
+    with step_lock(Layout(tmp_path), "train"):
+        result = materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences"))
+    assert not result.success
+    said = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.message
+    assert f"train is already running in {tmp_path.resolve()}, pid {os.getpid()} (from the command line or " \
+           "`dvc repro`): this run stopped before changing anything" in said
+    assert not Layout(tmp_path).pairs.exists()
+    assert materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences")).success  # once it ended
+
 @pytest.mark.integration
 def test_a_killed_launcher_takes_its_training_processes_with_it(tmp_path):
     """torch's elastic launcher starts each training process in a session of its own: with the launcher

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Optional
 
 from rm_lib.errors import UserError
@@ -61,6 +61,25 @@ def step_lock(layout: Layout, step: str) -> Iterator[None]:
             os.ftruncate(fd, 0)  # still ours: nobody else reads a stale holder after we let go
     finally:
         os.close(fd)  # releases the flock
+
+
+def running_step(layout: Layout, steps: Iterable[str]) -> Optional[StepRunning]:
+    """The first of `steps` that another process runs in `layout` now (its lock held), as the refusal a
+    run of it would meet; None when none runs. It only looks: no lock is held past the look."""
+    for step in steps:
+        path = layout.lock(step)
+        if not path.is_file():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _refusal(layout, step, _holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return None
 
 
 def claim(layout: Layout, name: str, decide: Callable[[dict], Optional[dict]]) -> Optional[dict]:
