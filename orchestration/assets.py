@@ -411,11 +411,15 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     losses = quality.logged_losses(layout)
     # the model is what downstream reads: checkpoints and logs do not change its version
     recorded, version = _record_in_dvc(context, dvc, project, "train", params, fingerprint)
+    # a run that had finished already (the weekly schedule on unchanged data) trained nothing now: its
+    # figures are those of the run that trained, and it resumed nothing
+    reused = summary.get("reused") is True
     return dg.MaterializeResult(
         metadata={
             "base_model": params.model.name_or_path,
             "steps": result.steps,
-            "resumed_from_step": _text(result.resumed_from),
+            "reused": dg.MetadataValue.bool(reused),
+            "resumed_from_step": _text(None if reused else result.resumed_from),
             "final_loss": _number(result.final_loss),
             "last_logged_loss": _number(losses[-1] if losses else None),
             "final_batch_accuracy": _number(result.final_accuracy),

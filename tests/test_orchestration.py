@@ -231,7 +231,7 @@ def test_every_asset_materializes_with_metadata(pipeline):
 
     model = mats["reward_model"].metadata
     summary = json.loads((layout.train_logs / "summary.json").read_text())
-    assert model["steps"].value == summary["steps"] == 2
+    assert model["steps"].value == summary["steps"] == 2 and model["reused"].value is False
     assert math.isclose(model["final_loss"].value, summary["final_loss"])
     assert "data:image/png;base64," in model["loss_curve"].md_str
     assert "not logged" in model["wandb_run"].text and (layout.model / "config.json").exists()
@@ -293,15 +293,17 @@ def test_release_gate_blocks_hub_release_in_a_run(pipeline):
 
 @pytest.mark.integration
 def test_retraining_unchanged_settings_keeps_the_pipeline_going(pipeline):
-    """Same settings again (the weekly schedule on unchanged data): train resumes at its final
-    checkpoint, and the blocking loss check still passes on the losses logged by the first run."""
+    """Same settings again (the weekly schedule on unchanged data): train reuses the finished run (its
+    metadata said "resumed from step 2"), and the blocking loss check still passes on the losses logged by
+    the first run."""
     root, first = pipeline
     assert first.success
     result = materialize(root, selection=dg.AssetSelection.assets("reward_model"))
     assert result.success
     assert evaluations(result)["reward_model.loss_is_finite"].passed
     metadata = materializations(result)["reward_model"].metadata
-    assert metadata["resumed_from_step"].text == "2" and metadata["last_logged_loss"].value > 0
+    assert metadata["reused"].value is True and metadata["resumed_from_step"].text == "none"
+    assert metadata["last_logged_loss"].value > 0 and metadata["steps"].value == 2
 
 
 def test_bad_settings_fail_fast_without_retries(tmp_path):
