@@ -148,15 +148,19 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
     layout = project.layout()
     summary = layout.train_logs / "summary.json"
     before = summary.stat().st_mtime_ns if summary.exists() else None
+    problem = trainer.problem(project.root_path())
+    if problem is not None:
+        raise dg.Failure(description=f"train: not launched: {printable(problem)}", allow_retries=False)
     command = trainer.command(project.root_path(), project.params_path(), overrides)
-    code, messages = trainer.launch(context, command, cwd=project.root_path())
+    code, messages, why = trainer.launch(context, command, cwd=project.root_path())
     errors = [m for m in messages if isinstance(m, dict) and "error" in m]
     if errors:  # a transient one (the Hub down while the model loads) is left to the RetryPolicy
         raise dg.Failure(description=described("train", errors[0]["error"]),
                          allow_retries=bool(errors[0].get("transient")))
     if code != 0:
-        raise dg.Failure(description=f"train: the training process exited with code {code}; its output is in "
-                                     "this step's stdout/stderr logs", allow_retries=False)
+        said = f": {printable(why)}" if why else ""
+        raise dg.Failure(description=f"train: the training process exited with code {code}{said}; its whole output is "
+                                     "in this step's stdout/stderr logs", allow_retries=False)
     if not summary.exists() or summary.stat().st_mtime_ns == before:
         raise dg.Failure(description=f"train: the training process wrote no new {summary}", allow_retries=False)
     result = result_from_summary(layout)

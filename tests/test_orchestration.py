@@ -986,7 +986,7 @@ def test_training_launched_as_its_own_process_is_retried_only_for_a_transient_er
                                     (2, [{"error": "old message without the flag"}], False),
                                     (-9, [], False)]:
         monkeypatch.setattr(TrainLauncherResource, "launch",
-                            lambda self, context, command, cwd, outcome=(code, messages): outcome)
+                            lambda self, context, command, cwd, outcome=(code, messages, None): outcome)
         with pytest.raises(dg.Failure) as raised:
             assets._train_in_own_process(None, trainer, res, [])
         assert bool(raised.value.allow_retries) is retried and raised.value.description.startswith("train: ")
@@ -1036,6 +1036,31 @@ def test_an_error_in_the_launched_training_fails_the_asset_with_its_message(tmp_
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert failure.step_failure_data.error.message.count("no such folder") == 1  # said once, not once per layer
     assert "no-such-model" in failure.step_failure_data.error.message
+    # a mistake the launcher refuses: its line, not only "exited with code 2"
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets("reward_model"),
+                         trainer={**trainer, "launch_args": ["--cpu", "--bogus-flag"]})
+    said = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.message
+    assert "train: the training process exited with code 2: " in said and \
+        "error: unrecognized arguments: --bogus-flag" in said, said
+
+
+def test_mistakes_in_the_trainer_resource_are_named_before_anything_is_launched(tmp_path):
+    """A missing accelerate config, or -2 processes, were only "the training process exited with code 1"."""
+    from orchestration.launcher import _why
+
+    assert TrainLauncherResource(num_processes=-2).problem(tmp_path) == \
+        "trainer.num_processes: must be 1 or more, or unset, got -2"
+    assert TrainLauncherResource(accelerate_config="configs/nope.yaml").problem(tmp_path) == (
+        f"trainer.accelerate_config: {tmp_path / 'configs/nope.yaml'}: no such file (a relative path is read in the "
+        "project folder)")
+    assert TrainLauncherResource(accelerate_config=str(REPO / "configs/accelerate/cpu2.yaml"),
+                                 num_processes=2).problem(tmp_path) is None
+    trailer = ["Traceback (most recent call last):", '  File "x.py", line 1', "FileNotFoundError: [Errno 2] no such "
+               "file: 'nope.yaml'", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "=" * 20]
+    assert _why(trailer) == "FileNotFoundError: [Errno 2] no such file: 'nope.yaml'"
+    assert _why(["train:  50%|#####| 1/2\rerror: train: out of GPU memory", "[rank1]: RuntimeError: boom"]) == \
+        "RuntimeError: boom"
+    assert _why(["all went well", "=" * 20]) is None
 
 
 
