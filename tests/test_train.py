@@ -1037,3 +1037,26 @@ def test_a_check_one_process_fails_stops_every_process(monkeypatch):
         distributed.agreed(SimpleNamespace(num_processes=2), lambda: None)  # this process's own check passed
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, None])
     distributed.agreed(SimpleNamespace(num_processes=2), lambda: None)
+
+
+def test_training_progress_off_a_terminal_is_a_line_now_and_then(monkeypatch, capsys):
+    """Off a terminal (a log file, CI, Dagster's captured stderr) tqdm's redraws joined into lines of
+    thousands of characters: a line every 30 s instead, with the last logged figures; none on the other
+    processes, none for the last step (the summary follows)."""
+    from rm_lib.training import progress
+
+    clock = iter(range(0, 10_000, 20))  # each look at the clock: 20 s later
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.StepProgress(total=6, initial=0, show=True)
+    for step in range(1, 7):
+        bar.update()
+        if step == 2:
+            bar.set_postfix(loss="0.6931", acc="0.500")
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "train: step 2 of 6 (33%), 0 min 40 s so far",  # the step's log comes after it
+        "train: step 4 of 6 (66%), 1 min 20 s so far; loss 0.6931, acc 0.500"]
+    quiet = progress.StepProgress(total=6, initial=0, show=False)
+    for _ in range(6):
+        quiet.update()
+    assert capsys.readouterr().err == ""

@@ -47,6 +47,7 @@ from rm_lib.training.distributed import launch_of, sharding
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import release_free_memory
 from rm_lib.training.model_modes import attention_as, checkpoint_layers, compiled_layers, dropout_disabled
+from rm_lib.training.progress import StepProgress
 
 # Settings that leave the weights as they are (to float rounding): a run resumes across a change of them.
 NOT_IN_FINGERPRINT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_print_samples",
@@ -208,7 +209,6 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
          fingerprint: str, accelerator: Any, tracker: Any, on_eval: Callable[[Any, int], dict] | None,
          run_scope: contextlib.ExitStack, final_checkpoint: bool = True) -> FitResult:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     set_seed(cfg.seed)
     if cfg.disable_dropout:
@@ -295,8 +295,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
     bad_loss = torch.zeros((), device=accelerator.device)
     started, window_start, tokens_total = time.perf_counter(), time.perf_counter() - window_s, 0
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = StepProgress(total, state.step, show=accelerator.is_main_process)
     model.train()
     budget, retries = device_plan.tokens_per_forward, 0
 
@@ -412,7 +411,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         if host_activations:  # the step's buffers are free: their pages go back (rm_lib.training.memory)
             release_free_memory()
         state.step += 1
-        bar.update(1)
+        bar.update()
 
         logging = state.step % cfg.logging_steps == 0 or state.step == total
         evaluating = on_eval is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0
