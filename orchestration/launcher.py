@@ -112,7 +112,8 @@ def _why(tail: Sequence[str]) -> Optional[str]:
     for line in reversed(tail):
         line = line.rsplit("\r", 1)[-1].strip()
         line = re.sub(r"^\[rank\d+\]: ", "", line)
-        if _ERROR_LINE.search(line) and "ChildFailedError" not in line:
+        # the launchers' own (torchrun's ChildFailedError, accelerate's CalledProcessError) come after the child's
+        if _ERROR_LINE.search(line) and "ChildFailedError" not in line and "CalledProcessError" not in line:
             return line
     return None
 

@@ -8,6 +8,8 @@ from typing import Optional
 import dagster as dg
 
 from rm_lib.errors import UserError
+from rm_lib.pipeline.locking import running_step
+from rm_lib.steps import PIPELINE
 
 from .assets import ASSETS, STEP_OF_ASSET
 from .resources import HubResource, ProjectResource
@@ -88,6 +90,9 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
     holder = holder_now(project.root_path(), instance)
     if holder is not None:
         return "wait", f"run {holder.get('run_id')} is using the project folder"
+    running = running_step(project.layout(), PIPELINE)  # a step run from the command line refuses every run
+    if running is not None:
+        return "wait", f"{running} (from the command line or `dvc repro`)"
     if requested["attempts"] < SOURCE_RUN_ATTEMPTS:
         return "again", ""
     return "give up", (f"{len(runs)} runs for it ended without materializing raw_preferences "

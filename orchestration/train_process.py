@@ -48,7 +48,8 @@ def die_with_the_launcher() -> None:
     """Under torch's elastic launcher each training process runs in a session of its own: when the
     launcher is killed (SIGKILL, the out-of-memory killer) they trained on, writing checkpoints outside
     the group the asset stops and the run lock watches. On Linux each asks for SIGTERM when the process
-    that started it ends, and ends at once where that happened already."""
+    that started it ends, and ends at once where that happened between its start of main() and the
+    request. (accelerate's simple launcher, one process, keeps its child in the group the asset stops.)"""
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes

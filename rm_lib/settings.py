@@ -95,7 +95,7 @@ class DownloadSettings:
 
 @dataclass
 class TokenizeSettings:
-    # auto: the template a reward model this project trained records, else the tokenizer's own, else simple_chat
+    # auto: the template a local reward model this project trained records, else the tokenizer's own, else simple_chat
     template: str = "auto"
     batch_size: int = 1000
     num_proc: int = 1

@@ -371,6 +371,13 @@ def test_a_checkpoint_with_two_outputs_is_refused(tmp_path, minilm_path):
         with pytest.raises(SettingsError, match=r"head with 2 outputs \(model.safetensors: classifier.weight of "
                                                 r"shape \[2, 384\]\); a reward model needs exactly one"):
             load_model_config(str(tmp_path / name))
+    # another task's checkpoint whose head the sequence-classification class does not use (GPT-2's token
+    # classifier keeps a `classifier`, its sequence classifier a `score`) gets a new head, as before
+    from transformers import GPT2Config, GPT2ForTokenClassification
+
+    GPT2ForTokenClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32,
+                                          num_labels=3)).save_pretrained(tmp_path / "tokens")
+    assert load_reward_model(str(tmp_path / "tokens")).score.out_features == 1
 
 
 

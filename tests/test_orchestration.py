@@ -716,6 +716,14 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
         finally:
             holder.kill()
             holder.wait()
+        # a step run from the command line refuses every run as well: the sensor waits for it too (it asked
+        # three times in ten minutes, each run refused, and gave up on the new data)
+        from rm_lib.pipeline.locking import step_lock
+
+        with step_lock(Layout(tmp_path), "train"):
+            cli, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(cli, dg.SkipReason) and f"train is already running in {tmp_path.resolve()}, pid " \
+            f"{os.getpid()} (from the command line or `dvc repro`)" in cli.skip_message
         again, cursor = tick(tmp_path, cursor, overrides, instance)
         assert isinstance(again, dg.RunRequest) and again.tags == request.tags
         run_for(again, dg.DagsterRunStatus.FAILURE)
@@ -1058,6 +1066,9 @@ def test_mistakes_in_the_trainer_resource_are_named_before_anything_is_launched(
     trailer = ["Traceback (most recent call last):", '  File "x.py", line 1', "FileNotFoundError: [Errno 2] no such "
                "file: 'nope.yaml'", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "=" * 20]
     assert _why(trailer) == "FileNotFoundError: [Errno 2] no such file: 'nope.yaml'"
+    simple = ["RuntimeError: CUDA out of memory", "Traceback (most recent call last):",  # accelerate's one process
+              "subprocess.CalledProcessError: Command '['python', '-m', 'x']' returned non-zero exit status 1."]
+    assert _why(simple) == "RuntimeError: CUDA out of memory"
     assert _why(["train:  50%|#####| 1/2\rerror: train: out of GPU memory", "[rank1]: RuntimeError: boom"]) == \
         "RuntimeError: boom"
     assert _why(["all went well", "=" * 20]) is None

@@ -113,7 +113,10 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
                             "that has one")
     if weights:
         check_safetensors_weights(path, name_or_path)
-        check_head_outputs(path, name_or_path)
+        archs = getattr(config, "architectures", None) or []
+        # a checkpoint of another task (GPT-2's token classifier keeps a `classifier`) gets a new head
+        if not archs or any(a.endswith("ForSequenceClassification") for a in archs):
+            check_head_outputs(path, name_or_path)
     return config
 
 
@@ -134,10 +137,11 @@ HEAD_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight
 
 
 def check_head_outputs(path: str, name: str) -> None:
-    """A local folder's classification head, read off its safetensors headers (no weights loaded): one with
-    other than one output is refused whatever its config says (check_one_output reads the config, and
-    a config without `architectures`, or one that says one label over a 2-row head, passed it; the load
-    then failed with transformers' size-mismatch traceback, after the data steps)."""
+    """A local folder's sequence-classification head, read off its safetensors headers (no weights loaded):
+    one with other than one output is refused whatever its config's labels say (check_one_output reads the
+    config, and a config without `architectures`, or one that says one label over a 2-row head, passed
+    it; the load then failed with transformers' size-mismatch traceback, after the data steps). Called
+    for a checkpoint that names no architectures or a sequence-classification one."""
     from safetensors import safe_open
 
     folder = Path(path)
@@ -155,7 +159,7 @@ def check_head_outputs(path: str, name: str) -> None:
         except SettingsError:
             raise
         except Exception:  # noqa: BLE001 - a damaged or unusual file: the load says what is wrong with it
-            return
+            continue
 
 
 # RoBERTa-style embeddings number positions from pad_token_id + 1: the table holds that many fewer tokens

@@ -454,8 +454,8 @@ def _text_rules(tokenizer: dict | None) -> str:
                "`ids = tokenizer.apply_chat_template(messages, tokenize=True)[\"input_ids\"]`"
                + (f", with {' and '.join(added)}" if added else ", as they are") + "; then\n"
                "`model(input_ids=torch.tensor([ids]))`. Its text given to `tokenizer(text)` or the pipeline "
-               "can give other ids\n(the tokenizer adds a BOS the template wrote already; a SentencePiece tokenizer "
-               "puts a word start after the BOS).")
+               "can give other ids\n(where the template writes a BOS, the tokenizer may add another; a SentencePiece "
+               "tokenizer puts a word start after the BOS).")
     else:
         named = f", rm_lib's `{facts['template']}`" if facts["template"] else " (`rm_lib.json` names it)"
         how = (f"A conversation is the text of the template training used{named}\n"
