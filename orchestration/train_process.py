@@ -93,4 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        from rm_lib.steps import leave_the_launch
+
+        leave_the_launch()
+    sys.exit(code)

@@ -194,6 +194,13 @@ def _peer_stopped(exc: RuntimeError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        steps.leave_the_launch()
+
+
+def _main(argv: list[str] | None) -> int:
     args = _merge_common(_parser().parse_args(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:

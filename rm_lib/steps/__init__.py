@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,6 +116,19 @@ def _remove_stale_temporaries(name: str, layout: Layout) -> None:
             restore_interrupted(where)  # before the release gate reads data/release, say
             remove_stale(where.parent, where.name, unowned=True)
             remove_stale(where, unowned=True)
+
+
+def leave_the_launch() -> None:
+    """The process groups of a launch destroyed before the interpreter ends: left to its exit, gloo's
+    threads now and then ended a process with "terminate called without an active exception" (SIGABRT),
+    and the launcher failed the launch for it. Nothing where no group was made."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _waiting_group.cache_clear()
 
 
 def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
