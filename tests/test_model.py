@@ -185,13 +185,28 @@ def card_reward(folder: Path) -> float:
     return scope["reward"]
 
 
+
+def released_tiny_llama(tok, folder: Path):
+    """A tiny Llama reward model saved with `tok` as train saves one trained with the tokenizer's chat
+    template; its RewardScorer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rm_lib.evaluation.scoring import RewardScorer
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_model(LlamaForSequenceClassification(config).eval(), tok, folder, chat_template=True)
+    (folder / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
+    return RewardScorer(folder, template="tokenizer")
+
 def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the_text_does_not(tmp_path):
     """A SentencePiece-style tokenizer (Llama-2, Mistral: a word start only at the start of a text) with a
     template that writes BOS and EOS: training tokenized the rendered text after its literal BOS, so the
     text less its BOS given to `tokenizer(text)` (the card's old advice) got an extra word start and
     another reward. The card now says apply_chat_template(tokenize=True), which gives training's ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from rm_lib.evaluation.scoring import RewardScorer
     from rm_lib.publish import model_card
@@ -205,13 +220,8 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
                                   pad_token="<unk>")
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
                          " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    save_model(LlamaForSequenceClassification(config).eval(), tok, tmp_path / "rm", chat_template=True)
-    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
+    scorer = released_tiny_llama(tok, tmp_path / "rm")
     chat = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "good film"}]
-    scorer = RewardScorer(tmp_path / "rm", template="tokenizer")
     trained_ids = scorer.encode(chat)  # the ids training had
     text = tok.apply_chat_template(chat, tokenize=False)
     assert tok(text.removeprefix(tok.bos_token))["input_ids"] != trained_ids  # the old advice
@@ -249,10 +259,9 @@ def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tm
     The text ends with that line break, so the EOS is added after it; the scorer, the released tokenizer
     under `pipeline` and the card's recipe all give those ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers import pipeline as hf_pipeline
 
-    from rm_lib.evaluation.scoring import RewardScorer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -262,12 +271,7 @@ def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tm
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    save_model(LlamaForSequenceClassification(config).eval(), tok, tmp_path / "rm", chat_template=True)
-    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
-    scorer = RewardScorer(tmp_path / "rm", template="tokenizer")
+    scorer = released_tiny_llama(tok, tmp_path / "rm")
     trained_ids = scorer.encode(CARD_CHAT)
     end, newline = tok.eos_token_id, tok("\n", add_special_tokens=False)["input_ids"]
     assert trained_ids[-3:] == [end, *newline, end] and trained_ids.count(end) == 3
