@@ -20,7 +20,7 @@ from rm_lib.data import formats, templates, tokenization
 from rm_lib.data.length_filter import front_length, truncate_left
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.model.batching import in_batches, right_padded
-from rm_lib.model.modeling import load_reward_model, load_tokenizer, max_sequence_length, rewards
+from rm_lib.model.modeling import load_reward_model, load_tokenizer, max_sequence_length, resolve_model_path, rewards
 
 LENGTH_POLICIES = ("truncate", "drop")
 
@@ -71,6 +71,13 @@ def training_record(model: str) -> dict:
         raise DataError(f"expected an object, got {type(record).__name__}", file=where)
     _check_record(record, where)
     return record
+
+
+def local_training_record(name_or_path: str) -> dict:
+    """training_record of a local model folder (a base model this project trained, given as its folder or
+    release); {} for a Hub id, whose rm_lib.json is not fetched for a base model."""
+    folder = Path(resolve_model_path(name_or_path))
+    return training_record(str(folder)) if folder.is_dir() else {}
 
 
 def _check_record(record: dict, where: str) -> None:

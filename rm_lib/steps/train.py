@@ -13,6 +13,7 @@ from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import DataError, SettingsError, TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
+from rm_lib.evaluation.scoring import local_training_record
 from rm_lib.files import atomic_dirs, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
@@ -22,7 +23,6 @@ from rm_lib.model.modeling import (
     check_max_token_length,
     load_reward_model,
     load_tokenizer,
-    resolve_model_path,
     save_model,
 )
 from rm_lib.pipeline.code_version import code_hash
@@ -126,14 +126,8 @@ def base_reward_model(name_or_path: str) -> dict | None:
     """Where a base model that is itself a reward model this project trained (a local folder with an
     rm_lib.json: its model folder or release) came from, as that record says: a model trained on from it
     names it in its own record and card. None for any other base."""
-    record = Path(resolve_model_path(name_or_path)) / "rm_lib.json"
-    try:
-        saved = read_json(record) if record.is_file() else None
-    except DataError:
-        return None
-    if not isinstance(saved, dict):
-        return None
-    return {k: saved.get(k) for k in ("base_model", "data_hash", "content_hash", "fingerprint")}
+    saved = local_training_record(name_or_path)
+    return {k: saved.get(k) for k in ("base_model", "data_hash", "content_hash", "fingerprint")} if saved else None
 
 
 def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
