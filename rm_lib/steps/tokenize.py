@@ -6,8 +6,7 @@ from pathlib import Path
 
 from rm_lib.data import templates, tokenization
 from rm_lib.data.tokenstore import write_rows
-from rm_lib.evaluation.scoring import local_training_record
-from rm_lib.files import atomic_dir, read_jsonl, tree_sha256, write_json
+from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length, resolve_model_path
 from rm_lib.pipeline import chain
@@ -54,13 +53,21 @@ def vocab_size(params: Params, tokenizer) -> int:
     return getattr(_model_config(params).get_text_config(), "vocab_size", None) or len(tokenizer)
 
 
+def _recorded_template(name_or_path: str) -> str | None:
+    """The template a local reward model this project trained records (its rm_lib.json; the scorer reads
+    the whole record with evaluation.scoring.training_record, which this step's code does not take in):
+    training on from it renders as its first training did (its release carries no chat template of the
+    base's that training did not use)."""
+    record = Path(resolve_model_path(name_or_path)) / "rm_lib.json"
+    saved = read_json(record) if record.is_file() else {}
+    return saved.get("template") if isinstance(saved, dict) else None
+
+
 def run(params: Params, layout: Layout) -> TokenizeResult:
     made_from = chain.inputs(layout, "pairs")  # the download step finished; recorded as what these ids come from
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
                                trust_remote_code=params.model.trust_remote_code)
-    # training on from a reward model this project trained: `auto` renders as its first training did (its
-    # release carries no chat template of the base's that training did not use)
-    recorded = local_training_record(params.model.name_or_path).get("template")
+    recorded = _recorded_template(params.model.name_or_path)
     template = templates.resolve(params.tokenize.template, tokenizer, recorded=recorded)
     special = tokenization.special_tokens(tokenizer)
     counts, tokens = {}, {}
