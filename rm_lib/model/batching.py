@@ -227,6 +227,12 @@ def collate_sequences(seqs: list[list[int]], pad_token_id: int) -> PairBatch:
 PROGRESS_EVERY_S = 30.0
 
 
+def so_far(seconds: float) -> str:
+    """`2 min 05 s so far`: the time a progress line says a long loop has run."""
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest:02d} s so far"
+
+
 class Progress:
     """A line on stderr every PROGRESS_EVERY_S seconds of a long loop (scoring thousands of pairs on a CPU
     takes many minutes), none for a short one; the first process of a distributed run alone speaks."""
@@ -244,9 +250,8 @@ class Progress:
         if self.quiet or now - self.last < PROGRESS_EVERY_S or done >= self.count:
             return
         self.last = now
-        minutes, seconds = divmod(int(now - self.start), 60)
         print(f"{self.what}: {done:,} of {self.count:,} {self.unit}{self.share} ({100 * done // self.count}%), "
-              f"{minutes} min {seconds:02d} s so far; the shortest first", file=sys.stderr, flush=True)
+              f"{so_far(now - self.start)}; the shortest first", file=sys.stderr, flush=True)
 
 
 def _count(n: int, unit: str) -> str:

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from rm_lib.model.batching import PROGRESS_EVERY_S
+from rm_lib.model.batching import PROGRESS_EVERY_S, so_far
 
 
 class StepProgress:
@@ -31,9 +31,8 @@ class StepProgress:
         if not self.show or self.terminal or now - self.last < PROGRESS_EVERY_S or self.step >= self.total:
             return
         self.last = now
-        minutes, seconds = divmod(int(now - self.start), 60)
-        print(f"train: step {self.step:,} of {self.total:,} ({100 * self.step // self.total}%), {minutes} min "
-              f"{seconds:02d} s so far{self.figures}", file=sys.stderr, flush=True)
+        print(f"train: step {self.step:,} of {self.total:,} ({100 * self.step // self.total}%), "
+              f"{so_far(now - self.start)}{self.figures}", file=sys.stderr, flush=True)
 
     def set_postfix(self, **figures: Any) -> None:
         self.bar.set_postfix(**figures)
