@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -313,6 +314,34 @@ def _signals_held() -> Iterator[None]:
             signal.signal(kind, signal.SIG_DFL if handler is None else handler)
         for number in dict.fromkeys(arrived):
             signal.raise_signal(number)
+
+
+def special_file(path: str | Path) -> str | None:
+    """What `path` is where it is neither missing, a regular file nor a folder (itself, or what its link
+    names): a pipe, a device, a socket, or anything under /dev or /proc (/dev/stdout redirected to a file
+    is a link there). None otherwise."""
+    chain = _link_chain(path)
+    system = [p for p in chain if any(p == root or p.startswith(root + "/") for root in ("/dev", "/proc"))]
+    if system:
+        return "a system path" if system[0] == chain[0] else f"a link to the system path {system[0]}"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, or a link to nothing
+        return None
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else None)
+    if kind and Path(path).is_symlink():
+        kind += f" (the link's target, {os.path.realpath(path)})"
+    return kind
+
+
+def _link_chain(path: str | Path, most: int = 40) -> list[str]:
+    """`path` and every path its links lead through, absolute (/proc/self/fd/1 leads on to wherever
+    stdout goes)."""
+    chain = [os.path.abspath(path)]
+    while os.path.islink(chain[-1]) and len(chain) <= most:
+        chain.append(os.path.abspath(os.path.join(os.path.dirname(chain[-1]), os.readlink(chain[-1]))))
+    return chain
 
 
 def unwritable_folder(folder: str | Path, *, probe: bool = True) -> str | None:

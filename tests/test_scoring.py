@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +176,9 @@ def test_score_reads_pretokenized_ids_as_given_and_sets_aside_sides_that_tokeniz
     ("the input is where the rows set aside go", "which is the input file; name another output"),
     ("the input is where a failed run's rows go", "which is the input file; name another output"),
     ("where the rows set aside go is a folder", "which is a folder"),
+    ("output is a named pipe", "is a named pipe (FIFO); score writes its rewards"),
+    ("output is a link to a named pipe", "is a named pipe (FIFO) (the link's target"),
+    ("output is a link into /proc", "is a link to the system path /proc/self/fd/1; score writes"),
     ("every row set aside", "no pair to score: all 2 rows were set aside (identical: 2); see"),
     ("a token id past the vocabulary", "field 'input_ids_chosen': token id 999999 is outside the model's "
                                        "vocabulary"),
@@ -194,6 +199,13 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
         src = write_jsonl(tmp_path / "scores.jsonl.failed.rejects.jsonl", rows)
     elif case == "where the rows set aside go is a folder":
         (tmp_path / "scores.jsonl.rejects.jsonl").mkdir()
+    elif case == "output is a named pipe":  # replaced by a file, its reader left waiting for ever
+        os.mkfifo(output)
+    elif case == "output is a link to a named pipe":
+        os.mkfifo(tmp_path / "fifo")
+        output.symlink_to(tmp_path / "fifo")
+    elif case == "output is a link into /proc":  # as /dev/stdout is: as root, that link became a file
+        output.symlink_to("/proc/self/fd/1")
     elif case == "every row set aside":
         rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 2
     elif case == "a best-of-N CSV file":  # each cell a list's repr, as pandas writes it: read as the list
@@ -208,6 +220,10 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and message in err.strip().splitlines()[-1]
     assert src.read_bytes() == before
+    if case == "output is a named pipe":
+        assert stat.S_ISFIFO(os.lstat(output).st_mode)  # not replaced by a file
+    elif "link" in case:
+        assert output.is_symlink()
 
 
 def test_a_token_id_past_the_vocabulary_names_its_own_file_and_row(trained, tmp_path, capsys):

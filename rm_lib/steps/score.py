@@ -10,7 +10,7 @@ from rm_lib.data import formats, length_filter, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer, model_max_length
-from rm_lib.files import atomic_files, unwritable_folder, write_jsonl, write_rows
+from rm_lib.files import atomic_files, special_file, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
 from rm_lib.model.modeling import adapter_advice
 from rm_lib.settings import Params, check_within_positions, names_a_folder
@@ -54,6 +54,11 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
     output = Path(output_path)
     if output.is_dir():
         raise UserError(f"--output {output_path}: is a folder; name the JSON Lines file to write")
+    for path in (output, rejects_path(output), failed_rejects_path(output)):
+        kind = special_file(path)
+        if kind:  # the written file replaces what is there: a link to /dev/stdout would become a file
+            raise UserError(f"--output {output_path}: {path} is {kind}; score writes its rewards (and the rows set "
+                            "aside beside them) as files that replace what is at those paths: name a file")
     problem = unwritable_folder(output.parent)
     if problem:
         raise UserError(f"--output {output_path}: cannot be written: {problem}")
