@@ -1,5 +1,7 @@
 import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -232,6 +234,68 @@ def test_files_of_a_source_folder_that_are_not_read_are_named(tmp_path, capsys):
     with pytest.raises(DataError, match=r"no .jsonl, .json, .parquet, .csv files found in the folder \(of another "
                                         r"type: more.tsv, notes/readme.txt\)"):
         run_steps(tiny_params(f"download.source={tmp_path / 'src'}"), tmp_path, "download")
+
+
+def test_a_source_folders_linked_subfolder_is_read_and_what_cannot_be_read_is_named(tmp_path):
+    """rglob left out in silence a linked subfolder, a subfolder it could not open, a link to a file not
+    fetched (DVC, git-annex) and a pipe: half the pairs were gone and the manifest listed nothing."""
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(40)]
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    write_jsonl(src / "a.jsonl", rows[:20])
+    write_jsonl(elsewhere / "b.jsonl", rows[20:])
+    (src / "more").symlink_to(elsewhere)
+    (src / "loop").symlink_to(src)  # a link back up: read once
+    run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")
+    manifest = read_json(tmp_path / "data/pairs/manifest.json")
+    assert manifest["rows_read"] == 40 and manifest["skipped_files"] == []
+    (src / "loop").unlink()
+
+    def refused(path, message):
+        with pytest.raises(DataError, match=message) as caught:
+            run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")
+        assert caught.value.file == str(path)
+        path.unlink()
+        assert read_json(tmp_path / "data/pairs/manifest.json") == manifest  # the last output as it was
+
+    (src / "c.jsonl").symlink_to(tmp_path / "not-fetched.jsonl")
+    refused(src / "c.jsonl", r"is a link to .*not-fetched.jsonl, which does not exist \(a DVC or git-annex file")
+    os.mkfifo(src / "d.jsonl")
+    refused(src / "d.jsonl", r"is a named pipe \(FIFO\), which a source folder cannot hold")
+    os.mkfifo(tmp_path / "pipe.jsonl")  # given as the source itself: it is read more than once
+    with pytest.raises(DataError, match=r"is a named pipe \(FIFO\): download and score read a source more than once"):
+        run_steps(tiny_params(f"download.source={tmp_path / 'pipe.jsonl'}"), tmp_path, "download")
+
+
+def test_a_source_file_whose_name_is_not_utf8_is_named_not_a_traceback(tmp_path, capsys):
+    from rm_lib.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "good", "rejected": "bad"}) + "\n" for i in range(20))
+    (Path(os.fsdecode(bytes(src) + b"/pr\xe9fs.jsonl"))).write_text(rows)
+    assert main(["--root", str(tmp_path), "download", "--set", f"download.source={src}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().endswith(
+        f"file {src}/pr\\xe9fs.jsonl: the file name is not valid UTF-8, and the pairs and records name their "
+        "file: rename it"), err
+
+
+def test_a_source_subfolder_that_cannot_be_opened_is_named(tmp_path, monkeypatch):
+    """As a user without permission on it meets it (root, who runs the tests here, opens any folder)."""
+    src = tmp_path / "src"
+    write_jsonl(src / "a.jsonl", [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(20)])
+    (src / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"cannot read the folder .*locked \(Permission denied\): its files would be "
+                                        "left out"):
+        run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")
 
 
 @pytest.mark.parametrize("setting", ["download.subset=harmless", "download.test_split=test",

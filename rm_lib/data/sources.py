@@ -10,6 +10,7 @@ import csv
 import gzip
 import hashlib
 import json
+import os
 import re
 import sys
 import zlib
@@ -19,7 +20,7 @@ from typing import IO, Any
 
 from rm_lib.data import formats
 from rm_lib.errors import DataError
-from rm_lib.files import where_kept
+from rm_lib.files import special_file, where_kept
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 Rows = Iterator[tuple[int, dict]]  # (1-based row number, row)
@@ -260,12 +261,16 @@ def local_files(path: str | Path) -> list[Path]:
     """A file, or every supported file of a folder (sorted, so the order is reproducible)."""
     path = Path(path)
     if path.is_file():
+        _check_name(path)
         return [path]
+    if path.exists() and not path.is_dir():
+        raise DataError(f"is {special_file(path) or 'not a regular file'}: download and score read a source "
+                        "more than once (to count, hash and read it); write the data to a file", file=str(path))
     if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and any(path.glob("*.arrow"))):
         raise DataError("a folder that datasets' save_to_disk wrote (Arrow files), which download does not read; "
                         "write each split as a file instead: dataset.to_parquet('train.parquet'), and "
                         "'test.parquet' for a test split", file=str(path))
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) and not _hidden(p, path))
+    files = sorted(p for p in _folder_files(path) if _base_suffix(p))
     if not files:
         skipped = unsupported_files(path)
         raise DataError(f"no {', '.join(SUFFIXES)} files found in the folder"
@@ -273,9 +278,48 @@ def local_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _hidden(file: Path, folder: Path) -> bool:
-    """A hidden file, or one in a hidden folder (.ipynb_checkpoints, .git): not data of the source."""
-    return any(part.startswith(".") for part in file.relative_to(folder).parts)
+def _check_name(file: Path) -> None:
+    """A file name that is not UTF-8 cannot be written into the rows and manifests that name their file."""
+    try:
+        str(file).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(file).decode("utf-8", "backslashreplace")
+        raise DataError("the file name is not valid UTF-8, and the pairs and records name their file: rename it",
+                        file=shown) from None
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder` but hidden ones (and those of hidden folders: .git, .ipynb_checkpoints),
+    through links to files and folders. What cannot be read is an error naming it, never left out in
+    silence: a subfolder without permission, a link to nothing (a DVC or git-annex file not fetched), a
+    pipe or device; a link back to a folder above is read once."""
+    found: list[Path] = []
+    seen: set[str] = set()
+
+    def unreadable(exc: OSError) -> None:
+        raise DataError(f"cannot read the folder {exc.filename} ({exc.strerror}): its files would be left out",
+                        file=str(folder))
+
+    for top, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link to a folder already read
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                continue
+            file = Path(top) / name
+            _check_name(file)
+            if file.is_symlink() and not file.exists():
+                raise DataError(f"is a link to {os.readlink(file)}, which does not exist (a DVC or git-annex file not "
+                                "fetched yet?): fetch it, or remove the link", file=str(file))
+            if not file.is_file():
+                raise DataError(f"is {special_file(file) or 'not a regular file'}, which a source folder cannot hold: "
+                                "move it away", file=str(file))
+            found.append(file)
+    return found
 
 
 def unsupported_files(path: str | Path) -> list[str]:
@@ -284,8 +328,7 @@ def unsupported_files(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_dir():
         return []
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if p.is_file() and not _base_suffix(p) and not _hidden(p, path))
+    return sorted(str(p.relative_to(path)) for p in _folder_files(path) if not _base_suffix(p))
 
 
 def list_some(names: list[str], most: int = 5) -> str:
