@@ -4,6 +4,7 @@ the step to rerun; the normal chain download -> ... -> push passes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -190,6 +191,38 @@ def test_a_download_while_evaluate_scores_fails_it_and_keeps_the_last_report(tmp
     with pytest.raises(ChangedWhileRunning, match=r"evaluate: its input \(.*data/pairs/manifest.json\) changed"):
         run_steps(params, tmp_path, "evaluate")
     assert (layout.evaluation / "report.json").read_bytes() == report
+
+
+@pytest.mark.parametrize("change", ["replaced", "appended", "added to the folder"])
+def test_a_source_changed_while_download_reads_it_fails_the_download(tmp_path, monkeypatch, change):
+    """The pairs came from the source as it was, and `dvc repro` then locked the new file as their source
+    (`dvc status`: up to date). The download fails, naming the file, so nothing records it."""
+    from rm_lib.data import sources
+    from rm_lib.steps import ChangedWhileRunning
+
+    folder = tmp_path / "src"
+    source = folder / "pairs.jsonl"
+    write_pairs = lambda path, n: path.write_text("".join(  # noqa: E731
+        json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(n)))
+    folder.mkdir()
+    write_pairs(source, 40)
+    real_read = sources.read_file
+
+    def change_meanwhile(path, *args, **kwargs):
+        if change == "replaced":
+            write_pairs(tmp_path / "new.jsonl", 30)
+            os.replace(tmp_path / "new.jsonl", source)
+        elif change == "appended":
+            with open(source, "a") as handle:
+                handle.write(json.dumps({"prompt": "late", "chosen": "yes", "rejected": "no"}) + "\n")
+        else:
+            write_pairs(folder / "more.jsonl", 30)
+        yield from real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "read_file", change_meanwhile)
+    named = folder / ("more.jsonl" if change.startswith("added") else "pairs.jsonl")
+    with pytest.raises(ChangedWhileRunning, match=rf"download: its input \(.*{named.name}.*\) changed while it ran"):
+        run_steps(tiny_params(f"download.source={folder}"), tmp_path, "download")
 
 
 def test_a_model_replaced_after_the_release_gate_is_not_released(tmp_path, tiny_decoder, monkeypatch):

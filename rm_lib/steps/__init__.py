@@ -156,9 +156,9 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         chain.check(name, layout)
         if name in ("filter", "train"):  # ids are read with the configured model's embeddings from filter on
             chain.check_tokenized_for(layout, params.model.name_or_path, params.model.revision, name)
-        before = _made_from(name, layout)
+        before = _made_from(name, layout, params)
         result = module(name).run(params, layout, **options)
-        _check_unchanged(name, layout, before)
+        _check_unchanged(name, layout, params, before)
         return result
 
 
@@ -175,25 +175,29 @@ class ChangedWhileRunning(UserError):
     """The step's code or input changed while it ran."""
 
 
-def _made_from(name: str, layout: Layout) -> dict[str, Any]:
+def _made_from(name: str, layout: Layout, params: Params) -> dict[str, Any]:
     """The step's code (what dvc.yaml and the Dagster code version cover: the CLI left out) and its
-    input's record, as they are now; under `dvc repro` (which names the stage in DVC_STAGE) also the
-    stage's params as their files hold them."""
+    input's record, as they are now (download's: the files of a local source, `inputs_read`); under `dvc repro` (which
+    names the stage in DVC_STAGE) also the stage's params as their files hold them."""
     stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
-    return {"code": code_hash(name),
-            "input": {record: file_sha256(record) if record.exists() else None
-                      for record in chain.records_read(name, layout)},
+    inputs: dict[Any, Any] = {record: file_sha256(record) if record.exists() else None
+                              for record in chain.records_read(name, layout)}
+    watched = getattr(module(name), "inputs_read", None)  # a step's inputs beyond the chain's records
+    if watched:
+        inputs.update(watched(params))
+    return {"code": code_hash(name), "input": inputs,
             "params": stage_params(Path(root), stage) if stage and root else None}
 
 
-def _check_unchanged(name: str, layout: Layout, before: dict[str, str | None]) -> None:
+def _check_unchanged(name: str, layout: Layout, params: Params, before: dict[str, Any]) -> None:
     """DVC (and the Dagster record) hash a stage's code and input once it ended: had they changed while it
     ran, dvc.lock and the run cache would record an output as made by code or data it never saw. Such a
     run fails, so nothing records it; its output stays, its own record naming what it was made from."""
-    after = _made_from(name, layout)
+    after = _made_from(name, layout, params)
     changed = [what for what in ("code", "input", "params") if after[what] != before[what]]
     if changed:
-        records = [str(record) for record, sha in after["input"].items() if before["input"].get(record) != sha]
+        records = sorted(str(record) for record in after["input"].keys() | before["input"].keys()
+                         if before["input"].get(record) != after["input"].get(record))
         what = {"code": f"the code of {name}", "input": f"its input ({', '.join(records)})",
                 "params": f"the settings of the DVC stage {os.environ.get('DVC_STAGE')} (params.yaml)"}
         raise ChangedWhileRunning(

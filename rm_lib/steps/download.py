@@ -345,3 +345,24 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
+
+
+def inputs_read(params: Params) -> dict[Path, tuple[int, int, int] | None]:
+    """{file: (size, mtime, inode)} of a local source, which must not change while download reads it (the
+    step runner compares them before and after): a file replaced or rewritten shows, and a source of
+    gigabytes is not hashed twice. Nothing for the demo or a Hub dataset (its revision is recorded)."""
+    source = params.download.source
+    try:
+        if sources.source_kind(source) != "local":
+            return {}
+        files = sources.local_files(source)
+    except (DataError, OSError):  # gone or unreadable (after the step: a changed input, said as such)
+        return {Path(source): None}
+    stamps: dict[Path, tuple[int, int, int] | None] = {}
+    for file in files:
+        try:
+            info = file.stat()
+            stamps[file] = (info.st_size, info.st_mtime_ns, info.st_ino)
+        except OSError:
+            stamps[file] = None
+    return stamps
