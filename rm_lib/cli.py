@@ -163,7 +163,7 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
 def _refused_path(exc: OSError, root: str) -> str | None:
     """The path an OSError is about: of a copy that ran out of room, where it was going (filename2), not
     what it read; for a storage failure that names no file, where it may have been."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and exc.filename2 is not None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) and exc.filename2 is not None:
         return str(exc.filename2)
     if exc.filename is not None:
         return str(exc.filename)

@@ -76,13 +76,15 @@ STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBI
 
 def storage_error(exc: BaseException, path: Path) -> OSError | None:
     """`exc` as an OSError naming `path` where it is the storage's failure that named no file (a write's
-    ENOSPC; safetensors' error, which is no OSError, says "os error 28"); None for anything else."""
+    ENOSPC or EFBIG; safetensors' error, which is no OSError, says "os error 28"); None for anything else."""
     if isinstance(exc, OSError):
         if exc.filename is None and exc.errno in STORAGE_ERRORS:
             return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
         return None
-    if "No space left on device" in str(exc) or "os error 28" in str(exc):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    said = re.search(r"os error (\d+)", str(exc))  # safetensors' (Rust's) way of naming it
+    code = int(said.group(1)) if said else errno.ENOSPC if "No space left on device" in str(exc) else None
+    if code in STORAGE_ERRORS:
+        return OSError(code, os.strerror(code), str(path))
     return None
 
 

@@ -293,6 +293,22 @@ def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_leaves_no_half(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_past_a_file_size_limit_is_one_line_naming_the_folder(tmp_path):
+    """FAT32's 4 GiB, exFAT on some mounts, `ulimit -f` on a cluster: safetensors says "File too large (os
+    error 27)", and train ended with its traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from rm_lib.training import checkpoints
+
+    error = SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    with pytest.raises(OSError) as caught:
+        checkpoints.save_checkpoint(_FailingSave(error), tmp_path, checkpoints.TrainState(step=3), keep=2)
+    assert (caught.value.errno, caught.value.filename) == (errno.EFBIG, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_finished_run_whose_last_checkpoint_finds_no_room_still_saves_its_model(tmp_path, tiny_decoder, capsys):
     """The run trained every step, then its last checkpoint (weights and optimizer) did not fit: the
     model, which is smaller, was lost with it. It is saved; the checkpoint before stays to resume from."""

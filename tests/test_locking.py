@@ -260,6 +260,10 @@ def test_a_full_disk_while_an_output_is_written_names_the_output(tmp_path):
     with pytest.raises(OSError) as caught, files.atomic_dir(model):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(model))
+    # past a file-size limit (FAT32's 4 GiB, `ulimit -f`): a traceback it was
+    with pytest.raises(OSError) as caught, files.atomic_dir(model):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    assert (caught.value.errno, caught.value.filename) == (errno.EFBIG, str(model))
     with pytest.raises(OSError) as caught, files.atomic_dirs(model, tmp_path / "data/train"):
         raise OSError(errno.ENOSPC, "No space left on device")  # which of the two is unknown: where both are
     assert caught.value.filename == str(tmp_path)

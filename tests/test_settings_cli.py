@@ -487,6 +487,8 @@ def test_a_path_the_system_refuses_during_a_step_is_one_line_naming_it(tmp_path,
     # a copy that ran out of room: where it was going, not the model it read (shutil.copy2 names both)
     (OSError(28, "No space left on device", "models/reward_model/model.safetensors", None, "data/release/x"),
      "data/release/x"),
+    (OSError(27, "File too large", "models/reward_model/model.safetensors", None, "data/release/x"),  # ulimit -f
+     "data/release/x"),
     (OSError(28, "No space left on device"), "a write that named no file (the project folder {root}, a cache such "
                                              "as ~/.cache, or {tmp})"),
     (OSError(30, "Read-only file system"), "a write that named no file (the project folder {root}, a cache such as "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.errors import SettingsError
-from rm_lib.files import file_sha256, share_tree
+from rm_lib.files import file_sha256, share_tree, storage_error
 from rm_lib.training.distributed import Launch
 
 STATE_FILE = "trainer_state.json"
@@ -163,7 +163,9 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
                 shutil.copyfile(log, tmp / LOG_FILE)
             write_checksums(tmp)
     except Exception as exc:  # torch's RuntimeError, safetensors' SafetensorError, an OSError
-        full = _full_disk(exc, folder, state, keep)  # judged before the half goes: that frees the space it filled
+        # judged before the half goes: that frees the space it filled; another storage failure (a file too
+        # large for the file system or the user's `ulimit -f`) is named by the folder
+        full = _full_disk(exc, folder, state, keep) or storage_error(exc, folder)
         shutil.rmtree(tmp, ignore_errors=True)  # its half would keep a full disk full for what runs next
         if full is None:
             raise
