@@ -99,6 +99,20 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
+def staging_problem(path: str | Path) -> str | None:
+    """Why the folder where output `path` is staged (beside it, or beside its link's folder) takes no new
+    folder, said before any work: a linked output under /scratch/$USER found it only after training."""
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    problem = unwritable_folder(target.parent)
+    if problem is None:
+        return None
+    if target == path:
+        return f"{path} cannot be written: {problem}"
+    return (f"{path} is a link to {target}; the step builds its new folder beside that one and swaps it in, and "
+            f"{problem}: link to a folder whose parent you may write in")
+
+
 def _output_folder(path: Path) -> Path:
     """Where output folder `path` is written: its link's folder where it is a link."""
     problem = folder_problem(path)

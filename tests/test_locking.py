@@ -291,6 +291,32 @@ def test_a_folder_that_refuses_a_temporary_is_named_not_the_temporary(tmp_path, 
     assert caught.value.filename == str(tmp_path / "data")
 
 
+def test_a_linked_output_whose_parent_takes_no_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """models/reward_model linked to /scratch/$USER, /scratch not writable: train trained for its whole run,
+    then failed with `error: /scratch: Permission denied` (and reused that run when rerun, failing again)."""
+    import tempfile
+
+    from rm_lib.errors import UserError
+
+    scratch = tmp_path / "scratch"
+    (scratch / "alice").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/pairs").symlink_to(scratch / "alice")
+    real = tempfile.TemporaryFile
+
+    def probe(*args, dir=None, **kwargs):  # as a user who may not write in /scratch finds it (root may)
+        if Path(dir) == scratch:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", probe)
+    with pytest.raises(UserError, match=rf"download: {tmp_path}/data/pairs is a link to {scratch}/alice; the step "
+                                        rf"builds its new folder beside that one and swaps it in, and no file can be "
+                                        rf"written in {scratch} \(Permission denied\)"):
+        run_steps(tiny_params(), tmp_path, "download")
+    assert not any(scratch.rglob("*.jsonl")) and not any(tmp_path.glob("data/.*"))
+
+
 def test_an_output_folder_that_is_a_file_or_a_link_to_nothing_is_refused_before_any_work(tmp_path):
     """A file where a step writes its folder was swapped aside into a temporary (and deleted by the next
     run's clean-up); a link to a missing folder failed after the work, naming a temporary."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rm_lib.errors import UserError
-from rm_lib.files import file_sha256, folder_problem, remove_stale, restore_interrupted
+from rm_lib.files import file_sha256, folder_problem, remove_stale, restore_interrupted, staging_problem
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
@@ -150,7 +150,7 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
         for output in layout.outputs(name):  # before any work, not when the finished output is put in place
-            problem = folder_problem(output)
+            problem = folder_problem(output) or staging_problem(output)
             if problem:
                 raise UserError(f"{name}: {problem}")
         chain.check(name, layout)
