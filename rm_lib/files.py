@@ -62,7 +62,7 @@ def remove_stale(folder: str | Path, name: str | None = None, *, unowned: bool =
         if entry.startswith(start) and _stale(entry, unowned):
             path = folder / entry
             if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -244,7 +244,22 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
                 raise
     finally:
         for _, tmp in staged:  # a failed block's folders, or the earlier ones the replaces put there
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree of a temporary that also empties the read-only folders in it (an earlier output the user made
+    read-only, swapped out): ignoring those errors left a hidden copy of the whole output behind for good."""
+    def writable(folder: str) -> None:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            with contextlib.suppress(OSError):
+                os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
+
+    writable(str(path))
+    for top, dirs, _ in os.walk(path):
+        for name in dirs:  # before the walk goes into it
+            writable(os.path.join(top, name))
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _named_for_outputs(exc: Exception, outputs: list[Path], temporaries: list[Path]) -> Exception:

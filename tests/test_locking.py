@@ -317,6 +317,28 @@ def test_a_linked_output_whose_parent_takes_no_folder_is_refused_before_any_work
     assert not any(scratch.rglob("*.jsonl")) and not any(tmp_path.glob("data/.*"))
 
 
+def test_an_earlier_output_made_read_only_is_replaced_and_leaves_no_hidden_copy(tmp_path):
+    """The earlier output, swapped out for the new one, was removed with its errors ignored: a read-only
+    one stayed as data/.release.<pid>@host.*.tmp (88 MB of a release) for good."""
+    import shutil
+
+    out = tmp_path / "data/release"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter/weights.bin").write_text("old")
+    for folder in (out / "adapter", out):
+        folder.chmod(0o555)
+    command = [sys.executable, "-c", "import sys\nfrom rm_lib.files import atomic_dir\n"
+               "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'new.txt').write_text('new')", str(out)]
+    if os.geteuid() == 0:  # root writes in read-only folders: without that power, as a user would
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs util-linux's setpriv to run without root's permission override")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", *command]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["release"]
+
+
 def test_an_output_folder_that_is_a_file_or_a_link_to_nothing_is_refused_before_any_work(tmp_path):
     """A file where a step writes its folder was swapped aside into a temporary (and deleted by the next
     run's clean-up); a link to a missing folder failed after the work, naming a temporary."""
