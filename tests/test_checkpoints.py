@@ -3,6 +3,7 @@ skipped for the newest intact one, a reused run reports the run that trained, ou
 import json
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 from unittest import mock
@@ -43,6 +44,27 @@ def test_a_changed_run_keeps_the_earlier_checkpoints_until_it_saved_its_own(tmp_
     run_steps(changed, tmp_path, "train")
     kept = _fingerprints(checkpoints)
     assert list(kept) == ["step-1", "step-2"] and len(set(kept.values()) | set(earlier.values())) == 2
+
+
+def test_a_run_that_passes_over_another_runs_checkpoint_says_what_differs(tmp_path, tiny_decoder, capsys,
+                                                                            monkeypatch):
+    """An upgrade that changed the training code (a new progress line was enough) trained an interrupted
+    run from step 0 without a word: the checkpoint it passed over, and why, are said in one line."""
+    from rm_lib.steps import train as train_step
+
+    first = tiny_params("train.max_steps=4", "train.save_steps=2", model=str(tiny_decoder))
+    run_steps(first, tmp_path, "download", "tokenize", "filter", "train")
+    checkpoints = tmp_path / "models/checkpoints"
+    shutil.rmtree(checkpoints / "step-4")  # as if stopped after step 3
+    capsys.readouterr()
+    real_hash = train_step.code_hash
+    monkeypatch.setattr(train_step, "code_hash", lambda step: "0" * 16 if step == "train" else real_hash(step))
+    run_steps(tiny_params("train.max_steps=4", "train.save_steps=2", "train.learning_rate=2e-5",
+                          model=str(tiny_decoder)), tmp_path, "train")
+    said = capsys.readouterr().out
+    assert (f"train: {checkpoints / 'step-2'} is another run's (other settings: train.learning_rate; other training "
+            "code (rm_lib changed, an upgrade or an edit)), never resumed by this one: training from step 0; it stays "
+            "until this run saves a checkpoint of its own") in said, said
 
 
 def test_diverging_after_a_checkpoint_names_that_checkpoint(tmp_path, tiny_decoder):

@@ -38,7 +38,7 @@ from rm_lib.training.distributed import (
     launch_of,
 )
 from rm_lib.training.tracking import Tracker, wandb_dir
-from rm_lib.training.trainer import FitResult, fit, mixed_precision, run_fingerprint
+from rm_lib.training.trainer import FitResult, fingerprint_parts, fit, mixed_precision, run_fingerprint
 
 NORMALISATION_SAMPLE = 1000
 
@@ -258,7 +258,9 @@ def run(params: Params, layout: Layout, accelerator=None,
     try:
         result = fit(cfg, model, train_rows, pad_token_id=pad_id, checkpoints=layout.checkpoints,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
-                     final_checkpoint=final_checkpoint)
+                     final_checkpoint=final_checkpoint,
+                     made_of=fingerprint_parts(cfg, params.model, meta["content_hash"], code, launch.processes,
+                                               launch.fsdp))
         stats = {"reward_mean": None, "reward_std": None}
         # the first process's reading: it may replace data/train while another still looks, and one branch
         # below scores across every process

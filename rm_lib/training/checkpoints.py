@@ -42,6 +42,7 @@ class TrainState:
     # device plan. A rerun that reuses or resumes the run may have other such settings: what it records of
     # the run must be what trained it.
     sessions: list[dict] = field(default_factory=list)
+    made_of: dict | None = None  # the fingerprint's parts (trainer.fingerprint_parts); None before it was kept
 
 
 def step_folders(folder: Path) -> list[Path]:
@@ -93,12 +94,15 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None]) -> Path | None:
-    """The newest intact checkpoint of this run. Damaged ones passed over are said in one line."""
-    damaged = []
+def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None],
+                 made_of: dict | None = None) -> Path | None:
+    """The newest intact checkpoint of this run. Damaged ones passed over are said in one line, and so is
+    the newest of another run's where this run has none: a resume that does not come is no surprise."""
+    damaged, other = [], None
     for candidate in reversed(step_folders(folder)):
         state = read_state(candidate)
         if state is not None and state.get("fingerprint") != fingerprint:
+            other = other or (candidate, state)
             continue  # another run's: never mixed in
         problem = checkpoint_problem(candidate)
         if problem is None:
@@ -108,7 +112,31 @@ def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None]) -> 
         damaged.append(f"{candidate.name} ({problem})")
     if damaged:
         say(f"train: passed over damaged checkpoint {'; '.join(damaged)}; no intact one is left: training from step 0")
+    elif other is not None:
+        candidate, state = other
+        say(f"train: {candidate} is another run's ({what_differs(state.get('made_of'), made_of)}), never resumed "
+            "by this one: training from step 0; it stays until this run saves a checkpoint of its own")
     return None
+
+
+def what_differs(theirs: dict | None, ours: dict | None) -> str:
+    """The parts of two runs' fingerprints that differ, in words."""
+    if not isinstance(theirs, dict) or not ours:
+        return "its settings, data, base model, training code or launch differ"
+    said = []
+    settings = sorted(k for k in ours["train"].keys() | (theirs.get("train") or {}).keys()
+                      if (theirs.get("train") or {}).get(k) != ours["train"].get(k))
+    if settings:
+        said.append("other settings: " + ", ".join(f"train.{k}" for k in settings))
+    if theirs.get("model") != ours["model"]:
+        said.append("another base model")
+    if theirs.get("data") != ours["data"]:
+        said.append("other filtered pairs")
+    if theirs.get("code") != ours["code"]:
+        said.append("other training code (rm_lib changed, an upgrade or an edit)")
+    if (theirs.get("processes"), theirs.get("fsdp")) != (ours["processes"], ours.get("fsdp")):
+        said.append("another launch")
+    return "; ".join(said) or "its fingerprint differs"
 
 
 def _saved_launch(state: dict) -> Launch | None:

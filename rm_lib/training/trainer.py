@@ -77,11 +77,19 @@ def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, 
     """What a checkpoint must match to be resumed: everything that changes the weights (the settings,
     the base model, the data, the training code, and the number of processes: each takes
     train.batch_size pairs of a step), and whether FSDP saves its checkpoints (`Launch`)."""
+    run = fingerprint_parts(train, model, data_hash, code_hash, processes, fsdp)
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_parts(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str,
+                      processes: int = 1, fsdp: bool = False) -> dict[str, Any]:
+    """What run_fingerprint hashes; kept in each checkpoint, so that a run which passes over another's
+    checkpoint can say what differs."""
     relevant = {k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}
     run = {"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash, "processes": processes}
     if fsdp:  # only then: the fingerprints of runs without FSDP stay what they were
         run["fsdp"] = True
-    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    return run
 
 
 def mixed_precision(setting: str) -> str:
@@ -188,16 +196,18 @@ def _shares_prompts(cfg: TrainSettings, inner: Any) -> bool:
 
 def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
         fingerprint: str, accelerator: Any, tracker: Any = None,
-        on_eval: Callable[[Any, int], dict] | None = None, final_checkpoint: bool = True) -> FitResult:
+        on_eval: Callable[[Any, int], dict] | None = None, final_checkpoint: bool = True,
+        made_of: dict | None = None) -> FitResult:
     """Train `model` in place. `accelerator` is an accelerate.Accelerator made by the caller. The model
     leaves as it came, whether training ends or raises: with its own attention (the run may switch it).
     `final_checkpoint=False` (benchmarks: a run never resumed) skips the last step's checkpoint, weights
-    and optimizer state, where save_steps or a new best does not ask for it; a rerun then trains again."""
+    and optimizer state, where save_steps or a new best does not ask for it; a rerun then trains again.
+    `made_of`: the fingerprint's parts (`fingerprint_parts`), kept in the checkpoints."""
     with contextlib.ExitStack() as run_scope:
         try:
             return _fit(cfg, model, train_rows, pad_token_id=pad_token_id, checkpoints=checkpoints,
                         fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
-                        run_scope=run_scope, final_checkpoint=final_checkpoint)
+                        run_scope=run_scope, final_checkpoint=final_checkpoint, made_of=made_of)
         except torch.OutOfMemoryError as exc:  # outside a forward (a forward's is retried smaller): the state
             first = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
             raise DevicePathError(f"train: out of GPU memory outside the training forwards ({first}): the weights, "
@@ -207,7 +217,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
 
 def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id: int, checkpoints: Path,
          fingerprint: str, accelerator: Any, tracker: Any, on_eval: Callable[[Any, int], dict] | None,
-         run_scope: contextlib.ExitStack, final_checkpoint: bool = True) -> FitResult:
+         run_scope: contextlib.ExitStack, final_checkpoint: bool = True, made_of: dict | None = None) -> FitResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -261,10 +271,10 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     model, optimizer = accelerator.prepare(scorer, optimizer)
 
     launch = launch_of(accelerator)
-    state = TrainState(fingerprint=fingerprint, processes=launch.processes, fsdp=launch.fsdp)
+    state = TrainState(fingerprint=fingerprint, processes=launch.processes, fsdp=launch.fsdp, made_of=made_of)
     resumed_from = None
     # Another run's checkpoints stay until this run saved its own (save_checkpoint prunes them then).
-    latest = resume_point(checkpoints, fingerprint, accelerator.print) if checkpoints.exists() else None
+    latest = resume_point(checkpoints, fingerprint, accelerator.print, made_of) if checkpoints.exists() else None
     if latest is not None:
         known = TrainState.__dataclass_fields__
         saved = TrainState(**{k: v for k, v in json.loads((latest / STATE_FILE).read_text()).items() if k in known})
