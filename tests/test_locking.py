@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -354,6 +355,16 @@ def test_an_output_folder_that_is_a_file_or_a_link_to_nothing_is_refused_before_
     with pytest.raises(UserError, match=f"{layout.pairs} is a link to {tmp_path / 'elsewhere'}, which does not "
                                         "exist: make that folder, or remove the link"):
         run_steps(tiny_params(), tmp_path, "download")
+    # the folders that hold them, and the locks' (a bare "File exists" it was)
+    layout.pairs.unlink()
+    for folder in ("data", ".rm_lib", ".rm_lib/locks"):
+        shutil.rmtree(tmp_path / "data", ignore_errors=True)
+        shutil.rmtree(tmp_path / ".rm_lib", ignore_errors=True)
+        (tmp_path / folder).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder).write_text("a file")
+        with pytest.raises(UserError, match=f"download: {tmp_path / folder} is a file, not a folder"):
+            run_steps(tiny_params(), tmp_path, "download")
+        (tmp_path / folder).unlink()
 
 
 def test_an_output_folder_linked_to_another_disk_is_written_there_and_stays_linked(tmp_path):

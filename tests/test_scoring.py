@@ -226,6 +226,27 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
         assert output.is_symlink()
 
 
+def test_weights_the_user_may_not_read_are_named_so(trained, tmp_path):
+    """Another user's model.safetensors (mode 0600) was "No such file or directory"."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained / "models/reward_model", model)
+    (model / "model.safetensors").chmod(0)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "The film was", "chosen": "fine.", "rejected": "bad."}])
+    command = [sys.executable, "-m", "rm_lib", "--root", str(trained), "score", "--model", str(model), "--input",
+               str(pairs), "--output", str(tmp_path / "out.jsonl")]
+    if os.geteuid() == 0:  # root reads any file: without that power, as a user would
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs util-linux's setpriv to run without root's permission override")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", *command]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"error: model.name_or_path: cannot read the weights of '{model}' "
+                                                    f"({model / 'model.safetensors'}: Permission denied)")
+
+
 def test_a_token_id_past_the_vocabulary_names_its_own_file_and_row(trained, tmp_path, capsys):
     """The row was counted among the pairs kept, after the rows set aside, and the file was the folder given."""
     from rm_lib.cli import main

@@ -205,6 +205,17 @@ def check_safetensors_weights(path: str, name: str) -> None:
                         "that ships model.safetensors")
 
 
+def _unreadable_weights(path: str) -> str | None:
+    """'<file>: <why>' for a safetensors file of a local folder that cannot be opened; None otherwise."""
+    for file in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as exc:
+            return f"{file}: {exc.strerror}"
+    return None
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -249,6 +260,10 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
                             "reward model of its config (most often a classification head with more than one "
                             "output); start from its base model instead, or from a one-output checkpoint") from None
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
+        unreadable = _unreadable_weights(path)
+        if unreadable:  # transformers says "no such file" of a file it may not read
+            raise SettingsError(f"model.name_or_path: cannot read the weights of '{name_or_path}' ({unreadable})") \
+                from None
         transient = network.is_transient(exc)
         hint = ("retryable: check your network (HF_HUB_OFFLINE=1 allows local files only)" if transient
                 else _load_hint(path) if _offline_miss(path) else "pickled weights are not loaded")

@@ -144,6 +144,11 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
 
 
 def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
+    locks = layout.lock(name).parent
+    for folder in (locks.parent, locks, layout.root / "data", layout.root / "models"):
+        problem = folder_problem(folder)  # else "File exists", from wherever the first folder is made
+        if problem:
+            raise UserError(f"{name}: {problem}")
     lock = step_lock(layout, name) if first_of_its_launch() else contextlib.nullcontext()
     with lock:  # taken before the step's heavy imports: a refusal comes at once
         if first_of_its_launch():
