@@ -349,12 +349,12 @@ def _signals_held() -> Iterator[None]:
 
 def special_file(path: str | Path) -> str | None:
     """What `path` is where it is neither missing, a regular file nor a folder (itself, or what its link
-    names): a pipe, a device, a socket, or anything under /dev or /proc (/dev/stdout redirected to a file
-    is a link there). None otherwise."""
-    chain = _link_chain(path)
-    system = [p for p in chain if any(p == root or p.startswith(root + "/") for root in ("/dev", "/proc"))]
+    names): a pipe, a device, a socket, or a link through /dev or /proc. None otherwise."""
+    # a link into /dev or /proc is refused whatever it leads on to (/dev/stdout redirected to a file is a
+    # regular file at the end of its links); a path there that is no link (/dev/shm/x.jsonl) is judged as any
+    system = [p for p in _link_chain(path)[1:] if any(p == r or p.startswith(r + "/") for r in ("/dev", "/proc"))]
     if system:
-        return "a system path" if system[0] == chain[0] else f"a link to the system path {system[0]}"
+        return f"a link to the system path {system[0]}"
     try:
         mode = os.stat(path).st_mode
     except OSError:  # missing, or a link to nothing

@@ -280,6 +280,38 @@ def test_a_source_file_whose_name_is_not_utf8_is_named_not_a_traceback(tmp_path,
         "file: rename it"), err
 
 
+def test_a_link_to_a_split_folder_of_the_source_leaves_the_split_its_name(tmp_path):
+    """src/{train, test, heldout -> test}: the link sorts first, and test/'s file came back as heldout/b.jsonl,
+    no split of its own: the user's test set was pooled and partly trained on."""
+    from rm_lib.data import sources
+
+    src = tmp_path / "src"
+    pairs = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(25)]
+    write_jsonl(src / "train" / "a.jsonl", pairs[:20])
+    write_jsonl(src / "test" / "b.jsonl", pairs[20:])
+    (src / "heldout").symlink_to(src / "test")
+    files = sources.local_files(src)
+    assert files == [src / "test" / "b.jsonl", src / "train" / "a.jsonl"]
+    assert [sources.split_of(f, src) for f in files] == ["test", "train"]
+
+
+def test_files_of_a_source_folder_that_are_never_read_stop_nothing(tmp_path):
+    """A DataLad or git-annex dataset with only its .jsonl files fetched (README.md a link to nothing), a
+    socket, a name that is not UTF-8: none is data, and none stopped download before; they are listed
+    as not read."""
+    import socket
+
+    src = tmp_path / "src"
+    write_jsonl(src / "a.jsonl", [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(20)])
+    (src / "README.md").symlink_to(tmp_path / ".git/annex/objects/README.md")
+    Path(os.fsdecode(bytes(src) + b"/notes-\xe9.txt")).write_text("notes")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(src / "agent.sock"))
+        run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")
+    manifest = read_json(tmp_path / "data/pairs/manifest.json")
+    assert manifest["rows_read"] == 20 and manifest["skipped_files"] == ["README.md", "notes-\\xe9.txt"]
+
+
 def test_a_source_subfolder_that_cannot_be_opened_is_named(tmp_path, monkeypatch):
     """As a user without permission on it meets it (root, who runs the tests here, opens any folder)."""
     src = tmp_path / "src"

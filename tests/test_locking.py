@@ -316,6 +316,13 @@ def test_a_linked_output_whose_parent_takes_no_folder_is_refused_before_any_work
                                         rf"written in {scratch} \(Permission denied\)"):
         run_steps(tiny_params(), tmp_path, "download")
     assert not any(scratch.rglob("*.jsonl")) and not any(tmp_path.glob("data/.*"))
+    # checkpoints are written inside their folder (step-N), so a linked one needs no room beside it
+    from rm_lib.steps import output_problem
+
+    layout = Layout(tmp_path)
+    layout.checkpoints.parent.mkdir()
+    layout.checkpoints.symlink_to(scratch / "alice")
+    assert output_problem(layout.checkpoints, layout) is None
 
 
 def test_an_earlier_output_made_read_only_is_replaced_and_leaves_no_hidden_copy(tmp_path):

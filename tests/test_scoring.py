@@ -226,6 +226,20 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
         assert output.is_symlink()
 
 
+def test_outputs_in_scratch_folders_under_dev_are_no_system_paths(tmp_path):
+    """/dev/shm is a tmpfs many clusters and containers write scratch files to: only links through /dev or
+    /proc (as /dev/stdout is), pipes, devices and sockets are refused."""
+    from rm_lib.files import special_file
+
+    assert special_file("/dev/shm/scores.jsonl") is None and special_file("/proc/x.jsonl") is None
+    (tmp_path / "file.jsonl").write_text("")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "file.jsonl")
+    assert special_file(tmp_path / "link.jsonl") is None and special_file(tmp_path / "missing.jsonl") is None
+    (tmp_path / "out").symlink_to("/dev/stdout")
+    assert special_file(tmp_path / "out") == "a link to the system path /dev/stdout"
+    assert special_file("/dev/null") == "a character device"
+
+
 def test_weights_the_user_may_not_read_are_named_so(trained, tmp_path):
     """Another user's model.safetensors (mode 0600) was "No such file or directory"."""
     import shutil

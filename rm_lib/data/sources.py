@@ -297,20 +297,28 @@ def _folder_files(folder: Path) -> list[Path]:
     seen: set[str] = set()
 
     def unreadable(exc: OSError) -> None:
-        raise DataError(f"cannot read the folder {exc.filename} ({exc.strerror}): its files would be left out",
-                        file=str(folder))
+        raise DataError(f"cannot read the folder {exc.filename} ({exc.strerror}): its files would be left out; make "
+                        "it readable, or move it out of the source folder", file=str(folder))
 
+    inside = os.path.realpath(folder)
     for top, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:  # a link to a folder already read
             dirs.clear()
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # a link to a folder of the source itself is read under the folder's own name (a split's: test/)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
+            os.path.islink(os.path.join(top, d))
+            and _within(os.path.realpath(os.path.join(top, d)), inside)))
         for name in names:
             if name.startswith("."):
                 continue
             file = Path(top) / name
+            if not _base_suffix(file):  # listed as not read (unsupported_files), whatever it is
+                if file.is_file() or file.is_symlink():
+                    found.append(file)
+                continue
             _check_name(file)
             if file.is_symlink() and not file.exists():
                 raise DataError(f"is a link to {os.readlink(file)}, which does not exist (a DVC or git-annex file not "
@@ -322,13 +330,18 @@ def _folder_files(folder: Path) -> list[Path]:
     return found
 
 
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def unsupported_files(path: str | Path) -> list[str]:
     """The files of a source folder that local_files leaves out for their type, relative to it: the user
     learns that `more.tsv` was not read. Hidden files and folders (.git, .DS_Store) are not named."""
     path = Path(path)
     if not path.is_dir():
         return []
-    return sorted(str(p.relative_to(path)) for p in _folder_files(path) if not _base_suffix(p))
+    return sorted(os.fsencode(p.relative_to(path)).decode("utf-8", "backslashreplace")  # a name that is not UTF-8
+                  for p in _folder_files(path) if not _base_suffix(p))
 
 
 def list_some(names: list[str], most: int = 5) -> str:

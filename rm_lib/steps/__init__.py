@@ -155,7 +155,7 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
         for output in layout.outputs(name):  # before any work, not when the finished output is put in place
-            problem = folder_problem(output) or staging_problem(output)
+            problem = output_problem(output, layout)
             if problem:
                 raise UserError(f"{name}: {problem}")
         chain.check(name, layout)
@@ -165,6 +165,12 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, params, before)
         return result
+
+
+def output_problem(output: Path, layout: Layout) -> str | None:
+    """Why a step cannot write `output`, one of its folders: a file there, a link to nothing, or no room
+    for the new folder beside it (checkpoints are written inside their folder, step-N, not beside it)."""
+    return folder_problem(output) or (staging_problem(output) if output != layout.checkpoints else None)
 
 
 def _undo_interrupted_record(layout: Layout) -> None:

@@ -347,8 +347,8 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
     return result
 
 
-def inputs_read(params: Params) -> dict[Path, tuple[int, int, int] | None]:
-    """{file: (size, mtime, inode)} of a local source, which must not change while download reads it (the
+def inputs_read(params: Params) -> dict[Path, tuple[int, int] | None]:
+    """{file: (size, mtime)} of a local source, which must not change while download reads it (the
     step runner compares them before and after): a file replaced or rewritten shows, and a source of
     gigabytes is not hashed twice. Nothing for the demo or a Hub dataset (its revision is recorded)."""
     source = params.download.source
@@ -358,11 +358,11 @@ def inputs_read(params: Params) -> dict[Path, tuple[int, int, int] | None]:
         files = sources.local_files(source)
     except (DataError, OSError):  # gone or unreadable (after the step: a changed input, said as such)
         return {Path(source): None}
-    stamps: dict[Path, tuple[int, int, int] | None] = {}
-    for file in files:
+    stamps: dict[Path, tuple[int, int] | None] = {}
+    for file in files:  # no inode: FUSE mounts (sshfs, s3fs) may give an unchanged file a new one
         try:
             info = file.stat()
-            stamps[file] = (info.st_size, info.st_mtime_ns, info.st_ino)
+            stamps[file] = (info.st_size, info.st_mtime_ns)
         except OSError:
             stamps[file] = None
     return stamps

@@ -121,11 +121,11 @@ def resume_point(folder: Path, fingerprint: str, say: Callable[[str], None],
 
 def what_differs(theirs: dict | None, ours: dict | None) -> str:
     """The parts of two runs' fingerprints that differ, in words."""
-    if not isinstance(theirs, dict) or not ours:
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("train"), dict) or not ours:
         return "its settings, data, base model, training code or launch differ"
     said = []
-    settings = sorted(k for k in ours["train"].keys() | (theirs.get("train") or {}).keys()
-                      if (theirs.get("train") or {}).get(k) != ours["train"].get(k))
+    settings = sorted(k for k in ours["train"].keys() | theirs["train"].keys()
+                      if theirs["train"].get(k) != ours["train"].get(k))
     if settings:
         said.append("other settings: " + ", ".join(f"train.{k}" for k in settings))
     if theirs.get("model") != ours["model"]:
