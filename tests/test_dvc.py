@@ -281,6 +281,29 @@ def _new_repo(root: Path) -> Repo:
     return repo
 
 
+def test_an_older_params_yaml_is_refused_by_the_first_stage_with_the_keys_to_add(tmp_path, monkeypatch):
+    """A params.yaml from before train.batch_tokens and the length head: `dvc repro` ran download, tokenize
+    and filter again, then stopped with DVC's "Parameters ... are missing" at train."""
+    from rm_lib.errors import SettingsError
+
+    from helpers import run_steps, tiny_params
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_STAGE", "download")
+    run_steps(tiny_params(), tmp_path, "download")  # a params.yaml with every key: nothing said
+    for key in ("batch_tokens", "length_debias"):
+        del params["train"][key]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.raises(SettingsError, match=r"^params.yaml lacks train.batch_tokens, train.length_debias, which stages "
+                                            r"of dvc.yaml read .* the defaults being: train.batch_tokens: null; "
+                                            r"train.length_debias: false$"):
+        run_steps(tiny_params(), tmp_path, "download")
+
+
 def test_dvc_config_and_status(tmp_path):
     repo = _new_repo(tmp_path / "repo")
     config = dict(line.split("=", 1) for line in repo.dvc("config", "--list", "--project").splitlines() if "=" in line)

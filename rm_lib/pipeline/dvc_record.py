@@ -440,6 +440,26 @@ def stage_params(root: Path, stage: str) -> Optional[dict[str, Any]]:
     return values
 
 
+def missing_stage_params(root: Path) -> list[str]:
+    """'file:key' for every param a stage of dvc.yaml reads that its file does not hold (a params.yaml
+    older than the stages): DVC stops at the first stage that reads one, after the stages before it ran."""
+    stages = ((read_yaml(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else {}).get("stages") or {})
+    missing: list[str] = []
+    for name in stages:
+        spec = read_stage(root, name)
+        for file, keys in (spec.params.items() if spec else []):
+            path = Path(file)
+            document = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+            for key in keys or []:
+                value: Any = document
+                for part in key.split("."):
+                    if not isinstance(value, dict) or part not in value:
+                        missing.append(f"{path.name}:{key}")
+                        break
+                    value = value[part]
+    return sorted(set(missing))
+
+
 def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:
     """The stage as dvc.yaml declares it (`${vars}` interpolated), or None when it has no such stage."""
     pipeline = read_yaml(root / "dvc.yaml")

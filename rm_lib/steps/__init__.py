@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -13,12 +14,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rm_lib.errors import UserError
+from rm_lib.errors import SettingsError, UserError
 from rm_lib.files import file_sha256, folder_problem, remove_stale, restore_interrupted, staging_problem
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
-from rm_lib.pipeline.dvc_record import restore_interrupted_record, stage_params
+from rm_lib.pipeline.dvc_record import missing_stage_params, restore_interrupted_record, stage_params
 from rm_lib.pipeline.locking import step_lock
 from rm_lib.settings import Params
 
@@ -144,6 +145,8 @@ def run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
 
 
 def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
+    if os.environ.get("DVC_STAGE") and os.environ.get("DVC_ROOT"):
+        _check_stage_params(Path(os.environ["DVC_ROOT"]))
     locks = layout.lock(name).parent
     for folder in (locks.parent, locks, layout.root / "data", layout.root / "models"):
         problem = folder_problem(folder)  # else "File exists", from wherever the first folder is made
@@ -165,6 +168,26 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, params, before)
         return result
+
+
+def _check_stage_params(root: Path) -> None:
+    """Under `dvc repro`: a params.yaml without keys a later stage reads (an older project's) stops the
+    first stage, naming them with their defaults, not the stage that reads them after the others ran."""
+    missing = missing_stage_params(root)
+    if not missing:
+        return
+    defaults = Params()
+    said = []
+    for entry in missing:
+        key = entry.split(":", 1)[1]
+        value: Any = defaults
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        said.append(f"{key}: {json.dumps(value)}")
+    keys = ", ".join(e.split(":", 1)[1] for e in missing)
+    raise SettingsError(f"{missing[0].split(':')[0]} lacks {keys}, which stages of dvc.yaml read (a params file from "
+                        f"an older version of this project?); `dvc repro` would stop at the first stage that reads "
+                        f"one. Add them, the defaults being: {'; '.join(said)}")
 
 
 def output_problem(output: Path, layout: Layout) -> str | None:
