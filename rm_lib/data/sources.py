@@ -310,7 +310,7 @@ def _folder_files(folder: Path) -> list[Path]:
         # a link to a folder of the source itself is read under the folder's own name (a split's: test/)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
             os.path.islink(os.path.join(top, d))
-            and _within(os.path.realpath(os.path.join(top, d)), inside)))
+            and Path(os.path.realpath(os.path.join(top, d))).is_relative_to(inside)))
         for name in names:
             if name.startswith("."):
                 continue
@@ -328,10 +328,6 @@ def _folder_files(folder: Path) -> list[Path]:
                                 "move it away", file=str(file))
             found.append(file)
     return found
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def unsupported_files(path: str | Path) -> list[str]:

@@ -428,36 +428,36 @@ def stage_params(root: Path, stage: str) -> Optional[dict[str, Any]]:
     spec = read_stage(root, stage) if (root / "dvc.yaml").is_file() else None
     if spec is None:
         return None
-    values: dict[str, Any] = {}
-    for file, keys in spec.params.items():
-        path = Path(file)
-        document = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-        for key in keys or [""]:
-            value: Any = document
-            for part in filter(None, key.split(".")):
-                value = value.get(part) if isinstance(value, dict) else None
-            values[f"{path.name}:{key}"] = value
-    return values
+    return {f"{Path(file).name}:{key}": _param(document, key)[1]
+            for file, document, key in _declared_params(spec)}
 
 
 def missing_stage_params(root: Path) -> list[str]:
     """'file:key' for every param a stage of dvc.yaml reads that its file does not hold (a params.yaml
     older than the stages): DVC stops at the first stage that reads one, after the stages before it ran."""
     stages = ((read_yaml(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else {}).get("stages") or {})
-    missing: list[str] = []
-    for name in stages:
-        spec = read_stage(root, name)
-        for file, keys in (spec.params.items() if spec else []):
-            path = Path(file)
-            document = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-            for key in keys or []:
-                value: Any = document
-                for part in key.split("."):
-                    if not isinstance(value, dict) or part not in value:
-                        missing.append(f"{path.name}:{key}")
-                        break
-                    value = value[part]
-    return sorted(set(missing))
+    specs = [spec for spec in (read_stage(root, name) for name in stages) if spec is not None]
+    return sorted({f"{Path(file).name}:{key}" for spec in specs for file, document, key in _declared_params(spec)
+                   if key and not _param(document, key)[0]})
+
+
+def _declared_params(spec: StageSpec) -> Iterator[tuple[str, Any, str]]:
+    """(file, its document as it is now, key) for each param the stage declares; key "" for a whole file."""
+    for file, keys in spec.params.items():
+        path = Path(file)
+        document = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+        for key in keys or [""]:
+            yield file, document, key
+
+
+def _param(document: Any, key: str) -> tuple[bool, Any]:
+    """(whether the document holds dotted `key`, its value or None)."""
+    value = document
+    for part in filter(None, key.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
 
 
 def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional[StageSpec]:
