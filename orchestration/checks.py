@@ -101,8 +101,10 @@ def push_overrides(run_config: dict) -> list[str]:
                             "push.min_test_pairs held-out pairs and not below the last released model of the same "
                             "source (the description says on which test pairs each was measured), every subset "
                             ">= push.min_subset_accuracy, |reward-length correlation| <= "
-                            "push.max_length_correlation, with the push settings hub_release has in the same run "
-                            "(else params.yaml's). Blocking here; the push step itself refuses such a model too.")
+                            "push.max_length_correlation, at most push.max_test_seen_by_base of the held-out "
+                            "pairs asking a prompt a base model trained on, with the push settings hub_release "
+                            "has in the same run (else params.yaml's). Blocking here; the push step itself "
+                            "refuses such a model too.")
 def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
                             project: ProjectResource) -> dg.AssetCheckResult:
     try:

@@ -271,6 +271,8 @@ class PushSettings:
     compare_with_release: bool = True  # release gate: never below the last released model (quality.release_bar)
     min_subset_accuracy: float | None = None  # release gate: the least accuracy on every subset of the test set
     max_length_correlation: float | None = None  # release gate: the most |Pearson r| of reward and length
+    # release gate: the largest share of held-out pairs whose prompt a base model (trained on from) trained on
+    max_test_seen_by_base: float = 0.01
     force: bool = False  # release although the gate failed; the model card says so
 
     def validate(self) -> None:
@@ -283,6 +285,8 @@ class PushSettings:
         if self.max_length_correlation is not None and not 0.0 <= self.max_length_correlation <= 1.0:
             _fail("push", "max_length_correlation",
                   f"must lie in [0, 1] or be null, got {self.max_length_correlation}")
+        if not 0.0 <= self.max_test_seen_by_base <= 1.0:
+            _fail("push", "max_test_seen_by_base", f"must lie in [0, 1], got {self.max_test_seen_by_base}")
         if self.repo_id is not None and not _hub_repo_id(self.repo_id):
             # the Hub's own rule, checked before the gate and the release are built, not after
             _fail("push", "repo_id", f"'{self.repo_id}' is not a valid repository name: it must look like 'name' or "

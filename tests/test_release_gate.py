@@ -247,7 +247,8 @@ def test_the_gate_bounds_each_subset_and_the_length_correlation(tmp_path):
         "reward_length_correlation": -0.45,
         "per_subset": {"helpful": {"pairs": 50, "accuracy": 0.9}, "harmless": {"pairs": 50, "accuracy": 0.55}}})
     unset = quality.evaluation_gate(layout, PushSettings(min_accuracy=0.6))
-    assert all(v.passed for v in unset)  # both bounds are off by default
+    assert all(v.passed for v in unset[1:3])  # both bounds are off by default
+    assert not quality.blocking_failures(unset)  # a report without the base-overlap count warns only
     verdicts = quality.evaluation_gate(layout, PushSettings(min_accuracy=0.6, min_subset_accuracy=0.6,
                                                             max_length_correlation=0.3))
     subset, correlation = verdicts[1], verdicts[2]

@@ -8,6 +8,7 @@ prompts into one group never changes a pair; leaving them apart would put one pr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import unicodedata
@@ -16,6 +17,7 @@ from typing import Any
 from rm_lib.prefix import shared_prefix
 
 PROMPT, TOKENS, SIDES = "prompt:", "tokens:", "sides:"  # a key's kind: only the first two name a prompt
+DIGEST_CHARS = 16  # 64 bits: two sets of a million prompts share one by chance about once in 18 million
 
 
 def normalise_text(text: str) -> str:
@@ -97,3 +99,18 @@ def pair_keys(pair: dict) -> tuple[str, str]:
     chosen, rejected = _sides(pair)
     prompt = "" if _pretokenized(pair) else _dumps(_normalised(pair.get("prompt") or []))
     return _dumps([prompt, chosen, rejected]), _dumps([prompt, rejected, chosen])
+
+
+def prompt_digest(pair: dict) -> str:
+    """A short digest of one pair's prompt, compared across datasets and models (which held-out prompts a
+    model trained on): the normalised prompt text; for a pretokenized pair the tokens both sides begin
+    with; for a pair without either, the pair itself (its two sides in either order). Unlike prompt_keys
+    it reads the pair alone, so a pretokenized prompt followed by answers that begin alike reads longer."""
+    if _pretokenized(pair):
+        chosen, rejected = pair["input_ids_chosen"], pair["input_ids_rejected"]
+        shared = chosen[:shared_prefix(chosen, rejected)]
+        key = TOKENS + _dumps(list(shared)) if shared else _sides_key(pair)
+    else:
+        prompt = _normalised(pair.get("prompt") or [])
+        key = PROMPT + _dumps(prompt) if _has_text(prompt) else _sides_key(pair)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:DIGEST_CHARS]

@@ -7,7 +7,7 @@ from rm_lib.errors import DataError
 from rm_lib.files import atomic_file
 
 COLUMNS = ("id", "input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected",
-           "prompt_length", "margin", "subset", "length_chosen", "length_rejected")
+           "prompt_length", "margin", "subset", "length_chosen", "length_rejected", "prompt_digest")
 
 
 def _schema():
@@ -17,7 +17,7 @@ def _schema():
     return pa.schema([("id", pa.string()), ("input_ids_chosen", ids), ("attention_mask_chosen", pa.list_(pa.int8())),
                       ("input_ids_rejected", ids), ("attention_mask_rejected", pa.list_(pa.int8())),
                       ("prompt_length", pa.int32()), ("margin", pa.float64()), ("subset", pa.string()),
-                      ("length_chosen", pa.int32()), ("length_rejected", pa.int32())])
+                      ("length_chosen", pa.int32()), ("length_rejected", pa.int32()), ("prompt_digest", pa.string())])
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:

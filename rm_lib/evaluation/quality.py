@@ -3,7 +3,7 @@
 The release gate (`release_verdicts`) is what `push` enforces on every front-end (CLI, `dvc repro`,
 Dagster); the Dagster asset checks only show these verdicts. Thresholds come from params.yaml
 (`push.min_accuracy`, `push.min_test_pairs`, `push.compare_with_release`, `push.min_subset_accuracy`,
-`push.max_length_correlation`, `download.max_reject_ratio`).
+`push.max_length_correlation`, `push.max_test_seen_by_base`, `download.max_reject_ratio`).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.data import keys
+from rm_lib.data.trained_prompts import SEEN
 from rm_lib.evaluation.metrics import subset_listing
 from rm_lib.evaluation.visualize import one_line
 from rm_lib.files import read_json, read_jsonl
@@ -459,12 +460,46 @@ def length_correlation_gate(layout: Layout, max_abs: float | None) -> Verdict:
     return Verdict(name, True, f"|reward-length correlation| {abs(r):.4f} <= {max_abs:.4f}", metadata)
 
 
+def seen_by_base_gate(layout: Layout, max_share: float) -> Verdict:
+    """At most `max_share` of the held-out pairs ask a prompt that a base model (one this model was trained
+    on from) trained on: on those the accuracy is partly memory (rm_lib.data.trained_prompts). A base
+    whose training prompts are not recorded is a warning: what it trained on cannot be told."""
+    name = "seen_by_base_gate"
+    path = layout.evaluation / "report.json"
+    if not path.exists():
+        return _missing(name, path)
+    seen = read_json(path).get(SEEN) or {}
+    unrecorded = seen.get("unrecorded_bases") or []
+    metadata: dict[str, Any] = {"max_test_seen_by_base": max_share, "unrecorded_bases": ", ".join(unrecorded)}
+    if not seen.get("checked"):
+        return Verdict(name, False, f"not checked: {seen.get('why') or 'the report predates the check'}", metadata,
+                       warn_only=True)
+    share = seen["share_base"]
+    metadata.update(test_pairs_seen_by_base=seen["base"], share=share)
+    if share > max_share + 1e-12:
+        unseen = seen.get("accuracy_unseen")
+        return Verdict(name, False, f"release blocked: {seen['base']} of {seen['pairs']} held-out pairs ({share:.1%}) "
+                       f"ask a prompt a base model trained on, more than push.max_test_seen_by_base ({max_share:.1%}): "
+                       "their accuracy is partly memory"
+                       + (f" (accuracy on the other pairs {unseen:.4f})" if unseen is not None else "")
+                       + "; hold out what the base held out (its download.seed, test_fraction and source), or train "
+                       "from a model that did not train on them", metadata)
+    if unrecorded:
+        return Verdict(name, False, f"not checked for {', '.join(unrecorded)}: a base whose training prompts are not "
+                       "recorded (trained by an earlier rm_lib, or its trained_prompts.json could not be fetched); "
+                       "the held-out pairs may ask prompts it trained on", metadata, warn_only=True)
+    return Verdict(name, True, f"{seen['base']} of {seen['pairs']} held-out pairs ask a prompt a base model trained on "
+                   f"(at most {max_share:.1%})", metadata)
+
+
 def evaluation_gate(layout: Layout, gate: Any) -> list[Verdict]:
     """The gate's rules on the evaluation report. `gate`: the push settings (min_accuracy,
-    compare_with_release, min_test_pairs, min_subset_accuracy, max_length_correlation)."""
+    compare_with_release, min_test_pairs, min_subset_accuracy, max_length_correlation,
+    max_test_seen_by_base)."""
     return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release, gate.min_test_pairs),
             subset_gate(layout, gate.min_subset_accuracy),
-            length_correlation_gate(layout, gate.max_length_correlation)]
+            length_correlation_gate(layout, gate.max_length_correlation),
+            seen_by_base_gate(layout, gate.max_test_seen_by_base)]
 
 
 def release_gate(layout: Layout, gate: Any) -> Verdict:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from rm_lib.data import templates
+from rm_lib.data.trained_prompts import SEEN
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
@@ -267,6 +268,21 @@ def _held_out(metrics: dict) -> str:
                                      "so the figures are of the others only")
 
 
+def _seen_row(seen: dict | None) -> str:
+    """The row of held-out pairs whose prompt a base model (trained on from) trained on; '' for a report
+    made before they were counted."""
+    if not seen:
+        return ""
+    if seen.get("unrecorded_bases"):
+        value = f"not known: {_code(', '.join(seen['unrecorded_bases']), cell=True)} keeps no record of its prompts"
+    elif not seen.get("checked"):
+        value = "not checked (the model keeps no record of its training prompts)"
+    else:
+        others = f"; accuracy on the others {_num(seen.get('accuracy_unseen'))}" if seen["base"] else ""
+        value = f"{seen['base']} of {seen['pairs']}{others}"
+    return f"| held-out pairs whose prompt a base model trained on | {value} |\n"
+
+
 def _evaluation(metrics: dict, pictures: list[str]) -> str:
     longer, shorter = metrics.get("longer_wins_baseline"), metrics.get("shorter_wins_baseline")
     baseline = max(longer, shorter) if longer is not None and shorter is not None else None
@@ -293,7 +309,7 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
 | longer-wins baseline | {_num(longer)} |
 | shorter-wins baseline | {_num(shorter)} |
 | tie rate | {_num(metrics.get('tie_rate'))} |
-| loss | {_num(metrics.get('loss'))} |
+{_seen_row(metrics.get(SEEN))}| loss | {_num(metrics.get('loss'))} |
 | reward mean / std | {_num(metrics.get('reward_mean'))} / {_num(metrics.get('reward_std'))} |
 | prefers the longer answer (pairs of unequal length) | {_num(metrics.get('prefers_longer'))} |
 | reward-length correlation (Pearson, every answer) | {_num(metrics.get('reward_length_correlation'))} |

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rm_lib.data import trained_prompts
 from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import UserError
 from rm_lib.evaluation import consistency, plots, quality, suites
@@ -44,13 +45,27 @@ class EvaluateResult:
                 f"{subsets}), loss {m['loss']:.4f}\n  length: prefers the longer answer {_fmt(m['prefers_longer'])}, "
                 f"reward-length correlation {_fmt(m['reward_length_correlation'], '+.3f')}; "
                 f"calibration error (ECE) {m['calibration_ece']:.4f} -> {self.report}{demo}"
-                + suites.summary_lines(m.get("suites", {})) + _inconsistent(m.get("consistency") or {}))
+                + suites.summary_lines(m.get("suites", {})) + _inconsistent(m.get("consistency") or {})
+                + _seen_line(m.get(trained_prompts.SEEN) or {}))
 
 
 def _of_held_out(metrics: dict) -> str:
     """' of 390 held out (the filter set aside 253: prompt_too_long: 207, ...)', where it set any aside."""
     aside = set_aside_by_filter(metrics)
     return "" if aside is None else f" of {aside[0]} held out (the filter set aside {aside[1]}: {aside[2]})"
+
+
+def _seen_line(seen: dict) -> str:
+    """A warning line where held-out pairs ask prompts a base model trained on, or a base keeps no record."""
+    if seen.get("base"):
+        unseen = seen.get("accuracy_unseen")
+        return (f"\n  warning: {seen['base']} of {seen['pairs']} held-out pairs ask a prompt a base model trained on "
+                f"(accuracy on the others {_fmt(unseen)}); the release gate allows "
+                "push.max_test_seen_by_base of them")
+    if seen.get("unrecorded_bases"):
+        return (f"\n  note: {', '.join(seen['unrecorded_bases'])} keeps no record of the prompts it trained on: "
+                "whether held-out pairs ask one cannot be told")
+    return ""
 
 
 def _inconsistent(result: dict) -> str:
@@ -89,6 +104,21 @@ def held_out(filter_manifest: dict) -> dict:
             "filter_policy": filter_manifest.get("policy")}
 
 
+def seen_in_training(rows: list[dict], r_c: list[float], r_r: list[float], trained: dict | None) -> dict:
+    """report.json's `seen_in_training`: how many held-out pairs ask a prompt the model trained on (its own
+    training pairs, or a base model's: trained_prompts.overlap), the accuracy on the others, and the
+    first of those pairs by id."""
+    found = trained_prompts.overlap([r.get("prompt_digest") for r in rows], trained)
+    seen = found.pop("seen_rows", [])
+    if seen:
+        marked = set(seen)
+        split = subset_accuracy(r_c, r_r, ["seen" if i in marked else "unseen" for i in range(len(rows))])
+        found["accuracy_seen"] = split["seen"]["accuracy"]
+        found["accuracy_unseen"] = split["unseen"]["accuracy"] if "unseen" in split else None
+        found["examples"] = [rows[i]["id"] for i in seen[:quality.EXAMPLES]]
+    return found
+
+
 def source_identity(source: str, layout: Layout) -> str:
     """The source as the release gate tells sources apart: a Hub id or `demo` as it is, a local file or
     folder by its name. Its full path would differ in every clone of the project and with every way of
@@ -113,6 +143,9 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
         flat["consistency_max_abs_diff"] = worst
     if metrics.get("held_out"):
         flat["pairs_before_filter"] = metrics["held_out"]["pairs_before_filter"]
+    seen = metrics.get(trained_prompts.SEEN) or {}
+    if seen.get("checked"):
+        flat["test_pairs_seen_by_base"] = seen["base"]
     return flat
 
 
@@ -128,6 +161,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     metrics, r_c, r_r = evaluate_folder(layout.model, rows, cfg.batch_size, cfg.length_buckets)
     metrics["data_hash"] = meta["content_hash"]
     metrics["held_out"] = held_out(meta)
+    metrics[trained_prompts.SEEN] = seen_in_training(rows, r_c, r_r, trained_prompts.read(layout.model))
     per_subset = subset_accuracy(r_c, r_r, [r.get("subset") for r in rows])
     if per_subset:
         metrics["per_subset"] = per_subset

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rm_lib.data import trained_prompts
 from rm_lib.data.length_filter import LENGTH_SETTINGS
 from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import DataError, SettingsError, TrainingDiverged
@@ -23,6 +24,7 @@ from rm_lib.model.modeling import (
     check_max_token_length,
     load_reward_model,
     load_tokenizer,
+    resolve_model_path,
     save_model,
 )
 from rm_lib.pipeline.code_version import code_hash
@@ -130,6 +132,18 @@ def base_reward_model(name_or_path: str) -> dict | None:
     return {k: saved.get(k) for k in ("base_model", "data_hash", "content_hash", "fingerprint")} if saved else None
 
 
+def base_prompts(params: Params, model: Any) -> dict | None:
+    """The training prompts of the base (trained_prompts.base_record), read before the run: a damaged
+    record stops it now, not after the training. A base is a reward model of this project where its folder
+    holds an rm_lib.json, or, from the Hub, its config names a run of this project."""
+    name = params.model.name_or_path
+    folder = Path(resolve_model_path(name))
+    if folder.is_dir():
+        return trained_prompts.base_record(name, folder, bool(local_training_record(name)))
+    ours = getattr(model.config, "rm_lib_fingerprint", None) is not None
+    return trained_prompts.base_record(name, None, ours, revision=params.model.revision)
+
+
 def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
     """data/train/summary.json where it is of the run `fingerprint`; None where it is damaged (this run
     writes it again)."""
@@ -230,6 +244,7 @@ def run(params: Params, layout: Layout, accelerator=None,
     model = load_reward_model(params.model.name_or_path, revision=params.model.revision,
                               trust_remote_code=params.model.trust_remote_code, pad_token_id=pad_id,
                               dtype=None if cfg.lora else torch.float32)
+    base_trained = base_prompts(params, model)
     if cfg.lora:
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules,
@@ -305,6 +320,8 @@ def run(params: Params, layout: Layout, accelerator=None,
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
             save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
                        state_dict=gathered, chat_template=tokenized["template"] == "tokenizer")
+            base_named = base_model_reference(params.model.name_or_path)
+            write_json(out / trained_prompts.FILE, trained_prompts.record(train_rows, base_trained, base_named))
             weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint,
