@@ -1,6 +1,6 @@
 """Asset checks: thin adapters that show rm_lib.evaluation.quality's verdicts in the UI. The rules and their
 thresholds (params.yaml: push.min_accuracy, push.min_test_pairs, push.compare_with_release,
-push.min_subset_accuracy, push.max_length_correlation, download.max_reject_ratio)
+push.min_subset_accuracy, push.max_length_correlation, push.max_test_seen_by_base, download.max_reject_ratio)
 live in rm_lib, so the CLI and `dvc repro` enforce the same release gate in the push step.
 
 Blocking checks (a failure stops everything downstream in the same run):

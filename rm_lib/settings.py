@@ -273,6 +273,9 @@ class PushSettings:
     max_length_correlation: float | None = None  # release gate: the most |Pearson r| of reward and length
     # release gate: the largest share of held-out pairs whose prompt a base model (trained on from) trained on
     max_test_seen_by_base: float = 0.01
+    # the release carries the digests of the prompts the model trained on (trained_prompts.json): a model
+    # trained on from it can tell which of its held-out pairs they are; false leaves them out
+    publish_trained_prompts: bool = True
     force: bool = False  # release although the gate failed; the model card says so
 
     def validate(self) -> None:

@@ -15,6 +15,7 @@ from rm_lib.files import read_json
 from rm_lib.layout import Layout
 from rm_lib.settings import PushSettings
 from rm_lib.steps.evaluate import seen_in_training
+from rm_lib.steps.tokenize import prompt_digests
 
 from helpers import run_steps, tiny_params
 
@@ -25,15 +26,27 @@ def _pair(prompt: str, chosen: str = "yes", rejected: str = "no") -> dict:
             "rejected": [{"role": "assistant", "content": rejected}]}
 
 
+def _tokens(chosen: list[int], rejected: list[int]) -> dict:
+    return {"id": "f:1", "input_ids_chosen": chosen, "input_ids_rejected": rejected}
+
+
 def test_a_prompt_reads_the_same_whatever_its_answers_and_spacing():
-    same = keys.prompt_digest(_pair("Is the  sky blue?", "yes", "no"))
-    assert keys.prompt_digest(_pair("is the sky blue? ", "It is.", "No")) == same
-    assert keys.prompt_digest(_pair("Is the sea blue?")) != same
-    tokens = {"id": "f:1", "input_ids_chosen": [5, 6, 7, 1], "input_ids_rejected": [5, 6, 9, 1]}
-    assert keys.prompt_digest(tokens) == keys.prompt_digest({**tokens, "input_ids_rejected": [5, 6, 8, 8, 1]})
-    assert keys.prompt_digest(tokens) != keys.prompt_digest({**tokens, "input_ids_chosen": [4, 6, 7, 1],
-                                                             "input_ids_rejected": [4, 6, 9, 1]})
-    assert len(same) == keys.DIGEST_CHARS
+    train = [_pair("Is the  sky blue?", "yes", "no"), _pair("Is the sea blue?")]
+    test = [_pair("is the sky blue? ", "It is.", "No"), _pair("Is grass green?")]
+    found = prompt_digests({"train": train, "test": test})
+    assert found["test"][0] == found["train"][0] and len({*found["train"], found["test"][1]}) == 3
+    assert len(found["train"][0]) == keys.DIGEST_CHARS
+
+
+def test_pretokenized_pairs_that_share_only_the_opening_every_pair_has_are_each_their_own_prompt():
+    """A BOS (or a chat template's opening) that every pair begins with is no prompt: pairs without one
+    read as one prompt, so a base's training pairs counted as the model's own."""
+    pairs = [_tokens([1, 10 + i, 50, 2], [1, 30 + i, 60, 2]) for i in range(4)]
+    found = prompt_digests({"train": pairs[:2], "test": pairs[2:]})
+    assert len(set(found["train"] + found["test"])) == 4
+    prompted = [_tokens([1, 7, 7, 10 + i, 2], [1, 7, 7, 30 + i, 2]) for i in range(2)]
+    again = prompt_digests({"train": pairs[:2] + prompted[:1], "test": prompted[1:]})
+    assert again["train"][2] == again["test"][0]  # the prompt [1, 7, 7] whatever the answers
 
 
 def test_a_record_holds_the_bases_prompts_and_names_a_base_that_kept_none():
@@ -111,12 +124,14 @@ def test_training_on_from_a_model_that_trained_on_the_held_out_prompts_is_refuse
     assert read_json(base / trained_prompts.FILE)["own"] == sorted(base_train)
 
     other = tiny_params("train.max_steps=1", "download.seed=2", model=str(base))
-    run_steps(other, tmp_path / "other", "download", "tokenize", "filter", "train", "evaluate")
+    evaluated = run_steps(other, tmp_path / "other", "download", "tokenize", "filter", "train", "evaluate")["evaluate"]
     held_out = [r["prompt_digest"] for r in read_rows(tmp_path / "other/data/filtered/test.parquet")]
     expected = sum(d in base_train for d in held_out)
     assert expected > 0  # the seeds split the demo prompts differently
     report = read_json(tmp_path / "other/data/evaluation/report.json")
     assert report["seen_in_training"]["base"] == expected and report["seen_in_training"]["own"] == 0
+    assert f"warning: {expected} of {len(held_out)} held-out pairs ask a prompt a base model trained on" in (
+        evaluated.summary())
     assert read_json(tmp_path / "other/data/evaluation/metrics.json")["test_pairs_seen_by_base"] == expected
     assert read_json(tmp_path / "other/models/reward_model" / trained_prompts.FILE)["bases"] == sorted(
         base_train - {r["prompt_digest"] for r in read_rows(tmp_path / "other/data/filtered/train.parquet")})
@@ -128,6 +143,43 @@ def test_training_on_from_a_model_that_trained_on_the_held_out_prompts_is_refuse
     run_steps(same, tmp_path / "same", "download", "tokenize", "filter", "train", "evaluate", "push")
     assert read_json(tmp_path / "same/data/evaluation/report.json")["seen_in_training"]["base"] == 0
     assert (tmp_path / "same/data/release" / trained_prompts.FILE).is_file()  # a release carries its record
+    card = (tmp_path / "same/data/release/README.md").read_text()
+    assert "| held-out pairs whose prompt a base model trained on | 0 of " in card
+    private = tiny_params("train.max_steps=1", "download.seed=1", "push.publish_trained_prompts=false",
+                          model=str(base))
+    run_steps(private, tmp_path / "same", "push")
+    assert not (tmp_path / "same/data/release" / trained_prompts.FILE).exists()
+
+
+@pytest.mark.integration  # two training runs
+def test_a_copy_of_a_model_of_this_project_saved_without_its_records_is_named_as_an_unrecorded_base(tmp_path,
+                                                                                                 tiny_decoder):
+    """save_pretrained of a release keeps the config's rm_lib_fingerprint but neither rm_lib.json nor
+    trained_prompts.json: it was taken for a language model, and nothing said its prompts were unknown."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_steps(tiny_params("train.max_steps=1", model=str(tiny_decoder)), tmp_path / "base", "download", "tokenize",
+              "filter", "train")
+    base, copy = tmp_path / "base/models/reward_model", tmp_path / "copy"
+    AutoModelForSequenceClassification.from_pretrained(base).save_pretrained(copy)
+    AutoTokenizer.from_pretrained(base).save_pretrained(copy)
+    on = tiny_params("train.max_steps=1", "download.seed=2", model=str(copy))
+    evaluated = run_steps(on, tmp_path / "on", "download", "tokenize", "filter", "train", "evaluate")["evaluate"]
+    seen = read_json(tmp_path / "on/data/evaluation/report.json")["seen_in_training"]
+    assert seen["unrecorded_bases"] == ["copy"] and seen["base"] == 0
+    assert "note: copy keeps no record of the prompts it trained on" in evaluated.summary()
+    verdict = quality.seen_by_base_gate(Layout(tmp_path / "on"), 0.01)
+    assert verdict.warn_only and not verdict.passed and "copy" in verdict.description
+
+
+def test_the_card_shows_the_count_and_the_bases_it_does_not_cover():
+    from rm_lib.publish.model_card import _seen_row
+
+    row = _seen_row({"checked": True, "pairs": 12, "own": 0, "base": 4, "share_base": 0.33, "accuracy_unseen": 0.5,
+                     "unrecorded_bases": ["old_rm"]})
+    assert "4 of 12; accuracy on the others 0.5000; `old_rm` keeps no record" in row
+    unchecked = {"checked": False, "why": "the held-out pairs carry no prompt digests", "unrecorded_bases": []}
+    assert "not checked: the held-out pairs" in _seen_row(unchecked)
 
 
 

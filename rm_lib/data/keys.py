@@ -101,16 +101,8 @@ def pair_keys(pair: dict) -> tuple[str, str]:
     return _dumps([prompt, chosen, rejected]), _dumps([prompt, rejected, chosen])
 
 
-def prompt_digest(pair: dict) -> str:
-    """A short digest of one pair's prompt, compared across datasets and models (which held-out prompts a
-    model trained on): the normalised prompt text; for a pretokenized pair the tokens both sides begin
-    with; for a pair without either, the pair itself (its two sides in either order). Unlike prompt_keys
-    it reads the pair alone, so a pretokenized prompt followed by answers that begin alike reads longer."""
-    if _pretokenized(pair):
-        chosen, rejected = pair["input_ids_chosen"], pair["input_ids_rejected"]
-        shared = chosen[:shared_prefix(chosen, rejected)]
-        key = TOKENS + _dumps(list(shared)) if shared else _sides_key(pair)
-    else:
-        prompt = _normalised(pair.get("prompt") or [])
-        key = PROMPT + _dumps(prompt) if _has_text(prompt) else _sides_key(pair)
+
+def digest(key: str) -> str:
+    """A short digest of a prompt key (prompt_keys), compared across datasets and models: which held-out
+    prompts a model trained on (rm_lib.data.trained_prompts)."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:DIGEST_CHARS]

@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from rm_lib.data import formats, keys, templates
+from rm_lib.data import formats, templates
 from rm_lib.errors import DataError
 from rm_lib.model.special import SpecialTokens, add_special, special_tokens  # noqa: F401 (used here, and as tokenization.*)
 
@@ -76,9 +76,7 @@ def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: Sp
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
                      "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),
-                     "prompt_length": prompt_len, "margin": pair.get("margin"), "subset": pair.get("subset"),
-                     # the model records the prompts it trained on by it; evaluate compares the held-out ones
-                     "prompt_digest": keys.prompt_digest(pair)})
+                     "prompt_length": prompt_len, "margin": pair.get("margin"), "subset": pair.get("subset")})
     return rows
 
 

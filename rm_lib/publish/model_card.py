@@ -269,17 +269,18 @@ def _held_out(metrics: dict) -> str:
 
 
 def _seen_row(seen: dict | None) -> str:
-    """The row of held-out pairs whose prompt a base model (trained on from) trained on; '' for a report
-    made before they were counted."""
+    """The row of held-out pairs whose prompt a base model (trained on from) trained on, with the bases
+    whose prompts are not known; '' for a report made before they were counted."""
     if not seen:
         return ""
-    if seen.get("unrecorded_bases"):
-        value = f"not known: {_code(', '.join(seen['unrecorded_bases']), cell=True)} keeps no record of its prompts"
-    elif not seen.get("checked"):
-        value = "not checked (the model keeps no record of its training prompts)"
-    else:
+    unknown = seen.get("unrecorded_bases") or []
+    unknown_said = (f"{_code(', '.join(unknown), cell=True)} keeps no record of the prompts it trained on (not "
+                    "counted)" if unknown else "")
+    if seen.get("checked"):
         others = f"; accuracy on the others {_num(seen.get('accuracy_unseen'))}" if seen["base"] else ""
-        value = f"{seen['base']} of {seen['pairs']}{others}"
+        value = f"{seen['base']} of {seen['pairs']}{others}" + (f"; {unknown_said}" if unknown else "")
+    else:
+        value = "not checked: " + (unknown_said or table_cell(seen.get("why") or "no record"))
     return f"| held-out pairs whose prompt a base model trained on | {value} |\n"
 
 

@@ -3,10 +3,10 @@ the Hub if asked.
 
 The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push.min_accuracy on at
 least push.min_test_pairs held-out pairs, not below the last release of the same source,
-push.min_subset_accuracy per subset, push.max_length_correlation) holds here, so the CLI, `dvc repro`
-and Dagster refuse the same models; push.force releases anyway and the model card says so. Without
-push.repo_id (or with push.dry_run) it writes exactly what would be uploaded and says so; no request
-leaves the machine and no token is needed.
+push.min_subset_accuracy per subset, push.max_length_correlation, push.max_test_seen_by_base) holds
+here, so the CLI, `dvc repro` and Dagster refuse the same models; push.force releases anyway and the
+model card says so. Without push.repo_id (or with push.dry_run) it writes exactly what would be
+uploaded and says so; no request leaves the machine and no token is needed.
 Otherwise the release is uploaded as one revision of the repository (created private when
 push.private, the default) and tagged with the training run (`run-<fingerprint>`). The release is
 built in a temporary folder and becomes data/release only when the whole push succeeded: a refused
@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rm_lib.data import trained_prompts
 from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import atomic_dir, read_json, share_tree, write_json
@@ -99,6 +100,8 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     root = layout.root.resolve()
     if saved:
         write_json(out / "rm_lib.json", public(saved, root))
+    if not params.push.publish_trained_prompts:  # a model trained on from the release then names it unrecorded
+        (out / trained_prompts.FILE).unlink(missing_ok=True)
     _copy_pictures(layout, out)
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
     share_tree(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rm_lib.data import templates, tokenization
+from rm_lib.data import keys, templates, tokenization
 from rm_lib.data.tokenstore import write_rows
 from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
 from rm_lib.layout import SPLITS, Layout
@@ -63,6 +63,14 @@ def _recorded_template(name_or_path: str) -> str | None:
     return saved.get("template") if isinstance(saved, dict) else None
 
 
+def prompt_digests(pairs: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Each pair's prompt as the split grouped it (keys.prompt_keys over both splits: for pretokenized
+    pairs the tokens every pair begins with are no prompt), digested: the model records the prompts it
+    trained on by them, and evaluate compares the held-out ones."""
+    found = [keys.digest(k) for k in keys.prompt_keys(pairs["train"] + pairs["test"])]
+    return {"train": found[:len(pairs["train"])], "test": found[len(pairs["train"]):]}
+
+
 def run(params: Params, layout: Layout) -> TokenizeResult:
     made_from = chain.inputs(layout, "pairs")  # the download step finished; recorded as what these ids come from
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
@@ -71,15 +79,18 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
     template = templates.resolve(params.tokenize.template, tokenizer, recorded=recorded)
     special = tokenization.special_tokens(tokenizer)
     counts, tokens = {}, {}
+    read = {split: read_jsonl(layout.pairs / f"{split}.jsonl") for split in SPLITS}
+    digests = prompt_digests(read)
     with atomic_dir(layout.tokenized) as out:
         for split in SPLITS:
-            source = layout.pairs / f"{split}.jsonl"
-            pairs = read_jsonl(source)
+            source, pairs = layout.pairs / f"{split}.jsonl", read[split]
             if any("input_ids_chosen" in p for p in pairs):  # pretokenized ids bypass the tokenizer: check them
                 tokenization.check_token_ids(pairs, vocab_size(params, tokenizer), file=str(source))
             rows = tokenization.tokenize_pairs(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
                                                num_proc=params.tokenize.num_proc,
                                                tokenizer_path=resolve_model_path(params.model.name_or_path))
+            for row, found in zip(rows, digests[split]):
+                row["prompt_digest"] = found
             write_rows(out / f"{split}.parquet", rows)
             counts[split] = len(rows)
             tokens[split] = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)

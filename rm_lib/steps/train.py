@@ -135,12 +135,13 @@ def base_reward_model(name_or_path: str) -> dict | None:
 def base_prompts(params: Params, model: Any) -> dict | None:
     """The training prompts of the base (trained_prompts.base_record), read before the run: a damaged
     record stops it now, not after the training. A base is a reward model of this project where its folder
-    holds an rm_lib.json, or, from the Hub, its config names a run of this project."""
+    holds an rm_lib.json, or its config names a run of this project."""
     name = params.model.name_or_path
     folder = Path(resolve_model_path(name))
-    if folder.is_dir():
-        return trained_prompts.base_record(name, folder, bool(local_training_record(name)))
+    # a copy saved with save_pretrained keeps the config's fingerprint, not rm_lib.json
     ours = getattr(model.config, "rm_lib_fingerprint", None) is not None
+    if folder.is_dir():
+        return trained_prompts.base_record(name, folder, ours or bool(local_training_record(name)))
     return trained_prompts.base_record(name, None, ours, revision=params.model.revision)
 
 
