@@ -742,3 +742,24 @@ def test_scoring_thousands_of_pairs_says_how_far_it_is_now_and_then(monkeypatch,
         monkeypatch.setattr(batching.time, "monotonic", functools.partial(next, iter(range(0, 10_000, 20))))
         batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs", shrink=not in_step)
         assert capsys.readouterr().err.splitlines()[:1] == said
+
+
+def test_score_counts_every_text_once_and_says_how_far_its_tokenizing_is(trained, tmp_path, monkeypatch, capsys):
+    """score's progress line counted the chosen sides as the texts, then began again at 0% for the
+    rejected ones (200k pairs: 100% after about 40 minutes, then 0%); and it tokenized for minutes
+    without a line."""
+    from rm_lib.cli import main
+    from rm_lib.model import batching
+
+    pairs = [{"prompt": f"Review {i}?", "chosen": "The acting was wonderful.", "rejected": "Bad."} for i in range(6)]
+    src = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    clock = iter(range(0, 100_000, 20))  # each look at the clock: 20 s later
+    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
+    assert main(["--root", str(trained), "score", "--input", str(src), "--output", str(tmp_path / "s.jsonl"),
+                 "--set", "evaluate.batch_size=2", "--set", "tokenize.batch_size=2"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if " of " in line]
+    assert "score: tokenize: 4 of 6 pairs (66%), 0 min 40 s so far" in lines
+    texts = [line for line in lines if "texts" in line]
+    assert texts and all(" of 12 texts " in line for line in texts)
+    done = [int(line.split(": ")[1].split(" of ")[0]) for line in texts]
+    assert done == sorted(done)  # one pass: it never starts again

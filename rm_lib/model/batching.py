@@ -237,9 +237,11 @@ class Progress:
     """A line on stderr every PROGRESS_EVERY_S seconds of a long loop (scoring thousands of pairs on a CPU
     takes many minutes), none for a short one; the first process of a distributed run alone speaks."""
 
-    def __init__(self, what: str, count: int, unit: str, shared: bool = False) -> None:
-        """`shared`: each process of the launch scores its share of the whole in step (`count` is one share)."""
-        self.what, self.count, self.unit = what, count, unit
+    def __init__(self, what: str, count: int, unit: str, shared: bool = False,
+                 note: str = "the shortest first") -> None:
+        """`shared`: each process of the launch scores its share of the whole in step (`count` is one share);
+        `note`: said after the time (the order the items go in)."""
+        self.what, self.count, self.unit, self.note = what, count, unit, f"; {note}" if note else ""
         self.start = self.last = time.monotonic()
         self.quiet = os.environ.get("RANK", "0") != "0"
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -251,7 +253,7 @@ class Progress:
             return
         self.last = now
         print(f"{self.what}: {done:,} of {self.count:,} {self.unit}{self.share} ({100 * done // self.count}%), "
-              f"{so_far(now - self.start)}; the shortest first", file=sys.stderr, flush=True)
+              f"{so_far(now - self.start)}{self.note}", file=sys.stderr, flush=True)
 
 
 def _count(n: int, unit: str) -> str:

@@ -12,6 +12,7 @@ from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer, model_max_length
 from rm_lib.files import atomic_files, special_file, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
+from rm_lib.model.batching import Progress
 from rm_lib.model.modeling import adapter_advice
 from rm_lib.settings import Params, check_within_positions, names_a_folder
 
@@ -141,6 +142,7 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
     scorer.max_length = max_len  # the scorer reads the pairs to this length, not only to the model's own
     kept, dropped_rows = [], []
     size = params.tokenize.batch_size  # a batch at a time, held to the lengths at once: memory of the cut rows only
+    progress = Progress("score: tokenize", len(pairs), "pairs", note="")
     for start in range(0, len(pairs), size):
         rows = tokenization.tokenize_batch(pairs[start:start + size], scorer.tokenizer, scorer.template, scorer.special)
         outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
@@ -148,6 +150,7 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
                                       template_start=scorer.special.template_start)
         kept += outcome.kept
         dropped_rows += outcome.dropped
+        progress(start + size)
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
     for dropped in dropped_rows:
@@ -214,13 +217,15 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r["reason"] for r in rejects).items()))
         raise DataError(f"no pair to score: all {len(rejects)} rows were set aside ({reasons}); see {failed}",
                         file=input_path)
-    s_c = scorer.score_ids([r["input_ids_chosen"] for r in rows], names=[f"{r['id']} (chosen)" for r in rows])
-    s_r = scorer.score_ids([r["input_ids_rejected"] for r in rows], names=[f"{r['id']} (rejected)" for r in rows])
+    # both sides in one pass: one progress count of every text, and batches of like lengths across sides
+    scored = scorer.score_ids([r[f"input_ids_{side}"] for side in ("chosen", "rejected") for r in rows],
+                              names=[f"{r['id']} ({side})" for side in ("chosen", "rejected") for r in rows]).rewards
+    rewards_c, rewards_r = scored[:len(rows)], scored[len(rows):]
     cut = [r["length_chosen"] > len(r["input_ids_chosen"]) or r["length_rejected"] > len(r["input_ids_rejected"])
            for r in rows]
     aside = rejects_path(output_path)
     out = ({"id": own_ids.get(r["id"], r["id"]), "source": r["id"], "reward_chosen": c, "reward_rejected": rj,
-            "chosen_wins": c > rj, "truncated": t} for r, c, rj, t in zip(rows, s_c.rewards, s_r.rewards, cut))
+            "chosen_wins": c > rj, "truncated": t} for r, c, rj, t in zip(rows, rewards_c, rewards_r, cut))
     try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
         # both written aside, then put in place together: a run that fails leaves the last run's pair of files
         with atomic_files(output_path, *([aside] if rejects else [])) as handles:
@@ -235,7 +240,7 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         _remove(aside, output_path)
     _remove(failed_rejects_path(output_path), output_path)  # an earlier failed run's: this one scored
     # the length figures count the tokens before any cut, as evaluate's do
-    return ScoreResult(metrics=pair_metrics(s_c.rewards, s_r.rewards, [r["length_chosen"] for r in rows],
+    return ScoreResult(metrics=pair_metrics(rewards_c, rewards_r, [r["length_chosen"] for r in rows],
                                             [r["length_rejected"] for r in rows]),
                        rejected=len(rejects), output=Path(output_path), truncated=sum(cut),
                        max_length=max_len, rejects=aside if rejects else None,

@@ -8,6 +8,7 @@ from rm_lib.data import keys, templates, tokenization
 from rm_lib.data.tokenstore import write_rows
 from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
 from rm_lib.layout import SPLITS, Layout
+from rm_lib.model.batching import Progress
 from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length, resolve_model_path
 from rm_lib.pipeline import chain
 from rm_lib.settings import Params
@@ -88,7 +89,8 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
                 tokenization.check_token_ids(pairs, vocab_size(params, tokenizer), file=str(source))
             rows = tokenization.tokenize_pairs(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
                                                num_proc=params.tokenize.num_proc,
-                                               tokenizer_path=resolve_model_path(params.model.name_or_path))
+                                               tokenizer_path=resolve_model_path(params.model.name_or_path),
+                                               on_batch=Progress(f"tokenize {split}", len(pairs), "pairs", note=""))
             for row, found in zip(rows, digests[split]):
                 row["prompt_digest"] = found
             write_rows(out / f"{split}.parquet", rows)
