@@ -4,7 +4,7 @@ That is what keeps a chat template's BOS from being doubled and every sequence e
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -99,23 +99,25 @@ def _worker_batch(pairs: list[dict]) -> list[dict]:
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer: Any, template: str, *, batch_size: int = 1000,
-                   num_proc: int = 1, tokenizer_path: str | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> list[dict]:
-    """All pairs, in order. Fast tokenizers already use several threads per batch; with
-    num_proc > 1 the template rendering (Python) also runs in parallel processes. `on_batch` is told
-    how many pairs are done after each batch (a progress line)."""
+                   num_proc: int = 1, tokenizer_path: str | None = None) -> list[dict]:
+    """All pairs' rows, in order (tokenize_batches, gathered)."""
+    return [row for batch in tokenize_batches(pairs, tokenizer, template, batch_size=batch_size, num_proc=num_proc,
+                                              tokenizer_path=tokenizer_path) for row in batch]
+
+
+def tokenize_batches(pairs: list[dict], tokenizer: Any, template: str, *, batch_size: int = 1000,
+                     num_proc: int = 1, tokenizer_path: str | None = None) -> Iterator[list[dict]]:
+    """The pairs' rows a batch at a time, in order: the tokenize step writes each as it comes. Fast
+    tokenizers already use several threads per batch; with num_proc > 1 the template rendering (Python)
+    also runs in parallel processes."""
     special = special_tokens(tokenizer)
     batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
-    rows: list[dict] = []
-
-    def gather(done: Iterable[list[dict]]) -> list[dict]:
-        for batch in done:
-            rows.extend(batch)
-            if on_batch is not None:
-                on_batch(len(rows))
-        return rows
-
     if num_proc > 1 and len(batches) > 1 and tokenizer_path is not None:
-        with ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(tokenizer_path, template)) as pool:
-            return gather(pool.map(_worker_batch, batches))
-    return gather(tokenize_batch(batch, tokenizer, template, special) for batch in batches)
+        pool = ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(tokenizer_path, template))
+        try:
+            yield from pool.map(_worker_batch, batches)
+        finally:  # a batch that failed, or a reader that stopped: the batches not begun are not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    for batch in batches:
+        yield tokenize_batch(batch, tokenizer, template, special)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import length_filter
-from rm_lib.data.tokenstore import read_rows, write_rows
+from rm_lib.data.tokenstore import read_batches, write_batches
 from rm_lib.errors import DataError
 from rm_lib.evaluation import plots
 from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
@@ -82,23 +83,31 @@ def run(params: Params, layout: Layout) -> FilterResult:
     with atomic_dir(layout.filtered) as out:
         all_dropped = []
         for split in SPLITS:
-            rows = read_rows(layout.tokenized / f"{split}.parquet")
-            for row in rows:
-                lengths["prompt"].append(row["prompt_length"] or 0)
-                lengths["chosen"].append(len(row["input_ids_chosen"]))
-                lengths["rejected"].append(len(row["input_ids_rejected"]))
-            outcome = length_filter.apply(rows, max_len=cfg.max_token_length, max_prompt=cfg.max_prompt_token_length,
-                                          policy=cfg.policy, keep_front=keep_front,
-                                          template_start=meta.get("template_start_id"))
-            if not outcome.kept:
+            # a batch at a time, written as it comes: a large split is never all in memory
+            outcome, digests[split] = length_filter.FilterOutcome(), []
+
+            def filtered(outcome: length_filter.FilterOutcome = outcome, found: list = digests[split],
+                         split: str = split) -> Iterator[list[dict]]:
+                for rows in read_batches(layout.tokenized / f"{split}.parquet"):
+                    for row in rows:
+                        lengths["prompt"].append(row["prompt_length"] or 0)
+                        lengths["chosen"].append(len(row["input_ids_chosen"]))
+                        lengths["rejected"].append(len(row["input_ids_rejected"]))
+                    batch = length_filter.apply(rows, max_len=cfg.max_token_length,
+                                                max_prompt=cfg.max_prompt_token_length, policy=cfg.policy,
+                                                keep_front=keep_front, template_start=meta.get("template_start_id"))
+                    outcome.dropped += batch.dropped
+                    outcome.truncated += batch.truncated
+                    found += _digests(batch.kept)
+                    yield batch.kept
+
+            kept[split] = write_batches(out / f"{split}.parquet", filtered())
+            if not kept[split]:
                 raise DataError(f"no {split} pair is left ({outcome.dropped_by_reason}): "
                                 f"{_advice(outcome.dropped_by_reason, cfg.policy)}",
                                 file=str(layout.tokenized / f"{split}.parquet"))
-            write_rows(out / f"{split}.parquet", outcome.kept)
-            digests[split] = _digests(outcome.kept)
             all_dropped += [dict(d, split=split) for d in outcome.dropped]
-            kept[split], dropped[split] = len(outcome.kept), outcome.dropped_by_reason
-            truncated[split] = outcome.truncated
+            dropped[split], truncated[split] = outcome.dropped_by_reason, outcome.truncated
         write_jsonl(out / "dropped.jsonl", all_dropped)
         plots.length_histograms(lengths, {"prompt": cfg.max_prompt_token_length, "chosen": cfg.max_token_length,
                                           "rejected": cfg.max_token_length}, out / "lengths.png",

@@ -1,11 +1,12 @@
 """tokenize: normalised pairs -> token ids, through the chosen chat template."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import keys, templates, tokenization
-from rm_lib.data.tokenstore import write_rows
+from rm_lib.data.tokenstore import write_batches
 from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.model.batching import Progress
@@ -72,6 +73,20 @@ def prompt_digests(pairs: dict[str, list[dict]]) -> dict[str, list[str]]:
     return {"train": found[:len(pairs["train"])], "test": found[len(pairs["train"]):]}
 
 
+def _digested(batches: Iterator[list[dict]], digests: list[str], progress: Progress,
+              tally: list[int]) -> Iterator[list[dict]]:
+    """The batches with each row's prompt digest, their tokens added to tally[0], written as they come:
+    a large split is never all in memory."""
+    done = 0
+    for rows in batches:
+        for row, found in zip(rows, digests[done:done + len(rows)]):
+            row["prompt_digest"] = found
+        done += len(rows)
+        tally[0] += sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
+        progress(done)
+        yield rows
+
+
 def run(params: Params, layout: Layout) -> TokenizeResult:
     made_from = chain.inputs(layout, "pairs")  # the download step finished; recorded as what these ids come from
     tokenizer = load_tokenizer(params.model.name_or_path, revision=params.model.revision,
@@ -87,15 +102,13 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             source, pairs = layout.pairs / f"{split}.jsonl", read[split]
             if any("input_ids_chosen" in p for p in pairs):  # pretokenized ids bypass the tokenizer: check them
                 tokenization.check_token_ids(pairs, vocab_size(params, tokenizer), file=str(source))
-            rows = tokenization.tokenize_pairs(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
-                                               num_proc=params.tokenize.num_proc,
-                                               tokenizer_path=resolve_model_path(params.model.name_or_path),
-                                               on_batch=Progress(f"tokenize {split}", len(pairs), "pairs", note=""))
-            for row, found in zip(rows, digests[split]):
-                row["prompt_digest"] = found
-            write_rows(out / f"{split}.parquet", rows)
-            counts[split] = len(rows)
-            tokens[split] = sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
+            batches = tokenization.tokenize_batches(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
+                                                    num_proc=params.tokenize.num_proc,
+                                                    tokenizer_path=resolve_model_path(params.model.name_or_path))
+            progress = Progress(f"tokenize {split}", len(pairs), "pairs", note="")
+            tally = [0]  # the split's tokens, counted as its rows go by
+            counts[split] = write_batches(out / f"{split}.parquet", _digested(batches, digests[split], progress, tally))
+            tokens[split] = tally[0]
         result = TokenizeResult(
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
