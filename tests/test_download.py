@@ -548,3 +548,16 @@ def test_a_split_off_the_fraction_for_too_few_pairs_says_so(tmp_path):
                                                for i in range(3)])
     result = run_steps(tiny_params(f"download.source={src}"), tmp_path, "download")["download"]
     assert result.warning.endswith("too few pairs (with 3, the nearest share is 0.33)"), result.warning
+
+
+def test_download_of_a_large_source_says_how_many_rows_it_has_read_now_and_then(tmp_path, monkeypatch, capsys):
+    """200,000 pairs took download a minute without a line: one now and then says how many rows are read."""
+    from rm_lib import progress
+
+    source = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"}
+                                                    for i in range(5)])
+    clock = iter(range(0, 100_000, 20))  # each look at the clock: 20 s later
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    run_steps(tiny_params(f"download.source={source}"), tmp_path, "download")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("download: ")]
+    assert lines[:2] == ["download: 2 rows read, 0 min 40 s so far", "download: 4 rows read, 1 min 20 s so far"]

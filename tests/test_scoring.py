@@ -724,22 +724,23 @@ def test_scoring_thousands_of_pairs_says_how_far_it_is_now_and_then(monkeypatch,
     between: a line every 30 s says how many are done; a short loop says nothing."""
     import functools
 
+    from rm_lib import progress
     from rm_lib.model import batching
 
     clock = iter(range(0, 10_000, 20))  # each look at the clock: 20 s later
-    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     assert batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs") == list(range(10))
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["scoring pairs: 4 of 10 pairs (40%), 0 min 40 s so far; the shortest first",
                      "scoring pairs: 8 of 10 pairs (80%), 1 min 20 s so far; the shortest first"]
-    monkeypatch.setattr(batching.time, "monotonic", lambda: 0.0)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: 0.0)
     batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="score", unit="texts")
     monkeypatch.setenv("WORLD_SIZE", "4")  # a distributed run: processes scoring in step count their own share
     first = "scoring pairs: 4 of 10 pairs on each of 4 processes (40%), 0 min 40 s so far; the shortest first"
     alone = "scoring pairs: 4 of 10 pairs (40%), 0 min 40 s so far; the shortest first"  # the first process alone
     for rank, in_step, said in (("1", True, []), ("0", True, [first]), ("0", False, [alone])):
         monkeypatch.setenv("RANK", rank)  # the first process alone speaks
-        monkeypatch.setattr(batching.time, "monotonic", functools.partial(next, iter(range(0, 10_000, 20))))
+        monkeypatch.setattr(progress.time, "monotonic", functools.partial(next, iter(range(0, 10_000, 20))))
         batching.in_batches(10, 2, lambda a, b: list(range(a, b)), what="scoring pairs", shrink=not in_step)
         assert capsys.readouterr().err.splitlines()[:1] == said
 
@@ -748,13 +749,13 @@ def test_score_counts_every_text_once_and_says_how_far_its_tokenizing_is(trained
     """score's progress line counted the chosen sides as the texts, then began again at 0% for the
     rejected ones (200k pairs: 100% after about 40 minutes, then 0%); and it tokenized for minutes
     without a line."""
+    from rm_lib import progress
     from rm_lib.cli import main
-    from rm_lib.model import batching
 
     pairs = [{"prompt": f"Review {i}?", "chosen": "The acting was wonderful.", "rejected": "Bad."} for i in range(6)]
     src = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     clock = iter(range(0, 100_000, 20))  # each look at the clock: 20 s later
-    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     assert main(["--root", str(trained), "score", "--input", str(src), "--output", str(tmp_path / "s.jsonl"),
                  "--set", "evaluate.batch_size=2", "--set", "tokenize.batch_size=2"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if " of " in line]

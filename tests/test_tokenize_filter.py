@@ -307,12 +307,12 @@ def test_training_on_from_a_trained_model_renders_with_its_template_and_names_it
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_tokenize_says_how_far_it_is_now_and_then(tmp_path, monkeypatch, capsys, num_proc):
     """200k pairs tokenized for six minutes without a line: one now and then says how many are done."""
-    from rm_lib.model import batching
+    from rm_lib import progress
 
     params = tiny_params("download.demo_pairs=40", "tokenize.batch_size=8", f"tokenize.num_proc={num_proc}")
     run_steps(params, tmp_path, "download")
     clock = iter(range(0, 100_000, 20))  # each look at the clock: 20 s later
-    monkeypatch.setattr(batching.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     counts = run_steps(params, tmp_path, "tokenize")["tokenize"].rows
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenize train")]
     # the clock is the process's: a pool of workers looks at it too, so which batch speaks varies

@@ -1,10 +1,8 @@
 """Batches of pairs: length-grouped order, the forwards of a step on each process, padded collation."""
 from __future__ import annotations
 
-import os
 import random
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 
 from rm_lib.errors import DevicePathError
+from rm_lib.progress import Progress
 
 
 def pair_length(row: dict) -> int:
@@ -222,38 +221,6 @@ def collate_sequences(seqs: list[list[int]], pad_token_id: int) -> PairBatch:
     (no pairs, so no loss)."""
     ids, mask = right_padded(seqs, pad_token_id)
     return PairBatch(ids, mask, None, 0, sum(len(s) for s in seqs), ids.numel())
-
-
-PROGRESS_EVERY_S = 30.0
-
-
-def so_far(seconds: float) -> str:
-    """`2 min 05 s so far`: the time a progress line says a long loop has run."""
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes} min {rest:02d} s so far"
-
-
-class Progress:
-    """A line on stderr every PROGRESS_EVERY_S seconds of a long loop (scoring thousands of pairs on a CPU
-    takes many minutes), none for a short one; the first process of a distributed run alone speaks."""
-
-    def __init__(self, what: str, count: int, unit: str, shared: bool = False,
-                 note: str = "the shortest first") -> None:
-        """`shared`: each process of the launch scores its share of the whole in step (`count` is one share);
-        `note`: said after the time (the order the items go in)."""
-        self.what, self.count, self.unit, self.note = what, count, unit, f"; {note}" if note else ""
-        self.start = self.last = time.monotonic()
-        self.quiet = os.environ.get("RANK", "0") != "0"
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self.share = f" on each of {world} processes" if shared and world > 1 else ""
-
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if self.quiet or now - self.last < PROGRESS_EVERY_S or done >= self.count:
-            return
-        self.last = now
-        print(f"{self.what}: {done:,} of {self.count:,} {self.unit}{self.share} ({100 * done // self.count}%), "
-              f"{so_far(now - self.start)}{self.note}", file=sys.stderr, flush=True)
 
 
 def _count(n: int, unit: str) -> str:

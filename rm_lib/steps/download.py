@@ -12,6 +12,7 @@ from rm_lib.data import demo, formats, keys, sources
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.files import atomic_dir, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
+from rm_lib.progress import Progress
 from rm_lib.settings import DownloadSettings, Params
 
 
@@ -218,6 +219,7 @@ def _read(inputs: list[tuple[str, object, str | None]], max_rows: int | None) ->
     count, or the files read first (test sorts before train) would leave the other split empty."""
     read = _Read()
     used: Counter[str | None] = Counter()
+    progress = Progress("download", None, "rows read", note="")  # a large source reads for a minute or more
     for label, rows, split in inputs:
         normaliser = formats.Normaliser(label)
         left = None if max_rows is None else max_rows - used[split]
@@ -227,6 +229,7 @@ def _read(inputs: list[tuple[str, object, str | None]], max_rows: int | None) ->
             for outcome, record in normaliser(_head(rows, left)):
                 read.rows += 1
                 used[split] += 1
+                progress(read.rows)
                 (read.by_split[split] if outcome == "pair" else read.rejects).append(record)
         finally:
             getattr(rows, "close", lambda: None)()  # a file left early (max_rows, an error) is closed now

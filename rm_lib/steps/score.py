@@ -12,8 +12,8 @@ from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer, model_max_length
 from rm_lib.files import atomic_files, special_file, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
-from rm_lib.model.batching import Progress
 from rm_lib.model.modeling import adapter_advice
+from rm_lib.progress import Progress
 from rm_lib.settings import Params, check_within_positions, names_a_folder
 
 

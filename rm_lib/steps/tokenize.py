@@ -9,9 +9,9 @@ from rm_lib.data import keys, templates, tokenization
 from rm_lib.data.tokenstore import write_batches
 from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
 from rm_lib.layout import SPLITS, Layout
-from rm_lib.model.batching import Progress
 from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length, resolve_model_path
 from rm_lib.pipeline import chain
+from rm_lib.progress import Progress
 from rm_lib.settings import Params
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from rm_lib.model.batching import PROGRESS_EVERY_S, so_far
+from rm_lib.progress import PROGRESS_EVERY_S, so_far
 
 
 class StepProgress:
