@@ -337,3 +337,30 @@ def test_token_rows_written_in_batches_are_the_same_bytes_however_they_were_batc
     assert [len(b) for b in tokenstore.read_batches(tmp_path / "many.parquet", size=3)] == [3, 3, 2]
     assert [r["prompt_digest"] for r in read_rows(tmp_path / "many.parquet")] == [str(i) for i in range(8)]
     assert tokenstore.write_batches(tmp_path / "empty.parquet", []) == 0 and read_rows(tmp_path / "empty.parquet") == []
+
+
+def test_a_write_that_fails_while_workers_tokenize_stops_them_at_once(tmp_path, monkeypatch):
+    """A full disk while tokenize wrote a split left its pool of workers to the garbage collector, which
+    shut it down from the pool's own thread ("cannot join current thread") whenever it ran."""
+    import multiprocessing
+
+    import pyarrow.parquet as pq
+
+    from rm_lib.data import tokenstore
+
+    params = tiny_params("download.demo_pairs=60", "tokenize.batch_size=4", "tokenize.num_proc=2")
+    run_steps(params, tmp_path, "download")
+    monkeypatch.setattr(tokenstore, "ROW_GROUP", 8)  # a write while batches are still coming
+    real, writes = pq.ParquetWriter.write_table, []
+
+    def full_disk(self, table, *args, **kwargs):
+        writes.append(table.num_rows)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_steps(params, tmp_path, "tokenize")
+    assert multiprocessing.active_children() == []  # the workers are gone, not waiting for a collection
+    assert not (tmp_path / "data/tokenized/train.parquet").exists()  # nothing half-written in place

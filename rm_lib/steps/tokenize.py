@@ -1,6 +1,7 @@
 """tokenize: normalised pairs -> token ids, through the chosen chat template."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +108,11 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
                                                     tokenizer_path=resolve_model_path(params.model.name_or_path))
             progress = Progress(f"tokenize {split}", len(pairs), "pairs", note="")
             tally = [0]  # the split's tokens, counted as its rows go by
-            counts[split] = write_batches(out / f"{split}.parquet", _digested(batches, digests[split], progress, tally))
+            # closed here when the writing fails (a full disk): its workers stop now, not when the garbage
+            # collector gets to it (on the pool's own thread, which cannot join itself)
+            with contextlib.closing(batches):
+                counts[split] = write_batches(out / f"{split}.parquet",
+                                              _digested(batches, digests[split], progress, tally))
             tokens[split] = tally[0]
         result = TokenizeResult(
             template=template, rows=counts, tokens=tokens,
