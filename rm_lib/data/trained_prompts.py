@@ -1,12 +1,12 @@
 """Which prompts a reward model trained on, its base models' included, and which held-out pairs ask one.
 
 The seeded split keeps every prompt on one side, but only within one run. A model trained on from a
-reward model of this project (model.name_or_path: its folder or release) carries what that base
+reward model of this project (model.name_or_path: its folder, release or Hub repository) carries what that base
 learned: where the base's training pairs held a prompt the new run holds out (another seed or
 test_fraction, another source that shares prompts, the split of an older rm_lib), the held-out accuracy
-is partly of pairs the model has seen. So train writes the digests of its training prompts
-(rm_lib.data.keys.prompt_digest) into the model folder with those of its bases, and evaluate counts the
-held-out pairs among them.
+is partly of pairs the model has seen. So tokenize digests each pair's prompt as the split groups it
+(rm_lib.data.keys.prompt_keys, then keys.digest), train writes its training pairs' digests into the model
+folder with those of its bases, and evaluate counts the held-out pairs among them.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def record(rows: list[dict], base: dict | None, base_name: str) -> dict:
         unrecorded = list(base.get("unrecorded_bases") or [])
         if base.get("own") is None:
             unrecorded.append(base_name)
-    return {"format": FORMAT, "digest": f"sha256[:{DIGEST_CHARS}] of rm_lib.data.keys.prompt_digest's key",
+    return {"format": FORMAT, "digest": f"sha256[:{DIGEST_CHARS}] of the prompt's key (rm_lib.data.keys.prompt_keys)",
             "own": own, "bases": sorted(bases - set(own or [])), "unrecorded_bases": sorted(set(unrecorded))}
 
 
