@@ -306,20 +306,27 @@ def test_training_on_from_a_trained_model_renders_with_its_template_and_names_it
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_tokenize_says_how_far_it_is_now_and_then(tmp_path, monkeypatch, capsys, num_proc):
-    """200k pairs tokenized for six minutes without a line: one now and then says how many are done."""
+    """200k pairs tokenized for six minutes without a line: one now and then says how many are done
+    (and filter, a minute, says how many it has read)."""
     from rm_lib import progress
+    from rm_lib.data import tokenstore
 
     params = tiny_params("download.demo_pairs=40", "tokenize.batch_size=8", f"tokenize.num_proc={num_proc}")
     run_steps(params, tmp_path, "download")
     clock = iter(range(0, 100_000, 20))  # each look at the clock: 20 s later
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     counts = run_steps(params, tmp_path, "tokenize")["tokenize"].rows
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenize train")]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tokenize train")]
     # the clock is the process's: a pool of workers looks at it too, so which batch speaks varies
     form = r"tokenize train: (\d+) of (\d+) pairs \(\d+%\), \d+ min \d\d s so far"
     said = [re.fullmatch(form, line) for line in lines]
     assert said and all(said)
     assert all(int(m[2]) == counts["train"] and 0 < int(m[1]) < counts["train"] and int(m[1]) % 8 == 0 for m in said)
+    monkeypatch.setattr(tokenstore, "READ_BATCH", 8)
+    run_steps(params, tmp_path, "filter")
+    read = [line for line in capsys.readouterr().err.splitlines() if line.startswith("filter train")]
+    assert read and all(re.fullmatch(r"filter train: \d+ pairs read, \d+ min \d\d s so far", line) for line in read)
 
 
 def test_token_rows_written_in_batches_are_the_same_bytes_however_they_were_batched(tmp_path, monkeypatch):

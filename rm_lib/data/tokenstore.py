@@ -54,14 +54,14 @@ def read_rows(path: str | Path) -> list[dict]:
     return [row for batch in read_batches(path) for row in batch]
 
 
-def read_batches(path: str | Path, size: int = READ_BATCH) -> Iterator[list[dict]]:
+def read_batches(path: str | Path, size: int | None = None) -> Iterator[list[dict]]:
     """The rows of `path` in batches of `size`: a step that reads a batch at a time holds one batch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=size):
+        for batch in parquet.iter_batches(batch_size=size or READ_BATCH):
             yield batch.to_pylist()
     except FileNotFoundError:
         raise DataError("no such file; run the step that writes it first", file=str(path)) from None

@@ -13,6 +13,7 @@ from rm_lib.errors import DataError
 from rm_lib.evaluation import plots
 from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
+from rm_lib.progress import Progress
 from rm_lib.settings import Params, check_within_positions
 
 
@@ -88,7 +89,10 @@ def run(params: Params, layout: Layout) -> FilterResult:
 
             def filtered(outcome: length_filter.FilterOutcome = outcome, found: list = digests[split],
                          split: str = split) -> Iterator[list[dict]]:
+                progress, done = Progress(f"filter {split}", None, "pairs read", note=""), 0
                 for rows in read_batches(layout.tokenized / f"{split}.parquet"):
+                    done += len(rows)
+                    progress(done)
                     for row in rows:
                         lengths["prompt"].append(row["prompt_length"] or 0)
                         lengths["chosen"].append(len(row["input_ids_chosen"]))
