@@ -14,7 +14,7 @@ from rm_lib.evaluation import plots
 from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.progress import Progress
-from rm_lib.settings import Params, check_within_positions
+from rm_lib.settings import FilterSettings, Params, check_within_positions
 
 
 @dataclass
@@ -73,39 +73,41 @@ def _test_in_train(digests: dict[str, list[tuple[bytes, bytes]]]) -> int:
     return sum(same in train or exchanged in train for same, exchanged in digests["test"])
 
 
+def _filtered(path: Path, cfg: FilterSettings, meta: dict, lengths: dict[str, list[int]],
+              outcome: length_filter.FilterOutcome, digests: list) -> Iterator[list[dict]]:
+    """The kept rows of one split a batch at a time, written as they come (a large split is never all in
+    memory); each row's lengths go to `lengths`, the set-aside rows and the cut count to `outcome`, the
+    kept rows' digests to `digests`."""
+    progress, done = Progress(f"filter {path.stem}", None, "pairs read", note=""), 0
+    for rows in read_batches(path):
+        done += len(rows)
+        progress(done)
+        for row in rows:
+            lengths["prompt"].append(row["prompt_length"] or 0)
+            lengths["chosen"].append(len(row["input_ids_chosen"]))
+            lengths["rejected"].append(len(row["input_ids_rejected"]))
+        batch = length_filter.apply(rows, max_len=cfg.max_token_length, max_prompt=cfg.max_prompt_token_length,
+                                    policy=cfg.policy, keep_front=len(meta["special_prefix"]),
+                                    template_start=meta.get("template_start_id"))
+        outcome.dropped += batch.dropped
+        outcome.truncated += batch.truncated
+        digests += _digests(batch.kept)
+        yield batch.kept
+
+
 def run(params: Params, layout: Layout) -> FilterResult:
     cfg = params.filter
     meta = read_json(layout.tokenized / "manifest.json")
     # the model's limit as tokenize read it: filter itself never loads the model
     check_within_positions(cfg.max_token_length, meta.get("max_length"), meta["model"])
-    keep_front = len(meta["special_prefix"])
     kept, dropped, truncated, lengths = {}, {}, {}, {"prompt": [], "chosen": [], "rejected": []}
     digests = {}
     with atomic_dir(layout.filtered) as out:
         all_dropped = []
         for split in SPLITS:
-            # a batch at a time, written as it comes: a large split is never all in memory
             outcome, digests[split] = length_filter.FilterOutcome(), []
-
-            def filtered(outcome: length_filter.FilterOutcome = outcome, found: list = digests[split],
-                         split: str = split) -> Iterator[list[dict]]:
-                progress, done = Progress(f"filter {split}", None, "pairs read", note=""), 0
-                for rows in read_batches(layout.tokenized / f"{split}.parquet"):
-                    done += len(rows)
-                    progress(done)
-                    for row in rows:
-                        lengths["prompt"].append(row["prompt_length"] or 0)
-                        lengths["chosen"].append(len(row["input_ids_chosen"]))
-                        lengths["rejected"].append(len(row["input_ids_rejected"]))
-                    batch = length_filter.apply(rows, max_len=cfg.max_token_length,
-                                                max_prompt=cfg.max_prompt_token_length, policy=cfg.policy,
-                                                keep_front=keep_front, template_start=meta.get("template_start_id"))
-                    outcome.dropped += batch.dropped
-                    outcome.truncated += batch.truncated
-                    found += _digests(batch.kept)
-                    yield batch.kept
-
-            kept[split] = write_batches(out / f"{split}.parquet", filtered())
+            filtered = _filtered(layout.tokenized / f"{split}.parquet", cfg, meta, lengths, outcome, digests[split])
+            kept[split] = write_batches(out / f"{split}.parquet", filtered)
             if not kept[split]:
                 raise DataError(f"no {split} pair is left ({outcome.dropped_by_reason}): "
                                 f"{_advice(outcome.dropped_by_reason, cfg.policy)}",
