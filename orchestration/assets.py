@@ -24,7 +24,7 @@ from rm_lib.evaluation import quality
 from rm_lib.evaluation.visualize import printable
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.pipeline.code_version import code_hash
-from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash
+from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash, workspace_note
 from rm_lib.settings import Params
 
 from .config import (
@@ -188,7 +188,7 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
         return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
     if outcome.experiment:
         context.log.info(printable(f"{stage}: recorded in the DVC experiment {outcome.experiment}; "
-                                   f"{outcome.push_note}"))
+                                   f"{outcome.push_note}; {workspace_note(outcome.experiment)}"))
     elif not outcome.pushed:
         context.log.warning(printable(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: "
                                       f"{outcome.push_note}"))

@@ -12,6 +12,7 @@ import csv
 import fcntl
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -31,7 +32,7 @@ from rm_lib.pipeline.dvc_record import NotRecorded, RecordError, StageSpec, comb
 from rm_lib.settings import load_params
 
 from helpers import run_steps, set_offline
-from test_dvc import GIT_OUTS, Repo, _new_repo, _rmtree
+from test_dvc import GIT_OUTS, Repo, _new_repo, _rmtree, dvc_executable
 
 STAGE_OF = {"raw_preferences": "download", "tokenized_preferences": "tokenize", "filtered_preferences": "filter",
             "reward_model": "train", "evaluation": "evaluate", "hub_release": "push"}
@@ -148,10 +149,18 @@ def test_pull_into_an_empty_workspace_gives_the_same_bytes(recorded):
 def test_a_run_with_other_settings_is_recorded_as_a_dvc_experiment(recorded):
     """A Launchpad override: dvc.lock and params.yaml stay as they are (they would not describe these
     outputs); the run is the DVC experiment dagster-<run id>, with its settings and the stages it ran,
-    so `dvc exp show` lists it and `dvc exp apply` brings exactly these outputs back."""
+    so `dvc exp show` lists it and `dvc exp apply` brings exactly these outputs back. What the user
+    staged in git stays staged (`dvc exp save` resets the index: a staged `.dvc` file of new data was
+    left out of the user's next commit)."""
     repo, _, first = recorded
     assert first.success
     kept = {name: (repo.root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    note = repo.root / "data/sources/README.md"
+    original = note.read_text(encoding="utf-8")
+    note.write_text(original + "staged line\n", encoding="utf-8")
+    repo.git("add", "data/sources/README.md")
+    note.write_text(original + "staged line\nunstaged line\n", encoding="utf-8")
+    staged = repo.git("diff", "--cached")
     result = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences", "tokenized_preferences"),
                          run_config={"ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}})
     assert result.success
@@ -161,9 +170,17 @@ def test_a_run_with_other_settings_is_recorded_as_a_dvc_experiment(recorded):
     assert mats["tokenized_preferences"].metadata["dvc_experiment"].text == name  # the run's later stages join it
     assert "demo_pairs" not in repo.dvc("params", "diff")  # params.yaml as committed
     assert {n: (repo.root / n).read_bytes() for n in kept} == kept
+    assert repo.git("diff", "--cached") == staged and "staged line" in staged and "unstaged line" not in staged
+    assert note.read_text(encoding="utf-8").endswith("unstaged line\n")
+    repo.git("reset", "-q", "--", "data/sources/README.md")
+    note.write_text(original, encoding="utf-8")
     rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(repo.dvc("exp", "show", "--csv")))}
     assert rows[name]["download.demo_pairs"] == "40" and rows[""]["download.demo_pairs"] == "60"
     pairs = (repo.root / "data/pairs/train.jsonl").read_bytes()
+    back = re.search(r"`(dvc checkout [^`]+)` goes back", dvc_record.workspace_note(name)).group(1)
+    for command in back.split(" && "):  # the log's way back to what dvc.lock records, before a commit
+        repo.run(*command.replace("dvc ", f"{dvc_executable()} ", 1).split())
+    assert UP_TO_DATE in repo.dvc("status") and (repo.root / "data/pairs/train.jsonl").read_bytes() != pairs
     try:
         repo.dvc("exp", "apply", name)
         assert load_params(repo.root / "params.yaml").download.demo_pairs == 40
@@ -237,6 +254,49 @@ def test_an_experiment_writes_the_run_settings_into_params_yaml_keeping_the_rest
                                    "push": {"repo_id": "me/rm-1e-4"}, "filter": {"policy": "drop"}}
     assert "learning_rate: 0.0001   # the step size\n" in out  # the comment stays
     assert out.index("seed: 7") < out.index("push:")  # a new key at the end of its own section
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                          cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def test_the_git_index_is_kept_across_what_resets_it(tmp_path):
+    """What the user staged, partly (`git add` then an edit), stays staged as it was however the index
+    is reset inside (as `dvc exp save` resets it)."""
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("one\n")
+    _git(tmp_path, "add", "a.txt")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "new.dvc").write_text("outs: []\n")
+    _git(tmp_path, "add", "a.txt", "new.dvc")
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
+    staged = _git(tmp_path, "diff", "--cached")
+    with dvc_record._index_kept(tmp_path):
+        _git(tmp_path, "reset", "-q")
+        assert _git(tmp_path, "diff", "--cached") == ""
+    assert _git(tmp_path, "diff", "--cached") == staged and "+two" in staged and "three" not in staged
+    assert _git(tmp_path, "status", "--porcelain").splitlines() == ["MM a.txt", "A  new.dvc"]
+
+
+def test_an_index_in_the_middle_of_a_merge_is_one_line_before_dvc_saves_anything(tmp_path):
+    _git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "a.txt").write_text("one\n")
+    _git(tmp_path, "add", "a.txt")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    _git(tmp_path, "checkout", "-q", "-b", "other")
+    (tmp_path / "a.txt").write_text("other\n")
+    _git(tmp_path, "commit", "-q", "-am", "other")
+    _git(tmp_path, "checkout", "-q", "main")
+    (tmp_path / "a.txt").write_text("mine\n")
+    _git(tmp_path, "commit", "-q", "-am", "mine")
+    subprocess.run(["git", "merge", "-q", "other"], cwd=tmp_path, capture_output=True)  # a conflict
+    ran = []
+    with pytest.raises(RecordError, match="finish the merge or rebase in progress first"):
+        with dvc_record._index_kept(tmp_path):
+            ran.append(True)
+    assert not ran
 
 
 def test_no_experiment_without_a_git_commit(tmp_path):
@@ -438,3 +498,47 @@ def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_setti
     assert dvc_record.lock_differs(tmp_path, stages) == []
     (tmp_path / "dvc.lock").unlink()
     assert dvc_record.lock_differs(tmp_path, stages) == []
+
+
+def _cached(repo: Repo, md5: str) -> bool:
+    return (repo.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
+@pytest.mark.slow
+def test_the_documented_gc_frees_pushed_old_versions_and_keeps_experiments(recorded):
+    """docs/dvc.md "Reclaim disk space": every retrain adds a model to the cache. The documented
+    `dvc push --all-commits` then `dvc gc` frees an earlier commit's outputs (`dvc pull` brings them
+    back) and keeps the workspace's and a Dagster experiment's, which live only in this cache
+    (`dvc gc -w` alone deleted them, and `dvc exp apply` then had nothing to apply)."""
+    repo, _, first = recorded
+    assert first.success
+    branch = repo.git("rev-parse", "--abbrev-ref", "HEAD").strip()
+    repo.commit("first version")
+    before = repo.git("rev-parse", "HEAD").strip()
+    old = locked_outs(repo)["download"]["data/pairs"]
+    params = repo.root / "params.yaml"
+    params.write_text(dvc_record.set_settings(params.read_text(encoding="utf-8"), [("download", "demo_pairs", 50)]),
+                      encoding="utf-8")
+    assert materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences")).success  # recorded, pushed
+    repo.commit("50 pairs")
+    new = locked_outs(repo)["download"]["data/pairs"]
+    result = materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences"),
+                         run_config={"ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}})
+    name = f"dagster-{result.run_id[:8]}"
+    ours = materializations(result)["raw_preferences"].tags["dagster/data_version"]
+    repo.dvc("checkout", "--force")  # a later run of params.yaml's settings replaced the experiment's outputs
+    assert len({old, new, ours}) == 3 and all(_cached(repo, md5) for md5 in (old, new, ours))
+    try:
+        repo.dvc("push", "--all-commits")
+        repo.dvc("gc", "--workspace", "--all-experiments", "--force")
+        assert not _cached(repo, old) and _cached(repo, new) and _cached(repo, ours)
+        repo.dvc("exp", "apply", name)
+        assert locked_outs(repo)["download"]["data/pairs"] == ours and "download:" not in repo.dvc("status")
+        repo.git("reset", "-q", "--hard")
+        repo.git("checkout", "-q", before)
+        repo.dvc("pull", "download")  # the earlier version comes back from the remote
+        assert _cached(repo, old) and "download:" not in repo.dvc("status")
+    finally:
+        repo.git("reset", "-q", "--hard")
+        repo.git("checkout", "-q", branch)
+        repo.dvc("checkout", "--force")

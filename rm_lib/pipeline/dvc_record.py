@@ -231,6 +231,13 @@ def experiment_name(run_id: str) -> str:
     return f"dagster-{run_id[:8]}"
 
 
+def workspace_note(name: str) -> str:
+    """What a user must know before committing after a run recorded as an experiment."""
+    return (f"the workspace keeps the outputs of experiment {name}, which dvc.lock and params.yaml do not describe: "
+            f"before a git commit, `dvc exp apply {name}` keeps them (its settings into params.yaml), or "
+            "`dvc checkout --force && git checkout data/evaluation/metrics.json` goes back to dvc.lock's")
+
+
 def experiment_state(root: Path, run_id: str) -> Optional[dict[str, str]]:
     """{"params": params.yaml text, "lock": dvc.lock text} of the run's experiment so far, or None."""
     path = Path(root) / EXPERIMENTS / f"{experiment_name(run_id)}.json"
@@ -277,8 +284,9 @@ def _record_in_experiment(root: Path, spec: StageSpec, run_id: str, name: str, t
         entry = lock_entry(root, spec.name)
         lock_text = lock_file.read_text(encoding="utf-8")
         untracked = [] if _tracked(root, "dvc.lock") else ["--include-untracked", "dvc.lock"]
-        dvc(root, ["exp", "save", "--force", "--name", name, *untracked, "-m",
-                   f"Dagster run {run_id}: {spec.name}", f"dvc.yaml:{spec.name}"], lock_wait_s=lock_wait_s)
+        with _index_kept(root):
+            dvc(root, ["exp", "save", "--force", "--name", name, *untracked, "-m",
+                       f"Dagster run {run_id}: {spec.name}", f"dvc.yaml:{spec.name}"], lock_wait_s=lock_wait_s)
     finally:
         for path, content in saved.items():
             _replace(path, content)
@@ -364,6 +372,22 @@ def _replace(path: Path, content: Optional[bytes]) -> None:
 def _has_commit(root: Path) -> bool:
     proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
     return proc.returncode == 0
+
+
+@contextlib.contextmanager
+def _index_kept(root: Path) -> Iterator[None]:
+    """The git index as the user left it: `dvc exp save` commits the workspace and then resets the index
+    to HEAD, which unstaged what the user had staged (a `.dvc` file of new data then missed their next
+    commit). The index is kept as a tree object and read back, staged content and all."""
+    proc = subprocess.run(["git", "write-tree"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RecordError(f"the git index cannot be kept while DVC saves the experiment (`git write-tree`: "
+                          f"{_tail(proc.stdout + proc.stderr)}); finish the merge or rebase in progress first")
+    try:
+        yield
+    finally:
+        subprocess.run(["git", "read-tree", proc.stdout.strip()], cwd=root, capture_output=True, check=True)
+        subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=root, capture_output=True)
 
 
 def _tracked(root: Path, name: str) -> bool:
