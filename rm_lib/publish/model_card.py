@@ -63,8 +63,8 @@ def pipeline_written_files(root: Path) -> list[str]:
 
 
 def git_commit(root: Path) -> str | None:
-    """HEAD, marked when code or settings differ from it (what `dvc repro` writes in git aside:
-    `pipeline_written_files`)."""
+    """HEAD, marked when a tracked file (code, settings, a `.dvc` file of data) differs from it (what
+    `dvc repro` writes in git aside: `pipeline_written_files`)."""
     commit = _git(root, "rev-parse", "HEAD")
     if not commit:
         return None
@@ -624,7 +624,7 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     if other_code:
         doubts.append("the model was trained by other training code than this checkout holds")
     if "uncommitted changes" in (lineage.get("git_commit") or ""):
-        doubts.append("the checkout holds uncommitted changes to code or settings (`git status`)")
+        doubts.append("the checkout holds uncommitted changes to tracked files: code, settings or data (`git status`)")
     if any(not _is_md5(v) for key in ("dvc_data", "dvc_model") for v in (lineage.get(key) or {}).values()
            if NOT_TRACKED not in v):
         doubts.append("the data or model here are not the files dvc.lock records")
