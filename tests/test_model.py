@@ -41,6 +41,15 @@ def test_ties_count_as_wrong_and_baselines_are_reported():
     assert sum(b["pairs"] for b in m["per_length_bucket"]) == 4
 
 
+def test_the_held_out_loss_is_the_training_loss_of_the_same_rewards():
+    """evaluate's `loss` is the Bradley-Terry loss training minimises, also where a margin is far past
+    where exp() overflows."""
+    chosen, rejected = [0.0, 2.0, -1.0, 40.0, -40.0, 0.5], [0.0, 0.0, 1.0, 0.0, 0.0, 0.5]
+    m = pair_metrics(chosen, rejected, [1] * 6, [2] * 6)
+    expected = bradley_terry_loss(*(torch.tensor(v, dtype=torch.float64) for v in (chosen, rejected)))
+    assert m["loss"] == pytest.approx(expected.item(), rel=1e-9)
+
+
 def test_pad_equal_to_eos_gets_a_pad_token_of_its_own_and_every_loader_reads_the_same_score(tiny_decoder, tmp_path):
     from transformers import AutoTokenizer, pipeline
 

@@ -198,10 +198,27 @@ def test_the_length_baseline_and_the_accuracy_gate(tmp_path):
     write_json(layout.evaluation / "report.json", report)
     assert quality.length_baseline(report) == 0.75
     assert not quality.beats_length_baseline(layout).passed
+    write_json(layout.evaluation / "report.json", {**report, "accuracy": 0.75})  # no better than length alone
+    assert not quality.beats_length_baseline(layout).passed
+    write_json(layout.evaluation / "report.json", {**report, "accuracy": 0.76})
+    assert quality.beats_length_baseline(layout).passed
+    write_json(layout.evaluation / "report.json", report)
     assert quality.accuracy_gate(layout, 0.6).passed and not quality.accuracy_gate(layout, 0.71).passed
+    assert quality.accuracy_gate(layout, 0.7).passed  # the minimum itself is enough
     write_json(layout.release / "evaluation.json", {**report, "accuracy": 0.8})
     assert not quality.accuracy_gate(layout, 0.6).passed
     assert quality.accuracy_gate(layout, 0.6, compare_with_release=False).passed
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_a_report_whose_accuracy_is_not_a_number_releases_nothing(tmp_path, value):
+    """A report edited by hand or written by a broken evaluation: NaN compares false with every bar."""
+    layout = Layout(tmp_path)
+    layout.evaluation.mkdir(parents=True)
+    (layout.evaluation / "report.json").write_text(f'{{"accuracy": {value}, "pairs": 100, "data_hash": "h"}}')
+    for minimum in (0.0, 0.6):
+        verdict = quality.accuracy_gate(layout, minimum)
+        assert not verdict.passed and "is below the minimum" in verdict.description, verdict.description
 
 
 def test_an_accuracy_of_a_handful_of_test_pairs_releases_nothing(tmp_path):
@@ -337,6 +354,9 @@ def test_a_drop_on_nearly_the_same_test_pairs_is_refused_and_on_another_sample_w
     assert 0 < reseeded.metadata["noise_margin"] < 0.1
     worse = judged(tmp_path, 0.70, held_out(pairs=400, first=1000), held_out(pairs=397, digest="t0"), 0.85)
     assert not worse.passed and "by more than the sampling noise of the two" in worse.description
+    for accuracy, passed in ((0.794, False), (0.799, True)):  # either side of the 95% bound, about 0.797
+        verdict = judged(tmp_path, accuracy, held_out(pairs=400, first=1000), held_out(pairs=397, digest="t0"), 0.85)
+        assert verdict.passed is passed is (accuracy >= 0.85 - verdict.metadata["noise_margin"]), verdict.description
 
 
 def test_repeated_test_pairs_count_as_shared_as_often_as_the_accuracy_counts_them(tmp_path):

@@ -65,6 +65,15 @@ def test_bert_without_eos_gets_cls_and_sep(minilm_path):
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and ids.count(tok.cls_token_id) == 1
 
 
+def test_a_pretokenized_pair_that_ends_with_the_eos_gets_no_second_one(tiny_decoder):
+    tok = load_tokenizer(str(tiny_decoder))
+    eos = tok.eos_token_id
+    pair = {"id": "p:1", "input_ids_chosen": [tok.bos_token_id, 7, 8, eos], "input_ids_rejected": [tok.bos_token_id, 9]}
+    row, = tokenization.tokenize_batch([pair], tok, "simple_chat", tokenization.special_tokens(tok))
+    assert row["input_ids_chosen"] == [tok.bos_token_id, 7, 8, eos]
+    assert row["input_ids_rejected"] == [tok.bos_token_id, 9, eos]
+
+
 def test_pretokenized_pairs_pass_through_with_eos(tiny_decoder):
     tok = load_tokenizer(str(tiny_decoder))
     pair = {"id": "p:1", "input_ids_chosen": [tok.bos_token_id, 7, 8], "input_ids_rejected": [tok.bos_token_id, 9],
@@ -109,6 +118,28 @@ def test_drop_policy_counts_every_reason():
     assert len(out.kept) == 1
     assert out.dropped_by_reason == {"prompt_too_long": 1, "chosen_too_long": 1, "rejected_too_long": 1,
                                      "both_too_long": 1}
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_a_pair_at_the_limits_is_kept_whole_and_one_token_past_them_is_not(policy):
+    """max_token_length and max_prompt_token_length are the most tokens kept: a side of exactly that many
+    is kept as it is; one more is dropped or cut to exactly the limit."""
+    at = [_row(5, 20, 20), _row(5, 20, 11), _row(3, 11, 20)]
+    out = length_filter.apply(at, max_len=20, max_prompt=5, policy=policy, keep_front=1)
+    assert out.kept == [{**r, "length_chosen": len(r["input_ids_chosen"]),
+                         "length_rejected": len(r["input_ids_rejected"])} for r in at]
+    assert not out.dropped and out.truncated == 0
+    past = [_row(6, 10, 11), _row(3, 21, 11), _row(3, 11, 21), _row(3, 21, 21)]
+    out = length_filter.apply(past, max_len=20, max_prompt=5, policy=policy, keep_front=1)
+    if policy == "drop":
+        assert not out.kept and [d["reason"] for d in out.dropped] == [
+            "prompt_too_long", "chosen_too_long", "rejected_too_long", "both_too_long"]
+    else:
+        assert len(out.kept) == 4 and out.truncated == 4 and not out.dropped
+        assert [r["prompt_length"] for r in out.kept] == [5, 2, 2, 2]  # a cut takes the oldest prompt tokens
+        for row, cut in zip(past[1:], out.kept[1:]):
+            for side in ("chosen", "rejected"):
+                assert len(cut[f"input_ids_{side}"]) == min(len(row[f"input_ids_{side}"]), 20)
 
 
 @pytest.mark.parametrize("policy", ["drop", "truncate"])

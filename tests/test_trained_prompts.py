@@ -88,7 +88,8 @@ def test_the_gate_refuses_held_out_pairs_a_base_trained_on_above_the_share_and_w
     assert "30 of 100 held-out pairs (30.0%)" in verdict.description
     assert "push.max_test_seen_by_base" in verdict.description
     assert "0.6100" in verdict.description  # the accuracy the user can trust
-    assert quality.seen_by_base_gate(Layout(tmp_path / "a"), 0.3).passed
+    assert quality.seen_by_base_gate(Layout(tmp_path / "a"), 0.3).passed  # the share is the most allowed
+    assert not quality.seen_by_base_gate(Layout(tmp_path / "a"), 0.29).passed  # one pair past it is not
     _report(Layout(tmp_path / "b"), {**seen, "base": 0, "share_base": 0.0, "unrecorded_bases": ["old-rm"]})
     unknown = quality.seen_by_base_gate(Layout(tmp_path / "b"), 0.01)
     assert not unknown.passed and unknown.warn_only and "old-rm" in unknown.description
