@@ -4,10 +4,11 @@ No maintained package on PyPI serves the Hub's write API for tests: hf-local-hub
 client for a separate Go server that PyPI does not ship, and huggingface_hub ships no test
 server. So the tests own this one. It answers what huggingface_hub 2.4's HfApi sends for
 create_repo, upload_folder (preupload, validate-yaml, the LFS batch API with basic PUT uploads
-and verify, the NDJSON commit), create_tag, list_repo_refs, repo_info and whoami, and the
-client's anonymous fetch of its agent-harness registry. Xet storage is refused: the client has
-no fallback from Xet to LFS, so a client with hf_xet installed needs HF_HUB_DISABLE_XET=1
-whenever this server asks for LFS uploads (or a server made with `regular_only=True`).
+and verify, the NDJSON commit), create_tag, list_repo_refs, repo_info and whoami, a GET of a
+revision's file (`/resolve/`, as the Hub serves small files), and the client's anonymous fetch
+of its agent-harness registry. Xet storage is refused: the client has no fallback from Xet to
+LFS, so a client with hf_xet installed needs HF_HUB_DISABLE_XET=1 whenever this server asks for
+LFS uploads (or a server made with `regular_only=True`).
 
 What it keeps: every repository with its commits (the files of each revision, as bytes), its
 branches and tags, and every request with the Authorization header it carried. Tokens map to
@@ -189,6 +190,14 @@ class HubServer(_Served):
         return {"id": repo_id, "modelId": repo_id, "author": repo.owner, "sha": commit.oid, "private": repo.private,
                 "siblings": [{"rfilename": p} for p in sorted(commit.files)], "tags": []}
 
+    def resolve(self, auth: str | None, repo_id: str, rev: str, path: str) -> bytes:
+        """A file of a revision, as the Hub serves small files (no LFS redirect)."""
+        repo = self.readable(repo_id, self.user(auth, required=False))
+        files = repo.resolve(rev).files
+        if path not in files:
+            raise HubError(404, f"{path} does not exist at {rev}", "EntryNotFound")
+        return files[path]
+
     def refs(self, auth: str | None, repo_id: str) -> dict:
         repo = self.readable(repo_id, self.user(auth, required=False))
         ref = lambda kind, name, oid: {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}  # noqa: E731
@@ -304,7 +313,7 @@ class HubServer(_Served):
             raise HubError(400, f"Invalid metadata in README.md: {exc}") from None
         return {"errors": [], "warnings": []}
 
-    def route(self, method: str, path: str, auth: str | None, raw: bytes) -> dict | list:
+    def route(self, method: str, path: str, auth: str | None, raw: bytes) -> dict | list | bytes:
         body = lambda: json.loads(raw or b"{}")  # noqa: E731
         routes = [
             ("POST", r"/api/repos/create", lambda m: self.create_repo(auth, body())),
@@ -321,6 +330,8 @@ class HubServer(_Served):
             ("POST", rf"/api/models/{REPO}/commit/{REV}",
              lambda m: self.create_commit(auth, m["repo"], m["rev"], raw)),
             ("POST", rf"/api/models/{REPO}/tag/{REV}", lambda m: self.create_tag(auth, m["repo"], m["rev"], body())),
+            ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)",
+             lambda m: self.resolve(auth, m["repo"], m["rev"], m["path"])),
             ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", lambda m: self.lfs_batch(auth, m["repo"], body())),
             ("POST", rf"/{REPO}\.git/info/lfs/objects/verify", lambda m: self.lfs_verify(auth, m["repo"], body())),
             ("PUT", rf"/lfs-storage/{REPO}/(?P<oid>[0-9a-f]{{64}})",
@@ -372,9 +383,11 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Message"] = exc.message
                 if exc.code:
                     headers["X-Error-Code"] = exc.code
-        data = json.dumps(payload).encode()
+        raw_file = isinstance(payload, bytes)  # a file's bytes (resolve), not a JSON answer
+        data = payload if raw_file else json.dumps(payload).encode()
+        kind = "application/octet-stream" if raw_file else "application/json"
         self.send_response(status)
-        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+        for key, value in {"Content-Type": kind, "Content-Length": str(len(data)), **headers}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)

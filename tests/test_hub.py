@@ -765,8 +765,8 @@ def test_offline_mode_says_how_to_push(project, server, monkeypatch, tiny_decode
 
 # ---------------------------------------------------------------- (f) time limits and the one retry layer
 
-def repo_creations(srv: HubServer) -> int:
-    return sum(1 for s in srv.requests if s.path == "/api/repos/create")
+def release_reads(srv: HubServer) -> int:
+    return sum(1 for s in srv.requests if (s.method, s.path) == ("GET", f"/api/models/{REPO}"))
 
 
 def test_a_stalled_hub_ends_the_push_with_a_retryable_error(project, monkeypatch, tmp_path):
@@ -786,32 +786,140 @@ def test_a_stalled_hub_ends_the_push_with_a_retryable_error(project, monkeypatch
     assert "Traceback" not in out.stderr and last.startswith("error: ")
     assert f"the Hub at {silent.url} did not answer within 1 s" in last
     assert "after 2 tries" in last and "retryable" in last and "run the push step again" in last
-    assert silent.requests == ["POST /api/repos/create HTTP/1.1"] * 2
+    assert silent.requests == [f"GET /api/models/{REPO} HTTP/1.1"] * 2  # the release the repository holds
+
+
+COMPARED = "push.compare_with_release=true"  # tiny_params turns it off
+
+
+def _better_release_pushed_from_elsewhere(srv: HubServer, root: Path) -> tuple[float, str]:
+    """The Hub's release as another clone would leave it: this model's release, but its evaluation.json
+    that of a model 0.1 more accurate on the same test pairs. (its accuracy, the new head)."""
+    from huggingface_hub import HfApi
+
+    evaluation = json.loads(published(srv)["evaluation.json"])
+    assert evaluation["accuracy"] <= 0.9, "this test needs a model below 0.9 accuracy"
+    better = {**evaluation, "accuracy": evaluation["accuracy"] + 0.1, "inputs": {**evaluation["inputs"], "model": "m2"}}
+    HfApi(endpoint=srv.url, token=TOKEN).upload_file(path_or_fileobj=json.dumps(better).encode(),
+                                                     path_in_repo="evaluation.json", repo_id=REPO)
+    return better["accuracy"], srv.repos[REPO].branches["main"]
+
+
+def test_the_gate_judges_against_the_release_the_hub_holds_not_this_folders(project, server, tiny_decoder,
+                                                                             tmp_path):
+    """Two clones, one Hub repository: the bar is what the repository holds when the push reads it. A
+    clone with no data/release (or an older one: a teammate's, or one an experiment replaced) pushed a
+    model below the Hub's release, and the gate passed, comparing it with nothing."""
+    push_step(settings(tiny_decoder), project)
+    better, head = _better_release_pushed_from_elsewhere(server, project)
+    fresh = Path(shutil.copytree(project, tmp_path / "fresh", symlinks=True))
+    shutil.rmtree(Layout(fresh).release)  # a clone that never pushed
+    with pytest.raises(push.ReleaseBlocked, match=f"below the last released model's {better:.4f} on the same"):
+        push_step(settings(tiny_decoder, COMPARED), fresh)
+    assert server.repos[REPO].branches["main"] == head and not Layout(fresh).release.exists()
+    # a dry run has no Hub to read: it judges against data/release, as before
+    assert push_step(settings(tiny_decoder, "push.dry_run=true", COMPARED), fresh).uploaded is False
+    result = push_step(settings(tiny_decoder), fresh)  # push.compare_with_release=false
+    assert result.uploaded and "compared with" not in result.summary()
+    other = HubServer(tokens={TOKEN: USER})
+    with other:  # an empty Hub: nothing to compare with, and the push says so
+        os.environ["HF_ENDPOINT"] = other.url
+        try:
+            said = push_step(settings(tiny_decoder, COMPARED), fresh).summary()
+        finally:
+            os.environ["HF_ENDPOINT"] = server.url
+    assert f"{REPO} held no release of this project before this one: no earlier model to compare with" in said
+
+
+def test_a_revision_pushed_after_the_gate_read_the_hub_stops_the_upload(project, server, tiny_decoder, monkeypatch):
+    """The upload names the revision the gate judged against: a push from elsewhere in between makes the
+    Hub refuse it (412), and the step says to run again; nothing of it is uploaded."""
+    push_step(settings(tiny_decoder), project)
+    before = release_files(project)
+    read = hub._read_release
+    pushed = {}
+
+    def read_then_someone_pushes(*args, **kwargs):
+        release = read(*args, **kwargs)
+        pushed["head"] = _better_release_pushed_from_elsewhere(server, project)[1]
+        return release
+
+    monkeypatch.setattr(hub, "_read_release", read_then_someone_pushes)
+    changed = settings(tiny_decoder, "evaluate.length_buckets=2")  # another release of the same model
+    run_steps(changed, project, "evaluate")
+    with pytest.raises(PublishError, match="has a new revision since the release gate read it .* run the push step "
+                                           "again"):
+        push_step(changed, project)
+    assert server.repos[REPO].branches["main"] == pushed["head"] and release_files(project) == before
+
+
+def test_a_push_whose_answer_was_lost_and_whose_revision_landed_ends_as_a_success(project, server, tiny_decoder,
+                                                                                  monkeypatch):
+    """A try that committed but whose answer never came: the retry finds the head moved (412), sees its
+    own release there, and tags it instead of failing."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(hub, "_wait", lambda seconds: None)
+    real, calls = HfApi.upload_folder, []
+
+    def lost_answer(self, **kwargs):
+        calls.append(kwargs.get("parent_commit"))
+        info = real(self, **kwargs)
+        if len(calls) == 1:
+            raise TimeoutError("the answer was lost")
+        return info
+
+    push_step(settings(tiny_decoder), project)  # the repository exists: the next push names its head
+    changed = settings(tiny_decoder, "evaluate.length_buckets=2")
+    run_steps(changed, project, "evaluate")
+    monkeypatch.setattr(HfApi, "upload_folder", lost_answer)
+    result = push_step(changed, project)
+    assert len(calls) == 2 and calls[0] == calls[1] is not None  # both named the head the gate read
+    assert result.uploaded and result.commit == server.repos[REPO].branches["main"]
+    assert server.repos[REPO].tags[result.tag] == result.commit and published(server) == release_files(project)
+
+
+def test_a_private_release_is_never_pushed_into_a_public_repository(project, server, tiny_decoder, capsys):
+    """The Hub keeps an existing repository's visibility whatever create_repo asks: push.private=true (the
+    default) into a repository someone made public would have published the model openly, unsaid."""
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=server.url, token=TOKEN).create_repo(REPO, private=False)
+    with pytest.raises(PublishError, match=f"push.private is true, but {REPO} is public on the Hub: this release "
+                                           "would be public"):
+        push_step(settings(tiny_decoder), project)
+    assert not published(server)
+    assert push_step(settings(tiny_decoder, "push.private=false"), project).uploaded
+    server.repos[REPO].private = True
+    capsys.readouterr()
+    assert push_step(settings(tiny_decoder, "push.private=false", "evaluate.length_buckets=2"), project).uploaded
+    assert f"note: {REPO} is private on the Hub: push.private=false does not make it public" in capsys.readouterr().err
 
 
 def test_transient_errors_are_tried_the_documented_times_others_once(project, server, monkeypatch, tiny_decoder):
     """RM_PUSH_RETRIES tries in all for a 503; one for a refused token; one inside single_attempt()
-    (under Dagster the asset's RetryPolicy is the only layer)."""
+    (under Dagster the asset's RetryPolicy is the only layer). A push's first request reads the release
+    the repository holds."""
     monkeypatch.setattr(hub, "_wait", lambda seconds: None)
     monkeypatch.setenv("RM_PUSH_RETRIES", "4")
     server.fail_next(503, 10)
     with pytest.raises(PublishError, match="answered 503 after 4 tries") as raised:
         push_step(settings(tiny_decoder), project)
-    assert raised.value.transient and repo_creations(server) == 4
+    assert raised.value.transient and release_reads(server) == 4
 
     server.failures.clear()
     server.requests.clear()
     monkeypatch.setenv("HF_TOKEN", "hf_notAValidToken")
     with pytest.raises(PublishError, match="refused the token") as raised:
         push_step(settings(tiny_decoder), project)
-    assert not raised.value.transient and repo_creations(server) == 1
+    assert not raised.value.transient and release_reads(server) == 1
 
     server.requests.clear()
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     server.fail_next(503, 10)
     with network.single_attempt(), pytest.raises(PublishError, match="answered 503 after 1 try") as raised:
         push_step(settings(tiny_decoder), project)
-    assert raised.value.transient and repo_creations(server) == 1
+    assert raised.value.transient and release_reads(server) == 1
 
 
 def test_a_failed_push_keeps_the_previous_release_as_it_was(project, server, monkeypatch, tiny_decoder):

@@ -90,6 +90,9 @@ def test_a_model_is_never_judged_against_itself_nor_against_a_forced_release(pro
     monkeypatch.setattr(hub, "upload", lambda out, repo_id, **kw: uploads.append(repo_id) or {
         "url": f"https://hub.example/{repo_id}", "commit": "c0ffee", "repo_id": repo_id, "tag": kw["tag"]})
     release = Layout(project).release
+    # the Hub holds what this folder last pushed (tests/test_hub.py reads a real repository's head)
+    monkeypatch.setattr(hub, "current_release", lambda repo_id, into, kept: hub.HubRelease(repo_id, "c0ffee", True,
+                                                                                          release))
     mine = accuracy(project)
 
     def push(*settings: str) -> None:

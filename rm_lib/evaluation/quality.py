@@ -262,20 +262,23 @@ FORCED_MARK = "Released with `push.force=true` although the release gate failed.
 FORCED_BY_EARLIER_VERSION = "forced_by_earlier_version"
 
 
-def release_bar(layout: Layout, model: str | None = None) -> dict | None:
-    """What a release of `model` (its content hash) must not fall below: the release data/release holds
-    ({"accuracy", "data_hash", "model", "pairs", "test_data"}; a release by an older version lacks the
-    last two, or has them None), or None. Not a forced one, whose gate failed: the bar it was judged
-    against stays. Not `model` itself: a push of the model data/release holds (after a dry run, or with
-    push.force off again) is judged against what that release was judged against."""
-    path = layout.release / "evaluation.json"
+def release_bar(layout: Layout, model: str | None = None, release: Path | None = None) -> dict | None:
+    """What a release of `model` (its content hash) must not fall below: the last release ({"accuracy",
+    "data_hash", "model", "pairs", "test_data"}; a release by an older version lacks the last two, or has
+    them None), or None. `release`: the folder with that release's evaluation.json and README.md, by
+    default data/release; a push to the Hub reads them from the repository's head (what it holds now,
+    whoever pushed it). Not a forced one, whose gate failed: the bar it was judged against stays. Not
+    `model` itself: a push of the model the release holds (after a dry run, or with push.force off
+    again) is judged against what that release was judged against."""
+    folder = layout.release if release is None else release
+    path = folder / "evaluation.json"
     if not path.exists():
         return None
     release = read_json(path)
     judged_against = release.get(JUDGED_AGAINST)
     if release.get("forced") or (model is not None and _bar(release)["model"] == model):
         return judged_against
-    card = layout.release / "README.md"
+    card = folder / "README.md"
     if "forced" not in release and card.is_file() and FORCED_MARK in card.read_text(errors="replace"):
         # an earlier version's forced release: its card says a check failed, not whether one that blocks
         # (a warning's failure was marked so too), so it stays a bar and a refusal says what it may be
@@ -362,7 +365,7 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
 
 
 def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True,
-                  min_test_pairs: int = 1) -> Verdict:
+                  min_test_pairs: int = 1, release: Path | None = None) -> Verdict:
     """Accuracy >= min_accuracy, measured on at least min_test_pairs held-out pairs; where min_accuracy
     is above chance, above chance beyond sampling noise too (its 95% interval above 0.5: 0.6 on 50 pairs
     is not); and not below the last released model's (release_bar; see _compared)."""
@@ -389,7 +392,7 @@ def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: boo
                                 "accuracy_interval_95": f"{low:.4f} to {high:.4f}",
                                 "test_pairs": "unknown" if pairs is None else pairs,
                                 "min_test_pairs": min_test_pairs, "previous_release_accuracy": "none"}
-    bar = release_bar(layout, report.get("inputs", {}).get("model")) if compare_with_release else None
+    bar = release_bar(layout, report.get("inputs", {}).get("model"), release) if compare_with_release else None
     said = ""
     if bar is not None:
         refused, said, compared = _compared(report, bar, min_test_pairs)
@@ -492,11 +495,11 @@ def seen_by_base_gate(layout: Layout, max_share: float) -> Verdict:
                    f"(at most {max_share:.1%})", metadata)
 
 
-def evaluation_gate(layout: Layout, gate: Any) -> list[Verdict]:
+def evaluation_gate(layout: Layout, gate: Any, release: Path | None = None) -> list[Verdict]:
     """The gate's rules on the evaluation report. `gate`: the push settings (min_accuracy,
     compare_with_release, min_test_pairs, min_subset_accuracy, max_length_correlation,
-    max_test_seen_by_base)."""
-    return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release, gate.min_test_pairs),
+    max_test_seen_by_base); `release`: the last release's folder (release_bar)."""
+    return [accuracy_gate(layout, gate.min_accuracy, gate.compare_with_release, gate.min_test_pairs, release),
             subset_gate(layout, gate.min_subset_accuracy),
             length_correlation_gate(layout, gate.max_length_correlation),
             seen_by_base_gate(layout, gate.max_test_seen_by_base)]
@@ -513,9 +516,9 @@ def release_gate(layout: Layout, gate: Any) -> Verdict:
                                description="push.force=true releases it anyway: " + verdict.description)
 
 
-def release_verdicts(layout: Layout, gate: Any) -> list[Verdict]:
+def release_verdicts(layout: Layout, gate: Any, release: Path | None = None) -> list[Verdict]:
     """What must hold before a model is released: finite training loss, and the evaluation gate."""
-    return [loss_is_finite(layout), *evaluation_gate(layout, gate)]
+    return [loss_is_finite(layout), *evaluation_gate(layout, gate, release)]
 
 
 def combined(name: str, verdicts: list[Verdict]) -> Verdict:

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +46,58 @@ def retry_settings() -> tuple[int, float]:
     return max(1, retries), max(0.0, backoff)
 
 
+@dataclass(frozen=True)
+class HubRelease:
+    """What a repository holds at the moment a push reads it."""
+
+    repo_id: str  # with its namespace
+    commit: str | None  # the head of its main branch; None: no such repository yet
+    private: bool | None
+    folder: Path  # the head's evaluation.json and README.md, where it has them: what the release gate reads
+
+
+RELEASE_FILES = ("evaluation.json", "README.md")
+
+
+def current_release(repo_id: str, into: Path, *, kept: Path) -> HubRelease:
+    """The release `repo_id` holds now, its files the gate reads written into `into`: the bar a push must
+    clear is what the Hub holds, which another clone or an experiment may have pushed since this
+    folder's data/release. Retried as `upload` is."""
+    _check_ready(kept)
+    network.bound_hub_client()
+    return _retrying(lambda: _read_release(repo_id, into, kept), repo_id, kept)
+
+
 def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
            retries: int | None = None, backoff_s: float | None = None, kept: Path | None = None,
-           named: Callable[[str], None] | None = None) -> dict[str, Any]:
+           named: Callable[[str], None] | None = None, parent_commit: str | None = None) -> dict[str, Any]:
     """Create the repository if missing, make its files those of `folder` in one new revision (a file of
     an earlier release that `folder` lacks is deleted) and tag it with the run (`tag`, or `tag`-2,
     -3... when that tag already names another revision). `named(full_id)` runs before the upload, once
-    the repository's full id is known (a bare name is the token owner's). Error messages say the
-    model stays in `kept` (default: `folder`), for a caller that uploads from a temporary copy.
+    the repository's full id is known (a bare name is the token owner's). `parent_commit`: the head the
+    release gate judged against; a repository that moved on since refuses the revision. Error messages
+    say the model stays in `kept` (default: `folder`), for a caller that uploads from a temporary copy.
 
     Returns url, repo_id (with its namespace), commit and the tag given to the commit."""
     where = kept or folder
     _check_ready(where)
     network.bound_hub_client()
+    return _retrying(lambda: _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
+                                        kept=where, named=named, parent_commit=parent_commit),
+                     repo_id, where, retries, backoff_s)
+
+
+def _retrying(action: Callable[[], Any], repo_id: str, where: Path, retries: int | None = None,
+              backoff_s: float | None = None) -> Any:
+    """`action` again on network trouble (network.is_transient), with a doubling wait; a refusal by the
+    Hub is a PublishError that says what to do."""
     default_retries, default_backoff = retry_settings()
     retries = network.tries(default_retries if retries is None else retries)
     backoff_s = default_backoff if backoff_s is None else backoff_s
     for attempt in range(1, retries + 1):
         try:
             with network.hub_retries_off():  # this loop is the one layer that retries
-                return _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
-                                  kept=where, named=named)
+                return action()
         except PublishError:
             raise
         except Exception as exc:  # sorted by network.is_transient / _explain; anything unknown is re-raised
@@ -93,24 +125,79 @@ def _api():
     return HfApi(endpoint=endpoint())
 
 
+def _read_release(repo_id: str, into: Path, kept: Path) -> HubRelease:
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    api = _api()
+    full_id = repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}"  # as create_repo places it
+    try:
+        info = api.repo_info(full_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return HubRelease(full_id, None, None, into)
+    except HFValidationError as exc:
+        raise _bad_name(repo_id, exc, kept) from None
+    names = {sibling.rfilename for sibling in info.siblings or ()}
+    for name in RELEASE_FILES:
+        (into / name).unlink(missing_ok=True)  # a try that failed half way left the other's
+        if name in names:
+            (into / name).write_bytes(_read_file(full_id, name, info.sha))
+    return HubRelease(full_id, info.sha, bool(info.private), into)
+
+
+def _read_file(repo_id: str, name: str, revision: str) -> bytes:
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint())
+    response = get_session().get(url, headers=build_hf_headers(), follow_redirects=True)
+    hf_raise_for_status(response)
+    return response.content
+
+
+def _bad_name(repo_id: str, exc: BaseException, kept: Path) -> PublishError:
+    return PublishError(f"push.repo_id: '{repo_id}' is not a valid repository name ({_short(exc)}); "
+                        f"use {NAME_RULE}; the model stays in {kept}")
+
+
 def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
-               kept: Path, named: Callable[[str], None] | None) -> dict[str, Any]:
+               kept: Path, named: Callable[[str], None] | None, parent_commit: str | None) -> dict[str, Any]:
     from huggingface_hub.errors import BadRequestError, HFValidationError
 
     api = _api()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     except (HFValidationError, BadRequestError) as exc:  # the client's or the Hub's check of the name
-        raise PublishError(f"push.repo_id: '{repo_id}' is not a valid repository name ({_short(exc)}); "
-                           f"use {NAME_RULE}; the model stays in {kept}") from None
+        raise _bad_name(repo_id, exc, kept) from None
     full_id = url.repo_id or repo_id  # "name" alone lands in the token owner's namespace
     if named is not None:
         named(full_id)
     # delete_patterns: the revision holds the release and nothing of an earlier one (an adapter/ of a
     # LoRA run, a picture); the client never deletes .gitattributes
-    info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message,
-                             repo_type="model", delete_patterns="*")
-    return {"url": str(url), "repo_id": full_id, "commit": info.oid, "tag": _tag(api, full_id, info.oid, tag)}
+    try:
+        commit = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message,
+                                   repo_type="model", delete_patterns="*", parent_commit=parent_commit).oid
+    except Exception as exc:
+        if network.status_of(exc) != 412:
+            raise
+        commit = _ours_at_head(api, full_id, folder)  # a try whose answer was lost may have made it
+        if commit is None:
+            raise PublishError(f"'{full_id}' has a new revision since the release gate read it (a push from "
+                               "another clone, or a DVC experiment): nothing uploaded; run the push step again "
+                               f"to judge this model against the release it holds now; the model stays in {kept}"
+                               ) from None
+    return {"url": str(url), "repo_id": full_id, "commit": commit, "tag": _tag(api, full_id, commit, tag)}
+
+
+def _ours_at_head(api: Any, repo_id: str, folder: Path) -> str | None:
+    """The head commit where it holds this release (its evaluation.json, byte for byte), else None."""
+    head = api.repo_info(repo_id, repo_type="model").sha
+    try:
+        theirs = _read_file(repo_id, "evaluation.json", head)
+    except Exception as exc:
+        if network.status_of(exc) == 404:
+            return None
+        raise
+    return head if theirs == (folder / "evaluation.json").read_bytes() else None
 
 
 def _tag(api: Any, repo_id: str, commit: str, base: str) -> str:

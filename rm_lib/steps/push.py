@@ -15,6 +15,8 @@ or failed push keeps the model and the previous data/release as they are.
 from __future__ import annotations
 
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +69,11 @@ def _copy_pictures(layout: Layout, out: Path) -> list[str]:
     return pictures
 
 
-def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
-    """The release verdicts; raises ReleaseBlocked when one fails and push.force is off."""
+def gate(params: Params, layout: Layout, release: Path | None = None) -> list[quality.Verdict]:
+    """The release verdicts; raises ReleaseBlocked when one fails and push.force is off. `release`: the
+    folder of the last release's evaluation.json and README.md (default data/release)."""
     cfg = params.push
-    verdicts = quality.release_verdicts(layout, cfg)
+    verdicts = quality.release_verdicts(layout, cfg, release)
     failed = quality.blocking_failures(verdicts)
     if failed and not cfg.force:
         reasons = "; ".join(f"{v.name}: {v.description}" for v in failed)
@@ -80,7 +83,8 @@ def gate(params: Params, layout: Layout) -> list[quality.Verdict]:
     return verdicts
 
 
-def build_release(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict] = ()) -> None:
+def build_release(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict] = (),
+                  release: Path | None = None) -> None:
     """data/release as `out`: the model, its card and evaluation.json, which records the bar of the last
     release it was judged against (or would have been, under push.compare_with_release=false) and
     whether it was forced past the gate (quality.release_bar reads both for the next release). No file
@@ -106,7 +110,7 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
     share_tree(out)
     forced = bool(quality.blocking_failures(list(verdicts)))
-    judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"))
+    judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"), release)
     write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against,
                                          "forced": forced})
 
@@ -146,18 +150,49 @@ def run_tag(layout: Layout) -> str:
 
 def run(params: Params, layout: Layout) -> PushResult:
     cfg = params.push
-    verdicts = gate(params, layout)
+    if cfg.repo_id is None or cfg.dry_run:
+        return _release(params, layout, None)
+    with tempfile.TemporaryDirectory(prefix="rm-lib-hub-release-") as scratch:
+        # the bar is the release the repository holds now, whoever pushed it: not this folder's data/release
+        on_hub = hub.current_release(cfg.repo_id, Path(scratch), kept=layout.model)
+        _check_visibility(cfg.private, on_hub, layout.model)
+        return _release(params, layout, on_hub)
+
+
+def _release(params: Params, layout: Layout, on_hub: hub.HubRelease | None) -> PushResult:
+    cfg = params.push
+    verdicts = gate(params, layout, on_hub.folder if on_hub else None)
     info = None
     # Built aside and uploaded from there: data/release changes only once the upload succeeded.
     with atomic_dir(layout.release) as out:
-        build_release(params, layout, out, verdicts)
+        build_release(params, layout, out, verdicts, on_hub.folder if on_hub else None)
         files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-        if cfg.repo_id is not None and not cfg.dry_run:
+        if on_hub is not None:
             # a bare name lands in the token owner's namespace: the card's examples must name the full id
             info = hub.upload(out, cfg.repo_id, private=cfg.private, commit_message=cfg.commit_message,
-                              tag=run_tag(layout), kept=layout.model,
+                              tag=run_tag(layout), kept=layout.model, parent_commit=on_hub.commit,
                               named=lambda full_id: write_card(params, layout, out, verdicts, full_id))
     said = next((v.description for v in verdicts if v.name == "release_gate"), None)
     if info is None:
         return PushResult(layout.release, False, None, None, files, gate=said)
+    if cfg.compare_with_release:
+        said = f"{said}\n  {_compared_with(on_hub)}" if said else _compared_with(on_hub)
     return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said)
+
+
+def _compared_with(on_hub: hub.HubRelease) -> str:
+    if not (on_hub.folder / "evaluation.json").is_file():
+        return f"{on_hub.repo_id} held no release of this project before this one: no earlier model to compare with"
+    return f"the last release compared with is {on_hub.repo_id} at revision {on_hub.commit}, as the Hub held it"
+
+
+def _check_visibility(private: bool, on_hub: hub.HubRelease, kept: Path) -> None:
+    """push.private against the repository as it is: the Hub keeps an existing repository's visibility
+    whatever the push asks, so a private release would go into a public repository unseen."""
+    if private and on_hub.private is False:
+        raise hub.PublishError(f"push.private is true, but {on_hub.repo_id} is public on the Hub: this release "
+                               "would be public. Make the repository private in its settings on the Hub, or set "
+                               f"push.private=false to publish it openly; nothing uploaded, the model stays in {kept}")
+    if not private and on_hub.private:
+        print(f"note: {on_hub.repo_id} is private on the Hub: push.private=false does not make it public (its "
+              "settings on the Hub do)", file=sys.stderr)
