@@ -8,7 +8,7 @@ LOG      := $(CURDIR)/.install.log
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install chromium run test test-integration test-all lint bench ui exp clean
+.PHONY: install chromium run test test-integration test-all lint mutants bench ui exp clean
 
 # torch first, from the CPU wheel (a plain `pip install torch` would pull GBs of CUDA packages).
 # PyPI's torch is the CUDA build; PyTorch's CPU index has the same release as 2.13.0+cpu, which pip
@@ -69,6 +69,10 @@ test-all: install chromium
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# each promised rule broken on purpose in a copy of the project: the tests that guard it must fail
+mutants: install
+	$(PY) tests/mutants.py
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]" >> $(LOG) 2>&1

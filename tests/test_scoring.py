@@ -335,6 +335,24 @@ def test_score_cli_truncates_long_pairs_and_says_how_many(trained, tmp_path, cap
     assert "over the model's prompt limit of 32" in aside[0]["detail"] and aside[0]["data"]["chosen"]
 
 
+def test_a_pair_the_model_scores_alike_is_no_win_for_the_chosen_side(trained, tmp_path, monkeypatch, capsys):
+    """A tie is a wrong answer in `score` as in evaluate: `chosen_wins` false, not counted as accurate."""
+    import torch
+
+    from rm_lib.cli import main
+    from rm_lib.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "rewards", lambda model, input_ids, *args, **kwargs:
+                        torch.zeros(input_ids.shape[0]))  # a model that cannot tell the sides apart
+    rows = [{"prompt": "The film was", "chosen": "wonderful and brilliant.", "rejected": "awful and dreadful."},
+            {"prompt": "The plot was", "chosen": "tight.", "rejected": "loose."}]
+    out = tmp_path / "scores.jsonl"
+    assert main(["--root", str(trained), "score", "--input", str(write_jsonl(tmp_path / "pairs.jsonl", rows)),
+                 "--output", str(out)]) == 0
+    assert [json.loads(line)["chosen_wins"] for line in out.read_text().splitlines()] == [False, False]
+    assert "accuracy 0.0000" in capsys.readouterr().out
+
+
 def test_a_model_without_recorded_lengths_scores_up_to_its_positions_whatever_params_yaml_says(trained, tmp_path):
     """A Hub model, or one an earlier version saved: nothing says what its pairs were held to, so it reads
     up to its positions with no prompt limit; this project's filter settings (its params.yaml) are not
