@@ -262,25 +262,27 @@ def _git(root: Path, *args: str) -> str:
 
 
 def test_the_git_index_is_kept_across_what_resets_it(tmp_path):
-    """What the user staged, partly (`git add` then an edit), stays staged as it was however the index
-    is reset inside (as `dvc exp save` resets it)."""
+    """What the user staged, partly (`git add` then an edit), or as an intent (`git add -N`), stays as it
+    was however the index is reset inside (as `dvc exp save` resets it)."""
     _git(tmp_path, "init", "-q")
     (tmp_path / "a.txt").write_text("one\n")
     _git(tmp_path, "add", "a.txt")
     _git(tmp_path, "commit", "-q", "-m", "one")
     (tmp_path / "a.txt").write_text("one\ntwo\n")
     (tmp_path / "new.dvc").write_text("outs: []\n")
+    (tmp_path / "later.txt").write_text("to add\n")
     _git(tmp_path, "add", "a.txt", "new.dvc")
+    _git(tmp_path, "add", "-N", "later.txt")
     (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
     staged = _git(tmp_path, "diff", "--cached")
     with dvc_record._index_kept(tmp_path):
         _git(tmp_path, "reset", "-q")
         assert _git(tmp_path, "diff", "--cached") == ""
     assert _git(tmp_path, "diff", "--cached") == staged and "+two" in staged and "three" not in staged
-    assert _git(tmp_path, "status", "--porcelain").splitlines() == ["MM a.txt", "A  new.dvc"]
+    assert _git(tmp_path, "status", "--porcelain").splitlines() == ["MM a.txt", " A later.txt", "A  new.dvc"]
 
 
-def test_an_index_in_the_middle_of_a_merge_is_one_line_before_dvc_saves_anything(tmp_path):
+def test_a_merge_in_progress_keeps_its_unmerged_entries(tmp_path):
     _git(tmp_path, "init", "-q", "-b", "main")
     (tmp_path / "a.txt").write_text("one\n")
     _git(tmp_path, "add", "a.txt")
@@ -292,11 +294,9 @@ def test_an_index_in_the_middle_of_a_merge_is_one_line_before_dvc_saves_anything
     (tmp_path / "a.txt").write_text("mine\n")
     _git(tmp_path, "commit", "-q", "-am", "mine")
     subprocess.run(["git", "merge", "-q", "other"], cwd=tmp_path, capture_output=True)  # a conflict
-    ran = []
-    with pytest.raises(RecordError, match="finish the merge or rebase in progress first"):
-        with dvc_record._index_kept(tmp_path):
-            ran.append(True)
-    assert not ran
+    with dvc_record._index_kept(tmp_path):
+        _git(tmp_path, "reset", "-q")
+    assert _git(tmp_path, "status", "--porcelain").splitlines() == ["UU a.txt"]
 
 
 def test_no_experiment_without_a_git_commit(tmp_path):

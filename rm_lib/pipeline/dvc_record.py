@@ -378,15 +378,23 @@ def _has_commit(root: Path) -> bool:
 def _index_kept(root: Path) -> Iterator[None]:
     """The git index as the user left it: `dvc exp save` commits the workspace and then resets the index
     to HEAD, which unstaged what the user had staged (a `.dvc` file of new data then missed their next
-    commit). The index is kept as a tree object and read back, staged content and all."""
-    proc = subprocess.run(["git", "write-tree"], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RecordError(f"the git index cannot be kept while DVC saves the experiment (`git write-tree`: "
-                          f"{_tail(proc.stdout + proc.stderr)}); finish the merge or rebase in progress first")
+    commit). The index file itself is copied aside and put back, so every entry and bit stays (partly
+    staged files, `git add -N`, skip-worktree, a merge's unmerged entries)."""
+    found = subprocess.run(["git", "rev-parse", "--git-path", "index"], cwd=root, capture_output=True, text=True)
+    if found.returncode != 0:
+        raise RecordError(f"git cannot name the index of {root}: {_tail(found.stdout + found.stderr)}")
+    index = root / found.stdout.strip()
+    kept = index.with_name(f"{index.name}.rm-lib-kept")
+    had = index.is_file()
+    if had:
+        shutil.copy2(index, kept)
     try:
         yield
     finally:
-        subprocess.run(["git", "read-tree", proc.stdout.strip()], cwd=root, capture_output=True, check=True)
+        if had:
+            os.replace(kept, index)
+        else:
+            index.unlink(missing_ok=True)
         subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=root, capture_output=True)
 
 
