@@ -2,7 +2,7 @@
 the project, and the fast tests that guard it must then fail. A mutant that survives names a rule no
 test holds: the test that should have caught it is missing or cannot fail.
 
-    make mutants                          # every mutant, about 15 minutes on 2 cores
+    make mutants                          # every mutant, about 15 minutes on 2 cores (BENCHMARKS.md)
     python tests/mutants.py ties_count_as_right double_bos   # some of them
 
 Prints CAUGHT (and the first failing test) or SURVIVED for each; exits 1 if any survived.
@@ -67,6 +67,8 @@ MUTANTS = (
     Mutant("dropped_rows_not_written", "rm_lib/steps/filter.py",
            'write_jsonl(out / "dropped.jsonl", all_dropped)', 'write_jsonl(out / "dropped.jsonl", all_dropped[:1])',
            ("tests/test_tokenize_filter.py",)),
+    Mutant("rows_against_their_scores_kept_unnamed", "rm_lib/data/formats.py", 'raise Rejected("scores_against_label",',
+           'raise Rejected("tied_scores",', ("tests/test_formats.py",)),
     # the loss, and what evaluation reports of it
     Mutant("margin_added", "rm_lib/model/loss.py", "diff = diff - margin", "diff = diff + margin",
            ("tests/test_model.py",)),
@@ -75,6 +77,12 @@ MUTANTS = (
     Mutant("held_out_loss_of_the_wrong_sign", "rm_lib/evaluation/metrics.py",
            "math.log1p(math.exp(-(c - r))) if c - r > -30", "math.log1p(math.exp(c - r)) if c - r > -30",
            ("tests/test_model.py",)),
+    # each pair weighs alike in a step's gradient, however its forwards are split
+    Mutant("forwards_weighed_alike_not_pairs", "rm_lib/model/batching.py",
+           "mine = [Forward(chunk, len(chunk) * world / step_pairs) for chunk in shares[rank]]",
+           "mine = [Forward(chunk, 1.0 / len(shares[rank])) for chunk in shares[rank]]", ("tests/test_train.py",)),
+    Mutant("idle_forward_counted", "rm_lib/model/batching.py", "[Forward([spare], 0.0)]", "[Forward([spare], 1.0)]",
+           ("tests/test_train.py",)),
     # padding-free and shared-prompt packing
     Mutant("rejected_positions_restart", "rm_lib/model/packing.py",
            "(i, chosen[k:], k),\n                                           (n + i, rejected[k:], k)",
@@ -91,6 +99,8 @@ MUTANTS = (
     Mutant("test_prompts_in_train", "rm_lib/steps/download.py",
            'return ({"train": [p for p, k in zip(pairs, prompts) if k not in test_keys],',
            'return ({"train": [p for p, k in zip(pairs, prompts)],', ("tests/test_download.py",)),
+    Mutant("prompts_apart_by_case", "rm_lib/data/keys.py", 'unicodedata.normalize("NFKC", text).casefold())',
+           'unicodedata.normalize("NFKC", text))', ("tests/test_download.py",)),
     Mutant("own_prompts_counted_as_a_bases", "rm_lib/data/trained_prompts.py",
            "by_base = [i for i, d in enumerate(digests) if d not in own and d in bases]",
            "by_base = [i for i, d in enumerate(digests) if d in bases]", ("tests/test_trained_prompts.py",)),

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from rm_lib import network
+from rm_lib.evaluation import quality
 from rm_lib.files import write_json
 from rm_lib.layout import Layout
 from rm_lib.publish import hub, model_card
@@ -851,6 +852,65 @@ def test_a_revision_pushed_after_the_gate_read_the_hub_stops_the_upload(project,
                                            "again"):
         push_step(changed, project)
     assert server.repos[REPO].branches["main"] == pushed["head"] and release_files(project) == before
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_a_first_push_raced_by_another_clone_uploads_nothing(project, server, tiny_decoder, monkeypatch, public):
+    """No repository when the gate read the Hub, then another clone made it: with a release in it (ours
+    would replace it unjudged), or public and empty (ours, private by default, would go public)."""
+    from huggingface_hub import HfApi
+
+    read = hub._read_release
+
+    def read_then_another_creates_it(*args, **kwargs):
+        release = read(*args, **kwargs)
+        assert release.commit is None  # no repository yet
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo(REPO, private=not public)
+        if not public:
+            api.upload_file(path_or_fileobj=b'{"accuracy": 0.99}', path_in_repo="evaluation.json", repo_id=REPO)
+        return release
+
+    monkeypatch.setattr(hub, "_read_release", read_then_another_creates_it)
+    refusal = "is public on the Hub: this release would be public" if public else "has a new revision since"
+    with pytest.raises(PublishError, match=refusal):
+        push_step(settings(tiny_decoder, COMPARED), project)
+    assert set(published(server)) == (set() if public else {"evaluation.json"})
+
+
+@pytest.mark.parametrize("evaluation", [b"[]", b"not json", b'{"accuracy": 0.7, "inputs": "x"}'])
+def test_an_evaluation_json_of_another_project_on_the_hub_is_no_bar(project, server, tiny_decoder, evaluation):
+    """A repository holding files of its own (another tool's evaluation.json): not read as a release of
+    this project, whose keys the gate reads (it crashed, or blamed a temporary folder), whatever
+    push.compare_with_release says."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    api.create_repo(REPO, private=True)
+    for extra, buckets in (((COMPARED,), 2), ((), 3)):  # compared, then not: neither reads it as a release
+        api.upload_file(path_or_fileobj=evaluation, path_in_repo="evaluation.json", repo_id=REPO)
+        result = push_step(settings(tiny_decoder, *extra, f"evaluate.length_buckets={buckets}"), project)
+        assert result.uploaded
+        assert (f"{REPO} held an evaluation.json that is no release of this project: no earlier model to compare "
+                "with" in result.summary()) is bool(extra)
+        assert json.loads((Layout(project).release / "evaluation.json").read_text())[quality.JUDGED_AGAINST] is None
+
+
+def test_the_push_line_names_the_hubs_revision_only_where_it_compared_with_it(project, server, tiny_decoder):
+    first = push_step(settings(tiny_decoder, COMPARED), project)
+    assert "held no release of this project before this one" in first.summary()
+    changed = settings(tiny_decoder, "evaluate.length_buckets=2", COMPARED)  # the same model again: no bar
+    run_steps(changed, project, "evaluate")
+    assert "compared with" not in push_step(changed, project).summary()
+    better, head = _better_release_pushed_from_elsewhere(server, project)
+    worse = {**json.loads(published(server)["evaluation.json"]), "accuracy": 0.0}  # a weaker model's release
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=server.url, token=TOKEN).upload_file(path_or_fileobj=json.dumps(worse).encode(),
+                                                         path_in_repo="evaluation.json", repo_id=REPO)
+    head = server.repos[REPO].branches["main"]
+    said = push_step(settings(tiny_decoder, "evaluate.length_buckets=3", COMPARED), project).summary()
+    assert f"compared with the release at {REPO} revision {head}, as the Hub held it" in said
 
 
 def test_a_push_whose_answer_was_lost_and_whose_revision_landed_ends_as_a_success(project, server, tiny_decoder,

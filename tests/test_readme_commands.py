@@ -34,7 +34,7 @@ NOT_RUN = {
         "two CPU processes",
     "make test-integration": "runs the integration tier of the test suite, this test included",
     "make lint": "runs ruff; tests/test_lint.py runs the same check",
-    "make mutants": "runs the fast tests once per mutant (about 20 minutes); tests/test_mutants.py checks that every "
+    "make mutants": "runs the fast tests once per mutant (about 15 minutes); tests/test_mutants.py checks that every "
                     "mutant still applies and catches one for real",
     "make ui": "starts the Dagster UI until stopped; tests/test_ui_browser.py starts it with the Makefile's own "
                "arguments and drives it in a browser",

@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -240,6 +241,10 @@ def test_pipeline_writes_counts_rejects_and_plot(tmp_path):
         assert f.kept[split] + sum(f.dropped[split].values()) == res["tokenize"].rows[split]
     assert (tmp_path / "data/filtered/lengths.png").stat().st_size > 1000
     assert len(read_rows(tmp_path / "data/filtered/train.parquet")) == f.kept["train"]
+    # every pair set aside is written where the user can see it, with its reason
+    aside = [json.loads(line) for line in (tmp_path / "data/filtered/dropped.jsonl").read_text().splitlines()]
+    counted = sum(sum(f.dropped[split].values()) for split in ("train", "test"))
+    assert counted > 1 and len(aside) == counted and all(row["reason"] for row in aside)
 
 
 def _through_filter(tmp_path, source, *extra: str):

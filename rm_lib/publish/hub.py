@@ -9,6 +9,7 @@ answer within RM_HUB_TIMEOUT_S: see rm_lib.network for the time limit and the on
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -54,6 +55,7 @@ class HubRelease:
     commit: str | None  # the head of its main branch; None: no such repository yet
     private: bool | None
     folder: Path  # the head's evaluation.json and README.md, where it has them: what the release gate reads
+    foreign: bool = False  # the head holds an evaluation.json that is no release of this project: no bar
 
 
 RELEASE_FILES = ("evaluation.json", "README.md")
@@ -139,9 +141,31 @@ def _read_release(repo_id: str, into: Path, kept: Path) -> HubRelease:
     names = {sibling.rfilename for sibling in info.siblings or ()}
     for name in RELEASE_FILES:
         (into / name).unlink(missing_ok=True)  # a try that failed half way left the other's
-        if name in names:
-            (into / name).write_bytes(_read_file(full_id, name, info.sha))
+    evaluation = _read_file(full_id, "evaluation.json", info.sha) if "evaluation.json" in names else None
+    if evaluation is None or not _is_release(evaluation):
+        return HubRelease(full_id, info.sha, bool(info.private), into, foreign=evaluation is not None)
+    (into / "evaluation.json").write_bytes(evaluation)
+    if "README.md" in names:
+        (into / "README.md").write_bytes(_read_file(full_id, "README.md", info.sha))
     return HubRelease(full_id, info.sha, bool(info.private), into)
+
+
+def _is_release(evaluation: bytes) -> bool:
+    """An evaluation.json as this project's push writes it (the gate reads these keys); a repository's
+    file of the same name from elsewhere is no bar."""
+    try:
+        record = json.loads(evaluation)
+    except ValueError:
+        return False
+    return (isinstance(record, dict) and isinstance(record.get("accuracy"), (int, float))
+            and not isinstance(record.get("accuracy"), bool)
+            and all(isinstance(record.get(key) or {}, dict) for key in ("inputs", "test_data", "judged_against")))
+
+
+def visibility_refusal(repo_id: str, kept: Path) -> PublishError:
+    return PublishError(f"push.private is true, but {repo_id} is public on the Hub: this release would be public. "
+                        "Make the repository private in its settings on the Hub, or set push.private=false to "
+                        f"publish it openly; nothing uploaded, the model stays in {kept}")
 
 
 def _read_file(repo_id: str, name: str, revision: str) -> bytes:
@@ -171,6 +195,16 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
     full_id = url.repo_id or repo_id  # "name" alone lands in the token owner's namespace
     if named is not None:
         named(full_id)
+    if parent_commit is None:  # no repository when the gate read the Hub: the one that is there now
+        info = api.repo_info(full_id, repo_type="model")
+        if private and info.private is False:  # another made it, public, in between
+            raise visibility_refusal(full_id, kept)
+        if {sibling.rfilename for sibling in info.siblings or ()} - {".gitattributes"}:
+            commit = _ours_at_head(api, full_id, folder)  # this push's own, from a try whose answer was lost
+            if commit is None:
+                raise _moved_on(full_id, kept)
+            return {"url": str(url), "repo_id": full_id, "commit": commit, "tag": _tag(api, full_id, commit, tag)}
+        parent_commit = info.sha
     # delete_patterns: the revision holds the release and nothing of an earlier one (an adapter/ of a
     # LoRA run, a picture); the client never deletes .gitattributes
     try:
@@ -181,11 +215,14 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
             raise
         commit = _ours_at_head(api, full_id, folder)  # a try whose answer was lost may have made it
         if commit is None:
-            raise PublishError(f"'{full_id}' has a new revision since the release gate read it (a push from "
-                               "another clone, or a DVC experiment): nothing uploaded; run the push step again "
-                               f"to judge this model against the release it holds now; the model stays in {kept}"
-                               ) from None
+            raise _moved_on(full_id, kept) from None
     return {"url": str(url), "repo_id": full_id, "commit": commit, "tag": _tag(api, full_id, commit, tag)}
+
+
+def _moved_on(repo_id: str, kept: Path) -> PublishError:
+    return PublishError(f"'{repo_id}' has a new revision since the release gate read it (a push from another "
+                        "clone, or a DVC experiment): nothing uploaded; run the push step again to judge this model "
+                        f"against the release it holds now; the model stays in {kept}")
 
 
 def _ours_at_head(api: Any, repo_id: str, folder: Path) -> str | None:

@@ -175,24 +175,35 @@ def _release(params: Params, layout: Layout, on_hub: hub.HubRelease | None) -> P
     said = next((v.description for v in verdicts if v.name == "release_gate"), None)
     if info is None:
         return PushResult(layout.release, False, None, None, files, gate=said)
-    if cfg.compare_with_release:
-        said = f"{said}\n  {_compared_with(on_hub)}" if said else _compared_with(on_hub)
+    compared = _compared_with(on_hub, layout, verdicts) if cfg.compare_with_release else None
+    if compared:
+        said = f"{said}\n  {compared}" if said else compared
     return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said)
 
 
-def _compared_with(on_hub: hub.HubRelease) -> str:
+def _compared_with(on_hub: hub.HubRelease, layout: Layout, verdicts: list[quality.Verdict]) -> str | None:
+    """Where the bar came from, in words: the Hub's head, what that head was judged against, or nothing."""
+    if on_hub.foreign:
+        return (f"{on_hub.repo_id} held an evaluation.json that is no release of this project: no earlier model to "
+                "compare with")
     if not (on_hub.folder / "evaluation.json").is_file():
         return f"{on_hub.repo_id} held no release of this project before this one: no earlier model to compare with"
-    return f"the last release compared with is {on_hub.repo_id} at revision {on_hub.commit}, as the Hub held it"
+    accuracy = next((v for v in verdicts if v.name == "release_gate"), None)
+    if accuracy is None or accuracy.metadata.get("compared_with_previous") is not True:
+        return None  # the gate's line says why it compared nothing
+    head = read_json(on_hub.folder / "evaluation.json")
+    model = read_json(layout.evaluation / "report.json").get("inputs", {}).get("model")
+    if head.get("forced") or head.get("inputs", {}).get("model") == model:
+        return (f"compared with what the release at {on_hub.repo_id} revision {on_hub.commit} was judged against "
+                "(that release is this model, or was forced past its gate)")
+    return f"compared with the release at {on_hub.repo_id} revision {on_hub.commit}, as the Hub held it"
 
 
 def _check_visibility(private: bool, on_hub: hub.HubRelease, kept: Path) -> None:
     """push.private against the repository as it is: the Hub keeps an existing repository's visibility
     whatever the push asks, so a private release would go into a public repository unseen."""
     if private and on_hub.private is False:
-        raise hub.PublishError(f"push.private is true, but {on_hub.repo_id} is public on the Hub: this release "
-                               "would be public. Make the repository private in its settings on the Hub, or set "
-                               f"push.private=false to publish it openly; nothing uploaded, the model stays in {kept}")
+        raise hub.visibility_refusal(on_hub.repo_id, kept)
     if not private and on_hub.private:
         print(f"note: {on_hub.repo_id} is private on the Hub: push.private=false does not make it public (its "
               "settings on the Hub do)", file=sys.stderr)
