@@ -274,16 +274,16 @@ def release_bar(layout: Layout, model: str | None = None, release: Path | None =
     path = folder / "evaluation.json"
     if not path.exists():
         return None
-    release = read_json(path)
-    judged_against = release.get(JUDGED_AGAINST)
-    if release.get("forced") or (model is not None and _bar(release)["model"] == model):
+    record = read_json(path)
+    judged_against = record.get(JUDGED_AGAINST)
+    if record.get("forced") or (model is not None and _bar(record)["model"] == model):
         return judged_against
     card = folder / "README.md"
-    if "forced" not in release and card.is_file() and FORCED_MARK in card.read_text(errors="replace"):
+    if "forced" not in record and card.is_file() and FORCED_MARK in card.read_text(errors="replace"):
         # an earlier version's forced release: its card says a check failed, not whether one that blocks
         # (a warning's failure was marked so too), so it stays a bar and a refusal says what it may be
-        return {**_bar(release), FORCED_BY_EARLIER_VERSION: True}
-    return _bar(release)
+        return {**_bar(record), FORCED_BY_EARLIER_VERSION: True}
+    return _bar(record)
 
 
 def _source_name(test_data: dict) -> str:
