@@ -262,6 +262,12 @@ FORCED_MARK = "Released with `push.force=true` although the release gate failed.
 FORCED_BY_EARLIER_VERSION = "forced_by_earlier_version"
 
 
+def stands_on_its_bar(record: dict, model: str | None) -> bool:
+    """Whether a release's record (its evaluation.json) passes its own bar on to the next model rather than
+    being one: forced past a failed gate, or holding `model` itself (a push again of what it holds)."""
+    return bool(record.get("forced")) or (model is not None and _bar(record)["model"] == model)
+
+
 def release_bar(layout: Layout, model: str | None = None, release: Path | None = None) -> dict | None:
     """What a release of `model` (its content hash) must not fall below: the last release ({"accuracy",
     "data_hash", "model", "pairs", "test_data"}; a release by an older version lacks the last two, or has
@@ -276,7 +282,7 @@ def release_bar(layout: Layout, model: str | None = None, release: Path | None =
         return None
     record = read_json(path)
     judged_against = record.get(JUDGED_AGAINST)
-    if record.get("forced") or (model is not None and _bar(record)["model"] == model):
+    if stands_on_its_bar(record, model):
         return judged_against
     card = folder / "README.md"
     if "forced" not in record and card.is_file() and FORCED_MARK in card.read_text(errors="replace"):

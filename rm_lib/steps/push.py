@@ -193,7 +193,7 @@ def _compared_with(on_hub: hub.HubRelease, layout: Layout, verdicts: list[qualit
         return None  # the gate's line says why it compared nothing
     head = read_json(on_hub.folder / "evaluation.json")
     model = read_json(layout.evaluation / "report.json").get("inputs", {}).get("model")
-    if head.get("forced") or head.get("inputs", {}).get("model") == model:
+    if quality.stands_on_its_bar(head, model):
         return (f"compared with what the release at {on_hub.repo_id} revision {on_hub.commit} was judged against "
                 "(that release is this model, or was forced past its gate)")
     return f"compared with the release at {on_hub.repo_id} revision {on_hub.commit}, as the Hub held it"
