@@ -188,7 +188,7 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
         return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
     if outcome.experiment:
         context.log.info(printable(f"{stage}: recorded in the DVC experiment {outcome.experiment}; "
-                                   f"{outcome.push_note}; {workspace_note(outcome.experiment)}"))
+                                   f"{outcome.push_note}; {workspace_note(outcome.experiment, project.root_path())}"))
     elif not outcome.pushed:
         context.log.warning(printable(f"{stage}: recorded in dvc.lock and the DVC cache but not pushed: "
                                       f"{outcome.push_note}"))

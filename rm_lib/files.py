@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -504,3 +505,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise UserError(f"{path}: expected a mapping of stages, got {type(document).__name__}")
     return document
+
+
+def pipeline_written_files(root: Path) -> list[str]:
+    """What `dvc repro` itself rewrites among git's files: dvc.lock, and the outs dvc.yaml keeps in git
+    (`cache: false`, as data/evaluation/metrics.json), relative to `root`."""
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        spec = {}
+    written = ["dvc.lock"]
+    for stage in (spec.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            for out in (stage.get(key) or []) if isinstance(stage, dict) else []:
+                for path, options in (out.items() if isinstance(out, dict) else ()):
+                    if isinstance(options, dict) and options.get("cache") is False:
+                        written.append(posixpath.normpath(posixpath.join(stage.get("wdir", "."), path)))
+    return written

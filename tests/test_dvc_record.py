@@ -177,7 +177,7 @@ def test_a_run_with_other_settings_is_recorded_as_a_dvc_experiment(recorded):
     rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(repo.dvc("exp", "show", "--csv")))}
     assert rows[name]["download.demo_pairs"] == "40" and rows[""]["download.demo_pairs"] == "60"
     pairs = (repo.root / "data/pairs/train.jsonl").read_bytes()
-    back = re.search(r"`(dvc checkout [^`]+)` goes back", dvc_record.workspace_note(name)).group(1)
+    back = re.search(r"`(dvc checkout [^`]+)` goes back", dvc_record.workspace_note(name, repo.root)).group(1)
     for command in back.split(" && "):  # the log's way back to what dvc.lock records, before a commit
         repo.run(*command.replace("dvc ", f"{dvc_executable()} ", 1).split())
     assert UP_TO_DATE in repo.dvc("status") and (repo.root / "data/pairs/train.jsonl").read_bytes() != pairs

@@ -25,7 +25,7 @@ import yaml
 
 from rm_lib import network
 from rm_lib.evaluation import quality
-from rm_lib.files import write_json
+from rm_lib.files import pipeline_written_files, write_json
 from rm_lib.layout import Layout
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.hub import PublishError
@@ -437,7 +437,7 @@ def test_the_cards_lora_instructions_pin_a_hub_base_and_add_no_pad_steps_where_n
 def test_the_cards_commit_is_not_marked_changed_by_the_files_dvc_repro_writes_in_git(tmp_path):
     """`dvc repro` at a clean commit rewrites dvc.lock and the git-tracked outs of dvc.yaml (the evaluate
     stage's metrics.json): those leave the commit unmarked; a changed source file or params.yaml marks it."""
-    assert "data/evaluation/metrics.json" in model_card.pipeline_written_files(ROOT)
+    assert "data/evaluation/metrics.json" in pipeline_written_files(ROOT)
     files = ("dvc.yaml", "dvc.lock", "params.yaml", "rm_lib/settings.py", "data/evaluation/metrics.json")
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import yaml
 
 from rm_lib.errors import SettingsError, UserError
-from rm_lib.files import dvc_md5, read_yaml
+from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
 from rm_lib.settings import Params, load_params
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
@@ -231,11 +231,18 @@ def experiment_name(run_id: str) -> str:
     return f"dagster-{run_id[:8]}"
 
 
-def workspace_note(name: str) -> str:
+def workspace_note(name: str, root: Path) -> str:
     """What a user must know before committing after a run recorded as an experiment."""
+    # the outs dvc.yaml keeps in git, where git has them (before a first commit of them there is nothing
+    # to go back to, and `git checkout` of an unknown path fails)
+    outs = [path for path in pipeline_written_files(root) if path != "dvc.lock"]
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *outs], cwd=root, capture_output=True, text=True,
+                            timeout=30) if outs else None
+    in_git = [path for path in outs if listed is not None and path in listed.stdout.split("\0")]
+    back = "dvc checkout --force" + (f" && git checkout {' '.join(in_git)}" if in_git else "")
     return (f"the workspace keeps the outputs of experiment {name}, which dvc.lock and params.yaml do not describe: "
             f"before a git commit, `dvc exp apply {name}` keeps them (its settings into params.yaml), or "
-            "`dvc checkout --force && git checkout data/evaluation/metrics.json` goes back to dvc.lock's")
+            f"`{back}` goes back to dvc.lock's")
 
 
 def experiment_state(root: Path, run_id: str) -> Optional[dict[str, str]]:

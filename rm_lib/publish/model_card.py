@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 import re
 import subprocess
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
 from rm_lib.evaluation.visualize import one_line, table_cell
-from rm_lib.files import dvc_md5, read_yaml
+from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 from rm_lib.settings import load_params, params_from_dict
 
@@ -43,23 +42,6 @@ def _git(root: Path, *args: str) -> str | None:
                               timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def pipeline_written_files(root: Path) -> list[str]:
-    """What `dvc repro` itself rewrites among git's files: dvc.lock, and the outs dvc.yaml keeps in git
-    (`cache: false`, as data/evaluation/metrics.json), relative to `root`."""
-    try:
-        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        spec = {}
-    written = ["dvc.lock"]
-    for stage in (spec.get("stages") or {}).values():
-        for key in ("outs", "metrics", "plots"):
-            for out in (stage.get(key) or []) if isinstance(stage, dict) else []:
-                for path, options in (out.items() if isinstance(out, dict) else ()):
-                    if isinstance(options, dict) and options.get("cache") is False:
-                        written.append(posixpath.normpath(posixpath.join(stage.get("wdir", "."), path)))
-    return written
 
 
 def git_commit(root: Path) -> str | None:
