@@ -782,3 +782,97 @@ def test_score_counts_every_text_once_and_says_how_far_its_tokenizing_is(trained
     assert texts and all(" of 12 texts " in line for line in texts)
     done = [int(line.split(": ")[1].split(" of ")[0]) for line in texts]
     assert done == sorted(done)  # one pass: it never starts again
+
+
+@pytest.fixture(scope="module")
+def trained_decoder(tmp_path_factory, tiny_decoder):
+    root = tmp_path_factory.mktemp("scored-decoder")
+    run_steps(tiny_params("train.max_steps=2", "tokenize.template=chatml", model=str(tiny_decoder)), root,
+              "download", "tokenize", "filter", "train")
+    return root / "models/reward_model"
+
+
+def test_a_model_folder_with_a_lost_or_damaged_file_is_refused_naming_it(trained_decoder, tmp_path):
+    """Without tokenizer_config.json the decoder's tokenizer named no EOS: every reward was read one token
+    early, other than training's and plain transformers', unsaid. rm_lib.json records the tokens training put
+    around a text (a model saved before it did: its config's EOS); a cut-short model.safetensors ended in the
+    reader's traceback."""
+    from rm_lib.errors import SettingsError
+
+    recorded = json.loads((trained_decoder / "rm_lib.json").read_text())["special_tokens"]
+    assert recorded == {"prefix": [1], "end": 2}
+    assert RewardScorer(trained_decoder).special.end == 2
+
+    def damaged(name: str, change) -> Path:
+        folder = tmp_path / name
+        import shutil
+
+        shutil.copytree(trained_decoder, folder)
+        change(folder)
+        return folder
+
+    def older(folder: Path) -> None:
+        (folder / "tokenizer_config.json").unlink()
+        record = json.loads((folder / "rm_lib.json").read_text())
+        del record["special_tokens"]
+        (folder / "rm_lib.json").write_text(json.dumps(record))
+
+    for folder, message in [
+        (damaged("no-config", lambda f: (f / "tokenizer_config.json").unlink()),
+         "its tokenizer puts [1] before a text and ends it with None, where training put [1] and 2 (rm_lib.json): "
+         "a file of the tokenizer (tokenizer_config.json, tokenizer.json) is missing"),
+        (damaged("older", older), "its tokenizer names no end token, where the model's config.json names 2"),
+        (damaged("no-tokenizer", lambda f: (f / "tokenizer.json").unlink()),
+         "the folder holds no tokenizer file (tokenizer.json"),
+        (damaged("cut", lambda f: os.truncate(f / "model.safetensors", 1000)),
+         "model.safetensors is damaged or incomplete (Error while deserializing header"),
+    ]:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            RewardScorer(folder)
+
+
+def test_the_released_tokenizer_cuts_at_the_models_positions_and_auto_is_the_recorded_template(trained_decoder):
+    """The tiny decoder's base tokenizer knows no length (1e30): `pipeline(..., truncation=True)` cut
+    nothing and the model read past its 256 positions. `template="auto"` is the template training recorded
+    (it was the tokenizer's own), and an unknown one is refused when the scorer is made, not at a KeyError
+    when a conversation comes."""
+    from transformers import AutoTokenizer
+
+    from rm_lib.errors import SettingsError
+
+    released = AutoTokenizer.from_pretrained(trained_decoder)
+    assert released.model_max_length == 256
+    long = " ".join(["good"] * 400)
+    assert len(released(long, truncation=True)["input_ids"]) == 256
+    scorer = RewardScorer(trained_decoder, template="auto")
+    assert scorer.template == RewardScorer(trained_decoder).template == "chatml"
+    with pytest.raises(SettingsError, match=re.escape("template: unknown template 'llama3'; use auto, tokenizer")):
+        RewardScorer(trained_decoder, template="llama3")
+
+
+def test_the_scorers_arguments_are_checked_with_what_is_wrong(trained, tmp_path):
+    """A missing local folder was read as a malformed Hub id, an adapter's folder as a tokenizer that cannot
+    be built, a CUDA device on a build without one ended in an AssertionError, names of another length in
+    an IndexError, numpy's integers were refused, and an empty conversation as completion scored the prompt
+    alone."""
+    import numpy as np
+    import torch
+
+    from rm_lib.errors import DataError, SettingsError
+
+    model = trained / "models/reward_model"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    for folder, message in [(tmp_path / "gone", "no such folder"),
+                            (tmp_path / "adapter", "the folder holds no model (no config.json); it is a LoRA adapter")]:
+        with pytest.raises(SettingsError, match=re.escape(f"model_dir {folder}: {message}")):
+            RewardScorer(folder)
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingsError, match="device: 'cuda' asked for, but this torch has no CUDA device"):
+            RewardScorer(model, device="cuda")
+    scorer = RewardScorer(model, batch_size=np.int64(2))
+    assert scorer.batch_size == 2 and type(scorer.batch_size) is int
+    with pytest.raises(DataError, match="2 items but 1 names"):
+        scorer.score_detailed(["a", "b"], names=["x"])
+    with pytest.raises(DataError, match=re.escape("item 0: the completion is an empty conversation")):
+        scorer.reward_function()(prompts=[[{"role": "user", "content": "hi"}]], completions=[[]])

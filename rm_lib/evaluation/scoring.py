@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,16 @@ from rm_lib.data import formats, templates, tokenization
 from rm_lib.data.length_filter import front_length, truncate_left
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.model.batching import in_batches, right_padded
-from rm_lib.model.modeling import load_reward_model, load_tokenizer, max_sequence_length, resolve_model_path, rewards
+from rm_lib.model.modeling import (
+    adapter_advice,
+    load_reward_model,
+    load_tokenizer,
+    max_sequence_length,
+    resolve_model_path,
+    rewards,
+)
+from rm_lib.model.special import SpecialTokens
+from rm_lib.settings import TEMPLATES, names_a_folder
 
 LENGTH_POLICIES = ("truncate", "drop")
 
@@ -110,23 +120,30 @@ class RewardScorer:
                  max_length: int | None = None) -> None:
         if length_policy not in LENGTH_POLICIES:
             raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        batch_size = _whole(batch_size)
+        if batch_size is None or batch_size < 1:
             raise SettingsError(f"batch_size: must be a whole number of at least 1, got {batch_size!r}")
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
                                        or max_length < 2):
             raise SettingsError(f"max_length: must be a whole number of at least 2 (a start and an end token) or "
                                 f"None (the model's limit), got {max_length!r}")
+        if template is not None and template not in TEMPLATES:
+            raise SettingsError(f"template: unknown template {template!r}; use {', '.join(TEMPLATES)}")
+        self.device = _device(device)
+        check_model_folder(model_dir, "model_dir")
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
         # the pad load_tokenizer may add (a model that pads with its EOS, or has no pad) needs its embedding row
         self.model = load_reward_model(str(model_dir), trained=True, pad_token_id=self.tokenizer.pad_token_id)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.special = tokenization.special_tokens(self.tokenizer)
         saved = training_record(str(model_dir))
         self.saved = saved  # rm_lib.json: the template and the lengths training held pairs to
-        self.template = templates.resolve(template or saved.get("template", "auto"), self.tokenizer)
+        check_tokenizer_as_trained(str(model_dir), self.tokenizer, self.special, saved, self.model.config,
+                                   template)
+        recorded = saved.get("template")
+        self.template = templates.resolve(template or "auto", self.tokenizer, recorded)
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
         self.std = getattr(self.model.config, "reward_std", 1.0) if normalize else 1.0
         self.length_policy = length_policy
@@ -192,6 +209,8 @@ class RewardScorer:
         if isinstance(items, (str, dict)):  # a str would be scored character by character
             raise DataError(f"score takes a list of texts or conversations, got one {type(items).__name__}: "
                             "pass [item]")
+        if names is not None and len(names) != len(items):
+            raise DataError(f"score_detailed: {len(items)} items but {len(names)} names")
         return self.score_ids([self.encode(item, names[i] if names else f"item {i}")
                                for i, item in enumerate(items)], names)
 
@@ -251,6 +270,9 @@ class RewardScorer:
                 if isinstance(p, str) != isinstance(c, str):
                     raise DataError(f"reward function: {name}: a {_kind(p)} prompt with a {_kind(c)} completion; "
                                     "give both as text or both as conversations (lists of messages)")
+                if isinstance(c, list) and not c:  # the prompt alone would be scored as if answered
+                    raise DataError(f"reward function: {name}: the completion is an empty conversation (no "
+                                    "message)")
             encoded = [self.encode(p + closed(c), name) for p, c, name in zip(prompts, completions, names)]
             lengths = ([self.given_prompt_length(p, name) for p, name in zip(prompts, names)]
                        if self.max_prompt is not None else None)
@@ -258,6 +280,77 @@ class RewardScorer:
 
         reward.__name__ = f"reward_model_{self.model_dir.name}"
         return reward
+
+
+def _whole(value: Any) -> int | None:
+    """An int from any whole-number type (numpy's too), or None; not a bool."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """The device to score on: as asked, where torch has it; by default a GPU where there is one."""
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise SettingsError(f"device: {device!r} is no torch device ({exc})") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"device: {device!r} asked for, but this torch has no CUDA device (torch "
+                            f"{torch.__version__}); use device='cpu', or install a CUDA build of torch")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise SettingsError(f"device: {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    return chosen
+
+
+def check_model_folder(model: str | Path, name: str) -> None:
+    """A local model path that is a folder holding a model, or a SettingsError naming `name`: the
+    libraries would read a missing folder as a malformed Hub id, an adapter's folder or an empty one as a
+    tokenizer that cannot be built. A Hub id passes (it is read from the Hub)."""
+    folder = Path(model).expanduser()
+    if not folder.exists():
+        if names_a_folder(str(model)):
+            raise SettingsError(f"{name} {model}: no such folder")
+        return
+    if not folder.is_dir():
+        raise SettingsError(f"{name} {model}: is a file; name the folder train wrote (models/reward_model) or a "
+                            "Hub id")
+    if not (folder / "config.json").is_file():
+        raise SettingsError(f"{name} {model}: the folder holds no model (no config.json); "
+                            + (adapter_advice(folder) or "name the folder train wrote (models/reward_model)"))
+
+
+def check_tokenizer_as_trained(model: str, tokenizer: Any, special: SpecialTokens, saved: dict, config: Any,
+                               template: str | None = None) -> None:
+    """The tokenizer puts the start and end tokens around a text that training put (rm_lib.json records
+    them; for a model saved before it did, the end token its config names), and has the chat template
+    training rendered with: a file of the tokenizer lost or replaced (tokenizer_config.json names the EOS)
+    would move the token the reward is read at, and every reward with it, unsaid. `template`: the one
+    asked for (None: the recorded one)."""
+    recorded = saved.get("special_tokens")
+    files = "tokenizer_config.json, tokenizer.json"
+    if isinstance(recorded, dict):
+        wanted = SpecialTokens(prefix=tuple(recorded.get("prefix") or ()), end=recorded.get("end"))
+        if (special.prefix, special.end) != (wanted.prefix, wanted.end):
+            raise SettingsError(
+                f"{model}: its tokenizer puts {list(special.prefix)} before a text and ends it with {special.end}, "
+                f"where training put {list(wanted.prefix)} and {wanted.end} (rm_lib.json): a file of the tokenizer "
+                f"({files}) is missing or not the one it trained with, and the rewards would be read at another "
+                "token; copy the folder train wrote again")
+    elif special.end is None and getattr(config, "eos_token_id", None) is not None:
+        raise SettingsError(
+            f"{model}: its tokenizer names no end token, where the model's config.json names "
+            f"{config.eos_token_id}: a file of the tokenizer ({files}) is missing or changed, and the rewards "
+            "would be read at another token; copy the folder train wrote again")
+    if saved.get("template") == "tokenizer" and template in (None, "auto", "tokenizer") \
+            and not getattr(tokenizer, "chat_template", None):
+        raise SettingsError(
+            f"{model}: trained on conversations rendered with its tokenizer's chat template (rm_lib.json), which "
+            "the folder no longer holds (chat_template.jinja, or chat_template in tokenizer_config.json); copy "
+            "the folder train wrote again")
 
 
 def _kind(part: Any) -> str:

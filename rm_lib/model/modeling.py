@@ -57,11 +57,11 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
-                            f"({_first_line(exc)}); {_load_hint(path)}", transient=network.is_transient(exc)
-                            ) from None
+                            f"({_first_line(exc)}){_no_tokenizer_file(path)}; {_load_hint(path)}",
+                            transient=network.is_transient(exc)) from None
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
-                            f"({_first_line(exc)})") from None
+                            f"({_first_line(exc)}){_no_tokenizer_file(path)}") from None
     pads_with_eos = tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
     if tokenizer.pad_token is None or pads_with_eos:
         # A pad token of its own. Our rewards are read at the last attended token whatever pad is, but
@@ -70,6 +70,19 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         # sequence ends with, and the released model would give those users other rewards.
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def _no_tokenizer_file(path: str) -> str:
+    """A local folder that holds none of a tokenizer's files, in words ('' otherwise): transformers says it
+    could not build its backend 'from one of: ' an empty list."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return f": the folder holds no tokenizer file (tokenizer.json, or {', '.join(TOKENIZER_FILES[1:])})"
+    return ""
 
 
 def check_one_output(config: Any, name: str) -> None:
@@ -142,7 +155,7 @@ def check_head_outputs(path: str, name: str) -> None:
     config, and a config without `architectures`, or one that says one label over a 2-row head, passed
     it; the load then failed with transformers' size-mismatch traceback, after the data steps). Called
     for a checkpoint that names no architectures or a sequence-classification one."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(path)
     if not folder.is_dir():
@@ -158,7 +171,10 @@ def check_head_outputs(path: str, name: str) -> None:
                             "score. Start from its base model instead, or from a one-output checkpoint")
         except SettingsError:
             raise
-        except Exception:  # noqa: BLE001 - a damaged or unusual file: the load says what is wrong with it
+        except SafetensorError as exc:  # cut short or damaged: the load would end in a traceback of the reader
+            raise SettingsError(f"model.name_or_path: '{name}': {file} is damaged or incomplete ({_first_line(exc)}); "
+                                "copy or download it again") from None
+        except Exception:  # noqa: BLE001 - an unusual file (one not readable): the load says what is wrong with it
             continue
 
 
@@ -555,7 +571,12 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
     # other rewards from a left-padded batch); cut on the left, where training cut a long text (keeping its
     # end, where the answer is): `pipeline(..., truncation=True)` cut the answer off, the same reward for all.
     # save_pretrained writes what init_kwargs hold.
-    wanted = {"padding_side": "right", "truncation_side": "left"}
+    wanted: dict[str, Any] = {"padding_side": "right", "truncation_side": "left"}
+    # the positions the model reads, where its tokenizer knows no limit (1e30): `truncation=True` cuts nothing
+    # at 1e30, and the model then reads past its positions unsaid
+    positions = max_sequence_length(getattr(model, "module", model).config)
+    if positions is not None and released.model_max_length > positions:
+        wanted["model_max_length"] = positions
     if any(getattr(released, k) != v or released.init_kwargs.get(k) != v for k, v in wanted.items()):
         import copy
 

@@ -9,10 +9,9 @@ from typing import Any
 from rm_lib.data import formats, length_filter, sources, tokenization
 from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
-from rm_lib.evaluation.scoring import RewardScorer, model_max_length
+from rm_lib.evaluation.scoring import RewardScorer, check_model_folder, model_max_length
 from rm_lib.files import atomic_files, special_file, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
-from rm_lib.model.modeling import adapter_advice
 from rm_lib.progress import Progress
 from rm_lib.settings import Params, check_within_positions, names_a_folder
 
@@ -79,21 +78,8 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
 
 
 def _check_model(model: str | None) -> None:
-    """--model as model.name_or_path is checked, and a folder that holds no model said to be one: the
-    libraries would otherwise read a missing folder as a malformed Hub id, and an empty one as a
-    tokenizer that cannot be built."""
-    if model is None:
-        return
-    folder = Path(model).expanduser()
-    if not folder.exists():
-        if names_a_folder(model):
-            raise UserError(f"--model {model}: no such folder")
-        return  # a Hub id
-    if not folder.is_dir():
-        raise UserError(f"--model {model}: is a file; name the folder train wrote (models/reward_model) or a Hub id")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"--model {model}: the folder holds no model (no config.json); "
-                        + (adapter_advice(folder) or "name the folder train wrote (models/reward_model)"))
+    if model is not None:
+        check_model_folder(model, "--model")
 
 
 def _noting_ids(rows: sources.Rows, file: str, own_ids: dict[str, Any]) -> sources.Rows:

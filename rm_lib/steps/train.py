@@ -27,6 +27,7 @@ from rm_lib.model.modeling import (
     resolve_model_path,
     save_model,
 )
+from rm_lib.model.special import special_tokens
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params, TrainSettings
 from rm_lib.steps import launched_on_cpu
@@ -330,7 +331,9 @@ def run(params: Params, layout: Layout, accelerator=None,
                                              "inputs": {"filtered": meta["content_hash"]},
                                              # what the pairs were held to: score holds its pairs to the same
                                              "lengths": {k: meta.get(k) for k in LENGTH_SETTINGS},
-                                             "base_reward_model": base_reward_model(params.model.name_or_path)})
+                                             "base_reward_model": base_reward_model(params.model.name_or_path),
+                                             # the tokens the reward is read after: a scorer checks its tokenizer
+                                             "special_tokens": _special_record(tokenizer)})
             plots.loss_curve([r["step"] for r in history], [r["loss"] for r in history],
                              [r["accuracy"] for r in history], logs / "loss.png")
             write_jsonl(logs / "metrics.jsonl", records)  # the finished run's log, published
@@ -340,3 +343,8 @@ def run(params: Params, layout: Layout, accelerator=None,
             write_json(logs / "summary.json", outcome.summary_record())
     accelerator.wait_for_everyone()
     return outcome
+
+
+def _special_record(tokenizer: Any) -> dict:
+    special = special_tokens(tokenizer)
+    return {"prefix": list(special.prefix), "end": special.end}
