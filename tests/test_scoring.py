@@ -795,8 +795,7 @@ def trained_decoder(tmp_path_factory, tiny_decoder):
 def test_a_model_folder_with_a_lost_or_damaged_file_is_refused_naming_it(trained_decoder, tmp_path):
     """Without tokenizer_config.json the decoder's tokenizer named no EOS: every reward was read one token
     early, other than training's and plain transformers', unsaid. rm_lib.json records the tokens training put
-    around a text (a model saved before it did: its config's EOS); a cut-short model.safetensors ended in the
-    reader's traceback."""
+    around a text; a cut-short model.safetensors ended in the reader's traceback."""
     from rm_lib.errors import SettingsError
 
     recorded = json.loads((trained_decoder / "rm_lib.json").read_text())["special_tokens"]
@@ -811,24 +810,29 @@ def test_a_model_folder_with_a_lost_or_damaged_file_is_refused_naming_it(trained
         change(folder)
         return folder
 
-    def older(folder: Path) -> None:
-        (folder / "tokenizer_config.json").unlink()
+    def older(folder: Path) -> None:  # a model saved before rm_lib.json recorded the tokens
         record = json.loads((folder / "rm_lib.json").read_text())
         del record["special_tokens"]
         (folder / "rm_lib.json").write_text(json.dumps(record))
 
+    # not judged without a record: a config's eos_token_id is often a default its tokenizer never adds
+    assert RewardScorer(damaged("older", older)).special.end == 2
     for folder, message in [
         (damaged("no-config", lambda f: (f / "tokenizer_config.json").unlink()),
          "its tokenizer puts [1] before a text and ends it with None, where training put [1] and 2 (rm_lib.json): "
          "a file of the tokenizer (tokenizer_config.json, tokenizer.json) is missing"),
-        (damaged("older", older), "its tokenizer names no end token, where the model's config.json names 2"),
         (damaged("no-tokenizer", lambda f: (f / "tokenizer.json").unlink()),
-         "the folder holds no tokenizer file (tokenizer.json"),
+         "the folder holds no tokenizer file (no tokenizer.json, vocabulary or sentencepiece model)"),
         (damaged("cut", lambda f: os.truncate(f / "model.safetensors", 1000)),
          "model.safetensors is damaged or incomplete (Error while deserializing header"),
     ]:
         with pytest.raises(SettingsError, match=re.escape(message)):
             RewardScorer(folder)
+    from rm_lib.model.modeling import _no_tokenizer_file
+
+    (tmp_path / "deberta").mkdir()
+    (tmp_path / "deberta" / "spm.model").write_bytes(b"x")  # DeBERTa-v3's sentencepiece model is a tokenizer file
+    assert _no_tokenizer_file(str(tmp_path / "deberta")) == ""
 
 
 def test_the_released_tokenizer_cuts_at_the_models_positions_and_auto_is_the_recorded_template(trained_decoder):
@@ -870,6 +874,10 @@ def test_the_scorers_arguments_are_checked_with_what_is_wrong(trained, tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(SettingsError, match="device: 'cuda' asked for, but this torch has no CUDA device"):
             RewardScorer(model, device="cuda")
+    for bad in (2.0, "8", True):
+        with pytest.raises(SettingsError, match=re.escape(f"batch_size: must be a whole number of at least 1, got "
+                                                          f"{bad!r}")):
+            RewardScorer(model, batch_size=bad)
     scorer = RewardScorer(model, batch_size=np.int64(2))
     assert scorer.batch_size == 2 and type(scorer.batch_size) is int
     with pytest.raises(DataError, match="2 items but 1 names"):

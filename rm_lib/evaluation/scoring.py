@@ -120,9 +120,10 @@ class RewardScorer:
                  max_length: int | None = None) -> None:
         if length_policy not in LENGTH_POLICIES:
             raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
-        batch_size = _whole(batch_size)
-        if batch_size is None or batch_size < 1:
+        whole = _whole(batch_size)
+        if whole is None or whole < 1:
             raise SettingsError(f"batch_size: must be a whole number of at least 1, got {batch_size!r}")
+        batch_size = whole
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
                                        or max_length < 2):
             raise SettingsError(f"max_length: must be a whole number of at least 2 (a start and an end token) or "
@@ -131,6 +132,8 @@ class RewardScorer:
             raise SettingsError(f"template: unknown template {template!r}; use {', '.join(TEMPLATES)}")
         self.device = _device(device)
         check_model_folder(model_dir, "model_dir")
+        if Path(model_dir).expanduser().exists():  # ~ read as the loaders do not: a Hub id otherwise
+            model_dir = Path(model_dir).expanduser()
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir))
         # the pad load_tokenizer may add (a model that pads with its EOS, or has no pad) needs its embedding row
@@ -140,8 +143,7 @@ class RewardScorer:
         self.special = tokenization.special_tokens(self.tokenizer)
         saved = training_record(str(model_dir))
         self.saved = saved  # rm_lib.json: the template and the lengths training held pairs to
-        check_tokenizer_as_trained(str(model_dir), self.tokenizer, self.special, saved, self.model.config,
-                                   template)
+        check_tokenizer_as_trained(str(model_dir), self.tokenizer, self.special, saved, template)
         recorded = saved.get("template")
         self.template = templates.resolve(template or "auto", self.tokenizer, recorded)
         self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
@@ -323,12 +325,13 @@ def check_model_folder(model: str | Path, name: str) -> None:
                             + (adapter_advice(folder) or "name the folder train wrote (models/reward_model)"))
 
 
-def check_tokenizer_as_trained(model: str, tokenizer: Any, special: SpecialTokens, saved: dict, config: Any,
+def check_tokenizer_as_trained(model: str, tokenizer: Any, special: SpecialTokens, saved: dict,
                                template: str | None = None) -> None:
     """The tokenizer puts the start and end tokens around a text that training put (rm_lib.json records
-    them; for a model saved before it did, the end token its config names), and has the chat template
-    training rendered with: a file of the tokenizer lost or replaced (tokenizer_config.json names the EOS)
-    would move the token the reward is read at, and every reward with it, unsaid. `template`: the one
+    them), and has the chat template training rendered with: a file of the tokenizer lost or replaced
+    (tokenizer_config.json names the EOS) would move the token the reward is read at, and every reward
+    with it, unsaid. A model saved before rm_lib.json recorded them, or another project's, is not
+    judged (its config's eos_token_id is often a default its tokenizer never adds). `template`: the one
     asked for (None: the recorded one)."""
     recorded = saved.get("special_tokens")
     files = "tokenizer_config.json, tokenizer.json"
@@ -340,11 +343,6 @@ def check_tokenizer_as_trained(model: str, tokenizer: Any, special: SpecialToken
                 f"where training put {list(wanted.prefix)} and {wanted.end} (rm_lib.json): a file of the tokenizer "
                 f"({files}) is missing or not the one it trained with, and the rewards would be read at another "
                 "token; copy the folder train wrote again")
-    elif special.end is None and getattr(config, "eos_token_id", None) is not None:
-        raise SettingsError(
-            f"{model}: its tokenizer names no end token, where the model's config.json names "
-            f"{config.eos_token_id}: a file of the tokenizer ({files}) is missing or changed, and the rewards "
-            "would be read at another token; copy the folder train wrote again")
     if saved.get("template") == "tokenizer" and template in (None, "auto", "tokenizer") \
             and not getattr(tokenizer, "chat_template", None):
         raise SettingsError(

@@ -72,16 +72,17 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model")
+# what a tokenizer is built from: tokenizer.json, or a vocabulary (vocab.txt, vocab.json + merges.txt), a
+# sentencepiece model (tokenizer.model, spiece.model, spm.model, source.spm) or a tiktoken file
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "*.spm", "vocab*", "merges*", "*.tiktoken")
 
 
 def _no_tokenizer_file(path: str) -> str:
     """A local folder that holds none of a tokenizer's files, in words ('' otherwise): transformers says it
     could not build its backend 'from one of: ' an empty list."""
     folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return f": the folder holds no tokenizer file (tokenizer.json, or {', '.join(TOKENIZER_FILES[1:])})"
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        return ": the folder holds no tokenizer file (no tokenizer.json, vocabulary or sentencepiece model)"
     return ""
 
 

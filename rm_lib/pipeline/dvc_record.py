@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -236,9 +237,12 @@ def workspace_note(name: str, root: Path) -> str:
     # the outs dvc.yaml keeps in git, where git has them (before a first commit of them there is nothing
     # to go back to, and `git checkout` of an unknown path fails)
     outs = [path for path in pipeline_written_files(root) if path != "dvc.lock"]
-    listed = subprocess.run(["git", "ls-files", "-z", "--", *outs], cwd=root, capture_output=True, text=True,
-                            timeout=30) if outs else None
-    in_git = [path for path in outs if listed is not None and path in listed.stdout.split("\0")]
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", *outs], cwd=root, capture_output=True, text=True,
+                                timeout=30).stdout.split("\0") if outs else []
+    except (OSError, subprocess.SubprocessError):
+        listed = outs  # git cannot say: name them all, as dvc.yaml does
+    in_git = [shlex.quote(path) for path in outs if path in listed]
     back = "dvc checkout --force" + (f" && git checkout {' '.join(in_git)}" if in_git else "")
     return (f"the workspace keeps the outputs of experiment {name}, which dvc.lock and params.yaml do not describe: "
             f"before a git commit, `dvc exp apply {name}` keeps them (its settings into params.yaml), or "
