@@ -69,6 +69,14 @@ def described(step: str, error: object) -> str:
     return message if message.startswith(f"{step}: ") else f"{step}: {message}"
 
 
+def mistake(step: str, error: UserError, description: str | None = None) -> dg.Failure:
+    """The step's failure for a UserError, not retried; its metadata names the error's kind: a run for a
+    changed source that failed on a DataError or a SettingsError is not requested again
+    (sensors._pending_source_run), where one refused by another process (StepRunning) is."""
+    return dg.Failure(description=description or described(step, error), allow_retries=False,
+                      metadata={"error": type(error).__name__})
+
+
 def retried_only_when_transient(step: str) -> Callable:
     """For an asset under NETWORK_RETRY, which retries whatever it raises but a dg.Failure that forbids it:
     a transient error (UserError.transient; a network error rm_lib did not wrap, as rm_lib.network.is_transient
@@ -89,7 +97,7 @@ def retried_only_when_transient(step: str) -> Callable:
             except UserError as exc:
                 if exc.transient:
                     raise
-                raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
+                raise mistake(step, exc) from exc
             except Exception as exc:
                 if network.is_transient(exc):
                     raise
@@ -112,13 +120,12 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
         # data/pairs, as the CLI's `run` refuses it before any work
         project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
     except SettingsError as exc:
-        raise dg.Failure(description=f"{step}: not run, nothing changed: this run's settings hold a mistake: "
-                                     f"{printable(str(exc))}",
-                         allow_retries=False) from exc
+        raise mistake(step, exc, f"{step}: not run, nothing changed: this run's settings hold a mistake: "
+                                 f"{printable(str(exc))}") from exc
     try:
         params = project.load_params([*extra, *config.overrides()])
     except SettingsError as exc:
-        raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
+        raise mistake(step, exc) from exc
     return params, project.layout()
 
 
@@ -134,7 +141,7 @@ def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layo
     except UserError as exc:
         if exc.transient:
             raise  # the RetryPolicy tries again
-        raise dg.Failure(description=described(step, exc), allow_retries=False) from exc
+        raise mistake(step, exc) from exc
     context.log.info(printable(result.summary()))
     return result
 
@@ -299,7 +306,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     try:
         source_kind(params.download.source)  # a missing local file: no retry, no credentials
     except DataError as exc:
-        raise dg.Failure(description=described("download", exc), allow_retries=False) from exc
+        raise mistake("download", exc) from exc
     with hub.credentials():
         result = _run_step(context, "download", params, layout)
     manifest = _read_json(layout.pairs / "manifest.json")
@@ -402,7 +409,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     try:
         wandb_overrides = wandb.overrides()
     except SettingsError as exc:
-        raise dg.Failure(description=described("train", exc), allow_retries=False) from exc
+        raise mistake("train", exc) from exc
     params, layout = _settings(context, "train", config, project, wandb_overrides)
     with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
         if trainer.separate_process:

@@ -8,6 +8,7 @@ from typing import Optional
 import dagster as dg
 
 from rm_lib.errors import UserError
+from rm_lib.pipeline.dvc_record import dvc_running
 from rm_lib.pipeline.locking import running_step
 from rm_lib.steps import PIPELINE
 
@@ -58,28 +59,41 @@ SOURCE_RUN_ATTEMPTS = 3
 SOURCE_TAG = "rm/source_fingerprint"
 
 
-def _took_the_change(instance: dg.DagsterInstance, requested: dict) -> bool:
+def _took_the_change(instance: dg.DagsterInstance, requested: dict, project: ProjectResource,
+                     state: dict) -> bool:
     """Whether raw_preferences was materialized from the changed source: by a run that started after the
     change was seen (as every run requested for it does), or outside a run (a `dvc repro` that
-    dvc_lock_changed reported). A run that started before may have read the data before it changed."""
+    dvc_lock_changed reported) whose pairs are of the source's content now (their manifest's
+    source_sha256): such a report comes after its repro ended, which may have read the file before it
+    changed. A run that started before may have read the data before it changed."""
     latest = instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
     if latest is None or latest.timestamp < requested["at"]:
         return False
     record = instance.get_run_record_by_id(latest.run_id) if latest.run_id else None
     if record is None or record.start_time is None:  # outside a run, or its run deleted since
-        return True
+        read = _manifest(project).get("source_sha256")
+        now = (state.get("local") or {}).get("sha256")
+        return read is None or now is None or read == now  # not known (a Hub dataset, an older manifest): taken
     return record.start_time >= requested["at"]
 
 
-def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectResource,
-                        requested: dict) -> tuple[str, str]:
+def _manifest(project: ProjectResource) -> dict:
+    try:
+        manifest = json.loads((project.layout().pairs / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectResource, requested: dict,
+                        state: dict) -> tuple[str, str]:
     """(what to do, why) for a source change whose run was requested: "done" once raw_preferences was
     materialized since; "wait" while a run for it has not ended or another run holds the project folder;
     "again" when every run for it ended without raw_preferences; "give up" after SOURCE_RUN_ATTEMPTS."""
     from .run_lock import holder_now
 
     instance = context.instance
-    if _took_the_change(instance, requested):
+    if _took_the_change(instance, requested, project, state):
         return "done", ""
     # runs for this change only: a source that changed back (A -> B -> A) has older runs with A's tag
     since = datetime.fromtimestamp(requested["at"], UTC)
@@ -93,10 +107,32 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
     running = running_step(project.layout(), PIPELINE)  # a step run from the command line refuses every run
     if running is not None:
         return "wait", f"{running} (from the command line or `dvc repro`)"
+    dvc = dvc_running(project.root_path())  # a `dvc repro` between two stages
+    if dvc is not None:
+        return "wait", dvc
+    mistake = _repeatable_mistake(instance, runs)
+    if mistake is not None:  # bad data or settings: another run would fail the same way
+        return "give up", f"{mistake}: fix it and materialize raw_preferences"
     if requested["attempts"] < SOURCE_RUN_ATTEMPTS:
         return "again", ""
     return "give up", (f"{len(runs)} runs for it ended without materializing raw_preferences "
                        f"({', '.join(r.run_id for r in runs)}): fix what they report and materialize raw_preferences")
+
+
+# the errors a run for the same data and settings meets again (orchestration.assets.mistake names them)
+REPEATABLE = frozenset({"DataError", "SettingsError"})
+
+
+def _repeatable_mistake(instance: dg.DagsterInstance, runs: list) -> Optional[str]:
+    """How the latest of `runs` failed where its download met bad data or settings, or None (refused by
+    another process, a crash, stopped: worth another run)."""
+    latest = max(runs, key=lambda run: instance.get_run_record_by_id(run.run_id).create_timestamp.timestamp())
+    for entry in instance.all_logs(latest.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        failure = entry.dagster_event.step_failure_data.user_failure_data if entry.dagster_event else None
+        kind = failure.metadata.get("error") if failure is not None else None
+        if entry.step_key == "raw_preferences" and kind is not None and kind.value in REPEATABLE:
+            return f"run {latest.run_id} failed: {failure.description}"
+    return None
 
 
 def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attempts: int,
@@ -119,7 +155,8 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
     description="Runs the whole pipeline when download.source changes: the content of a local file or folder "
                 "(a touch is no change), a Hub dataset's commit sha. The demo set never changes, so it triggers "
                 "once, for the first cursor. A run for a change that ends before raw_preferences took the new "
-                f"data (another run held the project folder) is requested again, {SOURCE_RUN_ATTEMPTS} times in all.",
+                f"data (another run held the project folder) is requested again, {SOURCE_RUN_ATTEMPTS} times in all; "
+                "one that failed on the data or the settings is not.",
 )
 def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectResource, hub: HubResource):
     previous = _cursor(context.cursor)
@@ -132,7 +169,7 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
     if state["fingerprint"] != previous.get("fingerprint"):
         return _run_for(context, state, what, attempts=1)
     requested = previous.get("requested")
-    action, why = _pending_source_run(context, project, requested) if requested else ("done", "")
+    action, why = _pending_source_run(context, project, requested, state) if requested else ("done", "")
     if action == "again":
         return _run_for(context, state, what, attempts=requested["attempts"] + 1, since=requested["at"])
     if action == "wait":
@@ -188,7 +225,7 @@ def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str]
     description="Reports what DVC did outside Dagster (a `dvc repro`, `dvc pull`, `git checkout` + `dvc checkout`): "
                 "when dvc.lock names other outputs for a stage than Dagster last recorded, and the workspace "
                 "holds them, the asset gets a materialization with the DVC hash as its data version, so the UI's "
-                "staleness follows DVC.",
+                "staleness follows DVC. Waits while a `dvc repro` runs.",
 )
 def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResource):
     from rm_lib.pipeline.code_version import code_hash
@@ -200,6 +237,11 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
     holder = holder_now(root, context.instance)
     if holder is not None:  # its steps commit to dvc.lock before Dagster records them
         return dg.SkipReason(f"run {holder.get('run_id')} is using the project folder: dvc.lock is read after it ends")
+    # a `dvc repro` midway: its stages so far would be reported, and release_automation would start runs
+    # into the rest of it (to do again what it is doing)
+    busy = dvc_running(root) or running_step(project.layout(), PIPELINE)
+    if busy is not None:
+        return dg.SkipReason(f"{busy}: dvc.lock is read after it ends")
     try:
         locked = locked_stages(root)
     except UserError as exc:  # dvc.lock with a merge conflict in it: named, and tried again next tick

@@ -32,7 +32,7 @@ def _prefix(name: str) -> str:
     return f".{name}.{os.getpid()}@{HOST}."
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,7 +46,7 @@ def _stale(entry: str, unowned: bool) -> bool:
     owner = _OWNER.search(entry)
     if owner is None:  # an older rm_lib's name (a .old may be the only complete copy: atomic_dir clears it)
         return unowned and entry.endswith(".tmp")
-    return owner["host"] == HOST and not _alive(int(owner["pid"]))
+    return owner["host"] == HOST and not alive(int(owner["pid"]))
 
 
 def remove_stale(folder: str | Path, name: str | None = None, *, unowned: bool = False) -> list[Path]:

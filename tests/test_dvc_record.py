@@ -542,3 +542,44 @@ def test_the_documented_gc_frees_pushed_old_versions_and_keeps_experiments(recor
         repo.git("reset", "-q", "--hard")
         repo.git("checkout", "-q", branch)
         repo.dvc("checkout", "--force")
+
+
+def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stages(tmp_path):
+    """The sensors wait for a `dvc repro`: between two stages no step of rm_lib holds a lock (DVC is hashing
+    and starting the next command), and dvc_lock_changed reported the repro's stages so far, so
+    release_automation started runs into the rest of it. DVC's repository lock and its stage lock cover
+    the whole repro; dvc_running reads both, and lets go of what it finds free at once (DVC retries
+    its lock: the repro is not disturbed)."""
+    import os
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run([dvc_executable(), "init", "-q"], cwd=root, check=True, env=env)
+    step = f"{sys.executable} -c \"import time; time.sleep(1.5); open('{{}}', 'w').write('x')\""
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "one": {"cmd": step.format("a"), "outs": ["a"]},
+        "two": {"cmd": step.format("b"), "deps": ["a"], "outs": ["b"]}}}))
+    assert dvc_record.dvc_running(root) is None
+    repro = subprocess.Popen([dvc_executable(), "repro", "-q"], cwd=root, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    timeline = []
+    while repro.poll() is None:
+        timeline.append(dvc_record.dvc_running(root))
+        time.sleep(0.01)
+    output = repro.stdout.read()
+    assert repro.returncode == 0, output
+    assert (root / "b").read_text() == "x"
+    busy = [i for i, said in enumerate(timeline) if said is not None]
+    # from the first look that saw it (before that, Python was starting DVC) to the last: never free
+    assert busy and all(said is not None for said in timeline[busy[0]:busy[-1] + 1]), \
+        [(i, said) for i, said in enumerate(timeline) if said is None and busy and busy[0] < i < busy[-1]]
+    assert any("repository lock" in said for said in timeline if said) and \
+        any("is running a stage" in said for said in timeline if said), set(timeline)
+    assert dvc_record.dvc_running(root) is None  # the stage lock's entries are gone, the lock let go
+    (root / "b").unlink()
+    (root / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(  # an entry of a DVC process that died
+        {"write": {str(root / "b"): {"pid": 2 ** 22 + 12345, "cmd": "dvc repro"}}, "read": {}}))
+    assert dvc_record.dvc_running(root) is None

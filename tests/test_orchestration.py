@@ -28,7 +28,7 @@ from rm_lib.errors import SettingsError
 from rm_lib.layout import Layout
 from rm_lib.settings import load_params
 
-from helpers import offline_env, set_offline
+from helpers import offline_env, run_steps, set_offline, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -724,6 +724,9 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
             cli, cursor = tick(tmp_path, cursor, overrides, instance)
         assert isinstance(cli, dg.SkipReason) and f"train is already running in {tmp_path.resolve()}, pid " \
             f"{os.getpid()} (from the command line or `dvc repro`)" in cli.skip_message
+        with _dvc_lock_held(tmp_path):  # a `dvc repro` between two stages: no step's lock held
+            between, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(between, dg.SkipReason) and "holds the DVC repository lock" in between.skip_message
         again, cursor = tick(tmp_path, cursor, overrides, instance)
         assert isinstance(again, dg.RunRequest) and again.tags == request.tags
         run_for(again, dg.DagsterRunStatus.FAILURE)
@@ -744,13 +747,48 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
         assert "requested" not in json.loads(cursor)
 
 
-def test_a_download_that_started_before_the_source_changed_does_not_take_the_change():
+def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
+    """A cut-off source file failed its run at once, and the sensor asked twice more (SOURCE_RUN_ATTEMPTS),
+    each run failing the same way: the run again is for runs refused or cut short, not for bad data. The
+    sensor now gives up at the first such failure, saying it, and runs when the file is fixed."""
+    source = tmp_path / "prefs.jsonl"
+    rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(20))
+    source.write_text(rows + '{"prompt": "x", "chosen": ')
+    overrides = [f"download.source={source}"]
+    only_download = dg.Definitions(
+        assets=[*assets.ASSETS], resources=resources(tmp_path, overrides=overrides),
+        jobs=[dg.define_asset_job("reward_model_pipeline", selection=dg.AssetSelection.assets("raw_preferences"))])
+    with dg.instance_for_test() as instance:
+        request, cursor = tick(tmp_path, None, overrides, instance)
+        result = only_download.get_job_def("reward_model_pipeline").execute_in_process(
+            instance=instance, tags=request.tags, raise_on_error=False)
+        assert not result.success
+        gave_up, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(gave_up, dg.SkipReason), gave_up
+        assert f"but run {result.run_id} failed: download: " in gave_up.skip_message
+        assert str(source) in gave_up.skip_message and gave_up.skip_message.endswith(
+            ": fix it and materialize raw_preferences")
+        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.SkipReason)  # not again
+        source.write_text(rows)
+        fixed, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(fixed, dg.RunRequest)
+
+
+def test_a_download_that_started_before_the_source_changed_does_not_take_the_change(tmp_path):
     """A run's download that began before the tick that saw the change, and ended after it, may have read
     the old data (also a run requested for an earlier change to the same data, A -> B -> A): the change's
-    own run is still needed. A run started after it took it, as does a materialization outside a run."""
+    own run is still needed. A run started after it took it. A materialization outside a run (a `dvc repro`
+    that dvc_lock_changed reported after it ended) took it only where its pairs are of the source's content
+    now: a repro that read C before the source became D was taken for D's run, and D never ran."""
     from orchestration.sensors import _took_the_change
+    from rm_lib.data.sources import local_fingerprint
 
     requested = {"tag": "abc", "at": 1000.0, "attempts": 1}
+    source = tmp_path / "prefs.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n"
+                              for i in range(20)))
+    state = {"local": local_fingerprint(source)}
+    resource = project(tmp_path, [f"download.source={source}"])
 
     def instance(materialized_at, started, run_id="r1"):
         event = types.SimpleNamespace(timestamp=materialized_at, run_id=run_id)
@@ -758,10 +796,19 @@ def test_a_download_that_started_before_the_source_changed_does_not_take_the_cha
         return types.SimpleNamespace(get_latest_materialization_event=lambda key: event,
                                      get_run_record_by_id=lambda run_id: record)
 
-    assert not _took_the_change(instance(1010.0, 990.0), requested)  # began before the change
-    assert _took_the_change(instance(1010.0, 1005.0), requested)
-    assert not _took_the_change(instance(990.0, 980.0), requested)  # before the change
-    assert _took_the_change(instance(1010.0, None, run_id=""), requested)  # outside a run (dvc repro)
+    def took(*args, **kwargs):
+        return _took_the_change(instance(*args, **kwargs), requested, resource, state)
+
+    assert not took(1010.0, 990.0)  # began before the change
+    assert took(1010.0, 1005.0)
+    assert not took(990.0, 980.0)  # before the change
+    assert took(1010.0, None, run_id="")  # outside a run, no manifest to say otherwise
+    run_steps(tiny_params(f"download.source={source}"), tmp_path, "download")  # the pairs of the source now
+    assert json.loads((tmp_path / "data/pairs/manifest.json").read_text())["source_sha256"] == state["local"]["sha256"]
+    assert took(1010.0, None, run_id="")
+    source.write_text(source.read_text() * 2)  # D, after the repro read C
+    state = {"local": local_fingerprint(source)}
+    assert not took(1010.0, None, run_id="")  # C's pairs: D's run is still needed
 
 
 def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
@@ -1139,6 +1186,23 @@ def test_stopping_a_launched_group_leaves_no_process_behind():
                    for pid in members)
 
 
+@contextlib.contextmanager
+def _dvc_lock_held(root: Path):
+    """DVC's repository lock as a `dvc repro` holds it (zc.lockfile: an flock, the pid written in)."""
+    import fcntl
+
+    path = root / ".dvc" / "tmp" / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write(f" {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
     """A `dvc repro`/`dvc pull`/`dvc checkout` outside Dagster: the sensor turns dvc.lock's outs into
     materializations with the DVC hash as data version (and the code version only where dvc.lock's
@@ -1205,6 +1269,18 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
             holder.wait()
         assert isinstance(held, dg.SkipReason) and "aaaaaaaa-0000-4000-8000-000000000001" in held.skip_message
         assert same == cursor
+        # ... or a `dvc repro` midway (DVC's lock; a step's own): its stages so far were reported, and
+        # release_automation started runs into the rest of it
+        from rm_lib.pipeline.locking import step_lock
+
+        with _dvc_lock_held(tmp_path):
+            midway, same = tick(instance, cursor)
+        assert isinstance(midway, dg.SkipReason) and same == cursor
+        assert midway.skip_message == f"a DVC command (pid {os.getpid()}) holds the DVC repository lock: dvc.lock " \
+                                      "is read after it ends"
+        with step_lock(Layout(tmp_path), "evaluate"):
+            midway, same = tick(instance, cursor)
+        assert isinstance(midway, dg.SkipReason) and "evaluate is already running" in midway.skip_message
         result, cursor = tick(instance, cursor)
         assert [e.tags["dagster/data_version"] for e in result.asset_events] == [m2]
         instance.report_runless_asset_event(result.asset_events[0])

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import yaml
 
 from rm_lib.errors import SettingsError, UserError
-from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
+from rm_lib.files import alive, dvc_md5, pipeline_written_files, read_yaml
 from rm_lib.settings import Params, load_params
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
@@ -84,6 +84,38 @@ class NotRecorded:
 
 def is_dvc_repo(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+def dvc_running(root: Path) -> Optional[str]:
+    """What DVC process works in `root` now, in words, or None. DVC holds its repository lock
+    (.dvc/tmp/lock) for a whole `dvc repro` but while a stage's command runs, and its stage lock
+    (.dvc/tmp/rwlock, the stage's outs with the pid and command) around that command: between them they
+    cover the repro, also between two stages, where no step of rm_lib holds a lock of its own. It only
+    looks (a lock it finds free is let go at once; DVC retries its lock for seconds)."""
+    tmp = Path(root) / ".dvc" / "tmp"
+    with contextlib.suppress(OSError):
+        fd = os.open(tmp / "lock", os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 64, 0).decode("utf-8", "replace").strip()
+                return f"a DVC command{f' (pid {pid})' if pid.isdigit() else ''} holds the DVC repository lock"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    try:
+        locks = json.loads((tmp / "rwlock").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # being rewritten by DVC this instant
+        return "DVC is changing its stage lock (.dvc/tmp/rwlock)"
+    held = [*(locks.get("write") or {}).values(), *(i for r in (locks.get("read") or {}).values() for i in r)] \
+        if isinstance(locks, dict) else []
+    for info in held:
+        if isinstance(info, dict) and isinstance(info.get("pid"), int) and alive(info["pid"]):
+            return f"`{info.get('cmd')}` (pid {info['pid']}) is running a stage"
+    return None
 
 
 def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = None, push: bool = True,

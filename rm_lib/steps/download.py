@@ -1,6 +1,7 @@
 """download: source -> normalised pairs split into train/test, rejects and a manifest."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 from collections import Counter
@@ -41,6 +42,9 @@ class DownloadResult:
     skipped_files: list[str] = field(default_factory=list)  # files of a source folder of an unsupported type
     unnamed_splits: list[str] = field(default_factory=list)  # files named like a split download did not take as one
     margins: dict | None = None  # {"pairs", "min", "max"} of the pairs that carry a margin; train.use_margin adds them
+    # a local source's content hash as read (sources.local_fingerprint): which version of the file these pairs
+    # are of, whoever ran the step (the source sensor asks it of a `dvc repro`'s download)
+    source_sha256: str | None = None
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -52,7 +56,8 @@ class DownloadResult:
                 "split": self.split, "test_pairs_in_train": self.test_in_train,
                 "test_pairs_swapped_in_train": self.test_swapped_in_train, "duplicate_pairs": self.duplicates,
                 "swapped_pairs": self.swapped, "skipped_files": self.skipped_files,
-                "unnamed_splits": self.unnamed_splits, "margins": self.margins, "settings": self.settings}
+                "unnamed_splits": self.unnamed_splits, "margins": self.margins, "settings": self.settings,
+                "source_sha256": self.source_sha256}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -307,6 +312,11 @@ def run(params: Params, layout: Layout) -> DownloadResult:
     kind = sources.source_kind(cfg.source)
     _check_hub_settings(cfg, kind)
     inputs, revision = _inputs(cfg, kind)
+    # the step runner refuses a source that changed while it was read (inputs_read): this is the content read
+    fingerprint = None
+    if kind == "local":
+        with contextlib.suppress(DataError, OSError):  # unreadable: the read below says so, naming the file
+            fingerprint = sources.local_fingerprint(cfg.source)["sha256"]
     read = _read(inputs, cfg.max_rows)
     splits = {"train": read.by_split["train"], "test": read.by_split["test"]}
     warning = None
@@ -319,11 +329,11 @@ def run(params: Params, layout: Layout) -> DownloadResult:
         splits = {s: splits[s] + seeded[s] for s in SPLITS}
     if not splits["train"] or not splits["test"]:
         _fail_without_pairs(read, splits, cfg.source, layout)
-    return _write(cfg, kind, revision, read, splits, warning, layout)
+    return _write(cfg, kind, revision, read, splits, warning, layout, fingerprint)
 
 
 def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, splits: dict[str, list[dict]],
-           warning: str | None, layout: Layout) -> DownloadResult:
+           warning: str | None, layout: Layout, fingerprint: str | None) -> DownloadResult:
     reject_counts = dict(Counter(r["reason"] for r in read.rejects))
     pairs = {s: len(splits[s]) for s in SPLITS}
     realised = pairs["test"] / (pairs["train"] + pairs["test"])
@@ -344,7 +354,7 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             test_swapped_in_train=repeats.test_swapped_in_train, duplicates=repeats.duplicates,
             swapped=repeats.swapped,
             skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [],
-            unnamed_splits=_unnamed_splits(cfg, kind), margins=_margins(splits))
+            unnamed_splits=_unnamed_splits(cfg, kind), margins=_margins(splits), source_sha256=fingerprint)
         write_json(out / "manifest.json", result.manifest())
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
