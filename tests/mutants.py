@@ -2,7 +2,7 @@
 the project, and the fast tests that guard it must then fail. A mutant that survives names a rule no
 test holds: the test that should have caught it is missing or cannot fail.
 
-    make mutants                          # every mutant, about 15 minutes on 2 cores (BENCHMARKS.md)
+    make mutants                          # every mutant, about 11 minutes on 2 cores (BENCHMARKS.md)
     python tests/mutants.py ties_count_as_right double_bos   # some of them
 
 Prints CAUGHT (and the first failing test) or SURVIVED for each; exits 1 if any survived.

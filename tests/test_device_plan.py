@@ -156,7 +156,7 @@ SEVEN_B = ModelShape(parameters=6_738_415_616, trainable=6_738_415_616, layers=3
 
 def test_a_sharded_run_plans_for_its_share_of_the_state():
     """FSDP full sharding over 8 GPUs of 80 GiB: a 7B model's 100 GiB of weights, gradients and AdamW
-    state are 13 GiB on each (and three layers whole): the forwards keep their 65,536 tokens with
+    state are 15 GiB on each (an eighth, 12.6 GiB, and three layers whole): the forwards keep their 65,536 tokens with
     some layers checkpointed, where counting the state whole left 1,024 tokens a forward."""
     gpu = dict(device_type="cuda", packed=True, supports_flex=True, shape=SEVEN_B, free_bytes=80 * GiB)
     whole = plan(**gpu)

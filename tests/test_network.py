@@ -208,9 +208,10 @@ def test_an_answer_that_trickles_is_given_up_on_after_the_time_limit(monkeypatch
     network.bound_hub_client()
     with SilentServer(trickle_s=0.2) as trickle:
         started = time.monotonic()
-        with pytest.raises(httpx2.ReadTimeout, match="bytes/s"):
+        with pytest.raises(httpx2.ReadTimeout, match="bytes/s") as given_up:
             get_session().get(f"{trickle.url}/api/whoami-v2")
         assert time.monotonic() - started < 3
+    assert network.is_transient(given_up.value)  # retried as any timeout is
 
 
 @pytest.mark.timeout(60)  # without the floor it would take 100,000 bytes x 0.2 s
