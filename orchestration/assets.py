@@ -69,12 +69,14 @@ def described(step: str, error: object) -> str:
     return message if message.startswith(f"{step}: ") else f"{step}: {message}"
 
 
-def mistake(step: str, error: UserError, description: str | None = None) -> dg.Failure:
-    """The step's failure for a UserError, not retried; its metadata names the error's kind: a run for a
-    changed source that failed on a DataError or a SettingsError is not requested again
-    (sensors._pending_source_run), where one refused by another process (StepRunning) is."""
+def mistake(step: str, error: UserError, description: str | None = None, *, of_the_step: bool = True) -> dg.Failure:
+    """The step's failure for a UserError, not retried. Its metadata names the error's kind, and whether the
+    step itself met it (`of_the_step`; not: the settings did not load then, the source was not there): a run
+    for a changed source whose download met a DataError or a SettingsError in the data or settings as they
+    still are is not requested again (sensors._pending_source_run), where one refused by another process
+    (StepRunning), or one that met what a tick since finds mended, is."""
     return dg.Failure(description=description or described(step, error), allow_retries=False,
-                      metadata={"error": type(error).__name__})
+                      metadata={"error": type(error).__name__, "of_the_step": of_the_step})
 
 
 def retried_only_when_transient(step: str) -> Callable:
@@ -121,11 +123,11 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
         project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
     except SettingsError as exc:
         raise mistake(step, exc, f"{step}: not run, nothing changed: this run's settings hold a mistake: "
-                                 f"{printable(str(exc))}") from exc
+                                 f"{printable(str(exc))}", of_the_step=False) from exc
     try:
         params = project.load_params([*extra, *config.overrides()])
     except SettingsError as exc:
-        raise mistake(step, exc) from exc
+        raise mistake(step, exc, of_the_step=False) from exc
     return params, project.layout()
 
 
@@ -306,7 +308,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
     try:
         source_kind(params.download.source)  # a missing local file: no retry, no credentials
     except DataError as exc:
-        raise mistake("download", exc) from exc
+        raise mistake("download", exc, of_the_step=False) from exc
     with hub.credentials():
         result = _run_step(context, "download", params, layout)
     manifest = _read_json(layout.pairs / "manifest.json")

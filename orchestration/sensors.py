@@ -57,6 +57,8 @@ def _cursor(text: Optional[str]) -> dict:
 # run held the project folder, a crash) is requested again, this many times in all.
 SOURCE_RUN_ATTEMPTS = 3
 SOURCE_TAG = "rm/source_fingerprint"
+# the content hash of the local source the pairs were made of, as dvc_lock_changed reports a download
+SOURCE_SHA = "source_sha256"
 
 
 def _took_the_change(instance: dg.DagsterInstance, requested: dict, project: ProjectResource,
@@ -71,9 +73,10 @@ def _took_the_change(instance: dg.DagsterInstance, requested: dict, project: Pro
         return False
     record = instance.get_run_record_by_id(latest.run_id) if latest.run_id else None
     if record is None or record.start_time is None:  # outside a run, or its run deleted since
-        read = _manifest(project).get("source_sha256")
+        recorded = (latest.asset_materialization.metadata if latest.asset_materialization else {}).get(SOURCE_SHA)
         now = (state.get("local") or {}).get("sha256")
-        return read is None or now is None or read == now  # not known (a Hub dataset, an older manifest): taken
+        # not known (a Hub dataset, a report of an older version, a download with max_rows): taken
+        return recorded is None or now is None or recorded.value == now
     return record.start_time >= requested["at"]
 
 
@@ -124,13 +127,19 @@ REPEATABLE = frozenset({"DataError", "SettingsError"})
 
 
 def _repeatable_mistake(instance: dg.DagsterInstance, runs: list) -> Optional[str]:
-    """How the latest of `runs` failed where its download met bad data or settings, or None (refused by
-    another process, a crash, stopped: worth another run)."""
-    latest = max(runs, key=lambda run: instance.get_run_record_by_id(run.run_id).create_timestamp.timestamp())
+    """How the latest of `runs` failed where its download step met bad data or settings, or None (refused
+    by another process, a crash, stopped, settings that did not load or a source not there then, which
+    this tick found mended: worth another run)."""
+    records = [r for r in (instance.get_run_record_by_id(run.run_id) for run in runs) if r is not None]
+    if not records:  # deleted since
+        return None
+    latest = max(records, key=lambda record: record.create_timestamp.timestamp()).dagster_run
     for entry in instance.all_logs(latest.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         failure = entry.dagster_event.step_failure_data.user_failure_data if entry.dagster_event else None
-        kind = failure.metadata.get("error") if failure is not None else None
-        if entry.step_key == "raw_preferences" and kind is not None and kind.value in REPEATABLE:
+        metadata = failure.metadata if failure is not None else {}
+        kind, own = metadata.get("error"), metadata.get("of_the_step")
+        if entry.step_key == "raw_preferences" and kind is not None and kind.value in REPEATABLE \
+                and own is not None and own.value is True:
             return f"run {latest.run_id} failed: {failure.description}"
     return None
 
@@ -274,11 +283,14 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         versions[key] = entry.version
         held = {s: c["matches"] for s, c in checked.items()}
+        # which content of the source the repro's pairs are of: source_data_changed asks it of this report
+        read = _manifest(project).get(SOURCE_SHA) if key == "raw_preferences" else None
         events.append(dg.AssetMaterialization(
             asset_key=key,
             description=f"dvc.lock names other outputs for stage {stage}: made outside Dagster",
             metadata={"dvc_hash": entry.version, "recorded_by": "dvc.lock",
-                      "made_by_current_code": entry.current_code},
+                      "made_by_current_code": entry.current_code,
+                      **({SOURCE_SHA: read} if isinstance(read, str) else {})},
             # the code version only when dvc.lock's code deps are the files here now
             tags={"dagster/data_version": entry.version, "dagster/code_version": code_version,
                   **(_input_tags(context.instance, key, versions, locked, held) if inputs_match else {})}))

@@ -580,6 +580,31 @@ def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stag
         any("is running a stage" in said for said in timeline if said), set(timeline)
     assert dvc_record.dvc_running(root) is None  # the stage lock's entries are gone, the lock let go
     (root / "b").unlink()
-    (root / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(  # an entry of a DVC process that died
-        {"write": {str(root / "b"): {"pid": 2 ** 22 + 12345, "cmd": "dvc repro"}}, "read": {}}))
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+
+    def entry(pid: int, age_s: float = 0.0) -> None:  # as a `dvc repro` killed mid-stage leaves it
+        rwlock.write_text(json.dumps({"write": {str(root / "b"): {"pid": pid, "cmd": "dvc repro"}}, "read": {}}))
+        os.utime(rwlock, (time.time() - age_s, time.time() - age_s))
+
+    entry(2 ** 22 + 12345)  # its process died
     assert dvc_record.dvc_running(root) is None
+    other = subprocess.Popen(["sleep", "30"])  # a later process that got the dead one's pid
+    try:
+        entry(other.pid, age_s=3600)
+        assert dvc_record.dvc_running(root) is None
+        entry(other.pid)  # written by that process: a stage of its
+        assert dvc_record.dvc_running(root) == f"`dvc repro` (pid {other.pid}) is running a stage"
+    finally:
+        other.kill()
+        other.wait()
+    rwlock.write_text('{"write": {')  # cut by a kill mid-write: busy only the instant DVC rewrites it
+    assert "changing its stage lock" in dvc_record.dvc_running(root)
+    os.utime(rwlock, (time.time() - 60, time.time() - 60))
+    assert dvc_record.dvc_running(root) is None
+    rwlock.unlink()
+    # core.hardlink_lock (shared file systems): DVC's lock is a file there while held, no flock
+    (root / ".dvc" / "config").write_text("[core]\n    hardlink_lock = true\n")
+    (root / ".dvc" / "tmp" / "lock").unlink(missing_ok=True)
+    assert dvc_record.dvc_running(root) is None
+    (root / ".dvc" / "tmp" / "lock").write_text("host 123\n")
+    assert "(.dvc/tmp/lock, core.hardlink_lock)" in dvc_record.dvc_running(root)

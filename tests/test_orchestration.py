@@ -750,7 +750,9 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
 def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
     """A cut-off source file failed its run at once, and the sensor asked twice more (SOURCE_RUN_ATTEMPTS),
     each run failing the same way: the run again is for runs refused or cut short, not for bad data. The
-    sensor now gives up at the first such failure, saying it, and runs when the file is fixed."""
+    sensor now gives up at the first such failure, saying it, and runs when the file is fixed. A run that
+    found no source file (rewritten that instant) or settings that did not load, mended by the next tick,
+    is requested again."""
     source = tmp_path / "prefs.jsonl"
     rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(20))
     source.write_text(rows + '{"prompt": "x", "chosen": ')
@@ -758,10 +760,19 @@ def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
     only_download = dg.Definitions(
         assets=[*assets.ASSETS], resources=resources(tmp_path, overrides=overrides),
         jobs=[dg.define_asset_job("reward_model_pipeline", selection=dg.AssetSelection.assets("raw_preferences"))])
+    def run(request) -> dg.ExecuteInProcessResult:
+        return only_download.get_job_def("reward_model_pipeline").execute_in_process(
+            instance=instance, tags=request.tags, raise_on_error=False)
+
     with dg.instance_for_test() as instance:
         request, cursor = tick(tmp_path, None, overrides, instance)
-        result = only_download.get_job_def("reward_model_pipeline").execute_in_process(
-            instance=instance, tags=request.tags, raise_on_error=False)
+        kept = source.read_text()
+        source.unlink()  # gone while the run starts, back by the next tick
+        assert not run(request).success
+        source.write_text(kept)
+        again, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(again, dg.RunRequest), again
+        result = run(again)
         assert not result.success
         gave_up, cursor = tick(tmp_path, cursor, overrides, instance)
         assert isinstance(gave_up, dg.SkipReason), gave_up
@@ -790,8 +801,11 @@ def test_a_download_that_started_before_the_source_changed_does_not_take_the_cha
     state = {"local": local_fingerprint(source)}
     resource = project(tmp_path, [f"download.source={source}"])
 
-    def instance(materialized_at, started, run_id="r1"):
-        event = types.SimpleNamespace(timestamp=materialized_at, run_id=run_id)
+    def instance(materialized_at, started, run_id="r1", read=None):
+        metadata = {"source_sha256": dg.MetadataValue.text(read)} if read else {}
+        event = types.SimpleNamespace(timestamp=materialized_at, run_id=run_id,
+                                      asset_materialization=dg.AssetMaterialization("raw_preferences",
+                                                                                    metadata=metadata))
         record = types.SimpleNamespace(start_time=started)
         return types.SimpleNamespace(get_latest_materialization_event=lambda key: event,
                                      get_run_record_by_id=lambda run_id: record)
@@ -802,13 +816,17 @@ def test_a_download_that_started_before_the_source_changed_does_not_take_the_cha
     assert not took(1010.0, 990.0)  # began before the change
     assert took(1010.0, 1005.0)
     assert not took(990.0, 980.0)  # before the change
-    assert took(1010.0, None, run_id="")  # outside a run, no manifest to say otherwise
+    assert took(1010.0, None, run_id="")  # outside a run, by an older version: nothing to say otherwise
     run_steps(tiny_params(f"download.source={source}"), tmp_path, "download")  # the pairs of the source now
-    assert json.loads((tmp_path / "data/pairs/manifest.json").read_text())["source_sha256"] == state["local"]["sha256"]
-    assert took(1010.0, None, run_id="")
+    read = json.loads((tmp_path / "data/pairs/manifest.json").read_text())["source_sha256"]
+    assert read == state["local"]["sha256"]
+    assert took(1010.0, None, run_id="", read=read)
     source.write_text(source.read_text() * 2)  # D, after the repro read C
     state = {"local": local_fingerprint(source)}
-    assert not took(1010.0, None, run_id="")  # C's pairs: D's run is still needed
+    assert not took(1010.0, None, run_id="", read=read)  # C's pairs: D's run is still needed
+    # what the report says, not data/pairs now: a run for D that wrote D's pairs and then failed is not it
+    run_steps(tiny_params(f"download.source={source}"), tmp_path, "download")
+    assert not took(1010.0, None, run_id="", read=read)
 
 
 def test_sensor_hub_source_follows_the_commit_sha(tmp_path, monkeypatch):
@@ -1226,6 +1244,7 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
         (tmp_path / path).write_text(text)
         return dvc_md5(tmp_path / path.split("/w")[0]) if "/w" in path else dvc_md5(tmp_path / path)
 
+    write("data/pairs/manifest.json", json.dumps({"source_sha256": "c" * 64}))  # the content the repro read
     pairs, report = write("data/pairs/w.jsonl", "pairs"), write("data/evaluation/report.json", "{}")
 
     def write_lock(model: str) -> None:
@@ -1252,6 +1271,9 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
         assert set(events) == {"raw_preferences", "reward_model"}  # evaluation: Dagster has that version already
         assert events["raw_preferences"].tags == {"dagster/data_version": pairs,
                                                   "dagster/code_version": code_hash("download")}
+        # source_data_changed asks the report which content of the source its pairs are of
+        assert events["raw_preferences"].metadata["source_sha256"].value == "c" * 64
+        assert "source_sha256" not in events["reward_model"].metadata
         assert events["reward_model"].tags["dagster/data_version"] == m1  # the model, not the checkpoints
         assert events["reward_model"].tags["dagster/code_version"].startswith("dvc.lock:")  # other code made it
         for event in result.asset_events:

@@ -92,30 +92,51 @@ def dvc_running(root: Path) -> Optional[str]:
     (.dvc/tmp/rwlock, the stage's outs with the pid and command) around that command: between them they
     cover the repro, also between two stages, where no step of rm_lib holds a lock of its own. It only
     looks (a lock it finds free is let go at once; DVC retries its lock for seconds)."""
-    tmp = Path(root) / ".dvc" / "tmp"
-    with contextlib.suppress(OSError):
-        fd = os.open(tmp / "lock", os.O_RDONLY)
-        try:
+    root = Path(root)
+    tmp = root / ".dvc" / "tmp"
+    if read_config(root).get("core", {}).get("hardlink_lock", "").lower() in ("true", "1", "yes"):
+        # a hard-linked claim file (no flock): the lock file is there while a DVC command holds it
+        if (tmp / "lock").exists():
+            return "a DVC command holds the DVC repository lock (.dvc/tmp/lock, core.hardlink_lock)"
+    else:
+        with contextlib.suppress(OSError):
+            fd = os.open(tmp / "lock", os.O_RDONLY)
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.pread(fd, 64, 0).decode("utf-8", "replace").strip()
-                return f"a DVC command{f' (pid {pid})' if pid.isdigit() else ''} holds the DVC repository lock"
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid = os.pread(fd, 64, 0).decode("utf-8", "replace").strip()
+                    return f"a DVC command{f' (pid {pid})' if pid.isdigit() else ''} holds the DVC repository lock"
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+    path = tmp / "rwlock"
     try:
-        locks = json.loads((tmp / "rwlock").read_text(encoding="utf-8"))
+        written = path.stat().st_mtime
+        locks = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # being rewritten by DVC this instant
-        return "DVC is changing its stage lock (.dvc/tmp/rwlock)"
+    except (OSError, ValueError):  # being rewritten by DVC this instant; left so by a kill mid-write: not busy
+        return "DVC is changing its stage lock (.dvc/tmp/rwlock)" if time.time() - written < 5 else None
     held = [*(locks.get("write") or {}).values(), *(i for r in (locks.get("read") or {}).values() for i in r)] \
         if isinstance(locks, dict) else []
     for info in held:
-        if isinstance(info, dict) and isinstance(info.get("pid"), int) and alive(info["pid"]):
-            return f"`{info.get('cmd')}` (pid {info['pid']}) is running a stage"
+        pid = info.get("pid") if isinstance(info, dict) else None
+        # a pid of a DVC killed mid-stage, given since to a process that started after the entry was written
+        if isinstance(pid, int) and alive(pid) and (_started_at(pid) or 0) <= written + 1:
+            return f"`{info.get('cmd')}` (pid {pid}) is running a stage"
     return None
+
+
+def _started_at(pid: int) -> Optional[float]:
+    """When process `pid` started, in seconds since the epoch (Linux's /proc), or None where not known."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
 
 
 def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = None, push: bool = True,
