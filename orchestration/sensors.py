@@ -227,6 +227,12 @@ def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str]
     return tags
 
 
+def _input_versions(tags: dict[str, str]) -> dict[str, str]:
+    """The inputs' data versions among a materialization's tags (not their event pointers, which name the
+    record an input version was read from)."""
+    return {k: v for k, v in tags.items() if k.startswith("dagster/input_data_version/")}
+
+
 @dg.sensor(
     name="dvc_lock_changed",
     minimum_interval_seconds=60,
@@ -272,17 +278,22 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             inputs_match = matches and entry.inputs_in_workspace(root)
         checked[stage] = {"lock": entry.version, "signature": signature, "matches": matches,
                           "inputs_match": inputs_match}
-        latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
-        if tags.get("dagster/data_version") == entry.version:
-            continue  # Dagster recorded this version itself
         if not matches:
             # the workspace holds other outputs than dvc.lock's (a run with other settings, in its DVC
             # experiment): what Dagster last recorded is what is there
             continue
+        latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
-        versions[key] = entry.version
         held = {s: c["matches"] for s, c in checked.items()}
+        inputs = _input_tags(context.instance, key, versions, locked, held) if inputs_match else {}
+        if tags.get("dagster/data_version") == entry.version and tags.get("dagster/code_version") == code_version \
+                and (latest.run_id or _input_versions(tags) == _input_versions(inputs)):
+            # recorded so already: by a Dagster run, or by this sensor (its report of an earlier dvc.lock that
+            # made the same outputs with other code, or from other inputs, is not: after an upgrade's
+            # `dvc repro` the graph showed those steps stale, and release_automation ran them again)
+            continue
+        versions[key] = entry.version
         # which content of the source the repro's pairs are of: source_data_changed asks it of this report
         read = _manifest(project).get(SOURCE_SHA) if key == "raw_preferences" else None
         events.append(dg.AssetMaterialization(
@@ -292,8 +303,7 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
                       "made_by_current_code": entry.current_code,
                       **({SOURCE_SHA: read} if isinstance(read, str) else {})},
             # the code version only when dvc.lock's code deps are the files here now
-            tags={"dagster/data_version": entry.version, "dagster/code_version": code_version,
-                  **(_input_tags(context.instance, key, versions, locked, held) if inputs_match else {})}))
+            tags={"dagster/data_version": entry.version, "dagster/code_version": code_version, **inputs}))
     context.update_cursor(json.dumps(checked, sort_keys=True))
     if not events:
         return dg.SkipReason("dvc.lock agrees with what Dagster last recorded, or the workspace holds other outputs "

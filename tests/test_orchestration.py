@@ -1254,7 +1254,8 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
             "train": {"deps": [{"path": "rm_lib/x.py", "md5": "0" * 32}],
                       "outs": [{"path": "models/reward_model", "md5": model},
                                {"path": "models/checkpoints", "md5": "c"}]},
-            "evaluate": {"deps": [], "outs": [{"path": "data/evaluation/report.json", "md5": report}]}}}))
+            "evaluate": {"deps": [{"path": "rm_lib/x.py", "md5": md5}],
+                         "outs": [{"path": "data/evaluation/report.json", "md5": report}]}}}))
 
     def tick(instance, cursor):
         context = dg.build_sensor_context(instance=instance, cursor=cursor,
@@ -1264,8 +1265,11 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
     m1 = write("models/reward_model/w.bin", "model one")
     write_lock(m1)
     with dg.instance_for_test() as instance:
-        evaluated = dg.AssetMaterialization("evaluation", tags={"dagster/data_version": report})
-        instance.report_runless_asset_event(evaluated)
+        @dg.asset(name="evaluation", code_version=code_hash("evaluate"))
+        def evaluated() -> dg.MaterializeResult:  # a Dagster run made this version
+            return dg.MaterializeResult(data_version=dg.DataVersion(report))
+
+        assert dg.materialize([evaluated], instance=instance).success
         result, cursor = tick(instance, None)
         events = {e.asset_key.to_user_string(): e for e in result.asset_events}
         assert set(events) == {"raw_preferences", "reward_model"}  # evaluation: Dagster has that version already
@@ -1349,11 +1353,11 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
     filtered = write("data/filtered/train.parquet", "kept")
     model = write("models/reward_model/w.bin", "weights") and dvc_md5(tmp_path / "models/reward_model")
 
-    def stage(deps: dict, outs: dict) -> dict:
-        return {"deps": [current, *({"path": p, "md5": m} for p, m in deps.items())],
-                "outs": [{"path": p, "md5": m} for p, m in outs.items()]}
+    def write_lock(train_read: str, code: dict = current) -> None:
+        def stage(deps: dict, outs: dict) -> dict:
+            return {"deps": [code, *({"path": p, "md5": m} for p, m in deps.items())],
+                    "outs": [{"path": p, "md5": m} for p, m in outs.items()]}
 
-    def write_lock(train_read: str) -> None:
         (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
             "download": stage({"data/sources": sources}, {"data/pairs": pairs}),
             "tokenize": stage({"data/pairs": pairs}, {"data/tokenized": tokenized}),
@@ -1365,10 +1369,13 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
         return {k: resolver.get_status(dg.AssetKey(k)).value
                 for k in ("raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model")}
 
-    def tick(instance) -> None:
+    def tick(instance) -> list[str]:
         context = dg.build_sensor_context(instance=instance, resources={"project": ProjectResource(root=str(tmp_path))})
-        for event in dvc_lock_changed(context).asset_events:
+        result = dvc_lock_changed(context)
+        events = result.asset_events if isinstance(result, dg.SensorResult) else []
+        for event in events:
             instance.report_runless_asset_event(event)
+        return [event.asset_key.to_user_string() for event in events]
 
     # which revision of the source DVC's download read is not known here: raw_preferences keeps a new
     # dependency on preference_source; every later step read its input's dvc.lock version
@@ -1380,6 +1387,19 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
                                                                 tags={"dagster/data_version": "source-v1"}))
         tick(instance)
         assert statuses(instance) == fresh
+    # an upgrade: dvc.lock's stages were made by other code (reported so), then `dvc repro` makes the same
+    # outputs with the code here. The sensor took what it had reported for Dagster's own record and said
+    # nothing: the graph kept the old code (stale), and release_automation ran tokenize on down again
+    write_lock(train_read=filtered, code={**current, "md5": "0" * 32})
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
+                                                                tags={"dagster/data_version": "source-v1"}))
+        assert tick(instance) == ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model"]
+        assert statuses(instance)["tokenized_preferences"] == "STALE"  # its code is not the code here
+        write_lock(train_read=filtered)
+        assert tick(instance) == ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model"]
+        assert statuses(instance) == fresh
+        assert tick(instance) == []  # reported so already
     # a model dvc.lock says was trained from other filtered pairs than the workspace holds: not fresh
     write_lock(train_read="0" * 32)
     with dg.instance_for_test() as instance:

@@ -612,7 +612,7 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
         doubts.append("the data or model here are not the files dvc.lock records")
     if lineage.get("lock_differs"):
         doubts.append(f"dvc.lock records {', '.join(lineage['lock_differs'])} other than this checkout holds "
-                      "(a change run through `dvc repro`, then undone)")
+                      "(changed since the last `dvc repro`, or a change run through it and then undone)")
     if doubts:
         return (f"Not claimed reproducible from this commit: {'; '.join(doubts)}. `dvc status` shows what "
                 "differs; `dvc repro` from a clean checkout of a commit trains that commit's model.")
