@@ -227,12 +227,6 @@ def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str]
     return tags
 
 
-def _input_versions(tags: dict[str, str]) -> dict[str, str]:
-    """The inputs' data versions among a materialization's tags (not their event pointers, which name the
-    record an input version was read from)."""
-    return {k: v for k, v in tags.items() if k.startswith("dagster/input_data_version/")}
-
-
 @dg.sensor(
     name="dvc_lock_changed",
     minimum_interval_seconds=60,
@@ -287,11 +281,14 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         held = {s: c["matches"] for s, c in checked.items()}
         inputs = _input_tags(context.instance, key, versions, locked, held) if inputs_match else {}
-        if tags.get("dagster/data_version") == entry.version and tags.get("dagster/code_version") == code_version \
-                and (latest.run_id or _input_versions(tags) == _input_versions(inputs)):
-            # recorded so already: by a Dagster run, or by this sensor (its report of an earlier dvc.lock that
-            # made the same outputs with other code, or from other inputs, is not: after an upgrade's
-            # `dvc repro` the graph showed those steps stale, and release_automation ran them again)
+        # a parent reported in this tick whose new version dvc.lock says this stage was made from
+        took_new_input = any(f"dagster/input_data_version/{parent}" in inputs
+                             for parent in PARENTS[key] if parent in versions)
+        if tags.get("dagster/data_version") == entry.version and not took_new_input:
+            # recorded so already (by a Dagster run or by this sensor); reported again only with its parent:
+            # release_automation runs a step whose input was updated and it was not (an upgrade's `dvc repro`
+            # gave the pairs a new version and remade the same tokens: the whole chain ran again). A new
+            # code label alone is no new version: reported, it would run the steps after it again
             continue
         versions[key] = entry.version
         # which content of the source the repro's pairs are of: source_data_changed asks it of this report

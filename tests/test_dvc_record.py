@@ -544,7 +544,7 @@ def test_the_documented_gc_frees_pushed_old_versions_and_keeps_experiments(recor
         repo.dvc("checkout", "--force")
 
 
-def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stages(tmp_path):
+def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stages(tmp_path, monkeypatch):
     """The sensors wait for a `dvc repro`: between two stages no step of rm_lib holds a lock (DVC is hashing
     and starting the next command), and dvc_lock_changed reported the repro's stages so far, so
     release_automation started runs into the rest of it. DVC's repository lock and its stage lock cover
@@ -607,4 +607,10 @@ def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stag
     (root / ".dvc" / "tmp" / "lock").unlink(missing_ok=True)
     assert dvc_record.dvc_running(root) is None
     (root / ".dvc" / "tmp" / "lock").write_text("host 123\n")
+    assert "(.dvc/tmp/lock, core.hardlink_lock)" in dvc_record.dvc_running(root)
+    (root / ".dvc" / "config").write_text("")  # set for the user instead (`dvc config --global`), as DVC reads it
+    assert dvc_record.dvc_running(root) is None
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "config").write_text("[core]\n    hardlink_lock = true\n")
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(tmp_path / "user"))
     assert "(.dvc/tmp/lock, core.hardlink_lock)" in dvc_record.dvc_running(root)

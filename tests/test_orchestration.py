@@ -1254,7 +1254,9 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
             "train": {"deps": [{"path": "rm_lib/x.py", "md5": "0" * 32}],
                       "outs": [{"path": "models/reward_model", "md5": model},
                                {"path": "models/checkpoints", "md5": "c"}]},
-            "evaluate": {"deps": [{"path": "rm_lib/x.py", "md5": md5}],
+            # made from another model than the workspace's: not reported again with the new one
+            "evaluate": {"deps": [{"path": "rm_lib/x.py", "md5": md5},
+                                  {"path": "models/reward_model", "md5": "e" * 32}],
                          "outs": [{"path": "data/evaluation/report.json", "md5": report}]}}}))
 
     def tick(instance, cursor):
@@ -1348,21 +1350,26 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
         return dvc_md5(tmp_path / path)
 
     sources = write("data/sources/a.jsonl", "rows") and dvc_md5(tmp_path / "data/sources")
-    pairs = write("data/pairs/train.jsonl", "pairs") and dvc_md5(tmp_path / "data/pairs")
+    write("data/pairs/train.jsonl", "pairs")
     tokenized = write("data/tokenized/t.parquet", "ids") and dvc_md5(tmp_path / "data/tokenized")
     filtered = write("data/filtered/train.parquet", "kept")
     model = write("models/reward_model/w.bin", "weights") and dvc_md5(tmp_path / "models/reward_model")
+    report = write("data/evaluation/report.json", "{}")
+    release = write("data/release/README.md", "card") and dvc_md5(tmp_path / "data/release")
 
     def write_lock(train_read: str, code: dict = current) -> None:
         def stage(deps: dict, outs: dict) -> dict:
             return {"deps": [code, *({"path": p, "md5": m} for p, m in deps.items())],
                     "outs": [{"path": p, "md5": m} for p, m in outs.items()]}
 
+        pairs = dvc_md5(tmp_path / "data/pairs")
         (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
             "download": stage({"data/sources": sources}, {"data/pairs": pairs}),
             "tokenize": stage({"data/pairs": pairs}, {"data/tokenized": tokenized}),
             "filter": stage({"data/tokenized": tokenized}, {"data/filtered/train.parquet": filtered}),
-            "train": stage({"data/filtered/train.parquet": train_read}, {"models/reward_model": model})}}))
+            "train": stage({"data/filtered/train.parquet": train_read}, {"models/reward_model": model}),
+            "evaluate": stage({"models/reward_model": model}, {"data/evaluation/report.json": report}),
+            "push": stage({"data/evaluation/report.json": report}, {"data/release": release})}}))
 
     def statuses(instance) -> dict[str, str]:
         resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
@@ -1387,19 +1394,31 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
                                                                 tags={"dagster/data_version": "source-v1"}))
         tick(instance)
         assert statuses(instance) == fresh
-    # an upgrade: dvc.lock's stages were made by other code (reported so), then `dvc repro` makes the same
-    # outputs with the code here. The sensor took what it had reported for Dagster's own record and said
-    # nothing: the graph kept the old code (stale), and release_automation ran tokenize on down again
-    write_lock(train_read=filtered, code={**current, "md5": "0" * 32})
+    # an upgrade's `dvc repro`: the pairs get a new version (a field new to the manifest), the tokens and all
+    # after them come out the same. Reported alone, the pairs made release_automation run tokenize and
+    # everything after it again; reported with them, each step took its updated input
+    CHAIN = ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model", "evaluation",
+             "hub_release"]
+
+    def automation(instance, cursor):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        return [r.key.to_user_string() for r in result.results
+                if isinstance(r.key, dg.AssetKey) and r.true_subset.size], result.cursor
+
     with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
-                                                                tags={"dagster/data_version": "source-v1"}))
-        assert tick(instance) == ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model"]
-        assert statuses(instance)["tokenized_preferences"] == "STALE"  # its code is not the code here
+        assert tick(instance) == CHAIN
+        requested, cursor = automation(instance, None)
+        assert requested == []
+        write("data/pairs/manifest.json", '{"source_sha256": null}')
         write_lock(train_read=filtered)
-        assert tick(instance) == ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model"]
-        assert statuses(instance) == fresh
+        assert tick(instance) == CHAIN
+        requested, cursor = automation(instance, cursor)
+        assert requested == [], requested
         assert tick(instance) == []  # reported so already
+        # code changed since (dvc.lock's code deps are not the files here): a new label, not a new version;
+        # reported, it would make the automation run the steps after it again
+        write_lock(train_read=filtered, code={**current, "md5": "0" * 32})
+        assert tick(instance) == []
     # a model dvc.lock says was trained from other filtered pairs than the workspace holds: not fresh
     write_lock(train_read="0" * 32)
     with dg.instance_for_test() as instance:

@@ -94,7 +94,7 @@ def dvc_running(root: Path) -> Optional[str]:
     looks (a lock it finds free is let go at once; DVC retries its lock for seconds)."""
     root = Path(root)
     tmp = root / ".dvc" / "tmp"
-    if read_config(root).get("core", {}).get("hardlink_lock", "").lower() in ("true", "1", "yes"):
+    if _hardlink_lock(root):
         # a hard-linked claim file (no flock): the lock file is there while a DVC command holds it
         if (tmp / "lock").exists():
             return "a DVC command holds the DVC repository lock (.dvc/tmp/lock, core.hardlink_lock)"
@@ -111,6 +111,7 @@ def dvc_running(root: Path) -> Optional[str]:
             finally:
                 os.close(fd)
     path = tmp / "rwlock"
+    written = time.time()
     try:
         written = path.stat().st_mtime
         locks = json.loads(path.read_text(encoding="utf-8"))
@@ -126,6 +127,21 @@ def dvc_running(root: Path) -> Optional[str]:
         if isinstance(pid, int) and alive(pid) and (_started_at(pid) or 0) <= written + 1:
             return f"`{info.get('cmd')}` (pid {pid}) is running a stage"
     return None
+
+
+def _hardlink_lock(root: Path) -> bool:
+    """DVC's core.hardlink_lock as DVC reads it: the project's .dvc/config.local, .dvc/config, then the
+    user's and the system's config (DVC_GLOBAL_CONFIG_DIR, DVC_SYSTEM_CONFIG_DIR, else platformdirs' places
+    on Linux)."""
+    value = read_config(root).get("core", {}).get("hardlink_lock")
+    if value is None:
+        home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        for folder in (os.environ.get("DVC_GLOBAL_CONFIG_DIR") or os.path.join(home, "dvc"),
+                       os.environ.get("DVC_SYSTEM_CONFIG_DIR") or "/etc/xdg/dvc"):
+            value = _config_file(Path(folder) / "config").get("core", {}).get("hardlink_lock")
+            if value is not None:
+                break
+    return (value or "").lower() in ("true", "1", "yes")
 
 
 def _started_at(pid: int) -> Optional[float]:
@@ -501,20 +517,29 @@ def read_config(root: Path) -> dict[str, dict[str, str]]:
     them without the outer quotes (`core`, `remote "local"`)."""
     sections: dict[str, dict[str, str]] = {}
     for name in ("config", "config.local"):
-        path = root / ".dvc" / name
-        if not path.is_file():
+        for section, values in _config_file(root / ".dvc" / name).items():
+            sections.setdefault(section, {}).update(values)
+    return sections
+
+
+def _config_file(path: Path) -> dict[str, dict[str, str]]:
+    """One DVC config file: {section: {key: value}}; {} where there is none or it cannot be read."""
+    sections: dict[str, dict[str, str]] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return sections
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
             continue
-        current = None
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            header = re.fullmatch(r"\[\s*'?(.*?)'?\s*\]", line)
-            if header:
-                current = sections.setdefault(header.group(1), {})
-            elif "=" in line and current is not None:
-                key, value = (part.strip() for part in line.split("=", 1))
-                current[key] = value.strip('"')
+        header = re.fullmatch(r"\[\s*'?(.*?)'?\s*\]", line)
+        if header:
+            current = sections.setdefault(header.group(1), {})
+        elif "=" in line and current is not None:
+            key, value = (part.strip() for part in line.split("=", 1))
+            current[key] = value.strip('"')
     return sections
 
 

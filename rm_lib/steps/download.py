@@ -43,7 +43,7 @@ class DownloadResult:
     unnamed_splits: list[str] = field(default_factory=list)  # files named like a split download did not take as one
     margins: dict | None = None  # {"pairs", "min", "max"} of the pairs that carry a margin; train.use_margin adds them
     # a local source's content hash as read (sources.local_fingerprint): which version of the file these pairs
-    # are of, whoever ran the step (the source sensor asks it of a `dvc repro`'s download); None under max_rows
+    # are of, whoever ran the step (the source sensor asks it of a `dvc repro`'s download)
     source_sha256: str | None = None
 
     def manifest(self) -> dict:
@@ -314,7 +314,7 @@ def run(params: Params, layout: Layout) -> DownloadResult:
     inputs, revision = _inputs(cfg, kind)
     # the step runner refuses a source that changed while it was read (inputs_read): this is the content read
     fingerprint = None
-    if kind == "local" and cfg.max_rows is None:  # a few rows of a large file: not hashed whole for them
+    if kind == "local":
         with contextlib.suppress(DataError, OSError):  # unreadable: the read below says so, naming the file
             fingerprint = sources.local_fingerprint(cfg.source)["sha256"]
     read = _read(inputs, cfg.max_rows)
