@@ -73,9 +73,13 @@ def _took_the_change(instance: dg.DagsterInstance, requested: dict, project: Pro
         return False
     record = instance.get_run_record_by_id(latest.run_id) if latest.run_id else None
     if record is None or record.start_time is None:  # outside a run, or its run deleted since
-        recorded = (latest.asset_materialization.metadata if latest.asset_materialization else {}).get(SOURCE_SHA)
+        materialization = latest.asset_materialization
+        if requested.get("before") is not None and materialization is not None and \
+                (materialization.tags or {}).get("dagster/data_version") == requested["before"]:
+            return False  # the pairs Dagster had when the change was seen, reported again
+        recorded = (materialization.metadata if materialization else {}).get(SOURCE_SHA)
         now = (state.get("local") or {}).get("sha256")
-        # not known (a Hub dataset, a report of an older version, a download with max_rows): taken
+        # not known (a Hub dataset, a report of an older version): taken
         return recorded is None or now is None or recorded.value == now
     return record.start_time >= requested["at"]
 
@@ -145,12 +149,18 @@ def _repeatable_mistake(instance: dg.DagsterInstance, runs: list) -> Optional[st
 
 
 def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attempts: int,
-             since: float | None = None) -> dg.SensorResult:
+             earlier: dict | None = None) -> dg.SensorResult:
     # No run_key: the cursor already stops repeats, and a source that changes back (A -> B -> A)
     # must run again. The observation gives preference_source its new data version in the graph.
     tag = state["fingerprint"][:16]
-    # `at`: when the change was first seen; the runs for it are those created since
-    requested = {"tag": tag, "at": since if since is not None else time.time(), "attempts": attempts}
+    # `at`: when the change was first seen; the runs for it are those created since. `before`: the pairs'
+    # version then (a report of them again, by dvc_lock_changed, is not the change taken)
+    if earlier is None:
+        latest = context.instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
+        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
+        earlier = {"at": time.time(), "before": tags.get("dagster/data_version")}
+    requested = {"tag": tag, "attempts": attempts, "at": earlier["at"],
+                 **({"before": earlier["before"]} if "before" in earlier else {})}
     context.update_cursor(json.dumps({**state, "requested": requested}, sort_keys=True))
     return dg.SensorResult(run_requests=[dg.RunRequest(tags={SOURCE_TAG: tag})],
                            asset_events=[observation(state, what)])
@@ -180,7 +190,7 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
     requested = previous.get("requested")
     action, why = _pending_source_run(context, project, requested, state) if requested else ("done", "")
     if action == "again":
-        return _run_for(context, state, what, attempts=requested["attempts"] + 1, since=requested["at"])
+        return _run_for(context, state, what, attempts=requested["attempts"] + 1, earlier=requested)
     if action == "wait":
         state["requested"] = requested
     if state != previous:  # touched, or rewritten with the same bytes: remember the new stats
@@ -225,6 +235,11 @@ def _input_tags(instance: dg.DagsterInstance, key: str, reported: dict[str, str]
         tags[f"dagster/input_data_version/{parent}"] = version
         tags[f"dagster/input_event_pointer/{parent}"] = pointer
     return tags
+
+
+def _input_versions(tags: dict[str, str]) -> dict[str, str]:
+    """The inputs' data versions among a materialization's tags (not their event pointers)."""
+    return {k: v for k, v in tags.items() if k.startswith("dagster/input_data_version/")}
 
 
 @dg.sensor(
@@ -284,11 +299,19 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
         # a parent reported in this tick whose new version dvc.lock says this stage was made from
         took_new_input = any(f"dagster/input_data_version/{parent}" in inputs
                              for parent in PARENTS[key] if parent in versions)
-        if tags.get("dagster/data_version") == entry.version and not took_new_input:
-            # recorded so already (by a Dagster run or by this sensor); reported again only with its parent:
-            # release_automation runs a step whose input was updated and it was not (an upgrade's `dvc repro`
-            # gave the pairs a new version and remade the same tokens: the whole chain ran again). A new
-            # code label alone is no new version: reported, it would run the steps after it again
+        # dvc.lock says the code here made it, where Dagster's record says other code (an upgrade's `dvc repro`
+        # remade the same outputs); the other way round (code edited since) is left to the record
+        newer_code = entry.current_code and tags.get("dagster/code_version") != code_version
+        # the sensor's own record names other inputs than dvc.lock says it was made from (none claimed: the
+        # record stands, and the automation runs the step as DVC would)
+        other_inputs = bool(latest and not latest.run_id and inputs
+                            and _input_versions(tags) != _input_versions(inputs))
+        recorded = tags.get("dagster/data_version") == entry.version and not newer_code and not other_inputs
+        if recorded and not took_new_input:
+            # Reported again where the record says other code, or (the sensor's own) other inputs: the graph
+            # kept those steps stale; and with a parent reported in this tick that it was made from:
+            # release_automation runs a step whose input was updated and it was not (the pairs reported
+            # alone, the whole chain ran again)
             continue
         versions[key] = entry.version
         # which content of the source the repro's pairs are of: source_data_changed asks it of this report

@@ -608,9 +608,19 @@ def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stag
     assert dvc_record.dvc_running(root) is None
     (root / ".dvc" / "tmp" / "lock").write_text("host 123\n")
     assert "(.dvc/tmp/lock, core.hardlink_lock)" in dvc_record.dvc_running(root)
-    (root / ".dvc" / "config").write_text("")  # set for the user instead (`dvc config --global`), as DVC reads it
-    assert dvc_record.dvc_running(root) is None
-    (tmp_path / "user").mkdir()
-    (tmp_path / "user" / "config").write_text("[core]\n    hardlink_lock = true\n")
-    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(tmp_path / "user"))
+    (root / ".dvc" / "config").write_text("[core]\n    Hardlink_Lock = 'true'  # NFS share\n")  # as DVC reads it
     assert "(.dvc/tmp/lock, core.hardlink_lock)" in dvc_record.dvc_running(root)
+    (root / ".dvc" / "config").write_text("")  # set for the user or the system instead, as DVC finds them
+    for variable in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_DIRS", str(tmp_path / "etc"))
+    assert dvc_record.dvc_running(root) is None
+    for folder in (tmp_path / "home" / ".config" / "dvc", tmp_path / "etc" / "dvc"):
+        folder.mkdir(parents=True)
+        (folder / "config").write_text("[core]\n    hardlink_lock = true\n")
+        assert "(.dvc/tmp/lock, core.hardlink_lock)" in dvc_record.dvc_running(root), folder
+        (folder / "config").unlink()
+    (root / ".dvc" / "tmp" / "lock").unlink()
+    rwlock.symlink_to(rwlock)  # cannot be read (a loop): no repro to wait for, not "busy" for ever
+    assert dvc_record.dvc_running(root) is None

@@ -761,7 +761,7 @@ def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
         assets=[*assets.ASSETS], resources=resources(tmp_path, overrides=overrides),
         jobs=[dg.define_asset_job("reward_model_pipeline", selection=dg.AssetSelection.assets("raw_preferences"))])
     def run(request) -> dg.ExecuteInProcessResult:
-        return only_download.get_job_def("reward_model_pipeline").execute_in_process(
+        return only_download.resolve_job_def("reward_model_pipeline").execute_in_process(
             instance=instance, tags=request.tags, raise_on_error=False)
 
     with dg.instance_for_test() as instance:
@@ -824,6 +824,15 @@ def test_a_download_that_started_before_the_source_changed_does_not_take_the_cha
     source.write_text(source.read_text() * 2)  # D, after the repro read C
     state = {"local": local_fingerprint(source)}
     assert not took(1010.0, None, run_id="", read=read)  # C's pairs: D's run is still needed
+    # the pairs Dagster had when the change was seen, reported again (a Hub dataset: no hash to compare)
+    requested = {**requested, "before": "v-before"}
+    materialized = dg.AssetMaterialization("raw_preferences", tags={"dagster/data_version": "v-before"})
+    event = types.SimpleNamespace(timestamp=1010.0, run_id="", asset_materialization=materialized)
+    again = types.SimpleNamespace(get_latest_materialization_event=lambda key: event,
+                                  get_run_record_by_id=lambda run_id: None)
+    assert not _took_the_change(again, requested, resource, {})
+    event.asset_materialization = dg.AssetMaterialization("raw_preferences", tags={"dagster/data_version": "v2"})
+    assert _took_the_change(again, requested, resource, {})
     # what the report says, not data/pairs now: a run for D that wrote D's pairs and then failed is not it
     run_steps(tiny_params(f"download.source={source}"), tmp_path, "download")
     assert not took(1010.0, None, run_id="", read=read)
@@ -1415,9 +1424,37 @@ def test_after_a_dvc_repro_the_reported_assets_are_fresh_in_the_graph_where_dvc_
         requested, cursor = automation(instance, cursor)
         assert requested == [], requested
         assert tick(instance) == []  # reported so already
-        # code changed since (dvc.lock's code deps are not the files here): a new label, not a new version;
-        # reported, it would make the automation run the steps after it again
+        # code edited since (dvc.lock's code deps are not the files here): no new version, nothing reported
         write_lock(train_read=filtered, code={**current, "md5": "0" * 32})
+        assert tick(instance) == []
+    # reported while dvc.lock's code was other than the files here, then `dvc repro` with these makes the
+    # same outputs: reported again with the code here (the graph kept them stale: a new code version)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
+                                                                tags={"dagster/data_version": "source-v1"}))
+        assert tick(instance) == CHAIN
+        requested, cursor = automation(instance, None)
+        assert statuses(instance)["tokenized_preferences"] == "STALE"
+        write_lock(train_read=filtered)
+        assert tick(instance) == CHAIN
+        assert statuses(instance) == fresh
+        assert automation(instance, cursor)[0] == []
+    # a `dvc repro download`, a tick, then `dvc repro` of the rest making the same tokens: the tick after it
+    # gives the later steps the pairs they were made from (they stayed stale for good, and a late automation
+    # evaluation ran the chain)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetObservation("preference_source",
+                                                                tags={"dagster/data_version": "source-v1"}))
+        write_lock(train_read=filtered)
+        assert tick(instance) == CHAIN
+        write("data/pairs/manifest.json", '{"source_sha256": "new"}')
+        lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+        lock["stages"]["download"]["outs"][0]["md5"] = dvc_md5(tmp_path / "data/pairs")
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+        assert tick(instance) == ["raw_preferences"]  # tokenize was made from the pairs before: not claimed
+        write_lock(train_read=filtered)
+        assert tick(instance) == CHAIN[1:]
+        assert statuses(instance) == fresh
         assert tick(instance) == []
     # a model dvc.lock says was trained from other filtered pairs than the workspace holds: not fresh
     write_lock(train_read="0" * 32)

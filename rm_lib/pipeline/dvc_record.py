@@ -111,14 +111,13 @@ def dvc_running(root: Path) -> Optional[str]:
             finally:
                 os.close(fd)
     path = tmp / "rwlock"
-    written = time.time()
     try:
         written = path.stat().st_mtime
         locks = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # being rewritten by DVC this instant; left so by a kill mid-write: not busy
+    except ValueError:  # being rewritten by DVC this instant; left so by a kill mid-write: not busy
         return "DVC is changing its stage lock (.dvc/tmp/rwlock)" if time.time() - written < 5 else None
+    except OSError:  # none, or not readable from here (where DVC's lock could not be read either)
+        return None
     held = [*(locks.get("write") or {}).values(), *(i for r in (locks.get("read") or {}).values() for i in r)] \
         if isinstance(locks, dict) else []
     for info in held:
@@ -133,15 +132,19 @@ def _hardlink_lock(root: Path) -> bool:
     """DVC's core.hardlink_lock as DVC reads it: the project's .dvc/config.local, .dvc/config, then the
     user's and the system's config (DVC_GLOBAL_CONFIG_DIR, DVC_SYSTEM_CONFIG_DIR, else platformdirs' places
     on Linux)."""
-    value = read_config(root).get("core", {}).get("hardlink_lock")
-    if value is None:
-        home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-        for folder in (os.environ.get("DVC_GLOBAL_CONFIG_DIR") or os.path.join(home, "dvc"),
-                       os.environ.get("DVC_SYSTEM_CONFIG_DIR") or "/etc/xdg/dvc"):
-            value = _config_file(Path(folder) / "config").get("core", {}).get("hardlink_lock")
-            if value is not None:
-                break
-    return (value or "").lower() in ("true", "1", "yes")
+    home = (os.environ.get("XDG_CONFIG_HOME") or "").strip()
+    home = home if os.path.isabs(home) else os.path.join(os.path.expanduser("~"), ".config")
+    system = next((d for d in (os.environ.get("XDG_CONFIG_DIRS") or "").split(os.pathsep) if d.strip()), "/etc/xdg")
+    for config in (root / ".dvc" / "config.local", root / ".dvc" / "config",
+                   Path(os.environ.get("DVC_GLOBAL_CONFIG_DIR") or os.path.join(home, "dvc")) / "config",
+                   Path(os.environ.get("DVC_SYSTEM_CONFIG_DIR") or os.path.join(system, "dvc")) / "config"):
+        try:
+            value = _config_file(config).get("core", {}).get("hardlink_lock")
+        except (OSError, ValueError):
+            continue
+        if value is not None:
+            return value.lower() in ("true", "1", "yes", "on")
+    return False
 
 
 def _started_at(pid: int) -> Optional[float]:
@@ -523,12 +526,12 @@ def read_config(root: Path) -> dict[str, dict[str, str]]:
 
 
 def _config_file(path: Path) -> dict[str, dict[str, str]]:
-    """One DVC config file: {section: {key: value}}; {} where there is none or it cannot be read."""
+    """One DVC config file: {section: {key: value}} (keys lower-cased, quotes and a comment after a value
+    left out, as configobj reads them); {} where there is none. OSError or ValueError where it cannot be read."""
     sections: dict[str, dict[str, str]] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    if not path.is_file():
         return sections
+    text = path.read_text(encoding="utf-8")
     current = None
     for line in text.splitlines():
         line = line.strip()
@@ -539,7 +542,9 @@ def _config_file(path: Path) -> dict[str, dict[str, str]]:
             current = sections.setdefault(header.group(1), {})
         elif "=" in line and current is not None:
             key, value = (part.strip() for part in line.split("=", 1))
-            current[key] = value.strip('"')
+            quoted = re.match(r"""(['"])(.*?)\1""", value)
+            value = quoted.group(2) if quoted else re.split(r"\s[#;]", value, maxsplit=1)[0].strip()
+            current[key.lower()] = value
     return sections
 
 
