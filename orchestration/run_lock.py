@@ -26,6 +26,7 @@ from typing import Optional
 
 import dagster as dg
 
+from rm_lib.files import start_ticks
 from rm_lib.layout import Layout
 from rm_lib.pipeline.locking import claim, running_step
 from rm_lib.steps import PIPELINE
@@ -35,18 +36,9 @@ from .run_launcher import process_alive
 CLAIM = "dagster-run"  # <root>/.rm_lib/locks/dagster-run.lock
 
 
-def _start_ticks(pid: int) -> Optional[int]:
-    """When process `pid` started, in clock ticks since boot (/proc): tells it from a later process that
-    got the same number. None where /proc does not say."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _alive(process: list) -> bool:
     pid, ticks = process
-    return process_alive(pid) and (ticks is None or _start_ticks(pid) == ticks)
+    return process_alive(pid) and (ticks is None or start_ticks(pid) == ticks)
 
 
 def _command_line(pid: int) -> bytes:
@@ -65,7 +57,7 @@ def _this_runs_processes() -> list[list]:
     # the code server for parent, which outlives every run
     if parent is not None and parent.pid and b"grpc" not in _command_line(parent.pid):
         pids.append(parent.pid)
-    return [[pid, _start_ticks(pid)] for pid in pids]
+    return [[pid, start_ticks(pid)] for pid in pids]
 
 
 def still_runs(holder: dict, instance: Optional[dg.DagsterInstance]) -> bool:

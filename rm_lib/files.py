@@ -42,6 +42,15 @@ def alive(pid: int) -> bool:
     return True
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc): tells it from a later process that
+    got the same number. None where /proc does not say."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _stale(entry: str, unowned: bool) -> bool:
     owner = _OWNER.search(entry)
     if owner is None:  # an older rm_lib's name (a .old may be the only complete copy: atomic_dir clears it)

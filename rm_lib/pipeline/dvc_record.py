@@ -37,7 +37,7 @@ from typing import Any, Optional
 import yaml
 
 from rm_lib.errors import SettingsError, UserError
-from rm_lib.files import alive, dvc_md5, pipeline_written_files, read_yaml
+from rm_lib.files import alive, dvc_md5, pipeline_written_files, read_yaml, start_ticks
 from rm_lib.settings import Params, load_params
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
@@ -149,8 +149,10 @@ def _hardlink_lock(root: Path) -> bool:
 
 def _started_at(pid: int) -> Optional[float]:
     """When process `pid` started, in seconds since the epoch (Linux's /proc), or None where not known."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
