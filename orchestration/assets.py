@@ -64,8 +64,9 @@ AFTER_BLOCKING_CHECKS = (dg.AutomationCondition.eager()
 
 def described(step: str, error: object) -> str:
     """`<step>: <message>`, the step named once: many of rm_lib's messages start with it already. Control
-    characters from the data are written as escapes, as the CLI prints them (Dagster's console shows it)."""
-    message = printable(str(error))
+    characters from the data are written as escapes, as the CLI prints them (Dagster's console shows it), and
+    a URL's credentials (an HF_ENDPOINT's) are left out."""
+    message = printable(network.without_credentials(str(error)))
     return message if message.startswith(f"{step}: ") else f"{step}: {message}"
 
 

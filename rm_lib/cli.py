@@ -16,6 +16,7 @@ from rm_lib.errors import UserError
 from rm_lib.evaluation.visualize import printable
 from rm_lib.files import STORAGE_ERRORS, unwritable_folder
 from rm_lib.layout import Layout
+from rm_lib.network import without_credentials
 from rm_lib.settings import load_params
 from rm_lib.steps import PIPELINE
 
@@ -240,7 +241,7 @@ def _main(argv: list[str] | None) -> int:
         # stop the first before it said it.
         return 0
     except UserError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        print(f"error: {printable(without_credentials(str(exc)))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the system refuses (permissions, a full disk): the path and why, no traceback
         where = _refused_path(exc, args.root)

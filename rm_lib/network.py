@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import re
 import time
@@ -41,6 +42,36 @@ _CREDENTIALS = re.compile(r"(?<=//)\S*@")
 def without_credentials(text: str) -> str:
     """`text` with the credentials of every URL in it removed."""
     return _CREDENTIALS.sub("", text)
+
+
+# the libraries that log the URLs they request (huggingface_hub's retries: "HTTP Error 500 thrown while
+# requesting HEAD <url>")
+_LOGGING_LIBRARIES = ("huggingface_hub", "datasets", "transformers", "httpx", "httpx2", "fsspec")
+_records_cleaned = False
+
+
+def _log_records_without_credentials() -> None:
+    """Every log record those libraries make says its URLs without credentials, whatever handler shows it
+    (their own, the root logger's, Dagster's): the record is cleaned where it is made."""
+    global _records_cleaned
+    if _records_cleaned:
+        return
+    make = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if isinstance(record.name, str) and record.name.split(".", 1)[0] in _LOGGING_LIBRARIES:  # makeLogRecord: None
+            try:
+                said = record.getMessage()
+            except Exception:  # a record its own handler could not format either: left to it
+                return record
+            cleaned = without_credentials(said)
+            if cleaned != said:
+                record.msg, record.args = cleaned, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _records_cleaned = True
 
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -149,9 +180,11 @@ def bound_hub_client() -> None:
     """Make huggingface_hub's shared HTTP client time-limit every request (once per process).
 
     The client is created with `timeout=None` and several calls pass `timeout=None` explicitly,
-    which a client-wide default would not override; a request hook sees every request."""
+    which a client-wide default would not override; a request hook sees every request. The libraries' log
+    records say no URL's credentials from then on."""
     global _installed
     timeout_s()  # a bad RM_HUB_TIMEOUT_S fails here, before any request
+    _log_records_without_credentials()
     if _installed:
         return
     from huggingface_hub.utils import _http

@@ -264,12 +264,15 @@ def empty_hub():
     ("model.name_or_path=no-such-org/no-such-model", "tokenize", "cannot load 'no-such-org/no-such-model'"),
 ])
 def test_a_hub_name_that_does_not_exist_is_a_clear_error(tmp_path, empty_hub, setting, step, expected):
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": empty_hub,
+    """An HF_ENDPOINT behind a proxy may carry a password: no message says it."""
+    endpoint = empty_hub.replace("http://", "http://alice:S3CRET-PW@")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": endpoint,
            "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "--set", setting, step],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
+    assert "S3CRET" not in done.stderr + done.stdout
     error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and expected in error[0]
     assert not (tmp_path / "data" / "pairs" / "manifest.json").exists()

@@ -122,3 +122,89 @@ def test_control_characters_from_the_data_are_printed_escaped(tmp_path, capsys):
     assert main(["--root", str(tmp_path / "p"), "download", "--set", f"download.source={source}"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;PWNED\\x07" in out
+
+
+def test_gate_details_that_name_data_stay_text_on_the_published_card(tmp_path):
+    """The release gate's details name subsets from the data and sources from a Hub release's record; the
+    card's gate table put them in as written: a live link, a remote image (a tracking pixel) and bold text."""
+    from markdown_it import MarkdownIt
+
+    from rm_lib.evaluation import quality
+    from rm_lib.layout import Layout
+    from rm_lib.publish import model_card
+
+    layout = Layout(tmp_path)
+    layout.evaluation.mkdir(parents=True)
+    hostile = "x [click here](https://evil.example/phish) <img src=https://evil.example/p.png> **URGENT** a|b"
+    (layout.evaluation / "report.json").write_text(json.dumps(
+        {"per_subset": {hostile: {"pairs": 3, "accuracy": 0.0}, "plain": {"pairs": 3, "accuracy": 1.0}}}))
+    verdict = quality.subset_gate(layout, 0.9)
+    assert not verdict.passed and hostile in verdict.description  # the CLI and Dagster say the name as it is
+    source = {"check": "accuracy_gate", "passed": False,
+              "description": "measured on another source (<img src=https://evil.example/p.png> [login](https://evil.example))"}
+    card = model_card._gate([{"check": verdict.name, "passed": False, "description": verdict.description}, source],
+                            False)
+    html = MarkdownIt("commonmark").enable("table").render(card)
+    assert "<a " not in html and "<img" not in html and "<strong>URGENT" not in html, html
+    assert "[click here](https://evil.example/phish)" in html and "&lt;img src=https://evil.example/p.png&gt;" in html
+    assert html.count("<tr>") == 3 and all(row.count("<td>") == 3 for row in html.split("<tr>")[2:])  # no cell added
+
+
+def test_the_hub_libraries_log_urls_without_their_credentials(caplog):
+    """huggingface_hub logs each retry with the URL it requested ("HTTP Error 500 thrown while requesting
+    HEAD http://user:password@proxy/..."): the password of an HF_ENDPOINT went to the terminal and the run log."""
+    import logging
+
+    from rm_lib import network
+
+    network.bound_hub_client()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("huggingface_hub.utils._http").warning(
+            "HTTP Error 500 thrown while requesting HEAD http://alice:S3CRET@127.0.0.1:9/api/models/o/m")
+        logging.getLogger("huggingface_hub.file_download").warning(
+            "Error while downloading from %s: %s", "https://alice:S3CRET@hub.example/o/m/model.safetensors", "reset")
+        logging.getLogger("myproject").warning("https://user:kept@mine.example")  # not a library's: as it was
+    assert logging.makeLogRecord({}).name is None  # a record with no logger's name (Dagster's handler makes one)
+    said = [record.getMessage() for record in caplog.records]
+    assert said[:2] == ["HTTP Error 500 thrown while requesting HEAD http://127.0.0.1:9/api/models/o/m",
+                        "Error while downloading from https://hub.example/o/m/model.safetensors: reset"]
+    assert said[2] == "https://user:kept@mine.example"
+
+
+def test_a_dvc_remotes_credentials_stay_out_of_what_dagster_shows(tmp_path):
+    """A remote's URL with a token, kept in the git-ignored .dvc/config.local as DVC advises, went into
+    every materialization's `dvc_remote` metadata."""
+    from rm_lib.pipeline import dvc_record
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    cmd: python -m rm_lib train\n")
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    remote = storage\n['remote \"storage\"']\n"
+                                              "    url = https://example.com/org/repo.dvc\n")
+    (tmp_path / ".dvc" / "config.local").write_text("['remote \"storage\"']\n"
+                                                    "    url = https://alice:ghp_S3CRET@example.com/org/repo.dvc\n")
+    spec = dvc_record.read_stage(tmp_path, "train")
+    assert spec.remote == "storage" and spec.remote_url == "https://example.com/org/repo.dvc"
+
+
+def test_a_model_load_error_names_the_hub_without_its_credentials(tmp_path):
+    """A Hub that cannot be reached through an HF_ENDPOINT with a password: tokenize's one error line said
+    the password ("We couldn't connect to 'http://alice:...@proxy'")."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a port nothing listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://alice:S3CRET@127.0.0.1:{port}"}
+    # huggingface_hub's own five retries (23 s) off: the error is the same after them
+    code = ("import sys; from rm_lib import network; from rm_lib.cli import main\n"
+            "with network.hub_retries_off(): sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "--root", str(tmp_path), "--set",
+                           "model.name_or_path=owner/model", "tokenize"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"couldn't connect to 'http://127.0.0.1:{port}'" in done.stderr
+    assert "S3CRET" not in done.stderr + done.stdout

@@ -421,7 +421,10 @@ def hub_fingerprint(name: str, revision: str | None) -> str | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """The error's first line, without the credentials of an HF_ENDPOINT it names."""
+    from rm_lib.network import without_credentials
+
+    return without_credentials((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
 
 
 def source_kind(source: str) -> str:

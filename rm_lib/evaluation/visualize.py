@@ -25,6 +25,17 @@ def table_cell(text: str) -> str:
     return one_line(text).replace("|", "\\|")
 
 
+# what Markdown (and the HTML it lets through) reads as markup: links, images, tags, entities, emphasis, code
+_MARKUP = re.compile(r"([\\`*_\[\]<>!&#~|])")
+
+
+def markdown_text(text: str) -> str:
+    """one_line(`text`) as literal Markdown text, table cells included: each character Markdown or HTML
+    would read as markup backslash-escaped. For sentences that carry names from the data or from a Hub
+    record (the release gate's details): a name could otherwise be a link, an image or a tag on the page."""
+    return _MARKUP.sub(r"\\\1", one_line(text))
+
+
 def printable(text: str) -> str:
     """`text` safe to print: every control character from the data written as its escape (\\x1b)."""
     return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -234,7 +234,8 @@ def _unreadable_weights(path: str) -> str | None:
 
 
 def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The error's first line, without the credentials of an HF_ENDPOINT it names."""
+    return network.without_credentials((str(exc).strip().splitlines() or [type(exc).__name__])[0])
 
 
 def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,

@@ -38,6 +38,7 @@ import yaml
 
 from rm_lib.errors import SettingsError, UserError
 from rm_lib.files import alive, dvc_md5, pipeline_written_files, read_yaml, start_ticks
+from rm_lib.network import without_credentials
 from rm_lib.settings import Params, load_params
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
@@ -612,6 +613,8 @@ def read_stage(root: Path, stage: str, remote: Optional[str] = None) -> Optional
     url = config.get(f'remote "{name}"', {}).get("url") if name else None
     if url and "://" not in url and not os.path.isabs(os.path.expanduser(url)):
         url = os.path.normpath(root / ".dvc" / url)  # DVC reads a relative url from the config's folder
+    # the url as metadata shows it: a secret the user keeps in .dvc/config.local stays there
+    url = without_credentials(url) if url else url
     return StageSpec(name=stage, cmd=[cmd] if isinstance(cmd, str) else list(cmd), params=params,
                      outs=[_path_of(o) for o in found.get("outs") or []], remote=name, remote_url=url,
                      deps=[str(d) for d in found.get("deps") or []])
@@ -698,7 +701,8 @@ def _sha256(obj: Any) -> str:
 
 
 def _tail(text: str, lines: int = 8) -> str:
-    return " ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+    """The last lines of DVC's or git's output as one, without the credentials of a remote's URL."""
+    return without_credentials(" ".join(line.strip() for line in text.strip().splitlines()[-lines:]))
 
 
 # The outs that make a stage's version: the model alone for train (checkpoints and logs do not change

@@ -20,7 +20,7 @@ from rm_lib.data.trained_prompts import SEEN
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
-from rm_lib.evaluation.visualize import one_line, table_cell
+from rm_lib.evaluation.visualize import markdown_text, one_line, table_cell
 from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 from rm_lib.settings import load_params, params_from_dict
@@ -262,7 +262,7 @@ def _seen_row(seen: dict | None) -> str:
         others = f"; accuracy on the others {_num(seen.get('accuracy_unseen'))}" if seen["base"] else ""
         value = f"{seen['base']} of {seen['pairs']}{others}" + (f"; {unknown_said}" if unknown else "")
     else:
-        value = "not checked: " + (unknown_said or table_cell(seen.get("why") or "no record"))
+        value = "not checked: " + (unknown_said or markdown_text(seen.get("why") or "no record"))
     return f"| held-out pairs whose prompt a base model trained on | {value} |\n"
 
 
@@ -631,8 +631,9 @@ def _is_md5(value: str) -> bool:
 def _gate(gate: list[dict], forced: bool) -> str:
     if not gate:
         return ""
-    rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | {table_cell(g['description'])} |"
-                     for g in gate)
+    # a detail may name a subset from the data or a source from the Hub's record: text, never markup
+    rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | "
+                     f"{markdown_text(g['description'])} |" for g in gate)
     warning = f"\n\n**{FORCED_MARK}** Treat this model as unvetted." if forced else ""
     return f"""## Release gate{warning}
 
