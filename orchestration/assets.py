@@ -25,6 +25,7 @@ from rm_lib.evaluation.visualize import printable
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash, workspace_note
+from rm_lib.pipeline.preflight import check_before
 from rm_lib.settings import Params
 
 from .config import (
@@ -120,9 +121,16 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
     claim_project(context, project.root_path())
     try:
         # the whole run's settings first: a mistake in train's must stop the run before download replaces
-        # data/pairs, as the CLI's `run` refuses it before any work
-        project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
+        # data/pairs, as the CLI's `run` refuses it before any work; what only the model or the files the
+        # settings name can judge, by the run's first step
+        whole = project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
+        steps = _steps_of_run(context) or {step}
+        if step == min(steps, key=list(STEP_OF_ASSET.values()).index):  # in the order the steps run
+            with network.single_attempt():
+                check_before(steps, whole)
     except SettingsError as exc:
+        if exc.transient:
+            raise  # the Hub did not answer: the RetryPolicy tries again
         raise mistake(step, exc, f"{step}: not run, nothing changed: this run's settings hold a mistake: "
                                  f"{printable(str(exc))}", of_the_step=False) from exc
     try:
@@ -130,6 +138,15 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
     except SettingsError as exc:
         raise mistake(step, exc, of_the_step=False) from exc
     return params, project.layout()
+
+
+def _steps_of_run(context: dg.AssetExecutionContext) -> set[str]:
+    """The steps whose assets this run materializes: the step keys it executes (a re-execution from
+    failure names the rest alone), else its asset selection, else every asset of its job."""
+    run = context.run
+    names = (run.step_keys_to_execute or [key.to_user_string() for key in run.asset_selection or ()]
+             or [node.name for node in context.job_def.nodes_in_topological_order])
+    return {STEP_OF_ASSET[name] for name in names if name in STEP_OF_ASSET}
 
 
 def _run_step(context: dg.AssetExecutionContext, step: str, params: Params, layout: Layout):

@@ -17,10 +17,9 @@ from rm_lib.evaluation.visualize import printable
 from rm_lib.files import STORAGE_ERRORS, unwritable_folder
 from rm_lib.layout import Layout
 from rm_lib.network import without_credentials
+from rm_lib.pipeline.preflight import check_before
 from rm_lib.settings import load_params
 from rm_lib.steps import PIPELINE
-
-NEEDS_BASE_MODEL = ("run", "tokenize", "train")  # filter reads the limit tokenize recorded
 
 
 def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -67,21 +66,6 @@ def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
     args.root = args.step_root or args.root
     args.overrides = args.overrides + args.step_overrides
     return args
-
-
-def _check_base_model(step: str, params) -> None:
-    """What the model decides of the settings, read from its config and tokenizer (no weights), so that
-    `run` stops before download rather than at train."""
-    from rm_lib.model.modeling import check_lora_targets, check_max_token_length, load_model_config
-
-    model = params.model
-    config = load_model_config(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code,
-                               weights=step != "tokenize")  # tokenize reads the config and tokenizer alone
-    if step == "run":  # the filter and train steps check it themselves
-        check_max_token_length(params.filter.max_token_length, model.name_or_path, revision=model.revision,
-                               trust_remote_code=model.trust_remote_code)
-    if step in ("run", "train") and params.train.lora:
-        check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
 
 
 def _run_step(step: str, params, layout: Layout) -> None:
@@ -215,8 +199,8 @@ def _main(argv: list[str] | None) -> int:
         if problem:
             raise UserError(f"--root {args.root}: not a project folder: {problem}")
         layout = Layout(Path(args.root))
-        if args.step in NEEDS_BASE_MODEL:  # a model that cannot be a reward model fails before any work
-            _check_base_model(args.step, params)
+        if args.step in PIPELINE or args.step == "run":  # a mistake in a later step's settings: before any work
+            check_before(PIPELINE if args.step == "run" else (args.step,), params)
         if args.step == "run":
             for step in PIPELINE:
                 _run_step(step, params, layout)

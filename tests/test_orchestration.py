@@ -319,17 +319,27 @@ def test_bad_settings_fail_fast_without_retries(tmp_path):
             "ops": {"raw_preferences": {"config": {"name_or_path": "other"}}}})
 
 
-def test_a_mistake_in_a_later_steps_settings_stops_the_run_before_the_first_step_changes_anything(tmp_path):
+@pytest.mark.parametrize("asset, config, said", [
+    ("reward_model", {"lr_scheduler": "cosin"}, "train.lr_scheduler"),
+    # what only the model or the files named can judge (rm_lib.pipeline.preflight, as the CLI's `run`)
+    ("filtered_preferences", {"max_token_length": 100_000}, "filter.max_token_length: 100000 is more than"),
+    ("reward_model", {"lora": True, "lora_target_modules": ["nosuch_proj"]}, "['nosuch_proj'] match no module"),
+    ("evaluation", {"suites": ["missing-suite.jsonl"]}, "evaluate.suites: file missing-suite.jsonl"),
+])
+def test_a_mistake_in_a_later_steps_settings_stops_the_run_before_the_first_step_changes_anything(
+        tmp_path, asset, config, said):
     """The CLI's `run` refuses a bad train setting before download; a Dagster run checked each step's
-    settings only when that step ran, after download, tokenize and filter had replaced their outputs."""
-    result = materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences", "tokenized_preferences",
-                                                                      "filtered_preferences", "reward_model"),
-                         run_config={"ops": {"reward_model": {"config": {"lr_scheduler": "cosin"}}}})
+    settings only when that step ran, after download, tokenize and filter had replaced their outputs (a
+    length past the model's, LoRA targets it lacks, a missing suite file: still, until the run's first step
+    asked the model)."""
+    selection = ["raw_preferences", "tokenized_preferences", "filtered_preferences", "reward_model", "evaluation"]
+    result = materialize(tmp_path, selection=dg.AssetSelection.assets(*selection),
+                         run_config={"ops": {asset: {"config": config}}})
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
     assert failure.step_key == "raw_preferences" and "not run, nothing changed" in message
-    assert "train.lr_scheduler" in message
+    assert said in message
     assert not (tmp_path / "data/pairs").exists()
 
 

@@ -324,6 +324,16 @@ def test_training_settings_that_libraries_would_refuse_mid_run_are_one_line_befo
     assert err.startswith(f"error: {message}") and err.count("\n") == 1 and not (tmp_path / "data").exists()
 
 
+def test_run_refuses_a_missing_suite_file_before_any_work(tmp_path, capsys):
+    """An evaluation suite naming a file that is not there was found at evaluate, after download, tokenize,
+    filter and train had replaced their outputs."""
+    suite = f'evaluate.suites=["{tmp_path / "missing-suite.jsonl"}"]'
+    assert main(["--root", str(tmp_path / "p"), "run", "--set", suite]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: evaluate.suites: ") and "missing-suite.jsonl" in err and err.count("\n") == 1
+    assert not (tmp_path / "p" / "data").exists()
+
+
 def test_lora_target_modules_the_model_lacks_are_one_line_naming_the_modules_it_has(tmp_path, capsys, tiny_decoder):
     assert main(["--root", str(tmp_path), "run", "--set", "train.lora=true",
                  "--set", 'train.lora_target_modules=["nope"]']) == 2
