@@ -210,6 +210,9 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
         outcome = dvc.record(project.root_path(), stage, params, run_id=experiment_run_id(context.run))
     except RecordError as exc:
         raise dg.Failure(description=record_failed(stage, exc), allow_retries=False) from exc
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
+        # not "stopped before it ended" (retried_only_when_transient): the step had ended
+        raise dg.Failure(description=record_stopped(stage), allow_retries=False) from exc
     if isinstance(outcome, NotRecorded):
         context.log.info(printable(f"{stage}: not recorded in DVC: {outcome.reason}"))
         return _not_recorded_metadata(outcome), dg.DataVersion(fallback) if fallback else None
@@ -230,6 +233,15 @@ def record_failed(stage: str, error: object) -> str:
             f"Fix the cause and materialize this asset again; or `dvc checkout dvc.yaml:{stage}` puts the recorded "
             f"outputs back; or, when the run used params.yaml's settings, `dvc commit --force dvc.yaml:{stage}` "
             "records the new ones as they are")
+
+
+def record_stopped(stage: str) -> str:
+    """The run was stopped after the step had replaced its outputs, while DVC recorded them."""
+    again = " (train reuses the run that finished)" if stage == "train" else ""
+    return (f"{stage}: stopped while DVC recorded the step's outputs; the step had ended and replaced them in the "
+            "workspace. Dagster's last materialization still names the earlier outputs; dvc.lock names the earlier "
+            f"ones, or the new ones where DVC had finished (`dvc status` tells). Materialize this asset again to "
+            f"record them{again}; or `dvc checkout dvc.yaml:{stage}` puts the recorded outputs back")
 
 
 def _recorded_metadata(outcome: Recorded, version: str) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pydantic
 import pytest
+from dagster._core.errors import DagsterExecutionInterruptedError
 
 from orchestration import assets, checks, definitions, sensors
 from orchestration.definitions import defs
@@ -1779,6 +1780,24 @@ def test_a_failed_dvc_record_says_the_step_replaced_its_outputs(tmp_path):
     assert "`dvc checkout dvc.yaml:download`" in said and "`dvc commit --force dvc.yaml:download`" in said
     assert raised.value.allow_retries is False
 
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, DagsterExecutionInterruptedError])
+def test_a_run_stopped_while_dvc_records_says_the_step_had_replaced_its_outputs(tmp_path, interrupt):
+    """A run stopped after training had ended, while `dvc commit` ran, said "stopped before it ended ...
+    train resumes from its last checkpoint": the new model was in the workspace, and no record named it."""
+    dvc = _Recorder(interrupt())
+    with pytest.raises(dg.Failure) as raised:
+        assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "train", None, None)
+    said = raised.value.description
+    assert said.startswith("train: stopped while DVC recorded the step's outputs; the step had ended and replaced "
+                           "them in the workspace") and "still names the earlier outputs" in said
+    assert "train reuses the run that finished" in said and "`dvc checkout dvc.yaml:train`" in said
+    assert raised.value.allow_retries is False
+    # the asset's own wrapper keeps it as it is, not "stopped before it ended"
+    wrapped = assets.retried_only_when_transient("train")(
+        lambda: assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "train", None, None))
+    with pytest.raises(dg.Failure, match="stopped while DVC recorded"):
+        wrapped()
 
 
 def test_the_evaluation_shows_accuracy_per_subset_only_where_the_data_has_subsets():
