@@ -6,6 +6,7 @@ the DVC hash of what it wrote is its data version.
 Heavy modules (torch, transformers, the rm_lib step modules) are imported inside the asset bodies.
 """
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -115,9 +116,10 @@ def retried_only_when_transient(step: str) -> Callable:
 
 
 def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, project: ProjectResource,
-              extra: Sequence[str] = ()) -> tuple[Params, Layout]:
+              extra: Sequence[str] = (), hub: Optional[HubResource] = None) -> tuple[Params, Layout]:
     """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config, once
-    this run holds the project folder (orchestration.run_lock: one run at a time)."""
+    this run holds the project folder (orchestration.run_lock: one run at a time). `hub`: the credentials
+    the run's first step reads the base model with (a gated model), where a later step of the run loads it."""
     claim_project(context, project.root_path())
     try:
         # the whole run's settings first: a mistake in train's must stop the run before download replaces
@@ -126,7 +128,7 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
         whole = project.load_params([*extra, *run_overrides(context.run.run_config, STEP_OF_ASSET)])
         steps = _steps_of_run(context) or {step}
         if step == min(steps, key=list(STEP_OF_ASSET.values()).index):  # in the order the steps run
-            with network.single_attempt():
+            with network.single_attempt(), (hub.credentials() if hub else contextlib.nullcontext()):
                 check_before(steps, whole)
     except SettingsError as exc:
         if exc.transient:
@@ -332,7 +334,7 @@ def _link(value: str | None) -> dg.MetadataValue:
 @retried_only_when_transient("download")
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
                     hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings(context, "download", config, project)
+    params, layout = _settings(context, "download", config, project, hub=hub)
     from rm_lib.data.sources import source_kind
 
     try:
@@ -376,7 +378,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
 @retried_only_when_transient("tokenize")
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
                           hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings(context, "tokenize", config, project)
+    params, layout = _settings(context, "tokenize", config, project, hub=hub)
     with hub.credentials():  # the tokenizer of a gated Hub model
         result = _run_step(context, "tokenize", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "tokenize", params, result.content_hash)
@@ -396,13 +398,15 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
     )
 
 
+# filter itself reads no network; as a run's first step it reads the base model for the later steps' checks
 @dg.asset(group_name=GROUP, code_version=code_hash("filter"), automation_condition=AFTER_BLOCKING_CHECKS,
-          deps=[tokenized_preferences], kinds={"parquet"},
+          deps=[tokenized_preferences], retry_policy=NETWORK_RETRY, kinds={"parquet"},
           description="filter: token ids -> length-filtered ids, every dropped pair counted by reason; "
                       "token-length histogram (data/filtered).")
+@retried_only_when_transient("filter")
 def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
-                         dvc: DvcResource) -> dg.MaterializeResult:
-    params, layout = _settings(context, "filter", config, project)
+                         hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
+    params, layout = _settings(context, "filter", config, project, hub=hub)
     result = _run_step(context, "filter", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "filter", params, result.content_hash)
     reasons = sorted({r for split in SPLITS for r in result.dropped[split]})
@@ -442,7 +446,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
         wandb_overrides = wandb.overrides()
     except SettingsError as exc:
         raise mistake("train", exc) from exc
-    params, layout = _settings(context, "train", config, project, wandb_overrides)
+    params, layout = _settings(context, "train", config, project, wandb_overrides, hub=hub)
     with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
         if trainer.separate_process:
             result = _train_in_own_process(context, trainer, project,

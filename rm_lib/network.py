@@ -33,15 +33,29 @@ from typing import Any
 
 from rm_lib.errors import SettingsError
 
-# the user:password@ of a URL (an HF_ENDPOINT behind a proxy may carry one): never in a message. To the
-# URL's last @: a password may hold an @, or a / or ? that breaks the URL (when it is most likely
-# printed). An @ in a path (rare in an endpoint) takes the host with it: a message may say less, never a secret.
-_CREDENTIALS = re.compile(r"(?<=//)\S*@")
+# the user:password@ of a URL (an HF_ENDPOINT behind a proxy may carry one): never in a message. From a word's
+# first // to its last @: a password may hold an @, or a / or ? that breaks the URL (when it is most likely
+# printed). An @ in a path (rare in an endpoint) takes the host with it: a message may say less, never a
+# secret. One pass over each word (a regex from every // to an @ took quadratic time on a field of slashes).
+_WORD = re.compile(r"\S+")
+# hf://datasets/<repo>@<revision>/... (how `datasets` names Hub files): a revision, no credentials
+_NO_USERINFO_SCHEMES = ("hf:",)
+
+
+def _word_without_credentials(match: re.Match) -> str:
+    word = match.group()
+    start = word.find("//")
+    at = word.rfind("@")
+    if start < 0 or at < start or word[:start].lower().endswith(_NO_USERINFO_SCHEMES):
+        return word
+    return word[:start + 2] + word[at + 1:]
 
 
 def without_credentials(text: str) -> str:
     """`text` with the credentials of every URL in it removed."""
-    return _CREDENTIALS.sub("", text)
+    if "//" not in text or "@" not in text:
+        return text
+    return _WORD.sub(_word_without_credentials, text)
 
 
 # the libraries that log the URLs they request (huggingface_hub's retries: "HTTP Error 500 thrown while

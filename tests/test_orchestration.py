@@ -4,6 +4,7 @@ every check passes and fails when it should, the schedule and the sensor request
 Offline: HF_HUB_OFFLINE=1 and WANDB_MODE=disabled; the model is the packaged all-MiniLM-L6-v2.
 """
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -80,12 +81,12 @@ def test_definitions_load_and_validate():
         assert dg.AssetKey(upstream) in graph.get(dg.AssetKey(downstream)).parent_keys
     by_key = {a.key.to_user_string(): a for a in assets.ASSETS}
     assert by_key["reward_model"].op.pool == "gpu"
-    # every asset whose step may reach the Hub (or W&B) retries a transient error, and only that
-    for key in ("raw_preferences", "tokenized_preferences", "reward_model", "evaluation", "hub_release"):
+    # every asset whose step may reach the Hub (or W&B) retries a transient error, and only that: filter too,
+    # which as a run's first step reads the base model for the later steps' checks (rm_lib.pipeline.preflight)
+    for key in KEYS:
         policy = by_key[key].op.retry_policy
         assert policy is assets.NETWORK_RETRY and policy.max_retries >= 1 and policy.backoff == dg.Backoff.EXPONENTIAL
         assert by_key[key].op.compute_fn.decorated_fn.retried_only_when_transient == assets.STEP_OF_ASSET[key]
-    assert by_key["filtered_preferences"].op.retry_policy is None  # filter reads local files only
     blocking = {f"{spec.asset_key.to_user_string()}.{spec.name}": spec.blocking
                 for c in checks.CHECKS for spec in c.check_specs}
     assert blocking == {"raw_preferences.pairs_well_formed": True, "raw_preferences.no_prompt_overlap": False,
@@ -1839,3 +1840,30 @@ def test_control_characters_from_the_data_reach_dagsters_logs_escaped(tmp_path):
     for shown in (checks.unreadable_settings(unknown.value).description,
                   assets.record_failed("train", OSError("cannot write /tmp/a\x1b[2Kb"))):
         assert "\x1b" not in shown and "\x07" not in shown and "\\x1b" in shown
+
+
+def test_a_runs_first_step_checks_the_later_steps_with_the_hubs_credentials_and_retries_a_hub_that_did_not_answer(
+        tmp_path, monkeypatch):
+    """A run from filter on reads the base model for train's checks at filter: a gated model needs the hub
+    resource's token there, and a Hub that did not answer is retried (filter had no retry policy: the run
+    failed at once with a traceback)."""
+    from orchestration.config import FilterConfig
+
+    seen = []
+
+    def check_before(steps, params):
+        seen.append((set(steps), os.environ.get("HF_TOKEN")))
+        raise SettingsError("model.name_or_path: cannot load 'org/gated' (503)", transient=True)
+
+    monkeypatch.setattr(assets, "check_before", check_before)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    run = dg.DagsterRun(job_name="reward_model_pipeline", run_id="3" * 36,
+                        step_keys_to_execute=["filtered_preferences", "reward_model", "reward_model_loss_is_finite"])
+    context = types.SimpleNamespace(run=run, run_id=run.run_id, instance=dg.DagsterInstance.ephemeral(),
+                                    log=logging.getLogger("test"))
+    settings = functools.partial(assets._settings, context, "filter", FilterConfig(), project(tmp_path),
+                                 hub=HubResource(token="hf_gated"))
+    with pytest.raises(SettingsError) as raised:  # as it is: the RetryPolicy tries again
+        assets.retried_only_when_transient("filter")(settings)()
+    assert raised.value.transient and seen == [({"filter", "train"}, "hf_gated")]
+    assert "HF_TOKEN" not in os.environ

@@ -135,7 +135,8 @@ def test_gate_details_that_name_data_stay_text_on_the_published_card(tmp_path):
 
     layout = Layout(tmp_path)
     layout.evaluation.mkdir(parents=True)
-    hostile = "x [click here](https://evil.example/phish) <img src=https://evil.example/p.png> **URGENT** a|b"
+    hostile = ("x [click here](https://evil.example/phish) <img src=https://evil.example/p.png> **URGENT** a|b "
+               "https://evil.example/login www.evil.example")
     (layout.evaluation / "report.json").write_text(json.dumps(
         {"per_subset": {hostile: {"pairs": 3, "accuracy": 0.0}, "plain": {"pairs": 3, "accuracy": 1.0}}}))
     verdict = quality.subset_gate(layout, 0.9)
@@ -146,7 +147,10 @@ def test_gate_details_that_name_data_stay_text_on_the_published_card(tmp_path):
                             False)
     html = MarkdownIt("commonmark").enable("table").render(card)
     assert "<a " not in html and "<img" not in html and "<strong>URGENT" not in html, html
-    assert "[click here](https://evil.example/phish)" in html and "&lt;img src=https://evil.example/p.png&gt;" in html
+    assert "[click <code>here](https://evil.example/phish)</code>" in html  # all of it shown, as text
+    assert "<code>src=https://evil.example/p.png&gt;</code>" in html
+    # GitHub's Markdown and the Hub's link a bare URL or www. by themselves: not inside a code span
+    assert "<code>https://evil.example/login</code>" in html and "<code>www.evil.example</code>" in html
     assert html.count("<tr>") == 3 and all(row.count("<td>") == 3 for row in html.split("<tr>")[2:])  # no cell added
 
 

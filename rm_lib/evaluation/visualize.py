@@ -27,13 +27,24 @@ def table_cell(text: str) -> str:
 
 # what Markdown (and the HTML it lets through) reads as markup: links, images, tags, entities, emphasis, code
 _MARKUP = re.compile(r"([\\`*_\[\]<>!&#~|])")
+# what GitHub's Markdown (and the Hub's) links with no markup at all: a URL, www.<host>, an e-mail address
+_AUTOLINKED = re.compile(r"://|www\.|@[\w-]+\.", re.IGNORECASE)
+
+
+def _literal_word(word: str) -> str:
+    if _AUTOLINKED.search(word):  # a code span: no autolink inside one; GFM wants the bar escaped there too
+        fence = "`" * (max((len(run) for run in re.findall(r"`+", word)), default=0) + 1)
+        pad = " " if word.startswith("`") or word.endswith("`") else ""
+        return f"{fence}{pad}{word.replace('|', chr(92) + '|')}{pad}{fence}"
+    return _MARKUP.sub(r"\\\1", word)
 
 
 def markdown_text(text: str) -> str:
     """one_line(`text`) as literal Markdown text, table cells included: each character Markdown or HTML
-    would read as markup backslash-escaped. For sentences that carry names from the data or from a Hub
-    record (the release gate's details): a name could otherwise be a link, an image or a tag on the page."""
-    return _MARKUP.sub(r"\\\1", one_line(text))
+    would read as markup backslash-escaped, and a word GitHub would link by itself (a URL, www., an
+    e-mail address) a code span. For sentences that carry names from the data or from a Hub record (the
+    release gate's details): a name could otherwise be a link, an image or a tag on the page."""
+    return re.sub(r"\S+", lambda m: _literal_word(m.group()), one_line(text))
 
 
 def printable(text: str) -> str:
