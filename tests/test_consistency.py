@@ -3,6 +3,7 @@ which path does not, and report.json, metrics.json, the model card and the Dagst
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -222,6 +223,15 @@ def test_the_verdict_warns_naming_the_path_and_passes_a_consistent_report(tmp_pa
     assert not shown.passed and shown.severity == dg.AssetCheckSeverity.WARN
     write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": [], "passed": True}})
     assert quality.scores_consistent(layout).passed
+
+
+def test_metrics_json_says_nan_where_a_path_scored_no_numbers():
+    """A path whose scores were NaN failed the report, while metrics.json's consistency_max_abs_diff (what
+    `dvc metrics diff` shows) kept the other paths' 1e-7: max() drops a NaN that does not come first."""
+    result = {"max_abs_diff": {"padded_bs1": 1e-7, "pipeline": math.nan, "left_padded": 2e-7}, "passed": False}
+    assert math.isnan(consistency.worst_difference(result))
+    assert consistency.worst_difference({"max_abs_diff": {"padded_bs1": 1e-7, "pipeline": 3e-7}}) == 3e-7
+    assert consistency.worst_difference({}) is None
 
 
 def test_every_path_report_json_compares_is_documented():

@@ -42,6 +42,21 @@ def test_pearson_matches_its_definition_and_is_undefined_for_a_constant():
         sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
     assert pearson(xs, ys) == pytest.approx(r)
     assert pearson([1.0, 1.0], [2.0, 3.0]) is None and pearson([1.0], [1.0]) is None
+    # a constant whose summed mean rounds (0.1 x 5) was a spread of 1e-17 and r = 0.0: "no length dependence"
+    assert pearson(list(range(24)), [0.1] * 24) is None
+    flat = pair_metrics([0.1] * 5, [0.1] * 5, [1, 2, 3, 4, 5], [5, 6, 7, 8, 9])
+    assert flat["reward_length_correlation"] is None and flat["reward_std"] == 0.0
+    assert all(abs(pearson(xs, [3 * x + 0.1 for x in xs])) <= 1.0 for xs in ([0.1, 0.2, 0.3, 0.7], list(range(9))))
+
+
+def test_a_nan_reward_is_a_wrong_answer_wherever_it_stands():
+    """A NaN crashed the calibration (int(nan)), and a best-of-N row was right or wrong by the NaN's place."""
+    from rm_lib.evaluation.suites import row_correct
+
+    ece, bins = calibration([math.nan, 2.0], [0.0, 0.0])
+    assert sum(b["pairs"] for b in bins) == 2 and bins[0]["range"] == "0.50-0.55" and bins[0]["accuracy"] == 0.0
+    assert row_correct([5.0, math.nan], [1.0]) is False and row_correct([math.nan, 5.0], [1.0]) is False
+    assert row_correct([5.0], [math.nan, 1.0]) is False and row_correct([5.0, 2.0], [1.0]) is True
 
 
 def test_calibration_error_is_the_gap_between_confidence_and_accuracy():

@@ -200,6 +200,9 @@ def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int =
 
 
 def worst_difference(result: dict) -> float | None:
-    """The largest difference of any path from the reference (None when no path ran)."""
+    """The largest difference of any path from the reference (None when no path ran; NaN where a path's
+    scores were not finite)."""
     values = [v for v in (result.get("max_abs_diff") or {}).values() if isinstance(v, (int, float))]
+    if any(math.isnan(v) for v in values):  # a path whose scores were not numbers: max() would drop it by order
+        return math.nan
     return max(values) if values else None

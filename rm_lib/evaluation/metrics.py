@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
+    if min(values) == max(values):  # one value: the summed mean rounds, and a spread of 1e-17 is no spread
+        return float(values[0]), 0.0
     mean = sum(values) / n
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n)
 
@@ -22,7 +24,8 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     my, sy = _mean_std(ys)
     if sx == 0 or sy == 0:
         return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (n * sx * sy)
+    r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (n * sx * sy)
+    return max(-1.0, min(1.0, r))  # rounding takes a straight line to 1.0000000000000007
 
 
 def _sigmoid(x: float) -> float:
@@ -37,7 +40,7 @@ def calibration(r_chosen: Sequence[float], r_rejected: Sequence[float], bins: in
     found: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
     for c, r in zip(r_chosen, r_rejected):
         p = _sigmoid(c - r)
-        confidence = max(p, 1 - p)
+        confidence = max(p, 1 - p) if math.isfinite(p) else 0.5  # a NaN reward favours no side: wrong at 0.5
         found[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, c > r))
     n = sum(len(b) for b in found)
     table, ece = [], 0.0

@@ -18,6 +18,7 @@ silently; a structural problem is a DataError naming file, row and field.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -118,8 +119,11 @@ def parse_entries(entries: Sequence[str]) -> list[Suite]:
 # ---- the accuracy rule, on rewards ---------------------------------------------------------------
 
 def row_correct(chosen: Sequence[float], rejected: Sequence[float]) -> bool:
-    """Every chosen reward strictly above every rejected one (a tie is wrong). A pair is N = 1."""
-    return bool(chosen) and bool(rejected) and min(chosen) > max(rejected)
+    """Every chosen reward strictly above every rejected one (a tie is wrong, and so is a NaN reward: min and
+    max would keep or drop it by its place). A pair is N = 1."""
+    scores = [*chosen, *rejected]
+    return (bool(chosen) and bool(rejected) and all(math.isfinite(s) for s in scores)
+            and min(chosen) > max(rejected))
 
 
 def accuracy(correct: Sequence[bool], subsets: Sequence[str | None]) -> tuple[float, dict[str, dict]]:
