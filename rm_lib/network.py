@@ -44,9 +44,12 @@ _NO_USERINFO_SCHEMES = ("hf:",)
 
 def _word_without_credentials(match: re.Match) -> str:
     word = match.group()
+    lower = word.lower()
     start = word.find("//")
+    while start >= 0 and lower.endswith(_NO_USERINFO_SCHEMES, 0, start):  # a URL may follow, joined by a ,
+        start = word.find("//", start + 2)
     at = word.rfind("@")
-    if start < 0 or at < start or word[:start].lower().endswith(_NO_USERINFO_SCHEMES):
+    if start < 0 or at < start:
         return word
     return word[:start + 2] + word[at + 1:]
 

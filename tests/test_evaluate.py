@@ -47,6 +47,9 @@ def test_pearson_matches_its_definition_and_is_undefined_for_a_constant():
     flat = pair_metrics([0.1] * 5, [0.1] * 5, [1, 2, 3, 4, 5], [5, 6, 7, 8, 9])
     assert flat["reward_length_correlation"] is None and flat["reward_std"] == 0.0
     assert all(abs(pearson(xs, [3 * x + 0.1 for x in xs])) <= 1.0 for xs in ([0.1, 0.2, 0.3, 0.7], list(range(9))))
+    # a NaN stays NaN wherever it stands: not clamped to 1.0, not a constant of spread 0
+    for ys in ([1.0, math.nan, 3.0, 4.0], [0.5, math.nan, 0.5, 0.5], [math.nan, 0.5, 0.5, 0.5]):
+        assert math.isnan(pearson([1.0, 2.0, 3.0, 4.0], ys)), ys
 
 
 def test_a_nan_reward_is_a_wrong_answer_wherever_it_stands():
@@ -57,6 +60,7 @@ def test_a_nan_reward_is_a_wrong_answer_wherever_it_stands():
     assert sum(b["pairs"] for b in bins) == 2 and bins[0]["range"] == "0.50-0.55" and bins[0]["accuracy"] == 0.0
     assert row_correct([5.0, math.nan], [1.0]) is False and row_correct([math.nan, 5.0], [1.0]) is False
     assert row_correct([5.0], [math.nan, 1.0]) is False and row_correct([5.0, 2.0], [1.0]) is True
+    assert row_correct([math.inf], [1.0]) is True  # as a pair's accuracy counts it (inf > 1)
 
 
 def test_calibration_error_is_the_gap_between_confidence_and_accuracy():

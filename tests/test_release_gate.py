@@ -280,6 +280,21 @@ def test_the_gate_bounds_each_subset_and_the_length_correlation(tmp_path):
     assert quality.evaluation_gate(layout, PushSettings(min_subset_accuracy=0.5, max_length_correlation=0.5))[2].passed
 
 
+@pytest.mark.parametrize("report, passed, said", [
+    ({"reward_length_correlation": None, "reward_std": 0.0}, True, "the model gives every answer one reward"),
+    ({"reward_length_correlation": None, "reward_std": 0.3}, True, "the answers share one length"),
+    ({"reward_length_correlation": float("nan"), "reward_std": float("nan")}, False, "not a number"),
+])
+def test_the_length_gate_says_why_the_correlation_is_undefined(tmp_path, report, passed, said):
+    """A constant reward (a collapsed model) was said to be answers of one length; a NaN read as "above"."""
+    from rm_lib.settings import PushSettings
+
+    layout = Layout(tmp_path)
+    write_json(layout.evaluation / "report.json", report)
+    verdict = quality.length_correlation_gate(layout, PushSettings(max_length_correlation=0.3).max_length_correlation)
+    assert verdict.passed is passed and said in verdict.description, verdict.description
+
+
 def test_push_refuses_a_model_over_the_length_bound_on_every_front_end_it_shares(tmp_path, tiny_decoder):
     """The bound lives in the push step: the CLI, `dvc repro` and Dagster all run it."""
     from rm_lib.steps.push import ReleaseBlocked

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
-    if min(values) == max(values):  # one value: the summed mean rounds, and a spread of 1e-17 is no spread
+    if all(v == values[0] for v in values):  # one value (a NaN equals none): the summed mean rounds, and a
+        # spread of 1e-17 is no spread
         return float(values[0]), 0.0
     mean = sum(values) / n
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n)
@@ -25,7 +26,7 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     if sx == 0 or sy == 0:
         return None
     r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (n * sx * sy)
-    return max(-1.0, min(1.0, r))  # rounding takes a straight line to 1.0000000000000007
+    return r if math.isnan(r) else max(-1.0, min(1.0, r))  # rounding takes a straight line to 1.0000000000000007
 
 
 def _sigmoid(x: float) -> float:

@@ -460,10 +460,14 @@ def length_correlation_gate(layout: Layout, max_abs: float | None) -> Verdict:
         return report
     r = report.get("reward_length_correlation")
     metadata = {"reward_length_correlation": "undefined" if r is None else r, "max_length_correlation": max_abs}
-    if r is None:  # every answer of one length: the reward cannot follow length here
-        return Verdict(name, True, "the reward-length correlation is undefined (the answers share one length)",
-                       metadata)
-    if not _finite(r) or abs(r) > max_abs:
+    if r is None:  # one side without spread: the reward cannot follow length here
+        why = ("the model gives every answer one reward" if report.get("reward_std") == 0
+               else "the answers share one length")
+        return Verdict(name, True, f"the reward-length correlation is undefined ({why})", metadata)
+    if not _finite(r):
+        return Verdict(name, False, "release blocked: the reward-length correlation is not a number (a reward is "
+                                    "not finite)", metadata)
+    if abs(r) > max_abs:
         return Verdict(name, False, f"release blocked: |reward-length correlation| {abs(r):.4f} is above "
                                     f"{max_abs:.4f} (push.max_length_correlation)", metadata)
     return Verdict(name, True, f"|reward-length correlation| {abs(r):.4f} <= {max_abs:.4f}", metadata)

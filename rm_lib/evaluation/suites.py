@@ -122,7 +122,7 @@ def row_correct(chosen: Sequence[float], rejected: Sequence[float]) -> bool:
     """Every chosen reward strictly above every rejected one (a tie is wrong, and so is a NaN reward: min and
     max would keep or drop it by its place). A pair is N = 1."""
     scores = [*chosen, *rejected]
-    return (bool(chosen) and bool(rejected) and all(math.isfinite(s) for s in scores)
+    return (bool(chosen) and bool(rejected) and not any(math.isnan(s) for s in scores)
             and min(chosen) > max(rejected))
 
 
