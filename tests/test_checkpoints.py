@@ -92,6 +92,28 @@ def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, ti
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # the resumed run ends where the whole one did
 
 
+def test_a_base_model_folder_changed_in_place_is_another_run_not_the_finished_one(tmp_path, tiny_decoder, capsys):
+    """The fingerprint named the base by its path: a finished run was reused after the folder's weights
+    changed, one fingerprint stood for two models, and the card named a base it never trained from."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_decoder, base)
+    params = tiny_params("train.max_steps=2", model=str(base))
+    first = run_steps(params, tmp_path / "p", "download", "tokenize", "filter", "train")["train"]
+    summary = read_json(tmp_path / "p/data/train/summary.json")
+    assert summary["base_content"].startswith("sha256:") and summary["base_content"] == first.base_content
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in weights.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    capsys.readouterr()
+    again = run_steps(params, tmp_path / "p", "train")["train"]
+    assert not again.reused and again.fingerprint != first.fingerprint and again.base_content != first.base_content
+    assert "another base model" in capsys.readouterr().out  # the earlier run's checkpoint, passed over
+
+
 def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_path, tiny_decoder, monkeypatch):
     from rm_lib.steps import train as train_step
 

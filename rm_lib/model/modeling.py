@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,6 +237,27 @@ def _unreadable_weights(path: str) -> str | None:
 def _first_line(exc: Exception) -> str:
     """The error's first line, without the credentials of an HF_ENDPOINT it names."""
     return network.without_credentials((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def base_identity(name_or_path: str, *, revision: str | None = None) -> str:
+    """What the base model is beyond its name, for the run's fingerprint: a local folder (and 'default', the
+    package's folder) by the sha256 of its top-level .json, .safetensors and .py files (config, weights,
+    tokenizer, code: a folder changed in place is another base); a Hub model by the commit its files come
+    from (a branch that moved is another base). Reads every weight file of a local folder once."""
+    from rm_lib.files import tree_sha256
+
+    path = Path(resolve_model_path(name_or_path))
+    if path.is_dir():
+        names = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".py"))
+        return f"sha256:{tree_sha256(path, names)[:16]}"
+    from transformers.utils.hub import resolve_revision
+
+    # the branch's commit now, asked of the Hub (offline: the cache's record of it); where it cannot be told
+    # (the Hub unreachable and nothing cached), the revision as named, and loading says why
+    resolved = resolve_revision(name_or_path, revision)
+    commit = getattr(resolved, "resolved", None) or (revision if revision and re.fullmatch(r"[0-9a-f]{40}", revision)
+                                                     else None)
+    return f"commit:{commit}" if commit else f"revision:{revision or 'default branch'}"
 
 
 def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,

@@ -95,6 +95,7 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
     return {"git_commit": commit, "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
             "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
+            "base_content": summary.get("base_content"),
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
             # dvc.lock as HEAD holds it: the documented workflow commits it after `dvc repro` (and its push)
@@ -587,7 +588,9 @@ def _lineage(lineage: dict) -> str:
     rows += [("content hash of the training data (rm_lib)", _or(lineage.get("data_hash"), "unknown")),
              ("training code (hash of the rm_lib files the train step runs)",
               _or(lineage.get("code_hash"), "unknown")),
-             ("run fingerprint (settings + data + code)", _or(lineage.get("fingerprint"), "unknown")),
+             ("base model content (sha256 of a local folder's files, or the Hub commit)",
+              _or(lineage.get("base_content"), "not recorded (trained before it was)")),
+             ("run fingerprint (settings + base model + data + code)", _or(lineage.get("fingerprint"), "unknown")),
              ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
     table = "\n".join(f"| {what} | {value} |" for what, value in rows)
     return f"""## Lineage

@@ -20,6 +20,7 @@ from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
 from rm_lib.model.modeling import (
     add_lora,
+    base_identity,
     base_model_reference,
     check_max_token_length,
     load_reward_model,
@@ -62,6 +63,7 @@ class TrainResult:
     fingerprint: str = ""
     data_hash: str = ""
     code_hash: str = ""
+    base_content: str = ""  # the base model's content (modeling.base_identity), part of the fingerprint
     model_settings: dict = field(default_factory=dict)
     train_settings: dict = field(default_factory=dict)
     best_checkpoint: str | None = None
@@ -75,7 +77,7 @@ class TrainResult:
         on it (the push stage, the model card) changes only when the model does."""
         return {"steps": self.steps, "final_loss": self.final_loss, "final_accuracy": self.final_accuracy,
                 "fingerprint": self.fingerprint, "data_hash": self.data_hash, "code_hash": self.code_hash,
-                "model": self.model_settings, "train": self.train_settings}
+                "base_content": self.base_content, "model": self.model_settings, "train": self.train_settings}
 
     def summary_record(self) -> dict:
         """summary.json: the run record with its timings and where things are."""
@@ -85,7 +87,8 @@ class TrainResult:
                 "best_eval_accuracy": self.best_eval_accuracy, "reward_mean": self.reward_mean,
                 "reward_std": self.reward_std, "model": self.model_settings.get("name_or_path"),
                 "processes": self.processes, "fingerprint": self.fingerprint, "data_hash": self.data_hash,
-                "code_hash": self.code_hash, "wandb": self.wandb_url, "train": self.train_settings,
+                "code_hash": self.code_hash, "base_content": self.base_content, "wandb": self.wandb_url,
+                "train": self.train_settings,
                 "device_plan": self.device_plan, "sessions": self.sessions}
 
     def summary(self) -> str:
@@ -176,7 +179,8 @@ def result_from_summary(layout: Layout) -> TrainResult:
                        reward_mean=summary["reward_mean"], reward_std=summary["reward_std"],
                        wandb_url=summary["wandb"], reused=summary.get("reused", False),
                        fingerprint=summary["fingerprint"], data_hash=summary["data_hash"],
-                       code_hash=summary["code_hash"], model_settings=model, train_settings=summary["train"],
+                       code_hash=summary["code_hash"], base_content=summary.get("base_content", ""),
+                       model_settings=model, train_settings=summary["train"],
                        best_checkpoint=summary["best_checkpoint"], best_eval_accuracy=summary["best_eval_accuracy"],
                        processes=summary["processes"], device_plan=summary.get("device_plan"),
                        sessions=summary.get("sessions", []))
@@ -230,8 +234,11 @@ def run(params: Params, layout: Layout, accelerator=None,
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
     launch = launch_of(accelerator)
 
+    # the base as it is now, not its name alone: a finished run of a base since changed is not reused
+    base = base_identity(params.model.name_or_path, revision=params.model.revision)
+
     def fingerprint_of(other: Launch) -> str:
-        return run_fingerprint(cfg, params.model, meta["content_hash"], code, other.processes, other.fsdp)
+        return run_fingerprint(cfg, params.model, meta["content_hash"], code, other.processes, other.fsdp, base)
 
     fingerprint = fingerprint_of(launch)
     # judged by each process on its own disk (checkpoints may be local to each machine), refused by all
@@ -277,7 +284,7 @@ def run(params: Params, layout: Layout, accelerator=None,
                      fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
                      final_checkpoint=final_checkpoint,
                      made_of=fingerprint_parts(cfg, params.model, meta["content_hash"], code, launch.processes,
-                                               launch.fsdp))
+                                               launch.fsdp, base))
         stats = {"reward_mean": None, "reward_std": None}
         # the first process's reading: it may replace data/train while another still looks, and one branch
         # below scores across every process
@@ -311,7 +318,7 @@ def run(params: Params, layout: Layout, accelerator=None,
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s, model_dir=layout.model,
         resumed_from=result.resumed_from, reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
         wandb_url=result.wandb_url, reused=result.reused, fingerprint=fingerprint, data_hash=meta["content_hash"],
-        code_hash=code, model_settings=asdict(params.model), train_settings=settings,
+        code_hash=code, base_content=base, model_settings=asdict(params.model), train_settings=settings,
         best_checkpoint=str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
         best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes,
         device_plan=plan, sessions=result.sessions)

@@ -73,20 +73,23 @@ class FitResult:
 
 
 def run_fingerprint(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str,
-                    processes: int = 1, fsdp: bool = False) -> str:
+                    processes: int = 1, fsdp: bool = False, base: str | None = None) -> str:
     """What a checkpoint must match to be resumed: everything that changes the weights (the settings,
     the base model, the data, the training code, and the number of processes: each takes
-    train.batch_size pairs of a step), and whether FSDP saves its checkpoints (`Launch`)."""
-    run = fingerprint_parts(train, model, data_hash, code_hash, processes, fsdp)
+    train.batch_size pairs of a step), and whether FSDP saves its checkpoints (`Launch`). `base`: the
+    base model's content (modeling.base_identity), beside its name: a folder changed in place, a Hub
+    branch that moved, is another run."""
+    run = fingerprint_parts(train, model, data_hash, code_hash, processes, fsdp, base)
     return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fingerprint_parts(train: TrainSettings, model: ModelSettings, data_hash: str, code_hash: str,
-                      processes: int = 1, fsdp: bool = False) -> dict[str, Any]:
+                      processes: int = 1, fsdp: bool = False, base: str | None = None) -> dict[str, Any]:
     """What run_fingerprint hashes; kept in each checkpoint, so that a run which passes over another's
     checkpoint can say what differs."""
     relevant = {k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}
-    run = {"train": relevant, "model": asdict(model), "data": data_hash, "code": code_hash, "processes": processes}
+    described = {**asdict(model), **({"content": base} if base is not None else {})}
+    run = {"train": relevant, "model": described, "data": data_hash, "code": code_hash, "processes": processes}
     if fsdp:  # only then: the fingerprints of runs without FSDP stay what they were
         run["fsdp"] = True
     return run
