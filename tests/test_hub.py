@@ -1017,7 +1017,9 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
                          ({"dvc_model": {"models/m": f"{md5} in dvc.lock, which describes other files"}},
                           "the data or model here are not the files dvc.lock records"),
                          ({"git_commit": "abc123 (with uncommitted changes)"}, "uncommitted changes"),
-                         ({"code_hash_now": "c2"}, "trained by other training code than this checkout holds")]:
+                         ({"code_hash_now": "c2"}, "trained by other training code than this checkout holds"),
+                         ({"data_code_differs": ["download", "filter"]},
+                          "its data were made by other code of download, filter than this checkout holds")]:
         text = model_card._lineage({**clean, **change})
         assert "Reproduce: check out the commit" not in text and "Not claimed reproducible from this commit" in text
         assert said in text

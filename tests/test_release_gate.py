@@ -463,6 +463,26 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
     assert "Reproduce: check out the commit" not in text
 
 
+def test_a_card_without_dvc_claims_no_reproduction_where_the_data_steps_code_changed(tmp_path, tiny_decoder,
+                                                                                     monkeypatch):
+    """Without DVC only the training code was compared: a commit whose download code made other pairs was
+    said to remake the model (a fresh clone of it gave other data and other weights)."""
+    from rm_lib.pipeline import code_version
+
+    params = tiny_params("train.max_steps=2", "push.min_accuracy=0", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate", "push")
+    card = Layout(tmp_path).release / "README.md"
+    assert "Reproduce: check out the commit" in card.read_text()
+    assert json.loads((Layout(tmp_path).pairs / "manifest.json").read_text())["code_hash"] == \
+        code_version.code_hash("download")
+    real = code_version.code_hash
+    monkeypatch.setattr(code_version, "code_hash", lambda step: "0" * 16 if step == "download" else real(step))
+    run_steps(params, tmp_path, "push")
+    text = card.read_text()
+    assert "Reproduce: check out the commit" not in text
+    assert "its data were made by other code of download than this checkout holds" in text
+
+
 def test_hundreds_of_subsets_keep_the_summary_the_gate_and_the_card_readable(tmp_path):
     """One subset per generator or prompt (hundreds): evaluate's summary was one line of 18,000 characters
     (names with line breaks split it), the gate listed every failing subset, and its text, written raw into

@@ -608,6 +608,9 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     doubts = []
     if other_code:
         doubts.append("the model was trained by other training code than this checkout holds")
+    if lineage.get("data_code_differs"):
+        doubts.append(f"its data were made by other code of {', '.join(lineage['data_code_differs'])} than this "
+                      "checkout holds (or by a version that did not record it)")
     if "uncommitted changes" in (lineage.get("git_commit") or ""):
         doubts.append("the checkout holds uncommitted changes to tracked files: code, settings or data (`git status`)")
     if any(not _is_md5(v) for key in ("dvc_data", "dvc_model") for v in (lineage.get(key) or {}).values()

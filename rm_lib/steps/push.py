@@ -120,6 +120,17 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
 MODEL_STAGES = ("download", "tokenize", "filter", "train")
 
 
+def data_code_differs(layout: Layout) -> list[str]:
+    """The data steps whose records name other code than the checkout's (or none: made before they did):
+    without it, a checkout whose download, tokenize or filter changed was claimed to remake the model."""
+    made = (("download", layout.pairs), ("tokenize", layout.tokenized), ("filter", layout.filtered))
+    def recorded(folder: Path) -> str | None:
+        manifest = folder / "manifest.json"
+        return read_json(manifest).get("code_hash") if manifest.exists() else None
+
+    return [step for step, folder in made if recorded(folder) != code_version.code_hash(step)]
+
+
 def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
     """The model card of the release in `out`, for the repository `repo_id` (its loading examples name it)."""
     metrics = read_json(layout.evaluation / "report.json")
@@ -131,6 +142,7 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
                                  lock_differs=dvc_record.lock_differs(layout.root, MODEL_STAGES))
     record = layout.model / "rm_lib.json"
     lineage["base_reward_model"] = read_json(record).get("base_reward_model") if record.exists() else None
+    lineage["data_code_differs"] = data_code_differs(layout)
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
