@@ -112,6 +112,13 @@ def test_a_base_model_folder_changed_in_place_is_another_run_not_the_finished_on
     again = run_steps(params, tmp_path / "p", "train")["train"]
     assert not again.reused and again.fingerprint != first.fingerprint and again.base_content != first.base_content
     assert "another base model" in capsys.readouterr().out  # the earlier run's checkpoint, passed over
+    # a checkpoint saved before the content was recorded: said so, not "another base model"
+    from rm_lib.training.checkpoints import what_differs
+
+    ours = {"train": {}, "model": {"name_or_path": str(base), "content": again.base_content}, "data": "d",
+            "code": "c", "processes": 1}
+    before = {**ours, "model": {"name_or_path": str(base)}}
+    assert what_differs(before, ours) == "a base model whose content an earlier version did not record"
 
 
 def test_a_rerun_of_a_finished_run_says_so_and_reports_the_run_that_trained(tmp_path, tiny_decoder, monkeypatch):

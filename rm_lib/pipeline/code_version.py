@@ -86,3 +86,26 @@ def code_hash(step: str) -> str:
     for relative in step_code(step, cli=False):
         digest.update(relative.encode() + b"\0" + (ROOT / relative).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+# Beside each data step's output, not in its manifest: stages downstream depend on the manifests, and an
+# edit of a step's code that makes the same data (a comment) would retrain the model through them.
+CODE_RECORD = "code.json"
+
+
+def write_code_record(folder: Path, step: str) -> None:
+    """Record in the step's output `folder` the code that made it (code_hash), for the model card's claim
+    that a commit remakes the model where no dvc.lock records that code."""
+    from rm_lib.files import write_json
+
+    write_json(folder / CODE_RECORD, {"step": step, "code_hash": code_hash(step)})
+
+
+def recorded_code(folder: Path) -> str | None:
+    """The code hash write_code_record left in `folder`; None where none is (made before it was recorded)."""
+    import json
+
+    try:
+        return json.loads((folder / CODE_RECORD).read_text(encoding="utf-8")).get("code_hash")
+    except (OSError, ValueError, AttributeError):
+        return None

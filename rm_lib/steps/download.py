@@ -13,7 +13,7 @@ from rm_lib.data import demo, formats, keys, sources
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.files import atomic_dir, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
-from rm_lib.pipeline.code_version import code_hash
+from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.progress import Progress
 from rm_lib.settings import DownloadSettings, Params
 
@@ -46,7 +46,6 @@ class DownloadResult:
     # a local source's content hash as read (sources.local_fingerprint): which version of the file these pairs
     # are of, whoever ran the step (the source sensor asks it of a `dvc repro`'s download)
     source_sha256: str | None = None
-    code_hash: str | None = None  # the code that made these pairs (code_version): the card compares it with its own
 
     def manifest(self) -> dict:
         """manifest.json: what the next steps and the model card read of this download."""
@@ -59,7 +58,7 @@ class DownloadResult:
                 "test_pairs_swapped_in_train": self.test_swapped_in_train, "duplicate_pairs": self.duplicates,
                 "swapped_pairs": self.swapped, "skipped_files": self.skipped_files,
                 "unnamed_splits": self.unnamed_splits, "margins": self.margins, "settings": self.settings,
-                "source_sha256": self.source_sha256, "code_hash": self.code_hash}
+                "source_sha256": self.source_sha256}
 
     def summary(self) -> str:
         rejected = sum(self.rejects.values())
@@ -356,9 +355,9 @@ def _write(cfg: DownloadSettings, kind: str, revision: str | None, read: _Read, 
             test_swapped_in_train=repeats.test_swapped_in_train, duplicates=repeats.duplicates,
             swapped=repeats.swapped,
             skipped_files=sources.unsupported_files(cfg.source) if kind == "local" else [],
-            unnamed_splits=_unnamed_splits(cfg, kind), margins=_margins(splits), source_sha256=fingerprint,
-            code_hash=code_hash("download"))
+            unnamed_splits=_unnamed_splits(cfg, kind), margins=_margins(splits), source_sha256=fingerprint)
         write_json(out / "manifest.json", result.manifest())
+        write_code_record(out, "download")
     _failed_rejects(layout).unlink(missing_ok=True)  # rejects of an earlier failed run no longer apply
     return result
 

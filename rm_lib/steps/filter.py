@@ -13,7 +13,7 @@ from rm_lib.errors import DataError
 from rm_lib.evaluation import plots
 from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
-from rm_lib.pipeline.code_version import code_hash
+from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.progress import Progress
 from rm_lib.settings import FilterSettings, Params, check_within_positions
 
@@ -34,7 +34,6 @@ class FilterResult:
     plot: Path = field(default=None)
     settings: dict = field(default_factory=dict)  # the filter settings these pairs were kept by
     test_in_train: int = 0  # kept test pairs whose ids are a kept train pair's, in either order
-    code_hash: str | None = None  # the code that kept these pairs (code_version)
 
     def manifest(self) -> dict:
         """manifest.json: what train and evaluate read of the filtered ids."""
@@ -42,7 +41,7 @@ class FilterResult:
                 "max_prompt_token_length": self.max_prompt_token_length, "kept": self.kept,
                 "dropped_by_reason": self.dropped, "truncated": self.truncated, "content_hash": self.content_hash,
                 "special_prefix": self.special_prefix, "pad_token_id": self.pad_token_id, "inputs": self.inputs,
-                "settings": self.settings, "test_pairs_in_train": self.test_in_train, "code_hash": self.code_hash}
+                "settings": self.settings, "test_pairs_in_train": self.test_in_train}
 
     def summary(self) -> str:
         parts = []
@@ -126,8 +125,9 @@ def run(params: Params, layout: Layout) -> FilterResult:
             max_token_length=cfg.max_token_length, max_prompt_token_length=cfg.max_prompt_token_length,
             special_prefix=meta["special_prefix"], pad_token_id=meta["pad_token_id"],
             inputs={"tokenized": meta["content_hash"]}, plot=layout.filtered / "lengths.png", settings=asdict(cfg),
-            test_in_train=_test_in_train(digests), code_hash=code_hash("filter"))
+            test_in_train=_test_in_train(digests))
         write_json(out / "manifest.json", result.manifest())
+        write_code_record(out, "filter")
     return result
 
 

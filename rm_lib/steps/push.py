@@ -121,14 +121,14 @@ MODEL_STAGES = ("download", "tokenize", "filter", "train")
 
 
 def data_code_differs(layout: Layout) -> list[str]:
-    """The data steps whose records name other code than the checkout's (or none: made before they did):
-    without it, a checkout whose download, tokenize or filter changed was claimed to remake the model."""
+    """Where no dvc.lock records the data steps' code (it does, and lock_differs compares it): the data
+    steps whose output names other code than the checkout's, or none (made before it was recorded). Only
+    the training code was compared, and a checkout whose download made other pairs was claimed to remake
+    the model."""
+    if (layout.root / "dvc.lock").exists():
+        return []
     made = (("download", layout.pairs), ("tokenize", layout.tokenized), ("filter", layout.filtered))
-    def recorded(folder: Path) -> str | None:
-        manifest = folder / "manifest.json"
-        return read_json(manifest).get("code_hash") if manifest.exists() else None
-
-    return [step for step, folder in made if recorded(folder) != code_version.code_hash(step)]
+    return [step for step, folder in made if code_version.recorded_code(folder) != code_version.code_hash(step)]
 
 
 def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:

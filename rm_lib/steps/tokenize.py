@@ -12,7 +12,7 @@ from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_j
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length, resolve_model_path
 from rm_lib.pipeline import chain
-from rm_lib.pipeline.code_version import code_hash
+from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.progress import Progress
 from rm_lib.settings import Params
 
@@ -33,7 +33,6 @@ class TokenizeResult:
     settings: dict = field(default_factory=dict)  # the tokenize settings these ids were made with
     revision: str | None = None  # model.revision: the tokenizer's, with `model`
     template_start_id: int | None = None  # SpecialTokens.template_start: a BOS the template writes, kept by a cut
-    code_hash: str | None = None  # the code that made these ids (code_version)
 
     def manifest(self) -> dict:
         """manifest.json: what filter, train and the model card read of this tokenization."""
@@ -41,7 +40,7 @@ class TokenizeResult:
                 "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
                 "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs,
                 "max_length": self.max_length, "settings": self.settings, "revision": self.revision,
-                "template_start_id": self.template_start_id, "code_hash": self.code_hash}
+                "template_start_id": self.template_start_id}
 
     def summary(self) -> str:
         return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
@@ -122,6 +121,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             model=params.model.name_or_path, revision=params.model.revision, special_prefix=list(special.prefix),
             end_token_id=special.end, template_start_id=special.template_start,
             pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize),
-            max_length=max_sequence_length(_model_config(params), tokenizer), code_hash=code_hash("tokenize"))
+            max_length=max_sequence_length(_model_config(params), tokenizer))
         write_json(out / "manifest.json", result.manifest())
+        write_code_record(out, "tokenize")
     return result

@@ -234,8 +234,11 @@ def run(params: Params, layout: Layout, accelerator=None,
     pad_id = meta["pad_token_id"] if meta.get("pad_token_id") is not None else tokenizer.pad_token_id
     launch = launch_of(accelerator)
 
-    # the base as it is now, not its name alone: a finished run of a base since changed is not reused
-    base = base_identity(params.model.name_or_path, revision=params.model.revision)
+    # the base as it is now, not its name alone: a finished run of a base since changed is not reused. Read by
+    # the first process, once: the processes' fingerprints must agree, and each reading every weight file costs
+    base = _as_the_first_process_has_it(
+        accelerator, base_identity(params.model.name_or_path, revision=params.model.revision)
+        if accelerator.is_main_process else None)
 
     def fingerprint_of(other: Launch) -> str:
         return run_fingerprint(cfg, params.model, meta["content_hash"], code, other.processes, other.fsdp, base)

@@ -129,7 +129,9 @@ def what_differs(theirs: dict | None, ours: dict | None) -> str:
     if settings:
         said.append("other settings: " + ", ".join(f"train.{k}" for k in settings))
     if theirs.get("model") != ours["model"]:
-        said.append("another base model")
+        unrecorded = {k: v for k, v in ours["model"].items() if k != "content"} == theirs.get("model")
+        said.append("a base model whose content an earlier version did not record" if unrecorded
+                    else "another base model")
     if theirs.get("data") != ours["data"]:
         said.append("other filtered pairs")
     if theirs.get("code") != ours["code"]:
