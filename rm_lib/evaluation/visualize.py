@@ -31,11 +31,17 @@ _MARKUP = re.compile(r"([\\`*_\[\]<>!&#~|])")
 _AUTOLINKED = re.compile(r"://|www\.|@[\w-]+\.", re.IGNORECASE)
 
 
+def code_span(text: str) -> str:
+    """`text` (one line) as Markdown inline code that stays one span, whatever it holds: the fence is longer
+    than any run of backticks inside. Links, images and HTML inside a code span are text."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _literal_word(word: str) -> str:
     if _AUTOLINKED.search(word):  # a code span: no autolink inside one; GFM wants the bar escaped there too
-        fence = "`" * (max((len(run) for run in re.findall(r"`+", word)), default=0) + 1)
-        pad = " " if word.startswith("`") or word.endswith("`") else ""
-        return f"{fence}{pad}{word.replace('|', chr(92) + '|')}{pad}{fence}"
+        return code_span(table_cell(word))
     return _MARKUP.sub(r"\\\1", word)
 
 

@@ -20,7 +20,7 @@ from rm_lib.data.trained_prompts import SEEN
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
-from rm_lib.evaluation.visualize import markdown_text, one_line, table_cell
+from rm_lib.evaluation.visualize import code_span, markdown_text, one_line, table_cell
 from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 from rm_lib.settings import load_params, params_from_dict
@@ -187,10 +187,7 @@ def _code(value: Any, *, cell: bool = False) -> str:
     it holds: control characters (a newline would end a table or start a heading) become spaces, the fence
     is longer than any run of backticks inside, and in a table `cell` escapes the `|` GFM splits cells on
     even inside code. Links, images and HTML inside a code span are text."""
-    text = table_cell(str(value)) if cell else one_line(str(value))
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
+    return code_span(table_cell(str(value)) if cell else one_line(str(value)))
 
 
 def _or(value: Any, text: str) -> str:
