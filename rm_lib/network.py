@@ -61,6 +61,13 @@ def without_credentials(text: str) -> str:
     return _WORD.sub(_word_without_credentials, text)
 
 
+def first_line(exc: BaseException, limit: int | None = 300) -> str:
+    """The first line of an error's message (its type's name where it has none), at most `limit`
+    characters, without the credentials of a URL it names: what a one-line error quotes of a library's."""
+    line = without_credentials((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return line if limit is None else line[:limit]
+
+
 # the libraries that log the URLs they request (huggingface_hub's retries: "HTTP Error 500 thrown while
 # requesting HEAD <url>")
 _LOGGING_LIBRARIES = ("huggingface_hub", "datasets", "transformers", "httpx", "httpx2", "fsspec")

@@ -395,13 +395,13 @@ def read_hub(name: str, split: str, *, revision: str | None, subset: str | None)
             raise DataError(f"not in the local datasets cache, and {network.OFFLINE_ADVICE}; or use a local file",
                             file=where) from None
         if network.is_transient(exc):
-            raise DataError(f"could not reach the Hugging Face Hub ({_first_line(exc)}); retryable: check your "
+            raise DataError(f"could not reach the Hugging Face Hub ({network.first_line(exc)}); retryable: check your "
                             "network, or use a local file", file=where, transient=True) from None
         if isinstance(exc, FileNotFoundError):
-            raise DataError(f"Hub dataset not found ({_first_line(exc)}); check the name, and HF_TOKEN for a "
+            raise DataError(f"Hub dataset not found ({network.first_line(exc)}); check the name, and HF_TOKEN for a "
                             "private or gated dataset", file=where) from None
         if isinstance(exc, ValueError):  # e.g. unknown split or subset
-            raise DataError(_first_line(exc), file=where) from None
+            raise DataError(network.first_line(exc), file=where) from None
         raise
     for number, row in enumerate(dataset, start=1):
         yield number, dict(row)
@@ -418,13 +418,6 @@ def hub_fingerprint(name: str, revision: str | None) -> str | None:
         return HfApi().dataset_info(name, revision=revision).sha
     except Exception:  # offline or private: the manifest records the asked revision instead
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    """The error's first line, without the credentials of an HF_ENDPOINT it names."""
-    from rm_lib.network import without_credentials
-
-    return without_credentials((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
 
 
 def source_kind(source: str) -> str:

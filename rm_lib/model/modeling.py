@@ -58,11 +58,11 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
-                            f"({_first_line(exc)}){_no_tokenizer_file(path)}; {_load_hint(path)}",
+                            f"({network.first_line(exc, None)}){_no_tokenizer_file(path)}; {_load_hint(path)}",
                             transient=network.is_transient(exc)) from None
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
-                            f"({_first_line(exc)}){_no_tokenizer_file(path)}") from None
+                            f"({network.first_line(exc, None)}){_no_tokenizer_file(path)}") from None
     pads_with_eos = tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
     if tokenizer.pad_token is None or pads_with_eos:
         # A pad token of its own. Our rewards are read at the last attended token whatever pad is, but
@@ -112,14 +112,15 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}); "
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({network.first_line(exc, None)}); "
                             f"{_load_hint(path)}", transient=network.is_transient(exc)) from None
     except ValueError as exc:  # custom code without trust_remote_code, unknown model_type, a config it refuses
         said = str(exc).lower()
         custom = any(w in said for w in ("trust_remote_code", "model type", "model_type", "recogni"))
         hint = ("Custom model code runs only with model.trust_remote_code=true" if custom else
                 "transformers refuses its config.json as it is; fix that file or name another model")
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({_first_line(exc)}). {hint}") from None
+        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({network.first_line(exc, None)}). "
+                            f"{hint}") from None
     check_one_output(config, name_or_path)
     custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
     if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not (custom and trust_remote_code):
@@ -174,8 +175,8 @@ def check_head_outputs(path: str, name: str) -> None:
         except SettingsError:
             raise
         except SafetensorError as exc:  # cut short or damaged: the load would end in a traceback of the reader
-            raise SettingsError(f"model.name_or_path: '{name}': {file} is damaged or incomplete ({_first_line(exc)}); "
-                                "copy or download it again") from None
+            raise SettingsError(f"model.name_or_path: '{name}': {file} is damaged or incomplete "
+                                f"({network.first_line(exc, None)}); copy or download it again") from None
         except Exception:  # noqa: BLE001 - an unusual file (one not readable): the load says what is wrong with it
             continue
 
@@ -234,11 +235,6 @@ def _unreadable_weights(path: str) -> str | None:
     return None
 
 
-def _first_line(exc: Exception) -> str:
-    """The error's first line, without the credentials of an HF_ENDPOINT it names."""
-    return network.without_credentials((str(exc).strip().splitlines() or [type(exc).__name__])[0])
-
-
 def base_identity(name_or_path: str, *, revision: str | None = None) -> str:
     """What the base model is beyond its name, for the run's fingerprint: a local folder (and 'default', the
     package's folder) by the sha256 of its top-level .json, .safetensors and .py files and its tokenizer's
@@ -293,7 +289,7 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
                 **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
-                            f"transformers ({_first_line(exc)})") from None
+                            f"transformers ({network.first_line(exc, None)})") from None
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
             raise
@@ -310,7 +306,7 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
         hint = ("retryable: check your network (HF_HUB_OFFLINE=1 allows local files only)" if transient
                 else _load_hint(path) if _offline_miss(path) else "pickled weights are not loaded")
         raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors "
-                            f"({_first_line(exc)}); {hint}", transient=transient) from None
+                            f"({network.first_line(exc, None)}); {hint}", transient=transient) from None
     if model.config.num_labels != 1:
         raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
     head = next((n for n in HEAD_NAMES if hasattr(model, n)), None)
@@ -504,7 +500,7 @@ def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) 
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                      if isinstance(module, torch.nn.Linear) and not name.startswith(head)})
     what = (f"{target_modules} match no module LoRA can adapt in {type(model).__name__}" if target_modules
-            else f"peft has no default modules for {type(model).__name__} ({_first_line(exc)})")
+            else f"peft has no default modules for {type(model).__name__} ({network.first_line(exc, None)})")
     return f"{what}; its linear layers are named {', '.join(linear) or 'nothing'}"
 
 

@@ -128,12 +128,9 @@ def _init_wandb(wandb: Any, *, mode: str, **kwargs: Any) -> Any:
         return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=limit), **kwargs)
     except wandb.errors.CommError as exc:
         raise UserError(f"W&B did not start the run within {limit:g} s ({network.TIMEOUT_VARIABLE}) or could not "
-                        f"be reached ({_first_line(exc)}); retryable: check the network, or set "
+                        f"be reached ({network.first_line(exc)}); retryable: check the network, or set "
                         "train.wandb_mode=offline and sync later", transient=True) from None
     except wandb.errors.AuthenticationError as exc:
-        raise UserError(f"W&B refused the API key ({_first_line(exc)}): set WANDB_API_KEY to a valid key, or "
+        raise UserError(f"W&B refused the API key ({network.first_line(exc)}): set WANDB_API_KEY to a valid key, or "
                         "set train.wandb_mode=offline") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
