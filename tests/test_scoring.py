@@ -241,7 +241,8 @@ def test_outputs_in_scratch_folders_under_dev_are_no_system_paths(tmp_path):
 
 
 def test_weights_the_user_may_not_read_are_named_so(trained, tmp_path):
-    """Another user's model.safetensors (mode 0600) was "No such file or directory"."""
+    """Another user's model.safetensors (mode 0600) was "No such file or directory". The error names the
+    option that chose the model (it named model.name_or_path, a setting score does not read)."""
     import shutil
 
     model = tmp_path / "model"
@@ -257,8 +258,23 @@ def test_weights_the_user_may_not_read_are_named_so(trained, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (f"error: model.name_or_path: cannot read the weights of '{model}' "
+    assert done.stderr.strip().splitlines()[-1] == (f"error: --model: cannot read the weights of '{model}' "
                                                     f"({model / 'model.safetensors'}: Permission denied)")
+
+
+def test_a_damaged_trained_model_is_named_as_the_trained_model_not_a_setting(trained, tmp_path):
+    """evaluate and score (without --model) read the model train wrote: an error about it named
+    model.name_or_path, the base model's setting, which no edit of could mend it."""
+    import shutil
+
+    from rm_lib.errors import SettingsError
+    from rm_lib.steps.evaluate import evaluate_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(trained / "models/reward_model", model)
+    (model / "model.safetensors").unlink()
+    with pytest.raises(SettingsError, match=f"^the trained model: '{re.escape(str(model))}' has no safetensors"):
+        evaluate_folder(model, [], batch_size=2, buckets=2)
 
 
 def test_a_token_id_past_the_vocabulary_names_its_own_file_and_row(trained, tmp_path, capsys):

@@ -113,11 +113,11 @@ class RewardScorer:
     """`length_policy`: what happens to a text longer than the model reads (`max_length`, by default the
     length its training pairs were held to, from its rm_lib.json, else its positions): "truncate" keeps
     its start tokens and its end, as filter.policy=truncate does in training; "drop" refuses it with a
-    DataError naming the item."""
+    DataError naming the item. `setting`: what an error about the model names it by (the CLI: --model)."""
 
     def __init__(self, model_dir: str | Path, *, template: str | None = None, device: str | None = None,
                  batch_size: int = 32, normalize: bool = False, length_policy: str = "truncate",
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, setting: str = "model_dir") -> None:
         if length_policy not in LENGTH_POLICIES:
             raise SettingsError(f"length_policy: must be 'truncate' or 'drop', got {length_policy!r}")
         whole = _whole(batch_size)
@@ -131,13 +131,14 @@ class RewardScorer:
         if template is not None and template not in TEMPLATES:
             raise SettingsError(f"template: unknown template {template!r}; use {', '.join(TEMPLATES)}")
         self.device = _device(device)
-        check_model_folder(model_dir, "model_dir")
+        check_model_folder(model_dir, setting)
         if Path(model_dir).expanduser().exists():  # ~ read as the loaders do not: a Hub id otherwise
             model_dir = Path(model_dir).expanduser()
         self.model_dir = Path(model_dir)
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = load_tokenizer(str(model_dir), setting=setting)
         # the pad load_tokenizer may add (a model that pads with its EOS, or has no pad) needs its embedding row
-        self.model = load_reward_model(str(model_dir), trained=True, pad_token_id=self.tokenizer.pad_token_id)
+        self.model = load_reward_model(str(model_dir), trained=True, pad_token_id=self.tokenizer.pad_token_id,
+                                       setting=setting)
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.special = tokenization.special_tokens(self.tokenizer)

@@ -15,6 +15,10 @@ from rm_lib.files import share_tree
 from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, check_within_positions
 
 PAD_TOKEN = "<|pad|>"  # added to a tokenizer that has no pad token or pads with its EOS
+# what an error names the model by: the setting or argument that chose it (a scorer's own argument, or
+# the trained model that evaluate and score read when no argument chose one)
+SETTING = "model.name_or_path"
+TRAINED = "the trained model"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -50,18 +54,19 @@ def _load_hint(path: str) -> str:
     return "check the name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)"
 
 
-def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   setting: str = SETTING) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
-        raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
+        raise SettingsError(f"{setting}: cannot load a tokenizer from '{name_or_path}' "
                             f"({network.first_line(exc, None)}){_no_tokenizer_file(path)}; {_load_hint(path)}",
                             transient=network.is_transient(exc)) from None
     except ValueError as exc:
-        raise SettingsError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
+        raise SettingsError(f"{setting}: cannot load a tokenizer from '{name_or_path}' "
                             f"({network.first_line(exc, None)}){_no_tokenizer_file(path)}") from None
     pads_with_eos = tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
     if tokenizer.pad_token is None or pads_with_eos:
@@ -87,17 +92,17 @@ def _no_tokenizer_file(path: str) -> str:
     return ""
 
 
-def check_one_output(config: Any, name: str) -> None:
+def check_one_output(config: Any, name: str, setting: str = SETTING) -> None:
     """Refuse a trained classification head with other than one output (TRL #558, OpenRLHF #1039)."""
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
         raise SettingsError(
-            f"model.name_or_path: '{name}' has a classification head with {config.num_labels} outputs; a reward "
+            f"{setting}: '{name}' has a classification head with {config.num_labels} outputs; a reward "
             "model needs exactly one score. Start from its base model instead, or from a one-output checkpoint")
 
 
 def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                      weights: bool = True) -> Any:
+                      weights: bool = True, setting: str = SETTING) -> Any:
     """The config of a model that can become a one-output reward model, or a SettingsError saying why
     not. Reads only config.json, so settings are checked before any data work starts. `weights=False`:
     for a step that reads the config alone (tokenize), a local folder need not hold safetensors weights."""
@@ -106,33 +111,33 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
 
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise SettingsError(f"model.name_or_path: the folder '{name_or_path}' has no config.json; "
+        raise SettingsError(f"{setting}: the folder '{name_or_path}' has no config.json; "
                             + (adapter_advice(Path(path)) or "name a folder that save_pretrained wrote, a Hub model "
                                                               "or 'default'"))
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({network.first_line(exc, None)}); "
+        raise SettingsError(f"{setting}: cannot load '{name_or_path}' ({network.first_line(exc, None)}); "
                             f"{_load_hint(path)}", transient=network.is_transient(exc)) from None
     except ValueError as exc:  # custom code without trust_remote_code, unknown model_type, a config it refuses
         said = str(exc).lower()
         custom = any(w in said for w in ("trust_remote_code", "model type", "model_type", "recogni"))
         hint = ("Custom model code runs only with model.trust_remote_code=true" if custom else
                 "transformers refuses its config.json as it is; fix that file or name another model")
-        raise SettingsError(f"model.name_or_path: cannot load '{name_or_path}' ({network.first_line(exc, None)}). "
+        raise SettingsError(f"{setting}: cannot load '{name_or_path}' ({network.first_line(exc, None)}). "
                             f"{hint}") from None
-    check_one_output(config, name_or_path)
+    check_one_output(config, name_or_path, setting)
     custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
     if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not (custom and trust_remote_code):
-        raise SettingsError(f"model.name_or_path: '{name_or_path}' ({config.model_type}) has no "
+        raise SettingsError(f"{setting}: '{name_or_path}' ({config.model_type}) has no "
                             "sequence-classification head in transformers; choose a decoder or encoder model "
                             "that has one")
     if weights:
-        check_safetensors_weights(path, name_or_path)
+        check_safetensors_weights(path, name_or_path, setting)
         archs = getattr(config, "architectures", None) or []
         # a checkpoint of another task (GPT-2's token classifier keeps a `classifier`) gets a new head
         if not archs or any(a.endswith("ForSequenceClassification") for a in archs):
-            check_head_outputs(path, name_or_path)
+            check_head_outputs(path, name_or_path, setting)
     return config
 
 
@@ -152,7 +157,7 @@ HEAD_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight
                 "classification_head.out_proj.weight")
 
 
-def check_head_outputs(path: str, name: str) -> None:
+def check_head_outputs(path: str, name: str, setting: str = SETTING) -> None:
     """A local folder's sequence-classification head, read off its safetensors headers (no weights loaded):
     one with other than one output is refused whatever its config's labels say (check_one_output reads the
     config, and a config without `architectures`, or one that says one label over a 2-row head, passed
@@ -169,13 +174,13 @@ def check_head_outputs(path: str, name: str) -> None:
                 for key in weights.keys():
                     if key in HEAD_WEIGHTS and (shape := weights.get_slice(key).get_shape()) and shape[0] != 1:
                         raise SettingsError(
-                            f"model.name_or_path: '{name}' has a classification head with {shape[0]} outputs "
+                            f"{setting}: '{name}' has a classification head with {shape[0]} outputs "
                             f"({file.name}: {key} of shape {list(shape)}); a reward model needs exactly one "
                             "score. Start from its base model instead, or from a one-output checkpoint")
         except SettingsError:
             raise
         except SafetensorError as exc:  # cut short or damaged: the load would end in a traceback of the reader
-            raise SettingsError(f"model.name_or_path: '{name}': {file} is damaged or incomplete "
+            raise SettingsError(f"{setting}: '{name}': {file} is damaged or incomplete "
                                 f"({network.first_line(exc, None)}); copy or download it again") from None
         except Exception:  # noqa: BLE001 - an unusual file (one not readable): the load says what is wrong with it
             continue
@@ -211,7 +216,7 @@ def check_max_token_length(max_token_length: int, name_or_path: str, *, revision
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def check_safetensors_weights(path: str, name: str) -> None:
+def check_safetensors_weights(path: str, name: str, setting: str = SETTING) -> None:
     """A local model folder must hold safetensors weights: pickled ones are never loaded, so a folder
     with only those would fail at the train step, after all the data work. Hub ids are checked on load."""
     folder = Path(path)
@@ -219,7 +224,7 @@ def check_safetensors_weights(path: str, name: str) -> None:
         return
     pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern)})
     found = f"only {', '.join(pickled)}" if pickled else "no weight files"
-    raise SettingsError(f"model.name_or_path: '{name}' has no safetensors weights ({found}); weights load from "
+    raise SettingsError(f"{setting}: '{name}' has no safetensors weights ({found}); weights load from "
                         "safetensors only and pickled weights are never loaded: convert them, or name a model "
                         "that ships model.safetensors")
 
@@ -259,7 +264,8 @@ def base_identity(name_or_path: str, *, revision: str | None = None) -> str:
 
 
 def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                      pad_token_id: int | None = None, dtype: Any = None, trained: bool = False) -> Any:
+                      pad_token_id: int | None = None, dtype: Any = None, trained: bool = False,
+                      setting: str = SETTING) -> Any:
     """Weights come from safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled.
     Hub kernels stay off: transformers (5.25) would otherwise swap layers for code fetched from the Hub
     at load and at every train()/eval() switch, unpinned (the lineage would not name it) and failing
@@ -271,7 +277,7 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
-    config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    config = load_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code, setting=setting)
     config.num_labels = 1
     text = config.get_text_config()
     # a reward model never generates: no KV cache built (and copied into) at every training and scoring
@@ -288,31 +294,31 @@ def load_reward_model(name_or_path: str, *, revision: str | None = None, trust_r
                 use_kernels=False, output_loading_info=True,
                 **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
-        raise SettingsError(f"model.name_or_path: '{name_or_path}' has no sequence-classification head in "
+        raise SettingsError(f"{setting}: '{name_or_path}' has no sequence-classification head in "
                             f"transformers ({network.first_line(exc, None)})") from None
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
             raise
         # a Hub model's head of other than one output (a local folder's is refused before any step)
-        raise SettingsError(f"model.name_or_path: '{name_or_path}' holds weights of other shapes than a one-output "
+        raise SettingsError(f"{setting}: '{name_or_path}' holds weights of other shapes than a one-output "
                             "reward model of its config (most often a classification head with more than one "
                             "output); start from its base model instead, or from a one-output checkpoint") from None
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         unreadable = _unreadable_weights(path)
         if unreadable:  # transformers says "no such file" of a file it may not read
-            raise SettingsError(f"model.name_or_path: cannot read the weights of '{name_or_path}' ({unreadable})") \
+            raise SettingsError(f"{setting}: cannot read the weights of '{name_or_path}' ({unreadable})") \
                 from None
         transient = network.is_transient(exc)
         hint = ("retryable: check your network (HF_HUB_OFFLINE=1 allows local files only)" if transient
                 else _load_hint(path) if _offline_miss(path) else "pickled weights are not loaded")
-        raise SettingsError(f"model.name_or_path: cannot load weights of '{name_or_path}' from safetensors "
+        raise SettingsError(f"{setting}: cannot load weights of '{name_or_path}' from safetensors "
                             f"({network.first_line(exc, None)}); {hint}", transient=transient) from None
     if model.config.num_labels != 1:
-        raise SettingsError(f"model.name_or_path: '{name_or_path}' loaded with {model.config.num_labels} outputs")
+        raise SettingsError(f"{setting}: '{name_or_path}' loaded with {model.config.num_labels} outputs")
     head = next((n for n in HEAD_NAMES if hasattr(model, n)), None)
     # layers new to the model beside its head: LoRA trains and saves them in full, as the head
     model.rm_new_modules = check_loaded_weights(name_or_path, list(info.get("missing_keys") or []), head,
-                                                trained=trained)
+                                                trained=trained, setting=setting)
     if added_pad:  # the pad token load_tokenizer added: one more embedding row, only ever masked padding
         model.resize_token_embeddings(pad_token_id + 1, mean_resizing=False)
         model.config.pad_token_id = pad_token_id
@@ -347,7 +353,8 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging._tqdm_active = bars
 
 
-def check_loaded_weights(name_or_path: str, missing: list[str], head: str | None, *, trained: bool) -> list[str]:
+def check_loaded_weights(name_or_path: str, missing: list[str], head: str | None, *, trained: bool,
+                         setting: str = SETTING) -> list[str]:
     """A model to score must hold every weight: one its files lack starts at random, and so do its
     rewards, differently at each load. A model to train may lack its new score head (`head`); other
     new layers (DeBERTa's pooler, say) are named on stderr, since they start at random too, and
@@ -357,10 +364,10 @@ def check_loaded_weights(name_or_path: str, missing: list[str], head: str | None
         return []
     shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
     if trained:
-        raise SettingsError(f"model: '{name_or_path}' lacks trained weights for {shown}: they would start at random "
-                            "and give random rewards, different at each load. Score a model that train made "
+        raise SettingsError(f"{setting}: '{name_or_path}' lacks trained weights for {shown}: they would start at "
+                            "random and give random rewards, different at each load. Score a model that train made "
                             "(models/reward_model, a release folder), not a base model")
-    print(f"model.name_or_path: '{name_or_path}' has no weights for {shown} (beside the new score head): "
+    print(f"{setting}: '{name_or_path}' has no weights for {shown} (beside the new score head): "
           "they start at random and train in full with it, also under LoRA", file=sys.stderr)
     return sorted({k.rsplit(".", 1)[0] for k in absent})
 

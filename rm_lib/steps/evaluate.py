@@ -13,7 +13,7 @@ from rm_lib.evaluation.visualize import one_line, visualize_samples
 from rm_lib.files import atomic_dir, read_json, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs
-from rm_lib.model.modeling import load_reward_model, load_tokenizer
+from rm_lib.model.modeling import TRAINED, load_reward_model, load_tokenizer
 from rm_lib.pipeline import chain
 from rm_lib.settings import Params
 
@@ -86,8 +86,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def evaluate_folder(model_dir: Path, rows: list[dict], batch_size: int, buckets: int) -> tuple[dict, list, list]:
     import torch
 
-    tokenizer = load_tokenizer(str(model_dir))
-    model = load_reward_model(str(model_dir), trained=True, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = load_tokenizer(str(model_dir), setting=TRAINED)
+    model = load_reward_model(str(model_dir), trained=True, pad_token_id=tokenizer.pad_token_id, setting=TRAINED)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     r_c, r_r = score_pairs(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     metrics = pair_metrics(r_c, r_r, [token_length(r, "chosen") for r in rows],

@@ -12,6 +12,7 @@ from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer, check_model_folder, model_max_length
 from rm_lib.files import atomic_files, special_file, unwritable_folder, write_jsonl, write_rows
 from rm_lib.layout import Layout
+from rm_lib.model.modeling import TRAINED
 from rm_lib.progress import Progress
 from rm_lib.settings import Params, check_within_positions, names_a_folder
 
@@ -178,7 +179,8 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
     max_prompt_token_length) the user set on the command line, which are taken from `params` instead."""
     _check_paths(layout, model, input_path, output_path)
     model = str(Path(model).expanduser()) if model and names_a_folder(model) else model
-    scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size)
+    scorer = RewardScorer(model or layout.model, batch_size=params.evaluate.batch_size,
+                          setting="--model" if model else TRAINED)
     pairs, rejects, own_ids = [], [], {}
     files = sources.local_files(input_path)
     for path in files:
