@@ -106,8 +106,9 @@ def retried_only_when_transient(step: str) -> Callable:
             except Exception as exc:
                 if network.is_transient(exc):
                     raise
-                first = printable((str(exc).strip().splitlines() or [""])[0])
-                raise dg.Failure(description=f"{step}: {type(exc).__name__}: {first} (not retried: not a "
+                said = network.first_line(exc, None)  # a URL's credentials never reach the event log
+                first = type(exc).__name__ + ("" if said == type(exc).__name__ else f": {printable(said)}")
+                raise dg.Failure(description=f"{step}: {first} (not retried: not a "
                                              "transient network error; the traceback is in this step's log)",
                                  allow_retries=False) from exc
         asset_body.retried_only_when_transient = step

@@ -61,6 +61,10 @@ def test_a_nan_reward_is_a_wrong_answer_wherever_it_stands():
     assert row_correct([5.0, math.nan], [1.0]) is False and row_correct([math.nan, 5.0], [1.0]) is False
     assert row_correct([5.0], [math.nan, 1.0]) is False and row_correct([5.0, 2.0], [1.0]) is True
     assert row_correct([math.inf], [1.0]) is True  # as a pair's accuracy counts it (inf > 1)
+    # nor does a NaN prefer the longer answer (NaN != x held, and a shorter chosen side counted as one)
+    nan = pair_metrics([math.nan] * 4, [0.0, 1.0, 2.0, 3.0], [5] * 4, [10, 11, 12, 13])
+    assert nan["prefers_longer"] == 0.0 and nan["accuracy"] == 0.0
+    assert pair_metrics([1.0, 2.0, math.nan, 4.0], [0.0, 3.0, 2.0, 3.0], [5] * 4, [9] * 4)["prefers_longer"] == 0.25
 
 
 def test_calibration_error_is_the_gap_between_confidence_and_accuracy():

@@ -1036,6 +1036,14 @@ def test_an_asset_under_the_retry_policy_retries_only_a_transient_error():
             asset_raising(error)()
         assert raised.value.allow_retries is False and raised.value.description.startswith("train: ")
         assert raised.value.__cause__ is error
+    # an error rm_lib did not wrap (a Hub client's 401, say) is quoted without the URL's credentials, which
+    # the event log and the UI would keep; a message-less one is named by its type alone
+    with pytest.raises(dg.Failure) as raised:
+        asset_raising(ValueError("Client error '401' for url 'https://user:s3cret@hub-proxy.corp/api/models'"))()
+    assert "s3cret" not in raised.value.description and "hub-proxy.corp/api/models" in raised.value.description
+    with pytest.raises(dg.Failure) as raised:
+        asset_raising(KeyError())()
+    assert raised.value.description.startswith("train: KeyError (not retried")
     kept = dg.Failure(description="train: the training process exited with code 1", allow_retries=False)
     with pytest.raises(dg.Failure) as raised:
         asset_raising(kept)()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rm_lib.model.inference import PairScorer, score_pairs
-from rm_lib.model.modeling import is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
+from rm_lib.model.modeling import TRAINED, is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
 from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling, why_not_packed
 
 REFERENCE = "right-padded batches of 64 texts (32 pairs) of like lengths"
@@ -153,10 +153,10 @@ def check(model_dir: Path, rows: list[dict], *, pad_token_id: int, sample: int =
     `model`/`tokenizer`: already loaded ones of `model_dir` (else they are loaded, and the model is let go
     before the pipeline loads its own copy); `pipeline=False` leaves the transformers pipeline out."""
     rows = rows[:sample]
-    tokenizer = tokenizer or load_tokenizer(str(model_dir))
+    tokenizer = tokenizer or load_tokenizer(str(model_dir), setting=TRAINED)
     own = model is None
     if own:
-        model = load_reward_model(str(model_dir), trained=True)
+        model = load_reward_model(str(model_dir), trained=True, setting=TRAINED)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

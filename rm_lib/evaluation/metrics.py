@@ -91,10 +91,11 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
     mean_c, std_c = _mean_std(r_chosen)
     mean_r, std_r = _mean_std(r_rejected)
     mean_all, std_all = _mean_std(list(r_chosen) + list(r_rejected))
-    # Length dependence: of the pairs whose sides differ in length, how often the longer one scores higher.
+    # Length dependence: of the pairs whose sides differ in length, how often the longer one scores higher
+    # (a tie or a NaN reward prefers neither: NaN != x is true, and counted a NaN as a preference)
     unequal = [i for i in range(n) if len_chosen[i] != len_rejected[i]]
-    prefers_longer = (sum((r_chosen[i] > r_rejected[i]) == (len_chosen[i] > len_rejected[i])
-                          and r_chosen[i] != r_rejected[i] for i in unequal) / len(unequal)) if unequal else None
+    prefers_longer = (sum(r_chosen[i] > r_rejected[i] if len_chosen[i] > len_rejected[i]
+                          else r_rejected[i] > r_chosen[i] for i in unequal) / len(unequal)) if unequal else None
     ece, calibration_bins = calibration(r_chosen, r_rejected)
     # Buckets by pair length (longest side), of about equal counts; the pairs of one length stay in one
     # bucket, so that the ranges do not overlap (fewer buckets where lengths repeat a lot).

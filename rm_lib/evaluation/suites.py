@@ -334,9 +334,10 @@ def evaluate_suites(entries: Sequence[str], model_dir: str | Path, *, batch_size
     `sources`: the folder DVC watches (data/sources); a local suite elsewhere gets a `note` saying so."""
     from rm_lib.data.sources import untracked_note
     from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.model.modeling import TRAINED
 
     suites = parse_entries(entries)  # every entry checked before the model loads
-    scorer = RewardScorer(model_dir, batch_size=batch_size, length_policy="truncate")
+    scorer = RewardScorer(model_dir, batch_size=batch_size, length_policy="truncate", setting=TRAINED)
     report = {suite.name: evaluate_suite(suite, scorer) for suite in suites}
     for suite in suites:
         note = untracked_note(suite.location, sources) if sources is not None and suite.kind != "hub" else None

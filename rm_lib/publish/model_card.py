@@ -412,7 +412,7 @@ def tokenizer_facts(folder: Path) -> dict:
     from rm_lib.model.modeling import load_tokenizer
     from rm_lib.model.special import special_tokens
 
-    tokenizer = load_tokenizer(str(folder))
+    tokenizer = load_tokenizer(str(folder), setting="the release")
     special = special_tokens(tokenizer)
     ids = tokenizer("x")["input_ids"]
     saved = json.loads((folder / "rm_lib.json").read_text()) if (folder / "rm_lib.json").exists() else {}

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rm_lib import network
 from rm_lib.errors import DevicePathError, TrainingDiverged
 from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_length, pair_tokens, step_forwards
 from rm_lib.model.inference import PairScorer
@@ -212,7 +213,7 @@ def fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id:
                         fingerprint=fingerprint, accelerator=accelerator, tracker=tracker, on_eval=on_eval,
                         run_scope=run_scope, final_checkpoint=final_checkpoint, made_of=made_of)
         except torch.OutOfMemoryError as exc:  # outside a forward (a forward's is retried smaller): the state
-            first = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
+            first = network.first_line(exc)
             raise DevicePathError(f"train: out of GPU memory outside the training forwards ({first}): the weights, "
                                   "their gradients and AdamW's state need room too; set train.lora=true, or free "
                                   "GPU memory. Checkpoints are kept: the run resumes from the last one") from exc
