@@ -26,8 +26,8 @@ def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """--params, --set and --root, read before the step name and (with `prefix` dests) after it.
     A subparser writes its own defaults over the main parser's values, hence the separate dests."""
     # metavars given: argparse would name them after the dests (STEP_PARAMS) in the help after a step
-    parser.add_argument("--params", dest=prefix + "params", default=None if prefix else "params.yaml", metavar="PARAMS",
-                        help="settings file (default: params.yaml)")
+    parser.add_argument("--params", dest=prefix + "params", default=None, metavar="PARAMS",
+                        help="settings file (default: the params.yaml of --root, else of the current folder)")
     parser.add_argument("--set", dest=prefix + "overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
     parser.add_argument("--root", dest=prefix + "root", default=None if prefix else ".", metavar="ROOT",
@@ -178,6 +178,21 @@ def _peer_stopped(exc: RuntimeError) -> str | None:
             f"another process ended first (its own line says why); torch said: {first}")
 
 
+def params_file(given: str | None, root: str) -> str | None:
+    """The settings file: --params as given (a name that is not there is a mistake: the built-in defaults
+    would run in its place); else the project's own params.yaml, in --root (a command run from elsewhere
+    read the current folder's, or none, and replaced the project's data with the demo's), else the
+    current folder's; else None, the built-in defaults (which the shipped params.yaml holds)."""
+    if given is not None:
+        if not Path(given).exists():
+            raise UserError(f"--params {given}: no such file")
+        return given
+    for folder in (Path(root), Path(".")):
+        if (folder / "params.yaml").is_file():
+            return str(folder / "params.yaml")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -194,7 +209,7 @@ def _main(argv: list[str] | None) -> int:
                 and not _given(overrides, "filter.max_prompt_token_length"):
             # score holds prompts to the model's recorded limit, not params.yaml's (checked below this length)
             overrides = [*overrides, "filter.max_prompt_token_length=null"]
-        params = load_params(args.params, overrides)  # validates every section before any work
+        params = load_params(params_file(args.params, args.root), overrides)  # every section checked before any work
         problem = unwritable_folder(args.root, probe=False)  # a read-only project still serves score and show-tokens
         if problem:
             raise UserError(f"--root {args.root}: not a project folder: {problem}")
