@@ -89,8 +89,17 @@ class DownloadSettings:
             _fail("download", "max_rows", f"must be at least 1 or null, got {self.max_rows}")
         if not 0.0 <= self.max_reject_ratio <= 1.0:
             _fail("download", "max_reject_ratio", f"must lie in [0, 1], got {self.max_reject_ratio}")
-        if self.demo_pairs < 10:
-            _fail("download", "demo_pairs", f"must be at least 10, got {self.demo_pairs}")
+        if not 10 <= self.demo_pairs <= MAX_DEMO_PAIRS:  # more was minutes of memory growth without a line
+            _fail("download", "demo_pairs", f"must be from 10 to {MAX_DEMO_PAIRS:,} (the demo shows the pipeline "
+                                            f"work; bring your own data for more), got {self.demo_pairs}")
+        if self.test_split is not None and self.test_split == self.train_split:
+            _fail("download", "test_split", f"names the train split too ('{self.test_split}'): the test pairs "
+                                            "would be training pairs; name the source's test split, or null for a "
+                                            "split of train by prompt")
+
+
+MAX_DEMO_PAIRS = 100_000
+MAX_EPOCHS = 10_000
 
 
 @dataclass
@@ -194,12 +203,16 @@ class TrainSettings:
         for key, value in positive.items():
             if value is None or value <= 0:
                 _fail("train", key, f"must be positive, got {value}")
+        if self.num_epochs > MAX_EPOCHS:  # the schedule counts its batches epoch by epoch before the first step
+            _fail("train", "num_epochs", f"must be at most {MAX_EPOCHS:,}, got {self.num_epochs:g}; for a fixed "
+                                         "number of steps set train.max_steps")
         tokens = self.max_tokens_per_forward
         if tokens is not None and tokens != "auto" and (isinstance(tokens, str) or tokens < 1):
-            _fail("train", "max_tokens_per_forward", f"must be auto, at least 1 or null, got {tokens!r}")
+            _fail("train", "max_tokens_per_forward", f"must be {_ALLOWED['train', 'max_tokens_per_forward']}, got "
+                                                     f"{tokens!r}")
         if self.gradient_checkpointing not in ("auto", True, False):
-            _fail("train", "gradient_checkpointing",
-                  f"must be auto, true or false, got {self.gradient_checkpointing!r}")
+            _fail("train", "gradient_checkpointing", f"must be {_ALLOWED['train', 'gradient_checkpointing']}, got "
+                                                     f"{self.gradient_checkpointing!r}")
         if self.attention not in ("auto", "sdpa", "eager", "flex_attention", "varlen"):
             _fail("train", "attention", f"must be auto, sdpa, eager, flex_attention or varlen, got '{self.attention}'")
         if self.gpu_memory_gib is not None and (isinstance(self.gpu_memory_gib, (str, bool))
@@ -333,6 +346,8 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
                 return _coerce(section, key, value, option)
             except SettingsError:
                 pass
+        if (section, key) in _ALLOWED and not isinstance(value, str):  # the last type's refusal would say "string"
+            _fail(section, key, f"must be {_ALLOWED[section, key]}, got {value!r}")
         return _coerce(section, key, value, non_none[-1])
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -356,6 +371,10 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
         return value
     return value
 
+
+# what a setting of a word or a typed value may be, in the words of its refusal
+_ALLOWED = {("train", "max_tokens_per_forward"): "auto, at least 1 or null",
+            ("train", "gradient_checkpointing"): "auto, true or false"}
 
 # YAML reads an unquoted `no` as false: `mixed_precision: no` (or `--set train.mixed_precision=no`) means "no"
 _YAML_WORDS = {("train", "mixed_precision", False): "no"}
@@ -443,9 +462,31 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
     return params_from_dict(data, list(overrides))
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys: a section or a setting written twice lost the
+    first without a word (an edited learning rate, then a `train:` section added at the end)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"'{key}' is written twice (also at line "
+                                                    f"{seen[key]}): keep one", key_node.start_mark)
+        if isinstance(key, typing.Hashable):
+            seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read_params_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # a SafeLoader
     except UnicodeDecodeError as exc:
         raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:  # yaml's own message spans several lines: keep the problem and its line

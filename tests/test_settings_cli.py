@@ -25,6 +25,14 @@ def test_params_yaml_is_the_source_of_defaults_and_set_overrides():
     ("push.repo_id=not a repo!!", "push.repo_id: 'not a repo!!' is not a valid repository name"),
     ("push.repo_id=alice/bad name", "push.repo_id: 'alice/bad name' is not a valid repository name"),
     ("push.repo_id=me/a--b", "no '--' or '..'"),
+    # the refusal of the union's last type said "must be a string, got 1.5"
+    ("train.max_tokens_per_forward=1.5", r"train.max_tokens_per_forward: must be auto, at least 1 or null, got 1.5$"),
+    ("train.gradient_checkpointing=5", r"train.gradient_checkpointing: must be auto, true or false, got 5$"),
+    # each was a silent wait: the demo's rows built in memory, the schedule counted epoch by epoch
+    ("download.demo_pairs=100000000000", "download.demo_pairs: must be from 10 to 100,000"),
+    ("train.num_epochs=1e300", "train.num_epochs: must be at most 10,000, got 1e.300; for a fixed number of steps"),
+    # the test pairs would be training pairs: the error said "no usable pairs for train ... 0 rejected"
+    ("download.test_split=train", "download.test_split: names the train split too .'train'.: the test pairs would be"),
 ])
 def test_invalid_settings_are_caught_before_work(override, message):
     with pytest.raises(SettingsError, match=message):
@@ -539,3 +547,47 @@ def test_the_help_after_a_step_reads_as_the_top_level_help(step, capsys):
 
     step_parser = next(a for a in _parser()._actions if a.dest == "step").choices[step]
     assert all(action.help for action in step_parser._actions), [a.dest for a in step_parser._actions if not a.help]
+
+
+def test_a_section_or_setting_written_twice_in_params_yaml_is_refused_naming_both_lines(tmp_path, capsys):
+    """yaml.safe_load kept the last: a `train:` section added at the end lost the learning rate edited above,
+    without a word."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-4\ndownload:\n  demo_pairs: 40\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(SettingsError, match=f"^{path}: not valid YAML at line 5: 'train' is written twice "
+                                            r"\(also at line 1\): keep one$"):
+        load_params(path)
+    path.write_text("train:\n  max_steps: 5\n  max_steps: 6\n")
+    with pytest.raises(SettingsError, match=r"line 3: 'max_steps' is written twice \(also at line 2\)"):
+        load_params(path)
+    assert main(["--params", str(path), "--root", str(tmp_path), "download"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "data").exists()
+    # an anchor's keys merged with `<<` may still be overridden: that is what merging is for
+    path.write_text("base: &base\n  max_steps: 5\ntrain:\n  <<: *base\n  max_steps: 6\n")
+    with pytest.raises(SettingsError, match="unknown section"):  # base is no section: read, then refused
+        load_params(path)
+
+
+def test_root_reads_the_projects_own_params_yaml_and_a_missing_params_file_is_refused(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """From another folder, `--root <project>` read the current folder's params.yaml (or none): the built-in
+    defaults ran and replaced the project's data with the demo's 2,000 pairs. A --params path that is not
+    there ran the defaults too."""
+    import json
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "params.yaml").write_text("download:\n  demo_pairs: 40\n")
+    monkeypatch.chdir(elsewhere)
+    assert main(["download", "--root", str(project)]) == 0
+    manifest = json.loads((project / "data/pairs/manifest.json").read_text())
+    assert manifest["rows_read"] == 40
+    # the current folder's params.yaml still serves a --root that has none (a scratch folder)
+    (elsewhere / "params.yaml").write_text("download:\n  demo_pairs: 30\n")
+    assert main(["download", "--root", str(tmp_path / "scratch")]) == 0
+    manifest = json.loads((tmp_path / "scratch/data/pairs/manifest.json").read_text())
+    assert manifest["rows_read"] == 30
+    capsys.readouterr()
+    assert main(["download", "--root", str(project), "--params", str(tmp_path / "typo/params.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: --params {tmp_path / 'typo/params.yaml'}: no such file\n"
