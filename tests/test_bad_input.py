@@ -66,6 +66,9 @@ BROKEN_FILES = {
                         ["row 1", "missing column(s) chosen, rejected", "found columns bad, good, question"]),
     "one prompt for every pair": ("d.jsonl", lines([dict(r, prompt="the same question") for r in GOOD]),
                                   ["all 20 pairs share one prompt", "download.test_split"]),
+    # none rejected: the error pointed at an empty rejects file instead of the cause
+    "one pair": ("d.jsonl", lines(GOOD[:1]), ["no usable pairs for test after reading 1 rows (none rejected: the 1 "
+                                              "pairs are too few to split by prompt at download.test_fraction=0.2"]),
     # valid JSON, but no UTF-8 text can hold it: the tokenizer would fail on it, far from its row
     "a lone surrogate": ("d.jsonl", lines(GOOD + [{"prompt": "p", "chosen": "a\ud800", "rejected": "b"}]),
                          ["row 21", "field 'chosen'", "lone surrogate (\\ud800 at character 1)"]),
@@ -84,6 +87,17 @@ BROKEN_FILES = {
         "d.csv", ("prompt,chosen,rejected\n" + "".join(f'"q{i}","a{i}","b{i}"\n' for i in range(20))
                   + "q,good, really good answer,bad answer\n").encode(),
         ["row 22", "4 cells where the header has 3", "quote a cell that holds a comma"]),
+    # a column or key named twice: each row kept the last one's value, and trained on it without a word
+    "a CSV column named twice": (
+        "d.csv", ("prompt,chosen,rejected,chosen\n" + "".join(f"q{i},good {i},bad {i},other {i}\n"
+                                                             for i in range(20))).encode(),
+        ["row 1", "the column 'chosen' is named 2 times"]),
+    "a JSON Lines key written twice": (
+        "d.jsonl", lines(GOOD) + b'{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}\n',
+        ["row 21", "the key 'chosen' is written twice in one object"]),
+    "a message key written twice in a JSON file": (
+        "d.json", json.dumps(GOOD).encode()[:-1] + b', {"prompt": "p", "chosen": [{"role": "assistant", '
+        b'"content": "a", "content": "c"}], "rejected": "b"}]', ["the key 'content' is written twice"]),
 }
 
 
@@ -316,3 +330,16 @@ def test_a_set_aside_row_whose_other_columns_json_cannot_hold_is_written_as_text
     assert code == 0, err
     (reject,) = read_jsonl(Layout(tmp_path).pairs / "rejects.jsonl")
     assert reject["row"] == 3 and reject["data"]["note"] == "half an emoji \\ud800"
+
+
+def test_a_parquet_column_named_twice_is_refused_naming_it(tmp_path, capsys):
+    """pyarrow's rows keep the last of two equal column names, as the csv module does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [pa.array([r[k] for r in GOOD]) for k in ("prompt", "chosen", "rejected")]
+    pq.write_table(pa.table([*columns, columns[2]], names=["prompt", "chosen", "rejected", "chosen"]),
+                   tmp_path / "d.parquet")
+    code, _, err = cli(tmp_path, "--set", f"download.source={tmp_path / 'd.parquet'}", "download", capsys=capsys)
+    assert_user_error(code, err, f"file {tmp_path / 'd.parquet'}", "the column 'chosen' is named 2 times")
+    assert not (Layout(tmp_path).pairs / "manifest.json").exists()

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,6 +98,27 @@ def _too_long_number() -> str:
     return f"holds an integer of more than {sys.get_int_max_str_digits()} digits, which is no usable number"
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json keeps the last of two equal keys in an object: a row with `chosen` twice trained on the second
+    one without a word. Such a row is refused, naming the key."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return row
+
+
+def _repeated(key: str) -> str:
+    return (f"the key {key!r} is written twice in one object, and the reader cannot know which value is meant; "
+            "keep one")
+
+
 def _jsonl_rows(path: Path) -> Rows:
     blank = True
     for number, line in _lines(path):
@@ -105,7 +126,9 @@ def _jsonl_rows(path: Path) -> Rows:
             continue
         blank = False
         try:
-            yield number, json.loads(line)
+            yield number, json.loads(line, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as exc:
+            raise DataError(_repeated(exc.key), file=str(path), row=number) from None
         except json.JSONDecodeError as exc:
             # json's own messages may end in "at" ("Unterminated string starting at")
             raise DataError(f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); "
@@ -123,7 +146,9 @@ def _json_rows(path: Path) -> Rows:
     if not text.strip():
         raise DataError("the file is empty", file=str(path))
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        raise DataError(_repeated(exc.key), file=str(path)) from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and _one_object_per_line(text):  # what Dataset.to_json writes, named .json
             yield from _jsonl_rows(path)
@@ -185,6 +210,7 @@ def _csv_rows(path: Path) -> Rows:
         raise _csv_error(exc, path, number) from None
     if header is None:
         raise DataError("the file is empty", file=str(path))
+    _check_columns(header, path, row=1)
     messages: set[str] | None = None  # message columns, decided by the first row
     answers: set[str] = set()  # columns of lists of answers, decided by the first row
     while True:
@@ -233,14 +259,27 @@ def _parquet_rows(path: Path) -> Rows:
 
     with _open_binary(path) as handle:
         try:
-            batches = pq.ParquetFile(handle).iter_batches(batch_size=_PARQUET_BATCH)
+            parquet = pq.ParquetFile(handle)
+            _check_columns(parquet.schema_arrow.names, path)
+            batches = parquet.iter_batches(batch_size=_PARQUET_BATCH)
             number = 0
             for batch in batches:
                 for row in batch.to_pylist():
                     number += 1
                     yield number, row
+        except DataError:
+            raise
         except Exception as exc:  # pyarrow (and a damaged gzip stream) raise many types
             raise DataError(f"not a readable Parquet file ({exc})", file=str(path)) from None
+
+
+def _check_columns(names: Sequence[str], path: Path, row: int | None = None) -> None:
+    """A column named twice: each row would keep the last one's value (the csv module and pyarrow's rows
+    both do), and a header `prompt,chosen,rejected,chosen` trained on the fourth column without a word."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"the column {repeated[0]!r} is named {names.count(repeated[0])} times, and the reader "
+                        "cannot know which one is meant; rename or remove the others", file=str(path), row=row)
 
 
 _READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}

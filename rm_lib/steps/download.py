@@ -245,17 +245,26 @@ def _read(inputs: list[tuple[str, object, str | None]], max_rows: int | None) ->
     return read
 
 
-def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], source: str, layout: Layout) -> None:
-    """No usable pair for a split: the last good output stays as it was; the rejects go beside it."""
+def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], cfg: DownloadSettings, layout: Layout) -> None:
+    """No usable pair for a split: the last good output stays as it was; the rejects go beside it. Where
+    none was rejected the error says why the split is empty instead of pointing at an empty file."""
     beside = _failed_rejects(layout)
     write_jsonl(beside, read.rejects)
+    split = "train" if not splits["train"] else "test"
     counts = dict(Counter(r["reason"] for r in read.rejects).most_common())
-    # an example of the commonest reason: the first reject may be of a rare one
-    example = next((r for r in read.rejects if r["reason"] == next(iter(counts))), None) if counts else None
-    first = f"; e.g. row {example['row']}: {example['detail']}" if example else ""
-    raise DataError(
-        f"no usable pairs for {'train' if not splits['train'] else 'test'} after reading {read.rows} rows "
-        f"({len(read.rejects)} rejected: {counts or 'none'}{first}; see {beside})", file=source)
+    if counts:
+        # an example of the commonest reason: the first reject may be of a rare one
+        example = next(r for r in read.rejects if r["reason"] == next(iter(counts)))
+        why = (f"{len(read.rejects)} rejected: {counts}; e.g. row {example['row']}: {example['detail']}; "
+               f"see {beside}")
+    elif read.by_split[None]:
+        limit = f"download.max_rows={cfg.max_rows}" if cfg.max_rows is not None else "the source"
+        why = (f"none rejected: the {len(read.by_split[None])} pairs are too few to split by prompt at "
+               f"download.test_fraction={cfg.test_fraction}; read more rows than {limit} allows")
+    else:
+        name = cfg.train_split if split == "train" else cfg.test_split
+        why = f"none rejected: the source's split '{name}' holds no rows"
+    raise DataError(f"no usable pairs for {split} after reading {read.rows} rows ({why})", file=cfg.source)
 
 
 @dataclass
@@ -329,7 +338,7 @@ def run(params: Params, layout: Layout) -> DownloadResult:
                             "or give the source's own test split", file=cfg.source)
         splits = {s: splits[s] + seeded[s] for s in SPLITS}
     if not splits["train"] or not splits["test"]:
-        _fail_without_pairs(read, splits, cfg.source, layout)
+        _fail_without_pairs(read, splits, cfg, layout)
     return _write(cfg, kind, revision, read, splits, warning, layout, fingerprint)
 
 
