@@ -268,6 +268,8 @@ class EvaluateSettings:
             _fail("evaluate", "batch_size", f"must be at least 1, got {self.batch_size}")
         if self.length_buckets < 1:
             _fail("evaluate", "length_buckets", f"must be at least 1, got {self.length_buckets}")
+        if self.num_print_samples < 0:
+            _fail("evaluate", "num_print_samples", f"must be 0 or more, got {self.num_print_samples}")
         for entry in self.suites:
             if not entry.strip() or entry.strip().startswith("@") or entry.strip().endswith("@"):
                 _fail("evaluate", "suites", f"each entry names a file or a Hub dataset (name@split), got {entry!r}")

@@ -343,3 +343,17 @@ def test_a_parquet_column_named_twice_is_refused_naming_it(tmp_path, capsys):
     code, _, err = cli(tmp_path, "--set", f"download.source={tmp_path / 'd.parquet'}", "download", capsys=capsys)
     assert_user_error(code, err, f"file {tmp_path / 'd.parquet'}", "the column 'chosen' is named 2 times")
     assert not (Layout(tmp_path).pairs / "manifest.json").exists()
+
+
+def test_more_rows_rejected_than_max_reject_ratio_is_a_warning_on_the_command_line_too(tmp_path, capsys):
+    """Dagster's rejects_ratio check warned past download.max_reject_ratio; the CLI and dvc repro printed only
+    the count (20% of a file set aside read as any other download)."""
+    same = [{"prompt": f"other {i}", "chosen": "same", "rejected": "same"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_bytes(lines(GOOD + same))
+    code, out, _ = cli(tmp_path, "--set", f"download.source={tmp_path / 'd.jsonl'}", "download", capsys=capsys)
+    assert code == 0
+    assert (f"\nwarning: 20.0% of the rows were rejected, more than download.max_reject_ratio (10.0%); the rows and "
+            f"reasons are in {Layout(tmp_path).pairs / 'rejects.jsonl'}") in out
+    code, out, _ = cli(tmp_path, "--set", f"download.source={tmp_path / 'd.jsonl'}", "--set",
+                       "download.max_reject_ratio=0.25", "download", capsys=capsys)
+    assert code == 0 and "5 rejected (identical: 5)" in out and "max_reject_ratio" not in out

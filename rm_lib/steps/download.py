@@ -67,9 +67,15 @@ class DownloadResult:
         margins = (f"\nmargins: {self.margins['pairs']} pairs carry one, {self.margins['min']:g} to "
                    f"{self.margins['max']:g}; training adds them to the reward difference it asks for "
                    "(train.use_margin=false ignores them)" if self.margins else "")
+        limit = self.settings.get("max_reject_ratio")
+        too_many = limit is not None and self.rows_read and rejected / self.rows_read > limit
         return (f"download: {self.rows_read} rows from {self.source} ({', '.join(self.formats)}) -> "
                 f"train {self.pairs['train']} / test {self.pairs['test']} pairs; "
                 f"{rejected} rejected ({reasons}){ignored} -> {self.output_dir}" + margins
+                # as Dagster's rejects_ratio check judges it: the CLI and dvc repro said only the count
+                + (f"\nwarning: {rejected / self.rows_read:.1%} of the rows were rejected, more than "
+                   f"download.max_reject_ratio ({limit:.1%}); the rows and reasons are in "
+                   f"{self.output_dir / 'rejects.jsonl'}" if too_many else "")
                 + (f"\nwarning: {self.warning}" if self.warning else "")
                 + (f"\nwarning: {self.test_in_train} of the {self.pairs['test']} test pairs are also train pairs"
                    + (f" ({self.test_swapped_in_train} with chosen and rejected exchanged)"
