@@ -19,7 +19,7 @@ from rm_lib import network
 from rm_lib.errors import UserError
 from rm_lib.evaluation.visualize import printable
 from rm_lib.layout import Layout
-from rm_lib.settings import load_params
+from rm_lib.settings import load_params, params_file
 
 SHOWN = ("loss", "accuracy", "reward_margin", "grad_norm", "learning_rate", "tokens_per_s", "eval_accuracy")
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_the_launcher()
     parser = argparse.ArgumentParser(description="The rm_lib train step, reporting to Dagster through Pipes.")
     parser.add_argument("--root", default=".")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     from rm_lib import steps
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             pipes.report_custom_message({"metrics": record})
 
         try:
-            params = load_params(args.params, args.overrides)
+            params = load_params(params_file(args.params, args.root), args.overrides)
             # launched by Dagster, whose RetryPolicy is the one retry layer: each network call tried once
             with network.single_attempt() if launched_by_dagster() else contextlib.nullcontext():
                 result = steps.run("train", params, Layout(Path(args.root)), on_log=forward if pipes else None)

@@ -18,7 +18,7 @@ from rm_lib.files import STORAGE_ERRORS, unwritable_folder
 from rm_lib.layout import Layout
 from rm_lib.network import without_credentials
 from rm_lib.pipeline.preflight import check_before
-from rm_lib.settings import load_params
+from rm_lib.settings import load_params, params_file
 from rm_lib.steps import PIPELINE
 
 
@@ -176,21 +176,6 @@ def _peer_stopped(exc: RuntimeError) -> str | None:
         first = first[:first.rfind(". ", 0, 160) + 1] if ". " in first[:160] else first[:160] + "..."
     return (f"process {os.environ.get('RANK', '?')} of the launch stopped at a collective, most often because "
             f"another process ended first (its own line says why); torch said: {first}")
-
-
-def params_file(given: str | None, root: str) -> str | None:
-    """The settings file: --params as given (a name that is not there is a mistake: the built-in defaults
-    would run in its place); else the project's own params.yaml, in --root (a command run from elsewhere
-    read the current folder's, or none, and replaced the project's data with the demo's), else the
-    current folder's; else None, the built-in defaults (which the shipped params.yaml holds)."""
-    if given is not None:
-        if not Path(given).exists():
-            raise UserError(f"--params {given}: no such file")
-        return given
-    for folder in (Path(root), Path(".")):
-        if (folder / "params.yaml").is_file():
-            return str(folder / "params.yaml")
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

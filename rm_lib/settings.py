@@ -452,6 +452,22 @@ def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
     return params
 
 
+def params_file(given: str | None, root: str | Path) -> str | None:
+    """The settings file of a command (the CLI; the train process Dagster launches): --params as given (a
+    name that is not there is a mistake: the built-in defaults would run in its place); else the project's
+    own params.yaml, in --root (a command run from elsewhere read the current folder's, or none, and
+    replaced the project's data with the demo's), else the current folder's; else None, the built-in
+    defaults (which the shipped params.yaml holds)."""
+    if given is not None:
+        if not Path(given).exists():
+            raise SettingsError(f"--params {given}: no such file")
+        return given
+    for folder in (Path(root), Path(".")):
+        if (folder / "params.yaml").is_file():
+            return str(folder / "params.yaml")
+    return None
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
     """Read params.yaml (missing file = built-in defaults), apply overrides, validate."""
     data: dict[str, Any] = {}

@@ -66,9 +66,13 @@ BROKEN_FILES = {
                         ["row 1", "missing column(s) chosen, rejected", "found columns bad, good, question"]),
     "one prompt for every pair": ("d.jsonl", lines([dict(r, prompt="the same question") for r in GOOD]),
                                   ["all 20 pairs share one prompt", "download.test_split"]),
-    # none rejected: the error pointed at an empty rejects file instead of the cause
-    "one pair": ("d.jsonl", lines(GOOD[:1]), ["no usable pairs for test after reading 1 rows (none rejected: the 1 "
-                                              "pairs are too few to split by prompt at download.test_fraction=0.2"]),
+    # the error pointed at the rejects file (empty, or of the one row set aside) instead of the cause
+    "one pair": ("d.jsonl", lines(GOOD[:1]), ["no usable pairs for test after reading 1 row (1 usable pair is too few "
+                                              "to split by prompt at download.test_fraction=0.2: add rows to the "
+                                              "source, or give the source a test split; none rejected)"]),
+    "one pair and one set aside": (
+        "d.jsonl", lines([GOOD[0], dict(GOOD[1], rejected=GOOD[1]["chosen"])]),
+        ["after reading 2 rows (1 usable pair is too few to split", "; 1 rejected: {'identical': 1}; e.g. row 2"]),
     # valid JSON, but no UTF-8 text can hold it: the tokenizer would fail on it, far from its row
     "a lone surrogate": ("d.jsonl", lines(GOOD + [{"prompt": "p", "chosen": "a\ud800", "rejected": "b"}]),
                          ["row 21", "field 'chosen'", "lone surrogate (\\ud800 at character 1)"]),
@@ -98,6 +102,12 @@ BROKEN_FILES = {
     "a message key written twice in a JSON file": (
         "d.json", json.dumps(GOOD).encode()[:-1] + b', {"prompt": "p", "chosen": [{"role": "assistant", '
         b'"content": "a", "content": "c"}], "rejected": "b"}]', ["the key 'content' is written twice"]),
+    "a message key written twice in a CSV cell of JSON": (
+        "d.csv", ('prompt,chosen,rejected\n' + "".join(f'q{i},"[{{""role"":""assistant"",""content"":""a{i}""}}]",'
+                                                        f'"[{{""role"":""assistant"",""content"":""b{i}""}}]"\n'
+                                                        for i in range(20))
+                  + 'q,"[{""role"":""assistant"",""content"":""a"",""content"":""c""}]",b\n').encode(),
+        ["row 22", "the key 'content' is written twice"]),
 }
 
 
@@ -357,3 +367,26 @@ def test_more_rows_rejected_than_max_reject_ratio_is_a_warning_on_the_command_li
     code, out, _ = cli(tmp_path, "--set", f"download.source={tmp_path / 'd.jsonl'}", "--set",
                        "download.max_reject_ratio=0.25", "download", capsys=capsys)
     assert code == 0 and "5 rejected (identical: 5)" in out and "max_reject_ratio" not in out
+
+
+def test_repeats_the_reader_never_reads_are_left_as_they_are(tmp_path, capsys):
+    """A spreadsheet's unnamed trailing columns, a key written twice in metadata: refusing the repeated
+    columns and keys of what some format reads refused these too, files that trained before."""
+    rows = "".join(f"q{i},good {i},bad {i},,\n" for i in range(20))
+    code, err, _ = download(tmp_path, "d.csv", f"prompt,chosen,rejected,,\n{rows}".encode(), capsys)
+    assert code == 0, err
+    meta = [dict(r, meta={"id": i}) for i, r in enumerate(GOOD)]
+    data = lines(meta).replace(b'"meta": {"id": 3}', b'"meta": {"id": 3, "id": 4}')
+    code, err, _ = download(tmp_path, "d.jsonl", data, capsys)
+    assert code == 0, err
+
+
+def test_a_folder_whose_test_file_holds_no_row_says_so(tmp_path, capsys):
+    """It said "the source's split 'None' holds no rows": the folder's own file chose the split."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "train.csv").write_text("prompt,chosen,rejected\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(20)))
+    (folder / "test.csv").write_text("prompt,chosen,rejected\n")
+    code, _, err = cli(tmp_path, "--set", f"download.source={folder}", "download", capsys=capsys)
+    assert_user_error(code, err, "no usable pairs for test after reading 20 rows (the source's test split holds no "
+                                 "usable pair; none rejected)")

@@ -30,6 +30,34 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
 USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected",
                           "attention_mask_chosen", "attention_mask_rejected", "margin", "score_chosen",
                           "score_rejected", "subset", "system"})
+# Keys some format reads in a row or a message. json keeps the last of two equal keys in an object: a row
+# with `chosen` twice trained on the second one without a word. A key of these written twice is refused;
+# another (in metadata the reader ignores) is left as json reads it.
+READ_KEYS = USED_COLUMNS | {"role", "content", "tool_calls", "function_call", "type", "text"}
+
+
+class RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook: the object, or RepeatedKey for a key of READ_KEYS written twice in it."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        repeated = [key for key, _ in pairs if key in seen or seen.add(key)]
+        if read := next((key for key in repeated if key in READ_KEYS), None):
+            raise RepeatedKey(read)
+    return row
+
+
+def repeated_key(key: str) -> str:
+    return (f"the key {key!r} is written twice in one object, and the reader cannot know which value is meant; "
+            "keep one")
+
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -415,9 +443,11 @@ def messages_as_text(text: str) -> bool:
 
     # numpy's repr of an array of dicts (pandas writes it) parts them by a newline alone
     listed = re.sub(r"\}\s+\{", "}, {", text)
-    for parse in (json.loads, ast.literal_eval):
+    for parse in (_json_unique, ast.literal_eval):
         try:
             value = parse(listed)
+        except RepeatedKey:
+            raise
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             continue
         return isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value)
@@ -437,14 +467,20 @@ def answers_as_text(text: str) -> list | None:
     stripped = text.strip()
     if not (stripped.startswith("[") and stripped.endswith("]")) or not _LIST_OPENING.match(stripped):
         return None
-    for parse in (json.loads, _python_literal):
+    for parse in (_json_unique, _python_literal):
         try:
             value = parse(stripped)
+        except RepeatedKey:
+            raise
         except (ValueError, SyntaxError, MemoryError, RecursionError, tokenize.TokenError):
             continue
         if is_answer_list(value):
             return value
     return None
+
+
+def _json_unique(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=unique_keys)
 
 
 def is_answer_list(value: Any) -> bool:

@@ -98,27 +98,6 @@ def _too_long_number() -> str:
     return f"holds an integer of more than {sys.get_int_max_str_digits()} digits, which is no usable number"
 
 
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """json keeps the last of two equal keys in an object: a row with `chosen` twice trained on the second
-    one without a word. Such a row is refused, naming the key."""
-    row = dict(pairs)
-    if len(row) != len(pairs):
-        seen: set[str] = set()
-        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return row
-
-
-def _repeated(key: str) -> str:
-    return (f"the key {key!r} is written twice in one object, and the reader cannot know which value is meant; "
-            "keep one")
-
-
 def _jsonl_rows(path: Path) -> Rows:
     blank = True
     for number, line in _lines(path):
@@ -126,9 +105,9 @@ def _jsonl_rows(path: Path) -> Rows:
             continue
         blank = False
         try:
-            yield number, json.loads(line, object_pairs_hook=_unique_keys)
-        except _RepeatedKey as exc:
-            raise DataError(_repeated(exc.key), file=str(path), row=number) from None
+            yield number, json.loads(line, object_pairs_hook=formats.unique_keys)
+        except formats.RepeatedKey as exc:
+            raise DataError(formats.repeated_key(exc.key), file=str(path), row=number) from None
         except json.JSONDecodeError as exc:
             # json's own messages may end in "at" ("Unterminated string starting at")
             raise DataError(f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); "
@@ -146,9 +125,9 @@ def _json_rows(path: Path) -> Rows:
     if not text.strip():
         raise DataError("the file is empty", file=str(path))
     try:
-        data = json.loads(text, object_pairs_hook=_unique_keys)
-    except _RepeatedKey as exc:
-        raise DataError(_repeated(exc.key), file=str(path)) from None
+        data = json.loads(text, object_pairs_hook=formats.unique_keys)
+    except formats.RepeatedKey as exc:
+        raise DataError(formats.repeated_key(exc.key), file=str(path)) from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and _one_object_per_line(text):  # what Dataset.to_json writes, named .json
             yield from _jsonl_rows(path)
@@ -174,8 +153,10 @@ def _one_object_per_line(text: str) -> bool:
 
 
 def _json_or_text(value: str) -> Any:
+    """A cell of JSON (a message list) as its value, else the text; a key the reader reads written twice in
+    it is formats.RepeatedKey, which the row's reader names."""
     try:
-        return json.loads(value)
+        return json.loads(value, object_pairs_hook=formats.unique_keys)
     except (json.JSONDecodeError, RecursionError):
         return value  # the normaliser names the row and field of a cell of the wrong type
 
@@ -224,12 +205,16 @@ def _csv_rows(path: Path) -> Rows:
         if None in row:  # DictReader files cells past the header's under None: a comma left unquoted
             raise DataError(f"{len(header) + len(row[None])} cells where the header has {len(header)}; quote a cell "
                             "that holds a comma (\"like, this\")", file=str(path), row=number)
-        if messages is None:
-            messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
-            # both sides, as formats refuses them: a pairwise file's answer may be a JSON list of words
-            if all(formats.answers_as_text(row.get(k) or "") is not None for k in CSV_ANSWER_COLUMNS):
-                answers = set(CSV_ANSWER_COLUMNS)
-        yield number, {k: _csv_cell(k, v, messages, answers) for k, v in row.items()}
+        try:
+            if messages is None:
+                messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
+                # both sides, as formats refuses them: a pairwise file's answer may be a JSON list of words
+                if all(formats.answers_as_text(row.get(k) or "") is not None for k in CSV_ANSWER_COLUMNS):
+                    answers = set(CSV_ANSWER_COLUMNS)
+            cells = {k: _csv_cell(k, v, messages, answers) for k, v in row.items()}
+        except formats.RepeatedKey as exc:  # in a cell of JSON: a message's content written twice
+            raise DataError(formats.repeated_key(exc.key), file=str(path), row=number) from None
+        yield number, cells
 
 
 def _csv_error(exc: csv.Error, path: Path, number: int) -> DataError:
@@ -274,9 +259,10 @@ def _parquet_rows(path: Path) -> Rows:
 
 
 def _check_columns(names: Sequence[str], path: Path, row: int | None = None) -> None:
-    """A column named twice: each row would keep the last one's value (the csv module and pyarrow's rows
-    both do), and a header `prompt,chosen,rejected,chosen` trained on the fourth column without a word."""
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    """A column some format reads named twice: each row would keep the last one's value (the csv module and
+    pyarrow's rows both do), and a header `prompt,chosen,rejected,chosen` trained on the fourth column
+    without a word. Others (a spreadsheet's unnamed trailing columns) are ignored, as any other column."""
+    repeated = sorted({name for name in names if name in formats.USED_COLUMNS and names.count(name) > 1})
     if repeated:
         raise DataError(f"the column {repeated[0]!r} is named {names.count(repeated[0])} times, and the reader "
                         "cannot know which one is meant; rename or remove the others", file=str(path), row=row)

@@ -252,25 +252,34 @@ def _read(inputs: list[tuple[str, object, str | None]], max_rows: int | None) ->
 
 
 def _fail_without_pairs(read: _Read, splits: dict[str, list[dict]], cfg: DownloadSettings, layout: Layout) -> None:
-    """No usable pair for a split: the last good output stays as it was; the rejects go beside it. Where
-    none was rejected the error says why the split is empty instead of pointing at an empty file."""
+    """No usable pair for a split: the last good output stays as it was; the rejects go beside it. The
+    error says why the split is empty (no usable row at all, too few pairs to split, or the source's own
+    split empty), then what was rejected, if anything."""
     beside = _failed_rejects(layout)
     write_jsonl(beside, read.rejects)
     split = "train" if not splits["train"] else "test"
+    pool = len(read.by_split[None])
+    if not (splits["train"] or splits["test"] or pool):
+        why = "no row gave a usable pair"
+    elif pool:
+        more = f"raise download.max_rows ({cfg.max_rows})" if cfg.max_rows is not None else "add rows to the source"
+        why = (f"{_count(pool, 'usable pair')} {'is' if pool == 1 else 'are'} too few to split by prompt at "
+               f"download.test_fraction={cfg.test_fraction}: {more}, or give the source a test split")
+    else:
+        why = f"the source's {split} split holds no usable pair"
     counts = dict(Counter(r["reason"] for r in read.rejects).most_common())
     if counts:
         # an example of the commonest reason: the first reject may be of a rare one
         example = next(r for r in read.rejects if r["reason"] == next(iter(counts)))
-        why = (f"{len(read.rejects)} rejected: {counts}; e.g. row {example['row']}: {example['detail']}; "
-               f"see {beside}")
-    elif read.by_split[None]:
-        limit = f"download.max_rows={cfg.max_rows}" if cfg.max_rows is not None else "the source"
-        why = (f"none rejected: the {len(read.by_split[None])} pairs are too few to split by prompt at "
-               f"download.test_fraction={cfg.test_fraction}; read more rows than {limit} allows")
+        why += (f"; {len(read.rejects)} rejected: {counts}; e.g. row {example['row']}: {example['detail']}; "
+                f"see {beside}")
     else:
-        name = cfg.train_split if split == "train" else cfg.test_split
-        why = f"none rejected: the source's split '{name}' holds no rows"
-    raise DataError(f"no usable pairs for {split} after reading {read.rows} rows ({why})", file=cfg.source)
+        why += "; none rejected"
+    raise DataError(f"no usable pairs for {split} after reading {_count(read.rows, 'row')} ({why})", file=cfg.source)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 @dataclass
