@@ -186,7 +186,7 @@ class TrainSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None
+    lora_target_modules: list[str] | str | None = None  # a list of names, or all-linear (peft: every linear layer)
     logging_steps: int = 10
     eval_steps: int | None = None
     save_steps: int = 200
@@ -248,10 +248,11 @@ class TrainSettings:
             _fail("train", "lora_alpha", f"must be positive, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:  # 1 would drop every input to the adapters
             _fail("train", "lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
-        if self.lora_target_modules is not None and not all(m.strip() for m in self.lora_target_modules) \
-                or self.lora_target_modules == []:
-            _fail("train", "lora_target_modules", f"must be null (the model's usual ones) or a list of module "
-                  f"names, got {self.lora_target_modules!r}")
+        targets = self.lora_target_modules
+        if targets == [] or (isinstance(targets, str) and targets != ALL_LINEAR) \
+                or (isinstance(targets, list) and not all(m.strip() for m in targets)):
+            _fail("train", "lora_target_modules", f"must be {_ALLOWED['train', 'lora_target_modules']}, got "
+                                                  f"{targets!r}")
 
 
 @dataclass
@@ -376,7 +377,9 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
 
 # what a setting of a word or a typed value may be, in the words of its refusal
 _ALLOWED = {("train", "max_tokens_per_forward"): "auto, at least 1 or null",
-            ("train", "gradient_checkpointing"): "auto, true or false"}
+            ("train", "gradient_checkpointing"): "auto, true or false",
+            ("train", "lora_target_modules"): "null (the model's usual ones), all-linear or a list of module names"}
+ALL_LINEAR = "all-linear"  # peft's word for every linear layer of the backbone (the score head is trained in full)
 
 # YAML reads an unquoted `no` as false: `mixed_precision: no` (or `--set train.mixed_precision=no`) means "no"
 _YAML_WORDS = {("train", "mixed_precision", False): "no"}

@@ -498,12 +498,19 @@ def test_a_model_to_train_names_the_layers_beside_its_head_that_start_at_random(
     assert any(k.startswith("base_model.model.score") for k in saved)
 
 
-def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_decoder):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lora_saves_the_head_and_reloads_with_identical_rewards(tmp_path, tiny_decoder, targets):
+    """`all-linear` (peft's word, TRL's usual recipe): every linear layer of the backbone gets an adapter, and
+    the score head stays one trained in full, not adapted."""
     from peft import PeftModel
 
     tok = load_tokenizer(str(tiny_decoder))
     model = add_lora(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), r=4, alpha=8, dropout=0.0,
-                     target_modules=["q_proj", "v_proj"])
+                     target_modules=targets)
+    adapted = {name.rsplit(".", 1)[-1] for name in model.peft_config["default"].target_modules}
+    assert adapted == ({"q_proj", "v_proj"} if isinstance(targets, list) else
+                       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    assert "score" in model.peft_config["default"].modules_to_save
     ids = torch.tensor([[tok.bos_token_id, 7, 8, 9, tok.eos_token_id]])
     mask = torch.ones_like(ids)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)

@@ -355,6 +355,11 @@ def test_lora_target_modules_the_model_lacks_are_one_line_naming_the_modules_it_
     with pytest.raises(SettingsError, match=r"\['nope'\] match no module .* named .*q_proj"):
         check_lora_targets(config, ["nope"])
     check_lora_targets(config, ["q_proj", "nope"])  # peft adapts what matches
+    # peft's all-linear, as TRL's recipes write it, on a decoder and on MiniLM (it was "must be a list of strings")
+    assert load_params("params.yaml", ["train.lora_target_modules=all-linear"]).train.lora_target_modules == \
+        "all-linear"
+    check_lora_targets(config, "all-linear")
+    check_lora_targets(load_model_config("default"), "all-linear")
 
 
 @pytest.mark.parametrize("family, small, targets", [

@@ -419,7 +419,7 @@ def rewards(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     return inner.score(pooled).squeeze(-1).float()
 
 
-def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None,
+def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str | None,
              base_model: str | None = None, revision: str | None = None) -> Any:
     """LoRA adapters on the backbone; the new score head, and any layer the base's files lacked (they
     start at random: `rm_new_modules`), are trained in full and saved with them.
@@ -499,7 +499,7 @@ def _output_as_input(module: Any, args: tuple, output: Any) -> Any:
         else output
 
 
-def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) -> str:
+def _lora_problem(model: Any, target_modules: list[str] | str | None, exc: Exception) -> str:
     """What is wrong with the targets, and the names that would work: the backbone's linear layers."""
     import torch
 
@@ -511,7 +511,8 @@ def _lora_problem(model: Any, target_modules: list[str] | None, exc: Exception) 
     return f"{what}; its linear layers are named {', '.join(linear) or 'nothing'}"
 
 
-def check_lora_targets(config: Any, target_modules: list[str] | None, *, trust_remote_code: bool = False) -> None:
+def check_lora_targets(config: Any, target_modules: list[str] | str | None, *,
+                       trust_remote_code: bool = False) -> None:
     """add_lora's SettingsError, found on the model's shape alone (no weights read), before any step runs."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
