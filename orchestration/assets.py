@@ -20,6 +20,7 @@ import dagster as dg
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 from rm_lib import network
+from rm_lib.data.trained_prompts import SEEN
 from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.evaluation import quality
 from rm_lib.evaluation.visualize import printable
@@ -496,6 +497,16 @@ def per_subset_table(metrics: dict) -> dict:
     return {"per_subset": _table(["subset", "pairs", "accuracy"], rows)} if rows else {}
 
 
+def suites_table(metrics: dict) -> dict:
+    """The evaluation suites as a table, where any was scored: the rows scored and skipped, how many ask a
+    prompt the model trained on ("not recorded" where the model keeps no record), and the accuracy."""
+    rows = [[name, e["source"], e["layout"], e["rows"], e.get("skipped", 0),
+             str((e.get(SEEN) or {}).get("rows", "not recorded")), e["accuracy"]]
+            for name, e in metrics.get("suites", {}).items()]
+    header = ["suite", "source", "layout", "rows", "skipped", "rows seen in training", "accuracy"]
+    return {"suites": _table(header, rows)} if rows else {}
+
+
 @dg.asset(group_name=GROUP, code_version=code_hash("evaluate"), automation_condition=AFTER_BLOCKING_CHECKS,
           deps=[reward_model, filtered_preferences], pool="gpu", retry_policy=NETWORK_RETRY,
           kinds={"pytorch"},
@@ -540,9 +551,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
                                         [[b["range"], b["pairs"], b["accuracy"], b["longer_wins"],
                                           b.get("shorter_wins", 0.0)] for b in m["per_length_bucket"]]),
             **per_subset_table(m),
-            **({"suites": _table(["suite", "source", "layout", "rows", "accuracy"],
-                                 [[name, e["source"], e["layout"], e["rows"], e["accuracy"]]
-                                  for name, e in m["suites"].items()])} if m.get("suites") else {}),
+            **suites_table(m),
             "data": ("demo data: synthetic film reviews with 10% of the labels flipped; the accuracy says the "
                      "pipeline learns, not how good a reward model is") if m.get("demo_data")
             else _text(m.get("data_source")),

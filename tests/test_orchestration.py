@@ -1819,6 +1819,15 @@ def test_the_evaluation_shows_accuracy_per_subset_only_where_the_data_has_subset
     assert [(r.data["subset"], r.data["pairs"], r.data["accuracy"]) for r in table.records] == [
         ("easy", 3, 1.0), ("hard", 2, 0.5)]
 
+
+def test_the_evaluation_shows_each_suites_skipped_rows_and_rows_seen_in_training():
+    """The suites table showed rows scored and accuracy only: a suite of training pairs read as a benchmark."""
+    assert assets.suites_table({}) == {}
+    entry = {"source": "s.jsonl", "layout": "pairwise", "rows": 4, "skipped": 1, "accuracy": 0.75}
+    table = assets.suites_table({"suites": {"seen": {**entry, "seen_in_training": {"rows": 4}}, "other": entry}})
+    assert [(r.data["suite"], r.data["skipped"], r.data["rows seen in training"]) for r in table["suites"].records] \
+        == [("seen", 1, "4"), ("other", 1, "not recorded")]
+
 def test_control_characters_from_the_data_reach_dagsters_logs_escaped(tmp_path):
     """The CLI printed a column named with terminal escapes escaped; Dagster's console (`dagster dev`'s
     terminal) got them raw from the step's summary and its failure description."""

@@ -208,6 +208,23 @@ def test_a_skipped_row_is_written_whatever_its_other_columns_hold(tmp_path):
         assert aside["data"].get("created", "2024-01-02") == "2024-01-02"
 
 
+def test_a_first_row_of_two_empty_lists_decides_no_layout(tmp_path):
+    """Two empty lists fit either layout: as the first row they made the suite best-of-N, and the next
+    pairwise row stopped the step; anywhere else the row was skipped as empty."""
+    def chat(row: dict) -> dict:
+        return {**row, "prompt": [{"role": "user", "content": row["prompt"]}],
+                **{side: [{"role": "assistant", "content": row[side]}] for side in ("chosen", "rejected")}}
+
+    empty = {"prompt": "q", "chosen": [], "rejected": []}
+    pairs = [chat(r) for r in _rb1_rows()]
+    for rows in ([empty, *pairs], [pairs[0], empty, *pairs[1:]]):
+        entry = suites.evaluate_suite(suites.parse_entry(str(write_jsonl(tmp_path / "s.jsonl", rows))), NumberScorer())
+        assert entry["layout"] == "pairwise" and entry["skipped_by_reason"]["empty_side"] == 1
+    entry = suites.evaluate_suite(suites.parse_entry(str(write_jsonl(tmp_path / "b.jsonl", [empty, *_rb2_rows()]))),
+                                  NumberScorer())
+    assert entry["layout"] == "best_of_n" and entry["skipped_by_reason"]["empty_side"] == 1
+
+
 def test_a_suite_with_no_usable_row_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "same.jsonl", [_rb1_rows()[4]])
     with pytest.raises(DataError, match=r"no row of the suite can be scored .*identical"):
@@ -350,7 +367,33 @@ def test_the_step_reports_suites_in_report_metrics_summary_and_card(pipeline):
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert "suite rb2 (best_of_n, 2 rows)" in results["evaluate"].summary()
     card = (layout.release / "README.md").read_text()
-    assert f"| `rb2` | `rb2.parquet` | best_of_n | 2 | {rb2['accuracy']:.4f} |" in card  # in the project: named from it
+    # in the project: named from it
+    assert f"| `rb2` | `rb2.parquet` | best_of_n | 2 | 0 | {rb2['accuracy']:.4f} |" in card
+    # the rows skipped are on the card, with why: its accuracy is of the rows scored (it showed neither)
+    assert f"| `rb1` | `rb1.jsonl` | pairwise | 3 | 1 (identical 1) | {rb1['accuracy']:.4f} |" in card
+    assert "a row whose sides are the same text, or the same tokens for this model, is skipped" in card
+
+
+def test_a_suite_of_pairs_the_model_trained_on_is_said_to_be_one(pipeline):
+    """The held-out pairs are counted against the prompts the model trained on; a suite was not, and a suite
+    of training pairs was published as a benchmark with no word of it."""
+    from rm_lib.data import trained_prompts
+    from rm_lib.publish import model_card
+
+    root, _ = pipeline
+    layout = Layout(root)
+    scorer, trained = RewardScorer(layout.model), trained_prompts.read(layout.model)
+    entry = suites.evaluate_suite(suites.parse_entry(str(layout.pairs / "train.jsonl")), scorer, trained)
+    seen = entry[trained_prompts.SEEN]
+    assert entry["rows"] * 0.9 < seen["rows"] <= entry["rows"]
+    held_out = suites.evaluate_suite(suites.parse_entry(str(layout.pairs / "test.jsonl")), scorer, trained)
+    assert held_out[trained_prompts.SEEN] == {"rows": 0, "accuracy_unseen": held_out["accuracy"]}
+    assert suites.evaluate_suite(suites.parse_entry(str(layout.pairs / "test.jsonl")), scorer).keys() == \
+        held_out.keys() - {trained_prompts.SEEN}  # no record: nothing said
+    said = f"{seen['rows']} of {entry['rows']} rows ask a prompt the model (or a base it trained on from) trained on"
+    assert f"warning: {said}" in suites.summary_lines({"train": entry})
+    assert "warning" not in suites.summary_lines({"test": held_out})
+    assert f"Warning: suite `train`: {said}" in model_card._suites({"suites": {"train": entry}})
 
 
 def test_the_held_out_pairs_scored_as_a_suite_get_evaluates_rewards_where_the_filter_cut_prompts(tmp_path,

@@ -116,3 +116,11 @@ def overlap(digests: Iterable[str | None], trained: dict | None) -> dict[str, An
             "share_base": len(by_base) / len(digests) if digests else 0.0,
             "unrecorded_bases": list(trained.get("unrecorded_bases") or []),
             "seen_rows": sorted(by_own + by_base)}
+
+
+def seen_phrase(seen: dict, rows: int) -> str:
+    """A suite's rows that ask a prompt the model trained on (evaluation.suites.seen_rows), in words: for the
+    summary and the card."""
+    others = seen.get("accuracy_unseen")
+    return (f"{seen['rows']} of {rows} rows ask a prompt the model (or a base it trained on from) trained on ("
+            + (f"accuracy on the others {others:.4f})" if others is not None else "no others)"))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rm_lib.data import formats, sources
+from rm_lib.data import formats, keys, sources, trained_prompts
 from rm_lib.errors import DataError
 from rm_lib.evaluation.metrics import subset_listing
 from rm_lib.evaluation.visualize import one_line
@@ -202,18 +202,23 @@ def read_rows(inputs: Iterable[tuple[str, Iterable[tuple[int, Any]]]]) -> _Read:
         try:
             for number, row in rows:
                 layout = _layout_of(row, file=label, row_number=number)
-                if layout == BEST_OF_N and not row["chosen"] and not row["rejected"] and read.layout:
-                    layout = read.layout  # two empty lists fit either layout: skipped below as empty
-                if read.layout is None:
-                    read.layout = layout
-                elif layout != read.layout:
-                    # the side that is not a list of answers when the suite is best-of-N (and the reverse)
-                    lists = [isinstance(row.get(side), list) for side in ("chosen", "rejected")]
-                    field = "rejected" if lists[0] != lists[1] and lists[0] == (read.layout == BEST_OF_N) else "chosen"
-                    raise DataError(f"row is {layout}, but the suite began {read.layout}",
-                                    file=label, row=number, field=field)
-                outcome = (_best_of_n(row, file=label, row_number=number) if layout == BEST_OF_N
-                           else _pairwise(row, normaliser, row_number=number))
+                if layout == BEST_OF_N and not row["chosen"] and not row["rejected"]:
+                    # two empty lists fit either layout: skipped as empty, the layout left to a row that decides
+                    layout = read.layout
+                if layout is None:
+                    outcome: Row | str = "empty_side"
+                else:
+                    if read.layout is None:
+                        read.layout = layout
+                    elif layout != read.layout:
+                        # the side that is not a list of answers when the suite is best-of-N (and the reverse)
+                        lists = [isinstance(row.get(side), list) for side in ("chosen", "rejected")]
+                        field = ("rejected" if lists[0] != lists[1] and lists[0] == (read.layout == BEST_OF_N)
+                                 else "chosen")
+                        raise DataError(f"row is {layout}, but the suite began {read.layout}",
+                                        file=label, row=number, field=field)
+                    outcome = (_best_of_n(row, file=label, row_number=number) if layout == BEST_OF_N
+                               else _pairwise(row, normaliser, row_number=number))
                 if isinstance(outcome, str):
                     read.skipped[outcome] += 1
                     read.set_aside.append({"file": label, "row": number, "reason": outcome,
@@ -309,8 +314,8 @@ def score_rows(scorer: Any, rows: list[Row]) -> tuple[list[bool], int]:
     return correct, cut
 
 
-def evaluate_suite(suite: Suite, scorer: Any) -> dict:
-    """The report entry of one suite."""
+def evaluate_suite(suite: Suite, scorer: Any, trained: dict | None = None) -> dict:
+    """The report entry of one suite. `trained`: the model's trained_prompts.json (None: not counted)."""
     inputs, content_hash = _inputs(suite)
     read = read_rows(inputs)
     _set_aside_sure_ties(scorer, read)
@@ -323,7 +328,25 @@ def evaluate_suite(suite: Suite, scorer: Any) -> dict:
              "per_subset": per_subset, "content_hash": content_hash, "skipped": sum(read.skipped.values()),
              "skipped_by_reason": dict(sorted(read.skipped.items())), "truncated_answers": truncated,
              SET_ASIDE: read.set_aside}
+    seen = seen_rows(read.rows, correct, trained)
+    if seen is not None:
+        entry[trained_prompts.SEEN] = seen
     return {**entry, "split": suite.split} if suite.kind == "hub" else entry
+
+
+def seen_rows(rows: Sequence[Row], correct: Sequence[bool], trained: dict | None) -> dict | None:
+    """How many of a suite's rows ask a prompt the model, or a base it trained on from, trained on (as the
+    held-out pairs are counted: trained_prompts.overlap), and the accuracy on the others: a suite made of
+    training pairs scored as a benchmark with no word of it. None where the model keeps no record. A row
+    without a prompt is a pair of its own and is not counted."""
+    pairs = [{"prompt": r.prompt, "chosen": r.chosen[0], "rejected": r.rejected[0]} for r in rows]
+    found = trained_prompts.overlap([keys.digest(k) if keys.names_a_prompt(k) else "" for k in keys.prompt_keys(pairs)],
+                                    trained)
+    if not found["checked"]:
+        return None
+    marked = set(found["seen_rows"])
+    others = [ok for i, ok in enumerate(correct) if i not in marked]
+    return {"rows": len(marked), "accuracy_unseen": sum(others) / len(others) if others else None}
 
 
 def evaluate_suites(entries: Sequence[str], model_dir: str | Path, *, batch_size: int,
@@ -338,7 +361,8 @@ def evaluate_suites(entries: Sequence[str], model_dir: str | Path, *, batch_size
 
     suites = parse_entries(entries)  # every entry checked before the model loads
     scorer = RewardScorer(model_dir, batch_size=batch_size, length_policy="truncate", setting=TRAINED)
-    report = {suite.name: evaluate_suite(suite, scorer) for suite in suites}
+    trained = trained_prompts.read(Path(model_dir))
+    report = {suite.name: evaluate_suite(suite, scorer, trained) for suite in suites}
     for suite in suites:
         note = untracked_note(suite.location, sources) if sources is not None and suite.kind != "hub" else None
         if note:
@@ -377,6 +401,10 @@ def summary_lines(suites: dict[str, dict]) -> str:
     for name, e in suites.items():
         skipped = f", {e['skipped']} skipped" if e.get("skipped") else ""
         note = f"\n    {e['note']}" if e.get("note") else ""
+        seen = e.get(trained_prompts.SEEN) or {}
+        if seen.get("rows"):
+            note += (f"\n    warning: {trained_prompts.seen_phrase(seen, e['rows'])}: not a benchmark of what the "
+                     "model has not seen")
         lines.append(f"\n  suite {one_line(name)} ({e['layout']}, {e['rows']} rows{skipped}): accuracy "
                      f"{e['accuracy']:.4f}{subset_phrase(e['per_subset'])}{note}")
     return "".join(lines)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from rm_lib.data import templates
-from rm_lib.data.trained_prompts import SEEN
+from rm_lib.data.trained_prompts import SEEN, seen_phrase
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK
@@ -233,12 +233,25 @@ def _version(package: str) -> str:
 
 
 def _suites(metrics: dict) -> str:
-    """The table of evaluate.suites (RewardBench 1/2, other labelled sets), '' when none was scored."""
+    """The table of evaluate.suites (RewardBench 1/2, other labelled sets), '' when none was scored: the rows
+    scored, those skipped and why (the accuracy is of the scored rows only), and a warning under it for a
+    suite whose rows the model trained on."""
+    suites = metrics.get("suites", {})
     rows = "".join(f"| {_code(name, cell=True)} | {_code(e['source'], cell=True)} | {e['layout']} | {e['rows']} | "
-                   f"{_num(e['accuracy'])} |\n"
-                   for name, e in metrics.get("suites", {}).items())
-    return ("\n\nEvaluation suites (a tie counts as wrong; best-of-N: every chosen answer above every rejected one):"
-            "\n\n| suite | source | layout | rows | accuracy |\n|---|---|---|---|---|\n" + rows) if rows else ""
+                   f"{_skipped(e)} | {_num(e['accuracy'])} |\n" for name, e in suites.items())
+    warnings = "".join(f"\n\nWarning: suite {_code(name)}: {seen_phrase(e[SEEN], e['rows'])}."
+                       for name, e in suites.items() if (e.get(SEEN) or {}).get("rows"))
+    return ("\n\nEvaluation suites (a tie counts as wrong; a row whose sides are the same text, or the same tokens "
+            "for this model, is skipped, as held-out pairs are, and so are rows training would set aside; "
+            "best-of-N: every chosen answer above every rejected one):"
+            "\n\n| suite | source | layout | rows scored | skipped | accuracy |\n|---|---|---|---|---|---|\n"
+            + rows + warnings) if rows else ""
+
+
+def _skipped(entry: dict) -> str:
+    reasons = entry.get("skipped_by_reason") or {}
+    listed = ", ".join(f"{markdown_text(str(reason))} {count}" for reason, count in reasons.items())
+    return f"{entry.get('skipped', 0)}" + (f" ({listed})" if listed else "")
 
 
 def _held_out(metrics: dict) -> str:
