@@ -14,7 +14,7 @@ import socket
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from rm_lib.errors import DataError, UserError
 # Temporaries are named .<name>.<pid>@<host>.<random>.tmp: a later writer can tell that the one who
 # made it is dead (a kill -9 runs no clean-up) and remove it. A pid is judged on its own host only.
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-_OWNER = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.\w+\.tmp$")
+# (atomic_files keeps a replaced file as .<name>.<pid>@<host>.<random>.earlier until its set is in place)
+_OWNER = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.\w+\.(?:tmp|earlier)$")
 
 
 def _prefix(name: str) -> str:
@@ -173,10 +174,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def atomic_files(*paths: str | Path) -> Iterator[list[Any]]:
+def atomic_files(*paths: str | Path, remove: Sequence[str | Path] = ()) -> Iterator[list[Any]]:
     """atomic_file for several paths that belong together (an output and its rejects): text handles on
     temporary siblings, which replace their paths only when the block succeeds, and together: where a
-    replace fails, the paths replaced before it get their earlier files back."""
+    replace fails, the paths replaced before it get their earlier files back. `remove`: files of the set
+    this one has none of (an earlier run's rejects), removed with the replaces. Ctrl-C and SIGTERM wait
+    until all is done (a Ctrl-C between two left an output beside another run's rejects)."""
     with contextlib.ExitStack() as cleanup:
         staged = []
         for path in map(Path, paths):
@@ -190,25 +193,35 @@ def atomic_files(*paths: str | Path) -> Iterator[list[Any]]:
             handle.close()
             os.chmod(tmp, 0o644)
         done: list[tuple[Path, Path | None]] = []  # replaced so far, with their earlier files kept aside
-        try:
-            for path, tmp, _ in staged:
-                earlier = None
-                if path.exists():
-                    earlier = path.with_name(f"{_prefix(path.name)}{uuid.uuid4().hex}.earlier")
-                    try:
-                        os.link(path, earlier)
-                    except OSError:  # a file system without hard links
-                        shutil.copy2(path, earlier)
-                    cleanup.callback(lambda earlier=earlier: earlier.unlink(missing_ok=True))
-                os.replace(tmp, path)
-                done.append((path, earlier))
-        except BaseException:
-            for path, earlier in done:
-                if earlier is None:
+
+        def keep_aside(path: Path) -> Path | None:
+            if not path.exists():
+                return None
+            earlier = path.with_name(f"{_prefix(path.name)}{uuid.uuid4().hex}.earlier")
+            try:
+                os.link(path, earlier)
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, earlier)
+            cleanup.callback(lambda: earlier.unlink(missing_ok=True))
+            return earlier
+
+        with _signals_held():
+            try:
+                for path, tmp, _ in staged:
+                    earlier = keep_aside(path)
+                    os.replace(tmp, path)
+                    done.append((path, earlier))
+                for path in map(Path, remove):
+                    earlier = keep_aside(path)
                     path.unlink(missing_ok=True)
-                else:
-                    os.replace(earlier, path)
-            raise
+                    done.append((path, earlier))
+            except BaseException:
+                for path, earlier in done:
+                    if earlier is None:
+                        path.unlink(missing_ok=True)
+                    else:
+                        os.replace(earlier, path)
+                raise
 
 
 @contextlib.contextmanager
@@ -240,6 +253,8 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
             raise named from exc
         for _, tmp in staged:
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        if len(staged) > 1:
+            _mark_set(staged)
         with _signals_held():
             done: list[tuple[Path, Path, bool]] = []
             try:
@@ -252,9 +267,44 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
                     else:
                         os.replace(path, tmp)
                 raise
+            for path, _ in staged:
+                (path / SET_MARK).unlink(missing_ok=True)
     finally:
         for _, tmp in staged:  # a failed block's folders, or the earlier ones the replaces put there
             remove_tree(tmp)
+
+
+# In each folder of a set atomic_dirs puts in place: a kill -9 between two of its replaces left the first
+# folders new and the others old (a model beside the records of the run before it); the next step finishes
+# the set from what this names (finish_replacing).
+SET_MARK = ".rm_lib-set.json"
+
+
+def _mark_set(staged: list[tuple[Path, Path]]) -> None:
+    for path, tmp in staged:
+        pairs = [[os.path.relpath(p, path), os.path.relpath(t, path)] for p, t in staged]
+        (tmp / SET_MARK).write_text(json.dumps({"writer": f"{os.getpid()}@{HOST}", "set": pairs}), encoding="utf-8")
+
+
+def finish_replacing(path: str | Path) -> bool:
+    """Folder `path` is in place but its set's writer died before putting the others in place (their new
+    folders wait in its temporaries, marked): put them in place too, and True. False where `path` holds no
+    mark, or its writer still runs or ran on another host (whose processes this one cannot see)."""
+    path = Path(path)
+    try:
+        record = json.loads((path / SET_MARK).read_text(encoding="utf-8"))
+        pid, host = record["writer"].split("@")
+        pairs = [(Path(os.path.normpath(path / p)), Path(os.path.normpath(path / t))) for p, t in record["set"]]
+    except (OSError, ValueError, KeyError, TypeError):  # none; or not ours to judge: left as it is
+        return False
+    if host != HOST or alive(int(pid)):
+        return False
+    for final, tmp in pairs:
+        if not (final / SET_MARK).is_file() and (tmp / SET_MARK).is_file():
+            _replace_dir(tmp, final)  # its earlier folder now at tmp: remove_stale clears it
+    for final, _ in pairs:
+        (final / SET_MARK).unlink(missing_ok=True)
+    return True
 
 
 def remove_tree(path: Path) -> None:

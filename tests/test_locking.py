@@ -197,6 +197,66 @@ def test_folders_that_belong_together_are_replaced_together_also_under_ctrl_c(tm
     assert not _temporaries(tmp_path)
 
 
+_KILLED_BETWEEN_THE_REPLACES = """
+import os, sys
+from pathlib import Path
+from rm_lib import files
+real, calls = files._replace_dir, []
+def replace_then_die(tmp, path):
+    calls.append(path)
+    if len(calls) == 2:
+        os._exit(9)  # as a kill -9 would: no clean-up, no rollback
+    return real(tmp, path)
+files._replace_dir = replace_then_die
+root = Path(sys.argv[1])
+with files.atomic_dirs(root / "models/reward_model", root / "data/train") as staged:
+    for folder in staged:
+        (folder / "run").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["names swapped in one step", "two renames"])
+def test_a_set_a_kill_9_left_half_in_place_is_finished_by_the_next_step(tmp_path, swap):
+    """A kill -9 between train's two replaces left the new model beside the earlier run's records (and
+    the earlier model in a temporary the next run deleted): evaluate scored it as that run's model."""
+    from rm_lib import files
+    from rm_lib.files import SET_MARK, finish_replacing
+
+    model, logs = _earlier_model_and_logs(tmp_path)
+    script = _KILLED_BETWEEN_THE_REPLACES if swap else _KILLED_BETWEEN_THE_REPLACES.replace(
+        "files._replace_dir = replace_then_die", "files._replace_dir = replace_then_die\nfiles._exchange = "
+                                                 "lambda _a, _b: False")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 9, done.stderr
+    assert [(f / "run").read_text() for f in (model, logs)] == ["new", "earlier"]  # the mix a kill leaves
+    assert not finish_replacing(logs)  # no mark there: its folder is not yet in place
+    registry._finish_interrupted_sets("evaluate", Layout(tmp_path))
+    assert [(f / "run").read_text() for f in (model, logs)] == ["new", "new"]
+    assert not any((f / SET_MARK).exists() for f in (model, logs))
+    files.remove_stale(model.parent, model.name)
+    files.remove_stale(logs.parent, logs.name)
+    assert not _temporaries(tmp_path)
+
+
+def test_a_set_whose_writer_still_runs_is_left_to_it(tmp_path):
+    import json
+
+    from rm_lib.files import HOST, SET_MARK, finish_replacing
+
+    model, logs = _earlier_model_and_logs(tmp_path)
+    for writer in (f"{os.getpid()}@{HOST}", "1@another-host"):
+        (model / SET_MARK).write_text(json.dumps({"writer": writer, "set": [[".", "../.x.tmp"]]}))
+        assert not finish_replacing(model) and (model / SET_MARK).exists()
+    # a normal replace leaves no mark behind
+    from rm_lib import files
+
+    with files.atomic_dirs(model, logs) as staged:
+        for folder in staged:
+            (folder / "run").write_text("new")
+    assert not any((f / SET_MARK).exists() for f in (model, logs))
+
+
 @pytest.mark.parametrize("swap", [True, False], ids=["names swapped in one step", "two renames"])
 def test_a_replace_that_fails_halfway_puts_back_the_folders_replaced_before_it(tmp_path, monkeypatch, swap):
     import errno
@@ -419,3 +479,32 @@ def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path
         registry.run("download", tiny_params(f"download.source={bad}"), Layout(tmp_path))
     assert (pairs / "manifest.json").read_text() == manifest
     assert not pairs.with_name(".pairs.old").exists()
+
+
+def test_a_killed_writers_earlier_copies_are_removed_and_a_ctrl_c_waits_for_the_whole_set(tmp_path, monkeypatch,
+                                                                                        ctrl_c_raises):
+    """score keeps each file it replaces as .<name>.<pid>@<host>.<random>.earlier until its set is in place:
+    a kill -9 left them for good (remove_stale knew only .tmp). And a Ctrl-C right after the output was
+    replaced left it beside an earlier run's rejects, which the step removed only afterwards."""
+    from rm_lib import files
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid names a writer that is gone
+    out, rejects = tmp_path / "out.jsonl", tmp_path / "out.jsonl.rejects.jsonl"
+    out.write_text("earlier")
+    rejects.write_text("earlier run's rejects")
+    left = tmp_path / f".out.jsonl.{finished.pid}@{files.HOST}.ab12cd.earlier"
+    left.write_text("earlier")
+    real = os.replace
+
+    def replace_then_interrupt(source, target, *args):
+        real(source, target, *args)
+        if Path(target) == out:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):  # it still stops: once the set is as the block made it
+        with files.atomic_files(out, remove=[rejects]) as (handle,):
+            handle.write("new")
+    assert out.read_text() == "new" and not rejects.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # the killed writer's copy too

@@ -15,12 +15,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rm_lib.errors import SettingsError, UserError
-from rm_lib.files import file_sha256, folder_problem, remove_stale, restore_interrupted, staging_problem
+from rm_lib.files import (
+    SET_MARK,
+    file_sha256,
+    finish_replacing,
+    folder_problem,
+    remove_stale,
+    restore_interrupted,
+    staging_problem,
+)
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.dvc_record import missing_stage_params, restore_interrupted_record, stage_params
-from rm_lib.pipeline.locking import step_lock
+from rm_lib.pipeline.locking import StepRunning, step_lock
 from rm_lib.settings import Params
 
 PIPELINE: tuple[str, ...] = ("download", "tokenize", "filter", "train", "evaluate", "push")
@@ -119,6 +127,24 @@ def _remove_stale_temporaries(name: str, layout: Layout) -> None:
             remove_stale(where, unowned=True)
 
 
+def _finish_interrupted_sets(name: str, layout: Layout) -> None:
+    """train puts the model and its run's records in place together; a kill -9 between the two left the
+    new model beside the records of the run before it, and evaluate scored it as that run's. Whichever step
+    runs next finishes putting the set in place, under train's lock (not while a train runs: its own)."""
+    marked = [output for output in layout.outputs("train") if (output / SET_MARK).is_file()]
+    if not marked:
+        return
+    try:
+        with contextlib.nullcontext() if name == "train" else step_lock(layout, "train"):
+            for output in marked:
+                if finish_replacing(output):
+                    print(f"{name}: finished putting in place what an interrupted train had begun to "
+                          f"({', '.join(str(o) for o in layout.outputs('train'))})", file=sys.stderr)
+                    return
+    except StepRunning:
+        return
+
+
 def leave_the_launch() -> None:
     """The process groups of a launch destroyed before the interpreter ends: left to its exit, gloo's
     threads now and then ended a process with "terminate called without an active exception" (SIGABRT),
@@ -155,6 +181,7 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
     lock = step_lock(layout, name) if first_of_its_launch() else contextlib.nullcontext()
     with lock:  # taken before the step's heavy imports: a refusal comes at once
         if first_of_its_launch():
+            _finish_interrupted_sets(name, layout)
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
         for output in layout.outputs(name):  # before any work, not when the finished output is put in place

@@ -216,7 +216,8 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
             "chosen_wins": c > rj, "truncated": t} for r, c, rj, t in zip(rows, rewards_c, rewards_r, cut))
     try:  # a disk that fills, a folder removed meanwhile: checked before the scoring, they can still happen
         # both written aside, then put in place together: a run that fails leaves the last run's pair of files
-        with atomic_files(output_path, *([aside] if rejects else [])) as handles:
+        # an earlier run's rejects, not about this input, go with it
+        with atomic_files(output_path, *([aside] if rejects else []), remove=[] if rejects else [aside]) as handles:
             write_rows(handles[0], out)
             if rejects:
                 write_rows(handles[1], rejects)
@@ -224,8 +225,6 @@ def run_file(params: Params, layout: Layout, *, model: str | None, input_path: s
         which = aside if aside.name in str(exc.filename or "") else Path(output_path)
         raise UserError(f"{which}: cannot be written ({exc.strerror}); {output_path} and {aside} are as they "
                         "were") from None
-    if not rejects:  # an earlier run's: not about this input
-        _remove(aside, output_path)
     _remove(failed_rejects_path(output_path), output_path)  # an earlier failed run's: this one scored
     # the length figures count the tokens before any cut, as evaluate's do
     return ScoreResult(metrics=pair_metrics(rewards_c, rewards_r, [r["length_chosen"] for r in rows],
