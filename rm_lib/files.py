@@ -288,20 +288,24 @@ def _mark_set(staged: list[tuple[Path, Path]]) -> None:
 
 def finish_replacing(path: str | Path) -> bool:
     """Folder `path` is in place but its set's writer died before putting the others in place (their new
-    folders wait in its temporaries, marked): put them in place too, and True. False where `path` holds no
-    mark, or its writer still runs or ran on another host (whose processes this one cannot see)."""
-    path = Path(path)
+    folders wait in its temporaries, marked): put them in place too, and True. For a caller that holds
+    the lock of the set's writer, so none is alive (its pid may be another process's by now). False where
+    `path` holds no mark, its writer ran on another host (whose lock this one may not see), or a folder
+    of the set is neither in place nor waiting (its mark then stays)."""
+    path = _output_folder(Path(path))  # the marks name the folders from where atomic_dirs wrote, a link's target
     try:
         record = json.loads((path / SET_MARK).read_text(encoding="utf-8"))
-        pid, host = record["writer"].split("@")
+        _, host = record["writer"].split("@")
         pairs = [(Path(os.path.normpath(path / p)), Path(os.path.normpath(path / t))) for p, t in record["set"]]
     except (OSError, ValueError, KeyError, TypeError):  # none; or not ours to judge: left as it is
         return False
-    if host != HOST or alive(int(pid)):
+    if host != HOST:
         return False
-    for final, tmp in pairs:
-        if not (final / SET_MARK).is_file() and (tmp / SET_MARK).is_file():
-            _replace_dir(tmp, final)  # its earlier folder now at tmp: remove_stale clears it
+    waiting = [(final, tmp) for final, tmp in pairs if not (final / SET_MARK).is_file()]
+    if not all((tmp / SET_MARK).is_file() for _, tmp in waiting):
+        return False
+    for final, tmp in waiting:
+        _replace_dir(tmp, final)  # its earlier folder now at tmp: remove_stale clears it
     for final, _ in pairs:
         (final / SET_MARK).unlink(missing_ok=True)
     return True

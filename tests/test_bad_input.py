@@ -375,8 +375,8 @@ def test_repeats_the_reader_never_reads_are_left_as_they_are(tmp_path, capsys):
     rows = "".join(f"q{i},good {i},bad {i},,\n" for i in range(20))
     code, err, _ = download(tmp_path, "d.csv", f"prompt,chosen,rejected,,\n{rows}".encode(), capsys)
     assert code == 0, err
-    meta = [dict(r, meta={"id": i}) for i, r in enumerate(GOOD)]
-    data = lines(meta).replace(b'"meta": {"id": 3}', b'"meta": {"id": 3, "id": 4}')
+    meta = [dict(r, meta={"rater": i}) for i, r in enumerate(GOOD)]
+    data = lines(meta).replace(b'"meta": {"rater": 3}', b'"meta": {"rater": 3, "rater": 4}')
     code, err, _ = download(tmp_path, "d.jsonl", data, capsys)
     assert code == 0, err
 
@@ -390,3 +390,17 @@ def test_a_folder_whose_test_file_holds_no_row_says_so(tmp_path, capsys):
     code, _, err = cli(tmp_path, "--set", f"download.source={folder}", "download", capsys=capsys)
     assert_user_error(code, err, "no usable pairs for test after reading 20 rows (the source's test split holds no "
                                  "usable pair; none rejected)")
+
+
+def test_a_message_list_written_as_text_with_a_key_twice_is_set_aside_as_before(tmp_path, capsys):
+    """Refusing repeated keys reached the check for message lists written as text: such a row ended the
+    step with the traceback of a bare 'content' instead of being set aside."""
+    from rm_lib.evaluation import suites
+
+    text = '[{"role": "user", "content": "a", "content": "b"}]'
+    code, err, _ = download(tmp_path, "d.jsonl", lines(GOOD + [{"prompt": text, "chosen": "x", "rejected": "y"}]),
+                            capsys)
+    assert code == 0, err
+    assert [r["reason"] for r in read_jsonl(Layout(tmp_path).pairs / "rejects.jsonl")] == ["messages_as_text"]
+    rows = [{"prompt": "p", "chosen": ["a"], "rejected": ["b"]}, {"prompt": text, "chosen": ["a"], "rejected": ["b"]}]
+    assert suites.read_rows([("s.jsonl", enumerate(rows, start=1))]).skipped == {"messages_as_text": 1}

@@ -215,14 +215,21 @@ with files.atomic_dirs(root / "models/reward_model", root / "data/train") as sta
 """
 
 
-@pytest.mark.parametrize("swap", [True, False], ids=["names swapped in one step", "two renames"])
-def test_a_set_a_kill_9_left_half_in_place_is_finished_by_the_next_step(tmp_path, swap):
+@pytest.mark.parametrize("swap, linked", [(True, False), (False, False), (True, True)],
+                         ids=["names swapped in one step", "two renames", "a linked model folder"])
+def test_a_set_a_kill_9_left_half_in_place_is_finished_by_the_next_step(tmp_path, swap, linked):
     """A kill -9 between train's two replaces left the new model beside the earlier run's records (and
-    the earlier model in a temporary the next run deleted): evaluate scored it as that run's model."""
+    the earlier model in a temporary the next run deleted): evaluate scored it as that run's model. A
+    model folder linked to another disk is finished where the link points."""
     from rm_lib import files
     from rm_lib.files import SET_MARK, finish_replacing
 
     model, logs = _earlier_model_and_logs(tmp_path)
+    if linked:
+        elsewhere = tmp_path / "disk" / "models" / "rm"  # not as deep as models/reward_model
+        elsewhere.parent.mkdir(parents=True)
+        model.rename(elsewhere)
+        model.symlink_to(elsewhere)
     script = _KILLED_BETWEEN_THE_REPLACES if swap else _KILLED_BETWEEN_THE_REPLACES.replace(
         "files._replace_dir = replace_then_die", "files._replace_dir = replace_then_die\nfiles._exchange = "
                                                  "lambda _a, _b: False")
@@ -234,20 +241,33 @@ def test_a_set_a_kill_9_left_half_in_place_is_finished_by_the_next_step(tmp_path
     registry._finish_interrupted_sets("evaluate", Layout(tmp_path))
     assert [(f / "run").read_text() for f in (model, logs)] == ["new", "new"]
     assert not any((f / SET_MARK).exists() for f in (model, logs))
-    files.remove_stale(model.parent, model.name)
-    files.remove_stale(logs.parent, logs.name)
+    for folder in (model.resolve(), logs):
+        files.remove_stale(folder.parent, folder.name)
     assert not _temporaries(tmp_path)
 
 
-def test_a_set_whose_writer_still_runs_is_left_to_it(tmp_path):
+def test_a_set_is_finished_only_where_it_can_be(tmp_path):
+    """Under train's lock no writer of the set is alive, whatever process has its pid now (a restarted
+    container gives the next step the same one): finished. A writer on another host, whose lock this one
+    may not see, or a folder of the set neither in place nor waiting: the mark stays, nothing is moved."""
     import json
 
     from rm_lib.files import HOST, SET_MARK, finish_replacing
 
     model, logs = _earlier_model_and_logs(tmp_path)
-    for writer in (f"{os.getpid()}@{HOST}", "1@another-host"):
-        (model / SET_MARK).write_text(json.dumps({"writer": writer, "set": [[".", "../.x.tmp"]]}))
+    waiting = tmp_path / "data" / ".train.1@x.ab.tmp"
+    for writer, pairs in (("1@another-host", [[".", "."]]),
+                          (f"{os.getpid()}@{HOST}", [[".", "."], ["../../data/train", "../../data/.gone.tmp"]])):
+        (model / SET_MARK).write_text(json.dumps({"writer": writer, "set": pairs}))
         assert not finish_replacing(model) and (model / SET_MARK).exists()
+    waiting.mkdir()
+    (waiting / "run").write_text("new")
+    (waiting / SET_MARK).write_text("{}")
+    (model / SET_MARK).write_text(json.dumps({"writer": f"{os.getpid()}@{HOST}",
+                                              "set": [[".", "."], ["../../data/train", f"../../data/{waiting.name}"]]}))
+    assert finish_replacing(model) and (logs / "run").read_text() == "new" and (waiting / "run").read_text() == \
+        "earlier"
+    assert not (model / SET_MARK).exists() and not (logs / SET_MARK).exists()
     # a normal replace leaves no mark behind
     from rm_lib import files
 

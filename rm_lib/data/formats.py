@@ -30,10 +30,11 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
 USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected",
                           "attention_mask_chosen", "attention_mask_rejected", "margin", "score_chosen",
                           "score_rejected", "subset", "system"})
-# Keys some format reads in a row or a message. json keeps the last of two equal keys in an object: a row
-# with `chosen` twice trained on the second one without a word. A key of these written twice is refused;
-# another (in metadata the reader ignores) is left as json reads it.
-READ_KEYS = USED_COLUMNS | {"role", "content", "tool_calls", "function_call", "type", "text"}
+# Keys some format reads in a row or a message (and the ids and categories suites and score read). json
+# keeps the last of two equal keys in an object: a row with `chosen` twice trained on the second one
+# without a word. A key of these written twice in any object is refused, also where the object is
+# metadata the reader ignores (the parser cannot tell); another is left as json reads it.
+READ_KEYS = USED_COLUMNS | {"role", "content", "tool_calls", "function_call", "type", "text", "id", "category"}
 
 
 class RepeatedKey(ValueError):
@@ -443,11 +444,9 @@ def messages_as_text(text: str) -> bool:
 
     # numpy's repr of an array of dicts (pandas writes it) parts them by a newline alone
     listed = re.sub(r"\}\s+\{", "}, {", text)
-    for parse in (_json_unique, ast.literal_eval):
+    for parse in (json.loads, ast.literal_eval):  # which value a repeated key holds matters not: it is set aside
         try:
             value = parse(listed)
-        except RepeatedKey:
-            raise
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             continue
         return isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value)
@@ -459,15 +458,16 @@ def messages_as_text(text: str) -> bool:
 _LIST_OPENING = re.compile(r"\[\s*(?:[\[\]{]|[rRuU]?[\"'])")
 
 
-def answers_as_text(text: str) -> list | None:
+def answers_as_text(text: str, *, unique: bool = False) -> list | None:
     """The list of answers a text holds when it is such a list written out whole, as a best-of-N row's
     `chosen` or `rejected` (RewardBench 2) is in a CSV file: JSON, Python's repr, or numpy's (what pandas'
     to_csv writes for a column read from Parquet). Each answer is a text or a message list; None for any
-    other text, a message list among them."""
+    other text, a message list among them. `unique`: a key some format reads written twice in it is
+    RepeatedKey (for a reader that names the file and row: a CSV cell)."""
     stripped = text.strip()
     if not (stripped.startswith("[") and stripped.endswith("]")) or not _LIST_OPENING.match(stripped):
         return None
-    for parse in (_json_unique, _python_literal):
+    for parse in (_json_unique if unique else json.loads, _python_literal):
         try:
             value = parse(stripped)
         except RepeatedKey:

@@ -209,7 +209,7 @@ def _csv_rows(path: Path) -> Rows:
             if messages is None:
                 messages = {k for k in CSV_MESSAGE_COLUMNS & set(row) if _is_message_list(row[k] or "")}
                 # both sides, as formats refuses them: a pairwise file's answer may be a JSON list of words
-                if all(formats.answers_as_text(row.get(k) or "") is not None for k in CSV_ANSWER_COLUMNS):
+                if all(formats.answers_as_text(row.get(k) or "", unique=True) is not None for k in CSV_ANSWER_COLUMNS):
                     answers = set(CSV_ANSWER_COLUMNS)
             cells = {k: _csv_cell(k, v, messages, answers) for k, v in row.items()}
         except formats.RepeatedKey as exc:  # in a cell of JSON: a message's content written twice
@@ -234,7 +234,7 @@ def _csv_cell(column: str, value: str | None, messages: set[str], answers: set[s
     if column in CSV_LIST_COLUMNS or column in messages:
         return _json_or_text(value)
     if column in answers:  # a cell that is no such list stays text: the reader names its row and field
-        listed = formats.answers_as_text(value)
+        listed = formats.answers_as_text(value, unique=True)
         return value if listed is None else listed
     return value
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from rm_lib.data import trained_prompts
 from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
-from rm_lib.files import atomic_dir, read_json, share_tree, write_json
+from rm_lib.files import SET_MARK, atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain, code_version, dvc_record
 from rm_lib.publish import hub, model_card
@@ -91,6 +91,8 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     names a folder of this machine (rm_lib.publish.public)."""
     metrics = read_json(layout.evaluation / "report.json")
     for item in sorted(layout.model.iterdir()):  # contents only: a DVC cache's read-only mode stays behind
+        if item.name == SET_MARK:  # an interrupted train's, which no step could finish: no file of the model
+            continue
         if item.is_dir():
             shutil.copytree(item, out / item.name, copy_function=shutil.copyfile)
         else:
