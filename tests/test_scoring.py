@@ -78,11 +78,15 @@ def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversa
 
     tok = load_tokenizer("default")
     save_model(load_reward_model("default", pad_token_id=tok.pad_token_id), tok, tmp_path / "chatml")
-    shutil.copytree(tmp_path / "chatml", tmp_path / "simple")
-    prompt = [{"role": "user", "content": "How do I boil an egg?"}]
+    shutil.copytree(tmp_path / "chatml", tmp_path / "simple_chat")
+    shutil.copytree(tmp_path / "chatml", tmp_path / "simple_concat")
+    # a prompt that ends in a word: simple_concat's generation prompt stops before the line break its
+    # answer opens with, and a completion joined without it ran into the prompt ("eggPut"): another reward
+    prompt = [{"role": "user", "content": "How do I boil an egg"}]
     answer = "Put it in boiling water for eight minutes."
-    for template, between, closing in (("chatml", "", "<|im_end|>\n"), ("simple_chat", " ", "")):
-        folder = tmp_path / ("chatml" if template == "chatml" else "simple")
+    for template, between, closing in (("chatml", "", "<|im_end|>\n"), ("simple_chat", " ", ""),
+                                       ("simple_concat", "\n", "")):
+        folder = tmp_path / template
         (folder / "rm_lib.json").write_text(json.dumps({"template": template}))
         scorer = RewardScorer(folder)
         [expected] = scorer.score([prompt + [{"role": "assistant", "content": answer}]])
@@ -90,8 +94,8 @@ def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversa
         reward = scorer.reward_function()
         # closed once, whether it came closed, or by the end token alone (a policy ending in <|im_end|>)
         endings = ("", closing, closing.rstrip())
-        given = reward(prompts=[text_prompt] * 3, completions=[between + answer + end for end in endings])
-        assert given == pytest.approx([expected] * 3, abs=1e-5), template
+        given = reward(prompts=[text_prompt] * 4, completions=[between + answer + end for end in endings] + [answer])
+        assert given == pytest.approx([expected] * 4, abs=1e-5), template  # opened as training's, or given opened
 
 
 def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, monkeypatch, capsys):
@@ -900,3 +904,26 @@ def test_the_scorers_arguments_are_checked_with_what_is_wrong(trained, tmp_path)
         scorer.score_detailed(["a", "b"], names=["x"])
     with pytest.raises(DataError, match=re.escape("item 0: the completion is an empty conversation")):
         scorer.reward_function()(prompts=[[{"role": "user", "content": "hi"}]], completions=[[]])
+
+
+def test_normalised_rewards_use_the_training_stats_and_a_model_without_them_is_refused(trained, tmp_path):
+    """normalize=True on a model without reward_mean/reward_std (another project's, an earlier version's)
+    returned the raw rewards as if normalised; a reward_std of 0 was read as 1."""
+    import shutil
+
+    from rm_lib.errors import SettingsError
+
+    model = trained / "models/reward_model"
+    config = json.loads((model / "config.json").read_text())
+    texts = ["User: How was the film?\n\nAssistant: Wonderful.", "User: How was the film?\n\nAssistant: Awful."]
+    raw = RewardScorer(model).score(texts)
+    normalised = RewardScorer(model, normalize=True).score(texts)
+    assert normalised == pytest.approx([(r - config["reward_mean"]) / config["reward_std"] for r in raw], abs=1e-6)
+    for name, change in (("no stats", lambda c: {k: v for k, v in c.items() if k not in ("reward_mean", "reward_std")}),
+                         ("no spread", lambda c: {**c, "reward_std": 0.0})):
+        copy = tmp_path / name
+        shutil.copytree(model, copy)
+        (copy / "config.json").write_text(json.dumps(change(config)))
+        with pytest.raises(SettingsError, match="^normalize: .*score it with normalize=False"):
+            RewardScorer(copy, normalize=True)
+        assert RewardScorer(copy).score(texts) == pytest.approx(raw, abs=1e-6)

@@ -55,14 +55,34 @@ def render(messages: list[dict], name: str, tokenizer: Any, add_generation_promp
     return NAMED[name](messages, add_generation_prompt)
 
 
+_PROMPT, _ANSWER = [{"role": "user", "content": "rm-lib-prompt"}], "rm-lib-answer-7f3a"
+
+
+def _exchange(name: str, tokenizer: Any) -> tuple[str, str] | None:
+    """(a lone user turn rendered with the generation prompt, that turn and an answer rendered whole);
+    None where the template refuses them (one wants a system turn first: none known)."""
+    try:
+        return (render(_PROMPT, name, tokenizer, add_generation_prompt=True),
+                render([*_PROMPT, {"role": "assistant", "content": _ANSWER}], name, tokenizer))
+    except Exception:  # noqa: BLE001 - a template's own refusal, of any type
+        return None
+
+
 def turn_closing(name: str, tokenizer: Any) -> str:
     """What the template writes after an assistant's answer (chatml's `<|im_end|>\\n`; '' for simple_chat):
     a text prompt's completion, closed with it, ends as training's texts did. '' where the template does
     not write the answer as given, or refuses a lone user turn and answer."""
-    answer = "rm-lib-answer-7f3a"
-    try:
-        whole = render([{"role": "user", "content": "rm-lib-prompt"}, {"role": "assistant", "content": answer}],
-                       name, tokenizer)
-    except Exception:  # a chat template that refuses this exchange (one wants a system turn first): none known
+    rendered = _exchange(name, tokenizer)
+    whole = rendered[1] if rendered else ""
+    return whole[whole.rindex(_ANSWER) + len(_ANSWER):] if _ANSWER in whole else ""
+
+
+def turn_opening(name: str, tokenizer: Any) -> str:
+    """What the template writes between its generation prompt and an assistant's answer (simple_chat's
+    space after `Assistant:`, simple_concat's line break; '' for chatml): a text completion joined to a
+    prompt rendered with the generation prompt gets it, as training's texts had it. The generation prompt
+    stops before it, so that its tokens stay a prefix of the whole conversation's (prompt lengths)."""
+    rendered = _exchange(name, tokenizer)
+    if rendered is None or _ANSWER not in rendered[1] or not rendered[1].startswith(rendered[0]):
         return ""
-    return whole[whole.rindex(answer) + len(answer):] if answer in whole else ""
+    return rendered[1][len(rendered[0]):rendered[1].index(_ANSWER)]

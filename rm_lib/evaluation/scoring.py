@@ -147,8 +147,7 @@ class RewardScorer:
         check_tokenizer_as_trained(str(model_dir), self.tokenizer, self.special, saved, template)
         recorded = saved.get("template")
         self.template = templates.resolve(template or "auto", self.tokenizer, recorded)
-        self.mean = getattr(self.model.config, "reward_mean", 0.0) if normalize else 0.0
-        self.std = getattr(self.model.config, "reward_std", 1.0) if normalize else 1.0
+        self.mean, self.std = _normalisation(self.model.config, self.model_dir) if normalize else (0.0, 1.0)
         self.length_policy = length_policy
         limit = model_max_length(self.model, self.tokenizer)
         if max_length is not None and limit is not None and max_length > limit:
@@ -231,7 +230,7 @@ class RewardScorer:
         def run(start: int, stop: int) -> list[float]:
             ids, mask = right_padded([fitted[i][0] for i in order[start:stop]], self.tokenizer.pad_token_id)
             scores = rewards(self.model, ids.to(self.device), mask.to(self.device))
-            return ((scores - self.mean) / (self.std or 1.0)).tolist()
+            return ((scores - self.mean) / self.std).tolist()
 
         by_length = in_batches(len(fitted), self.batch_size, run, what="score", unit="texts")
         out = [0.0] * len(fitted)
@@ -254,9 +253,17 @@ class RewardScorer:
         """A function with the signature TRL's GRPOTrainer and RLOOTrainer take in `reward_funcs`:
         f(prompts, completions, **kwargs) -> list of floats, for text or conversational data. The prompt is
         held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's.
-        A text completion is closed as the training template closes an assistant's turn (TRL decodes it
-        without the policy's end token): with a prompt rendered by that template, the text training read."""
+        A text completion is opened and closed as the training template opens and closes an assistant's
+        turn after its generation prompt (TRL decodes it without the policy's end token): with a prompt
+        rendered by that template, its generation prompt included, the text training read."""
         closing = templates.turn_closing(self.template, self.tokenizer)
+        opening = templates.turn_opening(self.template, self.tokenizer)
+
+        def joined(prompt: Any, completion: Any) -> Any:
+            if not isinstance(completion, str) or not prompt or prompt.endswith(opening) \
+                    or completion.startswith(opening):
+                return prompt + closed(completion)
+            return prompt + opening + closed(completion)
 
         def closed(completion: Any) -> Any:
             if not isinstance(completion, str):
@@ -276,13 +283,29 @@ class RewardScorer:
                 if isinstance(c, list) and not c:  # the prompt alone would be scored as if answered
                     raise DataError(f"reward function: {name}: the completion is an empty conversation (no "
                                     "message)")
-            encoded = [self.encode(p + closed(c), name) for p, c, name in zip(prompts, completions, names)]
+            encoded = [self.encode(joined(p, c), name) for p, c, name in zip(prompts, completions, names)]
             lengths = ([self.given_prompt_length(p, name) for p, name in zip(prompts, names)]
                        if self.max_prompt is not None else None)
             return self.score_ids(encoded, names, lengths).rewards
 
         reward.__name__ = f"reward_model_{self.model_dir.name}"
         return reward
+
+
+def _normalisation(config: Any, model_dir: Path) -> tuple[float, float]:
+    """(mean, std) of the rewards of the model's training pairs, as train saved them in config.json
+    (reward_mean, reward_std: up to 1,000 training pairs, both sides). A model without them (another
+    project's, or one an earlier version saved) or whose rewards had no spread cannot be normalised:
+    refused, where raw rewards were returned as if normalised."""
+    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)):
+        raise SettingsError(f"normalize: {model_dir / 'config.json'} holds no reward_mean and reward_std (a model "
+                            "this project's train did not save, or an earlier version did): score it with "
+                            "normalize=False")
+    if not std > 0:
+        raise SettingsError(f"normalize: {model_dir}'s rewards had no spread in training (reward_std {std} in its "
+                            "config.json): normalising would divide by it; score it with normalize=False")
+    return float(mean), float(std)
 
 
 def _whole(value: Any) -> int | None:

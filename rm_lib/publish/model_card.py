@@ -304,7 +304,7 @@ def _evaluation(metrics: dict, pictures: list[str]) -> str:
 | shorter-wins baseline | {_num(shorter)} |
 | tie rate | {_num(metrics.get('tie_rate'))} |
 {_seen_row(metrics.get(SEEN))}| loss | {_num(metrics.get('loss'))} |
-| reward mean / std | {_num(metrics.get('reward_mean'))} / {_num(metrics.get('reward_std'))} |
+| reward mean / std (held-out pairs) | {_num(metrics.get('reward_mean'))} / {_num(metrics.get('reward_std'))} |
 | prefers the longer answer (pairs of unequal length) | {_num(metrics.get('prefers_longer'))} |
 | reward-length correlation (Pearson, every answer) | {_num(metrics.get('reward_length_correlation'))} |
 | calibration error (ECE of sigmoid(margin), 10 bins) | {_num(metrics.get('calibration_ece'))} |
@@ -547,7 +547,8 @@ The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
 {_text_rules(tokenizer)}
 
 With this project's scoring API, which renders conversations with the template used in training
-(`rm_lib.json`) and can normalise rewards with `reward_mean` / `reward_std` from `config.json`:
+(`rm_lib.json`) and can normalise rewards with `reward_mean` / `reward_std` from `config.json` (those of up to
+1,000 training pairs, both sides, not the held-out figures above):
 
 ```python
 from huggingface_hub import snapshot_download
@@ -561,9 +562,9 @@ scorer's function renders conversational prompts and completions with the traini
 the start and end tokens, as training did. (Given the repository name itself, `reward_funcs="{repo_id}"`,
 these trainers tokenize the texts with no special tokens: the reward is then read elsewhere than
 training read it, and may rank two completions the other way.) In TRL's text format the prompt is scored as given,
-joined to its completion, which is closed as the training template closes an answer (TRL gives it
-without the policy's end token): render the prompt with the training template, its generation prompt
-included, for the reward training measured.
+joined to its completion, which is opened and closed as the training template opens and closes an answer
+(TRL gives it without the policy's end token): render the prompt with the training template, its
+generation prompt included, for the reward training measured.
 
 ```python
 from trl import GRPOTrainer  # RLOOTrainer takes reward_funcs alike
