@@ -281,33 +281,49 @@ SET_MARK = ".rm_lib-set.json"
 
 
 def _mark_set(staged: list[tuple[Path, Path]]) -> None:
+    writer, identity = f"{os.getpid()}@{HOST}", uuid.uuid4().hex
     for path, tmp in staged:
         pairs = [[os.path.relpath(p, path), os.path.relpath(t, path)] for p, t in staged]
-        (tmp / SET_MARK).write_text(json.dumps({"writer": f"{os.getpid()}@{HOST}", "set": pairs}), encoding="utf-8")
+        (tmp / SET_MARK).write_text(json.dumps({"writer": writer, "id": identity, "set": pairs}), encoding="utf-8")
+
+
+def _mark_of(folder: Path) -> str | None:
+    """The set id of the mark in `folder`; None where it holds none (or one that cannot be read)."""
+    try:
+        return json.loads((folder / SET_MARK).read_text(encoding="utf-8")).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def finish_replacing(path: str | Path) -> bool:
     """Folder `path` is in place but its set's writer died before putting the others in place (their new
-    folders wait in its temporaries, marked): put them in place too, and True. For a caller that holds
-    the lock of the set's writer, so none is alive (its pid may be another process's by now). False where
-    `path` holds no mark, its writer ran on another host (whose lock this one may not see), or a folder
-    of the set is neither in place nor waiting (its mark then stays)."""
+    folders wait in its temporaries, marked with the set's id): put them in place too, and True. A set
+    whose folders are all in place, killed as it cleared its marks, has them cleared (True). For a caller
+    that holds the lock of the set's writer, so none is alive (its pid may be another process's by now).
+    False where `path` holds no mark, its writer ran on another host (whose lock this one may not see),
+    or a folder of the set is neither in place nor waiting while another waits (the marks then stay)."""
     path = _output_folder(Path(path))  # the marks name the folders from where atomic_dirs wrote, a link's target
     try:
         record = json.loads((path / SET_MARK).read_text(encoding="utf-8"))
         _, host = record["writer"].split("@")
+        identity = record["id"]
         pairs = [(Path(os.path.normpath(path / p)), Path(os.path.normpath(path / t))) for p, t in record["set"]]
-    except (OSError, ValueError, KeyError, TypeError):  # none; or not ours to judge: left as it is
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none; or not ours to judge: left as it is
         return False
     if host != HOST:
         return False
-    waiting = [(final, tmp) for final, tmp in pairs if not (final / SET_MARK).is_file()]
-    if not all((tmp / SET_MARK).is_file() for _, tmp in waiting):
+    # a folder is in place when its mark is this set's (another set's, left by a kill as marks were cleared,
+    # is no proof), waiting when its temporary's is
+    placed = [_mark_of(final) == identity for final, _ in pairs]
+    waiting = [not done and _mark_of(tmp) == identity for (_, tmp), done in zip(pairs, placed)]
+    if any(waiting) and not all(done or wait for done, wait in zip(placed, waiting)):
         return False
-    for final, tmp in waiting:
-        _replace_dir(tmp, final)  # its earlier folder now at tmp: remove_stale clears it
+    for (final, tmp), wait in zip(pairs, waiting):
+        if wait:
+            _replace_dir(tmp, final)  # its earlier folder now at tmp: remove_stale clears it
     for final, _ in pairs:
-        (final / SET_MARK).unlink(missing_ok=True)
+        if _mark_of(final) == identity:
+            (final / SET_MARK).unlink(missing_ok=True)
     return True
 
 
@@ -529,8 +545,8 @@ def tree_sha256(folder: str | Path, names: list[str] | None = None) -> str:
     return digest.hexdigest()
 
 
-# What .dvcignore keeps out of DVC's hashes (bytecode, rm_lib's temporaries).
-DVC_IGNORED = re.compile(r"(^|/)(__pycache__/|[^/]*\.pyc$|\.[^/]*\.tmp(/|$)|\.[^/]*\.old(/|$))")
+# What .dvcignore keeps out of DVC's hashes (bytecode, rm_lib's temporaries, a set's mark).
+DVC_IGNORED = re.compile(r"(^|/)(__pycache__/|[^/]*\.pyc$|\.[^/]*\.tmp(/|$)|\.[^/]*\.old(/|$)|\.rm_lib-set\.json$)")
 
 
 def _md5_file(path: Path) -> str:

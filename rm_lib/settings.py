@@ -98,7 +98,7 @@ class DownloadSettings:
                                             "split of train by prompt")
 
 
-MAX_DEMO_PAIRS = 100_000
+MAX_DEMO_PAIRS = 1_000_000
 MAX_EPOCHS = 10_000
 
 

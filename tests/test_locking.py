@@ -237,6 +237,8 @@ def test_a_set_a_kill_9_left_half_in_place_is_finished_by_the_next_step(tmp_path
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 9, done.stderr
     assert [(f / "run").read_text() for f in (model, logs)] == ["new", "earlier"]  # the mix a kill leaves
+    # until finished, DVC's hashes and the project's own leave the mark out
+    assert files.DVC_IGNORED.search(SET_MARK) and SET_MARK in (ROOT / ".dvcignore").read_text().splitlines()
     assert not finish_replacing(logs)  # no mark there: its folder is not yet in place
     registry._finish_interrupted_sets("evaluate", Layout(tmp_path))
     assert [(f / "run").read_text() for f in (model, logs)] == ["new", "new"]
@@ -249,25 +251,39 @@ def test_a_set_a_kill_9_left_half_in_place_is_finished_by_the_next_step(tmp_path
 def test_a_set_is_finished_only_where_it_can_be(tmp_path):
     """Under train's lock no writer of the set is alive, whatever process has its pid now (a restarted
     container gives the next step the same one): finished. A writer on another host, whose lock this one
-    may not see, or a folder of the set neither in place nor waiting: the mark stays, nothing is moved."""
+    may not see, or a folder of the set neither in place nor waiting while another waits: the mark stays,
+    nothing is moved. A folder is in place only by its set's own mark: a mark another set left (a kill as
+    marks were cleared) counted the earlier run's records as in place, and the new ones were deleted."""
     import json
 
     from rm_lib.files import HOST, SET_MARK, finish_replacing
 
     model, logs = _earlier_model_and_logs(tmp_path)
     waiting = tmp_path / "data" / ".train.1@x.ab.tmp"
-    for writer, pairs in (("1@another-host", [[".", "."]]),
-                          (f"{os.getpid()}@{HOST}", [[".", "."], ["../../data/train", "../../data/.gone.tmp"]])):
-        (model / SET_MARK).write_text(json.dumps({"writer": writer, "set": pairs}))
-        assert not finish_replacing(model) and (model / SET_MARK).exists()
+    here = f"{os.getpid()}@{HOST}"
+
+    def mark(folder: Path, writer: str, identity: str, tmp: str) -> None:
+        (folder / SET_MARK).write_text(json.dumps({"writer": writer, "id": identity,
+                                                   "set": [[".", "."], ["../../data/train", f"../../data/{tmp}"]]}))
+
+    mark(model, "1@another-host", "s1", waiting.name)
+    assert not finish_replacing(model) and (model / SET_MARK).exists()
     waiting.mkdir()
     (waiting / "run").write_text("new")
-    (waiting / SET_MARK).write_text("{}")
-    (model / SET_MARK).write_text(json.dumps({"writer": f"{os.getpid()}@{HOST}",
-                                              "set": [[".", "."], ["../../data/train", f"../../data/{waiting.name}"]]}))
-    assert finish_replacing(model) and (logs / "run").read_text() == "new" and (waiting / "run").read_text() == \
-        "earlier"
+    (logs / SET_MARK).write_text(json.dumps({"id": "s0"}))  # left by an earlier set killed as it cleared marks
+    (waiting / SET_MARK).write_text(json.dumps({"id": "s2"}))
+    mark(model, here, "s2", waiting.name)
+    assert finish_replacing(model) and [(f / "run").read_text() for f in (logs, waiting)] == ["new", "earlier"]
     assert not (model / SET_MARK).exists() and not (logs / SET_MARK).exists()
+    # a set all in place, killed as it cleared its marks: the one left is cleared
+    (logs / SET_MARK).write_text(json.dumps({"writer": here, "id": "s3", "set": [[".", "."]]}))
+    assert finish_replacing(logs) and not (logs / SET_MARK).exists()
+    # a folder neither in place nor waiting while another waits: nothing moved, the mark stays
+    (waiting / SET_MARK).write_text(json.dumps({"id": "s4"}))
+    (model / SET_MARK).write_text(json.dumps({"writer": here, "id": "s4", "set": [
+        [".", "../.gone.tmp"], ["../../data/train", f"../../data/{waiting.name}"], ["../other", "../.other.tmp"]]}))
+    assert not finish_replacing(model) and (model / SET_MARK).exists() and (logs / "run").read_text() == "new"
+    (model / SET_MARK).unlink()
     # a normal replace leaves no mark behind
     from rm_lib import files
 

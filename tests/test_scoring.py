@@ -98,6 +98,55 @@ def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversa
         assert given == pytest.approx([expected] * 4, abs=1e-5), template  # opened as training's, or given opened
 
 
+# A chat template that rewrites an answer's think block and writes an empty one before an answer without
+# (as Qwen3's does), and writes one into the generation prompt when thinking is off.
+THINKING_TEMPLATE = r"""{%- for m in messages -%}
+{%- if m.role == 'assistant' -%}
+{%- set content = m.content -%}{%- set reasoning = '' -%}
+{%- if '</think>' in content -%}
+{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}
+{%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+{%- endif -%}
+{{ '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}
+{%- else -%}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}
+{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\n\n</think>\n\n' }}{%- endif -%}
+{%- endif -%}"""
+
+
+def test_a_text_completion_is_rendered_as_the_training_template_renders_an_answer(tmp_path):
+    """A template's opening added in front of a completion that brings its own think block wrote the empty
+    block twice; a simple_concat prompt ending in a line break lost the one its answer opens with."""
+    from rm_lib.data import templates
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, save_model
+
+    tok = load_tokenizer("default")
+    tok.chat_template = THINKING_TEMPLATE
+    save_model(load_reward_model("default", pad_token_id=tok.pad_token_id), tok, tmp_path / "thinking",
+               chat_template=True)
+    (tmp_path / "thinking" / "rm_lib.json").write_text(json.dumps({"template": "tokenizer"}))
+    scorer = RewardScorer(tmp_path / "thinking")
+    reward = scorer.reward_function()
+    prompt = [{"role": "user", "content": "What is two plus two"}]
+    thought, plain = "<think>\nit is a simple sum\n</think>\n\nfour", "four"
+    expected = scorer.score([prompt + [{"role": "assistant", "content": a}] for a in (thought, plain)])
+    assert expected[0] != pytest.approx(expected[1], abs=1e-6)
+    text_prompt = templates.render(prompt, "tokenizer", scorer.tokenizer, add_generation_prompt=True)
+    assert reward([text_prompt] * 2, [thought, plain]) == pytest.approx(expected, abs=1e-5)
+    thinking_off = scorer.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                        enable_thinking=False)
+    assert thinking_off.endswith("<think>\n\n</think>\n\n")
+    assert reward([thinking_off], [plain]) == pytest.approx(expected[1:], abs=1e-5)
+    # simple_concat: the line break between prompt and answer stays where the prompt ends in one
+    (tmp_path / "thinking" / "rm_lib.json").write_text(json.dumps({"template": "simple_concat"}))
+    scorer = RewardScorer(tmp_path / "thinking", template="simple_concat")
+    prompt = [{"role": "user", "content": "Translate to French\n"}]
+    [expected] = scorer.score([prompt + [{"role": "assistant", "content": "Bonjour"}]])
+    text_prompt = templates.render(prompt, "simple_concat", scorer.tokenizer, add_generation_prompt=True)
+    assert scorer.reward_function()([text_prompt], ["Bonjour"]) == pytest.approx([expected], abs=1e-5)
+
+
 def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, monkeypatch, capsys):
     import torch
 

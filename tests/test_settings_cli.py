@@ -29,7 +29,7 @@ def test_params_yaml_is_the_source_of_defaults_and_set_overrides():
     ("train.max_tokens_per_forward=1.5", r"train.max_tokens_per_forward: must be auto, at least 1 or null, got 1.5$"),
     ("train.gradient_checkpointing=5", r"train.gradient_checkpointing: must be auto, true or false, got 5$"),
     # each was a silent wait: the demo's rows built in memory, the schedule counted epoch by epoch
-    ("download.demo_pairs=100000000000", "download.demo_pairs: must be from 10 to 100,000"),
+    ("download.demo_pairs=100000000000", "download.demo_pairs: must be from 10 to 1,000,000"),
     ("train.num_epochs=1e300", "train.num_epochs: must be at most 10,000, got 1e.300; for a fixed number of steps"),
     # the test pairs would be training pairs: the error said "no usable pairs for train ... 0 rejected"
     ("download.test_split=train", "download.test_split: names the train split too .'train'.: the test pairs would be"),

@@ -77,6 +77,20 @@ def turn_closing(name: str, tokenizer: Any) -> str:
     return whole[whole.rindex(_ANSWER) + len(_ANSWER):] if _ANSWER in whole else ""
 
 
+def answer_text(answer: str, name: str, tokenizer: Any) -> str | None:
+    """What the template writes after its generation prompt for an assistant's `answer`: its opening (a
+    space, a line break, an empty think block), the answer as it renders it (a chat template may rewrite
+    a think block), and its closing. A text prompt rendered with the generation prompt, followed by this,
+    is the text training read for the exchange. None where the template refuses a lone exchange, or its
+    whole rendering does not begin with the generation prompt's."""
+    try:
+        prompt = render(_PROMPT, name, tokenizer, add_generation_prompt=True)
+        whole = render([*_PROMPT, {"role": "assistant", "content": answer}], name, tokenizer)
+    except Exception:  # noqa: BLE001 - a template's own refusal, of any type
+        return None
+    return whole[len(prompt):] if whole.startswith(prompt) else None
+
+
 def turn_opening(name: str, tokenizer: Any) -> str:
     """What the template writes between its generation prompt and an assistant's answer (simple_chat's
     space after `Assistant:`, simple_concat's line break; '' for chatml): a text completion joined to a

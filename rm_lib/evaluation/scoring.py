@@ -253,24 +253,27 @@ class RewardScorer:
         """A function with the signature TRL's GRPOTrainer and RLOOTrainer take in `reward_funcs`:
         f(prompts, completions, **kwargs) -> list of floats, for text or conversational data. The prompt is
         held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's.
-        A text completion is opened and closed as the training template opens and closes an assistant's
-        turn after its generation prompt (TRL decodes it without the policy's end token): with a prompt
-        rendered by that template, its generation prompt included, the text training read."""
+        A text completion is rendered as the training template renders an assistant's answer after its
+        generation prompt (opened, rewritten where the template rewrites one, closed; TRL decodes it
+        without the policy's end token): with a prompt rendered by that template, its generation prompt
+        included, the text training read."""
         closing = templates.turn_closing(self.template, self.tokenizer)
         opening = templates.turn_opening(self.template, self.tokenizer)
 
         def joined(prompt: Any, completion: Any) -> Any:
-            if not isinstance(completion, str) or not prompt or prompt.endswith(opening) \
-                    or completion.startswith(opening):
-                return prompt + closed(completion)
-            return prompt + opening + closed(completion)
-
-        def closed(completion: Any) -> Any:
             if not isinstance(completion, str):
-                return completion
+                return prompt + completion
             # closed already, or by its end token alone (a policy whose end token is chatml's <|im_end|>)
             done = next((part for part in (closing, closing.rstrip()) if part and completion.endswith(part)), "")
-            return completion + closing[len(done):]
+            unclosed = completion[:len(completion) - len(done)]
+            # given opened: the template opens it
+            answer = unclosed[len(opening):] if opening and unclosed.startswith(opening) else unclosed
+            text = templates.answer_text(answer, self.template, self.tokenizer)
+            if text is None:  # a template that refuses a lone exchange: joined as given, closed
+                return prompt + unclosed + closing
+            if opening.strip() and prompt.endswith(opening) and text.startswith(opening):
+                text = text[len(opening):]  # a prompt rendered with the opening (Qwen3's thinking off)
+            return prompt + text
 
         def reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
             if len(prompts) != len(completions):
