@@ -55,6 +55,31 @@ def test_the_cli_refuses_a_model_below_the_minimum_and_writes_nothing(project, t
     assert not Layout(project).release.exists()  # nothing written, nothing uploaded
 
 
+def test_a_dry_run_below_the_gate_writes_the_release_saying_so_and_the_bar_stays(project, tiny_decoder):
+    """`dvc exp run -S push.dry_run=true` (docs/dvc.md: try settings without publishing) of a model below the
+    last release failed at push, and DVC lost the experiment. A dry run now writes what a push would upload,
+    its card saying the gate failed; the next push is judged against the same bar, not against it."""
+    from rm_lib.evaluation.quality import REFUSED_MARK
+
+    run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
+    release = Layout(project).release
+    previous = json.loads((release / "evaluation.json").read_text())  # as an earlier, better model's release
+    better = accuracy(project) + 0.01
+    write_json(release / "evaluation.json", {**previous, "accuracy": better,
+                                             "inputs": {**previous["inputs"], "model": "an earlier model"}})
+    dry = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", "push.dry_run=true",
+                      model=str(tiny_decoder))
+    said = run_steps(dry, project, "push")["push"].summary()
+    assert "the release gate refuses this model, so no push would publish it without push.force" in said
+    assert f"below the last released model's {better:.4f}" in said
+    card = (release / "README.md").read_text()
+    assert REFUSED_MARK in card and "**failed**" in card
+    # the bar stays the earlier release's: a push of this model is refused as before the dry run
+    with pytest.raises(ReleaseBlocked, match=f"below the last released model's {better:.4f}"):
+        run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder)),
+                  project, "push")
+
+
 def test_force_releases_and_the_card_says_the_gate_failed(project, tiny_decoder):
     params = tiny_params("push.min_accuracy=1.0", "push.force=true", model=str(tiny_decoder))
     run_steps(params, project, "push")

@@ -259,6 +259,9 @@ def _bar(release: dict) -> dict:
 
 # the model card's words for a release forced past a failed gate (its only record before evaluation.json's)
 FORCED_MARK = "Released with `push.force=true` although the release gate failed."
+# the card's words for what push.dry_run wrote although the release gate failed (no push publishes it as is)
+REFUSED_MARK = ("Written by `push.dry_run=true`; the release gate failed, and no push publishes this model without "
+                "`push.force=true`.")
 FORCED_BY_EARLIER_VERSION = "forced_by_earlier_version"
 
 

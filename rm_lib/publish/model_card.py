@@ -19,7 +19,7 @@ from rm_lib.data import templates
 from rm_lib.data.trained_prompts import SEEN, seen_phrase
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
-from rm_lib.evaluation.quality import FORCED_MARK
+from rm_lib.evaluation.quality import FORCED_MARK, REFUSED_MARK
 from rm_lib.evaluation.visualize import code_span, markdown_text, one_line, table_cell
 from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
@@ -645,13 +645,14 @@ def _is_md5(value: str) -> bool:
     return bool(re.fullmatch(r"[0-9a-f]{32}(\.dir)?", value))
 
 
-def _gate(gate: list[dict], forced: bool) -> str:
+def _gate(gate: list[dict], forced: bool, refused: bool = False) -> str:
     if not gate:
         return ""
     # a detail may name a subset from the data or a source from the Hub's record: text, never markup
     rows = "\n".join(f"| {g['check']} | {'passed' if g['passed'] else '**failed**'} | "
                      f"{markdown_text(g['description'])} |" for g in gate)
-    warning = f"\n\n**{FORCED_MARK}** Treat this model as unvetted." if forced else ""
+    warning = (f"\n\n**{FORCED_MARK}** Treat this model as unvetted." if forced else
+               f"\n\n**{REFUSED_MARK}** Treat this model as unvetted." if refused else "")
     return f"""## Release gate{warning}
 
 | check | result | detail |
@@ -663,7 +664,7 @@ def _gate(gate: list[dict], forced: bool) -> str:
 
 def render(*, repo_id: str, params: dict, metrics: dict, lineage: dict, pictures: list[str],
            gate: list[dict] = (), forced: bool = False, adapter: dict | None = None,
-           tokenizer: dict | None = None) -> str:
+           tokenizer: dict | None = None, refused: bool = False) -> str:
     """`adapter`: `adapter_facts` of the released folder (a LoRA run), for how to load the adapter;
     `tokenizer`: its `tokenizer_facts`, for what a text must hold."""
     return f"""{_front_matter(params, repo_id, metrics, lineage)}# {repo_id}
@@ -672,7 +673,7 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 
 {_origin(params, lineage)}
 
-{_gate(list(gate), forced)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
+{_gate(list(gate), forced, refused)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
 {_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None, tokenizer,
         (params.get("filter") or {}).get("max_token_length"))}

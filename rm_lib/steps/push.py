@@ -48,11 +48,16 @@ class PushResult:
     repo_id: str | None = None
     tag: str | None = None
     gate: str | None = None  # the accuracy verdict: what the release was compared with, and on which pairs
+    refused: bool = False  # the gate failed (a dry run writes the release all the same, saying so)
 
     def summary(self) -> str:
         if self.uploaded:
             line = (f"push: uploaded {len(self.files)} files from {self.release_dir} to {self.url} "
                     f"(revision {self.commit}, tag {self.tag})")
+        elif self.refused:
+            line = (f"push: nothing uploaded (push.dry_run); the release gate refuses this model, so no push "
+                    f"would publish it without push.force; the {len(self.files)} files it would upload are in "
+                    f"{self.release_dir}, their card saying so")
         else:
             line = (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
                     f"would be published are in {self.release_dir}")
@@ -71,11 +76,14 @@ def _copy_pictures(layout: Layout, out: Path) -> list[str]:
 
 def gate(params: Params, layout: Layout, release: Path | None = None) -> list[quality.Verdict]:
     """The release verdicts; raises ReleaseBlocked when one fails and push.force is off. `release`: the
-    folder of the last release's evaluation.json and README.md (default data/release)."""
+    folder of the last release's evaluation.json and README.md (default data/release). Under push.dry_run
+    a failed gate is said, not raised: a dry run shows what a push would upload and whether it may (a
+    `dvc exp run -S push.dry_run=true` of a model below the last release failed, and the experiment was
+    lost); the card and evaluation.json say the gate failed, and the bar stays for the next push."""
     cfg = params.push
     verdicts = quality.release_verdicts(layout, cfg, release)
     failed = quality.blocking_failures(verdicts)
-    if failed and not cfg.force:
+    if failed and not cfg.force and not cfg.dry_run:
         reasons = "; ".join(f"{v.name}: {v.description}" for v in failed)
         raise ReleaseBlocked(f"push: release refused by the release gate ({reasons}); data/release and the Hub "
                              "are unchanged. Fix the model, or set push.force=true to release it anyway "
@@ -153,6 +161,7 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     card = model_card.render(repo_id=repo_id, params=card_params, metrics=metrics, lineage=lineage,
                              pictures=pictures, gate=gate_rows,
                              forced=params.push.force and bool(quality.blocking_failures(list(verdicts))),
+                             refused=not params.push.force and bool(quality.blocking_failures(list(verdicts))),
                              adapter=model_card.adapter_facts(out), tokenizer=model_card.tokenizer_facts(out))
     (out / "README.md").write_text(public_text(card, layout.root.resolve(), card_params, metrics), encoding="utf-8")
 
@@ -188,7 +197,8 @@ def _release(params: Params, layout: Layout, on_hub: hub.HubRelease | None) -> P
                               named=lambda full_id: write_card(params, layout, out, verdicts, full_id))
     said = next((v.description for v in verdicts if v.name == "release_gate"), None)
     if info is None:
-        return PushResult(layout.release, False, None, None, files, gate=said)
+        return PushResult(layout.release, False, None, None, files, gate=said,
+                          refused=bool(quality.blocking_failures(verdicts)) and not cfg.force)
     compared = _compared_with(on_hub, layout, verdicts) if cfg.compare_with_release else None
     if compared:
         said = f"{said}\n  {compared}" if said else compared
