@@ -455,6 +455,25 @@ def test_settings_left_by_a_killed_experiment_record_are_put_back_before_any_ste
     assert params_file.read_text(encoding="utf-8") == "train:\n  learning_rate: 1.0e-04\n" and not journal.exists()
 
 
+def test_a_dvc_lock_that_records_other_settings_than_the_model_trained_with_is_a_doubt_on_the_card(tmp_path):
+    """`train --set train.learning_rate=1e-3`, then `dvc commit -f`: dvc.lock recorded params.yaml's 5e-05 beside
+    the model 1e-3 trained, params.yaml agreed with dvc.lock, and the card offered the commit to reproduce it."""
+    from rm_lib.publish import model_card
+
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {"params": {
+        "params.yaml": {"train.learning_rate": 5e-05, "train.seed": 42, "model.name_or_path": "default",
+                        "filter.max_token_length": 64}}}}}))
+    ran = {"model": {"name_or_path": "default"}, "train": {"learning_rate": 0.001, "seed": 42}}
+    assert dvc_record.lock_settings_other_than(tmp_path, "train", ran) == ["train.learning_rate"]
+    assert dvc_record.lock_settings_other_than(tmp_path, "train", {**ran, "train": {"learning_rate": "5e-5",
+                                                                                   "seed": 42}}) == []
+    assert dvc_record.lock_settings_other_than(tmp_path / "elsewhere", "train", ran) == []
+    said = model_card._reproduce({"lock_settings_differ": ["train.learning_rate"]}, False)
+    assert said.startswith("Not claimed reproducible from this commit: dvc.lock records other settings for train "
+                           "than this model was trained with (train.learning_rate")
+    assert model_card._reproduce({"lock_settings_differ": []}, False).startswith("Reproduce:")
+
+
 def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_settings(tmp_path):
     """A change run through `dvc repro` and then undone (a code edit reverted, params.yaml checked out
     again) leaves dvc.lock recording what the checkout no longer holds: the card must not call the commit

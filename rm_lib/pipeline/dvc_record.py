@@ -784,6 +784,22 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
     return differing
 
 
+def lock_settings_other_than(root: Path, stage: str, ran: dict[str, dict]) -> list[str]:
+    """The settings dvc.lock records for `stage` other than those it ran with (`ran`: {section: {key:
+    value}}, of the sections it holds), each as "section.key": a `dvc commit` after a run with --set (or
+    an accelerate launch with overrides) records the workspace's params.yaml beside outputs other settings
+    made. Empty without a dvc.lock or an entry for the stage."""
+    path = Path(root) / "dvc.lock"
+    entry = ((read_yaml(path).get("stages") or {}).get(stage) if path.is_file() else None) or {}
+    differing = []
+    for values in (entry.get("params") or {}).values():
+        for key, recorded in (values.items() if isinstance(values, dict) else ()):
+            section, _, name = key.partition(".")
+            if section in ran and name in (ran[section] or {}) and not _same_value(ran[section][name], recorded):
+                differing.append(key)
+    return sorted(differing)
+
+
 def _same_value(now: Any, recorded: Any) -> bool:
     """A params value as the workspace holds it and as dvc.lock recorded it: DVC reads YAML 1.2, which takes
     `1e-4` for a number where PyYAML reads a string."""

@@ -630,6 +630,10 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     if lineage.get("lock_differs"):
         doubts.append(f"dvc.lock records {', '.join(lineage['lock_differs'])} other than this checkout holds "
                       "(changed since the last `dvc repro`, or a change run through it and then undone)")
+    if lineage.get("lock_settings_differ"):
+        doubts.append(f"dvc.lock records other settings for train than this model was trained with "
+                      f"({', '.join(lineage['lock_settings_differ'])}: a `dvc commit` after a run with --set?); "
+                      "the parameters above are the model's own")
     if doubts:
         return (f"Not claimed reproducible from this commit: {'; '.join(doubts)}. `dvc status` shows what "
                 "differs; `dvc repro` from a clean checkout of a commit trains that commit's model.")

@@ -153,6 +153,8 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     record = layout.model / "rm_lib.json"
     lineage["base_reward_model"] = read_json(record).get("base_reward_model") if record.exists() else None
     lineage["data_code_differs"] = data_code_differs(layout)
+    lineage["lock_settings_differ"] = dvc_record.lock_settings_other_than(
+        layout.root, "train", {"model": trained["model"], "train": trained["train"]})
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
