@@ -566,9 +566,12 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
 def hub_metadata(result, configured: Optional[str]) -> dict:
     """Where the release went, as the Hub names it: a bare push.repo_id lands in the token owner's
     namespace, so the repository is the full id the upload returned (the one the card names), with
-    the commit and the tag the push gave it; not uploaded, the repo_id that is set."""
+    the commit and the tag the push gave it; not uploaded, the repo_id that is set, and whether the
+    release gate refused what a dry run wrote."""
     if not result.uploaded:
-        return {"uploaded": False, "hub_url": dg.MetadataValue.text("not uploaded (no push.repo_id, or push.dry_run)"),
+        said = "not uploaded (no push.repo_id, or push.dry_run)" + (
+            "; the release gate refused this model: the release's card says so" if result.refused else "")
+        return {"uploaded": False, "hub_url": dg.MetadataValue.text(said), "refused_by_release_gate": result.refused,
                 "repo_id": _text(configured), "commit": "none", "hub_tag": "none"}
     return {"uploaded": True, "hub_url": dg.MetadataValue.url(result.url), "repo_id": _text(result.repo_id),
             "commit": _text(result.commit), "hub_tag": _text(result.tag)}
@@ -580,7 +583,8 @@ def hub_metadata(result, configured: Optional[str]) -> dict:
           description="push: model + model card -> data/release, uploaded to the Hub when push.repo_id is set "
                       "(and push.dry_run is false). Runs only when the blocking release gate on `evaluation` "
                       "passes; the push step applies the same gate itself, so a lone materialization of a "
-                      "model that fails it is refused.")
+                      "model that fails it is refused (under push.force it is released, under push.dry_run "
+                      "written, the card saying the gate failed).")
 @retried_only_when_transient("push")
 def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
                 hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:

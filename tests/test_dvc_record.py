@@ -460,11 +460,16 @@ def test_a_dvc_lock_that_records_other_settings_than_the_model_trained_with_is_a
     the model 1e-3 trained, params.yaml agreed with dvc.lock, and the card offered the commit to reproduce it."""
     from rm_lib.publish import model_card
 
+    # as DVC records them: keys of a section, and a whole section (dvc.yaml's `- model`) as one key
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {"params": {
-        "params.yaml": {"train.learning_rate": 5e-05, "train.seed": 42, "model.name_or_path": "default",
+        "params.yaml": {"train.learning_rate": 5e-05, "train.seed": 42, "model": {"name_or_path": "default",
+                                                                                   "revision": None},
                         "filter.max_token_length": 64}}}}}))
-    ran = {"model": {"name_or_path": "default"}, "train": {"learning_rate": 0.001, "seed": 42}}
+    ran = {"model": {"name_or_path": "default", "revision": None}, "train": {"learning_rate": 0.001, "seed": 42}}
     assert dvc_record.lock_settings_other_than(tmp_path, "train", ran) == ["train.learning_rate"]
+    other_base = {**ran, "model": {"name_or_path": "/some/other/model", "revision": None}}
+    assert dvc_record.lock_settings_other_than(tmp_path, "train", other_base) == ["model.name_or_path",
+                                                                                  "train.learning_rate"]
     assert dvc_record.lock_settings_other_than(tmp_path, "train", {**ran, "train": {"learning_rate": "5e-5",
                                                                                    "seed": 42}}) == []
     assert dvc_record.lock_settings_other_than(tmp_path / "elsewhere", "train", ran) == []

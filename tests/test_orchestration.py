@@ -615,6 +615,10 @@ def test_release_gate_holds_the_push_settings_entered_for_hub_release(tmp_path):
     forced = release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={"force": True})
     assert not forced.passed and forced.severity == dg.AssetCheckSeverity.WARN
     assert "push.force=true releases it anyway" in forced.description
+    # push.dry_run writes the refused release, as the CLI and dvc repro do: the check warns, hub_release runs
+    dry = release_gate_in_a_run(tmp_path, ["push.min_accuracy=0.75"], launchpad={"dry_run": True})
+    assert not dry.passed and dry.severity == dg.AssetCheckSeverity.WARN
+    assert "push.dry_run=true writes it, saying so" in dry.description
     assert checks.push_overrides({}) == []
 
 
@@ -1772,7 +1776,10 @@ def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, m
     assert (shown["commit"].text, shown["hub_tag"].text) == ("a1b2c3", "run-0123abcd")
     assert shown["hub_url"].value == "https://hub/alice/tiny-bare" and shown["uploaded"].value is True
     dry = assets.hub_metadata(PushResult(tmp_path, False, None, None, ["README.md"]), "tiny-bare")
-    assert (dry["uploaded"], dry["repo_id"], dry["hub_tag"]) == (False, "tiny-bare", "none")
+    assert (dry["uploaded"], dry["repo_id"], dry["hub_tag"], dry["refused_by_release_gate"]) == (
+        False, "tiny-bare", "none", False)
+    refused = assets.hub_metadata(PushResult(tmp_path, False, None, None, ["README.md"], refused=True), None)
+    assert refused["refused_by_release_gate"] is True and "the release gate refused" in refused["hub_url"].text
 
 
 def test_a_failed_dvc_record_says_the_step_replaced_its_outputs(tmp_path):

@@ -260,8 +260,8 @@ def _bar(release: dict) -> dict:
 # the model card's words for a release forced past a failed gate (its only record before evaluation.json's)
 FORCED_MARK = "Released with `push.force=true` although the release gate failed."
 # the card's words for what push.dry_run wrote although the release gate failed (no push publishes it as is)
-REFUSED_MARK = ("Written by `push.dry_run=true`; the release gate failed, and no push publishes this model without "
-                "`push.force=true`.")
+REFUSED_MARK = ("Written by `push.dry_run=true`; the release gate, judged against `data/release`, failed (a push to a "
+                "Hub repository is judged against the release it holds).")
 FORCED_BY_EARLIER_VERSION = "forced_by_earlier_version"
 
 
@@ -521,12 +521,13 @@ def evaluation_gate(layout: Layout, gate: Any, release: Path | None = None) -> l
 def release_gate(layout: Layout, gate: Any) -> Verdict:
     """The evaluation gate as one verdict (the UI's release_gate check). Under push.force a failure is a
     warning: push releases the model anyway and its card says the gate failed, so nothing in front of it
-    may stop it."""
+    may stop it. So under push.dry_run: push writes what it would upload, its card saying the gate failed
+    (as the CLI and dvc repro do)."""
     verdict = combined("release_gate", evaluation_gate(layout, gate))
-    if verdict.passed or not gate.force:
+    if verdict.passed or not (gate.force or gate.dry_run):
         return verdict
-    return replace(verdict, warn_only=True,
-                               description="push.force=true releases it anyway: " + verdict.description)
+    anyway = "push.force=true releases it anyway" if gate.force else "push.dry_run=true writes it, saying so"
+    return replace(verdict, warn_only=True, description=f"{anyway}: " + verdict.description)
 
 
 def release_verdicts(layout: Layout, gate: Any, release: Path | None = None) -> list[Verdict]:

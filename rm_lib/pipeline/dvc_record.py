@@ -795,8 +795,11 @@ def lock_settings_other_than(root: Path, stage: str, ran: dict[str, dict]) -> li
     for values in (entry.get("params") or {}).values():
         for key, recorded in (values.items() if isinstance(values, dict) else ()):
             section, _, name = key.partition(".")
-            if section in ran and name in (ran[section] or {}) and not _same_value(ran[section][name], recorded):
-                differing.append(key)
+            # a whole section (dvc.yaml's `- model`) is recorded as one key holding its settings
+            pairs = [(name, recorded)] if name else list(recorded.items()) if isinstance(recorded, dict) else []
+            differing += [f"{section}.{setting}" for setting, value in pairs
+                          if section in ran and setting in (ran[section] or {})
+                          and not _same_value(ran[section][setting], value)]
     return sorted(differing)
 
 

@@ -10,7 +10,8 @@ uploaded and says so; no request leaves the machine and no token is needed.
 Otherwise the release is uploaded as one revision of the repository (created private when
 push.private, the default) and tagged with the training run (`run-<fingerprint>`). The release is
 built in a temporary folder and becomes data/release only when the whole push succeeded: a refused
-or failed push keeps the model and the previous data/release as they are.
+or failed push keeps the model and the previous data/release as they are (a dry run writes what a refused
+push would upload, its card saying so).
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ class PushResult:
             line = (f"push: uploaded {len(self.files)} files from {self.release_dir} to {self.url} "
                     f"(revision {self.commit}, tag {self.tag})")
         elif self.refused:
-            line = (f"push: nothing uploaded (push.dry_run); the release gate refuses this model, so no push "
-                    f"would publish it without push.force; the {len(self.files)} files it would upload are in "
-                    f"{self.release_dir}, their card saying so")
+            line = (f"push: nothing uploaded (push.dry_run); the release gate refuses this model, judged against "
+                    f"data/release (a push to a Hub repository is judged against the release it holds); the "
+                    f"{len(self.files)} files it would upload are in {self.release_dir}, their card saying so")
         else:
             line = (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
                     f"would be published are in {self.release_dir}")
@@ -120,7 +121,9 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
     share_tree(out)
     forced = bool(quality.blocking_failures(list(verdicts)))
-    judged_against = quality.release_bar(layout, metrics.get("inputs", {}).get("model"), release)
+    # a release forced past, or refused by, its gate passes on the bar: the release it replaces, also where
+    # that holds this very model (a dry run of the released model under a stricter gate erased the bar)
+    judged_against = quality.release_bar(layout, None if forced else metrics.get("inputs", {}).get("model"), release)
     write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against,
                                          "forced": forced})
 
