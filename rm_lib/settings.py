@@ -203,6 +203,8 @@ class TrainSettings:
         for key, value in positive.items():
             if value is None or value <= 0:
                 _fail("train", key, f"must be positive, got {value}")
+        if self.num_print_samples < 0:
+            _fail("train", "num_print_samples", f"must be 0 or more, got {self.num_print_samples}")
         if self.num_epochs > MAX_EPOCHS:  # the schedule counts its batches epoch by epoch before the first step
             _fail("train", "num_epochs", f"must be at most {MAX_EPOCHS:,}, got {self.num_epochs:g}; for a fixed "
                                          "number of steps set train.max_steps")

@@ -96,6 +96,10 @@ BROKEN_FILES = {
         "d.csv", ("prompt,chosen,rejected,chosen\n" + "".join(f"q{i},good {i},bad {i},other {i}\n"
                                                              for i in range(20))).encode(),
         ["row 1", "the column 'chosen' is named 2 times"]),
+    "an id column named twice": (
+        "d.csv", ("id,prompt,chosen,rejected,id\n" + "".join(f"{i},q{i},good {i},bad {i},{i + 100}\n"
+                                                            for i in range(20))).encode(),
+        ["row 1", "the column 'id' is named 2 times"]),
     "a JSON Lines key written twice": (
         "d.jsonl", lines(GOOD) + b'{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}\n',
         ["row 21", "the key 'chosen' is written twice in one object"]),

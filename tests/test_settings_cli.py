@@ -34,6 +34,7 @@ def test_params_yaml_is_the_source_of_defaults_and_set_overrides():
     # the test pairs would be training pairs: the error said "no usable pairs for train ... 0 rejected"
     ("download.test_split=train", "download.test_split: names the train split too .'train'.: the test pairs would be"),
     ("evaluate.num_print_samples=-1", "evaluate.num_print_samples: must be 0 or more, got -1"),
+    ("train.num_print_samples=-1", "train.num_print_samples: must be 0 or more, got -1"),
 ])
 def test_invalid_settings_are_caught_before_work(override, message):
     with pytest.raises(SettingsError, match=message):

@@ -390,6 +390,15 @@ def test_a_suite_of_pairs_the_model_trained_on_is_said_to_be_one(pipeline):
     assert held_out[trained_prompts.SEEN] == {"rows": 0, "accuracy_unseen": held_out["accuracy"]}
     assert suites.evaluate_suite(suites.parse_entry(str(layout.pairs / "test.jsonl")), scorer).keys() == \
         held_out.keys() - {trained_prompts.SEEN}  # no record: nothing said
+    # a pair without a prompt is keyed by its two sides, as tokenize keys such a training pair
+    no_prompt = [{"prompt": "", "chosen": "the acting was superb.", "rejected": "the acting was dreadful."}]
+    from rm_lib.data import formats, keys
+
+    (_, pair), = formats.Normaliser("train.jsonl")([(1, no_prompt[0])])  # as download writes a training pair
+    record = {"own": [keys.digest(k) for k in keys.prompt_keys([pair])], "bases": []}
+    sideways = suites.evaluate_suite(suites.parse_entry(str(write_jsonl(layout.root / "np.jsonl", no_prompt))), scorer,
+                                     record)
+    assert sideways[trained_prompts.SEEN]["rows"] == 1
     said = f"{seen['rows']} of {entry['rows']} rows ask a prompt the model (or a base it trained on from) trained on"
     assert f"warning: {said}" in suites.summary_lines({"train": entry})
     assert "warning" not in suites.summary_lines({"test": held_out})

@@ -34,7 +34,8 @@ USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "i
 # keeps the last of two equal keys in an object: a row with `chosen` twice trained on the second one
 # without a word. A key of these written twice in any object is refused, also where the object is
 # metadata the reader ignores (the parser cannot tell); another is left as json reads it.
-READ_KEYS = USED_COLUMNS | {"role", "content", "tool_calls", "function_call", "type", "text", "id", "category"}
+ROW_KEYS = USED_COLUMNS | {"id", "category"}  # a row's: a column named twice is refused too (sources)
+READ_KEYS = ROW_KEYS | {"role", "content", "tool_calls", "function_call", "type", "text"}
 
 
 class RepeatedKey(ValueError):

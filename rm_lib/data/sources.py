@@ -262,7 +262,7 @@ def _check_columns(names: Sequence[str], path: Path, row: int | None = None) -> 
     """A column some format reads named twice: each row would keep the last one's value (the csv module and
     pyarrow's rows both do), and a header `prompt,chosen,rejected,chosen` trained on the fourth column
     without a word. Others (a spreadsheet's unnamed trailing columns) are ignored, as any other column."""
-    repeated = sorted({name for name in names if name in formats.USED_COLUMNS and names.count(name) > 1})
+    repeated = sorted({name for name in names if name in formats.ROW_KEYS and names.count(name) > 1})
     if repeated:
         raise DataError(f"the column {repeated[0]!r} is named {names.count(repeated[0])} times, and the reader "
                         "cannot know which one is meant; rename or remove the others", file=str(path), row=row)

@@ -338,10 +338,9 @@ def seen_rows(rows: Sequence[Row], correct: Sequence[bool], trained: dict | None
     """How many of a suite's rows ask a prompt the model, or a base it trained on from, trained on (as the
     held-out pairs are counted: trained_prompts.overlap), and the accuracy on the others: a suite made of
     training pairs scored as a benchmark with no word of it. None where the model keeps no record. A row
-    without a prompt is a pair of its own and is not counted."""
+    without a prompt is keyed by its two sides, as tokenize keys such a training pair."""
     pairs = [{"prompt": r.prompt, "chosen": r.chosen[0], "rejected": r.rejected[0]} for r in rows]
-    found = trained_prompts.overlap([keys.digest(k) if keys.names_a_prompt(k) else "" for k in keys.prompt_keys(pairs)],
-                                    trained)
+    found = trained_prompts.overlap([keys.digest(k) for k in keys.prompt_keys(pairs)], trained)
     if not found["checked"]:
         return None
     marked = set(found["seen_rows"])

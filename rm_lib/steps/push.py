@@ -5,7 +5,8 @@ The gate (rm_lib.evaluation.quality.release_verdicts: finite training loss, push
 least push.min_test_pairs held-out pairs, not below the last release of the same source,
 push.min_subset_accuracy per subset, push.max_length_correlation, push.max_test_seen_by_base) holds
 here, so the CLI, `dvc repro` and Dagster refuse the same models; push.force releases anyway and the
-model card says so. Without push.repo_id (or with push.dry_run) it writes exactly what would be
+model card says so (under push.dry_run the refused release is written, its card saying so). Without
+push.repo_id (or with push.dry_run) it writes exactly what would be
 uploaded and says so; no request leaves the machine and no token is needed.
 Otherwise the release is uploaded as one revision of the repository (created private when
 push.private, the default) and tagged with the training run (`run-<fingerprint>`). The release is
