@@ -58,12 +58,12 @@ def render(messages: list[dict], name: str, tokenizer: Any, add_generation_promp
 _PROMPT, _ANSWER = [{"role": "user", "content": "rm-lib-prompt"}], "rm-lib-answer-7f3a"
 
 
-def _exchange(name: str, tokenizer: Any) -> tuple[str, str] | None:
-    """(a lone user turn rendered with the generation prompt, that turn and an answer rendered whole);
+def _exchange(name: str, tokenizer: Any, answer: str = _ANSWER) -> tuple[str, str] | None:
+    """(a lone user turn rendered with the generation prompt, that turn and `answer` rendered whole);
     None where the template refuses them (one wants a system turn first: none known)."""
     try:
         return (render(_PROMPT, name, tokenizer, add_generation_prompt=True),
-                render([*_PROMPT, {"role": "assistant", "content": _ANSWER}], name, tokenizer))
+                render([*_PROMPT, {"role": "assistant", "content": answer}], name, tokenizer))
     except Exception:  # noqa: BLE001 - a template's own refusal, of any type
         return None
 
@@ -83,12 +83,10 @@ def answer_text(answer: str, name: str, tokenizer: Any) -> str | None:
     a think block), and its closing. A text prompt rendered with the generation prompt, followed by this,
     is the text training read for the exchange. None where the template refuses a lone exchange, or its
     whole rendering does not begin with the generation prompt's."""
-    try:
-        prompt = render(_PROMPT, name, tokenizer, add_generation_prompt=True)
-        whole = render([*_PROMPT, {"role": "assistant", "content": answer}], name, tokenizer)
-    except Exception:  # noqa: BLE001 - a template's own refusal, of any type
+    rendered = _exchange(name, tokenizer, answer)
+    if rendered is None or not rendered[1].startswith(rendered[0]):
         return None
-    return whole[len(prompt):] if whole.startswith(prompt) else None
+    return rendered[1][len(rendered[0]):]
 
 
 def turn_opening(name: str, tokenizer: Any) -> str:
