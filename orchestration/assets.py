@@ -392,6 +392,7 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
             "train_pairs": result.rows["train"],
             "test_pairs": result.rows["test"],
             "tokens": sum(result.tokens.values()),
+            "prompts_left_out": sum(result.prompts_left_out.values()),
             "content_hash": result.content_hash,
             "path": dg.MetadataValue.path(str(layout.tokenized)),
             **recorded,

@@ -147,6 +147,35 @@ def test_a_text_completion_is_rendered_as_the_training_template_renders_an_answe
     assert scorer.reward_function()([text_prompt], ["Bonjour"]) == pytest.approx([expected], abs=1e-5)
 
 
+# DeepSeek-R1's shape: the generation prompt opens a think block, and every answer it renders loses what
+# comes before its </think>.
+OPENS_THINKING = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}"
+                  "{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+                  "Assistant: {{ c }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: <think>\n"
+                  "{% endif %}")
+
+
+def test_a_text_completion_after_a_generation_prompt_that_opens_a_think_block_is_rendered_as_training_read_it(
+        tmp_path):
+    """The policy writes on after the generation prompt's <think>: its completion was scored joined to the
+    prompt as given (the think block and all), a text training never read, since the template drops it."""
+    from rm_lib.data import templates
+    from rm_lib.model.modeling import load_reward_model, load_tokenizer, save_model
+
+    tok = load_tokenizer("default")
+    tok.chat_template = OPENS_THINKING
+    save_model(load_reward_model("default", pad_token_id=tok.pad_token_id), tok, tmp_path / "r1", chat_template=True)
+    (tmp_path / "r1" / "rm_lib.json").write_text(json.dumps({"template": "tokenizer"}))
+    scorer = RewardScorer(tmp_path / "r1")
+    assert templates.generation_tail("tokenizer", scorer.tokenizer) == "<think>\n"
+    prompt = [{"role": "user", "content": "What is two plus two"}]
+    completions = ["it is a simple sum\n</think>\n\nfour", "four"]  # the second never closed its thinking
+    expected = scorer.score([prompt + [{"role": "assistant", "content": "<think>\n" + c}] for c in completions])
+    text_prompt = templates.render(prompt, "tokenizer", scorer.tokenizer, add_generation_prompt=True)
+    assert text_prompt.endswith("Assistant: <think>\n")
+    assert scorer.reward_function()([text_prompt] * 2, completions) == pytest.approx(expected, abs=1e-5)
+
+
 def test_score_goes_on_in_halves_when_a_batch_runs_out_of_gpu_memory(trained, monkeypatch, capsys):
     import torch
 

@@ -291,6 +291,84 @@ def test_test_pairs_with_the_ids_of_a_train_pair_are_counted(tmp_path):
     assert "warning: 2 of the 3 test pairs have the token ids of a train pair" in res["filter"].summary()
 
 
+# Mistral v0.3's shape: the system turn is written into the last user turn only while that turn ends the
+# conversation (the prompt rendered alone), never before an answer.
+SYSTEM_LAST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+               "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}"
+               "{% for m in turns %}{% if m['role'] == 'user' %}<|user|>{% if loop.last and system is defined %}"
+               "{{ system }} {% endif %}{{ m['content'] }}{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}"
+               "{% endif %}{% endfor %}")
+
+
+def test_a_template_that_drops_the_system_turn_before_an_answer_says_so_and_counts_the_prompt_the_sides_hold(
+        tmp_path, tiny_decoder):
+    """The prompt length was the prompt rendered alone, with a system turn no side holds: every pair was
+    dropped as prompt_too_long (or cut to its prompt under truncate) and the system turn went without a
+    word. The length is the tokens the sides begin with as the prompt, and tokenize counts such pairs."""
+    import shutil
+
+    from rm_lib.evaluation.scoring import RewardScorer
+    from rm_lib.model.modeling import load_reward_model, save_model
+
+    folder = tmp_path / "system-last"
+    shutil.copytree(tiny_decoder, folder)
+    tok = load_tokenizer(str(folder))
+    tok.chat_template = SYSTEM_LAST
+    tok.save_pretrained(folder)
+    pair = {**PAIR, "prompt": [{"role": "system", "content": "a b c d e f"}, *PAIR["prompt"]]}
+    row, = tokenization.tokenize_batch([pair], tok, "tokenizer", tokenization.special_tokens(tok))
+    assert tok.convert_ids_to_tokens(row["input_ids_chosen"][:row["prompt_length"]]) == [
+        "<s>", "<|user|>", "how", "are", "you", "<|assistant|>"]  # what begins the answer, as a generation prompt
+    assert row["prompt_left_out"]
+    assert length_filter.apply([row], max_len=20, max_prompt=8, policy="drop", keep_front=1).kept
+    save_model(load_reward_model(str(folder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
+               chat_template=True)
+    assert RewardScorer(tmp_path / "rm", template="tokenizer").prompt_length(pair["prompt"]) == row["prompt_length"]
+    plain, = tokenization.tokenize_batch([PAIR], tok, "tokenizer", tokenization.special_tokens(tok))
+    assert "prompt_left_out" not in plain
+    # the step says so, and the manifest counts them per split
+    rows = [{"prompt": [{"role": "system", "content": "a b c"}, {"role": "user", "content": f"how are you {i}"}],
+             "chosen": [{"role": "assistant", "content": "fine thanks"}],
+             "rejected": [{"role": "assistant", "content": "a b"}]} for i in range(10)]
+    write_jsonl(tmp_path / "src/pairs.jsonl", rows)
+    res = run_steps(tiny_params(f"download.source={tmp_path / 'src'}", "download.test_fraction=0.2",
+                                "tokenize.template=tokenizer", model=str(folder)), tmp_path / "p", "download",
+                    "tokenize", "filter")
+    left = read_json(tmp_path / "p/data/tokenized/manifest.json")["prompts_left_out"]
+    assert left == {"train": res["tokenize"].rows["train"], "test": res["tokenize"].rows["test"]} and left["test"]
+    assert ("warning: the chat template leaves the text of a system or user turn out of 10 pair(s) "
+            f"({left['train']} train, {left['test']} test)") in res["tokenize"].summary()
+    assert "tokenize.template=chatml or simple_chat" in res["tokenize"].summary()
+
+
+def test_a_template_that_writes_the_date_renders_every_text_as_on_one_day(tiny_decoder, monkeypatch, tmp_path):
+    """Llama 3.2's template writes "Today Date" from the clock: tokenize gave other ids each day, and a
+    model scored on another day read other texts than it trained on."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    tok = load_tokenizer(str(tiny_decoder))
+    tok.chat_template = ("{% if strftime_now is defined %}{{ strftime_now('%d %b %Y') }}{% endif %}"
+                         + tok.chat_template)
+    assert templates.reads_clock(tok) and not templates.reads_clock(load_tokenizer(str(tiny_decoder)))
+    texts = set()
+    for day in (datetime.datetime(2026, 12, 7), datetime.datetime(2027, 1, 15)):
+        monkeypatch.setattr(chat_template_utils, "datetime", type("Clock", (datetime.datetime,), {
+            "now": classmethod(lambda cls, tz=None, day=day: day)}))
+        texts.add(templates.render(PAIR["prompt"] + PAIR["chosen"], "tokenizer", tok))
+        assert chat_template_utils.datetime.now() == day  # the clock is the clock again after
+    assert texts == {"26 Jul 2024<s><|user|>how are you\n<|assistant|>fine thanks\n"}
+    # the card's example renders as training did
+    from rm_lib.publish import model_card
+
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "rm_lib.json").write_text(json.dumps({"template": "tokenizer"}))
+    facts = model_card.tokenizer_facts(tmp_path)
+    assert 'apply_chat_template(messages, tokenize=True, date_string="26 Jul 2024")' in model_card._example_inputs(facts)
+    assert "training rendered every text as on 26 Jul 2024" in model_card._text_rules(facts)
+
+
 def test_the_closing_of_an_answer_is_what_each_template_writes_after_it(tiny_decoder):
     """What RewardScorer.reward_function adds to a text completion: chatml's end of turn, nothing for the
     named plain templates, the tokenizer template's own (this one writes a newline), and nothing where the

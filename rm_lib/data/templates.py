@@ -1,11 +1,23 @@
 """Chat templates: messages -> text. Special tokens are added once, at tokenization.
 
 Named templates render each message on its own, so the rendering of a prompt is a prefix of the
-rendering of the whole conversation and its token count is the prompt length.
+rendering of the whole conversation and its token count is the prompt length. A tokenizer's template
+need not (conversation_opening).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
+
+# The day every text is rendered as on: a template that writes the date (Llama 3.1-3.3's "Today Date",
+# gpt-oss's, Mistral Small 3's) gave other ids each day, so tokenize was not reproducible and a model
+# scored on another day read other texts than it trained on. Llama 3.1's own date where no clock is given.
+TEMPLATE_DAY = datetime(2024, 7, 26)
+_CLOCK = threading.Lock()
 
 ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
 
@@ -47,11 +59,40 @@ def resolve(name: str, tokenizer: Any, recorded: str | None = None) -> str:
     return name
 
 
+def reads_clock(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template writes the day it renders on (transformers' strftime_now)."""
+    return "strftime_now" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+class _Day(datetime):
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:
+        return TEMPLATE_DAY
+
+
+@contextlib.contextmanager
+def _template_day() -> Iterator[None]:
+    """transformers' chat templates read the clock as TEMPLATE_DAY meanwhile. Its strftime_now reads the
+    module's `datetime` when called (a template argument cannot replace a function: transformers turns
+    it into text)."""
+    from transformers.utils import chat_template_utils
+
+    with _CLOCK:
+        before = chat_template_utils.datetime
+        chat_template_utils.datetime = _Day
+        try:
+            yield
+        finally:
+            chat_template_utils.datetime = before
+
+
 def render(messages: list[dict], name: str, tokenizer: Any, add_generation_prompt: bool = False) -> str:
     if name == "tokenizer":
         if not messages:
             return ""
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        with _template_day() if reads_clock(tokenizer) else contextlib.nullcontext():
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
     return NAMED[name](messages, add_generation_prompt)
 
 
@@ -77,16 +118,50 @@ def turn_closing(name: str, tokenizer: Any) -> str:
     return whole[whole.rindex(_ANSWER) + len(_ANSWER):] if _ANSWER in whole else ""
 
 
-def answer_text(answer: str, name: str, tokenizer: Any) -> str | None:
-    """What the template writes after its generation prompt for an assistant's `answer`: its opening (a
-    space, a line break, an empty think block), the answer as it renders it (a chat template may rewrite
-    a think block), and its closing. A text prompt rendered with the generation prompt, followed by this,
-    is the text training read for the exchange. None where the template refuses a lone exchange, or its
-    whole rendering does not begin with the generation prompt's."""
-    rendered = _exchange(name, tokenizer, answer)
-    if rendered is None or not rendered[1].startswith(rendered[0]):
+def generation_tail(name: str, tokenizer: Any) -> str:
+    """The end of the generation prompt that a whole conversation does not hold: the start of the answer
+    it writes for the model (DeepSeek-R1's `<think>\\n`, which its template then drops from every answer
+    it renders). '' where the generation prompt begins the whole rendering, as it does for most."""
+    rendered = _exchange(name, tokenizer)
+    if rendered is None or rendered[1].startswith(rendered[0]):
+        return ""
+    return rendered[0][len(os.path.commonprefix(rendered)):]
+
+
+def answer_text(answer: str, name: str, tokenizer: Any, tail: str = "") -> str | None:
+    """What the template writes after its generation prompt, less its `tail` (generation_tail), for an
+    assistant's `answer` that follows the tail: its opening (a space, a line break, an empty think block),
+    the answer as it renders it (a chat template may rewrite a think block), and its closing. A text
+    prompt rendered with the generation prompt, less the tail, followed by this, is the text training
+    read for the exchange. None where the template refuses a lone exchange, or its whole rendering does
+    not begin with the generation prompt's, less the tail."""
+    rendered = _exchange(name, tokenizer, tail + answer)
+    if rendered is None:
         return None
-    return rendered[1][len(rendered[0]):]
+    opened = rendered[0][:len(rendered[0]) - len(tail)]
+    return rendered[1][len(opened):] if rendered[1].startswith(opened) else None
+
+
+def conversation_opening(prompt: list[dict], name: str, tokenizer: Any, generation: str,
+                         wholes: Sequence[str]) -> str:
+    """The text that `wholes` (`prompt` and an answer, rendered whole) begin with as the prompt's, where
+    they do not begin with `generation`, the prompt rendered with the generation prompt: a template may
+    write a prompt otherwise before an answer (DeepSeek-R1's generation prompt opens a think block that
+    its answers drop; Mistral v0.3's writes a system turn only into a last user turn). The prompt with a
+    stand-in answer rendered whole, up to that answer, as far as `wholes` agree with it."""
+    try:
+        whole = render([*prompt, {"role": "assistant", "content": _ANSWER}], name, tokenizer)
+    except Exception:  # noqa: BLE001 - a template's own refusal, of any type
+        whole = ""
+    start = whole[:whole.index(_ANSWER)] if _ANSWER in whole else generation
+    return os.path.commonprefix([start, *wholes])
+
+
+def left_out(prompt: list[dict], whole: str) -> bool:
+    """Whether `whole`, a rendering of the prompt's conversation, lacks the text of one of its system or
+    user turns: a template may drop it (Mistral v0.3's drops a system turn before an answer)."""
+    texts = [m["content"].strip() for m in prompt if m.get("role") != "assistant" and isinstance(m.get("content"), str)]
+    return any(text and text not in whole for text in texts)
 
 
 def turn_opening(name: str, tokenizer: Any) -> str:

@@ -57,27 +57,57 @@ def _render(pair: dict, side: str, template: str, tokenizer: Any) -> str:
                         "use a model whose template takes such turns") from None
 
 
+def _shared(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def opening_length(prompt: list[dict], rendered: str, wholes: list[str], whole_ids: list[list[int]],
+                   tokenizer: Any, template: str, special: SpecialTokens) -> int:
+    """How many first tokens of `whole_ids` (the prompt's conversation with an answer each, as the model
+    reads them) are the prompt's, where the wholes' text does not begin with `rendered`, the prompt with
+    the generation prompt: its length would count what the sides do not hold (a system turn the template
+    writes only before a last user turn: every pair dropped as prompt_too_long)."""
+    text = templates.conversation_opening(prompt, template, tokenizer, rendered, wholes)
+    ids = _encode(tokenizer, [text])[0] if text else []
+    ids = list(special.prefix) + ids if prefixed_length(ids, special) > len(ids) else ids
+    return min([len(ids), *(_shared(ids, whole) for whole in whole_ids)])
+
+
 def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: SpecialTokens) -> list[dict]:
-    """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call."""
+    """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call. A row whose
+    rendering lacks the text of a system or user turn of its prompt carries `prompt_left_out` (the step
+    counts them)."""
     text_pairs = [p for p in pairs if "input_ids_chosen" not in p]
     prompts, chosen, rejected = [], [], []
     for pair in text_pairs:
         prompts.append(_render(pair, "prompt", template, tokenizer) if pair["prompt"] else "")
         chosen.append(_render(pair, "chosen", template, tokenizer))
         rejected.append(_render(pair, "rejected", template, tokenizer))
+    texts = iter(zip(text_pairs, prompts, chosen, rejected))
     encoded = iter(zip(_encode(tokenizer, prompts), _encode(tokenizer, chosen), _encode(tokenizer, rejected)))
     rows = []
     for pair in pairs:
+        left = False
         if "input_ids_chosen" in pair:  # pretokenized: trust the ids, but still end every side with EOS
             ids_c, ids_r, prompt_len = pair["input_ids_chosen"], pair["input_ids_rejected"], None
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         else:
-            prompt_ids, ids_c, ids_r = next(encoded)
+            (_, prompt, text_c, text_r), (prompt_ids, ids_c, ids_r) = next(texts), next(encoded)
             prompt_len = prefixed_length(prompt_ids, special) if prompt_ids else 0
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
+            if prompt and not (text_c.startswith(prompt) and text_r.startswith(prompt)):
+                prompt_len = opening_length(pair["prompt"], prompt, [text_c, text_r], [ids_c, ids_r], tokenizer,
+                                            template, special)
+            left = template == "tokenizer" and any(templates.left_out(pair["prompt"], t) for t in (text_c, text_r))
         rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
                      "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),
-                     "prompt_length": prompt_len, "margin": pair.get("margin"), "subset": pair.get("subset")})
+                     "prompt_length": prompt_len, "margin": pair.get("margin"), "subset": pair.get("subset"),
+                     **({"prompt_left_out": True} if left else {})})
     return rows
 
 

@@ -442,6 +442,7 @@ def tokenizer_facts(folder: Path) -> dict:
         facts["chat_start"] = (tokenizer.convert_ids_to_tokens(list(special.prefix))
                                if n and tuple(rendered[:n]) != special.prefix else [])
         facts["chat_end"] = special.end is not None and (not rendered or rendered[-1] != special.end)
+        facts["reads_clock"] = templates.reads_clock(tokenizer)
     return facts
 
 
@@ -465,7 +466,11 @@ def _text_rules(tokenizer: dict | None) -> str:
                + (f", with {' and '.join(added)}" if added else ", as they are") + "; then\n"
                "`model(input_ids=torch.tensor([ids]))`. Its text given to `tokenizer(text)` or the pipeline "
                "can give other ids\n(where the template writes a BOS, the tokenizer may add another; a SentencePiece "
-               "tokenizer puts a word start after the BOS).")
+               "tokenizer puts a word start after the BOS)."
+               + (f" This template writes the day it renders on; training rendered every text as on "
+                  f"{templates.TEMPLATE_DAY:%d %b %Y}\n(a Llama 3.1-3.3 template takes "
+                  f"`date_string=\"{templates.TEMPLATE_DAY:%d %b %Y}\"` in `apply_chat_template`)."
+                  if facts.get("reads_clock") else ""))
     else:
         named = f", rm_lib's `{facts['template']}`" if facts["template"] else " (`rm_lib.json` names it)"
         how = (f"A conversation is the text of the template training used{named}\n"
@@ -494,8 +499,9 @@ def _example_inputs(tokenizer: dict | None) -> str:
     added = "".join([f"tokenizer.convert_tokens_to_ids({json.dumps(start)}) + " if start else "", "ids",
                      f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
     add = f"\nids = {added}  # as training added them" if added != "ids" else ""
+    day = f", date_string=\"{templates.TEMPLATE_DAY:%d %b %Y}\"" if facts.get("reads_clock") else ""
     return (f"messages = {json.dumps(EXAMPLE[:1])[:-1]},\n            {json.dumps(EXAMPLE[1])}]\n"
-            f"ids = tokenizer.apply_chat_template(messages, tokenize=True)[\"input_ids\"]{add}\n"
+            f"ids = tokenizer.apply_chat_template(messages, tokenize=True{day})[\"input_ids\"]{add}\n"
             "inputs = {\"input_ids\": torch.tensor([ids])}")
 
 

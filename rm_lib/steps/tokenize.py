@@ -33,6 +33,8 @@ class TokenizeResult:
     settings: dict = field(default_factory=dict)  # the tokenize settings these ids were made with
     revision: str | None = None  # model.revision: the tokenizer's, with `model`
     template_start_id: int | None = None  # SpecialTokens.template_start: a BOS the template writes, kept by a cut
+    # pairs per split whose rendering lacks the text of a system or user turn of their prompt
+    prompts_left_out: dict[str, int] = field(default_factory=dict)
 
     def manifest(self) -> dict:
         """manifest.json: what filter, train and the model card read of this tokenization."""
@@ -40,11 +42,18 @@ class TokenizeResult:
                 "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
                 "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs,
                 "max_length": self.max_length, "settings": self.settings, "revision": self.revision,
-                "template_start_id": self.template_start_id}
+                "template_start_id": self.template_start_id, "prompts_left_out": self.prompts_left_out}
 
     def summary(self) -> str:
+        left = sum(self.prompts_left_out.values())
         return (f"tokenize: template {self.template}; train {self.rows['train']} / test {self.rows['test']} pairs, "
-                f"{self.tokens['train'] + self.tokens['test']} tokens -> {self.output_dir}")
+                f"{self.tokens['train'] + self.tokens['test']} tokens -> {self.output_dir}"
+                + (f"\nwarning: the chat template leaves the text of a system or user turn out of {left} pair(s) "
+                   f"({self.prompts_left_out.get('train', 0)} train, {self.prompts_left_out.get('test', 0)} test): "
+                   "the model trains and is evaluated on them without it (Mistral v0.3's template writes a system "
+                   "turn only into a last user turn, never before an answer); keep it with "
+                   "tokenize.template=chatml or simple_chat, or fold it into the first user turn"
+                   if left else ""))
 
 
 def _model_config(params: Params):
@@ -77,12 +86,14 @@ def prompt_digests(pairs: dict[str, list[dict]]) -> dict[str, list[str]]:
 
 def _digested(batches: Iterator[list[dict]], digests: list[str], progress: Progress,
               tally: list[int]) -> Iterator[list[dict]]:
-    """The batches with each row's prompt digest, their tokens added to tally[0], written as they come:
-    a large split is never all in memory."""
+    """The batches with each row's prompt digest, their tokens added to tally[0] and the rows whose
+    prompt the template left out in part to tally[1], written as they come: a large split is never all
+    in memory."""
     done = 0
     for rows in batches:
         for row, found in zip(rows, digests[done:done + len(rows)]):
             row["prompt_digest"] = found
+            tally[1] += bool(row.pop("prompt_left_out", False))
         done += len(rows)
         tally[0] += sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
         progress(done)
@@ -96,7 +107,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
     recorded = _recorded_template(params.model.name_or_path)
     template = templates.resolve(params.tokenize.template, tokenizer, recorded=recorded)
     special = tokenization.special_tokens(tokenizer)
-    counts, tokens = {}, {}
+    counts, tokens, left_out = {}, {}, {}
     read = {split: read_jsonl(layout.pairs / f"{split}.jsonl") for split in SPLITS}
     digests = prompt_digests(read)
     with atomic_dir(layout.tokenized) as out:
@@ -108,19 +119,20 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
                                                     num_proc=params.tokenize.num_proc,
                                                     tokenizer_path=resolve_model_path(params.model.name_or_path))
             progress = Progress(f"tokenize {split}", len(pairs), "pairs", note="")
-            tally = [0]  # the split's tokens, counted as its rows go by
+            tally = [0, 0]  # the split's tokens and rows with a prompt left out, counted as its rows go by
             # closed here when the writing fails (a full disk): its workers stop now, not when the garbage
             # collector gets to it (on the pool's own thread, which cannot join itself)
             with contextlib.closing(batches):
                 counts[split] = write_batches(out / f"{split}.parquet",
                                               _digested(batches, digests[split], progress, tally))
-            tokens[split] = tally[0]
+            tokens[split], left_out[split] = tally
         result = TokenizeResult(
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
             model=params.model.name_or_path, revision=params.model.revision, special_prefix=list(special.prefix),
             end_token_id=special.end, template_start_id=special.template_start,
             pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize),
+            prompts_left_out=left_out,
             max_length=max_sequence_length(_model_config(params), tokenizer))
         write_json(out / "manifest.json", result.manifest())
         write_code_record(out, "tokenize")
