@@ -393,6 +393,7 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
             "test_pairs": result.rows["test"],
             "tokens": sum(result.tokens.values()),
             "prompts_left_out": sum(result.prompts_left_out.values()),
+            "refused_by_template": sum(result.refused.values()),
             "content_hash": result.content_hash,
             "path": dg.MetadataValue.path(str(layout.tokenized)),
             **recorded,

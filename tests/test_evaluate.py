@@ -130,7 +130,8 @@ def test_the_report_and_card_say_how_many_held_out_pairs_the_filter_set_aside(tm
             f"{sum(aside.values())}")
     assert said in results["evaluate"].summary()
     card = (layout.release / "README.md").read_text()
-    assert f"| pairs | {report['pairs']} of {held['pairs_before_filter']} held out; the length filter set aside" in card
+    assert (f"| pairs | {report['pairs']} of {held['pairs_before_filter']} held out, {sum(aside.values())} set "
+            "aside (") in card
 
 
 def test_length_figures_count_the_tokens_before_truncation(tmp_path, tiny_decoder):

@@ -47,6 +47,60 @@ def test_a_chat_template_that_refuses_a_pair_names_it_and_the_way_on(tiny_decode
         tokenization.tokenize_batch([PAIR, pair], tok, "tokenizer", tokenization.special_tokens(tok))
 
 
+def test_pairs_a_chat_template_refuses_are_set_aside_counted_and_scored_as_rejects(tmp_path, tiny_decoder):
+    """One row of hh-rlhf with two assistant turns in a row stopped tokenize for the whole set under
+    Mistral's template. Such pairs are set aside with the template's words, counted with the filter's
+    reasons (the held-out figures are of the others), and score puts them in its rejects; tokenize stops
+    only where the template refuses every pair of a split."""
+    import shutil
+
+    from rm_lib.errors import DataError
+    from rm_lib.layout import Layout
+    from rm_lib.model.modeling import load_reward_model, save_model
+    from rm_lib.steps import score
+
+    folder = tmp_path / "no-system"
+    shutil.copytree(tiny_decoder, folder)
+    tok = load_tokenizer(str(folder))
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tok.chat_template)
+    tok.save_pretrained(folder)
+    system = [{"role": "system", "content": "be brief"}]
+    rows = [{"prompt": (system if i % 4 == 0 else []) + [{"role": "user", "content": f"how are you {i}"}],
+             "chosen": [{"role": "assistant", "content": "fine thanks"}],
+             "rejected": [{"role": "assistant", "content": "a b"}]} for i in range(20)]
+    src = write_jsonl(tmp_path / "src/pairs.jsonl", rows)
+    params = tiny_params(f"download.source={tmp_path / 'src'}", "download.test_fraction=0.25",
+                         "tokenize.template=tokenizer", model=str(folder))
+    res = run_steps(params, tmp_path / "p", "download", "tokenize", "filter")
+    refused = [json.loads(line) for line in (tmp_path / "p/data/tokenized/refused.jsonl").read_text().splitlines()]
+    assert sorted(int(r["id"].rsplit(":", 1)[1]) for r in refused) == [1, 5, 9, 13, 17]  # 1-based source rows
+    assert {r["reason"] for r in refused} == {"template_refused"}
+    assert all("System role not supported" in r["why"] for r in refused)
+    counted = res["tokenize"].refused
+    assert sum(counted.values()) == 5 and sum(res["tokenize"].rows.values()) == 15
+    assert f"warning: the chat template refused 5 pair(s) ({counted['train']} train, {counted['test']} test)" \
+        in res["tokenize"].summary()
+    dropped = read_json(tmp_path / "p/data/filtered/manifest.json")["dropped_by_reason"]
+    assert {split: dropped[split].get("template_refused", 0) for split in counted} == counted
+    assert sum(r["reason"] == "template_refused" for r in
+               map(json.loads, (tmp_path / "p/data/filtered/dropped.jsonl").read_text().splitlines())) == 5
+    # score sets them aside as its rejects
+    save_model(load_reward_model(str(folder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
+               chat_template=True)
+    (tmp_path / "rm/rm_lib.json").write_text(json.dumps({"template": "tokenizer"}))
+    result = score.run_file(params, Layout(tmp_path / "p"), model=str(tmp_path / "rm"), input_path=str(src),
+                            output_path=str(tmp_path / "scores.jsonl"))
+    assert result.reasons == {"template_refused": 5} and len((tmp_path / "scores.jsonl").read_text().splitlines()) == 15
+    # every pair refused: stopped, with the template's words, the earlier output as it was
+    write_jsonl(src, [{**row, "prompt": system + row["prompt"][-1:]} for row in rows])
+    run_steps(params, tmp_path / "p", "download")
+    with pytest.raises(DataError, match="the chat template refused every train pair; the first: the tokenizer's chat "
+                                        "template refused pair .*System role not supported"):
+        run_steps(params, tmp_path / "p", "tokenize")
+    assert len((tmp_path / "p/data/tokenized/refused.jsonl").read_text().splitlines()) == 5
+
+
 @pytest.mark.parametrize("template", ["simple_chat", "simple_concat", "chatml"])
 def test_named_templates_get_one_bos_and_an_eos(tiny_decoder, template):
     tok = load_tokenizer(str(tiny_decoder))
@@ -365,7 +419,8 @@ def test_a_template_that_writes_the_date_renders_every_text_as_on_one_day(tiny_d
     tok.save_pretrained(tmp_path)
     (tmp_path / "rm_lib.json").write_text(json.dumps({"template": "tokenizer"}))
     facts = model_card.tokenizer_facts(tmp_path)
-    assert 'apply_chat_template(messages, tokenize=True, date_string="26 Jul 2024")' in model_card._example_inputs(facts)
+    example = model_card._example_inputs(facts)
+    assert 'apply_chat_template(messages, tokenize=True, date_string="26 Jul 2024")' in example
     assert "training rendered every text as on 26 Jul 2024" in model_card._text_rules(facts)
 
 

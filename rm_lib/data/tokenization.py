@@ -78,20 +78,35 @@ def opening_length(prompt: list[dict], rendered: str, wholes: list[str], whole_i
     return min([len(ids), *(_shared(ids, whole) for whole in whole_ids)])
 
 
-def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: SpecialTokens) -> list[dict]:
+def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: SpecialTokens,
+                   refused: list[dict] | None = None) -> list[dict]:
     """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call. A row whose
     rendering lacks the text of a system or user turn of its prompt carries `prompt_left_out` (the step
-    counts them)."""
-    text_pairs = [p for p in pairs if "input_ids_chosen" not in p]
-    prompts, chosen, rejected = [], [], []
-    for pair in text_pairs:
-        prompts.append(_render(pair, "prompt", template, tokenizer) if pair["prompt"] else "")
-        chosen.append(_render(pair, "chosen", template, tokenizer))
-        rejected.append(_render(pair, "rejected", template, tokenizer))
+    counts them). A pair the chat template refuses is a DataError, or, given `refused`, set aside there
+    ({"id", "reason": "template_refused", "why"}): one odd row of a large set (two assistant turns in a
+    row, under Mistral's template) stopped the whole step."""
+    text_pairs, prompts, chosen, rejected, aside = [], [], [], [], set()
+    for pair in pairs:
+        if "input_ids_chosen" in pair:
+            continue
+        try:
+            texts = (_render(pair, "prompt", template, tokenizer) if pair["prompt"] else "",
+                     _render(pair, "chosen", template, tokenizer), _render(pair, "rejected", template, tokenizer))
+        except DataError as exc:
+            if refused is None:
+                raise
+            refused.append({"id": pair["id"], "reason": "template_refused", "why": str(exc)})
+            aside.add(pair["id"])
+            continue
+        text_pairs.append(pair)
+        for texts_of, text in zip((prompts, chosen, rejected), texts):
+            texts_of.append(text)
     texts = iter(zip(text_pairs, prompts, chosen, rejected))
     encoded = iter(zip(_encode(tokenizer, prompts), _encode(tokenizer, chosen), _encode(tokenizer, rejected)))
     rows = []
     for pair in pairs:
+        if pair["id"] in aside:
+            continue
         left = False
         if "input_ids_chosen" in pair:  # pretokenized: trust the ids, but still end every side with EOS
             ids_c, ids_r, prompt_len = pair["input_ids_chosen"], pair["input_ids_rejected"], None
@@ -124,8 +139,11 @@ def _init_worker(tokenizer_path: str, template: str) -> None:
     _WORKER.update(tokenizer=tokenizer, template=template, special=special_tokens(tokenizer))
 
 
-def _worker_batch(pairs: list[dict]) -> list[dict]:
-    return tokenize_batch(pairs, _WORKER["tokenizer"], _WORKER["template"], _WORKER["special"])
+def _worker_batch(pairs: list[dict], set_aside: bool) -> tuple[list[dict], list[dict]]:
+    refused: list[dict] = []
+    rows = tokenize_batch(pairs, _WORKER["tokenizer"], _WORKER["template"], _WORKER["special"],
+                          refused if set_aside else None)
+    return rows, refused
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer: Any, template: str, *, batch_size: int = 1000,
@@ -136,18 +154,22 @@ def tokenize_pairs(pairs: list[dict], tokenizer: Any, template: str, *, batch_si
 
 
 def tokenize_batches(pairs: list[dict], tokenizer: Any, template: str, *, batch_size: int = 1000,
-                     num_proc: int = 1, tokenizer_path: str | None = None) -> Iterator[list[dict]]:
+                     num_proc: int = 1, tokenizer_path: str | None = None,
+                     refused: list[dict] | None = None) -> Iterator[list[dict]]:
     """The pairs' rows a batch at a time, in order: the tokenize step writes each as it comes. Fast
     tokenizers already use several threads per batch; with num_proc > 1 the template rendering (Python)
-    also runs in parallel processes."""
+    also runs in parallel processes. `refused`: as tokenize_batch's."""
     special = special_tokens(tokenizer)
     batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
     if num_proc > 1 and len(batches) > 1 and tokenizer_path is not None:
         pool = ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(tokenizer_path, template))
         try:
-            yield from pool.map(_worker_batch, batches)
+            for rows, aside in pool.map(_worker_batch, batches, [refused is not None] * len(batches)):
+                if refused is not None:
+                    refused += aside
+                yield rows
         finally:  # a batch that failed, or a reader that stopped: the batches not begun are not waited for
             pool.shutdown(wait=True, cancel_futures=True)
         return
     for batch in batches:
-        yield tokenize_batch(batch, tokenizer, template, special)
+        yield tokenize_batch(batch, tokenizer, template, special, refused)

@@ -257,7 +257,7 @@ def _skipped(entry: dict) -> str:
 def _held_out(metrics: dict) -> str:
     """Beside the pairs scored: the held-out pairs the filter set aside, where it set any aside."""
     aside = set_aside_by_filter(metrics)
-    return "" if aside is None else (f" of {aside[0]} held out; the length filter set aside {aside[1]} ({aside[2]}), "
+    return "" if aside is None else (f" of {aside[0]} held out, {aside[1]} set aside ({aside[2]}), "
                                      "so the figures are of the others only")
 
 

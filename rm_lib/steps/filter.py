@@ -11,7 +11,7 @@ from rm_lib.data import length_filter
 from rm_lib.data.tokenstore import read_batches, write_batches
 from rm_lib.errors import DataError
 from rm_lib.evaluation import plots
-from rm_lib.files import atomic_dir, read_json, tree_sha256, write_json, write_jsonl
+from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.progress import Progress
@@ -103,6 +103,10 @@ def run(params: Params, layout: Layout) -> FilterResult:
     check_within_positions(cfg.max_token_length, meta.get("max_length"), meta["model"])
     kept, dropped, truncated, lengths = {}, {}, {}, {"prompt": [], "chosen": [], "rejected": []}
     digests = {}
+    # the pairs tokenize set aside (their chat template refused them) are counted with filter's: the held-out
+    # figures are of the pairs left after both
+    refused_path = layout.tokenized / "refused.jsonl"
+    refused = read_jsonl(refused_path) if refused_path.exists() else []
     with atomic_dir(layout.filtered) as out:
         all_dropped = []
         for split in SPLITS:
@@ -113,8 +117,11 @@ def run(params: Params, layout: Layout) -> FilterResult:
                 raise DataError(f"no {split} pair is left ({outcome.dropped_by_reason}): "
                                 f"{_advice(outcome.dropped_by_reason, cfg.policy)}",
                                 file=str(layout.tokenized / f"{split}.parquet"))
-            all_dropped += [dict(d, split=split) for d in outcome.dropped]
+            by_template = [r for r in refused if r.get("split") == split]
+            all_dropped += by_template + [dict(d, split=split) for d in outcome.dropped]
             dropped[split], truncated[split] = outcome.dropped_by_reason, outcome.truncated
+            if by_template:
+                dropped[split]["template_refused"] = len(by_template)
         write_jsonl(out / "dropped.jsonl", all_dropped)
         plots.length_histograms(lengths, {"prompt": cfg.max_prompt_token_length, "chosen": cfg.max_token_length,
                                           "rejected": cfg.max_token_length}, out / "lengths.png",

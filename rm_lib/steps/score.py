@@ -127,11 +127,12 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
     Pretokenized ids are read as given, as tokenize reads them. A sure tie is set aside as filter does."""
     max_len, max_prompt, policy = model_lengths(scorer, chosen)
     scorer.max_length = max_len  # the scorer reads the pairs to this length, not only to the model's own
-    kept, dropped_rows = [], []
+    kept, dropped_rows, refused = [], [], []
     size = params.tokenize.batch_size  # a batch at a time, held to the lengths at once: memory of the cut rows only
     progress = Progress("score: tokenize", len(pairs), "pairs", note="")
     for start in range(0, len(pairs), size):
-        rows = tokenization.tokenize_batch(pairs[start:start + size], scorer.tokenizer, scorer.template, scorer.special)
+        rows = tokenization.tokenize_batch(pairs[start:start + size], scorer.tokenizer, scorer.template, scorer.special,
+                                           refused)
         outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
                                       policy=policy or params.filter.policy, keep_front=len(scorer.special.prefix),
                                       template_start=scorer.special.template_start)
@@ -140,6 +141,9 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
         progress(start + size)
     by_id = {pair["id"]: pair for pair in pairs}
     rejects = list(rejects)
+    for aside in refused:  # as tokenize sets them aside
+        file, row = aside["id"].rsplit(":", 1)
+        rejects.append(_reject_row(file, int(row), aside["reason"], aside["why"], by_id[aside["id"]], own_ids))
     for dropped in dropped_rows:
         file, row = dropped["id"].rsplit(":", 1)
         rejects.append(_reject_row(file, int(row), dropped["reason"], _why(dropped, max_len, max_prompt),

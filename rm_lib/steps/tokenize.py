@@ -8,13 +8,16 @@ from pathlib import Path
 
 from rm_lib.data import keys, templates, tokenization
 from rm_lib.data.tokenstore import write_batches
-from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json
+from rm_lib.errors import DataError
+from rm_lib.files import atomic_dir, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.model.modeling import load_model_config, load_tokenizer, max_sequence_length, resolve_model_path
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.progress import Progress
 from rm_lib.settings import Params
+
+REFUSED = "refused.jsonl"  # the pairs the chat template refused, with its words
 
 
 @dataclass
@@ -35,6 +38,8 @@ class TokenizeResult:
     template_start_id: int | None = None  # SpecialTokens.template_start: a BOS the template writes, kept by a cut
     # pairs per split whose rendering lacks the text of a system or user turn of their prompt
     prompts_left_out: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)  # pairs per split the chat template refused, set aside
+    first_refusal: str = ""  # the template's words for the first of them
 
     def manifest(self) -> dict:
         """manifest.json: what filter, train and the model card read of this tokenization."""
@@ -42,7 +47,8 @@ class TokenizeResult:
                 "special_prefix": self.special_prefix, "end_token_id": self.end_token_id,
                 "pad_token_id": self.pad_token_id, "content_hash": self.content_hash, "inputs": self.inputs,
                 "max_length": self.max_length, "settings": self.settings, "revision": self.revision,
-                "template_start_id": self.template_start_id, "prompts_left_out": self.prompts_left_out}
+                "template_start_id": self.template_start_id, "prompts_left_out": self.prompts_left_out,
+                "refused_by_template": self.refused}
 
     def summary(self) -> str:
         left = sum(self.prompts_left_out.values())
@@ -53,7 +59,11 @@ class TokenizeResult:
                    "the model trains and is evaluated on them without it (Mistral v0.3's template writes a system "
                    "turn only into a last user turn, never before an answer); keep it with "
                    "tokenize.template=chatml or simple_chat, or fold it into the first user turn"
-                   if left else ""))
+                   if left else "")
+                + (f"\nwarning: the chat template refused {sum(self.refused.values())} pair(s) "
+                   f"({self.refused.get('train', 0)} train, {self.refused.get('test', 0)} test), set aside in "
+                   f"{self.output_dir / REFUSED} with its words; the first: {self.first_refusal}"
+                   if sum(self.refused.values()) else ""))
 
 
 def _model_config(params: Params):
@@ -84,15 +94,15 @@ def prompt_digests(pairs: dict[str, list[dict]]) -> dict[str, list[str]]:
     return {"train": found[:len(pairs["train"])], "test": found[len(pairs["train"]):]}
 
 
-def _digested(batches: Iterator[list[dict]], digests: list[str], progress: Progress,
+def _digested(batches: Iterator[list[dict]], digests: dict[str, str], progress: Progress,
               tally: list[int]) -> Iterator[list[dict]]:
-    """The batches with each row's prompt digest, their tokens added to tally[0] and the rows whose
-    prompt the template left out in part to tally[1], written as they come: a large split is never all
-    in memory."""
+    """The batches with each row's prompt digest (by its pair's id: a pair the template refused has no
+    row), their tokens added to tally[0] and the rows whose prompt the template left out in part to
+    tally[1], written as they come: a large split is never all in memory."""
     done = 0
     for rows in batches:
-        for row, found in zip(rows, digests[done:done + len(rows)]):
-            row["prompt_digest"] = found
+        for row in rows:
+            row["prompt_digest"] = digests[row["id"]]
             tally[1] += bool(row.pop("prompt_left_out", False))
         done += len(rows)
         tally[0] += sum(len(r["input_ids_chosen"]) + len(r["input_ids_rejected"]) for r in rows)
@@ -107,7 +117,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
     recorded = _recorded_template(params.model.name_or_path)
     template = templates.resolve(params.tokenize.template, tokenizer, recorded=recorded)
     special = tokenization.special_tokens(tokenizer)
-    counts, tokens, left_out = {}, {}, {}
+    counts, tokens, left_out, refused = {}, {}, {}, {split: [] for split in SPLITS}
     read = {split: read_jsonl(layout.pairs / f"{split}.jsonl") for split in SPLITS}
     digests = prompt_digests(read)
     with atomic_dir(layout.tokenized) as out:
@@ -117,22 +127,28 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
                 tokenization.check_token_ids(pairs, vocab_size(params, tokenizer), file=str(source))
             batches = tokenization.tokenize_batches(pairs, tokenizer, template, batch_size=params.tokenize.batch_size,
                                                     num_proc=params.tokenize.num_proc,
-                                                    tokenizer_path=resolve_model_path(params.model.name_or_path))
+                                                    tokenizer_path=resolve_model_path(params.model.name_or_path),
+                                                    refused=refused[split])
             progress = Progress(f"tokenize {split}", len(pairs), "pairs", note="")
             tally = [0, 0]  # the split's tokens and rows with a prompt left out, counted as its rows go by
             # closed here when the writing fails (a full disk): its workers stop now, not when the garbage
             # collector gets to it (on the pool's own thread, which cannot join itself)
             with contextlib.closing(batches):
-                counts[split] = write_batches(out / f"{split}.parquet",
-                                              _digested(batches, digests[split], progress, tally))
+                by_id = dict(zip((p["id"] for p in pairs), digests[split]))
+                counts[split] = write_batches(out / f"{split}.parquet", _digested(batches, by_id, progress, tally))
             tokens[split], left_out[split] = tally
+            if pairs and not counts[split]:  # every pair refused: the template's own words for the first
+                raise DataError(f"the chat template refused every {split} pair; the first: {refused[split][0]['why']}",
+                                file=str(source))
+        write_jsonl(out / REFUSED, [dict(r, split=split) for split in SPLITS for r in refused[split]])
         result = TokenizeResult(
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
             model=params.model.name_or_path, revision=params.model.revision, special_prefix=list(special.prefix),
             end_token_id=special.end, template_start_id=special.template_start,
             pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize),
-            prompts_left_out=left_out,
+            prompts_left_out=left_out, refused={split: len(refused[split]) for split in SPLITS},
+            first_refusal=next((r["why"] for split in SPLITS for r in refused[split]), ""),
             max_length=max_sequence_length(_model_config(params), tokenizer))
         write_json(out / "manifest.json", result.manifest())
         write_code_record(out, "tokenize")
