@@ -576,7 +576,9 @@ def hub_metadata(result, configured: Optional[str]) -> dict:
         return {"uploaded": False, "hub_url": dg.MetadataValue.text(said), "refused_by_release_gate": result.refused,
                 "repo_id": _text(configured), "commit": "none", "hub_tag": "none"}
     return {"uploaded": True, "hub_url": dg.MetadataValue.url(result.url), "repo_id": _text(result.repo_id),
-            "commit": _text(result.commit), "hub_tag": _text(result.tag)}
+            "commit": _text(result.commit), "new_revision": result.new_revision,
+            "hub_tag": _text(result.tag) if result.tag else dg.MetadataValue.text(
+                f"none: the revision is published, but it could not be tagged ({printable(result.tag_error or '')})")}
 
 
 @dg.asset(group_name=GROUP, code_version=code_hash("push"), automation_condition=AFTER_BLOCKING_CHECKS,

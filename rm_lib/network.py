@@ -4,9 +4,12 @@ Time limit: every HTTP request made through huggingface_hub's shared client wait
 RM_HUB_TIMEOUT_S seconds (default 60) to connect and for each read or write, and an answer still
 coming after that long at under 1 KiB/s on average is given up on too (a byte now and then would
 reset a per-read limit for ever). That client carries
-the push (HfApi), the dataset resolution of `datasets.load_dataset` and `hub_fingerprint`, and the
-model resolution of transformers. W&B's init waits as long (its `init_timeout`). A request that gets
-no answer in time ends in a UserError with `transient=True`, the same as a closed port.
+the push (HfApi: its uploads take the LFS path, see xet_off), the dataset resolution of
+`datasets.load_dataset` and `hub_fingerprint`, and the model resolution of transformers. A model file
+kept in Xet storage downloads through hf_xet's own client, with its own limits (HF_XET_CLIENT_READ_TIMEOUT,
+retries for up to HF_XET_CLIENT_RETRY_MAX_DURATION), not this one's. W&B's init waits as long (its
+`init_timeout`). A request that gets no answer in time ends in a UserError with `transient=True`, the
+same as a closed port.
 
 Retries: exactly one layer retries a transient error (UserError.transient).
 - The CLI, `dvc repro` and any Python caller: rm_lib itself. A push is tried RM_PUSH_RETRIES times
@@ -239,6 +242,22 @@ def hub_retries_off() -> Iterator[None]:
     finally:
         for d, value in zip(defaults, before):
             d["max_retries"] = value
+
+
+@contextlib.contextmanager
+def xet_off() -> Iterator[None]:
+    """Inside: huggingface_hub uploads through the Hub's Git LFS path, which the Hub takes into a Xet-backed
+    repository too, and so through the time-limited HTTP client. With hf_xet installed it uploads by
+    hf_xet's own client (Rust), which neither hook nor RM_HUB_TIMEOUT_S reaches, and which retries on its
+    own for minutes: a storage server that took the connection and never answered hung a push for good."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = before
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -4,7 +4,7 @@ No maintained package on PyPI serves the Hub's write API for tests: hf-local-hub
 client for a separate Go server that PyPI does not ship, and huggingface_hub ships no test
 server. So the tests own this one. It answers what huggingface_hub 2.4's HfApi sends for
 create_repo, upload_folder (preupload, validate-yaml, the LFS batch API with basic PUT uploads
-and verify, the NDJSON commit), create_tag, list_repo_refs, repo_info and whoami, a GET of a
+and verify, the NDJSON commit), create_tag, list_repo_refs, list_repo_commits, repo_info and whoami, a GET of a
 revision's file (`/resolve/`, as the Hub serves small files), and the client's anonymous fetch
 of its agent-harness registry. Xet storage is refused: the client has no fallback from Xet to
 LFS, so a client with hf_xet installed needs HF_HUB_DISABLE_XET=1 whenever this server asks for
@@ -204,6 +204,17 @@ class HubServer(_Served):
         return {"branches": [ref("heads", n, o) for n, o in repo.branches.items()], "converts": [],
                 "tags": [ref("tags", n, o) for n, o in repo.tags.items()], "pullRequests": []}
 
+    def commits(self, auth: str | None, repo_id: str, rev: str) -> list[dict]:
+        """The history of a revision, newest first (one page)."""
+        repo = self.readable(repo_id, self.user(auth, required=False))
+        history, commit = [], repo.resolve(rev)
+        while True:
+            history.append({"id": commit.oid, "title": commit.message, "message": "", "authors": [{"user": repo.owner}],
+                            "date": "2026-01-01T00:00:00.000Z"})
+            if commit.parent is None:
+                return history
+            commit = repo.commits[commit.parent]
+
     def tree(self, auth: str | None, repo_id: str, rev: str) -> list[dict]:
         """Every file of the revision, as a recursive listing gives them (one page)."""
         repo = self.readable(repo_id, self.user(auth, required=False))
@@ -325,6 +336,7 @@ class HubServer(_Served):
             ("GET", rf"/api/models/{REPO}/revision/{REV}", lambda m: self.repo_info(auth, m["repo"], m["rev"])),
             ("GET", rf"/api/models/{REPO}/refs", lambda m: self.refs(auth, m["repo"])),
             ("GET", rf"/api/models/{REPO}/tree/{REV}", lambda m: self.tree(auth, m["repo"], m["rev"])),
+            ("GET", rf"/api/models/{REPO}/commits/{REV}", lambda m: self.commits(auth, m["repo"], m["rev"])),
             ("POST", rf"/api/models/{REPO}/preupload/{REV}",
              lambda m: self.preupload(auth, m["repo"], m["rev"], body())),
             ("POST", rf"/api/models/{REPO}/commit/{REV}",
@@ -467,10 +479,11 @@ class SilentServer:
 
 class UnavailableServer(_Served):
     """A Hub in an outage: every request, HEAD included, is answered 503 on 127.0.0.1. `requests` holds
-    "METHOD /path" of each request received."""
+    "METHOD /path" of each request received. `page`: answer every request with this HTML instead, under
+    `status` (a proxy's login page, a web server that is no Hub)."""
 
-    def __init__(self, status: int = 503) -> None:
-        self.status = status
+    def __init__(self, status: int = 503, page: bytes | None = None) -> None:
+        self.status, self.page = status, page
         self.requests: list[str] = []
         self.httpd: ThreadingHTTPServer | None = None
 
@@ -486,9 +499,9 @@ class UnavailableServer(_Served):
             def _answer(self) -> None:
                 server.requests.append(f"{self.command} {urlsplit(self.path).path}")
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                data = b"" if self.command == "HEAD" else b'{"error": "Service temporarily unavailable"}'
+                data = b"" if self.command == "HEAD" else server.page or b'{"error": "Service temporarily unavailable"}'
                 self.send_response(server.status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/html" if server.page else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("X-Error-Message", "Service temporarily unavailable")
                 self.end_headers()

@@ -266,21 +266,61 @@ def test_push_with_the_installed_xet_client_uploads_the_same_files(project, monk
     assert result.uploaded and published(srv) == release_files(project) and srv.unhandled == []
 
 
+class XetHub(HubServer):
+    """A Hub that hands out Xet write tokens whose storage server (`cas_url`) takes connections and never
+    answers."""
+
+    def __init__(self, cas_url: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cas_url, self.xet_asked = cas_url, 0
+
+    def route(self, method: str, path: str, auth: str | None, raw: bytes):
+        if re.fullmatch(r"/api/models/.+/xet-write-token/.+", path):
+            import time
+
+            self.xet_asked += 1
+            return {"accessToken": "xet-token", "exp": int(time.time()) + 3600, "casUrl": self.cas_url}
+        return super().route(method, path, auth, raw)
+
+
+def test_a_push_never_waits_on_the_xet_client_which_no_time_limit_reaches(project, monkeypatch, tmp_path):
+    """With hf_xet installed (the default) the weights went by Xet's own client, which RM_HUB_TIMEOUT_S
+    does not reach: a storage server that never answered hung the push past ten minutes. Uploads take the
+    Hub's LFS path, through the time-limited client."""
+    client_env(monkeypatch, tmp_path, xet=True)
+    with SilentServer() as cas, XetHub(cas.url, tokens={TOKEN: USER}) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set", f"push.repo_id={REPO}",
+                              "--set", "push.min_accuracy=0", "--set", "push.min_test_pairs=1", "push"],
+                             cwd=project, env={**os.environ, "RM_HUB_TIMEOUT_S": "5"}, capture_output=True, text=True,
+                             timeout=240)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert srv.xet_asked == 0 and cas.requests == [] and published(srv) == release_files(project)
+
+
 # ---------------------------------------------------------------- (b) dry run
 
 @pytest.mark.parametrize("extra", [["push.dry_run=true"], ["push.repo_id=null"]])
 def test_dry_run_writes_the_release_and_sends_nothing(project, server, monkeypatch, tiny_decoder, extra):
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
     shutil.rmtree(Layout(project).release, ignore_errors=True)
-    result = push_step(settings(tiny_decoder, *extra), project)
+    result = push_step(settings(tiny_decoder, *extra, COMPARED), project)
     assert not result.uploaded and server.requests == [] and server.repos == {}
     written = release_files(project)
     assert sorted(written) == result.files and "nothing uploaded" in result.summary()
     assert {"model.safetensors", "README.md", "evaluation.json", "rewards.png"} <= set(written)
     if extra == ["push.dry_run=true"]:  # exactly what a push then uploads
         monkeypatch.setenv("HF_TOKEN", TOKEN)
-        push_step(settings(tiny_decoder), project)
+        push_step(settings(tiny_decoder, COMPARED), project)
         assert published(server) == written
+        # one that compares nothing says so in its evaluation.json, and passes on the bar it found (the release
+        # just pushed) instead of becoming it
+        push_step(settings(tiny_decoder, *extra), project)
+        uncompared, pushed = (json.loads(files["evaluation.json"]) for files in (release_files(project), written))
+        assert uncompared.pop(quality.UNCOMPARED_DRY_RUN) is True
+        assert pushed.pop(quality.JUDGED_AGAINST) is None  # the first release
+        assert uncompared.pop(quality.JUDGED_AGAINST)["model"] == pushed["inputs"]["model"]
+        assert uncompared == pushed
 
 
 def test_release_files_are_0644_when_the_model_and_pictures_are_read_only(project, tiny_decoder):
@@ -685,6 +725,8 @@ ERRORS = {  # case -> (what to change, words the message must hold)
     "no_permission": ({"repo": "bob/tiny-rm"}, ["may not write to 'bob/tiny-rm'", "403", "'bob' namespace"]),
     "bad_name_hub": ({"repo": "alice/_tiny-rm"}, ["not a valid repository name", "Invalid repo name"]),
     "network_down": ({"endpoint": "closed"}, ["cannot reach the Hub", "after 3 tries", "check the network"]),
+    # a character pasted with the token: the client's header encoding failed with a traceback
+    "non_ascii_token": ({"HF_TOKEN": TOKEN + "\u00e9"}, ["holds a character that is not ASCII", "HF_TOKEN"]),
 }
 
 
@@ -725,7 +767,7 @@ def test_push_errors_say_what_to_do_and_keep_the_model(case, project, server, mo
         assert "cret" not in message and "cannot reach the Hub at http://127.0.0.1:" in message
     else:
         assert sleeps == [] and not raised.value.transient
-    if case == "no_token":
+    if case in ("no_token", "non_ascii_token"):
         assert server.requests == []  # found out before asking the Hub
 
 
@@ -741,6 +783,30 @@ def test_push_errors_through_the_cli_exit_2_without_traceback(case, project, ser
     for words in ERRORS[case][1]:
         assert words in out.stderr
     assert TOKEN not in out.stdout + out.stderr
+
+
+def test_an_endpoint_that_is_no_hub_or_carries_a_password_is_said_in_one_line(project, server, monkeypatch):
+    """HF_ENDPOINT answering with a web page (a proxy's login, a wrong address) was a JSON traceback, exit 1;
+    one with user:password@ in it has the client send them instead of the token, and the line sent the user
+    off to make a new token that was fine."""
+    from hub_server import UnavailableServer
+
+    cases = []
+    with UnavailableServer(200, page=b"<html><body>Please log in</body></html>") as page:
+        cases.append((page.url, ["answered with something other than the Hub's JSON", "check HF_ENDPOINT"]))
+        cases.append((server.url.replace("http://", "http://alice:s3cr3t@"),
+                      ["HF_ENDPOINT carries a user and password, which the client sends instead of the token"]))
+        for url, words in cases:
+            monkeypatch.setenv("HF_ENDPOINT", url)
+            out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(project), "--set",
+                                  f"push.repo_id={REPO}", "--set", "push.min_accuracy=0", "--set",
+                                  "push.min_test_pairs=1", "push"],
+                                 cwd=project, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2, out.stdout + out.stderr
+            assert "Traceback" not in out.stderr and out.stderr.splitlines()[-1].startswith("error: ")
+            for said in words:
+                assert said in out.stderr, (said, out.stderr)
+            assert "s3cr3t" not in out.stderr and TOKEN not in out.stderr
 
 
 def test_a_hub_outage_is_retried_then_the_push_goes_through(project, server, monkeypatch, tiny_decoder, capfd):
@@ -762,6 +828,17 @@ def test_offline_mode_says_how_to_push(project, server, monkeypatch, tiny_decode
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE .* is set.*push.dry_run=true"):
         push_step(settings(tiny_decoder), project)
     assert server.requests == []
+
+
+def test_a_run_that_would_push_in_offline_mode_is_refused_before_its_first_step(tmp_path):
+    """`run` with push.repo_id under HF_HUB_OFFLINE (make's default) downloaded, trained and evaluated, then
+    failed at push: refused before anything, as other mistakes of later steps are."""
+    out = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "--set", f"push.repo_id={REPO}",
+                          "--set", "download.demo_pairs=60", "run"], cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "push.repo_id is set, but HF_HUB_OFFLINE" in out.stderr and "push.dry_run=true" in out.stderr
+    assert not (tmp_path / "data").exists() and "download:" not in out.stdout
 
 
 # ---------------------------------------------------------------- (f) time limits and the one retry layer
@@ -879,21 +956,30 @@ def test_a_first_push_raced_by_another_clone_uploads_nothing(project, server, ti
 
 
 @pytest.mark.parametrize("evaluation", [b"[]", b"not json", b'{"accuracy": 0.7, "inputs": "x"}'])
-def test_an_evaluation_json_of_another_project_on_the_hub_is_no_bar(project, server, tiny_decoder, evaluation):
-    """A repository holding files of its own (another tool's evaluation.json): not read as a release of
-    this project, whose keys the gate reads (it crashed, or blamed a temporary folder), whatever
-    push.compare_with_release says."""
+def test_a_repository_of_another_model_is_not_pushed_over(project, server, tiny_decoder, evaluation):
+    """A repository holding files that are no release of this project (another tool's evaluation.json, another
+    model's weights: a typo in push.repo_id): a push deleted them without a word, as it deletes an earlier
+    release's. Refused, naming them, nothing uploaded; their evaluation.json is never read as a bar (it
+    crashed the gate). A repository holding only the README.md the Hub's page made is pushed to."""
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=server.url, token=TOKEN)
     api.create_repo(REPO, private=True)
-    for extra, buckets in (((COMPARED,), 2), ((), 3)):  # compared, then not: neither reads it as a release
-        api.upload_file(path_or_fileobj=evaluation, path_in_repo="evaluation.json", repo_id=REPO)
-        result = push_step(settings(tiny_decoder, *extra, f"evaluate.length_buckets={buckets}"), project)
-        assert result.uploaded
-        assert (f"{REPO} held an evaluation.json that is no release of this project: no earlier model to compare "
-                "with" in result.summary()) is bool(extra)
-        assert json.loads((Layout(project).release / "evaluation.json").read_text())[quality.JUDGED_AGAINST] is None
+    api.upload_file(path_or_fileobj=evaluation, path_in_repo="evaluation.json", repo_id=REPO)
+    api.upload_file(path_or_fileobj=b"weights", path_in_repo="pytorch_model.bin", repo_id=REPO)
+    head = api.repo_info(REPO).sha
+    for extra in ((COMPARED,), ()):
+        with pytest.raises(PublishError, match=rf"'{REPO}' holds files that are no release of this project "
+                                               r"\(evaluation.json, pytorch_model.bin\): a push .* would delete them; "
+                                               r"push to another repository"):
+            push_step(settings(tiny_decoder, *extra), project)
+        assert api.repo_info(REPO).sha == head and not Layout(project).release.exists()
+    api.delete_files(REPO, delete_patterns=["evaluation.json", "pytorch_model.bin"])
+    api.upload_file(path_or_fileobj=b"# my model", path_in_repo="README.md", repo_id=REPO)
+    result = push_step(settings(tiny_decoder, COMPARED), project)
+    assert result.uploaded and published(server) == release_files(project)
+    assert f"{REPO} held no release of this project before this one" in result.summary()
+    assert json.loads((Layout(project).release / "evaluation.json").read_text())[quality.JUDGED_AGAINST] is None
 
 
 def test_the_push_line_names_the_hubs_revision_only_where_it_compared_with_it(project, server, tiny_decoder):
@@ -911,6 +997,38 @@ def test_the_push_line_names_the_hubs_revision_only_where_it_compared_with_it(pr
     head = server.repos[REPO].branches["main"]
     said = push_step(settings(tiny_decoder, "evaluate.length_buckets=3", COMPARED), project).summary()
     assert f"compared with the release at {REPO} revision {head}, as the Hub held it" in said
+
+
+def test_a_revision_that_landed_but_could_not_be_tagged_is_published_and_a_push_again_tags_it(
+        project, server, tiny_decoder, monkeypatch, capfd):
+    """The Hub took the revision, then refused its tag (503 on every try): the push failed, "run the push
+    step again", with the new release on the Hub and data/release the last one. It is published: the
+    release is recorded and the line says the tag is missing; a push again makes no revision and tags it."""
+    monkeypatch.setattr(hub, "_wait", lambda seconds: None)
+    push_step(settings(tiny_decoder), project)
+    changed = settings(tiny_decoder, "evaluate.length_buckets=2")
+    run_steps(changed, project, "evaluate")
+    real_tag = server.create_tag
+
+    def refused(auth, repo_id, rev, body):
+        from hub_server import HubError
+
+        raise HubError(503, "tags are down")
+
+    monkeypatch.setattr(server, "create_tag", refused)
+    result = push_step(changed, project)
+    head = server.repos[REPO].branches["main"]
+    assert result.uploaded and result.new_revision and result.commit == head and result.tag is None
+    assert published(server) == release_files(project)  # data/release is what the Hub holds
+    said = result.summary()
+    assert f"warning: revision {head} is published, but it could not be tagged: " in said
+    assert "answered 503 after 3 tries" in said and "push again to tag it" in said
+    monkeypatch.setattr(server, "create_tag", real_tag)
+    again = push_step(changed, project)
+    assert server.repos[REPO].branches["main"] == head and not again.new_revision and again.tag
+    assert server.repos[REPO].tags[again.tag] == head
+    assert f"holds this release already (revision {head}): no new revision" in again.summary()
+    assert "uploaded" not in again.summary()
 
 
 def test_a_push_whose_answer_was_lost_and_whose_revision_landed_ends_as_a_success(project, server, tiny_decoder,
@@ -937,6 +1055,35 @@ def test_a_push_whose_answer_was_lost_and_whose_revision_landed_ends_as_a_succes
     assert len(calls) == 2 and calls[0] == calls[1] is not None  # both named the head the gate read
     assert result.uploaded and result.commit == server.repos[REPO].branches["main"]
     assert server.repos[REPO].tags[result.tag] == result.commit and published(server) == release_files(project)
+
+
+def test_a_lost_answer_under_another_clones_revision_says_the_release_landed(project, server, tiny_decoder,
+                                                                             monkeypatch):
+    """Our revision landed, another clone's went on top, and our answer was lost: the retry said "nothing
+    uploaded" of a release the Hub's history holds. It says where it landed, and what the head is."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(hub, "_wait", lambda seconds: None)
+    real = HfApi.upload_folder
+
+    def landed_then_raced(self, **kwargs):
+        info = real(self, **kwargs)
+        if not hasattr(landed_then_raced, "done"):
+            landed_then_raced.done = info.oid
+            _better_release_pushed_from_elsewhere(server, project)
+            raise TimeoutError("the answer was lost")
+        return info
+
+    push_step(settings(tiny_decoder), project)
+    before = release_files(project)
+    changed = settings(tiny_decoder, "evaluate.length_buckets=2")
+    run_steps(changed, project, "evaluate")
+    monkeypatch.setattr(HfApi, "upload_folder", landed_then_raced)
+    with pytest.raises(PublishError, match=f"this model's release landed on '{REPO}' as revision ") as raised:
+        push_step(changed, project)
+    assert f"as revision {landed_then_raced.done}, but a push from elsewhere" in str(raised.value)
+    head = server.repos[REPO].branches["main"]
+    assert server.repos[REPO].commits[head].parent == landed_then_raced.done and release_files(project) == before
 
 
 def test_a_private_release_is_never_pushed_into_a_public_repository(project, server, tiny_decoder, capsys):

@@ -90,6 +90,25 @@ def test_a_dry_run_below_the_gate_writes_the_release_saying_so_and_the_bar_stays
     assert bar is not None and bar["model"] == released and bar["accuracy"] == accuracy(project)
 
 
+def test_a_dry_run_that_compared_nothing_leaves_the_bar_where_it_was(project, tiny_decoder):
+    """A dry run under push.compare_with_release=false passes whatever the last release's accuracy, and it
+    writes data/release: a model below the last release became the bar that later dry runs, pushes without
+    push.repo_id and Dagster's release_gate check were judged against. It passes the earlier bar on."""
+    run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
+    release = Layout(project).release
+    previous = json.loads((release / "evaluation.json").read_text())
+    better = accuracy(project) + 0.01
+    write_json(release / "evaluation.json", {**previous, "accuracy": better,
+                                             "inputs": {**previous["inputs"], "model": "an earlier model"}})
+    uncompared = run_steps(tiny_params("push.min_accuracy=0", "push.dry_run=true", model=str(tiny_decoder)),
+                           project, "push")["push"]
+    assert not uncompared.refused
+    assert quality.release_bar(Layout(project), "another model")["accuracy"] == better
+    with pytest.raises(ReleaseBlocked, match=f"below the last released model's {better:.4f}"):
+        run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder)),
+                  project, "push")
+
+
 def test_force_releases_and_the_card_says_the_gate_failed(project, tiny_decoder):
     params = tiny_params("push.min_accuracy=1.0", "push.force=true", model=str(tiny_decoder))
     run_steps(params, project, "push")

@@ -194,6 +194,8 @@ def beats_length_baseline(layout: Layout) -> Verdict:
 
 
 JUDGED_AGAINST = "judged_against"  # in data/release/evaluation.json: the bar that release's gate compared it with
+# in data/release/evaluation.json: a dry run under push.compare_with_release=false, whose gate compared nothing
+UNCOMPARED_DRY_RUN = "uncompared_dry_run"
 TEST_DATA = "test_data"  # in report.json: which held-out pairs the accuracy was measured on (test_data_record)
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 CHANCE = 0.5  # the accuracy of a coin: a released model's 95% interval lies above it
@@ -267,8 +269,11 @@ FORCED_BY_EARLIER_VERSION = "forced_by_earlier_version"
 
 def stands_on_its_bar(record: dict, model: str | None) -> bool:
     """Whether a release's record (its evaluation.json) passes its own bar on to the next model rather than
-    being one: forced past a failed gate, or holding `model` itself (a push again of what it holds)."""
-    return bool(record.get("forced")) or (model is not None and _bar(record)["model"] == model)
+    being one: forced past a failed gate, a dry run that compared nothing (a model below the last release
+    lowered the bar of later dry runs and of Dagster's check), or holding `model` itself (a push again of
+    what it holds)."""
+    return (bool(record.get("forced")) or bool(record.get(UNCOMPARED_DRY_RUN))
+            or (model is not None and _bar(record)["model"] == model))
 
 
 def release_bar(layout: Layout, model: str | None = None, release: Path | None = None) -> dict | None:

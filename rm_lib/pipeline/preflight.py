@@ -13,8 +13,9 @@ def check_before(steps: Collection[str], params: Params) -> None:
     """A SettingsError for a mistake that one of `steps` would otherwise meet only once it runs: a model
     that cannot be a one-output reward model (its config, and its weights where train is among them), a
     max_token_length past what the model reads, LoRA targets that match no module, an evaluation suite
-    naming a file that is not there. Each step checks its own settings again when it runs; a step run
-    alone is not checked here for what it checks itself at once (filter's length, evaluate's suites).
+    naming a file that is not there, a push to the Hub in offline mode. Each step checks its own settings
+    again when it runs; a step run alone is not checked here for what it checks itself at once (filter's
+    length, evaluate's suites).
     Reads config.json and the tokenizer, never the weights."""
     steps = set(steps)
     alone = len(steps) == 1
@@ -31,6 +32,12 @@ def check_before(steps: Collection[str], params: Params) -> None:
                                    trust_remote_code=model.trust_remote_code)
         if "train" in steps and params.train.lora:
             check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
+    if "push" in steps and not alone and params.push.repo_id and not params.push.dry_run:
+        from rm_lib import network
+
+        if network.hub_offline():  # the push at the end would fail after the training
+            raise SettingsError(f"push.repo_id is set, but {network.OFFLINE_ADVICE}; or set push.dry_run=true to "
+                                "only write the release")
     if "evaluate" in steps and not alone and params.evaluate.suites:
         from rm_lib.evaluation.suites import parse_entries
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rm_lib import network
 from rm_lib.errors import UserError
@@ -55,7 +56,12 @@ class HubRelease:
     commit: str | None  # the head of its main branch; None: no such repository yet
     private: bool | None
     folder: Path  # the head's evaluation.json and README.md, where it has them: what the release gate reads
-    foreign: bool = False  # the head holds an evaluation.json that is no release of this project: no bar
+    files: tuple[str, ...] = ()  # the head's files, .gitattributes aside
+
+    @property
+    def holds_release(self) -> bool:
+        """Whether the head is a release of this project (an evaluation.json as push writes it)."""
+        return (self.folder / "evaluation.json").is_file()
 
 
 RELEASE_FILES = ("evaluation.json", "README.md")
@@ -80,13 +86,23 @@ def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, ta
     release gate judged against; a repository that moved on since refuses the revision. Error messages
     say the model stays in `kept` (default: `folder`), for a caller that uploads from a temporary copy.
 
-    Returns url, repo_id (with its namespace), commit and the tag given to the commit."""
+    Returns url, repo_id (with its namespace), commit, the tag given to the commit and, where the revision
+    landed but could not be tagged, tag None and `tag_error`: the release is published all the same (a
+    failure then said "run the push step again" of a revision the Hub held, and data/release kept the
+    last one)."""
     where = kept or folder
     _check_ready(where)
     network.bound_hub_client()
-    return _retrying(lambda: _push_once(folder, repo_id, private=private, commit_message=commit_message, tag=tag,
-                                        kept=where, named=named, parent_commit=parent_commit),
-                     repo_id, where, retries, backoff_s)
+    with network.xet_off():
+        info = _retrying(lambda: _push_once(folder, repo_id, private=private, commit_message=commit_message,
+                                            kept=where, named=named, parent_commit=parent_commit),
+                         repo_id, where, retries, backoff_s)
+        try:
+            info["tag"] = _retrying(lambda: _tag(_api(), info["repo_id"], info["commit"], tag), repo_id, where,
+                                    retries, backoff_s)
+        except PublishError as exc:
+            info["tag"], info["tag_error"] = None, str(exc)
+    return info
 
 
 def _retrying(action: Callable[[], Any], repo_id: str, where: Path, retries: int | None = None,
@@ -139,15 +155,16 @@ def _read_release(repo_id: str, into: Path, kept: Path) -> HubRelease:
     except HFValidationError as exc:
         raise _bad_name(repo_id, exc, kept) from None
     names = {sibling.rfilename for sibling in info.siblings or ()}
+    files = tuple(sorted(names - {".gitattributes"}))
     for name in RELEASE_FILES:
         (into / name).unlink(missing_ok=True)  # a try that failed half way left the other's
     evaluation = _read_file(full_id, "evaluation.json", info.sha) if "evaluation.json" in names else None
     if evaluation is None or not _is_release(evaluation):
-        return HubRelease(full_id, info.sha, bool(info.private), into, foreign=evaluation is not None)
+        return HubRelease(full_id, info.sha, bool(info.private), into, files=files)  # no bar: no release of ours
     (into / "evaluation.json").write_bytes(evaluation)
     if "README.md" in names:
         (into / "README.md").write_bytes(_read_file(full_id, "README.md", info.sha))
-    return HubRelease(full_id, info.sha, bool(info.private), into)
+    return HubRelease(full_id, info.sha, bool(info.private), into, files=files)
 
 
 def _is_release(evaluation: bytes) -> bool:
@@ -160,6 +177,20 @@ def _is_release(evaluation: bytes) -> bool:
     return (isinstance(record, dict) and isinstance(record.get("accuracy"), (int, float))
             and not isinstance(record.get("accuracy"), bool)
             and all(isinstance(record.get(key) or {}, dict) for key in ("inputs", "test_data", "judged_against")))
+
+
+def foreign_files_refusal(on_hub: HubRelease, kept: Path) -> PublishError | None:
+    """A repository whose head holds files and no release of this project (another model's weights, a
+    typo in push.repo_id): a push makes the repository's files the release's, and deleted that model's
+    without a word. A lone README.md (the Hub's page of a new repository) is replaced."""
+    others = [name for name in on_hub.files if name != "README.md"]
+    if on_hub.holds_release or not others:
+        return None
+    listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return PublishError(f"'{on_hub.repo_id}' holds files that are no release of this project ({listed}): a push "
+                        "makes the repository's files this release's and would delete them; push to another "
+                        "repository (push.repo_id), or remove those files on the Hub first; nothing uploaded, "
+                        f"the model stays in {kept}")
 
 
 def visibility_refusal(repo_id: str, kept: Path) -> PublishError:
@@ -183,7 +214,7 @@ def _bad_name(repo_id: str, exc: BaseException, kept: Path) -> PublishError:
                         f"use {NAME_RULE}; the model stays in {kept}")
 
 
-def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str, tag: str,
+def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str,
                kept: Path, named: Callable[[str], None] | None, parent_commit: str | None) -> dict[str, Any]:
     from huggingface_hub.errors import BadRequestError, HFValidationError
 
@@ -203,7 +234,7 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
             commit = _ours_at_head(api, full_id, folder)  # this push's own, from a try whose answer was lost
             if commit is None:
                 raise _moved_on(full_id, kept)
-            return {"url": str(url), "repo_id": full_id, "commit": commit, "tag": _tag(api, full_id, commit, tag)}
+            return {"url": str(url), "repo_id": full_id, "commit": commit}
         parent_commit = info.sha
     # delete_patterns: the revision holds the release and nothing of an earlier one (an adapter/ of a
     # LoRA run, a picture); the client never deletes .gitattributes
@@ -215,8 +246,15 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
             raise
         commit = _ours_at_head(api, full_id, folder)  # a try whose answer was lost may have made it
         if commit is None:
+            landed = _ours_since(api, full_id, folder, parent_commit)
+            if landed is not None:  # and another push went on top of it before the answer came
+                raise PublishError(f"this model's release landed on '{full_id}' as revision {landed}, but a push "
+                                   "from elsewhere (another clone, a DVC experiment) made a newer revision on top "
+                                   "of it before the Hub's answer came: the Hub's head is not this model, and "
+                                   "data/release is unchanged; run the push step again to judge this model against "
+                                   f"the release the Hub holds now; the model stays in {kept}") from None
             raise _moved_on(full_id, kept) from None
-    return {"url": str(url), "repo_id": full_id, "commit": commit, "tag": _tag(api, full_id, commit, tag)}
+    return {"url": str(url), "repo_id": full_id, "commit": commit}
 
 
 def _moved_on(repo_id: str, kept: Path) -> PublishError:
@@ -235,6 +273,22 @@ def _ours_at_head(api: Any, repo_id: str, folder: Path) -> str | None:
             return None
         raise
     return head if theirs == (folder / "evaluation.json").read_bytes() else None
+
+
+def _ours_since(api: Any, repo_id: str, folder: Path, since: str) -> str | None:
+    """The revision after `since` (the head the gate read) that holds this release, where one does: a try
+    whose answer was lost, with another's revision on top of it."""
+    ours = (folder / "evaluation.json").read_bytes()
+    for commit in api.list_repo_commits(repo_id, repo_type="model"):  # newest first
+        if commit.commit_id == since:
+            return None
+        try:
+            if _read_file(repo_id, "evaluation.json", commit.commit_id) == ours:
+                return commit.commit_id
+        except Exception as exc:
+            if network.status_of(exc) != 404:
+                raise
+    return None
 
 
 def _tag(api: Any, repo_id: str, commit: str, base: str) -> str:
@@ -258,9 +312,14 @@ def _check_ready(folder: Path) -> None:
     if network.hub_offline():
         raise PublishError(f"{network.OFFLINE_ADVICE}; or set push.dry_run=true to only write the release; the "
                            f"model stays in {folder}")
-    if not get_token():
+    token = get_token()
+    if not token:
         raise PublishError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
                            f"`hf auth login`; the model stays in {folder}")
+    if not token.isascii():  # the client cannot send it (a traceback of the header's encoding)
+        raise PublishError("the Hugging Face token holds a character that is not ASCII, which no token has (a "
+                           "character pasted with it?): set HF_TOKEN again, or run `hf auth login`; the model "
+                           f"stays in {folder}")
 
 
 _status = network.status_of
@@ -272,11 +331,19 @@ def _short(exc: BaseException) -> str:
 
 
 def _explain(exc: BaseException, repo_id: str, folder: Path) -> None:
-    """Raise a PublishError that says what to do for a refusal by the Hub; return for anything else."""
+    """Raise a PublishError that says what to do for a refusal by the Hub, or an answer that is not the
+    Hub's; return for anything else."""
     status = _status(exc)
+    hub = network.without_credentials(endpoint())
+    if isinstance(exc, json.JSONDecodeError):  # a proxy's login page, a web server that is not a Hub
+        raise PublishError(f"the Hub at {hub} answered with something other than the Hub's JSON ({_short(exc)}): "
+                           f"check HF_ENDPOINT, and any proxy between; the model stays in {folder}") from None
     if status == 401:
-        raise PublishError(f"the Hub refused the token (401: {_short(exc)}): it is invalid or expired; set HF_TOKEN "
-                           f"to a valid token with write access, or run `hf auth login`; the model stays in {folder}"
+        userinfo = "@" in urlsplit(endpoint()).netloc
+        cause = ("HF_ENDPOINT carries a user and password, which the client sends instead of the token: take "
+                 "them out of it" if userinfo else "it is invalid or expired; set HF_TOKEN to a valid token with "
+                 "write access, or run `hf auth login`")
+        raise PublishError(f"the Hub refused the token (401: {_short(exc)}): {cause}; the model stays in {folder}"
                            ) from None
     if status == 403:
         namespace = repo_id.split("/")[0] if "/" in repo_id else "your"

@@ -51,9 +51,14 @@ class PushResult:
     tag: str | None = None
     gate: str | None = None  # the accuracy verdict: what the release was compared with, and on which pairs
     refused: bool = False  # the gate failed (a dry run writes the release all the same, saying so)
+    tag_error: str | None = None  # the revision landed, but could not be tagged: why
+    new_revision: bool = True  # False: the Hub's head held this release already, and no revision was made
 
     def summary(self) -> str:
-        if self.uploaded:
+        if self.uploaded and not self.new_revision:
+            line = (f"push: {self.url} holds this release already (revision {self.commit}): no new revision; its "
+                    f"files are in {self.release_dir}" + (f" (tag {self.tag})" if self.tag else ""))
+        elif self.uploaded:
             line = (f"push: uploaded {len(self.files)} files from {self.release_dir} to {self.url} "
                     f"(revision {self.commit}, tag {self.tag})")
         elif self.refused:
@@ -63,7 +68,10 @@ class PushResult:
         else:
             line = (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
                     f"would be published are in {self.release_dir}")
-        return line + (f"\n  {self.gate}" if self.gate else "")
+        return (line + (f"\n  {self.gate}" if self.gate else "")
+                + (f"\nwarning: revision {self.commit} is published, but it could not be tagged: {self.tag_error}; "
+                   "push again to tag it (the Hub holds this release: no new revision is made)"
+                   if self.tag_error else ""))
 
 
 def _copy_pictures(layout: Layout, out: Path) -> list[str]:
@@ -122,11 +130,15 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
     share_tree(out)
     forced = bool(quality.blocking_failures(list(verdicts)))
-    # a release forced past, or refused by, its gate passes on the bar: the release it replaces, also where
-    # that holds this very model (a dry run of the released model under a stricter gate erased the bar)
-    judged_against = quality.release_bar(layout, None if forced else metrics.get("inputs", {}).get("model"), release)
-    write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against,
-                                         "forced": forced})
+    uncompared = params.push.dry_run and not params.push.compare_with_release
+    # a release forced past, or refused by, its gate passes on the bar, and so does a dry run that compared
+    # nothing: the release it replaces, also where that holds this very model (a dry run of the released model
+    # under a stricter gate erased the bar)
+    carried = forced or uncompared
+    model = metrics.get("inputs", {}).get("model")
+    judged_against = quality.release_bar(layout, None if carried else model, release)
+    marks = {"forced": forced, **({quality.UNCOMPARED_DRY_RUN: True} if uncompared else {})}
+    write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against, **marks})
 
 
 # The stages that made the model: dvc.lock recording them with other code or settings than the checkout
@@ -185,6 +197,9 @@ def run(params: Params, layout: Layout) -> PushResult:
         # the bar is the release the repository holds now, whoever pushed it: not this folder's data/release
         on_hub = hub.current_release(cfg.repo_id, Path(scratch), kept=layout.model)
         _check_visibility(cfg.private, on_hub, layout.model)
+        refusal = hub.foreign_files_refusal(on_hub, layout.model)
+        if refusal is not None:
+            raise refusal
         return _release(params, layout, on_hub)
 
 
@@ -208,15 +223,13 @@ def _release(params: Params, layout: Layout, on_hub: hub.HubRelease | None) -> P
     compared = _compared_with(on_hub, layout, verdicts) if cfg.compare_with_release else None
     if compared:
         said = f"{said}\n  {compared}" if said else compared
-    return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said)
+    return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said,
+                      tag_error=info.get("tag_error"), new_revision=info["commit"] != on_hub.commit)
 
 
 def _compared_with(on_hub: hub.HubRelease, layout: Layout, verdicts: list[quality.Verdict]) -> str | None:
     """Where the bar came from, in words: the Hub's head, what that head was judged against, or nothing."""
-    if on_hub.foreign:
-        return (f"{on_hub.repo_id} held an evaluation.json that is no release of this project: no earlier model to "
-                "compare with")
-    if not (on_hub.folder / "evaluation.json").is_file():
+    if not on_hub.holds_release:
         return f"{on_hub.repo_id} held no release of this project before this one: no earlier model to compare with"
     accuracy = next((v for v in verdicts if v.name == "release_gate"), None)
     if accuracy is None or accuracy.metadata.get("compared_with_previous") is not True:
