@@ -126,8 +126,7 @@ def test_the_report_and_card_say_how_many_held_out_pairs_the_filter_set_aside(tm
     assert held["pairs_before_filter"] == report["pairs"] + sum(aside.values()) == results["tokenize"].rows["test"]
     assert json.loads((layout.evaluation / "metrics.json").read_text())["pairs_before_filter"] == \
         held["pairs_before_filter"]
-    said = (f"{report['pairs']} pairs of {held['pairs_before_filter']} held out (the filter set aside "
-            f"{sum(aside.values())}")
+    said = f"{report['pairs']} pairs of {held['pairs_before_filter']} held out ({sum(aside.values())} set aside: "
     assert said in results["evaluate"].summary()
     card = (layout.release / "README.md").read_text()
     assert (f"| pairs | {report['pairs']} of {held['pairs_before_filter']} held out, {sum(aside.values())} set "

@@ -397,21 +397,29 @@ def test_a_template_that_drops_the_system_turn_before_an_answer_says_so_and_coun
 
 def test_a_template_that_writes_the_date_renders_every_text_as_on_one_day(tiny_decoder, monkeypatch, tmp_path):
     """Llama 3.2's template writes "Today Date" from the clock: tokenize gave other ids each day, and a
-    model scored on another day read other texts than it trained on."""
+    model scored on another day read other texts than it trained on. Only rm_lib's renders see that day:
+    a policy's prompts rendered meanwhile in another thread read the clock."""
     import datetime
+    import threading
 
-    from transformers.utils import chat_template_utils
+    from rm_lib.data import templates as module
 
     tok = load_tokenizer(str(tiny_decoder))
-    tok.chat_template = ("{% if strftime_now is defined %}{{ strftime_now('%d %b %Y') }}{% endif %}"
-                         + tok.chat_template)
+    tok.chat_template = ("{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+                         "{% endif %}{{ date_string }}" + tok.chat_template)
     assert templates.reads_clock(tok) and not templates.reads_clock(load_tokenizer(str(tiny_decoder)))
-    texts = set()
+    texts, elsewhere = set(), []
+    chat = PAIR["prompt"] + PAIR["chosen"]
     for day in (datetime.datetime(2026, 12, 7), datetime.datetime(2027, 1, 15)):
-        monkeypatch.setattr(chat_template_utils, "datetime", type("Clock", (datetime.datetime,), {
+        monkeypatch.setattr(module, "datetime", type("Clock", (datetime.datetime,), {
             "now": classmethod(lambda cls, tz=None, day=day: day)}))
-        texts.add(templates.render(PAIR["prompt"] + PAIR["chosen"], "tokenizer", tok))
-        assert chat_template_utils.datetime.now() == day  # the clock is the clock again after
+        texts.add(templates.render(chat, "tokenizer", tok))
+        with module._template_day():  # this thread renders; another renders on its own
+            thread = threading.Thread(target=lambda: elsewhere.append(tok.apply_chat_template(chat, tokenize=False)))
+            thread.start()
+            thread.join()
+        assert elsewhere[-1].startswith(day.strftime("%d %b %Y"))
+        assert tok.apply_chat_template(chat, tokenize=False).startswith(day.strftime("%d %b %Y"))
     assert texts == {"26 Jul 2024<s><|user|>how are you\n<|assistant|>fine thanks\n"}
     # the card's example renders as training did
     from rm_lib.publish import model_card
@@ -421,7 +429,18 @@ def test_a_template_that_writes_the_date_renders_every_text_as_on_one_day(tiny_d
     facts = model_card.tokenizer_facts(tmp_path)
     example = model_card._example_inputs(facts)
     assert 'apply_chat_template(messages, tokenize=True, date_string="26 Jul 2024")' in example
-    assert "training rendered every text as on 26 Jul 2024" in model_card._text_rules(facts)
+    assert "training rendered every text as on 26 Jul 2024,\nand `apply_chat_template(..., date_string=" in \
+        model_card._text_rules(facts)
+    # Mistral Small 3's shape reads the clock and takes no date: the card says so, and adds no date_string
+    tok.chat_template = "{{ strftime_now('%Y-%m-%d') }}" + load_tokenizer(str(tiny_decoder)).chat_template
+    tok.save_pretrained(tmp_path)
+    facts = model_card.tokenizer_facts(tmp_path)
+    assert facts["reads_clock"] and not facts["takes_date"] and "date_string" not in model_card._example_inputs(facts)
+    assert "it takes no date to render another" in model_card._text_rules(facts)
+    # a tokenizer with named templates: the default one is what apply_chat_template renders with
+    tok.chat_template = {"default": load_tokenizer(str(tiny_decoder)).chat_template,
+                         "tool_use": "{{ strftime_now('%Y') }}"}
+    assert not templates.reads_clock(tok)
 
 
 def test_the_closing_of_an_answer_is_what_each_template_writes_after_it(tiny_decoder):

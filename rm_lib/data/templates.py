@@ -17,7 +17,7 @@ from typing import Any
 # gpt-oss's, Mistral Small 3's) gave other ids each day, so tokenize was not reproducible and a model
 # scored on another day read other texts than it trained on. Llama 3.1's own date where no clock is given.
 TEMPLATE_DAY = datetime(2024, 7, 26)
-_CLOCK = threading.Lock()
+_RENDERING = threading.local()  # set while this thread renders through `render`
 
 ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
 
@@ -59,31 +59,45 @@ def resolve(name: str, tokenizer: Any, recorded: str | None = None) -> str:
     return name
 
 
+def _default_template(tokenizer: Any) -> str:
+    """The chat template apply_chat_template uses: a tokenizer may hold several by name."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return str(template.get("default", "")) if isinstance(template, dict) else str(template)
+
+
 def reads_clock(tokenizer: Any) -> bool:
     """Whether the tokenizer's chat template writes the day it renders on (transformers' strftime_now)."""
-    return "strftime_now" in str(getattr(tokenizer, "chat_template", None) or "")
+    return "strftime_now" in _default_template(tokenizer)
 
 
 class _Day(datetime):
+    """transformers' chat templates read the clock through this: TEMPLATE_DAY while this thread renders
+    through `render`, the clock itself for everyone else (a policy's prompts rendered in another thread)."""
+
     @classmethod
     def now(cls, tz: Any = None) -> datetime:
-        return TEMPLATE_DAY
+        return TEMPLATE_DAY if getattr(_RENDERING, "on", False) else datetime.now(tz)
+
+
+_INSTALL = threading.Lock()
 
 
 @contextlib.contextmanager
 def _template_day() -> Iterator[None]:
-    """transformers' chat templates read the clock as TEMPLATE_DAY meanwhile. Its strftime_now reads the
+    """This thread's renders read the clock as TEMPLATE_DAY meanwhile. transformers' strftime_now reads its
     module's `datetime` when called (a template argument cannot replace a function: transformers turns
-    it into text)."""
+    it into text), which becomes _Day once."""
     from transformers.utils import chat_template_utils
 
-    with _CLOCK:
-        before = chat_template_utils.datetime
-        chat_template_utils.datetime = _Day
-        try:
-            yield
-        finally:
-            chat_template_utils.datetime = before
+    with _INSTALL:
+        if chat_template_utils.datetime is not _Day:
+            chat_template_utils.datetime = _Day
+    before = getattr(_RENDERING, "on", False)
+    _RENDERING.on = True
+    try:
+        yield
+    finally:
+        _RENDERING.on = before
 
 
 def render(messages: list[dict], name: str, tokenizer: Any, add_generation_prompt: bool = False) -> str:

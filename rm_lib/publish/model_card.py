@@ -255,7 +255,8 @@ def _skipped(entry: dict) -> str:
 
 
 def _held_out(metrics: dict) -> str:
-    """Beside the pairs scored: the held-out pairs the filter set aside, where it set any aside."""
+    """Beside the pairs scored: the held-out pairs set aside (by the filter, or a chat template's refusal),
+    where any were."""
     aside = set_aside_by_filter(metrics)
     return "" if aside is None else (f" of {aside[0]} held out, {aside[1]} set aside ({aside[2]}), "
                                      "so the figures are of the others only")
@@ -443,7 +444,17 @@ def tokenizer_facts(folder: Path) -> dict:
                                if n and tuple(rendered[:n]) != special.prefix else [])
         facts["chat_end"] = special.end is not None and (not rendered or rendered[-1] != special.end)
         facts["reads_clock"] = templates.reads_clock(tokenizer)
+        if facts["reads_clock"]:  # whether apply_chat_template's date_string renders as training did
+            try:
+                given = tokenizer.apply_chat_template(chat, tokenize=False, date_string=_day())
+                facts["takes_date"] = given == templates.render(chat, "tokenizer", tokenizer)
+            except Exception:  # noqa: BLE001 - a template that refuses the exchange: nothing to judge by
+                facts["takes_date"] = False
     return facts
+
+
+def _day() -> str:
+    return f"{templates.TEMPLATE_DAY:%d %b %Y}"
 
 
 def _text_rules(tokenizer: dict | None) -> str:
@@ -467,9 +478,10 @@ def _text_rules(tokenizer: dict | None) -> str:
                "`model(input_ids=torch.tensor([ids]))`. Its text given to `tokenizer(text)` or the pipeline "
                "can give other ids\n(where the template writes a BOS, the tokenizer may add another; a SentencePiece "
                "tokenizer puts a word start after the BOS)."
-               + (f" This template writes the day it renders on; training rendered every text as on "
-                  f"{templates.TEMPLATE_DAY:%d %b %Y}\n(a Llama 3.1-3.3 template takes "
-                  f"`date_string=\"{templates.TEMPLATE_DAY:%d %b %Y}\"` in `apply_chat_template`)."
+               + (f" This template writes the day it renders on; training rendered every text as on {_day()},\n"
+                  + (f"and `apply_chat_template(..., date_string=\"{_day()}\")` renders so." if facts.get("takes_date")
+                     else "and it takes no date to render another: on any other day `apply_chat_template` renders "
+                          "other text\nthan training read, and the scoring API below renders as training did.")
                   if facts.get("reads_clock") else ""))
     else:
         named = f", rm_lib's `{facts['template']}`" if facts["template"] else " (`rm_lib.json` names it)"
@@ -499,7 +511,7 @@ def _example_inputs(tokenizer: dict | None) -> str:
     added = "".join([f"tokenizer.convert_tokens_to_ids({json.dumps(start)}) + " if start else "", "ids",
                      f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
     add = f"\nids = {added}  # as training added them" if added != "ids" else ""
-    day = f", date_string=\"{templates.TEMPLATE_DAY:%d %b %Y}\"" if facts.get("reads_clock") else ""
+    day = f", date_string=\"{_day()}\"" if facts.get("takes_date") else ""
     return (f"messages = {json.dumps(EXAMPLE[:1])[:-1]},\n            {json.dumps(EXAMPLE[1])}]\n"
             f"ids = tokenizer.apply_chat_template(messages, tokenize=True{day})[\"input_ids\"]{add}\n"
             "inputs = {\"input_ids\": torch.tensor([ids])}")

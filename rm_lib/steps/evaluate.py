@@ -50,9 +50,10 @@ class EvaluateResult:
 
 
 def _of_held_out(metrics: dict) -> str:
-    """' of 390 held out (the filter set aside 253: prompt_too_long: 207, ...)', where it set any aside."""
+    """' of 390 held out (253 set aside: prompt_too_long: 207, ...)', where any were (by the filter, or by
+    tokenize: a pair the chat template refused)."""
     aside = set_aside_by_filter(metrics)
-    return "" if aside is None else f" of {aside[0]} held out (the filter set aside {aside[1]}: {aside[2]})"
+    return "" if aside is None else f" of {aside[0]} held out ({aside[1]} set aside: {aside[2]})"
 
 
 def _seen_line(seen: dict) -> str:
