@@ -134,6 +134,11 @@ def single_attempt() -> Iterator[None]:
         _SINGLE_ATTEMPT.reset(token)
 
 
+def in_single_attempt() -> bool:
+    """Whether the caller's own retry policy retries (inside `single_attempt()`: Dagster's)."""
+    return _SINGLE_ATTEMPT.get()
+
+
 def tries(configured: int) -> int:
     """How many times rm_lib itself tries: `configured`, or 1 inside `single_attempt()`."""
     return 1 if _SINGLE_ATTEMPT.get() else max(1, configured)

@@ -1057,10 +1057,34 @@ def test_a_push_whose_answer_was_lost_and_whose_revision_landed_ends_as_a_succes
     assert server.repos[REPO].tags[result.tag] == result.commit and published(server) == release_files(project)
 
 
+def test_under_dagsters_retry_policy_a_tag_that_failed_once_fails_the_try(project, server, tiny_decoder, monkeypatch):
+    """Inside single_attempt() (a Dagster asset: its RetryPolicy is the one layer that retries) a 503 on the
+    tag was kept as a warning, and nothing tagged the release: the try fails, transient, and the next one
+    makes no revision and tags it."""
+    real_tag = server.create_tag
+
+    def once(auth, repo_id, rev, body):
+        from hub_server import HubError
+
+        monkeypatch.setattr(server, "create_tag", real_tag)
+        raise HubError(503, "tags are down")
+
+    monkeypatch.setattr(server, "create_tag", once)
+    with network.single_attempt(), pytest.raises(PublishError, match="answered 503 after 1 try") as raised:
+        push_step(settings(tiny_decoder), project)
+    assert raised.value.transient and server.repos[REPO].tags == {}
+    head = server.repos[REPO].branches["main"]
+    with network.single_attempt():
+        again = push_step(settings(tiny_decoder), project)
+    assert again.commit == head and not again.new_revision and server.repos[REPO].tags == {again.tag: head}
+
+
+@pytest.mark.parametrize("first", [False, True])
 def test_a_lost_answer_under_another_clones_revision_says_the_release_landed(project, server, tiny_decoder,
-                                                                             monkeypatch):
+                                                                             monkeypatch, first):
     """Our revision landed, another clone's went on top, and our answer was lost: the retry said "nothing
-    uploaded" of a release the Hub's history holds. It says where it landed, and what the head is."""
+    uploaded" of a release the Hub's history holds. It says where it landed, and what the head is; also
+    on the first push to a repository (no head when the gate read the Hub)."""
     from huggingface_hub import HfApi
 
     monkeypatch.setattr(hub, "_wait", lambda seconds: None)
@@ -1074,8 +1098,9 @@ def test_a_lost_answer_under_another_clones_revision_says_the_release_landed(pro
             raise TimeoutError("the answer was lost")
         return info
 
-    push_step(settings(tiny_decoder), project)
-    before = release_files(project)
+    if not first:
+        push_step(settings(tiny_decoder), project)
+    before = release_files(project) if not first else {}
     changed = settings(tiny_decoder, "evaluate.length_buckets=2")
     run_steps(changed, project, "evaluate")
     monkeypatch.setattr(HfApi, "upload_folder", landed_then_raced)
@@ -1083,7 +1108,8 @@ def test_a_lost_answer_under_another_clones_revision_says_the_release_landed(pro
         push_step(changed, project)
     assert f"as revision {landed_then_raced.done}, but a push from elsewhere" in str(raised.value)
     head = server.repos[REPO].branches["main"]
-    assert server.repos[REPO].commits[head].parent == landed_then_raced.done and release_files(project) == before
+    assert server.repos[REPO].commits[head].parent == landed_then_raced.done
+    assert (release_files(project) if Layout(project).release.exists() else {}) == before
 
 
 def test_a_private_release_is_never_pushed_into_a_public_repository(project, server, tiny_decoder, capsys):

@@ -101,7 +101,9 @@ def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, ta
             info["tag"] = _retrying(lambda: _tag(_api(), info["repo_id"], info["commit"], tag), repo_id, where,
                                     retries, backoff_s)
         except PublishError as exc:
-            info["tag"], info["tag_error"] = None, str(exc)
+            if exc.transient and network.in_single_attempt():  # Dagster's RetryPolicy: the push again tags it
+                raise
+            info["tag"], info["tag_error"] = None, str(exc).split(f"; the model stays in {where}")[0]
     return info
 
 
@@ -233,7 +235,7 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
         if {sibling.rfilename for sibling in info.siblings or ()} - {".gitattributes"}:
             commit = _ours_at_head(api, full_id, folder)  # this push's own, from a try whose answer was lost
             if commit is None:
-                raise _moved_on(full_id, kept)
+                raise _landed_or_moved_on(api, full_id, folder, None, kept)
             return {"url": str(url), "repo_id": full_id, "commit": commit}
         parent_commit = info.sha
     # delete_patterns: the revision holds the release and nothing of an earlier one (an adapter/ of a
@@ -246,15 +248,22 @@ def _push_once(folder: Path, repo_id: str, *, private: bool, commit_message: str
             raise
         commit = _ours_at_head(api, full_id, folder)  # a try whose answer was lost may have made it
         if commit is None:
-            landed = _ours_since(api, full_id, folder, parent_commit)
-            if landed is not None:  # and another push went on top of it before the answer came
-                raise PublishError(f"this model's release landed on '{full_id}' as revision {landed}, but a push "
-                                   "from elsewhere (another clone, a DVC experiment) made a newer revision on top "
-                                   "of it before the Hub's answer came: the Hub's head is not this model, and "
-                                   "data/release is unchanged; run the push step again to judge this model against "
-                                   f"the release the Hub holds now; the model stays in {kept}") from None
-            raise _moved_on(full_id, kept) from None
+            raise _landed_or_moved_on(api, full_id, folder, parent_commit, kept) from None
     return {"url": str(url), "repo_id": full_id, "commit": commit}
+
+
+def _landed_or_moved_on(api: Any, repo_id: str, folder: Path, since: str | None, kept: Path) -> PublishError:
+    """The repository's head is not this release: another's revision, on top of this one's where a try
+    whose answer was lost made it (its history after `since`, the head the gate read; all of it for a
+    repository the gate found missing)."""
+    landed = _ours_since(api, repo_id, folder, since)
+    if landed is None:
+        return _moved_on(repo_id, kept)
+    return PublishError(f"this model's release landed on '{repo_id}' as revision {landed}, but a push from "
+                        "elsewhere (another clone, a DVC experiment) made a newer revision on top of it before the "
+                        "Hub's answer came: the Hub's head is not this model, and data/release is unchanged; run the "
+                        "push step again to judge this model against the release the Hub holds now; the model "
+                        f"stays in {kept}")
 
 
 def _moved_on(repo_id: str, kept: Path) -> PublishError:
@@ -275,7 +284,7 @@ def _ours_at_head(api: Any, repo_id: str, folder: Path) -> str | None:
     return head if theirs == (folder / "evaluation.json").read_bytes() else None
 
 
-def _ours_since(api: Any, repo_id: str, folder: Path, since: str) -> str | None:
+def _ours_since(api: Any, repo_id: str, folder: Path, since: str | None) -> str | None:
     """The revision after `since` (the head the gate read) that holds this release, where one does: a try
     whose answer was lost, with another's revision on top of it."""
     ours = (folder / "evaluation.json").read_bytes()

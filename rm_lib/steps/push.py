@@ -60,7 +60,7 @@ class PushResult:
                     f"files are in {self.release_dir}" + (f" (tag {self.tag})" if self.tag else ""))
         elif self.uploaded:
             line = (f"push: uploaded {len(self.files)} files from {self.release_dir} to {self.url} "
-                    f"(revision {self.commit}, tag {self.tag})")
+                    f"(revision {self.commit}, " + (f"tag {self.tag})" if self.tag else "not tagged)"))
         elif self.refused:
             line = (f"push: nothing uploaded (push.dry_run); the release gate refuses this model, judged against "
                     f"data/release (a push to a Hub repository is judged against the release it holds); the "
@@ -70,7 +70,8 @@ class PushResult:
                     f"would be published are in {self.release_dir}")
         return (line + (f"\n  {self.gate}" if self.gate else "")
                 + (f"\nwarning: revision {self.commit} is published, but it could not be tagged: {self.tag_error}; "
-                   "push again to tag it (the Hub holds this release: no new revision is made)"
+                   "push again to tag it (the Hub holds this release: no new revision is made): `python -m rm_lib "
+                   "push`, or `dvc repro -f push` (dvc repro holds the stage done)"
                    if self.tag_error else ""))
 
 
