@@ -250,6 +250,31 @@ def test_a_two_output_classifier_fails_before_any_work(tmp_path, capsys, minilm_
     assert not (tmp_path / "data").exists()
 
 
+def test_an_attention_the_model_has_no_path_for_fails_before_any_work(tmp_path, capsys, tiny_decoder):
+    """Gemma2 computes no attention through SDPA (its soft-capped logits): train.attention=sdpa was a
+    40-line traceback once download, tokenize and filter had replaced their outputs."""
+    import shutil
+
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    folder = tmp_path / "gemma2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                      ).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_decoder / name).exists():
+            shutil.copy(tiny_decoder / name, folder / name)
+    code, _, err = cli(tmp_path, "--set", f"model.name_or_path={folder}", "--set", "train.attention=sdpa",
+                       "--set", "download.demo_pairs=60", "--set", "filter.max_token_length=128", "--set",
+                       "filter.max_prompt_token_length=64", "run", capsys=capsys)
+    assert_user_error(code, err, "train.attention: Gemma2ForSequenceClassification cannot compute attention with sdpa",
+                      "set train.attention=auto (the model's own) or eager")
+    assert not (tmp_path / "data").exists()
+
+
 # --- the Hub: names that do not exist, no network ------------------------------------------------
 
 def test_offline_hub_dataset_and_model_are_clear_errors(tmp_path, capsys):

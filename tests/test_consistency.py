@@ -107,6 +107,29 @@ def test_a_model_with_absolute_positions_fails_left_padding_and_evaluate_says_so
     assert warning.startswith("  warning: score consistency: left_padding (by up to ") and "absolute" in warning
 
 
+def test_a_sliding_window_shorter_than_the_texts_skips_the_packed_paths_training_refused(released, tmp_path):
+    """Mistral attends within a sliding window, which packed batches do not apply: training refuses to pack
+    texts longer than it (train.padding_free=false), yet the check ran the packed paths and a release trained
+    on padded batches was published as "Some paths give other scores". They are skipped, saying why."""
+    import torch
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    rows, pad = _rows_and_pad(released)
+    longest = max(len(r[f"input_ids_{side}"]) for r in rows[:16] for side in ("chosen", "rejected"))
+    folder = tmp_path / "mistral"
+    shutil.copytree(released.model, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "adapter"))
+    torch.manual_seed(0)
+    MistralForSequenceClassification(MistralConfig(
+        vocab_size=len(load_tokenizer(str(folder))), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, sliding_window=longest // 2,
+        num_labels=1, pad_token_id=pad)).save_pretrained(folder)
+    result = consistency.check(folder, rows, pad_token_id=pad)
+    assert result["passed"], result
+    for path in ("packed_training_forward", "packed_shared_prompt"):
+        assert f"sliding window of {longest // 2} tokens" in result["skipped"][path]["reason"]
+    assert "training runs padded batches" in result["skipped"]["packed_training_forward"]["reason"]
+
+
 def test_a_score_read_at_the_padding_fails_every_path_against_the_reference(released, monkeypatch):
     import torch
 

@@ -522,6 +522,30 @@ def check_lora_targets(config: Any, target_modules: list[str] | str | None, *,
         add_lora(model, r=1, alpha=1, dropout=0.0, target_modules=target_modules)
 
 
+def set_attention(model: Any, implementation: str) -> None:
+    """`model` computes attention with `implementation`, or a SettingsError naming train.attention: a model
+    may have no SDPA path (Gemma2's soft-capped logits), and transformers' ValueError was a traceback after
+    the data steps had run."""
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as exc:
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SettingsError(f"train.attention: {type(model).__name__} cannot compute attention with "
+                            f"{implementation} ({said}); set train.attention=auto (the model's own) or eager"
+                            ) from None
+
+
+def check_attention(config: Any, attention: str, trust_remote_code: bool = False) -> None:
+    """set_attention's SettingsError for the attention train.attention names, found on the model's shape
+    alone (no weights read), before any step runs."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        set_attention(model, attention)
+
+
 def chat_template_ends_texts(tokenizer: Any, end: int | None) -> bool:
     """Whether the tokenizer's chat template writes the end token after a conversation itself (Llama-2
     and Mistral chat templates write the EOS after each answer). Undecided (a template that refuses a

@@ -21,7 +21,7 @@ def check_before(steps: Collection[str], params: Params) -> None:
     alone = len(steps) == 1
     length = "filter" in steps and not alone
     if steps & {"tokenize", "train"} or length:
-        from rm_lib.model.modeling import check_lora_targets, check_max_token_length, load_model_config
+        from rm_lib.model.modeling import check_attention, check_lora_targets, check_max_token_length, load_model_config
 
         model = params.model
         config = load_model_config(model.name_or_path, revision=model.revision,
@@ -32,6 +32,8 @@ def check_before(steps: Collection[str], params: Params) -> None:
                                    trust_remote_code=model.trust_remote_code)
         if "train" in steps and params.train.lora:
             check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
+        if "train" in steps and params.train.attention in ("sdpa", "eager", "flex_attention"):
+            check_attention(config, params.train.attention, trust_remote_code=model.trust_remote_code)
     if "push" in steps and not alone and params.push.repo_id and not params.push.dry_run:
         from rm_lib import network
 

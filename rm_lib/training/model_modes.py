@@ -10,7 +10,7 @@ import torch
 
 from rm_lib.errors import SettingsError
 from rm_lib.model.attention import FP32_SDPA, register_fp32_sdpa
-from rm_lib.model.modeling import unwrap
+from rm_lib.model.modeling import set_attention, unwrap
 from rm_lib.model.varlen import VARLEN, register_varlen
 
 
@@ -74,7 +74,7 @@ def attention_as(model: Any, implementation: str | None) -> Iterator[None]:
         register_fp32_sdpa()
     if implementation == VARLEN:
         register_varlen()
-    inner.set_attn_implementation(implementation)
+    set_attention(inner, implementation)
     try:
         yield
     finally:
