@@ -1780,6 +1780,14 @@ def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, m
         False, "tiny-bare", "none", False)
     refused = assets.hub_metadata(PushResult(tmp_path, False, None, None, ["README.md"], refused=True), None)
     assert refused["refused_by_release_gate"] is True and "the release gate refused" in refused["hub_url"].text
+    assert shown["new_revision"].value is True
+    again = assets.hub_metadata(PushResult(tmp_path, True, "https://hub/a/b", "a1b2c3", ["README.md"], "a/b",
+                                           "run-0123abcd", new_revision=False), "a/b")
+    assert again["new_revision"] is False
+    untagged = assets.hub_metadata(PushResult(tmp_path, True, "https://hub/a/b", "a1b2c3", ["README.md"], "a/b",
+                                              None, tag_error="the Hub answered 409"), "a/b")
+    assert untagged["hub_tag"].text.startswith("none: the revision is published, but it could not be tagged (the Hub "
+                                               "answered 409)")
 
 
 def test_a_failed_dvc_record_says_the_step_replaced_its_outputs(tmp_path):

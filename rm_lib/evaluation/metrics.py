@@ -135,8 +135,9 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
 
 
 def set_aside_by_filter(report: dict) -> tuple[int, int, str] | None:
-    """(held-out pairs before the length filter, how many it set aside, 'reason: n, ...') where it set
-    any aside (report.json's `held_out`), else None."""
+    """(held-out pairs before the length filter, how many were set aside, 'reason: n, ...') where any
+    were (report.json's `held_out`: the filter's reasons, and `template_refused`, the pairs tokenize set
+    aside as their chat template refused them), else None."""
     held = report.get("held_out") or {}
     aside = held.get("set_aside_by_filter") or {}
     if not aside:

@@ -281,7 +281,8 @@ def release_bar(layout: Layout, model: str | None = None, release: Path | None =
     "data_hash", "model", "pairs", "test_data"}; a release by an older version lacks the last two, or has
     them None), or None. `release`: the folder with that release's evaluation.json and README.md, by
     default data/release; a push to the Hub reads them from the repository's head (what it holds now,
-    whoever pushed it). Not a forced one, whose gate failed: the bar it was judged against stays. Not
+    whoever pushed it). Not a forced one, whose gate failed, nor a dry run that compared nothing
+    (UNCOMPARED_DRY_RUN): the bar it was judged against stays. Not
     `model` itself: a push of the model the release holds (after a dry run, or with push.force off
     again) is judged against what that release was judged against."""
     folder = layout.release if release is None else release

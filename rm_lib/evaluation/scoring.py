@@ -267,8 +267,10 @@ class RewardScorer:
         held to the limit training recorded as filter held it (policy truncate), as `score` holds a pair's.
         A text completion is rendered as the training template renders an assistant's answer after its
         generation prompt (opened, rewritten where the template rewrites one, closed; TRL decodes it
-        without the policy's end token): with a prompt rendered by that template, its generation prompt
-        included, the text training read."""
+        without the policy's end token; after a generation prompt that opens a think block, as an answer that
+        goes on from it): with a prompt rendered by that template, its generation prompt included, the text
+        training read, unless the template writes the prompt otherwise before an answer (a system turn it
+        drops, the day it writes): conversations are rendered as training rendered them."""
         closing = templates.turn_closing(self.template, self.tokenizer)
         opening = templates.turn_opening(self.template, self.tokenizer)
         tail = templates.generation_tail(self.template, self.tokenizer)

@@ -4,8 +4,8 @@ The token comes from the environment (HF_TOKEN) or the user's `hf auth login`; t
 itself and rm_lib never holds, prints or writes it. The endpoint is HF_ENDPOINT read at call time
 (huggingface_hub reads it once, at import), so a process can point at another Hub after import.
 
-A push is idempotent and retried whole on network trouble, 5xx/429 answers and requests that get no
-answer within RM_HUB_TIMEOUT_S: see rm_lib.network for the time limit and the one retry policy.
+A push is idempotent: its upload, then its tag, each retried whole on network trouble, 5xx/429 answers
+and requests that get no answer within RM_HUB_TIMEOUT_S: see rm_lib.network for the time limit and the one retry policy.
 """
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, ta
            retries: int | None = None, backoff_s: float | None = None, kept: Path | None = None,
            named: Callable[[str], None] | None = None, parent_commit: str | None = None) -> dict[str, Any]:
     """Create the repository if missing, make its files those of `folder` in one new revision (a file of
-    an earlier release that `folder` lacks is deleted) and tag it with the run (`tag`, or `tag`-2,
-    -3... when that tag already names another revision). `named(full_id)` runs before the upload, once
+    an earlier release that `folder` lacks is deleted; no revision where the head holds them already) and
+    tag it with the run (`tag`, or `tag`-2, -3... when that tag already names another revision). Under
+    `network.single_attempt()` a transient failure of the tag is raised, for the caller's retry policy.
+    `named(full_id)` runs before the upload, once
     the repository's full id is known (a bare name is the token owner's). `parent_commit`: the head the
     release gate judged against; a repository that moved on since refuses the revision. Error messages
     say the model stays in `kept` (default: `folder`), for a caller that uploads from a temporary copy.
