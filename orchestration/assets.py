@@ -574,8 +574,10 @@ def hub_metadata(result, configured: Optional[str]) -> dict:
         said = "not uploaded (no push.repo_id, or push.dry_run)" + (
             "; the release gate refused this model: the release's card says so" if result.refused else "")
         return {"uploaded": False, "hub_url": dg.MetadataValue.text(said), "refused_by_release_gate": result.refused,
-                "repo_id": _text(configured), "commit": "none", "hub_tag": "none"}
+                "forced_past_release_gate": result.forced, "repo_id": _text(configured), "commit": "none",
+                "hub_tag": "none"}
     return {"uploaded": True, "hub_url": dg.MetadataValue.url(result.url), "repo_id": _text(result.repo_id),
+            "forced_past_release_gate": result.forced,
             "commit": _text(result.commit), "new_revision": result.new_revision,
             "hub_tag": _text(result.tag) if result.tag else dg.MetadataValue.text(
                 f"none: the revision is published, but it could not be tagged ({printable(result.tag_error or '')})")}

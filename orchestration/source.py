@@ -10,6 +10,7 @@ from typing import Optional
 
 import dagster as dg
 
+from rm_lib import network
 from rm_lib.errors import DataError
 
 from .resources import HubResource, ProjectResource
@@ -33,7 +34,7 @@ def source_fingerprint(project: ProjectResource, hub: HubResource,
     try:
         kind = source_kind(cfg.source)
     except DataError as exc:
-        return None, f"source not readable now: {exc}"
+        return None, f"source not readable now: {network.without_credentials(str(exc))}"
     if kind == "demo":
         return {"fingerprint": _sha256({"demo": cfg.demo_pairs, "seed": cfg.seed})}, \
             f"demo set of {cfg.demo_pairs} pairs"
@@ -41,7 +42,7 @@ def source_fingerprint(project: ProjectResource, hub: HubResource,
         try:
             local = local_fingerprint(cfg.source, (previous or {}).get("local"))
         except (DataError, OSError) as exc:
-            return None, f"source not readable now: {exc}"
+            return None, f"source not readable now: {network.without_credentials(str(exc))}"
         size = sum(s[1] for s in local["stats"])
         return {"fingerprint": _sha256({"local": local["sha256"]}), "local": local}, \
             f"{len(local['stats'])} file(s), {size} bytes in {cfg.source}"

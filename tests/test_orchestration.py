@@ -1531,6 +1531,14 @@ def test_sensors_skip_naming_the_file_when_dvc_lock_or_params_yaml_cannot_be_rea
     skipped = sensors.source_data_changed(context)
     assert isinstance(skipped, dg.SkipReason) and "settings not readable now" in skipped.skip_message
     assert "params.yaml" in skipped.skip_message
+    # a source URL with a password: the tick (kept in the UI's history) never shows it
+    context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={
+        "project": ProjectResource(root=str(tmp_path), overrides=[
+            "download.source=https://user:s3cr3t@example.com/prefs.jsonl"]), "hub": HubResource()})
+    bad.write_text("download:\n  demo_pairs: 60\n")
+    skipped = sensors.source_data_changed(context)
+    assert isinstance(skipped, dg.SkipReason) and "source not readable now" in skipped.skip_message
+    assert "s3cr3t" not in skipped.skip_message and "example.com/prefs.jsonl" in skipped.skip_message
 
 
 HOLD_THE_FOLDER = """
@@ -1783,7 +1791,10 @@ def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, m
     assert shown["new_revision"].value is True
     again = assets.hub_metadata(PushResult(tmp_path, True, "https://hub/a/b", "a1b2c3", ["README.md"], "a/b",
                                            "run-0123abcd", new_revision=False), "a/b")
-    assert again["new_revision"] is False
+    assert again["new_revision"] is False and again["forced_past_release_gate"] is False
+    forced = assets.hub_metadata(PushResult(tmp_path, True, "https://hub/a/b", "a1b2c3", ["README.md"], "a/b",
+                                            "run-0123abcd", forced=True), "a/b")
+    assert forced["forced_past_release_gate"] is True and dry["forced_past_release_gate"] is False
     untagged = assets.hub_metadata(PushResult(tmp_path, True, "https://hub/a/b", "a1b2c3", ["README.md"], "a/b",
                                               None, tag_error="the Hub answered 409"), "a/b")
     assert untagged["hub_tag"].text.startswith("none: the revision is published, but it could not be tagged (the Hub "

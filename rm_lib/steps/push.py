@@ -53,6 +53,7 @@ class PushResult:
     refused: bool = False  # the gate failed (a dry run writes the release all the same, saying so)
     tag_error: str | None = None  # the revision landed, but could not be tagged: why
     new_revision: bool = True  # False: the Hub's head held this release already, and no revision was made
+    forced: bool = False  # released past a failed gate under push.force (the card says so)
 
     def summary(self) -> str:
         if self.uploaded and not self.new_revision:
@@ -218,14 +219,16 @@ def _release(params: Params, layout: Layout, on_hub: hub.HubRelease | None) -> P
                               tag=run_tag(layout), kept=layout.model, parent_commit=on_hub.commit,
                               named=lambda full_id: write_card(params, layout, out, verdicts, full_id))
     said = next((v.description for v in verdicts if v.name == "release_gate"), None)
+    failed = bool(quality.blocking_failures(verdicts))
     if info is None:
-        return PushResult(layout.release, False, None, None, files, gate=said,
-                          refused=bool(quality.blocking_failures(verdicts)) and not cfg.force)
+        return PushResult(layout.release, False, None, None, files, gate=said, refused=failed and not cfg.force,
+                          forced=failed and cfg.force)
     compared = _compared_with(on_hub, layout, verdicts) if cfg.compare_with_release else None
     if compared:
         said = f"{said}\n  {compared}" if said else compared
     return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said,
-                      tag_error=info.get("tag_error"), new_revision=info["commit"] != on_hub.commit)
+                      tag_error=info.get("tag_error"), new_revision=info["commit"] != on_hub.commit,
+                      forced=failed and cfg.force)
 
 
 def _compared_with(on_hub: hub.HubRelease, layout: Layout, verdicts: list[quality.Verdict]) -> str | None:
