@@ -27,14 +27,20 @@ def source_fingerprint(project: ProjectResource, hub: HubResource,
     """(state or None, what was looked at) for params.yaml's download.source. The state's
     `fingerprint` changes only when the data does: demo -> its settings; a local file or folder -> the
     content hash of the files the download step reads (rm_lib.data.sources.local_fingerprint: a
-    `touch` is no change); a Hub dataset -> the commit sha the Hub serves."""
+    `touch` is no change); a Hub dataset -> the commit sha the Hub serves. What was looked at names a
+    URL without its credentials: sensor ticks and the Observe button's failure stay in the UI."""
+    state, what = _fingerprint(project, hub, previous)
+    return state, network.without_credentials(what)
+
+
+def _fingerprint(project: ProjectResource, hub: HubResource, previous: Optional[dict]) -> tuple[Optional[dict], str]:
     from rm_lib.data.sources import local_fingerprint, source_kind
 
     cfg = project.load_params().download
     try:
         kind = source_kind(cfg.source)
     except DataError as exc:
-        return None, f"source not readable now: {network.without_credentials(str(exc))}"
+        return None, f"source not readable now: {exc}"
     if kind == "demo":
         return {"fingerprint": _sha256({"demo": cfg.demo_pairs, "seed": cfg.seed})}, \
             f"demo set of {cfg.demo_pairs} pairs"
@@ -42,7 +48,7 @@ def source_fingerprint(project: ProjectResource, hub: HubResource,
         try:
             local = local_fingerprint(cfg.source, (previous or {}).get("local"))
         except (DataError, OSError) as exc:
-            return None, f"source not readable now: {network.without_credentials(str(exc))}"
+            return None, f"source not readable now: {exc}"
         size = sum(s[1] for s in local["stats"])
         return {"fingerprint": _sha256({"local": local["sha256"]}), "local": local}, \
             f"{len(local['stats'])} file(s), {size} bytes in {cfg.source}"

@@ -273,6 +273,19 @@ def test_an_attention_the_model_has_no_path_for_fails_before_any_work(tmp_path, 
     assert_user_error(code, err, "train.attention: Gemma2ForSequenceClassification cannot compute attention with sdpa",
                       "set train.attention=auto (the model's own) or eager")
     assert not (tmp_path / "data").exists()
+    # DeBERTa-v2 cannot be switched at all: transformers only warned, and the run trained with eager attention
+    # while its log and summary.json said sdpa
+    from transformers import DebertaV2Config
+
+    from rm_lib.errors import SettingsError
+    from rm_lib.model.modeling import check_attention
+
+    deberta = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, num_labels=1)
+    with pytest.raises(SettingsError, match=r"train.attention: DebertaV2ForSequenceClassification computes attention "
+                                            r"its own way \(eager\) and cannot be switched to sdpa"):
+        check_attention(deberta, "sdpa")
+    check_attention(deberta, "eager")  # its own
 
 
 # --- the Hub: names that do not exist, no network ------------------------------------------------

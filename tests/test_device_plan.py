@@ -62,6 +62,8 @@ def test_bf16_on_a_cpu_keeps_attention_in_fp32():
     assert plan(**cpu, precision="bf16").attention == FP32_SDPA
     assert plan(**cpu, precision="no").attention is None
     assert plan(**cpu, precision="bf16", loaded_attention="eager").attention is None  # a model without SDPA
+    # a model that cannot be switched (remote code with SDPA of its own) keeps it: asking would be refused
+    assert plan(**cpu, precision="bf16", switches_attention=False).attention is None
     assert plan(**cpu, precision="bf16", attention="sdpa").attention == "sdpa"  # what the user set
     gpu = plan(device_type="cuda", packed=True, supports_flex=True, shape=SMALL, free_bytes=80 * GiB, precision="bf16")
     assert gpu.attention == "flex_attention"

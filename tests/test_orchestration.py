@@ -1531,14 +1531,16 @@ def test_sensors_skip_naming_the_file_when_dvc_lock_or_params_yaml_cannot_be_rea
     skipped = sensors.source_data_changed(context)
     assert isinstance(skipped, dg.SkipReason) and "settings not readable now" in skipped.skip_message
     assert "params.yaml" in skipped.skip_message
-    # a source URL with a password: the tick (kept in the UI's history) never shows it
-    context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={
-        "project": ProjectResource(root=str(tmp_path), overrides=[
-            "download.source=https://user:s3cr3t@example.com/prefs.jsonl"]), "hub": HubResource()})
+    # a source URL with a password: the tick (kept in the UI's history) never shows it, whether read as a
+    # file or as a Hub name
     bad.write_text("download:\n  demo_pairs: 60\n")
-    skipped = sensors.source_data_changed(context)
-    assert isinstance(skipped, dg.SkipReason) and "source not readable now" in skipped.skip_message
-    assert "s3cr3t" not in skipped.skip_message and "example.com/prefs.jsonl" in skipped.skip_message
+    for source in ("https://user:s3cr3t@example.com/prefs.jsonl", "https://user:s3cr3t@example.com/prefs"):
+        context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={
+            "project": ProjectResource(root=str(tmp_path), overrides=[f"download.source={source}"]),
+            "hub": HubResource()})
+        skipped = sensors.source_data_changed(context)
+        assert isinstance(skipped, dg.SkipReason), skipped
+        assert "s3cr3t" not in skipped.skip_message and "example.com/prefs" in skipped.skip_message
 
 
 HOLD_THE_FOLDER = """

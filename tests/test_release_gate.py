@@ -111,7 +111,14 @@ def test_a_dry_run_that_compared_nothing_leaves_the_bar_where_it_was(project, ti
 
 def test_force_releases_and_the_card_says_the_gate_failed(project, tiny_decoder):
     params = tiny_params("push.min_accuracy=1.0", "push.force=true", model=str(tiny_decoder))
-    run_steps(params, project, "push")
+    said = run_steps(params, project, "push")["push"].summary()
+    # the push line says it too (it said nothing of the failure, or "release gate passed" of the accuracy
+    # where another check had failed)
+    assert "warning: the release gate failed (release_gate: " in said
+    assert "released anyway under push.force=true" in said
+    other = run_steps(tiny_params("push.min_accuracy=0", "push.max_length_correlation=0.000001", "push.force=true",
+                                  model=str(tiny_decoder)), project, "push")["push"].summary()
+    assert "warning: the release gate failed (length_correlation_gate: " in other
     card = (Layout(project).release / "README.md").read_text()
     assert "## Release gate" in card and "push.force=true" in card and "**failed**" in card
     # a passing gate is shown too, without the warning

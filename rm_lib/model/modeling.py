@@ -529,10 +529,14 @@ def set_attention(model: Any, implementation: str) -> None:
     try:
         model.set_attn_implementation(implementation)
     except (ValueError, ImportError) as exc:
-        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise SettingsError(f"train.attention: {type(model).__name__} cannot compute attention with "
                             f"{implementation} ({said}); set train.attention=auto (the model's own) or eager"
                             ) from None
+    own = model.config._attn_implementation
+    if own != implementation:  # a model that cannot switch (DeBERTa-v2) only warns, and keeps its own
+        raise SettingsError(f"train.attention: {type(model).__name__} computes attention its own way ({own}) and "
+                            f"cannot be switched to {implementation}; set train.attention=auto")
 
 
 def check_attention(config: Any, attention: str, trust_remote_code: bool = False) -> None:

@@ -54,6 +54,7 @@ class PushResult:
     tag_error: str | None = None  # the revision landed, but could not be tagged: why
     new_revision: bool = True  # False: the Hub's head held this release already, and no revision was made
     forced: bool = False  # released past a failed gate under push.force (the card says so)
+    failed_checks: tuple[str, ...] = ()  # "check: why" of each blocking check that failed (refused or forced)
 
     def summary(self) -> str:
         if self.uploaded and not self.new_revision:
@@ -64,12 +65,15 @@ class PushResult:
                     f"(revision {self.commit}, " + (f"tag {self.tag})" if self.tag else "not tagged)"))
         elif self.refused:
             line = (f"push: nothing uploaded (push.dry_run); the release gate refuses this model, judged against "
-                    f"data/release (a push to a Hub repository is judged against the release it holds); the "
-                    f"{len(self.files)} files it would upload are in {self.release_dir}, their card saying so")
+                    f"data/release (a push to a Hub repository is judged against the release it holds): "
+                    f"{'; '.join(self.failed_checks)}; the {len(self.files)} files it would upload are in "
+                    f"{self.release_dir}, their card saying so")
         else:
             line = (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
                     f"would be published are in {self.release_dir}")
         return (line + (f"\n  {self.gate}" if self.gate else "")
+                + (f"\nwarning: the release gate failed ({'; '.join(self.failed_checks)}); released anyway under "
+                   "push.force=true, its card saying so" if self.forced else "")
                 + (f"\nwarning: revision {self.commit} is published, but it could not be tagged: {self.tag_error}; "
                    "push again to tag it (the Hub holds this release: no new revision is made): `python -m rm_lib "
                    "push`, or `dvc repro -f push` (dvc repro holds the stage done)"
@@ -219,16 +223,17 @@ def _release(params: Params, layout: Layout, on_hub: hub.HubRelease | None) -> P
                               tag=run_tag(layout), kept=layout.model, parent_commit=on_hub.commit,
                               named=lambda full_id: write_card(params, layout, out, verdicts, full_id))
     said = next((v.description for v in verdicts if v.name == "release_gate"), None)
-    failed = bool(quality.blocking_failures(verdicts))
+    failures = tuple(f"{v.name}: {v.description}" for v in quality.blocking_failures(verdicts))
+    failed = bool(failures)
     if info is None:
         return PushResult(layout.release, False, None, None, files, gate=said, refused=failed and not cfg.force,
-                          forced=failed and cfg.force)
+                          forced=failed and cfg.force, failed_checks=failures)
     compared = _compared_with(on_hub, layout, verdicts) if cfg.compare_with_release else None
     if compared:
         said = f"{said}\n  {compared}" if said else compared
     return PushResult(layout.release, True, info["url"], info["commit"], files, info["repo_id"], info["tag"], said,
                       tag_error=info.get("tag_error"), new_revision=info["commit"] != on_hub.commit,
-                      forced=failed and cfg.force)
+                      forced=failed and cfg.force, failed_checks=failures)
 
 
 def _compared_with(on_hub: hub.HubRelease, layout: Layout, verdicts: list[quality.Verdict]) -> str | None:

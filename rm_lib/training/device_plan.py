@@ -136,9 +136,11 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
          gradient_checkpointing: bool | str = "auto", precision: str = "no",
          loaded_attention: str = "sdpa", supports_varlen: bool = False,
          largest_forward: int | None = None, limit_bytes: int | None = None,
-         sharding: Sharding = UNSHARDED) -> DevicePlan:
+         sharding: Sharding = UNSHARDED, switches_attention: bool = True) -> DevicePlan:
     """Resolve the `auto` settings; values the user set are kept as they are. `precision`: the
     autocast the run trains under (accelerate's mixed_precision); `loaded_attention`: the model's own;
+    `switches_attention`: the model can be told to compute attention otherwise (not DeBERTa-v2's, nor
+    most remote code's);
     `supports_varlen`: this torch has FlashAttention's variable-length kernel; `largest_forward`: the
     most tokens one forward of this run's data can hold (None: unknown), what memory is planned for
     where it is below the budget per forward; `limit_bytes`: the most GPU memory the run may use
@@ -154,7 +156,7 @@ def plan(*, device_type: str, packed: bool, supports_flex: bool, shape: ModelSha
         _check_varlen(gpu=gpu, packed=packed, precision=precision, supports_varlen=supports_varlen)
     if attention == "auto":
         attention_choice = "flex_attention" if gpu and packed and supports_flex else None
-        if device_type == "cpu" and precision == "bf16" and loaded_attention == "sdpa":
+        if device_type == "cpu" and precision == "bf16" and loaded_attention == "sdpa" and switches_attention:
             attention_choice = FP32_SDPA  # SDPA's bf16 CPU backward is 5x slower than its fp32 one
     else:
         attention_choice = VARLEN if attention == "varlen" else attention

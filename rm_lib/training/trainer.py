@@ -190,6 +190,7 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 precision=precision, loaded_attention=inner.config._attn_implementation,
                 supports_varlen=cuda_kernel() is not None, largest_forward=largest,
                 limit_bytes=None if cfg.gpu_memory_gib is None else int(cfg.gpu_memory_gib * 2**30),
+                switches_attention=bool(getattr(type(inner), "_can_set_attn_implementation", lambda: True)()),
                 sharding=split)
 
 
