@@ -85,6 +85,10 @@ def test_pairs_a_chat_template_refuses_are_set_aside_counted_and_scored_as_rejec
     assert {split: dropped[split].get("template_refused", 0) for split in counted} == counted
     assert sum(r["reason"] == "template_refused" for r in
                map(json.loads, (tmp_path / "p/data/filtered/dropped.jsonl").read_text().splitlines())) == 5
+    from rm_lib.publish.model_card import _template_notes
+
+    assert _template_notes({"template_refused": counted}) == (
+        f"\n- Chat template: it refused {counted['train']} training and {counted['test']} held-out pairs, set aside")
     # score sets them aside as its rejects
     save_model(load_reward_model(str(folder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
                chat_template=True)

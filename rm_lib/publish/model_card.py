@@ -220,7 +220,20 @@ def _origin(params: dict, lineage: dict) -> str:
         subset = f", subset {_code(download['subset'])}" if download.get("subset") else ""
         dataset = (f"{_code(source)}{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
                    f"split {_or(download.get('train_split'), 'not recorded')}")
-    return f"- Base model: {_code(base)}, {where}\n- Dataset: {dataset}"
+    return f"- Base model: {_code(base)}, {where}\n- Dataset: {dataset}{_template_notes(lineage)}"
+
+
+def _template_notes(lineage: dict) -> str:
+    """Where the chat template left a system or user turn's text out of pairs (the model trained and was
+    evaluated without it), or refused pairs (set aside), per split; '' where it did neither."""
+    notes = []
+    for key, what in (("template_left_out", "left the text of a system or user turn out of {} (the model trained "
+                                            "and was evaluated without it)"),
+                      ("template_refused", "refused {}, set aside")):
+        counts = lineage.get(key) or {}
+        if sum(counts.values()):
+            notes.append(what.format(f"{counts.get('train', 0)} training and {counts.get('test', 0)} held-out pairs"))
+    return f"\n- Chat template: it {'; it '.join(notes)}" if notes else ""
 
 
 def _version(package: str) -> str:

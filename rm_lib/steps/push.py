@@ -175,6 +175,10 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     record = layout.model / "rm_lib.json"
     lineage["base_reward_model"] = read_json(record).get("base_reward_model") if record.exists() else None
     lineage["data_code_differs"] = data_code_differs(layout)
+    tokenized = layout.tokenized / "manifest.json"  # what the chat template left out of, or refused, per split
+    record = read_json(tokenized) if tokenized.exists() else {}
+    lineage["template_left_out"] = record.get("prompts_left_out") or {}
+    lineage["template_refused"] = record.get("refused_by_template") or {}
     lineage["lock_settings_differ"] = dvc_record.lock_settings_other_than(
         layout.root, "train", {"model": trained["model"], "train": trained["train"]})
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
