@@ -39,6 +39,12 @@ def accuracy(root: Path) -> float:
     return json.loads((Layout(root).evaluation / "report.json").read_text())["accuracy"]
 
 
+def as_compared(record: dict) -> dict:
+    """A release's evaluation.json as a push that compared it with the last release writes it (tiny_params
+    turns the comparison off, and such a release passes the bar on)."""
+    return {k: v for k, v in record.items() if k != quality.UNCOMPARED_DRY_RUN}
+
+
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(root), *args, "push"], cwd=root,
                           env=dict(os.environ), capture_output=True, text=True, timeout=300)
@@ -65,7 +71,7 @@ def test_a_dry_run_below_the_gate_writes_the_release_saying_so_and_the_bar_stays
     release = Layout(project).release
     previous = json.loads((release / "evaluation.json").read_text())  # as an earlier, better model's release
     better = accuracy(project) + 0.01
-    write_json(release / "evaluation.json", {**previous, "accuracy": better,
+    write_json(release / "evaluation.json", {**as_compared(previous), "accuracy": better,
                                              "inputs": {**previous["inputs"], "model": "an earlier model"}})
     dry = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", "push.dry_run=true",
                       model=str(tiny_decoder))
@@ -82,7 +88,8 @@ def test_a_dry_run_below_the_gate_writes_the_release_saying_so_and_the_bar_stays
     # bar, which a push again of the same model is judged against, passed on as the bar erased it)
     from rm_lib.evaluation import quality
 
-    run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=false", model=str(tiny_decoder)),
+    shutil.rmtree(release)  # this model released, compared with nothing before it
+    run_steps(tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder)),
               project, "push")
     released = json.loads((release / "evaluation.json").read_text())["inputs"]["model"]
     run_steps(tiny_params("push.min_accuracy=1.0", "push.dry_run=true", model=str(tiny_decoder)), project, "push")
@@ -90,17 +97,19 @@ def test_a_dry_run_below_the_gate_writes_the_release_saying_so_and_the_bar_stays
     assert bar is not None and bar["model"] == released and bar["accuracy"] == accuracy(project)
 
 
-def test_a_dry_run_that_compared_nothing_leaves_the_bar_where_it_was(project, tiny_decoder):
-    """A dry run under push.compare_with_release=false passes whatever the last release's accuracy, and it
-    writes data/release: a model below the last release became the bar that later dry runs, pushes without
-    push.repo_id and Dagster's release_gate check were judged against. It passes the earlier bar on."""
+@pytest.mark.parametrize("written_here", [["push.dry_run=true"], []])  # a dry run; no push.repo_id (the default)
+def test_a_dry_run_that_compared_nothing_leaves_the_bar_where_it_was(project, tiny_decoder, written_here):
+    """A dry run (or a push without push.repo_id) under push.compare_with_release=false passes whatever the
+    last release's accuracy, and it writes data/release: a model below the last release became the bar that
+    later dry runs, pushes without push.repo_id and Dagster's release_gate check were judged against. It
+    passes the earlier bar on."""
     run_steps(tiny_params("push.min_accuracy=0", model=str(tiny_decoder)), project, "push")
     release = Layout(project).release
     previous = json.loads((release / "evaluation.json").read_text())
     better = accuracy(project) + 0.01
-    write_json(release / "evaluation.json", {**previous, "accuracy": better,
+    write_json(release / "evaluation.json", {**as_compared(previous), "accuracy": better,
                                              "inputs": {**previous["inputs"], "model": "an earlier model"}})
-    uncompared = run_steps(tiny_params("push.min_accuracy=0", "push.dry_run=true", model=str(tiny_decoder)),
+    uncompared = run_steps(tiny_params("push.min_accuracy=0", *written_here, model=str(tiny_decoder)),
                            project, "push")["push"]
     assert not uncompared.refused
     assert quality.release_bar(Layout(project), "another model")["accuracy"] == better
@@ -132,7 +141,7 @@ def test_a_model_below_the_last_release_is_refused_and_the_release_kept(project,
     release = Layout(project).release
     before = {p.name: p.read_bytes() for p in release.iterdir() if p.is_file()}
     previous = json.loads((release / "evaluation.json").read_text())  # as an earlier, better model's release
-    write_json(release / "evaluation.json", {**previous, "accuracy": accuracy(project) + 0.01,
+    write_json(release / "evaluation.json", {**as_compared(previous), "accuracy": accuracy(project) + 0.01,
                                              "inputs": {**previous["inputs"], "model": "an earlier model"}})
     before["evaluation.json"] = (release / "evaluation.json").read_bytes()
     params = tiny_params("push.min_accuracy=0", "push.compare_with_release=true", model=str(tiny_decoder))

@@ -194,7 +194,8 @@ def beats_length_baseline(layout: Layout) -> Verdict:
 
 
 JUDGED_AGAINST = "judged_against"  # in data/release/evaluation.json: the bar that release's gate compared it with
-# in data/release/evaluation.json: a dry run under push.compare_with_release=false, whose gate compared nothing
+# in data/release/evaluation.json: a release written only there (push.dry_run, or no push.repo_id) under
+# push.compare_with_release=false, whose gate compared nothing
 UNCOMPARED_DRY_RUN = "uncompared_dry_run"
 TEST_DATA = "test_data"  # in report.json: which held-out pairs the accuracy was measured on (test_data_record)
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval

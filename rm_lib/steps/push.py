@@ -135,15 +135,17 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     _copy_pictures(layout, out)
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
     share_tree(out)
-    forced = bool(quality.blocking_failures(list(verdicts)))
-    uncompared = params.push.dry_run and not params.push.compare_with_release
-    # a release forced past, or refused by, its gate passes on the bar, and so does a dry run that compared
-    # nothing: the release it replaces, also where that holds this very model (a dry run of the released model
-    # under a stricter gate erased the bar)
-    carried = forced or uncompared
+    failed = bool(quality.blocking_failures(list(verdicts)))  # forced past the gate, or refused by it (dry run)
+    # written here and nowhere else (no push.repo_id, or push.dry_run) without comparing with the last release
+    uncompared = (params.push.dry_run or not params.push.repo_id) and not params.push.compare_with_release
+    # a release forced past, or refused by, its gate passes on the bar, and so does one written here that
+    # compared nothing: the release it replaces, also where that holds this very model (a dry run of the
+    # released model under a stricter gate erased the bar)
+    carried = failed or uncompared
     model = metrics.get("inputs", {}).get("model")
     judged_against = quality.release_bar(layout, None if carried else model, release)
-    marks = {"forced": forced, **({quality.UNCOMPARED_DRY_RUN: True} if uncompared else {})}
+    # "forced": the gate failed (the key an earlier version wrote, which quality.release_bar reads)
+    marks = {"forced": failed, **({quality.UNCOMPARED_DRY_RUN: True} if uncompared else {})}
     write_json(out / "evaluation.json", {**public(metrics, root), quality.JUDGED_AGAINST: judged_against, **marks})
 
 
