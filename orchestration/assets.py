@@ -568,8 +568,9 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, projec
 def hub_metadata(result, configured: Optional[str]) -> dict:
     """Where the release went, as the Hub names it: a bare push.repo_id lands in the token owner's
     namespace, so the repository is the full id the upload returned (the one the card names), with
-    the commit and the tag the push gave it; not uploaded, the repo_id that is set, and whether the
-    release gate refused what a dry run wrote."""
+    the commit, whether the push made it (`new_revision`) and the tag it gave it (or why it could not);
+    not uploaded, the repo_id that is set, and whether the release gate refused what a dry run wrote.
+    Either way, whether the release was forced past a failed gate."""
     if not result.uploaded:
         said = "not uploaded (no push.repo_id, or push.dry_run)" + (
             "; the release gate refused this model: the release's card says so" if result.refused else "")

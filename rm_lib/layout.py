@@ -28,6 +28,10 @@ class Layout:
         return self.root / "data" / "tokenized"
 
     @property
+    def refused(self) -> Path:  # tokenize: the pairs the chat template refused, with its words (filter counts them)
+        return self.tokenized / "refused.jsonl"
+
+    @property
     def filtered(self) -> Path:
         return self.root / "data" / "filtered"
 

@@ -141,7 +141,7 @@ def in_single_attempt() -> bool:
 
 def tries(configured: int) -> int:
     """How many times rm_lib itself tries: `configured`, or 1 inside `single_attempt()`."""
-    return 1 if _SINGLE_ATTEMPT.get() else max(1, configured)
+    return 1 if in_single_attempt() else max(1, configured)
 
 
 def _fill_timeouts(request: Any) -> None:

@@ -156,17 +156,23 @@ def answer_text(answer: str, name: str, tokenizer: Any, tail: str = "") -> str |
     return rendered[1][len(opened):] if rendered[1].startswith(opened) else None
 
 
+def with_stand_in(prompt: list[dict], name: str, tokenizer: Any) -> str:
+    """`prompt` and a stand-in answer rendered whole ('' where the template refuses them)."""
+    try:
+        return render([*prompt, {"role": "assistant", "content": _ANSWER}], name, tokenizer)
+    except Exception:  # noqa: BLE001 - a template's own refusal, of any type
+        return ""
+
+
 def conversation_opening(prompt: list[dict], name: str, tokenizer: Any, generation: str,
-                         wholes: Sequence[str]) -> str:
+                         wholes: Sequence[str], stand_in: str | None = None) -> str:
     """The text that `wholes` (`prompt` and an answer, rendered whole) begin with as the prompt's, where
     they do not begin with `generation`, the prompt rendered with the generation prompt: a template may
     write a prompt otherwise before an answer (DeepSeek-R1's generation prompt opens a think block that
     its answers drop; Mistral v0.3's writes a system turn only into a last user turn). The prompt with a
-    stand-in answer rendered whole, up to that answer, as far as `wholes` agree with it."""
-    try:
-        whole = render([*prompt, {"role": "assistant", "content": _ANSWER}], name, tokenizer)
-    except Exception:  # noqa: BLE001 - a template's own refusal, of any type
-        whole = ""
+    stand-in answer rendered whole (`stand_in`, where the caller has it: with_stand_in), up to that answer,
+    as far as `wholes` agree with it."""
+    whole = with_stand_in(prompt, name, tokenizer) if stand_in is None else stand_in
     start = whole[:whole.index(_ANSWER)] if _ANSWER in whole else generation
     return os.path.commonprefix([start, *wholes])
 

@@ -58,21 +58,24 @@ def _render(pair: dict, side: str, template: str, tokenizer: Any) -> str:
 
 
 def _shared(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
-def opening_length(prompt: list[dict], rendered: str, wholes: list[str], whole_ids: list[list[int]],
-                   tokenizer: Any, template: str, special: SpecialTokens) -> int:
+def prompt_length(prompt: list[dict], rendered: str, prompt_ids: list[int], wholes: list[str],
+                  whole_ids: list[list[int]], tokenizer: Any, template: str, special: SpecialTokens,
+                  stand_in: str | None = None) -> int:
     """How many first tokens of `whole_ids` (the prompt's conversation with an answer each, as the model
-    reads them) are the prompt's, where the wholes' text does not begin with `rendered`, the prompt with
-    the generation prompt: its length would count what the sides do not hold (a system turn the template
-    writes only before a last user turn: every pair dropped as prompt_too_long)."""
-    text = templates.conversation_opening(prompt, template, tokenizer, rendered, wholes)
+    reads them, their text `wholes`) are the prompt's: those of `rendered`, the prompt with the generation
+    prompt (its ids `prompt_ids`, start token added where missing), where every whole begins with it; else
+    the tokens the wholes begin with as the prompt (templates.conversation_opening), whose length would
+    otherwise count what the sides do not hold (a system turn the template writes only before a last user
+    turn: every pair dropped as prompt_too_long). `stand_in`: the prompt rendered whole with
+    templates' stand-in answer, where the caller has it."""
+    if not rendered:
+        return 0
+    if all(whole.startswith(rendered) for whole in wholes):
+        return prefixed_length(prompt_ids, special)
+    text = templates.conversation_opening(prompt, template, tokenizer, rendered, wholes, stand_in)
     ids = _encode(tokenizer, [text])[0] if text else []
     ids = list(special.prefix) + ids if prefixed_length(ids, special) > len(ids) else ids
     return min([len(ids), *(_shared(ids, whole) for whole in whole_ids)])
@@ -80,12 +83,13 @@ def opening_length(prompt: list[dict], rendered: str, wholes: list[str], whole_i
 
 def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: SpecialTokens,
                    refused: list[dict] | None = None) -> list[dict]:
-    """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call. A row whose
+    """Normalised pairs -> rows with the model's input columns, in one batched tokenizer call (and one more
+    per pair whose template writes its prompt otherwise before an answer: prompt_length). A row whose
     rendering lacks the text of a system or user turn of its prompt carries `prompt_left_out` (the step
     counts them). A pair the chat template refuses is a DataError, or, given `refused`, set aside there
     ({"id", "reason": "template_refused", "why"}): one odd row of a large set (two assistant turns in a
     row, under Mistral's template) stopped the whole step."""
-    text_pairs, prompts, chosen, rejected, aside = [], [], [], [], set()
+    prompts, chosen, rejected, aside = [], [], [], set()
     for pair in pairs:
         if "input_ids_chosen" in pair:
             continue
@@ -98,10 +102,9 @@ def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: Sp
             refused.append({"id": pair["id"], "reason": "template_refused", "why": str(exc)})
             aside.add(pair["id"])
             continue
-        text_pairs.append(pair)
         for texts_of, text in zip((prompts, chosen, rejected), texts):
             texts_of.append(text)
-    texts = iter(zip(text_pairs, prompts, chosen, rejected))
+    texts = iter(zip(prompts, chosen, rejected))
     encoded = iter(zip(_encode(tokenizer, prompts), _encode(tokenizer, chosen), _encode(tokenizer, rejected)))
     rows = []
     for pair in pairs:
@@ -112,12 +115,10 @@ def tokenize_batch(pairs: list[dict], tokenizer: Any, template: str, special: Sp
             ids_c, ids_r, prompt_len = pair["input_ids_chosen"], pair["input_ids_rejected"], None
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
         else:
-            (_, prompt, text_c, text_r), (prompt_ids, ids_c, ids_r) = next(texts), next(encoded)
-            prompt_len = prefixed_length(prompt_ids, special) if prompt_ids else 0
+            (prompt, text_c, text_r), (prompt_ids, ids_c, ids_r) = next(texts), next(encoded)
             ids_c, ids_r = add_special(ids_c, special), add_special(ids_r, special)
-            if prompt and not (text_c.startswith(prompt) and text_r.startswith(prompt)):
-                prompt_len = opening_length(pair["prompt"], prompt, [text_c, text_r], [ids_c, ids_r], tokenizer,
-                                            template, special)
+            prompt_len = prompt_length(pair["prompt"], prompt, prompt_ids, [text_c, text_r], [ids_c, ids_r], tokenizer,
+                                       template, special)
             left = template == "tokenizer" and any(templates.left_out(pair["prompt"], t) for t in (text_c, text_r))
         rows.append({"id": pair["id"], "input_ids_chosen": ids_c, "attention_mask_chosen": [1] * len(ids_c),
                      "input_ids_rejected": ids_r, "attention_mask_rejected": [1] * len(ids_r),

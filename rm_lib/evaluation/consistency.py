@@ -17,7 +17,7 @@ import torch
 
 from rm_lib.model.inference import PairScorer, score_pairs
 from rm_lib.model.modeling import TRAINED, is_last_token_pooled, load_reward_model, load_tokenizer, rewards, unwrap
-from rm_lib.model.packing import attention_window, pack_pairs, pack_pairs_shared, pooling, why_not_packed
+from rm_lib.model.packing import pack_pairs, pack_pairs_shared, pooling, why_not_packed, window_too_short
 
 REFERENCE = "right-padded batches of 64 texts (32 pairs) of like lengths"
 PATHS = ("padded_bs1", "left_padding", "packed_training_forward", "packed_shared_prompt", "pipeline")
@@ -118,9 +118,9 @@ def _model_paths(model: Any, rows: list[dict], pad_token_id: int, skipped: dict)
     else:  # an encoder reads position 0 ([CLS]): left padding (OpenRLHF's default) puts a pad there
         skipped["left_padding"] = {"texts": len(seqs), "pad_right": True,
                                    "reason": "the model reads its first token ([CLS]), which left padding makes a pad"}
-    window = attention_window(unwrap(model).config)
     longest = max(map(len, seqs), default=0)
-    if pooling(unwrap(model)) is not None and (window is None or longest <= window):
+    window = window_too_short(unwrap(model).config, longest)
+    if pooling(unwrap(model)) is not None and window is None:
         scored["packed_training_forward"] = _packed_scores(model, rows, pad_token_id, device)
         if pooling(unwrap(model)) == "last":  # train.shared_prompt: each pair's prompt computed once
             batch = pack_pairs_shared(rows, pad_token_id, use_margin=False).to(device)

@@ -169,25 +169,16 @@ class RewardScorer:
         return tokenization.add_special(ids, self.special)
 
     def prompt_length(self, prompt: list[dict]) -> int:
-        """The tokens of a conversation's prompt (rendered with the generation prompt, start token
-        included), as tokenize counts them for a pair: what `fit` holds to the recorded prompt limit. Where
-        the template writes the prompt otherwise before an answer, as tokenize counts such a pair's: the
-        tokens the prompt's conversation with an answer begins with (tokenization.opening_length)."""
+        """The tokens of a conversation's prompt as tokenize counts them for a pair (tokenization.
+        prompt_length, the prompt's conversation with a stand-in answer as its whole): what `fit` holds to
+        the recorded prompt limit."""
         if not prompt:
             return 0
         text = templates.render(prompt, self.template, self.tokenizer, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        if self.template != "tokenizer":  # rm_lib's own templates: the prompt begins every conversation
-            return tokenization.prefixed_length(ids, self.special)
-        try:
-            whole = templates.render([*prompt, {"role": "assistant", "content": "answer"}], self.template,
-                                     self.tokenizer)
-        except Exception:  # noqa: BLE001 - a template that refuses the turns (Mistral's after a last answer)
-            whole = text
-        if whole.startswith(text):
-            return tokenization.prefixed_length(ids, self.special)
-        return tokenization.opening_length(prompt, text, [whole], [self.encode(whole)], self.tokenizer,
-                                           self.template, self.special)
+        whole = templates.with_stand_in(prompt, self.template, self.tokenizer) or text  # refused: as rendered alone
+        return tokenization.prompt_length(prompt, text, ids, [whole], [self.encode(whole)], self.tokenizer,
+                                          self.template, self.special, stand_in=whole)
 
     def fit(self, ids: list[int], name: str, prompt_length: int = 0) -> tuple[list[int], bool]:
         """`ids` within max_length, and their first `prompt_length` tokens (the prompt) within the prompt
@@ -284,8 +275,10 @@ class RewardScorer:
             # given opened: the template opens it
             answer = unclosed[len(opening):] if opening and unclosed.startswith(opening) else unclosed
             text = templates.answer_text(answer, self.template, self.tokenizer, tail)
-            if text is None or not prompt.endswith(tail):  # a template that refuses a lone exchange: joined as
-                return prompt + unclosed + closing  # given, closed
+            # a template that refuses a lone exchange, or a prompt rendered without the generation prompt's
+            # tail: joined as given, closed
+            if text is None or not prompt.endswith(tail):
+                return prompt + unclosed + closing
             prompt = prompt[:len(prompt) - len(tail)]  # the answer follows it: rendered with the answer
             if opening.strip() and prompt.endswith(opening) and text.startswith(opening):
                 text = text[len(opening):]  # a prompt rendered with the opening (Qwen3's thinking off)

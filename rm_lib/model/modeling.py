@@ -539,6 +539,12 @@ def set_attention(model: Any, implementation: str) -> None:
                             f"cannot be switched to {implementation}; set train.attention=auto")
 
 
+def switches_attention(model: Any) -> bool:
+    """Whether `model` can be told to compute attention otherwise (transformers' AttentionInterface; not
+    DeBERTa-v2's, nor most remote code's, which keep their own with a warning)."""
+    return bool(getattr(type(model), "_can_set_attn_implementation", lambda: True)())
+
+
 def check_attention(config: Any, attention: str, trust_remote_code: bool = False) -> None:
     """set_attention's SettingsError for the attention train.attention names, found on the model's shape
     alone (no weights read), before any step runs."""

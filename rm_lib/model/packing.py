@@ -368,11 +368,18 @@ def attention_window(config: Any) -> int | None:
     return window if getattr(config, "use_sliding_window", True) else None
 
 
-def check_attention_window(config: Any, longest: int) -> None:
-    """Packed batches mask by sequence, not by a sliding window: a sequence longer than the window
-    would attend further back than the model does when it scores it padded."""
+def window_too_short(config: Any, longest: int) -> int | None:
+    """The model's sliding window where a sequence of `longest` tokens is longer than it: packed batches
+    mask by sequence, not by the window, so such a sequence would attend further back than the model does
+    when it scores it padded. None where packing is safe."""
     window = attention_window(config)
-    if window is not None and longest > window:
+    return window if window is not None and longest > window else None
+
+
+def check_attention_window(config: Any, longest: int) -> None:
+    """window_too_short's SettingsError: training does not pack such sequences."""
+    window = window_too_short(config, longest)
+    if window is not None:
         from rm_lib.errors import SettingsError
 
         raise SettingsError(f"train.padding_free: this model attends within a sliding window of {window} tokens, "

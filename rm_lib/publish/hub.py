@@ -106,6 +106,8 @@ def upload(folder: Path, repo_id: str, *, private: bool, commit_message: str, ta
             if exc.transient and network.in_single_attempt():  # Dagster's RetryPolicy: the push again tags it
                 raise
             info["tag"], info["tag_error"] = None, str(exc).split(f"; the model stays in {where}")[0]
+        except Exception as exc:  # noqa: BLE001 - one _explain does not know: the revision landed all the same
+            info["tag"], info["tag_error"] = None, network.first_line(exc)
     return info
 
 

@@ -105,8 +105,7 @@ def run(params: Params, layout: Layout) -> FilterResult:
     digests = {}
     # the pairs tokenize set aside (their chat template refused them) are counted with filter's: the held-out
     # figures are of the pairs left after both
-    refused_path = layout.tokenized / "refused.jsonl"
-    refused = read_jsonl(refused_path) if refused_path.exists() else []
+    refused = read_jsonl(layout.refused) if layout.refused.exists() else []  # none from an earlier version
     with atomic_dir(layout.filtered) as out:
         all_dropped = []
         for split in SPLITS:

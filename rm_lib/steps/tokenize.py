@@ -17,8 +17,6 @@ from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.progress import Progress
 from rm_lib.settings import Params
 
-REFUSED = "refused.jsonl"  # the pairs the chat template refused, with its words
-
 
 @dataclass
 class TokenizeResult:
@@ -40,6 +38,7 @@ class TokenizeResult:
     prompts_left_out: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # pairs per split the chat template refused, set aside
     first_refusal: str = ""  # the template's words for the first of them
+    refused_file: Path | None = None  # where they are (Layout.refused)
 
     def manifest(self) -> dict:
         """manifest.json: what filter, train and the model card read of this tokenization."""
@@ -62,7 +61,7 @@ class TokenizeResult:
                    if left else "")
                 + (f"\nwarning: the chat template refused {sum(self.refused.values())} pair(s) "
                    f"({self.refused.get('train', 0)} train, {self.refused.get('test', 0)} test), set aside in "
-                   f"{self.output_dir / REFUSED} with its words; the first: {self.first_refusal}"
+                   f"{self.refused_file} with its words; the first: {self.first_refusal}"
                    if sum(self.refused.values()) else ""))
 
 
@@ -140,7 +139,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             if pairs and not counts[split]:  # every pair refused: the template's own words for the first
                 raise DataError(f"the chat template refused every {split} pair; the first: {refused[split][0]['why']}",
                                 file=str(source))
-        write_jsonl(out / REFUSED, [dict(r, split=split) for split in SPLITS for r in refused[split]])
+        write_jsonl(out / layout.refused.name, [dict(r, split=split) for split in SPLITS for r in refused[split]])
         result = TokenizeResult(
             template=template, rows=counts, tokens=tokens,
             content_hash=tree_sha256(out, [f"{s}.parquet" for s in SPLITS]), output_dir=layout.tokenized,
@@ -148,6 +147,7 @@ def run(params: Params, layout: Layout) -> TokenizeResult:
             end_token_id=special.end, template_start_id=special.template_start,
             pad_token_id=tokenizer.pad_token_id, inputs=made_from, settings=asdict(params.tokenize),
             prompts_left_out=left_out, refused={split: len(refused[split]) for split in SPLITS},
+            refused_file=layout.refused,
             first_refusal=next((r["why"] for split in SPLITS for r in refused[split]), ""),
             max_length=max_sequence_length(_model_config(params), tokenizer))
         write_json(out / "manifest.json", result.manifest())

@@ -21,7 +21,7 @@ from rm_lib.errors import DevicePathError, TrainingDiverged
 from rm_lib.model.batching import EpochSchedule, collate_pairs, pair_length, pair_tokens, step_forwards
 from rm_lib.model.inference import PairScorer
 from rm_lib.model.loss import bradley_terry_loss
-from rm_lib.model.modeling import unwrap
+from rm_lib.model.modeling import switches_attention, unwrap
 from rm_lib.model.packing import (
     FLEX_BLOCK,
     any_width_compiles,
@@ -190,7 +190,7 @@ def plan_for(cfg: TrainSettings, model: Any, device: torch.device, packed: bool,
                 precision=precision, loaded_attention=inner.config._attn_implementation,
                 supports_varlen=cuda_kernel() is not None, largest_forward=largest,
                 limit_bytes=None if cfg.gpu_memory_gib is None else int(cfg.gpu_memory_gib * 2**30),
-                switches_attention=bool(getattr(type(inner), "_can_set_attn_implementation", lambda: True)()),
+                switches_attention=switches_attention(inner),
                 sharding=split)
 
 
