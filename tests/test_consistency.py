@@ -246,6 +246,13 @@ def test_the_verdict_warns_naming_the_path_and_passes_a_consistent_report(tmp_pa
     assert not shown.passed and shown.severity == dg.AssetCheckSeverity.WARN
     write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": [], "passed": True}})
     assert quality.scores_consistent(layout).passed
+    assert "score the same on every path within" in quality.scores_consistent(layout).description
+    # paths skipped (an encoder's left padding, a sliding window's packed paths): "every path" said so
+    skipped = {"packed_shared_prompt": {"texts": 4, "reason": "an encoder's prompt would see both answers"}}
+    write_json(layout.evaluation / "report.json", {"consistency": {**base, "failed": [], "passed": True,
+                                                                   "skipped": skipped}})
+    said = quality.scores_consistent(layout).description
+    assert "score the same on every path scored (skipped: packed_shared_prompt; see the metadata for why)" in said
 
 
 def test_metrics_json_says_nan_where_a_path_scored_no_numbers():

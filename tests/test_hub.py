@@ -1029,6 +1029,11 @@ def test_a_revision_that_landed_but_could_not_be_tagged_is_published_and_a_push_
     assert server.repos[REPO].tags[again.tag] == head
     assert f"holds this release already (revision {head}): no new revision" in again.summary()
     assert "uploaded" not in again.summary()
+    # a failure of a kind push does not know (an answer it cannot read): published all the same, said
+    run_steps(settings(tiny_decoder, "evaluate.length_buckets=3"), project, "evaluate")
+    monkeypatch.setattr(hub, "_tag", lambda *args: {}["name"])
+    odd = push_step(settings(tiny_decoder, "evaluate.length_buckets=3"), project)
+    assert odd.uploaded and odd.new_revision and odd.tag is None and "could not be tagged: 'name'" in odd.summary()
 
 
 def test_a_push_whose_answer_was_lost_and_whose_revision_landed_ends_as_a_success(project, server, tiny_decoder,

@@ -570,8 +570,11 @@ def scores_consistent(layout: Layout) -> Verdict:
     metadata = {"tolerance": result.get("tolerance"), "rule": result.get("rule"), "max_abs_diff": diffs,
                 "failed": result.get("failed", []), "skipped": result.get("skipped", {})}
     if result.get("passed"):
-        return Verdict(name, True, f"{result.get('texts')} texts score the same on every path within "
-                                   f"{result.get('tolerance')} of the reference ({result.get('reference')})",
+        skipped = sorted(result.get("skipped") or {})
+        return Verdict(name, True, f"{result.get('texts')} texts score the same on every path "
+                                   + (f"scored (skipped: {', '.join(skipped)}; see the metadata for why) " if skipped
+                                      else "")
+                                   + f"within {result.get('tolerance')} of the reference ({result.get('reference')})",
                        metadata, warn_only=True)
     failed = ", ".join(f"{p} (max |diff| {diffs.get(p)})" for p in result.get("failed", []))
     hint = f"; {result['hint']}" if result.get("hint") else ""
