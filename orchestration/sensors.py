@@ -96,7 +96,8 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
                         state: dict) -> tuple[str, str]:
     """(what to do, why) for a source change whose run was requested: "done" once raw_preferences was
     materialized since; "wait" while a run for it has not ended or another run holds the project folder;
-    "again" when every run for it ended without raw_preferences; "give up" after SOURCE_RUN_ATTEMPTS."""
+    "again" when every run for it ended without raw_preferences; "give up" after SOURCE_RUN_ATTEMPTS, or
+    at once when the latest was cancelled (a user's decision, not a mishap to repair)."""
     from .run_lock import holder_now
 
     instance = context.instance
@@ -108,6 +109,9 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
                                                    created_after=since))
     if not runs or any(not r.is_finished for r in runs):  # none yet: the daemon launches it after the tick
         return "wait", "the run requested for it has not ended"
+    latest = max(runs, key=lambda run: _created(instance, run))
+    if latest.status == dg.DagsterRunStatus.CANCELED:
+        return "give up", f"run {latest.run_id} for it was cancelled: materialize raw_preferences to take it"
     holder = holder_now(project.root_path(), instance)
     if holder is not None:
         return "wait", f"run {holder.get('run_id')} is using the project folder"
@@ -126,13 +130,18 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
                        f"({', '.join(r.run_id for r in runs)}): fix what they report and materialize raw_preferences")
 
 
+def _created(instance: dg.DagsterInstance, run: dg.DagsterRun) -> float:
+    record = instance.get_run_record_by_id(run.run_id)
+    return record.create_timestamp.timestamp() if record is not None else 0.0
+
+
 # the errors a run for the same data and settings meets again (orchestration.assets.mistake names them)
 REPEATABLE = frozenset({"DataError", "SettingsError"})
 
 
 def _repeatable_mistake(instance: dg.DagsterInstance, runs: list) -> Optional[str]:
     """How the latest of `runs` failed where its download step met bad data or settings, or None (refused
-    by another process, a crash, stopped, settings that did not load or a source not there then, which
+    by another process, a crash, settings that did not load or a source not there then, which
     this tick found mended: worth another run)."""
     records = [r for r in (instance.get_run_record_by_id(run.run_id) for run in runs) if r is not None]
     if not records:  # deleted since
@@ -157,7 +166,8 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
     # version then (a report of them again, by dvc_lock_changed, is not the change taken)
     if earlier is None:
         latest = context.instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
-        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
+        # a materialization reported by hand (the UI's Report materialization) has no tags
+        tags = (latest.asset_materialization.tags if latest and latest.asset_materialization else None) or {}
         earlier = {"at": time.time(), "before": tags.get("dagster/data_version")}
     requested = {"tag": tag, "attempts": attempts, "at": earlier["at"],
                  **({"before": earlier["before"]} if "before" in earlier else {})}
@@ -175,7 +185,8 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
                 "(a touch is no change), a Hub dataset's commit sha. The demo set never changes, so it triggers "
                 "once, for the first cursor. A run for a change that ends before raw_preferences took the new "
                 f"data (another run held the project folder) is requested again, {SOURCE_RUN_ATTEMPTS} times in all; "
-                "one that failed on the data or the settings is not.",
+                "one that failed on the data or the settings, or was cancelled, is not, and the ticks say the "
+                "change is not taken until raw_preferences is materialized.",
 )
 def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectResource, hub: HubResource):
     previous = _cursor(context.cursor)
@@ -188,11 +199,17 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
     if state["fingerprint"] != previous.get("fingerprint"):
         return _run_for(context, state, what, attempts=1)
     requested = previous.get("requested")
-    action, why = _pending_source_run(context, project, requested, state) if requested else ("done", "")
+    if requested and "gave_up" in requested:  # not requested again, but not taken either until a run takes it
+        taken = _took_the_change(context.instance, requested, project, state)
+        action, why = ("done", "") if taken else ("give up", requested["gave_up"])
+    else:
+        action, why = _pending_source_run(context, project, requested, state) if requested else ("done", "")
     if action == "again":
         return _run_for(context, state, what, attempts=requested["attempts"] + 1, earlier=requested)
     if action == "wait":
         state["requested"] = requested
+    if action == "give up":
+        state["requested"] = {**requested, "gave_up": why}
     if state != previous:  # touched, or rewritten with the same bytes: remember the new stats
         context.update_cursor(json.dumps(state, sort_keys=True))
     if action == "give up":
@@ -292,7 +309,8 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             # experiment): what Dagster last recorded is what is there
             continue
         latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        tags = latest.asset_materialization.tags if latest and latest.asset_materialization else {}
+        # a materialization reported by hand (the UI's Report materialization) has no tags
+        tags = (latest.asset_materialization.tags if latest and latest.asset_materialization else None) or {}
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         held = {s: c["matches"] for s, c in checked.items()}
         inputs = _input_tags(context.instance, key, versions, locked, held) if inputs_match else {}

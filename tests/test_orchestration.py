@@ -751,7 +751,9 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
         run_for(third, dg.DagsterRunStatus.FAILURE)
         gave_up, cursor = tick(tmp_path, cursor, overrides, instance)
         assert "3 runs for it ended without materializing raw_preferences" in gave_up.skip_message
-        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.SkipReason)
+        later, cursor = tick(tmp_path, cursor, overrides, instance)
+        # not "source unchanged": the change is still to be taken (it said so, and the UI showed it as done)
+        assert isinstance(later, dg.SkipReason) and later.skip_message == gave_up.skip_message
 
         source.write_text(source.read_text() * 2)  # new data, taken by the run requested for it
         request, cursor = tick(tmp_path, cursor, overrides, instance)
@@ -761,6 +763,34 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
         done, cursor = tick(tmp_path, cursor, overrides, instance)
         assert isinstance(done, dg.SkipReason) and "unchanged" in done.skip_message
         assert "requested" not in json.loads(cursor)
+
+
+def test_a_cancelled_run_for_a_source_change_is_not_requested_again(tmp_path):
+    """A user terminated the run the sensor requested for new data: the sensor requested it again twice
+    (each a whole pipeline run), as for a crash, and then said "source unchanged" of data no run took. A
+    cancelled run ends the requests; the ticks say the change is not taken until raw_preferences is
+    materialized, and a later change runs as any does."""
+    from dagster._core.test_utils import create_run_for_test
+
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    overrides = [f"download.source={source}"]
+    with dg.instance_for_test() as instance:
+        request, cursor = tick(tmp_path, None, overrides, instance)
+        run = create_run_for_test(instance, job_name="reward_model_pipeline", tags=request.tags,
+                                  status=dg.DagsterRunStatus.STARTED)
+        instance.report_run_canceled(run)
+        stopped, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(stopped, dg.SkipReason), stopped
+        assert f"but run {run.run_id} for it was cancelled: materialize raw_preferences" in stopped.skip_message
+        later, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(later, dg.SkipReason) and later.skip_message == stopped.skip_message
+        instance.report_runless_asset_event(dg.AssetMaterialization("raw_preferences"))  # taken by hand
+        done, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(done, dg.SkipReason) and "unchanged" in done.skip_message
+        assert "requested" not in json.loads(cursor)
+        source.write_text(source.read_text() * 2)
+        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.RunRequest)
 
 
 def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
@@ -795,7 +825,8 @@ def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
         assert f"but run {result.run_id} failed: download: " in gave_up.skip_message
         assert str(source) in gave_up.skip_message and gave_up.skip_message.endswith(
             ": fix it and materialize raw_preferences")
-        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.SkipReason)  # not again
+        not_again, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(not_again, dg.SkipReason) and not_again.skip_message == gave_up.skip_message
         source.write_text(rows)
         fixed, cursor = tick(tmp_path, cursor, overrides, instance)
         assert isinstance(fixed, dg.RunRequest)
@@ -1305,6 +1336,8 @@ def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
             return dg.MaterializeResult(data_version=dg.DataVersion(report))
 
         assert dg.materialize([evaluated], instance=instance).success
+        # reported by hand (the UI's Report materialization): no tags; the tick failed on it
+        instance.report_runless_asset_event(dg.AssetMaterialization("reward_model"))
         result, cursor = tick(instance, None)
         events = {e.asset_key.to_user_string(): e for e in result.asset_events}
         assert set(events) == {"raw_preferences", "reward_model"}  # evaluation: Dagster has that version already
