@@ -973,6 +973,60 @@ def test_automated_release_waits_for_the_release_gate(condition):
         assert "evaluation:release_gate" in _requested(result)
 
 
+def _stand_in_pipeline(stop_in: dict) -> dg.Definitions:
+    """The pipeline's assets and checks as Dagster sees them (keys, inputs, blocking flags, automation
+    conditions) with bodies that do nothing, or raise in the asset `stop_in["step"]` names."""
+    def stand_in(real):
+        @dg.asset(name=real.key.path[-1], deps=list(real.asset_deps[real.key]),
+                  automation_condition=next(iter(real.specs)).automation_condition)
+        def body() -> None:
+            if stop_in.get("step") == real.key.to_user_string():
+                raise RuntimeError("stopped")
+        return body
+
+    def check(spec):
+        @dg.asset_check(asset=spec.asset_key, name=spec.name, blocking=spec.blocking,
+                        automation_condition=spec.automation_condition)
+        def body() -> dg.AssetCheckResult:
+            return dg.AssetCheckResult(passed=True)
+        return body
+
+    return dg.Definitions(assets=[stand_in(a) for a in assets.ASSETS],
+                          asset_checks=[check(spec) for c in checks.CHECKS for spec in c.check_specs])
+
+
+def test_automation_never_releases_with_the_last_models_evaluation():
+    """A run of filter and train stopped in train (terminated, or failed), its loss_is_finite planned and
+    never run: the next release_automation tick requested train and hub_release, not evaluation (Dagster
+    evaluated train's check after evaluation and before hub_release), so the release was judged by the last
+    model's evaluation. Now the release waits for the tick after train, and goes with its evaluation."""
+    stop_in = {}
+    use = _stand_in_pipeline(stop_in)
+
+    def run(*keys: str) -> bool:
+        selection = dg.AssetSelection.assets(*keys)
+        job = dg.define_asset_job("part", selection=selection)
+        return dg.Definitions(assets=use.assets, asset_checks=use.asset_checks, jobs=[job]).resolve_job_def(
+            "part").execute_in_process(instance=instance, raise_on_error=False).success
+
+    def tick(cursor):
+        result = dg.evaluate_automation_conditions(defs=use, instance=instance, cursor=cursor)
+        return {r.key.to_user_string() for r in result.results if r.true_subset.size}, result.cursor
+
+    with dg.instance_for_test() as instance:
+        assert run(*KEYS)
+        requested, cursor = tick(None)
+        assert requested == set()
+        stop_in["step"] = "reward_model"
+        assert not run("filtered_preferences", "reward_model")
+        requested, cursor = tick(cursor)
+        assert requested == {"reward_model", "reward_model:loss_is_finite"}, requested
+        stop_in.clear()
+        assert run("reward_model")
+        requested, cursor = tick(cursor)
+        assert {"evaluation", "evaluation:release_gate", "hub_release"} <= requested, requested
+
+
 # ---------------------------------------------------------------- resources
 
 def test_resources(tmp_path, monkeypatch):
