@@ -514,6 +514,10 @@ def test_the_epoch_schedule_finds_every_micro_batch_across_epochs():
             micro += 1
     assert schedule.micro_batches(2) == counts[0] + counts[1]
     assert schedule.micro_batches(1.5) == counts[0] + int(0.5 * counts[1])
+    accumulated = EpochSchedule(rows, 4, seed=3, group_by_length=True, accumulation=3)
+    assert accumulated.count(0) == 24  # 8 steps of 12 pairs, each in 3 micro-batches
+    assert accumulated.micro_batches(1.5) == 24 + 4 * 3  # half an epoch: 4 whole steps
+    assert accumulated.micro_batches(0.1) == 0  # less than a step (train takes one)
     by_pairs = EpochSchedule(rows, 4, seed=3, group_by_length=True)
     assert by_pairs.count(0) == by_pairs.count(5) == 23 and len(by_pairs.batches(5)) == 23
 
@@ -532,23 +536,29 @@ def test_training_with_token_budgeted_batches_runs_one_epoch_of_them(tmp_path, t
 
 def test_accumulated_steps_train_as_one_batch_that_many_times_larger(tmp_path, tiny_decoder):
     """gradient_accumulation_steps=k with batch_size=b takes, step by step, the pairs of batch_size=k*b,
-    length grouping on (the default): the same losses and weights. An epoch that k*b pairs do not divide
-    has one smaller step, each pair counting once and the step's gradient the mean over its own pairs."""
+    length grouping on (the default): the same losses and weights, also over a fraction of an epoch (it
+    was counted in micro-batches: one step more, part-filled with the longest pairs, and another
+    learning-rate schedule). An epoch that k*b pairs do not divide has one smaller step, each pair
+    counting once and the step's gradient the mean over its own pairs."""
     from rm_lib.model.batching import EpochSchedule, step_forwards
 
-    epoch = ("train.max_steps=null", "train.num_epochs=1", "train.logging_steps=1")
-    accumulated, w_accumulated, rows = fit_tiny(tmp_path, tiny_decoder, *epoch, "train.gradient_accumulation_steps=5")
-    larger, w_larger, _ = fit_tiny(tmp_path, tiny_decoder, *epoch, "train.batch_size=20")
-    assert len(rows) % 20 and accumulated.steps == larger.steps == -(-len(rows) // 20)
-    assert [r["loss"] for r in accumulated.history] == pytest.approx([r["loss"] for r in larger.history], rel=1e-5)
-    assert same_weights(w_accumulated, w_larger)
+    for epochs in ("1", "1.5"):
+        epoch = ("train.max_steps=null", f"train.num_epochs={epochs}", "train.logging_steps=1")
+        accumulated, w_accumulated, rows = fit_tiny(tmp_path, tiny_decoder, *epoch,
+                                                    "train.gradient_accumulation_steps=5")
+        larger, w_larger, _ = fit_tiny(tmp_path, tiny_decoder, *epoch, "train.batch_size=20")
+        steps = -(-len(rows) // 20)  # in an epoch
+        assert len(rows) % 20 and accumulated.steps == larger.steps == steps + int((float(epochs) - 1) * steps)
+        assert [r["loss"] for r in accumulated.history] == pytest.approx([r["loss"] for r in larger.history],
+                                                                         rel=1e-5)
+        assert same_weights(w_accumulated, w_larger)
     schedule = EpochSchedule(rows, 4, seed=42, group_by_length=True, accumulation=5)
     batches = schedule.count(0)
-    steps = [step_forwards(rows, schedule, step * 5, 5, 0, 1, None, end=batches) for step in range(larger.steps)]
-    trained = [[p["id"] for forwards in step for f in forwards for p in f.pairs] for step in steps]
+    laid_out = [step_forwards(rows, schedule, step * 5, 5, 0, 1, None, end=batches) for step in range(steps)]
+    trained = [[p["id"] for forwards in step for f in forwards for p in f.pairs] for step in laid_out]
     assert sorted(i for ids in trained for i in ids) == sorted(r["id"] for r in rows)
     assert sorted(map(len, trained))[0] == len(rows) % 20  # the smaller step, wherever the shuffle put it
-    for step in steps:
+    for step in laid_out:
         assert sum(f.weight for forwards in step for f in forwards) == pytest.approx(1)  # a mean over its pairs
 
 

@@ -108,10 +108,14 @@ class EpochSchedule:
         return epoch, micro
 
     def micro_batches(self, num_epochs: float) -> int:
-        """Micro-batches in `num_epochs` epochs (a fraction of the last one counted in proportion)."""
+        """Micro-batches in `num_epochs` epochs: a fraction of the last one counted in whole optimizer steps
+        (each `accumulation` micro-batches), as one batch `accumulation` times larger counts it."""
         whole = int(num_epochs)
         count = sum(self.count(e) for e in range(whole))
-        return count + int((num_epochs - whole) * self.count(whole)) if num_epochs > whole else count
+        if num_epochs <= whole:
+            return count
+        steps = self.count(whole) // self.accumulation  # an epoch holds whole steps
+        return count + int((num_epochs - whole) * steps) * self.accumulation
 
 
 def process_slice(batch: list, rank: int, world: int) -> list:

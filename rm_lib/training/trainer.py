@@ -262,11 +262,10 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     # every `accumulation` micro-batches are one step's pairs, as one batch that many times larger has them
     schedule = EpochSchedule(train_rows, cfg.batch_size * world, seed=cfg.seed, group_by_length=cfg.group_by_length,
                              batch_tokens=global_tokens, accumulation=accumulation)
-    # A run of num_epochs trains every micro-batch of them: its last step takes what is left when a
-    # fraction of an epoch does not fill `accumulation` (each step's gradient is the mean over its own
-    # pairs). With max_steps the steps go on into the next epochs.
-    end = None if cfg.max_steps else max(schedule.micro_batches(cfg.num_epochs), 1)
-    total = cfg.max_steps or -(-end // accumulation)
+    # A run of num_epochs trains the whole steps of them, at least one. With max_steps the steps go on
+    # into the next epochs.
+    end = None if cfg.max_steps else max(schedule.micro_batches(cfg.num_epochs), accumulation)
+    total = cfg.max_steps or end // accumulation
     scorer = PairScorer(model, LengthHead.for_rows(train_rows) if cfg.length_debias else None)
     optimizer = torch.optim.AdamW(_param_groups(scorer), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if device_plan.fused_adamw else {}))
