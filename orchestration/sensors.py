@@ -53,6 +53,8 @@ def _cursor(text: Optional[str]) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+# A requested run the daemon has not created after this long was lost (or deleted before a tick saw it)
+UNSEEN_RUN_S = 1800
 # A run requested for a source change that ended before raw_preferences took the new data (another
 # run held the project folder, a crash) is requested again, this many times in all.
 SOURCE_RUN_ATTEMPTS = 3
@@ -96,8 +98,9 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
                         state: dict) -> tuple[str, str]:
     """(what to do, why) for a source change whose run was requested: "done" once raw_preferences was
     materialized since; "wait" while a run for it has not ended or another run holds the project folder;
-    "again" when every run for it ended without raw_preferences; "give up" after SOURCE_RUN_ATTEMPTS, or
-    at once when the latest was cancelled (a user's decision, not a mishap to repair)."""
+    "again" when every run for it ended without raw_preferences (or was deleted from the run list); "give
+    up" after SOURCE_RUN_ATTEMPTS, or at once when the latest was cancelled (a user's decision, not a
+    mishap to repair). Marks `requested` "seen" once a run for it was found."""
     from .run_lock import holder_now
 
     instance = context.instance
@@ -107,10 +110,15 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
     since = datetime.fromtimestamp(requested["at"], UTC)
     runs = instance.get_runs(filters=dg.RunsFilter(job_name=pipeline_job.name, tags={SOURCE_TAG: requested["tag"]},
                                                    created_after=since))
-    if not runs or any(not r.is_finished for r in runs):  # none yet: the daemon launches it after the tick
+    if runs:
+        requested["seen"] = True  # kept in the cursor: a later tick that finds none knows they were deleted
+    elif not requested.get("seen") and time.time() - requested["at"] < UNSEEN_RUN_S:
+        return "wait", "the run requested for it has not started"  # the daemon creates it after the tick
+    if any(not r.is_finished for r in runs):
         return "wait", "the run requested for it has not ended"
-    latest = max(runs, key=lambda run: _created(instance, run))
-    if latest.status == dg.DagsterRunStatus.CANCELED:
+    # none: deleted from the run list (they had ended, without the change), or never created
+    latest = max(runs, key=lambda run: _created(instance, run), default=None)
+    if latest is not None and latest.status == dg.DagsterRunStatus.CANCELED:
         return "give up", f"run {latest.run_id} for it was cancelled: materialize raw_preferences to take it"
     holder = holder_now(project.root_path(), instance)
     if holder is not None:
@@ -126,6 +134,9 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
         return "give up", f"{mistake}: fix it and materialize raw_preferences"
     if requested["attempts"] < SOURCE_RUN_ATTEMPTS:
         return "again", ""
+    if not runs:
+        return "give up", ("the runs requested for it are gone from Dagster's run list (deleted): materialize "
+                           "raw_preferences to take it")
     return "give up", (f"{len(runs)} runs for it ended without materializing raw_preferences "
                        f"({', '.join(r.run_id for r in runs)}): fix what they report and materialize raw_preferences")
 
@@ -170,7 +181,8 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
         tags = (latest.asset_materialization.tags if latest and latest.asset_materialization else None) or {}
         earlier = {"at": time.time(), "before": tags.get("dagster/data_version")}
     requested = {"tag": tag, "attempts": attempts, "at": earlier["at"],
-                 **({"before": earlier["before"]} if "before" in earlier else {})}
+                 **({"before": earlier["before"]} if "before" in earlier else {}),
+                 **({"seen": True} if earlier.get("seen") else {})}
     context.update_cursor(json.dumps({**state, "requested": requested}, sort_keys=True))
     return dg.SensorResult(run_requests=[dg.RunRequest(tags={SOURCE_TAG: tag})],
                            asset_events=[observation(state, what)])
@@ -198,7 +210,7 @@ def source_data_changed(context: dg.SensorEvaluationContext, project: ProjectRes
         return dg.SkipReason(what)
     if state["fingerprint"] != previous.get("fingerprint"):
         return _run_for(context, state, what, attempts=1)
-    requested = previous.get("requested")
+    requested = dict(previous["requested"]) if previous.get("requested") else None  # marked, then compared
     if requested and "gave_up" in requested:  # not requested again, but not taken either until a run takes it
         taken = _took_the_change(context.instance, requested, project, state)
         action, why = ("done", "") if taken else ("give up", requested["gave_up"])

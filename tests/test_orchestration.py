@@ -793,6 +793,48 @@ def test_a_cancelled_run_for_a_source_change_is_not_requested_again(tmp_path):
         assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.RunRequest)
 
 
+def test_a_run_for_a_source_change_deleted_from_the_run_list_is_requested_again(tmp_path, monkeypatch):
+    """The run the sensor requested for new data ended without taking it and was deleted from the run list:
+    every tick after said "the run requested for it has not ended", for good. A deleted run counts as
+    ended; one the daemon never created, after UNSEEN_RUN_S."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from orchestration import sensors
+
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    overrides = [f"download.source={source}"]
+    with dg.instance_for_test() as instance:
+        request, cursor = tick(tmp_path, None, overrides, instance)
+        run = create_run_for_test(instance, job_name="reward_model_pipeline", tags=request.tags,
+                                  status=dg.DagsterRunStatus.STARTED)
+        waiting, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert "has not ended" in waiting.skip_message
+        instance.report_run_failed(run)
+        instance.delete_run(run.run_id)
+        again, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(again, dg.RunRequest), again
+        # deleted before any tick saw it: the earlier attempt's run was seen, so none at all means deleted
+        run = create_run_for_test(instance, job_name="reward_model_pipeline", tags=again.tags,
+                                  status=dg.DagsterRunStatus.FAILURE)
+        instance.delete_run(run.run_id)
+        third, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(third, dg.RunRequest), third
+        run = create_run_for_test(instance, job_name="reward_model_pipeline", tags=third.tags,
+                                  status=dg.DagsterRunStatus.FAILURE)
+        instance.delete_run(run.run_id)
+        gave_up, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(gave_up, dg.SkipReason) and "gone from Dagster's run list (deleted)" in gave_up.skip_message
+
+        source.write_text(source.read_text() * 2)  # a run requested and never created: waited for, not for ever
+        request, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(request, dg.RunRequest)
+        early, cursor = tick(tmp_path, cursor, overrides, instance)
+        assert isinstance(early, dg.SkipReason) and "has not started" in early.skip_message
+        monkeypatch.setattr(sensors, "UNSEEN_RUN_S", 0)
+        assert isinstance(tick(tmp_path, cursor, overrides, instance)[0], dg.RunRequest)
+
+
 def test_a_source_whose_download_fails_on_its_data_is_not_run_again(tmp_path):
     """A cut-off source file failed its run at once, and the sensor asked twice more (SOURCE_RUN_ATTEMPTS),
     each run failing the same way: the run again is for runs refused or cut short, not for bad data. The
