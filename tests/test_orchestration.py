@@ -683,10 +683,15 @@ def test_sensor_demo_source_triggers_once(tmp_path):
     assert isinstance(again, dg.SkipReason) and same == cursor
 
 
-def test_sensor_local_file_source_triggers_on_change(tmp_path):
+def _one_pair_source(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A local source of one pair, and the override that reads it."""
     source = tmp_path / "prefs.jsonl"
     source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    overrides = [f"download.source={source}"]
+    return source, [f"download.source={source}"]
+
+
+def test_sensor_local_file_source_triggers_on_change(tmp_path):
+    source, overrides = _one_pair_source(tmp_path)
     first, cursor = tick(tmp_path, None, overrides)
     assert isinstance(first, dg.RunRequest)
     unchanged, _ = tick(tmp_path, cursor, overrides)
@@ -710,9 +715,7 @@ def test_a_source_change_whose_run_could_not_take_it_is_run_again(tmp_path):
     and never trained on the new data."""
     from dagster._core.test_utils import create_run_for_test
 
-    source = tmp_path / "prefs.jsonl"
-    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    overrides = [f"download.source={source}"]
+    source, overrides = _one_pair_source(tmp_path)
 
     def run_for(request, status):
         create_run_for_test(instance, job_name="reward_model_pipeline", tags=request.tags, status=status)
@@ -772,9 +775,7 @@ def test_a_cancelled_run_for_a_source_change_is_not_requested_again(tmp_path):
     materialized, and a later change runs as any does."""
     from dagster._core.test_utils import create_run_for_test
 
-    source = tmp_path / "prefs.jsonl"
-    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    overrides = [f"download.source={source}"]
+    source, overrides = _one_pair_source(tmp_path)
     with dg.instance_for_test() as instance:
         request, cursor = tick(tmp_path, None, overrides, instance)
         run = create_run_for_test(instance, job_name="reward_model_pipeline", tags=request.tags,
@@ -801,9 +802,7 @@ def test_a_run_for_a_source_change_deleted_from_the_run_list_is_requested_again(
 
     from orchestration import sensors
 
-    source = tmp_path / "prefs.jsonl"
-    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    overrides = [f"download.source={source}"]
+    source, overrides = _one_pair_source(tmp_path)
     with dg.instance_for_test() as instance:
         request, cursor = tick(tmp_path, None, overrides, instance)
         run = create_run_for_test(instance, job_name="reward_model_pipeline", tags=request.tags,
@@ -949,9 +948,7 @@ def test_source_is_observed_by_its_content(tmp_path):
 
     from orchestration.source import preference_source
 
-    source = tmp_path / "prefs.jsonl"
-    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    overrides = [f"download.source={source}"]
+    source, overrides = _one_pair_source(tmp_path)
 
     def observed() -> str:
         result = observe([preference_source], resources={"project": project(tmp_path, overrides),
