@@ -737,9 +737,13 @@ def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(t
 
         pairs = [json.loads(line) for line in (layout.pairs / "test.jsonl").read_text().splitlines()]
         reward = RewardScorer(layout.model).reward_function()
+        scorer = RewardScorer(layout.model)
         for side in ("chosen", "rejected"):
             given = reward(prompts=[p["prompt"] for p in pairs], completions=[p[side] for p in pairs])
             assert given == pytest.approx([evaluated[p["id"]][f"reward_{side}"] for p in pairs], abs=1e-5)
+            # a whole conversation: its prompt is the messages before the answer (it was read uncut)
+            whole = scorer.score([p["prompt"] + p[side] for p in pairs])
+            assert whole == pytest.approx([evaluated[p["id"]][f"reward_{side}"] for p in pairs], abs=1e-5)
     else:
         aside = {r["id"] for r in map(json.loads, result.rejects.read_text().splitlines())}
         dropped = {r["id"] for r in map(json.loads, (layout.filtered / "dropped.jsonl").read_text().splitlines())

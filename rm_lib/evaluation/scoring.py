@@ -210,14 +210,19 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_detailed(self, items: Sequence[str | list[dict]], names: Sequence[str] | None = None) -> Scored:
-        """Rewards with, per item, whether it was truncated and its length; `names` label items in errors."""
+        """Rewards with, per item, whether it was truncated and its length; `names` label items in errors. A
+        conversation's prompt (the messages before its closing assistant turns) is held to the recorded prompt
+        limit as filter held the model's pairs' (policy truncate); a text's prompt is not known."""
         if isinstance(items, (str, dict)):  # a str would be scored character by character
             raise DataError(f"score takes a list of texts or conversations, got one {type(items).__name__}: "
                             "pass [item]")
         if names is not None and len(names) != len(items):
             raise DataError(f"score_detailed: {len(items)} items but {len(names)} names")
-        return self.score_ids([self.encode(item, names[i] if names else f"item {i}")
-                               for i, item in enumerate(items)], names)
+        labels = list(names) if names is not None else [f"item {i}" for i in range(len(items))]
+        encoded = [self.encode(item, label) for item, label in zip(items, labels)]
+        lengths = ([self.given_prompt_length(_prompt_of(item), label) if isinstance(item, list) else 0
+                    for item, label in zip(items, labels)] if self.max_prompt is not None else None)
+        return self.score_ids(encoded, names, lengths)
 
     @torch.no_grad()
     def score_ids(self, encoded: Sequence[list[int]], names: Sequence[str] | None = None,
@@ -302,6 +307,15 @@ class RewardScorer:
 
         reward.__name__ = f"reward_model_{self.model_dir.name}"
         return reward
+
+
+def _prompt_of(conversation: list[dict]) -> list[dict]:
+    """The messages before a conversation's closing assistant turns (all of it where it ends otherwise: then
+    no answer is known, and nothing is taken for its prompt)."""
+    end = len(conversation)
+    while end and isinstance(conversation[end - 1], dict) and conversation[end - 1].get("role") == "assistant":
+        end -= 1
+    return conversation[:end] if end < len(conversation) else []
 
 
 def _normalisation(config: Any, model_dir: Path) -> tuple[float, float]:
