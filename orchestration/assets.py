@@ -207,19 +207,15 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
     return result
 
 
-def experiment_run_id(run: dg.DagsterRun) -> str:
-    """The run whose DVC experiment this run's stages join: a re-execution (from failure, or of chosen
-    steps) joins its root run's, which records the stages before the re-executed ones."""
-    return run.root_run_id or run.run_id
-
-
 def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project: ProjectResource, stage: str,
                    params: Params, fallback: Optional[str]) -> tuple[dict, Optional[dg.DataVersion]]:
     """Record the step in DVC. Returns the metadata saying what was recorded (and pushed where) and the
     data version: the DVC hash of the stage's VERSION_OUTS (rm_lib.pipeline.dvc_record; default: all its outs);
     `fallback` when nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
     try:
-        outcome = dvc.record(project.root_path(), stage, params, run_id=experiment_run_id(context.run))
+        # a re-execution joins its root run's experiment where that lacks the stage (rm_lib decides)
+        outcome = dvc.record(project.root_path(), stage, params, run_id=context.run.run_id,
+                             root_run_id=context.run.root_run_id)
     except RecordError as exc:
         raise dg.Failure(description=record_failed(stage, exc), allow_retries=False) from exc
     except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:

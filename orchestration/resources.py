@@ -123,13 +123,14 @@ class DvcResource(dg.ConfigurableResource):
     lock_wait_s: float = Field(default=600.0, description="How long to wait for the DVC repository lock held "
                                                           "by another DVC process (a `dvc repro`, another run).")
 
-    def record(self, root: Path, stage: str, params: Params, run_id: Optional[str] = None):
+    def record(self, root: Path, stage: str, params: Params, run_id: Optional[str] = None,
+               root_run_id: Optional[str] = None):
         """rm_lib.pipeline.dvc_record.record with this resource's settings: Recorded or NotRecorded. With
         `run_id`, a run with settings other than params.yaml's is recorded as the DVC experiment
-        dagster-<run id>."""
+        dagster-<run id> (a re-execution's, `root_run_id`, as dvc_record.experiment_of says)."""
         from rm_lib.pipeline.dvc_record import NotRecorded, record
 
         if not self.enabled:
             return NotRecorded("DVC recording is off (the dvc resource's enabled is false)")
         return record(root, stage, params, remote=self.remote, push=self.push, lock_wait_s=self.lock_wait_s,
-                      run_id=run_id)
+                      run_id=run_id, root_run_id=root_run_id)

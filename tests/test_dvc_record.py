@@ -196,6 +196,44 @@ def test_a_run_with_other_settings_is_recorded_as_a_dvc_experiment(recorded):
 
 
 @pytest.mark.slow
+def test_a_re_execution_that_runs_a_stage_again_keeps_the_root_runs_experiment(recorded):
+    """Re-executing a run with settings of its own, from a stage its experiment already recorded, saved over
+    that experiment (`dvc exp save --force` under the root run's name): what the root run's
+    materializations said of it (its model, `dvc exp apply`) became false. It gets an experiment of its own,
+    starting from the root's; a re-execution from failure adds the stages the root did not record to it."""
+    repo, _, first = recorded
+    assert first.success
+    settings = load_params(repo.root / "params.yaml", ["download.demo_pairs=40"])
+    fifty = load_params(repo.root / "params.yaml", ["download.demo_pairs=50"])
+    root_run, again, from_failure = "a" * 36, "b" * 36, "c" * 36
+    try:
+        run_steps(settings, repo.root, "download")
+        made = dvc_record.record(repo.root, "download", settings, run_id=root_run, push=False)
+        assert made.experiment == "dagster-aaaaaaaa"
+        refs = repo.git("for-each-ref", "refs/exps")
+        run_steps(fifty, repo.root, "download")
+        redone = dvc_record.record(repo.root, "download", fifty,
+                                   run_id=again, root_run_id=root_run, push=False)
+        assert redone.experiment == "dagster-bbbbbbbb"
+        kept = [line for line in repo.git("for-each-ref", "refs/exps").splitlines() if "dagster-aaaaaaaa" in line]
+        assert kept == [line for line in refs.splitlines() if "dagster-aaaaaaaa" in line] and kept
+        rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(repo.dvc("exp", "show", "--csv")))}
+        assert rows["dagster-aaaaaaaa"]["download.demo_pairs"] == "40"
+        assert rows["dagster-bbbbbbbb"]["download.demo_pairs"] == "50"
+        run_steps(fifty, repo.root, "tokenize")
+        joined = dvc_record.record(repo.root, "tokenize", fifty, run_id=again, root_run_id=root_run, push=False)
+        assert joined.experiment == "dagster-bbbbbbbb"  # its own, once it has one
+        run_steps(settings, repo.root, "download", "tokenize")
+        completed = dvc_record.record(repo.root, "tokenize", settings, run_id=from_failure, root_run_id=root_run,
+                                      push=False)
+        assert completed.experiment == "dagster-aaaaaaaa"  # the root recorded no tokenize
+    finally:  # back to the fixture's state for the tests after this one
+        repo.git("reset", "-q", "--hard")
+        repo.dvc("checkout", "--force")
+    assert UP_TO_DATE in repo.dvc("status")
+
+
+@pytest.mark.slow
 def test_waits_while_another_dvc_process_holds_the_lock(recorded, monkeypatch):
     repo, _, _ = recorded
     monkeypatch.setattr(dvc_record, "LOCK_POLL_S", 0.2)

@@ -1870,8 +1870,8 @@ class _Recorder:
     def __init__(self, error: Exception | None = None):
         self.error, self.run_ids = error, []
 
-    def record(self, root, stage, params, run_id=None):
-        self.run_ids.append(run_id)
+    def record(self, root, stage, params, run_id=None, root_run_id=None):
+        self.run_ids.append((run_id, root_run_id))
         if self.error:
             raise self.error
         from rm_lib.pipeline.dvc_record import NotRecorded
@@ -1887,12 +1887,25 @@ def _step_context(run_id: str, root_run_id: str | None = None):
 
 def test_a_re_executed_step_joins_its_root_runs_dvc_experiment(tmp_path):
     """Re-execute from failure of a run with settings of its own: the re-executed hub_release records in
-    the experiment that holds the root run's earlier stages, not in a new one that lacks them."""
+    the experiment that holds the root run's earlier stages, not in a new one that lacks them; a stage the
+    root's experiment recorded already starts the re-execution's own, from the root's."""
+    from rm_lib.pipeline.dvc_record import EXPERIMENTS, experiment_of
+
     dvc = _Recorder()
     assets._record_in_dvc(_step_context("2" * 36, root_run_id="1" * 36), dvc, project(tmp_path), "push",
                           None, None)
     assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "push", None, None)
-    assert dvc.run_ids == ["1" * 36, "1" * 36]
+    assert dvc.run_ids == [("2" * 36, "1" * 36), ("1" * 36, None)]
+    first, again = "1" * 36, "2" * 36
+    assert experiment_of(tmp_path, "train", again, first) == (again, None)  # the root made no experiment
+    state = {"params": "p", "lock": "l", "stages": ["download", "tokenize", "filter"]}
+    write_json(tmp_path / EXPERIMENTS / "dagster-11111111.json", state)
+    assert experiment_of(tmp_path, "train", again, first) == (first, state)  # from failure
+    assert experiment_of(tmp_path, "filter", again, first) == (again, {**state, "stages": []})
+    assert experiment_of(tmp_path, "filter", first, None) == (first, state)
+    own = {**state, "stages": ["filter"]}
+    write_json(tmp_path / EXPERIMENTS / "dagster-22222222.json", own)
+    assert experiment_of(tmp_path, "train", again, first) == (again, own)
 
 
 def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ with other settings (a Dagster Launchpad override) is recorded as a DVC experime
 caller names the run (`run_id`): params.yaml with the run's values and the stage committed, saved by
 `dvc exp save` under `dagster-<run id>`, then params.yaml and dvc.lock put back as they were. The
 later stages of that run go into the same experiment, so `dvc exp show` has its metrics and
-`dvc exp apply` brings the whole run back.
+`dvc exp apply` brings the whole run back. A re-execution (`root_run_id`) adds the stages its root
+run did not record to the root's experiment; one that runs a stage again starts its own experiment
+from the root's, which stays as it was.
 
 DVC is never imported here: its dependency chain pins a parser runtime (antlr4 4.9) that Dagster's
 asset-selection parser cannot use (dagster issue #27487), so DVC lives in its own environment
@@ -162,11 +164,13 @@ def _started_at(pid: int) -> Optional[float]:
 
 
 def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = None, push: bool = True,
-           lock_wait_s: float = 600.0, run_id: Optional[str] = None) -> Recorded | NotRecorded:
+           lock_wait_s: float = 600.0, run_id: Optional[str] = None,
+           root_run_id: Optional[str] = None) -> Recorded | NotRecorded:
     """Record stage `stage` (whose step just wrote its outputs with `params`) in the DVC repository
     at `root`: in dvc.lock, or in the run's experiment when the settings are not params.yaml's (or an
-    earlier stage of run `run_id` went into one). NotRecorded when there is nothing faithful to record
-    (other settings and no run id); RecordError when DVC fails."""
+    earlier stage of run `run_id`, or of the run it re-executes, `root_run_id`, went into one:
+    experiment_of). NotRecorded when there is nothing faithful to record (other settings and no run
+    id); RecordError when DVC fails."""
     root = Path(root).resolve()
     if not is_dvc_repo(root):
         return NotRecorded(f"not a DVC repository (no .dvc/ and dvc.yaml in {root})")
@@ -184,8 +188,10 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
     if not spec.cmd or spec.cmd[0].strip() != f"python -m rm_lib {stage}":
         return NotRecorded(f"stage '{stage}' does not start with `python -m rm_lib {stage}`")
     differences = settings_differences(spec, params)
-    if run_id and (differences or experiment_state(root, run_id) is not None):
-        return record_experiment(root, spec, params, run_id, lock_wait_s=lock_wait_s)
+    if run_id:
+        owner, state = experiment_of(root, stage, run_id, root_run_id)
+        if differences or state is not None:
+            return record_experiment(root, spec, params, owner, lock_wait_s=lock_wait_s, start=state)
     if differences:
         return NotRecorded("the run's settings differ from params.yaml, so dvc.lock would not describe "
                            "these outputs; put the settings in params.yaml to record the step", differences)
@@ -324,16 +330,36 @@ def workspace_note(name: str, root: Path) -> str:
             f"`{back}` goes back to dvc.lock's")
 
 
-def experiment_state(root: Path, run_id: str) -> Optional[dict[str, str]]:
-    """{"params": params.yaml text, "lock": dvc.lock text} of the run's experiment so far, or None."""
+def experiment_state(root: Path, run_id: str) -> Optional[dict[str, Any]]:
+    """{"params": params.yaml text, "lock": dvc.lock text, "stages": those it recorded} of the run's
+    experiment so far, or None ("stages" is missing from a record of an older version)."""
     path = Path(root) / EXPERIMENTS / f"{experiment_name(run_id)}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, *,
-                      lock_wait_s: float = 600.0) -> Recorded | NotRecorded:
-    """The stage in the run's DVC experiment (module docstring). The workspace's params.yaml and
-    dvc.lock are put back byte for byte, also when DVC fails."""
+def experiment_of(root: Path, stage: str, run_id: str,
+                  root_run_id: Optional[str]) -> tuple[str, Optional[dict[str, Any]]]:
+    """(the run whose experiment `stage` of run `run_id` goes into, the state it starts from). A run's own
+    experiment once it has one; a re-execution's stage the root run did not record (re-execute from
+    failure): the root's, which holds the stages before it; a stage the root's experiment recorded
+    already: a new one of this run, starting from the root's (saved under the root's name it replaced
+    that experiment, and what the root's materializations say of it became false)."""
+    own = experiment_state(root, run_id)
+    if own is not None or not root_run_id or root_run_id == run_id:
+        return run_id, own
+    earlier = experiment_state(root, root_run_id)
+    if earlier is None:
+        return run_id, None
+    if stage not in earlier.get("stages", ()):
+        return root_run_id, earlier
+    return run_id, {**earlier, "stages": []}
+
+
+def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, *, lock_wait_s: float = 600.0,
+                      start: Optional[dict[str, Any]] = None) -> Recorded | NotRecorded:
+    """The stage in the run's DVC experiment (module docstring), from `start` (experiment_state's form;
+    default: the run's own so far, else the workspace's params.yaml and dvc.lock). The workspace's
+    params.yaml and dvc.lock are put back byte for byte, also when DVC fails."""
     root = Path(root).resolve()
     params_file, lock_file = root / "params.yaml", root / "dvc.lock"
     if any(Path(path) != params_file for path in spec.params):
@@ -342,9 +368,9 @@ def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, 
         return NotRecorded("the run's settings differ from params.yaml, and a DVC experiment needs a git commit to "
                            "start from (commit the project once)")
     name = experiment_name(run_id)
-    state = experiment_state(root, run_id) or {"params": params_file.read_text(encoding="utf-8"),
-                                               "lock": lock_file.read_text(encoding="utf-8")
-                                               if lock_file.is_file() else ""}
+    state = start or experiment_state(root, run_id) or {
+        "params": params_file.read_text(encoding="utf-8"),
+        "lock": lock_file.read_text(encoding="utf-8") if lock_file.is_file() else "", "stages": []}
     changes = _changes(spec, params, yaml.safe_load(state["params"]) or {})
     text = set_settings(state["params"], changes)
     _check_settings(text, params, changes)
@@ -379,7 +405,8 @@ def _record_in_experiment(root: Path, spec: StageSpec, run_id: str, name: str, t
         (root / JOURNAL).unlink(missing_ok=True)
     state_path = root / EXPERIMENTS / f"{name}.json"
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"params": text, "lock": lock_text}), encoding="utf-8")
+    stages = [*(s for s in state.get("stages", ()) if s != spec.name), spec.name]
+    state_path.write_text(json.dumps({"params": text, "lock": lock_text, "stages": stages}), encoding="utf-8")
     return Recorded(stage=spec.name, outs={o["path"]: o["md5"] for o in entry.get("outs", [])},
                     lock_entry=_sha256(entry), remote=spec.remote, remote_url=spec.remote_url, pushed=False,
                     push_note=f"not pushed: experiment {name} lives in this repository (`dvc exp push <git remote> "
