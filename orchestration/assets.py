@@ -207,15 +207,27 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
     return result
 
 
+def re_executed_runs(context: dg.AssetExecutionContext) -> list[str]:
+    """The runs this run re-executes, nearest first: its parent, the parent's parent, ..., the root (Dagster
+    gives a re-execution of a re-execution the first run as its root)."""
+    chain, run = [], context.run
+    while run is not None and run.parent_run_id and run.parent_run_id not in chain:
+        chain.append(run.parent_run_id)
+        run = context.instance.get_run_by_id(run.parent_run_id)
+    if context.run.root_run_id and context.run.root_run_id not in chain:  # a run between them deleted
+        chain.append(context.run.root_run_id)
+    return chain
+
+
 def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project: ProjectResource, stage: str,
                    params: Params, fallback: Optional[str]) -> tuple[dict, Optional[dg.DataVersion]]:
     """Record the step in DVC. Returns the metadata saying what was recorded (and pushed where) and the
     data version: the DVC hash of the stage's VERSION_OUTS (rm_lib.pipeline.dvc_record; default: all its outs);
     `fallback` when nothing was recorded (no DVC repository, settings that are not params.yaml's)."""
     try:
-        # a re-execution joins its root run's experiment where that lacks the stage (rm_lib decides)
+        # a re-execution joins the experiment of a run it re-executes where that lacks the stage (rm_lib decides)
         outcome = dvc.record(project.root_path(), stage, params, run_id=context.run.run_id,
-                             root_run_id=context.run.root_run_id)
+                             re_executes=re_executed_runs(context))
     except RecordError as exc:
         raise dg.Failure(description=record_failed(stage, exc), allow_retries=False) from exc
     except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:

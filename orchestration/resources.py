@@ -124,13 +124,13 @@ class DvcResource(dg.ConfigurableResource):
                                                           "by another DVC process (a `dvc repro`, another run).")
 
     def record(self, root: Path, stage: str, params: Params, run_id: Optional[str] = None,
-               root_run_id: Optional[str] = None):
+               re_executes: Sequence[str] = ()):
         """rm_lib.pipeline.dvc_record.record with this resource's settings: Recorded or NotRecorded. With
         `run_id`, a run with settings other than params.yaml's is recorded as the DVC experiment
-        dagster-<run id> (a re-execution's, `root_run_id`, as dvc_record.experiment_of says)."""
+        dagster-<run id> (a re-execution's, of the runs `re_executes`, as dvc_record.experiment_of says)."""
         from rm_lib.pipeline.dvc_record import NotRecorded, record
 
         if not self.enabled:
             return NotRecorded("DVC recording is off (the dvc resource's enabled is false)")
         return record(root, stage, params, remote=self.remote, push=self.push, lock_wait_s=self.lock_wait_s,
-                      run_id=run_id, root_run_id=root_run_id)
+                      run_id=run_id, re_executes=re_executes)

@@ -117,7 +117,7 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
     if any(not r.is_finished for r in runs):
         return "wait", "the run requested for it has not ended"
     # none: deleted from the run list (they had ended, without the change), or never created
-    latest = max(runs, key=lambda run: _created(instance, run), default=None)
+    latest = _latest_run(instance, runs)
     if latest is not None and latest.status == dg.DagsterRunStatus.CANCELED:
         return "give up", f"run {latest.run_id} for it was cancelled: materialize raw_preferences to take it"
     holder = holder_now(project.root_path(), instance)
@@ -141,9 +141,17 @@ def _pending_source_run(context: dg.SensorEvaluationContext, project: ProjectRes
                        f"({', '.join(r.run_id for r in runs)}): fix what they report and materialize raw_preferences")
 
 
-def _created(instance: dg.DagsterInstance, run: dg.DagsterRun) -> float:
-    record = instance.get_run_record_by_id(run.run_id)
-    return record.create_timestamp.timestamp() if record is not None else 0.0
+def _latest_run(instance: dg.DagsterInstance, runs: list) -> Optional[dg.DagsterRun]:
+    """The last created of `runs`, or None (none, or deleted since)."""
+    records = [r for r in (instance.get_run_record_by_id(run.run_id) for run in runs) if r is not None]
+    return max(records, key=lambda record: record.create_timestamp.timestamp()).dagster_run if records else None
+
+
+def _tags(event: Optional[dg.EventLogEntry]) -> dict:
+    """A materialization event's tags: none for no event, and for one reported by hand (the UI's Report
+    materialization), which has None."""
+    materialization = event.asset_materialization if event is not None else None
+    return (materialization.tags if materialization is not None else None) or {}
 
 
 # the errors a run for the same data and settings meets again (orchestration.assets.mistake names them)
@@ -154,10 +162,9 @@ def _repeatable_mistake(instance: dg.DagsterInstance, runs: list) -> Optional[st
     """How the latest of `runs` failed where its download step met bad data or settings, or None (refused
     by another process, a crash, settings that did not load or a source not there then, which
     this tick found mended: worth another run)."""
-    records = [r for r in (instance.get_run_record_by_id(run.run_id) for run in runs) if r is not None]
-    if not records:  # deleted since
+    latest = _latest_run(instance, runs)
+    if latest is None:  # deleted since
         return None
-    latest = max(records, key=lambda record: record.create_timestamp.timestamp()).dagster_run
     for entry in instance.all_logs(latest.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         failure = entry.dagster_event.step_failure_data.user_failure_data if entry.dagster_event else None
         metadata = failure.metadata if failure is not None else {}
@@ -177,8 +184,7 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
     # version then (a report of them again, by dvc_lock_changed, is not the change taken)
     if earlier is None:
         latest = context.instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
-        # a materialization reported by hand (the UI's Report materialization) has no tags
-        tags = (latest.asset_materialization.tags if latest and latest.asset_materialization else None) or {}
+        tags = _tags(latest)
         earlier = {"at": time.time(), "before": tags.get("dagster/data_version")}
     requested = {"tag": tag, "attempts": attempts, "at": earlier["at"],
                  **({"before": earlier["before"]} if "before" in earlier else {}),
@@ -321,8 +327,7 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             # experiment): what Dagster last recorded is what is there
             continue
         latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        # a materialization reported by hand (the UI's Report materialization) has no tags
-        tags = (latest.asset_materialization.tags if latest and latest.asset_materialization else None) or {}
+        tags = _tags(latest)
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         held = {s: c["matches"] for s, c in checked.items()}
         inputs = _input_tags(context.instance, key, versions, locked, held) if inputs_match else {}

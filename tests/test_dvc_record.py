@@ -213,7 +213,7 @@ def test_a_re_execution_that_runs_a_stage_again_keeps_the_root_runs_experiment(r
         refs = repo.git("for-each-ref", "refs/exps")
         run_steps(fifty, repo.root, "download")
         redone = dvc_record.record(repo.root, "download", fifty,
-                                   run_id=again, root_run_id=root_run, push=False)
+                                   run_id=again, re_executes=[root_run], push=False)
         assert redone.experiment == "dagster-bbbbbbbb"
         kept = [line for line in repo.git("for-each-ref", "refs/exps").splitlines() if "dagster-aaaaaaaa" in line]
         assert kept == [line for line in refs.splitlines() if "dagster-aaaaaaaa" in line] and kept
@@ -221,11 +221,11 @@ def test_a_re_execution_that_runs_a_stage_again_keeps_the_root_runs_experiment(r
         assert rows["dagster-aaaaaaaa"]["download.demo_pairs"] == "40"
         assert rows["dagster-bbbbbbbb"]["download.demo_pairs"] == "50"
         run_steps(fifty, repo.root, "tokenize")
-        joined = dvc_record.record(repo.root, "tokenize", fifty, run_id=again, root_run_id=root_run, push=False)
+        joined = dvc_record.record(repo.root, "tokenize", fifty, run_id=again, re_executes=[root_run], push=False)
         assert joined.experiment == "dagster-bbbbbbbb"  # its own, once it has one
         run_steps(settings, repo.root, "download", "tokenize")
-        completed = dvc_record.record(repo.root, "tokenize", settings, run_id=from_failure, root_run_id=root_run,
-                                      push=False)
+        completed = dvc_record.record(repo.root, "tokenize", settings, run_id=from_failure,
+                                      re_executes=[root_run], push=False)
         assert completed.experiment == "dagster-aaaaaaaa"  # the root recorded no tokenize
     finally:  # back to the fixture's state for the tests after this one
         repo.git("reset", "-q", "--hard")

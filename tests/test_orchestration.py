@@ -1870,8 +1870,8 @@ class _Recorder:
     def __init__(self, error: Exception | None = None):
         self.error, self.run_ids = error, []
 
-    def record(self, root, stage, params, run_id=None, root_run_id=None):
-        self.run_ids.append((run_id, root_run_id))
+    def record(self, root, stage, params, run_id=None, re_executes=()):
+        self.run_ids.append((run_id, list(re_executes)))
         if self.error:
             raise self.error
         from rm_lib.pipeline.dvc_record import NotRecorded
@@ -1879,33 +1879,45 @@ class _Recorder:
         return NotRecorded("a test")
 
 
-def _step_context(run_id: str, root_run_id: str | None = None):
+def _step_context(run_id: str, root_run_id: str | None = None, parent_run_id: str | None = None,
+                  runs: tuple = ()):
     run = dg.DagsterRun(job_name="reward_model_pipeline", run_id=run_id, root_run_id=root_run_id,
-                        parent_run_id=root_run_id)
-    return types.SimpleNamespace(run=run, run_id=run_id, log=logging.getLogger("test"))
+                        parent_run_id=parent_run_id or root_run_id)
+    known = {r.run_id: r for r in runs}
+    return types.SimpleNamespace(run=run, run_id=run_id, log=logging.getLogger("test"),
+                                 instance=types.SimpleNamespace(get_run_by_id=known.get))
 
 
 def test_a_re_executed_step_joins_its_root_runs_dvc_experiment(tmp_path):
     """Re-execute from failure of a run with settings of its own: the re-executed hub_release records in
-    the experiment that holds the root run's earlier stages, not in a new one that lacks them; a stage the
-    root's experiment recorded already starts the re-execution's own, from the root's."""
+    the experiment that holds the earlier run's stages, not in a new one that lacks them; a stage that
+    experiment recorded already starts the re-execution's own, from it. The nearest run re-executed with
+    an experiment decides (Dagster gives a re-execution of a re-execution the first run as its root)."""
     from rm_lib.pipeline.dvc_record import EXPERIMENTS, experiment_of
 
+    first, again, third = "1" * 36, "2" * 36, "3" * 36
     dvc = _Recorder()
-    assets._record_in_dvc(_step_context("2" * 36, root_run_id="1" * 36), dvc, project(tmp_path), "push",
-                          None, None)
-    assets._record_in_dvc(_step_context("1" * 36), dvc, project(tmp_path), "push", None, None)
-    assert dvc.run_ids == [("2" * 36, "1" * 36), ("1" * 36, None)]
-    first, again = "1" * 36, "2" * 36
-    assert experiment_of(tmp_path, "train", again, first) == (again, None)  # the root made no experiment
+    assets._record_in_dvc(_step_context(again, root_run_id=first), dvc, project(tmp_path), "push", None, None)
+    assets._record_in_dvc(_step_context(first), dvc, project(tmp_path), "push", None, None)
+    parent = dg.DagsterRun(job_name="reward_model_pipeline", run_id=again, root_run_id=first, parent_run_id=first)
+    assets._record_in_dvc(_step_context(third, root_run_id=first, parent_run_id=again, runs=(parent,)), dvc,
+                          project(tmp_path), "push", None, None)
+    assert dvc.run_ids == [(again, [first]), (first, []), (third, [again, first])]
+    assert experiment_of(tmp_path, "train", again, [first]) == (again, None)  # the root made no experiment
     state = {"params": "p", "lock": "l", "stages": ["download", "tokenize", "filter"]}
     write_json(tmp_path / EXPERIMENTS / "dagster-11111111.json", state)
-    assert experiment_of(tmp_path, "train", again, first) == (first, state)  # from failure
-    assert experiment_of(tmp_path, "filter", again, first) == (again, {**state, "stages": []})
-    assert experiment_of(tmp_path, "filter", first, None) == (first, state)
+    assert experiment_of(tmp_path, "train", again, [first]) == (first, state)  # from failure
+    assert experiment_of(tmp_path, "filter", again, [first]) == (again, {**state, "stages": []})
+    assert experiment_of(tmp_path, "filter", first) == (first, state)
     own = {**state, "stages": ["filter"]}
     write_json(tmp_path / EXPERIMENTS / "dagster-22222222.json", own)
-    assert experiment_of(tmp_path, "train", again, first) == (again, own)
+    assert experiment_of(tmp_path, "train", again, [first]) == (again, own)
+    # a re-execution (from failure) of that re-execution: its experiment, not the root's
+    assert experiment_of(tmp_path, "train", third, [again, first]) == (again, own)
+    assert experiment_of(tmp_path, "filter", third, [again, first]) == (third, {**own, "stages": []})
+    older = {"params": "p", "lock": "l"}  # an older version's record: which stages it holds is not known
+    write_json(tmp_path / EXPERIMENTS / "dagster-11111111.json", older)
+    assert experiment_of(tmp_path, "train", third, [first]) == (third, {**older, "stages": []})
 
 
 def test_hub_release_names_the_repository_commit_and_tag_the_hub_has(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ with other settings (a Dagster Launchpad override) is recorded as a DVC experime
 caller names the run (`run_id`): params.yaml with the run's values and the stage committed, saved by
 `dvc exp save` under `dagster-<run id>`, then params.yaml and dvc.lock put back as they were. The
 later stages of that run go into the same experiment, so `dvc exp show` has its metrics and
-`dvc exp apply` brings the whole run back. A re-execution (`root_run_id`) adds the stages its root
-run did not record to the root's experiment; one that runs a stage again starts its own experiment
-from the root's, which stays as it was.
+`dvc exp apply` brings the whole run back. A re-execution (`re_executes`) adds the stages the run it
+re-executes did not record to that run's experiment; one that runs a stage again starts its own
+experiment from that one's, which stays as it was.
 
 DVC is never imported here: its dependency chain pins a parser runtime (antlr4 4.9) that Dagster's
 asset-selection parser cannot use (dagster issue #27487), so DVC lives in its own environment
@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -165,10 +165,10 @@ def _started_at(pid: int) -> Optional[float]:
 
 def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = None, push: bool = True,
            lock_wait_s: float = 600.0, run_id: Optional[str] = None,
-           root_run_id: Optional[str] = None) -> Recorded | NotRecorded:
+           re_executes: Sequence[str] = ()) -> Recorded | NotRecorded:
     """Record stage `stage` (whose step just wrote its outputs with `params`) in the DVC repository
     at `root`: in dvc.lock, or in the run's experiment when the settings are not params.yaml's (or an
-    earlier stage of run `run_id`, or of the run it re-executes, `root_run_id`, went into one:
+    earlier stage of run `run_id`, or of a run it re-executes, `re_executes`, went into one:
     experiment_of). NotRecorded when there is nothing faithful to record (other settings and no run
     id); RecordError when DVC fails."""
     root = Path(root).resolve()
@@ -189,7 +189,7 @@ def record(root: Path, stage: str, params: Params, *, remote: Optional[str] = No
         return NotRecorded(f"stage '{stage}' does not start with `python -m rm_lib {stage}`")
     differences = settings_differences(spec, params)
     if run_id:
-        owner, state = experiment_of(root, stage, run_id, root_run_id)
+        owner, state = experiment_of(root, stage, run_id, re_executes)
         if differences or state is not None:
             return record_experiment(root, spec, params, owner, lock_wait_s=lock_wait_s, start=state)
     if differences:
@@ -338,21 +338,26 @@ def experiment_state(root: Path, run_id: str) -> Optional[dict[str, Any]]:
 
 
 def experiment_of(root: Path, stage: str, run_id: str,
-                  root_run_id: Optional[str]) -> tuple[str, Optional[dict[str, Any]]]:
+                  re_executes: Sequence[str] = ()) -> tuple[str, Optional[dict[str, Any]]]:
     """(the run whose experiment `stage` of run `run_id` goes into, the state it starts from). A run's own
-    experiment once it has one; a re-execution's stage the root run did not record (re-execute from
-    failure): the root's, which holds the stages before it; a stage the root's experiment recorded
-    already: a new one of this run, starting from the root's (saved under the root's name it replaced
-    that experiment, and what the root's materializations say of it became false)."""
+    experiment once it has one. For a re-execution, the experiment of the nearest run it re-executes
+    (`re_executes`: its parent first, up to the root) that has one: joined where it lacks the stage
+    (re-execute from failure: it holds the stages before it); where it recorded the stage already (or
+    does not say, made by an older version), a new one of this run, starting from it (saved under the
+    earlier run's name it replaced that experiment, and what that run's materializations say of it
+    became false)."""
     own = experiment_state(root, run_id)
-    if own is not None or not root_run_id or root_run_id == run_id:
+    if own is not None:
         return run_id, own
-    earlier = experiment_state(root, root_run_id)
-    if earlier is None:
-        return run_id, None
-    if stage not in earlier.get("stages", ()):
-        return root_run_id, earlier
-    return run_id, {**earlier, "stages": []}
+    for earlier_run in re_executes:
+        earlier = experiment_state(root, earlier_run) if earlier_run != run_id else None
+        if earlier is None:
+            continue
+        stages = earlier.get("stages")
+        if stages is not None and stage not in stages:
+            return earlier_run, earlier
+        return run_id, {**earlier, "stages": []}
+    return run_id, None
 
 
 def record_experiment(root: Path, spec: StageSpec, params: Params, run_id: str, *, lock_wait_s: float = 600.0,
