@@ -148,8 +148,7 @@ class Forward:
 def step_forwards(rows: list[dict], schedule: EpochSchedule, micro: int, accumulation: int, rank: int, world: int,
                   budget: int | None, end: int | None = None) -> list[list[Forward]]:
     """This process's forwards for each micro-batch of the step that begins at micro-batch `micro`,
-    each of at most `budget` tokens. `end`: the run's number of micro-batches, where the run's last
-    step holds fewer than `accumulation` (none is left out).
+    each of at most `budget` tokens. `end`: the run's number of micro-batches (none past it is read).
 
     The step's gradient is the mean over all its pairs, whatever the micro-batches and the processes
     hold: a forward's loss is weighted by its pairs' share of the step, times `world` because the
