@@ -225,7 +225,8 @@ def _main(argv: list[str] | None) -> int:
         # stop the first before it said it.
         return 0
     except UserError as exc:
-        print(f"error: {printable(without_credentials(str(exc)))}", file=sys.stderr)
+        if not exc.every_process or steps.first_of_its_launch():  # the same line from each process: once
+            print(f"error: {printable(without_credentials(str(exc)))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the system refuses (permissions, a full disk): the path and why, no traceback
         where = _refused_path(exc, args.root)

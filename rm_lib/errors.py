@@ -13,6 +13,8 @@ class UserError(Exception):
     def __init__(self, *args: object, transient: bool = False) -> None:
         super().__init__(*args)
         self.transient = transient
+        # raised alike by every process of a launch (a check they agreed on): the first says it for all
+        self.every_process = False
 
 
 class SettingsError(UserError):

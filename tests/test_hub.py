@@ -1203,6 +1203,17 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
         assert said in text
     untracked = {**clean, "dvc_model": {"models/m": f"{model_card.NOT_TRACKED} (no dvc.lock)"}}
     assert "Reproduce: check out the commit" in model_card._lineage(untracked)
+    # trained on two processes: dvc.yaml's train stage runs one, a batch half as large (it said `dvc repro`)
+    two = model_card._lineage({**clean, "processes": 2, "fsdp": False, "launch": "2 processes (DDP)",
+                               "launch_command": "accelerate launch --multi_gpu --num_processes 2 -m rm_lib run"})
+    assert "| launch (train.batch_size is per process) | 2 processes (DDP) |" in two
+    assert "Reproduce: check out the commit, then `accelerate launch --multi_gpu --num_processes 2 -m rm_lib run` " \
+           "with the parameters above (the launch that trained it;" in two and "then `dvc repro`" not in two
+    older = model_card._lineage({**clean, "processes": 2})  # a summary of an older version: no command
+    assert "train under `accelerate launch` on 2 processes" in older and "then `dvc repro`" not in older
+    assert "| launch (train.batch_size is per process) | not recorded" in model_card._lineage(clean)
+    one = model_card._lineage({**clean, "processes": 1, "launch": "1 process"})
+    assert "then `dvc repro` (or `python -m rm_lib run`)" in one and "| 1 process |" in one
 
 
 def test_push_names_the_stages_dvc_lock_records_with_settings_the_checkout_no_longer_holds(tmp_path, tiny_decoder):

@@ -562,6 +562,32 @@ def test_accumulated_steps_train_as_one_batch_that_many_times_larger(tmp_path, t
         assert sum(f.weight for forwards in step for f in forwards) == pytest.approx(1)  # a mean over its pairs
 
 
+def test_the_logged_padding_fraction_is_over_every_process(tmp_path, tiny_decoder, monkeypatch):
+    """The loss and accuracy of a log are sums over the processes; the padding fraction was the first
+    process's alone. Here the logging reduction is given a second process that computed nothing and padded
+    as much as this one: the fraction logged is over both."""
+    from accelerate import Accelerator
+
+    steps = ("train.logging_steps=1", "train.padding_free=false")
+    alone, _, _ = fit_tiny(tmp_path, tiny_decoder, *steps)
+    reduce = Accelerator.reduce
+
+    def with_a_second_process(self, tensor, reduction="sum"):
+        if tensor.numel() == 8:  # the log's sums (trainer.WINDOW_SUMS, WINDOW_COUNTS)
+            other = torch.zeros_like(tensor)
+            other[7] = tensor[7]  # padded as much, computed nothing
+            return tensor + other
+        return reduce(self, tensor, reduction)
+
+    monkeypatch.setattr(Accelerator, "reduce", with_a_second_process)
+    shutil.rmtree(tmp_path / "checkpoints")  # trained anew, not taken from the first run's last checkpoint
+    both, _, _ = fit_tiny(tmp_path, tiny_decoder, *steps)
+    fractions = [(r["padding_fraction"], s["padding_fraction"]) for r, s in zip(alone.history, both.history)]
+    assert fractions and all(0 < one < 1 for one, _ in fractions)
+    assert [two for _, two in fractions] == pytest.approx([(1 + one) / 2 for one, _ in fractions])
+    assert [r["loss"] for r in both.history] == [r["loss"] for r in alone.history]
+
+
 def test_accumulation_takes_the_pairs_of_a_larger_batch_in_each_step_of_every_epoch():
     """By pairs (k x batch_size) and by tokens (k x batch_tokens), length-grouped or not: a step's
     micro-batches hold the pairs of one larger batch, an epoch holds whole steps, and a micro-batch
@@ -823,7 +849,9 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     (each gathers weights: the processes must run as many), a last batch of one pair, which leaves
     one process none, and the length head's one-element weight, sharded with the model, and its running
     reward statistics, which the penalty reads: those of the step's pairs on both processes. With
-    LoRA, the saved folder is the one a single process saves: the merged model and the adapter."""
+    LoRA, the saved folder is the one a single process saves: the merged model and the adapter. Under
+    FSDP the second process plans half the first's forward budget (a GPU with less free memory): both run
+    with the smaller (each laid out the step by its own, and they waited for each other for good)."""
     from rm_lib.data.tokenstore import read_rows
     from rm_lib.model.batching import EpochSchedule, process_slice, token_chunks
 
@@ -836,8 +864,9 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     batches = EpochSchedule(rows, 4, seed=42, group_by_length=True).batches(0)
     counts = [[len(token_chunks([rows[i] for i in process_slice(b, r, 2)], 160)) for r in range(2)] for b in batches]
     assert any(a != b for a, b in counts) and min(map(len, batches)) == 1
+    harness = "rank_budget.py" if launch == "fsdp" else "fsdp_cpu.py"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(Path(__file__).parent / "fsdp_cpu.py")] if sharded else [
+                str(Path(__file__).parent / harness)] if sharded else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rm_lib"]
     if launch == "ddp":  # a process given another number of epochs: all stop at once, none waits for the others
@@ -848,10 +877,19 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
         except subprocess.TimeoutExpired:
             odd.terminate()  # the launcher stops its processes (each in a session of its own) before it ends
             pytest.fail("the processes waited for each other: " + odd.communicate(timeout=120)[0][-3000:])
-        assert odd.returncode != 0 and ("error: train: the processes of this launch were not given the same run: "
-                                        "against rank 0, rank 1 in train.num_epochs (1.0 against 2.0).") in out, out
+        said = ("error: train: the processes of this launch were not given the same run: against rank 0, rank 1 in "
+                "train.num_epochs (1.0 against 2.0).")
+        assert odd.returncode != 0 and out.count(said) == 1, out  # once, not by each process
+        # a loss that diverges: every process stops at the same step, and one line says so
+        nan = _cli(tmp_path / "two", "train", "--set", "train.learning_rate=1e30", launcher=launcher)
+        out = nan.communicate(timeout=300)[0]
+        assert nan.returncode != 0 and len(re.findall(r"error: train: the loss became \S+ at step", out)) == 1, out
     two = _cli(tmp_path / "two", "train", launcher=launcher)
-    out = two.communicate(timeout=600)[0]
+    try:
+        out = two.communicate(timeout=600)[0]
+    except subprocess.TimeoutExpired:
+        two.terminate()
+        pytest.fail("the processes waited for each other: " + two.communicate(timeout=120)[0][-3000:])
     assert two.returncode == 0, out
     if launch != "fsdp-lora":
         _one_process_refuses_to_resume(tmp_path / "two", "2 processes (FSDP)" if sharded else "2 processes (DDP)")
@@ -864,7 +902,13 @@ def test_two_processes_train_as_one_through_uneven_shares_and_save_the_whole_mod
     assert logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-5)  # over both processes' pairs, not the first's
     assert stats_two[:2] == pytest.approx(stats_one[:2], rel=1e-4, abs=1e-5) and stats_two[2] == 2
     assert same_weights(weights(two_root / "models/reward_model"), weights(one_root / "models/reward_model"), atol=1e-4)
-    assert read_json(tmp_path / "two/data/train/summary.json")["device_plan"]["tokens_per_forward"] == 160
+    agreed = 80 if launch == "fsdp" else 160
+    summary = read_json(tmp_path / "two/data/train/summary.json")
+    assert summary["device_plan"]["tokens_per_forward"] == agreed
+    # what the model card names as the launch that trains it again (`dvc repro` trains in one process)
+    assert summary["launch"] == ("2 processes (FSDP)" if sharded else "2 processes (DDP)")
+    launched = "--config_file configs/accelerate/fsdp.yaml" if sharded else "--multi_gpu"
+    assert summary["launch_command"] == f"accelerate launch {launched} --num_processes 2 -m rm_lib run"
     if launch == "fsdp-lora":
         _saved_as_one_process_saves_it(one_root / "models/reward_model", two_root / "models/reward_model", rows[:4],
                                        tiny_decoder)

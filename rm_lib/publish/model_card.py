@@ -95,6 +95,9 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
     return {"git_commit": commit, "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
             "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
+            # the launch: train.batch_size is per process, so the global batch is that many times larger
+            "processes": summary.get("processes"), "fsdp": summary.get("fsdp"), "launch": summary.get("launch"),
+            "launch_command": summary.get("launch_command"),
             "base_content": summary.get("base_content"),
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
@@ -632,7 +635,9 @@ def _lineage(lineage: dict) -> str:
               _or(lineage.get("code_hash"), "unknown")),
              ("base model content (sha256 of a local folder's files, or the Hub commit)",
               _or(lineage.get("base_content"), "not recorded (trained before it was)")),
-             ("run fingerprint (settings + base model + data + code)", _or(lineage.get("fingerprint"), "unknown")),
+             ("launch (train.batch_size is per process)", _launch(lineage)),
+             ("run fingerprint (settings + base model + data + code + launch)",
+              _or(lineage.get("fingerprint"), "unknown")),
              ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
     table = "\n".join(f"| {what} | {value} |" for what, value in rows)
     return f"""## Lineage
@@ -672,8 +677,26 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
             if lineage.get("lock_committed") is not False else
             "the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
             "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
+    processes = lineage.get("processes")
+    if processes not in (None, 1) or lineage.get("fsdp"):
+        # dvc.yaml's train stage runs one process: another global batch, another model
+        command = lineage.get("launch_command")
+        how = (f"`{command}` with the parameters above (the launch that trained it; `dvc repro` trains in one "
+               "process, a batch that many times smaller)" if command else
+               f"the steps with the parameters above, train under `accelerate launch` on {processes} processes as "
+               "it was trained (docs/distributed.md; `dvc repro` trains in one process)")
+        return f"Reproduce: check out the commit, then {how};\n{pull}"
     return ("Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters "
             f"above;\n{pull}")
+
+
+def _launch(lineage: dict) -> str:
+    """The launch in words (distributed.Launch, as train recorded it), or as much as an older record says."""
+    processes = lineage.get("processes")
+    if lineage.get("launch"):
+        return lineage["launch"]
+    return "not recorded (trained before it was)" if processes is None else \
+        f"{processes} process{'' if processes == 1 else 'es'}"
 
 
 def _is_md5(value: str) -> bool:

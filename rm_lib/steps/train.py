@@ -69,6 +69,9 @@ class TrainResult:
     best_checkpoint: str | None = None
     best_eval_accuracy: float | None = None
     processes: int = 1
+    fsdp: bool = False  # with `processes`, the launch that trained it (distributed.Launch)
+    launch: str = "1 process"  # that launch in words, and the command that trains the model again so
+    launch_command: str = "python -m rm_lib run"
     device_plan: dict | None = None  # how the run used its device (rm_lib.training.device_plan)
     sessions: list[dict] = field(default_factory=list)  # the calls that trained it, where resumed with other settings
 
@@ -86,7 +89,9 @@ class TrainResult:
                 "reused": self.reused, "best_checkpoint": self.best_checkpoint,
                 "best_eval_accuracy": self.best_eval_accuracy, "reward_mean": self.reward_mean,
                 "reward_std": self.reward_std, "model": self.model_settings.get("name_or_path"),
-                "processes": self.processes, "fingerprint": self.fingerprint, "data_hash": self.data_hash,
+                "processes": self.processes, "fsdp": self.fsdp, "launch": self.launch,
+                "launch_command": self.launch_command,
+                "fingerprint": self.fingerprint, "data_hash": self.data_hash,
                 "code_hash": self.code_hash, "base_content": self.base_content, "wandb": self.wandb_url,
                 "train": self.train_settings,
                 "device_plan": self.device_plan, "sessions": self.sessions}
@@ -182,7 +187,9 @@ def result_from_summary(layout: Layout) -> TrainResult:
                        code_hash=summary["code_hash"], base_content=summary.get("base_content", ""),
                        model_settings=model, train_settings=summary["train"],
                        best_checkpoint=summary["best_checkpoint"], best_eval_accuracy=summary["best_eval_accuracy"],
-                       processes=summary["processes"], device_plan=summary.get("device_plan"),
+                       processes=summary["processes"], fsdp=summary.get("fsdp", False),
+                       launch=summary.get("launch", ""), launch_command=summary.get("launch_command", ""),
+                       device_plan=summary.get("device_plan"),
                        sessions=summary.get("sessions", []))
 
 
@@ -323,7 +330,8 @@ def run(params: Params, layout: Layout, accelerator=None,
         wandb_url=result.wandb_url, reused=result.reused, fingerprint=fingerprint, data_hash=meta["content_hash"],
         code_hash=code, base_content=base, model_settings=asdict(params.model), train_settings=settings,
         best_checkpoint=str(layout.checkpoints / f"step-{result.best_step}") if result.best_step else None,
-        best_eval_accuracy=result.best_eval_accuracy, processes=accelerator.num_processes,
+        best_eval_accuracy=result.best_eval_accuracy, processes=launch.processes, fsdp=launch.fsdp,
+        launch=str(launch), launch_command=launch.command("run"),
         device_plan=plan, sessions=result.sessions)
     if accelerator.is_main_process:
         # the model and its run's records replace the earlier ones together: an interrupted train leaves

@@ -24,14 +24,14 @@ class Launch:
         count = f"{self.processes} process{'' if self.processes == 1 else 'es'}"
         return f"{count} (FSDP)" if self.fsdp else count if self.processes == 1 else f"{count} (DDP)"
 
-    def command(self) -> str:
-        """A command that starts this launch on one machine."""
+    def command(self, step: str = "train") -> str:
+        """A command that starts this launch of `step` on one machine."""
         if self.fsdp:
             return f"accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes {self.processes} " \
-                   "-m rm_lib train"
+                   f"-m rm_lib {step}"
         if self.processes > 1:
-            return f"accelerate launch --multi_gpu --num_processes {self.processes} -m rm_lib train"
-        return "python -m rm_lib train"
+            return f"accelerate launch --multi_gpu --num_processes {self.processes} -m rm_lib {step}"
+        return f"python -m rm_lib {step}"
 
 
 def launch_of(accelerator: Any) -> Launch:
@@ -96,10 +96,16 @@ def check_same_run(accelerator: Any, run: dict) -> None:
         return
     said = "; ".join(f"rank {rank} in {', '.join(keys[:4])}{' and more' if len(keys) > 4 else ''}"
                      for rank, keys in differ.items())
-    raise SettingsError(f"train: the processes of this launch were not given the same run: against rank "
-                        f"{reference}, {said}. Every process must read the same params.yaml and --set overrides, "
-                        "data and code (on several machines: the same commit and project folder, or `dvc pull` "
-                        "on each); nothing was trained")
+    raise on_every_process(SettingsError(
+        f"train: the processes of this launch were not given the same run: against rank {reference}, {said}. "
+        "Every process must read the same params.yaml and --set overrides, data and code (on several machines: "
+        "the same commit and project folder, or `dvc pull` on each); nothing was trained"))
+
+
+def on_every_process(error: UserError) -> UserError:
+    """`error`, marked as raised alike by every process of the launch: the CLI prints it once."""
+    error.every_process = True
+    return error
 
 
 def agreed(accelerator: Any, check: Callable[[], None]) -> None:
@@ -117,7 +123,20 @@ def agreed(accelerator: Any, check: Callable[[], None]) -> None:
         said = str(exc)
     said = next((s for s in gather_object([said]) if s is not None), None)
     if said is not None:
-        raise SettingsError(said)
+        raise on_every_process(SettingsError(said))
+
+
+def common_budget(accelerator: Any, budget: int | None) -> int | None:
+    """The tokens a forward every process runs with: the smallest any process planned for its device (None:
+    none has a limit). Each plans its own device's memory, but step_forwards lays out every process's share
+    of a step by one budget, and under FSDP each forward is a collective: processes that planned other
+    budgets ran other numbers of forwards and waited for each other for good."""
+    if accelerator.num_processes == 1:
+        return budget
+    from accelerate.utils import gather_object
+
+    planned = [b for b in gather_object([budget]) if b is not None]
+    return min(planned) if planned else None
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

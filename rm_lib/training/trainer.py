@@ -44,7 +44,7 @@ from rm_lib.training.checkpoints import (
     step_folders,
 )
 from rm_lib.training.device_plan import UNSHARDED, DevicePlan, Sharding, model_shape, plan
-from rm_lib.training.distributed import launch_of, sharding
+from rm_lib.training.distributed import common_budget, launch_of, on_every_process, sharding
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import release_free_memory
 from rm_lib.training.model_modes import attention_as, checkpoint_layers, compiled_layers, dropout_disabled
@@ -126,6 +126,15 @@ def _schedule(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
+def _first_bad(accelerator: Any, bad_step: torch.Tensor, bad_loss: torch.Tensor) -> tuple[int, float]:
+    """(the first step whose loss was not finite on any process, that loss), or (0, 0.0): the same on every
+    process, which then stops alike (one that saw none went on to wait at the next collective)."""
+    pair = torch.stack([bad_step.double(), bad_loss.double()])
+    rows = accelerator.gather(pair).reshape(-1, 2).tolist() if accelerator.num_processes > 1 else [pair.tolist()]
+    bad = [(int(step), loss) for step, loss in rows if step]
+    return min(bad, key=lambda b: b[0]) if bad else (0, 0.0)
+
+
 def _diverged(loss: float, step: int, folder: Path, fingerprint: str) -> TrainingDiverged:
     """The message names only checkpoints that exist."""
     own = latest_checkpoint(folder, fingerprint) if folder.exists() else None
@@ -167,7 +176,7 @@ def _restored_window(saved: dict | None, device: torch.device, main: bool) -> tu
         return window, 0.0
     for k in WINDOW_SUMS:
         window[k] += saved[k]
-    for k in ("n", "tokens"):  # computed and padded stay each process's own: its padding fraction
+    for k in WINDOW_COUNTS:
         window[k] = int(saved[k])
     return window, float(saved.get("elapsed_s", 0.0))
 
@@ -311,7 +320,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     started, window_start, tokens_total = time.perf_counter(), time.perf_counter() - window_s, 0
     bar = StepProgress(total, state.step, show=accelerator.is_main_process)
     model.train()
-    budget, retries = device_plan.tokens_per_forward, 0
+    budget, retries = common_budget(accelerator, device_plan.tokens_per_forward), 0
 
     def plan_record() -> dict:
         return {**device_plan.record(loaded_attention), "tokens_per_forward": budget, "out_of_memory_retries": retries}
@@ -431,16 +440,17 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
         evaluating = on_eval is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0
         if logging or evaluating or state.step % cfg.save_steps == 0:
             # the only reads of the device between logs: no weights of a diverged run are logged, evaluated or saved
-            first_bad = int(bad_step)
+            first_bad, loss_then = _first_bad(accelerator, bad_step, bad_loss)
             if first_bad:
-                raise _diverged(float(bad_loss), first_bad, checkpoints, fingerprint)
+                error = _diverged(loss_then, first_bad, checkpoints, fingerprint)
+                raise on_every_process(error) if world > 1 else error
         if logging:
             elapsed = time.perf_counter() - window_start
             # one read for all processes: each figure a mean over every pair the window trained on
-            counts = torch.tensor([float(window["n"]), float(window["tokens"])], dtype=torch.float64)
-            totals = torch.cat([torch.stack([window[k].double() for k in ("loss", "acc", "margin", "mean")]),
-                                counts.to(accelerator.device)])
-            loss_sum, acc_sum, margin_sum, mean_sum, pairs, tokens = accelerator.reduce(totals, "sum").tolist()
+            counts = torch.tensor([float(window[k]) for k in WINDOW_COUNTS], dtype=torch.float64)
+            totals = torch.cat([torch.stack([window[k].double() for k in WINDOW_SUMS]), counts.to(accelerator.device)])
+            loss_sum, acc_sum, margin_sum, mean_sum, pairs, tokens, computed, padded = \
+                accelerator.reduce(totals, "sum").tolist()
             pairs, tokens = max(pairs, 1.0), int(tokens)
             # the epochs trained so far, this step's micro-batches included
             epoch, position = schedule.locate(state.step * accumulation if end is None
@@ -449,7 +459,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
                       "loss": loss_sum / pairs, "accuracy": acc_sum / pairs, "reward_margin": margin_sum / pairs,
                       "reward_mean": mean_sum / pairs, "grad_norm": float(grad_norm),
                       "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
-                      "padding_fraction": 1 - window["computed"] / max(window["padded"], 1),
+                      "padding_fraction": 1 - computed / max(padded, 1),
                       # seconds of training in this run, over its sessions: throughput past a warm-up can be read off
                       "elapsed_s": round(base_s + time.perf_counter() - started, 3)}
             if scorer.length_head is not None:  # what the length penalty holds down, as it stands now
