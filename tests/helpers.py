@@ -54,6 +54,22 @@ def run_steps(params, root: Path, *steps: str):
     return {s: registry.run(s, params, layout) for s in steps}
 
 
+def committed_project(root: Path, monkeypatch) -> None:
+    """`root` as its own git checkout with everything in it committed, holding the code that runs: the model
+    card then claims what a commit of the project remakes (the code here lies in another checkout)."""
+    import subprocess
+
+    from rm_lib.publish import model_card
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+    (root / ".gitignore").write_text("/data/\n/models/\n")  # the steps' outputs: DVC's, as in the project
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "project"], cwd=root, check=True)
+    monkeypatch.setattr(model_card, "code_checkout",
+                        lambda *args: {"code_untracked": [], "code_elsewhere": None, "code_commit": None})
+
+
 def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None, model=None):
     """Train the tiny decoder (or `model`, loaded from it) in this process with `fit` itself; returns
     (result, weights, rows)."""

@@ -514,7 +514,7 @@ def test_a_dvc_lock_that_records_other_settings_than_the_model_trained_with_is_a
     said = model_card._reproduce({"lock_settings_differ": ["train.learning_rate"]}, False)
     assert said.startswith("Not claimed reproducible from this commit: dvc.lock records other settings for train "
                            "than this model was trained with (train.learning_rate")
-    assert model_card._reproduce({"lock_settings_differ": []}, False).startswith("Reproduce:")
+    assert model_card._reproduce({"lock_settings_differ": [], "git_commit": "abc"}, False).startswith("Reproduce:")
 
 
 def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_settings(tmp_path):

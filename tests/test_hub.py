@@ -32,7 +32,7 @@ from rm_lib.publish.hub import PublishError
 from rm_lib.steps import push
 
 from conftest import ROOT
-from helpers import run_steps, tiny_params
+from helpers import run_steps, tiny_params, write_jsonl
 from hub_server import HubServer, SilentServer
 
 TOKEN = "hf_rmTestTokenQ7xZ3vK9pL2mW8nB4cD6"  # fake and distinctive, to be searched for in every output
@@ -1197,12 +1197,27 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
                          ({"git_commit": "abc123 (with uncommitted changes)"}, "uncommitted changes"),
                          ({"code_hash_now": "c2"}, "trained by other training code than this checkout holds"),
                          ({"data_code_differs": ["download", "filter"]},
-                          "its data were made by other code of download, filter than this checkout holds")]:
+                          "its data were made by other code of download, filter than this checkout holds"),
+                         # each of these was claimed reproducible from the commit named
+                         ({"git_commit": None}, "no commit is known: the project is not a git checkout"),
+                         ({"code_untracked": ["rm_lib/model/scale.py"]},
+                          "the code that ran holds files git does not track (rm_lib/model/scale.py)"),
+                         ({"code_elsewhere": "/opt/rm", "code_commit": None},
+                          "the rm_lib that ran (/opt/rm) is in no git checkout"),
+                         ({"code_elsewhere": "/opt/rm", "code_commit": "def (with uncommitted changes)"},
+                          "the rm_lib checkout that ran (/opt/rm) holds uncommitted changes"),
+                         ({"evaluation_code_differs": True}, "its evaluation (the figures above and the release "
+                                                             "gate's verdict) was made by other evaluate code"),
+                         ({"source_doubts": ["the source s.jsonl changed since download read it"]},
+                          "the source s.jsonl changed since download read it")]:
         text = model_card._lineage({**clean, **change})
         assert "Reproduce: check out the commit" not in text and "Not claimed reproducible from this commit" in text
         assert said in text
     untracked = {**clean, "dvc_model": {"models/m": f"{model_card.NOT_TRACKED} (no dvc.lock)"}}
     assert "Reproduce: check out the commit" in model_card._lineage(untracked)
+    elsewhere = model_card._lineage({**clean, "code_elsewhere": "/opt/rm", "code_commit": "def"})
+    assert "Reproduce: check out the commit and rm_lib's at def (/opt/rm), then `dvc repro`" in elsewhere
+    assert "| rm_lib that ran: `/opt/rm` | `def` |" in elsewhere
     # trained on two processes: dvc.yaml's train stage runs one, a batch half as large (it said `dvc repro`)
     two = model_card._lineage({**clean, "processes": 2, "fsdp": False, "launch": "2 processes (DDP)",
                                "launch_command": "accelerate launch --multi_gpu --num_processes 2 -m rm_lib run"})
@@ -1214,6 +1229,102 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
     assert "| launch (train.batch_size is per process) | not recorded" in model_card._lineage(clean)
     one = model_card._lineage({**clean, "processes": 1, "launch": "1 process"})
     assert "then `dvc repro` (or `python -m rm_lib run`)" in one and "| 1 process |" in one
+
+
+def test_the_card_knows_which_checkout_holds_the_code_and_the_source(tmp_path):
+    """What a commit holds, asked of git: code files it does not track (a new module the committed code
+    imports), the code's own checkout where it is not the project's (`--root` elsewhere, an installed
+    package), and a source file kept by neither git nor DVC. Each was claimed reproducible from the commit."""
+    import subprocess
+
+    def git(cwd, *args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false",
+                        *args], cwd=cwd, check=True, capture_output=True)
+
+    code, project, plain = tmp_path / "code", tmp_path / "project", tmp_path / "plain"
+    for folder in (code / "rm_lib", project / "data/sources", plain / "rm_lib"):
+        folder.mkdir(parents=True)
+    for folder in (code, plain):
+        (folder / "rm_lib/a.py").write_text("A = 1\n")
+        (folder / "rm_lib/b.py").write_text("B = 2\n")
+    git(code, "init", "-q")
+    git(code, "add", "rm_lib/a.py")
+    git(code, "commit", "-qm", "code")
+    files = ["rm_lib/a.py", "rm_lib/b.py"]
+    assert model_card.code_checkout(code, code, files) == {"code_untracked": ["rm_lib/b.py"],
+                                                           "code_elsewhere": None, "code_commit": None}
+    git(project, "init", "-q")
+    git(project, "commit", "-q", "--allow-empty", "-m", "project")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code, capture_output=True, text=True).stdout.strip()
+    assert model_card.code_checkout(project, code, files) == {
+        "code_untracked": ["rm_lib/b.py"], "code_elsewhere": str(code.resolve()), "code_commit": head}
+    (code / "rm_lib/a.py").write_text("A = 3\n")
+    assert model_card.code_checkout(project, code, files)["code_commit"] == f"{head} (with uncommitted changes)"
+    assert model_card.code_checkout(project, plain, files) == {"code_untracked": [], "code_elsewhere":
+                                                               str(plain.resolve()), "code_commit": None}
+    source = project / "data/sources/s.jsonl"
+    source.write_text("{}\n")
+    assert not model_card.versioned(project, source)
+    Path(f"{source}.dvc").write_text("outs: []\n")  # `dvc add`
+    assert model_card.versioned(project, source) and model_card.versioned(project, source.parent) is False
+    Path(f"{source}.dvc").unlink()
+    git(project, "add", "data/sources/s.jsonl")
+    assert model_card.versioned(project, source) and model_card.versioned(project, source.parent)
+    assert not model_card.versioned(project, tmp_path / "plain/rm_lib")  # outside the project's checkout
+
+
+def test_a_card_doubts_a_source_file_no_checkout_holds_as_download_read_it(tmp_path, tiny_decoder, monkeypatch):
+    """A source file in data/sources that is in neither git nor DVC, or was changed after download read it
+    (cut to half its rows): the card said "Reproduce: check out the commit" beside a content hash that no
+    file has now."""
+    from helpers import committed_project
+
+    source = tmp_path / "data/sources/s.jsonl"
+    from rm_lib.data.demo import demo_pairs
+
+    write_jsonl(source, demo_pairs(60, seed=3))
+    params = tiny_params(f"download.source={source}", "train.max_steps=2", "push.min_accuracy=0",
+                         "push.min_test_pairs=1", model=str(tiny_decoder))
+    run_steps(params, tmp_path, *STEPS)
+    committed_project(tmp_path, monkeypatch)
+    card = Layout(tmp_path).release / "README.md"
+    run_steps(params, tmp_path, "push")
+    # the card names project files from the project's folder, as in every clone
+    assert "the source data/sources/s.jsonl is kept by neither git nor DVC" in card.read_text()
+    assert "Reproduce: check out the commit" not in card.read_text()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "add", "-f", str(source)], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "the source"], cwd=tmp_path, check=True)
+    run_steps(params, tmp_path, "push")
+    assert "the source data/sources" not in card.read_text() and "Reproduce: check out the commit" in card.read_text()
+    source.write_text("".join(source.read_text().splitlines(keepends=True)[:30]))
+    run_steps(params, tmp_path, "push")
+    assert "the source data/sources/s.jsonl changed since download read it" in card.read_text()
+
+
+def test_a_card_doubts_a_dvc_lock_whose_source_data_changed_since(tmp_path):
+    """A source in data/sources changed (and committed) after `dvc repro`: dvc.lock's download still names the
+    old bytes, and `dvc repro` of that commit trains on the new ones. The outputs of the stages are compared
+    by their own rows, not here again."""
+    import yaml
+
+    from rm_lib.files import dvc_md5
+    from rm_lib.pipeline.dvc_record import lock_differs
+
+    sources = tmp_path / "data/sources"
+    sources.mkdir(parents=True)
+    (sources / "s.jsonl").write_text("{}\n" * 300)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "download": {"cmd": "python -m rm_lib download", "deps": ["data/sources"], "outs": ["data/pairs"]},
+        "tokenize": {"cmd": "python -m rm_lib tokenize", "deps": ["data/pairs"], "outs": ["data/tokenized"]}}}))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "download": {"deps": [{"path": "data/sources", "md5": dvc_md5(sources)}],
+                     "outs": [{"path": "data/pairs", "md5": "0" * 32 + ".dir"}]},
+        "tokenize": {"deps": [{"path": "data/pairs", "md5": "1" * 32 + ".dir"}],
+                     "outs": [{"path": "data/tokenized", "md5": "2" * 32 + ".dir"}]}}}))
+    assert lock_differs(tmp_path, ("download", "tokenize")) == []  # data/pairs is an output: its own row
+    (sources / "s.jsonl").write_text("{}\n" * 150)
+    assert lock_differs(tmp_path, ("download", "tokenize")) == ["download (data)"]
 
 
 def test_push_names_the_stages_dvc_lock_records_with_settings_the_checkout_no_longer_holds(tmp_path, tiny_decoder):

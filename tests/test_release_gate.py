@@ -17,7 +17,7 @@ from rm_lib.files import write_json
 from rm_lib.layout import Layout
 from rm_lib.steps.push import ReleaseBlocked
 
-from helpers import run_steps, tiny_params, write_jsonl
+from helpers import committed_project, run_steps, tiny_params, write_jsonl
 
 STEPS = ("download", "tokenize", "filter", "train", "evaluate")
 REPO = Path(__file__).resolve().parents[1]
@@ -521,7 +521,7 @@ def test_releases_and_records_by_an_earlier_version_are_read_for_what_they_say(p
 
     trained_by = json.loads((layout.train_logs / "summary.json").read_text())["code_hash"]
     assert trained_by == code_version.code_hash("train")  # the same code: the commit reproduces it
-    assert "Reproduce: check out the commit" in model_card._lineage({"code_hash": trained_by,
+    assert "Reproduce: check out the commit" in model_card._lineage({"code_hash": trained_by, "git_commit": "abc",
                                                                     "code_hash_now": trained_by})
     monkeypatch.setattr(code_version, "code_hash", lambda step: "0123456789abcdef")  # a newer checkout's code
     run_steps(tiny_params("push.min_accuracy=0", "filter.max_token_length=999", model=str(tiny_decoder)), project,
@@ -540,7 +540,9 @@ def test_a_card_without_dvc_claims_no_reproduction_where_the_data_steps_code_cha
     from rm_lib.pipeline import code_version
 
     params = tiny_params("train.max_steps=2", "push.min_accuracy=0", model=str(tiny_decoder))
-    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate", "push")
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    committed_project(tmp_path, monkeypatch)
+    run_steps(params, tmp_path, "push")
     card = Layout(tmp_path).release / "README.md"
     assert "Reproduce: check out the commit" in card.read_text()
     # beside the data, not in the manifests later stages depend on (an edit making the same data retrained)
@@ -553,6 +555,15 @@ def test_a_card_without_dvc_claims_no_reproduction_where_the_data_steps_code_cha
     text = card.read_text()
     assert "Reproduce: check out the commit" not in text
     assert "its data were made by other code of download than this checkout holds" in text
+    # evaluate's code edited, run, and put back before push: the figures are no commit's (they were claimed)
+    monkeypatch.setattr(code_version, "code_hash", real)
+    run_steps(params, tmp_path, "push")
+    assert "Reproduce: check out the commit" in card.read_text()
+    (Layout(tmp_path).evaluation / "code.json").write_text(json.dumps({"step": "evaluate", "code_hash": "0" * 16}))
+    run_steps(params, tmp_path, "push")
+    text = card.read_text()
+    assert "Reproduce: check out the commit" not in text
+    assert "its evaluation (the figures above and the release gate's verdict) was made by other evaluate code" in text
 
 
 def test_hundreds_of_subsets_keep_the_summary_the_gate_and_the_card_readable(tmp_path):

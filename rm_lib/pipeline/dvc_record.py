@@ -775,9 +775,11 @@ class LockedStage:
 
 
 def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
-    """The stages, of `stages`, whose dvc.lock entry records other code or settings than the workspace
-    holds (`dvc status`'s changed deps or params: a change run through `dvc repro`, then undone), each
-    as "<stage> (code)", "(settings)" or "(code and settings)". Empty without a dvc.lock."""
+    """The stages, of `stages`, whose dvc.lock entry records other code, settings or source data than the
+    workspace holds (`dvc status`'s changed deps or params: a change run through `dvc repro`, then undone; a
+    source file changed since), each as "<stage> (code)", "(settings)", "(data)" or such joined by "and".
+    Source data: a dep no stage writes (data/sources), where the outputs of the stages are the card's
+    own rows. Empty without a dvc.lock."""
     path = Path(root) / "dvc.lock"
     if not path.is_file():
         return []
@@ -800,6 +802,8 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
             value = value.get(part) if isinstance(value, dict) else None
         return value
 
+    written = {str(out if isinstance(out, str) else next(iter(out))) for entry in spec.values()
+               if isinstance(entry, dict) for out in entry.get("outs") or []}
     differing = []
     for stage in stages:
         entry = entries.get(stage)
@@ -811,8 +815,12 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
                        for file, values in (entry.get("params") or {}).items()
                        if isinstance(values, dict) and Path(file).suffix in (".yaml", ".yml", ".json")
                        for key, recorded in values.items())
-        if code or settings:
-            differing.append(f"{stage} ({' and '.join(w for w, on in (('code', code), ('settings', settings)) if on)})")
+        data = any(dvc_md5(Path(root) / d["path"]) != d.get("md5") for d in entry.get("deps") or []
+                   if not str(d.get("path", "")).startswith("rm_lib/") and "://" not in str(d.get("path", ""))
+                   and d.get("path") not in written)
+        kinds = [w for w, on in (("code", code), ("settings", settings), ("data", data)) if on]
+        if kinds:
+            differing.append(f"{stage} ({' and '.join(kinds)})")
     return differing
 
 

@@ -57,6 +57,39 @@ def git_commit(root: Path) -> str | None:
     return f"{commit} (with uncommitted changes)" if changes else commit
 
 
+def code_checkout(root: Path, code_root: Path, files: Sequence[str]) -> dict[str, Any]:
+    """How git holds the code that ran (`files`, relative to `code_root`, the folder rm_lib is in):
+    "code_untracked", those git does not track (no commit holds them, though the code hash counts them); and
+    where rm_lib is not the project's own (`--root`/RM_ROOT on another folder, an installed package),
+    "code_elsewhere", its folder, and "code_commit", its checkout's commit, marked where the files differ
+    from it (None: in no git checkout): the project's commit does not name that code."""
+    code_root, code_top = Path(code_root).resolve(), _git(code_root, "rev-parse", "--show-toplevel")
+    tracked = set(filter(None, (_git(code_root, "ls-files", "-z", "--", *files) or "").split("\0")))
+    untracked = [f for f in files if f not in tracked] if code_top else []
+    elsewhere = code_root != Path(root).resolve() and (not code_top or
+                                                        _git(root, "rev-parse", "--show-toplevel") != code_top)
+    if not elsewhere:
+        return {"code_untracked": untracked, "code_elsewhere": None, "code_commit": None}
+    head = _git(code_root, "rev-parse", "HEAD") if code_top else None
+    changed = head and _git(code_root, "status", "--porcelain", "--untracked-files=no", "--", *files)
+    commit = f"{head} (with uncommitted changes)" if changed else head
+    return {"code_untracked": untracked, "code_elsewhere": str(code_root), "code_commit": commit or None}
+
+
+def versioned(root: Path, path: Path) -> bool:
+    """Whether a checkout of the project at `root` holds `path` (a file, or every file of a folder): a `.dvc`
+    file of it or of a folder above it, or git tracking it."""
+    if any(Path(f"{folder}.dvc").is_file() for folder in [path, *path.parents]):
+        return True
+    files = [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.is_file()]
+    listed = _git(root, "ls-files", "-z", "--full-name", "--", str(path))
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if not files or not listed or not top:
+        return False
+    tracked = {(Path(top) / name).resolve() for name in listed.split("\0") if name}
+    return all(p.resolve() in tracked for p in files)
+
+
 def _same_settings_as_head(root: Path) -> bool:
     """params.yaml differs from HEAD's in its bytes only: `dvc exp run -S` rewrites the whole file (nulls as
     empty values, 5.0e-05 as 5e-05), and a comment is no setting. Read as the steps read it: a file
@@ -626,6 +659,9 @@ def _lineage(lineage: dict) -> str:
     if other_code and lineage.get("git_commit"):
         commit += f" (the push's; its training code is `{now}`, not the code that trained this model)"
     rows = [("git commit", commit)]
+    if lineage.get("code_elsewhere"):  # the project's commit does not hold the code that ran
+        rows.append((f"rm_lib that ran: {_code(lineage['code_elsewhere'], cell=True)}",
+                     _or(lineage.get("code_commit"), "in no git checkout")))
     for kind, key in (("data", "dvc_data"), ("model", "dvc_model")):
         for path, value in (lineage.get(key) or {}).items():
             shown = f"`{value}`" if _is_md5(value) else value
@@ -653,6 +689,20 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     """Whether the commit named remakes the model, only where nothing says otherwise: the checkout as it
     is, the files dvc.lock records, the code and settings it records them made with."""
     doubts = []
+    if not lineage.get("git_commit"):
+        doubts.append("no commit is known: the project is not a git checkout, or git could not be run")
+    untracked = lineage.get("code_untracked") or []
+    if untracked:
+        more = " and more" if len(untracked) > 5 else ""
+        doubts.append(f"the code that ran holds files git does not track ({', '.join(untracked[:5])}{more}): no "
+                      "commit holds them")
+    if lineage.get("code_elsewhere"):
+        code = lineage.get("code_commit")
+        if not code:
+            doubts.append(f"the rm_lib that ran ({lineage['code_elsewhere']}) is in no git checkout: no commit names "
+                          "its code")
+        elif "uncommitted changes" in code:
+            doubts.append(f"the rm_lib checkout that ran ({lineage['code_elsewhere']}) holds uncommitted changes")
     if other_code:
         doubts.append("the model was trained by other training code than this checkout holds")
     if lineage.get("data_code_differs"):
@@ -663,6 +713,11 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     if any(not _is_md5(v) for key in ("dvc_data", "dvc_model") for v in (lineage.get(key) or {}).values()
            if NOT_TRACKED not in v):
         doubts.append("the data or model here are not the files dvc.lock records")
+    if lineage.get("evaluation_code_differs"):
+        doubts.append("its evaluation (the figures above and the release gate's verdict) was made by other evaluate "
+                      "code than this checkout holds (or by a version that did not record it)")
+    for doubt in lineage.get("source_doubts") or ():
+        doubts.append(doubt)
     if lineage.get("lock_differs"):
         doubts.append(f"dvc.lock records {', '.join(lineage['lock_differs'])} other than this checkout holds "
                       "(changed since the last `dvc repro`, or a change run through it and then undone)")
@@ -677,6 +732,8 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
             if lineage.get("lock_committed") is not False else
             "the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
             "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
+    checkout = "check out the commit" + (f" and rm_lib's at {lineage['code_commit']} ({lineage['code_elsewhere']})"
+                                         if lineage.get("code_elsewhere") else "")
     processes = lineage.get("processes")
     if processes not in (None, 1) or lineage.get("fsdp"):
         # dvc.yaml's train stage runs one process: another global batch, another model
@@ -685,9 +742,8 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
                "process, a batch that many times smaller)" if command else
                f"the steps with the parameters above, train under `accelerate launch` on {processes} processes as "
                "it was trained (docs/distributed.md; `dvc repro` trains in one process)")
-        return f"Reproduce: check out the commit, then {how};\n{pull}"
-    return ("Reproduce: check out the commit, then `dvc repro` (or `python -m rm_lib run`) with the parameters "
-            f"above;\n{pull}")
+        return f"Reproduce: {checkout}, then {how};\n{pull}"
+    return f"Reproduce: {checkout}, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;\n{pull}"
 
 
 def _launch(lineage: dict) -> str:

@@ -15,6 +15,7 @@ from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs
 from rm_lib.model.modeling import TRAINED, load_reward_model, load_tokenizer
 from rm_lib.pipeline import chain
+from rm_lib.pipeline.code_version import write_code_record
 from rm_lib.settings import Params
 
 
@@ -197,6 +198,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         write_jsonl(out / "buckets.jsonl", metrics["per_length_bucket"])
         write_jsonl(out / "suites.rejects.jsonl", set_aside)  # empty when none: DVC versions it either way
         write_json(out / "buckets.plot.json", metrics["per_length_bucket"])  # `dvc plots` reads no JSON Lines
+        write_code_record(out, "evaluate")  # the card's figures are this code's: push compares it with the checkout
         plots.reward_distributions(r_c, r_r, out / "rewards.png")
         plots.reward_vs_length([token_length(r, "chosen") for r in rows], r_c,
                                [token_length(r, "rejected") for r in rows], r_r,

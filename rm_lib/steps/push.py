@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rm_lib.data import trained_prompts
+from rm_lib.data import sources, trained_prompts
 from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import SET_MARK, atomic_dir, read_json, share_tree, write_json
@@ -165,6 +165,26 @@ def data_code_differs(layout: Layout) -> list[str]:
     return [step for step, folder in made if code_version.recorded_code(folder) != code_version.code_hash(step)]
 
 
+def source_doubts(layout: Layout) -> list[str]:
+    """Why a checkout cannot hold the local file the pairs were read from as download read it: changed since
+    (its content hash, the manifest's source_sha256), gone, or kept by neither git nor DVC. None for the demo
+    set or a Hub dataset (its revision is on the card)."""
+    manifest = read_json(layout.pairs / "manifest.json")
+    if manifest.get("kind") != "local" or not manifest.get("source"):
+        return []
+    source = Path(manifest["source"]).expanduser()  # as download read it: from the folder the command runs in
+    if not source.exists():
+        return [f"the source {source} is not there now: no checkout is known to hold what download read"]
+    doubts = []
+    recorded = manifest.get("source_sha256")
+    if recorded and sources.local_fingerprint(source)["sha256"] != recorded:
+        doubts.append(f"the source {source} changed since download read it")
+    if not model_card.versioned(layout.root.resolve(), source.resolve()):
+        doubts.append(f"the source {source} is kept by neither git nor DVC: no checkout holds it (`dvc add` it in "
+                      "data/sources, docs/dvc.md)")
+    return doubts
+
+
 def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
     """The model card of the release in `out`, for the repository `repo_id` (its loading examples name it)."""
     metrics = read_json(layout.evaluation / "report.json")
@@ -177,6 +197,11 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     record = layout.model / "rm_lib.json"
     lineage["base_reward_model"] = read_json(record).get("base_reward_model") if record.exists() else None
     lineage["data_code_differs"] = data_code_differs(layout)
+    lineage["evaluation_code_differs"] = code_version.recorded_code(layout.evaluation) != code_version.code_hash(
+        "evaluate")
+    lineage["source_doubts"] = source_doubts(layout)
+    ran = sorted({f for step in (*MODEL_STAGES, "evaluate") for f in code_version.step_code(step, cli=False)})
+    lineage.update(model_card.code_checkout(layout.root.resolve(), code_version.ROOT, ran))
     tokenized = layout.tokenized / "manifest.json"  # what the chat template left out of, or refused, per split
     record = read_json(tokenized) if tokenized.exists() else {}
     lineage["template_left_out"] = record.get("prompts_left_out") or {}
@@ -193,7 +218,9 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
                              forced=params.push.force and bool(quality.blocking_failures(list(verdicts))),
                              refused=not params.push.force and bool(quality.blocking_failures(list(verdicts))),
                              adapter=model_card.adapter_facts(out), tokenizer=model_card.tokenizer_facts(out))
-    (out / "README.md").write_text(public_text(card, layout.root.resolve(), card_params, metrics), encoding="utf-8")
+    # the rm_lib folder that ran, where it is not the project's: by its name, as any other local path
+    (out / "README.md").write_text(public_text(card, layout.root.resolve(), card_params, metrics,
+                                               lineage.get("code_elsewhere")), encoding="utf-8")
 
 
 def run_tag(layout: Layout) -> str:
