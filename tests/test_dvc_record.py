@@ -511,7 +511,7 @@ def test_a_dvc_lock_that_records_other_settings_than_the_model_trained_with_is_a
     assert dvc_record.lock_settings_other_than(tmp_path, "train", {**ran, "train": {"learning_rate": "5e-5",
                                                                                    "seed": 42}}) == []
     assert dvc_record.lock_settings_other_than(tmp_path / "elsewhere", "train", ran) == []
-    said = model_card._reproduce({"lock_settings_differ": ["train.learning_rate"]}, False)
+    said = model_card._reproduce({"lock_settings_differ": ["train.learning_rate"], "git_commit": "abc"}, False)
     assert said.startswith("Not claimed reproducible from this commit: dvc.lock records other settings for train "
                            "than this model was trained with (train.learning_rate")
     assert model_card._reproduce({"lock_settings_differ": [], "git_commit": "abc"}, False).startswith("Reproduce:")
