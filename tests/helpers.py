@@ -67,7 +67,8 @@ def committed_project(root: Path, monkeypatch) -> None:
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "project"], cwd=root, check=True)
     monkeypatch.setattr(model_card, "code_checkout",
-                        lambda *args: {"code_untracked": [], "code_elsewhere": None, "code_commit": None})
+                        lambda *args: {"code_untracked": [], "code_changed": False, "code_elsewhere": None,
+                                       "code_commit": None})
 
 
 def fit_tiny(root: Path, tiny_decoder: Path, *overrides: str, on_eval=None, model=None):

@@ -1251,22 +1251,37 @@ def test_the_card_knows_which_checkout_holds_the_code_and_the_source(tmp_path):
     git(code, "add", "rm_lib/a.py")
     git(code, "commit", "-qm", "code")
     files = ["rm_lib/a.py", "rm_lib/b.py"]
-    assert model_card.code_checkout(code, code, files) == {"code_untracked": ["rm_lib/b.py"],
+    assert model_card.code_checkout(code, code, files) == {"code_untracked": ["rm_lib/b.py"], "code_changed": False,
                                                            "code_elsewhere": None, "code_commit": None}
     git(project, "init", "-q")
     git(project, "commit", "-q", "--allow-empty", "-m", "project")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code, capture_output=True, text=True).stdout.strip()
     assert model_card.code_checkout(project, code, files) == {
-        "code_untracked": ["rm_lib/b.py"], "code_elsewhere": str(code.resolve()), "code_commit": head}
+        "code_untracked": ["rm_lib/b.py"], "code_changed": False, "code_elsewhere": str(code.resolve()),
+        "code_commit": head}
     (code / "rm_lib/a.py").write_text("A = 3\n")
     assert model_card.code_checkout(project, code, files)["code_commit"] == f"{head} (with uncommitted changes)"
-    assert model_card.code_checkout(project, plain, files) == {"code_untracked": [], "code_elsewhere":
-                                                               str(plain.resolve()), "code_commit": None}
+    # a project in a folder of the code's own checkout: the same commit, which does not hold the edit
+    (code / "runs/a").mkdir(parents=True)
+    assert model_card.code_checkout(code / "runs/a", code, files)["code_changed"] is True
+    assert model_card.code_checkout(project, plain, files) == {"code_untracked": [], "code_changed": False,
+                                                               "code_elsewhere": str(plain.resolve()),
+                                                               "code_commit": None}
     source = project / "data/sources/s.jsonl"
     source.write_text("{}\n")
     assert not model_card.versioned(project, source)
     Path(f"{source}.dvc").write_text("outs: []\n")  # `dvc add`
-    assert model_card.versioned(project, source) and model_card.versioned(project, source.parent) is False
+    assert model_card.versioned(project, source) and not model_card.versioned(project, source.parent)
+    git(project, "add", f"{source}.dvc")
+    assert model_card.versioned(project, source.parent)  # a folder source: each file by git or DVC
+    cached = tmp_path / "cache/0a1b"  # `cache.type symlink`: the file is a link into DVC's cache
+    cached.parent.mkdir()
+    source.rename(cached)
+    source.symlink_to(cached)
+    assert model_card.versioned(project, source) and model_card.versioned(project, source.parent)
+    source.unlink()
+    cached.rename(source)
+    git(project, "rm", "-q", "--cached", f"{source}.dvc")
     Path(f"{source}.dvc").unlink()
     git(project, "add", "data/sources/s.jsonl")
     assert model_card.versioned(project, source) and model_card.versioned(project, source.parent)
@@ -1316,11 +1331,14 @@ def test_a_card_doubts_a_dvc_lock_whose_source_data_changed_since(tmp_path):
     (sources / "s.jsonl").write_text("{}\n" * 300)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "download": {"cmd": "python -m rm_lib download", "deps": ["data/sources"], "outs": ["data/pairs"]},
-        "tokenize": {"cmd": "python -m rm_lib tokenize", "deps": ["data/pairs"], "outs": ["data/tokenized"]}}}))
+        "tokenize": {"cmd": "python -m rm_lib tokenize", "deps": ["data/pairs/train.jsonl", "data/pairs/manifest.json"],
+                     "outs": ["data/tokenized"]}}}))
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "download": {"deps": [{"path": "data/sources", "md5": dvc_md5(sources)}],
                      "outs": [{"path": "data/pairs", "md5": "0" * 32 + ".dir"}]},
-        "tokenize": {"deps": [{"path": "data/pairs", "md5": "1" * 32 + ".dir"}],
+        # as dvc.yaml names them: files of another stage's output folder
+        "tokenize": {"deps": [{"path": "data/pairs/train.jsonl", "md5": "1" * 32},
+                              {"path": "data/pairs/manifest.json", "md5": "3" * 32}],
                      "outs": [{"path": "data/tokenized", "md5": "2" * 32 + ".dir"}]}}}))
     assert lock_differs(tmp_path, ("download", "tokenize")) == []  # data/pairs is an output: its own row
     (sources / "s.jsonl").write_text("{}\n" * 150)

@@ -565,6 +565,15 @@ def test_a_card_without_dvc_claims_no_reproduction_where_the_data_steps_code_cha
     text = card.read_text()
     assert "Reproduce: check out the commit" not in text
     assert "its evaluation (the figures above and the release gate's verdict) was made by other evaluate code" in text
+    # the project in a folder of the code's own checkout, whose code was edited: its `git status` saw nothing
+    from rm_lib.publish import model_card
+
+    write_json(Layout(tmp_path).evaluation / "code.json", {"step": "evaluate", "code_hash": real("evaluate")})
+    monkeypatch.setattr(model_card, "code_checkout", lambda *args: {
+        "code_untracked": [], "code_changed": True, "code_elsewhere": None, "code_commit": None})
+    run_steps(params, tmp_path, "push")
+    text = card.read_text()
+    assert "(with uncommitted changes)" in text and "Reproduce: check out the commit" not in text
 
 
 def test_hundreds_of_subsets_keep_the_summary_the_gate_and_the_card_readable(tmp_path):

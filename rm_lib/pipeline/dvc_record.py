@@ -817,11 +817,16 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
                        for key, recorded in values.items())
         data = any(dvc_md5(Path(root) / d["path"]) != d.get("md5") for d in entry.get("deps") or []
                    if not str(d.get("path", "")).startswith("rm_lib/") and "://" not in str(d.get("path", ""))
-                   and d.get("path") not in written)
+                   and not _under_any(str(d.get("path", "")), written))
         kinds = [w for w, on in (("code", code), ("settings", settings), ("data", data)) if on]
         if kinds:
             differing.append(f"{stage} ({' and '.join(kinds)})")
     return differing
+
+
+def _under_any(path: str, folders: set[str]) -> bool:
+    """Whether `path` is one of `folders` (paths as dvc.yaml writes them) or lies in one."""
+    return any(path == folder or path.startswith(folder.rstrip("/") + "/") for folder in folders)
 
 
 def lock_settings_other_than(root: Path, stage: str, ran: dict[str, dict]) -> list[str]:

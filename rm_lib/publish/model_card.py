@@ -21,7 +21,7 @@ from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import set_aside_by_filter, subset_listing
 from rm_lib.evaluation.quality import FORCED_MARK, REFUSED_MARK
 from rm_lib.evaluation.visualize import code_span, markdown_text, one_line, table_cell
-from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml
+from rm_lib.files import dvc_md5, pipeline_written_files, read_yaml, where_kept
 from rm_lib.model.modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, PAD_TOKEN
 from rm_lib.settings import load_params, params_from_dict
 
@@ -59,35 +59,37 @@ def git_commit(root: Path) -> str | None:
 
 def code_checkout(root: Path, code_root: Path, files: Sequence[str]) -> dict[str, Any]:
     """How git holds the code that ran (`files`, relative to `code_root`, the folder rm_lib is in):
-    "code_untracked", those git does not track (no commit holds them, though the code hash counts them); and
-    where rm_lib is not the project's own (`--root`/RM_ROOT on another folder, an installed package),
-    "code_elsewhere", its folder, and "code_commit", its checkout's commit, marked where the files differ
-    from it (None: in no git checkout): the project's commit does not name that code."""
+    "code_untracked", those git does not track (no commit holds them, though the code hash counts them);
+    "code_changed", whether a tracked one differs from HEAD (a project in a folder of the code's checkout:
+    its own `git status` does not see the code); and where rm_lib is not the project's own (`--root`/RM_ROOT
+    on another folder, an installed package), "code_elsewhere", its folder, and "code_commit", its checkout's
+    commit, marked where the files differ from it (None: in no git checkout): the project's commit does not
+    name that code."""
     code_root, code_top = Path(code_root).resolve(), _git(code_root, "rev-parse", "--show-toplevel")
     tracked = set(filter(None, (_git(code_root, "ls-files", "-z", "--", *files) or "").split("\0")))
     untracked = [f for f in files if f not in tracked] if code_top else []
     elsewhere = code_root != Path(root).resolve() and (not code_top or
                                                         _git(root, "rev-parse", "--show-toplevel") != code_top)
-    if not elsewhere:
-        return {"code_untracked": untracked, "code_elsewhere": None, "code_commit": None}
     head = _git(code_root, "rev-parse", "HEAD") if code_top else None
-    changed = head and _git(code_root, "status", "--porcelain", "--untracked-files=no", "--", *files)
+    changed = bool(head and _git(code_root, "status", "--porcelain", "--untracked-files=no", "--", *files))
+    if not elsewhere:
+        return {"code_untracked": untracked, "code_changed": changed, "code_elsewhere": None, "code_commit": None}
     commit = f"{head} (with uncommitted changes)" if changed else head
-    return {"code_untracked": untracked, "code_elsewhere": str(code_root), "code_commit": commit or None}
+    return {"code_untracked": untracked, "code_changed": changed, "code_elsewhere": str(code_root),
+            "code_commit": commit or None}
 
 
 def versioned(root: Path, path: Path) -> bool:
-    """Whether a checkout of the project at `root` holds `path` (a file, or every file of a folder): a `.dvc`
-    file of it or of a folder above it, or git tracking it."""
-    if any(Path(f"{folder}.dvc").is_file() for folder in [path, *path.parents]):
-        return True
-    files = [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.is_file()]
-    listed = _git(root, "ls-files", "-z", "--full-name", "--", str(path))
+    """Whether a checkout of the project at `root` holds `path` (a file, or every file of a folder), where
+    the project keeps it (files.where_kept: a file DVC links into its cache is where its link is): each file
+    by a `.dvc` file of it or of a folder above it, or tracked by git."""
+    path = where_kept(path)
+    files = [path] if path.is_file() else [where_kept(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    listed = _git(root, "ls-files", "-z", "--full-name", "--", str(path)) or ""
     top = _git(root, "rev-parse", "--show-toplevel")
-    if not files or not listed or not top:
-        return False
-    tracked = {(Path(top) / name).resolve() for name in listed.split("\0") if name}
-    return all(p.resolve() in tracked for p in files)
+    tracked = {where_kept(Path(top) / name) for name in listed.split("\0") if name} if top else set()
+    return bool(files) and all(p in tracked or any(Path(f"{f}.dvc").is_file() for f in [p, *p.parents])
+                               for p in files)
 
 
 def _same_settings_as_head(root: Path) -> bool:

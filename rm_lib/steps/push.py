@@ -179,7 +179,7 @@ def source_doubts(layout: Layout) -> list[str]:
     recorded = manifest.get("source_sha256")
     if recorded and sources.local_fingerprint(source)["sha256"] != recorded:
         doubts.append(f"the source {source} changed since download read it")
-    if not model_card.versioned(layout.root.resolve(), source.resolve()):
+    if not model_card.versioned(layout.root.resolve(), source):
         doubts.append(f"the source {source} is kept by neither git nor DVC: no checkout holds it (`dvc add` it in "
                       "data/sources, docs/dvc.md)")
     return doubts
@@ -202,6 +202,9 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     lineage["source_doubts"] = source_doubts(layout)
     ran = sorted({f for step in (*MODEL_STAGES, "evaluate") for f in code_version.step_code(step, cli=False)})
     lineage.update(model_card.code_checkout(layout.root.resolve(), code_version.ROOT, ran))
+    commit = lineage.get("git_commit")
+    if lineage["code_changed"] and not lineage["code_elsewhere"] and commit and "uncommitted" not in commit:
+        lineage["git_commit"] = f"{commit} (with uncommitted changes)"  # the project is a folder of the checkout
     tokenized = layout.tokenized / "manifest.json"  # what the chat template left out of, or refused, per split
     record = read_json(tokenized) if tokenized.exists() else {}
     lineage["template_left_out"] = record.get("prompts_left_out") or {}

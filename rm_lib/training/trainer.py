@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
     device_plan = plan_for(cfg, model, accelerator.device, packed, str(accelerator.mixed_precision), train_rows, world,
                            sharding(accelerator))
+    # each process planned its own device; all run by one budget, the smallest (said so, and recorded)
+    device_plan = replace(device_plan, tokens_per_forward=common_budget(accelerator, device_plan.tokens_per_forward))
     loaded_attention = unwrap(model).config._attn_implementation
     accelerator.print(f"train: {device_plan.describe(loaded_attention)}")
     if device_plan.attention == VARLEN and accelerator.device.type == "cuda":  # the plan refused it in fp32
@@ -320,7 +322,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     started, window_start, tokens_total = time.perf_counter(), time.perf_counter() - window_s, 0
     bar = StepProgress(total, state.step, show=accelerator.is_main_process)
     model.train()
-    budget, retries = common_budget(accelerator, device_plan.tokens_per_forward), 0
+    budget, retries = device_plan.tokens_per_forward, 0
 
     def plan_record() -> dict:
         return {**device_plan.record(loaded_attention), "tokens_per_forward": budget, "out_of_memory_retries": retries}
