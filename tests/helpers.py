@@ -55,17 +55,20 @@ def run_steps(params, root: Path, *steps: str):
 
 
 def committed_project(root: Path, monkeypatch) -> None:
-    """`root` as its own git checkout with everything in it committed, holding the code that runs: the model
-    card then claims what a commit of the project remakes (the code here lies in another checkout)."""
+    """`root` as its own git checkout with everything in it committed, holding the code that runs and the base
+    model: the model card then claims what a commit of the project remakes (the code here lies in another
+    checkout, the tests' tiny models in a folder of their own)."""
     import subprocess
 
     from rm_lib.publish import model_card
+    from rm_lib.steps import push
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
     (root / ".gitignore").write_text("/data/\n/models/\n")  # the steps' outputs: DVC's, as in the project
     subprocess.run([*git, "init", "-q"], cwd=root, check=True)
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "project"], cwd=root, check=True)
+    monkeypatch.setattr(push, "base_doubts", lambda *args: [])
     monkeypatch.setattr(model_card, "code_checkout",
                         lambda *args: {"code_untracked": [], "code_changed": False, "code_elsewhere": None,
                                        "code_commit": None})

@@ -517,6 +517,23 @@ def test_a_dvc_lock_that_records_other_settings_than_the_model_trained_with_is_a
     assert model_card._reproduce({"lock_settings_differ": [], "git_commit": "abc"}, False).startswith("Reproduce:")
 
 
+def test_settings_params_yaml_holds_other_than_the_model_trained_with_are_named(tmp_path):
+    """A Launchpad or --set run where dvc.lock has no train entry (a first run, recorded as an experiment):
+    nothing compared the model's settings with the checkout's params.yaml, and the card said `dvc repro` of
+    the commit remakes it."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    trained = load_params(tmp_path / "params.yaml").as_dict()
+    ran = {"model": trained["model"], "train": trained["train"]}
+    assert dvc_record.params_settings_other_than(tmp_path, "train", ran) == []
+    ran["train"] = {**ran["train"], "learning_rate": 1e-3, "logging_steps": 1}  # the second changes no weight
+    assert dvc_record.params_settings_other_than(tmp_path, "train", ran) == ["train.learning_rate"]
+    assert dvc_record.params_settings_other_than(tmp_path / "elsewhere", "train", ran) == []
+
+
 def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_settings(tmp_path):
     """A change run through `dvc repro` and then undone (a code edit reverted, params.yaml checked out
     again) leaves dvc.lock recording what the checkout no longer holds: the card must not call the commit

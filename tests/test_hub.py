@@ -1208,7 +1208,9 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
                           "the rm_lib checkout that ran (/opt/rm) holds uncommitted changes"),
                          ({"evaluation_code_differs": True}, "its evaluation (the figures above and the release "
                                                              "gate's verdict) was made by other evaluate code"),
-                         ({"source_doubts": ["the source s.jsonl changed since download read it"]},
+                         ({"params_settings_differ": ["train.learning_rate"]},
+                          "trained with settings this checkout's params.yaml does not hold (train.learning_rate"),
+                         ({"input_doubts": ["the source s.jsonl changed since download read it"]},
                           "the source s.jsonl changed since download read it")]:
         text = model_card._lineage({**clean, **change})
         assert "Reproduce: check out the commit" not in text and "Not claimed reproducible from this commit" in text
@@ -1271,8 +1273,9 @@ def test_the_card_knows_which_checkout_holds_the_code_and_the_source(tmp_path):
     source.write_text("{}\n")
     assert not model_card.versioned(project, source)
     Path(f"{source}.dvc").write_text("outs: []\n")  # `dvc add`
-    assert model_card.versioned(project, source) and not model_card.versioned(project, source.parent)
+    assert not model_card.versioned(project, source)  # a .dvc file git does not track: no commit holds it
     git(project, "add", f"{source}.dvc")
+    assert model_card.versioned(project, source)
     assert model_card.versioned(project, source.parent)  # a folder source: each file by git or DVC
     cached = tmp_path / "cache/0a1b"  # `cache.type symlink`: the file is a link into DVC's cache
     cached.parent.mkdir()
@@ -1315,6 +1318,33 @@ def test_a_card_doubts_a_source_file_no_checkout_holds_as_download_read_it(tmp_p
     source.write_text("".join(source.read_text().splitlines(keepends=True)[:30]))
     run_steps(params, tmp_path, "push")
     assert "the source data/sources/s.jsonl changed since download read it" in card.read_text()
+
+
+def test_a_card_doubts_a_local_base_model_no_checkout_holds_as_training_read_it(tmp_path, tiny_decoder):
+    """A base model in a local folder outside the project, or changed after training read it: the card said
+    "Reproduce: check out the commit" of a model no checkout can remake. The default model (a pinned
+    package) and a Hub model (its commit is on the card) raise none."""
+    import shutil
+
+    from rm_lib.model.modeling import base_identity
+    from rm_lib.steps.push import base_doubts
+
+    layout = Layout(tmp_path / "project")
+    layout.root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=layout.root, check=True)
+    outside = str(tiny_decoder)
+    assert base_doubts(layout, outside, base_identity(outside)) == [
+        f"the base model {outside} is kept by neither git nor DVC: no checkout holds it"]
+    inside = layout.root / "base"
+    shutil.copytree(tiny_decoder, inside)
+    subprocess.run(["git", "add", "base"], cwd=layout.root, check=True)
+    read = base_identity(str(inside))
+    assert base_doubts(layout, str(inside), read) == []
+    config = inside / "config.json"
+    config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
+    assert base_doubts(layout, str(inside), read) == [f"the base model {inside} changed since training read it"]
+    assert base_doubts(layout, str(tmp_path / "gone"), read) == [f"the base model {tmp_path / 'gone'} is not there now"]
+    assert base_doubts(layout, "default", None) == [] and base_doubts(layout, "org/some-model", "commit:abc") == []
 
 
 def test_a_card_doubts_a_dvc_lock_whose_source_data_changed_since(tmp_path):

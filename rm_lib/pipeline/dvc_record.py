@@ -41,7 +41,7 @@ import yaml
 from rm_lib.errors import SettingsError, UserError
 from rm_lib.files import alive, dvc_md5, pipeline_written_files, read_yaml, start_ticks
 from rm_lib.network import without_credentials
-from rm_lib.settings import Params, load_params
+from rm_lib.settings import Params, load_params, params_from_dict
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the repository
 LOCK_POLL_S = 2.0
@@ -822,6 +822,22 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
         if kinds:
             differing.append(f"{stage} ({' and '.join(kinds)})")
     return differing
+
+
+def params_settings_other_than(root: Path, stage: str, ran: dict[str, dict]) -> list[str]:
+    """The settings of `stage` (those dvc.yaml's stage depends on) that the project's params.yaml holds other
+    than the outputs were made with (`ran`: {section: {key: value}}), each as "section.key": a run with
+    --set or with Dagster Launchpad settings, which `dvc repro` of this checkout would not repeat. Empty
+    without dvc.yaml's stage, or where `ran` does not read as settings now (an older version's)."""
+    try:
+        spec = read_stage(Path(root), stage)
+        if spec is None or not (Path(root) / "params.yaml").is_file():
+            return []
+        now = load_params(Path(root) / "params.yaml")
+        made = params_from_dict({**now.as_dict(), **ran})
+    except (OSError, ValueError, UserError):
+        return []
+    return sorted(d.split(":", 1)[0] for d in settings_differences(spec, made) if ": ran with " in d)
 
 
 def _under_any(path: str, folders: set[str]) -> bool:

@@ -85,11 +85,15 @@ def versioned(root: Path, path: Path) -> bool:
     by a `.dvc` file of it or of a folder above it, or tracked by git."""
     path = where_kept(path)
     files = [path] if path.is_file() else [where_kept(p) for p in sorted(path.rglob("*")) if p.is_file()]
-    listed = _git(root, "ls-files", "-z", "--full-name", "--", str(path)) or ""
     top = _git(root, "rev-parse", "--show-toplevel")
-    tracked = {where_kept(Path(top) / name) for name in listed.split("\0") if name} if top else set()
-    return bool(files) and all(p in tracked or any(Path(f"{f}.dvc").is_file() for f in [p, *p.parents])
-                               for p in files)
+    if not files or not top:
+        return False
+    # what git tracks there, `.dvc` files beside them included: one git does not track, or one of another
+    # repository, is held by no commit of this one
+    dvc_files = [f"{f}.dvc" for p in files for f in [p, *p.parents] if Path(f"{f}.dvc").is_file()]
+    listed = _git(root, "ls-files", "-z", "--full-name", "--", str(path), *dvc_files) or ""
+    tracked = {where_kept(Path(top) / name) for name in listed.split("\0") if name}
+    return all(p in tracked or any(Path(f"{f}.dvc") in tracked for f in [p, *p.parents]) for p in files)
 
 
 def _same_settings_as_head(root: Path) -> bool:
@@ -718,8 +722,14 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     if lineage.get("evaluation_code_differs"):
         doubts.append("its evaluation (the figures above and the release gate's verdict) was made by other evaluate "
                       "code than this checkout holds (or by a version that did not record it)")
-    for doubt in lineage.get("source_doubts") or ():
-        doubts.append(doubt)
+    doubts += lineage.get("input_doubts") or []
+    # params.yaml here holds other settings than trained it, and dvc.lock says nothing of it (no train entry)
+    settings = lineage.get("params_settings_differ") or []
+    if settings and not lineage.get("lock_settings_differ") and \
+            not any(s.startswith("train (") for s in lineage.get("lock_differs") or []):
+        doubts.append(f"the model was trained with settings this checkout's params.yaml does not hold "
+                      f"({', '.join(settings)}: set on the command line or in Dagster's Launchpad), so its `dvc "
+                      "repro` trains another model")
     if lineage.get("lock_differs"):
         doubts.append(f"dvc.lock records {', '.join(lineage['lock_differs'])} other than this checkout holds "
                       "(changed since the last `dvc repro`, or a change run through it and then undone)")

@@ -27,10 +27,11 @@ from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import SET_MARK, atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
+from rm_lib.model.modeling import base_identity, resolve_model_path
 from rm_lib.pipeline import chain, code_version, dvc_record
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.public import public, public_text
-from rm_lib.settings import Params
+from rm_lib.settings import DEFAULT_MODEL, Params, names_a_folder
 
 PICTURES = ("rewards.png", "reward_vs_length.png", "accuracy_by_length.png")  # from data/evaluation
 LOSS_PICTURE = "loss.png"  # from data/train
@@ -165,6 +166,23 @@ def data_code_differs(layout: Layout) -> list[str]:
     return [step for step, folder in made if code_version.recorded_code(folder) != code_version.code_hash(step)]
 
 
+def base_doubts(layout: Layout, name_or_path: str, trained_from: str | None) -> list[str]:
+    """Why a checkout cannot hold the local base model folder training read: gone, changed since (its content
+    hash, `trained_from`: summary.json's base_content), or kept by neither git nor DVC. None for the default
+    model (a pinned package) or a Hub model (its commit is on the card)."""
+    if name_or_path == DEFAULT_MODEL:
+        return []
+    path = Path(resolve_model_path(name_or_path)).expanduser()
+    if not path.is_dir():
+        return [f"the base model {name_or_path} is not there now"] if names_a_folder(name_or_path) else []
+    doubts = []
+    if trained_from and base_identity(name_or_path) != trained_from:
+        doubts.append(f"the base model {name_or_path} changed since training read it")
+    if not model_card.versioned(layout.root.resolve(), path):
+        doubts.append(f"the base model {name_or_path} is kept by neither git nor DVC: no checkout holds it")
+    return doubts
+
+
 def source_doubts(layout: Layout) -> list[str]:
     """Why a checkout cannot hold the local file the pairs were read from as download read it: changed since
     (its content hash, the manifest's source_sha256), gone, or kept by neither git nor DVC. None for the demo
@@ -199,7 +217,10 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     lineage["data_code_differs"] = data_code_differs(layout)
     lineage["evaluation_code_differs"] = code_version.recorded_code(layout.evaluation) != code_version.code_hash(
         "evaluate")
-    lineage["source_doubts"] = source_doubts(layout)
+    lineage["input_doubts"] = [*source_doubts(layout),
+                               *base_doubts(layout, trained["model"]["name_or_path"], summary.get("base_content"))]
+    lineage["params_settings_differ"] = dvc_record.params_settings_other_than(
+        layout.root, "train", {"model": trained["model"], "train": trained["train"]})
     ran = sorted({f for step in (*MODEL_STAGES, "evaluate") for f in code_version.step_code(step, cli=False)})
     lineage.update(model_card.code_checkout(layout.root.resolve(), code_version.ROOT, ran))
     commit = lineage.get("git_commit")
