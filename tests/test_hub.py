@@ -1209,7 +1209,8 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
                          ({"evaluation_code_differs": True}, "its evaluation (the figures above and the release "
                                                              "gate's verdict) was made by other evaluate code"),
                          ({"params_settings_differ": ["train.learning_rate"]},
-                          "trained with settings this checkout's params.yaml does not hold (train.learning_rate"),
+                          "params.yaml here holds other values for train.learning_rate than the model was trained "
+                          "with"),
                          ({"input_doubts": ["the source s.jsonl changed since download read it"]},
                           "the source s.jsonl changed since download read it")]:
         text = model_card._lineage({**clean, **change})
@@ -1338,12 +1339,16 @@ def test_a_card_doubts_a_local_base_model_no_checkout_holds_as_training_read_it(
     inside = layout.root / "base"
     shutil.copytree(tiny_decoder, inside)
     subprocess.run(["git", "add", "base"], cwd=layout.root, check=True)
+    leftover = inside / ".cache/huggingface/download/model.safetensors.metadata"  # `hf download --local-dir`'s
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("etag\n")
     read = base_identity(str(inside))
-    assert base_doubts(layout, str(inside), read) == []
+    assert base_doubts(layout, str(inside), read) == []  # training reads the model's own files only
     config = inside / "config.json"
     config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
     assert base_doubts(layout, str(inside), read) == [f"the base model {inside} changed since training read it"]
-    assert base_doubts(layout, str(tmp_path / "gone"), read) == [f"the base model {tmp_path / 'gone'} is not there now"]
+    gone = tmp_path / "gone"
+    assert base_doubts(layout, str(gone), read) == [f"the base model {gone} is not a folder there now"]
     assert base_doubts(layout, "default", None) == [] and base_doubts(layout, "org/some-model", "commit:abc") == []
 
 

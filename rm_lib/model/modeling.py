@@ -240,6 +240,12 @@ def _unreadable_weights(path: str) -> str | None:
     return None
 
 
+def base_files(folder: Path) -> list[str]:
+    """The names of a local model folder's files that make it the base it is (base_identity hashes them)."""
+    return sorted(f.name for f in folder.iterdir() if f.is_file() and (
+        f.suffix in (".json", ".safetensors", ".py") or any(f.match(p) for p in TOKENIZER_FILES)))
+
+
 def base_identity(name_or_path: str, *, revision: str | None = None) -> str:
     """What the base model is beyond its name, for the run's fingerprint: a local folder (and 'default', the
     package's folder) by the sha256 of its top-level .json, .safetensors and .py files and its tokenizer's
@@ -250,9 +256,7 @@ def base_identity(name_or_path: str, *, revision: str | None = None) -> str:
 
     path = Path(resolve_model_path(name_or_path))
     if path.is_dir():
-        names = sorted(f.name for f in path.iterdir() if f.is_file() and (
-            f.suffix in (".json", ".safetensors", ".py") or any(f.match(p) for p in TOKENIZER_FILES)))
-        return f"sha256:{tree_sha256(path, names)[:16]}"
+        return f"sha256:{tree_sha256(path, base_files(path))[:16]}"
     from transformers.utils.hub import resolve_revision
 
     # the branch's commit now, asked of the Hub (offline: the cache's record of it); where it cannot be told

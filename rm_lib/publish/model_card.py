@@ -79,18 +79,19 @@ def code_checkout(root: Path, code_root: Path, files: Sequence[str]) -> dict[str
             "code_commit": commit or None}
 
 
-def versioned(root: Path, path: Path) -> bool:
-    """Whether a checkout of the project at `root` holds `path` (a file, or every file of a folder), where
-    the project keeps it (files.where_kept: a file DVC links into its cache is where its link is): each file
-    by a `.dvc` file of it or of a folder above it, or tracked by git."""
+def versioned(root: Path, path: Path, files: Sequence[Path] | None = None) -> bool:
+    """Whether a checkout of the project at `root` holds `path` (a file, or the `files` of a folder that are
+    read: default every one), where the project keeps it (files.where_kept: a file DVC links into its cache
+    is where its link is): each file by a `.dvc` file of it or of a folder above it, or tracked by git."""
     path = where_kept(path)
-    files = [path] if path.is_file() else [where_kept(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    files = [path] if path.is_file() else [where_kept(p) for p in (
+        files if files is not None else [p for p in sorted(path.rglob("*")) if p.is_file()])]
     top = _git(root, "rev-parse", "--show-toplevel")
     if not files or not top:
         return False
     # what git tracks there, `.dvc` files beside them included: one git does not track, or one of another
     # repository, is held by no commit of this one
-    dvc_files = [f"{f}.dvc" for p in files for f in [p, *p.parents] if Path(f"{f}.dvc").is_file()]
+    dvc_files = list(dict.fromkeys(f"{f}.dvc" for p in files for f in [p, *p.parents] if Path(f"{f}.dvc").is_file()))
     listed = _git(root, "ls-files", "-z", "--full-name", "--", str(path), *dvc_files) or ""
     tracked = {where_kept(Path(top) / name) for name in listed.split("\0") if name}
     return all(p in tracked or any(Path(f"{f}.dvc") in tracked for f in [p, *p.parents]) for p in files)
@@ -727,9 +728,9 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     settings = lineage.get("params_settings_differ") or []
     if settings and not lineage.get("lock_settings_differ") and \
             not any(s.startswith("train (") for s in lineage.get("lock_differs") or []):
-        doubts.append(f"the model was trained with settings this checkout's params.yaml does not hold "
-                      f"({', '.join(settings)}: set on the command line or in Dagster's Launchpad), so its `dvc "
-                      "repro` trains another model")
+        doubts.append(f"params.yaml here holds other values for {', '.join(settings)} than the model was trained "
+                      "with (changed since, or set with --set, --params or Dagster's Launchpad): `dvc repro` or "
+                      "`python -m rm_lib run` of this commit trains another model")
     if lineage.get("lock_differs"):
         doubts.append(f"dvc.lock records {', '.join(lineage['lock_differs'])} other than this checkout holds "
                       "(changed since the last `dvc repro`, or a change run through it and then undone)")

@@ -27,7 +27,7 @@ from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
 from rm_lib.files import SET_MARK, atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
-from rm_lib.model.modeling import base_identity, resolve_model_path
+from rm_lib.model.modeling import base_files, base_identity, resolve_model_path
 from rm_lib.pipeline import chain, code_version, dvc_record
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.public import public, public_text
@@ -174,13 +174,27 @@ def base_doubts(layout: Layout, name_or_path: str, trained_from: str | None) -> 
         return []
     path = Path(resolve_model_path(name_or_path)).expanduser()
     if not path.is_dir():
-        return [f"the base model {name_or_path} is not there now"] if names_a_folder(name_or_path) else []
-    doubts = []
-    if trained_from and base_identity(name_or_path) != trained_from:
-        doubts.append(f"the base model {name_or_path} changed since training read it")
-    if not model_card.versioned(layout.root.resolve(), path):
-        doubts.append(f"the base model {name_or_path} is kept by neither git nor DVC: no checkout holds it")
-    return doubts
+        return [f"the base model {name_or_path} is not a folder there now"] if path.exists() or \
+            names_a_folder(name_or_path) else []
+    read = [path / name for name in base_files(path)]  # the files training read (not a download's leftovers)
+    if not model_card.versioned(layout.root.resolve(), path, read):
+        return [f"the base model {name_or_path} is kept by neither git nor DVC: no checkout holds it"]
+    try:
+        changed = bool(trained_from) and _base_identity(path) != trained_from
+    except OSError as exc:
+        return [f"the base model {name_or_path} cannot be read now ({exc.strerror})"]
+    return [f"the base model {name_or_path} changed since training read it"] if changed else []
+
+
+_identities: dict[tuple, str] = {}  # base folders hashed, by their files' sizes and times: a push hashes once
+
+
+def _base_identity(path: Path) -> str:
+    stats = tuple((name, (path / name).stat().st_size, (path / name).stat().st_mtime_ns) for name in base_files(path))
+    key = (str(path.resolve()), stats)
+    if key not in _identities:
+        _identities[key] = base_identity(str(path))
+    return _identities[key]
 
 
 def source_doubts(layout: Layout) -> list[str]:
@@ -195,12 +209,21 @@ def source_doubts(layout: Layout) -> list[str]:
         return [f"the source {source} is not there now: no checkout is known to hold what download read"]
     doubts = []
     recorded = manifest.get("source_sha256")
-    if recorded and sources.local_fingerprint(source)["sha256"] != recorded:
+    if recorded and _fingerprint(source)["sha256"] != recorded:
         doubts.append(f"the source {source} changed since download read it")
-    if not model_card.versioned(layout.root.resolve(), source):
+    if not model_card.versioned(layout.root.resolve(), source, sources.local_files(source)):
         doubts.append(f"the source {source} is kept by neither git nor DVC: no checkout holds it (`dvc add` it in "
                       "data/sources, docs/dvc.md)")
     return doubts
+
+
+_fingerprints: dict[str, dict] = {}  # local sources hashed: read again only where a file's size or time changed
+
+
+def _fingerprint(source: Path) -> dict:
+    key = str(source.resolve())
+    _fingerprints[key] = sources.local_fingerprint(source, _fingerprints.get(key))
+    return _fingerprints[key]
 
 
 def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
