@@ -60,8 +60,8 @@ NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPON
 # publishes past a failed release gate. raw_preferences has none: source_data_changed starts it.
 # Nor while an input is about to go stale: one whose own input runs in this tick while it does not.
 # Dagster evaluates a tick's checks after some assets and before others, so after a run that stopped in
-# train (its loss_is_finite planned, never run) a tick requested train and hub_release, not evaluation:
-# the release would have been judged by the last model's evaluation.
+# train (its loss_is_finite planned, never run) a tick can request train and hub_release but not
+# evaluation: the release would be judged by the last model's evaluation.
 INPUTS_SETTLED = ~dg.AutomationCondition.any_deps_match(
     dg.AutomationCondition.any_deps_match(dg.AutomationCondition.will_be_requested())
     & ~dg.AutomationCondition.will_be_requested()).with_label("an input about to go stale")

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             if pipes:
                 pipes.report_custom_message({"error": str(exc), "transient": exc.transient})
-            print(f"error: {printable(str(exc))}", file=sys.stderr)
+            if not exc.every_process or steps.first_of_its_launch():  # the same line from each process: once
+                print(f"error: {printable(str(exc))}", file=sys.stderr)
             return 2
         if pipes:
             pipes.report_custom_message({"summary": result.summary()})

@@ -528,10 +528,15 @@ def test_settings_params_yaml_holds_other_than_the_model_trained_with_are_named(
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     trained = load_params(tmp_path / "params.yaml").as_dict()
     ran = {"model": trained["model"], "train": trained["train"]}
-    assert dvc_record.params_settings_other_than(tmp_path, "train", ran) == []
+    stages = ("download", "tokenize", "filter", "train")
+    assert dvc_record.params_settings_other_than(tmp_path, stages, ran) == []
     ran["train"] = {**ran["train"], "learning_rate": 1e-3, "logging_steps": 1}  # the second changes no weight
-    assert dvc_record.params_settings_other_than(tmp_path, "train", ran) == ["train.learning_rate"]
-    assert dvc_record.params_settings_other_than(tmp_path / "elsewhere", "train", ran) == []
+    assert dvc_record.params_settings_other_than(tmp_path, stages, ran) == ["train.learning_rate"]
+    # a data step's too (the pairs a `--set download.demo_pairs=200` run trained on)
+    ran["download"] = {"demo_pairs": 200}
+    assert dvc_record.params_settings_other_than(tmp_path, stages, ran) == ["download.demo_pairs",
+                                                                            "train.learning_rate"]
+    assert dvc_record.params_settings_other_than(tmp_path / "elsewhere", stages, ran) == []
 
 
 def test_lock_differs_names_the_stages_dvc_lock_records_with_other_code_or_settings(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import shutil
@@ -6,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -586,6 +588,26 @@ def test_the_logged_padding_fraction_is_over_every_process(tmp_path, tiny_decode
     assert fractions and all(0 < one < 1 for one, _ in fractions)
     assert [two for _, two in fractions] == pytest.approx([(1 + one) / 2 for one, _ in fractions])
     assert [r["loss"] for r in both.history] == [r["loss"] for r in alone.history]
+
+
+def test_a_loss_that_diverged_on_one_process_stops_every_process_at_its_step():
+    """Each process saw only its own loss: one whose loss stayed finite went on to the next collective while
+    the other stopped. The first bad step of any process, and its loss, are every process's (gathered)."""
+    from rm_lib.training.trainer import _first_bad
+
+    class TwoProcesses:  # this process saw nothing; the other, a nan at step 3 (an inf at step 5 later)
+        num_processes = 2
+
+        def gather(self, pair):
+            return torch.cat([pair, torch.tensor([3.0, float("nan")], dtype=pair.dtype)])
+
+    step, loss = _first_bad(TwoProcesses(), torch.tensor(0), torch.tensor(0.0))
+    assert step == 3 and math.isnan(loss)
+    mine = _first_bad(TwoProcesses(), torch.tensor(5), torch.tensor(float("inf")))
+    assert mine[0] == 3  # the earlier of the two
+    alone = types.SimpleNamespace(num_processes=1)
+    assert _first_bad(alone, torch.tensor(0), torch.tensor(0.0)) == (0, 0.0)
+    assert _first_bad(alone, torch.tensor(2), torch.tensor(float("inf"))) == (2, float("inf"))
 
 
 def test_accumulation_takes_the_pairs_of_a_larger_batch_in_each_step_of_every_epoch():

@@ -343,9 +343,9 @@ def experiment_of(root: Path, stage: str, run_id: str,
     experiment once it has one. For a re-execution, the experiment of the nearest run it re-executes
     (`re_executes`: its parent first, up to the root) that has one: joined where it lacks the stage
     (re-execute from failure: it holds the stages before it); where it recorded the stage already (or
-    does not say, made by an older version), a new one of this run, starting from it (saved under the
-    earlier run's name it replaced that experiment, and what that run's materializations say of it
-    became false)."""
+    does not say, made by an older version), a new one of this run, starting from it: saved under the
+    earlier run's name, it would replace that experiment, and what that run's materializations say of
+    it would become false."""
     own = experiment_state(root, run_id)
     if own is not None:
         return run_id, own
@@ -410,7 +410,8 @@ def _record_in_experiment(root: Path, spec: StageSpec, run_id: str, name: str, t
         (root / JOURNAL).unlink(missing_ok=True)
     state_path = root / EXPERIMENTS / f"{name}.json"
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    stages = [*(s for s in state.get("stages", ()) if s != spec.name), spec.name]
+    # a record of an older version does not say which stages it holds: still not known
+    stages = [*(s for s in state["stages"] if s != spec.name), spec.name] if "stages" in state else None
     state_path.write_text(json.dumps({"params": text, "lock": lock_text, "stages": stages}), encoding="utf-8")
     return Recorded(stage=spec.name, outs={o["path"]: o["md5"] for o in entry.get("outs", [])},
                     lock_entry=_sha256(entry), remote=spec.remote, remote_url=spec.remote_url, pushed=False,
@@ -824,20 +825,23 @@ def lock_differs(root: Path, stages: tuple[str, ...]) -> list[str]:
     return differing
 
 
-def params_settings_other_than(root: Path, stage: str, ran: dict[str, dict]) -> list[str]:
-    """The settings of `stage` (those dvc.yaml's stage depends on) that the project's params.yaml holds other
-    than the outputs were made with (`ran`: {section: {key: value}}), each as "section.key": a run with
-    --set or with Dagster Launchpad settings, which `dvc repro` of this checkout would not repeat. Empty
-    without dvc.yaml's stage, or where `ran` does not read as settings now (an older version's)."""
+def params_settings_other_than(root: Path, stages: Sequence[str], ran: dict[str, dict]) -> list[str]:
+    """The settings of `stages` (those dvc.yaml's stages depend on) that the project's params.yaml holds other
+    than the outputs were made with (`ran`: {section: {key: value}}; a key left out is taken as params.yaml's),
+    each as "section.key": params.yaml changed since, or a run with --set, --params or Dagster Launchpad
+    settings, which `dvc repro` of this checkout would not repeat. Empty without dvc.yaml, or where `ran`
+    does not read as settings now (an older version's)."""
     try:
-        spec = read_stage(Path(root), stage)
-        if spec is None or not (Path(root) / "params.yaml").is_file():
+        if not (Path(root) / "params.yaml").is_file():
             return []
-        now = load_params(Path(root) / "params.yaml")
-        made = params_from_dict({**now.as_dict(), **ran})
+        now = load_params(Path(root) / "params.yaml").as_dict()
+        made = params_from_dict({**now, **{section: {**(now.get(section) or {}), **values}
+                                           for section, values in ran.items()}})
+        specs = [spec for spec in (read_stage(Path(root), stage) for stage in stages) if spec is not None]
     except (OSError, ValueError, UserError):
         return []
-    return sorted(d.split(":", 1)[0] for d in settings_differences(spec, made) if ": ran with " in d)
+    return sorted({d.split(":", 1)[0] for spec in specs for d in settings_differences(spec, made)
+                   if ": ran with " in d})
 
 
 def _under_any(path: str, folders: set[str]) -> bool:

@@ -724,10 +724,10 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
         doubts.append("its evaluation (the figures above and the release gate's verdict) was made by other evaluate "
                       "code than this checkout holds (or by a version that did not record it)")
     doubts += lineage.get("input_doubts") or []
-    # params.yaml here holds other settings than trained it, and dvc.lock says nothing of it (no train entry)
+    # params.yaml here holds other settings than made the model, where dvc.lock's own doubts do not say so
     settings = lineage.get("params_settings_differ") or []
     if settings and not lineage.get("lock_settings_differ") and \
-            not any(s.startswith("train (") for s in lineage.get("lock_differs") or []):
+            not any("settings" in s for s in lineage.get("lock_differs") or []):
         doubts.append(f"params.yaml here holds other values for {', '.join(settings)} than the model was trained "
                       "with (changed since, or set with --set, --params or Dagster's Launchpad): `dvc repro` or "
                       "`python -m rm_lib run` of this commit trains another model")

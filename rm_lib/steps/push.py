@@ -163,7 +163,13 @@ def data_code_differs(layout: Layout) -> list[str]:
     if (layout.root / "dvc.lock").exists():
         return []
     made = (("download", layout.pairs), ("tokenize", layout.tokenized), ("filter", layout.filtered))
-    return [step for step, folder in made if code_version.recorded_code(folder) != code_version.code_hash(step)]
+    return [step for step, folder in made if _other_code(step, folder)]
+
+
+def _other_code(step: str, folder: Path) -> bool:
+    """Whether `folder` was made by other code of `step` than the checkout's (or by a version that did not
+    record its code)."""
+    return code_version.recorded_code(folder) != code_version.code_hash(step)
 
 
 def base_doubts(layout: Layout, name_or_path: str, trained_from: str | None) -> list[str]:
@@ -238,12 +244,15 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     record = layout.model / "rm_lib.json"
     lineage["base_reward_model"] = read_json(record).get("base_reward_model") if record.exists() else None
     lineage["data_code_differs"] = data_code_differs(layout)
-    lineage["evaluation_code_differs"] = code_version.recorded_code(layout.evaluation) != code_version.code_hash(
-        "evaluate")
+    lineage["evaluation_code_differs"] = _other_code("evaluate", layout.evaluation)  # with or without dvc.lock
     lineage["input_doubts"] = [*source_doubts(layout),
                                *base_doubts(layout, trained["model"]["name_or_path"], summary.get("base_content"))]
+    model = {"model": trained["model"], "train": trained["train"]}
+    # each step's settings as its output records them (a null: one an earlier version did not record)
+    made = {section: {k: v for k, v in values.items() if v is not None}
+            for section, values in chain.recorded_settings(layout).items()}
     lineage["params_settings_differ"] = dvc_record.params_settings_other_than(
-        layout.root, "train", {"model": trained["model"], "train": trained["train"]})
+        layout.root, (*MODEL_STAGES, "evaluate"), {**made, **model})
     ran = sorted({f for step in (*MODEL_STAGES, "evaluate") for f in code_version.step_code(step, cli=False)})
     lineage.update(model_card.code_checkout(layout.root.resolve(), code_version.ROOT, ran))
     commit = lineage.get("git_commit")
@@ -253,8 +262,7 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     record = read_json(tokenized) if tokenized.exists() else {}
     lineage["template_left_out"] = record.get("prompts_left_out") or {}
     lineage["template_refused"] = record.get("refused_by_template") or {}
-    lineage["lock_settings_differ"] = dvc_record.lock_settings_other_than(
-        layout.root, "train", {"model": trained["model"], "train": trained["train"]})
+    lineage["lock_settings_differ"] = dvc_record.lock_settings_other_than(layout.root, "train", model)
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now

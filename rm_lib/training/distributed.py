@@ -129,8 +129,8 @@ def agreed(accelerator: Any, check: Callable[[], None]) -> None:
 def common_budget(accelerator: Any, budget: int | None) -> int | None:
     """The tokens a forward every process runs with: the smallest any process planned for its device (None:
     none has a limit). Each plans its own device's memory, but step_forwards lays out every process's share
-    of a step by one budget, and under FSDP each forward is a collective: processes that planned other
-    budgets ran other numbers of forwards and waited for each other for good."""
+    of a step by one budget, and under FSDP each forward is a collective: processes with other budgets would
+    run other numbers of forwards and wait for each other for good."""
     if accelerator.num_processes == 1:
         return budget
     from accelerate.utils import gather_object

@@ -444,8 +444,7 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
             # the only reads of the device between logs: no weights of a diverged run are logged, evaluated or saved
             first_bad, loss_then = _first_bad(accelerator, bad_step, bad_loss)
             if first_bad:
-                error = _diverged(loss_then, first_bad, checkpoints, fingerprint)
-                raise on_every_process(error) if world > 1 else error
+                raise on_every_process(_diverged(loss_then, first_bad, checkpoints, fingerprint))
         if logging:
             elapsed = time.perf_counter() - window_start
             # one read for all processes: each figure a mean over every pair the window trained on
