@@ -411,7 +411,8 @@ def _record_in_experiment(root: Path, spec: StageSpec, run_id: str, name: str, t
     state_path = root / EXPERIMENTS / f"{name}.json"
     state_path.parent.mkdir(parents=True, exist_ok=True)
     # a record of an older version does not say which stages it holds: still not known
-    stages = [*(s for s in state["stages"] if s != spec.name), spec.name] if "stages" in state else None
+    known = state.get("stages")
+    stages = None if known is None else [*(s for s in known if s != spec.name), spec.name]
     state_path.write_text(json.dumps({"params": text, "lock": lock_text, "stages": stages}), encoding="utf-8")
     return Recorded(stage=spec.name, outs={o["path"]: o["md5"] for o in entry.get("outs", [])},
                     lock_entry=_sha256(entry), remote=spec.remote, remote_url=spec.remote_url, pushed=False,
