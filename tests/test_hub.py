@@ -1186,6 +1186,12 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
              "code_hash": "c1", "code_hash_now": "c1", "lock_differs": [], "lock_committed": True}
     assert "Reproduce: check out the commit" in model_card._lineage(clean)
     assert "`dvc pull` fetches the data and model with the hashes above" in model_card._lineage(clean)
+    # no dvc.lock (a run from the command line): no hashes, nothing to pull (it promised `dvc pull`)
+    untracked_row = f"{model_card.NOT_TRACKED} (no dvc.lock)"
+    bare = model_card._lineage({**clean, "lock_committed": None, "dvc_data": {"data/pairs": untracked_row},
+                                "dvc_model": {"models/m": untracked_row}})
+    assert "Reproduce: check out the commit" in bare and "`dvc pull` fetches" not in bare
+    assert "no dvc.lock records the data and model: the run remakes them from the source" in bare
     later = model_card._lineage({**clean, "lock_committed": False})
     assert "Reproduce: check out the commit" in later and "is not committed yet" in later
     # no dvc.lock (a CLI run), or no git: nothing to commit, the plain line

@@ -736,15 +736,21 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
                       "(changed since the last `dvc repro`, or a change run through it and then undone)")
     if lineage.get("lock_settings_differ"):
         doubts.append(f"dvc.lock records other settings for train than this model was trained with "
-                      f"({', '.join(lineage['lock_settings_differ'])}: a `dvc commit` after a run with --set?); "
-                      "the parameters above are the model's own")
+                      f"({', '.join(lineage['lock_settings_differ'])}: a `git checkout` without `dvc checkout`, or "
+                      "a `dvc commit` after a run with --set?); the parameters above are the model's own")
     if doubts:
         return (f"Not claimed reproducible from this commit: {'; '.join(doubts)}. `dvc status` shows what "
                 "differs; `dvc repro` from a clean checkout of a commit trains that commit's model.")
-    pull = ("`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them."
-            if lineage.get("lock_committed") is not False else
-            "the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
-            "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
+    hashes = [v for key in ("dvc_data", "dvc_model") for v in (lineage.get(key) or {}).values() if _is_md5(v)]
+    if not hashes:  # no dvc.lock records them (a run from the command line): nothing to pull
+        pull = ("no dvc.lock records the data and model: the run remakes them from the source (`dvc repro`, then "
+                "`dvc push`, keeps them for `dvc pull`).")
+    elif lineage.get("lock_committed") is not False:
+        pull = ("`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them (`dvc "
+                "push` puts them there).")
+    else:
+        pull = ("the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
+                "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
     checkout = "check out the commit" + (f" and rm_lib's at {lineage['code_commit']} ({lineage['code_elsewhere']})"
                                          if lineage.get("code_elsewhere") else "")
     processes = lineage.get("processes")

@@ -212,7 +212,8 @@ def source_doubts(layout: Layout) -> list[str]:
         return []
     source = Path(manifest["source"]).expanduser()  # as download read it: from the folder the command runs in
     if not source.exists():
-        return [f"the source {source} is not there now: no checkout is known to hold what download read"]
+        return [f"the source {source} that download read is not there now (a checkout of another commit?): no "
+                "checkout is known to hold it"]
     doubts = []
     recorded = manifest.get("source_sha256")
     if recorded and _fingerprint(source)["sha256"] != recorded:
