@@ -233,11 +233,10 @@ def _fingerprint(source: Path) -> dict:
     return _fingerprints[key]
 
 
-def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
-    """The model card of the release in `out`, for the repository `repo_id` (its loading examples name it)."""
-    metrics = read_json(layout.evaluation / "report.json")
-    summary = read_json(layout.train_logs / "summary.json")
-    trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
+def card_lineage(layout: Layout, summary: dict, trained: dict, recorded: dict[str, dict]) -> dict:
+    """Where the model comes from, and each reason a commit of this checkout may not remake it, for the card:
+    `summary` and `trained` are data/train's summary.json and run.json, `recorded` each step's settings as
+    its output records them (chain.recorded_settings)."""
     manifest = read_json(layout.pairs / "manifest.json")
     lineage = model_card.lineage(layout.root.resolve(), summary, manifest,
                                  code_hash_now=code_version.code_hash("train"),
@@ -249,11 +248,11 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     lineage["input_doubts"] = [*source_doubts(layout),
                                *base_doubts(layout, trained["model"]["name_or_path"], summary.get("base_content"))]
     model = {"model": trained["model"], "train": trained["train"]}
-    # each step's settings as its output records them (a null: one an earlier version did not record)
-    made = {section: {k: v for k, v in values.items() if v is not None}
-            for section, values in chain.recorded_settings(layout).items()}
+    # a null: a setting an earlier version did not record
+    made = {section: {k: v for k, v in values.items() if v is not None} for section, values in recorded.items()}
     lineage["params_settings_differ"] = dvc_record.params_settings_other_than(
         layout.root, (*MODEL_STAGES, "evaluate"), {**made, **model})
+    lineage["lock_settings_differ"] = dvc_record.lock_settings_other_than(layout.root, "train", model)
     ran = sorted({f for step in (*MODEL_STAGES, "evaluate") for f in code_version.step_code(step, cli=False)})
     lineage.update(model_card.code_checkout(layout.root.resolve(), code_version.ROOT, ran))
     commit = lineage.get("git_commit")
@@ -263,12 +262,19 @@ def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality
     record = read_json(tokenized) if tokenized.exists() else {}
     lineage["template_left_out"] = record.get("prompts_left_out") or {}
     lineage["template_refused"] = record.get("refused_by_template") or {}
-    lineage["lock_settings_differ"] = dvc_record.lock_settings_other_than(layout.root, "train", model)
+    return lineage
+
+
+def write_card(params: Params, layout: Layout, out: Path, verdicts: list[quality.Verdict], repo_id: str) -> None:
+    """The model card of the release in `out`, for the repository `repo_id` (its loading examples name it)."""
+    metrics = read_json(layout.evaluation / "report.json")
+    trained = read_json(layout.train_logs / "run.json")  # the settings the model was trained with
+    recorded = chain.recorded_settings(layout)
+    lineage = card_lineage(layout, read_json(layout.train_logs / "summary.json"), trained, recorded)
     pictures = [name for name in (*PICTURES, LOSS_PICTURE) if (out / name).exists()]
     gate_rows = [{"check": v.name, "passed": v.passed, "description": v.description} for v in verdicts]
     # what the model was made from, as recorded by the steps that made it; not params.yaml as it is now
-    card_params = {**params.as_dict(), **chain.recorded_settings(layout), "model": trained["model"],
-                   "train": trained["train"]}
+    card_params = {**params.as_dict(), **recorded, "model": trained["model"], "train": trained["train"]}
     card = model_card.render(repo_id=repo_id, params=card_params, metrics=metrics, lineage=lineage,
                              pictures=pictures, gate=gate_rows,
                              forced=params.push.force and bool(quality.blocking_failures(list(verdicts))),
