@@ -37,3 +37,20 @@ def test_the_hash_changes_with_the_code_the_step_runs_and_only_with_it(tmp_path)
     loss = tmp_path / "rm_lib/model/loss.py"
     loss.write_text(loss.read_text().replace("-", "+", 1))
     assert _hash_in(tmp_path, "train") != before
+
+
+def test_a_long_running_process_sees_an_edit_of_what_a_step_imports(tmp_path, monkeypatch):
+    """A Dagster code server asks for the code hash at every run: an import added since the last ask, or a
+    module file created for a name already imported, is in the step's code at the next ask."""
+    from rm_lib.pipeline import code_version
+
+    shutil.copytree(ROOT / "rm_lib", tmp_path / "rm_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_version, "ROOT", tmp_path)
+    monkeypatch.setattr(code_version, "PACKAGE", tmp_path / "rm_lib")
+    assert "rm_lib/publish/hub.py" not in step_code("train")
+    train = tmp_path / "rm_lib/steps/train.py"
+    train.write_text("import rm_lib.publish.hub\nfrom rm_lib.model import extra\n" + train.read_text())
+    assert "rm_lib/publish/hub.py" in step_code("train")
+    assert "rm_lib/model/extra.py" not in step_code("train")
+    (tmp_path / "rm_lib/model/extra.py").write_text("")
+    assert "rm_lib/model/extra.py" in step_code("train")

@@ -33,11 +33,20 @@ def _package_inits(path: Path) -> set[Path]:
     return inits
 
 
-def _imports(path: Path, top_level_only: bool) -> set[Path]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+# The dotted names each file imports, by its text: parsing every file of a closure again is most of
+# what a step's code hash costs, and a push asks for it dozens of times. Keyed by the text, never stale.
+_NAMES: dict[tuple[Path, bool], tuple[str, tuple[str, ...]]] = {}
+
+
+def _imported_names(path: Path, top_level_only: bool) -> tuple[str, ...]:
+    text = path.read_text(encoding="utf-8")
+    cached = _NAMES.get((path, top_level_only))
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    tree = ast.parse(text)
     nodes = tree.body if top_level_only else ast.walk(tree)
     package = ".".join(path.relative_to(ROOT).parts[:-1])
-    found: set[Path] = set()
+    found: list[str] = []
     for node in nodes:
         names: list[str] = []
         if isinstance(node, ast.Import):
@@ -49,10 +58,15 @@ def _imports(path: Path, top_level_only: bool) -> set[Path]:
             else:
                 base = node.module or ""
             names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from . import demo` imports a module
-        for name in names:
-            if name.split(".")[0] == PACKAGE.name and (module := _module_path(name)) is not None:
-                found.add(module)
-    return found
+        found += [name for name in names if name.split(".")[0] == PACKAGE.name]
+    names_found = tuple(dict.fromkeys(found))
+    _NAMES[(path, top_level_only)] = (text, names_found)
+    return names_found
+
+
+def _imports(path: Path, top_level_only: bool) -> set[Path]:
+    # resolved each time: a module file added or removed changes what a name imports
+    return {module for name in _imported_names(path, top_level_only) if (module := _module_path(name)) is not None}
 
 
 def _closure(start: set[Path], top_level_only: bool = False) -> set[Path]:
