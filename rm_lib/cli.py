@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from rm_lib import steps
 from rm_lib.errors import UserError
 from rm_lib.evaluation.visualize import printable
 from rm_lib.files import STORAGE_ERRORS, unwritable_folder
-from rm_lib.layout import Layout
+from rm_lib.layout import Layout, project_above
 from rm_lib.network import without_credentials
 from rm_lib.pipeline.preflight import check_before
 from rm_lib.settings import load_params, params_file
@@ -30,7 +31,7 @@ def _common_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help="settings file (default: the params.yaml of --root, else of the current folder)")
     parser.add_argument("--set", dest=prefix + "overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    parser.add_argument("--root", dest=prefix + "root", default=None if prefix else ".", metavar="ROOT",
+    parser.add_argument("--root", dest=prefix + "root", default=None, metavar="ROOT",
                         help="project folder that holds data/ and models/ (default: the current folder)")
 
 
@@ -63,9 +64,20 @@ def _parser() -> argparse.ArgumentParser:
 def _merge_common(args: argparse.Namespace) -> argparse.Namespace:
     """Options given after the step win over those before it; every --set applies, in order."""
     args.params = args.step_params or args.params
-    args.root = args.step_root or args.root
+    args.root_given = (args.step_root or args.root) is not None
+    args.root = args.step_root or args.root or "."
     args.overrides = args.overrides + args.step_overrides
     return args
+
+
+def _not_below_a_project() -> None:
+    """Run from a folder inside a project (data/, tests/), a step read no params.yaml, ran on the built-in
+    settings and wrote a second data/ tree there: refused, saying where the project is."""
+    above = project_above(Path.cwd())
+    if above is not None:
+        where = shlex.quote(str(above))
+        raise UserError(f"the current folder holds no params.yaml and lies inside the project {above}: run from "
+                        f"there (cd {where}) or pass --root {where}; --root . runs here, on the built-in settings")
 
 
 def _run_step(step: str, params, layout: Layout) -> None:
@@ -109,17 +121,17 @@ def _given(overrides: list[str], key: str) -> bool:
     return any(o.partition("=")[0].strip() == key for o in overrides)
 
 
-def _runnable(program: str) -> str:
+def _runnable(program: str, absolute: bool = False) -> str:
     """How to run `program` from this shell: the one of this environment (make's .venv/bin/python, and the
-    dvc it links there), as a path from the current folder; a bare `python` is the system's, without the
-    project's packages."""
+    dvc it links there), as a path from the current folder (`absolute`: a whole path, for a command that
+    changes folder first); a bare `python` is the system's, without the project's packages."""
     own = Path(sys.prefix) / "bin" / program
     if not own.exists():
         return program
     try:
-        return str(own.relative_to(Path.cwd()))
+        return shlex.quote(str(own if absolute else own.relative_to(Path.cwd())))
     except ValueError:
-        return str(own)
+        return shlex.quote(str(own))
 
 
 def where_to_look(layout: Layout, *, demo: bool) -> str:
@@ -135,12 +147,16 @@ def where_to_look(layout: Layout, *, demo: bool) -> str:
              "with their reasons)"]
     if demo:
         lines.append("  This was demo data: the accuracy says the pipeline learns, not how good a model is.")
-    python, dvc = _runnable("python"), _runnable("dvc")
+    elsewhere = root.resolve() != Path(".").resolve()
+    # run from another folder: the commands name the project (make and dvc from inside it)
+    python, dvc = _runnable("python", absolute=elsewhere), _runnable("dvc", absolute=elsewhere)
+    at = f" --root {shlex.quote(str(root))}" if elsewhere else ""
+    inside = f"cd {shlex.quote(str(root))} && " if elsewhere else ""
     lines += ["Next:",
-              f"  real data  {python} -m rm_lib run --set download.source=Anthropic/hh-rlhf  (or a local file)",
-              "  the UI     make ui, then open http://127.0.0.1:3000 and click Materialize all",
-              f"  compare    {dvc} exp run -S train.learning_rate=1e-4 && {dvc} exp show"]
-    if root.resolve() != Path(".").resolve():
+              f"  real data  {python} -m rm_lib run{at} --set download.source=Anthropic/hh-rlhf  (or a local file)",
+              f"  the UI     {inside}make ui, then open http://127.0.0.1:3000 and click Materialize all",
+              f"  compare    {inside}{dvc} exp run -S train.learning_rate=1e-4 && {dvc} exp show"]
+    if elsewhere:
         lines.append(f"  (paths are inside {root})")
     return "\n".join(lines)
 
@@ -194,6 +210,8 @@ def _main(argv: list[str] | None) -> int:
                 and not _given(overrides, "filter.max_prompt_token_length"):
             # score holds prompts to the model's recorded limit, not params.yaml's (checked below this length)
             overrides = [*overrides, "filter.max_prompt_token_length=null"]
+        if not args.root_given and args.params is None and not Path("params.yaml").is_file():
+            _not_below_a_project()
         params = load_params(params_file(args.params, args.root), overrides)  # every section checked before any work
         problem = unwritable_folder(args.root, probe=False)  # a read-only project still serves score and show-tokens
         if problem:

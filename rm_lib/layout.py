@@ -67,3 +67,19 @@ class Layout:
 
     def lock(self, step: str) -> Path:  # held while `step` runs in this folder (rm_lib/pipeline/locking.py)
         return self.root / ".rm_lib" / "locks" / f"{step}.lock"
+
+
+def project_above(folder: Path) -> Path | None:
+    """The nearest folder above `folder` that is a project of this kind (a params.yaml beside a .rm_lib
+    folder, or beside a dvc.yaml that runs rm_lib); None where there is none."""
+    for parent in folder.absolute().parents:
+        if not (parent / "params.yaml").is_file():
+            continue
+        stages = parent / "dvc.yaml"
+        try:
+            runs_rm_lib = stages.is_file() and "rm_lib" in stages.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            runs_rm_lib = False
+        if (parent / ".rm_lib").is_dir() or runs_rm_lib:
+            return parent
+    return None

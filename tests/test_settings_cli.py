@@ -1,3 +1,5 @@
+import os
+import shlex
 import subprocess
 import sys
 
@@ -78,6 +80,43 @@ def test_the_next_commands_after_run_name_this_environments_python_and_dvc(tmp_p
     told = cli.where_to_look(Layout(tmp_path), demo=True)
     assert ".venv/bin/python -m rm_lib run --set download.source=" in told
     assert ".venv/bin/dvc exp run -S train.learning_rate=1e-4 && .venv/bin/dvc exp show" in told
+    # run from another folder (`run --root`): the commands name the project, quoted (a space, not ASCII)
+    project = tmp_path / "my prôject"
+    monkeypatch.chdir(tmp_path / ".venv")
+    told = cli.where_to_look(Layout(project), demo=True)
+    real_data = next(line for line in told.splitlines() if "real data" in line).split("  (or")[0].split()[2:]
+    argv = shlex.split(" ".join(real_data))
+    assert argv[:5] == [str(prefix / "bin/python"), "-m", "rm_lib", "run", "--root"] and argv[5] == str(project)
+    compare = next(line for line in told.splitlines() if "compare" in line).split("compare", 1)[1].strip()
+    assert shlex.split(compare)[:4] == ["cd", str(project), "&&", str(prefix / "bin/dvc")]
+
+
+def test_a_step_run_from_a_folder_inside_a_project_is_refused_saying_where_the_project_is(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """From data/ (or tests/), `download` read no params.yaml, ran on the built-in settings (2,000 demo pairs
+    where the project's said 40) and wrote data/data/pairs, with its lock in data/.rm_lib: a `run` would have
+    trained and released a model of the defaults there. Refused before anything is written; --root says
+    where to run, and `--root .` runs there on the built-in settings."""
+    import json
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "params.yaml").write_text("download:\n  demo_pairs: 40\n")
+    (project / "dvc.yaml").write_text("stages:\n  download:\n    cmd: python -m rm_lib download\n")
+    monkeypatch.chdir(project / "data")
+    assert main(["download"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the current folder holds no params.yaml and lies inside the project {project}: run from there "
+        f"(cd {project}) or pass --root {project}; --root . runs here, on the built-in settings\n")
+    assert sorted(os.listdir(project / "data")) == []
+    assert main(["download", "--root", ".."]) == 0
+    assert json.loads((project / "data/pairs/manifest.json").read_text())["rows_read"] == 40
+    # a folder above that is no project of this kind (another tool's params.yaml) is not one
+    (tmp_path / "other/scratch").mkdir(parents=True)
+    (tmp_path / "other/params.yaml").write_text("epochs: 3\n")
+    monkeypatch.chdir(tmp_path / "other/scratch")
+    assert main(["download", "--set", "download.demo_pairs=30"]) == 0
+    assert json.loads((tmp_path / "other/scratch/data/pairs/manifest.json").read_text())["rows_read"] == 30
 
 
 def _captured_params(monkeypatch, argv):
