@@ -26,7 +26,15 @@ from rm_lib.evaluation import quality
 from rm_lib.evaluation.visualize import printable
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.pipeline.code_version import code_hash
-from rm_lib.pipeline.dvc_record import VERSION_OUTS, NotRecorded, Recorded, RecordError, combined_hash, workspace_note
+from rm_lib.pipeline.dvc_record import (
+    VERSION_OUTS,
+    NotRecorded,
+    Recorded,
+    RecordError,
+    combined_hash,
+    is_dvc_repo,
+    workspace_note,
+)
 from rm_lib.pipeline.preflight import check_before
 from rm_lib.settings import Params
 
@@ -219,6 +227,17 @@ def re_executed_runs(context: dg.AssetExecutionContext) -> list[str]:
     return chain
 
 
+def _recordable(dvc: DvcResource, project: ProjectResource, step: str, layout: Layout) -> None:
+    """Where the step's DVC record would fail once it has run (rm_lib.steps.check_recordable): said before."""
+    from rm_lib import steps
+
+    if dvc.enabled and is_dvc_repo(project.root_path()):
+        try:
+            steps.check_recordable(step, layout)
+        except UserError as exc:
+            raise mistake(step, exc) from exc
+
+
 def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project: ProjectResource, stage: str,
                    params: Params, fallback: Optional[str]) -> tuple[dict, Optional[dg.DataVersion]]:
     """Record the step in DVC. Returns the metadata saying what was recorded (and pushed where) and the
@@ -353,6 +372,7 @@ def _link(value: str | None) -> dg.MetadataValue:
 def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, project: ProjectResource,
                     hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings(context, "download", config, project, hub=hub)
+    _recordable(dvc, project, "download", layout)
     from rm_lib.data.sources import source_kind
 
     try:
@@ -397,6 +417,7 @@ def raw_preferences(context: dg.AssetExecutionContext, config: DownloadConfig, p
 def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeConfig, project: ProjectResource,
                           hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings(context, "tokenize", config, project, hub=hub)
+    _recordable(dvc, project, "tokenize", layout)
     with hub.credentials():  # the tokenizer of a gated Hub model
         result = _run_step(context, "tokenize", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "tokenize", params, result.content_hash)
@@ -427,6 +448,7 @@ def tokenized_preferences(context: dg.AssetExecutionContext, config: TokenizeCon
 def filtered_preferences(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
                          hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings(context, "filter", config, project, hub=hub)
+    _recordable(dvc, project, "filter", layout)
     result = _run_step(context, "filter", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "filter", params, result.content_hash)
     reasons = sorted({r for split in SPLITS for r in result.dropped[split]})
@@ -467,6 +489,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     except SettingsError as exc:
         raise mistake("train", exc) from exc
     params, layout = _settings(context, "train", config, project, wandb_overrides, hub=hub)
+    _recordable(dvc, project, "train", layout)
     with hub.credentials():  # the weights of a gated Hub model; a launched process inherits them
         if trainer.separate_process:
             result = _train_in_own_process(context, trainer, project,
@@ -534,6 +557,7 @@ def suites_table(metrics: dict) -> dict:
 def evaluation(context: dg.AssetExecutionContext, config: EvaluateConfig, project: ProjectResource,
                dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings(context, "evaluate", config, project)
+    _recordable(dvc, project, "evaluate", layout)
     result = _run_step(context, "evaluate", params, layout)
     m = result.metrics
     baseline = quality.length_baseline(m)
@@ -612,6 +636,7 @@ def hub_metadata(result, configured: Optional[str]) -> dict:
 def hub_release(context: dg.AssetExecutionContext, config: PushConfig, project: ProjectResource,
                 hub: HubResource, dvc: DvcResource) -> dg.MaterializeResult:
     params, layout = _settings(context, "push", config, project)
+    _recordable(dvc, project, "push", layout)
     with hub.credentials():
         result = _run_step(context, "push", params, layout)
     recorded, version = _record_in_dvc(context, dvc, project, "push", params, result.commit)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -498,6 +499,46 @@ def test_an_output_folder_linked_to_another_disk_is_written_there_and_stays_link
     (layout.root / "report.json").symlink_to(cached)
     write_json(layout.root / "report.json", {"accuracy": 1})
     assert cached.read_text() == "{}" and not (layout.root / "report.json").is_symlink()
+
+
+def test_dvc_is_not_asked_to_record_outputs_under_a_linked_folder(tmp_path, monkeypatch):
+    """models/ moved to another disk and linked back: `dvc repro` trained for the whole run, then failed
+    ("models/reward_model is outside of git repository") and left dvc.lock as it was; Dagster's record of
+    the step the same. Both refuse before any work; the CLI writes through the link, and a link at the
+    output itself is what DVC records."""
+    import dagster as dg
+
+    from orchestration.assets import _recordable
+    from orchestration.resources import DvcResource, ProjectResource
+
+    layout = Layout(tmp_path / "project")
+    (tmp_path / "other-disk/models").mkdir(parents=True)
+    (layout.root / ".dvc").mkdir(parents=True)
+    (layout.root / "dvc.yaml").write_text("stages: {}\n")
+    layout.model.parent.symlink_to(tmp_path / "other-disk/models")
+    # git ignores the link as it ignores the folder (`/models/` matched a folder only: `git add -A` took the link)
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", layout.root)
+    subprocess.run(["git", "init", "-q", str(layout.root)], check=True)
+    assert subprocess.run(["git", "-C", str(layout.root), "check-ignore", "-q", "models"]).returncode == 0
+    said = ("train: models is a link (to {}): DVC records no output under a linked folder (models/reward_model "
+            "would lie outside the repository) and would fail once the step has run; link models/reward_model "
+            "itself instead").format(tmp_path / "other-disk/models")
+    monkeypatch.setenv("DVC_STAGE", "train")
+    with pytest.raises(UserError, match=re.escape(said)):
+        run_steps(tiny_params(), layout.root, "train")  # no data: refused before the chain's checks
+    with pytest.raises(dg.Failure, match=re.escape(said)):
+        _recordable(DvcResource(), ProjectResource(root=str(layout.root)), "train", layout)
+    _recordable(DvcResource(enabled=False), ProjectResource(root=str(layout.root)), "train", layout)
+    monkeypatch.delenv("DVC_STAGE")
+    with pytest.raises(UserError, match="manifest.json: not found; run the step that writes it first"):  # the CLI's run goes on
+        run_steps(tiny_params(), layout.root, "train")
+    monkeypatch.setenv("DVC_STAGE", "train")
+    layout.model.parent.unlink()
+    layout.model.parent.mkdir()
+    layout.model.symlink_to(tmp_path / "other-disk/models")
+    with pytest.raises(UserError, match="manifest.json: not found; run the step that writes it first"):
+        run_steps(tiny_params(), layout.root, "train")
+    _recordable(DvcResource(), ProjectResource(root=str(layout.root)), "train", layout)
 
 
 def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path):

@@ -89,6 +89,27 @@ def is_dvc_repo(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
+def linked_folder_above(root: Path, outputs: Sequence[Path]) -> Optional[str]:
+    """Why DVC cannot record `outputs` (a step's folders) in the repository at `root`: a folder above one
+    of them, inside the project, is a link (models/ moved to another disk). DVC resolves it, finds the
+    output outside the repository and fails, once the step has run. A link at the output itself is
+    recorded (and written through)."""
+    base = root.absolute()
+    for output in outputs:
+        try:
+            parts = output.absolute().relative_to(base).parts
+        except ValueError:
+            continue
+        for depth in range(1, len(parts)):
+            folder = base.joinpath(*parts[:depth])
+            if folder.is_symlink():
+                inside = Path(*parts).as_posix()
+                return (f"{Path(*parts[:depth]).as_posix()} is a link (to {os.readlink(folder)}): DVC records no "
+                        f"output under a linked folder ({inside} would lie outside the repository) and would fail "
+                        f"once the step has run; link {inside} itself instead, which DVC records")
+    return None
+
+
 def dvc_running(root: Path) -> Optional[str]:
     """What DVC process works in `root` now, in words, or None. DVC holds its repository lock
     (.dvc/tmp/lock) for a whole `dvc repro` but while a stage's command runs, and its stage lock

@@ -27,7 +27,12 @@ from rm_lib.files import (
 from rm_lib.layout import Layout
 from rm_lib.pipeline import chain
 from rm_lib.pipeline.code_version import code_hash
-from rm_lib.pipeline.dvc_record import missing_stage_params, restore_interrupted_record, stage_params
+from rm_lib.pipeline.dvc_record import (
+    linked_folder_above,
+    missing_stage_params,
+    restore_interrupted_record,
+    stage_params,
+)
 from rm_lib.pipeline.locking import StepRunning, step_lock
 from rm_lib.settings import Params
 
@@ -188,6 +193,8 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
             problem = output_problem(output, layout)
             if problem:
                 raise UserError(f"{name}: {problem}")
+        if os.environ.get("DVC_STAGE"):  # `dvc repro` records the outputs once the step has run
+            check_recordable(name, layout)
         chain.check(name, layout)
         if name in ("filter", "train"):  # ids are read with the configured model's embeddings from filter on
             chain.check_tokenized_for(layout, params.model.name_or_path, params.model.revision, name)
@@ -195,6 +202,14 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, params, before)
         return result
+
+
+def check_recordable(name: str, layout: Layout) -> None:
+    """A UserError where DVC could not record the step's outputs in the project (`dvc repro`, or Dagster's
+    DVC record): said before the step's work, not after it."""
+    problem = linked_folder_above(layout.root, layout.outputs(name))
+    if problem:
+        raise UserError(f"{name}: {problem}")
 
 
 def _check_stage_params(root: Path) -> None:
