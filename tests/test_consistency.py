@@ -57,11 +57,12 @@ def test_every_path_agrees_on_the_released_decoder(released):
     assert result["tolerance"] == 1e-4 and result["dtype"] == "float32"
     assert set(result["max_abs_diff"]) == MODEL_PATHS | {"pipeline"}
     assert all(0 <= d <= 1e-4 for d in result["max_abs_diff"].values())
-    # the pipeline path scores the text a user has, without the EOS training appended: the saved
-    # tokenizer adds it, where the base one (BOS only) left the reward to be read a token early
+    # the pipeline path scores the text a user has: the saved chat template writes the EOS training
+    # appended (the base one wrote none, and the reward was read a token early), the tokenizer adds the BOS
     tokenizer = load_tokenizer(str(released.model))
     text = consistency.round_trip_text(tokenizer, rows[0]["input_ids_chosen"])
-    assert text is not None and tokenizer.eos_token not in text and tokenizer.bos_token not in text
+    assert text is not None and text.endswith(tokenizer.eos_token) and tokenizer.bos_token not in text
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).endswith("</s>")
 
 
 def test_pad_equal_to_eos_sends_the_pipeline_to_another_token_and_the_check_says_so(released, tmp_path):

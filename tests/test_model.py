@@ -262,6 +262,65 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     assert "with `</s>` after them" in model_card._text_rules(facts)
 
 
+def test_the_saved_template_writes_what_training_added_where_its_text_then_tokenizes_as_training_did(tmp_path):
+    """TRL's GRPO and RLOO given the model's name, and apply_chat_template(..., tokenize=True), tokenize the
+    template's text with no special tokens: where the template wrote no EOS, or no BOS the tokenizer adds,
+    they read the reward at another token than training. train saves a template that writes them, where its
+    text then tokenizes to training's ids: a SentencePiece BOS written as text changes the word start after
+    it, so that template writes only the EOS (the card names the BOS to add)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rm_lib.data import templates
+    from rm_lib.data.tokenization import template_as_trained
+    from rm_lib.model.special import add_special, special_tokens
+    from rm_lib.publish import model_card
+
+    def tokenizer(pre_tokenizer) -> PreTrainedTokenizerFast:
+        bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+        bpe.pre_tokenizer = pre_tokenizer
+        bpe.train_from_iterator(["[INST] hello there [/INST] good film", "bad plot Be brief Blue"] * 5,
+                                trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"]))
+        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                      pad_token="<unk>")
+        tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        return tok
+
+    chats = [CARD_CHAT, [{"role": "system", "content": "Be brief"}, *CARD_CHAT],
+             [*CARD_CHAT, {"role": "user", "content": "hello there"}, {"role": "assistant", "content": "bad plot"}]]
+
+    def trained_ids(tok, chat) -> list[int]:
+        rendered = tok(templates.render(chat, "tokenizer", tok), add_special_tokens=False)["input_ids"]
+        return add_special(rendered, special_tokens(tok))
+
+    for pre_tokenizer, writes_bos in [(pre_tokenizers.Whitespace(), True),
+                                      (pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                                split=False), False)]:
+        tok = tokenizer(pre_tokenizer)
+        saved = template_as_trained(tok)
+        assert saved is not tok
+        for chat in chats:
+            ids = saved.apply_chat_template(chat, tokenize=True)["input_ids"]
+            assert ([tok.bos_token_id] if not writes_bos else []) + ids == trained_ids(tok, chat)
+            text = saved.apply_chat_template(chat, tokenize=False)  # as TRL's reward functions read it
+            assert saved(text, add_special_tokens=False)["input_ids"] == ids
+        prompt = tok.apply_chat_template(CARD_CHAT[:1], tokenize=False, add_generation_prompt=True)
+        assert saved.apply_chat_template(CARD_CHAT[:1], tokenize=False, add_generation_prompt=True) == \
+            ("<s>" if writes_bos else "") + prompt  # no end token after a generation prompt
+        scorer = released_tiny_llama(saved, tmp_path / f"rm-{writes_bos}")
+        assert scorer.encode(CARD_CHAT) == trained_ids(tok, CARD_CHAT)
+        facts = model_card.tokenizer_facts(tmp_path / f"rm-{writes_bos}")
+        assert (facts["chat_start"], facts["chat_end"]) == ([] if writes_bos else ["<s>"], False)
+        by_name = model_card._by_name("me/rm", facts)
+        assert ("read training's reward" in by_name) is writes_bos
+        assert card_reward(tmp_path / f"rm-{writes_bos}") == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
+    # a template that writes both already (Llama-2's): saved as it is, with no second EOS
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                         " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    assert template_as_trained(tok) is tok
+
+
 
 def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tmp_path):
     """Qwen2.5-Instruct's layout: the EOS is `<|im_end|>` and the template writes a line break after it.

@@ -67,6 +67,63 @@ def test_trls_grpo_and_rloo_trainers_take_the_reward_function_for_a_real_step(tr
         assert given == pytest.approx(scorer.score([p + c for p, c in zip(given_prompts, completions)]), abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def trained_own_template(tmp_path_factory, tiny_decoder):
+    """The tiny decoder trained on conversations its own chat template renders (its BOS, no EOS; pad == EOS)."""
+    root = tmp_path_factory.mktemp("scored-own-template")
+    run_steps(tiny_params("train.max_steps=2", model=str(tiny_decoder)), root,
+              "download", "tokenize", "filter", "train")
+    return root / "models/reward_model"
+
+
+def test_grpo_given_the_models_name_reads_the_rewards_training_measured(trained_own_template, tiny_decoder, tmp_path):
+    """GRPO given the model folder's name (`reward_funcs="<repo>"`) renders a conversation with the saved chat
+    template and tokenizes its text with no special tokens: the template wrote no EOS, so it read every reward
+    one token early (a mean of 0.03 where training's reward gave 0.11 here). A conversation longer than
+    training read is cut by the card's recipe as the scorer cuts it."""
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rm_lib.publish import model_card
+
+    release = trained_own_template
+    assert json.loads((release / "rm_lib.json").read_text())["template"] == "tokenizer"
+    scorer = RewardScorer(release)
+    reward = scorer.reward_function()
+
+    def scored(prompts, completions, **kwargs):
+        return reward(prompts, completions, **kwargs)
+
+    prompts = [[{"role": "user", "content": "how was the film ?"}], [{"role": "user", "content": "hi"}],
+               [{"role": "system", "content": "be brief"}, {"role": "user", "content": "and the plot ?"}]]
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=6,
+                      num_generations=2, max_completion_length=6, max_steps=1, save_strategy="no", logging_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=str(tiny_decoder), reward_funcs=[str(release), scored], args=args,
+                              train_dataset=Dataset.from_dict({"prompt": prompts}))
+        trainer.train()
+    logged = trainer.state.log_history[0]
+    for kind in ("mean", "std"):  # GRPO logs the model's rewards rounded to bfloat16
+        assert logged[f"rewards/reward_model/{kind}"] == pytest.approx(logged[f"rewards/scored/{kind}"], abs=2e-3)
+    tokenizer = AutoTokenizer.from_pretrained(release)
+    model = AutoModelForSequenceClassification.from_pretrained(release).eval()
+    usage = model_card._usage("me/rm", tokenizer=model_card.tokenizer_facts(release), max_length=scorer.max_length)
+    assert "read training's reward for a conversation within the 64 tokens training read" in usage
+    cut = next(line for line in usage.splitlines() if line.startswith("ids = ids["))
+    long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good film " * 60}]
+    scope = {"ids": tokenizer.apply_chat_template(long, tokenize=True)["input_ids"]}
+    exec(cut, scope)  # noqa: S102 - the card's own line
+    assert len(scope["ids"]) == 64
+    with torch.no_grad():
+        card = model(input_ids=torch.tensor([scope["ids"]])).logits[0, 0].item()
+    assert card == pytest.approx(scorer.score([long])[0], abs=1e-5)
+
+
 def test_grpos_text_prompts_rendered_with_the_training_template_get_the_conversations_reward(tmp_path):
     """In TRL's text format a completion comes without the policy's end token, and the prompt as the dataset
     holds it (the card: rendered with the training template). Joined as given, a chatml model read the answer

@@ -499,6 +499,8 @@ def tokenizer_facts(folder: Path) -> dict:
         facts["chat_start"] = (tokenizer.convert_ids_to_tokens(list(special.prefix))
                                if n and tuple(rendered[:n]) != special.prefix else [])
         facts["chat_end"] = special.end is not None and (not rendered or rendered[-1] != special.end)
+        # the start tokens a cut to the training length keeps (length_filter.front_length)
+        facts["keeps_front"] = n or int(special.template_start is not None and rendered[:1] == [special.template_start])
         facts["reads_clock"] = templates.reads_clock(tokenizer)
         if facts["reads_clock"]:  # whether apply_chat_template's date_string renders as training did
             try:
@@ -556,10 +558,10 @@ def _example_text(facts: dict) -> str:
     return templates.NAMED.get(facts.get("template") or "simple_chat", templates.simple_chat)(EXAMPLE)
 
 
-def _example_inputs(tokenizer: dict | None) -> str:
+def _example_inputs(tokenizer: dict | None, max_length: Any = None) -> str:
     """Code that sets `inputs` for `model(**inputs)` from the card's example conversation as training
-    read it: the tokenizer's chat template's ids (with what training added), or the text of rm_lib's
-    template that training used."""
+    read it: the tokenizer's chat template's ids (with what training added, cut to `max_length` as
+    training cut a longer text), or the text of rm_lib's template that training used."""
     facts = tokenizer or {}
     if facts.get("template") != "tokenizer":
         return f"inputs = tokenizer({json.dumps(_example_text(facts))}, return_tensors=\"pt\")"
@@ -568,8 +570,14 @@ def _example_inputs(tokenizer: dict | None) -> str:
                      f" + tokenizer.convert_tokens_to_ids({json.dumps([end])})" if end else ""])
     add = f"\nids = {added}  # as training added them" if added != "ids" else ""
     day = f", date_string=\"{_day()}\"" if facts.get("takes_date") else ""
+    cut = ""
+    if isinstance(max_length, int) and not isinstance(max_length, bool):
+        front = facts.get("keeps_front") or 0
+        kept = f"ids[:{front}] + ids[-{max_length - front}:]" if front else f"ids[-{max_length}:]"
+        cut = (f"\nids = {kept} if len(ids) > {max_length} else ids  # cut to the {max_length} tokens training read"
+               + (", the start token kept, then the end" if front else ", keeping the end"))
     return (f"messages = {json.dumps(EXAMPLE[:1])[:-1]},\n            {json.dumps(EXAMPLE[1])}]\n"
-            f"ids = tokenizer.apply_chat_template(messages, tokenize=True{day})[\"input_ids\"]{add}\n"
+            f"ids = tokenizer.apply_chat_template(messages, tokenize=True{day})[\"input_ids\"]{add}{cut}\n"
             "inputs = {\"input_ids\": torch.tensor([ids])}")
 
 
@@ -594,7 +602,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 model = AutoModelForSequenceClassification.from_pretrained("{repo_id}").eval()
-{_example_inputs(tokenizer)}
+{_example_inputs(tokenizer, max_length)}
 with torch.no_grad():
     reward = model(**inputs).logits[0, 0].item()
 ```"""
@@ -607,6 +615,23 @@ def _long_texts(max_length: Any) -> str:
         return ""
     return (f"\nrm(long_text, truncation=True, max_length={max_length})  # cut to the {max_length} tokens training "
             "read, keeping the end")
+
+
+def _by_name(repo_id: str, tokenizer: dict | None, max_length: Any = None) -> str:
+    """What TRL's trainers read given the repository's name: the saved chat template's text tokenized
+    with no special tokens, which is training's where that template writes what training added."""
+    facts = tokenizer or {}
+    if facts.get("template") == "tokenizer" and not facts.get("chat_start") and facts.get("chat_end") is False \
+            and not facts.get("reads_clock"):
+        within = (f" for a conversation within the {max_length} tokens training read (they cut none; the scorer's "
+                  "function cuts as training did)" if isinstance(max_length, int) and not isinstance(max_length, bool)
+                  else "")
+        return (f"Given the repository name itself, `reward_funcs=\"{repo_id}\"`, these trainers render a "
+                "conversation with the saved chat template, which writes the start and end tokens training added, "
+                f"and read training's reward{within}.")
+    return (f"(Given the repository name itself, `reward_funcs=\"{repo_id}\"`, these trainers tokenize the texts "
+            "with no special tokens: the reward is then read elsewhere than training read it, and may rank two "
+            "completions the other way.)")
 
 
 def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None,
@@ -633,12 +658,10 @@ scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "cont
 
 In TRL, as the reward of GRPO or RLOO (the trainers that take `reward_funcs`; the experimental Online DPO too): the
 scorer's function renders conversational prompts and completions with the training template and adds
-the start and end tokens, as training did. (Given the repository name itself, `reward_funcs="{repo_id}"`,
-these trainers tokenize the texts with no special tokens: the reward is then read elsewhere than
-training read it, and may rank two completions the other way.) In TRL's text format the prompt is scored as given,
-joined to its completion, which is opened and closed as the training template opens and closes an answer
-(TRL gives it without the policy's end token): render the prompt with the training template, its
-generation prompt included, for the reward training measured.
+the start and end tokens, as training did. {_by_name(repo_id, tokenizer, max_length)}
+In TRL's text format the prompt is scored as given, joined to its completion, which is opened and closed as
+the training template opens and closes an answer (TRL gives it without the policy's end token): render the
+prompt with the training template, its generation prompt included, for the reward training measured.
 
 ```python
 from trl import GRPOTrainer  # RLOOTrainer takes reward_funcs alike

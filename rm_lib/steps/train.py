@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rm_lib.data import trained_prompts
+from rm_lib.data import tokenization, trained_prompts
 from rm_lib.data.length_filter import LENGTH_SETTINGS
 from rm_lib.data.tokenstore import read_rows, token_length
 from rm_lib.errors import DataError, SettingsError, TrainingDiverged
@@ -338,8 +338,12 @@ def run(params: Params, layout: Layout, accelerator=None,
         # the earlier pair, which push and the model card quote as one
         with atomic_dirs(layout.model, layout.train_logs) as (out, logs):
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
-            save_model(model, tokenizer, out, extra_config={**normalisation, "rm_lib_fingerprint": fingerprint},
-                       state_dict=gathered, chat_template=tokenized["template"] == "tokenizer")
+            chat = tokenized["template"] == "tokenizer"
+            # the release's template writes the start and end tokens training added: TRL's reward functions and
+            # apply_chat_template(tokenize=True) add none
+            save_model(model, tokenization.template_as_trained(tokenizer) if chat else tokenizer, out,
+                       extra_config={**normalisation, "rm_lib_fingerprint": fingerprint}, state_dict=gathered,
+                       chat_template=chat)
             base_named = base_model_reference(params.model.name_or_path)
             write_json(out / trained_prompts.FILE, trained_prompts.record(train_rows, base_trained, base_named))
             weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
