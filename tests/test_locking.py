@@ -504,25 +504,27 @@ def test_an_output_folder_linked_to_another_disk_is_written_there_and_stays_link
 def test_dvc_is_not_asked_to_record_outputs_under_a_linked_folder(tmp_path, monkeypatch):
     """models/ moved to another disk and linked back: `dvc repro` trained for the whole run, then failed
     ("models/reward_model is outside of git repository") and left dvc.lock as it was; Dagster's record of
-    the step the same. Both refuse before any work; the CLI writes through the link, and a link at the
-    output itself is what DVC records."""
+    the step the same. Both refuse before any work, by the outputs dvc.yaml declares (data/filtered holds
+    files DVC records one by one); the CLI writes through the link, and an output DVC records whole may
+    itself be a link."""
     import dagster as dg
 
     from orchestration.assets import _recordable
     from orchestration.resources import DvcResource, ProjectResource
 
+    project = Path(__file__).resolve().parents[1]
     layout = Layout(tmp_path / "project")
-    (tmp_path / "other-disk/models").mkdir(parents=True)
     (layout.root / ".dvc").mkdir(parents=True)
-    (layout.root / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copy(project / "dvc.yaml", layout.root)
+    (tmp_path / "other-disk/models").mkdir(parents=True)
     layout.model.parent.symlink_to(tmp_path / "other-disk/models")
     # git ignores the link as it ignores the folder (`/models/` matched a folder only: `git add -A` took the link)
-    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", layout.root)
+    shutil.copy(project / ".gitignore", layout.root)
     subprocess.run(["git", "init", "-q", str(layout.root)], check=True)
     assert subprocess.run(["git", "-C", str(layout.root), "check-ignore", "-q", "models"]).returncode == 0
-    said = ("train: models is a link (to {}): DVC records no output under a linked folder (models/reward_model "
-            "would lie outside the repository) and would fail once the step has run; link models/reward_model "
-            "itself instead").format(tmp_path / "other-disk/models")
+    said = (f"train: models is a link (to {tmp_path / 'other-disk/models'}): DVC records no output under a linked "
+            "folder (models/reward_model would lie outside the repository) and would fail once the step has run; keep "
+            "models a folder of the project and link models/reward_model itself, which DVC records whole")
     monkeypatch.setenv("DVC_STAGE", "train")
     with pytest.raises(UserError, match=re.escape(said)):
         run_steps(tiny_params(), layout.root, "train")  # no data: refused before the chain's checks
@@ -540,6 +542,16 @@ def test_dvc_is_not_asked_to_record_outputs_under_a_linked_folder(tmp_path, monk
     with pytest.raises(UserError, match=unfiltered):
         run_steps(tiny_params(), layout.root, "train")
     _recordable(DvcResource(), ProjectResource(root=str(layout.root)), "train", layout)
+    # an output folder whose files DVC records one by one: the folder itself may not be a link
+    (tmp_path / "other-disk/filtered").mkdir()
+    layout.filtered.parent.mkdir(parents=True)
+    layout.filtered.symlink_to(tmp_path / "other-disk/filtered")
+    monkeypatch.setenv("DVC_STAGE", "filter")
+    said = (f"filter: data/filtered is a link (to {tmp_path / 'other-disk/filtered'}): DVC records no output under "
+            "a linked folder (data/filtered/train.parquet would lie outside the repository) and would fail once the "
+            "step has run; keep data/filtered a folder of the project")
+    with pytest.raises(UserError, match=re.escape(said) + "$"):
+        run_steps(tiny_params(), layout.root, "filter")
 
 
 def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path):

@@ -89,24 +89,28 @@ def is_dvc_repo(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
-def linked_folder_above(root: Path, outputs: Sequence[Path]) -> Optional[str]:
-    """Why DVC cannot record `outputs` (a step's folders) in the repository at `root`: a folder above one
-    of them, inside the project, is a link (models/ moved to another disk). DVC resolves it, finds the
-    output outside the repository and fails, once the step has run. A link at the output itself is
-    recorded (and written through)."""
+def linked_folder_above(root: Path, stage: str) -> Optional[str]:
+    """Why DVC cannot record the outputs dvc.yaml declares for `stage`: a folder above one of them, inside
+    the project, is a link (models/ moved to another disk). DVC resolves it, finds the output outside the
+    repository and fails, once the step has run. An output DVC records whole may itself be a link."""
+    try:
+        found = ((read_yaml(root / "dvc.yaml") or {}).get("stages") or {}).get(stage) or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # dvc.yaml's own errors are DVC's to say
+    outs = [_path_of(o) for key in ("outs", "metrics", "plots") for o in (found.get(key) or [])]
     base = root.absolute()
-    for output in outputs:
-        try:
-            parts = output.absolute().relative_to(base).parts
-        except ValueError:
-            continue
+    for out in outs:
+        parts = Path(out).parts
         for depth in range(1, len(parts)):
             folder = base.joinpath(*parts[:depth])
-            if folder.is_symlink():
-                inside = Path(*parts).as_posix()
-                return (f"{Path(*parts[:depth]).as_posix()} is a link (to {os.readlink(folder)}): DVC records no "
-                        f"output under a linked folder ({inside} would lie outside the repository) and would fail "
-                        f"once the step has run; link {inside} itself instead, which DVC records")
+            if not folder.is_symlink():
+                continue
+            linked = Path(*parts[:depth]).as_posix()
+            whole = sorted(o for o in outs if Path(o).parts[:depth] == parts[:depth] and not Path(o).suffix)
+            instead = (f"; keep {linked} a folder of the project" + (f" and link {whole[0]} itself, which DVC records "
+                                                                     "whole" if whole else ""))
+            return (f"{linked} is a link (to {os.readlink(folder)}): DVC records no output under a linked folder "
+                    f"({out} would lie outside the repository) and would fail once the step has run{instead}")
     return None
 
 

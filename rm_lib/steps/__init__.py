@@ -207,7 +207,7 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
 def check_recordable(name: str, layout: Layout) -> None:
     """A UserError where DVC could not record the step's outputs in the project (`dvc repro`, or Dagster's
     DVC record): said before the step's work, not after it."""
-    problem = linked_folder_above(layout.root, layout.outputs(name))
+    problem = linked_folder_above(layout.root, name)
     if problem:
         raise UserError(f"{name}: {problem}")
 
