@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rm_lib.data.tokenization import template_as_trained
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.model.loss import bradley_terry_loss
@@ -262,21 +263,21 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     assert "with `</s>` after them" in model_card._text_rules(facts)
 
 
-def test_the_saved_template_writes_what_training_added_where_its_text_then_tokenizes_as_training_did(tmp_path):
+def test_the_saved_template_ends_a_conversation_with_the_eos_training_read_the_reward_at(tmp_path):
     """TRL's GRPO and RLOO given the model's name, and apply_chat_template(..., tokenize=True), tokenize the
-    template's text with no special tokens: where the template wrote no EOS, or no BOS the tokenizer adds,
-    they read the reward at another token than training. train saves a template that writes them, where its
-    text then tokenizes to training's ids: a SentencePiece BOS written as text changes the word start after
-    it, so that template writes only the EOS (the card names the BOS to add)."""
+    template's text with no special tokens: where the template wrote no EOS they read the reward a token
+    early. train saves a template that writes it after a whole conversation; a BOS the tokenizer adds stays
+    the tokenizer's (written as text, `pipeline` on the template's text would double it), and the card
+    names it. rm_lib itself renders with the template training used (TRL's text completions were closed
+    with the EOS twice)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from rm_lib.data import templates
-    from rm_lib.data.tokenization import template_as_trained
     from rm_lib.model.special import add_special, special_tokens
     from rm_lib.publish import model_card
 
-    def tokenizer(pre_tokenizer) -> PreTrainedTokenizerFast:
+    def tokenizer(pre_tokenizer, template: str) -> PreTrainedTokenizerFast:
         bpe = Tokenizer(models.BPE(unk_token="<unk>"))
         bpe.pre_tokenizer = pre_tokenizer
         bpe.train_from_iterator(["[INST] hello there [/INST] good film", "bad plot Be brief Blue"] * 5,
@@ -284,7 +285,7 @@ def test_the_saved_template_writes_what_training_added_where_its_text_then_token
         bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                       pad_token="<unk>")
-        tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        tok.chat_template = template
         return tok
 
     chats = [CARD_CHAT, [{"role": "system", "content": "Be brief"}, *CARD_CHAT],
@@ -294,33 +295,38 @@ def test_the_saved_template_writes_what_training_added_where_its_text_then_token
         rendered = tok(templates.render(chat, "tokenizer", tok), add_special_tokens=False)["input_ids"]
         return add_special(rendered, special_tokens(tok))
 
-    for pre_tokenizer, writes_bos in [(pre_tokenizers.Whitespace(), True),
-                                      (pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
-                                                                split=False), False)]:
-        tok = tokenizer(pre_tokenizer)
+    turns = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    turns += "{% if add_generation_prompt %}[assistant]{% endif %}"
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    for name, tok, writes_bos in [("bos", tokenizer(pre_tokenizers.Whitespace(), "{{ bos_token }}" + turns), True),
+                                  ("no-bos", tokenizer(pre_tokenizers.Whitespace(), turns), False),
+                                  ("sentencepiece", tokenizer(metaspace, turns), False)]:
         saved = template_as_trained(tok)
-        assert saved is not tok
+        assert saved is not tok and templates.trained_template(saved) == tok.chat_template
         for chat in chats:
             ids = saved.apply_chat_template(chat, tokenize=True)["input_ids"]
-            assert ([tok.bos_token_id] if not writes_bos else []) + ids == trained_ids(tok, chat)
+            assert ([] if writes_bos else [tok.bos_token_id]) + ids == trained_ids(tok, chat), name
             text = saved.apply_chat_template(chat, tokenize=False)  # as TRL's reward functions read it
             assert saved(text, add_special_tokens=False)["input_ids"] == ids
+            assert templates.render(chat, "tokenizer", saved) == tok.apply_chat_template(chat, tokenize=False)
         prompt = tok.apply_chat_template(CARD_CHAT[:1], tokenize=False, add_generation_prompt=True)
-        assert saved.apply_chat_template(CARD_CHAT[:1], tokenize=False, add_generation_prompt=True) == \
-            ("<s>" if writes_bos else "") + prompt  # no end token after a generation prompt
-        scorer = released_tiny_llama(saved, tmp_path / f"rm-{writes_bos}")
+        assert saved.apply_chat_template(CARD_CHAT[:1], tokenize=False, add_generation_prompt=True) == prompt
+        assert templates.turn_closing("tokenizer", saved) == templates.turn_closing("tokenizer", tok) == "\n"
+        scorer = released_tiny_llama(saved, tmp_path / name)
         assert scorer.encode(CARD_CHAT) == trained_ids(tok, CARD_CHAT)
-        facts = model_card.tokenizer_facts(tmp_path / f"rm-{writes_bos}")
-        assert (facts["chat_start"], facts["chat_end"]) == ([] if writes_bos else ["<s>"], False)
-        by_name = model_card._by_name("me/rm", facts)
-        assert ("read training's reward" in by_name) is writes_bos
-        assert card_reward(tmp_path / f"rm-{writes_bos}") == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
-    # a template that writes both already (Llama-2's): saved as it is, with no second EOS
+        facts = model_card.tokenizer_facts(tmp_path / name)
+        assert (facts["chat_start"], facts["chat_end"]) == ([] if writes_bos else ["<s>"], False), name
+        assert ("read training's reward" in model_card._by_name("me/rm", facts)) is writes_bos
+        assert card_reward(tmp_path / name) == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
+        if not writes_bos:  # the template's text under `pipeline`: the tokenizer adds the BOS, the text has the EOS
+            text = saved.apply_chat_template(CARD_CHAT, tokenize=False)
+            assert saved(text)["input_ids"] == trained_ids(tok, CARD_CHAT), name
+    # a template that writes the EOS already (Llama-2's), or marks assistant tokens: saved as it is
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
                          " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     assert template_as_trained(tok) is tok
-
-
+    tok.chat_template = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    assert template_as_trained(tok) is tok
 
 def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tmp_path):
     """Qwen2.5-Instruct's layout: the EOS is `<|im_end|>` and the template writes a line break after it.
@@ -338,17 +344,24 @@ def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tm
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}")
-    scorer = released_tiny_llama(tok, tmp_path / "rm")
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    scorer = released_tiny_llama(template_as_trained(tok), tmp_path / "rm")  # as train saves it
     trained_ids = scorer.encode(CARD_CHAT)
     end, newline = tok.eos_token_id, tok("\n", add_special_tokens=False)["input_ids"]
     assert trained_ids[-3:] == [end, *newline, end] and trained_ids.count(end) == 3
     released = AutoTokenizer.from_pretrained(tmp_path / "rm")
-    text = tok.apply_chat_template(CARD_CHAT, tokenize=False)
+    text = released.apply_chat_template(CARD_CHAT, tokenize=False)  # the saved template writes the last EOS
+    assert text == tok.apply_chat_template(CARD_CHAT, tokenize=False) + "<|im_end|>"
     assert released(text)["input_ids"] == trained_ids
     rm = hf_pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none")
     assert rm(text)[0]["score"] == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
     assert card_reward(tmp_path / "rm") == pytest.approx(scorer.score([CARD_CHAT])[0], abs=1e-5)
+    # TRL's text format: a completion closed or not by the model's end token is scored as the conversation
+    prompt = tok.apply_chat_template(CARD_CHAT[:1], tokenize=False, add_generation_prompt=True)
+    answer = CARD_CHAT[1]["content"]
+    for completion in (answer, answer + "<|im_end|>", answer + "<|im_end|>\n"):
+        given = scorer.reward_function()(prompts=[prompt], completions=[completion])
+        assert given == pytest.approx(scorer.score([CARD_CHAT]), abs=1e-6), completion
 
 def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):
     """transformers drops add_eos_token at load and GPT-NeoX's tokenizer (Pythia) rebuilds its

@@ -113,7 +113,12 @@ def test_grpo_given_the_models_name_reads_the_rewards_training_measured(trained_
     tokenizer = AutoTokenizer.from_pretrained(release)
     model = AutoModelForSequenceClassification.from_pretrained(release).eval()
     usage = model_card._usage("me/rm", tokenizer=model_card.tokenizer_facts(release), max_length=scorer.max_length)
-    assert "read training's reward for a conversation within the 64 tokens training read" in usage
+    assert "read training's reward for a conversation within the 64 tokens training read (they" in usage
+    # under filter.policy=truncate training cut a long prompt too: the card says so where it cuts
+    assert model_card._held_to({"max_token_length": 64, "max_prompt_token_length": 32, "policy": "drop"}) == (64, None)
+    cut_too = model_card._usage("me/rm", tokenizer=model_card.tokenizer_facts(release), max_length=64, max_prompt=32)
+    assert "within the 64 tokens training read, its prompt within the 32 it held prompts to (they" in cut_too
+    assert "# a prompt over 32 tokens: training cut it too, as the scoring API below does" in cut_too
     cut = next(line for line in usage.splitlines() if line.startswith("ids = ids["))
     long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good film " * 60}]
     scope = {"ids": tokenizer.apply_chat_template(long, tokenize=True)["input_ids"]}

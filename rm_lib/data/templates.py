@@ -100,13 +100,41 @@ def _template_day() -> Iterator[None]:
         _RENDERING.on = before
 
 
-def render(messages: list[dict], name: str, tokenizer: Any, add_generation_prompt: bool = False) -> str:
+# The wrap a model's chat template is saved in (tokenization.template_as_trained): the text it renders ends
+# with the EOS training read the reward at, for readers that add no special tokens (TRL's reward functions,
+# apply_chat_template(..., tokenize=True)). rm_lib renders with the template inside, as training did.
+_WRAP_OPEN = '{% set rm_lib_text %}{{ "" }}'
+_WRAP_CLOSE = ("{% endset %}{{ rm_lib_text }}"
+               "{% if not add_generation_prompt and not rm_lib_text.endswith(eos_token) %}{{ eos_token }}{% endif %}")
+
+
+def ending_with_eos(template: str) -> str:
+    """`template` wrapped so that a whole conversation's text ends with the EOS (none after a generation
+    prompt, and no second one where it writes one). Jinja drops one newline at a template's end and
+    trim_blocks one after a block tag: the `{{ "" }}` and the cut newline keep the text the template's own."""
+    return _WRAP_OPEN + (template[:-1] if template.endswith("\n") else template) + _WRAP_CLOSE
+
+
+def trained_template(tokenizer: Any) -> str | None:
+    """The chat template training rendered with, where the tokenizer holds it wrapped (ending_with_eos);
+    None where its own template is that one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template.startswith(_WRAP_OPEN) and template.endswith(_WRAP_CLOSE):
+        return template[len(_WRAP_OPEN):len(template) - len(_WRAP_CLOSE)]
+    return None
+
+
+def render(messages: list[dict], name: str, tokenizer: Any, add_generation_prompt: bool = False, *,
+           released: bool = False) -> str:
+    """`messages` as text in template `name`. The tokenizer's chat template is the one training rendered
+    with (trained_template); `released`: the one the tokenizer holds, as a reader of the release renders."""
     if name == "tokenizer":
         if not messages:
             return ""
+        trained = None if released else trained_template(tokenizer)
         with _template_day() if reads_clock(tokenizer) else contextlib.nullcontext():
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **({"chat_template": trained} if trained is not None else {}))
     return NAMED[name](messages, add_generation_prompt)
 
 

@@ -186,23 +186,25 @@ _CHECKED = ([{"role": "user", "content": "How do I boil an egg?"},
 
 
 def template_as_trained(tokenizer: Any) -> Any:
-    """A copy of `tokenizer` whose chat template writes what training added around the text it rendered:
-    the end token the reward is read at, after a whole conversation (none after a generation prompt),
-    and the start token where the template writes none and the tokenizer puts one before a text. Its
-    text, tokenized with no special tokens, as `apply_chat_template(..., tokenize=True)` and TRL's reward
-    functions do, then holds the ids training read. The start token is left out where written as text it
-    would change the tokens after it (a SentencePiece word start); `tokenizer` as given where it already
-    renders so, or where a wrapped template renders a checked conversation otherwise (a template of
-    several named templates is not wrapped)."""
+    """A copy of `tokenizer` whose chat template ends a whole conversation with the EOS training read the
+    reward at (templates.ending_with_eos): its text, tokenized with no special tokens, as
+    `apply_chat_template(..., tokenize=True)` and TRL's reward functions do, then holds the ids training
+    read, but for a start token the tokenizer adds (given as text, a BOS doubles under `pipeline`, and a
+    SentencePiece one changes the word start after it: the model card names it). `tokenizer` as given
+    where its template writes the EOS already, where the wrapped one renders a checked conversation
+    otherwise, where it marks assistant tokens (`{% generation %}`: the wrap would move the marks), or
+    holds several named templates."""
     import copy
+    import re
 
     special = special_tokens(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or special.end is None or special.end != tokenizer.eos_token_id:
+    if not isinstance(template, str) or special.end is None or special.end != tokenizer.eos_token_id \
+            or re.search(r"{%-?\s*generation\s*-?%}", template):
         return tokenizer
     prefix_only = SpecialTokens(prefix=special.prefix, end=None)
 
-    def renders_as_trained(candidate: Any, writes_start: bool) -> bool:
+    def renders_as_trained(candidate: Any) -> bool:
         judged = 0
         for chat in _CHECKED:
             try:
@@ -210,30 +212,18 @@ def template_as_trained(tokenizer: Any) -> Any:
             except Exception:  # noqa: BLE001 - a template's refusal (a system turn, say): nothing to judge by
                 continue
             try:
-                ids = _encode(candidate, [templates.render(chat, "tokenizer", candidate)])[0]
+                text = templates.render(chat, "tokenizer", candidate, released=True)
             except Exception:  # noqa: BLE001 - the wrapped template refuses what the template took
                 return False
-            if (ids if writes_start else add_special(ids, prefix_only)) != wanted:
+            if add_special(_encode(candidate, [text])[0], prefix_only) != wanted:
                 return False
             judged += 1
         return judged > 0
 
-    if renders_as_trained(tokenizer, writes_start=True):
-        return tokenizer
-    # Jinja drops one newline at a template's end and trim_blocks one after a block tag: the `{{ "" }}` and
-    # the cut newline keep the wrapped template's text the template's own
-    body = template[:-1] if template.endswith("\n") else template
-    end = "{% if not add_generation_prompt and not rm_lib_text.endswith(eos_token) %}{{ eos_token }}{% endif %}"
-    start = "{% if not rm_lib_text.startswith(bos_token) %}{{ bos_token }}{% endif %}"
-    wraps = [(start, True)] if special.prefix == (tokenizer.bos_token_id,) and tokenizer.bos_token else []
-    for opening, writes_start in [*wraps, ("", False)]:
-        if not writes_start and renders_as_trained(tokenizer, writes_start=False):
-            return tokenizer  # it writes the end token: the start token is what cannot be written
-        candidate = copy.deepcopy(tokenizer)
-        candidate.chat_template = ("{% set rm_lib_text %}{{ \"\" }}" + body + "{% endset %}" + opening
-                                   + "{{ rm_lib_text }}" + end)
-        if "chat_template" in candidate.init_kwargs:
-            candidate.init_kwargs["chat_template"] = candidate.chat_template
-        if renders_as_trained(candidate, writes_start):
-            return candidate
-    return tokenizer
+    if templates.trained_template(tokenizer) is not None or renders_as_trained(tokenizer):
+        return tokenizer  # wrapped already (a release trained on again), or it writes the EOS itself
+    candidate = copy.deepcopy(tokenizer)
+    candidate.chat_template = templates.ending_with_eos(template)
+    if "chat_template" in candidate.init_kwargs:
+        candidate.init_kwargs["chat_template"] = candidate.chat_template
+    return candidate if renders_as_trained(candidate) else tokenizer

@@ -505,7 +505,7 @@ def tokenizer_facts(folder: Path) -> dict:
         if facts["reads_clock"]:  # whether apply_chat_template's date_string renders as training did
             try:
                 given = tokenizer.apply_chat_template(chat, tokenize=False, date_string=_day())
-                facts["takes_date"] = given == templates.render(chat, "tokenizer", tokenizer)
+                facts["takes_date"] = given == templates.render(chat, "tokenizer", tokenizer, released=True)
             except Exception:  # noqa: BLE001 - a template that refuses the exchange: nothing to judge by
                 facts["takes_date"] = False
     return facts
@@ -558,7 +558,7 @@ def _example_text(facts: dict) -> str:
     return templates.NAMED.get(facts.get("template") or "simple_chat", templates.simple_chat)(EXAMPLE)
 
 
-def _example_inputs(tokenizer: dict | None, max_length: Any = None) -> str:
+def _example_inputs(tokenizer: dict | None, max_length: Any = None, max_prompt: Any = None) -> str:
     """Code that sets `inputs` for `model(**inputs)` from the card's example conversation as training
     read it: the tokenizer's chat template's ids (with what training added, cut to `max_length` as
     training cut a longer text), or the text of rm_lib's template that training used."""
@@ -576,12 +576,14 @@ def _example_inputs(tokenizer: dict | None, max_length: Any = None) -> str:
         kept = f"ids[:{front}] + ids[-{max_length - front}:]" if front else f"ids[-{max_length}:]"
         cut = (f"\nids = {kept} if len(ids) > {max_length} else ids  # cut to the {max_length} tokens training read"
                + (", the start token kept, then the end" if front else ", keeping the end"))
+        if _whole(max_prompt):  # filter.policy=truncate cut a prompt too: the scorer knows a conversation's
+            cut += f"\n# a prompt over {max_prompt} tokens: training cut it too, as the scoring API below does"
     return (f"messages = {json.dumps(EXAMPLE[:1])[:-1]},\n            {json.dumps(EXAMPLE[1])}]\n"
             f"ids = tokenizer.apply_chat_template(messages, tokenize=True{day})[\"input_ids\"]{add}{cut}\n"
             "inputs = {\"input_ids\": torch.tensor([ids])}")
 
 
-def _first_example(repo_id: str, tokenizer: dict | None, max_length: Any = None) -> str:
+def _first_example(repo_id: str, tokenizer: dict | None, max_length: Any = None, max_prompt: Any = None) -> str:
     """The first way in: the pipeline on the example's text in the training template, or, for a model
     trained with its tokenizer's chat template (whose text tokenized again can give other ids), the
     template's ids as training had them."""
@@ -602,7 +604,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 model = AutoModelForSequenceClassification.from_pretrained("{repo_id}").eval()
-{_example_inputs(tokenizer, max_length)}
+{_example_inputs(tokenizer, max_length, max_prompt)}
 with torch.no_grad():
     reward = model(**inputs).logits[0, 0].item()
 ```"""
@@ -617,15 +619,15 @@ def _long_texts(max_length: Any) -> str:
             "read, keeping the end")
 
 
-def _by_name(repo_id: str, tokenizer: dict | None, max_length: Any = None) -> str:
+def _by_name(repo_id: str, tokenizer: dict | None, max_length: Any = None, max_prompt: Any = None) -> str:
     """What TRL's trainers read given the repository's name: the saved chat template's text tokenized
     with no special tokens, which is training's where that template writes what training added."""
     facts = tokenizer or {}
     if facts.get("template") == "tokenizer" and not facts.get("chat_start") and facts.get("chat_end") is False \
             and not facts.get("reads_clock"):
-        within = (f" for a conversation within the {max_length} tokens training read (they cut none; the scorer's "
-                  "function cuts as training did)" if isinstance(max_length, int) and not isinstance(max_length, bool)
-                  else "")
+        prompt = f", its prompt within the {max_prompt} it held prompts to" if _whole(max_prompt) else ""
+        within = (f" for a conversation within the {max_length} tokens training read{prompt} (they cut none; the "
+                  "scorer's function cuts as training did)" if _whole(max_length) else "")
         return (f"Given the repository name itself, `reward_funcs=\"{repo_id}\"`, these trainers render a "
                 "conversation with the saved chat template, which writes the start and end tokens training added, "
                 f"and read training's reward{within}.")
@@ -634,14 +636,26 @@ def _by_name(repo_id: str, tokenizer: dict | None, max_length: Any = None) -> st
             "completions the other way.)")
 
 
+def _held_to(lengths: dict) -> tuple[Any, Any]:
+    """The length training held a text to, and a prompt where it cut longer ones (policy truncate)."""
+    return lengths.get("max_token_length"), (lengths.get("max_prompt_token_length")
+                                             if lengths.get("policy") == "truncate" else None)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, tokenizer: dict | None = None,
-           max_length: Any = None) -> str:
+           max_length: Any = None, max_prompt: Any = None) -> str:
+    """`max_length`: what training held a text to; `max_prompt`: a prompt, where it cut longer ones
+    (filter.policy=truncate)."""
     lora = _adapter_usage(repo_id, adapter, local_base, tokenizer) if adapter else ""
     return f"""## How to use
 
 The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
 
-{_first_example(repo_id, tokenizer, max_length)}
+{_first_example(repo_id, tokenizer, max_length, max_prompt)}
 
 {_text_rules(tokenizer)}
 
@@ -658,7 +672,7 @@ scorer.score([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "cont
 
 In TRL, as the reward of GRPO or RLOO (the trainers that take `reward_funcs`; the experimental Online DPO too): the
 scorer's function renders conversational prompts and completions with the training template and adds
-the start and end tokens, as training did. {_by_name(repo_id, tokenizer, max_length)}
+the start and end tokens, as training did. {_by_name(repo_id, tokenizer, max_length, max_prompt)}
 In TRL's text format the prompt is scored as given, joined to its completion, which is opened and closed as
 the training template opens and closes an answer (TRL gives it without the policy's end token): render the
 prompt with the training template, its generation prompt included, for the reward training measured.
@@ -832,7 +846,7 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 {_gate(list(gate), forced, refused)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
 {_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None, tokenizer,
-        (params.get("filter") or {}).get("max_token_length"))}
+        *_held_to(params.get("filter") or {}))}
 
 {_parameters(params)}
 
