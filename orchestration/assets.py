@@ -138,6 +138,11 @@ def _settings(context: dg.AssetExecutionContext, step: str, config: StepConfig, 
     """params.yaml + the project's run-wide overrides + `extra` (from resources) + the run config, once
     this run holds the project folder (orchestration.run_lock: one run at a time). `hub`: the credentials
     the run's first step reads the base model with (a gated model), where a later step of the run loads it."""
+    if not project.params_path().is_file():  # a wrong root: said before the claim writes .rm_lib/locks there
+        try:
+            project.load_params()
+        except SettingsError as exc:
+            raise mistake(step, exc, of_the_step=False) from exc
     claim_project(context, project.root_path())
     try:
         # the whole run's settings first: a mistake in train's must stop the run before download replaces

@@ -1068,6 +1068,16 @@ def test_automation_never_releases_with_the_last_models_evaluation():
 
 # ---------------------------------------------------------------- resources
 
+def test_a_project_resource_with_no_settings_file_fails_the_run_writing_nothing_there(tmp_path):
+    """The project resource's root named a folder without params.yaml (tests/): the run failed saying so, but
+    only after claiming the folder, which left a .rm_lib/locks tree there for `git status` to show."""
+    result = materialize(tmp_path, selection=["raw_preferences"], params_file=tmp_path / "params.yaml")
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert f"{tmp_path / 'params.yaml'}: no such settings file" in failure.description
+    assert os.listdir(tmp_path) == []
+
+
 def test_resources(tmp_path, monkeypatch):
     assert WandbResource(project="p", mode="offline").overrides() == ["train.wandb_project=p",
                                                                       "train.wandb_mode=offline"]
