@@ -396,7 +396,8 @@ def test_model_card_has_every_required_section(project, tiny_decoder):
     usage = sections["How to use"]
     # the tiny decoder trained with its tokenizer's chat template: its ids, not a `User: ...` text
     for snippet in ('AutoModelForSequenceClassification.from_pretrained("alice/tiny-rm")',
-                    'tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]', "RewardScorer(",
+                    'tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]',
+                    "RewardScorer(",
                     "GRPOTrainer(..., reward_funcs=scorer.reward_function())", "GRPO or RLOO (the trainers"):
         assert snippet in usage
     assert "PPOTrainer" not in usage  # trl 1.x has none

@@ -238,7 +238,8 @@ def test_the_cards_conversation_recipe_gives_training_ids_where_retokenizing_the
     facts = model_card.tokenizer_facts(tmp_path / "rm")
     assert facts["chat_start"] == [] and facts["chat_end"] is False  # the template writes both
     rules = model_card._text_rules(facts)
-    assert 'ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]`, as they are' in rules
+    recipe = 'ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]`'
+    assert recipe + ", as they are" in rules
     ids = tok.apply_chat_template(chat, tokenize=True)["input_ids"]
     assert ids == trained_ids
     with torch.no_grad():
@@ -362,6 +363,40 @@ def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tm
     for completion in (answer, answer + "<|im_end|>", answer + "<|im_end|>\n"):
         given = scorer.reward_function()(prompts=[prompt], completions=[completion])
         assert given == pytest.approx(scorer.score([CARD_CHAT]), abs=1e-6), completion
+
+def test_a_release_carries_the_keys_transformers_4_reads(tmp_path, tiny_decoder):
+    """An RLHF stack on transformers 4.x read transformers 5's files otherwise: no `rope_theta` beside
+    `rope_parameters` (it took 10,000 where the base trained with 500,000), a tokenizer class it does not
+    know (TokenizersBackend: no load), and a Llama tokenizer rebuilt its ends from `add_bos_token` and
+    `add_eos_token`, absent (a BOS and no EOS: the reward read elsewhere). Each is written where
+    transformers 5 still reads the folder as saved."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from rm_lib.model.modeling import load_tokenizer
+    from rm_lib.publish import model_card
+
+    tok = load_tokenizer(str(tiny_decoder))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
+                         rope_theta=500000.0)
+    for chat in (False, True):
+        folder = tmp_path / f"rm-{chat}"
+        save_model(LlamaForSequenceClassification(config).eval(), template_as_trained(tok) if chat else tok, folder,
+                   chat_template=chat)
+        written = json.loads((folder / "config.json").read_text())
+        assert written["rope_theta"] == 500000.0 and "rope_scaling" not in written
+        assert AutoConfig.from_pretrained(folder).rope_parameters == config.rope_parameters
+        saved = json.loads((folder / "tokenizer_config.json").read_text())
+        assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+        released = AutoTokenizer.from_pretrained(folder)
+        ids, plain = released("good film")["input_ids"], released("good film", add_special_tokens=False)["input_ids"]
+        assert saved["add_bos_token"] == (ids[0] == tok.bos_token_id != plain[0]) is True
+        # the end token: the tokenizer's for a text, the saved template's for a conversation
+        assert saved["add_eos_token"] == (ids[-1] == tok.eos_token_id != plain[-1]) is not chat
+        facts = model_card.tokenizer_facts(folder)
+        assert f"Saved by transformers `{written['transformers_version']}`; `config.json`" in \
+            model_card._usage("me/rm", tokenizer=facts)
+
 
 def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):
     """transformers drops add_eos_token at load and GPT-NeoX's tokenizer (Pythia) rebuilds its

@@ -432,7 +432,7 @@ def test_a_template_that_writes_the_date_renders_every_text_as_on_one_day(tiny_d
     (tmp_path / "rm_lib.json").write_text(json.dumps({"template": "tokenizer"}))
     facts = model_card.tokenizer_facts(tmp_path)
     example = model_card._example_inputs(facts)
-    assert 'apply_chat_template(messages, tokenize=True, date_string="26 Jul 2024")' in example
+    assert 'apply_chat_template(messages, tokenize=True, return_dict=True, date_string="26 Jul 2024")' in example
     assert "training rendered every text as on 26 Jul 2024,\nand `apply_chat_template(..., date_string=" in \
         model_card._text_rules(facts)
     # Mistral Small 3's shape reads the clock and takes no date: the card says so, and adds no date_string

@@ -654,7 +654,33 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
             released.init_kwargs[key] = value
     with quiet_transformers():
         _save_model(getattr(model, "module", model), released, Path(folder), extra_config, state_dict)
+        config_for_transformers_4(Path(folder))
         reloads_as_saved(released, Path(folder))
+
+
+def config_for_transformers_4(folder: Path) -> None:
+    """config.json with the keys transformers 4 reads beside transformers 5's: a release read by an RLHF
+    stack still on 4.x took the rotary base it finds no `rope_theta` for (10,000, where Llama-3 trained
+    with 500,000), silently. Kept only where transformers 5 reads the same settings from the file."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    saved = path.read_text(encoding="utf-8")
+    config = json.loads(saved)
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config or "rope_theta" not in rope:
+        return
+    before = AutoConfig.from_pretrained(folder).to_dict()
+    legacy = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    path.write_text(json.dumps({**config, **legacy}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        same = AutoConfig.from_pretrained(folder).to_dict() == before
+    except Exception:  # noqa: BLE001 - a config transformers 5 no longer reads: as it was saved
+        same = False
+    if not same:
+        path.write_text(saved, encoding="utf-8")
 
 
 def reloads_as_saved(tokenizer: Any, folder: Path) -> None:
@@ -684,6 +710,22 @@ def reloads_as_saved(tokenizer: Any, folder: Path) -> None:
         except Exception:  # a folder this class cannot load: judged as not loading right
             return False
 
+    # What transformers 4 needs to read the same tokenizer: a class it knows (5's generic TokenizersBackend
+    # is PreTrainedTokenizerFast in both), and the flags a Llama-style class rebuilds its post-processor
+    # from at load (without them 4.x put a BOS and no EOS around a text: the reward was read elsewhere).
+    # Written where transformers 5 still loads it as saved.
+    older = json.loads(saved)
+    if older.get("tokenizer_class") == "TokenizersBackend":
+        older["tokenizer_class"] = "PreTrainedTokenizerFast"
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    if plain and tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None:
+        older["add_bos_token"] = wanted[:1] == [tokenizer.bos_token_id] != plain[:1]
+        older["add_eos_token"] = wanted[-1:] == [tokenizer.eos_token_id] != plain[-1:]
+    if older != config:
+        path.write_text(json.dumps(older, indent=2), encoding="utf-8")
+        if loads_right():
+            return
+        path.write_text(saved, encoding="utf-8")
     if loads_right():
         return
     generic = False

@@ -433,7 +433,7 @@ def adapter_facts(folder: Path) -> dict | None:
     text = model.get("text_config") or model
     pad_id, vocab = text.get("pad_token_id", model.get("pad_token_id")), text.get("vocab_size")
     return {"base": config.get("base_model_name_or_path"), "revision": config.get("revision"),
-            "pad_token_id": pad_id if added else None,
+            "peft": config.get("peft_version"), "pad_token_id": pad_id if added else None,
             "rows": vocab if added and isinstance(pad_id, int) and vocab == pad_id + 1 else None}
 
 
@@ -486,7 +486,9 @@ def tokenizer_facts(folder: Path) -> dict:
     special = special_tokens(tokenizer)
     ids = tokenizer("x")["input_ids"]
     saved = json.loads((folder / "rm_lib.json").read_text()) if (folder / "rm_lib.json").exists() else {}
-    facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end),
+    saved_by = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_version") \
+        if (folder / "config.json").is_file() else None
+    facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end), "transformers": saved_by,
              "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
              "template": saved.get("template")}
     if facts["template"] == "tokenizer":  # what training added to the template's own ids
@@ -531,7 +533,7 @@ def _text_rules(tokenizer: dict | None) -> str:
         added = [f"{_code(t)} before them" for t in [" ".join(facts.get("chat_start") or [])] if t]
         added += [f"{_code(end)} after them"] if facts.get("chat_end", True) else []
         how = ("A conversation is the tokenizer's chat template, which training used, tokenized as training did:\n"
-               "`ids = tokenizer.apply_chat_template(messages, tokenize=True)[\"input_ids\"]`"
+               "`ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)[\"input_ids\"]`"
                + (f", with {' and '.join(added)}" if added else ", as they are") + "; then\n"
                "`model(input_ids=torch.tensor([ids]))`. Its text given to `tokenizer(text)` or the pipeline "
                "can give other ids\n(where the template writes a BOS, the tokenizer may add another; a SentencePiece "
@@ -579,7 +581,9 @@ def _example_inputs(tokenizer: dict | None, max_length: Any = None, max_prompt: 
         if _whole(max_prompt):  # filter.policy=truncate cut a prompt too: the scorer knows a conversation's
             cut += f"\n# a prompt over {max_prompt} tokens: training cut it too, as the scoring API below does"
     return (f"messages = {json.dumps(EXAMPLE[:1])[:-1]},\n            {json.dumps(EXAMPLE[1])}]\n"
-            f"ids = tokenizer.apply_chat_template(messages, tokenize=True{day})[\"input_ids\"]{add}{cut}\n"
+            # return_dict: transformers 4 returns the ids alone without it
+            f"ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True{day})[\"input_ids\"]"
+            f"{add}{cut}\n"
             "inputs = {\"input_ids\": torch.tensor([ids])}")
 
 
@@ -636,6 +640,16 @@ def _by_name(repo_id: str, tokenizer: dict | None, max_length: Any = None, max_p
             "completions the other way.)")
 
 
+def _versions(tokenizer: dict | None, adapter: dict | None) -> str:
+    """Which versions wrote the files: an older peft refuses the keys a newer one writes."""
+    made = (tokenizer or {}).get("transformers")
+    if not made:
+        return ""
+    peft = (adapter or {}).get("peft")
+    return (f" Saved by transformers {_code(made)}" + (f" and peft {_code(peft)} (the adapter)" if peft else "")
+            + "; `config.json` and `tokenizer_config.json` carry the keys transformers 4 reads as well.")
+
+
 def _held_to(lengths: dict) -> tuple[Any, Any]:
     """The length training held a text to, and a prompt where it cut longer ones (policy truncate)."""
     return lengths.get("max_token_length"), (lengths.get("max_prompt_token_length")
@@ -653,7 +667,7 @@ def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, 
     lora = _adapter_usage(repo_id, adapter, local_base, tokenizer) if adapter else ""
     return f"""## How to use
 
-The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.
+The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.{_versions(tokenizer, adapter)}
 
 {_first_example(repo_id, tokenizer, max_length, max_prompt)}
 
