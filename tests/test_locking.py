@@ -552,6 +552,12 @@ def test_dvc_is_not_asked_to_record_outputs_under_a_linked_folder(tmp_path, monk
             "step has run; keep data/filtered a folder of the project")
     with pytest.raises(UserError, match=re.escape(said) + "$"):
         run_steps(tiny_params(), layout.root, "filter")
+    # a dvc.yaml DVC cannot read is DVC's to name, not this check's
+    from rm_lib.pipeline.dvc_record import linked_folder_above
+
+    for broken in ("stages: {filter: python -m rm_lib filter}\n", "stages: [\n"):
+        (layout.root / "dvc.yaml").write_text(broken)
+        assert linked_folder_above(layout.root, "filter") is None
 
 
 def test_a_step_killed_between_two_renames_gets_its_earlier_output_back(tmp_path):

@@ -328,6 +328,11 @@ def test_the_saved_template_ends_a_conversation_with_the_eos_training_read_the_r
     assert template_as_trained(tok) is tok
     tok.chat_template = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
     assert template_as_trained(tok) is tok
+    # a release an earlier version saved, its template writing the BOS too: rendered as training rendered
+    bos_first = "{% if not rm_lib_text.startswith(bos_token) %}{{ bos_token }}{% endif %}{{ rm_lib_text }}"
+    earlier = templates.ending_with_eos(turns).replace("{{ rm_lib_text }}", bos_first)
+    tok.chat_template = earlier
+    assert templates.trained_template(tok) == turns
 
 def test_a_chatml_template_whose_end_of_turn_is_the_eos_ends_every_path_alike(tmp_path):
     """Qwen2.5-Instruct's layout: the EOS is `<|im_end|>` and the template writes a line break after it.
@@ -396,6 +401,26 @@ def test_a_release_carries_the_keys_transformers_4_reads(tmp_path, tiny_decoder)
         facts = model_card.tokenizer_facts(folder)
         assert f"Saved by transformers `{written['transformers_version']}`; `config.json`" in \
             model_card._usage("me/rm", tokenizer=facts)
+    # a folder without them (an earlier version's release): the card does not say they are there
+    (folder / "tokenizer_config.json").write_text(json.dumps({**saved, "tokenizer_class": "TokenizersBackend"}))
+    usage = model_card._usage("me/rm", tokenizer=model_card.tokenizer_facts(folder))
+    assert f"Saved by transformers `{written['transformers_version']}`." in usage
+    assert "transformers 4 reads" not in usage
+    # the share of a head rotated, under the names transformers 4 reads (Phi-2's 0.4 was read as 0.5)
+    from transformers import GPTNeoXConfig, PhiConfig
+
+    from rm_lib.model.modeling import config_for_transformers_4
+
+    for name, made, wanted in [("phi", PhiConfig(partial_rotary_factor=0.4, rope_theta=20000.0),
+                                {"partial_rotary_factor": 0.4, "rope_theta": 20000.0}),
+                               ("neox", GPTNeoXConfig(rotary_pct=0.5, rotary_emb_base=20000),
+                                {"rotary_pct": 0.5, "rotary_emb_base": 20000})]:
+        made.save_pretrained(tmp_path / name)
+        read = AutoConfig.from_pretrained(tmp_path / name).to_dict()
+        config_for_transformers_4(tmp_path / name)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert {k: written.get(k) for k in wanted} == wanted, name
+        assert AutoConfig.from_pretrained(tmp_path / name).to_dict() == read
 
 
 def test_a_gpt_neox_tokenizer_still_adds_the_end_token_once_saved_and_loaded_again(tmp_path):

@@ -115,12 +115,19 @@ def ending_with_eos(template: str) -> str:
     return _WRAP_OPEN + (template[:-1] if template.endswith("\n") else template) + _WRAP_CLOSE
 
 
+# an earlier version of the wrap wrote the BOS too (a BOS written as text doubled under `pipeline`)
+_WRAP_CLOSES = (_WRAP_CLOSE, _WRAP_CLOSE.replace(
+    "{{ rm_lib_text }}", "{% if not rm_lib_text.startswith(bos_token) %}{{ bos_token }}{% endif %}{{ rm_lib_text }}", 1))
+
+
 def trained_template(tokenizer: Any) -> str | None:
     """The chat template training rendered with, where the tokenizer holds it wrapped (ending_with_eos);
     None where its own template is that one."""
     template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template.startswith(_WRAP_OPEN) and template.endswith(_WRAP_CLOSE):
-        return template[len(_WRAP_OPEN):len(template) - len(_WRAP_CLOSE)]
+    if isinstance(template, str) and template.startswith(_WRAP_OPEN):
+        for close in _WRAP_CLOSES:
+            if template.endswith(close):
+                return template[len(_WRAP_OPEN):len(template) - len(close)]
     return None
 
 

@@ -660,20 +660,22 @@ def save_model(model: Any, tokenizer: Any, folder: str | Path, *, extra_config: 
 
 def config_for_transformers_4(folder: Path) -> None:
     """config.json with the keys transformers 4 reads beside transformers 5's: a release read by an RLHF
-    stack still on 4.x took the rotary base it finds no `rope_theta` for (10,000, where Llama-3 trained
-    with 500,000), silently. Kept only where transformers 5 reads the same settings from the file."""
+    stack still on 4.x took defaults for what 5 keeps only in `rope_parameters`, silently: the rotary base
+    (10,000, where Llama-3 trained with 500,000), its scaling, the share of each head rotated (Phi-2's
+    0.4 read as 0.5; GPT-NeoX's under its own names). Kept only where transformers 5 reads the same
+    settings from the file; remote code is left as saved (loading it here would run it)."""
     from transformers import AutoConfig
 
     path = folder / "config.json"
     saved = path.read_text(encoding="utf-8")
     config = json.loads(saved)
     rope = config.get("rope_parameters")
-    if not isinstance(rope, dict) or "rope_theta" in config or "rope_theta" not in rope:
+    if not isinstance(rope, dict) or "auto_map" in config:
+        return
+    legacy = legacy_rope_keys(config)
+    if not legacy:
         return
     before = AutoConfig.from_pretrained(folder).to_dict()
-    legacy = {"rope_theta": rope["rope_theta"]}
-    if rope.get("rope_type", "default") != "default":
-        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     path.write_text(json.dumps({**config, **legacy}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     try:
         same = AutoConfig.from_pretrained(folder).to_dict() == before
@@ -681,6 +683,23 @@ def config_for_transformers_4(folder: Path) -> None:
         same = False
     if not same:
         path.write_text(saved, encoding="utf-8")
+
+
+def legacy_rope_keys(config: dict) -> dict:
+    """The top-level keys transformers 4 reads the settings of `config["rope_parameters"]` from, where
+    config.json lacks them."""
+    rope = config.get("rope_parameters") or {}
+    wanted: dict[str, Any] = {}
+    if "rope_theta" in rope:
+        wanted["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        wanted["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if "partial_rotary_factor" in rope:
+        wanted["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if config.get("model_type") == "gpt_neox":  # its own names in transformers 4
+        wanted = {k: wanted[w] for k, w in (("rotary_emb_base", "rope_theta"), ("rotary_pct", "partial_rotary_factor"))
+                  if w in wanted}
+    return {k: v for k, v in wanted.items() if k not in config}
 
 
 def reloads_as_saved(tokenizer: Any, folder: Path) -> None:

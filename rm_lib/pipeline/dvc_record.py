@@ -95,9 +95,12 @@ def linked_folder_above(root: Path, stage: str) -> Optional[str]:
     repository and fails, once the step has run. An output DVC records whole may itself be a link."""
     try:
         found = ((read_yaml(root / "dvc.yaml") or {}).get("stages") or {}).get(stage) or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, UserError):
         return None  # dvc.yaml's own errors are DVC's to say
-    outs = [_path_of(o) for key in ("outs", "metrics", "plots") for o in (found.get(key) or [])]
+    if not isinstance(found, dict):
+        return None
+    outs = [_path_of(o) for key in ("outs", "metrics", "plots") for o in (found.get(key) or [])
+            if isinstance(o, (str, dict))]
     base = root.absolute()
     for out in outs:
         parts = Path(out).parts

@@ -437,7 +437,8 @@ def adapter_facts(folder: Path) -> dict | None:
             "rows": vocab if added and isinstance(pad_id, int) and vocab == pad_id + 1 else None}
 
 
-def _adapter_usage(repo_id: str, adapter: dict, local_base: bool, tokenizer: dict | None = None) -> str:
+def _adapter_usage(repo_id: str, adapter: dict, local_base: bool, tokenizer: dict | None = None,
+                   max_length: Any = None, max_prompt: Any = None) -> str:
     """How to load the LoRA adapter with transformers and peft alone, to the merged model's rewards."""
     base, revision = adapter["base"], adapter.get("revision")
     pin = f', revision="{revision}"' if revision else ""
@@ -470,7 +471,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 {code}
 model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter").eval()
-{_example_inputs(tokenizer)}
+{_example_inputs(tokenizer, max_length, max_prompt)}
 with torch.no_grad():
     reward = model(**inputs).logits[0, 0].item()
 ```{told}{where}"""
@@ -486,9 +487,7 @@ def tokenizer_facts(folder: Path) -> dict:
     special = special_tokens(tokenizer)
     ids = tokenizer("x")["input_ids"]
     saved = json.loads((folder / "rm_lib.json").read_text()) if (folder / "rm_lib.json").exists() else {}
-    saved_by = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_version") \
-        if (folder / "config.json").is_file() else None
-    facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end), "transformers": saved_by,
+    facts = {"adds_end": special.end is None or (bool(ids) and ids[-1] == special.end), **_saved_by(folder),
              "end_token": tokenizer.convert_ids_to_tokens(special.end) if special.end is not None else None,
              "template": saved.get("template")}
     if facts["template"] == "tokenizer":  # what training added to the template's own ids
@@ -511,6 +510,25 @@ def tokenizer_facts(folder: Path) -> dict:
             except Exception:  # noqa: BLE001 - a template that refuses the exchange: nothing to judge by
                 facts["takes_date"] = False
     return facts
+
+
+def _saved_by(folder: Path) -> dict:
+    """The transformers version that wrote the folder, and whether its files hold the keys transformers 4
+    reads (modeling.config_for_transformers_4 and reloads_as_saved write them where 5 reads the same)."""
+    from rm_lib.model.modeling import legacy_rope_keys
+
+    def read(name: str) -> dict:
+        try:
+            found = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    config, tokenizer = read("config.json"), read("tokenizer_config.json")
+    nested = [c for c in (config, config.get("text_config")) if isinstance(c, dict)]
+    return {"transformers": config.get("transformers_version"),
+            "transformers_4": bool(config) and "auto_map" not in config and not any(map(legacy_rope_keys, nested))
+            and tokenizer.get("tokenizer_class") not in (None, "TokenizersBackend")}
 
 
 def _day() -> str:
@@ -647,7 +665,8 @@ def _versions(tokenizer: dict | None, adapter: dict | None) -> str:
         return ""
     peft = (adapter or {}).get("peft")
     return (f" Saved by transformers {_code(made)}" + (f" and peft {_code(peft)} (the adapter)" if peft else "")
-            + "; `config.json` and `tokenizer_config.json` carry the keys transformers 4 reads as well.")
+            + ("; `config.json` and `tokenizer_config.json` carry the keys transformers 4 reads as well."
+               if (tokenizer or {}).get("transformers_4") else "."))
 
 
 def _held_to(lengths: dict) -> tuple[Any, Any]:
@@ -664,7 +683,7 @@ def _usage(repo_id: str, adapter: dict | None = None, local_base: bool = False, 
            max_length: Any = None, max_prompt: Any = None) -> str:
     """`max_length`: what training held a text to; `max_prompt`: a prompt, where it cut longer ones
     (filter.policy=truncate)."""
-    lora = _adapter_usage(repo_id, adapter, local_base, tokenizer) if adapter else ""
+    lora = _adapter_usage(repo_id, adapter, local_base, tokenizer, max_length, max_prompt) if adapter else ""
     return f"""## How to use
 
 The repository may be private: log in first (`hf auth login`) or set `HF_TOKEN`.{_versions(tokenizer, adapter)}
