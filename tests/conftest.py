@@ -108,20 +108,20 @@ def minilm_path() -> str:
     return resolve_model_path("default")
 
 
-# Seconds each module's tests took in each tier on two cores (2026-12-06, `--durations=0`). The
+# Seconds each module's tests took in each tier on two cores (2026-12-07, `--durations=0`). The
 # Makefile's xdist runs hand out whole modules, in the order of the collection (--no-loadscope-reorder):
 # the longest first, so no long module starts last while the other worker sits idle (a minute of
 # real-data training started last cost the integration tier two minutes). Only the order matters;
 # a module not listed runs after those that are.
 MODULE_SECONDS = {
-    "integration": {"test_dvc": 268, "test_real_data": 201, "test_train": 255, "test_demo": 167,
-                    "test_orchestration": 110, "test_bench_gpu": 98, "test_ui_browser": 96, "test_soak": 83,
-                    "test_dvc_record": 68, "test_locking": 51, "test_memory": 26, "test_tokenize_filter": 20,
-                    "test_profile_train": 16, "test_hub": 15, "test_download": 8},
-    "fast": {"test_train": 102, "test_hub": 88, "test_varlen": 57, "test_chain": 52, "test_checkpoints": 50,
-             "test_scoring": 33, "test_packing": 31, "test_readme_commands": 30, "test_orchestration": 27,
-             "test_settings_cli": 27, "test_release_gate": 21, "test_evaluate": 20, "test_download": 20,
-             "test_bench_gpu": 19, "test_bad_input": 15, "test_model": 11, "test_tokenize_filter": 9},
+    "integration": {"test_real_data": 253, "test_dvc": 200, "test_train": 184, "test_demo": 152,
+                    "test_orchestration": 108, "test_ui_browser": 78, "test_bench_gpu": 63, "test_dvc_record": 57,
+                    "test_soak": 21, "test_locking": 21, "test_memory": 20, "test_profile_train": 11,
+                    "test_tokenize_filter": 11, "test_hub": 10, "test_download": 7, "test_trained_prompts": 6},
+    "fast": {"test_hub": 57, "test_scoring": 28, "test_train": 27, "test_varlen": 20, "test_orchestration": 20,
+             "test_readme_commands": 18, "test_bench_gpu": 14, "test_packing": 12, "test_checkpoints": 12,
+             "test_settings_cli": 11, "test_chain": 11, "test_model": 8, "test_tokenize_filter": 6,
+             "test_release_gate": 6, "test_dvc_record": 5, "test_bad_input": 5},
 }
 
 
