@@ -555,7 +555,8 @@ def test_dvc_is_not_asked_to_record_outputs_under_a_linked_folder(tmp_path, monk
     # a dvc.yaml DVC cannot read is DVC's to name, not this check's
     from rm_lib.pipeline.dvc_record import linked_folder_above
 
-    for broken in ("stages: {filter: python -m rm_lib filter}\n", "stages: [\n"):
+    for broken in ("stages: {filter: python -m rm_lib filter}\n", "stages: [\n", "stages: {filter: {outs: 5}}\n",
+                   "stages: {filter: {outs: [{}]}}\n", "stages: {filter: {outs: [{1: {}}]}}\n"):
         (layout.root / "dvc.yaml").write_text(broken)
         assert linked_folder_above(layout.root, "filter") is None
 

@@ -406,6 +406,13 @@ def test_a_release_carries_the_keys_transformers_4_reads(tmp_path, tiny_decoder)
     usage = model_card._usage("me/rm", tokenizer=model_card.tokenizer_facts(folder))
     assert f"Saved by transformers `{written['transformers_version']}`." in usage
     assert "transformers 4 reads" not in usage
+    # nor for rotary settings per layer type (Gemma-3's), which it writes no transformers 4 keys for
+    (folder / "tokenizer_config.json").write_text(json.dumps(saved))
+    assert model_card.tokenizer_facts(folder)["transformers_4"]
+    per_layer = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    (folder / "config.json").write_text(json.dumps({**written, "rope_parameters": per_layer}))
+    assert not model_card.tokenizer_facts(folder)["transformers_4"]
     # the share of a head rotated, under the names transformers 4 reads (Phi-2's 0.4 was read as 0.5)
     from transformers import GPTNeoXConfig, PhiConfig
 
@@ -484,7 +491,8 @@ def test_a_chat_template_that_writes_the_eos_keeps_the_tokenizer_as_it_is_and_th
     (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
     facts = model_card.tokenizer_facts(tmp_path / "rm")
     assert facts["adds_end"] is False and facts["end_token"] == "</s>" and facts["template"] == "tokenizer"
-    assert "this\ntokenizer does not add it" in model_card._text_rules(facts)
+    assert "the saved chat template\nwrites it after a whole conversation, and the tokenizer does not add it" in \
+        model_card._text_rules(facts)
     assert "apply_chat_template" in model_card._text_rules(facts)
     # a template of rm_lib's own (the default model has no chat template): no chat-template advice
     simple = model_card._text_rules({"adds_end": True, "end_token": "[SEP]", "template": "simple_chat"})

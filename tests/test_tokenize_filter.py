@@ -435,6 +435,17 @@ def test_a_template_that_writes_the_date_renders_every_text_as_on_one_day(tiny_d
     assert 'apply_chat_template(messages, tokenize=True, return_dict=True, date_string="26 Jul 2024")' in example
     assert "training rendered every text as on 26 Jul 2024,\nand `apply_chat_template(..., date_string=" in \
         model_card._text_rules(facts)
+    # saved as train saves it (the template ends a conversation with the EOS): TRL given the model's name
+    # renders today's date, which the card says
+    from rm_lib.data.tokenization import template_as_trained
+
+    dated = load_tokenizer(str(tiny_decoder))
+    day_after_bos = "{{ bos_token }}{{ strftime_now('%d %b %Y') }}"
+    dated.chat_template = dated.chat_template.replace("{{ bos_token }}", day_after_bos)
+    template_as_trained(dated).save_pretrained(tmp_path)
+    facts = model_card.tokenizer_facts(tmp_path)
+    assert (facts["chat_start"], facts["chat_end"], facts["reads_clock"]) == ([], False, True)
+    assert "so on any other day they read text training did not" in model_card._by_name("me/rm", facts)
     # Mistral Small 3's shape reads the clock and takes no date: the card says so, and adds no date_string
     tok.chat_template = "{{ strftime_now('%Y-%m-%d') }}" + load_tokenizer(str(tiny_decoder)).chat_template
     tok.save_pretrained(tmp_path)

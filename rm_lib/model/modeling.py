@@ -689,6 +689,8 @@ def legacy_rope_keys(config: dict) -> dict:
     """The top-level keys transformers 4 reads the settings of `config["rope_parameters"]` from, where
     config.json lacks them."""
     rope = config.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        return {}  # per layer type (Gemma-3's): not written (the model card claims no transformers 4 keys)
     wanted: dict[str, Any] = {}
     if "rope_theta" in rope:
         wanted["rope_theta"] = rope["rope_theta"]

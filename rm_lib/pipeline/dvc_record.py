@@ -99,8 +99,10 @@ def linked_folder_above(root: Path, stage: str) -> Optional[str]:
         return None  # dvc.yaml's own errors are DVC's to say
     if not isinstance(found, dict):
         return None
-    outs = [_path_of(o) for key in ("outs", "metrics", "plots") for o in (found.get(key) or [])
-            if isinstance(o, (str, dict))]
+    lists = [found.get(key) for key in ("outs", "metrics", "plots")]
+    entries = [o for listed in lists if isinstance(listed, list) for o in listed]
+    outs = [p for p in (o if isinstance(o, str) else next(iter(o), None) if isinstance(o, dict) else None
+                        for o in entries) if isinstance(p, str) and p]
     base = root.absolute()
     for out in outs:
         parts = Path(out).parts

@@ -526,9 +526,11 @@ def _saved_by(folder: Path) -> dict:
 
     config, tokenizer = read("config.json"), read("tokenizer_config.json")
     nested = [c for c in (config, config.get("text_config")) if isinstance(c, dict)]
+    # rotary settings per layer type (Gemma-3's) have no transformers 4 keys written for them
+    per_layer = any(isinstance(v, dict) for c in nested for v in (c.get("rope_parameters") or {}).values())
     return {"transformers": config.get("transformers_version"),
             "transformers_4": bool(config) and "auto_map" not in config and not any(map(legacy_rope_keys, nested))
-            and tokenizer.get("tokenizer_class") not in (None, "TokenizersBackend")}
+            and not per_layer and tokenizer.get("tokenizer_class") not in (None, "TokenizersBackend")}
 
 
 def _day() -> str:
@@ -543,6 +545,9 @@ def _text_rules(tokenizer: dict | None) -> str:
         ends = ("The reward is read at the end token that training put after every text; the saved tokenizer "
                 "adds it,\nand the start token, when it tokenizes a text (`tokenizer(text)`), so do not add "
                 "them yourself.")
+    elif facts["template"] == "tokenizer" and facts.get("chat_end") is False:
+        ends = (f"The reward is read at the end token ({_code(end)}) that training put after every text; the saved "
+                "chat template\nwrites it after a whole conversation, and the tokenizer does not add it to a text.")
     else:
         ends = (f"The reward is read at the end token ({_code(end)}) that training put after every text, and this\n"
                 f"tokenizer does not add it: a text must end with it (`text + tokenizer.eos_token`), unless the "
@@ -645,8 +650,12 @@ def _by_name(repo_id: str, tokenizer: dict | None, max_length: Any = None, max_p
     """What TRL's trainers read given the repository's name: the saved chat template's text tokenized
     with no special tokens, which is training's where that template writes what training added."""
     facts = tokenizer or {}
-    if facts.get("template") == "tokenizer" and not facts.get("chat_start") and facts.get("chat_end") is False \
-            and not facts.get("reads_clock"):
+    as_trained = facts.get("template") == "tokenizer" and not facts.get("chat_start") and facts.get("chat_end") is False
+    if as_trained and facts.get("reads_clock"):
+        return (f"Given the repository name itself, `reward_funcs=\"{repo_id}\"`, these trainers render a "
+                "conversation with the saved chat template, which writes the day it renders on: training rendered "
+                f"every text as on {_day()}, so on any other day they read text training did not.")
+    if as_trained:
         prompt = f", its prompt within the {max_prompt} it held prompts to" if _whole(max_prompt) else ""
         within = (f" for a conversation within the {max_length} tokens training read{prompt} (they cut none; the "
                   "scorer's function cuts as training did)" if _whole(max_length) else "")

@@ -339,8 +339,8 @@ def run(params: Params, layout: Layout, accelerator=None,
         with atomic_dirs(layout.model, layout.train_logs) as (out, logs):
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
             chat = tokenized["template"] == "tokenizer"
-            # the release's template writes the start and end tokens training added: TRL's reward functions and
-            # apply_chat_template(tokenize=True) add none
+            # the release's template writes the end token training added: TRL's reward functions and
+            # apply_chat_template(tokenize=True) add none (a start token the tokenizer adds stays the tokenizer's)
             save_model(model, tokenization.template_as_trained(tokenizer) if chat else tokenizer, out,
                        extra_config={**normalisation, "rm_lib_fingerprint": fingerprint}, state_dict=gathered,
                        chat_template=chat)
