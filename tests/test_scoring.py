@@ -1063,6 +1063,9 @@ def test_normalised_rewards_use_the_training_stats_and_a_model_without_them_is_r
     raw = RewardScorer(model).score(texts)
     normalised = RewardScorer(model, normalize=True).score(texts)
     assert normalised == pytest.approx([(r - config["reward_mean"]) / config["reward_std"] for r in raw], abs=1e-6)
+    # OpenRLHF's names for the stats, and the problem vLLM reads the one label as (no sigmoid on the reward)
+    assert (config["mean"], config["std"], config["problem_type"]) == \
+        (config["reward_mean"], config["reward_std"], "regression")
     for name, change in (("no stats", lambda c: {k: v for k, v in c.items() if k not in ("reward_mean", "reward_std")}),
                          ("no spread", lambda c: {**c, "reward_std": 0.0})):
         copy = tmp_path / name

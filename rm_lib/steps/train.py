@@ -338,11 +338,16 @@ def run(params: Params, layout: Layout, accelerator=None,
         # the earlier pair, which push and the model card quote as one
         with atomic_dirs(layout.model, layout.train_logs) as (out, logs):
             normalisation = {k: stats[k] for k in ("reward_mean", "reward_std") if stats[k] is not None}
+            # OpenRLHF normalises with config.mean and config.std; vLLM reads one label as a probability (a
+            # sigmoid on the reward) unless the problem is a regression
+            readers = {new: normalisation[old] for new, old in (("mean", "reward_mean"), ("std", "reward_std"))
+                       if old in normalisation}
             chat = tokenized["template"] == "tokenizer"
             # the release's template writes the end token training added: TRL's reward functions and
             # apply_chat_template(tokenize=True) add none (a start token the tokenizer adds stays the tokenizer's)
             save_model(model, tokenization.template_as_trained(tokenizer) if chat else tokenizer, out,
-                       extra_config={**normalisation, "rm_lib_fingerprint": fingerprint}, state_dict=gathered,
+                       extra_config={**normalisation, **readers, "problem_type": "regression",
+                                     "rm_lib_fingerprint": fingerprint}, state_dict=gathered,
                        chat_template=chat)
             base_named = base_model_reference(params.model.name_or_path)
             write_json(out / trained_prompts.FILE, trained_prompts.record(train_rows, base_trained, base_named))
