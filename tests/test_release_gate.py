@@ -124,7 +124,7 @@ def test_force_releases_and_the_card_says_the_gate_failed(project, tiny_decoder)
     # the push line says it too (it said nothing of the failure, or "release gate passed" of the accuracy
     # where another check had failed)
     assert "warning: the release gate failed (release_gate: " in said
-    assert "released anyway under push.force=true" in said
+    assert "under push.force=true it would be released anyway (nothing was uploaded), its card saying so" in said
     other = run_steps(tiny_params("push.min_accuracy=0", "push.max_length_correlation=0.000001", "push.force=true",
                                   model=str(tiny_decoder)), project, "push")["push"].summary()
     assert "warning: the release gate failed (length_correlation_gate: " in other

@@ -73,8 +73,10 @@ class PushResult:
             line = (f"push: nothing uploaded (no push.repo_id, or push.dry_run); the {len(self.files)} files that "
                     f"would be published are in {self.release_dir}")
         return (line + (f"\n  {self.gate}" if self.gate else "")
-                + (f"\nwarning: the release gate failed ({'; '.join(self.failed_checks)}); released anyway under "
-                   "push.force=true, its card saying so" if self.forced else "")
+                + (f"\nwarning: the release gate failed ({'; '.join(self.failed_checks)}); "
+                   + ("released anyway under push.force=true" if self.uploaded else
+                      "under push.force=true it would be released anyway (nothing was uploaded)")
+                   + ", its card saying so" if self.forced else "")
                 + (f"\nwarning: revision {self.commit} is published, but it could not be tagged: {self.tag_error}; "
                    "push again to tag it (the Hub holds this release: no new revision is made): `python -m rm_lib "
                    "push`, or `dvc repro -f push` (dvc repro holds the stage done)"
