@@ -295,13 +295,15 @@ class PushSettings:
     # trained on from it can tell which of its held-out pairs they are; false leaves them out
     publish_trained_prompts: bool = True
     force: bool = False  # release although the gate failed; the model card says so
-    license: str | None = None  # the card's license, a Hub license id (apache-2.0, mit, other); None: none stated
+    license: str | None = None  # the card's license, a Hub license id (apache-2.0, mit, cc-by-4.0); None: none stated
 
     def validate(self) -> None:
         if self.license is not None and not (isinstance(self.license, str)
                                              and re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license)):
-            _fail("push", "license", f"must be a Hub license id (apache-2.0, mit, cc-by-4.0, other) or null, got "
-                  f"{self.license!r}")
+            lower = self.license.lower() if isinstance(self.license, str) else ""
+            hint = f" (the Hub's ids are lower case: {lower}?)" if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", lower) else ""
+            _fail("push", "license", f"must be a Hub license id (apache-2.0, mit, cc-by-4.0) or null, got "
+                  f"{self.license!r}{hint}")
         if not 0.0 <= self.min_accuracy <= 1.0:
             _fail("push", "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}")
         if self.min_test_pairs < 1:

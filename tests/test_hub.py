@@ -592,6 +592,8 @@ def test_card_metadata_follows_what_train_and_download_recorded_wherever_push_ru
 
     with pytest.raises(SettingsError, match="push.license: must be a Hub license id"):
         tiny_params("push.license=Apache 2.0")
+    with pytest.raises(SettingsError, match=re.escape("the Hub's ids are lower case: apache-2.0?")):
+        tiny_params("push.license=Apache-2.0")
     meta = yaml.safe_load(model_card.render(repo_id=REPO, params=hub, metrics={"accuracy": 0.6}, pictures=[],
                                             lineage={"base_content": "commit:" + "c" * 40,
                                                      "source_kind": "hub"}).split("---\n")[1])
@@ -602,6 +604,11 @@ def test_card_metadata_follows_what_train_and_download_recorded_wherever_push_ru
 
     assert push.base_doubts(Layout(tmp_path), "bases/tiny", "sha256:" + "a" * 16) == [
         "the base model bases/tiny is not a folder there now"]
+    # pushed with --root from another folder: a relative base is looked for in the project too
+    project = tmp_path / "project"
+    (project / "bases/tiny").mkdir(parents=True)
+    assert push.base_doubts(Layout(project), "bases/tiny", "sha256:" + "a" * 16) == [
+        "the base model bases/tiny is kept by neither git nor DVC: no checkout holds it"]
     assert push.base_doubts(Layout(tmp_path), "org/base", "commit:" + "c" * 40) == []
 
 

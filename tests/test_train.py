@@ -959,7 +959,7 @@ def _saved_as_one_process_saves_it(one: Path, two: Path, rows: list[dict], base:
         return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
     assert files(two) == files(one) and "adapter/adapter_model.safetensors" in files(two)
-    stats = ("reward_mean", "reward_std")
+    stats = ("reward_mean", "reward_std", "mean", "std")  # the last two: OpenRLHF's names for them
     configs = [{k: v for k, v in read_json(folder / "config.json").items() if k != "rm_lib_fingerprint"}
                for folder in (one, two)]
     assert [configs[1].pop(k) for k in stats] == pytest.approx([configs[0].pop(k) for k in stats], rel=1e-4)

@@ -180,7 +180,7 @@ def base_doubts(layout: Layout, name_or_path: str, trained_from: str | None) -> 
     model (a pinned package) or a Hub model (its commit is on the card)."""
     if name_or_path == DEFAULT_MODEL:
         return []
-    path = Path(resolve_model_path(name_or_path)).expanduser()
+    path = _in_project(Path(resolve_model_path(name_or_path)).expanduser(), layout)
     if not path.is_dir():  # training read a local folder (its hash recorded), or the name says it is one
         local = path.exists() or names_a_folder(name_or_path) or (trained_from or "").startswith("sha256:")
         return [f"the base model {name_or_path} is not a folder there now"] if local else []
@@ -205,6 +205,14 @@ def _base_identity(path: Path) -> str:
     return _identities[key]
 
 
+def _in_project(path: Path, layout: Layout) -> Path:
+    """A relative path a step read, from the current folder, else from the project's (push run with --root
+    from another folder than the step that read it)."""
+    if path.exists() or path.is_absolute() or not (layout.root / path).exists():
+        return path
+    return layout.root / path
+
+
 def source_doubts(layout: Layout) -> list[str]:
     """Why a checkout cannot hold the local file the pairs were read from as download read it: changed since
     (its content hash, the manifest's source_sha256), gone, or kept by neither git nor DVC. None for the demo
@@ -212,7 +220,8 @@ def source_doubts(layout: Layout) -> list[str]:
     manifest = read_json(layout.pairs / "manifest.json")
     if manifest.get("kind") != "local" or not manifest.get("source"):
         return []
-    source = Path(manifest["source"]).expanduser()  # as download read it: from the folder the command runs in
+    # as download read it: from the folder the command ran in, which push may not run in (--root)
+    source = _in_project(Path(manifest["source"]).expanduser(), layout)
     if not source.exists():
         return [f"the source {source} that download read is not there now (a checkout of another commit?): no "
                 "checkout is known to hold it"]
