@@ -210,7 +210,8 @@ def _main(argv: list[str] | None) -> int:
                 and not _given(overrides, "filter.max_prompt_token_length"):
             # score holds prompts to the model's recorded limit, not params.yaml's (checked below this length)
             overrides = [*overrides, "filter.max_prompt_token_length=null"]
-        if not args.root_given and args.params is None and not Path("params.yaml").is_file():
+        writes = args.step in PIPELINE or args.step == "run"  # score and show-tokens read, and write where told
+        if writes and not args.root_given and args.params is None and not Path("params.yaml").is_file():
             _not_below_a_project()
         params = load_params(params_file(args.params, args.root), overrides)  # every section checked before any work
         problem = unwritable_folder(args.root, probe=False)  # a read-only project still serves score and show-tokens

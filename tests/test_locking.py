@@ -521,7 +521,10 @@ def test_dvc_is_not_asked_to_record_outputs_under_a_linked_folder(tmp_path, monk
     # git ignores the link as it ignores the folder (`/models/` matched a folder only: `git add -A` took the link)
     shutil.copy(project / ".gitignore", layout.root)
     subprocess.run(["git", "init", "-q", str(layout.root)], check=True)
-    assert subprocess.run(["git", "-C", str(layout.root), "check-ignore", "-q", "models"]).returncode == 0
+    for linked in (".venv", ".venv-dvc"):  # environments linked in from elsewhere too
+        (layout.root / linked).symlink_to(tmp_path / "other-disk")
+    for linked in ("models", ".venv", ".venv-dvc"):
+        assert subprocess.run(["git", "-C", str(layout.root), "check-ignore", "-q", linked]).returncode == 0, linked
     said = (f"train: models is a link (to {tmp_path / 'other-disk/models'}): DVC records no output under a linked "
             "folder (models/reward_model would lie outside the repository) and would fail once the step has run; keep "
             "models a folder of the project and link models/reward_model itself, which DVC records whole")

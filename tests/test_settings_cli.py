@@ -109,6 +109,9 @@ def test_a_step_run_from_a_folder_inside_a_project_is_refused_saying_where_the_p
         f"error: the current folder holds no params.yaml and lies inside the project {project}: run from there "
         f"(cd {project}) or pass --root {project}; --root . runs here, on the built-in settings\n")
     assert sorted(os.listdir(project / "data")) == []
+    # score and show-tokens read, and write where they are told: they run there as before
+    capsys.readouterr()
+    assert main(["show-tokens"]) == 2 and "not found; run the filter step first" in capsys.readouterr().err
     assert main(["download", "--root", ".."]) == 0
     assert json.loads((project / "data/pairs/manifest.json").read_text())["rows_read"] == 40
     # a folder above that is no project of this kind (another tool's params.yaml) is not one
