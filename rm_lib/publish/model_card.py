@@ -614,7 +614,7 @@ def _example_inputs(tokenizer: dict | None, max_length: Any = None, max_prompt: 
     add = f"\nids = {added}  # as training added them" if added != "ids" else ""
     day = f", date_string=\"{_day()}\"" if facts.get("takes_date") else ""
     cut = ""
-    if isinstance(max_length, int) and not isinstance(max_length, bool):
+    if _whole(max_length):
         front = facts.get("keeps_front") or 0
         kept = f"ids[:{front}] + ids[-{max_length - front}:]" if front else f"ids[-{max_length}:]"
         cut = (f"\nids = {kept} if len(ids) > {max_length} else ids  # cut to the {max_length} tokens training read"
@@ -658,7 +658,7 @@ with torch.no_grad():
 def _long_texts(max_length: Any) -> str:
     """The pipeline line for a text longer than training held texts to: cut there, keeping its end (the
     released tokenizer cuts on the left), as training cut it."""
-    if not isinstance(max_length, int) or isinstance(max_length, bool):
+    if not _whole(max_length):
         return ""
     return (f"\nrm(long_text, truncation=True, max_length={max_length})  # cut to the {max_length} tokens training "
             "read, keeping the end")
