@@ -296,6 +296,8 @@ class PushSettings:
     publish_trained_prompts: bool = True
     force: bool = False  # release although the gate failed; the model card says so
     license: str | None = None  # the card's license, a Hub license id (apache-2.0, mit, cc-by-4.0); None: none stated
+    license_name: str | None = None  # under license=other: the license's short name (the Hub shows it)
+    license_link: str | None = None  # under license=other: where the license's text is (an http(s) address)
 
     def validate(self) -> None:
         if self.license is not None and not (isinstance(self.license, str)
@@ -304,6 +306,18 @@ class PushSettings:
             hint = f" (the Hub's ids are lower case: {lower}?)" if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", lower) else ""
             _fail("push", "license", f"must be a Hub license id (apache-2.0, mit, cc-by-4.0) or null, got "
                   f"{self.license!r}{hint}")
+        if self.license == "other":
+            # the Hub names an `other` license by these; without them the card says nothing of which it is
+            if not (isinstance(self.license_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license_name)):
+                _fail("push", "license_name", "push.license=other needs the license's short name, lower case with "
+                      f"'-' (my-company-license), got {self.license_name!r}")
+            if not (isinstance(self.license_link, str) and re.fullmatch(r"https?://[^\s<>`'\"]+", self.license_link)):
+                _fail("push", "license_link", "push.license=other needs the address of the license's text "
+                      f"(https://...), got {self.license_link!r}")
+        else:
+            for key in ("license_name", "license_link"):
+                if getattr(self, key) is not None:
+                    _fail("push", key, f"is read only under push.license=other (push.license is {self.license!r})")
         if not 0.0 <= self.min_accuracy <= 1.0:
             _fail("push", "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}")
         if self.min_test_pairs < 1:

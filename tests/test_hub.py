@@ -612,6 +612,34 @@ def test_card_metadata_follows_what_train_and_download_recorded_wherever_push_ru
     assert push.base_doubts(Layout(tmp_path), "org/base", "commit:" + "c" * 40) == []
 
 
+def test_a_license_outside_the_hubs_list_is_stated_as_other_and_a_typo_is_warned_of(project, capfd, tiny_decoder):
+    """`other` took no name nor link, so a card could not say which license it was (the Hub asks for
+    license_name); and a typo (`mit2`) passed a dry run for the Hub to refuse the card at upload."""
+    from rm_lib.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="push.license_name: push.license=other needs the license's short name"):
+        tiny_params("push.license=other")
+    with pytest.raises(SettingsError, match="push.license_link: push.license=other needs the address"):
+        tiny_params("push.license=other", "push.license_name=acme-model-license", "push.license_link=LICENSE")
+    with pytest.raises(SettingsError, match="push.license_name: is read only under push.license=other"):
+        tiny_params("push.license=mit", "push.license_name=acme")
+    link = "https://example.com/acme-license.txt"
+    other = settings(tiny_decoder, "push.dry_run=true", "push.license=other", "push.license_name=acme-model-license",
+                     f"push.license_link={link}")
+    push_step(other, project)
+    card = (Layout(project).release / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "acme-model-license", link)
+    assert f"- License: `other`, `acme-model-license` (<{link}>)" in card
+    assert "warning: push.license" not in capfd.readouterr().err
+
+    push_step(settings(tiny_decoder, "push.dry_run=true", "push.license=mit2"), project)
+    err = capfd.readouterr().err
+    assert "warning: push.license 'mit2' is not among the Hub's license ids" in err and "did you mean mit" in err
+    push_step(settings(tiny_decoder, "push.dry_run=true", "push.license=llama3.1"), project)  # one the Hub lists
+    assert "warning: push.license" not in capfd.readouterr().err
+
+
 def test_card_names_the_data_of_a_manifest_written_before_settings_were_kept(tmp_path):
     """A pairs manifest from before download kept its settings: the card says what it recorded (a demo
     download's rows are its pairs) and 'not recorded' for the rest, never 'None'."""

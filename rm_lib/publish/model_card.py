@@ -201,8 +201,11 @@ def _front_matter(params: dict, repo_id: str = "reward-model", metrics: dict | N
                   lineage: dict | None = None) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
                             "tags": ["reward-model", "rlhf", "rm-pipeline"]}
-    if (params.get("push") or {}).get("license"):
-        meta["license"] = params["push"]["license"]
+    push = params.get("push") or {}
+    if push.get("license"):
+        meta["license"] = push["license"]
+        if push["license"] == "other":
+            meta["license_name"], meta["license_link"] = push.get("license_name"), push.get("license_link")
     base = hub_model_id(params["model"]["name_or_path"], (lineage or {}).get("base_content"))
     if base:
         meta["base_model"] = base
@@ -280,6 +283,9 @@ def _origin(params: dict, lineage: dict) -> str:
                        f"split {_or(download.get('train_split'), 'not recorded')}")
     stated = (params.get("push") or {}).get("license")
     license_line = _code(stated) if stated else "not stated (`push.license`): the base model's and the data's apply"
+    if stated == "other":
+        license_line += (f", {_code((params.get('push') or {}).get('license_name'))} "
+                         f"(<{(params.get('push') or {}).get('license_link')}>)")
     return (f"- Base model: {_code(base)}, {where}\n- Dataset: {dataset}{_template_notes(lineage)}\n"
             f"- License: {license_line}")
 

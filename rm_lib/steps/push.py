@@ -29,7 +29,7 @@ from rm_lib.files import SET_MARK, atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
 from rm_lib.model.modeling import base_files, base_identity, resolve_model_path
 from rm_lib.pipeline import chain, code_version, dvc_record
-from rm_lib.publish import hub, model_card
+from rm_lib.publish import hub, licenses, model_card
 from rm_lib.publish.public import public, public_text
 from rm_lib.settings import DEFAULT_MODEL, Params, names_a_folder
 
@@ -303,6 +303,9 @@ def run_tag(layout: Layout) -> str:
 
 def run(params: Params, layout: Layout) -> PushResult:
     cfg = params.push
+    unlisted = licenses.unlisted_license_note(cfg.license)
+    if unlisted:
+        print(f"warning: {unlisted}", file=sys.stderr)
     if cfg.repo_id is None or cfg.dry_run:
         return _release(params, layout, None)
     with tempfile.TemporaryDirectory(prefix="rm-lib-hub-release-") as scratch:
