@@ -28,12 +28,12 @@ import dagster as dg
 
 from rm_lib.files import start_ticks
 from rm_lib.layout import Layout
-from rm_lib.pipeline.locking import claim, running_step
+from rm_lib.pipeline.locking import RUN_CLAIM, claim, running_step
 from rm_lib.steps import PIPELINE
 
 from .run_launcher import process_alive
 
-CLAIM = "dagster-run"  # <root>/.rm_lib/locks/dagster-run.lock
+CLAIM = RUN_CLAIM  # <root>/.rm_lib/locks/dagster-run.lock: rm_lib's steps read it to name the run
 
 
 def _alive(process: list) -> bool:

@@ -142,6 +142,14 @@ def test_a_manifest_without_inputs_is_refused(tmp_path, tiny_decoder):
                                                     "(an older rm_lib wrote it); rerun tokenize")
 
 
+def beside(params, root: Path, step: str) -> None:
+    """`step` run beside the one under test, as a writer no lock stops would (another machine sharing the
+    folder): a step run here is refused while another one runs."""
+    from rm_lib import steps
+
+    steps.module(step).run(params, Layout(root))
+
+
 def test_a_model_replaced_while_evaluate_scores_it_is_refused(tmp_path, tiny_decoder, monkeypatch):
     """A train that finishes while evaluate scores the model: the report would name the new model
     with the old one's figures, and push would release the new one with them."""
@@ -183,7 +191,7 @@ def test_a_download_while_evaluate_scores_fails_it_and_keeps_the_last_report(tmp
                               for i in range(30)))
 
     def download_meanwhile(*args, **kwargs):
-        run_steps(tiny_params(f"download.source={source}", model=str(tiny_decoder)), tmp_path, "download")
+        beside(tiny_params(f"download.source={source}", model=str(tiny_decoder)), tmp_path, "download")
         return real_folder(*args, **kwargs)
 
     real_folder = evaluate.evaluate_folder
@@ -251,8 +259,10 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
                                                                                      monkeypatch, change):
     """DVC hashes a stage's code and input once the stage ended, and so does the Dagster record: a filter
     run beside a training run, or an edit of the training code meanwhile, would have dvc.lock and the
-    run cache name a model made from data or code it never saw. Such a run fails (exit 2 under
-    `dvc repro`: nothing is recorded); the model stays, its own record naming what it was made from."""
+    run cache name a model made from data or code it never saw (a step run beside another in one folder is
+    refused at its start, but a writer no lock stops, on another machine that shares the folder, is not).
+    Such a run fails (exit 2 under `dvc repro`: nothing is recorded); the model stays, its own record naming
+    what it was made from."""
     import rm_lib.steps as steps
     from rm_lib.steps import ChangedWhileRunning
     from rm_lib.steps import train as train_step
@@ -267,7 +277,7 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
     def train_while_something_changes(*args, **kwargs):
         result = real_train(*args, **kwargs)
         if change == "input":  # a filter with other settings finishes while train runs
-            run_steps(tiny_params("filter.max_token_length=48", model=str(tiny_decoder)), tmp_path, "filter")
+            beside(tiny_params("filter.max_token_length=48", model=str(tiny_decoder)), tmp_path, "filter")
         elif change == "code":
             edited.append(True)
         elif change.startswith("settings"):  # params.yaml edited for the next run while `dvc repro` trains
@@ -285,7 +295,7 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
     real_fit = train_step.fit
 
     def fit_while_tokenize_runs(*args, **kwargs):  # train reads its template; DVC hashes it as train's input
-        run_steps(tiny_params("tokenize.template=chatml", model=str(tiny_decoder)), tmp_path, "tokenize")
+        beside(tiny_params("tokenize.template=chatml", model=str(tiny_decoder)), tmp_path, "tokenize")
         return real_fit(*args, **kwargs)
 
     if change == "tokenized":

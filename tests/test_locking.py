@@ -1,10 +1,11 @@
-"""One run per project folder and step, and no temporaries left behind by killed steps."""
+"""One step at a time per project folder, and no temporaries left behind by killed steps."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 from rm_lib import cli
 from rm_lib import steps as registry
 from rm_lib.errors import UserError
-from rm_lib.files import read_jsonl
+from rm_lib.files import read_jsonl, start_ticks
 from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params
@@ -95,28 +96,56 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
         assert f'"pid": {os.getpid()}' in Layout(tmp_path).lock("train").read_text()
 
 
-def test_lock_of_another_step_does_not_block(tmp_path):
-    from rm_lib.pipeline.locking import step_lock
+def test_a_step_is_refused_while_another_step_runs_in_the_folder(tmp_path):
+    """A `download` run from the command line under a Dagster run's `train` replaced the data that train read:
+    the run trained to its end, then failed on its changed input. One step at a time in a folder now, said
+    before any change, naming the Dagster run where the running step is one of its steps."""
+    from rm_lib.pipeline.locking import RUN_CLAIM, claim, step_lock
 
     params = tiny_params()
     with step_lock(Layout(tmp_path), "train"):  # a second open file in this process conflicts like another process
-        registry.run("download", params, Layout(tmp_path))
         with pytest.raises(UserError, match="train is already running"):
             registry.run("train", params, Layout(tmp_path))
-    assert (Layout(tmp_path).pairs / "manifest.json").exists()
+        with pytest.raises(UserError, match=re.escape(
+                f"download: not run, nothing changed: train is already running in {tmp_path.resolve()}, pid "
+                f"{os.getpid()}. One step at a time in a project folder")):
+            registry.run("download", params, Layout(tmp_path))
+    assert not Layout(tmp_path).pairs.exists()
+    registry.run("download", params, Layout(tmp_path))  # once it ended
+    before = (Layout(tmp_path).pairs / "manifest.json").read_bytes()
+
+    child = _hold_in_child(tmp_path, "train")  # a Dagster run's train, as its claim records it
+    run_id = "aaaaaaaa-0000-4000-8000-000000000001"
+    claim(Layout(tmp_path), RUN_CLAIM, lambda current: {"run_id": run_id, "host": socket.gethostname(),
+                                                        "processes": [[child.pid, start_ticks(child.pid)]],
+                                                        "groups": [], "since": time.time()})
+    try:
+        result = subprocess.run([sys.executable, "-m", "rm_lib", "--root", str(tmp_path), "download", "--set",
+                                 "download.seed=7"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+    assert result.returncode == 2, result.stderr
+    assert f"train is already running in {tmp_path.resolve()}, pid {child.pid} (a step of the Dagster run " \
+           f"{run_id}). One step at a time" in result.stderr and "Traceback" not in result.stderr
+    assert (Layout(tmp_path).pairs / "manifest.json").read_bytes() == before
 
 
 def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):
     from rm_lib.pipeline.locking import step_lock
 
+    settings = ["--root", str(tmp_path), "--set", f"model.name_or_path={tiny_decoder}", "--set",
+                "download.demo_pairs=40", "--set", "filter.max_token_length=256", "--set",
+                "filter.max_prompt_token_length=128"]
+    assert cli.main([*settings, "download"]) == 0
     with step_lock(Layout(tmp_path), "tokenize"):
-        code = cli.main(["--root", str(tmp_path), "--set", f"model.name_or_path={tiny_decoder}",
-                         "--set", "download.demo_pairs=40", "--set", "filter.max_token_length=256",
-                         "--set", "filter.max_prompt_token_length=128", "run"])
+        code = cli.main([*settings, "tokenize"])
     assert code == 2
     assert f"error: tokenize is already running in {tmp_path.resolve()}, pid {os.getpid()}" in capsys.readouterr().err
-    assert (Layout(tmp_path).pairs / "manifest.json").exists()  # download ran, under its own lock
     assert not Layout(tmp_path).tokenized.exists()
+    with step_lock(Layout(tmp_path), "tokenize"):  # any step of the run: refused before its first
+        assert cli.main([*settings, "run"]) == 2
+    assert "error: download: not run, nothing changed: tokenize is already running" in capsys.readouterr().err
 
 
 def test_processes_after_the_first_of_a_launch_do_not_lock(tmp_path, monkeypatch):

@@ -15,11 +15,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Optional
 
 from rm_lib.errors import UserError
+from rm_lib.files import start_ticks
 from rm_lib.layout import Layout
+
+RUN_CLAIM = "dagster-run"  # <root>/.rm_lib/locks/dagster-run.lock: the Dagster run that holds the folder
 
 
 class StepRunning(UserError):
     """Another process runs the same step in the same project folder."""
+
+    holder: dict = {}  # who holds the step's lock, as it wrote itself into the file
 
 
 def _holder(fd: int) -> dict:
@@ -38,7 +43,9 @@ def _refusal(layout: Layout, step: str, holder: dict) -> StepRunning:
     if "pid" not in holder:
         return StepRunning(f"{where} (its pid is unknown: see {layout.lock(step)})")
     host = f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
-    return StepRunning(f"{where}, pid {holder['pid']}{host}")
+    refusal = StepRunning(f"{where}, pid {holder['pid']}{host}")
+    refusal.holder = holder
+    return refusal
 
 
 @contextlib.contextmanager
@@ -105,3 +112,21 @@ def claim(layout: Layout, name: str, decide: Callable[[dict], Optional[dict]]) -
         return None
     finally:
         os.close(fd)
+
+
+def run_of(layout: Layout, holder: dict) -> Optional[str]:
+    """The id of the Dagster run whose step `holder` (a step lock's record) is, where the folder's run
+    claim names its process: a step process of the run, or a process of a training group it launched."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or holder.get("host") != socket.gethostname():
+        return None
+    record = claim(layout, RUN_CLAIM, lambda current: None) if layout.lock(RUN_CLAIM).is_file() else None
+    if not record or record.get("host") != socket.gethostname():
+        return None
+    try:
+        group = os.getpgid(pid)
+    except OSError:
+        group = None
+    of_run = any(isinstance(p, list) and p and p[0] == pid and p[-1] in (None, start_ticks(pid))
+                 for p in record.get("processes", [])) or group in record.get("groups", [])
+    return record.get("run_id") if of_run else None

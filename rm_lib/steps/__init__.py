@@ -33,7 +33,7 @@ from rm_lib.pipeline.dvc_record import (
     restore_interrupted_record,
     stage_params,
 )
-from rm_lib.pipeline.locking import StepRunning, step_lock
+from rm_lib.pipeline.locking import StepRunning, run_of, running_step, step_lock
 from rm_lib.settings import Params
 
 PIPELINE: tuple[str, ...] = ("download", "tokenize", "filter", "train", "evaluate", "push")
@@ -186,6 +186,7 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
     lock = step_lock(layout, name) if first_of_its_launch() else contextlib.nullcontext()
     with lock:  # taken before the step's heavy imports: a refusal comes at once
         if first_of_its_launch():
+            _check_alone(name, layout)
             _finish_interrupted_sets(name, layout)
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
@@ -202,6 +203,22 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, params, before)
         return result
+
+
+def _check_alone(name: str, layout: Layout) -> None:
+    """One step at a time in a project folder: a step run beside another replaced the files that one reads
+    (a `download` from the command line under a Dagster run's `train`: the run trained to its end and then
+    failed on its changed input). Said before any change."""
+    other = running_step(layout, [step for step in PIPELINE if step != name])
+    if other is None:
+        return
+    run_id = run_of(layout, other.holder)
+    by = f" (a step of the Dagster run {run_id})" if run_id else ""
+    raise StepRunning(f"{name}: not run, nothing changed: {other}{by}. One step at a time in a project folder: "
+                      "a step run beside another replaces the files that one reads, and it fails once it has "
+                      "done its work. Run it again once that step has ended"
+                      + (" (the run's next steps follow it: wait for the run's end, or terminate it)" if run_id
+                         else ""))
 
 
 def check_recordable(name: str, layout: Layout) -> None:
