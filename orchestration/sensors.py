@@ -1,6 +1,7 @@
 """The pipeline job, the weekly retraining schedule, the source-data and dvc.lock sensors, and the
 automation sensor that carries an update down the chain."""
 import json
+import math
 import time
 from datetime import UTC, datetime
 from typing import Optional
@@ -12,7 +13,7 @@ from rm_lib.pipeline.dvc_record import dvc_running
 from rm_lib.pipeline.locking import running_step
 from rm_lib.steps import PIPELINE
 
-from .assets import ASSETS, STEP_OF_ASSET
+from .assets import ASSETS, STEP_OF_ASSET, evaluation_metadata
 from .resources import HubResource, ProjectResource
 from .source import observation, source_fingerprint
 
@@ -277,6 +278,24 @@ def _input_versions(tags: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k.startswith("dagster/input_data_version/")}
 
 
+def _figures(key: str, project: ProjectResource) -> dict:
+    """What the asset's own materialization shows of outputs that the workspace holds as dvc.lock names them:
+    an evaluation's accuracy and baselines (the series under Plots went on with the model before), a
+    model's steps and loss; none where the files do not say."""
+    layout = project.layout()
+    try:
+        if key == "evaluation":
+            return evaluation_metadata(json.loads((layout.evaluation / "report.json").read_text("utf-8")), layout)
+        if key == "reward_model":
+            summary = json.loads((layout.train_logs / "summary.json").read_text("utf-8"))
+            return {name: dg.MetadataValue.float(float(summary[name])) if name != "steps"
+                    else dg.MetadataValue.int(int(summary[name])) for name in ("steps", "final_loss")
+                    if isinstance(summary.get(name), (int, float)) and math.isfinite(summary[name])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # an older or damaged record: no figures
+        return {}
+    return {}
+
+
 @dg.sensor(
     name="dvc_lock_changed",
     minimum_interval_seconds=60,
@@ -356,7 +375,7 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             description=f"dvc.lock names other outputs for stage {stage}: made outside Dagster",
             metadata={"dvc_hash": entry.version, "recorded_by": "dvc.lock",
                       "made_by_current_code": entry.current_code,
-                      **({SOURCE_SHA: read} if isinstance(read, str) else {})},
+                      **({SOURCE_SHA: read} if isinstance(read, str) else {}), **_figures(key, project)},
             # the code version only when dvc.lock's code deps are the files here now
             tags={"dagster/data_version": entry.version, "dagster/code_version": code_version, **inputs}))
     context.update_cursor(json.dumps(checked, sort_keys=True))

@@ -1388,6 +1388,37 @@ def _dvc_lock_held(root: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def test_a_dvc_repro_reported_by_the_sensor_shows_its_accuracy_and_loss(tmp_path):
+    """After a `dvc repro`, the sensor's materializations held the DVC hash alone: the UI's latest evaluation
+    showed no accuracy, and the accuracy series under Plots ended on the model before. The report's figures
+    and the model's steps and loss go with them."""
+    import yaml
+
+    from orchestration.sensors import dvc_lock_changed
+    from rm_lib.evaluation.metrics import pair_metrics
+    from rm_lib.files import dvc_md5
+
+    layout = Layout(tmp_path)
+    metrics = pair_metrics([1.0, 0.5, 0.2, 0.9], [0.0, 0.7, 0.1, 0.3], [10, 20, 30, 5], [12, 18, 40, 9], buckets=2)
+    write_json(layout.evaluation / "report.json", {**metrics, "data_source": "demo", "inputs": {}})
+    write_json(layout.train_logs / "summary.json", {"steps": 12, "final_loss": 0.4375})
+    (layout.model).mkdir(parents=True)
+    (layout.model / "w.bin").write_text("model")
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "train": {"outs": [{"path": "models/reward_model", "md5": dvc_md5(layout.model)}]},
+        "evaluate": {"outs": [{"path": "data/evaluation/report.json",
+                               "md5": dvc_md5(layout.evaluation / "report.json")}]}}}))
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance,
+                                          resources={"project": ProjectResource(root=str(tmp_path))})
+        events = {e.asset_key.to_user_string(): e.metadata for e in dvc_lock_changed(context).asset_events}
+    assert events["evaluation"]["accuracy"].value == metrics["accuracy"] == 0.75
+    assert events["evaluation"]["longer_wins_baseline"].value == metrics["longer_wins_baseline"]
+    assert events["evaluation"]["dagster/row_count"].value == 4 and "per_length_bucket" in events["evaluation"]
+    assert (events["reward_model"]["steps"].value, events["reward_model"]["final_loss"].value) == (12, 0.4375)
+    assert events["reward_model"]["recorded_by"].value == "dvc.lock"
+
+
 def test_dvc_lock_changes_made_outside_dagster_are_reported(tmp_path):
     """A `dvc repro`/`dvc pull`/`dvc checkout` outside Dagster: the sensor turns dvc.lock's outs into
     materializations with the DVC hash as data version (and the code version only where dvc.lock's
