@@ -588,13 +588,18 @@ def _cached(repo: Repo, md5: str) -> bool:
     return (repo.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
 
 
+def _on_remote(remote: Path, md5: str) -> bool:
+    return (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
 @pytest.mark.slow
 def test_the_documented_gc_frees_pushed_old_versions_and_keeps_experiments(recorded):
     """docs/dvc.md "Reclaim disk space": every retrain adds a model to the cache. The documented
     `dvc push --all-commits` then `dvc gc` frees an earlier commit's outputs (`dvc pull` brings them
     back) and keeps the workspace's and a Dagster experiment's, which live only in this cache
-    (`dvc gc -w` alone deleted them, and `dvc exp apply` then had nothing to apply)."""
-    repo, _, first = recorded
+    (`dvc gc -w` alone deleted them, and `dvc exp apply` then had nothing to apply). Dagster pushed every
+    run's outputs to the remote, also the versions nobody committed, and nothing said how to delete them."""
+    repo, remote, first = recorded
     assert first.success
     branch = repo.git("rev-parse", "--abbrev-ref", "HEAD").strip()
     repo.commit("first version")
@@ -616,6 +621,18 @@ def test_the_documented_gc_frees_pushed_old_versions_and_keeps_experiments(recor
         repo.dvc("push", "--all-commits")
         repo.dvc("gc", "--workspace", "--all-experiments", "--force")
         assert not _cached(repo, old) and _cached(repo, new) and _cached(repo, ours)
+        # the remote: what Dagster recorded and pushed and nobody committed goes with the documented
+        # `gc --cloud`; what a commit or an experiment names stays
+        params.write_text(dvc_record.set_settings(params.read_text(encoding="utf-8"),
+                                                  [("download", "demo_pairs", 45)]), encoding="utf-8")
+        assert materialize(repo.root, selection=dg.AssetSelection.assets("raw_preferences")).success
+        orphan = locked_outs(repo)["download"]["data/pairs"]
+        repo.git("checkout", "-q", "--", "params.yaml", "dvc.lock")
+        repo.dvc("checkout", "--force")
+        assert all(_on_remote(remote, md5) for md5 in (old, new, orphan))  # an experiment's: on `dvc exp push`
+        repo.dvc("gc", "--cloud", "--all-commits", "--all-experiments", "--workspace", "--force")
+        assert not _on_remote(remote, orphan) and _on_remote(remote, old) and _on_remote(remote, new)
+        assert _cached(repo, ours) and _cached(repo, new) and not _cached(repo, orphan)
         repo.dvc("exp", "apply", name)
         assert locked_outs(repo)["download"]["data/pairs"] == ours and "download:" not in repo.dvc("status")
         repo.git("reset", "-q", "--hard")
