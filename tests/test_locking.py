@@ -1,6 +1,7 @@
 """One step at a time per project folder, and no temporaries left behind by killed steps."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -38,12 +39,15 @@ def _wait_for(condition, timeout_s: float = 240.0, what: str = "") -> None:
         time.sleep(0.02)
 
 
+_HOLD = ("import sys, time; from pathlib import Path; from rm_lib.layout import Layout; "
+         "from rm_lib.pipeline.locking import step_lock\n"
+         "with step_lock(Layout(Path({root!r})), {step!r}):\n"
+         "    print('held', flush=True); time.sleep(600)\n")
+
+
 def _hold_in_child(root: Path, step: str) -> subprocess.Popen:
     """Another process that takes `step`'s lock on `root` and sleeps holding it."""
-    code = ("import sys, time; from pathlib import Path; from rm_lib.layout import Layout; "
-            "from rm_lib.pipeline.locking import step_lock\n"
-            f"with step_lock(Layout(Path({str(root)!r})), {step!r}):\n"
-            "    print('held', flush=True); time.sleep(600)\n")
+    code = _HOLD.format(root=str(root), step=step)
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
@@ -129,6 +133,68 @@ def test_a_step_is_refused_while_another_step_runs_in_the_folder(tmp_path):
     assert f"train is already running in {tmp_path.resolve()}, pid {child.pid} (a step of the Dagster run " \
            f"{run_id}). One step at a time" in result.stderr and "Traceback" not in result.stderr
     assert (Layout(tmp_path).pairs / "manifest.json").read_bytes() == before
+
+    # a worker of a multi-process launch the run started: torch's launcher gives each its own session, and the
+    # run records the launcher's group
+    from rm_lib.pipeline.locking import run_of, running_step
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]], "
+         "start_new_session=True)", _HOLD.format(root=str(tmp_path), step="train")],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert launcher.stdout.readline().strip() == "held"
+        claim(Layout(tmp_path), RUN_CLAIM, lambda current: {**current, "processes": [], "groups": [launcher.pid]})
+        worker = running_step(Layout(tmp_path), ["train"])
+        assert worker.holder["pid"] != launcher.pid and run_of(Layout(tmp_path), worker.holder) == run_id
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
+STARTS = """
+import json, sys, time
+from pathlib import Path
+from rm_lib.errors import UserError
+from rm_lib.layout import Layout
+from rm_lib.pipeline.locking import starting, step_lock
+from rm_lib.steps import _check_alone
+
+root, step, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+outcomes = []
+for trial in range(int(sys.argv[4])):
+    at = start + 0.4 * trial
+    time.sleep(max(0.0, at - time.time() - 0.02))
+    while time.time() < at:  # both at one moment, to the microsecond: a sleep wakes a millisecond apart
+        pass
+    try:
+        with starting(Layout(root)):  # as rm_lib.steps._run starts a step
+            held = step_lock(Layout(root), step)
+            held.__enter__()
+            try:
+                _check_alone(step, Layout(root))
+            except UserError:
+                held.__exit__(None, None, None)
+                raise
+        time.sleep(0.2)
+        held.__exit__(None, None, None)
+        outcomes.append("ran")
+    except UserError:
+        outcomes.append("refused")
+print(json.dumps(outcomes))
+"""
+
+
+def test_of_two_steps_started_at_one_moment_one_runs(tmp_path):
+    """Each step took its own lock, then looked at the others': two started at one moment each saw the
+    other's lock, and most often both were refused, each naming the other."""
+    (tmp_path / ".rm_lib" / "locks").mkdir(parents=True)
+    start, trials = time.time() + 3.0, 12
+    children = [subprocess.Popen([sys.executable, "-c", STARTS, str(tmp_path), step, str(start), str(trials)],
+                                 cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+                for step in ("download", "tokenize")]
+    outcomes = [json.loads(child.communicate(timeout=60)[0]) for child in children]
+    assert [sorted(pair) for pair in zip(*outcomes)] == [["ran", "refused"]] * trials, outcomes
 
 
 def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Optional
 
 from rm_lib.errors import UserError
@@ -70,9 +71,52 @@ def step_lock(layout: Layout, step: str) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+STARTING = "starting"  # <root>/.rm_lib/locks/starting.lock: held while a step takes its lock and looks at others'
+_starting_here = [0]  # how deep this process is in `starting` (flock would wait on its own second open)
+
+
+@contextlib.contextmanager
+def starting(layout: Layout, wait_s: float = 30.0) -> Iterator[None]:
+    """Held while a step takes its lock and looks at the other steps' locks, and while anyone looks at them:
+    two steps starting at one moment each saw the other's lock and both were refused, and a look (a shared
+    flock) made a step's own taking fail. Held for moments; past `wait_s` (a holder stopped), gone on
+    without. Where no lock folder exists, no step runs: nothing is made there."""
+    path = layout.lock(STARTING)
+    if _starting_here[0] or not path.parent.is_dir():
+        _starting_here[0] += 1
+        try:
+            yield
+        finally:
+            _starting_here[0] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+        _starting_here[0] += 1
+        try:
+            yield
+        finally:
+            _starting_here[0] -= 1
+    finally:
+        os.close(fd)
+
+
 def running_step(layout: Layout, steps: Iterable[str]) -> Optional[StepRunning]:
     """The first of `steps` that another process runs in `layout` now (its lock held), as the refusal a
     run of it would meet; None when none runs. It only looks: no lock is held past the look."""
+    with starting(layout):
+        return _running(layout, steps)
+
+
+def _running(layout: Layout, steps: Iterable[str]) -> Optional[StepRunning]:
     for step in steps:
         path = layout.lock(step)
         if not path.is_file():
@@ -123,10 +167,31 @@ def run_of(layout: Layout, holder: dict) -> Optional[str]:
     record = claim(layout, RUN_CLAIM, lambda current: None) if layout.lock(RUN_CLAIM).is_file() else None
     if not record or record.get("host") != socket.gethostname():
         return None
-    try:
-        group = os.getpgid(pid)
-    except OSError:
-        group = None
     of_run = any(isinstance(p, list) and p and p[0] == pid and p[-1] in (None, start_ticks(pid))
-                 for p in record.get("processes", [])) or group in record.get("groups", [])
+                 for p in record.get("processes", []))
+    # a worker of a training launch the run started: torch's launcher gives each worker a session of its
+    # own, so the recorded group is the launcher's, an ancestor's
+    groups = set(record.get("groups", []))
+    of_run = of_run or any(_group(ancestor) in groups for ancestor in _ancestors(pid))
     return record.get("run_id") if of_run else None
+
+
+def _group(pid: int) -> Optional[int]:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _ancestors(pid: int, depth: int = 8) -> list[int]:
+    """`pid` and the processes above it, nearest first (/proc), up to `depth` of them."""
+    chain = [pid]
+    while len(chain) < depth:
+        try:
+            parent = int(Path(f"/proc/{chain[-1]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        if parent <= 1:
+            break
+        chain.append(parent)
+    return chain

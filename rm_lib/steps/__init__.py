@@ -33,7 +33,7 @@ from rm_lib.pipeline.dvc_record import (
     restore_interrupted_record,
     stage_params,
 )
-from rm_lib.pipeline.locking import StepRunning, run_of, running_step, step_lock
+from rm_lib.pipeline.locking import StepRunning, run_of, running_step, starting, step_lock
 from rm_lib.settings import Params
 
 PIPELINE: tuple[str, ...] = ("download", "tokenize", "filter", "train", "evaluate", "push")
@@ -183,10 +183,11 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         problem = folder_problem(folder)  # else "File exists", from wherever the first folder is made
         if problem:
             raise UserError(f"{name}: {problem}")
-    lock = step_lock(layout, name) if first_of_its_launch() else contextlib.nullcontext()
-    with lock:  # taken before the step's heavy imports: a refusal comes at once
+    with contextlib.ExitStack() as held:  # the lock taken before the step's heavy imports: a refusal comes at once
         if first_of_its_launch():
-            _check_alone(name, layout)
+            with starting(layout):  # its lock taken and the others' looked at as one: one of two starting wins
+                held.enter_context(step_lock(layout, name))
+                _check_alone(name, layout)
             _finish_interrupted_sets(name, layout)
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
