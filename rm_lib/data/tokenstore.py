@@ -1,8 +1,9 @@
 """Token rows on disk as Parquet (list<int32> columns): compact, columnar, byte-reproducible."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from rm_lib.errors import DataError
 from rm_lib.files import atomic_file
@@ -50,24 +51,68 @@ def write_batches(path: str | Path, batches: Iterable[list[dict]]) -> int:
     return written + waiting.num_rows
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    return [row for batch in read_batches(path) for row in batch]
+IDS_ONLY = tuple(c for c in COLUMNS if not c.startswith("attention_mask_"))  # what scoring and training read
 
 
-def read_batches(path: str | Path, size: int | None = None) -> Iterator[list[dict]]:
+def read_rows(path: str | Path, columns: Sequence[str] | None = None) -> list[dict]:
+    """Every row of `path` (of `columns` alone where given: train and evaluate hold no attention masks,
+    which are all ones)."""
+    return [row for batch in read_batches(path, columns=columns) for row in batch]
+
+
+def read_batches(path: str | Path, size: int | None = None,
+                 columns: Sequence[str] | None = None) -> Iterator[list[dict]]:
     """The rows of `path` in batches of `size`: a step that reads a batch at a time holds one batch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=size or READ_BATCH):
-            yield batch.to_pylist()
+        present = set(parquet.schema_arrow.names)
+        for batch in parquet.iter_batches(batch_size=size or READ_BATCH,
+                                          columns=None if columns is None else [c for c in columns if c in present]):
+            yield _as_rows(batch)
     except FileNotFoundError:
         raise DataError("no such file; run the step that writes it first", file=str(path)) from None
     except (pa.ArrowException, OSError) as exc:  # cut short, or not Parquet at all
         raise DataError(f"not a readable Parquet file ({str(exc).splitlines()[0]}); run the step that writes it "
                         "again", file=str(path)) from None
+
+
+_shared_ints: list = []  # _shared_ints[0][i] is i: one Python int object per token id value
+
+
+def _ids(values) -> Any:
+    """`values` (a numpy array of token ids) as an object array of shared int objects: a list of token ids
+    then costs a pointer a token. Python made an int object of 28 bytes for every token id above 256 (with
+    the pointer, 36 bytes a token: 4.3 GB held 100k pairs of 600 tokens a side in train)."""
+    import numpy as np
+
+    top = int(values.max()) + 1 if len(values) else 0
+    if not _shared_ints or len(_shared_ints[0]) < top:
+        _shared_ints[:] = [np.arange(max(top, 2 * len(_shared_ints[0]) if _shared_ints else top),
+                                     dtype=np.int64).astype(object)]
+    return _shared_ints[0][values]
+
+
+def _as_rows(batch) -> list[dict]:
+    """A record batch as rows, the token id lists made of shared int objects (the same values, the same
+    types: every reader sees what to_pylist gives)."""
+    import pyarrow as pa
+
+    columns = []
+    for field, column in zip(batch.schema, batch.columns):
+        if pa.types.is_list(field.type) and pa.types.is_integer(field.type.value_type) and not column.null_count:
+            values = column.values.to_numpy(zero_copy_only=False)
+            if len(values) and values.min() < 0:  # not token ids
+                columns.append(column.to_pylist())
+                continue
+            shared, offsets = _ids(values), column.offsets.to_numpy()
+            columns.append([shared[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])])
+        else:
+            columns.append(column.to_pylist())
+    names = batch.schema.names
+    return [dict(zip(names, values)) for values in zip(*columns)] if columns else []
 
 
 def token_length(row: dict, side: str) -> int:

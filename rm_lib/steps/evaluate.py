@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rm_lib.data import trained_prompts
-from rm_lib.data.tokenstore import read_rows, token_length
+from rm_lib.data.tokenstore import IDS_ONLY, read_rows, token_length
 from rm_lib.errors import UserError
 from rm_lib.evaluation import consistency, plots, quality, suites
 from rm_lib.evaluation.metrics import pair_metrics, set_aside_by_filter, subset_accuracy
@@ -157,7 +157,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     meta = read_json(layout.filtered / "manifest.json")
     download = chain.download_settings(layout)  # the held-out pairs' source, read with them
     identity = source_identity(download["source"], layout)
-    rows = read_rows(layout.filtered / "test.parquet")
+    rows = read_rows(layout.filtered / "test.parquet", columns=IDS_ONLY)
     if not (layout.model / "config.json").exists():
         read_json(layout.model / "config.json")  # raises the "run train first" error
     scored = chain.inputs(layout, "model")  # the model about to be scored, before it is read

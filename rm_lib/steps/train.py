@@ -10,7 +10,7 @@ from typing import Any
 
 from rm_lib.data import tokenization, trained_prompts
 from rm_lib.data.length_filter import LENGTH_SETTINGS
-from rm_lib.data.tokenstore import read_rows, token_length
+from rm_lib.data.tokenstore import IDS_ONLY, read_rows, token_length
 from rm_lib.errors import DataError, SettingsError, TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
@@ -229,8 +229,8 @@ def run(params: Params, layout: Layout, accelerator=None,
     check_same_run(accelerator, {"train": asdict(cfg), "model": asdict(params.model),
                                  "evaluate": asdict(params.evaluate), "filtered data": meta["content_hash"],
                                  "training code": code})
-    train_rows = read_rows(layout.filtered / "train.parquet")
-    eval_rows = read_rows(layout.filtered / "test.parquet")
+    train_rows = read_rows(layout.filtered / "train.parquet", columns=IDS_ONLY)
+    eval_rows = read_rows(layout.filtered / "test.parquet", columns=IDS_ONLY)
     # pairs filtered for a longer model (or before this check) would index past the position table
     longest = max((len(r[f"input_ids_{side}"]) for r in train_rows + eval_rows for side in ("chosen", "rejected")),
                   default=0)
