@@ -157,8 +157,7 @@ import json, sys, time
 from pathlib import Path
 from rm_lib.errors import UserError
 from rm_lib.layout import Layout
-from rm_lib.pipeline.locking import starting, step_lock
-from rm_lib.steps import _check_alone
+from rm_lib.steps import alone
 
 root, step, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 outcomes = []
@@ -168,16 +167,8 @@ for trial in range(int(sys.argv[4])):
     while time.time() < at:  # both at one moment, to the microsecond: a sleep wakes a millisecond apart
         pass
     try:
-        with starting(Layout(root)):  # as rm_lib.steps._run starts a step
-            held = step_lock(Layout(root), step)
-            held.__enter__()
-            try:
-                _check_alone(step, Layout(root))
-            except UserError:
-                held.__exit__(None, None, None)
-                raise
-        time.sleep(0.2)
-        held.__exit__(None, None, None)
+        with alone(step, Layout(root / str(trial))):  # as rm_lib.steps.run starts a step, in a new folder
+            time.sleep(0.2)
         outcomes.append("ran")
     except UserError:
         outcomes.append("refused")
@@ -188,13 +179,37 @@ print(json.dumps(outcomes))
 def test_of_two_steps_started_at_one_moment_one_runs(tmp_path):
     """Each step took its own lock, then looked at the others': two started at one moment each saw the
     other's lock, and most often both were refused, each naming the other."""
-    (tmp_path / ".rm_lib" / "locks").mkdir(parents=True)
-    start, trials = time.time() + 3.0, 12
+    start, trials = time.time() + 3.0, 12  # each trial in a new folder: its first steps make the lock folder
     children = [subprocess.Popen([sys.executable, "-c", STARTS, str(tmp_path), step, str(start), str(trials)],
                                  cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
                 for step in ("download", "tokenize")]
     outcomes = [json.loads(child.communicate(timeout=60)[0]) for child in children]
     assert [sorted(pair) for pair in zip(*outcomes)] == [["ran", "refused"]] * trials, outcomes
+
+
+def test_a_thread_waits_for_another_threads_start(tmp_path):
+    """The depth that lets a process enter `starting` again was the whole process's: a second thread (a
+    sensor beside a step in one code server) went on without the lock."""
+    import threading
+
+    from rm_lib.pipeline.locking import starting
+
+    (tmp_path / ".rm_lib" / "locks").mkdir(parents=True)
+    entered, waited = threading.Event(), []
+
+    def hold():
+        with starting(Layout(tmp_path)):
+            entered.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    entered.wait(10)
+    began = time.monotonic()
+    with starting(Layout(tmp_path), wait_s=0.5):
+        waited.append(time.monotonic() - began)
+    holder.join()
+    assert waited[0] >= 0.5
 
 
 def test_run_takes_each_steps_lock_in_turn(tmp_path, tiny_decoder, capsys):

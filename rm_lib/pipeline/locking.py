@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -72,7 +73,7 @@ def step_lock(layout: Layout, step: str) -> Iterator[None]:
 
 
 STARTING = "starting"  # <root>/.rm_lib/locks/starting.lock: held while a step takes its lock and looks at others'
-_starting_here = [0]  # how deep this process is in `starting` (flock would wait on its own second open)
+_starting_here = threading.local()  # how deep this thread is in `starting` (flock would wait on its own second open)
 
 
 @contextlib.contextmanager
@@ -82,12 +83,13 @@ def starting(layout: Layout, wait_s: float = 30.0) -> Iterator[None]:
     flock) made a step's own taking fail. Held for moments; past `wait_s` (a holder stopped), gone on
     without. Where no lock folder exists, no step runs: nothing is made there."""
     path = layout.lock(STARTING)
-    if _starting_here[0] or not path.parent.is_dir():
-        _starting_here[0] += 1
+    depth = getattr(_starting_here, "depth", 0)
+    if depth or not path.parent.is_dir():
+        _starting_here.depth = depth + 1
         try:
             yield
         finally:
-            _starting_here[0] -= 1
+            _starting_here.depth = depth
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -100,11 +102,11 @@ def starting(layout: Layout, wait_s: float = 30.0) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.005)
-        _starting_here[0] += 1
+        _starting_here.depth = 1
         try:
             yield
         finally:
-            _starting_here[0] -= 1
+            _starting_here.depth = 0
     finally:
         os.close(fd)
 

@@ -8,7 +8,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -140,7 +140,8 @@ def _finish_interrupted_sets(name: str, layout: Layout) -> None:
     if not marked:
         return
     try:
-        with contextlib.nullcontext() if name == "train" else step_lock(layout, "train"):
+        # under `starting`: a step looking at the locks meanwhile would say train runs, pid of this step
+        with starting(layout), contextlib.nullcontext() if name == "train" else step_lock(layout, "train"):
             for output in marked:
                 if finish_replacing(output):
                     print(f"{name}: finished putting in place what an interrupted train had begun to "
@@ -183,11 +184,9 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         problem = folder_problem(folder)  # else "File exists", from wherever the first folder is made
         if problem:
             raise UserError(f"{name}: {problem}")
-    with contextlib.ExitStack() as held:  # the lock taken before the step's heavy imports: a refusal comes at once
+    # the lock taken before the step's heavy imports: a refusal comes at once
+    with alone(name, layout) if first_of_its_launch() else contextlib.nullcontext():
         if first_of_its_launch():
-            with starting(layout):  # its lock taken and the others' looked at as one: one of two starting wins
-                held.enter_context(step_lock(layout, name))
-                _check_alone(name, layout)
             _finish_interrupted_sets(name, layout)
             _remove_stale_temporaries(name, layout)
             _undo_interrupted_record(layout)
@@ -204,6 +203,18 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, params, before)
         return result
+
+
+@contextlib.contextmanager
+def alone(name: str, layout: Layout) -> Iterator[None]:
+    """Step `name`'s lock on `layout` for the block, once no other step runs there (StepRunning otherwise).
+    Its lock is taken and the others' looked at as one: of two steps starting at one moment, one runs."""
+    layout.lock(name).parent.mkdir(parents=True, exist_ok=True)  # else a new folder's first steps start unguarded
+    with contextlib.ExitStack() as held:
+        with starting(layout):
+            held.enter_context(step_lock(layout, name))
+            _check_alone(name, layout)
+        yield
 
 
 def _check_alone(name: str, layout: Layout) -> None:
