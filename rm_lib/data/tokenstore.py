@@ -89,10 +89,11 @@ def _ids(values) -> Any:
     import numpy as np
 
     top = int(values.max()) + 1 if len(values) else 0
-    if not _shared_ints or len(_shared_ints[0]) < top:
-        _shared_ints[:] = [np.arange(max(top, 2 * len(_shared_ints[0]) if _shared_ints else top),
-                                     dtype=np.int64).astype(object)]
-    return _shared_ints[0][values]
+    table = _shared_ints[0] if _shared_ints else None  # this call's own reference: another thread may grow it
+    if table is None or len(table) < top:
+        table = np.arange(max(top, 2 * len(table) if table is not None else top), dtype=np.int64).astype(object)
+        _shared_ints[:] = [table]
+    return table[values]
 
 
 def _as_rows(batch) -> list[dict]:
@@ -102,7 +103,8 @@ def _as_rows(batch) -> list[dict]:
 
     columns = []
     for field, column in zip(batch.schema, batch.columns):
-        if pa.types.is_list(field.type) and pa.types.is_integer(field.type.value_type) and not column.null_count:
+        if (pa.types.is_list(field.type) and pa.types.is_integer(field.type.value_type) and not column.null_count
+                and not column.values.null_count):
             values = column.values.to_numpy(zero_copy_only=False)
             if len(values) and values.min() < 0:  # not token ids
                 columns.append(column.to_pylist())
