@@ -640,3 +640,24 @@ def test_root_reads_the_projects_own_params_yaml_and_a_missing_params_file_is_re
     capsys.readouterr()
     assert main(["download", "--root", str(project), "--params", str(tmp_path / "typo/params.yaml")]) == 2
     assert capsys.readouterr().err == f"error: --params {tmp_path / 'typo/params.yaml'}: no such file\n"
+
+
+def _alias_bomb(depth: int = 9) -> str:
+    """YAML of a few hundred bytes whose value is 9**depth items: each list holds 9 references to the last."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, depth + 1)]
+    return "[" + ", ".join(parts) + "]"
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_is_one_short_line_not_a_hang(tmp_path):
+    """A 480-byte params.yaml (or --set value) of nested aliases: the error message printed the value whole,
+    9**9 items, and the process grew past 6 GB until it was killed."""
+    bomb = _alias_bomb()
+    (tmp_path / "params.yaml").write_text(f"download: {bomb}\n")
+    with pytest.raises(SettingsError, match="download: expected a mapping of settings, got list") as info:
+        load_params(tmp_path / "params.yaml")
+    assert len(str(info.value)) < 2_000
+    with pytest.raises(SettingsError, match="train.lora_target_modules: must be null") as info:
+        load_params(None, [f"train.lora_target_modules={bomb}"])
+    assert len(str(info.value)) < 2_000
