@@ -81,7 +81,7 @@ def test_json_nested_too_deep_or_a_line_too_large_names_the_file_and_row(tmp_pat
         def __init__(self):
             self.lines = [json.dumps(ROW).encode() + b"\n"]
 
-        def readline(self):
+        def readline(self, size=-1):
             if self.lines:
                 return self.lines.pop()
             raise MemoryError
@@ -89,6 +89,23 @@ def test_json_nested_too_deep_or_a_line_too_large_names_the_file_and_row(tmp_pat
     monkeypatch.setattr(sources, "_open_binary", lambda path: contextlib.nullcontext(Huge()))
     with pytest.raises(DataError, match=r"d.jsonl, row 2: this line is too large to read into memory"):
         list(read_file(lines))
+
+
+def test_a_gzip_that_expands_to_one_huge_line_is_refused_once_the_limit_is_read(tmp_path, monkeypatch):
+    """3 MB of gzip holding one 3 GiB line: download read it whole (12.7 GB resident) before it could say
+    anything, and Linux kills a process that outgrows memory before Python raises MemoryError. A row's line
+    past the limit is refused, naming the file and row; a .json document (an array on one line) is not."""
+    from rm_lib.data import sources
+
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1 << 20)
+    bomb = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(bomb, "wt") as out:
+        out.write(json.dumps(ROW) + "\n" + json.dumps({**ROW, "prompt": "a" * (2 << 20)}) + "\n")
+    with pytest.raises(DataError, match=r"bomb.jsonl.gz, row 2: this line is longer than 1 MiB"):
+        list(read_file(bomb))
+    whole = tmp_path / "one-line.json"
+    whole.write_text(json.dumps([ROW] * 20_000))  # over 1 MiB, one line
+    assert len(list(read_file(whole))) == 20_000
 
 
 def test_not_utf8_and_empty(tmp_path):

@@ -60,15 +60,26 @@ def _open_binary(path: Path) -> Iterator[IO[bytes]]:
         yield handle
 
 
-def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line) -> Iterator[tuple[int, str]]:
+MAX_LINE_BYTES = 256 << 20  # a row's line: past it, a damaged file or a gzip bomb (3 MB that expand to 3 GB)
+
+
+def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line,
+           one_document: bool = False) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of every line, streamed. Lines end at a newline byte only, so a raw
     U+2028, U+2029 or U+0085 inside a JSON string stays part of its row. `row_of` turns a line number
-    into the row an error names (a CSV record may span lines)."""
+    into the row an error names (a CSV record may span lines). A line past MAX_LINE_BYTES is refused once
+    that much is read (Linux kills a process that outgrows memory before Python can say MemoryError), but
+    in `one_document` (JSON: a whole array may be one line)."""
+    limit = None if one_document else MAX_LINE_BYTES
     with _open_binary(path) as handle:
         number = 0
         while True:
             try:
-                raw = handle.readline()
+                raw = handle.readline(-1 if limit is None else limit + 1)
+                if limit is not None and len(raw) > limit:
+                    raise DataError(f"this line is longer than {limit >> 20} MiB, which no pair's row is (a damaged "
+                                    "file, or a gzip that expands hugely); split it into rows, one per line",
+                                    file=str(path), row=row_of(number + 1))
             except _GZIP_ERRORS as exc:
                 raise _gzip_error(path, exc) from None
             except MemoryError:  # one line larger than memory: a damaged file, or a gzip that expands hugely
@@ -87,8 +98,8 @@ def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line) -> Iter
 
 
 def _read_text(path: Path) -> str:
-    """A whole file as text, for formats that are one document (JSON)."""
-    return "".join(line for _, line in _lines(path))
+    """A whole file as text, for formats that are one document (JSON: a whole array may be one line)."""
+    return "".join(line for _, line in _lines(path, one_document=True))
 
 
 _TOO_DEEP = "holds JSON nested deeper than Python reads (lists or objects inside each other thousands of times)"
