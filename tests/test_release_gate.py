@@ -416,6 +416,16 @@ def test_a_release_of_another_source_is_not_compared_and_the_verdict_says_so(tmp
     assert verdict.passed and "another source" in verdict.description and "subset helpful-base" in verdict.description
 
 
+def test_a_release_whose_accuracy_is_no_number_is_said_not_compared(tmp_path):
+    """A Hub release whose evaluation.json says NaN or Infinity (Python's JSON reader takes both): the gate
+    passed and uploaded over it, its verdict saying nothing of the release."""
+    for previous in (float("nan"), float("inf")):
+        verdict = judged(tmp_path, 0.7, held_out(), held_out(), previous)
+        assert verdict.passed, verdict.description
+        assert f"not compared with the last released model: its evaluation.json gives the accuracy '{previous}'" \
+            in verdict.description and verdict.metadata["compared_with_previous"] is False
+
+
 def test_a_release_measured_on_a_handful_of_pairs_by_an_older_version_is_no_bar(tmp_path):
     """1 test pair at accuracy 1.0 (a release from before push.min_test_pairs) was the bar every real
     model fell below. A release since then passed push.min_test_pairs: raising the setting later keeps

@@ -319,8 +319,12 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
     previous_pairs = (theirs or {}).get("pairs", bar.get("pairs"))
     metadata: dict[str, Any] = {"previous_release_accuracy": previous if previous is not None else "none",
                                 "previous_release_pairs": "unknown" if previous_pairs is None else previous_pairs}
-    if not _finite(previous):
+    if previous is None:
         return None, "", metadata
+    if not _finite(previous):  # NaN, Infinity (JSON readers take both), text: a damaged or hand-made release
+        metadata["compared_with_previous"] = False
+        return None, (f"; not compared with the last released model: its evaluation.json gives the accuracy "
+                      f"{str(previous)[:40]!r}, no number to compare with"), metadata
     counts = f"{pairs} pairs here, {'an unknown number' if previous_pairs is None else previous_pairs} there"
     if theirs is None and isinstance(previous_pairs, int) and previous_pairs < min_test_pairs:
         # made by a version without push.min_test_pairs (a release since then passed it): a smoke run's
