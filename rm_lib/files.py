@@ -522,7 +522,7 @@ def read_json(path: str | Path) -> dict:
         raise DataError("not found; run the step that writes it first", file=str(path))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nested too deep
         raise DataError(f"not valid JSON ({exc}): damaged since the step that writes it wrote it; run that step "
                         "again", file=str(path)) from None
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rm_lib.evaluation.scoring import RewardScorer
+from rm_lib.layout import Layout
 
 from helpers import run_steps, tiny_params, write_jsonl
 
@@ -327,6 +328,8 @@ def test_score_reads_pretokenized_ids_as_given_and_sets_aside_sides_that_tokeniz
     ("a token id past the vocabulary", "field 'input_ids_chosen': token id 999999 is outside the model's "
                                        "vocabulary"),
     ("a best-of-N CSV file", "row 2, field 'chosen': chosen and rejected are lists of answers (RewardBench 2's"),
+    ("output inside the model scored", "model.safetensors is inside"),  # its weights became the rewards
+    ("output inside a step's folder", "is inside"),
 ])
 def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_path, capsys, case, message):
     from rm_lib.cli import main
@@ -355,6 +358,10 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
     elif case == "a best-of-N CSV file":  # each cell a list's repr, as pandas writes it: read as the list
         src = tmp_path / "rb2.csv"
         src.write_text("prompt,chosen,rejected\np,['fine.'],\"['bad.', 'worse.']\"\n")
+    elif case == "output inside the model scored":
+        output = Layout(trained).model / "model.safetensors"
+    elif case == "output inside a step's folder":
+        output = Layout(trained).evaluation / "scores.jsonl"
     else:
         rows = [{"input_ids_chosen": [1, 999_999], "input_ids_rejected": [1, 2]}]
     if not case.startswith(("the input is", "a best-of-N")):
@@ -364,6 +371,10 @@ def test_score_refuses_what_would_lose_data_or_crash_in_one_line(trained, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and message in err.strip().splitlines()[-1]
     assert src.read_bytes() == before
+    if case == "output inside the model scored":
+        assert "the model it scores" in err
+    if case == "output inside a step's folder":
+        assert "a folder the evaluate step writes" in err and not output.exists()
     if case == "output is a named pipe":
         assert stat.S_ISFIFO(os.lstat(output).st_mode)  # not replaced by a file
     elif "link" in case:
@@ -1066,11 +1077,14 @@ def test_normalised_rewards_use_the_training_stats_and_a_model_without_them_is_r
     # OpenRLHF's names for the stats, and the problem vLLM reads the one label as (no sigmoid on the reward)
     assert (config["mean"], config["std"], config["problem_type"]) == \
         (config["reward_mean"], config["reward_std"], "regression")
-    for name, change in (("no stats", lambda c: {k: v for k, v in c.items() if k not in ("reward_mean", "reward_std")}),
-                         ("no spread", lambda c: {**c, "reward_std": 0.0})):
+    for name, change, said in (
+            ("no stats", lambda c: {k: v for k, v in c.items() if k not in ("reward_mean", "reward_std")},
+             "holds no reward_mean and reward_std"),
+            ("no spread", lambda c: {**c, "reward_std": 0.0}, "had no spread in training"),
+            ("not a number", lambda c: {**c, "reward_mean": "x"}, "holds reward_mean 'x' and reward_std")):
         copy = tmp_path / name
         shutil.copytree(model, copy)
         (copy / "config.json").write_text(json.dumps(change(config)))
-        with pytest.raises(SettingsError, match="^normalize: .*score it with normalize=False"):
+        with pytest.raises(SettingsError, match=f"^normalize: .*{said}.*score it with normalize=False"):
             RewardScorer(copy, normalize=True)
         assert RewardScorer(copy).score(texts) == pytest.approx(raw, abs=1e-6)

@@ -3,6 +3,7 @@ checkpoint resumes without unpickling anything, and names from the data reach ne
 Markdown nor the terminal as anything but text."""
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,26 @@ def test_a_model_load_error_names_the_hub_without_its_credentials(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"couldn't connect to 'http://127.0.0.1:{port}'" in done.stderr
     assert "S3CRET" not in done.stderr + done.stdout
+
+
+def test_json_nested_deeper_than_python_reads_is_one_line_naming_the_file(tmp_path, tiny_decoder):
+    """A config.json, tokenizer_config.json or rm_lib.json of `[` 100,000 deep (a model folder or Hub
+    release made to break readers), or such an evaluation.json at the Hub: RecursionError tracebacks."""
+    import shutil
+
+    from rm_lib.errors import DataError
+    from rm_lib.evaluation.scoring import training_record
+    from rm_lib.publish import hub
+
+    deep = "[" * 100_000 + "]" * 100_000
+    for name in ("config.json", "tokenizer_config.json"):
+        folder = Path(shutil.copytree(tiny_decoder, tmp_path / name))
+        (folder / name).write_text(deep)
+        loader = load_model_config if name == "config.json" else load_tokenizer
+        with pytest.raises(SettingsError, match=f"cannot load .*{name}.*recursion depth"):
+            loader(str(folder))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "rm_lib.json").write_text(deep)
+    with pytest.raises(DataError, match="rm_lib.json.*not valid JSON"):
+        training_record(str(tmp_path / "model"))
+    assert hub._is_release(('{"accuracy": 0.5, "x": ' + deep + "}").encode()) is False

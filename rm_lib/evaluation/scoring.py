@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import operator
 import sys
 from collections.abc import Callable, Sequence
@@ -74,7 +75,7 @@ def training_record(model: str) -> dict:
     where = str(folder / "rm_lib.json") if folder.exists() else f"{model}: rm_lib.json"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep to read
         raise DataError(f"not valid JSON ({exc}); train writes it: train again, or remove it to score the model "
                         "as one of another project (up to its positions)", file=where) from None
     if not isinstance(record, dict):
@@ -324,10 +325,15 @@ def _normalisation(config: Any, model_dir: Path) -> tuple[float, float]:
     project's, or one an earlier version saved) or whose rewards had no spread cannot be normalised:
     refused, where raw rewards were returned as if normalised."""
     mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
-    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)):
+    if mean is None or std is None:
         raise SettingsError(f"normalize: {model_dir / 'config.json'} holds no reward_mean and reward_std (a model "
                             "this project's train did not save, or an earlier version did): score it with "
                             "normalize=False")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std))
+    if not numbers:
+        raise SettingsError(f"normalize: {model_dir / 'config.json'} holds reward_mean {str(mean)[:40]!r} and "
+                            f"reward_std {str(std)[:40]!r}, which are not both numbers (a damaged or hand-edited "
+                            "file): score it with normalize=False")
     if not std > 0:
         raise SettingsError(f"normalize: {model_dir}'s rewards had no spread in training (reward_std {std} in its "
                             "config.json): normalising would divide by it; score it with normalize=False")

@@ -65,7 +65,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         raise SettingsError(f"{setting}: cannot load a tokenizer from '{name_or_path}' "
                             f"({network.first_line(exc, None)}){_no_tokenizer_file(path)}; {_load_hint(path)}",
                             transient=network.is_transient(exc)) from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: a JSON file nested deeper than Python reads
         raise SettingsError(f"{setting}: cannot load a tokenizer from '{name_or_path}' "
                             f"({network.first_line(exc, None)}){_no_tokenizer_file(path)}") from None
     pads_with_eos = tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
@@ -119,7 +119,8 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     except OSError as exc:  # transient when the Hub could not be reached or did not answer in time
         raise SettingsError(f"{setting}: cannot load '{name_or_path}' ({network.first_line(exc, None)}); "
                             f"{_load_hint(path)}", transient=network.is_transient(exc)) from None
-    except ValueError as exc:  # custom code without trust_remote_code, unknown model_type, a config it refuses
+    # custom code without trust_remote_code, unknown model_type, a config it refuses, one nested too deep to read
+    except (ValueError, RecursionError) as exc:
         said = str(exc).lower()
         custom = any(w in said for w in ("trust_remote_code", "model type", "model_type", "recogni"))
         hint = ("Custom model code runs only with model.trust_remote_code=true" if custom else

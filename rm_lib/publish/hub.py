@@ -178,7 +178,7 @@ def _is_release(evaluation: bytes) -> bool:
     file of the same name from elsewhere is no bar."""
     try:
         record = json.loads(evaluation)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python reads
         return False
     return (isinstance(record, dict) and isinstance(record.get("accuracy"), (int, float))
             and not isinstance(record.get("accuracy"), bool)

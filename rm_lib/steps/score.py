@@ -11,7 +11,7 @@ from rm_lib.errors import DataError, UserError
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import RewardScorer, check_model_folder, model_max_length
 from rm_lib.files import atomic_files, special_file, unwritable_folder, write_jsonl, write_rows
-from rm_lib.layout import Layout
+from rm_lib.layout import OUTPUTS, Layout
 from rm_lib.model.modeling import TRAINED
 from rm_lib.progress import Progress
 from rm_lib.settings import Params, check_within_positions, names_a_folder
@@ -73,9 +73,27 @@ def _check_paths(layout: Layout, model: str | None, input_path: str, output_path
                             "file; name another output")
         if written.is_dir():
             raise UserError(f"--output {output_path}: its rows set aside go to {written}, which is a folder")
+    _check_not_kept(layout, model, output_path)
     if model is None and not layout.model.is_dir():
         raise UserError(f"{layout.model}: no trained model here; run the train step first, or pass --model")
     _check_model(model)
+
+
+def _check_not_kept(layout: Layout, model: str | None, output_path: str) -> None:
+    """The output may not land inside the model it scores (`--output <model>/model.safetensors` replaced its
+    weights with the rewards) nor inside a folder a step of the pipeline writes and DVC records whole."""
+    scored = layout.model if model is None else Path(model).expanduser()
+    kept = {folder: f"a folder the {step} step writes" for step in OUTPUTS for folder in
+            layout.outputs(step)}
+    if scored.exists():
+        kept[scored] = "the model it scores"
+    for written in (Path(output_path), rejects_path(output_path), failed_rejects_path(output_path)):
+        where = written.resolve()
+        for folder, what in kept.items():
+            if where.is_relative_to(folder.resolve()):
+                raise UserError(f"--output {output_path}: {written} is inside {folder}, {what}; the rewards (and "
+                                "the rows set aside beside them) would replace what is there. Name a file elsewhere "
+                                "(data/scores.jsonl, say)")
 
 
 def _check_model(model: str | None) -> None:
