@@ -236,3 +236,18 @@ def test_json_nested_deeper_than_python_reads_is_one_line_naming_the_file(tmp_pa
     with pytest.raises(DataError, match="rm_lib.json.*not valid JSON"):
         training_record(str(tmp_path / "model"))
     assert hub._is_release(('{"accuracy": 0.5, "x": ' + deep + "}").encode()) is False
+
+
+def test_a_config_claiming_more_layers_than_its_weights_hold_is_refused_before_any_work(tmp_path, tiny_decoder):
+    """num_hidden_layers 100,000 over a 2-layer model's weights: train sat in transformers' initialisation of
+    the missing layers (past 9 GB) after the data steps; fewer claimed would have trained random layers."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_decoder, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    held = config["num_hidden_layers"]
+    assert load_model_config(str(folder)).num_hidden_layers == held  # as saved: no refusal
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100_000}))
+    with pytest.raises(SettingsError, match=f"config.json says 100000 layers \\(num_hidden_layers\\), its weights "
+                                            f"hold {held}; the others would be built with random weights"):
+        load_model_config(str(folder))

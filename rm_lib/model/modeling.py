@@ -135,11 +135,39 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
                             "that has one")
     if weights:
         check_safetensors_weights(path, name_or_path, setting)
+        check_layer_count(path, config, name_or_path, setting)
         archs = getattr(config, "architectures", None) or []
         # a checkpoint of another task (GPT-2's token classifier keeps a `classifier`) gets a new head
         if not archs or any(a.endswith("ForSequenceClassification") for a in archs):
             check_head_outputs(path, name_or_path, setting)
     return config
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def check_layer_count(path: str, config: Any, name: str, setting: str = SETTING) -> None:
+    """A local folder whose config.json claims more layers than its safetensors weights hold: transformers
+    builds the missing layers with random weights (a config of 100,000 layers sat in their initialisation,
+    past 9 GB, after the data steps). Read off the headers; nothing said where the names are unusual."""
+    from safetensors import safe_open
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    claimed = getattr(text, "num_hidden_layers", None)
+    folder = Path(path)
+    if not folder.is_dir() or not isinstance(claimed, int) or isinstance(claimed, bool):
+        return
+    held = -1
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                held = max([held, *(int(m.group(1)) for key in weights.keys() if (m := _LAYER_KEY.search(key)))])
+        except Exception:  # noqa: BLE001 - check_safetensors_weights and the load say what is wrong with a file
+            return
+    if held >= 0 and claimed > held + 1:
+        raise SettingsError(f"{setting}: '{name}': config.json says {claimed} layers (num_hidden_layers), its "
+                            f"weights hold {held + 1}; the others would be built with random weights. Fix that "
+                            "file or name another model")
 
 
 def adapter_advice(folder: Path) -> str | None:
