@@ -21,7 +21,7 @@ import pydantic
 import yaml
 
 from rm_lib.errors import SettingsError
-from rm_lib.settings import READ_BY_OTHER_STEPS, Params
+from rm_lib.settings import READ_BY_OTHER_STEPS, Params, shown_value
 
 from .resources import project_params_file
 
@@ -76,6 +76,25 @@ def _defaults(path: Path, section: str) -> dict[str, Any]:
     return values if isinstance(values, dict) else {}
 
 
+def _items(value: Any, budget: int) -> int:
+    """How many values `value` holds, counted up to `budget` (a YAML alias bomb holds 9**9 and is a few
+    hundred bytes: past the budget the count stops)."""
+    count, waiting = 0, [value]
+    while waiting and count <= budget:
+        item = waiting.pop()
+        count += 1
+        if isinstance(item, dict):
+            waiting.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            waiting.extend(item)
+    return count
+
+
+def _as_text(value: Any) -> str:
+    """params.yaml's value as the description shows it: JSON, or cut short where it holds too much."""
+    return json.dumps(value, default=str) if _items(value, 1_000) <= 1_000 else shown_value(value)
+
+
 def config_class(section: str, params_file: Optional[Path] = None) -> type[StepConfig]:
     """A dg.Config class with every setting of `section` that no other step reads, all optional
     (unset = params.yaml), described by the project's params.yaml (`params_file`, by default the one
@@ -92,7 +111,7 @@ def config_class(section: str, params_file: Optional[Path] = None) -> type[StepC
         default = defaults.get(f.name, f.default)
         note = comments.get((section, f.name))
         description = (f"{section}.{f.name}" + (f": {note}" if note else "")
-                       + f". Unset: params.yaml's value ({json.dumps(default, default=str)}).")
+                       + f". Unset: params.yaml's value ({_as_text(default)}).")
         fields[f.name] = (_optional(hints[f.name]), pydantic.Field(default=None, description=description))
     cls = pydantic.create_model(f"{section.capitalize()}Config", __base__=StepConfig, **fields)
     cls.section = section

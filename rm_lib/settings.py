@@ -45,10 +45,15 @@ _REPR.maxlevel, _REPR.maxtuple, _REPR.maxlist, _REPR.maxdict, _REPR.maxset = 2, 
 _REPR.maxstring, _REPR.maxother = 200, 200
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
     """A value in an error message, cut short: a YAML alias bomb (9 lists of 9 references, nine deep) is a few
     hundred bytes to read and 9**9 items to print whole."""
     return _REPR.repr(value)
+
+
+def _names(keys: Any) -> list[str]:
+    """Keys a settings file holds, as text (YAML reads `1:` as a number), cut short, sorted."""
+    return sorted(str(key)[:200] for key in keys)
 
 
 def _fail(section: str, key: str, message: str) -> None:
@@ -223,16 +228,16 @@ class TrainSettings:
         tokens = self.max_tokens_per_forward
         if tokens is not None and tokens != "auto" and (isinstance(tokens, str) or tokens < 1):
             _fail("train", "max_tokens_per_forward", f"must be {_ALLOWED['train', 'max_tokens_per_forward']}, got "
-                                                     f"{_shown(tokens)}")
+                                                     f"{shown_value(tokens)}")
         if self.gradient_checkpointing not in ("auto", True, False):
             _fail("train", "gradient_checkpointing", f"must be {_ALLOWED['train', 'gradient_checkpointing']}, got "
-                                                     f"{_shown(self.gradient_checkpointing)}")
+                                                     f"{shown_value(self.gradient_checkpointing)}")
         if self.attention not in ("auto", "sdpa", "eager", "flex_attention", "varlen"):
             _fail("train", "attention", f"must be auto, sdpa, eager, flex_attention or varlen, got '{self.attention}'")
         if self.gpu_memory_gib is not None and (isinstance(self.gpu_memory_gib, (str, bool))
                                                 or not self.gpu_memory_gib > 0):
             _fail("train", "gpu_memory_gib",
-                  f"must be a positive number of GiB or null, got {_shown(self.gpu_memory_gib)}")
+                  f"must be a positive number of GiB or null, got {shown_value(self.gpu_memory_gib)}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             _fail("train", "batch_tokens", f"must be at least 1 or null, got {self.batch_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -267,7 +272,7 @@ class TrainSettings:
         if targets == [] or (isinstance(targets, str) and targets != ALL_LINEAR) \
                 or (isinstance(targets, list) and not all(m.strip() for m in targets)):
             _fail("train", "lora_target_modules", f"must be {_ALLOWED['train', 'lora_target_modules']}, got "
-                                                  f"{_shown(targets)}")
+                                                  f"{shown_value(targets)}")
 
 
 @dataclass
@@ -289,7 +294,7 @@ class EvaluateSettings:
         for entry in self.suites:
             if not entry.strip() or entry.strip().startswith("@") or entry.strip().endswith("@"):
                 _fail("evaluate", "suites",
-                      f"each entry names a file or a Hub dataset (name@split), got {_shown(entry)}")
+                      f"each entry names a file or a Hub dataset (name@split), got {shown_value(entry)}")
 
 
 @dataclass
@@ -319,20 +324,20 @@ class PushSettings:
             lower = self.license.lower() if isinstance(self.license, str) else ""
             hint = f" (the Hub's ids are lower case: {lower}?)" if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", lower) else ""
             _fail("push", "license", f"must be a Hub license id (apache-2.0, mit, cc-by-4.0) or null, got "
-                  f"{_shown(self.license)}{hint}")
+                  f"{shown_value(self.license)}{hint}")
         if self.license == "other":
             # the Hub names an `other` license by these; without them the card says nothing of which it is
             if not (isinstance(self.license_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license_name)):
                 _fail("push", "license_name", "push.license=other needs the license's short name, lower case with "
-                      f"'-' (my-company-license), got {_shown(self.license_name)}")
+                      f"'-' (my-company-license), got {shown_value(self.license_name)}")
             if not (isinstance(self.license_link, str) and re.fullmatch(r"https?://[^\s<>`'\"]+", self.license_link)):
                 _fail("push", "license_link", "push.license=other needs the address of the license's text "
-                      f"(https://...), got {_shown(self.license_link)}")
+                      f"(https://...), got {shown_value(self.license_link)}")
         else:
             for key in ("license_name", "license_link"):
                 if getattr(self, key) is not None:
                     _fail("push", key,
-                          f"is read only under push.license=other (push.license is {_shown(self.license)})")
+                          f"is read only under push.license=other (push.license is {shown_value(self.license)})")
         if not 0.0 <= self.min_accuracy <= 1.0:
             _fail("push", "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}")
         if self.min_test_pairs < 1:
@@ -388,27 +393,27 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
             except SettingsError:
                 pass
         if (section, key) in _ALLOWED and not isinstance(value, str):  # the last type's refusal would say "string"
-            _fail(section, key, f"must be {_ALLOWED[section, key]}, got {_shown(value)}")
+            _fail(section, key, f"must be {_ALLOWED[section, key]}, got {shown_value(value)}")
         return _coerce(section, key, value, non_none[-1])
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            _fail(section, key, f"must be a list of strings, got {_shown(value)}")
+            _fail(section, key, f"must be a list of strings, got {shown_value(value)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            _fail(section, key, f"must be true or false, got {_shown(value)}")
+            _fail(section, key, f"must be true or false, got {shown_value(value)}")
         return value
     if hint is float:
         return _as_float(section, key, value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(section, key, f"must be an integer, got {_shown(value)}")
+            _fail(section, key, f"must be an integer, got {shown_value(value)}")
         return value
     if hint is str:
         if isinstance(value, bool) and (section, key, value) in _YAML_WORDS:
             return _YAML_WORDS[section, key, value]
         if not isinstance(value, str):
-            _fail(section, key, f"must be a string, got {_shown(value)}")
+            _fail(section, key, f"must be a string, got {shown_value(value)}")
         return value
     return value
 
@@ -430,11 +435,11 @@ def _as_float(section: str, key: str, value: Any) -> float:
         try:
             value = float(value)
         except ValueError:
-            _fail(section, key, f"must be a number, got {_shown(value)}")
+            _fail(section, key, f"must be a number, got {shown_value(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(section, key, f"must be a number, got {_shown(value)}")
+        _fail(section, key, f"must be a number, got {shown_value(value)}")
     if not math.isfinite(value):
-        _fail(section, key, f"must be a finite number, got {_shown(value)}")
+        _fail(section, key, f"must be a finite number, got {shown_value(value)}")
     return float(value)
 
 
@@ -443,7 +448,7 @@ def _section_from_dict(section: str, cls: type, data: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise SettingsError(f"{section}: unknown setting(s) {', '.join(sorted(unknown))}; "
+        raise SettingsError(f"{section}: unknown setting(s) {', '.join(_names(unknown))}; "
                             f"known: {', '.join(sorted(known))}")
     values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
     return cls(**values)
@@ -452,14 +457,14 @@ def _section_from_dict(section: str, cls: type, data: dict[str, Any]) -> Any:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'train.learning_rate=1e-4' -> ('train', 'learning_rate', 1e-4), the value read as YAML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise SettingsError(f"--set {_shown(text)}: expected section.key=value, e.g. train.learning_rate=1e-4")
+        raise SettingsError(f"--set {shown_value(text)}: expected section.key=value, e.g. train.learning_rate=1e-4")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or exc  # yaml's full message spans several lines
-        raise SettingsError(f"--set {_shown(text)}: value is not valid YAML ({problem})") from None
+        raise SettingsError(f"--set {shown_value(text)}: value is not valid YAML ({problem})") from None
     # YAML reads "1e-4" as a string; accept such numbers where they are obviously meant. A quoted value
     # is text, as in YAML: `push.commit_message="2024"` (the Launchpad quotes every text it passes on).
     if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
@@ -474,7 +479,8 @@ def _section_mapping(section: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise SettingsError(f"{section}: expected a mapping of settings, got {type(value).__name__} {_shown(value)}")
+        raise SettingsError(f"{section}: expected a mapping of settings, got {type(value).__name__} "
+                            f"{shown_value(value)}")
     return dict(value)
 
 
@@ -486,7 +492,7 @@ def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
     sections = {f.name: f for f in dataclasses.fields(Params)}
     unknown = set(data) - set(sections)
     if unknown:
-        raise SettingsError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
+        raise SettingsError(f"unknown section(s) {', '.join(_names(unknown))}; known: {', '.join(sections)}")
     hints = typing.get_type_hints(Params)
     params = Params(**{name: _section_from_dict(name, hints[name], data.get(name, {})) for name in sections})
     params.validate()

@@ -140,3 +140,10 @@ def assert_same_step(got, expected) -> None:
     assert got[2].keys() == expected[2].keys()
     for name in expected[2]:
         torch.testing.assert_close(got[2][name], expected[2][name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def alias_bomb(depth: int = 9) -> str:
+    """YAML of a few hundred bytes whose value is 9**depth items: each list holds 9 references to the last."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, depth + 1)]
+    return "[" + ", ".join(parts) + "]"

@@ -386,6 +386,12 @@ def test_launchpad_fields_describe_the_projects_params_yaml(tmp_path, monkeypatc
     assert "(\"2024-05-01\")" in config_class("push").model_fields["commit_message"].description
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
     assert "params.yaml's value (5e-05)" in config_class("train").model_fields["learning_rate"].description
+    # a few hundred bytes of YAML aliases holding 9**9 values: the description printed them whole (2 GB, 25 s)
+    from helpers import alias_bomb
+
+    (tmp_path / "params.yaml").write_text(f"train:\n  max_tokens_per_forward: {alias_bomb()}\n")
+    described = config_class("train").model_fields["max_tokens_per_forward"].description
+    assert len(described) < 2_000 and "Unset: params.yaml's value ([[" in described
 
 
 def test_no_launchpad_field_is_a_setting_another_dvc_stage_depends_on():

@@ -9,6 +9,8 @@ from rm_lib.cli import main
 from rm_lib.errors import SettingsError
 from rm_lib.settings import load_params
 
+from helpers import alias_bomb
+
 
 def test_params_yaml_is_the_source_of_defaults_and_set_overrides():
     params = load_params("params.yaml", ["train.learning_rate=1e-4", "filter.policy=truncate"])
@@ -642,18 +644,11 @@ def test_root_reads_the_projects_own_params_yaml_and_a_missing_params_file_is_re
     assert capsys.readouterr().err == f"error: --params {tmp_path / 'typo/params.yaml'}: no such file\n"
 
 
-def _alias_bomb(depth: int = 9) -> str:
-    """YAML of a few hundred bytes whose value is 9**depth items: each list holds 9 references to the last."""
-    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
-    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, depth + 1)]
-    return "[" + ", ".join(parts) + "]"
-
-
 @pytest.mark.timeout(60)
 def test_a_yaml_alias_bomb_is_one_short_line_not_a_hang(tmp_path):
     """A 480-byte params.yaml (or --set value) of nested aliases: the error message printed the value whole,
     9**9 items, and the process grew past 6 GB until it was killed."""
-    bomb = _alias_bomb()
+    bomb = alias_bomb()
     (tmp_path / "params.yaml").write_text(f"download: {bomb}\n")
     with pytest.raises(SettingsError, match="download: expected a mapping of settings, got list") as info:
         load_params(tmp_path / "params.yaml")
@@ -661,3 +656,13 @@ def test_a_yaml_alias_bomb_is_one_short_line_not_a_hang(tmp_path):
     with pytest.raises(SettingsError, match="train.lora_target_modules: must be null") as info:
         load_params(None, [f"train.lora_target_modules={bomb}"])
     assert len(str(info.value)) < 2_000
+
+
+def test_a_setting_or_section_named_by_a_number_is_one_line(tmp_path):
+    """YAML reads `1:` as a number: the list of unknown names failed to sort and join (a traceback)."""
+    (tmp_path / "params.yaml").write_text("train:\n  1: 2\n")
+    with pytest.raises(SettingsError, match="train: unknown setting\\(s\\) 1; known: "):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("1: {}\nmodel: {}\n")
+    with pytest.raises(SettingsError, match="unknown section\\(s\\) 1; known: model"):
+        load_params(tmp_path / "params.yaml")
