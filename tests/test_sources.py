@@ -106,6 +106,19 @@ def test_a_gzip_that_expands_to_one_huge_line_is_refused_once_the_limit_is_read(
     whole = tmp_path / "one-line.json"
     whole.write_text(json.dumps([ROW] * 20_000))  # over 1 MiB, one line
     assert len(list(read_file(whole))) == 20_000
+    # a quoted CSV cell spans lines: the cell's limit is the row's
+    cells = tmp_path / "bomb.csv.gz"
+    with gzip.open(cells, "wt") as out:
+        out.write('prompt,chosen,rejected\np,"' + "a\n" * (1 << 20) + '",b\n')
+    with pytest.raises(DataError, match=r"bomb.csv.gz, row 2: a cell is longer than 1 MiB"):
+        list(read_file(cells))
+    # exactly the limit is a row, whatever ends its line
+    row = json.dumps({**ROW, "prompt": "a"})
+    exact = json.dumps({**ROW, "prompt": "a" * ((1 << 20) - len(row) + 1)})
+    assert len(exact) == 1 << 20
+    for ending in ("\n", "\r\n", ""):
+        (tmp_path / "exact.jsonl").write_text(exact + ending, newline="")
+        assert len(list(read_file(tmp_path / "exact.jsonl"))) == 1
 
 
 def test_not_utf8_and_empty(tmp_path):

@@ -75,8 +75,8 @@ def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line,
         number = 0
         while True:
             try:
-                raw = handle.readline(-1 if limit is None else limit + 1)
-                if limit is not None and len(raw) > limit:
+                raw = handle.readline(-1 if limit is None else limit + 3)
+                if limit is not None and len(raw.rstrip(b"\r\n")) > limit:  # its ending is no part of the row
                     raise DataError(f"this line is longer than {limit >> 20} MiB, which no pair's row is (a damaged "
                                     "file, or a gzip that expands hugely); split it into rows, one per line",
                                     file=str(path), row=row_of(number + 1))
@@ -186,13 +186,11 @@ def _is_message_list(value: str) -> bool:
     return isinstance(decoded, list) and bool(decoded) and all(isinstance(m, dict) for m in decoded)
 
 
-# The csv module refuses a cell past 131,072 characters by default; a long conversation is no error,
-# as it is none in JSON Lines. 2**31 - 1 is the most a C long holds on every platform.
-_CSV_FIELD_LIMIT = 2**31 - 1
-
-
 def _csv_rows(path: Path) -> Rows:
-    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    # The csv module refuses a cell past 131,072 characters by default; a long conversation is no error, as
+    # it is none in JSON Lines. A quoted cell spans lines, so a row's limit is the cell's too (a 326 KB gzip
+    # of one cell over 160 Mi lines was read whole)
+    csv.field_size_limit(MAX_LINE_BYTES)
     number = 1  # the record being read, the header being 1: a quoted cell may span several lines
     # strict: a quote opened and never closed is an error, not a cell that swallows the rows after it
     reader = csv.DictReader((line for _, line in _lines(path, row_of=lambda _line: number)), strict=True)
@@ -229,6 +227,9 @@ def _csv_rows(path: Path) -> Rows:
 
 
 def _csv_error(exc: csv.Error, path: Path, number: int) -> DataError:
+    if "field larger than field limit" in str(exc):
+        return DataError(f"a cell is longer than {MAX_LINE_BYTES >> 20} MiB, which no pair's is (a damaged file, or "
+                         "a gzip that expands hugely); split it into rows", file=str(path), row=number)
     if "unexpected end of data" in str(exc):
         return DataError("a quoted cell is never closed: its opening '\"' has no closing one before the end of the "
                          "file; close the quote, or double a quote inside a quoted cell (\"say \"\"hi\"\"\")",
