@@ -1081,7 +1081,8 @@ def test_normalised_rewards_use_the_training_stats_and_a_model_without_them_is_r
             ("no stats", lambda c: {k: v for k, v in c.items() if k not in ("reward_mean", "reward_std")},
              "holds no reward_mean and reward_std"),
             ("no spread", lambda c: {**c, "reward_std": 0.0}, "had no spread in training"),
-            ("not a number", lambda c: {**c, "reward_mean": "x"}, "holds reward_mean 'x' and reward_std")):
+            ("not a number", lambda c: {**c, "reward_mean": "x"}, "holds reward_mean 'x' and reward_std"),
+            ("past a float", lambda c: {**c, "reward_std": 10 ** 400}, "which are not both numbers")):
         copy = tmp_path / name
         shutil.copytree(model, copy)
         (copy / "config.json").write_text(json.dumps(change(config)))

@@ -216,21 +216,25 @@ def test_a_model_load_error_names_the_hub_without_its_credentials(tmp_path):
 
 
 def test_json_nested_deeper_than_python_reads_is_one_line_naming_the_file(tmp_path, tiny_decoder):
-    """A config.json, tokenizer_config.json or rm_lib.json of `[` 100,000 deep (a model folder or Hub
-    release made to break readers), or such an evaluation.json at the Hub: RecursionError tracebacks."""
+    """A config.json, tokenizer_config.json, rm_lib.json or trained_prompts.json of `[` 100,000 deep (a model
+    folder or Hub release made to break readers), or such an evaluation.json at the Hub: RecursionError
+    tracebacks. The line names the model's folder (transformers reads several files there) or the file."""
     import shutil
 
+    from rm_lib.data import trained_prompts
     from rm_lib.errors import DataError
     from rm_lib.evaluation.scoring import training_record
     from rm_lib.publish import hub
 
     deep = "[" * 100_000 + "]" * 100_000
-    for name in ("config.json", "tokenizer_config.json"):
-        folder = Path(shutil.copytree(tiny_decoder, tmp_path / name))
+    for number, name in enumerate(("config.json", "tokenizer_config.json")):
+        folder = Path(shutil.copytree(tiny_decoder, tmp_path / f"model-{number}"))
         (folder / name).write_text(deep)
         loader = load_model_config if name == "config.json" else load_tokenizer
-        with pytest.raises(SettingsError, match=f"cannot load .*{name}.*recursion depth"):
+        with pytest.raises(SettingsError, match=f"cannot load .*'{folder}'.*recursion depth"):
             loader(str(folder))
+    with pytest.raises(DataError, match="trained_prompts.json: not valid JSON"):  # a base model's, or a release's
+        trained_prompts.parse(deep.encode(), "base/trained_prompts.json")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "rm_lib.json").write_text(deep)
     with pytest.raises(DataError, match="rm_lib.json.*not valid JSON"):

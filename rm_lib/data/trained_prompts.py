@@ -58,7 +58,7 @@ def read(folder: Path) -> dict | None:
 def parse(raw: bytes, where: str) -> dict:
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep to read
         raise DataError(f"not valid JSON ({exc}); train writes it: train the model again", file=where) from None
     if not isinstance(value, dict):
         raise DataError(f"expected an object, got {type(value).__name__}", file=where)

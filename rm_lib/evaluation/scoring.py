@@ -329,7 +329,11 @@ def _normalisation(config: Any, model_dir: Path) -> tuple[float, float]:
         raise SettingsError(f"normalize: {model_dir / 'config.json'} holds no reward_mean and reward_std (a model "
                             "this project's train did not save, or an earlier version did): score it with "
                             "normalize=False")
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std))
+    try:  # an int past a float's range (1 and 400 zeros) reads from JSON too
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+                      for v in (mean, std))
+    except OverflowError:
+        numbers = False
     if not numbers:
         raise SettingsError(f"normalize: {model_dir / 'config.json'} holds reward_mean {str(mean)[:40]!r} and "
                             f"reward_std {str(std)[:40]!r}, which are not both numbers (a damaged or hand-edited "
