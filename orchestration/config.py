@@ -71,28 +71,32 @@ def _defaults(path: Path, section: str) -> dict[str, Any]:
     the code location must load to show it."""
     try:
         values = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(section) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, RecursionError):  # nested too deep
         return {}
     return values if isinstance(values, dict) else {}
 
 
-def _items(value: Any, budget: int) -> int:
-    """How many values `value` holds, counted up to `budget` (a YAML alias bomb holds 9**9 and is a few
-    hundred bytes: past the budget the count stops)."""
+def _size(value: Any, budget: int) -> int:
+    """About how many characters `value` takes as JSON, counted up to `budget` (a YAML alias bomb holds
+    9**9 values, or 998 copies of a 1 MB string, in a few hundred bytes or one MB: past it the count stops)."""
     count, waiting = 0, [value]
     while waiting and count <= budget:
         item = waiting.pop()
-        count += 1
         if isinstance(item, dict):
+            count += 2 + 2 * len(item)
             waiting.extend(item.values())
+            waiting.extend(item.keys())
         elif isinstance(item, (list, tuple)):
+            count += 2 + len(item)
             waiting.extend(item)
+        else:
+            count += len(item) if isinstance(item, str) else 8
     return count
 
 
 def _as_text(value: Any) -> str:
     """params.yaml's value as the description shows it: JSON, or cut short where it holds too much."""
-    return json.dumps(value, default=str) if _items(value, 1_000) <= 1_000 else shown_value(value)
+    return json.dumps(value, default=str) if _size(value, 2_000) <= 2_000 else shown_value(value)
 
 
 def config_class(section: str, params_file: Optional[Path] = None) -> type[StepConfig]:

@@ -462,6 +462,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, key = dotted.split(".", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else None
+    except RecursionError:
+        raise SettingsError(f"--set {shown_value(text)}: nested deeper than YAML is read; no setting is") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or exc  # yaml's full message spans several lines
         raise SettingsError(f"--set {shown_value(text)}: value is not valid YAML ({problem})") from None
@@ -554,6 +556,9 @@ def _read_params_file(path: Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # a SafeLoader
     except UnicodeDecodeError as exc:
         raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise SettingsError(f"{path}: nested deeper than YAML is read (lists or mappings inside each other "
+                            "hundreds of times); no setting is") from None
     except yaml.YAMLError as exc:  # yaml's own message spans several lines: keep the problem and its line
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

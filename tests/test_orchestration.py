@@ -392,6 +392,9 @@ def test_launchpad_fields_describe_the_projects_params_yaml(tmp_path, monkeypatc
     (tmp_path / "params.yaml").write_text(f"train:\n  max_tokens_per_forward: {alias_bomb()}\n")
     described = config_class("train").model_fields["max_tokens_per_forward"].description
     assert len(described) < 2_000 and "Unset: params.yaml's value ([[" in described
+    copies = ", ".join(["*s"] * 998)  # one long text, and 998 references to it
+    (tmp_path / "params.yaml").write_text(f"evaluate:\n  suites: [&s {'x' * 100_000}, {copies}]\n")
+    assert len(config_class("evaluate").model_fields["suites"].description) < 2_000
 
 
 def test_no_launchpad_field_is_a_setting_another_dvc_stage_depends_on():

@@ -1082,7 +1082,8 @@ def test_normalised_rewards_use_the_training_stats_and_a_model_without_them_is_r
              "holds no reward_mean and reward_std"),
             ("no spread", lambda c: {**c, "reward_std": 0.0}, "had no spread in training"),
             ("not a number", lambda c: {**c, "reward_mean": "x"}, "holds reward_mean 'x' and reward_std"),
-            ("past a float", lambda c: {**c, "reward_std": 10 ** 400}, "which are not both numbers")):
+            ("past a float", lambda c: {**c, "reward_std": 10 ** 400}, "which are not both numbers"),
+            ("subnormal spread", lambda c: {**c, "reward_std": 5e-324}, "had no spread in training")):
         copy = tmp_path / name
         shutil.copytree(model, copy)
         (copy / "config.json").write_text(json.dumps(change(config)))

@@ -255,3 +255,13 @@ def test_a_config_claiming_more_layers_than_its_weights_hold_is_refused_before_a
     with pytest.raises(SettingsError, match=f"config.json says 100000 layers \\(num_hidden_layers\\), its weights "
                                             f"hold {held}; the others would be built with random weights"):
         load_model_config(str(folder))
+    # names whose first index is no layer's: T5's `block.N.layer.M` (M a sub-layer), Funnel's `blocks.G.L`
+    from transformers import FunnelConfig, FunnelForSequenceClassification, T5Config, T5ForSequenceClassification
+
+    for name, model in (
+            ("t5", T5ForSequenceClassification(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=4,
+                                                         num_heads=2, num_labels=1))),
+            ("funnel", FunnelForSequenceClassification(FunnelConfig(vocab_size=64, block_sizes=[2, 2, 2], d_model=16,
+                                                                    n_head=2, d_head=8, d_inner=32, num_labels=1)))):
+        model.save_pretrained(tmp_path / name)
+        assert load_model_config(str(tmp_path / name)).num_hidden_layers > 3  # not refused

@@ -666,3 +666,12 @@ def test_a_setting_or_section_named_by_a_number_is_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text("1: {}\nmodel: {}\n")
     with pytest.raises(SettingsError, match="unknown section\\(s\\) 1; known: model"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_settings_nested_deeper_than_yaml_reads_are_one_line(tmp_path):
+    """A params.yaml (or --set value) of lists a thousand deep: yaml's reader ended in a RecursionError."""
+    (tmp_path / "params.yaml").write_text("train: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(SettingsError, match="params.yaml: nested deeper than YAML is read"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(SettingsError, match="--set .*: nested deeper than YAML is read"):
+        load_params(None, ["train.max_steps=" + "[" * 1000 + "]" * 1000])

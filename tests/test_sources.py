@@ -119,6 +119,10 @@ def test_a_gzip_that_expands_to_one_huge_line_is_refused_once_the_limit_is_read(
     for ending in ("\n", "\r\n", ""):
         (tmp_path / "exact.jsonl").write_text(exact + ending, newline="")
         assert len(list(read_file(tmp_path / "exact.jsonl"))) == 1
+    # one ending is no part of the row, more are: the line is not cut into two rows at the limit
+    (tmp_path / "split.jsonl").write_text(exact + "\r\r\r" + json.dumps(ROW) + "\n", newline="")
+    with pytest.raises(DataError, match=r"split.jsonl, row 1: this line is longer than 1 MiB"):
+        list(read_file(tmp_path / "split.jsonl"))
 
 
 def test_not_utf8_and_empty(tmp_path):

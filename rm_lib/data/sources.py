@@ -75,8 +75,9 @@ def _lines(path: Path, row_of: Callable[[int], int] = lambda line: line,
         number = 0
         while True:
             try:
-                raw = handle.readline(-1 if limit is None else limit + 3)
-                if limit is not None and len(raw.rstrip(b"\r\n")) > limit:  # its ending is no part of the row
+                raw = handle.readline(-1 if limit is None else limit + 2)
+                # its one ending is no part of the row
+                if limit is not None and len(raw.removesuffix(b"\n").removesuffix(b"\r")) > limit:
                     raise DataError(f"this line is longer than {limit >> 20} MiB, which no pair's row is (a damaged "
                                     "file, or a gzip that expands hugely); split it into rows, one per line",
                                     file=str(path), row=row_of(number + 1))

@@ -338,7 +338,7 @@ def _normalisation(config: Any, model_dir: Path) -> tuple[float, float]:
         raise SettingsError(f"normalize: {model_dir / 'config.json'} holds reward_mean {str(mean)[:40]!r} and "
                             f"reward_std {str(std)[:40]!r}, which are not both numbers (a damaged or hand-edited "
                             "file): score it with normalize=False")
-    if not std > 0:
+    if not std > 1e-12:  # a subnormal one (5e-324) turned every normalised reward into inf
         raise SettingsError(f"normalize: {model_dir}'s rewards had no spread in training (reward_std {std} in its "
                             "config.json): normalising would divide by it; score it with normalize=False")
     return float(mean), float(std)

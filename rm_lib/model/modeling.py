@@ -143,7 +143,19 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
     return config
 
 
-_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+_LAYER_LISTS = frozenset({"layers", "layer", "h", "blocks"})
+
+
+def _layer_index(key: str) -> int | None:
+    """The layer a weight's name places it in: its first index, where the list it indexes is one of
+    _LAYER_LISTS and no index follows (T5's `block.0.layer.1` is a sub-layer of block 0, Funnel's
+    `blocks.0.1` a layer of a group); None otherwise."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            follows = i + 1 < len(parts) and parts[i + 1].isdigit()
+            return int(part) if i and parts[i - 1] in _LAYER_LISTS and not follows else None
+    return None
 
 
 def check_layer_count(path: str, config: Any, name: str, setting: str = SETTING) -> None:
@@ -155,13 +167,14 @@ def check_layer_count(path: str, config: Any, name: str, setting: str = SETTING)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     claimed = getattr(text, "num_hidden_layers", None)
     folder = Path(path)
-    if not folder.is_dir() or not isinstance(claimed, int) or isinstance(claimed, bool):
+    if (not folder.is_dir() or not isinstance(claimed, int) or isinstance(claimed, bool)
+            or getattr(config, "is_encoder_decoder", False)):  # two stacks: the count is of one
         return
     held = -1
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as weights:
-                held = max([held, *(int(m.group(1)) for key in weights.keys() if (m := _LAYER_KEY.search(key)))])
+                held = max([held, *(i for i in map(_layer_index, weights.keys()) if i is not None)])
         except Exception:  # noqa: BLE001 - check_safetensors_weights and the load say what is wrong with a file
             return
     if held >= 0 and claimed > held + 1:
