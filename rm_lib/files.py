@@ -43,13 +43,19 @@ def alive(pid: int) -> bool:
     return True
 
 
+def process_stat(pid: int, field: int) -> int | None:
+    """Field `field` of /proc/<pid>/stat, counted after the command's name (1: the parent's pid, 19: the
+    start time); None where /proc does not say."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[field])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def start_ticks(pid: int) -> int | None:
     """When process `pid` started, in clock ticks since boot (/proc): tells it from a later process that
     got the same number. None where /proc does not say."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    return process_stat(pid, 19)
 
 
 def _stale(entry: str, unowned: bool) -> bool:

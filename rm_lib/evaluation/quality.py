@@ -21,6 +21,7 @@ from rm_lib.evaluation.metrics import subset_listing
 from rm_lib.evaluation.visualize import one_line
 from rm_lib.files import read_json, read_jsonl
 from rm_lib.layout import SPLITS, Layout
+from rm_lib.settings import shown_value
 
 EXAMPLES = 5  # ids shown with a failed verdict
 
@@ -324,7 +325,7 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
     if not _finite(previous):  # NaN, Infinity (JSON readers take both), text: a damaged or hand-made release
         metadata["compared_with_previous"] = False
         return None, (f"; not compared with the last released model: its evaluation.json gives the accuracy "
-                      f"{str(previous)[:40]!r}, no number to compare with"), metadata
+                      f"{shown_value(previous)}, no number to compare with"), metadata
     counts = f"{pairs} pairs here, {'an unknown number' if previous_pairs is None else previous_pairs} there"
     if theirs is None and isinstance(previous_pairs, int) and previous_pairs < min_test_pairs:
         # made by a version without push.min_test_pairs (a release since then passed it): a smoke run's

@@ -31,7 +31,7 @@ from rm_lib.model.modeling import (
     rewards,
 )
 from rm_lib.model.special import SpecialTokens
-from rm_lib.settings import TEMPLATES, names_a_folder
+from rm_lib.settings import TEMPLATES, names_a_folder, shown_value
 
 LENGTH_POLICIES = ("truncate", "drop")
 
@@ -335,8 +335,8 @@ def _normalisation(config: Any, model_dir: Path) -> tuple[float, float]:
     except OverflowError:
         numbers = False
     if not numbers:
-        raise SettingsError(f"normalize: {model_dir / 'config.json'} holds reward_mean {str(mean)[:40]!r} and "
-                            f"reward_std {str(std)[:40]!r}, which are not both numbers (a damaged or hand-edited "
+        raise SettingsError(f"normalize: {model_dir / 'config.json'} holds reward_mean {shown_value(mean)} and "
+                            f"reward_std {shown_value(std)}, which are not both numbers (a damaged or hand-edited "
                             "file): score it with normalize=False")
     if not std > 1e-12:  # a subnormal one (5e-324) turned every normalised reward into inf
         raise SettingsError(f"normalize: {model_dir}'s rewards had no spread in training (reward_std {std} in its "

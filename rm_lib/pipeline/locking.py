@@ -13,11 +13,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Optional
 
 from rm_lib.errors import UserError
-from rm_lib.files import start_ticks
+from rm_lib.files import process_stat, start_ticks
 from rm_lib.layout import Layout
 
 RUN_CLAIM = "dagster-run"  # <root>/.rm_lib/locks/dagster-run.lock: the Dagster run that holds the folder
@@ -189,11 +188,8 @@ def _ancestors(pid: int, depth: int = 8) -> list[int]:
     """`pid` and the processes above it, nearest first (/proc), up to `depth` of them."""
     chain = [pid]
     while len(chain) < depth:
-        try:
-            parent = int(Path(f"/proc/{chain[-1]}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-        if parent <= 1:
+        parent = process_stat(chain[-1], 1)
+        if parent is None or parent <= 1:
             break
         chain.append(parent)
     return chain
