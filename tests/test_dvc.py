@@ -328,14 +328,22 @@ def test_a_file_added_to_data_sources_is_kept_by_checkout_and_sent_by_push(tmp_p
     repo = _new_repo(tmp_path / "repo")
     remote = tmp_path / "remote"
     repo.dvc("remote", "modify", "--local", "local", "url", str(remote))
-    source = repo.root / "data/sources/pairs.jsonl"
+    source = repo.root / "data/sources/my-prefs.jsonl"
     source.write_text('{"prompt": "q?", "chosen": "good", "rejected": "bad"}\n', encoding="utf-8")
-    repo.dvc("add", "data/sources/pairs.jsonl")
-    repo.commit("training data")
+    # the README's commands as written (its `git add` named a .gitignore DVC never writes there, and failed)
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "data/sources/README.md").read_text(encoding="utf-8"), re.S)
+    commands = [line.split("   #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+    assert [c.split()[:2] for c in commands] == [["dvc", "add"], ["git", "add"], ["dvc", "push"]], commands
+    env = {**repo.env, "PATH": str(Path(dvc_executable()).parent) + os.pathsep + repo.env["PATH"]}
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], cwd=repo.root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"{command}: {proc.stdout}{proc.stderr}"
+    assert "data/sources/my-prefs.jsonl.dvc" in repo.git("ls-files", "data/sources")
+    assert repo.git("status", "--porcelain", "data/sources") == ""
     repo.dvc("checkout", check=False)  # the pipeline has no outputs yet: those fail, as they may
     assert source.is_file(), "a plain dvc checkout deleted the data file"
-    repo.dvc("push", check=False)
-    md5 = yaml.safe_load((repo.root / "data/sources/pairs.jsonl.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
+    md5 = yaml.safe_load((repo.root / "data/sources/my-prefs.jsonl.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
     assert (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file(), "a plain dvc push left the data file out"
 
 
