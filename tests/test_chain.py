@@ -313,6 +313,57 @@ def test_a_step_whose_input_or_code_changed_while_it_ran_fails_so_nothing_record
     assert read_json(layout.model / "rm_lib.json")["template"] != "chatml"
 
 
+def test_a_model_folder_a_killed_dvc_checkout_left_is_neither_evaluated_nor_released(tmp_path, tiny_decoder,
+                                                                                       monkeypatch):
+    """A killed `dvc checkout` or `dvc pull` deletes the model's files before it writes the new ones and leaves
+    its `.<random>.tmp` copies behind: push released the weightless folder ("release gate passed", exit 0),
+    and the copies with it."""
+    from rm_lib.steps import push
+
+    layout = Layout(tmp_path)
+    params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    (layout.model / ".8DIN5MR7HBsWVSoWgrPXRw.tmp").write_bytes(b"\0" * 1000)  # a copy DVC was writing
+    run_steps(params, tmp_path, "push")
+    released = {p.name: p.read_bytes() for p in layout.release.iterdir()}
+    assert not [name for name in released if name.endswith(".tmp")]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "rm_lib.json"):
+        assert name in released
+    assert released["model.safetensors"] == (layout.model / "model.safetensors").read_bytes()
+
+    def damaged(name: str, change) -> dict[str, str]:
+        path = layout.model / name
+        kept = path.read_bytes()
+        change(path)
+        try:
+            return {step: _refused(params, tmp_path, step) for step in ("evaluate", "push")}
+        finally:
+            path.write_bytes(kept)
+
+    after = ("(an interrupted `dvc checkout` or `dvc pull` leaves such a folder); rerun train{}, or let `dvc "
+             "checkout -f` put back the model dvc.lock records")
+    for name, change, what in (("model.safetensors", Path.unlink, "lacks its weights (no .safetensors file)"),
+                               ("config.json", Path.unlink, "lacks its config.json"),
+                               ("tokenizer.json", lambda p: p.write_text("{}"),
+                                "holds other files than its rm_lib.json records")):
+        messages = damaged(name, change)
+        start = f"{layout.model} {what}: changed, added or deleted since train wrote it "
+        assert messages == {"evaluate": start + after.format(""), "push": start + after.format(", then evaluate")}
+    assert {p.name: p.read_bytes() for p in layout.release.iterdir()} == released
+    # a file deleted after the chain's check, as the release is copied: the copy is checked too
+    real_gate = push.gate
+
+    def gate_then_deleted(*args):
+        verdicts = real_gate(*args)
+        (layout.model / "config.json").unlink()
+        return verdicts
+
+    monkeypatch.setattr(push, "gate", gate_then_deleted)
+    message = _refused(params, tmp_path, "push")
+    assert message.startswith(f"push: {layout.model} lacks its config.json: ") and "Hub are unchanged" in message
+    assert {p.name: p.read_bytes() for p in layout.release.iterdir()} == released
+
+
 @pytest.mark.parametrize("damage", ["deleted", "cut short", "replaced by other rows"])
 def test_input_files_changed_since_their_step_wrote_them_name_that_step(tmp_path, tiny_decoder, damage):
     """The records agree with each other, but the file a step reads is not the one its record describes:

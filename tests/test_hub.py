@@ -25,7 +25,7 @@ import yaml
 
 from rm_lib import network
 from rm_lib.evaluation import quality
-from rm_lib.files import pipeline_written_files, write_json
+from rm_lib.files import pipeline_written_files, read_json, write_json
 from rm_lib.layout import Layout
 from rm_lib.publish import hub, model_card
 from rm_lib.publish.hub import PublishError
@@ -142,6 +142,18 @@ def test_push_creates_a_private_repo_with_the_release_byte_identical_and_tagged(
     assert {repo.tags[t] for t in (result.tag, third.tag, fourth.tag)} == {first, third.commit, fourth.commit}
 
 
+def _as_trained(project: Path) -> None:
+    """The model folder's records as train and evaluate would have written them for the files it holds now."""
+    from rm_lib.files import tree_sha256
+    from rm_lib.pipeline.chain import model_files
+
+    layout = Layout(project)
+    digest = tree_sha256(layout.model, model_files(layout.model))
+    for record, update in ((layout.model / "rm_lib.json", {"content_hash": digest}),
+                           (layout.evaluation / "report.json", {"inputs": {"model": digest}})):
+        write_json(record, {**read_json(record), **update})
+
+
 def test_a_push_deletes_the_files_of_an_earlier_release_that_this_one_lacks(project, server, tiny_decoder):
     """The Hub's revision is the release, whole: an earlier release's file (a LoRA run's adapter/, a
     picture) is not left beside another model and a card that does not mention it."""
@@ -149,9 +161,11 @@ def test_a_push_deletes_the_files_of_an_earlier_release_that_this_one_lacks(proj
     stale = Layout(project).model / "adapter" / "adapter_model.safetensors"
     stale.parent.mkdir()
     stale.write_bytes(b"an earlier run's adapter")
+    _as_trained(project)
     push_step(params, project)
     assert "adapter/adapter_model.safetensors" in published(server)
     shutil.rmtree(stale.parent)
+    _as_trained(project)
     (Layout(project).evaluation / "rewards.png").unlink()
     push_step(params, project)
     assert published(server) == release_files(project)

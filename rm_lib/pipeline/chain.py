@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rm_lib.errors import UserError
-from rm_lib.files import read_json, tree_sha256
+from rm_lib.files import DVC_IGNORED, read_json, tree_sha256
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, Params
 
@@ -135,6 +135,11 @@ def check(step: str, layout: Layout) -> None:
         if link.output in records:
             _check_link(link, records, layout, step)
     _check_bytes(links[-1], records, layout, step)
+    if "model" in records and "content_hash" in records["model"]:  # evaluate and push read the model itself
+        differs = model_files_differ(layout.model, records["model"]["content_hash"])
+        if differs:
+            raise StaleInput(f"{layout.model} {differs}; {_rerun('train', step)}, or let `dvc checkout -f` put back "
+                             "the model dvc.lock records")
     if step == "push":
         _check_summary(layout, records.get("model"))
 
@@ -172,6 +177,29 @@ def _check_bytes(link: Link, records: dict[str, dict], layout: Layout, step: str
     if tree_sha256(folder, names) != record["content_hash"]:
         raise StaleInput(f"{folder} holds other files than its {link.record} records (changed or damaged since "
                          f"{link.step} wrote them); {_rerun(link.step, step)}")
+
+
+def model_files(folder: Path) -> list[str]:
+    """The files of a trained model folder that its rm_lib.json's content_hash is over, in the order train
+    hashed them: all but that record and what .dvcignore ignores (the `.<random>.tmp` copies a killed `dvc
+    checkout` or `dvc pull` leaves, an interrupted train's mark)."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    names = [str(p.relative_to(folder)) for p in paths]
+    return [n for n in names if n != "rm_lib.json" and not DVC_IGNORED.search(Path(n).as_posix())]
+
+
+def model_files_differ(folder: Path, content_hash: str) -> str | None:
+    """Why `folder` does not hold the model its rm_lib.json records, in words, or None where it does. A killed
+    `dvc checkout` or `dvc pull` deletes the model's files before it writes the new ones: evaluate refused
+    the weightless folder it left, and push released it."""
+    names = model_files(folder)
+    if tree_sha256(folder, names) == content_hash:
+        return None
+    lacks = ("weights (no .safetensors file)" if not any(n.endswith(".safetensors") for n in names)
+             else "config.json" if "config.json" not in names else None)
+    what = f"lacks its {lacks}" if lacks else "holds other files than its rm_lib.json records"
+    return (f"{what}: changed, added or deleted since train wrote it (an interrupted `dvc checkout` or `dvc pull` "
+            "leaves such a folder)")
 
 
 def check_tokenized_for(layout: Layout, name_or_path: str, revision: str | None, step: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from rm_lib.data import sources, trained_prompts
 from rm_lib.errors import UserError
 from rm_lib.evaluation import quality
-from rm_lib.files import SET_MARK, atomic_dir, read_json, share_tree, write_json
+from rm_lib.files import atomic_dir, read_json, share_tree, write_json
 from rm_lib.layout import Layout
 from rm_lib.model.modeling import base_files, base_identity, resolve_model_path
 from rm_lib.pipeline import chain, code_version, dvc_record
@@ -117,19 +117,22 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     whether it was forced past the gate (quality.release_bar reads both for the next release). No file
     names a folder of this machine (rm_lib.publish.public)."""
     metrics = read_json(layout.evaluation / "report.json")
-    for item in sorted(layout.model.iterdir()):  # contents only: a DVC cache's read-only mode stays behind
-        if item.name == SET_MARK:  # an interrupted train's, which no step could finish: no file of the model
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name, copy_function=shutil.copyfile)
-        else:
-            shutil.copyfile(item, out / item.name)
-    # the gate judged the model the report was made of: the copy must be that one, also when a train
+    # the model's own files, no temporaries (a killed `dvc checkout`'s copies, an interrupted train's mark);
+    # copied file by file: a DVC cache's read-only mode stays behind
+    names = chain.model_files(layout.model)
+    for name in [*names, "rm_lib.json"] if (layout.model / "rm_lib.json").is_file() else names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(layout.model / name, out / name)
+    # the gate judged the model the report was made of: the copy must be that one, whole, also when a train
     # finished in the meantime
     saved = read_json(out / "rm_lib.json") if (out / "rm_lib.json").exists() else {}
     if saved.get("content_hash") != metrics.get("inputs", {}).get("model"):
         raise UserError(f"push: {layout.model} is not the model data/evaluation/report.json was made of (a train "
                         "finished meanwhile?); data/release and the Hub are unchanged. Run evaluate, then push")
+    differs = chain.model_files_differ(out, saved["content_hash"]) if saved.get("content_hash") else None
+    if differs:
+        raise UserError(f"push: {layout.model} {differs}; data/release and the Hub are unchanged. Run train and "
+                        "evaluate, or let `dvc checkout -f` put back the model dvc.lock records")
     root = layout.root.resolve()
     if saved:
         write_json(out / "rm_lib.json", public(saved, root))
