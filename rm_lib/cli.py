@@ -5,12 +5,17 @@ User mistakes (bad settings, bad data) end with one paragraph and exit code 2, n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rm_lib import steps
 from rm_lib.errors import UserError
@@ -194,11 +199,36 @@ def _peer_stopped(exc: RuntimeError) -> str | None:
             f"another process ended first (its own line says why); torch said: {first}")
 
 
-def main(argv: list[str] | None = None) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler or systemd stopping the job) stops a step as Ctrl-C does: the same clean-up,
+    and one line saying what was left, where it ended without a word (exit 143)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Only in a process of its own (a launch's processes are stopped by their launcher, which says why) and
+    where nobody set another handler."""
+    if threading.current_thread() is not threading.main_thread() or steps.launched_processes() > 1 \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(_number: int, _frame: Any) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        return _main(argv)
+        yield
     finally:
-        steps.leave_the_launch()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    with _sigterm_as_interrupt():
+        try:
+            return _main(argv)
+        finally:
+            steps.leave_the_launch()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -259,8 +289,11 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"error: {printable(said)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
-        print("interrupted: the step stopped and left its earlier output as it was; train resumes from its last "
-              "checkpoint when run again", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
+        terminated = isinstance(exc, Terminated)
+        resumes = "; train resumes from its last checkpoint when run again" if args.step in ("train", "run") else ""
+        print(f"interrupted{' by SIGTERM' if terminated else ''}: "
+              f"{'the run' if args.step == 'run' else args.step} stopped and left its earlier output as it "
+              f"was{resumes}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0

@@ -114,6 +114,12 @@ def test_an_answer_of_invisible_characters_is_an_empty_side():
     _, pairs, rejects = norm(rows + [{"prompt": "p", "chosen": answer, "rejected": "b"} for answer in
                                      ("ok\u200b", "e\u0301", "\U0001f44d")])  # text, an accented letter, an emoji
     assert [r["reason"] for r in rejects] == ["empty_side"] * 6 and len(pairs) == 3
+    # a whole HH transcript beside an empty one: an empty side, not a malformed transcript with a hint to
+    # name some other column 'prompt'
+    hh = "\n\nHuman: hi\n\nAssistant: yes"
+    _, pairs, rejects = norm([{"id": "e2", "chosen": hh, "rejected": side} for side in ("", " \n\t", "\u200b")])
+    assert not pairs and [(r["reason"], r["detail"]) for r in rejects] == [
+        ("empty_side", "empty rejected response (nothing but spaces or invisible characters)")] * 3
 
 
 def test_an_answer_that_does_not_end_with_the_assistants_reply_is_set_aside():

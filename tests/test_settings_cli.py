@@ -349,7 +349,38 @@ def test_ctrl_c_ends_a_step_with_one_line_and_exit_130(tmp_path, capsys, monkeyp
     monkeypatch.setattr(cli, "_run_step", interrupted)
     assert main(["--root", str(tmp_path), "download"]) == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("interrupted: the step stopped and left its earlier output")
+    assert err == "interrupted: download stopped and left its earlier output as it was\n"
+    assert main(["--root", str(tmp_path), "train"]) == 130  # only train has checkpoints to resume from
+    assert capsys.readouterr().err == ("interrupted: train stopped and left its earlier output as it was; train "
+                                       "resumes from its last checkpoint when run again\n")
+
+
+def test_sigterm_ends_a_score_with_one_line_and_leaves_its_last_output(tmp_path):
+    """`kill` (a scheduler, systemd) ended a long `score` with exit 143 and not a word; Ctrl-C's line named
+    train's checkpoints to a score, which has none."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import offline_env
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    output = tmp_path / "scores.jsonl"
+    output.write_text('{"old": 1}\n', encoding="utf-8")
+    # a scoring that never ends stands for a long one: the signal arrives inside the step
+    code = ("import sys, time; from rm_lib import cli; from rm_lib.steps import score; "
+            "score.run_file = lambda *a, **k: [print('started', flush=True), time.sleep(600)]; "
+            f"sys.exit(cli.main(['--root', {str(tmp_path)!r}, 'score', '--input', {str(pairs)!r}, "
+            f"'--output', {str(output)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=offline_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "started\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (143, "interrupted by SIGTERM: score stopped and left its earlier output as it "
+                                           "was\n")
+    assert output.read_text(encoding="utf-8") == '{"old": 1}\n'
 
 
 def test_a_model_folder_without_a_config_says_so(tmp_path):

@@ -543,6 +543,8 @@ def _is_hh_prompt(text: str) -> bool:
 
 
 def _transcript(row: dict, side: str) -> list[dict]:
+    if is_blank(row[side].strip()):  # no transcript to be malformed: an empty answer, as in the other layouts
+        raise Rejected("empty_side", f"empty {side} response (nothing but spaces or invisible characters)")
     try:
         return parse_hh_transcript(row[side])
     except Rejected as reject:
