@@ -183,11 +183,23 @@ def test_a_run_reused_or_resumed_with_other_unfingerprinted_settings_records_wha
     assert (old["train"], old["device_plan"]) == (first["train"], first["device_plan"])
 
     shutil.rmtree(tmp_path / "models/checkpoints/step-4")  # as if killed after step 3: resumed with the others
-    assert run_steps(other, tmp_path, "train")["train"].resumed_from == 2
-    sessions = read_json(tmp_path / "data/train/summary.json")["sessions"]
+    import torch
+
+    from rm_lib.publish import model_card
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads != 1 else 2)  # and on another thread count, which rounds otherwise
+    try:
+        assert run_steps(other, tmp_path, "train")["train"].resumed_from == 2
+    finally:
+        torch.set_num_threads(threads)
+    summary = read_json(tmp_path / "data/train/summary.json")
+    sessions = summary["sessions"]
     assert [s["steps"] for s in sessions] == [[0, 2], [2, 4]]  # the checkpoint of step 2 knew steps 1-2
     assert [s["train"]["max_tokens_per_forward"] for s in sessions] == ["auto", 50]
     assert sessions[1]["device_plan"]["tokens_per_forward"] == 50
+    # the card names both: the model is what the two trained, and a run on either alone rounds otherwise
+    assert [a["threads"] for a in model_card._arithmetic(summary)] == [threads, 1 if threads != 1 else 2]
 
 
 @pytest.mark.parametrize(("field", "bad"), [("input_ids_chosen", 500000), ("input_ids_rejected", -5)])

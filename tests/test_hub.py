@@ -1323,6 +1323,14 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
     assert "| launch (train.batch_size is per process) | not recorded" in model_card._lineage(clean)
     one = model_card._lineage({**clean, "processes": 1, "launch": "1 process"})
     assert "then `dvc repro` (or `python -m rm_lib run`)" in one and "| 1 process |" in one
+    # the same weights byte for byte only where the sums round alike: 2 CPU threads and 1 trained other weights
+    assert one.endswith(model_card.SAME_BYTES) and two.endswith(model_card.SAME_BYTES)
+    assert "| arithmetic (torch build, device, threads: what decides how the sums round) | not recorded" in one
+    rounding = model_card._lineage({**clean, "arithmetic": [
+        {"torch": "2.13.0+cpu", "device": "cpu: Xeon", "threads": 2},
+        {"torch": "2.13.0+cpu", "device": "cpu: Xeon", "threads": 1}]})
+    assert "| torch `2.13.0+cpu` on `cpu: Xeon`, 2 threads; then torch `2.13.0+cpu` on `cpu: Xeon`, 1 thread |" \
+        in rounding
 
 
 def test_the_card_knows_which_checkout_holds_the_code_and_the_source(tmp_path):

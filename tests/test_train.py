@@ -57,6 +57,16 @@ def test_pipeline_trains_evaluates_scores_and_publishes(tmp_path, tiny_decoder):
     assert plan["tokens_per_forward"] == 8192 and plan["gradient_checkpointing"] is False
     assert plan["predicted_peak_mib"] is None and plan["why"] == "on a CPU"  # GPU memory is planned on a GPU
     assert plan["attention"] == "sdpa"  # the model's own, named as the log names it
+    import torch
+
+    # what decides how the sums round, which the card names beside its claim that a run again remakes it
+    arithmetic = plan["arithmetic"]
+    assert (arithmetic["torch"], arithmetic["threads"]) == (torch.__version__, torch.get_num_threads())
+    assert arithmetic["device"].startswith("cpu")
+    card = (tmp_path / "data/release/README.md").read_text()
+    threads = f"{arithmetic['threads']} thread" + ("" if arithmetic["threads"] == 1 else "s")
+    assert (f"| arithmetic (torch build, device, threads: what decides how the sums round) | torch "
+            f"`{torch.__version__}` on `{arithmetic['device']}`, {threads} |") in card
     assert read_json(tmp_path / "data/evaluation/report.json") == res["evaluate"].report_record()
     assert read_json(tmp_path / "data/evaluation/metrics.json")["accuracy"] == res["evaluate"].metrics["accuracy"]
     from rm_lib.steps.train import result_from_summary  # how Dagster reads back a run made in a subprocess

@@ -138,13 +138,31 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
             # the launch: train.batch_size is per process, so the global batch is that many times larger
             "processes": summary.get("processes"), "fsdp": summary.get("fsdp"), "launch": summary.get("launch"),
             "launch_command": summary.get("launch_command"),
-            "base_content": summary.get("base_content"),
+            "base_content": summary.get("base_content"), "arithmetic": _arithmetic(summary),
             "code_hash_now": code_hash_now, "wandb": summary.get("wandb"),
             "dataset_revision": manifest.get("revision"), "lock_differs": list(lock_differs),
             # what download and train found the source and base to be: a Hub one or a local one
             "source_kind": manifest.get("kind"), "source_sha256": manifest.get("source_sha256"),
             # dvc.lock as HEAD holds it: the documented workflow commits it after `dvc repro` (and its push)
             "lock_committed": _lock_committed(root, commit)}
+
+
+def _arithmetic(summary: dict) -> list[dict]:
+    """The torch builds, devices and thread counts the run's sessions trained with, each once, in order
+    (none where the run was trained before they were recorded)."""
+    plans = [s.get("device_plan") for s in summary.get("sessions") or []] or [summary.get("device_plan")]
+    found: list[dict] = []
+    for plan in plans:
+        record = (plan or {}).get("arithmetic") if isinstance(plan, dict) else None
+        if isinstance(record, dict) and record not in found:
+            found.append(record)
+    return found
+
+
+def _arithmetic_text(record: dict) -> str:
+    threads = record.get("threads")
+    return (f"torch {_code(record.get('torch'), cell=True)} on {_code(record.get('device'), cell=True)}, "
+            f"{threads} thread{'' if threads == 1 else 's'}")
 
 
 def _lock_committed(root: Path, commit: str | None) -> bool | None:
@@ -782,6 +800,9 @@ def _lineage(lineage: dict) -> str:
              ("base model content (sha256 of a local folder's files, or the Hub commit)",
               _or(lineage.get("base_content"), "not recorded (trained before it was)")),
              ("launch (train.batch_size is per process)", _launch(lineage)),
+             ("arithmetic (torch build, device, threads: what decides how the sums round)",
+              "; then ".join(map(_arithmetic_text, lineage.get("arithmetic") or []))
+              or "not recorded (trained before it was)"),
              ("run fingerprint (settings + base model + data + code + launch)",
               _or(lineage.get("fingerprint"), "unknown")),
              ("W&B run", lineage.get("wandb") or "not logged (no train.wandb_project, or W&B disabled)")]
@@ -793,6 +814,12 @@ def _lineage(lineage: dict) -> str:
 {table}
 
 {_reproduce(lineage, other_code)}"""
+
+
+# A run remade elsewhere: the same weights where its float sums round as they did, not otherwise
+SAME_BYTES = ("A run again trains the same weights byte for byte with the arithmetic above (the torch build, "
+              "device and thread count); another rounds the sums otherwise, and its weights differ in their last "
+              "digits.")
 
 
 def _reproduce(lineage: dict, other_code: bool) -> str:
@@ -864,8 +891,9 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
                "process, a batch that many times smaller)" if command else
                f"the steps with the parameters above, train under `accelerate launch` on {processes} processes as "
                "it was trained (docs/distributed.md; `dvc repro` trains in one process)")
-        return f"Reproduce: {checkout}, then {how};\n{pull}"
-    return f"Reproduce: {checkout}, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;\n{pull}"
+        return f"Reproduce: {checkout}, then {how};\n{pull} {SAME_BYTES}"
+    return (f"Reproduce: {checkout}, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;\n{pull} "
+            f"{SAME_BYTES}")
 
 
 def _launch(lineage: dict) -> str:

@@ -9,7 +9,9 @@ no backward on a CPU. Under bf16 autocast on a CPU, SDPA gets fp32 inputs (rm_li
 its bf16 backward there is 5x slower than its fp32 one."""
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rm_lib.errors import SettingsError
@@ -79,6 +81,27 @@ class DevicePlan:
                 f"activation checkpointing {checkpointing}, "
                 f"{'fused ' if self.fused_adamw else ''}AdamW ({self.why})"
                 + (f", predicted peak {self.memory.peak() / 2**20:,.0f} MiB" if self.memory else ""))
+
+
+def arithmetic(device: Any) -> dict:
+    """What, beside its settings and data, decides how a run's float sums round: the same on another
+    machine trains the same weights byte for byte; another torch build, device or thread count trains
+    weights that differ in their last digits (2 CPU threads and 1 did, by up to 4e-5)."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"torch": torch.__version__, "device": f"{device.type}: {name}" if name else device.type,
+            "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def model_shape(model: Any) -> ModelShape:

@@ -43,7 +43,7 @@ from rm_lib.training.checkpoints import (
     save_checkpoint,
     step_folders,
 )
-from rm_lib.training.device_plan import UNSHARDED, DevicePlan, Sharding, model_shape, plan
+from rm_lib.training.device_plan import UNSHARDED, DevicePlan, Sharding, arithmetic, model_shape, plan
 from rm_lib.training.distributed import common_budget, launch_of, on_every_process, sharding
 from rm_lib.training.length_debias import HEAD_LEARNING_RATE, LengthHead, debiased_loss, sequence_lengths
 from rm_lib.training.memory import release_free_memory
@@ -325,7 +325,8 @@ def _fit(cfg: TrainSettings, model: Any, train_rows: list[dict], *, pad_token_id
     budget, retries = device_plan.tokens_per_forward, 0
 
     def plan_record() -> dict:
-        return {**device_plan.record(loaded_attention), "tokens_per_forward": budget, "out_of_memory_retries": retries}
+        return {**device_plan.record(loaded_attention), "tokens_per_forward": budget, "out_of_memory_retries": retries,
+                "arithmetic": arithmetic(accelerator.device)}
 
     def run_batches(micro: int, budget: int | None) -> dict:
         """Forward and backward of the step that begins at micro-batch `micro`, in forwards of at most
