@@ -563,6 +563,10 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What .dvcignore ignores in one folder alone (anchored there), by the folder's last two parts
+DVC_IGNORED_IN = {("data", "sources"): {"README.md"}}
+
+
 def dvc_md5(path: Path) -> str | None:
     """The md5 DVC 3 records for a file, or for a folder (md5 of its sorted file list + '.dir'), leaving
     out what .dvcignore ignores; None when the path does not exist."""
@@ -570,8 +574,10 @@ def dvc_md5(path: Path) -> str | None:
         return _md5_file(path)
     if not path.is_dir():
         return None
+    ignored = DVC_IGNORED_IN.get(path.parts[-2:], set())
     entries = [{"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
-               for p in path.rglob("*") if p.is_file() and not DVC_IGNORED.search(p.relative_to(path).as_posix())]
+               for p in path.rglob("*") if p.is_file() and not DVC_IGNORED.search(p.relative_to(path).as_posix())
+               and p.relative_to(path).as_posix() not in ignored]
     listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
     return hashlib.md5(listing.encode()).hexdigest() + ".dir"
 

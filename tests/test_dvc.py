@@ -572,6 +572,45 @@ def test_a_failed_stage_under_dvc_repro_leaves_its_last_output(pipeline, stage, 
     assert "Data and pipelines are up to date." in pipeline.dvc("status")
 
 
+@pytest.mark.slow
+def test_after_a_failed_train_under_dvc_repro_dvc_checkout_train_brings_back_the_model_and_its_records(pipeline):
+    """DVC deletes train's outputs (the model and data/train) before its command, and a failed train leaves
+    them deleted: the `dvc checkout models/reward_model` docs/dvc.md gave brought back the model alone, and
+    push then failed its release gate on the missing run record, naming push.force=true (which failed too)."""
+    params_file = pipeline.root / "params.yaml"
+    kept = params_file.read_text(encoding="utf-8")
+    params = yaml.safe_load(kept)
+    params["train"]["learning_rate"] = -1.0
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    try:
+        output = pipeline.dvc("repro", "train", check=False)
+        assert "train.learning_rate: must be positive" in output, output[-3000:]
+    finally:
+        params_file.write_text(kept, encoding="utf-8")
+    assert not (pipeline.root / "models/reward_model").exists() and not (pipeline.root / "data/train/run.json").exists()
+    pipeline.dvc("checkout", "models/reward_model")
+    said = pipeline.run("python", "-m", "rm_lib", "push", check=False)
+    assert said.startswith("error: ") and said.count("\n") == 1 and "push.force" not in said, said
+    assert "data/train/run.json is missing: the record of the run that trained" in said and \
+        "`dvc checkout train` puts back" in said
+    assert "Traceback" not in pipeline.dvc("checkout", "train")  # the recovery docs/dvc.md gives
+    assert "Data and pipelines are up to date." in pipeline.dvc("status")
+    # the note in data/sources is no data: editing it leaves download and evaluate, which depend on the
+    # folder, up to date (a commit that edited it made every user's download and evaluate out of date)
+    note = pipeline.root / "data/sources/README.md"
+    text = note.read_text(encoding="utf-8")
+    note.write_text(text + "\nA line a teammate added.\n", encoding="utf-8")
+    try:
+        assert "Data and pipelines are up to date." in pipeline.dvc("status")
+        from rm_lib.files import dvc_md5
+
+        lock = yaml.safe_load((pipeline.root / "dvc.lock").read_text(encoding="utf-8"))
+        recorded = next(d["md5"] for d in lock["stages"]["download"]["deps"] if d["path"] == "data/sources")
+        assert dvc_md5(pipeline.root / "data/sources") == recorded  # rm_lib's reading of the lock agrees
+    finally:
+        note.write_text(text, encoding="utf-8")
+
+
 def _assert_cache_intact(root: Path) -> None:
     """Every cache object still has the bytes its name (their md5) says: no write went through a link."""
     objects = [p for p in (root / ".dvc/cache/files/md5").rglob("*") if p.is_file()]

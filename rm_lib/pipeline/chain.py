@@ -245,9 +245,15 @@ def _noun(output: str) -> str:
 
 
 def _check_summary(layout: Layout, model: dict | None) -> None:
-    """The model card quotes data/train/run.json and summary.json: they must be of the run that made the model."""
+    """The model card quotes data/train/run.json and summary.json: they must be of the run that made the model.
+    Missing, they are named: a train that failed under `dvc repro` leaves them deleted with the model, and
+    `dvc checkout models/reward_model` brought back the model alone (the gate then failed on run.json)."""
     for record in (layout.train_logs / "run.json", layout.train_logs / "summary.json"):
-        if model is None or not record.exists():
+        if model is None:
             continue
+        if not record.exists():
+            raise StaleInput(f"{record} is missing: the record of the run that trained {layout.model} (a train that "
+                             "failed under `dvc repro` leaves it deleted: `dvc checkout train` puts back the model "
+                             "and its records as dvc.lock holds them); or rerun train, then evaluate")
         if read_json(record).get("fingerprint") != model.get("fingerprint"):
             raise StaleInput(f"{record} describes another training run than {layout.model} holds; rerun train")
