@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -168,7 +169,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+        os.chmod(tmp, shared_mode(tmp))  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -197,7 +198,7 @@ def atomic_files(*paths: str | Path, remove: Sequence[str | Path] = ()) -> Itera
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, shared_mode(tmp))
         done: list[tuple[Path, Path | None]] = []  # replaced so far, with their earlier files kept aside
 
         def keep_aside(path: Path) -> Path | None:
@@ -258,7 +259,7 @@ def atomic_dirs(*paths: str | Path) -> Iterator[list[Path]]:
                 raise
             raise named from exc
         for _, tmp in staged:
-            os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+            os.chmod(tmp, shared_mode(tmp))  # mkdtemp makes 0700
         if len(staged) > 1:
             _mark_set(staged)
         with _signals_held():
@@ -346,6 +347,10 @@ def remove_tree(path: Path) -> None:
         for name in dirs:  # before the walk goes into it
             writable(os.path.join(top, name))
     shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):  # a teammate's, in a folder made under umask 022: said, not kept in silence
+        print(f"warning: {path} could not be removed (an earlier copy, {_owner(path)}'s, of files a step replaced): "
+              "its owner can remove it; in a project folder a team shares, run every step under umask 002",
+              file=sys.stderr)
 
 
 def _named_for_outputs(exc: Exception, outputs: list[Path], temporaries: list[Path]) -> Exception:
@@ -505,12 +510,59 @@ def where_kept(path: str | Path) -> Path:
     return absolute.parent.resolve() / absolute.name
 
 
+def open_lock(path: Path) -> int:
+    """A lock file's descriptor, for flock, made with the mode the umask leaves of rw for all: under a team's
+    umask 002 a teammate takes it too (made 0644, it stopped every step of the other user with "Permission
+    denied"). One this user cannot open is one line naming its owner and the mend."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        raise UserError(f"{path}: permission denied: the lock file is {_owner(path)}'s and not writable for you. In "
+                        "a project folder a team shares, run every step under umask 002; `chmod g+w "
+                        f"{path.parent}/*` mends the lock files made before") from None
+
+
+def _owner(path: Path) -> str:
+    import pwd
+
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it back is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: str | Path) -> int:
+    """The one mode policy for outputs, whatever wrote them (mkstemp, mkdtemp and safetensors make 0600 and
+    0700): what the user's umask leaves of rw for all, and x for a folder, as the shell would make them (0644
+    and 0755 under umask 022; a team's 002 gives the group write, which a teammate's next step needs to replace
+    the output; 077 keeps them private). A folder keeps its setgid bit: files made in it take its group."""
+    kept = os.stat(path).st_mode
+    if stat.S_ISDIR(kept):
+        return (0o777 & ~_umask()) | (kept & stat.S_ISGID)
+    return 0o666 & ~_umask()
+
+
 def share_tree(folder: str | Path) -> None:
-    """The one mode policy for outputs, whatever wrote them (safetensors writes 0600): 0644 files, 0755 folders."""
+    """shared_mode on a folder and everything in it."""
     folder = Path(folder)
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            os.chmod(path, shared_mode(path))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -217,14 +217,70 @@ def test_pretokenized_ids_outside_the_vocabulary_stop_at_tokenize(tmp_path, tiny
     assert str(bad) in message and "vocabulary" in message
 
 
-def test_the_model_and_checkpoints_are_written_0644_in_0755_folders(tmp_path, tiny_decoder):
+@pytest.mark.parametrize(("umask", "folders", "files"), [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664),
+                                                         (0o077, 0o700, 0o600)])
+def test_outputs_checkpoints_and_locks_get_the_modes_the_umask_gives(tmp_path, tiny_decoder, umask, folders, files):
+    """Written 0644 in 0755 folders whatever the umask: under a team's 002 the teammate's next step could
+    neither take a lock file (every step "Permission denied") nor replace an output, and under 077 the data
+    went world-readable. A setgid project folder's group stays on what the steps make in it."""
+    import stat
+
+    project = tmp_path / "project"
+    project.mkdir()
+    project.chmod(0o2775)  # a team's folder: what is made in it takes its group
     params = tiny_params("train.max_steps=2", "train.save_steps=1", model=str(tiny_decoder))
-    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
-    for top in (tmp_path / "models/reward_model", tmp_path / "models/checkpoints"):
-        for folder, _dirs, files in os.walk(top):
-            assert oct(os.stat(folder).st_mode & 0o777) == "0o755", folder
-            for name in files:
-                assert oct(os.stat(Path(folder) / name).st_mode & 0o777) == "0o644", Path(folder) / name
+    before = os.umask(umask)
+    try:
+        run_steps(params, project, "download", "tokenize", "filter", "train")
+    finally:
+        os.umask(before)
+    tops = [project / "models/reward_model", project / "models/checkpoints", project / "data/pairs",
+            project / "data/train"]
+    for top in tops:
+        for folder, _dirs, names in os.walk(top):
+            mode = os.stat(folder).st_mode
+            assert (stat.S_IMODE(mode) & 0o777, bool(mode & stat.S_ISGID)) == (folders, True), folder
+            for name in names:
+                assert stat.S_IMODE(os.stat(Path(folder) / name).st_mode) == files, Path(folder) / name
+    locks = list((project / ".rm_lib/locks").glob("*.lock"))
+    assert locks and {stat.S_IMODE(os.stat(lock).st_mode) for lock in locks} == {files}
+
+
+def test_a_lock_file_or_earlier_copy_another_user_keeps_is_named_with_its_owner(tmp_path, monkeypatch, capsys):
+    """A lock file a teammate made under umask 022 stopped every step with a bare "Permission denied"; the
+    earlier copy of an output that could not be removed (the teammate's) stayed without a word, and so did
+    checkpoints past save_total_limit."""
+    import pwd
+    import shutil
+
+    from rm_lib import files
+    from rm_lib.errors import UserError
+
+    lock = tmp_path / ".rm_lib/locks/train.lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    real_open = os.open
+
+    def refused(path, *args, **kwargs):
+        if str(path) == str(lock):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", refused)
+    with pytest.raises(UserError) as caught:
+        files.open_lock(lock)
+    monkeypatch.setattr(files.os, "open", real_open)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    assert str(caught.value) == (f"{lock}: permission denied: the lock file is {owner}'s and not writable for you. "
+                                 "In a project folder a team shares, run every step under umask 002; `chmod g+w "
+                                 f"{lock.parent}/*` mends the lock files made before")
+    copy = tmp_path / "data/.pairs.123@host.abc.tmp"
+    copy.mkdir(parents=True)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # as where the folder is not this user's to write
+    files.remove_tree(copy)
+    assert capsys.readouterr().err == (f"warning: {copy} could not be removed (an earlier copy, {owner}'s, of files a "
+                                       "step replaced): its owner can remove it; in a project folder a team shares, "
+                                       "run every step under umask 002\n")
 
 
 def test_a_resume_restores_the_metrics_log_that_dvc_deleted(tmp_path, tiny_decoder):

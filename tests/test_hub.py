@@ -1333,6 +1333,30 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
         in rounding
 
 
+def test_a_checkout_git_refuses_as_another_users_is_named_so_on_the_card(tmp_path):
+    """A teammate's push from a checkout another user owns: git answers "dubious ownership" and gives no commit,
+    and the card said "unknown (not a git checkout)" of a git checkout."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("making a checkout another user owns needs root (chown)")
+    checkout = tmp_path / "theirs"
+    checkout.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@e"}
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *args], cwd=checkout, env=env, check=True)
+    assert model_card.git_refusal(checkout) is None  # this user's: git reads it
+    os.chown(checkout, 65534, -1)  # nobody's
+    assert model_card.git_commit(checkout) is None
+    refusal = model_card.git_refusal(checkout)
+    assert refusal.startswith("git refuses to read the checkout, which another user owns")
+    assert model_card.git_refusal(tmp_path) is None  # no checkout at all: nothing refused
+    text = model_card._lineage({"git_commit": None, "git_refusal": refusal})
+    assert f"| git commit | unknown ({refusal}) |" in text and f"no commit is known: {refusal}" in text
+    assert "not a git checkout" not in text
+
+
 def test_the_card_knows_which_checkout_holds_the_code_and_the_source(tmp_path):
     """What a commit holds, asked of git: code files it does not track (a new module the committed code
     imports), the code's own checkout where it is not the project's (`--root` elsewhere, an installed

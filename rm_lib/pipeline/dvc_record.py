@@ -39,7 +39,7 @@ from typing import Any, Optional
 import yaml
 
 from rm_lib.errors import SettingsError, UserError
-from rm_lib.files import alive, dvc_md5, pipeline_written_files, read_yaml, start_ticks
+from rm_lib.files import alive, dvc_md5, open_lock, pipeline_written_files, read_yaml, start_ticks
 from rm_lib.network import without_credentials
 from rm_lib.settings import Params, load_params, params_from_dict
 
@@ -293,7 +293,7 @@ def _journal_lock(root: Path, wait: bool) -> Iterator[bool]:
     """Hold JOURNAL_LOCK; yields False at once when `wait` is off and another process holds it."""
     path = root / JOURNAL_LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

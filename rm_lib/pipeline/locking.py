@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Optional
 
 from rm_lib.errors import UserError
-from rm_lib.files import process_stat, start_ticks
+from rm_lib.files import open_lock, process_stat, start_ticks
 from rm_lib.layout import Layout
 
 RUN_CLAIM = "dagster-run"  # <root>/.rm_lib/locks/dagster-run.lock: the Dagster run that holds the folder
@@ -54,7 +54,7 @@ def step_lock(layout: Layout, step: str) -> Iterator[None]:
     """Hold `step`'s lock on `layout` for the block; StepRunning at once if another process holds it."""
     path = layout.lock(step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,7 +90,7 @@ def starting(layout: Layout, wait_s: float = 30.0) -> Iterator[None]:
         finally:
             _starting_here.depth = depth
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         deadline = time.monotonic() + wait_s
         while True:
@@ -142,7 +142,7 @@ def claim(layout: Layout, name: str, decide: Callable[[dict], Optional[dict]]) -
     judge: a dead owner's record stays in the file until a claimant finds it dead."""
     path = layout.lock(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held only while the record is read and written
         try:

@@ -44,6 +44,20 @@ def _git(root: Path, *args: str) -> str | None:
         return None
 
 
+def git_refusal(root: Path) -> str | None:
+    """Why git gives no commit for a checkout it refuses (another user's: "dubious ownership"), in words;
+    None where it is no checkout, or git is not there (the card said "not a git checkout" of a teammate's)."""
+    try:
+        said = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if "dubious ownership" in said:
+        return ("git refuses to read the checkout, which another user owns (`git config --global --add "
+                "safe.directory <the project folder>` lets it)")
+    return None
+
+
 def git_commit(root: Path) -> str | None:
     """HEAD, marked when a tracked file (code, settings, a `.dvc` file of data) differs from it (what
     `dvc repro` writes in git aside: `pipeline_written_files`)."""
@@ -132,7 +146,8 @@ def lineage(root: Path, summary: dict, manifest: dict, code_hash_now: str | None
     `code_hash_now`: the checkout's training code (a model other code trained is not this commit's);
     `lock_differs`: the stages dvc.lock records with other code or settings than the checkout holds."""
     commit = git_commit(root)
-    return {"git_commit": commit, "dvc_data": dvc_hashes(root, DVC_DATA),
+    return {"git_commit": commit, "git_refusal": None if commit else git_refusal(root),
+            "dvc_data": dvc_hashes(root, DVC_DATA),
             "dvc_model": dvc_hashes(root, DVC_MODEL), "data_hash": summary.get("data_hash"),
             "fingerprint": summary.get("fingerprint"), "code_hash": summary.get("code_hash"),
             # the launch: train.batch_size is per process, so the global batch is that many times larger
@@ -783,7 +798,7 @@ a null is a setting it did not record):
 def _lineage(lineage: dict) -> str:
     trained_by, now = lineage.get("code_hash"), lineage.get("code_hash_now")
     other_code = bool(trained_by and now and trained_by != now)
-    commit = _or(lineage.get("git_commit"), "unknown (not a git checkout)")
+    commit = _or(lineage.get("git_commit"), f"unknown ({lineage.get('git_refusal') or 'not a git checkout'})")
     if other_code and lineage.get("git_commit"):
         commit += f" (the push's; its training code is `{now}`, not the code that trained this model)"
     rows = [("git commit", commit)]
@@ -827,7 +842,8 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     is, the files dvc.lock records, the code and settings it records them made with."""
     doubts = []
     if not lineage.get("git_commit"):
-        doubts.append("no commit is known: the project is not a git checkout, or git could not be run")
+        doubts.append(f"no commit is known: {lineage['git_refusal']}" if lineage.get("git_refusal") else
+                      "no commit is known: the project is not a git checkout, or git could not be run")
     untracked = lineage.get("code_untracked") or []
     if untracked:
         more = " and more" if len(untracked) > 5 else ""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_lib.errors import SettingsError
-from rm_lib.files import file_sha256, share_tree, storage_error
+from rm_lib.files import file_sha256, remove_tree, share_tree, storage_error
 from rm_lib.training.distributed import Launch
 
 STATE_FILE = "trainer_state.json"
@@ -250,9 +250,9 @@ def _prune(folder: Path, state: TrainState, keep: int) -> None:
     for candidate in step_folders(folder):
         saved = read_state(candidate)
         if saved is None or saved.get("fingerprint") != state.fingerprint:
-            shutil.rmtree(candidate, ignore_errors=True)
+            remove_tree(candidate)  # one that cannot go (a teammate's) is said
         else:
             own.append(candidate)
     for old in own[:-keep]:
         if old.name != f"step-{state.best_step}":
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
