@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _merge_common(_parser().parse_args(argv))
+    running = args.step  # the step a stop interrupts (of `run`, the one it had got to)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         overrides = args.overrides
@@ -252,6 +253,7 @@ def _main(argv: list[str] | None) -> int:
             check_before(PIPELINE if args.step == "run" else (args.step,), params)
         if args.step == "run":
             for step in PIPELINE:
+                running = step
                 _run_step(step, params, layout)
             if steps.first_of_its_launch():
                 print(where_to_look(layout, demo=params.download.source == "demo"), flush=True)
@@ -291,9 +293,10 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: what the user asked for, not a failure to explain with a traceback
         terminated = isinstance(exc, Terminated)
-        resumes = "; train resumes from its last checkpoint when run again" if args.step in ("train", "run") else ""
-        print(f"interrupted{' by SIGTERM' if terminated else ''}: "
-              f"{'the run' if args.step == 'run' else args.step} stopped and left its earlier output as it "
-              f"was{resumes}", file=sys.stderr)
+        done = PIPELINE[:PIPELINE.index(running)] if args.step == "run" and running in PIPELINE else ()
+        said = (f"{running} stopped" + (" and left its earlier output as it was" if running != "show-tokens" else "")
+                + ("; train resumes from its last checkpoint when run again" if running == "train" else "")
+                + (f" ({', '.join(done)} had finished and replaced theirs)" if done else ""))
+        print(f"interrupted{' by SIGTERM' if terminated else ''}: {said}", file=sys.stderr)
         return 143 if terminated else 130
     return 0

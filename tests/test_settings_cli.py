@@ -354,6 +354,33 @@ def test_ctrl_c_ends_a_step_with_one_line_and_exit_130(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err == ("interrupted: train stopped and left its earlier output as it was; train "
                                        "resumes from its last checkpoint when run again\n")
 
+    def interrupted_at_filter(step, params, layout):
+        if step == "filter":
+            raise KeyboardInterrupt
+
+    # `run` names the step it stopped in and the ones that had finished (it said the run left every output)
+    monkeypatch.setattr(cli, "_run_step", interrupted_at_filter)
+    assert main(["--root", str(tmp_path), "run"]) == 130
+    assert capsys.readouterr().err == ("interrupted: filter stopped and left its earlier output as it was "
+                                       "(download, tokenize had finished and replaced theirs)\n")
+
+
+def test_tokenize_workers_leave_a_stop_to_the_step(tiny_decoder):
+    """SIGTERM to the process group (systemd, Slurm, `kill -- -pgid`) reached tokenize's idle workers too, which
+    inherited the CLI's handler and each printed a traceback before the step's one line."""
+    import subprocess
+    import sys
+
+    from helpers import offline_env
+
+    code = ("import signal; from rm_lib import cli; from rm_lib.data import tokenization as t; "
+            "signal.signal(signal.SIGTERM, lambda *a: None); "
+            f"t._init_worker({str(tiny_decoder)!r}, 'simple_chat'); "
+            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "
+            "signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    said = subprocess.run([sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert said.stdout == "True True\n", said.stderr[-2000:]
+
 
 def test_sigterm_ends_a_score_with_one_line_and_leaves_its_last_output(tmp_path):
     """`kill` (a scheduler, systemd) ended a long `score` with exit 143 and not a word; Ctrl-C's line named

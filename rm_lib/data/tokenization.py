@@ -4,6 +4,7 @@ That is what keeps a chat template's BOS from being doubled and every sequence e
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -134,6 +135,10 @@ def _init_worker(tokenizer_path: str, template: str) -> None:
     # a forked worker inherits the tokenizers library's thread pool, dead in it: with TOKENIZERS_PARALLELISM
     # set (the CLI sets it) its first batch waited for ever on it. Each worker tokenizes on one thread.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # a stop (Ctrl-C, or SIGTERM to the process group) is the parent's to handle, which shuts the pool down:
+    # the CLI's SIGTERM handler, inherited, printed a traceback from every idle worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from rm_lib.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
