@@ -597,9 +597,14 @@ def tree_sha256(folder: str | Path, names: list[str] | None = None) -> str:
     """One hash over the named files (default: every file) of a folder, by relative path."""
     folder = Path(folder)
     paths = [folder / n for n in names] if names else sorted(p for p in folder.rglob("*") if p.is_file())
+    return tree_digest({str(path.relative_to(folder)): file_sha256(path) for path in paths})
+
+
+def tree_digest(hashes: dict[str, str]) -> str:
+    """tree_sha256 of files whose sha256 are known, by relative path, in the dict's order."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path.relative_to(folder)).encode() + b"\0" + file_sha256(path).encode() + b"\n")
+    for name, sha in hashes.items():
+        digest.update(name.encode() + b"\0" + sha.encode() + b"\n")
     return digest.hexdigest()
 
 

@@ -317,16 +317,22 @@ def test_a_model_folder_a_killed_dvc_checkout_left_is_neither_evaluated_nor_rele
                                                                                        monkeypatch):
     """A killed `dvc checkout` or `dvc pull` deletes the model's files before it writes the new ones and leaves
     its `.<random>.tmp` copies behind: push released the weightless folder ("release gate passed", exit 0),
-    and the copies with it."""
+    and the copies with it. rm_lib.json records each file's hash, so the message names the file; files train
+    did not write (a finder's .DS_Store, notes) are no part of the model and stay out of the release."""
+    from rm_lib.pipeline import chain
     from rm_lib.steps import push
 
     layout = Layout(tmp_path)
     params = tiny_params("train.max_steps=2", model=str(tiny_decoder))
     run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    record = read_json(layout.model / "rm_lib.json")
+    assert set(record["files"]) == {p.name for p in layout.model.iterdir()} - {"rm_lib.json"}
     (layout.model / ".8DIN5MR7HBsWVSoWgrPXRw.tmp").write_bytes(b"\0" * 1000)  # a copy DVC was writing
+    (layout.model / ".DS_Store").write_bytes(b"\0")
+    (layout.model / "notes.txt").write_text("tried lr 1e-4 first")
     run_steps(params, tmp_path, "push")
     released = {p.name: p.read_bytes() for p in layout.release.iterdir()}
-    assert not [name for name in released if name.endswith(".tmp")]
+    assert not {".8DIN5MR7HBsWVSoWgrPXRw.tmp", ".DS_Store", "notes.txt"} & set(released)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "rm_lib.json"):
         assert name in released
     assert released["model.safetensors"] == (layout.model / "model.safetensors").read_bytes()
@@ -340,18 +346,34 @@ def test_a_model_folder_a_killed_dvc_checkout_left_is_neither_evaluated_nor_rele
         finally:
             path.write_bytes(kept)
 
-    after = ("(an interrupted `dvc checkout` or `dvc pull` leaves such a folder); rerun train{}, or let `dvc "
-             "checkout -f` put back the model dvc.lock records")
-    for name, change, what in (("model.safetensors", Path.unlink, "lacks its weights (no .safetensors file)"),
-                               ("config.json", Path.unlink, "lacks its config.json"),
+    after = " (an interrupted `dvc checkout` or `dvc pull` leaves such a folder); rerun train{}"
+    for name, change, what in (("model.safetensors", Path.unlink, "lacks model.safetensors: deleted since train "
+                                                                  "wrote it"),
+                               ("config.json", Path.unlink, "lacks config.json: deleted since train wrote it"),
                                ("tokenizer.json", lambda p: p.write_text("{}"),
-                                "holds other files than its rm_lib.json records")):
+                                "holds tokenizer.json changed since train wrote it")):
         messages = damaged(name, change)
-        start = f"{layout.model} {what}: changed, added or deleted since train wrote it "
+        start = f"{layout.model} {what}"
         assert messages == {"evaluate": start + after.format(""), "push": start + after.format(", then evaluate")}
     assert {p.name: p.read_bytes() for p in layout.release.iterdir()} == released
+    # where DVC keeps the model, its checkout is named too
+    assert chain.checkout_hint(layout) == ""
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    assert chain.checkout_hint(layout) == ", or let `dvc checkout -f` put back the model dvc.lock records"
+    (tmp_path / "dvc.lock").unlink()
+    # a model recorded before the files were: the folder's files as a whole
+    legacy = {k: v for k, v in record.items() if k != "files"}
+    weights = layout.model / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()
+    assert chain.model_files_differ(layout.model, legacy).startswith("lacks its weights (no model.safetensors): ")
+    weights.write_bytes(kept)
+    assert chain.model_files_differ(layout.model, legacy).startswith("holds other files")  # notes.txt: which is not
+    (layout.model / "notes.txt").unlink()  # known without the record
+    assert chain.model_files_differ(layout.model, legacy) is None  # the hidden files aside
     # a file deleted after the chain's check, as the release is copied: the copy is checked too
     real_gate = push.gate
+    config = (layout.model / "config.json").read_bytes()
 
     def gate_then_deleted(*args):
         verdicts = real_gate(*args)
@@ -359,8 +381,21 @@ def test_a_model_folder_a_killed_dvc_checkout_left_is_neither_evaluated_nor_rele
         return verdicts
 
     monkeypatch.setattr(push, "gate", gate_then_deleted)
+    assert _refused(params, tmp_path, "push") == (f"push: {layout.model} lacks config.json: deleted as the release "
+                                                  "was copied; data/release and the Hub are unchanged. Run train and "
+                                                  "evaluate")
+    (layout.model / "config.json").write_bytes(config)
+    monkeypatch.setattr(push, "gate", real_gate)  # or changed as it is copied: the copy's hashes are checked
+    real_copy = push.shutil.copyfile
+
+    def copy_then_changed(source, target):
+        real_copy(source, target)
+        if Path(target).name == "tokenizer.json":
+            Path(target).write_text("{}")
+
+    monkeypatch.setattr(push.shutil, "copyfile", copy_then_changed)
     message = _refused(params, tmp_path, "push")
-    assert message.startswith(f"push: {layout.model} lacks its config.json: ") and "Hub are unchanged" in message
+    assert message.startswith(f"push: {layout.model} holds tokenizer.json changed since train wrote it")
     assert {p.name: p.read_bytes() for p in layout.release.iterdir()} == released
 
 

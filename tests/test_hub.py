@@ -144,12 +144,11 @@ def test_push_creates_a_private_repo_with_the_release_byte_identical_and_tagged(
 
 def _as_trained(project: Path) -> None:
     """The model folder's records as train and evaluate would have written them for the files it holds now."""
-    from rm_lib.files import tree_sha256
-    from rm_lib.pipeline.chain import model_files
+    from rm_lib.pipeline.chain import file_record
 
     layout = Layout(project)
-    digest = tree_sha256(layout.model, model_files(layout.model))
-    for record, update in ((layout.model / "rm_lib.json", {"content_hash": digest}),
+    files, digest = file_record(layout.model)
+    for record, update in ((layout.model / "rm_lib.json", {"content_hash": digest, "files": files}),
                            (layout.evaluation / "report.json", {"inputs": {"model": digest}})):
         write_json(record, {**read_json(record), **update})
 
@@ -1313,8 +1312,9 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
     assert "Reproduce: check out the commit and rm_lib's at def (/opt/rm), then `dvc repro`" in elsewhere
     assert "| rm_lib that ran: `/opt/rm` | `def` |" in elsewhere
     # trained on two processes: dvc.yaml's train stage runs one, a batch half as large (it said `dvc repro`)
-    two = model_card._lineage({**clean, "processes": 2, "fsdp": False, "launch": "2 processes (DDP)",
-                               "launch_command": "accelerate launch --multi_gpu --num_processes 2 -m rm_lib run"})
+    two_launch = {"processes": 2, "fsdp": False, "launch": "2 processes (DDP)",
+                  "launch_command": "accelerate launch --multi_gpu --num_processes 2 -m rm_lib run"}
+    two = model_card._lineage({**clean, **two_launch})
     assert "| launch (train.batch_size is per process) | 2 processes (DDP) |" in two
     assert "Reproduce: check out the commit, then `accelerate launch --multi_gpu --num_processes 2 -m rm_lib run` " \
            "with the parameters above (the launch that trained it;" in two and "then `dvc repro`" not in two
@@ -1324,8 +1324,16 @@ def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says
     one = model_card._lineage({**clean, "processes": 1, "launch": "1 process"})
     assert "then `dvc repro` (or `python -m rm_lib run`)" in one and "| 1 process |" in one
     # the same weights byte for byte only where the sums round alike: 2 CPU threads and 1 trained other weights
-    assert one.endswith(model_card.SAME_BYTES) and two.endswith(model_card.SAME_BYTES)
     assert "| arithmetic (torch build, device, threads: what decides how the sums round) | not recorded" in one
+    assert model_card.SAME_BYTES not in one  # nothing recorded to hold a run again to
+    cpu = {"torch": "2.13.0+cpu", "device": "cpu: Xeon", "threads": 2}
+    assert model_card._lineage({**clean, "arithmetic": [cpu]}).endswith(model_card.SAME_BYTES)
+    assert model_card._lineage({**clean, **two_launch, "arithmetic": [cpu]}).endswith(model_card.SAME_BYTES)
+    # resumed on another thread count: no single run gives those bytes; on a GPU, not even the same GPU's
+    mixed = model_card._lineage({**clean, "arithmetic": [cpu, {**cpu, "threads": 1}]})
+    assert mixed.endswith(model_card.MIXED_BYTES)
+    gpu = model_card._lineage({**clean, "arithmetic": [{**cpu, "device": "cuda: NVIDIA H100 80GB HBM3"}]})
+    assert gpu.endswith(model_card.GPU_BYTES)
     rounding = model_card._lineage({**clean, "arithmetic": [
         {"torch": "2.13.0+cpu", "device": "cpu: Xeon", "threads": 2},
         {"torch": "2.13.0+cpu", "device": "cpu: Xeon", "threads": 1}]})

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rm_lib.errors import UserError
-from rm_lib.files import DVC_IGNORED, read_json, tree_sha256
+from rm_lib.files import DVC_IGNORED, file_sha256, read_json, tree_digest, tree_sha256
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, Params
 
@@ -136,10 +136,9 @@ def check(step: str, layout: Layout) -> None:
             _check_link(link, records, layout, step)
     _check_bytes(links[-1], records, layout, step)
     if "model" in records and "content_hash" in records["model"]:  # evaluate and push read the model itself
-        differs = model_files_differ(layout.model, records["model"]["content_hash"])
+        differs = model_files_differ(layout.model, records["model"])
         if differs:
-            raise StaleInput(f"{layout.model} {differs}; {_rerun('train', step)}, or let `dvc checkout -f` put back "
-                             "the model dvc.lock records")
+            raise StaleInput(f"{layout.model} {differs}; {_rerun('train', step)}{checkout_hint(layout)}")
     if step == "push":
         _check_summary(layout, records.get("model"))
 
@@ -180,26 +179,62 @@ def _check_bytes(link: Link, records: dict[str, dict], layout: Layout, step: str
 
 
 def model_files(folder: Path) -> list[str]:
-    """The files of a trained model folder that its rm_lib.json's content_hash is over, in the order train
-    hashed them: all but that record and what .dvcignore ignores (the `.<random>.tmp` copies a killed `dvc
-    checkout` or `dvc pull` leaves, an interrupted train's mark)."""
+    """The files of a trained model folder, in the order train hashed them: all but its rm_lib.json, hidden
+    ones (a finder's .DS_Store, a notebook's checkpoints) and what .dvcignore ignores (the `.<random>.tmp`
+    copies a killed `dvc checkout` or `dvc pull` leaves, an interrupted train's mark)."""
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     names = [str(p.relative_to(folder)) for p in paths]
-    return [n for n in names if n != "rm_lib.json" and not DVC_IGNORED.search(Path(n).as_posix())]
+    return [n for n in names if n != "rm_lib.json" and not DVC_IGNORED.search(Path(n).as_posix())
+            and not any(part.startswith(".") for part in Path(n).parts)]
 
 
-def model_files_differ(folder: Path, content_hash: str) -> str | None:
-    """Why `folder` does not hold the model its rm_lib.json records, in words, or None where it does. A killed
-    `dvc checkout` or `dvc pull` deletes the model's files before it writes the new ones: evaluate refused
-    the weightless folder it left, and push released it."""
-    names = model_files(folder)
-    if tree_sha256(folder, names) == content_hash:
+def file_record(folder: Path) -> tuple[dict[str, str], str]:
+    """The sha256 of each of a model's files, and the content hash over them: what rm_lib.json records."""
+    files = {name: file_sha256(folder / name) for name in model_files(folder)}
+    return files, tree_digest(files)
+
+
+def model_files_differ(folder: Path, record: dict) -> str | None:
+    """Why `folder` does not hold the model its rm_lib.json (`record`) describes, in words, or None where it
+    does. A killed `dvc checkout` or `dvc pull` deletes the model's files before it writes the new ones:
+    evaluate refused the weightless folder it left, and push released it. Files train did not write are no
+    part of the model (the release leaves them out)."""
+    files = record.get("files")
+    if isinstance(files, dict) and all(isinstance(v, str) for v in files.values()):
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            return f"lacks {_listed(missing)}: deleted since train wrote {'them' if len(missing) > 1 else 'it'} " \
+                   f"({INTERRUPTED})"
+        changed = [name for name, sha in files.items() if file_sha256(folder / name) != sha]
+        if changed or tree_digest(files) != record.get("content_hash"):
+            changed = changed or list(files)
+            return f"holds {_listed(changed)} changed since train wrote {'them' if len(changed) > 1 else 'it'} " \
+                   f"({INTERRUPTED})"
         return None
-    lacks = ("weights (no .safetensors file)" if not any(n.endswith(".safetensors") for n in names)
-             else "config.json" if "config.json" not in names else None)
+    # recorded before the files were: the folder's files as a whole
+    names = model_files(folder)
+    if tree_sha256(folder, names) == record.get("content_hash"):
+        return None
+    top = [n for n in names if "/" not in n]
+    lacks = ("weights (no model.safetensors)" if not any(n.startswith("model") and n.endswith(".safetensors")
+                                                          for n in top)
+             else "config.json" if "config.json" not in top else None)
     what = f"lacks its {lacks}" if lacks else "holds other files than its rm_lib.json records"
-    return (f"{what}: changed, added or deleted since train wrote it (an interrupted `dvc checkout` or `dvc pull` "
-            "leaves such a folder)")
+    return f"{what}: changed, added or deleted since train wrote it ({INTERRUPTED})"
+
+
+INTERRUPTED = "an interrupted `dvc checkout` or `dvc pull` leaves such a folder"
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def checkout_hint(layout: Layout) -> str:
+    """Where DVC keeps the model (a dvc.lock): its checkout puts the recorded one back."""
+    return ", or let `dvc checkout -f` put back the model dvc.lock records" if (layout.root / "dvc.lock").is_file() \
+        else ""
 
 
 def check_tokenized_for(layout: Layout, name_or_path: str, revision: str | None, step: str) -> None:

@@ -835,6 +835,20 @@ def _lineage(lineage: dict) -> str:
 SAME_BYTES = ("A run again trains the same weights byte for byte with the arithmetic above (the torch build, "
               "device and thread count); another rounds the sums otherwise, and its weights differ in their last "
               "digits.")
+MIXED_BYTES = ("Its sessions trained with different arithmetic (above): a run again, in one, trains weights that "
+               "differ in their last digits.")
+GPU_BYTES = ("On a GPU the kernels may sum in another order from one run to the next: a run again trains weights "
+             "that may differ in their last digits, on the same GPU too.")
+
+
+def _same_bytes(lineage: dict) -> str:
+    """What a run again gives, byte for byte or not, after the Reproduce line."""
+    records = lineage.get("arithmetic") or []
+    if any(str(r.get("device", "")).startswith("cuda") for r in records):
+        return f" {GPU_BYTES}"
+    if len(records) > 1:
+        return f" {MIXED_BYTES}"
+    return f" {SAME_BYTES}" if records else ""
 
 
 def _reproduce(lineage: dict, other_code: bool) -> str:
@@ -907,9 +921,9 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
                "process, a batch that many times smaller)" if command else
                f"the steps with the parameters above, train under `accelerate launch` on {processes} processes as "
                "it was trained (docs/distributed.md; `dvc repro` trains in one process)")
-        return f"Reproduce: {checkout}, then {how};\n{pull} {SAME_BYTES}"
-    return (f"Reproduce: {checkout}, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;\n{pull} "
-            f"{SAME_BYTES}")
+        return f"Reproduce: {checkout}, then {how};\n{pull}{_same_bytes(lineage)}"
+    return (f"Reproduce: {checkout}, then `dvc repro` (or `python -m rm_lib run`) with the parameters above;\n{pull}"
+            f"{_same_bytes(lineage)}")
 
 
 def _launch(lineage: dict) -> str:

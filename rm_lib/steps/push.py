@@ -119,20 +119,26 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
     metrics = read_json(layout.evaluation / "report.json")
     # the model's own files, no temporaries (a killed `dvc checkout`'s copies, an interrupted train's mark);
     # copied file by file: a DVC cache's read-only mode stays behind
-    names = chain.model_files(layout.model)
-    for name in [*names, "rm_lib.json"] if (layout.model / "rm_lib.json").is_file() else names:
+    record = read_json(layout.model / "rm_lib.json") if (layout.model / "rm_lib.json").is_file() else {}
+    recorded = record.get("files")
+    names = list(recorded) if isinstance(recorded, dict) else chain.model_files(layout.model)
+    for name in [*names, "rm_lib.json"] if record else names:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(layout.model / name, out / name)
+        try:
+            shutil.copyfile(layout.model / name, out / name)
+        except FileNotFoundError:
+            raise UserError(f"push: {layout.model} lacks {name}: deleted as the release was copied; data/release and "
+                            f"the Hub are unchanged. Run train and evaluate{chain.checkout_hint(layout)}") from None
     # the gate judged the model the report was made of: the copy must be that one, whole, also when a train
     # finished in the meantime
     saved = read_json(out / "rm_lib.json") if (out / "rm_lib.json").exists() else {}
     if saved.get("content_hash") != metrics.get("inputs", {}).get("model"):
         raise UserError(f"push: {layout.model} is not the model data/evaluation/report.json was made of (a train "
                         "finished meanwhile?); data/release and the Hub are unchanged. Run evaluate, then push")
-    differs = chain.model_files_differ(out, saved["content_hash"]) if saved.get("content_hash") else None
+    differs = chain.model_files_differ(out, saved) if saved.get("content_hash") else None
     if differs:
         raise UserError(f"push: {layout.model} {differs}; data/release and the Hub are unchanged. Run train and "
-                        "evaluate, or let `dvc checkout -f` put back the model dvc.lock records")
+                        f"evaluate{chain.checkout_hint(layout)}")
     root = layout.root.resolve()
     if saved:
         write_json(out / "rm_lib.json", public(saved, root))

@@ -15,7 +15,7 @@ from rm_lib.errors import DataError, SettingsError, TrainingDiverged
 from rm_lib.evaluation import plots
 from rm_lib.evaluation.metrics import pair_metrics
 from rm_lib.evaluation.scoring import local_training_record
-from rm_lib.files import atomic_dirs, read_json, read_jsonl, tree_sha256, write_json, write_jsonl
+from rm_lib.files import atomic_dirs, read_json, read_jsonl, write_json, write_jsonl
 from rm_lib.layout import Layout
 from rm_lib.model.inference import score_pairs_across
 from rm_lib.model.modeling import (
@@ -29,6 +29,7 @@ from rm_lib.model.modeling import (
     save_model,
 )
 from rm_lib.model.special import special_tokens
+from rm_lib.pipeline.chain import file_record
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params, TrainSettings
 from rm_lib.steps import launched_on_cpu
@@ -351,10 +352,12 @@ def run(params: Params, layout: Layout, accelerator=None,
                        chat_template=chat)
             base_named = base_model_reference(params.model.name_or_path)
             write_json(out / trained_prompts.FILE, trained_prompts.record(train_rows, base_trained, base_named))
-            weights_hash = tree_sha256(out)  # before rm_lib.json: what evaluate records it scored
+            # before rm_lib.json: each file's hash (evaluate and push name one deleted or changed since) and
+            # the hash over them, which evaluate records it scored
+            files, weights_hash = file_record(out)
             write_json(out / "rm_lib.json", {"template": tokenized["template"], "base_model": params.model.name_or_path,
                                              "data_hash": meta["content_hash"], "fingerprint": fingerprint,
-                                             "code_hash": code, "content_hash": weights_hash,
+                                             "code_hash": code, "content_hash": weights_hash, "files": files,
                                              "inputs": {"filtered": meta["content_hash"]},
                                              # what the pairs were held to: score holds its pairs to the same
                                              "lengths": {k: meta.get(k) for k in LENGTH_SETTINGS},

@@ -89,7 +89,8 @@ def arithmetic(device: Any) -> dict:
     weights that differ in their last digits (2 CPU threads and 1 did, by up to 4e-5)."""
     import torch
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name() if device.type == "cpu"
+            else None)  # another accelerator by its type alone, not the host's CPU
     return {"torch": torch.__version__, "device": f"{device.type}: {name}" if name else device.type,
             "threads": torch.get_num_threads()}
 
