@@ -20,7 +20,7 @@ from typing import Any
 from rm_lib import steps
 from rm_lib.errors import UserError
 from rm_lib.evaluation.visualize import printable
-from rm_lib.files import STORAGE_ERRORS, unwritable_folder
+from rm_lib.files import STORAGE_ERRORS, not_yours, unwritable_folder
 from rm_lib.layout import Layout, project_above
 from rm_lib.network import without_credentials
 from rm_lib.pipeline.preflight import check_before
@@ -283,7 +283,9 @@ def _main(argv: list[str] | None) -> int:
         where = _refused_path(exc, args.root)
         if where is None:
             raise
-        print(f"error: {where}: {exc.strerror}", file=sys.stderr)
+        # another user's file or folder in a project a team shares: whose, and the mend
+        why = f": {not_yours(where)}" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+        print(f"error: {where}: {exc.strerror}{why}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         said = _peer_stopped(exc)

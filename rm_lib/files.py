@@ -348,9 +348,8 @@ def remove_tree(path: Path) -> None:
             writable(os.path.join(top, name))
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path):  # a teammate's, in a folder made under umask 022: said, not kept in silence
-        print(f"warning: {path} could not be removed (an earlier copy, {_owner(path)}'s, of files a step replaced): "
-              "its owner can remove it; in a project folder a team shares, run every step under umask 002",
-              file=sys.stderr)
+        print(f"warning: {path} ({_owner(path)}'s) could not be removed: its owner can remove it; in a project folder "
+              "a team shares, run every step under umask 002", file=sys.stderr)
 
 
 def _named_for_outputs(exc: Exception, outputs: list[Path], temporaries: list[Path]) -> Exception:
@@ -517,9 +516,18 @@ def open_lock(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
-        raise UserError(f"{path}: permission denied: the lock file is {_owner(path)}'s and not writable for you. In "
-                        "a project folder a team shares, run every step under umask 002; `chmod g+w "
-                        f"{path.parent}/*` mends the lock files made before") from None
+        raise UserError(f"{path}: permission denied: {not_yours(path)}") from None
+
+
+def not_yours(path: str | Path) -> str:
+    """Why a path of the project is not this user's to write, and the mend: its owner (of the file, or of the
+    folder that would hold it) made it under a umask that left the group no write."""
+    path = Path(path)
+    what, held = (("it", path) if os.path.lexists(path) else ("its folder", path.parent))
+    owner = _owner(held)
+    return (f"{what} is {owner}'s and not writable for you. In a project folder a team shares, run every step "
+            f"under umask 002; `chmod -R g+w {held if held.is_dir() else held.parent}` (as {owner}) mends what was "
+            "made before")
 
 
 def _owner(path: Path) -> str:

@@ -246,6 +246,23 @@ def test_outputs_checkpoints_and_locks_get_the_modes_the_umask_gives(tmp_path, t
     assert locks and {stat.S_IMODE(os.stat(lock).st_mode) for lock in locks} == {files}
 
 
+def test_a_checkpoint_another_user_keeps_where_this_run_saves_is_named(tmp_path, tiny_decoder, monkeypatch):
+    """A teammate's step-2 (made under umask 022) stood where this run saved its own: the rename failed at
+    the run's end with "Directory not empty" on the temporary, which stayed."""
+    from rm_lib.training import checkpoints
+
+    params = tiny_params("train.max_steps=2", "train.save_steps=1", model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+    theirs = tmp_path / "models/checkpoints/step-2"
+    theirs.mkdir(parents=True)
+    (theirs / "state.json").write_text("{}")
+    monkeypatch.setattr(checkpoints, "remove_tree", lambda path: None)  # as where it is not this user's to remove
+    with pytest.raises(PermissionError) as caught:
+        run_steps(params, tmp_path, "train")
+    assert caught.value.filename == str(theirs)
+    assert not (tmp_path / "models/checkpoints/.step-2.tmp").exists()
+
+
 def test_a_lock_file_or_earlier_copy_another_user_keeps_is_named_with_its_owner(tmp_path, monkeypatch, capsys):
     """A lock file a teammate made under umask 022 stopped every step with a bare "Permission denied"; the
     earlier copy of an output that could not be removed (the teammate's) stayed without a word, and so did
@@ -271,16 +288,33 @@ def test_a_lock_file_or_earlier_copy_another_user_keeps_is_named_with_its_owner(
         files.open_lock(lock)
     monkeypatch.setattr(files.os, "open", real_open)
     owner = pwd.getpwuid(os.getuid()).pw_name
-    assert str(caught.value) == (f"{lock}: permission denied: the lock file is {owner}'s and not writable for you. "
-                                 "In a project folder a team shares, run every step under umask 002; `chmod g+w "
-                                 f"{lock.parent}/*` mends the lock files made before")
+    mend = f"`chmod -R g+w {lock.parent}` (as {owner}) mends what was made before"
+    assert str(caught.value) == (f"{lock}: permission denied: it is {owner}'s and not writable for you. In a project "
+                                 f"folder a team shares, run every step under umask 002; {mend}")
+    # one not made yet: its folder is the other user's (umask 022), and the mend is the folder's
+    assert files.not_yours(lock.parent / "tokenize.lock").startswith(f"its folder is {owner}'s and not writable")
     copy = tmp_path / "data/.pairs.123@host.abc.tmp"
     copy.mkdir(parents=True)
     monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # as where the folder is not this user's to write
     files.remove_tree(copy)
-    assert capsys.readouterr().err == (f"warning: {copy} could not be removed (an earlier copy, {owner}'s, of files a "
-                                       "step replaced): its owner can remove it; in a project folder a team shares, "
-                                       "run every step under umask 002\n")
+    assert capsys.readouterr().err == (f"warning: {copy} ({owner}'s) could not be removed: its owner can remove it; "
+                                       "in a project folder a team shares, run every step under umask 002\n")
+    # any other file of the project the step may not write (an interrupted set's mark in the teammate's folder):
+    # the CLI's line names whose it is and the mend, not a bare "Permission denied"
+    from rm_lib import cli
+
+    mark = tmp_path / "models/reward_model/.rm_lib-set.json"
+    mark.parent.mkdir(parents=True)
+    mark.write_text("{}")
+
+    def refused_step(step, params, layout):
+        raise PermissionError(13, "Permission denied", str(mark))
+
+    monkeypatch.setattr(cli, "_run_step", refused_step)
+    assert cli.main(["--root", str(tmp_path), "evaluate"]) == 2
+    assert capsys.readouterr().err == (f"error: {mark}: Permission denied: it is {owner}'s and not writable for you. "
+                                       "In a project folder a team shares, run every step under umask 002; `chmod -R "
+                                       f"g+w {mark.parent}` (as {owner}) mends what was made before\n")
 
 
 def test_a_resume_restores_the_metrics_log_that_dvc_deleted(tmp_path, tiny_decoder):
