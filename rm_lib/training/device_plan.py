@@ -86,7 +86,7 @@ class DevicePlan:
 def arithmetic(device: Any) -> dict:
     """What, beside its settings and data, decides how a run's float sums round: the same on another
     machine trains the same weights byte for byte; another torch build, device or thread count trains
-    weights that differ in their last digits (2 CPU threads and 1 did, by up to 4e-5)."""
+    weights that differ in their last digits (2 CPU threads and 1 did, by up to 8e-5)."""
     import torch
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name() if device.type == "cpu"
