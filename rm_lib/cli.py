@@ -284,8 +284,8 @@ def _main(argv: list[str] | None) -> int:
         if where is None:
             raise
         # another user's file or folder in a project a team shares: whose, and the mend
-        why = f": {not_yours(where)}" if exc.errno in (errno.EACCES, errno.EPERM) else ""
-        print(f"error: {where}: {exc.strerror}{why}", file=sys.stderr)
+        why = not_yours(where) if exc.errno in (errno.EACCES, errno.EPERM) else None
+        print(f"error: {where}: {exc.strerror}" + (f": {why}" if why else ""), file=sys.stderr)
         return 2
     except RuntimeError as exc:
         said = _peer_stopped(exc)

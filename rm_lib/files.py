@@ -334,7 +334,7 @@ def finish_replacing(path: str | Path) -> bool:
     return True
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path, *, said: bool = True) -> None:
     """rmtree of a temporary that also empties the read-only folders in it (an earlier output the user made
     read-only, swapped out): ignoring those errors left a hidden copy of the whole output behind for good."""
     def writable(folder: str) -> None:
@@ -347,7 +347,7 @@ def remove_tree(path: Path) -> None:
         for name in dirs:  # before the walk goes into it
             writable(os.path.join(top, name))
     shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):  # a teammate's, in a folder made under umask 022: said, not kept in silence
+    if said and os.path.lexists(path):  # a teammate's, in a folder made under umask 022: said, not kept in silence
         print(f"warning: {path} ({_owner(path)}'s) could not be removed: its owner can remove it; in a project folder "
               "a team shares, run every step under umask 002", file=sys.stderr)
 
@@ -516,18 +516,25 @@ def open_lock(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
-        raise UserError(f"{path}: permission denied: {not_yours(path)}") from None
+        why = not_yours(path)
+        raise UserError(f"{path}: permission denied" + (f": {why}" if why else "")) from None
 
 
-def not_yours(path: str | Path) -> str:
-    """Why a path of the project is not this user's to write, and the mend: its owner (of the file, or of the
-    folder that would hold it) made it under a umask that left the group no write."""
+def not_yours(path: str | Path) -> str | None:
+    """Where another user owns a path of the project (or the folder that would hold it), made under a umask
+    that left the group no write: whose it is, and the mend. None where it is this user's, or not there."""
     path = Path(path)
-    what, held = (("it", path) if os.path.lexists(path) else ("its folder", path.parent))
+    held = path if os.path.lexists(path) else path.parent
+    try:
+        uid = os.lstat(held).st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return None
     owner = _owner(held)
-    return (f"{what} is {owner}'s and not writable for you. In a project folder a team shares, run every step "
-            f"under umask 002; `chmod -R g+w {held if held.is_dir() else held.parent}` (as {owner}) mends what was "
-            "made before")
+    mend = f"chmod -R g+w {held}" if held.is_dir() else f"chmod g+w {held}"
+    return (f"{'it' if held == path else 'its folder'} is {owner}'s and not writable for you. In a project folder a "
+            f"team shares, run every step under umask 002; `{mend}` (as {owner}) mends what was made before")
 
 
 def _owner(path: Path) -> str:

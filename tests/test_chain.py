@@ -399,6 +399,24 @@ def test_a_model_folder_a_killed_dvc_checkout_left_is_neither_evaluated_nor_rele
     assert {p.name: p.read_bytes() for p in layout.release.iterdir()} == released
 
 
+def test_a_model_whose_file_names_sort_otherwise_as_text_is_the_same_model(tmp_path):
+    """rm_lib.json keeps the files by name as text ("adapter-x.txt" before "adapter/..."), train hashed them
+    by path parts ("adapter/..." first): read back in the JSON's order, an unchanged model was refused."""
+    from rm_lib.pipeline.chain import file_record, model_files_differ
+
+    model = tmp_path / "model"
+    (model / "adapter").mkdir(parents=True)
+    for name in ("adapter/adapter_config.json", "adapter.json", "adapter-x.txt", "model.safetensors", "config.json"):
+        (model / name).write_text(name)
+    files, digest = file_record(model)
+    write_json(model / "rm_lib.json", {"files": files, "content_hash": digest})
+    record = read_json(model / "rm_lib.json")
+    assert list(record["files"]) != list(files)  # the JSON's order is another
+    assert model_files_differ(model, record) is None
+    (model / "adapter.json").write_text("changed")
+    assert model_files_differ(model, record).startswith("holds adapter.json changed since train wrote it")
+
+
 @pytest.mark.parametrize("damage", ["deleted", "cut short", "replaced by other rows"])
 def test_input_files_changed_since_their_step_wrote_them_name_that_step(tmp_path, tiny_decoder, damage):
     """The records agree with each other, but the file a step reads is not the one its record describes:

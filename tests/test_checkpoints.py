@@ -256,7 +256,7 @@ def test_a_checkpoint_another_user_keeps_where_this_run_saves_is_named(tmp_path,
     theirs = tmp_path / "models/checkpoints/step-2"
     theirs.mkdir(parents=True)
     (theirs / "state.json").write_text("{}")
-    monkeypatch.setattr(checkpoints, "remove_tree", lambda path: None)  # as where it is not this user's to remove
+    monkeypatch.setattr(checkpoints, "remove_tree", lambda path, said=True: None)  # not this user's to remove
     with pytest.raises(PermissionError) as caught:
         run_steps(params, tmp_path, "train")
     assert caught.value.filename == str(theirs)
@@ -266,19 +266,24 @@ def test_a_checkpoint_another_user_keeps_where_this_run_saves_is_named(tmp_path,
 def test_a_lock_file_or_earlier_copy_another_user_keeps_is_named_with_its_owner(tmp_path, monkeypatch, capsys):
     """A lock file a teammate made under umask 022 stopped every step with a bare "Permission denied"; the
     earlier copy of an output that could not be removed (the teammate's) stayed without a word, and so did
-    checkpoints past save_total_limit."""
+    checkpoints past save_total_limit. A path of this user's own is named as before, with no owner."""
     import pwd
     import shutil
 
-    from rm_lib import files
+    from rm_lib import cli, files
     from rm_lib.errors import UserError
 
+    if os.geteuid() != 0:
+        pytest.skip("making files another user owns needs root (chown)")
+    nobody = pwd.getpwuid(65534).pw_name
     lock = tmp_path / ".rm_lib/locks/train.lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
+    assert files.not_yours(lock) is None  # this user's
+    os.chown(lock, 65534, -1)
     real_open = os.open
 
-    def refused(path, *args, **kwargs):
+    def refused(path, *args, **kwargs):  # root opens anything: as the teammate, who may not
         if str(path) == str(lock):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
@@ -287,22 +292,24 @@ def test_a_lock_file_or_earlier_copy_another_user_keeps_is_named_with_its_owner(
     with pytest.raises(UserError) as caught:
         files.open_lock(lock)
     monkeypatch.setattr(files.os, "open", real_open)
-    owner = pwd.getpwuid(os.getuid()).pw_name
-    mend = f"`chmod -R g+w {lock.parent}` (as {owner}) mends what was made before"
-    assert str(caught.value) == (f"{lock}: permission denied: it is {owner}'s and not writable for you. In a project "
-                                 f"folder a team shares, run every step under umask 002; {mend}")
-    # one not made yet: its folder is the other user's (umask 022), and the mend is the folder's
-    assert files.not_yours(lock.parent / "tokenize.lock").startswith(f"its folder is {owner}'s and not writable")
+    assert str(caught.value) == (f"{lock}: permission denied: it is {nobody}'s and not writable for you. In a project "
+                                 f"folder a team shares, run every step under umask 002; `chmod g+w {lock}` (as "
+                                 f"{nobody}) mends what was made before")
+    # one not made yet, in the teammate's folder: the mend is the folder's
+    os.chown(lock.parent, 65534, -1)
+    assert files.not_yours(lock.parent / "tokenize.lock") == (
+        f"its folder is {nobody}'s and not writable for you. In a project folder a team shares, run every step under "
+        f"umask 002; `chmod -R g+w {lock.parent}` (as {nobody}) mends what was made before")
     copy = tmp_path / "data/.pairs.123@host.abc.tmp"
     copy.mkdir(parents=True)
+    os.chown(copy, 65534, -1)
     monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # as where the folder is not this user's to write
     files.remove_tree(copy)
-    assert capsys.readouterr().err == (f"warning: {copy} ({owner}'s) could not be removed: its owner can remove it; "
+    assert capsys.readouterr().err == (f"warning: {copy} ({nobody}'s) could not be removed: its owner can remove it; "
                                        "in a project folder a team shares, run every step under umask 002\n")
-    # any other file of the project the step may not write (an interrupted set's mark in the teammate's folder):
-    # the CLI's line names whose it is and the mend, not a bare "Permission denied"
-    from rm_lib import cli
-
+    monkeypatch.undo()
+    # any other path of the project the step may not write (an interrupted set's mark in the teammate's folder):
+    # the CLI's line names whose it is and the mend; one of this user's own, as before
     mark = tmp_path / "models/reward_model/.rm_lib-set.json"
     mark.parent.mkdir(parents=True)
     mark.write_text("{}")
@@ -312,9 +319,12 @@ def test_a_lock_file_or_earlier_copy_another_user_keeps_is_named_with_its_owner(
 
     monkeypatch.setattr(cli, "_run_step", refused_step)
     assert cli.main(["--root", str(tmp_path), "evaluate"]) == 2
-    assert capsys.readouterr().err == (f"error: {mark}: Permission denied: it is {owner}'s and not writable for you. "
-                                       "In a project folder a team shares, run every step under umask 002; `chmod -R "
-                                       f"g+w {mark.parent}` (as {owner}) mends what was made before\n")
+    assert capsys.readouterr().err == f"error: {mark}: Permission denied\n"
+    os.chown(mark, 65534, -1)
+    assert cli.main(["--root", str(tmp_path), "evaluate"]) == 2
+    assert capsys.readouterr().err == (f"error: {mark}: Permission denied: it is {nobody}'s and not writable for you. "
+                                       "In a project folder a team shares, run every step under umask 002; `chmod "
+                                       f"g+w {mark}` (as {nobody}) mends what was made before\n")
 
 
 def test_a_resume_restores_the_metrics_log_that_dvc_deleted(tmp_path, tiny_decoder):

@@ -150,6 +150,10 @@ def test_training_on_from_a_model_that_trained_on_the_held_out_prompts_is_refuse
                           model=str(base))
     run_steps(private, tmp_path / "same", "push")
     assert not (tmp_path / "same/data/release" / trained_prompts.FILE).exists()
+    # the release's record lists the files it holds (it gave a hash for the file it left out)
+    released = read_json(tmp_path / "same/data/release/rm_lib.json")["files"]
+    assert trained_prompts.FILE not in released and "model.safetensors" in released
+    assert trained_prompts.FILE in read_json(tmp_path / "same/models/reward_model/rm_lib.json")["files"]
 
 
 @pytest.mark.integration  # two training runs

@@ -206,7 +206,9 @@ def model_files_differ(folder: Path, record: dict) -> str | None:
             return f"lacks {_listed(missing)}: deleted since train wrote {'them' if len(missing) > 1 else 'it'} " \
                    f"({INTERRUPTED})"
         changed = [name for name, sha in files.items() if file_sha256(folder / name) != sha]
-        if changed or tree_digest(files) != record.get("content_hash"):
+        # in the order train hashed them (by path parts), not the JSON's (by characters: "a-b" before "a/")
+        in_order = {name: files[name] for name in sorted(files, key=lambda name: Path(name).parts)}
+        if changed or tree_digest(in_order) != record.get("content_hash"):
             changed = changed or list(files)
             return f"holds {_listed(changed)} changed since train wrote {'them' if len(changed) > 1 else 'it'} " \
                    f"({INTERRUPTED})"

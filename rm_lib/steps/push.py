@@ -140,10 +140,14 @@ def build_release(params: Params, layout: Layout, out: Path, verdicts: list[qual
         raise UserError(f"push: {layout.model} {differs}; data/release and the Hub are unchanged. Run train and "
                         f"evaluate{chain.checkout_hint(layout)}")
     root = layout.root.resolve()
-    if saved:
-        write_json(out / "rm_lib.json", public(saved, root))
-    if not params.push.publish_trained_prompts:  # a model trained on from the release then names it unrecorded
-        (out / trained_prompts.FILE).unlink(missing_ok=True)
+    withheld = () if params.push.publish_trained_prompts else (trained_prompts.FILE,)
+    if saved:  # its `files` list what the release holds
+        files = saved.get("files")
+        kept = {**saved, "files": {k: v for k, v in files.items() if k not in withheld}} \
+            if isinstance(files, dict) else saved
+        write_json(out / "rm_lib.json", public(kept, root))
+    for name in withheld:  # a model trained on from the release then names it unrecorded
+        (out / name).unlink(missing_ok=True)
     _copy_pictures(layout, out)
     write_card(params, layout, out, verdicts, params.push.repo_id or "reward-model")
     share_tree(out)

@@ -202,7 +202,7 @@ def save_checkpoint(accelerator: Any, folder: Path, state: TrainState, keep: int
         raise full from exc
     if accelerator.is_main_process:
         share_tree(tmp)
-        remove_tree(target)
+        remove_tree(target, said=False)
         if target.exists():  # another user's, which this one may not remove: named, not "Directory not empty"
             shutil.rmtree(tmp, ignore_errors=True)
             raise PermissionError(errno.EACCES, "Permission denied", str(target))
