@@ -24,6 +24,7 @@ from rm_lib.data.trained_prompts import SEEN
 from rm_lib.errors import DataError, SettingsError, UserError
 from rm_lib.evaluation import quality
 from rm_lib.evaluation.visualize import printable
+from rm_lib.files import dvc_md5
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.dvc_record import (
@@ -33,6 +34,7 @@ from rm_lib.pipeline.dvc_record import (
     RecordError,
     combined_hash,
     is_dvc_repo,
+    locked_stages,
     workspace_note,
 )
 from rm_lib.pipeline.preflight import check_before
@@ -268,6 +270,27 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
                                       f"{outcome.push_note}"))
     version = combined_hash(outcome.outs, list(VERSION_OUTS.get(stage, ())) or None)
     return _recorded_metadata(outcome, version), dg.DataVersion(version)
+
+
+def versions_now(project: ProjectResource, key: str) -> set[str]:
+    """The data versions a materialization of asset `key` records for the files the project holds now
+    (_record_in_dvc): the DVC hash of its stage's outputs, where dvc.lock names them, and the asset's own
+    where DVC recorded nothing (the pairs' content hash, the run fingerprint, the report's sha256)."""
+    root, layout = project.root_path(), project.layout()
+    found = set()
+    locked = locked_stages(root).get(STEP_OF_ASSET[key])
+    if locked is not None:
+        hashes = {out: dvc_md5(root / out) for out in locked.outs}
+        if None not in hashes.values():
+            found.add(combined_hash(hashes))
+    own = {"raw_preferences": layout.pairs / "manifest.json", "reward_model": layout.train_logs / "summary.json",
+           "evaluation": layout.evaluation / "report.json"}.get(key)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if key == "evaluation":
+            found.add(hashlib.sha256(own.read_bytes()).hexdigest())
+        elif own is not None:
+            found.add(_read_json(own).get("content_hash" if key == "raw_preferences" else "fingerprint"))
+    return {v for v in found if isinstance(v, str)}
 
 
 def record_failed(stage: str, error: object) -> str:

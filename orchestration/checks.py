@@ -10,11 +10,14 @@ A check that reads settings judges by those its asset has in the same run (the a
 over the project's settings): rejects_ratio by raw_preferences' download settings, release_gate by
 hub_release's push settings. Checked alone, or under automation, it reads the project's settings.
 """
+from collections.abc import Callable
+
 import dagster as dg
 
 from rm_lib.errors import SettingsError
 from rm_lib.evaluation import quality
 from rm_lib.evaluation.visualize import printable
+from rm_lib.layout import Layout
 
 from . import assets
 from .config import DownloadConfig, PushConfig, launchpad_overrides
@@ -33,6 +36,25 @@ def claimed(context: dg.AssetCheckExecutionContext, project: ProjectResource):
     return project.layout()
 
 
+def judged(context: dg.AssetCheckExecutionContext, project: ProjectResource, key: str,
+           verdict: Callable[[Layout], quality.Verdict]) -> dg.AssetCheckResult:
+    """`verdict` (of the project's layout) on the files of asset `key`, where they are those of its latest
+    materialization, which Dagster files the result under. A check run alone after a step from the command
+    line judged that step's model and showed the verdict (passed) beside the other model's figures."""
+    layout = claimed(context, project)
+    latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+    materialization = latest.asset_materialization if latest is not None else None
+    version = ((materialization.tags if materialization is not None else None) or {}).get("dagster/data_version")
+    if version is not None and version not in assets.versions_now(project, key):
+        return dg.AssetCheckResult(
+            passed=False, severity=dg.AssetCheckSeverity.ERROR,
+            description=f"not judged: the project holds other files for {key} than its latest materialization "
+                        "(a step run from the command line, a `dvc checkout` or `dvc exp apply` since); materialize "
+                        f"{key} again, or turn on the dvc_lock_changed sensor to report what `dvc repro` made, then "
+                        "check it")
+    return as_check_result(verdict(layout))
+
+
 def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
     metadata = {k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
                 for k, v in verdict.metadata.items()}
@@ -44,13 +66,13 @@ def as_check_result(verdict: quality.Verdict) -> dg.AssetCheckResult:
 @dg.asset_check(asset=assets.raw_preferences, name="pairs_well_formed", automation_condition=ON_UPDATE, blocking=True,
                 description="No written pair has an empty side or chosen == rejected. Blocking.")
 def raw_pairs_well_formed(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.pairs_well_formed(claimed(context, project)))
+    return judged(context, project, "raw_preferences", quality.pairs_well_formed)
 
 
 @dg.asset_check(asset=assets.raw_preferences, name="no_prompt_overlap", automation_condition=ON_UPDATE,
                 description="No prompt is in both the train and the test split.")
 def raw_no_prompt_overlap(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.no_prompt_overlap(claimed(context, project)))
+    return judged(context, project, "raw_preferences", quality.no_prompt_overlap)
 
 
 def download_overrides(run_config: dict) -> list[str]:
@@ -74,20 +96,21 @@ def raw_rejects_ratio(context: dg.AssetCheckExecutionContext, project: ProjectRe
         params = project.load_params(download_overrides(context.run.run_config))
     except SettingsError as exc:
         return unreadable_settings(exc)
-    return as_check_result(quality.rejects_ratio(claimed(context, project), params.download.max_reject_ratio))
+    return judged(context, project, "raw_preferences",
+                  lambda layout: quality.rejects_ratio(layout, params.download.max_reject_ratio))
 
 
 @dg.asset_check(asset=assets.reward_model, name="loss_is_finite", automation_condition=ON_UPDATE, blocking=True,
                 description="Training logged finite losses (data/train/run.json, metrics.jsonl). Blocking.")
 def model_loss_is_finite(context: dg.AssetCheckExecutionContext, project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.loss_is_finite(claimed(context, project)))
+    return judged(context, project, "reward_model", quality.loss_is_finite)
 
 
 @dg.asset_check(asset=assets.evaluation, name="beats_length_baseline", automation_condition=ON_UPDATE,
                 description="Test accuracy is above max(longer-wins, shorter-wins) baselines.")
 def evaluation_beats_length_baseline(context: dg.AssetCheckExecutionContext,
                                      project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.beats_length_baseline(claimed(context, project)))
+    return judged(context, project, "evaluation", quality.beats_length_baseline)
 
 
 def push_overrides(run_config: dict) -> list[str]:
@@ -111,7 +134,7 @@ def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
         params = project.load_params(push_overrides(context.run.run_config))
     except SettingsError as exc:
         return unreadable_settings(exc)
-    return as_check_result(quality.release_gate(claimed(context, project), params.push))
+    return judged(context, project, "evaluation", lambda layout: quality.release_gate(layout, params.push))
 
 
 @dg.asset_check(asset=assets.evaluation, name="scores_consistent", automation_condition=ON_UPDATE,
@@ -120,7 +143,7 @@ def evaluation_release_gate(context: dg.AssetCheckExecutionContext,
                             "pipeline as in evaluation, within the tolerance report.json states. A warning only.")
 def evaluation_scores_consistent(context: dg.AssetCheckExecutionContext,
                                  project: ProjectResource) -> dg.AssetCheckResult:
-    return as_check_result(quality.scores_consistent(claimed(context, project)))
+    return judged(context, project, "evaluation", quality.scores_consistent)
 
 
 CHECKS = [raw_pairs_well_formed, raw_no_prompt_overlap, raw_rejects_ratio, model_loss_is_finite,

@@ -974,6 +974,32 @@ def test_source_is_observed_by_its_content(tmp_path):
     assert observed() != first
 
 
+def test_a_check_run_alone_judges_only_the_files_of_the_latest_materialization(tmp_path):
+    """Dagster files a check's result under the asset's latest materialization: run alone after a train from
+    the command line, loss_is_finite judged that model and showed "passed" beside the figures of the model
+    Dagster had materialized."""
+    chain = dg.AssetSelection.assets("raw_preferences", "tokenized_preferences", "filtered_preferences",
+                                     "reward_model")
+    alone = dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("reward_model"), "loss_is_finite"))
+
+    def run(selection) -> dict[str, dg.AssetCheckEvaluation]:
+        result = dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=selection, resources=resources(tmp_path),
+                                instance=instance, raise_on_error=False)
+        return evaluations(result)
+
+    with dg.instance_for_test() as instance:
+        assert run(chain)["reward_model.loss_is_finite"].passed
+        assert run(alone)["reward_model.loss_is_finite"].passed  # the same files: judged as before
+        summary = tmp_path / "data/train/summary.json"
+        kept = summary.read_text(encoding="utf-8")
+        summary.write_text(json.dumps({**json.loads(kept), "fingerprint": "a-run-from-the-command-line"}))
+        verdict = run(alone)["reward_model.loss_is_finite"]
+        assert not verdict.passed and verdict.description.startswith(
+            "not judged: the project holds other files for reward_model than its latest materialization")
+        summary.write_text(kept, encoding="utf-8")
+        assert run(alone)["reward_model.loss_is_finite"].passed
+
+
 def _report(instance, key: str, check: str | None = None, passed: bool = True) -> None:
     event = (dg.AssetCheckEvaluation(asset_key=dg.AssetKey(key), check_name=check, passed=passed) if check
              else dg.AssetMaterialization(asset_key=key))
