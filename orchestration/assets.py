@@ -272,6 +272,13 @@ def _record_in_dvc(context: dg.AssetExecutionContext, dvc: DvcResource, project:
     return _recorded_metadata(outcome, version), dg.DataVersion(version)
 
 
+def materialization_tags(event: Optional[dg.EventLogEntry]) -> dict:
+    """A materialization event's tags: none for no event, and for one reported by hand (the UI's Report
+    materialization), which has None."""
+    materialization = event.asset_materialization if event is not None else None
+    return (materialization.tags if materialization is not None else None) or {}
+
+
 def versions_now(project: ProjectResource, key: str) -> set[str]:
     """The data versions a materialization of asset `key` records for the files the project holds now
     (_record_in_dvc): the DVC hash of its stage's outputs, where dvc.lock names them, and the asset's own

@@ -43,8 +43,7 @@ def judged(context: dg.AssetCheckExecutionContext, project: ProjectResource, key
     line judged that step's model and showed the verdict (passed) beside the other model's figures."""
     layout = claimed(context, project)
     latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-    materialization = latest.asset_materialization if latest is not None else None
-    version = ((materialization.tags if materialization is not None else None) or {}).get("dagster/data_version")
+    version = assets.materialization_tags(latest).get("dagster/data_version")
     if version is not None and version not in assets.versions_now(project, key):
         return dg.AssetCheckResult(
             passed=False, severity=dg.AssetCheckSeverity.ERROR,

@@ -13,7 +13,7 @@ from rm_lib.pipeline.dvc_record import dvc_running
 from rm_lib.pipeline.locking import running_step
 from rm_lib.steps import PIPELINE
 
-from .assets import ASSETS, STEP_OF_ASSET, evaluation_metadata
+from .assets import ASSETS, STEP_OF_ASSET, evaluation_metadata, materialization_tags
 from .resources import HubResource, ProjectResource
 from .source import observation, source_fingerprint
 
@@ -148,13 +148,6 @@ def _latest_run(instance: dg.DagsterInstance, runs: list) -> Optional[dg.Dagster
     return max(records, key=lambda record: record.create_timestamp.timestamp()).dagster_run if records else None
 
 
-def _tags(event: Optional[dg.EventLogEntry]) -> dict:
-    """A materialization event's tags: none for no event, and for one reported by hand (the UI's Report
-    materialization), which has None."""
-    materialization = event.asset_materialization if event is not None else None
-    return (materialization.tags if materialization is not None else None) or {}
-
-
 # the errors a run for the same data and settings meets again (orchestration.assets.mistake names them)
 REPEATABLE = frozenset({"DataError", "SettingsError"})
 
@@ -185,7 +178,7 @@ def _run_for(context: dg.SensorEvaluationContext, state: dict, what: str, attemp
     # version then (a report of them again, by dvc_lock_changed, is not the change taken)
     if earlier is None:
         latest = context.instance.get_latest_materialization_event(dg.AssetKey("raw_preferences"))
-        tags = _tags(latest)
+        tags = materialization_tags(latest)
         earlier = {"at": time.time(), "before": tags.get("dagster/data_version")}
     requested = {"tag": tag, "attempts": attempts, "at": earlier["at"],
                  **({"before": earlier["before"]} if "before" in earlier else {}),
@@ -346,7 +339,7 @@ def dvc_lock_changed(context: dg.SensorEvaluationContext, project: ProjectResour
             # experiment): what Dagster last recorded is what is there
             continue
         latest = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        tags = _tags(latest)
+        tags = materialization_tags(latest)
         code_version = code_hash(stage) if entry.current_code else f"dvc.lock:{entry.version[:12]}"
         held = {s: c["matches"] for s, c in checked.items()}
         inputs = _input_tags(context.instance, key, versions, locked, held) if inputs_match else {}
