@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -518,6 +520,19 @@ def open_lock(path: Path) -> int:
     except PermissionError:
         why = not_yours(path)
         raise UserError(f"{path}: permission denied" + (f": {why}" if why else "")) from None
+
+
+def flock_within(fd: int, wait_s: float, poll_s: float) -> bool:
+    """An exclusive flock on `fd`, tried every `poll_s` for up to `wait_s`; whether it was taken."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll_s)
 
 
 def not_yours(path: str | Path) -> str | None:

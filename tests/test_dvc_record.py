@@ -725,3 +725,74 @@ def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stag
     (root / ".dvc" / "tmp" / "lock").unlink()
     rwlock.symlink_to(rwlock)  # cannot be read (a loop): no repro to wait for, not "busy" for ever
     assert dvc_record.dvc_running(root) is None
+
+
+def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_waits_for_also_where_it_would_only_check_out(
+        tmp_path, monkeypatch):
+    """A `dvc repro` that finds train cached (settings it trained on once) checks the cached model out and
+    runs no step, so it took none of rm_lib's locks: it replaced the model under a running `evaluate` (which
+    failed, blaming a train) and under a Dagster run's train. A step run from the CLI or Dagster marks its
+    stage in DVC's stage lock as `dvc repro` does: DVC refuses, naming the step; after it, DVC goes on."""
+    import os
+
+    from rm_lib import steps
+    from rm_lib.pipeline import dvc_stage_lock
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    env.pop("DVC_STAGE", None)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([dvc_executable(), *args], cwd=root, env=env, capture_output=True, text=True)
+
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
+    assert dvc("init", "-q").returncode == 0
+    make = (f"{sys.executable} -c \"import os; os.makedirs('models/reward_model', exist_ok=True); "
+            "open('models/reward_model/w', 'w').write(open('data/in').read())\"")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "train": {"cmd": make, "deps": ["data/in"], "outs": ["models/reward_model"]},
+        "evaluate": {"cmd": "echo", "deps": ["models/reward_model"], "outs": [{"report": {"persist": True}}]}}}))
+    (root / "data").mkdir()
+    model = root / "models" / "reward_model" / "w"
+    for weights in ("v1", "v2"):  # v1 in the run cache, v2 in the workspace
+        (root / "data" / "in").write_text(weights)
+        repro = dvc("repro", "train")
+        assert repro.returncode == 0 and model.read_text() == weights, repro.stdout + repro.stderr
+    (root / "data" / "in").write_text("v1")
+    with steps.alone("evaluate", Layout(root)):  # an evaluate from the command line, scoring the model
+        marks = json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())
+        assert marks["read"][os.path.realpath(root / "models" / "reward_model")][0]["pid"] == os.getpid()
+        refused = dvc("repro", "train")
+        assert refused.returncode != 0 and "is busy" in refused.stderr and "rm_lib evaluate" in refused.stderr, \
+            refused.stdout + refused.stderr
+        assert model.read_text() == "v2"  # the model it scores stays
+    restored = dvc("repro", "train")
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in restored.stdout, restored.stdout
+    assert model.read_text() == "v1"
+    assert json.loads((root / ".dvc" / "tmp" / "rwlock").read_text() or "{}") == {}  # its marks are gone
+
+    # a DVC command at work on the step's paths: the step waits for it, then refuses, naming it
+    monkeypatch.setattr(dvc_stage_lock, "BUSY_WAIT_S", 0.5)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.1)
+        (root / ".dvc" / "tmp" / "rwlock").write_text(json.dumps({"write": {
+            os.path.realpath(root / "models" / "reward_model"): {"pid": other.pid, "cmd": "dvc checkout"}}}))
+        said = f"`dvc checkout` \\(pid {other.pid}\\) writes .*reward_model"
+        with pytest.raises(dvc_stage_lock.StageBusy, match=said):
+            with steps.alone("evaluate", Layout(root)):
+                pass
+        with steps.alone("download", Layout(root)):  # dvc.yaml has no such stage: nothing to mark
+            pass
+        monkeypatch.setenv("DVC_STAGE", "evaluate")  # run by `dvc repro`, which marked the stage itself
+        with steps.alone("evaluate", Layout(root)):
+            assert list(json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())) == ["write"]
+    finally:
+        other.kill()
+        other.wait()
+    # the other command's mark is left as it was
+    assert json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())["write"][
+        os.path.realpath(root / "models" / "reward_model")]["pid"] == other.pid

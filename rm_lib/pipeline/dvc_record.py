@@ -127,7 +127,7 @@ def dvc_running(root: Path) -> Optional[str]:
     looks (a lock it finds free is let go at once; DVC retries its lock for seconds)."""
     root = Path(root)
     tmp = root / ".dvc" / "tmp"
-    if _hardlink_lock(root):
+    if hardlink_lock(root):
         # a hard-linked claim file (no flock): the lock file is there while a DVC command holds it
         if (tmp / "lock").exists():
             return "a DVC command holds the DVC repository lock (.dvc/tmp/lock, core.hardlink_lock)"
@@ -156,12 +156,12 @@ def dvc_running(root: Path) -> Optional[str]:
     for info in held:
         pid = info.get("pid") if isinstance(info, dict) else None
         # a pid of a DVC killed mid-stage, given since to a process that started after the entry was written
-        if isinstance(pid, int) and alive(pid) and (_started_at(pid) or 0) <= written + 1:
+        if isinstance(pid, int) and alive(pid) and (started_at(pid) or 0) <= written + 1:
             return f"`{info.get('cmd')}` (pid {pid}) is running a stage"
     return None
 
 
-def _hardlink_lock(root: Path) -> bool:
+def hardlink_lock(root: Path) -> bool:
     """DVC's core.hardlink_lock as DVC reads it: the project's .dvc/config.local, .dvc/config, then the
     user's and the system's config (DVC_GLOBAL_CONFIG_DIR, DVC_SYSTEM_CONFIG_DIR, else platformdirs' places
     on Linux)."""
@@ -180,7 +180,7 @@ def _hardlink_lock(root: Path) -> bool:
     return False
 
 
-def _started_at(pid: int) -> Optional[float]:
+def started_at(pid: int) -> Optional[float]:
     """When process `pid` started, in seconds since the epoch (Linux's /proc), or None where not known."""
     ticks = start_ticks(pid)
     if ticks is None:

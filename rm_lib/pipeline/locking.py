@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Optional
 
 from rm_lib.errors import UserError
-from rm_lib.files import open_lock, process_stat, start_ticks
+from rm_lib.files import flock_within, open_lock, process_stat, start_ticks
 from rm_lib.layout import Layout
 
 RUN_CLAIM = "dagster-run"  # <root>/.rm_lib/locks/dagster-run.lock: the Dagster run that holds the folder
@@ -92,15 +92,7 @@ def starting(layout: Layout, wait_s: float = 30.0) -> Iterator[None]:
         return
     fd = open_lock(path)
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.005)
+        flock_within(fd, wait_s, 0.005)  # past wait_s, on without it
         _starting_here.depth = 1
         try:
             yield

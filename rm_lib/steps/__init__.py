@@ -25,7 +25,7 @@ from rm_lib.files import (
     staging_problem,
 )
 from rm_lib.layout import Layout
-from rm_lib.pipeline import chain
+from rm_lib.pipeline import chain, dvc_stage_lock
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.pipeline.dvc_record import (
     linked_folder_above,
@@ -214,6 +214,9 @@ def alone(name: str, layout: Layout) -> Iterator[None]:
         with starting(layout):
             held.enter_context(step_lock(layout, name))
             _check_alone(name, layout)
+            # DVC's commands see the step too: a `dvc repro` that would only check a cached train out (and
+            # so runs no step) would replace the model under it
+            held.enter_context(dvc_stage_lock.marked(layout.root, name))
         yield
 
 

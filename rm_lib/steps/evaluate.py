@@ -185,9 +185,10 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
                 "chosen_text": tokenizer.decode(rows[i]["input_ids_chosen"][-80:], skip_special_tokens=True),
                 "rejected_text": tokenizer.decode(rows[i]["input_ids_rejected"][-80:], skip_special_tokens=True)}
                for i in range(min(cfg.num_print_samples, len(rows)))]
-    if chain.inputs(layout, "model") != scored:  # a train finished meanwhile: the figures are of no one model
-        raise UserError(f"evaluate: {layout.model} was replaced while it was scored (a train finished "
-                        "meanwhile); the last report is kept. Run evaluate again")
+    if chain.inputs(layout, "model") != scored:  # the figures would be of no one model
+        raise UserError(f"evaluate: {layout.model} was replaced while it was scored (a train finished meanwhile, "
+                        "on another machine sharing the folder, or a `dvc checkout` or `dvc pull` there); the last "
+                        "report is kept. Run evaluate again")
     result = EvaluateResult(metrics=metrics, report=layout.evaluation / "report.json", output_dir=layout.evaluation,
                             inputs=scored, settings=asdict(params.evaluate))
     with atomic_dir(layout.evaluation) as out:
