@@ -36,8 +36,9 @@ def _hub_repo_id(repo_id: str) -> bool:
 
 
 def names_a_folder(name_or_path: str) -> bool:
-    """A model name that can only be a local folder: a Hub id starts with none of these."""
-    return name_or_path.startswith(("/", "./", "../", "~"))
+    """A model name that can only be a local folder: a Hub id starts with none of these, and has at most one
+    slash (`p1/models/reward_model` is a path)."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or not _hub_repo_id(name_or_path)
 
 
 _REPR = reprlib.Repr()  # keyword arguments only from Python 3.12

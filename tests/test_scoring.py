@@ -775,6 +775,27 @@ def test_score_model_that_is_no_model_folder_says_so(tmp_path, capsys):
         load_model_config(str(release / "adapter"))  # as model.name_or_path
 
 
+def test_a_missing_model_path_is_named_as_a_path_not_refused_by_the_hub(tmp_path, monkeypatch, capsys):
+    """`p1/models/reward_modl` (two slashes: no Hub id), a pathlib.Path, and `models/reward_model` run from the
+    wrong folder were read as Hub ids: the Hub's refusal (or offline mode's advice to go online) hid the typo."""
+    from rm_lib.cli import main
+    from rm_lib.errors import SettingsError
+    from rm_lib.evaluation.scoring import RewardScorer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model in ("p1/models/reward_modl", Path("models/reward_model")):
+        with pytest.raises(SettingsError, match=f"^model_dir {model}: no such folder$"):
+            RewardScorer(model)
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    argv = ["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model"]
+    assert main(argv + ["p1/models/reward_modl"]) == 2
+    assert capsys.readouterr().err == "error: --model p1/models/reward_modl: no such folder\n"
+    assert main(argv + ["models/reward_model"]) == 2  # a Hub id by its shape: asked of the Hub, and said so
+    assert f"there is no folder 'models/reward_model' in {tmp_path}, so it was asked of the Hub as a model id" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("policy, lengths", [("truncate", (20, 6)), ("drop", (42, 14))])
 def test_score_of_the_test_pairs_gives_evaluates_rewards_under_filters_lengths(tmp_path, monkeypatch, policy, lengths):
     """score holds pairs to the lengths, and by the policy, the model's pairs were held to (its rm_lib.json)

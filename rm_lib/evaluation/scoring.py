@@ -374,7 +374,7 @@ def check_model_folder(model: str | Path, name: str) -> None:
     tokenizer that cannot be built. A Hub id passes (it is read from the Hub)."""
     folder = Path(model).expanduser()
     if not folder.exists():
-        if names_a_folder(str(model)):
+        if isinstance(model, Path) or names_a_folder(str(model)):
             raise SettingsError(f"{name} {model}: no such folder")
         return
     if not folder.is_dir():

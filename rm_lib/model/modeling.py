@@ -49,9 +49,12 @@ def _offline_miss(path: str) -> bool:
 
 
 def _load_hint(path: str) -> str:
+    # `models/reward_model` from another folder is a Hub id by its shape: the Hub's refusal alone hid the typo
+    where = (f"there is no folder '{path}' in {Path.cwd()}, so it was asked of the Hub as a model id; "
+             if not Path(path).exists() else "")
     if _offline_miss(path):
-        return f"not in the local Hugging Face cache, and {network.OFFLINE_ADVICE}"
-    return "check the name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)"
+        return f"{where}not in the local Hugging Face cache, and {network.OFFLINE_ADVICE}"
+    return f"{where}check the name, the revision and your network (HF_HUB_OFFLINE=1 allows local files only)"
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
