@@ -1143,3 +1143,44 @@ def test_training_progress_off_a_terminal_is_a_line_now_and_then(monkeypatch, ca
     for _ in range(6):
         quiet.update()
     assert capsys.readouterr().err == ""
+
+
+def test_train_in_a_notebook_leaves_its_random_generators_and_reuses_its_finished_run(tmp_path, tiny_decoder):
+    """In one process (a notebook): train seeded Python's, numpy's and torch's generators with train.seed, so
+    every draw after a train repeated; and a try of other settings stopped after its first checkpoint (which
+    replaced the finished run's) made the finished run train again from step 0, for the same weights."""
+    import random
+
+    import numpy as np
+
+    from rm_lib import steps
+
+    params = tiny_params(model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter")
+
+    def seeded() -> None:
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    seeded()
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    seeded()
+    first = run_steps(params, tmp_path, "train")["train"]
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+    model = {p.name: p.read_bytes() for p in (tmp_path / "models/reward_model").iterdir() if p.is_file()}
+    records = {p.name: p.read_bytes() for p in (tmp_path / "data/train").iterdir()}
+
+    def stop(record: dict) -> None:  # Ctrl-C after the try's first checkpoint
+        if record.get("step", 0) >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        steps.run("train", tiny_params("train.learning_rate=3e-4", model=str(tiny_decoder)), Layout(tmp_path),
+                  on_log=stop)
+    assert [p.name for p in (tmp_path / "models/checkpoints").glob("step-*")] == ["step-2"]  # the try's
+    again = run_steps(params, tmp_path, "train")["train"]
+    assert again.reused and again.steps == first.steps == 4
+    assert again.summary().startswith("train: already trained at step 4; reused")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "models/reward_model").iterdir() if p.is_file()} == model
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/train").iterdir()} == records

@@ -7,6 +7,7 @@ import functools
 import importlib
 import json
 import os
+import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -200,9 +201,40 @@ def _run(name: str, params: Params, layout: Layout, **options: Any) -> Any:
         if name in ("filter", "train"):  # ids are read with the configured model's embeddings from filter on
             chain.check_tokenized_for(layout, params.model.name_or_path, params.model.revision, name)
         before = _made_from(name, layout, params)
-        result = module(name).run(params, layout, **options)
+        with random_state_kept():
+            result = module(name).run(params, layout, **options)
         _check_unchanged(name, layout, params, before)
         return result
+
+
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global random generators as they were before the block, for a caller
+    that runs steps in its own process (a notebook): train seeds them all with train.seed, and every draw
+    after a train repeated. A generator first made in the block is seeded afresh, as a new process has it."""
+    before = random.getstate()
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    torch_state = torch.random.get_rng_state() if torch is not None else None
+    cuda_state = torch.cuda.get_rng_state_all() if torch is not None and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(before)
+        numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+        if numpy is not None and numpy_state is not None:
+            numpy.random.set_state(numpy_state)
+        elif numpy is not None:
+            numpy.random.seed(None)
+        if torch is not None:
+            if torch_state is None:
+                torch.seed()  # the CPU's and every GPU's
+            else:
+                torch.random.set_rng_state(torch_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state_all(cuda_state)
+                elif torch.cuda.is_initialized():
+                    torch.cuda.seed_all()
 
 
 @contextlib.contextmanager

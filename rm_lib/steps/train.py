@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ from rm_lib.model.modeling import (
     save_model,
 )
 from rm_lib.model.special import special_tokens
-from rm_lib.pipeline.chain import file_record
+from rm_lib.pipeline.chain import file_record, model_files_differ
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params, TrainSettings
 from rm_lib.steps import launched_on_cpu
-from rm_lib.training.checkpoints import check_launch
+from rm_lib.training.checkpoints import check_launch, read_state, step_folders
 from rm_lib.training.distributed import (
     Launch,
     agreed,
@@ -166,6 +166,27 @@ def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("fingerprint") == fingerprint else None
 
 
+def _finished_without_checkpoint(layout: Layout, fingerprint: str) -> str | None:
+    """Where this run finished here and its checkpoints are gone (another run's replaced them: a try of
+    other settings, stopped after its first checkpoint), but its model and records are intact: a sentence
+    saying it is reused, else None. Retraining from step 0 gave the same weights, hours later."""
+    checkpoints = step_folders(layout.checkpoints) if layout.checkpoints.is_dir() else []
+    if any((read_state(c) or {}).get("fingerprint") == fingerprint for c in checkpoints):
+        return None  # resumed or reused from its checkpoint, as fit does it
+    summary = _summary_of(layout, fingerprint)
+    try:
+        record = read_json(layout.model / "rm_lib.json") if (layout.model / "rm_lib.json").is_file() else None
+    except DataError:
+        return None
+    # a benchmark's run (bench_train.py) saved no reward statistics: the pipeline's trains again for them
+    if (summary is None or summary.get("reward_mean") is None or not isinstance(record, dict)
+            or record.get("fingerprint") != fingerprint
+            or not (layout.train_logs / "run.json").is_file() or model_files_differ(layout.model, record)):
+        return None
+    return (f"already trained at step {summary.get('steps')}; reused {layout.model} (this run's checkpoints are "
+            "gone, another run's replaced them; its model and records are intact)")
+
+
 def _as_the_first_process_has_it(accelerator: Any, value: Any) -> Any:
     """`value` as the first process has it, on every process (a collective: every process calls it)."""
     if accelerator.num_processes == 1:
@@ -254,6 +275,11 @@ def run(params: Params, layout: Layout, accelerator=None,
     fingerprint = fingerprint_of(launch)
     # judged by each process on its own disk (checkpoints may be local to each machine), refused by all
     agreed(accelerator, lambda: check_launch(layout.checkpoints, fingerprint, launch, fingerprint_of))
+    finished = _as_the_first_process_has_it(
+        accelerator, _finished_without_checkpoint(layout, fingerprint) if accelerator.is_main_process else None)
+    if finished is not None:
+        accelerator.print(f"train: {finished}")
+        return replace(result_from_summary(layout), reused=True)
     import torch
     from accelerate.utils import set_seed
 
