@@ -651,6 +651,10 @@ def test_the_scorer_refuses_what_it_would_score_as_something_else(trained):
     texts = ["User: hi\n\nAssistant: " + "very " * n + "good" for n in (9, 0, 30, 3)]
     assert RewardScorer(trained / "models/reward_model", batch_size=2).score(texts) == pytest.approx(
         [scorer.score([t])[0] for t in texts], abs=1e-5)
+    # a generator was a bare "object of type 'generator' has no len()": read once, in order
+    assert scorer.score(t for t in texts) == scorer.score(texts)
+    with pytest.raises(DataError, match="^score takes a list of texts or conversations, got int$"):
+        scorer.score(42)
 
 
 def test_the_tokenizers_chat_template_reads_content_as_training_does(tiny_decoder, tmp_path):

@@ -11,7 +11,7 @@ import json
 import math
 import operator
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,10 @@ class RewardScorer:
         if isinstance(items, (str, dict)):  # a str would be scored character by character
             raise DataError(f"score takes a list of texts or conversations, got one {type(items).__name__}: "
                             "pass [item]")
+        if not isinstance(items, Sequence):  # a generator, a numpy array, a pandas Series: read once, in order
+            if not isinstance(items, Iterable):
+                raise DataError(f"score takes a list of texts or conversations, got {type(items).__name__}")
+            items = list(items)
         if names is not None and len(names) != len(items):
             raise DataError(f"score_detailed: {len(items)} items but {len(names)} names")
         labels = list(names) if names is not None else [f"item {i}" for i in range(len(items))]
