@@ -1115,3 +1115,39 @@ def test_normalised_rewards_use_the_training_stats_and_a_model_without_them_is_r
         with pytest.raises(SettingsError, match=f"^normalize: .*{said}.*score it with normalize=False"):
             RewardScorer(copy, normalize=True)
         assert RewardScorer(copy).score(texts) == pytest.approx(raw, abs=1e-6)
+
+
+def test_another_projects_model_is_scored_as_transformers_scores_it(tiny_decoder, tmp_path, capsys):
+    """A reward model trained by TRL (no rm_lib.json; pad == EOS, as TRL sets the config's pad) read its reward at
+    a conversation's last token and, through transformers, before a text's EOS: rm_lib added an EOS and read the
+    reward there, other numbers with no word said. It is now scored on its tokenizer's own ids (a conversation's
+    as apply_chat_template gives them) and read where transformers reads it, by RewardScorer and by `score`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rm_lib.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_decoder, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # as TRL's RewardTrainer leaves it: the EOS
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "trl_rm")
+    tokenizer.save_pretrained(tmp_path / "trl_rm")
+    model.eval()
+    text = "the film was a delightful surprise"
+    conversation = [{"role": "user", "content": "how was the film"}, {"role": "assistant", "content": text}]
+    with torch.no_grad():
+        expected = [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item()
+                    for t in (text, text + tokenizer.eos_token)]  # TRL's text format ends with the EOS
+        expected.append(model(**tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                                               return_tensors="pt")).logits[0, 0].item())
+    assert expected[0] == pytest.approx(expected[1], abs=1e-6)  # transformers reads before a pad == EOS
+    scorer = RewardScorer(tmp_path / "trl_rm", batch_size=2)
+    assert scorer.score([text, text + tokenizer.eos_token, conversation]) == pytest.approx(expected, abs=1e-5)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": [conversation[0]], "chosen": [conversation[1]],
+                                                    "rejected": [{"role": "assistant", "content": "dull"}]}])
+    assert main(["--root", str(tmp_path), "score", "--model", str(tmp_path / "trl_rm"), "--input", str(pairs),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    row = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert row["reward_chosen"] == pytest.approx(expected[2], abs=1e-5)

@@ -24,13 +24,14 @@ from rm_lib.errors import DataError, SettingsError
 from rm_lib.model.batching import in_batches, right_padded
 from rm_lib.model.modeling import (
     adapter_advice,
+    load_model_config,
     load_reward_model,
     load_tokenizer,
     max_sequence_length,
     resolve_model_path,
     rewards,
 )
-from rm_lib.model.special import SpecialTokens
+from rm_lib.model.special import SpecialTokens, own_special_tokens
 from rm_lib.settings import TEMPLATES, names_a_folder, shown_value
 
 LENGTH_POLICIES = ("truncate", "drop")
@@ -148,6 +149,15 @@ class RewardScorer:
         check_tokenizer_as_trained(str(model_dir), self.tokenizer, self.special, saved, template)
         recorded = saved.get("template")
         self.template = templates.resolve(template or "auto", self.tokenizer, recorded)
+        # another project's model (no rm_lib.json: TRL's, any save_pretrained one) is scored as transformers scores
+        # it: rm_lib's own way (an end token added, the reward read there) gave a TRL model that read its reward at
+        # a conversation's last token other rewards than TRL's, unsaid. Its config's pad (before load_tokenizer
+        # gave it one of its own) is what transformers reads the reward before.
+        self.foreign = not saved
+        self.pad_read_past = (load_model_config(str(model_dir), weights=False, setting=setting).pad_token_id
+                              if self.foreign else None)
+        if self.foreign:  # no end token the tokenizer does not add itself
+            self.special = own_special_tokens(self.tokenizer)
         self.mean, self.std = _normalisation(self.model.config, self.model_dir) if normalize else (0.0, 1.0)
         self.length_policy = length_policy
         limit = model_max_length(self.model, self.tokenizer)
@@ -167,7 +177,15 @@ class RewardScorer:
         item = formats.scoring_item(item, name, any_role=self.template == "tokenizer")
         text = item if isinstance(item, str) else templates.render(item, self.template, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        return tokenization.add_special(ids, self.special)
+        return self.as_read(tokenization.add_special(ids, self.special))
+
+    def as_read(self, ids: list[int]) -> list[int]:
+        """`ids` as the model reads its reward from them: another project's model, as `model(**tokenizer(text))`
+        reads it, at the last token that is not its config's pad (with pad == EOS, before the EOS)."""
+        if self.foreign:
+            while len(ids) > 1 and ids[-1] == self.pad_read_past:
+                ids = ids[:-1]
+        return ids
 
     def prompt_length(self, prompt: list[dict]) -> int:
         """The tokens of a conversation's prompt as tokenize counts them for a pair (tokenization.

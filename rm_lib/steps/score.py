@@ -151,6 +151,10 @@ def _pair_lengths(scorer: RewardScorer, params: Params, pairs: list[dict], rejec
     for start in range(0, len(pairs), size):
         rows = tokenization.tokenize_batch(pairs[start:start + size], scorer.tokenizer, scorer.template, scorer.special,
                                            refused)
+        for row in rows:  # another project's model reads its reward where transformers reads it
+            for side in ("chosen", "rejected"):
+                row[f"input_ids_{side}"] = scorer.as_read(row[f"input_ids_{side}"])
+                row[f"attention_mask_{side}"] = [1] * len(row[f"input_ids_{side}"])
         outcome = length_filter.apply(rows, max_len=max_len or max(_longest(rows), 1), max_prompt=max_prompt,
                                       policy=policy or params.filter.policy, keep_front=len(scorer.special.prefix),
                                       template_start=scorer.special.template_start)
