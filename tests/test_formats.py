@@ -79,6 +79,20 @@ def test_pretokenized():
     assert fmt == "pretokenized" and pairs[0]["input_ids_chosen"] == [1, 2, 3]
 
 
+def test_pretokenized_by_trls_later_names():
+    """TRL 1.x writes its tokenized pairs as chosen_ids/rejected_ids (and read chosen_input_ids before): refused as
+    an unknown format, with only the oldest names read. A row with both texts and ids is read by its ids, as
+    TRL reads it."""
+    for chosen, rejected in (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids")):
+        fmt, pairs, _ = norm([{chosen: [1, 2, 3], rejected: [1, 2, 4], "margin": 0.5, "chosen": "x", "rejected": "y"}])
+        assert fmt == "pretokenized" and (pairs[0]["input_ids_chosen"], pairs[0]["input_ids_rejected"],
+                                          pairs[0]["margin"]) == ([1, 2, 3], [1, 2, 4], 0.5)
+        with pytest.raises(DataError, match=f"row 1, field '{rejected}': expected a list of integer token ids"):
+            norm([{chosen: [1, 2], rejected: "1 2"}])
+    with pytest.raises(DataError, match="or token ids as chosen_ids/rejected_ids"):
+        norm([{"chosen_ids": [1, 2]}])
+
+
 def test_pretokenized_sides_padded_to_one_length_keep_only_what_their_masks_keep():
     """TRL's tokenized layout pads each side; the pads, read as ids, would be trained on and scored as
     text, and both sides would look equally long to the length baselines."""

@@ -27,7 +27,11 @@ FORMATS = ("implicit_text", "explicit_text", "implicit_conversational", "explici
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "bot": "assistant", "model": "assistant", "system": "system"}
 # Columns some format reads; any other column is ignored, and counted so the user sees it.
-USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", "input_ids_chosen", "input_ids_rejected",
+# The columns of token ids, by TRL's names: its tokenized layout before 0.12 (with attention masks), TRL 1.x's
+# (chosen_ids) and the one between, which TRL 1.x still reads
+ID_COLUMNS = (("input_ids_chosen", "input_ids_rejected"), ("chosen_ids", "rejected_ids"),
+              ("chosen_input_ids", "rejected_input_ids"))
+USED_COLUMNS = frozenset({"prompt", "chosen", "rejected", *(c for pair in ID_COLUMNS for c in pair),
                           "attention_mask_chosen", "attention_mask_rejected", "margin", "score_chosen",
                           "score_rejected", "subset", "system"})
 # Keys some format reads in a row or a message (and the ids and categories suites and score read). json
@@ -63,13 +67,18 @@ def repeated_key(key: str) -> str:
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
+def _id_columns(row: dict) -> tuple[str, str] | None:
+    """The row's columns of chosen and rejected token ids, of the first of TRL's names it has both of."""
+    return next((pair for pair in ID_COLUMNS if pair[0] in row and pair[1] in row), None)
+
+
 def detect_format(row: dict, *, file: str, row_number: int) -> str:
     """Name the format of a row from its columns and the type of its `chosen` value."""
     if not isinstance(row, dict):
         raise DataError(f"expected an object with preference columns, got {type(row).__name__}",
                         file=file, row=row_number)
     keys = set(row)
-    if {"input_ids_chosen", "input_ids_rejected"} <= keys:
+    if _id_columns(row) is not None:
         return "pretokenized"
     if {"chosen", "rejected"} <= keys:
         chosen = row["chosen"]
@@ -82,7 +91,8 @@ def detect_format(row: dict, *, file: str, row_number: int) -> str:
     raise DataError(
         f"unknown preference format: missing column(s) {', '.join(missing)}; found columns "
         f"{', '.join(sorted(map(str, keys))) or '(none)'}. Expected chosen/rejected (with an optional "
-        "prompt) as strings or message lists, or input_ids_chosen/input_ids_rejected",
+        "prompt) as strings or message lists, or token ids as chosen_ids/rejected_ids (or input_ids_chosen/"
+        "input_ids_rejected, chosen_input_ids/rejected_input_ids)",
         file=file, row=row_number)
 
 
@@ -356,10 +366,10 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     # an optional category (RewardBench's `subset`): evaluate reports accuracy per subset
     subset = {"subset": str(row["subset"])} if row.get("subset") not in (None, "") else {}
     if fmt == "pretokenized":
-        chosen, rejected = (_unmasked(_token_ids(row[f"input_ids_{side}"], f"input_ids_{side}", file=file,
-                                                 row_number=row_number),
+        columns = _id_columns(row) or ID_COLUMNS[0]  # a row without them: the error names the first layout's
+        chosen, rejected = (_unmasked(_token_ids(row.get(column), column, file=file, row_number=row_number),
                                       row.get(f"attention_mask_{side}"), f"attention_mask_{side}", file=file,
-                                      row_number=row_number) for side in ("chosen", "rejected"))
+                                      row_number=row_number) for side, column in zip(("chosen", "rejected"), columns))
         if not chosen or not rejected:
             raise Rejected("empty_side")
         if chosen == rejected:

@@ -37,7 +37,7 @@ _GZIP_ERRORS = (OSError, EOFError, zlib.error)
 # message columns become lists only when the file's first row holds a JSON message list there, or
 # chosen and rejected lists of answers (RewardBench 2's best-of-N layout) in both.
 CSV_NUMBER_COLUMNS = frozenset({"margin", "score_chosen", "score_rejected"})
-CSV_LIST_COLUMNS = frozenset({"input_ids_chosen", "input_ids_rejected", "attention_mask_chosen",
+CSV_LIST_COLUMNS = frozenset({*(c for pair in formats.ID_COLUMNS for c in pair), "attention_mask_chosen",
                               "attention_mask_rejected"})
 CSV_MESSAGE_COLUMNS = frozenset({"prompt", "chosen", "rejected"})
 CSV_ANSWER_COLUMNS = frozenset({"chosen", "rejected"})
