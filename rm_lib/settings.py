@@ -11,6 +11,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -444,12 +445,38 @@ def _as_float(section: str, key: str, value: Any) -> float:
     return float(value)
 
 
+# TRL's names (RewardConfig, its TrainingArguments, the script's ScriptArguments and ModelConfig) for what a
+# setting here does: a user coming from TRL is told where it went, not only that the name is unknown
+TRL_NAMES = {"max_length": "filter.max_token_length", "per_device_train_batch_size": "train.batch_size",
+             "num_train_epochs": "train.num_epochs", "bf16": "train.mixed_precision=bf16",
+             "fp16": "train.mixed_precision=fp16", "use_peft": "train.lora", "lr_scheduler_type": "train.lr_scheduler",
+             "warmup_steps": "train.warmup_ratio (a share of the steps)", "report_to": "train.wandb_mode",
+             "dataset_num_proc": "tokenize.num_proc", "model_name_or_path": "model.name_or_path",
+             "model_revision": "model.revision", "dataset_name": "download.source",
+             "dataset_config": "download.subset", "dataset_train_split": "download.train_split",
+             "dataset_test_split": "download.test_split", "per_device_eval_batch_size": "evaluate.batch_size",
+             "eval_strategy": "train.eval_steps", "save_strategy": "train.save_steps",
+             "lora_task_type": "train.lora (a score head is trained in full)",
+             **{name: f"train.{name}" for name in (
+                 "learning_rate", "weight_decay", "max_steps", "gradient_accumulation_steps", "warmup_ratio",
+                 "max_grad_norm", "center_rewards_coefficient", "seed", "gradient_checkpointing", "disable_dropout",
+                 "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "logging_steps", "eval_steps",
+                 "save_steps", "save_total_limit")}}
+
+
+def _trl_hint(names: Iterable[str]) -> str:
+    """Where TRL's settings among `names` are here, in words ('' for none)."""
+    said = [f"TRL's {name} is {TRL_NAMES[name]} here" for name in sorted(map(str, names)) if name in TRL_NAMES]
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def _section_from_dict(section: str, cls: type, data: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise SettingsError(f"{section}: unknown setting(s) {', '.join(_names(unknown))}; "
+        raise SettingsError(f"{section}: unknown setting(s) {', '.join(_names(unknown))}"
+                            f"{_trl_hint(k for k in unknown if f'{section}.{k}' != TRL_NAMES.get(k))}; "
                             f"known: {', '.join(sorted(known))}")
     values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
     return cls(**values)
@@ -458,7 +485,8 @@ def _section_from_dict(section: str, cls: type, data: dict[str, Any]) -> Any:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'train.learning_rate=1e-4' -> ('train', 'learning_rate', 1e-4), the value read as YAML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise SettingsError(f"--set {shown_value(text)}: expected section.key=value, e.g. train.learning_rate=1e-4")
+        raise SettingsError(f"--set {shown_value(text)}: expected section.key=value, e.g. train.learning_rate=1e-4"
+                            + _trl_hint([text.split("=", 1)[0]]))
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
@@ -483,7 +511,7 @@ def _section_mapping(section: str, value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise SettingsError(f"{section}: expected a mapping of settings, got {type(value).__name__} "
-                            f"{shown_value(value)}")
+                            f"{shown_value(value)}{_trl_hint([section])}")
     return dict(value)
 
 
@@ -495,7 +523,8 @@ def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
     sections = {f.name: f for f in dataclasses.fields(Params)}
     unknown = set(data) - set(sections)
     if unknown:
-        raise SettingsError(f"unknown section(s) {', '.join(_names(unknown))}; known: {', '.join(sections)}")
+        raise SettingsError(f"unknown section(s) {', '.join(_names(unknown))}{_trl_hint(unknown)}; "
+                            f"known: {', '.join(sections)}")
     hints = typing.get_type_hints(Params)
     params = Params(**{name: _section_from_dict(name, hints[name], data.get(name, {})) for name in sections})
     params.validate()

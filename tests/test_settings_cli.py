@@ -733,3 +733,20 @@ def test_settings_nested_deeper_than_yaml_reads_are_one_line(tmp_path):
         load_params(tmp_path / "params.yaml")
     with pytest.raises(SettingsError, match="--set .*: nested deeper than YAML is read"):
         load_params(None, ["train.max_steps=" + "[" * 1000 + "]" * 1000])
+
+
+def test_trls_setting_names_are_refused_naming_the_setting_that_does_it_here(tmp_path, capsys):
+    """A TRL user's names (max_length, per_device_train_batch_size, bf16) were refused with the list of keys
+    alone: each now says which setting of this project does what it did in TRL."""
+    assert main(["--root", str(tmp_path), "train", "--set", "max_length=512"]) == 2
+    assert "(TRL's max_length is filter.max_token_length here)" in capsys.readouterr().err
+    assert main(["--root", str(tmp_path), "train", "--set", "train.per_device_train_batch_size=8",
+                 "--set", "train.bf16=true", "--set", "train.learning_rate=1e-5"]) == 2
+    assert ("train: unknown setting(s) bf16, per_device_train_batch_size (TRL's bf16 is train.mixed_precision=bf16 "
+            "here; TRL's per_device_train_batch_size is train.batch_size here); known: ") in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("num_train_epochs: 2\n")
+    assert main(["--root", str(tmp_path), "train"]) == 2
+    assert "(TRL's num_train_epochs is train.num_epochs here)" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("filter:\n  max_length: 512\n")  # the right section, TRL's name
+    assert main(["--root", str(tmp_path), "train"]) == 2
+    assert "(TRL's max_length is filter.max_token_length here)" in capsys.readouterr().err
