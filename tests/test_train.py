@@ -1184,3 +1184,13 @@ def test_train_in_a_notebook_leaves_its_random_generators_and_reuses_its_finishe
     assert again.summary().startswith("train: already trained at step 4; reused")
     assert {p.name: p.read_bytes() for p in (tmp_path / "models/reward_model").iterdir() if p.is_file()} == model
     assert {p.name: p.read_bytes() for p in (tmp_path / "data/train").iterdir()} == records
+
+
+def test_lora_settings_without_lora_are_said_to_do_nothing(tmp_path, tiny_decoder, capsys):
+    """train.lora_r and lora_target_modules set (a TRL user's peft settings) without train.lora: the whole model
+    trained and the settings were dropped without a word."""
+    params = tiny_params("train.lora_r=8", "train.lora_target_modules=[q_proj]", "train.max_steps=1",
+                         model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    assert ("train: note: train.lora_r, train.lora_target_modules set, but train.lora is false: the whole model "
+            "trains and they do nothing") in capsys.readouterr().out

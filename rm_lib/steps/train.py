@@ -166,6 +166,9 @@ def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("fingerprint") == fingerprint else None
 
 
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
 def _finished_without_checkpoint(layout: Layout, fingerprint: str) -> str | None:
     """Where this run finished here and its checkpoints are gone (another run's replaced them: a try of
     other settings, stopped after its first checkpoint), but its model and records are intact: a sentence
@@ -246,6 +249,10 @@ def run(params: Params, layout: Layout, accelerator=None,
         raise SettingsError("train.mixed_precision: fp16 needs a GPU; on a CPU accelerate trains in fp32 while the "
                             "records would say fp16. Use bf16 (fast on CPUs with AMX) or no")
     check_distributed(accelerator)
+    idle = [f"train.{k}" for k in LORA_KEYS if getattr(cfg, k) != getattr(TrainSettings, k)] if not cfg.lora else []
+    if idle:  # a TRL user's peft settings without use_peft: said, not silently ignored
+        accelerator.print(f"train: note: {', '.join(idle)} set, but train.lora is false: the whole model trains and "
+                          "they do nothing (train.lora=true trains LoRA adapters)")
     # The code is part of the run: a change to the training code starts a new run, never a resume.
     code = code_hash("train")
     check_same_run(accelerator, {"train": asdict(cfg), "model": asdict(params.model),
