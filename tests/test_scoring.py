@@ -668,6 +668,7 @@ def test_the_tokenizers_chat_template_reads_content_as_training_does(tiny_decode
     tok = load_tokenizer(str(tiny_decoder))
     save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
                chat_template=True)
+    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
     scorer = RewardScorer(tmp_path / "rm")
     assert scorer.template == "tokenizer"
     parts = {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}
@@ -1151,3 +1152,25 @@ def test_another_projects_model_is_scored_as_transformers_scores_it(tiny_decoder
                  "--output", str(tmp_path / "out.jsonl")]) == 0
     row = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
     assert row["reward_chosen"] == pytest.approx(expected[2], abs=1e-5)
+    # a chat template that writes no BOS: apply_chat_template's ids have none, and neither do the scored ones
+    tokenizer.chat_template = tokenizer.chat_template.replace("{{ bos_token }}", "")
+    tokenizer.save_pretrained(tmp_path / "trl_rm")
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+    assert ids["input_ids"][0, 0].item() != tokenizer.bos_token_id
+    with torch.no_grad():
+        expected = model(**ids).logits[0, 0].item()
+    assert RewardScorer(tmp_path / "trl_rm").score([conversation]) == pytest.approx([expected], abs=1e-5)
+
+
+def test_one_of_this_projects_models_without_its_rm_lib_json_is_scored_as_trained(trained_own_template, tmp_path):
+    """A copy of this project's model that lost its rm_lib.json (save_pretrained of it, an offline Hub cache
+    without it) names its run in its config: it is scored as trained (the end token training added), not as
+    another project's model."""
+    import shutil
+
+    conversation = [{"role": "user", "content": "how was the film"}, {"role": "assistant", "content": "dull"}]
+    shutil.copytree(trained_own_template, tmp_path / "copy")
+    (tmp_path / "copy" / "rm_lib.json").unlink()
+    own, copy = RewardScorer(trained_own_template), RewardScorer(tmp_path / "copy")
+    assert not copy.foreign and copy.encode(conversation) == own.encode(conversation)
+    assert copy.score([conversation, "a text"]) == pytest.approx(own.score([conversation, "a text"]), abs=1e-6)

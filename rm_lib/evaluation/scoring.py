@@ -153,11 +153,17 @@ class RewardScorer:
         # it: rm_lib's own way (an end token added, the reward read there) gave a TRL model that read its reward at
         # a conversation's last token other rewards than TRL's, unsaid. Its config's pad (before load_tokenizer
         # gave it one of its own) is what transformers reads the reward before.
-        self.foreign = not saved
+        # (one of this project's that lost its rm_lib.json, a save_pretrained copy, still names its run in its config)
+        self.foreign = not saved and getattr(self.model.config, "rm_lib_fingerprint", None) is None
         self.pad_read_past = (load_model_config(str(model_dir), weights=False, setting=setting).pad_token_id
                               if self.foreign else None)
-        if self.foreign:  # no end token the tokenizer does not add itself
-            self.special = own_special_tokens(self.tokenizer)
+        if self.foreign:
+            # no start or end token the tokenizer does not add itself; on a conversation its chat template rendered,
+            # none at all (apply_chat_template(tokenize=True) adds none: the template writes what it writes)
+            own = own_special_tokens(self.tokenizer)
+            self.special = own if self.template != "tokenizer" else \
+                SpecialTokens(prefix=(), end=None, template_start=self.tokenizer.bos_token_id)
+            self.text_special = own
         self.mean, self.std = _normalisation(self.model.config, self.model_dir) if normalize else (0.0, 1.0)
         self.length_policy = length_policy
         limit = model_max_length(self.model, self.tokenizer)
@@ -177,7 +183,9 @@ class RewardScorer:
         item = formats.scoring_item(item, name, any_role=self.template == "tokenizer")
         text = item if isinstance(item, str) else templates.render(item, self.template, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        return self.as_read(tokenization.add_special(ids, self.special))
+        # a text given as text, to another project's model: as `tokenizer(text)` gives it
+        special = self.text_special if self.foreign and isinstance(item, str) else self.special
+        return self.as_read(tokenization.add_special(ids, special))
 
     def as_read(self, ids: list[int]) -> list[int]:
         """`ids` as the model reads its reward from them: another project's model, as `model(**tokenizer(text))`
