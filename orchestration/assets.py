@@ -7,6 +7,7 @@ Heavy modules (torch, transformers, the rm_lib step modules) are imported inside
 """
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -215,9 +216,13 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
         said = f": {printable(why)}" if why else ""
         raise dg.Failure(description=f"train: the training process exited with code {code}{said}; its whole output is "
                                      "in this step's stdout/stderr logs", allow_retries=False)
-    if not summary.exists() or summary.stat().st_mtime_ns == before:
+    # a finished run reused as it was (its checkpoints gone) leaves summary.json as it was, and says so
+    reported = [m for m in messages if isinstance(m, dict) and "summary" in m]
+    if not summary.exists() or (summary.stat().st_mtime_ns == before and not reported):
         raise dg.Failure(description=f"train: the training process wrote no new {summary}", allow_retries=False)
     result = result_from_summary(layout)
+    if reported and reported[-1].get("reused") is True:
+        result = dataclasses.replace(result, reused=True)
     context.log.info(printable(result.summary()))
     return result
 
@@ -538,7 +543,7 @@ def reward_model(context: dg.AssetExecutionContext, config: TrainConfig, project
     recorded, version = _record_in_dvc(context, dvc, project, "train", params, fingerprint)
     # a run that had finished already (the weekly schedule on unchanged data) trained nothing now: its
     # figures are those of the run that trained, and it resumed nothing
-    reused = summary.get("reused") is True
+    reused = summary.get("reused") is True or result.reused
     return dg.MaterializeResult(
         metadata={
             "base_model": params.model.name_or_path,

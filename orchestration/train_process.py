@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {printable(str(exc))}", file=sys.stderr)
             return 2
         if pipes:
-            pipes.report_custom_message({"summary": result.summary()})
+            # a run reused as it was writes no summary.json: the asset learns of it from here
+            pipes.report_custom_message({"summary": result.summary(), "reused": result.reused})
         print(printable(result.summary()), flush=True)
     return 0
 

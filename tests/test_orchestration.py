@@ -1268,6 +1268,24 @@ def test_training_launched_as_its_own_process_is_retried_only_for_a_transient_er
         assert not raised.value.description.startswith("train: train: ")  # said once
 
 
+def test_a_launched_train_that_reuses_its_finished_run_as_it_was_succeeds(tmp_path, monkeypatch):
+    """A finished run whose checkpoints are gone (a teammate's `git clone` + `dvc pull`) is reused as it was,
+    summary.json untouched: the launched train said so, and the asset failed "wrote no new summary.json"."""
+    set_offline(monkeypatch)
+    res = project(tmp_path)
+    run_steps(load_params(PARAMS, res.overrides), tmp_path, "download", "tokenize", "filter", "train")
+    context = types.SimpleNamespace(log=logging.getLogger("test"))
+    trainer = TrainLauncherResource(separate_process=True)
+    said = {"summary": "train: already trained at step 2; reused ...", "reused": True}
+    monkeypatch.setattr(TrainLauncherResource, "launch", lambda self, context, command, cwd: (0, [said], None))
+    result = assets._train_in_own_process(context, trainer, res, [])
+    assert result.reused and result.steps == json.loads((Layout(tmp_path).train_logs / "summary.json").read_text())[
+        "steps"]
+    monkeypatch.setattr(TrainLauncherResource, "launch", lambda self, context, command, cwd: (0, [], None))
+    with pytest.raises(dg.Failure, match="the training process wrote no new"):  # said nothing, wrote nothing
+        assets._train_in_own_process(context, trainer, res, [])
+
+
 # ---------------------------------------------------------------- training as its own process group
 
 def _python_children() -> set[int]:

@@ -182,9 +182,10 @@ def _finished_without_checkpoint(layout: Layout, fingerprint: str) -> str | None
     except DataError:
         return None
     # a benchmark's run (bench_train.py) saved no reward statistics: the pipeline's trains again for them
+    records = [layout.train_logs / name for name in ("run.json", "metrics.jsonl", "metrics.plot.json", "loss.png")]
     if (summary is None or summary.get("reward_mean") is None or not isinstance(record, dict)
             or record.get("fingerprint") != fingerprint
-            or not (layout.train_logs / "run.json").is_file() or model_files_differ(layout.model, record)):
+            or not all(path.is_file() for path in records) or model_files_differ(layout.model, record)):
         return None
     return (f"already trained at step {summary.get('steps')}; reused {layout.model} (this run's checkpoints are "
             "gone, another run's replaced them; its model and records are intact)")
