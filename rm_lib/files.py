@@ -595,8 +595,20 @@ def share_tree(folder: str | Path) -> None:
             os.chmod(path, shared_mode(path))
 
 
+def missing(path: str | Path) -> str:
+    """A file a step reads that is not there, in words: a link to nothing (a DVC cache link of a project moved,
+    copied or given another cache since) is named as one, with the mend; rerunning the steps was no mend."""
+    path = Path(path)
+    if path.is_symlink():
+        return (f"{path} is a link to {os.readlink(path)}, which is not there (a DVC cache link of a project moved "
+                "or copied since, or of a cache cleared): `dvc checkout -f` links it again")
+    return f"{path} is missing"
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise DataError(missing(path))
     if not path.exists():
         raise DataError("not found; run the step that writes it first", file=str(path))
     with open(path, encoding="utf-8") as handle:
@@ -606,6 +618,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def read_json(path: str | Path) -> dict:
     """A JSON file a step wrote; one missing or damaged since is a DataError naming it."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise DataError(missing(path))
     if not path.exists():
         raise DataError("not found; run the step that writes it first", file=str(path))
     try:

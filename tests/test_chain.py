@@ -450,3 +450,26 @@ def test_an_unreadable_parquet_file_is_one_line_naming_it(tmp_path):
         read_rows(broken)
     with pytest.raises(DataError, match="no such file; run the step that writes it first"):
         read_rows(tmp_path / "missing.parquet")
+
+
+def test_push_without_its_report_or_over_a_link_to_nothing_names_the_file_and_the_mend(tmp_path, tiny_decoder):
+    """A deleted report.json failed the release gate, whose advice (push.force) failed in turn; a record that is
+    a DVC cache link to nothing (a project moved with cache.type symlink) was "not found; run the step that
+    writes it", where rerunning every step was no mend and `dvc checkout -f` is."""
+    params = tiny_params(model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train", "evaluate")
+    layout = Layout(tmp_path)
+    report = layout.evaluation / "report.json"
+    kept = report.read_bytes()
+    report.unlink()
+    said = _refused(params, tmp_path, "push")
+    assert said.startswith(f"{report} is missing: the evaluation the release gate judges; run evaluate") and \
+        "push.force" not in said
+    report.write_bytes(kept)
+    run = layout.train_logs / "run.json"
+    run.unlink()
+    run.symlink_to(tmp_path / "elsewhere" / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef")
+    said = _refused(params, tmp_path, "push")
+    assert f"{run} is a link to {tmp_path / 'elsewhere'}" in said and "`dvc checkout -f` links it again" in said
+    with pytest.raises(UserError, match="which is not there .*`dvc checkout -f` links it again"):
+        read_json(run)

@@ -19,7 +19,7 @@ from rm_lib.data import keys
 from rm_lib.data.trained_prompts import SEEN
 from rm_lib.evaluation.metrics import subset_listing
 from rm_lib.evaluation.visualize import one_line
-from rm_lib.files import read_json, read_jsonl
+from rm_lib.files import missing, read_json, read_jsonl
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import shown_value
 
@@ -36,8 +36,8 @@ class Verdict:
 
 
 def _missing(name: str, path: Path, warn_only: bool = False) -> Verdict:
-    return Verdict(name, False, f"{path} not found; run the step that writes it first",
-                   {"missing": str(path)}, warn_only)
+    said = missing(path) if path.is_symlink() else f"{path} not found; run the step that writes it first"
+    return Verdict(name, False, said, {"missing": str(path)}, warn_only)
 
 
 def _finite(value: Any) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rm_lib.errors import UserError
-from rm_lib.files import DVC_IGNORED, file_sha256, read_json, tree_digest, tree_sha256
+from rm_lib.files import DVC_IGNORED, file_sha256, missing, read_json, tree_digest, tree_sha256
 from rm_lib.layout import SPLITS, Layout
 from rm_lib.settings import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, Params
 
@@ -141,6 +141,11 @@ def check(step: str, layout: Layout) -> None:
             raise StaleInput(f"{layout.model} {differs}; {_rerun('train', step)}{checkout_hint(layout)}")
     if step == "push":
         _check_summary(layout, records.get("model"))
+        report = layout.evaluation / "report.json"
+        if "model" in records and not report.exists():  # else the gate failed on it, and push.force led nowhere
+            raise StaleInput(f"{missing(report)}: the evaluation the release gate judges; run evaluate"
+                             + (", or let `dvc checkout -f evaluate` put back the one dvc.lock records"
+                                if (layout.root / "dvc.lock").is_file() else ""))
 
 
 def _check_link(link: Link, records: dict[str, dict], layout: Layout, step: str) -> None:
@@ -169,9 +174,9 @@ def _check_bytes(link: Link, records: dict[str, dict], layout: Layout, step: str
         return
     folder: Path = getattr(layout, link.output)
     names = [link.files.format(split=split) for split in SPLITS]
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise StaleInput(f"{folder / missing[0]} is missing (deleted since {link.step} wrote it); "
+    gone = [name for name in names if not (folder / name).is_file()]
+    if gone:
+        raise StaleInput(f"{folder / gone[0]} is missing (deleted since {link.step} wrote it); "
                          f"{_rerun(link.step, step)}")
     if tree_sha256(folder, names) != record["content_hash"]:
         raise StaleInput(f"{folder} holds other files than its {link.record} records (changed or damaged since "
@@ -201,9 +206,9 @@ def model_files_differ(folder: Path, record: dict) -> str | None:
     part of the model (the release leaves them out)."""
     files = record.get("files")
     if isinstance(files, dict) and all(isinstance(v, str) for v in files.values()):
-        missing = [name for name in files if not (folder / name).is_file()]
-        if missing:
-            return f"lacks {_listed(missing)}: deleted since train wrote {'them' if len(missing) > 1 else 'it'} " \
+        gone = [name for name in files if not (folder / name).is_file()]
+        if gone:
+            return f"lacks {_listed(gone)}: deleted since train wrote {'them' if len(gone) > 1 else 'it'} " \
                    f"({INTERRUPTED})"
         changed = [name for name, sha in files.items() if file_sha256(folder / name) != sha]
         # in the order train hashed them (by path parts), not the JSON's (by characters: "a-b" before "a/")
@@ -289,7 +294,7 @@ def _check_summary(layout: Layout, model: dict | None) -> None:
         if model is None:
             continue
         if not record.exists():
-            raise StaleInput(f"{record} is missing: the record of the run that trained {layout.model} (a train that "
+            raise StaleInput(f"{missing(record)}: the record of the run that trained {layout.model} (a train that "
                              "failed under `dvc repro` leaves it deleted: `dvc checkout train` puts back the model "
                              "and its records as dvc.lock holds them); or rerun train, then evaluate")
         if read_json(record).get("fingerprint") != model.get("fingerprint"):
