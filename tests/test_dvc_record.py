@@ -728,7 +728,7 @@ def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stag
 
 
 def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_waits_for_also_where_it_would_only_check_out(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     """A `dvc repro` that finds train cached (settings it trained on once) checks the cached model out and
     runs no step, so it took none of rm_lib's locks: it replaced the model under a running `evaluate` (which
     failed, blaming a train) and under a Dagster run's train. A step run from the CLI or Dagster marks its
@@ -796,3 +796,13 @@ def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_waits_for_also_where_it_w
     # the other command's mark is left as it was
     assert json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())["write"][
         os.path.realpath(root / "models" / "reward_model")]["pid"] == other.pid
+    # DVC's guard held as the step ends (a `dvc` stopped mid-edit): the finished step is no failure, it says so
+    monkeypatch.delenv("DVC_STAGE")
+    monkeypatch.setattr(dvc_stage_lock, "GUARD_WAIT_S", 0.3)
+    guard = os.open(root / ".dvc" / "tmp" / "rwlock.lock", os.O_RDWR)
+    try:
+        with steps.alone("evaluate", Layout(root)):
+            fcntl.flock(guard, fcntl.LOCK_EX)
+    finally:
+        os.close(guard)
+    assert "could not take its marks out of DVC's stage lock" in capsys.readouterr().err

@@ -7,6 +7,7 @@ is taken and dropped as DVC does it, under DVC's guard lock (.dvc/tmp/rwlock.loc
 killed step is one DVC drops itself (its pid is gone)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 from rm_lib.errors import UserError
 from rm_lib.files import alive, flock_within, open_lock
-from rm_lib.pipeline.dvc_record import hardlink_lock, is_dvc_repo, read_stage, started_at
+from rm_lib.pipeline.dvc_record import hardlink_lock, is_dvc_repo, read_stage
 
 GUARD_WAIT_S = 10.0  # DVC holds the guard for an instant per edit
 BUSY_WAIT_S = 5.0  # a `dvc status` or `dvc commit` marks for seconds; a `dvc repro`'s stage for its whole run
@@ -62,18 +63,17 @@ def _guarded(root: Path) -> Iterator[Path]:
         os.close(fd)  # the flock goes with it
 
 
-def _read(path: Path) -> tuple[dict[str, Any], float]:
-    """The stage lock's entries and when it was last written ({} and 0 where there is none)."""
+def _read(path: Path) -> dict[str, Any]:
+    """The stage lock's entries ({} where there is none)."""
     try:
-        written = path.stat().st_mtime
         locks = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}, 0.0
+        return {}
     except (OSError, ValueError) as exc:  # cut by a killed DVC command, another user's: DVC's to say
         raise _Unreadable(str(exc)) from exc
     if not isinstance(locks, dict):
         raise _Unreadable(f"{path} holds no JSON object")
-    return locks, written
+    return locks
 
 
 def _write(path: Path, locks: dict[str, Any]) -> None:
@@ -82,12 +82,11 @@ def _write(path: Path, locks: dict[str, Any]) -> None:
         json.dump({mode: entries for mode, entries in locks.items() if entries}, out)
 
 
-def _blocker(locks: dict[str, Any], written: float, read: list[str], write: list[str]) -> Optional[str]:
+def _blocker(locks: dict[str, Any], read: list[str], write: list[str]) -> Optional[str]:
     """The live DVC command (`cmd` (pid N)) that writes a path this step reads or writes, or reads one it writes."""
-    def live(info: Any) -> bool:
+    def live(info: Any) -> bool:  # as DVC judges it: its pid runs (a file's time is another machine's on NFS)
         pid = info.get("pid") if isinstance(info, dict) else None
-        return (isinstance(pid, int) and pid != os.getpid() and alive(pid)
-                and (started_at(pid) or 0) <= written + 1)  # not a pid given since to a newer process
+        return isinstance(pid, int) and pid != os.getpid() and alive(pid)
 
     for path, info in (locks.get("write") or {}).items():
         hit = next((p for p in read + write if _overlaps(p, path)), None)
@@ -119,7 +118,9 @@ def marked(root: Path, stage: str) -> Iterator[None]:
         yield
         return
     read, write = _paths(root, spec.deps), _paths(root, spec.outs)
-    info = {"pid": os.getpid(), "cmd": f"rm_lib {stage} ({' '.join(sys.argv)[:200]})"}
+    command = " ".join(sys.argv)
+    info = {"pid": os.getpid(), "cmd": f"rm_lib {stage}" + (", a step of a Dagster run" if "dagster" in command
+                                                             or "orchestration" in command else f" ({command[:200]})")}
     try:
         _mark(root, stage, info, read, write)
     except _Unreadable:
@@ -128,8 +129,15 @@ def marked(root: Path, stage: str) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(_Unreadable), _guarded(root) as path:
-            locks, _ = _read(path)
+        _unmark(root, info, read, write)
+
+
+def _unmark(root: Path, info: dict[str, Any], read: list[str], write: list[str]) -> None:
+    """The step's marks taken away, never an error: the step's work is done. Where DVC's guard stays held (a
+    `dvc` stopped mid-edit), said, and tried once more as the process ends (DVC drops a dead pid's marks)."""
+    def unmark() -> None:
+        with _guarded(root) as path:
+            locks = _read(path)
             for entry in read:
                 readers = (locks.get("read") or {}).get(entry)
                 if isinstance(readers, list) and info in readers:
@@ -141,13 +149,25 @@ def marked(root: Path, stage: str) -> Iterator[None]:
                     del locks["write"][entry]
             _write(path, locks)
 
+    try:
+        unmark()
+    except (StageBusy, _Unreadable, OSError) as exc:
+        print(f"warning: {info['cmd']} could not take its marks out of DVC's stage lock ({exc}); DVC commands on its "
+              "paths refuse until this process ends", file=sys.stderr)
+        atexit.register(_quietly, unmark)
+
+
+def _quietly(action: Any) -> None:
+    with contextlib.suppress(Exception):
+        action()
+
 
 def _mark(root: Path, stage: str, info: dict[str, Any], read: list[str], write: list[str]) -> None:
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
         with _guarded(root) as path:
-            locks, written = _read(path)
-            busy = _blocker(locks, written, read, write)
+            locks = _read(path)
+            busy = _blocker(locks, read, write)
             if busy is None:
                 for entry in read:
                     locks.setdefault("read", {}).setdefault(entry, []).append(info)
