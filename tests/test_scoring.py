@@ -1160,6 +1160,12 @@ def test_another_projects_model_is_scored_as_transformers_scores_it(tiny_decoder
     with torch.no_grad():
         expected = model(**ids).logits[0, 0].item()
     assert RewardScorer(tmp_path / "trl_rm").score([conversation]) == pytest.approx([expected], abs=1e-5)
+    # a pad of its own (Qwen's): TRL trained a text with the EOS it adds, read there; so is it scored
+    model.config.pad_token_id = tokenizer.unk_token_id
+    model.save_pretrained(tmp_path / "trl_rm")
+    with torch.no_grad():
+        expected = model(**tokenizer(text + tokenizer.eos_token, return_tensors="pt")).logits[0, 0].item()
+    assert RewardScorer(tmp_path / "trl_rm").score([text]) == pytest.approx([expected], abs=1e-5)
 
 
 def test_one_of_this_projects_models_without_its_rm_lib_json_is_scored_as_trained(trained_own_template, tmp_path):

@@ -31,7 +31,7 @@ from rm_lib.model.modeling import (
     resolve_model_path,
     rewards,
 )
-from rm_lib.model.special import SpecialTokens, own_special_tokens
+from rm_lib.model.special import SpecialTokens
 from rm_lib.settings import TEMPLATES, names_a_folder, shown_value
 
 LENGTH_POLICIES = ("truncate", "drop")
@@ -149,21 +149,20 @@ class RewardScorer:
         check_tokenizer_as_trained(str(model_dir), self.tokenizer, self.special, saved, template)
         recorded = saved.get("template")
         self.template = templates.resolve(template or "auto", self.tokenizer, recorded)
-        # another project's model (no rm_lib.json: TRL's, any save_pretrained one) is scored as transformers scores
-        # it: rm_lib's own way (an end token added, the reward read there) gave a TRL model that read its reward at
-        # a conversation's last token other rewards than TRL's, unsaid. Its config's pad (before load_tokenizer
-        # gave it one of its own) is what transformers reads the reward before.
-        # (one of this project's that lost its rm_lib.json, a save_pretrained copy, still names its run in its config)
+        # another project's model (no rm_lib.json: TRL's, any save_pretrained one) is scored on the ids TRL trains on
+        # and read where transformers reads them: rm_lib's own way (an end token added to every text, the reward read
+        # there) gave a TRL model other rewards than TRL's, unsaid. Its config's pad (before load_tokenizer gave it
+        # one of its own) is what transformers reads the reward before. One of this project's models that lost its
+        # rm_lib.json (a save_pretrained copy) still names its run in its config.
         self.foreign = not saved and getattr(self.model.config, "rm_lib_fingerprint", None) is None
         self.pad_read_past = (load_model_config(str(model_dir), weights=False, setting=setting).pad_token_id
                               if self.foreign else None)
-        if self.foreign:
-            # no start or end token the tokenizer does not add itself; on a conversation its chat template rendered,
-            # none at all (apply_chat_template(tokenize=True) adds none: the template writes what it writes)
-            own = own_special_tokens(self.tokenizer)
-            self.special = own if self.template != "tokenizer" else \
-                SpecialTokens(prefix=(), end=None, template_start=self.tokenizer.bos_token_id)
-            self.text_special = own
+        # a text: its start token and an end token, as TRL and OpenRLHF add one to a text they train on
+        self.text_special = self.special
+        if self.foreign and self.template == "tokenizer":
+            # a conversation its chat template rendered: nothing added (apply_chat_template(tokenize=True) adds
+            # nothing, and TRL trains on its ids as they are)
+            self.special = SpecialTokens(prefix=(), end=None, template_start=self.tokenizer.bos_token_id)
         self.mean, self.std = _normalisation(self.model.config, self.model_dir) if normalize else (0.0, 1.0)
         self.length_policy = length_policy
         limit = model_max_length(self.model, self.tokenizer)
@@ -183,13 +182,12 @@ class RewardScorer:
         item = formats.scoring_item(item, name, any_role=self.template == "tokenizer")
         text = item if isinstance(item, str) else templates.render(item, self.template, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        # a text given as text, to another project's model: as `tokenizer(text)` gives it
-        special = self.text_special if self.foreign and isinstance(item, str) else self.special
+        special = self.text_special if isinstance(item, str) else self.special
         return self.as_read(tokenization.add_special(ids, special))
 
     def as_read(self, ids: list[int]) -> list[int]:
-        """`ids` as the model reads its reward from them: another project's model, as `model(**tokenizer(text))`
-        reads it, at the last token that is not its config's pad (with pad == EOS, before the EOS)."""
+        """`ids` as the model reads its reward from them: another project's model, as transformers reads it, at the
+        last token that is not its config's pad (with pad == EOS, before the EOS)."""
         if self.foreign:
             while len(ids) > 1 and ids[-1] == self.pad_read_past:
                 ids = ids[:-1]

@@ -14,26 +14,13 @@ class SpecialTokens:
     template_start: int | None = None
 
 
-def _around(tokenizer: Any) -> tuple[tuple[int, ...], list[int]]:
-    """The tokens the tokenizer itself puts before and after a text."""
+def special_tokens(tokenizer: Any) -> SpecialTokens:
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x", add_special_tokens=True)["input_ids"]
     start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-    return tuple(full[:start]), full[start + len(plain):]
-
-
-def special_tokens(tokenizer: Any) -> SpecialTokens:
-    prefix, _ = _around(tokenizer)
+    prefix = tuple(full[:start])
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     return SpecialTokens(prefix=prefix, end=end, template_start=None if prefix else tokenizer.bos_token_id)
-
-
-def own_special_tokens(tokenizer: Any) -> SpecialTokens:
-    """The start and end tokens the tokenizer itself puts around a text (a Llama tokenizer's: BOS, no end; a
-    BERT tokenizer's: [CLS] and [SEP]): how another project's model reads `tokenizer(text)`."""
-    prefix, after = _around(tokenizer)
-    return SpecialTokens(prefix=prefix, end=after[-1] if after else None,
-                         template_start=None if prefix else tokenizer.bos_token_id)
 
 
 def add_special(ids: list[int], special: SpecialTokens) -> list[int]:
