@@ -95,6 +95,7 @@ def test_the_saved_tokenizer_ends_a_text_as_training_did_so_plain_loaders_read_t
     assert tok("good film")["input_ids"][-1] != tok.eos_token_id  # the base tokenizer ends with no EOS
     save_model(load_reward_model(str(tiny_decoder), pad_token_id=tok.pad_token_id), tok, tmp_path / "rm",
                chat_template=True)  # as trained with the tokenizer's template (it scores a conversation below)
+    (tmp_path / "rm" / "rm_lib.json").write_text('{"template": "tokenizer"}')  # as train writes it
     saved = AutoTokenizer.from_pretrained(tmp_path / "rm")
     config = json.loads((tmp_path / "rm" / "tokenizer_config.json").read_text())
     assert not {"is_local", "local_files_only"} & set(config)  # how it was loaded here (offline) is not released

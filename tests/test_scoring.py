@@ -1146,6 +1146,11 @@ def test_another_projects_model_is_scored_as_transformers_scores_it(tiny_decoder
     assert expected[0] == pytest.approx(expected[1], abs=1e-6)  # transformers reads before a pad == EOS
     scorer = RewardScorer(tmp_path / "trl_rm", batch_size=2)
     assert scorer.score([text, text + tokenizer.eos_token, conversation]) == pytest.approx(expected, abs=1e-5)
+    # TRL's GRPO gives a reward model a text prompt and completion joined, nothing added
+    prompt = tokenizer.apply_chat_template([conversation[0]], tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        grpo = model(**tokenizer(prompt + text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
+    assert scorer.reward_function()(prompts=[prompt], completions=[text]) == pytest.approx([grpo], abs=1e-5)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": [conversation[0]], "chosen": [conversation[1]],
                                                     "rejected": [{"role": "assistant", "content": "dull"}]}])
     assert main(["--root", str(tmp_path), "score", "--model", str(tmp_path / "trl_rm"), "--input", str(pairs),

@@ -185,6 +185,12 @@ class RewardScorer:
         special = self.text_special if isinstance(item, str) else self.special
         return self.as_read(tokenization.add_special(ids, special))
 
+    def as_given(self, text: str, name: str) -> list[int]:
+        """Another project's model given a text prompt and completion (TRL's GRPO): their ids as TRL gives them to
+        a reward model, nothing added (the prompt rendered by the policy's template holds what it holds)."""
+        formats.scoring_item(text, name)
+        return self.as_read(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
     def as_read(self, ids: list[int]) -> list[int]:
         """`ids` as the model reads its reward from them: another project's model, as transformers reads it, at the
         last token that is not its config's pad (with pad == EOS, before the EOS)."""
@@ -329,7 +335,8 @@ class RewardScorer:
                 if isinstance(c, list) and not c:  # the prompt alone would be scored as if answered
                     raise DataError(f"reward function: {name}: the completion is an empty conversation (no "
                                     "message)")
-            encoded = [self.encode(joined(p, c), name) for p, c, name in zip(prompts, completions, names)]
+            encoded = [self.as_given(p + c, name) if self.foreign and isinstance(p, str) else
+                       self.encode(joined(p, c), name) for p, c, name in zip(prompts, completions, names)]
             lengths = ([self.given_prompt_length(p, name) for p, name in zip(prompts, names)]
                        if self.max_prompt is not None else None)
             return self.score_ids(encoded, names, lengths).rewards

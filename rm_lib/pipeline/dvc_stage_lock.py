@@ -118,9 +118,9 @@ def marked(root: Path, stage: str) -> Iterator[None]:
         yield
         return
     read, write = _paths(root, spec.deps), _paths(root, spec.outs)
-    command = " ".join(sys.argv)
-    info = {"pid": os.getpid(), "cmd": f"rm_lib {stage}" + (", a step of a Dagster run" if "dagster" in command
-                                                             or "orchestration" in command else f" ({command[:200]})")}
+    dagster = "dagster" in sys.modules or "DAGSTER_PIPES_CONTEXT" in os.environ  # a run's worker, its train process
+    info = {"pid": os.getpid(),
+            "cmd": f"rm_lib {stage}" + (", a step of a Dagster run" if dagster else f" ({' '.join(sys.argv)[:200]})")}
     try:
         _mark(root, stage, info, read, write)
     except _Unreadable:
@@ -177,5 +177,7 @@ def _mark(root: Path, stage: str, info: dict[str, Any], read: list[str], write: 
                 return
         if time.monotonic() > deadline:
             raise StageBusy(f"{stage}: not run, nothing changed: {busy}, which this step reads or writes; run it "
-                            "again once that DVC command has ended")
+                            "again once that command has ended (where that pid runs no such command now, a process "
+                            f"killed midway left the entry: remove it, or {root / '.dvc' / 'tmp' / 'rwlock'} while no "
+                            "DVC command runs)")
         time.sleep(0.5)
