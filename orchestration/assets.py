@@ -218,10 +218,11 @@ def _train_in_own_process(context: dg.AssetExecutionContext, trainer: TrainLaunc
                                      "in this step's stdout/stderr logs", allow_retries=False)
     # a finished run reused as it was (its checkpoints gone) leaves summary.json as it was, and says so
     reported = [m for m in messages if isinstance(m, dict) and "summary" in m]
-    if not summary.exists() or (summary.stat().st_mtime_ns == before and not reported):
+    reused = bool(reported) and reported[-1].get("reused") is True
+    if not summary.exists() or (summary.stat().st_mtime_ns == before and not reused):
         raise dg.Failure(description=f"train: the training process wrote no new {summary}", allow_retries=False)
     result = result_from_summary(layout)
-    if reported and reported[-1].get("reused") is True:
+    if reused:
         result = dataclasses.replace(result, reused=True)
     context.log.info(printable(result.summary()))
     return result

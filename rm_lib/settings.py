@@ -37,8 +37,8 @@ def _hub_repo_id(repo_id: str) -> bool:
 
 
 def names_a_folder(name_or_path: str) -> bool:
-    """A model name that can only be a local folder: a Hub id starts with none of these, and has at most one
-    slash (`p1/models/reward_model` is a path)."""
+    """A model name that can only be a local folder: a Hub id starts with none of these, and is a valid Hub
+    repository id (at most one slash, no spaces, `--` or `..`: `p1/models/reward_model` is a path)."""
     return name_or_path.startswith(("/", "./", "../", "~")) or not _hub_repo_id(name_or_path)
 
 
@@ -511,20 +511,26 @@ def _section_mapping(section: str, value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise SettingsError(f"{section}: expected a mapping of settings, got {type(value).__name__} "
-                            f"{shown_value(value)}{_trl_hint([section])}")
+                            f"{shown_value(value)}")
     return dict(value)
 
 
+def _check_sections(names: Iterable[str]) -> None:
+    sections = [f.name for f in dataclasses.fields(Params)]
+    unknown = set(names) - set(sections)
+    if unknown:
+        raise SettingsError(f"unknown section(s) {', '.join(_names(unknown))}{_trl_hint(unknown)}; "
+                            f"known: {', '.join(sections)}")
+
+
 def params_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Params:
+    _check_sections(data or {})  # before each is read as a mapping: a TRL name at the top is no section
     data = {k: _section_mapping(k, v) for k, v in (data or {}).items()}
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})[key] = value
+    _check_sections(data)
     sections = {f.name: f for f in dataclasses.fields(Params)}
-    unknown = set(data) - set(sections)
-    if unknown:
-        raise SettingsError(f"unknown section(s) {', '.join(_names(unknown))}{_trl_hint(unknown)}; "
-                            f"known: {', '.join(sections)}")
     hints = typing.get_type_hints(Params)
     params = Params(**{name: _section_from_dict(name, hints[name], data.get(name, {})) for name in sections})
     params.validate()
@@ -598,6 +604,7 @@ def _read_params_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     try:
+        _check_sections(data)
         return {section: _section_mapping(section, value) for section, value in data.items()}
     except SettingsError as exc:
         raise SettingsError(f"{path}: {exc}") from None

@@ -727,7 +727,7 @@ def test_a_dvc_repro_is_seen_running_from_its_start_to_its_end_also_between_stag
     assert dvc_record.dvc_running(root) is None
 
 
-def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_waits_for_also_where_it_would_only_check_out(
+def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_refuses_to_run_beside_also_where_it_would_only_check_out(
         tmp_path, monkeypatch, capsys):
     """A `dvc repro` that finds train cached (settings it trained on once) checks the cached model out and
     runs no step, so it took none of rm_lib's locks: it replaced the model under a running `evaluate` (which
@@ -769,6 +769,8 @@ def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_waits_for_also_where_it_w
         assert refused.returncode != 0 and "is busy" in refused.stderr and "rm_lib evaluate" in refused.stderr, \
             refused.stdout + refused.stderr
         assert model.read_text() == "v2"  # the model it scores stays
+        status = dvc("status")
+        assert status.returncode != 0 and "is busy" in status.stderr, status.stdout + status.stderr
     restored = dvc("repro", "train")
     assert "Stage 'train' is cached - skipping run, checking out outputs" in restored.stdout, restored.stdout
     assert model.read_text() == "v1"
@@ -796,8 +798,13 @@ def test_a_step_run_outside_dvc_repro_is_one_dvc_repro_waits_for_also_where_it_w
     # the other command's mark is left as it was
     assert json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())["write"][
         os.path.realpath(root / "models" / "reward_model")]["pid"] == other.pid
-    # DVC's guard held as the step ends (a `dvc` stopped mid-edit): the finished step is no failure, it says so
     monkeypatch.delenv("DVC_STAGE")
+    # a step of a Dagster run is named by its run (its command line is Dagster's)
+    with dvc_stage_lock.marked(root, "train", "8f3a2c1d"):
+        marks = json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())["write"]
+        assert {m["cmd"] for m in marks.values() if m["pid"] == os.getpid()} == {
+            "rm_lib train, a step of the Dagster run 8f3a2c1d"}
+    # DVC's guard held as the step ends (a `dvc` stopped mid-edit): the finished step is no failure, it says so
     monkeypatch.setattr(dvc_stage_lock, "GUARD_WAIT_S", 0.3)
     guard = os.open(root / ".dvc" / "tmp" / "rwlock.lock", os.O_RDWR)
     try:

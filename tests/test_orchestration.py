@@ -1281,9 +1281,11 @@ def test_a_launched_train_that_reuses_its_finished_run_as_it_was_succeeds(tmp_pa
     result = assets._train_in_own_process(context, trainer, res, [])
     assert result.reused and result.steps == json.loads((Layout(tmp_path).train_logs / "summary.json").read_text())[
         "steps"]
-    monkeypatch.setattr(TrainLauncherResource, "launch", lambda self, context, command, cwd: (0, [], None))
-    with pytest.raises(dg.Failure, match="the training process wrote no new"):  # said nothing, wrote nothing
-        assets._train_in_own_process(context, trainer, res, [])
+    for messages in ([], [{**said, "reused": False}]):  # said nothing, or said it trained: and wrote nothing
+        monkeypatch.setattr(TrainLauncherResource, "launch",
+                            lambda self, context, command, cwd, outcome=(0, messages, None): outcome)
+        with pytest.raises(dg.Failure, match="the training process wrote no new"):
+            assets._train_in_own_process(context, trainer, res, [])
 
 
 # ---------------------------------------------------------------- training as its own process group

@@ -746,7 +746,8 @@ def test_trls_setting_names_are_refused_naming_the_setting_that_does_it_here(tmp
             "here; TRL's per_device_train_batch_size is train.batch_size here); known: ") in capsys.readouterr().err
     (tmp_path / "params.yaml").write_text("num_train_epochs: 2\n")
     assert main(["--root", str(tmp_path), "train"]) == 2
-    assert "(TRL's num_train_epochs is train.num_epochs here)" in capsys.readouterr().err
+    assert "unknown section(s) num_train_epochs (TRL's num_train_epochs is train.num_epochs here)" in \
+        capsys.readouterr().err
     (tmp_path / "params.yaml").write_text("filter:\n  max_length: 512\n")  # the right section, TRL's name
     assert main(["--root", str(tmp_path), "train"]) == 2
     assert "(TRL's max_length is filter.max_token_length here)" in capsys.readouterr().err

@@ -460,3 +460,14 @@ def test_the_held_out_pairs_scored_as_a_suite_get_evaluates_rewards_where_the_fi
 
 def read_json_file(path):
     return json.loads(path.read_text())
+
+
+def test_a_suite_of_token_ids_by_any_of_trls_names_is_one_line():
+    """TRL 1.x's id columns (chosen_ids, chosen_input_ids), alone or beside texts, crashed a suite with a
+    KeyError once download read them as pretokenized pairs: refused in one line, as the older names were."""
+    for row in ({"chosen_ids": [1, 2], "rejected_ids": [1, 3]},
+                {"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3]},
+                {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_ids": [1, 2], "rejected_ids": [1, 3]},
+                {"input_ids_chosen": [1, 2], "input_ids_rejected": [1, 3]}):
+        with pytest.raises(DataError, match=r"s.jsonl, row 1: pretokenized rows \(.*\) cannot be a suite"):
+            suites.read_rows([("s.jsonl", [(1, row)])])

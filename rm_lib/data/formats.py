@@ -67,7 +67,7 @@ def repeated_key(key: str) -> str:
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
-def _id_columns(row: dict) -> tuple[str, str] | None:
+def id_columns(row: dict) -> tuple[str, str] | None:
     """The row's columns of chosen and rejected token ids, of the first of TRL's names it has both of."""
     return next((pair for pair in ID_COLUMNS if pair[0] in row and pair[1] in row), None)
 
@@ -78,7 +78,7 @@ def detect_format(row: dict, *, file: str, row_number: int) -> str:
         raise DataError(f"expected an object with preference columns, got {type(row).__name__}",
                         file=file, row=row_number)
     keys = set(row)
-    if _id_columns(row) is not None:
+    if id_columns(row) is not None:
         return "pretokenized"
     if {"chosen", "rejected"} <= keys:
         chosen = row["chosen"]
@@ -366,7 +366,7 @@ def normalise_row(row: dict, fmt: str, *, file: str, row_number: int) -> dict:
     # an optional category (RewardBench's `subset`): evaluate reports accuracy per subset
     subset = {"subset": str(row["subset"])} if row.get("subset") not in (None, "") else {}
     if fmt == "pretokenized":
-        columns = _id_columns(row) or ID_COLUMNS[0]  # a row without them: the error names the first layout's
+        columns = id_columns(row) or ID_COLUMNS[0]  # a row without them: the error names the first layout's
         chosen, rejected = (_unmasked(_token_ids(row.get(column), column, file=file, row_number=row_number),
                                       row.get(f"attention_mask_{side}"), f"attention_mask_{side}", file=file,
                                       row_number=row_number) for side, column in zip(("chosen", "rejected"), columns))

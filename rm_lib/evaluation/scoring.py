@@ -11,7 +11,7 @@ import json
 import math
 import operator
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MappingView, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,9 +248,11 @@ class RewardScorer:
             raise DataError(f"score takes a list of texts or conversations, got one {type(items).__name__}: "
                             "pass [item]")
         if not isinstance(items, Sequence):  # a generator, a numpy array, a pandas Series: read once, in order
-            if not isinstance(items, Iterable):
+            if not isinstance(items, Iterable) or isinstance(items, (Set, MappingView)):  # a set has no order
                 raise DataError(f"score takes a list of texts or conversations, got {type(items).__name__}")
             items = list(items)
+        if names is not None and not isinstance(names, Sequence):
+            names = list(names)
         if names is not None and len(names) != len(items):
             raise DataError(f"score_detailed: {len(items)} items but {len(names)} names")
         labels = list(names) if names is not None else [f"item {i}" for i in range(len(items))]
@@ -301,7 +303,8 @@ class RewardScorer:
         without the policy's end token; after a generation prompt that opens a think block, as an answer that
         goes on from it): with a prompt rendered by that template, its generation prompt included, the text
         training read, unless the template writes the prompt otherwise before an answer (a system turn it
-        drops, the day it writes): conversations are rendered as training rendered them."""
+        drops, the day it writes): conversations are rendered as training rendered them. Another project's model
+        (`foreign`) is given a text prompt and completion joined as they are, as TRL's GRPO gives them."""
         closing = templates.turn_closing(self.template, self.tokenizer)
         opening = templates.turn_opening(self.template, self.tokenizer)
         tail = templates.generation_tail(self.template, self.tokenizer)

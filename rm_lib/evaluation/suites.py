@@ -146,9 +146,11 @@ def _layout_of(row: Any, *, file: str, row_number: int) -> str:
     answers = [a for side in (chosen, rejected) if isinstance(side, list) for a in side[:1]]
     if isinstance(chosen, list) and isinstance(rejected, list) and all(isinstance(a, (str, list)) for a in answers):
         return BEST_OF_N  # lists of answers; a pairwise conversation is a list of message objects
-    if {"input_ids_chosen", "input_ids_rejected"} <= set(row):
-        raise DataError("pretokenized rows cannot be a suite: it renders texts with the model's own template; "
-                        "give prompt/chosen/rejected as text or messages", file=file, row=row_number)
+    ids = formats.id_columns(row)  # by any of TRL's names (a TRL-processed set keeps its texts beside them)
+    if ids is not None:
+        raise DataError(f"pretokenized rows ({'/'.join(ids)}) cannot be a suite: it renders texts with the model's "
+                        "own template; give prompt/chosen/rejected as text or messages (without the id columns)",
+                        file=file, row=row_number)
     formats.detect_format(row, file=file, row_number=row_number)  # names the missing columns or wrong types
     return PAIRWISE
 

@@ -156,7 +156,7 @@ def dvc_running(root: Path) -> Optional[str]:
     for info in held:
         pid = info.get("pid") if isinstance(info, dict) else None
         # a pid of a DVC killed mid-stage, given since to a process that started after the entry was written
-        if isinstance(pid, int) and alive(pid) and (started_at(pid) or 0) <= written + 1:
+        if isinstance(pid, int) and alive(pid) and (_started_at(pid) or 0) <= written + 1:
             return f"`{info.get('cmd')}` (pid {pid}) is running a stage"
     return None
 
@@ -180,7 +180,7 @@ def hardlink_lock(root: Path) -> bool:
     return False
 
 
-def started_at(pid: int) -> Optional[float]:
+def _started_at(pid: int) -> Optional[float]:
     """When process `pid` started, in seconds since the epoch (Linux's /proc), or None where not known."""
     ticks = start_ticks(pid)
     if ticks is None:

@@ -78,8 +78,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _write(path: Path, locks: dict[str, Any]) -> None:
     # as DVC writes it: in place, under the guard; a mode left with no path is dropped, as DVC drops it
-    with open(path, "w", encoding="utf-8") as out:
-        json.dump({mode: entries for mode, entries in locks.items() if entries}, out)
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            json.dump({mode: entries for mode, entries in locks.items() if entries}, out)
+    except OSError as exc:  # a teammate's file, not writable here: DVC's own commands fail on it too
+        raise _Unreadable(str(exc)) from exc
 
 
 def _blocker(locks: dict[str, Any], read: list[str], write: list[str]) -> Optional[str]:
@@ -101,11 +104,12 @@ def _blocker(locks: dict[str, Any], read: list[str], write: list[str]) -> Option
 
 
 @contextlib.contextmanager
-def marked(root: Path, stage: str) -> Iterator[None]:
+def marked(root: Path, stage: str, run_id: Optional[str] = None) -> Iterator[None]:
     """Stage `stage` marked in DVC's stage lock of the project at `root` for the block; StageBusy where a DVC
     command reads or writes its paths (after BUSY_WAIT_S, for a short one to end). Nothing where `dvc repro`
     runs the step (it marked the stage itself), where `root` is no DVC repository or dvc.yaml has no such
-    stage, and where DVC guards its lock with hard links (core.hardlink_lock: no flock to share)."""
+    stage, and where DVC guards its lock with hard links (core.hardlink_lock: no flock to share). `run_id`: the
+    Dagster run the step is of, which the mark names (its command line is Dagster's)."""
     root = Path(root)
     if os.environ.get("DVC_STAGE") or not is_dvc_repo(root) or hardlink_lock(root):
         yield
@@ -118,9 +122,8 @@ def marked(root: Path, stage: str) -> Iterator[None]:
         yield
         return
     read, write = _paths(root, spec.deps), _paths(root, spec.outs)
-    dagster = "dagster" in sys.modules or "DAGSTER_PIPES_CONTEXT" in os.environ  # a run's worker, its train process
-    info = {"pid": os.getpid(),
-            "cmd": f"rm_lib {stage}" + (", a step of a Dagster run" if dagster else f" ({' '.join(sys.argv)[:200]})")}
+    info = {"pid": os.getpid(), "cmd": f"rm_lib {stage}" + (f", a step of the Dagster run {run_id}" if run_id
+                                                             else f" ({' '.join(sys.argv)[:200]})")}
     try:
         _mark(root, stage, info, read, write)
     except _Unreadable:
@@ -169,8 +172,10 @@ def _mark(root: Path, stage: str, info: dict[str, Any], read: list[str], write: 
             locks = _read(path)
             busy = _blocker(locks, read, write)
             if busy is None:
-                for entry in read:
-                    locks.setdefault("read", {}).setdefault(entry, []).append(info)
+                for entry in read:  # once, as DVC adds a reader
+                    readers = locks.setdefault("read", {}).setdefault(entry, [])
+                    if info not in readers:
+                        readers.append(info)
                 for entry in write:
                     locks.setdefault("write", {})[entry] = info
                 _write(path, locks)

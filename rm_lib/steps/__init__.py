@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import random
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -248,7 +249,8 @@ def alone(name: str, layout: Layout) -> Iterator[None]:
             _check_alone(name, layout)
             # DVC's commands see the step too: a `dvc repro` that would only check a cached train out (and
             # so runs no step) would replace the model under it
-            held.enter_context(dvc_stage_lock.marked(layout.root, name))
+            run_id = run_of(layout, {"pid": os.getpid(), "host": socket.gethostname()})
+            held.enter_context(dvc_stage_lock.marked(layout.root, name, run_id))
         yield
 
 

@@ -187,8 +187,8 @@ def _finished_without_checkpoint(layout: Layout, fingerprint: str) -> str | None
             or record.get("fingerprint") != fingerprint
             or not all(path.is_file() for path in records) or model_files_differ(layout.model, record)):
         return None
-    return (f"already trained at step {summary.get('steps')}; reused {layout.model} (this run's checkpoints are "
-            "gone, another run's replaced them; its model and records are intact)")
+    return (f"already trained at step {summary.get('steps')}; reused {layout.model} (no checkpoint of this run is "
+            "here: none was pulled, or another run's replaced them; its model and records are intact)")
 
 
 def _as_the_first_process_has_it(accelerator: Any, value: Any) -> Any:
