@@ -1194,3 +1194,21 @@ def test_lora_settings_without_lora_are_said_to_do_nothing(tmp_path, tiny_decode
     run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
     assert ("train: note: train.lora_r, train.lora_target_modules set, but train.lora is false: the whole model "
             "trains and they do nothing") in capsys.readouterr().out
+
+
+def test_a_rerun_of_a_finished_run_leaves_its_model_and_records_as_they_were(tmp_path, tiny_decoder):
+    """Run again with its checkpoints in place, a finished run was reused and wrote summary.json again (`reused`,
+    `resumed_from`): DVC saw train's outputs changed, and `dvc checkout` of another commit asked for -f. Its
+    model and records stay byte for byte; the step still reports the reuse."""
+    params = tiny_params(model=str(tiny_decoder))
+    run_steps(params, tmp_path, "download", "tokenize", "filter", "train")
+    outputs = [tmp_path / "models/reward_model", tmp_path / "data/train"]
+
+    def files() -> dict:
+        return {p: (p.read_bytes(), p.stat().st_mtime_ns) for folder in outputs for p in folder.rglob("*")
+                if p.is_file()}
+
+    before = files()
+    again = run_steps(params, tmp_path, "train")["train"]
+    assert again.reused and again.resumed_from == 4 and list((tmp_path / "models/checkpoints").glob("step-4"))
+    assert files() == before

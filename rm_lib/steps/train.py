@@ -169,23 +169,33 @@ def _summary_of(layout: Layout, fingerprint: str) -> dict | None:
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
-def _finished_without_checkpoint(layout: Layout, fingerprint: str) -> str | None:
-    """Where this run finished here and its checkpoints are gone (another run's replaced them: a try of
-    other settings, stopped after its first checkpoint), but its model and records are intact: a sentence
-    saying it is reused, else None. Retraining from step 0 gave the same weights, hours later."""
-    checkpoints = step_folders(layout.checkpoints) if layout.checkpoints.is_dir() else []
-    if any((read_state(c) or {}).get("fingerprint") == fingerprint for c in checkpoints):
-        return None  # resumed or reused from its checkpoint, as fit does it
+def _intact(layout: Layout, fingerprint: str) -> dict | None:
+    """The summary of the run `fingerprint` where it finished here and its model and every record of it are in
+    place, as train wrote them; else None."""
     summary = _summary_of(layout, fingerprint)
     try:
         record = read_json(layout.model / "rm_lib.json") if (layout.model / "rm_lib.json").is_file() else None
     except DataError:
         return None
-    # a benchmark's run (bench_train.py) saved no reward statistics: the pipeline's trains again for them
     records = [layout.train_logs / name for name in ("run.json", "metrics.jsonl", "metrics.plot.json", "loss.png")]
+    # a benchmark's run (bench_train.py) saved no reward statistics: the pipeline's trains again for them
     if (summary is None or summary.get("reward_mean") is None or not isinstance(record, dict)
             or record.get("fingerprint") != fingerprint
             or not all(path.is_file() for path in records) or model_files_differ(layout.model, record)):
+        return None
+    return summary
+
+
+def _finished_without_checkpoint(layout: Layout, fingerprint: str) -> str | None:
+    """Where this run finished here, no checkpoint of it is here (none came with a `git clone` + `dvc pull`, or
+    another run's replaced them: a try of other settings, stopped after its first checkpoint), and its model
+    and records are intact: a sentence saying they are reused as they are, else None. It trained again from
+    step 0, for the same weights, hours later."""
+    checkpoints = step_folders(layout.checkpoints) if layout.checkpoints.is_dir() else []
+    if any((read_state(c) or {}).get("fingerprint") == fingerprint for c in checkpoints):
+        return None  # resumed or reused from its checkpoint, as fit does it
+    summary = _intact(layout, fingerprint)
+    if summary is None:
         return None
     return (f"already trained at step {summary.get('steps')}; reused {layout.model} (no checkpoint of this run is "
             "here: none was pulled, or another run's replaced them; its model and records are intact)")
@@ -368,7 +378,10 @@ def run(params: Params, layout: Layout, accelerator=None,
         best_eval_accuracy=result.best_eval_accuracy, processes=launch.processes, fsdp=launch.fsdp,
         launch=str(launch), launch_command=launch.command("run"),
         device_plan=plan, sessions=result.sessions)
-    if accelerator.is_main_process:
+    # a finished run reused from its checkpoint, its model and records intact: they stay as they are (written
+    # again, summary.json changed, `reused`, and DVC saw train's outputs changed: `dvc checkout` asked for -f)
+    kept = result.reused and earlier is not None and _intact(layout, fingerprint) is not None
+    if accelerator.is_main_process and not kept:
         # the model and its run's records replace the earlier ones together: an interrupted train leaves
         # the earlier pair, which push and the model card quote as one
         with atomic_dirs(layout.model, layout.train_logs) as (out, logs):
