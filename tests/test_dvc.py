@@ -656,6 +656,9 @@ def test_exp_run_and_exp_show(pipeline):
     ours = [row for row in table if row["Experiment"] and float(row["train.learning_rate"]) == 1e-4]
     assert len(ours) == 1, f"dvc exp show lists no experiment with train.learning_rate=1e-4: {table}"
     assert 0.0 <= float(ours[0]["accuracy"]) <= 1.0
+    # the release's card names the experiment that holds the settings and dvc.lock HEAD does not
+    card = (pipeline.root / "data" / "release" / "README.md").read_text()
+    assert f"Reproduce: `dvc exp apply {ours[0]['Experiment']}` (the DVC experiment, on commit" in card, card[-3000:]
     # `make exp`: the same table without a column per code folder or data file
     drop = re.search(r"^EXP_SHOW := exp show --drop '(.+)'$", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert f"dvc exp show --drop '{drop}'" in (ROOT / "README.md").read_text()  # the README shows the same

@@ -1260,6 +1260,34 @@ def test_a_failed_push_keeps_the_previous_release_as_it_was(project, server, mon
     assert not [p for p in Layout(project).release.parent.iterdir() if p.name.startswith(".release")]
 
 
+def test_a_card_written_in_a_dvc_experiment_names_the_experiment_that_holds_its_changes(monkeypatch):
+    """Under `dvc exp run` the workspace holds the experiment's params.yaml and dvc.lock, uncommitted: the card
+    said only "Not claimed reproducible from this commit", though the experiment's commit holds them. It
+    names the experiment (DVC gives its stages DVC_EXP_NAME and DVC_EXP_BASELINE_REV) and how to get it."""
+    from rm_lib.pipeline import dvc_record
+
+    md5 = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-try")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc1234567890def")
+    experiment = dvc_record.experiment_running()
+    assert experiment == {"name": "lr-try", "baseline": "abc1234567890def"}
+    lineage = {"git_commit": "abc1234567890def (with uncommitted changes)", "dvc_data": {"data/pairs": md5 + ".dir"},
+               "dvc_model": {"models/m": md5}, "code_hash": "c1", "code_hash_now": "c1", "lock_differs": [],
+               "lock_committed": False, "dvc_experiment": experiment}
+    text = model_card._lineage(lineage)
+    assert "| DVC experiment | `lr-try`, run from commit `abc1234567890def`" in text
+    assert "Reproduce: `dvc exp apply lr-try` (the DVC experiment, on commit `abc123456789`), then `dvc repro`" in text
+    assert "`dvc exp pull <git remote> lr-try`" in text and "is not committed yet" not in text
+    # the experiment does not excuse what its commit would not hold either
+    other = model_card._lineage({**lineage, "code_untracked": ["rm_lib/x.py"]})
+    assert "Not claimed reproducible" in other and "Reproduce:" not in other
+    # outside an experiment: the uncommitted changes are a doubt, as before
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert dvc_record.experiment_running() is None
+    plain = model_card._lineage({**lineage, "dvc_experiment": None})
+    assert "Not claimed reproducible" in plain and "DVC experiment" not in plain
+
+
 def test_the_card_claims_the_commit_reproduces_the_model_only_where_nothing_says_otherwise():
     """The card said "Reproduce: check out the commit" for a model made by code or settings that were
     changed, run through `dvc repro` and undone, for a checkout that was not `dvc checkout`ed (its own md5

@@ -343,6 +343,16 @@ def experiment_name(run_id: str) -> str:
     return f"dagster-{run_id[:8]}"
 
 
+def experiment_running() -> Optional[dict[str, str]]:
+    """The DVC experiment this process runs a stage of ({"name", "baseline": the commit it starts from}), or
+    None: `dvc exp run` (in the workspace, --temp or from the queue) gives its stages DVC_EXP_NAME and
+    DVC_EXP_BASELINE_REV. The experiment's commit will hold the workspace's tracked changes, its
+    params.yaml and dvc.lock, so it names what a plain commit of the baseline does not."""
+    name = os.environ.get("DVC_EXP_NAME", "").strip()
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "").strip()
+    return {"name": name, "baseline": baseline} if name and baseline else None
+
+
 def workspace_note(name: str, root: Path) -> str:
     """What a user must know before committing after a run recorded as an experiment."""
     # the outs dvc.yaml keeps in git, where git has them (before a first commit of them there is nothing

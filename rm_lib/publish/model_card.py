@@ -802,6 +802,10 @@ def _lineage(lineage: dict) -> str:
     if other_code and lineage.get("git_commit"):
         commit += f" (the push's; its training code is `{now}`, not the code that trained this model)"
     rows = [("git commit", commit)]
+    experiment = lineage.get("dvc_experiment")
+    if experiment:  # `dvc exp run`: the experiment's commit holds what the baseline commit does not
+        rows.append(("DVC experiment", f"`{experiment['name']}`, run from commit `{experiment['baseline']}` "
+                                       "(its commit holds the settings, dvc.lock and changes it ran with)"))
     if lineage.get("code_elsewhere"):  # the project's commit does not hold the code that ran
         rows.append((f"rm_lib that ran: {_code(lineage['code_elsewhere'], cell=True)}",
                      _or(lineage.get("code_commit"), "in no git checkout")))
@@ -875,7 +879,8 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     if lineage.get("data_code_differs"):
         doubts.append(f"its data were made by other code of {', '.join(lineage['data_code_differs'])} than this "
                       "checkout holds (or by a version that did not record it)")
-    if "uncommitted changes" in (lineage.get("git_commit") or ""):
+    experiment = lineage.get("dvc_experiment")
+    if "uncommitted changes" in (lineage.get("git_commit") or "") and not experiment:
         doubts.append("the checkout holds uncommitted changes to tracked files: code, settings or data (`git status`)")
     if any(not _is_md5(v) for key in ("dvc_data", "dvc_model") for v in (lineage.get(key) or {}).values()
            if NOT_TRACKED not in v):
@@ -905,14 +910,20 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     if not hashes:  # no dvc.lock records them (a run from the command line): nothing to pull
         pull = ("no dvc.lock records the data and model: the run remakes them from the source (`dvc repro`, then "
                 "`dvc push`, keeps them for `dvc pull`).")
+    elif experiment:
+        pull = (f"`dvc exp push <git remote> {experiment['name']}` shares the experiment with the data and model "
+                f"above (they go to the DVC remote), and `dvc exp pull <git remote> {experiment['name']}` brings "
+                "them to another clone.")
     elif lineage.get("lock_committed") is not False:
         pull = ("`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them (`dvc "
                 "push` puts them there).")
     else:
         pull = ("the dvc.lock that records the hashes above is not committed yet: at the commit that adds it "
                 "(docs/dvc.md), `dvc pull` fetches them when a DVC remote holds them.")
-    checkout = "check out the commit" + (f" and rm_lib's at {lineage['code_commit']} ({lineage['code_elsewhere']})"
-                                         if lineage.get("code_elsewhere") else "")
+    checkout = (f"`dvc exp apply {experiment['name']}` (the DVC experiment, on commit "
+                f"`{experiment['baseline'][:12]}`)" if experiment else "check out the commit")
+    if lineage.get("code_elsewhere"):
+        checkout += f" and rm_lib's at {lineage['code_commit']} ({lineage['code_elsewhere']})"
     processes = lineage.get("processes")
     if processes not in (None, 1) or lineage.get("fsdp"):
         # dvc.yaml's train stage runs one process: another global batch, another model
