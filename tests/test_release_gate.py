@@ -198,10 +198,13 @@ def test_the_report_names_its_test_pairs_and_push_says_what_it_was_compared_with
     layout = Layout(project)
     report = json.loads((layout.evaluation / "report.json").read_text())
     rows = read_rows(layout.filtered / "test.parquet")
-    digests = report["test_data"].pop("digests")
+    digests, correct = report["test_data"].pop("digests"), report["test_data"].pop("correct")
     assert report["test_data"] == {"source": "demo", "subset": None, "pairs": report["pairs"],
                                    "hash": quality.test_pairs_hash(rows)}
     assert len(digests) == len(rows) == report["pairs"] and digests == sorted(digests)
+    # which pairs the model got right, in the digests' order: as many as the accuracy counts
+    assert len(correct) == len(digests) and set(correct) <= {"0", "1"}
+    assert correct.count("1") == round(report["accuracy"] * report["pairs"])
     params = tiny_params("push.compare_with_release=true", model=str(tiny_decoder))
     first = run_steps(params, project, "push")["push"].summary()
     assert f"release gate passed: accuracy {report['accuracy']:.4f} on {report['pairs']} test pairs" in first
@@ -455,6 +458,46 @@ def test_a_drop_on_nearly_the_same_test_pairs_is_refused_and_on_another_sample_w
     for accuracy, passed in ((0.794, False), (0.799, True)):  # either side of the 95% bound, about 0.797
         verdict = judged(tmp_path, accuracy, held_out(pairs=400, first=1000), held_out(pairs=397, digest="t0"), 0.85)
         assert verdict.passed is passed is (accuracy >= 0.85 - verdict.metadata["noise_margin"]), verdict.description
+
+
+def right(record: dict, wrong: set[int]) -> dict:
+    """`record` (held_out) saying the model got every pair right but those numbered in `wrong`."""
+    return {**record, "correct": "".join("0" if int(d, 16) in wrong else "1" for d in record["digests"])}
+
+
+def test_where_both_say_which_pairs_they_got_right_the_gate_compares_them_on_the_pairs_both_hold(tmp_path):
+    """A source grown by a tenth (a week's new rows), or another seed's split: the gate compared the whole
+    accuracies, of partly other pairs (strictly, or within the noise of two samples), though both reports
+    say which held-out pairs each model got right. On the pairs both hold the comparison is like for like:
+    a model that does as well there passes though its new pairs are harder, and one that does worse there
+    is refused though its whole accuracy is higher or within the noise."""
+    old = held_out(pairs=300, digest="t0")  # pairs 0..299
+    grown = held_out(pairs=340, first=0)  # 40 new pairs, 300..339
+    released = right(old, set(range(0, 60)))  # 0.8
+    harder_new = right(grown, set(range(0, 60)) | set(range(300, 330)))  # the same 240 of 300, 10 of 40 new
+    verdict = judged(tmp_path, 250 / 340, harder_new, released, 0.8)
+    assert verdict.passed, verdict.description
+    assert "and >= the last released model's 0.8000 on the 300 test pairs both were measured on (340 pairs here, " \
+           "300 there), where this model has 0.8000" in verdict.description
+    assert verdict.metadata["accuracy_on_shared_test_pairs"] == 0.8 and verdict.metadata["shared_test_pairs"] == 300
+    worse_there = right(grown, set(range(0, 61)))  # one more shared pair wrong, all new pairs right
+    verdict = judged(tmp_path, 279 / 340, worse_there, released, 0.8)
+    assert not verdict.passed
+    assert "accuracy 0.7967 on the 300 test pairs both were measured on (340 pairs here, 300 there) is below the " \
+           "last released model's 0.8000 on them" in verdict.description
+    # another seed: 100 pairs shared of 400 and 397; a drop of 0.03 passed as the noise of two samples
+    reseeded = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 327)) | set(range(400, 430)))
+    earlier = right(held_out(pairs=397, digest="t0"), set(range(297, 324)))  # 0.73 on the shared 297..396
+    verdict = judged(tmp_path, 0.85, reseeded, earlier, 0.83)
+    assert verdict.metadata["shared_test_pairs"] == 100 and not verdict.passed, verdict.description
+    assert "accuracy 0.7000 on the 100 test pairs both were measured on" in verdict.description
+    # fewer shared than push.min_test_pairs: too few to judge on, the whole accuracies within their noise
+    verdict = judged(tmp_path, 0.83, reseeded, earlier, 0.85, min_test_pairs=101)
+    assert verdict.passed and "by no more than the sampling noise of the two" in verdict.description
+    # a release by a version that did not record which it got right: the whole accuracies, as before
+    verdict = judged(tmp_path, 279 / 340, worse_there, old, 0.8)
+    assert verdict.passed and "0.8000, measured on other test pairs (340 pairs here, 300 there, 300 shared): not " \
+        "like for like" in verdict.description
 
 
 def test_repeated_test_pairs_count_as_shared_as_often_as_the_accuracy_counts_them(tmp_path):

@@ -11,6 +11,7 @@ import hashlib
 import math
 from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -222,13 +223,52 @@ def test_pairs_hash(rows: list[dict]) -> str:
     return hashlib.sha256(b"".join(sorted(_pair_digests(rows)))).hexdigest()
 
 
-def test_data_record(source: str, subset: str | None, rows: list[dict]) -> dict:
+def test_data_record(source: str, subset: str | None, rows: list[dict],
+                     correct: Sequence[bool] | None = None) -> dict:
     """report.json's `test_data`: the source (download.source, a local one by its name, and
-    download.subset), the number of pairs, their hash (test_pairs_hash) and each pair's short digest,
-    which tell how many pairs two test sets share. The gate compares a model with the last release
-    only on the same source; strictly where they share most of their pairs (SHARED_FOR_STRICT)."""
-    return {"source": source, "subset": subset, "pairs": len(rows), "hash": test_pairs_hash(rows),
-            "digests": sorted(d.hex()[:16] for d in _pair_digests(rows))}
+    download.subset), the number of pairs, their hash (test_pairs_hash), each pair's short digest, which
+    tell how many pairs two test sets share, and, given `correct` (each row's chosen reward above its
+    rejected one), which of them the model got right ("1"/"0" in the digests' order). The gate compares a
+    model with the last release only on the same source; on the pairs both were measured on where both
+    say which they got right (_shared_outcomes); else strictly where they share most of their pairs
+    (SHARED_FOR_STRICT)."""
+    digests = [d.hex()[:16] for d in _pair_digests(rows)]
+    record = {"source": source, "subset": subset, "pairs": len(rows), "hash": test_pairs_hash(rows),
+              "digests": sorted(digests)}
+    if correct is not None:
+        ordered = sorted(zip(digests, correct, strict=True))
+        record["correct"] = "".join("1" if right else "0" for _, right in ordered)
+    return record
+
+
+def _outcomes(record: dict) -> dict[str, tuple[int, int]] | None:
+    """digest -> (how often the test set holds that pair, how often the model got it right), or None where
+    the record does not say which it got right (a report of an older version)."""
+    digests, correct = record.get("digests"), record.get("correct")
+    if not isinstance(digests, list) or not isinstance(correct, str) or len(correct) != len(digests):
+        return None
+    found: dict[str, tuple[int, int]] = {}
+    for digest, right in zip(digests, correct):
+        held, won = found.get(digest, (0, 0))
+        found[digest] = (held + 1, won + (right == "1"))
+    return found
+
+
+def _shared_outcomes(mine: dict, theirs: dict) -> tuple[int, float, float] | None:
+    """(the pairs both test sets hold, counted as the accuracy counts them; the share of them this model got
+    right; the share the release got right), or None where a record does not say which it got right."""
+    here, there = _outcomes(mine), _outcomes(theirs)
+    if here is None or there is None:
+        return None
+    shared, right_here, right_there = 0, 0.0, 0.0
+    for digest, (held, won) in here.items():
+        if digest in there:
+            held_there, won_there = there[digest]
+            both = min(held, held_there)  # a repeated pair: the same ids, so the same outcome each time
+            shared += both
+            right_here += both * won / held
+            right_there += both * won_there / held_there
+    return (shared, right_here / shared, right_there / shared) if shared else (0, 0.0, 0.0)
 
 
 def wilson_interval(accuracy: float, pairs: int, z: float = Z95) -> tuple[float, float]:
@@ -361,6 +401,18 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
             return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f} on the same "
                     f"{pairs} test pairs; set push.compare_with_release=false to release anyway"), "", metadata
         return None, f" and >= the last released model's {previous:.4f} on the same {pairs} test pairs", metadata
+    outcomes = _shared_outcomes(mine, theirs)
+    if outcomes is not None and outcomes[0] >= min_test_pairs:
+        # which pairs each got right is known: compared like for like, on the pairs both were measured on
+        shared, here, there = outcomes
+        metadata.update({"shared_test_pairs": shared, "accuracy_on_shared_test_pairs": here,
+                         "previous_release_accuracy_on_shared_test_pairs": there})
+        on = f"on the {shared} test pairs both were measured on ({counts})"
+        if here < there:
+            return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them; set "
+                    "push.compare_with_release=false to release anyway"), "", metadata
+        return None, (f" and >= the last released model's {there:.4f} {on}, where this model has "
+                      f"{here:.4f}"), metadata
     # counted as the accuracy counts them: a repeated test pair is shared as often as both sets hold it
     shared = sum((Counter(mine.get("digests") or []) & Counter(theirs.get("digests") or [])).values())
     larger = max(pairs if isinstance(pairs, int) else 0, previous_pairs if isinstance(previous_pairs, int) else 0)

@@ -176,7 +176,8 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
             set_aside += [{"suite": name, **record} for record in entry.pop(suites.SET_ASIDE)]
     source = download["source"]
     metrics["data_source"], metrics["demo_data"] = source, source == "demo"
-    metrics[quality.TEST_DATA] = quality.test_data_record(identity, download.get("subset"), rows)
+    metrics[quality.TEST_DATA] = quality.test_data_record(identity, download.get("subset"), rows,
+                                                          [c > r for c, r in zip(r_c, r_r)])  # a tie: wrong
     tokenizer = load_tokenizer(str(layout.model), setting=TRAINED)
     # The same texts scored every way the model is used (batch size 1, left padding, packed, pipeline).
     metrics["consistency"] = consistency.check(layout.model, rows, pad_token_id=tokenizer.pad_token_id,
