@@ -1260,6 +1260,24 @@ def test_a_failed_push_keeps_the_previous_release_as_it_was(project, server, mon
     assert not [p for p in Layout(project).release.parent.iterdir() if p.name.startswith(".release")]
 
 
+def test_a_push_names_the_dvc_experiment_only_where_its_checkout_is_at_the_experiments_baseline(
+        project, tiny_decoder, monkeypatch):
+    """DVC_EXP_NAME inherited by a process that does not run in that experiment's checkout (a baseline other
+    than HEAD) named an experiment that holds none of its changes."""
+    git(project, "init", "-q")
+    (project / "params.yaml").write_text("{}\n")
+    git(project, "add", "params.yaml")
+    git(project, "commit", "-q", "-m", "settings")
+    head = git(project, "rev-parse", "HEAD")
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-try")
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    card = Layout(project).release / "README.md"
+    for baseline, named in (("0" * 40, False), (head, True)):
+        monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+        push_step(settings(tiny_decoder, "push.dry_run=true"), project)
+        assert ("| DVC experiment | `lr-try`" in card.read_text()) is named
+
+
 def test_a_card_written_in_a_dvc_experiment_names_the_experiment_that_holds_its_changes(monkeypatch):
     """Under `dvc exp run` the workspace holds the experiment's params.yaml and dvc.lock, uncommitted: the card
     said only "Not claimed reproducible from this commit", though the experiment's commit holds them. It
@@ -1269,6 +1287,9 @@ def test_a_card_written_in_a_dvc_experiment_names_the_experiment_that_holds_its_
     md5 = "0123456789abcdef0123456789abcdef"
     monkeypatch.setenv("DVC_EXP_NAME", "lr-try")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc1234567890def")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert dvc_record.experiment_running() is None  # DVC gives its stages DVC_ROOT too
+    monkeypatch.setenv("DVC_ROOT", "/project")
     experiment = dvc_record.experiment_running()
     assert experiment == {"name": "lr-try", "baseline": "abc1234567890def"}
     lineage = {"git_commit": "abc1234567890def (with uncommitted changes)", "dvc_data": {"data/pairs": md5 + ".dir"},

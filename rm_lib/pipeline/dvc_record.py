@@ -346,11 +346,12 @@ def experiment_name(run_id: str) -> str:
 def experiment_running() -> Optional[dict[str, str]]:
     """The DVC experiment this process runs a stage of ({"name", "baseline": the commit it starts from}), or
     None: `dvc exp run` (in the workspace, --temp or from the queue) gives its stages DVC_EXP_NAME and
-    DVC_EXP_BASELINE_REV. The experiment's commit will hold the workspace's tracked changes, its
-    params.yaml and dvc.lock, so it names what a plain commit of the baseline does not."""
+    DVC_EXP_BASELINE_REV (and DVC_ROOT). The experiment's commit will hold the workspace's tracked
+    changes, its params.yaml and dvc.lock, so it names what a plain commit of the baseline does not; the
+    caller checks that the checkout is at that baseline (a process that inherited the variables may not be)."""
     name = os.environ.get("DVC_EXP_NAME", "").strip()
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "").strip()
-    return {"name": name, "baseline": baseline} if name and baseline else None
+    return {"name": name, "baseline": baseline} if name and baseline and os.environ.get("DVC_ROOT") else None
 
 
 def workspace_note(name: str, root: Path) -> str:

@@ -913,7 +913,8 @@ def _reproduce(lineage: dict, other_code: bool) -> str:
     elif experiment:
         pull = (f"`dvc exp push <git remote> {experiment['name']}` shares the experiment with the data and model "
                 f"above (they go to the DVC remote), and `dvc exp pull <git remote> {experiment['name']}` brings "
-                "them to another clone.")
+                "them to another clone; a commit of the applied experiment (`params.yaml`, `dvc.lock`) reproduces "
+                "it as well.")
     elif lineage.get("lock_committed") is not False:
         pull = ("`dvc pull` fetches the data and model with the hashes above when a DVC remote holds them (`dvc "
                 "push` puts them there).")

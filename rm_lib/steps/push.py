@@ -282,7 +282,9 @@ def card_lineage(layout: Layout, summary: dict, trained: dict, recorded: dict[st
     commit = lineage.get("git_commit")
     if lineage["code_changed"] and not lineage["code_elsewhere"] and commit and "uncommitted" not in commit:
         lineage["git_commit"] = f"{commit} (with uncommitted changes)"  # the project is a folder of the checkout
-    lineage["dvc_experiment"] = dvc_record.experiment_running()
+    experiment = dvc_record.experiment_running()  # named only where the checkout is at its baseline commit
+    head = (lineage.get("git_commit") or "").split(" ")[0]
+    lineage["dvc_experiment"] = experiment if experiment and head == experiment["baseline"] else None
     tokenized = layout.tokenized / "manifest.json"  # what the chat template left out of, or refused, per split
     record = read_json(tokenized) if tokenized.exists() else {}
     lineage["template_left_out"] = record.get("prompts_left_out") or {}
