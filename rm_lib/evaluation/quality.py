@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rm_lib.data import keys
 from rm_lib.data.trained_prompts import SEEN
@@ -230,7 +230,7 @@ def test_data_record(source: str, subset: str | None, rows: list[dict],
     tell how many pairs two test sets share, and, given `correct` (each row's chosen reward above its
     rejected one), which of them the model got right ("1"/"0" in the digests' order). The gate compares a
     model with the last release only on the same source; on the pairs both were measured on where both
-    say which they got right (_shared_outcomes); else strictly where they share most of their pairs
+    say which they got right (_compared_on_shared); else strictly where they share most of their pairs
     (SHARED_FOR_STRICT)."""
     digests = [d.hex()[:16] for d in _pair_digests(rows)]
     record = {"source": source, "subset": subset, "pairs": len(rows), "hash": test_pairs_hash(rows),
@@ -254,21 +254,38 @@ def _outcomes(record: dict) -> dict[str, tuple[int, int]] | None:
     return found
 
 
-def _shared_outcomes(mine: dict, theirs: dict) -> tuple[int, float, float] | None:
-    """(the pairs both test sets hold, counted as the accuracy counts them; the share of them this model got
-    right; the share the release got right), or None where a record does not say which it got right."""
+class Shared(NamedTuple):
+    """Two models on the held-out pairs both were measured on: how many (counted as the accuracy counts
+    them), the share each got right, and the pairs only one got right (the release and not this model:
+    `lost`; this model and not the release: `gained`)."""
+
+    pairs: int
+    here: float
+    there: float
+    lost: float
+    gained: float
+
+
+def _shared_outcomes(mine: dict, theirs: dict) -> Shared | None:
+    """This model and the release on the pairs both test sets hold, or None where a record does not say
+    which it got right."""
     here, there = _outcomes(mine), _outcomes(theirs)
     if here is None or there is None:
         return None
-    shared, right_here, right_there = 0, 0.0, 0.0
+    shared, right_here, right_there, lost, gained = 0, 0.0, 0.0, 0.0, 0.0
     for digest, (held, won) in here.items():
         if digest in there:
             held_there, won_there = there[digest]
             both = min(held, held_there)  # a repeated pair: the same ids, so the same outcome each time
+            mine_right, theirs_right = won / held, won_there / held_there
             shared += both
-            right_here += both * won / held
-            right_there += both * won_there / held_there
-    return (shared, right_here / shared, right_there / shared) if shared else (0, 0.0, 0.0)
+            right_here += both * mine_right
+            right_there += both * theirs_right
+            lost += both * theirs_right * (1 - mine_right)
+            gained += both * mine_right * (1 - theirs_right)
+    if not shared:
+        return Shared(0, 0.0, 0.0, 0.0, 0.0)
+    return Shared(shared, right_here / shared, right_there / shared, lost, gained)
 
 
 def wilson_interval(accuracy: float, pairs: int, z: float = Z95) -> tuple[float, float]:
@@ -351,8 +368,10 @@ def _source_name(test_data: dict) -> str:
 def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None, str, dict[str, Any]]:
     """The new model against the last release's bar: (why it is refused, or None; what the verdict says
     of the comparison; metadata). Across sources nothing is compared; on the same pairs strictly; on
-    other pairs of the same source strictly too where the two share most pairs (SHARED_FOR_STRICT), else
-    within the sampling noise of both (noise_margin); the verdict says which. A release by an older
+    other pairs of the same source, where both records say which pairs they got right and share at
+    least min_test_pairs, on those shared pairs (_compared_on_shared); else strictly too where the two
+    share most pairs (SHARED_FOR_STRICT), else within the sampling noise of both (noise_margin); the
+    verdict says which. A release by an older
     version measured on fewer than min_test_pairs is no bar; one with no test_data is compared strictly,
     as then."""
     accuracy, pairs, previous = report["accuracy"], report.get("pairs"), bar.get("accuracy")
@@ -401,21 +420,17 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
             return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f} on the same "
                     f"{pairs} test pairs; set push.compare_with_release=false to release anyway"), "", metadata
         return None, f" and >= the last released model's {previous:.4f} on the same {pairs} test pairs", metadata
-    outcomes = _shared_outcomes(mine, theirs)
-    if outcomes is not None and outcomes[0] >= min_test_pairs:
-        # which pairs each got right is known: compared like for like, on the pairs both were measured on
-        shared, here, there = outcomes
-        metadata.update({"shared_test_pairs": shared, "accuracy_on_shared_test_pairs": here,
-                         "previous_release_accuracy_on_shared_test_pairs": there})
-        on = f"on the {shared} test pairs both were measured on ({counts})"
-        if here < there:
-            return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them; set "
-                    "push.compare_with_release=false to release anyway"), "", metadata
-        return None, (f" and >= the last released model's {there:.4f} {on}, where this model has "
-                      f"{here:.4f}"), metadata
+    larger = max(pairs if isinstance(pairs, int) else 0, previous_pairs if isinstance(previous_pairs, int) else 0)
+    both = _shared_outcomes(mine, theirs)
+    paired = ""  # what the comparison on the shared pairs said, where it let the model through
+    if both is not None and both.pairs >= min_test_pairs:
+        if both.pairs >= SHARED_FOR_STRICT * larger:
+            return _strictly_on_shared(both, counts, metadata)
+        refused, paired = _paired_on_shared(both, counts, metadata)
+        if refused:
+            return refused, "", metadata
     # counted as the accuracy counts them: a repeated test pair is shared as often as both sets hold it
     shared = sum((Counter(mine.get("digests") or []) & Counter(theirs.get("digests") or [])).values())
-    larger = max(pairs if isinstance(pairs, int) else 0, previous_pairs if isinstance(previous_pairs, int) else 0)
     known = bool(mine.get("digests")) and bool(theirs.get("digests"))
     metadata["shared_test_pairs"] = shared if known else "unknown"
     other = f"measured on other test pairs ({counts}, {shared if known else 'an unknown number'} shared)"
@@ -424,7 +439,8 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
             return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f}, {other}; set "
                     "push.compare_with_release=false to release anyway"), "", metadata
         return None, f" and >= the last released model's {previous:.4f}, {other}: not like for like", metadata
-    # mostly other pairs (another seed, test fraction or filter): a drop within the noise of two samples
+    # mostly other pairs (another seed, test fraction or filter): a drop within the noise of two samples;
+    # with the paired test above, as the pairs only one set holds are evidence too
     margin = noise_margin(accuracy, pairs, previous, previous_pairs)
     metadata["noise_margin"] = margin
     if accuracy < previous - margin:
@@ -432,9 +448,47 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
                 f"than the sampling noise of the two ({margin:.4f} at 95%); set push.compare_with_release=false "
                 "to release anyway"), "", metadata
     if accuracy >= previous:
-        return None, f" and >= the last released model's {previous:.4f}, {other}: not like for like", metadata
-    return None, (f"; below the last released model's {previous:.4f}, {other}, by no more than the sampling noise "
-                  f"of the two ({margin:.4f} at 95%)"), metadata
+        return None, f"{paired} and >= the last released model's {previous:.4f}, {other}: not like for like", metadata
+    return None, (f"{paired}; below the last released model's {previous:.4f}, {other}, by no more than the sampling "
+                  f"noise of the two ({margin:.4f} at 95%)"), metadata
+
+
+def _on_shared(both: Shared, counts: str, metadata: dict[str, Any]) -> str:
+    metadata.update({"shared_test_pairs": both.pairs, "accuracy_on_shared_test_pairs": both.here,
+                     "previous_release_accuracy_on_shared_test_pairs": both.there})
+    return f"on the {both.pairs} test pairs both were measured on ({counts})"
+
+
+def _strictly_on_shared(both: Shared, counts: str,
+                        metadata: dict[str, Any]) -> tuple[str | None, str, dict[str, Any]]:
+    """_compared where both records say which held-out pairs they got right and share nearly the whole
+    sample (SHARED_FOR_STRICT): a drop on the pairs both hold is a drop, whatever the few others."""
+    on, here, there = _on_shared(both, counts, metadata), both.here, both.there
+    if here < there:
+        return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them; set "
+                "push.compare_with_release=false to release anyway"), "", metadata
+    return None, f" and >= the last released model's {there:.4f} {on}, where this model has {here:.4f}", metadata
+
+
+def _paired_on_shared(both: Shared, counts: str, metadata: dict[str, Any]) -> tuple[str | None, str]:
+    """(why refused, or None; what it says) of a model on the pairs both test sets hold, a part of each
+    sample: a drop beyond chance is refused, by McNemar's test at 95% (the pairs only the release got right,
+    `lost`, outnumber those only this model got right, `gained`, by more than Z95 * sqrt(lost + gained)).
+    Strictly, an equally good model measured on 200 shared pairs of 1,000 was refused 44% of the time
+    (benchmarks/bench_gate.py)."""
+    on, here, there = _on_shared(both, counts, metadata), both.here, both.there
+    bound = Z95 * math.sqrt(both.lost + both.gained)
+    metadata.update({"shared_pairs_only_the_release_got_right": both.lost,
+                     "shared_pairs_only_this_model_got_right": both.gained, "paired_noise_bound": bound})
+    split = (f"{both.lost:g} of them only the release got right, {both.gained:g} only this model; chance allows a "
+             f"difference of {bound:.1f} at 95%")
+    if both.lost - both.gained > bound:
+        return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them by more than "
+                f"chance allows ({split}); set push.compare_with_release=false to release anyway"), ""
+    if here >= there:
+        return None, f" and >= the last released model's {there:.4f} {on}, where this model has {here:.4f},"
+    return None, (f"; below the last released model's {there:.4f} {on}, where this model has {here:.4f}, by no "
+                  f"more than chance allows ({split}); on all their pairs,")
 
 
 def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True,
