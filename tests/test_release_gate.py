@@ -468,42 +468,53 @@ def right(record: dict, wrong: set[int]) -> dict:
 def test_where_both_say_which_pairs_they_got_right_the_gate_compares_them_on_the_pairs_both_hold(tmp_path):
     """A source grown by a week's rows, or another seed's split: the gate compared the whole accuracies,
     of partly other pairs, though both reports say which held-out pairs each model got right. On the pairs
-    both hold the comparison is like for like: strictly where they are nearly the whole sample (a model as
-    good there passes though its new pairs are harder; one worse there is refused though its whole
-    accuracy is higher), else a drop beyond chance (McNemar's test on the pairs only one got right), the
-    whole accuracies within the noise of two samples as well."""
+    both hold the comparison is like for like: strictly where they are nearly the whole sample (one worse
+    there is refused though its whole accuracy is higher), else a drop beyond chance (McNemar's test on
+    the pairs only one got right); the whole accuracies within the noise of two samples as well."""
     old = held_out(pairs=300, digest="t0")  # pairs 0..299
     grown = held_out(pairs=330, first=0)  # 30 new pairs, 300..329: 300 of 330 shared, over 90%
     released = right(old, set(range(0, 60)))  # 0.8
     harder_new = right(grown, set(range(0, 60)) | set(range(300, 320)))  # the same 240 of 300, 10 of 30 new
     verdict = judged(tmp_path, 250 / 330, harder_new, released, 0.8)
     assert verdict.passed, verdict.description
-    assert "and >= the last released model's 0.8000 on the 300 test pairs both were measured on (330 pairs here, " \
-           "300 there), where this model has 0.8000" in verdict.description
+    assert verdict.description == (
+        "release gate passed: accuracy 0.7576 on 330 test pairs >= minimum 0.6000; on the 300 test pairs both were "
+        "measured on (330 pairs here, 300 there) >= the last released model's 0.8000 (this model 0.8000); on all "
+        "their pairs below the last released model's 0.8000, measured on other test pairs (330 pairs here, 300 "
+        "there, 300 shared), by no more than the sampling noise of the two (0.0652 at 95%)")
     assert verdict.metadata["accuracy_on_shared_test_pairs"] == 0.8 and verdict.metadata["shared_test_pairs"] == 300
     worse_there = right(grown, set(range(0, 61)))  # one more shared pair wrong, every new pair right
     verdict = judged(tmp_path, 269 / 330, worse_there, released, 0.8)
     assert not verdict.passed
     assert "accuracy 0.7967 on the 300 test pairs both were measured on (330 pairs here, 300 there) is below the " \
            "last released model's 0.8000 on them; set" in verdict.description
+    # as good on the shared pairs and wrong on every new one: the whole accuracies' noise rule refuses it
+    new_wrong = right(grown, set(range(0, 60)) | set(range(300, 330)))
+    verdict = judged(tmp_path, 240 / 330, new_wrong, released, 0.8)
+    assert not verdict.passed and verdict.description.startswith(
+        "release blocked: accuracy 0.7273 is below the last released model's 0.8000, measured on other test pairs "
+        "(330 pairs here, 300 there, 300 shared), by more than the sampling noise of the two (0.0666 at 95%); on the "
+        "300 test pairs both were measured on (330 pairs here, 300 there) >= the last released model's 0.8000 (this "
+        "model 0.8000); set push.compare_with_release=false")
     # a release by a version that did not record which it got right: the whole accuracies, as before
     verdict = judged(tmp_path, 269 / 330, worse_there, old, 0.8)
-    assert verdict.passed and "0.8000, measured on other test pairs (330 pairs here, 300 there, 300 shared): not " \
-        "like for like" in verdict.description
+    assert verdict.passed and verdict.description.endswith(
+        "minimum 0.6000 and >= the last released model's 0.8000, measured on other test pairs (330 pairs here, 300 "
+        "there, 300 shared): not like for like")
     # another seed: 100 pairs shared of 400 and 397 (297..396), part of each sample
     earlier = right(held_out(pairs=397, digest="t0"), set(range(297, 324)))  # 0.73 on the shared pairs
     close = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 327)) | set(range(400, 430)))
-    verdict = judged(tmp_path, 0.85, close, earlier, 0.83)  # 0.70 there: 3 pairs only the release got right
-    assert verdict.passed, verdict.description
-    assert "below the last released model's 0.7300 on the 100 test pairs both were measured on (400 pairs here, " \
-           "397 there), where this model has 0.7000, by no more than chance allows (3 of them only the release got " \
-           "right, 0 only this model; chance allows a difference of 3.4 at 95%); on all their pairs, and >= the last " \
-           "released model's 0.8300, measured on other test pairs (400 pairs here, 397 there, 100 shared)" \
-           in verdict.description
-    # as good on the shared pairs, far worse on its others: the whole accuracies' noise rule holds it back too
-    unshared_worse = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 324)) | set(range(400, 500)))
-    verdict = judged(tmp_path, 0.68, unshared_worse, earlier, 0.83)
-    assert not verdict.passed and "by more than the sampling noise of the two" in verdict.description
+    for accuracy, whole in ((0.85, "on all their pairs >= the last released model's 0.8300, measured on other test "
+                                    "pairs (400 pairs here, 397 there, 100 shared): not like for like"),
+                            (0.80, "on all their pairs below the last released model's 0.8300, measured on other "
+                                   "test pairs (400 pairs here, 397 there, 100 shared), by no more than the "
+                                   "sampling noise of the two (0.0540 at 95%)")):
+        verdict = judged(tmp_path, accuracy, close, earlier, 0.83)  # 0.70 there: 3 only the release got right
+        assert verdict.passed and verdict.description == (
+            f"release gate passed: accuracy {accuracy:.4f} on 400 test pairs >= minimum 0.6000; on the 100 test pairs "
+            "both were measured on (400 pairs here, 397 there) below the last released model's 0.7300 (this model "
+            "0.7000) by no more than chance allows (3 of them only the release got right, 0 only this model; chance "
+            f"allows a difference of 4.4); {whole}")
     worse = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 341)))  # 17 only the release got
     verdict = judged(tmp_path, 0.89, worse, earlier, 0.83)
     assert not verdict.passed and "by more than chance allows (17 of them only the release got right" in \
@@ -512,9 +523,30 @@ def test_where_both_say_which_pairs_they_got_right_the_gate_compares_them_on_the
     verdict = judged(tmp_path, 0.9, either_way, earlier, 0.83)
     assert verdict.passed and "(40 of them only the release got right, 27 only this model;" in verdict.description
     assert verdict.metadata["shared_pairs_only_the_release_got_right"] == 40
+    # as good on the shared pairs, far worse on its others: the whole accuracies' noise rule holds it back too
+    unshared_worse = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 324)) | set(range(400, 500)))
+    verdict = judged(tmp_path, 0.68, unshared_worse, earlier, 0.83)
+    assert not verdict.passed and "by more than the sampling noise of the two" in verdict.description
     # fewer shared than push.min_test_pairs: too few to judge on, the whole accuracies within their noise
     verdict = judged(tmp_path, 0.83, close, earlier, 0.85, min_test_pairs=101)
     assert verdict.passed and "by no more than the sampling noise of the two" in verdict.description
+
+
+def test_mcnemars_test_counts_each_distinct_pair_once_and_corrects_for_continuity(tmp_path):
+    """4 pairs only the release got right and none the other way: refused without the continuity
+    correction (4 > 1.96 * 2), though chance gives that 6% of the time; every shared pair held twice by
+    both sets doubled that evidence (3 against 0 became 6 against 0, refused)."""
+    earlier = right(held_out(pairs=397, digest="t0"), set(range(297, 324)))
+    four = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 328)))
+    verdict = judged(tmp_path, 0.9, four, earlier, 0.83)
+    assert verdict.passed and "(4 of them only the release got right, 0 only this model; chance allows a " \
+        "difference of 4.9)" in verdict.description
+    twice = lambda record: {**record, "pairs": 2 * record["pairs"], "digests": sorted(record["digests"] * 2),  # noqa: E731
+                            "correct": "".join(c * 2 for c in record["correct"])}
+    three = right(held_out(pairs=400, first=297, digest="t2"), set(range(297, 327)))
+    verdict = judged(tmp_path, 0.9, twice(three), twice(earlier), 0.83)
+    assert verdict.passed and verdict.metadata["shared_test_pairs"] == 200
+    assert verdict.metadata["shared_pairs_only_the_release_got_right"] == 3
 
 
 def test_repeated_shared_pairs_are_counted_as_the_accuracy_counts_them(tmp_path):
@@ -705,7 +737,7 @@ def test_the_gate_benchmark_runs_and_its_rules_agree_on_the_same_pairs():
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gate.py"), "--trials", "20"], cwd=root,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "%" in line]
-    assert len(rows) == 12
+    assert len(rows) == 16
     for row in rows:
         rates = [cell.strip() for cell in row[2:]]
         if row[0].startswith(" same pairs"):

@@ -230,7 +230,7 @@ def test_data_record(source: str, subset: str | None, rows: list[dict],
     tell how many pairs two test sets share, and, given `correct` (each row's chosen reward above its
     rejected one), which of them the model got right ("1"/"0" in the digests' order). The gate compares a
     model with the last release only on the same source; on the pairs both were measured on where both
-    say which they got right (_compared_on_shared); else strictly where they share most of their pairs
+    say which they got right (_on_shared_pairs); else strictly where they share most of their pairs
     (SHARED_FOR_STRICT)."""
     digests = [d.hex()[:16] for d in _pair_digests(rows)]
     record = {"source": source, "subset": subset, "pairs": len(rows), "hash": test_pairs_hash(rows),
@@ -256,8 +256,8 @@ def _outcomes(record: dict) -> dict[str, tuple[int, int]] | None:
 
 class Shared(NamedTuple):
     """Two models on the held-out pairs both were measured on: how many (counted as the accuracy counts
-    them), the share each got right, and the pairs only one got right (the release and not this model:
-    `lost`; this model and not the release: `gained`)."""
+    them), the share each got right, and the distinct pairs only one got right (the release and not this
+    model: `lost`; this model and not the release: `gained`)."""
 
     pairs: int
     here: float
@@ -281,8 +281,9 @@ def _shared_outcomes(mine: dict, theirs: dict) -> Shared | None:
             shared += both
             right_here += both * mine_right
             right_there += both * theirs_right
-            lost += both * theirs_right * (1 - mine_right)
-            gained += both * mine_right * (1 - theirs_right)
+            # a repeated pair is one piece of evidence: the same ids, scored the same each time
+            lost += theirs_right * (1 - mine_right)
+            gained += mine_right * (1 - theirs_right)
     if not shared:
         return Shared(0, 0.0, 0.0, 0.0, 0.0)
     return Shared(shared, right_here / shared, right_there / shared, lost, gained)
@@ -369,7 +370,8 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
     """The new model against the last release's bar: (why it is refused, or None; what the verdict says
     of the comparison; metadata). Across sources nothing is compared; on the same pairs strictly; on
     other pairs of the same source, where both records say which pairs they got right and share at
-    least min_test_pairs, on those shared pairs (_compared_on_shared); else strictly too where the two
+    least min_test_pairs, on those shared pairs (_on_shared_pairs) and within the noise of two samples
+    on the whole; else strictly too where the two
     share most pairs (SHARED_FOR_STRICT), else within the sampling noise of both (noise_margin); the
     verdict says which. A release by an older
     version measured on fewer than min_test_pairs is no bar; one with no test_data is compared strictly,
@@ -422,11 +424,9 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
         return None, f" and >= the last released model's {previous:.4f} on the same {pairs} test pairs", metadata
     larger = max(pairs if isinstance(pairs, int) else 0, previous_pairs if isinstance(previous_pairs, int) else 0)
     both = _shared_outcomes(mine, theirs)
-    paired = ""  # what the comparison on the shared pairs said, where it let the model through
+    on_shared = None  # what the comparison on the pairs both hold said, where it let the model through
     if both is not None and both.pairs >= min_test_pairs:
-        if both.pairs >= SHARED_FOR_STRICT * larger:
-            return _strictly_on_shared(both, counts, metadata)
-        refused, paired = _paired_on_shared(both, counts, metadata)
+        refused, on_shared = _on_shared_pairs(both, larger, counts, metadata)
         if refused:
             return refused, "", metadata
     # counted as the accuracy counts them: a repeated test pair is shared as often as both sets hold it
@@ -434,61 +434,59 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
     known = bool(mine.get("digests")) and bool(theirs.get("digests"))
     metadata["shared_test_pairs"] = shared if known else "unknown"
     other = f"measured on other test pairs ({counts}, {shared if known else 'an unknown number'} shared)"
-    if not known or shared >= SHARED_FOR_STRICT * larger:
+    if on_shared is None and (not known or shared >= SHARED_FOR_STRICT * larger):
         if accuracy < previous:
             return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f}, {other}; set "
                     "push.compare_with_release=false to release anyway"), "", metadata
         return None, f" and >= the last released model's {previous:.4f}, {other}: not like for like", metadata
-    # mostly other pairs (another seed, test fraction or filter): a drop within the noise of two samples;
-    # with the paired test above, as the pairs only one set holds are evidence too
+    # mostly other pairs (another seed, test fraction or filter): a drop within the noise of two samples.
+    # Beside a comparison on the shared pairs too, since the pairs only one set holds are evidence as well
+    # (a model as good on the shared pairs, wrong on every new one, passed on them)
     margin = noise_margin(accuracy, pairs, previous, previous_pairs)
     metadata["noise_margin"] = margin
+    shared_said = f"; {on_shared}" if on_shared else ""
     if accuracy < previous - margin:
         return (f"accuracy {accuracy:.4f} is below the last released model's {previous:.4f}, {other}, by more "
-                f"than the sampling noise of the two ({margin:.4f} at 95%); set push.compare_with_release=false "
-                "to release anyway"), "", metadata
+                f"than the sampling noise of the two ({margin:.4f} at 95%){shared_said}; set "
+                "push.compare_with_release=false to release anyway"), "", metadata
+    # after the shared pairs' words: "; on all their pairs >= ..."; alone, the words of the older versions
+    above, below = (f"{shared_said}; on all their pairs ",) * 2 if on_shared else (" and ", "; ")
     if accuracy >= previous:
-        return None, f"{paired} and >= the last released model's {previous:.4f}, {other}: not like for like", metadata
-    return None, (f"{paired}; below the last released model's {previous:.4f}, {other}, by no more than the sampling "
+        return None, f"{above}>= the last released model's {previous:.4f}, {other}: not like for like", metadata
+    return None, (f"{below}below the last released model's {previous:.4f}, {other}, by no more than the sampling "
                   f"noise of the two ({margin:.4f} at 95%)"), metadata
 
 
-def _on_shared(both: Shared, counts: str, metadata: dict[str, Any]) -> str:
-    metadata.update({"shared_test_pairs": both.pairs, "accuracy_on_shared_test_pairs": both.here,
-                     "previous_release_accuracy_on_shared_test_pairs": both.there})
-    return f"on the {both.pairs} test pairs both were measured on ({counts})"
-
-
-def _strictly_on_shared(both: Shared, counts: str,
-                        metadata: dict[str, Any]) -> tuple[str | None, str, dict[str, Any]]:
-    """_compared where both records say which held-out pairs they got right and share nearly the whole
-    sample (SHARED_FOR_STRICT): a drop on the pairs both hold is a drop, whatever the few others."""
-    on, here, there = _on_shared(both, counts, metadata), both.here, both.there
-    if here < there:
-        return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them; set "
-                "push.compare_with_release=false to release anyway"), "", metadata
-    return None, f" and >= the last released model's {there:.4f} {on}, where this model has {here:.4f}", metadata
-
-
-def _paired_on_shared(both: Shared, counts: str, metadata: dict[str, Any]) -> tuple[str | None, str]:
-    """(why refused, or None; what it says) of a model on the pairs both test sets hold, a part of each
-    sample: a drop beyond chance is refused, by McNemar's test at 95% (the pairs only the release got right,
-    `lost`, outnumber those only this model got right, `gained`, by more than Z95 * sqrt(lost + gained)).
-    Strictly, an equally good model measured on 200 shared pairs of 1,000 was refused 44% of the time
-    (benchmarks/bench_gate.py)."""
-    on, here, there = _on_shared(both, counts, metadata), both.here, both.there
-    bound = Z95 * math.sqrt(both.lost + both.gained)
+def _on_shared_pairs(both: Shared, larger: int, counts: str,
+                     metadata: dict[str, Any]) -> tuple[str | None, str]:
+    """(why refused, or None; what it says) of a model on the held-out pairs both test sets hold, where both
+    records say which they got right: like for like. Strictly where those are nearly the whole sample
+    (SHARED_FOR_STRICT); else, a part of each sample, a drop beyond chance: McNemar's test with a
+    continuity correction, refused where the distinct pairs only the release got right (`lost`) outnumber
+    those only this model got right (`gained`) by more than 1 + Z95 * sqrt(lost + gained), a drop that
+    chance gives less than 2.5% of the time. Strictly, an equally good model measured on 200 shared pairs
+    of 1,000 was refused 46% of the time (benchmarks/bench_gate.py)."""
+    here, there = both.here, both.there
+    metadata.update({"shared_test_pairs": both.pairs, "accuracy_on_shared_test_pairs": here,
+                     "previous_release_accuracy_on_shared_test_pairs": there})
+    on = f"on the {both.pairs} test pairs both were measured on ({counts})"
+    if both.pairs >= SHARED_FOR_STRICT * larger:  # nearly the same sample: a drop is a drop
+        if here < there:
+            return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them; set "
+                    "push.compare_with_release=false to release anyway"), ""
+        return None, f"{on} >= the last released model's {there:.4f} (this model {here:.4f})"
+    bound = 1 + Z95 * math.sqrt(both.lost + both.gained)
     metadata.update({"shared_pairs_only_the_release_got_right": both.lost,
                      "shared_pairs_only_this_model_got_right": both.gained, "paired_noise_bound": bound})
     split = (f"{both.lost:g} of them only the release got right, {both.gained:g} only this model; chance allows a "
-             f"difference of {bound:.1f} at 95%")
+             f"difference of {bound:.1f}")
     if both.lost - both.gained > bound:
         return (f"accuracy {here:.4f} {on} is below the last released model's {there:.4f} on them by more than "
                 f"chance allows ({split}); set push.compare_with_release=false to release anyway"), ""
     if here >= there:
-        return None, f" and >= the last released model's {there:.4f} {on}, where this model has {here:.4f},"
-    return None, (f"; below the last released model's {there:.4f} {on}, where this model has {here:.4f}, by no "
-                  f"more than chance allows ({split}); on all their pairs,")
+        return None, f"{on} >= the last released model's {there:.4f} (this model {here:.4f})"
+    return None, (f"{on} below the last released model's {there:.4f} (this model {here:.4f}) by no more than "
+                  f"chance allows ({split})")
 
 
 def accuracy_gate(layout: Layout, min_accuracy: float, compare_with_release: bool = True,
