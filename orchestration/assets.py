@@ -325,7 +325,9 @@ def record_stopped(stage: str) -> str:
 
 
 def _recorded_metadata(outcome: Recorded, version: str) -> dict:
-    remote = f"{outcome.remote} ({outcome.remote_url})" if outcome.remote else "none"
+    remote = "none" if not outcome.remote else (
+        f"{outcome.remote} ({outcome.remote_url})" if outcome.remote_url  # a remote of no url: none DVC knows here
+        else f"{outcome.remote} (no url in the project's .dvc/config: see dvc_push)")
     experiment = {}
     if outcome.experiment:
         experiment = {"dvc_experiment": outcome.experiment}

@@ -4,6 +4,7 @@ Only dagster and the light parts of rm_lib (settings, layout, errors) are import
 code server loads fast; torch and transformers are imported by the steps, inside the assets.
 """
 import contextlib
+import enum
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -90,23 +91,25 @@ class HubResource(dg.ConfigurableResource):
             return hub_fingerprint(name, revision)
 
 
+# train.wandb_mode's values as a config enum: the Launchpad offers them and refuses another value before the
+# run starts (a string was refused by train, after download, tokenize and filter had run)
+WandbMode = enum.Enum("WandbMode", {mode: mode for mode in WANDB_SETTING_MODES})
+
+
 class WandbResource(dg.ConfigurableResource):
     """Weights & Biases for the training step. Unset fields keep params.yaml's train.wandb_*."""
 
     project: Optional[str] = Field(default=None, description="W&B project (train.wandb_project); "
                                                              "unset: params.yaml's value (null = no W&B).")
-    mode: Optional[str] = Field(default=None, description="auto | online | offline | disabled "
-                                                          "(train.wandb_mode); unset: params.yaml's value.")
+    mode: Optional[WandbMode] = Field(default=None, description="auto | online | offline | disabled "
+                                                                "(train.wandb_mode); unset: params.yaml's value.")
 
     def overrides(self) -> list[str]:
         out = []
         if self.project:
             out.append(f"train.wandb_project={self.project}")
         if self.mode:
-            if self.mode not in WANDB_SETTING_MODES:
-                raise SettingsError(f"wandb resource: mode must be one of {', '.join(WANDB_SETTING_MODES)}, "
-                                    f"got '{self.mode}'")
-            out.append(f"train.wandb_mode={self.mode}")
+            out.append(f"train.wandb_mode={WandbMode(self.mode).value}")
         return out
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -262,6 +263,19 @@ def test_a_failed_push_is_reported_not_raised(recorded):
 
 
 # ---------------------------------------------------------------- without a DVC run
+
+def test_a_remote_of_no_url_is_said_so_in_the_metadata_not_as_none():
+    """The dvc resource's remote named one the project does not configure: every asset's dvc_remote read
+    `nope (None)`."""
+    from orchestration.assets import _recorded_metadata
+    from rm_lib.pipeline.dvc_record import Recorded
+
+    outcome = Recorded(stage="download", outs={"data/pairs": "abc.dir"}, lock_entry="e", remote="nope",
+                       remote_url=None, pushed=False, push_note="ERROR: remote 'nope' doesn't exist")
+    said = _recorded_metadata(outcome, "abc.dir")["dvc_remote"]
+    assert said == "nope (no url in the project's .dvc/config: see dvc_push)" and "None" not in said
+    assert _recorded_metadata(replace(outcome, remote_url="/r"), "abc.dir")["dvc_remote"] == "nope (/r)"
+
 
 def test_combined_hash():
     assert combined_hash({"data/pairs": "abc.dir"}) == "abc.dir"

@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 import pydantic
 import pytest
+import torch
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 from orchestration import assets, checks, definitions, sensors
@@ -327,6 +328,8 @@ def test_bad_settings_fail_fast_without_retries(tmp_path):
     ("filtered_preferences", {"max_token_length": 100_000}, "filter.max_token_length: 100000 is more than"),
     ("reward_model", {"lora": True, "lora_target_modules": ["nosuch_proj"]}, "['nosuch_proj'] match no module"),
     ("evaluation", {"suites": ["missing-suite.jsonl"]}, "evaluate.suites: file missing-suite.jsonl"),
+    pytest.param("reward_model", {"mixed_precision": "fp16"}, "fp16 needs a GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")),
 ])
 def test_a_mistake_in_a_later_steps_settings_stops_the_run_before_the_first_step_changes_anything(
         tmp_path, asset, config, said):
@@ -1113,12 +1116,23 @@ def test_a_project_resource_with_no_settings_file_fails_the_run_writing_nothing_
     assert os.listdir(tmp_path) == []
 
 
+def test_a_wandb_mode_of_no_meaning_is_refused_before_the_run_starts(tmp_path):
+    """The wandb resource's mode was a string: 'bogus' was refused by train, after download, tokenize and
+    filter had run (a run-wide settings check at the first step never saw it). It is an enum now: Dagster
+    refuses the run config before the run exists, and the Launchpad offers the four values."""
+    with pytest.raises(dg.DagsterInvalidConfigError, match="mode"):
+        dg.materialize([*assets.ASSETS, *checks.CHECKS], selection=["raw_preferences"],
+                       resources={**resources(tmp_path), "wandb": WandbResource.configure_at_launch()},
+                       run_config={"resources": {"wandb": {"config": {"mode": "bogus"}}}},
+                       instance=dg.DagsterInstance.ephemeral())
+    assert os.listdir(tmp_path) == []
+    assert WandbResource(mode="offline").overrides() == ["train.wandb_mode=offline"]
+
+
 def test_resources(tmp_path, monkeypatch):
     assert WandbResource(project="p", mode="offline").overrides() == ["train.wandb_project=p",
                                                                       "train.wandb_mode=offline"]
     assert WandbResource().overrides() == []
-    with pytest.raises(SettingsError):
-        WandbResource(mode="sometimes").overrides()
     with pytest.raises(SettingsError, match="no such settings file"):
         ProjectResource(root=str(tmp_path)).load_params()
     params = project(tmp_path, ["train.max_steps=5"]).load_params(["train.batch_size=2"])

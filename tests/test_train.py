@@ -798,8 +798,13 @@ def test_fp16_on_a_cpu_is_refused_before_training_instead_of_training_fp32_recor
     """accelerate runs fp16 on a CPU as plain fp32 without a word: the model was bit-identical to
     mixed_precision=no while run.json, summary.json and the card said fp16."""
     from rm_lib.errors import SettingsError
+    from rm_lib.pipeline.preflight import check_before
+    from rm_lib.steps import PIPELINE
 
     params = tiny_params("train.mixed_precision=fp16", "train.max_steps=2", model=str(tiny_decoder))
+    # `run` (the CLI, and a Dagster run's first step) refuses it before download replaces anything
+    with pytest.raises(SettingsError, match=r"^train.mixed_precision: fp16 needs a GPU.*Use 'bf16' .* or 'no'$"):
+        check_before(PIPELINE, params)
     run_steps(params, tmp_path, "download", "tokenize", "filter")
     with pytest.raises(SettingsError, match=r"^train.mixed_precision: fp16 needs a GPU"):
         run_steps(params, tmp_path, "train")

@@ -8,12 +8,17 @@ from collections.abc import Collection
 from rm_lib.errors import DataError, SettingsError
 from rm_lib.settings import Params
 
+# accelerate trains fp16 on a CPU as plain fp32 without a word, while the records would say fp16
+FP16_ON_CPU = ("train.mixed_precision: fp16 needs a GPU; on a CPU accelerate trains in fp32 while the records would "
+               "say fp16. Use 'bf16' (fast on CPUs with AMX) or 'no'")
+
 
 def check_before(steps: Collection[str], params: Params) -> None:
     """A SettingsError for a mistake that one of `steps` would otherwise meet only once it runs: a model
     that cannot be a one-output reward model (its config, and its weights where train is among them), a
     max_token_length past what the model reads, LoRA targets that match no module, an evaluation suite
-    naming a file that is not there, a push to the Hub in offline mode. Each step checks its own settings
+    naming a file that is not there, fp16 training without a GPU, a push to the Hub in offline mode. Each
+    step checks its own settings
     again when it runs; a step run alone is not checked here for what it checks itself at once (filter's
     length, evaluate's suites).
     Reads config.json and the tokenizer, never the weights."""
@@ -34,6 +39,11 @@ def check_before(steps: Collection[str], params: Params) -> None:
             check_lora_targets(config, params.train.lora_target_modules, trust_remote_code=model.trust_remote_code)
         if "train" in steps and params.train.attention in ("sdpa", "eager", "flex_attention"):
             check_attention(config, params.train.attention, trust_remote_code=model.trust_remote_code)
+    if "train" in steps and not alone and params.train.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SettingsError(FP16_ON_CPU)
     if "push" in steps and not alone and params.push.repo_id and not params.push.dry_run:
         from rm_lib import network
 

@@ -29,6 +29,7 @@ from rm_lib.model.modeling import (
     save_model,
 )
 from rm_lib.model.special import special_tokens
+from rm_lib.pipeline import preflight
 from rm_lib.pipeline.chain import file_record, model_files_differ
 from rm_lib.pipeline.code_version import code_hash
 from rm_lib.settings import Params, TrainSettings
@@ -257,8 +258,7 @@ def run(params: Params, layout: Layout, accelerator=None,
     # fails would leave the others waiting at the first collective until the timeout)
     accelerator = accelerator or new_accelerator(mixed_precision(cfg.mixed_precision))
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would train in fp32
-        raise SettingsError("train.mixed_precision: fp16 needs a GPU; on a CPU accelerate trains in fp32 while the "
-                            "records would say fp16. Use bf16 (fast on CPUs with AMX) or no")
+        raise SettingsError(preflight.FP16_ON_CPU)
     check_distributed(accelerator)
     idle = [f"train.{k}" for k in LORA_KEYS if getattr(cfg, k) != getattr(TrainSettings, k)] if not cfg.lora else []
     if idle:  # a TRL user's peft settings without use_peft: said, not silently ignored
