@@ -19,8 +19,10 @@ from orchestration.checks import CHECKS
 from orchestration.launcher import TrainLauncherResource
 from orchestration.resources import DvcResource, HubResource, ProjectResource, WandbResource, project_root
 from orchestration.sensors import (
+    checks_after_failed_run,
     dvc_lock_changed,
     pipeline_job,
+    recheck_job,
     release_automation,
     source_data_changed,
     weekly_retraining,
@@ -40,9 +42,9 @@ def pipeline_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=[preference_source, *ASSETS],
         asset_checks=CHECKS,
-        jobs=[pipeline_job],
+        jobs=[pipeline_job, recheck_job],
         schedules=[weekly_retraining],
-        sensors=[source_data_changed, dvc_lock_changed, release_automation],
+        sensors=[source_data_changed, dvc_lock_changed, release_automation, checks_after_failed_run],
         resources={
             # RM_ROOT: the project folder, when dagster is not started inside it.
             "project": ProjectResource(root=project_root(), params_file="params.yaml"),

@@ -1,5 +1,6 @@
-"""The pipeline job, the weekly retraining schedule, the source-data and dvc.lock sensors, and the
-automation sensor that carries an update down the chain."""
+"""The pipeline job, the weekly retraining schedule, the source-data and dvc.lock sensors, the
+automation sensor that carries an update down the chain, and the sensor that judges again the checks a
+failed run left unevaluated."""
 import json
 import math
 import time
@@ -14,6 +15,7 @@ from rm_lib.pipeline.locking import running_step
 from rm_lib.steps import PIPELINE
 
 from .assets import ASSETS, STEP_OF_ASSET, evaluation_metadata, materialization_tags
+from .checks import CHECKS
 from .resources import HubResource, ProjectResource
 from .source import observation, source_fingerprint
 
@@ -35,6 +37,45 @@ release_automation = dg.AutomationConditionSensorDefinition(
                 "once the blocking checks on its inputs passed, so nothing automated publishes past a failed "
                 "release gate. The checks rerun on every new version of their asset.",
 )
+
+# The checks alone, judging the files of their assets' latest materializations (as "Execute all" on a
+# Checks tab does)
+recheck_job = dg.define_asset_job(
+    name="checks_again",
+    selection=dg.AssetSelection.checks(*CHECKS),
+    description="The asset checks on their assets' latest materializations, without materializing anything.",
+)
+
+
+def unevaluated_checks(instance: dg.DagsterInstance, run_id: str) -> list[dg.AssetCheckKey]:
+    """The checks run `run_id` planned and never evaluated (it failed before they ran), in order."""
+    planned, evaluated = set(), set()
+    wanted = {dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+    for record in instance.get_records_for_run(run_id, of_type=wanted).records:
+        event = record.event_log_entry.dagster_event
+        data = event.event_specific_data if event is not None else None
+        if data is None:
+            continue
+        key = dg.AssetCheckKey(data.asset_key, data.check_name)
+        (planned if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED else evaluated).add(key)
+    return sorted(planned - evaluated, key=lambda key: key.to_user_string())
+
+
+@dg.run_failure_sensor(
+    name="checks_after_failed_run", request_job=recheck_job, default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A run that fails before its checks run (a settings mistake at its first step, a failed train) "
+                "leaves every check it planned 'Execution failed' on its asset's latest materialization, which it "
+                "did not change: the checks' verdicts on those files are asked again. Starts no step.")
+def checks_after_failed_run(context: dg.RunFailureSensorContext):
+    run = context.dagster_run
+    if run.job_name == recheck_job.name:  # a check that fails to run again is left as it is: no loop
+        return
+    keys = unevaluated_checks(context.instance, run.run_id)
+    if keys:
+        context.log.info(f"run {run.run_id[:8]} failed before {len(keys)} check(s) ran: judging them again")
+        yield dg.RunRequest(run_key=f"checks-after-{run.run_id}", asset_check_keys=keys,
+                            tags={"rm_lib/checks_after_run": run.run_id})
+
 
 weekly_retraining = dg.ScheduleDefinition(
     name="weekly_retraining",

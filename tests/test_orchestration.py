@@ -172,7 +172,8 @@ def test_dg_project_lists_scaffolds_and_launches(tmp_path):
     assert set(by_key) == {"preference_source", *KEYS, "extra_asset"}
     condition = by_key["hub_release"]["automation_condition"]["expanded_label"]
     assert "(all_deps_blocking_checks_passed)" in condition
-    assert {s["name"] for s in listed["sensors"]} == {"source_data_changed", "dvc_lock_changed", "release_automation"}
+    assert {s["name"] for s in listed["sensors"]} == {"source_data_changed", "dvc_lock_changed", "release_automation",
+                                                 "checks_after_failed_run"}
     dg_cli("launch", "--assets", "raw_preferences", "--config-json",
            json.dumps({"ops": {"raw_preferences": {"config": {"demo_pairs": 40}}}}))
     manifest = json.loads((project_dir / "data/pairs/manifest.json").read_text())
@@ -307,6 +308,45 @@ def test_retraining_unchanged_settings_keeps_the_pipeline_going(pipeline):
     metadata = materializations(result)["reward_model"].metadata
     assert metadata["reused"].value is True and metadata["resumed_from_step"].text == "none"
     assert metadata["last_logged_loss"].value > 0 and metadata["steps"].value == 2
+
+
+def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_files(tmp_path):
+    """A run stopped at its first step by a settings mistake left every check it planned "Execution failed"
+    on its asset's latest materialization, which it had not changed: the UI showed the release gate and
+    the data checks failed for files they pass. checks_after_failed_run asks for exactly those checks
+    again (and not for a failed run of them, which would loop)."""
+    instance = dg.DagsterInstance.ephemeral()
+    everything = [*assets.ASSETS, *checks.CHECKS]
+    run = lambda **kw: dg.materialize(everything, resources=resources(tmp_path), instance=instance,  # noqa: E731
+                                      raise_on_error=False, **kw)
+    assert run(selection=dg.AssetSelection.assets("raw_preferences")).success
+    keys = [dg.AssetCheckKey(dg.AssetKey("raw_preferences"), name)
+            for name in ("no_prompt_overlap", "pairs_well_formed", "rejects_ratio")]
+    status = lambda: {k.name: v.status.value for k, v in  # noqa: E731
+                      instance.event_log_storage.get_latest_asset_check_execution_by_key(keys).items()}
+    assert set(status().values()) == {"SUCCEEDED"}
+    failed = run(selection=dg.AssetSelection.assets("raw_preferences"),
+                 run_config={"ops": {"raw_preferences": {"config": {"test_fraction": 2.0}}}})
+    assert not failed.success and set(status().values()) == {"PLANNED"}  # the UI: "Execution failed"
+    assert sensors.unevaluated_checks(instance, failed.run_id) == keys
+
+    def tick(result, job_name=None):
+        failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+        run = instance.get_run_by_id(result.run_id)
+        context = dg.build_run_status_sensor_context(
+            sensor_name="checks_after_failed_run", dagster_event=failure, dagster_instance=instance,
+            dagster_run=dg.DagsterRun(job_name=job_name, run_id=run.run_id) if job_name else run).for_run_failure()
+        return list(sensors.checks_after_failed_run(context) or [])
+
+    (request,) = tick(failed)
+    assert request.asset_check_keys == keys and request.run_key == f"checks-after-{failed.run_id}"
+    again = dg.materialize(everything, resources=resources(tmp_path), instance=instance,
+                           selection=dg.AssetSelection.checks(*keys))
+    assert again.success and set(status().values()) == {"SUCCEEDED"}
+    # a failed run of the sensor's own job is not asked again, whatever it left unevaluated: no loop
+    assert tick(failed, job_name=sensors.recheck_job.name) == []
+    (sensor,) = [s for s in defs.sensors if s.name == "checks_after_failed_run"]
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING  # it starts no step
 
 
 def test_bad_settings_fail_fast_without_retries(tmp_path):
