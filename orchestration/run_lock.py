@@ -129,18 +129,14 @@ def claim_project(context, root: Path) -> None:
         run_id = context.run.run_id
     except dg.DagsterError:  # invoked directly (a test, a notebook): no run to order
         return
-    taking = {}
-
-    def decide(current: dict) -> Optional[dict]:
-        taking["folder"] = current.get("run_id") != run_id  # this run's first claim: none of its steps runs yet
-        return _decide(run_id, context.instance)(current)
-
-    holder = claim(Layout(root), CLAIM, decide)
+    holder = claim(Layout(root), CLAIM, _decide(run_id, context.instance))
     if holder is not None:
         raise dg.Failure(description=refusal(root, holder), allow_retries=False)
     # A step run from the command line (or a DVC stage) takes its step's lock, not this claim: the run's data
-    # steps would replace the files that step reads while it runs, and both would fail.
-    running = running_step(Layout(root), PIPELINE) if taking.get("folder") else None
+    # steps would replace the files that step reads while it runs, and both would fail. Looked for at every
+    # step and check of the run (one started between two of them; a run of checks alone, which do not wait
+    # for each other), the run's own steps aside.
+    running = running_step(Layout(root), PIPELINE, but_run=run_id)
     if running is not None:
         raise dg.Failure(description=f"{running} (from the command line or `dvc repro`): this run stopped before "
                                      "changing anything. Run it again once that step has ended",

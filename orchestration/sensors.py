@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Optional
 
 import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from rm_lib.errors import UserError
 from rm_lib.pipeline.dvc_record import dvc_running
@@ -17,6 +18,7 @@ from rm_lib.steps import PIPELINE
 from .assets import ASSETS, STEP_OF_ASSET, evaluation_metadata, materialization_tags
 from .checks import CHECKS
 from .resources import HubResource, ProjectResource
+from .run_lock import holder_now
 from .source import observation, source_fingerprint
 
 # Every asset of the pipeline, with its checks: raw_preferences -> ... -> hub_release.
@@ -47,34 +49,77 @@ recheck_job = dg.define_asset_job(
 )
 
 
-def unevaluated_checks(instance: dg.DagsterInstance, run_id: str) -> list[dg.AssetCheckKey]:
-    """The checks run `run_id` planned and never evaluated (it failed before they ran), in order."""
-    planned, evaluated = set(), set()
-    wanted = {dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
-    for record in instance.get_records_for_run(run_id, of_type=wanted).records:
-        event = record.event_log_entry.dagster_event
-        data = event.event_specific_data if event is not None else None
-        if data is None:
+RECHECK_TRIES = 3  # runs of checks_again in a row for a check that none of them evaluated
+
+
+def left_unevaluated(instance: dg.DagsterInstance) -> dict[dg.AssetCheckKey, tuple[str, int]]:
+    """The checks whose latest execution a run that has ended planned and never evaluated (it failed or was
+    cancelled before they ran: the UI says "Execution failed"), on an asset that has a materialization:
+    {check: (that run's id, the storage id of the asset's latest materialization)}."""
+    keys = [key for check in CHECKS for key in check.check_keys]
+    left = {}
+    for key, record in instance.event_log_storage.get_latest_asset_check_execution_by_key(keys).items():
+        if record.status != AssetCheckExecutionRecordStatus.PLANNED:
             continue
-        key = dg.AssetCheckKey(data.asset_key, data.check_name)
-        (planned if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED else evaluated).add(key)
-    return sorted(planned - evaluated, key=lambda key: key.to_user_string())
+        run = instance.get_run_by_id(record.run_id)
+        if run is not None and not run.is_finished:
+            continue  # still to run
+        latest = instance.fetch_materializations(key.asset_key, limit=1).records
+        if latest:  # never materialized: nothing the check could judge
+            left[key] = (record.run_id, latest[0].storage_id)
+    return left
 
 
-@dg.run_failure_sensor(
-    name="checks_after_failed_run", request_job=recheck_job, default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A run that fails before its checks run (a settings mistake at its first step, a failed train) "
-                "leaves every check it planned 'Execution failed' on its asset's latest materialization, which it "
-                "did not change: the checks' verdicts on those files are asked again. Starts no step.")
-def checks_after_failed_run(context: dg.RunFailureSensorContext):
-    run = context.dagster_run
-    if run.job_name == recheck_job.name:  # a check that fails to run again is left as it is: no loop
-        return
-    keys = unevaluated_checks(context.instance, run.run_id)
-    if keys:
-        context.log.info(f"run {run.run_id[:8]} failed before {len(keys)} check(s) ran: judging them again")
-        yield dg.RunRequest(run_key=f"checks-after-{run.run_id}", asset_check_keys=keys,
-                            tags={"rm_lib/checks_after_run": run.run_id})
+def verdict_on(instance: dg.DagsterInstance, key: dg.AssetCheckKey, materialization: int,
+               looked_at: int = 50) -> Optional[dg.AssetCheckEvaluation]:
+    """The latest evaluation of check `key` on the materialization `materialization` (its storage id), if an
+    earlier run judged those files."""
+    for record in instance.event_log_storage.get_asset_check_execution_history(key, limit=looked_at):
+        if record.status not in (AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED):
+            continue
+        evaluation = record.event.dagster_event.event_specific_data if record.event is not None \
+            and record.event.dagster_event is not None else None
+        target = getattr(evaluation, "target_materialization_data", None)
+        if target is not None and target.storage_id == materialization:
+            return evaluation
+    return None
+
+
+@dg.sensor(
+    name="checks_after_failed_run", job=recheck_job, minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A run that ends before its checks run (a settings mistake its first step refuses, a failed train, "
+                "a cancel) leaves every check it planned 'Execution failed' on its asset's latest materialization, "
+                "which it did not change. The verdict an earlier run gave on those files is shown again as it was "
+                "(its settings too); a check that never judged them runs again in checks_again, once no run or "
+                "command-line step holds the project folder, at most 3 times in a row. Starts no step.")
+def checks_after_failed_run(context: dg.SensorEvaluationContext, project: ProjectResource):
+    left = left_unevaluated(context.instance)
+    verdicts, to_judge = [], []
+    for key, (_, materialization) in sorted(left.items(), key=lambda item: item[0].to_user_string()):
+        earlier = verdict_on(context.instance, key, materialization)
+        if earlier is not None:
+            verdicts.append(earlier)
+        else:
+            to_judge.append(key)
+    tries = {k: v for k, v in _cursor(context.cursor).items() if k in {key.to_user_string() for key in left}}
+    to_judge = [key for key in to_judge if tries.get(key.to_user_string(), 0) < RECHECK_TRIES]
+    requests = []
+    busy = None
+    if to_judge:
+        holder = holder_now(project.root_path(), context.instance)
+        busy = running_step(project.layout(), PIPELINE) or (
+            f"run {holder['run_id']} holds the project folder" if holder else None)
+    if to_judge and busy is None:
+        runs = sorted({left[key][0] for key in to_judge})
+        requests.append(dg.RunRequest(run_key=f"checks-after-{'-'.join(run[:8] for run in runs)}",
+                                      asset_check_keys=to_judge, tags={"rm_lib/checks_after_runs": ",".join(runs)}))
+        for key in to_judge:
+            tries[key.to_user_string()] = tries.get(key.to_user_string(), 0) + 1
+    if not verdicts and not requests:
+        return dg.SkipReason(f"{len(to_judge)} check(s) to run again once the project folder is free: {busy}"
+                             if to_judge else "no check left unevaluated by a run")
+    return dg.SensorResult(asset_events=verdicts, run_requests=requests, cursor=json.dumps(tries))
 
 
 weekly_retraining = dg.ScheduleDefinition(

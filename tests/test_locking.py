@@ -147,6 +147,9 @@ def test_a_step_is_refused_while_another_step_runs_in_the_folder(tmp_path):
         claim(Layout(tmp_path), RUN_CLAIM, lambda current: {**current, "processes": [], "groups": [launcher.pid]})
         worker = running_step(Layout(tmp_path), ["train"])
         assert worker.holder["pid"] != launcher.pid and run_of(Layout(tmp_path), worker.holder) == run_id
+        # a step of the run itself is no other process's step to the run's next claim; another run's is
+        assert running_step(Layout(tmp_path), ["train"], but_run=run_id) is None
+        assert running_step(Layout(tmp_path), ["train"], but_run="another run").holder == worker.holder
     finally:
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()

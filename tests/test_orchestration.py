@@ -313,40 +313,54 @@ def test_retraining_unchanged_settings_keeps_the_pipeline_going(pipeline):
 def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_files(tmp_path):
     """A run stopped at its first step by a settings mistake left every check it planned "Execution failed"
     on its asset's latest materialization, which it had not changed: the UI showed the release gate and
-    the data checks failed for files they pass. checks_after_failed_run asks for exactly those checks
-    again (and not for a failed run of them, which would loop)."""
+    the data checks failed for files they pass. checks_after_failed_run shows the verdict an earlier run
+    gave on those files again, as it was (a gate judged by a Launchpad threshold keeps it); a check that
+    never judged them runs again in checks_again while the folder is free, at most RECHECK_TRIES times;
+    a check of an asset never materialized is left alone (its run would fail every check)."""
     instance = dg.DagsterInstance.ephemeral()
     everything = [*assets.ASSETS, *checks.CHECKS]
-    run = lambda **kw: dg.materialize(everything, resources=resources(tmp_path), instance=instance,  # noqa: E731
-                                      raise_on_error=False, **kw)
-    assert run(selection=dg.AssetSelection.assets("raw_preferences")).success
+    run = lambda selection, **kw: dg.materialize(everything, resources=resources(tmp_path),  # noqa: E731
+                                                 instance=instance, raise_on_error=False, selection=selection, **kw)
+    mistake = {"ops": {"raw_preferences": {"config": {"test_fraction": 2.0}}}}
+    sensor = sensors.checks_after_failed_run
+    tick = lambda cursor=None: sensor(dg.build_sensor_context(  # noqa: E731
+        instance=instance, cursor=cursor, resources={"project": project(tmp_path)}))
     keys = [dg.AssetCheckKey(dg.AssetKey("raw_preferences"), name)
             for name in ("no_prompt_overlap", "pairs_well_formed", "rejects_ratio")]
     status = lambda: {k.name: v.status.value for k, v in  # noqa: E731
                       instance.event_log_storage.get_latest_asset_check_execution_by_key(keys).items()}
-    assert set(status().values()) == {"SUCCEEDED"}
-    failed = run(selection=dg.AssetSelection.assets("raw_preferences"),
-                 run_config={"ops": {"raw_preferences": {"config": {"test_fraction": 2.0}}}})
+    # a first run that fails: nothing materialized, nothing to judge
+    assert not run(dg.AssetSelection.assets("raw_preferences"), run_config=mistake).success
+    assert sensors.left_unevaluated(instance) == {} and isinstance(tick(), dg.SkipReason)
+    # judged by a threshold of its own run (its Launchpad field), then a run that fails
+    judged = run(dg.AssetSelection.assets("raw_preferences"),
+                 run_config={"ops": {"raw_preferences": {"config": {"max_reject_ratio": 0.0}}}})
+    earlier = {e.check_name: e for e in judged.get_asset_check_evaluations()}
+    assert "limit 0.0%" in earlier["rejects_ratio"].description  # params.yaml says 10%
+    failed = run(dg.AssetSelection.assets("raw_preferences"), run_config=mistake)
     assert not failed.success and set(status().values()) == {"PLANNED"}  # the UI: "Execution failed"
-    assert sensors.unevaluated_checks(instance, failed.run_id) == keys
-
-    def tick(result, job_name=None):
-        failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
-        run = instance.get_run_by_id(result.run_id)
-        context = dg.build_run_status_sensor_context(
-            sensor_name="checks_after_failed_run", dagster_event=failure, dagster_instance=instance,
-            dagster_run=dg.DagsterRun(job_name=job_name, run_id=run.run_id) if job_name else run).for_run_failure()
-        return list(sensors.checks_after_failed_run(context) or [])
-
-    (request,) = tick(failed)
-    assert request.asset_check_keys == keys and request.run_key == f"checks-after-{failed.run_id}"
-    again = dg.materialize(everything, resources=resources(tmp_path), instance=instance,
-                           selection=dg.AssetSelection.checks(*keys))
+    assert set(sensors.left_unevaluated(instance)) == set(keys)
+    result = tick()
+    # the earlier verdicts themselves, on the same materialization: not judged again by params.yaml's threshold
+    assert not result.run_requests and {e.check_name: e for e in result.asset_events} == earlier
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)  # as the daemon does with a tick's events
+    assert set(status().values()) == {"SUCCEEDED"}
+    assert sensors.left_unevaluated(instance) == {}
+    # a materialization no check judged (its checks not selected), then a failed run: they run again
+    assert run(dg.AssetSelection.assets("raw_preferences") - dg.AssetSelection.checks(*keys)).success
+    assert not run(dg.AssetSelection.assets("raw_preferences"), run_config=mistake).success
+    result = tick()
+    (request,) = result.run_requests
+    assert request.asset_check_keys == keys and not result.asset_events
+    assert json.loads(result.cursor) == {key.to_user_string(): 1 for key in keys}
+    # at most RECHECK_TRIES runs of them in a row that leave them unevaluated: no loop
+    cursor = json.dumps({key.to_user_string(): sensors.RECHECK_TRIES for key in keys})
+    assert isinstance(tick(cursor), dg.SkipReason)
+    again = run(dg.AssetSelection.checks(*keys))
     assert again.success and set(status().values()) == {"SUCCEEDED"}
-    # a failed run of the sensor's own job is not asked again, whatever it left unevaluated: no loop
-    assert tick(failed, job_name=sensors.recheck_job.name) == []
-    (sensor,) = [s for s in defs.sensors if s.name == "checks_after_failed_run"]
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING  # it starts no step
+    (sensor_def,) = [s for s in defs.sensors if s.name == "checks_after_failed_run"]
+    assert sensor_def.default_status == dg.DefaultSensorStatus.RUNNING  # it starts no step
 
 
 def test_bad_settings_fail_fast_without_retries(tmp_path):
@@ -1431,6 +1445,21 @@ def test_a_run_stops_before_any_change_while_a_step_runs_from_the_command_line(t
            "`dvc repro`): this run stopped before changing anything" in said
     assert not Layout(tmp_path).pairs.exists()
     assert materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences")).success  # once it ended
+
+def test_every_check_of_a_run_of_checks_alone_stops_while_a_step_runs_from_the_command_line(tmp_path):
+    """The command-line step was looked for at a run's first claim only: in a run of checks alone, which do
+    not wait for each other, the first check refused and the others judged files that step was replacing."""
+    from rm_lib.pipeline.locking import step_lock
+
+    assert materialize(tmp_path, selection=dg.AssetSelection.assets("raw_preferences")).success
+    raw_checks = dg.AssetSelection.checks_for_assets(assets.raw_preferences)
+    with step_lock(Layout(tmp_path), "download"):
+        result = materialize(tmp_path, selection=raw_checks)
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert len(failures) == 3 and not result.get_asset_check_evaluations()
+    assert all("download is already running" in e.step_failure_data.error.message for e in failures)
+    assert materialize(tmp_path, selection=raw_checks).success  # once it ended
+
 
 @pytest.mark.integration
 def test_a_killed_launcher_takes_its_training_processes_with_it(tmp_path):

@@ -102,14 +102,15 @@ def starting(layout: Layout, wait_s: float = 30.0) -> Iterator[None]:
         os.close(fd)
 
 
-def running_step(layout: Layout, steps: Iterable[str]) -> Optional[StepRunning]:
+def running_step(layout: Layout, steps: Iterable[str], but_run: Optional[str] = None) -> Optional[StepRunning]:
     """The first of `steps` that another process runs in `layout` now (its lock held), as the refusal a
-    run of it would meet; None when none runs. It only looks: no lock is held past the look."""
+    run of it would meet; None when none runs. `but_run`: a Dagster run whose own steps do not count
+    (run_of). It only looks: no lock is held past the look."""
     with starting(layout):
-        return _running(layout, steps)
+        return _running(layout, steps, but_run)
 
 
-def _running(layout: Layout, steps: Iterable[str]) -> Optional[StepRunning]:
+def _running(layout: Layout, steps: Iterable[str], but_run: Optional[str] = None) -> Optional[StepRunning]:
     for step in steps:
         path = layout.lock(step)
         if not path.is_file():
@@ -119,7 +120,13 @@ def _running(layout: Layout, steps: Iterable[str]) -> Optional[StepRunning]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _refusal(layout, step, _holder(fd))
+                refusal = _refusal(layout, step, _holder(fd))
+                # a step of the run itself, in another of its processes (this process's own lock is none of
+                # its steps: they release theirs before the next starts)
+                if but_run is None or refusal.holder.get("pid") in (None, os.getpid()) \
+                        or run_of(layout, refusal.holder) != but_run:
+                    return refusal
+                continue
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
