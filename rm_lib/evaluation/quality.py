@@ -368,14 +368,12 @@ def _source_name(test_data: dict) -> str:
 
 def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None, str, dict[str, Any]]:
     """The new model against the last release's bar: (why it is refused, or None; what the verdict says
-    of the comparison; metadata). Across sources nothing is compared; on the same pairs strictly; on
-    other pairs of the same source, where both records say which pairs they got right and share at
-    least min_test_pairs, on those shared pairs (_on_shared_pairs) and within the noise of two samples
-    on the whole; else strictly too where the two
-    share most pairs (SHARED_FOR_STRICT), else within the sampling noise of both (noise_margin); the
-    verdict says which. A release by an older
-    version measured on fewer than min_test_pairs is no bar; one with no test_data is compared strictly,
-    as then."""
+    of the comparison; metadata). Across sources nothing is compared; on the same pairs strictly. On
+    other pairs of the same source: where both records say which pairs they got right and share at least
+    min_test_pairs, on those shared pairs (_on_shared_pairs), and on the whole within the sampling noise
+    of both (noise_margin); else strictly where the two share most pairs (SHARED_FOR_STRICT), else within
+    that noise. The verdict says which. A release by an older version measured on fewer than
+    min_test_pairs is no bar; one with no test_data is compared strictly, as then."""
     accuracy, pairs, previous = report["accuracy"], report.get("pairs"), bar.get("accuracy")
     mine, theirs = report.get(TEST_DATA), bar.get(TEST_DATA)
     previous_pairs = (theirs or {}).get("pairs", bar.get("pairs"))
