@@ -103,7 +103,8 @@ def checks_after_failed_run(context: dg.SensorEvaluationContext, project: Projec
         else:
             to_judge.append(key)
     tries = {k: v for k, v in _cursor(context.cursor).items() if k in {key.to_user_string() for key in left}}
-    to_judge = [key for key in to_judge if tries.get(key.to_user_string(), 0) < RECHECK_TRIES]
+    given_up = [key for key in to_judge if tries.get(key.to_user_string(), 0) >= RECHECK_TRIES]
+    to_judge = [key for key in to_judge if key not in given_up]
     requests = []
     busy = None
     if to_judge:
@@ -117,8 +118,11 @@ def checks_after_failed_run(context: dg.SensorEvaluationContext, project: Projec
         for key in to_judge:
             tries[key.to_user_string()] = tries.get(key.to_user_string(), 0) + 1
     if not verdicts and not requests:
-        return dg.SkipReason(f"{len(to_judge)} check(s) to run again once the project folder is free: {busy}"
-                             if to_judge else "no check left unevaluated by a run")
+        return dg.SkipReason(
+            f"{len(to_judge)} check(s) to run again once the project folder is free: {busy}" if to_judge else
+            f"left as they are after {RECHECK_TRIES} runs of {recheck_job.name} that did not evaluate them: "
+            f"{', '.join(key.to_user_string() for key in given_up)}" if given_up else
+            "no check left unevaluated by a run")
     return dg.SensorResult(asset_events=verdicts, run_requests=requests, cursor=json.dumps(tries))
 
 

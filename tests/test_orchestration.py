@@ -356,7 +356,8 @@ def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_
     assert json.loads(result.cursor) == {key.to_user_string(): 1 for key in keys}
     # at most RECHECK_TRIES runs of them in a row that leave them unevaluated: no loop
     cursor = json.dumps({key.to_user_string(): sensors.RECHECK_TRIES for key in keys})
-    assert isinstance(tick(cursor), dg.SkipReason)
+    skipped = tick(cursor)
+    assert "left as they are after 3 runs of checks_again" in skipped.skip_message
     again = run(dg.AssetSelection.checks(*keys))
     assert again.success and set(status().values()) == {"SUCCEEDED"}
     (sensor_def,) = [s for s in defs.sensors if s.name == "checks_after_failed_run"]
