@@ -49,7 +49,7 @@ recheck_job = dg.define_asset_job(
 )
 
 
-RECHECK_TRIES = 3  # runs of checks_again in a row for a check that none of them evaluated
+RECHECK_TRIES = 3  # runs of checks_again for a check and materialization that none of them evaluated
 
 
 def left_unevaluated(instance: dg.DagsterInstance) -> dict[dg.AssetCheckKey, tuple[str, int]]:
@@ -92,7 +92,7 @@ def verdict_on(instance: dg.DagsterInstance, key: dg.AssetCheckKey, materializat
                 "a cancel) leaves every check it planned 'Execution failed' on its asset's latest materialization, "
                 "which it did not change. The verdict an earlier run gave on those files is shown again as it was "
                 "(its settings too); a check that never judged them runs again in checks_again, once no run or "
-                "command-line step holds the project folder, at most 3 times in a row. Starts no step.")
+                "command-line step holds the project folder, at most 3 times for one materialization. Starts no step.")
 def checks_after_failed_run(context: dg.SensorEvaluationContext, project: ProjectResource):
     left = left_unevaluated(context.instance)
     verdicts, to_judge = [], []
@@ -102,28 +102,36 @@ def checks_after_failed_run(context: dg.SensorEvaluationContext, project: Projec
             verdicts.append(earlier)
         else:
             to_judge.append(key)
-    tries = {k: v for k, v in _cursor(context.cursor).items() if k in {key.to_user_string() for key in left}}
-    given_up = [key for key in to_judge if tries.get(key.to_user_string(), 0) >= RECHECK_TRIES]
+    # the tries, per check and the materialization it is to judge: a new one starts again from none
+    state = {key: f"{key.to_user_string()}@{materialization}" for key, (_, materialization) in left.items()}
+    tries = {k: v for k, v in _cursor(context.cursor).items() if k in state.values()}
+    given_up = [key for key in to_judge if tries.get(state[key], 0) >= RECHECK_TRIES]
     to_judge = [key for key in to_judge if key not in given_up]
-    requests = []
     busy = None
     if to_judge:
         holder = holder_now(project.root_path(), context.instance)
         busy = running_step(project.layout(), PIPELINE) or (
             f"run {holder['run_id']} holds the project folder" if holder else None)
-    if to_judge and busy is None:
-        runs = sorted({left[key][0] for key in to_judge})
-        requests.append(dg.RunRequest(run_key=f"checks-after-{'-'.join(run[:8] for run in runs)}",
-                                      asset_check_keys=to_judge, tags={"rm_lib/checks_after_runs": ",".join(runs)}))
-        for key in to_judge:
-            tries[key.to_user_string()] = tries.get(key.to_user_string(), 0) + 1
-    if not verdicts and not requests:
-        return dg.SkipReason(
-            f"{len(to_judge)} check(s) to run again once the project folder is free: {busy}" if to_judge else
-            f"left as they are after {RECHECK_TRIES} runs of {recheck_job.name} that did not evaluate them: "
-            f"{', '.join(key.to_user_string() for key in given_up)}" if given_up else
-            "no check left unevaluated by a run")
-    return dg.SensorResult(asset_events=verdicts, run_requests=requests, cursor=json.dumps(tries))
+    said = []
+    if verdicts:
+        said.append("showed again the verdicts earlier runs gave on the same files: "
+                    + ", ".join(e.asset_key.to_user_string() + "." + e.check_name for e in verdicts))
+    if to_judge and busy is not None:
+        said.append(f"{len(to_judge)} check(s) to run again once the project folder is free: {busy}")
+    if given_up:
+        said.append(f"left as they are after {RECHECK_TRIES} runs of {recheck_job.name} that did not evaluate "
+                    f"them: {', '.join(key.to_user_string() for key in given_up)}")
+    message = "; ".join(said) or "no check left unevaluated by a run"
+    if not to_judge or busy is not None:
+        return dg.SensorResult(asset_events=verdicts, skip_reason=message, cursor=json.dumps(tries))
+    for key in to_judge:
+        tries[state[key]] = tries.get(state[key], 0) + 1
+    if said:
+        context.log.info(message)
+    runs = sorted({left[key][0] for key in to_judge})
+    request = dg.RunRequest(run_key=f"checks-after-{'-'.join(run[:8] for run in runs)}", asset_check_keys=to_judge,
+                            tags={"rm_lib/checks_after_runs": ",".join(runs)})
+    return dg.SensorResult(asset_events=verdicts, run_requests=[request], cursor=json.dumps(tries))
 
 
 weekly_retraining = dg.ScheduleDefinition(

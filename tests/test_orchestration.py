@@ -317,6 +317,8 @@ def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_
     gave on those files again, as it was (a gate judged by a Launchpad threshold keeps it); a check that
     never judged them runs again in checks_again while the folder is free, at most RECHECK_TRIES times;
     a check of an asset never materialized is left alone (its run would fail every check)."""
+    from rm_lib.pipeline.locking import step_lock
+
     instance = dg.DagsterInstance.ephemeral()
     everything = [*assets.ASSETS, *checks.CHECKS]
     run = lambda selection, **kw: dg.materialize(everything, resources=resources(tmp_path),  # noqa: E731
@@ -331,7 +333,8 @@ def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_
                       instance.event_log_storage.get_latest_asset_check_execution_by_key(keys).items()}
     # a first run that fails: nothing materialized, nothing to judge
     assert not run(dg.AssetSelection.assets("raw_preferences"), run_config=mistake).success
-    assert sensors.left_unevaluated(instance) == {} and isinstance(tick(), dg.SkipReason)
+    assert sensors.left_unevaluated(instance) == {}
+    assert tick().skip_reason.skip_message == "no check left unevaluated by a run"
     # judged by a threshold of its own run (its Launchpad field), then a run that fails
     judged = run(dg.AssetSelection.assets("raw_preferences"),
                  run_config={"ops": {"raw_preferences": {"config": {"max_reject_ratio": 0.0}}}})
@@ -343,6 +346,8 @@ def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_
     result = tick()
     # the earlier verdicts themselves, on the same materialization: not judged again by params.yaml's threshold
     assert not result.run_requests and {e.check_name: e for e in result.asset_events} == earlier
+    assert result.skip_reason.skip_message.startswith("showed again the verdicts earlier runs gave on the same files: "
+                                                      "raw_preferences.no_prompt_overlap, ")
     for event in result.asset_events:
         instance.report_runless_asset_event(event)  # as the daemon does with a tick's events
     assert set(status().values()) == {"SUCCEEDED"}
@@ -353,13 +358,27 @@ def test_checks_a_failed_run_left_unevaluated_are_judged_again_on_the_unchanged_
     result = tick()
     (request,) = result.run_requests
     assert request.asset_check_keys == keys and not result.asset_events
-    assert json.loads(result.cursor) == {key.to_user_string(): 1 for key in keys}
-    # at most RECHECK_TRIES runs of them in a row that leave them unevaluated: no loop
-    cursor = json.dumps({key.to_user_string(): sensors.RECHECK_TRIES for key in keys})
-    skipped = tick(cursor)
-    assert "left as they are after 3 runs of checks_again" in skipped.skip_message
+    with step_lock(Layout(tmp_path), "train"):  # a step from the command line: wait for its end
+        held = tick()
+    assert not held.run_requests and json.loads(held.cursor) == {}
+    assert "3 check(s) to run again once the project folder is free: train is already running" in \
+        held.skip_reason.skip_message
+    tries = json.loads(result.cursor)
+    assert sorted(tries.values()) == [1, 1, 1] and all(k.split("@")[0] in {x.to_user_string() for x in keys}
+                                                       for k in tries)
+    # at most RECHECK_TRIES runs of them in a row that leave them unevaluated, for one materialization: no loop
+    exhausted = json.dumps({k: sensors.RECHECK_TRIES for k in tries})
+    skipped = tick(exhausted)
+    assert not skipped.run_requests
+    assert "left as they are after 3 runs of checks_again" in skipped.skip_reason.skip_message
     again = run(dg.AssetSelection.checks(*keys))
     assert again.success and set(status().values()) == {"SUCCEEDED"}
+    assert json.loads(tick(exhausted).cursor) == {}  # nothing left: the tries are dropped
+    # a later incident, on a new materialization, is tried afresh
+    assert run(dg.AssetSelection.assets("raw_preferences") - dg.AssetSelection.checks(*keys)).success
+    assert not run(dg.AssetSelection.assets("raw_preferences"), run_config=mistake).success
+    (request,) = tick(exhausted).run_requests
+    assert request.asset_check_keys == keys
     (sensor_def,) = [s for s in defs.sensors if s.name == "checks_after_failed_run"]
     assert sensor_def.default_status == dg.DefaultSensorStatus.RUNNING  # it starts no step
 
