@@ -1,6 +1,7 @@
 """One step at a time per project folder, and no temporaries left behind by killed steps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -142,6 +143,7 @@ def test_a_step_is_refused_while_another_step_runs_in_the_folder(tmp_path):
         [sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]], "
          "start_new_session=True)", _HOLD.format(root=str(tmp_path), step="train")],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker = None
     try:
         assert launcher.stdout.readline().strip() == "held"
         claim(Layout(tmp_path), RUN_CLAIM, lambda current: {**current, "processes": [], "groups": [launcher.pid]})
@@ -153,6 +155,9 @@ def test_a_step_is_refused_while_another_step_runs_in_the_folder(tmp_path):
     finally:
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
+        if worker is not None and worker.holder.get("pid"):  # in a session of its own: not in the launcher's group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.holder["pid"], signal.SIGKILL)
 
 
 STARTS = """
