@@ -403,7 +403,7 @@ def test_bad_settings_fail_fast_without_retries(tmp_path):
     ("reward_model", {"lora": True, "lora_target_modules": ["nosuch_proj"]}, "['nosuch_proj'] match no module"),
     ("evaluation", {"suites": ["missing-suite.jsonl"]}, "evaluate.suites: file missing-suite.jsonl"),
     pytest.param("reward_model", {"mixed_precision": "fp16"}, "fp16 needs a GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")),
+                 marks=pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 trains on a GPU")),
 ])
 def test_a_mistake_in_a_later_steps_settings_stops_the_run_before_the_first_step_changes_anything(
         tmp_path, asset, config, said):

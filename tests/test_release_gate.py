@@ -731,15 +731,20 @@ def test_hundreds_of_subsets_keep_the_summary_the_gate_and_the_card_readable(tmp
     assert rows[-1] == "| accuracy on the other 90 subsets (above: the 30 least accurate) | in `evaluation.json` |"
 
 
-def test_the_gate_benchmark_runs_and_its_rules_agree_on_the_same_pairs():
-    """benchmarks/bench_gate.py (BENCHMARKS.md): on the same test pairs every rule is the strict one."""
+def test_the_gate_benchmark_measures_what_the_readme_says_of_the_rules():
+    """benchmarks/bench_gate.py (BENCHMARKS.md, README "The release gate"): below 90% shared the gate refuses
+    an equally good model rarely where the strict rule on the shared pairs refuses it often, and catches a
+    2-point drop on a grown source more often than the rule of reports without `correct`."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gate.py"), "--trials", "20"], cwd=root,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gate.py"), "--trials", "100"], cwd=root,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {(cells[0].strip().split(" (")[0], cells[1].strip()): [int(c.strip().rstrip("%")) for c in cells[2:]]
+            for line in out.splitlines() if line.startswith("| ") and "%" in line
+            for cells in [line.strip().strip("|").split("|")]}
     assert len(rows) == 16
-    for row in rows:
-        rates = [cell.strip() for cell in row[2:]]
-        if row[0].startswith(" same pairs"):
-            assert len(set(rates)) == 1, row
-    assert rows[-1][2:] == [" 100% ", " 100% ", " 100% "]  # 0.70 against 0.80: each rule refuses it
+    for scenario in ("source grown by 15%", "another seed"):
+        whole, strict, gate = rows[(scenario, "0.80")]
+        assert gate <= 10 and strict >= 30, (scenario, whole, strict, gate)
+    whole, strict, gate = rows[("source grown by 15%", "0.78")]
+    assert gate > whole + 15, (whole, gate)
+    assert rows[("another seed", "0.70")][2] >= 90  # 0.70 against 0.80: refused

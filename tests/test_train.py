@@ -792,7 +792,7 @@ def test_runs_in_one_process_may_train_in_different_precisions(tmp_path, tiny_de
     assert said == [False, True, False]  # fp32 SDPA is the plan under bf16 autocast alone
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU; the refusal is a CPU's")
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 trains on a GPU; the refusal is a CPU's")
 def test_fp16_on_a_cpu_is_refused_before_training_instead_of_training_fp32_recorded_as_fp16(tmp_path, tiny_decoder,
                                                                                            accelerate_afresh):
     """accelerate runs fp16 on a CPU as plain fp32 without a word: the model was bit-identical to

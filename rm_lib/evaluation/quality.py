@@ -428,7 +428,8 @@ def _compared(report: dict, bar: dict, min_test_pairs: int) -> tuple[str | None,
         if refused:
             return refused, "", metadata
     # counted as the accuracy counts them: a repeated test pair is shared as often as both sets hold it
-    shared = sum((Counter(mine.get("digests") or []) & Counter(theirs.get("digests") or [])).values())
+    shared = both.pairs if both is not None else \
+        sum((Counter(mine.get("digests") or []) & Counter(theirs.get("digests") or [])).values())
     known = bool(mine.get("digests")) and bool(theirs.get("digests"))
     metadata["shared_test_pairs"] = shared if known else "unknown"
     other = f"measured on other test pairs ({counts}, {shared if known else 'an unknown number'} shared)"

@@ -42,7 +42,7 @@ def check_before(steps: Collection[str], params: Params) -> None:
     if "train" in steps and not alone and params.train.mixed_precision == "fp16":
         import torch
 
-        if not torch.cuda.is_available():
+        if not torch.accelerator.is_available():  # accelerate trains fp16 on any accelerator: CUDA, MPS, XPU
             raise SettingsError(FP16_ON_CPU)
     if "push" in steps and not alone and params.push.repo_id and not params.push.dry_run:
         from rm_lib import network
